@@ -1,0 +1,65 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both are idempotent: a second run
+# skips what is installed (stamps under .venv/ and node_modules/ record what was done).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+JS_SOURCES := $(wildcard js/*.js)
+JS_BUNDLES := $(patsubst js/%.js,multiviz_widgets/static/%.js,$(JS_SOURCES))
+PORT ?= 8888
+
+.PHONY: all install deps js chromium test test-fast demo benchmarks clean
+
+all: install
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Python dependencies (torch pinned to the CPU build on disk), then the package itself (editable).
+$(VENV)/.deps-stamp: requirements.txt setup.py | $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+node_modules/.stamp: package.json
+	npm install --no-audit --no-fund
+	touch $@
+
+multiviz_widgets/static/%.js: js/%.js node_modules/.stamp
+	npm run build
+
+js: $(JS_BUNDLES)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) apt-get install -y chromium
+
+chromium: $(CHROMIUM)
+
+deps: $(VENV)/.deps-stamp
+
+install: deps js
+
+# Every test: kernels, engine, views, notebooks and the browser tests.
+test: install chromium
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+# The same without the browser and notebook tests (marked "browser" / "notebook").
+test-fast: install
+	$(PY) -m pytest tests -q -p no:cacheprovider -m "not browser and not notebook"
+
+# JupyterLab on 127.0.0.1 with the quickstart notebook (the Explorer on easy-VQA) open.
+demo: install
+	@echo "Opening http://127.0.0.1:$(PORT)/lab/tree/notebooks/quickstart.ipynb"
+	$(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --ServerApp.port_retries=0 \
+		--ServerApp.open_browser=False --IdentityProvider.token= $(if $(filter 0,$(shell id -u)),--allow-root,) \
+		notebooks/quickstart.ipynb
+
+benchmarks: install
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) node_modules multiviz_widgets/static/*.js build *.egg-info

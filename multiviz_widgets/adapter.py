@@ -1,0 +1,343 @@
+"""ModelAdapter: how any multimodal torch.nn.Module enters the toolkit.
+
+The adapter knows the model's modalities (in the order of its arguments), its class names, its
+*decision layer* (the module whose input is the decision-level feature vector h(x)) and, for text,
+the embedding layer through which gradients flow. Kernels talk to the model only through:
+
+* ``prepare(instance)``: one instance as model inputs, continuous inputs, baselines and units;
+* ``forward(raw, continuous=None, features=False)``: logits (and h) for a batch, where the
+  continuous inputs replace the model inputs (for text: the embedding layer's output);
+* ``output(logits, features, target)``: the scalar a method explains (a class logit or a neuron).
+
+Hooks are registered for one call and removed in ``finally``; nothing is global, so two adapters
+(even on two copies of one model) can be used side by side.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .modalities import Modality
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an explanation explains: a class logit (kind="class") or a decision neuron ("neuron")."""
+
+    kind: str
+    index: int
+
+    def __post_init__(self):
+        if self.kind not in ("class", "neuron"):
+            raise ValueError(f"Target kind must be 'class' or 'neuron', got {self.kind!r}.")
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.index}"
+
+
+def Class(index: int) -> Target:
+    """Target the logit of class ``index``."""
+    return Target("class", int(index))
+
+
+def Neuron(index: int) -> Target:
+    """Target decision-level neuron ``index`` (the input of the decision layer)."""
+    return Target("neuron", int(index))
+
+
+@dataclass
+class Prepared:
+    """One instance, ready for the kernels. Tensors have no batch dimension unless stated."""
+
+    raw: dict[str, torch.Tensor]          # model inputs, batch of one
+    continuous: dict[str, torch.Tensor]   # what attributions differentiate
+    baseline: dict[str, torch.Tensor]     # continuous form with every unit removed
+    index: dict[str, torch.Tensor]        # unit of every continuous scalar
+    n_units: dict[str, int]
+    labels: dict[str, list[str]]          # one label per unit
+    key: str = ""                         # content hash, for caches
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.continuous)
+
+
+class AdapterError(ValueError):
+    """A model or instance does not fit the adapter; the message says how to fix it."""
+
+
+def _resolve_module(model: nn.Module, spec, what: str) -> nn.Module:
+    if isinstance(spec, nn.Module):
+        if not any(m is spec for m in model.modules()):
+            raise AdapterError(f"The {what} module given is not part of the model; pass a "
+                               "submodule of the model or its dotted name.")
+        return spec
+    if isinstance(spec, str):
+        try:
+            return model.get_submodule(spec)
+        except AttributeError:
+            names = [n for n, _ in model.named_modules() if n]
+            raise AdapterError(f"The model has no submodule {spec!r} for the {what}; its "
+                               f"submodules are: {', '.join(names[:30])}.") from None
+    raise AdapterError(f"The {what} must be a submodule of the model or its dotted name, got "
+                       f"{type(spec).__name__}.")
+
+
+class ModelAdapter:
+    """Wraps a model that takes one input per modality (in order) and returns [B, C] logits.
+
+    model: the torch.nn.Module (put it in eval mode; the doctor warns otherwise).
+    modalities: the Modality objects, in the order of the model's arguments.
+    class_names: one name per output logit.
+    decision_layer: the module (or dotted name) whose input is h(x); default: the last nn.Linear.
+    embedding_layers: {text modality name: embedding module or dotted name}; a text modality
+        without one uses the model's only nn.Embedding when there is exactly one.
+    keyword_inputs: call model(**{name: tensor}) instead of model(*tensors).
+    """
+
+    def __init__(self, model: nn.Module, modalities: Sequence[Modality],
+                 class_names: Sequence[str], decision_layer: nn.Module | str | None = None,
+                 embedding_layers: Mapping[str, nn.Module | str] | None = None,
+                 keyword_inputs: bool = False, name: str | None = None):
+        if not isinstance(model, nn.Module):
+            raise AdapterError(f"ModelAdapter needs a torch.nn.Module, got {type(model).__name__}.")
+        modalities = list(modalities)
+        if not modalities:
+            raise AdapterError("ModelAdapter needs at least one modality, e.g. [Image('image'), Text('question', vocab)].")
+        for m in modalities:
+            if not isinstance(m, Modality):
+                raise AdapterError(f"{m!r} is not a Modality; use Image, Text, Tabular or TimeSeries.")
+        names = [m.name for m in modalities]
+        if len(set(names)) != len(names):
+            raise AdapterError(f"Modality names must be unique, got {names}.")
+        self.model = model
+        self.modalities = {m.name: m for m in modalities}
+        self.class_names = [str(c) for c in class_names]
+        if not self.class_names:
+            raise AdapterError("class_names is empty: give one name per output logit.")
+        self.keyword_inputs = keyword_inputs
+        self.name = name or type(model).__name__
+        if decision_layer is None:
+            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise AdapterError("The model has no nn.Linear to use as decision layer; pass "
+                                   "decision_layer= (the module whose input is the decision-level "
+                                   "feature vector).")
+            decision_layer = linears[-1]
+        self.decision_layer = _resolve_module(model, decision_layer, "decision layer")
+        self.embedding_layers: dict[str, nn.Module] = {}
+        embedding_layers = dict(embedding_layers or {})
+        unknown = set(embedding_layers) - set(names)
+        if unknown:
+            raise AdapterError(f"embedding_layers names {sorted(unknown)}, which are not modalities "
+                               f"({names}).")
+        for m in modalities:
+            if not m.via_embedding:
+                continue
+            spec = embedding_layers.get(m.name)
+            if spec is None:
+                embs = [e for e in model.modules() if isinstance(e, nn.Embedding)]
+                if len(embs) != 1:
+                    raise AdapterError(
+                        f"Text modality {m.name!r} needs its embedding layer: pass "
+                        f"embedding_layers={{'{m.name}': model.<embedding>}} (the model has "
+                        f"{len(embs)} nn.Embedding modules, so it cannot be guessed).")
+                spec = embs[0]
+            self.embedding_layers[m.name] = _resolve_module(model, spec, f"embedding of {m.name!r}")
+        self._lock = threading.RLock()
+
+    # -- basics ------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.modalities)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def __repr__(self) -> str:
+        return (f"ModelAdapter({self.name}, modalities={self.names}, "
+                f"classes={len(self.class_names)})")
+
+    def target(self, target: Any) -> Target:
+        """Normalise a target: an int or class name means a class; Neuron(j) a decision neuron."""
+        if isinstance(target, Target):
+            t = target
+        elif isinstance(target, str):
+            if target not in self.class_names:
+                raise AdapterError(f"Unknown class {target!r}; the classes are {self.class_names}.")
+            t = Class(self.class_names.index(target))
+        elif isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+            t = Class(int(target))
+        elif isinstance(target, tuple) and len(target) == 2:
+            t = Target(str(target[0]), int(target[1]))
+        else:
+            raise AdapterError(f"A target is a class index, a class name or Neuron(j); got {target!r}.")
+        if t.kind == "class" and not 0 <= t.index < self.n_classes:
+            raise AdapterError(f"Class {t.index} is out of range: the model has {self.n_classes} classes.")
+        if t.kind == "neuron" and t.index < 0:
+            raise AdapterError(f"Neuron index must be non-negative, got {t.index}.")
+        return t
+
+    def fingerprint(self) -> str:
+        """A hash of the model's parameters and buffers: changes whenever the weights change."""
+        h = hashlib.sha256()
+        for k, v in sorted(self.model.state_dict().items()):
+            h.update(k.encode())
+            t = v.detach().cpu().contiguous()
+            h.update(str(t.dtype).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()[:32]
+
+    # -- instances and batches ---------------------------------------------------------------
+    def _check_names(self, instance: Mapping) -> None:
+        if not isinstance(instance, Mapping):
+            raise AdapterError(f"An instance is a dict {{modality name: input}}, got {type(instance).__name__}.")
+        missing = [n for n in self.names if n not in instance]
+        extra = [n for n in instance if n not in self.modalities]
+        if missing or extra:
+            raise AdapterError(f"The instance has modalities {list(instance)} but the adapter expects "
+                               f"{self.names}" + (f"; missing {missing}" if missing else "")
+                               + (f"; unknown {extra}" if extra else "") + ".")
+
+    def collate(self, instances: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        """Model inputs for a list of instances (raw values or tensors), batched per modality."""
+        for inst in instances:
+            self._check_names(inst)
+        dev = self.device
+        return {n: m.batch([inst[n] for inst in instances]).to(dev)
+                for n, m in self.modalities.items()}
+
+    def prepare(self, instance: Mapping) -> Prepared:
+        """Everything the kernels need about one instance (cost: no forward pass)."""
+        self._check_names(instance)
+        raw = self.collate([instance])
+        cont = {k: v[0] for k, v in self.continuous(raw).items()}
+        base_raw = {n: m.baseline_raw(raw[n][0]).unsqueeze(0) for n, m in self.modalities.items()}
+        base = {k: v[0] for k, v in self.continuous(base_raw).items()}
+        index = {n: m.unit_index(cont[n]) for n, m in self.modalities.items()}
+        n_units = {n: int(index[n].max()) + 1 for n in self.names}
+        labels = {n: m.unit_labels(raw[n][0]) for n, m in self.modalities.items()}
+        h = hashlib.sha256()
+        for n in self.names:
+            h.update(n.encode())
+            h.update(raw[n].detach().cpu().contiguous().numpy().tobytes())
+        return Prepared(raw, cont, base, index, n_units, labels, h.hexdigest()[:24])
+
+    @torch.no_grad()
+    def continuous(self, raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The continuous form of a batch: model inputs, or embedding outputs for text."""
+        out = {}
+        for n in self.names:
+            x = raw[n]
+            if n in self.embedding_layers:
+                out[n] = self.embedding_layers[n](x).detach()
+            else:
+                out[n] = x.detach().float() if not torch.is_floating_point(x) else x.detach()
+        return out
+
+    # -- forward -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _hooks(self, continuous: Mapping[str, torch.Tensor] | None, store: dict | None):
+        handles = []
+        try:
+            for n, x in (continuous or {}).items():
+                if n in self.embedding_layers:
+                    handles.append(self.embedding_layers[n].register_forward_hook(
+                        lambda mod, inp, out, x=x: x))
+            if store is not None:
+                def grab(mod, inp):
+                    store.setdefault("h", inp[0])
+                    store["calls"] = store.get("calls", 0) + 1
+                handles.append(self.decision_layer.register_forward_pre_hook(grab))
+            yield
+        finally:
+            for hd in handles:
+                hd.remove()
+
+    def forward(self, raw: Mapping[str, torch.Tensor],
+                continuous: Mapping[str, torch.Tensor] | None = None,
+                features: bool = False):
+        """Logits [B, C] (and h [B, d] when features=True) for a batch.
+
+        raw: model inputs with batch B or 1 (a batch of one is expanded to the continuous batch).
+        continuous: {name: [B, ...]} replacing those modalities' continuous inputs.
+        Cost: one forward pass of B instances. Gradients flow when the inputs require them.
+        """
+        continuous = dict(continuous or {})
+        b = max([v.shape[0] for v in continuous.values()] + [v.shape[0] for v in raw.values()])
+        args = {}
+        for n in self.names:
+            if n in continuous and n not in self.embedding_layers:
+                args[n] = continuous[n]
+            else:
+                x = raw[n]
+                args[n] = x.expand(b, *x.shape[1:]) if x.shape[0] == 1 and b > 1 else x
+        store = {} if features else None
+        with self._lock, self._hooks(continuous, store):
+            out = self.model(**args) if self.keyword_inputs else self.model(*args.values())
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            raise AdapterError(f"The model returned {type(out).__name__}; it must return a tensor of "
+                               "logits [batch, classes].")
+        if not features:
+            return out
+        if "h" not in store:
+            raise AdapterError("The decision layer was never called during the forward pass: pass "
+                               "decision_layer= the module that computes the logits.")
+        return out, store["h"]
+
+    def output(self, logits: torch.Tensor, features: torch.Tensor | None, target: Target
+               ) -> torch.Tensor:
+        """The explained scalar per batch row: a class logit or a decision neuron's activation."""
+        if target.kind == "class":
+            return logits[:, target.index]
+        if features is None:
+            raise AdapterError("A neuron target needs features=True in forward().")
+        if target.index >= features.shape[1]:
+            raise AdapterError(f"Neuron {target.index} is out of range: the decision layer has "
+                               f"{features.shape[1]} inputs.")
+        return features[:, target.index]
+
+    def scalar(self, prepared: Prepared, continuous: Mapping[str, torch.Tensor], target: Target
+               ) -> torch.Tensor:
+        """f_target for a batch of continuous inputs [B, ...] of one instance: a tensor [B]."""
+        if target.kind == "class":
+            return self.forward(prepared.raw, continuous)[:, target.index]
+        logits, h = self.forward(prepared.raw, continuous, features=True)
+        return self.output(logits, h, target)
+
+    @torch.no_grad()
+    def predict(self, raw: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits for a batch of model inputs (no gradients)."""
+        return self.forward(raw)
+
+    @torch.no_grad()
+    def features(self, raw: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, C], h [B, d]) for a batch of model inputs (no gradients)."""
+        return self.forward(raw, features=True)
+
+    def decision_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W [C, d], b [C]) of the decision layer, which must be an nn.Linear."""
+        layer = self.decision_layer
+        if not isinstance(layer, nn.Linear):
+            raise AdapterError(f"The decision layer is a {type(layer).__name__}; neuron contributions "
+                               "W[c, j] h_j need an nn.Linear.")
+        w = layer.weight.detach().cpu().numpy()
+        b = (layer.bias.detach().cpu().numpy() if layer.bias is not None
+             else np.zeros(w.shape[0], dtype=w.dtype))
+        return w, b

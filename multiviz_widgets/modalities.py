@@ -1,0 +1,432 @@
+"""Modalities: what the interpretable units of each input are, and what "removing" one means.
+
+Every modality turns a raw instance into a model input tensor (``to_tensor``), batches several
+(``batch``), and defines on its *continuous* form (the tensor that attribution differentiates:
+the model input itself, or for text the output of the embedding layer):
+
+* ``unit_index(x)``: a LongTensor of x's shape giving the unit of every scalar (0..n_units-1),
+* ``baseline_raw(raw)``: the model input with every unit removed (zeros, white, blur, [PAD]...),
+* ``apply_mask(x, masks, baseline)``: a batch of inputs where masked-out units take the baseline,
+* ``pool(attr, x)``: per-unit sums of a scalar attribution, and ``to_map`` its full-resolution map.
+
+Kernels use only these verbs, so they never ask which kind of modality they hold.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+
+class Modality:
+    """Base class. Subclasses define ``kind``, ``to_tensor``, ``unit_index`` and ``baseline_raw``."""
+
+    kind: ClassVar[str] = "generic"
+    #: True when gradients must flow through an embedding layer (text): the continuous form is
+    #: that layer's output and the adapter needs the layer.
+    via_embedding: ClassVar[bool] = False
+
+    def __init__(self, name: str):
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(
+                f"Modality name {name!r} must be a Python identifier such as 'image' or 'question', "
+                "because it names the model's argument.")
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    # -- raw instances ----------------------------------------------------------------------
+    def to_tensor(self, raw) -> torch.Tensor:
+        """The model input for one raw instance, without a batch dimension."""
+        raise NotImplementedError
+
+    def batch(self, items: Sequence) -> torch.Tensor:
+        """Stack raw instances (or their tensors) into one batch tensor."""
+        return torch.stack([self._as_tensor(item) for item in items])
+
+    def _as_tensor(self, item) -> torch.Tensor:
+        return item if isinstance(item, torch.Tensor) else self.to_tensor(item)
+
+    def baseline_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """The model input (same shape as x, one instance) in which every unit is removed."""
+        raise NotImplementedError
+
+    # -- units on the continuous form -------------------------------------------------------
+    def unit_index(self, x: torch.Tensor) -> torch.Tensor:
+        """LongTensor of x's shape: the unit that each scalar of one instance belongs to."""
+        raise NotImplementedError
+
+    def n_units(self, x: torch.Tensor) -> int:
+        return int(self.unit_index(x).max().item()) + 1
+
+    def unit_labels(self, x: torch.Tensor) -> list[str]:
+        """A short human-readable name for every unit."""
+        return [f"{self.name}[{u}]" for u in range(self.n_units(x))]
+
+    def apply_mask(self, x: torch.Tensor, masks: torch.Tensor, baseline: torch.Tensor,
+                   index: torch.Tensor | None = None) -> torch.Tensor:
+        """Inputs [B, *x.shape]: unit u keeps x where masks[b, u] = 1 and takes the baseline where 0.
+
+        Fractional mask values interpolate, which the path methods use.
+        """
+        idx = self.unit_index(x) if index is None else index
+        masks = torch.as_tensor(masks, dtype=x.dtype, device=x.device)
+        if masks.dim() != 2 or masks.shape[1] != int(idx.max()) + 1:
+            raise ValueError(f"{self.name}: masks must have shape [batch, {int(idx.max()) + 1}] "
+                             f"(one column per unit), got {tuple(masks.shape)}.")
+        m = masks[:, idx]
+        return baseline.unsqueeze(0) + m * (x - baseline).unsqueeze(0)
+
+    def pool(self, attr: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Per-unit sums [B, n_units] of a scalar attribution attr [B, *x.shape]."""
+        idx = self.unit_index(x) if index is None else index
+        flat = attr.reshape(attr.shape[0], -1)
+        out = torch.zeros(attr.shape[0], int(idx.max()) + 1, dtype=attr.dtype, device=attr.device)
+        return out.index_add_(1, idx.reshape(-1), flat)
+
+    def to_map(self, attr: torch.Tensor) -> torch.Tensor:
+        """Full-resolution map of a scalar attribution of one instance (default: as it is)."""
+        return attr
+
+    def expand(self, unit_values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Broadcast per-unit values [n_units] back to x's shape."""
+        return torch.as_tensor(unit_values)[self.unit_index(x)]
+
+
+class Image(Modality):
+    """An image [C, H, W] with values in [0, 1]; units are a patch grid or superpixels.
+
+    baseline: "zero", "white" (1.0), "mean" (the image's per-channel mean), "blur" (a box blur
+    of the image), or a number.
+    """
+
+    kind = "image"
+
+    def __init__(self, name: str = "image", patch: int = 8, superpixels: int | None = None,
+                 baseline: str | float = "zero", channels_last_raw: bool = True):
+        super().__init__(name)
+        if patch < 1:
+            raise ValueError(f"Image patch size must be at least 1 pixel, got {patch}.")
+        if superpixels is not None and superpixels < 2:
+            raise ValueError(f"superpixels must be at least 2 (or None for the patch grid), got {superpixels}.")
+        if isinstance(baseline, str) and baseline not in ("zero", "white", "mean", "blur"):
+            raise ValueError(f"Image baseline {baseline!r} is not one of 'zero', 'white', 'mean', "
+                             "'blur' or a number.")
+        self.patch = int(patch)
+        self.superpixels = superpixels
+        self.baseline = baseline
+        self.channels_last_raw = channels_last_raw
+        self._sp_cache: dict = {}
+
+    def to_tensor(self, raw) -> torch.Tensor:
+        if isinstance(raw, torch.Tensor):
+            t = raw.float()
+        else:
+            arr = np.asarray(raw)
+            if arr.ndim == 2:
+                arr = arr[..., None]
+            if arr.ndim != 3:
+                raise ValueError(f"{self.name}: an image must be HxWxC or HxW, got shape {arr.shape}.")
+            t = torch.from_numpy(np.ascontiguousarray(arr)).float()
+            if self.channels_last_raw:
+                t = t.permute(2, 0, 1)
+            if arr.dtype == np.uint8:
+                t = t / 255.0
+        if t.dim() != 3:
+            raise ValueError(f"{self.name}: an image tensor must be [C, H, W], got {tuple(t.shape)}.")
+        return t.contiguous()
+
+    def grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """Rows and columns of the patch grid."""
+        h, w = x.shape[-2], x.shape[-1]
+        return math.ceil(h / self.patch), math.ceil(w / self.patch)
+
+    def unit_index(self, x: torch.Tensor) -> torch.Tensor:
+        c, h, w = x.shape
+        if self.superpixels:
+            return self._superpixel_index(x).unsqueeze(0).expand(c, h, w)
+        rows = torch.arange(h, device=x.device) // self.patch
+        cols = torch.arange(w, device=x.device) // self.patch
+        ncols = math.ceil(w / self.patch)
+        return (rows[:, None] * ncols + cols[None, :]).unsqueeze(0).expand(c, h, w)
+
+    def _superpixel_index(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.data_ptr(), tuple(x.shape), float(x.sum()))
+        if key not in self._sp_cache:
+            self._sp_cache.clear()
+            self._sp_cache[key] = torch.from_numpy(
+                slic_superpixels(x.detach().cpu().numpy(), self.superpixels)).to(x.device)
+        return self._sp_cache[key]
+
+    def unit_labels(self, x: torch.Tensor) -> list[str]:
+        if self.superpixels:
+            return [f"segment {u}" for u in range(self.n_units(x))]
+        rows, cols = self.grid(x)
+        return [f"patch r{r}c{c}" for r in range(rows) for c in range(cols)]
+
+    def baseline_raw(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.baseline
+        if b == "zero":
+            return torch.zeros_like(x)
+        if b == "white":
+            return torch.ones_like(x)
+        if b == "mean":
+            return x.mean(dim=(-2, -1), keepdim=True).expand_as(x).clone()
+        if b == "blur":
+            k = max(3, self.patch | 1)
+            return torch.nn.functional.avg_pool2d(x.unsqueeze(0), k, stride=1, padding=k // 2,
+                                                  count_include_pad=False)[0]
+        return torch.full_like(x, float(b))
+
+    def to_map(self, attr: torch.Tensor) -> torch.Tensor:
+        return attr.sum(dim=-3)
+
+
+def slic_superpixels(img: np.ndarray, n_segments: int, compactness: float = 10.0,
+                     iterations: int = 6) -> np.ndarray:
+    """SLIC-style superpixels of a [C, H, W] image: k-means on colour and position.
+
+    Returns an [H, W] array of consecutive segment ids 0..K-1.
+    """
+    c, h, w = img.shape
+    step = max(1.0, math.sqrt(h * w / n_segments))
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    feats = np.concatenate([img.reshape(c, -1).T * compactness,
+                            np.stack([ys.ravel(), xs.ravel()], 1) / step], axis=1)
+    cy = np.arange(step / 2, h, step)
+    cx = np.arange(step / 2, w, step)
+    centers_idx = [int(min(h - 1, y)) * w + int(min(w - 1, x)) for y in cy for x in cx]
+    centers = feats[centers_idx].copy()
+    for _ in range(iterations):
+        d = ((feats[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+        labels = d.argmin(1)
+        for k in range(len(centers)):
+            sel = labels == k
+            if sel.any():
+                centers[k] = feats[sel].mean(0)
+    _, labels = np.unique(labels, return_inverse=True)
+    return labels.reshape(h, w).astype(np.int64)
+
+
+_WORD = re.compile(r"[\w']+|[^\w\s]")
+
+
+class Text(Modality):
+    """A token sequence [T] of ids; units are tokens; gradients flow through the embedding layer.
+
+    vocab: the list of tokens (index = id), which must contain ``pad_token`` and ``unk_token``.
+    tokenize: a function from a string to a list of tokens (default: lower-cased words, with
+    punctuation split off and, if ``drop_punctuation``, dropped).
+    baseline: "pad" (every token becomes [PAD] before embedding) or "zero" (zero embeddings).
+    """
+
+    kind = "text"
+    via_embedding = True
+
+    def __init__(self, name: str = "text", vocab: Sequence[str] = (), pad_token: str = "[PAD]",
+                 unk_token: str = "[UNK]", tokenize: Callable[[str], list[str]] | None = None,
+                 baseline: str = "pad", drop_punctuation: bool = True):
+        super().__init__(name)
+        vocab = list(vocab)
+        for special in (pad_token, unk_token):
+            if special not in vocab:
+                raise ValueError(f"Text vocab must contain {special!r}; add it to the vocabulary.")
+        if baseline not in ("pad", "zero"):
+            raise ValueError(f"Text baseline {baseline!r} is not 'pad' or 'zero'.")
+        self.vocab = vocab
+        self.token_to_id = {t: i for i, t in enumerate(vocab)}
+        self.pad_token, self.unk_token = pad_token, unk_token
+        self.pad_id, self.unk_id = self.token_to_id[pad_token], self.token_to_id[unk_token]
+        self.baseline = baseline
+        self.drop_punctuation = drop_punctuation
+        self._tokenize = tokenize
+
+    def tokenize(self, text: str) -> list[str]:
+        if self._tokenize is not None:
+            return list(self._tokenize(text))
+        toks = _WORD.findall(text.lower())
+        if self.drop_punctuation:
+            toks = [t for t in toks if re.match(r"[\w']", t)]
+        return toks
+
+    def to_tensor(self, raw) -> torch.Tensor:
+        if isinstance(raw, torch.Tensor):
+            if raw.dtype not in (torch.int64, torch.int32) or raw.dim() != 1:
+                raise ValueError(f"{self.name}: token ids must be a 1-D integer tensor, got "
+                                 f"{raw.dtype} with shape {tuple(raw.shape)}.")
+            return raw.long()
+        if not isinstance(raw, str):
+            raise TypeError(f"{self.name}: expected a string or a 1-D tensor of token ids, got "
+                            f"{type(raw).__name__}.")
+        toks = self.tokenize(raw)
+        if not toks:
+            raise ValueError(f"{self.name}: the text {raw!r} has no tokens.")
+        return torch.tensor([self.token_to_id.get(t, self.unk_id) for t in toks], dtype=torch.long)
+
+    def batch(self, items: Sequence) -> torch.Tensor:
+        ts = [self._as_tensor(i) for i in items]
+        n = max(len(t) for t in ts)
+        out = torch.full((len(ts), n), self.pad_id, dtype=torch.long)
+        for i, t in enumerate(ts):
+            out[i, :len(t)] = t
+        return out
+
+    def tokens(self, ids: torch.Tensor) -> list[str]:
+        return [self.vocab[int(i)] if 0 <= int(i) < len(self.vocab) else self.unk_token
+                for i in ids.reshape(-1)]
+
+    def unit_index(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.arange(x.shape[0], device=x.device)
+        return t if x.dim() == 1 else t.view(-1, *([1] * (x.dim() - 1))).expand_as(x)
+
+    def n_units(self, x: torch.Tensor) -> int:
+        return int(x.shape[0])
+
+    def unit_labels(self, x: torch.Tensor) -> list[str]:
+        """The tokens, when x holds token ids; their positions otherwise."""
+        if x.dim() == 1 and not torch.is_floating_point(x):
+            return self.tokens(x)
+        return [f"#{i}" for i in range(x.shape[0])]
+
+    def baseline_raw(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x, self.pad_id)
+
+    def to_map(self, attr: torch.Tensor) -> torch.Tensor:
+        return attr.reshape(attr.shape[0], -1).sum(-1) if attr.dim() > 1 else attr
+
+
+class Tabular(Modality):
+    """A row of F numeric columns [F]; units are columns, or named groups of columns.
+
+    baseline: "zero", "mean" (``means`` must be given, e.g. the training means) or a vector.
+    """
+
+    kind = "tabular"
+
+    def __init__(self, name: str = "tabular", columns: Sequence[str] = (),
+                 groups: dict[str, Sequence[int]] | None = None,
+                 baseline: str | Sequence[float] = "zero", means: Sequence[float] | None = None):
+        super().__init__(name)
+        self.columns = list(columns)
+        if not self.columns:
+            raise ValueError("Tabular needs the column names, e.g. Tabular('vitals', columns=['hr', 'bp']).")
+        f = len(self.columns)
+        self.group_names = list(groups) if groups else list(self.columns)
+        index = np.full(f, -1, dtype=np.int64)
+        if groups:
+            for g, cols in enumerate(groups.values()):
+                for c in cols:
+                    if not 0 <= c < f:
+                        raise ValueError(f"Tabular group column {c} is outside 0..{f - 1}.")
+                    if index[c] != -1:
+                        raise ValueError(f"Tabular column {self.columns[c]!r} is in two groups; "
+                                         "each column must belong to exactly one unit.")
+                    index[c] = g
+            if (index < 0).any():
+                missing = [self.columns[c] for c in np.where(index < 0)[0]]
+                raise ValueError(f"Tabular columns {missing} are in no group; every column must "
+                                 "belong to exactly one unit.")
+        else:
+            index = np.arange(f)
+        self._index = torch.from_numpy(index)
+        if isinstance(baseline, str):
+            if baseline not in ("zero", "mean"):
+                raise ValueError(f"Tabular baseline {baseline!r} is not 'zero', 'mean' or a vector.")
+            if baseline == "mean" and means is None:
+                raise ValueError("Tabular baseline 'mean' needs means=..., the column means of the "
+                                 "training data.")
+            self._baseline = None if baseline == "zero" else torch.as_tensor(means, dtype=torch.float32)
+        else:
+            self._baseline = torch.as_tensor(baseline, dtype=torch.float32)
+        if self._baseline is not None and self._baseline.shape != (f,):
+            raise ValueError(f"Tabular baseline must have one value per column ({f}), got "
+                             f"shape {tuple(self._baseline.shape)}.")
+
+    def to_tensor(self, raw) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(raw, dtype=np.float32) if not isinstance(raw, torch.Tensor)
+                            else raw).float()
+        if t.shape != (len(self.columns),):
+            raise ValueError(f"{self.name}: a row must have {len(self.columns)} values "
+                             f"({', '.join(self.columns)}), got shape {tuple(t.shape)}.")
+        return t
+
+    def unit_index(self, x: torch.Tensor) -> torch.Tensor:
+        return self._index.to(x.device)
+
+    def n_units(self, x=None) -> int:
+        return len(self.group_names)
+
+    def unit_labels(self, x=None) -> list[str]:
+        return list(self.group_names)
+
+    def baseline_raw(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x) if self._baseline is None else self._baseline.to(x).clone()
+
+
+class TimeSeries(Modality):
+    """A multichannel series [T, C]; units are time windows x channel groups.
+
+    window: time steps per unit; channel_groups: lists of channel indices (default: one group
+    per channel); baseline: "zero" or "mean" (each channel's mean over the instance).
+    """
+
+    kind = "timeseries"
+
+    def __init__(self, name: str = "series", window: int = 8, channels: Sequence[str] = (),
+                 channel_groups: Sequence[Sequence[int]] | None = None, baseline: str = "zero"):
+        super().__init__(name)
+        if window < 1:
+            raise ValueError(f"TimeSeries window must be at least 1 step, got {window}.")
+        if not channels:
+            raise ValueError("TimeSeries needs the channel names, e.g. channels=['ecg', 'spo2'].")
+        if baseline not in ("zero", "mean"):
+            raise ValueError(f"TimeSeries baseline {baseline!r} is not 'zero' or 'mean'.")
+        self.window = int(window)
+        self.channels = list(channels)
+        groups = channel_groups or [[c] for c in range(len(self.channels))]
+        gidx = np.full(len(self.channels), -1, dtype=np.int64)
+        for g, chans in enumerate(groups):
+            for c in chans:
+                if not 0 <= c < len(self.channels):
+                    raise ValueError(f"TimeSeries channel {c} is outside 0..{len(self.channels) - 1}.")
+                if gidx[c] != -1:
+                    raise ValueError(f"TimeSeries channel {self.channels[c]!r} is in two groups.")
+                gidx[c] = g
+        if (gidx < 0).any():
+            raise ValueError("Every TimeSeries channel must be in exactly one channel group.")
+        self.groups = [list(g) for g in groups]
+        self._gidx = torch.from_numpy(gidx)
+        self.baseline = baseline
+
+    def to_tensor(self, raw) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(raw, dtype=np.float32) if not isinstance(raw, torch.Tensor)
+                            else raw).float()
+        if t.dim() != 2 or t.shape[1] != len(self.channels):
+            raise ValueError(f"{self.name}: a series must be [time, {len(self.channels)} channels], "
+                             f"got shape {tuple(t.shape)}.")
+        return t
+
+    def n_windows(self, x: torch.Tensor) -> int:
+        return math.ceil(x.shape[0] / self.window)
+
+    def unit_index(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.arange(x.shape[0], device=x.device) // self.window
+        return t[:, None] * len(self.groups) + self._gidx.to(x.device)[None, :]
+
+    def n_units(self, x: torch.Tensor) -> int:
+        return self.n_windows(x) * len(self.groups)
+
+    def unit_labels(self, x: torch.Tensor) -> list[str]:
+        names = ["+".join(self.channels[c] for c in g) for g in self.groups]
+        return [f"{names[g]} t{w * self.window}-{min(x.shape[0], (w + 1) * self.window) - 1}"
+                for w in range(self.n_windows(x)) for g in range(len(self.groups))]
+
+    def baseline_raw(self, x: torch.Tensor) -> torch.Tensor:
+        if self.baseline == "zero":
+            return torch.zeros_like(x)
+        return x.mean(0, keepdim=True).expand_as(x).clone()
