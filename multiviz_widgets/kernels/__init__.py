@@ -1,0 +1,1 @@
+"""Pure torch/numpy kernels for the four MultiViz stages (no widgets here)."""

@@ -1,0 +1,58 @@
+"""Pieces every kernel shares: instances, targets, masked inputs and chunked evaluation."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..adapter import ModelAdapter, Prepared, Target
+from ..progress import ProgressFn, report
+
+
+def as_prepared(adapter: ModelAdapter, instance) -> Prepared:
+    """Accept an instance dict or an already prepared instance."""
+    return instance if isinstance(instance, Prepared) else adapter.prepare(instance)
+
+
+@torch.no_grad()
+def resolve_target(adapter: ModelAdapter, prepared: Prepared, target=None) -> Target:
+    """None means the model's predicted class; otherwise see ModelAdapter.target (1 forward if None)."""
+    if target is None:
+        return adapter.target(int(adapter.forward(prepared.raw).argmax(1)[0]))
+    return adapter.target(target)
+
+
+def masked_continuous(prepared: Prepared, masks: Mapping[str, torch.Tensor],
+                      adapter: ModelAdapter) -> dict[str, torch.Tensor]:
+    """Continuous inputs [B, ...] in which units with mask 0 take the baseline.
+
+    masks: {modality: [B, n_units]} (values in [0, 1]); modalities without a mask keep the
+    instance as it is (expanded to B).
+    """
+    b = next(iter(masks.values())).shape[0]
+    out = {}
+    for name in prepared.names:
+        x = prepared.continuous[name]
+        if name in masks:
+            out[name] = adapter.modalities[name].apply_mask(
+                x, masks[name], prepared.baseline[name], prepared.index[name])
+        else:
+            out[name] = x.unsqueeze(0).expand(b, *x.shape)
+    return out
+
+
+@torch.no_grad()
+def evaluate_masks(adapter: ModelAdapter, prepared: Prepared, masks: Mapping[str, torch.Tensor],
+                   target: Target, batch_size: int = 256, progress: ProgressFn = None,
+                   message: str = "forward passes") -> torch.Tensor:
+    """f_target of the masked instance for every row of the masks: a tensor [B].
+
+    Cost: B forward passes, in chunks of batch_size (progress is reported per chunk).
+    """
+    total = next(iter(masks.values())).shape[0]
+    outs = []
+    for s in range(0, total, batch_size):
+        chunk = {k: v[s:s + batch_size] for k, v in masks.items()}
+        outs.append(adapter.scalar(prepared, masked_continuous(prepared, chunk, adapter), target))
+        report(progress, min(total, s + batch_size), total, message)
+    return torch.cat(outs)
