@@ -230,7 +230,7 @@ class ModelAdapter:
         base = {k: v[0] for k, v in self.continuous(base_raw).items()}
         index = {n: m.unit_index(cont[n]) for n, m in self.modalities.items()}
         n_units = {n: int(index[n].max()) + 1 for n in self.names}
-        labels = {n: m.unit_labels(raw[n][0]) for n, m in self.modalities.items()}
+        labels = {n: m.describe_units(instance[n], raw[n][0]) for n, m in self.modalities.items()}
         h = hashlib.sha256()
         for n in self.names:
             h.update(n.encode())

@@ -67,6 +67,10 @@ class Modality:
         """A short human-readable name for every unit."""
         return [f"{self.name}[{u}]" for u in range(self.n_units(x))]
 
+    def describe_units(self, raw, x: torch.Tensor) -> list[str]:
+        """Unit labels for one instance, given its raw value and its model input x."""
+        return self.unit_labels(x)
+
     def apply_mask(self, x: torch.Tensor, masks: torch.Tensor, baseline: torch.Tensor,
                    index: torch.Tensor | None = None) -> torch.Tensor:
         """Inputs [B, *x.shape]: unit u keeps x where masks[b, u] = 1 and takes the baseline where 0.
@@ -292,6 +296,14 @@ class Text(Modality):
         if x.dim() == 1 and not torch.is_floating_point(x):
             return self.tokens(x)
         return [f"#{i}" for i in range(x.shape[0])]
+
+    def describe_units(self, raw, x: torch.Tensor) -> list[str]:
+        """The words as written (also those outside the vocabulary), when raw is a string."""
+        if isinstance(raw, str):
+            words = self.tokenize(raw)
+            if len(words) == x.shape[0]:
+                return words
+        return self.unit_labels(x)
 
     def baseline_raw(self, x: torch.Tensor) -> torch.Tensor:
         return torch.full_like(x, self.pad_id)
