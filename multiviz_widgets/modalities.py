@@ -83,7 +83,8 @@ class Modality:
             raise ValueError(f"{self.name}: masks must have shape [batch, {int(idx.max()) + 1}] "
                              f"(one column per unit), got {tuple(masks.shape)}.")
         m = masks[:, idx]
-        return baseline.unsqueeze(0) + m * (x - baseline).unsqueeze(0)
+        # lerp is exact at both ends: mask 1 gives x and mask 0 the baseline, bit for bit
+        return torch.lerp(baseline.unsqueeze(0).expand_as(m), x.unsqueeze(0).expand_as(m), m)
 
     def pool(self, attr: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None = None
              ) -> torch.Tensor:

@@ -1,0 +1,166 @@
+"""Modalities: units partition the input, masks round-trip, baselines have the right shapes."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from multiviz_widgets import Image, Tabular, Text, TimeSeries
+
+VOCAB = ["[PAD]", "[UNK]", "what", "is", "the", "red", "shape"]
+
+
+def _image(draw):
+    c = draw(st.integers(1, 3))
+    h = draw(st.integers(4, 20))
+    w = draw(st.integers(4, 20))
+    patch = draw(st.integers(1, 8))
+    baseline = draw(st.sampled_from(["zero", "white", "mean", "blur", 0.5]))
+    m = Image("image", patch=patch, baseline=baseline)
+    return m, torch.rand(c, h, w)
+
+
+def _text(draw):
+    n = draw(st.integers(1, 12))
+    e = draw(st.integers(1, 6))
+    return Text("question", vocab=VOCAB), torch.randn(n, e)
+
+
+def _tabular(draw):
+    f = draw(st.integers(1, 10))
+    cols = [f"c{i}" for i in range(f)]
+    grouped = draw(st.booleans()) and f >= 2
+    groups = {"first": list(range(f // 2)), "rest": list(range(f // 2, f))} if grouped else None
+    return Tabular("tab", columns=cols, groups=groups), torch.randn(f)
+
+
+def _series(draw):
+    t = draw(st.integers(1, 30))
+    c = draw(st.integers(1, 4))
+    window = draw(st.integers(1, 10))
+    groups = [[i] for i in range(c)] if draw(st.booleans()) or c == 1 else [list(range(c))]
+    return (TimeSeries("series", window=window, channels=[f"ch{i}" for i in range(c)],
+                       channel_groups=groups, baseline=draw(st.sampled_from(["zero", "mean"]))),
+            torch.randn(t, c))
+
+
+modality_and_input = st.one_of(*[st.composite(lambda draw, f=f: f(draw))()
+                                 for f in (_image, _text, _tabular, _series)])
+
+
+@settings(max_examples=120, deadline=None)
+@given(modality_and_input)
+def test_every_scalar_belongs_to_exactly_one_unit(mx):
+    m, x = mx
+    idx = m.unit_index(x)
+    assert idx.shape == x.shape
+    n = m.n_units(x)
+    assert int(idx.min()) >= 0 and int(idx.max()) == n - 1
+    counts = torch.bincount(idx.reshape(-1), minlength=n)
+    assert (counts > 0).all(), "a unit without scalars"
+    assert int(counts.sum()) == x.numel()
+    # pooling ones counts each scalar once
+    pooled = m.pool(torch.ones(1, *x.shape), x)
+    assert torch.equal(pooled[0], counts.to(pooled.dtype))
+    assert len(m.unit_labels(x)) == n if m.kind != "text" else True
+
+
+@settings(max_examples=120, deadline=None)
+@given(modality_and_input, st.integers(0, 2**31 - 1))
+def test_masks_round_trip(mx, seed):
+    m, x = mx
+    base = m.baseline_raw(x) if m.kind != "text" else torch.zeros_like(x)
+    n = m.n_units(x)
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.cat([torch.ones(1, n), torch.zeros(1, n),
+                       (torch.rand(3, n, generator=g) > 0.5).float()])
+    out = m.apply_mask(x, masks, base)
+    assert out.shape == (5, *x.shape)
+    assert torch.allclose(out[0], x) and torch.allclose(out[1], base)
+    idx = m.unit_index(x)
+    for b in range(2, 5):
+        keep = masks[b][idx].bool()
+        assert torch.equal(out[b][keep], x[keep])
+        assert torch.equal(out[b][~keep], base[~keep])
+    # expand then pool gives per-unit value x unit size
+    vals = torch.randn(n)
+    counts = torch.bincount(idx.reshape(-1), minlength=n).float()
+    assert torch.allclose(m.pool(m.expand(vals, x).unsqueeze(0), x)[0], vals * counts, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(modality_and_input)
+def test_baselines_have_the_input_shape(mx):
+    m, x = mx
+    if m.kind == "text":
+        ids = torch.tensor([2, 3, 4])
+        b = m.baseline_raw(ids)
+        assert b.shape == ids.shape and (b == m.pad_id).all()
+    else:
+        b = m.baseline_raw(x)
+        assert b.shape == x.shape and b.dtype == x.dtype and torch.isfinite(b).all()
+
+
+def test_image_patch_grid_layout_and_superpixels():
+    m = Image("image", patch=8)
+    x = torch.rand(3, 64, 64)
+    idx = m.unit_index(x)
+    assert m.n_units(x) == 64 and m.grid(x) == (8, 8)
+    assert int(idx[0, 0, 0]) == 0 and int(idx[0, 0, 63]) == 7 and int(idx[2, 63, 63]) == 63
+    sp = Image("image", superpixels=12)
+    x = torch.zeros(3, 32, 32)
+    x[0, :16] = 1.0
+    sidx = sp.unit_index(x)
+    assert sidx.shape == x.shape and 2 <= sp.n_units(x) <= 20
+    # segments respect the colour edge: no segment spans both halves
+    top, bottom = set(sidx[0, :16].unique().tolist()), set(sidx[0, 16:].unique().tolist())
+    assert not top & bottom
+
+
+def test_image_raw_conversions():
+    m = Image("image")
+    arr = (np.random.rand(10, 12, 3) * 255).astype(np.uint8)
+    t = m.to_tensor(arr)
+    assert t.shape == (3, 10, 12) and 0 <= float(t.min()) and float(t.max()) <= 1
+    assert m.batch([arr, arr]).shape == (2, 3, 10, 12)
+    with pytest.raises(ValueError, match="HxWxC"):
+        m.to_tensor(np.zeros((2, 2, 2, 2)))
+
+
+def test_text_tokens_batching_and_labels():
+    m = Text("question", vocab=VOCAB)
+    ids = m.to_tensor("What is the RED shape?")
+    assert m.tokens(ids) == ["what", "is", "the", "red", "shape"]
+    assert m.to_tensor("what is purple").tolist() == [2, 3, 1]
+    assert m.describe_units("what is purple", m.to_tensor("what is purple")) == ["what", "is", "purple"]
+    b = m.batch(["what is", "the red shape"])
+    assert b.shape == (2, 3) and b[0, 2] == m.pad_id
+    with pytest.raises(ValueError, match="no tokens"):
+        m.to_tensor("?!")
+    with pytest.raises(ValueError, match="must contain"):
+        Text("q", vocab=["a"])
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: Image("image", patch=0), "patch size"),
+    (lambda: Image("image", baseline="grey"), "baseline"),
+    (lambda: Image("not a name"), "identifier"),
+    (lambda: Tabular("t", columns=[]), "column names"),
+    (lambda: Tabular("t", columns=["a", "b"], groups={"g": [0]}), "in no group"),
+    (lambda: Tabular("t", columns=["a", "b"], groups={"g": [0, 1], "h": [1]}), "two groups"),
+    (lambda: Tabular("t", columns=["a"], baseline="mean"), "means="),
+    (lambda: TimeSeries("s", channels=["a"], window=0), "window"),
+    (lambda: TimeSeries("s", channels=[]), "channel names"),
+    (lambda: TimeSeries("s", channels=["a", "b"], channel_groups=[[0]]), "exactly one"),
+])
+def test_bad_modality_definitions_say_what_to_fix(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_raw_inputs_say_what_to_fix():
+    with pytest.raises(ValueError, match="3 values"):
+        Tabular("t", columns=["a", "b", "c"]).to_tensor([1.0, 2.0])
+    with pytest.raises(ValueError, match="2 channels"):
+        TimeSeries("s", channels=["a", "b"]).to_tensor(np.zeros((5, 3)))
+    with pytest.raises(ValueError, match=r"masks must have shape"):
+        Tabular("t", columns=["a", "b"]).apply_mask(torch.zeros(2), torch.ones(1, 3), torch.zeros(2))
