@@ -1,0 +1,381 @@
+// InputView: one instance's inputs (image, text, tabular, time series) with per-unit score
+// overlays and clickable units. anywidget ESM; bundled into multiviz_widgets/static/.
+//
+// Traits: items [{name, kind, ...payload}], scores {modality: [float per unit]}, score_caption,
+// selected {modality, unit}, caption.
+// Every unit element carries data-modality, data-unit and data-score (String(v) of the value as
+// received, "" when there is no score); the root carries data-render-count, incremented after
+// each DOM update, so tests and benchmarks can wait on it.
+//
+// Strings from data (tokens, column names, captions) are only ever set through textContent.
+
+const CSS = `
+.mvz-input { font-family: var(--jp-ui-font-family, sans-serif); font-size: 13px; color: var(--jp-ui-font-color1, #222); }
+.mvz-input .mvz-caption { font-weight: 600; margin: 2px 0 6px 0; min-height: 1em; }
+.mvz-input .mvz-modality { margin: 4px 0 10px 0; }
+.mvz-input .mvz-mname { font-size: 11px; color: var(--jp-ui-font-color2, #666); margin-bottom: 3px; }
+.mvz-input .mvz-image { position: relative; display: inline-block; line-height: 0; }
+.mvz-input .mvz-image img { image-rendering: pixelated; display: block; }
+.mvz-input .mvz-grid { position: absolute; inset: 0; display: grid; }
+.mvz-input .mvz-patch { box-sizing: border-box; border: 1px solid rgba(255,255,255,0.08); cursor: pointer; }
+.mvz-input .mvz-patch:hover { border-color: rgba(0,0,0,0.5); }
+.mvz-input .mvz-unit.mvz-selected { outline: 2px solid #ff9800; outline-offset: -2px; }
+.mvz-input .mvz-tokens { display: flex; flex-wrap: wrap; gap: 4px; }
+.mvz-input .mvz-token { padding: 2px 6px; border-radius: 4px; border: 1px solid rgba(0,0,0,0.15); cursor: pointer; white-space: pre; }
+.mvz-input .mvz-token.mvz-selected { outline-offset: 1px; }
+.mvz-input table.mvz-table { border-collapse: collapse; }
+.mvz-input table.mvz-table td, .mvz-input table.mvz-table th { border: 1px solid rgba(0,0,0,0.12); padding: 2px 6px; text-align: right; }
+.mvz-input table.mvz-table th { font-weight: 500; text-align: left; }
+.mvz-input table.mvz-table td.mvz-unit { cursor: pointer; }
+.mvz-input .mvz-series { display: grid; gap: 1px; align-items: stretch; }
+.mvz-input .mvz-series .mvz-rowname { font-size: 11px; padding-right: 6px; align-self: center; white-space: nowrap; }
+.mvz-input .mvz-series .mvz-cell { position: relative; height: 34px; min-width: 14px; cursor: pointer; border: 1px solid rgba(0,0,0,0.08); box-sizing: border-box; }
+.mvz-input .mvz-series svg { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none; }
+.mvz-input .mvz-legend { display: flex; align-items: center; gap: 6px; font-size: 11px; color: var(--jp-ui-font-color2, #666); margin-top: 2px; }
+.mvz-input .mvz-legend .mvz-bar { width: 120px; height: 8px; background: linear-gradient(to right, rgb(33,102,172), rgb(247,247,247), rgb(178,24,43)); border: 1px solid rgba(0,0,0,0.1); }
+`;
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+// Diverging colour for v in [-1, 1] (already scaled): blue (negative) .. white .. red (positive).
+function diverging(t) {
+  const a = Math.max(-1, Math.min(1, t));
+  const white = [247, 247, 247];
+  const end = a >= 0 ? [178, 24, 43] : [33, 102, 172];
+  const s = Math.abs(a);
+  const c = white.map((w, i) => Math.round(w + (end[i] - w) * s));
+  return `rgb(${c[0]},${c[1]},${c[2]})`;
+}
+
+// Overlay colour (for patches over an image): transparent at 0, saturated at the extremes.
+function overlay(t) {
+  const a = Math.max(-1, Math.min(1, t));
+  const end = a >= 0 ? [178, 24, 43] : [33, 102, 172];
+  return `rgba(${end[0]},${end[1]},${end[2]},${(0.75 * Math.abs(a)).toFixed(3)})`;
+}
+
+function isNum(v) {
+  return typeof v === "number" && Number.isFinite(v);
+}
+
+function scaleOf(values) {
+  let m = 0;
+  for (const v of values) if (isNum(v)) m = Math.max(m, Math.abs(v));
+  return m;
+}
+
+function fmt(v) {
+  if (!isNum(v)) return "";
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-3 || a >= 1e4)) return v.toExponential(2);
+  return v.toPrecision(3);
+}
+
+function el_(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  return e;
+}
+
+function render({ model, el }) {
+  const root = el_("div", "mvz-input");
+  const style = document.createElement("style");
+  style.textContent = CSS;
+  root.appendChild(style);
+  const caption = el_("div", "mvz-caption");
+  root.appendChild(caption);
+  const body = el_("div", "mvz-body");
+  root.appendChild(body);
+  const legend = el_("div", "mvz-legend");
+  root.appendChild(legend);
+  el.appendChild(root);
+
+  let renderCount = 0;
+  // modality name -> {kind, units: Map(unit -> [elements]), paint(el, scaled, value)}
+  let byModality = new Map();
+
+  function bump() {
+    renderCount += 1;
+    root.dataset.renderCount = String(renderCount);
+  }
+
+  function select(modality, unit) {
+    model.set("selected", { modality, unit });
+    model.save_changes();
+  }
+
+  function addUnit(entry, modality, unit, element) {
+    element.classList.add("mvz-unit");
+    element.dataset.modality = modality;
+    element.dataset.unit = String(unit);
+    element.dataset.score = "";
+    element._mvzLabel = element.title || "";
+    element.addEventListener("click", (ev) => {
+      ev.stopPropagation();
+      select(modality, unit);
+    });
+    if (!entry.units.has(unit)) entry.units.set(unit, []);
+    entry.units.get(unit).push(element);
+  }
+
+  function buildImage(item, box, entry) {
+    const rows = item.rows, cols = item.cols;
+    const wrap = el_("div", "mvz-image");
+    const img = document.createElement("img");
+    img.src = item.src; // a data: URL built in Python from the pixels
+    img.width = item.display_width;
+    img.height = item.display_height;
+    img.alt = item.name;
+    wrap.appendChild(img);
+    const grid = el_("div", "mvz-grid");
+    // Patches at the image's edge may be partial: size tracks by pixels covered.
+    const colSizes = [], rowSizes = [];
+    for (let c = 0; c < cols; c++) colSizes.push(Math.min(item.patch, item.width - c * item.patch) + "fr");
+    for (let r = 0; r < rows; r++) rowSizes.push(Math.min(item.patch, item.height - r * item.patch) + "fr");
+    grid.style.gridTemplateColumns = colSizes.join(" ");
+    grid.style.gridTemplateRows = rowSizes.join(" ");
+    for (let r = 0; r < rows; r++) {
+      for (let c = 0; c < cols; c++) {
+        const u = r * cols + c;
+        const p = el_("div", "mvz-patch");
+        p.title = item.labels && item.labels[u] ? item.labels[u] : `patch ${u}`;
+        addUnit(entry, item.name, u, p);
+        grid.appendChild(p);
+      }
+    }
+    wrap.appendChild(grid);
+    box.appendChild(wrap);
+    entry.paint = (e, t) => { e.style.background = t === null ? "transparent" : overlay(t); };
+  }
+
+  function buildSegments(item, box, entry) {
+    // Superpixels: a canvas overlay coloured per pixel, plus a clickable legend of segments.
+    const wrap = el_("div", "mvz-image");
+    const img = document.createElement("img");
+    img.src = item.src;
+    img.width = item.display_width;
+    img.height = item.display_height;
+    img.alt = item.name;
+    wrap.appendChild(img);
+    const canvas = document.createElement("canvas");
+    canvas.width = item.width;
+    canvas.height = item.height;
+    canvas.style.position = "absolute";
+    canvas.style.inset = "0";
+    canvas.style.width = item.display_width + "px";
+    canvas.style.height = item.display_height + "px";
+    canvas.style.imageRendering = "pixelated";
+    canvas.style.cursor = "pointer";
+    wrap.appendChild(canvas);
+    canvas.addEventListener("click", (ev) => {
+      const r = canvas.getBoundingClientRect();
+      const x = Math.floor(((ev.clientX - r.left) / r.width) * item.width);
+      const y = Math.floor(((ev.clientY - r.top) / r.height) * item.height);
+      const u = item.segments[y * item.width + x];
+      if (u !== undefined) select(item.name, u);
+    });
+    box.appendChild(wrap);
+    const chips = el_("div", "mvz-tokens");
+    for (let u = 0; u < item.n_units; u++) {
+      const chip = el_("span", "mvz-token", item.labels ? item.labels[u] : `segment ${u}`);
+      addUnit(entry, item.name, u, chip);
+      chips.appendChild(chip);
+    }
+    box.appendChild(chips);
+    entry.paint = (e, t) => { e.style.background = t === null ? "" : diverging(t); };
+    entry.repaint = (scaled) => {
+      const ctx = canvas.getContext("2d");
+      const data = ctx.createImageData(item.width, item.height);
+      for (let i = 0; i < item.segments.length; i++) {
+        const t = scaled ? scaled[item.segments[i]] : null;
+        if (t === null || t === undefined) continue;
+        const a = Math.max(-1, Math.min(1, t));
+        const end = a >= 0 ? [178, 24, 43] : [33, 102, 172];
+        data.data[4 * i] = end[0];
+        data.data[4 * i + 1] = end[1];
+        data.data[4 * i + 2] = end[2];
+        data.data[4 * i + 3] = Math.round(191 * Math.abs(a));
+      }
+      ctx.putImageData(data, 0, 0);
+    };
+  }
+
+  function buildText(item, box, entry) {
+    const chips = el_("div", "mvz-tokens");
+    item.tokens.forEach((tok, u) => {
+      const chip = el_("span", "mvz-token", tok);
+      const seen = item.model_tokens ? item.model_tokens[u] : null;
+      chip.title = seen !== null && seen !== undefined && seen !== tok ? `model sees: ${seen}` : `token ${u}`;
+      addUnit(entry, item.name, u, chip);
+      chips.appendChild(chip);
+    });
+    box.appendChild(chips);
+    entry.paint = (e, t) => { e.style.background = t === null ? "" : diverging(t); };
+  }
+
+  function buildTabular(item, box, entry) {
+    const table = el_("table", "mvz-table");
+    const head = document.createElement("tr");
+    const body = document.createElement("tr");
+    head.appendChild(el_("th", null, "column"));
+    body.appendChild(el_("th", null, "value"));
+    item.columns.forEach((name, c) => {
+      head.appendChild(el_("th", null, name));
+      const td = el_("td", null, fmt(item.values[c]));
+      const u = item.units[c];
+      td.title = item.unit_labels ? item.unit_labels[u] : name;
+      addUnit(entry, item.name, u, td);
+      body.appendChild(td);
+    });
+    table.appendChild(head);
+    table.appendChild(body);
+    box.appendChild(table);
+    entry.paint = (e, t) => { e.style.background = t === null ? "" : diverging(t); };
+  }
+
+  function buildSeries(item, box, entry) {
+    const G = item.group_names.length, W = item.n_windows;
+    const grid = el_("div", "mvz-series");
+    grid.style.gridTemplateColumns = `max-content repeat(${W}, minmax(14px, 1fr))`;
+    const T = item.values.length;
+    item.group_names.forEach((gname, g) => {
+      grid.appendChild(el_("div", "mvz-rowname", gname));
+      const chans = item.groups[g];
+      // Per-row value range, so each row's sparkline fills its strip.
+      let lo = Infinity, hi = -Infinity;
+      for (let t = 0; t < T; t++) for (const c of chans) { const v = item.values[t][c]; if (isNum(v)) { lo = Math.min(lo, v); hi = Math.max(hi, v); } }
+      if (!(hi > lo)) { lo -= 1; hi += 1; }
+      for (let w = 0; w < W; w++) {
+        const u = w * G + g;
+        const cell = el_("div", "mvz-cell");
+        const t0 = w * item.window, t1 = Math.min(T, (w + 1) * item.window);
+        cell.title = item.labels ? item.labels[u] : `${gname} t${t0}-${t1 - 1}`;
+        const svg = document.createElementNS(SVG_NS, "svg");
+        svg.setAttribute("viewBox", `0 0 ${Math.max(1, t1 - t0 - 1)} 100`);
+        svg.setAttribute("preserveAspectRatio", "none");
+        for (const c of chans) {
+          const pts = [];
+          for (let t = t0; t < t1; t++) {
+            const v = item.values[t][c];
+            if (isNum(v)) pts.push(`${t - t0},${(95 - 90 * (v - lo) / (hi - lo)).toFixed(2)}`);
+          }
+          if (pts.length === 1) pts.push(pts[0].replace(/^0,/, "1,"));
+          const line = document.createElementNS(SVG_NS, "polyline");
+          line.setAttribute("points", pts.join(" "));
+          line.setAttribute("fill", "none");
+          line.setAttribute("stroke", "#333");
+          line.setAttribute("stroke-width", "1.2");
+          line.setAttribute("vector-effect", "non-scaling-stroke");
+          svg.appendChild(line);
+        }
+        cell.appendChild(svg);
+        addUnit(entry, item.name, u, cell);
+        grid.appendChild(cell);
+      }
+    });
+    box.appendChild(grid);
+    entry.paint = (e, t) => { e.style.background = t === null ? "" : diverging(t); };
+  }
+
+  function buildGeneric(item, box, entry) {
+    const chips = el_("div", "mvz-tokens");
+    for (let u = 0; u < (item.n_units || 0); u++) {
+      const chip = el_("span", "mvz-token", item.labels ? item.labels[u] : `unit ${u}`);
+      addUnit(entry, item.name, u, chip);
+      chips.appendChild(chip);
+    }
+    box.appendChild(chips);
+    entry.paint = (e, t) => { e.style.background = t === null ? "" : diverging(t); };
+  }
+
+  function build() {
+    body.replaceChildren();
+    byModality = new Map();
+    for (const item of model.get("items") || []) {
+      const box = el_("div", "mvz-modality");
+      box.dataset.modality = item.name;
+      box.dataset.kind = item.kind;
+      box.appendChild(el_("div", "mvz-mname", item.name));
+      const entry = { kind: item.kind, units: new Map(), paint: null, repaint: null };
+      if (item.kind === "image" && item.segments) buildSegments(item, box, entry);
+      else if (item.kind === "image") buildImage(item, box, entry);
+      else if (item.kind === "text") buildText(item, box, entry);
+      else if (item.kind === "tabular") buildTabular(item, box, entry);
+      else if (item.kind === "timeseries") buildSeries(item, box, entry);
+      else buildGeneric(item, box, entry);
+      byModality.set(item.name, entry);
+      body.appendChild(box);
+    }
+  }
+
+  function paintScores() {
+    const scores = model.get("scores") || {};
+    let anyScores = false, shownMax = 0;
+    for (const [name, entry] of byModality) {
+      const vals = Array.isArray(scores[name]) ? scores[name] : null;
+      const m = vals ? scaleOf(vals) : 0;
+      const scaled = vals ? vals.map((v) => (isNum(v) ? (m > 0 ? v / m : 0) : null)) : null;
+      if (vals) { anyScores = true; shownMax = Math.max(shownMax, m); }
+      for (const [u, elements] of entry.units) {
+        const v = vals ? vals[u] : undefined;
+        for (const e of elements) {
+          e.dataset.score = isNum(v) ? String(v) : "";
+          entry.paint(e, scaled && scaled[u] !== undefined ? scaled[u] : null);
+          e.title = isNum(v) ? `${e._mvzLabel} \u2014 ${fmt(v)}` : e._mvzLabel;
+        }
+      }
+      if (entry.repaint) entry.repaint(scaled);
+    }
+    legend.replaceChildren();
+    if (anyScores) {
+      legend.appendChild(el_("span", null, "\u2212max"));
+      legend.appendChild(el_("span", "mvz-bar"));
+      legend.appendChild(el_("span", null, "+max"));
+      legend.appendChild(el_("span", "mvz-score-caption", model.get("score_caption") || ""));
+      legend.title = `colour scale symmetric around 0, per modality (largest |score| ${fmt(shownMax)})`;
+    }
+  }
+
+  function paintSelected() {
+    const sel = model.get("selected") || {};
+    for (const [name, entry] of byModality) {
+      for (const [u, elements] of entry.units) {
+        const on = sel.modality === name && sel.unit === u;
+        for (const e of elements) e.classList.toggle("mvz-selected", on);
+      }
+    }
+  }
+
+  function paintCaption() {
+    caption.textContent = model.get("caption") || "";
+  }
+
+  function full() {
+    build();
+    paintScores();
+    paintSelected();
+    paintCaption();
+    bump();
+  }
+  const onScores = () => { paintScores(); bump(); };
+  const onSelected = () => { paintSelected(); bump(); };
+  const onCaption = () => { paintCaption(); bump(); };
+
+  model.on("change:items", full);
+  model.on("change:scores", onScores);
+  model.on("change:score_caption", onScores);
+  model.on("change:selected", onSelected);
+  model.on("change:caption", onCaption);
+  full();
+
+  return () => {
+    model.off("change:items", full);
+    model.off("change:scores", onScores);
+    model.off("change:score_caption", onScores);
+    model.off("change:selected", onSelected);
+    model.off("change:caption", onCaption);
+  };
+}
+
+export default { render };
