@@ -1,0 +1,512 @@
+"""Stage 1: unimodal importance of every unit of every modality, in one uniform call.
+
+``attribute(adapter, instance, method=..., target=...)`` returns an :class:`Attribution` holding,
+for each explained modality, per-unit scores, a full-resolution map and the cost it took.
+
+Methods (see METHODS.md):
+
+* ``gradient``: d f / d x pooled to units (one forward + one backward of a batch of one);
+* ``grad_x_input``: (d f / d x) * x pooled to units (same cost);
+* ``integrated_gradients``: (x - b) * mean over the path b -> x of d f / d x (S forwards and
+  backwards, batched; completeness: the scores sum to f(x) - f(b) up to the quadrature error);
+* ``occlusion``: f(x) - f(x with unit u at its baseline), for all units of all modalities in
+  batched forwards (1 + U forwards);
+* ``lime``: a weighted ridge regression of f on random binary unit masks (n_samples forwards);
+* ``kernel_shap``: the Shapley-kernel regression constrained so that the scores sum exactly to
+  f(x) - f(baseline) (n_samples forwards; exact Shapley values when 2^U <= n_samples).
+
+Gradients are taken with respect to the *continuous* inputs of all explained modalities at once
+(for text: the embedding layer's output, never the token ids). The target is a class logit or a
+decision-layer neuron (``Neuron(j)``); every method handles both. ``modalities=[...]`` restricts an
+explanation to some modalities: the others stay as they are in the instance.
+
+Maps: gradient methods give the modality's ``to_map`` of the scalar attribution; perturbation
+methods spread each unit's score evenly over its scalars before ``to_map``, so for every method
+the map summed over a unit's region equals the unit's score.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..adapter import AdapterError, ModelAdapter, Prepared, Target
+from ..progress import ProgressFn, report
+from ..results import Attribution, Stopwatch
+from .common import as_prepared, evaluate_masks, resolve_target
+
+__all__ = ["METHODS", "AttributionMethod", "attribute", "lime_from_function",
+           "kernel_shap_from_function", "integration_rule"]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _select(adapter: ModelAdapter, prepared: Prepared, modalities) -> list[str]:
+    """The explained modalities, validated, in the adapter's order."""
+    names = list(prepared.names)
+    if modalities is None:
+        return names
+    if isinstance(modalities, str):
+        modalities = [modalities]
+    try:
+        wanted = list(modalities)
+    except TypeError:
+        raise ValueError(f"modalities must be a list of modality names drawn from {names}, got "
+                         f"{modalities!r}.") from None
+    unknown = [m for m in wanted if m not in names]
+    if unknown or not wanted:
+        raise ValueError(f"modalities={wanted!r} is not a non-empty subset of this model's "
+                         f"modalities {names}" + (f"; unknown: {unknown}" if unknown else "")
+                         + ". Pass modalities=None to explain all of them.")
+    return [n for n in names if n in wanted]
+
+
+def integration_rule(steps: int, rule: str = "gausslegendre") -> tuple[np.ndarray, np.ndarray]:
+    """(alphas, weights) of a quadrature of the integral over [0, 1] with ``steps`` nodes.
+
+    rules: "gausslegendre" (captum's default), "riemann_right" (k/S), "riemann_left",
+    "riemann_middle", "riemann_trapezoid". The weights sum to 1.
+    """
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    s = int(steps)
+    if rule == "gausslegendre":
+        x, w = np.polynomial.legendre.leggauss(s)
+        return (x + 1) / 2, w / 2
+    if rule == "riemann_right":
+        return np.arange(1, s + 1) / s, np.full(s, 1.0 / s)
+    if rule == "riemann_left":
+        return np.arange(0, s) / s, np.full(s, 1.0 / s)
+    if rule == "riemann_middle":
+        return (np.arange(s) + 0.5) / s, np.full(s, 1.0 / s)
+    if rule == "riemann_trapezoid":
+        if s < 2:
+            raise ValueError("riemann_trapezoid needs at least 2 steps.")
+        w = np.full(s, 1.0 / (s - 1))
+        w[0] = w[-1] = 0.5 / (s - 1)
+        return np.linspace(0, 1, s), w
+    raise ValueError(f"Unknown integration rule {rule!r}; use one of 'gausslegendre', "
+                     "'riemann_right', 'riemann_left', 'riemann_middle', 'riemann_trapezoid'.")
+
+
+def _input_grads(adapter: ModelAdapter, prepared: Prepared, target: Target,
+                 inputs: Mapping[str, torch.Tensor], weights: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """d (sum_b weights_b f(inputs_b)) / d inputs for a batch [B, ...] of continuous inputs.
+
+    One forward and one backward of B instances; the other modalities stay at the instance.
+    """
+    leaves = {n: t.detach().requires_grad_(True) for n, t in inputs.items()}
+    with torch.enable_grad():
+        out = adapter.scalar(prepared, leaves, target)
+        grad_out = torch.ones_like(out) if weights is None else weights.to(out)
+        grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=grad_out,
+                                    allow_unused=True)
+    return {n: (torch.zeros_like(leaves[n]) if g is None else g)
+            for n, g in zip(leaves, grads)}
+
+
+def _perturbation_map(adapter: ModelAdapter, prepared: Prepared, name: str,
+                      scores: torch.Tensor) -> np.ndarray:
+    """A unit score spread evenly over the unit's scalars, then the modality's to_map."""
+    idx = prepared.index[name]
+    counts = torch.bincount(idx.reshape(-1), minlength=scores.numel()).clamp(min=1)
+    per_scalar = (scores / counts.to(scores))[idx]
+    return adapter.modalities[name].to_map(per_scalar).detach().cpu().numpy()
+
+
+def _units_offsets(prepared: Prepared, names: Sequence[str]) -> tuple[dict[str, int], int]:
+    offsets, total = {}, 0
+    for n in names:
+        offsets[n] = total
+        total += prepared.n_units[n]
+    return offsets, total
+
+
+def _split(vec: np.ndarray, n_units: Mapping[str, int]) -> dict[str, np.ndarray]:
+    out, o = {}, 0
+    for n, u in n_units.items():
+        out[n] = np.asarray(vec[o:o + u])
+        o += u
+    return out
+
+
+def _mask_function(adapter: ModelAdapter, prepared: Prepared, target: Target, batch_size: int
+                   ) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+    def fn(masks):
+        return evaluate_masks(adapter, prepared, masks, target, batch_size=batch_size)
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# LIME and KernelSHAP on any function of unit masks (shared with DIME)
+# --------------------------------------------------------------------------------------------
+def _check_units(n_units: Mapping[str, int]) -> dict[str, int]:
+    if not isinstance(n_units, Mapping) or not n_units:
+        raise ValueError("n_units must be a non-empty dict {modality name: number of units}.")
+    out = {}
+    for k, v in n_units.items():
+        if not isinstance(v, (int, np.integer)) or int(v) < 1:
+            raise ValueError(f"n_units[{k!r}] must be a positive integer, got {v!r}.")
+        out[str(k)] = int(v)
+    return out
+
+
+def _evaluate_in_chunks(fn, z: np.ndarray, n_units: Mapping[str, int], batch_size: int,
+                        progress: ProgressFn, message: str) -> np.ndarray:
+    """fn over the rows of the binary design z [n, U], batch_size rows per call: an array [n]."""
+    zt = torch.from_numpy(z.astype(np.float32))
+    n = z.shape[0]
+    outs = []
+    report(progress, 0, n, message)
+    for s in range(0, n, batch_size):
+        chunk = zt[s:s + batch_size]
+        masks, o = {}, 0
+        for name, u in n_units.items():
+            masks[name] = chunk[:, o:o + u]
+            o += u
+        y = fn(masks)
+        y = torch.as_tensor(y).detach().reshape(-1)
+        if y.numel() != chunk.shape[0]:
+            raise ValueError(f"The explained function returned {y.numel()} values for a batch of "
+                             f"{chunk.shape[0]} masks; it must return one value per mask row.")
+        outs.append(y.double().cpu().numpy())
+        report(progress, min(n, s + batch_size), n, message)
+    return np.concatenate(outs)
+
+
+def _lime_fit(z: np.ndarray, y: np.ndarray, weights: np.ndarray, alpha: float) -> np.ndarray:
+    """Weighted ridge regression of y on z with an unpenalised intercept: the coefficients."""
+    n, u = z.shape
+    w = weights / max(weights.sum(), 1e-300)
+    zm = (w[:, None] * z).sum(0)
+    ym = float((w * y).sum())
+    zc, yc = z - zm, y - ym
+    a = (zc * w[:, None]).T @ zc
+    # alpha is on the scale of a problem with unit total weight per sample (as sklearn's Ridge
+    # on n samples with mean weight 1): divide by n to keep it comparable across n_samples.
+    a[np.diag_indices(u)] += alpha / n
+    b = (zc * w[:, None]).T @ yc
+    return np.linalg.solve(a, b)
+
+
+def lime_from_function(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+                       n_units: Mapping[str, int], n_samples: int = 500, seed: int = 0,
+                       progress: ProgressFn = None, kernel_width: float = 0.25,
+                       distance: str = "cosine", alpha: float = 1.0, batch_size: int = 256,
+                       keep_probability: float = 0.5) -> dict[str, np.ndarray]:
+    """LIME scores of ``fn`` over the units of several modalities: {name: array [n_units]}.
+
+    fn(masks) takes {name: float Tensor [B, n_units[name]]} of 0/1 unit masks (1 = keep) and
+    returns a Tensor [B]. Masks are drawn over the concatenated units of all modalities (each unit
+    kept with probability ``keep_probability``; the first mask keeps everything), weighted by
+    exp(-d^2 / (2 kernel_width^2)) with d the cosine (or hamming) distance to the all-ones mask,
+    and a weighted ridge regression (penalty ``alpha``) of fn on the masks gives the scores.
+    Cost: n_samples evaluations of fn, batch_size masks per call.
+    """
+    units = _check_units(n_units)
+    if not isinstance(n_samples, (int, np.integer)) or n_samples < 2:
+        raise ValueError(f"n_samples must be an integer of at least 2, got {n_samples!r}.")
+    if distance not in ("cosine", "hamming"):
+        raise ValueError(f"distance must be 'cosine' or 'hamming', got {distance!r}.")
+    if kernel_width <= 0:
+        raise ValueError(f"kernel_width must be positive, got {kernel_width!r}.")
+    if not 0 < keep_probability < 1:
+        raise ValueError(f"keep_probability must lie strictly between 0 and 1, got {keep_probability!r}.")
+    total = sum(units.values())
+    rng = np.random.default_rng(seed)
+    z = (rng.random((int(n_samples), total)) < keep_probability).astype(np.float64)
+    z[0] = 1.0
+    y = _evaluate_in_chunks(fn, z, units, int(batch_size), progress, "LIME samples")
+    kept = z.sum(1)
+    if distance == "cosine":
+        d = 1.0 - np.sqrt(kept / total)
+    else:
+        d = 1.0 - kept / total
+    weights = np.exp(-(d ** 2) / (2.0 * kernel_width ** 2))
+    return _split(_lime_fit(z, y, weights, float(alpha)), units)
+
+
+def _shapley_design(total: int, n_samples: int, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Coalitions z [m, U] (neither empty nor full) and their regression weights [m].
+
+    All 2^U - 2 coalitions with their exact Shapley-kernel weights when they fit in n_samples;
+    otherwise coalition sizes drawn in proportion to the kernel's mass per size, uniform subsets
+    of that size, paired with their complements (antithetic), and equal weights.
+    """
+    if total < 2 or n_samples < 1:
+        return np.zeros((0, total)), np.zeros(0)
+    if total <= 20 and 2 ** total - 2 <= n_samples:
+        codes = np.arange(1, 2 ** total - 1, dtype=np.int64)
+        z = ((codes[:, None] >> np.arange(total)[None, :]) & 1).astype(np.float64)
+        k = z.sum(1).astype(np.int64)
+        log_binom = (math.lgamma(total + 1) - np.array([math.lgamma(int(i) + 1) for i in k])
+                     - np.array([math.lgamma(total - int(i) + 1) for i in k]))
+        w = (total - 1) / (np.exp(log_binom) * k * (total - k))
+        return z, w
+    sizes = np.arange(1, total)
+    p = (total - 1) / (sizes * (total - sizes))
+    p = p / p.sum()
+    half = (n_samples + 1) // 2
+    k = rng.choice(sizes, size=half, p=p)
+    ranks = np.argsort(np.argsort(rng.random((half, total)), axis=1), axis=1)
+    z = (ranks < k[:, None]).astype(np.float64)
+    z = np.concatenate([z, 1.0 - z])[:n_samples]
+    return z, np.ones(len(z))
+
+
+def _shap_fit(z: np.ndarray, y: np.ndarray, w: np.ndarray, f_full: float, f_empty: float
+              ) -> np.ndarray:
+    """Weighted least squares of y - f_empty on z subject to sum(phi) = f_full - f_empty."""
+    total = z.shape[1]
+    delta = f_full - f_empty
+    if total == 1:
+        return np.array([delta])
+    if len(z) == 0:
+        return np.full(total, delta / total)
+    t = (y - f_empty) - z[:, -1] * delta
+    x = z[:, :-1] - z[:, -1:]
+    sw = np.sqrt(w)[:, None]
+    phi, *_ = np.linalg.lstsq(x * sw, t * sw[:, 0], rcond=None)
+    return np.concatenate([phi, [delta - phi.sum()]])
+
+
+def kernel_shap_from_function(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+                              n_units: Mapping[str, int], n_samples: int = 500, seed: int = 0,
+                              progress: ProgressFn = None, batch_size: int = 256
+                              ) -> dict[str, np.ndarray]:
+    """KernelSHAP scores of ``fn`` over the units of several modalities: {name: array [n_units]}.
+
+    fn as in :func:`lime_from_function`. The all-ones and all-zeros masks are evaluated first;
+    the scores solve the Shapley-kernel weighted regression under the efficiency constraint, so
+    they sum exactly to fn(all ones) - fn(all zeros). With 2^U - 2 <= n_samples - 2 every coalition
+    is evaluated and the scores are the exact Shapley values. Cost: at most n_samples evaluations.
+    """
+    units = _check_units(n_units)
+    if not isinstance(n_samples, (int, np.integer)) or n_samples < 2:
+        raise ValueError(f"n_samples must be an integer of at least 2 (the full and empty masks), "
+                         f"got {n_samples!r}.")
+    total = sum(units.values())
+    rng = np.random.default_rng(seed)
+    zs, ws = _shapley_design(total, int(n_samples) - 2, rng)
+    z = np.concatenate([np.ones((1, total)), np.zeros((1, total)), zs])
+    y = _evaluate_in_chunks(fn, z, units, int(batch_size), progress, "KernelSHAP samples")
+    return _split(_shap_fit(zs, y[2:], ws, float(y[0]), float(y[1])), units)
+
+
+# --------------------------------------------------------------------------------------------
+# methods
+# --------------------------------------------------------------------------------------------
+@dataclass
+class AttributionMethod:
+    """One stage-1 method: ``cost`` (forward, backward passes) and ``attribute`` -> Attribution."""
+
+    name: str
+    family: str                  # "gradient" or "perturbation"
+    defaults: dict
+    description: str = ""
+
+    def _params(self, params: Mapping) -> dict:
+        unknown = sorted(set(params) - set(self.defaults) - {"modalities"})
+        if unknown:
+            raise TypeError(f"{self.name} does not take {unknown}; its parameters are "
+                            f"{sorted(self.defaults) + ['modalities']}.")
+        out = dict(self.defaults)
+        out.update({k: v for k, v in params.items() if k != "modalities"})
+        return out
+
+    def cost(self, prepared: Prepared, **params) -> tuple[int, int]:
+        """(forward passes, backward passes) this method needs for the instance."""
+        p = self._params(params)
+        names = params.get("modalities") or prepared.names
+        return self._cost(prepared, names if not isinstance(names, str) else [names], p)
+
+    def _cost(self, prepared, names, p) -> tuple[int, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def attribute(self, adapter: ModelAdapter, prepared: Prepared, target,
+                  progress: ProgressFn = None, **params) -> Attribution:
+        """The Attribution of ``target`` for a prepared instance (target None: predicted class)."""
+        prepared = as_prepared(adapter, prepared)
+        names = _select(adapter, prepared, params.get("modalities"))
+        p = self._params(params)
+        extra = 0
+        if target is None:
+            target, extra = resolve_target(adapter, prepared, None), 1
+        else:
+            target = adapter.target(target)
+        with Stopwatch() as sw:
+            scores, maps = self._run(adapter, prepared, target, names, p, progress)
+        fwd, bwd = self._cost(prepared, names, p)
+        params_out = dict(p, modalities=list(names))
+        return Attribution(
+            method=self.name, target=target, params=params_out,
+            forward_passes=fwd + extra, backward_passes=bwd, seconds=sw.seconds,
+            scores={n: np.asarray(scores[n], dtype=np.float64) for n in names},
+            maps={n: np.asarray(maps[n]) for n in names},
+            labels={n: list(prepared.labels[n]) for n in names})
+
+    def _run(self, adapter, prepared, target, names, p, progress):  # pragma: no cover
+        raise NotImplementedError
+
+
+class _Gradient(AttributionMethod):
+    times_input = False
+
+    def _cost(self, prepared, names, p):
+        return 1, 1
+
+    def _run(self, adapter, prepared, target, names, p, progress):
+        report(progress, 0, 1, self.name)
+        x = {n: prepared.continuous[n].unsqueeze(0) for n in names}
+        grads = _input_grads(adapter, prepared, target, x)
+        scores, maps = {}, {}
+        for n in names:
+            g = grads[n][0]
+            a = g * prepared.continuous[n] if self.times_input else g
+            mod = adapter.modalities[n]
+            scores[n] = mod.pool(a.unsqueeze(0), prepared.continuous[n],
+                                 prepared.index[n])[0].detach().cpu().numpy()
+            maps[n] = mod.to_map(a).detach().cpu().numpy()
+        report(progress, 1, 1, self.name)
+        return scores, maps
+
+
+class _GradXInput(_Gradient):
+    times_input = True
+
+
+class _IntegratedGradients(AttributionMethod):
+    def _cost(self, prepared, names, p):
+        return int(p["steps"]), int(p["steps"])
+
+    def _run(self, adapter, prepared, target, names, p, progress):
+        alphas, weights = integration_rule(p["steps"], p["rule"])
+        bs = int(p["internal_batch_size"])
+        if bs < 1:
+            raise ValueError(f"internal_batch_size must be positive, got {bs}.")
+        x = {n: prepared.continuous[n] for n in names}
+        b = {n: prepared.baseline[n] for n in names}
+        diff = {n: x[n] - b[n] for n in names}
+        total = {n: torch.zeros_like(x[n]) for n in names}
+        s_all = len(alphas)
+        a_t = torch.as_tensor(alphas, dtype=torch.float32)
+        w_t = torch.as_tensor(weights, dtype=torch.float32)
+        report(progress, 0, s_all, "integrated gradients")
+        for s in range(0, s_all, bs):
+            a = a_t[s:s + bs]
+            inputs = {n: b[n].unsqueeze(0) + a.view(-1, *([1] * x[n].dim())).to(x[n])
+                      * diff[n].unsqueeze(0) for n in names}
+            grads = _input_grads(adapter, prepared, target, inputs, w_t[s:s + bs])
+            for n in names:
+                total[n] += grads[n].sum(0)
+            report(progress, min(s_all, s + bs), s_all, "integrated gradients")
+        scores, maps = {}, {}
+        for n in names:
+            attr = diff[n] * total[n]
+            mod = adapter.modalities[n]
+            scores[n] = mod.pool(attr.unsqueeze(0), x[n], prepared.index[n])[0].detach().cpu().numpy()
+            maps[n] = mod.to_map(attr).detach().cpu().numpy()
+        return scores, maps
+
+
+class _Occlusion(AttributionMethod):
+    def _cost(self, prepared, names, p):
+        return 1 + sum(prepared.n_units[n] for n in names), 0
+
+    def _run(self, adapter, prepared, target, names, p, progress):
+        offsets, total = _units_offsets(prepared, names)
+        masks = {}
+        for n in names:
+            u = prepared.n_units[n]
+            m = torch.ones(1 + total, u)
+            o = offsets[n]
+            m[1 + o + torch.arange(u), torch.arange(u)] = 0.0
+            masks[n] = m
+        y = evaluate_masks(adapter, prepared, masks, target, batch_size=int(p["batch_size"]),
+                           progress=progress, message="occlusion")
+        diff = (y[0] - y[1:]).double()
+        scores = {n: diff[offsets[n]:offsets[n] + prepared.n_units[n]] for n in names}
+        maps = {n: _perturbation_map(adapter, prepared, n, scores[n].float()) for n in names}
+        return {n: v.cpu().numpy() for n, v in scores.items()}, maps
+
+
+class _Lime(AttributionMethod):
+    def _cost(self, prepared, names, p):
+        return int(p["n_samples"]), 0
+
+    def _run(self, adapter, prepared, target, names, p, progress):
+        fn = _mask_function(adapter, prepared, target, int(p["batch_size"]))
+        scores = lime_from_function(fn, {n: prepared.n_units[n] for n in names},
+                                    progress=progress, **p)
+        maps = {n: _perturbation_map(adapter, prepared, n, torch.as_tensor(scores[n]).float())
+                for n in names}
+        return scores, maps
+
+
+class _KernelShap(AttributionMethod):
+    def _cost(self, prepared, names, p):
+        total = sum(prepared.n_units[n] for n in names)
+        n = int(p["n_samples"])
+        if total <= 20 and 2 ** total <= n:
+            return 2 ** total, 0
+        return n, 0
+
+    def _run(self, adapter, prepared, target, names, p, progress):
+        fn = _mask_function(adapter, prepared, target, int(p["batch_size"]))
+        scores = kernel_shap_from_function(fn, {n: prepared.n_units[n] for n in names},
+                                           progress=progress, **p)
+        maps = {n: _perturbation_map(adapter, prepared, n, torch.as_tensor(scores[n]).float())
+                for n in names}
+        return scores, maps
+
+
+METHODS: dict[str, AttributionMethod] = {
+    m.name: m for m in [
+        _Gradient("gradient", "gradient", {},
+                  "d f / d x, pooled to units (1 forward, 1 backward)"),
+        _GradXInput("grad_x_input", "gradient", {},
+                    "(d f / d x) * x, pooled to units (1 forward, 1 backward)"),
+        _IntegratedGradients("integrated_gradients", "gradient",
+                             {"steps": 50, "rule": "gausslegendre", "internal_batch_size": 128},
+                             "(x - b) * path-averaged gradient (steps forwards and backwards)"),
+        _Occlusion("occlusion", "perturbation", {"batch_size": 256},
+                   "f(x) - f(x with one unit at baseline) (1 + units forwards)"),
+        _Lime("lime", "perturbation",
+              {"n_samples": 500, "seed": 0, "kernel_width": 0.25, "distance": "cosine",
+               "alpha": 1.0, "batch_size": 256, "keep_probability": 0.5},
+              "weighted ridge regression on random unit masks (n_samples forwards)"),
+        _KernelShap("kernel_shap", "perturbation", {"n_samples": 500, "seed": 0, "batch_size": 256},
+                    "Shapley-kernel regression with exact efficiency (n_samples forwards)"),
+    ]
+}
+
+
+def _method(method) -> AttributionMethod:
+    if isinstance(method, AttributionMethod):
+        return method
+    if method not in METHODS:
+        raise ValueError(f"Unknown stage-1 method {method!r}; the methods are "
+                         f"{', '.join(METHODS)}.")
+    return METHODS[method]
+
+
+def attribute(adapter: ModelAdapter, instance, method: str = "integrated_gradients",
+              target=None, progress: ProgressFn = None, **params) -> Attribution:
+    """Stage-1 attribution of one instance: an Attribution with per-unit scores and maps.
+
+    instance: a dict {modality: raw input} or a Prepared instance. target: None (the predicted
+    class, one extra forward pass), a class index or name, or Neuron(j). method: one of
+    ``METHODS`` ("gradient", "grad_x_input", "integrated_gradients", "occlusion", "lime",
+    "kernel_shap"). params: the method's parameters (``METHODS[name].defaults``) and
+    ``modalities=[...]`` to explain only some modalities. Cost: ``METHODS[name].cost(prepared)``
+    forward/backward passes, recorded in the result with the seconds it took.
+    """
+    if not isinstance(adapter, ModelAdapter):
+        raise AdapterError(f"attribute() needs a ModelAdapter, got {type(adapter).__name__}.")
+    return _method(method).attribute(adapter, instance, target, progress=progress, **params)

@@ -1,0 +1,470 @@
+"""Stage 1 kernels: the checks of METHODS.md on small hand-built multimodal models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from multiviz_widgets import AdapterError, Image, ModelAdapter, Neuron, Tabular, Text, TimeSeries
+from multiviz_widgets.kernels.unimodal import (
+    METHODS, attribute, integration_rule, kernel_shap_from_function, lime_from_function)
+from multiviz_widgets.progress import Cancelled
+
+ALL = list(METHODS)
+VOCAB = ["[PAD]", "[UNK]", "what", "shape", "is", "the", "red", "circle", "color"]
+
+
+# ---------------------------------------------------------------------------------------------
+# small models
+# ---------------------------------------------------------------------------------------------
+class ImageTextNet(nn.Module):
+    """Image [3, 8, 8] + question tokens, smooth (tanh) so IG's quadrature converges fast."""
+
+    def __init__(self, seed=0, classes=3, hidden=6):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = nn.Embedding(len(VOCAB), 4)
+        self.img = nn.Linear(3 * 8 * 8, 8)
+        self.txt = nn.Linear(4, 8)
+        self.fuse = nn.Linear(16, hidden)
+        self.out = nn.Linear(hidden, classes)
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def from_embedding(self, image, e):
+        a = torch.tanh(self.img(image.flatten(1)))
+        t = torch.tanh(self.txt(e.mean(1)))
+        h = torch.tanh(self.fuse(torch.cat([a * t, a + t], 1)))
+        return self.out(h), h
+
+    def forward(self, image, question):
+        return self.from_embedding(image, self.emb(question))[0]
+
+
+class TabSeriesNet(nn.Module):
+    """Tabular [3] + time series [6, 2]: a nonlinear fusion with a decision layer."""
+
+    def __init__(self, seed=1, classes=2):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a = nn.Linear(3, 5)
+        self.b = nn.Linear(12, 5)
+        self.fuse = nn.Linear(10, 4)
+        self.out = nn.Linear(4, classes)
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.6)
+
+    def forward(self, vitals, series):
+        a = torch.tanh(self.a(vitals))
+        b = torch.tanh(self.b(series.flatten(1)))
+        return self.out(torch.tanh(self.fuse(torch.cat([a * b, a - b], 1))))
+
+
+class LinearNet(nn.Module):
+    """f = w . [vitals, series] + c: every method must agree with the exact contributions."""
+
+    def __init__(self, w, c):
+        super().__init__()
+        self.out = nn.Linear(len(w), 2)
+        with torch.no_grad():
+            self.out.weight.copy_(torch.stack([torch.as_tensor(w), -torch.as_tensor(w)]).float())
+            self.out.bias.copy_(torch.tensor([c, -c]).float())
+
+    def forward(self, vitals, series):
+        return self.out(torch.cat([vitals, series.flatten(1)], 1))
+
+
+def image_text():
+    torch.manual_seed(0)
+    model = ImageTextNet().eval()
+    adapter = ModelAdapter(model, [Image("image", patch=4, baseline="zero"),
+                                   Text("question", VOCAB)], ["a", "b", "c"])
+    rng = np.random.default_rng(0)
+    inst = {"image": (rng.random((8, 8, 3)) * 255).astype(np.uint8),
+            "question": "what shape is the red circle"}
+    return model, adapter, inst
+
+
+def tab_series():
+    model = TabSeriesNet().eval()
+    adapter = ModelAdapter(model, [Tabular("vitals", columns=["hr", "bp", "t"]),
+                                   TimeSeries("series", window=2, channels=["x", "y"])],
+                           ["no", "yes"])
+    rng = np.random.default_rng(1)
+    inst = {"vitals": rng.normal(size=3).astype(np.float32),
+            "series": rng.normal(size=(6, 2)).astype(np.float32)}
+    return model, adapter, inst
+
+
+@pytest.fixture(scope="module")
+def it():
+    return image_text()
+
+
+@pytest.fixture(scope="module")
+def ts():
+    return tab_series()
+
+
+def f_at(adapter, prepared, target, continuous):
+    with torch.no_grad():
+        return float(adapter.scalar(prepared, {k: v.unsqueeze(0) for k, v in continuous.items()},
+                                    target)[0])
+
+
+def total(attr):
+    return sum(float(v.sum()) for v in attr.scores.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# result shape and metadata
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ALL)
+def test_result_holds_scores_maps_and_cost(it, method):
+    _, adapter, inst = it
+    p = adapter.prepare(inst)
+    r = attribute(adapter, p, method=method, target=1)
+    assert r.method == method and r.target.kind == "class" and r.target.index == 1
+    assert set(r.scores) == {"image", "question"}
+    assert r.scores["image"].shape == (4,) and r.scores["question"].shape == (6,)
+    assert r.maps["image"].shape == (8, 8) and r.maps["question"].shape == (6,)
+    assert r.labels["question"] == ["what", "shape", "is", "the", "red", "circle"]
+    assert (r.forward_passes, r.backward_passes) == METHODS[method].cost(p)
+    assert r.seconds >= 0 and r.params["modalities"] == ["image", "question"]
+    for v in list(r.scores.values()) + list(r.maps.values()):
+        assert np.all(np.isfinite(v))
+
+
+@pytest.mark.parametrize("method", ["occlusion", "lime", "kernel_shap", "integrated_gradients",
+                                    "grad_x_input"])
+def test_map_summed_over_a_unit_is_its_score(it, method):
+    _, adapter, inst = it
+    r = attribute(adapter, inst, method=method, target=0)
+    m = r.maps["image"]
+    pooled = np.array([m[r0:r0 + 4, c0:c0 + 4].sum() for r0 in (0, 4) for c0 in (0, 4)])
+    np.testing.assert_allclose(pooled, r.scores["image"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(r.maps["question"], r.scores["question"], rtol=1e-4, atol=1e-5)
+
+
+def test_predicted_class_is_default_target_and_costs_one_forward(it):
+    model, adapter, inst = it
+    p = adapter.prepare(inst)
+    pred = int(adapter.predict(p.raw).argmax(1)[0])
+    r = attribute(adapter, p, method="gradient")
+    assert r.target.index == pred
+    assert r.forward_passes == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+def test_gradient_equals_autograd_pooled_through_the_embedding(it):
+    model, adapter, inst = it
+    p = adapter.prepare(inst)
+    img = p.raw["image"].clone().requires_grad_(True)
+    e = model.emb(p.raw["question"]).detach().requires_grad_(True)
+    logits, _ = model.from_embedding(img, e)
+    gi, ge = torch.autograd.grad(logits[0, 2], [img, e])
+    for method, (ai, ae) in {"gradient": (gi[0], ge[0]),
+                             "grad_x_input": (gi[0] * img[0], ge[0] * e[0])}.items():
+        r = attribute(adapter, p, method=method, target="c")
+        want_img = torch.stack([ai[:, r0:r0 + 4, c0:c0 + 4].sum()
+                                for r0 in (0, 4) for c0 in (0, 4)])
+        np.testing.assert_allclose(r.scores["image"], want_img.detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(r.scores["question"], ae.sum(1).detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(r.maps["image"], ai.sum(0).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_text_is_differentiated_through_the_embedding_output(it):
+    model, adapter, inst = it
+    p = adapter.prepare(inst)
+    assert p.continuous["question"].shape == (6, 4)          # [T, E], floats
+    r = attribute(adapter, p, method="gradient", target=0)
+    assert np.abs(r.scores["question"]).sum() > 0            # ids have no gradient; embeddings do
+
+
+@pytest.mark.parametrize("rule", ["gausslegendre", "riemann_middle", "riemann_trapezoid"])
+def test_ig_completeness_all_modalities(it, ts, rule):
+    for _, adapter, inst in (it, ts):
+        p = adapter.prepare(inst)
+        for target in (0, Neuron(1)):
+            r = attribute(adapter, p, method="integrated_gradients", target=target, steps=64,
+                          rule=rule, internal_batch_size=20)
+            t = adapter.target(target)
+            want = f_at(adapter, p, t, p.continuous) - f_at(adapter, p, t, p.baseline)
+            assert abs(total(r) - want) <= 0.01 * abs(want) + 1e-5, (rule, target, total(r), want)
+
+
+def test_ig_chunking_does_not_change_the_result(ts):
+    _, adapter, inst = ts
+    a = attribute(adapter, inst, method="integrated_gradients", target=1, steps=30)
+    b = attribute(adapter, inst, method="integrated_gradients", target=1, steps=30,
+                  internal_batch_size=7)
+    for n in a.scores:
+        np.testing.assert_allclose(a.scores[n], b.scores[n], rtol=1e-5, atol=1e-6)
+
+
+def test_integration_rules_weights_sum_to_one():
+    for rule in ["gausslegendre", "riemann_right", "riemann_left", "riemann_middle",
+                 "riemann_trapezoid"]:
+        a, w = integration_rule(10, rule)
+        assert len(a) == 10 and abs(w.sum() - 1) < 1e-12 and a.min() >= 0 and a.max() <= 1
+    with pytest.raises(ValueError, match="integration rule"):
+        integration_rule(5, "simpson")
+    with pytest.raises(ValueError, match="steps"):
+        integration_rule(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# perturbations
+# ---------------------------------------------------------------------------------------------
+def test_occlusion_equals_manual_ablation_in_model_inputs(it):
+    model, adapter, inst = it
+    p = adapter.prepare(inst)
+    img, q = p.raw["image"], p.raw["question"]
+    for target, pick in ((2, lambda x: model(*x)[:, 2]),
+                         (Neuron(3), lambda x: model.from_embedding(x[0], model.emb(x[1]))[1][:, 3])):
+        r = attribute(adapter, p, method="occlusion", target=target)
+        with torch.no_grad():
+            full = float(pick((img, q))[0])
+            for u, (r0, c0) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)]):
+                im = img.clone()
+                im[:, :, r0:r0 + 4, c0:c0 + 4] = 0
+                assert r.scores["image"][u] == pytest.approx(full - float(pick((im, q))[0]), abs=1e-5)
+            for t in range(q.shape[1]):
+                qq = q.clone()
+                qq[0, t] = 0                                  # [PAD]
+                assert r.scores["question"][t] == pytest.approx(full - float(pick((img, qq))[0]),
+                                                                abs=1e-5)
+
+
+def test_occlusion_tabular_and_series_units(ts):
+    model, adapter, inst = ts
+    p = adapter.prepare(inst)
+    r = attribute(adapter, p, method="occlusion", target=1, batch_size=4)
+    v, s = p.raw["vitals"], p.raw["series"]
+    with torch.no_grad():
+        full = float(model(v, s)[0, 1])
+        for c in range(3):
+            vv = v.clone()
+            vv[0, c] = 0
+            assert r.scores["vitals"][c] == pytest.approx(full - float(model(vv, s)[0, 1]), abs=1e-5)
+        for w in range(3):
+            for ch in range(2):
+                ss = s.clone()
+                ss[0, 2 * w:2 * w + 2, ch] = 0
+                assert r.scores["series"][2 * w + ch] == pytest.approx(
+                    full - float(model(v, ss)[0, 1]), abs=1e-5)
+
+
+@pytest.mark.parametrize("target", [0, Neuron(2)])
+def test_kernel_shap_efficiency_sampled_and_exact(it, ts, target):
+    for _, adapter, inst in (it, ts):
+        p = adapter.prepare(inst)
+        t = adapter.target(target)
+        want = f_at(adapter, p, t, p.continuous) - f_at(adapter, p, t, p.baseline)
+        for n_samples in (60, 5000):                       # 60: sampled; 5000 > 2^10 or 2^12: exact
+            r = attribute(adapter, p, method="kernel_shap", target=target, n_samples=n_samples)
+            assert abs(total(r) - want) < 1e-4
+
+
+def test_kernel_shap_exact_equals_brute_force_shapley(ts):
+    model, adapter, inst = ts
+    p = adapter.prepare(inst)
+    r = attribute(adapter, p, method="kernel_shap", target=0, n_samples=2 ** 9,
+                  modalities=["vitals"])
+    # brute-force Shapley over the 3 tabular units, the series kept as it is
+    import itertools
+    import math
+
+    def f(keep):
+        v = p.raw["vitals"].clone()
+        for c in range(3):
+            if c not in keep:
+                v[0, c] = 0
+        with torch.no_grad():
+            return float(model(v, p.raw["series"])[0, 0])
+    phi = np.zeros(3)
+    for i in range(3):
+        others = [j for j in range(3) if j != i]
+        for k in range(3):
+            for s in itertools.combinations(others, k):
+                w = math.factorial(k) * math.factorial(3 - k - 1) / math.factorial(3)
+                phi[i] += w * (f(set(s) | {i}) - f(set(s)))
+    np.testing.assert_allclose(r.scores["vitals"], phi, atol=1e-5)
+    assert set(r.scores) == {"vitals"}
+    assert r.forward_passes == 8
+
+
+def test_lime_and_shap_are_reproducible_with_a_seed(ts):
+    _, adapter, inst = ts
+    for m in ("lime", "kernel_shap"):
+        a = attribute(adapter, inst, method=m, target=0, n_samples=100, seed=3)
+        b = attribute(adapter, inst, method=m, target=0, n_samples=100, seed=3)
+        for n in a.scores:
+            np.testing.assert_array_equal(a.scores[n], b.scores[n])
+
+
+def test_lime_from_function_recovers_a_linear_function():
+    w = {"a": np.array([1.0, -2.0, 0.5]), "b": np.array([3.0, 0.0])}
+
+    def fn(masks):
+        return masks["a"] @ torch.tensor(w["a"]).float() + masks["b"] @ torch.tensor(w["b"]).float() + 7
+
+    for distance in ("cosine", "hamming"):
+        s = lime_from_function(fn, {"a": 3, "b": 2}, n_samples=200, alpha=1e-6, distance=distance)
+        for k in w:
+            np.testing.assert_allclose(s[k], w[k], atol=1e-4)
+    s = kernel_shap_from_function(fn, {"a": 3, "b": 2}, n_samples=200)
+    for k in w:
+        np.testing.assert_allclose(s[k], w[k], atol=1e-5)
+
+
+def test_lime_from_function_calls_in_batches_and_reports_progress():
+    calls, seen = [], []
+
+    def fn(masks):
+        calls.append(masks["x"].shape)
+        return masks["x"].sum(1)
+
+    lime_from_function(fn, {"x": 4}, n_samples=50, batch_size=16,
+                       progress=lambda d, t, m: seen.append((d, t)))
+    assert [c[0] for c in calls] == [16, 16, 16, 2] and all(c[1] == 4 for c in calls)
+    assert seen[-1] == (50, 50)
+
+
+def test_lime_from_function_errors():
+    with pytest.raises(ValueError, match="n_units"):
+        lime_from_function(lambda m: None, {})
+    with pytest.raises(ValueError, match="positive integer"):
+        lime_from_function(lambda m: None, {"x": 0})
+    with pytest.raises(ValueError, match="one value per mask"):
+        lime_from_function(lambda m: torch.zeros(1), {"x": 3}, n_samples=10)
+    with pytest.raises(ValueError, match="distance"):
+        lime_from_function(lambda m: m["x"].sum(1), {"x": 3}, distance="l2")
+
+
+# ---------------------------------------------------------------------------------------------
+# neuron targets and modality subsets
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ALL)
+def test_neuron_target_works_for_every_method(it, method):
+    model, adapter, inst = it
+    p = adapter.prepare(inst)
+    r = attribute(adapter, p, method=method, target=Neuron(4), n_samples=2 ** 11) \
+        if method in ("lime", "kernel_shap") else attribute(adapter, p, method=method, target=Neuron(4))
+    assert r.target == Neuron(4)
+    if method == "gradient":
+        e = model.emb(p.raw["question"]).detach().requires_grad_(True)
+        _, h = model.from_embedding(p.raw["image"], e)
+        (ge,) = torch.autograd.grad(h[0, 4], [e])
+        np.testing.assert_allclose(r.scores["question"], ge[0].sum(1).numpy(), rtol=1e-5, atol=1e-6)
+    if method == "kernel_shap":
+        t = Neuron(4)
+        want = f_at(adapter, p, t, p.continuous) - f_at(adapter, p, t, p.baseline)
+        assert abs(total(r) - want) < 1e-4
+
+
+def test_neuron_out_of_range_is_a_clear_error(it):
+    _, adapter, inst = it
+    with pytest.raises(AdapterError, match="out of range"):
+        attribute(adapter, inst, method="gradient", target=Neuron(99))
+
+
+def test_modality_subset_keeps_the_others_fixed(it):
+    _, adapter, inst = it
+    p = adapter.prepare(inst)
+    r = attribute(adapter, p, method="integrated_gradients", target=0, modalities=["image"],
+                  steps=64)
+    assert set(r.scores) == {"image"} and set(r.maps) == {"image"}
+    t = adapter.target(0)
+    part = dict(p.continuous, image=p.baseline["image"])
+    want = f_at(adapter, p, t, p.continuous) - f_at(adapter, p, t, part)
+    assert abs(total(r) - want) <= 0.01 * abs(want) + 1e-5
+    r = attribute(adapter, p, method="occlusion", target=0, modalities="question")
+    assert set(r.scores) == {"question"} and r.forward_passes == 7
+    full = attribute(adapter, p, method="occlusion", target=0)
+    np.testing.assert_allclose(r.scores["question"], full.scores["question"], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# a linear model: every method is exact
+# ---------------------------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(w=st.lists(st.floats(-3, 3), min_size=15, max_size=15),
+       x=st.lists(st.floats(-2, 2), min_size=15, max_size=15),
+       c=st.floats(-1, 1))
+def test_linear_model_all_methods_agree_with_the_exact_contributions(w, x, c):
+    w, x = np.array(w, dtype=np.float32), np.array(x, dtype=np.float32)
+    adapter = ModelAdapter(LinearNet(w, c).eval(),
+                           [Tabular("vitals", columns=["a", "b", "c"]),
+                            TimeSeries("series", window=2, channels=["x", "y"])], ["pos", "neg"])
+    inst = {"vitals": x[:3], "series": x[3:].reshape(6, 2)}
+    contrib = w * x                                      # zero baselines
+    exact = {"vitals": contrib[:3],
+             "series": contrib[3:].reshape(3, 2, 2).sum(1).reshape(-1)}   # window of 2 steps
+    p = adapter.prepare(inst)
+    for method, params in [("integrated_gradients", {"steps": 3}), ("grad_x_input", {}),
+                           ("occlusion", {}), ("kernel_shap", {"n_samples": 100}),
+                           ("lime", {"n_samples": 300, "alpha": 1e-7})]:
+        r = attribute(adapter, p, method=method, target=0, **params)
+        for n in exact:
+            np.testing.assert_allclose(r.scores[n], exact[n], atol=2e-3, err_msg=method)
+    g = attribute(adapter, p, method="gradient", target=1)
+    np.testing.assert_allclose(g.scores["vitals"], -w[:3], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors, progress, cancellation
+# ---------------------------------------------------------------------------------------------
+def test_unknown_method_lists_the_valid_names(it):
+    _, adapter, inst = it
+    with pytest.raises(ValueError) as e:
+        attribute(adapter, inst, method="deeplift")
+    for name in ALL:
+        assert name in str(e.value)
+
+
+@pytest.mark.parametrize("target", ["zebra", 7, -1, 2.5])
+def test_bad_target_is_a_clear_error(it, target):
+    _, adapter, inst = it
+    with pytest.raises(AdapterError):
+        attribute(adapter, inst, method="gradient", target=target)
+
+
+@pytest.mark.parametrize("subset", [["audio"], [], 5, ["image", "sound"]])
+def test_bad_modality_subset_is_a_clear_error(it, subset):
+    _, adapter, inst = it
+    with pytest.raises(ValueError, match="modalities"):
+        attribute(adapter, inst, method="occlusion", target=0, modalities=subset)
+
+
+def test_unknown_parameter_names_the_valid_ones(it):
+    _, adapter, inst = it
+    with pytest.raises(TypeError, match="n_samples"):
+        attribute(adapter, inst, method="lime", target=0, steps=5)
+
+
+def test_bad_instance_is_a_clear_error(it):
+    _, adapter, _ = it
+    with pytest.raises(AdapterError, match="missing"):
+        attribute(adapter, {"image": np.zeros((8, 8, 3), np.uint8)}, method="gradient")
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_progress_is_reported_and_cancel_propagates(it, method):
+    _, adapter, inst = it
+    p = adapter.prepare(inst)
+    seen = []
+    attribute(adapter, p, method=method, target=0, progress=lambda d, t, m: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1] and seen[-1][1] > 0
+
+    def cancel(done, total, message):
+        raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        attribute(adapter, p, method=method, target=0, progress=cancel)
