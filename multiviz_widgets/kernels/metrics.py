@@ -1,0 +1,128 @@
+"""Faithfulness metrics of stage-1 maps: relevance mass / rank accuracy, deletion / insertion AUC.
+
+* Relevance mass accuracy (CLEVR-XAI, Arras et al. 2022): pool the heatmap to R >= 0 per pixel;
+  mass = sum_{p in GT} R_p / sum_p R_p.
+* Relevance rank accuracy: |top-K(R) and GT| / K with K = |GT| (ties broken uniformly at random,
+  computed as the expectation, so the result is deterministic).
+* Deletion / insertion (Petsiuk et al. 2018): remove (insert) the units of one modality in
+  attribution order and integrate the class probability over the fraction of units changed
+  (trapezoid rule on [0, 1]); deletion: lower is better, insertion: higher is better.
+
+A random map scores about |GT| / (H W) on both relevance metrics.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..adapter import ModelAdapter, Prepared
+from .common import masked_continuous
+
+__all__ = ["pixel_relevance", "relevance_mass", "relevance_rank", "deletion_masks",
+           "insertion_masks", "curve_auc", "deletion_insertion"]
+
+POOLINGS = {"clip": "sum over channels, then max(R, 0)",
+            "abs": "sum over channels, then |R|"}
+
+
+def pixel_relevance(heatmap, pooling: str = "clip") -> np.ndarray:
+    """R >= 0 per pixel from a (channel-summed) heatmap [H, W]: "clip" max(R, 0) or "abs" |R|."""
+    r = np.asarray(heatmap, dtype=np.float64)
+    if pooling == "clip":
+        return np.maximum(r, 0.0)
+    if pooling == "abs":
+        return np.abs(r)
+    raise ValueError(f"Unknown pooling {pooling!r}; use one of {list(POOLINGS)}.")
+
+
+def _check(r, gt) -> tuple[np.ndarray, np.ndarray]:
+    r = np.asarray(r, dtype=np.float64)
+    gt = np.asarray(gt, dtype=bool)
+    if r.shape != gt.shape:
+        raise ValueError(f"The relevance map has shape {r.shape} but the ground-truth mask has "
+                         f"shape {gt.shape}; they must match pixel for pixel.")
+    if (r < 0).any():
+        raise ValueError("Relevance must be non-negative; pool the heatmap first with "
+                         "pixel_relevance(heatmap, 'clip' or 'abs').")
+    if not gt.any():
+        raise ValueError("The ground-truth mask is empty: relevance accuracy is undefined.")
+    return r.ravel(), gt.ravel()
+
+
+def relevance_mass(relevance, gt) -> float:
+    """Share of the total relevance inside the ground-truth mask (a map of zeros scores |GT|/N)."""
+    r, g = _check(relevance, gt)
+    s = r.sum()
+    if s <= 0:
+        return float(g.mean())
+    return float(r[g].sum() / s)
+
+
+def relevance_rank(relevance, gt) -> float:
+    """|top-K(R) and GT| / K with K = |GT|; tied pixels at the cut-off count by expectation."""
+    r, g = _check(relevance, gt)
+    k = int(g.sum())
+    order = np.argsort(-r, kind="stable")
+    rs, gs = r[order], g[order]
+    cut = rs[k - 1]
+    above = rs > cut
+    tie = rs == cut
+    hits = float(gs[above].sum())
+    need = k - int(above.sum())
+    if need > 0:
+        hits += need * float(gs[tie].sum()) / float(tie.sum())
+    return hits / k
+
+
+def _order(scores) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if s.ndim != 1 or len(s) == 0:
+        raise ValueError("Unit scores must be a non-empty 1-D array.")
+    return np.argsort(-s, kind="stable")
+
+
+def deletion_masks(scores) -> torch.Tensor:
+    """Masks [U + 1, U]: row k removes the k highest-scoring units (1 = kept)."""
+    order = _order(scores)
+    u = len(order)
+    ranks = np.empty(u, dtype=np.int64)
+    ranks[order] = np.arange(u)
+    return torch.from_numpy((ranks[None, :] >= np.arange(u + 1)[:, None]).astype(np.float32))
+
+
+def insertion_masks(scores) -> torch.Tensor:
+    """Masks [U + 1, U]: row k keeps only the k highest-scoring units (the rest at baseline)."""
+    return 1.0 - deletion_masks(scores)
+
+
+def curve_auc(curve) -> float:
+    """Area under a curve sampled at equally spaced fractions 0, 1/U, ..., 1 (trapezoid rule)."""
+    c = np.asarray(curve, dtype=np.float64)
+    if c.ndim != 1 or len(c) < 2:
+        raise ValueError("A deletion/insertion curve needs at least two points.")
+    return float(((c[1:] + c[:-1]) / 2).sum() / (len(c) - 1))
+
+
+@torch.no_grad()
+def deletion_insertion(adapter: ModelAdapter, prepared: Prepared, modality: str, scores,
+                       class_index: int, batch_size: int = 512
+                       ) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """(deletion AUC, insertion AUC, deletion curve, insertion curve) of class probabilities.
+
+    Units of ``modality`` are removed / inserted in the order of ``scores`` (highest first); the
+    other modalities stay intact. Cost: 2 (U + 1) forward passes, batched.
+    """
+    if modality not in prepared.names:
+        raise ValueError(f"Unknown modality {modality!r}; the instance has {prepared.names}.")
+    masks = torch.cat([deletion_masks(scores), insertion_masks(scores)])
+    if masks.shape[1] != prepared.n_units[modality]:
+        raise ValueError(f"{len(np.ravel(scores))} scores given for {prepared.n_units[modality]} "
+                         f"units of {modality!r}.")
+    probs = []
+    for s in range(0, len(masks), batch_size):
+        cont = masked_continuous(prepared, {modality: masks[s:s + batch_size]}, adapter)
+        logits = adapter.forward(prepared.raw, cont)
+        probs.append(torch.softmax(logits.double(), 1)[:, class_index])
+    p = torch.cat(probs).cpu().numpy()
+    n = masks.shape[0] // 2
+    return curve_auc(p[:n]), curve_auc(p[n:]), p[:n], p[n:]
