@@ -1,0 +1,531 @@
+"""The engine: jobs on one worker thread, an LRU cache, progress, cancellation, errors.
+
+Views never compute. They ``submit`` a job to a *slot* ("input", "heatmap", "gallery", ...)
+with a cache key, a function and a callback. The engine
+
+* runs the function on its worker thread (a daemon), so the front-end's message thread is free;
+* keeps a generation counter per slot: a newer submit to the same slot makes the older job
+  stale, so it is dropped from the queue, cancelled at its next progress report, and its result
+  is never applied (the latest click wins);
+* caches results in an LRU (``OrderedDict``) keyed by what produced them; a cache hit applies
+  at once, without calling the kernel;
+* turns the kernels' ``progress(done, total, message)`` calls into traits (``progress``,
+  ``message``) and raises ``Cancelled`` inside the kernel when the job is cancelled or stale;
+* reveals a progress bar (``show_progress``) only when it has been busy for more than
+  ``delay`` seconds (0.3 s), and reports a failure in ``error`` (the banner) without stopping.
+
+Results are applied by calling ``on_done`` on the worker thread (or on the submitting thread
+for a cache hit), always under the engine's lock, after checking that the job is still current.
+ipywidgets syncs trait changes made from any thread.
+
+``Analyses`` (below) is what the Explorer asks for: memoised calls of the kernels on dataset
+instances (attributions, interactions, features, neuron extremes, projections, paths).
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+import numpy as np
+import traitlets
+
+from .adapter import Class, ModelAdapter, Neuron, Prepared, Target
+from .data import MultimodalDataset
+from .progress import Cancelled
+
+__all__ = ["Engine", "Job", "Analyses", "Kernels", "Cancelled"]
+
+
+@dataclass(eq=False)
+class Job:
+    """One submitted computation (see ``Engine.submit``)."""
+
+    slot: str
+    key: Hashable | None
+    fn: Callable
+    on_done: Callable | None
+    on_error: Callable | None
+    priority: int
+    generation: int
+    label: str
+    seq: int = 0
+    cancelled: bool = False
+    state: str = "queued"          # queued, running, done, error, cancelled, dropped
+    value: Any = None
+    error: BaseException | None = None
+    started: float = 0.0
+
+
+class Engine(traitlets.HasTraits):
+    """A job queue with one worker thread, an LRU cache and progress/error traits.
+
+    cache_size: how many results the LRU keeps (``pin=True`` memos, e.g. dataset features, are
+    kept apart and never evicted); delay: seconds of work before the progress bar shows.
+    """
+
+    busy = traitlets.Bool(False)            # a job is queued or running
+    show_progress = traitlets.Bool(False)   # busy for longer than ``delay``
+    progress = traitlets.Float(0.0)         # fraction of the current job done, 0..1
+    message = traitlets.Unicode("")         # what the current job is doing
+    error = traitlets.Unicode("")           # the last failure (the banner); "" none
+    status = traitlets.Unicode("")          # a short note ("cancelled", "ready")
+
+    def __init__(self, cache_size: int = 256, delay: float = 0.3):
+        super().__init__()
+        if int(cache_size) < 1:
+            raise ValueError(f"cache_size must be at least 1, got {cache_size}.")
+        self.cache_size = int(cache_size)
+        self.delay = float(delay)
+        self._cache: OrderedDict = OrderedDict()
+        self._pinned: dict = {}
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._queue: list = []
+        self._gen: dict[str, int] = {}
+        self._current: dict[str, Job] = {}      # the latest job of every slot
+        self._running: Job | None = None
+        self._seq = itertools.count()
+        self._busy_epoch = 0
+        self._timer: threading.Timer | None = None
+        self._closed = False
+        self.stats = {"hits": 0, "misses": 0, "runs": 0, "dropped": 0, "cancelled": 0,
+                      "errors": 0}
+        self.last_traceback = ""
+        self._thread = threading.Thread(target=self._loop, name="multiviz-engine", daemon=True)
+        self._thread.start()
+
+    # -- cache ---------------------------------------------------------------------------------
+    def cached(self, key: Hashable, default=None):
+        """The cached value for ``key`` (refreshing its LRU position), or ``default``."""
+        with self._lock:
+            if key in self._pinned:
+                return self._pinned[key]
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        return default
+
+    def has(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._pinned or key in self._cache
+
+    def store(self, key: Hashable, value, pin: bool = False) -> None:
+        """Put a value in the cache (``pin=True``: never evicted)."""
+        with self._lock:
+            if pin:
+                self._pinned[key] = value
+                return
+            self._cache[key] = value
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def memo(self, key: Hashable, fn: Callable[[], Any], pin: bool = False):
+        """``fn()`` once per key: later calls return the cached value (call it inside jobs)."""
+        with self._lock:
+            hit = key in self._pinned or key in self._cache
+            if hit:
+                self.stats["hits"] += 1
+                return self.cached(key)
+            self.stats["misses"] += 1
+        value = fn()
+        self.store(key, value, pin=pin)
+        return value
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._pinned.clear()
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def submit(self, slot: str, key: Hashable | None, fn: Callable, on_done: Callable | None = None,
+               on_error: Callable | None = None, priority: int = 5, label: str | None = None):
+        """Run ``fn(progress)`` on the worker and call ``on_done(value)`` if still current.
+
+        A newer submit to the same ``slot`` supersedes this one. With a ``key`` the result is
+        cached; a cached key calls ``on_done`` at once (returns "cached"). ``on_error(exc)`` is
+        called on failure (and with ``Cancelled`` when the person cancels); failures also set
+        ``error``. Lower ``priority`` runs first. Returns the Job (or "cached").
+        """
+        if self._closed:
+            raise RuntimeError("The engine is closed.")
+        with self._lock:
+            cur = self._current.get(slot)
+            if (key is not None and cur is not None and cur.key == key and not cur.cancelled
+                    and cur.state in ("queued", "running")):
+                return cur                       # the same request is already on its way
+            gen = self._gen[slot] = self._gen.get(slot, 0) + 1
+            if cur is not None and cur.state == "queued":
+                cur.state = "dropped"
+                self.stats["dropped"] += 1
+            if key is not None and (key in self._cache or key in self._pinned):
+                self.stats["hits"] += 1
+                value = self.cached(key)
+                self._current.pop(slot, None)
+                self._apply(on_done, on_error, value, label or slot)
+                return "cached"
+            if key is not None:
+                self.stats["misses"] += 1
+            job = Job(slot, key, fn, on_done, on_error, int(priority), gen, label or slot,
+                      seq=next(self._seq))
+            self._current[slot] = job
+            heapq.heappush(self._queue, (job.priority, job.seq, job))
+            self._set_busy()
+            self._cond.notify_all()
+            return job
+
+    def drop(self, slot: str) -> None:
+        """Make the slot's pending job stale (its result will not be applied)."""
+        with self._lock:
+            self._gen[slot] = self._gen.get(slot, 0) + 1
+            cur = self._current.pop(slot, None)
+            if cur is not None and cur.state == "queued":
+                cur.state = "dropped"
+                self.stats["dropped"] += 1
+
+    def cancel(self) -> None:
+        """Cancel the running job and everything queued (the cancel button)."""
+        with self._lock:
+            dropped = []
+            for _, _, job in self._queue:
+                if job.state == "queued":
+                    job.state = "cancelled"
+                    job.cancelled = True
+                    dropped.append(job)
+            self._queue.clear()
+            if self._running is not None:
+                self._running.cancelled = True
+            for job in dropped:
+                self.stats["cancelled"] += 1
+                if self._current.get(job.slot) is job:
+                    self._current.pop(job.slot, None)
+                    self._call_error(job.on_error, Cancelled("cancelled"))
+            self.status = "cancelled"
+            if self._running is None:
+                self._set_idle()
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(1 for *_, j in self._queue if j.state == "queued") + (self._running is not None)
+
+    def wait(self, timeout: float | None = 60.0) -> bool:
+        """Block until no job is queued or running; False if ``timeout`` passed first."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("wait() cannot be called from the engine's own worker thread.")
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._running is not None or any(j.state == "queued" for *_, j in self._queue):
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left if left is not None else 1.0)
+        return True
+
+    def clear_error(self) -> None:
+        self.error = ""
+
+    def close(self) -> None:
+        """Stop the worker thread (queued jobs are dropped)."""
+        with self._lock:
+            self._closed = True
+            self._queue.clear()
+            if self._running is not None:
+                self._running.cancelled = True
+            if self._timer is not None:
+                self._timer.cancel()
+            self._cond.notify_all()
+
+    # -- worker --------------------------------------------------------------------------------
+    def _is_current(self, job: Job) -> bool:
+        return not job.cancelled and self._gen.get(job.slot) == job.generation
+
+    def _progress_fn(self, job: Job):
+        def progress(done, total, message=""):
+            if not self._is_current(job) or self._closed:
+                raise Cancelled(f"{job.label}: cancelled")
+            frac = float(done) / float(total) if total else 0.0
+            self.progress = min(1.0, max(0.0, frac))
+            self.message = f"{job.label}: {message} ({int(done)}/{int(total)})" if message \
+                else f"{job.label} ({int(done)}/{int(total)})"
+        return progress
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                _, _, job = heapq.heappop(self._queue)
+                if job.state != "queued" or not self._is_current(job):
+                    if job.state == "queued":
+                        job.state = "dropped"
+                        self.stats["dropped"] += 1
+                    self._after_job()
+                    continue
+                job.state = "running"
+                job.started = time.perf_counter()
+                self._running = job
+            self.message = job.label
+            self.progress = 0.0
+            try:
+                value, err = job.fn(self._progress_fn(job)), None
+            except Cancelled as e:
+                value, err = None, e
+            except BaseException as e:   # noqa: BLE001 - a kernel failure must not kill the worker
+                value, err = None, e
+                self.last_traceback = traceback.format_exc()
+            with self._cond:
+                self._running = None
+                self.stats["runs"] += 1
+                if err is None and job.key is not None:
+                    self.store(job.key, value)
+                current = self._is_current(job)
+                if self._current.get(job.slot) is job:
+                    self._current.pop(job.slot, None)
+                if err is None and current:
+                    job.state, job.value = "done", value
+                    self._apply(job.on_done, job.on_error, value, job.label)
+                elif isinstance(err, Cancelled) or (err is None and job.cancelled):
+                    job.state = "cancelled"
+                    self.stats["cancelled"] += 1
+                    if job.cancelled and self._gen.get(job.slot) == job.generation:
+                        self._call_error(job.on_error, err or Cancelled("cancelled"))
+                elif err is not None and current:
+                    job.state, job.error = "error", err
+                    self._fail(job.on_error, err, job.label)
+                else:
+                    job.state = "dropped"
+                    self.stats["dropped"] += 1
+                self._after_job()
+
+    def _apply(self, on_done, on_error, value, label) -> None:
+        if on_done is None:
+            return
+        try:
+            on_done(value)
+        except Exception as e:  # noqa: BLE001 - a view failing to render is reported, not fatal
+            self.last_traceback = traceback.format_exc()
+            self._fail(on_error, e, label)
+
+    def _fail(self, on_error, err: BaseException, label: str) -> None:
+        self.stats["errors"] += 1
+        self.error = f"{label} failed: {type(err).__name__}: {err}"
+        self._call_error(on_error, err)
+
+    def _call_error(self, on_error, err) -> None:
+        if on_error is None:
+            return
+        try:
+            on_error(err)
+        except Exception:  # noqa: BLE001
+            self.last_traceback = traceback.format_exc()
+
+    def _after_job(self) -> None:
+        if not any(j.state == "queued" for *_, j in self._queue) and self._running is None:
+            self._queue.clear()
+            self._set_idle()
+        self._cond.notify_all()
+
+    def _set_busy(self) -> None:
+        if self.busy:
+            return
+        self.busy = True
+        self.status = ""
+        self._busy_epoch += 1
+        epoch = self._busy_epoch
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(self.delay, self._reveal, args=(epoch,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _reveal(self, epoch: int) -> None:
+        with self._lock:
+            if self.busy and epoch == self._busy_epoch:
+                self.show_progress = True
+
+    def _set_idle(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._busy_epoch += 1
+        self.busy = False
+        self.show_progress = False
+        self.progress = 0.0
+        self.message = ""
+
+
+# ---------------------------------------------------------------------------------------------
+class Kernels:
+    """The kernel calls the Explorer makes, in one place (tests swap in fakes).
+
+    Each method takes the adapter and a Prepared instance and returns the kernel's result.
+    """
+
+    def attribute(self, adapter: ModelAdapter, prepared: Prepared, method: str, target: Target,
+                  progress=None):
+        from .kernels.unimodal import attribute
+        return attribute(adapter, prepared, method=method, target=target, progress=progress)
+
+    def interaction(self, adapter: ModelAdapter, prepared: Prepared, method: str,
+                    modalities: tuple[str, str], target: Target, progress=None):
+        from .kernels.interactions import interaction
+        return interaction(adapter, prepared, method=method, modalities=modalities, target=target,
+                           progress=progress)
+
+    def features(self, adapter: ModelAdapter, dataset: MultimodalDataset, progress=None):
+        from .kernels.representations import extract_features
+        return extract_features(adapter, dataset, progress=progress)
+
+    def extremes(self, adapter: ModelAdapter, features, k: int, progress=None):
+        from .kernels.representations import neuron_extremes
+        return neuron_extremes(None, None, k=k, features=features, progress=progress)
+
+    def contributions(self, adapter: ModelAdapter, prepared: Prepared, class_index: int,
+                      sparse_model=None):
+        """An object with ``h`` [d], ``contributions`` [d] and ``top(k, absolute)``."""
+        from .kernels.representations import decision_contributions
+        return decision_contributions(adapter, prepared, target=class_index,
+                                      sparse_model=sparse_model)
+
+    def prediction_path(self, adapter: ModelAdapter, prepared: Prepared, class_index: int,
+                        sparse_model=None, progress=None, **params) -> dict:
+        from .kernels.prediction import prediction_path
+        path = prediction_path(adapter, prepared, target=class_index, sparse_model=sparse_model,
+                               progress=progress, **params)
+        return path.to_dict() if hasattr(path, "to_dict") else dict(path)
+
+    def projection(self, h: np.ndarray) -> np.ndarray:
+        from .kernels.projection import project_3d
+        return project_3d(h)
+
+
+class Analyses:
+    """What the Explorer's views ask for, memoised in the engine's cache.
+
+    Call these inside engine jobs (they compute on the calling thread). Keys follow
+    (kind, prepared.key, method, target, params), so identical requests hit the cache.
+    """
+
+    def __init__(self, engine: Engine, adapter: ModelAdapter, dataset: MultimodalDataset,
+                 kernels: Kernels | None = None, sparse_model=None, features=None,
+                 gallery_k: int = 4, path_params: dict | None = None):
+        if not isinstance(adapter, ModelAdapter):
+            raise TypeError(f"The Explorer needs a ModelAdapter, got {type(adapter).__name__}.")
+        if len(dataset) == 0:
+            raise ValueError("The dataset is empty: the Explorer needs at least one instance.")
+        self.engine = engine
+        self.adapter = adapter
+        self.dataset = dataset
+        self.kernels = kernels or Kernels()
+        self.sparse_model = sparse_model
+        self.gallery_k = int(gallery_k)
+        self.path_params = dict(path_params or {})
+        if features is not None:
+            engine.store(("features",), features, pin=True)
+
+    # -- instances -----------------------------------------------------------------------------
+    def check_instance(self, i: int) -> int:
+        n = len(self.dataset)
+        if not 0 <= int(i) < n:
+            raise IndexError(f"Instance {i} is out of range: the dataset has {n} instances "
+                             f"(0..{n - 1}).")
+        return int(i)
+
+    def raw(self, i: int) -> dict:
+        return self.dataset[self.check_instance(i)]
+
+    def prepared(self, i: int) -> Prepared:
+        i = self.check_instance(i)
+        return self.engine.memo(("prepared", i), lambda: self.adapter.prepare(self.dataset[i]))
+
+    def logits(self, i: int) -> np.ndarray:
+        p = self.prepared(i)
+        return self.engine.memo(("logits", p.key), lambda: self.adapter.predict(p.raw)[0]
+                                .detach().float().cpu().numpy())
+
+    def class_index(self, i: int, target: int) -> int:
+        """The class a selection explains: ``target``, or the predicted class when -1."""
+        if target is not None and int(target) >= 0:
+            if int(target) >= self.adapter.n_classes:
+                raise IndexError(f"Class {target} is out of range: the model has "
+                                 f"{self.adapter.n_classes} classes.")
+            return int(target)
+        return int(np.argmax(self.logits(i)))
+
+    def top_classes(self, i: int, k: int = 3) -> list[tuple[int, str]]:
+        """The k classes with the largest logits for instance i, as (index, name)."""
+        order = np.argsort(-self.logits(i), kind="stable")[:k]
+        return [(int(c), self.adapter.class_names[int(c)]) for c in order]
+
+    def explained(self, i: int, target: int, neuron: int) -> Target:
+        """Neuron(neuron) when a neuron is selected, else the class target."""
+        if neuron is not None and int(neuron) >= 0:
+            return Neuron(int(neuron))
+        return Class(self.class_index(i, target))
+
+    def target_text(self, t: Target) -> str:
+        """A short name for a target: "class 'red'" or "neuron h5"."""
+        if t.kind == "neuron":
+            return f"neuron h{t.index}"
+        return f"class {self.adapter.class_names[t.index]!r}"
+
+    def label(self, i: int):
+        labels = self.dataset.labels
+        return None if labels is None else int(labels[int(i)])
+
+    # -- stage 1 and 2 -------------------------------------------------------------------------
+    def attribution(self, i: int, target: Target, method: str, progress=None):
+        p = self.prepared(i)
+        return self.engine.memo(("attribution", p.key, method, target),
+                                lambda: self.kernels.attribute(self.adapter, p, method, target,
+                                                               progress))
+
+    def interaction(self, i: int, target: Target, method: str, pair: tuple[str, str],
+                    progress=None):
+        p = self.prepared(i)
+        return self.engine.memo(("interaction", p.key, method, target, tuple(pair)),
+                                lambda: self.kernels.interaction(self.adapter, p, method,
+                                                                 tuple(pair), target, progress))
+
+    # -- stage 3 -------------------------------------------------------------------------------
+    def features(self, progress=None):
+        return self.engine.memo(("features",), lambda: self.kernels.features(
+            self.adapter, self.dataset, progress), pin=True)
+
+    def extremes(self, progress=None):
+        feats = self.features(progress)
+        return self.engine.memo(("extremes", self.gallery_k), lambda: self.kernels.extremes(
+            self.adapter, feats, self.gallery_k, progress), pin=True)
+
+    def projection(self, progress=None) -> np.ndarray:
+        feats = self.features(progress)
+        return self.engine.memo(("projection",), lambda: self.kernels.projection(
+            np.asarray(feats.h)), pin=True)
+
+    def contributions(self, i: int, class_index: int):
+        p = self.prepared(i)
+        return self.engine.memo(("contributions", p.key, int(class_index), id(self.sparse_model)),
+                                lambda: self.kernels.contributions(self.adapter, p,
+                                                                   int(class_index),
+                                                                   self.sparse_model))
+
+    def n_neurons(self) -> int:
+        w, _ = self.adapter.decision_weights()
+        return int(w.shape[1])
+
+    # -- stage 4 -------------------------------------------------------------------------------
+    def path(self, i: int, class_index: int, progress=None) -> dict:
+        p = self.prepared(i)
+        key = ("path", p.key, int(class_index), id(self.sparse_model),
+               tuple(sorted(self.path_params.items())))
+        return self.engine.memo(key, lambda: self.kernels.prediction_path(
+            self.adapter, p, int(class_index), self.sparse_model, progress, **self.path_params))

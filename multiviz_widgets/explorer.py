@@ -1,0 +1,308 @@
+"""The Explorer: linked views of one model and one dataset, around one Selection.
+
+    explorer = Explorer(adapter, dataset)       # or demo("easy_vqa") / demo("synthetic")
+    explorer                                    # displays (an ipywidgets.VBox)
+    explorer.select(instance=3, unit=("question", 1), neuron=7, target=2)
+    explorer.wait(); explorer.state()           # what every view shows now
+
+A click in a view changes the Selection; every view observes the Selection and asks the
+engine (one worker thread, LRU cache, progress bar, cancel, error banner) for what it needs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import ipywidgets as W
+
+from .adapter import ModelAdapter
+from .data import MultimodalDataset
+from .engine import Analyses, Engine, Kernels
+from .selection import FIELDS, Selection
+from .views.controls import Controls, ErrorBanner, ProgressPanel
+from .views.embedding_view import EmbeddingView
+from .views.heatmap_view import HeatmapView
+from .views.neuron_view import NeuronView
+from .views.path_view import PathView
+
+#: Which modality gives the rows of the interaction matrix (smaller first: tokens, columns...).
+_ROW_ORDER = {"text": 0, "tabular": 1, "timeseries": 2, "image": 3}
+
+
+def default_pair(adapter: ModelAdapter) -> tuple[str, str] | None:
+    """The two modalities of the HeatmapView: rows = text/tabular before series before image."""
+    names = adapter.names
+    if len(names) < 2:
+        return None
+    first = names[:2]
+    first.sort(key=lambda n: _ROW_ORDER.get(adapter.modalities[n].kind, 9))
+    return first[0], first[1]
+
+
+class InputPanel:
+    """Drives the InputView (the anywidget of the instance's inputs) from the Selection.
+
+    The InputView shows the stage-1 attribution of the explained target (a neuron when one is
+    selected, else the class). When a unit is selected, the other modality of the pair is
+    coloured by its interaction with that unit (a row or a column of the interaction matrix).
+    """
+
+    items_slot, scores_slot = "items", "input"
+
+    def __init__(self, view, selection: Selection, engine: Engine, analyses: Analyses,
+                 pair: tuple[str, str] | None):
+        self.view, self.selection, self.engine, self.analyses = view, selection, engine, analyses
+        self.pair = pair
+        self.items_instance = -1
+        self._pending: tuple[int, dict] | None = None
+        self.payload: dict = {}
+        selection.observe(lambda _: self.refresh_items(), names=["instance"])
+        selection.observe(lambda _: self.refresh_scores(),
+                          names=["instance", "target", "neuron", "method", "interaction_method",
+                                 "modality", "unit"])
+        selection.observe(lambda _: self._highlight(), names=["modality", "unit"])
+        view.observe(self._on_view_click, names="selected")
+
+    def refresh(self) -> None:
+        self.refresh_items()
+        self.refresh_scores()
+
+    # -- the instance ----------------------------------------------------------------------------
+    def refresh_items(self) -> None:
+        i, a = self.selection.instance, self.analyses
+
+        def job(progress):
+            from .views.input_view import input_items
+            p = a.prepared(i)
+            items = input_items(a.adapter, a.raw(i), p)
+            pred = a.class_index(i, -1)
+            label = a.label(i)
+            cap = f"#{i} {a.dataset.describe(i)} | predicted: {a.adapter.class_names[pred]}"
+            if label is not None:
+                cap += f" | label: {a.adapter.class_names[label]}"
+            return i, items, cap
+
+        self.engine.submit(self.items_slot, ("items", i), job, self._show_items, priority=0,
+                           label="instance")
+
+    def _show_items(self, result) -> None:
+        i, items, caption = result
+        with self.view.hold_sync():
+            self.view.items = items
+            self.view.caption = caption
+            self.view.scores = {}
+            self.view.score_caption = ""
+            self.items_instance = i
+            self._highlight()
+        if self._pending is not None and self._pending[0] == i:
+            self._apply_scores(self._pending[1])
+        self._pending = None
+
+    # -- the overlay -----------------------------------------------------------------------------
+    def refresh_scores(self) -> None:
+        s = self.selection
+        i, target, neuron, method, imethod = (s.instance, s.target, s.neuron, s.method,
+                                              s.interaction_method)
+        unit = s.unit_ref
+        a, pair = self.analyses, self.pair
+        self.view.score_caption = f"computing {method} ..."
+
+        def job(progress):
+            explained = a.explained(i, target, neuron)
+            what = a.target_text(explained)
+            attr = a.attribution(i, explained, method, progress)
+            scores = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in attr.scores.items()}
+            caption = f"{method} attribution for {what}"
+            if unit is not None and pair is not None and unit[0] in pair:
+                m, u = unit
+                n = a.prepared(i).n_units.get(m, 0)
+                if not 0 <= u < n:
+                    raise IndexError(f"Unit {u} of {m!r} is out of range: instance {i} has {n} "
+                                     f"units there (0..{n - 1}).")
+                inter = a.interaction(i, explained, imethod, pair, progress)
+                mat = np.asarray(inter.matrix, dtype=np.float64)
+                other = pair[1] if m == pair[0] else pair[0]
+                vec = mat[u, :] if m == pair[0] else mat[:, u]
+                scores[other] = vec.tolist()
+                labels = inter.row_labels if m == pair[0] else inter.col_labels
+                name = labels[u] if u < len(labels) else f"#{u}"
+                caption = (f"{other}: {imethod} interaction with {m} unit {name!r} (#{u}); "
+                           f"{m}: {method} attribution; for {what}")
+            return i, {"scores": scores, "score_caption": caption}
+
+        self.engine.submit(self.scores_slot, ("input", i, target, neuron, method, imethod, unit),
+                           job, self._got_scores, self._failed, priority=1, label=method)
+
+    def _failed(self, err) -> None:
+        self.view.score_caption = f"not computed ({type(err).__name__})"
+
+    def _got_scores(self, result) -> None:
+        i, payload = result
+        if i != self.items_instance:
+            self._pending = (i, payload)
+            return
+        self._apply_scores(payload)
+
+    def _apply_scores(self, payload: dict) -> None:
+        self.payload = payload
+        with self.view.hold_sync():
+            self.view.scores = payload["scores"]
+            self.view.score_caption = payload["score_caption"]
+
+    # -- clicks ------------------------------------------------------------------------------
+    def _highlight(self) -> None:
+        ref = self.selection.unit_ref
+        want = {"modality": ref[0], "unit": ref[1]} if ref else {}
+        if dict(self.view.selected) != want:
+            self.view.selected = want
+
+    def _on_view_click(self, change) -> None:
+        sel = change["new"] or {}
+        ref = (sel["modality"], int(sel["unit"])) if sel else None
+        if ref != self.selection.unit_ref:
+            self.selection.select(unit=ref)
+
+    def click(self, modality: str, unit: int) -> None:
+        """What a click on a unit in the browser does (sets the view's ``selected``)."""
+        self.view.selected = {"modality": modality, "unit": int(unit)}
+
+
+class Explorer(W.VBox):
+    """Linked views of ``adapter`` on ``dataset``.
+
+    sparse_model: the stage-4 sparse linear model (prediction.fit_sparse_model), used for the
+    contributions and the prediction path (default: the decision layer's weights).
+    cache_size: results kept in the LRU. features: precomputed extract_features(...) output.
+    pair: the two modalities of the interaction matrix (default: text/tabular rows).
+    kernels: a ``Kernels`` object (tests pass fakes). gallery_k: instances per gallery row.
+    """
+
+    def __init__(self, adapter: ModelAdapter, dataset: MultimodalDataset, *, sparse_model=None,
+                 cache_size: int = 256, features=None, pair: tuple[str, str] | None = None,
+                 kernels: Kernels | None = None, gallery_k: int = 4, delay: float = 0.3,
+                 path_params: dict | None = None, start: bool = True):
+        if not isinstance(dataset, MultimodalDataset) and not hasattr(dataset, "__getitem__"):
+            raise TypeError(f"The Explorer needs a MultimodalDataset, got {type(dataset).__name__}.")
+        self.engine = Engine(cache_size=cache_size, delay=delay)
+        self.analyses = Analyses(self.engine, adapter, dataset, kernels=kernels,
+                                 sparse_model=sparse_model, features=features,
+                                 gallery_k=gallery_k, path_params=path_params)
+        self.adapter, self.dataset = adapter, dataset
+        if pair is not None:
+            pair = (str(pair[0]), str(pair[1]))
+            bad = [p for p in pair if p not in adapter.modalities]
+            if bad or pair[0] == pair[1]:
+                raise ValueError(f"pair must name two different modalities of {adapter.names}, "
+                                 f"got {pair}.")
+        self.pair = pair or default_pair(adapter)
+        self.selection = Selection()
+        from .views.input_view import InputView
+        self.input_view = InputView()
+        self.input_panel = InputPanel(self.input_view, self.selection, self.engine,
+                                      self.analyses, self.pair)
+        self.heatmap_view = (HeatmapView(self.selection, self.engine, self.analyses, self.pair)
+                             if self.pair else None)
+        self.neuron_view = NeuronView(self.selection, self.engine, self.analyses)
+        self.path_view = PathView(self.selection, self.engine, self.analyses)
+        self.embedding_view = EmbeddingView(self.selection, self.engine, self.analyses)
+        self.controls = Controls(self.selection, len(dataset), adapter.class_names,
+                                 describe=dataset.describe, on_refresh=self.refresh)
+        self.progress_panel = ProgressPanel(self.engine)
+        self.banner = ErrorBanner(self.engine)
+        self.selection.observe(lambda _: self.engine.clear_error(), names=list(FIELDS))
+        title = W.Label(value=f"MultiViz Explorer: {adapter.name} on {getattr(dataset, 'name', '')}"
+                        f" ({len(dataset)} instances)")
+        top = [self.input_view] + ([self.heatmap_view] if self.heatmap_view else [])
+        super().__init__([title, self.controls, self.progress_panel, self.banner,
+                          W.HBox(top), self.neuron_view,
+                          W.HBox([self.path_view, self.embedding_view])])
+        if start:
+            self.refresh()
+
+    @property
+    def views(self) -> list:
+        return [v for v in (self.heatmap_view, self.neuron_view, self.path_view,
+                            self.embedding_view) if v is not None]
+
+    def refresh(self) -> None:
+        """Ask every view for its content again (e.g. after a cancel)."""
+        self.input_panel.refresh()
+        for v in self.views:
+            v.refresh()
+        self.neuron_view.refresh_gallery()
+
+    def select(self, instance: int = ..., unit=..., neuron: int = ..., target=...,
+               method: str = ..., interaction_method: str = ...) -> "Explorer":
+        """Do what clicks do: ``unit`` is (modality, index) or None; ``target`` a class index,
+        a class name or -1/None (the predicted class); ``neuron`` an index or -1/None."""
+        kw = {k: v for k, v in dict(instance=instance, unit=unit, neuron=neuron, target=target,
+                                    method=method, interaction_method=interaction_method).items()
+              if v is not ...}
+        if "instance" in kw:
+            self.analyses.check_instance(kw["instance"])
+        if isinstance(kw.get("target"), str):
+            names = self.adapter.class_names
+            if kw["target"] not in names:
+                raise ValueError(f"Unknown class {kw['target']!r}; the classes are {names}.")
+            kw["target"] = names.index(kw["target"])
+        if kw.get("target") is not None and "target" in kw and \
+                not -1 <= int(kw["target"]) < self.adapter.n_classes:
+            raise ValueError(f"target {kw['target']} is out of range: use -1 (predicted) or "
+                             f"0..{self.adapter.n_classes - 1}.")
+        if kw.get("unit") is not None and "unit" in kw:
+            u = kw["unit"]
+            if not isinstance(u, (tuple, list)) or len(u) != 2 or u[0] not in self.adapter.modalities:
+                raise ValueError(f"unit must be (modality, index) with a modality of "
+                                 f"{self.adapter.names}, or None; got {u!r}.")
+            if int(u[1]) < 0:
+                raise ValueError(f"unit index must be non-negative, got {u[1]}.")
+        self.selection.select(**kw)
+        return self
+
+    def wait(self, timeout: float | None = 120.0) -> bool:
+        """Block until no job is pending (for tests and benchmarks); False on timeout."""
+        return self.engine.wait(timeout)
+
+    def state(self) -> dict:
+        """The selection and what every view shows now, as plain Python values."""
+        s = self.selection
+        out = s.as_dict()
+        out["unit_ref"] = list(s.unit_ref) if s.unit_ref else None
+        out["pair"] = list(self.pair) if self.pair else None
+        out["items"] = [it.get("name") for it in self.input_view.items]
+        out["input_instance"] = self.input_panel.items_instance
+        out["input_scores"] = {k: list(v) for k, v in self.input_view.scores.items()}
+        out["score_caption"] = self.input_view.score_caption
+        out["input_selected"] = dict(self.input_view.selected)
+        if self.heatmap_view is not None:
+            hm = self.heatmap_view.state()
+            out["heatmap"] = hm["matrix"]
+            out["heatmap_rows"], out["heatmap_cols"] = hm["rows"], hm["cols"]
+            out["heatmap_selected_row"] = hm["selected_row"]
+            out["heatmap_selected_col"] = hm["selected_col"]
+        nv = self.neuron_view.state()
+        out["neurons"] = nv["neurons"]
+        out["gallery_neuron"] = nv["gallery_neuron"]
+        out["gallery"] = nv["gallery"]
+        out["path"] = self.path_view.state()
+        out["embedding"] = self.embedding_view.state()
+        out["busy"] = self.engine.busy
+        out["progress_visible"] = self.progress_panel.visible
+        out["error"] = self.engine.error
+        return out
+
+    def close(self) -> None:
+        self.engine.close()
+        super().close()
+
+
+def demo(kind: str = "easy_vqa", **kwargs) -> Explorer:
+    """An Explorer on an embedded demo: "easy_vqa" (image + question) or "synthetic"
+    (tabular + time series)."""
+    if kind == "easy_vqa":
+        from .demos.easy_vqa import load
+        adapter, dataset = load(split="test")
+    elif kind == "synthetic":
+        from .demos.synthetic import load
+        adapter, dataset = load()
+    else:
+        raise ValueError(f"Unknown demo {kind!r}; use 'easy_vqa' or 'synthetic'.")
+    return Explorer(adapter, dataset, **kwargs)

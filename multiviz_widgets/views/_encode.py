@@ -1,0 +1,62 @@
+"""Colour encodings shared by the views (no analysis: values in, pixels out)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+def diverging(values: np.ndarray, limit: float | None = None) -> np.ndarray:
+    """RGB uint8 [..., 3] for values: blue (negative), white (0), red (positive)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = np.where(np.isfinite(v), v, 0.0)
+    lim = float(np.abs(v).max()) if limit is None else float(limit)
+    t = np.clip(v / lim, -1.0, 1.0) if lim > 0 else np.zeros_like(v)
+    pos, neg = np.clip(t, 0, 1), np.clip(-t, 0, 1)
+    r = np.where(t >= 0, 1.0 - 0.15 * pos, 1.0 - 0.85 * neg)
+    g = np.where(t >= 0, 1.0 - 0.85 * pos, 1.0 - 0.55 * neg)
+    b = np.where(t >= 0, 1.0 - 0.85 * pos, 1.0 - 0.05 * neg)
+    return (np.stack([r, g, b], -1) * 255 + 0.5).astype(np.uint8)
+
+
+def png(rgb: np.ndarray, size: int | None = None) -> bytes:
+    """PNG bytes of an RGB uint8 array [H, W, 3], scaled (nearest) so its long side is ``size``."""
+    from PIL import Image as PILImage
+
+    img = PILImage.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB")
+    if size:
+        h, w = rgb.shape[:2]
+        s = size / max(h, w)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), PILImage.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_overlay(chw: np.ndarray, heat: np.ndarray, alpha: float = 0.65) -> np.ndarray:
+    """An image [C, H, W] (values in [0, 1] or any range) under a diverging heatmap [H, W]."""
+    x = np.asarray(chw, dtype=np.float64)
+    if x.shape[0] == 1:
+        x = np.repeat(x, 3, 0)
+    x = x[:3]
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    base = x.transpose(1, 2, 0)
+    h = np.asarray(heat, dtype=np.float64)
+    lim = float(np.abs(h).max()) if h.size else 0.0
+    col = diverging(h, lim).astype(np.float64) / 255.0
+    a = alpha * (np.abs(h) / lim if lim > 0 else np.zeros_like(h))[..., None]
+    out = base * (1 - a) + col * a
+    return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def strip(values: np.ndarray, rows: int = 1) -> np.ndarray:
+    """Per-unit values as a grid of coloured cells [rows, n/rows, 3] (row-major)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    cols = int(np.ceil(len(v) / max(1, rows))) if len(v) else 1
+    pad = np.full(rows * cols, np.nan)
+    pad[:len(v)] = v
+    rgb = diverging(np.nan_to_num(pad.reshape(rows, cols)))
+    rgb[np.isnan(pad.reshape(rows, cols))] = 230
+    return rgb

@@ -1,0 +1,170 @@
+"""The control panel (instance, target, methods), the progress bar and the error banner.
+
+All strings from data (class names, instance descriptions, error messages) go into widgets
+that render text (Label, Dropdown options, Button descriptions), never HTML.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import ipywidgets as W
+
+from ..engine import Engine
+from ..selection import Selection
+
+DEFAULT_METHODS = ("gradient", "grad_x_input", "integrated_gradients", "occlusion", "lime",
+                   "kernel_shap")
+DEFAULT_INTERACTION_METHODS = ("second_order", "pairwise_ablation", "shapley")
+
+
+def _names(module: str, attr: str, default: Sequence[str]) -> list[str]:
+    try:
+        mod = __import__(f"multiviz_widgets.kernels.{module}", fromlist=[attr])
+        return list(getattr(mod, attr))
+    except Exception:  # noqa: BLE001 - a kernel module not present yet: use the known names
+        return list(default)
+
+
+class Controls(W.VBox):
+    """Picks the instance, the target class and the methods; shows the neuron and unit.
+
+    Every change goes through ``selection.select`` (the same path as a click elsewhere), and
+    every selection change is reflected here.
+    """
+
+    def __init__(self, selection: Selection, n_instances: int, class_names: Sequence[str],
+                 describe=None, methods: Sequence[str] | None = None,
+                 interaction_methods: Sequence[str] | None = None, on_refresh=None):
+        self.selection = selection
+        self._describe = describe or (lambda i: f"#{i}")
+        self.instance = W.BoundedIntText(value=selection.instance, min=0,
+                                         max=max(0, n_instances - 1), description="instance",
+                                         layout=W.Layout(width="170px"))
+        self.prev = W.Button(description="<", layout=W.Layout(width="32px"), tooltip="previous")
+        self.next = W.Button(description=">", layout=W.Layout(width="32px"), tooltip="next")
+        self.description = W.Label(value="")
+        self.n_instances = int(n_instances)
+        self.class_names = [str(c) for c in class_names]
+        self.target = W.Dropdown(options=self._target_options(), value=selection.target,
+                                 description="target", layout=W.Layout(width="260px"))
+        self._methods = list(methods or _names("unimodal", "METHODS", DEFAULT_METHODS))
+        self._imethods = list(interaction_methods or _names("interactions", "INTERACTION_METHODS",
+                                                            DEFAULT_INTERACTION_METHODS))
+        self.method = W.Dropdown(options=self._with(self._methods, selection.method),
+                                 value=selection.method, description="method",
+                                 layout=W.Layout(width="300px"))
+        self.interaction_method = W.Dropdown(
+            options=self._with(self._imethods, selection.interaction_method),
+            value=selection.interaction_method, description="interaction",
+            layout=W.Layout(width="300px"))
+        self.neuron_label = W.Label(value="")
+        self.clear_neuron = W.Button(description="clear neuron", layout=W.Layout(width="110px"))
+        self.unit_label = W.Label(value="")
+        self.clear_unit = W.Button(description="clear unit", layout=W.Layout(width="100px"))
+        self.refresh_button = W.Button(description="recompute", tooltip="run the views again",
+                                       layout=W.Layout(width="100px"))
+
+        self.instance.observe(lambda c: self._pick(instance=c["new"]), names="value")
+        self.prev.on_click(lambda _: self._step(-1))
+        self.next.on_click(lambda _: self._step(+1))
+        self.target.observe(lambda c: self._pick(target=c["new"]), names="value")
+        self.method.observe(lambda c: self._pick(method=c["new"]), names="value")
+        self.interaction_method.observe(lambda c: self._pick(interaction_method=c["new"]),
+                                        names="value")
+        self.clear_neuron.on_click(lambda _: selection.select(neuron=-1))
+        self.clear_unit.on_click(lambda _: selection.select(unit=None))
+        if on_refresh is not None:
+            self.refresh_button.on_click(lambda _: on_refresh())
+        selection.observe(self._sync, names=["instance", "target", "method",
+                                             "interaction_method", "neuron", "modality", "unit"])
+        self._sync(None)
+        super().__init__([
+            W.HBox([self.prev, self.instance, self.next, self.description]),
+            W.HBox([self.target, self.method, self.interaction_method, self.refresh_button]),
+            W.HBox([self.neuron_label, self.clear_neuron, self.unit_label, self.clear_unit]),
+        ])
+
+    def _target_options(self):
+        return [("predicted class", -1)] + [(name, i) for i, name in enumerate(self.class_names)]
+
+    @staticmethod
+    def _with(options: list, value: str) -> list:
+        return options if value in options else options + [value]
+
+    def _pick(self, **kw) -> None:
+        if any(getattr(self.selection, k) != v for k, v in kw.items()):
+            self.selection.select(**kw)
+
+    def _step(self, d: int) -> None:
+        i = min(max(0, self.selection.instance + d), self.n_instances - 1)
+        self._pick(instance=i)
+
+    def _sync(self, _change) -> None:
+        s = self.selection
+        if 0 <= s.instance < self.n_instances:
+            self.instance.value = s.instance
+            self.description.value = str(self._describe(s.instance))
+        if s.target in dict((v, k) for k, v in self._target_options()):
+            self.target.value = s.target
+        if s.method not in self.method.options:
+            self.method.options = self._with(list(self.method.options), s.method)
+        self.method.value = s.method
+        if s.interaction_method not in self.interaction_method.options:
+            self.interaction_method.options = self._with(list(self.interaction_method.options),
+                                                         s.interaction_method)
+        self.interaction_method.value = s.interaction_method
+        self.neuron_label.value = f"neuron: h{s.neuron}" if s.neuron >= 0 else "neuron: none"
+        self.clear_neuron.disabled = s.neuron < 0
+        self.unit_label.value = (f"unit: {s.modality} #{s.unit}" if s.unit_ref else "unit: none")
+        self.clear_unit.disabled = s.unit_ref is None
+
+
+class ProgressPanel(W.HBox):
+    """A progress bar, what runs and a cancel button, shown only while the engine has been
+    busy for longer than its delay (0.3 s)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.bar = W.FloatProgress(value=0.0, min=0.0, max=1.0, layout=W.Layout(width="220px"))
+        self.label = W.Label(value="")
+        self.cancel = W.Button(description="Cancel", button_style="warning",
+                               layout=W.Layout(width="80px"))
+        self.cancel.on_click(lambda _: engine.cancel())
+        super().__init__([self.bar, self.label, self.cancel],
+                         layout=W.Layout(display="none"))
+        engine.observe(self._update, names=["show_progress", "progress", "message"])
+        self._update(None)
+
+    @property
+    def visible(self) -> bool:
+        return self.layout.display != "none"
+
+    def _update(self, _change) -> None:
+        e = self.engine
+        self.layout.display = "flex" if e.show_progress else "none"
+        self.bar.value = float(e.progress)
+        self.label.value = e.message
+
+
+class ErrorBanner(W.HBox):
+    """The engine's last error as text, with a dismiss button; hidden when there is none."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.text = W.Label(value="", style={"text_color": "#a00000"})
+        self.dismiss = W.Button(description="dismiss", layout=W.Layout(width="80px"))
+        self.dismiss.on_click(lambda _: engine.clear_error())
+        super().__init__([self.text, self.dismiss],
+                         layout=W.Layout(display="none", border="1px solid #d33",
+                                         padding="2px 6px"))
+        engine.observe(self._update, names="error")
+        self._update(None)
+
+    @property
+    def visible(self) -> bool:
+        return self.layout.display != "none"
+
+    def _update(self, _change) -> None:
+        msg = self.engine.error
+        self.text.value = msg
+        self.layout.display = "flex" if msg else "none"

@@ -1,0 +1,131 @@
+"""EmbeddingView (ipyvolume): the dataset's decision-level features projected to 3-D.
+
+Points are coloured by label, prediction or correctness; a point click selects that instance;
+the selected instance is highlighted. Features and the projection come from the engine
+(``Analyses.features`` / ``Analyses.projection``, computed once, with a progress bar).
+"""
+from __future__ import annotations
+
+import ipywidgets as W
+import numpy as np
+
+from ..engine import Analyses, Engine
+from ..kernels.projection import colour_groups
+from ..selection import Selection
+
+PALETTE = np.array([
+    [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+    [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207],
+    [174, 199, 232], [255, 187, 120], [152, 223, 138], [255, 152, 150], [197, 176, 213],
+], dtype=np.float32) / 255.0
+CORRECTNESS = np.array([[214, 39, 40], [44, 160, 44]], dtype=np.float32) / 255.0
+
+
+class EmbeddingView(W.VBox):
+    """3-D scatter of the dataset; colour by label, prediction or correctness."""
+
+    slot = "embedding"
+
+    def __init__(self, selection: Selection, engine: Engine, analyses: Analyses,
+                 colour_by: str | None = None):
+        import ipyvolume as ipv
+
+        self.selection, self.engine, self.analyses = selection, engine, analyses
+        has_labels = analyses.dataset.labels is not None
+        options = (["label", "prediction", "correctness"] if has_labels else ["prediction"])
+        self.colour_by = W.Dropdown(options=options, value=colour_by or options[0],
+                                    description="colour by", layout=W.Layout(width="240px"))
+        self.coords = np.zeros((0, 3), dtype=np.float32)
+        self.indices = np.zeros(0, dtype=np.int64)       # dataset index of every point
+        self.groups = np.zeros(0, dtype=np.int64)
+        self.group_names: list[str] = []
+        self._features = None
+        self.scatter = ipv.Scatter(x=np.zeros(1, np.float32), y=np.zeros(1, np.float32),
+                                   z=np.zeros(1, np.float32), color="grey", size=2.0,
+                                   size_selected=5.0, color_selected="black", geo="sphere",
+                                   visible=False)
+        self.figure = ipv.Figure(scatters=[self.scatter], width=420, height=360)
+        try:
+            self.figure.xlim, self.figure.ylim, self.figure.zlim = (-1, 1), (-1, 1), (-1, 1)
+        except Exception:  # noqa: BLE001 - older ipyvolume: limits are traits of another form
+            pass
+        self.scatter.observe(self._on_click, names="clicked_index")
+        self.colour_by.observe(lambda _: self._colour(), names="value")
+        self.legend = W.Label(value="")
+        self.caption = W.Label(value="")
+        super().__init__([self.caption, W.HBox([self.colour_by, self.legend]), self.figure])
+        selection.observe(lambda _: self._highlight(), names=["instance"])
+
+    def refresh(self) -> None:
+        a = self.analyses
+        if len(self.indices):
+            return self._highlight()
+        self.caption.value = "computing the decision-level features of the dataset ..."
+
+        def job(progress):
+            feats = a.features(progress)
+            return feats, a.projection(progress)
+
+        self.engine.submit(self.slot, ("embedding",), job, self._show, self._failed,
+                           priority=6, label="dataset features")
+
+    def _failed(self, err) -> None:
+        self.caption.value = f"embedding not shown ({type(err).__name__})"
+
+    def _show(self, result) -> None:
+        feats, coords = result
+        self._features = feats
+        self.coords = np.asarray(coords, dtype=np.float32)
+        idx = getattr(feats, "indices", None)
+        self.indices = (np.arange(len(self.coords)) if idx is None
+                        else np.asarray(idx, dtype=np.int64))
+        with self.scatter.hold_sync():
+            self.scatter.x = self.coords[:, 0].copy()
+            self.scatter.y = self.coords[:, 1].copy()
+            self.scatter.z = self.coords[:, 2].copy()
+            self.scatter.visible = True
+        self._colour()
+        self._highlight()
+        self.caption.value = (f"{len(self.coords)} instances: decision-level features, PCA to "
+                              "3-D (click a point)")
+
+    def _colour(self) -> None:
+        feats = self._features
+        if feats is None:
+            return
+        a = self.analyses
+        labels = a.dataset.labels
+        if labels is not None:
+            labels = np.asarray(labels)[self.indices]
+        preds = np.asarray(feats.logits).argmax(1) if getattr(feats, "predictions", None) is None \
+            else np.asarray(feats.predictions)
+        by = self.colour_by.value
+        self.groups, self.group_names = colour_groups(by, labels, preds, a.adapter.class_names)
+        pal = CORRECTNESS if by == "correctness" else PALETTE
+        self.scatter.color = pal[self.groups % len(pal)]
+        shown = self.group_names[:len(pal)]
+        self.legend.value = "  ".join(f"{name}" for name in shown)
+
+    def _highlight(self) -> None:
+        rows = np.nonzero(self.indices == self.selection.instance)[0]
+        self.scatter.selected = [int(r) for r in rows[:1]] or None
+
+    def _on_click(self, change) -> None:
+        row = change["new"]
+        if row is None:
+            return
+        self.click_point(int(row))
+        self.scatter.clicked_index = None     # so a second click on the same point fires again
+
+    def click_point(self, row: int) -> None:
+        """What a point click does: select that instance (``row`` = point position)."""
+        if not 0 <= row < len(self.indices):
+            return
+        self.selection.select(instance=int(self.indices[row]))
+
+    def state(self) -> dict:
+        sel = self.scatter.selected
+        return {"n_points": int(len(self.coords)), "colour_by": self.colour_by.value,
+                "selected": None if sel is None or len(sel) == 0 else int(
+                    self.indices[int(np.asarray(sel).reshape(-1)[0])]),
+                "groups": self.group_names}

@@ -1,0 +1,143 @@
+"""HeatmapView (bqplot): the unit x unit interaction matrix of two modalities.
+
+Rows are the units of modality a, columns those of modality b (``Interaction.matrix``). A cell
+click selects the row's unit (and so the InputView shows that unit's interactions); the row
+(or column) of the selected unit is highlighted. The view only encodes: the matrix comes from
+the engine (``Analyses.interaction``).
+"""
+from __future__ import annotations
+
+import bqplot as bq
+import ipywidgets as W
+import numpy as np
+
+from ..engine import Analyses, Engine
+from ..selection import Selection
+
+
+def _unique(labels: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:
+        n = seen.get(lab, 0)
+        seen[lab] = n + 1
+        out.append(lab if n == 0 else f"{lab} ({n + 1})")
+    return out
+
+
+class HeatmapView(W.VBox):
+    """Interaction matrix of ``pair`` = (rows modality, columns modality); cells clickable."""
+
+    slot = "heatmap"
+
+    def __init__(self, selection: Selection, engine: Engine, analyses: Analyses,
+                 pair: tuple[str, str]):
+        self.selection, self.engine, self.analyses = selection, engine, analyses
+        self.pair = (str(pair[0]), str(pair[1]))
+        self.matrix = np.zeros((0, 0))
+        self.row_labels: list[str] = []
+        self.col_labels: list[str] = []
+        self.selected_row = -1
+        self.selected_col = -1
+        self.rows_scale = bq.OrdinalScale(reverse=True)
+        self.cols_scale = bq.OrdinalScale()
+        self.color_scale = bq.ColorScale(scheme="RdBu", mid=0.0, reverse=True)
+        self.grid = bq.GridHeatMap(
+            color=np.zeros((2, 2)),
+            scales={"row": self.rows_scale, "column": self.cols_scale, "color": self.color_scale},
+            interactions={"click": "select"}, selected_style={"stroke": "black",
+                                                             "stroke-width": 2},
+            unselected_style={"opacity": 0.85}, stroke="white")
+        self.grid.on_element_click(self._on_click)
+        self.row_axis = bq.Axis(scale=self.rows_scale, orientation="vertical", label=self.pair[0],
+                                tick_labels={})
+        self.col_axis = bq.Axis(scale=self.cols_scale, label=self.pair[1], tick_labels={},
+                                tick_rotate=-45)
+        self.color_axis = bq.ColorAxis(scale=self.color_scale, orientation="vertical",
+                                       side="right")
+        self.figure = bq.Figure(marks=[self.grid],
+                                axes=[self.row_axis, self.col_axis, self.color_axis],
+                                fig_margin={"top": 20, "bottom": 80, "left": 110, "right": 60},
+                                layout=W.Layout(width="560px", height="360px"))
+        self.caption = W.Label(value="")
+        super().__init__([self.caption, self.figure])
+        selection.observe(lambda _: self.refresh(), names=["instance", "target", "neuron",
+                                                          "interaction_method"])
+        selection.observe(lambda _: self._highlight(), names=["modality", "unit"])
+
+    # -- requests ------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        s = self.selection
+        i, target, neuron, method = s.instance, s.target, s.neuron, s.interaction_method
+        a = self.analyses
+        self.caption.value = f"computing {method} interactions ..."
+
+        def job(progress):
+            explained = a.explained(i, target, neuron)
+            inter = a.interaction(i, explained, method, self.pair, progress)
+            return i, explained, inter
+
+        self.engine.submit(self.slot, ("heatmap", i, target, neuron, method, self.pair), job,
+                           self._show, self._failed, priority=2,
+                           label=f"{method} interactions")
+
+    def _failed(self, err) -> None:
+        self.caption.value = f"interactions not shown ({type(err).__name__})"
+
+    def _show(self, result) -> None:
+        i, explained, inter = result
+        m = np.asarray(inter.matrix, dtype=np.float64)
+        self.matrix = m
+        self.row_labels = [str(x) for x in inter.row_labels]
+        self.col_labels = [str(x) for x in inter.col_labels]
+        rows, cols = m.shape
+        with self.grid.hold_sync():
+            self.grid.selected = None
+            self.grid.row = None
+            self.grid.column = None
+            self.grid.color = m if m.size else np.zeros((2, 2))
+            if rows > 1 and cols > 1:      # bqplot squeezes a single row/column to 1-D
+                self.grid.row = np.arange(rows)
+                self.grid.column = np.arange(cols)
+            lim = float(np.nanmax(np.abs(m))) if m.size else 1.0
+            lim = lim if np.isfinite(lim) and lim > 0 else 1.0
+            self.color_scale.min, self.color_scale.max = -lim, lim
+        self.row_axis.tick_labels = {str(r): lab for r, lab in enumerate(_unique(self.row_labels))}
+        self.col_axis.tick_labels = {str(c): lab for c, lab in enumerate(_unique(self.col_labels))}
+        self.col_axis.num_ticks = cols if cols <= 24 else 12
+        self.caption.value = (f"{inter.method} interactions {self.pair[0]} x {self.pair[1]} "
+                              f"for {self.analyses.target_text(explained)}")
+        self._highlight()
+
+    def _highlight(self) -> None:
+        s = self.selection
+        rows, cols = self.matrix.shape if self.matrix.ndim == 2 else (0, 0)
+        self.selected_row = self.selected_col = -1
+        cells = None
+        if s.unit_ref is not None:
+            if s.modality == self.pair[0] and 0 <= s.unit < rows:
+                self.selected_row = s.unit
+                cells = np.array([[s.unit, c] for c in range(cols)])
+            elif s.modality == self.pair[1] and 0 <= s.unit < cols:
+                self.selected_col = s.unit
+                cells = np.array([[r, s.unit] for r in range(rows)])
+        self.grid.selected = cells if cells is not None and len(cells) else None
+
+    # -- clicks --------------------------------------------------------------------------------
+    def _on_click(self, _mark, content) -> None:
+        data = content.get("data") or {}
+        r = data.get("rowNum", data.get("row"))
+        c = data.get("columnNum", data.get("column"))
+        if r is None:
+            return
+        self.click(int(r), None if c is None else int(c))
+
+    def click(self, row: int, col: int | None = None) -> None:
+        """What a cell click does: select the row's unit of modality a."""
+        self.selection.select(unit=(self.pair[0], int(row)))
+
+    def state(self) -> dict:
+        return {"pair": list(self.pair), "matrix": self.matrix.tolist(),
+                "rows": list(self.row_labels), "cols": list(self.col_labels),
+                "selected_row": self.selected_row, "selected_col": self.selected_col,
+                "caption": self.caption.value}

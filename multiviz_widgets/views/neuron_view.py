@@ -1,0 +1,226 @@
+"""NeuronView (bqplot): decision-level activations h_j(x) and contributions W_cj h_j(x) to the
+target class, bars clickable; and a gallery of the dataset instances that activate the selected
+neuron most and least, each with its neuron-targeted heatmap. A gallery item click selects
+that instance.
+"""
+from __future__ import annotations
+
+import bqplot as bq
+import ipywidgets as W
+import numpy as np
+
+from ..adapter import Neuron
+from ..engine import Analyses, Engine
+from ..selection import Selection
+from ._encode import image_overlay, png, strip
+
+
+def _short(text: str, n: int = 38) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+class NeuronView(W.VBox):
+    """Bars of the instance's top neurons (by |contribution|) and the selected neuron's gallery."""
+
+    slot = "neurons"
+    gallery_slot = "gallery"
+
+    def __init__(self, selection: Selection, engine: Engine, analyses: Analyses,
+                 n_bars: int = 12, thumb_size: int = 96):
+        self.selection, self.engine, self.analyses = selection, engine, analyses
+        self.n_bars = int(n_bars)
+        self.thumb_size = int(thumb_size)
+        self.shown: list[int] = []            # neuron index of every bar
+        self.activations = np.zeros(0)
+        self.contributions = np.zeros(0)
+        self.gallery: list[dict] = []
+        self.gallery_neuron = -1
+
+        x = bq.OrdinalScale()
+        self.act_bars = bq.Bars(x=[], y=[], scales={"x": x, "y": bq.LinearScale()},
+                                colors=["#7f7f7f"], interactions={"click": "select"},
+                                selected_style={"fill": "#ff7f0e"})
+        xc = bq.OrdinalScale()
+        self.contrib_bars = bq.Bars(x=[], y=[], scales={"x": xc, "y": bq.LinearScale()},
+                                    colors=["#1f77b4"], interactions={"click": "select"},
+                                    selected_style={"fill": "#ff7f0e"})
+        for mark in (self.act_bars, self.contrib_bars):
+            mark.on_element_click(self._on_click)
+        self.act_axis = bq.Axis(scale=x, tick_labels={})
+        self.contrib_axis = bq.Axis(scale=xc, tick_labels={})
+        lay = W.Layout(width="380px", height="240px")
+        self.act_figure = bq.Figure(marks=[self.act_bars], title="activation h_j(x)",
+                                    axes=[self.act_axis, bq.Axis(scale=self.act_bars.scales["y"],
+                                                                 orientation="vertical")],
+                                    layout=lay, fig_margin={"top": 40, "bottom": 30, "left": 50,
+                                                            "right": 10})
+        self.contrib_figure = bq.Figure(
+            marks=[self.contrib_bars], title="contribution W_cj h_j(x)",
+            axes=[self.contrib_axis, bq.Axis(scale=self.contrib_bars.scales["y"],
+                                             orientation="vertical")],
+            layout=W.Layout(width="380px", height="240px"),
+            fig_margin={"top": 40, "bottom": 30, "left": 50, "right": 10})
+        self.caption = W.Label(value="")
+        self.gallery_caption = W.Label(value="click a bar to see what its neuron responds to")
+        self.top_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
+        self.bottom_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
+        super().__init__([self.caption, W.HBox([self.act_figure, self.contrib_figure]),
+                          self.gallery_caption, W.Label(value="top activating"), self.top_row,
+                          W.Label(value="bottom activating"), self.bottom_row])
+        selection.observe(lambda _: self.refresh(), names=["instance", "target"])
+        selection.observe(lambda _: self._on_neuron(), names=["neuron"])
+        selection.observe(lambda _: self.refresh_gallery(), names=["method"])
+
+    # -- bars ----------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        s = self.selection
+        i, target, a = s.instance, s.target, self.analyses
+        self.caption.value = "computing decision-level contributions ..."
+
+        def job(progress):
+            cls = a.class_index(i, target)
+            dc = a.contributions(i, cls)
+            order = [int(j) for j in dc.top(self.n_bars, absolute=True)]
+            return cls, dc, order
+
+        self.engine.submit(self.slot, ("neurons", i, target, self.n_bars), job, self._show_bars,
+                           self._bars_failed, priority=2, label="neuron contributions")
+
+    def _bars_failed(self, err) -> None:
+        self.caption.value = f"contributions not shown ({type(err).__name__})"
+
+    def _show_bars(self, result) -> None:
+        cls, dc, order = result
+        h = np.asarray(dc.h, dtype=np.float64).reshape(-1)
+        c = np.asarray(dc.contributions, dtype=np.float64).reshape(-1)
+        self._h, self._c = h, c
+        self.shown = list(order)
+        self._draw_bars()
+        self.caption.value = (f"top {len(order)} of {len(h)} neurons by |contribution| to "
+                              f"class {self.analyses.adapter.class_names[cls]!r}")
+
+    def _draw_bars(self) -> None:
+        h, c = getattr(self, "_h", np.zeros(0)), getattr(self, "_c", np.zeros(0))
+        shown = list(self.shown)
+        j = self.selection.neuron
+        if 0 <= j < len(h) and j not in shown:
+            shown.append(j)
+        self.shown = shown
+        self.activations = h[shown] if len(h) else np.zeros(0)
+        self.contributions = c[shown] if len(c) else np.zeros(0)
+        pos = np.arange(len(shown))
+        ticks = {str(p): f"h{n}" for p, n in zip(pos, shown)}
+        sel = [shown.index(j)] if j in shown else None
+        for mark, axis, y in ((self.act_bars, self.act_axis, self.activations),
+                              (self.contrib_bars, self.contrib_axis, self.contributions)):
+            with mark.hold_sync():
+                mark.x = pos
+                mark.y = y
+                mark.selected = sel
+            axis.tick_labels = ticks
+
+    def _on_click(self, _mark, content) -> None:
+        data = content.get("data") or {}
+        p = data.get("index", data.get("key", data.get("x")))
+        if p is None:
+            return
+        self.click_bar(int(p))
+
+    def click_bar(self, position: int) -> None:
+        """What a bar click does: select that bar's neuron."""
+        if not 0 <= position < len(self.shown):
+            return
+        self.selection.select(neuron=self.shown[position])
+
+    # -- gallery -------------------------------------------------------------------------------
+    def _on_neuron(self) -> None:
+        self._draw_bars()
+        self.refresh_gallery()
+
+    def refresh_gallery(self) -> None:
+        j, method, a = self.selection.neuron, self.selection.method, self.analyses
+        if j < 0:
+            self.engine.drop(self.gallery_slot)
+            self._set_gallery(-1, [])
+            self.gallery_caption.value = "click a bar to see what its neuron responds to"
+            return
+        self.gallery_caption.value = f"finding the instances that activate h{j} ..."
+        size = self.thumb_size
+
+        def job(progress):
+            ext = a.extremes(progress)
+            if not 0 <= j < ext.top_indices.shape[0]:
+                raise IndexError(f"Neuron {j} is out of range: the decision layer has "
+                                 f"{ext.top_indices.shape[0]} neurons.")
+            entries = [("top", int(i), float(v)) for i, v in zip(ext.top_indices[j],
+                                                                 ext.top_values[j])]
+            entries += [("bottom", int(i), float(v)) for i, v in zip(ext.bottom_indices[j],
+                                                                     ext.bottom_values[j])]
+            entries = [e for e in entries if e[1] >= 0]
+            items = []
+            for n, (side, idx, value) in enumerate(entries):
+                attr = a.attribution(idx, Neuron(j), method)
+                progress(n + 1, len(entries), f"h{j} heatmaps")
+                items.append(self._item(side, idx, value, attr, size))
+            return j, items
+
+        self.engine.submit(self.gallery_slot, ("gallery", j, method), job,
+                           lambda r: self._set_gallery(*r), self._gallery_failed, priority=4,
+                           label=f"gallery of h{j}")
+
+    def _item(self, side: str, idx: int, value: float, attr, size: int) -> dict:
+        """One gallery entry: text, and a thumbnail per modality (encoded here, off the UI)."""
+        a = self.analyses
+        prepared = a.prepared(idx)
+        thumbs = {}
+        for name, m in a.adapter.modalities.items():
+            scores = np.asarray(attr.scores.get(name, []), dtype=np.float64)
+            if m.kind == "image" and name in attr.maps:
+                x = prepared.raw[name][0].detach().cpu().float().numpy()
+                thumbs[name] = png(image_overlay(x, np.asarray(attr.maps[name])), size)
+            elif m.kind in ("tabular", "timeseries") and scores.size:
+                rows = len(getattr(m, "groups", [])) if m.kind == "timeseries" else 1
+                grid = strip(scores, rows=1)
+                if m.kind == "timeseries" and rows > 0:
+                    grid = strip(scores.reshape(-1, rows).T.reshape(-1), rows=rows)
+                thumbs[name] = png(grid, size)
+        return {"side": side, "index": idx, "value": value,
+                "description": str(a.dataset.describe(idx)), "label": a.label(idx),
+                "thumbs": thumbs}
+
+    def _gallery_failed(self, err) -> None:
+        self.gallery_caption.value = f"gallery not shown ({type(err).__name__})"
+
+    def _set_gallery(self, j: int, items: list[dict]) -> None:
+        self.gallery_neuron = j
+        self.gallery = items
+        rows = {"top": [], "bottom": []}
+        for it in items:
+            rows[it["side"]].append(self._item_widget(it))
+        self.top_row.children = rows["top"]
+        self.bottom_row.children = rows["bottom"]
+        if j >= 0:
+            self.gallery_caption.value = (f"h{j}: dataset instances with the largest and smallest "
+                                          f"activation, heatmaps targeted at h{j}")
+
+    def _item_widget(self, it: dict) -> W.Widget:
+        parts = [W.Image(value=b, format="png", layout=W.Layout(width=f"{self.thumb_size}px"))
+                 for b in it["thumbs"].values()]
+        button = W.Button(description=_short(f"#{it['index']} {it['description']}"),
+                          tooltip=f"{it['description']} (h = {it['value']:.3g})",
+                          layout=W.Layout(width="180px"))
+        button.on_click(lambda _b, idx=it["index"]: self.click_item(idx))
+        value = W.Label(value=f"h = {it['value']:.3g}")
+        return W.VBox(parts + [button, value], layout=W.Layout(margin="2px", width="184px"))
+
+    def click_item(self, index: int) -> None:
+        """What a gallery click does: select that instance."""
+        self.selection.select(instance=int(index))
+
+    def state(self) -> dict:
+        return {"neurons": [{"neuron": int(n), "activation": float(h), "contribution": float(c)}
+                            for n, h, c in zip(self.shown, self.activations, self.contributions)],
+                "gallery_neuron": self.gallery_neuron,
+                "gallery": [{k: v for k, v in it.items() if k != "thumbs"} | {
+                    "thumbnails": sorted(it["thumbs"])} for it in self.gallery]}

@@ -1,0 +1,122 @@
+"""PredictionPathView (bqplot Graph): class <- neurons <- units, every node clickable.
+
+The path comes from the engine (``Analyses.path``: prediction.prediction_path(...).to_dict())
+and its layout from ``kernels.projection.path_layout``; the view only draws. A class node click
+sets the target (everywhere), a neuron node selects the neuron, a unit node selects the unit.
+"""
+from __future__ import annotations
+
+import bqplot as bq
+import ipywidgets as W
+import numpy as np
+
+from ..engine import Analyses, Engine
+from ..kernels.projection import path_layout
+from ..selection import Selection
+
+_COLOURS = {"class": "#d62728", "neuron": "#1f77b4", "unit": "#2ca02c"}
+
+
+class PathView(W.VBox):
+    """The prediction path of the selected instance for the selected (or predicted) class."""
+
+    slot = "path"
+
+    def __init__(self, selection: Selection, engine: Engine, analyses: Analyses):
+        self.selection, self.engine, self.analyses = selection, engine, analyses
+        self.nodes: list[dict] = []
+        self.links: list[dict] = []
+        self.path: dict = {}
+        xs = bq.LinearScale(min=-0.3, max=2.3)
+        ys = bq.LinearScale(min=-0.1, max=1.1)
+        self.graph = bq.Graph(node_data=[], link_data=[], x=[], y=[],
+                              scales={"x": xs, "y": ys}, link_type="line", directed=True,
+                              static=True, charge=0, highlight_links=True,
+                              interactions={"click": "select", "hover": "tooltip"},
+                              selected_style={"stroke": "black", "stroke-width": 3})
+        self.graph.on_element_click(self._on_click)
+        self.figure = bq.Figure(marks=[self.graph], layout=W.Layout(width="620px",
+                                                                   height="360px"),
+                                fig_margin={"top": 20, "bottom": 20, "left": 60, "right": 60})
+        self.caption = W.Label(value="")
+        super().__init__([self.caption, self.figure])
+        selection.observe(lambda _: self.refresh(), names=["instance", "target"])
+        selection.observe(lambda _: self._highlight(), names=["neuron", "modality", "unit"])
+
+    def refresh(self) -> None:
+        s = self.selection
+        i, target, a = s.instance, s.target, self.analyses
+        self.caption.value = "computing the prediction path ..."
+
+        def job(progress):
+            cls = a.class_index(i, target)
+            path = a.path(i, cls, progress)
+            nodes, links = path_layout(path, other_classes=a.top_classes(i, 3))
+            return cls, path, nodes, links
+
+        self.engine.submit(self.slot, ("path", i, target), job, self._show, self._failed,
+                           priority=3, label="prediction path")
+
+    def _failed(self, err) -> None:
+        self.caption.value = f"prediction path not shown ({type(err).__name__})"
+
+    def _show(self, result) -> None:
+        cls, path, nodes, links = result
+        self.path, self.nodes, self.links = path, nodes, links
+        node_data = [{"label": str(n["label"]), "shape": "rect" if n["kind"] == "class" else
+                      "circle", "shape_attrs": {"r": 12} if n["kind"] != "class" else
+                      {"width": 70, "height": 26}, "node_id": n["id"], "kind": n["kind"]}
+                     for n in nodes]
+        link_data = [{"source": int(l["source"]), "target": int(l["target"]),
+                      "value": float(l["value"])} for l in links]
+        with self.graph.hold_sync():
+            self.graph.node_data = node_data
+            self.graph.link_data = link_data
+            self.graph.x = np.array([n["x"] for n in nodes], dtype=float)
+            self.graph.y = np.array([n["y"] for n in nodes], dtype=float)
+            self.graph.colors = [_COLOURS.get(n["kind"], "#7f7f7f") for n in nodes]
+        self.caption.value = (f"prediction path to class "
+                              f"{self.analyses.adapter.class_names[cls]!r}: units -> neurons -> "
+                              "class (click a node)")
+        self._highlight()
+
+    def _highlight(self) -> None:
+        s = self.selection
+        sel = [p for p, n in enumerate(self.nodes)
+               if (n["kind"] == "neuron" and n["neuron"] == s.neuron)
+               or (n["kind"] == "unit" and s.unit_ref == (n["modality"], n["unit"]))]
+        self.graph.selected = sel or None
+
+    def _on_click(self, _mark, content) -> None:
+        data = content.get("data") or {}
+        node_id = data.get("node_id")
+        if node_id is not None:
+            for p, n in enumerate(self.nodes):
+                if n["id"] == node_id:
+                    return self.click(p)
+        if data.get("index") is not None:
+            self.click(int(data["index"]))
+
+    def click(self, position: int) -> None:
+        """What a node click does (by node position)."""
+        if not 0 <= position < len(self.nodes):
+            return
+        n = self.nodes[position]
+        if n["kind"] == "class":
+            self.selection.select(target=int(n["class"]), neuron=-1)
+        elif n["kind"] == "neuron":
+            self.selection.select(neuron=int(n["neuron"]))
+        elif n["kind"] == "unit":
+            self.selection.select(unit=(n["modality"], int(n["unit"])))
+
+    def click_node(self, node_id: str) -> None:
+        """Click the node with this id ("class:3", "neuron:12", "unit:question:2")."""
+        for p, n in enumerate(self.nodes):
+            if n["id"] == node_id:
+                return self.click(p)
+        raise KeyError(f"No node {node_id!r} in the path; nodes are "
+                       f"{[n['id'] for n in self.nodes]}.")
+
+    def state(self) -> dict:
+        return {"nodes": [{k: v for k, v in n.items()} for n in self.nodes],
+                "links": [dict(l) for l in self.links], "caption": self.caption.value}

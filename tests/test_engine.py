@@ -1,0 +1,195 @@
+"""The engine: worker thread, stale results dropped, LRU cache, cancellation, errors, progress."""
+import threading
+import time
+
+import pytest
+
+from multiviz_widgets.engine import Engine
+from multiviz_widgets.progress import Cancelled
+
+
+@pytest.fixture
+def engine():
+    e = Engine(cache_size=3, delay=0.05)
+    yield e
+    e.close()
+
+
+def _until(cond, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_jobs_run_off_the_calling_thread_and_apply_results(engine):
+    ran_on, got = [], []
+    engine.submit("a", ("k", 1), lambda p: ran_on.append(threading.current_thread()) or 41 + 1,
+                  got.append)
+    assert engine.wait(10)
+    assert got == [42]
+    assert ran_on[0] is not threading.current_thread()
+
+
+def test_identical_request_is_served_from_the_cache(engine):
+    calls, got = [], []
+    fn = lambda p: calls.append(1) or "value"  # noqa: E731
+    engine.submit("a", ("k", 1), fn, got.append)
+    engine.wait(10)
+    assert engine.submit("a", ("k", 1), fn, got.append) == "cached"
+    assert calls == [1] and got == ["value", "value"]
+
+
+def test_lru_evicts_the_least_recently_used(engine):
+    for k in range(3):
+        engine.store(k, k)
+    engine.cached(0)                 # 0 is now the most recent
+    engine.store(3, 3)
+    assert engine.has(0) and not engine.has(1) and engine.has(3)
+    engine.store("big", 1, pin=True)
+    for k in range(10, 20):
+        engine.store(k, k)
+    assert engine.cached("big") == 1
+
+
+def test_memo_computes_once(engine):
+    calls = []
+    for _ in range(3):
+        assert engine.memo(("m",), lambda: calls.append(1) or 7) == 7
+    assert calls == [1]
+
+
+def test_latest_submit_wins_and_the_stale_job_is_cancelled(engine):
+    release, started = threading.Event(), threading.Event()
+    applied, stale_progress = [], []
+
+    def slow(progress):
+        started.set()
+        while not release.wait(0.01):
+            try:
+                progress(0, 1, "waiting")
+            except Cancelled:
+                stale_progress.append("cancelled")
+                raise
+        return "old"
+
+    engine.submit("input", ("old",), slow, applied.append)
+    assert started.wait(10)
+    engine.submit("input", ("new",), lambda p: "new", applied.append)
+    assert engine.wait(10)
+    release.set()
+    assert applied == ["new"]
+    assert stale_progress == ["cancelled"]
+
+
+def test_stale_result_without_progress_calls_is_dropped(engine):
+    release, started = threading.Event(), threading.Event()
+    applied = []
+    engine.submit("s", ("old",), lambda p: started.set() or release.wait(10) and "old",
+                  applied.append)
+    assert started.wait(10)
+    engine.submit("s", ("new",), lambda p: "new", applied.append)
+    release.set()
+    assert engine.wait(10)
+    assert applied == ["new"]
+    assert engine.has(("old",))      # the result is still valid for its own key: cached
+
+
+def test_slots_are_independent(engine):
+    got = []
+    engine.submit("a", None, lambda p: "a", got.append)
+    engine.submit("b", None, lambda p: "b", got.append)
+    engine.wait(10)
+    assert sorted(got) == ["a", "b"]
+
+
+def test_cancel_stops_the_running_job_and_reports_it(engine):
+    started, errors, done = threading.Event(), [], []
+
+    def forever(progress):
+        started.set()
+        while True:
+            progress(1, 2, "spinning")
+            time.sleep(0.005)
+
+    engine.submit("x", ("x",), forever, done.append, errors.append)
+    queued = []
+    engine.submit("y", ("y",), lambda p: "y", done.append, queued.append)
+    assert started.wait(10)
+    engine.cancel()
+    assert engine.wait(10)
+    assert done == [] and any(isinstance(e, Cancelled) for e in errors)
+    assert any(isinstance(e, Cancelled) for e in queued)
+    assert not engine.busy and not engine.show_progress and engine.error == ""
+    assert not engine.has(("x",))
+    engine.submit("x", ("z",), lambda p: "after", done.append)
+    engine.wait(10)
+    assert done == ["after"]
+
+
+def test_an_error_sets_the_banner_and_the_engine_keeps_working(engine):
+    errors, got = [], []
+
+    def boom(progress):
+        raise ValueError("bad input <script>")
+
+    engine.submit("a", ("boom",), boom, got.append, errors.append, label="attribution")
+    engine.wait(10)
+    assert "ValueError" in engine.error and "bad input <script>" in engine.error
+    assert len(errors) == 1 and not engine.has(("boom",))
+    engine.submit("a", ("ok",), lambda p: 1, got.append)
+    engine.wait(10)
+    assert got == [1]
+
+
+def test_an_error_while_applying_is_reported_too(engine):
+    def bad_view(value):
+        raise KeyError("view broke")
+
+    engine.submit("a", None, lambda p: 1, bad_view)
+    engine.wait(10)
+    assert "view broke" in engine.error
+
+
+def test_progress_shows_only_for_longer_jobs(engine):
+    release = threading.Event()
+
+    def slow(progress):
+        while not release.wait(0.01):
+            progress(1, 4, "step")
+        return 1
+
+    engine.submit("a", None, slow)
+    assert _until(lambda: engine.show_progress)
+    assert engine.busy and engine.progress == pytest.approx(0.25) and "step" in engine.message
+    release.set()
+    engine.wait(10)
+    assert not engine.show_progress and not engine.busy
+
+
+def test_the_same_pending_request_is_not_queued_twice(engine):
+    release, calls = threading.Event(), []
+
+    def slow(progress):
+        calls.append(1)
+        release.wait(10)
+        return 1
+
+    j1 = engine.submit("a", ("k",), slow)
+    j2 = engine.submit("a", ("k",), slow)
+    assert j1 is j2
+    release.set()
+    engine.wait(10)
+    assert calls == [1]
+
+
+def test_priorities_order_the_queue(engine):
+    release, order = threading.Event(), []
+    engine.submit("block", None, lambda p: release.wait(10))
+    engine.submit("low", None, lambda p: order.append("low"), priority=9)
+    engine.submit("high", None, lambda p: order.append("high"), priority=0)
+    release.set()
+    engine.wait(10)
+    assert order == ["high", "low"]

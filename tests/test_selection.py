@@ -1,0 +1,55 @@
+"""The Selection: one shared state, several traits set at once, the linking rules of a click."""
+import pytest
+
+from multiviz_widgets.selection import Selection
+
+
+def test_update_sets_all_fields_before_observers_run():
+    s = Selection()
+    seen = []
+    s.observe(lambda c: seen.append((c["name"], s.instance, s.modality, s.unit)),
+              names=["instance", "unit"])
+    s.update(instance=4, modality="question", unit=2)
+    assert seen and all(v[1:] == (4, "question", 2) for v in seen)
+
+
+def test_update_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="Unknown selection field"):
+        Selection().update(colour="red")
+
+
+def test_select_accepts_unit_tuples_and_none():
+    s = Selection()
+    s.select(unit=("image", 5))
+    assert (s.modality, s.unit) == ("image", 5) and s.unit_ref == ("image", 5)
+    s.select(unit=None)
+    assert s.unit_ref is None and s.unit == -1 and s.modality == ""
+
+
+def test_new_instance_clears_the_unit_unless_given():
+    s = Selection()
+    s.select(unit=("question", 1))
+    s.select(instance=3)
+    assert s.instance == 3 and s.unit_ref is None
+    s.select(instance=4, unit=("question", 0))
+    assert s.unit_ref == ("question", 0)
+
+
+def test_new_target_clears_the_neuron_unless_given():
+    s = Selection()
+    s.select(neuron=7)
+    s.select(target=2)
+    assert s.target == 2 and s.neuron == -1
+    s.select(target=1, neuron=3)
+    assert s.neuron == 3
+    s.select(target=1)          # unchanged target keeps the neuron
+    assert s.neuron == 3
+
+
+def test_select_rejects_bad_values():
+    s = Selection()
+    with pytest.raises(ValueError):
+        s.select(unit=("image",))
+    with pytest.raises(ValueError):
+        s.select(instance="three")
+    assert s.as_dict()["instance"] == 0
