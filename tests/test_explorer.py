@@ -1,0 +1,288 @@
+"""The Explorer: clicks in each view change the Selection and the other views follow.
+
+Kernel-free (no Jupyter, no browser): clicks are simulated the way the front end sends them
+(bqplot ``_handle_custom_msg``, ipyvolume ``clicked_index``, the InputView's ``selected``,
+ipywidgets ``Button.click``); kernels are cheap fakes that count their calls.
+"""
+import threading
+import time
+
+import ipywidgets as W
+import numpy as np
+import pytest
+
+from multiviz_widgets.adapter import Class, Neuron
+from multiviz_widgets.explorer import Explorer, default_pair
+
+from .explorer_support import CLASSES, FakeKernels, tiny_tab_series, tiny_vqa
+
+
+@pytest.fixture
+def vqa():
+    adapter, ds = tiny_vqa()
+    kernels = FakeKernels()
+    ex = Explorer(adapter, ds, kernels=kernels, delay=0.05)
+    assert ex.wait(60)
+    yield ex, kernels
+    ex.close()
+
+
+def click_mark(mark, **data):
+    mark._handle_custom_msg({"event": "element_click", "data": data}, [])
+
+
+def test_the_explorer_fills_every_view(vqa):
+    ex, _ = vqa
+    st = ex.state()
+    assert st["error"] == ""
+    assert st["pair"] == ["question", "image"]
+    assert st["items"] == ["image", "question"] and st["input_instance"] == 0
+    assert set(st["input_scores"]) == {"image", "question"}
+    assert np.asarray(st["heatmap"]).shape == (5, 4)      # 5 tokens x 4 patches
+    assert len(st["neurons"]) == 12
+    assert {n["kind"] for n in st["path"]["nodes"]} == {"class", "neuron", "unit"}
+    assert st["embedding"]["n_points"] == 12 and st["embedding"]["selected"] == 0
+    assert isinstance(ex, W.VBox)
+
+
+def test_clicking_a_token_shows_its_interaction_over_the_patches(vqa):
+    ex, _ = vqa
+    ex.input_panel.click("question", 1)          # what the browser does on a token click
+    assert ex.wait(30)
+    st = ex.state()
+    assert st["unit_ref"] == ["question", 1]
+    assert st["heatmap_selected_row"] == 1
+    assert np.allclose(st["input_scores"]["image"], np.asarray(st["heatmap"])[1])
+    assert "interaction with question unit 'color'" in st["score_caption"]
+    sel = np.asarray(ex.heatmap_view.grid.selected)
+    assert set(sel[:, 0]) == {1} and len(sel) == 4
+    assert st["input_selected"] == {"modality": "question", "unit": 1}
+
+
+def test_clicking_a_patch_colours_the_tokens_by_interaction(vqa):
+    ex, _ = vqa
+    ex.input_panel.click("image", 2)
+    ex.wait(30)
+    st = ex.state()
+    assert np.allclose(st["input_scores"]["question"], np.asarray(st["heatmap"])[:, 2])
+    assert st["heatmap_selected_col"] == 2
+
+
+def test_a_heatmap_cell_click_selects_the_row_unit(vqa):
+    ex, _ = vqa
+    click_mark(ex.heatmap_view.grid, rowNum=3, columnNum=1, row=3, column=1, color=0.2)
+    ex.wait(30)
+    st = ex.state()
+    assert st["unit_ref"] == ["question", 3] and st["input_selected"]["unit"] == 3
+    assert np.allclose(st["input_scores"]["image"], np.asarray(st["heatmap"])[3])
+
+
+def test_clicking_a_neuron_shows_its_targeted_attributions_and_gallery(vqa):
+    ex, kernels = vqa
+    j = ex.neuron_view.shown[2]
+    click_mark(ex.neuron_view.contrib_bars, index=2, key=2)
+    assert ex.selection.neuron == j
+    ex.wait(30)
+    st = ex.state()
+    assert st["gallery_neuron"] == j
+    assert [g["side"] for g in st["gallery"]] == ["top"] * 4 + ["bottom"] * 4
+    values = [g["value"] for g in st["gallery"]]
+    assert values[0] >= values[3] and min(values[:4]) >= max(values[4:])
+    assert f"neuron h{j}" in st["score_caption"]
+    assert Neuron(j) in kernels.targets
+    assert all(g["thumbnails"] == ["image"] for g in st["gallery"])
+    assert list(ex.neuron_view.contrib_bars.selected) == [2]
+    heat = {k: v for k, v in st["input_scores"].items()}
+    assert heat and ex.heatmap_view.caption.value.endswith(f"neuron h{j}")
+
+
+def test_clicking_a_gallery_item_changes_the_instance_everywhere(vqa):
+    ex, _ = vqa
+    ex.select(neuron=ex.neuron_view.shown[0])
+    ex.wait(30)
+    item = ex.state()["gallery"][1]
+    button = ex.neuron_view.top_row.children[1].children[-2]
+    button.click()
+    assert ex.selection.instance == item["index"]
+    ex.wait(30)
+    st = ex.state()
+    assert st["input_instance"] == item["index"]
+    assert st["embedding"]["selected"] == item["index"]
+    assert int(ex.controls.instance.value) == item["index"]
+
+
+def test_clicking_a_class_node_changes_the_target_everywhere(vqa):
+    ex, kernels = vqa
+    ex.select(neuron=ex.neuron_view.shown[0])
+    ex.wait(30)
+    nodes = ex.state()["path"]["nodes"]
+    other = next(n for n in nodes if n["kind"] == "class" and n["y"] != 1.0)
+    pos = nodes.index(other)
+    click_mark(ex.path_view.graph, index=pos, node_id=other["id"], label=other["label"])
+    assert ex.selection.target == other["class"] and ex.selection.neuron == -1
+    ex.wait(30)
+    st = ex.state()
+    name = CLASSES[other["class"]]
+    assert f"class {name!r}" in st["score_caption"]
+    assert ex.heatmap_view.caption.value.endswith(f"class {name!r}")
+    assert f"class {name!r}" in ex.neuron_view.caption.value
+    assert st["path"]["nodes"][0]["class"] == other["class"]
+    assert ex.controls.target.value == other["class"]
+    assert Class(other["class"]) in kernels.targets
+
+
+def test_neuron_and_unit_nodes_of_the_path_are_clickable(vqa):
+    ex, _ = vqa
+    nodes = ex.path_view.nodes
+    neuron = next(n for n in nodes if n["kind"] == "neuron")
+    ex.path_view.click_node(neuron["id"])
+    assert ex.selection.neuron == neuron["neuron"]
+    unit = next(n for n in nodes if n["kind"] == "unit")
+    ex.path_view.click_node(unit["id"])
+    assert ex.selection.unit_ref == (unit["modality"], unit["unit"])
+    ex.wait(30)
+    assert ex.path_view.graph.selected is not None and len(ex.path_view.graph.selected) == 2
+
+
+def test_clicking_a_3d_point_changes_the_instance_everywhere(vqa):
+    ex, _ = vqa
+    ex.embedding_view.scatter.clicked_index = 5
+    assert ex.selection.instance == int(ex.embedding_view.indices[5])
+    assert ex.embedding_view.scatter.clicked_index is None
+    ex.wait(30)
+    st = ex.state()
+    assert st["input_instance"] == 5 and st["embedding"]["selected"] == 5
+    assert ex.input_view.caption.startswith("#5 ")
+    ex.embedding_view.colour_by.value = "correctness"
+    assert ex.state()["embedding"]["groups"] == ["wrong", "right"]
+
+
+def test_select_from_code_and_read_back(vqa):
+    ex, _ = vqa
+    ex.select(instance=2, unit=("question", 0), target="circle")
+    ex.wait(30)
+    st = ex.state()
+    assert (st["instance"], st["unit_ref"], st["target"]) == (2, ["question", 0], 2)
+    assert st["input_instance"] == 2 and st["heatmap_selected_row"] == 0
+    with pytest.raises(IndexError):
+        ex.select(instance=99)
+    with pytest.raises(ValueError):
+        ex.select(unit=("audio", 1))
+    with pytest.raises(ValueError):
+        ex.select(target="purple")
+
+
+def test_controls_change_the_selection(vqa):
+    ex, kernels = vqa
+    ex.controls.method.value = "gradient"
+    ex.controls.target.value = 1
+    ex.controls.next.click()
+    assert (ex.selection.method, ex.selection.target, ex.selection.instance) == ("gradient", 1, 1)
+    ex.wait(30)
+    assert ex.state()["score_caption"].startswith("gradient attribution for class 'blue'")
+
+
+def test_an_identical_request_hits_the_cache(vqa):
+    ex, kernels = vqa
+    ex.select(instance=1)
+    ex.wait(30)
+    before = dict(kernels.calls)
+    ex.select(instance=0)
+    ex.wait(30)
+    assert dict(kernels.calls) == before
+    assert ex.state()["input_instance"] == 0
+
+
+def test_a_stale_result_is_dropped_and_the_latest_click_wins(vqa):
+    ex, kernels = vqa
+    kernels.block = threading.Event()
+    kernels.blocking_started.clear()
+    ex.select(instance=3)
+    assert kernels.blocking_started.wait(10)
+    kernels.block = None                  # the next computations run freely
+    ex.select(instance=4)
+    assert ex.wait(30)
+    st = ex.state()
+    assert st["instance"] == 4 and st["input_instance"] == 4
+    expected = kernels._unit_scores(ex.adapter, ex.analyses.prepared(4),
+                                    Class(ex.analyses.class_index(4, -1)))
+    assert np.allclose(st["input_scores"]["question"], expected["question"])
+
+
+def test_a_long_job_shows_progress_and_cancel_works(vqa):
+    ex, kernels = vqa
+    gate = kernels.block = threading.Event()
+    kernels.blocking_started.clear()
+    ex.select(instance=6)
+    assert kernels.blocking_started.wait(10)
+    end = time.monotonic() + 10
+    while not ex.progress_panel.visible and time.monotonic() < end:
+        time.sleep(0.01)
+    assert ex.state()["progress_visible"] and ex.state()["busy"]
+    ex.progress_panel.cancel.click()
+    assert ex.wait(30)
+    assert not ex.state()["busy"] and not ex.progress_panel.visible
+    assert ex.state()["error"] == ""
+    assert "Cancelled" in ex.input_view.score_caption
+    kernels.block = None
+    gate.set()
+    ex.select(instance=7)
+    ex.wait(30)
+    assert ex.state()["input_instance"] == 7 and ex.state()["input_scores"]
+
+
+def test_a_kernel_error_shows_the_banner_and_the_explorer_keeps_working(vqa):
+    ex, kernels = vqa
+    kernels.fail_keys.add(ex.analyses.prepared(8).key)
+    ex.select(instance=8)
+    ex.wait(30)
+    assert "kernel exploded on purpose" in ex.state()["error"]
+    assert ex.banner.visible and "kernel exploded" in ex.banner.text.value
+    ex.select(instance=9)
+    ex.wait(30)
+    st = ex.state()
+    assert st["error"] == "" and not ex.banner.visible
+    assert st["input_instance"] == 9 and st["input_scores"]
+
+
+def test_data_strings_are_never_rendered_as_html(vqa):
+    ex, _ = vqa
+    html_like = (W.HTML, W.HTMLMath)
+
+    def walk(w):
+        yield w
+        for c in getattr(w, "children", ()):
+            yield from walk(c)
+
+    assert not [w for w in walk(ex) if isinstance(w, html_like)]
+    assert "<b>bold</b>" in [label for label, _ in ex.controls.target.options]
+
+
+def test_the_explorer_runs_on_tabular_and_time_series():
+    adapter, ds = tiny_tab_series()
+    kernels = FakeKernels()
+    ex = Explorer(adapter, ds, kernels=kernels, delay=0.05)
+    try:
+        assert ex.wait(60)
+        st = ex.state()
+        assert default_pair(adapter) == ("vitals", "series") and st["error"] == ""
+        kinds = {it["name"]: it["kind"] for it in ex.input_view.items}
+        assert kinds == {"vitals": "tabular", "series": "timeseries"}
+        assert np.asarray(st["heatmap"]).shape == (4, 8)     # 4 columns x (4 windows x 2 ch)
+        ex.input_panel.click("vitals", 2)                     # a table cell
+        ex.wait(30)
+        st = ex.state()
+        assert np.allclose(st["input_scores"]["series"], np.asarray(st["heatmap"])[2])
+        ex.input_panel.click("series", 5)                     # a strip cell
+        ex.wait(30)
+        st = ex.state()
+        assert np.allclose(st["input_scores"]["vitals"], np.asarray(st["heatmap"])[:, 5])
+        ex.select(neuron=ex.neuron_view.shown[0])
+        ex.wait(30)
+        gallery = ex.state()["gallery"]
+        assert gallery and all(g["thumbnails"] == ["series", "vitals"] for g in gallery)
+        ex.embedding_view.scatter.clicked_index = 3
+        ex.wait(30)
+        assert ex.state()["input_instance"] == 3
+    finally:
+        ex.close()
