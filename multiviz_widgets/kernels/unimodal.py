@@ -180,18 +180,22 @@ def _evaluate_in_chunks(fn, z: np.ndarray, n_units: Mapping[str, int], batch_siz
 
 
 def _lime_fit(z: np.ndarray, y: np.ndarray, weights: np.ndarray, alpha: float) -> np.ndarray:
-    """Weighted ridge regression of y on z with an unpenalised intercept: the coefficients."""
+    """Weighted ridge regression of y on z with an unpenalised intercept: the coefficients.
+
+    Solved in float64 with torch (numpy's own BLAS threads contend with torch's on small CPUs).
+    """
     n, u = z.shape
-    w = weights / max(weights.sum(), 1e-300)
-    zm = (w[:, None] * z).sum(0)
-    ym = float((w * y).sum())
-    zc, yc = z - zm, y - ym
-    a = (zc * w[:, None]).T @ zc
-    # alpha is on the scale of a problem with unit total weight per sample (as sklearn's Ridge
-    # on n samples with mean weight 1): divide by n to keep it comparable across n_samples.
-    a[np.diag_indices(u)] += alpha / n
-    b = (zc * w[:, None]).T @ yc
-    return np.linalg.solve(a, b)
+    zt, yt = torch.from_numpy(z), torch.from_numpy(np.asarray(y, dtype=np.float64))
+    w = torch.from_numpy(np.asarray(weights, dtype=np.float64))
+    w = w / w.sum().clamp(min=1e-300)
+    zc = zt - (w[:, None] * zt).sum(0)
+    yc = yt - (w * yt).sum()
+    zw = zc * w[:, None]
+    a = zw.T @ zc
+    # alpha is on the scale of sklearn's Ridge on n samples of mean weight 1 (weights sum to n):
+    # with weights normalised to sum 1 it becomes alpha / n, comparable across n_samples.
+    a.diagonal().add_(alpha / n)
+    return torch.linalg.solve(a, zw.T @ yc).numpy()
 
 
 def lime_from_function(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
@@ -269,11 +273,12 @@ def _shap_fit(z: np.ndarray, y: np.ndarray, w: np.ndarray, f_full: float, f_empt
         return np.array([delta])
     if len(z) == 0:
         return np.full(total, delta / total)
-    t = (y - f_empty) - z[:, -1] * delta
-    x = z[:, :-1] - z[:, -1:]
-    sw = np.sqrt(w)[:, None]
-    phi, *_ = np.linalg.lstsq(x * sw, t * sw[:, 0], rcond=None)
-    return np.concatenate([phi, [delta - phi.sum()]])
+    zt = torch.from_numpy(z)
+    t = (torch.from_numpy(np.asarray(y, dtype=np.float64)) - f_empty) - zt[:, -1] * delta
+    x = zt[:, :-1] - zt[:, -1:]
+    sw = torch.from_numpy(np.sqrt(np.asarray(w, dtype=np.float64)))[:, None]
+    phi = torch.linalg.lstsq(x * sw, (t[:, None] * sw), driver="gelsd").solution[:, 0]
+    return np.concatenate([phi.numpy(), [delta - float(phi.sum())]])
 
 
 def kernel_shap_from_function(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],

@@ -1,0 +1,95 @@
+"""Shared helpers of the benchmark scripts: the demo model, instance selection, timing, JSON."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def load_demo(split: str = "test", allow_stand_in: bool = True):
+    """(adapter, dataset, note): the shipped easy-VQA model, or (when its weights are missing and
+    allow_stand_in) the same architecture with seeded random weights, saying so in ``note``."""
+    from multiviz_widgets.demos import easy_vqa
+
+    dataset = easy_vqa.load_dataset(split)
+    try:
+        return easy_vqa.load_adapter(), dataset, "easy-VQA shipped weights"
+    except Exception as e:  # WeightsError, or anything the loader raises while weights are absent
+        if not allow_stand_in:
+            raise
+        torch.manual_seed(0)
+        model = easy_vqa.EasyVQAModel().eval()
+        return (easy_vqa.make_adapter(model, answers=dataset.answers), dataset,
+                f"STAND-IN: easy-VQA architecture with random weights ({type(e).__name__}: {e})")
+
+
+def shape_or_color_indices(dataset, n: int, seed: int = 0) -> np.ndarray:
+    """n indices of questions about a shape or a colour (a seeded random sample, sorted)."""
+    from multiviz_widgets.demos.easy_vqa import question_kind
+
+    idx = np.array([i for i, q in enumerate(dataset.questions)
+                    if question_kind(q) in ("shape", "color")])
+    if n < len(idx):
+        idx = np.sort(np.random.default_rng(seed).choice(idx, size=n, replace=False))
+    return idx
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """(milliseconds, result) of one call."""
+    t0 = time.perf_counter()
+    out = fn()
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+@torch.no_grad()
+def per_sample_forward_ms(adapter, prepared, batch: int = 512, repeats: int = 5) -> float:
+    """Best per-sample time (ms) of a large batched forward pass over the continuous inputs."""
+    cont = {n: v.unsqueeze(0).expand(batch, *v.shape).contiguous()
+            for n, v in prepared.continuous.items()}
+    adapter.forward(prepared.raw, cont)
+    best = float("inf")
+    for _ in range(repeats):
+        ms, _ = timed(lambda: adapter.forward(prepared.raw, cont))
+        best = min(best, ms)
+    return best / batch
+
+
+def environment() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "machine": platform.machine(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                       time.gmtime())}
+
+
+def write_json(path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=_default) + "\n", encoding="utf-8")
+    return path
+
+
+def _default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.bool_):
+        return bool(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
