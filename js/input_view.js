@@ -294,7 +294,7 @@ function render({ model, el }) {
     byModality = new Map();
     for (const item of model.get("items") || []) {
       const box = el_("div", "mvz-modality");
-      box.dataset.modality = item.name;
+      box.dataset.section = item.name;
       box.dataset.kind = item.kind;
       box.appendChild(el_("div", "mvz-mname", item.name));
       const entry = { kind: item.kind, units: new Map(), paint: null, repaint: null };

@@ -1,0 +1,257 @@
+"""Harness for the browser tests and the UI latency benchmark.
+
+Starts JupyterLab or Voila on 127.0.0.1 (a free port, no token) over a temporary copy of
+notebooks/ (so executing notebooks never dirties the repository), launches Debian's Chromium
+through playwright (never `playwright install`), and drives a notebook: open, run all cells,
+execute code in its kernel and read back what it printed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+BIN = pathlib.Path(sys.executable).parent
+CHROMIUM = os.environ.get("MVZ_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+
+
+def missing_requirements() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    if not pathlib.Path(CHROMIUM).exists():
+        return f"Chromium not found at {CHROMIUM} (make chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright (Python) is not installed"
+    if not (REPO / "multiviz_widgets" / "static" / "input_view.js").is_file():
+        return "the JavaScript bundle is not built (make js)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_notebooks(dest: pathlib.Path | None = None) -> pathlib.Path:
+    """A temporary directory holding a copy of notebooks/ (as ``notebooks/``)."""
+    root = pathlib.Path(dest or tempfile.mkdtemp(prefix="mvz-browser-"))
+    shutil.copytree(NOTEBOOKS, root / "notebooks", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    return root
+
+
+def write_notebook(path: pathlib.Path, cells: list[str | tuple[str, str]]) -> pathlib.Path:
+    """Write a notebook: each cell is code, or ("markdown", text)."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    for c in cells:
+        if isinstance(c, tuple):
+            nb.cells.append(nbformat.v4.new_markdown_cell(c[1]))
+        else:
+            nb.cells.append(nbformat.v4.new_code_cell(c))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, str(path))
+    return path
+
+
+class Server:
+    """A Jupyter server process (JupyterLab or Voila) on 127.0.0.1 at a free port."""
+
+    def __init__(self, argv: list[str], port: int, root: pathlib.Path, ready_path: str,
+                 log_name: str, timeout: float = 120.0):
+        self.port, self.root = port, root
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = root / log_name
+        self._log = open(self.log_path, "wb")
+        env = dict(os.environ)
+        env.pop("JUPYTER_TOKEN", None)
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        # The kernels import this checkout (also when the package is not pip-installed).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        # Keep the user's Jupyter state (workspaces, settings) out of the test.
+        for var, sub in (("JUPYTER_CONFIG_DIR", "jupyter-config"),
+                         ("JUPYTERLAB_WORKSPACES_DIR", "lab-workspaces"),
+                         ("JUPYTERLAB_SETTINGS_DIR", "lab-settings")):
+            env[var] = str(root / ".jupyter" / sub)
+        self.proc = subprocess.Popen(argv, cwd=root, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited early:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + ready_path, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{argv[0]} did not answer on {self.url} within {timeout}s:\n"
+                                   f"{self.log()}")
+            time.sleep(0.5)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+def start_lab(root: pathlib.Path) -> Server:
+    port = free_port()
+    argv = [str(BIN / "jupyter"), "lab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
+            f"--port={port}", "--ServerApp.port_retries=0", "--IdentityProvider.token=",
+            "--ServerApp.password=", "--LabApp.expose_app_in_browser=True",
+            "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={root}",
+            "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    return Server(argv, port, root, "/api/status", "jupyterlab.log")
+
+
+def start_voila(root: pathlib.Path, notebook: str) -> Server:
+    """Voila serving one notebook (path relative to root). Readiness is checked on a static
+    asset, because GET / executes the notebook."""
+    port = free_port()
+    argv = [str(BIN / "voila"), notebook, "--no-browser", "--Voila.ip=127.0.0.1",
+            f"--port={port}", "--Voila.port_retries=0"]
+    return Server(argv, port, root, VOILA_READY_PATH, "voila.log")
+
+
+VOILA_READY_PATH = "/voila/static/favicon.ico"
+
+
+@contextlib.contextmanager
+def browser():
+    """A headless Debian Chromium (playwright sync API)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class Notebook:
+    """A notebook open in JupyterLab in one playwright page."""
+
+    def __init__(self, page, server: Server, path: str):
+        self.page, self.server, self.path = page, server, path
+        self.dialogs: list[str] = []
+        self.console_errors: list[str] = []
+        page.on("dialog", self._on_dialog)
+        page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+
+    def _on_dialog(self, dialog):
+        self.dialogs.append(f"{dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    def open(self, timeout: float = 120_000) -> "Notebook":
+        self.page.goto(f"{self.server.url}/lab/tree/{self.path}", timeout=timeout)
+        self.page.wait_for_function(
+            "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+            " && window.jupyterapp.shell.currentWidget.sessionContext"
+            " && window.jupyterapp.shell.currentWidget.sessionContext.session"
+            " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
+            " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.connectionStatus"
+            " === 'connected'", timeout=timeout)
+        return self
+
+    def run_all(self) -> None:
+        self.page.evaluate("void window.jupyterapp.commands.execute('notebook:run-all-cells')")
+
+    def kernel_exec(self, code: str, timeout: float = 120_000) -> str:
+        """Run code in the notebook's kernel (after the cells queued before it); its stdout."""
+        res = self.page.evaluate(
+            """async (code) => {
+                 const w = window.jupyterapp.shell.currentWidget;
+                 const kernel = w.sessionContext.session.kernel;
+                 const future = kernel.requestExecute({code, store_history: false, silent: false});
+                 let out = "", err = null;
+                 future.onIOPub = (msg) => {
+                   const t = msg.header.msg_type;
+                   if (t === "stream") out += msg.content.text;
+                   if (t === "error") err = msg.content.ename + ": " + msg.content.evalue + "\\n"
+                                          + (msg.content.traceback || []).join("\\n");
+                 };
+                 await future.done;
+                 return {out, err};
+               }""", code)
+        if res["err"]:
+            raise RuntimeError(f"kernel error running {code!r}:\n{res['err']}")
+        return res["out"]
+
+    def kernel_json(self, code: str, timeout: float = 120_000):
+        """Run code that prints one JSON document last; return it parsed."""
+        out = self.kernel_exec(code, timeout).strip().splitlines()
+        return json.loads(out[-1])
+
+    def cell_errors(self) -> list[str]:
+        """Error outputs shown in the notebook's cells."""
+        return self.page.evaluate(
+            """() => Array.from(document.querySelectorAll(
+                 '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'))
+                 .map(e => e.textContent).filter(t => /Error|Traceback/.test(t))""")
+
+
+# -- DOM helpers used by the tests and the benchmark -------------------------------------------
+
+JS_UNIT_SCORES = """(sel) => Array.from(document.querySelectorAll(sel))
+    .map(e => ({unit: Number(e.dataset.unit), score: e.dataset.score}))"""
+
+# Click a unit element and resolve when the InputView root's data-render-count has changed and
+# the scores of `watch` units differ from before (or `timeout` ms pass). Resolves to elapsed ms.
+JS_CLICK_AND_WAIT = """async ([clickSel, watchSel, timeout]) => {
+  const target = document.querySelector(clickSel);
+  if (!target) throw new Error("no element " + clickSel);
+  const root = target.closest('.mvz-input');
+  const snap = () => Array.from(document.querySelectorAll(watchSel)).map(e => e.dataset.score).join(',');
+  const before = snap();
+  const count0 = root ? root.dataset.renderCount : null;
+  return await new Promise((resolve) => {
+    let done = false;
+    const finish = (ok) => {
+      if (done) return; done = true; obs.disconnect();
+      resolve({ms: performance.now() - t0, ok});
+    };
+    const check = () => {
+      const r = document.querySelector(clickSel)?.closest('.mvz-input') || root;
+      if (r && r.dataset.renderCount !== count0 && snap() !== before) finish(true);
+    };
+    const obs = new MutationObserver(check);
+    obs.observe(document.body, {subtree: true, attributes: true, childList: true,
+                                attributeFilter: ['data-render-count', 'data-score']});
+    setTimeout(() => finish(false), timeout);
+    const t0 = performance.now();
+    target.click();
+  });
+}"""
