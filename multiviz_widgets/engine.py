@@ -1,9 +1,11 @@
-"""The engine: jobs on one worker thread, an LRU cache, progress, cancellation, errors.
+"""The engine: jobs on worker threads, an LRU cache, progress, cancellation, errors.
 
 Views never compute. They ``submit`` a job to a *slot* ("input", "heatmap", "gallery", ...)
 with a cache key, a function and a callback. The engine
 
-* runs the function on its worker thread (a daemon), so the front-end's message thread is free;
+* runs the function on a worker thread (a daemon), so the front-end's message thread is free;
+  two lanes, one thread each: "main" for what a click asks about the selected instance and
+  "background" for dataset-wide work (features, galleries), which never delays a click;
 * keeps a generation counter per slot: a newer submit to the same slot makes the older job
   stale, so it is dropped from the queue, cancelled at its next progress report, and its result
   is never applied (the latest click wins);
@@ -48,22 +50,23 @@ class Job:
 
     slot: str
     key: Hashable | None
-    fn: Callable
-    on_done: Callable | None
-    on_error: Callable | None
+    fn: Callable = field(repr=False)
+    on_done: Callable | None = field(repr=False)
+    on_error: Callable | None = field(repr=False)
     priority: int
     generation: int
     label: str
+    lane: str = "main"
     seq: int = 0
     cancelled: bool = False
     state: str = "queued"          # queued, running, done, error, cancelled, dropped
-    value: Any = None
+    value: Any = field(default=None, repr=False)
     error: BaseException | None = None
     started: float = 0.0
 
 
 class Engine(traitlets.HasTraits):
-    """A job queue with one worker thread, an LRU cache and progress/error traits.
+    """Job queues with worker threads (two lanes), an LRU cache and progress/error traits.
 
     cache_size: how many results the LRU keeps (``pin=True`` memos, e.g. dataset features, are
     kept apart and never evicted); delay: seconds of work before the progress bar shows.
@@ -76,6 +79,11 @@ class Engine(traitlets.HasTraits):
     error = traitlets.Unicode("")           # the last failure (the banner); "" none
     status = traitlets.Unicode("")          # a short note ("cancelled", "ready")
 
+    #: Two lanes, one worker thread each: "main" for what a click asks about the instance,
+    #: "background" for dataset-wide work (features, galleries), so a long background job
+    #: never holds up the answer to a click (the adapter's lock interleaves their batches).
+    LANES = ("main", "background")
+
     def __init__(self, cache_size: int = 256, delay: float = 0.3):
         super().__init__()
         if int(cache_size) < 1:
@@ -86,10 +94,10 @@ class Engine(traitlets.HasTraits):
         self._pinned: dict = {}
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        self._queue: list = []
+        self._queues: dict[str, list] = {lane: [] for lane in self.LANES}
         self._gen: dict[str, int] = {}
         self._current: dict[str, Job] = {}      # the latest job of every slot
-        self._running: Job | None = None
+        self._running: dict[str, Job | None] = {lane: None for lane in self.LANES}
         self._seq = itertools.count()
         self._busy_epoch = 0
         self._timer: threading.Timer | None = None
@@ -97,8 +105,11 @@ class Engine(traitlets.HasTraits):
         self.stats = {"hits": 0, "misses": 0, "runs": 0, "dropped": 0, "cancelled": 0,
                       "errors": 0}
         self.last_traceback = ""
-        self._thread = threading.Thread(target=self._loop, name="multiviz-engine", daemon=True)
-        self._thread.start()
+        self._threads = {lane: threading.Thread(target=self._loop, args=(lane,), daemon=True,
+                                                name=f"multiviz-engine-{lane}")
+                         for lane in self.LANES}
+        for t in self._threads.values():
+            t.start()
 
     # -- cache ---------------------------------------------------------------------------------
     def cached(self, key: Hashable, default=None):
@@ -145,14 +156,18 @@ class Engine(traitlets.HasTraits):
 
     # -- jobs ----------------------------------------------------------------------------------
     def submit(self, slot: str, key: Hashable | None, fn: Callable, on_done: Callable | None = None,
-               on_error: Callable | None = None, priority: int = 5, label: str | None = None):
+               on_error: Callable | None = None, priority: int = 5, label: str | None = None,
+               lane: str = "main"):
         """Run ``fn(progress)`` on the worker and call ``on_done(value)`` if still current.
 
         A newer submit to the same ``slot`` supersedes this one. With a ``key`` the result is
         cached; a cached key calls ``on_done`` at once (returns "cached"). ``on_error(exc)`` is
         called on failure (and with ``Cancelled`` when the person cancels); failures also set
-        ``error``. Lower ``priority`` runs first. Returns the Job (or "cached").
+        ``error``. Lower ``priority`` runs first within a ``lane`` ("main" or "background").
+        Returns the Job (or "cached").
         """
+        if lane not in self._queues:
+            raise ValueError(f"lane must be one of {self.LANES}, got {lane!r}.")
         if self._closed:
             raise RuntimeError("The engine is closed.")
         with self._lock:
@@ -173,9 +188,9 @@ class Engine(traitlets.HasTraits):
             if key is not None:
                 self.stats["misses"] += 1
             job = Job(slot, key, fn, on_done, on_error, int(priority), gen, label or slot,
-                      seq=next(self._seq))
+                      lane=lane, seq=next(self._seq))
             self._current[slot] = job
-            heapq.heappush(self._queue, (job.priority, job.seq, job))
+            heapq.heappush(self._queues[lane], (job.priority, job.seq, job))
             self._set_busy()
             self._cond.notify_all()
             return job
@@ -193,35 +208,41 @@ class Engine(traitlets.HasTraits):
         """Cancel the running job and everything queued (the cancel button)."""
         with self._lock:
             dropped = []
-            for _, _, job in self._queue:
-                if job.state == "queued":
-                    job.state = "cancelled"
+            for queue in self._queues.values():
+                for _, _, job in queue:
+                    if job.state == "queued":
+                        job.state = "cancelled"
+                        job.cancelled = True
+                        dropped.append(job)
+                queue.clear()
+            for job in self._running.values():
+                if job is not None:
                     job.cancelled = True
-                    dropped.append(job)
-            self._queue.clear()
-            if self._running is not None:
-                self._running.cancelled = True
             for job in dropped:
                 self.stats["cancelled"] += 1
                 if self._current.get(job.slot) is job:
                     self._current.pop(job.slot, None)
                     self._call_error(job.on_error, Cancelled("cancelled"))
             self.status = "cancelled"
-            if self._running is None:
+            if not self._active():
                 self._set_idle()
             self._cond.notify_all()
 
     def pending(self) -> int:
         with self._lock:
-            return sum(1 for *_, j in self._queue if j.state == "queued") + (self._running is not None)
+            return (sum(1 for q in self._queues.values() for *_, j in q if j.state == "queued")
+                    + sum(j is not None for j in self._running.values()))
+
+    def _active(self) -> bool:
+        return self.pending() > 0
 
     def wait(self, timeout: float | None = 60.0) -> bool:
         """Block until no job is queued or running; False if ``timeout`` passed first."""
-        if threading.current_thread() is self._thread:
+        if threading.current_thread() in self._threads.values():
             raise RuntimeError("wait() cannot be called from the engine's own worker thread.")
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._running is not None or any(j.state == "queued" for *_, j in self._queue):
+            while self._active():
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -235,9 +256,11 @@ class Engine(traitlets.HasTraits):
         """Stop the worker thread (queued jobs are dropped)."""
         with self._lock:
             self._closed = True
-            self._queue.clear()
-            if self._running is not None:
-                self._running.cancelled = True
+            for queue in self._queues.values():
+                queue.clear()
+            for job in self._running.values():
+                if job is not None:
+                    job.cancelled = True
             if self._timer is not None:
                 self._timer.cancel()
             self._cond.notify_all()
@@ -256,14 +279,15 @@ class Engine(traitlets.HasTraits):
                 else f"{job.label} ({int(done)}/{int(total)})"
         return progress
 
-    def _loop(self) -> None:
+    def _loop(self, lane: str) -> None:
+        queue = self._queues[lane]
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                while not queue and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     return
-                _, _, job = heapq.heappop(self._queue)
+                _, _, job = heapq.heappop(queue)
                 if job.state != "queued" or not self._is_current(job):
                     if job.state == "queued":
                         job.state = "dropped"
@@ -272,7 +296,7 @@ class Engine(traitlets.HasTraits):
                     continue
                 job.state = "running"
                 job.started = time.perf_counter()
-                self._running = job
+                self._running[lane] = job
             self.message = job.label
             self.progress = 0.0
             try:
@@ -283,7 +307,7 @@ class Engine(traitlets.HasTraits):
                 value, err = None, e
                 self.last_traceback = traceback.format_exc()
             with self._cond:
-                self._running = None
+                self._running[lane] = None
                 self.stats["runs"] += 1
                 if err is None and job.key is not None:
                     self.store(job.key, value)
@@ -329,8 +353,9 @@ class Engine(traitlets.HasTraits):
             self.last_traceback = traceback.format_exc()
 
     def _after_job(self) -> None:
-        if not any(j.state == "queued" for *_, j in self._queue) and self._running is None:
-            self._queue.clear()
+        if not self._active():
+            for queue in self._queues.values():
+                queue.clear()
             self._set_idle()
         self._cond.notify_all()
 

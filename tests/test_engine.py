@@ -193,3 +193,18 @@ def test_priorities_order_the_queue(engine):
     release.set()
     engine.wait(10)
     assert order == ["high", "low"]
+
+
+def test_a_background_job_does_not_hold_up_a_click(engine):
+    release, started, got = threading.Event(), threading.Event(), []
+    engine.submit("features", ("f",), lambda p: started.set() or release.wait(10) and "f",
+                  got.append, lane="background")
+    assert started.wait(10)
+    engine.submit("input", ("i",), lambda p: "i", got.append)
+    assert _until(lambda: got == ["i"])
+    assert engine.busy                   # the background job still runs
+    release.set()
+    engine.wait(10)
+    assert got == ["i", "f"]
+    with pytest.raises(ValueError, match="lane"):
+        engine.submit("x", None, lambda p: 1, lane="gpu")

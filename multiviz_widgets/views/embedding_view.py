@@ -67,7 +67,7 @@ class EmbeddingView(W.VBox):
             return feats, a.projection(progress)
 
         self.engine.submit(self.slot, ("embedding",), job, self._show, self._failed,
-                           priority=6, label="dataset features")
+                           priority=6, label="dataset features", lane="background")
 
     def _failed(self, err) -> None:
         self.caption.value = f"embedding not shown ({type(err).__name__})"

@@ -167,7 +167,7 @@ class NeuronView(W.VBox):
 
         self.engine.submit(self.gallery_slot, ("gallery", j, method), job,
                            lambda r: self._set_gallery(*r), self._gallery_failed, priority=4,
-                           label=f"gallery of h{j}")
+                           label=f"gallery of h{j}", lane="background")
 
     def _item(self, side: str, idx: int, value: float, attr, size: int) -> dict:
         """One gallery entry: text, and a thumbnail per modality (encoded here, off the UI)."""

@@ -55,7 +55,7 @@ class PathView(W.VBox):
             return cls, path, nodes, links
 
         self.engine.submit(self.slot, ("path", i, target), job, self._show, self._failed,
-                           priority=3, label="prediction path")
+                           priority=3, label="prediction path", lane="background")
 
     def _failed(self, err) -> None:
         self.caption.value = f"prediction path not shown ({type(err).__name__})"
