@@ -468,3 +468,18 @@ def test_progress_is_reported_and_cancel_propagates(it, method):
 
     with pytest.raises(Cancelled):
         attribute(adapter, p, method=method, target=0, progress=cancel)
+
+
+def test_a_modality_that_overrides_pool_is_respected(ts):
+    model, adapter, inst = ts
+
+    class MaxTabular(Tabular):
+        def pool(self, attr, x, index=None):
+            return super().pool(attr, x, index) * 0 + 42.0
+
+    custom = ModelAdapter(model, [MaxTabular("vitals", columns=["hr", "bp", "t"]),
+                                  adapter.modalities["series"]], ["no", "yes"])
+    r = attribute(custom, inst, method="integrated_gradients", target=0, steps=4)
+    np.testing.assert_array_equal(r.scores["vitals"], [42.0, 42.0, 42.0])
+    plain = attribute(adapter, inst, method="integrated_gradients", target=0, steps=4)
+    np.testing.assert_allclose(r.scores["series"], plain.scores["series"], rtol=1e-6)

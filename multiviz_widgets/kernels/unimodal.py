@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..adapter import AdapterError, ModelAdapter, Prepared, Target
+from ..modalities import Modality
 from ..progress import ProgressFn, report
 from ..results import Attribution, Stopwatch
 from .common import as_prepared, evaluate_masks, resolve_target
@@ -108,6 +109,22 @@ def _input_grads(adapter: ModelAdapter, prepared: Prepared, target: Target,
                                     allow_unused=True)
     return {n: (torch.zeros_like(leaves[n]) if g is None else g)
             for n, g in zip(leaves, grads)}
+
+
+def _pool(adapter: ModelAdapter, prepared: Prepared, name: str, attr: torch.Tensor) -> np.ndarray:
+    """Per-unit sums [n_units] of one instance's scalar attribution (the modality's ``pool``).
+
+    A modality that keeps the base class's sum-per-unit pool takes a faster path (scatter_add
+    with the prepared index and unit count, no max over the index); one that overrides ``pool``
+    is called as it is.
+    """
+    mod = adapter.modalities[name]
+    if type(mod).pool is Modality.pool:
+        out = torch.zeros(prepared.n_units[name], dtype=attr.dtype, device=attr.device)
+        out.scatter_add_(0, prepared.index[name].reshape(-1), attr.reshape(-1))
+    else:
+        out = mod.pool(attr.unsqueeze(0), prepared.continuous[name], prepared.index[name])[0]
+    return out.detach().cpu().numpy()
 
 
 def _perturbation_map(adapter: ModelAdapter, prepared: Prepared, name: str,
@@ -374,10 +391,8 @@ class _Gradient(AttributionMethod):
         for n in names:
             g = grads[n][0]
             a = g * prepared.continuous[n] if self.times_input else g
-            mod = adapter.modalities[n]
-            scores[n] = mod.pool(a.unsqueeze(0), prepared.continuous[n],
-                                 prepared.index[n])[0].detach().cpu().numpy()
-            maps[n] = mod.to_map(a).detach().cpu().numpy()
+            scores[n] = _pool(adapter, prepared, n, a)
+            maps[n] = adapter.modalities[n].to_map(a).detach().cpu().numpy()
         report(progress, 1, 1, self.name)
         return scores, maps
 
@@ -414,9 +429,8 @@ class _IntegratedGradients(AttributionMethod):
         scores, maps = {}, {}
         for n in names:
             attr = diff[n] * total[n]
-            mod = adapter.modalities[n]
-            scores[n] = mod.pool(attr.unsqueeze(0), x[n], prepared.index[n])[0].detach().cpu().numpy()
-            maps[n] = mod.to_map(attr).detach().cpu().numpy()
+            scores[n] = _pool(adapter, prepared, n, attr)
+            maps[n] = adapter.modalities[n].to_map(attr).detach().cpu().numpy()
         return scores, maps
 
 
