@@ -1,0 +1,409 @@
+"""Stage 3: multimodal representations, the input h(x) of the model's decision layer.
+
+* ``extract_features(adapter, dataset)``: h and the logits over a dataset, in batches, through
+  the adapter's forward pre-hook on the decision layer (the hook lives for one forward call and is
+  removed in ``finally``, also when the model raises). Results are cached on disk as ``.npz``
+  (no pickle), keyed by a hash of the model's weights and the dataset's fingerprint; a change of
+  weights gives another key, a corrupt file is ignored and recomputed, writes are atomic.
+* ``StreamingExtremes`` / ``neuron_extremes``: for every neuron the k instances with the largest
+  and the smallest activation in one streaming pass, memory O(k d) whatever the dataset size.
+* ``decision_contributions(adapter, instance)``: the local view, h(x) and each neuron's
+  contribution W[c, j] h_j(x) to a class.
+
+Nothing here is global: every function takes its adapter, so two adapters (two models) can be
+used side by side in one process.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..adapter import AdapterError, ModelAdapter
+from ..data import MultimodalDataset
+from ..progress import ProgressFn, report
+from .common import as_prepared, resolve_target
+
+CACHE_VERSION = "features-v1"
+
+
+# -- cache location ----------------------------------------------------------------------------
+def default_cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """The directory of on-disk caches: ``path``, else $MULTIVIZ_CACHE, else ~/.cache/multiviz_widgets."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get("MULTIVIZ_CACHE")
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "multiviz_widgets"
+
+
+def _decision_layer_name(adapter: ModelAdapter) -> str:
+    for name, mod in adapter.model.named_modules():
+        if mod is adapter.decision_layer:
+            return name
+    return type(adapter.decision_layer).__name__
+
+
+def _indices(dataset: MultimodalDataset, indices: Sequence[int] | None) -> np.ndarray:
+    n = len(dataset)
+    if indices is None:
+        return np.arange(n, dtype=np.int64)
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise ValueError("indices must be a 1-D sequence of integer instance positions, got "
+                         f"shape {idx.shape} of {idx.dtype}.")
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"indices must lie in 0..{n - 1} (the dataset has {n} instances); got "
+                         f"values from {int(idx.min())} to {int(idx.max())}.")
+    return idx
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    return int(batch_size)
+
+
+def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
+                 indices: Sequence[int] | None = None, batch_size: int = 256) -> str:
+    """The cache key of a feature extraction: weights hash + dataset fingerprint + what was asked.
+
+    Cost: hashes the weights (and, the first time, the dataset's contents); no forward pass.
+    """
+    h = hashlib.sha256()
+    for part in (CACHE_VERSION, adapter.fingerprint(), dataset.fingerprint(),
+                 _decision_layer_name(adapter), ",".join(adapter.names), str(int(batch_size))):
+        h.update(part.encode())
+        h.update(b"\0")
+    h.update(_indices(dataset, indices).tobytes())
+    return h.hexdigest()[:40]
+
+
+# -- streaming over a dataset ------------------------------------------------------------------
+def stream_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_size: int = 256,
+                    indices: Sequence[int] | None = None, progress: ProgressFn = None,
+                    message: str = "decision features"
+                    ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Yield (indices [B], logits [B, C], h [B, d]) batch by batch, storing nothing.
+
+    Cost: one forward pass per instance (no gradients); progress is reported per batch.
+    """
+    if not isinstance(adapter, ModelAdapter):
+        raise TypeError(f"stream_features needs a ModelAdapter, got {type(adapter).__name__}.")
+    batch_size = _check_batch_size(batch_size)
+    idx = _indices(dataset, indices)
+    total = len(idx)
+    report(progress, 0, total, message)
+    done = 0
+    for chunk, instances in dataset.batches(batch_size, idx):
+        logits, h = adapter.features(adapter.collate(instances))
+        if h.dim() != 2:
+            raise AdapterError(
+                f"The decision layer's input has shape {tuple(h.shape)}; decision-level features "
+                "must be one vector per instance [batch, d]. Pass decision_layer= the final "
+                "linear layer that maps a pooled vector to the logits.")
+        done += len(chunk)
+        yield np.asarray(chunk, dtype=np.int64), logits.detach().float().cpu(), \
+            h.detach().float().cpu()
+        report(progress, done, total, message)
+
+
+@dataclass
+class Features:
+    """Decision-level features of a dataset: h [N, d], logits [N, C], dataset indices [N]."""
+
+    h: np.ndarray
+    logits: np.ndarray
+    indices: np.ndarray
+    key: str = ""
+    from_cache: bool = False
+    forward_passes: int = 0
+    seconds: float = 0.0
+    path: str | None = None
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """The model's predicted class per instance [N]."""
+        return self.logits.argmax(1)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def d(self) -> int:
+        return int(self.h.shape[1])
+
+
+def _load_cached(path: Path, key: str) -> Features | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            h, logits, indices = z["h"], z["logits"], z["indices"]
+        if (h.ndim != 2 or logits.ndim != 2 or indices.ndim != 1
+                or not len(h) == len(logits) == len(indices)):
+            raise ValueError("inconsistent shapes")
+        return Features(h, logits, indices, key, True, 0, 0.0, str(path))
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # corrupt or foreign file: recompute and overwrite
+        warnings.warn(f"Ignoring unreadable feature cache {path} ({type(exc).__name__}: {exc}); "
+                      "recomputing.", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _save_atomic(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_size: int = 256,
+                     indices: Sequence[int] | None = None, progress: ProgressFn = None,
+                     cache: bool = True, cache_dir: str | os.PathLike | None = None
+                     ) -> Features:
+    """Decision-level features h [N, d] and logits [N, C] of a dataset (or of ``indices``).
+
+    Cost: one forward pass per instance, in batches of ``batch_size``; none when the on-disk
+    cache (keyed by the weights' hash and the dataset's fingerprint) already holds them.
+    ``cache_dir=`` overrides the cache location; ``cache=False`` neither reads nor writes it.
+    """
+    batch_size = _check_batch_size(batch_size)
+    idx = _indices(dataset, indices)
+    t0 = time.perf_counter()
+    key = path = None
+    if cache:
+        key = features_key(adapter, dataset, idx, batch_size)
+        path = default_cache_dir(cache_dir) / f"{key}.npz"
+        hit = _load_cached(path, key)
+        if hit is not None:
+            hit.seconds = time.perf_counter() - t0
+            report(progress, len(idx), len(idx), "decision features (cached)")
+            return hit
+    hs, ls = [], []
+    for _, logits, h in stream_features(adapter, dataset, batch_size, idx, progress):
+        hs.append(h.numpy())
+        ls.append(logits.numpy())
+    if not hs:
+        raise ValueError("No instances to extract features from: the dataset (or indices) is empty.")
+    feats = Features(np.concatenate(hs).astype(np.float32), np.concatenate(ls).astype(np.float32),
+                     idx, key or "", False, len(idx), 0.0, None)
+    if cache:
+        try:
+            _save_atomic(path, key=np.array(key), h=feats.h, logits=feats.logits, indices=idx)
+            feats.path = str(path)
+        except OSError as exc:
+            warnings.warn(f"Could not write the feature cache to {path} ({exc}); continuing "
+                          "without it. Set MULTIVIZ_CACHE to a writable directory.",
+                          RuntimeWarning, stacklevel=2)
+    feats.seconds = time.perf_counter() - t0
+    return feats
+
+
+# -- global neuron analysis: streaming top-k / bottom-k ------------------------------------------
+@dataclass
+class NeuronExtremes:
+    """For every neuron j: the k instances with the largest and the smallest h_j.
+
+    top_indices[j] / top_values[j] are sorted from the largest down; bottom_* from the smallest up.
+    Ties go to the instance seen first, as in a stable full sort.
+    """
+
+    top_indices: np.ndarray      # [d, k] dataset indices
+    top_values: np.ndarray       # [d, k]
+    bottom_indices: np.ndarray   # [d, k]
+    bottom_values: np.ndarray    # [d, k]
+    n_instances: int = 0
+    method: str = "streaming_extremes"
+    params: dict = field(default_factory=dict)
+    forward_passes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def k(self) -> int:
+        return int(self.top_indices.shape[1])
+
+    @property
+    def d(self) -> int:
+        return int(self.top_indices.shape[0])
+
+    def top(self, neuron: int) -> list[tuple[int, float]]:
+        """[(dataset index, activation)] of the neuron's top instances, largest first."""
+        return [(int(i), float(v)) for i, v in zip(self.top_indices[neuron], self.top_values[neuron])]
+
+    def bottom(self, neuron: int) -> list[tuple[int, float]]:
+        """[(dataset index, activation)] of the neuron's bottom instances, smallest first."""
+        return [(int(i), float(v)) for i, v in
+                zip(self.bottom_indices[neuron], self.bottom_values[neuron])]
+
+
+class StreamingExtremes:
+    """Running top-k and bottom-k per column of a stream of [B, d] batches, memory O(k d).
+
+    ``update(h_batch, indices)`` merges the batch with the kept [k, d] candidates (a stable sort
+    over k + B rows per column), so the result equals a stable full sort of all rows seen.
+    """
+
+    def __init__(self, k: int, d: int | None = None):
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer (instances kept per neuron), got {k!r}.")
+        self.k = int(k)
+        self.d = d
+        self.n = 0
+        self._top_v = self._top_i = self._bot_v = self._bot_i = None
+
+    def update(self, h_batch, indices=None) -> None:
+        """Merge a batch h [B, d] whose rows are instances ``indices`` [B] (default: running count)."""
+        h = torch.as_tensor(np.asarray(h_batch) if not isinstance(h_batch, torch.Tensor) else h_batch)
+        h = h.detach().to("cpu", torch.float32)
+        if h.dim() != 2:
+            raise ValueError(f"update expects a batch of feature vectors [B, d], got shape {tuple(h.shape)}.")
+        b, d = h.shape
+        if self.d is None:
+            self.d = d
+        if d != self.d:
+            raise ValueError(f"This batch has {d} features but earlier ones had {self.d}.")
+        if b == 0:
+            return
+        if torch.isnan(h).any():
+            raise ValueError("The features contain NaN; a neuron cannot be ranked. Check the model "
+                             "for numerical problems on these instances.")
+        if indices is None:
+            idx = torch.arange(self.n, self.n + b, dtype=torch.int64)
+        else:
+            idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64).reshape(-1)
+            if idx.numel() != b:
+                raise ValueError(f"indices has {idx.numel()} entries for a batch of {b} rows.")
+        idx = idx[:, None].expand(b, d)
+        self.n += b
+        if self._top_v is None:
+            self._top_v, self._top_i = self._merge(h, idx, True)
+            self._bot_v, self._bot_i = self._merge(h, idx, False)
+        else:
+            self._top_v, self._top_i = self._merge(torch.cat([self._top_v, h]),
+                                                   torch.cat([self._top_i, idx]), True)
+            self._bot_v, self._bot_i = self._merge(torch.cat([self._bot_v, h]),
+                                                   torch.cat([self._bot_i, idx]), False)
+
+    def _merge(self, vals: torch.Tensor, ids: torch.Tensor, largest: bool):
+        v, order = torch.sort(vals, dim=0, descending=largest, stable=True)
+        kk = min(self.k, vals.shape[0])
+        return v[:kk].contiguous(), ids.gather(0, order[:kk]).contiguous()
+
+    def result(self) -> NeuronExtremes:
+        """The extremes so far (k columns, or fewer when fewer instances were seen)."""
+        if self._top_v is None:
+            raise ValueError("No instances were seen: call update() with at least one batch.")
+        return NeuronExtremes(self._top_i.T.numpy().copy(), self._top_v.T.numpy().copy(),
+                              self._bot_i.T.numpy().copy(), self._bot_v.T.numpy().copy(),
+                              n_instances=self.n, params={"k": self.k})
+
+
+def neuron_extremes(adapter: ModelAdapter | None, dataset: MultimodalDataset | None = None,
+                    k: int = 8, batch_size: int = 256, indices: Sequence[int] | None = None,
+                    progress: ProgressFn = None, features: Features | None = None
+                    ) -> NeuronExtremes:
+    """Every neuron's k top and k bottom instances, in one streaming pass (memory O(k d)).
+
+    With ``features`` (from extract_features) no model is run; otherwise the model runs over the
+    dataset in batches and no h is kept beyond the current batch.
+    Cost: one forward pass per instance (none with ``features``).
+    """
+    t0 = time.perf_counter()
+    ext = StreamingExtremes(k)
+    passes = 0
+    if features is not None:
+        total = len(features)
+        for s in range(0, total, _check_batch_size(batch_size)):
+            ext.update(features.h[s:s + batch_size], features.indices[s:s + batch_size])
+            report(progress, min(total, s + batch_size), total, "neuron extremes")
+    else:
+        if adapter is None or dataset is None:
+            raise ValueError("neuron_extremes needs an adapter and a dataset, or features=.")
+        for idx, _, h in stream_features(adapter, dataset, batch_size, indices, progress,
+                                         "neuron extremes"):
+            ext.update(h, idx)
+            passes += len(idx)
+    res = ext.result()
+    res.params.update(batch_size=batch_size, from_features=features is not None)
+    res.forward_passes = passes
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# -- local view -----------------------------------------------------------------------------------
+@dataclass
+class DecisionContributions:
+    """One instance's decision-level features and each neuron's contribution to a class."""
+
+    class_index: int
+    class_name: str
+    h: np.ndarray              # [d] activations
+    contributions: np.ndarray  # [d] W[c, j] * h_j (or the sparse model's standardised version)
+    weights: np.ndarray        # [d] W[c, :] used
+    logits: np.ndarray         # [C] of the model
+    source: str = "decision_layer"   # or "sparse_model"
+
+    def top(self, k: int = 10, absolute: bool = False) -> list[int]:
+        """Neuron indices ranked by contribution (largest first; by |.| when absolute)."""
+        c = np.abs(self.contributions) if absolute else self.contributions
+        return [int(j) for j in np.argsort(-c, kind="stable")[:k]]
+
+
+def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_model=None
+                           ) -> DecisionContributions:
+    """h(x) and the contribution of each neuron to class ``target`` (default: predicted class).
+
+    Contributions are W[c, j] h_j(x) with the decision layer's W, or with ``sparse_model``
+    (from prediction.fit_sparse_model) W[c, j] (h_j - mean_j) / std_j. Cost: one forward pass.
+    """
+    prepared = as_prepared(adapter, instance)
+    logits, h = adapter.features(prepared.raw)
+    if h.dim() != 2:
+        raise AdapterError(f"The decision layer's input has shape {tuple(h.shape)}; it must be "
+                           "[batch, d].")
+    h = h[0].float().cpu().numpy()
+    logits = logits[0].float().cpu().numpy()
+    if target is None:
+        t = adapter.target(int(logits.argmax()))
+    else:
+        t = adapter.target(target)
+    if t.kind != "class":
+        raise ValueError("decision_contributions explains a class; give a class index or name, "
+                         f"not {t}.")
+    c = t.index
+    if sparse_model is not None:
+        if sparse_model.weight.shape[1] != h.shape[0]:
+            raise ValueError(f"The sparse model has {sparse_model.weight.shape[1]} features but the "
+                             f"decision layer has {h.shape[0]}: it was fit on another model.")
+        w = sparse_model.weight[c]
+        contrib = w * sparse_model.standardise(h[None])[0]
+        source = "sparse_model"
+    else:
+        W, _ = adapter.decision_weights()
+        w = W[c]
+        contrib = w * h
+        source = "decision_layer"
+    return DecisionContributions(c, adapter.class_names[c], h, contrib.astype(np.float32),
+                                 np.asarray(w, dtype=np.float32), logits, source)

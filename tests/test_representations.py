@@ -1,0 +1,284 @@
+"""Stage 3: decision features, their on-disk cache, hooks, streaming extremes, local view."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from multiviz_widgets import ModelAdapter, MultimodalDataset, Tabular, TimeSeries
+from multiviz_widgets.kernels import representations as rep
+from multiviz_widgets.kernels.representations import (
+    StreamingExtremes, decision_contributions, extract_features, neuron_extremes)
+
+F, T, CH, D, C = 4, 8, 2, 6, 3
+
+
+class TinyFusion(nn.Module):
+    """tabular [F] + series [T, CH] -> h = relu(A tab + B series) [D] -> classifier -> [C]."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.tab = nn.Linear(F, D)
+        self.ts = nn.Linear(T * CH, D)
+        self.classifier = nn.Linear(D, C)
+        self.fail = False
+        self.calls = 0
+
+    def forward(self, tab, series):
+        self.calls += 1
+        h = torch.relu(self.tab(tab) + self.ts(series.flatten(1)))
+        if self.fail:
+            raise RuntimeError("boom")
+        return self.classifier(h)
+
+
+def make_adapter(seed=0):
+    model = TinyFusion(seed).eval()
+    mods = [Tabular("tab", columns=[f"c{i}" for i in range(F)]),
+            TimeSeries("series", window=4, channels=["a", "b"])]
+    return ModelAdapter(model, mods, [f"k{i}" for i in range(C)], decision_layer="classifier")
+
+
+def make_dataset(n=37, seed=0):
+    rng = np.random.default_rng(seed)
+    tab = [rng.normal(size=F).astype(np.float32) for _ in range(n)]
+    ser = [rng.normal(size=(T, CH)).astype(np.float32) for _ in range(n)]
+    return MultimodalDataset({"tab": tab, "series": ser}, labels=rng.integers(0, C, n))
+
+
+def direct_h(adapter, ds):
+    raw = adapter.collate([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        m = adapter.model
+        h = torch.relu(m.tab(raw["tab"]) + m.ts(raw["series"].flatten(1)))
+        return h.numpy(), m.classifier(h).numpy()
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "cache"
+
+
+# -- extraction -----------------------------------------------------------------------------------
+def test_features_equal_a_direct_computation_for_any_batch_size(cache):
+    adapter, ds = make_adapter(), make_dataset()
+    h, logits = direct_h(adapter, ds)
+    for bs in (1, 5, 64):
+        seen = []
+        f = extract_features(adapter, ds, batch_size=bs, cache=False,
+                             progress=lambda d, t, m: seen.append((d, t)))
+        np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(f.logits, logits, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(f.indices, np.arange(len(ds)))
+        np.testing.assert_array_equal(f.predictions, logits.argmax(1))
+        assert f.forward_passes == len(ds) and not f.from_cache
+        assert seen[-1] == (len(ds), len(ds)) and len(seen) >= -(-len(ds) // bs)
+
+
+def test_features_of_chosen_indices(cache):
+    adapter, ds = make_adapter(), make_dataset()
+    h, _ = direct_h(adapter, ds)
+    idx = [30, 2, 7]
+    f = extract_features(adapter, ds, indices=idx, cache_dir=cache)
+    np.testing.assert_allclose(f.h, h[idx], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(f.indices, idx)
+
+
+def test_reopening_reads_the_cache_without_running_the_model(cache):
+    adapter, ds = make_adapter(), make_dataset()
+    first = extract_features(adapter, ds, batch_size=8, cache_dir=cache)
+    assert not first.from_cache and os.path.exists(first.path)
+    calls = adapter.model.calls
+    adapter.model.fail = True        # any forward pass would now raise
+    again = extract_features(adapter, ds, batch_size=8, cache_dir=cache)
+    assert again.from_cache and again.forward_passes == 0 and adapter.model.calls == calls
+    np.testing.assert_array_equal(again.h, first.h)
+    np.testing.assert_array_equal(again.logits, first.logits)
+    assert [p for p in os.listdir(cache) if p.endswith(".tmp")] == []
+
+
+def test_a_change_of_weights_invalidates_the_cache(cache):
+    adapter, ds = make_adapter(), make_dataset()
+    first = extract_features(adapter, ds, cache_dir=cache)
+    with torch.no_grad():
+        adapter.model.tab.weight.add_(0.5)
+    second = extract_features(adapter, ds, cache_dir=cache)
+    assert not second.from_cache and second.key != first.key
+    np.testing.assert_allclose(second.h, direct_h(adapter, ds)[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(second.h, first.h)
+    assert extract_features(adapter, ds, cache_dir=cache).from_cache
+
+
+def test_a_change_of_data_invalidates_the_cache(cache):
+    adapter = make_adapter()
+    a = extract_features(adapter, make_dataset(seed=0), cache_dir=cache)
+    b = extract_features(adapter, make_dataset(seed=1), cache_dir=cache)
+    assert not b.from_cache and a.key != b.key
+
+
+def test_a_corrupt_cache_file_is_ignored_and_rewritten(cache):
+    adapter, ds = make_adapter(), make_dataset()
+    first = extract_features(adapter, ds, cache_dir=cache)
+    with open(first.path, "wb") as f:
+        f.write(b"not a zip file at all")
+    with pytest.warns(RuntimeWarning, match="unreadable feature cache"):
+        again = extract_features(adapter, ds, cache_dir=cache)
+    assert not again.from_cache
+    np.testing.assert_allclose(again.h, first.h)
+    assert extract_features(adapter, ds, cache_dir=cache).from_cache
+
+
+def test_cache_location_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTIVIZ_CACHE", str(tmp_path / "env"))
+    f = extract_features(make_adapter(), make_dataset())
+    assert f.path.startswith(str(tmp_path / "env"))
+    assert rep.default_cache_dir() == tmp_path / "env"
+
+
+def test_cache_false_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTIVIZ_CACHE", str(tmp_path / "env"))
+    f = extract_features(make_adapter(), make_dataset(), cache=False)
+    assert f.path is None and not (tmp_path / "env").exists()
+
+
+def _hook_count(adapter):
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in adapter.model.modules())
+
+
+def test_no_hook_outlives_its_call_even_when_the_model_raises(cache):
+    adapter, ds = make_adapter(), make_dataset()
+    assert _hook_count(adapter) == 0
+    extract_features(adapter, ds, cache=False)
+    assert _hook_count(adapter) == 0
+    adapter.model.fail = True
+    with pytest.raises(RuntimeError, match="boom"):
+        extract_features(adapter, ds, cache_dir=cache)
+    assert _hook_count(adapter) == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        neuron_extremes(adapter, ds, k=2)
+    assert _hook_count(adapter) == 0
+    assert not cache.exists() or os.listdir(cache) == []     # nothing half-written
+
+
+def test_bad_inputs_get_clear_errors(cache):
+    adapter, ds = make_adapter(), make_dataset()
+    with pytest.raises(ValueError, match="batch_size"):
+        extract_features(adapter, ds, batch_size=0)
+    with pytest.raises(IndexError, match="indices must lie"):
+        extract_features(adapter, ds, indices=[0, 99], cache=False)
+    with pytest.raises(ValueError, match="empty"):
+        extract_features(adapter, ds, indices=[], cache=False)
+    with pytest.raises(ValueError, match="k must be a positive"):
+        StreamingExtremes(0)
+    s = StreamingExtremes(2)
+    with pytest.raises(ValueError, match="No instances"):
+        s.result()
+    s.update(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="4"):
+        s.update(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="NaN"):
+        s.update(np.full((1, 4), np.nan))
+    with pytest.raises(ValueError, match=r"\[B, d\]"):
+        s.update(np.zeros(4))
+    with pytest.raises(ValueError, match="adapter and a dataset"):
+        neuron_extremes(None, None)
+
+
+# -- streaming extremes -----------------------------------------------------------------------------
+def full_sort(h, k):
+    top = np.argsort(-h, axis=0, kind="stable")[:k].T
+    bot = np.argsort(h, axis=0, kind="stable")[:k].T
+    return top, bot
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 60), d=st.integers(1, 5), k=st.integers(1, 8),
+       sizes=st.lists(st.integers(1, 17), min_size=1, max_size=12),
+       ties=st.booleans(), seed=st.integers(0, 10_000))
+def test_streaming_extremes_equal_a_full_sort(n, d, k, sizes, ties, seed):
+    rng = np.random.default_rng(seed)
+    h = (rng.integers(-3, 4, size=(n, d)) if ties else rng.normal(size=(n, d))).astype(np.float32)
+    ext = StreamingExtremes(k)
+    s, i = 0, 0
+    while s < n:                               # arbitrary batch boundaries
+        b = sizes[i % len(sizes)]
+        ext.update(h[s:s + b], np.arange(s, min(n, s + b)))
+        s, i = s + b, i + 1
+    res = ext.result()
+    top, bot = full_sort(h, k)
+    kk = min(k, n)
+    assert res.top_indices.shape == (d, kk) and res.n_instances == n
+    np.testing.assert_array_equal(res.top_indices, top)
+    np.testing.assert_array_equal(res.bottom_indices, bot)
+    np.testing.assert_array_equal(res.top_values, np.take_along_axis(h.T, top, 1))
+    np.testing.assert_array_equal(res.bottom_values, np.take_along_axis(h.T, bot, 1))
+
+
+def test_streaming_memory_stays_k_by_d():
+    ext = StreamingExtremes(5)
+    rng = np.random.default_rng(0)
+    for s in range(0, 10_000, 500):
+        ext.update(rng.normal(size=(500, 7)), np.arange(s, s + 500))
+        for t in (ext._top_v, ext._top_i, ext._bot_v, ext._bot_i):
+            assert tuple(t.shape) == (5, 7)
+    assert ext.result().n_instances == 10_000
+
+
+def test_neuron_extremes_over_the_model_equal_a_full_sort(cache):
+    adapter, ds = make_adapter(), make_dataset(n=50)
+    feats = extract_features(adapter, ds, cache=False)
+    top, bot = full_sort(feats.h, 4)
+    for res in (neuron_extremes(adapter, ds, k=4, batch_size=7),
+                neuron_extremes(None, k=4, batch_size=9, features=feats)):
+        np.testing.assert_array_equal(res.top_indices, top)
+        np.testing.assert_array_equal(res.bottom_indices, bot)
+        j = 2
+        assert res.top(j)[0] == (int(top[j, 0]), pytest.approx(float(feats.h[top[j, 0], j])))
+        assert [i for i, _ in res.bottom(j)] == bot[j].tolist()
+    assert neuron_extremes(adapter, ds, k=4).forward_passes == 50
+
+
+# -- local view and two adapters ----------------------------------------------------------------------
+def test_decision_contributions_are_weight_times_activation():
+    adapter, ds = make_adapter(), make_dataset()
+    h, logits = direct_h(adapter, ds)
+    dc = decision_contributions(adapter, ds[3])
+    c = int(logits[3].argmax())
+    assert dc.class_index == c and dc.class_name == f"k{c}"
+    W = adapter.model.classifier.weight.detach().numpy()
+    np.testing.assert_allclose(dc.contributions, W[c] * h[3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dc.contributions.sum() + adapter.model.classifier.bias[c].item(),
+                               logits[3, c], rtol=1e-4, atol=1e-5)
+    assert dc.top(2) == list(np.argsort(-W[c] * h[3], kind="stable")[:2])
+    other = decision_contributions(adapter, ds[3], target="k0")
+    assert other.class_index == 0
+    with pytest.raises(ValueError, match="explains a class"):
+        decision_contributions(adapter, ds[3], target=("neuron", 1))
+
+
+def test_two_adapters_side_by_side_do_not_share_state(cache):
+    a, b = make_adapter(0), make_adapter(1)
+    ds = make_dataset()
+    ha, hb = direct_h(a, ds)[0], direct_h(b, ds)[0]
+    # interleave: a, b, a from cache, b from cache, streaming on both
+    fa = extract_features(a, ds, cache_dir=cache)
+    fb = extract_features(b, ds, cache_dir=cache)
+    assert fa.key != fb.key
+    np.testing.assert_allclose(fa.h, ha, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fb.h, hb, rtol=1e-5, atol=1e-6)
+    assert extract_features(a, ds, cache_dir=cache).from_cache
+    np.testing.assert_allclose(extract_features(b, ds, cache_dir=cache).h, hb, rtol=1e-5, atol=1e-6)
+    # alternate batches of the two streams in one loop
+    sa, sb = StreamingExtremes(3), StreamingExtremes(3)
+    for (ia, _, h1), (ib, _, h2) in zip(rep.stream_features(a, ds, 5), rep.stream_features(b, ds, 5)):
+        sa.update(h1, ia)
+        sb.update(h2, ib)
+    np.testing.assert_array_equal(sa.result().top_indices, full_sort(ha, 3)[0])
+    np.testing.assert_array_equal(sb.result().top_indices, full_sort(hb, 3)[0])
+    assert _hook_count(a) == 0 and _hook_count(b) == 0
