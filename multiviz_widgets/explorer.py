@@ -193,6 +193,8 @@ class Explorer(W.VBox):
                 raise ValueError(f"pair must name two different modalities of {adapter.names}, "
                                  f"got {pair}.")
         self.pair = pair or default_pair(adapter)
+        if path_params is None and self.pair:
+            self.analyses.path_params = {"modalities": self.pair}
         self.selection = Selection()
         from .views.input_view import InputView
         self.input_view = InputView()

@@ -286,3 +286,69 @@ def test_the_explorer_runs_on_tabular_and_time_series():
         assert ex.state()["input_instance"] == 3
     finally:
         ex.close()
+
+
+# -- projections (kernels/projection.py) -------------------------------------------------------
+def test_project_3d_is_pca_scaled_and_deterministic():
+    from multiviz_widgets.kernels.projection import project_3d
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(50, 6)) * np.array([10, 5, 2, 0.1, 0.1, 0.1])
+    p = project_3d(h)
+    assert p.shape == (50, 3) and np.abs(p).max() == pytest.approx(1.0)
+    assert np.allclose(p, project_3d(h.copy()))
+    var = p.var(0)
+    assert var[0] >= var[1] >= var[2]
+    assert project_3d(np.ones((1, 2))).shape == (1, 3)
+    with pytest.raises(ValueError):
+        project_3d(np.ones(3))
+
+
+def test_colour_groups():
+    from multiviz_widgets.kernels.projection import colour_groups
+    g, names = colour_groups("correctness", np.array([0, 1, 1]), np.array([0, 0, 1]), ["a", "b"])
+    assert g.tolist() == [1, 0, 1] and names == ["wrong", "right"]
+    g, names = colour_groups("prediction", None, np.array([1, 0]), ["a", "b"])
+    assert g.tolist() == [1, 0] and names == ["a", "b"]
+    with pytest.raises(ValueError, match="labels"):
+        colour_groups("label", None, np.array([1]), ["a", "b"])
+
+
+def test_path_layout_reads_prediction_path_dicts():
+    from multiviz_widgets.kernels.projection import path_layout
+    path = {"class": {"index": 2, "name": "red", "logit": 3.0}, "neurons": [
+        {"index": 5, "contribution": 1.5, "units": {"q": [[0, "what", 0.4]], "img": [[3, "p3", 0.2]]},
+         "pairs": [[0, 3, "what", "p3", 0.7]], "pair_modalities": ["q", "img"]},
+        {"index": 1, "contribution": 0.5, "units": {"q": [[0, "what", 0.1]]}, "pairs": []}]}
+    nodes, links = path_layout(path, other_classes=[(2, "red"), (0, "blue")])
+    ids = [n["id"] for n in nodes]
+    assert ids[:2] == ["class:2", "class:0"] and ids.count("unit:q:0") == 1
+    assert {"neuron:5", "neuron:1", "unit:img:3"} <= set(ids)
+    kinds = [l.get("kind") for l in links]
+    assert kinds.count("contribution") == 2 and kinds.count("attribution") == 3
+    assert kinds.count("pair") == 1
+    assert {n["x"] for n in nodes if n["kind"] == "unit"} == {0.0}
+
+
+# -- the real kernels on the shipped synthetic task ----------------------------------------------
+def test_the_synthetic_demo_runs_with_the_real_kernels():
+    from multiviz_widgets.explorer import demo
+    ex = demo("synthetic")
+    try:
+        assert ex.wait(120)
+        st = ex.state()
+        assert st["error"] == "", st["error"]
+        assert {it["kind"] for it in ex.input_view.items} == {"tabular", "timeseries"}
+        first = st["pair"][0]
+        ex.input_panel.click(first, 1)
+        assert ex.wait(120)
+        st = ex.state()
+        other = st["pair"][1]
+        assert np.allclose(st["input_scores"][other], np.asarray(st["heatmap"])[1])
+        node = next(n for n in st["path"]["nodes"] if n["kind"] == "neuron")
+        ex.path_view.click_node(node["id"])
+        assert ex.wait(120)
+        st = ex.state()
+        assert st["gallery_neuron"] == node["neuron"] and st["gallery"], st["error"]
+        assert st["error"] == ""
+    finally:
+        ex.close()

@@ -68,8 +68,9 @@ def path_layout(path: dict, max_units: int | None = None,
                 other_classes: Sequence[tuple[int, str]] = ()) -> tuple[list[dict], list[dict]]:
     """Nodes and links of a prediction path, laid out in three columns.
 
-    path: ``PredictionPath.to_dict()`` (class, class_name?, neurons [{index, contribution,
-    units {modality: [(unit, label, score)]}, pairs [...]}]).
+    path: ``PredictionPath.to_dict()``: class ({index, name, logit} or an index with
+    class_name), neurons [{index, contribution, units {modality: [(unit, label, score)]},
+    pairs [(u, v, label_u, label_v, value)], pair_modalities (a, b)}].
     Returns (nodes, links): a node is {id, kind ("class"|"neuron"|"unit"), label, x, y, value,
     and class / neuron / modality+unit}; units are shared between neurons; a link is
     {source, target, value} with node positions (indices into nodes), from units to neurons
@@ -77,10 +78,13 @@ def path_layout(path: dict, max_units: int | None = None,
     other_classes: (index, name) of further classes to show as (unlinked) class nodes, so a
     click on one can switch the target.
     """
-    cls = int(path.get("class", path.get("class_index", 0)))
-    cls_name = str(path.get("class_name", cls))
+    c = path.get("class", path.get("class_index", 0))
+    if isinstance(c, dict):           # PredictionPath.to_dict(): {"index", "name", "logit"}
+        cls, cls_name, logit = int(c["index"]), str(c.get("name", c["index"])), c.get("logit")
+    else:
+        cls, cls_name, logit = int(c), str(path.get("class_name", c)), path.get("logit")
     nodes: list[dict] = [{"id": f"class:{cls}", "kind": "class", "label": cls_name,
-                          "class": cls, "value": float(path.get("logit", 0.0) or 0.0)}]
+                          "class": cls, "value": float(logit or 0.0)}]
     for c, name in other_classes:
         if int(c) != cls:
             nodes.append({"id": f"class:{int(c)}", "kind": "class", "label": str(name),

@@ -21,6 +21,11 @@ PALETTE = np.array([
 CORRECTNESS = np.array([[214, 39, 40], [44, 160, 44]], dtype=np.float32) / 255.0
 
 
+def _hex(rgb) -> str:
+    r, g, b = (int(round(float(v) * 255)) for v in rgb)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
 class EmbeddingView(W.VBox):
     """3-D scatter of the dataset; colour by label, prediction or correctness."""
 
@@ -51,7 +56,7 @@ class EmbeddingView(W.VBox):
             pass
         self.scatter.observe(self._on_click, names="clicked_index")
         self.colour_by.observe(lambda _: self._colour(), names="value")
-        self.legend = W.Label(value="")
+        self.legend = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         self.caption = W.Label(value="")
         super().__init__([self.caption, W.HBox([self.colour_by, self.legend]), self.figure])
         selection.observe(lambda _: self._highlight(), names=["instance"])
@@ -103,8 +108,9 @@ class EmbeddingView(W.VBox):
         self.groups, self.group_names = colour_groups(by, labels, preds, a.adapter.class_names)
         pal = CORRECTNESS if by == "correctness" else PALETTE
         self.scatter.color = pal[self.groups % len(pal)]
-        shown = self.group_names[:len(pal)]
-        self.legend.value = "  ".join(f"{name}" for name in shown)
+        self.legend.children = [
+            W.Label(value=f"\u25cf {name}", style={"text_color": _hex(pal[g % len(pal)])})
+            for g, name in enumerate(self.group_names)]
 
     def _highlight(self) -> None:
         rows = np.nonzero(self.indices == self.selection.instance)[0]
