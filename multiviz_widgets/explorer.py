@@ -193,8 +193,9 @@ class Explorer(W.VBox):
                 raise ValueError(f"pair must name two different modalities of {adapter.names}, "
                                  f"got {pair}.")
         self.pair = pair or default_pair(adapter)
-        if path_params is None and self.pair:
-            self.analyses.path_params = {"modalities": self.pair}
+        if path_params is None:        # pairs of the path = the heatmap's pair (none: no pairs)
+            self.analyses.path_params = ({"modalities": self.pair} if self.pair
+                                         else {"interaction_method": None})
         self.selection = Selection()
         from .views.input_view import InputView
         self.input_view = InputView()

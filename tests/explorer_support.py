@@ -182,9 +182,10 @@ class FakeKernels(Kernels):
             s = self._unit_scores(adapter, prepared, Target("neuron", j))
             units = {n: [(int(u), prepared.labels[n][u], float(s[n][u]))
                          for u in np.argsort(-np.abs(s[n]))[:2]] for n in names}
-            u0, v0 = units[names[0]][0][0], units[names[1]][0][0]
+            pairs = ([(units[names[0]][0][0], units[names[1]][0][0], "a", "b", 0.5)]
+                     if len(names) > 1 else [])
             neurons.append({"index": j, "weight": 1.0, "activation": float(dc.h[j]),
                             "contribution": float(dc.contributions[j]), "units": units,
-                            "pairs": [(u0, v0, "a", "b", 0.5)]})
+                            "pairs": pairs})
         return {"class": class_index, "class_name": adapter.class_names[class_index],
                 "neurons": neurons}

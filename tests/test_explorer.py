@@ -352,3 +352,22 @@ def test_the_synthetic_demo_runs_with_the_real_kernels():
         assert st["error"] == ""
     finally:
         ex.close()
+
+
+def test_a_single_modality_model_has_no_heatmap_but_the_rest_works():
+    import torch
+    from multiviz_widgets import ModelAdapter, MultimodalDataset, Tabular
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    adapter = ModelAdapter(model.eval(), [Tabular("row", columns=["a", "b", "c"])], ["no", "yes"])
+    ds = MultimodalDataset({"row": [np.full(3, i, dtype=np.float32) for i in range(5)]})
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05)
+    try:
+        assert ex.wait(60)
+        st = ex.state()
+        assert ex.heatmap_view is None and "heatmap" not in st and st["error"] == ""
+        assert st["input_scores"]["row"] and st["embedding"]["groups"] == ["no", "yes"]
+        ex.input_panel.click("row", 1)
+        ex.wait(30)
+        assert ex.state()["unit_ref"] == ["row", 1] and ex.state()["error"] == ""
+    finally:
+        ex.close()
