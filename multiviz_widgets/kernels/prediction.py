@@ -1,0 +1,468 @@
+"""Stage 4: multimodal prediction, a sparse linear model over the decision features.
+
+``fit_sparse_model`` fits y = softmax(W z + b) on the *standardised* decision features
+z = (h - mean) / std with the elastic net of METHODS.md,
+
+    (1/n) sum_n CE(y_n, W z_n + b) + lambda (alpha |W|_1 + (1 - alpha)/2 |W|_F^2),
+
+over a warm-started regularisation path from lambda_max (all weights zero) down to
+eps * lambda_max, where lambda_max = max_{j,c} |sum_n z_nj (1[y_n = c] - ybar_c)| / (n alpha).
+By default it is fit to the *model's own predictions*, so its accuracy is its *fidelity* to the
+model. The sparsity level is chosen on validation data: the sparsest point of the path whose
+validation fidelity is within ``tolerance`` (1 point) of the best, never a fixed path index.
+
+``prediction_path`` builds the path view's plain data: class <- top neurons by weight x
+activation <- each neuron's top units (stage 1 targeted at the neuron) and top cross-modal pairs
+(stage 2 targeted at the neuron).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..adapter import ModelAdapter, Neuron
+from ..progress import ProgressFn, report
+from .common import as_prepared
+from .representations import Features, decision_contributions
+
+SOLVERS = ("sklearn", "glm_saga")
+
+
+# ------------------------------------------------------------------------------------------------
+# the sparse model
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class SparseModel:
+    """A sparse linear model over standardised decision features, with its regularisation path.
+
+    weight [C, d] and bias [C] act on z = (h - mean) / std. ``path_*`` hold every point of the path
+    (lambda, non-zeros, validation and test fidelity); ``chosen`` is the point selected by the
+    validation rule. Classes absent from the training targets get weight 0 and bias -inf.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    class_names: list[str]
+    alpha: float
+    lam: float
+    chosen: int
+    path_lambdas: np.ndarray            # [K]
+    path_nonzeros: np.ndarray           # [K] non-zero weights in total
+    path_val_fidelity: np.ndarray       # [K]
+    path_test_fidelity: np.ndarray | None = None   # [K] when test data was given
+    path_weights: np.ndarray | None = None         # [K, C, d]
+    path_biases: np.ndarray | None = None          # [K, C]
+    val_fidelity: float = float("nan")
+    test_fidelity: float | None = None
+    tolerance: float = 0.01
+    fit_to: str = "predictions"
+    solver: str = "sklearn"
+    n_train: int = 0
+    n_val: int = 0
+    n_test: int = 0
+    seconds: float = 0.0
+    params: dict = field(default_factory=dict)
+
+    # -- shape and sparsity ----------------------------------------------------------------------
+    @property
+    def n_classes(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def nonzeros_per_class(self) -> np.ndarray:
+        """Non-zero weights of each class [C]."""
+        return (self.weight != 0).sum(1)
+
+    @property
+    def fraction_nonzero(self) -> float:
+        """Non-zero weights / all weights of the chosen model."""
+        return float((self.weight != 0).mean())
+
+    # -- prediction ------------------------------------------------------------------------------
+    def standardise(self, h) -> np.ndarray:
+        """z = (h - mean) / std for features h [N, d]."""
+        h = _as_2d(h, self.d)
+        return (h - self.mean) / self.std
+
+    def decision_function(self, h) -> np.ndarray:
+        """Logits [N, C] of the sparse model for decision features h [N, d] (no model pass)."""
+        return self.standardise(h) @ self.weight.T + self.bias
+
+    def predict(self, h) -> np.ndarray:
+        """Predicted class [N] for decision features h [N, d]."""
+        return self.decision_function(h).argmax(1)
+
+    def fidelity(self, h, y) -> float:
+        """Share of instances on which the sparse model's class equals ``y`` (e.g. the model's)."""
+        y = np.asarray(y).reshape(-1)
+        return float((self.predict(h) == y).mean())
+
+    def curve(self) -> dict[str, list]:
+        """The fidelity-vs-non-zeros curve of the path (plain lists)."""
+        out = {"lambda": self.path_lambdas.tolist(), "nonzeros": self.path_nonzeros.tolist(),
+               "val_fidelity": self.path_val_fidelity.tolist()}
+        if self.path_test_fidelity is not None:
+            out["test_fidelity"] = self.path_test_fidelity.tolist()
+        return out
+
+    def top_weights(self, c: int, k: int = 10) -> list[tuple[int, float]]:
+        """The k (neuron, weight) of class c with the largest |weight| (non-zero only)."""
+        w = self.weight[c]
+        order = [j for j in np.argsort(-np.abs(w), kind="stable") if w[j] != 0][:k]
+        return [(int(j), float(w[j])) for j in order]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able plain data: weights, standardisation, the chosen point and the whole curve."""
+        return {
+            "class_names": list(self.class_names),
+            "weight": self.weight.tolist(),
+            "bias": [float(b) if np.isfinite(b) else None for b in self.bias],
+            "mean": self.mean.tolist(), "std": self.std.tolist(),
+            "alpha": float(self.alpha), "lambda": float(self.lam), "chosen": int(self.chosen),
+            "val_fidelity": float(self.val_fidelity),
+            "test_fidelity": None if self.test_fidelity is None else float(self.test_fidelity),
+            "nonzeros_per_class": self.nonzeros_per_class.tolist(),
+            "fraction_nonzero": self.fraction_nonzero,
+            "tolerance": float(self.tolerance), "fit_to": self.fit_to, "solver": self.solver,
+            "n_train": int(self.n_train), "n_val": int(self.n_val), "n_test": int(self.n_test),
+            "seconds": float(self.seconds), "params": dict(self.params),
+            "curve": self.curve(),
+        }
+
+
+def _as_2d(h, d: int | None = None) -> np.ndarray:
+    if isinstance(h, torch.Tensor):
+        h = h.detach().cpu().numpy()
+    h = np.asarray(h, dtype=np.float64)
+    if h.ndim == 1:
+        h = h[None]
+    if h.ndim != 2:
+        raise ValueError(f"Decision features must be [N, d], got shape {h.shape}.")
+    if d is not None and h.shape[1] != d:
+        raise ValueError(f"The features have {h.shape[1]} columns but the sparse model was fit on "
+                         f"{d} decision features.")
+    return h
+
+
+def _split_data(data, what: str, fit_to: str) -> tuple[np.ndarray, np.ndarray]:
+    """(h [N, d], targets [N]) from Features or an (h, y) pair."""
+    if isinstance(data, Features):
+        if fit_to == "labels":
+            raise ValueError(f"fit_to='labels' needs the true labels: pass {what}=(features.h, "
+                             "labels) instead of a Features object.")
+        return _as_2d(data.h), data.predictions.astype(np.int64)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        h, y = data
+        h = _as_2d(h)
+        y = np.asarray(y)
+        if y.ndim == 2:          # logits: fit to their argmax
+            y = y.argmax(1)
+        y = y.reshape(-1).astype(np.int64)
+        if len(y) != len(h):
+            raise ValueError(f"{what}: {len(h)} feature rows but {len(y)} targets.")
+        return h, y
+    raise TypeError(f"{what} must be Features (from extract_features) or a pair (h [N, d], y [N] "
+                    f"or logits [N, C]), got {type(data).__name__}.")
+
+
+def lambda_max(z: np.ndarray, y: np.ndarray, n_classes: int, alpha: float) -> float:
+    """The smallest lambda at which every weight is zero (METHODS.md), for standardised z."""
+    onehot = np.eye(n_classes)[y]
+    return float(np.abs(z.T @ (onehot - onehot.mean(0))).max() / (len(z) * alpha))
+
+
+# -- solvers: each yields (W [C_present, d], b [C_present]) per lambda, warm-started ----------------
+def _path_sklearn(z, y, lams, alpha, tol, max_iter, seed):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    n = len(z)
+    classes = np.unique(y)
+    clf = LogisticRegression(C=1.0 / (lams[0] * n), l1_ratio=alpha, solver="saga",
+                             warm_start=True, tol=tol, max_iter=max_iter, random_state=seed)
+    # Start from the exact solution at lambda_max: W = 0, b = log class frequencies.
+    freq = np.bincount(np.searchsorted(classes, y), minlength=len(classes)) / n
+    logf = np.log(freq)
+    clf.coef_ = np.zeros((len(classes), z.shape[1]))
+    clf.intercept_ = logf - logf.mean()
+    clf.classes_ = classes
+    for lam in lams:
+        clf.set_params(C=1.0 / (lam * n))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(z, y)
+        yield clf.coef_.copy(), clf.intercept_.copy()
+
+
+def _path_glm_saga(z, y, lams, alpha, tol, max_iter, seed, batch_size=1024, lr=0.1):
+    from glm_saga.elasticnet import IndexedTensorDataset, train_saga
+    from torch.utils.data import DataLoader
+    classes, yi = np.unique(y, return_inverse=True)
+    g = torch.Generator().manual_seed(seed)
+    zt = torch.tensor(z, dtype=torch.float32)
+    loader = DataLoader(IndexedTensorDataset(zt, torch.tensor(yi)), batch_size=batch_size,
+                        shuffle=True, generator=g)
+    linear = torch.nn.Linear(z.shape[1], len(classes))
+    freq = np.bincount(yi, minlength=len(classes)) / len(yi)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.copy_(torch.tensor(np.log(freq) - np.log(freq).mean()))
+    state = None
+    for lam in lams:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = train_saga(linear, loader, lr, max_iter, float(lam), alpha, group=False,
+                               state=state, n_ex=len(z), n_classes=len(classes), tol=tol,
+                               logger=lambda *a, **k: None)
+        yield (linear.weight.detach().double().numpy().copy(),
+               linear.bias.detach().double().numpy().copy())
+
+
+def choose_sparsity(nonzeros: Sequence[int], val_fidelity: Sequence[float],
+                    tolerance: float = 0.01) -> int:
+    """The path index of the sparsest model whose validation fidelity is within ``tolerance`` of
+    the best (ties: the stronger regularisation, i.e. the earlier point)."""
+    nz = np.asarray(nonzeros)
+    fid = np.asarray(val_fidelity, dtype=np.float64)
+    if len(nz) == 0 or len(nz) != len(fid):
+        raise ValueError("choose_sparsity needs one fidelity per path point (and at least one).")
+    ok = np.where(fid >= fid.max() - tolerance - 1e-12)[0]
+    return int(ok[np.lexsort((ok, nz[ok]))[0]])
+
+
+def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] | None = None,
+                     alpha: float = 0.99, n_lambdas: int = 20, eps: float = 1e-3,
+                     tolerance: float = 0.01, fit_to: str = "predictions",
+                     val_fraction: float = 0.2, solver: str = "sklearn", tol: float = 1e-3,
+                     max_iter: int = 100, seed: int = 0, progress: ProgressFn = None
+                     ) -> SparseModel:
+    """Fit the elastic-net regularisation path and choose its sparsity on validation data.
+
+    train / val / test: ``Features`` (targets = the model's predictions: fidelity) or pairs
+    (h [N, d], y [N] or logits [N, C]); with fit_to="labels" pass pairs with the true labels.
+    val None: a random ``val_fraction`` of train is held out for choosing. test: optional
+    held-out data for the reported fidelity. solver: "sklearn" (SAGA in
+    scikit-learn's LogisticRegression, warm-started; default) or "glm_saga" (the solver of the
+    original MultiViz). Cost: no model pass; ``n_lambdas`` warm-started fits over the training
+    features (progress is reported per path point).
+    """
+    t0 = time.perf_counter()
+    if fit_to not in ("predictions", "labels"):
+        raise ValueError(f"fit_to must be 'predictions' (fidelity) or 'labels', got {fit_to!r}.")
+    if solver not in SOLVERS:
+        raise ValueError(f"Unknown solver {solver!r}; choose one of {SOLVERS}.")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha (the L1 share of the elastic net) must be in (0, 1], got {alpha}.")
+    if not 0 < eps < 1:
+        raise ValueError(f"eps (smallest lambda / lambda_max) must be in (0, 1), got {eps}.")
+    if n_lambdas < 2:
+        raise ValueError(f"n_lambdas must be at least 2, got {n_lambdas}.")
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance is a fraction of fidelity (0.01 = 1 point), got {tolerance}.")
+    h_tr, y_tr = _split_data(train, "train", fit_to)
+    if val is None:
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(len(h_tr))
+        n_val = max(1, int(round(val_fraction * len(h_tr))))
+        if len(h_tr) - n_val < 2:
+            raise ValueError(f"Too few training instances ({len(h_tr)}) to hold out a validation "
+                             "split; pass val= or more data.")
+        h_va, y_va = h_tr[perm[:n_val]], y_tr[perm[:n_val]]
+        h_tr, y_tr = h_tr[perm[n_val:]], y_tr[perm[n_val:]]
+    else:
+        h_va, y_va = _split_data(val, "val", fit_to)
+    h_te = y_te = None
+    if test is not None:
+        h_te, y_te = _split_data(test, "test", fit_to)
+    d = h_tr.shape[1]
+    for name, h in (("train", h_tr), ("val", h_va), ("test", h_te)):
+        if h is not None and h.shape[1] != d:
+            raise ValueError(f"{name} has {h.shape[1]} features but train has {d}.")
+        if h is not None and not np.isfinite(h).all():
+            raise ValueError(f"The {name} features contain NaN or infinity; check the model on "
+                             "those instances.")
+    n_classes = len(class_names) if class_names is not None else int(
+        max(y_tr.max(), y_va.max(), -1 if y_te is None else y_te.max())) + 1
+    names = list(class_names) if class_names is not None else [str(c) for c in range(n_classes)]
+    if y_tr.min() < 0 or y_tr.max() >= n_classes:
+        raise ValueError(f"Training targets must be class indices in 0..{n_classes - 1}.")
+    present = np.unique(y_tr)
+    if len(present) < 2:
+        raise ValueError(f"The training targets hold a single class ({names[present[0]]!r}); a "
+                         "classifier needs at least two. Use more (or more varied) data.")
+
+    mean = h_tr.mean(0)
+    std = h_tr.std(0)
+    std = np.where(std > 1e-8, std, 1.0)        # constant (dead) neurons stay at weight 0
+    z_tr = (h_tr - mean) / std
+    lmax = lambda_max(z_tr, y_tr, n_classes, alpha)
+    if lmax <= 0:
+        raise ValueError("The features carry no signal about the targets (lambda_max = 0).")
+    lams = np.geomspace(lmax, eps * lmax, n_lambdas)
+
+    path = _path_sklearn if solver == "sklearn" else _path_glm_saga
+    weights = np.zeros((n_lambdas, n_classes, d))
+    biases = np.full((n_lambdas, n_classes), -np.inf)
+    nonzeros = np.zeros(n_lambdas, dtype=np.int64)
+    val_fid = np.zeros(n_lambdas)
+    test_fid = np.zeros(n_lambdas) if h_te is not None else None
+    z_va = (h_va - mean) / std
+    z_te = None if h_te is None else (h_te - mean) / std
+    for i, (w, b) in enumerate(path(z_tr, y_tr, lams, alpha, tol, max_iter, seed)):
+        weights[i, present] = w
+        biases[i, present] = b
+        nonzeros[i] = int((w != 0).sum())
+        val_fid[i] = float(((z_va @ weights[i].T + biases[i]).argmax(1) == y_va).mean())
+        if z_te is not None:
+            test_fid[i] = float(((z_te @ weights[i].T + biases[i]).argmax(1) == y_te).mean())
+        report(progress, i + 1, n_lambdas, "sparse model path")
+    k = choose_sparsity(nonzeros, val_fid, tolerance)
+    return SparseModel(
+        weight=weights[k].astype(np.float64), bias=biases[k], mean=mean, std=std,
+        class_names=names, alpha=alpha, lam=float(lams[k]), chosen=k, path_lambdas=lams,
+        path_nonzeros=nonzeros, path_val_fidelity=val_fid, path_test_fidelity=test_fid,
+        path_weights=weights, path_biases=biases, val_fidelity=float(val_fid[k]),
+        test_fidelity=None if test_fid is None else float(test_fid[k]), tolerance=tolerance,
+        fit_to=fit_to, solver=solver, n_train=len(z_tr), n_val=len(z_va),
+        n_test=0 if z_te is None else len(z_te), seconds=time.perf_counter() - t0,
+        params={"n_lambdas": n_lambdas, "eps": eps, "tol": tol, "max_iter": max_iter,
+                "seed": seed, "lambda_max": lmax})
+
+
+# ------------------------------------------------------------------------------------------------
+# the prediction path of one instance
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class PathNeuron:
+    """One decision neuron on an instance's prediction path."""
+
+    index: int
+    weight: float
+    activation: float
+    contribution: float
+    units: dict[str, list[tuple[int, str, float]]] = field(default_factory=dict)
+    pairs: list[tuple[int, int, str, str, float]] = field(default_factory=list)
+    pair_modalities: tuple[str, str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": int(self.index), "weight": float(self.weight),
+            "activation": float(self.activation), "contribution": float(self.contribution),
+            "units": {m: [[int(u), str(l), float(s)] for u, l, s in us]
+                      for m, us in self.units.items()},
+            "pairs": [[int(u), int(v), str(a), str(b), float(x)] for u, v, a, b, x in self.pairs],
+            "pair_modalities": None if self.pair_modalities is None else list(self.pair_modalities),
+        }
+
+
+@dataclass
+class PredictionPath:
+    """class <- its top neurons (weight x activation) <- their top units and cross-modal pairs."""
+
+    class_index: int
+    class_name: str
+    neurons: list[PathNeuron]
+    logit: float = 0.0
+    source: str = "decision_layer"          # or "sparse_model"
+    unimodal_method: str = ""
+    interaction_method: str | None = None
+    forward_passes: int = 0
+    backward_passes: int = 0
+    seconds: float = 0.0
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able plain data for the path view."""
+        return {
+            "class": {"index": int(self.class_index), "name": self.class_name,
+                      "logit": float(self.logit)},
+            "source": self.source, "unimodal_method": self.unimodal_method,
+            "interaction_method": self.interaction_method,
+            "neurons": [n.to_dict() for n in self.neurons],
+            "forward_passes": int(self.forward_passes),
+            "backward_passes": int(self.backward_passes), "seconds": float(self.seconds),
+            "params": {k: v for k, v in self.params.items()
+                       if isinstance(v, (int, float, str, bool, type(None)))},
+        }
+
+
+def _top_units(scores: np.ndarray, labels: Sequence[str], k: int, absolute: bool):
+    s = np.asarray(scores, dtype=np.float64)
+    key = np.abs(s) if absolute else s
+    order = np.argsort(-key, kind="stable")[:k]
+    return [(int(u), str(labels[u]) if u < len(labels) else str(u), float(s[u])) for u in order]
+
+
+def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: SparseModel | None = None,
+                    k_neurons: int = 3, k_units: int = 3, k_pairs: int = 3,
+                    unimodal_method: str = "integrated_gradients",
+                    interaction_method: str | None = "second_order",
+                    unimodal_params: dict | None = None, interaction_params: dict | None = None,
+                    modalities: tuple[str, str] | None = None, absolute: bool = True,
+                    progress: ProgressFn = None) -> PredictionPath:
+    """The prediction path of one instance as plain data (see PredictionPath.to_dict).
+
+    target: the class to explain (None: the predicted class). Neurons are ranked by their
+    contribution to that class: W[c, j] h_j(x) with the decision layer, or with ``sparse_model``
+    W[c, j] (h_j - mean_j) / std_j, largest first (neurons with zero weight are skipped). For each
+    of the top ``k_neurons``: stage 1 (``unimodal_method``) and stage 2 (``interaction_method``,
+    None to skip; needs two modalities) targeted at Neuron(j).
+    Cost: 1 forward pass + k_neurons x (the stage-1 method's cost + the stage-2 method's cost).
+    """
+    from .unimodal import attribute        # stage kernels are imported lazily
+    t0 = time.perf_counter()
+    for name, v in (("k_neurons", k_neurons), ("k_units", k_units), ("k_pairs", k_pairs)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+    prepared = as_prepared(adapter, instance)
+    contrib = decision_contributions(adapter, prepared, target, sparse_model)
+    c = contrib.class_index
+    order = [j for j in np.argsort(-contrib.contributions, kind="stable") if contrib.weights[j] != 0]
+    chosen = order[:k_neurons]
+    do_pairs = interaction_method is not None and len(adapter.names) >= 2
+    if do_pairs:
+        from .interactions import interaction
+    steps = len(chosen) * (2 if do_pairs else 1)
+    done = 0
+    fwd, bwd = 1, 0
+    neurons = []
+    for j in chosen:
+        nt = Neuron(int(j))
+        att = attribute(adapter, prepared, unimodal_method, target=nt, **(unimodal_params or {}))
+        fwd, bwd = fwd + att.forward_passes, bwd + att.backward_passes
+        units = {m: _top_units(att.scores[m], att.labels.get(m, prepared.labels[m]), k_units,
+                               absolute) for m in att.scores}
+        done += 1
+        report(progress, done, steps, f"neuron {j}: units")
+        pairs, pair_mods = [], None
+        if do_pairs:
+            inter = interaction(adapter, prepared, interaction_method, modalities=modalities,
+                                target=nt, **(interaction_params or {}))
+            fwd, bwd = fwd + inter.forward_passes, bwd + inter.backward_passes
+            pair_mods = tuple(inter.modalities)
+            pairs = [(u, v, inter.row_labels[u], inter.col_labels[v], x)
+                     for u, v, x in inter.top_pairs(k_pairs, absolute=absolute)]
+            done += 1
+            report(progress, done, steps, f"neuron {j}: pairs")
+        neurons.append(PathNeuron(int(j), float(contrib.weights[j]), float(contrib.h[j]),
+                                  float(contrib.contributions[j]), units, pairs, pair_mods))
+    return PredictionPath(
+        class_index=c, class_name=contrib.class_name, neurons=neurons,
+        logit=float(contrib.logits[c]), source=contrib.source, unimodal_method=unimodal_method,
+        interaction_method=interaction_method if do_pairs else None, forward_passes=fwd,
+        backward_passes=bwd, seconds=time.perf_counter() - t0,
+        params={"k_neurons": k_neurons, "k_units": k_units, "k_pairs": k_pairs,
+                "absolute": absolute})

@@ -1,0 +1,259 @@
+"""Stage 4: the sparse linear model (elastic-net path, validation choice) and prediction paths."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from multiviz_widgets import ModelAdapter, Tabular, TimeSeries
+from multiviz_widgets.kernels.prediction import (
+    PredictionPath, SparseModel, choose_sparsity, fit_sparse_model, lambda_max, prediction_path)
+from multiviz_widgets.kernels.representations import Features
+
+
+def planted_features(n=3000, d=16, c=4, seed=0):
+    """h [n, d] with y = argmax(W h) for a W that uses only 2 neurons per class."""
+    rng = np.random.default_rng(seed)
+    h = np.maximum(0, rng.normal(size=(n, d)) + 0.5) * rng.uniform(0.5, 3, size=d)
+    W = np.zeros((c, d))
+    for k in range(c):
+        W[k, [2 * k, 2 * k + 1]] = [2.0, 1.0]
+    return h, (h @ W.T).argmax(1), W
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    h, y, W = planted_features()
+    return fit_sparse_model((h[:2000], y[:2000]), test=(h[2000:], y[2000:]), n_lambdas=12,
+                            class_names=["a", "b", "c", "d"]), h, y, W
+
+
+def test_the_path_goes_from_all_zero_to_dense_and_the_choice_follows_the_rule(fitted):
+    m, h, y, W = fitted
+    k = len(m.path_lambdas)
+    assert k == 12 and np.all(np.diff(m.path_lambdas) < 0)
+    assert m.path_nonzeros[0] <= 1                   # lambda_max: (almost exactly) nothing
+    assert m.path_nonzeros[-1] > m.path_nonzeros[0]
+    assert m.path_lambdas[-1] == pytest.approx(1e-3 * m.path_lambdas[0])
+    best = m.path_val_fidelity.max()
+    ok = np.where(m.path_val_fidelity >= best - 0.01 - 1e-12)[0]
+    assert m.chosen in ok and m.path_nonzeros[m.chosen] == m.path_nonzeros[ok].min()
+    np.testing.assert_array_equal(m.weight, m.path_weights[m.chosen])
+    assert m.val_fidelity == m.path_val_fidelity[m.chosen]
+    assert m.test_fidelity == m.path_test_fidelity[m.chosen]
+
+
+def test_the_sparse_model_is_faithful_and_finds_the_planted_neurons(fitted):
+    m, h, y, W = fitted
+    assert m.test_fidelity >= 0.95
+    assert m.fidelity(h[2000:], y[2000:]) == pytest.approx(m.test_fidelity)
+    assert m.fraction_nonzero <= 0.5
+    for c in range(4):
+        used = {j for j, _ in m.top_weights(c, 2)}
+        assert used & {2 * c, 2 * c + 1}, (c, m.top_weights(c, 4))
+    np.testing.assert_array_equal(m.predict(h), m.decision_function(h).argmax(1))
+    np.testing.assert_allclose(m.standardise(h).mean(0)[m.std != 1], 0, atol=0.1)
+    assert m.nonzeros_per_class.sum() == m.path_nonzeros[m.chosen]
+
+
+def test_to_dict_is_plain_json(fitted):
+    m = fitted[0]
+    d = json.loads(json.dumps(m.to_dict()))
+    assert d["class_names"] == ["a", "b", "c", "d"]
+    assert len(d["curve"]["nonzeros"]) == len(d["curve"]["val_fidelity"]) == 12
+    assert len(d["curve"]["test_fidelity"]) == 12
+    assert d["chosen"] == m.chosen and d["fraction_nonzero"] == pytest.approx(m.fraction_nonzero)
+    assert np.array(d["weight"]).shape == (4, 16)
+
+
+def test_lambda_max_is_where_the_l1_subgradient_condition_binds():
+    h, y, _ = planted_features(n=500)
+    z = (h - h.mean(0)) / h.std(0)
+    lm = lambda_max(z, y, 4, 0.99)
+    onehot = np.eye(4)[y]
+    grad = z.T @ (onehot.mean(0) - onehot) / len(z)   # CE gradient at W = 0, optimal bias
+    assert np.abs(grad).max() == pytest.approx(lm * 0.99)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 50), st.floats(0, 1)), min_size=1, max_size=30),
+       st.floats(0, 0.2))
+def test_choose_sparsity_is_the_sparsest_within_tolerance(points, tol):
+    nz = [p[0] for p in points]
+    fid = [p[1] for p in points]
+    k = choose_sparsity(nz, fid, tol)
+    assert fid[k] >= max(fid) - tol - 1e-12
+    assert all(nz[k] <= nz[i] for i in range(len(nz)) if fid[i] >= max(fid) - tol - 1e-12)
+
+
+def test_fit_from_features_and_an_explicit_validation_split():
+    h, y, _ = planted_features(n=1200)
+    logits = np.eye(4)[y] * 5.0
+    feats = Features(h[:800].astype(np.float32), logits[:800], np.arange(800))
+    m = fit_sparse_model(feats, val=(h[800:1000], y[800:1000]), test=(h[1000:], logits[1000:]),
+                         n_lambdas=6)
+    assert m.n_train == 800 and m.n_val == 200 and m.n_test == 200
+    assert m.class_names == ["0", "1", "2", "3"]
+    assert m.fit_to == "predictions" and m.test_fidelity > 0.8
+
+
+def test_classes_absent_from_training_are_never_predicted():
+    h, y, _ = planted_features(n=900)
+    keep = y != 3
+    m = fit_sparse_model((h[keep], y[keep]), n_lambdas=5, class_names=list("abcd"))
+    assert m.weight.shape == (4, 16) and np.all(m.weight[3] == 0) and m.bias[3] == -np.inf
+    assert 3 not in set(m.predict(h))
+    assert json.loads(json.dumps(m.to_dict()))["bias"][3] is None
+
+
+def test_glm_saga_solver_runs_with_this_torch():
+    h, y, _ = planted_features(n=600)
+    m = fit_sparse_model((h, y), n_lambdas=4, solver="glm_saga", max_iter=3)
+    assert m.solver == "glm_saga" and m.weight.shape == (4, 16)
+    assert m.path_nonzeros[0] <= m.path_nonzeros[-1]
+
+
+def test_bad_inputs_get_clear_errors():
+    h, y, _ = planted_features(n=200)
+    with pytest.raises(ValueError, match="single class"):
+        fit_sparse_model((h, np.zeros(200, dtype=int)))
+    with pytest.raises(ValueError, match="alpha"):
+        fit_sparse_model((h, y), alpha=0)
+    with pytest.raises(ValueError, match="solver"):
+        fit_sparse_model((h, y), solver="adam")
+    with pytest.raises(ValueError, match="fit_to"):
+        fit_sparse_model((h, y), fit_to="truth")
+    with pytest.raises(ValueError, match="true labels"):
+        fit_sparse_model(Features(h, np.eye(4)[y], np.arange(200)), fit_to="labels")
+    with pytest.raises(ValueError, match="targets"):
+        fit_sparse_model((h, y[:10]))
+    with pytest.raises(ValueError, match="val has 3 features"):
+        fit_sparse_model((h, y), val=(h[:, :3], y))
+    bad = h.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fit_sparse_model((bad, y))
+    with pytest.raises(TypeError, match="Features"):
+        fit_sparse_model(h)
+    m = fit_sparse_model((h, y), n_lambdas=3)
+    with pytest.raises(ValueError, match="16 decision features"):
+        m.predict(h[:, :5])
+
+
+# -- prediction path -----------------------------------------------------------------------------------
+STEPS, WINDOW, CH = 16, 4, 2
+
+
+class PathModel(nn.Module):
+    """h = [2 t[a0] + 2 s[b0], 2 t[a1] s[b1], t[a2] s[b2]]; class 0 = 3 h1 + 1 h2 (h0 unused)."""
+
+    def __init__(self, units):
+        super().__init__()
+        self.units = units
+        self.classifier = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.classifier.weight.copy_(torch.tensor([[0.0, 3.0, 1.0], [0.5, 0.0, 0.0]]))
+            self.classifier.bias.zero_()
+
+    def forward(self, tab, series):
+        s = series.reshape(series.shape[0], STEPS // WINDOW, WINDOW, CH).mean(2)
+        u = s.reshape(series.shape[0], -1)
+        (a0, b0), (a1, b1), (a2, b2) = (self.units[j] for j in range(3))
+        h = torch.stack([2 * tab[:, a0] + 2 * u[:, b0], 2 * tab[:, a1] * u[:, b1],
+                         tab[:, a2] * u[:, b2]], 1)
+        return self.classifier(h)
+
+
+def path_case(units):
+    adapter = ModelAdapter(PathModel(units).eval(),
+                           [Tabular("tab", columns=["c0", "c1", "c2", "c3"]),
+                            TimeSeries("series", window=WINDOW, channels=["x", "y"])],
+                           ["yes", "no"], decision_layer="classifier")
+    tab = np.full(4, 0.2, dtype=np.float32)
+    units_ts = np.full((STEPS // WINDOW, CH), 0.2, dtype=np.float32)
+    for a, b in units.values():
+        tab[a] = 1.5
+        units_ts[b // CH, b % CH] = 1.5
+    return adapter, {"tab": tab, "series": np.repeat(units_ts, WINDOW, axis=0)}
+
+
+UNITS_A = {0: (0, 7), 1: (1, 1), 2: (2, 2)}
+UNITS_B = {0: (3, 0), 1: (2, 5), 2: (0, 3)}
+
+
+def check_path(path: PredictionPath, units):
+    assert path.class_index == 0 and path.class_name == "yes"
+    assert [n.index for n in path.neurons] == [1, 2]          # h0 has weight 0 for "yes"
+    n1, n2 = path.neurons
+    assert n1.weight == pytest.approx(3.0) and n1.activation == pytest.approx(2 * 1.5 * 1.5)
+    assert n1.contribution == pytest.approx(3.0 * 4.5) and n2.contribution == pytest.approx(2.25)
+    for n in path.neurons:
+        a, b = units[n.index]
+        assert n.units["tab"][0][0] == a and n.units["series"][0][0] == b
+        assert n.units["tab"][0][1] == f"c{a}"
+        assert (n.pairs[0][0], n.pairs[0][1]) == (a, b) and n.pair_modalities == ("tab", "series")
+
+
+def test_the_prediction_path_finds_the_planted_route():
+    adapter, inst = path_case(UNITS_A)
+    seen = []
+    path = prediction_path(adapter, inst, k_neurons=5, progress=lambda d, t, m: seen.append((d, t)))
+    check_path(path, UNITS_A)
+    assert seen[-1] == (4, 4)
+    assert path.forward_passes > 1 and path.backward_passes > 0
+    d = json.loads(json.dumps(path.to_dict()))
+    assert d["class"] == {"index": 0, "name": "yes", "logit": pytest.approx(3 * 4.5 + 2.25)}
+    assert d["neurons"][0]["index"] == 1 and len(d["neurons"][0]["units"]["tab"]) == 3
+    u, v, rl, cl, val = d["neurons"][0]["pairs"][0]
+    assert (u, v, rl) == (1, 1, "c1") and cl.startswith("y t0") and val != 0
+
+
+def test_other_stage_methods_and_a_chosen_class():
+    adapter, inst = path_case(UNITS_A)
+    path = prediction_path(adapter, inst, k_neurons=2, unimodal_method="occlusion",
+                           interaction_method="pairwise_ablation")
+    check_path(path, UNITS_A)
+    other = prediction_path(adapter, inst, target="no", interaction_method=None, k_units=1)
+    assert other.class_index == 1 and [n.index for n in other.neurons] == [0]
+    assert other.neurons[0].pairs == [] and len(other.neurons[0].units["tab"]) == 1
+    assert other.interaction_method is None
+
+
+def test_the_path_uses_the_sparse_model_in_standardised_space():
+    adapter, inst = path_case(UNITS_A)
+    h = np.array([[2.0, 4.5, 2.25]])
+    sm = SparseModel(weight=np.array([[0.0, 0.0, 2.0], [1.0, 0.0, 0.0]]), bias=np.zeros(2),
+                     mean=np.array([0.0, 1.0, 0.25]), std=np.array([1.0, 1.0, 0.5]),
+                     class_names=["yes", "no"], alpha=0.99, lam=0.1, chosen=0,
+                     path_lambdas=np.ones(1), path_nonzeros=np.ones(1),
+                     path_val_fidelity=np.ones(1))
+    path = prediction_path(adapter, inst, target=0, sparse_model=sm, interaction_method=None)
+    assert path.source == "sparse_model" and [n.index for n in path.neurons] == [2]
+    assert path.neurons[0].contribution == pytest.approx(2.0 * (2.25 - 0.25) / 0.5)
+    assert path.neurons[0].activation == pytest.approx(h[0, 2])
+
+
+def test_two_models_side_by_side_keep_their_own_paths():
+    a, ia = path_case(UNITS_A)
+    b, ib = path_case(UNITS_B)
+    pa1 = prediction_path(a, ia, interaction_method="pairwise_ablation")
+    pb1 = prediction_path(b, ib, interaction_method="pairwise_ablation")
+    pa2 = prediction_path(a, ia, interaction_method="pairwise_ablation")
+    check_path(pa1, UNITS_A)
+    check_path(pb1, UNITS_B)
+    assert pa1.to_dict()["neurons"] == pa2.to_dict()["neurons"]
+
+
+def test_prediction_path_errors():
+    adapter, inst = path_case(UNITS_A)
+    with pytest.raises(ValueError, match="k_neurons"):
+        prediction_path(adapter, inst, k_neurons=0)
+    with pytest.raises(ValueError, match="Unknown stage-1 method"):
+        prediction_path(adapter, inst, unimodal_method="magic")
+    sm = fit_sparse_model(planted_features(n=300)[:2], n_lambdas=3)
+    with pytest.raises(ValueError, match="another model"):
+        prediction_path(adapter, inst, sparse_model=sm)
