@@ -88,14 +88,16 @@ def captum_call(method: str, adapter, prepared, target: int):
     raise ValueError(method)
 
 
-def run_stage1(adapter, dataset, indices, repeats: int = 1, methods=None) -> dict:
+def run_stage1(adapter, dataset, indices, repeats: int = 1, methods=None,
+               floor_batch: int = 512) -> dict:
     """Per method: median ms ours and captum's, ratio, passes, floor, targets, pass/fail."""
     methods = list(methods or STAGE1)
     prepared = [adapter.prepare(dataset[int(i)]) for i in indices]
     targets = [int(adapter.predict(p.raw).argmax(1)[0]) for p in prepared]
-    per_sample = min(per_sample_forward_ms(adapter, p, batch=512) for p in prepared[:3])
-    per_sample_fb = min(per_sample_forward_backward_ms(adapter, p) for p in prepared[:3])
-    out = {"per_sample_forward_ms": per_sample, "floor_batch": 512,
+    per_sample = min(per_sample_forward_ms(adapter, p, batch=floor_batch) for p in prepared[:3])
+    per_sample_fb = min(per_sample_forward_backward_ms(adapter, p, batch=max(1, floor_batch // 4))
+                        for p in prepared[:3])
+    out = {"per_sample_forward_ms": per_sample, "floor_batch": floor_batch,
            "per_sample_forward_backward_ms": per_sample_fb, "methods": {}}
     for m in methods:
         params, target_ms = STAGE1[m]
@@ -158,6 +160,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(STAGE1)}")
     ap.add_argument("--no-stage2", action="store_true", help="skip benchmarks/kernels_stage2.py")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2 cores)")
+    ap.add_argument("--floor-batch", type=int, default=512,
+                    help="batch of the forward pass that sets the per-sample floor")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "kernels.json"))
     args = ap.parse_args(argv)
@@ -168,9 +172,10 @@ def main(argv=None) -> dict:
     result = {"model": note, "n": len(indices), "repeats": args.repeats,
               "environment": environment(),
               "criteria": {"ratio_ours_captum_max": RATIO_MAX, "ratio_to_floor_max": FLOOR_MAX,
-                           "floor": "forward passes x best per-sample time of a batch-512 "
-                                    "forward pass (no gradient)"},
-              "stage1": run_stage1(adapter, dataset, indices, args.repeats, args.methods)}
+                           "floor": f"forward passes x best per-sample time of a batch-"
+                                    f"{args.floor_batch} forward pass (no gradient)"},
+              "stage1": run_stage1(adapter, dataset, indices, args.repeats, args.methods,
+                                   args.floor_batch)}
     if not args.no_stage2:
         result["stage2"] = run_stage2(adapter, dataset, indices, args.repeats)
     path = write_json(args.out, result)

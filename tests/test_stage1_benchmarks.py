@@ -1,0 +1,52 @@
+"""The stage-1 benchmark scripts run end to end on a tiny sample and write the promised JSON.
+
+No timing is asserted here (speed is measured by the scripts themselves, on a quiet machine).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def has_easy_vqa():
+    pytest.importorskip("easy_vqa")
+
+
+def test_faithfulness_writes_the_promised_json(tmp_path, has_easy_vqa):
+    out = tmp_path / "f.json"
+    load("faithfulness").main(["--n", "2", "--methods", "gradient", "occlusion",
+                               "--out", str(out)])
+    d = json.loads(out.read_text())
+    assert d["n"] == 2 and set(d["methods"]) == {"gradient", "occlusion"}
+    for block in list(d["methods"].values()) + [d["random"]]:
+        for k in ("relevance_mass", "relevance_rank", "deletion_auc", "insertion_auc"):
+            assert 0.0 <= block[k] <= 1.0
+    assert "pooling" in d and d["criterion"]["passed"] in (True, False)
+
+
+def test_kernels_benchmark_writes_ratios_and_floors(tmp_path, has_easy_vqa):
+    out = tmp_path / "k.json"
+    load("kernels").main(["--n", "1", "--methods", "gradient", "occlusion", "--no-stage2",
+                          "--floor-batch", "32", "--out", str(out)])
+    d = json.loads(out.read_text())
+    for m in ("gradient", "occlusion"):
+        e = d["stage1"]["methods"][m]
+        for k in ("median_ms_ours", "median_ms_captum", "ratio_ours_captum", "forward_passes",
+                  "floor_ms", "ratio_to_floor", "target_ms", "pass"):
+            assert k in e
+    assert d["stage1"]["methods"]["occlusion"]["forward_passes"] > 60
