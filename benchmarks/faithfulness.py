@@ -1,8 +1,9 @@
 """Faithfulness of every stage-1 method's image map on easy-VQA (issue criterion).
 
 For --n test questions about a shape or a colour (default 500, a seeded sample), each stage-1
-method explains the model's predicted answer; its image map is pooled to R >= 0 per pixel and
-scored against the shape's pixels (the ground-truth mask, found from the picture by
+method explains the model's predicted answer (by default the image's units, the question held as
+it is, as deletion and insertion do; ``--explain all`` explains both modalities jointly); its
+image map is pooled to R >= 0 per pixel and scored against the shape's pixels (the ground-truth mask, found from the picture by
 ``easy_vqa.shape_mask``):
 
 * relevance mass accuracy: share of R inside the mask;
@@ -70,6 +71,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", nargs="*", default=list(METHODS), help=f"subset of {list(METHODS)}")
     ap.add_argument("--n-samples", type=int, default=500, help="LIME / KernelSHAP samples")
     ap.add_argument("--steps", type=int, default=50, help="integrated-gradients steps")
+    ap.add_argument("--explain", choices=["image", "all"], default="image",
+                    help="image: explain the image with the question held as it is (as deletion "
+                         "and insertion do); all: explain both modalities jointly")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "faithfulness.json"))
@@ -81,12 +85,13 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     adapter, dataset, note = load_demo()
     indices = shape_or_color_indices(dataset, args.n, seed=args.seed)
-    params = {m: {} for m in args.methods}
+    explain = {"modalities": ["image"]} if args.explain == "image" else {}
+    params = {m: dict(explain) for m in args.methods}
     for m in ("lime", "kernel_shap"):
         if m in params:
-            params[m] = {"n_samples": args.n_samples}
+            params[m]["n_samples"] = args.n_samples
     if "integrated_gradients" in params:
-        params["integrated_gradients"] = {"steps": args.steps}
+        params["integrated_gradients"]["steps"] = args.steps
     rng = np.random.default_rng(args.seed)
     rows = {m: [] for m in args.methods}
     rows["random"] = []
@@ -129,6 +134,8 @@ def main(argv=None) -> dict:
         "model": note,
         "question_kinds": {k: kinds.count(k) for k in sorted(set(kinds))},
         "model_accuracy_on_these": float(np.mean(correct)),
+        "explained": ("the image, the question held as it is" if args.explain == "image"
+                      else "image and question jointly (the image part is scored)"),
         "target": "the model's predicted answer (softmax probability for deletion/insertion)",
         "pooling": POOLINGS[POOLING] + " (the *_abs fields: " + POOLINGS["abs"] + ")",
         "ground_truth": "easy_vqa.shape_mask(image): the shape's pixels",
