@@ -257,6 +257,14 @@ class Explorer(W.VBox):
                                  f"{self.adapter.names}, or None; got {u!r}.")
             if int(u[1]) < 0:
                 raise ValueError(f"unit index must be non-negative, got {u[1]}.")
+        if kw.get("neuron") is not None and "neuron" in kw and int(kw["neuron"]) >= 0:
+            try:
+                d = self.analyses.n_neurons()
+            except Exception:  # noqa: BLE001 - a non-linear decision layer: checked when used
+                d = None
+            if d is not None and int(kw["neuron"]) >= d:
+                raise ValueError(f"neuron {kw['neuron']} is out of range: the decision layer has "
+                                 f"{d} inputs (0..{d - 1}).")
         self.selection.select(**kw)
         return self
 

@@ -170,6 +170,8 @@ def test_select_from_code_and_read_back(vqa):
         ex.select(unit=("audio", 1))
     with pytest.raises(ValueError):
         ex.select(target="purple")
+    with pytest.raises(ValueError, match="neuron 99 is out of range"):
+        ex.select(neuron=99)
 
 
 def test_controls_change_the_selection(vqa):
