@@ -270,9 +270,15 @@ class Engine(traitlets.HasTraits):
         return not job.cancelled and self._gen.get(job.slot) == job.generation
 
     def _progress_fn(self, job: Job):
+        last = [0.0]
+
         def progress(done, total, message=""):
             if not self._is_current(job) or self._closed:
                 raise Cancelled(f"{job.label}: cancelled")
+            now = time.monotonic()      # at most 20 updates a second reach the front end
+            if now - last[0] < 0.05 and done < total:
+                return
+            last[0] = now
             frac = float(done) / float(total) if total else 0.0
             self.progress = min(1.0, max(0.0, frac))
             self.message = f"{job.label}: {message} ({int(done)}/{int(total)})" if message \
