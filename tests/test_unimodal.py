@@ -483,3 +483,14 @@ def test_a_modality_that_overrides_pool_is_respected(ts):
     np.testing.assert_array_equal(r.scores["vitals"], [42.0, 42.0, 42.0])
     plain = attribute(adapter, inst, method="integrated_gradients", target=0, steps=4)
     np.testing.assert_allclose(r.scores["series"], plain.scores["series"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method,params", [("integrated_gradients", {"steps": 0}),
+                                           ("integrated_gradients", {"internal_batch_size": -1}),
+                                           ("occlusion", {"batch_size": 0}),
+                                           ("lime", {"n_samples": 1}),
+                                           ("kernel_shap", {"n_samples": 2.5})])
+def test_bad_parameter_values_are_clear_errors(it, method, params):
+    _, adapter, inst = it
+    with pytest.raises(ValueError, match=list(params)[0]):
+        attribute(adapter, inst, method=method, target=0, **params)

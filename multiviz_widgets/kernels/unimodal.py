@@ -340,6 +340,13 @@ class AttributionMethod:
                             f"{sorted(self.defaults) + ['modalities']}.")
         out = dict(self.defaults)
         out.update({k: v for k, v in params.items() if k != "modalities"})
+        for k, least in (("steps", 1), ("internal_batch_size", 1), ("batch_size", 1),
+                         ("n_samples", 2)):
+            v = out.get(k)
+            if k in out and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                             or v < least):
+                raise ValueError(f"{self.name}: {k} must be an integer of at least {least}, "
+                                 f"got {v!r}.")
         return out
 
     def cost(self, prepared: Prepared, **params) -> tuple[int, int]:
@@ -358,11 +365,11 @@ class AttributionMethod:
         names = _select(adapter, prepared, params.get("modalities"))
         p = self._params(params)
         extra = 0
-        if target is None:
-            target, extra = resolve_target(adapter, prepared, None), 1
-        else:
-            target = adapter.target(target)
         with Stopwatch() as sw:
+            if target is None:
+                target, extra = resolve_target(adapter, prepared, None), 1
+            else:
+                target = adapter.target(target)
             scores, maps = self._run(adapter, prepared, target, names, p, progress)
         fwd, bwd = self._cost(prepared, names, p)
         params_out = dict(p, modalities=list(names))
