@@ -1,0 +1,561 @@
+"""The embedded default: a small image + question model trained on easy-VQA.
+
+The data comes from the ``easy-vqa`` package (no download): 64x64 RGB pictures of one coloured
+shape on a light background, with questions such as "what color is the circle?" and 13 answers.
+The model's weights ship in ``demos/weights/easy_vqa.safetensors`` (no pickle), with a JSON file
+holding the vocabulary, the answers, the training configuration and the measured test accuracy.
+
+    >>> from multiviz_widgets.demos import easy_vqa
+    >>> adapter, dataset = easy_vqa.load("test")       # under 3 s
+    >>> dataset[0]                                     # {"image": uint8 [64,64,3], "question": str}
+
+Command line (fixed seeds, 2 threads, a few minutes on two cores)::
+
+    python -m multiviz_widgets.demos.easy_vqa train
+    python -m multiviz_widgets.demos.easy_vqa evaluate --json
+
+The model (``EasyVQAModel``):
+
+* image encoder: four 3x3 convolutions (stride 2, 2, 2, 1) -> a spatial map [B, 64, 8, 8];
+* question encoder: ``embedding`` (``nn.Embedding`` with [PAD] = 0 mapped to the zero vector),
+  summed over tokens (so extra [PAD] tokens change nothing) and an MLP -> q [B, 64];
+* fusion: every location of the image map is multiplied elementwise by q (a genuine cross-modal
+  interaction), mixed by a 1x1 convolution, and max-pooled over space late (so what decides is a
+  place in the picture) -> an MLP -> the decision vector h [B, 64] (ReLU);
+* ``classifier``: the one final ``nn.Linear(64, 13)`` decision layer.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapter import ModelAdapter
+from ..data import MultimodalDataset
+from ..modalities import Image, Text
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_FILE = WEIGHTS_DIR / "easy_vqa.safetensors"
+META_FILE = WEIGHTS_DIR / "easy_vqa.json"
+
+#: The 26 words of easy-VQA's questions (lower case, '?' stripped), sorted.
+WORDS = ("a black blue brown circle color contain does gray green image in is no not of present "
+         "rectangle red shape teal the there triangle what yellow").split()
+#: Token ids: [PAD] = 0 (its embedding is the zero vector), [UNK] = 1, then the sorted words.
+VOCAB = ["[PAD]", "[UNK]"] + WORDS
+SHAPES = ("circle", "rectangle", "triangle")
+COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+SPLITS = ("train", "test")
+N_TEST_QUESTIONS = 9673
+
+DEFAULT_CONFIG = {"vocab_size": len(VOCAB), "n_answers": 13, "embed_dim": 32, "width": 64,
+                  "channels": [16, 32, 64], "norm": True}
+
+
+class WeightsError(RuntimeError):
+    """The shipped weights (or their JSON description) are missing, corrupt or do not fit."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+class EasyVQAModel(nn.Module):
+    """Image + question -> logits [B, 13]; the decision vector h is the input of ``classifier``.
+
+    forward(image [B, 3, 64, 64] floats in [0, 1], question [B, T] token ids padded with 0).
+    Cost on two CPU cores: batch 1 forward + backward about 2 ms; batch 512 forward about 0.1 s.
+    """
+
+    def __init__(self, vocab_size: int = len(VOCAB), n_answers: int = 13, embed_dim: int = 32,
+                 width: int = 64, channels: Sequence[int] = (16, 32, 64), norm: bool = True):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.conv1 = nn.Conv2d(3, c1, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(c2, c3, 3, stride=2, padding=1)
+        self.conv4 = nn.Conv2d(c3, width, 3, stride=1, padding=1)
+        bn = (lambda c: nn.BatchNorm2d(c)) if norm else (lambda c: nn.Identity())
+        self.bn1, self.bn2, self.bn3, self.bn4 = bn(c1), bn(c2), bn(c3), bn(width)
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.question_mlp = nn.Sequential(nn.Linear(embed_dim, width), nn.ReLU(),
+                                          nn.Linear(width, width))
+        self.mix = nn.Conv2d(width, width, 1)
+        self.fc = nn.Linear(2 * width, width)
+        self.classifier = nn.Linear(width, n_answers)
+
+    def image_map(self, image: torch.Tensor) -> torch.Tensor:
+        """The image encoder's spatial map [B, width, H/8, W/8]."""
+        x = F.relu(self.bn1(self.conv1(image - 0.5)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)))
+        return F.relu(self.bn4(self.conv4(x)))
+
+    def question_vector(self, question: torch.Tensor) -> torch.Tensor:
+        """The question encoder's vector [B, width] (sum of token embeddings, then an MLP)."""
+        return self.question_mlp(self.embedding(question).sum(dim=1))
+
+    def forward(self, image: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        v = self.image_map(image)
+        q = self.question_vector(question)
+        z = F.relu(self.mix(v * q[:, :, None, None]))
+        h = F.relu(self.fc(torch.cat([z.amax(dim=(2, 3)), q], dim=1)))
+        return self.classifier(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+class _ImageColumn:
+    """Images indexed per question without copying: item i is images[image_index[i]] (a copy)."""
+
+    def __init__(self, images: np.ndarray, image_index: np.ndarray):
+        self.images, self.image_index = images, image_index
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.images[self.image_index[int(i)]].copy()
+
+
+class EasyVQADataset(MultimodalDataset):
+    """easy-VQA questions: items {"image": uint8 [64, 64, 3], "question": str}, labels = answers.
+
+    Each picture is stored once (``images`` [n_images, 64, 64, 3]); ``image_index[i]`` is the
+    picture of question i. ``answers`` are the class names; ``descriptions`` the questions.
+    """
+
+    def __init__(self, images: np.ndarray, image_index: np.ndarray, questions: Sequence[str],
+                 labels: Sequence[int], answers: Sequence[str], split: str = "test"):
+        self.images = images
+        self.image_index = np.asarray(image_index, dtype=np.int64)
+        self.questions = list(questions)
+        self.answers = list(answers)
+        self.split = split
+        super().__init__({"image": _ImageColumn(images, self.image_index),
+                          "question": self.questions},
+                         labels=labels, descriptions=self.questions, name=f"easy-VQA {split}")
+
+    def answer(self, i: int) -> str:
+        """The true answer of question i."""
+        return self.answers[int(self.labels[int(i)])]
+
+    def kinds(self) -> list[str]:
+        """question_kind of every question ("shape", "color" or "yes_no")."""
+        return [question_kind(q) for q in self.questions]
+
+    def fingerprint(self) -> str:
+        """A hash of the pictures, the picture index, the questions and the labels (~30 ms)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(f"easy-vqa:{self.split}:{self.n}:{self.images.shape}".encode())
+            h.update(np.ascontiguousarray(self.images).tobytes())
+            h.update(self.image_index.tobytes())
+            h.update("\n".join(self.questions).encode())
+            h.update(self.labels.tobytes())
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
+
+
+@functools.lru_cache(maxsize=2)
+def _read_split(split: str):
+    """(images uint8 [n, 64, 64, 3] read-only, image_index, questions, answer names) of a split."""
+    try:
+        import easy_vqa as ev
+    except ImportError as e:  # pragma: no cover - declared dependency
+        raise ImportError("The easy-VQA demo needs the 'easy-vqa' package: pip install easy-vqa") from e
+    from PIL import Image as PILImage
+
+    if split == "train":
+        texts, answers, ids = ev.get_train_questions()
+        paths = ev.get_train_image_paths()
+    else:
+        texts, answers, ids = ev.get_test_questions()
+        paths = ev.get_test_image_paths()
+    order = sorted(paths)
+    row = {image_id: r for r, image_id in enumerate(order)}
+    images = np.stack([np.asarray(PILImage.open(paths[i]).convert("RGB")) for i in order])
+    images.setflags(write=False)
+    image_index = np.array([row[i] for i in ids], dtype=np.int64)
+    image_index.setflags(write=False)
+    return images, image_index, tuple(texts), tuple(answers)
+
+
+def load_dataset(split: str = "test") -> EasyVQADataset:
+    """The easy-VQA split ("train": 38,575 questions, "test": 9,673) as an EasyVQADataset.
+
+    Cost: reading the split's PNG files once per process (about 0.3 s for test), then cached.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"easy-VQA split {split!r} does not exist; use 'train' or 'test'.")
+    import easy_vqa as ev
+
+    answer_names = ev.get_answers()
+    images, image_index, texts, answers = _read_split(split)
+    to_id = {a: i for i, a in enumerate(answer_names)}
+    labels = np.array([to_id[a] for a in answers], dtype=np.int64)
+    return EasyVQADataset(images, image_index, texts, labels, answer_names, split)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the shipped model
+# ---------------------------------------------------------------------------------------------
+def _retrain_hint() -> str:
+    return ("Reinstall the package, or re-create the weights with "
+            "`python -m multiviz_widgets.demos.easy_vqa train`.")
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_meta(meta_path: str | Path | None = None) -> dict:
+    """The JSON beside the weights: vocab, answers, config, training settings, test accuracy."""
+    path = Path(meta_path) if meta_path is not None else META_FILE
+    if not path.is_file():
+        raise WeightsError(f"The easy-VQA model description {path} is missing. {_retrain_hint()}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"The easy-VQA model description {path} is not valid JSON ({e}). "
+                           f"{_retrain_hint()}") from e
+    missing = [k for k in ("config", "vocab", "answers") if k not in meta]
+    if missing:
+        raise WeightsError(f"The easy-VQA model description {path} lacks {missing}. {_retrain_hint()}")
+    return meta
+
+
+def question_modality(vocab: Sequence[str] = VOCAB) -> Text:
+    """The question modality: one unit per word, [PAD] baseline, gradients through the embedding."""
+    return Text("question", vocab=list(vocab), pad_token="[PAD]", unk_token="[UNK]", baseline="pad")
+
+
+def image_modality() -> Image:
+    """The image modality: an 8x8 grid of 8-pixel patches (64 units), white baseline."""
+    return Image("image", patch=8, baseline="white")
+
+
+def load_model(weights_path: str | Path | None = None, meta_path: str | Path | None = None
+               ) -> tuple[EasyVQAModel, dict]:
+    """(model in eval mode, meta) from the shipped safetensors (or the paths given). No pickle."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    wpath = Path(weights_path) if weights_path is not None else WEIGHTS_FILE
+    if meta_path is None:
+        meta_path = wpath.with_suffix(".json") if weights_path is not None else META_FILE
+    meta = read_meta(meta_path)
+    if not wpath.is_file():
+        raise WeightsError(f"The easy-VQA weights {wpath} are missing. {_retrain_hint()}")
+    expected = meta.get("weights_sha256")
+    if expected and _file_sha256(wpath) != expected:
+        raise WeightsError(f"The easy-VQA weights {wpath} are corrupt: their SHA-256 does not match "
+                           f"the one recorded in {Path(meta_path).name}. {_retrain_hint()}")
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise WeightsError(f"The easy-VQA weights {wpath} cannot be read as safetensors ({e}). "
+                           f"{_retrain_hint()}") from e
+    model = EasyVQAModel(**meta["config"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"The easy-VQA weights {wpath} do not fit the model described in "
+                           f"{Path(meta_path).name} ({e}). {_retrain_hint()}") from e
+    model.eval()
+    return model, meta
+
+
+def make_adapter(model: EasyVQAModel, vocab: Sequence[str] = VOCAB,
+                 answers: Sequence[str] | None = None) -> ModelAdapter:
+    """The ModelAdapter of an EasyVQAModel: image (64 patches) and question (words) modalities."""
+    if answers is None:
+        import easy_vqa as ev
+        answers = ev.get_answers()
+    return ModelAdapter(model, [image_modality(), question_modality(vocab)],
+                        class_names=list(answers), decision_layer=model.classifier,
+                        embedding_layers={"question": model.embedding}, name="easy-VQA")
+
+
+def load_adapter(weights_path: str | Path | None = None, meta_path: str | Path | None = None
+                 ) -> ModelAdapter:
+    """A ModelAdapter around the shipped easy-VQA model (eval mode). Cost: ~50 ms, no forward."""
+    model, meta = load_model(weights_path, meta_path)
+    return make_adapter(model, meta["vocab"], meta["answers"])
+
+
+def load(split: str = "test") -> tuple[ModelAdapter, EasyVQADataset]:
+    """(adapter, dataset): the shipped model and an easy-VQA split. Cost: under 3 s (test)."""
+    return load_adapter(), load_dataset(split)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: ground truth for the relevance checks
+# ---------------------------------------------------------------------------------------------
+def shape_mask(image, threshold: float = 48.0) -> np.ndarray:
+    """Bool [H, W]: the pixels of the picture's shape (the ground truth for relevance mass).
+
+    image: uint8 [H, W, 3] (0..255), or floats in [0, 1] as [3, H, W] (a model input) or
+    [H, W, 3]. The background colour is the median of the border pixels (easy-VQA backgrounds
+    are light and uniform); a pixel belongs to the shape when one of its channels differs from
+    it by more than ``threshold`` (on the 0..255 scale).
+    """
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    arr = np.asarray(image)
+    if arr.ndim != 3:
+        raise ValueError(f"shape_mask needs one RGB image ([H, W, 3] or [3, H, W]), got shape {arr.shape}.")
+    if arr.shape[0] == 3 and arr.shape[-1] != 3:
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.shape[-1] != 3:
+        raise ValueError(f"shape_mask needs 3 colour channels, got shape {arr.shape}.")
+    arr = arr.astype(np.float32)
+    if image.dtype != np.uint8:
+        arr = arr * 255.0
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    background = np.median(border, axis=0)
+    return np.abs(arr - background).max(axis=-1) > threshold
+
+
+def question_kind(question: str) -> str:
+    """"color" (asks the shape's colour), "shape" (asks which shape) or "yes_no"."""
+    words = question.lower().replace("?", " ").split()
+    if not words:
+        raise ValueError("question_kind needs a question, got an empty string.")
+    if words[0] != "what":
+        return "yes_no"
+    return "color" if "color" in words else "shape"
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched tensors, training and evaluation
+# ---------------------------------------------------------------------------------------------
+def encode_questions(questions: Sequence[str], modality: Text | None = None) -> torch.Tensor:
+    """Token ids [N, T] (padded with [PAD] = 0) of many questions, as the adapter would make them."""
+    modality = modality or question_modality()
+    return modality.batch([modality.to_tensor(q) for q in questions])
+
+
+def image_batch(images: np.ndarray) -> torch.Tensor:
+    """Model inputs [B, 3, H, W] in [0, 1] from uint8 pictures [B, H, W, 3]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: EasyVQADataset, indices: Sequence[int] | None = None,
+            batch_size: int = 512, question_ids: torch.Tensor | None = None) -> np.ndarray:
+    """Predicted answer indices [N] for the questions ``indices`` (default all). Cost: N forwards."""
+    idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if question_ids is None:
+        question_ids = encode_questions([dataset.questions[i] for i in idx])
+        rows = np.arange(len(idx))
+    else:
+        rows = idx
+    was_training = model.training
+    model.eval()
+    out = []
+    for s in range(0, len(idx), batch_size):
+        chunk = idx[s:s + batch_size]
+        img = image_batch(dataset.images[dataset.image_index[chunk]])
+        q = question_ids[torch.from_numpy(rows[s:s + batch_size])]
+        q = q[:, : max(1, int((q != 0).sum(1).max()))]
+        out.append(model(img, q).argmax(1).numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def accuracy(model: nn.Module, dataset: EasyVQADataset, indices: Sequence[int] | None = None
+             ) -> float:
+    """Fraction of questions answered correctly. Cost: one forward per question (batched)."""
+    idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+    return float((predict(model, dataset, idx) == dataset.labels[idx]).mean())
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+          val_every: int = 10, out_dir: str | Path | None = None, threads: int = 2,
+          log: Callable[[str], None] = print, config: dict | None = None,
+          max_steps_per_epoch: int | None = None) -> dict:
+    """Train EasyVQAModel on the train split with fixed seeds; save safetensors + JSON.
+
+    Pictures whose id is a multiple of ``val_every`` (and their questions) are held out for
+    model selection (the best epoch by validation accuracy is kept); the test split is only
+    evaluated at the end, for the record. Returns the JSON written beside the weights.
+    Cost: epochs x 34,676 forward + backward passes (a few minutes on two quiet cores).
+    ``max_steps_per_epoch`` cuts epochs short (for smoke tests).
+    """
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(threads)
+    _seed_everything(seed)
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    start = time.perf_counter()
+    ds = load_dataset("train")
+    qids = encode_questions(ds.questions)
+    image_ids = ds.image_index
+    held = (image_ids % val_every) == 0
+    train_idx = np.flatnonzero(~held)
+    val_idx = np.flatnonzero(held)
+    images = torch.from_numpy(np.array(ds.images))                 # uint8 [n, 64, 64, 3]
+    labels = torch.from_numpy(ds.labels)
+    log(f"easy-VQA: {len(train_idx)} training and {len(val_idx)} validation questions "
+        f"({len(ds.images)} pictures), {epochs} epochs of batch {batch_size}")
+
+    model = EasyVQAModel(**cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps_per_epoch = math.ceil(len(train_idx) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
+                                                pct_start=0.15)
+    gen = torch.Generator().manual_seed(seed)
+    train_t = torch.from_numpy(train_idx)
+    best = (-1.0, -1, None)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        perm = train_t[torch.randperm(len(train_t), generator=gen)]
+        total_loss, seen = 0.0, 0
+        for step, s in enumerate(range(0, len(perm), batch_size)):
+            if max_steps_per_epoch is not None and step >= max_steps_per_epoch:
+                break
+            b = perm[s:s + batch_size]
+            img = images[torch.from_numpy(image_ids[b.numpy()])].permute(0, 3, 1, 2).float() / 255.0
+            flip = torch.rand(len(b), generator=gen) < 0.5     # mirror left-right: same answer
+            img = torch.where(flip[:, None, None, None], img.flip(-1), img)
+            q = qids[b]
+            loss = F.cross_entropy(model(img, q), labels[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += float(loss.detach()) * len(b)
+            seen += len(b)
+            if (step + 1) % 100 == 0:
+                log(f"  epoch {epoch + 1}/{epochs} step {step + 1}/{steps_per_epoch} "
+                    f"loss {total_loss / seen:.4f}")
+        val_acc = float((predict(model, ds, val_idx, question_ids=qids) == ds.labels[val_idx]).mean())
+        history.append({"epoch": epoch + 1, "train_loss": total_loss / seen, "val_accuracy": val_acc})
+        log(f"epoch {epoch + 1}/{epochs}: train loss {total_loss / seen:.4f}, validation accuracy "
+            f"{val_acc:.4f} ({time.perf_counter() - start:.0f} s)")
+        if val_acc > best[0]:
+            best = (val_acc, epoch + 1, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    model.eval()
+    train_seconds = time.perf_counter() - start
+    test = load_dataset("test")
+    test_acc = accuracy(model, test)
+    log(f"kept epoch {best[1]} (validation accuracy {best[0]:.4f}); test accuracy {test_acc:.4f} "
+        f"on {len(test)} questions; {train_seconds:.0f} s of training")
+
+    out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    wpath = out / WEIGHTS_FILE.name
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(wpath), metadata={"format": "pt", "model": "EasyVQAModel"})
+    import easy_vqa as ev
+    meta = {
+        "model": "EasyVQAModel",
+        "config": cfg,
+        "vocab": list(VOCAB),
+        "answers": ev.get_answers(),
+        "decision_layer": "classifier",
+        "decision_features": cfg["width"],
+        "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+                     "optimizer": "Adam + OneCycleLR", "augmentation": "random left-right flip",
+                     "validation": f"train pictures with id % {val_every} == 0",
+                     "train_questions": int(len(train_idx)), "val_questions": int(len(val_idx)),
+                     "best_epoch": best[1], "val_accuracy": best[0], "history": history,
+                     "seconds": round(train_seconds, 1), "threads": threads,
+                     "torch": torch.__version__},
+        "test_accuracy": test_acc,
+        "n_test": len(test),
+        "weights_sha256": _file_sha256(wpath),
+    }
+    (out / META_FILE.name).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    log(f"saved {wpath} and {out / META_FILE.name}")
+    return meta
+
+
+def evaluate(weights_path: str | Path | None = None, batch_size: int = 512) -> dict:
+    """Test accuracy of the shipped model on the full test split (9,673 questions).
+
+    Returns {"test_accuracy", "n", "correct", "per_kind", "seconds", "load_seconds"}.
+    Cost: 9,673 forward passes in batches (a second or two).
+    """
+    t0 = time.perf_counter()
+    adapter = load_adapter(weights_path)
+    dataset = load_dataset("test")
+    load_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    pred = predict(adapter.model, dataset, batch_size=batch_size)
+    seconds = time.perf_counter() - t1
+    correct = pred == dataset.labels
+    kinds = np.array(dataset.kinds())
+    per_kind = {k: float(correct[kinds == k].mean()) for k in ("yes_no", "shape", "color")}
+    return {"test_accuracy": float(correct.mean()), "n": int(len(dataset)),
+            "correct": int(correct.sum()), "per_kind": per_kind,
+            "seconds": round(seconds, 3), "load_seconds": round(load_seconds, 3)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m multiviz_widgets.demos.easy_vqa",
+                                     description="Train or evaluate the embedded easy-VQA model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train with fixed seeds and save the weights")
+    p_train.add_argument("--epochs", type=int, default=10)
+    p_train.add_argument("--batch-size", type=int, default=64)
+    p_train.add_argument("--lr", type=float, default=3e-3)
+    p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--threads", type=int, default=2)
+    p_train.add_argument("--config", default=None,
+                         help='model options as JSON, e.g. \'{"width": 96, "norm": false}\'')
+    p_train.add_argument("--out-dir", default=None,
+                         help="folder for easy_vqa.safetensors and easy_vqa.json "
+                              "(default: the package's weights folder)")
+    p_eval = sub.add_parser("evaluate", help="test accuracy of the shipped model")
+    p_eval.add_argument("--json", action="store_true", help="print one JSON object")
+    p_eval.add_argument("--weights", default=None, help="a safetensors file (default: shipped)")
+    p_eval.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+              out_dir=args.out_dir, threads=args.threads,
+              config=json.loads(args.config) if args.config else None,
+              log=lambda m: print(m, flush=True))
+        return 0
+    torch.set_num_threads(args.threads)
+    try:
+        result = evaluate(args.weights)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"test accuracy {result['test_accuracy']:.4f} on {result['n']} questions "
+              f"(yes/no {result['per_kind']['yes_no']:.4f}, shape {result['per_kind']['shape']:.4f}, "
+              f"color {result['per_kind']['color']:.4f}); load {result['load_seconds']:.2f} s, "
+              f"evaluation {result['seconds']:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
