@@ -282,3 +282,15 @@ def test_two_adapters_side_by_side_do_not_share_state(cache):
     np.testing.assert_array_equal(sa.result().top_indices, full_sort(ha, 3)[0])
     np.testing.assert_array_equal(sb.result().top_indices, full_sort(hb, 3)[0])
     assert _hook_count(a) == 0 and _hook_count(b) == 0
+
+
+def test_models_with_zero_dimensional_buffers_are_cached_and_invalidated(cache):
+    """BatchNorm keeps a 0-d ``num_batches_tracked`` buffer; the weights hash must handle it."""
+    adapter, ds = make_adapter(), make_dataset()
+    adapter.model.norm = nn.BatchNorm1d(3).eval()      # registered, unused by forward
+    first = extract_features(adapter, ds, cache_dir=cache)
+    assert extract_features(adapter, ds, cache_dir=cache).from_cache
+    with torch.no_grad():
+        adapter.model.norm.running_mean.add_(1.0)
+    assert not extract_features(adapter, ds, cache_dir=cache).from_cache
+    assert rep.weights_hash(adapter) != first.key
