@@ -373,3 +373,13 @@ def test_a_single_modality_model_has_no_heatmap_but_the_rest_works():
         assert ex.state()["unit_ref"] == ["row", 1] and ex.state()["error"] == ""
     finally:
         ex.close()
+
+
+def test_view_encoders_colour_by_sign_and_write_png():
+    from multiviz_widgets.views._encode import diverging, image_overlay, png, strip
+    rgb = diverging(np.array([-1.0, 0.0, 1.0]))
+    assert tuple(rgb[1]) == (255, 255, 255)
+    assert rgb[2, 0] > rgb[2, 2] and rgb[0, 2] > rgb[0, 0]          # red up, blue down
+    over = image_overlay(np.zeros((3, 4, 4)), np.arange(16.0).reshape(4, 4) - 8)
+    assert over.shape == (4, 4, 3) and over.dtype == np.uint8
+    assert png(strip(np.array([1.0, -2.0, 3.0]), rows=2), size=32)[:8] == b"\x89PNG\r\n\x1a\n"

@@ -179,12 +179,12 @@ class NeuronView(W.VBox):
             if m.kind == "image" and name in attr.maps:
                 x = prepared.raw[name][0].detach().cpu().float().numpy()
                 thumbs[name] = png(image_overlay(x, np.asarray(attr.maps[name])), size)
-            elif m.kind in ("tabular", "timeseries") and scores.size:
-                rows = len(getattr(m, "groups", [])) if m.kind == "timeseries" else 1
-                grid = strip(scores, rows=1)
-                if m.kind == "timeseries" and rows > 0:
-                    grid = strip(scores.reshape(-1, rows).T.reshape(-1), rows=rows)
-                thumbs[name] = png(grid, size)
+            elif m.kind == "timeseries" and scores.size:
+                groups = len(m.groups)            # units are window-major: [windows, groups]
+                thumbs[name] = png(strip(scores.reshape(-1, groups).T.reshape(-1), rows=groups),
+                                   size)
+            elif scores.size:                     # tabular (and any other kind): one strip
+                thumbs[name] = png(strip(scores, rows=1), size)
         return {"side": side, "index": idx, "value": value,
                 "description": str(a.dataset.describe(idx)), "label": a.label(idx),
                 "thumbs": thumbs}
