@@ -183,7 +183,7 @@ class NeuronView(W.VBox):
                 groups = len(m.groups)            # units are window-major: [windows, groups]
                 thumbs[name] = png(strip(scores.reshape(-1, groups).T.reshape(-1), rows=groups),
                                    size)
-            elif scores.size:                     # tabular (and any other kind): one strip
+            elif m.kind != "text" and scores.size:   # tabular and other kinds: one strip
                 thumbs[name] = png(strip(scores, rows=1), size)
         return {"side": side, "index": idx, "value": value,
                 "description": str(a.dataset.describe(idx)), "label": a.label(idx),
