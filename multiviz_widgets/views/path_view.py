@@ -27,14 +27,9 @@ class PathView(W.VBox):
         self.nodes: list[dict] = []
         self.links: list[dict] = []
         self.path: dict = {}
-        xs = bq.LinearScale(min=-0.3, max=2.3)
-        ys = bq.LinearScale(min=-0.1, max=1.1)
-        self.graph = bq.Graph(node_data=[], link_data=[], x=[], y=[],
-                              scales={"x": xs, "y": ys}, link_type="line", directed=True,
-                              static=True, charge=0, highlight_links=True,
-                              interactions={"click": "select", "hover": "tooltip"},
-                              selected_style={"stroke": "black", "stroke-width": 3})
-        self.graph.on_element_click(self._on_click)
+        self.xs = bq.LinearScale(min=-0.3, max=2.3)
+        self.ys = bq.LinearScale(min=-0.1, max=1.1)
+        self.graph = self._new_graph([], [], [], [], [])
         self.figure = bq.Figure(marks=[self.graph], layout=W.Layout(width="620px",
                                                                    height="360px"),
                                 fig_margin={"top": 20, "bottom": 20, "left": 60, "right": 60})
@@ -42,6 +37,16 @@ class PathView(W.VBox):
         super().__init__([self.caption, self.figure])
         selection.observe(lambda _: self.refresh(), names=["instance", "target"])
         selection.observe(lambda _: self._highlight(), names=["neuron", "modality", "unit"])
+
+    def _new_graph(self, node_data, link_data, x, y, colors) -> bq.Graph:
+        graph = bq.Graph(node_data=node_data, link_data=link_data, x=x, y=y,
+                         colors=colors or ["#7f7f7f"], scales={"x": self.xs, "y": self.ys},
+                         link_type="line", directed=True, static=True, charge=0,
+                         highlight_links=True,
+                         interactions={"click": "select", "hover": "tooltip"},
+                         selected_style={"stroke": "black", "stroke-width": 3})
+        graph.on_element_click(self._on_click)
+        return graph
 
     def refresh(self) -> None:
         s = self.selection
@@ -69,12 +74,14 @@ class PathView(W.VBox):
                      for n in nodes]
         link_data = [{"source": int(l["source"]), "target": int(l["target"]),
                       "value": float(l["value"])} for l in links]
-        with self.graph.hold_sync():
-            self.graph.node_data = node_data
-            self.graph.link_data = link_data
-            self.graph.x = np.array([n["x"] for n in nodes], dtype=float)
-            self.graph.y = np.array([n["y"] for n in nodes], dtype=float)
-            self.graph.colors = [_COLOURS.get(n["kind"], "#7f7f7f") for n in nodes]
+        # a new mark each time: bqplot's Graph does not redraw changed nodes (bqplot#1155)
+        old = self.graph
+        self.graph = self._new_graph(node_data, link_data,
+                                     np.array([n["x"] for n in nodes], dtype=float),
+                                     np.array([n["y"] for n in nodes], dtype=float),
+                                     [_COLOURS.get(n["kind"], "#7f7f7f") for n in nodes])
+        self.figure.marks = [self.graph]
+        old.close()
         self.caption.value = (f"prediction path to class "
                               f"{self.analyses.adapter.class_names[cls]!r}: units -> neurons -> "
                               "class (click a node)")
