@@ -14,15 +14,22 @@ Command line (fixed seeds, 2 threads, a few minutes on two cores)::
     python -m multiviz_widgets.demos.easy_vqa train
     python -m multiviz_widgets.demos.easy_vqa evaluate --json
 
-The model (``EasyVQAModel``):
+The model (``EasyVQAModel``, about 82,000 parameters):
 
-* image encoder: four 3x3 convolutions (stride 2, 2, 2, 1) -> a spatial map [B, 64, 8, 8];
-* question encoder: ``embedding`` (``nn.Embedding`` with [PAD] = 0 mapped to the zero vector),
-  summed over tokens (so extra [PAD] tokens change nothing) and an MLP -> q [B, 64];
-* fusion: every location of the image map is multiplied elementwise by q (a genuine cross-modal
-  interaction), mixed by a 1x1 convolution, and max-pooled over space late (so what decides is a
-  place in the picture) -> an MLP -> the decision vector h [B, 64] (ReLU);
+* image encoder: four 3x3 convolutions (stride 2, 2, 2, 1; 16-32-64-64 channels, batch norm,
+  ReLU) -> a spatial map [B, 64, 8, 8] (one cell per 8x8 patch);
+* question encoder: ``embedding`` (``nn.Embedding``, [PAD] = 0 mapped to the zero vector)
+  summed over tokens (so extra [PAD] tokens change nothing, and the all-[PAD] baseline is the
+  empty question) and an MLP -> q [B, 64];
+* fusion: every cell of the image map is multiplied elementwise by q (a genuine cross-modal
+  interaction), mixed by a 1x1 convolution with ReLU and max-pooled over space late (so what
+  decides is a place in the picture); with q beside it, an MLP gives the decision vector
+  h [B, 64] (ReLU);
 * ``classifier``: the one final ``nn.Linear(64, 13)`` decision layer.
+
+Shipped weights: ``train`` with its defaults (seed 0, 12 epochs of batch 64, Adam with a
+one-cycle schedule, left-right flips, best epoch on held-out training pictures); test accuracy
+0.9999 (9,672 of 9,673).
 """
 from __future__ import annotations
 
@@ -96,6 +103,15 @@ class EasyVQAModel(nn.Module):
         self.fc = nn.Linear(2 * width, width)
         self.classifier = nn.Linear(width, n_answers)
 
+    @property
+    def config(self) -> dict:
+        """The constructor arguments (what the JSON beside the weights records)."""
+        return {"vocab_size": self.embedding.num_embeddings, "n_answers": self.classifier.out_features,
+                "embed_dim": self.embedding.embedding_dim, "width": self.classifier.in_features,
+                "channels": [self.conv1.out_channels, self.conv2.out_channels,
+                             self.conv3.out_channels],
+                "norm": isinstance(self.bn1, nn.BatchNorm2d)}
+
     def image_map(self, image: torch.Tensor) -> torch.Tensor:
         """The image encoder's spatial map [B, width, H/8, W/8]."""
         x = F.relu(self.bn1(self.conv1(image - 0.5)))
@@ -113,6 +129,25 @@ class EasyVQAModel(nn.Module):
         z = F.relu(self.mix(v * q[:, :, None, None]))
         h = F.relu(self.fc(torch.cat([z.amax(dim=(2, 3)), q], dim=1)))
         return self.classifier(h)
+
+
+@torch.no_grad()
+def fold_batch_norm(model: EasyVQAModel) -> EasyVQAModel:
+    """An equivalent model without batch norm (eval-mode statistics folded into the convolutions).
+
+    The shipped model is folded: fewer layers, and no integer buffers in the weights file.
+    """
+    if not isinstance(model.bn1, nn.BatchNorm2d):
+        return copy.deepcopy(model).eval()
+    folded = EasyVQAModel(**dict(model.config, norm=False))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("bn")}
+    for i in range(1, 5):
+        conv, bn = getattr(model, f"conv{i}"), getattr(model, f"bn{i}")
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        state[f"conv{i}.weight"] = conv.weight * scale[:, None, None, None]
+        state[f"conv{i}.bias"] = (conv.bias - bn.running_mean) * scale + bn.bias
+    folded.load_state_dict(state, strict=True)
+    return folded.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +386,10 @@ def encode_questions(questions: Sequence[str], modality: Text | None = None) -> 
 
 def image_batch(images: np.ndarray) -> torch.Tensor:
     """Model inputs [B, 3, H, W] in [0, 1] from uint8 pictures [B, H, W, 3]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    arr = np.asarray(images)
+    if not (arr.flags.writeable and arr.flags.c_contiguous):
+        arr = np.array(arr)                      # torch wants a writable, contiguous buffer
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 @torch.no_grad()
@@ -393,14 +431,15 @@ def _seed_everything(seed: int) -> None:
 def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
           val_every: int = 10, out_dir: str | Path | None = None, threads: int = 2,
           log: Callable[[str], None] = print, config: dict | None = None,
-          max_steps_per_epoch: int | None = None) -> dict:
+          max_steps_per_epoch: int | None = None, evaluate_test: bool = True) -> dict:
     """Train EasyVQAModel on the train split with fixed seeds; save safetensors + JSON.
 
     Pictures whose id is a multiple of ``val_every`` (and their questions) are held out for
     model selection (the best epoch by validation accuracy is kept); the test split is only
     evaluated at the end, for the record. Returns the JSON written beside the weights.
     Cost: epochs x 34,676 forward + backward passes (a few minutes on two quiet cores).
-    ``max_steps_per_epoch`` cuts epochs short (for smoke tests).
+    ``max_steps_per_epoch`` cuts epochs short and ``evaluate_test=False`` skips the final test
+    pass (both for smoke tests).
     """
     from safetensors.torch import save_file
 
@@ -458,12 +497,13 @@ def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 
         if val_acc > best[0]:
             best = (val_acc, epoch + 1, copy.deepcopy(model.state_dict()))
     model.load_state_dict(best[2])
-    model.eval()
+    model = fold_batch_norm(model.eval())
     train_seconds = time.perf_counter() - start
     test = load_dataset("test")
-    test_acc = accuracy(model, test)
-    log(f"kept epoch {best[1]} (validation accuracy {best[0]:.4f}); test accuracy {test_acc:.4f} "
-        f"on {len(test)} questions; {train_seconds:.0f} s of training")
+    test_acc = accuracy(model, test) if evaluate_test else None
+    log(f"kept epoch {best[1]} (validation accuracy {best[0]:.4f}); "
+        + (f"test accuracy {test_acc:.4f} on {len(test)} questions; " if evaluate_test else "")
+        + f"{train_seconds:.0f} s of training")
 
     out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -473,12 +513,13 @@ def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 
     import easy_vqa as ev
     meta = {
         "model": "EasyVQAModel",
-        "config": cfg,
+        "config": model.config,
         "vocab": list(VOCAB),
         "answers": ev.get_answers(),
         "decision_layer": "classifier",
         "decision_features": cfg["width"],
-        "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "training": {"model_config": cfg, "batch_norm_folded": bool(cfg.get("norm")),
+                     "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
                      "optimizer": "Adam + OneCycleLR", "augmentation": "random left-right flip",
                      "validation": f"train pictures with id % {val_every} == 0",
                      "train_questions": int(len(train_idx)), "val_questions": int(len(val_idx)),

@@ -1,0 +1,310 @@
+"""The embedded easy-VQA demo: shipped weights, dataset, helpers, CLI and error paths."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import easy_vqa as ev
+from multiviz_widgets import Image, ModelAdapter, Text
+from multiviz_widgets.demos import easy_vqa as demo
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return demo.load("test")
+
+
+@pytest.fixture(scope="module")
+def adapter(loaded):
+    return loaded[0]
+
+
+@pytest.fixture(scope="module")
+def dataset(loaded):
+    return loaded[1]
+
+
+# -- the shipped model -----------------------------------------------------------------------
+def test_shipped_weights_reach_accuracy_on_fixed_subset(adapter, dataset):
+    subset = np.arange(0, len(dataset), 9)[:1000]       # 1000 questions spread over the split
+    pred = demo.predict(adapter.model, dataset, subset)
+    assert len(subset) == 1000
+    assert (pred == dataset.labels[subset]).mean() >= 0.98
+
+
+def test_adapter_path_agrees_with_fast_path(adapter, dataset):
+    idx = np.arange(40)
+    raw = adapter.collate([dataset[int(i)] for i in idx])
+    logits = adapter.predict(raw)
+    assert logits.shape == (40, 13)
+    np.testing.assert_array_equal(logits.argmax(1).numpy(), demo.predict(adapter.model, dataset, idx))
+
+
+def test_adapter_structure(adapter, dataset):
+    model = adapter.model
+    assert isinstance(model, demo.EasyVQAModel) and not model.training
+    assert adapter.names == ["image", "question"]
+    assert adapter.class_names == ev.get_answers()
+    assert adapter.decision_layer is model.classifier
+    assert isinstance(model.classifier, nn.Linear)
+    assert 32 <= model.classifier.in_features <= 256
+    assert adapter.embedding_layers["question"] is model.embedding
+    image, question = adapter.modalities["image"], adapter.modalities["question"]
+    assert isinstance(image, Image) and image.patch == 8 and image.baseline == "white"
+    assert isinstance(question, Text) and question.vocab == demo.VOCAB
+    assert question.vocab[:2] == ["[PAD]", "[UNK]"] and question.vocab[2:] == sorted(question.vocab[2:])
+    p = adapter.prepare(dataset[0])
+    assert p.n_units["image"] == 64
+    assert p.labels["question"] == dataset.questions[0].rstrip("?").split()
+    logits, h = adapter.features(p.raw)
+    assert h.shape == (1, model.classifier.in_features)
+    w, b = adapter.decision_weights()
+    np.testing.assert_allclose(h.numpy() @ w.T + b, logits.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_both_modalities(adapter, dataset):
+    p = adapter.prepare(dataset[1])
+    cont = {k: v.unsqueeze(0).clone().requires_grad_(True) for k, v in p.continuous.items()}
+    target = adapter.target(int(dataset.labels[1]))
+    adapter.scalar(p, cont, target).sum().backward()
+    assert cont["image"].grad.abs().sum() > 0
+    assert cont["question"].grad.abs().sum() > 0
+
+
+def test_vocabulary_covers_every_question():
+    words = {w for qs in (ev.get_train_questions()[0], ev.get_test_questions()[0])
+             for q in qs for w in q.replace("?", "").split()}
+    assert sorted(words) == demo.WORDS
+
+
+@settings(max_examples=15, deadline=None)
+@given(words=st.lists(st.sampled_from(demo.WORDS), min_size=1, max_size=10),
+       extra=st.integers(1, 6), image=st.integers(0, 999))
+def test_padding_does_not_change_logits(adapter, dataset, words, extra, image):
+    ids = torch.tensor([[demo.VOCAB.index(w) for w in words]])
+    padded = torch.cat([ids, torch.zeros(1, extra, dtype=torch.long)], dim=1)
+    img = demo.image_batch(dataset.images[image:image + 1])
+    with torch.no_grad():
+        a, b = adapter.model(img, ids), adapter.model(img, padded)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_batched_questions_of_different_lengths_match_single(adapter, dataset):
+    idx = [0, 1, 2, 3, 4, 5]
+    lengths = {len(dataset.questions[i].split()) for i in idx}
+    assert len(lengths) > 1                               # the batch really pads something
+    batched = adapter.predict(adapter.collate([dataset[i] for i in idx]))
+    single = torch.cat([adapter.predict(adapter.collate([dataset[i]])) for i in idx])
+    # Only float rounding differs (convolutions pick other kernels for other batch sizes).
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+# -- the dataset -----------------------------------------------------------------------------
+def test_dataset_items_labels_descriptions(dataset):
+    texts, answers, image_ids = ev.get_test_questions()
+    assert len(dataset) == demo.N_TEST_QUESTIONS == len(texts)
+    assert dataset.images.shape == (1000, 64, 64, 3) and dataset.images.dtype == np.uint8
+    assert dataset.image_index.shape == (len(texts),)
+    names = ev.get_answers()
+    assert [names[i] for i in dataset.labels] == list(answers)
+    for i in (0, 1, 4321, len(dataset) - 1):
+        item = dataset[i]
+        assert set(item) == {"image", "question"}
+        assert item["question"] == texts[i] == dataset.describe(i)
+        assert item["image"].shape == (64, 64, 3) and item["image"].dtype == np.uint8
+        assert dataset.answer(i) == answers[i]
+    # The picture of a question is the PNG of its image id.
+    from PIL import Image as PILImage
+    paths = ev.get_test_image_paths()
+    for i in (0, 777, 9000):
+        png = np.asarray(PILImage.open(paths[image_ids[i]]).convert("RGB"))
+        np.testing.assert_array_equal(dataset[i]["image"], png)
+
+
+def test_images_are_stored_once_and_items_are_copies(dataset):
+    assert dataset.columns["image"].images is dataset.images
+    item = dataset[0]
+    item["image"][:] = 0                                   # mutating an item leaves the data alone
+    assert dataset[0]["image"].max() > 0
+    assert not dataset.images.flags.writeable
+
+
+def test_fingerprint_is_stable_and_content_sensitive(dataset):
+    again = demo.load_dataset("test")
+    assert again.fingerprint() == dataset.fingerprint()
+    changed = demo.EasyVQADataset(dataset.images, dataset.image_index, dataset.questions,
+                                  (dataset.labels + 1) % 13, dataset.answers)
+    assert changed.fingerprint() != dataset.fingerprint()
+
+
+def test_unknown_split_is_a_clear_error():
+    with pytest.raises(ValueError, match="'train' or 'test'"):
+        demo.load_dataset("validation")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def test_shape_mask_is_plausible_on_every_test_picture(dataset):
+    fractions = np.array([demo.shape_mask(im).mean() for im in dataset.images])
+    assert fractions.min() > 0.004                         # never empty (smallest shape ~35 px)
+    assert fractions.max() < 0.35                          # never the background
+    assert 0.03 < np.median(fractions) < 0.15
+
+
+def test_shape_mask_accepts_model_inputs(dataset):
+    im = dataset.images[3]
+    as_uint8 = demo.shape_mask(im)
+    assert as_uint8.shape == (64, 64) and as_uint8.dtype == bool
+    np.testing.assert_array_equal(demo.shape_mask(demo.image_batch(im[None])[0]), as_uint8)
+    np.testing.assert_array_equal(demo.shape_mask(im.astype(np.float32) / 255.0), as_uint8)
+    with pytest.raises(ValueError, match="one RGB image"):
+        demo.shape_mask(im[..., 0])
+
+
+def test_shape_mask_finds_a_planted_square():
+    img = np.full((64, 64, 3), [240, 250, 245], dtype=np.uint8)
+    img[10:20, 30:45] = [200, 0, 0]
+    mask = demo.shape_mask(img)
+    assert mask.sum() == 150 and mask[10:20, 30:45].all()
+
+
+@pytest.mark.parametrize("question, kind", [
+    ("what shape is in the image?", "shape"),
+    ("what is the blue shape?", "shape"),
+    ("what shape does the image contain?", "shape"),
+    ("what color is the shape?", "color"),
+    ("what is the color of the circle?", "color"),
+    ("What color is the triangle?", "color"),
+    ("is there a red shape?", "yes_no"),
+    ("does the image not contain a gray shape?", "yes_no"),
+    ("is no triangle present?", "yes_no"),
+])
+def test_question_kind_known_questions(question, kind):
+    assert demo.question_kind(question) == kind
+
+
+def test_question_kind_agrees_with_every_answer():
+    expected = {a: "shape" for a in demo.SHAPES} | {a: "color" for a in demo.COLORS} \
+        | {"yes": "yes_no", "no": "yes_no"}
+    for texts, answers, _ in (ev.get_train_questions(), ev.get_test_questions()):
+        assert [demo.question_kind(q) for q in texts] == [expected[a] for a in answers]
+    with pytest.raises(ValueError):
+        demo.question_kind("  ")
+
+
+# -- loading errors --------------------------------------------------------------------------
+@pytest.fixture
+def weights_copy(tmp_path):
+    shutil.copy(demo.WEIGHTS_FILE, tmp_path / "easy_vqa.safetensors")
+    shutil.copy(demo.META_FILE, tmp_path / "easy_vqa.json")
+    return tmp_path / "easy_vqa.safetensors", tmp_path / "easy_vqa.json"
+
+
+def test_copied_weights_load(weights_copy, adapter):
+    w, _ = weights_copy
+    other = demo.load_adapter(w)
+    assert other.fingerprint() == adapter.fingerprint()
+
+
+def test_missing_weights_is_a_clear_error(weights_copy):
+    w, _ = weights_copy
+    w.unlink()
+    with pytest.raises(demo.WeightsError, match="missing.*easy_vqa train"):
+        demo.load_adapter(w)
+
+
+def test_missing_description_is_a_clear_error(weights_copy):
+    w, m = weights_copy
+    m.unlink()
+    with pytest.raises(demo.WeightsError, match="description.*missing"):
+        demo.load_adapter(w)
+
+
+def test_corrupt_weights_are_detected_by_checksum(weights_copy):
+    w, _ = weights_copy
+    data = bytearray(w.read_bytes())
+    data[-100] ^= 0xFF                                    # flip bits inside a tensor
+    w.write_bytes(bytes(data))
+    with pytest.raises(demo.WeightsError, match="corrupt"):
+        demo.load_adapter(w)
+
+
+def test_truncated_weights_without_checksum_are_a_clear_error(weights_copy):
+    w, m = weights_copy
+    meta = json.loads(m.read_text())
+    del meta["weights_sha256"]
+    m.write_text(json.dumps(meta))
+    w.write_bytes(w.read_bytes()[:1000])
+    with pytest.raises(demo.WeightsError, match="cannot be read as safetensors"):
+        demo.load_adapter(w)
+
+
+def test_weights_that_do_not_fit_the_config_are_a_clear_error(weights_copy):
+    w, m = weights_copy
+    meta = json.loads(m.read_text())
+    meta["config"]["width"] = 96
+    m.write_text(json.dumps(meta))
+    with pytest.raises(demo.WeightsError, match="do not fit"):
+        demo.load_adapter(w)
+
+
+def test_invalid_json_description_is_a_clear_error(weights_copy):
+    w, m = weights_copy
+    m.write_text("{not json")
+    with pytest.raises(demo.WeightsError, match="not valid JSON"):
+        demo.load_adapter(w)
+
+
+# -- command line and training ---------------------------------------------------------------
+def test_evaluate_cli_prints_json(capsys):
+    assert demo.main(["evaluate", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 9673
+    assert out["test_accuracy"] >= 0.98
+    assert {"seconds", "load_seconds", "per_kind"} <= set(out)
+
+
+def test_shipped_description_records_training():
+    meta = demo.read_meta()
+    assert meta["vocab"] == demo.VOCAB and meta["answers"] == ev.get_answers()
+    assert meta["test_accuracy"] >= 0.98 and meta["n_test"] == 9673
+    assert meta["training"]["seed"] == 0
+
+
+def test_training_is_seeded_and_saves_loadable_weights(tmp_path):
+    from safetensors.torch import load_file
+    metas = []
+    for run in ("a", "b"):
+        metas.append(demo.train(epochs=1, max_steps_per_epoch=2, out_dir=tmp_path / run,
+                                log=lambda m: None, evaluate_test=False, val_every=1000))
+    a = load_file(str(tmp_path / "a" / "easy_vqa.safetensors"))
+    b = load_file(str(tmp_path / "b" / "easy_vqa.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    loaded = demo.load_adapter(tmp_path / "a" / "easy_vqa.safetensors")
+    assert isinstance(loaded, ModelAdapter)
+
+
+def test_fold_batch_norm_keeps_the_function():
+    torch.manual_seed(0)
+    model = demo.EasyVQAModel(norm=True)
+    for i in range(1, 5):                                 # non-trivial eval-mode statistics
+        bn = getattr(model, f"bn{i}")
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    folded = demo.fold_batch_norm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert folded.config == dict(model.config, norm=False)
+    img, q = torch.rand(4, 3, 64, 64), torch.randint(1, len(demo.VOCAB), (4, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(img, q), model(img, q), rtol=1e-4, atol=1e-4)
