@@ -45,8 +45,9 @@ class HeatmapView(W.VBox):
         self.grid = bq.GridHeatMap(
             color=np.zeros((2, 2)),
             scales={"row": self.rows_scale, "column": self.cols_scale, "color": self.color_scale},
-            interactions={"click": "select"}, selected_style={"stroke": "black",
-                                                             "stroke-width": 2},
+            # no "select" interaction: with it bqplot's GridHeatMap never sends element_click
+            # to Python (checked in Chromium); the row highlight is set from Python instead
+            interactions={}, selected_style={"stroke": "black", "stroke-width": 2},
             unselected_style={"opacity": 0.85}, stroke="white")
         self.grid.on_element_click(self._on_click)
         self.row_axis = bq.Axis(scale=self.rows_scale, orientation="vertical", label=self.pair[0],
