@@ -52,8 +52,8 @@ PLANTED_UNITS = {"tabular": PLANTED_COLUMN,
 ADDITIVE_UNITS = {"tabular": [COLUMNS.index("age"), COLUMNS.index("cholesterol")],
                   "series": [0 * len(CHANNELS) + CHANNELS.index("ecg"),
                              3 * len(CHANNELS) + CHANNELS.index("spo2")]}
-INTERACTION_WEIGHT = 3.0
-ADDITIVE_WEIGHT = 1.0
+INTERACTION_WEIGHT = 4.0
+ADDITIVE_WEIGHT = 0.35
 NOISE = 0.3
 N_TRAIN, N_TEST = 3000, 600
 
