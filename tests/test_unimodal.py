@@ -494,3 +494,37 @@ def test_bad_parameter_values_are_clear_errors(it, method, params):
     _, adapter, inst = it
     with pytest.raises(ValueError, match=list(params)[0]):
         attribute(adapter, inst, method=method, target=0, **params)
+
+
+def test_agrees_with_captum_on_the_same_forward_function(it):
+    captum = pytest.importorskip("captum.attr")
+    _, adapter, inst = it
+    p = adapter.prepare(inst)
+    names = p.names
+    inputs = tuple(p.continuous[n].unsqueeze(0) for n in names)
+    baselines = tuple(p.baseline[n].unsqueeze(0) for n in names)
+
+    def forward(*xs):
+        return adapter.forward(p.raw, dict(zip(names, xs)))
+
+    def pooled(attrs):
+        return {n: adapter.modalities[n].pool(a.detach(), p.continuous[n], p.index[n])[0].numpy()
+                for n, a in zip(names, attrs)}
+
+    ig = pooled(captum.IntegratedGradients(forward).attribute(
+        inputs, baselines=baselines, target=1, n_steps=20, method="gausslegendre"))
+    sal = pooled(captum.Saliency(forward).attribute(inputs, target=1, abs=False))
+    offset, masks = 0, []
+    for n in names:
+        masks.append((p.index[n] + offset).unsqueeze(0))
+        offset += p.n_units[n]
+    abl = captum.FeatureAblation(forward).attribute(inputs, baselines=baselines, target=1,
+                                                    feature_mask=tuple(masks))
+    # captum spreads a unit's ablation score over all its scalars: read one scalar per unit
+    abl = {n: np.array([a[0][p.index[n] == u].reshape(-1)[0].item() for u in range(p.n_units[n])])
+           for n, a in zip(names, abl)}
+    for method, ref, params in [("integrated_gradients", ig, {"steps": 20}), ("gradient", sal, {}),
+                                ("occlusion", abl, {})]:
+        r = attribute(adapter, p, method=method, target=1, **params)
+        for n in names:
+            np.testing.assert_allclose(r.scores[n], ref[n], rtol=1e-4, atol=1e-5, err_msg=method)

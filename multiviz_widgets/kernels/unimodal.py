@@ -20,6 +20,12 @@ Gradients are taken with respect to the *continuous* inputs of all explained mod
 decision-layer neuron (``Neuron(j)``); every method handles both. ``modalities=[...]`` restricts an
 explanation to some modalities: the others stay as they are in the instance.
 
+Captum: the results equal captum's (Saliency, IntegratedGradients with the same quadrature,
+FeatureAblation with a unit feature mask; tests check it), but the kernels are written directly
+on the adapter: captum's Lime and KernelShap build every sample in a Python loop (about 5x slower
+than the vectorised sampling here), and its gradient methods neither pool to units nor target
+decision neurons. ``benchmarks/kernels.py`` times each method against captum's equivalent.
+
 Maps: gradient methods give the modality's ``to_map`` of the scalar attribution; perturbation
 methods spread each unit's score evenly over its scalars before ``to_map``, so for every method
 the map summed over a unit's region equals the unit's score.
