@@ -383,3 +383,27 @@ def test_view_encoders_colour_by_sign_and_write_png():
     over = image_overlay(np.zeros((3, 4, 4)), np.arange(16.0).reshape(4, 4) - 8)
     assert over.shape == (4, 4, 3) and over.dtype == np.uint8
     assert png(strip(np.array([1.0, -2.0, 3.0]), rows=2), size=32)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_easy_vqa_demo_links_tokens_and_patches_with_the_real_kernels():
+    from multiviz_widgets.explorer import demo
+    try:
+        ex = demo("easy_vqa")
+    except Exception as e:  # noqa: BLE001 - weights not shipped in this checkout
+        pytest.skip(f"easy-VQA demo not available: {e}")
+    try:
+        assert ex.wait(300)
+        st = ex.state()
+        assert st["error"] == "" and st["pair"] == ["question", "image"]
+        assert np.asarray(st["heatmap"]).shape[1] == 64            # 8 x 8 patches
+        ex.input_panel.click("question", 1)
+        assert ex.wait(120)
+        st = ex.state()
+        assert np.allclose(st["input_scores"]["image"], np.asarray(st["heatmap"])[1])
+        ex.input_panel.click("image", 27)
+        assert ex.wait(120)
+        st = ex.state()
+        assert np.allclose(st["input_scores"]["question"], np.asarray(st["heatmap"])[:, 27])
+        assert st["heatmap_selected_col"] == 27 and st["error"] == ""
+    finally:
+        ex.close()
