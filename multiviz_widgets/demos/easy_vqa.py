@@ -27,9 +27,10 @@ The model (``EasyVQAModel``, about 82,000 parameters):
   h [B, 64] (ReLU);
 * ``classifier``: the one final ``nn.Linear(64, 13)`` decision layer.
 
-Shipped weights: ``train`` with its defaults (seed 0, 12 epochs of batch 64, Adam with a
-one-cycle schedule, left-right flips, best epoch on held-out training pictures); test accuracy
-0.9999 (9,672 of 9,673).
+Shipped weights: the output of ``train`` with its defaults (seed 0, 10 epochs of batch 64, Adam
+with a one-cycle schedule, left-right flips, the first epoch with the best accuracy on held-out
+training pictures, here epoch 5; batch norm folded into the convolutions afterwards); 110 s on
+two quiet cores (torch 2.11); test accuracy 0.9996 (9,669 of 9,673).
 """
 from __future__ import annotations
 
