@@ -301,8 +301,13 @@ class Explorer(W.VBox):
         return out
 
     def close(self) -> None:
+        """Stop the engine's worker threads and close the widget."""
         self.engine.close()
         super().close()
+
+    def __repr__(self) -> str:
+        return (f"Explorer({self.adapter.name} on {getattr(self.dataset, 'name', 'dataset')}, "
+                f"{len(self.dataset)} instances, {self.selection!r})")
 
 
 def demo(kind: str = "easy_vqa", **kwargs) -> Explorer:
