@@ -208,3 +208,15 @@ def test_a_background_job_does_not_hold_up_a_click(engine):
     assert got == ["i", "f"]
     with pytest.raises(ValueError, match="lane"):
         engine.submit("x", None, lambda p: 1, lane="gpu")
+
+
+def test_a_quick_job_never_shows_the_progress_bar():
+    e = Engine(delay=30.0)
+    seen = []
+    e.observe(lambda c: seen.append(c["new"]), names="show_progress")
+    try:
+        e.submit("a", None, lambda p: p(1, 1, "done") or 1)
+        assert e.wait(10)
+        assert True not in seen and not e.show_progress
+    finally:
+        e.close()

@@ -407,3 +407,19 @@ def test_the_easy_vqa_demo_links_tokens_and_patches_with_the_real_kernels():
         assert st["heatmap_selected_col"] == 27 and st["error"] == ""
     finally:
         ex.close()
+
+
+def test_a_one_token_matrix_is_drawn_padded_and_its_padding_is_not_clickable(vqa):
+    from multiviz_widgets.results import Interaction
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    inter = Interaction(method="second_order", target=Class(0), modalities=("question", "image"),
+                        matrix=np.arange(4.0).reshape(1, 4), row_labels=["what"],
+                        col_labels=["p0", "p1", "p2", "p3"])
+    hv._show((0, Class(0), inter))
+    assert np.asarray(hv.grid.color).shape == (2, 4) and hv.state()["matrix"] == [[0, 1, 2, 3]]
+    unit = ex.selection.unit_ref
+    click_mark(hv.grid, rowNum=1, columnNum=0)          # the padding row
+    assert ex.selection.unit_ref == unit
+    click_mark(hv.grid, rowNum=0, columnNum=2)
+    assert ex.selection.unit_ref == ("question", 0)

@@ -48,7 +48,7 @@ class HeatmapView(W.VBox):
             # no "select" interaction: with it bqplot's GridHeatMap never sends element_click
             # to Python (checked in Chromium); the row highlight is set from Python instead
             interactions={}, selected_style={"stroke": "black", "stroke-width": 2},
-            unselected_style={"opacity": 0.85}, stroke="white")
+            unselected_style={"opacity": 0.85}, stroke="white", null_color="white")
         self.grid.on_element_click(self._on_click)
         self.row_axis = bq.Axis(scale=self.rows_scale, orientation="vertical", label=self.pair[0],
                                 tick_labels={})
@@ -92,15 +92,20 @@ class HeatmapView(W.VBox):
         self.row_labels = [str(x) for x in inter.row_labels]
         self.col_labels = [str(x) for x in inter.col_labels]
         rows, cols = m.shape
+        # bqplot squeezes a single row or column to 1-D: pad with an empty (NaN) one
+        shown = m if m.size else np.zeros((2, 2))
+        if rows == 1:
+            shown = np.vstack([shown, np.full((1, shown.shape[1]), np.nan)])
+        if cols == 1:
+            shown = np.hstack([shown, np.full((shown.shape[0], 1), np.nan)])
         with self.grid.hold_sync():
             self.grid.selected = None
             self.grid.row = None
             self.grid.column = None
-            self.grid.color = m if m.size else np.zeros((2, 2))
-            if rows > 1 and cols > 1:      # bqplot squeezes a single row/column to 1-D
-                self.grid.row = np.arange(rows)
-                self.grid.column = np.arange(cols)
-            lim = float(np.nanmax(np.abs(m))) if m.size else 1.0
+            self.grid.color = shown
+            self.grid.row = np.arange(shown.shape[0])
+            self.grid.column = np.arange(shown.shape[1])
+            lim = float(np.nanmax(np.abs(m))) if m.size and np.isfinite(m).any() else 1.0
             lim = lim if np.isfinite(lim) and lim > 0 else 1.0
             self.color_scale.min, self.color_scale.max = -lim, lim
         self.row_axis.tick_labels = {str(r): lab for r, lab in enumerate(_unique(self.row_labels))}
@@ -129,8 +134,8 @@ class HeatmapView(W.VBox):
         data = content.get("data") or {}
         r = data.get("rowNum", data.get("row"))
         c = data.get("columnNum", data.get("column"))
-        if r is None:
-            return
+        if r is None or not 0 <= int(r) < self.matrix.shape[0]:
+            return                      # a padding cell, or no matrix yet
         self.click(int(r), None if c is None else int(c))
 
     def click(self, row: int, col: int | None = None) -> None:
