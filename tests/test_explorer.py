@@ -197,6 +197,9 @@ def test_an_identical_request_hits_the_cache(vqa):
 
 def test_a_stale_result_is_dropped_and_the_latest_click_wins(vqa):
     ex, kernels = vqa
+    applied = []
+    original = ex.input_panel._got_scores
+    ex.input_panel._got_scores = lambda result: applied.append(result[0]) or original(result)
     kernels.block = threading.Event()
     kernels.blocking_started.clear()
     ex.select(instance=3)
@@ -206,6 +209,7 @@ def test_a_stale_result_is_dropped_and_the_latest_click_wins(vqa):
     assert ex.wait(30)
     st = ex.state()
     assert st["instance"] == 4 and st["input_instance"] == 4
+    assert applied == [4]                 # instance 3's overlay was never applied
     expected = kernels._unit_scores(ex.adapter, ex.analyses.prepared(4),
                                     Class(ex.analyses.class_index(4, -1)))
     assert np.allclose(st["input_scores"]["question"], expected["question"])
