@@ -128,9 +128,10 @@ class FakeKernels(Kernels):
         self.targets.append(target)
         if prepared.key in self.fail_keys:
             raise RuntimeError("kernel exploded on purpose")
-        if self.block is not None:
+        gate = self.block
+        if gate is not None:
             self.blocking_started.set()
-            while not self.block.wait(0.01):
+            while not gate.wait(0.01):
                 if progress:
                     progress(0, 1, "blocked")
         scores = self._unit_scores(adapter, prepared, target)
