@@ -290,6 +290,9 @@ def test_training_is_seeded_and_saves_loadable_weights(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     loaded = demo.load_adapter(tmp_path / "a" / "easy_vqa.safetensors")
     assert isinstance(loaded, ModelAdapter)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in loaded.model.modules())
+    assert loaded.model.embedding.weight[1].abs().max() == 0          # [UNK] is neutral
+    assert metas[0]["config"]["norm"] is False and metas[0]["training"]["batch_norm_folded"]
 
 
 def test_fold_batch_norm_keeps_the_function():
@@ -308,3 +311,15 @@ def test_fold_batch_norm_keeps_the_function():
     img, q = torch.rand(4, 3, 64, 64), torch.randint(1, len(demo.VOCAB), (4, 7))
     with torch.no_grad():
         torch.testing.assert_close(folded(img, q), model(img, q), rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_words_change_nothing(adapter, dataset):
+    # A typo ("colour") becomes [UNK], whose embedding is zero: the answer is that of the rest.
+    i = next(k for k, q in enumerate(dataset.questions) if q.startswith("what is the color of"))
+    typed = dataset.questions[i].replace("color", "colour")
+    without = dataset.questions[i].replace("color ", "")
+    image = dataset[i]["image"]
+    a = adapter.predict(adapter.collate([{"image": image, "question": typed}]))
+    b = adapter.predict(adapter.collate([{"image": image, "question": without}]))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert adapter.model.embedding.weight[demo.VOCAB.index("[UNK]")].abs().max() == 0

@@ -29,7 +29,8 @@ The model (``EasyVQAModel``, about 82,000 parameters):
 
 Shipped weights: the output of ``train`` with its defaults (seed 0, 10 epochs of batch 64, Adam
 with a one-cycle schedule, left-right flips, the first epoch with the best accuracy on held-out
-training pictures, here epoch 5; batch norm folded into the convolutions afterwards); 110 s on
+training pictures, here epoch 5; then batch norm folded into the convolutions and the [UNK]
+embedding set to zero); 110 s on
 two quiet cores (torch 2.11); test accuracy 0.9996 (9,669 of 9,673).
 """
 from __future__ import annotations
@@ -149,6 +150,17 @@ def fold_batch_norm(model: EasyVQAModel) -> EasyVQAModel:
         state[f"conv{i}.bias"] = (conv.bias - bn.running_mean) * scale + bn.bias
     folded.load_state_dict(state, strict=True)
     return folded.eval()
+
+
+@torch.no_grad()
+def neutral_unknown_words(model: EasyVQAModel) -> EasyVQAModel:
+    """Set the [UNK] embedding to zero, so a word outside the vocabulary changes nothing.
+
+    easy-VQA questions never contain an unknown word, so training leaves [UNK]'s embedding at
+    its random start; zero (like [PAD]) makes a typed question with a typo behave sensibly.
+    """
+    model.embedding.weight[VOCAB.index("[UNK]")] = 0.0
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +510,7 @@ def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 
         if val_acc > best[0]:
             best = (val_acc, epoch + 1, copy.deepcopy(model.state_dict()))
     model.load_state_dict(best[2])
-    model = fold_batch_norm(model.eval())
+    model = neutral_unknown_words(fold_batch_norm(model.eval()))
     train_seconds = time.perf_counter() - start
     test = load_dataset("test")
     test_acc = accuracy(model, test) if evaluate_test else None
@@ -520,6 +532,7 @@ def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 
         "decision_layer": "classifier",
         "decision_features": cfg["width"],
         "training": {"model_config": cfg, "batch_norm_folded": bool(cfg.get("norm")),
+                     "unknown_word_embedding": "zero",
                      "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
                      "optimizer": "Adam + OneCycleLR", "augmentation": "random left-right flip",
                      "validation": f"train pictures with id % {val_every} == 0",
