@@ -201,7 +201,7 @@ def _shapiq_approximator(index: str, n: int, seed: int, budget: int):
     perm = (shapiq.PermutationSamplingSII(n=n, max_order=2, index=index, random_state=seed)
             if index in ("k-SII", "SII") else
             shapiq.PermutationSamplingSTII(n=n, max_order=2, random_state=seed))
-    if budget >= 2 * perm.iteration_cost + 2 * n + 2:
+    if budget >= 2 * perm.iteration_cost + n + 2:
         return perm
     if index in ("k-SII", "SII"):
         return shapiq.KernelSHAPIQ(n=n, max_order=2, index=index, random_state=seed)
@@ -269,7 +269,10 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         approximator = type(ap).__name__
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*budget.*", category=UserWarning)
-            iv = ap.approximate(budget=budget, game=game)
+            kw = {}
+            if hasattr(ap, "iteration_cost"):      # permutations evaluated per game call
+                kw["batch_size"] = max(1, batch_size // max(1, ap.iteration_cost))
+            iv = ap.approximate(budget=budget, game=game, **kw)
     lookup = iv.interaction_lookup
     values = np.asarray(iv.values, dtype=np.float64)
     m = np.zeros((ua, ub))

@@ -1,0 +1,489 @@
+"""Stage 2 kernels: the checks of METHODS.md (additive twin, planted pair, EMAP, DIME) and the
+properties that pin each method to its definition on small hand-built models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from multiviz_widgets import (MultimodalDataset, ModelAdapter, Neuron, Tabular, Text,
+                              TimeSeries)
+from multiviz_widgets.demos import synthetic
+from multiviz_widgets.kernels.common import evaluate_masks, resolve_target
+from multiviz_widgets.kernels.interactions import (
+    INTERACTION_METHODS, EmapResult, dime, emap, emap_gap, emap_matrix, interaction,
+    interaction_type, interaction_types, pairwise_masks)
+from multiviz_widgets.progress import Cancelled
+
+VOCAB = ["[PAD]", "[UNK]", "what", "shape", "is", "the", "red", "circle"]
+
+
+# ---------------------------------------------------------------------------------------------
+# small models
+# ---------------------------------------------------------------------------------------------
+def _seeded(module: nn.Module, seed: int, scale: float = 0.6) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return module.eval()
+
+
+class TinyFusion(nn.Module):
+    """tabular [4] + series [8, 2] (4 units each), smooth, with a multiplicative fusion."""
+
+    def __init__(self, seed=0, additive=False):
+        super().__init__()
+        self.additive = additive
+        self.t = nn.Linear(4, 5)
+        self.s = nn.Linear(16, 5)
+        self.fuse = nn.Linear(10, 6)
+        self.head = nn.Linear(6, 3)
+        _seeded(self, seed)
+
+    def forward(self, tabular, series):
+        a = torch.tanh(self.t(tabular))
+        b = torch.tanh(self.s(series.flatten(1)))
+        if self.additive:
+            return self.head(torch.cat([a, b], 1))
+        return self.head(torch.tanh(self.fuse(torch.cat([a * b, a + b], 1))))
+
+
+def tiny_adapter(seed=0, additive=False):
+    mods = [Tabular("tabular", columns=["c0", "c1", "c2", "c3"]),
+            TimeSeries("series", window=4, channels=["x", "y"])]
+    return ModelAdapter(TinyFusion(seed, additive), mods, ["k0", "k1", "k2"])
+
+
+def tiny_instance(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"tabular": torch.randn(4, generator=g), "series": torch.randn(8, 2, generator=g)}
+
+
+class TextTab(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        self.emb = nn.Embedding(len(VOCAB), 3)
+        self.q = nn.Linear(3, 4)
+        self.t = nn.Linear(2, 4)
+        self.head = nn.Linear(4, 2)
+        _seeded(self, seed)
+
+    def forward(self, question, tabular):
+        e = self.emb(question)                                   # [B, T, 3]
+        q = torch.tanh(self.q(e)).sum(1)
+        return self.head(torch.tanh(q * torch.tanh(self.t(tabular)) + q))
+
+
+def text_adapter(seed=0):
+    return ModelAdapter(TextTab(seed), [Text("question", vocab=VOCAB),
+                                        Tabular("tabular", columns=["u", "v"])], ["no", "yes"])
+
+
+def dense_sog(adapter, prepared, a, b, target):
+    """Reference: the full Hessian by autograd, then a double loop over unit pairs."""
+    xa, xb = prepared.continuous[a], prepared.continuous[b]
+
+    def f(za, zb):
+        return adapter.scalar(prepared, {a: za.unsqueeze(0), b: zb.unsqueeze(0)}, target)[0]
+
+    h = torch.autograd.functional.hessian(f, (xa, xb))[0][1].reshape(xa.numel(), xb.numel())
+    ia, ib = prepared.index[a].reshape(-1), prepared.index[b].reshape(-1)
+    out = np.zeros((prepared.n_units[a], prepared.n_units[b]))
+    for u in range(out.shape[0]):
+        for v in range(out.shape[1]):
+            out[u, v] = h[ia == u][:, ib == v].sum().item()
+    return out, torch.autograd.functional.jacobian(f, (xa, xb))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# second-order gradients
+# ---------------------------------------------------------------------------------------------
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10_000), cls=st.integers(0, 2))
+def test_sog_equals_dense_hessian_reference(seed, cls):
+    adapter = tiny_adapter(seed % 7)
+    p = adapter.prepare(tiny_instance(seed))
+    t = adapter.target(cls)
+    ref, _ = dense_sog(adapter, p, "tabular", "series", t)
+    r = interaction(adapter, p, "second_order", target=cls)
+    np.testing.assert_allclose(r.matrix, ref, rtol=1e-4, atol=1e-5)
+    assert r.forward_passes == 4 and r.backward_passes == 8
+    # the same with rows and columns swapped, and in small chunks
+    r2 = interaction(adapter, p, "second_order", modalities=("series", "tabular"), target=cls,
+                     batch_size=3)
+    np.testing.assert_allclose(r2.matrix, ref.T, rtol=1e-4, atol=1e-5)
+
+
+def test_sog_through_the_embedding_matches_reference():
+    adapter = text_adapter()
+    p = adapter.prepare({"question": "what is the red circle", "tabular": [0.5, -1.0]})
+    t = adapter.target(1)
+    ref, _ = dense_sog(adapter, p, "question", "tabular", t)
+    r = interaction(adapter, p, "second_order", target=1)
+    assert r.matrix.shape == (5, 2)
+    assert r.row_labels == ["what", "is", "the", "red", "circle"]
+    np.testing.assert_allclose(r.matrix, ref, rtol=1e-4, atol=1e-6)
+    assert np.abs(ref).max() > 1e-3
+
+
+def test_sog_multiviz_variants_match_their_definition():
+    adapter = tiny_adapter(3)
+    p = adapter.prepare(tiny_instance(1))
+    t = adapter.target(0)
+    ref, grad_a = dense_sog(adapter, p, "tabular", "series", t)
+    a_u = grad_a.numpy()                       # tabular units are single columns
+    r = interaction(adapter, p, "second_order", target=0, phi="abs")
+    np.testing.assert_allclose(r.matrix, np.sign(a_u)[:, None] * ref, rtol=1e-4, atol=1e-5)
+    # grad x input on side a: d/dx_b of (x_a - b_a) * df/dx_a
+    r = interaction(adapter, p, "second_order", target=0, attribution="grad_x_input")
+    xa = (p.continuous["tabular"] - p.baseline["tabular"]).numpy()
+    np.testing.assert_allclose(r.matrix, xa[:, None] * ref, rtol=1e-4, atol=1e-5)
+
+
+def test_sog_neuron_target_and_progress():
+    adapter = tiny_adapter(1)
+    calls = []
+    r = interaction(adapter, tiny_instance(2), "second_order", target=Neuron(2),
+                    progress=lambda d, n, m: calls.append((d, n)))
+    assert r.target == Neuron(2) and r.matrix.shape == (4, 4)
+    assert calls and calls[-1][0] == calls[-1][1]
+    with pytest.raises(Cancelled):
+        interaction(adapter, tiny_instance(2), "second_order",
+                    progress=lambda d, n, m: (_ for _ in ()).throw(Cancelled()))
+
+
+# ---------------------------------------------------------------------------------------------
+# pairwise ablation
+# ---------------------------------------------------------------------------------------------
+@settings(max_examples=8, deadline=None)
+@given(ua=st.integers(1, 5), ub=st.integers(1, 5))
+def test_pairwise_masks_remove_exactly_the_named_units(ua, ub):
+    ma, mb = pairwise_masks(ua, ub)
+    assert ma.shape == (1 + ua + ub + ua * ub, ua) and mb.shape[1] == ub
+    assert ma[0].all() and mb[0].all()
+    for u in range(ua):
+        for v in range(ub):
+            row = 1 + ua + ub + u * ub + v
+            assert ma[row].sum() == ua - 1 and ma[row, u] == 0
+            assert mb[row].sum() == ub - 1 and mb[row, v] == 0
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_pairwise_matrix_matches_its_definition(seed):
+    adapter = tiny_adapter(seed % 5)
+    p = adapter.prepare(tiny_instance(seed))
+    t = resolve_target(adapter, p)
+    r = interaction(adapter, p, "pairwise_ablation")
+    assert r.forward_passes == 1 + 1 + 4 + 4 + 16
+
+    def f(drop_a=(), drop_b=()):
+        ma, mb = torch.ones(1, 4), torch.ones(1, 4)
+        ma[0, list(drop_a)] = 0
+        mb[0, list(drop_b)] = 0
+        return float(evaluate_masks(adapter, p, {"tabular": ma, "series": mb}, t)[0])
+
+    rng = np.random.default_rng(seed)
+    for u, v in rng.integers(0, 4, size=(3, 2)):
+        d = f() - f([u]) - f((), [v]) + f([u], [v])
+        assert r.matrix[u, v] == pytest.approx(d, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the additive twin: every interaction vanishes, EMAP is exact and idempotent
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def additive():
+    return synthetic.load("additive")
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return synthetic.load("planted")
+
+
+def _scale(adapter, instance):
+    p = adapter.prepare(instance)
+    return float(adapter.predict(p.raw).abs().max())
+
+
+@pytest.mark.parametrize("method,params", [("second_order", {}), ("pairwise_ablation", {}),
+                                           ("shapley", {"budget": 1024}),
+                                           ("shapley", {"index": "STII", "budget": 2048})])
+def test_additive_twin_has_no_interactions(additive, method, params):
+    adapter, ds = additive
+    for i in (0, 1):
+        r = interaction(adapter, ds[i], method, **params)
+        assert r.matrix.shape == (6, 12)
+        assert np.abs(r.matrix).max() <= 1e-5 * _scale(adapter, ds[i]), (method, r.matrix)
+
+
+def test_additive_twin_emap_reproduces_logits_and_is_idempotent(additive):
+    adapter, ds = additive
+    r = emap(adapter, ds, indices=range(40))
+    scale = np.abs(r.logits).max()
+    np.testing.assert_allclose(r.emap_logits, r.logits, atol=1e-5 * scale)
+    assert r.forward_passes == 40 * 40 and r.matrix.shape == (40, 40, 2)
+    # logits equal the model's own logits (the diagonal of the pair matrix)
+    direct = adapter.predict(adapter.collate([ds[i] for i in range(40)])).double().numpy()
+    np.testing.assert_allclose(r.logits, direct, atol=1e-5)
+    gap = emap_gap(adapter, ds, n=60)
+    assert gap["gap_predictions"] == 0.0 and abs(gap["gap_labels"]) <= 1e-9
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(2, 7), k=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_emap_operator_is_idempotent_and_exact_on_additive_matrices(n, k, seed):
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((n, n, k))
+    once = emap_matrix(m)
+    np.testing.assert_allclose(emap_matrix(once), once, atol=1e-12)
+    additive = rng.standard_normal((n, 1, k)) + rng.standard_normal((1, n, k))
+    np.testing.assert_allclose(emap_matrix(additive), additive, atol=1e-12)
+
+
+class EmapModel(nn.Module):
+    """fhat of a model over a fixed reference set, as a model: to test EMAP(EMAP(f)) = EMAP(f)."""
+
+    def __init__(self, inner, ref_tab, ref_series):
+        super().__init__()
+        self.inner, self.rt, self.rs = inner, ref_tab, ref_series
+        self.head = nn.Linear(1, 1)           # the adapter needs a decision layer; unused
+
+    def forward(self, tabular, series):
+        n, b = len(self.rt), len(tabular)
+        tb = tabular.repeat_interleave(n, 0)
+        sb = series.repeat_interleave(n, 0)
+        row = self.inner(tb, self.rs.repeat(b, 1, 1)).reshape(b, n, -1).mean(1)
+        col = self.inner(self.rt.repeat(b, 1), sb).reshape(b, n, -1).mean(1)
+        grand = self.inner(self.rt.repeat_interleave(n, 0), self.rs.repeat(n, 1, 1)).mean(0)
+        return row + col - grand
+
+
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 1000))
+def test_emap_of_emap_is_emap_on_a_random_model(seed):
+    adapter = tiny_adapter(seed % 11)
+    items = [tiny_instance(seed + i) for i in range(8)]
+    r = emap(adapter, items)
+    raw = adapter.collate(items)
+    inner = adapter.model.double()
+    fhat = EmapModel(inner, raw["tabular"].double(), raw["series"].double())
+    a2 = ModelAdapter(fhat, list(adapter.modalities.values()), adapter.class_names,
+                      decision_layer=fhat.head)
+    items64 = [{k: v.double() for k, v in it.items()} for it in items]
+    r2 = emap(a2, items64)
+    np.testing.assert_allclose(r2.logits, r.emap_logits, atol=1e-5)
+    np.testing.assert_allclose(r2.emap_logits, r2.logits, atol=1e-9)
+    adapter.model.float()
+
+
+class Additive3(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(2, 4), nn.Linear(8, 4)
+        self.head = nn.Linear(12, 2)
+        _seeded(self, seed)
+
+    def forward(self, t1, t2, series):
+        return self.head(torch.cat([torch.tanh(self.a(t1)), torch.tanh(self.b(t2)),
+                                    torch.tanh(self.c(series.flatten(1)))], 1))
+
+
+def test_emap_with_three_modalities_is_exact_on_additive_models():
+    mods = [Tabular("t1", columns=["a", "b", "c"]), Tabular("t2", columns=["d", "e"]),
+            TimeSeries("series", window=2, channels=["x", "y"])]
+    adapter = ModelAdapter(Additive3(1), mods, ["n", "p"])
+    g = torch.Generator().manual_seed(0)
+    items = [{"t1": torch.randn(3, generator=g), "t2": torch.randn(2, generator=g),
+              "series": torch.randn(4, 2, generator=g)} for _ in range(6)]
+    r = emap(adapter, items)
+    assert r.forward_passes == 3 * 36 and r.matrix is None and set(r.unimodal) == {"t1", "t2", "series"}
+    np.testing.assert_allclose(r.emap_logits, r.logits, atol=1e-5)
+
+
+def test_emap_neuron_target_and_progress():
+    adapter = tiny_adapter(2)
+    items = [tiny_instance(i) for i in range(5)]
+    calls = []
+    r = emap(adapter, items, target=Neuron(1), batch_size=7,
+             progress=lambda d, n, m: calls.append((d, n)))
+    assert r.logits.shape == (5, 1) and r.output_names == ["neuron 1"]
+    assert calls[-1] == (25, 25) and len(calls) >= 4
+
+
+# ---------------------------------------------------------------------------------------------
+# the planted model: the planted pair ranks first; the EMAP gap is large
+# ---------------------------------------------------------------------------------------------
+def _informative(ds, k=4):
+    """Instances where both planted units are clearly away from their baseline (zero)."""
+    tab = np.stack(ds.columns["tabular"])
+    ser = np.stack(ds.columns["series"]).reshape(len(ds), synthetic.N_WINDOWS, synthetic.WINDOW, -1)
+    s = ser.mean(2).reshape(len(ds), -1)
+    ok = ((np.abs(tab[:, synthetic.PLANTED_UNITS["tabular"]]) > 0.5)
+          & (np.abs(s[:, synthetic.PLANTED_UNITS["series"]]) > 0.5))
+    return np.nonzero(ok)[0][:k]
+
+
+@pytest.mark.parametrize("method,params", [("second_order", {}), ("pairwise_ablation", {}),
+                                           ("shapley", {"budget": 4096})])
+def test_planted_pair_ranks_first(planted, method, params):
+    adapter, ds = planted
+    want = (synthetic.PLANTED_UNITS["tabular"], synthetic.PLANTED_UNITS["series"])
+    total = 0
+    for i in _informative(ds):
+        r = interaction(adapter, ds[int(i)], method, **params)
+        assert r.top_pairs(1)[0][:2] == want, (i, r.top_pairs(3))
+        total = total + np.abs(r.matrix)
+    assert np.unravel_index(np.argmax(total), total.shape) == want
+
+
+def test_planted_emap_gap_is_large(planted):
+    adapter, ds = planted
+    gap = emap_gap(adapter, ds, n=100)
+    assert gap["n"] == 100 and gap["forward_passes"] == 100 * 100
+    assert gap["gap_labels"] >= 0.20, gap
+    assert gap["gap_points"] == pytest.approx(100 * gap["gap_labels"])
+    assert gap["gap_predictions"] >= 0.20
+
+
+def test_interaction_types(planted, additive):
+    adapter, ds = planted
+    r = emap(adapter, ds, indices=range(60))
+    types = interaction_types(r)
+    labels = [t["label"] for t in types]
+    assert set(labels) <= {"dominance", "complement", "conflict"}
+    assert labels.count("conflict") >= 6            # the planted interaction decides often
+    for t in types:
+        if t["label"] == "conflict":
+            assert t["emap_prediction"] != t["predicted"]
+        if t["label"] == "dominance":
+            assert t["dominant"] in ("tabular", "series")
+            assert t["unimodal_predictions"][t["dominant"]] == t["predicted"]
+    # one instance against a dataset reference equals the row of the EMAP result
+    one = interaction_type(adapter, 3, ds, reference_indices=range(60))
+    assert one["label"] == types[3]["label"]
+    np.testing.assert_allclose(one["emap_logits"], r.emap_logits[3], atol=1e-5)
+    assert interaction_type(adapter, 3, r)["label"] == types[3]["label"]
+    adapter2, ds2 = additive
+    r2 = emap(adapter2, ds2, indices=range(60))
+    assert "conflict" not in [t["label"] for t in interaction_types(r2)]
+
+
+# ---------------------------------------------------------------------------------------------
+# DIME on f = g(x_1) + h(x_2) + k(x_1, x_2) with known supports
+# ---------------------------------------------------------------------------------------------
+G_SUPPORT, H_SUPPORT, K_SUPPORT = [0, 1], [2, 3], (5, 7)
+
+
+class KnownSupports(nn.Module):
+    """tabular [8] + series [16, 2] (window 4: 8 units): f = g(t0, t1) + h(s2, s3) + 3 t5 s7."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, tabular, series):
+        s = series.reshape(len(series), 4, 4, 2).mean(2).reshape(len(series), 8)
+        g = 2.0 * tabular[:, 0] - 1.5 * tabular[:, 1]
+        h = 2.0 * s[:, 2] + 1.5 * s[:, 3]
+        k = 3.0 * tabular[:, 5] * s[:, 7]
+        return self.head((g + h + k)[:, None])
+
+
+def test_dime_recovers_the_known_supports():
+    mods = [Tabular("tabular", columns=[f"c{i}" for i in range(8)]),
+            TimeSeries("series", window=4, channels=["x", "y"])]
+    adapter = ModelAdapter(KnownSupports().eval(), mods, ["pos", "neg"])
+    rng = np.random.default_rng(0)
+    n = 80
+    tab = rng.standard_normal((n, 8)).astype(np.float32)
+    levels = rng.standard_normal((n, 4, 1, 2))
+    strong = [0, 1, 2]
+    for i in strong:      # supported units clearly away from their baseline (0), random signs
+        tab[i, [0, 1, 5]] = rng.choice([-1.5, 1.5], 3)
+        for u in (2, 3, 7):
+            levels[i, u // 2, 0, u % 2] = rng.choice([-1.5, 1.5])
+    ser = np.repeat(levels, 4, axis=2).reshape(n, 16, 2).astype(np.float32)
+    ds = MultimodalDataset({"tabular": list(tab), "series": list(ser)})
+    hits_uc = hits_mi = 0
+    for i in strong:
+        r = dime(adapter, ds, i, reference_indices=range(3, 33), target=0, n_samples=300)
+        assert r.f_value == pytest.approx(r.uc_value + r.mi_value)
+        uc = np.concatenate([np.abs(r.uc["tabular"]), np.abs(r.uc["series"])])
+        mi = np.concatenate([np.abs(r.mi["tabular"]), np.abs(r.mi["series"])])
+        uc_truth = set(G_SUPPORT) | {8 + u for u in H_SUPPORT}
+        mi_truth = {K_SUPPORT[0], 8 + K_SUPPORT[1]}
+        hits_uc += len(set(np.argsort(-uc)[:4]) & uc_truth)
+        hits_mi += len(set(np.argsort(-mi)[:2]) & mi_truth)
+    assert hits_uc / (4 * len(strong)) >= 0.9
+    assert hits_mi / (2 * len(strong)) >= 0.9
+    assert r.forward_passes >= 30 * 30 + 300 * (2 * 30 + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+def test_errors_say_what_is_wrong():
+    adapter = tiny_adapter()
+    inst = tiny_instance()
+    one = ModelAdapter(nn.Sequential(nn.Linear(4, 2)), [Tabular("tabular", columns=list("abcd"))],
+                       ["x", "y"])
+    with pytest.raises(ValueError, match="need two modalities"):
+        interaction(one, {"tabular": torch.zeros(4)})
+    with pytest.raises(ValueError, match="Unknown interaction method"):
+        interaction(adapter, inst, "hessian")
+    with pytest.raises(ValueError, match="Unknown modalities"):
+        interaction(adapter, inst, modalities=("tabular", "image"))
+    with pytest.raises(ValueError, match="must differ"):
+        interaction(adapter, inst, modalities=("tabular", "tabular"))
+    with pytest.raises(ValueError, match="exactly two"):
+        interaction(adapter, inst, modalities=("tabular",))
+    with pytest.raises(ValueError, match="single string"):
+        interaction(adapter, inst, modalities="tabular")
+    with pytest.raises(ValueError, match="Unknown Shapley interaction index"):
+        interaction(adapter, inst, "shapley", index="banzhaf")
+    with pytest.raises(ValueError, match="budget"):
+        interaction(adapter, inst, "shapley", budget=0)
+    with pytest.raises(ValueError, match="phi"):
+        interaction(adapter, inst, "second_order", phi="square")
+    with pytest.raises(ValueError, match="at least 2 instances"):
+        emap(adapter, [inst])
+    with pytest.raises(ValueError, match="two or more modalities"):
+        emap(one, [{"tabular": torch.zeros(4)}] * 3)
+    with pytest.raises(ValueError, match="single instance"):
+        emap(adapter, inst)
+    with pytest.raises(ValueError, match="MultimodalDataset"):
+        emap_gap(adapter, [inst, inst])
+    ds = MultimodalDataset({"tabular": [inst["tabular"]] * 3, "series": [inst["series"]] * 3})
+    r = emap(adapter, ds, target=Neuron(0))
+    with pytest.raises(ValueError, match="class target"):
+        interaction_types(r)
+    with pytest.raises(ValueError, match="not among"):
+        interaction_type(adapter, 99, emap(adapter, ds))
+
+
+def test_shapley_exact_for_few_players_and_max_players():
+    adapter = tiny_adapter(4)
+    inst = tiny_instance(5)
+    r = interaction(adapter, inst, "shapley", budget=256)      # 8 players: exact
+    assert r.params["exact"] and r.params["approximator"] == "ExactComputer"
+    assert r.forward_passes == 256 + 1
+    # k-SII of order 2 for a pair = SII = the Shapley-weighted mean of pairwise discrete derivatives;
+    # with pairwise ablation it shares the sign of the strongest pair on this smooth model.
+    r2 = interaction(adapter, inst, "shapley", budget=64, max_players=4)
+    chosen = r2.params["players"]
+    assert len(chosen["tabular"]) + len(chosen["series"]) == 4
+    mask = np.zeros((4, 4), bool)
+    mask[np.ix_(chosen["tabular"], chosen["series"])] = True
+    assert np.all(r2.matrix[~mask] == 0)
+
+
+def test_methods_registry():
+    assert set(INTERACTION_METHODS) == {"second_order", "pairwise_ablation", "shapley"}
