@@ -427,3 +427,18 @@ def test_a_one_token_matrix_is_drawn_padded_and_its_padding_is_not_clickable(vqa
     assert ex.selection.unit_ref == unit
     click_mark(hv.grid, rowNum=0, columnNum=2)
     assert ex.selection.unit_ref == ("question", 0)
+
+
+def test_precomputed_features_are_used_as_they_are():
+    from .explorer_support import Features
+    adapter, ds = tiny_vqa()
+    kernels = FakeKernels()
+    logits, h = adapter.features(adapter.collate([ds[i] for i in range(len(ds))]))
+    ex = Explorer(adapter, ds, kernels=kernels, features=Features(h.numpy(), logits.numpy()))
+    try:
+        ex.select(neuron=0)
+        assert ex.wait(60)
+        assert kernels.calls["features"] == 0
+        assert ex.state()["embedding"]["n_points"] == len(ds) and ex.state()["gallery"]
+    finally:
+        ex.close()

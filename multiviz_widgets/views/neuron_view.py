@@ -97,8 +97,10 @@ class NeuronView(W.VBox):
         self._h, self._c = h, c
         self.shown = list(order)
         self._draw_bars()
+        source = (" (weights of the sparse linear model, standardised h)"
+                  if getattr(dc, "source", "") == "sparse_model" else "")
         self.caption.value = (f"top {len(order)} of {len(h)} neurons by |contribution| to "
-                              f"class {self.analyses.adapter.class_names[cls]!r}")
+                              f"class {self.analyses.adapter.class_names[cls]!r}{source}")
 
     def _draw_bars(self) -> None:
         h, c = getattr(self, "_h", np.zeros(0)), getattr(self, "_c", np.zeros(0))
