@@ -77,7 +77,8 @@ class InputPanel:
             label = a.label(i)
             cap = f"#{i} {a.dataset.describe(i)} | predicted: {a.adapter.class_names[pred]}"
             if label is not None:
-                cap += f" | label: {a.adapter.class_names[label]}"
+                names = a.adapter.class_names
+                cap += f" | label: {names[label] if 0 <= label < len(names) else label}"
             return i, items, cap
 
         self.engine.submit(self.items_slot, ("items", i), job, self._show_items, priority=0,
