@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import uuid
 import urllib.request
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -126,7 +127,21 @@ class Server:
         self._log.close()
 
 
+LAB_SETTINGS = {
+    # Render every cell (JupyterLab 4 skips painting cells outside the viewport by default,
+    # which hides widgets from the tests), and never fetch news or updates.
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+        "fetchNews": "false", "checkForUpdates": False},
+}
+
+
 def start_lab(root: pathlib.Path) -> Server:
+    settings = root / ".jupyter" / "lab-settings"
+    for rel, value in LAB_SETTINGS.items():
+        path = settings / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
     port = free_port()
     argv = [str(BIN / "jupyter"), "lab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
             f"--port={port}", "--ServerApp.port_retries=0", "--IdentityProvider.token=",
@@ -175,25 +190,35 @@ class Notebook:
         self.dialogs.append(f"{dialog.type}: {dialog.message}")
         dialog.dismiss()
 
+    # The notebook panel of self.path (not just the current widget: a workspace may hold more).
+    _PANEL = """(path) => {
+        const app = window.jupyterapp;
+        if (!app) return null;
+        for (const w of Array.from(app.shell.widgets('main')))
+            if (w.context && w.context.path === path) return w;
+        return null;
+    }"""
+
     def open(self, timeout: float = 120_000) -> "Notebook":
-        self.page.goto(f"{self.server.url}/lab/tree/{self.path}", timeout=timeout)
+        # A fresh workspace per page, so no notebook of an earlier test is restored beside it.
+        ws = f"mvz{uuid.uuid4().hex[:10]}"
+        self.page.goto(f"{self.server.url}/lab/workspaces/{ws}/tree/{self.path}?reset",
+                       timeout=timeout)
         self.page.wait_for_function(
-            "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
-            " && window.jupyterapp.shell.currentWidget.sessionContext"
-            " && window.jupyterapp.shell.currentWidget.sessionContext.session"
-            " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
-            " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.connectionStatus"
-            " === 'connected'", timeout=timeout)
+            f"(path) => {{ const w = ({self._PANEL})(path); const k = w && w.sessionContext"
+            " && w.sessionContext.session && w.sessionContext.session.kernel;"
+            " return !!k && k.connectionStatus === 'connected'; }", arg=self.path, timeout=timeout)
         return self
 
     def run_all(self) -> None:
-        self.page.evaluate("void window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        self.page.evaluate(
+            f"(path) => {{ const w = ({self._PANEL})(path); window.jupyterapp.shell.activateById(w.id);"
+            " void window.jupyterapp.commands.execute('notebook:run-all-cells'); }", self.path)
 
     def kernel_exec(self, code: str, timeout: float = 120_000) -> str:
         """Run code in the notebook's kernel (after the cells queued before it); its stdout."""
         res = self.page.evaluate(
-            """async (code) => {
-                 const w = window.jupyterapp.shell.currentWidget;
+            "async ([code, path]) => { const w = (" + self._PANEL + """)(path);
                  const kernel = w.sessionContext.session.kernel;
                  const future = kernel.requestExecute({code, store_history: false, silent: false});
                  let out = "", err = null;
@@ -205,7 +230,7 @@ class Notebook:
                  };
                  await future.done;
                  return {out, err};
-               }""", code)
+               }""", [code, self.path])
         if res["err"]:
             raise RuntimeError(f"kernel error running {code!r}:\n{res['err']}")
         return res["out"]

@@ -56,10 +56,18 @@ view
 '''
 
 
+XSS_EXPLORER_CELL = r'''
+from multiviz_widgets.explorer import Explorer
+explorer = Explorer(adapter, dataset)
+explorer
+'''
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = bs.copy_notebooks(tmp_path_factory.mktemp("mvz-browser"))
     bs.write_notebook(root / "probe" / "input_view.ipynb", [XSS_SETUP, INPUT_VIEW_CELL])
+    bs.write_notebook(root / "probe" / "xss_explorer.ipynb", [XSS_SETUP, XSS_EXPLORER_CELL])
     return root
 
 
@@ -105,3 +113,165 @@ def test_input_view_renders_scores_and_clicks_reach_python(lab, page):
     nb.kernel_exec("view.selected = {'modality': 'image', 'unit': 3}")
     page.wait_for_selector(".mvz-input [data-modality='image'][data-unit='3'].mvz-selected")
     assert not nb.dialogs, nb.dialogs
+
+
+# -- the Explorer on easy-VQA (notebooks/quickstart.ipynb), opened once for these tests ------------
+
+def unit_sel(modality: str, unit: int | None = None) -> str:
+    sel = f".mvz-input .mvz-unit[data-modality='{modality}']"
+    return sel if unit is None else sel + f"[data-unit='{unit}']"
+
+
+def dom_scores(page, modality: str) -> list[float | None]:
+    """data-score of every unit of a modality, in unit order (one element per unit)."""
+    rows = page.eval_on_selector_all(
+        unit_sel(modality), "els => els.map(e => [Number(e.dataset.unit), e.dataset.score])")
+    out: dict[int, str] = {}
+    for u, v in rows:
+        out.setdefault(u, v)
+    return [float(out[u]) if out[u] != "" else None for u in range(len(out))]
+
+
+@pytest.fixture(scope="module")
+def quickstart(lab, chromium):
+    ctx = chromium.new_context(viewport={"width": 1500, "height": 1100})
+    page = ctx.new_page()
+    nb = bs.Notebook(page, lab, "notebooks/quickstart.ipynb").open()
+    nb.run_all()
+    # Queued after the notebook's cells: returns once they ran and the engine is idle.
+    assert nb.kernel_json("import json; print(json.dumps(explorer.wait(600)))") is True
+    page.wait_for_selector(".mvz-input .mvz-patch", timeout=60_000)
+    yield nb
+    ctx.close()
+
+
+def test_token_click_colours_the_image_with_the_kernels_interaction_row(quickstart):
+    nb, page = quickstart, quickstart.page
+    rows, cols = nb.kernel_json("import json; print(json.dumps(explorer.pair))")
+    assert (rows, cols) == ("question", "image")
+    n_tokens = page.locator(unit_sel(rows)).count()
+    assert n_tokens >= 3
+    current = nb.kernel_json("import json; print(json.dumps(explorer.selection.unit_ref))")
+    u = next(k for k in range(n_tokens - 1, -1, -1) if current != [rows, k])
+    res = page.evaluate(bs.JS_CLICK_AND_WAIT, [unit_sel(rows, u), unit_sel(cols), 120_000])
+    assert res["ok"], "the image overlay did not change after the token click"
+    nb.kernel_exec("explorer.wait()")
+    assert nb.kernel_json("import json; print(json.dumps(explorer.selection.unit_ref))") == [rows, u]
+    page.wait_for_selector(unit_sel(rows, u) + ".mvz-selected")
+    shown = dom_scores(page, cols)
+    ref = nb.kernel_json(f"""
+import json
+from multiviz_widgets.kernels.interactions import interaction
+s = explorer.selection
+t = explorer.analyses.explained(s.instance, s.target, s.neuron)
+r = interaction(explorer.adapter, explorer.dataset[s.instance], method=s.interaction_method,
+                modalities=({rows!r}, {cols!r}), target=t)
+print(json.dumps(r.matrix[{u}].tolist()))""")
+    assert len(shown) == len(ref) == 64
+    assert shown == pytest.approx(ref, rel=1e-6, abs=1e-12)
+    caption = page.locator(".mvz-input .mvz-score-caption").text_content()
+    assert "interaction" in caption
+    assert not quickstart.dialogs
+
+
+def test_neuron_bar_click_shows_its_gallery(quickstart):
+    nb, page = quickstart, quickstart.page
+    fig = page.locator(".bqplot.figure", has_text="activation h_j(x)")
+    bars = fig.locator("rect.bar")
+    assert bars.count() > 0
+    shown = nb.kernel_json("import json; print(json.dumps(explorer.neuron_view.shown))")
+    pos = 1 if len(shown) > 1 else 0
+    bars.nth(pos).scroll_into_view_if_needed()
+    bars.nth(pos).click()
+    j = shown[pos]
+    page.get_by_text(f"h{j}: dataset instances with the largest").wait_for(timeout=120_000)
+    nb.kernel_exec("explorer.wait()")
+    st = nb.kernel_json("import json; s = explorer.state(); print(json.dumps("
+                        "{'neuron': s['neuron'], 'gallery_neuron': s['gallery_neuron'], "
+                        "'n': len(s['gallery'])}))")
+    assert st == {"neuron": j, "gallery_neuron": j, "n": st["n"]} and st["n"] > 0
+    # the gallery's thumbnails are in the page
+    page.wait_for_function("() => document.querySelectorAll('.widget-image').length > 0")
+
+
+def test_3d_point_click_opens_that_instance(quickstart):
+    nb, page = quickstart, quickstart.page
+    before = nb.kernel_json("import json; print(json.dumps(explorer.selection.instance))")
+    n = nb.kernel_json("import json; print(json.dumps(len(explorer.embedding_view.indices)))")
+    assert n > 0, "the embedding has no points"
+    canvas = page.locator(".jupyter-widgets canvas").last
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    caption = page.locator(".mvz-input .mvz-caption")
+    start = caption.text_content()
+    hit = None
+    # Points are picked through ipyvolume's id buffer: sweep the canvas until one is hit.
+    for dy in range(0, int(box["height"] / 2) - 8, 8):
+        for sy in (1, -1):
+            y = box["y"] + box["height"] / 2 + sy * dy
+            for x in range(int(box["x"] + 16), int(box["x"] + box["width"] - 16), 8):
+                page.mouse.click(x, y)
+                page.wait_for_timeout(15)
+                if caption.text_content() != start:
+                    hit = (x, y)
+                    break
+            if hit:
+                break
+        if hit:
+            break
+    if hit is None:  # a last chance for a late update
+        page.wait_for_timeout(2000)
+    assert caption.text_content() != start, "no click on the 3-D embedding changed the instance"
+    nb.kernel_exec("explorer.wait()")
+    after = nb.kernel_json("import json; print(json.dumps(explorer.selection.instance))")
+    assert after != before
+    assert caption.text_content().startswith(f"#{after} ")
+
+
+# -- Voila -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def voila(root):
+    server = bs.start_voila(root, "notebooks/quickstart.ipynb")
+    yield server
+    server.stop()
+
+
+def test_voila_renders_the_demo_and_a_click_works(voila, page):
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(voila.url + "/", timeout=600_000)
+    page.wait_for_selector(".mvz-input .mvz-patch", timeout=600_000)
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll(\".mvz-unit[data-modality='image']\"))"
+        ".some(e => e.dataset.score !== '')", timeout=300_000)
+    assert page.locator(".bqplot.figure").count() >= 2
+    n_tokens = page.locator(unit_sel("question")).count()
+    assert n_tokens >= 2
+    # the notebook selected token 0; a click on another token recolours the image
+    res = page.evaluate(bs.JS_CLICK_AND_WAIT, [unit_sel("question", n_tokens - 1),
+                                               unit_sel("image"), 180_000])
+    assert res["ok"], "the image overlay did not change after a token click in Voila"
+    page.wait_for_selector(unit_sel("question", n_tokens - 1) + ".mvz-selected")
+    assert "interaction" in page.locator(".mvz-input .mvz-score-caption").text_content()
+    assert not dialogs
+
+
+# -- XSS: data strings are text -------------------------------------------------------------
+
+def test_html_in_class_names_and_tokens_is_shown_as_text(lab, page):
+    nb = bs.Notebook(page, lab, "probe/xss_explorer.ipynb").open()
+    nb.run_all()
+    assert nb.kernel_json("import json; print(json.dumps(explorer.wait(300)))") is True
+    page.wait_for_selector(".mvz-input .mvz-token", timeout=60_000)
+    chip = page.locator(unit_sel("question", 2))
+    assert chip.text_content() == XSS
+    chip.click()
+    nb.kernel_exec("explorer.wait()")
+    page.wait_for_timeout(500)
+    # the class name (predicted or labelled) shows literally somewhere in the Explorer
+    assert XSS in page.locator(".mvz-input .mvz-caption").text_content() or \
+        page.get_by_text(XSS).count() > 0
+    assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
+    assert not nb.dialogs, nb.dialogs
+    assert not nb.cell_errors()
