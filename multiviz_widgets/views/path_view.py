@@ -70,7 +70,8 @@ class PathView(W.VBox):
         self.path, self.nodes, self.links = path, nodes, links
         node_data = [{"label": str(n["label"]), "shape": "rect" if n["kind"] == "class" else
                       "circle", "shape_attrs": {"r": 12} if n["kind"] != "class" else
-                      {"width": 70, "height": 26}, "node_id": n["id"], "kind": n["kind"]}
+                      {"width": 70, "height": 26}, "node_id": n["id"], "kind": n["kind"],
+                      "label_display": "outside" if n["kind"] == "unit" else "center"}
                      for n in nodes]
         link_data = [{"source": int(l["source"]), "target": int(l["target"]),
                       "value": float(l["value"])} for l in links]
