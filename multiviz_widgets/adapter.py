@@ -199,7 +199,7 @@ class ModelAdapter:
             h.update(k.encode())
             t = v.detach().cpu().contiguous()
             h.update(str(t.dtype).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()[:32]
 
     # -- instances and batches ---------------------------------------------------------------

@@ -67,3 +67,12 @@ def test_prepared_instances_have_consistent_units():
     assert p.baseline["image"].shape == p.continuous["image"].shape
     assert p.key == a.prepare(INSTANCE).key
     assert p.key != a.prepare({**INSTANCE, "question": "what is it"}).key
+
+
+def test_fingerprint_handles_zero_dimensional_buffers():
+    model = Healthy()
+    model.register_buffer("steps", torch.tensor(3))  # like batch norm's num_batches_tracked
+    a = adapter(model)
+    f = a.fingerprint()
+    model.steps += 1
+    assert a.fingerprint() != f
