@@ -110,7 +110,10 @@ def test_sog_equals_dense_hessian_reference(seed, cls):
     ref, _ = dense_sog(adapter, p, "tabular", "series", t)
     r = interaction(adapter, p, "second_order", target=cls)
     np.testing.assert_allclose(r.matrix, ref, rtol=1e-4, atol=1e-5)
-    assert r.forward_passes == 4 and r.backward_passes == 8
+    assert r.params["mode"] == "vmap" and r.forward_passes == 1 and r.backward_passes == 5
+    rep = interaction(adapter, p, "second_order", target=cls, mode="replicate")
+    np.testing.assert_allclose(rep.matrix, ref, rtol=1e-4, atol=1e-5)
+    assert rep.forward_passes == 4 and rep.backward_passes == 8
     # the same with rows and columns swapped, and in small chunks
     r2 = interaction(adapter, p, "second_order", modalities=("series", "tabular"), target=cls,
                      batch_size=3)
@@ -123,6 +126,8 @@ def test_sog_through_the_embedding_matches_reference():
     t = adapter.target(1)
     ref, _ = dense_sog(adapter, p, "question", "tabular", t)
     r = interaction(adapter, p, "second_order", target=1)
+    rep = interaction(adapter, p, "second_order", target=1, mode="replicate")
+    np.testing.assert_allclose(rep.matrix, ref, rtol=1e-4, atol=1e-6)
     assert r.matrix.shape == (5, 2)
     assert r.row_labels == ["what", "is", "the", "red", "circle"]
     np.testing.assert_allclose(r.matrix, ref, rtol=1e-4, atol=1e-6)
@@ -135,12 +140,22 @@ def test_sog_multiviz_variants_match_their_definition():
     t = adapter.target(0)
     ref, grad_a = dense_sog(adapter, p, "tabular", "series", t)
     a_u = grad_a.numpy()                       # tabular units are single columns
-    r = interaction(adapter, p, "second_order", target=0, phi="abs")
-    np.testing.assert_allclose(r.matrix, np.sign(a_u)[:, None] * ref, rtol=1e-4, atol=1e-5)
-    # grad x input on side a: d/dx_b of (x_a - b_a) * df/dx_a
-    r = interaction(adapter, p, "second_order", target=0, attribution="grad_x_input")
     xa = (p.continuous["tabular"] - p.baseline["tabular"]).numpy()
-    np.testing.assert_allclose(r.matrix, xa[:, None] * ref, rtol=1e-4, atol=1e-5)
+    xb = p.continuous["series"] - p.baseline["series"]
+    for mode in ("vmap", "replicate"):
+        r = interaction(adapter, p, "second_order", target=0, phi="abs", mode=mode)
+        assert r.params["contracted"] == "tabular"
+        np.testing.assert_allclose(r.matrix, np.sign(a_u)[:, None] * ref, rtol=1e-4, atol=1e-5)
+        # grad x input on side a: d/dx_b of (x_a - b_a) * df/dx_a
+        r = interaction(adapter, p, "second_order", target=0, attribution="grad_x_input",
+                        mode=mode)
+        np.testing.assert_allclose(r.matrix, xa[:, None] * ref, rtol=1e-4, atol=1e-5)
+        # ... and times_input on side b: symmetric again, the smaller side is contracted
+        r2 = interaction(adapter, p, "second_order", target=0, attribution="grad_x_input",
+                         times_input=True, mode=mode, modalities=("series", "tabular"))
+        r1 = interaction(adapter, p, "second_order", target=0, attribution="grad_x_input",
+                         times_input=True, mode=mode)
+        np.testing.assert_allclose(r2.matrix, r1.matrix.T, rtol=1e-4, atol=1e-6)
 
 
 def test_sog_neuron_target_and_progress():

@@ -5,10 +5,12 @@
 units of b) with its cost. Methods (see METHODS.md):
 
 * ``second_order``: the mixed Hessian block d^2 f / dx_a dx_b summed over the scalars of each
-  pair of units. Exact and batched: the instance is replicated once per unit of the contracted
-  side r (by default the side with fewer units); row k's gradient is contracted to its own unit
-  k, and one double backward gives all rows at once. Cost: U_r forwards, 2 U_r backwards
-  (in chunks of ``batch_size`` rows). MultiViz's variant contracts side a first with
+  pair of units. Exact and batched: one forward and one backward (create_graph) give the
+  first-order attribution a_u of every unit u of the contracted side r (by default the side
+  with fewer units); the U_r second backward passes d a_u / dx_c run as one vmapped batch
+  (``is_grads_batched``). Cost: 1 forward, 1 + U_r backwards. ``mode="replicate"`` instead
+  replicates the instance U_r times along the batch (row k contracted to its own unit k, one
+  double backward): U_r forwards, 2 U_r backwards. MultiViz's variant contracts side a first with
   phi = |.| (``phi="abs"``) and/or grad x input (``attribution="grad_x_input"``).
   The model must treat batch rows independently (eval mode, no batch statistics).
 * ``pairwise_ablation``: D[u, v] = f(x) - f(x\\u) - f(x\\v) + f(x\\{u, v}); 1 + U_a + U_b +
@@ -92,35 +94,103 @@ def _positive_int(value, what: str, minimum: int = 1) -> int:
 def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: Target,
                  progress: ProgressFn = None, phi: str = "identity",
                  attribution: str = "gradient", times_input: bool = False,
-                 batch_size: int = 64) -> tuple[np.ndarray, int, int, dict]:
+                 batch_size: int = 64, mode: str = "auto") -> tuple[np.ndarray, int, int, dict]:
     """Second-order interaction matrix [U_a, U_b] (see the module docstring); returns
-    (matrix, forwards, backwards, params). Cost: U_r forwards and 2 U_r backwards.
+    (matrix, forwards, backwards, params).
 
     phi: "identity" (exact mixed Hessian, contracted to units) or "abs" (MultiViz: |a_u|).
     attribution: the first-order attribution a_u of side a: "gradient" or "grad_x_input"
     ((x - baseline) * gradient). times_input: multiply the b side by (x_b - baseline) too.
+    mode: "vmap" (one forward and one backward of the instance, then the U_r second backward
+    passes batched with torch's vmapped ``is_grads_batched``; cost 1 forward, 1 + U_r
+    backwards), "replicate" (the instance replicated U_r times along the batch; cost U_r
+    forwards, 2 U_r backwards) or "auto" (vmap, falling back to replicate for models whose
+    operations vmap does not support). Both are exact and need batch rows to be independent.
     """
     if phi not in ("identity", "abs"):
         raise ValueError(f"phi must be 'identity' or 'abs', got {phi!r}.")
     if attribution not in ("gradient", "grad_x_input"):
         raise ValueError(f"attribution must be 'gradient' or 'grad_x_input', got {attribution!r}.")
+    if mode not in ("auto", "vmap", "replicate"):
+        raise ValueError(f"mode must be 'auto', 'vmap' or 'replicate', got {mode!r}.")
     batch_size = _positive_int(batch_size, "batch_size")
     ua, ub = prepared.n_units[a], prepared.n_units[b]
     # The exact identity-phi matrix is symmetric in its two sides: contract the smaller one.
     symmetric = phi == "identity" and (attribution == "grad_x_input") == bool(times_input)
     swap = symmetric and ub < ua
     r, c = (b, a) if swap else (a, b)
+    args = (adapter, prepared, r, c, target, progress, phi, attribution, times_input, batch_size)
+    used = mode
+    if mode in ("auto", "vmap"):
+        try:
+            m, fwd, bwd = _sog_vmap(*args)
+            used = "vmap"
+        except RuntimeError:
+            if mode == "vmap":
+                raise
+            used = "replicate"
+    if used == "replicate":
+        m, fwd, bwd = _sog_replicate(*args)
+    if swap:
+        m = m.T
+    params = {"phi": phi, "attribution": attribution, "times_input": bool(times_input),
+              "contracted": r, "batch_size": batch_size, "mode": used}
+    return np.ascontiguousarray(m), fwd, bwd, params
+
+
+def _own_units(index: torch.Tensor, start: int, k: int, dtype) -> torch.Tensor:
+    """[k, *index.shape]: row i is the indicator of unit start + i."""
+    units = torch.arange(start, start + k, device=index.device)
+    return (index.unsqueeze(0) == units.view(-1, *([1] * index.dim()))).to(dtype)
+
+
+def _sog_vmap(adapter, prepared, r, c, target, progress, phi, attribution, times_input,
+              batch_size):
+    xr, xc = prepared.continuous[r], prepared.continuous[c]
+    ir, ic = prepared.index[r], prepared.index[c]
+    n_rows = prepared.n_units[r]
+    xr1 = xr.detach().unsqueeze(0).clone().requires_grad_(True)
+    xc1 = xc.detach().unsqueeze(0).clone().requires_grad_(True)
+    report(progress, 0, n_rows, "second-order gradients")
+    with torch.enable_grad():
+        f = _scalar(adapter, prepared.raw, {r: xr1, c: xc1}, target)
+        g, = torch.autograd.grad(f.sum(), xr1, create_graph=True)
+        g = g[0]
+        if attribution == "grad_x_input":
+            g = g * (xr - prepared.baseline[r])
+        own = _own_units(ir, 0, n_rows, g.dtype)
+        a_u = (g.unsqueeze(0) * own).reshape(n_rows, -1).sum(1)      # every unit's attribution
+        if phi == "abs":
+            a_u = a_u.abs()
+        rows = []
+        for s in range(0, n_rows, batch_size):
+            k = min(batch_size, n_rows - s)
+            if a_u.requires_grad:
+                eye = torch.zeros(k, n_rows, dtype=a_u.dtype, device=a_u.device)
+                eye[torch.arange(k), s + torch.arange(k)] = 1
+                h, = torch.autograd.grad(a_u, xc1, grad_outputs=eye, is_grads_batched=True,
+                                         retain_graph=True, allow_unused=True)
+            else:
+                h = None
+            h = torch.zeros(k, *xc.shape, dtype=xc.dtype) if h is None else h.reshape(k, *xc.shape)
+            if times_input:
+                h = h * (xc - prepared.baseline[c])
+            rows.append(adapter.modalities[c].pool(h.detach(), xc, ic))
+            report(progress, s + k, n_rows, "second-order gradients")
+    return torch.cat(rows).double().cpu().numpy(), 1, 1 + n_rows
+
+
+def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, times_input,
+                   batch_size):
     xr, xc = prepared.continuous[r], prepared.continuous[c]
     ir, ic = prepared.index[r], prepared.index[c]
     wr = (xr - prepared.baseline[r]) if attribution == "grad_x_input" else None
     wc = (xc - prepared.baseline[c]) if times_input else None
-    mod_c = adapter.modalities[c]
     n_rows = prepared.n_units[r]
     rows = []
     report(progress, 0, n_rows, "second-order gradients")
     for s in range(0, n_rows, batch_size):
         k = min(batch_size, n_rows - s)
-        units = torch.arange(s, s + k, device=xr.device)
         xr_b = xr.detach().unsqueeze(0).repeat(k, *([1] * xr.dim())).requires_grad_(True)
         xc_b = xc.detach().unsqueeze(0).repeat(k, *([1] * xc.dim())).requires_grad_(True)
         with torch.enable_grad():
@@ -128,8 +198,7 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
             g, = torch.autograd.grad(f.sum(), xr_b, create_graph=True)
             if wr is not None:
                 g = g * wr
-            own = (ir.unsqueeze(0) == units.view(-1, *([1] * ir.dim()))).to(g.dtype)
-            a_u = (g * own).reshape(k, -1).sum(1)          # row k: its own unit's attribution
+            a_u = (g * _own_units(ir, s, k, g.dtype)).reshape(k, -1).sum(1)  # row i: unit s + i
             if phi == "abs":
                 a_u = a_u.abs()
             h = None
@@ -139,14 +208,9 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
             h = torch.zeros_like(xc_b)
         if wc is not None:
             h = h * wc
-        rows.append(mod_c.pool(h.detach(), xc, ic))
+        rows.append(adapter.modalities[c].pool(h.detach(), xc, ic))
         report(progress, s + k, n_rows, "second-order gradients")
-    m = torch.cat(rows).double().cpu().numpy()
-    if swap:
-        m = m.T
-    params = {"phi": phi, "attribution": attribution, "times_input": bool(times_input),
-              "contracted": r, "batch_size": batch_size}
-    return np.ascontiguousarray(m), n_rows, 2 * n_rows, params
+    return torch.cat(rows).double().cpu().numpy(), n_rows, 2 * n_rows
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,192 @@
+"""Speed of the stage-2 kernels on the easy-VQA model (issue criterion 6, stage 2).
+
+* EMAP with N = 100 (one batched N x N logit matrix) against the unbatched reference of the
+  original MultiViz code (one forward pass per pair, N^2 calls); target: >= 20x faster, < 2 s.
+* The second-order token x patch matrix (one batched forward + double backward) against a
+  per-token autograd loop (a forward, a backward with create_graph and a second backward for
+  every token); target: >= 10x faster, < 300 ms (median over the instances).
+* Every kernel against its floor: forward passes x the best per-sample time of a large batched
+  forward pass (for gradient kernels each backward pass adds the best per-sample backward time);
+  target: within 1.5x. Pairwise ablation (1 + U_a + U_b + U_a U_b forwards) is timed the same way.
+
+``run(adapter, dataset, indices, repeats)`` is imported by ``benchmarks/kernels.py``; alone:
+
+    python benchmarks/kernels_stage2.py --n 20 --out benchmarks/results/kernels_stage2.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (RESULTS, environment, load_demo, median, per_sample_forward_backward_ms,  # noqa: E402,E501
+                    per_sample_forward_ms, shape_or_color_indices, timed, write_json)
+
+from multiviz_widgets.kernels.common import resolve_target  # noqa: E402
+from multiviz_widgets.kernels.interactions import emap, interaction  # noqa: E402
+
+EMAP_N = 100
+EMAP_BATCH = 2048
+CRITERIA = {"emap_speedup_min": 20.0, "emap_seconds_max": 2.0,
+            "sog_speedup_min": 10.0, "sog_ms_max": 300.0, "ratio_to_floor_max": 1.5}
+
+
+# ---------------------------------------------------------------------------------------------
+# references (deliberately unbatched, as in the original MultiViz code)
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def emap_unbatched(adapter, instances, pairs=None) -> tuple[np.ndarray, int]:
+    """EMAP with one forward pass per pair: (fhat [N, C], pairs evaluated). ``pairs``: evaluate
+    only that many (row-major) pairs, for a cheaper timing that is then extrapolated."""
+    n = len(instances)
+    raws = [adapter.collate([inst]) for inst in instances]
+    names = adapter.names
+    a, b = names[0], names[1]
+    total = n * n if pairs is None else min(pairs, n * n)
+    m = np.zeros((n, n, adapter.n_classes))
+    for k in range(total):
+        i, j = divmod(k, n)
+        raw = {a: raws[i][a], b: raws[j][b]}
+        m[i, j] = adapter.forward(raw)[0].double().numpy()
+    fhat = m.mean(1) + m.mean(0) - m.mean((0, 1))
+    return fhat, total
+
+
+def sog_per_token_loop(adapter, prepared, target, image: str, text: str) -> np.ndarray:
+    """Second-order matrix [U_image, U_text], one token at a time (forward + double backward)."""
+    xi, xt = prepared.continuous[image], prepared.continuous[text]
+    it, ii = prepared.index[text], prepared.index[image]
+    mod_i = adapter.modalities[image]
+    cols = []
+    for u in range(prepared.n_units[text]):
+        ci = xi.detach().unsqueeze(0).clone().requires_grad_(True)
+        ct = xt.detach().unsqueeze(0).clone().requires_grad_(True)
+        f = adapter.scalar(prepared, {image: ci, text: ct}, target)
+        g, = torch.autograd.grad(f.sum(), ct, create_graph=True)
+        a_u = (g[0] * (it == u)).sum()
+        h, = torch.autograd.grad(a_u, ci)
+        cols.append(mod_i.pool(h.detach(), xi, ii)[0])
+    return torch.stack(cols, 1).double().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------------------------
+def _emap_instances(dataset, n: int, seed: int) -> list[dict]:
+    idx = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
+    return [dataset[int(i)] for i in idx]
+
+
+def run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
+        emap_reference_pairs: int | None = None, emap_repeats: int = 3, seed: int = 0,
+        floor_batch: int = 512) -> dict:
+    """Stage-2 timings as a JSON-ready dict (see the module docstring)."""
+    warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
+    names = adapter.names
+    image, text = names[0], names[1]
+    out: dict = {"criteria": CRITERIA, "modalities": [image, text]}
+
+    # --- per-instance kernels: second-order and pairwise ablation ---------------------------
+    sog_ms, loop_ms, sog_floor, pair_ms, pair_floor, sog_err = [], [], [], [], [], []
+    fwd_cache: dict = {}
+    for i in indices:
+        p = adapter.prepare(dataset[int(i)])
+        t = resolve_target(adapter, p)
+        shape_key = tuple(p.continuous[text].shape)
+        if shape_key not in fwd_cache:   # per-sample floors depend on the question length
+            f_ms = per_sample_forward_ms(adapter, p, batch=floor_batch)
+            fb_ms = per_sample_forward_backward_ms(adapter, p, target=t.index, batch=128)
+            fwd_cache[shape_key] = (f_ms, max(fb_ms - f_ms, 0.0))
+        f_ms, b_ms = fwd_cache[shape_key]
+        interaction(adapter, p, "second_order", modalities=(image, text), target=t)   # warm-up
+        for _ in range(repeats):
+            ms, r = timed(lambda: interaction(adapter, p, "second_order",
+                                              modalities=(image, text), target=t))
+            sog_ms.append(ms)
+            sog_floor.append(r.forward_passes * f_ms + r.backward_passes * b_ms)
+            ms, ref = timed(lambda: sog_per_token_loop(adapter, p, t, image, text))
+            loop_ms.append(ms)
+            sog_err.append(float(np.abs(ref - r.matrix).max() / max(np.abs(ref).max(), 1e-12)))
+            ms, r = timed(lambda: interaction(adapter, p, "pairwise_ablation",
+                                              modalities=(image, text), target=t, batch_size=1024))
+            pair_ms.append(ms)
+            pair_floor.append(r.forward_passes * f_ms)
+    sog_med, loop_med = median(sog_ms), median(loop_ms)
+    out["second_order"] = {
+        "n": len(indices), "median_ms": sog_med, "per_token_loop_median_ms": loop_med,
+        "speedup": loop_med / sog_med, "floor_median_ms": median(sog_floor),
+        "ratio_to_floor": median(np.array(sog_ms) / np.array(sog_floor)),
+        "max_relative_difference_to_loop": max(sog_err),
+        "floor": "U_text forwards x per-sample forward + 2 U_text backwards x per-sample backward",
+    }
+    out["second_order"]["meets"] = {
+        "speedup": out["second_order"]["speedup"] >= CRITERIA["sog_speedup_min"],
+        "ms": sog_med < CRITERIA["sog_ms_max"],
+        "floor": out["second_order"]["ratio_to_floor"] <= CRITERIA["ratio_to_floor_max"]}
+    out["pairwise_ablation"] = {
+        "n": len(indices), "median_ms": median(pair_ms), "floor_median_ms": median(pair_floor),
+        "ratio_to_floor": median(np.array(pair_ms) / np.array(pair_floor))}
+    out["pairwise_ablation"]["meets"] = {
+        "floor": out["pairwise_ablation"]["ratio_to_floor"] <= CRITERIA["ratio_to_floor_max"]}
+
+    # --- EMAP over N instances ---------------------------------------------------------------
+    emap_s, emap_floor_s, ref_s, diffs = [], [], [], []
+    for rep in range(max(1, emap_repeats)):
+        inst = _emap_instances(dataset, emap_n, seed + rep)
+        emap(adapter, inst[:8], batch_size=EMAP_BATCH)                      # warm-up
+        ms, r = timed(lambda: emap(adapter, inst, batch_size=EMAP_BATCH, keep_matrix=False))
+        emap_s.append(ms / 1e3)
+        p = adapter.prepare(inst[0])
+        emap_floor_s.append(r.forward_passes * per_sample_forward_ms(adapter, p, batch=floor_batch) / 1e3)
+        if rep == 0:   # the unbatched reference once (it is slow); extrapolated if subsampled
+            ms, (fhat, done) = timed(lambda: emap_unbatched(adapter, inst, emap_reference_pairs))
+            ref_s.append(ms / 1e3 * (emap_n * emap_n) / done)
+            if done == emap_n * emap_n:
+                diffs.append(float(np.abs(fhat - r.emap_logits).max()))
+    med = median(emap_s)
+    out["emap"] = {
+        "n": emap_n, "repeats": len(emap_s), "batch_size": EMAP_BATCH, "median_s": med,
+        "unbatched_reference_s": ref_s[0], "speedup": ref_s[0] / med,
+        "reference_pairs_timed": emap_n * emap_n if emap_reference_pairs is None
+        else min(emap_reference_pairs, emap_n * emap_n),
+        "floor_median_s": median(emap_floor_s),
+        "ratio_to_floor": median(np.array(emap_s) / np.array(emap_floor_s)),
+        "max_abs_difference_to_reference": diffs[0] if diffs else None,
+    }
+    out["emap"]["meets"] = {"speedup": out["emap"]["speedup"] >= CRITERIA["emap_speedup_min"],
+                            "seconds": med < CRITERIA["emap_seconds_max"],
+                            "floor": out["emap"]["ratio_to_floor"] <= CRITERIA["ratio_to_floor_max"]}
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=20, help="instances for the per-instance kernels")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--emap-n", type=int, default=EMAP_N)
+    ap.add_argument("--emap-repeats", type=int, default=3)
+    ap.add_argument("--emap-reference-pairs", type=int, default=None,
+                    help="time only this many unbatched pairs and extrapolate (default: all N^2)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "kernels_stage2.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    adapter, dataset, note = load_demo()
+    indices = shape_or_color_indices(dataset, args.n, seed=args.seed)
+    result = {"model": note, "environment": environment(),
+              "stage2": run(adapter, dataset, indices, args.repeats, emap_n=args.emap_n,
+                            emap_reference_pairs=args.emap_reference_pairs,
+                            emap_repeats=args.emap_repeats, seed=args.seed)}
+    path = write_json(args.out, result)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
