@@ -241,7 +241,7 @@ def test_additive_twin_emap_reproduces_logits_and_is_idempotent(additive):
     r = emap(adapter, ds, indices=range(40))
     scale = np.abs(r.logits).max()
     np.testing.assert_allclose(r.emap_logits, r.logits, atol=1e-5 * scale)
-    assert r.forward_passes == 40 * 40 and r.matrix.shape == (40, 40, 2)
+    assert r.forward_passes == 40 * 40 + 40 and r.matrix.shape == (40, 40, 2)  # + the check
     # logits equal the model's own logits (the diagonal of the pair matrix)
     direct = adapter.predict(adapter.collate([ds[i] for i in range(40)])).double().numpy()
     np.testing.assert_allclose(r.logits, direct, atol=1e-5)
@@ -320,6 +320,33 @@ def test_emap_with_three_modalities_is_exact_on_additive_models():
     np.testing.assert_allclose(r.emap_logits, r.logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", synthetic.KINDS)
+def test_factorized_emap_equals_pairwise_forwards(kind):
+    adapter, ds = synthetic.load(kind)
+    fast = emap(adapter, ds, indices=range(30))
+    slow = emap(adapter, ds, indices=range(30), factorized=False)
+    assert fast.params["factorized"] and not slow.params["factorized"]
+    np.testing.assert_allclose(fast.matrix, slow.matrix, atol=1e-5)
+    np.testing.assert_allclose(fast.emap_logits, slow.emap_logits, atol=1e-5)
+    with pytest.raises(ValueError, match="factorized=True"):
+        emap(tiny_adapter(), [tiny_instance(i) for i in range(3)], factorized=True)
+
+
+class BrokenFactors(TinyFusion):
+    def encode_modality(self, name, x):
+        return x
+
+    def fuse_encodings(self, enc):
+        return super().forward(enc["tabular"], enc["series"]) + 1.0
+
+
+def test_factorized_emap_checks_the_model_methods():
+    mods = list(tiny_adapter().modalities.values())
+    adapter = ModelAdapter(BrokenFactors(0), mods, ["k0", "k1", "k2"])
+    with pytest.raises(ValueError, match="disagree with its forward"):
+        emap(adapter, [tiny_instance(i) for i in range(3)])
+
+
 def test_emap_neuron_target_and_progress():
     adapter = tiny_adapter(2)
     items = [tiny_instance(i) for i in range(5)]
@@ -359,7 +386,7 @@ def test_planted_pair_ranks_first(planted, method, params):
 def test_planted_emap_gap_is_large(planted):
     adapter, ds = planted
     gap = emap_gap(adapter, ds, n=100)
-    assert gap["n"] == 100 and gap["forward_passes"] == 100 * 100
+    assert gap["n"] == 100 and gap["forward_passes"] >= 100 * 100
     assert gap["gap_labels"] >= 0.20, gap
     assert gap["gap_points"] == pytest.approx(100 * gap["gap_labels"])
     assert gap["gap_predictions"] >= 0.20

@@ -92,8 +92,15 @@ class PlantedFusion(nn.Module):
         self.head = nn.Linear(hidden, len(CLASS_NAMES))
 
     def forward(self, tabular: torch.Tensor, series: torch.Tensor) -> torch.Tensor:
-        h = self.fusion(torch.cat([self.tab_encoder(tabular), self.series_encoder(series)], 1))
-        return self.head(h)
+        return self.fuse_encodings({"tabular": self.encode_modality("tabular", tabular),
+                                    "series": self.encode_modality("series", series)})
+
+    def encode_modality(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One modality's encoding (lets EMAP encode each instance once, then fuse the pairs)."""
+        return self.tab_encoder(x) if name == "tabular" else self.series_encoder(x)
+
+    def fuse_encodings(self, enc: dict) -> torch.Tensor:
+        return self.head(self.fusion(torch.cat([enc["tabular"], enc["series"]], 1)))
 
 
 class AdditiveFusion(nn.Module):
@@ -110,7 +117,15 @@ class AdditiveFusion(nn.Module):
         self.head = nn.Linear(hidden, len(CLASS_NAMES))
 
     def forward(self, tabular: torch.Tensor, series: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.cat([self.tab_net(tabular), self.series_net(series)], 1))
+        return self.fuse_encodings({"tabular": self.encode_modality("tabular", tabular),
+                                    "series": self.encode_modality("series", series)})
+
+    def encode_modality(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One modality's encoding (lets EMAP encode each instance once, then fuse the pairs)."""
+        return self.tab_net(x) if name == "tabular" else self.series_net(x)
+
+    def fuse_encodings(self, enc: dict) -> torch.Tensor:
+        return self.head(torch.cat([enc["tabular"], enc["series"]], 1))
 
 
 def _check_kind(kind: str) -> None:
