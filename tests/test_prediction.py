@@ -29,7 +29,7 @@ def planted_features(n=3000, d=16, c=4, seed=0):
 def fitted():
     h, y, W = planted_features()
     return fit_sparse_model((h[:2000], y[:2000]), test=(h[2000:], y[2000:]), n_lambdas=12,
-                            class_names=["a", "b", "c", "d"]), h, y, W
+                            class_names=["a", "b", "c", "d"], stop_early=False), h, y, W
 
 
 def test_the_path_goes_from_all_zero_to_dense_and_the_choice_follows_the_rule(fitted):
@@ -45,6 +45,17 @@ def test_the_path_goes_from_all_zero_to_dense_and_the_choice_follows_the_rule(fi
     np.testing.assert_array_equal(m.weight, m.path_weights[m.chosen])
     assert m.val_fidelity == m.path_val_fidelity[m.chosen]
     assert m.test_fidelity == m.path_test_fidelity[m.chosen]
+
+
+def test_stopping_early_makes_the_same_choice_with_fewer_fits(fitted):
+    full, h, y, _ = fitted
+    early = fit_sparse_model((h[:2000], y[:2000]), test=(h[2000:], y[2000:]), n_lambdas=12,
+                             class_names=["a", "b", "c", "d"])
+    stop = early.params["stopped_at"]
+    assert len(early.path_lambdas) == stop <= 12 and early.path_val_fidelity[-1] >= 0.99
+    assert early.path_val_fidelity[:-1].max(initial=0) < 0.99
+    np.testing.assert_allclose(early.path_val_fidelity, full.path_val_fidelity[:stop])
+    assert early.chosen == full.chosen and early.test_fidelity == full.test_fidelity
 
 
 def test_the_sparse_model_is_faithful_and_finds_the_planted_neurons(fitted):

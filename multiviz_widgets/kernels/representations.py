@@ -185,6 +185,7 @@ def _save_atomic(path: Path, **arrays) -> None:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)       # mkstemp makes 0600; a cache is as readable as its directory
         os.replace(tmp, path)
     except BaseException:
         try:
