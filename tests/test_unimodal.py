@@ -528,3 +528,13 @@ def test_agrees_with_captum_on_the_same_forward_function(it):
         r = attribute(adapter, p, method=method, target=1, **params)
         for n in names:
             np.testing.assert_allclose(r.scores[n], ref[n], rtol=1e-4, atol=1e-5, err_msg=method)
+
+
+def test_cost_of_a_subset_and_of_an_unknown_modality(it):
+    _, adapter, inst = it
+    p = adapter.prepare(inst)
+    assert METHODS["occlusion"].cost(p, modalities=["image"]) == (5, 0)
+    assert METHODS["integrated_gradients"].cost(p, steps=7) == (7, 7)
+    assert METHODS["kernel_shap"].cost(p, n_samples=100) == (100, 0)
+    with pytest.raises(ValueError, match="audio"):
+        METHODS["occlusion"].cost(p, modalities=["audio"])

@@ -359,7 +359,12 @@ class AttributionMethod:
         """(forward passes, backward passes) this method needs for the instance."""
         p = self._params(params)
         names = params.get("modalities") or prepared.names
-        return self._cost(prepared, names if not isinstance(names, str) else [names], p)
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in prepared.n_units]
+        if unknown:
+            raise ValueError(f"modalities {unknown} are not among this instance's modalities "
+                             f"{prepared.names}.")
+        return self._cost(prepared, names, p)
 
     def _cost(self, prepared, names, p) -> tuple[int, int]:  # pragma: no cover - abstract
         raise NotImplementedError
