@@ -164,3 +164,19 @@ def test_bad_raw_inputs_say_what_to_fix():
         TimeSeries("s", channels=["a", "b"]).to_tensor(np.zeros((5, 3)))
     with pytest.raises(ValueError, match=r"masks must have shape"):
         Tabular("t", columns=["a", "b"]).apply_mask(torch.zeros(2), torch.ones(1, 3), torch.zeros(2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 5),
+       st.integers(0, 2**31 - 1))
+def test_image_grid_fast_masking_equals_the_generic_gather(c, rows, cols, p, seed):
+    from multiviz_widgets.modalities import Modality
+    m = Image("image", patch=p, baseline="blur")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(c, rows * p, cols * p, generator=g)
+    masks = torch.rand(4, rows * cols, generator=g)
+    masks[0] = (masks[0] > 0.5).float()
+    base = m.baseline_raw(x)
+    fast = m.apply_mask(x, masks, base)
+    slow = Modality.apply_mask(m, x, masks, base)
+    assert torch.equal(fast, slow)
