@@ -294,3 +294,21 @@ def test_models_with_zero_dimensional_buffers_are_cached_and_invalidated(cache):
         adapter.model.norm.running_mean.add_(1.0)
     assert not extract_features(adapter, ds, cache_dir=cache).from_cache
     assert rep.weights_hash(adapter) != first.key
+
+
+def test_a_cancelled_extraction_leaves_no_hook_and_no_cache(cache):
+    from multiviz_widgets.progress import Cancelled
+    adapter, ds = make_adapter(), make_dataset()
+
+    def cancel_after_first_batch(done, total, message):
+        if done > 0:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        extract_features(adapter, ds, batch_size=8, cache_dir=cache,
+                         progress=cancel_after_first_batch)
+    with pytest.raises(Cancelled):
+        neuron_extremes(adapter, ds, k=2, batch_size=8, progress=cancel_after_first_batch)
+    assert _hook_count(adapter) == 0
+    assert not cache.exists() or os.listdir(cache) == []
+    assert not extract_features(adapter, ds, cache_dir=cache).from_cache

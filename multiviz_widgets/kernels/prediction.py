@@ -11,6 +11,14 @@ By default it is fit to the *model's own predictions*, so its accuracy is its *f
 model. The sparsity level is chosen on validation data: the sparsest point of the path whose
 validation fidelity is within ``tolerance`` (1 point) of the best, never a fixed path index.
 
+Solver: scikit-learn's SAGA (``LogisticRegression(solver="saga", l1_ratio=alpha)``, warm-started
+along the path) is the default: well kept, deterministic for a seed, exact zeros, and on
+easy-VQA (30,860 x 64 features, 13 classes) the fastest of those tried. glm-saga (the original
+MultiViz solver) stays available as ``solver="glm_saga"``: its stopping rule (the change of one
+mini-batch step) rarely fires, so it runs its full epoch budget per lambda in a Python loop and
+was several times slower; a full-batch proximal gradient (FISTA) was slower still on these
+ill-conditioned features.
+
 ``prediction_path`` builds the path view's plain data: class <- top neurons by weight x
 activation <- each neuron's top units (stage 1 targeted at the neuron) and top cross-modal pairs
 (stage 2 targeted at the neuron).
