@@ -188,6 +188,9 @@ def test_bad_inputs_get_clear_errors(cache):
         s.update(np.zeros(4))
     with pytest.raises(ValueError, match="adapter and a dataset"):
         neuron_extremes(None, None)
+    feats = extract_features(adapter, ds, cache=False)
+    with pytest.raises(ValueError, match="indices="):
+        neuron_extremes(None, k=2, features=feats, indices=[1, 2])
 
 
 # -- streaming extremes -----------------------------------------------------------------------------

@@ -350,6 +350,10 @@ def neuron_extremes(adapter: ModelAdapter | None, dataset: MultimodalDataset | N
     ext = StreamingExtremes(k)
     passes = 0
     if features is not None:
+        if indices is not None:
+            raise ValueError("indices= selects instances to run the model on; with features= "
+                             "pass the features of those instances instead (extract_features("
+                             "..., indices=...)).")
         total = len(features)
         for s in range(0, total, _check_batch_size(batch_size)):
             ext.update(features.h[s:s + batch_size], features.indices[s:s + batch_size])
