@@ -5,6 +5,9 @@
 * The second-order token x patch matrix (one batched forward + double backward) against a
   per-token autograd loop (a forward, a backward with create_graph and a second backward for
   every token); target: >= 10x faster, < 300 ms (median over the instances).
+  Two EMAP variants are timed: "generic" (N^2 full forward passes, batched) and "factorized"
+  (each modality of the N instances encoded once, the N^2 pairs only fused; used when the model
+  defines encode_modality / fuse_encodings, or through a shim that mirrors EasyVQAModel.forward).
 * Every kernel against its floor: forward passes x the best per-sample time of a large batched
   forward pass (for gradient kernels each backward pass adds the best per-sample backward time);
   target: within 1.5x. Pairwise ablation (1 + U_a + U_b + U_a U_b forwards) is timed the same way.
@@ -77,6 +80,30 @@ def sog_per_token_loop(adapter, prepared, target, image: str, text: str) -> np.n
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------------
+def _ensure_factors(model) -> str | None:
+    """How EMAP can factorise this model: "model" when it defines encode_modality and
+    fuse_encodings, "benchmark shim" when it is the easy-VQA architecture without them (the
+    shim mirrors EasyVQAModel.forward; emap checks it against forward), else None."""
+    if callable(getattr(model, "encode_modality", None)) and callable(getattr(model, "fuse_encodings", None)):
+        return "model"
+    if not all(hasattr(model, k) for k in ("image_map", "question_vector", "mix", "fc", "classifier")):
+        return None
+    import types
+    import torch.nn.functional as F
+
+    def encode_modality(self, name, x):
+        return self.image_map(x) if name == "image" else self.question_vector(x)
+
+    def fuse_encodings(self, enc):
+        v, q = enc["image"], enc["question"]
+        z = F.relu(self.mix(v * q[:, :, None, None]))
+        return self.classifier(F.relu(self.fc(torch.cat([z.amax(dim=(2, 3)), q], dim=1))))
+
+    model.encode_modality = types.MethodType(encode_modality, model)
+    model.fuse_encodings = types.MethodType(fuse_encodings, model)
+    return "benchmark shim (EasyVQAModel has no encode_modality/fuse_encodings yet)"
+
+
 def _emap_instances(dataset, n: int, seed: int) -> list[dict]:
     idx = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
     return [dataset[int(i)] for i in idx]
@@ -135,32 +162,43 @@ def run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
         "floor": out["pairwise_ablation"]["ratio_to_floor"] <= CRITERIA["ratio_to_floor_max"]}
 
     # --- EMAP over N instances ---------------------------------------------------------------
-    emap_s, emap_floor_s, ref_s, diffs = [], [], [], []
-    for rep in range(max(1, emap_repeats)):
-        inst = _emap_instances(dataset, emap_n, seed + rep)
-        emap(adapter, inst[:8], batch_size=EMAP_BATCH)                      # warm-up
-        ms, r = timed(lambda: emap(adapter, inst, batch_size=EMAP_BATCH, keep_matrix=False))
-        emap_s.append(ms / 1e3)
-        p = adapter.prepare(inst[0])
-        emap_floor_s.append(r.forward_passes * per_sample_forward_ms(adapter, p, batch=floor_batch) / 1e3)
-        if rep == 0:   # the unbatched reference once (it is slow); extrapolated if subsampled
-            ms, (fhat, done) = timed(lambda: emap_unbatched(adapter, inst, emap_reference_pairs))
-            ref_s.append(ms / 1e3 * (emap_n * emap_n) / done)
-            if done == emap_n * emap_n:
-                diffs.append(float(np.abs(fhat - r.emap_logits).max()))
-    med = median(emap_s)
-    out["emap"] = {
-        "n": emap_n, "repeats": len(emap_s), "batch_size": EMAP_BATCH, "median_s": med,
-        "unbatched_reference_s": ref_s[0], "speedup": ref_s[0] / med,
-        "reference_pairs_timed": emap_n * emap_n if emap_reference_pairs is None
-        else min(emap_reference_pairs, emap_n * emap_n),
-        "floor_median_s": median(emap_floor_s),
-        "ratio_to_floor": median(np.array(emap_s) / np.array(emap_floor_s)),
-        "max_abs_difference_to_reference": diffs[0] if diffs else None,
-    }
-    out["emap"]["meets"] = {"speedup": out["emap"]["speedup"] >= CRITERIA["emap_speedup_min"],
-                            "seconds": med < CRITERIA["emap_seconds_max"],
-                            "floor": out["emap"]["ratio_to_floor"] <= CRITERIA["ratio_to_floor_max"]}
+    shim = _ensure_factors(adapter.model)
+    variants = {"generic": False}
+    if shim is not None:
+        variants["factorized"] = True
+    out["emap"] = {"n": emap_n, "batch_size": EMAP_BATCH, "factorized_via": shim}
+    ref_s, diffs = None, {}
+    for label, fac in variants.items():
+        emap_s, emap_floor_s = [], []
+        for rep in range(max(1, emap_repeats)):
+            inst = _emap_instances(dataset, emap_n, seed + rep)
+            emap(adapter, inst[:8], batch_size=EMAP_BATCH, factorized=fac)     # warm-up
+            ms, r = timed(lambda: emap(adapter, inst, batch_size=EMAP_BATCH, keep_matrix=False,
+                                       factorized=fac))
+            emap_s.append(ms / 1e3)
+            p = adapter.prepare(inst[0])
+            emap_floor_s.append(emap_n * emap_n
+                                * per_sample_forward_ms(adapter, p, batch=floor_batch) / 1e3)
+            if rep == 0 and ref_s is None:   # the unbatched reference once (it is slow)
+                ms, (fhat, done) = timed(lambda: emap_unbatched(adapter, inst, emap_reference_pairs))
+                ref_s = ms / 1e3 * (emap_n * emap_n) / done
+                ref_fhat = fhat if done == emap_n * emap_n else None
+            if rep == 0 and ref_fhat is not None:
+                diffs[label] = float(np.abs(ref_fhat - r.emap_logits).max())
+        med = median(emap_s)
+        out["emap"][label] = {
+            "repeats": len(emap_s), "median_s": med, "speedup": ref_s / med,
+            "floor_median_s": median(emap_floor_s),
+            "ratio_to_floor": median(np.array(emap_s) / np.array(emap_floor_s)),
+            "max_abs_difference_to_reference": diffs.get(label),
+            "meets": {"speedup": ref_s / med >= CRITERIA["emap_speedup_min"],
+                      "seconds": med < CRITERIA["emap_seconds_max"],
+                      "floor": median(np.array(emap_s) / np.array(emap_floor_s))
+                      <= CRITERIA["ratio_to_floor_max"]}}
+    out["emap"]["unbatched_reference_s"] = ref_s
+    out["emap"]["reference_pairs_timed"] = (emap_n * emap_n if emap_reference_pairs is None
+                                            else min(emap_reference_pairs, emap_n * emap_n))
+    out["emap"]["floor"] = "N^2 x best per-sample time of a batched full forward pass"
     return out
 
 

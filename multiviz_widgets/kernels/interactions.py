@@ -19,7 +19,8 @@ units of b) with its cost. Methods (see METHODS.md):
   shapiq) over the players "units of a and of b"; the cross block [U_a, U_b] is reported.
   Exact when 2^players <= budget, otherwise shapiq's approximator under the budget.
 
-Dataset-level functions: ``emap`` (EMAP of N instances from one batched N x N logit matrix),
+Dataset-level functions: ``emap`` (EMAP of N instances from one batched N x N logit matrix;
+models that expose ``encode_modality``/``fuse_encodings`` get a factorized fast path),
 ``emap_gap``, ``dime`` (UC = EMAP(f) and MI = f - UC, each explained per modality with LIME) and
 ``interaction_type`` (dominance / complement / conflict from EMAP's unimodal parts).
 """
@@ -274,7 +275,7 @@ def _shapiq_approximator(index: str, n: int, seed: int, budget: int):
 
 def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: Target,
             progress: ProgressFn = None, index: str = "k-SII", budget: int = 4096,
-            max_players: int | None = None, seed: int = 0, batch_size: int = 512
+            max_players: int | None = 24, seed: int = 0, batch_size: int = 512
             ) -> tuple[np.ndarray, int, int, dict]:
     """Cross block [U_a, U_b] of order-2 Shapley interactions computed by shapiq.
 
@@ -283,9 +284,13 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     otherwise shapiq's approximator for the index with ``budget`` evaluations: permutation
     sampling for k-SII/SII/STII (unbiased; pairs that never interact get exactly 0) when the
     budget buys two permutations, else KernelSHAPIQ / SVARMIQ; RegressionFSII for FSII (FSII is
-    a least-squares fit, so within-modality higher-order effects can leak into cross pairs). max_players: keep only the units with the largest occlusion effect
-    (split between the modalities in proportion to their units; 1 + U_a + U_b extra forwards);
-    the other units stay present and their cells are 0. Cost: at most budget forwards.
+    a least-squares fit, so within-modality higher-order effects can leak into cross pairs).
+    max_players (default 24; None = every unit): when the two modalities have more units, keep
+    only those with the largest occlusion effect (split between the modalities in proportion
+    to their units; 2 + U_a + U_b extra forwards); the other units stay present and their cells
+    are 0 (``params["players"]`` lists the players). A few thousand evaluations cannot estimate
+    the ~U_a U_b pairs of 70 players, so keep it small. Cost: at most budget forwards (plus the
+    occlusion pass).
     """
     if index not in SHAPLEY_INDICES:
         raise ValueError(f"Unknown Shapley interaction index {index!r}; choose one of "
