@@ -529,3 +529,32 @@ def test_shapley_exact_for_few_players_and_max_players():
 
 def test_methods_registry():
     assert set(INTERACTION_METHODS) == {"second_order", "pairwise_ablation", "shapley"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage-2 benchmark runs end to end on a tiny sample (no timing is asserted)
+# ---------------------------------------------------------------------------------------------
+def test_stage2_benchmark_writes_its_json(tmp_path):
+    pytest.importorskip("easy_vqa")
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("bench_kernels_stage2", bench / "kernels_stage2.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "s2.json"
+    threads = torch.get_num_threads()
+    try:
+        mod.main(["--n", "1", "--emap-n", "6", "--emap-repeats", "1",
+                  "--threads", str(threads), "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    d = json.loads(out.read_text())["stage2"]
+    assert d["second_order"]["max_relative_difference_to_loop"] < 1e-4
+    assert d["emap"]["generic"]["max_abs_difference_to_reference"] < 1e-4
+    for k in ("speedup", "ratio_to_floor"):
+        assert d["second_order"][k] > 0 and d["emap"]["generic"][k] > 0
+    assert d["pairwise_ablation"]["ratio_to_floor"] > 0
