@@ -13,7 +13,7 @@ from multiviz_widgets import (MultimodalDataset, ModelAdapter, Neuron, Tabular, 
 from multiviz_widgets.demos import synthetic
 from multiviz_widgets.kernels.common import evaluate_masks, resolve_target
 from multiviz_widgets.kernels.interactions import (
-    INTERACTION_METHODS, EmapResult, dime, emap, emap_gap, emap_matrix, interaction,
+    INTERACTION_METHODS, dime, emap, emap_gap, emap_matrix, interaction,
     interaction_type, interaction_types, pairwise_masks)
 from multiviz_widgets.progress import Cancelled
 

@@ -33,7 +33,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..adapter import AdapterError, ModelAdapter, Prepared, Target
+from ..adapter import ModelAdapter, Prepared, Target
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..results import Interaction, Result, Stopwatch
