@@ -507,6 +507,8 @@ def test_errors_say_what_is_wrong():
     r = emap(adapter, ds, target=Neuron(0))
     with pytest.raises(ValueError, match="class target"):
         interaction_types(r)
+    with pytest.raises(ValueError, match="needs a reference set"):
+        interaction_type(adapter, inst)
     with pytest.raises(ValueError, match="not among"):
         interaction_type(adapter, 99, emap(adapter, ds))
 

@@ -781,7 +781,7 @@ def interaction_types(result: EmapResult, class_names: Sequence[str] | None = No
 
 
 @torch.no_grad()
-def interaction_type(adapter: ModelAdapter, instance, reference, reference_indices=None,
+def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_indices=None,
                      n_reference: int = 50, seed: int = 0, batch_size: int = 1024,
                      progress: ProgressFn = None) -> dict:
     """Dominance, complement or conflict for one instance, with the numbers behind the label.
@@ -797,6 +797,9 @@ def interaction_type(adapter: ModelAdapter, instance, reference, reference_indic
     ``seed``), a list of instances, or an EmapResult that contains the instance, given then as
     its dataset index (no forwards). Cost otherwise: N^2 + 2 N + 1 forwards in batches.
     """
+    if reference is None:
+        raise ValueError("interaction_type needs a reference set for EMAP's averages: pass "
+                         "reference=a MultimodalDataset, a list of instances or an EmapResult.")
     if isinstance(reference, EmapResult):
         if isinstance(instance, Mapping):
             raise ValueError("With an EmapResult as reference, give the instance as its dataset "
