@@ -3,8 +3,10 @@
 Opens notebooks/quickstart.ipynb (a temporary copy) in JupyterLab with Debian's Chromium, runs
 it, then clicks question tokens in the InputView. A click is timed in the page with
 performance.now(), from the click to the moment the InputView has re-rendered
-(data-render-count changed) *and* the image overlay (data-score of the 64 patches) shows the new
-token's interaction row. Between clicks the script waits (untimed) for the engine to be idle.
+(data-render-count changed) with the new token's image overlay: the Explorer sends the overlay
+(data-score of the 64 patches) and its caption ("... interaction with question unit 'w' (#k)")
+in one message, so the caption naming token #k marks the update (some tokens have an all-zero
+interaction row, so the scores alone need not change). Between clicks the script waits (untimed) for the engine to be idle.
 
 Cases, each with ``--clicks`` clicks (default 30):
 
@@ -17,8 +19,8 @@ Cases, each with ``--clicks`` clicks (default 30):
   (the stage-1 attribution stays cached): the cost of the second-order token map alone.
 
 Targets: p95 < 150 ms cached; p95 < 500 ms uncached for the gradient methods (gradient,
-grad_x_input, integrated_gradients) and the second-order token map. Perturbation methods are
-measured when asked for (``--methods``) and reported without a target.
+grad_x_input, integrated_gradients) and the second-order token map. The perturbation methods
+(occlusion, lime, kernel_shap) are measured too and reported without a target.
 
     .venv/bin/python benchmarks/ui_latency.py [--out benchmarks/results/ui_latency.json]
 """
@@ -30,6 +32,7 @@ import json
 import os
 import pathlib
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -42,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from tests import browser_support as bs  # noqa: E402
 
 GRADIENT_METHODS = ("gradient", "grad_x_input", "integrated_gradients")
+PERTURBATION_METHODS = ("occlusion", "lime", "kernel_shap")
 TARGET_CACHED_MS = 150.0
 TARGET_UNCACHED_MS = 500.0
 
@@ -77,6 +81,7 @@ class Bench:
         self.nb, self.page, self.timeout_ms = nb, nb.page, timeout_ms
         self.n_tokens = self.page.locator(".mvz-unit[data-modality='question']").count()
         self.last = None
+        self.verbose = False
 
     def idle(self) -> None:
         self.nb.kernel_exec("explorer.wait(600)")
@@ -88,7 +93,7 @@ class Bench:
     def click(self, token: int) -> tuple[float | None, bool]:
         res = self.page.evaluate(bs.JS_CLICK_AND_WAIT, [
             f".mvz-input .mvz-unit[data-modality='question'][data-unit='{token}']",
-            ".mvz-input .mvz-unit[data-modality='image']", self.timeout_ms])
+            ".mvz-input .mvz-unit[data-modality='image']", self.timeout_ms, f"(#{token})"])
         self.last = token
         return float(res["ms"]), bool(res["ok"])
 
@@ -111,6 +116,9 @@ class Bench:
             if before_click:
                 self.nb.kernel_exec(before_click)
             dt, ok = self.click(t)
+            if self.verbose:
+                print(f"  token {t}: {dt:.1f} ms{'' if ok else ' (timed out)'}", file=sys.stderr,
+                      flush=True)
             if ok:
                 ms.append(dt)
             else:
@@ -123,11 +131,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ui_latency.json"))
     ap.add_argument("--clicks", type=int, default=30, help="clicks per case (at least 30)")
-    ap.add_argument("--methods", default=",".join(GRADIENT_METHODS),
-                    help="comma-separated stage-1 methods (also occlusion, lime, kernel_shap)")
+    ap.add_argument("--methods", default=",".join(GRADIENT_METHODS + PERTURBATION_METHODS),
+                    help="comma-separated stage-1 methods (default: all six)")
     ap.add_argument("--instance", type=int, default=0)
     ap.add_argument("--timeout-ms", type=float, default=60_000.0)
+    ap.add_argument("--verbose", action="store_true", help="print every click")
     args = ap.parse_args(argv)
+    # On SIGTERM, exit through the finally blocks so the JupyterLab server is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     why = bs.missing_requirements()
     if why:
         print(f"cannot run: {why}", file=sys.stderr)
@@ -148,6 +159,8 @@ def main(argv=None) -> int:
             nb.kernel_exec(DROP + f"\nexplorer.select(instance={args.instance}, unit=None)\n"
                            "explorer.wait(600)")
             bench = Bench(nb, args.timeout_ms)
+            bench.verbose = args.verbose
+            print(f"explorer ready after {time.time() - t_start:.0f} s", file=sys.stderr, flush=True)
             if bench.n_tokens < 2:
                 raise RuntimeError("the question has fewer than two tokens")
             info = nb.kernel_json(

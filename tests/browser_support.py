@@ -253,30 +253,36 @@ class Notebook:
 JS_UNIT_SCORES = """(sel) => Array.from(document.querySelectorAll(sel))
     .map(e => ({unit: Number(e.dataset.unit), score: e.dataset.score}))"""
 
-# Click a unit element and resolve when the InputView root's data-render-count has changed and
-# the scores of `watch` units differ from before (or `timeout` ms pass). Resolves to elapsed ms.
-JS_CLICK_AND_WAIT = """async ([clickSel, watchSel, timeout]) => {
+# Click a unit element and resolve when the InputView has re-rendered (data-render-count
+# changed) with its new content: when `captionIncludes` is given, once the score caption contains
+# it (the Explorer sets scores and caption in one message, so the scores are painted by then);
+# otherwise once the data-score values of the `watch` units differ from before. Resolves to
+# {ms, ok}: ms from the click to that DOM update, measured in the page with performance.now().
+JS_CLICK_AND_WAIT = """async ([clickSel, watchSel, timeout, captionIncludes]) => {
   const target = document.querySelector(clickSel);
   if (!target) throw new Error("no element " + clickSel);
   const root = target.closest('.mvz-input');
   const snap = () => Array.from(document.querySelectorAll(watchSel)).map(e => e.dataset.score).join(',');
+  const caption = () => (root.querySelector('.mvz-score-caption') || {}).textContent || '';
   const before = snap();
-  const count0 = root ? root.dataset.renderCount : null;
+  const count0 = root.dataset.renderCount;
   return await new Promise((resolve) => {
-    let done = false;
+    let done = false, t0 = 0;
     const finish = (ok) => {
       if (done) return; done = true; obs.disconnect();
       resolve({ms: performance.now() - t0, ok});
     };
     const check = () => {
-      const r = document.querySelector(clickSel)?.closest('.mvz-input') || root;
-      if (r && r.dataset.renderCount !== count0 && snap() !== before) finish(true);
+      if (root.dataset.renderCount === count0) return;
+      if (captionIncludes) {
+        const c = caption();
+        if (c.includes(captionIncludes) && !c.startsWith('computing')) finish(true);
+      } else if (snap() !== before) finish(true);
     };
     const obs = new MutationObserver(check);
-    obs.observe(document.body, {subtree: true, attributes: true, childList: true,
-                                attributeFilter: ['data-render-count', 'data-score']});
+    obs.observe(root, {subtree: true, attributes: true, childList: true, characterData: true});
     setTimeout(() => finish(false), timeout);
-    const t0 = performance.now();
+    t0 = performance.now();
     target.click();
   });
 }"""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
 from . import browser_support as bs
@@ -153,7 +154,8 @@ def test_token_click_colours_the_image_with_the_kernels_interaction_row(quicksta
     assert n_tokens >= 3
     current = nb.kernel_json("import json; print(json.dumps(explorer.selection.unit_ref))")
     u = next(k for k in range(n_tokens - 1, -1, -1) if current != [rows, k])
-    res = page.evaluate(bs.JS_CLICK_AND_WAIT, [unit_sel(rows, u), unit_sel(cols), 120_000])
+    res = page.evaluate(bs.JS_CLICK_AND_WAIT, [unit_sel(rows, u), unit_sel(cols), 120_000,
+                                                  f"(#{u})"])
     assert res["ok"], "the image overlay did not change after the token click"
     nb.kernel_exec("explorer.wait()")
     assert nb.kernel_json("import json; print(json.dumps(explorer.selection.unit_ref))") == [rows, u]
@@ -205,19 +207,19 @@ def test_3d_point_click_opens_that_instance(quickstart):
     caption = page.locator(".mvz-input .mvz-caption")
     start = caption.text_content()
     hit = None
-    # Points are picked through ipyvolume's id buffer: sweep the canvas until one is hit.
-    for dy in range(0, int(box["height"] / 2) - 8, 8):
-        for sy in (1, -1):
-            y = box["y"] + box["height"] / 2 + sy * dy
-            for x in range(int(box["x"] + 16), int(box["x"] + box["width"] - 16), 8):
-                page.mouse.click(x, y)
-                page.wait_for_timeout(15)
-                if caption.text_content() != start:
-                    hit = (x, y)
-                    break
-            if hit:
-                break
-        if hit:
+    # Points are picked through ipyvolume's id buffer: click a spiral of positions around the
+    # centre (where a PCA projection is densest) until one hits a point (at most 150 clicks).
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    for k in range(150):
+        r, a = 3.0 * k ** 0.5 * 2.2, k * 2.39996  # sunflower spiral, ~6 px apart
+        x, y = cx + r * np.cos(a), cy + r * np.sin(a)
+        if not (box["x"] + 4 < x < box["x"] + box["width"] - 4
+                and box["y"] + 4 < y < box["y"] + box["height"] - 4):
+            continue
+        page.mouse.click(x, y)
+        page.wait_for_timeout(20)
+        if caption.text_content() != start:
+            hit = (x, y)
             break
     if hit is None:  # a last chance for a late update
         page.wait_for_timeout(2000)
@@ -250,7 +252,7 @@ def test_voila_renders_the_demo_and_a_click_works(voila, page):
     assert n_tokens >= 2
     # the notebook selected token 0; a click on another token recolours the image
     res = page.evaluate(bs.JS_CLICK_AND_WAIT, [unit_sel("question", n_tokens - 1),
-                                               unit_sel("image"), 180_000])
+                                               unit_sel("image"), 180_000, f"(#{n_tokens - 1})"])
     assert res["ok"], "the image overlay did not change after a token click in Voila"
     page.wait_for_selector(unit_sel("question", n_tokens - 1) + ".mvz-selected")
     assert "interaction" in page.locator(".mvz-input .mvz-score-caption").text_content()
