@@ -7,7 +7,7 @@
   every token); target: >= 10x faster, < 300 ms (median over the instances).
   Two EMAP variants are timed: "generic" (N^2 full forward passes, batched) and "factorized"
   (each modality of the N instances encoded once, the N^2 pairs only fused; used when the model
-  defines encode_modality / fuse_encodings, or through a shim that mirrors EasyVQAModel.forward).
+  defines encode_modality / fuse_encodings, as EasyVQAModel does).
 * Every kernel against its floor: forward passes x the best per-sample time of a large batched
   forward pass (for gradient kernels each backward pass adds the best per-sample backward time);
   target: within 1.5x. Pairwise ablation (1 + U_a + U_b + U_a U_b forwards) is timed the same way.
@@ -65,13 +65,16 @@ def sog_per_token_loop(adapter, prepared, target, image: str, text: str) -> np.n
     xi, xt = prepared.continuous[image], prepared.continuous[text]
     it, ii = prepared.index[text], prepared.index[image]
     mod_i = adapter.modalities[image]
+    # the kernel's default direction per token: all-ones, or (x - baseline) for embedded tokens
+    direction = ((xt - prepared.baseline[text]) if adapter.modalities[text].weigh_units_by_input
+                 else torch.ones_like(xt))
     cols = []
     for u in range(prepared.n_units[text]):
         ci = xi.detach().unsqueeze(0).clone().requires_grad_(True)
         ct = xt.detach().unsqueeze(0).clone().requires_grad_(True)
         f = adapter.scalar(prepared, {image: ci, text: ct}, target)
         g, = torch.autograd.grad(f.sum(), ct, create_graph=True)
-        a_u = (g[0] * (it == u)).sum()
+        a_u = (g[0] * (it == u) * direction).sum()
         h, = torch.autograd.grad(a_u, ci)
         cols.append(mod_i.pool(h.detach(), xi, ii)[0])
     return torch.stack(cols, 1).double().numpy()
@@ -80,28 +83,9 @@ def sog_per_token_loop(adapter, prepared, target, image: str, text: str) -> np.n
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------------
-def _ensure_factors(model) -> str | None:
-    """How EMAP can factorise this model: "model" when it defines encode_modality and
-    fuse_encodings, "benchmark shim" when it is the easy-VQA architecture without them (the
-    shim mirrors EasyVQAModel.forward; emap checks it against forward), else None."""
-    if callable(getattr(model, "encode_modality", None)) and callable(getattr(model, "fuse_encodings", None)):
-        return "model"
-    if not all(hasattr(model, k) for k in ("image_map", "question_vector", "mix", "fc", "classifier")):
-        return None
-    import types
-    import torch.nn.functional as F
-
-    def encode_modality(self, name, x):
-        return self.image_map(x) if name == "image" else self.question_vector(x)
-
-    def fuse_encodings(self, enc):
-        v, q = enc["image"], enc["question"]
-        z = F.relu(self.mix(v * q[:, :, None, None]))
-        return self.classifier(F.relu(self.fc(torch.cat([z.amax(dim=(2, 3)), q], dim=1))))
-
-    model.encode_modality = types.MethodType(encode_modality, model)
-    model.fuse_encodings = types.MethodType(fuse_encodings, model)
-    return "benchmark shim (EasyVQAModel has no encode_modality/fuse_encodings yet)"
+def _factorized(model) -> bool:
+    """Whether EMAP can factorise this model (it defines encode_modality and fuse_encodings)."""
+    return all(callable(getattr(model, k, None)) for k in ("encode_modality", "fuse_encodings"))
 
 
 def _emap_instances(dataset, n: int, seed: int) -> list[dict]:
@@ -162,11 +146,10 @@ def run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
         "floor": out["pairwise_ablation"]["ratio_to_floor"] <= CRITERIA["ratio_to_floor_max"]}
 
     # --- EMAP over N instances ---------------------------------------------------------------
-    shim = _ensure_factors(adapter.model)
     variants = {"generic": False}
-    if shim is not None:
+    if _factorized(adapter.model):
         variants["factorized"] = True
-    out["emap"] = {"n": emap_n, "batch_size": EMAP_BATCH, "factorized_via": shim}
+    out["emap"] = {"n": emap_n, "batch_size": EMAP_BATCH, "variants": list(variants)}
     ref_s, diffs = None, {}
     for label, fac in variants.items():
         emap_s, emap_floor_s = [], []

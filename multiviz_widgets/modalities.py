@@ -28,6 +28,9 @@ class Modality:
     #: True when gradients must flow through an embedding layer (text): the continuous form is
     #: that layer's output and the adapter needs the layer.
     via_embedding: ClassVar[bool] = False
+    #: True when a unit's scalars are coordinates in an arbitrary basis (embeddings): second-order
+    #: interactions then move a unit along its own value minus the baseline, not along all-ones.
+    weigh_units_by_input: ClassVar[bool] = False
 
     def __init__(self, name: str):
         if not isinstance(name, str) or not name.isidentifier():
@@ -250,6 +253,7 @@ class Text(Modality):
 
     kind = "text"
     via_embedding = True
+    weigh_units_by_input = True
 
     def __init__(self, name: str = "text", vocab: Sequence[str] = (), pad_token: str = "[PAD]",
                  unk_token: str = "[UNK]", tokenize: Callable[[str], list[str]] | None = None,

@@ -82,14 +82,18 @@ def text_adapter(seed=0):
                                         Tabular("tabular", columns=["u", "v"])], ["no", "yes"])
 
 
-def dense_sog(adapter, prepared, a, b, target):
-    """Reference: the full Hessian by autograd, then a double loop over unit pairs."""
+def dense_sog(adapter, prepared, a, b, target, weigh_a=False):
+    """Reference: the full Hessian by autograd, then a double loop over unit pairs.
+
+    weigh_a: move side a's units along (x - baseline) instead of all-ones (embedded tokens)."""
     xa, xb = prepared.continuous[a], prepared.continuous[b]
 
     def f(za, zb):
         return adapter.scalar(prepared, {a: za.unsqueeze(0), b: zb.unsqueeze(0)}, target)[0]
 
     h = torch.autograd.functional.hessian(f, (xa, xb))[0][1].reshape(xa.numel(), xb.numel())
+    if weigh_a:
+        h = h * (xa - prepared.baseline[a]).reshape(-1, 1)
     ia, ib = prepared.index[a].reshape(-1), prepared.index[b].reshape(-1)
     out = np.zeros((prepared.n_units[a], prepared.n_units[b]))
     for u in range(out.shape[0]):
@@ -124,7 +128,8 @@ def test_sog_through_the_embedding_matches_reference():
     adapter = text_adapter()
     p = adapter.prepare({"question": "what is the red circle", "tabular": [0.5, -1.0]})
     t = adapter.target(1)
-    ref, _ = dense_sog(adapter, p, "question", "tabular", t)
+    # tokens move along their own embedding (minus the [PAD] baseline) by default
+    ref, _ = dense_sog(adapter, p, "question", "tabular", t, weigh_a=True)
     r = interaction(adapter, p, "second_order", target=1)
     rep = interaction(adapter, p, "second_order", target=1, mode="replicate")
     np.testing.assert_allclose(rep.matrix, ref, rtol=1e-4, atol=1e-6)
@@ -132,6 +137,23 @@ def test_sog_through_the_embedding_matches_reference():
     assert r.row_labels == ["what", "is", "the", "red", "circle"]
     np.testing.assert_allclose(r.matrix, ref, rtol=1e-4, atol=1e-6)
     assert np.abs(ref).max() > 1e-3
+    # rows and columns swapped: the same matrix transposed
+    swapped = interaction(adapter, p, "second_order", modalities=("tabular", "question"), target=1)
+    np.testing.assert_allclose(swapped.matrix, ref.T, rtol=1e-4, atol=1e-6)
+    # the plain indicator contraction on request
+    plain_ref, _ = dense_sog(adapter, p, "question", "tabular", t)
+    plain = interaction(adapter, p, "second_order", target=1, attribution="gradient")
+    np.testing.assert_allclose(plain.matrix, plain_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_sog_rows_differ_per_token_for_a_bag_of_words_encoder():
+    """Summed embeddings share one gradient; the default contraction still tells tokens apart."""
+    from multiviz_widgets.demos import easy_vqa
+    adapter, ds = easy_vqa.load()
+    r = interaction(adapter, ds[0], "second_order", modalities=("question", "image"))
+    rows = r.matrix / np.abs(r.matrix).max()
+    assert r.matrix.shape[0] == len(r.row_labels) >= 4
+    assert np.abs(rows[0] - rows[1]).max() > 1e-3
 
 
 def test_sog_multiviz_variants_match_their_definition():

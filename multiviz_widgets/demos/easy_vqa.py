@@ -130,12 +130,21 @@ class EasyVQAModel(nn.Module):
         """The question encoder's vector [B, width] (sum of token embeddings, then an MLP)."""
         return self.question_mlp(self.embedding(question).sum(dim=1))
 
-    def forward(self, image: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
-        v = self.image_map(image)
-        q = self.question_vector(question)
+    def encode_modality(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One modality's encoding (the image map or the question vector). With
+        ``fuse_encodings`` it lets EMAP encode each instance once and fuse only the N x N pairs."""
+        return self.image_map(x) if name == "image" else self.question_vector(x)
+
+    def fuse_encodings(self, enc: dict) -> torch.Tensor:
+        """Logits from the two encodings: the fusion, h and the decision layer."""
+        v, q = enc["image"], enc["question"]
         z = F.relu(self.mix(v * q[:, :, None, None]))
         h = F.relu(self.fc(torch.cat([z.amax(dim=(2, 3)), q], dim=1)))
         return self.classifier(h)
+
+    def forward(self, image: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        return self.fuse_encodings({"image": self.encode_modality("image", image),
+                                    "question": self.encode_modality("question", question)})
 
 
 @torch.no_grad()

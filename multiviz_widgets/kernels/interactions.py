@@ -94,7 +94,7 @@ def _positive_int(value, what: str, minimum: int = 1) -> int:
 # --------------------------------------------------------------------------------------------
 def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: Target,
                  progress: ProgressFn = None, phi: str = "identity",
-                 attribution: str = "gradient", times_input: bool = False,
+                 attribution: str = "auto", times_input: bool | None = None,
                  batch_size: int = 64, mode: str = "auto") -> tuple[np.ndarray, int, int, dict]:
     """Second-order interaction matrix [U_a, U_b] (see the module docstring); returns
     (matrix, forwards, backwards, params).
@@ -102,6 +102,11 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
     phi: "identity" (exact mixed Hessian, contracted to units) or "abs" (MultiViz: |a_u|).
     attribution: the first-order attribution a_u of side a: "gradient" or "grad_x_input"
     ((x - baseline) * gradient). times_input: multiply the b side by (x_b - baseline) too.
+    Defaults ("auto" / None): each side moves its units along the modality's own direction,
+    I[u, v] = d_u' H d_v, with d_u the indicator of u's scalars, or (x_u - baseline) where the
+    modality says so (``Modality.weigh_units_by_input``, true for embedded tokens, whose
+    coordinates are an arbitrary basis: summing them would differentiate along a meaningless
+    direction, and a bag-of-words encoder would give every token the same row).
     mode: "vmap" (one forward and one backward of the instance, then the U_r second backward
     passes batched with torch's vmapped ``is_grads_batched``; cost 1 forward, 1 + U_r
     backwards), "replicate" (the instance replicated U_r times along the batch; cost U_r
@@ -110,16 +115,23 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
     """
     if phi not in ("identity", "abs"):
         raise ValueError(f"phi must be 'identity' or 'abs', got {phi!r}.")
-    if attribution not in ("gradient", "grad_x_input"):
-        raise ValueError(f"attribution must be 'gradient' or 'grad_x_input', got {attribution!r}.")
+    if attribution not in ("auto", "gradient", "grad_x_input"):
+        raise ValueError(f"attribution must be 'auto', 'gradient' or 'grad_x_input', got "
+                         f"{attribution!r}.")
     if mode not in ("auto", "vmap", "replicate"):
         raise ValueError(f"mode must be 'auto', 'vmap' or 'replicate', got {mode!r}.")
     batch_size = _positive_int(batch_size, "batch_size")
     ua, ub = prepared.n_units[a], prepared.n_units[b]
     # The exact identity-phi matrix is symmetric in its two sides: contract the smaller one.
-    symmetric = phi == "identity" and (attribution == "grad_x_input") == bool(times_input)
+    auto = attribution == "auto" and times_input is None
+    if attribution == "auto" and not auto:
+        attribution = "grad_x_input" if adapter.modalities[a].weigh_units_by_input else "gradient"
+    symmetric = phi == "identity" and (auto or (attribution == "grad_x_input") == bool(times_input))
     swap = symmetric and ub < ua
     r, c = (b, a) if swap else (a, b)
+    if auto:
+        attribution = "grad_x_input" if adapter.modalities[r].weigh_units_by_input else "gradient"
+        times_input = adapter.modalities[c].weigh_units_by_input if phi == "identity" else False
     args = (adapter, prepared, r, c, target, progress, phi, attribution, times_input, batch_size)
     used = mode
     if mode in ("auto", "vmap"):
