@@ -144,3 +144,44 @@ def test_a_neuron_out_of_range_is_a_clear_error(case):
         unimodal.attribute(adapter, inst, "gradient", target=Neuron(7))
     with pytest.raises(Exception, match="out of range"):
         interactions.interaction(adapter, inst, "pairwise_ablation", target=Neuron(7))
+
+
+def _reference_set(case, n=24, seed=0):
+    """Variations of the case's instance: every unit is rescaled at random (units stay units)."""
+    adapter, inst, _ = case
+    rng = np.random.default_rng(seed)
+    cols = {name: [] for name in adapter.names}
+    texts = ["what color is the shape", "what shape is red circle", "red circle the shape is",
+             "the shape color what red"]
+    for i in range(n):
+        for name, value in inst.items():
+            if isinstance(value, str):
+                cols[name].append(texts[i % len(texts)])
+            else:
+                cols[name].append((np.asarray(value) * rng.uniform(0.3, 1.7, size=np.shape(value)))
+                                  .astype(np.float32))
+    return MultimodalDataset(cols)
+
+
+def test_emap_with_a_neuron_target_separates_additive_and_product_neurons(case):
+    adapter, _, _ = case
+    ds = _reference_set(case)
+    additive = interactions.emap(adapter, ds, target=Neuron(0))
+    np.testing.assert_allclose(additive.emap_logits, additive.logits, atol=1e-4)
+    product = interactions.emap(adapter, ds, target=Neuron(2))
+    gap = np.abs(product.logits - product.emap_logits).max()
+    assert gap > 1e-3 and product.logits.shape == (len(ds), 1)
+
+
+def test_dime_with_a_neuron_target_puts_the_product_in_mi(case):
+    adapter, inst, units = case
+    ds = _reference_set(case)
+    a, b = adapter.names
+    res = interactions.dime(adapter, ds, inst, target=Neuron(2), n_samples=400, n_reference=16)
+    assert res.target == Neuron(2)
+    ua, ub = units[2]
+    assert int(np.argmax(np.abs(res.mi[a]))) == ua and int(np.argmax(np.abs(res.mi[b]))) == ub
+    add = interactions.dime(adapter, ds, inst, target=Neuron(0), n_samples=400, n_reference=16)
+    u0, v0 = units[0]
+    assert int(np.argmax(np.abs(add.uc[a]))) == u0 and int(np.argmax(np.abs(add.uc[b]))) == v0
+    assert abs(add.mi_value) < 1e-4
