@@ -268,3 +268,31 @@ def test_prediction_path_errors():
     sm = fit_sparse_model(planted_features(n=300)[:2], n_lambdas=3)
     with pytest.raises(ValueError, match="another model"):
         prediction_path(adapter, inst, sparse_model=sm)
+
+
+def test_to_dict_round_trips(fitted):
+    from multiviz_widgets.kernels.prediction import sparse_model_from_dict
+    m, h, y, _ = fitted
+    back = sparse_model_from_dict(json.loads(json.dumps(m.to_dict())))
+    np.testing.assert_array_equal(back.predict(h), m.predict(h))
+    assert back.curve() == m.curve() and back.chosen == m.chosen
+    assert back.fraction_nonzero == m.fraction_nonzero
+
+
+def test_fit_for_an_adapter_and_its_datasets(tmp_path):
+    from multiviz_widgets import MultimodalDataset
+    from multiviz_widgets.kernels.prediction import fit_sparse_model_for
+    adapter, inst = path_case(UNITS_A)
+    rng = np.random.default_rng(0)
+    cols = {"tab": [], "series": []}
+    for _ in range(300):
+        cols["tab"].append((inst["tab"] * rng.uniform(0, 2, 4)).astype(np.float32))
+        cols["series"].append((inst["series"] * rng.uniform(0, 2, (STEPS, CH))).astype(np.float32))
+    ds = MultimodalDataset(cols)
+    seen = []
+    m = fit_sparse_model_for(adapter, ds, ds, cache=False, n_lambdas=6,
+                             progress=lambda d, t, msg: seen.append(msg))
+    assert m.class_names == ["yes", "no"] and m.n_test == 300 and m.test_fidelity > 0.9
+    np.testing.assert_allclose(m.weight[0], -m.weight[1])     # binary: rows (-s/2, s/2)
+    assert any(s.startswith("train features") for s in seen)
+    assert any(s.startswith("sparse model") for s in seen)

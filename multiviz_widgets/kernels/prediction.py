@@ -150,6 +150,26 @@ class SparseModel:
         }
 
 
+def sparse_model_from_dict(data: dict[str, Any]) -> SparseModel:
+    """Rebuild a SparseModel from ``SparseModel.to_dict()`` (the path weights are not kept)."""
+    curve = data["curve"]
+    bias = np.array([-np.inf if b is None else b for b in data["bias"]], dtype=np.float64)
+    return SparseModel(
+        weight=np.asarray(data["weight"], dtype=np.float64), bias=bias,
+        mean=np.asarray(data["mean"], dtype=np.float64),
+        std=np.asarray(data["std"], dtype=np.float64), class_names=list(data["class_names"]),
+        alpha=float(data["alpha"]), lam=float(data["lambda"]), chosen=int(data["chosen"]),
+        path_lambdas=np.asarray(curve["lambda"], dtype=np.float64),
+        path_nonzeros=np.asarray(curve["nonzeros"], dtype=np.int64),
+        path_val_fidelity=np.asarray(curve["val_fidelity"], dtype=np.float64),
+        path_test_fidelity=(np.asarray(curve["test_fidelity"], dtype=np.float64)
+                            if "test_fidelity" in curve else None),
+        val_fidelity=float(data["val_fidelity"]), test_fidelity=data.get("test_fidelity"),
+        tolerance=float(data["tolerance"]), fit_to=data["fit_to"], solver=data["solver"],
+        n_train=int(data["n_train"]), n_val=int(data["n_val"]), n_test=int(data["n_test"]),
+        seconds=float(data["seconds"]), params=dict(data.get("params", {})))
+
+
 def _as_2d(h, d: int | None = None) -> np.ndarray:
     if isinstance(h, torch.Tensor):
         h = h.detach().cpu().numpy()
@@ -197,20 +217,29 @@ def _path_sklearn(z, y, lams, alpha, tol, max_iter, seed):
     from sklearn.linear_model import LogisticRegression
     n = len(z)
     classes = np.unique(y)
+    binary = len(classes) == 2
     clf = LogisticRegression(C=1.0 / (lams[0] * n), l1_ratio=alpha, solver="saga",
                              warm_start=True, tol=tol, max_iter=max_iter, random_state=seed)
     # Start from the exact solution at lambda_max: W = 0, b = log class frequencies.
     freq = np.bincount(np.searchsorted(classes, y), minlength=len(classes)) / n
     logf = np.log(freq)
-    clf.coef_ = np.zeros((len(classes), z.shape[1]))
-    clf.intercept_ = logf - logf.mean()
+    if binary:   # scikit-learn fits one logit s = w z + b: the softmax rows are (-s/2, s/2)
+        clf.coef_ = np.zeros((1, z.shape[1]))
+        clf.intercept_ = np.array([logf[1] - logf[0]])
+    else:
+        clf.coef_ = np.zeros((len(classes), z.shape[1]))
+        clf.intercept_ = logf - logf.mean()
     clf.classes_ = classes
     for lam in lams:
         clf.set_params(C=1.0 / (lam * n))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf.fit(z, y)
-        yield clf.coef_.copy(), clf.intercept_.copy()
+        if binary:
+            w, b = clf.coef_[0] / 2, clf.intercept_[0] / 2
+            yield np.stack([-w, w]), np.array([-b, b])
+        else:
+            yield clf.coef_.copy(), clf.intercept_.copy()
 
 
 def _path_glm_saga(z, y, lams, alpha, tol, max_iter, seed, batch_size=1024, lr=0.1):
@@ -373,6 +402,27 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
 def _chain(*iterables):
     for it in iterables:
         yield from it
+
+
+def fit_sparse_model_for(adapter: ModelAdapter, train_dataset, test_dataset=None, *,
+                         batch_size: int = 256, cache: bool = True, progress: ProgressFn = None,
+                         **params) -> SparseModel:
+    """Decision features of the datasets (extract_features, cached on disk) then
+    fit_sparse_model to the model's predictions, with the adapter's class names.
+
+    Cost: one forward pass per instance of both datasets (none when cached), then the path fit.
+    """
+    from .representations import extract_features
+
+    def stage(name):
+        return None if progress is None else (lambda d, t, m: progress(d, t, f"{name}: {m}"))
+
+    train = extract_features(adapter, train_dataset, batch_size=batch_size, cache=cache,
+                             progress=stage("train features"))
+    test = None if test_dataset is None else extract_features(
+        adapter, test_dataset, batch_size=batch_size, cache=cache, progress=stage("test features"))
+    params.setdefault("class_names", adapter.class_names)
+    return fit_sparse_model(train, test=test, progress=stage("sparse model"), **params)
 
 
 # ------------------------------------------------------------------------------------------------
