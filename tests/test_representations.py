@@ -296,7 +296,6 @@ def test_models_with_zero_dimensional_buffers_are_cached_and_invalidated(cache):
     with torch.no_grad():
         adapter.model.norm.running_mean.add_(1.0)
     assert not extract_features(adapter, ds, cache_dir=cache).from_cache
-    assert rep.weights_hash(adapter) != first.key
 
 
 def test_a_cancelled_extraction_leaves_no_hook_and_no_cache(cache):

@@ -74,21 +74,6 @@ def _check_batch_size(batch_size: int) -> int:
     return int(batch_size)
 
 
-def weights_hash(adapter: ModelAdapter) -> str:
-    """adapter.fingerprint(), or the same hash computed robustly (0-d buffers such as
-    BatchNorm's ``num_batches_tracked`` cannot be viewed as bytes in place)."""
-    try:
-        return adapter.fingerprint()
-    except RuntimeError:
-        h = hashlib.sha256()
-        for k, v in sorted(adapter.model.state_dict().items()):
-            t = v.detach().cpu().contiguous().reshape(-1)
-            h.update(k.encode())
-            h.update(str(t.dtype).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()[:32]
-
-
 def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
                  indices: Sequence[int] | None = None, batch_size: int = 256) -> str:
     """The cache key of a feature extraction: weights hash + dataset fingerprint + what was asked.
@@ -96,7 +81,7 @@ def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
     Cost: hashes the weights (and, the first time, the dataset's contents); no forward pass.
     """
     h = hashlib.sha256()
-    for part in (CACHE_VERSION, weights_hash(adapter), dataset.fingerprint(),
+    for part in (CACHE_VERSION, adapter.fingerprint(), dataset.fingerprint(),
                  _decision_layer_name(adapter), ",".join(adapter.names), str(int(batch_size))):
         h.update(part.encode())
         h.update(b"\0")
