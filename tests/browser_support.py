@@ -7,6 +7,7 @@ execute code in its kernel and read back what it printed.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -94,6 +95,7 @@ class Server:
             env[var] = str(root / ".jupyter" / sub)
         self.proc = subprocess.Popen(argv, cwd=root, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
+        atexit.register(self.stop)  # the server runs in its own session: never leave it behind
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -117,6 +119,8 @@ class Server:
             return ""
 
     def stop(self) -> None:
+        if self._log.closed:
+            return
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
