@@ -29,7 +29,7 @@ const CSS = `
 .mvz-input table.mvz-table td.mvz-unit { cursor: pointer; }
 .mvz-input .mvz-series { display: grid; gap: 1px; align-items: stretch; }
 .mvz-input .mvz-series .mvz-rowname { font-size: 11px; padding-right: 6px; align-self: center; white-space: nowrap; }
-.mvz-input .mvz-series .mvz-cell { position: relative; height: 34px; min-width: 14px; cursor: pointer; border: 1px solid rgba(0,0,0,0.08); box-sizing: border-box; }
+.mvz-input .mvz-series .mvz-cell { color: #333; position: relative; height: 34px; min-width: 14px; cursor: pointer; border: 1px solid rgba(0,0,0,0.08); box-sizing: border-box; }
 .mvz-input .mvz-series svg { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none; }
 .mvz-input .mvz-legend { display: flex; align-items: center; gap: 6px; font-size: 11px; color: var(--jp-ui-font-color2, #666); margin-top: 2px; }
 .mvz-input .mvz-legend .mvz-bar { width: 120px; height: 8px; background: linear-gradient(to right, rgb(33,102,172), rgb(247,247,247), rgb(178,24,43)); border: 1px solid rgba(0,0,0,0.1); }
@@ -76,6 +76,12 @@ function el_(tag, cls, text) {
   if (cls) e.className = cls;
   if (text !== undefined && text !== null) e.textContent = String(text);
   return e;
+}
+
+// Background by score, with white text on the saturated end of the scale.
+function paintCell(e, t) {
+  e.style.background = t === null ? "" : diverging(t);
+  e.style.color = t !== null && Math.abs(t) > 0.6 ? "#fff" : "";
 }
 
 function render({ model, el }) {
@@ -183,7 +189,7 @@ function render({ model, el }) {
       chips.appendChild(chip);
     }
     box.appendChild(chips);
-    entry.paint = (e, t) => { e.style.background = t === null ? "" : diverging(t); };
+    entry.paint = paintCell;
     entry.repaint = (scaled) => {
       const ctx = canvas.getContext("2d");
       const data = ctx.createImageData(item.width, item.height);
@@ -211,7 +217,7 @@ function render({ model, el }) {
       chips.appendChild(chip);
     });
     box.appendChild(chips);
-    entry.paint = (e, t) => { e.style.background = t === null ? "" : diverging(t); };
+    entry.paint = paintCell;
   }
 
   function buildTabular(item, box, entry) {
@@ -231,7 +237,7 @@ function render({ model, el }) {
     table.appendChild(head);
     table.appendChild(body);
     box.appendChild(table);
-    entry.paint = (e, t) => { e.style.background = t === null ? "" : diverging(t); };
+    entry.paint = paintCell;
   }
 
   function buildSeries(item, box, entry) {
@@ -264,7 +270,7 @@ function render({ model, el }) {
           const line = document.createElementNS(SVG_NS, "polyline");
           line.setAttribute("points", pts.join(" "));
           line.setAttribute("fill", "none");
-          line.setAttribute("stroke", "#333");
+          line.setAttribute("stroke", "currentColor");
           line.setAttribute("stroke-width", "1.2");
           line.setAttribute("vector-effect", "non-scaling-stroke");
           svg.appendChild(line);
@@ -275,7 +281,7 @@ function render({ model, el }) {
       }
     });
     box.appendChild(grid);
-    entry.paint = (e, t) => { e.style.background = t === null ? "" : diverging(t); };
+    entry.paint = paintCell;
   }
 
   function buildGeneric(item, box, entry) {
@@ -286,7 +292,7 @@ function render({ model, el }) {
       chips.appendChild(chip);
     }
     box.appendChild(chips);
-    entry.paint = (e, t) => { e.style.background = t === null ? "" : diverging(t); };
+    entry.paint = paintCell;
   }
 
   function build() {

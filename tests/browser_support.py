@@ -191,6 +191,9 @@ class Notebook:
         page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
 
     def _on_dialog(self, dialog):
+        if dialog.type == "beforeunload":  # leaving a notebook with unsaved outputs
+            dialog.accept()
+            return
         self.dialogs.append(f"{dialog.type}: {dialog.message}")
         dialog.dismiss()
 
