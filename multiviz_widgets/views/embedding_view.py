@@ -47,8 +47,8 @@ class EmbeddingView(W.VBox):
         self._features = None
         self.scatter = ipv.Scatter(x=np.zeros(1, np.float32), y=np.zeros(1, np.float32),
                                    z=np.zeros(1, np.float32), color="grey", size=2.0,
-                                   size_selected=5.0, color_selected="black", geo="sphere",
-                                   visible=False)
+                                   size_selected=5.0, color_selected="black", geo="sphere")
+        # created visible: an ipyvolume Scatter created hidden never draws, even once shown
         self.figure = ipv.Figure(scatters=[self.scatter], width=420, height=360)
         try:
             self.figure.xlim, self.figure.ylim, self.figure.zlim = (-1, 1), (-1, 1), (-1, 1)
@@ -88,7 +88,6 @@ class EmbeddingView(W.VBox):
             self.scatter.x = self.coords[:, 0].copy()
             self.scatter.y = self.coords[:, 1].copy()
             self.scatter.z = self.coords[:, 2].copy()
-            self.scatter.visible = True
         self._colour()
         self._highlight()
         self.caption.value = (f"{len(self.coords)} instances: decision-level features, PCA to "
