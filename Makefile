@@ -58,7 +58,7 @@ demo: install
 		--ServerApp.open_browser=False --IdentityProvider.token= $(if $(filter 0,$(shell id -u)),--allow-root,) \
 		notebooks/quickstart.ipynb
 
-benchmarks: install
+benchmarks: install chromium
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 
 clean:
