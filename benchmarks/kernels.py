@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, environment, load_demo, median, per_sample_forward_backward_ms,  # noqa: E402,E501
                     per_sample_forward_ms, shape_or_color_indices, timed, write_json)
 
+from multiviz_widgets.kernels.common import PERTURBATION_BATCH  # noqa: E402
 from multiviz_widgets.kernels.unimodal import attribute  # noqa: E402
 
-BATCH = 256
+BATCH = PERTURBATION_BATCH   # the kernels' default; captum gets the same perturbations_per_eval
 #: method -> (our parameters, target median in ms or None)
 STAGE1 = {
     "gradient": ({}, 20.0),
@@ -89,18 +90,19 @@ def captum_call(method: str, adapter, prepared, target: int):
 
 
 def run_stage1(adapter, dataset, indices, repeats: int = 1, methods=None,
-               floor_batch: int = 512) -> dict:
+               floor_batch: int | None = None) -> dict:
     """Per method: median ms ours and captum's, ratio, passes, floor, targets, pass/fail."""
     methods = list(methods or STAGE1)
     prepared = [adapter.prepare(dataset[int(i)]) for i in indices]
     targets = [int(adapter.predict(p.raw).argmax(1)[0]) for p in prepared]
-    per_sample = min(per_sample_forward_ms(adapter, p, batch=floor_batch) for p in prepared[:3])
-    per_sample_fb = min(per_sample_forward_backward_ms(adapter, p, batch=max(1, floor_batch // 4))
-                        for p in prepared[:3])
-    out = {"per_sample_forward_ms": per_sample, "floor_batch": floor_batch,
-           "per_sample_forward_backward_ms": per_sample_fb, "methods": {}}
+    out = {"floor_batch": floor_batch, "methods": {}}
     for m in methods:
         params, target_ms = STAGE1[m]
+        # the floor is measured right before each method's timings: this machine's speed drifts
+        # by up to 2x over minutes, and a floor from another moment would mislead
+        per_sample = min(per_sample_forward_ms(adapter, p, batch=floor_batch) for p in prepared[:2])
+        per_sample_fb = min(per_sample_forward_backward_ms(adapter, p, batch=floor_batch)
+                            for p in prepared[:2])
         ours_ms, captum_ms, passes = [], [], None
         # warm-up (not timed): first calls allocate and let captum import its submodules
         attribute(adapter, prepared[0], method=m, target=targets[0], **params)
@@ -125,6 +127,7 @@ def run_stage1(adapter, dataset, indices, repeats: int = 1, methods=None,
             "captum": CAPTUM_NAMES[m], "params": params,
             "median_ms_ours": mo, "median_ms_captum": mc, "ratio_ours_captum": mo / mc,
             "forward_passes": passes[0], "backward_passes": passes[1],
+            "per_sample_forward_ms": per_sample, "per_sample_forward_backward_ms": per_sample_fb,
             "floor_ms": floor, "ratio_to_floor": mo / floor, "target_ms": target_ms,
             # informative only (not the criterion): gradient methods also need backward passes
             "floor_fwd_bwd_ms": (passes[1] * per_sample_fb + (passes[0] - passes[1]) * per_sample
@@ -160,8 +163,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(STAGE1)}")
     ap.add_argument("--no-stage2", action="store_true", help="skip benchmarks/kernels_stage2.py")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2 cores)")
-    ap.add_argument("--floor-batch", type=int, default=512,
-                    help="batch of the forward pass that sets the per-sample floor")
+    ap.add_argument("--floor-batch", type=int, default=None,
+                    help="batch of the forward pass that sets the per-sample floor "
+                         "(default: the best over 32..512)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "kernels.json"))
     args = ap.parse_args(argv)
@@ -172,8 +176,9 @@ def main(argv=None) -> dict:
     result = {"model": note, "n": len(indices), "repeats": args.repeats,
               "environment": environment(),
               "criteria": {"ratio_ours_captum_max": RATIO_MAX, "ratio_to_floor_max": FLOOR_MAX,
-                           "floor": f"forward passes x best per-sample time of a batch-"
-                                    f"{args.floor_batch} forward pass (no gradient)"},
+                           "floor": "forward passes x best per-sample time of a batched "
+                                    "forward pass (no gradient), over batch sizes "
+                                    + (str(args.floor_batch) if args.floor_batch else "32..512")},
               "stage1": run_stage1(adapter, dataset, indices, args.repeats, args.methods,
                                    args.floor_batch)}
     if not args.no_stage2:

@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, environment, load_demo, median, per_sample_forward_backward_ms,  # noqa: E402,E501
                     per_sample_forward_ms, shape_or_color_indices, timed, write_json)
 
-from multiviz_widgets.kernels.common import resolve_target  # noqa: E402
+from multiviz_widgets.kernels.common import PERTURBATION_BATCH, resolve_target  # noqa: E402
 from multiviz_widgets.kernels.interactions import emap, interaction  # noqa: E402
 
 EMAP_N = 100
-EMAP_BATCH = 2048
+EMAP_BATCH = PERTURBATION_BATCH   # the kernel's default
 CRITERIA = {"emap_speedup_min": 20.0, "emap_seconds_max": 2.0,
             "sog_speedup_min": 10.0, "sog_ms_max": 300.0, "ratio_to_floor_max": 1.5}
 
@@ -95,7 +95,7 @@ def _emap_instances(dataset, n: int, seed: int) -> list[dict]:
 
 def run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
         emap_reference_pairs: int | None = None, emap_repeats: int = 3, seed: int = 0,
-        floor_batch: int = 512) -> dict:
+        floor_batch: int | None = None) -> dict:
     """Stage-2 timings as a JSON-ready dict (see the module docstring)."""
     warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
     names = adapter.names
@@ -111,7 +111,7 @@ def run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
         shape_key = tuple(p.continuous[text].shape)
         if shape_key not in fwd_cache:   # per-sample floors depend on the question length
             f_ms = per_sample_forward_ms(adapter, p, batch=floor_batch)
-            fb_ms = per_sample_forward_backward_ms(adapter, p, target=t.index, batch=128)
+            fb_ms = per_sample_forward_backward_ms(adapter, p, target=t.index, batch=floor_batch)
             fwd_cache[shape_key] = (f_ms, max(fb_ms - f_ms, 0.0))
         f_ms, b_ms = fwd_cache[shape_key]
         interaction(adapter, p, "second_order", modalities=(image, text), target=t)   # warm-up
@@ -124,7 +124,7 @@ def run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
             loop_ms.append(ms)
             sog_err.append(float(np.abs(ref - r.matrix).max() / max(np.abs(ref).max(), 1e-12)))
             ms, r = timed(lambda: interaction(adapter, p, "pairwise_ablation",
-                                              modalities=(image, text), target=t, batch_size=1024))
+                                              modalities=(image, text), target=t))
             pair_ms.append(ms)
             pair_floor.append(r.forward_passes * f_ms)
     sog_med, loop_med = median(sog_ms), median(loop_ms)

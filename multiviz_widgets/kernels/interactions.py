@@ -37,7 +37,8 @@ from ..adapter import ModelAdapter, Prepared, Target
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..results import Interaction, Result, Stopwatch
-from .common import as_prepared, evaluate_masks, masked_continuous, resolve_target
+from .common import (PERTURBATION_BATCH, as_prepared, evaluate_masks, masked_continuous,
+                     resolve_target)
 
 __all__ = ["INTERACTION_METHODS", "interaction", "second_order", "pairwise_ablation", "shapley",
            "EmapResult", "emap", "emap_gap", "emap_matrix", "pairwise_masks", "DimeResult", "dime", "interaction_type",
@@ -245,7 +246,7 @@ def pairwise_masks(ua: int, ub: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pairwise_ablation(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: Target,
-                      progress: ProgressFn = None, batch_size: int = 512
+                      progress: ProgressFn = None, batch_size: int = PERTURBATION_BATCH
                       ) -> tuple[np.ndarray, int, int, dict]:
     """D[u, v] = f(x) - f(x\\u) - f(x\\v) + f(x\\{u,v}) as a matrix [U_a, U_b] (removed units take
     the baseline). Cost: 1 + U_a + U_b + U_a U_b forwards in batches of batch_size."""
@@ -287,7 +288,7 @@ def _shapiq_approximator(index: str, n: int, seed: int, budget: int):
 
 def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: Target,
             progress: ProgressFn = None, index: str = "k-SII", budget: int = 4096,
-            max_players: int | None = 24, seed: int = 0, batch_size: int = 512
+            max_players: int | None = 24, seed: int = 0, batch_size: int = PERTURBATION_BATCH
             ) -> tuple[np.ndarray, int, int, dict]:
     """Cross block [U_a, U_b] of order-2 Shapley interactions computed by shapiq.
 
@@ -465,7 +466,7 @@ def _index_raw(raw: Mapping[str, torch.Tensor], idx: Mapping[str, torch.Tensor])
 
 @torch.no_grad()
 def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = None,
-         indices: Sequence[int] | None = None, batch_size: int = 1024, keep_matrix: bool = True,
+         indices: Sequence[int] | None = None, batch_size: int = PERTURBATION_BATCH, keep_matrix: bool = True,
          factorized: bool | None = None) -> EmapResult:
     """EMAP (Hessel & Lee 2020) of N instances against themselves as the reference set.
 
@@ -585,7 +586,7 @@ def _sample_indices(n_total: int, n: int | None, seed: int) -> np.ndarray:
 
 
 def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset, indices: Sequence[int] | None = None,
-             n: int | None = 100, seed: int = 0, batch_size: int = 1024,
+             n: int | None = 100, seed: int = 0, batch_size: int = PERTURBATION_BATCH,
              progress: ProgressFn = None) -> dict:
     """How much a model relies on cross-modal interactions: accuracy(f) - accuracy(EMAP(f)).
 

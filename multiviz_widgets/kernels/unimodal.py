@@ -43,7 +43,7 @@ from ..adapter import AdapterError, ModelAdapter, Prepared, Target
 from ..modalities import Modality
 from ..progress import ProgressFn, report
 from ..results import Attribution, Stopwatch
-from .common import as_prepared, evaluate_masks, resolve_target
+from .common import PERTURBATION_BATCH, as_prepared, evaluate_masks, resolve_target
 
 __all__ = ["METHODS", "AttributionMethod", "attribute", "lime_from_function",
            "kernel_shap_from_function", "integration_rule"]
@@ -224,7 +224,7 @@ def _lime_fit(z: np.ndarray, y: np.ndarray, weights: np.ndarray, alpha: float) -
 def lime_from_function(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
                        n_units: Mapping[str, int], n_samples: int = 500, seed: int = 0,
                        progress: ProgressFn = None, kernel_width: float = 0.25,
-                       distance: str = "cosine", alpha: float = 1.0, batch_size: int = 256,
+                       distance: str = "cosine", alpha: float = 1.0, batch_size: int = PERTURBATION_BATCH,
                        keep_probability: float = 0.5) -> dict[str, np.ndarray]:
     """LIME scores of ``fn`` over the units of several modalities: {name: array [n_units]}.
 
@@ -306,7 +306,7 @@ def _shap_fit(z: np.ndarray, y: np.ndarray, w: np.ndarray, f_full: float, f_empt
 
 def kernel_shap_from_function(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
                               n_units: Mapping[str, int], n_samples: int = 500, seed: int = 0,
-                              progress: ProgressFn = None, batch_size: int = 256
+                              progress: ProgressFn = None, batch_size: int = PERTURBATION_BATCH
                               ) -> dict[str, np.ndarray]:
     """KernelSHAP scores of ``fn`` over the units of several modalities: {name: array [n_units]}.
 
@@ -512,13 +512,13 @@ METHODS: dict[str, AttributionMethod] = {
         _IntegratedGradients("integrated_gradients", "gradient",
                              {"steps": 50, "rule": "gausslegendre", "internal_batch_size": 128},
                              "(x - b) * path-averaged gradient (steps forwards and backwards)"),
-        _Occlusion("occlusion", "perturbation", {"batch_size": 256},
+        _Occlusion("occlusion", "perturbation", {"batch_size": PERTURBATION_BATCH},
                    "f(x) - f(x with one unit at baseline) (1 + units forwards)"),
         _Lime("lime", "perturbation",
               {"n_samples": 500, "seed": 0, "kernel_width": 0.25, "distance": "cosine",
-               "alpha": 1.0, "batch_size": 256, "keep_probability": 0.5},
+               "alpha": 1.0, "batch_size": PERTURBATION_BATCH, "keep_probability": 0.5},
               "weighted ridge regression on random unit masks (n_samples forwards)"),
-        _KernelShap("kernel_shap", "perturbation", {"n_samples": 500, "seed": 0, "batch_size": 256},
+        _KernelShap("kernel_shap", "perturbation", {"n_samples": 500, "seed": 0, "batch_size": PERTURBATION_BATCH},
                     "Shapley-kernel regression with exact efficiency (n_samples forwards)"),
     ]
 }
