@@ -25,11 +25,13 @@ instances (attributions, interactions, features, neuron extremes, projections, p
 """
 from __future__ import annotations
 
+import atexit
 import heapq
 import itertools
 import threading
 import time
 import traceback
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
@@ -63,6 +65,12 @@ class Job:
     value: Any = field(default=None, repr=False)
     error: BaseException | None = None
     started: float = 0.0
+
+
+def _close_at_exit(ref) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.close(join_timeout=5.0)
 
 
 class Engine(traitlets.HasTraits):
@@ -110,6 +118,9 @@ class Engine(traitlets.HasTraits):
                          for lane in self.LANES}
         for t in self._threads.values():
             t.start()
+        # stop the workers before the interpreter tears down: a worker still inside a torch op
+        # during finalisation aborts the process ("terminate called without an active exception")
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     # -- cache ---------------------------------------------------------------------------------
     def cached(self, key: Hashable, default=None):
@@ -252,8 +263,9 @@ class Engine(traitlets.HasTraits):
     def clear_error(self) -> None:
         self.error = ""
 
-    def close(self) -> None:
-        """Stop the worker thread (queued jobs are dropped)."""
+    def close(self, join_timeout: float = 0.0) -> None:
+        """Stop the worker threads (queued jobs are dropped, the running ones cancelled at their
+        next progress report); wait up to join_timeout seconds for them to finish."""
         with self._lock:
             self._closed = True
             for queue in self._queues.values():
@@ -264,6 +276,10 @@ class Engine(traitlets.HasTraits):
             if self._timer is not None:
                 self._timer.cancel()
             self._cond.notify_all()
+        if join_timeout > 0:
+            for t in self._threads.values():
+                if t is not threading.current_thread():
+                    t.join(join_timeout)
 
     # -- worker --------------------------------------------------------------------------------
     def _is_current(self, job: Job) -> bool:

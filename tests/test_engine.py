@@ -220,3 +220,24 @@ def test_a_quick_job_never_shows_the_progress_bar():
         assert True not in seen and not e.show_progress
     finally:
         e.close()
+
+
+def test_a_process_exits_cleanly_while_a_job_runs():
+    """A worker inside a torch op at interpreter exit must not abort the process."""
+    import subprocess
+    import sys
+    code = """
+import time, torch
+from multiviz_widgets.engine import Engine
+e = Engine()
+def job(progress):
+    x = torch.randn(256, 256)
+    for i in range(10_000):
+        x = torch.tanh(x @ x.T / 256)
+        progress(i, 10_000, "spinning")
+e.submit("s", ("k",), job, lambda r: None, lambda err: None)
+time.sleep(0.3)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "terminate called" not in r.stderr
