@@ -202,7 +202,7 @@ def make_dataset(split: str = "test", seed: int = 0, kind: str = "planted",
     s_unit = PLANTED_UNITS["series"]
     means = series.reshape(n, N_WINDOWS, WINDOW, len(CHANNELS)).mean(2).reshape(n, -1)
     descriptions = [
-        f"#{i} {CLASS_NAMES[labels[i]]}: glucose {tab[i, PLANTED_COLUMN]:+.2f}, "
+        f"{CLASS_NAMES[labels[i]]}: glucose {tab[i, PLANTED_COLUMN]:+.2f}, "
         f"respiration t16-23 {means[i, s_unit]:+.2f}" for i in range(n)]
     return MultimodalDataset({"tabular": list(tab), "series": list(series)}, labels=labels,
                              descriptions=descriptions, name=f"synthetic-{kind}-{split}")
