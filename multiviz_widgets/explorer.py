@@ -198,6 +198,9 @@ class Explorer(W.VBox):
             self.analyses.path_params = ({"modalities": self.pair} if self.pair
                                          else {"interaction_method": None})
         self.selection = Selection()
+        # a new selection clears the banner first: observers run in the order they were added,
+        # and a view's job may fail on the worker before a later observer would clear it
+        self.selection.observe(lambda _: self.engine.clear_error(), names=list(FIELDS))
         from .views.input_view import InputView
         self.input_view = InputView()
         self.input_panel = InputPanel(self.input_view, self.selection, self.engine,
@@ -211,7 +214,6 @@ class Explorer(W.VBox):
                                  describe=dataset.describe, on_refresh=self.refresh)
         self.progress_panel = ProgressPanel(self.engine)
         self.banner = ErrorBanner(self.engine)
-        self.selection.observe(lambda _: self.engine.clear_error(), names=list(FIELDS))
         title = W.Label(value=f"MultiViz Explorer: {adapter.name} on {getattr(dataset, 'name', '')}"
                         f" ({len(dataset)} instances)")
         top = [self.input_view] + ([self.heatmap_view] if self.heatmap_view else [])
