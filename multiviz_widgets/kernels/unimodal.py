@@ -474,33 +474,32 @@ class _Occlusion(AttributionMethod):
 
 
 class _Lime(AttributionMethod):
+    """A surrogate fitted to the model on sampled unit masks (``fit``: LIME's weighted ridge)."""
+
+    fit = staticmethod(lime_from_function)
+
     def _cost(self, prepared, names, p):
         return int(p["n_samples"]), 0
 
     def _run(self, adapter, prepared, target, names, p, progress):
         fn = _mask_function(adapter, prepared, target, int(p["batch_size"]))
-        scores = lime_from_function(fn, {n: prepared.n_units[n] for n in names},
-                                    progress=progress, **p)
+        scores = self.fit(fn, {n: prepared.n_units[n] for n in names}, progress=progress, **p)
         maps = {n: _perturbation_map(adapter, prepared, n, torch.as_tensor(scores[n]).float())
                 for n in names}
         return scores, maps
 
 
-class _KernelShap(AttributionMethod):
+class _KernelShap(_Lime):
+    """The same with the Shapley kernel and the efficiency constraint (exact for few units)."""
+
+    fit = staticmethod(kernel_shap_from_function)
+
     def _cost(self, prepared, names, p):
         total = sum(prepared.n_units[n] for n in names)
         n = int(p["n_samples"])
         if total <= 20 and 2 ** total <= n:
             return 2 ** total, 0
         return n, 0
-
-    def _run(self, adapter, prepared, target, names, p, progress):
-        fn = _mask_function(adapter, prepared, target, int(p["batch_size"]))
-        scores = kernel_shap_from_function(fn, {n: prepared.n_units[n] for n in names},
-                                           progress=progress, **p)
-        maps = {n: _perturbation_map(adapter, prepared, n, torch.as_tensor(scores[n]).float())
-                for n in names}
-        return scores, maps
 
 
 METHODS: dict[str, AttributionMethod] = {
