@@ -2,7 +2,7 @@
 
 Starts JupyterLab or Voila on 127.0.0.1 (a free port, no token) over a temporary copy of
 notebooks/ (so executing notebooks never dirties the repository), launches Debian's Chromium
-through playwright (never `playwright install`), and drives a notebook: open, run all cells,
+through playwright (no browser download: Debian's binary via executable_path), and drives a notebook: open, run all cells,
 execute code in its kernel and read back what it printed.
 """
 from __future__ import annotations
