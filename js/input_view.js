@@ -207,12 +207,15 @@ function render({ model, el }) {
     };
   }
 
-  function buildText(item, box, entry) {
+  // Clickable chips, one per unit: the tokens of a text, or the unit labels of any other kind.
+  function buildChips(item, box, entry) {
     const chips = el_("div", "mvz-tokens");
-    item.tokens.forEach((tok, u) => {
-      const chip = el_("span", "mvz-token", tok);
+    const words = item.tokens || Array.from({ length: item.n_units || 0 },
+      (_, u) => (item.labels ? item.labels[u] : `unit ${u}`));
+    words.forEach((word, u) => {
+      const chip = el_("span", "mvz-token", word);
       const seen = item.model_tokens ? item.model_tokens[u] : null;
-      chip.title = seen !== null && seen !== undefined && seen !== tok ? `model sees: ${seen}` : `token ${u}`;
+      chip.title = seen !== null && seen !== undefined && seen !== word ? `model sees: ${seen}` : `${item.tokens ? "token" : "unit"} ${u}`;
       addUnit(entry, item.name, u, chip);
       chips.appendChild(chip);
     });
@@ -284,17 +287,6 @@ function render({ model, el }) {
     entry.paint = paintCell;
   }
 
-  function buildGeneric(item, box, entry) {
-    const chips = el_("div", "mvz-tokens");
-    for (let u = 0; u < (item.n_units || 0); u++) {
-      const chip = el_("span", "mvz-token", item.labels ? item.labels[u] : `unit ${u}`);
-      addUnit(entry, item.name, u, chip);
-      chips.appendChild(chip);
-    }
-    box.appendChild(chips);
-    entry.paint = paintCell;
-  }
-
   function build() {
     body.replaceChildren();
     byModality = new Map();
@@ -306,10 +298,10 @@ function render({ model, el }) {
       const entry = { kind: item.kind, units: new Map(), paint: null, repaint: null };
       if (item.kind === "image" && item.segments) buildSegments(item, box, entry);
       else if (item.kind === "image") buildImage(item, box, entry);
-      else if (item.kind === "text") buildText(item, box, entry);
+      else if (item.kind === "text") buildChips(item, box, entry);
       else if (item.kind === "tabular") buildTabular(item, box, entry);
       else if (item.kind === "timeseries") buildSeries(item, box, entry);
-      else buildGeneric(item, box, entry);
+      else buildChips(item, box, entry);
       byModality.set(item.name, entry);
       body.appendChild(box);
     }
