@@ -78,7 +78,20 @@ def make_data(n: int, seed: int = 0, kind: str = "planted"
     return tab, series, labels
 
 
-class PlantedFusion(nn.Module):
+class _EncodeThenFuse(nn.Module):
+    """forward = fuse_encodings of the two encodings; subclasses define ``tab_encoder``,
+    ``series_encoder`` and ``fuse_encodings`` (which lets EMAP encode each instance once)."""
+
+    def forward(self, tabular: torch.Tensor, series: torch.Tensor) -> torch.Tensor:
+        return self.fuse_encodings({"tabular": self.encode_modality("tabular", tabular),
+                                    "series": self.encode_modality("series", series)})
+
+    def encode_modality(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One modality's encoding."""
+        return self.tab_encoder(x) if name == "tabular" else self.series_encoder(x)
+
+
+class PlantedFusion(_EncodeThenFuse):
     """Early-fusion MLP: encoders for both modalities, a joint GELU MLP -> h [B, 32] -> ``head``."""
 
     def __init__(self, n_columns: int = len(COLUMNS), steps: int = STEPS,
@@ -91,38 +104,22 @@ class PlantedFusion(nn.Module):
                                     nn.Linear(width, hidden), nn.GELU())
         self.head = nn.Linear(hidden, len(CLASS_NAMES))
 
-    def forward(self, tabular: torch.Tensor, series: torch.Tensor) -> torch.Tensor:
-        return self.fuse_encodings({"tabular": self.encode_modality("tabular", tabular),
-                                    "series": self.encode_modality("series", series)})
-
-    def encode_modality(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One modality's encoding (lets EMAP encode each instance once, then fuse the pairs)."""
-        return self.tab_encoder(x) if name == "tabular" else self.series_encoder(x)
-
     def fuse_encodings(self, enc: dict) -> torch.Tensor:
         return self.head(self.fusion(torch.cat([enc["tabular"], enc["series"]], 1)))
 
 
-class AdditiveFusion(nn.Module):
+class AdditiveFusion(_EncodeThenFuse):
     """Late fusion: h = [g(tabular) (16); h(series) (16)], logits = ``head``(h): exactly additive."""
 
     def __init__(self, n_columns: int = len(COLUMNS), steps: int = STEPS,
                  channels: int = len(CHANNELS), width: int = 64, hidden: int = 32):
         super().__init__()
         half = hidden // 2
-        self.tab_net = nn.Sequential(nn.Linear(n_columns, width), nn.GELU(),
-                                     nn.Linear(width, half), nn.GELU())
-        self.series_net = nn.Sequential(nn.Flatten(), nn.Linear(steps * channels, width), nn.GELU(),
-                                        nn.Linear(width, hidden - half), nn.GELU())
+        self.tab_encoder = nn.Sequential(nn.Linear(n_columns, width), nn.GELU(),
+                                         nn.Linear(width, half), nn.GELU())
+        self.series_encoder = nn.Sequential(nn.Flatten(), nn.Linear(steps * channels, width),
+                                            nn.GELU(), nn.Linear(width, hidden - half), nn.GELU())
         self.head = nn.Linear(hidden, len(CLASS_NAMES))
-
-    def forward(self, tabular: torch.Tensor, series: torch.Tensor) -> torch.Tensor:
-        return self.fuse_encodings({"tabular": self.encode_modality("tabular", tabular),
-                                    "series": self.encode_modality("series", series)})
-
-    def encode_modality(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One modality's encoding (lets EMAP encode each instance once, then fuse the pairs)."""
-        return self.tab_net(x) if name == "tabular" else self.series_net(x)
 
     def fuse_encodings(self, enc: dict) -> torch.Tensor:
         return self.head(torch.cat([enc["tabular"], enc["series"]], 1))
