@@ -20,7 +20,8 @@ units of b) with its cost. Methods (see METHODS.md):
   Exact when 2^players <= budget, otherwise shapiq's approximator under the budget.
 
 Dataset-level functions: ``emap`` (EMAP of N instances from one batched N x N logit matrix;
-models that expose ``encode_modality``/``fuse_encodings`` get a factorized fast path),
+each modality is encoded once and only the pairs are fused, with the split the model declares
+(``encode_modality``/``fuse_encodings``) or one traced by ``kernels.factorize``),
 ``emap_gap``, ``dime`` (UC = EMAP(f) and MI = f - UC, each explained per modality with LIME) and
 ``interaction_type`` (dominance / complement / conflict from EMAP's unimodal parts).
 """
@@ -39,6 +40,7 @@ from ..progress import ProgressFn, report
 from ..results import Interaction, Result, Stopwatch
 from .common import (PERTURBATION_BATCH, as_prepared, evaluate_masks, masked_continuous,
                      resolve_target)
+from .factorize import FactorizationError, trace_factorization
 
 __all__ = ["INTERACTION_METHODS", "interaction", "second_order", "pairwise_ablation", "shapley",
            "EmapResult", "emap", "emap_gap", "emap_matrix", "pairwise_masks", "DimeResult", "dime", "interaction_type",
@@ -467,7 +469,7 @@ def _index_raw(raw: Mapping[str, torch.Tensor], idx: Mapping[str, torch.Tensor])
 @torch.no_grad()
 def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = None,
          indices: Sequence[int] | None = None, batch_size: int = PERTURBATION_BATCH, keep_matrix: bool = True,
-         factorized: bool | None = None) -> EmapResult:
+         factorized: bool | str | None = None) -> EmapResult:
     """EMAP (Hessel & Lee 2020) of N instances against themselves as the reference set.
 
     instances: a list of instance dicts or a MultimodalDataset (with optional ``indices``).
@@ -478,12 +480,18 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     forwards); it is exact on additive models and idempotent, like the two-modality formula.
     target: None or a class (all logits, K = C), or Neuron(j) (K = 1).
 
-    factorized: models that define ``encode_modality(name, x) -> tensor`` (one modality's
-    encoding of a raw batch) and ``fuse_encodings({name: encoding}) -> logits`` (with
-    model(*inputs) == fuse_encodings({m: encode_modality(m, x_m)})) are evaluated by encoding
-    each modality of the N instances once and fusing the N^2 pairs: the same numbers for a
-    fraction of the cost. None: use it when the model has both methods (two modalities, class
-    targets); the fused diagonal is checked against N plain forwards (an error if they differ).
+    factorized: with two modalities most of each pair's forward pass encodes one modality alone,
+    so the encodings of the N instances are computed once and only the N^2 pairs are fused:
+    the same numbers for a fraction of the cost. Two ways to split the model:
+    "declared": the model defines ``encode_modality(name, x)`` and ``fuse_encodings({name:
+    encoding})`` with model(*inputs) == fuse_encodings({m: encode_modality(m, x_m)});
+    "traced": ``kernels.factorize.trace_factorization`` cuts the model's torch.fx graph where
+    the modalities meet (any fx-traceable model). Either way fused pairs are checked against
+    plain forward passes (the N own pairs and a few others) before they are used.
+    None (default): declared if the model defines both methods, else traced when the model
+    traces and the check passes, else N^2 full forward passes (``params["factorization"]``
+    says which was used and why). True: declared or traced, an error if neither works.
+    False: full forward passes.
     """
     batch_size = _positive_int(batch_size, "batch_size")
     items, idx = _instances(instances, indices)
@@ -493,30 +501,30 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     names = adapter.names
     if len(names) < 2:
         raise ValueError(f"EMAP needs two or more modalities; the adapter has only {names}.")
+    if factorized not in (None, True, False, "declared", "traced"):
+        raise ValueError(f"factorized must be None, True, False, 'declared' or 'traced', got "
+                         f"{factorized!r}.")
     out_fn, t, out_names = _output_fn(adapter, target)
-    model = adapter.model
-    can_factor = (len(names) == 2 and (t is None or t.kind == "class")
-                  and callable(getattr(model, "encode_modality", None))
-                  and callable(getattr(model, "fuse_encodings", None)))
-    if factorized and not can_factor:
-        raise ValueError("factorized=True needs two modalities, a class target and a model with "
-                         "encode_modality(name, x) and fuse_encodings(encodings) methods.")
-    factorized = can_factor if factorized is None else bool(factorized)
     with Stopwatch() as sw:
         raw = adapter.collate(items)
-        dev = adapter.device
         groups = [names[0]] if len(names) == 2 else list(names)   # modality m vs all others
         total = len(groups) * n * n
-        done = 0
         report(progress, 0, total, "EMAP pairs")
         mats = []
-        if factorized:
-            mats.append(_emap_factorized(adapter, raw, n, batch_size, progress))
-            groups = []
+        split, why = _emap_split(adapter, factorized)
+        if split is not None:
+            try:
+                mats.append(_emap_fused(adapter, split, raw, n, t, out_fn, batch_size, progress))
+                groups = []
+            except FactorizationError as e:
+                if factorized is not None or split.kind == "declared":
+                    raise
+                split, why = None, f"traced split rejected: {e}"
+        done = 0
         for m in groups:
             rows = []
             for s in range(0, n * n, batch_size):
-                k = torch.arange(s, min(n * n, s + batch_size), device=dev)
+                k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
                 i, j = k // n, k % n     # x_m from instance i, the others from instance j
                 sel = {name: (i if name == m else j) for name in names}
                 rows.append(out_fn(_index_raw(raw, sel)).double())
@@ -532,40 +540,109 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
             grand = np.mean([mm.mean((0, 1)) for mm in mats], axis=0)
             unimodal = {m: mm.mean(1) - grand for m, mm in zip(groups, mats)}
         emap_logits = grand + sum(unimodal.values())
-    return EmapResult(method="emap", target=t,
-                      params={"n": n, "batch_size": batch_size, "factorized": factorized},
-                      forward_passes=total + (n if factorized else 0), backward_passes=0, seconds=sw.seconds,
+    kind = split.kind if split is not None else "none"
+    params = {"n": n, "batch_size": batch_size, "factorized": split is not None,
+              "factorization": kind}
+    if why:
+        params["factorization_note"] = why
+    checks = min(n, _EMAP_CHECK_PAIRS) if split is not None else 0
+    return EmapResult(method="emap", target=t, params=params,
+                      forward_passes=total + (n + checks if split is not None else 0),
+                      backward_passes=0, seconds=sw.seconds,
                       modalities=tuple(names), indices=idx, logits=logits,
                       emap_logits=emap_logits, unimodal=unimodal, grand_mean=grand,
                       matrix=mats[0] if (keep_matrix and len(names) == 2) else None,
                       output_names=out_names)
 
 
-def _emap_factorized(adapter: ModelAdapter, raw: Mapping[str, torch.Tensor], n: int,
-                     batch_size: int, progress: ProgressFn) -> np.ndarray:
-    """The N x N x C pair matrix from per-modality encodings fused pairwise (see ``emap``)."""
-    model, (a, b) = adapter.model, adapter.names
-    enc = {}
-    for name in (a, b):
-        parts = [model.encode_modality(name, raw[name][s:s + batch_size])
+#: off-diagonal pairs (i, i + 1) compared with plain forward passes before fused pairs are used
+_EMAP_CHECK_PAIRS = 8
+
+
+@dataclass
+class _Split:
+    """How to encode each modality of a batch once and fuse pairs of encodings."""
+
+    kind: str                                          # "declared" or "traced"
+    encode: Callable[[Mapping[str, torch.Tensor]], tuple]
+    sides: tuple[str, ...]                             # the modality of each encoded value
+    fuse: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+
+
+def _emap_split(adapter: ModelAdapter, factorized) -> tuple[_Split | None, str]:
+    """(the split to use or None, why none / which fell through) for ``emap(factorized=...)``."""
+    if factorized is False:
+        return None, ""
+    model, names = adapter.model, adapter.names
+    if len(names) != 2:
+        if factorized is None:
+            return None, "only two-modality models are split"
+        raise ValueError(f"factorized={factorized!r} needs two modalities; the adapter has "
+                         f"{names}.")
+    a, b = names
+    declared = all(callable(getattr(model, k, None)) for k in ("encode_modality", "fuse_encodings"))
+    if factorized == "declared" and not declared:
+        raise ValueError("factorized='declared' needs a model with encode_modality(name, x) and "
+                         "fuse_encodings(encodings) methods.")
+    if declared and factorized != "traced":
+        return _Split("declared",
+                      lambda raw: (model.encode_modality(a, raw[a]), model.encode_modality(b, raw[b])),
+                      (a, b), lambda rows: model.fuse_encodings({a: rows[0], b: rows[1]})), ""
+    try:
+        f = trace_factorization(model, names, adapter.keyword_inputs)
+    except FactorizationError as e:
+        if factorized is None:
+            return None, f"not traced: {e}"
+        raise ValueError(f"factorized={factorized!r}: the model defines no encode_modality/"
+                         f"fuse_encodings and cannot be split automatically: {e}.") from None
+    return _Split("traced", f.encode, f.sides, f.fuse), ""
+
+
+def _emap_fused(adapter: ModelAdapter, split: _Split, raw: Mapping[str, torch.Tensor], n: int,
+                target: Target | None, out_fn: Callable, batch_size: int,
+                progress: ProgressFn) -> np.ndarray:
+    """The N x N x K pair matrix from encodings fused pairwise (see ``emap``); raises
+    FactorizationError when fused pairs differ from plain forward passes."""
+    a = adapter.names[0]
+    neuron = target is not None and target.kind == "neuron"
+
+    def fused(rows):
+        store = {} if neuron else None
+        with adapter._lock, adapter._hooks(None, store):
+            logits = split.fuse(rows)
+        if not neuron:
+            return logits
+        if "h" not in store:
+            raise FactorizationError("the decision layer is not called where the modalities meet")
+        return adapter.output(logits, store["h"], target)[:, None]
+
+    with adapter._lock:
+        parts = [split.encode({m: x[s:s + batch_size] for m, x in raw.items()})
                  for s in range(0, n, batch_size)]
-        enc[name] = torch.cat(parts)
+    enc = [torch.cat([p[k] for p in parts]) for k in range(len(split.sides))]
     rows = []
-    dev = adapter.device
     for s in range(0, n * n, batch_size):
-        k = torch.arange(s, min(n * n, s + batch_size), device=dev)
-        rows.append(model.fuse_encodings({a: enc[a][k // n], b: enc[b][k % n]}).double())
+        k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
+        i, j = k // n, k % n
+        rows.append(fused([e[i] if side == a else e[j] for e, side in zip(enc, split.sides)]).double())
         report(progress, int(k[-1]) + 1, n * n, "EMAP pairs (fused encodings)")
     mat = torch.cat(rows).reshape(n, n, -1)
-    direct = torch.cat([adapter.forward({m: raw[m][s:s + batch_size] for m in (a, b)}).double()
-                        for s in range(0, n, batch_size)])
-    diag = torch.diagonal(mat, dim1=0, dim2=1).T
+    # the check: every instance with itself (batched), and a few instances with their neighbour,
+    # each alone (a batch of one: so that a model whose rows are not independent is caught)
+    ci = torch.arange(min(n, _EMAP_CHECK_PAIRS), device=adapter.device)
+    cj = (ci + 1) % n
+    direct = torch.cat([out_fn({m: x[s:s + batch_size] for m, x in raw.items()}).double()
+                        for s in range(0, n, batch_size)]
+                       + [out_fn({m: x[(i if m == a else j)][None] for m, x in raw.items()}).double()
+                          for i, j in zip(ci.tolist(), cj.tolist())])
+    fused_ = torch.cat([torch.diagonal(mat, dim1=0, dim2=1).T, mat[ci, cj]])
     tol = 1e-4 * max(1.0, float(direct.abs().max()))
-    if not torch.allclose(diag, direct, atol=tol, rtol=1e-4):
-        raise ValueError(
-            f"The model's encode_modality/fuse_encodings disagree with its forward pass (largest "
-            f"difference {float((diag - direct).abs().max()):.3g}); fix them or pass "
-            "factorized=False.")
+    if not torch.allclose(fused_, direct, atol=tol, rtol=1e-4):
+        how = ("encode_modality/fuse_encodings disagree" if split.kind == "declared"
+               else "traced split (kernels.factorize) disagrees")
+        raise FactorizationError(
+            f"The model's {how} with its forward pass (largest difference "
+            f"{float((fused_ - direct).abs().max()):.3g}); fix them or pass factorized=False.")
     return mat.cpu().numpy()
 
 

@@ -1,0 +1,195 @@
+"""EMAP's automatic split of a model into per-modality encoders and a fusion (kernels.factorize):
+the fused pairs equal full forward passes, and every model the split cannot handle falls back to
+full forward passes (or, when a split was asked for, gets an error that says why)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from multiviz_widgets import ModelAdapter, Neuron, Tabular, Text, TimeSeries
+from multiviz_widgets.demos import easy_vqa, synthetic
+from multiviz_widgets.kernels.factorize import FactorizationError, trace_factorization
+from multiviz_widgets.kernels.interactions import emap
+
+VOCAB = ["[PAD]", "[UNK]", "what", "shape", "is", "the", "red", "circle"]
+MODALITIES = [Tabular("tabular", columns=["c0", "c1", "c2", "c3"]),
+              TimeSeries("series", window=4, channels=["x", "y"])]
+
+
+def _seeded(module: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.6)
+    return module.eval()
+
+
+def instances(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"tabular": torch.randn(4, generator=g), "series": torch.randn(8, 2, generator=g)}
+            for _ in range(n)]
+
+
+class Bilinear(nn.Module):
+    """Encoders, a product, a concatenation and a head: the common shape of a fusion model."""
+
+    def __init__(self):
+        super().__init__()
+        self.t, self.s = nn.Linear(4, 5), nn.Linear(16, 5)
+        self.head = nn.Linear(10, 3)
+        _seeded(self)
+
+    def forward(self, tabular, series):
+        a, b = torch.tanh(self.t(tabular)), torch.tanh(self.s(series.flatten(1)))
+        return self.head(torch.cat([a * b, a + b], 1))
+
+
+class Branching(Bilinear):
+    """Python control flow on tensor values: torch.fx cannot trace it."""
+
+    def forward(self, tabular, series):
+        a = self.t(tabular)
+        if a.sum() > 0:
+            a = -a
+        return self.head(torch.cat([a * self.s(series.flatten(1)), a], 1))
+
+
+class BatchStatistics(Bilinear):
+    """Normalises the tabular encoding over the batch: rows are not independent, so a split
+    that encodes N instances at once gives different numbers than single forward passes."""
+
+    def forward(self, tabular, series):
+        a = self.t(tabular)
+        a = a - a.mean(0, keepdim=True)
+        b = self.s(series.flatten(1))
+        return self.head(torch.cat([a * b, a + b], 1))
+
+
+class SequenceFirst(Bilinear):
+    """The series encoding is [steps, batch, channels] where the modalities meet."""
+
+    def forward(self, tabular, series):
+        steps = series.transpose(0, 1)                            # [8, B, 2]
+        a = torch.tanh(self.t(tabular))                           # [B, 5]
+        mixed = (steps.sum(-1, keepdim=True) * a[None]).mean(0)   # [B, 5]
+        return self.head(torch.cat([mixed, a], 1))
+
+
+class OneModality(Bilinear):
+    def forward(self, tabular, series):
+        return self.head(torch.cat([self.t(tabular), self.t(tabular)], 1))
+
+
+class Keywords(nn.Module):
+    """Arguments by name, in the opposite order to the adapter's modalities, with text."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(len(VOCAB), 3)
+        self.q, self.t = nn.Linear(3, 4), nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        _seeded(self)
+
+    def forward(self, tabular, question):
+        q = torch.tanh(self.q(self.emb(question))).sum(1)
+        return self.head(torch.tanh(q * torch.tanh(self.t(tabular)) + q))
+
+
+def _same_as_full_forwards(adapter, items, target=None):
+    fast = emap(adapter, items, target=target)
+    slow = emap(adapter, items, target=target, factorized=False)
+    assert fast.params["factorization"] == "traced", fast.params
+    assert slow.params["factorization"] == "none"
+    np.testing.assert_allclose(fast.matrix, slow.matrix, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(fast.emap_logits, slow.emap_logits, atol=1e-5, rtol=1e-5)
+    return fast
+
+
+def test_traced_split_equals_full_forward_passes():
+    _same_as_full_forwards(ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"]), instances(9))
+
+
+@pytest.mark.parametrize("target", [1, Neuron(2)])
+def test_traced_split_handles_class_and_neuron_targets(target):
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    r = _same_as_full_forwards(adapter, instances(6), target)
+    assert r.matrix.shape == ((6, 6, 3) if target == 1 else (6, 6, 1))
+
+
+def test_traced_split_of_keyword_inputs_with_text():
+    mods = [Text("question", vocab=VOCAB), Tabular("tabular", columns=list("abcd"))]
+    adapter = ModelAdapter(Keywords(), mods, ["no", "yes"], keyword_inputs=True)
+    g = torch.Generator().manual_seed(1)
+    items = [{"question": " ".join(VOCAB[2:][int(k)] for k in torch.randint(0, 6, (1 + i % 4,),
+                                                                           generator=g)),
+              "tabular": torch.randn(4, generator=g)} for i in range(7)]
+    split = trace_factorization(adapter.model, adapter.names, keyword_inputs=True)
+    assert split.inputs == ("tabular", "question")
+    _same_as_full_forwards(adapter, items)
+
+
+@pytest.mark.parametrize("kind", synthetic.KINDS)
+def test_traced_split_of_the_synthetic_models_equals_their_declared_split(kind):
+    adapter, ds = synthetic.load(kind)
+    traced = emap(adapter, ds, indices=range(25), factorized="traced")
+    declared = emap(adapter, ds, indices=range(25), factorized="declared")
+    assert (traced.params["factorization"], declared.params["factorization"]) == ("traced", "declared")
+    np.testing.assert_allclose(traced.matrix, declared.matrix, atol=1e-5)
+
+
+def test_easy_vqa_split_cuts_where_image_and_question_meet():
+    adapter = easy_vqa.load_adapter()
+    split = trace_factorization(adapter.model, adapter.names)
+    assert set(split.sides) == {"image", "question"}
+    assert split.encoder_operations > split.fused_operations   # the convolutions run once
+    ds = easy_vqa.load_dataset("test")
+    traced = emap(adapter, ds, indices=range(12), factorized="traced")
+    full = emap(adapter, ds, indices=range(12), factorized=False)
+    np.testing.assert_allclose(traced.matrix, full.matrix, atol=1e-4)
+
+
+def test_split_follows_weight_changes():
+    model = Bilinear()
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    emap(adapter, instances(4))                   # traced and cached
+    with torch.no_grad():
+        model.head.weight.mul_(-2.0)
+        model.t.bias.add_(0.5)
+    _same_as_full_forwards(adapter, instances(5, seed=3))
+
+
+@pytest.mark.parametrize("model, reason", [
+    (Branching(), "cannot trace"),
+    (OneModality(), "never meet"),
+])
+def test_models_that_cannot_be_split_fall_back_or_say_why(model, reason):
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    r = emap(adapter, instances(5))
+    assert r.params["factorization"] == "none" and reason in r.params["factorization_note"]
+    slow = emap(adapter, instances(5), factorized=False)
+    np.testing.assert_allclose(r.matrix, slow.matrix)
+    with pytest.raises(ValueError, match=reason):
+        emap(adapter, instances(5), factorized=True)
+    with pytest.raises(FactorizationError, match=reason):
+        trace_factorization(model, adapter.names)
+
+
+@pytest.mark.parametrize("model", [BatchStatistics(), SequenceFirst()])
+def test_splits_that_change_the_numbers_are_rejected(model):
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    items = instances(6)
+    r = emap(adapter, items)
+    assert r.params["factorization"] == "none" and "rejected" in r.params["factorization_note"]
+    np.testing.assert_allclose(r.matrix, emap(adapter, items, factorized=False).matrix)
+    with pytest.raises(ValueError, match="disagrees with its forward|batch"):
+        emap(adapter, items, factorized="traced")
+
+
+def test_factorized_argument_is_checked():
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="factorized must be"):
+        emap(adapter, instances(3), factorized="yes")
+    with pytest.raises(ValueError, match="encode_modality"):
+        emap(adapter, instances(3), factorized="declared")
