@@ -63,40 +63,59 @@ def median(xs) -> float:
 FLOOR_BATCHES = (32, 64, 128, 256, 512)
 
 
-def per_sample_forward_ms(adapter, prepared, batch: int | None = None, repeats: int = 5) -> float:
-    """Best per-sample time (ms) of a batched forward pass over the continuous inputs: the
-    minimum over FLOOR_BATCHES, or over the one batch size given."""
-    best = float("inf")
-    for size in (FLOOR_BATCHES if batch is None else (batch,)):
+def per_sample_scan(adapter, prepared, batches=FLOOR_BATCHES, repeats: int = 5,
+                    backward: bool = False, target: int = 0) -> dict[int, float]:
+    """{batch size: best per-sample time (ms)} of a batched pass over copies of the instance's
+    continuous inputs: a forward pass without gradient, or (``backward``) a forward pass and a
+    backward of the ``target`` logit to the continuous inputs.
+
+    One untimed call per batch size, then ``repeats`` rounds, each timing every batch size once:
+    the rounds interleave the batch sizes, so that a drift of the machine's speed affects them
+    alike; each batch size keeps its fastest round.
+    """
+    steps = {}
+    for size in batches:
         cont = {n: v.unsqueeze(0).expand(size, *v.shape).contiguous()
                 for n, v in prepared.continuous.items()}
-        with torch.no_grad():
-            adapter.forward(prepared.raw, cont)
-            for _ in range(repeats):
-                ms, _ = timed(lambda: adapter.forward(prepared.raw, cont))
-                best = min(best, ms / size)
+        steps[size] = _batched_pass(adapter, prepared.raw, cont, backward, target)
+    for step in steps.values():
+        step()
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(repeats):
+        for size, step in steps.items():
+            ms, _ = timed(step)
+            best[size] = min(best[size], ms / size)
     return best
+
+
+def _batched_pass(adapter, raw, cont, backward: bool, target: int):
+    """A zero-argument function running one pass of ``per_sample_scan`` on the batch ``cont``."""
+    if not backward:
+        def step():
+            with torch.no_grad():
+                adapter.forward(raw, cont)
+        return step
+
+    def step():
+        leaves = {n: v.detach().requires_grad_(True) for n, v in cont.items()}
+        out = adapter.forward(raw, leaves)[:, target]
+        torch.autograd.grad(out.sum(), list(leaves.values()))
+    return step
+
+
+def per_sample_forward_ms(adapter, prepared, batch: int | None = None, repeats: int = 5) -> float:
+    """Best per-sample time (ms) of a batched forward pass over the continuous inputs: the
+    minimum over FLOOR_BATCHES, or over the one batch size given (see ``per_sample_scan``)."""
+    return min(per_sample_scan(adapter, prepared, FLOOR_BATCHES if batch is None else (batch,),
+                               repeats).values())
 
 
 def per_sample_forward_backward_ms(adapter, prepared, target: int = 0, batch: int | None = None,
                                    repeats: int = 5) -> float:
     """Best per-sample time (ms) of a batched forward + backward to the continuous inputs (the
-    minimum over FLOOR_BATCHES, or over the one batch size given)."""
-    best = float("inf")
-    for size in (FLOOR_BATCHES if batch is None else (batch,)):
-        cont = {n: v.unsqueeze(0).expand(size, *v.shape).contiguous()
-                for n, v in prepared.continuous.items()}
-
-        def step():
-            leaves = {n: v.detach().requires_grad_(True) for n, v in cont.items()}
-            out = adapter.forward(prepared.raw, leaves)[:, target]
-            torch.autograd.grad(out.sum(), list(leaves.values()))
-
-        step()
-        for _ in range(repeats):
-            ms, _ = timed(step)
-            best = min(best, ms / size)
-    return best
+    minimum over FLOOR_BATCHES, or over the one batch size given; see ``per_sample_scan``)."""
+    return min(per_sample_scan(adapter, prepared, FLOOR_BATCHES if batch is None else (batch,),
+                               repeats, backward=True, target=target).values())
 
 
 def environment() -> dict:

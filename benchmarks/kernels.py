@@ -3,10 +3,30 @@
 Stage 1: every method of ``multiviz_widgets.kernels.unimodal`` against captum's own equivalent at
 equal forward passes (Saliency, InputXGradient, IntegratedGradients, FeatureAblation with a
 feature mask, Lime, KernelShap, with perturbations_per_eval = our batch size), all on a forward
-function over the same continuous inputs (image pixels, question embeddings). Medians over
---n instances (questions about a shape or a colour), the two implementations interleaved.
-Each kernel is also compared with its floor: forward passes x the best per-sample time of a
-large batched forward pass.
+function over the same continuous inputs (image pixels, question embeddings), over --n instances
+(questions about a shape or a colour).
+
+Floors. The floor batch is chosen once at the start: the size in FLOOR_BATCHES (32..512) with
+the lowest per-sample time of a batched forward pass (and, separately, of a batched forward +
+backward). The machine's speed drifts by up to 2x within minutes, so a floor measured at another
+moment than the kernel would mislead: for every instance, the per-sample time at the floor batch
+(best of 3) is measured again right next to that instance's timings, and each ratio to a floor
+is the median over instances of ours_i / floor_i. The timings of one instance (ours, captum's,
+the bare code's and the floors) run back to back, their order reversed every other instance.
+
+numpy's and scipy's OpenBLAS (not torch's BLAS) run single-threaded during stage 1: captum's
+KernelShap fits with scikit-learn, whose OpenBLAS threads keep spinning after the fit; on 2 cores
+they slowed whatever ran next by about 1.5x (our lime and kernel_shap alike, and the floors), so
+every call timed right after captum's KernelShap paid for it. Captum's own times did not change
+measurably (within 3%).
+
+* ``ratio_to_floor`` (the criterion, <= 1.5): ours / (forward passes x per-sample forward time).
+* ``ratio_to_fwd_bwd_floor`` (gradient methods, informative): ours / (backward passes x
+  per-sample forward+backward time + the other forward passes x per-sample forward time).
+* ``ratio_to_bare`` (gradient methods, informative): ours / the same passes written as the
+  plainest torch code (``bare_call``).
+
+Every per-instance timing is kept in the JSON (``instances``) to show the spread.
 
 Stage 2 (``benchmarks/kernels_stage2.py``, written separately): merged under "stage2" when present.
 
@@ -21,15 +41,16 @@ import sys
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, environment, load_demo, median, per_sample_forward_backward_ms,  # noqa: E402,E501
-                    per_sample_forward_ms, shape_or_color_indices, timed, write_json)
+from common import (FLOOR_BATCHES, RESULTS, environment, load_demo, median,  # noqa: E402
+                    per_sample_forward_backward_ms, per_sample_forward_ms, per_sample_scan,
+                    shape_or_color_indices, timed, write_json)
 
 from multiviz_widgets.kernels.common import PERTURBATION_BATCH  # noqa: E402
-from multiviz_widgets.kernels.unimodal import attribute  # noqa: E402
+from multiviz_widgets.kernels.unimodal import attribute, integration_rule  # noqa: E402
 
 BATCH = PERTURBATION_BATCH   # the kernels' default; captum gets the same perturbations_per_eval
 #: method -> (our parameters, target median in ms or None)
@@ -43,10 +64,32 @@ STAGE1 = {
 }
 CAPTUM_NAMES = {"gradient": "Saliency(abs=False)", "grad_x_input": "InputXGradient",
                 "integrated_gradients": "IntegratedGradients(n_steps=50, gausslegendre)",
-                "occlusion": "FeatureAblation(feature_mask, perturbations_per_eval=256)",
-                "lime": "Lime(feature_mask, n_samples=500, perturbations_per_eval=256)",
-                "kernel_shap": "KernelShap(feature_mask, n_samples=500, perturbations_per_eval=256)"}
+                "occlusion": f"FeatureAblation(feature_mask, perturbations_per_eval={BATCH})",
+                "lime": f"Lime(feature_mask, n_samples=500, perturbations_per_eval={BATCH})",
+                "kernel_shap": f"KernelShap(feature_mask, n_samples=500, "
+                               f"perturbations_per_eval={BATCH})"}
 RATIO_MAX, FLOOR_MAX = 1.1, 1.5
+#: repeats of the per-instance floor measurement (its best is kept)
+FLOOR_REPEATS = 3
+GRADIENT_METHODS_NOTE = (
+    "The literal floor (ratio_to_floor, pass.floor) counts forward passes only, each at the best "
+    "per-sample time of a large batched forward pass without gradient. Gradient methods cannot "
+    "come within 1.5x of it: gradient and grad_x_input explain one instance with a forward pass "
+    "of a batch of ONE (several times the per-sample cost of a large batch, which shares the "
+    "per-call overhead among its rows) followed by a backward pass; integrated gradients makes "
+    "one backward pass per forward pass, and a backward pass costs about twice a forward pass. "
+    "Two informative ratios say what is left to gain: ratio_to_fwd_bwd_floor = ours / (backward "
+    "passes x the best per-sample forward+backward time of a large batch + the other forward "
+    "passes x the per-sample forward time; it still assumes large batches, so a batch of one stays "
+    "far above it); ratio_to_bare = ours / the same passes on the same shapes written as the "
+    "plainest torch code (leaves that require grad, adapter.forward, torch.autograd.grad), i.e. "
+    "the kernel's overhead over the unavoidable work.")
+PASSES_NOTE = {
+    "gradient": "1 forward + 1 backward of a batch of one (see criteria.gradient_methods)",
+    "grad_x_input": "1 forward + 1 backward of a batch of one (see criteria.gradient_methods)",
+    "integrated_gradients": "50 forwards + 50 backwards as one batch of 50 "
+                            "(see criteria.gradient_methods)",
+}
 
 
 def captum_call(method: str, adapter, prepared, target: int):
@@ -89,58 +132,179 @@ def captum_call(method: str, adapter, prepared, target: int):
     raise ValueError(method)
 
 
+def bare_call(method: str, adapter, prepared, target: int, params: dict):
+    """A zero-argument function doing a gradient method's passes as the plainest torch code (the
+    ``bare`` comparison), or None for a perturbation method.
+
+    gradient / grad_x_input: one forward of a batch of one and ``torch.autograd.grad`` of the
+    target logit (what captum's Saliency does), times the input for grad_x_input.
+    integrated_gradients: the ``steps`` points of the straight path baseline -> input in batches
+    of ``internal_batch_size`` (one batch of 50 here), one forward and one backward per batch with
+    the quadrature weights as output gradients, the sum times (input - baseline). The quadrature
+    nodes and weights are constants computed once, outside the timed function.
+    """
+    names = prepared.names
+    if method in ("gradient", "grad_x_input"):
+        def run():
+            leaves = {n: prepared.continuous[n].unsqueeze(0).clone().requires_grad_(True)
+                      for n in names}
+            out = adapter.forward(prepared.raw, leaves)[:, target]
+            grads = torch.autograd.grad(out.sum(), list(leaves.values()))
+            if method == "grad_x_input":
+                return [g * prepared.continuous[n] for n, g in zip(names, grads)]
+            return grads
+        return run
+    if method == "integrated_gradients":
+        alphas, weights = (torch.as_tensor(v, dtype=torch.float32)
+                           for v in integration_rule(params["steps"], params["rule"]))
+        bs = params["internal_batch_size"]
+
+        def run():
+            x = {n: prepared.continuous[n] for n in names}
+            diff = {n: x[n] - prepared.baseline[n] for n in names}
+            total = {n: torch.zeros_like(x[n]) for n in names}
+            for s in range(0, len(alphas), bs):
+                a = alphas[s:s + bs]
+                leaves = {n: (prepared.baseline[n] + a.view(-1, *[1] * x[n].dim()) * diff[n]
+                              ).requires_grad_(True) for n in names}
+                out = adapter.forward(prepared.raw, leaves)[:, target]
+                grads = torch.autograd.grad(out, list(leaves.values()),
+                                            grad_outputs=weights[s:s + bs])
+                for n, g in zip(names, grads):
+                    total[n] += g.sum(0)
+            return {n: diff[n] * total[n] for n in names}
+        return run
+    return None
+
+
+def _sig(x: float) -> float:
+    """x to 4 significant digits (the per-instance numbers of the JSON)."""
+    return float(f"{x:.4g}")
+
+
 def run_stage1(adapter, dataset, indices, repeats: int = 1, methods=None,
                floor_batch: int | None = None) -> dict:
-    """Per method: median ms ours and captum's, ratio, passes, floor, targets, pass/fail."""
+    """Per method: median ms ours, captum's (and the bare code's), ratios, passes, the floors
+    measured per instance and the ratios to them (medians over instances), pass/fail, and every
+    instance's numbers. ``floor_batch``: the floors' batch size (default: the fastest per sample
+    of FLOOR_BATCHES, chosen once, for the forward and the forward+backward floor separately).
+
+    numpy's and scipy's OpenBLAS run single-threaded meanwhile (see the module docstring).
+    scikit-learn, with which captum's Lime and KernelShap fit, is imported first: threadpoolctl
+    limits the libraries loaded when the limit is set.
+    """
+    importlib.import_module("sklearn.linear_model")
+    with threadpool_limits(1, user_api="blas"):
+        return _stage1(adapter, dataset, indices, repeats, methods, floor_batch)
+
+
+def _stage1(adapter, dataset, indices, repeats, methods, floor_batch) -> dict:
+    """``run_stage1`` under the OpenBLAS limit: the floor batches, then every method."""
     methods = list(methods or STAGE1)
     prepared = [adapter.prepare(dataset[int(i)]) for i in indices]
     targets = [int(adapter.predict(p.raw).argmax(1)[0]) for p in prepared]
-    out = {"floor_batch": floor_batch, "methods": {}}
+    batches = FLOOR_BATCHES if floor_batch is None else (floor_batch,)
+    scan = {"forward": per_sample_scan(adapter, prepared[0], batches),
+            "forward_backward": per_sample_scan(adapter, prepared[0], batches, backward=True,
+                                                target=targets[0])}
+    out = {"floor_batch": min(scan["forward"], key=scan["forward"].get),
+           "floor_batch_fwd_bwd": min(scan["forward_backward"], key=scan["forward_backward"].get),
+           "floor_batch_scan_ms_per_sample": scan, "floor_repeats_per_instance": FLOOR_REPEATS,
+           "methods": {}}
     for m in methods:
-        params, target_ms = STAGE1[m]
-        # the floor is measured right before each method's timings: this machine's speed drifts
-        # by up to 2x over minutes, and a floor from another moment would mislead
-        per_sample = min(per_sample_forward_ms(adapter, p, batch=floor_batch) for p in prepared[:2])
-        per_sample_fb = min(per_sample_forward_backward_ms(adapter, p, batch=floor_batch)
-                            for p in prepared[:2])
-        ours_ms, captum_ms, passes = [], [], None
-        # warm-up (not timed): first calls allocate and let captum import its submodules
-        attribute(adapter, prepared[0], method=m, target=targets[0], **params)
-        captum_call(m, adapter, prepared[0], targets[0])()
-        for k, (p, t) in enumerate(zip(prepared, targets)):
-            ours = lambda: attribute(adapter, p, method=m, target=t, **params)
-            theirs = captum_call(m, adapter, p, t)
-            for r in range(repeats):
-                order = [("ours", ours), ("captum", theirs)]
-                if (k + r) % 2:
-                    order.reverse()
-                for who, fn in order:
-                    ms, res = timed(fn)
-                    if who == "ours":
-                        ours_ms.append(ms)
-                        passes = (res.forward_passes, res.backward_passes)
-                    else:
-                        captum_ms.append(ms)
-        mo, mc = median(ours_ms), median(captum_ms)
-        floor = passes[0] * per_sample
-        entry = {
-            "captum": CAPTUM_NAMES[m], "params": params,
-            "median_ms_ours": mo, "median_ms_captum": mc, "ratio_ours_captum": mo / mc,
-            "forward_passes": passes[0], "backward_passes": passes[1],
-            "per_sample_forward_ms": per_sample, "per_sample_forward_backward_ms": per_sample_fb,
-            "floor_ms": floor, "ratio_to_floor": mo / floor, "target_ms": target_ms,
-            # informative only (not the criterion): gradient methods also need backward passes
-            "floor_fwd_bwd_ms": (passes[1] * per_sample_fb + (passes[0] - passes[1]) * per_sample
-                                 if passes[1] else None),
-            "n_timings": len(ours_ms),
-            "pass": {"vs_captum": mo / mc <= RATIO_MAX, "floor": mo / floor <= FLOOR_MAX,
-                     "target": None if target_ms is None else mo <= target_ms},
-        }
-        entry["passed"] = all(v for v in entry["pass"].values() if v is not None)
+        entry = _time_method(m, adapter, indices, prepared, targets, repeats,
+                             out["floor_batch"], out["floor_batch_fwd_bwd"])
         out["methods"][m] = entry
-        print(f"{m:22s} ours {mo:8.2f} ms  captum {mc:8.2f} ms  ratio {mo / mc:5.2f}  "
-              f"passes {passes[0]:4d}  floor {floor:7.2f} ms (x{mo / floor:5.1f})", flush=True)
+        extra = (f"  fwd+bwd floor x{entry['ratio_to_fwd_bwd_floor']:4.1f}"
+                 f"  bare {entry['bare_ms']:6.2f} ms (x{entry['ratio_to_bare']:4.2f})"
+                 if entry["bare_ms"] is not None else "")
+        print(f"{m:22s} ours {entry['median_ms_ours']:8.2f} ms  captum "
+              f"{entry['median_ms_captum']:8.2f} ms  ratio {entry['ratio_ours_captum']:5.2f}  "
+              f"passes {entry['forward_passes']:5g}  floor {entry['floor_ms']:7.2f} ms "
+              f"(x{entry['ratio_to_floor']:5.2f}){extra}", flush=True)
     return out
+
+
+def _time_method(m: str, adapter, indices, prepared, targets, repeats: int, fwd_batch: int,
+                 fb_batch: int) -> dict:
+    """One method's JSON entry: per instance (and repeat), ours, captum's, the floors at the
+    chosen batches (and, for a gradient method, the bare code and the forward+backward floor)
+    back to back, in reversed order every other time."""
+    params, target_ms = STAGE1[m]
+    # warm-up (not timed): first calls allocate and let captum import its submodules
+    gradient_family = attribute(adapter, prepared[0], method=m, target=targets[0],
+                                **params).backward_passes > 0
+    captum_call(m, adapter, prepared[0], targets[0])()
+    if gradient_family:
+        bare_call(m, adapter, prepared[0], targets[0], params)()
+    rows = []
+    for k, (i, p, t) in enumerate(zip(indices, prepared, targets)):
+        calls = [("ours", lambda: attribute(adapter, p, method=m, target=t, **params)),
+                 ("captum", captum_call(m, adapter, p, t)),
+                 ("floor", lambda: per_sample_forward_ms(adapter, p, batch=fwd_batch,
+                                                         repeats=FLOOR_REPEATS))]
+        if gradient_family:
+            calls += [("bare", bare_call(m, adapter, p, t, params)),
+                      ("floor_fb", lambda: per_sample_forward_backward_ms(
+                          adapter, p, target=t, batch=fb_batch, repeats=FLOOR_REPEATS))]
+        for r in range(repeats):
+            got = {}
+            for who, fn in (calls if (k + r) % 2 == 0 else calls[::-1]):
+                got[who] = fn() if who.startswith("floor") else timed(fn)
+            rows.append(_instance_row(int(i), t, r, got))
+    return _summary(m, params, target_ms, rows)
+
+
+def _instance_row(index: int, target: int, repeat: int, got: dict) -> dict:
+    """One instance's (and repeat's) timings, floors and ratios, from the timed calls: ``got``
+    maps "ours", "captum" (and "bare") to (ms, result), "floor" (and "floor_fb") to the
+    per-sample ms at the floor batch."""
+    ours_ms, res = got["ours"]
+    fwd, bwd = res.forward_passes, res.backward_passes
+    row = {"index": index, "target": target, "repeat": repeat, "ours_ms": ours_ms,
+           "captum_ms": got["captum"][0], "forward_passes": fwd, "backward_passes": bwd,
+           "per_sample_forward_ms": got["floor"], "floor_ms": fwd * got["floor"]}
+    row["ratio_to_floor"] = ours_ms / row["floor_ms"]
+    if "bare" in got:
+        row.update(bare_ms=got["bare"][0], per_sample_forward_backward_ms=got["floor_fb"],
+                   floor_fwd_bwd_ms=bwd * got["floor_fb"] + (fwd - bwd) * got["floor"])
+        row.update(ratio_to_fwd_bwd_floor=ours_ms / row["floor_fwd_bwd_ms"],
+                   ratio_to_bare=ours_ms / row["bare_ms"])
+    return row
+
+
+def _summary(method: str, params: dict, target_ms, rows: list[dict]) -> dict:
+    """A method's JSON entry: medians over the instances' rows, pass/fail, and the rows."""
+    def med(key):
+        return median([r[key] for r in rows]) if key in rows[0] else None
+
+    def passes(key):   # a whole number unless the instances' median falls between two
+        v = med(key)
+        return int(v) if v.is_integer() else v
+
+    mo, mc = med("ours_ms"), med("captum_ms")
+    entry = {
+        "captum": CAPTUM_NAMES[method], "params": params,
+        "median_ms_ours": mo, "median_ms_captum": mc, "ratio_ours_captum": mo / mc,
+        "forward_passes": passes("forward_passes"), "backward_passes": passes("backward_passes"),
+        "per_sample_forward_ms": med("per_sample_forward_ms"),
+        "per_sample_forward_backward_ms": med("per_sample_forward_backward_ms"),
+        "floor_ms": med("floor_ms"), "ratio_to_floor": med("ratio_to_floor"),
+        "target_ms": target_ms,
+        # informative only (not the criterion): see criteria.gradient_methods
+        "floor_fwd_bwd_ms": med("floor_fwd_bwd_ms"),
+        "ratio_to_fwd_bwd_floor": med("ratio_to_fwd_bwd_floor"),
+        "bare_ms": med("bare_ms"), "ratio_to_bare": med("ratio_to_bare"),
+        "note": PASSES_NOTE.get(method),
+        "n_timings": len(rows),
+    }
+    entry["pass"] = {"vs_captum": mo / mc <= RATIO_MAX,
+                     "floor": entry["ratio_to_floor"] <= FLOOR_MAX,
+                     "target": None if target_ms is None else mo <= target_ms}
+    entry["passed"] = all(v for v in entry["pass"].values() if v is not None)
+    entry["instances"] = [{k: _sig(v) if isinstance(v, float) else v for k, v in r.items()}
+                          for r in rows]
+    return entry
 
 
 def run_stage2(adapter, dataset, indices, repeats: int) -> dict:
@@ -164,8 +328,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-stage2", action="store_true", help="skip benchmarks/kernels_stage2.py")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2 cores)")
     ap.add_argument("--floor-batch", type=int, default=None,
-                    help="batch of the forward pass that sets the per-sample floor "
-                         "(default: the best over 32..512)")
+                    help="batch of the passes that set the per-sample floors (default: the "
+                         "fastest per sample of 32..512, chosen once at the start)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "kernels.json"))
     args = ap.parse_args(argv)
@@ -176,9 +340,14 @@ def main(argv=None) -> dict:
     result = {"model": note, "n": len(indices), "repeats": args.repeats,
               "environment": environment(),
               "criteria": {"ratio_ours_captum_max": RATIO_MAX, "ratio_to_floor_max": FLOOR_MAX,
-                           "floor": "forward passes x best per-sample time of a batched "
-                                    "forward pass (no gradient), over batch sizes "
-                                    + (str(args.floor_batch) if args.floor_batch else "32..512")},
+                           "floor": "forward passes x per-sample time of a batched forward pass "
+                                    "(no gradient) at the floor batch ("
+                                    + (str(args.floor_batch) if args.floor_batch else
+                                       "the fastest per sample of 32..512, chosen once")
+                                    + "), measured again next to every instance's timings; "
+                                      "ratio_to_floor = median over instances of ours_i / "
+                                      "floor_i",
+                           "gradient_methods": GRADIENT_METHODS_NOTE},
               "stage1": run_stage1(adapter, dataset, indices, args.repeats, args.methods,
                                    args.floor_batch)}
     if not args.no_stage2:
