@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -299,6 +299,19 @@ class ModelAdapter:
         if "h" not in store:
             raise AdapterError("The decision layer was never called during the forward pass: pass "
                                "decision_layer= the module that computes the logits.")
+        return out, store["h"]
+
+    def run(self, fn: Callable[[], Any], features: bool = False):
+        """fn() -- a computation on this adapter's model, such as part of its graph -- under the
+        adapter's lock (the model is shared between threads); with features=True returns
+        (fn(), h) where h is the input of the decision layer during that call."""
+        store = {} if features else None
+        with self._lock, self._hooks(None, store):
+            out = fn()
+        if not features:
+            return out
+        if "h" not in store:
+            raise AdapterError("The decision layer was not called during this computation.")
         return out, store["h"]
 
     def output(self, logits: torch.Tensor, features: torch.Tensor | None, target: Target

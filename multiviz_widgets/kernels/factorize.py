@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["Factorization", "FactorizationError", "trace_factorization"]
+__all__ = ["Factorization", "FactorizationError", "reject_factorization", "trace_factorization"]
 
 
 class FactorizationError(ValueError):
@@ -87,6 +87,14 @@ def trace_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: 
     if isinstance(found, FactorizationError):
         raise found
     return found
+
+
+def reject_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: bool,
+                         reason: str) -> None:
+    """Remember that the model's traced split gave different numbers from its forward pass, so
+    that later calls skip it (``trace_factorization`` then raises with ``reason``)."""
+    _CACHE.setdefault(model, {})[(tuple(names), bool(keyword_inputs))] = FactorizationError(
+        f"its traced split was rejected earlier: {reason}")
 
 
 def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool) -> Factorization:

@@ -34,13 +34,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..adapter import ModelAdapter, Prepared, Target
+from ..adapter import AdapterError, ModelAdapter, Prepared, Target
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..results import Interaction, Result, Stopwatch
 from .common import (PERTURBATION_BATCH, as_prepared, evaluate_masks, masked_continuous,
                      resolve_target)
-from .factorize import FactorizationError, trace_factorization
+from .factorize import FactorizationError, reject_factorization, trace_factorization
 
 __all__ = ["INTERACTION_METHODS", "interaction", "second_order", "pairwise_ablation", "shapley",
            "EmapResult", "emap", "emap_gap", "emap_matrix", "pairwise_masks", "DimeResult", "dime", "interaction_type",
@@ -519,6 +519,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
             except FactorizationError as e:
                 if factorized is not None or split.kind == "declared":
                     raise
+                reject_factorization(adapter.model, names, adapter.keyword_inputs, str(e))
                 split, why = None, f"traced split rejected: {e}"
         done = 0
         for m in groups:
@@ -607,18 +608,17 @@ def _emap_fused(adapter: ModelAdapter, split: _Split, raw: Mapping[str, torch.Te
     neuron = target is not None and target.kind == "neuron"
 
     def fused(rows):
-        store = {} if neuron else None
-        with adapter._lock, adapter._hooks(None, store):
-            logits = split.fuse(rows)
         if not neuron:
-            return logits
-        if "h" not in store:
-            raise FactorizationError("the decision layer is not called where the modalities meet")
-        return adapter.output(logits, store["h"], target)[:, None]
+            return adapter.run(lambda: split.fuse(rows))
+        try:
+            logits, h = adapter.run(lambda: split.fuse(rows), features=True)
+        except AdapterError:
+            raise FactorizationError("the decision layer is not called where the modalities "
+                                     "meet") from None
+        return adapter.output(logits, h, target)[:, None]
 
-    with adapter._lock:
-        parts = [split.encode({m: x[s:s + batch_size] for m, x in raw.items()})
-                 for s in range(0, n, batch_size)]
+    parts = [adapter.run(lambda s=s: split.encode({m: x[s:s + batch_size] for m, x in raw.items()}))
+             for s in range(0, n, batch_size)]
     enc = [torch.cat([p[k] for p in parts]) for k in range(len(split.sides))]
     rows = []
     for s in range(0, n * n, batch_size):
