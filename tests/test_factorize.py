@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 from torch import nn
 
@@ -195,3 +196,35 @@ def test_factorized_argument_is_checked():
         emap(adapter, instances(3), factorized="yes")
     with pytest.raises(ValueError, match="encode_modality"):
         emap(adapter, instances(3), factorized="declared")
+
+
+class RandomFusion(nn.Module):
+    """Encoders of random widths and one of several ways for the modalities to meet."""
+
+    def __init__(self, width: int, fusion: str, seed: int):
+        super().__init__()
+        self.fusion = fusion
+        self.t, self.s = nn.Linear(4, width), nn.Linear(16, width)
+        self.gate = nn.Linear(width, width)
+        self.head = nn.Linear(2 * width, 3)
+        _seeded(self, seed)
+
+    def forward(self, tabular, series):
+        a, b = torch.tanh(self.t(tabular)), torch.relu(self.s(series.flatten(1)))
+        if self.fusion == "product":
+            z = torch.cat([a * b, b], 1)
+        elif self.fusion == "gated":
+            z = torch.cat([torch.sigmoid(self.gate(a)) * b, a - b], 1)
+        elif self.fusion == "outer":
+            z = torch.cat([torch.einsum("bi,bj->bij", a, b).mean(2), a.max(1, keepdim=True)[0] * b], 1)
+        else:  # "late": only the head mixes them
+            z = torch.cat([a, b], 1)
+        return self.head(z)
+
+
+@settings(max_examples=15, deadline=None)
+@given(width=st.integers(1, 9), fusion=st.sampled_from(["product", "gated", "outer", "late"]),
+       n=st.integers(2, 11), seed=st.integers(0, 10_000))
+def test_traced_split_equals_full_forwards_on_random_fusions(width, fusion, n, seed):
+    adapter = ModelAdapter(RandomFusion(width, fusion, seed), MODALITIES, ["a", "b", "c"])
+    _same_as_full_forwards(adapter, instances(n, seed))
