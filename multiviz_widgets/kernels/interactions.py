@@ -620,30 +620,37 @@ def _emap_fused(adapter: ModelAdapter, split: _Split, raw: Mapping[str, torch.Te
     parts = [adapter.run(lambda s=s: split.encode({m: x[s:s + batch_size] for m, x in raw.items()}))
              for s in range(0, n, batch_size)]
     enc = [torch.cat([p[k] for p in parts]) for k in range(len(split.sides))]
-    rows = []
-    for s in range(0, n * n, batch_size):
-        k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
-        i, j = k // n, k % n
-        rows.append(fused([e[i] if side == a else e[j] for e, side in zip(enc, split.sides)]).double())
-        report(progress, int(k[-1]) + 1, n * n, "EMAP pairs (fused encodings)")
-    mat = torch.cat(rows).reshape(n, n, -1)
-    # the check: every instance with itself (batched), and a few instances with their neighbour,
-    # each alone (a batch of one: so that a model whose rows are not independent is caught)
-    ci = torch.arange(min(n, _EMAP_CHECK_PAIRS), device=adapter.device)
+
+    def pairs(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Fused outputs of the pairs (x_a^i, x_b^j), one per row of i and j (in batches)."""
+        return torch.cat([fused([e[i[s:s + batch_size]] if side == a else e[j[s:s + batch_size]]
+                                 for e, side in zip(enc, split.sides)]).double()
+                          for s in range(0, len(i), batch_size)])
+
+    # Before the N^2 pairs: every instance with itself against a batched forward pass, and a few
+    # instances with their neighbour against a forward pass each (a batch of one, so that a
+    # model whose batch rows are not independent is caught too).
+    own = torch.arange(n, device=adapter.device)
+    ci = own[:min(n, _EMAP_CHECK_PAIRS)]
     cj = (ci + 1) % n
     direct = torch.cat([out_fn({m: x[s:s + batch_size] for m, x in raw.items()}).double()
                         for s in range(0, n, batch_size)]
                        + [out_fn({m: x[(i if m == a else j)][None] for m, x in raw.items()}).double()
                           for i, j in zip(ci.tolist(), cj.tolist())])
-    fused_ = torch.cat([torch.diagonal(mat, dim1=0, dim2=1).T, mat[ci, cj]])
+    got = torch.cat([pairs(own, own), pairs(ci, cj)])
     tol = 1e-4 * max(1.0, float(direct.abs().max()))
-    if not torch.allclose(fused_, direct, atol=tol, rtol=1e-4):
+    if not torch.allclose(got, direct, atol=tol, rtol=1e-4):
         how = ("encode_modality/fuse_encodings disagree" if split.kind == "declared"
                else "traced split (kernels.factorize) disagrees")
         raise FactorizationError(
             f"The model's {how} with its forward pass (largest difference "
-            f"{float((fused_ - direct).abs().max()):.3g}); fix them or pass factorized=False.")
-    return mat.cpu().numpy()
+            f"{float((got - direct).abs().max()):.3g}); fix them or pass factorized=False.")
+    rows = []
+    for s in range(0, n * n, batch_size):
+        k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
+        rows.append(pairs(k // n, k % n))
+        report(progress, int(k[-1]) + 1, n * n, "EMAP pairs (fused encodings)")
+    return torch.cat(rows).reshape(n, n, -1).cpu().numpy()
 
 
 def emap_matrix(matrix: np.ndarray) -> np.ndarray:
