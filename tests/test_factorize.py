@@ -143,7 +143,7 @@ def test_traced_split_of_the_synthetic_models_equals_their_declared_split(kind):
 def test_easy_vqa_split_cuts_where_image_and_question_meet():
     adapter = easy_vqa.load_adapter()
     split = trace_factorization(adapter.model, adapter.names)
-    assert set(split.sides) == {"image", "question"}
+    assert split.side == "image" and set(split.from_side) == {True, False}
     assert split.encoder_operations > split.fused_operations   # the convolutions run once
     ds = easy_vqa.load_dataset("test")
     traced = emap(adapter, ds, indices=range(12), factorized="traced")
@@ -163,7 +163,7 @@ def test_split_follows_weight_changes():
 
 @pytest.mark.parametrize("model, reason", [
     (Branching(), "cannot trace"),
-    (OneModality(), "never meet"),
+    (OneModality(), "never combines"),
 ])
 def test_models_that_cannot_be_split_fall_back_or_say_why(model, reason):
     adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
@@ -228,3 +228,37 @@ class RandomFusion(nn.Module):
 def test_traced_split_equals_full_forwards_on_random_fusions(width, fusion, n, seed):
     adapter = ModelAdapter(RandomFusion(width, fusion, seed), MODALITIES, ["a", "b", "c"])
     _same_as_full_forwards(adapter, instances(n, seed))
+
+
+class ThreeWay(nn.Module):
+    """Three modalities: two tabular encoders meet first, the series joins them later."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.t1, self.t2 = nn.Linear(3, 4), nn.Linear(2, 4)
+        self.s = nn.Linear(8, 4)
+        self.mix, self.head = nn.Linear(4, 4), nn.Linear(8, 2)
+        _seeded(self, seed)
+
+    def forward(self, t1, t2, series):
+        tab = torch.tanh(self.mix(torch.tanh(self.t1(t1)) * torch.tanh(self.t2(t2))))
+        s = torch.tanh(self.s(series.flatten(1)))
+        return self.head(torch.cat([tab * s, tab + s], 1))
+
+
+def test_three_modalities_split_each_from_the_others():
+    mods = [Tabular("t1", columns=list("abc")), Tabular("t2", columns=list("de")),
+            TimeSeries("series", window=2, channels=["x", "y"])]
+    adapter = ModelAdapter(ThreeWay(), mods, ["n", "p"])
+    g = torch.Generator().manual_seed(0)
+    items = [{"t1": torch.randn(3, generator=g), "t2": torch.randn(2, generator=g),
+              "series": torch.randn(4, 2, generator=g)} for _ in range(7)]
+    fast, slow = emap(adapter, items), emap(adapter, items, factorized=False)
+    assert fast.params["factorization"] == "traced" and fast.params["factorized"]
+    np.testing.assert_allclose(fast.emap_logits, slow.emap_logits, atol=1e-5)
+    for m in adapter.names:
+        np.testing.assert_allclose(fast.unimodal[m], slow.unimodal[m], atol=1e-5)
+    split = trace_factorization(adapter.model, adapter.names, side="t2")
+    assert split.side == "t2" and split.from_side.count(True) >= 1
+    with pytest.raises(FactorizationError, match="name the modality"):
+        trace_factorization(adapter.model, adapter.names)

@@ -1,19 +1,21 @@
-"""Split a two-modality model into per-modality encoders and a fusion, automatically.
+"""Split a model where one modality meets the others: encoders once, the fusion per pair.
 
-EMAP needs the outputs f(x_a^i, x_b^j) of all N^2 pairs of N instances. Most multimodal models
-encode each modality on its own before the modalities meet, so most of each forward pass is
-repeated N times over. :func:`trace_factorization` traces the model's ``forward`` with
-``torch.fx``, labels every operation with the modalities it depends on, and cuts the graph at
-the *frontier*: the values computed from one modality only that an operation mixing both
-modalities reads. The *encoder* (every single-modality operation) then runs once on the N
-instances, and the *fusion* (every operation that reads both) runs on the N^2 pairs of frontier
-rows. Operations that depend on no input (parameters, constants) go wherever they are used.
+EMAP needs the outputs f(x_m^i, x_rest^j) of all N^2 pairs of N instances: modality m from
+instance i, the other modalities from instance j (with two modalities, f(x_a^i, x_b^j)). Most
+multimodal models encode each modality on its own before the modalities meet, so most of each
+of those forward passes repeats work N times over. :func:`trace_factorization` traces the
+model's ``forward`` with ``torch.fx``, labels every operation with the side it depends on
+(modality m, the others, or both), and cuts the graph at the *frontier*: the values computed
+from one side only that an operation mixing both sides reads. The *encoder* (every one-sided
+operation) then runs once on the N instances, and the *fusion* (every operation that reads both
+sides) runs on the N^2 pairs of frontier rows. Operations that depend on no input (parameters,
+constants) go wherever they are used.
 
 Requirements, checked: the model traces with ``torch.fx`` (no data-dependent Python control
 flow), takes exactly the adapter's modalities as arguments, and every frontier value is a tensor
 whose first dimension is the batch. Whether rows really are independent cannot be read from the
 graph, so ``emap`` also compares fused pairs with plain forward passes before it uses them.
-Models that declare ``encode_modality``/``fuse_encodings`` themselves do not need this.
+Two-modality models that declare ``encode_modality``/``fuse_encodings`` do not need this.
 """
 from __future__ import annotations
 
@@ -36,15 +38,17 @@ class FactorizationError(ValueError):
 class Factorization:
     """A traced split of ``model(*inputs)`` (see the module docstring).
 
-    encoder(*inputs) -> tuple of frontier values (batch first); ``sides[k]`` is the modality the
-    k-th frontier value comes from. fusion(*frontier values) -> the model's output.
+    encoder(*inputs) -> tuple of frontier values (batch first); ``from_side[k]`` says whether the
+    k-th comes from modality ``side`` or from the others. fusion(*frontier values) -> the
+    model's output.
     """
 
     names: tuple[str, ...]
+    side: str                      # the modality split from all the others
     inputs: tuple[str, ...]        # the modality of each forward argument, in order
     encoder: fx.GraphModule
     fusion: fx.GraphModule
-    sides: tuple[str, ...]
+    from_side: tuple[bool, ...]    # per frontier value: computed from ``side`` (else the others)
     fused_operations: int          # operations left in the fusion (informative)
     encoder_operations: int        # operations moved to the encoder (informative)
 
@@ -57,9 +61,10 @@ class Factorization:
             if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != b:
                 got = (f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor)
                        else type(v).__name__)
+                where = self.side if self.from_side[k] else "the other modalities"
                 raise FactorizationError(
-                    f"the {k}-th value where the modalities meet (from {self.sides[k]!r}) is not "
-                    f"a tensor with the batch ({b}) first: {got}")
+                    f"the {k}-th value where the modalities meet (from {where}) is not a tensor "
+                    f"with the batch ({b}) first: {got}")
         return tuple(values)
 
     def fuse(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -72,15 +77,16 @@ class Factorization:
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def trace_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: bool = False
-                        ) -> Factorization:
-    """The model's traced split between modalities ``names`` (its arguments, in order; by name
-    when ``keyword_inputs``). Cached per model. Raises FactorizationError with the reason."""
-    key = (tuple(names), bool(keyword_inputs))
+def trace_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: bool = False,
+                        side: str | None = None) -> Factorization:
+    """The model's traced split between modality ``side`` (default: the first of two) and the
+    other modalities. names: the model's arguments, in order (matched by name when
+    ``keyword_inputs``). Cached per model. Raises FactorizationError with the reason."""
+    key = _key(names, keyword_inputs, side)
     per_model = _CACHE.setdefault(model, {})
     if key not in per_model:
         try:
-            per_model[key] = _trace(model, tuple(names), bool(keyword_inputs))
+            per_model[key] = _trace(model, *key)
         except FactorizationError as e:
             per_model[key] = e
     found = per_model[key]
@@ -90,16 +96,28 @@ def trace_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: 
 
 
 def reject_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: bool,
-                         reason: str) -> None:
+                         side: str | None, reason: str) -> None:
     """Remember that the model's traced split gave different numbers from its forward pass, so
     that later calls skip it (``trace_factorization`` then raises with ``reason``)."""
-    _CACHE.setdefault(model, {})[(tuple(names), bool(keyword_inputs))] = FactorizationError(
+    _CACHE.setdefault(model, {})[_key(names, keyword_inputs, side)] = FactorizationError(
         f"its traced split was rejected earlier: {reason}")
 
 
-def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool) -> Factorization:
-    if len(names) != 2:
-        raise FactorizationError(f"a split needs exactly two modalities, the adapter has {list(names)}")
+def _key(names: Sequence[str], keyword_inputs: bool, side: str | None) -> tuple:
+    names = tuple(names)
+    if side is None:
+        if len(names) != 2:
+            raise FactorizationError(f"name the modality to split from the others ({list(names)})")
+        side = names[0]
+    if side not in names:
+        raise FactorizationError(f"{side!r} is not one of the modalities {list(names)}")
+    return names, bool(keyword_inputs), side
+
+
+def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side: str
+           ) -> Factorization:
+    if len(names) < 2:
+        raise FactorizationError(f"a split needs two or more modalities, the adapter has {list(names)}")
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception as e:   # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
@@ -114,20 +132,20 @@ def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool) -> Fa
         missing = [m for m in names if m not in {p.target for p in placeholders}]
         if missing:
             raise FactorizationError(f"forward has no argument named {missing}")
-        side_of = {p: p.target for p in placeholders}
+        modality_of = {p: p.target for p in placeholders}
     else:
-        side_of = dict(zip(placeholders, names))
+        modality_of = dict(zip(placeholders, names))
 
+    # which of the two groups (side, others) each value depends on
     deps: dict[fx.Node, frozenset] = {}
     for node in graph.nodes:
         if node.op == "placeholder":
-            deps[node] = frozenset([side_of[node]])
+            deps[node] = frozenset([modality_of[node] == side])
         else:
             deps[node] = frozenset().union(*(deps[i] for i in node.all_input_nodes))
     output = next(n for n in graph.nodes if n.op == "output")
     if len(deps[output]) < 2:
-        raise FactorizationError(f"the output depends on {sorted(deps[output]) or 'no input'} "
-                                 "only: the modalities never meet")
+        raise FactorizationError(f"the output never combines {side!r} with the other modalities")
     frontier = [n for n in graph.nodes
                 if len(deps[n]) == 1 and n.op != "output"
                 and any(u.op == "output" or len(deps[u]) == 2 for u in n.users)]
@@ -146,9 +164,9 @@ def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool) -> Fa
             continue          # frontier values arrive as arguments; other encoder steps are not needed
         env[node] = fusion.node_copy(node, lambda n: env[n])
     enc_module, fuse_module = _module(model, encoder), _module(model, fusion)
-    return Factorization(names=names, inputs=tuple(side_of[p] for p in placeholders),
+    return Factorization(names=names, side=side, inputs=tuple(modality_of[p] for p in placeholders),
                          encoder=enc_module, fusion=fuse_module,
-                         sides=tuple(next(iter(deps[n])) for n in frontier),
+                         from_side=tuple(True in deps[n] for n in frontier),
                          fused_operations=_operations(fuse_module.graph),
                          encoder_operations=_operations(enc_module.graph))
 

@@ -510,27 +510,30 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         groups = [names[0]] if len(names) == 2 else list(names)   # modality m vs all others
         total = len(groups) * n * n
         report(progress, 0, total, "EMAP pairs")
-        mats = []
-        split, why = _emap_split(adapter, factorized)
-        if split is not None:
-            try:
-                mats.append(_emap_fused(adapter, split, raw, n, t, out_fn, batch_size, progress))
-                groups = []
-            except FactorizationError as e:
-                if factorized is not None or split.kind == "declared":
-                    raise
-                reject_factorization(adapter.model, names, adapter.keyword_inputs, str(e))
-                split, why = None, f"traced split rejected: {e}"
-        done = 0
-        for m in groups:
+        mats, kinds, notes = [], [], []
+        for g, m in enumerate(groups):
+            split, why = _emap_split(adapter, factorized, m)
+            if split is not None:
+                try:
+                    mats.append(_emap_fused(adapter, split, raw, n, t, out_fn, batch_size,
+                                            progress, g * n * n, total))
+                    kinds.append(split.kind)
+                    continue
+                except FactorizationError as e:
+                    if factorized is not None or split.kind == "declared":
+                        raise
+                    reject_factorization(adapter.model, names, adapter.keyword_inputs, m, str(e))
+                    why = f"traced split rejected: {e}"
+            if why:
+                notes.append(why if len(groups) == 1 else f"{m}: {why}")
+            kinds.append("none")
             rows = []
             for s in range(0, n * n, batch_size):
                 k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
                 i, j = k // n, k % n     # x_m from instance i, the others from instance j
                 sel = {name: (i if name == m else j) for name in names}
                 rows.append(out_fn(_index_raw(raw, sel)).double())
-                done += len(k)
-                report(progress, done, total, "EMAP pairs")
+                report(progress, g * n * n + int(k[-1]) + 1, total, "EMAP pairs")
             mats.append(torch.cat(rows).reshape(n, n, -1).cpu().numpy())
         logits = np.ascontiguousarray(np.diagonal(mats[0], axis1=0, axis2=1).T)
         if len(names) == 2:
@@ -541,14 +544,14 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
             grand = np.mean([mm.mean((0, 1)) for mm in mats], axis=0)
             unimodal = {m: mm.mean(1) - grand for m, mm in zip(groups, mats)}
         emap_logits = grand + sum(unimodal.values())
-    kind = split.kind if split is not None else "none"
-    params = {"n": n, "batch_size": batch_size, "factorized": split is not None,
-              "factorization": kind}
-    if why:
-        params["factorization_note"] = why
-    checks = min(n, _EMAP_CHECK_PAIRS) if split is not None else 0
+    fused = [k != "none" for k in kinds]
+    params = {"n": n, "batch_size": batch_size, "factorized": all(fused),
+              "factorization": kinds[0] if len(set(kinds)) == 1 else dict(zip(groups, kinds))}
+    if notes:
+        params["factorization_note"] = "; ".join(notes)
+    checks = sum(fused) * (n + min(n, _EMAP_CHECK_PAIRS))
     return EmapResult(method="emap", target=t, params=params,
-                      forward_passes=total + (n + checks if split is not None else 0),
+                      forward_passes=total + checks,
                       backward_passes=0, seconds=sw.seconds,
                       modalities=tuple(names), indices=idx, logits=logits,
                       emap_logits=emap_logits, unimodal=unimodal, grand_mean=grand,
@@ -565,46 +568,45 @@ class _Split:
     """How to encode each modality of a batch once and fuse pairs of encodings."""
 
     kind: str                                          # "declared" or "traced"
+    side: str                                          # the modality split from the others
     encode: Callable[[Mapping[str, torch.Tensor]], tuple]
-    sides: tuple[str, ...]                             # the modality of each encoded value
+    from_side: tuple[bool, ...]                        # per encoded value: from the split-off modality
     fuse: Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
 
-def _emap_split(adapter: ModelAdapter, factorized) -> tuple[_Split | None, str]:
-    """(the split to use or None, why none / which fell through) for ``emap(factorized=...)``."""
+def _emap_split(adapter: ModelAdapter, factorized, side: str) -> tuple[_Split | None, str]:
+    """(the split of modality ``side`` from the others, or None and why) for
+    ``emap(factorized=...)``."""
     if factorized is False:
         return None, ""
     model, names = adapter.model, adapter.names
-    if len(names) != 2:
-        if factorized is None:
-            return None, "only two-modality models are split"
-        raise ValueError(f"factorized={factorized!r} needs two modalities; the adapter has "
-                         f"{names}.")
-    a, b = names
-    declared = all(callable(getattr(model, k, None)) for k in ("encode_modality", "fuse_encodings"))
+    declared = len(names) == 2 and all(callable(getattr(model, k, None))
+                                       for k in ("encode_modality", "fuse_encodings"))
     if factorized == "declared" and not declared:
-        raise ValueError("factorized='declared' needs a model with encode_modality(name, x) and "
-                         "fuse_encodings(encodings) methods.")
+        raise ValueError("factorized='declared' needs two modalities and a model with "
+                         "encode_modality(name, x) and fuse_encodings(encodings) methods.")
     if declared and factorized != "traced":
-        return _Split("declared",
+        a, b = names
+        return _Split("declared", a,
                       lambda raw: (model.encode_modality(a, raw[a]), model.encode_modality(b, raw[b])),
-                      (a, b), lambda rows: model.fuse_encodings({a: rows[0], b: rows[1]})), ""
+                      (True, False), lambda rows: model.fuse_encodings({a: rows[0], b: rows[1]})), ""
     try:
-        f = trace_factorization(model, names, adapter.keyword_inputs)
+        f = trace_factorization(model, names, adapter.keyword_inputs, side)
     except FactorizationError as e:
         if factorized is None:
             return None, f"not traced: {e}"
-        raise ValueError(f"factorized={factorized!r}: the model defines no encode_modality/"
-                         f"fuse_encodings and cannot be split automatically: {e}.") from None
-    return _Split("traced", f.encode, f.sides, f.fuse), ""
+        raise ValueError(f"factorized={factorized!r}: the model cannot be split where {side!r} "
+                         f"meets the other modalities: {e}.") from None
+    return _Split("traced", side, f.encode, f.from_side, f.fuse), ""
 
 
 def _emap_fused(adapter: ModelAdapter, split: _Split, raw: Mapping[str, torch.Tensor], n: int,
                 target: Target | None, out_fn: Callable, batch_size: int,
-                progress: ProgressFn) -> np.ndarray:
-    """The N x N x K pair matrix from encodings fused pairwise (see ``emap``); raises
-    FactorizationError when fused pairs differ from plain forward passes."""
-    a = adapter.names[0]
+                progress: ProgressFn, done: int, total: int) -> np.ndarray:
+    """The N x N x K pair matrix M[i, j] = f(x_side^i, x_others^j) from encodings fused
+    pairwise (see ``emap``); raises FactorizationError when fused pairs differ from plain
+    forward passes. done, total: where these pairs stand in the whole job, for progress."""
+    side = split.side
     neuron = target is not None and target.kind == "neuron"
 
     def fused(rows):
@@ -619,12 +621,12 @@ def _emap_fused(adapter: ModelAdapter, split: _Split, raw: Mapping[str, torch.Te
 
     parts = [adapter.run(lambda s=s: split.encode({m: x[s:s + batch_size] for m, x in raw.items()}))
              for s in range(0, n, batch_size)]
-    enc = [torch.cat([p[k] for p in parts]) for k in range(len(split.sides))]
+    enc = [torch.cat([p[k] for p in parts]) for k in range(len(split.from_side))]
 
     def pairs(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Fused outputs of the pairs (x_a^i, x_b^j), one per row of i and j (in batches)."""
-        return torch.cat([fused([e[i[s:s + batch_size]] if side == a else e[j[s:s + batch_size]]
-                                 for e, side in zip(enc, split.sides)]).double()
+        return torch.cat([fused([e[i[s:s + batch_size]] if own_side else e[j[s:s + batch_size]]
+                                 for e, own_side in zip(enc, split.from_side)]).double()
                           for s in range(0, len(i), batch_size)])
 
     # Before the N^2 pairs: every instance with itself against a batched forward pass, and a few
@@ -635,7 +637,7 @@ def _emap_fused(adapter: ModelAdapter, split: _Split, raw: Mapping[str, torch.Te
     cj = (ci + 1) % n
     direct = torch.cat([out_fn({m: x[s:s + batch_size] for m, x in raw.items()}).double()
                         for s in range(0, n, batch_size)]
-                       + [out_fn({m: x[(i if m == a else j)][None] for m, x in raw.items()}).double()
+                       + [out_fn({m: x[(i if m == side else j)][None] for m, x in raw.items()}).double()
                           for i, j in zip(ci.tolist(), cj.tolist())])
     got = torch.cat([pairs(own, own), pairs(ci, cj)])
     tol = 1e-4 * max(1.0, float(direct.abs().max()))
@@ -649,7 +651,7 @@ def _emap_fused(adapter: ModelAdapter, split: _Split, raw: Mapping[str, torch.Te
     for s in range(0, n * n, batch_size):
         k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
         rows.append(pairs(k // n, k % n))
-        report(progress, int(k[-1]) + 1, n * n, "EMAP pairs (fused encodings)")
+        report(progress, done + int(k[-1]) + 1, total, "EMAP pairs (fused encodings)")
     return torch.cat(rows).reshape(n, n, -1).cpu().numpy()
 
 
