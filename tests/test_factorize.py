@@ -78,6 +78,11 @@ class SequenceFirst(Bilinear):
         return self.head(torch.cat([mixed, a], 1))
 
 
+class VarArgs(Bilinear):
+    def forward(self, *inputs):
+        return super().forward(*inputs)
+
+
 class OneModality(Bilinear):
     def forward(self, tabular, series):
         return self.head(torch.cat([self.t(tabular), self.t(tabular)], 1))
@@ -164,6 +169,7 @@ def test_split_follows_weight_changes():
 @pytest.mark.parametrize("model, reason", [
     (Branching(), "cannot trace"),
     (OneModality(), "never combines"),
+    (VarArgs(), "args"),
 ])
 def test_models_that_cannot_be_split_fall_back_or_say_why(model, reason):
     adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
@@ -262,3 +268,19 @@ def test_three_modalities_split_each_from_the_others():
     assert split.side == "t2" and split.from_side.count(True) >= 1
     with pytest.raises(FactorizationError, match="name the modality"):
         trace_factorization(adapter.model, adapter.names)
+
+
+class WithOptions(Bilinear):
+    """Arguments beyond the modalities, with defaults (the adapter never passes them)."""
+
+    def forward(self, tabular, series, scale: float = 2.0, return_hidden: bool = False):
+        a, b = torch.tanh(self.t(tabular)), torch.tanh(self.s(series.flatten(1)))
+        z = torch.cat([a * b, a + b], 1) * scale
+        return (self.head(z), z) if return_hidden else self.head(z)
+
+
+def test_arguments_with_defaults_keep_their_defaults():
+    adapter = ModelAdapter(WithOptions(), MODALITIES, ["a", "b", "c"])
+    _same_as_full_forwards(adapter, instances(6))
+    split = trace_factorization(adapter.model, adapter.names)
+    assert split.inputs == ("tabular", "series")

@@ -19,6 +19,7 @@ Two-modality models that declare ``encode_modality``/``fuse_encodings`` do not n
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -118,23 +119,8 @@ def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side:
            ) -> Factorization:
     if len(names) < 2:
         raise FactorizationError(f"a split needs two or more modalities, the adapter has {list(names)}")
-    try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception as e:   # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
-        raise FactorizationError(f"torch.fx cannot trace the model's forward "
-                                 f"({type(e).__name__}: {e})") from None
+    graph, modality_of = _trace_graph(model, names, keyword_inputs)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(names):
-        raise FactorizationError(f"forward takes {len(placeholders)} arguments "
-                                 f"({[p.target for p in placeholders]}), not one per modality "
-                                 f"({list(names)})")
-    if keyword_inputs:
-        missing = [m for m in names if m not in {p.target for p in placeholders}]
-        if missing:
-            raise FactorizationError(f"forward has no argument named {missing}")
-        modality_of = {p: p.target for p in placeholders}
-    else:
-        modality_of = dict(zip(placeholders, names))
 
     # which of the two groups (side, others) each value depends on
     deps: dict[fx.Node, frozenset] = {}
@@ -169,6 +155,58 @@ def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side:
                          from_side=tuple(True in deps[n] for n in frontier),
                          fused_operations=_operations(fuse_module.graph),
                          encoder_operations=_operations(enc_module.graph))
+
+
+def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool
+                 ) -> tuple[fx.Graph, dict]:
+    """(the fx graph of model.forward with one input per modality, {input node: modality}).
+    Arguments other than the modalities keep their defaults (as in the adapter's calls)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError) as e:
+        raise FactorizationError(f"forward's signature cannot be read ({e})") from None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        raise FactorizationError("forward takes *args or **kwargs")
+    modal = list(names) if keyword_inputs else [p.name for p in params[:len(names)]]
+    unknown = [m for m in modal if m not in {p.name for p in params}]
+    if unknown or len(params) < len(names):
+        raise FactorizationError(f"forward's arguments {[p.name for p in params]} do not take "
+                                 f"the modalities {list(names)}")
+    fixed = {p.name: p.default for p in params if p.name not in modal}
+    missing = [k for k, v in fixed.items() if v is inspect.Parameter.empty]
+    if missing:
+        raise FactorizationError(f"forward's arguments {missing} are not modalities and have no "
+                                 "default")
+    try:
+        graph = fx.symbolic_trace(model, concrete_args=fixed or None).graph
+    except Exception as e:   # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
+        raise FactorizationError(f"torch.fx cannot trace the model's forward "
+                                 f"({type(e).__name__}: {e})") from None
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(params):
+        raise FactorizationError(f"the traced forward has {len(placeholders)} inputs for "
+                                 f"{len(params)} arguments")
+    modality_of = {}
+    for node, p in zip(placeholders, params):
+        if p.name in fixed:   # a default baked into the graph: drop its input and value checks
+            _erase_with_dependents(graph, node, p.name)
+        else:
+            modality_of[node] = names[modal.index(p.name)] if not keyword_inputs else p.name
+    return graph, modality_of
+
+
+def _erase_with_dependents(graph: fx.Graph, node: fx.Node, what: str) -> None:
+    doomed, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in doomed:
+            doomed.add(n)
+            stack.extend(n.users)
+    if any(n.op == "output" for n in doomed):
+        raise FactorizationError(f"the output depends on the fixed argument {what!r}")
+    for n in reversed(list(graph.nodes)):
+        if n in doomed:
+            graph.erase_node(n)
 
 
 def _module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
