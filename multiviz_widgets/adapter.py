@@ -277,7 +277,27 @@ class ModelAdapter:
         continuous: {name: [B, ...]} replacing those modalities' continuous inputs.
         Cost: one forward pass of B instances. Gradients flow when the inputs require them.
         """
-        continuous = dict(continuous or {})
+        args = self.model_inputs(raw, continuous)
+        try:
+            result = self.run(lambda: self.model(**args) if self.keyword_inputs
+                              else self.model(*args.values()), continuous, features)
+        except AdapterError:
+            raise AdapterError("The decision layer was never called during the forward pass: pass "
+                               "decision_layer= the module that computes the logits.") from None
+        out = result[0] if features else result
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            raise AdapterError(f"The model returned {type(out).__name__}; it must return a tensor of "
+                               "logits [batch, classes].")
+        return (out, result[1]) if features else out
+
+    def model_inputs(self, raw: Mapping[str, torch.Tensor],
+                     continuous: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The model's arguments {name: [B, ...]} for a batch: the raw inputs (a batch of one
+        expanded to B), with the continuous inputs in place of those of non-text modalities
+        (text's continuous inputs enter through its embedding layer: see ``run``)."""
+        continuous = continuous or {}
         b = max([v.shape[0] for v in continuous.values()] + [v.shape[0] for v in raw.values()])
         args = {}
         for n in self.names:
@@ -286,27 +306,16 @@ class ModelAdapter:
             else:
                 x = raw[n]
                 args[n] = x.expand(b, *x.shape[1:]) if x.shape[0] == 1 and b > 1 else x
+        return args
+
+    def run(self, fn: Callable[[], Any], continuous: Mapping[str, torch.Tensor] | None = None,
+            features: bool = False):
+        """fn() -- a computation on this adapter's model, such as part of its graph -- under the
+        adapter's lock (the model is shared between threads), with text modalities' embedding
+        outputs replaced by their ``continuous`` inputs; with features=True returns (fn(), h)
+        where h is the input of the decision layer during that call."""
         store = {} if features else None
         with self._lock, self._hooks(continuous, store):
-            out = self.model(**args) if self.keyword_inputs else self.model(*args.values())
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if not isinstance(out, torch.Tensor):
-            raise AdapterError(f"The model returned {type(out).__name__}; it must return a tensor of "
-                               "logits [batch, classes].")
-        if not features:
-            return out
-        if "h" not in store:
-            raise AdapterError("The decision layer was never called during the forward pass: pass "
-                               "decision_layer= the module that computes the logits.")
-        return out, store["h"]
-
-    def run(self, fn: Callable[[], Any], features: bool = False):
-        """fn() -- a computation on this adapter's model, such as part of its graph -- under the
-        adapter's lock (the model is shared between threads); with features=True returns
-        (fn(), h) where h is the input of the decision layer during that call."""
-        store = {} if features else None
-        with self._lock, self._hooks(None, store):
             out = fn()
         if not features:
             return out

@@ -9,10 +9,10 @@ from hypothesis import given, settings, strategies as st
 import torch
 from torch import nn
 
-from multiviz_widgets import ModelAdapter, Neuron, Tabular, Text, TimeSeries
+from multiviz_widgets import ModelAdapter, MultimodalDataset, Neuron, Tabular, Text, TimeSeries
 from multiviz_widgets.demos import easy_vqa, synthetic
 from multiviz_widgets.kernels.factorize import FactorizationError, trace_factorization
-from multiviz_widgets.kernels.interactions import emap
+from multiviz_widgets.kernels.interactions import dime, emap
 
 VOCAB = ["[PAD]", "[UNK]", "what", "shape", "is", "the", "red", "circle"]
 MODALITIES = [Tabular("tabular", columns=["c0", "c1", "c2", "c3"]),
@@ -284,3 +284,52 @@ def test_arguments_with_defaults_keep_their_defaults():
     _same_as_full_forwards(adapter, instances(6))
     split = trace_factorization(adapter.model, adapter.names)
     assert split.inputs == ("tabular", "series")
+
+
+# ---------------------------------------------------------------------------------------------
+# DIME with a split model: the same terms as with full forward passes
+# ---------------------------------------------------------------------------------------------
+def _dime_pair(adapter, ds, **kw):
+    fast = dime(adapter, ds, 0, reference_indices=range(1, 13), n_samples=60, **kw)
+    slow = dime(adapter, ds, 0, reference_indices=range(1, 13), n_samples=60, factorized=False,
+                **kw)
+    assert slow.params["factorization"] == "none"
+    for part in ("uc", "mi"):
+        for m in adapter.names:
+            np.testing.assert_allclose(getattr(fast, part)[m], getattr(slow, part)[m],
+                                       atol=1e-5, rtol=1e-4)
+    assert fast.uc_value == pytest.approx(slow.uc_value, abs=1e-5)
+    assert fast.f_value == pytest.approx(slow.f_value, abs=1e-5)
+    return fast
+
+
+@pytest.mark.parametrize("target", [None, 2, Neuron(1)])
+def test_dime_with_a_traced_split_equals_dime_with_forward_passes(target):
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    ds = MultimodalDataset({k: [it[k] for it in instances(14)] for k in ("tabular", "series")})
+    fast = _dime_pair(adapter, ds, target=target)
+    assert fast.params["factorization"] == "traced"
+
+
+def test_dime_split_feeds_masked_text_through_the_embedding():
+    mods = [Text("question", vocab=VOCAB), Tabular("tabular", columns=list("abcd"))]
+    adapter = ModelAdapter(Keywords(), mods, ["no", "yes"], keyword_inputs=True)
+    g = torch.Generator().manual_seed(2)
+    words = VOCAB[2:]
+    ds = MultimodalDataset({
+        "question": [" ".join(words[int(k)] for k in torch.randint(0, 6, (2 + i % 3,), generator=g))
+                     for i in range(14)],
+        "tabular": [torch.randn(4, generator=g) for _ in range(14)]})
+    assert _dime_pair(adapter, ds).params["factorization"] == "traced"
+
+
+def test_dime_declared_split_of_the_synthetic_model():
+    adapter, ds = synthetic.load("planted")
+    assert _dime_pair(adapter, ds).params["factorization"] == "declared"
+
+
+def test_dime_rejects_a_split_that_changes_the_numbers():
+    adapter = ModelAdapter(BatchStatistics(), MODALITIES, ["a", "b", "c"])
+    ds = MultimodalDataset({k: [it[k] for it in instances(14)] for k in ("tabular", "series")})
+    r = dime(adapter, ds, 0, reference_indices=range(1, 13), n_samples=40)
+    assert r.params["factorization"] == "none" and "rejected" in r.params["factorization_note"]

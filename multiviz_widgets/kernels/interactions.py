@@ -600,46 +600,65 @@ def _emap_split(adapter: ModelAdapter, factorized, side: str) -> tuple[_Split | 
     return _Split("traced", side, f.encode, f.from_side, f.fuse), ""
 
 
-def _emap_fused(adapter: ModelAdapter, split: _Split, raw: Mapping[str, torch.Tensor], n: int,
-                target: Target | None, out_fn: Callable, batch_size: int,
-                progress: ProgressFn, done: int, total: int) -> np.ndarray:
-    """The N x N x K pair matrix M[i, j] = f(x_side^i, x_others^j) from encodings fused
-    pairwise (see ``emap``); raises FactorizationError when fused pairs differ from plain
-    forward passes. done, total: where these pairs stand in the whole job, for progress."""
-    side = split.side
-    neuron = target is not None and target.kind == "neuron"
+class _Fused:
+    """A split model in use: encodings of batches, and outputs of fused pairs of encodings.
 
-    def fused(rows):
-        if not neuron:
-            return adapter.run(lambda: split.fuse(rows))
-        try:
-            logits, h = adapter.run(lambda: split.fuse(rows), features=True)
-        except AdapterError:
-            raise FactorizationError("the decision layer is not called where the modalities "
-                                     "meet") from None
-        return adapter.output(logits, h, target)[:, None]
+    reduce(logits, h) -> the outputs wanted ([B, K] or [B]); h is None unless ``features``.
+    """
 
-    parts = [adapter.run(lambda s=s: split.encode({m: x[s:s + batch_size] for m, x in raw.items()}))
-             for s in range(0, n, batch_size)]
-    enc = [torch.cat([p[k] for p in parts]) for k in range(len(split.from_side))]
+    def __init__(self, adapter: ModelAdapter, split: _Split, batch_size: int, features: bool,
+                 reduce: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]):
+        self.adapter, self.split, self.batch_size = adapter, split, batch_size
+        self.features, self.reduce = features, reduce
 
-    def pairs(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """Fused outputs of the pairs (x_a^i, x_b^j), one per row of i and j (in batches)."""
-        return torch.cat([fused([e[i[s:s + batch_size]] if own_side else e[j[s:s + batch_size]]
-                                 for e, own_side in zip(enc, split.from_side)]).double()
-                          for s in range(0, len(i), batch_size)])
+    def encode(self, raw: Mapping[str, torch.Tensor],
+               continuous: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The split's values for a batch (raw inputs, optionally with continuous ones)."""
+        args = self.adapter.model_inputs(raw, continuous)
+        b, bs = next(iter(args.values())).shape[0], self.batch_size
+        parts = [self.adapter.run(lambda s=s: self.split.encode({m: x[s:s + bs] for m, x in args.items()}),
+                                  None if continuous is None else
+                                  {m: x[s:s + bs] for m, x in continuous.items()})
+                 for s in range(0, b, bs)]
+        return [torch.cat([p[k] for p in parts]) for k in range(len(self.split.from_side))]
 
-    # Before the N^2 pairs: every instance with itself against a batched forward pass, and a few
-    # instances with their neighbour against a forward pass each (a batch of one, so that a
-    # model whose batch rows are not independent is caught too).
-    own = torch.arange(n, device=adapter.device)
-    ci = own[:min(n, _EMAP_CHECK_PAIRS)]
-    cj = (ci + 1) % n
-    direct = torch.cat([out_fn({m: x[s:s + batch_size] for m, x in raw.items()}).double()
-                        for s in range(0, n, batch_size)]
-                       + [out_fn({m: x[(i if m == side else j)][None] for m, x in raw.items()}).double()
-                          for i, j in zip(ci.tolist(), cj.tolist())])
-    got = torch.cat([pairs(own, own), pairs(ci, cj)])
+    def pairs(self, side: Sequence[torch.Tensor], others: Sequence[torch.Tensor],
+              i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Outputs of the pairs (row i of the side's values, row j of the others'), in batches."""
+        bs, out = self.batch_size, []
+        for s in range(0, len(i), bs):
+            rows = [x[i[s:s + bs]] if own else y[j[s:s + bs]]
+                    for x, y, own in zip(side, others, self.split.from_side)]
+            if self.features:
+                try:
+                    logits, h = self.adapter.run(lambda: self.split.fuse(rows), features=True)
+                except AdapterError:
+                    raise FactorizationError("the decision layer is not called where the "
+                                             "modalities meet") from None
+            else:
+                logits, h = self.adapter.run(lambda: self.split.fuse(rows)), None
+            out.append(self.reduce(logits, h).double())
+        return torch.cat(out)
+
+    def check(self, raw: Mapping[str, torch.Tensor], enc: Sequence[torch.Tensor],
+              out_fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]) -> None:
+        """Raise FactorizationError unless fused pairs equal forward passes (``out_fn``): every
+        instance with itself (batched), and a few with their neighbour, each alone (a batch of
+        one, so that a model whose batch rows are not independent is caught too)."""
+        side, bs = self.split.side, self.batch_size
+        n = next(iter(raw.values())).shape[0]
+        own = torch.arange(n, device=self.adapter.device)
+        ci = own[:min(n, _EMAP_CHECK_PAIRS)]
+        cj = (ci + 1) % n
+        direct = torch.cat([out_fn({m: x[s:s + bs] for m, x in raw.items()}).double()
+                            for s in range(0, n, bs)]
+                           + [out_fn({m: x[(i if m == side else j)][None] for m, x in raw.items()}).double()
+                              for i, j in zip(ci.tolist(), cj.tolist())])
+        got = torch.cat([self.pairs(enc, enc, own, own), self.pairs(enc, enc, ci, cj)])
+        _same_or_reject(self.split, got, direct)
+
+
+def _same_or_reject(split: _Split, got: torch.Tensor, direct: torch.Tensor) -> None:
     tol = 1e-4 * max(1.0, float(direct.abs().max()))
     if not torch.allclose(got, direct, atol=tol, rtol=1e-4):
         how = ("encode_modality/fuse_encodings disagree" if split.kind == "declared"
@@ -647,10 +666,25 @@ def _emap_fused(adapter: ModelAdapter, split: _Split, raw: Mapping[str, torch.Te
         raise FactorizationError(
             f"The model's {how} with its forward pass (largest difference "
             f"{float((got - direct).abs().max()):.3g}); fix them or pass factorized=False.")
+
+
+def _emap_fused(adapter: ModelAdapter, split: _Split, raw: Mapping[str, torch.Tensor], n: int,
+                target: Target | None, out_fn: Callable, batch_size: int,
+                progress: ProgressFn, done: int, total: int) -> np.ndarray:
+    """The N x N x K pair matrix M[i, j] = f(x_side^i, x_others^j) from encodings fused
+    pairwise (see ``emap``); raises FactorizationError when fused pairs differ from plain
+    forward passes (checked before the N^2 pairs). done, total: where these pairs stand in the
+    whole job, for progress."""
+    neuron = target is not None and target.kind == "neuron"
+    fused = _Fused(adapter, split, batch_size, neuron,
+                   (lambda logits, h: adapter.output(logits, h, target)[:, None]) if neuron
+                   else (lambda logits, h: logits))
+    enc = fused.encode(raw)
+    fused.check(raw, enc, out_fn)
     rows = []
     for s in range(0, n * n, batch_size):
         k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
-        rows.append(pairs(k // n, k % n))
+        rows.append(fused.pairs(enc, enc, k // n, k % n))
         report(progress, done + int(k[-1]) + 1, total, "EMAP pairs (fused encodings)")
     return torch.cat(rows).reshape(n, n, -1).cpu().numpy()
 
@@ -723,16 +757,101 @@ class DimeResult(Result):
     reference_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
+class _DimeForwards:
+    """DIME's terms from full forward passes: f(x^z), and each masked modality against the
+    reference set's other modality (the remaining modalities, if any, kept as the instance's)."""
+
+    def __init__(self, adapter, prepared, target, ref_raw, pair, batch_size, cost):
+        self.adapter, self.p, self.t, self.ref = adapter, prepared, target, ref_raw
+        self.pair, self.bs, self.cost = pair, batch_size, cost
+        self.n = next(iter(ref_raw.values())).shape[0]
+        a, b = pair
+        k = torch.arange(self.n * self.n, device=adapter.device)
+        sel = {a: k // self.n, b: k % self.n}
+        self.grand = self._run({m: (ref_raw[m][sel[m]] if m in sel else prepared.raw[m])
+                                for m in adapter.names}, {}).mean()
+
+    @torch.no_grad()
+    def _run(self, raw, cont) -> torch.Tensor:
+        rows = max(x.shape[0] for x in [*raw.values(), *cont.values()])
+        out = [_scalar(self.adapter, {m: x[s:s + self.bs] if x.shape[0] == rows else x
+                                      for m, x in raw.items()},
+                       {m: x[s:s + self.bs] for m, x in cont.items()}, self.t).double()
+               for s in range(0, rows, self.bs)]
+        self.cost[0] += rows
+        return torch.cat(out)
+
+    def uc_and_f(self, cont):
+        """(UC(z) [B], f(x^z) [B]) for the masked continuous inputs of a batch of masks."""
+        n, p = self.n, self.p
+        bsz = next(iter(cont.values())).shape[0]
+        f = self._run(p.raw, cont)
+        rows = torch.arange(bsz, device=self.adapter.device).repeat_interleave(n)
+        refs = torch.arange(n, device=self.adapter.device).repeat(bsz)
+        parts = []
+        for mod, other in (self.pair, self.pair[::-1]):   # masked mod, reference for the other
+            raw = {m: (self.ref[m][refs] if m == other else p.raw[m].expand(len(rows), *p.raw[m].shape[1:]))
+                   for m in self.adapter.names}
+            parts.append(self._run(raw, {mod: cont[mod][rows]}).reshape(bsz, n).mean(1))
+        return parts[0] + parts[1] - self.grand, f
+
+
+class _DimeFused:
+    """DIME's terms from a split model (two modalities): the reference set and each batch of
+    masked instances are encoded once, and only the pairs are fused. The split is checked
+    against forward passes when it is built (FactorizationError when they differ)."""
+
+    def __init__(self, adapter, prepared, target, ref_raw, split, batch_size, cost):
+        self.adapter, self.p, self.split, self.cost = adapter, prepared, split, cost
+        neuron = target.kind == "neuron"
+        self.fused = _Fused(adapter, split, batch_size, neuron,
+                            lambda logits, h: adapter.output(logits, h, target))
+        self.n = n = next(iter(ref_raw.values())).shape[0]
+        with torch.no_grad():
+            self.ref = self.fused.encode(ref_raw)
+            self.fused.check(ref_raw, self.ref, lambda raw: _scalar(adapter, raw, {}, target))
+            k = torch.arange(n * n, device=adapter.device)
+            self.grand = self.fused.pairs(self.ref, self.ref, k // n, k % n).mean()
+            # masked inputs enter the encoders through the continuous inputs: check that path
+            # on the instance and two random masks of it against full forward passes
+            g = torch.Generator().manual_seed(0)
+            masks = {m: torch.cat([torch.ones(1, prepared.n_units[m]),
+                                   (torch.rand(2, prepared.n_units[m], generator=g) < 0.5).float()])
+                     for m in adapter.names}
+            cont = masked_continuous(prepared, masks, adapter)
+            direct = _scalar(adapter, prepared.raw, cont, target).double()
+            uc, f = self.uc_and_f(cont)
+            _same_or_reject(split, f, direct)
+        cost[0] += n * n + n + min(n, _EMAP_CHECK_PAIRS) + len(direct)
+
+    @torch.no_grad()
+    def uc_and_f(self, cont):
+        """(UC(z) [B], f(x^z) [B]) for the masked continuous inputs of a batch of masks."""
+        n = self.n
+        bsz = next(iter(cont.values())).shape[0]
+        enc = self.fused.encode(self.p.raw, cont)
+        own = torch.arange(bsz, device=self.adapter.device)
+        f = self.fused.pairs(enc, enc, own, own)
+        rows, refs = own.repeat_interleave(n), torch.arange(n, device=own.device).repeat(bsz)
+        side_masked = self.fused.pairs(enc, self.ref, rows, refs).reshape(bsz, n).mean(1)
+        others_masked = self.fused.pairs(self.ref, enc, refs, rows).reshape(bsz, n).mean(1)
+        self.cost[0] += bsz * (1 + 2 * n)
+        return side_masked + others_masked - self.grand, f
+
+
 def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_indices=None,
          target=None, n_samples: int = 500, n_reference: int = 50, modalities=None, seed: int = 0,
-         batch_size: int = 4096, progress: ProgressFn = None, **lime_params) -> DimeResult:
+         batch_size: int = PERTURBATION_BATCH, progress: ProgressFn = None,
+         factorized: bool | str | None = None, **lime_params) -> DimeResult:
     """DIME (Lyu et al. 2022): explain UC = EMAP(f) and MI = f - UC of one instance with LIME.
 
     index: an instance number of ``dataset`` (or an instance dict); the reference set is
     ``reference_indices`` or ``n_reference`` instances drawn with ``seed``. For a unit mask z,
     UC(z) = mean_j f(x_a^z, x_b^j) + mean_i f(x_a^i, x_b^z) - mean_ij f(x_a^i, x_b^j) and
     MI(z) = f(x^z) - UC(z); both are explained over the units of a and b (one shared LIME design).
-    Cost: N^2 + n_samples (2 N + 1) forwards (N = reference size), in batches of batch_size.
+    Cost: N^2 + n_samples (2 N + 1) model evaluations (N = reference size), in batches of
+    batch_size. factorized: as in ``emap`` (two-modality models): the reference set and each
+    masked instance are encoded once, and only the pairs are fused.
     """
     from .unimodal import lime_from_function
     if not isinstance(dataset, MultimodalDataset):
@@ -741,6 +860,9 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     a, b = _pair(adapter, modalities)
     batch_size = _positive_int(batch_size, "batch_size")
     n_samples = _positive_int(n_samples, "n_samples", 2)
+    if factorized not in (None, True, False, "declared", "traced"):
+        raise ValueError(f"factorized must be None, True, False, 'declared' or 'traced', got "
+                         f"{factorized!r}.")
     instance = index if isinstance(index, Mapping) else dataset[int(index)]
     if reference_indices is None:
         ref_idx = _sample_indices(len(dataset), _positive_int(n_reference, "n_reference", 2), seed)
@@ -753,59 +875,37 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
         t = resolve_target(adapter, p, target)
         ref_raw = adapter.collate([dataset[int(i)] for i in ref_idx])
         n = len(ref_idx)
-        dev = adapter.device
         cost = [1 if target is None else 0]
-
-        @torch.no_grad()
-        def run(raw_sel, cont):
-            cost[0] += next(iter(cont.values())).shape[0] if cont else 0
-            return _scalar(adapter, raw_sel, cont, t).double()
-
-        # grand mean over the reference pairs
-        with torch.no_grad():
-            vals = []
-            for s in range(0, n * n, batch_size):
-                k = torch.arange(s, min(n * n, s + batch_size), device=dev)
-                sel = {name: (k // n if name == a else k % n if name == b else None)
-                       for name in adapter.names}
-                r = {name: (ref_raw[name][sel[name]] if sel[name] is not None else p.raw[name])
-                     for name in adapter.names}
-                vals.append(_scalar(adapter, r, {}, t).double())
-                cost[0] += len(k)
-            grand = torch.cat(vals).mean()
-
-        def uc_and_f(masks: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            cont = masked_continuous(p, {a: masks[a], b: masks[b]}, adapter)
-            bsz = masks[a].shape[0]
-            f = run(p.raw, cont)
-            parts = []
-            for mod, other in ((a, b), (b, a)):       # masked mod, reference for the other
-                xz = cont[mod]
-                acc = torch.zeros(bsz, dtype=torch.float64, device=dev)
-                step = max(1, batch_size // n)
-                for s in range(0, bsz, step):
-                    e = min(bsz, s + step)
-                    rows = torch.arange(s, e, device=dev).repeat_interleave(n)
-                    refs = torch.arange(n, device=dev).repeat(e - s)
-                    raw_sel = {name: (ref_raw[name][refs] if name == other else
-                                      p.raw[name].expand(len(rows), *p.raw[name].shape[1:]))
-                               for name in adapter.names}
-                    y = run(raw_sel, {mod: xz[rows]})
-                    acc[s:e] = y.reshape(e - s, n).mean(1)
-                parts.append(acc)
-            return parts[0] + parts[1] - grand, f
+        terms, kind, note = None, "none", ""
+        if len(adapter.names) == 2 or factorized not in (None, False):
+            split, note = (_emap_split(adapter, factorized, a) if len(adapter.names) == 2
+                           else (None, "only two-modality models are split"))
+            if factorized not in (None, False) and split is None:
+                raise ValueError(f"factorized={factorized!r}: {note}")
+            if split is not None:
+                try:
+                    terms = _DimeFused(adapter, p, t, ref_raw, split, batch_size, cost)
+                    kind = split.kind
+                except FactorizationError as e:
+                    if factorized is not None or split.kind == "declared":
+                        raise
+                    reject_factorization(adapter.model, adapter.names, adapter.keyword_inputs,
+                                         a, str(e))
+                    note = f"traced split rejected: {e}"
+        if terms is None:
+            terms = _DimeForwards(adapter, p, t, ref_raw, (a, b), batch_size, cost)
 
         cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def evaluate(masks):
             key = masks[a].cpu().numpy().tobytes() + masks[b].cpu().numpy().tobytes()
             if key not in cache:
-                cache[key] = uc_and_f(masks)
+                cache[key] = terms.uc_and_f(masked_continuous(p, {a: masks[a], b: masks[b]},
+                                                              adapter))
             return cache[key]
 
         units = {a: p.n_units[a], b: p.n_units[b]}
-        lime_kw = dict(n_samples=n_samples, seed=seed, **lime_params)
-        lime_kw.setdefault("batch_size", max(1, min(256, batch_size // (2 * n) or 1)))
+        lime_kw = dict(n_samples=n_samples, seed=seed, batch_size=batch_size, **lime_params)
 
         def step_progress(phase):
             if progress is None:
@@ -821,7 +921,8 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
         uc_full, f_full = evaluate(ones)
     return DimeResult(method="dime", target=t,
                       params={"n_samples": n_samples, "n_reference": n, "seed": seed,
-                              "batch_size": batch_size, **lime_params},
+                              "batch_size": batch_size, "factorization": kind,
+                              **({"factorization_note": note} if note else {}), **lime_params},
                       forward_passes=cost[0], backward_passes=0, seconds=sw.seconds,
                       modalities=(a, b), uc={k: np.asarray(v) for k, v in uc.items()},
                       mi={k: np.asarray(v) for k, v in mi.items()},
