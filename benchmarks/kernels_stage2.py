@@ -2,17 +2,20 @@
 
 * EMAP with N = 100 (one batched N x N logit matrix) against the unbatched reference of the
   original MultiViz code (one forward pass per pair, N^2 calls); target: >= 20x faster, < 2 s.
+  Three variants: "generic" (N^2 full forward passes, batched: what models that cannot be split
+  get), "declared" (each modality of the N instances encoded once and only the N^2 pairs fused,
+  with the model's own encode_modality / fuse_encodings) and "traced" (the same split found in
+  the model's torch.fx graph: what any traceable model gets by default). Every repeat times the
+  reference and the variants back to back on the same instances.
 * The second-order token x patch matrix (one batched forward + double backward) against a
   per-token autograd loop (a forward, a backward with create_graph and a second backward for
   every token); target: >= 10x faster, < 300 ms (median over the instances).
-  Three EMAP variants are timed: "generic" (N^2 full forward passes, batched; what models
-  that cannot be split get), "declared" (each modality of the N instances encoded once, the N^2
-  pairs only fused, with the model's own encode_modality / fuse_encodings) and "traced" (the
-  same split found automatically in the model's torch.fx graph: what any traceable model gets
-  by default).
-* Every kernel against its floor: forward passes x the best per-sample time of a large batched
-  forward pass (for gradient kernels each backward pass adds the best per-sample backward time);
-  target: within 1.5x. Pairwise ablation (1 + U_a + U_b + U_a U_b forwards) is timed the same way.
+* Every kernel against its floor: forward passes x the per-sample time of a batched forward pass
+  at the fastest batch size (for gradient kernels each backward pass adds the per-sample
+  backward time), timed next to each instance; target: within 1.5x. Pairwise ablation
+  (1 + U_a + U_b + U_a U_b forwards) is timed the same way.
+* DIME of one instance (500 LIME samples, 50 references) with the same three variants
+  (informative: the issue sets no target).
 
 ``run(adapter, dataset, indices, repeats)`` is imported by ``benchmarks/kernels.py``; alone:
 
@@ -36,7 +39,7 @@ from common import (RESULTS, environment, load_demo, median, per_sample_forward_
                     write_json)
 
 from multiviz_widgets.kernels.common import PERTURBATION_BATCH, resolve_target  # noqa: E402
-from multiviz_widgets.kernels.interactions import emap, interaction  # noqa: E402
+from multiviz_widgets.kernels.interactions import dime, emap, interaction  # noqa: E402
 
 EMAP_N = 100
 EMAP_BATCH = PERTURBATION_BATCH   # the kernel's default
@@ -103,7 +106,8 @@ def run(adapter, dataset, indices, repeats: int = 1, **options) -> dict:
 
 
 def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
-         emap_reference_pairs: int | None = None, emap_repeats: int = 3, seed: int = 0,
+         emap_reference_pairs: int | None = None, emap_repeats: int = 3, dime_instances: int = 3,
+         dime_samples: int = 500, seed: int = 0,
          floor_batch: int | None = None) -> dict:
     warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
     names = adapter.names
@@ -196,6 +200,25 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
     out["emap"]["reference_pairs_timed"] = (emap_n * emap_n if emap_reference_pairs is None
                                             else min(emap_reference_pairs, emap_n * emap_n))
     out["emap"]["floor"] = "N^2 x best per-sample time of a batched full forward pass"
+
+    # --- DIME of one instance (informative: no criterion) ------------------------------------
+    out["dime"] = {"n_samples": dime_samples, "n_reference": 50, "instances": dime_instances,
+                   "variants": list(variants)}
+    dime_s = {label: [] for label in variants}
+    for idx in [int(i) for i in indices[:dime_instances]]:
+        for label, fac in variants.items():
+            ms, r = timed(lambda: dime(adapter, dataset, idx, n_samples=dime_samples,
+                                       n_reference=50, factorized=fac))
+            dime_s[label].append(ms / 1e3)
+            if r.params["factorization"] != ("none" if fac is False else fac):
+                raise RuntimeError(f"DIME variant {label} ran as {r.params}")
+    generic = np.array(dime_s["generic"])
+    for label in variants:
+        t = np.array(dime_s[label])
+        out["dime"][label] = {"median_s": median(t), "seconds": t.tolist(),
+                              "speedup_over_generic": median(generic / t)}
+        print(f"DIME {label:9s} {median(t):7.3f} s  ({median(generic / t):4.1f}x generic)",
+              flush=True)
     return out
 
 
@@ -207,6 +230,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--emap-repeats", type=int, default=3)
     ap.add_argument("--emap-reference-pairs", type=int, default=None,
                     help="time only this many unbatched pairs and extrapolate (default: all N^2)")
+    ap.add_argument("--dime-instances", type=int, default=3)
+    ap.add_argument("--dime-samples", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "kernels_stage2.json"))
@@ -217,7 +242,8 @@ def main(argv=None) -> dict:
     result = {"model": note, "environment": environment(),
               "stage2": run(adapter, dataset, indices, args.repeats, emap_n=args.emap_n,
                             emap_reference_pairs=args.emap_reference_pairs,
-                            emap_repeats=args.emap_repeats, seed=args.seed)}
+                            emap_repeats=args.emap_repeats, dime_instances=args.dime_instances,
+                            dime_samples=args.dime_samples, seed=args.seed)}
     path = write_json(args.out, result)
     print(f"wrote {path}")
     return result

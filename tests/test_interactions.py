@@ -571,8 +571,8 @@ def test_stage2_benchmark_writes_its_json(tmp_path):
     out = tmp_path / "s2.json"
     threads = torch.get_num_threads()
     try:
-        mod.main(["--n", "1", "--emap-n", "6", "--emap-repeats", "1",
-                  "--threads", str(threads), "--out", str(out)])
+        mod.main(["--n", "1", "--emap-n", "6", "--emap-repeats", "1", "--dime-instances", "1",
+                  "--dime-samples", "20", "--threads", str(threads), "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     d = json.loads(out.read_text())["stage2"]
@@ -581,3 +581,6 @@ def test_stage2_benchmark_writes_its_json(tmp_path):
     for k in ("speedup", "ratio_to_floor"):
         assert d["second_order"][k] > 0 and d["emap"]["generic"][k] > 0
     assert d["pairwise_ablation"]["ratio_to_floor"] > 0
+    for variant in ("generic", "declared", "traced"):
+        assert d["emap"][variant]["max_abs_difference_to_reference"] < 1e-4
+        assert d["dime"][variant]["median_s"] > 0
