@@ -512,21 +512,14 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         report(progress, 0, total, "EMAP pairs")
         mats, kinds, notes = [], [], []
         for g, m in enumerate(groups):
-            split, why = _emap_split(adapter, factorized, m)
-            if split is not None:
-                try:
-                    mats.append(_emap_fused(adapter, split, raw, n, t, out_fn, batch_size,
-                                            progress, g * n * n, total))
-                    kinds.append(split.kind)
-                    continue
-                except FactorizationError as e:
-                    if factorized is not None or split.kind == "declared":
-                        raise
-                    reject_factorization(adapter.model, names, adapter.keyword_inputs, m, str(e))
-                    why = f"traced split rejected: {e}"
+            mat, kind, why = _with_split(adapter, factorized, m, lambda split: _emap_fused(
+                adapter, split, raw, n, t, out_fn, batch_size, progress, g * n * n, total))
+            kinds.append(kind)
+            if mat is not None:
+                mats.append(mat)
+                continue
             if why:
                 notes.append(why if len(groups) == 1 else f"{m}: {why}")
-            kinds.append("none")
             rows = []
             for s in range(0, n * n, batch_size):
                 k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
@@ -574,9 +567,26 @@ class _Split:
     fuse: Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
 
-def _emap_split(adapter: ModelAdapter, factorized, side: str) -> tuple[_Split | None, str]:
+def _with_split(adapter: ModelAdapter, factorized, side: str, build: Callable[[_Split], object]
+                ) -> tuple[object | None, str, str]:
+    """(build(split), its kind, "") with the model's split of ``side`` from the others, or
+    (None, "none", why not) when there is none or (for a traced split and factorized=None) when
+    build finds that the split disagrees with forward passes; the rejection is remembered."""
+    split, why = _model_split(adapter, factorized, side)
+    if split is None:
+        return None, "none", why
+    try:
+        return build(split), split.kind, ""
+    except FactorizationError as e:
+        if factorized is not None or split.kind == "declared":
+            raise
+        reject_factorization(adapter.model, adapter.names, adapter.keyword_inputs, side, str(e))
+        return None, "none", f"traced split rejected: {e}"
+
+
+def _model_split(adapter: ModelAdapter, factorized, side: str) -> tuple[_Split | None, str]:
     """(the split of modality ``side`` from the others, or None and why) for
-    ``emap(factorized=...)``."""
+    ``factorized=...`` of ``emap`` and ``dime``."""
     if factorized is False:
         return None, ""
     model, names = adapter.model, adapter.names
@@ -876,22 +886,14 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
         ref_raw = adapter.collate([dataset[int(i)] for i in ref_idx])
         n = len(ref_idx)
         cost = [1 if target is None else 0]
-        terms, kind, note = None, "none", ""
-        if len(adapter.names) == 2 or factorized not in (None, False):
-            split, note = (_emap_split(adapter, factorized, a) if len(adapter.names) == 2
-                           else (None, "only two-modality models are split"))
-            if factorized not in (None, False) and split is None:
-                raise ValueError(f"factorized={factorized!r}: {note}")
-            if split is not None:
-                try:
-                    terms = _DimeFused(adapter, p, t, ref_raw, split, batch_size, cost)
-                    kind = split.kind
-                except FactorizationError as e:
-                    if factorized is not None or split.kind == "declared":
-                        raise
-                    reject_factorization(adapter.model, adapter.names, adapter.keyword_inputs,
-                                         a, str(e))
-                    note = f"traced split rejected: {e}"
+        if len(adapter.names) == 2:
+            terms, kind, note = _with_split(adapter, factorized, a, lambda split: _DimeFused(
+                adapter, p, t, ref_raw, split, batch_size, cost))
+        elif factorized not in (None, False):
+            raise ValueError(f"factorized={factorized!r}: DIME splits only two-modality models "
+                             f"(the adapter has {adapter.names}).")
+        else:
+            terms, kind, note = None, "none", "DIME splits only two-modality models"
         if terms is None:
             terms = _DimeForwards(adapter, p, t, ref_raw, (a, b), batch_size, cost)
 
