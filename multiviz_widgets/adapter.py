@@ -69,6 +69,12 @@ class Prepared:
         return list(self.continuous)
 
 
+#: Taken around every computation on a model (``ModelAdapter.run``), by all adapters: their
+#: hooks live on modules that two adapters may share, and torch.fx tracing (``kernels.factorize``)
+#: patches ``nn.Module.__call__`` for the whole process while it runs.
+MODEL_LOCK = threading.RLock()
+
+
 class AdapterError(ValueError):
     """A model or instance does not fit the adapter; the message says how to fix it."""
 
@@ -151,7 +157,7 @@ class ModelAdapter:
                         f"{len(embs)} nn.Embedding modules, so it cannot be guessed).")
                 spec = embs[0]
             self.embedding_layers[m.name] = _resolve_module(model, spec, f"embedding of {m.name!r}")
-        self._lock = threading.RLock()
+        self._lock = MODEL_LOCK
 
     # -- basics ------------------------------------------------------------------------------
     @property

@@ -333,3 +333,32 @@ def test_dime_rejects_a_split_that_changes_the_numbers():
     ds = MultimodalDataset({k: [it[k] for it in instances(14)] for k in ("tabular", "series")})
     r = dime(adapter, ds, 0, reference_indices=range(1, 13), n_samples=40)
     assert r.params["factorization"] == "none" and "rejected" in r.params["factorization_note"]
+
+
+def test_tracing_never_disturbs_forward_passes_in_other_threads():
+    """torch.fx patches nn.Module.__call__ process-wide while it traces: a forward pass running
+    meanwhile in another thread, even of another adapter, used to fail ('module is not
+    installed as a submodule'). All adapters share one lock around model computations."""
+    import threading
+    busy = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    raw = busy.collate(instances(4))
+    expected = busy.predict(raw)
+    errors, done = [], threading.Event()
+
+    def forwards():
+        while not done.is_set():
+            try:
+                if not torch.allclose(busy.predict(raw), expected):
+                    errors.append("different logits")
+            except Exception as e:   # the failure this test guards against
+                errors.append(repr(e))
+
+    worker = threading.Thread(target=forwards)
+    worker.start()
+    try:
+        for _ in range(25):   # each new model is traced afresh
+            emap(ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"]), instances(3))
+    finally:
+        done.set()
+        worker.join()
+    assert errors == []

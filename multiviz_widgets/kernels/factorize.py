@@ -74,7 +74,7 @@ class Factorization:
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-#: model -> {(names, keyword_inputs): Factorization or FactorizationError}; traced once per model.
+#: model -> {(names, keyword_inputs, side): Factorization or FactorizationError}; traced once.
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -82,7 +82,10 @@ def trace_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: 
                         side: str | None = None) -> Factorization:
     """The model's traced split between modality ``side`` (default: the first of two) and the
     other modalities. names: the model's arguments, in order (matched by name when
-    ``keyword_inputs``). Cached per model. Raises FactorizationError with the reason."""
+    ``keyword_inputs``). Cached per model. Raises FactorizationError with the reason.
+    torch.fx patches ``nn.Module.__call__`` while it traces, so no other thread may run a
+    forward pass meanwhile: call it through ``ModelAdapter.run``, which holds the lock that the
+    adapter's forward passes take."""
     key = _key(names, keyword_inputs, side)
     per_model = _CACHE.setdefault(model, {})
     if key not in per_model:

@@ -601,7 +601,7 @@ def _model_split(adapter: ModelAdapter, factorized, side: str) -> tuple[_Split |
                       lambda raw: (model.encode_modality(a, raw[a]), model.encode_modality(b, raw[b])),
                       (True, False), lambda rows: model.fuse_encodings({a: rows[0], b: rows[1]})), ""
     try:
-        f = trace_factorization(model, names, adapter.keyword_inputs, side)
+        f = adapter.run(lambda: trace_factorization(model, names, adapter.keyword_inputs, side))
     except FactorizationError as e:
         if factorized is None:
             return None, f"not traced: {e}"
