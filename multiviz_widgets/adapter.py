@@ -284,12 +284,8 @@ class ModelAdapter:
         Cost: one forward pass of B instances. Gradients flow when the inputs require them.
         """
         args = self.model_inputs(raw, continuous)
-        try:
-            result = self.run(lambda: self.model(**args) if self.keyword_inputs
-                              else self.model(*args.values()), continuous, features)
-        except AdapterError:
-            raise AdapterError("The decision layer was never called during the forward pass: pass "
-                               "decision_layer= the module that computes the logits.") from None
+        result = self.run(lambda: self.model(**args) if self.keyword_inputs
+                          else self.model(*args.values()), continuous, features)
         out = result[0] if features else result
         if isinstance(out, (tuple, list)):
             out = out[0]
@@ -326,7 +322,8 @@ class ModelAdapter:
         if not features:
             return out
         if "h" not in store:
-            raise AdapterError("The decision layer was not called during this computation.")
+            raise AdapterError("The decision layer was never called during the forward pass: pass "
+                               "decision_layer= the module that computes the logits.")
         return out, store["h"]
 
     def output(self, logits: torch.Tensor, features: torch.Tensor | None, target: Target
