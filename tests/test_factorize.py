@@ -362,3 +362,24 @@ def test_tracing_never_disturbs_forward_passes_in_other_threads():
         done.set()
         worker.join()
     assert errors == []
+
+
+class KeepsAttention(Bilinear):
+    """Research code often keeps an intermediate value on the model for later display."""
+
+    def forward(self, tabular, series):
+        a, b = torch.tanh(self.t(tabular)), torch.tanh(self.s(series.flatten(1)))
+        self.last_attention = torch.softmax(a * b, 1)
+        return self.head(torch.cat([self.last_attention, a + b], 1))
+
+
+def test_tracing_leaves_the_model_as_it_was():
+    model = KeepsAttention()
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    raw = adapter.collate(instances(2))
+    adapter.predict(raw)
+    kept = model.last_attention
+    trace_factorization(model, adapter.names)
+    assert model.last_attention is kept              # not a tracing proxy
+    assert not hasattr(Bilinear(), "last_attention")
+    _same_as_full_forwards(adapter, instances(5))

@@ -180,11 +180,20 @@ def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool
     if missing:
         raise FactorizationError(f"forward's arguments {missing} are not modalities and have no "
                                  "default")
+    # A forward that keeps values on the model (``self.last_attention = a``) would keep the
+    # tracer's proxies there: every module's attributes are put back as they were.
+    saved = [(m, dict(vars(m))) for m in model.modules()]
     try:
         graph = fx.symbolic_trace(model, concrete_args=fixed or None).graph
     except Exception as e:   # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
         raise FactorizationError(f"torch.fx cannot trace the model's forward "
                                  f"({type(e).__name__}: {e})") from None
+    finally:
+        for m, attributes in saved:
+            state = vars(m)
+            for k in [k for k in state if k not in attributes]:
+                del state[k]
+            state.update(attributes)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(params):
         raise FactorizationError(f"the traced forward has {len(placeholders)} inputs for "
