@@ -91,6 +91,12 @@ def sog_per_token_loop(adapter, prepared, target, image: str, text: str) -> np.n
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------------
+def _ran_as(result, label: str, factorized) -> None:
+    """Fail loudly when a variant silently ran another way (e.g. a split fell back)."""
+    if result.params["factorization"] != ("none" if factorized is False else factorized):
+        raise RuntimeError(f"{result.method} variant {label} ran as {result.params}")
+
+
 def _emap_instances(dataset, n: int, seed: int) -> list[dict]:
     idx = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
     return [dataset[int(i)] for i in idx]
@@ -175,8 +181,7 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
             ms, r = timed(lambda: emap(adapter, inst, batch_size=EMAP_BATCH, keep_matrix=False,
                                        factorized=fac))
             times[label].append(ms / 1e3)
-            if r.params["factorization"] != ("none" if fac is False else fac):
-                raise RuntimeError(f"EMAP variant {label} ran as {r.params}")
+            _ran_as(r, label, fac)
             if done == emap_n * emap_n:
                 diffs[label] = max(diffs.get(label, 0.0), float(np.abs(fhat - r.emap_logits).max()))
         p = adapter.prepare(inst[0])
@@ -210,8 +215,7 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
             ms, r = timed(lambda: dime(adapter, dataset, idx, n_samples=dime_samples,
                                        n_reference=50, factorized=fac))
             dime_s[label].append(ms / 1e3)
-            if r.params["factorization"] != ("none" if fac is False else fac):
-                raise RuntimeError(f"DIME variant {label} ran as {r.params}")
+            _ran_as(r, label, fac)
     generic = np.array(dime_s["generic"])
     for label in variants:
         t = np.array(dime_s[label])

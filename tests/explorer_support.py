@@ -137,7 +137,6 @@ class FakeKernels(Kernels):
         scores = self._unit_scores(adapter, prepared, target)
         maps = {}
         for name, m in adapter.modalities.items():
-            x = prepared.continuous[name]
             full = torch.as_tensor(scores[name])[prepared.index[name]]
             maps[name] = m.to_map(full).numpy() if m.kind == "image" else scores[name]
         return Attribution(method=method, target=target, scores=scores, maps=maps,

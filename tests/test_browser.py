@@ -5,8 +5,6 @@ notebooks written by these tests (the XSS probe), so nothing in the repository i
 """
 from __future__ import annotations
 
-import json
-import pathlib
 
 import numpy as np
 import pytest

@@ -163,7 +163,6 @@ def test_sog_multiviz_variants_match_their_definition():
     ref, grad_a = dense_sog(adapter, p, "tabular", "series", t)
     a_u = grad_a.numpy()                       # tabular units are single columns
     xa = (p.continuous["tabular"] - p.baseline["tabular"]).numpy()
-    xb = p.continuous["series"] - p.baseline["series"]
     for mode in ("vmap", "replicate"):
         r = interaction(adapter, p, "second_order", target=0, phi="abs", mode=mode)
         assert r.params["contracted"] == "tabular"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -291,7 +290,7 @@ def test_models_with_zero_dimensional_buffers_are_cached_and_invalidated(cache):
     """BatchNorm keeps a 0-d ``num_batches_tracked`` buffer; the weights hash must handle it."""
     adapter, ds = make_adapter(), make_dataset()
     adapter.model.norm = nn.BatchNorm1d(3).eval()      # registered, unused by forward
-    first = extract_features(adapter, ds, cache_dir=cache)
+    extract_features(adapter, ds, cache_dir=cache)
     assert extract_features(adapter, ds, cache_dir=cache).from_cache
     with torch.no_grad():
         adapter.model.norm.running_mean.add_(1.0)

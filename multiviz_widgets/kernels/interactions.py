@@ -501,9 +501,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     names = adapter.names
     if len(names) < 2:
         raise ValueError(f"EMAP needs two or more modalities; the adapter has only {names}.")
-    if factorized not in (None, True, False, "declared", "traced"):
-        raise ValueError(f"factorized must be None, True, False, 'declared' or 'traced', got "
-                         f"{factorized!r}.")
+    _check_factorized(factorized)
     out_fn, t, out_names = _output_fn(adapter, target)
     with Stopwatch() as sw:
         raw = adapter.collate(items)
@@ -565,6 +563,12 @@ class _Split:
     encode: Callable[[Mapping[str, torch.Tensor]], tuple]
     from_side: tuple[bool, ...]                        # per encoded value: from the split-off modality
     fuse: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+
+
+def _check_factorized(factorized) -> None:
+    if factorized not in (None, True, False, "declared", "traced"):
+        raise ValueError(f"factorized must be None, True, False, 'declared' or 'traced', got "
+                         f"{factorized!r}.")
 
 
 def _with_split(adapter: ModelAdapter, factorized, side: str, build: Callable[[_Split], object]
@@ -830,7 +834,7 @@ class _DimeFused:
                      for m in adapter.names}
             cont = masked_continuous(prepared, masks, adapter)
             direct = _scalar(adapter, prepared.raw, cont, target).double()
-            uc, f = self.uc_and_f(cont)
+            _, f = self.uc_and_f(cont)
             _same_or_reject(split, f, direct)
         cost[0] += n * n + n + min(n, _EMAP_CHECK_PAIRS) + len(direct)
 
@@ -870,9 +874,7 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     a, b = _pair(adapter, modalities)
     batch_size = _positive_int(batch_size, "batch_size")
     n_samples = _positive_int(n_samples, "n_samples", 2)
-    if factorized not in (None, True, False, "declared", "traced"):
-        raise ValueError(f"factorized must be None, True, False, 'declared' or 'traced', got "
-                         f"{factorized!r}.")
+    _check_factorized(factorized)
     instance = index if isinstance(index, Mapping) else dataset[int(index)]
     if reference_indices is None:
         ref_idx = _sample_indices(len(dataset), _positive_int(n_reference, "n_reference", 2), seed)

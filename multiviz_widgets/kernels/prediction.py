@@ -25,7 +25,6 @@ activation <- each neuron's top units (stage 1 targeted at the neuron) and top c
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass, field

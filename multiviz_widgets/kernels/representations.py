@@ -30,7 +30,7 @@ import torch
 from ..adapter import AdapterError, ModelAdapter
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
-from .common import as_prepared, resolve_target
+from .common import as_prepared
 
 CACHE_VERSION = "features-v1"
 
