@@ -38,3 +38,60 @@ def test_the_own_model_example_runs():
     exec(compile(block, str(README), "exec"), namespace)
     assert namespace["ig"].scores["image"].shape == (4,)
     assert namespace["sog"].matrix.shape == (4, 5)
+
+
+def _table_after(text: str, heading: str) -> list[list[str]]:
+    """The rows (cells stripped of markdown bold) of the first table after ``heading``."""
+    rest = text[text.index(heading):]
+    rows = []
+    for line in rest.splitlines()[1:]:
+        if line.startswith("|"):
+            rows.append([c.strip().strip("*").strip() for c in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]                      # without the header and the |---| line
+
+
+def test_readme_faithfulness_table_is_the_committed_benchmark():
+    """Every row of the README's faithfulness table shows its method's numbers from
+    benchmarks/results/faithfulness.json (a hand edit once put speed figures there)."""
+    import json
+    result = json.loads((README.parent / "benchmarks" / "results" / "faithfulness.json")
+                        .read_text(encoding="utf-8"))
+    names = {"gradient": "gradient", "gradient x input": "grad_x_input",
+             "integrated gradients": "integrated_gradients", "occlusion": "occlusion",
+             "LIME": "lime", "KernelSHAP": "kernel_shap", "random map": None}
+    rows = _table_after(README.read_text(encoding="utf-8"), "### Faithfulness of stage 1")
+    seen = []
+    for cells in rows:
+        key = next(k for k in sorted(names, key=len, reverse=True) if cells[0].startswith(k))
+        numbers = result["random"] if names[key] is None else result["methods"][names[key]]
+        shown = [float(c) for c in cells[1:5]]
+        wanted = [numbers[m] for m in ("relevance_mass", "relevance_rank", "deletion_auc",
+                                        "insertion_auc")]
+        assert shown == [round(w, 3) for w in wanted], (cells[0], shown, wanted)
+        seen.append(key)
+    assert sorted(seen) == sorted(names)
+
+
+def test_readme_speed_table_is_the_committed_benchmark():
+    """The stage-1 rows of the README's kernel speed table show benchmarks/results/kernels.json:
+    the median (as rounded in the table) and the ratio to captum."""
+    import json
+    methods = json.loads((README.parent / "benchmarks" / "results" / "kernels.json")
+                         .read_text(encoding="utf-8"))["stage1"]["methods"]
+    names = {"gradient x input": "grad_x_input", "gradient": "gradient",
+             "integrated gradients": "integrated_gradients", "occlusion": "occlusion",
+             "LIME": "lime", "KernelSHAP": "kernel_shap"}
+    rows = _table_after(README.read_text(encoding="utf-8"), "### Kernel speed")
+    checked = set()
+    for cells in rows:
+        key = next((k for k in names if cells[0].startswith(k)), None)
+        if key is None:
+            continue
+        m = methods[names[key]]
+        shown_ms = float(cells[1].removesuffix(" ms"))
+        assert abs(shown_ms - m["median_ms_ours"]) <= 0.05 * m["median_ms_ours"], (key, cells[1])
+        assert float(cells[2]) == round(m["ratio_ours_captum"], 2), (key, cells[2])
+        checked.add(key)
+    assert checked == set(names)
