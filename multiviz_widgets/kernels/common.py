@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from ..adapter import ModelAdapter, Prepared, Target
@@ -61,3 +62,53 @@ def evaluate_masks(adapter: ModelAdapter, prepared: Prepared, masks: Mapping[str
         outs.append(adapter.scalar(prepared, masked_continuous(prepared, chunk, adapter), target))
         report(progress, min(total, s + batch_size), total, message)
     return torch.cat(outs)
+
+
+def modality_pair(adapter: ModelAdapter, modalities) -> tuple[str, str]:
+    """The two modalities (a, b) of a stage-2 method, validated (default: the first two)."""
+    names = adapter.names
+    if len(names) < 2:
+        raise ValueError(f"Cross-modal interactions need two modalities; the adapter has only "
+                         f"{names}. Use stage 1 (kernels.unimodal.attribute) for one modality.")
+    if modalities is None:
+        return names[0], names[1]
+    if isinstance(modalities, str):
+        raise ValueError(f"modalities must be a pair of names such as ({names[0]!r}, "
+                         f"{names[1]!r}), got the single string {modalities!r}.")
+    try:
+        pair = tuple(modalities)
+    except TypeError:
+        raise ValueError(f"modalities must be a pair of modality names drawn from {names}, got "
+                         f"{modalities!r}.") from None
+    if len(pair) != 2:
+        raise ValueError(f"modalities must name exactly two modalities (rows, columns), got "
+                         f"{list(pair)}.")
+    unknown = [m for m in pair if m not in names]
+    if unknown:
+        raise ValueError(f"Unknown modalities {unknown}; the adapter's modalities are {names}.")
+    if pair[0] == pair[1]:
+        raise ValueError(f"The two modalities must differ, got {pair[0]!r} twice; interactions "
+                         "are between units of two different modalities.")
+    return pair  # type: ignore[return-value]
+
+
+def target_output(adapter: ModelAdapter, raw, continuous, target: Target) -> torch.Tensor:
+    """f_target [B] for model inputs raw (batch B or 1) with some continuous inputs replaced."""
+    if target.kind == "class":
+        return adapter.forward(raw, continuous)[:, target.index]
+    logits, h = adapter.forward(raw, continuous, features=True)
+    return adapter.output(logits, h, target)
+
+
+def positive_int(value, what: str, minimum: int = 1) -> int:
+    """value, checked to be an integer of at least ``minimum`` (``what`` names it in the error)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{what} must be an integer of at least {minimum}, got {value!r}.")
+    return int(value)
+
+
+def sample_indices(n_total: int, n: int | None, seed: int) -> np.ndarray:
+    """n of range(n_total) drawn with ``seed``, sorted (all of them when n is None or >= n_total)."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).choice(n_total, size=int(n), replace=False))

@@ -1,0 +1,360 @@
+"""Dataset-level interaction measures built on EMAP (Hessel & Lee 2020).
+
+``emap`` computes the EMAP projection of N instances from one batched N x N output matrix
+(each modality encoded once and only the pairs fused, through ``kernels.split_model``, when the
+model can be split); ``emap_matrix`` projects a whole pair matrix; ``emap_gap`` is
+accuracy(f) - accuracy(EMAP(f)) over a dataset; ``interaction_type`` / ``interaction_types``
+label instances dominance, complement or conflict (M2Lens) from EMAP's unimodal parts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..adapter import ModelAdapter, Target
+from ..data import MultimodalDataset
+from ..progress import ProgressFn, report
+from ..results import Result, Stopwatch
+from .common import PERTURBATION_BATCH, positive_int, sample_indices
+from .split_model import CHECKED_PAIRS, FusedPairs, Split, check_factorized, with_split
+
+__all__ = ["EmapResult", "emap", "emap_gap", "emap_matrix", "interaction_type",
+           "interaction_types"]
+
+
+# --------------------------------------------------------------------------------------------
+# EMAP
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EmapResult(Result):
+    """EMAP of N instances: their outputs and the additive projection fhat of those outputs.
+
+    logits [N, K] (K = classes, or 1 for a neuron target), emap_logits [N, K];
+    unimodal {modality: [N, K]}: each modality's centred unimodal part (E_others f(x_m, .) -
+    grand mean); grand_mean [K]; matrix [N, N, K] with matrix[i, j] = f(x_a^i, x_b^j) (two
+    modalities, when kept); indices: the dataset indices of the N instances (or 0..N-1).
+    """
+
+    modalities: tuple[str, ...] = ()
+    indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    logits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    emap_logits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    unimodal: dict[str, np.ndarray] = field(default_factory=dict)
+    grand_mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    matrix: np.ndarray | None = None
+    output_names: list[str] = field(default_factory=list)
+
+    @property
+    def interaction(self) -> np.ndarray:
+        """f - fhat: the part of the outputs that the additive projection cannot explain."""
+        return self.logits - self.emap_logits
+
+
+def _instances(dataset_or_list, indices=None) -> tuple[list[dict], np.ndarray]:
+    if isinstance(dataset_or_list, MultimodalDataset):
+        idx = np.arange(len(dataset_or_list)) if indices is None else np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1:
+            raise ValueError(f"indices must be a 1-D list of instance numbers, got shape {idx.shape}.")
+        return [dataset_or_list[int(i)] for i in idx], idx
+    if isinstance(dataset_or_list, Mapping):
+        raise ValueError("Expected several instances (a list of dicts or a MultimodalDataset), "
+                         "got a single instance dict.")
+    items = list(dataset_or_list)
+    if indices is not None:
+        idx = np.asarray(indices, dtype=np.int64)
+        items = [items[int(i)] for i in idx]
+    else:
+        idx = np.arange(len(items))
+    return items, idx
+
+
+def _output_fn(adapter: ModelAdapter, target) -> tuple[Callable, Target | None, list[str]]:
+    """(raw batch -> outputs [B, K], normalised target, output names)."""
+    t = None if target is None else adapter.target(target)
+    if t is not None and t.kind == "neuron":
+        def out(raw):
+            logits, h = adapter.forward(raw, features=True)
+            return adapter.output(logits, h, t)[:, None]
+        return out, t, [f"neuron {t.index}"]
+    return (lambda raw: adapter.forward(raw)), t, list(adapter.class_names)
+
+
+def _index_raw(raw: Mapping[str, torch.Tensor], idx: Mapping[str, torch.Tensor]) -> dict:
+    return {n: raw[n][idx[n]] for n in raw}
+
+
+@torch.no_grad()
+def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = None,
+         indices: Sequence[int] | None = None, batch_size: int = PERTURBATION_BATCH, keep_matrix: bool = True,
+         factorized: bool | str | None = None) -> EmapResult:
+    """EMAP (Hessel & Lee 2020) of N instances against themselves as the reference set.
+
+    instances: a list of instance dicts or a MultimodalDataset (with optional ``indices``).
+    Two modalities: one batched N x N output matrix M[i, j] = f(x_a^i, x_b^j) gives
+    fhat[t] = mean_j M[t, j] + mean_i M[i, t] - mean M (cost N^2 forwards, chunked).
+    M > 2 modalities: the first-order functional-ANOVA projection with the other modalities kept
+    together, fhat[t] = sum_m mean_j f(x_m^t, x_{-m}^j) - (M - 1) grand mean (cost M N^2
+    forwards); it is exact on additive models and idempotent, like the two-modality formula.
+    target: None or a class (all logits, K = C), or Neuron(j) (K = 1).
+
+    factorized: with two modalities most of each pair's forward pass encodes one modality alone,
+    so the encodings of the N instances are computed once and only the N^2 pairs are fused:
+    the same numbers for a fraction of the cost. Two ways to split the model:
+    "declared": the model defines ``encode_modality(name, x)`` and ``fuse_encodings({name:
+    encoding})`` with model(*inputs) == fuse_encodings({m: encode_modality(m, x_m)});
+    "traced": ``kernels.factorize.trace_factorization`` cuts the model's torch.fx graph where
+    the modalities meet (any fx-traceable model). Either way fused pairs are checked against
+    plain forward passes (the N own pairs and a few others) before they are used.
+    None (default): declared if the model defines both methods, else traced when the model
+    traces and the check passes, else N^2 full forward passes (``params["factorization"]``
+    says which was used and why). True: declared or traced, an error if neither works.
+    False: full forward passes.
+    """
+    batch_size = positive_int(batch_size, "batch_size")
+    items, idx = _instances(instances, indices)
+    n = len(items)
+    if n < 2:
+        raise ValueError(f"EMAP needs at least 2 instances (the reference set), got {n}.")
+    names = adapter.names
+    if len(names) < 2:
+        raise ValueError(f"EMAP needs two or more modalities; the adapter has only {names}.")
+    check_factorized(factorized)
+    out_fn, t, out_names = _output_fn(adapter, target)
+    with Stopwatch() as sw:
+        raw = adapter.collate(items)
+        groups = [names[0]] if len(names) == 2 else list(names)   # modality m vs all others
+        total = len(groups) * n * n
+        report(progress, 0, total, "EMAP pairs")
+        mats, kinds, notes = [], [], []
+        for g, m in enumerate(groups):
+            mat, kind, why = with_split(adapter, factorized, m, lambda split: _emap_fused(
+                adapter, split, raw, n, t, out_fn, batch_size, progress, g * n * n, total))
+            kinds.append(kind)
+            if mat is not None:
+                mats.append(mat)
+                continue
+            if why:
+                notes.append(why if len(groups) == 1 else f"{m}: {why}")
+            rows = []
+            for s in range(0, n * n, batch_size):
+                k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
+                i, j = k // n, k % n     # x_m from instance i, the others from instance j
+                sel = {name: (i if name == m else j) for name in names}
+                rows.append(out_fn(_index_raw(raw, sel)).double())
+                report(progress, g * n * n + int(k[-1]) + 1, total, "EMAP pairs")
+            mats.append(torch.cat(rows).reshape(n, n, -1).cpu().numpy())
+        logits = np.ascontiguousarray(np.diagonal(mats[0], axis1=0, axis2=1).T)
+        if len(names) == 2:
+            mat = mats[0]
+            grand = mat.mean((0, 1))
+            unimodal = {names[0]: mat.mean(1) - grand, names[1]: mat.mean(0) - grand}
+        else:
+            grand = np.mean([mm.mean((0, 1)) for mm in mats], axis=0)
+            unimodal = {m: mm.mean(1) - grand for m, mm in zip(groups, mats)}
+        emap_logits = grand + sum(unimodal.values())
+    fused = [k != "none" for k in kinds]
+    params = {"n": n, "batch_size": batch_size, "factorized": all(fused),
+              "factorization": kinds[0] if len(set(kinds)) == 1 else dict(zip(groups, kinds))}
+    if notes:
+        params["factorization_note"] = "; ".join(notes)
+    checks = sum(fused) * (n + min(n, CHECKED_PAIRS))
+    return EmapResult(method="emap", target=t, params=params,
+                      forward_passes=total + checks,
+                      backward_passes=0, seconds=sw.seconds,
+                      modalities=tuple(names), indices=idx, logits=logits,
+                      emap_logits=emap_logits, unimodal=unimodal, grand_mean=grand,
+                      matrix=mats[0] if (keep_matrix and len(names) == 2) else None,
+                      output_names=out_names)
+
+
+def _emap_fused(adapter: ModelAdapter, split: Split, raw: Mapping[str, torch.Tensor], n: int,
+                target: Target | None, out_fn: Callable, batch_size: int,
+                progress: ProgressFn, done: int, total: int) -> np.ndarray:
+    """The N x N x K pair matrix M[i, j] = f(x_side^i, x_others^j) from encodings fused
+    pairwise (see ``emap``); raises FactorizationError when fused pairs differ from plain
+    forward passes (checked before the N^2 pairs). done, total: where these pairs stand in the
+    whole job, for progress."""
+    neuron = target is not None and target.kind == "neuron"
+    fused = FusedPairs(adapter, split, batch_size, neuron,
+                   (lambda logits, h: adapter.output(logits, h, target)[:, None]) if neuron
+                   else (lambda logits, h: logits))
+    enc = fused.encode(raw)
+    fused.check(raw, enc, out_fn)
+    rows = []
+    for s in range(0, n * n, batch_size):
+        k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
+        rows.append(fused.pairs(enc, enc, k // n, k % n))
+        report(progress, done + int(k[-1]) + 1, total, "EMAP pairs (fused encodings)")
+    return torch.cat(rows).reshape(n, n, -1).cpu().numpy()
+
+
+
+def emap_matrix(matrix: np.ndarray) -> np.ndarray:
+    """The EMAP projection of a whole pair matrix M [N, N, ...] (M[i, j] = f(x_a^i, x_b^j)):
+    fhat[i, j] = mean_j' M[i, j'] + mean_i' M[i', j] - mean M. Its diagonal is EMAP's output;
+    the operator is idempotent and leaves additive matrices (r_i + c_j) unchanged."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.ndim < 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"EMAP needs a square pair matrix [N, N, ...], got shape {m.shape}.")
+    return m.mean(1, keepdims=True) + m.mean(0, keepdims=True) - m.mean((0, 1), keepdims=True)
+
+
+def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset, indices: Sequence[int] | None = None,
+             n: int | None = 100, seed: int = 0, batch_size: int = PERTURBATION_BATCH,
+             progress: ProgressFn = None) -> dict:
+    """How much a model relies on cross-modal interactions: accuracy(f) - accuracy(EMAP(f)).
+
+    Uses ``indices`` (or ``n`` instances drawn with ``seed``; n=None: all) as both the evaluated
+    instances and the reference set; cost: N^2 forwards (one EMAP). Returns a dict with
+    ``gap_predictions`` (1 - agreement of argmax fhat with the model's predictions) and, when the
+    dataset has labels, ``accuracy_model``, ``accuracy_emap`` and ``gap_labels``; ``gap`` is the
+    label gap when labels exist, else the prediction gap (fractions; ``gap_points`` = 100 gap).
+    """
+    if not isinstance(dataset, MultimodalDataset):
+        raise ValueError(f"emap_gap needs a MultimodalDataset, got {type(dataset).__name__}.")
+    idx = sample_indices(len(dataset), n, seed) if indices is None else np.asarray(indices)
+    r = emap(adapter, dataset, indices=idx, batch_size=batch_size, progress=progress,
+             keep_matrix=False)
+    pred, pred_hat = r.logits.argmax(1), r.emap_logits.argmax(1)
+    out = {"n": int(len(idx)), "indices": [int(i) for i in idx],
+           "agreement": float((pred == pred_hat).mean()),
+           "gap_predictions": float(1.0 - (pred == pred_hat).mean()),
+           "forward_passes": r.forward_passes, "seconds": r.seconds}
+    if dataset.labels is not None:
+        y = dataset.labels[idx]
+        out["accuracy_model"] = float((pred == y).mean())
+        out["accuracy_emap"] = float((pred_hat == y).mean())
+        out["gap_labels"] = out["accuracy_model"] - out["accuracy_emap"]
+    out["gap"] = out.get("gap_labels", out["gap_predictions"])
+    out["gap_points"] = 100.0 * out["gap"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# interaction type (M2Lens vocabulary)
+# --------------------------------------------------------------------------------------------
+def _margin(v: np.ndarray, c: int) -> float:
+    others = np.delete(v, c)
+    return float(v[c] - others.max()) if len(others) else float(v[c])
+
+
+def _label(logits: np.ndarray, parts: Mapping[str, np.ndarray], grand: np.ndarray,
+           class_names: Sequence[str]) -> dict:
+    """Label one instance from its outputs [C], centred unimodal parts {m: [C]} and grand mean."""
+    c = int(np.argmax(logits))
+    emap_out = grand + sum(parts.values())
+    names = list(parts)
+    uni_pred = {m: int(np.argmax(grand + parts[m])) for m in names}
+    agree = {m: uni_pred[m] == c for m in names}
+    emap_pred = int(np.argmax(emap_out))
+    if emap_pred != c:                    # the additive parts alone would decide otherwise
+        label, dominant = "conflict", None
+    elif any(agree.values()) and not all(agree.values()):
+        label = "dominance"
+        # the agreeing modality whose part pushes the prediction hardest
+        dominant = max((m for m in names if agree[m]), key=lambda m: _margin(parts[m], c))
+    else:                                 # all agree, or none alone but together they decide
+        label, dominant = "complement", None
+    inter = logits - emap_out
+    return {
+        "label": label, "dominant": dominant, "predicted": c,
+        "predicted_name": class_names[c] if c < len(class_names) else str(c),
+        "unimodal_predictions": uni_pred, "emap_prediction": emap_pred,
+        "margins": {**{m: _margin(parts[m], c) for m in names},
+                    "interaction": _margin(inter, c), "emap": _margin(emap_out, c),
+                    "model": _margin(logits, c)},
+        "logits": np.asarray(logits), "emap_logits": np.asarray(emap_out),
+        "unimodal": {m: np.asarray(parts[m]) for m in names}, "grand_mean": np.asarray(grand),
+        "interaction": np.asarray(inter),
+    }
+
+
+def interaction_types(result: EmapResult, class_names: Sequence[str] | None = None) -> list[dict]:
+    """interaction_type for every instance of an EMAP result (no forward passes)."""
+    if result.target is not None and result.target.kind == "neuron":
+        raise ValueError("Interaction types label the predicted class: compute the EMAP with a "
+                         "class target (or None), not a neuron.")
+    names = list(class_names) if class_names is not None else list(result.output_names)
+    return [_label(result.logits[i], {m: u[i] for m, u in result.unimodal.items()},
+                   result.grand_mean, names) for i in range(len(result.logits))]
+
+
+@torch.no_grad()
+def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_indices=None,
+                     n_reference: int = 50, seed: int = 0, batch_size: int = 1024,
+                     progress: ProgressFn = None) -> dict:
+    """Dominance, complement or conflict for one instance, with the numbers behind the label.
+
+    Unimodal part of modality m: the model's logits averaged over the reference set for the
+    other modalities (EMAP's row / column means). conflict: the additive EMAP prediction differs
+    from the model's, so the interaction f - EMAP decides; otherwise dominance when some but not
+    all modalities' parts alone pick the predicted class (``dominant`` names the strongest), and
+    complement when all do (or none alone but together they do). ``margins`` give each part's logit margin
+    of the predicted class over the runner-up.
+
+    reference: a MultimodalDataset (``reference_indices``, or ``n_reference`` drawn with
+    ``seed``), a list of instances, or an EmapResult that contains the instance, given then as
+    its dataset index (no forwards). Cost otherwise: N^2 + 2 N + 1 forwards in batches.
+    """
+    if reference is None:
+        raise ValueError("interaction_type needs a reference set for EMAP's averages: pass "
+                         "reference=a MultimodalDataset, a list of instances or an EmapResult.")
+    if isinstance(reference, EmapResult):
+        if isinstance(instance, Mapping):
+            raise ValueError("With an EmapResult as reference, give the instance as its dataset "
+                             "index (one of result.indices).")
+        pos = np.nonzero(reference.indices == int(instance))[0]
+        if not len(pos):
+            raise ValueError(f"Instance {instance} is not among the EMAP result's instances; "
+                             "pass a dataset as the reference instead.")
+        return interaction_types(reference, adapter.class_names)[int(pos[0])] | {"reference_size": len(reference.indices)}
+    batch_size = positive_int(batch_size, "batch_size")
+    if isinstance(reference, MultimodalDataset):
+        idx = (sample_indices(len(reference), positive_int(n_reference, "n_reference", 2), seed)
+               if reference_indices is None else np.asarray(reference_indices, dtype=np.int64))
+        if not isinstance(instance, Mapping):
+            instance = reference[int(instance)]
+        refs = [reference[int(i)] for i in idx]
+    else:
+        if not isinstance(instance, Mapping):
+            raise ValueError("Give the instance as a dict {modality: input} when the reference is "
+                             "a list of instances.")
+        refs, _ = _instances(reference, reference_indices)
+    names = adapter.names
+    if len(names) < 2:
+        raise ValueError(f"Interaction types need two or more modalities; the adapter has {names}.")
+    n = len(refs)
+    if n < 2:
+        raise ValueError(f"The reference set needs at least 2 instances, got {n}.")
+    # the instance joins the reference batch as its last row, so one collate pads them together
+    raw = adapter.collate(refs + [instance])
+    dev = adapter.device
+    total = n * n + len(names) * n + 1
+    done = 0
+    grand_rows = []
+    ref_pairs = [names[0]] if len(names) == 2 else names
+    grands = []
+    for m in ref_pairs:
+        grand_rows = []
+        for s in range(0, n * n, batch_size):
+            k = torch.arange(s, min(n * n, s + batch_size), device=dev)
+            sel = {name: (k // n if name == m else k % n) for name in names}
+            grand_rows.append(adapter.forward(_index_raw(raw, sel)).double())
+            done += len(k)
+            report(progress, done, total, "interaction type: reference pairs")
+        grands.append(torch.cat(grand_rows).mean(0))
+    grand = torch.stack(grands).mean(0).cpu().numpy()
+    parts = {}
+    for m in names:
+        k = torch.arange(n, device=dev)
+        sel = {name: (torch.full_like(k, n) if name == m else k) for name in names}
+        parts[m] = adapter.forward(_index_raw(raw, sel)).double().mean(0).cpu().numpy() - grand
+        done += n
+        report(progress, done, total, "interaction type: unimodal parts")
+    logits = adapter.forward(_index_raw(raw, {name: torch.tensor([n], device=dev)
+                                              for name in names}))[0].double().cpu().numpy()
+    report(progress, total, total, "interaction type")
+    return _label(logits, parts, grand, adapter.class_names) | {"reference_size": n}

@@ -1,0 +1,155 @@
+"""A model split where one modality meets the others, in use: each modality of a batch encoded
+once, and the outputs of many (modality from instance i, the others from instance j) pairs
+computed by fusing pairs of encodings.
+
+EMAP (``kernels.emap``) and DIME (``kernels.dime``) evaluate the model on cartesian pairs of
+instances. ``model_split`` finds the split: declared by the model (``encode_modality`` /
+``fuse_encodings``, two modalities) or traced by ``kernels.factorize``. ``FusedPairs`` encodes
+batches and fuses pairs of rows, and ``FusedPairs.check`` compares fused pairs with plain
+forward passes before they are trusted; ``with_split`` builds on a split and falls back (and
+remembers the rejection) when a traced split disagrees.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from ..adapter import AdapterError, ModelAdapter
+from .factorize import FactorizationError, reject_factorization, trace_factorization
+
+__all__ = ["CHECKED_PAIRS", "FusedPairs", "Split", "check_factorized", "model_split",
+           "same_or_reject", "with_split"]
+
+
+#: off-diagonal pairs (i, i + 1) compared with plain forward passes before fused pairs are used
+CHECKED_PAIRS = 8
+
+
+@dataclass
+class Split:
+    """How to encode each modality of a batch once and fuse pairs of encodings."""
+
+    kind: str                                          # "declared" or "traced"
+    side: str                                          # the modality split from the others
+    encode: Callable[[Mapping[str, torch.Tensor]], tuple]
+    from_side: tuple[bool, ...]                        # per encoded value: from the split-off modality
+    fuse: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+
+
+def check_factorized(factorized) -> None:
+    if factorized not in (None, True, False, "declared", "traced"):
+        raise ValueError(f"factorized must be None, True, False, 'declared' or 'traced', got "
+                         f"{factorized!r}.")
+
+
+def with_split(adapter: ModelAdapter, factorized, side: str, build: Callable[[Split], object]
+                ) -> tuple[object | None, str, str]:
+    """(build(split), its kind, "") with the model's split of ``side`` from the others, or
+    (None, "none", why not) when there is none or (for a traced split and factorized=None) when
+    build finds that the split disagrees with forward passes; the rejection is remembered."""
+    split, why = model_split(adapter, factorized, side)
+    if split is None:
+        return None, "none", why
+    try:
+        return build(split), split.kind, ""
+    except FactorizationError as e:
+        if factorized is not None or split.kind == "declared":
+            raise
+        reject_factorization(adapter.model, adapter.names, adapter.keyword_inputs, side, str(e))
+        return None, "none", f"traced split rejected: {e}"
+
+
+def model_split(adapter: ModelAdapter, factorized, side: str) -> tuple[Split | None, str]:
+    """(the split of modality ``side`` from the others, or None and why) for
+    ``factorized=...`` of ``emap`` and ``dime``."""
+    if factorized is False:
+        return None, ""
+    model, names = adapter.model, adapter.names
+    declared = len(names) == 2 and all(callable(getattr(model, k, None))
+                                       for k in ("encode_modality", "fuse_encodings"))
+    if factorized == "declared" and not declared:
+        raise ValueError("factorized='declared' needs two modalities and a model with "
+                         "encode_modality(name, x) and fuse_encodings(encodings) methods.")
+    if declared and factorized != "traced":
+        a, b = names
+        return Split("declared", a,
+                      lambda raw: (model.encode_modality(a, raw[a]), model.encode_modality(b, raw[b])),
+                      (True, False), lambda rows: model.fuse_encodings({a: rows[0], b: rows[1]})), ""
+    try:
+        f = adapter.run(lambda: trace_factorization(model, names, adapter.keyword_inputs, side))
+    except FactorizationError as e:
+        if factorized is None:
+            return None, f"not traced: {e}"
+        raise ValueError(f"factorized={factorized!r}: the model cannot be split where {side!r} "
+                         f"meets the other modalities: {e}.") from None
+    return Split("traced", side, f.encode, f.from_side, f.fuse), ""
+
+
+class FusedPairs:
+    """A split model in use: encodings of batches, and outputs of fused pairs of encodings.
+
+    reduce(logits, h) -> the outputs wanted ([B, K] or [B]); h is None unless ``features``.
+    """
+
+    def __init__(self, adapter: ModelAdapter, split: Split, batch_size: int, features: bool,
+                 reduce: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]):
+        self.adapter, self.split, self.batch_size = adapter, split, batch_size
+        self.features, self.reduce = features, reduce
+
+    def encode(self, raw: Mapping[str, torch.Tensor],
+               continuous: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The split's values for a batch (raw inputs, optionally with continuous ones)."""
+        args = self.adapter.model_inputs(raw, continuous)
+        b, bs = next(iter(args.values())).shape[0], self.batch_size
+        parts = [self.adapter.run(lambda s=s: self.split.encode({m: x[s:s + bs] for m, x in args.items()}),
+                                  None if continuous is None else
+                                  {m: x[s:s + bs] for m, x in continuous.items()})
+                 for s in range(0, b, bs)]
+        return [torch.cat([p[k] for p in parts]) for k in range(len(self.split.from_side))]
+
+    def pairs(self, side: Sequence[torch.Tensor], others: Sequence[torch.Tensor],
+              i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Outputs of the pairs (row i of the side's values, row j of the others'), in batches."""
+        bs, out = self.batch_size, []
+        for s in range(0, len(i), bs):
+            rows = [x[i[s:s + bs]] if own else y[j[s:s + bs]]
+                    for x, y, own in zip(side, others, self.split.from_side)]
+            if self.features:
+                try:
+                    logits, h = self.adapter.run(lambda: self.split.fuse(rows), features=True)
+                except AdapterError:
+                    raise FactorizationError("the decision layer is not called where the "
+                                             "modalities meet") from None
+            else:
+                logits, h = self.adapter.run(lambda: self.split.fuse(rows)), None
+            out.append(self.reduce(logits, h).double())
+        return torch.cat(out)
+
+    def check(self, raw: Mapping[str, torch.Tensor], enc: Sequence[torch.Tensor],
+              out_fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]) -> None:
+        """Raise FactorizationError unless fused pairs equal forward passes (``out_fn``): every
+        instance with itself (batched), and a few with their neighbour, each alone (a batch of
+        one, so that a model whose batch rows are not independent is caught too)."""
+        side, bs = self.split.side, self.batch_size
+        n = next(iter(raw.values())).shape[0]
+        own = torch.arange(n, device=self.adapter.device)
+        ci = own[:min(n, CHECKED_PAIRS)]
+        cj = (ci + 1) % n
+        direct = torch.cat([out_fn({m: x[s:s + bs] for m, x in raw.items()}).double()
+                            for s in range(0, n, bs)]
+                           + [out_fn({m: x[(i if m == side else j)][None] for m, x in raw.items()}).double()
+                              for i, j in zip(ci.tolist(), cj.tolist())])
+        got = torch.cat([self.pairs(enc, enc, own, own), self.pairs(enc, enc, ci, cj)])
+        same_or_reject(self.split, got, direct)
+
+
+def same_or_reject(split: Split, got: torch.Tensor, direct: torch.Tensor) -> None:
+    tol = 1e-4 * max(1.0, float(direct.abs().max()))
+    if not torch.allclose(got, direct, atol=tol, rtol=1e-4):
+        how = ("encode_modality/fuse_encodings disagree" if split.kind == "declared"
+               else "traced split (kernels.factorize) disagrees")
+        raise FactorizationError(
+            f"The model's {how} with its forward pass (largest difference "
+            f"{float((got - direct).abs().max()):.3g}); fix them or pass factorized=False.")
