@@ -383,3 +383,98 @@ def test_tracing_leaves_the_model_as_it_was():
     assert model.last_attention is kept              # not a tracing proxy
     assert not hasattr(Bilinear(), "last_attention")
     _same_as_full_forwards(adapter, instances(5))
+
+
+# ---------------------------------------------------------------------------------------------
+# submodules that torch.fx cannot trace are kept whole
+# ---------------------------------------------------------------------------------------------
+class PackedQuestion(nn.Module):
+    """The usual recurrent question encoder: packs the padded tokens by their lengths, which
+    torch.fx cannot trace (the lengths must be concrete)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(len(VOCAB), 4, padding_idx=0)
+        self.lstm = nn.LSTM(4, 5, batch_first=True)
+
+    def forward(self, question):
+        lengths = (question != 0).sum(1).clamp(min=1)
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(question), lengths.cpu(),
+                                                   batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.lstm(packed)
+        return h[-1]
+
+
+class Branchy(nn.Module):
+    """A layer with Python control flow on tensor values (a guard against non-finite values,
+    as research code often has)."""
+
+    def __init__(self, width: int = 5):
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x):
+        y = self.lin(x)
+        if not bool(torch.isfinite(y).all()):
+            raise FloatingPointError("non-finite activations")
+        return torch.tanh(y)
+
+
+class RecurrentVQA(nn.Module):
+    """Tabular features and a packed recurrent question encoder; the tabular side goes through
+    an untraceable layer nested inside another module; so does the fusion."""
+
+    def __init__(self):
+        super().__init__()
+        self.question_encoder = PackedQuestion()
+        self.tabular_encoder = nn.Sequential(nn.Linear(4, 5), Branchy())
+        self.fusion_gate = Branchy(5)
+        self.head = nn.Linear(10, 3)
+        _seeded(self)
+
+    def forward(self, tabular, question):
+        a, b = self.tabular_encoder(tabular), self.question_encoder(question)
+        return self.head(torch.cat([self.fusion_gate(a * b), a + b], 1))
+
+
+def _recurrent(n: int, seed: int = 4):
+    mods = [Tabular("tabular", columns=list("abcd")), Text("question", vocab=VOCAB)]
+    adapter = ModelAdapter(RecurrentVQA(), mods, ["x", "y", "z"])
+    g = torch.Generator().manual_seed(seed)
+    words = VOCAB[2:]
+    data = {"tabular": [torch.randn(4, generator=g) for _ in range(n)],
+            "question": [" ".join(words[int(k)] for k in torch.randint(0, 6, (1 + i % 5,), generator=g))
+                         for i in range(n)]}
+    return adapter, MultimodalDataset(data)
+
+
+def test_untraceable_submodules_are_kept_whole_and_the_split_still_holds():
+    adapter, ds = _recurrent(8)
+    split = trace_factorization(adapter.model, adapter.names)
+    # the innermost failing module only: its parent (a Sequential) is still traced through
+    assert sorted(split.opaque_modules) == ["fusion_gate", "question_encoder",
+                                            "tabular_encoder.1"]
+    assert split.from_side.count(True) >= 1 and split.from_side.count(False) >= 1
+    items = [ds[i] for i in range(len(ds))]
+    fast = _same_as_full_forwards(adapter, items)
+    assert "kept whole" in fast.params["factorization_note"]
+    assert "question_encoder" in fast.params["factorization_note"]
+    _same_as_full_forwards(adapter, items, Neuron(1))
+
+
+def test_dime_with_submodules_kept_whole_equals_dime_with_forward_passes():
+    adapter, ds = _recurrent(14, seed=5)
+    fast = _dime_pair(adapter, ds)
+    assert fast.params["factorization"] == "traced"
+    assert "kept whole" in fast.params["factorization_note"]
+
+
+def test_too_many_untraceable_submodules_mean_no_split(monkeypatch):
+    from multiviz_widgets.kernels import factorize
+    monkeypatch.setattr(factorize, "MAX_OPAQUE_MODULES", 1)
+    adapter, ds = _recurrent(6)
+    with pytest.raises(FactorizationError, match="in submodule"):
+        trace_factorization(RecurrentVQA(), adapter.names)
+    r = emap(ModelAdapter(RecurrentVQA(), list(adapter.modalities.values()), ["x", "y", "z"]),
+             [ds[i] for i in range(6)])
+    assert r.params["factorization"] == "none" and "cannot trace" in r.params["factorization_note"]

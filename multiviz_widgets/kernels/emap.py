@@ -133,11 +133,11 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
             mat, kind, why = with_split(adapter, factorized, m, lambda split: _emap_fused(
                 adapter, split, raw, n, t, out_fn, batch_size, progress, g * n * n, total))
             kinds.append(kind)
+            if why:                   # why not split, or what to know about the split used
+                notes.append(why if len(groups) == 1 else f"{m}: {why}")
             if mat is not None:
                 mats.append(mat)
                 continue
-            if why:
-                notes.append(why if len(groups) == 1 else f"{m}: {why}")
             rows = []
             for s in range(0, n * n, batch_size):
                 k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)

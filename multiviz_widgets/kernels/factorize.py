@@ -11,9 +11,11 @@ operation) then runs once on the N instances, and the *fusion* (every operation 
 sides) runs on the N^2 pairs of frontier rows. Operations that depend on no input (parameters,
 constants) go wherever they are used.
 
-Requirements, checked: the model traces with ``torch.fx`` (no data-dependent Python control
-flow), takes exactly the adapter's modalities as arguments, and every frontier value is a tensor
-whose first dimension is the batch. Whether rows really are independent cannot be read from the
+Requirements, checked: the model's own ``forward`` traces with ``torch.fx`` (no Python control
+flow on tensor values), takes exactly the adapter's modalities as arguments, and every frontier
+value is a tensor whose first dimension is the batch. A submodule that does not trace (an
+encoder that packs a padded sequence by its lengths, say) is kept whole, as one operation: the
+split still works when it reads one side only, and ``Factorization.opaque_modules`` names it. Whether rows really are independent cannot be read from the
 graph, so ``emap`` also compares fused pairs with plain forward passes before it uses them.
 Two-modality models that declare ``encode_modality``/``fuse_encodings`` do not need this.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -52,6 +54,16 @@ class Factorization:
     from_side: tuple[bool, ...]    # per frontier value: computed from ``side`` (else the others)
     fused_operations: int          # operations left in the fusion (informative)
     encoder_operations: int        # operations moved to the encoder (informative)
+    #: submodules kept whole because torch.fx cannot trace them: {qualified name: why}
+    opaque_modules: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def note(self) -> str:
+        """'' or which submodules were kept whole (informative, for a result's params)."""
+        if not self.opaque_modules:
+            return ""
+        return ("traced with submodules kept whole (torch.fx cannot trace into them): "
+                + ", ".join(self.opaque_modules))
 
     def encode(self, raw: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Frontier values of a batch {modality: [B, ...]}; raises FactorizationError when a
@@ -122,7 +134,7 @@ def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side:
            ) -> Factorization:
     if len(names) < 2:
         raise FactorizationError(f"a split needs two or more modalities, the adapter has {list(names)}")
-    graph, modality_of = _trace_graph(model, names, keyword_inputs)
+    graph, modality_of, opaque = _trace_graph(model, names, keyword_inputs)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
 
     # which of the two groups (side, others) each value depends on
@@ -157,13 +169,15 @@ def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side:
                          encoder=enc_module, fusion=fuse_module,
                          from_side=tuple(True in deps[n] for n in frontier),
                          fused_operations=_operations(fuse_module.graph),
-                         encoder_operations=_operations(enc_module.graph))
+                         encoder_operations=_operations(enc_module.graph),
+                         opaque_modules=dict(opaque))
 
 
 def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool
-                 ) -> tuple[fx.Graph, dict]:
-    """(the fx graph of model.forward with one input per modality, {input node: modality}).
-    Arguments other than the modalities keep their defaults (as in the adapter's calls)."""
+                 ) -> tuple[fx.Graph, dict, dict]:
+    """(the fx graph of model.forward with one input per modality, {input node: modality},
+    {submodule kept whole: why it could not be traced}). Arguments other than the modalities
+    keep their defaults (as in the adapter's calls)."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError) as e:
@@ -180,20 +194,26 @@ def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool
     if missing:
         raise FactorizationError(f"forward's arguments {missing} are not modalities and have no "
                                  "default")
-    # A forward that keeps values on the model (``self.last_attention = a``) would keep the
-    # tracer's proxies there: every module's attributes are put back as they were.
-    saved = [(m, dict(vars(m))) for m in model.modules()]
-    try:
-        graph = fx.symbolic_trace(model, concrete_args=fixed or None).graph
-    except Exception as e:   # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
-        raise FactorizationError(f"torch.fx cannot trace the model's forward "
-                                 f"({type(e).__name__}: {e})") from None
-    finally:
-        for m, attributes in saved:
-            state = vars(m)
-            for k in [k for k in state if k not in attributes]:
-                del state[k]
-            state.update(attributes)
+    # A submodule that torch.fx cannot trace (Python control flow on tensor values, such as
+    # packing a padded sequence by its lengths) is kept whole: called as one operation, it stays
+    # on its modality's side of the split when it reads only that modality. Each failing
+    # submodule is found by tracing again, up to MAX_OPAQUE_MODULES of them.
+    opaque: dict[str, str] = {}
+    while True:
+        tracer = _Tracer(set(opaque))
+        try:
+            graph = _restoring_attributes(
+                model, lambda: tracer.trace(model, concrete_args=fixed or None))
+            break
+        except Exception as e:   # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
+            why = f"{type(e).__name__}: {e}"
+            where = tracer.failed_in
+            if where and where not in opaque and len(opaque) < MAX_OPAQUE_MODULES:
+                opaque[where] = why
+                continue
+            inside = f" (in submodule {where!r})" if where else ""
+            raise FactorizationError(f"torch.fx cannot trace the model's forward{inside} "
+                                     f"({why})") from None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(params):
         raise FactorizationError(f"the traced forward has {len(placeholders)} inputs for "
@@ -204,7 +224,48 @@ def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool
             _erase_with_dependents(graph, node, p.name)
         else:
             modality_of[node] = names[modal.index(p.name)] if not keyword_inputs else p.name
-    return graph, modality_of
+    return graph, modality_of, opaque
+
+
+#: Submodules that may be kept whole (untraced) before a model counts as untraceable.
+MAX_OPAQUE_MODULES = 8
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping the submodules named in ``opaque`` whole, and remembering the
+    innermost submodule whose forward failed (``failed_in``; None: the model's own forward)."""
+
+    def __init__(self, opaque: set[str]):
+        super().__init__()
+        self.opaque, self.failed_in = opaque, None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.opaque or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:     # the innermost failing module is seen first
+                try:
+                    self.failed_in = self.path_of_module(m) or None
+                except NameError:          # a module that is not a submodule of the model
+                    pass
+            raise
+
+
+def _restoring_attributes(model: nn.Module, trace):
+    """trace(), then every module's attributes as they were: a forward that keeps values on the
+    model (``self.last_attention = a``) would otherwise keep the tracer's proxies there."""
+    saved = [(m, dict(vars(m))) for m in model.modules()]
+    try:
+        return trace()
+    finally:
+        for m, attributes in saved:
+            state = vars(m)
+            for k in [k for k in state if k not in attributes]:
+                del state[k]
+            state.update(attributes)
 
 
 def _erase_with_dependents(graph: fx.Graph, node: fx.Node, what: str) -> None:

@@ -36,6 +36,7 @@ class Split:
     encode: Callable[[Mapping[str, torch.Tensor]], tuple]
     from_side: tuple[bool, ...]                        # per encoded value: from the split-off modality
     fuse: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+    note: str = ""                                     # informative (e.g. submodules kept whole)
 
 
 def check_factorized(factorized) -> None:
@@ -45,15 +46,15 @@ def check_factorized(factorized) -> None:
 
 
 def with_split(adapter: ModelAdapter, factorized, side: str, build: Callable[[Split], object]
-                ) -> tuple[object | None, str, str]:
-    """(build(split), its kind, "") with the model's split of ``side`` from the others, or
+               ) -> tuple[object | None, str, str]:
+    """(build(split), its kind, its note) with the model's split of ``side`` from the others, or
     (None, "none", why not) when there is none or (for a traced split and factorized=None) when
     build finds that the split disagrees with forward passes; the rejection is remembered."""
     split, why = model_split(adapter, factorized, side)
     if split is None:
         return None, "none", why
     try:
-        return build(split), split.kind, ""
+        return build(split), split.kind, split.note
     except FactorizationError as e:
         if factorized is not None or split.kind == "declared":
             raise
@@ -75,8 +76,8 @@ def model_split(adapter: ModelAdapter, factorized, side: str) -> tuple[Split | N
     if declared and factorized != "traced":
         a, b = names
         return Split("declared", a,
-                      lambda raw: (model.encode_modality(a, raw[a]), model.encode_modality(b, raw[b])),
-                      (True, False), lambda rows: model.fuse_encodings({a: rows[0], b: rows[1]})), ""
+                     lambda raw: (model.encode_modality(a, raw[a]), model.encode_modality(b, raw[b])),
+                     (True, False), lambda rows: model.fuse_encodings({a: rows[0], b: rows[1]})), ""
     try:
         f = adapter.run(lambda: trace_factorization(model, names, adapter.keyword_inputs, side))
     except FactorizationError as e:
@@ -84,7 +85,7 @@ def model_split(adapter: ModelAdapter, factorized, side: str) -> tuple[Split | N
             return None, f"not traced: {e}"
         raise ValueError(f"factorized={factorized!r}: the model cannot be split where {side!r} "
                          f"meets the other modalities: {e}.") from None
-    return Split("traced", side, f.encode, f.from_side, f.fuse), ""
+    return Split("traced", side, f.encode, f.from_side, f.fuse, f.note), ""
 
 
 class FusedPairs:
