@@ -140,3 +140,25 @@ def _default(o):
     if isinstance(o, np.bool_):
         return bool(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: peak), or -1."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak resident set (VmHWM) to the current one; False where Linux does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -32,28 +32,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, environment, load_demo, write_json  # noqa: E402
+from common import (RESULTS, ROOT, environment, load_demo, reset_peak_rss,  # noqa: E402
+                    status_kib, write_json)
 
 from multiviz_widgets.kernels.prediction import fit_sparse_model  # noqa: E402
 from multiviz_widgets.kernels.representations import (  # noqa: E402
     StreamingExtremes, extract_features, neuron_extremes)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")          # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
 
 
 def child(args) -> dict:
@@ -76,8 +60,8 @@ def child(args) -> dict:
     ext = StreamingExtremes(k)
     import gc
     gc.collect()
-    base = _status_kib("VmRSS")
-    reset = _reset_peak()
+    base = status_kib("VmRSS")
+    reset = reset_peak_rss()
     tracemalloc.start()
     t0 = time.perf_counter()
     if run is None:
@@ -89,7 +73,7 @@ def child(args) -> dict:
     seconds = time.perf_counter() - t0
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     out = {"kind": args.child, "n": int(res.n_instances), "d": int(res.d), "k": k,
            "batch_size": b, "seconds": seconds,
            "peak_rss_growth_mib": (peak - base) / 1024 if reset else None,

@@ -583,3 +583,32 @@ def test_stage2_benchmark_writes_its_json(tmp_path):
     for variant in ("generic", "declared", "traced"):
         assert d["emap"][variant]["max_abs_difference_to_reference"] < 1e-4
         assert d["dime"][variant]["median_s"] > 0
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 1000), batch=st.integers(1, 40), factorized=st.sampled_from([None, False]))
+def test_emap_sums_pairs_chunk_by_chunk_exactly_as_the_whole_matrix(seed, batch, factorized):
+    """The pairs are summed as they come (memory O(N K)); any chunking gives EMAP of the whole
+    matrix, computed here from the kept matrix with emap_matrix."""
+    adapter = tiny_adapter(seed % 7)
+    items = [tiny_instance(seed + i) for i in range(7)]
+    r = emap(adapter, items, batch_size=batch, factorized=factorized, keep_matrix=True)
+    whole = emap_matrix(r.matrix)
+    np.testing.assert_allclose(r.emap_logits, np.diagonal(whole, axis1=0, axis2=1).T, atol=1e-9)
+    np.testing.assert_allclose(r.logits, np.diagonal(r.matrix, axis1=0, axis2=1).T, atol=0)
+    np.testing.assert_allclose(r.grand_mean, r.matrix.mean((0, 1)), atol=1e-12)
+    streamed = emap(adapter, items, batch_size=batch, factorized=factorized, keep_matrix=False)
+    assert streamed.matrix is None and "keep_matrix=False" in streamed.params["matrix_note"]
+    np.testing.assert_allclose(streamed.emap_logits, r.emap_logits, atol=1e-9)
+
+
+def test_emap_keeps_a_large_matrix_only_when_asked(monkeypatch):
+    from multiviz_widgets.kernels import emap as emap_module
+    monkeypatch.setattr(emap_module, "KEPT_MATRIX_BYTES", 100)
+    adapter = tiny_adapter(1)
+    items = [tiny_instance(i) for i in range(5)]
+    r = emap(adapter, items)                        # 5 x 5 x 3 x 8 bytes > 100
+    assert r.matrix is None and "GiB" in r.params["matrix_note"]
+    kept = emap(adapter, items, keep_matrix=True)
+    assert kept.matrix.shape == (5, 5, 3) and "matrix_note" not in kept.params
+    np.testing.assert_allclose(r.emap_logits, kept.emap_logits, atol=1e-12)
