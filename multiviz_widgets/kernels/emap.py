@@ -377,18 +377,17 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     dev = adapter.device
     total = n * n + len(names) * n + 1
     done = 0
-    grand_rows = []
     ref_pairs = [names[0]] if len(names) == 2 else names
     grands = []
     for m in ref_pairs:
-        grand_rows = []
+        pair_sum = 0.0                   # summed as they come: memory does not grow with N^2
         for s in range(0, n * n, batch_size):
             k = torch.arange(s, min(n * n, s + batch_size), device=dev)
             sel = {name: (k // n if name == m else k % n) for name in names}
-            grand_rows.append(adapter.forward(_index_raw(raw, sel)).double())
+            pair_sum = pair_sum + adapter.forward(_index_raw(raw, sel)).double().sum(0)
             done += len(k)
             report(progress, done, total, "interaction type: reference pairs")
-        grands.append(torch.cat(grand_rows).mean(0))
+        grands.append(pair_sum / (n * n))
     grand = torch.stack(grands).mean(0).cpu().numpy()
     parts = {}
     for m in names:
