@@ -12,8 +12,9 @@ sides) runs on the N^2 pairs of frontier rows. Operations that depend on no inpu
 constants) go wherever they are used.
 
 Requirements, checked: the model's own ``forward`` traces with ``torch.fx`` (no Python control
-flow on tensor values), takes exactly the adapter's modalities as arguments, and every frontier
-value is a tensor whose first dimension is the batch. A submodule that does not trace (an
+flow on tensor values), called as the adapter calls it (its other arguments keep their defaults;
+``*args`` and ``**kwargs`` are fine), and every frontier value is a tensor whose first dimension
+is the batch. A submodule that does not trace (an
 encoder that packs a padded sequence by its lengths, say) is kept whole, as one operation: the
 split still works when it reads one side only, and ``Factorization.opaque_modules`` names it. Whether rows really are independent cannot be read from the
 graph, so ``emap`` also compares fused pairs with plain forward passes before it uses them.
@@ -21,7 +22,6 @@ Two-modality models that declare ``encode_modality``/``fuse_encodings`` do not n
 """
 from __future__ import annotations
 
-import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -134,7 +134,7 @@ def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side:
            ) -> Factorization:
     if len(names) < 2:
         raise FactorizationError(f"a split needs two or more modalities, the adapter has {list(names)}")
-    graph, modality_of, opaque = _trace_graph(model, names, keyword_inputs)
+    root, graph, modality_of, opaque = _trace_graph(model, names, keyword_inputs)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
 
     # which of the two groups (side, others) each value depends on
@@ -164,7 +164,7 @@ def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side:
         if node in env or (len(deps[node]) == 1 and node.op != "output"):
             continue          # frontier values arrive as arguments; other encoder steps are not needed
         env[node] = fusion.node_copy(node, lambda n: env[n])
-    enc_module, fuse_module = _module(model, encoder), _module(model, fusion)
+    enc_module, fuse_module = _module(root, encoder), _module(root, fusion)
     return Factorization(names=names, side=side, inputs=tuple(modality_of[p] for p in placeholders),
                          encoder=enc_module, fusion=fuse_module,
                          from_side=tuple(True in deps[n] for n in frontier),
@@ -173,27 +173,26 @@ def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side:
                          opaque_modules=dict(opaque))
 
 
+class _AsTheAdapterCalls(nn.Module):
+    """model(*inputs) or model(**inputs), as ``ModelAdapter`` calls it: tracing this instead of
+    the model's ``forward`` leaves its other arguments (defaults, ``*args``, ``**kwargs``) to
+    Python, and gives one graph input per modality."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...], keyword_inputs: bool):
+        super().__init__()
+        self.model, self.names, self.keyword_inputs = model, names, keyword_inputs
+
+    def forward(self, inputs: dict):
+        if self.keyword_inputs:
+            return self.model(**{m: inputs[m] for m in self.names})
+        return self.model(*(inputs[m] for m in self.names))
+
+
 def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool
-                 ) -> tuple[fx.Graph, dict, dict]:
-    """(the fx graph of model.forward with one input per modality, {input node: modality},
-    {submodule kept whole: why it could not be traced}). Arguments other than the modalities
-    keep their defaults (as in the adapter's calls)."""
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError) as e:
-        raise FactorizationError(f"forward's signature cannot be read ({e})") from None
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-        raise FactorizationError("forward takes *args or **kwargs")
-    modal = list(names) if keyword_inputs else [p.name for p in params[:len(names)]]
-    unknown = [m for m in modal if m not in {p.name for p in params}]
-    if unknown or len(params) < len(names):
-        raise FactorizationError(f"forward's arguments {[p.name for p in params]} do not take "
-                                 f"the modalities {list(names)}")
-    fixed = {p.name: p.default for p in params if p.name not in modal}
-    missing = [k for k, v in fixed.items() if v is inspect.Parameter.empty]
-    if missing:
-        raise FactorizationError(f"forward's arguments {missing} are not modalities and have no "
-                                 "default")
+                 ) -> tuple[nn.Module, fx.Graph, dict, dict]:
+    """(the model as the adapter calls it, its fx graph, {input node: modality}, {submodule kept
+    whole: why it could not be traced})."""
+    root = _AsTheAdapterCalls(model, names, keyword_inputs)
     # A submodule that torch.fx cannot trace (Python control flow on tensor values, such as
     # packing a padded sequence by its lengths) is kept whole: called as one operation, it stays
     # on its modality's side of the split when it reads only that modality. Each failing
@@ -202,29 +201,24 @@ def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool
     while True:
         tracer = _Tracer(set(opaque))
         try:
-            graph = _restoring_attributes(
-                model, lambda: tracer.trace(model, concrete_args=fixed or None))
+            graph = _restoring_attributes(model, lambda: tracer.trace(
+                root, concrete_args={"inputs": {m: fx.PH for m in names}}))
             break
         except Exception as e:   # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
             why = f"{type(e).__name__}: {e}"
-            where = tracer.failed_in
+            where = tracer.failed_in if tracer.failed_in != "model" else None   # not the model itself
             if where and where not in opaque and len(opaque) < MAX_OPAQUE_MODULES:
                 opaque[where] = why
                 continue
-            inside = f" (in submodule {where!r})" if where else ""
+            inside = f" (in submodule {where.removeprefix('model.')!r})" if where else ""
             raise FactorizationError(f"torch.fx cannot trace the model's forward{inside} "
                                      f"({why})") from None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(params):
-        raise FactorizationError(f"the traced forward has {len(placeholders)} inputs for "
-                                 f"{len(params)} arguments")
-    modality_of = {}
-    for node, p in zip(placeholders, params):
-        if p.name in fixed:   # a default baked into the graph: drop its input and value checks
-            _erase_with_dependents(graph, node, p.name)
-        else:
-            modality_of[node] = names[modal.index(p.name)] if not keyword_inputs else p.name
-    return graph, modality_of, opaque
+    if len(placeholders) != len(names):
+        raise FactorizationError(f"the traced forward has {len(placeholders)} inputs for the "
+                                 f"{len(names)} modalities")
+    return root, graph, dict(zip(placeholders, names)), {k.removeprefix("model."): v
+                                                         for k, v in opaque.items()}
 
 
 #: Submodules that may be kept whole (untraced) before a model counts as untraceable.
@@ -266,20 +260,6 @@ def _restoring_attributes(model: nn.Module, trace):
             for k in [k for k in state if k not in attributes]:
                 del state[k]
             state.update(attributes)
-
-
-def _erase_with_dependents(graph: fx.Graph, node: fx.Node, what: str) -> None:
-    doomed, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in doomed:
-            doomed.add(n)
-            stack.extend(n.users)
-    if any(n.op == "output" for n in doomed):
-        raise FactorizationError(f"the output depends on the fixed argument {what!r}")
-    for n in reversed(list(graph.nodes)):
-        if n in doomed:
-            graph.erase_node(n)
 
 
 def _module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
