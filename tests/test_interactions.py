@@ -608,7 +608,7 @@ def test_emap_keeps_a_large_matrix_only_when_asked(monkeypatch):
     adapter = tiny_adapter(1)
     items = [tiny_instance(i) for i in range(5)]
     r = emap(adapter, items)                        # 5 x 5 x 3 x 8 bytes > 100
-    assert r.matrix is None and "GiB" in r.params["matrix_note"]
+    assert r.matrix is None and "would take 0.0 MiB" in r.params["matrix_note"]
     kept = emap(adapter, items, keep_matrix=True)
     assert kept.matrix.shape == (5, 5, 3) and "matrix_note" not in kept.params
     np.testing.assert_allclose(r.emap_logits, kept.emap_logits, atol=1e-12)

@@ -139,13 +139,13 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         sums, kinds, notes = [], [], []
         for g, m in enumerate(groups):
             acc = _PairSums(n, keep)
-            done, kind, why = with_split(adapter, factorized, m, lambda split: _emap_fused(
+            fused_sums, kind, why = with_split(adapter, factorized, m, lambda split: _emap_fused(
                 adapter, split, raw, n, t, out_fn, batch_size, acc, progress, g * n * n, total))
             kinds.append(kind)
             if why:                   # why not split, or what to know about the split used
                 notes.append(why if len(groups) == 1 else f"{m}: {why}")
-            if done is None:
-                acc = _PairSums(n, keep)          # a rejected split may have added some pairs
+            if fused_sums is None:           # no split: full forward passes of the pairs
+                acc = _PairSums(n, keep)
                 for s in range(0, n * n, batch_size):
                     k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
                     i, j = k // n, k % n     # x_m from instance i, the others from instance j
@@ -166,7 +166,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         params["factorization_note"] = "; ".join(notes)
     if len(names) == 2 and not keep:
         params["matrix_note"] = ("not kept (keep_matrix=False)" if keep_matrix is False else
-                                 f"not kept: it would take {matrix_bytes / 2**30:.1f} GiB; pass "
+                                 f"not kept: it would take {_size(matrix_bytes)}; pass "
                                  "keep_matrix=True to keep it anyway")
     checks = sum(fused) * (n + min(n, CHECKED_PAIRS))
     return EmapResult(method="emap", target=t, params=params,
@@ -180,6 +180,10 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
 
 #: emap keeps its N x N x K pair matrix by default up to this size (bytes).
 KEPT_MATRIX_BYTES = 512 * 2**20
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 class _PairSums:

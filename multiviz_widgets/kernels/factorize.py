@@ -14,10 +14,11 @@ constants) go wherever they are used.
 Requirements, checked: the model's own ``forward`` traces with ``torch.fx`` (no Python control
 flow on tensor values), called as the adapter calls it (its other arguments keep their defaults;
 ``*args`` and ``**kwargs`` are fine), and every frontier value is a tensor whose first dimension
-is the batch. A submodule that does not trace (an
-encoder that packs a padded sequence by its lengths, say) is kept whole, as one operation: the
-split still works when it reads one side only, and ``Factorization.opaque_modules`` names it. Whether rows really are independent cannot be read from the
-graph, so ``emap`` also compares fused pairs with plain forward passes before it uses them.
+is the batch. A submodule that does not trace (an encoder that packs a padded sequence by its
+lengths, say) is kept whole, as one operation: the split still works when it reads one side
+only, and ``Factorization.opaque_modules`` names it. Whether rows really are independent cannot
+be read from the graph, so ``emap`` also compares fused pairs with plain forward passes before
+it uses them.
 Two-modality models that declare ``encode_modality``/``fuse_encodings`` do not need this.
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Factorization:
 
     names: tuple[str, ...]
     side: str                      # the modality split from all the others
-    inputs: tuple[str, ...]        # the modality of each forward argument, in order
+    inputs: tuple[str, ...]        # the modality of each graph input (the adapter's order)
     encoder: fx.GraphModule
     fusion: fx.GraphModule
     from_side: tuple[bool, ...]    # per frontier value: computed from ``side`` (else the others)
