@@ -341,9 +341,16 @@ class ModelAdapter:
     def scalar(self, prepared: Prepared, continuous: Mapping[str, torch.Tensor], target: Target
                ) -> torch.Tensor:
         """f_target for a batch of continuous inputs [B, ...] of one instance: a tensor [B]."""
+        return self.target_output(prepared.raw, continuous, target)
+
+    def target_output(self, raw: Mapping[str, torch.Tensor],
+                      continuous: Mapping[str, torch.Tensor] | None, target: Target) -> torch.Tensor:
+        """f_target [B] for model inputs ``raw`` (batch B or 1), with those continuous inputs
+        replaced: a class logit, or a decision neuron's activation (the forward pass then
+        captures the decision features)."""
         if target.kind == "class":
-            return self.forward(prepared.raw, continuous)[:, target.index]
-        logits, h = self.forward(prepared.raw, continuous, features=True)
+            return self.forward(raw, continuous)[:, target.index]
+        logits, h = self.forward(raw, continuous, features=True)
         return self.output(logits, h, target)
 
     @torch.no_grad()

@@ -92,14 +92,6 @@ def modality_pair(adapter: ModelAdapter, modalities) -> tuple[str, str]:
     return pair  # type: ignore[return-value]
 
 
-def target_output(adapter: ModelAdapter, raw, continuous, target: Target) -> torch.Tensor:
-    """f_target [B] for model inputs raw (batch B or 1) with some continuous inputs replaced."""
-    if target.kind == "class":
-        return adapter.forward(raw, continuous)[:, target.index]
-    logits, h = adapter.forward(raw, continuous, features=True)
-    return adapter.output(logits, h, target)
-
-
 def positive_int(value, what: str, minimum: int = 1) -> int:
     """value, checked to be an integer of at least ``minimum`` (``what`` names it in the error)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:

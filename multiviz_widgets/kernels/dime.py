@@ -17,7 +17,7 @@ from ..data import MultimodalDataset
 from ..progress import ProgressFn
 from ..results import Result, Stopwatch
 from .common import (PERTURBATION_BATCH, masked_continuous, modality_pair, positive_int,
-                     resolve_target, sample_indices, target_output)
+                     resolve_target, sample_indices)
 from .split_model import CHECKED_PAIRS, FusedPairs, check_factorized, same_or_reject, with_split
 
 __all__ = ["DimeResult", "dime"]
@@ -61,9 +61,10 @@ class _DimeForwards:
     @torch.no_grad()
     def _run(self, raw, cont) -> torch.Tensor:
         rows = max(x.shape[0] for x in [*raw.values(), *cont.values()])
-        out = [target_output(self.adapter, {m: x[s:s + self.bs] if x.shape[0] == rows else x
-                                      for m, x in raw.items()},
-                       {m: x[s:s + self.bs] for m, x in cont.items()}, self.t).double()
+        out = [self.adapter.target_output({m: x[s:s + self.bs] if x.shape[0] == rows else x
+                                           for m, x in raw.items()},
+                                          {m: x[s:s + self.bs] for m, x in cont.items()},
+                                          self.t).double()
                for s in range(0, rows, self.bs)]
         self.cost[0] += rows
         return torch.cat(out)
@@ -96,7 +97,7 @@ class _DimeFused:
         self.n = n = next(iter(ref_raw.values())).shape[0]
         with torch.no_grad():
             self.ref = self.fused.encode(ref_raw)
-            self.fused.check(ref_raw, self.ref, lambda raw: target_output(adapter, raw, {}, target))
+            self.fused.check(ref_raw, self.ref, lambda raw: adapter.target_output(raw, {}, target))
             k = torch.arange(n * n, device=adapter.device)
             self.grand = self.fused.pairs(self.ref, self.ref, k // n, k % n).mean()
             # masked inputs enter the encoders through the continuous inputs: check that path
@@ -106,7 +107,7 @@ class _DimeFused:
                                    (torch.rand(2, prepared.n_units[m], generator=g) < 0.5).float()])
                      for m in adapter.names}
             cont = masked_continuous(prepared, masks, adapter)
-            direct = target_output(adapter, prepared.raw, cont, target).double()
+            direct = adapter.target_output(prepared.raw, cont, target).double()
             _, f = self.uc_and_f(cont)
             same_or_reject(split, f, direct)
         cost[0] += n * n + n + min(n, CHECKED_PAIRS) + len(direct)

@@ -35,7 +35,7 @@ from ..adapter import ModelAdapter, Prepared, Target
 from ..progress import ProgressFn, report
 from ..results import Interaction, Stopwatch
 from .common import (PERTURBATION_BATCH, as_prepared, evaluate_masks, modality_pair,
-                     positive_int, resolve_target, target_output)
+                     positive_int, resolve_target)
 from .dime import DimeResult, dime
 from .emap import EmapResult, emap, emap_gap, emap_matrix, interaction_type, interaction_types
 
@@ -123,7 +123,7 @@ def _sog_vmap(adapter, prepared, r, c, target, progress, phi, attribution, times
     xc1 = xc.detach().unsqueeze(0).clone().requires_grad_(True)
     report(progress, 0, n_rows, "second-order gradients")
     with torch.enable_grad():
-        f = target_output(adapter, prepared.raw, {r: xr1, c: xc1}, target)
+        f = adapter.scalar(prepared, {r: xr1, c: xc1}, target)
         g, = torch.autograd.grad(f.sum(), xr1, create_graph=True)
         g = g[0]
         if attribution == "grad_x_input":
@@ -164,7 +164,7 @@ def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, 
         xr_b = xr.detach().unsqueeze(0).repeat(k, *([1] * xr.dim())).requires_grad_(True)
         xc_b = xc.detach().unsqueeze(0).repeat(k, *([1] * xc.dim())).requires_grad_(True)
         with torch.enable_grad():
-            f = target_output(adapter, prepared.raw, {r: xr_b, c: xc_b}, target)
+            f = adapter.scalar(prepared, {r: xr_b, c: xc_b}, target)
             g, = torch.autograd.grad(f.sum(), xr_b, create_graph=True)
             if wr is not None:
                 g = g * wr
