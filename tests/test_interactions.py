@@ -580,9 +580,29 @@ def test_stage2_benchmark_writes_its_json(tmp_path):
     for k in ("speedup", "ratio_to_floor"):
         assert d["second_order"][k] > 0 and d["emap"]["generic"][k] > 0
     assert d["pairwise_ablation"]["ratio_to_floor"] > 0
+    # the measured part of the work that no exact second-order method avoids
+    assert 0 < d["second_order"]["image_gradient_rows_median_ms"]
+    assert d["second_order"]["speedup_bound"] > 0 and d["second_order"]["kernel_to_bound"] > 0
     for variant in ("generic", "declared", "traced"):
         assert d["emap"][variant]["max_abs_difference_to_reference"] < 1e-4
         assert d["dime"][variant]["median_s"] > 0
+
+
+def test_emap_scale_benchmark_writes_its_json(tmp_path):
+    pytest.importorskip("easy_vqa")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "scale.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "emap_scale.py"), "--n", "21", "30",
+                    "--threads", "1", "--out", str(out)], check=True, cwd=root,
+                   capture_output=True, text=True)
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["n"] for r in runs] == [21, 30] and [r["pairs"] for r in runs] == [441, 900]
+    for r in runs:
+        assert r["seconds"] > 0 and r["pair_matrix_mib"] > 0 and 0 <= r["agreement"] <= 1
 
 
 @settings(max_examples=6, deadline=None)
