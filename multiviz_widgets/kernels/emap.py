@@ -1,8 +1,8 @@
 """Dataset-level interaction measures built on EMAP (Hessel & Lee 2020).
 
-``emap`` computes the EMAP projection of N instances from one batched N x N output matrix
-(each modality encoded once and only the pairs fused, through ``kernels.split_model``, when the
-model can be split); ``emap_matrix`` projects a whole pair matrix; ``emap_gap`` is
+``emap`` computes the EMAP projection of N instances from the outputs of all N x N pairs,
+evaluated in batches and summed as they come (each modality encoded once and only the pairs
+fused, through ``kernels.split_model``, when the model can be split); ``emap_matrix`` projects a whole pair matrix; ``emap_gap`` is
 accuracy(f) - accuracy(EMAP(f)) over a dataset; ``interaction_type`` / ``interaction_types``
 label instances dominance, complement or conflict (M2Lens) from EMAP's unimodal parts.
 """
@@ -93,7 +93,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     """EMAP (Hessel & Lee 2020) of N instances against themselves as the reference set.
 
     instances: a list of instance dicts or a MultimodalDataset (with optional ``indices``).
-    Two modalities: one batched N x N output matrix M[i, j] = f(x_a^i, x_b^j) gives
+    Two modalities: the N x N outputs M[i, j] = f(x_a^i, x_b^j) (batched) give
     fhat[t] = mean_j M[t, j] + mean_i M[i, t] - mean M (cost N^2 forwards, chunked).
     M > 2 modalities: the first-order functional-ANOVA projection with the other modalities kept
     together, fhat[t] = sum_m mean_j f(x_m^t, x_{-m}^j) - (M - 1) grand mean (cost M N^2
