@@ -138,13 +138,12 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         report(progress, 0, total, "EMAP pairs")
         sums, kinds, notes = [], [], []
         for g, m in enumerate(groups):
-            acc = _PairSums(n, keep)
-            fused_sums, kind, why = with_split(adapter, factorized, m, lambda split: _emap_fused(
-                adapter, split, raw, n, t, out_fn, batch_size, acc, progress, g * n * n, total))
+            acc, kind, why = with_split(adapter, factorized, m, lambda split: _emap_fused(
+                adapter, split, raw, n, t, out_fn, batch_size, keep, progress, g * n * n, total))
             kinds.append(kind)
             if why:                   # why not split, or what to know about the split used
                 notes.append(why if len(groups) == 1 else f"{m}: {why}")
-            if fused_sums is None:           # no split: full forward passes of the pairs
+            if acc is None:                  # no split: full forward passes of the pairs
                 acc = _PairSums(n, keep)
                 for s in range(0, n * n, batch_size):
                     k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
@@ -218,10 +217,10 @@ class _PairSums:
 
 
 def _emap_fused(adapter: ModelAdapter, split: Split, raw: Mapping[str, torch.Tensor], n: int,
-                target: Target | None, out_fn: Callable, batch_size: int, acc: _PairSums,
+                target: Target | None, out_fn: Callable, batch_size: int, keep: bool,
                 progress: ProgressFn, done: int, total: int) -> _PairSums:
-    """Adds the N x N pairs M[i, j] = f(x_side^i, x_others^j), from encodings fused pairwise
-    (see ``emap``), to ``acc``; raises FactorizationError when fused pairs differ from plain
+    """The sums of the N x N pairs M[i, j] = f(x_side^i, x_others^j), from encodings fused
+    pairwise (see ``emap``); raises FactorizationError when fused pairs differ from plain
     forward passes (checked before the N^2 pairs). done, total: where these pairs stand in the
     whole job, for progress."""
     neuron = target is not None and target.kind == "neuron"
@@ -230,6 +229,7 @@ def _emap_fused(adapter: ModelAdapter, split: Split, raw: Mapping[str, torch.Ten
                        else (lambda logits, h: logits))
     enc = fused.encode(raw)
     fused.check(raw, enc, out_fn)
+    acc = _PairSums(n, keep)
     for s in range(0, n * n, batch_size):
         k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
         acc.add(k // n, k % n, fused.pairs(enc, enc, k // n, k % n))

@@ -40,6 +40,7 @@ class Split:
 
 
 def check_factorized(factorized) -> None:
+    """Raise a clear error unless ``factorized`` is one of the values emap and dime accept."""
     if factorized not in (None, True, False, "declared", "traced"):
         raise ValueError(f"factorized must be None, True, False, 'declared' or 'traced', got "
                          f"{factorized!r}.")
