@@ -248,7 +248,13 @@ def test_voila_renders_the_demo_and_a_click_works(voila, page):
     assert page.locator(".bqplot.figure").count() >= 2
     n_tokens = page.locator(unit_sel("question")).count()
     assert n_tokens >= 2
-    # the notebook selected token 0; a click on another token recolours the image
+    # Voila shows the Explorer while the notebook's later cells still run, and the second cell
+    # selects the word "red" (token 3 of 5). A click made before that cell runs is overridden
+    # by it, so wait for its printed output (it prints after explorer.wait()) before clicking.
+    page.get_by_text("patches that interact most").wait_for(timeout=300_000)
+    page.wait_for_selector(".mvz-input .mvz-token.mvz-selected", timeout=60_000)
+    assert page.locator(unit_sel("question", n_tokens - 1) + ".mvz-selected").count() == 0
+    # a click on another token recolours the image
     res = page.evaluate(bs.JS_CLICK_AND_WAIT, [unit_sel("question", n_tokens - 1),
                                                unit_sel("image"), 180_000, f"(#{n_tokens - 1})"])
     assert res["ok"], "the image overlay did not change after a token click in Voila"
