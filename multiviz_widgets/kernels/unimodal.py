@@ -43,9 +43,10 @@ from ..adapter import AdapterError, ModelAdapter, Prepared, Target
 from ..modalities import Modality
 from ..progress import ProgressFn, report
 from ..results import Attribution, Stopwatch
-from .common import PERTURBATION_BATCH, as_prepared, evaluate_masks, resolve_target
+from .common import (PERTURBATION_BATCH, as_prepared, evaluate_masks, positive_int,
+                     resolve_target)
 
-__all__ = ["METHODS", "AttributionMethod", "attribute", "lime_from_function",
+__all__ = ["METHODS", "AttributionMethod", "attribute", "attribute_batch", "lime_from_function",
            "kernel_shap_from_function", "integration_rule"]
 
 
@@ -355,6 +356,11 @@ class AttributionMethod:
                                  f"got {v!r}.")
         return out
 
+    @property
+    def label(self) -> str:
+        """The name as words, for progress messages ("integrated gradients")."""
+        return self.name.replace("_", " ")
+
     def cost(self, prepared: Prepared, **params) -> tuple[int, int]:
         """(forward passes, backward passes) this method needs for the instance."""
         p = self._params(params)
@@ -395,23 +401,51 @@ class AttributionMethod:
         raise NotImplementedError
 
 
-class _Gradient(AttributionMethod):
+class _GradientFamily(AttributionMethod):
+    """A method whose attribution is a weighted sum of input gradients over rows derived from the
+    instance: ``_rows`` gives those rows and weights, ``_finish`` turns the summed gradient into
+    scores and maps. ``_run`` explains one instance; ``attribute_batch`` stacks the rows of
+    many instances (or targets) into shared forward and backward passes."""
+
+    def _rows(self, prepared, names, p) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _finish(self, adapter, prepared, names, grad_sum) -> tuple[dict, dict]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _rows_per_pass(self, p) -> int:
+        return int(p.get("internal_batch_size", PERTURBATION_BATCH))
+
+    def _run(self, adapter, prepared, target, names, p, progress):
+        inputs, weights = self._rows(prepared, names, p)
+        n_rows, bs = len(weights), self._rows_per_pass(p)
+        total = {n: torch.zeros_like(prepared.continuous[n]) for n in names}
+        report(progress, 0, n_rows, self.label)
+        for s in range(0, n_rows, bs):
+            grads = _input_grads(adapter, prepared, target,
+                                 {n: x[s:s + bs] for n, x in inputs.items()}, weights[s:s + bs])
+            for n in names:
+                total[n] += grads[n].sum(0)
+            report(progress, min(n_rows, s + bs), n_rows, self.label)
+        return self._finish(adapter, prepared, names, total)
+
+
+class _Gradient(_GradientFamily):
     times_input = False
 
     def _cost(self, prepared, names, p):
         return 1, 1
 
-    def _run(self, adapter, prepared, target, names, p, progress):
-        report(progress, 0, 1, self.name)
-        x = {n: prepared.continuous[n].unsqueeze(0) for n in names}
-        grads = _input_grads(adapter, prepared, target, x)
+    def _rows(self, prepared, names, p):
+        return {n: prepared.continuous[n].unsqueeze(0) for n in names}, torch.ones(1)
+
+    def _finish(self, adapter, prepared, names, grad_sum):
         scores, maps = {}, {}
         for n in names:
-            g = grads[n][0]
+            g = grad_sum[n]
             a = g * prepared.continuous[n] if self.times_input else g
             scores[n] = _pool(adapter, prepared, n, a)
             maps[n] = adapter.modalities[n].to_map(a).detach().cpu().numpy()
-        report(progress, 1, 1, self.name)
         return scores, maps
 
 
@@ -419,34 +453,23 @@ class _GradXInput(_Gradient):
     times_input = True
 
 
-class _IntegratedGradients(AttributionMethod):
+class _IntegratedGradients(_GradientFamily):
     def _cost(self, prepared, names, p):
         return int(p["steps"]), int(p["steps"])
 
-    def _run(self, adapter, prepared, target, names, p, progress):
+    def _rows(self, prepared, names, p):
         alphas, weights = integration_rule(p["steps"], p["rule"])
-        bs = int(p["internal_batch_size"])
-        if bs < 1:
-            raise ValueError(f"internal_batch_size must be positive, got {bs}.")
-        x = {n: prepared.continuous[n] for n in names}
-        b = {n: prepared.baseline[n] for n in names}
-        diff = {n: x[n] - b[n] for n in names}
-        total = {n: torch.zeros_like(x[n]) for n in names}
-        s_all = len(alphas)
-        a_t = torch.as_tensor(alphas, dtype=torch.float32)
-        w_t = torch.as_tensor(weights, dtype=torch.float32)
-        report(progress, 0, s_all, "integrated gradients")
-        for s in range(0, s_all, bs):
-            a = a_t[s:s + bs]
-            inputs = {n: b[n].unsqueeze(0) + a.view(-1, *([1] * x[n].dim())).to(x[n])
-                      * diff[n].unsqueeze(0) for n in names}
-            grads = _input_grads(adapter, prepared, target, inputs, w_t[s:s + bs])
-            for n in names:
-                total[n] += grads[n].sum(0)
-            report(progress, min(s_all, s + bs), s_all, "integrated gradients")
+        a = torch.as_tensor(alphas, dtype=torch.float32)
+        rows = {}
+        for n in names:
+            x, b = prepared.continuous[n], prepared.baseline[n]
+            rows[n] = b.unsqueeze(0) + a.view(-1, *([1] * x.dim())).to(x) * (x - b).unsqueeze(0)
+        return rows, torch.as_tensor(weights, dtype=torch.float32)
+
+    def _finish(self, adapter, prepared, names, grad_sum):
         scores, maps = {}, {}
         for n in names:
-            attr = diff[n] * total[n]
+            attr = (prepared.continuous[n] - prepared.baseline[n]) * grad_sum[n]
             scores[n] = _pool(adapter, prepared, n, attr)
             maps[n] = adapter.modalities[n].to_map(attr).detach().cpu().numpy()
         return scores, maps
@@ -546,3 +569,205 @@ def attribute(adapter: ModelAdapter, instance, method: str = "integrated_gradien
     if not isinstance(adapter, ModelAdapter):
         raise AdapterError(f"attribute() needs a ModelAdapter, got {type(adapter).__name__}.")
     return _method(method).attribute(adapter, instance, target, progress=progress, **params)
+
+
+# --------------------------------------------------------------------------------------------
+# many instances (or targets) at once
+# --------------------------------------------------------------------------------------------
+def attribute_batch(adapter: ModelAdapter, instances, method: str = "integrated_gradients",
+                    targets=None, progress: ProgressFn = None, rows_per_pass: int | None = None,
+                    **params) -> list[Attribution]:
+    """Stage-1 attributions of many instances, or of one instance for many targets: a list with
+    one Attribution each, the same (to float rounding) as one ``attribute`` call each.
+
+    instances: a list of instance dicts or Prepared instances, a MultimodalDataset, or one
+    instance (repeated for every target). targets: None (each instance's predicted class; the
+    forward passes that find them are batched), one target for all (a class index or name, or
+    ``Neuron(j)``), or a list with one target per instance (None items: the predicted class).
+    method and params: as for ``attribute``.
+
+    Gradient methods (gradient, grad_x_input, integrated_gradients) stack the rows of all
+    instances whose inputs have the same shapes (for text: the same number of tokens, so no
+    padding changes what the model sees) into shared forward and backward passes of up to
+    ``rows_per_pass`` rows (default: the method's internal_batch_size, else 128). An instance
+    then costs about one row of a large batch instead of a whole batch of one. Like every
+    batched kernel this needs batch rows that do not affect each other (a model in eval mode).
+    Other methods already batch their perturbations; they explain one instance at a time.
+
+    Cost: the same forward and backward passes as one ``attribute`` call per instance, in
+    fewer, larger batches; each result records its own passes, and as ``seconds`` its share of
+    the call's time (in proportion to its rows). Progress counts rows (instances for
+    perturbation methods).
+    """
+    if not isinstance(adapter, ModelAdapter):
+        raise AdapterError(f"attribute_batch() needs a ModelAdapter, got {type(adapter).__name__}.")
+    m = _method(method)
+    p = m._params(params)
+    if rows_per_pass is not None:
+        rows_per_pass = positive_int(rows_per_pass, "rows_per_pass")
+    with Stopwatch() as sw:
+        preps = _prepared_list(adapter, instances, targets)
+        names = _select(adapter, preps[0], params.get("modalities"))
+        chosen, extra = _batch_targets(adapter, preps, targets,
+                                       rows_per_pass or PERTURBATION_BATCH)
+        if isinstance(m, _GradientFamily):
+            out = _gradient_batch(adapter, m, preps, chosen, names, p,
+                                  rows_per_pass or m._rows_per_pass(p), progress)
+            weight = np.array([m._cost(pr, names, p)[0] for pr in preps], dtype=np.float64)
+        else:
+            out = []
+            for k, (pr, t) in enumerate(zip(preps, chosen)):
+                out.append(m.attribute(adapter, pr, t, **params))
+                report(progress, k + 1, len(preps), m.label)
+            weight = np.array([r.seconds for r in out], dtype=np.float64)
+    shares = weight / weight.sum() if weight.sum() > 0 else np.full(len(out), 1.0 / len(out))
+    for r, share, more in zip(out, shares, extra):
+        r.seconds = float(sw.seconds * share)
+        r.forward_passes += more
+    return out
+
+
+def _prepared_list(adapter: ModelAdapter, instances, targets) -> list[Prepared]:
+    """The instances as Prepared objects (one instance is repeated once per target)."""
+    from ..data import MultimodalDataset
+
+    if isinstance(instances, (Mapping, Prepared)):
+        one = as_prepared(adapter, instances)
+        n = (len(targets) if isinstance(targets, Sequence) and not isinstance(targets, str)
+             else 1)
+        preps = [one] * n
+    elif isinstance(instances, MultimodalDataset):
+        preps = [adapter.prepare(instances[i]) for i in range(len(instances))]
+    else:
+        try:
+            items = list(instances)
+        except TypeError:
+            raise ValueError("attribute_batch takes a list of instances (dicts or Prepared), a "
+                             f"MultimodalDataset or one instance; got {type(instances).__name__}."
+                             ) from None
+        preps = [as_prepared(adapter, x) for x in items]
+    if not preps:
+        raise ValueError("attribute_batch needs at least one instance (and, for one instance, "
+                         "at least one target).")
+    return preps
+
+
+def _batch_targets(adapter: ModelAdapter, preps: Sequence[Prepared], targets, rows: int
+                   ) -> tuple[list[Target], list[int]]:
+    """One Target per instance, and the forward passes spent finding it (1 for a prediction)."""
+    n = len(preps)
+    if isinstance(targets, (Sequence, np.ndarray)) and not isinstance(targets, str):
+        wanted = list(targets)
+        if len(wanted) != n:
+            raise ValueError(f"targets has {len(wanted)} entries for {n} instances; pass one "
+                             "target per instance, one target for all, or None.")
+    else:
+        wanted = [targets] * n
+    out: list[Target | None] = [None if t is None else adapter.target(t) for t in wanted]
+    todo = [k for k, t in enumerate(out) if t is None]
+    for group in _shape_groups(adapter, [preps[k] for k in todo]):
+        for s in range(0, len(group), rows):
+            ks = [todo[g] for g in group[s:s + rows]]
+            raw = {name: torch.cat([preps[k].raw[name] for k in ks]) for name in adapter.names}
+            with torch.no_grad():
+                predicted = adapter.forward(raw).argmax(1).tolist()
+            for k, c in zip(ks, predicted):
+                out[k] = adapter.target(int(c))
+    return out, [int(t is None) for t in wanted]
+
+
+def _shape_groups(adapter: ModelAdapter, preps: Sequence[Prepared]) -> list[list[int]]:
+    """Positions of the instances whose model inputs have the same shapes, group by group."""
+    groups: dict[tuple, list[int]] = {}
+    for k, pr in enumerate(preps):
+        key = tuple((name, tuple(pr.raw[name].shape), tuple(pr.continuous[name].shape))
+                    for name in adapter.names)
+        groups.setdefault(key, []).append(k)
+    return list(groups.values())
+
+
+def _gradient_batch(adapter: ModelAdapter, m: _GradientFamily, preps: Sequence[Prepared],
+                    targets: Sequence[Target], names: Sequence[str], p: dict, rows: int,
+                    progress: ProgressFn) -> list[Attribution]:
+    """The rows of every instance in passes of up to ``rows`` rows, within each shape group."""
+    n_rows = [m._cost(pr, names, p)[0] for pr in preps]       # a gradient method: a row a pass
+    total_rows, done = sum(n_rows), 0
+    results: list[Attribution | None] = [None] * len(preps)
+    report(progress, 0, total_rows, m.label)
+    for group in _shape_groups(adapter, preps):
+        pending: dict[int, tuple[dict, torch.Tensor]] = {}   # instance -> its rows, weights
+        sums: dict[int, dict[str, torch.Tensor]] = {}
+        for chunk in _chunks(group, n_rows, rows):
+            for k, a, b in chunk:
+                if k not in pending:
+                    pending[k] = m._rows(preps[k], names, p)
+                    sums[k] = {n: torch.zeros_like(preps[k].continuous[n]) for n in names}
+            grads = _rows_grads(adapter, preps, targets, names, pending, chunk)
+            o = 0
+            for k, a, b in chunk:
+                for n in names:
+                    sums[k][n] += grads[n][o:o + b - a].sum(0)
+                o += b - a
+                if b == n_rows[k]:                   # the instance's last rows: finish it
+                    scores, maps = m._finish(adapter, preps[k], names, sums.pop(k))
+                    del pending[k]
+                    fwd, bwd = m._cost(preps[k], names, p)
+                    results[k] = Attribution(
+                        method=m.name, target=targets[k], params=dict(p, modalities=list(names)),
+                        forward_passes=fwd, backward_passes=bwd,
+                        scores={n: np.asarray(scores[n], dtype=np.float64) for n in names},
+                        maps={n: np.asarray(maps[n]) for n in names},
+                        labels={n: list(preps[k].labels[n]) for n in names})
+            done += o
+            report(progress, done, total_rows, m.label)
+    return results
+
+
+def _chunks(group: Sequence[int], n_rows: Sequence[int], rows: int):
+    """Passes of up to ``rows`` rows over the instances of a group, in order: each a list of
+    (instance, first row, end row); an instance with more rows than a pass spans several."""
+    chunk, room = [], rows
+    for k in group:
+        a = 0
+        while a < n_rows[k]:
+            b = min(n_rows[k], a + room)
+            chunk.append((k, a, b))
+            room -= b - a
+            a = b
+            if room == 0:
+                yield chunk
+                chunk, room = [], rows
+    if chunk:
+        yield chunk
+
+
+def _rows_grads(adapter: ModelAdapter, preps: Sequence[Prepared], targets: Sequence[Target],
+                names: Sequence[str], pending: Mapping[int, tuple[dict, torch.Tensor]],
+                parts: Sequence[tuple[int, int, int]]) -> dict[str, torch.Tensor]:
+    """d (sum_r w_r f_{target(r)}(row r)) / d rows for one pass: [R, ...] per explained modality."""
+    # model inputs: the explained modalities' continuous rows replace the raw inputs of all but
+    # text (whose ids still go through the embedding layer), so one raw row stands in for them
+    raw = {name: (preps[parts[0][0]].raw[name]
+                  if name in names and name not in adapter.embedding_layers else
+                  torch.cat([preps[k].raw[name].expand(b - a, *preps[k].raw[name].shape[1:])
+                             for k, a, b in parts])) for name in adapter.names}
+    leaves = {n: torch.cat([pending[k][0][n][a:b] for k, a, b in parts]).detach()
+              .requires_grad_(True) for n in names}
+    weights = torch.cat([pending[k][1][a:b] for k, a, b in parts])
+    row_targets = [targets[k] for k, a, b in parts for _ in range(b - a)]
+    index = torch.tensor([t.index for t in row_targets], device=adapter.device)
+    neuron = torch.tensor([t.kind == "neuron" for t in row_targets], device=adapter.device)
+    with torch.enable_grad():
+        if bool(neuron.any()):
+            logits, h = adapter.forward(raw, leaves, features=True)
+            if int(index[neuron].max()) >= h.shape[1]:
+                raise AdapterError(f"Neuron {int(index[neuron].max())} is out of range: the "
+                                   f"decision layer has {h.shape[1]} inputs.")
+            from_h = h.gather(1, torch.where(neuron, index, 0)[:, None])[:, 0]
+            from_logits = logits.gather(1, torch.where(neuron, 0, index)[:, None])[:, 0]
+            out = torch.where(neuron, from_h, from_logits)
+        else:
+            out = adapter.forward(raw, leaves).gather(1, index[:, None])[:, 0]
+        grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=weights.to(out),
+                                    allow_unused=True)
+    return {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(leaves, grads)}
