@@ -28,6 +28,12 @@ measurably (within 3%).
 
 Every per-instance timing is kept in the JSON (``instances``) to show the spread.
 
+Many instances at once (``stage1.batched``, gradient methods, informative): ``attribute_batch``
+over --batched-n other test questions (stacking the rows of questions of equal length into
+shared passes) against one ``attribute`` call per instance on the same prepared instances, back
+to back in --batched-rounds rounds (order reversed every other round), with the floors measured
+next to each round; per-instance time = the call's time / the instances.
+
 Stage 2 (``benchmarks/kernels_stage2.py``, written separately): merged under "stage2" when present.
 
     python benchmarks/kernels.py --n 20 --out benchmarks/results/kernels.json
@@ -35,6 +41,7 @@ Stage 2 (``benchmarks/kernels_stage2.py``, written separately): merged under "st
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import warnings
 import importlib.util
 import sys
@@ -50,7 +57,8 @@ from common import (FLOOR_BATCHES, RESULTS, environment, load_demo, median,  # n
                     shape_or_color_indices, timed, write_json)
 
 from multiviz_widgets.kernels.common import PERTURBATION_BATCH  # noqa: E402
-from multiviz_widgets.kernels.unimodal import attribute, integration_rule  # noqa: E402
+from multiviz_widgets.kernels.unimodal import (  # noqa: E402
+    attribute, attribute_batch, integration_rule)
 
 BATCH = PERTURBATION_BATCH   # the kernels' default; captum gets the same perturbations_per_eval
 #: method -> (our parameters, target median in ms or None)
@@ -307,6 +315,55 @@ def _summary(method: str, params: dict, target_ms, rows: list[dict]) -> dict:
     return entry
 
 
+def run_batched(adapter, dataset, n: int, rounds: int, seed: int, fwd_batch: int,
+                fb_batch: int, methods=None) -> dict:
+    """Gradient methods explaining ``n`` instances in one ``attribute_batch`` call against one
+    ``attribute`` call each (same prepared instances and predicted classes), per instance."""
+    methods = [m for m in (methods or STAGE1) if m in PASSES_NOTE]
+    indices = shape_or_color_indices(dataset, n, seed=seed + 1)
+    prepared = [adapter.prepare(dataset[int(i)]) for i in indices]
+    targets = [int(adapter.predict(p.raw).argmax(1)[0]) for p in prepared]
+    # attribute_batch stacks instances whose inputs have equal shapes (questions of one length)
+    groups = sorted(Counter(tuple(tuple(v.shape) for v in p.continuous.values())
+                            for p in prepared).values(), reverse=True)
+    out = {"n": len(prepared), "rounds": rounds, "shape_groups": groups, "methods": {}}
+    for m in methods:
+        params = STAGE1[m][0]
+        attribute_batch(adapter, prepared[:8], m, targets=targets[:8], **params)   # warm-up
+        calls = [("batched", lambda: attribute_batch(adapter, prepared, m, targets=targets,
+                                                     **params)),
+                 ("single", lambda: [attribute(adapter, p, m, target=t, **params)
+                                     for p, t in zip(prepared, targets)])]
+        rows = []
+        for r in range(rounds):
+            got = {who: timed(fn)[0] / len(prepared)
+                   for who, fn in (calls if r % 2 == 0 else calls[::-1])}
+            fwd = per_sample_forward_ms(adapter, prepared[0], batch=fwd_batch,
+                                        repeats=FLOOR_REPEATS)
+            fb = per_sample_forward_backward_ms(adapter, prepared[0], target=targets[0],
+                                                batch=fb_batch, repeats=FLOOR_REPEATS)
+            res = attribute(adapter, prepared[0], m, target=targets[0], **params)
+            f, b = res.forward_passes, res.backward_passes
+            rows.append({"batched_ms": got["batched"], "single_ms": got["single"],
+                         "floor_ms": f * fwd, "floor_fwd_bwd_ms": b * fb + (f - b) * fwd})
+        med = {k: median([row[k] for row in rows]) for k in rows[0]}
+        entry = {"ms_per_instance_batched": med["batched_ms"],
+                 "ms_per_instance_single": med["single_ms"],
+                 "speedup_over_single": median([r["single_ms"] / r["batched_ms"] for r in rows]),
+                 "floor_ms": med["floor_ms"],
+                 "ratio_to_floor": median([r["batched_ms"] / r["floor_ms"] for r in rows]),
+                 "floor_fwd_bwd_ms": med["floor_fwd_bwd_ms"],
+                 "ratio_to_fwd_bwd_floor": median([r["batched_ms"] / r["floor_fwd_bwd_ms"]
+                                                   for r in rows]),
+                 "rounds": [{k: _sig(v) for k, v in r.items()} for r in rows]}
+        out["methods"][m] = entry
+        print(f"{m:22s} {len(prepared)} at once {entry['ms_per_instance_batched']:7.3f} ms each"
+              f"  one by one {entry['ms_per_instance_single']:7.3f} ms  (x"
+              f"{entry['speedup_over_single']:4.1f})  floor x{entry['ratio_to_floor']:5.2f}"
+              f"  fwd+bwd floor x{entry['ratio_to_fwd_bwd_floor']:5.2f}", flush=True)
+    return out
+
+
 def run_stage2(adapter, dataset, indices, repeats: int) -> dict:
     path = Path(__file__).resolve().parent / "kernels_stage2.py"
     if not path.is_file():
@@ -331,6 +388,9 @@ def main(argv=None) -> dict:
                     help="batch of the passes that set the per-sample floors (default: the "
                          "fastest per sample of 32..512, chosen once at the start)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batched-n", type=int, default=256,
+                    help="instances explained at once by attribute_batch (0: skip)")
+    ap.add_argument("--batched-rounds", type=int, default=3)
     ap.add_argument("--out", default=str(RESULTS / "kernels.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -350,6 +410,12 @@ def main(argv=None) -> dict:
                            "gradient_methods": GRADIENT_METHODS_NOTE},
               "stage1": run_stage1(adapter, dataset, indices, args.repeats, args.methods,
                                    args.floor_batch)}
+    if args.batched_n > 0:
+        s1 = result["stage1"]
+        with threadpool_limits(1, user_api="blas"):
+            s1["batched"] = run_batched(adapter, dataset, args.batched_n, args.batched_rounds,
+                                        args.seed, s1["floor_batch"], s1["floor_batch_fwd_bwd"],
+                                        args.methods)
     if not args.no_stage2:
         result["stage2"] = run_stage2(adapter, dataset, indices, args.repeats)
     path = write_json(args.out, result)

@@ -696,28 +696,35 @@ def _gradient_batch(adapter: ModelAdapter, m: _GradientFamily, preps: Sequence[P
     report(progress, 0, total_rows, m.label)
     for group in _shape_groups(adapter, preps):
         pending: dict[int, tuple[dict, torch.Tensor]] = {}   # instance -> its rows, weights
-        sums: dict[int, dict[str, torch.Tensor]] = {}
+        carried: dict[int, dict[str, torch.Tensor]] = {}     # sums of an instance's earlier passes
         for chunk in _chunks(group, n_rows, rows):
             for k, a, b in chunk:
                 if k not in pending:
                     pending[k] = m._rows(preps[k], names, p)
-                    sums[k] = {n: torch.zeros_like(preps[k].continuous[n]) for n in names}
             grads = _rows_grads(adapter, preps, targets, names, pending, chunk)
+            owner = torch.repeat_interleave(torch.arange(len(chunk)),
+                                            torch.tensor([b - a for _, a, b in chunk]))
+            sums = {n: torch.zeros(len(chunk), *g.shape[1:], dtype=g.dtype, device=g.device)
+                    .index_add_(0, owner.to(g.device), g) for n, g in grads.items()}
             o = 0
-            for k, a, b in chunk:
-                for n in names:
-                    sums[k][n] += grads[n][o:o + b - a].sum(0)
+            for slot, (k, a, b) in enumerate(chunk):
                 o += b - a
-                if b == n_rows[k]:                   # the instance's last rows: finish it
-                    scores, maps = m._finish(adapter, preps[k], names, sums.pop(k))
-                    del pending[k]
-                    fwd, bwd = m._cost(preps[k], names, p)
-                    results[k] = Attribution(
-                        method=m.name, target=targets[k], params=dict(p, modalities=list(names)),
-                        forward_passes=fwd, backward_passes=bwd,
-                        scores={n: np.asarray(scores[n], dtype=np.float64) for n in names},
-                        maps={n: np.asarray(maps[n]) for n in names},
-                        labels={n: list(preps[k].labels[n]) for n in names})
+                part = {n: sums[n][slot] for n in names}
+                if k in carried:
+                    before = carried.pop(k)
+                    part = {n: before[n] + part[n] for n in names}
+                if b < n_rows[k]:                    # more of its rows come in the next pass
+                    carried[k] = part
+                    continue
+                scores, maps = m._finish(adapter, preps[k], names, part)
+                del pending[k]
+                fwd, bwd = m._cost(preps[k], names, p)
+                results[k] = Attribution(
+                    method=m.name, target=targets[k], params=dict(p, modalities=list(names)),
+                    forward_passes=fwd, backward_passes=bwd,
+                    scores={n: np.asarray(scores[n], dtype=np.float64) for n in names},
+                    maps={n: np.asarray(maps[n]) for n in names},
+                    labels={n: list(preps[k].labels[n]) for n in names})
             done += o
             report(progress, done, total_rows, m.label)
     return results
