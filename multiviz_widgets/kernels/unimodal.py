@@ -419,13 +419,13 @@ class _GradientFamily(AttributionMethod):
     def _run(self, adapter, prepared, target, names, p, progress):
         inputs, weights = self._rows(prepared, names, p)
         n_rows, bs = len(weights), self._rows_per_pass(p)
-        total = {n: torch.zeros_like(prepared.continuous[n]) for n in names}
+        total = None
         report(progress, 0, n_rows, self.label)
         for s in range(0, n_rows, bs):
             grads = _input_grads(adapter, prepared, target,
                                  {n: x[s:s + bs] for n, x in inputs.items()}, weights[s:s + bs])
-            for n in names:
-                total[n] += grads[n].sum(0)
+            part = {n: g[0] if g.shape[0] == 1 else g.sum(0) for n, g in grads.items()}
+            total = part if total is None else {n: total[n] + part[n] for n in names}
             report(progress, min(n_rows, s + bs), n_rows, self.label)
         return self._finish(adapter, prepared, names, total)
 
