@@ -95,3 +95,26 @@ def test_readme_speed_table_is_the_committed_benchmark():
         assert float(cells[2]) == round(m["ratio_ours_captum"], 2), (key, cells[2])
         checked.add(key)
     assert checked == set(names)
+
+
+def test_readme_batched_table_is_the_committed_benchmark():
+    """The README's "many instances at once" table shows stage1.batched of kernels.json."""
+    import json
+    batched = json.loads((README.parent / "benchmarks" / "results" / "kernels.json")
+                         .read_text(encoding="utf-8"))["stage1"]["batched"]
+    names = {"gradient x input": "grad_x_input", "gradient": "gradient",
+             "integrated gradients": "integrated_gradients"}
+    rows = _table_after(README.read_text(encoding="utf-8"), "**Many instances at once.**")
+    checked = set()
+    for cells in rows:
+        key = next(k for k in names if cells[0].startswith(k))
+        m = batched["methods"][names[key]]
+        shown = [float(c.removesuffix(" ms").removesuffix("x")) for c in cells[1:6]]
+        wanted = [m["ms_per_instance_batched"], m["ms_per_instance_single"],
+                  m["speedup_over_single"], m["ratio_to_floor"], m["ratio_to_fwd_bwd_floor"]]
+        for s, w in zip(shown, wanted):
+            assert abs(s - w) <= 0.051 * w + 0.005, (key, shown, wanted)
+        checked.add(key)
+    assert checked == set(names)
+    assert f"{batched['n']} other test questions" in " ".join(README.read_text(encoding="utf-8")
+                                                               .split())

@@ -42,7 +42,8 @@ def test_faithfulness_writes_the_promised_json(tmp_path, has_easy_vqa):
 def test_kernels_benchmark_writes_ratios_and_floors(tmp_path, has_easy_vqa):
     out = tmp_path / "k.json"
     load("kernels").main(["--n", "1", "--methods", "gradient", "occlusion", "--no-stage2",
-                          "--floor-batch", "32", "--out", str(out)])
+                          "--floor-batch", "32", "--batched-n", "6", "--batched-rounds", "1",
+                          "--out", str(out)])
     d = json.loads(out.read_text())
     for m in ("gradient", "occlusion"):
         e = d["stage1"]["methods"][m]
@@ -50,3 +51,10 @@ def test_kernels_benchmark_writes_ratios_and_floors(tmp_path, has_easy_vqa):
                   "floor_ms", "ratio_to_floor", "target_ms", "pass"):
             assert k in e
     assert d["stage1"]["methods"]["occlusion"]["forward_passes"] > 60
+    batched = d["stage1"]["batched"]                 # gradient methods only
+    assert batched["n"] == 6 and sum(batched["shape_groups"]) == 6
+    assert set(batched["methods"]) == {"gradient"}
+    e = batched["methods"]["gradient"]
+    assert e["ms_per_instance_batched"] > 0 and e["speedup_over_single"] > 0
+    assert e["ratio_to_fwd_bwd_floor"] == pytest.approx(
+        e["rounds"][0]["batched_ms"] / e["rounds"][0]["floor_fwd_bwd_ms"], rel=2e-3)
