@@ -121,6 +121,16 @@ def unit_sel(modality: str, unit: int | None = None) -> str:
     return sel if unit is None else sel + f"[data-unit='{unit}']"
 
 
+def _input_view_state(page) -> dict:
+    """What the input view shows (for a failure message): captions, selection, render count."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll('.mvz-input')).map(r => ({
+      renders: r.dataset.renderCount,
+      caption: (r.querySelector('.mvz-caption') || {}).textContent,
+      scoreCaption: (r.querySelector('.mvz-score-caption') || {}).textContent,
+      selected: Array.from(r.querySelectorAll('.mvz-selected')).map(
+        e => e.dataset.modality + ':' + e.dataset.unit)}))""")
+
+
 def dom_scores(page, modality: str) -> list[float | None]:
     """data-score of every unit of a modality, in unit order (one element per unit)."""
     rows = page.eval_on_selector_all(
@@ -248,16 +258,16 @@ def test_voila_renders_the_demo_and_a_click_works(voila, page):
     assert page.locator(".bqplot.figure").count() >= 2
     n_tokens = page.locator(unit_sel("question")).count()
     assert n_tokens >= 2
-    # Voila shows the Explorer while the notebook's later cells still run, and the second cell
-    # selects the word "red" (token 3 of 5). A click made before that cell runs is overridden
-    # by it, so wait for its printed output (it prints after explorer.wait()) before clicking.
+    # the notebook ran to its end: the second cell printed, and its selection of the word "red"
+    # (token 3 of 5) shows in the page
     page.get_by_text("patches that interact most").wait_for(timeout=300_000)
     page.wait_for_selector(".mvz-input .mvz-token.mvz-selected", timeout=60_000)
     assert page.locator(unit_sel("question", n_tokens - 1) + ".mvz-selected").count() == 0
     # a click on another token recolours the image
     res = page.evaluate(bs.JS_CLICK_AND_WAIT, [unit_sel("question", n_tokens - 1),
                                                unit_sel("image"), 180_000, f"(#{n_tokens - 1})"])
-    assert res["ok"], "the image overlay did not change after a token click in Voila"
+    assert res["ok"], ("the image overlay did not change after a token click in Voila; the page "
+                       f"then showed: {_input_view_state(page)}\nvoila log:\n{voila.log()[-3000:]}")
     page.wait_for_selector(unit_sel("question", n_tokens - 1) + ".mvz-selected")
     assert "interaction" in page.locator(".mvz-input .mvz-score-caption").text_content()
     assert not dialogs
