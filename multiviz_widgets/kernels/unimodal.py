@@ -2,6 +2,8 @@
 
 ``attribute(adapter, instance, method=..., target=...)`` returns an :class:`Attribution` holding,
 for each explained modality, per-unit scores, a full-resolution map and the cost it took.
+``attribute_batch(adapter, instances, method=..., targets=...)`` returns one per instance (or
+per target of one instance), the gradient methods sharing their forward and backward passes.
 
 Methods (see METHODS.md):
 
