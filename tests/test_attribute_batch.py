@@ -133,6 +133,15 @@ def test_ig_completeness_holds_for_each_batched_instance(it_many):
 
 
 # -- errors -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("as_type", [list, tuple, np.array, torch.tensor])
+def test_targets_may_be_a_list_tuple_array_or_tensor(it_many, as_type):
+    adapter, instances = it_many
+    many = attribute_batch(adapter, instances[0], "gradient", targets=as_type([2, 0, 1]))
+    assert [r.target.index for r in many] == [2, 0, 1]
+    many = attribute_batch(adapter, instances[:3], "gradient", targets=as_type([1, 1, 0]))
+    assert [r.target.index for r in many] == [1, 1, 0]
+
+
 def test_targets_of_the_wrong_length_say_so(it_many):
     adapter, instances = it_many
     with pytest.raises(ValueError, match="targets has 2 entries for 3 instances"):

@@ -635,9 +635,8 @@ def _prepared_list(adapter: ModelAdapter, instances, targets) -> list[Prepared]:
 
     if isinstance(instances, (Mapping, Prepared)):
         one = as_prepared(adapter, instances)
-        n = (len(targets) if isinstance(targets, Sequence) and not isinstance(targets, str)
-             else 1)
-        preps = [one] * n
+        listed = _target_list(targets)
+        preps = [one] * (1 if listed is None else len(listed))
     elif isinstance(instances, MultimodalDataset):
         preps = [adapter.prepare(instances[i]) for i in range(len(instances))]
     else:
@@ -654,12 +653,22 @@ def _prepared_list(adapter: ModelAdapter, instances, targets) -> list[Prepared]:
     return preps
 
 
+def _target_list(targets) -> list | None:
+    """targets as a list when it holds one target per instance (a list, tuple, array or 1-D
+    tensor), else None (one target for all: None, an index, a name or a Target)."""
+    if isinstance(targets, (np.ndarray, torch.Tensor)):
+        return [t.item() for t in targets.reshape(-1)] if targets.ndim > 0 else None
+    if isinstance(targets, Sequence) and not isinstance(targets, str):
+        return list(targets)
+    return None
+
+
 def _batch_targets(adapter: ModelAdapter, preps: Sequence[Prepared], targets, rows: int
                    ) -> tuple[list[Target], list[int]]:
     """One Target per instance, and the forward passes spent finding it (1 for a prediction)."""
     n = len(preps)
-    if isinstance(targets, (Sequence, np.ndarray)) and not isinstance(targets, str):
-        wanted = list(targets)
+    wanted = _target_list(targets)
+    if wanted is not None:
         if len(wanted) != n:
             raise ValueError(f"targets has {len(wanted)} entries for {n} instances; pass one "
                              "target per instance, one target for all, or None.")
