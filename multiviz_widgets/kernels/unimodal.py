@@ -773,19 +773,17 @@ def _rows_grads(adapter: ModelAdapter, preps: Sequence[Prepared], targets: Seque
               .requires_grad_(True) for n in names}
     weights = torch.cat([pending[k][1][a:b] for k, a, b in parts])
     row_targets = [targets[k] for k, a, b in parts for _ in range(b - a)]
-    index = torch.tensor([t.index for t in row_targets], device=adapter.device)
-    neuron = torch.tensor([t.kind == "neuron" for t in row_targets], device=adapter.device)
     with torch.enable_grad():
-        if bool(neuron.any()):
-            logits, h = adapter.forward(raw, leaves, features=True)
-            if int(index[neuron].max()) >= h.shape[1]:
-                raise AdapterError(f"Neuron {int(index[neuron].max())} is out of range: the "
-                                   f"decision layer has {h.shape[1]} inputs.")
-            from_h = h.gather(1, torch.where(neuron, index, 0)[:, None])[:, 0]
-            from_logits = logits.gather(1, torch.where(neuron, 0, index)[:, None])[:, 0]
-            out = torch.where(neuron, from_h, from_logits)
-        else:
-            out = adapter.forward(raw, leaves).gather(1, index[:, None])[:, 0]
+        features = any(t.kind == "neuron" for t in row_targets)
+        res = adapter.forward(raw, leaves, features=features)
+        logits, h = res if features else (res, None)
+        pieces, rows_of = [], []                 # each distinct target's rows, then row order
+        for t in dict.fromkeys(row_targets):
+            rows_t = torch.tensor([r for r, u in enumerate(row_targets) if u == t],
+                                  device=logits.device)
+            pieces.append(adapter.output(logits, h, t)[rows_t])
+            rows_of.append(rows_t)
+        out = torch.cat(pieces)[torch.argsort(torch.cat(rows_of))]
         grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=weights.to(out),
                                     allow_unused=True)
     return {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(leaves, grads)}
