@@ -58,7 +58,7 @@ from common import (FLOOR_BATCHES, RESULTS, environment, load_demo, median,  # n
 
 from multiviz_widgets.kernels.common import PERTURBATION_BATCH  # noqa: E402
 from multiviz_widgets.kernels.unimodal import (  # noqa: E402
-    attribute, attribute_batch, integration_rule)
+    METHODS, attribute, attribute_batch, integration_rule)
 
 BATCH = PERTURBATION_BATCH   # the kernels' default; captum gets the same perturbations_per_eval
 #: method -> (our parameters, target median in ms or None)
@@ -334,6 +334,7 @@ def run_batched(adapter, dataset, n: int, rounds: int, seed: int, fwd_batch: int
                                                      **params)),
                  ("single", lambda: [attribute(adapter, p, m, target=t, **params)
                                      for p, t in zip(prepared, targets)])]
+        f, b = METHODS[m].cost(prepared[0], **params)       # passes per instance
         rows = []
         for r in range(rounds):
             got = {who: timed(fn)[0] / len(prepared)
@@ -342,8 +343,6 @@ def run_batched(adapter, dataset, n: int, rounds: int, seed: int, fwd_batch: int
                                         repeats=FLOOR_REPEATS)
             fb = per_sample_forward_backward_ms(adapter, prepared[0], target=targets[0],
                                                 batch=fb_batch, repeats=FLOOR_REPEATS)
-            res = attribute(adapter, prepared[0], m, target=targets[0], **params)
-            f, b = res.forward_passes, res.backward_passes
             rows.append({"batched_ms": got["batched"], "single_ms": got["single"],
                          "floor_ms": f * fwd, "floor_fwd_bwd_ms": b * fb + (f - b) * fwd})
         med = {k: median([row[k] for row in rows]) for k in rows[0]}
