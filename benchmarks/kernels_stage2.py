@@ -10,8 +10,9 @@
 * The second-order token x patch matrix (one batched forward + double backward) against a
   per-token autograd loop (a forward, a backward with create_graph and a second backward for
   every token); target: >= 10x faster, < 300 ms (median over the instances). Informative
-  beside it: the loop of the original MultiViz code (``sog_shared_graph_loop``: one forward and
-  one create_graph backward shared by all tokens, then a second backward per token), and
+  beside it: the loop of the original MultiViz code (``sog_per_token_loop(...,
+  shared_graph=True)``: one forward and one create_graph backward shared by all tokens, then a
+  second backward per token), and
   ``speedup_bound``, the loop's time over the part of the work that no exact method avoids (the
   image encoder's forward and one batched vector-Jacobian product per token row), i.e. the best
   speedup any implementation could reach on this model.
@@ -73,43 +74,35 @@ def emap_unbatched(adapter, instances, pairs=None) -> tuple[np.ndarray, int]:
     return fhat, total
 
 
-def sog_per_token_loop(adapter, prepared, target, image: str, text: str) -> np.ndarray:
-    """Second-order matrix [U_image, U_text], one token at a time (forward + double backward)."""
+def sog_per_token_loop(adapter, prepared, target, image: str, text: str,
+                       shared_graph: bool = False) -> np.ndarray:
+    """Second-order matrix [U_image, U_text], one token at a time: a forward pass, a backward
+    with create_graph and a second backward for every token. ``shared_graph``: as the original
+    MultiViz code does it (``get_double_grad`` in its structured-framework/analysis/
+    gradientbased.py), one forward and one create_graph backward shared by all tokens, then
+    one second backward per token through that graph."""
     xi, xt = prepared.continuous[image], prepared.continuous[text]
     it, ii = prepared.index[text], prepared.index[image]
     mod_i = adapter.modalities[image]
     # the kernel's default direction per token: all-ones, or (x - baseline) for embedded tokens
     direction = ((xt - prepared.baseline[text]) if adapter.modalities[text].weigh_units_by_input
                  else torch.ones_like(xt))
-    cols = []
-    for u in range(prepared.n_units[text]):
+
+    def first_order():
         ci = xi.detach().unsqueeze(0).clone().requires_grad_(True)
         ct = xt.detach().unsqueeze(0).clone().requires_grad_(True)
         f = adapter.scalar(prepared, {image: ci, text: ct}, target)
         g, = torch.autograd.grad(f.sum(), ct, create_graph=True)
-        a_u = (g[0] * (it == u) * direction).sum()
-        h, = torch.autograd.grad(a_u, ci)
-        cols.append(mod_i.pool(h.detach(), xi, ii)[0])
-    return torch.stack(cols, 1).double().numpy()
+        return ci, g
 
-
-def sog_shared_graph_loop(adapter, prepared, target, image: str, text: str) -> np.ndarray:
-    """The same matrix as the original MultiViz code computes it (``get_double_grad`` in its
-    structured-framework/analysis/gradientbased.py): one forward and one backward with
-    create_graph, then one second backward per token through that shared graph."""
-    xi, xt = prepared.continuous[image], prepared.continuous[text]
-    it, ii = prepared.index[text], prepared.index[image]
-    mod_i = adapter.modalities[image]
-    direction = ((xt - prepared.baseline[text]) if adapter.modalities[text].weigh_units_by_input
-                 else torch.ones_like(xt))
-    ci = xi.detach().unsqueeze(0).clone().requires_grad_(True)
-    ct = xt.detach().unsqueeze(0).clone().requires_grad_(True)
-    f = adapter.scalar(prepared, {image: ci, text: ct}, target)
-    g, = torch.autograd.grad(f.sum(), ct, create_graph=True)
+    if shared_graph:
+        ci, g = first_order()
     cols = []
     for u in range(prepared.n_units[text]):
+        if not shared_graph:
+            ci, g = first_order()
         a_u = (g[0] * (it == u) * direction).sum()
-        h, = torch.autograd.grad(a_u, ci, retain_graph=True)
+        h, = torch.autograd.grad(a_u, ci, retain_graph=shared_graph)
         cols.append(mod_i.pool(h.detach(), xi, ii)[0])
     return torch.stack(cols, 1).double().numpy()
 
@@ -195,7 +188,8 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
             ms, ref = timed(lambda: sog_per_token_loop(adapter, p, t, image, text))
             loop_ms.append(ms)
             sog_err.append(float(np.abs(ref - r.matrix).max() / max(np.abs(ref).max(), 1e-12)))
-            ms, ref = timed(lambda: sog_shared_graph_loop(adapter, p, t, image, text))
+            ms, ref = timed(lambda: sog_per_token_loop(adapter, p, t, image, text,
+                                                         shared_graph=True))
             shared_ms.append(ms)
             sog_err.append(float(np.abs(ref - r.matrix).max() / max(np.abs(ref).max(), 1e-12)))
             bound = image_gradient_rows_ms(adapter, p, image, p.n_units[text])

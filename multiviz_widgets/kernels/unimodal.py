@@ -615,7 +615,7 @@ def attribute_batch(adapter: ModelAdapter, instances, method: str = "integrated_
         if isinstance(m, _GradientFamily):
             out = _gradient_batch(adapter, m, preps, chosen, names, p,
                                   rows_per_pass or m._rows_per_pass(p), progress)
-            weight = np.array([m._cost(pr, names, p)[0] for pr in preps], dtype=np.float64)
+            weight = np.array([r.forward_passes for r in out], dtype=np.float64)   # its rows
         else:
             out = []
             for k, (pr, t) in enumerate(zip(preps, chosen)):
@@ -701,7 +701,7 @@ def _gradient_batch(adapter: ModelAdapter, m: _GradientFamily, preps: Sequence[P
                     targets: Sequence[Target], names: Sequence[str], p: dict, rows: int,
                     progress: ProgressFn) -> list[Attribution]:
     """The rows of every instance in passes of up to ``rows`` rows, within each shape group."""
-    n_rows = [m._cost(pr, names, p)[0] for pr in preps]       # a gradient method: a row a pass
+    n_rows = [m._cost(pr, names, p)[0] for pr in preps]   # a row = a forward + a backward
     total_rows, done = sum(n_rows), 0
     results: list[Attribution | None] = [None] * len(preps)
     report(progress, 0, total_rows, m.label)
@@ -729,10 +729,9 @@ def _gradient_batch(adapter: ModelAdapter, m: _GradientFamily, preps: Sequence[P
                     continue
                 scores, maps = m._finish(adapter, preps[k], names, part)
                 del pending[k]
-                fwd, bwd = m._cost(preps[k], names, p)
                 results[k] = Attribution(
                     method=m.name, target=targets[k], params=dict(p, modalities=list(names)),
-                    forward_passes=fwd, backward_passes=bwd,
+                    forward_passes=n_rows[k], backward_passes=n_rows[k],
                     scores={n: np.asarray(scores[n], dtype=np.float64) for n in names},
                     maps={n: np.asarray(maps[n]) for n in names},
                     labels={n: list(preps[k].labels[n]) for n in names})
