@@ -234,7 +234,9 @@ class ModelAdapter:
         cont = {k: v[0] for k, v in self.continuous(raw).items()}
         base_raw = {n: m.baseline_raw(raw[n][0]).unsqueeze(0) for n, m in self.modalities.items()}
         base = {k: v[0] for k, v in self.continuous(base_raw).items()}
-        index = {n: m.unit_index(cont[n]) for n, m in self.modalities.items()}
+        # contiguous once here: modalities may return broadcast views, and every kernel
+        # flattens the index (a copy per call otherwise)
+        index = {n: m.unit_index(cont[n]).contiguous() for n, m in self.modalities.items()}
         n_units = {n: int(index[n].max()) + 1 for n in self.names}
         labels = {n: m.describe_units(instance[n], raw[n][0]) for n, m in self.modalities.items()}
         h = hashlib.sha256()

@@ -67,6 +67,10 @@ def test_prepared_instances_have_consistent_units():
     assert p.baseline["image"].shape == p.continuous["image"].shape
     assert p.key == a.prepare(INSTANCE).key
     assert p.key != a.prepare({**INSTANCE, "question": "what is it"}).key
+    # the unit index is stored contiguous: kernels flatten it on every call, and a
+    # modality's broadcast view would be copied each time
+    assert all(i.is_contiguous() for i in p.index.values())
+    assert p.index["image"].shape == p.continuous["image"].shape
 
 
 def test_fingerprint_handles_zero_dimensional_buffers():
