@@ -379,7 +379,9 @@ def run_stage2(adapter, dataset, indices, repeats: int) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=20, help="instances (median over them; >= 20)")
-    ap.add_argument("--repeats", type=int, default=1, help="timings per instance and method")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timings per instance and method (3: a ratio near 1 moved by 0.1 between "
+                         "single-timing runs on this noisy machine)")
     ap.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(STAGE1)}")
     ap.add_argument("--no-stage2", action="store_true", help="skip benchmarks/kernels_stage2.py")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2 cores)")
