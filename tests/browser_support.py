@@ -8,6 +8,7 @@ execute code in its kernel and read back what it printed.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import contextlib
 import json
 import os
@@ -35,8 +36,10 @@ def missing_requirements() -> str | None:
     if not pathlib.Path(CHROMIUM).exists():
         return f"Chromium not found at {CHROMIUM} (make chromium)"
     try:
-        import playwright.sync_api  # noqa: F401
+        found = importlib.util.find_spec("playwright.sync_api") is not None
     except ImportError:
+        found = False
+    if not found:
         return "playwright (Python) is not installed"
     if not (REPO / "multiviz_widgets" / "static" / "input_view.js").is_file():
         return "the JavaScript bundle is not built (make js)"
