@@ -48,9 +48,13 @@ def shape_or_color_indices(dataset, n: int, seed: int = 0) -> np.ndarray:
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    """(milliseconds, result) of one call."""
+    """(milliseconds, result) of one call; where CUDA is in use, the device's queued work is
+    waited for before and after (GPU kernels run asynchronously)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = fn()
+    sync()
     return (time.perf_counter() - t0) * 1e3, out
 
 
@@ -119,10 +123,13 @@ def per_sample_forward_backward_ms(adapter, prepared, target: int = 0, batch: in
 
 
 def environment() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                       time.gmtime())}
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+           "machine": platform.machine(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                      time.gmtime())}
+    if torch.cuda.is_initialized():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
 
 
 def write_json(path, data: dict) -> Path:

@@ -69,7 +69,7 @@ def emap_unbatched(adapter, instances, pairs=None) -> tuple[np.ndarray, int]:
     for k in range(total):
         i, j = divmod(k, n)
         raw = {a: raws[i][a], b: raws[j][b]}
-        m[i, j] = adapter.forward(raw)[0].double().numpy()
+        m[i, j] = adapter.forward(raw)[0].double().cpu().numpy()
     fhat = m.mean(1) + m.mean(0) - m.mean((0, 1))
     return fhat, total
 
@@ -104,7 +104,7 @@ def sog_per_token_loop(adapter, prepared, target, image: str, text: str,
         a_u = (g[0] * (it == u) * direction).sum()
         h, = torch.autograd.grad(a_u, ci, retain_graph=shared_graph)
         cols.append(mod_i.pool(h.detach(), xi, ii)[0])
-    return torch.stack(cols, 1).double().numpy()
+    return torch.stack(cols, 1).double().cpu().numpy()
 
 
 def image_gradient_rows_ms(adapter, prepared, image: str, rows: int, repeats: int = 5) -> float | None:

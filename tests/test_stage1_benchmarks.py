@@ -58,3 +58,21 @@ def test_kernels_benchmark_writes_ratios_and_floors(tmp_path, has_easy_vqa):
     assert e["ms_per_instance_batched"] > 0 and e["speedup_over_single"] > 0
     assert e["ratio_to_fwd_bwd_floor"] == pytest.approx(
         e["rounds"][0]["batched_ms"] / e["rounds"][0]["floor_fwd_bwd_ms"], rel=2e-3)
+
+
+def test_gpu_benchmark_runs_its_code_on_the_cpu_and_stops_clearly_without_cuda(
+        tmp_path, has_easy_vqa, monkeypatch, capsys):
+    bench = load("kernels_gpu")
+    out = tmp_path / "g.json"
+    assert bench.main(["--device", "cpu", "--n", "1", "--repeats", "1", "--methods", "gradient",
+                       "occlusion", "--emap-n", "6", "--reference-pairs", "4",
+                       "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["device"] == "cpu" and set(d["stage1"]["methods"]) == {"gradient", "occlusion"}
+    assert d["second_order"]["max_relative_difference_to_loop"] < 1e-4
+    assert set(d["second_order"]["speedup_over_loop"]) == {"vmap", "replicate"}
+    assert d["emap"]["n"] == 6 and d["emap"]["traced"]["speedup"] > 0
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert bench.main(["--out", str(tmp_path / "none.json")]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "none.json").exists()
