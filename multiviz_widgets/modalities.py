@@ -103,7 +103,8 @@ class Modality:
 
     def expand(self, unit_values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Broadcast per-unit values [n_units] back to x's shape."""
-        return torch.as_tensor(unit_values)[self.unit_index(x)]
+        idx = self.unit_index(x)
+        return torch.as_tensor(unit_values, device=idx.device)[idx]
 
 
 class Image(Modality):

@@ -112,7 +112,9 @@ def test_attribute_batch_on_the_device_equals_one_cpu_call_each(vqa, method):
 @pytest.mark.parametrize("method,params", [
     ("second_order", {"mode": "vmap"}), ("second_order", {"mode": "replicate"}),
     ("second_order", {"phi": "abs", "attribution": "grad_x_input"}),
-    ("pairwise_ablation", {}), ("shapley", {"budget": 256, "seed": 0})])
+    ("pairwise_ablation", {}),
+    ("shapley", {"budget": 256, "max_players": 8}),            # exact
+    ("shapley", {"budget": 1024})])                            # permutation sampling, 24 players
 def test_stage2_on_the_device_equals_the_cpu(vqa, method, params):
     pytest.importorskip("shapiq") if method == "shapley" else None
     cpu, dev, dataset, idx = vqa

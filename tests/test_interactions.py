@@ -2,6 +2,8 @@
 properties that pin each method to its definition on small hand-built models."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -547,6 +549,22 @@ def test_shapley_exact_for_few_players_and_max_players():
     mask = np.zeros((4, 4), bool)
     mask[np.ix_(chosen["tabular"], chosen["series"])] = True
     assert np.all(r2.matrix[~mask] == 0)
+
+
+def test_shapley_warns_when_a_regression_estimate_is_underdetermined():
+    """Below 1 + n + n(n-1)/2 coalitions KernelSHAPIQ / RegressionFSII solve an underdetermined
+    system: the user is told, with the budget that would do, and params record it."""
+    adapter, inst = tiny_adapter(), tiny_instance(9)          # 8 players: 37 terms, not exact
+    with pytest.warns(UserWarning, match=r"fits 37 interaction terms of 8 players from only "
+                                         r"30 coalitions.*at least \d+ \(permutation sampling\)"):
+        r = interaction(adapter, inst, "shapley", budget=30)
+    assert r.params["approximator"] == "KernelSHAPIQ" and r.params["underdetermined"]
+    with pytest.warns(UserWarning, match="at least 37 or lower max_players"):
+        interaction(adapter, inst, "shapley", index="FSII", budget=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = interaction(adapter, inst, "shapley", index="FSII", budget=40)
+    assert not r.params["underdetermined"]
 
 
 def test_methods_registry():

@@ -225,6 +225,10 @@ SHAPLEY_INDICES = ("k-SII", "STII", "FSII", "SII")
 EXACT_MAX_PLAYERS = 12
 
 
+#: shapiq approximators that fit all interaction terms by least squares
+REGRESSION_APPROXIMATORS = ("KernelSHAPIQ", "RegressionFSII")
+
+
 def _shapiq_approximator(index: str, n: int, seed: int, budget: int):
     """shapiq's approximator for an order-2 index: permutation sampling (unbiased, and exactly 0
     on pairs that never interact) when the budget buys at least two permutations, else a
@@ -232,14 +236,24 @@ def _shapiq_approximator(index: str, n: int, seed: int, budget: int):
     import shapiq
     if index == "FSII":
         return shapiq.RegressionFSII(n=n, max_order=2, random_state=seed)
-    perm = (shapiq.PermutationSamplingSII(n=n, max_order=2, index=index, random_state=seed)
-            if index in ("k-SII", "SII") else
-            shapiq.PermutationSamplingSTII(n=n, max_order=2, random_state=seed))
-    if budget >= 2 * perm.iteration_cost + n + 2:
+    perm = _permutation_sampler(index, n, seed)
+    if budget >= _two_permutations(perm, n):
         return perm
     if index in ("k-SII", "SII"):
         return shapiq.KernelSHAPIQ(n=n, max_order=2, index=index, random_state=seed)
     return shapiq.SVARMIQ(n=n, max_order=2, index="STII", random_state=seed)
+
+
+def _permutation_sampler(index: str, n: int, seed: int):
+    import shapiq
+    return (shapiq.PermutationSamplingSII(n=n, max_order=2, index=index, random_state=seed)
+            if index in ("k-SII", "SII") else
+            shapiq.PermutationSamplingSTII(n=n, max_order=2, random_state=seed))
+
+
+def _two_permutations(perm, n: int) -> int:
+    """The budget at which permutation sampling takes over (two permutations and the ends)."""
+    return 2 * perm.iteration_cost + n + 2
 
 
 def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: Target,
@@ -299,12 +313,24 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         return out.double().cpu().numpy()
 
     exact = n <= EXACT_MAX_PLAYERS and 2 ** n <= budget
+    underdetermined = False
     if exact:
         approximator = "ExactComputer"
         iv = shapiq.ExactComputer(game, n_players=n)(index, order=2)
     else:
         ap = _shapiq_approximator(index, n, seed, budget)
         approximator = type(ap).__name__
+        terms = 1 + n + n * (n - 1) // 2              # what a regression estimator solves for
+        underdetermined = approximator in REGRESSION_APPROXIMATORS and budget < terms
+        if underdetermined:
+            enough = (terms if index == "FSII" else
+                      f"{_two_permutations(_permutation_sampler(index, n, seed), n)} "
+                      f"(permutation sampling)")
+            warnings.warn(
+                f"shapley: {approximator} fits {terms} interaction terms of {n} players from "
+                f"only {budget} coalitions, so its estimate is underdetermined and can change "
+                f"a lot with the model's rounding (for example between CPU and GPU). Raise "
+                f"budget to at least {enough} or lower max_players.", UserWarning, stacklevel=3)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*budget.*", category=UserWarning)
             kw = {}
@@ -320,7 +346,7 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
             if pos is not None:
                 m[u, v] = values[pos]
     params = {"index": index, "budget": budget, "exact": exact, "approximator": approximator,
-              "seed": seed,
+              "underdetermined": underdetermined, "seed": seed,
               "max_players": max_players, "players": {a: pa.tolist(), b: pb.tolist()}}
     return m, forwards + evaluated[0], 0, params
 

@@ -140,6 +140,7 @@ def _perturbation_map(adapter: ModelAdapter, prepared: Prepared, name: str,
                       scores: torch.Tensor) -> np.ndarray:
     """A unit score spread evenly over the unit's scalars, then the modality's to_map."""
     idx = prepared.index[name]
+    scores = scores.to(idx.device)                  # scores come from numpy; idx lives with the model
     counts = torch.bincount(idx.reshape(-1), minlength=scores.numel()).clamp(min=1)
     per_scalar = (scores / counts.to(scores))[idx]
     return adapter.modalities[name].to_map(per_scalar).detach().cpu().numpy()
