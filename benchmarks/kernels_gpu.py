@@ -21,6 +21,7 @@ code on the CPU, to check the script (the CPU figures are ``benchmarks/kernels.p
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -155,11 +156,8 @@ def main(argv=None) -> int:
     adapter.model.to(args.device)
     if args.device.startswith("cuda"):
         torch.cuda.init()
-    try:
-        import captum  # noqa: F401
-        with_captum = True
-    except ImportError:
-        with_captum = False
+    with_captum = importlib.util.find_spec("captum") is not None
+    if not with_captum:
         print("captum is not installed: stage 1 is timed without it", file=sys.stderr)
     indices = shape_or_color_indices(dataset, args.n, seed=args.seed)
     prepared = [adapter.prepare(dataset[int(i)]) for i in indices]
