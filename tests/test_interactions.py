@@ -567,6 +567,19 @@ def test_shapley_warns_when_a_regression_estimate_is_underdetermined():
     assert not r.params["underdetermined"]
 
 
+def test_shapley_player_choice_ignores_rounding():
+    """Equal occlusion effects (a repeated word) are ties broken by unit order, also when the
+    model's rounding (CPU or GPU) makes them differ in the last bits."""
+    from multiviz_widgets.kernels.interactions import _top_units
+    base = np.array([1.0, 0.3, 2.9, 15.2, 0.8, 2.9, 1.1])
+    for jitter in (0.0, 1e-9, -1e-9):
+        effect = base.copy()
+        effect[5] += jitter * effect[5]
+        assert _top_units(effect, 2).tolist() == [2, 3]
+    assert _top_units(np.array([0.0, 0.0, 0.0]), 2).tolist() == [0, 1]
+    assert _top_units(np.array([0.5, 0.2, 0.9]), 3).tolist() == [0, 1, 2]
+
+
 def test_methods_registry():
     assert set(INTERACTION_METHODS) == {"second_order", "pairwise_ablation", "shapley"}
 

@@ -244,6 +244,14 @@ def _shapiq_approximator(index: str, n: int, seed: int, budget: int):
     return shapiq.SVARMIQ(n=n, max_order=2, index="STII", random_state=seed)
 
 
+def _top_units(effect: np.ndarray, k: int) -> np.ndarray:
+    """The k units of largest effect, in unit order. Effects equal to 1e-6 of the largest are
+    ties, broken by unit order: two units with the same effect (a repeated word) must not swap
+    places with the model's rounding, for example between CPU and GPU."""
+    q = np.round(effect / max(float(effect.max(initial=0.0)), 1e-30) * 1e6)
+    return np.sort(np.argsort(-q, kind="stable")[:k])
+
+
 def _permutation_sampler(index: str, n: int, seed: int):
     import shapiq
     return (shapiq.PermutationSamplingSII(n=n, max_order=2, index=index, random_state=seed)
@@ -296,8 +304,7 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
                 f = evaluate_masks(adapter, prepared, {name: m}, target, batch_size)
                 occ[name] = (f[0] - f[1:]).abs().double().cpu().numpy()
                 forwards += 1 + u
-            pa = np.sort(np.argsort(-occ[a], kind="stable")[:min(ka, ua)])
-            pb = np.sort(np.argsort(-occ[b], kind="stable")[:min(kb, ub)])
+            pa, pb = _top_units(occ[a], min(ka, ua)), _top_units(occ[b], min(kb, ub))
     na, nb = len(pa), len(pb)
     n = na + nb
     evaluated = [0]
