@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, environment, load_demo, median, per_sample_scan,  # noqa: E402
@@ -54,7 +55,15 @@ def side_by_side(calls: dict, repeats: int, k: int) -> dict[str, list[float]]:
 
 
 def stage1(adapter, prepared, targets, repeats: int, with_captum: bool, methods) -> dict:
-    """Per method: medians of ours (and captum's), their ratio, and the floor ratio."""
+    """Per method: medians of ours (and captum's), their ratio, and the floor ratio. numpy's
+    BLAS runs single-threaded meanwhile, as in ``kernels.py``: the idle threads that captum's
+    scikit-learn fits leave spinning slowed our next call (KernelSHAP 74 ms instead of 7 ms on
+    a 16-core host)."""
+    with threadpool_limits(1, user_api="blas"):
+        return _stage1(adapter, prepared, targets, repeats, with_captum, methods)
+
+
+def _stage1(adapter, prepared, targets, repeats: int, with_captum: bool, methods) -> dict:
     floors = [min(per_sample_scan(adapter, p, GPU_FLOOR_BATCHES, repeats=3).values())
               for p in prepared]
     result = {}

@@ -34,6 +34,7 @@ the map summed over a unit's region equals the unit's score.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -101,6 +102,22 @@ def integration_rule(steps: int, rule: str = "gausslegendre") -> tuple[np.ndarra
         return np.linspace(0, 1, s), w
     raise ValueError(f"Unknown integration rule {rule!r}; use one of 'gausslegendre', "
                      "'riemann_right', 'riemann_left', 'riemann_middle', 'riemann_trapezoid'.")
+
+
+def _quadrature(steps: int, rule, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """integration_rule's nodes and weights as float32 tensors on ``device``, made once per
+    (steps, rule, device): on a GPU each copy from the host waits for the work queued before it.
+    The tensors are shared: never modify them."""
+    if not isinstance(rule, str):
+        integration_rule(steps, rule)            # raises its clear error (and is not cached)
+    return _quadrature_once(steps, rule, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _quadrature_once(steps: int, rule: str, device: torch.device):
+    alphas, weights = integration_rule(steps, rule)
+    return (torch.as_tensor(alphas, dtype=torch.float32, device=device),
+            torch.as_tensor(weights, dtype=torch.float32, device=device))
 
 
 def _input_grads(adapter: ModelAdapter, prepared: Prepared, target: Target,
@@ -440,7 +457,10 @@ class _Gradient(_GradientFamily):
         return 1, 1
 
     def _rows(self, prepared, names, p):
-        return {n: prepared.continuous[n].unsqueeze(0) for n in names}, torch.ones(1)
+        x = {n: prepared.continuous[n].unsqueeze(0) for n in names}
+        # the row weight is made where the inputs live: a copy to a GPU made after the forward
+        # pass was queued would wait for it
+        return x, torch.ones(1, device=x[names[0]].device)
 
     def _finish(self, adapter, prepared, names, grad_sum):
         scores, maps = {}, {}
@@ -461,13 +481,12 @@ class _IntegratedGradients(_GradientFamily):
         return int(p["steps"]), int(p["steps"])
 
     def _rows(self, prepared, names, p):
-        alphas, weights = integration_rule(p["steps"], p["rule"])
-        a = torch.as_tensor(alphas, dtype=torch.float32)
+        a, weights = _quadrature(int(p["steps"]), p["rule"], prepared.continuous[names[0]].device)
         rows = {}
         for n in names:
             x, b = prepared.continuous[n], prepared.baseline[n]
             rows[n] = b.unsqueeze(0) + a.view(-1, *([1] * x.dim())).to(x) * (x - b).unsqueeze(0)
-        return rows, torch.as_tensor(weights, dtype=torch.float32)
+        return rows, weights
 
     def _finish(self, adapter, prepared, names, grad_sum):
         scores, maps = {}, {}
