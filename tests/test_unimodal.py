@@ -538,3 +538,20 @@ def test_cost_of_a_subset_and_of_an_unknown_modality(it):
     assert METHODS["kernel_shap"].cost(p, n_samples=100) == (100, 0)
     with pytest.raises(ValueError, match="audio"):
         METHODS["occlusion"].cost(p, modalities=["audio"])
+
+
+def test_scores_and_maps_are_the_same_from_one_transfer(it, ts):
+    """From a GPU the scores and maps of all modalities come back in one copy; that path, forced
+    on the CPU, gives the same arrays (shapes and values) as one array per tensor."""
+    from multiviz_widgets.kernels.unimodal import _scores_and_maps
+    for _, adapter, inst in (it, ts):
+        p = adapter.prepare(inst)
+        g = torch.Generator().manual_seed(0)
+        attrs = {n: torch.randn(x.shape, generator=g) for n, x in p.continuous.items()}
+        a = _scores_and_maps(adapter, p, attrs, one_transfer=False)
+        b = _scores_and_maps(adapter, p, attrs, one_transfer=True)
+        for part_a, part_b in zip(a, b):
+            assert set(part_a) == set(part_b) == set(attrs)
+            for n in attrs:
+                assert part_a[n].shape == part_b[n].shape
+                np.testing.assert_array_equal(part_a[n], part_b[n])

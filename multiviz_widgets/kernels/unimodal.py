@@ -137,7 +137,8 @@ def _input_grads(adapter: ModelAdapter, prepared: Prepared, target: Target,
             for n, g in zip(leaves, grads)}
 
 
-def _pool(adapter: ModelAdapter, prepared: Prepared, name: str, attr: torch.Tensor) -> np.ndarray:
+def _unit_sums(adapter: ModelAdapter, prepared: Prepared, name: str, attr: torch.Tensor
+               ) -> torch.Tensor:
     """Per-unit sums [n_units] of one instance's scalar attribution (the modality's ``pool``).
 
     A modality that keeps the base class's sum-per-unit pool takes a faster path (scatter_add
@@ -147,10 +148,34 @@ def _pool(adapter: ModelAdapter, prepared: Prepared, name: str, attr: torch.Tens
     mod = adapter.modalities[name]
     if type(mod).pool is Modality.pool:
         out = torch.zeros(prepared.n_units[name], dtype=attr.dtype, device=attr.device)
-        out.scatter_add_(0, prepared.index[name].reshape(-1), attr.reshape(-1))
+        return out.scatter_add_(0, prepared.index[name].reshape(-1), attr.reshape(-1))
+    return mod.pool(attr.unsqueeze(0), prepared.continuous[name], prepared.index[name])[0]
+
+
+def _scores_and_maps(adapter: ModelAdapter, prepared: Prepared,
+                     attrs: Mapping[str, torch.Tensor], one_transfer: bool | None = None
+                     ) -> tuple[dict, dict]:
+    """({name: per-unit scores}, {name: full-resolution map}) as numpy arrays, from each
+    modality's scalar attribution; computed where the attributions live and, from a GPU,
+    copied to the host in one transfer (each copy waits for the device). one_transfer: None
+    decides by the device (tests force either way)."""
+    parts = []
+    for n, a in attrs.items():
+        parts += [_unit_sums(adapter, prepared, n, a), adapter.modalities[n].to_map(a)]
+    parts = [t.detach() for t in parts]
+    if one_transfer is None:
+        one_transfer = parts[0].device.type != "cpu"
+    if not one_transfer:
+        arrays = [t.cpu().numpy() for t in parts]                # on the CPU: no copy at all
     else:
-        out = mod.pool(attr.unsqueeze(0), prepared.continuous[name], prepared.index[name])[0]
-    return out.detach().cpu().numpy()
+        flat = torch.cat([t.reshape(-1).to(parts[0].dtype) for t in parts]).cpu().numpy()
+        arrays, o = [], 0
+        for t in parts:
+            arrays.append(flat[o:o + t.numel()].reshape(tuple(t.shape)))
+            o += t.numel()
+    names = list(attrs)
+    return ({n: arrays[2 * i] for i, n in enumerate(names)},
+            {n: arrays[2 * i + 1] for i, n in enumerate(names)})
 
 
 def _perturbation_map(adapter: ModelAdapter, prepared: Prepared, name: str,
@@ -321,6 +346,8 @@ def _shap_fit(z: np.ndarray, y: np.ndarray, w: np.ndarray, f_full: float, f_empt
     t = (torch.from_numpy(np.asarray(y, dtype=np.float64)) - f_empty) - zt[:, -1] * delta
     x = zt[:, :-1] - zt[:, -1:]
     sw = torch.from_numpy(np.sqrt(np.asarray(w, dtype=np.float64)))[:, None]
+    # gelsd (SVD): the minimum-norm solution of a rank-deficient design, bit for bit the same on
+    # every run (gelsy, a third of the time, differed in the last bits from call to call)
     phi = torch.linalg.lstsq(x * sw, (t[:, None] * sw), driver="gelsd").solution[:, 0]
     return np.concatenate([phi.numpy(), [delta - float(phi.sum())]])
 
@@ -463,13 +490,9 @@ class _Gradient(_GradientFamily):
         return x, torch.ones(1, device=x[names[0]].device)
 
     def _finish(self, adapter, prepared, names, grad_sum):
-        scores, maps = {}, {}
-        for n in names:
-            g = grad_sum[n]
-            a = g * prepared.continuous[n] if self.times_input else g
-            scores[n] = _pool(adapter, prepared, n, a)
-            maps[n] = adapter.modalities[n].to_map(a).detach().cpu().numpy()
-        return scores, maps
+        return _scores_and_maps(adapter, prepared, {
+            n: grad_sum[n] * prepared.continuous[n] if self.times_input else grad_sum[n]
+            for n in names})
 
 
 class _GradXInput(_Gradient):
@@ -489,12 +512,8 @@ class _IntegratedGradients(_GradientFamily):
         return rows, weights
 
     def _finish(self, adapter, prepared, names, grad_sum):
-        scores, maps = {}, {}
-        for n in names:
-            attr = (prepared.continuous[n] - prepared.baseline[n]) * grad_sum[n]
-            scores[n] = _pool(adapter, prepared, n, attr)
-            maps[n] = adapter.modalities[n].to_map(attr).detach().cpu().numpy()
-        return scores, maps
+        return _scores_and_maps(adapter, prepared, {
+            n: (prepared.continuous[n] - prepared.baseline[n]) * grad_sum[n] for n in names})
 
 
 class _Occlusion(AttributionMethod):
