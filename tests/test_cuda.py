@@ -195,3 +195,41 @@ def test_ig_completeness_with_default_tf32(vqa):
                  for c in (p.continuous, p.baseline)]
         total = sum(float(s.sum()) for s in r.scores.values())
         assert abs(total - (f[0] - f[1])) <= 0.01 * abs(f[0] - f[1]) + 1e-4, (total, f)
+
+
+def test_the_explorer_on_a_gpu_model_links_its_views(vqa, tmp_path, monkeypatch):
+    """The whole Explorer on the device model: clicks on a token, a patch, a neuron, a class node
+    and a 3D point reach the real kernels and come back as they do on the CPU."""
+    pytest.importorskip("ipywidgets")
+    from multiviz_widgets.explorer import Explorer
+    cpu, dev, dataset, idx = vqa
+    monkeypatch.setenv("MULTIVIZ_CACHE", str(tmp_path))          # decision features cached here
+    ex = Explorer(dev, dataset)
+    try:
+        assert ex.wait(300)
+        st = ex.state()
+        assert st["error"] == "" and st["pair"] == ["question", "image"]
+        ex.input_panel.click("question", 1)
+        assert ex.wait(120)
+        st = ex.state()
+        assert np.allclose(st["input_scores"]["image"], np.asarray(st["heatmap"])[1])
+        want = interaction(cpu, dataset[ex.selection.instance], "second_order",
+                           modalities=("question", "image"))
+        close(np.asarray(st["heatmap"]), want.matrix, what="Explorer heatmap")
+        ex.input_panel.click("image", 27)
+        assert ex.wait(120)
+        assert ex.state()["error"] == ""
+        ex.select(neuron=ex.neuron_view.shown[0])
+        assert ex.wait(300)
+        st = ex.state()
+        assert st["error"] == "" and st["gallery_neuron"] == ex.neuron_view.shown[0]
+        assert len(st["gallery"]) > 0 and st["path"]["nodes"]
+        cls = next(n for n in st["path"]["nodes"] if n["kind"] == "class")
+        ex.path_view.click_node(cls["id"])
+        assert ex.wait(120) and ex.state()["error"] == ""
+        ex.embedding_view.scatter.clicked_index = 5
+        assert ex.wait(120)
+        st = ex.state()
+        assert st["error"] == "" and st["input_instance"] == int(ex.embedding_view.indices[5])
+    finally:
+        ex.close()
