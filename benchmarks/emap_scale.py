@@ -18,13 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, ROOT, environment, load_demo, reset_peak_rss,  # noqa: E402
                     status_kib, write_json)
 
+from multiviz_widgets.kernels.common import sample_indices  # noqa: E402
 from multiviz_widgets.kernels.emap import emap_gap  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def child(n: int, threads: int, seed: int) -> dict:
     """One measurement in this (fresh) process; prints a JSON line."""
     torch.set_num_threads(threads)
     adapter, dataset, note = load_demo("test")
-    idx = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
+    idx = sample_indices(len(dataset), n, seed)
     emap_gap(adapter, dataset, indices=idx[:20])               # warm-up (and the traced split)
     gc.collect()
     base = status_kib("VmRSS")

@@ -41,7 +41,6 @@ Stage 2 (``benchmarks/kernels_stage2.py``, written separately): merged under "st
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import warnings
 import importlib.util
 import sys
@@ -58,7 +57,7 @@ from common import (FLOOR_BATCHES, RESULTS, environment, load_demo, median,  # n
 
 from multiviz_widgets.kernels.common import PERTURBATION_BATCH  # noqa: E402
 from multiviz_widgets.kernels.unimodal import (  # noqa: E402
-    METHODS, attribute, attribute_batch, integration_rule)
+    METHODS, _shape_groups, attribute, attribute_batch, integration_rule)
 
 BATCH = PERTURBATION_BATCH   # the kernels' default; captum gets the same perturbations_per_eval
 #: method -> (our parameters, target median in ms or None)
@@ -324,8 +323,7 @@ def run_batched(adapter, dataset, n: int, rounds: int, seed: int, fwd_batch: int
     prepared = [adapter.prepare(dataset[int(i)]) for i in indices]
     targets = [int(adapter.predict(p.raw).argmax(1)[0]) for p in prepared]
     # attribute_batch stacks instances whose inputs have equal shapes (questions of one length)
-    groups = sorted(Counter(tuple(tuple(v.shape) for v in p.continuous.values())
-                            for p in prepared).values(), reverse=True)
+    groups = sorted((len(g) for g in _shape_groups(adapter, prepared)), reverse=True)
     out = {"n": len(prepared), "rounds": rounds, "shape_groups": groups, "methods": {}}
     for m in methods:
         params = STAGE1[m][0]

@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, environment, load_demo, median, per_sample_scan,  # noqa: E402
                     shape_or_color_indices, timed, write_json)
 from kernels import STAGE1, captum_call  # noqa: E402
-from kernels_stage2 import EMAP_N, emap_unbatched, sog_per_token_loop  # noqa: E402
+from kernels_stage2 import EMAP_N, _emap_instances, emap_unbatched, sog_per_token_loop  # noqa: E402,E501
 
 from multiviz_widgets.kernels.common import resolve_target  # noqa: E402
 from multiviz_widgets.kernels.interactions import emap, interaction  # noqa: E402
-from multiviz_widgets.kernels.unimodal import attribute  # noqa: E402
+from multiviz_widgets.kernels.unimodal import METHODS, attribute  # noqa: E402
 
 GPU_FLOOR_BATCHES = (256, 1024, 4096)
 
@@ -79,7 +79,7 @@ def _stage1(adapter, prepared, targets, repeats: int, with_captum: bool, methods
             got = side_by_side(calls, repeats, k)
             for name, ms in got.items():
                 rows[name] += ms
-            fwd = attribute(adapter, p, m, target=t, **params).forward_passes
+            fwd = METHODS[m].cost(p, **params)[0]
             rows["ratio_to_floor"] += [ms / (fwd * floors[k]) for ms in got["ours"]]
         entry = {"median_ms_ours": median(rows["ours"]), "ratio_to_floor": median(rows["ratio_to_floor"])}
         if with_captum:
@@ -124,8 +124,7 @@ def second_order(adapter, prepared, targets, repeats: int) -> dict:
 
 
 def emap_speed(adapter, dataset, n: int, reference_pairs: int, repeats: int, seed: int) -> dict:
-    idx = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
-    instances = [dataset[int(i)] for i in idx]
+    instances = _emap_instances(dataset, n, seed)
     out = {"n": n, "reference_pairs_timed": reference_pairs}
     emap_unbatched(adapter, instances, pairs=8)                     # warm-up
     ref = [timed(lambda: emap_unbatched(adapter, instances, pairs=reference_pairs))[0]

@@ -44,7 +44,8 @@ from common import (RESULTS, environment, load_demo, median, per_sample_forward_
                     per_sample_forward_ms, per_sample_scan, shape_or_color_indices, timed,
                     write_json)
 
-from multiviz_widgets.kernels.common import PERTURBATION_BATCH, resolve_target  # noqa: E402
+from multiviz_widgets.kernels.common import (PERTURBATION_BATCH, resolve_target,  # noqa: E402
+                                             sample_indices)
 from multiviz_widgets.kernels.interactions import dime, emap, interaction  # noqa: E402
 
 EMAP_N = 100
@@ -144,8 +145,7 @@ def _ran_as(result, label: str, factorized) -> None:
 
 
 def _emap_instances(dataset, n: int, seed: int) -> list[dict]:
-    idx = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
-    return [dataset[int(i)] for i in idx]
+    return [dataset[int(i)] for i in sample_indices(len(dataset), n, seed)]
 
 
 def run(adapter, dataset, indices, repeats: int = 1, **options) -> dict:

@@ -396,11 +396,8 @@ class AttributionMethod:
         out.update({k: v for k, v in params.items() if k != "modalities"})
         for k, least in (("steps", 1), ("internal_batch_size", 1), ("batch_size", 1),
                          ("n_samples", 2)):
-            v = out.get(k)
-            if k in out and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
-                             or v < least):
-                raise ValueError(f"{self.name}: {k} must be an integer of at least {least}, "
-                                 f"got {v!r}.")
+            if k in out:
+                positive_int(out[k], f"{self.name}: {k}", least)
         return out
 
     @property
@@ -436,10 +433,15 @@ class AttributionMethod:
                 target = adapter.target(target)
             scores, maps = self._run(adapter, prepared, target, names, p, progress)
         fwd, bwd = self._cost(prepared, names, p)
-        params_out = dict(p, modalities=list(names))
+        return self._result(prepared, target, names, p, scores, maps, fwd + extra, bwd,
+                            sw.seconds)
+
+    def _result(self, prepared, target, names, p, scores, maps, forward_passes: int,
+                backward_passes: int, seconds: float = 0.0) -> Attribution:
+        """The Attribution of one instance from its scores and maps."""
         return Attribution(
-            method=self.name, target=target, params=params_out,
-            forward_passes=fwd + extra, backward_passes=bwd, seconds=sw.seconds,
+            method=self.name, target=target, params=dict(p, modalities=list(names)),
+            forward_passes=forward_passes, backward_passes=backward_passes, seconds=seconds,
             scores={n: np.asarray(scores[n], dtype=np.float64) for n in names},
             maps={n: np.asarray(maps[n]) for n in names},
             labels={n: list(prepared.labels[n]) for n in names})
@@ -768,12 +770,8 @@ def _gradient_batch(adapter: ModelAdapter, m: _GradientFamily, preps: Sequence[P
                     continue
                 scores, maps = m._finish(adapter, preps[k], names, part)
                 del pending[k]
-                results[k] = Attribution(
-                    method=m.name, target=targets[k], params=dict(p, modalities=list(names)),
-                    forward_passes=n_rows[k], backward_passes=n_rows[k],
-                    scores={n: np.asarray(scores[n], dtype=np.float64) for n in names},
-                    maps={n: np.asarray(maps[n]) for n in names},
-                    labels={n: list(preps[k].labels[n]) for n in names})
+                results[k] = m._result(preps[k], targets[k], names, p, scores, maps,
+                                       n_rows[k], n_rows[k])
             done += o
             report(progress, done, total_rows, m.label)
     return results
