@@ -51,10 +51,15 @@ test: install chromium
 test-fast: install
 	$(PY) -m pytest tests -q -p no:cacheprovider -m "not browser and not notebook"
 
+# glibc malloc settings for the demo's server and its notebook kernels: keep blocks up to 32 MiB on
+# the heap instead of mmapping (and page-faulting) every batch anew. In fresh processes LIME and
+# KernelSHAP ran about 1.5x faster with them (python benchmarks/allocator.py; README).
+DEMO_MALLOC := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
+
 # JupyterLab on 127.0.0.1 with the quickstart notebook (the Explorer on easy-VQA) open.
 demo: install
 	@echo "Opening http://127.0.0.1:$(PORT)/lab/tree/notebooks/quickstart.ipynb"
-	$(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --ServerApp.port_retries=0 \
+	$(DEMO_MALLOC) $(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --ServerApp.port_retries=0 \
 		--ServerApp.open_browser=False --IdentityProvider.token= $(if $(filter 0,$(shell id -u)),--allow-root,) \
 		notebooks/quickstart.ipynb
 

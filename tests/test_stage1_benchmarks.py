@@ -76,3 +76,27 @@ def test_gpu_benchmark_runs_its_code_on_the_cpu_and_stops_clearly_without_cuda(
     assert bench.main(["--out", str(tmp_path / "none.json")]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "none.json").exists()
+
+
+def test_allocator_benchmark_runs_both_settings_in_fresh_processes(tmp_path, has_easy_vqa):
+    out = tmp_path / "a.json"
+    load("allocator").main(["--rounds", "1", "--n", "1", "--repeats", "1",
+                            "--methods", "occlusion", "--out", str(out)])
+    d = json.loads(out.read_text())
+    tuned = d["tuned_settings"]
+    (r,) = d["rounds"]
+    assert r["tuned"]["settings"] == tuned                  # the child saw the settings...
+    assert set(r["default"]["settings"].values()) == {None}  # ...and the other did not
+    e = d["methods"]["occlusion"]
+    assert e["default_over_tuned"] == pytest.approx(e["default_median_ms"] / e["tuned_median_ms"])
+
+
+def test_make_demo_exports_the_benchmarked_malloc_settings():
+    """`make demo` starts JupyterLab (whose kernels inherit its environment) with exactly the
+    settings benchmarks/allocator.py measures."""
+    makefile = (BENCH.parent / "Makefile").read_text()
+    line = next(ln for ln in makefile.splitlines() if ln.startswith("DEMO_MALLOC :="))
+    settings = dict(kv.split("=", 1) for kv in line.split(":=", 1)[1].split())
+    assert settings == load("allocator").TUNED
+    demo = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "$(DEMO_MALLOC) $(VENV)/bin/jupyter lab" in demo
