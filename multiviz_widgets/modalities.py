@@ -42,6 +42,16 @@ class Modality:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
+    #: Attributes that are caches, not settings (left out of ``signature``).
+    _UNSTABLE: ClassVar[tuple[str, ...]] = ("_sp_cache",)
+
+    def signature(self) -> str:
+        """A stable text of every setting that shapes this modality's inputs and units (its
+        class, vocabulary, tokenizer, patch size, columns, baselines...): it keys on-disk caches,
+        so that a change of preprocessing is never served features computed with the old one."""
+        fields = {k: v for k, v in vars(self).items() if k not in self._UNSTABLE}
+        return f"{type(self).__module__}.{type(self).__qualname__}{_stable_text(fields)}"
+
     # -- raw instances ----------------------------------------------------------------------
     def to_tensor(self, raw) -> torch.Tensor:
         """The model input for one raw instance, without a batch dimension."""
@@ -105,6 +115,27 @@ class Modality:
         """Broadcast per-unit values [n_units] back to x's shape."""
         idx = self.unit_index(x)
         return torch.as_tensor(unit_values, device=idx.device)[idx]
+
+
+def _stable_text(v) -> str:
+    """A text of v that is the same in every process (no object addresses): containers
+    recursively, arrays and tensors by dtype, shape and a hash of their bytes, functions by name."""
+    import hashlib
+
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{_stable_text(k)}:{_stable_text(v[k])}"
+                              for k in sorted(v, key=repr)) + "}"
+    if isinstance(v, (list, tuple)):
+        return type(v).__name__ + "[" + ",".join(_stable_text(x) for x in v) + "]"
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
+        a = np.ascontiguousarray(a)
+        return f"array({a.dtype},{a.shape},{hashlib.sha256(a.tobytes()).hexdigest()[:16]})"
+    if v is None or isinstance(v, (bool, int, float, str, np.generic)):
+        return repr(v)
+    if callable(v):
+        return f"<{getattr(v, '__module__', '?')}.{getattr(v, '__qualname__', type(v).__qualname__)}>"
+    return f"<{type(v).__module__}.{type(v).__qualname__}>"
 
 
 class Image(Modality):
