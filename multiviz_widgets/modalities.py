@@ -20,6 +20,8 @@ from typing import Callable, ClassVar, Sequence
 import numpy as np
 import torch
 
+from .checks import positive_int
+
 
 class Modality:
     """Base class. Subclasses define ``kind``, ``to_tensor``, ``unit_index`` and ``baseline_raw``."""
@@ -62,7 +64,7 @@ class Modality:
         return torch.stack([self._as_tensor(item) for item in items])
 
     def _as_tensor(self, item) -> torch.Tensor:
-        return item if isinstance(item, torch.Tensor) else self.to_tensor(item)
+        return self.to_tensor(item)     # tensors too: every input gets the same checks
 
     def baseline_raw(self, x: torch.Tensor) -> torch.Tensor:
         """The model input (same shape as x, one instance) in which every unit is removed."""
@@ -117,6 +119,26 @@ class Modality:
         return torch.as_tensor(unit_values, device=idx.device)[idx]
 
 
+def _unit_range(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Pixels as floats in [0, 1]: integers (0..255) divided by 255, bools as 0/1, floats checked
+    (and kept at their precision)."""
+    if t.dtype == torch.bool:
+        return t.float()
+    if not t.is_floating_point():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"{name}: integer pixels must lie in 0..255, got {lo}..{hi}.")
+        return t.float() / 255.0
+    lo, hi = float(t.min()), float(t.max())
+    if not (lo >= -1e-3 and hi <= 1 + 1e-3):          # (NaN fails too)
+        hint = (" They look like 0..255 values: divide by 255, or pass uint8 pixels."
+                if 0 <= lo and 2 < hi <= 255 else
+                " If your model expects normalised pixels, normalise inside its forward: units "
+                "and baselines (black, white, blur) are defined on [0, 1] pixels.")
+        raise ValueError(f"{name}: float pixels must lie in [0, 1], got {lo:g}..{hi:g}.{hint}")
+    return t
+
+
 def _stable_text(v) -> str:
     """A text of v that is the same in every process (no object addresses): containers
     recursively, arrays and tensors by dtype, shape and a hash of their bytes, functions by name."""
@@ -150,10 +172,9 @@ class Image(Modality):
     def __init__(self, name: str = "image", patch: int = 8, superpixels: int | None = None,
                  baseline: str | float = "zero", channels_last_raw: bool = True):
         super().__init__(name)
-        if patch < 1:
-            raise ValueError(f"Image patch size must be at least 1 pixel, got {patch}.")
-        if superpixels is not None and superpixels < 2:
-            raise ValueError(f"superpixels must be at least 2 (or None for the patch grid), got {superpixels}.")
+        patch = positive_int(patch, "Image patch (pixels per side of a unit)")
+        if superpixels is not None:
+            superpixels = positive_int(superpixels, "superpixels (or None for the patch grid)", 2)
         if isinstance(baseline, str) and baseline not in ("zero", "white", "mean", "blur"):
             raise ValueError(f"Image baseline {baseline!r} is not one of 'zero', 'white', 'mean', "
                              "'blur' or a number.")
@@ -164,22 +185,34 @@ class Image(Modality):
         self._sp_cache: dict = {}
 
     def to_tensor(self, raw) -> torch.Tensor:
+        """[C, H, W] floats in [0, 1] from an HxWxC (``channels_last_raw``) or HxW array, or a
+        [C, H, W] tensor. Integer pixels (any integer type, 0..255) are divided by 255; float
+        pixels must already lie in [0, 1]."""
         if isinstance(raw, torch.Tensor):
-            t = raw.float()
+            t = raw.detach()
+            if t.dim() == 3 and t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4):
+                raise ValueError(
+                    f"{self.name}: an image tensor must be [C, H, W], and shape {tuple(t.shape)} "
+                    "looks like H x W x C: pass tensor.permute(2, 0, 1), or the numpy array.")
         else:
             arr = np.asarray(raw)
+            if arr.dtype == object or not (arr.dtype.kind in "biuf"):
+                raise TypeError(f"{self.name}: an image must be an array of numbers, got "
+                                f"{type(raw).__name__} of dtype {arr.dtype}.")
             if arr.ndim == 2:
                 arr = arr[..., None]
             if arr.ndim != 3:
                 raise ValueError(f"{self.name}: an image must be HxWxC or HxW, got shape {arr.shape}.")
-            t = torch.from_numpy(np.ascontiguousarray(arr)).float()
+            if arr.dtype.kind == "f":         # arrays give float32, as the other modalities do
+                arr = arr.astype(np.float32, copy=False)
+            t = torch.from_numpy(np.ascontiguousarray(arr))
             if self.channels_last_raw:
                 t = t.permute(2, 0, 1)
-            if arr.dtype == np.uint8:
-                t = t / 255.0
         if t.dim() != 3:
             raise ValueError(f"{self.name}: an image tensor must be [C, H, W], got {tuple(t.shape)}.")
-        return t.contiguous()
+        if 0 in t.shape:
+            raise ValueError(f"{self.name}: the image is empty (shape {tuple(t.shape)}).")
+        return _unit_range(t, self.name).contiguous()
 
     def grid(self, x: torch.Tensor) -> tuple[int, int]:
         """Rows and columns of the patch grid."""
@@ -318,6 +351,12 @@ class Text(Modality):
             if raw.dtype not in (torch.int64, torch.int32) or raw.dim() != 1:
                 raise ValueError(f"{self.name}: token ids must be a 1-D integer tensor, got "
                                  f"{raw.dtype} with shape {tuple(raw.shape)}.")
+            if raw.numel() == 0:
+                raise ValueError(f"{self.name}: the tensor of token ids is empty.")
+            lo, hi = int(raw.min()), int(raw.max())
+            if lo < 0 or hi >= len(self.vocab):
+                raise ValueError(f"{self.name}: token ids must lie in 0..{len(self.vocab) - 1} "
+                                 f"(the vocabulary), got {lo}..{hi}.")
             return raw.long()
         if not isinstance(raw, str):
             raise TypeError(f"{self.name}: expected a string or a 1-D tensor of token ids, got "
@@ -415,8 +454,7 @@ class Tabular(Modality):
                              f"shape {tuple(self._baseline.shape)}.")
 
     def to_tensor(self, raw) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(raw, dtype=np.float32) if not isinstance(raw, torch.Tensor)
-                            else raw).float()
+        t = _float_tensor(raw, self.name)
         if t.shape != (len(self.columns),):
             raise ValueError(f"{self.name}: a row must have {len(self.columns)} values "
                              f"({', '.join(self.columns)}), got shape {tuple(t.shape)}.")
@@ -435,6 +473,17 @@ class Tabular(Modality):
         return torch.zeros_like(x) if self._baseline is None else self._baseline.to(x).clone()
 
 
+def _float_tensor(raw, name: str) -> torch.Tensor:
+    """raw (an array, a nested list or a tensor of numbers) as a float32 tensor."""
+    if isinstance(raw, torch.Tensor):       # a float tensor keeps its precision (float64 models)
+        return raw.detach() if raw.is_floating_point() else raw.detach().float()
+    try:
+        return torch.from_numpy(np.asarray(raw, dtype=np.float32))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name}: expected numbers (an array, a list or a tensor), got "
+                        f"{type(raw).__name__}: {e}") from None
+
+
 class TimeSeries(Modality):
     """A multichannel series [T, C]; units are time windows x channel groups.
 
@@ -447,8 +496,7 @@ class TimeSeries(Modality):
     def __init__(self, name: str = "series", window: int = 8, channels: Sequence[str] = (),
                  channel_groups: Sequence[Sequence[int]] | None = None, baseline: str = "zero"):
         super().__init__(name)
-        if window < 1:
-            raise ValueError(f"TimeSeries window must be at least 1 step, got {window}.")
+        window = positive_int(window, "TimeSeries window (time steps per unit)")
         if not channels:
             raise ValueError("TimeSeries needs the channel names, e.g. channels=['ecg', 'spo2'].")
         if baseline not in ("zero", "mean"):
@@ -471,11 +519,10 @@ class TimeSeries(Modality):
         self.baseline = baseline
 
     def to_tensor(self, raw) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(raw, dtype=np.float32) if not isinstance(raw, torch.Tensor)
-                            else raw).float()
-        if t.dim() != 2 or t.shape[1] != len(self.channels):
-            raise ValueError(f"{self.name}: a series must be [time, {len(self.channels)} channels], "
-                             f"got shape {tuple(t.shape)}.")
+        t = _float_tensor(raw, self.name)
+        if t.dim() != 2 or t.shape[1] != len(self.channels) or t.shape[0] == 0:
+            raise ValueError(f"{self.name}: a series must be [time, {len(self.channels)} channels] "
+                             f"with at least one time step, got shape {tuple(t.shape)}.")
         return t
 
     def n_windows(self, x: torch.Tensor) -> int:

@@ -141,7 +141,7 @@ def test_text_tokens_batching_and_labels():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: Image("image", patch=0), "patch size"),
+    (lambda: Image("image", patch=0), "patch"),
     (lambda: Image("image", baseline="grey"), "baseline"),
     (lambda: Image("not a name"), "identifier"),
     (lambda: Tabular("t", columns=[]), "column names"),
@@ -149,6 +149,10 @@ def test_text_tokens_batching_and_labels():
     (lambda: Tabular("t", columns=["a", "b"], groups={"g": [0, 1], "h": [1]}), "two groups"),
     (lambda: Tabular("t", columns=["a"], baseline="mean"), "means="),
     (lambda: TimeSeries("s", channels=["a"], window=0), "window"),
+    (lambda: TimeSeries("s", channels=["a"], window=2.5), "window"),
+    (lambda: Image("image", patch=2.5), "patch"),         # not silently truncated to 2
+    (lambda: Image("image", patch="8"), "patch"),
+    (lambda: Image("image", superpixels=1), "superpixels"),
     (lambda: TimeSeries("s", channels=[]), "channel names"),
     (lambda: TimeSeries("s", channels=["a", "b"], channel_groups=[[0]]), "exactly one"),
 ])
@@ -166,6 +170,54 @@ def test_bad_raw_inputs_say_what_to_fix():
         Tabular("t", columns=["a", "b"]).apply_mask(torch.zeros(2), torch.ones(1, 3), torch.zeros(2))
 
 
+def test_every_pixel_type_reaches_the_model_in_0_1():
+    """uint8, other integer types, nested lists and torch integer tensors are all 0..255 pixels
+    (divided by 255); float pixels are taken as they are. All give the same model input."""
+    m = Image("image")
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (6, 5, 3)).astype(np.uint8)
+    want = m.to_tensor(u8)
+    assert 0 <= float(want.min()) and float(want.max()) <= 1 and want.shape == (3, 6, 5)
+    for raw in (u8.astype(np.int64), u8.tolist(), u8.astype(np.float32) / 255,
+                torch.from_numpy(u8).permute(2, 0, 1), torch.from_numpy(u8).permute(2, 0, 1).long()):
+        assert torch.allclose(m.to_tensor(raw), want, atol=1e-6), type(raw)
+    assert torch.equal(m.batch([u8, torch.from_numpy(u8).permute(2, 0, 1)])[1], want)
+
+
+@pytest.mark.parametrize("raw, match", [
+    (np.full((4, 4, 3), 200.0, dtype=np.float32), "divide by 255"),   # 0..255 floats
+    (np.full((4, 4, 3), -1.5), "normalise inside"),                   # normalised pixels
+    (np.full((4, 4, 3), 300, dtype=np.int64), "0..255"),
+    (np.array([[["a"]]]), "array of numbers"),
+    (np.zeros((0, 0, 3), dtype=np.uint8), "empty"),
+    (torch.zeros(64, 64, 3), "looks like H x W x C"),
+])
+def test_bad_pixels_say_what_to_fix(raw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        Image("image").to_tensor(raw)
+
+
+def test_tensor_inputs_get_the_same_checks_as_arrays():
+    """Tensors used to skip to_tensor in batch(): a wrong series shape, out-of-vocabulary ids or
+    an integer tabular row reached the model and failed (or succeeded wrongly) there."""
+    series = TimeSeries("s", channels=["a", "b"], window=4)
+    with pytest.raises(ValueError, match="2 channels"):
+        series.batch([torch.zeros(3, 32)])
+    with pytest.raises(ValueError, match="at least one time step"):
+        series.batch([torch.zeros(0, 2)])
+    text = Text("q", vocab=VOCAB)
+    with pytest.raises(ValueError, match=r"0\.\.6"):
+        text.batch([torch.tensor([2, 300])])
+    with pytest.raises(ValueError, match="empty"):
+        text.batch([torch.zeros(0, dtype=torch.long)])
+    with pytest.raises(ValueError, match="integer tensor"):
+        text.batch([torch.tensor([2.9, 3.9])])                       # not truncated to ids 2, 3
+    tab = Tabular("t", columns=["a", "b"])
+    assert tab.batch([torch.tensor([1, 2])]).dtype == torch.float32
+    with pytest.raises(TypeError, match="expected numbers"):
+        tab.to_tensor(["x", "y"])
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 5),
        st.integers(0, 2**31 - 1))
@@ -180,3 +232,12 @@ def test_image_grid_fast_masking_equals_the_generic_gather(c, rows, cols, p, see
     fast = m.apply_mask(x, masks, base)
     slow = Modality.apply_mask(m, x, masks, base)
     assert torch.equal(fast, slow)
+
+
+def test_arrays_give_float32_and_float_tensors_keep_their_precision():
+    img = np.full((4, 4, 3), 0.5)                                   # float64 array
+    assert Image("image").to_tensor(img).dtype == torch.float32
+    assert Image("image").to_tensor(torch.full((3, 4, 4), 0.5, dtype=torch.float64)).dtype == torch.float64
+    series = TimeSeries("s", channels=["a"])
+    assert series.to_tensor(np.zeros((3, 1))).dtype == torch.float32
+    assert series.batch([torch.zeros(3, 1, dtype=torch.float64)]).dtype == torch.float64

@@ -157,8 +157,9 @@ def _reference_set(case, n=24, seed=0):
         for name, value in inst.items():
             if isinstance(value, str):
                 cols[name].append(texts[i % len(texts)])
-            else:
-                cols[name].append((np.asarray(value) * rng.uniform(0.3, 1.7, size=np.shape(value)))
+            else:                               # (pixels stay in [0, 1])
+                top = 1.0 if name == "image" else 1.7
+                cols[name].append((np.asarray(value) * rng.uniform(0.3, top, size=np.shape(value)))
                                   .astype(np.float32))
     return MultimodalDataset(cols)
 
