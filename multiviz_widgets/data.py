@@ -7,79 +7,162 @@ contents change (used to key on-disk caches).
 from __future__ import annotations
 
 import hashlib
+import operator
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from .checks import positive_int
 
 
 class MultimodalDataset:
     """Instances given column-wise: ``columns = {name: sequence of raw inputs}``.
 
     Each column may be any indexable sequence (a list, an array, a lazy object), so a dataset
-    that shares one image between many questions need not copy it.
-    labels: optional integer labels; descriptions: optional one-line text per instance.
+    that shares one image between many questions need not copy it; pandas columns are read by
+    position (``ds[i]`` is row i of the column as given, whatever its index labels).
+    labels: optional integer class indices (0..C-1), one per instance;
+    descriptions: optional one-line text per instance.
     """
 
     def __init__(self, columns: Mapping[str, Sequence], labels: Sequence[int] | None = None,
                  descriptions: Sequence[str] | None = None, name: str = "dataset"):
+        if not isinstance(columns, Mapping):
+            raise TypeError(
+                "A dataset is given column-wise: a dict {modality name: inputs, one per instance}, "
+                f"e.g. MultimodalDataset({{'image': images, 'question': questions}}); got "
+                f"{type(columns).__name__}.")
         if not columns:
             raise ValueError("A dataset needs at least one column {modality name: inputs}.")
-        lengths = {k: len(v) for k, v in columns.items()}
+        self.columns = {}
+        for k, v in columns.items():
+            if not isinstance(k, str):
+                raise TypeError(f"Column names are the modalities' names (strings), got {k!r}.")
+            self.columns[k] = _sequence(v, f"Column {k!r}", "inputs")
+        lengths = {k: len(v) for k, v in self.columns.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"All columns must have the same length, got {lengths}.")
-        self.columns = dict(columns)
         self.n = next(iter(lengths.values()))
-        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-        if self.labels is not None and len(self.labels) != self.n:
-            raise ValueError(f"labels has {len(self.labels)} entries for {self.n} instances.")
-        self.descriptions = None if descriptions is None else list(descriptions)
+        self.labels = None if labels is None else _labels(labels, self.n)
+        self.descriptions = None
+        if descriptions is not None:
+            self.descriptions = list(_sequence(descriptions, "descriptions", "texts"))
+            if len(self.descriptions) != self.n:
+                raise ValueError(f"descriptions has {len(self.descriptions)} entries for "
+                                 f"{self.n} instances.")
         self.name = name
-        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> dict:
-        if not -self.n <= int(i) < self.n:
+        i = _index(i)
+        if not -self.n <= i < self.n:
             raise IndexError(f"Instance {i} is out of range: the dataset has {self.n} instances.")
-        return {k: v[int(i)] for k, v in self.columns.items()}
+        return {k: v[i] for k, v in self.columns.items()}
 
     def describe(self, i: int) -> str:
         """A one-line description of instance i (for galleries and pickers)."""
         if self.descriptions is not None:
-            return str(self.descriptions[int(i)])
-        return f"#{int(i)}"
+            return str(self.descriptions[_index(i)])
+        return f"#{_index(i)}"
 
     def batches(self, batch_size: int = 256, indices: Sequence[int] | None = None
                 ) -> Iterator[tuple[np.ndarray, list[dict]]]:
         """Yield (indices, instances) in chunks of at most batch_size."""
+        batch_size = positive_int(batch_size, "batch_size")
         idx = np.arange(self.n) if indices is None else np.asarray(indices)
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
             yield chunk, [self[int(i)] for i in chunk]
 
     def fingerprint(self) -> str:
-        """A hash of the contents (every instance and label); computed once and remembered."""
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            h.update(str(self.n).encode())
-            for k in sorted(self.columns):
-                h.update(k.encode())
-                col = self.columns[k]
-                for i in range(self.n):
-                    h.update(_bytes(col[i]))
-            if self.labels is not None:
-                h.update(self.labels.tobytes())
-            self._fingerprint = h.hexdigest()[:32]
-        return self._fingerprint
+        """A hash of the contents (every instance, with its type and shape, and the labels).
+        Computed anew at each call (one pass over the data, no forward pass), so that an edit of
+        a column in place changes it too."""
+        h = hashlib.sha256()
+        h.update(str(self.n).encode())
+        for k in sorted(self.columns):
+            update_hash(h, k)
+            col = self.columns[k]
+            for i in range(self.n):
+                update_hash(h, col[i])
+        if self.labels is not None:
+            update_hash(h, self.labels)
+        return h.hexdigest()[:32]
 
 
-def _bytes(v) -> bytes:
+def _index(i) -> int:
+    """An instance index: an integer (numpy integers too), never a float or a bool."""
+    if isinstance(i, (bool, np.bool_)):
+        raise TypeError(f"An instance index is an integer, got {i!r}.")
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise TypeError(f"An instance index is an integer, got {i!r} "
+                        f"({type(i).__name__}).") from None
+
+
+def _sequence(v, what: str, items: str):
+    """v as an indexable sequence read by position: pandas objects through .to_numpy(); a
+    single string (which would be split into characters) refused."""
+    if isinstance(v, (str, bytes)):
+        raise TypeError(f"{what} is a single string; give a sequence of {items}, one per "
+                        f"instance (e.g. a list).")
+    if hasattr(v, "iloc") and hasattr(v, "to_numpy"):        # pandas: by position, not label
+        v = v.to_numpy()
+    if not (hasattr(v, "__len__") and hasattr(v, "__getitem__")):
+        raise TypeError(f"{what} must be a sequence of {items}, one per instance (a list, an "
+                        f"array...), got {type(v).__name__}.")
+    return v
+
+
+def _labels(labels, n: int) -> np.ndarray:
+    """Integer class indices [n], checked."""
+    arr = np.asarray(_sequence(labels, "labels", "class indices"))
+    how = ("labels are integer class indices (0..C-1); map names to indices first, e.g. "
+           "[class_names.index(y) for y in labels]")
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be one class index per instance (1-D), got shape "
+                         f"{arr.shape}{'; pass labels.ravel()' if arr.ndim == 2 and 1 in arr.shape else ''}.")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            bad = arr[~(np.isfinite(arr) & (arr == np.round(arr)))][:3].tolist()
+            raise ValueError(f"labels must be whole numbers, got {bad}: {how}.")
+    elif arr.dtype.kind not in "biu":
+        example = next((x for x in arr.tolist() if not isinstance(x, (int, np.integer))), arr[0])
+        raise TypeError(f"labels must be integers, got {example!r}: {how}.")
+    arr = arr.astype(np.int64)
+    if len(arr) != n:
+        raise ValueError(f"labels has {len(arr)} entries for {n} instances.")
+    if (arr < 0).any():
+        raise ValueError(f"labels must be class indices >= 0, got {int(arr.min())}; leave "
+                         "labels=None when they are unknown.")
+    return arr
+
+
+def update_hash(h, v) -> None:
+    """Feed v to the hash with its type, shape and length, so that different contents can never
+    give the same byte stream (["ab", "c"] and ["a", "bc"]; a 3x4 and a 4x3 array)."""
     if isinstance(v, torch.Tensor):
-        return v.detach().cpu().contiguous().numpy().tobytes()
-    if isinstance(v, np.ndarray):
-        return np.ascontiguousarray(v).tobytes()
-    if isinstance(v, str):
-        return v.encode()
-    return repr(v).encode()
+        v = v.detach().cpu().numpy()
+    elif not isinstance(v, (np.ndarray, str, bytes, list, tuple, dict)) and (
+            hasattr(v, "__array_interface__") or hasattr(v, "__array__")):   # PIL images...
+        v = np.asarray(v)
+    if isinstance(v, np.ndarray) and v.dtype != object:
+        head, body = f"a{v.dtype.str}{v.shape}", np.ascontiguousarray(v).tobytes()
+    elif isinstance(v, np.ndarray) or isinstance(v, (list, tuple)):
+        h.update(f"l{len(v)}[".encode())
+        for x in (v.ravel() if isinstance(v, np.ndarray) else v):
+            update_hash(h, x)
+        h.update(b"]")
+        return
+    elif isinstance(v, str):
+        head, body = "s", v.encode()
+    elif isinstance(v, bytes):
+        head, body = "b", v
+    else:
+        head, body = f"r{type(v).__qualname__}", repr(v).encode()
+    h.update(f"{head}:{len(body)}:".encode())
+    h.update(body)
