@@ -296,3 +296,84 @@ def test_fit_for_an_adapter_and_its_datasets(tmp_path):
     np.testing.assert_allclose(m.weight[0], -m.weight[1])     # binary: rows (-s/2, s/2)
     assert any(s.startswith("train features") for s in seen)
     assert any(s.startswith("sparse model") for s in seen)
+
+
+# -- clear errors for targets, class counts and empty paths ----------------------------------------------
+def test_every_split_s_targets_are_checked_like_the_training_ones():
+    h, y, _ = planted_features(n=200, c=2)
+    names = ["a", "b"]
+    with pytest.raises(ValueError, match=r"val targets must be class indices in 0..1"):
+        fit_sparse_model((h, y), val=(h, y + 5), class_names=names)
+    with pytest.raises(ValueError, match=r"test targets must be class indices in 0..1"):
+        fit_sparse_model((h, y), test=(h, y + 5), class_names=names)
+    with pytest.raises(ValueError, match=r"val targets .* \[-1\]"):
+        fit_sparse_model((h, y), val=(h, y - 1))
+    with pytest.raises(ValueError, match="val set is empty"):
+        fit_sparse_model((h, y), val=(h[:0], y[:0]))
+    with pytest.raises(ValueError, match="test set is empty"):
+        fit_sparse_model((h, y), test=(h[:0], y[:0]))
+    with pytest.raises(ValueError, match="training set is empty"):
+        fit_sparse_model((h[:0], y[:0]), val=(h, y))
+
+
+@pytest.mark.parametrize("make_y, error, match", [
+    (lambda y: np.array(["no", "yes"])[y], TypeError, "integer class indices.*class_names.index"),
+    (lambda y: y.astype(str), TypeError, "strings"),
+    (lambda y: y * 0.7 + 0.2, ValueError, "whole class indices"),
+    (lambda y: np.where(np.arange(len(y)) == 3, np.nan, y), ValueError, r"NaN .* rows \[3\]"),
+    (lambda y: y[:, None], ValueError, r"shape \(200, 1\), a column of labels"),
+    (lambda y: [0, None] * 100, ValueError, "NaN"),
+])
+def test_targets_that_are_not_class_indices_are_refused_not_coerced(make_y, error, match):
+    h, y, _ = planted_features(n=200, c=2)
+    with pytest.raises(error, match=match):
+        fit_sparse_model((h, make_y(y)))
+    with pytest.raises(error, match=match):
+        fit_sparse_model((h, y), val=(h, make_y(y)))
+
+
+def test_whole_float_targets_and_logits_stay_accepted():
+    h, y, _ = planted_features(n=300, c=2)
+    a = fit_sparse_model((h, y), n_lambdas=3)
+    b = fit_sparse_model((h, y.astype(np.float64)), n_lambdas=3)
+    c = fit_sparse_model((h, np.eye(2)[y] * 3.0), n_lambdas=3)
+    np.testing.assert_array_equal(a.weight, b.weight)
+    np.testing.assert_array_equal(a.weight, c.weight)
+    with pytest.raises(ValueError, match="n_lambdas"):
+        fit_sparse_model((h, y), n_lambdas=2.5)
+
+
+def _sparse(weight, bias, names):
+    weight = np.asarray(weight, dtype=np.float64)
+    return SparseModel(weight=weight, bias=np.asarray(bias, dtype=np.float64),
+                       mean=np.zeros(weight.shape[1]), std=np.ones(weight.shape[1]),
+                       class_names=names, alpha=0.99, lam=0.1, chosen=0,
+                       path_lambdas=np.ones(1), path_nonzeros=np.ones(1),
+                       path_val_fidelity=np.ones(1))
+
+
+def test_a_sparse_model_with_fewer_classes_than_the_model_gets_a_clear_error():
+    from multiviz_widgets.kernels.representations import decision_contributions
+    adapter, inst = path_case(UNITS_A)
+    sm = _sparse([[0.0, 1.0, 1.0]], [0.0], ["yes"])         # fit without class_names: 1 of 2
+    for target in (0, 1):
+        with pytest.raises(ValueError, match="1 classes but the model has 2.*class_names"):
+            prediction_path(adapter, inst, target=target, sparse_model=sm,
+                            interaction_method=None)
+        with pytest.raises(ValueError, match="class_names=adapter.class_names"):
+            decision_contributions(adapter, inst, target=target, sparse_model=sm)
+
+
+def test_an_empty_path_says_why():
+    adapter, inst = path_case(UNITS_A)
+    kw = dict(target=1, interaction_method=None, unimodal_method="gradient")
+    absent = _sparse([[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]], [0.0, -np.inf], ["yes", "no"])
+    path = prediction_path(adapter, inst, sparse_model=absent, **kw)
+    assert path.neurons == [] and "never occurs" in path.note
+    assert json.loads(json.dumps(path.to_dict()))["note"] == path.note
+    pruned = _sparse([[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]], [0.0, 0.5], ["yes", "no"])
+    assert "chosen sparsity" in prediction_path(adapter, inst, sparse_model=pruned, **kw).note
+    with torch.no_grad():
+        adapter.model.classifier.weight[1].zero_()
+    assert "decision layer" in prediction_path(adapter, inst, **kw).note
+    assert prediction_path(adapter, inst, target=0, interaction_method=None).note == ""

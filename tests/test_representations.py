@@ -313,3 +313,102 @@ def test_a_cancelled_extraction_leaves_no_hook_and_no_cache(cache):
     assert _hook_count(adapter) == 0
     assert not cache.exists() or os.listdir(cache) == []
     assert not extract_features(adapter, ds, cache_dir=cache).from_cache
+
+
+# -- cache key and cache contents ---------------------------------------------------------------------
+class ActFusion(TinyFusion):
+    """TinyFusion with an extra (parameter-free) module: same weights, another module tree."""
+
+    def __init__(self, act):
+        super().__init__(0)
+        self.act = act
+
+
+def test_the_cache_key_covers_the_modalities_preprocessing_and_the_module_tree(cache):
+    ds = make_dataset()
+    base = make_adapter()
+    assert rep.CACHE_VERSION != "features-v1"          # files keyed the old way are not trusted
+    other_window = ModelAdapter(base.model, [Tabular("tab", columns=[f"c{i}" for i in range(F)]),
+                                             TimeSeries("series", window=2, channels=["a", "b"])],
+                                base.class_names, decision_layer="classifier")
+    other_columns = ModelAdapter(base.model, [Tabular("tab", columns=list("wxyz")),
+                                              TimeSeries("series", window=4, channels=["a", "b"])],
+                                 base.class_names, decision_layer="classifier")
+    keys = {rep.features_key(a, ds) for a in (base, other_window, other_columns)}
+    assert len(keys) == 3
+    first = extract_features(base, ds, cache_dir=cache)
+    assert not extract_features(other_window, ds, cache_dir=cache).from_cache
+    assert extract_features(base, ds, cache_dir=cache).key == first.key
+
+    mods = lambda: [Tabular("tab", columns=[f"c{i}" for i in range(F)]),  # noqa: E731
+                    TimeSeries("series", window=4, channels=["a", "b"])]
+    relu = ModelAdapter(ActFusion(nn.ReLU()).eval(), mods(), base.class_names, "classifier")
+    tanh = ModelAdapter(ActFusion(nn.Tanh()).eval(), mods(), base.class_names, "classifier")
+    assert relu.fingerprint() == tanh.fingerprint()          # the weights alone cannot tell
+    assert rep.features_key(relu, ds) != rep.features_key(tanh, ds)
+
+
+@pytest.mark.parametrize("damage", ["h_columns", "rows", "other_indices", "int_h"])
+def test_a_cache_file_with_the_right_key_but_wrong_contents_is_recomputed(cache, damage):
+    adapter, ds = make_adapter(), make_dataset()
+    first = extract_features(adapter, ds, cache_dir=cache)
+    h, logits, idx = first.h, first.logits, first.indices
+    if damage == "h_columns":
+        h = h[:, :3]
+    elif damage == "rows":
+        h, logits, idx = h[:5], logits[:5], idx[:5]
+    elif damage == "other_indices":
+        idx = idx[::-1].copy()
+    else:
+        h = h.astype(np.int64)
+    np.savez(first.path, key=np.array(first.key), h=h, logits=logits, indices=idx)
+    with pytest.warns(RuntimeWarning, match="unreadable feature cache"):
+        again = extract_features(adapter, ds, cache_dir=cache)
+    assert not again.from_cache
+    np.testing.assert_allclose(again.h, first.h)
+    np.testing.assert_array_equal(again.indices, np.arange(len(ds)))
+    assert extract_features(adapter, ds, cache_dir=cache).from_cache     # rewritten
+
+
+# -- errors of the extremes and the local view ----------------------------------------------------------
+def test_extremes_of_no_instances_plain_arrays_and_negative_indices_get_clear_errors():
+    adapter, ds = make_adapter(), make_dataset()
+    empty = MultimodalDataset({"tab": [], "series": []})
+    for call in (lambda: neuron_extremes(adapter, ds, k=3, indices=[]),
+                 lambda: neuron_extremes(adapter, empty, k=3)):
+        with pytest.raises(ValueError, match="no instances") as err:
+            call()
+        assert "update()" not in str(err.value)
+    feats = extract_features(adapter, ds, cache=False)
+    with pytest.raises(TypeError, match="Features object from extract_features"):
+        neuron_extremes(None, features=feats.h, k=2)
+    with pytest.raises(ValueError, match="k must be a positive"):
+        StreamingExtremes(True)
+    res = neuron_extremes(None, features=feats, k=2)
+    assert res.top(D - 1) and res.bottom(0)
+    for bad in (-1, D, 1.0):
+        with pytest.raises(IndexError, match=f"0..{D - 1}"):
+            res.top(bad)
+        with pytest.raises(IndexError, match=f"0..{D - 1}"):
+            res.bottom(bad)
+    dc = decision_contributions(adapter, ds[0])
+    assert dc.top(0) == [] and len(dc.top(D)) == D
+    with pytest.raises(ValueError, match="k"):
+        dc.top(-1)
+
+
+# -- projection of the decision features ------------------------------------------------------------
+def test_project_3d_names_non_finite_rows_and_checks_dims():
+    from multiviz_widgets.kernels.projection import project_3d
+    h = np.random.default_rng(0).normal(size=(6, 4))
+    for value in (np.nan, np.inf, -np.inf):
+        bad = h.copy()
+        bad[4, 1] = value
+        with pytest.raises(ValueError, match=r"non-finite.*rows \[4\]"):
+            project_3d(bad)
+    for dims in (0, -1, 2.0, True, "3", 4):
+        with pytest.raises(ValueError, match="dims"):
+            project_3d(h, dims=dims)
+    assert project_3d(h, dims=2).shape == (6, 2) and project_3d(h, dims=1).shape == (6, 1)
+    huge = project_3d(np.array([[1e200, 0.0], [0.0, 1.0], [2.0, 2.0]]))
+    assert np.isfinite(huge).all() and np.abs(huge).max() == pytest.approx(1.0)

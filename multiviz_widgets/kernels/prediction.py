@@ -35,7 +35,7 @@ import torch
 
 from ..adapter import ModelAdapter, Neuron
 from ..progress import ProgressFn, report
-from .common import as_prepared
+from .common import as_prepared, positive_int
 from .representations import Features, decision_contributions
 
 SOLVERS = ("sklearn", "glm_saga")
@@ -193,15 +193,60 @@ def _split_data(data, what: str, fit_to: str) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(data, (tuple, list)) and len(data) == 2:
         h, y = data
         h = _as_2d(h)
-        y = np.asarray(y)
-        if y.ndim == 2:          # logits: fit to their argmax
-            y = y.argmax(1)
-        y = y.reshape(-1).astype(np.int64)
+        y = _targets(y, what)
         if len(y) != len(h):
             raise ValueError(f"{what}: {len(h)} feature rows but {len(y)} targets.")
         return h, y
     raise TypeError(f"{what} must be Features (from extract_features) or a pair (h [N, d], y [N] "
                     f"or logits [N, C]), got {type(data).__name__}.")
+
+
+def _targets(y, what: str) -> np.ndarray:
+    """Integer class targets [N] from class indices [N] or logits [N, C] (their argmax), checked:
+    strings, fractional or non-finite numbers and a column [N, 1] are refused, never coerced."""
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    y = np.asarray(y)
+    if y.dtype.kind in "US" or (y.dtype.kind == "O" and any(isinstance(v, (str, bytes))
+                                                         for v in y.ravel())):
+        raise TypeError(f"{what} targets are strings; targets are integer class indices 0..C-1. "
+                        "Map class names to indices first, e.g. y = [class_names.index(s) for s "
+                        "in labels], and pass class_names=class_names.")
+    if y.dtype.kind not in "biuf":
+        try:
+            y = y.astype(np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{what} targets must be integer class indices [N] or logits [N, C], "
+                            f"got values of dtype {y.dtype}.") from None
+    if y.ndim == 2 and y.shape[1] == 1:
+        raise ValueError(f"{what} targets have shape {y.shape}, a column of labels: pass a 1-D "
+                         "array of class indices (y.ravel()), or logits [N, C] with one column "
+                         "per class.")
+    if y.ndim not in (1, 2):
+        raise ValueError(f"{what} targets must be class indices [N] or logits [N, C], got shape "
+                         f"{y.shape}.")
+    if not np.isfinite(y).all():
+        raise ValueError(f"{what} targets contain NaN or infinity at rows "
+                         f"{np.where(~np.isfinite(y.reshape(len(y), -1)).all(1))[0][:10].tolist()}; "
+                         "every instance needs a class index (or finite logits).")
+    if y.ndim == 2:          # logits: fit to their argmax
+        return y.argmax(1).astype(np.int64)
+    if y.dtype.kind == "f" and (y != np.round(y)).any():
+        bad = y[y != np.round(y)]
+        raise ValueError(f"{what} targets must be whole class indices, got fractional values such "
+                         f"as {bad[:3].tolist()}; they are refused rather than truncated.")
+    return y.astype(np.int64)
+
+
+def _check_classes(y: np.ndarray, what: str, n_classes: int, named: bool) -> None:
+    """Raise ValueError unless every target is a class index in 0..n_classes-1."""
+    bad = (y < 0) | (y >= n_classes)
+    if bad.any():
+        hint = (f"class_names has {n_classes} names" if named else
+                "a negative value is not a class; drop unlabelled instances first")
+        raise ValueError(f"{what} targets must be class indices in 0..{n_classes - 1} ({hint}); "
+                         f"got {sorted(set(y[bad].tolist()))[:5]} at rows "
+                         f"{np.where(bad)[0][:10].tolist()}.")
 
 
 def lambda_max(z: np.ndarray, y: np.ndarray, n_classes: int, alpha: float) -> float:
@@ -306,11 +351,12 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
         raise ValueError(f"alpha (the L1 share of the elastic net) must be in (0, 1], got {alpha}.")
     if not 0 < eps < 1:
         raise ValueError(f"eps (smallest lambda / lambda_max) must be in (0, 1), got {eps}.")
-    if n_lambdas < 2:
-        raise ValueError(f"n_lambdas must be at least 2, got {n_lambdas}.")
+    n_lambdas = positive_int(n_lambdas, "n_lambdas", minimum=2)
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance is a fraction of fidelity (0.01 = 1 point), got {tolerance}.")
     h_tr, y_tr = _split_data(train, "train", fit_to)
+    if len(h_tr) == 0:
+        raise ValueError("The training set is empty; pass at least two instances of two classes.")
     if val is None:
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
@@ -328,7 +374,11 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     if test is not None:
         h_te, y_te = _split_data(test, "test", fit_to)
     d = h_tr.shape[1]
-    for name, h in (("train", h_tr), ("val", h_va), ("test", h_te)):
+    splits = (("train", h_tr, y_tr), ("val", h_va, y_va), ("test", h_te, y_te))
+    for name, h, _ in splits:
+        if h is not None and len(h) == 0:
+            raise ValueError(f"The {name} set is empty; pass at least one instance (or "
+                             f"{name}=None{' to hold out part of train' if name == 'val' else ''}).")
         if h is not None and h.shape[1] != d:
             raise ValueError(f"{name} has {h.shape[1]} features but train has {d}.")
         if h is not None and not np.isfinite(h).all():
@@ -337,8 +387,9 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     n_classes = len(class_names) if class_names is not None else int(
         max(y_tr.max(), y_va.max(), -1 if y_te is None else y_te.max())) + 1
     names = list(class_names) if class_names is not None else [str(c) for c in range(n_classes)]
-    if y_tr.min() < 0 or y_tr.max() >= n_classes:
-        raise ValueError(f"Training targets must be class indices in 0..{n_classes - 1}.")
+    for name, _, y in splits:
+        if y is not None:
+            _check_classes(y, name, n_classes, class_names is not None)
     present = np.unique(y_tr)
     if len(present) < 2:
         raise ValueError(f"The training targets hold a single class ({names[present[0]]!r}); a "
@@ -452,7 +503,10 @@ class PathNeuron:
 
 @dataclass
 class PredictionPath:
-    """class <- its top neurons (weight x activation) <- their top units and cross-modal pairs."""
+    """class <- its top neurons (weight x activation) <- their top units and cross-modal pairs.
+
+    ``note`` says why ``neurons`` is empty when it is (the class has no non-zero weight), else "".
+    """
 
     class_index: int
     class_name: str
@@ -465,6 +519,7 @@ class PredictionPath:
     backward_passes: int = 0
     seconds: float = 0.0
     params: dict = field(default_factory=dict)
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able plain data for the path view."""
@@ -473,7 +528,7 @@ class PredictionPath:
                       "logit": float(self.logit)},
             "source": self.source, "unimodal_method": self.unimodal_method,
             "interaction_method": self.interaction_method,
-            "neurons": [n.to_dict() for n in self.neurons],
+            "neurons": [n.to_dict() for n in self.neurons], "note": self.note,
             "forward_passes": int(self.forward_passes),
             "backward_passes": int(self.backward_passes), "seconds": float(self.seconds),
             "params": {k: v for k, v in self.params.items()
@@ -486,6 +541,21 @@ def _top_units(scores: np.ndarray, labels: Sequence[str], k: int, absolute: bool
     key = np.abs(s) if absolute else s
     order = np.argsort(-key, kind="stable")[:k]
     return [(int(u), str(labels[u]) if u < len(labels) else str(u), float(s[u])) for u in order]
+
+
+def _empty_path_note(contrib, sparse_model: SparseModel | None) -> str:
+    """Why class ``contrib.class_index`` has no neuron with a non-zero weight."""
+    name = contrib.class_name
+    if sparse_model is None:
+        return (f"The decision layer's weights for class {name!r} are all zero, so no neuron "
+                "contributes to it.")
+    if not np.isfinite(sparse_model.bias[contrib.class_index]):
+        return (f"Class {name!r} never occurs in the sparse model's training targets, so it has no "
+                "weights (and is never predicted by it); fit on data in which it occurs, or "
+                "explain it with the decision layer (sparse_model=None).")
+    return (f"The sparse model keeps no non-zero weight for class {name!r} at its chosen sparsity "
+            f"(lambda {sparse_model.lam:.3g}); a smaller tolerance or lambda keeps more neurons, "
+            "or use the decision layer (sparse_model=None).")
 
 
 def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: SparseModel | None = None,
@@ -507,7 +577,7 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     from .unimodal import attribute        # stage kernels are imported lazily
     t0 = time.perf_counter()
     for name, v in (("k_neurons", k_neurons), ("k_units", k_units), ("k_pairs", k_pairs)):
-        if not isinstance(v, (int, np.integer)) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}.")
     prepared = as_prepared(adapter, instance)
     contrib = decision_contributions(adapter, prepared, target, sparse_model)
@@ -547,4 +617,5 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
         interaction_method=interaction_method if do_pairs else None, forward_passes=fwd,
         backward_passes=bwd, seconds=time.perf_counter() - t0,
         params={"k_neurons": k_neurons, "k_units": k_units, "k_pairs": k_pairs,
-                "absolute": absolute})
+                "absolute": absolute},
+        note="" if neurons else _empty_path_note(contrib, sparse_model))

@@ -13,21 +13,39 @@ from typing import Sequence
 
 import numpy as np
 
+from .common import positive_int
+
+#: The most axes project_3d returns (the EmbeddingView draws 3-D points).
+MAX_DIMS = 3
+
 
 def project_3d(h: np.ndarray, dims: int = 3) -> np.ndarray:
-    """PCA of h [N, d] onto its first ``dims`` principal axes, scaled into [-1, 1].
+    """PCA of h [N, d] onto its first ``dims`` (1..3) principal axes, scaled into [-1, 1].
 
-    Fewer than ``dims`` features or instances pad with zeros. Cost: one thin SVD of [N, d]
-    (for large N a random sample of 4096 rows fits the axes, then all rows are projected).
+    Fewer than ``dims`` features or instances pad with zeros. h must be finite (a ValueError
+    names the rows with NaN or infinity). Cost: one thin SVD of [N, d] (for large N a random
+    sample of 4096 rows fits the axes, then all rows are projected).
     """
+    dims = positive_int(dims, "dims (axes of the projection)")
+    if dims > MAX_DIMS:
+        raise ValueError(f"dims must be at most {MAX_DIMS} (a projection for a 3-D view), got "
+                         f"{dims}.")
     h = np.asarray(h, dtype=np.float64)
     if h.ndim != 2:
         raise ValueError(f"project_3d needs a matrix [instances, features], got shape {h.shape}.")
+    bad = np.where(~np.isfinite(h).all(1))[0]
+    if len(bad):
+        raise ValueError(f"The features contain non-finite values (NaN or infinity) in {len(bad)} "
+                         f"row(s), e.g. rows {bad[:10].tolist()}; drop those instances or check "
+                         "the model on them.")
     n, d = h.shape
     out = np.zeros((n, dims), dtype=np.float32)
     if n == 0:
         return out
     centred = h - h.mean(0, keepdims=True)
+    spread = np.abs(centred).max() if centred.size else 0.0
+    if np.isfinite(spread) and spread > 0:
+        centred = centred / spread      # PCA is scale-free; keeps huge values from overflowing
     fit = centred
     if n > 4096:
         rng = np.random.default_rng(0)

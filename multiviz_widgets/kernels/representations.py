@@ -3,8 +3,9 @@
 * ``extract_features(adapter, dataset)``: h and the logits over a dataset, in batches, through
   the adapter's forward pre-hook on the decision layer (the hook lives for one forward call and is
   removed in ``finally``, also when the model raises). Results are cached on disk as ``.npz``
-  (no pickle), keyed by a hash of the model's weights and the dataset's fingerprint; a change of
-  weights gives another key, a corrupt file is ignored and recomputed, writes are atomic.
+  (no pickle), keyed by a hash of the model's weights and structure, the modalities'
+  preprocessing and the dataset's fingerprint; a change of any gives another key, a corrupt or
+  inconsistent file is ignored and recomputed, writes are atomic.
 * ``StreamingExtremes`` / ``neuron_extremes``: for every neuron the k instances with the largest
   and the smallest activation in one streaming pass, memory O(k d) whatever the dataset size.
 * ``decision_contributions(adapter, instance)``: the local view, h(x) and each neuron's
@@ -30,9 +31,9 @@ import torch
 from ..adapter import AdapterError, ModelAdapter
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
-from .common import as_prepared
+from .common import as_prepared, positive_int
 
-CACHE_VERSION = "features-v1"
+CACHE_VERSION = "features-v2"   # v2: the key covers modality signatures and the module tree
 
 
 # -- cache location ----------------------------------------------------------------------------
@@ -76,13 +77,17 @@ def _check_batch_size(batch_size: int) -> int:
 
 def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
                  indices: Sequence[int] | None = None, batch_size: int = 256) -> str:
-    """The cache key of a feature extraction: weights hash + dataset fingerprint + what was asked.
+    """The cache key of a feature extraction: weights hash + the model's module tree + each
+    modality's preprocessing (``Modality.signature()``, in adapter order) + dataset fingerprint
+    + what was asked.
 
     Cost: hashes the weights (and, the first time, the dataset's contents); no forward pass.
     """
     h = hashlib.sha256()
-    for part in (CACHE_VERSION, adapter.fingerprint(), dataset.fingerprint(),
-                 _decision_layer_name(adapter), ",".join(adapter.names), str(int(batch_size))):
+    signatures = [adapter.modalities[name].signature() for name in adapter.names]
+    for part in (CACHE_VERSION, adapter.fingerprint(), repr(adapter.model), *signatures,
+                 dataset.fingerprint(), _decision_layer_name(adapter), ",".join(adapter.names),
+                 str(int(batch_size))):
         h.update(part.encode())
         h.update(b"\0")
     h.update(_indices(dataset, indices).tobytes())
@@ -144,19 +149,36 @@ class Features:
         return int(self.h.shape[1])
 
 
-def _load_cached(path: Path, key: str) -> Features | None:
+def _check_cached(h: np.ndarray, logits: np.ndarray, indices: np.ndarray, idx: np.ndarray,
+                  d: int | None) -> None:
+    """Raise ValueError when a cache file's arrays are not the features of ``idx``."""
+    if h.ndim != 2 or logits.ndim != 2 or indices.ndim != 1:
+        raise ValueError(f"shapes h {h.shape}, logits {logits.shape}, indices {indices.shape}; "
+                         "expected [N, d], [N, C], [N]")
+    if not (np.issubdtype(h.dtype, np.floating) and np.issubdtype(logits.dtype, np.floating)
+            and np.issubdtype(indices.dtype, np.integer)):
+        raise ValueError(f"dtypes h {h.dtype}, logits {logits.dtype}, indices {indices.dtype}")
+    if not len(h) == len(logits) == len(indices):
+        raise ValueError(f"{len(h)} rows of h, {len(logits)} of logits, {len(indices)} indices")
+    if len(indices) != len(idx) or not np.array_equal(indices, idx):
+        raise ValueError(f"it holds {len(indices)} instances, not the {len(idx)} asked for")
+    if d is not None and h.shape[1] != d:
+        raise ValueError(f"h has {h.shape[1]} features but the decision layer takes {d}")
+
+
+def _load_cached(path: Path, key: str, idx: np.ndarray, d: int | None = None) -> Features | None:
+    """The cached features of ``idx`` under ``key``, or None (missing, foreign, corrupt or not
+    matching what was asked: the last two with a warning)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) != key:
                 return None
             h, logits, indices = z["h"], z["logits"], z["indices"]
-        if (h.ndim != 2 or logits.ndim != 2 or indices.ndim != 1
-                or not len(h) == len(logits) == len(indices)):
-            raise ValueError("inconsistent shapes")
+        _check_cached(h, logits, indices, idx, d)
         return Features(h, logits, indices, key, True, 0, 0.0, str(path))
     except FileNotFoundError:
         return None
-    except Exception as exc:  # corrupt or foreign file: recompute and overwrite
+    except Exception as exc:  # corrupt or inconsistent file: recompute and overwrite
         warnings.warn(f"Ignoring unreadable feature cache {path} ({type(exc).__name__}: {exc}); "
                       "recomputing.", RuntimeWarning, stacklevel=3)
         return None
@@ -197,7 +219,9 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     if cache:
         key = features_key(adapter, dataset, idx, batch_size)
         path = default_cache_dir(cache_dir) / f"{key}.npz"
-        hit = _load_cached(path, key)
+        layer = adapter.decision_layer
+        d = layer.in_features if isinstance(layer, torch.nn.Linear) else None
+        hit = _load_cached(path, key, idx, d)
         if hit is not None:
             hit.seconds = time.perf_counter() - t0
             report(progress, len(idx), len(idx), "decision features (cached)")
@@ -249,14 +273,25 @@ class NeuronExtremes:
     def d(self) -> int:
         return int(self.top_indices.shape[0])
 
+    def _neuron(self, neuron) -> int:
+        if (isinstance(neuron, bool) or not isinstance(neuron, (int, np.integer))
+                or not 0 <= neuron < self.d):
+            raise IndexError(f"neuron must be an integer in 0..{self.d - 1} (there are {self.d} "
+                             f"decision neurons), got {neuron!r}; negative indices are refused "
+                             "rather than counted from the end.")
+        return int(neuron)
+
     def top(self, neuron: int) -> list[tuple[int, float]]:
-        """[(dataset index, activation)] of the neuron's top instances, largest first."""
-        return [(int(i), float(v)) for i, v in zip(self.top_indices[neuron], self.top_values[neuron])]
+        """[(dataset index, activation)] of the neuron's top instances, largest first.
+        ``neuron`` is in 0..d-1 (a negative one raises IndexError, it does not count from the end)."""
+        j = self._neuron(neuron)
+        return [(int(i), float(v)) for i, v in zip(self.top_indices[j], self.top_values[j])]
 
     def bottom(self, neuron: int) -> list[tuple[int, float]]:
-        """[(dataset index, activation)] of the neuron's bottom instances, smallest first."""
-        return [(int(i), float(v)) for i, v in
-                zip(self.bottom_indices[neuron], self.bottom_values[neuron])]
+        """[(dataset index, activation)] of the neuron's bottom instances, smallest first
+        (``neuron`` as in ``top``)."""
+        j = self._neuron(neuron)
+        return [(int(i), float(v)) for i, v in zip(self.bottom_indices[j], self.bottom_values[j])]
 
 
 class StreamingExtremes:
@@ -267,7 +302,7 @@ class StreamingExtremes:
     """
 
     def __init__(self, k: int, d: int | None = None):
-        if not isinstance(k, (int, np.integer)) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer (instances kept per neuron), got {k!r}.")
         self.k = int(k)
         self.d = d
@@ -334,6 +369,10 @@ def neuron_extremes(adapter: ModelAdapter | None, dataset: MultimodalDataset | N
     t0 = time.perf_counter()
     ext = StreamingExtremes(k)
     passes = 0
+    if features is not None and not isinstance(features, Features):
+        raise TypeError(f"features= must be a Features object from extract_features(adapter, "
+                        f"dataset), got {type(features).__name__}; for a plain array h [N, d] use "
+                        "StreamingExtremes(k).update(h) or Features(h, logits, indices).")
     if features is not None:
         if indices is not None:
             raise ValueError("indices= selects instances to run the model on; with features= "
@@ -350,6 +389,9 @@ def neuron_extremes(adapter: ModelAdapter | None, dataset: MultimodalDataset | N
                                          "neuron extremes"):
             ext.update(h, idx)
             passes += len(idx)
+    if ext.n == 0:
+        raise ValueError("There are no instances to rank: the dataset, the indices or the "
+                         "features are empty. Pass at least one instance.")
     res = ext.result()
     res.params.update(batch_size=batch_size, from_features=features is not None)
     res.forward_passes = passes
@@ -371,7 +413,9 @@ class DecisionContributions:
     source: str = "decision_layer"   # or "sparse_model"
 
     def top(self, k: int = 10, absolute: bool = False) -> list[int]:
-        """Neuron indices ranked by contribution (largest first; by |.| when absolute)."""
+        """The k neuron indices ranked by contribution (largest first; by |.| when absolute).
+        k >= 0; a negative k raises ValueError (it would otherwise drop neurons from the end)."""
+        k = positive_int(k, "k (neurons to rank)", minimum=0)
         c = np.abs(self.contributions) if absolute else self.contributions
         return [int(j) for j in np.argsort(-c, kind="stable")[:k]]
 
@@ -402,6 +446,12 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
         if sparse_model.weight.shape[1] != h.shape[0]:
             raise ValueError(f"The sparse model has {sparse_model.weight.shape[1]} features but the "
                              f"decision layer has {h.shape[0]}: it was fit on another model.")
+        if sparse_model.n_classes != adapter.n_classes:
+            raise ValueError(
+                f"The sparse model has {sparse_model.n_classes} classes but the model has "
+                f"{adapter.n_classes}: fit without class_names, it only counts the classes up to "
+                "the largest that occurs in its targets. Refit with fit_sparse_model(..., "
+                "class_names=adapter.class_names) (or fit_sparse_model_for(adapter, ...)).")
         w = sparse_model.weight[c]
         contrib = w * sparse_model.standardise(h[None])[0]
         source = "sparse_model"
