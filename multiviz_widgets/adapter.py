@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -79,6 +82,11 @@ class AdapterError(ValueError):
     """A model or instance does not fit the adapter; the message says how to fix it."""
 
 
+class ModelInputError(AdapterError, RuntimeError):
+    """The model raised an error on the inputs it was given (wrong shape, channels, length...);
+    the original error is chained. Also a RuntimeError, like most of the errors it wraps."""
+
+
 def _resolve_module(model: nn.Module, spec, what: str) -> nn.Module:
     if isinstance(spec, nn.Module):
         if not any(m is spec for m in model.modules()):
@@ -96,10 +104,28 @@ def _resolve_module(model: nn.Module, spec, what: str) -> nn.Module:
                        f"{type(spec).__name__}.")
 
 
+#: Layers that act differently in training mode (the adapter warns about them; any module in
+#: training mode is run in eval mode).
+_TRAINING_LAYERS = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
+
+
+def _outside_stacklevel() -> int:
+    """The stacklevel, for warnings.warn called by this function's caller, of the first frame
+    outside this package, torch and contextlib: the user's line that asked for the work."""
+    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.__file__),
+            contextlib.__file__)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class ModelAdapter:
     """Wraps a model that takes one input per modality (in order) and returns [B, C] logits.
 
-    model: the torch.nn.Module (put it in eval mode; the doctor warns otherwise).
+    model: the torch.nn.Module. Put it in eval mode: a model in training mode is run in eval
+        mode for every computation (dropout off, batch norm on its running statistics, which
+        stay unchanged) and its modes are restored afterwards, with a warning the first time.
     modalities: the Modality objects, in the order of the model's arguments.
     class_names: one name per output logit.
     decision_layer: the module (or dotted name) whose input is h(x); default: the last nn.Linear.
@@ -158,6 +184,8 @@ class ModelAdapter:
                 spec = embs[0]
             self.embedding_layers[m.name] = _resolve_module(model, spec, f"embedding of {m.name!r}")
         self._lock = MODEL_LOCK
+        self._warned_training = False
+        self._last_shapes: dict[str, tuple] = {}   # per-instance input shapes the model last took
 
     # -- basics ------------------------------------------------------------------------------
     @property
@@ -220,12 +248,44 @@ class ModelAdapter:
                                + (f"; unknown {extra}" if extra else "") + ".")
 
     def collate(self, instances: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        """Model inputs for a list of instances (raw values or tensors), batched per modality."""
+        """Model inputs for a list of instances (raw values or tensors), batched per modality.
+
+        Raises AdapterError when a modality's inputs are empty, hold NaN or infinity, or (in a
+        batch) differ in shape from one instance to another."""
         for inst in instances:
             self._check_names(inst)
         dev = self.device
-        return {n: m.batch([inst[n] for inst in instances]).to(dev)
+        return {n: self._checked_batch(m, [inst[n] for inst in instances]).to(dev)
                 for n, m in self.modalities.items()}
+
+    def _checked_batch(self, modality: Modality, items: Sequence) -> torch.Tensor:
+        """modality.batch(items), with clear errors for inputs of several shapes, empty inputs
+        and non-finite values."""
+        name = modality.name
+        try:
+            x = modality.batch(items)
+        except RuntimeError as e:           # torch.stack: the instances differ in shape
+            shapes = [tuple(modality.batch([item]).shape[1:]) for item in items]
+            odd = next((k for k, s in enumerate(shapes) if s != shapes[0]), None)
+            if odd is None:
+                raise
+            raise AdapterError(
+                f"Modality {name!r}: instance {odd} has shape {shapes[odd]} but instance 0 has "
+                f"{shapes[0]}; the instances of a batch must have the same shape (resize or crop "
+                f"them to one size, e.g. the size the model was trained on).") from e
+        of = "" if len(items) == 1 else " of instance {}"
+        if x.numel() == 0:
+            raise AdapterError(f"Modality {name!r} is empty (input shape {tuple(x.shape[1:])}); "
+                               "give at least one pixel, token, time step or value.")
+        if torch.is_floating_point(x) or torch.is_complex(x):
+            finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+            if not bool(finite.all()):
+                k = int((~finite).nonzero()[0, 0])
+                raise AdapterError(
+                    f"Modality {name!r}{of.format(k)} holds non-finite values (NaN or infinity): "
+                    "the model's outputs and every explanation would be NaN. Replace them (for "
+                    "example impute missing values) before explaining the instance.")
+        return x
 
     def prepare(self, instance: Mapping) -> Prepared:
         """Everything the kernels need about one instance (cost: no forward pass)."""
@@ -237,6 +297,10 @@ class ModelAdapter:
         # contiguous once here: modalities may return broadcast views, and every kernel
         # flattens the index (a copy per call otherwise)
         index = {n: m.unit_index(cont[n]).contiguous() for n, m in self.modalities.items()}
+        for n in self.names:
+            if index[n].numel() == 0:
+                raise AdapterError(f"Modality {n!r} has no units (continuous input of shape "
+                                   f"{tuple(cont[n].shape)}); give a non-empty input.")
         n_units = {n: int(index[n].max()) + 1 for n in self.names}
         labels = {n: m.describe_units(instance[n], raw[n][0]) for n, m in self.modalities.items()}
         h = hashlib.sha256()
@@ -249,13 +313,40 @@ class ModelAdapter:
     def continuous(self, raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The continuous form of a batch: model inputs, or embedding outputs for text."""
         out = {}
-        for n in self.names:
-            x = raw[n]
-            if n in self.embedding_layers:
-                out[n] = self.embedding_layers[n](x).detach()
-            else:
-                out[n] = x.detach().float() if not torch.is_floating_point(x) else x.detach()
+        with self._lock, self._eval_mode():
+            for n in self.names:
+                x = raw[n]
+                if n in self.embedding_layers:
+                    out[n] = self.embedding_layers[n](x).detach()
+                else:
+                    out[n] = x.detach().float() if not torch.is_floating_point(x) else x.detach()
         return out
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """The model in eval mode for the block (dropout off, batch norm on its running
+        statistics, which then stay unchanged); every module's mode is restored afterwards.
+        A model in training mode is warned about once per adapter."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        if not any(mode for _, mode in modes):
+            yield
+            return
+        active = sorted({type(m).__name__ for m, mode in modes
+                         if mode and isinstance(m, _TRAINING_LAYERS)})
+        if active and not getattr(self, "_warned_training", False):
+            self._warned_training = True
+            warnings.warn(
+                f"The model ({self.name}) is in training mode with {', '.join(active)} layers: "
+                "dropout would make every explanation random and batch norm would change its "
+                "running statistics. The adapter runs it in eval mode for each computation and "
+                "restores its mode afterwards; call model.eval() to silence this warning.",
+                UserWarning, stacklevel=_outside_stacklevel())
+        try:
+            self.model.eval()
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
 
     # -- forward -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -286,8 +377,7 @@ class ModelAdapter:
         Cost: one forward pass of B instances. Gradients flow when the inputs require them.
         """
         args = self.model_inputs(raw, continuous)
-        result = self.run(lambda: self.model(**args) if self.keyword_inputs
-                          else self.model(*args.values()), continuous, features)
+        result = self.run(lambda: self._call_model(args), continuous, features)
         out = result[0] if features else result
         if isinstance(out, (tuple, list)):
             out = out[0]
@@ -295,6 +385,45 @@ class ModelAdapter:
             raise AdapterError(f"The model returned {type(out).__name__}; it must return a tensor of "
                                "logits [batch, classes].")
         return (out, result[1]) if features else out
+
+    def _call_model(self, args: Mapping[str, torch.Tensor]):
+        """model(*args) (or model(**args)); an error the model raises on these inputs comes out
+        as a ModelInputError naming the modalities and their shapes (the original chained)."""
+        try:
+            out = self.model(**args) if self.keyword_inputs else self.model(*args.values())
+        except AdapterError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            raise ModelInputError(self._model_error_message(args, e)) from e
+        self._last_shapes = {n: tuple(v.shape[1:]) for n, v in args.items()}
+        return out
+
+    def _model_error_message(self, args: Mapping[str, torch.Tensor], error: Exception) -> str:
+        shapes = ", ".join(f"{n}: {tuple(v.shape)}" for n, v in args.items())
+        text = str(error)
+        last = getattr(self, "_last_shapes", {})
+        # the modality to suspect: its batch shape appears in the message, or its per-instance
+        # shape differs from the inputs the model last took
+        named = [n for n, v in args.items() if str(list(v.shape)) in text]
+        changed = [n for n, v in args.items()
+                   if tuple(v.shape[1:]) != last.get(n, tuple(v.shape[1:]))]
+        # a text's length changes from instance to instance: suspect the others first
+        changed = [n for n in changed if n not in self.embedding_layers] or changed
+        if named:
+            hint = (f" The input of modality {named[0]!r} (shape {tuple(args[named[0]].shape)}) "
+                    "appears in the error.")
+        elif changed:
+            hint = " " + "; ".join(
+                f"Modality {n!r} has shape {tuple(args[n].shape[1:])} per instance, where the "
+                f"model last took {last[n]}" for n in changed) + "."
+        else:
+            hint = ""
+        return (f"The model raised {type(error).__name__} on the inputs of modalities "
+                f"({shapes}): {text}.{hint} Check that each modality gives the shape the model "
+                "expects (channels, image size, series length, columns) and that the modalities "
+                "are listed in the order of the model's arguments.")
 
     def model_inputs(self, raw: Mapping[str, torch.Tensor],
                      continuous: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -315,11 +444,12 @@ class ModelAdapter:
     def run(self, fn: Callable[[], Any], continuous: Mapping[str, torch.Tensor] | None = None,
             features: bool = False):
         """fn() -- a computation on this adapter's model, such as part of its graph -- under the
-        adapter's lock (the model is shared between threads), with text modalities' embedding
+        adapter's lock (the model is shared between threads), in eval mode (see ``_eval_mode``:
+        a model in training mode gets its modes back afterwards), with text modalities' embedding
         outputs replaced by their ``continuous`` inputs; with features=True returns (fn(), h)
         where h is the input of the decision layer during that call."""
         store = {} if features else None
-        with self._lock, self._hooks(continuous, store):
+        with self._lock, self._eval_mode(), self._hooks(continuous, store):
             out = fn()
         if not features:
             return out

@@ -666,3 +666,84 @@ def test_emap_keeps_a_large_matrix_only_when_asked(monkeypatch):
     kept = emap(adapter, items, keep_matrix=True)
     assert kept.matrix.shape == (5, 5, 3) and "matrix_note" not in kept.params
     np.testing.assert_allclose(r.emap_logits, kept.emap_logits, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks of the stage-2 entry points
+# ---------------------------------------------------------------------------------------------
+def test_shapley_stii_with_a_small_budget_uses_svarmiq():
+    """Below two permutations STII falls back to SVARMIQ, whose approximate() takes no
+    batch_size: only the permutation samplers get one."""
+    adapter, inst = tiny_adapter(), tiny_instance(3)          # 8 players, not exact
+    r = interaction(adapter, inst, "shapley", index="STII", budget=64)
+    assert r.params["approximator"] == "SVARMIQ" and np.isfinite(r.matrix).all()
+    r = interaction(adapter, inst, "shapley", index="STII", budget=240, batch_size=7)
+    assert r.params["approximator"] == "PermutationSamplingSTII"
+
+
+def test_emap_gap_checks_n_and_indices(planted):
+    adapter, ds = planted
+    for n, words in [(-3, "n must be an integer of at least 2"), (2.5, "got 2.5"),
+                     (True, "got True")]:
+        with pytest.raises(ValueError, match=words):
+            emap_gap(adapter, ds, n=n)
+    for indices, words in [([0.5, 1.7], r"integers \(instance numbers\), got 0.5"),
+                           (np.arange(len(ds)) < 3, "boolean mask.*np.flatnonzero"),
+                           ([0, -1], "-1 is out of range; the dataset has 600 instances"),
+                           ([0, 600], "600 is out of range"), ([[0, 1], [2, 3]], "1-D"),
+                           ("01", "1-D list of instance numbers")]:
+        with pytest.raises(ValueError, match=words):
+            emap_gap(adapter, ds, indices=indices)
+    assert emap_gap(adapter, ds, indices=np.array([4, 0, 2]))["indices"] == [4, 0, 2]
+
+
+def test_dime_and_interaction_type_take_integer_indices_only(planted):
+    adapter, ds = planted
+    kw = dict(n_samples=20, n_reference=5)
+    for index, words in [(1.7, r"index must be an instance number \(an integer\), got 1.7"),
+                         ("3", "got '3'"), (None, "got None"),
+                         (10_000, "index: 10000 is out of range; the dataset has 600")]:
+        with pytest.raises(ValueError, match=words):
+            dime(adapter, ds, index, **kw)
+    for ref, words in [([1.5, 2.5], "reference_indices must be integers"),
+                       ([1, 9999], "reference_indices: 9999 is out of range")]:
+        with pytest.raises(ValueError, match=words):
+            dime(adapter, ds, 0, reference_indices=ref, n_samples=20)
+        with pytest.raises(ValueError, match=words):
+            interaction_type(adapter, ds[0], ds, reference_indices=ref)
+    for instance, words in [(1.7, "got 1.7"), (9999, "9999 is out of range")]:
+        with pytest.raises(ValueError, match=words):
+            interaction_type(adapter, instance, ds, n_reference=5)
+    assert dime(adapter, ds, np.int64(3), **kw).f_value == dime(adapter, ds, ds[3], **kw).f_value
+
+
+def test_stage2_needs_an_adapter_and_an_instance_prepared_by_it():
+    from multiviz_widgets.adapter import AdapterError
+    adapter, inst = tiny_adapter(), tiny_instance()
+    for call, name in [(lambda: interaction(None, inst), "interaction"),
+                       (lambda: emap(None, [inst, inst]), "emap"),
+                       (lambda: dime(None, MultimodalDataset({"tabular": [inst["tabular"]] * 3,
+                                                              "series": [inst["series"]] * 3}), 0),
+                        "dime")]:
+        with pytest.raises(AdapterError, match=rf"{name}\(\) needs a ModelAdapter, got NoneType"):
+            call()
+    foreign = text_adapter().prepare({"question": "what shape", "tabular": torch.zeros(2)})
+    with pytest.raises(AdapterError, match=r"prepared by another adapter.*adapter.prepare"):
+        interaction(adapter, foreign)
+    assert interaction(adapter, adapter.prepare(inst)).matrix.shape == (4, 4)
+
+
+def test_non_finite_or_unfit_inputs_are_named_not_blamed_on_the_split(planted):
+    """A NaN instance or a series of the wrong length used to reach the split model's check
+    (FactorizationError: 'largest difference nan') or its encoder (a raw torch error)."""
+    from multiviz_widgets.adapter import AdapterError, ModelInputError
+    adapter, ds = planted
+    bad = dict(ds[1], tabular=np.array([0, 0, np.nan, 0, 0, 0], np.float32))
+    with pytest.raises(AdapterError, match="'tabular' of instance 1 holds non-finite"):
+        emap(adapter, [ds[0], bad, ds[2]])
+    with pytest.raises(AdapterError, match="'tabular' holds non-finite"):
+        dime(adapter, ds, bad, n_samples=20, n_reference=5)
+    longer = [dict(ds[i], series=np.zeros((33, 3), np.float32)) for i in range(3)]
+    with pytest.raises(ModelInputError, match=r"series: \(1, 33, 3\)"):
+        emap(adapter, longer)
+    assert emap(adapter, [ds[i] for i in range(3)]).params["factorization"] == "declared"

@@ -555,3 +555,54 @@ def test_scores_and_maps_are_the_same_from_one_transfer(it, ts):
             for n in attrs:
                 assert part_a[n].shape == part_b[n].shape
                 np.testing.assert_array_equal(part_a[n], part_b[n])
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------
+def test_lime_alpha_and_kernel_width_are_checked(it):
+    _, adapter, inst = it
+    f = lambda m: m["x"].sum(1)                              # noqa: E731
+    for kw, words in [(dict(alpha=-1), "alpha .* must be a non-negative number, got -1"),
+                      (dict(alpha=-1e-3), "got -0.001"), (dict(alpha="1"), "got '1'"),
+                      (dict(alpha=float("nan")), "got nan"), (dict(alpha=True), "got True"),
+                      (dict(kernel_width=0), "kernel_width .* must be a positive number, got 0"),
+                      (dict(kernel_width=-0.5), "got -0.5"), (dict(kernel_width="wide"), "'wide'"),
+                      (dict(kernel_width=float("inf")), "got inf")]:
+        with pytest.raises(ValueError, match=words):
+            lime_from_function(f, {"x": 3}, n_samples=10, **kw)
+        with pytest.raises(ValueError, match=words):
+            attribute(adapter, inst, "lime", n_samples=10, target=0, **kw)
+    plain = lime_from_function(f, {"x": 3}, n_samples=50, alpha=0)      # no penalty: exact
+    np.testing.assert_allclose(plain["x"], [1, 1, 1], atol=1e-9)
+    attribute(adapter, inst, "lime", n_samples=10, target=0, alpha=np.float32(0.5), kernel_width=1)
+
+
+def test_attribute_batch_takes_one_target_given_as_a_pair(it):
+    from multiviz_widgets.kernels.unimodal import attribute_batch
+    _, adapter, inst = it
+    other = dict(inst, question="what color is the circle")
+    for pair, target in [(("class", 2), 2), (("neuron", 1), Neuron(1))]:
+        got = attribute_batch(adapter, [inst, other], "gradient", targets=pair)
+        want = attribute_batch(adapter, [inst, other], "gradient", targets=target)
+        assert [r.target for r in got] == [r.target for r in want] == [adapter.target(pair)] * 2
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.scores["image"], w.scores["image"])
+        one = attribute_batch(adapter, inst, "gradient", targets=pair)
+        assert len(one) == 1 and one[0].target == adapter.target(pair)
+    # two targets, one per instance, are still a list
+    assert [r.target.index for r in attribute_batch(adapter, [inst, other], "gradient",
+                                                    targets=("a", 2))] == [0, 2]
+
+
+def test_an_instance_prepared_by_another_adapter_is_a_clear_error(it, ts):
+    from multiviz_widgets.kernels.unimodal import attribute_batch
+    _, adapter, inst = it
+    _, other, other_inst = ts
+    foreign = other.prepare(other_inst)
+    with pytest.raises(AdapterError, match=r"modalities \['vitals', 'series'\], but the adapter's "
+                                           r"are \['image', 'question'\].*another adapter"):
+        attribute(adapter, foreign, "gradient")
+    with pytest.raises(AdapterError, match="another adapter"):
+        attribute_batch(adapter, [adapter.prepare(inst), foreign], "gradient")
+    assert attribute(adapter, adapter.prepare(inst), "gradient").scores["image"].shape == (4,)

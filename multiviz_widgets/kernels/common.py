@@ -6,7 +6,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..adapter import ModelAdapter, Prepared, Target
+from ..adapter import AdapterError, ModelAdapter, Prepared, Target
+from ..checks import positive_int  # noqa: F401  (re-exported: the kernels' argument check)
 from ..progress import ProgressFn, report
 
 #: Default rows per forward pass for perturbation kernels. Small batches keep activations in
@@ -15,9 +16,24 @@ from ..progress import ProgressFn, report
 PERTURBATION_BATCH = 128
 
 
+def check_adapter(adapter, what: str) -> ModelAdapter:
+    """adapter, checked to be a ModelAdapter (``what`` names the function in the error)."""
+    if not isinstance(adapter, ModelAdapter):
+        raise AdapterError(f"{what}() needs a ModelAdapter, got {type(adapter).__name__}.")
+    return adapter
+
+
 def as_prepared(adapter: ModelAdapter, instance) -> Prepared:
-    """Accept an instance dict or an already prepared instance."""
-    return instance if isinstance(instance, Prepared) else adapter.prepare(instance)
+    """Accept an instance dict or an already prepared instance (prepared by this adapter, or by
+    one with the same modalities)."""
+    if not isinstance(instance, Prepared):
+        return adapter.prepare(instance)
+    if instance.names != adapter.names or set(instance.raw) != set(adapter.names):
+        raise AdapterError(f"This prepared instance has modalities {instance.names}, but the "
+                           f"adapter's are {adapter.names}: it was prepared by another adapter. "
+                           "Pass the instance dict, or prepare it with this adapter "
+                           "(adapter.prepare(instance)).")
+    return instance
 
 
 @torch.no_grad()
@@ -64,6 +80,16 @@ def evaluate_masks(adapter: ModelAdapter, prepared: Prepared, masks: Mapping[str
     return torch.cat(outs)
 
 
+@torch.no_grad()
+def check_model_takes(adapter: ModelAdapter, *raws: Mapping[str, torch.Tensor]) -> None:
+    """A plain forward pass of the first instance of each batch of model inputs: raises the
+    adapter's clear error (naming the modalities and their shapes) when the model cannot take
+    them. For after a split model's encoder or fusion failed: when this passes, the caller
+    re-raises the original error (a real problem of the split, not of the inputs)."""
+    for raw in raws:
+        adapter.forward({n: x[:1] for n, x in raw.items()})
+
+
 def modality_pair(adapter: ModelAdapter, modalities) -> tuple[str, str]:
     """The two modalities (a, b) of a stage-2 method, validated (default: the first two)."""
     names = adapter.names
@@ -92,11 +118,55 @@ def modality_pair(adapter: ModelAdapter, modalities) -> tuple[str, str]:
     return pair  # type: ignore[return-value]
 
 
-def positive_int(value, what: str, minimum: int = 1) -> int:
-    """value, checked to be an integer of at least ``minimum`` (``what`` names it in the error)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{what} must be an integer of at least {minimum}, got {value!r}.")
-    return int(value)
+def positive_number(value, what: str, allow_zero: bool = False) -> float:
+    """value, checked to be a finite real number > 0 (>= 0 with allow_zero), as a float."""
+    ok = (isinstance(value, (int, float, np.integer, np.floating))
+          and not isinstance(value, (bool, np.bool_)) and np.isfinite(value)
+          and (value >= 0 if allow_zero else value > 0))
+    if not ok:
+        raise ValueError(f"{what} must be a {'non-negative' if allow_zero else 'positive'} "
+                         f"number, got {value!r}.")
+    return float(value)
+
+
+def dataset_index(index, n_total: int, what: str = "index") -> int:
+    """One instance number of a dataset of n_total: an integer in 0..n_total-1 (no floats,
+    strings or bools: they would be truncated or misread)."""
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+        raise ValueError(f"{what} must be an instance number (an integer), got {index!r} "
+                         f"({type(index).__name__}).")
+    return int(dataset_indices([index], n_total, what)[0])
+
+
+def dataset_indices(indices, n_total: int, what: str = "indices") -> np.ndarray:
+    """Instance numbers of a dataset of n_total: a 1-D int64 array, every entry an integer in
+    0..n_total-1. Refuses floats (1.7 would be truncated), strings, boolean masks and nested
+    lists with a message that says what to pass instead."""
+    if isinstance(indices, torch.Tensor):
+        indices = indices.detach().cpu().numpy()
+    try:
+        if isinstance(indices, (str, bytes)):
+            raise TypeError
+        arr = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices))
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a 1-D list of instance numbers (integers), got "
+                         f"{indices!r}.") from None
+    if arr.dtype == np.bool_:
+        raise ValueError(f"{what} must be instance numbers, not a boolean mask; pass "
+                         "np.flatnonzero(mask) to take the instances where the mask is True.")
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D list of instance numbers, got shape {arr.shape}.")
+    if arr.size and arr.dtype.kind not in "iu":
+        values = arr.tolist()
+        bad = next((x for x in values if isinstance(x, bool) or not isinstance(x, int)), values[0])
+        raise ValueError(f"{what} must be integers (instance numbers), got {bad!r} "
+                         f"({type(bad).__name__}); non-integer numbers are not truncated.")
+    arr = arr.astype(np.int64)
+    out = (arr < 0) | (arr >= n_total)
+    if out.any():
+        raise ValueError(f"{what}: {int(arr[out][0])} is out of range; the dataset has {n_total} "
+                         f"instances, numbered 0..{n_total - 1}.")
+    return arr
 
 
 def sample_indices(n_total: int, n: int | None, seed: int) -> np.ndarray:

@@ -16,7 +16,8 @@ from ..adapter import ModelAdapter
 from ..data import MultimodalDataset
 from ..progress import ProgressFn
 from ..results import Result, Stopwatch
-from .common import (PERTURBATION_BATCH, masked_continuous, modality_pair, positive_int,
+from .common import (PERTURBATION_BATCH, check_adapter, check_model_takes, dataset_index,
+                     dataset_indices, masked_continuous, modality_pair, positive_int,
                      resolve_target, sample_indices)
 from .split_model import CHECKED_PAIRS, FusedPairs, check_factorized, same_or_reject, with_split
 
@@ -142,6 +143,7 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     masked instance are encoded once, and only the pairs are fused.
     """
     from .unimodal import lime_from_function
+    check_adapter(adapter, "dime")
     if not isinstance(dataset, MultimodalDataset):
         raise ValueError(f"dime needs a MultimodalDataset for its reference set, got "
                          f"{type(dataset).__name__}.")
@@ -149,11 +151,12 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     batch_size = positive_int(batch_size, "batch_size")
     n_samples = positive_int(n_samples, "n_samples", 2)
     check_factorized(factorized)
-    instance = index if isinstance(index, Mapping) else dataset[int(index)]
+    instance = (index if isinstance(index, Mapping) else
+                dataset[dataset_index(index, len(dataset), "index")])
     if reference_indices is None:
         ref_idx = sample_indices(len(dataset), positive_int(n_reference, "n_reference", 2), seed)
     else:
-        ref_idx = np.asarray(reference_indices, dtype=np.int64)
+        ref_idx = dataset_indices(reference_indices, len(dataset), "reference_indices")
     if len(ref_idx) < 2:
         raise ValueError(f"DIME needs a reference set of at least 2 instances, got {len(ref_idx)}.")
     with Stopwatch() as sw:
@@ -163,8 +166,12 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
         n = len(ref_idx)
         cost = [1 if target is None else 0]
         if len(adapter.names) == 2:
-            terms, kind, note = with_split(adapter, factorized, a, lambda split: _DimeFused(
-                adapter, p, t, ref_raw, split, batch_size, cost))
+            try:
+                terms, kind, note = with_split(adapter, factorized, a, lambda split: _DimeFused(
+                    adapter, p, t, ref_raw, split, batch_size, cost))
+            except RuntimeError:
+                check_model_takes(adapter, p.raw, ref_raw)   # inputs the model cannot take
+                raise
         elif factorized not in (None, False):
             raise ValueError(f"factorized={factorized!r}: DIME splits only two-modality models "
                              f"(the adapter has {adapter.names}).")

@@ -18,7 +18,8 @@ from ..adapter import ModelAdapter, Target
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..results import Result, Stopwatch
-from .common import PERTURBATION_BATCH, positive_int, sample_indices
+from .common import (PERTURBATION_BATCH, check_adapter, check_model_takes, dataset_index,
+                     dataset_indices, positive_int, sample_indices)
 from .split_model import CHECKED_PAIRS, FusedPairs, Split, check_factorized, with_split
 
 __all__ = ["EmapResult", "emap", "emap_gap", "emap_matrix", "interaction_type",
@@ -55,16 +56,15 @@ class EmapResult(Result):
 
 def _instances(dataset_or_list, indices=None) -> tuple[list[dict], np.ndarray]:
     if isinstance(dataset_or_list, MultimodalDataset):
-        idx = np.arange(len(dataset_or_list)) if indices is None else np.asarray(indices, dtype=np.int64)
-        if idx.ndim != 1:
-            raise ValueError(f"indices must be a 1-D list of instance numbers, got shape {idx.shape}.")
+        idx = (np.arange(len(dataset_or_list)) if indices is None else
+               dataset_indices(indices, len(dataset_or_list)))
         return [dataset_or_list[int(i)] for i in idx], idx
     if isinstance(dataset_or_list, Mapping):
         raise ValueError("Expected several instances (a list of dicts or a MultimodalDataset), "
                          "got a single instance dict.")
     items = list(dataset_or_list)
     if indices is not None:
-        idx = np.asarray(indices, dtype=np.int64)
+        idx = dataset_indices(indices, len(items))
         items = [items[int(i)] for i in idx]
     else:
         idx = np.arange(len(items))
@@ -118,6 +118,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     says which was used and why). True: declared or traced, an error if neither works.
     False: full forward passes.
     """
+    check_adapter(adapter, "emap")
     batch_size = positive_int(batch_size, "batch_size")
     items, idx = _instances(instances, indices)
     n = len(items)
@@ -138,8 +139,13 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         report(progress, 0, total, "EMAP pairs")
         sums, kinds, notes = [], [], []
         for g, m in enumerate(groups):
-            acc, kind, why = with_split(adapter, factorized, m, lambda split: _emap_fused(
-                adapter, split, raw, n, t, out_fn, batch_size, keep, progress, g * n * n, total))
+            try:
+                acc, kind, why = with_split(adapter, factorized, m, lambda split: _emap_fused(
+                    adapter, split, raw, n, t, out_fn, batch_size, keep, progress, g * n * n,
+                    total))
+            except RuntimeError:
+                check_model_takes(adapter, raw)   # inputs the model cannot take: a clear error
+                raise
             kinds.append(kind)
             if why:                   # why not split, or what to know about the split used
                 notes.append(why if len(groups) == 1 else f"{m}: {why}")
@@ -260,9 +266,13 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset, indices: Sequenc
     dataset has labels, ``accuracy_model``, ``accuracy_emap`` and ``gap_labels``; ``gap`` is the
     label gap when labels exist, else the prediction gap (fractions; ``gap_points`` = 100 gap).
     """
+    check_adapter(adapter, "emap_gap")
     if not isinstance(dataset, MultimodalDataset):
         raise ValueError(f"emap_gap needs a MultimodalDataset, got {type(dataset).__name__}.")
-    idx = sample_indices(len(dataset), n, seed) if indices is None else np.asarray(indices)
+    if indices is None:
+        idx = sample_indices(len(dataset), None if n is None else positive_int(n, "n", 2), seed)
+    else:
+        idx = dataset_indices(indices, len(dataset))
     r = emap(adapter, dataset, indices=idx, batch_size=batch_size, progress=progress,
              keep_matrix=False)
     pred, pred_hat = r.logits.argmax(1), r.emap_logits.argmax(1)
@@ -346,6 +356,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     ``seed``), a list of instances, or an EmapResult that contains the instance, given then as
     its dataset index (no forwards). Cost otherwise: N^2 + 2 N + 1 forwards in batches.
     """
+    check_adapter(adapter, "interaction_type")
     if reference is None:
         raise ValueError("interaction_type needs a reference set for EMAP's averages: pass "
                          "reference=a MultimodalDataset, a list of instances or an EmapResult.")
@@ -353,6 +364,9 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
         if isinstance(instance, Mapping):
             raise ValueError("With an EmapResult as reference, give the instance as its dataset "
                              "index (one of result.indices).")
+        if isinstance(instance, (bool, np.bool_)) or not isinstance(instance, (int, np.integer)):
+            raise ValueError(f"With an EmapResult as reference, the instance is its dataset index "
+                             f"(an integer, one of result.indices), got {instance!r}.")
         pos = np.nonzero(reference.indices == int(instance))[0]
         if not len(pos):
             raise ValueError(f"Instance {instance} is not among the EMAP result's instances; "
@@ -361,9 +375,10 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     batch_size = positive_int(batch_size, "batch_size")
     if isinstance(reference, MultimodalDataset):
         idx = (sample_indices(len(reference), positive_int(n_reference, "n_reference", 2), seed)
-               if reference_indices is None else np.asarray(reference_indices, dtype=np.int64))
+               if reference_indices is None else
+               dataset_indices(reference_indices, len(reference), "reference_indices"))
         if not isinstance(instance, Mapping):
-            instance = reference[int(instance)]
+            instance = reference[dataset_index(instance, len(reference), "the instance index")]
         refs = [reference[int(i)] for i in idx]
     else:
         if not isinstance(instance, Mapping):

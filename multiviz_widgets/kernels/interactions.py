@@ -25,6 +25,7 @@ Dataset-level measures live beside this module and are re-exported here: ``emap`
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Callable
 
@@ -34,8 +35,8 @@ import torch
 from ..adapter import ModelAdapter, Prepared, Target
 from ..progress import ProgressFn, report
 from ..results import Interaction, Stopwatch
-from .common import (PERTURBATION_BATCH, as_prepared, evaluate_masks, modality_pair,
-                     positive_int, resolve_target)
+from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_masks,
+                     modality_pair, positive_int, resolve_target)
 from .dime import DimeResult, dime
 from .emap import EmapResult, emap, emap_gap, emap_matrix, interaction_type, interaction_types
 
@@ -263,6 +264,15 @@ def _permutation_sampler(index: str, n: int, seed: int):
             shapiq.PermutationSamplingSTII(n=n, max_order=2, random_state=seed))
 
 
+def _takes_batch_size(approximator) -> bool:
+    """Whether the approximator's approximate() has a batch_size parameter (shapiq's permutation
+    samplers do; SVARMIQ, KernelSHAPIQ and RegressionFSII do not)."""
+    try:
+        return "batch_size" in inspect.signature(approximator.approximate).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _two_permutations(perm, n: int) -> int:
     """The budget at which permutation sampling takes over (two permutations and the ends)."""
     return 2 * perm.iteration_cost + n + 2
@@ -345,8 +355,8 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*budget.*", category=UserWarning)
             kw = {}
-            if hasattr(ap, "iteration_cost"):      # permutations evaluated per game call
-                kw["batch_size"] = max(1, batch_size // max(1, ap.iteration_cost))
+            if _takes_batch_size(ap):              # permutations evaluated per game call
+                kw["batch_size"] = max(1, batch_size // max(1, getattr(ap, "iteration_cost", 1)))
             iv = ap.approximate(budget=budget, game=game, **kw)
     lookup = iv.interaction_lookup
     values = np.asarray(iv.values, dtype=np.float64)
@@ -380,6 +390,7 @@ def interaction(adapter: ModelAdapter, instance, method: str = "second_order", m
     the adapter's first two; target: None (predicted class), a class index or name, or Neuron(j).
     Extra params go to the method (see ``INTERACTION_METHODS``). The result states its cost.
     """
+    check_adapter(adapter, "interaction")
     if method not in INTERACTION_METHODS:
         raise ValueError(f"Unknown interaction method {method!r}; choose one of "
                          f"{list(INTERACTION_METHODS)}.")

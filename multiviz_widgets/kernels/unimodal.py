@@ -42,12 +42,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..adapter import AdapterError, ModelAdapter, Prepared, Target
+from ..adapter import ModelAdapter, Prepared, Target
 from ..modalities import Modality
 from ..progress import ProgressFn, report
 from ..results import Attribution, Stopwatch
-from .common import (PERTURBATION_BATCH, as_prepared, evaluate_masks, positive_int,
-                     resolve_target)
+from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_masks,
+                     positive_int, positive_number, resolve_target)
 
 __all__ = ["METHODS", "AttributionMethod", "attribute", "attribute_batch", "lime_from_function",
            "kernel_shap_from_function", "integration_rule"]
@@ -286,8 +286,8 @@ def lime_from_function(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
         raise ValueError(f"n_samples must be an integer of at least 2, got {n_samples!r}.")
     if distance not in ("cosine", "hamming"):
         raise ValueError(f"distance must be 'cosine' or 'hamming', got {distance!r}.")
-    if kernel_width <= 0:
-        raise ValueError(f"kernel_width must be positive, got {kernel_width!r}.")
+    kernel_width = positive_number(kernel_width, "kernel_width (the width of LIME's kernel)")
+    alpha = positive_number(alpha, "alpha (the ridge penalty; 0 for none)", allow_zero=True)
     if not 0 < keep_probability < 1:
         raise ValueError(f"keep_probability must lie strictly between 0 and 1, got {keep_probability!r}.")
     total = sum(units.values())
@@ -301,7 +301,7 @@ def lime_from_function(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
     else:
         d = 1.0 - kept / total
     weights = np.exp(-(d ** 2) / (2.0 * kernel_width ** 2))
-    return _split(_lime_fit(z, y, weights, float(alpha)), units)
+    return _split(_lime_fit(z, y, weights, alpha), units)
 
 
 def _shapley_design(total: int, n_samples: int, rng: np.random.Generator
@@ -609,8 +609,7 @@ def attribute(adapter: ModelAdapter, instance, method: str = "integrated_gradien
     ``modalities=[...]`` to explain only some modalities. Cost: ``METHODS[name].cost(prepared)``
     forward/backward passes, recorded in the result with the seconds it took.
     """
-    if not isinstance(adapter, ModelAdapter):
-        raise AdapterError(f"attribute() needs a ModelAdapter, got {type(adapter).__name__}.")
+    check_adapter(adapter, "attribute")
     return _method(method).attribute(adapter, instance, target, progress=progress, **params)
 
 
@@ -625,8 +624,9 @@ def attribute_batch(adapter: ModelAdapter, instances, method: str = "integrated_
 
     instances: a list of instance dicts or Prepared instances, a MultimodalDataset, or one
     instance (repeated for every target). targets: None (each instance's predicted class; the
-    forward passes that find them are batched), one target for all (a class index or name, or
-    ``Neuron(j)``), or a list with one target per instance (None items: the predicted class).
+    forward passes that find them are batched), one target for all (a class index or name,
+    ``Neuron(j)`` or a pair ("class" or "neuron", j), as for ``attribute``), or a list with one
+    target per instance (None items: the predicted class).
     method and params: as for ``attribute``.
 
     Gradient methods (gradient, grad_x_input, integrated_gradients) stack the rows of all
@@ -642,8 +642,7 @@ def attribute_batch(adapter: ModelAdapter, instances, method: str = "integrated_
     the call's time (in proportion to its rows). Progress counts rows (instances for
     perturbation methods).
     """
-    if not isinstance(adapter, ModelAdapter):
-        raise AdapterError(f"attribute_batch() needs a ModelAdapter, got {type(adapter).__name__}.")
+    check_adapter(adapter, "attribute_batch")
     m = _method(method)
     p = m._params(params)
     if rows_per_pass is not None:
@@ -696,12 +695,21 @@ def _prepared_list(adapter: ModelAdapter, instances, targets) -> list[Prepared]:
 
 def _target_list(targets) -> list | None:
     """targets as a list when it holds one target per instance (a list, tuple, array or 1-D
-    tensor), else None (one target for all: None, an index, a name or a Target)."""
+    tensor), else None (one target for all: None, an index, a name, a Target or a pair
+    ("class" or "neuron", index))."""
     if isinstance(targets, (np.ndarray, torch.Tensor)):
         return [t.item() for t in targets.reshape(-1)] if targets.ndim > 0 else None
+    if _target_pair(targets):
+        return None
     if isinstance(targets, Sequence) and not isinstance(targets, str):
         return list(targets)
     return None
+
+
+def _target_pair(targets) -> bool:
+    """Whether targets is one target given as a pair ("class" or "neuron", index)."""
+    return (isinstance(targets, tuple) and len(targets) == 2 and targets[0] in ("class", "neuron")
+            and isinstance(targets[1], (int, np.integer)) and not isinstance(targets[1], bool))
 
 
 def _batch_targets(adapter: ModelAdapter, preps: Sequence[Prepared], targets, rows: int
