@@ -7,7 +7,6 @@ import numpy as np
 import torch
 
 from ..adapter import AdapterError, ModelAdapter, Prepared, Target
-from ..checks import positive_int  # noqa: F401  (re-exported: the kernels' argument check)
 from ..progress import ProgressFn, report
 
 #: Default rows per forward pass for perturbation kernels. Small batches keep activations in

@@ -16,9 +16,10 @@ from ..adapter import ModelAdapter
 from ..data import MultimodalDataset
 from ..progress import ProgressFn
 from ..results import Result, Stopwatch
+from ..checks import positive_int
 from .common import (PERTURBATION_BATCH, check_adapter, check_model_takes, dataset_index,
-                     dataset_indices, masked_continuous, modality_pair, positive_int,
-                     resolve_target, sample_indices)
+                     dataset_indices, masked_continuous, modality_pair, resolve_target,
+                     sample_indices)
 from .split_model import CHECKED_PAIRS, FusedPairs, check_factorized, same_or_reject, with_split
 
 __all__ = ["DimeResult", "dime"]

@@ -18,8 +18,9 @@ from ..adapter import ModelAdapter, Target
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..results import Result, Stopwatch
+from ..checks import positive_int
 from .common import (PERTURBATION_BATCH, check_adapter, check_model_takes, dataset_index,
-                     dataset_indices, positive_int, sample_indices)
+                     dataset_indices, sample_indices)
 from .split_model import CHECKED_PAIRS, FusedPairs, Split, check_factorized, with_split
 
 __all__ = ["EmapResult", "emap", "emap_gap", "emap_matrix", "interaction_type",

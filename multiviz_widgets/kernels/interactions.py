@@ -35,8 +35,9 @@ import torch
 from ..adapter import ModelAdapter, Prepared, Target
 from ..progress import ProgressFn, report
 from ..results import Interaction, Stopwatch
-from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_masks,
-                     modality_pair, positive_int, resolve_target)
+from ..checks import positive_int
+from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_masks, modality_pair,
+                     resolve_target)
 from .dime import DimeResult, dime
 from .emap import EmapResult, emap, emap_gap, emap_matrix, interaction_type, interaction_types
 

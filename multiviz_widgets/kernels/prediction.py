@@ -35,7 +35,8 @@ import torch
 
 from ..adapter import ModelAdapter, Neuron
 from ..progress import ProgressFn, report
-from .common import as_prepared, positive_int
+from ..checks import positive_int
+from .common import as_prepared
 from .representations import Features, decision_contributions
 
 SOLVERS = ("sklearn", "glm_saga")

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .common import positive_int
+from ..checks import positive_int
 
 #: The most axes project_3d returns (the EmbeddingView draws 3-D points).
 MAX_DIMS = 3

@@ -31,7 +31,8 @@ import torch
 from ..adapter import AdapterError, ModelAdapter
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
-from .common import as_prepared, positive_int
+from ..checks import positive_int
+from .common import as_prepared
 
 CACHE_VERSION = "features-v2"   # v2: the key covers modality signatures and the module tree
 

@@ -46,8 +46,9 @@ from ..adapter import ModelAdapter, Prepared, Target
 from ..modalities import Modality
 from ..progress import ProgressFn, report
 from ..results import Attribution, Stopwatch
+from ..checks import positive_int
 from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_masks,
-                     positive_int, positive_number, resolve_target)
+                     positive_number, resolve_target)
 
 __all__ = ["METHODS", "AttributionMethod", "attribute", "attribute_batch", "lime_from_function",
            "kernel_shap_from_function", "integration_rule"]
