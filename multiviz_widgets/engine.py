@@ -215,18 +215,31 @@ class Engine(traitlets.HasTraits):
                 cur.state = "dropped"
                 self.stats["dropped"] += 1
 
-    def cancel(self) -> None:
-        """Cancel the running job and everything queued (the cancel button)."""
+    def cancel(self, lanes: tuple[str, ...] | None = None) -> None:
+        """Cancel the running and queued jobs of ``lanes`` (the cancel button).
+
+        By default the jobs the person sees: the "main" lane's (what a click asked for) when it
+        has any, else every lane's (the dataset-wide work then shown in the progress bar). So
+        cancelling a slow click leaves the dataset's features running for the 3-D embedding.
+        """
         with self._lock:
+            if lanes is None:
+                main = self._running["main"] is not None or any(
+                    j.state == "queued" for *_, j in self._queues["main"])
+                lanes = ("main",) if main else self.LANES
+            bad = [lane for lane in lanes if lane not in self._queues]
+            if bad:
+                raise ValueError(f"lanes must be among {self.LANES}, got {bad}.")
             dropped = []
-            for queue in self._queues.values():
+            for lane in lanes:
+                queue = self._queues[lane]
                 for _, _, job in queue:
                     if job.state == "queued":
                         job.state = "cancelled"
                         job.cancelled = True
                         dropped.append(job)
                 queue.clear()
-            for job in self._running.values():
+                job = self._running[lane]
                 if job is not None:
                     job.cancelled = True
             for job in dropped:
@@ -285,12 +298,19 @@ class Engine(traitlets.HasTraits):
     def _is_current(self, job: Job) -> bool:
         return not job.cancelled and self._gen.get(job.slot) == job.generation
 
+    def _shown(self, job: Job) -> bool:
+        """Whether the progress bar shows this job: a click's job ("main" lane) goes first,
+        the background's only while no click's job runs (what ``cancel()`` stops)."""
+        return job.lane == "main" or self._running["main"] is None
+
     def _progress_fn(self, job: Job):
         last = [0.0]
 
         def progress(done, total, message=""):
             if not self._is_current(job) or self._closed:
                 raise Cancelled(f"{job.label}: cancelled")
+            if not self._shown(job):
+                return
             now = time.monotonic()      # at most 20 updates a second reach the front end
             if now - last[0] < 0.05 and done < total:
                 return
@@ -319,8 +339,9 @@ class Engine(traitlets.HasTraits):
                 job.state = "running"
                 job.started = time.perf_counter()
                 self._running[lane] = job
-            self.message = job.label
-            self.progress = 0.0
+            if self._shown(job):
+                self.message = job.label
+                self.progress = 0.0
             try:
                 value, err = job.fn(self._progress_fn(job)), None
             except Cancelled as e:
@@ -330,6 +351,9 @@ class Engine(traitlets.HasTraits):
                 self.last_traceback = traceback.format_exc()
             with self._cond:
                 self._running[lane] = None
+                other = self._running["background"]
+                if lane == "main" and other is not None:
+                    self.message = other.label       # the bar shows the background job again
                 self.stats["runs"] += 1
                 if err is None and job.key is not None:
                     self.store(job.key, value)
@@ -455,6 +479,32 @@ class Kernels:
         return project_3d(h)
 
 
+def check_features(features, n_instances: int, adapter: ModelAdapter | None = None) -> None:
+    """Check that precomputed ``features`` (``extract_features(adapter, dataset)``) belong to a
+    dataset of ``n_instances`` instances (and to the adapter's classes and decision layer)."""
+    how = ("pass extract_features(adapter, dataset) of the dataset given to the Explorer "
+           "(or leave features= out)")
+    h = getattr(features, "h", None)
+    logits = getattr(features, "logits", None)
+    if h is None or logits is None:
+        raise TypeError(f"features= must be the output of extract_features (with .h, .logits and "
+                        f".indices), got {type(features).__name__}; {how}.")
+    h, logits = np.asarray(h), np.asarray(logits)
+    idx = getattr(features, "indices", None)
+    idx = np.arange(len(h)) if idx is None else np.asarray(idx).reshape(-1)
+    if h.ndim != 2 or logits.ndim != 2 or not len(h) == len(logits) == len(idx):
+        raise ValueError(f"features= do not fit together: h {h.shape}, logits {logits.shape}, "
+                         f"indices {idx.shape} (one row per instance); {how}.")
+    if len(idx) and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0
+                     or idx.max() >= n_instances or len(np.unique(idx)) != len(idx)):
+        raise ValueError(f"features= come from another dataset: they have {len(idx)} rows for "
+                         f"instances {int(idx.min())}..{int(idx.max())}, but the dataset has "
+                         f"{n_instances} instances (0..{n_instances - 1}); {how}.")
+    if adapter is not None and logits.shape[1] != adapter.n_classes:
+        raise ValueError(f"features= have {logits.shape[1]} logits per instance but the model has "
+                         f"{adapter.n_classes} classes: they come from another model; {how}.")
+
+
 class Analyses:
     """What the Explorer's views ask for, memoised in the engine's cache.
 
@@ -477,6 +527,7 @@ class Analyses:
         self.gallery_k = int(gallery_k)
         self.path_params = dict(path_params or {})
         if features is not None:
+            check_features(features, len(dataset), adapter)
             engine.store(("features",), features, pin=True)
 
     # -- instances -----------------------------------------------------------------------------
@@ -495,18 +546,28 @@ class Analyses:
         return self.engine.memo(("prepared", i), lambda: self.adapter.prepare(self.dataset[i]))
 
     def logits(self, i: int) -> np.ndarray:
+        """The model's logits for instance i; a ValueError when they are not finite (no class
+        is predicted then, and every explanation of the instance would be NaN)."""
         p = self.prepared(i)
-        return self.engine.memo(("logits", p.key), lambda: self.adapter.predict(p.raw)[0]
-                                .detach().float().cpu().numpy())
+        z = self.engine.memo(("logits", p.key), lambda: self.adapter.predict(p.raw)[0]
+                             .detach().float().cpu().numpy())
+        if not np.isfinite(z).all():
+            raise ValueError(
+                f"The model's output for instance {i} is not finite: logits "
+                f"{np.array2string(np.asarray(z), precision=3, threshold=8)} contain NaN or "
+                "infinity, so there is no predicted class and nothing to explain; check the "
+                "model's forward on this instance (e.g. a division by zero or log(0)).")
+        return z
 
     def class_index(self, i: int, target: int) -> int:
         """The class a selection explains: ``target``, or the predicted class when -1."""
+        logits = self.logits(i)              # also checks that the model's output is finite
         if target is not None and int(target) >= 0:
             if int(target) >= self.adapter.n_classes:
                 raise IndexError(f"Class {target} is out of range: the model has "
                                  f"{self.adapter.n_classes} classes.")
             return int(target)
-        return int(np.argmax(self.logits(i)))
+        return int(np.argmax(logits))
 
     def top_classes(self, i: int, k: int = 3) -> list[tuple[int, str]]:
         """The k classes with the largest logits for instance i, as (index, name)."""
@@ -516,6 +577,7 @@ class Analyses:
     def explained(self, i: int, target: int, neuron: int) -> Target:
         """Neuron(neuron) when a neuron is selected, else the class target."""
         if neuron is not None and int(neuron) >= 0:
+            self.logits(i)                   # a non-finite output: say so, not NaN maps
             return Neuron(int(neuron))
         return Class(self.class_index(i, target))
 
@@ -553,10 +615,24 @@ class Analyses:
         return self.engine.memo(("extremes", self.gallery_k), lambda: self.kernels.extremes(
             self.adapter, feats, self.gallery_k, progress), pin=True)
 
-    def projection(self, progress=None) -> np.ndarray:
+    def projection(self, progress=None) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, coords): the 3-D coordinates [M, 3] of the rows of ``features()`` whose
+        features and logits are finite (their positions ``rows`` [M]); the others are left out
+        (a model that gives NaN on some instances still shows the rest of the dataset)."""
         feats = self.features(progress)
-        return self.engine.memo(("projection",), lambda: self.kernels.projection(
-            np.asarray(feats.h)), pin=True)
+
+        def fn():
+            h = np.asarray(feats.h, dtype=np.float64)
+            ok = np.isfinite(h).all(1)
+            logits = getattr(feats, "logits", None)
+            if logits is not None:
+                ok &= np.isfinite(np.asarray(logits, dtype=np.float64)).all(1)
+            rows = np.nonzero(ok)[0]
+            if not len(rows):
+                raise ValueError(f"The decision-level features of all {len(h)} instances are not "
+                                 "finite (NaN or infinity): check the model's forward.")
+            return rows, np.asarray(self.kernels.projection(h[rows]))
+        return self.engine.memo(("projection",), fn, pin=True)
 
     def contributions(self, i: int, class_index: int):
         p = self.prepared(i)

@@ -37,6 +37,19 @@ def default_pair(adapter: ModelAdapter) -> tuple[str, str] | None:
     return first[0], first[1]
 
 
+def _check_dataset(dataset) -> None:
+    """A clear TypeError for anything but a MultimodalDataset (or an object that offers the
+    same: len, [i], labels, describe, batches)."""
+    needs = ("__len__", "__getitem__", "labels", "describe", "batches")
+    if isinstance(dataset, MultimodalDataset) or all(hasattr(dataset, n) for n in needs):
+        return
+    raise TypeError(
+        f"The Explorer needs a MultimodalDataset, got {type(dataset).__name__}. Wrap your data: "
+        "MultimodalDataset({'image': images, 'question': questions}, labels=labels), one "
+        "sequence per modality of the adapter (a list of instance dicts d: "
+        "MultimodalDataset({k: [x[k] for x in d] for k in d[0]})).")
+
+
 class InputPanel:
     """Drives the InputView (the anywidget of the instance's inputs) from the Selection.
 
@@ -52,7 +65,8 @@ class InputPanel:
         self.view, self.selection, self.engine, self.analyses = view, selection, engine, analyses
         self.pair = pair
         self.items_instance = -1
-        self._pending: tuple[int, dict] | None = None
+        self._want = None                     # the key of the overlay asked for last
+        self._latest: tuple | None = None     # (key, instance, payload) received last
         self.payload: dict = {}
         selection.observe(lambda _: self.refresh_items(), names=["instance"])
         selection.observe(lambda _: self.refresh_scores(),
@@ -81,8 +95,24 @@ class InputPanel:
                 cap += f" | label: {names[label] if 0 <= label < len(names) else label}"
             return i, items, cap
 
-        self.engine.submit(self.items_slot, ("items", i), job, self._show_items, priority=0,
-                           label="instance")
+        self.engine.submit(self.items_slot, ("items", i), job, self._show_items,
+                           lambda err: self._items_failed(i, err), priority=0, label="instance")
+
+    def _items_failed(self, i: int, err) -> None:
+        """The instance cannot be shown: blank the view (no inputs of the previous instance
+        stay on screen or clickable) and say which instance failed."""
+        try:
+            desc = f" {self.analyses.dataset.describe(i)}"
+        except Exception:  # noqa: BLE001 - an instance out of range has no description
+            desc = ""
+        with self.view.hold_sync():
+            self.view.items = []
+            self.view.scores = {}
+            self.view.selected = {}
+            self.view.caption = f"#{i}{desc} | not shown ({type(err).__name__})"
+            self.view.score_caption = ""
+            self.items_instance = -1
+            self.payload = {}
 
     def _show_items(self, result) -> None:
         i, items, caption = result
@@ -93,9 +123,10 @@ class InputPanel:
             self.view.score_caption = ""
             self.items_instance = i
             self._highlight()
-        if self._pending is not None and self._pending[0] == i:
-            self._apply_scores(self._pending[1])
-        self._pending = None
+        # the overlay of this instance may have come first (or from the cache, e.g. on
+        # "recompute" after the LRU dropped the items): show it over the new items
+        if self._latest is not None and self._latest[:2] == (self._want, i):
+            self._apply_scores(self._latest[2])
 
     # -- the overlay -----------------------------------------------------------------------------
     def refresh_scores(self) -> None:
@@ -127,20 +158,24 @@ class InputPanel:
                 name = labels[u] if u < len(labels) else f"#{u}"
                 caption = (f"{other}: {imethod} interaction with {m} unit {name!r} (#{u}); "
                            f"{m}: {method} attribution; for {what}")
-            return i, {"scores": scores, "score_caption": caption}
+            return i, {"scores": scores, "score_caption": caption}, key
 
-        self.engine.submit(self.scores_slot, ("input", i, target, neuron, method, imethod, unit),
-                           job, self._got_scores, self._failed, priority=1, label=method)
+        key = ("input", i, target, neuron, method, imethod, unit)
+        self._want = key
+        self.engine.submit(self.scores_slot, key, job, self._got_scores, self._failed,
+                           priority=1, label=method)
 
     def _failed(self, err) -> None:
-        self.view.score_caption = f"not computed ({type(err).__name__})"
+        self._latest, self.payload = None, {}
+        with self.view.hold_sync():
+            self.view.scores = {}             # no overlay of an earlier selection stays
+            self.view.score_caption = f"not computed ({type(err).__name__})"
 
     def _got_scores(self, result) -> None:
-        i, payload = result
-        if i != self.items_instance:
-            self._pending = (i, payload)
-            return
-        self._apply_scores(payload)
+        i, payload, key = result
+        self._latest = (key, i, payload)
+        if i == self.items_instance:
+            self._apply_scores(payload)
 
     def _apply_scores(self, payload: dict) -> None:
         self.payload = payload
@@ -158,8 +193,18 @@ class InputPanel:
     def _on_view_click(self, change) -> None:
         sel = change["new"] or {}
         ref = (sel["modality"], int(sel["unit"])) if sel else None
+        if ref is not None and not self._shows(ref):
+            self._highlight()                 # a unit not on screen (e.g. the view is blank)
+            return
         if ref != self.selection.unit_ref:
             self.selection.select(unit=ref)
+
+    def _shows(self, ref: tuple[str, int]) -> bool:
+        """Whether the view shows unit ``ref`` of the selected instance."""
+        if self.items_instance != self.selection.instance:
+            return False
+        return any(it.get("name") == ref[0] and 0 <= ref[1] < int(it.get("n_units", 0))
+                   for it in self.view.items)
 
     def click(self, modality: str, unit: int) -> None:
         """What a click on a unit in the browser does (sets the view's ``selected``)."""
@@ -180,9 +225,19 @@ class Explorer(W.VBox):
                  cache_size: int = 256, features=None, pair: tuple[str, str] | None = None,
                  kernels: Kernels | None = None, gallery_k: int = 4, delay: float = 0.3,
                  path_params: dict | None = None, start: bool = True):
-        if not isinstance(dataset, MultimodalDataset) and not hasattr(dataset, "__getitem__"):
-            raise TypeError(f"The Explorer needs a MultimodalDataset, got {type(dataset).__name__}.")
+        _check_dataset(dataset)
         self.engine = Engine(cache_size=cache_size, delay=delay)
+        try:
+            self._build(adapter, dataset, sparse_model, features, pair, kernels, gallery_k,
+                        path_params)
+        except BaseException:
+            self.engine.close()               # no worker threads left behind
+            raise
+        if start:
+            self.refresh()
+
+    def _build(self, adapter, dataset, sparse_model, features, pair, kernels, gallery_k,
+               path_params) -> None:
         self.analyses = Analyses(self.engine, adapter, dataset, kernels=kernels,
                                  sparse_model=sparse_model, features=features,
                                  gallery_k=gallery_k, path_params=path_params)
@@ -197,7 +252,8 @@ class Explorer(W.VBox):
         if path_params is None:        # pairs of the path = the heatmap's pair (none: no pairs)
             self.analyses.path_params = ({"modalities": self.pair} if self.pair
                                          else {"interaction_method": None})
-        self.selection = Selection()
+        # out-of-range instances and targets are rejected even when set on the Selection itself
+        self.selection = Selection(n_instances=len(dataset), n_classes=adapter.n_classes)
         # a new selection clears the banner first: observers run in the order they were added,
         # and a view's job may fail on the worker before a later observer would clear it
         self.selection.observe(lambda _: self.engine.clear_error(), names=list(FIELDS))
@@ -220,8 +276,6 @@ class Explorer(W.VBox):
         super().__init__([title, self.controls, self.progress_panel, self.banner,
                           W.HBox(top), self.neuron_view,
                           W.HBox([self.path_view, self.embedding_view])])
-        if start:
-            self.refresh()
 
     @property
     def views(self) -> list:
@@ -244,6 +298,10 @@ class Explorer(W.VBox):
               if v is not ...}
         if "instance" in kw:
             self.analyses.check_instance(kw["instance"])
+        for name, valid in (("method", self.controls.methods),
+                            ("interaction_method", self.controls.interaction_methods)):
+            if name in kw and kw[name] not in valid:
+                raise ValueError(f"Unknown {name} {kw[name]!r}; choose one of {list(valid)}.")
         if isinstance(kw.get("target"), str):
             names = self.adapter.class_names
             if kw["target"] not in names:
@@ -305,7 +363,9 @@ class Explorer(W.VBox):
 
     def close(self) -> None:
         """Stop the engine's worker threads and close the widget."""
-        self.engine.close()
+        engine = self.__dict__.get("engine")   # absent when the constructor failed early
+        if engine is not None:
+            engine.close()
         super().close()
 
     def __repr__(self) -> str:

@@ -20,6 +20,10 @@ class Selection(traitlets.HasTraits):
     instance: dataset index; target: class index (-1 = the model's predicted class);
     neuron: decision-level neuron (-1 = none); modality/unit: the clicked unit ("" / -1 = none);
     method: the stage-1 method; interaction_method: the stage-2 method.
+
+    n_instances / n_classes (optional): the sizes of the dataset and of the model's classes;
+    when given, an instance or a class target out of range is rejected (a ``TraitError`` that
+    says the valid range), also when the trait is set directly, and the selection is unchanged.
     """
 
     instance = traitlets.Int(0)
@@ -29,6 +33,27 @@ class Selection(traitlets.HasTraits):
     unit = traitlets.Int(-1)
     method = traitlets.Unicode("integrated_gradients")
     interaction_method = traitlets.Unicode("second_order")
+
+    def __init__(self, n_instances: int | None = None, n_classes: int | None = None, **kw):
+        self.n_instances = None if n_instances is None else int(n_instances)
+        self.n_classes = None if n_classes is None else int(n_classes)
+        super().__init__(**kw)
+
+    @traitlets.validate("instance")
+    def _valid_instance(self, proposal):
+        i, n = proposal["value"], self.n_instances
+        if n is not None and not 0 <= i < n:
+            raise traitlets.TraitError(f"Instance {i} is out of range: the dataset has {n} "
+                                       f"instances (0..{n - 1}).")
+        return i
+
+    @traitlets.validate("target")
+    def _valid_target(self, proposal):
+        t, n = proposal["value"], self.n_classes
+        if n is not None and not -1 <= t < n:
+            raise traitlets.TraitError(f"target {t} is out of range: use -1 (the predicted "
+                                       f"class) or a class index 0..{n - 1}.")
+        return t
 
     def update(self, **kw) -> None:
         """Set several traits at once; observers fire after all of them are set."""

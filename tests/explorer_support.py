@@ -105,7 +105,9 @@ class FakeKernels(Kernels):
     """Cheap, deterministic kernels that count their calls and can block or fail on demand.
 
     gate: a threading.Event; when set in ``block``, attribute() waits on it (calling progress).
-    fail_instances: prepared keys for which attribute() raises.
+    fail_keys: prepared keys for which attribute() (and, with ``fail_all``, interaction(),
+    contributions() and prediction_path()) raise.
+    features_gate: a threading.Event; when set in ``features_gate``, features() waits on it.
     """
 
     def __init__(self):
@@ -114,6 +116,13 @@ class FakeKernels(Kernels):
         self.block = None              # threading.Event to wait on inside attribute()
         self.blocking_started = threading.Event()
         self.fail_keys: set[str] = set()
+        self.fail_all = False
+        self.features_gate = None
+        self.features_started = threading.Event()
+
+    def _fail(self, prepared, every: bool = False):
+        if prepared.key in self.fail_keys and (self.fail_all or not every):
+            raise RuntimeError("kernel exploded on purpose")
 
     def _unit_scores(self, adapter, prepared, target):
         out = {}
@@ -126,8 +135,7 @@ class FakeKernels(Kernels):
     def attribute(self, adapter, prepared, method, target, progress=None):
         self.calls["attribute"] += 1
         self.targets.append(target)
-        if prepared.key in self.fail_keys:
-            raise RuntimeError("kernel exploded on purpose")
+        self._fail(prepared)
         gate = self.block
         if gate is not None:
             self.blocking_started.set()
@@ -144,6 +152,7 @@ class FakeKernels(Kernels):
 
     def interaction(self, adapter, prepared, method, modalities, target, progress=None):
         self.calls["interaction"] += 1
+        self._fail(prepared, every=True)
         s = self._unit_scores(adapter, prepared, target)
         a, b = modalities
         mat = np.outer(s[a], s[b]) + np.arange(len(s[a]))[:, None] * 0.01
@@ -152,6 +161,11 @@ class FakeKernels(Kernels):
 
     def features(self, adapter, dataset, progress=None):
         self.calls["features"] += 1
+        self.features_started.set()
+        gate = self.features_gate
+        while gate is not None and not gate.wait(0.01):
+            if progress:
+                progress(0, 1, "blocked")
         hs, ls = [], []
         for _, batch in dataset.batches(4):
             logits, h = adapter.features(adapter.collate(batch))
@@ -167,6 +181,7 @@ class FakeKernels(Kernels):
 
     def contributions(self, adapter, prepared, class_index, sparse_model=None):
         self.calls["contributions"] += 1
+        self._fail(prepared, every=True)
         _, h = adapter.features(prepared.raw)
         w, _ = adapter.decision_weights()
         h = h[0].numpy()
@@ -175,6 +190,7 @@ class FakeKernels(Kernels):
     def prediction_path(self, adapter, prepared, class_index, sparse_model=None, progress=None,
                         **params):
         self.calls["path"] += 1
+        self._fail(prepared, every=True)
         dc = self.contributions(adapter, prepared, class_index)
         names = adapter.names
         neurons = []

@@ -241,3 +241,29 @@ time.sleep(0.3)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "terminate called" not in r.stderr
+
+
+def test_cancel_stops_the_click_first_and_the_background_work_only_when_alone(engine):
+    click, background, errors = threading.Event(), threading.Event(), []
+
+    def spin(started):
+        def fn(progress):
+            started.set()
+            while True:
+                progress(1, 2, "spinning")
+                time.sleep(0.005)
+        return fn
+
+    engine.submit("features", ("f",), spin(background), None, errors.append, lane="background")
+    assert background.wait(10)
+    engine.submit("input", ("i",), spin(click), None, errors.append)
+    assert click.wait(10)
+    assert _until(lambda: engine.message.startswith("input"))   # the bar shows the click
+    engine.cancel()
+    assert _until(lambda: len(errors) == 1) and engine.busy       # the features still run
+    assert engine._running["background"] is not None and engine._running["main"] is None
+    engine.cancel()                                               # now they are what is shown
+    assert engine.wait(10) and len(errors) == 2
+    assert all(isinstance(e, Cancelled) for e in errors)
+    with pytest.raises(ValueError, match="lanes"):
+        engine.cancel(lanes=("gpu",))

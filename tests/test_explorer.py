@@ -10,6 +10,7 @@ import time
 import ipywidgets as W
 import numpy as np
 import pytest
+import torch
 
 from multiviz_widgets.adapter import Class, Neuron
 from multiviz_widgets.explorer import Explorer, default_pair
@@ -440,5 +441,285 @@ def test_precomputed_features_are_used_as_they_are():
         assert ex.wait(60)
         assert kernels.calls["features"] == 0
         assert ex.state()["embedding"]["n_points"] == len(ds) and ex.state()["gallery"]
+    finally:
+        ex.close()
+
+
+# -- failures, stale content and bad input ------------------------------------------------------
+def _json_safe_widgets():
+    """The widget states that JSON (as Jupyter sends it, allow_nan=False) rejects."""
+    import json
+    from ipywidgets.widgets.widget import _remove_buffers
+    bad = []
+    for w in list(W.Widget.widgets.values()):
+        state, _, _ = _remove_buffers(w.get_state())
+        try:
+            json.dumps(state, allow_nan=False)
+        except ValueError:
+            bad.append(type(w).__name__)
+    return bad
+
+
+def test_a_failed_instance_blanks_every_view_and_old_content_is_not_clickable(vqa):
+    ex, kernels = vqa
+    ex.select(instance=1)
+    assert ex.wait(30) and ex.state()["heatmap"] and ex.path_view.nodes
+    kernels.fail_all = True
+    kernels.fail_keys.add(ex.analyses.prepared(2).key)
+    ex.select(instance=2)
+    assert ex.wait(30)
+    st = ex.state()
+    assert "kernel exploded" in st["error"]
+    assert ex.input_view.caption.startswith("#2 ") and st["input_instance"] == 2
+    assert st["input_scores"] == {} and st["score_caption"] == "not computed (RuntimeError)"
+    assert st["heatmap"] == [] and st["neurons"] == [] and st["path"]["nodes"] == []
+    for caption in (ex.heatmap_view.caption, ex.neuron_view.caption, ex.path_view.caption):
+        assert "of #2 not shown (RuntimeError)" in caption.value
+    click_mark(ex.heatmap_view.grid, rowNum=0, columnNum=0)
+    click_mark(ex.neuron_view.contrib_bars, index=0, key=0)
+    ex.path_view.click(0)
+    assert ex.selection.unit_ref is None and ex.selection.neuron == -1
+    assert ex.selection.target == -1 and not _json_safe_widgets()
+    kernels.fail_keys.clear()
+    ex.select(instance=3)
+    assert ex.wait(30)
+    st = ex.state()
+    assert st["heatmap"] and st["neurons"] and st["path"]["nodes"] and st["input_scores"]
+
+
+def test_a_model_that_raises_blanks_the_input_view():
+    adapter, ds = tiny_vqa()
+    model, forward = adapter.model, adapter.model.forward
+    bad = torch.as_tensor(ds[2]["image"]).permute(2, 0, 1)
+
+    def raising(image, question):
+        if any(torch.equal(row, bad) for row in image):
+            raise RuntimeError("bad input on purpose")
+        return forward(image, question)
+
+    model.forward = raising
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05)
+    try:
+        ex.select(instance=1)
+        assert ex.wait(30) and ex.input_view.items
+        ex.select(instance=2)
+        assert ex.wait(30)
+        st = ex.state()
+        assert "bad input on purpose" in st["error"]
+        assert ex.input_view.items == [] and st["input_scores"] == {}
+        assert ex.input_view.caption.startswith("#2 ") and "not shown" in ex.input_view.caption
+        ex.input_panel.click("question", 1)        # a click on what was shown before
+        assert ex.selection.unit_ref is None and ex.input_view.selected == {}
+        assert ex.state()["heatmap"] == [] and ex.path_view.nodes == []
+    finally:
+        ex.close()
+
+
+def test_a_click_on_the_previous_instance_while_the_new_one_loads_is_ignored(vqa):
+    ex, kernels = vqa
+    kernels.block = threading.Event()
+    kernels.blocking_started.clear()
+    ex.select(instance=5)            # the overlay blocks: instance 0's matrix and path stay
+    assert kernels.blocking_started.wait(10)
+    assert ex.heatmap_view.instance == 0 and ex.path_view.instance == 0
+    click_mark(ex.heatmap_view.grid, rowNum=1, columnNum=0)
+    unit = next(p for p, n in enumerate(ex.path_view.nodes) if n["kind"] == "unit")
+    ex.path_view.click(unit)
+    assert ex.selection.unit_ref is None
+    kernels.block.set()
+    kernels.block = None
+    assert ex.wait(30)
+    click_mark(ex.heatmap_view.grid, rowNum=1, columnNum=0)
+    assert ex.selection.unit_ref == ("question", 1)
+
+
+def test_an_out_of_range_instance_or_target_set_on_the_selection_is_rejected(vqa):
+    import traitlets
+    ex, kernels = vqa
+    before = ex.state()
+    with pytest.raises(traitlets.TraitError, match=r"Instance 50 is out of range.*0\.\.11"):
+        ex.selection.instance = 50
+    with pytest.raises(traitlets.TraitError, match="Instance -1 is out of range"):
+        ex.selection.update(instance=-1, modality="question", unit=1)
+    with pytest.raises(traitlets.TraitError, match="target 77 is out of range"):
+        ex.selection.target = 77
+    assert ex.wait(30)
+    st = ex.state()
+    assert (st["instance"], st["unit_ref"], st["target"]) == (0, None, -1)
+    assert st["input_scores"] == before["input_scores"] and st["error"] == ""
+
+
+def test_recompute_shows_the_overlay_again_after_the_lru_dropped_the_inputs(vqa):
+    ex, kernels = vqa
+    scores = ex.state()["input_scores"]
+    assert scores and ex.engine.has(("items", 0))
+    with ex.engine._lock:
+        ex.engine._cache.pop(("items", 0))      # evicted by many clicks on the instance
+    ex.controls.refresh_button.click()
+    assert ex.wait(30)
+    st = ex.state()
+    assert st["input_scores"] == scores and st["score_caption"].startswith("integrated_gradients")
+
+
+def test_non_finite_logits_are_reported_and_never_reach_the_browser():
+    adapter, ds = tiny_vqa()
+    model, forward = adapter.model, adapter.model.forward
+    bad = torch.as_tensor(ds[3]["image"]).permute(2, 0, 1)
+
+    def nan_for_one(image, question):
+        out = forward(image, question)
+        rows = torch.tensor([torch.equal(row, bad) for row in image])
+        return torch.where(rows[:, None], torch.full_like(out, float("nan")), out)
+
+    model.forward = nan_for_one
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05)
+    try:
+        assert ex.wait(30)
+        emb = ex.state()["embedding"]
+        assert emb["n_points"] == 11 and 3 not in ex.embedding_view.indices.tolist()
+        assert "1 left out" in ex.embedding_view.caption.value
+        assert "#3" in ex.embedding_view.caption.value
+        for kw in (dict(instance=3), dict(target=0), dict(neuron=1)):
+            ex.select(**kw)
+            assert ex.wait(30)
+            st = ex.state()
+            assert "instance 3 is not finite" in st["error"], (kw, st["error"])
+            assert "predicted" not in ex.input_view.caption
+            assert st["path"]["nodes"] == [] and st["heatmap"] == []
+            assert not _json_safe_widgets()
+    finally:
+        ex.close()
+
+
+@pytest.fixture
+def gated():
+    """An Explorer whose dataset-features job runs until ``gate`` is set."""
+    adapter, ds = tiny_vqa()
+    kernels = FakeKernels()
+    gate = kernels.features_gate = threading.Event()
+    ex = Explorer(adapter, ds, kernels=kernels, delay=0.05)
+    assert kernels.features_started.wait(10)
+    yield ex, kernels, gate
+    gate.set()
+    ex.close()
+
+
+def _until(cond, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+    return cond()
+
+
+def test_cancel_stops_the_click_but_not_the_dataset_features(gated):
+    ex, kernels, gate = gated
+    kernels.block = threading.Event()
+    kernels.blocking_started.clear()
+    ex.select(instance=4)
+    assert kernels.blocking_started.wait(10)
+    ex.progress_panel.cancel.click()
+    kernels.block.set()
+    kernels.block = None
+    assert _until(lambda: "Cancelled" in ex.input_view.score_caption)
+    assert ex.engine._running["background"] is not None      # the features still run
+    assert "Cancelled" not in ex.embedding_view.caption.value
+    gate.set()
+    assert ex.wait(30)
+    assert ex.state()["embedding"]["n_points"] == len(ex.dataset)
+
+
+def test_the_embedding_comes_back_after_its_features_were_cancelled(gated):
+    ex, _, gate = gated
+    assert _until(lambda: ex.engine._running["main"] is None and not ex.engine._queues["main"])
+    ex.progress_panel.cancel.click()           # only the features run: they are cancelled
+    assert ex.wait(30)
+    assert "Cancelled" in ex.embedding_view.caption.value
+    assert ex.state()["embedding"]["n_points"] == 0
+    gate.set()
+    ex.select(instance=1)
+    assert ex.wait(30)
+    assert ex.state()["embedding"]["n_points"] == len(ex.dataset)
+
+
+def test_the_prediction_path_does_not_wait_for_the_dataset_features(gated):
+    ex, _, gate = gated
+    ex.select(instance=2)
+    assert _until(lambda: ex.path_view.caption.value.startswith("prediction path to"))
+    assert not gate.is_set() and ex.path_view.instance == 2 and ex.path_view.nodes
+
+
+def test_unknown_methods_are_rejected_with_the_valid_ones(vqa):
+    ex, _ = vqa
+    options = ex.controls.method.options
+    with pytest.raises(ValueError, match=r"Unknown method 'bogus'; choose one of \['gradient'"):
+        ex.select(method="bogus")
+    with pytest.raises(ValueError, match="Unknown interaction_method 'bogus2'.*second_order"):
+        ex.select(interaction_method="bogus2")
+    assert ex.selection.method == "integrated_gradients"
+    assert ex.selection.interaction_method == "second_order"
+    assert ex.controls.method.options == options and "bogus2" not in \
+        ex.controls.interaction_method.options
+
+
+def test_precomputed_features_of_another_dataset_are_rejected():
+    from .explorer_support import Features
+    adapter, big = tiny_vqa(12)
+    _, small = tiny_vqa(4)
+    logits, h = adapter.features(adapter.collate([big[i] for i in range(len(big))]))
+    feats = Features(h.numpy(), logits.numpy())
+    with pytest.raises(ValueError, match="another dataset.*12 rows.*4 instances"):
+        Explorer(adapter, small, kernels=FakeKernels(), features=feats)
+    feats.indices = np.arange(5)
+    with pytest.raises(ValueError, match="do not fit together"):
+        Explorer(adapter, big, kernels=FakeKernels(), features=feats)
+    with pytest.raises(TypeError, match="extract_features"):
+        Explorer(adapter, big, kernels=FakeKernels(), features=h.numpy())
+
+
+@pytest.mark.parametrize("data", ["list", "dict", None, "abc"])
+def test_a_dataset_that_is_not_a_multimodal_dataset_gets_a_clear_type_error(data):
+    adapter, ds = tiny_vqa(4)
+    data = {"list": [ds[i] for i in range(4)], "dict": dict(ds.columns)}.get(data, data)
+    with pytest.raises(TypeError, match="needs a MultimodalDataset.*Wrap your data"):
+        Explorer(adapter, data, kernels=FakeKernels())
+
+
+def test_a_failed_construction_leaves_no_threads_and_no_del_noise(monkeypatch):
+    import gc
+    import sys
+    adapter, ds = tiny_vqa(4)
+
+    def engine_threads():
+        return sum(t.name.startswith("multiviz-engine") for t in threading.enumerate())
+
+    assert _until(lambda: engine_threads() == 0)     # those of earlier tests have stopped
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    for kw in (dict(pair=("image", "image")), dict(cache_size=0)):
+        with pytest.raises(ValueError):
+            Explorer(adapter, ds, kernels=FakeKernels(), **kw)
+    with pytest.raises(TypeError):
+        Explorer(adapter, [ds[0]], kernels=FakeKernels())
+    gc.collect()
+    assert unraisable == []
+    assert _until(lambda: engine_threads() == 0)
+
+
+def test_labels_outside_the_classes_are_shown_as_unknown_and_not_counted_wrong():
+    from multiviz_widgets import MultimodalDataset
+    adapter, ds0 = tiny_vqa(4)
+    ds = MultimodalDataset(ds0.columns, labels=[0, 7, 9, 1], name="odd labels")
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05)
+    try:
+        assert ex.wait(30)
+        ev = ex.embedding_view
+        assert ev.group_names == CLASSES + ["unknown / unlabelled"]
+        assert ev.groups.tolist() == [0, 4, 4, 1]
+        assert [c.value for c in ev.legend.children][-1] == "\u25cf unknown / unlabelled"
+        ev.colour_by.value = "correctness"
+        preds = np.asarray(ev._features.predictions)
+        assert ev.group_names == ["wrong", "right", "unknown / unlabelled"]
+        assert ev.groups.tolist() == [int(preds[0] == 0), 2, 2, int(preds[3] == 1)]
+        assert len(ev.scatter.color) == 4
     finally:
         ex.close()

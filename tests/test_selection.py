@@ -53,3 +53,20 @@ def test_select_rejects_bad_values():
     with pytest.raises(ValueError):
         s.select(instance="three")
     assert s.as_dict()["instance"] == 0
+
+
+def test_bounds_reject_an_out_of_range_instance_or_target_and_keep_the_selection():
+    import traitlets
+    s = Selection(n_instances=3, n_classes=2)
+    seen = []
+    s.observe(lambda c: seen.append(c["name"]))
+    with pytest.raises(traitlets.TraitError, match=r"Instance 3 is out of range.*\(0\.\.2\)"):
+        s.instance = 3
+    with pytest.raises(traitlets.TraitError, match="Instance -1 is out of range"):
+        s.update(instance=-1, modality="question", unit=1)
+    with pytest.raises(traitlets.TraitError, match=r"target 2 is out of range.*0\.\.1"):
+        s.select(target=2)
+    assert (s.instance, s.target, s.unit_ref) == (0, -1, None) and seen == []
+    s.select(instance=2, target=1)
+    assert (s.instance, s.target) == (2, 1)
+    Selection().instance = 10 ** 6          # no bounds given: anything goes

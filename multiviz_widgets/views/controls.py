@@ -47,14 +47,14 @@ class Controls(W.VBox):
         self.class_names = [str(c) for c in class_names]
         self.target = W.Dropdown(options=self._target_options(), value=selection.target,
                                  description="target", layout=W.Layout(width="260px"))
-        self._methods = list(methods or _names("unimodal", "METHODS", DEFAULT_METHODS))
-        self._imethods = list(interaction_methods or _names("interactions", "INTERACTION_METHODS",
-                                                            DEFAULT_INTERACTION_METHODS))
-        self.method = W.Dropdown(options=self._with(self._methods, selection.method),
+        self.methods = list(methods or _names("unimodal", "METHODS", DEFAULT_METHODS))
+        self.interaction_methods = list(interaction_methods or _names(
+            "interactions", "INTERACTION_METHODS", DEFAULT_INTERACTION_METHODS))
+        self.method = W.Dropdown(options=self._with(self.methods, selection.method),
                                  value=selection.method, description="method",
                                  layout=W.Layout(width="300px"))
         self.interaction_method = W.Dropdown(
-            options=self._with(self._imethods, selection.interaction_method),
+            options=self._with(self.interaction_methods, selection.interaction_method),
             value=selection.interaction_method, description="interaction",
             layout=W.Layout(width="300px"))
         self.neuron_label = W.Label(value="")

@@ -11,7 +11,8 @@ import numpy as np
 
 from ..engine import Analyses, Engine
 from ..kernels.projection import colour_groups
-from ..selection import Selection
+from ..progress import Cancelled
+from ..selection import FIELDS, Selection
 
 PALETTE = np.array([
     [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
@@ -19,6 +20,9 @@ PALETTE = np.array([
     [174, 199, 232], [255, 187, 120], [152, 223, 138], [255, 152, 150], [197, 176, 213],
 ], dtype=np.float32) / 255.0
 CORRECTNESS = np.array([[214, 39, 40], [44, 160, 44]], dtype=np.float32) / 255.0
+#: The colour of points whose label is not one of the model's classes (e.g. -1, unlabelled).
+UNKNOWN = np.array([200, 200, 200], dtype=np.float32) / 255.0
+UNKNOWN_NAME = "unknown / unlabelled"
 
 
 def _hex(rgb) -> str:
@@ -45,6 +49,8 @@ class EmbeddingView(W.VBox):
         self.groups = np.zeros(0, dtype=np.int64)
         self.group_names: list[str] = []
         self._features = None
+        self._rows = np.zeros(0, dtype=np.int64)        # row of every point in the features
+        self._retry = False                              # refresh on the next selection change
         self.scatter = ipv.Scatter(x=np.zeros(1, np.float32), y=np.zeros(1, np.float32),
                                    z=np.zeros(1, np.float32), color="grey", size=2.0,
                                    size_selected=5.0, color_selected="black", geo="sphere")
@@ -60,9 +66,11 @@ class EmbeddingView(W.VBox):
         self.caption = W.Label(value="")
         super().__init__([self.caption, W.HBox([self.colour_by, self.legend]), self.figure])
         selection.observe(lambda _: self._highlight(), names=["instance"])
+        selection.observe(lambda _: self._retry and self.refresh(), names=list(FIELDS))
 
     def refresh(self) -> None:
         a = self.analyses
+        self._retry = False
         if len(self.indices):
             return self._highlight()
         self.caption.value = "computing the decision-level features of the dataset ..."
@@ -75,15 +83,22 @@ class EmbeddingView(W.VBox):
                            priority=6, label="dataset features", lane="background")
 
     def _failed(self, err) -> None:
-        self.caption.value = f"embedding not shown ({type(err).__name__})"
+        # a cancel (the person's, or a background job stopped with it) is not the data's fault:
+        # try again on the next selection change
+        self._retry = isinstance(err, Cancelled)
+        again = "; retried on the next click" if self._retry else ""
+        self.caption.value = f"embedding not shown ({type(err).__name__}{again})"
 
     def _show(self, result) -> None:
-        feats, coords = result
+        feats, (rows, coords) = result
         self._features = feats
+        self._rows = np.asarray(rows, dtype=np.int64)
         self.coords = np.asarray(coords, dtype=np.float32)
         idx = getattr(feats, "indices", None)
-        self.indices = (np.arange(len(self.coords)) if idx is None
-                        else np.asarray(idx, dtype=np.int64))
+        idx = (np.arange(len(np.asarray(feats.h))) if idx is None
+               else np.asarray(idx, dtype=np.int64))
+        self.indices = idx[self._rows]
+        left_out = np.setdiff1d(idx, self.indices)
         with self.scatter.hold_sync():
             self.scatter.x = self.coords[:, 0].copy()
             self.scatter.y = self.coords[:, 1].copy()
@@ -92,6 +107,11 @@ class EmbeddingView(W.VBox):
         self._highlight()
         self.caption.value = (f"{len(self.coords)} instances: decision-level features, PCA to "
                               "3-D (click a point)")
+        if len(left_out):
+            shown = ", ".join(f"#{int(i)}" for i in left_out[:5]) + (
+                " ..." if len(left_out) > 5 else "")
+            self.caption.value += (f"; {len(left_out)} left out, the model's output is not "
+                                   f"finite there ({shown})")
 
     def _colour(self) -> None:
         feats = self._features
@@ -103,12 +123,28 @@ class EmbeddingView(W.VBox):
             labels = np.asarray(labels)[self.indices]
         preds = np.asarray(feats.logits).argmax(1) if getattr(feats, "predictions", None) is None \
             else np.asarray(feats.predictions)
+        preds = np.asarray(preds)[self._rows]
         by = self.colour_by.value
-        self.groups, self.group_names = colour_groups(by, labels, preds, a.adapter.class_names)
+        names = list(a.adapter.class_names)
+        known = None
+        if labels is not None:
+            labels = np.asarray(labels, dtype=np.int64)
+            known = (labels >= 0) & (labels < len(names))
+            labels = np.where(known, labels, 0)
+        groups, group_names = colour_groups(by, labels, preds, names)
         pal = CORRECTNESS if by == "correctness" else PALETTE
-        self.scatter.color = pal[self.groups % len(pal)]
+        colours = [pal[g % len(pal)] for g in range(len(group_names))]
+        if by != "prediction" and known is not None and not known.all():
+            # labels outside the model's classes: their own legend entry, and not counted as
+            # wrong (or right) under correctness
+            groups = np.where(known, groups, len(group_names))
+            group_names = group_names + [UNKNOWN_NAME]
+            colours.append(UNKNOWN)
+        self.groups, self.group_names = groups, group_names
+        self.scatter.color = np.array(colours, dtype=np.float32)[self.groups] if len(groups) \
+            else np.zeros((0, 3), np.float32)
         self.legend.children = [
-            W.Label(value=f"\u25cf {name}", style={"text_color": _hex(pal[g % len(pal)])})
+            W.Label(value=f"\u25cf {name}", style={"text_color": _hex(colours[g])})
             for g, name in enumerate(self.group_names)]
 
     def _highlight(self) -> None:

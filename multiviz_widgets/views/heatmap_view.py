@@ -39,6 +39,7 @@ class HeatmapView(W.VBox):
         self.col_labels: list[str] = []
         self.selected_row = -1
         self.selected_col = -1
+        self.instance = -1                    # the instance whose matrix is shown
         self.rows_scale = bq.OrdinalScale(reverse=True)
         self.cols_scale = bq.OrdinalScale()
         self.color_scale = bq.ColorScale(scheme="RdBu", mid=0.0, reverse=True)
@@ -79,21 +80,32 @@ class HeatmapView(W.VBox):
             return i, explained, inter
 
         self.engine.submit(self.slot, ("heatmap", i, target, neuron, method, self.pair), job,
-                           self._show, self._failed, priority=2,
+                           self._show, lambda err: self._failed(err, i), priority=2,
                            label=f"{method} interactions")
 
-    def _failed(self, err) -> None:
-        self.caption.value = f"interactions not shown ({type(err).__name__})"
+    def _failed(self, err, instance: int | None = None) -> None:
+        """Blank the matrix (nothing of an earlier selection stays shown or clickable)."""
+        self.instance = -1
+        self._draw(np.zeros((0, 0)), [], [])
+        of = "" if instance is None else f" of #{instance}"
+        self.caption.value = f"interactions{of} not shown ({type(err).__name__})"
 
     def _show(self, result) -> None:
         i, explained, inter = result
-        m = np.asarray(inter.matrix, dtype=np.float64)
+        self.instance = int(i)
+        self._draw(np.asarray(inter.matrix, dtype=np.float64), inter.row_labels,
+                   inter.col_labels)
+        self.caption.value = (f"{inter.method} interactions {self.pair[0]} x {self.pair[1]} "
+                              f"for {self.analyses.target_text(explained)}")
+
+    def _draw(self, m: np.ndarray, row_labels, col_labels) -> None:
         self.matrix = m
-        self.row_labels = [str(x) for x in inter.row_labels]
-        self.col_labels = [str(x) for x in inter.col_labels]
+        self.row_labels = [str(x) for x in row_labels]
+        self.col_labels = [str(x) for x in col_labels]
         rows, cols = m.shape
-        # bqplot squeezes a single row or column to 1-D: pad with an empty (NaN) one
-        shown = m if m.size else np.zeros((2, 2))
+        # bqplot squeezes a single row or column to 1-D: pad with an empty (NaN) one; no
+        # matrix: a blank (all NaN, drawn in the null colour) 2 x 2 grid
+        shown = m if m.size else np.full((2, 2), np.nan)
         if rows == 1:
             shown = np.vstack([shown, np.full((1, shown.shape[1]), np.nan)])
         if cols == 1:
@@ -111,8 +123,6 @@ class HeatmapView(W.VBox):
         self.row_axis.tick_labels = {str(r): lab for r, lab in enumerate(_unique(self.row_labels))}
         self.col_axis.tick_labels = {str(c): lab for c, lab in enumerate(_unique(self.col_labels))}
         self.col_axis.num_ticks = cols if cols <= 24 else 12
-        self.caption.value = (f"{inter.method} interactions {self.pair[0]} x {self.pair[1]} "
-                              f"for {self.analyses.target_text(explained)}")
         self._highlight()
 
     def _highlight(self) -> None:
@@ -136,10 +146,14 @@ class HeatmapView(W.VBox):
         c = data.get("columnNum", data.get("column"))
         if r is None or not 0 <= int(r) < self.matrix.shape[0]:
             return                      # a padding cell, or no matrix yet
+        if self.instance != self.selection.instance:
+            return                      # the matrix of an earlier instance, still loading
         self.click(int(r), None if c is None else int(c))
 
     def click(self, row: int, col: int | None = None) -> None:
-        """What a cell click does: select the row's unit of modality a."""
+        """What a cell click does: select the row's unit of modality a (rows shown only)."""
+        if not 0 <= int(row) < (self.matrix.shape[0] if self.matrix.ndim == 2 else 0):
+            return
         self.selection.select(unit=(self.pair[0], int(row)))
 
     def state(self) -> dict:

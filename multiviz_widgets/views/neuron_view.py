@@ -85,10 +85,16 @@ class NeuronView(W.VBox):
             return cls, dc, order
 
         self.engine.submit(self.slot, ("neurons", i, target, self.n_bars), job, self._show_bars,
-                           self._bars_failed, priority=2, label="neuron contributions")
+                           lambda err: self._bars_failed(err, i), priority=2,
+                           label="neuron contributions")
 
-    def _bars_failed(self, err) -> None:
-        self.caption.value = f"contributions not shown ({type(err).__name__})"
+    def _bars_failed(self, err, instance: int | None = None) -> None:
+        """Blank the bars (no bars of an earlier selection stay shown or clickable)."""
+        self._h, self._c = np.zeros(0), np.zeros(0)
+        self.shown = []
+        self._draw_bars()
+        of = "" if instance is None else f" of #{instance}"
+        self.caption.value = f"contributions{of} not shown ({type(err).__name__})"
 
     def _show_bars(self, result) -> None:
         cls, dc, order = result

@@ -27,6 +27,7 @@ class PathView(W.VBox):
         self.nodes: list[dict] = []
         self.links: list[dict] = []
         self.path: dict = {}
+        self.instance = -1                    # the instance whose path is shown
         self.xs = bq.LinearScale(min=-0.3, max=2.3)
         self.ys = bq.LinearScale(min=-0.1, max=1.1)
         self.graph = self._new_graph([], [], [], [], [])
@@ -57,24 +58,38 @@ class PathView(W.VBox):
             cls = a.class_index(i, target)
             path = a.path(i, cls, progress)
             nodes, links = path_layout(path, other_classes=a.top_classes(i, 3))
-            return cls, path, nodes, links
+            return cls, path, nodes, links, i
 
-        self.engine.submit(self.slot, ("path", i, target), job, self._show, self._failed,
-                           priority=3, label="prediction path", lane="background")
+        # the "main" lane: the path is about the selected instance and needs no dataset-wide
+        # work, so it never waits for the dataset's features
+        self.engine.submit(self.slot, ("path", i, target), job, self._show,
+                           lambda err: self._failed(err, i), priority=3, label="prediction path")
 
-    def _failed(self, err) -> None:
-        self.caption.value = f"prediction path not shown ({type(err).__name__})"
+    def _failed(self, err, instance: int | None = None) -> None:
+        """Blank the graph (no nodes of an earlier selection stay shown or clickable)."""
+        self._draw(-1, {}, [], [])
+        of = "" if instance is None else f" of #{instance}"
+        self.caption.value = f"prediction path{of} not shown ({type(err).__name__})"
 
     def _show(self, result) -> None:
-        cls, path, nodes, links = result
+        cls, path, nodes, links, i = result
+        self._draw(i, path, nodes, links)
+        self.caption.value = (f"prediction path to class "
+                              f"{self.analyses.adapter.class_names[cls]!r}: units -> neurons -> "
+                              "class (click a node)")
+
+    def _draw(self, instance: int, path: dict, nodes: list, links: list) -> None:
+        self.instance = int(instance)
         self.path, self.nodes, self.links = path, nodes, links
         node_data = [{"label": str(n["label"]), "shape": "rect" if n["kind"] == "class" else
                       "circle", "shape_attrs": {"r": 12} if n["kind"] != "class" else
                       {"width": 70, "height": 26}, "node_id": n["id"], "kind": n["kind"],
                       "label_display": "outside" if n["kind"] == "unit" else "center"}
                      for n in nodes]
+        # link_data is sent as JSON, which has no NaN or infinity
         link_data = [{"source": int(l["source"]), "target": int(l["target"]),
-                      "value": float(l["value"])} for l in links]
+                      "value": float(l["value"]) if np.isfinite(float(l["value"])) else 0.0}
+                     for l in links]
         # a new mark each time: bqplot's Graph does not redraw changed nodes (bqplot#1155)
         old = self.graph
         self.graph = self._new_graph(node_data, link_data,
@@ -83,9 +98,6 @@ class PathView(W.VBox):
                                      [_COLOURS.get(n["kind"], "#7f7f7f") for n in nodes])
         self.figure.marks = [self.graph]
         old.close()
-        self.caption.value = (f"prediction path to class "
-                              f"{self.analyses.adapter.class_names[cls]!r}: units -> neurons -> "
-                              "class (click a node)")
         self._highlight()
 
     def _highlight(self) -> None:
@@ -110,6 +122,8 @@ class PathView(W.VBox):
         if not 0 <= position < len(self.nodes):
             return
         n = self.nodes[position]
+        if n["kind"] == "unit" and self.instance != self.selection.instance:
+            return                  # a unit of an earlier instance (its path still loading)
         if n["kind"] == "class":
             self.selection.select(target=int(n["class"]), neuron=-1)
         elif n["kind"] == "neuron":
