@@ -320,6 +320,24 @@ def test_colour_groups():
         colour_groups("label", None, np.array([1]), ["a", "b"])
 
 
+def test_an_empty_path_says_why_in_its_caption():
+    """prediction_path's note (why a class has no neurons) reaches the path view's caption."""
+    adapter, ds = tiny_vqa()
+
+    class NoNeurons(FakeKernels):
+        def prediction_path(self, adapter, prepared, class_index, *args, **kw):
+            path = super().prediction_path(adapter, prepared, class_index, *args, **kw)
+            return {**path, "neurons": [], "note": "the class never occurred in training"}
+
+    ex = Explorer(adapter, ds, kernels=NoNeurons(), delay=0.05)
+    try:
+        assert ex.wait(60)
+        caption = ex.state()["path"]["caption"]
+        assert "no neurons" in caption and "the class never occurred in training" in caption
+    finally:
+        ex.close()
+
+
 def test_path_layout_reads_prediction_path_dicts():
     from multiviz_widgets.kernels.projection import path_layout
     path = {"class": {"index": 2, "name": "red", "logit": 3.0}, "neurons": [

@@ -74,9 +74,11 @@ class PathView(W.VBox):
     def _show(self, result) -> None:
         cls, path, nodes, links, i = result
         self._draw(i, path, nodes, links)
-        self.caption.value = (f"prediction path to class "
-                              f"{self.analyses.adapter.class_names[cls]!r}: units -> neurons -> "
-                              "class (click a node)")
+        name = self.analyses.adapter.class_names[cls]
+        note = str(path.get("note") or "") if not path.get("neurons") else ""
+        self.caption.value = (f"prediction path to class {name!r}: no neurons ({note})" if note
+                              else f"prediction path to class {name!r}: units -> neurons -> "
+                                   "class (click a node)")
 
     def _draw(self, instance: int, path: dict, nodes: list, links: list) -> None:
         self.instance = int(instance)
