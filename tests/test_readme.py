@@ -118,3 +118,14 @@ def test_readme_batched_table_is_the_committed_benchmark():
     assert checked == set(names)
     assert f"{batched['n']} other test questions" in " ".join(README.read_text(encoding="utf-8")
                                                                .split())
+
+
+def test_readme_allocator_table_is_the_committed_benchmark():
+    import json
+    result = json.loads((README.parent / "benchmarks" / "results" / "allocator.json")
+                        .read_text(encoding="utf-8"))
+    rows = _table_after(README.read_text(encoding="utf-8"), "### glibc's allocator")
+    assert len(rows) == len(result["methods"])
+    for row, (method, e) in zip(rows, result["methods"].items()):
+        assert row[1:] == [f"{e['default_median_ms']:.1f} ms", f"{e['tuned_median_ms']:.1f} ms",
+                           f"{e['default_over_tuned']:.2f}x"], method
