@@ -5,7 +5,8 @@ channels. The series is piecewise constant per 8-step window (plus noise), so ea
 (window x channel) carries one number: its window mean ``s[w, c]``. Units of the series are
 numbered ``w * 3 + c`` (the ``TimeSeries`` convention: window-major, channel-minor).
 
-* ``kind="planted"``: the label is ``3 t[glucose] * s[2, respiration] + additive terms > 0``.
+* ``kind="planted"``: the label is ``4 t[glucose] * s[2, respiration] + additive terms > 0``
+  (4 = ``INTERACTION_WEIGHT``).
   The model (``PlantedFusion``) is a smooth MLP over both encoders, so it can and does learn the
   product: the one cross-modal interaction is between tabular unit ``PLANTED_UNITS["tabular"]``
   and series unit ``PLANTED_UNITS["series"]``.

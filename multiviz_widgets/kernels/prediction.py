@@ -1,7 +1,7 @@
 """Stage 4: multimodal prediction, a sparse linear model over the decision features.
 
 ``fit_sparse_model`` fits y = softmax(W z + b) on the *standardised* decision features
-z = (h - mean) / std with the elastic net of METHODS.md,
+z = (h - mean) / std with the elastic net
 
     (1/n) sum_n CE(y_n, W z_n + b) + lambda (alpha |W|_1 + (1 - alpha)/2 |W|_F^2),
 
@@ -251,7 +251,7 @@ def _check_classes(y: np.ndarray, what: str, n_classes: int, named: bool) -> Non
 
 
 def lambda_max(z: np.ndarray, y: np.ndarray, n_classes: int, alpha: float) -> float:
-    """The smallest lambda at which every weight is zero (METHODS.md), for standardised z."""
+    """The smallest lambda at which every weight is zero, for standardised z."""
     onehot = np.eye(n_classes)[y]
     return float(np.abs(z.T @ (onehot - onehot.mean(0))).max() / (len(z) * alpha))
 

@@ -51,11 +51,11 @@ class HeatmapView(W.VBox):
             interactions={}, selected_style={"stroke": "black", "stroke-width": 2},
             unselected_style={"opacity": 0.85}, stroke="white", null_color="white")
         self.grid.on_element_click(self._on_click)
-        self.row_axis = bq.Axis(scale=self.rows_scale, orientation="vertical", label=self.pair[0],
+        self.row_axis = bq.Axis(scale=self.rows_scale, side="left", label=self.pair[0],
                                 tick_labels={})
         self.col_axis = bq.Axis(scale=self.cols_scale, label=self.pair[1], tick_labels={},
                                 tick_rotate=-45)
-        self.color_axis = bq.ColorAxis(scale=self.color_scale, orientation="vertical",
+        self.color_axis = bq.ColorAxis(scale=self.color_scale,
                                        side="right")
         self.figure = bq.Figure(marks=[self.grid],
                                 axes=[self.row_axis, self.col_axis, self.color_axis],

@@ -52,13 +52,13 @@ class NeuronView(W.VBox):
         lay = W.Layout(width="380px", height="240px")
         self.act_figure = bq.Figure(marks=[self.act_bars], title="activation h_j(x)",
                                     axes=[self.act_axis, bq.Axis(scale=self.act_bars.scales["y"],
-                                                                 orientation="vertical")],
+                                                                 side="left")],
                                     layout=lay, fig_margin={"top": 40, "bottom": 30, "left": 50,
                                                             "right": 10})
         self.contrib_figure = bq.Figure(
             marks=[self.contrib_bars], title="contribution W_cj h_j(x)",
             axes=[self.contrib_axis, bq.Axis(scale=self.contrib_bars.scales["y"],
-                                             orientation="vertical")],
+                                             side="left")],
             layout=W.Layout(width="380px", height="240px"),
             fig_margin={"top": 40, "bottom": 30, "left": 50, "right": 10})
         self.caption = W.Label(value="")
