@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import os
 import sys
 import threading
@@ -79,12 +80,23 @@ MODEL_LOCK = threading.RLock()
 
 
 class AdapterError(ValueError):
-    """A model or instance does not fit the adapter; the message says how to fix it."""
+    """A model or instance does not fit the adapter; the message says how to fix it.
+
+    ``code`` names the kind of problem (the doctor's finding code, e.g. "output-shape")."""
+
+    code = "adapter"
+
+    def __init__(self, message: str = "", code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class ModelInputError(AdapterError, RuntimeError):
     """The model raised an error on the inputs it was given (wrong shape, channels, length...);
     the original error is chained. Also a RuntimeError, like most of the errors it wraps."""
+
+    code = "forward"
 
 
 def _resolve_module(model: nn.Module, spec, what: str) -> nn.Module:
@@ -102,6 +114,71 @@ def _resolve_module(model: nn.Module, spec, what: str) -> nn.Module:
                                f"submodules are: {', '.join(names[:30])}.") from None
     raise AdapterError(f"The {what} must be a submodule of the model or its dotted name, got "
                        f"{type(spec).__name__}.")
+
+
+#: Layers that take vectors, not token ids: never a text modality's embedding layer.
+_VECTOR_LAYERS = (nn.Linear, nn.Bilinear, nn.RNNBase, nn.RNNCellBase, nn.modules.conv._ConvNd,
+                  nn.MultiheadAttention, nn.LayerNorm, nn.modules.batchnorm._NormBase,
+                  nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.TransformerDecoder,
+                  nn.TransformerDecoderLayer, nn.Transformer)
+
+
+def _layer_name(model: nn.Module, layer: nn.Module) -> str:
+    """'name (Type)' of a submodule, for messages."""
+    name = next((n for n, m in model.named_modules() if m is layer), "")
+    return f"{name or 'the model'} ({type(layer).__name__})"
+
+
+def _check_embedding_layer(model: nn.Module, modality: Modality, layer: nn.Module) -> None:
+    """Reject, at construction, layers that cannot be a text modality's embedding: the layer
+    must map token ids [B, T] to one vector per token [B, T, D] (checked again on first use)."""
+    what = f"The embedding layer given for {modality.name!r}, {_layer_name(model, layer)},"
+    fix = (f" Pass embedding_layers={{'{modality.name}': <the nn.Embedding that maps the token "
+           "ids to one vector per token>}.")
+    if isinstance(layer, nn.EmbeddingBag):
+        raise AdapterError(
+            f"{what} is an nn.EmbeddingBag: it gives one vector per text, not one per token, so "
+            "token attributions cannot be computed. Use an nn.Embedding and pool its output in "
+            "forward() (EmbeddingBag(mode='mean') equals Embedding(ids).mean(1)) and name that "
+            "nn.Embedding.", code="embedding-layer")
+    if isinstance(layer, _VECTOR_LAYERS):
+        raise AdapterError(f"{what} takes vectors, not token ids." + fix, code="embedding-layer")
+    vocab = getattr(modality, "vocab", None)
+    if isinstance(layer, nn.Embedding) and vocab is not None and len(vocab) > layer.num_embeddings:
+        raise AdapterError(
+            f"{what} has {layer.num_embeddings} rows but the vocabulary of {modality.name!r} has "
+            f"{len(vocab)} tokens: ids {layer.num_embeddings} and above would fail. Give the Text "
+            "modality the vocabulary the model was trained with.", code="embedding-layer")
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):   # tensors without storage
+        return False
+
+
+def _match_ids(t: torch.Tensor, names: Sequence[str], ids: Mapping[str, torch.Tensor],
+               matched: set) -> str | None:
+    """The text modality (of ``names``) whose token ids an embedding call received as ``t``:
+    the very tensor the adapter passed, a slice of it (a batch taken in parts), or failing that
+    a tensor of equal shape and values (ids the model copied or cast first); None for any other
+    ids (a CLS token, positions), which then pass through unchanged."""
+    for n in names:
+        if ids.get(n) is t:
+            return n
+    for n in names:
+        i = ids.get(n)
+        if i is not None and t.shape[1:] == i.shape[1:] and _same_storage(t, i):
+            return n
+    if t.is_floating_point() or t.is_complex():
+        return None
+    for n in sorted(names, key=lambda n: n in matched):
+        i = ids.get(n)
+        if (i is not None and t.shape == i.shape and t.device == i.device
+                and torch.equal(t.to(i.dtype), i)):
+            return n
+    return None
 
 
 #: Layers that act differently in training mode (the adapter warns about them; any module in
@@ -130,7 +207,10 @@ class ModelAdapter:
     class_names: one name per output logit.
     decision_layer: the module (or dotted name) whose input is h(x); default: the last nn.Linear.
     embedding_layers: {text modality name: embedding module or dotted name}; a text modality
-        without one uses the model's only nn.Embedding when there is exactly one.
+        without one uses the model's only nn.Embedding when there is exactly one. Its output
+        must be one vector per token [B, T, ...]. The layer may be called more than once in
+        forward() and shared by several text modalities: the continuous input of a modality
+        replaces the layer's output only on the calls that receive that modality's token ids.
     keyword_inputs: call model(**{name: tensor}) instead of model(*tensors).
     """
 
@@ -182,10 +262,15 @@ class ModelAdapter:
                         f"embedding_layers={{'{m.name}': model.<embedding>}} (the model has "
                         f"{len(embs)} nn.Embedding modules, so it cannot be guessed).")
                 spec = embs[0]
-            self.embedding_layers[m.name] = _resolve_module(model, spec, f"embedding of {m.name!r}")
+            layer = _resolve_module(model, spec, f"embedding of {m.name!r}")
+            _check_embedding_layer(model, m, layer)
+            self.embedding_layers[m.name] = layer
         self._lock = MODEL_LOCK
         self._warned_training = False
         self._last_shapes: dict[str, tuple] = {}   # per-instance input shapes the model last took
+        # {thread id: the token ids of the model arguments model_inputs() last built in that
+        # thread}: the ids whose embedding ``run`` substitutes when its caller does not pass them
+        self._last_inputs: dict[int, dict[str, torch.Tensor]] = {}
 
     # -- basics ------------------------------------------------------------------------------
     @property
@@ -317,10 +402,30 @@ class ModelAdapter:
             for n in self.names:
                 x = raw[n]
                 if n in self.embedding_layers:
-                    out[n] = self.embedding_layers[n](x).detach()
+                    out[n] = self._embed(n, x)
                 else:
                     out[n] = x.detach().float() if not torch.is_floating_point(x) else x.detach()
         return out
+
+    def _embed(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding layer of text modality ``name`` on token ids [B, T]: [B, T, ...], or an
+        AdapterError naming the layer when it cannot take the ids or gives no vector per token."""
+        layer = self.embedding_layers[name]
+        what = f"The embedding layer given for {name!r}, {_layer_name(self.model, layer)},"
+        fix = (f" embedding_layers={{'{name}': ...}} must name the module that maps the token "
+               "ids [batch, tokens] to one vector per token [batch, tokens, dim] (an nn.Embedding).")
+        try:
+            e = layer(ids)
+        except Exception as err:  # the user's module can raise anything
+            raise AdapterError(f"{what} raised {type(err).__name__} on the token ids of shape "
+                               f"{tuple(ids.shape)} (ids {int(ids.min())}..{int(ids.max())}): "
+                               f"{err}." + fix, code="embedding-layer") from err
+        if not isinstance(e, torch.Tensor) or e.dim() < 3 or e.shape[:2] != ids.shape:
+            got = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
+            raise AdapterError(f"{what} returned {got} for token ids of shape {tuple(ids.shape)}: "
+                               "not one vector per token, so its scores would not be tokens'."
+                               + fix, code="embedding-layer")
+        return e.detach()
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -350,22 +455,66 @@ class ModelAdapter:
 
     # -- forward -----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _hooks(self, continuous: Mapping[str, torch.Tensor] | None, store: dict | None):
-        handles = []
+    def _hooks(self, continuous: Mapping[str, torch.Tensor] | None, store: dict | None,
+               inputs: Mapping[str, torch.Tensor] | None = None):
+        """Hooks for one computation: text modalities' embedding outputs replaced by their
+        ``continuous`` inputs on the calls that receive their token ids (``inputs``), and the
+        decision layer's input captured into ``store``. Yields the set of modalities whose
+        embedding output was replaced."""
+        handles, matched = [], set()
         try:
-            for n, x in (continuous or {}).items():
+            shared: dict[nn.Module, list[str]] = {}
+            for n in (continuous or {}):
                 if n in self.embedding_layers:
-                    handles.append(self.embedding_layers[n].register_forward_hook(
-                        lambda mod, inp, out, x=x: x))
+                    shared.setdefault(self.embedding_layers[n], []).append(n)
+            if shared and inputs is None:
+                inputs = self._last_inputs.get(threading.get_ident(), {})
+            for layer, names in shared.items():
+                handles.append(layer.register_forward_hook(
+                    self._substitute(names, continuous, inputs, matched)))
             if store is not None:
                 def grab(mod, inp):
                     store.setdefault("h", inp[0])
                     store["calls"] = store.get("calls", 0) + 1
                 handles.append(self.decision_layer.register_forward_pre_hook(grab))
-            yield
+            yield matched
         finally:
             for hd in handles:
                 hd.remove()
+
+    def _substitute(self, names: Sequence[str], continuous: Mapping[str, torch.Tensor],
+                    inputs: Mapping[str, torch.Tensor], matched: set) -> Callable:
+        """A forward hook on an embedding layer shared by text modalities ``names``: a call on
+        one modality's token ids returns that modality's continuous input (a copy, so that the
+        model may change it in place and gradients still reach the input); other calls pass."""
+        def hook(module, inp, out):
+            t = inp[0] if inp else None
+            n = _match_ids(t, names, inputs, matched) if isinstance(t, torch.Tensor) else None
+            if n is None:
+                return None
+            x = continuous[n]
+            if isinstance(out, torch.Tensor) and out.shape[1:] != x.shape[1:]:
+                raise AdapterError(
+                    f"The continuous input of {n!r} has shape {tuple(x.shape)} but its embedding "
+                    f"layer gives {tuple(out.shape)} for the token ids of shape {tuple(t.shape)}; "
+                    "give one vector per token of the instance, as prepare() does.")
+            matched.add(n)
+            return x.clone()
+        return hook
+
+    def _unsubstituted(self, continuous: Mapping[str, torch.Tensor], matched: set) -> None:
+        """AdapterError when a text modality's continuous input replaced no embedding output."""
+        missing = [n for n in continuous if n in self.embedding_layers and n not in matched]
+        if missing:
+            n = missing[0]
+            raise AdapterError(
+                f"The embedding layer given for {n!r}, "
+                f"{_layer_name(self.model, self.embedding_layers[n])}, was never called on the "
+                f"token ids of {n!r} during the forward pass, so its continuous input (what "
+                "attributions perturb and differentiate) could not be put in. embedding_layers="
+                f"{{'{n}': ...}} must name the module that the model applies to the {n} ids it "
+                "receives (not a positional embedding, nor one applied to other ids).",
+                code="embedding-substitution")
 
     def forward(self, raw: Mapping[str, torch.Tensor],
                 continuous: Mapping[str, torch.Tensor] | None = None,
@@ -377,14 +526,56 @@ class ModelAdapter:
         Cost: one forward pass of B instances. Gradients flow when the inputs require them.
         """
         args = self.model_inputs(raw, continuous)
-        result = self.run(lambda: self._call_model(args), continuous, features)
-        out = result[0] if features else result
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if not isinstance(out, torch.Tensor):
-            raise AdapterError(f"The model returned {type(out).__name__}; it must return a tensor of "
-                               "logits [batch, classes].")
+        result = self.run(lambda: self._call_model(args), continuous, features, inputs=args)
+        out = self._logits(result[0] if features else result, args)
         return (out, result[1]) if features else out
+
+    def _logits(self, out: Any, args: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The model's output as logits [B, C] (the first element of a tuple; [B] with one
+        class name becomes [B, 1]), or an AdapterError saying how to make the model return it."""
+        returned = "returned"
+        if isinstance(out, (tuple, list)) and out:
+            returned = f"returned a {type(out).__name__} whose first element (taken as logits) is"
+            out = out[0]
+        b = next(iter(args.values())).shape[0]
+        c = self.n_classes
+        if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape == (b, c):
+            return out
+        wrap = ("Wrap the model: class Logits(nn.Module): __init__(self, m) sets self.m = m; "
+                "forward(self, *x) returns self.m(*x){}; and pass ModelAdapter(Logits(model), ...).")
+        if isinstance(out, Mapping):
+            raise AdapterError(
+                f"The model returned a {type(out).__name__} (keys {list(out)[:8]}); it must return a "
+                f"tensor of logits [batch, classes]. " + wrap.format("['logits']"),
+                code="output-type")
+        if not isinstance(out, torch.Tensor):
+            hf = isinstance(getattr(out, "logits", None), torch.Tensor)
+            raise AdapterError(
+                f"The model {returned} {type(out).__name__}; it must return a tensor of logits "
+                "[batch, classes]." + (" " + wrap.format(".logits") if hf else ""),
+                code="output-type")
+        shape = tuple(out.shape)
+        if out.dim() == 1 and out.shape[0] == b and c == 1:
+            return out[:, None]
+        if out.dim() == 1 and out.shape[0] == b:
+            raise AdapterError(
+                f"The model returned shape {shape}: one score per instance, where the adapter "
+                f"needs 2-D logits [batch, classes] with classes = len(class_names) = {c}. For a "
+                "binary model returning one logit z, return torch.stack([-z, z], 1) with "
+                "class_names=[negative, positive], or give class_names of length 1.",
+                code="output-shape")
+        if out.dim() != 2 or out.shape[0] != b:
+            raise AdapterError(
+                f"The model returned shape {shape} for a batch of {b}; it must return 2-D logits "
+                f"[batch, classes] = [{b}, {c}] (classes = len(class_names)).",
+                code="output-shape")
+        hint = (" For a binary model returning one logit z ([batch, 1]), return "
+                "torch.cat([-z, z], 1) or give class_names of length 1."
+                if out.shape[1] == 1 else "")
+        raise AdapterError(
+            f"The model returns {out.shape[1]} logits (shape {shape}) but class_names has {c} "
+            f"names; it must return [batch, classes] with classes = len(class_names): give one "
+            f"name per logit.{hint}", code="class-count")
 
     def _call_model(self, args: Mapping[str, torch.Tensor]):
         """model(*args) (or model(**args)); an error the model raises on these inputs comes out
@@ -403,6 +594,10 @@ class ModelAdapter:
     def _model_error_message(self, args: Mapping[str, torch.Tensor], error: Exception) -> str:
         shapes = ", ".join(f"{n}: {tuple(v.shape)}" for n, v in args.items())
         text = str(error)
+        head = f"The model raised {type(error).__name__} on the inputs of modalities ({shapes}): {text}."
+        special = self._signature_hint() or ("type" in text.lower() and self._dtype_hint(args))
+        if special:
+            return f"{head} {special}"
         last = getattr(self, "_last_shapes", {})
         # the modality to suspect: its batch shape appears in the message, or its per-instance
         # shape differs from the inputs the model last took
@@ -420,16 +615,53 @@ class ModelAdapter:
                 f"model last took {last[n]}" for n in changed) + "."
         else:
             hint = ""
-        return (f"The model raised {type(error).__name__} on the inputs of modalities "
-                f"({shapes}): {text}.{hint} Check that each modality gives the shape the model "
-                "expects (channels, image size, series length, columns) and that the modalities "
+        return (f"{head}{hint} Check that the modalities give the shapes the model "
+                "expects (channels, image size, series length, columns) and that they "
                 "are listed in the order of the model's arguments.")
+
+    def _signature_hint(self) -> str:
+        """How to call a model whose forward() takes the modalities by keyword only (or not by
+        the modalities' names); '' when its signature fits the way the adapter calls it."""
+        try:
+            params = inspect.signature(self.model.forward).parameters.values()
+        except (TypeError, ValueError):
+            return ""
+        kinds = {p.name: p.kind for p in params}
+        if any(k == inspect.Parameter.VAR_KEYWORD for k in kinds.values()):
+            return ""
+        positional = [n for n, k in kinds.items() if k in (inspect.Parameter.POSITIONAL_ONLY,
+                                                             inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        keyword_only = [n for n, k in kinds.items() if k == inspect.Parameter.KEYWORD_ONLY]
+        if (not self.keyword_inputs and keyword_only and len(positional) < len(self.names)
+                and not any(k == inspect.Parameter.VAR_POSITIONAL for k in kinds.values())):
+            return (f"The model's forward() takes {keyword_only} by keyword only: pass "
+                    "keyword_inputs=True to ModelAdapter (the modalities' names must be the "
+                    "argument names).")
+        unknown = [n for n in self.names if n not in kinds]
+        if self.keyword_inputs and unknown:
+            return (f"keyword_inputs=True calls model(**inputs), but forward() has no argument "
+                    f"named {unknown[0]!r}: name the modalities after forward()'s arguments "
+                    f"({[n for n in kinds]}), or drop keyword_inputs=True to pass them in order.")
+        return ""
+
+    def _dtype_hint(self, args: Mapping[str, torch.Tensor]) -> str:
+        """Says so when the floating inputs' dtype differs from the model's parameters'."""
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        odd = [n for n, v in args.items() if v.is_floating_point() and v.dtype != dtype]
+        if dtype is None or not odd:
+            return ""
+        name = str(dtype).replace("torch.", "")
+        return (f"The model's parameters are {name} but modality {odd[0]!r} is "
+                f"{str(args[odd[0]].dtype).replace('torch.', '')}: pass {name} tensors as inputs "
+                f"(torch.as_tensor(x, dtype=torch.{name})), or convert the model to the inputs' "
+                "dtype (model.float()).")
 
     def model_inputs(self, raw: Mapping[str, torch.Tensor],
                      continuous: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The model's arguments {name: [B, ...]} for a batch: the raw inputs (a batch of one
         expanded to B), with the continuous inputs in place of those of non-text modalities
-        (text's continuous inputs enter through its embedding layer: see ``run``)."""
+        (text's continuous inputs enter through its embedding layer: see ``run``, which takes
+        these arguments' token ids as the ones whose embedding it replaces)."""
         continuous = continuous or {}
         b = max([v.shape[0] for v in continuous.values()] + [v.shape[0] for v in raw.values()])
         args = {}
@@ -439,24 +671,49 @@ class ModelAdapter:
             else:
                 x = raw[n]
                 args[n] = x.expand(b, *x.shape[1:]) if x.shape[0] == 1 and b > 1 else x
+        if self.embedding_layers:   # only the token ids: no batch of images kept alive
+            self._last_inputs[threading.get_ident()] = {n: args[n] for n in self.embedding_layers}
         return args
 
     def run(self, fn: Callable[[], Any], continuous: Mapping[str, torch.Tensor] | None = None,
-            features: bool = False):
+            features: bool = False, inputs: Mapping[str, torch.Tensor] | None = None):
         """fn() -- a computation on this adapter's model, such as part of its graph -- under the
         adapter's lock (the model is shared between threads), in eval mode (see ``_eval_mode``:
         a model in training mode gets its modes back afterwards), with text modalities' embedding
-        outputs replaced by their ``continuous`` inputs; with features=True returns (fn(), h)
-        where h is the input of the decision layer during that call."""
+        outputs replaced by their ``continuous`` inputs on the embedding calls that receive
+        their token ids (those of ``inputs``, by default the arguments ``model_inputs`` last
+        built in this thread; an AdapterError when no call does); with features=True returns
+        (fn(), h) where h is the input of the decision layer during that call."""
         store = {} if features else None
-        with self._lock, self._eval_mode(), self._hooks(continuous, store):
+        with self._lock, self._eval_mode(), self._hooks(continuous, store, inputs) as matched:
             out = fn()
+        if continuous and len(matched) < len(continuous):
+            self._unsubstituted(continuous, matched)
         if not features:
             return out
         if "h" not in store:
             raise AdapterError("The decision layer was never called during the forward pass: pass "
-                               "decision_layer= the module that computes the logits.")
-        return out, store["h"]
+                               "decision_layer= the module that computes the logits.",
+                               code="decision-layer")
+        if store["calls"] > 1:
+            raise AdapterError(
+                f"The decision layer ({type(self.decision_layer).__name__}) was called "
+                f"{store['calls']} times in one forward pass (e.g. late fusion, head(a) + "
+                "head(b)), so its input is not one decision-level vector per instance and neuron "
+                "targets and features would take the first call only. Pass decision_layer= a "
+                "module called once per forward pass, on the fused vector.",
+                code="decision-calls")
+        return out, self._checked_features(store["h"])
+
+    def _checked_features(self, h: Any) -> torch.Tensor:
+        if not isinstance(h, torch.Tensor) or h.dim() != 2:
+            got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+            raise AdapterError(
+                f"The decision layer's input has shape {got}; neuron targets and features need "
+                "one vector per instance [batch, features]. Pass decision_layer= a module whose "
+                "input is that vector (after pooling over tokens, time steps or positions).",
+                code="decision-input")
+        return h
 
     def output(self, logits: torch.Tensor, features: torch.Tensor | None, target: Target
                ) -> torch.Tensor:
@@ -465,6 +722,7 @@ class ModelAdapter:
             return logits[:, target.index]
         if features is None:
             raise AdapterError("A neuron target needs features=True in forward().")
+        features = self._checked_features(features)
         if target.index >= features.shape[1]:
             raise AdapterError(f"Neuron {target.index} is out of range: the decision layer has "
                                f"{features.shape[1]} inputs.")
@@ -486,9 +744,11 @@ class ModelAdapter:
         return self.output(logits, h, target)
 
     @torch.no_grad()
-    def predict(self, raw: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Logits for a batch of model inputs (no gradients)."""
-        return self.forward(raw)
+    def predict(self, raw: Mapping[str, torch.Tensor],
+                continuous: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits for a batch of model inputs (no gradients), optionally with those continuous
+        inputs put in."""
+        return self.forward(raw, continuous)
 
     @torch.no_grad()
     def features(self, raw: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import AdapterError, ModelAdapter
+from .adapter import AdapterError, ModelAdapter, Prepared
 
 STAGES = (
     "unimodal_gradient",       # gradient, grad x input, integrated gradients
@@ -25,6 +25,12 @@ STAGES = (
 _ALL = STAGES
 _GRADIENT = ("unimodal_gradient", "interaction_gradient")
 _FEATURES = ("representations", "prediction")
+_PERTURBATION = ("unimodal_perturbation", "interaction_perturbation")
+#: stages whose kernels replace the continuous inputs (text: the embedding layer's output)
+_CONTINUOUS = _GRADIENT + _PERTURBATION
+#: stages that evaluate the model with units at their baselines (integrated gradients too)
+_MASKED = _PERTURBATION + ("unimodal_gradient",)
+_ATOL, _RTOL = 1e-5, 1e-4
 
 
 @dataclass
@@ -82,116 +88,183 @@ class Report:
 
 
 def check(adapter: ModelAdapter, instance) -> Report:
-    """Run the model on one instance and report which stages are supported (cost: ~4 passes)."""
+    """Run the model on one instance (a dict, or a ``Prepared`` one as the kernels take) and
+    report which stages are supported (cost: about 8 passes of a batch of one). The passes run
+    as the kernels run them: in eval mode, under the adapter's lock; the model is left as it was.
+    """
     report = Report()
     model = adapter.model
 
-    # 1. The instance fits the modalities.
+    # 1. The instance fits the modalities (and the embedding layers take the token ids).
     try:
-        prepared = adapter.prepare(instance)
-    except (AdapterError, ValueError, TypeError) as e:
-        report.add("error", "instance", f"The instance does not fit the adapter: {e}", _ALL)
+        prepared = instance if isinstance(instance, Prepared) else adapter.prepare(instance)
+    except Exception as e:  # noqa: BLE001 -- a user's modality or embedding layer can raise anything
+        code = getattr(e, "code", "adapter")
+        if code == "adapter":
+            report.add("error", "instance", f"The instance does not fit the adapter: {e}", _ALL)
+        else:
+            report.add("error", code, str(e), _ALL)
         return report
 
-    # 2. Training mode with active dropout makes every explanation random.
+    # 2. Training mode: the kernels run the model in eval mode; say so.
     dropouts = [m for m in model.modules()
                 if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training]
-    if dropouts:
-        report.add("error", "training-mode",
-                   f"The model is in training mode with {len(dropouts)} active dropout layer(s), so "
-                   "every forward pass differs and explanations are noise. Call model.eval() "
-                   "before wrapping it.", _ALL)
-    elif model.training:
+    if dropouts or model.training:
+        what = (f"with {len(dropouts)} active dropout layer(s)" if dropouts
+                else "(batch norm would use batch statistics and update its running ones)")
         report.add("warning", "training-mode",
-                   "The model is in training mode (batch norm uses batch statistics); call "
-                   "model.eval() before explaining it.")
+                   f"The model is in training mode {what}. Every explanation (and this check) "
+                   "runs it in eval mode and restores its mode afterwards; call model.eval() "
+                   "before wrapping it so that what is explained is the model you evaluate.")
+    with adapter._lock, adapter._eval_mode():
+        _check_passes(adapter, prepared, report)
+    return report
 
+
+def _attempt(report: Report, code: str, stages, what: str, fn):
+    """fn(), or None with an error finding ``code`` (``what``: the message's start) when it
+    raises; an AdapterError's own code and message are kept."""
+    try:
+        return fn()
+    except AdapterError as e:
+        report.add("error", e.code if e.code not in ("adapter", "forward") else code,
+                   f"{what}: {e}", stages)
+    except Exception as e:  # noqa: BLE001 -- the user's model can raise anything
+        report.add("error", code, f"{what}: the model raised {type(e).__name__}: {e}", stages)
+    return None
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape != b.shape or not torch.allclose(a, b, atol=_ATOL, rtol=_RTOL)
+
+
+def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
     # 3. One forward pass: output shape, finiteness, logits vs probabilities, decision layer.
     shapes = ", ".join(f"{n}: {tuple(v.shape)}" for n, v in prepared.raw.items())
     calls = {}
-    handles = [adapter.decision_layer.register_forward_pre_hook(
-        lambda m, i: calls.__setitem__("decision", calls.get("decision", 0) + 1))]
-    for n, emb in adapter.embedding_layers.items():
-        handles.append(emb.register_forward_hook(
-            lambda m, i, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1)))
+    count = (lambda key: lambda *_: calls.__setitem__(key, calls.get(key, 0) + 1))
+    handles = [adapter.decision_layer.register_forward_pre_hook(count("decision"))]
+    for layer in {id(e): e for e in adapter.embedding_layers.values()}.values():
+        handles.append(layer.register_forward_hook(count(id(layer))))
     try:
         with torch.no_grad():
-            out = model(**prepared.raw) if adapter.keyword_inputs else model(*prepared.raw.values())
-    except Exception as e:  # the user's model can raise anything
-        report.add("error", "forward",
-                   f"The model raised {type(e).__name__} on inputs of shapes ({shapes}): {e}. Check "
-                   "that the modalities are listed in the order of the model's arguments and that "
-                   "each modality produces the shape the model expects.", _ALL)
-        return report
+            raw_out = adapter._call_model(prepared.raw)
+    except Exception as e:  # noqa: BLE001 -- the user's model can raise anything
+        report.add("error", "forward", str(e) if isinstance(e, AdapterError) else
+                   f"The model raised {type(e).__name__} on inputs of shapes ({shapes}): {e}. "
+                   "Check that the modalities are listed in the order of the model's arguments "
+                   "and that each modality produces the shape the model expects.", _ALL)
+        return
     finally:
         for h in handles:
             h.remove()
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+    if isinstance(raw_out, (tuple, list)) and raw_out and isinstance(raw_out[0], torch.Tensor):
         report.add("warning", "tuple-output",
                    "The model returns a tuple; its first element is taken as the logits.")
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        report.add("error", "output-type",
-                   f"The model returned {type(out).__name__}; it must return a tensor of logits "
-                   "[batch, classes].", _ALL)
-        return report
-    if out.dim() != 2 or out.shape[0] != 1:
-        report.add("error", "output-shape",
-                   f"The model returned shape {tuple(out.shape)} for a batch of one; it must "
-                   f"return 2-D logits [batch, classes] = [1, {adapter.n_classes}].", _ALL)
-        return report
-    report.n_classes = int(out.shape[1])
-    if out.shape[1] != adapter.n_classes:
-        report.add("error", "class-count",
-                   f"The model returns {out.shape[1]} logits but class_names has "
-                   f"{adapter.n_classes} names; give one name per logit.", _ALL)
+    first = raw_out[0] if isinstance(raw_out, (tuple, list)) and raw_out else raw_out
+    if isinstance(first, torch.Tensor) and first.dim() == 2:
+        report.n_classes = int(first.shape[1])
+    try:
+        out = adapter._logits(raw_out, prepared.raw)
+    except AdapterError as e:
+        report.add("error", e.code, str(e), _ALL)
+        return
     if not torch.isfinite(out).all():
         report.add("error", "non-finite",
                    "The model's output contains NaN or infinity for this instance; check the "
                    "input scaling and the model's numerics.", _ALL)
-        return report
+        return
     row = out[0]
     if (row >= 0).all() and (row <= 1).all() and abs(float(row.sum()) - 1) < 1e-4:
         report.add("warning", "probabilities",
                    "The output looks like probabilities (in [0, 1], summing to 1). Explanations "
                    "should target pre-softmax logits: remove the final softmax from forward().")
-    if calls.get("decision", 0) == 0:
-        report.add("error", "decision-layer",
-                   f"The decision layer ({type(adapter.decision_layer).__name__}) was never called "
-                   "in the forward pass: pass decision_layer= the module that computes the logits "
-                   "from the decision-level features.", _FEATURES)
-    else:
-        with torch.no_grad():
-            _, h = adapter.features(prepared.raw)
-        if h.dim() != 2:
-            report.add("error", "decision-input",
-                       f"The decision layer's input has shape {tuple(h.shape)}; it must be "
-                       "[batch, features] so that each feature is a neuron.", _FEATURES)
-        else:
-            report.n_features = int(h.shape[1])
-        if not isinstance(adapter.decision_layer, nn.Linear):
-            report.add("warning", "decision-not-linear",
-                       "The decision layer is not an nn.Linear: neuron contributions W[c, j] h_j "
-                       "and the prediction path use the sparse linear model instead.")
-    for n in adapter.embedding_layers:
-        if calls.get(n, 0) == 0:
+    _check_decision_layer(adapter, prepared, report, calls.get("decision", 0))
+    for n, layer in adapter.embedding_layers.items():
+        if calls.get(id(layer), 0) == 0:
             report.add("error", "embedding-unused",
                        f"The embedding layer given for {n!r} was never called in the forward "
                        f"pass: pass embedding_layers={{'{n}': <the module that embeds {n}>}}.",
-                       _GRADIENT)
+                       _CONTINUOUS)
 
     # 4. Determinism: two passes must agree.
-    with torch.no_grad():
-        again = adapter.forward(prepared.raw)
-    if not torch.allclose(again, out, atol=1e-5, rtol=1e-4) and "training-mode" not in report.codes():
+    again = _attempt(report, "nondeterministic", _ALL, "A second forward pass failed",
+                     lambda: adapter.predict(prepared.raw))
+    if again is not None and _differ(again, out):
         report.add("error", "nondeterministic",
                    "Two forward passes on the same input gave different logits; remove randomness "
-                   "from forward() (dropout, sampling) or call model.eval().", _ALL)
+                   "from forward() (dropout, sampling).", _ALL)
 
-    # 5. Gradients reach every modality (through the embedding for text).
+    # 5. The kernels' paths: the continuous inputs put in give the model's own output; the
+    # instance with every unit removed runs; a batch of two gives what two batches of one give.
+    cont = {n: v[None] for n, v in prepared.continuous.items()}
+    base = {n: v[None] for n, v in prepared.baseline.items()}
+    sub = _attempt(report, "embedding-substitution", _CONTINUOUS,
+                   "Putting the continuous inputs in (as every kernel does) failed",
+                   lambda: adapter.predict(prepared.raw, cont))
+    if sub is not None and _differ(sub, out):
+        report.add("error", "embedding-substitution",
+                   f"Putting the instance's own continuous inputs in gives logits "
+                   f"{sub[0].tolist()} where the model gives {out[0].tolist()}: the kernels "
+                   "would explain another input. For text, embedding_layers must name the layer "
+                   "whose output on the token ids the model uses as it is.", _CONTINUOUS)
+    if sub is None:
+        return
+    masked = _attempt(report, "masked-forward", _MASKED,
+                      "The model fails on the instance with every unit at its baseline (as "
+                      "occlusion, LIME, SHAP and integrated gradients evaluate it)",
+                      lambda: adapter.predict(prepared.raw, base))
+    if masked is None:
+        return
+    if not torch.isfinite(masked).all():
+        report.add("error", "masked-non-finite",
+                   "The model's output is NaN or infinite on the instance with every unit at its "
+                   "baseline (as occlusion, LIME, SHAP and integrated gradients evaluate it); "
+                   "choose another baseline for the modalities or guard the model's numerics "
+                   "(sqrt, log, division) against such inputs.", _MASKED)
+        return
+    pair = _attempt(report, "batch-dependent", _ALL, "A batch of two instances failed",
+                    lambda: adapter.predict(prepared.raw, {n: torch.cat([cont[n], base[n]])
+                                                           for n in cont}))
+    alone = torch.cat([sub, masked])
+    if pair is not None and _differ(pair, alone):
+        report.add("error", "batch-dependent",
+                   "The model's output for an instance depends on the other instances in its "
+                   "batch: the instance and its baseline in one batch give other logits than "
+                   f"each alone (largest difference {float((pair - alone).abs().max()):.3g}). "
+                   "Every kernel batches its inputs, so every result would be wrong: make "
+                   "forward() treat the rows of a batch independently (no statistics over the "
+                   "batch dimension such as h.mean(0), no batch norm in training mode).", _ALL)
+
+    # 6. Gradients reach every modality (through the embedding for text).
     if report.stages["unimodal_gradient"]:
         _check_gradients(adapter, prepared, report, int(out[0].argmax()))
-    return report
+
+
+def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls: int) -> None:
+    name = type(adapter.decision_layer).__name__
+    if calls == 0:
+        report.add("error", "decision-layer",
+                   f"The decision layer ({name}) was never called "
+                   "in the forward pass: pass decision_layer= the module that computes the logits "
+                   "from the decision-level features.", _FEATURES)
+        return
+    if calls > 1:
+        report.add("error", "decision-calls",
+                   f"The decision layer ({name}) is called {calls} times in one forward pass "
+                   "(e.g. late fusion, head(a) + head(b)): its input is not one decision-level "
+                   "vector per instance, so neuron targets (Neuron(j)), features and the "
+                   "prediction path cannot be computed. Pass decision_layer= a module called once, "
+                   "on the fused vector.", _FEATURES)
+        return
+    feats = _attempt(report, "decision-input", _FEATURES, "The decision-level features",
+                     lambda: adapter.features(prepared.raw))
+    if feats is not None:
+        report.n_features = int(feats[1].shape[1])
+    if not isinstance(adapter.decision_layer, nn.Linear):
+        report.add("warning", "decision-not-linear",
+                   "The decision layer is not an nn.Linear: neuron contributions W[c, j] h_j "
+                   "and the prediction path use the sparse linear model instead.")
 
 
 def _check_gradients(adapter: ModelAdapter, prepared, report: Report, target: int) -> None:
@@ -199,7 +272,7 @@ def _check_gradients(adapter: ModelAdapter, prepared, report: Report, target: in
     try:
         logits = adapter.forward(prepared.raw, cont)
         grads = torch.autograd.grad(logits[0, target], list(cont.values()), allow_unused=True)
-    except RuntimeError as e:
+    except Exception as e:  # noqa: BLE001 -- the user's model can raise anything
         report.add("error", "no-gradient",
                    f"Back-propagation failed ({e}); gradient methods need a differentiable model "
                    "(no .detach(), .numpy() or torch.no_grad() inside forward).", _GRADIENT)
@@ -221,7 +294,7 @@ def _check_gradients(adapter: ModelAdapter, prepared, report: Report, target: in
         s = sum((gi.sum() for gi in g if gi is not None and gi.requires_grad), torch.zeros(()))
         if s.requires_grad:
             torch.autograd.grad(s, list(cont.values()), allow_unused=True)
-    except RuntimeError as e:
+    except Exception as e:  # noqa: BLE001 -- the user's model can raise anything
         report.add("error", "no-double-backward",
                    f"Second-order gradients are not available ({e}); use the perturbation "
                    "interaction methods (pairwise ablation, Shapley) instead.",

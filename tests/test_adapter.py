@@ -221,3 +221,290 @@ def test_empty_inputs_are_rejected_before_any_kernel_runs():
     with pytest.raises(AdapterError, match=r"Modality 'x' is empty \(input shape \(0,\)\)"):
         a.prepare({"x": np.zeros(0)})
     assert a.prepare({"x": np.ones(3)}).n_units == {"x": 3}
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding layers: called more than once, shared, changed in place, or not embeddings at all
+# ---------------------------------------------------------------------------------------------
+WORDS = ["[PAD]", "[UNK]", "what", "colour", "is", "the", "car", "red", "blue", "a", "big"]
+
+
+class TextVitals(nn.Module):
+    """text [T] through an embedding + tabular [3]; ``kind`` picks how the embedding is used."""
+
+    def __init__(self, kind="plain"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.emb, self.pos = nn.Embedding(len(WORDS), 6), nn.Embedding(20, 6)
+        self.att, self.tab, self.head = nn.Linear(6, 1), nn.Linear(3, 6), nn.Linear(6, 2)
+
+    def forward(self, text, vitals):
+        if self.kind == "cls":           # the text's embedding is also called on a CLS token
+            cls = self.emb(torch.full((text.shape[0], 1), 1, dtype=torch.long))
+            e = torch.cat([cls, self.emb(text)], 1)
+        elif self.kind == "inplace":     # the model masks and scales the embedding in place
+            e = self.emb(text)
+            e.masked_fill_((text == 0)[..., None], 0.0)
+            e.mul_(2.0)
+        elif self.kind == "copied":      # the ids are copied before the embedding
+            e = self.emb(text + 0)
+        else:
+            e = self.emb(text) + self.pos(torch.arange(text.shape[1]))[None]
+        w = torch.softmax(self.att(e), 1)
+        return self.head(torch.tanh((w * e).sum(1)) * torch.tanh(self.tab(vitals)))
+
+
+TV_INSTANCE = {"text": "what colour is the car", "vitals": [0.5, -1.0, 2.0]}
+
+
+def text_vitals(kind="plain", **kw):
+    from multiviz_widgets import Text
+    kw.setdefault("embedding_layers", {"text": "emb"})
+    return ModelAdapter(TextVitals(kind).eval(), [Text("text", vocab=WORDS),
+                                                  Tabular("vitals", columns=["hr", "bp", "t"])],
+                        ["a", "b"], **kw)
+
+
+def occlusion_truth(model, p, name, target):
+    """f(x) - f(x with token/column u zeroed), one plain forward each."""
+    with torch.no_grad():
+        f0, out = model(*p.raw.values())[0, target], []
+        for u in range(p.n_units[name]):
+            r = {k: v.clone() for k, v in p.raw.items()}
+            r[name][0, u] = 0
+            out.append(float(f0 - model(*r.values())[0, target]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("kind", ["cls", "copied", "plain"])
+def test_an_embedding_called_on_other_ids_too_is_replaced_only_on_the_text_ids(kind):
+    """emb(cls) then emb(text), ids copied before the embedding: the continuous input replaces
+    only the output of the call on the text's ids, so the model's own output comes back."""
+    from multiviz_widgets.kernels.unimodal import attribute
+    a = text_vitals(kind)
+    p = a.prepare(TV_INSTANCE)
+    with torch.no_grad():
+        plain = a.model(*p.raw.values())
+        sub = a.forward(p.raw, {"text": p.continuous["text"][None]})
+    torch.testing.assert_close(sub, plain)
+    occ = attribute(a, p, "occlusion", target=1)
+    np.testing.assert_allclose(occ.scores["text"], occlusion_truth(a.model, p, "text", 1), atol=1e-5)
+    ig = attribute(a, p, "integrated_gradients", target=1, steps=64)
+    with torch.no_grad():
+        gap = (a.forward(p.raw)[0, 1] - a.forward(p.raw, {n: v[None] for n, v in p.baseline.items()})[0, 1])
+    assert sum(float(s.sum()) for s in ig.scores.values()) == pytest.approx(float(gap), abs=1e-3)
+
+
+class Premise(nn.Module):
+    """premise and hypothesis through one shared embedding (NLI)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.l, self.head = nn.Embedding(len(WORDS), 6), nn.Linear(12, 6), nn.Linear(6, 2)
+
+    def forward(self, premise, hypothesis):
+        a, b = self.emb(premise).mean(1), self.emb(hypothesis).mean(1)
+        return self.head(torch.tanh(self.l(torch.cat([a, b * 2], 1))))
+
+
+@pytest.mark.parametrize("layers", [{"premise": "emb", "hypothesis": "emb"}, None])
+def test_two_text_modalities_sharing_one_embedding_each_get_their_own_input(layers):
+    from multiviz_widgets import Text
+    from multiviz_widgets.kernels.unimodal import attribute
+    model = Premise().eval()
+    a = ModelAdapter(model, [Text("premise", vocab=WORDS), Text("hypothesis", vocab=WORDS)],
+                     ["no", "yes"], embedding_layers=layers)    # None: the only nn.Embedding
+    for hyp in ("a big blue car", "a car"):                     # same length, other length
+        p = a.prepare({"premise": "the car is red", "hypothesis": hyp})
+        with torch.no_grad():
+            sub = a.forward(p.raw, {n: v[None] for n, v in p.continuous.items()})
+        torch.testing.assert_close(sub, model(*p.raw.values()))
+        occ = attribute(a, p, "occlusion", target=1)
+        for n in ("premise", "hypothesis"):
+            np.testing.assert_allclose(occ.scores[n], occlusion_truth(model, p, n, 1), atol=1e-5)
+        both = attribute(a, p, "gradient", target=1)
+        one = attribute(a, p, "gradient", target=1, modalities=["premise"])
+        np.testing.assert_allclose(one.scores["premise"], both.scores["premise"], atol=1e-6)
+        assert np.abs(both.scores["hypothesis"]).sum() > 0
+
+
+def test_an_embedding_never_called_on_the_text_ids_is_a_clear_error():
+    a = text_vitals(embedding_layers={"text": "pos"})     # the positional embedding
+    p = a.prepare(TV_INSTANCE)
+    with pytest.raises(AdapterError, match=r"'text', pos \(Embedding\), was never called on the "
+                                           r"token ids of 'text'") as e:
+        a.forward(p.raw, {"text": p.continuous["text"][None]})
+    assert e.value.code == "embedding-substitution"
+    assert _hook_count(a) == 0
+    a.forward(p.raw)                                       # without continuous inputs: fine
+
+
+def test_in_place_changes_of_the_embedding_output_keep_gradients_and_inputs():
+    """The model masks and scales its embedding output in place: the hook hands it a copy, so
+    back-propagation works, reaches the continuous input and leaves the input unchanged."""
+    from multiviz_widgets.kernels.interactions import interaction
+    from multiviz_widgets.kernels.unimodal import attribute
+    a = text_vitals("inplace")
+    p = a.prepare(TV_INSTANCE)
+    before = p.continuous["text"].clone()
+    x = p.continuous["text"][None].clone().requires_grad_(True)
+    out = a.forward(p.raw, {"text": x})
+    torch.testing.assert_close(out.detach(), a.model(*p.raw.values()).detach())
+    (g,) = torch.autograd.grad(out[0, 1], [x])
+    assert torch.count_nonzero(g) > 0
+    with torch.no_grad():       # the gradient of 2 * e: a finite difference agrees
+        d = torch.zeros_like(x)
+        d[0, 2, 3] = 1e-3
+        fd = (a.forward(p.raw, {"text": x + d})[0, 1] - a.forward(p.raw, {"text": x - d})[0, 1]) / 2e-3
+    assert float(g[0, 2, 3]) == pytest.approx(float(fd), rel=1e-2, abs=1e-5)
+    for method in ("gradient", "integrated_gradients", "occlusion"):
+        attribute(a, p, method, target=1)
+    interaction(a, p, "second_order", target=1)
+    assert torch.equal(p.continuous["text"], before)
+
+
+class Pooled(nn.Module):
+    """A custom embedding module that pools its tokens: one vector per text."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(len(WORDS), 5)
+
+    def forward(self, ids):
+        return self.emb(ids).mean(1)
+
+
+@pytest.mark.parametrize("layer, match", [
+    (lambda m: nn.EmbeddingBag(len(WORDS), 5), r"bag \(EmbeddingBag\), is an nn.EmbeddingBag: it "
+                                               r"gives one vector per text"),
+    (lambda m: m.tab, r"tab \(Linear\), takes vectors, not token ids"),
+    (lambda m: nn.LSTM(6, 6), r"bag \(LSTM\), takes vectors"),
+    (lambda m: nn.Embedding(5, 6), r"bag \(Embedding\), has 5 rows but the vocabulary of 'text' "
+                                   r"has 11 tokens"),
+])
+def test_layers_that_cannot_embed_the_token_ids_are_rejected_at_construction(layer, match):
+    model = TextVitals().eval()
+    model.bag = layer(model)
+    spec = "tab" if isinstance(model.bag, nn.Linear) else "bag"
+    with pytest.raises(AdapterError, match=match) as e:
+        ModelAdapter(model, list(text_vitals().modalities.values()), ["a", "b"],
+                     embedding_layers={"text": spec})
+    assert e.value.code == "embedding-layer"
+
+
+def test_an_embedding_module_without_one_vector_per_token_fails_on_first_use():
+    model = TextVitals().eval()
+    model.bag = Pooled()
+    a = ModelAdapter(model, list(text_vitals().modalities.values()), ["a", "b"],
+                     embedding_layers={"text": "bag"})
+    with pytest.raises(AdapterError, match=r"bag \(Pooled\), returned \(1, 5\) for token ids of "
+                                           r"shape \(1, 5\): not one vector per token"):
+        a.prepare(TV_INSTANCE)
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs and decision layers the kernels cannot use
+# ---------------------------------------------------------------------------------------------
+class Outputs(nn.Module):
+    """tabular [3] + series; returns its logits in the shape or type ``kind`` says."""
+
+    def __init__(self, kind="plain", n=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(2, 4), nn.Linear(4, n)
+
+    def forward(self, tabular, series):
+        z = self.head(torch.tanh(self.a(tabular)) * torch.tanh(self.b(series.mean(1))))
+        k = self.kind
+        return {"B": lambda: z[:, 0], "dict": lambda: {"logits": z},
+                "hf": lambda: type("Out", (), {"logits": z})(),
+                "late": lambda: (z + self.head(torch.tanh(self.a(tabular)))) / 2,
+                }.get(k, lambda: z)()
+
+
+def outputs_adapter(kind="plain", n=2, names=("n", "y"), **kw):
+    return ModelAdapter(Outputs(kind, n).eval(), [Tabular("tabular", columns=list("abcd")),
+                                                   TimeSeries("series", window=4, channels=["x", "y"])],
+                        list(names), **kw)
+
+
+@pytest.mark.parametrize("kind, n, names, match", [
+    ("B", 1, ("n", "y"), r"shape \(\d+,\): one score per instance.*classes = len\(class_names\) = "
+                         r"2.*torch.stack\(\[-z, z\], 1\).*class_names of length 1"),
+    ("plain", 1, ("n", "y"), r"returns 1 logits.*class_names has 2 names.*torch.cat\(\[-z, z\], 1\)"),
+    ("plain", 3, ("n", "y"), r"returns 3 logits.*class_names has 2 names.*classes = len\(class_names\)"),
+    ("dict", 2, ("n", "y"), r"returned a dict \(keys \['logits'\]\).*self.m\(\*x\)\['logits'\]"),
+    ("hf", 2, ("n", "y"), r"returned Out.*returns self.m\(\*x\).logits"),
+])
+def test_outputs_that_are_not_logits_per_class_name_are_clear_errors(kind, n, names, match):
+    from multiviz_widgets.kernels.unimodal import attribute
+    a = outputs_adapter(kind, n, names)
+    for method in ("gradient", "occlusion"):
+        with pytest.raises(AdapterError, match=match):
+            attribute(a, drop_norm_instance(), method, target=0)
+
+
+def test_one_score_per_instance_with_one_class_name_is_one_logit():
+    from multiviz_widgets.kernels.unimodal import attribute
+    a = outputs_adapter("B", 1, ("positive",))
+    p = a.prepare(drop_norm_instance())
+    assert a.predict(p.raw).shape == (1, 1)
+    attribute(a, p, "occlusion", target=0)
+
+
+def test_a_decision_layer_called_twice_or_on_tokens_is_an_error_for_neurons():
+    from multiviz_widgets.kernels.unimodal import attribute
+    a = outputs_adapter("late", decision_layer="head")
+    p = a.prepare(drop_norm_instance())
+    with pytest.raises(AdapterError, match="called 2 times in one forward pass"):
+        attribute(a, p, "occlusion", target=Neuron(0))
+    with pytest.raises(AdapterError, match="called 2 times"):
+        a.features(p.raw)
+    attribute(a, p, "occlusion", target=1)                 # class targets still work
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.tok = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, tabular, series):
+            return self.tok(torch.tanh(self.a(tabular))[:, None] * series.mean(2, keepdim=True)).mean(1)
+    b = ModelAdapter(Tokens().eval(), list(a.modalities.values()), ["n", "y"])
+    with pytest.raises(AdapterError, match=r"input has shape \(1, 8, 4\); neuron targets and "
+                                           r"features need one vector per instance \[batch, features\]"):
+        b.features(p.raw)
+    with pytest.raises(AdapterError, match=r"one vector per instance"):
+        attribute(b, p, "gradient", target=Neuron(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# hints for models called the wrong way
+# ---------------------------------------------------------------------------------------------
+class KeywordOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.t, self.s = nn.Linear(4, 3), nn.Linear(16, 3)
+
+    def forward(self, *, tabular, series):
+        return self.t(tabular) + self.s(series.flatten(1))
+
+
+def test_keyword_only_forward_and_float64_models_get_specific_hints():
+    from multiviz_widgets.kernels.unimodal import attribute
+    mods = list(drop_norm_adapter(DropNorm()).modalities.values())
+    a = ModelAdapter(KeywordOnly().eval(), mods, list("abc"))
+    with pytest.raises(ModelInputError, match=r"takes \['tabular', 'series'\] by keyword only: pass "
+                                              r"keyword_inputs=True"):
+        attribute(a, drop_norm_instance(), "gradient")
+    ok = ModelAdapter(KeywordOnly().eval(), mods, list("abc"), keyword_inputs=True)
+    attribute(ok, drop_norm_instance(), "gradient")
+    wide = ModelAdapter(KeywordOnly().double().eval(), mods, list("abc"), keyword_inputs=True)
+    with pytest.raises(ModelInputError, match=r"parameters are float64 but modality 'tabular' is "
+                                              r"float32: pass float64 tensors.*model.float\(\)"):
+        attribute(wide, drop_norm_instance(), "gradient")
+    inst = {k: v.double() for k, v in drop_norm_instance().items()}
+    attribute(wide, inst, "gradient")

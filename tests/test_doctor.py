@@ -117,10 +117,14 @@ def test_broken_adapters_get_actionable_errors(make, code, words, stage):
         r.raise_if_failed()
 
 
-def test_training_mode_with_dropout_is_an_error():
-    r = check(adapter(Healthy(dropout=0.5).train(), eval=False), INSTANCE)
-    assert "training-mode" in r.codes() and not r.ok
-    assert "model.eval()" in r.errors[0].message
+def test_training_mode_with_dropout_is_a_warning_and_checked_in_eval_mode():
+    """The kernels run a model in training mode in eval mode: so does check(), which warns."""
+    model = Healthy(dropout=0.5).train()
+    with pytest.warns(UserWarning, match="training mode"):
+        r = check(adapter(model, eval=False), INSTANCE)
+    assert r.ok, str(r)
+    assert "training-mode" in r.codes() and "model.eval()" in r.warnings[0].message
+    assert model.training and model.drop.training
 
 
 def test_probabilities_instead_of_logits_is_a_warning():
@@ -163,3 +167,124 @@ def test_targets_are_checked():
     with pytest.raises(AdapterError, match="out of range"):
         a.target(7)
     assert a.target("green").index == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# check() follows the kernels' paths: continuous inputs, masked inputs, batches, eval mode
+# ---------------------------------------------------------------------------------------------
+def _tabular_series(model, **kw):
+    from multiviz_widgets import Tabular, TimeSeries
+    return ModelAdapter(model, [Tabular("vitals", columns=["hr", "bp", "t"]),
+                                TimeSeries("ecg", window=5, channels=["a", "b"])], ["a", "b"], **kw)
+
+
+TS_INSTANCE = {"vitals": [0.5, -1.0, 2.0], "ecg": torch.rand(10, 2, generator=torch.Generator().manual_seed(1))}
+
+
+class Mixer(nn.Module):
+    """Tabular x series; ``kind`` = "batchmix" adds the batch mean, "log" takes a log of the
+    vitals (infinite at the zero baseline), "late" applies the head to each modality."""
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(2, 4), nn.Linear(4, 2)
+
+    def forward(self, vitals, ecg):
+        if self.kind == "late":
+            return (self.head(torch.tanh(self.a(vitals))) + self.head(torch.tanh(self.b(ecg.mean(1))))) / 2
+        h = torch.tanh(self.a(vitals)) * torch.tanh(self.b(ecg.mean(1)))
+        if self.kind == "batchmix":
+            h = h + h.mean(0, keepdim=True)
+        if self.kind == "log":
+            h = h * torch.log(vitals.abs().sum(1, keepdim=True))
+        return self.head(h)
+
+
+def test_a_model_that_mixes_the_rows_of_a_batch_is_reported():
+    r = check(_tabular_series(Mixer("batchmix").eval()), TS_INSTANCE)
+    assert "batch-dependent" in r.codes() and not r.ok, str(r)
+    assert "depends on the other instances in its batch" in str(r)
+    assert not any(r.stages.values())
+    assert check(_tabular_series(Mixer("plain").eval()), TS_INSTANCE).ok
+
+
+def test_a_model_failing_on_its_masked_inputs_is_reported_for_the_perturbation_stages():
+    r = check(_tabular_series(Mixer("log").eval()), TS_INSTANCE)
+    assert "masked-non-finite" in r.codes(), str(r)
+    assert not r.stages["unimodal_perturbation"] and not r.stages["interaction_perturbation"]
+    assert r.stages["representations"] and r.stages["interaction_gradient"]
+
+
+def test_a_decision_layer_called_twice_is_reported_for_neurons_and_features():
+    r = check(_tabular_series(Mixer("late").eval(), decision_layer="head"), TS_INSTANCE)
+    assert "decision-calls" in r.codes(), str(r)
+    assert "called 2 times" in str(r)
+    assert not r.stages["representations"] and not r.stages["prediction"]
+    assert r.stages["unimodal_gradient"] and r.stages["unimodal_perturbation"]
+
+
+class Norm2d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.tab, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, image, vitals):
+        return self.head(self.bn(self.conv(image)).mean((2, 3)) * torch.tanh(self.tab(vitals)))
+
+
+def test_check_runs_a_model_in_training_mode_as_the_kernels_do_and_leaves_it_unchanged():
+    from multiviz_widgets import Tabular
+    model = Norm2d()
+    model.bn.running_mean.fill_(0.3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    a = ModelAdapter(model, [Image("image", patch=4), Tabular("vitals", columns=["hr", "bp", "t"])],
+                     ["a", "b"])
+    with pytest.warns(UserWarning, match="training mode"):
+        r = check(a, {"image": torch.rand(3, 8, 8), "vitals": [0.5, -1.0, 2.0]})
+    assert r.ok, str(r)
+    assert [f.code for f in r.warnings] == ["training-mode"]
+    assert model.training and model.bn.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} changed"
+
+
+def test_check_reports_an_embedding_layer_that_is_not_the_texts():
+    """embedding_layers names the positional embedding: check() runs the substituted path and
+    says that the perturbation and gradient stages cannot run (before, it said they could)."""
+    from tests.test_adapter import TV_INSTANCE, text_vitals
+    r = check(text_vitals(embedding_layers={"text": "pos"}), TV_INSTANCE)
+    assert "embedding-substitution" in r.codes(), str(r)
+    assert "pos (Embedding), was never called on the token ids of 'text'" in str(r)
+    assert not r.stages["unimodal_perturbation"] and not r.stages["unimodal_gradient"]
+    assert r.stages["representations"]
+    for kind in ("cls", "inplace", "copied"):
+        a = text_vitals(kind)
+        rep = check(a, a.prepare(TV_INSTANCE))            # a Prepared instance, as kernels take
+        assert rep.ok, (kind, str(rep))
+
+
+def test_check_reports_an_embedding_module_that_cannot_embed_the_ids():
+    from tests.test_adapter import TV_INSTANCE, Pooled, TextVitals, text_vitals
+
+    class Raising(nn.Module):
+        def forward(self, ids):
+            raise RuntimeError("expected a float tensor")
+    for module, words in [(Pooled(), "bag (Pooled), returned (1, 5)"),
+                          (Raising(), "bag (Raising), raised RuntimeError")]:
+        model = TextVitals().eval()
+        model.bag = module
+        a = ModelAdapter(model, list(text_vitals().modalities.values()), ["a", "b"],
+                         embedding_layers={"text": "bag"})
+        r = check(a, TV_INSTANCE)
+        assert "embedding-layer" in r.codes() and words in str(r), str(r)
+        assert not r.ok
+
+
+def test_outputs_of_one_score_per_instance_are_reported_with_the_fix():
+    from tests.test_adapter import outputs_adapter
+    r = check(outputs_adapter("B", 1), {"tabular": torch.rand(4), "series": torch.rand(8, 2)})
+    assert "output-shape" in r.codes() and "torch.stack([-z, z], 1)" in str(r), str(r)
