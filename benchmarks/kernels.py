@@ -123,7 +123,7 @@ def captum_call(method: str, adapter, prepared, target: int):
     if method == "integrated_gradients":
         return lambda: IntegratedGradients(forward).attribute(
             inputs, baselines=baselines, target=target, n_steps=50, method="gausslegendre",
-            internal_batch_size=128)
+            internal_batch_size=128, return_convergence_delta=True)   # ours reports the gap too
     if method == "occlusion":
         return lambda: FeatureAblation(forward).attribute(
             inputs, baselines=baselines, target=target, feature_mask=masks,
@@ -145,8 +145,9 @@ def bare_call(method: str, adapter, prepared, target: int, params: dict):
 
     gradient / grad_x_input: one forward of a batch of one and ``torch.autograd.grad`` of the
     target logit (what captum's Saliency does), times the input for grad_x_input.
-    integrated_gradients: the ``steps`` points of the straight path baseline -> input in batches
-    of ``internal_batch_size`` (one batch of 50 here), one forward and one backward per batch with
+    integrated_gradients: the ``steps`` points of the straight path baseline -> input (and, as
+    ours, the two end points with weight 0, whose outputs give the completeness gap) in batches
+    of ``internal_batch_size`` (one batch of 52 here), one forward and one backward per batch with
     the quadrature weights as output gradients, the sum times (input - baseline). The quadrature
     nodes and weights are constants computed once, outside the timed function.
     """
@@ -164,6 +165,9 @@ def bare_call(method: str, adapter, prepared, target: int, params: dict):
     if method == "integrated_gradients":
         alphas, weights = (torch.as_tensor(v, dtype=torch.float32)
                            for v in integration_rule(params["steps"], params["rule"]))
+        if "completeness_gap" in params:   # ours evaluates x and the baseline too, weight 0
+            ends = torch.tensor([e for e in (0.0, 1.0) if not bool((alphas == e).any())])
+            alphas, weights = torch.cat([alphas, ends]), torch.cat([weights, torch.zeros(len(ends))])
         bs = params["internal_batch_size"]
 
         def run():

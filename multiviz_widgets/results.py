@@ -1,6 +1,11 @@
-"""Typed results of the kernels: numpy arrays plus what produced them and what it cost."""
+"""Typed results of the kernels: numpy arrays plus what produced them and what it cost.
+
+``to_dict()`` gives a result as plain JSON data (lists of floats, the target as
+{"kind", "index"}); ``attribution_from_dict`` and ``interaction_from_dict`` rebuild it.
+"""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +26,25 @@ class Result:
     backward_passes: int = 0    # instances back-propagated (double backward counts twice)
     seconds: float = 0.0
 
+    def _shapes(self) -> str:
+        """The shapes of the result's arrays, for ``__repr__``."""
+        return "no arrays"
 
-@dataclass
+    def __repr__(self) -> str:
+        """One line: method, target, the arrays' shapes and the cost (never the arrays)."""
+        return (f"{type(self).__name__}({self.method}, target={self.target}, {self._shapes()}, "
+                f"forward_passes={self.forward_passes}, backward_passes={self.backward_passes}, "
+                f"seconds={self.seconds:.3g})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields shared by every result as plain JSON data (see ``_plain``)."""
+        return {"type": type(self).__name__.lower(), "method": self.method,
+                "target": _plain(self.target), "params": _plain(self.params),
+                "forward_passes": int(self.forward_passes),
+                "backward_passes": int(self.backward_passes), "seconds": float(self.seconds)}
+
+
+@dataclass(repr=False)
 class Attribution(Result):
     """Stage 1: per-unit scores and full-resolution maps, one entry per modality."""
 
@@ -30,8 +52,20 @@ class Attribution(Result):
     maps: dict[str, np.ndarray] = field(default_factory=dict)    # name -> modality.to_map shape
     labels: dict[str, list[str]] = field(default_factory=dict)   # name -> unit labels
 
+    def _shapes(self) -> str:
+        return "scores={" + ", ".join(f"{n}: {np.shape(v)}" for n, v in self.scores.items()) + "}"
 
-@dataclass
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able plain data: scores and maps as (nested) lists of floats, the labels, the
+        target as {"kind", "index"}, the params and the cost; ``attribution_from_dict`` inverts
+        it."""
+        return {**super().to_dict(),
+                "scores": {n: _floats(v) for n, v in self.scores.items()},
+                "maps": {n: _floats(v) for n, v in self.maps.items()},
+                "labels": {n: [str(x) for x in v] for n, v in self.labels.items()}}
+
+
+@dataclass(repr=False)
 class Interaction(Result):
     """Stage 2: a unit x unit interaction matrix between modalities a (rows) and b (columns)."""
 
@@ -46,6 +80,75 @@ class Interaction(Result):
         flat = np.argsort(m, axis=None)[::-1][:k]
         rows, cols = np.unravel_index(flat, m.shape)
         return [(int(r), int(c), float(self.matrix[r, c])) for r, c in zip(rows, cols)]
+
+    def _shapes(self) -> str:
+        a, b = self.modalities
+        return f"matrix={np.shape(self.matrix)} ({a} x {b})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able plain data: the matrix as a list of rows of floats, the modalities and
+        labels, the target as {"kind", "index"}, params and cost; ``interaction_from_dict``
+        inverts it."""
+        return {**super().to_dict(), "modalities": [str(m) for m in self.modalities],
+                "matrix": _floats(self.matrix), "row_labels": [str(x) for x in self.row_labels],
+                "col_labels": [str(x) for x in self.col_labels]}
+
+
+def _plain(value) -> Any:
+    """value as plain JSON data: a Target as {"kind", "index"}; numpy scalars and arrays (and
+    tensors) as Python numbers and lists; tuples as lists; dict keys as strings; non-finite
+    floats as None; anything else as its str."""
+    if isinstance(value, Target):
+        return {"kind": value.kind, "index": int(value.index)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "tolist"):                 # numpy scalars and arrays, torch tensors
+        return _plain(value.tolist())
+    return str(value)
+
+
+def _floats(array) -> list:
+    """An array as (nested) lists of Python floats."""
+    return np.asarray(array, dtype=np.float64).tolist()
+
+
+def _shared_fields(data: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The keyword arguments of Result's fields from ``to_dict()`` data of a ``kind`` result."""
+    if not isinstance(data, dict) or data.get("type") != kind:
+        got = data.get("type") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"Expected the to_dict() data of an {kind.capitalize()} "
+                         f"(type {kind!r}), got {got!r}.")
+    t = data["target"]
+    return {"method": data["method"], "target": Target(t["kind"], int(t["index"])),
+            "params": dict(data.get("params", {})),
+            "forward_passes": int(data.get("forward_passes", 0)),
+            "backward_passes": int(data.get("backward_passes", 0)),
+            "seconds": float(data.get("seconds", 0.0))}
+
+
+def attribution_from_dict(data: dict[str, Any]) -> Attribution:
+    """Rebuild an Attribution from ``Attribution.to_dict()`` (arrays as float64; tuples in the
+    params come back as lists)."""
+    shared = _shared_fields(data, "attribution")
+    arrays = {key: {n: np.asarray(v, dtype=np.float64) for n, v in data[key].items()}
+              for key in ("scores", "maps")}
+    return Attribution(**shared, **arrays, labels={n: list(v) for n, v in data["labels"].items()})
+
+
+def interaction_from_dict(data: dict[str, Any]) -> Interaction:
+    """Rebuild an Interaction from ``Interaction.to_dict()`` (the matrix as float64)."""
+    shared = _shared_fields(data, "interaction")
+    rows, cols = list(data["row_labels"]), list(data["col_labels"])
+    matrix = np.asarray(data["matrix"], dtype=np.float64).reshape(len(rows), len(cols))
+    a, b = data["modalities"]
+    return Interaction(**shared, modalities=(a, b), matrix=matrix, row_labels=rows,
+                       col_labels=cols)
 
 
 class Stopwatch:

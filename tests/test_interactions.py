@@ -747,3 +747,37 @@ def test_non_finite_or_unfit_inputs_are_named_not_blamed_on_the_split(planted):
     with pytest.raises(ModelInputError, match=r"series: \(1, 33, 3\)"):
         emap(adapter, longer)
     assert emap(adapter, [ds[i] for i in range(3)]).params["factorization"] == "declared"
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite outputs are a clear error, never a NaN matrix
+# ---------------------------------------------------------------------------------------------
+class _NonFinite(nn.Module):
+    """log(tabular) (-inf at the zero baseline) or sqrt(tabular - 10) (NaN on the instance)."""
+
+    def __init__(self, sqrt=False):
+        super().__init__()
+        self.sqrt = sqrt
+        self.head = nn.Linear(1, 2)
+
+    def forward(self, tabular, series):
+        v = torch.sqrt(tabular - 10.0) if self.sqrt else torch.log(tabular)
+        return self.head((v.sum(1, keepdim=True) * series.flatten(1).sum(1, keepdim=True)))
+
+
+@pytest.mark.parametrize("sqrt,method,match", [
+    (False, "pairwise_ablation", r"finite on the instance .* but nan with tabular and series at "
+                                 r"their baselines \(tabular alone at its baseline gives -?inf\)"),
+    (False, "shapley", r"finite on the instance .* but nan with tabular and series"),
+    (True, "second_order", r"is nan on the instance itself"),
+    (True, "pairwise_ablation", r"is nan on the instance itself")])
+def test_non_finite_model_outputs_are_a_clear_error(sqrt, method, match):
+    adapter = ModelAdapter(_NonFinite(sqrt).eval(),
+                           [Tabular("tabular", columns=["c0", "c1", "c2", "c3"]),
+                            TimeSeries("series", window=4, channels=["x", "y"])], ["k0", "k1"])
+    inst = {"tabular": torch.tensor([1.0, 2.0, 3.0, 4.0]), "series": torch.ones(8, 2)}
+    with pytest.raises(ValueError, match=rf"^{method}: the model produced NaN or infinite values"
+                                         rf", so the matrix would not be finite.*{match}"):
+        interaction(adapter, inst, method, target=0)
+    if not sqrt:                  # finite on the instance: the gradient method is fine
+        assert np.isfinite(interaction(adapter, inst, "second_order", target=0).matrix).all()

@@ -534,7 +534,9 @@ def test_cost_of_a_subset_and_of_an_unknown_modality(it):
     _, adapter, inst = it
     p = adapter.prepare(inst)
     assert METHODS["occlusion"].cost(p, modalities=["image"]) == (5, 0)
-    assert METHODS["integrated_gradients"].cost(p, steps=7) == (7, 7)
+    assert METHODS["integrated_gradients"].cost(p, steps=7) == (9, 9)         # + x and b
+    assert METHODS["integrated_gradients"].cost(p, steps=7, rule="riemann_trapezoid") == (7, 7)
+    assert METHODS["integrated_gradients"].cost(p, steps=7, rule="riemann_right") == (8, 8)
     assert METHODS["kernel_shap"].cost(p, n_samples=100) == (100, 0)
     with pytest.raises(ValueError, match="audio"):
         METHODS["occlusion"].cost(p, modalities=["audio"])
@@ -606,3 +608,135 @@ def test_an_instance_prepared_by_another_adapter_is_a_clear_error(it, ts):
     with pytest.raises(AdapterError, match="another adapter"):
         attribute_batch(adapter, [adapter.prepare(inst), foreign], "gradient")
     assert attribute(adapter, adapter.prepare(inst), "gradient").scores["image"].shape == (4,)
+
+
+# ---------------------------------------------------------------------------------------------
+# integrated gradients' completeness gap, and non-finite outputs
+# ---------------------------------------------------------------------------------------------
+def _identity_head() -> nn.Linear:
+    head = nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+        head.bias.zero_()
+    return head
+
+
+class JumpNet(nn.Module):
+    """f = w . vitals + series . v + 1[vitals != 0]: the indicator jumps by 1 at alpha = 0 of a
+    zero baseline and has no gradient, so integrated gradients misses exactly 1 at any steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = _identity_head()
+
+    def forward(self, vitals, series):
+        smooth = vitals @ torch.tensor([0.5, -1.0, 2.0]) + series.flatten(1).sum(1) * 0.1
+        jump = (vitals.abs().sum(1) > 0).to(vitals)
+        return self.head(torch.stack([smooth + jump, -smooth], 1))
+
+
+def jump_adapter():
+    return ModelAdapter(JumpNet(), [Tabular("vitals", columns=["hr", "bp", "t"]),
+                                    TimeSeries("series", window=2, channels=["x", "y"])],
+                        ["no", "yes"])
+
+
+def test_ig_records_the_completeness_gap_from_its_own_passes(it, ts):
+    import warnings
+    for _, adapter, inst in (it, ts):
+        p = adapter.prepare(inst)
+        for rule, extra in (("gausslegendre", 2), ("riemann_trapezoid", 0), ("riemann_left", 1)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")               # small gap: no warning
+                r = attribute(adapter, p, "integrated_gradients", target=0, steps=64, rule=rule)
+            t = adapter.target(0)
+            delta = f_at(adapter, p, t, p.continuous) - f_at(adapter, p, t, p.baseline)
+            gap = r.params["completeness_gap"]
+            assert gap == pytest.approx(delta - total(r), abs=1e-5)
+            assert r.params["completeness_gap_relative"] == pytest.approx(abs(gap) / abs(delta))
+            assert r.params["completeness_gap_relative"] < 0.05
+            assert (r.forward_passes, r.backward_passes) == (64 + extra, 64 + extra)
+
+
+def test_ig_warns_once_per_adapter_about_a_jump_at_the_baseline():
+    import warnings
+    from multiviz_widgets.kernels.unimodal import CompletenessWarning, attribute_batch
+    rng = np.random.default_rng(0)
+    insts = [{"vitals": rng.normal(size=3).astype(np.float32),
+              "series": rng.normal(size=(6, 2)).astype(np.float32)} for _ in range(3)]
+    for rule in ("gausslegendre", "riemann_trapezoid"):
+        adapter = jump_adapter()
+        with pytest.warns(CompletenessWarning, match="more steps.*different baseline") as rec:
+            r = attribute(adapter, insts[0], "integrated_gradients", target=0, steps=200,
+                          rule=rule)
+        assert len(rec) == 1 and rec[0].filename == __file__
+        assert r.params["completeness_gap"] == pytest.approx(1.0, abs=1e-4)    # the jump
+        assert r.params["completeness_gap_relative"] > 0.05
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                 # once per adapter
+            again = attribute(adapter, insts[1], "integrated_gradients", target=0, rule=rule)
+        assert again.params["completeness_gap"] == pytest.approx(1.0, abs=1e-4)
+    with pytest.warns(CompletenessWarning, match="3 of 3 results") as rec:
+        many = attribute_batch(jump_adapter(), insts, "integrated_gradients", targets=0,
+                               steps=20)
+    assert len(rec) == 1 and rec[0].filename == __file__
+    assert [m.params["completeness_gap"] for m in many] == pytest.approx([1.0] * 3, abs=1e-4)
+
+
+class LogNet(nn.Module):
+    """f = sum log(vitals) + ...: finite on positive vitals, -inf at the zero baseline; with
+    sqrt=True, NaN on the instance itself (sqrt of a negative)."""
+
+    def __init__(self, sqrt=False):
+        super().__init__()
+        self.sqrt = sqrt
+        self.head = _identity_head()
+
+    def forward(self, vitals, series):
+        s = series.flatten(1).sum(1, keepdim=True)
+        v = torch.sqrt(vitals - 10.0) if self.sqrt else torch.log(vitals)
+        return self.head(torch.cat([v.sum(1, keepdim=True) + s, -s], 1))
+
+
+def log_adapter(sqrt=False):
+    return ModelAdapter(LogNet(sqrt), [Tabular("vitals", columns=["hr", "bp", "t"]),
+                                       TimeSeries("series", window=2, channels=["x", "y"])],
+                        ["no", "yes"])
+
+
+LOG_INSTANCE = {"vitals": np.array([1.0, 2.0, 3.0], np.float32),
+                "series": np.ones((6, 2), np.float32)}
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "occlusion", "lime", "kernel_shap"])
+def test_outputs_not_finite_at_the_baseline_are_a_clear_error(method):
+    from multiviz_widgets.kernels.unimodal import attribute_batch
+    adapter = log_adapter()
+    kw = {"n_samples": 20} if method in ("lime", "kernel_shap") else {}
+    match = (rf"^{method}: the model produced NaN or infinite values.*finite on the instance "
+             r".*-inf with vitals and series at their baselines \(vitals alone at its "
+             r"baseline gives -inf\).*another baseline")
+    with pytest.raises(ValueError, match=match):
+        attribute(adapter, LOG_INSTANCE, method, target=0, **kw)
+    with pytest.raises(ValueError, match=match):
+        attribute_batch(adapter, [LOG_INSTANCE, LOG_INSTANCE], method, targets=0, **kw)
+    ok = attribute(adapter, LOG_INSTANCE, method, target=0, modalities=["series"], **kw)
+    assert np.isfinite(ok.scores["series"]).all()
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_outputs_not_finite_on_the_instance_are_a_clear_error(method):
+    adapter = log_adapter(sqrt=True)
+    kw = {"n_samples": 20} if method in ("lime", "kernel_shap") else {}
+    with pytest.raises(ValueError, match=rf"^{method}: the model produced NaN.*is nan on the "
+                                         r"instance itself"):
+        attribute(adapter, LOG_INSTANCE, method, target=0, **kw)
+
+
+def test_surrogates_of_a_function_refuse_non_finite_values():
+    def fn(masks):
+        y = masks["a"].sum(1)
+        return torch.where(y == 0, torch.tensor(float("nan")), y)     # NaN on the empty mask
+    for fit in (lime_from_function, kernel_shap_from_function):
+        with pytest.raises(ValueError, match=r"NaN or infinite values on \d+ of the masks"):
+            fit(fn, {"a": 3}, n_samples=16)

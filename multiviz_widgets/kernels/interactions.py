@@ -2,7 +2,7 @@
 
 ``interaction(adapter, instance, method=..., modalities=(a, b), target=...)`` returns an
 :class:`~multiviz_widgets.results.Interaction`: a matrix [U_a, U_b] (rows: units of a, columns:
-units of b) with its cost. Methods (see METHODS.md):
+units of b) with its cost. Methods:
 
 * ``second_order``: the mixed Hessian block d^2 f / dx_a dx_b summed over the scalars of each
   pair of units. Exact and batched: one forward and one backward (create_graph) give the
@@ -40,6 +40,7 @@ from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_ma
                      resolve_target)
 from .dime import DimeResult, dime
 from .emap import EmapResult, emap, emap_gap, emap_matrix, interaction_type, interaction_types
+from .unimodal import raise_not_finite
 
 __all__ = ["INTERACTION_METHODS", "interaction", "second_order", "pairwise_ablation", "shapley",
            "pairwise_masks", "SHAPLEY_INDICES",
@@ -219,7 +220,8 @@ def pairwise_ablation(adapter: ModelAdapter, prepared: Prepared, a: str, b: str,
                        "pairwise ablations").double().cpu().numpy()
     f0, fa, fb = f[0], f[1:1 + ua], f[1 + ua:1 + ua + ub]
     fab = f[1 + ua + ub:].reshape(ua, ub)
-    d = f0 - fa[:, None] - fb[None, :] + fab
+    with np.errstate(invalid="ignore"):          # inf - inf: interaction() raises its error
+        d = f0 - fa[:, None] - fb[None, :] + fab
     return d, len(f), 0, {"batch_size": batch_size}
 
 
@@ -390,6 +392,8 @@ def interaction(adapter: ModelAdapter, instance, method: str = "second_order", m
     instance: a dict {modality: raw input} or a Prepared; modalities: (rows, columns), default
     the adapter's first two; target: None (predicted class), a class index or name, or Neuron(j).
     Extra params go to the method (see ``INTERACTION_METHODS``). The result states its cost.
+    A ValueError, never a NaN matrix, when the model's outputs (on the instance, or on the
+    masked inputs or gradients the method needs) are not finite.
     """
     check_adapter(adapter, "interaction")
     if method not in INTERACTION_METHODS:
@@ -401,8 +405,11 @@ def interaction(adapter: ModelAdapter, instance, method: str = "second_order", m
         t = resolve_target(adapter, prepared, target)
         matrix, fwd, bwd, used = INTERACTION_METHODS[method](
             adapter, prepared, a, b, t, progress=progress, **params)
+        matrix = np.asarray(matrix, dtype=np.float64)
+        if not np.isfinite(matrix).all():
+            raise_not_finite(adapter, prepared, t, (a, b), method, "matrix")
     return Interaction(method=method, target=t, params=used,
                        forward_passes=int(fwd) + (1 if target is None else 0),
                        backward_passes=int(bwd), seconds=sw.seconds, modalities=(a, b),
-                       matrix=np.asarray(matrix, dtype=np.float64),
+                       matrix=matrix,
                        row_labels=list(prepared.labels[a]), col_labels=list(prepared.labels[b]))

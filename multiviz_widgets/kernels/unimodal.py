@@ -5,12 +5,16 @@ for each explained modality, per-unit scores, a full-resolution map and the cost
 ``attribute_batch(adapter, instances, method=..., targets=...)`` returns one per instance (or
 per target of one instance), the gradient methods sharing their forward and backward passes.
 
-Methods (see METHODS.md):
+Methods:
 
 * ``gradient``: d f / d x pooled to units (one forward + one backward of a batch of one);
 * ``grad_x_input``: (d f / d x) * x pooled to units (same cost);
 * ``integrated_gradients``: (x - b) * mean over the path b -> x of d f / d x (S forwards and
-  backwards, batched; completeness: the scores sum to f(x) - f(b) up to the quadrature error);
+  backwards, batched; completeness: the scores sum to f(x) - f(b) up to the quadrature error).
+  The rows x and b ride along in the same passes (weight 0; 2 more rows unless the rule's nodes
+  include alpha = 0 and 1), so ``params["completeness_gap"]`` = f(x) - f(b) - sum(scores)
+  (captum's convergence delta) and ``params["completeness_gap_relative"]`` (|gap| over
+  |f(x) - f(b)|) are recorded, with a ``CompletenessWarning`` above ``COMPLETENESS_WARN``;
 * ``occlusion``: f(x) - f(x with unit u at its baseline), for all units of all modalities in
   batched forwards (1 + U forwards);
 * ``lime``: a weighted ridge regression of f on random binary unit masks (n_samples forwards);
@@ -28,6 +32,10 @@ on the adapter: captum's Lime and KernelShap build every sample in a Python loop
 than the vectorised sampling here), and its gradient methods neither pool to units nor target
 decision neurons. ``benchmarks/kernels.py`` times each method against captum's equivalent.
 
+Non-finite results are refused: when the model's output on the instance, or on the masked or
+interpolated inputs a method builds, is NaN or infinite, every method raises a ValueError that
+says where (the instance, its baseline) instead of returning NaN scores.
+
 Maps: gradient methods give the modality's ``to_map`` of the scalar attribution; perturbation
 methods spread each unit's score evenly over its scalars before ``to_map``, so for every method
 the map summed over a unit's region equals the unit's score.
@@ -36,6 +44,8 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -51,7 +61,19 @@ from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_ma
                      positive_number, resolve_target)
 
 __all__ = ["METHODS", "AttributionMethod", "attribute", "attribute_batch", "lime_from_function",
-           "kernel_shap_from_function", "integration_rule"]
+           "kernel_shap_from_function", "integration_rule", "CompletenessWarning",
+           "COMPLETENESS_WARN"]
+
+#: integrated gradients warns when |f(x) - f(b) - sum(scores)| exceeds this share of |f(x) - f(b)|
+COMPLETENESS_WARN = 0.05
+
+
+class CompletenessWarning(UserWarning):
+    """Integrated gradients' scores miss f(x) - f(baseline) by more than COMPLETENESS_WARN
+    (warned once per adapter; every result records its gap in its params)."""
+
+
+_WARNED_COMPLETENESS: weakref.WeakSet = weakref.WeakSet()     # adapters warned about
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,8 +145,9 @@ def _quadrature_once(steps: int, rule: str, device: torch.device):
 
 def _input_grads(adapter: ModelAdapter, prepared: Prepared, target: Target,
                  inputs: Mapping[str, torch.Tensor], weights: torch.Tensor | None = None
-                 ) -> dict[str, torch.Tensor]:
-    """d (sum_b weights_b f(inputs_b)) / d inputs for a batch [B, ...] of continuous inputs.
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(d (sum_b weights_b f(inputs_b)) / d inputs, f(inputs) [B]) for a batch [B, ...] of
+    continuous inputs.
 
     One forward and one backward of B instances; the other modalities stay at the instance.
     """
@@ -134,8 +157,8 @@ def _input_grads(adapter: ModelAdapter, prepared: Prepared, target: Target,
         grad_out = torch.ones_like(out) if weights is None else weights.to(out)
         grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=grad_out,
                                     allow_unused=True)
-    return {n: (torch.zeros_like(leaves[n]) if g is None else g)
-            for n, g in zip(leaves, grads)}
+    return ({n: (torch.zeros_like(leaves[n]) if g is None else g)
+             for n, g in zip(leaves, grads)}, out.detach())
 
 
 def _unit_sums(adapter: ModelAdapter, prepared: Prepared, name: str, attr: torch.Tensor
@@ -205,10 +228,76 @@ def _split(vec: np.ndarray, n_units: Mapping[str, int]) -> dict[str, np.ndarray]
     return out
 
 
-def _mask_function(adapter: ModelAdapter, prepared: Prepared, target: Target, batch_size: int
+def raise_not_finite(adapter: ModelAdapter, prepared: Prepared, target: Target,
+                     names: Sequence[str], method: str, what: str = "scores"):
+    """Raise the ValueError of ``method`` whose ``what`` (scores, outputs, matrix) are NaN or
+    infinite. On this error path only, one forward pass of 2 + len(names) rows tells whether
+    the model's output is finite on the instance, with the modalities ``names`` at their
+    baselines, and with each of them alone at its baseline."""
+    names = list(names)
+    keep = torch.ones(2 + len(names), len(names))
+    keep[1] = 0
+    keep[2 + torch.arange(len(names)), torch.arange(len(names))] = 0
+    masks = {n: keep[:, i:i + 1].repeat(1, prepared.n_units[n]) for i, n in enumerate(names)}
+    fx, fb, *alone = (float(v) for v in evaluate_masks(adapter, prepared, masks, target))
+    baselines = " and ".join(names) + (" at their baselines" if len(names) > 1 else
+                                       " at its baseline")
+    culprits = [f"{n} alone at its baseline gives {v}" for n, v in zip(names, alone)
+                if len(names) > 1 and not math.isfinite(v)]
+    if culprits:
+        baselines += " (" + "; ".join(culprits) + ")"
+    hint = ("Choose another baseline for the modality (its baseline= argument: Image 'zero', "
+            "'white', 'mean' or 'blur'; Text 'pad' or 'zero'; Tabular 'zero', 'mean' or a "
+            "vector; TimeSeries 'zero' or 'mean'), or make the model finite there "
+            "(multiviz_widgets.check(adapter, instance) tests it).")
+    head = (f"{method}: the model produced NaN or infinite values, so the {what} would not be "
+            f"finite (NaN results are never returned). Its output for target {target}")
+    if not math.isfinite(fx):
+        raise ValueError(f"{head} is {fx} on the instance itself: check the model and the "
+                         "input (a sqrt or log of a negative number, a division by zero, an "
+                         "overflow), e.g. with multiviz_widgets.check(adapter, instance).")
+    if not math.isfinite(fb):
+        raise ValueError(f"{head} is finite on the instance ({fx:.4g}) but {fb} with {baselines}"
+                         f": the masked or interpolated inputs that {method} builds from the "
+                         f"baseline take the model where it is not finite. {hint}")
+    raise ValueError(f"{head} is finite on the instance ({fx:.4g}) and with {baselines} "
+                     f"({fb:.4g}), but not on some masked or interpolated input between them, "
+                     f"or its gradient is not finite there (a sqrt at 0, say). {hint}")
+
+
+def _warn_completeness(adapter: ModelAdapter, results: Sequence[Attribution]) -> None:
+    """One CompletenessWarning (pointing at the caller of attribute or attribute_batch), the
+    first time an adapter gives integrated-gradients results whose relative completeness gap
+    exceeds COMPLETENESS_WARN."""
+    bad = [r for r in results if r.params.get("completeness_gap_relative", 0) > COMPLETENESS_WARN]
+    if not bad or adapter in _WARNED_COMPLETENESS:
+        return
+    _WARNED_COMPLETENESS.add(adapter)
+    worst = max(bad, key=lambda r: r.params["completeness_gap_relative"])
+    p = worst.params
+    which = (f"{len(bad)} of {len(results)} results miss" if len(results) > 1 else
+             "the scores miss")
+    warnings.warn(
+        f"integrated_gradients: {which} f(x) - f(baseline) by more than "
+        f"{COMPLETENESS_WARN:.0%} (worst: a gap of {p['completeness_gap']:.4g}, "
+        f"{p['completeness_gap_relative']:.0%}, with {p['steps']} {p['rule']} steps; "
+        "params['completeness_gap']). Try more steps (e.g. steps="
+        f"{4 * int(p['steps'])}); if the gap stays, the model's output jumps along the path "
+        "(often right at the baseline, alpha = 0) and no number of steps closes it: use a "
+        "different baseline. (Warned once per adapter; each result's params hold its gap.)",
+        CompletenessWarning, stacklevel=3)
+
+
+def _mask_function(adapter: ModelAdapter, prepared: Prepared, target: Target, batch_size: int,
+                   names: Sequence[str], method: str
                    ) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+    """f of the masked instance, for a surrogate fitted by ``method``: raises its clear error
+    when the model's output on some masked input is not finite."""
     def fn(masks):
-        return evaluate_masks(adapter, prepared, masks, target, batch_size=batch_size)
+        y = evaluate_masks(adapter, prepared, masks, target, batch_size=batch_size)
+        if not torch.isfinite(y).all():
+            raise_not_finite(adapter, prepared, target, names, method)
+        return y
     return fn
 
 
@@ -245,6 +334,12 @@ def _evaluate_in_chunks(fn, z: np.ndarray, n_units: Mapping[str, int], batch_siz
             raise ValueError(f"The explained function returned {y.numel()} values for a batch of "
                              f"{chunk.shape[0]} masks; it must return one value per mask row.")
         outs.append(y.double().cpu().numpy())
+        if not np.isfinite(outs[-1]).all():
+            raise ValueError(f"The explained function returned NaN or infinite values on "
+                             f"{int((~np.isfinite(outs[-1])).sum())} of the masks {s}.."
+                             f"{s + chunk.shape[0] - 1} ({message}); the surrogate cannot be "
+                             "fitted to them. Make it finite on masked inputs (for a model: "
+                             "another baseline).")
         report(progress, min(n, s + batch_size), n, message)
     return np.concatenate(outs)
 
@@ -432,22 +527,28 @@ class AttributionMethod:
                 target, extra = resolve_target(adapter, prepared, None), 1
             else:
                 target = adapter.target(target)
-            scores, maps = self._run(adapter, prepared, target, names, p, progress)
+            scores, maps, found = self._run(adapter, prepared, target, names, p, progress)
         fwd, bwd = self._cost(prepared, names, p)
-        return self._result(prepared, target, names, p, scores, maps, fwd + extra, bwd,
-                            sw.seconds)
+        return self._result(adapter, prepared, target, names, p, scores, maps, fwd + extra,
+                            bwd, sw.seconds, found)
 
-    def _result(self, prepared, target, names, p, scores, maps, forward_passes: int,
-                backward_passes: int, seconds: float = 0.0) -> Attribution:
-        """The Attribution of one instance from its scores and maps."""
+    def _result(self, adapter, prepared, target, names, p, scores, maps, forward_passes: int,
+                backward_passes: int, seconds: float = 0.0, found: Mapping | None = None
+                ) -> Attribution:
+        """The Attribution of one instance from its scores and maps (found: what the method
+        measured besides, added to the params); a ValueError if the scores are not finite."""
+        scores = {n: np.asarray(scores[n], dtype=np.float64) for n in names}
+        if not all(np.isfinite(v).all() for v in scores.values()):
+            raise_not_finite(adapter, prepared, target, names, self.name, "scores")
         return Attribution(
-            method=self.name, target=target, params=dict(p, modalities=list(names)),
+            method=self.name, target=target,
+            params=dict(p, modalities=list(names), **(found or {})),
             forward_passes=forward_passes, backward_passes=backward_passes, seconds=seconds,
-            scores={n: np.asarray(scores[n], dtype=np.float64) for n in names},
-            maps={n: np.asarray(maps[n]) for n in names},
+            scores=scores, maps={n: np.asarray(maps[n]) for n in names},
             labels={n: list(prepared.labels[n]) for n in names})
 
     def _run(self, adapter, prepared, target, names, p, progress):  # pragma: no cover
+        """(scores, maps, found): found is a dict of measurements for the params."""
         raise NotImplementedError
 
 
@@ -463,21 +564,31 @@ class _GradientFamily(AttributionMethod):
     def _finish(self, adapter, prepared, names, grad_sum) -> tuple[dict, dict]:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def _found(self, adapter, prepared, target, names, p, outputs: torch.Tensor,
+               grad_sum: Mapping[str, torch.Tensor]) -> dict:
+        """Measurements for the params from the rows' outputs f(row) [n_rows] and the weighted
+        sum of the rows' gradients (as given to ``_finish``)."""
+        return {}
+
     def _rows_per_pass(self, p) -> int:
         return int(p.get("internal_batch_size", PERTURBATION_BATCH))
 
     def _run(self, adapter, prepared, target, names, p, progress):
         inputs, weights = self._rows(prepared, names, p)
         n_rows, bs = len(weights), self._rows_per_pass(p)
-        total = None
+        total, outputs = None, []
         report(progress, 0, n_rows, self.label)
         for s in range(0, n_rows, bs):
-            grads = _input_grads(adapter, prepared, target,
-                                 {n: x[s:s + bs] for n, x in inputs.items()}, weights[s:s + bs])
+            grads, out = _input_grads(adapter, prepared, target,
+                                      {n: x[s:s + bs] for n, x in inputs.items()},
+                                      weights[s:s + bs])
             part = {n: g[0] if g.shape[0] == 1 else g.sum(0) for n, g in grads.items()}
             total = part if total is None else {n: total[n] + part[n] for n in names}
+            outputs.append(out)
             report(progress, min(n_rows, s + bs), n_rows, self.label)
-        return self._finish(adapter, prepared, names, total)
+        scores, maps = self._finish(adapter, prepared, names, total)
+        return scores, maps, self._found(adapter, prepared, target, names, p,
+                                         torch.cat(outputs), total)
 
 
 class _Gradient(_GradientFamily):
@@ -502,21 +613,54 @@ class _GradXInput(_Gradient):
     times_input = True
 
 
+def _ig_ends(steps: int, rule) -> tuple[int, int, int]:
+    """(row of x, row of the baseline, number of rows) of integrated gradients: the rule's nodes,
+    then x and the baseline as extra rows (weight 0) unless a node is alpha = 1 or 0."""
+    s = int(steps)
+    if rule == "riemann_trapezoid" and s >= 2:
+        return s - 1, 0, s
+    if rule == "riemann_right":
+        return s - 1, s, s + 1
+    if rule == "riemann_left":
+        return s, 0, s + 1
+    return s, s + 1, s + 2
+
+
 class _IntegratedGradients(_GradientFamily):
     def _cost(self, prepared, names, p):
-        return int(p["steps"]), int(p["steps"])
+        n = _ig_ends(p["steps"], p["rule"])[2]
+        return n, n
 
     def _rows(self, prepared, names, p):
         a, weights = _quadrature(int(p["steps"]), p["rule"], prepared.continuous[names[0]].device)
+        ix, ib, n_rows = _ig_ends(p["steps"], p["rule"])
         rows = {}
         for n in names:
             x, b = prepared.continuous[n], prepared.baseline[n]
-            rows[n] = b.unsqueeze(0) + a.view(-1, *([1] * x.dim())).to(x) * (x - b).unsqueeze(0)
+            path = b.unsqueeze(0) + a.view(-1, *([1] * x.dim())).to(x) * (x - b).unsqueeze(0)
+            ends = [e for i, e in sorted({ix: x, ib: b}.items()) if i >= len(a)]
+            rows[n] = torch.cat([path] + [e.unsqueeze(0).to(path) for e in ends])
+        weights = torch.cat([weights, weights.new_zeros(n_rows - len(a))])
         return rows, weights
 
     def _finish(self, adapter, prepared, names, grad_sum):
         return _scores_and_maps(adapter, prepared, {
             n: (prepared.continuous[n] - prepared.baseline[n]) * grad_sum[n] for n in names})
+
+    def _found(self, adapter, prepared, target, names, p, outputs, grad_sum):
+        """The completeness gap f(x) - f(b) - sum of the attributions, absolute and relative to
+        |f(x) - f(b)| (or to 1e-3 of the larger |f| when that difference is smaller). The sum
+        runs over the scalars (as captum's convergence delta), so a modality whose pool is not
+        a sum does not count as a gap; it equals the sum of the scores otherwise."""
+        ix, ib, _ = _ig_ends(p["steps"], p["rule"])
+        total = sum(((prepared.continuous[n] - prepared.baseline[n]) * grad_sum[n]).double().sum()
+                    for n in names)
+        fx, fb, s = torch.cat([outputs[[ix, ib]].double(), total.reshape(1)]).cpu().tolist()
+        if not (math.isfinite(fx) and math.isfinite(fb)):
+            raise_not_finite(adapter, prepared, target, names, self.name)
+        gap = fx - fb - s
+        scale = max(abs(fx - fb), 1e-3 * max(abs(fx), abs(fb)), 1e-12)
+        return {"completeness_gap": gap, "completeness_gap_relative": abs(gap) / scale}
 
 
 class _Occlusion(AttributionMethod):
@@ -537,7 +681,7 @@ class _Occlusion(AttributionMethod):
         diff = (y[0] - y[1:]).double()
         scores = {n: diff[offsets[n]:offsets[n] + prepared.n_units[n]] for n in names}
         maps = {n: _perturbation_map(adapter, prepared, n, scores[n].float()) for n in names}
-        return {n: v.cpu().numpy() for n, v in scores.items()}, maps
+        return {n: v.cpu().numpy() for n, v in scores.items()}, maps, {}
 
 
 class _Lime(AttributionMethod):
@@ -549,11 +693,11 @@ class _Lime(AttributionMethod):
         return int(p["n_samples"]), 0
 
     def _run(self, adapter, prepared, target, names, p, progress):
-        fn = _mask_function(adapter, prepared, target, int(p["batch_size"]))
+        fn = _mask_function(adapter, prepared, target, int(p["batch_size"]), names, self.name)
         scores = self.fit(fn, {n: prepared.n_units[n] for n in names}, progress=progress, **p)
         maps = {n: _perturbation_map(adapter, prepared, n, torch.as_tensor(scores[n]).float())
                 for n in names}
-        return scores, maps
+        return scores, maps, {}
 
 
 class _KernelShap(_Lime):
@@ -577,7 +721,8 @@ METHODS: dict[str, AttributionMethod] = {
                     "(d f / d x) * x, pooled to units (1 forward, 1 backward)"),
         _IntegratedGradients("integrated_gradients", "gradient",
                              {"steps": 50, "rule": "gausslegendre", "internal_batch_size": 128},
-                             "(x - b) * path-averaged gradient (steps forwards and backwards)"),
+                             "(x - b) * path-averaged gradient, and its completeness gap "
+                             "(steps + 2 forwards and backwards)"),
         _Occlusion("occlusion", "perturbation", {"batch_size": PERTURBATION_BATCH},
                    "f(x) - f(x with one unit at baseline) (1 + units forwards)"),
         _Lime("lime", "perturbation",
@@ -611,7 +756,9 @@ def attribute(adapter: ModelAdapter, instance, method: str = "integrated_gradien
     forward/backward passes, recorded in the result with the seconds it took.
     """
     check_adapter(adapter, "attribute")
-    return _method(method).attribute(adapter, instance, target, progress=progress, **params)
+    result = _method(method).attribute(adapter, instance, target, progress=progress, **params)
+    _warn_completeness(adapter, [result])
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -667,6 +814,7 @@ def attribute_batch(adapter: ModelAdapter, instances, method: str = "integrated_
     for r, share, more in zip(out, shares, extra):
         r.seconds = float(sw.seconds * share)
         r.forward_passes += more
+    _warn_completeness(adapter, out)
     return out
 
 
@@ -758,17 +906,19 @@ def _gradient_batch(adapter: ModelAdapter, m: _GradientFamily, preps: Sequence[P
     for group in _shape_groups(adapter, preps):
         pending: dict[int, tuple[dict, torch.Tensor]] = {}   # instance -> its rows, weights
         carried: dict[int, dict[str, torch.Tensor]] = {}     # sums of an instance's earlier passes
+        outputs: dict[int, list[torch.Tensor]] = {}          # instance -> f of its rows so far
         for chunk in _chunks(group, n_rows, rows):
             for k, a, b in chunk:
                 if k not in pending:
                     pending[k] = m._rows(preps[k], names, p)
-            grads = _rows_grads(adapter, preps, targets, names, pending, chunk)
+            grads, out = _rows_grads(adapter, preps, targets, names, pending, chunk)
             owner = torch.repeat_interleave(torch.arange(len(chunk)),
                                             torch.tensor([b - a for _, a, b in chunk]))
             sums = {n: torch.zeros(len(chunk), *g.shape[1:], dtype=g.dtype, device=g.device)
                     .index_add_(0, owner.to(g.device), g) for n, g in grads.items()}
             o = 0
             for slot, (k, a, b) in enumerate(chunk):
+                outputs.setdefault(k, []).append(out[o:o + b - a])
                 o += b - a
                 part = {n: sums[n][slot] for n in names}
                 if k in carried:
@@ -779,8 +929,10 @@ def _gradient_batch(adapter: ModelAdapter, m: _GradientFamily, preps: Sequence[P
                     continue
                 scores, maps = m._finish(adapter, preps[k], names, part)
                 del pending[k]
-                results[k] = m._result(preps[k], targets[k], names, p, scores, maps,
-                                       n_rows[k], n_rows[k])
+                found = m._found(adapter, preps[k], targets[k], names, p,
+                                 torch.cat(outputs.pop(k)), part)
+                results[k] = m._result(adapter, preps[k], targets[k], names, p, scores, maps,
+                                       n_rows[k], n_rows[k], found=found)
             done += o
             report(progress, done, total_rows, m.label)
     return results
@@ -806,8 +958,10 @@ def _chunks(group: Sequence[int], n_rows: Sequence[int], rows: int):
 
 def _rows_grads(adapter: ModelAdapter, preps: Sequence[Prepared], targets: Sequence[Target],
                 names: Sequence[str], pending: Mapping[int, tuple[dict, torch.Tensor]],
-                parts: Sequence[tuple[int, int, int]]) -> dict[str, torch.Tensor]:
-    """d (sum_r w_r f_{target(r)}(row r)) / d rows for one pass: [R, ...] per explained modality."""
+                parts: Sequence[tuple[int, int, int]]
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(d (sum_r w_r f_{target(r)}(row r)) / d rows: [R, ...] per explained modality, the
+    outputs f_{target(r)}(row r) [R]) for one pass."""
     # model inputs: the explained modalities' continuous rows replace the raw inputs of all but
     # text (whose ids still go through the embedding layer), so one raw row stands in for them
     raw = {name: (preps[parts[0][0]].raw[name]
@@ -831,4 +985,5 @@ def _rows_grads(adapter: ModelAdapter, preps: Sequence[Prepared], targets: Seque
         out = torch.cat(pieces)[torch.argsort(torch.cat(rows_of))]
         grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=weights.to(out),
                                     allow_unused=True)
-    return {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(leaves, grads)}
+    return ({n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(leaves, grads)},
+            out.detach())
