@@ -135,7 +135,6 @@ class InputPanel:
                                               s.interaction_method)
         unit = s.unit_ref
         a, pair = self.analyses, self.pair
-        self.view.score_caption = f"computing {method} ..."
 
         def job(progress):
             explained = a.explained(i, target, neuron)
@@ -162,8 +161,12 @@ class InputPanel:
 
         key = ("input", i, target, neuron, method, imethod, unit)
         self._want = key
+        # the progress bar names all this job computes (a unit's interactions may take seconds)
+        label = (f"{method} + {imethod} interactions"
+                 if unit is not None and pair is not None and unit[0] in pair else method)
+        self.view.score_caption = f"computing {label} ..."
         self.engine.submit(self.scores_slot, key, job, self._got_scores, self._failed,
-                           priority=1, label=method)
+                           priority=1, label=label)
 
     def _failed(self, err) -> None:
         self._latest, self.payload = None, {}
@@ -273,9 +276,15 @@ class Explorer(W.VBox):
         title = W.Label(value=f"MultiViz Explorer: {adapter.name} on {getattr(dataset, 'name', '')}"
                         f" ({len(dataset)} instances)")
         top = [self.input_view] + ([self.heatmap_view] if self.heatmap_view else [])
+        # the input view takes what the heatmap leaves (at least 360 px); rows wrap rather than
+        # overflow the output area or push views over each other
+        self.input_view.layout = W.Layout(flex="1 1 360px", margin="0 12px 8px 0")
+        self.input_view.add_class("mvz-input-view")
+        wrap = dict(flex_flow="row wrap", align_items="flex-start")
         super().__init__([title, self.controls, self.progress_panel, self.banner,
-                          W.HBox(top), self.neuron_view,
-                          W.HBox([self.path_view, self.embedding_view])])
+                          W.HBox(top, layout=W.Layout(**wrap)), self.neuron_view,
+                          W.HBox([self.path_view, self.embedding_view],
+                                 layout=W.Layout(**wrap))])
 
     @property
     def views(self) -> list:

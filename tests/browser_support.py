@@ -234,7 +234,9 @@ class Notebook:
                  let out = "", err = null;
                  future.onIOPub = (msg) => {
                    const t = msg.header.msg_type;
-                   if (t === "stream") out += msg.content.text;
+                   // stdout only: a warning on stderr (e.g. from a kernel's worker thread)
+                   // must not take the place of the printed result
+                   if (t === "stream" && msg.content.name === "stdout") out += msg.content.text;
                    if (t === "error") err = msg.content.ename + ": " + msg.content.evalue + "\\n"
                                           + (msg.content.traceback || []).join("\\n");
                  };

@@ -238,6 +238,128 @@ def test_3d_point_click_opens_that_instance(quickstart):
     assert caption.text_content().startswith(f"#{after} ")
 
 
+# Tick texts of the Explorer's heatmap (row axis: the one titled with the rows' modality) and
+# of its two neuron bar charts, in DOM (= domain) order.
+JS_TICKS = """(rowsTitle) => {
+  // tick texts in screen order: top to bottom, or left to right
+  const texts = (axis) => axis ? Array.from(axis.querySelectorAll('.tick text')).map(t => {
+    const b = t.getBoundingClientRect(); return [b.top + b.left, t.textContent]; })
+    .sort((a, b) => a[0] - b[0]).map(p => p[1]) : null;
+  const rowAxis = Array.from(document.querySelectorAll('.mvz-heatmap-view g.axis')).find(
+      a => ((a.querySelector('text.axislabel') || {}).textContent || '') === rowsTitle);
+  // the horizontal axis of a figure: its ticks move along x only
+  const horizontal = (a) => {
+    const ts = Array.from(a.querySelectorAll('.tick')).map(t => /translate\\(([-\\d.e]+),\\s*([-\\d.e]+)\\)/
+        .exec(t.getAttribute('transform') || '')).filter(Boolean);
+    return ts.length > 0 && ts.every(m => Number(m[2]) === 0) && ts.some(m => Number(m[1]) !== 0);
+  };
+  const bars = Array.from(document.querySelectorAll('.mvz-neuron-view .bqplot.figure')).map(
+      f => texts(Array.from(f.querySelectorAll('g.axis')).find(horizontal)));
+  return {rows: texts(rowAxis), bars};
+}"""
+
+
+def _expected_ticks(nb) -> dict:
+    return nb.kernel_json("""
+import json
+from multiviz_widgets.views.heatmap_view import tick_labels
+hv, nv = explorer.heatmap_view, explorer.neuron_view
+print(json.dumps({"rows": tick_labels(hv.row_labels, len(hv.row_labels)),
+                  "bars": [f"h{n}" for n in nv.shown], "instance": hv.instance}))""")
+
+
+def test_axis_ticks_show_the_words_of_the_instance_shown(quickstart):
+    """bqplot drops a tick_labels change that comes with a new domain: after an instance switch
+    the heatmap's rows and the neuron bars must read the new instance's tokens and neurons."""
+    nb, page = quickstart, quickstart.page
+    rows_title = nb.kernel_json("import json; print(json.dumps(explorer.pair[0]))")
+    seen = []
+    for instance in (1, 2, 0):
+        nb.kernel_exec(f"explorer.select(instance={instance}); explorer.wait()")
+        want = _expected_ticks(nb)
+        assert want["instance"] == instance and want["rows"]
+        seen.append(tuple(want["rows"]))
+        try:
+            page.wait_for_function(
+                "([title, rows, bars]) => { const t = (" + JS_TICKS + ")(title);"
+                " return JSON.stringify(t.rows) === JSON.stringify(rows) &&"
+                " t.bars.length === 2 && t.bars.every(b => JSON.stringify(b) === JSON.stringify(bars)); }",
+                arg=[rows_title, want["rows"], want["bars"]], timeout=20_000)
+        except Exception:  # noqa: BLE001 - say what the page shows instead
+            shown = page.evaluate(JS_TICKS, rows_title)
+            pytest.fail(f"instance {instance}: the page shows ticks {shown}, the kernel {want}")
+    assert len(set(seen)) > 1, "the instances tried have the same tokens: the test shows nothing"
+
+
+# The boxes of the Explorer's main views (each the union of its element and its axis texts, which
+# may stick out of a figure) and of the output area that holds them, as [left, top, right, bottom].
+JS_VIEW_BOXES = """(rowsTitle) => {
+  const box = (e) => { const b = e.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; };
+  const union = (els) => els.map(box).filter(b => b[2] > b[0] && b[3] > b[1]).reduce((u, b) =>
+      u ? [Math.min(u[0], b[0]), Math.min(u[1], b[1]), Math.max(u[2], b[2]), Math.max(u[3], b[3])] : b, null);
+  const withText = (e) => [e, ...e.querySelectorAll('.axis text, .axislabel')];
+  const views = {input: [document.querySelector('.mvz-input-view')]};
+  const figs = (cls) => Array.from(document.querySelectorAll(cls + ' .bqplot.figure'));
+  figs('.mvz-heatmap-view').forEach((f, k) => views['heatmap' + k] = withText(f));
+  figs('.mvz-neuron-view').forEach((f, k) => views['neurons' + k] = withText(f));
+  figs('.mvz-path-view').forEach((f, k) => views['path' + k] = withText(f));
+  const emb = document.querySelector('.mvz-embedding-view');
+  views.embedding = emb ? [emb, ...emb.querySelectorAll('.widget-label, canvas, select')] : [];
+  const out = {};
+  for (const [name, els] of Object.entries(views)) out[name] = union(els.filter(Boolean));
+  const area = document.querySelector('.mvz-input-view').closest('.jp-OutputArea-output');
+  // the heatmap's row axis: its title and its tick labels
+  const rowAxis = Array.from(document.querySelectorAll('.mvz-heatmap-view g.axis')).find(
+      a => ((a.querySelector('text.axislabel') || {}).textContent || '') === rowsTitle);
+  return {views: out, area: box(area),
+          rowTitle: rowAxis ? box(rowAxis.querySelector('text.axislabel')) : null,
+          rowTicks: rowAxis ? Array.from(rowAxis.querySelectorAll('.tick text')).map(box) : []};
+}"""
+
+
+def _overlap(a, b, tol=1.0) -> bool:
+    return min(a[2], b[2]) - max(a[0], b[0]) > tol and min(a[3], b[3]) - max(a[1], b[1]) > tol
+
+
+def _layout_problems(page, rows_title: str) -> list[str]:
+    m = page.evaluate(JS_VIEW_BOXES, rows_title)
+    views, area = m["views"], m["area"]
+    problems = [f"{k} is not shown" for k, b in views.items() if b is None]
+    names = [k for k, b in views.items() if b is not None]
+    for i, a in enumerate(names):
+        if views[a][2] > area[2] + 1 or views[a][0] < area[0] - 1:
+            problems.append(f"{a} {views[a]} is outside the output area {area}")
+        for b in names[i + 1:]:
+            if _overlap(views[a], views[b]):
+                problems.append(f"{a} {views[a]} overlaps {b} {views[b]}")
+    if m["rowTitle"] is None:
+        problems.append("no row axis title in the heatmap")
+    else:
+        problems += [f"the row axis title {m['rowTitle']} overlaps a row label {t}"
+                     for t in m["rowTicks"] if _overlap(m["rowTitle"], t, tol=0.0)]
+    return problems
+
+
+def test_the_views_neither_overlap_nor_overflow_at_1280x900(quickstart):
+    nb, page = quickstart, quickstart.page
+    rows_title = nb.kernel_json("import json; print(json.dumps(explorer.pair[0]))")
+    page.set_viewport_size({"width": 1280, "height": 900})
+    toggle = "() => window.jupyterapp.commands.execute('application:toggle-left-area')"
+    collapsed = "() => window.jupyterapp.shell.leftCollapsed"
+    try:
+        results = {}
+        for _ in range(2):                       # the left sidebar open, then closed (or reverse)
+            page.wait_for_timeout(1500)          # bqplot and ipyvolume resize after a relayout
+            state = "closed" if page.evaluate(collapsed) else "open"
+            results[state] = _layout_problems(page, rows_title)
+            page.evaluate(toggle)
+        assert set(results) == {"open", "closed"}
+        assert results == {"open": [], "closed": []}
+    finally:
+        page.set_viewport_size({"width": 1500, "height": 1100})
+        page.wait_for_timeout(500)
+
+
 # -- Voila -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

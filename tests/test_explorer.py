@@ -741,3 +741,75 @@ def test_labels_outside_the_classes_are_shown_as_unknown_and_not_counted_wrong()
         assert len(ev.scatter.color) == 4
     finally:
         ex.close()
+
+
+# -- what the browser draws: axes, progress labels, gallery captions ----------------------------
+def test_the_axes_domains_are_the_labels_of_the_matrix_and_bars_shown(vqa):
+    """bqplot loses tick_labels changes that come with a new domain: the ordinal domains are
+    the labels themselves, set explicitly and in order (rows: the first one at the top)."""
+    from multiviz_widgets.views.heatmap_view import TICK_CHARS, tick_labels
+    ex, _ = vqa
+    hv, nv = ex.heatmap_view, ex.neuron_view
+    for i in (1, 2, 0):
+        ex.select(instance=i)
+        assert ex.wait(30)
+        rows = hv.state()["rows"]
+        assert list(hv.rows_scale.domain) == tick_labels(rows, len(rows))[::-1]
+        assert list(hv.grid.row) == tick_labels(rows, len(rows))
+        assert list(hv.cols_scale.domain) == list(hv.grid.column) == hv.state()["cols"]
+        names = [f"h{j}" for j in nv.shown]
+        for bars in (nv.act_bars, nv.contrib_bars):
+            assert list(bars.x) == list(bars.scales["x"].domain) == names
+    assert tick_labels(["what", "what", "x" * 30], 5) == ["what", "what (2)",
+                                                          "x" * (TICK_CHARS - 1) + "\u2026", "", " "]
+    assert tick_labels(["", ""], 3) == ["", " (2)", " "]
+
+
+def test_a_bar_click_with_its_name_selects_that_neuron(vqa):
+    ex, _ = vqa
+    nv = ex.neuron_view
+    click_mark(nv.act_bars, key=f"h{nv.shown[3]}")
+    assert ex.selection.neuron == nv.shown[3]
+
+
+def test_the_progress_label_names_the_interactions_a_unit_click_computes(vqa):
+    ex, _ = vqa
+    labels = []
+    submit = ex.engine.submit
+
+    def spy(slot, *args, **kw):
+        labels.append((slot, kw.get("label")))
+        return submit(slot, *args, **kw)
+
+    ex.engine.submit = spy
+    ex.select(interaction_method="shapley")
+    ex.input_panel.click("question", 1)
+    assert ex.wait(30)
+    method = ex.selection.method
+    assert (ex.input_panel.scores_slot, f"{method} + shapley interactions") in labels
+    ex.select(unit=None)
+    assert ex.wait(30)
+    assert [lab for slot, lab in labels if slot == ex.input_panel.scores_slot][-1] == method
+
+
+def test_a_gallery_row_of_tied_activations_says_so():
+    from multiviz_widgets.views.neuron_view import _tie
+    from .explorer_support import Features
+    assert _tie(np.array([0, 0, 0, 0, 0, 0, 1.0, 2.0]), [0.0] * 4) == (6, 0.0)
+    assert _tie(np.array([0, 0, 0, 0, 1.0, 2.0]), [0.0] * 4) is None       # exactly the 4 shown
+    assert _tie(np.array([0, 0, 0, 0, 0, 1.0]), [0.0, 0.0, 0.0, 1.0]) is None   # a ranking
+    adapter, ds = tiny_vqa()
+    logits, h = adapter.features(adapter.collate([ds[i] for i in range(len(ds))]))
+    h = h.numpy().copy()
+    h[:10, 0] = 0.0                                   # a ReLU neuron, off on 10 of 12 instances
+    h[10:, 0] = [1.0, 2.0]
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), features=Features(h, logits.numpy()))
+    try:
+        ex.select(neuron=0)
+        assert ex.wait(60)
+        nv = ex.neuron_view
+        assert nv.bottom_label.value == ("bottom activating: 10 instances tie at h = 0 (no "
+                                         "ranking among them), showing the first 4")
+        assert nv.top_label.value == "top activating"
+    finally:
+        ex.close()

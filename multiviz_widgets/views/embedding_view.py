@@ -64,7 +64,10 @@ class EmbeddingView(W.VBox):
         self.colour_by.observe(lambda _: self._colour(), names="value")
         self.legend = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         self.caption = W.Label(value="")
-        super().__init__([self.caption, W.HBox([self.colour_by, self.legend]), self.figure])
+        # a fixed width: the legend wraps inside it instead of widening the view over the path
+        super().__init__([self.caption, self.colour_by, self.legend, self.figure],
+                         layout=W.Layout(width="440px", flex="0 0 auto"))
+        self.add_class("mvz-embedding-view")
         selection.observe(lambda _: self._highlight(), names=["instance"])
         selection.observe(lambda _: self._retry and self.refresh(), names=list(FIELDS))
 
@@ -105,8 +108,8 @@ class EmbeddingView(W.VBox):
             self.scatter.z = self.coords[:, 2].copy()
         self._colour()
         self._highlight()
-        self.caption.value = (f"{len(self.coords)} instances: decision-level features, PCA to "
-                              "3-D (click a point)")
+        self.caption.value = (f"{len(self.coords)} instances: decision features, PCA to 3-D "
+                              "(click a point)")
         if len(left_out):
             shown = ", ".join(f"#{int(i)}" for i in left_out[:5]) + (
                 " ..." if len(left_out) > 5 else "")

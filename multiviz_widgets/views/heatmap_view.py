@@ -15,6 +15,10 @@ from ..engine import Analyses, Engine
 from ..selection import Selection
 
 
+#: Longest tick label (characters) on the heatmap's axes; longer unit names are shortened.
+TICK_CHARS = 14
+
+
 def _unique(labels: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     out = []
@@ -22,6 +26,26 @@ def _unique(labels: list[str]) -> list[str]:
         n = seen.get(lab, 0)
         seen[lab] = n + 1
         out.append(lab if n == 0 else f"{lab} ({n + 1})")
+    return out
+
+
+def tick_labels(labels: list[str], n: int) -> list[str]:
+    """``n`` distinct tick labels: the (shortened, deduplicated) unit names, then blank padding
+    ("", " ", ...) for the rows or columns that are drawn but not data.
+
+    They are the ordinal scale's domain itself, so the axis always shows the words of the matrix
+    it draws: bqplot redraws the ticks when the domain changes, but a change of ``tick_labels``
+    is overwritten by a pending domain transition with the previous labels. The domain is set
+    explicitly, since bqplot keeps a data-driven ordinal domain whose set of values is unchanged
+    in its old order.
+    """
+    out = _unique([lab if len(lab) <= TICK_CHARS else lab[:TICK_CHARS - 1] + "\u2026"
+                   for lab in labels[:n]])
+    pad = ""
+    while len(out) < n:
+        while pad in out:
+            pad += " "
+        out.append(pad)
     return out
 
 
@@ -40,7 +64,7 @@ class HeatmapView(W.VBox):
         self.selected_row = -1
         self.selected_col = -1
         self.instance = -1                    # the instance whose matrix is shown
-        self.rows_scale = bq.OrdinalScale(reverse=True)
+        self.rows_scale = bq.OrdinalScale()             # its domain: the rows, top one last
         self.cols_scale = bq.OrdinalScale()
         self.color_scale = bq.ColorScale(scheme="RdBu", mid=0.0, reverse=True)
         self.grid = bq.GridHeatMap(
@@ -52,17 +76,21 @@ class HeatmapView(W.VBox):
             unselected_style={"opacity": 0.85}, stroke="white", null_color="white")
         self.grid.on_element_click(self._on_click)
         self.row_axis = bq.Axis(scale=self.rows_scale, side="left", label=self.pair[0],
-                                tick_labels={})
-        self.col_axis = bq.Axis(scale=self.cols_scale, label=self.pair[1], tick_labels={},
-                                tick_rotate=-45)
-        self.color_axis = bq.ColorAxis(scale=self.color_scale,
-                                       side="right")
+                                label_offset="40px")
+        self.col_axis = bq.Axis(scale=self.cols_scale, label=self.pair[1], tick_rotate=-45,
+                                label_offset="75px")
+        # -lim, -lim/2, 0, lim/2, lim with enough digits that no two ticks of the colour bar read
+        # the same ("1e+1, 1e+1, 8"); bqplot's bar is the plot's height less 200 px
+        self.color_axis = bq.ColorAxis(scale=self.color_scale, side="right", tick_format=".3~g",
+                                       num_ticks=5)
         self.figure = bq.Figure(marks=[self.grid],
                                 axes=[self.row_axis, self.col_axis, self.color_axis],
-                                fig_margin={"top": 20, "bottom": 80, "left": 110, "right": 60},
-                                layout=W.Layout(width="560px", height="360px"))
+                                fig_margin={"top": 20, "bottom": 90, "left": 130, "right": 80},
+                                layout=W.Layout(width="560px", height="410px"))
         self.caption = W.Label(value="")
-        super().__init__([self.caption, self.figure])
+        super().__init__([self.caption, self.figure],
+                         layout=W.Layout(width="566px", flex="0 0 auto"))  # figure + margins
+        self.add_class("mvz-heatmap-view")
         selection.observe(lambda _: self.refresh(), names=["instance", "target", "neuron",
                                                           "interaction_method"])
         selection.observe(lambda _: self._highlight(), names=["modality", "unit"])
@@ -110,18 +138,23 @@ class HeatmapView(W.VBox):
             shown = np.vstack([shown, np.full((1, shown.shape[1]), np.nan)])
         if cols == 1:
             shown = np.hstack([shown, np.full((shown.shape[0], 1), np.nan)])
+        row_ticks = tick_labels(self.row_labels, shown.shape[0])
+        col_ticks = tick_labels(self.col_labels, shown.shape[1])
+        self.rows_scale.domain = row_ticks[::-1]         # row 0 at the top
+        self.cols_scale.domain = col_ticks
         with self.grid.hold_sync():
             self.grid.selected = None
             self.grid.row = None
             self.grid.column = None
             self.grid.color = shown
-            self.grid.row = np.arange(shown.shape[0])
-            self.grid.column = np.arange(shown.shape[1])
+            self.grid.row = np.array(row_ticks, dtype=str)
+            self.grid.column = np.array(col_ticks, dtype=str)
             lim = float(np.nanmax(np.abs(m))) if m.size and np.isfinite(m).any() else 1.0
             lim = lim if np.isfinite(lim) and lim > 0 else 1.0
             self.color_scale.min, self.color_scale.max = -lim, lim
-        self.row_axis.tick_labels = {str(r): lab for r, lab in enumerate(_unique(self.row_labels))}
-        self.col_axis.tick_labels = {str(c): lab for c, lab in enumerate(_unique(self.col_labels))}
+        # the row axis title clear of the longest row label (about 7 px a character)
+        longest = max((len(t) for t in row_ticks), default=1)
+        self.row_axis.label_offset = f"{min(7 * longest + 20, 122)}px"
         self.col_axis.num_ticks = cols if cols <= 24 else 12
         self._highlight()
 

@@ -20,6 +20,16 @@ def _short(text: str, n: int = 38) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
+def _tie(h: np.ndarray, shown: list[float]) -> tuple[int, float] | None:
+    """(how many instances have the value, the value) when every shown instance of a gallery row
+    has the same h_j and more instances than shown share it (e.g. a ReLU neuron's h = 0): the
+    row is then the first instances of a tie, not a ranking; else None."""
+    if not shown or min(shown) != max(shown):
+        return None
+    n = int(np.count_nonzero(h == shown[0]))
+    return (n, float(shown[0])) if n > len(shown) else None
+
+
 class NeuronView(W.VBox):
     """Bars of the instance's top neurons (by |contribution|) and the selected neuron's gallery."""
 
@@ -47,8 +57,11 @@ class NeuronView(W.VBox):
                                     selected_style={"fill": "#ff7f0e"})
         for mark in (self.act_bars, self.contrib_bars):
             mark.on_element_click(self._on_click)
-        self.act_axis = bq.Axis(scale=x, tick_labels={})
-        self.contrib_axis = bq.Axis(scale=xc, tick_labels={})
+        # the bars' x are their neurons' names ("h5"), and the x scales' domain (set here, in
+        # the bars' order) is what the axes show: no tick_labels, whose change bqplot loses to a
+        # pending redraw of the domain (see heatmap_view.tick_labels)
+        self.act_axis = bq.Axis(scale=x)
+        self.contrib_axis = bq.Axis(scale=xc)
         lay = W.Layout(width="380px", height="240px")
         self.act_figure = bq.Figure(marks=[self.act_bars], title="activation h_j(x)",
                                     axes=[self.act_axis, bq.Axis(scale=self.act_bars.scales["y"],
@@ -65,9 +78,14 @@ class NeuronView(W.VBox):
         self.gallery_caption = W.Label(value="click a bar to see what its neuron responds to")
         self.top_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         self.bottom_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
-        super().__init__([self.caption, W.HBox([self.act_figure, self.contrib_figure]),
-                          self.gallery_caption, W.Label(value="top activating"), self.top_row,
-                          W.Label(value="bottom activating"), self.bottom_row])
+        self.top_label = W.Label(value="top activating")
+        self.bottom_label = W.Label(value="bottom activating")
+        super().__init__([self.caption,
+                          W.HBox([self.act_figure, self.contrib_figure],
+                                 layout=W.Layout(flex_flow="row wrap")),
+                          self.gallery_caption, self.top_label, self.top_row,
+                          self.bottom_label, self.bottom_row])
+        self.add_class("mvz-neuron-view")
         selection.observe(lambda _: self.refresh(), names=["instance", "target"])
         selection.observe(lambda _: self._on_neuron(), names=["neuron"])
         selection.observe(lambda _: self.refresh_gallery(), names=["method"])
@@ -117,20 +135,22 @@ class NeuronView(W.VBox):
         self.shown = shown
         self.activations = h[shown] if len(h) else np.zeros(0)
         self.contributions = c[shown] if len(c) else np.zeros(0)
-        pos = np.arange(len(shown))
-        ticks = {str(p): f"h{n}" for p, n in zip(pos, shown)}
+        names = np.array([f"h{n}" for n in shown], dtype=str)
         sel = [shown.index(j)] if j in shown else None
-        for mark, axis, y in ((self.act_bars, self.act_axis, self.activations),
-                              (self.contrib_bars, self.contrib_axis, self.contributions)):
+        for mark, y in ((self.act_bars, self.activations),
+                        (self.contrib_bars, self.contributions)):
+            mark.scales["x"].domain = names.tolist()
             with mark.hold_sync():
-                mark.x = pos
+                mark.x = names
                 mark.y = y
                 mark.selected = sel
-            axis.tick_labels = ticks
 
     def _on_click(self, _mark, content) -> None:
         data = content.get("data") or {}
         p = data.get("index", data.get("key", data.get("x")))
+        if isinstance(p, str):            # the bar's name ("h5") rather than its position
+            names = [f"h{n}" for n in self.shown]
+            p = names.index(p) if p in names else None
         if p is None:
             return
         self.click_bar(int(p))
@@ -166,12 +186,15 @@ class NeuronView(W.VBox):
             entries += [("bottom", int(i), float(v)) for i, v in zip(ext.bottom_indices[j],
                                                                      ext.bottom_values[j])]
             entries = [e for e in entries if e[1] >= 0]
+            ties = {side: _tie(np.asarray(a.features(progress).h)[:, j],
+                               [e[2] for e in entries if e[0] == side])
+                    for side in ("top", "bottom")}
             items = []
             for n, (side, idx, value) in enumerate(entries):
                 attr = a.attribution(idx, Neuron(j), method)
                 progress(n + 1, len(entries), f"h{j} heatmaps")
                 items.append(self._item(side, idx, value, attr, size))
-            return j, items
+            return j, items, ties
 
         self.engine.submit(self.gallery_slot, ("gallery", j, method), job,
                            lambda r: self._set_gallery(*r), self._gallery_failed, priority=4,
@@ -200,7 +223,7 @@ class NeuronView(W.VBox):
     def _gallery_failed(self, err) -> None:
         self.gallery_caption.value = f"gallery not shown ({type(err).__name__})"
 
-    def _set_gallery(self, j: int, items: list[dict]) -> None:
+    def _set_gallery(self, j: int, items: list[dict], ties: dict | None = None) -> None:
         self.gallery_neuron = j
         self.gallery = items
         rows = {"top": [], "bottom": []}
@@ -208,6 +231,11 @@ class NeuronView(W.VBox):
             rows[it["side"]].append(self._item_widget(it))
         self.top_row.children = rows["top"]
         self.bottom_row.children = rows["bottom"]
+        for side, label in (("top", self.top_label), ("bottom", self.bottom_label)):
+            tie = (ties or {}).get(side)
+            label.value = f"{side} activating" if tie is None else (
+                f"{side} activating: {tie[0]} instances tie at h = {tie[1]:.3g} (no ranking "
+                f"among them), showing the first {len(rows[side])}")
         if j >= 0:
             self.gallery_caption.value = (f"h{j}: dataset instances with the largest and smallest "
                                           f"activation, heatmaps targeted at h{j}")

@@ -35,7 +35,11 @@ class PathView(W.VBox):
                                                                    height="360px"),
                                 fig_margin={"top": 20, "bottom": 20, "left": 60, "right": 60})
         self.caption = W.Label(value="")
-        super().__init__([self.caption, self.figure])
+        # its own width, never squeezed by the views beside it (they wrap below instead)
+        super().__init__([self.caption, self.figure],
+                         layout=W.Layout(width="626px", flex="0 0 auto",
+                                         margin="0 12px 8px 0"))
+        self.add_class("mvz-path-view")
         selection.observe(lambda _: self.refresh(), names=["instance", "target"])
         selection.observe(lambda _: self._highlight(), names=["neuron", "modality", "unit"])
 
