@@ -197,6 +197,25 @@ def _outside_stacklevel() -> int:
     return level
 
 
+def input_versions(args: Mapping[str, torch.Tensor]) -> list[int]:
+    """The in-place version counters of a model's inputs (torch bumps one at every in-place
+    change of the tensor or of a view of it; reading it costs about 0.1 us)."""
+    return [v._version for v in args.values()]
+
+
+def check_inputs_kept(args: Mapping[str, torch.Tensor], versions: Sequence[int]) -> None:
+    """An AdapterError when the model changed any of its inputs in place during the call."""
+    changed = [n for (n, v), was in zip(args.items(), versions) if v._version != was]
+    if changed:
+        raise AdapterError(
+            f"The model changed its input {', '.join(map(repr, changed))} in place (an "
+            "operation such as x.sub_(mu), x /= s or x[...] = ... on the argument itself). The "
+            "kernels pass the same inputs again (the instance, its masked copies, the pairs of "
+            "EMAP and DIME), so every later result would be computed on changed values. Make the "
+            "operation out of place in the model's forward: x = (x - mu) / s.",
+            code="input-in-place")
+
+
 class ModelAdapter:
     """Wraps a model that takes one input per modality (in order) and returns [B, C] logits.
 
@@ -527,17 +546,17 @@ class ModelAdapter:
         """
         args = self.model_inputs(raw, continuous)
         result = self.run(lambda: self._call_model(args), continuous, features, inputs=args)
-        out = self._logits(result[0] if features else result, args)
+        out = self.as_logits(result[0] if features else result, next(iter(args.values())).shape[0])
         return (out, result[1]) if features else out
 
-    def _logits(self, out: Any, args: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The model's output as logits [B, C] (the first element of a tuple; [B] with one
-        class name becomes [B, 1]), or an AdapterError saying how to make the model return it."""
+    def as_logits(self, out: Any, b: int) -> torch.Tensor:
+        """The model's output for a batch of ``b`` as logits [b, C] (the first element of a
+        tuple; [b] with one class name becomes [b, 1]), or an AdapterError saying how to make
+        the model return it. Every path that runs the model (or its fused half) goes through it."""
         returned = "returned"
         if isinstance(out, (tuple, list)) and out:
             returned = f"returned a {type(out).__name__} whose first element (taken as logits) is"
             out = out[0]
-        b = next(iter(args.values())).shape[0]
         c = self.n_classes
         if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape == (b, c):
             return out
@@ -579,7 +598,9 @@ class ModelAdapter:
 
     def _call_model(self, args: Mapping[str, torch.Tensor]):
         """model(*args) (or model(**args)); an error the model raises on these inputs comes out
-        as a ModelInputError naming the modalities and their shapes (the original chained)."""
+        as a ModelInputError naming the modalities and their shapes (the original chained), and
+        a model that changes its inputs in place gets an AdapterError (``check_inputs_kept``)."""
+        versions = input_versions(args)
         try:
             out = self.model(**args) if self.keyword_inputs else self.model(*args.values())
         except AdapterError:
@@ -588,6 +609,7 @@ class ModelAdapter:
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
             raise ModelInputError(self._model_error_message(args, e)) from e
+        check_inputs_kept(args, versions)
         self._last_shapes = {n: tuple(v.shape[1:]) for n, v in args.items()}
         return out
 

@@ -165,7 +165,7 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
     if isinstance(first, torch.Tensor) and first.dim() == 2:
         report.n_classes = int(first.shape[1])
     try:
-        out = adapter._logits(raw_out, prepared.raw)
+        out = adapter.as_logits(raw_out, next(iter(prepared.raw.values())).shape[0])
     except AdapterError as e:
         report.add("error", e.code, str(e), _ALL)
         return

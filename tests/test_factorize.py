@@ -495,3 +495,63 @@ def test_too_many_untraceable_submodules_mean_no_split(monkeypatch):
     r = emap(ModelAdapter(RecurrentVQA(), list(adapter.modalities.values()), ["x", "y", "z"]),
              [ds[i] for i in range(6)])
     assert r.params["factorization"] == "none" and "cannot trace" in r.params["factorization_note"]
+
+
+class NormalisesInPlace(nn.Module):
+    """Normalises its tabular input in place: every later pass on the same tensor would see
+    twice-normalised values (EMAP's pairs and its check reuse the collated batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(16, 4), nn.Linear(8, 2)
+        _seeded(self)
+
+    def forward(self, tabular, series):
+        tabular = tabular.sub_(0.5).div_(2.0)
+        a, b = torch.tanh(self.a(tabular)), torch.tanh(self.b(series.flatten(1)))
+        return self.head(torch.cat([a * b, a + b], 1))
+
+
+@pytest.mark.parametrize("factorized", [None, False, True])
+def test_a_model_that_changes_its_input_in_place_is_a_clear_error(factorized):
+    """EMAP and DIME used to return wrong numbers silently (the split was rejected after its
+    check had changed the batch, and the fallback then ran on the changed values)."""
+    from multiviz_widgets import AdapterError
+    from multiviz_widgets.kernels.unimodal import attribute
+    adapter = ModelAdapter(NormalisesInPlace(), MODALITIES, ["a", "b"], decision_layer="head")
+    items = instances(6)
+    kept = [{k: v.clone() for k, v in it.items()} for it in items]
+    with pytest.raises(AdapterError, match="in place.*x = \\(x - mu\\) / s"):
+        emap(adapter, items, factorized=factorized)
+    ds = MultimodalDataset({k: [it[k] for it in items] for k in kept[0]})
+    with pytest.raises(AdapterError, match="in place"):
+        dime(adapter, ds, 0, reference_indices=range(1, 6), n_samples=20, factorized=factorized)
+    with pytest.raises(AdapterError, match="in place"):
+        attribute(adapter, items[0], "occlusion")
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(items, kept) for k in a)   # data intact
+
+
+class OneLogit(nn.Module):
+    """One logit per instance ([B]), which the adapter takes as [B, 1] with one class name."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(16, 4), nn.Linear(4, 1)
+        _seeded(self)
+
+    def forward(self, tabular, series):
+        return self.head(torch.tanh(self.a(tabular)) * torch.tanh(self.b(series.flatten(1))))[:, 0]
+
+
+def test_one_logit_models_keep_the_split_in_emap_and_dime():
+    """The fused pairs went around the adapter's logits check: DIME crashed on [B] outputs and
+    EMAP's check compared [B] with [B, 1] (broadcast) and rejected a correct split."""
+    adapter = ModelAdapter(OneLogit(), MODALITIES, ["yes"], decision_layer="head")
+    items = instances(7)
+    traced, full = emap(adapter, items, factorized=True), emap(adapter, items, factorized=False)
+    np.testing.assert_allclose(traced.emap_logits, full.emap_logits, atol=1e-5)
+    assert traced.params["factorization"] != "none"
+    ds = MultimodalDataset({k: [it[k] for it in items] for k in items[0]})
+    a = dime(adapter, ds, 0, n_samples=40, factorized=True)
+    b = dime(adapter, ds, 0, n_samples=40, factorized=False)
+    assert a.uc_value == pytest.approx(b.uc_value, abs=1e-5)

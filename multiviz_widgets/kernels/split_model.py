@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..adapter import AdapterError, ModelAdapter
+from ..adapter import AdapterError, ModelAdapter, check_inputs_kept, input_versions
 from .factorize import FactorizationError, reject_factorization, trace_factorization
 
 __all__ = ["CHECKED_PAIRS", "FusedPairs", "Split", "check_factorized", "model_split",
@@ -105,10 +105,12 @@ class FusedPairs:
         """The split's values for a batch (raw inputs, optionally with continuous ones)."""
         args = self.adapter.model_inputs(raw, continuous)
         b, bs = next(iter(args.values())).shape[0], self.batch_size
+        versions = input_versions(args)
         parts = [self.adapter.run(lambda s=s: self.split.encode({m: x[s:s + bs] for m, x in args.items()}),
                                   None if continuous is None else
                                   {m: x[s:s + bs] for m, x in continuous.items()})
                  for s in range(0, b, bs)]
+        check_inputs_kept(args, versions)        # an encoder that edits its input in place
         return [torch.cat([p[k] for p in parts]) for k in range(len(self.split.from_side))]
 
     def pairs(self, side: Sequence[torch.Tensor], others: Sequence[torch.Tensor],
@@ -126,6 +128,8 @@ class FusedPairs:
                                              "modalities meet") from None
             else:
                 logits, h = self.adapter.run(lambda: self.split.fuse(rows)), None
+            # the same logits as a forward pass gives ([B] with one class name becomes [B, 1])
+            logits = self.adapter.as_logits(logits, len(i[s:s + bs]))
             out.append(self.reduce(logits, h).double())
         return torch.cat(out)
 
