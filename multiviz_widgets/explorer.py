@@ -10,13 +10,17 @@ engine (one worker thread, LRU cache, progress bar, cancel, error banner) for wh
 """
 from __future__ import annotations
 
+from itertools import combinations
+
 import numpy as np
 import ipywidgets as W
+import traitlets
 
 from .adapter import ModelAdapter
 from .data import MultimodalDataset
 from .engine import Analyses, Engine, Kernels
 from .selection import FIELDS, Selection
+from .views._common import close_widgets, instance_title, widget_tree
 from .views.controls import Controls, ErrorBanner, ProgressPanel
 from .views.embedding_view import EmbeddingView
 from .views.heatmap_view import HeatmapView
@@ -27,14 +31,64 @@ from .views.path_view import PathView
 _ROW_ORDER = {"text": 0, "tabular": 1, "timeseries": 2, "image": 3}
 
 
+def _rows_first(adapter: ModelAdapter, a: str, b: str) -> tuple[str, str]:
+    """(a, b) in heatmap order: rows = text/tabular before series before image."""
+    first = [a, b]
+    first.sort(key=lambda n: _ROW_ORDER.get(adapter.modalities[n].kind, 9))
+    return first[0], first[1]
+
+
 def default_pair(adapter: ModelAdapter) -> tuple[str, str] | None:
     """The two modalities of the HeatmapView: rows = text/tabular before series before image."""
     names = adapter.names
     if len(names) < 2:
         return None
-    first = names[:2]
-    first.sort(key=lambda n: _ROW_ORDER.get(adapter.modalities[n].kind, 9))
-    return first[0], first[1]
+    return _rows_first(adapter, names[0], names[1])
+
+
+def pair_options(adapter: ModelAdapter, pair: tuple[str, str] | None) -> list[tuple[str, str]]:
+    """Every unordered pair of the adapter's modalities once, as (rows, columns) of the heatmap
+    (``pair``'s own order for ``pair``), ``pair`` first."""
+    out = [_rows_first(adapter, a, b) for a, b in combinations(adapter.names, 2)]
+    if pair is not None:
+        out = [tuple(pair)] + [p for p in out if set(p) != set(pair)]
+    return out
+
+
+class ExplorerSelection(Selection):
+    """The Selection plus ``pair``: the two modalities (rows, columns) of the interaction
+    heatmap, whose interactions the input view and the prediction path's pairs show too
+    (None: a one-modality model). Set like the other fields: ``select(pair=("meta", "image"))``.
+    """
+
+    pair = traitlets.Any(None, allow_none=True)
+
+    def __init__(self, modalities=(), pair: tuple[str, str] | None = None, **kw):
+        self.modalities = [str(m) for m in modalities]
+        super().__init__(**kw)
+        self.pair = pair
+
+    @traitlets.validate("pair")
+    def _valid_pair(self, proposal):
+        p = proposal["value"]
+        if p is None:
+            return None
+        if (not isinstance(p, (tuple, list)) or len(p) != 2 or p[0] == p[1]
+                or any(str(m) not in self.modalities for m in p)):
+            raise traitlets.TraitError(f"pair must name two different modalities of "
+                                       f"{self.modalities}, got {p!r}.")
+        return str(p[0]), str(p[1])
+
+    def update(self, **kw) -> None:
+        with self.hold_trait_notifications():     # one notification for the whole change
+            if "pair" in kw:
+                self.pair = kw.pop("pair")
+            super().update(**kw)
+
+    def as_dict(self) -> dict:
+        out = super().as_dict()
+        out["pair"] = list(self.pair) if self.pair else None
+        return out
 
 
 def _check_dataset(dataset) -> None:
@@ -56,6 +110,7 @@ class InputPanel:
     The InputView shows the stage-1 attribution of the explained target (a neuron when one is
     selected, else the class). When a unit is selected, the other modality of the pair is
     coloured by its interaction with that unit (a row or a column of the interaction matrix).
+    The pair is the selection's ``pair`` when it has one (ExplorerSelection), else ``pair``.
     """
 
     items_slot, scores_slot = "items", "input"
@@ -71,13 +126,16 @@ class InputPanel:
         selection.observe(lambda _: self.refresh_items(), names=["instance"])
         selection.observe(lambda _: self.refresh_scores(),
                           names=["instance", "target", "neuron", "method", "interaction_method",
-                                 "modality", "unit"])
+                                 "modality", "unit", "pair"])
         selection.observe(lambda _: self._highlight(), names=["modality", "unit"])
         view.observe(self._on_view_click, names="selected")
 
     def refresh(self) -> None:
         self.refresh_items()
         self.refresh_scores()
+
+    def current_pair(self) -> tuple[str, str] | None:
+        return getattr(self.selection, "pair", None) or self.pair
 
     # -- the instance ----------------------------------------------------------------------------
     def refresh_items(self) -> None:
@@ -89,7 +147,8 @@ class InputPanel:
             items = input_items(a.adapter, a.raw(i), p)
             pred = a.class_index(i, -1)
             label = a.label(i)
-            cap = f"#{i} {a.dataset.describe(i)} | predicted: {a.adapter.class_names[pred]}"
+            cap = (f"{instance_title(i, a.dataset.describe(i))} | predicted: "
+                   f"{a.adapter.class_names[pred]}")
             if label is not None:
                 names = a.adapter.class_names
                 cap += f" | label: {names[label] if 0 <= label < len(names) else label}"
@@ -102,14 +161,14 @@ class InputPanel:
         """The instance cannot be shown: blank the view (no inputs of the previous instance
         stay on screen or clickable) and say which instance failed."""
         try:
-            desc = f" {self.analyses.dataset.describe(i)}"
+            title = instance_title(i, self.analyses.dataset.describe(i))
         except Exception:  # noqa: BLE001 - an instance out of range has no description
-            desc = ""
+            title = f"#{i}"
         with self.view.hold_sync():
             self.view.items = []
             self.view.scores = {}
             self.view.selected = {}
-            self.view.caption = f"#{i}{desc} | not shown ({type(err).__name__})"
+            self.view.caption = f"{title} | not shown ({type(err).__name__})"
             self.view.score_caption = ""
             self.items_instance = -1
             self.payload = {}
@@ -134,7 +193,8 @@ class InputPanel:
         i, target, neuron, method, imethod = (s.instance, s.target, s.neuron, s.method,
                                               s.interaction_method)
         unit = s.unit_ref
-        a, pair = self.analyses, self.pair
+        a, pair = self.analyses, self.current_pair()
+        in_pair = unit is not None and pair is not None and unit[0] in pair
 
         def job(progress):
             explained = a.explained(i, target, neuron)
@@ -142,7 +202,11 @@ class InputPanel:
             attr = a.attribution(i, explained, method, progress)
             scores = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in attr.scores.items()}
             caption = f"{method} attribution for {what}"
-            if unit is not None and pair is not None and unit[0] in pair:
+            if unit is not None and not in_pair and pair is not None:
+                caption += (f" ({unit[0]} is not in the heatmap's pair {pair[0]} x {pair[1]}, "
+                            f"so no interactions of its unit: choose a pair with {unit[0]} in "
+                            "the controls' pair menu)")
+            if in_pair:
                 m, u = unit
                 n = a.prepared(i).n_units.get(m, 0)
                 if not 0 <= u < n:
@@ -159,11 +223,11 @@ class InputPanel:
                            f"{m}: {method} attribution; for {what}")
             return i, {"scores": scores, "score_caption": caption}, key
 
-        key = ("input", i, target, neuron, method, imethod, unit)
+        key = ("input", i, target, neuron, method, imethod, unit,
+               pair if unit is not None else None)
         self._want = key
         # the progress bar names all this job computes (a unit's interactions may take seconds)
-        label = (f"{method} + {imethod} interactions"
-                 if unit is not None and pair is not None and unit[0] in pair else method)
+        label = f"{method} + {imethod} interactions" if in_pair else method
         self.view.score_caption = f"computing {label} ..."
         self.engine.submit(self.scores_slot, key, job, self._got_scores, self._failed,
                            priority=1, label=label)
@@ -220,7 +284,8 @@ class Explorer(W.VBox):
     sparse_model: the stage-4 sparse linear model (prediction.fit_sparse_model), used for the
     contributions and the prediction path (default: the decision layer's weights).
     cache_size: results kept in the LRU. features: precomputed extract_features(...) output.
-    pair: the two modalities of the interaction matrix (default: text/tabular rows).
+    pair: the two modalities of the interaction matrix (default: text/tabular rows); with more
+    than two modalities the controls' "pair" menu (or ``select(pair=...)``) changes it.
     kernels: a ``Kernels`` object (tests pass fakes). gallery_k: instances per gallery row.
     """
 
@@ -251,40 +316,55 @@ class Explorer(W.VBox):
             if bad or pair[0] == pair[1]:
                 raise ValueError(f"pair must name two different modalities of {adapter.names}, "
                                  f"got {pair}.")
-        self.pair = pair or default_pair(adapter)
-        if path_params is None:        # pairs of the path = the heatmap's pair (none: no pairs)
-            self.analyses.path_params = ({"modalities": self.pair} if self.pair
-                                         else {"interaction_method": None})
+        pair = pair or default_pair(adapter)
         # out-of-range instances and targets are rejected even when set on the Selection itself
-        self.selection = Selection(n_instances=len(dataset), n_classes=adapter.n_classes)
+        self.selection = ExplorerSelection(adapter.names, pair, n_instances=len(dataset),
+                                           n_classes=adapter.n_classes)
         # a new selection clears the banner first: observers run in the order they were added,
         # and a view's job may fail on the worker before a later observer would clear it
-        self.selection.observe(lambda _: self.engine.clear_error(), names=list(FIELDS))
+        self.selection.observe(lambda _: self.engine.clear_error(),
+                               names=list(FIELDS) + ["pair"])
+        if path_params is None:        # pairs of the path = the heatmap's pair (none: no pairs)
+            self._path_pairs(pair)
+            # before the path view's own observer, so that it asks for the new pairs
+            self.selection.observe(lambda c: self._path_pairs(c["new"]), names=["pair"])
         from .views.input_view import InputView
-        self.input_view = InputView()
+        # the input view takes what the heatmap leaves (at least 360 px); rows wrap rather than
+        # overflow the output area or push views over each other (a layout given here: one set
+        # later would leave the default one open)
+        self.input_view = InputView(layout=W.Layout(flex="1 1 360px", margin="0 12px 8px 0"))
         self.input_panel = InputPanel(self.input_view, self.selection, self.engine,
-                                      self.analyses, self.pair)
-        self.heatmap_view = (HeatmapView(self.selection, self.engine, self.analyses, self.pair)
-                             if self.pair else None)
+                                      self.analyses, pair)
+        self.heatmap_view = (HeatmapView(self.selection, self.engine, self.analyses, pair)
+                             if pair else None)
         self.neuron_view = NeuronView(self.selection, self.engine, self.analyses)
         self.path_view = PathView(self.selection, self.engine, self.analyses)
         self.embedding_view = EmbeddingView(self.selection, self.engine, self.analyses)
         self.controls = Controls(self.selection, len(dataset), adapter.class_names,
-                                 describe=dataset.describe, on_refresh=self.refresh)
+                                 describe=dataset.describe, on_refresh=self.refresh,
+                                 pairs=pair_options(adapter, pair) if pair else None)
         self.progress_panel = ProgressPanel(self.engine)
         self.banner = ErrorBanner(self.engine)
         title = W.Label(value=f"MultiViz Explorer: {adapter.name} on {getattr(dataset, 'name', '')}"
                         f" ({len(dataset)} instances)")
         top = [self.input_view] + ([self.heatmap_view] if self.heatmap_view else [])
-        # the input view takes what the heatmap leaves (at least 360 px); rows wrap rather than
-        # overflow the output area or push views over each other
-        self.input_view.layout = W.Layout(flex="1 1 360px", margin="0 12px 8px 0")
         self.input_view.add_class("mvz-input-view")
         wrap = dict(flex_flow="row wrap", align_items="flex-start")
         super().__init__([title, self.controls, self.progress_panel, self.banner,
                           W.HBox(top, layout=W.Layout(**wrap)), self.neuron_view,
                           W.HBox([self.path_view, self.embedding_view],
                                  layout=W.Layout(**wrap))])
+
+    def _path_pairs(self, pair) -> None:
+        """The prediction path's pairs are those of the heatmap's pair (none: no pairs); a new
+        dict, so that a path job that started with the old one can tell (PathView)."""
+        self.analyses.path_params = ({"modalities": tuple(pair)} if pair
+                                     else {"interaction_method": None})
+
+    @property
+    def pair(self) -> tuple[str, str] | None:
+        """The heatmap's two modalities (rows, columns) now; None for a one-modality model."""
+        return self.selection.pair
 
     @property
     def views(self) -> list:
@@ -299,11 +379,13 @@ class Explorer(W.VBox):
         self.neuron_view.refresh_gallery()
 
     def select(self, instance: int = ..., unit=..., neuron: int = ..., target=...,
-               method: str = ..., interaction_method: str = ...) -> "Explorer":
+               method: str = ..., interaction_method: str = ..., pair=...) -> "Explorer":
         """Do what clicks do: ``unit`` is (modality, index) or None; ``target`` a class index,
-        a class name or -1/None (the predicted class); ``neuron`` an index or -1/None."""
+        a class name or -1/None (the predicted class); ``neuron`` an index or -1/None;
+        ``pair`` the heatmap's (rows, columns) modalities."""
         kw = {k: v for k, v in dict(instance=instance, unit=unit, neuron=neuron, target=target,
-                                    method=method, interaction_method=interaction_method).items()
+                                    method=method, interaction_method=interaction_method,
+                                    pair=pair).items()
               if v is not ...}
         if "instance" in kw:
             self.analyses.check_instance(kw["instance"])
@@ -327,6 +409,17 @@ class Explorer(W.VBox):
                                  f"{self.adapter.names}, or None; got {u!r}.")
             if int(u[1]) < 0:
                 raise ValueError(f"unit index must be non-negative, got {u[1]}.")
+            self._check_unit(str(u[0]), int(u[1]), kw.get("instance", self.selection.instance))
+        if "pair" in kw:
+            p = kw["pair"]
+            if self.pair is None:
+                raise ValueError(f"This model has one modality ({self.adapter.names}): there is "
+                                 "no pair of modalities to choose.")
+            if (not isinstance(p, (tuple, list)) or len(p) != 2 or p[0] == p[1]
+                    or any(m not in self.adapter.modalities for m in p)):
+                raise ValueError(f"pair must name two different modalities of "
+                                 f"{self.adapter.names} as (rows, columns), got {p!r}.")
+            kw["pair"] = (str(p[0]), str(p[1]))
         if kw.get("neuron") is not None and "neuron" in kw and int(kw["neuron"]) >= 0:
             try:
                 d = self.analyses.n_neurons()
@@ -337,6 +430,16 @@ class Explorer(W.VBox):
                                  f"{d} inputs (0..{d - 1}).")
         self.selection.select(**kw)
         return self
+
+    def _check_unit(self, modality: str, unit: int, instance: int) -> None:
+        """A ValueError when instance ``instance`` has no unit ``unit`` of ``modality``."""
+        try:
+            n = int(self.analyses.prepared(instance).n_units[modality])
+        except Exception:  # noqa: BLE001 - an instance that cannot be prepared: its views say so
+            return
+        if unit >= n:
+            raise ValueError(f"unit {unit} of {modality!r} is out of range: instance {instance} "
+                             f"has {n} units there (0..{n - 1}).")
 
     def wait(self, timeout: float | None = 120.0) -> bool:
         """Block until no job is pending (for tests and benchmarks); False on timeout."""
@@ -371,10 +474,12 @@ class Explorer(W.VBox):
         return out
 
     def close(self) -> None:
-        """Stop the engine's worker threads and close the widget."""
+        """Stop the engine's worker threads and close the widget and every widget it holds
+        (the views, their figures, gallery items, layouts: none keeps a comm open)."""
         engine = self.__dict__.get("engine")   # absent when the constructor failed early
         if engine is not None:
             engine.close()
+        close_widgets(w for w in widget_tree([self]) if w is not self)
         super().close()
 
     def __repr__(self) -> str:

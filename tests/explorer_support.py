@@ -205,3 +205,36 @@ class FakeKernels(Kernels):
                             "pairs": pairs})
         return {"class": class_index, "class_name": adapter.class_names[class_index],
                 "neurons": neurons}
+
+
+class TinyThree(nn.Module):
+    """image + question + tabular "meta" (for the pair menu)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.img = nn.Linear(3 * 8 * 8, 6)
+        self.emb = nn.Embedding(len(VOCAB), 4)
+        self.txt = nn.Linear(4, 6)
+        self.tab = nn.Linear(3, 6)
+        self.head = nn.Linear(6, len(CLASSES))
+
+    def forward(self, image, question, meta):
+        a = torch.relu(self.img(image.flatten(1)))
+        b = torch.tanh(self.txt(self.emb(question).mean(1)))
+        c = torch.tanh(self.tab(meta))
+        return self.head(a * b + c * a + b)
+
+
+def tiny_three(n: int = 8):
+    """Three modalities and no descriptions (describe(i) is "#i")."""
+    adapter = ModelAdapter(TinyThree().eval(), [Image("image", patch=4), Text("question", VOCAB),
+                                                Tabular("meta", columns=["a", "b", "c"])],
+                           CLASSES)
+    rng = np.random.default_rng(2)
+    qs = ["what color is the shape", "is the circle red", "what is the shape"]
+    ds = MultimodalDataset({"image": [rng.random((8, 8, 3)).astype(np.float32) for _ in range(n)],
+                            "question": [qs[i % len(qs)] for i in range(n)],
+                            "meta": [rng.normal(size=3).astype(np.float32) for _ in range(n)]},
+                           labels=[i % len(CLASSES) for i in range(n)], name="tiny-three")
+    return adapter, ds

@@ -15,7 +15,7 @@ import torch
 from multiviz_widgets.adapter import Class, Neuron
 from multiviz_widgets.explorer import Explorer, default_pair
 
-from .explorer_support import CLASSES, FakeKernels, tiny_tab_series, tiny_vqa
+from .explorer_support import CLASSES, FakeKernels, tiny_tab_series, tiny_three, tiny_vqa
 
 
 @pytest.fixture
@@ -811,5 +811,141 @@ def test_a_gallery_row_of_tied_activations_says_so():
         assert nv.bottom_label.value == ("bottom activating: 10 instances tie at h = 0 (no "
                                          "ranking among them), showing the first 4")
         assert nv.top_label.value == "top activating"
+    finally:
+        ex.close()
+
+
+# -- widgets the views replace are closed; close() closes them all ----------------------------
+def _live(widgets) -> list:
+    return [w for w in widgets if w.comm is not None]
+
+
+def test_gallery_and_legend_refreshes_close_the_widgets_they_replace(vqa):
+    ex, _ = vqa
+    nv, ev = ex.neuron_view, ex.embedding_view
+    ex.select(neuron=nv.shown[0])
+    assert ex.wait(30) and nv.gallery
+    first_items = list(nv.top_row.children) + list(nv.bottom_row.children)
+    first_parts = [w for item in first_items for w in item.children]
+    before = len(W.Widget.widgets)
+    for n in range(12):                        # new galleries: other neurons, other methods
+        ex.select(neuron=nv.shown[n % 3], method=ex.controls.methods[n % 2])
+        ev.colour_by.value = ["label", "prediction", "correctness"][n % 3]
+        assert ex.wait(30) and nv.gallery
+    assert len(W.Widget.widgets) <= before + 5
+    assert not _live(first_items + first_parts)          # the first gallery's widgets
+    ex.select(neuron=-1)                                  # no gallery: its items closed too
+    assert ex.wait(30) and not nv.top_row.children
+    assert len(W.Widget.widgets) < before
+
+
+def test_close_closes_every_widget_of_the_explorer():
+    from multiviz_widgets.views._common import widget_tree
+    adapter, ds = tiny_vqa()
+    before = set(W.Widget.widgets)
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05)
+    assert ex.wait(60)
+    ex.select(neuron=ex.neuron_view.shown[0])
+    assert ex.wait(30) and ex.neuron_view.gallery
+    tree = widget_tree([ex])
+    kinds = {type(w).__name__ for w in tree}
+    assert {"InputView", "Figure", "GridHeatMap", "Scatter", "Image", "Button", "Layout"} <= kinds
+    ex.close()
+    assert not _live(tree)
+    assert set(W.Widget.widgets) - before == set()
+
+
+# -- the heatmap's pair with three modalities ---------------------------------------------------
+@pytest.fixture
+def three():
+    adapter, ds = tiny_three()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05)
+    assert ex.wait(60)
+    yield ex
+    ex.close()
+
+
+def test_the_pair_menu_changes_the_heatmap_the_overlay_and_the_path(three):
+    ex = three
+    menu = ex.controls.pair
+    assert menu is not None and ex.pair == ("question", "image")
+    assert [v for _, v in menu.options] == [("question", "image"), ("meta", "image"),
+                                            ("question", "meta")]
+    assert np.asarray(ex.state()["heatmap"]).shape == (5, 4)
+    ex.input_panel.click("meta", 1)                  # a unit outside the pair: a note says so
+    assert ex.wait(30)
+    st = ex.state()
+    assert "meta is not in the heatmap's pair question x image" in st["score_caption"]
+    assert "pair menu" in st["score_caption"] and st["heatmap_selected_row"] == -1
+    menu.value = ("meta", "image")                   # what a pick in the browser does
+    assert ex.selection.pair == ("meta", "image") and ex.wait(30)
+    st = ex.state()
+    assert st["pair"] == ["meta", "image"] and st["error"] == ""
+    assert np.asarray(st["heatmap"]).shape == (3, 4)
+    assert ex.heatmap_view.caption.value.startswith("second_order interactions meta x image")
+    assert (ex.heatmap_view.row_axis.label, ex.heatmap_view.col_axis.label) == ("meta", "image")
+    assert st["heatmap_selected_row"] == 1 and st["unit_ref"] == ["meta", 1]
+    assert np.allclose(st["input_scores"]["image"], np.asarray(st["heatmap"])[1])
+    assert "not in the heatmap's pair" not in st["score_caption"]
+    assert ex.analyses.path_params == {"modalities": ("meta", "image")}
+    ex.heatmap_view.click(2)                          # a cell click selects a meta unit
+    assert ex.selection.unit_ref == ("meta", 2)
+    ex.select(pair=("image", "question"))             # from code, another order: added to the menu
+    assert ex.wait(30) and menu.value == ("image", "question")
+    assert np.asarray(ex.state()["heatmap"]).shape == (4, 5)
+    with pytest.raises(ValueError, match="two different modalities"):
+        ex.select(pair=("meta", "meta"))
+    with pytest.raises(ValueError, match="two different modalities"):
+        ex.select(pair=("meta", "audio"))
+
+
+def test_two_modalities_have_no_pair_menu(vqa):
+    ex, _ = vqa
+    assert ex.controls.pair is None
+    assert all(ex.controls.pair not in box.children for box in ex.controls.children)
+
+
+# -- select() checks units; captions without descriptions; many classes ----------------------
+def test_select_rejects_a_unit_out_of_range(vqa):
+    ex, _ = vqa
+    with pytest.raises(ValueError, match=r"unit 50 of 'question' is out of range: instance 0 "
+                                         r"has 5 units there \(0..4\)"):
+        ex.select(unit=("question", 50))
+    with pytest.raises(ValueError, match="modality of"):
+        ex.select(unit=("audio", 0))
+    assert ex.selection.unit_ref is None
+    ex.select(unit=("question", 4))
+    assert ex.selection.unit_ref == ("question", 4)
+
+
+def test_a_dataset_without_descriptions_names_its_instance_once(three):
+    ex = three
+    ex.select(instance=4)
+    assert ex.wait(30)
+    assert ex.input_view.caption.startswith("#4 | predicted: ")
+    ex.select(neuron=ex.neuron_view.shown[0])
+    assert ex.wait(30)
+    button = ex.neuron_view.top_row.children[0].children[-2]
+    assert button.description == f"#{ex.neuron_view.gallery[0]['index']}"
+
+
+def test_more_classes_than_palette_colours_get_a_hue_scale_and_a_legend_note():
+    from multiviz_widgets.views.embedding_view import PALETTE, group_colours
+    assert np.allclose(group_colours(3, "label"), PALETTE[:3])
+    many = group_colours(50, "label")
+    assert many.shape == (50, 3) and len({tuple(np.round(c, 4)) for c in many}) == 50
+    from multiviz_widgets import ModelAdapter, MultimodalDataset, Tabular
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 50))
+    adapter = ModelAdapter(model.eval(), [Tabular("row", columns=["a", "b", "c"])],
+                           [f"c{k}" for k in range(50)])
+    ds = MultimodalDataset({"row": [np.full(3, i, dtype=np.float32) for i in range(6)]},
+                           labels=list(range(6)))
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05)
+    try:
+        assert ex.wait(30)
+        ev = ex.embedding_view
+        assert ex.state()["error"] == ""
+        assert "50 classes" in ev.state()["legend_note"]
+        assert ev.legend.children[0].value == ev.state()["legend_note"]
     finally:
         ex.close()

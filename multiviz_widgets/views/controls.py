@@ -1,4 +1,4 @@
-"""The control panel (instance, target, methods), the progress bar and the error banner.
+"""The control panel (instance, target, methods, pair), the progress bar and the error banner.
 
 All strings from data (class names, instance descriptions, error messages) go into widgets
 that render text (Label, Dropdown options, Button descriptions), never HTML.
@@ -26,16 +26,20 @@ def _names(module: str, attr: str, default: Sequence[str]) -> list[str]:
 
 
 class Controls(W.VBox):
-    """Picks the instance, the target class and the methods; shows the neuron and unit.
+    """Picks the instance, the target class, the methods and (with ``pairs``: more than one
+    (rows, columns) pair of modalities) the heatmap's pair; shows the neuron and unit.
 
     Every change goes through ``selection.select`` (the same path as a click elsewhere), and
-    every selection change is reflected here.
+    every selection change is reflected here. The pair menu needs a selection with a ``pair``
+    field (the Explorer's ExplorerSelection).
     """
 
     def __init__(self, selection: Selection, n_instances: int, class_names: Sequence[str],
                  describe=None, methods: Sequence[str] | None = None,
-                 interaction_methods: Sequence[str] | None = None, on_refresh=None):
+                 interaction_methods: Sequence[str] | None = None, on_refresh=None,
+                 pairs: Sequence[tuple[str, str]] | None = None):
         self.selection = selection
+        self._syncing = False
         self._describe = describe or (lambda i: f"#{i}")
         self.instance = W.BoundedIntText(value=selection.instance, min=0,
                                          max=max(0, n_instances - 1), description="instance",
@@ -57,6 +61,14 @@ class Controls(W.VBox):
             options=self._with(self.interaction_methods, selection.interaction_method),
             value=selection.interaction_method, description="interaction",
             layout=W.Layout(width="300px"))
+        # the heatmap's (rows, columns) modalities: a menu only when there is a choice
+        self.pair = None
+        if pairs is not None and len(pairs) > 1:
+            options = [self._pair_option(p) for p in pairs]
+            self.pair = W.Dropdown(options=options, value=getattr(selection, "pair", None),
+                                   description="pair", tooltip="heatmap rows x columns",
+                                   layout=W.Layout(width="300px"))
+            self.pair.observe(lambda c: self._pick(pair=c["new"]), names="value")
         self.neuron_label = W.Label(value="")
         self.clear_neuron = W.Button(description="clear neuron", layout=W.Layout(width="110px"))
         self.unit_label = W.Label(value="")
@@ -76,13 +88,19 @@ class Controls(W.VBox):
         if on_refresh is not None:
             self.refresh_button.on_click(lambda _: on_refresh())
         selection.observe(self._sync, names=["instance", "target", "method",
-                                             "interaction_method", "neuron", "modality", "unit"])
+                                             "interaction_method", "neuron", "modality", "unit",
+                                             "pair"])
         self._sync(None)
         super().__init__([
             W.HBox([self.prev, self.instance, self.next, self.description]),
             W.HBox([self.target, self.method, self.interaction_method, self.refresh_button]),
-            W.HBox([self.neuron_label, self.clear_neuron, self.unit_label, self.clear_unit]),
+            W.HBox([self.neuron_label, self.clear_neuron, self.unit_label, self.clear_unit]
+                   + ([self.pair] if self.pair is not None else [])),
         ])
+
+    @staticmethod
+    def _pair_option(pair) -> tuple[str, tuple[str, str]]:
+        return f"{pair[0]} x {pair[1]}", (str(pair[0]), str(pair[1]))
 
     def _target_options(self):
         return [("predicted class", -1)] + [(name, i) for i, name in enumerate(self.class_names)]
@@ -92,6 +110,8 @@ class Controls(W.VBox):
         return options if value in options else options + [value]
 
     def _pick(self, **kw) -> None:
+        if self._syncing:       # a menu whose options _sync replaces passes by its first one
+            return
         if any(getattr(self.selection, k) != v for k, v in kw.items()):
             self.selection.select(**kw)
 
@@ -100,6 +120,13 @@ class Controls(W.VBox):
         self._pick(instance=i)
 
     def _sync(self, _change) -> None:
+        self._syncing = True
+        try:
+            self._show_selection()
+        finally:
+            self._syncing = False
+
+    def _show_selection(self) -> None:
         s = self.selection
         if 0 <= s.instance < self.n_instances:
             self.instance.value = s.instance
@@ -113,6 +140,11 @@ class Controls(W.VBox):
             self.interaction_method.options = self._with(list(self.interaction_method.options),
                                                          s.interaction_method)
         self.interaction_method.value = s.interaction_method
+        pair = getattr(s, "pair", None)
+        if self.pair is not None and pair is not None:
+            if pair not in [v for _, v in self.pair.options]:   # e.g. select(pair=) reversed
+                self.pair.options = list(self.pair.options) + [self._pair_option(pair)]
+            self.pair.value = pair
         self.neuron_label.value = f"neuron: h{s.neuron}" if s.neuron >= 0 else "neuron: none"
         self.clear_neuron.disabled = s.neuron < 0
         self.unit_label.value = (f"unit: {s.modality} #{s.unit}" if s.unit_ref else "unit: none")

@@ -6,6 +6,8 @@ the selected instance is highlighted. Features and the projection come from the 
 """
 from __future__ import annotations
 
+import colorsys
+
 import ipywidgets as W
 import numpy as np
 
@@ -13,6 +15,7 @@ from ..engine import Analyses, Engine
 from ..kernels.projection import colour_groups
 from ..progress import Cancelled
 from ..selection import FIELDS, Selection
+from ._common import close_widgets
 
 PALETTE = np.array([
     [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
@@ -23,6 +26,18 @@ CORRECTNESS = np.array([[214, 39, 40], [44, 160, 44]], dtype=np.float32) / 255.0
 #: The colour of points whose label is not one of the model's classes (e.g. -1, unlabelled).
 UNKNOWN = np.array([200, 200, 200], dtype=np.float32) / 255.0
 UNKNOWN_NAME = "unknown / unlabelled"
+
+
+def group_colours(n: int, by: str) -> np.ndarray:
+    """RGB in [0, 1] [n, 3] of ``n`` colour groups: the palette's distinct colours while they
+    suffice; for more groups (e.g. 50 classes) a continuous hue scale over the group index
+    (no two groups share a colour, neighbouring ones look alike)."""
+    pal = CORRECTNESS if by == "correctness" else PALETTE
+    if n <= len(pal):
+        return pal[:n].copy()
+    hues = np.linspace(0.0, 0.85, n)          # red .. violet, without wrapping back to red
+    return np.array([colorsys.hsv_to_rgb(float(h), 0.75, 0.85) for h in hues],
+                    dtype=np.float32).reshape(n, 3)
 
 
 def _hex(rgb) -> str:
@@ -63,6 +78,7 @@ class EmbeddingView(W.VBox):
         self.scatter.observe(self._on_click, names="clicked_index")
         self.colour_by.observe(lambda _: self._colour(), names="value")
         self.legend = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
+        self.legend_note = ""                            # says when colours are a hue scale
         self.caption = W.Label(value="")
         # a fixed width: the legend wraps inside it instead of widening the view over the path
         super().__init__([self.caption, self.colour_by, self.legend, self.figure],
@@ -135,8 +151,10 @@ class EmbeddingView(W.VBox):
             known = (labels >= 0) & (labels < len(names))
             labels = np.where(known, labels, 0)
         groups, group_names = colour_groups(by, labels, preds, names)
-        pal = CORRECTNESS if by == "correctness" else PALETTE
-        colours = [pal[g % len(pal)] for g in range(len(group_names))]
+        colours = list(group_colours(len(group_names), by))
+        note = (f"{len(group_names)} classes, more than the {len(PALETTE)} distinct colours: "
+                "a continuous hue scale by class index (neighbouring classes look alike)"
+                if len(group_names) > len(PALETTE) else "")
         if by != "prediction" and known is not None and not known.all():
             # labels outside the model's classes: their own legend entry, and not counted as
             # wrong (or right) under correctness
@@ -146,9 +164,12 @@ class EmbeddingView(W.VBox):
         self.groups, self.group_names = groups, group_names
         self.scatter.color = np.array(colours, dtype=np.float32)[self.groups] if len(groups) \
             else np.zeros((0, 3), np.float32)
-        self.legend.children = [
+        old = self.legend.children
+        self.legend.children = ([W.Label(value=note)] if note else []) + [
             W.Label(value=f"\u25cf {name}", style={"text_color": _hex(colours[g])})
             for g, name in enumerate(self.group_names)]
+        self.legend_note = note
+        close_widgets(old)                    # the labels replaced (each holds comms)
 
     def _highlight(self) -> None:
         rows = np.nonzero(self.indices == self.selection.instance)[0]
@@ -172,4 +193,4 @@ class EmbeddingView(W.VBox):
         return {"n_points": int(len(self.coords)), "colour_by": self.colour_by.value,
                 "selected": None if sel is None or len(sel) == 0 else int(
                     self.indices[int(np.asarray(sel).reshape(-1)[0])]),
-                "groups": self.group_names}
+                "groups": self.group_names, "legend_note": self.legend_note}

@@ -2,7 +2,8 @@
 
 Rows are the units of modality a, columns those of modality b (``Interaction.matrix``). A cell
 click selects the row's unit (and so the InputView shows that unit's interactions); the row
-(or column) of the selected unit is highlighted. The view only encodes: the matrix comes from
+(or column) of the selected unit is highlighted. The pair follows the selection's ``pair`` when
+it has one (the Explorer's pair menu). The view only encodes: the matrix comes from
 the engine (``Analyses.interaction``).
 """
 from __future__ import annotations
@@ -50,7 +51,10 @@ def tick_labels(labels: list[str], n: int) -> list[str]:
 
 
 class HeatmapView(W.VBox):
-    """Interaction matrix of ``pair`` = (rows modality, columns modality); cells clickable."""
+    """Interaction matrix of ``pair`` = (rows modality, columns modality); cells clickable.
+
+    ``pair`` is that of the matrix shown; a new one (the selection's ``pair``) is drawn when its
+    matrix arrives."""
 
     slot = "heatmap"
 
@@ -92,22 +96,26 @@ class HeatmapView(W.VBox):
                          layout=W.Layout(width="566px", flex="0 0 auto"))  # figure + margins
         self.add_class("mvz-heatmap-view")
         selection.observe(lambda _: self.refresh(), names=["instance", "target", "neuron",
-                                                          "interaction_method"])
+                                                          "interaction_method", "pair"])
         selection.observe(lambda _: self._highlight(), names=["modality", "unit"])
 
     # -- requests ------------------------------------------------------------------------------
+    def wanted_pair(self) -> tuple[str, str]:
+        """The pair asked for: the selection's, else the one given at construction."""
+        return tuple(getattr(self.selection, "pair", None) or self.pair)
+
     def refresh(self) -> None:
         s = self.selection
         i, target, neuron, method = s.instance, s.target, s.neuron, s.interaction_method
-        a = self.analyses
-        self.caption.value = f"computing {method} interactions ..."
+        a, pair = self.analyses, self.wanted_pair()
+        self.caption.value = f"computing {method} interactions {pair[0]} x {pair[1]} ..."
 
         def job(progress):
             explained = a.explained(i, target, neuron)
-            inter = a.interaction(i, explained, method, self.pair, progress)
+            inter = a.interaction(i, explained, method, pair, progress)
             return i, explained, inter
 
-        self.engine.submit(self.slot, ("heatmap", i, target, neuron, method, self.pair), job,
+        self.engine.submit(self.slot, ("heatmap", i, target, neuron, method, pair), job,
                            self._show, lambda err: self._failed(err, i), priority=2,
                            label=f"{method} interactions")
 
@@ -121,6 +129,10 @@ class HeatmapView(W.VBox):
     def _show(self, result) -> None:
         i, explained, inter = result
         self.instance = int(i)
+        pair = tuple(str(m) for m in (getattr(inter, "modalities", None) or self.pair))
+        if pair != self.pair:
+            self.pair = pair
+            self.row_axis.label, self.col_axis.label = pair
         self._draw(np.asarray(inter.matrix, dtype=np.float64), inter.row_labels,
                    inter.col_labels)
         self.caption.value = (f"{inter.method} interactions {self.pair[0]} x {self.pair[1]} "

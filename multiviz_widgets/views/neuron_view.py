@@ -12,6 +12,7 @@ import numpy as np
 from ..adapter import Neuron
 from ..engine import Analyses, Engine
 from ..selection import Selection
+from ._common import close_widgets, instance_title
 from ._encode import image_overlay, png, strip
 
 
@@ -229,8 +230,11 @@ class NeuronView(W.VBox):
         rows = {"top": [], "bottom": []}
         for it in items:
             rows[it["side"]].append(self._item_widget(it))
+        # the items replaced are closed: each holds comms (image, button, label, layouts)
+        old = list(self.top_row.children) + list(self.bottom_row.children)
         self.top_row.children = rows["top"]
         self.bottom_row.children = rows["bottom"]
+        close_widgets(old)
         for side, label in (("top", self.top_label), ("bottom", self.bottom_label)):
             tie = (ties or {}).get(side)
             label.value = f"{side} activating" if tie is None else (
@@ -243,7 +247,7 @@ class NeuronView(W.VBox):
     def _item_widget(self, it: dict) -> W.Widget:
         parts = [W.Image(value=b, format="png", layout=W.Layout(width=f"{self.thumb_size}px"))
                  for b in it["thumbs"].values()]
-        button = W.Button(description=_short(f"#{it['index']} {it['description']}"),
+        button = W.Button(description=_short(instance_title(it["index"], it["description"])),
                           tooltip=f"{it['description']} (h = {it['value']:.3g})",
                           layout=W.Layout(width="180px"))
         button.on_click(lambda _b, idx=it["index"]: self.click_item(idx))

@@ -3,6 +3,8 @@
 The path comes from the engine (``Analyses.path``: prediction.prediction_path(...).to_dict())
 and its layout from ``kernels.projection.path_layout``; the view only draws. A class node click
 sets the target (everywhere), a neuron node selects the neuron, a unit node selects the unit.
+The path's pairs are those of ``Analyses.path_params`` (the Explorer sets them to the
+heatmap's pair): a change of the selection's ``pair`` asks for the path again.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 
 from ..engine import Analyses, Engine
 from ..kernels.projection import path_layout
+from ..progress import Cancelled
 from ..selection import Selection
 
 _COLOURS = {"class": "#d62728", "neuron": "#1f77b4", "unit": "#2ca02c"}
@@ -40,7 +43,7 @@ class PathView(W.VBox):
                          layout=W.Layout(width="626px", flex="0 0 auto",
                                          margin="0 12px 8px 0"))
         self.add_class("mvz-path-view")
-        selection.observe(lambda _: self.refresh(), names=["instance", "target"])
+        selection.observe(lambda _: self.refresh(), names=["instance", "target", "pair"])
         selection.observe(lambda _: self._highlight(), names=["neuron", "modality", "unit"])
 
     def _new_graph(self, node_data, link_data, x, y, colors) -> bq.Graph:
@@ -57,16 +60,20 @@ class PathView(W.VBox):
         s = self.selection
         i, target, a = s.instance, s.target, self.analyses
         self.caption.value = "computing the prediction path ..."
+        params = a.path_params            # replaced (never changed in place) on a new pair
 
         def job(progress):
             cls = a.class_index(i, target)
             path = a.path(i, cls, progress)
+            if a.path_params is not params:   # a new pair came while it ran: not cached
+                raise Cancelled("the pair of the prediction path changed")
             nodes, links = path_layout(path, other_classes=a.top_classes(i, 3))
             return cls, path, nodes, links, i
 
         # the "main" lane: the path is about the selected instance and needs no dataset-wide
         # work, so it never waits for the dataset's features
-        self.engine.submit(self.slot, ("path", i, target), job, self._show,
+        key = ("path", i, target, tuple(sorted(params.items())))
+        self.engine.submit(self.slot, key, job, self._show,
                            lambda err: self._failed(err, i), priority=3, label="prediction path")
 
     def _failed(self, err, instance: int | None = None) -> None:
