@@ -286,6 +286,10 @@ class ModelAdapter:
             self.embedding_layers[m.name] = layer
         self._lock = MODEL_LOCK
         self._warned_training = False
+        #: the dtype of the model's first floating parameter (None without one): ``collate``
+        #: gives floating inputs this dtype
+        self._float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                                 None)
         self._last_shapes: dict[str, tuple] = {}   # per-instance input shapes the model last took
         # {thread id: the token ids of the model arguments model_inputs() last built in that
         # thread}: the ids whose embedding ``run`` substitutes when its caller does not pass them
@@ -351,16 +355,24 @@ class ModelAdapter:
                                f"{self.names}" + (f"; missing {missing}" if missing else "")
                                + (f"; unknown {extra}" if extra else "") + ".")
 
-    def collate(self, instances: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        """Model inputs for a list of instances (raw values or tensors), batched per modality.
+    def collate(self, instances: Sequence[Mapping], on_device: bool = True
+                ) -> dict[str, torch.Tensor]:
+        """Model inputs for a list of instances (raw values or tensors), batched per modality,
+        on the model's device (left on the CPU with ``on_device=False``). Floating inputs take
+        the dtype of the model's floating parameters (a float64 model gets float64 inputs from
+        float32 arrays); token ids and other integer inputs are left as they are. No copy when
+        device and dtype already match.
 
         Raises AdapterError when a modality's inputs are empty, hold NaN or infinity, or (in a
         batch) differ in shape from one instance to another."""
         for inst in instances:
             self._check_names(inst)
-        dev = self.device
-        return {n: self._checked_batch(m, [inst[n] for inst in instances]).to(dev)
-                for n, m in self.modalities.items()}
+        dev = self.device if on_device else None
+        out = {}
+        for n, m in self.modalities.items():
+            x = self._checked_batch(m, [inst[n] for inst in instances])
+            out[n] = x.to(dev, self._float_dtype if x.is_floating_point() else None)
+        return out
 
     def _checked_batch(self, modality: Modality, items: Sequence) -> torch.Tensor:
         """modality.batch(items), with clear errors for inputs of several shapes, empty inputs

@@ -503,8 +503,52 @@ def test_keyword_only_forward_and_float64_models_get_specific_hints():
     ok = ModelAdapter(KeywordOnly().eval(), mods, list("abc"), keyword_inputs=True)
     attribute(ok, drop_norm_instance(), "gradient")
     wide = ModelAdapter(KeywordOnly().double().eval(), mods, list("abc"), keyword_inputs=True)
+    attribute(wide, drop_norm_instance(), "gradient")     # collate casts the float32 inputs
+    raw = {k: v[None] for k, v in drop_norm_instance().items()}    # past collate: not cast
     with pytest.raises(ModelInputError, match=r"parameters are float64 but modality 'tabular' is "
                                               r"float32: pass float64 tensors.*model.float\(\)"):
-        attribute(wide, drop_norm_instance(), "gradient")
+        wide.forward(raw)
     inst = {k: v.double() for k, v in drop_norm_instance().items()}
     attribute(wide, inst, "gradient")
+
+
+class Wide(nn.Module):
+    """A float64 model: tabular [4] (float64 numpy rows) + token ids, which stay integers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(6, 3)
+        self.t = nn.Linear(4, 5)
+        self.head = nn.Linear(8, 2)
+        self.double()
+
+    def forward(self, tabular, words):
+        assert tabular.dtype == torch.float64 and words.dtype == torch.int64
+        return self.head(torch.cat([torch.tanh(self.t(tabular)), self.emb(words).mean(1)], 1))
+
+
+def test_a_float64_model_takes_float64_and_float32_arrays_and_token_ids_stay_integers(tmp_path):
+    from multiviz_widgets import MultimodalDataset, Text
+    from multiviz_widgets.kernels.representations import extract_features
+    from multiviz_widgets.kernels.unimodal import attribute
+    vocab = ["[PAD]", "[UNK]", "a", "b", "c", "d"]
+    a = ModelAdapter(Wide().eval(), [Tabular("tabular", columns=list("wxyz")),
+                                     Text("words", vocab)], ["n", "y"])
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(size=4) for _ in range(5)]                  # float64 numpy
+    words = ["a b", "c", "d a b", "b b", "c d"]
+    batch = a.collate([{"tabular": r, "words": w} for r, w in zip(rows[:2], words[:2])])
+    assert batch["tabular"].dtype == torch.float64 and batch["words"].dtype == torch.int64
+    same = torch.zeros(1, 4, dtype=torch.float64)
+    assert a.collate([{"tabular": same[0], "words": "a"}])["tabular"].dtype == torch.float64
+    for x in (rows[0], rows[0].astype(np.float32)):
+        r = attribute(a, {"tabular": x, "words": "a b"}, "gradient")
+        assert np.isfinite(np.asarray(r.scores["tabular"])).all()
+    ds = MultimodalDataset({"tabular": rows, "words": words})
+    f = extract_features(a, ds, cache_dir=tmp_path)
+    with torch.no_grad():
+        want = torch.stack([a.model(torch.as_tensor(r)[None], a.modalities["words"].batch([w]))[0]
+                            for r, w in zip(rows, words)])
+    np.testing.assert_allclose(f.logits, want.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(f.indices, np.arange(5))

@@ -412,3 +412,137 @@ def test_project_3d_names_non_finite_rows_and_checks_dims():
     assert project_3d(h, dims=2).shape == (6, 2) and project_3d(h, dims=1).shape == (6, 1)
     huge = project_3d(np.array([[1e200, 0.0], [0.0, 1.0], [2.0, 2.0]]))
     assert np.isfinite(huge).all() and np.abs(huge).max() == pytest.approx(1.0)
+
+
+# -- batches of equal shapes: no padding, instances of several sizes, unpreparable instances --------
+VOCAB = ["[PAD]", "[UNK]"] + "the movie was good bad very not boring great".split()
+
+
+class MeanPool(nn.Module):
+    """Token embeddings averaged with no pad mask: [PAD] tokens would change the mean."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb = nn.Embedding(len(VOCAB), 8)
+        self.mid = nn.Linear(8, 5)
+        self.head = nn.Linear(5, 2)
+        self.shapes = []
+
+    def forward(self, review):
+        self.shapes.append(tuple(review.shape))
+        return self.head(torch.tanh(self.mid(self.emb(review).mean(1))))
+
+
+REVIEWS = ["the movie was good", "very bad", "not boring", "great", "the movie was not very good",
+           "bad", "very very good", "boring", "not good", "the movie"]
+
+
+def one_by_one(adapter, ds):
+    """(h [N, d], logits [N, C]) of each instance's own forward pass."""
+    out = [adapter.features(adapter.collate([ds[i]])) for i in range(len(ds))]
+    return (torch.cat([h for _, h in out]).numpy(), torch.cat([lg for lg, _ in out]).numpy())
+
+
+def test_texts_of_different_lengths_are_never_padded(cache):
+    from multiviz_widgets import Text
+    adapter = ModelAdapter(MeanPool().eval(), [Text("review", VOCAB)], ["neg", "pos"])
+    ds = MultimodalDataset({"review": REVIEWS})
+    h, logits = one_by_one(adapter, ds)
+    for bs in (1, 2, 3, 256):
+        adapter.model.shapes.clear()
+        f = extract_features(adapter, ds, batch_size=bs, cache=False)
+        np.testing.assert_array_equal(f.indices, np.arange(len(ds)))
+        np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(f.logits, logits, rtol=1e-5, atol=1e-6)
+        assert f.forward_passes == len(ds) and f.skipped == {}
+        assert all(b <= bs for b, _ in adapter.model.shapes)
+        ext = neuron_extremes(adapter, ds, k=3, batch_size=bs)
+        top, bot = full_sort(h, 3)
+        np.testing.assert_array_equal(ext.top_indices, top)
+        np.testing.assert_array_equal(ext.bottom_indices, bot)
+    # dataset order is kept for chosen indices too, whatever the groups
+    idx = [9, 0, 3, 4, 1, 3]
+    f = extract_features(adapter, ds, indices=idx, batch_size=2, cache_dir=cache)
+    np.testing.assert_array_equal(f.indices, idx)
+    np.testing.assert_allclose(f.h, h[idx], rtol=1e-5, atol=1e-6)
+    assert extract_features(adapter, ds, indices=idx, batch_size=2, cache_dir=cache).from_cache
+
+
+def test_the_window_bounds_what_waits_and_keeps_the_order(monkeypatch):
+    """Many shapes, a small window: every instance still comes out once, in order."""
+    from multiviz_widgets import Text
+    monkeypatch.setattr(rep, "WINDOW_BATCHES", 1)
+    monkeypatch.setattr(rep, "LAG_BATCHES", 2)
+    adapter = ModelAdapter(MeanPool().eval(), [Text("review", VOCAB)], ["neg", "pos"])
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(VOCAB[2:], rng.integers(1, 7))) for _ in range(60)]
+    ds = MultimodalDataset({"review": texts})
+    h, _ = one_by_one(adapter, ds)
+    chunks = list(rep.stream_features(adapter, ds, batch_size=4))
+    np.testing.assert_array_equal(np.concatenate([i for i, _, _ in chunks]), np.arange(60))
+    np.testing.assert_allclose(torch.cat([c for _, _, c in chunks]).numpy(), h, rtol=1e-5,
+                               atol=1e-6)
+    assert len(chunks) > 1
+
+
+class VarLen(nn.Module):
+    """Series of any length (convolution, then a mean over time) + an image of any size."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+        self.pix = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ecg, image):
+        a = torch.relu(self.conv(ecg.transpose(1, 2))).mean(2)
+        return self.head(a + torch.tanh(self.pix(image.mean((2, 3)))))
+
+
+def test_series_and_images_of_different_sizes_are_extracted(cache):
+    from multiviz_widgets import Image
+    adapter = ModelAdapter(VarLen().eval(), [TimeSeries("ecg", window=8, channels=["I", "II"]),
+                                             Image("image", patch=4)], ["ok", "bad"])
+    rng = np.random.default_rng(0)
+    lens, sizes = [20, 33, 7, 50, 20, 3, 41, 20], [8, 8, 12, 8, 16, 8, 12, 8]
+    ds = MultimodalDataset({
+        "ecg": [rng.normal(size=(n, 2)).astype(np.float32) for n in lens],
+        "image": [rng.integers(0, 256, size=(s, s + 4, 3), dtype=np.uint8) for s in sizes]})
+    h, logits = one_by_one(adapter, ds)
+    f = extract_features(adapter, ds, batch_size=4, cache_dir=cache)
+    np.testing.assert_array_equal(f.indices, np.arange(len(ds)))
+    np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f.logits, logits, rtol=1e-5, atol=1e-6)
+    ext = neuron_extremes(adapter, ds, k=2, batch_size=3)
+    np.testing.assert_array_equal(ext.top_indices, full_sort(h, 2)[0])
+
+
+def test_instances_that_cannot_be_prepared_are_left_out_and_named(cache):
+    from multiviz_widgets import Text
+    adapter = ModelAdapter(MeanPool().eval(), [Text("review", VOCAB)], ["neg", "pos"])
+    texts = list(REVIEWS)
+    texts[3] = "?!"                     # no tokens
+    texts[7] = "?"
+    ds = MultimodalDataset({"review": texts})
+    kept = [i for i in range(len(ds)) if i not in (3, 7)]
+    h, _ = one_by_one(adapter, MultimodalDataset({"review": [texts[i] for i in kept]}))
+    with pytest.warns(RuntimeWarning, match=r"2 of 10 instances could not be prepared.*#3 "
+                                            r"\(ValueError: review: the text '\?!' has no tokens"):
+        f = extract_features(adapter, ds, batch_size=3, cache_dir=cache)
+    np.testing.assert_array_equal(f.indices, kept)
+    np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)
+    assert sorted(f.skipped) == [3, 7] and "no tokens" in f.skipped[7]
+    assert f.forward_passes == len(kept)
+    with pytest.warns(RuntimeWarning, match="2 of 10"):
+        again = extract_features(adapter, ds, batch_size=3, cache_dir=cache)
+    assert again.from_cache and again.skipped == f.skipped
+    np.testing.assert_array_equal(again.indices, kept)
+    ext = neuron_extremes(None, k=20, features=again)
+    assert set(ext.top_indices.ravel()) == set(kept)
+    with pytest.warns(RuntimeWarning, match="2 of 10"):
+        ext = neuron_extremes(adapter, ds, k=20, batch_size=4)
+    assert set(ext.top_indices.ravel()) == set(kept) and ext.n_instances == len(kept)
+    with pytest.raises(ValueError, match="no tokens"):     # nothing left: the error itself
+        extract_features(adapter, ds, indices=[3, 7], cache=False)

@@ -1,6 +1,7 @@
 """Stage 3: multimodal representations, the input h(x) of the model's decision layer.
 
-* ``extract_features(adapter, dataset)``: h and the logits over a dataset, in batches, through
+* ``extract_features(adapter, dataset)``: h and the logits over a dataset, in batches of
+  instances whose inputs have equal shapes (never padded), through
   the adapter's forward pre-hook on the decision layer (the hook lives for one forward call and is
   removed in ``finally``, also when the model raises). Results are cached on disk as ``.npz``
   (no pickle), keyed by a hash of the model's weights and structure, the modalities'
@@ -28,13 +29,16 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..adapter import AdapterError, ModelAdapter
+from ..adapter import AdapterError, ModelAdapter, _outside_stacklevel
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..checks import positive_int
 from .common import as_prepared
 
-CACHE_VERSION = "features-v2"   # v2: the key covers modality signatures and the module tree
+# v2: the key covers modality signatures and the module tree; v3: batches of equal shapes only
+# (no padding, which changed the features of models that pool without a pad mask), and the
+# instances that could not be prepared are recorded
+CACHE_VERSION = "features-v3"
 
 
 # -- cache location ----------------------------------------------------------------------------
@@ -96,13 +100,95 @@ def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
 
 
 # -- streaming over a dataset ------------------------------------------------------------------
+#: How many batches' worth of prepared instances may wait for their shape group to fill a
+#: batch (then the largest group runs): bounds the inputs held in memory.
+WINDOW_BATCHES = 4
+#: How many batches' worth of positions an instance may wait behind the one being read (then its
+#: group runs): bounds the results held until they can be yielded in order.
+LAG_BATCHES = 16
+
+#: The errors that leave one instance out of the features (it cannot be prepared: a text with
+#: no tokens, a non-finite value...); any other error stops the extraction.
+_UNPREPARABLE = (ValueError, TypeError, LookupError, RuntimeError)
+
+
+def _shape_batches(adapter: ModelAdapter, dataset: MultimodalDataset, idx: np.ndarray,
+                   batch_size: int, failed: dict[int, Exception]
+                   ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Yield (positions in ``idx``, model inputs {name: [B, ...]}) for batches of up to
+    ``batch_size`` instances whose model inputs have the same shapes, so that no batch is ever
+    padded (a model that pools without a pad mask gives every instance the features of its own
+    forward pass) and instances of different sizes never meet. An instance that cannot be
+    prepared goes into ``failed`` {position: error} instead.
+
+    A group is run when it holds ``batch_size`` instances; the largest one when
+    ``WINDOW_BATCHES * batch_size`` instances wait; the oldest one when its first instance lies
+    ``LAG_BATCHES * batch_size`` positions behind the one being read; all at the end.
+    """
+    window, lag = WINDOW_BATCHES * batch_size, LAG_BATCHES * batch_size
+    groups: dict[tuple, list[tuple[int, dict]]] = {}   # ordered by each group's oldest instance
+    waiting = 0
+
+    def run(key):
+        nonlocal waiting
+        members = groups.pop(key)
+        waiting -= len(members)
+        raw = {n: torch.cat([x[n] for _, x in members]) for n in adapter.names}
+        dev = adapter.device
+        return [p for p, _ in members], {n: v.to(dev) for n, v in raw.items()}
+
+    for pos, i in enumerate(idx):
+        try:
+            x = adapter.collate([dataset[int(i)]], on_device=False)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except _UNPREPARABLE as exc:
+            failed[pos] = exc
+            continue
+        key = tuple((n, tuple(v.shape), v.dtype) for n, v in x.items())
+        group = groups.setdefault(key, [])
+        group.append((pos, x))
+        waiting += 1
+        if len(group) >= batch_size:
+            yield run(key)
+        if waiting >= window:
+            yield run(max(groups, key=lambda k: len(groups[k])))
+        while groups:
+            oldest = next(iter(groups))
+            if groups[oldest][0][0] > pos - lag:
+                break
+            yield run(oldest)
+    while groups:
+        yield run(next(iter(groups)))
+
+
+def _skipped_text(skipped: dict[int, str], total: int) -> str:
+    first = "; ".join(f"#{i} ({why})" for i, why in list(skipped.items())[:3])
+    more = " ..." if len(skipped) > 3 else ""
+    return (f"{len(skipped)} of {total} instances could not be prepared and are left out of the "
+            f"decision features: {first}{more}")
+
+
+def _warn_skipped(skipped: dict[int, str], total: int) -> None:
+    if skipped:
+        warnings.warn(_skipped_text(skipped, total), RuntimeWarning,
+                      stacklevel=_outside_stacklevel())
+
+
 def stream_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_size: int = 256,
                     indices: Sequence[int] | None = None, progress: ProgressFn = None,
-                    message: str = "decision features"
+                    message: str = "decision features", skipped: dict | None = None
                     ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Yield (indices [B], logits [B, C], h [B, d]) batch by batch, storing nothing.
+    """Yield (indices [B], logits [B, C], h [B, d]) chunk by chunk, in the order of
+    ``indices`` (default: the dataset's), storing nothing beyond a window of batches.
 
-    Cost: one forward pass per instance (no gradients); progress is reported per batch.
+    Each forward pass batches instances whose model inputs have the same shapes (up to
+    ``batch_size``; see ``_shape_batches``), so nothing is padded and every instance's features
+    equal those of its own forward pass. An instance that cannot be prepared is left out: it is
+    recorded in ``skipped`` {dataset index: reason} when a dict is given, and a RuntimeWarning
+    names how many and the first few at the end; when no instance can be prepared the first
+    error is raised.
+    Cost: one forward pass per instance (no gradients); progress is reported per chunk.
     """
     if not isinstance(adapter, ModelAdapter):
         raise TypeError(f"stream_features needs a ModelAdapter, got {type(adapter).__name__}.")
@@ -110,23 +196,45 @@ def stream_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_siz
     idx = _indices(dataset, indices)
     total = len(idx)
     report(progress, 0, total, message)
-    done = 0
-    for chunk, instances in dataset.batches(batch_size, idx):
-        logits, h = adapter.features(adapter.collate(instances))
+    failed: dict[int, Exception] = {}          # position in idx -> error
+    ready: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}   # position -> its row
+    emitted = computed = 0
+    for positions, raw in _shape_batches(adapter, dataset, idx, batch_size, failed):
+        logits, h = adapter.features(raw)
         if h.dim() != 2:
             raise AdapterError(
                 f"The decision layer's input has shape {tuple(h.shape)}; decision-level features "
                 "must be one vector per instance [batch, d]. Pass decision_layer= the final "
                 "linear layer that maps a pooled vector to the logits.")
-        done += len(chunk)
-        yield np.asarray(chunk, dtype=np.int64), logits.detach().float().cpu(), \
-            h.detach().float().cpu()
-        report(progress, done, total, message)
+        logits, h = logits.detach().float().cpu(), h.detach().float().cpu()
+        for r, p in enumerate(positions):
+            ready[p] = (logits, h, r)
+        computed += len(positions)
+        rows = []
+        while emitted < total and (emitted in ready or emitted in failed):
+            if emitted in ready:
+                rows.append((emitted, ready.pop(emitted)))
+            emitted += 1
+        if rows:
+            yield (idx[[p for p, _ in rows]],
+                   torch.stack([lg[r] for _, (lg, _, r) in rows]),
+                   torch.stack([hh[r] for _, (_, hh, r) in rows]))
+        report(progress, computed + len(failed), total, message)
+    reasons = {int(idx[p]): f"{type(e).__name__}: {e}" for p, e in failed.items()}
+    if failed and not computed:
+        raise next(iter(failed.values()))
+    if skipped is not None:
+        skipped.update(reasons)
+    _warn_skipped(reasons, total)
 
 
 @dataclass
 class Features:
-    """Decision-level features of a dataset: h [N, d], logits [N, C], dataset indices [N]."""
+    """Decision-level features of a dataset: h [N, d], logits [N, C], dataset indices [N].
+
+    ``skipped`` {dataset index: reason}: the instances asked for that could not be prepared
+    (a text with no tokens...), which have no row here.
+    """
 
     h: np.ndarray
     logits: np.ndarray
@@ -136,6 +244,7 @@ class Features:
     forward_passes: int = 0
     seconds: float = 0.0
     path: str | None = None
+    skipped: dict = field(default_factory=dict)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -151,8 +260,9 @@ class Features:
 
 
 def _check_cached(h: np.ndarray, logits: np.ndarray, indices: np.ndarray, idx: np.ndarray,
-                  d: int | None) -> None:
-    """Raise ValueError when a cache file's arrays are not the features of ``idx``."""
+                  d: int | None, skipped: np.ndarray) -> None:
+    """Raise ValueError when a cache file's arrays are not the features of ``idx`` less the
+    ``skipped`` instances."""
     if h.ndim != 2 or logits.ndim != 2 or indices.ndim != 1:
         raise ValueError(f"shapes h {h.shape}, logits {logits.shape}, indices {indices.shape}; "
                          "expected [N, d], [N, C], [N]")
@@ -161,8 +271,11 @@ def _check_cached(h: np.ndarray, logits: np.ndarray, indices: np.ndarray, idx: n
         raise ValueError(f"dtypes h {h.dtype}, logits {logits.dtype}, indices {indices.dtype}")
     if not len(h) == len(logits) == len(indices):
         raise ValueError(f"{len(h)} rows of h, {len(logits)} of logits, {len(indices)} indices")
-    if len(indices) != len(idx) or not np.array_equal(indices, idx):
-        raise ValueError(f"it holds {len(indices)} instances, not the {len(idx)} asked for")
+    if skipped.ndim != 1 or not np.isin(skipped, idx).all():
+        raise ValueError("its skipped instances are not among those asked for")
+    kept = idx[~np.isin(idx, skipped)]
+    if len(indices) != len(kept) or not np.array_equal(indices, kept):
+        raise ValueError(f"it holds {len(indices)} instances, not the {len(kept)} asked for")
     if d is not None and h.shape[1] != d:
         raise ValueError(f"h has {h.shape[1]} features but the decision layer takes {d}")
 
@@ -175,8 +288,13 @@ def _load_cached(path: Path, key: str, idx: np.ndarray, d: int | None = None) ->
             if str(z["key"]) != key:
                 return None
             h, logits, indices = z["h"], z["logits"], z["indices"]
-        _check_cached(h, logits, indices, idx, d)
-        return Features(h, logits, indices, key, True, 0, 0.0, str(path))
+            skipped, reasons = z["skipped_indices"], z["skipped_reasons"]
+        if skipped.shape != reasons.shape or not np.issubdtype(skipped.dtype, np.integer):
+            raise ValueError(f"skipped instances {skipped.shape} {skipped.dtype} with reasons "
+                             f"{reasons.shape}")
+        _check_cached(h, logits, indices, idx, d, skipped)
+        return Features(h, logits, indices, key, True, 0, 0.0, str(path),
+                        dict(zip(skipped.tolist(), map(str, reasons.tolist()))))
     except FileNotFoundError:
         return None
     except Exception as exc:  # corrupt or inconsistent file: recompute and overwrite
@@ -209,8 +327,11 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
                      ) -> Features:
     """Decision-level features h [N, d] and logits [N, C] of a dataset (or of ``indices``).
 
-    Cost: one forward pass per instance, in batches of ``batch_size``; none when the on-disk
-    cache (keyed by the weights' hash and the dataset's fingerprint) already holds them.
+    Instances are batched with others whose model inputs have the same shapes (nothing is
+    padded: see ``stream_features``). An instance that cannot be prepared has no row: it is in
+    ``Features.skipped`` {dataset index: reason} (kept in the cache too), with a RuntimeWarning.
+    Cost: one forward pass per instance, in batches of up to ``batch_size``; none when the
+    on-disk cache (keyed by the weights' hash and the dataset's fingerprint) already holds them.
     ``cache_dir=`` overrides the cache location; ``cache=False`` neither reads nor writes it.
     """
     batch_size = _check_batch_size(batch_size)
@@ -226,18 +347,24 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
         if hit is not None:
             hit.seconds = time.perf_counter() - t0
             report(progress, len(idx), len(idx), "decision features (cached)")
+            _warn_skipped(hit.skipped, len(idx))
             return hit
-    hs, ls = [], []
-    for _, logits, h in stream_features(adapter, dataset, batch_size, idx, progress):
+    hs, ls, kept, skipped = [], [], [], {}
+    for i, logits, h in stream_features(adapter, dataset, batch_size, idx, progress,
+                                        skipped=skipped):
+        kept.append(i)
         hs.append(h.numpy())
         ls.append(logits.numpy())
     if not hs:
         raise ValueError("No instances to extract features from: the dataset (or indices) is empty.")
+    kept = np.concatenate(kept)
     feats = Features(np.concatenate(hs).astype(np.float32), np.concatenate(ls).astype(np.float32),
-                     idx, key or "", False, len(idx), 0.0, None)
+                     kept, key or "", False, len(kept), 0.0, None, skipped)
     if cache:
         try:
-            _save_atomic(path, key=np.array(key), h=feats.h, logits=feats.logits, indices=idx)
+            _save_atomic(path, key=np.array(key), h=feats.h, logits=feats.logits, indices=kept,
+                         skipped_indices=np.array(list(skipped), dtype=np.int64),
+                         skipped_reasons=np.array(list(skipped.values()), dtype=str))
             feats.path = str(path)
         except OSError as exc:
             warnings.warn(f"Could not write the feature cache to {path} ({exc}); continuing "
