@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from multiviz_widgets import MultimodalDataset
 from multiviz_widgets.adapter import Class, Neuron
 from multiviz_widgets.explorer import Explorer, default_pair
 
@@ -949,3 +950,22 @@ def test_more_classes_than_palette_colours_get_a_hue_scale_and_a_legend_note():
         assert ev.legend.children[0].value == ev.state()["legend_note"]
     finally:
         ex.close()
+
+
+def test_an_instance_that_cannot_be_prepared_is_named_under_the_embedding():
+    """Dataset features leave out an instance that cannot be prepared (a question without
+    tokens); the 3-D view shows the others and says which one is missing and why."""
+    adapter, ds = tiny_vqa()
+    questions = [ds[i]["question"] for i in range(len(ds))]
+    questions[2] = "?!"
+    data = MultimodalDataset({"image": [ds[i]["image"] for i in range(len(ds))],
+                              "question": questions}, labels=ds.labels)
+    with pytest.warns(RuntimeWarning, match="could not be prepared|left out|skipped"):
+        ex = Explorer(adapter, data, delay=0.05)
+        try:
+            assert ex.wait(60)
+            caption = ex.embedding_view.caption.value
+            assert ex.state()["embedding"]["n_points"] == len(ds) - 1
+            assert "1 could not be prepared (#2: ValueError" in caption and "no tokens" in caption
+        finally:
+            ex.close()

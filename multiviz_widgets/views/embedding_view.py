@@ -127,10 +127,12 @@ class EmbeddingView(W.VBox):
         self.caption.value = (f"{len(self.coords)} instances: decision features, PCA to 3-D "
                               "(click a point)")
         if len(left_out):
-            shown = ", ".join(f"#{int(i)}" for i in left_out[:5]) + (
-                " ..." if len(left_out) > 5 else "")
             self.caption.value += (f"; {len(left_out)} left out, the model's output is not "
-                                   f"finite there ({shown})")
+                                   f"finite there ({_some(left_out)})")
+        skipped = sorted(getattr(feats, "skipped", None) or {})
+        if skipped:                      # instances that could not be prepared at all
+            self.caption.value += (f"; {len(skipped)} could not be prepared "
+                                   f"({_some(skipped)}: {feats.skipped[skipped[0]]})")
 
     def _colour(self) -> None:
         feats = self._features
@@ -194,3 +196,8 @@ class EmbeddingView(W.VBox):
                 "selected": None if sel is None or len(sel) == 0 else int(
                     self.indices[int(np.asarray(sel).reshape(-1)[0])]),
                 "groups": self.group_names, "legend_note": self.legend_note}
+
+
+def _some(indices) -> str:
+    """'#3, #8, ...': the first five instance numbers of a list."""
+    return ", ".join(f"#{int(i)}" for i in list(indices)[:5]) + (" ..." if len(indices) > 5 else "")
