@@ -59,6 +59,11 @@ class Modality:
         """The model input for one raw instance, without a batch dimension."""
         raise NotImplementedError
 
+    def input_shape(self, raw) -> tuple[int, ...]:
+        """The shape of ``to_tensor(raw)``, as cheaply as the modality can tell it (batches of
+        one shape need no padding); by default by converting."""
+        return tuple(self.to_tensor(raw).shape)
+
     def batch(self, items: Sequence) -> torch.Tensor:
         """Stack raw instances (or their tensors) into one batch tensor."""
         return torch.stack([self._as_tensor(item) for item in items])
@@ -214,6 +219,12 @@ class Image(Modality):
             raise ValueError(f"{self.name}: the image is empty (shape {tuple(t.shape)}).")
         return _unit_range(t, self.name).contiguous()
 
+    def input_shape(self, raw) -> tuple[int, ...]:
+        if isinstance(raw, np.ndarray) and raw.ndim in (2, 3) and raw.dtype.kind in "biuf":
+            shape = raw.shape if raw.ndim == 3 else (*raw.shape, 1)
+            return (shape[2], shape[0], shape[1]) if self.channels_last_raw else tuple(shape)
+        return super().input_shape(raw)
+
     def grid(self, x: torch.Tensor) -> tuple[int, int]:
         """Rows and columns of the patch grid."""
         h, w = x.shape[-2], x.shape[-1]
@@ -365,6 +376,13 @@ class Text(Modality):
         if not toks:
             raise ValueError(f"{self.name}: the text {raw!r} has no tokens.")
         return torch.tensor([self.token_to_id.get(t, self.unk_id) for t in toks], dtype=torch.long)
+
+    def input_shape(self, raw) -> tuple[int, ...]:
+        if isinstance(raw, str):                      # the token count, without the ids
+            toks = self.tokenize(raw)
+            if toks:
+                return (len(toks),)
+        return super().input_shape(raw)
 
     def batch(self, items: Sequence) -> torch.Tensor:
         ts = [self._as_tensor(i) for i in items]

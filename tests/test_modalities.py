@@ -241,3 +241,17 @@ def test_arrays_give_float32_and_float_tensors_keep_their_precision():
     series = TimeSeries("s", channels=["a"])
     assert series.to_tensor(np.zeros((3, 1))).dtype == torch.float32
     assert series.batch([torch.zeros(3, 1, dtype=torch.float64)]).dtype == torch.float64
+
+
+@pytest.mark.parametrize("modality, raw", [
+    (Image("image"), np.zeros((6, 5, 3), np.uint8)),
+    (Image("image"), np.zeros((6, 5), np.float32)),
+    (Image("image", channels_last_raw=False), np.zeros((3, 6, 5), np.uint8)),
+    (Image("image"), torch.zeros(3, 4, 4)),
+    (Text("q", vocab=VOCAB), "what is the red shape?"),
+    (Text("q", vocab=VOCAB), torch.tensor([2, 3])),
+    (Tabular("t", columns=["a", "b"]), [1.0, 2.0]),
+    (TimeSeries("s", channels=["a"]), np.zeros((7, 1))),
+])
+def test_input_shape_is_the_shape_of_the_model_input(modality, raw):
+    assert modality.input_shape(raw) == tuple(modality.to_tensor(raw).shape)

@@ -469,21 +469,39 @@ def test_texts_of_different_lengths_are_never_padded(cache):
     assert extract_features(adapter, ds, indices=idx, batch_size=2, cache_dir=cache).from_cache
 
 
-def test_the_window_bounds_what_waits_and_keeps_the_order(monkeypatch):
-    """Many shapes, a small window: every instance still comes out once, in order."""
+def test_many_shapes_come_out_once_each_in_batches_of_one_shape():
+    """Many text lengths: every instance comes out exactly once, each batch holds one shape
+    (no padding), and the features equal single forwards."""
     from multiviz_widgets import Text
-    monkeypatch.setattr(rep, "WINDOW_BATCHES", 1)
-    monkeypatch.setattr(rep, "LAG_BATCHES", 2)
     adapter = ModelAdapter(MeanPool().eval(), [Text("review", VOCAB)], ["neg", "pos"])
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(VOCAB[2:], rng.integers(1, 7))) for _ in range(60)]
     ds = MultimodalDataset({"review": texts})
     h, _ = one_by_one(adapter, ds)
     chunks = list(rep.stream_features(adapter, ds, batch_size=4))
-    np.testing.assert_array_equal(np.concatenate([i for i, _, _ in chunks]), np.arange(60))
-    np.testing.assert_allclose(torch.cat([c for _, _, c in chunks]).numpy(), h, rtol=1e-5,
+    got = np.concatenate([i for i, _, _ in chunks])
+    assert sorted(got.tolist()) == list(range(60)) and len(chunks) > 1
+    lengths = [len(t.split()) for t in texts]
+    assert all(len({lengths[i] for i in c}) == 1 and len(c) <= 4 for c, _, _ in chunks)
+    np.testing.assert_allclose(torch.cat([c for _, _, c in chunks]).numpy(), h[got], rtol=1e-5,
                                atol=1e-6)
-    assert len(chunks) > 1
+
+
+def test_extremes_break_ties_by_instance_whatever_the_batch_order():
+    """StreamingExtremes gives the same result for batches in any order: ties go to the lower
+    instance index (stream_features yields batches shape group by shape group)."""
+    rng = np.random.default_rng(0)
+    h = rng.integers(0, 3, size=(40, 5)).astype(np.float32)       # many ties
+    want = rep.StreamingExtremes(4)
+    want.update(h, np.arange(40))
+    for seed in range(3):
+        order = np.random.default_rng(seed).permutation(40)
+        got = rep.StreamingExtremes(4)
+        for part in np.array_split(order, 7):
+            got.update(h[part], part)
+        a, b = want.result(), got.result()
+        np.testing.assert_array_equal(a.top_indices, b.top_indices)
+        np.testing.assert_array_equal(a.bottom_indices, b.bottom_indices)
 
 
 class VarLen(nn.Module):

@@ -100,16 +100,16 @@ def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
 
 
 # -- streaming over a dataset ------------------------------------------------------------------
-#: How many batches' worth of prepared instances may wait for their shape group to fill a
-#: batch (then the largest group runs): bounds the inputs held in memory.
-WINDOW_BATCHES = 4
-#: How many batches' worth of positions an instance may wait behind the one being read (then its
-#: group runs): bounds the results held until they can be yielded in order.
-LAG_BATCHES = 16
-
 #: The errors that leave one instance out of the features (it cannot be prepared: a text with
 #: no tokens, a non-finite value...); any other error stops the extraction.
 _UNPREPARABLE = (ValueError, TypeError, LookupError, RuntimeError)
+
+
+def _shape_key(adapter: ModelAdapter, instance) -> tuple:
+    """The shapes of an instance's model inputs (``Modality.input_shape``: no conversion where
+    the modality can read them off the raw value, no checks)."""
+    adapter._check_names(instance)
+    return tuple(m.input_shape(instance[n]) for n, m in adapter.modalities.items())
 
 
 def _shape_batches(adapter: ModelAdapter, dataset: MultimodalDataset, idx: np.ndarray,
@@ -118,48 +118,37 @@ def _shape_batches(adapter: ModelAdapter, dataset: MultimodalDataset, idx: np.nd
     """Yield (positions in ``idx``, model inputs {name: [B, ...]}) for batches of up to
     ``batch_size`` instances whose model inputs have the same shapes, so that no batch is ever
     padded (a model that pools without a pad mask gives every instance the features of its own
-    forward pass) and instances of different sizes never meet. An instance that cannot be
-    prepared goes into ``failed`` {position: error} instead.
+    forward pass) and instances of different sizes never meet.
 
-    A group is run when it holds ``batch_size`` instances; the largest one when
-    ``WINDOW_BATCHES * batch_size`` instances wait; the oldest one when its first instance lies
-    ``LAG_BATCHES * batch_size`` positions behind the one being read; all at the end.
+    A first pass only reads every instance's shapes; then each shape group runs in batches, in
+    the order of its first instance: one batch of inputs is in memory at a time. An instance
+    that cannot be prepared goes into ``failed`` {position: error}: found in the first pass, or,
+    when a batch fails its checks (a non-finite value...), by preparing that batch's instances
+    one at a time.
     """
-    window, lag = WINDOW_BATCHES * batch_size, LAG_BATCHES * batch_size
-    groups: dict[tuple, list[tuple[int, dict]]] = {}   # ordered by each group's oldest instance
-    waiting = 0
-
-    def run(key):
-        nonlocal waiting
-        members = groups.pop(key)
-        waiting -= len(members)
-        raw = {n: torch.cat([x[n] for _, x in members]) for n in adapter.names}
-        dev = adapter.device
-        return [p for p, _ in members], {n: v.to(dev) for n, v in raw.items()}
-
+    groups: dict[tuple, list[int]] = {}
     for pos, i in enumerate(idx):
         try:
-            x = adapter.collate([dataset[int(i)]], on_device=False)
-        except torch.cuda.OutOfMemoryError:
-            raise
+            groups.setdefault(_shape_key(adapter, dataset[int(i)]), []).append(pos)
         except _UNPREPARABLE as exc:
             failed[pos] = exc
-            continue
-        key = tuple((n, tuple(v.shape), v.dtype) for n, v in x.items())
-        group = groups.setdefault(key, [])
-        group.append((pos, x))
-        waiting += 1
-        if len(group) >= batch_size:
-            yield run(key)
-        if waiting >= window:
-            yield run(max(groups, key=lambda k: len(groups[k])))
-        while groups:
-            oldest = next(iter(groups))
-            if groups[oldest][0][0] > pos - lag:
-                break
-            yield run(oldest)
-    while groups:
-        yield run(next(iter(groups)))
+    for positions in groups.values():
+        for s in range(0, len(positions), batch_size):
+            chunk = positions[s:s + batch_size]
+            try:
+                yield chunk, adapter.collate([dataset[int(idx[p])] for p in chunk])
+                continue
+            except _UNPREPARABLE:
+                pass
+            good = []
+            for p in chunk:                          # find the instances that fail alone
+                try:
+                    adapter.collate([dataset[int(idx[p])]], on_device=False)
+                    good.append(p)
+                except _UNPREPARABLE as exc:
+                    failed[p] = exc
+            if good:
+                yield good, adapter.collate([dataset[int(idx[p])] for p in good])
 
 
 def _skipped_text(skipped: dict[int, str], total: int) -> str:
@@ -179,26 +168,33 @@ def stream_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_siz
                     indices: Sequence[int] | None = None, progress: ProgressFn = None,
                     message: str = "decision features", skipped: dict | None = None
                     ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Yield (indices [B], logits [B, C], h [B, d]) chunk by chunk, in the order of
-    ``indices`` (default: the dataset's), storing nothing beyond a window of batches.
+    """Yield (indices [B], logits [B, C], h [B, d]) batch by batch, storing nothing.
 
     Each forward pass batches instances whose model inputs have the same shapes (up to
     ``batch_size``; see ``_shape_batches``), so nothing is padded and every instance's features
-    equal those of its own forward pass. An instance that cannot be prepared is left out: it is
-    recorded in ``skipped`` {dataset index: reason} when a dict is given, and a RuntimeWarning
-    names how many and the first few at the end; when no instance can be prepared the first
-    error is raised.
-    Cost: one forward pass per instance (no gradients); progress is reported per chunk.
+    equal those of its own forward pass; the batches come group by group, so the indices are
+    not in dataset order (each batch names its own). An instance that cannot be prepared is
+    left out: it is recorded in ``skipped`` {dataset index: reason} when a dict is given, and a
+    RuntimeWarning names how many and the first few at the end; when no instance can be
+    prepared the first error is raised.
+    Cost: one forward pass per instance (no gradients), and a first pass that reads each
+    instance's input shapes; progress is reported per batch.
     """
+    idx = _indices(dataset, indices)
+    for positions, logits, h in _feature_batches(adapter, dataset, idx, batch_size, progress,
+                                                 message, skipped):
+        yield idx[positions], logits, h
+
+
+def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipped):
+    """stream_features' batches as (positions in idx [B], logits, h)."""
     if not isinstance(adapter, ModelAdapter):
         raise TypeError(f"stream_features needs a ModelAdapter, got {type(adapter).__name__}.")
     batch_size = _check_batch_size(batch_size)
-    idx = _indices(dataset, indices)
     total = len(idx)
     report(progress, 0, total, message)
     failed: dict[int, Exception] = {}          # position in idx -> error
-    ready: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}   # position -> its row
-    emitted = computed = 0
+    computed = 0
     for positions, raw in _shape_batches(adapter, dataset, idx, batch_size, failed):
         logits, h = adapter.features(raw)
         if h.dim() != 2:
@@ -206,23 +202,13 @@ def stream_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_siz
                 f"The decision layer's input has shape {tuple(h.shape)}; decision-level features "
                 "must be one vector per instance [batch, d]. Pass decision_layer= the final "
                 "linear layer that maps a pooled vector to the logits.")
-        logits, h = logits.detach().float().cpu(), h.detach().float().cpu()
-        for r, p in enumerate(positions):
-            ready[p] = (logits, h, r)
         computed += len(positions)
-        rows = []
-        while emitted < total and (emitted in ready or emitted in failed):
-            if emitted in ready:
-                rows.append((emitted, ready.pop(emitted)))
-            emitted += 1
-        if rows:
-            yield (idx[[p for p, _ in rows]],
-                   torch.stack([lg[r] for _, (lg, _, r) in rows]),
-                   torch.stack([hh[r] for _, (_, hh, r) in rows]))
+        yield (np.asarray(positions, dtype=np.int64), logits.detach().float().cpu(),
+               h.detach().float().cpu())
         report(progress, computed + len(failed), total, message)
-    reasons = {int(idx[p]): f"{type(e).__name__}: {e}" for p, e in failed.items()}
+    reasons = {int(idx[p]): f"{type(e).__name__}: {e}" for p, e in sorted(failed.items())}
     if failed and not computed:
-        raise next(iter(failed.values()))
+        raise failed[min(failed)]
     if skipped is not None:
         skipped.update(reasons)
     _warn_skipped(reasons, total)
@@ -350,15 +336,18 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
             _warn_skipped(hit.skipped, len(idx))
             return hit
     hs, ls, kept, skipped = [], [], [], {}
-    for i, logits, h in stream_features(adapter, dataset, batch_size, idx, progress,
-                                        skipped=skipped):
-        kept.append(i)
+    for positions, logits, h in _feature_batches(adapter, dataset, idx, batch_size, progress,
+                                                 "decision features", skipped):
+        kept.append(positions)
         hs.append(h.numpy())
         ls.append(logits.numpy())
     if not hs:
         raise ValueError("No instances to extract features from: the dataset (or indices) is empty.")
-    kept = np.concatenate(kept)
-    feats = Features(np.concatenate(hs).astype(np.float32), np.concatenate(ls).astype(np.float32),
+    positions = np.concatenate(kept)
+    order = np.argsort(positions, kind="stable")       # back to the order of idx
+    kept = idx[positions[order]]
+    feats = Features(np.concatenate(hs)[order].astype(np.float32),
+                     np.concatenate(ls)[order].astype(np.float32),
                      kept, key or "", False, len(kept), 0.0, None, skipped)
     if cache:
         try:
@@ -425,8 +414,9 @@ class NeuronExtremes:
 class StreamingExtremes:
     """Running top-k and bottom-k per column of a stream of [B, d] batches, memory O(k d).
 
-    ``update(h_batch, indices)`` merges the batch with the kept [k, d] candidates (a stable sort
-    over k + B rows per column), so the result equals a stable full sort of all rows seen.
+    ``update(h_batch, indices)`` merges the batch with the kept [k, d] candidates (a sort over
+    k + B rows per column, ties to the lower instance index), so the result equals a full sort
+    of all rows seen by value and then index, in whatever order the batches come.
     """
 
     def __init__(self, k: int, d: int | None = None):
@@ -471,6 +461,10 @@ class StreamingExtremes:
                                                    torch.cat([self._bot_i, idx]), False)
 
     def _merge(self, vals: torch.Tensor, ids: torch.Tensor, largest: bool):
+        # ties go to the lower instance index, whatever order the batches come in
+        # (stream_features gives them group by group): sort by index, then stably by value
+        by_id = torch.sort(ids, dim=0, stable=True).indices
+        vals, ids = vals.gather(0, by_id), ids.gather(0, by_id)
         v, order = torch.sort(vals, dim=0, descending=largest, stable=True)
         kk = min(self.k, vals.shape[0])
         return v[:kk].contiguous(), ids.gather(0, order[:kk]).contiguous()
