@@ -354,13 +354,17 @@ class Engine(traitlets.HasTraits):
                 other = self._running["background"]
                 if lane == "main" and other is not None:
                     self.message = other.label       # the bar shows the background job again
+                    self.progress = 0.0              # until its next report
                 self.stats["runs"] += 1
                 if err is None and job.key is not None:
                     self.store(job.key, value)
                 current = self._is_current(job)
                 if self._current.get(job.slot) is job:
                     self._current.pop(job.slot, None)
-                if err is None and current:
+                if self._closed:                     # the views may be closed: no callbacks
+                    job.state = "dropped"
+                    self.stats["dropped"] += 1
+                elif err is None and current:
                     job.state, job.value = "done", value
                     self._apply(job.on_done, job.on_error, value, job.label)
                 elif isinstance(err, Cancelled) or (err is None and job.cancelled):
@@ -646,9 +650,13 @@ class Analyses:
         return int(w.shape[1])
 
     # -- stage 4 -------------------------------------------------------------------------------
-    def path(self, i: int, class_index: int, progress=None) -> dict:
+    def path(self, i: int, class_index: int, progress=None, params: dict | None = None) -> dict:
+        """The prediction path of instance i to a class, with ``params`` (default: the current
+        ``path_params``; a view passes the dict it captured, so that the cache key and the
+        computation read the same pairs even when a new pair comes meanwhile)."""
+        params = self.path_params if params is None else params
         p = self.prepared(i)
         key = ("path", p.key, int(class_index), id(self.sparse_model),
-               tuple(sorted(self.path_params.items())))
+               tuple(sorted(params.items())))
         return self.engine.memo(key, lambda: self.kernels.prediction_path(
-            self.adapter, p, int(class_index), self.sparse_model, progress, **self.path_params))
+            self.adapter, p, int(class_index), self.sparse_model, progress, **params))

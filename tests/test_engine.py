@@ -267,3 +267,26 @@ def test_cancel_stops_the_click_first_and_the_background_work_only_when_alone(en
     assert all(isinstance(e, Cancelled) for e in errors)
     with pytest.raises(ValueError, match="lanes"):
         engine.cancel(lanes=("gpu",))
+
+
+def test_no_callback_runs_after_close():
+    """A job still running when the engine closes (the Explorer was closed) calls neither its
+    result nor its error callback: the views it would write to are closed."""
+    e = Engine(cache_size=3, delay=0.05)
+    started, release, called = threading.Event(), threading.Event(), []
+
+    def job(progress):
+        started.set()
+        release.wait(5)
+        return 1
+
+    e.submit("s", ("k",), job, lambda v: called.append(("done", v)),
+             lambda err: called.append(("error", err)))
+    assert started.wait(5)
+    closer = threading.Thread(target=e.close)
+    closer.start()
+    time.sleep(0.05)
+    release.set()
+    closer.join(5)
+    time.sleep(0.1)
+    assert called == []

@@ -191,8 +191,8 @@ class HeatmapView(W.VBox):
         c = data.get("columnNum", data.get("column"))
         if r is None or not 0 <= int(r) < self.matrix.shape[0]:
             return                      # a padding cell, or no matrix yet
-        if self.instance != self.selection.instance:
-            return                      # the matrix of an earlier instance, still loading
+        if self.instance != self.selection.instance or tuple(self.pair) != self.wanted_pair():
+            return                      # the matrix of an earlier instance or pair, still loading
         self.click(int(r), None if c is None else int(c))
 
     def click(self, row: int, col: int | None = None) -> None:

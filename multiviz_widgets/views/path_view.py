@@ -14,7 +14,6 @@ import numpy as np
 
 from ..engine import Analyses, Engine
 from ..kernels.projection import path_layout
-from ..progress import Cancelled
 from ..selection import Selection
 
 _COLOURS = {"class": "#d62728", "neuron": "#1f77b4", "unit": "#2ca02c"}
@@ -64,9 +63,7 @@ class PathView(W.VBox):
 
         def job(progress):
             cls = a.class_index(i, target)
-            path = a.path(i, cls, progress)
-            if a.path_params is not params:   # a new pair came while it ran: not cached
-                raise Cancelled("the pair of the prediction path changed")
+            path = a.path(i, cls, progress, params)   # the pairs captured here, key and all
             nodes, links = path_layout(path, other_classes=a.top_classes(i, 3))
             return cls, path, nodes, links, i
 
