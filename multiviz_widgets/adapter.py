@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import update_hash
 from .modalities import Modality
 
 
@@ -288,12 +289,9 @@ class ModelAdapter:
         self._warned_training = False
         #: the dtype of the model's first floating parameter (None without one): ``collate``
         #: gives floating inputs this dtype
-        self._float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                                 None)
         self._last_shapes: dict[str, tuple] = {}   # per-instance input shapes the model last took
         # {thread id: the token ids of the model arguments model_inputs() last built in that
         # thread}: the ids whose embedding ``run`` substitutes when its caller does not pass them
-        self._last_inputs: dict[int, dict[str, torch.Tensor]] = {}
 
     # -- basics ------------------------------------------------------------------------------
     @property
@@ -309,6 +307,13 @@ class ModelAdapter:
         for p in self.model.parameters():
             return p.device
         return torch.device("cpu")
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The dtype of the model's floating parameters (read live, as ``device``: a model made
+        .double() after wrapping gets float64 inputs); float32 for a model without any."""
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()),
+                    torch.float32)
 
     def __repr__(self) -> str:
         return (f"ModelAdapter({self.name}, modalities={self.names}, "
@@ -371,7 +376,7 @@ class ModelAdapter:
         out = {}
         for n, m in self.modalities.items():
             x = self._checked_batch(m, [inst[n] for inst in instances])
-            out[n] = x.to(dev, self._float_dtype if x.is_floating_point() else None)
+            out[n] = x.to(dev, self.float_dtype if x.is_floating_point() else None)
         return out
 
     def _checked_batch(self, modality: Modality, items: Sequence) -> torch.Tensor:
@@ -421,8 +426,8 @@ class ModelAdapter:
         labels = {n: m.describe_units(instance[n], raw[n][0]) for n, m in self.modalities.items()}
         h = hashlib.sha256()
         for n in self.names:
-            h.update(n.encode())
-            h.update(raw[n].detach().cpu().contiguous().numpy().tobytes())
+            update_hash(h, n)
+            update_hash(h, raw[n])                   # with its shape and dtype
         return Prepared(raw, cont, base, index, n_units, labels, h.hexdigest()[:24])
 
     @torch.no_grad()
@@ -462,11 +467,12 @@ class ModelAdapter:
     def _eval_mode(self):
         """The model in eval mode for the block (dropout off, batch norm on its running
         statistics, which then stay unchanged); every module's mode is restored afterwards.
-        A model in training mode is warned about once per adapter."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        if not any(mode for _, mode in modes):
-            yield
+        A model in training mode is warned about once per adapter. Cost: nothing when the
+        model is in eval mode (the hot path: every forward pass runs through here)."""
+        if not self.model.training:          # eval() sets every module; check() reports a
+            yield                            # submodule left in training mode under it
             return
+        modes = [(m, m.training) for m in self.model.modules()]
         active = sorted({type(m).__name__ for m, mode in modes
                          if mode and isinstance(m, _TRAINING_LAYERS)})
         if active and not getattr(self, "_warned_training", False):
@@ -499,7 +505,7 @@ class ModelAdapter:
                 if n in self.embedding_layers:
                     shared.setdefault(self.embedding_layers[n], []).append(n)
             if shared and inputs is None:
-                inputs = self._last_inputs.get(threading.get_ident(), {})
+                inputs = {}                  # no ids given: matched by shape and values only
             for layer, names in shared.items():
                 handles.append(layer.register_forward_hook(
                     self._substitute(names, continuous, inputs, matched)))
@@ -705,8 +711,6 @@ class ModelAdapter:
             else:
                 x = raw[n]
                 args[n] = x.expand(b, *x.shape[1:]) if x.shape[0] == 1 and b > 1 else x
-        if self.embedding_layers:   # only the token ids: no batch of images kept alive
-            self._last_inputs[threading.get_ident()] = {n: args[n] for n in self.embedding_layers}
         return args
 
     def run(self, fn: Callable[[], Any], continuous: Mapping[str, torch.Tensor] | None = None,

@@ -36,8 +36,9 @@ class Result:
                 f"forward_passes={self.forward_passes}, backward_passes={self.backward_passes}, "
                 f"seconds={self.seconds:.3g})")
 
-    def to_dict(self) -> dict[str, Any]:
-        """The fields shared by every result as plain JSON data (see ``_plain``)."""
+    def _shared_dict(self) -> dict[str, Any]:
+        """The fields shared by every result as plain JSON data (see ``_plain``); private, so
+        that a result type without its own ``to_dict`` cannot serialise without its arrays."""
         return {"type": type(self).__name__.lower(), "method": self.method,
                 "target": _plain(self.target), "params": _plain(self.params),
                 "forward_passes": int(self.forward_passes),
@@ -59,7 +60,7 @@ class Attribution(Result):
         """JSON-able plain data: scores and maps as (nested) lists of floats, the labels, the
         target as {"kind", "index"}, the params and the cost; ``attribution_from_dict`` inverts
         it."""
-        return {**super().to_dict(),
+        return {**self._shared_dict(),
                 "scores": {n: _floats(v) for n, v in self.scores.items()},
                 "maps": {n: _floats(v) for n, v in self.maps.items()},
                 "labels": {n: [str(x) for x in v] for n, v in self.labels.items()}}
@@ -89,7 +90,7 @@ class Interaction(Result):
         """JSON-able plain data: the matrix as a list of rows of floats, the modalities and
         labels, the target as {"kind", "index"}, params and cost; ``interaction_from_dict``
         inverts it."""
-        return {**super().to_dict(), "modalities": [str(m) for m in self.modalities],
+        return {**self._shared_dict(), "modalities": [str(m) for m in self.modalities],
                 "matrix": _floats(self.matrix), "row_labels": [str(x) for x in self.row_labels],
                 "col_labels": [str(x) for x in self.col_labels]}
 

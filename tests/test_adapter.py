@@ -552,3 +552,32 @@ def test_a_float64_model_takes_float64_and_float32_arrays_and_token_ids_stay_int
                             for r, w in zip(rows, words)])
     np.testing.assert_allclose(f.logits, want.numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(f.indices, np.arange(5))
+
+
+def test_inputs_follow_the_model_dtype_live_and_keys_see_shapes():
+    """A model made .double() after wrapping gets float64 inputs (the dtype is read live, as the
+    device is); two instances whose bytes agree but whose shapes differ get different keys."""
+    from multiviz_widgets import Tabular, TimeSeries
+
+    class Sum(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(1, 2)
+
+        def forward(self, tab, series):
+            return self.head((tab.sum(1) + series.sum((1, 2)))[:, None])
+
+    mods = [Tabular("tab", columns=["a", "b"]), TimeSeries("series", window=2, channels=["x", "y"])]
+    adapter = ModelAdapter(Sum().eval(), mods, ["n", "p"], decision_layer="head")
+    inst = {"tab": np.ones(2, np.float32), "series": np.ones((4, 2), np.float32)}
+    assert adapter.collate([inst])["tab"].dtype == torch.float32
+    adapter.model.double()
+    assert adapter.collate([inst])["tab"].dtype == torch.float64
+    assert adapter.forward(adapter.collate([inst])).dtype == torch.float64
+    adapter.model.float()
+    wide = ModelAdapter(Sum().eval(), [Tabular("tab", columns=["a", "b"]),
+                                       TimeSeries("series", window=2, channels=["x", "y", "z", "w"])],
+                        ["n", "p"], decision_layer="head")
+    a = adapter.prepare(inst)
+    b = wide.prepare({"tab": inst["tab"], "series": np.ones((2, 4), np.float32)})
+    assert a.key != b.key

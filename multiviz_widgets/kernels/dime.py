@@ -28,7 +28,7 @@ __all__ = ["DimeResult", "dime"]
 # --------------------------------------------------------------------------------------------
 # DIME
 # --------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(repr=False)            # Result's one-line repr, never the arrays
 class DimeResult(Result):
     """DIME of one instance: LIME scores per unit of UC = EMAP(f) and of MI = f - UC.
 
@@ -44,6 +44,10 @@ class DimeResult(Result):
     uc_value: float = 0.0
     mi_value: float = 0.0
     reference_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def _shapes(self) -> str:
+        return ("uc={" + ", ".join(f"{n}: {np.shape(v)}" for n, v in self.uc.items()) + "}, "
+                f"references={len(self.reference_indices)}")
 
 
 class _DimeForwards:

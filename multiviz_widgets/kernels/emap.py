@@ -30,7 +30,7 @@ __all__ = ["EmapResult", "emap", "emap_gap", "emap_matrix", "interaction_type",
 # --------------------------------------------------------------------------------------------
 # EMAP
 # --------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(repr=False)            # Result's one-line repr, never the arrays
 class EmapResult(Result):
     """EMAP of N instances: their outputs and the additive projection fhat of those outputs.
 
@@ -53,6 +53,10 @@ class EmapResult(Result):
     def interaction(self) -> np.ndarray:
         """f - fhat: the part of the outputs that the additive projection cannot explain."""
         return self.logits - self.emap_logits
+
+    def _shapes(self) -> str:
+        m = "none" if self.matrix is None else str(np.shape(self.matrix))
+        return f"logits={np.shape(self.logits)}, matrix={m}"
 
 
 def _instances(dataset_or_list, indices=None) -> tuple[list[dict], np.ndarray]:

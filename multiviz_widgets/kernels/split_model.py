@@ -106,10 +106,13 @@ class FusedPairs:
         args = self.adapter.model_inputs(raw, continuous)
         b, bs = next(iter(args.values())).shape[0], self.batch_size
         versions = input_versions(args)
-        parts = [self.adapter.run(lambda s=s: self.split.encode({m: x[s:s + bs] for m, x in args.items()}),
-                                  None if continuous is None else
-                                  {m: x[s:s + bs] for m, x in continuous.items()})
-                 for s in range(0, b, bs)]
+        parts = []
+        for s in range(0, b, bs):
+            chunk = {m: x[s:s + bs] for m, x in args.items()}
+            parts.append(self.adapter.run(
+                lambda chunk=chunk: self.split.encode(chunk),
+                None if continuous is None else {m: x[s:s + bs] for m, x in continuous.items()},
+                inputs=chunk))               # the ids whose embedding calls get the inputs
         check_inputs_kept(args, versions)        # an encoder that edits its input in place
         return [torch.cat([p[k] for p in parts]) for k in range(len(self.split.from_side))]
 
