@@ -103,9 +103,11 @@ class Keywords(nn.Module):
     def __init__(self):
         super().__init__()
         self.emb = nn.Embedding(len(VOCAB), 3)
-        self.q, self.t = nn.Linear(3, 4), nn.Linear(4, 4)
+        self.q, self.t = nn.Linear(3, 4, bias=False), nn.Linear(4, 4)
         self.head = nn.Linear(4, 2)
         _seeded(self)
+        with torch.no_grad():       # [PAD] adds nothing to the sum: padding leaves f unchanged
+            self.emb.weight[0] = 0
 
     def forward(self, tabular, question):
         q = torch.tanh(self.q(self.emb(question))).sum(1)
@@ -555,3 +557,46 @@ def test_one_logit_models_keep_the_split_in_emap_and_dime():
     a = dime(adapter, ds, 0, n_samples=40, factorized=True)
     b = dime(adapter, ds, 0, n_samples=40, factorized=False)
     assert a.uc_value == pytest.approx(b.uc_value, abs=1e-5)
+
+
+class MeanPoolText(nn.Module):
+    """A question's mean embedding (no pad mask: [PAD] tokens count) times a tabular encoding."""
+
+    def __init__(self, masked: bool = False):
+        super().__init__()
+        self.masked = masked
+        self.embedding = nn.Embedding(len(VOCAB), 4, padding_idx=0)
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+        _seeded(self)
+
+    def forward(self, tabular, question):
+        e = self.embedding(question)
+        if self.masked:
+            keep = (question != 0).float()[..., None]
+            q = (e * keep).sum(1) / keep.sum(1).clamp(min=1)
+        else:
+            q = e.mean(1)
+        return self.head(torch.tanh(self.a(tabular)) * q)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_model_whose_output_changes_with_padding_is_refused_by_emap_and_dime(masked):
+    """EMAP and DIME batch texts of different lengths (padded with [PAD]); for a model that
+    pools without a mask that changed every number silently. Masked pooling passes."""
+    from multiviz_widgets import AdapterError
+    from multiviz_widgets.kernels.interactions import interaction_type
+    adapter = ModelAdapter(MeanPoolText(masked), [Tabular("tabular", columns=["c0", "c1", "c2", "c3"]),
+                                                  Text("question", VOCAB)],
+                           ["a", "b"], decision_layer="head")
+    g = torch.Generator().manual_seed(0)
+    questions = ["what shape", "is the red circle", "what is the shape", "red", "the circle"]
+    items = [{"tabular": torch.randn(4, generator=g), "question": q} for q in questions]
+    ds = MultimodalDataset({k: [it[k] for it in items] for k in items[0]})
+    calls = [lambda: emap(adapter, items), lambda: dime(adapter, ds, 0, n_samples=20),
+             lambda: interaction_type(adapter, items[0], items[1:])]
+    for call in calls:
+        if masked:
+            call()
+        else:
+            with pytest.raises(AdapterError, match="changes when modality 'question' is padded"):
+                call()

@@ -80,6 +80,34 @@ def evaluate_masks(adapter: ModelAdapter, prepared: Prepared, masks: Mapping[str
 
 
 @torch.no_grad()
+def check_padding_kept(adapter: ModelAdapter, items, raw: Mapping[str, torch.Tensor],
+                       what: str) -> None:
+    """An AdapterError when collating ``items`` into ``raw`` padded an instance's input (texts
+    of different lengths get [PAD] tokens) and the model's output changes with that padding (it
+    pools over the tokens without a pad mask): ``what`` batches instances of different lengths,
+    so its numbers would not be the model's. Cost: nothing without padding; else two forward
+    passes of one instance (the most padded one)."""
+    for name, m in adapter.modalities.items():
+        width = tuple(raw[name].shape[1:])
+        shapes = [m.input_shape(it[name]) for it in items]
+        padded = [k for k, shape in enumerate(shapes) if shape != width]
+        if not padded:
+            continue
+        k = min(padded, key=lambda k: shapes[k])
+        alone = adapter.forward(adapter.collate([items[k]]))
+        batched = adapter.forward({n: x[k:k + 1] for n, x in raw.items()})
+        if not torch.allclose(alone, batched, rtol=1e-4,
+                              atol=1e-4 * max(1.0, float(alone.abs().max()))):
+            raise AdapterError(
+                f"The model's output changes when modality {name!r} is padded: instance {k} "
+                f"alone gives {alone[0].tolist()[:4]}, padded to {width} in a batch "
+                f"{batched[0].tolist()[:4]}. {what} batches instances of different lengths, so "
+                "its numbers would not be the model's. Make the model ignore padding (pool only "
+                "over the tokens that are not [PAD], e.g. with a mask of the ids != pad id), or "
+                "give instances of one length.")
+
+
+@torch.no_grad()
 def check_model_takes(adapter: ModelAdapter, *raws: Mapping[str, torch.Tensor]) -> None:
     """A plain forward pass of the first instance of each batch of model inputs: raises the
     adapter's clear error (naming the modalities and their shapes) when the model cannot take

@@ -17,9 +17,9 @@ from ..data import MultimodalDataset
 from ..progress import ProgressFn
 from ..results import Result, Stopwatch
 from ..checks import positive_int
-from .common import (PERTURBATION_BATCH, check_adapter, check_model_takes, dataset_index,
-                     dataset_indices, masked_continuous, modality_pair, resolve_target,
-                     sample_indices)
+from .common import (PERTURBATION_BATCH, check_adapter, check_model_takes, check_padding_kept,
+                     dataset_index, dataset_indices, masked_continuous, modality_pair,
+                     resolve_target, sample_indices)
 from .split_model import CHECKED_PAIRS, FusedPairs, check_factorized, same_or_reject, with_split
 
 __all__ = ["DimeResult", "dime"]
@@ -167,7 +167,9 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     with Stopwatch() as sw:
         p = adapter.prepare(instance)
         t = resolve_target(adapter, p, target)
-        ref_raw = adapter.collate([dataset[int(i)] for i in ref_idx])
+        refs = [dataset[int(i)] for i in ref_idx]
+        ref_raw = adapter.collate(refs)
+        check_padding_kept(adapter, refs, ref_raw, "DIME")
         n = len(ref_idx)
         cost = [1 if target is None else 0]
         if len(adapter.names) == 2:

@@ -19,8 +19,8 @@ from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..results import Result, Stopwatch
 from ..checks import positive_int
-from .common import (PERTURBATION_BATCH, check_adapter, check_model_takes, dataset_index,
-                     dataset_indices, sample_indices)
+from .common import (PERTURBATION_BATCH, check_adapter, check_model_takes, check_padding_kept,
+                     dataset_index, dataset_indices, sample_indices)
 from .split_model import CHECKED_PAIRS, FusedPairs, Split, check_factorized, with_split
 
 __all__ = ["EmapResult", "emap", "emap_gap", "emap_matrix", "interaction_type",
@@ -139,6 +139,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
                                                 and matrix_bytes <= KEPT_MATRIX_BYTES))
     with Stopwatch() as sw:
         raw = adapter.collate(items)
+        check_padding_kept(adapter, items, raw, "EMAP")
         groups = [names[0]] if len(names) == 2 else list(names)   # modality m vs all others
         total = len(groups) * n * n
         report(progress, 0, total, "EMAP pairs")
@@ -398,6 +399,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
         raise ValueError(f"The reference set needs at least 2 instances, got {n}.")
     # the instance joins the reference batch as its last row, so one collate pads them together
     raw = adapter.collate(refs + [instance])
+    check_padding_kept(adapter, refs + [instance], raw, "interaction_type")
     dev = adapter.device
     total = n * n + len(names) * n + 1
     done = 0
