@@ -64,10 +64,16 @@ def project_3d(h: np.ndarray, dims: int = 3) -> np.ndarray:
     return out.astype(np.float32)
 
 
+#: The group of points whose label lies outside the model's classes (colouring by label or
+#: correctness): shown apart, and counted neither wrong nor right.
+UNKNOWN_GROUP = "unknown / unlabelled"
+
+
 def colour_groups(by: str, labels: np.ndarray | None, predictions: np.ndarray,
                   class_names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """(group id per point [N], group names) for colouring by "label", "prediction" or
-    "correctness" (groups "wrong", "right"; needs labels)."""
+    "correctness" (groups "wrong", "right"; needs labels). Labels outside the classes form a
+    last group named ``UNKNOWN_GROUP`` (only when there are any)."""
     predictions = np.asarray(predictions, dtype=np.int64)
     if by == "prediction":
         return predictions, list(class_names)
@@ -76,10 +82,15 @@ def colour_groups(by: str, labels: np.ndarray | None, predictions: np.ndarray,
                          "(colour by 'prediction' instead).")
     labels = np.asarray(labels, dtype=np.int64)
     if by == "label":
-        return labels, list(class_names)
-    if by == "correctness":
-        return (labels == predictions).astype(np.int64), ["wrong", "right"]
-    raise ValueError(f"Colour by {by!r}? Use 'label', 'prediction' or 'correctness'.")
+        groups, names = labels, list(class_names)
+    elif by == "correctness":
+        groups, names = (labels == predictions).astype(np.int64), ["wrong", "right"]
+    else:
+        raise ValueError(f"Colour by {by!r}? Use 'label', 'prediction' or 'correctness'.")
+    known = (labels >= 0) & (labels < len(class_names))
+    if known.all():
+        return groups, names
+    return np.where(known, groups, len(names)), names + [UNKNOWN_GROUP]
 
 
 def path_layout(path: dict, max_units: int | None = None,

@@ -12,7 +12,7 @@ import ipywidgets as W
 import numpy as np
 
 from ..engine import Analyses, Engine
-from ..kernels.projection import colour_groups
+from ..kernels.projection import UNKNOWN_GROUP, colour_groups
 from ..progress import Cancelled
 from ..selection import FIELDS, Selection
 from ._common import close_widgets
@@ -25,7 +25,6 @@ PALETTE = np.array([
 CORRECTNESS = np.array([[214, 39, 40], [44, 160, 44]], dtype=np.float32) / 255.0
 #: The colour of points whose label is not one of the model's classes (e.g. -1, unlabelled).
 UNKNOWN = np.array([200, 200, 200], dtype=np.float32) / 255.0
-UNKNOWN_NAME = "unknown / unlabelled"
 
 
 def group_colours(n: int, by: str) -> np.ndarray:
@@ -146,23 +145,13 @@ class EmbeddingView(W.VBox):
             else np.asarray(feats.predictions)
         preds = np.asarray(preds)[self._rows]
         by = self.colour_by.value
-        names = list(a.adapter.class_names)
-        known = None
-        if labels is not None:
-            labels = np.asarray(labels, dtype=np.int64)
-            known = (labels >= 0) & (labels < len(names))
-            labels = np.where(known, labels, 0)
-        groups, group_names = colour_groups(by, labels, preds, names)
-        colours = list(group_colours(len(group_names), by))
-        note = (f"{len(group_names)} classes, more than the {len(PALETTE)} distinct colours: "
+        groups, group_names = colour_groups(by, labels, preds, list(a.adapter.class_names))
+        unknown = group_names[-1:] == [UNKNOWN_GROUP]
+        n = len(group_names) - unknown
+        colours = list(group_colours(n, by)) + ([UNKNOWN] if unknown else [])
+        note = (f"{n} classes, more than the {len(PALETTE)} distinct colours: "
                 "a continuous hue scale by class index (neighbouring classes look alike)"
-                if len(group_names) > len(PALETTE) else "")
-        if by != "prediction" and known is not None and not known.all():
-            # labels outside the model's classes: their own legend entry, and not counted as
-            # wrong (or right) under correctness
-            groups = np.where(known, groups, len(group_names))
-            group_names = group_names + [UNKNOWN_NAME]
-            colours.append(UNKNOWN)
+                if n > len(PALETTE) else "")
         self.groups, self.group_names = groups, group_names
         self.scatter.color = np.array(colours, dtype=np.float32)[self.groups] if len(groups) \
             else np.zeros((0, 3), np.float32)
