@@ -794,7 +794,7 @@ def test_the_progress_label_names_the_interactions_a_unit_click_computes(vqa):
 
 
 def test_a_gallery_row_of_tied_activations_says_so():
-    from multiviz_widgets.views.neuron_view import _tie
+    from multiviz_widgets.kernels.representations import tied_extremes as _tie
     from .explorer_support import Features
     assert _tie(np.array([0, 0, 0, 0, 0, 0, 1.0, 2.0]), [0.0] * 4) == (6, 0.0)
     assert _tie(np.array([0, 0, 0, 0, 1.0, 2.0]), [0.0] * 4) is None       # exactly the 4 shown

@@ -411,6 +411,17 @@ class NeuronExtremes:
         return [(int(i), float(v)) for i, v in zip(self.bottom_indices[j], self.bottom_values[j])]
 
 
+def tied_extremes(values: np.ndarray, shown: Sequence[float]) -> tuple[int, float] | None:
+    """(how many instances have the value, the value) when every shown instance of a top or
+    bottom list has the same activation and more instances than shown share it (a ReLU
+    neuron's h = 0): the list is then the first instances of a tie, not a ranking; else None.
+    values: one neuron's activation over the dataset."""
+    if not len(shown) or min(shown) != max(shown):
+        return None
+    n = int(np.count_nonzero(np.asarray(values) == shown[0]))
+    return (n, float(shown[0])) if n > len(shown) else None
+
+
 class StreamingExtremes:
     """Running top-k and bottom-k per column of a stream of [B, d] batches, memory O(k d).
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..adapter import Neuron
 from ..engine import Analyses, Engine
+from ..kernels.representations import tied_extremes
 from ..selection import Selection
 from ._common import close_widgets, instance_title
 from ._encode import image_overlay, png, strip
@@ -19,16 +20,6 @@ from ._encode import image_overlay, png, strip
 def _short(text: str, n: int = 38) -> str:
     text = str(text)
     return text if len(text) <= n else text[:n - 1] + "…"
-
-
-def _tie(h: np.ndarray, shown: list[float]) -> tuple[int, float] | None:
-    """(how many instances have the value, the value) when every shown instance of a gallery row
-    has the same h_j and more instances than shown share it (e.g. a ReLU neuron's h = 0): the
-    row is then the first instances of a tie, not a ranking; else None."""
-    if not shown or min(shown) != max(shown):
-        return None
-    n = int(np.count_nonzero(h == shown[0]))
-    return (n, float(shown[0])) if n > len(shown) else None
 
 
 class NeuronView(W.VBox):
@@ -187,8 +178,8 @@ class NeuronView(W.VBox):
             entries += [("bottom", int(i), float(v)) for i, v in zip(ext.bottom_indices[j],
                                                                      ext.bottom_values[j])]
             entries = [e for e in entries if e[1] >= 0]
-            ties = {side: _tie(np.asarray(a.features(progress).h)[:, j],
-                               [e[2] for e in entries if e[0] == side])
+            ties = {side: tied_extremes(np.asarray(a.features(progress).h)[:, j],
+                                        [e[2] for e in entries if e[0] == side])
                     for side in ("top", "bottom")}
             items = []
             for n, (side, idx, value) in enumerate(entries):
