@@ -169,8 +169,10 @@ def test_bad_inputs_get_clear_errors(cache):
     adapter, ds = make_adapter(), make_dataset()
     with pytest.raises(ValueError, match="batch_size"):
         extract_features(adapter, ds, batch_size=0)
-    with pytest.raises(IndexError, match="indices must lie"):
+    with pytest.raises(ValueError, match="99 is out of range"):
         extract_features(adapter, ds, indices=[0, 99], cache=False)
+    with pytest.raises(ValueError, match="not a boolean mask"):
+        extract_features(adapter, ds, indices=[True] * len(ds), cache=False)
     with pytest.raises(ValueError, match="empty"):
         extract_features(adapter, ds, indices=[], cache=False)
     with pytest.raises(ValueError, match="k must be a positive"):

@@ -33,7 +33,7 @@ from ..adapter import AdapterError, ModelAdapter, _outside_stacklevel
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..checks import positive_int
-from .common import as_prepared
+from .common import as_prepared, dataset_indices
 
 # v2: the key covers modality signatures and the module tree; v3: batches of equal shapes only
 # (no padding, which changed the features of models that pool without a pad mask), and the
@@ -60,24 +60,10 @@ def _decision_layer_name(adapter: ModelAdapter) -> str:
 
 
 def _indices(dataset: MultimodalDataset, indices: Sequence[int] | None) -> np.ndarray:
-    n = len(dataset)
+    """All of the dataset's instance numbers (indices None), or ``indices`` validated."""
     if indices is None:
-        return np.arange(n, dtype=np.int64)
-    idx = np.asarray(indices)
-    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-        raise ValueError("indices must be a 1-D sequence of integer instance positions, got "
-                         f"shape {idx.shape} of {idx.dtype}.")
-    idx = idx.astype(np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise IndexError(f"indices must lie in 0..{n - 1} (the dataset has {n} instances); got "
-                         f"values from {int(idx.min())} to {int(idx.max())}.")
-    return idx
-
-
-def _check_batch_size(batch_size: int) -> int:
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    return int(batch_size)
+        return np.arange(len(dataset), dtype=np.int64)
+    return dataset_indices(indices, len(dataset))
 
 
 def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
@@ -190,7 +176,7 @@ def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipp
     """stream_features' batches as (positions in idx [B], logits, h)."""
     if not isinstance(adapter, ModelAdapter):
         raise TypeError(f"stream_features needs a ModelAdapter, got {type(adapter).__name__}.")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = positive_int(batch_size, "batch_size")
     total = len(idx)
     report(progress, 0, total, message)
     failed: dict[int, Exception] = {}          # position in idx -> error
@@ -320,7 +306,7 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     on-disk cache (keyed by the weights' hash and the dataset's fingerprint) already holds them.
     ``cache_dir=`` overrides the cache location; ``cache=False`` neither reads nor writes it.
     """
-    batch_size = _check_batch_size(batch_size)
+    batch_size = positive_int(batch_size, "batch_size")
     idx = _indices(dataset, indices)
     t0 = time.perf_counter()
     key = path = None
@@ -512,7 +498,7 @@ def neuron_extremes(adapter: ModelAdapter | None, dataset: MultimodalDataset | N
                              "pass the features of those instances instead (extract_features("
                              "..., indices=...)).")
         total = len(features)
-        for s in range(0, total, _check_batch_size(batch_size)):
+        for s in range(0, total, positive_int(batch_size, "batch_size")):
             ext.update(features.h[s:s + batch_size], features.indices[s:s + batch_size])
             report(progress, min(total, s + batch_size), total, "neuron extremes")
     else:
