@@ -560,20 +560,20 @@ class AttributionMethod:
 
 class _GradientFamily(AttributionMethod):
     """A method whose attribution is a weighted sum of input gradients over rows derived from the
-    instance: ``_rows`` gives those rows and weights, ``_finish`` turns the summed gradient into
-    scores and maps. ``_run`` explains one instance; ``attribute_batch`` stacks the rows of
+    instance: ``_rows`` gives those rows and weights, ``_attributions`` turns the summed gradient
+    into each modality's scalar attribution (which ``_scores_and_maps`` pools and maps). ``_run`` explains one instance; ``attribute_batch`` stacks the rows of
     many instances (or targets) into shared forward and backward passes."""
 
     def _rows(self, prepared, names, p) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def _finish(self, adapter, prepared, names, grad_sum) -> tuple[dict, dict]:
+    def _attributions(self, prepared, names, grad_sum) -> dict[str, torch.Tensor]:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _found(self, adapter, prepared, target, names, p, outputs: torch.Tensor,
-               grad_sum: Mapping[str, torch.Tensor]) -> dict:
-        """Measurements for the params from the rows' outputs f(row) [n_rows] and the weighted
-        sum of the rows' gradients (as given to ``_finish``)."""
+               attrs: Mapping[str, torch.Tensor]) -> dict:
+        """Measurements for the params from the rows' outputs f(row) [n_rows] and the scalar
+        attributions (as ``_attributions`` made them)."""
         return {}
 
     def _rows_per_pass(self, p) -> int:
@@ -592,9 +592,10 @@ class _GradientFamily(AttributionMethod):
             total = part if total is None else {n: total[n] + part[n] for n in names}
             outputs.append(out)
             report(progress, min(n_rows, s + bs), n_rows, self.label)
-        scores, maps = self._finish(adapter, prepared, names, total)
+        attrs = self._attributions(prepared, names, total)
+        scores, maps = _scores_and_maps(adapter, prepared, attrs)
         return scores, maps, self._found(adapter, prepared, target, names, p,
-                                         torch.cat(outputs), total)
+                                         torch.cat(outputs), attrs)
 
 
 class _Gradient(_GradientFamily):
@@ -609,10 +610,9 @@ class _Gradient(_GradientFamily):
         # pass was queued would wait for it
         return x, torch.ones(1, device=x[names[0]].device)
 
-    def _finish(self, adapter, prepared, names, grad_sum):
-        return _scores_and_maps(adapter, prepared, {
-            n: grad_sum[n] * prepared.continuous[n] if self.times_input else grad_sum[n]
-            for n in names})
+    def _attributions(self, prepared, names, grad_sum):
+        return {n: grad_sum[n] * prepared.continuous[n] if self.times_input else grad_sum[n]
+                for n in names}
 
 
 class _GradXInput(_Gradient):
@@ -649,18 +649,16 @@ class _IntegratedGradients(_GradientFamily):
         weights = torch.cat([weights, weights.new_zeros(n_rows - len(a))])
         return rows, weights
 
-    def _finish(self, adapter, prepared, names, grad_sum):
-        return _scores_and_maps(adapter, prepared, {
-            n: (prepared.continuous[n] - prepared.baseline[n]) * grad_sum[n] for n in names})
+    def _attributions(self, prepared, names, grad_sum):
+        return {n: (prepared.continuous[n] - prepared.baseline[n]) * grad_sum[n] for n in names}
 
-    def _found(self, adapter, prepared, target, names, p, outputs, grad_sum):
+    def _found(self, adapter, prepared, target, names, p, outputs, attrs):
         """The completeness gap f(x) - f(b) - sum of the attributions, absolute and relative to
         |f(x) - f(b)| (or to 1e-3 of the larger |f| when that difference is smaller). The sum
         runs over the scalars (as captum's convergence delta), so a modality whose pool is not
         a sum does not count as a gap; it equals the sum of the scores otherwise."""
         ix, ib, _ = _ig_ends(p["steps"], p["rule"])
-        total = sum(((prepared.continuous[n] - prepared.baseline[n]) * grad_sum[n]).double().sum()
-                    for n in names)
+        total = sum(attrs[n].double().sum() for n in names)
         fx, fb, s = torch.cat([outputs[[ix, ib]].double(), total.reshape(1)]).cpu().tolist()
         if not (math.isfinite(fx) and math.isfinite(fb)):
             raise_not_finite(adapter, prepared, target, names, self.name)
@@ -933,10 +931,11 @@ def _gradient_batch(adapter: ModelAdapter, m: _GradientFamily, preps: Sequence[P
                 if b < n_rows[k]:                    # more of its rows come in the next pass
                     carried[k] = part
                     continue
-                scores, maps = m._finish(adapter, preps[k], names, part)
+                attrs = m._attributions(preps[k], names, part)
+                scores, maps = _scores_and_maps(adapter, preps[k], attrs)
                 del pending[k]
                 found = m._found(adapter, preps[k], targets[k], names, p,
-                                 torch.cat(outputs.pop(k)), part)
+                                 torch.cat(outputs.pop(k)), attrs)
                 results[k] = m._result(adapter, preps[k], targets[k], names, p, scores, maps,
                                        n_rows[k], n_rows[k], found=found)
             done += o
