@@ -144,8 +144,6 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
     calls = {}
     count = (lambda key: lambda *_: calls.__setitem__(key, calls.get(key, 0) + 1))
     handles = [adapter.decision_layer.register_forward_pre_hook(count("decision"))]
-    for layer in {id(e): e for e in adapter.embedding_layers.values()}.values():
-        handles.append(layer.register_forward_hook(count(id(layer))))
     try:
         with torch.no_grad():
             raw_out = adapter._call_model(prepared.raw)
@@ -180,12 +178,8 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
                    "The output looks like probabilities (in [0, 1], summing to 1). Explanations "
                    "should target pre-softmax logits: remove the final softmax from forward().")
     _check_decision_layer(adapter, prepared, report, calls.get("decision", 0))
-    for n, layer in adapter.embedding_layers.items():
-        if calls.get(id(layer), 0) == 0:
-            report.add("error", "embedding-unused",
-                       f"The embedding layer given for {n!r} was never called in the forward "
-                       f"pass: pass embedding_layers={{'{n}': <the module that embeds {n}>}}.",
-                       _CONTINUOUS)
+    # an embedding layer never called on its text's ids is reported (once) by step 5's
+    # substitution check, which names the layer and what it must be
 
     # 4. Determinism: two passes must agree.
     again = _attempt(report, "nondeterministic", _ALL, "A second forward pass failed",

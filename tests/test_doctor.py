@@ -267,6 +267,15 @@ def test_check_reports_an_embedding_layer_that_is_not_the_texts():
         assert rep.ok, (kind, str(rep))
 
 
+def test_an_embedding_layer_the_model_never_calls_is_reported_once():
+    model = Healthy()
+    model.spare = nn.Embedding(len(VOCAB), 6)
+    r = check(adapter(model, embedding_layers={"question": "spare"}), INSTANCE)
+    assert len(r.errors) == 1, str(r)
+    assert "spare (Embedding), was never called on the token ids of 'question'" in str(r)
+    assert not r.stages["unimodal_gradient"] and r.stages["representations"]
+
+
 def test_check_reports_an_embedding_module_that_cannot_embed_the_ids():
     from tests.test_adapter import TV_INSTANCE, Pooled, TextVitals, text_vitals
 
