@@ -44,6 +44,9 @@ sys.path.insert(0, str(REPO))
 
 from tests import browser_support as bs  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from allocator import TUNED  # noqa: E402  (the glibc malloc settings that ``make demo`` exports)
+
 GRADIENT_METHODS = ("gradient", "grad_x_input", "integrated_gradients")
 PERTURBATION_METHODS = ("occlusion", "lime", "kernel_shap")
 TARGET_CACHED_MS = 150.0
@@ -136,6 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--instance", type=int, default=0)
     ap.add_argument("--timeout-ms", type=float, default=60_000.0)
     ap.add_argument("--verbose", action="store_true", help="print every click")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="run the server with glibc's default malloc settings instead of the "
+                         "ones `make demo` exports (benchmarks/allocator.py)")
     args = ap.parse_args(argv)
     # On SIGTERM, exit through the finally blocks so the JupyterLab server is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -145,6 +151,14 @@ def main(argv=None) -> int:
         return 2
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     root = bs.copy_notebooks(pathlib.Path(tempfile.mkdtemp(prefix="mvz-latency-")))
+    # the server (and so the kernel) inherits this process's environment: run it as `make demo`
+    # does, unless asked for the defaults
+    for k, v in TUNED.items():
+        if args.default_malloc:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    malloc = {k: os.environ.get(k) for k in TUNED}
     lab = bs.start_lab(root)
     cases: dict[str, dict] = {}
     t_start = time.time()
@@ -193,7 +207,7 @@ def main(argv=None) -> int:
         "benchmark": "ui_latency",
         "what": "click on a question token -> InputView re-rendered with the new image overlay, "
                 "measured in the page (performance.now)",
-        "server": "jupyterlab", "browser": f"chromium {chromium_version} (headless)",
+        "server": "jupyterlab", "server_malloc_settings": malloc, "browser": f"chromium {chromium_version} (headless)",
         "notebook": "notebooks/quickstart.ipynb (easy-VQA Explorer)",
         "instance": info, "methods": methods, "clicks_per_case": args.clicks,
         "targets": {"cached_p95_ms": TARGET_CACHED_MS, "uncached_p95_ms": TARGET_UNCACHED_MS,
