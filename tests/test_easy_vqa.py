@@ -323,3 +323,19 @@ def test_unknown_words_change_nothing(adapter, dataset):
     b = adapter.predict(adapter.collate([{"image": image, "question": without}]))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert adapter.model.embedding.weight[demo.VOCAB.index("[UNK]")].abs().max() == 0
+
+
+def test_training_into_a_folder_it_cannot_write_fails_before_training(tmp_path, capsys,
+                                                                      monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+
+    def no_training(*_a, **_k):
+        raise AssertionError("the data was loaded for training before the folder was checked")
+    monkeypatch.setattr(demo, "load_dataset", no_training)
+    with pytest.raises(OSError, match="out_dir="):
+        demo.train(out_dir=blocker / "weights", epochs=1, max_steps_per_epoch=1,
+                   evaluate_test=False)
+    assert demo.main(["train", "--out-dir", str(blocker / "weights")]) == 1
+    assert "--out-dir" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"

@@ -45,6 +45,7 @@ import json
 import math
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -456,6 +457,21 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _writable_out_dir(out_dir: str | Path | None) -> Path:
+    """The folder train() saves to (default: the package's weights folder), created and checked
+    to be writable; an OSError that says to choose --out-dir otherwise."""
+    out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise OSError(f"Cannot write the trained weights to {out} ({e.strerror or e}); choose "
+                      "a folder you can write with out_dir= (--out-dir on the command line), "
+                      "then load it with load_adapter(weights_path=...).") from None
+    return out
+
+
 def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
           val_every: int = 10, out_dir: str | Path | None = None, threads: int = 2,
           log: Callable[[str], None] = print, config: dict | None = None,
@@ -471,6 +487,7 @@ def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 
     """
     from safetensors.torch import save_file
 
+    out = _writable_out_dir(out_dir)        # before minutes of training, not after
     torch.set_num_threads(threads)
     _seed_everything(seed)
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
@@ -533,8 +550,6 @@ def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 
         + (f"test accuracy {test_acc:.4f} on {len(test)} questions; " if evaluate_test else "")
         + f"{train_seconds:.0f} s of training")
 
-    out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
     wpath = out / WEIGHTS_FILE.name
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(wpath), metadata={"format": "pt", "model": "EasyVQAModel"})
@@ -606,6 +621,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_eval.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if args.command == "train":
+        try:
+            _writable_out_dir(args.out_dir)
+        except OSError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
               out_dir=args.out_dir, threads=args.threads,
               config=json.loads(args.config) if args.config else None,
