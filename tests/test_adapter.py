@@ -194,12 +194,11 @@ def test_inputs_the_model_cannot_take_are_clear_errors_naming_the_modality():
 
 
 def test_a_batch_of_instances_of_different_shapes_names_the_odd_one():
-    from multiviz_widgets.kernels.interactions import emap
     a = adapter(Healthy())
     small = dict(INSTANCE, image=torch.rand(3, 4, 4))
     with pytest.raises(AdapterError, match=r"'image': instance 1 has shape \(3, 4, 4\) but "
                                            r"instance 0 has \(3, 8, 8\)") as e:
-        emap(a, [INSTANCE, small, INSTANCE])
+        a.collate([INSTANCE, small, INSTANCE])
     assert isinstance(e.value.__cause__, RuntimeError)
 
 

@@ -79,32 +79,70 @@ def evaluate_masks(adapter: ModelAdapter, prepared: Prepared, masks: Mapping[str
     return torch.cat(outs)
 
 
-@torch.no_grad()
-def check_padding_kept(adapter: ModelAdapter, items, raw: Mapping[str, torch.Tensor],
-                       what: str) -> None:
-    """An AdapterError when collating ``items`` into ``raw`` padded an instance's input (texts
-    of different lengths get [PAD] tokens) and the model's output changes with that padding (it
-    pools over the tokens without a pad mask): ``what`` batches instances of different lengths,
-    so its numbers would not be the model's. Cost: nothing without padding; else two forward
-    passes of one instance (the most padded one)."""
-    for name, m in adapter.modalities.items():
-        width = tuple(raw[name].shape[1:])
-        shapes = [m.input_shape(it[name]) for it in items]
-        padded = [k for k, shape in enumerate(shapes) if shape != width]
-        if not padded:
-            continue
-        k = min(padded, key=lambda k: shapes[k])
-        alone = adapter.forward(adapter.collate([items[k]]))
-        batched = adapter.forward({n: x[k:k + 1] for n, x in raw.items()})
-        if not torch.allclose(alone, batched, rtol=1e-4,
-                              atol=1e-4 * max(1.0, float(alone.abs().max()))):
-            raise AdapterError(
-                f"The model's output changes when modality {name!r} is padded: instance {k} "
-                f"alone gives {alone[0].tolist()[:4]}, padded to {width} in a batch "
-                f"{batched[0].tolist()[:4]}. {what} batches instances of different lengths, so "
-                "its numbers would not be the model's. Make the model ignore padding (pool only "
-                "over the tokens that are not [PAD], e.g. with a mask of the ids != pad id), or "
-                "give instances of one length.")
+class ShapeGroups:
+    """N instances grouped by the shapes of their model inputs (``Modality.input_shape``), each
+    group collated on its own, so that no instance is ever padded to another's length: a model
+    whose output changes with padding (it pools over [PAD] tokens) gets its own numbers. When
+    all the instances share one shape (the common case) there is one group: all of them, in
+    order, collated as one batch.
+
+    positions[g]: the positions (in the list given) of group g's instances, a LongTensor on the
+    model's device; raws[g]: their model inputs. ``by(names)`` regroups them by the shapes of
+    some modalities only (what a batch of pairs that takes only those modalities from these
+    instances needs); ``instance(k)`` is one instance's inputs (a batch of one).
+    Cost: reading each instance's input shapes, and one collate per group.
+    """
+
+    def __init__(self, adapter: ModelAdapter, items):
+        self.names = tuple(adapter.names)
+        self.n = len(items)
+        found: dict[tuple, list[int]] = {}
+        for k, item in enumerate(items):
+            adapter._check_names(item)
+            key = tuple(m.input_shape(item[n]) for n, m in adapter.modalities.items())
+            found.setdefault(key, []).append(k)
+        self.keys = list(found)
+        self.positions = [torch.tensor(p, dtype=torch.long, device=adapter.device)
+                          for p in found.values()]
+        self.raws = [adapter.collate([items[k] for k in p]) for p in found.values()]
+        self._where = {k: (g, r) for g, p in enumerate(found.values()) for r, k in enumerate(p)}
+        self._by: dict[tuple[str, ...], list] = {}
+
+    @property
+    def single(self) -> bool:
+        """All the instances have one input shape per modality (one group)."""
+        return len(self.raws) == 1
+
+    def where(self, k: int) -> tuple[int, int]:
+        """(group, row in it) of instance k."""
+        return self._where[int(k)]
+
+    def instance(self, k: int) -> dict[str, torch.Tensor]:
+        """The model inputs of instance k alone {name: [1, ...]}."""
+        g, r = self.where(k)
+        return {n: x[r:r + 1] for n, x in self.raws[g].items()}
+
+    def by(self, names) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """[(positions, {name: inputs})]: the instances grouped by the shapes of the modalities
+        ``names`` only, with those modalities' inputs (the groups of equal shapes there
+        concatenated). One group, all the instances in order, when those shapes are all equal."""
+        names = tuple(names)
+        if names not in self._by:
+            cols = [self.names.index(m) for m in names]
+            parts: dict[tuple, list[int]] = {}
+            for g, key in enumerate(self.keys):
+                parts.setdefault(tuple(key[c] for c in cols), []).append(g)
+            out = []
+            for gs in parts.values():
+                if len(gs) == 1:
+                    out.append((self.positions[gs[0]], {m: self.raws[gs[0]][m] for m in names}))
+                    continue
+                pos = torch.cat([self.positions[g] for g in gs])
+                order = torch.argsort(pos)            # back in the instances' order
+                out.append((pos[order], {m: torch.cat([self.raws[g][m] for g in gs])[order]
+                                         for m in names}))
+            self._by[names] = out
+        return self._by[names]
 
 
 @torch.no_grad()

@@ -2,7 +2,10 @@
 explained per modality with LIME (the original code explained f instead of MI: a bug).
 
 With a two-modality model that can be split (``kernels.split_model``), the reference set and
-each batch of masked instances are encoded once and only the pairs are fused.
+each batch of masked instances are encoded once and only the pairs are fused. References of
+different input shapes (texts of different token counts) are never padded to one length: they
+are batched (and encoded) shape group by shape group, and the masked instance keeps its own
+shape, so a model that pools over [PAD] tokens gets its own numbers.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from ..data import MultimodalDataset
 from ..progress import ProgressFn
 from ..results import Result, Stopwatch
 from ..checks import positive_int
-from .common import (PERTURBATION_BATCH, check_adapter, check_model_takes, check_padding_kept,
+from .common import (PERTURBATION_BATCH, ShapeGroups, check_adapter, check_model_takes,
                      dataset_index, dataset_indices, masked_continuous, modality_pair,
                      resolve_target, sample_indices)
 from .split_model import CHECKED_PAIRS, FusedPairs, check_factorized, same_or_reject, with_split
@@ -52,17 +55,23 @@ class DimeResult(Result):
 
 class _DimeForwards:
     """DIME's terms from full forward passes: f(x^z), and each masked modality against the
-    reference set's other modality (the remaining modalities, if any, kept as the instance's)."""
+    reference set's other modality (the remaining modalities, if any, kept as the instance's).
+    Each batch takes a reference modality from references of one input shape (``ShapeGroups``:
+    one group when they share one), so nothing is padded."""
 
-    def __init__(self, adapter, prepared, target, ref_raw, pair, batch_size, cost):
-        self.adapter, self.p, self.t, self.ref = adapter, prepared, target, ref_raw
+    def __init__(self, adapter, prepared, target, refs: ShapeGroups, pair, batch_size, cost):
+        self.adapter, self.p, self.t, self.refs = adapter, prepared, target, refs
         self.pair, self.bs, self.cost = pair, batch_size, cost
-        self.n = next(iter(ref_raw.values())).shape[0]
+        self.n = refs.n
         a, b = pair
-        k = torch.arange(self.n * self.n, device=adapter.device)
-        sel = {a: k // self.n, b: k % self.n}
-        self.grand = self._run({m: (ref_raw[m][sel[m]] if m in sel else prepared.raw[m])
-                                for m in adapter.names}, {}).mean()
+        total = 0.0
+        for _, xa in refs.by([a]):
+            for _, xb in refs.by([b]):
+                k = torch.arange(len(xa[a]) * len(xb[b]), device=adapter.device)
+                sel = {a: xa[a][k // len(xb[b])], b: xb[b][k % len(xb[b])]}
+                total = total + self._run({m: sel.get(m, prepared.raw[m]) for m in adapter.names},
+                                          {}).sum()
+        self.grand = total / (self.n * self.n)
 
     @torch.no_grad()
     def _run(self, raw, cont) -> torch.Tensor:
@@ -80,13 +89,19 @@ class _DimeForwards:
         n, p = self.n, self.p
         bsz = next(iter(cont.values())).shape[0]
         f = self._run(p.raw, cont)
-        rows = torch.arange(bsz, device=self.adapter.device).repeat_interleave(n)
-        refs = torch.arange(n, device=self.adapter.device).repeat(bsz)
+        dev = self.adapter.device
         parts = []
         for mod, other in (self.pair, self.pair[::-1]):   # masked mod, reference for the other
-            raw = {m: (self.ref[m][refs] if m == other else p.raw[m].expand(len(rows), *p.raw[m].shape[1:]))
-                   for m in self.adapter.names}
-            parts.append(self._run(raw, {mod: cont[mod][rows]}).reshape(bsz, n).mean(1))
+            part = 0.0
+            for _, xo in self.refs.by([other]):           # references of one shape of ``other``
+                g = len(xo[other])
+                rows = torch.arange(bsz, device=dev).repeat_interleave(g)
+                refs = torch.arange(g, device=dev).repeat(bsz)
+                raw = {m: (xo[m][refs] if m == other
+                           else p.raw[m].expand(len(rows), *p.raw[m].shape[1:]))
+                       for m in self.adapter.names}
+                part = part + self._run(raw, {mod: cont[mod][rows]}).reshape(bsz, g).sum(1)
+            parts.append(part / n)
         return parts[0] + parts[1] - self.grand, f
 
 
@@ -95,17 +110,21 @@ class _DimeFused:
     masked instances are encoded once, and only the pairs are fused. The split is checked
     against forward passes when it is built (FactorizationError when they differ)."""
 
-    def __init__(self, adapter, prepared, target, ref_raw, split, batch_size, cost):
+    def __init__(self, adapter, prepared, target, refs: ShapeGroups, split, batch_size, cost):
         self.adapter, self.p, self.split, self.cost = adapter, prepared, split, cost
         neuron = target.kind == "neuron"
         self.fused = FusedPairs(adapter, split, batch_size, neuron,
                             lambda logits, h: adapter.output(logits, h, target))
-        self.n = n = next(iter(ref_raw.values())).shape[0]
+        self.n = n = refs.n
         with torch.no_grad():
-            self.ref = self.fused.encode(ref_raw)
-            self.fused.check(ref_raw, self.ref, lambda raw: adapter.target_output(raw, {}, target))
-            k = torch.arange(n * n, device=adapter.device)
-            self.grand = self.fused.pairs(self.ref, self.ref, k // n, k % n).mean()
+            # each shape group of the references encoded on its own (one group: one batch)
+            self.ref = self.fused.encode_groups(refs)
+            self.fused.check(refs, self.ref, lambda raw: adapter.target_output(raw, {}, target))
+            total = 0.0
+            for ps, sv, po, ov in self.ref.blocks():
+                k = torch.arange(len(ps) * len(po), device=adapter.device)
+                total = total + self.fused.pairs(sv, ov, k // len(po), k % len(po)).sum()
+            self.grand = total / (n * n)
             # masked inputs enter the encoders through the continuous inputs: check that path
             # on the instance and two random masks of it against full forward passes
             g = torch.Generator().manual_seed(0)
@@ -126,11 +145,20 @@ class _DimeFused:
         enc = self.fused.encode(self.p.raw, cont)
         own = torch.arange(bsz, device=self.adapter.device)
         f = self.fused.pairs(enc, enc, own, own)
-        rows, refs = own.repeat_interleave(n), torch.arange(n, device=own.device).repeat(bsz)
-        side_masked = self.fused.pairs(enc, self.ref, rows, refs).reshape(bsz, n).mean(1)
-        others_masked = self.fused.pairs(self.ref, enc, refs, rows).reshape(bsz, n).mean(1)
+        side_masked = others_masked = 0.0
+        # per group of references whose encodings have one size (one group: all of them)
+        for pos, values in self.ref.others:     # the masked side against each reference
+            g = len(pos)
+            rows, refs = own.repeat_interleave(g), torch.arange(g, device=own.device).repeat(bsz)
+            side_masked = side_masked + self.fused.pairs(enc, values, rows, refs).reshape(
+                bsz, g).sum(1)
+        for pos, values in self.ref.side:       # each reference against the masked others
+            g = len(pos)
+            rows, refs = own.repeat_interleave(g), torch.arange(g, device=own.device).repeat(bsz)
+            others_masked = others_masked + self.fused.pairs(values, enc, refs, rows).reshape(
+                bsz, g).sum(1)
         self.cost[0] += bsz * (1 + 2 * n)
-        return side_masked + others_masked - self.grand, f
+        return (side_masked + others_masked) / n - self.grand, f
 
 
 def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_indices=None,
@@ -167,17 +195,16 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     with Stopwatch() as sw:
         p = adapter.prepare(instance)
         t = resolve_target(adapter, p, target)
-        refs = [dataset[int(i)] for i in ref_idx]
-        ref_raw = adapter.collate(refs)
-        check_padding_kept(adapter, refs, ref_raw, "DIME")
+        # the references grouped by input shapes: one group (one batch) when they share one
+        refs = ShapeGroups(adapter, [dataset[int(i)] for i in ref_idx])
         n = len(ref_idx)
         cost = [1 if target is None else 0]
         if len(adapter.names) == 2:
             try:
                 terms, kind, note = with_split(adapter, factorized, a, lambda split: _DimeFused(
-                    adapter, p, t, ref_raw, split, batch_size, cost))
+                    adapter, p, t, refs, split, batch_size, cost))
             except RuntimeError:
-                check_model_takes(adapter, p.raw, ref_raw)   # inputs the model cannot take
+                check_model_takes(adapter, p.raw, *refs.raws)   # inputs the model cannot take
                 raise
         elif factorized not in (None, False):
             raise ValueError(f"factorized={factorized!r}: DIME splits only two-modality models "
@@ -185,7 +212,7 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
         else:
             terms, kind, note = None, "none", "DIME splits only two-modality models"
         if terms is None:
-            terms = _DimeForwards(adapter, p, t, ref_raw, (a, b), batch_size, cost)
+            terms = _DimeForwards(adapter, p, t, refs, (a, b), batch_size, cost)
 
         cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -19,7 +19,7 @@ from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..results import Result, Stopwatch
 from ..checks import positive_int
-from .common import (PERTURBATION_BATCH, check_adapter, check_model_takes, check_padding_kept,
+from .common import (PERTURBATION_BATCH, ShapeGroups, check_adapter, check_model_takes,
                      dataset_index, dataset_indices, sample_indices)
 from .split_model import CHECKED_PAIRS, FusedPairs, Split, check_factorized, with_split
 
@@ -87,8 +87,21 @@ def _output_fn(adapter: ModelAdapter, target) -> tuple[Callable, Target | None, 
     return (lambda raw: adapter.forward(raw)), t, list(adapter.class_names)
 
 
-def _index_raw(raw: Mapping[str, torch.Tensor], idx: Mapping[str, torch.Tensor]) -> dict:
-    return {n: raw[n][idx[n]] for n in raw}
+def _pair_batches(groups: ShapeGroups, side: Sequence[str], others: Sequence[str],
+                  batch_size: int, device):
+    """Yield (i [B], j [B], model inputs of the pairs) for all pairs (the modalities ``side`` of
+    instance i, ``others`` of instance j) of the instances of ``groups``, in batches of up to
+    batch_size whose every modality has one input shape (nothing is padded): block by block of
+    (a group of equal shapes of side, one of others), each block row-major. One block, the N x N
+    pairs in row-major order, when the instances share one shape."""
+    for ps, xs in groups.by(side):
+        for po, xo in groups.by(others):
+            a, b = len(ps), len(po)
+            for s in range(0, a * b, batch_size):
+                k = torch.arange(s, min(a * b, s + batch_size), device=device)
+                i, j = k // b, k % b
+                yield ps[i], po[j], {**{m: xs[m][i] for m in side},
+                                     **{m: xo[m][j] for m in others}}
 
 
 @torch.no_grad()
@@ -106,7 +119,11 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     target: None or a class (all logits, K = C), or Neuron(j) (K = 1).
 
     The pairs are evaluated in chunks and summed as they come (row sums, column sums and the
-    diagonal), so memory grows with N, not N^2: a whole test split works. keep_matrix: also
+    diagonal), so memory grows with N, not N^2: a whole test split works. Instances of
+    different input shapes (texts of different token counts) are never padded to one length: a
+    batch of pairs takes each modality from instances of one shape, and a split model encodes
+    each shape group on its own, so a model that pools over [PAD] tokens still gets its own
+    numbers (instances of one shape: one group, batched as they come). keep_matrix: also
     return the N x N x K matrix (two modalities); None (default) keeps it when it takes at most
     KEPT_MATRIX_BYTES (``params["matrix_note"]`` says when it was not kept).
 
@@ -138,8 +155,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     keep = len(names) == 2 and (keep_matrix or (keep_matrix is None
                                                 and matrix_bytes <= KEPT_MATRIX_BYTES))
     with Stopwatch() as sw:
-        raw = adapter.collate(items)
-        check_padding_kept(adapter, items, raw, "EMAP")
+        shapes = ShapeGroups(adapter, items)          # one group unless the shapes differ
         groups = [names[0]] if len(names) == 2 else list(names)   # modality m vs all others
         total = len(groups) * n * n
         report(progress, 0, total, "EMAP pairs")
@@ -147,22 +163,22 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         for g, m in enumerate(groups):
             try:
                 acc, kind, why = with_split(adapter, factorized, m, lambda split: _emap_fused(
-                    adapter, split, raw, n, t, out_fn, batch_size, keep, progress, g * n * n,
+                    adapter, split, shapes, t, out_fn, batch_size, keep, progress, g * n * n,
                     total))
             except RuntimeError:
-                check_model_takes(adapter, raw)   # inputs the model cannot take: a clear error
+                check_model_takes(adapter, *shapes.raws)   # inputs it cannot take: a clear error
                 raise
             kinds.append(kind)
             if why:                   # why not split, or what to know about the split used
                 notes.append(why if len(groups) == 1 else f"{m}: {why}")
             if acc is None:                  # no split: full forward passes of the pairs
-                acc = _PairSums(n, keep)
-                for s in range(0, n * n, batch_size):
-                    k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
-                    i, j = k // n, k % n     # x_m from instance i, the others from instance j
-                    sel = {name: (i if name == m else j) for name in names}
-                    acc.add(i, j, out_fn(_index_raw(raw, sel)))
-                    report(progress, g * n * n + int(k[-1]) + 1, total, "EMAP pairs")
+                acc, done = _PairSums(n, keep), g * n * n
+                others = [name for name in names if name != m]
+                # x_m from instance i, the others from instance j
+                for i, j, raw in _pair_batches(shapes, [m], others, batch_size, adapter.device):
+                    acc.add(i, j, out_fn(raw))
+                    done += len(i)
+                    report(progress, done, total, "EMAP pairs")
             sums.append(acc)
         logits = sums[0].diagonal.numpy()
         grand = np.mean([a.row_sums.sum(0).numpy() for a in sums], axis=0) / (n * n)
@@ -207,7 +223,7 @@ class _PairSums:
         self.row_sums = self.column_sums = self.diagonal = self._matrix = None
 
     def add(self, i: torch.Tensor, j: torch.Tensor, values: torch.Tensor) -> None:
-        """Pairs (i, j) [B] (row-major chunks, in order) and their outputs [B, K]."""
+        """Pairs (i, j) [B] (in any order, each pair once) and their outputs [B, K]."""
         v = values.detach().double().cpu()
         i, j = i.cpu(), j.cpu()
         if self.row_sums is None:
@@ -228,24 +244,29 @@ class _PairSums:
         return None if self._matrix is None else self._matrix.reshape(self.n, self.n, -1).numpy()
 
 
-def _emap_fused(adapter: ModelAdapter, split: Split, raw: Mapping[str, torch.Tensor], n: int,
+def _emap_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
                 target: Target | None, out_fn: Callable, batch_size: int, keep: bool,
                 progress: ProgressFn, done: int, total: int) -> _PairSums:
     """The sums of the N x N pairs M[i, j] = f(x_side^i, x_others^j), from encodings fused
-    pairwise (see ``emap``); raises FactorizationError when fused pairs differ from plain
+    pairwise (see ``emap``; each shape group of the instances encoded on its own, see
+    ``FusedPairs.encode_groups``); raises FactorizationError when fused pairs differ from plain
     forward passes (checked before the N^2 pairs). done, total: where these pairs stand in the
     whole job, for progress."""
     neuron = target is not None and target.kind == "neuron"
     fused = FusedPairs(adapter, split, batch_size, neuron,
                        (lambda logits, h: adapter.output(logits, h, target)[:, None]) if neuron
                        else (lambda logits, h: logits))
-    enc = fused.encode(raw)
-    fused.check(raw, enc, out_fn)
-    acc = _PairSums(n, keep)
-    for s in range(0, n * n, batch_size):
-        k = torch.arange(s, min(n * n, s + batch_size), device=adapter.device)
-        acc.add(k // n, k % n, fused.pairs(enc, enc, k // n, k % n))
-        report(progress, done + int(k[-1]) + 1, total, "EMAP pairs (fused encodings)")
+    enc = fused.encode_groups(shapes)
+    fused.check(shapes, enc, out_fn)
+    acc = _PairSums(shapes.n, keep)
+    for ps, sv, po, ov in enc.blocks():     # one block unless the encodings' sizes differ
+        a, b = len(ps), len(po)
+        for s in range(0, a * b, batch_size):
+            k = torch.arange(s, min(a * b, s + batch_size), device=adapter.device)
+            i, j = k // b, k % b
+            acc.add(ps[i], po[j], fused.pairs(sv, ov, i, j))
+            done += len(k)
+            report(progress, done, total, "EMAP pairs (fused encodings)")
     return acc
 
 
@@ -397,9 +418,10 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     n = len(refs)
     if n < 2:
         raise ValueError(f"The reference set needs at least 2 instances, got {n}.")
-    # the instance joins the reference batch as its last row, so one collate pads them together
-    raw = adapter.collate(refs + [instance])
-    check_padding_kept(adapter, refs + [instance], raw, "interaction_type")
+    # the references grouped by input shapes (one group when they share one), the instance
+    # alone: nothing is padded to another instance's length
+    shapes = ShapeGroups(adapter, refs)
+    own = adapter.collate([instance])
     dev = adapter.device
     total = n * n + len(names) * n + 1
     done = 0
@@ -407,22 +429,23 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     grands = []
     for m in ref_pairs:
         pair_sum = 0.0                   # summed as they come: memory does not grow with N^2
-        for s in range(0, n * n, batch_size):
-            k = torch.arange(s, min(n * n, s + batch_size), device=dev)
-            sel = {name: (k // n if name == m else k % n) for name in names}
-            pair_sum = pair_sum + adapter.forward(_index_raw(raw, sel)).double().sum(0)
-            done += len(k)
+        others = [name for name in names if name != m]
+        for i, _, raw in _pair_batches(shapes, [m], others, batch_size, dev):
+            pair_sum = pair_sum + adapter.forward(raw).double().sum(0)
+            done += len(i)
             report(progress, done, total, "interaction type: reference pairs")
         grands.append(pair_sum / (n * n))
     grand = torch.stack(grands).mean(0).cpu().numpy()
     parts = {}
     for m in names:
-        k = torch.arange(n, device=dev)
-        sel = {name: (torch.full_like(k, n) if name == m else k) for name in names}
-        parts[m] = adapter.forward(_index_raw(raw, sel)).double().mean(0).cpu().numpy() - grand
+        part = 0.0                       # x_m of the instance, the others from each reference
+        for pos, xo in shapes.by([name for name in names if name != m]):
+            rows = torch.zeros(len(pos), dtype=torch.long, device=dev)
+            part = part + adapter.forward({name: (own[name][rows] if name == m else xo[name])
+                                           for name in names}).double().sum(0)
+        parts[m] = (part / n).cpu().numpy() - grand
         done += n
         report(progress, done, total, "interaction type: unimodal parts")
-    logits = adapter.forward(_index_raw(raw, {name: torch.tensor([n], device=dev)
-                                              for name in names}))[0].double().cpu().numpy()
+    logits = adapter.forward(own)[0].double().cpu().numpy()
     report(progress, total, total, "interaction type")
     return _label(logits, parts, grand, adapter.class_names) | {"reference_size": n}

@@ -8,6 +8,13 @@ instances. ``model_split`` finds the split: declared by the model (``encode_moda
 batches and fuses pairs of rows, and ``FusedPairs.check`` compares fused pairs with plain
 forward passes before they are trusted; ``with_split`` builds on a split and falls back (and
 remembers the rejection) when a traced split disagrees.
+
+Instances of different input shapes (texts of different lengths) are encoded shape group by
+shape group (``FusedPairs.encode_groups``), never padded: an encoder that pools over its
+tokens without a pad mask gives each instance its own encoding. Encodings of one size (pooled
+vectors) are then put back together in the instances' order and fused exactly as those of one
+batch; encodings whose size follows the input's (a token-level cut) stay in groups of one size,
+and pairs are fused block by block (``Encodings``).
 """
 from __future__ import annotations
 
@@ -17,10 +24,11 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..adapter import AdapterError, ModelAdapter, check_inputs_kept, input_versions
+from .common import ShapeGroups
 from .factorize import FactorizationError, reject_factorization, trace_factorization
 
-__all__ = ["CHECKED_PAIRS", "FusedPairs", "Split", "check_factorized", "model_split",
-           "same_or_reject", "with_split"]
+__all__ = ["CHECKED_PAIRS", "Encodings", "FusedPairs", "Split", "check_factorized",
+           "model_split", "same_or_reject", "with_split"]
 
 
 #: off-diagonal pairs (i, i + 1) compared with plain forward passes before fused pairs are used
@@ -89,6 +97,31 @@ def model_split(adapter: ModelAdapter, factorized, side: str) -> tuple[Split | N
     return Split("traced", side, f.encode, f.from_side, f.fuse, f.note), ""
 
 
+@dataclass
+class Encodings:
+    """A split's values for N instances (``FusedPairs.encode_groups``), in groups whose values
+    have one size, each group a (positions [G] of its instances, values [G, ...] per value).
+
+    groups: one per input-shape group of the instances (``ShapeGroups``); side / others: the
+    groups for the values of the split-off modality / of the other modalities (values of the
+    other kind are None there). When each kind of value has one size, side and others are one
+    group: all N instances in their order (the case of pooled encodings), and pairs (i, j) are
+    fused from any rows; otherwise a pair batch takes its side rows from one side group and its
+    others rows from one others group.
+    """
+
+    groups: list[tuple[torch.Tensor, list[torch.Tensor]]]
+    side: list[tuple[torch.Tensor, list[torch.Tensor | None]]]
+    others: list[tuple[torch.Tensor, list[torch.Tensor | None]]]
+
+    def blocks(self):
+        """(side positions, side values, others positions, others values) for every pair of a
+        side group and an others group: together all N x N pairs."""
+        for ps, sv in self.side:
+            for po, ov in self.others:
+                yield ps, sv, po, ov
+
+
 class FusedPairs:
     """A split model in use: encodings of batches, and outputs of fused pairs of encodings.
 
@@ -116,6 +149,29 @@ class FusedPairs:
         check_inputs_kept(args, versions)        # an encoder that edits its input in place
         return [torch.cat([p[k] for p in parts]) for k in range(len(self.split.from_side))]
 
+    def encode_groups(self, groups: ShapeGroups) -> Encodings:
+        """The split's values for instances of several input shapes, each shape group encoded on
+        its own (nothing padded); see ``Encodings``. One group: ``encode`` of its batch."""
+        full = [(pos, self.encode(raw)) for pos, raw in zip(groups.positions, groups.raws)]
+        if len(full) == 1:
+            return Encodings(full, full, full)
+        return Encodings(full, self._merged(full, True), self._merged(full, False))
+
+    def _merged(self, full, side: bool) -> list[tuple[torch.Tensor, list[torch.Tensor | None]]]:
+        """The groups of ``full`` whose values of one kind (side's or the others') have the same
+        sizes, put together in the instances' order."""
+        kept = [k for k, own in enumerate(self.split.from_side) if own == side]
+        sizes: dict[tuple, list[int]] = {}
+        for g, (_, values) in enumerate(full):
+            sizes.setdefault(tuple(tuple(values[k].shape[1:]) for k in kept), []).append(g)
+        out = []
+        for gs in sizes.values():
+            pos = torch.cat([full[g][0] for g in gs])
+            order = torch.argsort(pos)
+            out.append((pos[order], [torch.cat([full[g][1][k] for g in gs])[order] if k in kept
+                                     else None for k in range(len(self.split.from_side))]))
+        return out
+
     def pairs(self, side: Sequence[torch.Tensor], others: Sequence[torch.Tensor],
               i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Outputs of the pairs (row i of the side's values, row j of the others'), in batches."""
@@ -136,22 +192,36 @@ class FusedPairs:
             out.append(self.reduce(logits, h).double())
         return torch.cat(out)
 
-    def check(self, raw: Mapping[str, torch.Tensor], enc: Sequence[torch.Tensor],
+    def check(self, groups: ShapeGroups, enc: Encodings,
               out_fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]) -> None:
         """Raise FactorizationError unless fused pairs equal forward passes (``out_fn``): every
-        instance with itself (batched), and a few with their neighbour, each alone (a batch of
-        one, so that a model whose batch rows are not independent is caught too)."""
-        side, bs = self.split.side, self.batch_size
-        n = next(iter(raw.values())).shape[0]
-        own = torch.arange(n, device=self.adapter.device)
-        ci = own[:min(n, CHECKED_PAIRS)]
-        cj = (ci + 1) % n
-        direct = torch.cat([out_fn({m: x[s:s + bs] for m, x in raw.items()}).double()
-                            for s in range(0, n, bs)]
-                           + [out_fn({m: x[(i if m == side else j)][None] for m, x in raw.items()}).double()
-                              for i, j in zip(ci.tolist(), cj.tolist())])
-        got = torch.cat([self.pairs(enc, enc, own, own), self.pairs(enc, enc, ci, cj)])
-        same_or_reject(self.split, got, direct)
+        instance with itself (batched, shape group by shape group), and a few with their
+        neighbour, each alone (a batch of one, so that a model whose batch rows are not
+        independent is caught too)."""
+        side, bs, dev = self.split.side, self.batch_size, self.adapter.device
+        direct, got = [], []
+        for (pos, values), raw in zip(enc.groups, groups.raws):
+            own = torch.arange(len(pos), device=dev)
+            direct += [out_fn({m: x[s:s + bs] for m, x in raw.items()}).double()
+                       for s in range(0, len(pos), bs)]
+            got.append(self.pairs(values, values, own, own))
+        n = groups.n
+        pairs = [(i, (i + 1) % n) for i in range(min(n, CHECKED_PAIRS))]
+        direct += [out_fn({m: (groups.instance(i) if m == side else groups.instance(j))[m]
+                           for m in groups.names}).double() for i, j in pairs]
+        # the neighbours' fused pairs, batched per (group of i, group of j): one batch when
+        # the instances share one shape
+        blocks: dict[tuple[int, int], list[int]] = {}
+        for k, (i, j) in enumerate(pairs):
+            blocks.setdefault((groups.where(i)[0], groups.where(j)[0]), []).append(k)
+        fused = torch.empty(len(pairs), *got[0].shape[1:], dtype=got[0].dtype,
+                            device=got[0].device)
+        for (gi, gj), ks in blocks.items():
+            ri = torch.tensor([groups.where(pairs[k][0])[1] for k in ks], device=dev)
+            rj = torch.tensor([groups.where(pairs[k][1])[1] for k in ks], device=dev)
+            fused[torch.tensor(ks, device=fused.device)] = self.pairs(
+                enc.groups[gi][1], enc.groups[gj][1], ri, rj)
+        same_or_reject(self.split, torch.cat(got + [fused]), torch.cat(direct))
 
 
 def same_or_reject(split: Split, got: torch.Tensor, direct: torch.Tensor) -> None:
