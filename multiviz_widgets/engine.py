@@ -67,6 +67,14 @@ class Job:
     started: float = 0.0
 
 
+def short_repr(value, limit: int = 200) -> str | None:
+    """repr(value) cut to ``limit`` characters (None stays None): job keys in a snapshot."""
+    if value is None:
+        return None
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 def _close_at_exit(ref) -> None:
     engine = ref()
     if engine is not None:
@@ -113,6 +121,7 @@ class Engine(traitlets.HasTraits):
         self.stats = {"hits": 0, "misses": 0, "runs": 0, "dropped": 0, "cancelled": 0,
                       "errors": 0}
         self.last_traceback = ""
+        self._last: dict[str, dict] = {}        # the last job each lane finished (snapshot)
         self._threads = {lane: threading.Thread(target=self._loop, args=(lane,), daemon=True,
                                                 name=f"multiviz-engine-{lane}")
                          for lane in self.LANES}
@@ -257,6 +266,38 @@ class Engine(traitlets.HasTraits):
             return (sum(1 for q in self._queues.values() for *_, j in q if j.state == "queued")
                     + sum(j is not None for j in self._running.values()))
 
+    def snapshot(self) -> dict:
+        """What the engine is doing now, as plain values (for a bug report or a failing test):
+        per lane whether its thread is alive, the job it runs, the jobs queued and the last job it
+        finished (with how long ago); the latest job of every slot; the counters, the banner's
+        error and the last traceback."""
+        now = time.perf_counter()
+        with self._lock:
+            lanes = {}
+            for lane in self.LANES:
+                last = dict(self._last[lane]) if lane in self._last else None
+                if last is not None:
+                    last["seconds_ago"] = round(now - last.pop("finished"), 3)
+                lanes[lane] = {
+                    "thread_alive": self._threads[lane].is_alive(),
+                    "running": self._describe(self._running[lane], now),
+                    "queued": [self._describe(j, now) for *_, j in sorted(self._queues[lane],
+                                                                          key=lambda e: e[:2])
+                               if j.state == "queued"],
+                    "last_finished": last}
+            return {"busy": self.busy, "pending": self.pending(), "closed": self._closed,
+                    "lanes": lanes,
+                    "slots": {slot: self._describe(j, now) for slot, j in self._current.items()},
+                    "stats": dict(self.stats), "error": self.error, "status": self.status,
+                    "message": self.message, "last_traceback": self.last_traceback[-4000:]}
+
+    def _describe(self, job: Job | None, now: float) -> dict | None:
+        if job is None:
+            return None
+        return {"slot": job.slot, "label": job.label, "key": short_repr(job.key),
+                "state": job.state, "current": self._is_current(job), "cancelled": job.cancelled,
+                "seconds": round(now - job.started, 3) if job.started else None}
+
     def _active(self) -> bool:
         return self.pending() > 0
 
@@ -378,6 +419,8 @@ class Engine(traitlets.HasTraits):
                 else:
                     job.state = "dropped"
                     self.stats["dropped"] += 1
+                self._last[lane] = dict(self._describe(job, time.perf_counter()),
+                                        finished=time.perf_counter())
                 self._after_job()
 
     def _apply(self, on_done, on_error, value, label) -> None:

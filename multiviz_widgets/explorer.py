@@ -10,15 +10,17 @@ engine (one worker thread, LRU cache, progress bar, cancel, error banner) for wh
 """
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
 from itertools import combinations
 
 import numpy as np
 import ipywidgets as W
-import traitlets
 
 from .adapter import ModelAdapter
 from .data import MultimodalDataset
-from .engine import Analyses, Engine, Kernels
+from .engine import Analyses, Engine, Kernels, short_repr
 from .selection import FIELDS, Selection
 from .views._common import close_widgets, instance_title, widget_tree
 from .views.controls import Controls, ErrorBanner, ProgressPanel
@@ -55,42 +57,6 @@ def pair_options(adapter: ModelAdapter, pair: tuple[str, str] | None) -> list[tu
     return out
 
 
-class ExplorerSelection(Selection):
-    """The Selection plus ``pair``: the two modalities (rows, columns) of the interaction
-    heatmap, whose interactions the input view and the prediction path's pairs show too
-    (None: a one-modality model). Set like the other fields: ``select(pair=("meta", "image"))``.
-    """
-
-    pair = traitlets.Any(None, allow_none=True)
-
-    def __init__(self, modalities=(), pair: tuple[str, str] | None = None, **kw):
-        self.modalities = [str(m) for m in modalities]
-        super().__init__(**kw)
-        self.pair = pair
-
-    @traitlets.validate("pair")
-    def _valid_pair(self, proposal):
-        p = proposal["value"]
-        if p is None:
-            return None
-        if (not isinstance(p, (tuple, list)) or len(p) != 2 or p[0] == p[1]
-                or any(str(m) not in self.modalities for m in p)):
-            raise traitlets.TraitError(f"pair must name two different modalities of "
-                                       f"{self.modalities}, got {p!r}.")
-        return str(p[0]), str(p[1])
-
-    def update(self, **kw) -> None:
-        with self.hold_trait_notifications():     # one notification for the whole change
-            if "pair" in kw:
-                self.pair = kw.pop("pair")
-            super().update(**kw)
-
-    def as_dict(self) -> dict:
-        out = super().as_dict()
-        out["pair"] = list(self.pair) if self.pair else None
-        return out
-
-
 def _check_dataset(dataset) -> None:
     """A clear TypeError for anything but a MultimodalDataset (or an object that offers the
     same: len, [i], labels, describe, batches)."""
@@ -110,7 +76,7 @@ class InputPanel:
     The InputView shows the stage-1 attribution of the explained target (a neuron when one is
     selected, else the class). When a unit is selected, the other modality of the pair is
     coloured by its interaction with that unit (a row or a column of the interaction matrix).
-    The pair is the selection's ``pair`` when it has one (ExplorerSelection), else ``pair``.
+    The pair is the selection's ``pair`` when it has one, else ``pair``.
     """
 
     items_slot, scores_slot = "items", "input"
@@ -123,6 +89,8 @@ class InputPanel:
         self._want = None                     # the key of the overlay asked for last
         self._latest: tuple | None = None     # (key, instance, payload) received last
         self.payload: dict = {}
+        # the last changes of the view's ``selected`` and what was done with them (diagnostics)
+        self.clicks: deque[dict] = deque(maxlen=8)
         selection.observe(lambda _: self.refresh_items(), names=["instance"])
         selection.observe(lambda _: self.refresh_scores(),
                           names=["instance", "target", "neuron", "method", "interaction_method",
@@ -135,7 +103,7 @@ class InputPanel:
         self.refresh_scores()
 
     def current_pair(self) -> tuple[str, str] | None:
-        return getattr(self.selection, "pair", None) or self.pair
+        return self.selection.pair or self.pair
 
     # -- the instance ----------------------------------------------------------------------------
     def refresh_items(self) -> None:
@@ -260,11 +228,22 @@ class InputPanel:
     def _on_view_click(self, change) -> None:
         sel = change["new"] or {}
         ref = (sel["modality"], int(sel["unit"])) if sel else None
+        # what happened to it, for Explorer.diagnostics()
+        sent = (getattr(self.view, "incoming", None) or {}).get("selected", ...)
+        click = {"unit": list(ref) if ref else None, "at": round(time.time(), 3),
+                 "from": "browser" if sent == change["new"] else "kernel",
+                 "thread": threading.current_thread().name, "instance": self.selection.instance,
+                 "items_instance": self.items_instance, "action": "selecting"}
+        self.clicks.append(click)
         if ref is not None and not self._shows(ref):
+            click["action"] = "ignored: the view does not show this unit"
             self._highlight()                 # a unit not on screen (e.g. the view is blank)
             return
         if ref != self.selection.unit_ref:
             self.selection.select(unit=ref)
+            click["action"] = "selected"
+        else:
+            click["action"] = "already selected"
 
     def _shows(self, ref: tuple[str, int]) -> bool:
         """Whether the view shows unit ``ref`` of the selected instance."""
@@ -310,20 +289,15 @@ class Explorer(W.VBox):
                                  sparse_model=sparse_model, features=features,
                                  gallery_k=gallery_k, path_params=path_params)
         self.adapter, self.dataset = adapter, dataset
-        if pair is not None:
-            pair = (str(pair[0]), str(pair[1]))
-            bad = [p for p in pair if p not in adapter.modalities]
-            if bad or pair[0] == pair[1]:
-                raise ValueError(f"pair must name two different modalities of {adapter.names}, "
-                                 f"got {pair}.")
-        pair = pair or default_pair(adapter)
-        # out-of-range instances and targets are rejected even when set on the Selection itself
-        self.selection = ExplorerSelection(adapter.names, pair, n_instances=len(dataset),
-                                           n_classes=adapter.n_classes)
+        # out-of-range instances and targets, unknown modalities and bad pairs are rejected
+        # (a ValueError, or an IndexError for the instance) even when set on the Selection
+        self.selection = Selection(n_instances=len(dataset), n_classes=adapter.n_classes,
+                                   modalities=adapter.names,
+                                   pair=pair if pair is not None else default_pair(adapter))
+        pair = self.selection.pair
         # a new selection clears the banner first: observers run in the order they were added,
         # and a view's job may fail on the worker before a later observer would clear it
-        self.selection.observe(lambda _: self.engine.clear_error(),
-                               names=list(FIELDS) + ["pair"])
+        self.selection.observe(lambda _: self.engine.clear_error(), names=list(FIELDS))
         if path_params is None:        # pairs of the path = the heatmap's pair (none: no pairs)
             self._path_pairs(pair)
             # before the path view's own observer, so that it asks for the new pairs
@@ -382,13 +356,15 @@ class Explorer(W.VBox):
                method: str = ..., interaction_method: str = ..., pair=...) -> "Explorer":
         """Do what clicks do: ``unit`` is (modality, index) or None; ``target`` a class index,
         a class name or -1/None (the predicted class); ``neuron`` an index or -1/None;
-        ``pair`` the heatmap's (rows, columns) modalities."""
+        ``pair`` the heatmap's (rows, columns) modalities. A value that does not fit raises a
+        ValueError (an IndexError for an instance out of range) and changes nothing."""
         kw = {k: v for k, v in dict(instance=instance, unit=unit, neuron=neuron, target=target,
                                     method=method, interaction_method=interaction_method,
                                     pair=pair).items()
               if v is not ...}
-        if "instance" in kw:
-            self.analyses.check_instance(kw["instance"])
+        # the Selection's validators check the instance and target ranges, the unit's modality
+        # and the pair; what they cannot know is checked here: the methods, class names, the
+        # unit's range on its instance and the neuron's on the decision layer
         for name, valid in (("method", self.controls.methods),
                             ("interaction_method", self.controls.interaction_methods)):
             if name in kw and kw[name] not in valid:
@@ -398,28 +374,16 @@ class Explorer(W.VBox):
             if kw["target"] not in names:
                 raise ValueError(f"Unknown class {kw['target']!r}; the classes are {names}.")
             kw["target"] = names.index(kw["target"])
-        if kw.get("target") is not None and "target" in kw and \
-                not -1 <= int(kw["target"]) < self.adapter.n_classes:
-            raise ValueError(f"target {kw['target']} is out of range: use -1 (predicted) or "
-                             f"0..{self.adapter.n_classes - 1}.")
-        if kw.get("unit") is not None and "unit" in kw:
-            u = kw["unit"]
-            if not isinstance(u, (tuple, list)) or len(u) != 2 or u[0] not in self.adapter.modalities:
+        u = kw.get("unit")
+        if u is not None:
+            if not isinstance(u, (tuple, list)):      # the Selection takes an index alone too
                 raise ValueError(f"unit must be (modality, index) with a modality of "
                                  f"{self.adapter.names}, or None; got {u!r}.")
-            if int(u[1]) < 0:
-                raise ValueError(f"unit index must be non-negative, got {u[1]}.")
-            self._check_unit(str(u[0]), int(u[1]), kw.get("instance", self.selection.instance))
-        if "pair" in kw:
-            p = kw["pair"]
-            if self.pair is None:
-                raise ValueError(f"This model has one modality ({self.adapter.names}): there is "
-                                 "no pair of modalities to choose.")
-            if (not isinstance(p, (tuple, list)) or len(p) != 2 or p[0] == p[1]
-                    or any(m not in self.adapter.modalities for m in p)):
-                raise ValueError(f"pair must name two different modalities of "
-                                 f"{self.adapter.names} as (rows, columns), got {p!r}.")
-            kw["pair"] = (str(p[0]), str(p[1]))
+            if len(u) == 2 and u[0] in self.adapter.modalities:
+                if int(u[1]) < 0:
+                    raise ValueError(f"unit index must be non-negative, got {u[1]}.")
+                self._check_unit(str(u[0]), int(u[1]), kw.get("instance",
+                                                               self.selection.instance))
         if kw.get("neuron") is not None and "neuron" in kw and int(kw["neuron"]) >= 0:
             try:
                 d = self.analyses.n_neurons()
@@ -450,7 +414,6 @@ class Explorer(W.VBox):
         s = self.selection
         out = s.as_dict()
         out["unit_ref"] = list(s.unit_ref) if s.unit_ref else None
-        out["pair"] = list(self.pair) if self.pair else None
         out["items"] = [it.get("name") for it in self.input_view.items]
         out["input_instance"] = self.input_panel.items_instance
         out["input_scores"] = {k: list(v) for k, v in self.input_view.scores.items()}
@@ -472,6 +435,31 @@ class Explorer(W.VBox):
         out["progress_visible"] = self.progress_panel.visible
         out["error"] = self.engine.error
         return out
+
+    def diagnostics(self) -> dict:
+        """The kernel-side state behind what the page shows, as plain values (for a bug report,
+        or a browser test that fails): the selection; what the input view holds and why (the
+        overlay asked for last, received last and shown; the last changes of its ``selected``,
+        a click from the browser or the kernel's own highlight, and what was done with each;
+        the last error raised while a message from the browser was handled); the engine's jobs
+        (``Engine.snapshot``) and the threads alive."""
+        p, v = self.input_panel, self.input_view
+        sel = self.selection.as_dict()
+        sel["unit_ref"] = list(self.selection.unit_ref) if self.selection.unit_ref else None
+        return {
+            "selection": sel,
+            "input_view": {
+                "model_id": getattr(v, "model_id", None), "selected": dict(v.selected),
+                "caption": v.caption, "score_caption": v.score_caption,
+                "items_instance": p.items_instance,
+                "overlay_wanted": short_repr(p._want),
+                "overlay_received": short_repr(p._latest[0]) if p._latest else None,
+                "overlay_shown": p.payload.get("score_caption"),
+                "recent_clicks": [dict(c) for c in p.clicks],
+                "messages_from_browser": v.messages_received,
+                "last_message_error": v.last_message_error},
+            "engine": self.engine.snapshot(),
+            "threads": sorted(t.name for t in threading.enumerate())}
 
     def close(self) -> None:
         """Stop the engine's worker threads and close the widget and every widget it holds

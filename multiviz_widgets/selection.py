@@ -5,13 +5,28 @@ changes the Selection (never another view). ``update(**kw)`` sets several traits
 fires the observers once the whole change is in place; ``select(**kw)`` is what a click does:
 it also applies the linking rules (a new instance clears the clicked unit, a new class target
 clears the clicked neuron) unless the call sets those itself.
+
+The validators reject a value that does not fit what the Selection was told (the dataset's
+size, the classes, the modalities), also when a trait is set directly, and leave the selection
+unchanged; their errors are ``traitlets.TraitError``s that are also the usual Python errors
+(``IndexError`` for an instance out of range, ``ValueError`` for the rest).
 """
 from __future__ import annotations
 
 import traitlets
 
 #: The trait names, in a stable order (used by ``as_dict``).
-FIELDS = ("instance", "target", "neuron", "modality", "unit", "method", "interaction_method")
+FIELDS = ("instance", "target", "neuron", "modality", "unit", "method", "interaction_method",
+          "pair")
+
+
+class SelectionValueError(traitlets.TraitError, ValueError):
+    """A value the Selection rejects (a class target out of range, an unknown modality, a bad
+    pair)."""
+
+
+class SelectionIndexError(traitlets.TraitError, IndexError):
+    """An instance out of the dataset's range."""
 
 
 class Selection(traitlets.HasTraits):
@@ -19,11 +34,15 @@ class Selection(traitlets.HasTraits):
 
     instance: dataset index; target: class index (-1 = the model's predicted class);
     neuron: decision-level neuron (-1 = none); modality/unit: the clicked unit ("" / -1 = none);
-    method: the stage-1 method; interaction_method: the stage-2 method.
+    method: the stage-1 method; interaction_method: the stage-2 method; pair: the two
+    modalities (rows, columns) of the interaction heatmap, whose interactions the input view
+    and the prediction path's pairs show too (None: none chosen, e.g. a one-modality model).
 
     n_instances / n_classes (optional): the sizes of the dataset and of the model's classes;
-    when given, an instance or a class target out of range is rejected (a ``TraitError`` that
-    says the valid range), also when the trait is set directly, and the selection is unchanged.
+    when given, an instance or a class target out of range is rejected (an error that says the
+    valid range), also when the trait is set directly, and the selection is unchanged.
+    modalities (optional): the model's modality names; when given, the clicked unit's modality
+    must be one of them and ``pair`` two different ones (a one-modality model has no pair).
     """
 
     instance = traitlets.Int(0)
@@ -33,27 +52,55 @@ class Selection(traitlets.HasTraits):
     unit = traitlets.Int(-1)
     method = traitlets.Unicode("integrated_gradients")
     interaction_method = traitlets.Unicode("second_order")
+    pair = traitlets.Any(None, allow_none=True)
 
-    def __init__(self, n_instances: int | None = None, n_classes: int | None = None, **kw):
+    def __init__(self, n_instances: int | None = None, n_classes: int | None = None,
+                 modalities=None, **kw):
         self.n_instances = None if n_instances is None else int(n_instances)
         self.n_classes = None if n_classes is None else int(n_classes)
+        self.modalities = None if modalities is None else [str(m) for m in modalities]
+        if "pair" in kw and kw["pair"] is None:
+            del kw["pair"]                    # the default (a one-modality model allows no set)
         super().__init__(**kw)
 
     @traitlets.validate("instance")
     def _valid_instance(self, proposal):
         i, n = proposal["value"], self.n_instances
         if n is not None and not 0 <= i < n:
-            raise traitlets.TraitError(f"Instance {i} is out of range: the dataset has {n} "
-                                       f"instances (0..{n - 1}).")
+            raise SelectionIndexError(f"Instance {i} is out of range: the dataset has {n} "
+                                      f"instances (0..{n - 1}).")
         return i
 
     @traitlets.validate("target")
     def _valid_target(self, proposal):
         t, n = proposal["value"], self.n_classes
         if n is not None and not -1 <= t < n:
-            raise traitlets.TraitError(f"target {t} is out of range: use -1 (the predicted "
-                                       f"class) or a class index 0..{n - 1}.")
+            raise SelectionValueError(f"target {t} is out of range: use -1 (the predicted "
+                                      f"class) or a class index 0..{n - 1}.")
         return t
+
+    @traitlets.validate("modality")
+    def _valid_modality(self, proposal):
+        m, names = proposal["value"], self.modalities
+        if m and names is not None and m not in names:
+            raise SelectionValueError(f"unit must be (modality, index) with a modality of "
+                                      f"{names}, or None; got modality {m!r}.")
+        return m
+
+    @traitlets.validate("pair")
+    def _valid_pair(self, proposal):
+        p, names = proposal["value"], self.modalities
+        if names is not None and len(names) < 2:
+            raise SelectionValueError(f"This model has one modality ({names}): there is no "
+                                      "pair of modalities to choose.")
+        if p is None and names is None:
+            return None
+        if (not isinstance(p, (tuple, list)) or len(p) != 2 or str(p[0]) == str(p[1])
+                or (names is not None and any(str(m) not in names for m in p))):
+            of = f" of {names}" if names is not None else ""
+            raise SelectionValueError(f"pair must name two different modalities{of} as (rows, "
+                                      f"columns), got {p!r}.")
+        return str(p[0]), str(p[1])
 
     def update(self, **kw) -> None:
         """Set several traits at once; observers fire after all of them are set."""
@@ -103,7 +150,10 @@ class Selection(traitlets.HasTraits):
         return (self.modality, self.unit) if self.modality and self.unit >= 0 else None
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in FIELDS}
+        """The fields as plain values (``pair`` a list, or None)."""
+        out = {k: getattr(self, k) for k in FIELDS}
+        out["pair"] = list(self.pair) if self.pair else None
+        return out
 
     def __repr__(self) -> str:
         return "Selection(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in FIELDS) + ")"

@@ -160,11 +160,153 @@ def start_lab(root: pathlib.Path) -> Server:
 
 def start_voila(root: pathlib.Path, notebook: str) -> Server:
     """Voila serving one notebook (path relative to root). Readiness is checked on a static
-    asset, because GET / executes the notebook."""
+    asset, because GET / executes the notebook. The kernels' connection files go under root
+    (``voila_*/kernel-ID.json``), so that a failing test can ask a page's kernel what it holds
+    (``voila_kernel_json``)."""
     port = free_port()
     argv = [str(BIN / "voila"), notebook, "--no-browser", "--Voila.ip=127.0.0.1",
-            f"--port={port}", "--Voila.port_retries=0"]
+            f"--port={port}", "--Voila.port_retries=0", f"--Voila.connection_dir_root={root}"]
     return Server(argv, port, root, VOILA_READY_PATH, "voila.log")
+
+
+def voila_kernel_json(server: Server, kernel_id: str, code: str, timeout: float = 30.0):
+    """Run ``code`` (which prints one JSON document last) in the kernel of a Voila page, through
+    a second client on its connection file; the parsed document. The code runs after the
+    kernel's pending messages (a kernel that is stuck makes this raise a TimeoutError)."""
+    from jupyter_client import BlockingKernelClient
+
+    files = sorted(server.root.glob(f"voila_*/kernel-{kernel_id}.json"))
+    if not files:
+        raise FileNotFoundError(f"no connection file of kernel {kernel_id} under {server.root}")
+    kc = BlockingKernelClient(connection_file=str(files[0]))
+    kc.load_connection_file()
+    kc.start_channels()
+    out: list[str] = []
+    errors: list[str] = []
+
+    def hook(msg):
+        kind = msg["header"]["msg_type"]
+        if kind == "stream" and msg["content"].get("name") == "stdout":
+            out.append(msg["content"]["text"])
+        elif kind == "error":
+            errors.append(f"{msg['content']['ename']}: {msg['content']['evalue']}")
+
+    try:
+        kc.execute_interactive(code, timeout=timeout, store_history=False, output_hook=hook)
+    finally:
+        kc.stop_channels()
+    if errors:
+        raise RuntimeError(f"kernel error running {code!r}: {errors}")
+    return json.loads("".join(out).strip().splitlines()[-1])
+
+
+#: The kernel-side state of the Explorer named ``explorer`` (``Explorer.diagnostics``), as JSON.
+EXPLORER_DIAGNOSTICS = ("import json; print(json.dumps(explorer.diagnostics(), default=str))")
+
+# The browser-side state of the widget models that have a trait ``attr`` (e.g. the InputView's
+# "score_caption") in a Voila page: whether the model's comm is live, its sync messages still
+# waiting for the kernel's idle reply (pending; later changes wait in msg_buffer meanwhile), the
+# traits whose echo it waits for, and the kernel connection's status.
+JS_VOILA_MODELS = """async (attr) => {
+  const wm = window.jupyterapp && window.jupyterapp._widgetManager;
+  if (!wm) return null;
+  const models = [];
+  for (const id of Object.keys(wm._models || {})) {
+    let m; try { m = await wm._models[id]; } catch (e) { continue; }
+    if (!m || m.get(attr) === undefined) continue;
+    models.push({id, comm_live: m.comm_live, pending_msgs: m._pending_msgs,
+                 msg_buffer: m._msg_buffer, awaiting_echo: Array.from((m._expectedEchoMsgIds
+                 || new Map()).keys()), selected: m.get('selected'), [attr]: m.get(attr)});
+  }
+  const k = wm.kernel;
+  return {kernel_id: k && k.id, connection: k && k.connectionStatus, status: k && k.status,
+          models};
+}"""
+
+
+def decode_ws_message(payload) -> dict | None:
+    """A Jupyter kernel message from a websocket frame: JSON text, or binary in the
+    "v1.kernel.websocket.jupyter.org" protocol (offsets, channel, header, parent header,
+    metadata, content, buffers) or the legacy one (offsets, message JSON, buffers)."""
+    import struct
+
+    if isinstance(payload, str):
+        try:
+            return json.loads(payload)
+        except ValueError:
+            return None
+    b = bytes(payload)
+    try:                                     # v1: uint64 little-endian offsets
+        n = struct.unpack_from("<Q", b, 0)[0]
+        offs = [struct.unpack_from("<Q", b, 8 * (i + 1))[0] for i in range(n)]
+        parts = [b[offs[i]:(offs[i + 1] if i + 1 < n else len(b))] for i in range(n)]
+        header, parent, _, content = (json.loads(p) for p in parts[1:5])
+        return {"channel": parts[0].decode(), "header": header, "parent_header": parent,
+                "content": content}
+    except Exception:  # noqa: BLE001 - not v1: try the legacy framing
+        pass
+    try:                                     # legacy: uint32 big-endian count and offsets
+        n = struct.unpack_from("!I", b, 0)[0]
+        offs = [struct.unpack_from("!I", b, 4 * (i + 1))[0] for i in range(n)]
+        return json.loads(b[offs[0]:(offs[1] if n > 1 else len(b))])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+class CommLog:
+    """What went over a page's kernel websockets, one short line a message: for a browser test
+    to say, when a click seems lost, whether the click left the page and what the kernel sent
+    back (its echo, the updates, the idle status that lets the page send its next change)."""
+
+    SHOWN = ("selected", "score_caption", "caption", "method")
+
+    def __init__(self, page):
+        self.entries: list[dict] = []
+        self._t0 = time.monotonic()
+        page.on("websocket", self._on_socket)
+
+    def _on_socket(self, ws) -> None:
+        ws.on("framesent", lambda payload: self._add("page->kernel", payload))
+        ws.on("framereceived", lambda payload: self._add("kernel->page", payload))
+
+    def mark(self) -> int:
+        return len(self.entries)
+
+    def _add(self, direction: str, payload) -> None:
+        msg = decode_ws_message(payload)
+        if not msg or "header" not in msg:
+            return
+        header, parent = msg["header"], msg.get("parent_header") or {}
+        content = msg.get("content") or {}
+        e = {"t": round(time.monotonic() - self._t0, 3), "dir": direction,
+             "type": header.get("msg_type"), "id": str(header.get("msg_id", ""))[-12:],
+             "parent": str(parent.get("msg_id", ""))[-12:], "parent_type": parent.get("msg_type")}
+        if e["type"] in ("comm_msg", "comm_open", "comm_close"):
+            data = content.get("data") or {}
+            state = data.get("state") or {}
+            e["comm"] = str(content.get("comm_id", ""))
+            e["method"] = data.get("method")
+            e["state"] = {k: (str(v)[:100] if k in self.SHOWN else "...") for k, v in state.items()}
+        elif e["type"] == "status":
+            e["state"] = content.get("execution_state")
+        self.entries.append(e)
+
+    def format(self, since: int = 0, comm: str | None = None, limit: int = 60) -> str:
+        """The messages logged since ``since``: those of comm ``comm`` (all comms when None),
+        and the status messages that answer a message the page sent meanwhile."""
+        rows = self.entries[since:]
+        sent = {e["id"] for e in rows if e["dir"] == "page->kernel"}
+        keep = [e for e in rows
+                if (e["type"] != "status" and (comm is None or e.get("comm") == comm))
+                or (e["type"] == "status" and e["parent"] in sent)]
+        lines = [f"{e['t']:9.3f} {e['dir']} {e['type']}"
+                 + (f" {e.get('method')} comm={e['comm'][:8]} {e.get('state')}" if "comm" in e
+                    else f" {e.get('state', '')}")
+                 + f" id=..{e['id']} parent={e['parent_type']}:..{e['parent']}" for e in keep]
+        if len(lines) > limit:
+            half = limit // 2
+            lines = lines[:half] + [f"... {len(lines) - 2 * half} more ..."] + lines[-half:]
+        return "\n".join(lines) if lines else "(none)"
 
 
 VOILA_READY_PATH = "/voila/static/favicon.ico"

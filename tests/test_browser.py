@@ -5,6 +5,7 @@ notebooks written by these tests (the XSS probe), so nothing in the repository i
 """
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
@@ -164,7 +165,13 @@ def test_token_click_colours_the_image_with_the_kernels_interaction_row(quicksta
     u = next(k for k in range(n_tokens - 1, -1, -1) if current != [rows, k])
     res = page.evaluate(bs.JS_CLICK_AND_WAIT, [unit_sel(rows, u), unit_sel(cols), 120_000,
                                                   f"(#{u})"])
-    assert res["ok"], "the image overlay did not change after the token click"
+    if not res["ok"]:
+        try:
+            kernel = json.dumps(nb.kernel_json(bs.EXPLORER_DIAGNOSTICS), indent=1)
+        except Exception as e:  # noqa: BLE001 - a report must not hide the failure it reports
+            kernel = f"unavailable ({type(e).__name__}: {e})"
+        pytest.fail(f"the image overlay did not change after the token click; the page shows "
+                    f"{_input_view_state(page)}\nthe kernel's Explorer.diagnostics():\n{kernel}")
     nb.kernel_exec("explorer.wait()")
     assert nb.kernel_json("import json; print(json.dumps(explorer.selection.unit_ref))") == [rows, u]
     page.wait_for_selector(unit_sel(rows, u) + ".mvz-selected")
@@ -369,9 +376,34 @@ def voila(root):
     server.stop()
 
 
+def _voila_click_report(page, voila, comms: bs.CommLog, since: int) -> str:
+    """Why a click in the Voila page may not have shown: the page's input view, its widget
+    model in the browser (comm live? sync messages still waiting for the kernel?), the kernel
+    messages since the click, the kernel's own view of the Explorer, and the log tail."""
+    parts = [f"the page shows: {_input_view_state(page)}"]
+    try:
+        browser = page.evaluate(bs.JS_VOILA_MODELS, "score_caption")
+    except Exception as e:  # noqa: BLE001 - a report must not hide the failure it reports
+        browser = f"unavailable ({type(e).__name__}: {e})"
+    parts.append(f"the input view's model in the browser: {browser}")
+    comm = None
+    if isinstance(browser, dict) and len(browser.get("models") or []) == 1:
+        comm = browser["models"][0]["id"]
+    parts.append("kernel messages since the click:\n" + comms.format(since, comm=comm))
+    try:
+        kernel_id = browser["kernel_id"] if isinstance(browser, dict) else None
+        state = bs.voila_kernel_json(voila, kernel_id, bs.EXPLORER_DIAGNOSTICS)
+        parts.append("the kernel's Explorer.diagnostics():\n" + json.dumps(state, indent=1))
+    except Exception as e:  # noqa: BLE001
+        parts.append(f"the kernel's Explorer state: unavailable ({type(e).__name__}: {e})")
+    parts.append(f"voila log:\n{voila.log()[-3000:]}")
+    return "\n".join(parts)
+
+
 def test_voila_renders_the_demo_and_a_click_works(voila, page):
     dialogs = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    comms = bs.CommLog(page)
     page.goto(voila.url + "/", timeout=600_000)
     page.wait_for_selector(".mvz-input .mvz-patch", timeout=600_000)
     page.wait_for_function(
@@ -386,10 +418,12 @@ def test_voila_renders_the_demo_and_a_click_works(voila, page):
     page.wait_for_selector(".mvz-input .mvz-token.mvz-selected", timeout=60_000)
     assert page.locator(unit_sel("question", n_tokens - 1) + ".mvz-selected").count() == 0
     # a click on another token recolours the image
+    since = comms.mark()
     res = page.evaluate(bs.JS_CLICK_AND_WAIT, [unit_sel("question", n_tokens - 1),
                                                unit_sel("image"), 180_000, f"(#{n_tokens - 1})"])
-    assert res["ok"], ("the image overlay did not change after a token click in Voila; the page "
-                       f"then showed: {_input_view_state(page)}\nvoila log:\n{voila.log()[-3000:]}")
+    if not res["ok"]:
+        pytest.fail("the image overlay did not change after a token click in Voila\n"
+                    + _voila_click_report(page, voila, comms, since))
     page.wait_for_selector(unit_sel("question", n_tokens - 1) + ".mvz-selected")
     assert "interaction" in page.locator(".mvz-input .mvz-score-caption").text_content()
     assert not dialogs

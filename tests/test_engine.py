@@ -290,3 +290,42 @@ def test_no_callback_runs_after_close():
     closer.join(5)
     time.sleep(0.1)
     assert called == []
+
+
+def test_snapshot_says_what_runs_what_waits_and_what_failed(engine):
+    release, started = threading.Event(), threading.Event()
+
+    def slow(progress):
+        started.set()
+        while not release.wait(0.005):
+            progress(0, 1, "waiting")
+        return "slow"
+
+    engine.submit("a", ("slow", 1), slow, label="slow job")
+    engine.submit("b", ("queued", 2), lambda p: 2, priority=7, label="second")
+    assert started.wait(10)
+    snap = engine.snapshot()
+    main = snap["lanes"]["main"]
+    assert snap["busy"] and snap["pending"] == 2 and not snap["closed"]
+    assert main["thread_alive"] and snap["lanes"]["background"]["thread_alive"]
+    assert main["running"]["label"] == "slow job" and main["running"]["state"] == "running"
+    assert main["running"]["key"] == "('slow', 1)" and main["running"]["current"]
+    assert [j["label"] for j in main["queued"]] == ["second"]
+    assert set(snap["slots"]) == {"a", "b"}
+    release.set()
+    assert engine.wait(10)
+
+    def boom(progress):
+        raise ValueError("no good")
+
+    engine.submit("a", ("boom",), boom, label="boom")
+    assert engine.wait(10)
+    snap = engine.snapshot()
+    last = snap["lanes"]["main"]["last_finished"]
+    assert last["label"] == "boom" and last["state"] == "error" and last["seconds_ago"] >= 0
+    assert "no good" in snap["error"] and "ValueError: no good" in snap["last_traceback"]
+    assert snap["lanes"]["main"]["running"] is None and snap["slots"] == {}
+    assert snap["stats"]["errors"] == 1 and not snap["busy"]
+    engine.close(join_timeout=5)
+    snap = engine.snapshot()
+    assert snap["closed"] and not snap["lanes"]["main"]["thread_alive"]

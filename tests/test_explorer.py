@@ -395,6 +395,9 @@ def test_a_single_modality_model_has_no_heatmap_but_the_rest_works():
         ex.input_panel.click("row", 1)
         ex.wait(30)
         assert ex.state()["unit_ref"] == ["row", 1] and ex.state()["error"] == ""
+        assert ex.pair is None and st["pair"] is None
+        with pytest.raises(ValueError, match=r"one modality \(\['row'\]\): there is no pair"):
+            ex.select(pair=("row", "row2"))
     finally:
         ex.close()
 
@@ -969,3 +972,59 @@ def test_an_instance_that_cannot_be_prepared_is_named_under_the_embedding():
             assert "1 could not be prepared (#2: ValueError" in caption and "no tokens" in caption
         finally:
             ex.close()
+
+
+# -- diagnostics: what the kernel did with a browser's click -----------------------------------
+def test_diagnostics_say_what_the_kernel_did_with_each_click_from_the_browser(vqa):
+    import json
+    ex, _ = vqa
+    view = ex.input_view
+    view.set_state({"selected": {"modality": "question", "unit": 2}})   # what a click sends
+    assert ex.wait(30)
+    d = ex.diagnostics()
+    json.dumps(d)                                   # plain values only
+    iv = d["input_view"]
+    assert d["selection"]["unit_ref"] == ["question", 2]
+    assert iv["recent_clicks"] == [dict(iv["recent_clicks"][0], unit=["question", 2],
+                                        action="selected", **{"from": "browser"})]
+    assert iv["messages_from_browser"] == 1 and iv["last_message_error"] == ""
+    assert iv["overlay_wanted"] == iv["overlay_received"]
+    assert "('question', 2)" in iv["overlay_wanted"]
+    assert iv["overlay_shown"] == view.score_caption and "(#2)" in iv["score_caption"]
+    assert iv["model_id"] == view.model_id and iv["items_instance"] == 0
+    assert d["engine"]["pending"] == 0 and d["engine"]["lanes"]["main"]["thread_alive"]
+    assert "multiviz-engine-main" in d["threads"]
+    # a unit the view does not show (the instance has 5 tokens): ignored, and the view reset
+    view.set_state({"selected": {"modality": "question", "unit": 9}})
+    d = ex.diagnostics()
+    ignored, reset = d["input_view"]["recent_clicks"][-2:]
+    assert ignored["unit"] == ["question", 9] and ignored["from"] == "browser"
+    assert ignored["action"] == "ignored: the view does not show this unit"
+    assert reset["unit"] == ["question", 2] and reset["from"] == "kernel"
+    assert reset["action"] == "already selected"
+    assert d["input_view"]["selected"] == {"modality": "question", "unit": 2}
+    # a click whose handling raises: the traceback is kept (ipywidgets would only print it)
+    ex.input_panel.refresh_scores = lambda: (_ for _ in ()).throw(RuntimeError("observer broke"))
+    with pytest.raises(RuntimeError, match="observer broke"):
+        view.set_state({"selected": {"modality": "question", "unit": 3}})
+    d = ex.diagnostics()
+    assert "RuntimeError: observer broke" in d["input_view"]["last_message_error"]
+    assert d["input_view"]["messages_from_browser"] == 3
+
+
+def test_select_rejects_what_does_not_fit_with_the_usual_errors_and_changes_nothing(vqa):
+    ex, _ = vqa
+    before = ex.selection.as_dict()
+    with pytest.raises(IndexError, match=r"Instance 12 is out of range: the dataset has 12 "
+                                         r"instances \(0..11\)"):
+        ex.select(instance=12, unit=("question", 1))
+    with pytest.raises(ValueError, match=r"target 4 is out of range: use -1 .* 0..3"):
+        ex.select(target=4)
+    with pytest.raises(ValueError, match=r"pair must name two different modalities of "
+                                         r"\['image', 'question'\] as \(rows, columns\)"):
+        ex.select(pair=("question", "question"))
+    with pytest.raises(ValueError, match=r"unit must be \(modality, index\) with a modality of"):
+        ex.select(unit=3)
+    with pytest.raises(ValueError, match="unit index must be non-negative"):
+        ex.select(unit=("question", -2))
+    assert ex.selection.as_dict() == before

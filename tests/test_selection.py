@@ -70,3 +70,46 @@ def test_bounds_reject_an_out_of_range_instance_or_target_and_keep_the_selection
     s.select(instance=2, target=1)
     assert (s.instance, s.target) == (2, 1)
     Selection().instance = 10 ** 6          # no bounds given: anything goes
+
+
+def test_the_pair_is_a_field_checked_against_the_modalities():
+    import traitlets
+    s = Selection(modalities=["image", "question", "meta"], pair=("question", "image"))
+    assert s.pair == ("question", "image") and s.as_dict()["pair"] == ["question", "image"]
+    seen = []
+    s.observe(lambda c: seen.append((c["name"], c["new"], s.unit_ref)), names=["pair", "unit"])
+    s.update(pair=["meta", "image"], modality="meta", unit=1)     # one change, both set first
+    assert s.pair == ("meta", "image") and seen[0][2] == ("meta", 1)
+    assert ("pair", ("meta", "image"), ("meta", 1)) in seen
+    for bad in (("meta", "meta"), ("meta", "audio"), ("meta",), None, "meta"):
+        with pytest.raises(ValueError, match="pair must name two different modalities of"):
+            s.select(pair=bad)
+    with pytest.raises(traitlets.TraitError, match="two different modalities"):
+        s.pair = ("image", "image")               # set directly: rejected too
+    assert s.pair == ("meta", "image")
+    with pytest.raises(ValueError, match=r"with a modality of \['image', 'question', 'meta'\]"):
+        s.select(unit=("audio", 0))
+    assert s.unit_ref == ("meta", 1)
+    assert "pair=('meta', 'image')" in repr(s)
+
+
+def test_a_one_modality_selection_has_no_pair_and_an_unchecked_one_takes_any_two():
+    s = Selection(modalities=["row"], pair=None)
+    assert s.pair is None and s.as_dict()["pair"] is None
+    with pytest.raises(ValueError, match=r"one modality \(\['row'\]\): there is no pair"):
+        s.select(pair=("row", "other"))
+    free = Selection()                            # no modalities given: two different names
+    free.select(pair=("a", "b"), unit=("c", 2))
+    assert free.pair == ("a", "b") and free.unit_ref == ("c", 2)
+    with pytest.raises(ValueError, match="pair must name two different modalities as"):
+        free.select(pair=("a", "a"))
+    free.pair = None
+    assert free.pair is None
+
+
+def test_out_of_range_errors_are_also_the_usual_python_errors():
+    s = Selection(n_instances=3, n_classes=2)
+    with pytest.raises(IndexError, match="Instance 5 is out of range"):
+        s.select(instance=5)
+    with pytest.raises(ValueError, match="target 9 is out of range"):
+        s.select(target=9)

@@ -30,8 +30,7 @@ class Controls(W.VBox):
     (rows, columns) pair of modalities) the heatmap's pair; shows the neuron and unit.
 
     Every change goes through ``selection.select`` (the same path as a click elsewhere), and
-    every selection change is reflected here. The pair menu needs a selection with a ``pair``
-    field (the Explorer's ExplorerSelection).
+    every selection change is reflected here, the pair menu included (the selection's ``pair``).
     """
 
     def __init__(self, selection: Selection, n_instances: int, class_names: Sequence[str],
@@ -65,7 +64,7 @@ class Controls(W.VBox):
         self.pair = None
         if pairs is not None and len(pairs) > 1:
             options = [self._pair_option(p) for p in pairs]
-            self.pair = W.Dropdown(options=options, value=getattr(selection, "pair", None),
+            self.pair = W.Dropdown(options=options, value=selection.pair,
                                    description="pair", tooltip="heatmap rows x columns",
                                    layout=W.Layout(width="300px"))
             self.pair.observe(lambda c: self._pick(pair=c["new"]), names="value")
@@ -140,7 +139,7 @@ class Controls(W.VBox):
             self.interaction_method.options = self._with(list(self.interaction_method.options),
                                                          s.interaction_method)
         self.interaction_method.value = s.interaction_method
-        pair = getattr(s, "pair", None)
+        pair = s.pair
         if self.pair is not None and pair is not None:
             if pair not in [v for _, v in self.pair.options]:   # e.g. select(pair=) reversed
                 self.pair.options = list(self.pair.options) + [self._pair_option(pair)]

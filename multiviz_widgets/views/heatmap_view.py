@@ -102,7 +102,7 @@ class HeatmapView(W.VBox):
     # -- requests ------------------------------------------------------------------------------
     def wanted_pair(self) -> tuple[str, str]:
         """The pair asked for: the selection's, else the one given at construction."""
-        return tuple(getattr(self.selection, "pair", None) or self.pair)
+        return tuple(self.selection.pair or self.pair)
 
     def refresh(self) -> None:
         s = self.selection

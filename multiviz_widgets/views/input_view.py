@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import pathlib
+import traceback
 from typing import Any, Mapping
 
 import numpy as np
@@ -58,9 +59,29 @@ class InputView(anywidget.AnyWidget):
     selected = traitlets.Dict().tag(sync=True)
     caption = traitlets.Unicode("").tag(sync=True)
 
+    #: How many state messages came from the browser, and the traceback of the last exception
+    #: raised while one was handled (e.g. in an observer of ``selected``): ipywidgets shows such
+    #: an exception only as a kernel error message, which a dashboard (Voila) displays nowhere.
+    messages_received = 0
+    last_message_error = ""
+    #: The state the browser sent, while it is being handled (else None).
+    incoming: dict | None = None
+
     def __init__(self, **kwargs: Any):
         _check_bundle()
         super().__init__(**kwargs)
+
+    def set_state(self, sync_data):
+        """A state message from the browser (a click sets ``selected``)."""
+        self.messages_received += 1
+        self.incoming = dict(sync_data)
+        try:
+            super().set_state(sync_data)
+        except Exception:
+            self.last_message_error = traceback.format_exc()[-4000:]
+            raise
+        finally:
+            self.incoming = None
 
     @traitlets.validate("scores")
     def _validate_scores(self, proposal):
