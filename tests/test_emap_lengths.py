@@ -16,19 +16,12 @@ from multiviz_widgets.kernels.emap import _pair_batches
 from multiviz_widgets.kernels.interactions import (dime, emap, emap_gap, emap_matrix,
                                                    interaction_type)
 from multiviz_widgets.kernels.unimodal import lime_from_function
+from tests.test_factorize import _seeded
 
 VOCAB = ["[PAD]", "[UNK]", "what", "shape", "is", "the", "red", "circle"]
 QUESTIONS = ["what shape", "is the red circle", "what is the shape", "red", "the circle",
              "circle", "is the circle red", "shape red", "what is red", "the red shape"]
 ATOL = 1e-5
-
-
-def _seeded(module: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.6)
-    return module.eval()
 
 
 class MeanPool(nn.Module):
