@@ -10,3 +10,8 @@ def positive_int(value, what: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{what} must be an integer of at least {minimum}, got {value!r}.")
     return int(value)
+
+
+def is_integer(value) -> bool:
+    """An integer (Python's, numpy's, anything with __index__), not a bool or a float."""
+    return not isinstance(value, bool) and hasattr(value, "__index__")

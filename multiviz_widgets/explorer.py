@@ -19,9 +19,10 @@ import numpy as np
 import ipywidgets as W
 
 from .adapter import ModelAdapter
+from .checks import is_integer
 from .data import MultimodalDataset
 from .engine import Analyses, Engine, Kernels, short_repr
-from .selection import FIELDS, Selection
+from .selection import FIELDS, Selection, unit_ref_of
 from .views._common import close_widgets, instance_title, widget_tree
 from .views.controls import Controls, ErrorBanner, ProgressPanel
 from .views.embedding_view import EmbeddingView
@@ -90,7 +91,9 @@ class InputPanel:
         self._latest: tuple | None = None     # (key, instance, payload) received last
         self.payload: dict = {}
         # the last changes of the view's ``selected`` and what was done with them (diagnostics)
+        # (appended on whichever thread changes ``selected``: the kernel's or the engine's)
         self.clicks: deque[dict] = deque(maxlen=8)
+        self._clicks_lock = threading.Lock()
         selection.observe(lambda _: self.refresh_items(), names=["instance"])
         selection.observe(lambda _: self.refresh_scores(),
                           names=["instance", "target", "neuron", "method", "interaction_method",
@@ -234,7 +237,8 @@ class InputPanel:
                  "from": "browser" if sent == change["new"] else "kernel",
                  "thread": threading.current_thread().name, "instance": self.selection.instance,
                  "items_instance": self.items_instance, "action": "selecting"}
-        self.clicks.append(click)
+        with self._clicks_lock:
+            self.clicks.append(click)
         if ref is not None and not self._shows(ref):
             click["action"] = "ignored: the view does not show this unit"
             self._highlight()                 # a unit not on screen (e.g. the view is blank)
@@ -376,15 +380,14 @@ class Explorer(W.VBox):
             kw["target"] = names.index(kw["target"])
         u = kw.get("unit")
         if u is not None:
-            if not isinstance(u, (tuple, list)):      # the Selection takes an index alone too
+            m, i = unit_ref_of(u) if isinstance(u, (tuple, list)) else (None, None)
+            if m not in self.adapter.modalities:      # (the Selection takes an index alone too)
                 raise ValueError(f"unit must be (modality, index) with a modality of "
                                  f"{self.adapter.names}, or None; got {u!r}.")
-            if len(u) == 2 and u[0] in self.adapter.modalities:
-                if int(u[1]) < 0:
-                    raise ValueError(f"unit index must be non-negative, got {u[1]}.")
-                self._check_unit(str(u[0]), int(u[1]), kw.get("instance",
-                                                               self.selection.instance))
-        if kw.get("neuron") is not None and "neuron" in kw and int(kw["neuron"]) >= 0:
+            self._check_unit(m, i, kw.get("instance", self.selection.instance))
+            kw["unit"] = (m, i)
+        n = kw.get("neuron")
+        if n is not None and is_integer(n) and int(n) >= 0:     # (else the Selection says)
             try:
                 d = self.analyses.n_neurons()
             except Exception:  # noqa: BLE001 - a non-linear decision layer: checked when used
@@ -413,7 +416,8 @@ class Explorer(W.VBox):
         """The selection and what every view shows now, as plain Python values."""
         s = self.selection
         out = s.as_dict()
-        out["unit_ref"] = list(s.unit_ref) if s.unit_ref else None
+        ref = s.unit_ref                      # read once: a worker's blanking may clear it
+        out["unit_ref"] = list(ref) if ref else None
         out["items"] = [it.get("name") for it in self.input_view.items]
         out["input_instance"] = self.input_panel.items_instance
         out["input_scores"] = {k: list(v) for k, v in self.input_view.scores.items()}
@@ -444,8 +448,12 @@ class Explorer(W.VBox):
         the last error raised while a message from the browser was handled); the engine's jobs
         (``Engine.snapshot``) and the threads alive."""
         p, v = self.input_panel, self.input_view
+        with p._clicks_lock:
+            clicks = [dict(c) for c in p.clicks]
+        latest = p._latest                    # read once: a worker may reset it meanwhile
         sel = self.selection.as_dict()
-        sel["unit_ref"] = list(self.selection.unit_ref) if self.selection.unit_ref else None
+        ref = self.selection.unit_ref
+        sel["unit_ref"] = list(ref) if ref else None
         return {
             "selection": sel,
             "input_view": {
@@ -453,9 +461,9 @@ class Explorer(W.VBox):
                 "caption": v.caption, "score_caption": v.score_caption,
                 "items_instance": p.items_instance,
                 "overlay_wanted": short_repr(p._want),
-                "overlay_received": short_repr(p._latest[0]) if p._latest else None,
+                "overlay_received": short_repr(latest[0]) if latest else None,
                 "overlay_shown": p.payload.get("score_caption"),
-                "recent_clicks": [dict(c) for c in p.clicks],
+                "recent_clicks": clicks,
                 "messages_from_browser": v.messages_received,
                 "last_message_error": v.last_message_error},
             "engine": self.engine.snapshot(),

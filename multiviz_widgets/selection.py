@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import traitlets
 
+from .checks import is_integer
+
 #: The trait names, in a stable order (used by ``as_dict``).
 FIELDS = ("instance", "target", "neuron", "modality", "unit", "method", "interaction_method",
           "pair")
@@ -27,6 +29,31 @@ class SelectionValueError(traitlets.TraitError, ValueError):
 
 class SelectionIndexError(traitlets.TraitError, IndexError):
     """An instance out of the dataset's range."""
+
+
+class _Pair(traitlets.TraitType):
+    """A (rows, columns) pair of modality names, or None. Unlike ``traitlets.Any``, which
+    accepts None without asking the validators, None set directly is validated too."""
+
+    default_value = None
+    allow_none = False
+    info_text = "a (rows, columns) pair of modality names, or None"
+
+
+def unit_ref_of(u) -> tuple[str, int]:
+    """A clicked unit given as (modality, index), checked: a non-empty modality name and a
+    non-negative integer index (a float is refused, not truncated); ValueError otherwise."""
+    if not isinstance(u, (tuple, list)) or len(u) != 2:
+        raise ValueError(f"unit must be (modality, index) or None, got {u!r}.")
+    m, i = u
+    if not isinstance(m, str) or not m:
+        raise ValueError(f"unit must be (modality, index) with a modality's name first, got "
+                         f"{u!r}.")
+    if not is_integer(i):
+        raise ValueError(f"unit index must be an integer, got {i!r}.")
+    if int(i) < 0:
+        raise ValueError(f"unit index must be non-negative, got {int(i)}.")
+    return m, int(i)
 
 
 class Selection(traitlets.HasTraits):
@@ -52,12 +79,14 @@ class Selection(traitlets.HasTraits):
     unit = traitlets.Int(-1)
     method = traitlets.Unicode("integrated_gradients")
     interaction_method = traitlets.Unicode("second_order")
-    pair = traitlets.Any(None, allow_none=True)
+    pair = _Pair()
 
     def __init__(self, n_instances: int | None = None, n_classes: int | None = None,
                  modalities=None, **kw):
         self.n_instances = None if n_instances is None else int(n_instances)
         self.n_classes = None if n_classes is None else int(n_classes)
+        if isinstance(modalities, str):
+            modalities = [modalities]
         self.modalities = None if modalities is None else [str(m) for m in modalities]
         if "pair" in kw and kw["pair"] is None:
             del kw["pair"]                    # the default (a one-modality model allows no set)
@@ -90,11 +119,11 @@ class Selection(traitlets.HasTraits):
     @traitlets.validate("pair")
     def _valid_pair(self, proposal):
         p, names = proposal["value"], self.modalities
+        if p is None and (names is None or len(names) < 2):
+            return None                          # none chosen, or none to choose
         if names is not None and len(names) < 2:
             raise SelectionValueError(f"This model has one modality ({names}): there is no "
                                       "pair of modalities to choose.")
-        if p is None and names is None:
-            return None
         if (not isinstance(p, (tuple, list)) or len(p) != 2 or str(p[0]) == str(p[1])
                 or (names is not None and any(str(m) not in names for m in p))):
             of = f" of {names}" if names is not None else ""
@@ -108,6 +137,8 @@ class Selection(traitlets.HasTraits):
         if unknown:
             raise ValueError(f"Unknown selection field(s) {sorted(unknown)}; the fields are "
                              f"{list(FIELDS)}.")
+        if isinstance(kw.get("pair"), (tuple, list)):   # a list equal to the pair is no change
+            kw["pair"] = tuple(str(m) for m in kw["pair"])
         with self.hold_trait_notifications():
             for k, v in kw.items():
                 setattr(self, k, v)
@@ -122,12 +153,7 @@ class Selection(traitlets.HasTraits):
         kw = {k: v for k, v in kw.items() if v is not ...}
         if "unit" in kw and (kw["unit"] is None or isinstance(kw["unit"], (tuple, list))):
             u = kw.pop("unit")
-            if u is None:
-                kw["modality"], kw["unit"] = "", -1
-            else:
-                if len(u) != 2:
-                    raise ValueError(f"unit must be (modality, index) or None, got {u!r}.")
-                kw["modality"], kw["unit"] = str(u[0]), int(u[1])
+            kw["modality"], kw["unit"] = ("", -1) if u is None else unit_ref_of(u)
         if kw.get("neuron", 0) is None:
             kw["neuron"] = -1
         if kw.get("target", 0) is None:
@@ -135,7 +161,7 @@ class Selection(traitlets.HasTraits):
         for k in ("instance", "target", "neuron", "unit"):
             if k in kw:
                 v = kw[k]
-                if isinstance(v, bool) or not isinstance(v, (int,)) and not hasattr(v, "__index__"):
+                if not is_integer(v):
                     raise ValueError(f"{k} must be an integer, got {v!r}.")
                 kw[k] = int(v)
         if "instance" in kw and kw["instance"] != self.instance and "modality" not in kw:
@@ -147,7 +173,8 @@ class Selection(traitlets.HasTraits):
     @property
     def unit_ref(self) -> tuple[str, int] | None:
         """The clicked unit as (modality, index), or None."""
-        return (self.modality, self.unit) if self.modality and self.unit >= 0 else None
+        m, u = self.modality, self.unit
+        return (m, u) if m and u >= 0 else None
 
     def as_dict(self) -> dict:
         """The fields as plain values (``pair`` a list, or None)."""

@@ -1027,4 +1027,10 @@ def test_select_rejects_what_does_not_fit_with_the_usual_errors_and_changes_noth
         ex.select(unit=3)
     with pytest.raises(ValueError, match="unit index must be non-negative"):
         ex.select(unit=("question", -2))
+    with pytest.raises(ValueError, match=r"unit must be \(modality, index\) with a modality's"):
+        ex.select(unit=("", 3))                 # "" would have cleared the clicked unit
+    with pytest.raises(ValueError, match="unit index must be an integer, got 1.7"):
+        ex.select(unit=("question", 1.7))       # not truncated to 1
+    with pytest.raises(ValueError, match="neuron must be an integer, got 'x'"):
+        ex.select(neuron="x")
     assert ex.selection.as_dict() == before

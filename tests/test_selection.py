@@ -113,3 +113,41 @@ def test_out_of_range_errors_are_also_the_usual_python_errors():
         s.select(instance=5)
     with pytest.raises(ValueError, match="target 9 is out of range"):
         s.select(target=9)
+
+
+def test_a_pair_set_to_none_directly_is_checked_like_any_other_value():
+    s = Selection(modalities=["image", "question", "meta"], pair=("meta", "image"))
+    seen = []
+    s.observe(lambda c: seen.append(c["new"]), names=["pair"])
+    with pytest.raises(ValueError, match="pair must name two different modalities"):
+        s.pair = None                 # (traitlets.Any would take None without the validator)
+    assert s.pair == ("meta", "image") and not seen
+    one = Selection(modalities="row")                   # a name alone is one modality
+    assert one.modalities == ["row"]
+    one.select(pair=None)                               # none to choose: None is fine
+    one.pair = None
+    assert one.pair is None
+
+
+def test_the_current_pair_given_as_a_list_is_no_change():
+    s = Selection(modalities=["image", "question", "meta"], pair=("meta", "image"))
+    seen = []
+    s.observe(lambda c: seen.append(c["new"]), names=["pair"])
+    s.select(pair=["meta", "image"])
+    s.update(pair=["meta", "image"])
+    assert not seen and s.pair == ("meta", "image")
+
+
+@pytest.mark.parametrize("unit, words", [
+    (("", 3), "a modality's name first"), ((None, 3), "a modality's name first"),
+    ((["question"], 1), "a modality's name first"), (("question", 1.7), "must be an integer"),
+    (("question", "x"), "must be an integer"), (("question", None), "must be an integer"),
+    (("question", -2), "non-negative"), (("question", 1, 2), "unit must be (modality, index)"),
+])
+def test_a_malformed_unit_is_refused_not_truncated_or_cleared(unit, words):
+    s = Selection(modalities=["image", "question"])
+    s.select(unit=("question", 1))
+    with pytest.raises(ValueError) as e:
+        s.select(unit=unit)
+    assert words in str(e.value)
+    assert s.unit_ref == ("question", 1)
