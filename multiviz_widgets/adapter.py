@@ -360,8 +360,8 @@ class ModelAdapter:
                                f"{self.names}" + (f"; missing {missing}" if missing else "")
                                + (f"; unknown {extra}" if extra else "") + ".")
 
-    def collate(self, instances: Sequence[Mapping], on_device: bool = True
-                ) -> dict[str, torch.Tensor]:
+    def collate(self, instances: Sequence[Mapping], on_device: bool = True,
+                numbers: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """Model inputs for a list of instances (raw values or tensors), batched per modality,
         on the model's device (left on the CPU with ``on_device=False``). Floating inputs take
         the dtype of the model's floating parameters (a float64 model gets float64 inputs from
@@ -369,20 +369,24 @@ class ModelAdapter:
         device and dtype already match.
 
         Raises AdapterError when a modality's inputs are empty, hold NaN or infinity, or (in a
-        batch) differ in shape from one instance to another."""
+        batch) differ in shape from one instance to another; it names the instance by its
+        position in the list, or by ``numbers[position]`` when given (a caller that collates a
+        part of its instances names them as its user knows them)."""
         for inst in instances:
             self._check_names(inst)
         dev = self.device if on_device else None
         out = {}
         for n, m in self.modalities.items():
-            x = self._checked_batch(m, [inst[n] for inst in instances])
+            x = self._checked_batch(m, [inst[n] for inst in instances], numbers)
             out[n] = x.to(dev, self.float_dtype if x.is_floating_point() else None)
         return out
 
-    def _checked_batch(self, modality: Modality, items: Sequence) -> torch.Tensor:
+    def _checked_batch(self, modality: Modality, items: Sequence,
+                       numbers: Sequence[int] | None = None) -> torch.Tensor:
         """modality.batch(items), with clear errors for inputs of several shapes, empty inputs
         and non-finite values."""
         name = modality.name
+        number = (lambda k: k) if numbers is None else (lambda k: int(numbers[k]))
         try:
             x = modality.batch(items)
         except RuntimeError as e:           # torch.stack: the instances differ in shape
@@ -391,10 +395,10 @@ class ModelAdapter:
             if odd is None:
                 raise
             raise AdapterError(
-                f"Modality {name!r}: instance {odd} has shape {shapes[odd]} but instance 0 has "
-                f"{shapes[0]}; the instances of a batch must have the same shape (resize or crop "
-                f"them to one size, e.g. the size the model was trained on).") from e
-        of = "" if len(items) == 1 else " of instance {}"
+                f"Modality {name!r}: instance {number(odd)} has shape {shapes[odd]} but instance "
+                f"{number(0)} has {shapes[0]}; the instances of a batch must have the same shape "
+                f"(resize or crop them to one size, e.g. the size the model was trained on).") from e
+        of = "" if len(items) == 1 and numbers is None else " of instance {}"
         if x.numel() == 0:
             raise AdapterError(f"Modality {name!r} is empty (input shape {tuple(x.shape[1:])}); "
                                "give at least one pixel, token, time step or value.")
@@ -403,7 +407,7 @@ class ModelAdapter:
             if not bool(finite.all()):
                 k = int((~finite).nonzero()[0, 0])
                 raise AdapterError(
-                    f"Modality {name!r}{of.format(k)} holds non-finite values (NaN or infinity): "
+                    f"Modality {name!r}{of.format(number(k))} holds non-finite values (NaN or infinity): "
                     "the model's outputs and every explanation would be NaN. Replace them (for "
                     "example impute missing values) before explaining the instance.")
         return x

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from multiviz_widgets import ModelAdapter, MultimodalDataset, Neuron, Tabular, Text
+from multiviz_widgets import AdapterError, ModelAdapter, MultimodalDataset, Neuron, Tabular, Text
 from multiviz_widgets.kernels.common import ShapeGroups, masked_continuous, resolve_target
 from multiviz_widgets.kernels.emap import _pair_batches
 from multiviz_widgets.kernels.interactions import (dime, emap, emap_gap, emap_matrix,
@@ -463,3 +463,26 @@ def test_images_of_several_sizes_are_batched_by_size(factorized):
     fixed = ModelAdapter(AnySize(flatten=True), mods, ["x", "y", "z"], decision_layer="head")
     with pytest.raises(AdapterError, match=r"'image' has shape \(3, 4, 4\) per instance"):
         emap(fixed, items, factorized=factorized)
+
+
+def test_a_bad_instance_is_named_by_its_place_in_the_list_not_in_its_shape_group():
+    adapter = adapter_for(MeanPool())
+    items = items_of(7)
+    items[6]["tabular"] = torch.tensor([1.0, float("nan"), 0.0, 0.0])
+    with pytest.raises(AdapterError, match="'tabular' of instance 6 holds non-finite"):
+        emap(adapter, items)
+    with pytest.raises(AdapterError, match="'tabular' of instance 5 holds non-finite"):
+        interaction_type(adapter, items[0], items[1:])
+    items[6]["question"] = "is the circle red what shape"     # alone in its length: still named
+    with pytest.raises(AdapterError, match="'tabular' of instance 6 holds non-finite"):
+        emap(adapter, items, factorized=False)
+
+
+def test_interaction_type_progress_with_three_modalities_ends_at_its_total():
+    adapter = adapter_for(TwoTexts(), ("question", "answer"))
+    items = items_of(6, seed=1, answers=True)
+    seen = []
+    interaction_type(adapter, items[0], items[1:], progress=lambda d, t, *_: seen.append((d, t)))
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and {t for _, t in seen} == {3 * 25 + 3 * 5 + 1}
+    assert seen[-1] == (91, 91)

@@ -104,7 +104,8 @@ class ShapeGroups:
         self.keys = list(found)
         self.positions = [torch.tensor(p, dtype=torch.long, device=adapter.device)
                           for p in found.values()]
-        self.raws = [adapter.collate([items[k] for k in p]) for p in found.values()]
+        # errors name an instance by its place in ``items``, not in its group
+        self.raws = [adapter.collate([items[k] for k in p], numbers=p) for p in found.values()]
         self._where = {k: (g, r) for g, p in enumerate(found.values()) for r, k in enumerate(p)}
         self._by: dict[tuple[str, ...], list] = {}
 

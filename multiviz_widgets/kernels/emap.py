@@ -177,6 +177,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
                 # x_m from instance i, the others from instance j
                 for i, j, raw in _pair_batches(shapes, [m], others, batch_size, adapter.device):
                     acc.add(i, j, out_fn(raw))
+                    del raw        # before the next batch is gathered: one batch in memory
                     done += len(i)
                     report(progress, done, total, "EMAP pairs")
             sums.append(acc)
@@ -381,7 +382,8 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
 
     reference: a MultimodalDataset (``reference_indices``, or ``n_reference`` drawn with
     ``seed``), a list of instances, or an EmapResult that contains the instance, given then as
-    its dataset index (no forwards). Cost otherwise: N^2 + 2 N + 1 forwards in batches.
+    its dataset index (no forwards). Cost otherwise: N^2 + 2 N + 1 forwards in batches for
+    two modalities (M N^2 + M N + 1 for M > 2).
     """
     check_adapter(adapter, "interaction_type")
     if reference is None:
@@ -423,15 +425,16 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     shapes = ShapeGroups(adapter, refs)
     own = adapter.collate([instance])
     dev = adapter.device
-    total = n * n + len(names) * n + 1
-    done = 0
     ref_pairs = [names[0]] if len(names) == 2 else names
+    total = len(ref_pairs) * n * n + len(names) * n + 1
+    done = 0
     grands = []
     for m in ref_pairs:
         pair_sum = 0.0                   # summed as they come: memory does not grow with N^2
         others = [name for name in names if name != m]
         for i, _, raw in _pair_batches(shapes, [m], others, batch_size, dev):
             pair_sum = pair_sum + adapter.forward(raw).double().sum(0)
+            del raw            # before the next batch is gathered: one batch in memory
             done += len(i)
             report(progress, done, total, "interaction type: reference pairs")
         grands.append(pair_sum / (n * n))
