@@ -151,8 +151,8 @@ def main(argv=None) -> int:
         return 2
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     root = bs.copy_notebooks(pathlib.Path(tempfile.mkdtemp(prefix="mvz-latency-")))
-    # the server (and so the kernel) inherits this process's environment: run it as `make demo`
-    # does, unless asked for the defaults
+    # the server (and so the kernel) inherits this process's environment, and so does the
+    # browser: they run as under `make demo`, unless asked for the defaults
     for k, v in TUNED.items():
         if args.default_malloc:
             os.environ.pop(k, None)
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         "benchmark": "ui_latency",
         "what": "click on a question token -> InputView re-rendered with the new image overlay, "
                 "measured in the page (performance.now)",
-        "server": "jupyterlab", "server_malloc_settings": malloc, "browser": f"chromium {chromium_version} (headless)",
+        "server": "jupyterlab", "malloc_settings": malloc, "browser": f"chromium {chromium_version} (headless)",
         "notebook": "notebooks/quickstart.ipynb (easy-VQA Explorer)",
         "instance": info, "methods": methods, "clicks_per_case": args.clicks,
         "targets": {"cached_p95_ms": TARGET_CACHED_MS, "uncached_p95_ms": TARGET_UNCACHED_MS,

@@ -1,6 +1,8 @@
 """Argument checks shared by every layer (modalities, datasets, kernels): plain Python, no torch."""
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 
@@ -13,5 +15,12 @@ def positive_int(value, what: str, minimum: int = 1) -> int:
 
 
 def is_integer(value) -> bool:
-    """An integer (Python's, numpy's, anything with __index__), not a bool or a float."""
-    return not isinstance(value, bool) and hasattr(value, "__index__")
+    """An integer (Python's, numpy's, an integer tensor of one element: anything
+    ``operator.index`` takes), not a bool, a float or a float tensor."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True

@@ -121,7 +121,7 @@ class Engine(traitlets.HasTraits):
         self.stats = {"hits": 0, "misses": 0, "runs": 0, "dropped": 0, "cancelled": 0,
                       "errors": 0}
         self.last_traceback = ""
-        self._last: dict[str, dict] = {}        # the last job each lane finished (snapshot)
+        self._last: dict[str, tuple[Job, float]] = {}   # lane -> (last job finished, when)
         self._threads = {lane: threading.Thread(target=self._loop, args=(lane,), daemon=True,
                                                 name=f"multiviz-engine-{lane}")
                          for lane in self.LANES}
@@ -275,9 +275,11 @@ class Engine(traitlets.HasTraits):
         with self._lock:
             lanes = {}
             for lane in self.LANES:
-                last = dict(self._last[lane]) if lane in self._last else None
-                if last is not None:
-                    last["seconds_ago"] = round(now - last.pop("finished"), 3)
+                last = None
+                if lane in self._last:
+                    job, finished = self._last[lane]
+                    last = dict(self._describe(job, finished),   # seconds: how long it ran
+                                seconds_ago=round(now - finished, 3))
                 lanes[lane] = {
                     "thread_alive": self._threads[lane].is_alive(),
                     "running": self._describe(self._running[lane], now),
@@ -419,8 +421,7 @@ class Engine(traitlets.HasTraits):
                 else:
                     job.state = "dropped"
                     self.stats["dropped"] += 1
-                self._last[lane] = dict(self._describe(job, time.perf_counter()),
-                                        finished=time.perf_counter())
+                self._last[lane] = (job, time.perf_counter())
                 self._after_job()
 
     def _apply(self, on_done, on_error, value, label) -> None:

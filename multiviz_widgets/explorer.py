@@ -379,13 +379,13 @@ class Explorer(W.VBox):
                 raise ValueError(f"Unknown class {kw['target']!r}; the classes are {names}.")
             kw["target"] = names.index(kw["target"])
         u = kw.get("unit")
+        if u is not None and not isinstance(u, (tuple, list)):   # the Selection takes an index
+            raise ValueError(f"unit must be (modality, index) with a modality of "  # alone too
+                             f"{self.adapter.names}, or None; got {u!r}.")
         if u is not None:
-            m, i = unit_ref_of(u) if isinstance(u, (tuple, list)) else (None, None)
-            if m not in self.adapter.modalities:      # (the Selection takes an index alone too)
-                raise ValueError(f"unit must be (modality, index) with a modality of "
-                                 f"{self.adapter.names}, or None; got {u!r}.")
-            self._check_unit(m, i, kw.get("instance", self.selection.instance))
-            kw["unit"] = (m, i)
+            m, i = unit_ref_of(u)
+            if m in self.adapter.modalities:          # (another: the Selection refuses it)
+                self._check_unit(m, i, kw.get("instance", self.selection.instance))
         n = kw.get("neuron")
         if n is not None and is_integer(n) and int(n) >= 0:     # (else the Selection says)
             try:
@@ -416,8 +416,6 @@ class Explorer(W.VBox):
         """The selection and what every view shows now, as plain Python values."""
         s = self.selection
         out = s.as_dict()
-        ref = s.unit_ref                      # read once: a worker's blanking may clear it
-        out["unit_ref"] = list(ref) if ref else None
         out["items"] = [it.get("name") for it in self.input_view.items]
         out["input_instance"] = self.input_panel.items_instance
         out["input_scores"] = {k: list(v) for k, v in self.input_view.scores.items()}
@@ -452,8 +450,6 @@ class Explorer(W.VBox):
             clicks = [dict(c) for c in p.clicks]
         latest = p._latest                    # read once: a worker may reset it meanwhile
         sel = self.selection.as_dict()
-        ref = self.selection.unit_ref
-        sel["unit_ref"] = list(ref) if ref else None
         return {
             "selection": sel,
             "input_view": {

@@ -39,6 +39,12 @@ class _Pair(traitlets.TraitType):
     allow_none = False
     info_text = "a (rows, columns) pair of modality names, or None"
 
+    def validate(self, obj, value):
+        # names as strings and a tuple, before the Selection's validator and before traitlets
+        # compares old and new (also inside hold_trait_notifications): a list equal to the
+        # pair is no change
+        return tuple(str(m) for m in value) if isinstance(value, (tuple, list)) else value
+
 
 def unit_ref_of(u) -> tuple[str, int]:
     """A clicked unit given as (modality, index), checked: a non-empty modality name and a
@@ -63,13 +69,15 @@ class Selection(traitlets.HasTraits):
     neuron: decision-level neuron (-1 = none); modality/unit: the clicked unit ("" / -1 = none);
     method: the stage-1 method; interaction_method: the stage-2 method; pair: the two
     modalities (rows, columns) of the interaction heatmap, whose interactions the input view
-    and the prediction path's pairs show too (None: none chosen, e.g. a one-modality model).
+    and the prediction path's pairs show too (None only where there is none to choose: a
+    one-modality model, or a Selection not told the modalities).
 
     n_instances / n_classes (optional): the sizes of the dataset and of the model's classes;
     when given, an instance or a class target out of range is rejected (an error that says the
     valid range), also when the trait is set directly, and the selection is unchanged.
     modalities (optional): the model's modality names; when given, the clicked unit's modality
-    must be one of them and ``pair`` two different ones (a one-modality model has no pair).
+    must be one of them and ``pair`` two different ones (default: the first two; a one-modality
+    model has no pair).
     """
 
     instance = traitlets.Int(0)
@@ -88,8 +96,8 @@ class Selection(traitlets.HasTraits):
         if isinstance(modalities, str):
             modalities = [modalities]
         self.modalities = None if modalities is None else [str(m) for m in modalities]
-        if "pair" in kw and kw["pair"] is None:
-            del kw["pair"]                    # the default (a one-modality model allows no set)
+        if kw.get("pair") is None and self.modalities is not None and len(self.modalities) > 1:
+            kw["pair"] = tuple(self.modalities[:2])   # a model of 2+ modalities has a pair
         super().__init__(**kw)
 
     @traitlets.validate("instance")
@@ -124,12 +132,12 @@ class Selection(traitlets.HasTraits):
         if names is not None and len(names) < 2:
             raise SelectionValueError(f"This model has one modality ({names}): there is no "
                                       "pair of modalities to choose.")
-        if (not isinstance(p, (tuple, list)) or len(p) != 2 or str(p[0]) == str(p[1])
-                or (names is not None and any(str(m) not in names for m in p))):
+        if (not isinstance(p, tuple) or len(p) != 2 or p[0] == p[1]
+                or (names is not None and any(m not in names for m in p))):
             of = f" of {names}" if names is not None else ""
             raise SelectionValueError(f"pair must name two different modalities{of} as (rows, "
                                       f"columns), got {p!r}.")
-        return str(p[0]), str(p[1])
+        return p
 
     def update(self, **kw) -> None:
         """Set several traits at once; observers fire after all of them are set."""
@@ -137,8 +145,6 @@ class Selection(traitlets.HasTraits):
         if unknown:
             raise ValueError(f"Unknown selection field(s) {sorted(unknown)}; the fields are "
                              f"{list(FIELDS)}.")
-        if isinstance(kw.get("pair"), (tuple, list)):   # a list equal to the pair is no change
-            kw["pair"] = tuple(str(m) for m in kw["pair"])
         with self.hold_trait_notifications():
             for k, v in kw.items():
                 setattr(self, k, v)
@@ -177,9 +183,12 @@ class Selection(traitlets.HasTraits):
         return (m, u) if m and u >= 0 else None
 
     def as_dict(self) -> dict:
-        """The fields as plain values (``pair`` a list, or None)."""
+        """The fields as plain values (``pair`` a list, or None), and ``unit_ref`` (the clicked
+        unit as [modality, index], or None)."""
         out = {k: getattr(self, k) for k in FIELDS}
         out["pair"] = list(self.pair) if self.pair else None
+        ref = self.unit_ref                   # read once: a worker's blanking may clear it
+        out["unit_ref"] = list(ref) if ref else None
         return out
 
     def __repr__(self) -> str:

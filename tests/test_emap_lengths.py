@@ -333,7 +333,7 @@ def test_shape_groups_never_pad_and_keep_one_batch_for_one_shape():
     items = items_of(7)
     groups = ShapeGroups(adapter, items)
     lengths = [len(q.split()) for q in QUESTIONS[:7]]
-    assert not groups.single and len(groups.raws) == len(set(lengths))
+    assert len(groups.raws) == len(set(lengths))
     for pos, raw in zip(groups.positions, groups.raws):
         assert {lengths[int(k)] for k in pos} == {raw["question"].shape[1]}
     (pos, tab), = groups.by(["tabular"])               # one shape of the tabular inputs
@@ -353,7 +353,7 @@ def test_shape_groups_never_pad_and_keep_one_batch_for_one_shape():
     same = [dict(it, question="what is the shape") for it in items]
     one = ShapeGroups(adapter, same)
     raw = adapter.collate(same)
-    assert one.single and torch.equal(one.positions[0], torch.arange(7))
+    assert len(one.raws) == 1 and torch.equal(one.positions[0], torch.arange(7))
     assert all(torch.equal(one.raws[0][m], raw[m]) for m in raw)
     (pos, got), = one.by(["question"])
     assert got["question"] is one.raws[0]["question"]                   # no copy
@@ -476,6 +476,11 @@ def test_a_bad_instance_is_named_by_its_place_in_the_list_not_in_its_shape_group
     items[6]["question"] = "is the circle red what shape"     # alone in its length: still named
     with pytest.raises(AdapterError, match="'tabular' of instance 6 holds non-finite"):
         emap(adapter, items, factorized=False)
+    ds = dataset_of(items)             # from a dataset: named by its dataset index
+    with pytest.raises(AdapterError, match="'tabular' of instance 6 holds non-finite"):
+        emap(adapter, ds, indices=[6, 0, 1, 2])
+    with pytest.raises(AdapterError, match="'tabular' of instance 6 holds non-finite"):
+        dime(adapter, ds, 0, reference_indices=[1, 6, 2, 3], n_samples=8)
 
 
 def test_interaction_type_progress_with_three_modalities_ends_at_its_total():

@@ -1,5 +1,6 @@
 """The Selection: one shared state, several traits set at once, the linking rules of a click."""
 import pytest
+import torch
 
 from multiviz_widgets.selection import Selection
 
@@ -143,6 +144,7 @@ def test_the_current_pair_given_as_a_list_is_no_change():
     ((["question"], 1), "a modality's name first"), (("question", 1.7), "must be an integer"),
     (("question", "x"), "must be an integer"), (("question", None), "must be an integer"),
     (("question", -2), "non-negative"), (("question", 1, 2), "unit must be (modality, index)"),
+    (("question", torch.tensor(1.7)), "must be an integer"),
 ])
 def test_a_malformed_unit_is_refused_not_truncated_or_cleared(unit, words):
     s = Selection(modalities=["image", "question"])
@@ -151,3 +153,10 @@ def test_a_malformed_unit_is_refused_not_truncated_or_cleared(unit, words):
         s.select(unit=unit)
     assert words in str(e.value)
     assert s.unit_ref == ("question", 1)
+
+
+def test_a_selection_told_two_or_more_modalities_starts_with_a_pair():
+    s = Selection(modalities=["image", "question", "meta"])
+    assert s.pair == ("image", "question")
+    s.select(unit=("question", torch.tensor(2)))          # an integer tensor is an index
+    assert s.as_dict()["unit_ref"] == ["question", 2]

@@ -622,14 +622,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         try:
-            _writable_out_dir(args.out_dir)
-        except OSError as e:
+            train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                  out_dir=args.out_dir, threads=args.threads,
+                  config=json.loads(args.config) if args.config else None,
+                  log=lambda m: print(m, flush=True))
+        except OSError as e:          # e.g. an output folder it cannot write (checked first)
             print(f"error: {e}", file=sys.stderr)
             return 1
-        train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-              out_dir=args.out_dir, threads=args.threads,
-              config=json.loads(args.config) if args.config else None,
-              log=lambda m: print(m, flush=True))
         return 0
     torch.set_num_threads(args.threads)
     try:

@@ -79,6 +79,14 @@ def evaluate_masks(adapter: ModelAdapter, prepared: Prepared, masks: Mapping[str
     return torch.cat(outs)
 
 
+def input_shapes(adapter: ModelAdapter, instance) -> tuple:
+    """The shapes of an instance's model inputs, one per modality (``Modality.input_shape``: no
+    conversion where the modality can read them off the raw value, no checks): instances with
+    equal shapes can be batched without padding."""
+    adapter._check_names(instance)
+    return tuple(m.input_shape(instance[n]) for n, m in adapter.modalities.items())
+
+
 class ShapeGroups:
     """N instances grouped by the shapes of their model inputs (``Modality.input_shape``), each
     group collated on its own, so that no instance is ever padded to another's length: a model
@@ -93,26 +101,22 @@ class ShapeGroups:
     Cost: reading each instance's input shapes, and one collate per group.
     """
 
-    def __init__(self, adapter: ModelAdapter, items):
+    def __init__(self, adapter: ModelAdapter, items, numbers=None):
         self.names = tuple(adapter.names)
         self.n = len(items)
         found: dict[tuple, list[int]] = {}
         for k, item in enumerate(items):
-            adapter._check_names(item)
-            key = tuple(m.input_shape(item[n]) for n, m in adapter.modalities.items())
-            found.setdefault(key, []).append(k)
+            found.setdefault(input_shapes(adapter, item), []).append(k)
         self.keys = list(found)
         self.positions = [torch.tensor(p, dtype=torch.long, device=adapter.device)
                           for p in found.values()]
-        # errors name an instance by its place in ``items``, not in its group
-        self.raws = [adapter.collate([items[k] for k in p], numbers=p) for p in found.values()]
+        # errors name an instance by ``numbers[k]`` (its dataset index) or its place in
+        # ``items``, not by its row in a group
+        self.raws = [adapter.collate([items[k] for k in p],
+                                     numbers=p if numbers is None else [numbers[k] for k in p])
+                     for p in found.values()]
         self._where = {k: (g, r) for g, p in enumerate(found.values()) for r, k in enumerate(p)}
         self._by: dict[tuple[str, ...], list] = {}
-
-    @property
-    def single(self) -> bool:
-        """All the instances have one input shape per modality (one group)."""
-        return len(self.raws) == 1
 
     def where(self, k: int) -> tuple[int, int]:
         """(group, row in it) of instance k."""

@@ -196,7 +196,7 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
         p = adapter.prepare(instance)
         t = resolve_target(adapter, p, target)
         # the references grouped by input shapes: one group (one batch) when they share one
-        refs = ShapeGroups(adapter, [dataset[int(i)] for i in ref_idx])
+        refs = ShapeGroups(adapter, [dataset[int(i)] for i in ref_idx], ref_idx)
         n = len(ref_idx)
         cost = [1 if target is None else 0]
         if len(adapter.names) == 2:

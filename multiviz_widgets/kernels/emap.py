@@ -155,7 +155,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     keep = len(names) == 2 and (keep_matrix or (keep_matrix is None
                                                 and matrix_bytes <= KEPT_MATRIX_BYTES))
     with Stopwatch() as sw:
-        shapes = ShapeGroups(adapter, items)          # one group unless the shapes differ
+        shapes = ShapeGroups(adapter, items, idx)     # one group unless the shapes differ
         groups = [names[0]] if len(names) == 2 else list(names)   # modality m vs all others
         total = len(groups) * n * n
         report(progress, 0, total, "EMAP pairs")
@@ -413,7 +413,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
         if not isinstance(instance, Mapping):
             raise ValueError("Give the instance as a dict {modality: input} when the reference is "
                              "a list of instances.")
-        refs, _ = _instances(reference, reference_indices)
+        refs, idx = _instances(reference, reference_indices)
     names = adapter.names
     if len(names) < 2:
         raise ValueError(f"Interaction types need two or more modalities; the adapter has {names}.")
@@ -422,7 +422,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
         raise ValueError(f"The reference set needs at least 2 instances, got {n}.")
     # the references grouped by input shapes (one group when they share one), the instance
     # alone: nothing is padded to another instance's length
-    shapes = ShapeGroups(adapter, refs)
+    shapes = ShapeGroups(adapter, refs, idx)
     own = adapter.collate([instance])
     dev = adapter.device
     ref_pairs = [names[0]] if len(names) == 2 else names

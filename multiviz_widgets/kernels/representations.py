@@ -33,7 +33,7 @@ from ..adapter import AdapterError, ModelAdapter, _outside_stacklevel
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..checks import positive_int
-from .common import as_prepared, dataset_indices
+from .common import as_prepared, dataset_indices, input_shapes
 
 # v2: the key covers modality signatures and the module tree; v3: batches of equal shapes only
 # (no padding, which changed the features of models that pool without a pad mask), and the
@@ -91,13 +91,6 @@ def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
 _UNPREPARABLE = (ValueError, TypeError, LookupError, RuntimeError)
 
 
-def _shape_key(adapter: ModelAdapter, instance) -> tuple:
-    """The shapes of an instance's model inputs (``Modality.input_shape``: no conversion where
-    the modality can read them off the raw value, no checks)."""
-    adapter._check_names(instance)
-    return tuple(m.input_shape(instance[n]) for n, m in adapter.modalities.items())
-
-
 def _shape_batches(adapter: ModelAdapter, dataset: MultimodalDataset, idx: np.ndarray,
                    batch_size: int, failed: dict[int, Exception]
                    ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
@@ -115,7 +108,7 @@ def _shape_batches(adapter: ModelAdapter, dataset: MultimodalDataset, idx: np.nd
     groups: dict[tuple, list[int]] = {}
     for pos, i in enumerate(idx):
         try:
-            groups.setdefault(_shape_key(adapter, dataset[int(i)]), []).append(pos)
+            groups.setdefault(input_shapes(adapter, dataset[int(i)]), []).append(pos)
         except _UNPREPARABLE as exc:
             failed[pos] = exc
     for positions in groups.values():
