@@ -79,6 +79,16 @@ def evaluate_masks(adapter: ModelAdapter, prepared: Prepared, masks: Mapping[str
     return torch.cat(outs)
 
 
+def block_pairs(a: int, b: int, batch_size: int | None, device):
+    """Yield (i [B], j [B]): all a x b pairs (i < a, j < b) in row-major order, in chunks of up
+    to batch_size pairs (None: one chunk), as index tensors on ``device``."""
+    n = a * b
+    step = n if batch_size is None else int(batch_size)
+    for s in range(0, n, step):
+        k = torch.arange(s, min(n, s + step), device=device)
+        yield k // b, k % b
+
+
 def input_shapes(adapter: ModelAdapter, instance) -> tuple:
     """The shapes of an instance's model inputs, one per modality (``Modality.input_shape``: no
     conversion where the modality can read them off the raw value, no checks): instances with

@@ -20,9 +20,9 @@ from ..data import MultimodalDataset
 from ..progress import ProgressFn
 from ..results import Result, Stopwatch
 from ..checks import positive_int
-from .common import (PERTURBATION_BATCH, ShapeGroups, check_adapter, check_model_takes,
-                     dataset_index, dataset_indices, masked_continuous, modality_pair,
-                     resolve_target, sample_indices)
+from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
+                     check_model_takes, dataset_index, dataset_indices, masked_continuous,
+                     modality_pair, resolve_target, sample_indices)
 from .split_model import CHECKED_PAIRS, FusedPairs, check_factorized, same_or_reject, with_split
 
 __all__ = ["DimeResult", "dime"]
@@ -67,10 +67,10 @@ class _DimeForwards:
         total = 0.0
         for _, xa in refs.by([a]):
             for _, xb in refs.by([b]):
-                k = torch.arange(len(xa[a]) * len(xb[b]), device=adapter.device)
-                sel = {a: xa[a][k // len(xb[b])], b: xb[b][k % len(xb[b])]}
-                total = total + self._run({m: sel.get(m, prepared.raw[m]) for m in adapter.names},
-                                          {}).sum()
+                for i, j in block_pairs(len(xa[a]), len(xb[b]), None, adapter.device):
+                    sel = {a: xa[a][i], b: xb[b][j]}
+                    total = total + self._run({m: sel.get(m, prepared.raw[m])
+                                               for m in adapter.names}, {}).sum()
         self.grand = total / (self.n * self.n)
 
     @torch.no_grad()
@@ -122,8 +122,8 @@ class _DimeFused:
             self.fused.check(refs, self.ref, lambda raw: adapter.target_output(raw, {}, target))
             total = 0.0
             for ps, sv, po, ov in self.ref.blocks():
-                k = torch.arange(len(ps) * len(po), device=adapter.device)
-                total = total + self.fused.pairs(sv, ov, k // len(po), k % len(po)).sum()
+                for i, j in block_pairs(len(ps), len(po), None, adapter.device):
+                    total = total + self.fused.pairs(sv, ov, i, j).sum()
             self.grand = total / (n * n)
             # masked inputs enter the encoders through the continuous inputs: check that path
             # on the instance and two random masks of it against full forward passes

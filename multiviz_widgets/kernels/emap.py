@@ -19,8 +19,8 @@ from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..results import Result, Stopwatch
 from ..checks import positive_int
-from .common import (PERTURBATION_BATCH, ShapeGroups, check_adapter, check_model_takes,
-                     dataset_index, dataset_indices, sample_indices)
+from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
+                     check_model_takes, dataset_index, dataset_indices, sample_indices)
 from .split_model import CHECKED_PAIRS, FusedPairs, Split, check_factorized, with_split
 
 __all__ = ["EmapResult", "emap", "emap_gap", "emap_matrix", "interaction_type",
@@ -96,10 +96,7 @@ def _pair_batches(groups: ShapeGroups, side: Sequence[str], others: Sequence[str
     pairs in row-major order, when the instances share one shape."""
     for ps, xs in groups.by(side):
         for po, xo in groups.by(others):
-            a, b = len(ps), len(po)
-            for s in range(0, a * b, batch_size):
-                k = torch.arange(s, min(a * b, s + batch_size), device=device)
-                i, j = k // b, k % b
+            for i, j in block_pairs(len(ps), len(po), batch_size, device):
                 yield ps[i], po[j], {**{m: xs[m][i] for m in side},
                                      **{m: xo[m][j] for m in others}}
 
@@ -261,12 +258,9 @@ def _emap_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
     fused.check(shapes, enc, out_fn)
     acc = _PairSums(shapes.n, keep)
     for ps, sv, po, ov in enc.blocks():     # one block unless the encodings' sizes differ
-        a, b = len(ps), len(po)
-        for s in range(0, a * b, batch_size):
-            k = torch.arange(s, min(a * b, s + batch_size), device=adapter.device)
-            i, j = k // b, k % b
+        for i, j in block_pairs(len(ps), len(po), batch_size, adapter.device):
             acc.add(ps[i], po[j], fused.pairs(sv, ov, i, j))
-            done += len(k)
+            done += len(i)
             report(progress, done, total, "EMAP pairs (fused encodings)")
     return acc
 
