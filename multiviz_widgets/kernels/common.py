@@ -1,7 +1,7 @@
 """Pieces every kernel shares: instances, targets, masked inputs and chunked evaluation."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -89,6 +89,28 @@ def block_pairs(a: int, b: int, batch_size: int | None, device):
         yield k // b, k % b
 
 
+def merge_groups(keys: Sequence, positions: Sequence[torch.Tensor],
+                 values: Sequence[Sequence[torch.Tensor | None]]
+                 ) -> list[tuple[torch.Tensor, list[torch.Tensor | None]]]:
+    """Groups of instances merged by key: for each distinct key, (the positions of its groups'
+    instances, sorted, and each value of those groups concatenated in that order; None stays
+    None). positions[g]: group g's instance positions (increasing); values[g]: its list of
+    tensors [G, ...] (or None). A group alone under its key is kept as it is (no copy)."""
+    parts: dict = {}
+    for g, key in enumerate(keys):
+        parts.setdefault(key, []).append(g)
+    out = []
+    for gs in parts.values():
+        if len(gs) == 1:
+            out.append((positions[gs[0]], list(values[gs[0]])))
+            continue
+        pos = torch.cat([positions[g] for g in gs])
+        order = torch.argsort(pos)                    # back in the instances' order
+        out.append((pos[order], [None if v is None else torch.cat([values[g][k] for g in gs])[order]
+                                 for k, v in enumerate(values[gs[0]])]))
+    return out
+
+
 def input_shapes(adapter: ModelAdapter, instance) -> tuple:
     """The shapes of an instance's model inputs, one per modality (``Modality.input_shape``: no
     conversion where the modality can read them off the raw value, no checks): instances with
@@ -144,19 +166,9 @@ class ShapeGroups:
         names = tuple(names)
         if names not in self._by:
             cols = [self.names.index(m) for m in names]
-            parts: dict[tuple, list[int]] = {}
-            for g, key in enumerate(self.keys):
-                parts.setdefault(tuple(key[c] for c in cols), []).append(g)
-            out = []
-            for gs in parts.values():
-                if len(gs) == 1:
-                    out.append((self.positions[gs[0]], {m: self.raws[gs[0]][m] for m in names}))
-                    continue
-                pos = torch.cat([self.positions[g] for g in gs])
-                order = torch.argsort(pos)            # back in the instances' order
-                out.append((pos[order], {m: torch.cat([self.raws[g][m] for g in gs])[order]
-                                         for m in names}))
-            self._by[names] = out
+            merged = merge_groups([tuple(key[c] for c in cols) for key in self.keys],
+                                  self.positions, [[raw[m] for m in names] for raw in self.raws])
+            self._by[names] = [(pos, dict(zip(names, xs))) for pos, xs in merged]
         return self._by[names]
 
 

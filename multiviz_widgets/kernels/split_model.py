@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..adapter import AdapterError, ModelAdapter, check_inputs_kept, input_versions
-from .common import ShapeGroups
+from .common import ShapeGroups, merge_groups
 from .factorize import FactorizationError, reject_factorization, trace_factorization
 
 __all__ = ["CHECKED_PAIRS", "Encodings", "FusedPairs", "Split", "check_factorized",
@@ -161,16 +161,10 @@ class FusedPairs:
         """The groups of ``full`` whose values of one kind (side's or the others') have the same
         sizes, put together in the instances' order."""
         kept = [k for k, own in enumerate(self.split.from_side) if own == side]
-        sizes: dict[tuple, list[int]] = {}
-        for g, (_, values) in enumerate(full):
-            sizes.setdefault(tuple(tuple(values[k].shape[1:]) for k in kept), []).append(g)
-        out = []
-        for gs in sizes.values():
-            pos = torch.cat([full[g][0] for g in gs])
-            order = torch.argsort(pos)
-            out.append((pos[order], [torch.cat([full[g][1][k] for g in gs])[order] if k in kept
-                                     else None for k in range(len(self.split.from_side))]))
-        return out
+        return merge_groups([tuple(tuple(values[k].shape[1:]) for k in kept) for _, values in full],
+                            [pos for pos, _ in full],
+                            [[v if k in kept else None for k, v in enumerate(values)]
+                             for _, values in full])
 
     def pairs(self, side: Sequence[torch.Tensor], others: Sequence[torch.Tensor],
               i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -206,22 +200,19 @@ class FusedPairs:
                        for s in range(0, len(pos), bs)]
             got.append(self.pairs(values, values, own, own))
         n = groups.n
-        pairs = [(i, (i + 1) % n) for i in range(min(n, CHECKED_PAIRS))]
-        direct += [out_fn({m: (groups.instance(i) if m == side else groups.instance(j))[m]
-                           for m in groups.names}).double() for i, j in pairs]
-        # the neighbours' fused pairs, batched per (group of i, group of j): one batch when
-        # the instances share one shape
-        blocks: dict[tuple[int, int], list[int]] = {}
-        for k, (i, j) in enumerate(pairs):
-            blocks.setdefault((groups.where(i)[0], groups.where(j)[0]), []).append(k)
-        fused = torch.empty(len(pairs), *got[0].shape[1:], dtype=got[0].dtype,
-                            device=got[0].device)
-        for (gi, gj), ks in blocks.items():
-            ri = torch.tensor([groups.where(pairs[k][0])[1] for k in ks], device=dev)
-            rj = torch.tensor([groups.where(pairs[k][1])[1] for k in ks], device=dev)
-            fused[torch.tensor(ks, device=fused.device)] = self.pairs(
-                enc.groups[gi][1], enc.groups[gj][1], ri, rj)
-        same_or_reject(self.split, torch.cat(got + [fused]), torch.cat(direct))
+        # the neighbours (i, i + 1), fused in one batch per (group of i, group of j): one batch
+        # when the instances share one shape; each also run alone, in the same order
+        blocks: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i in range(min(n, CHECKED_PAIRS)):
+            j = (i + 1) % n
+            blocks.setdefault((groups.where(i)[0], groups.where(j)[0]), []).append((i, j))
+        for (gi, gj), ij in blocks.items():
+            ri = torch.tensor([groups.where(i)[1] for i, _ in ij], device=dev)
+            rj = torch.tensor([groups.where(j)[1] for _, j in ij], device=dev)
+            got.append(self.pairs(enc.groups[gi][1], enc.groups[gj][1], ri, rj))
+            direct += [out_fn({m: (groups.instance(i) if m == side else groups.instance(j))[m]
+                               for m in groups.names}).double() for i, j in ij]
+        same_or_reject(self.split, torch.cat(got), torch.cat(direct))
 
 
 def same_or_reject(split: Split, got: torch.Tensor, direct: torch.Tensor) -> None:
