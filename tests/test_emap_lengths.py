@@ -25,17 +25,24 @@ ATOL = 1e-5
 
 
 class MeanPool(nn.Module):
-    """A question's mean embedding ([PAD] tokens count: no pad mask) times a tabular encoding;
-    the modalities meet at pooled vectors (a split encodes each to a fixed size)."""
+    """A question's mean embedding ([PAD] tokens count: no pad mask, unless ``masked``) times a
+    tabular encoding; the modalities meet at pooled vectors (a split encodes each to a fixed
+    size)."""
 
-    def __init__(self, n_out: int = 3):
+    def __init__(self, n_out: int = 3, masked: bool = False):
         super().__init__()
+        self.masked = masked
         self.embedding = nn.Embedding(len(VOCAB), 4, padding_idx=0)
         self.a, self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 5), nn.Linear(5, n_out)
         _seeded(self)
 
     def forward(self, tabular, question):
-        q = self.embedding(question).mean(1)
+        e = self.embedding(question)
+        if self.masked:
+            keep = (question != 0).float()[..., None]
+            q = (e * keep).sum(1) / keep.sum(1).clamp(min=1)
+        else:
+            q = e.mean(1)
         return self.head(torch.tanh(self.fc(torch.tanh(self.a(tabular)) * q + q)))
 
 
@@ -314,12 +321,7 @@ def test_interaction_type_of_a_padding_sensitive_model_equals_brute_force():
 
 def test_masked_pooling_gives_the_same_numbers_grouped_or_padded():
     """A model that ignores [PAD] (as before, when batches were padded): unchanged numbers."""
-    class Masked(MeanPool):
-        def forward(self, tabular, question):
-            e, keep = self.embedding(question), (question != 0).float()[..., None]
-            q = (e * keep).sum(1) / keep.sum(1)
-            return self.head(torch.tanh(self.fc(torch.tanh(self.a(tabular)) * q + q)))
-    adapter = adapter_for(Masked())
+    adapter = adapter_for(MeanPool(masked=True))
     items = items_of(8)
     assert not padded_differs(adapter, items)
     for factorized in (None, False):
@@ -374,33 +376,11 @@ def test_the_emap_operator_of_brute_force_is_emap():
 
 
 # -- the model that EMAP, DIME and interaction_type used to refuse --------------------------
-class MeanPoolText(nn.Module):
-    """A question's mean embedding (optionally with a pad mask) times a tabular encoding (the
-    model whose padding made them refuse before they grouped instances by shape)."""
-
-    def __init__(self, masked: bool = False):
-        super().__init__()
-        self.masked = masked
-        self.embedding = nn.Embedding(len(VOCAB), 4, padding_idx=0)
-        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
-        _seeded(self)
-
-    def forward(self, tabular, question):
-        e = self.embedding(question)
-        if self.masked:
-            keep = (question != 0).float()[..., None]
-            q = (e * keep).sum(1) / keep.sum(1).clamp(min=1)
-        else:
-            q = e.mean(1)
-        return self.head(torch.tanh(self.a(tabular)) * q)
-
-
 @pytest.mark.parametrize("masked", [False, True])
 def test_a_model_whose_output_changes_with_padding_gets_its_own_numbers(masked):
     """Once refused (an AdapterError naming the padding), now exact: EMAP per instance, DIME's
     UC / MI split and interaction_type equal brute force, with or without a pad mask."""
-    adapter = ModelAdapter(MeanPoolText(masked), [TABULAR, Text("question", VOCAB)], ["a", "b"],
-                           decision_layer="head")
+    adapter = adapter_for(MeanPool(masked=masked))
     g = torch.Generator().manual_seed(0)
     questions = ["what shape", "is the red circle", "what is the shape", "red", "the circle"]
     items = [{"tabular": torch.randn(4, generator=g), "question": q} for q in questions]
