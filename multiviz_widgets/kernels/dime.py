@@ -53,6 +53,12 @@ class DimeResult(Result):
                 f"references={len(self.reference_indices)}")
 
 
+#: About how many bytes of gathered inputs DIME's full-forward path builds at a time: batches
+#: are gathered a few at a time (fewer, larger copies run faster with glibc's default malloc),
+#: never all masks x references at once (for 224 x 224 images that was gigabytes).
+GATHER_BYTES = 64 << 20
+
+
 class _DimeForwards:
     """DIME's terms from full forward passes: f(x^z), and each masked modality against the
     reference set's other modality (the remaining modalities, if any, kept as the instance's).
@@ -67,7 +73,7 @@ class _DimeForwards:
         total = 0.0
         for _, xa in refs.by([a]):
             for _, xb in refs.by([b]):
-                for i, j in block_pairs(len(xa[a]), len(xb[b]), None, adapter.device):
+                for i, j in block_pairs(len(xa[a]), len(xb[b]), batch_size, adapter.device):
                     sel = {a: xa[a][i], b: xb[b][j]}
                     total = total + self._run({m: sel.get(m, prepared.raw[m])
                                                for m in adapter.names}, {}).sum()
@@ -92,15 +98,17 @@ class _DimeForwards:
         dev = self.adapter.device
         parts = []
         for mod, other in (self.pair, self.pair[::-1]):   # masked mod, reference for the other
-            part = 0.0
+            part = torch.zeros(bsz, dtype=torch.float64, device=dev)
             for _, xo in self.refs.by([other]):           # references of one shape of ``other``
-                g = len(xo[other])
-                rows = torch.arange(bsz, device=dev).repeat_interleave(g)
-                refs = torch.arange(g, device=dev).repeat(bsz)
-                raw = {m: (xo[m][refs] if m == other
-                           else p.raw[m].expand(len(rows), *p.raw[m].shape[1:]))
-                       for m in self.adapter.names}
-                part = part + self._run(raw, {mod: cont[mod][rows]}).reshape(bsz, g).sum(1)
+                # (mask row i, reference j) pairs, gathered GATHER_BYTES at a time (at least a
+                # batch): memory does not grow with masks x references
+                row = xo[other][0].nbytes + cont[mod][0].nbytes
+                chunk = max(self.bs, min(8 * self.bs, GATHER_BYTES // max(row, 1)))
+                for i, j in block_pairs(bsz, len(xo[other]), chunk, dev):
+                    raw = {m: (xo[m][j] if m == other
+                               else p.raw[m].expand(len(i), *p.raw[m].shape[1:]))
+                           for m in self.adapter.names}
+                    part.index_add_(0, i, self._run(raw, {mod: cont[mod][i]}))
             parts.append(part / n)
         return parts[0] + parts[1] - self.grand, f
 
