@@ -91,23 +91,22 @@ def block_pairs(a: int, b: int, batch_size: int | None, device):
 
 def merge_groups(keys: Sequence, positions: Sequence[torch.Tensor],
                  values: Sequence[Sequence[torch.Tensor | None]]
-                 ) -> list[tuple[torch.Tensor, list[torch.Tensor | None]]]:
-    """Groups of instances merged by key: for each distinct key, (the positions of its groups'
-    instances, sorted, and each value of those groups concatenated in that order; None stays
-    None). positions[g]: group g's instance positions (increasing); values[g]: its list of
-    tensors [G, ...] (or None). A group alone under its key is kept as it is (no copy)."""
+                 ) -> list[tuple[list[int], torch.Tensor, list[torch.Tensor | None]]]:
+    """Groups of instances merged by key: for each distinct key, (its groups, the positions of
+    their instances and each of their values, concatenated group after group; None stays
+    None). positions[g]: group g's instance positions; values[g]: its list of tensors [G, ...]
+    (or None). A group alone under its key is kept as it is (no copy)."""
     parts: dict = {}
     for g, key in enumerate(keys):
         parts.setdefault(key, []).append(g)
     out = []
     for gs in parts.values():
         if len(gs) == 1:
-            out.append((positions[gs[0]], list(values[gs[0]])))
+            out.append((gs, positions[gs[0]], list(values[gs[0]])))
             continue
-        pos = torch.cat([positions[g] for g in gs])
-        order = torch.argsort(pos)                    # back in the instances' order
-        out.append((pos[order], [None if v is None else torch.cat([values[g][k] for g in gs])[order]
-                                 for k, v in enumerate(values[gs[0]])]))
+        out.append((gs, torch.cat([positions[g] for g in gs]),
+                    [None if v is None else torch.cat([values[g][k] for g in gs])
+                     for k, v in enumerate(values[gs[0]])]))
     return out
 
 
@@ -162,13 +161,22 @@ class ShapeGroups:
     def by(self, names) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """[(positions, {name: inputs})]: the instances grouped by the shapes of the modalities
         ``names`` only, with those modalities' inputs (the groups of equal shapes there
-        concatenated). One group, all the instances in order, when those shapes are all equal."""
+        concatenated group after group; the groups' own inputs then become views of that copy, so
+        each input is held once). One group, all the instances in order, when those shapes are
+        all equal."""
         names = tuple(names)
         if names not in self._by:
             cols = [self.names.index(m) for m in names]
             merged = merge_groups([tuple(key[c] for c in cols) for key in self.keys],
                                   self.positions, [[raw[m] for m in names] for raw in self.raws])
-            self._by[names] = [(pos, dict(zip(names, xs))) for pos, xs in merged]
+            for gs, _, xs in merged:
+                if len(gs) > 1:      # the groups' own inputs become views of the merged copy,
+                    o = 0            # so that the inputs are held once, not twice
+                    for g in gs:
+                        k = len(self.positions[g])
+                        self.raws[g].update({m: x[o:o + k] for m, x in zip(names, xs)})
+                        o += k
+            self._by[names] = [(pos, dict(zip(names, xs))) for _, pos, xs in merged]
         return self._by[names]
 
 

@@ -12,8 +12,8 @@ remembers the rejection) when a traced split disagrees.
 Instances of different input shapes (texts of different lengths) are encoded shape group by
 shape group (``FusedPairs.encode_groups``), never padded: an encoder that pools over its
 tokens without a pad mask gives each instance its own encoding. Encodings of one size (pooled
-vectors) are then put back together in the instances' order and fused exactly as those of one
-batch; encodings whose size follows the input's (a token-level cut) stay in groups of one size,
+vectors) are then put together (group after group, each row with its instance's position) and
+fused exactly as those of one batch; encodings whose size follows the input's (a token-level cut) stay in groups of one size,
 and pairs are fused block by block (``Encodings``).
 """
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Encodings:
     groups: one per input-shape group of the instances (``ShapeGroups``); side / others: the
     groups for the values of the split-off modality / of the other modalities (values of the
     other kind are None there). When each kind of value has one size, side and others are one
-    group: all N instances in their order (the case of pooled encodings), and pairs (i, j) are
+    group: all N instances (the case of pooled encodings), and pairs (i, j) are
     fused from any rows; otherwise a pair batch takes its side rows from one side group and its
     others rows from one others group.
     """
@@ -159,12 +159,13 @@ class FusedPairs:
 
     def _merged(self, full, side: bool) -> list[tuple[torch.Tensor, list[torch.Tensor | None]]]:
         """The groups of ``full`` whose values of one kind (side's or the others') have the same
-        sizes, put together in the instances' order."""
+        sizes, put together group after group (with their instances' positions)."""
         kept = [k for k, own in enumerate(self.split.from_side) if own == side]
-        return merge_groups([tuple(tuple(values[k].shape[1:]) for k in kept) for _, values in full],
-                            [pos for pos, _ in full],
-                            [[v if k in kept else None for k, v in enumerate(values)]
-                             for _, values in full])
+        merged = merge_groups([tuple(tuple(values[k].shape[1:]) for k in kept)
+                               for _, values in full], [pos for pos, _ in full],
+                              [[v if k in kept else None for k, v in enumerate(values)]
+                               for _, values in full])
+        return [(pos, values) for _, pos, values in merged]
 
     def pairs(self, side: Sequence[torch.Tensor], others: Sequence[torch.Tensor],
               i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
