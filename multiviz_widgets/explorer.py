@@ -379,8 +379,9 @@ class Explorer(W.VBox):
                 raise ValueError(f"Unknown class {kw['target']!r}; the classes are {names}.")
             kw["target"] = names.index(kw["target"])
         u = kw.get("unit")
-        if u is not None and not isinstance(u, (tuple, list)):   # the Selection takes an index
-            raise ValueError(f"unit must be (modality, index) with a modality of "  # alone too
+        # (the Selection also takes an index alone; a click gives a pair)
+        if u is not None and not isinstance(u, (tuple, list)):
+            raise ValueError(f"unit must be (modality, index) with a modality of "
                              f"{self.adapter.names}, or None; got {u!r}.")
         if u is not None:
             m, i = unit_ref_of(u)

@@ -150,23 +150,24 @@ class _DimeFused:
         """(UC(z) [B], f(x^z) [B]) for the masked continuous inputs of a batch of masks."""
         n = self.n
         bsz = next(iter(cont.values())).shape[0]
+        dev = self.adapter.device
         enc = self.fused.encode(self.p.raw, cont)
-        own = torch.arange(bsz, device=self.adapter.device)
+        own = torch.arange(bsz, device=dev)
         f = self.fused.pairs(enc, enc, own, own)
-        side_masked = others_masked = 0.0
-        # per group of references whose encodings have one size (one group: all of them)
-        for pos, values in self.ref.others:     # the masked side against each reference
-            g = len(pos)
-            rows, refs = own.repeat_interleave(g), torch.arange(g, device=own.device).repeat(bsz)
-            side_masked = side_masked + self.fused.pairs(enc, values, rows, refs).reshape(
-                bsz, g).sum(1)
-        for pos, values in self.ref.side:       # each reference against the masked others
-            g = len(pos)
-            rows, refs = own.repeat_interleave(g), torch.arange(g, device=own.device).repeat(bsz)
-            others_masked = others_masked + self.fused.pairs(values, enc, refs, rows).reshape(
-                bsz, g).sum(1)
+        parts = []
+        # the masked side against each reference's others, then each reference's side against
+        # the masked others; per group of references whose encodings have one size (one group:
+        # all of them); pair (i, j): mask row i, reference j of the group
+        for groups, masked_side in ((self.ref.others, True), (self.ref.side, False)):
+            part = 0.0
+            for pos, values in groups:
+                (i, j), = block_pairs(bsz, len(pos), None, dev)      # all of them, row-major
+                out = (self.fused.pairs(enc, values, i, j) if masked_side
+                       else self.fused.pairs(values, enc, j, i))
+                part = part + out.reshape(bsz, len(pos)).sum(1)
+            parts.append(part)
         self.cost[0] += bsz * (1 + 2 * n)
-        return (side_masked + others_masked) / n - self.grand, f
+        return (parts[0] + parts[1]) / n - self.grand, f
 
 
 def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_indices=None,

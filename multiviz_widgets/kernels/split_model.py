@@ -13,8 +13,8 @@ Instances of different input shapes (texts of different lengths) are encoded sha
 shape group (``FusedPairs.encode_groups``), never padded: an encoder that pools over its
 tokens without a pad mask gives each instance its own encoding. Encodings of one size (pooled
 vectors) are then put together (group after group, each row with its instance's position) and
-fused exactly as those of one batch; encodings whose size follows the input's (a token-level cut) stay in groups of one size,
-and pairs are fused block by block (``Encodings``).
+fused exactly as those of one batch; encodings whose size follows the input's (a token-level
+cut) stay in groups of one size, and pairs are fused block by block (``Encodings``).
 """
 from __future__ import annotations
 
