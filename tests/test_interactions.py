@@ -511,6 +511,8 @@ def test_errors_say_what_is_wrong():
         interaction(adapter, inst, modalities=("tabular",))
     with pytest.raises(ValueError, match="single string"):
         interaction(adapter, inst, modalities="tabular")
+    with pytest.raises(ValueError, match="ordered pair"):
+        interaction(adapter, inst, modalities={"tabular", "series"})
     with pytest.raises(ValueError, match="Unknown Shapley interaction index"):
         interaction(adapter, inst, "shapley", index="banzhaf")
     with pytest.raises(ValueError, match="budget"):

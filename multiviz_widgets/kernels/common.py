@@ -201,6 +201,9 @@ def modality_pair(adapter: ModelAdapter, modalities) -> tuple[str, str]:
     if isinstance(modalities, str):
         raise ValueError(f"modalities must be a pair of names such as ({names[0]!r}, "
                          f"{names[1]!r}), got the single string {modalities!r}.")
+    if isinstance(modalities, (set, frozenset, dict)):
+        raise ValueError(f"modalities must be an ordered pair (a tuple or list: rows, then "
+                         f"columns), got the unordered {type(modalities).__name__} {modalities!r}.")
     try:
         pair = tuple(modalities)
     except TypeError:

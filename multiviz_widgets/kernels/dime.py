@@ -9,6 +9,7 @@ shape, so a model that pools over [PAD] tokens gets its own numbers.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -170,6 +171,20 @@ class _DimeFused:
         return (parts[0] + parts[1]) / n - self.grand, f
 
 
+#: lime_from_function's parameters that dime sets itself (the others are ``lime_params``)
+_DIME_SETS = ("fn", "n_units", "n_samples", "seed", "progress", "batch_size")
+
+
+def _check_lime_params(lime_params: Mapping, lime_from_function) -> None:
+    """A ValueError naming the parameters LIME takes, before any model evaluation, when
+    ``lime_params`` holds one it does not."""
+    known = [n for n in inspect.signature(lime_from_function).parameters if n not in _DIME_SETS]
+    unknown = [k for k in lime_params if k not in known]
+    if unknown:
+        raise ValueError(f"dime got unknown parameters {unknown}; besides its own it passes "
+                         f"only LIME's {known} on to LIME.")
+
+
 def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_indices=None,
          target=None, n_samples: int = 500, n_reference: int = 50, modalities=None, seed: int = 0,
          batch_size: int = PERTURBATION_BATCH, progress: ProgressFn = None,
@@ -192,7 +207,9 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     a, b = modality_pair(adapter, modalities)
     batch_size = positive_int(batch_size, "batch_size")
     n_samples = positive_int(n_samples, "n_samples", 2)
+    seed = positive_int(seed, "seed", 0)
     check_factorized(factorized)
+    _check_lime_params(lime_params, lime_from_function)
     instance = (index if isinstance(index, Mapping) else
                 dataset[dataset_index(index, len(dataset), "index")])
     if reference_indices is None:
@@ -232,7 +249,9 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
                                                               adapter))
             return cache[key]
 
-        units = {a: p.n_units[a], b: p.n_units[b]}
+        # one LIME design over the units in the adapter's order of modalities: the same masks
+        # (and so the same scores) whichever way round ``modalities`` names the pair
+        units = {m: p.n_units[m] for m in adapter.names if m in (a, b)}
         lime_kw = dict(n_samples=n_samples, seed=seed, batch_size=batch_size, **lime_params)
 
         def step_progress(phase):
@@ -245,15 +264,15 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
                                 **lime_kw)
         mi = lime_from_function(lambda m: evaluate(m)[1] - evaluate(m)[0], units,
                                 progress=step_progress(1), **lime_kw)
-        ones = {a: torch.ones(1, units[a]), b: torch.ones(1, units[b])}
+        ones = {m: torch.ones(1, u) for m, u in units.items()}
         uc_full, f_full = evaluate(ones)
     return DimeResult(method="dime", target=t,
                       params={"n_samples": n_samples, "n_reference": n, "seed": seed,
                               "batch_size": batch_size, "factorization": kind,
                               **({"factorization_note": note} if note else {}), **lime_params},
                       forward_passes=cost[0], backward_passes=0, seconds=sw.seconds,
-                      modalities=(a, b), uc={k: np.asarray(v) for k, v in uc.items()},
-                      mi={k: np.asarray(v) for k, v in mi.items()},
+                      modalities=(a, b), uc={k: np.asarray(uc[k]) for k in (a, b)},
+                      mi={k: np.asarray(mi[k]) for k in (a, b)},
                       labels={a: list(p.labels[a]), b: list(p.labels[b])},
                       f_value=float(f_full[0]), uc_value=float(uc_full[0]),
                       mi_value=float(f_full[0] - uc_full[0]), reference_indices=ref_idx)

@@ -73,7 +73,8 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
     forwards, 2 U_r backwards) or "auto": on the CPU vmap, falling back to replicate for models
     whose operations vmap does not support; on a GPU replicate (on an H100 the easy-VQA matrix
     took 4.6 ms replicated against 6.2 ms vmapped, median of 20: vmap runs the convolution
-    backward one row at a time). Both are exact and need batch rows to be independent.
+    backward one row at a time). Both are exact and need batch rows to be independent. A side
+    the output does not depend on through a second derivative gives zeros (and fewer backwards).
     """
     if phi not in ("identity", "abs"):
         raise ValueError(f"phi must be 'identity' or 'abs', got {phi!r}.")
@@ -82,6 +83,8 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
                          f"{attribution!r}.")
     if mode not in ("auto", "vmap", "replicate"):
         raise ValueError(f"mode must be 'auto', 'vmap' or 'replicate', got {mode!r}.")
+    if times_input is not None and not isinstance(times_input, (bool, np.bool_)):
+        raise ValueError(f"times_input must be None, True or False, got {times_input!r}.")
     batch_size = positive_int(batch_size, "batch_size")
     ua, ub = prepared.n_units[a], prepared.n_units[b]
     # The exact identity-phi matrix is symmetric in its two sides: contract the smaller one.
@@ -110,9 +113,22 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
         m, fwd, bwd = _sog_replicate(*args)
     if swap:
         m = m.T
+        # the matrix is symmetric in its two sides: say what moved side a (the rows) and side b
+        # (the columns), so that these params passed back with modalities=(a, b) give it again
+        attribution, times_input = ("grad_x_input" if times_input else "gradient",
+                                    attribution == "grad_x_input")
     params = {"phi": phi, "attribution": attribution, "times_input": bool(times_input),
               "contracted": r, "batch_size": batch_size, "mode": used}
     return np.ascontiguousarray(m), fwd, bwd, params
+
+
+def _first_gradient(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """df.sum()/dx with its graph kept (for the second derivative); None when f does not depend
+    on x at all (a modality the model ignores, or an output that depends on no input)."""
+    if not f.requires_grad:
+        return None
+    g, = torch.autograd.grad(f.sum(), x, create_graph=True, allow_unused=True)
+    return g
 
 
 def _own_units(index: torch.Tensor, start: int, k: int, dtype) -> torch.Tensor:
@@ -131,7 +147,10 @@ def _sog_vmap(adapter, prepared, r, c, target, progress, phi, attribution, times
     report(progress, 0, n_rows, "second-order gradients")
     with torch.enable_grad():
         f = adapter.scalar(prepared, {r: xr1, c: xc1}, target)
-        g, = torch.autograd.grad(f.sum(), xr1, create_graph=True)
+        g = _first_gradient(f, xr1)
+        if g is None:                                # no path from x_r: no interaction
+            report(progress, n_rows, n_rows, "second-order gradients")
+            return np.zeros((n_rows, prepared.n_units[c])), 1, int(f.requires_grad)
         g = g[0]
         if attribution == "grad_x_input":
             g = g * (xr - prepared.baseline[r])
@@ -149,12 +168,13 @@ def _sog_vmap(adapter, prepared, r, c, target, progress, phi, attribution, times
                                          retain_graph=True, allow_unused=True)
             else:
                 h = None
-            h = torch.zeros(k, *xc.shape, dtype=xc.dtype) if h is None else h.reshape(k, *xc.shape)
+            h = xc.new_zeros(k, *xc.shape) if h is None else h.reshape(k, *xc.shape)
             if times_input:
                 h = h * (xc - prepared.baseline[c])
             rows.append(adapter.modalities[c].pool(h.detach(), xc, ic))
             report(progress, s + k, n_rows, "second-order gradients")
-    return torch.cat(rows).double().cpu().numpy(), 1, 1 + n_rows
+    # the second backward passes run only where the attributions depend on the inputs
+    return torch.cat(rows).double().cpu().numpy(), 1, 1 + (n_rows if a_u.requires_grad else 0)
 
 
 def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, times_input,
@@ -164,7 +184,7 @@ def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, 
     wr = (xr - prepared.baseline[r]) if attribution == "grad_x_input" else None
     wc = (xc - prepared.baseline[c]) if times_input else None
     n_rows = prepared.n_units[r]
-    rows = []
+    rows, backwards = [], 0
     report(progress, 0, n_rows, "second-order gradients")
     for s in range(0, n_rows, batch_size):
         k = min(batch_size, n_rows - s)
@@ -172,22 +192,25 @@ def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, 
         xc_b = xc.detach().unsqueeze(0).repeat(k, *([1] * xc.dim())).requires_grad_(True)
         with torch.enable_grad():
             f = adapter.scalar(prepared, {r: xr_b, c: xc_b}, target)
-            g, = torch.autograd.grad(f.sum(), xr_b, create_graph=True)
-            if wr is not None:
-                g = g * wr
-            a_u = (g * _own_units(ir, s, k, g.dtype)).reshape(k, -1).sum(1)  # row i: unit s + i
-            if phi == "abs":
-                a_u = a_u.abs()
+            g = _first_gradient(f, xr_b)
+            backwards += k if f.requires_grad else 0
             h = None
-            if a_u.requires_grad:
-                h, = torch.autograd.grad(a_u.sum(), xc_b, allow_unused=True)
+            if g is not None:                        # else no path from x_r: no interaction
+                if wr is not None:
+                    g = g * wr
+                a_u = (g * _own_units(ir, s, k, g.dtype)).reshape(k, -1).sum(1)  # row i: unit s + i
+                if phi == "abs":
+                    a_u = a_u.abs()
+                if a_u.requires_grad:
+                    h, = torch.autograd.grad(a_u.sum(), xc_b, allow_unused=True)
+                    backwards += k
         if h is None:                                        # no path from x_c: no interaction
             h = torch.zeros_like(xc_b)
         if wc is not None:
             h = h * wc
         rows.append(adapter.modalities[c].pool(h.detach(), xc, ic))
         report(progress, s + k, n_rows, "second-order gradients")
-    return torch.cat(rows).double().cpu().numpy(), n_rows, 2 * n_rows
+    return torch.cat(rows).double().cpu().numpy(), n_rows, backwards
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +328,7 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
                          f"{list(SHAPLEY_INDICES)}.")
     budget = positive_int(budget, "budget", 4)
     batch_size = positive_int(batch_size, "batch_size")
+    seed = positive_int(seed, "seed", 0)
     import shapiq
     ua, ub = prepared.n_units[a], prepared.n_units[b]
     pa, pb = np.arange(ua), np.arange(ub)
@@ -324,6 +348,8 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
             pa, pb = _top_units(occ[a], min(ka, ua)), _top_units(occ[b], min(kb, ub))
     na, nb = len(pa), len(pb)
     n = na + nb
+    exact = n <= EXACT_MAX_PLAYERS and 2 ** n <= budget
+    total = 2 ** n if exact else budget                # coalitions the game is asked for
     evaluated = [0]
 
     def game(coalitions: np.ndarray) -> np.ndarray:
@@ -333,10 +359,9 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         mb[:, torch.from_numpy(pb)] = z[:, na:]
         out = evaluate_masks(adapter, prepared, {a: ma, b: mb}, target, batch_size)
         evaluated[0] += z.shape[0]
-        report(progress, min(evaluated[0], budget), budget, "Shapley coalitions")
+        report(progress, min(evaluated[0], total), total, "Shapley coalitions")
         return out.double().cpu().numpy()
 
-    exact = n <= EXACT_MAX_PLAYERS and 2 ** n <= budget
     underdetermined = False
     if exact:
         approximator = "ExactComputer"
@@ -361,6 +386,8 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
             if _takes_batch_size(ap):              # permutations evaluated per game call
                 kw["batch_size"] = max(1, batch_size // max(1, getattr(ap, "iteration_cost", 1)))
             iv = ap.approximate(budget=budget, game=game, **kw)
+    if evaluated[0] < total:            # permutation sampling stops at whole permutations
+        report(progress, total, total, "Shapley coalitions")
     lookup = iv.interaction_lookup
     values = np.asarray(iv.values, dtype=np.float64)
     m = np.zeros((ua, ub))
@@ -396,7 +423,7 @@ def interaction(adapter: ModelAdapter, instance, method: str = "second_order", m
     masked inputs or gradients the method needs) are not finite.
     """
     check_adapter(adapter, "interaction")
-    if method not in INTERACTION_METHODS:
+    if not isinstance(method, str) or method not in INTERACTION_METHODS:
         raise ValueError(f"Unknown interaction method {method!r}; choose one of "
                          f"{list(INTERACTION_METHODS)}.")
     a, b = modality_pair(adapter, modalities)

@@ -1,0 +1,230 @@
+"""Stage-2 per-instance kernels: regressions found by a bug hunt (second-order gradients on
+models without a path, metadata under the side swap, Shapley progress, argument checks, DIME's
+independence of the order of its modalities)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from multiviz_widgets import ModelAdapter, MultimodalDataset, Tabular, Text, TimeSeries
+from multiviz_widgets.kernels.interactions import dime, interaction
+
+VOCAB = ["[PAD]", "[UNK]", "what", "shape", "is", "the", "red", "circle"]
+
+
+def _seeded(module: nn.Module, seed: int, scale: float = 0.6) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return module.eval()
+
+
+def _modalities():
+    # tabular: 4 units, series: 8 steps / window 4 x 2 channels = 4 units; "single": 1 unit
+    return [Tabular("tabular", columns=["c0", "c1", "c2", "c3"]),
+            TimeSeries("series", window=4, channels=["x", "y"])]
+
+
+def _instance(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"tabular": torch.randn(4, generator=g), "series": torch.randn(8, 2, generator=g)}
+
+
+class IgnoresSeries(nn.Module):
+    """Reads the tabular columns only: no path from the series to the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 2)
+        _seeded(self, 0)
+
+    def forward(self, tabular, series):
+        return self.head(torch.tanh(self.t(tabular)))
+
+
+class Constant(nn.Module):
+    """An output that depends on no input at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(1, 2)
+
+    def forward(self, tabular, series):
+        return self.head(torch.ones(len(tabular), 1))
+
+
+class Fusion(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        self.t = nn.Linear(4, 5)
+        self.s = nn.Linear(16, 5)
+        self.head = nn.Linear(5, 3)
+        _seeded(self, seed)
+
+    def forward(self, tabular, series):
+        a = torch.tanh(self.t(tabular))
+        b = torch.tanh(self.s(series.flatten(1)))
+        return self.head(torch.tanh(a * b + a))
+
+
+# ---------------------------------------------------------------------------------------------
+# second-order gradients on a side the model ignores
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", [IgnoresSeries, Constant])
+@pytest.mark.parametrize("mode", ["auto", "vmap", "replicate"])
+@pytest.mark.parametrize("pair", [("tabular", "series"), ("series", "tabular")])
+@pytest.mark.parametrize("phi", ["identity", "abs"])
+def test_sog_of_a_side_without_a_path_is_zero_not_an_error(model, mode, pair, phi):
+    """Contracting the ignored side used to raise torch's "The differentiated Tensor ... appears
+    to not have been used in the graph" (in every mode; auto retried replicate and failed again)."""
+    adapter = ModelAdapter(model(), _modalities(), ["k0", "k1"], decision_layer="head")
+    r = interaction(adapter, _instance(), "second_order", modalities=pair, target=0, mode=mode,
+                    phi=phi, batch_size=3)
+    assert r.matrix.shape == (4, 4)
+    assert np.all(r.matrix == 0)
+    assert r.params["mode"] == ("vmap" if mode == "auto" else mode)
+
+
+def test_sog_backward_count_is_what_was_run():
+    """With no path from the contracted side there is no second derivative to take: no second
+    backward passes are run, and the result says so."""
+    adapter = ModelAdapter(IgnoresSeries(), _modalities(), ["k0", "k1"], decision_layer="head")
+    pair = ("series", "tabular")
+    r = interaction(adapter, _instance(), "second_order", modalities=pair, target=0, mode="vmap")
+    assert r.params["contracted"] == "series"
+    assert r.forward_passes == 1 and r.backward_passes == 1
+    r = interaction(adapter, _instance(), "second_order", modalities=pair, target=0,
+                    mode="replicate")
+    assert r.forward_passes == 4 and r.backward_passes == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# params under the side swap
+# ---------------------------------------------------------------------------------------------
+class TextTab(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        self.emb = nn.Embedding(len(VOCAB), 3)
+        self.q = nn.Linear(3, 4)
+        self.t = nn.Linear(2, 4)
+        self.head = nn.Linear(4, 2)
+        _seeded(self, seed)
+
+    def forward(self, tabular, question):
+        q = torch.tanh(self.q(self.emb(question))).sum(1)
+        return self.head(torch.tanh(q * torch.tanh(self.t(tabular)) + q))
+
+
+def test_sog_params_describe_the_rows_and_columns_also_when_the_sides_are_swapped():
+    """Rows: 5 tokens, columns: 2 columns, so the columns are contracted. The params used to
+    describe the contracted side (attribution="gradient" for the tokens' columns...): passed back
+    with the same modalities they gave another matrix."""
+    adapter = ModelAdapter(TextTab(), [Tabular("tabular", columns=["u", "v"]),
+                                       Text("question", vocab=VOCAB)], ["no", "yes"])
+    inst = {"tabular": [0.5, -1.0], "question": "what is the red circle"}
+    r = interaction(adapter, inst, "second_order", modalities=("question", "tabular"), target=1)
+    assert r.params["contracted"] == "tabular"
+    # tokens (rows) move along their embedding, the columns along the indicator
+    assert r.params["attribution"] == "grad_x_input" and r.params["times_input"] is False
+    again = interaction(adapter, inst, "second_order", modalities=("question", "tabular"),
+                        target=1, attribution=r.params["attribution"],
+                        times_input=r.params["times_input"], phi=r.params["phi"])
+    np.testing.assert_allclose(again.matrix, r.matrix, rtol=1e-5, atol=1e-7)
+    # and the other way round: rows = columns of the table (contracted, not swapped)
+    r2 = interaction(adapter, inst, "second_order", modalities=("tabular", "question"), target=1)
+    assert r2.params["attribution"] == "gradient" and r2.params["times_input"] is True
+    np.testing.assert_allclose(r2.matrix, r.matrix.T, rtol=1e-5, atol=1e-7)
+    # an explicit symmetric choice that swaps: the params still name side a's attribution
+    r3 = interaction(adapter, inst, "second_order", modalities=("question", "tabular"),
+                     target=1, attribution="grad_x_input", times_input=False)
+    assert r3.params["attribution"] == "grad_x_input" and not r3.params["times_input"]
+    np.testing.assert_allclose(r3.matrix, r.matrix, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapley progress
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [4096, 100])
+def test_shapley_progress_ends_at_its_total_and_never_passes_it(budget):
+    """Exact (2^8 coalitions of a budget of 4096) or permutation sampling (whole permutations
+    short of the budget): progress stopped at 256 / 4096 or 89 / 100."""
+    adapter = ModelAdapter(Fusion(), _modalities(), ["a", "b", "c"])
+    calls = []
+    r = interaction(adapter, _instance(), "shapley", budget=budget, target=0,
+                    progress=lambda d, n, m: calls.append((d, n)))
+    assert r.params["approximator"] == ("ExactComputer" if budget == 4096
+                                        else "PermutationSamplingSII")
+    assert calls and calls[-1][0] == calls[-1][1]
+    assert all(0 <= d <= n for d, n in calls)
+    assert all(b[0] >= a[0] for a, b in zip(calls, calls[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------
+def _ds(n=6):
+    items = [_instance(i) for i in range(n)]
+    return MultimodalDataset({"tabular": [x["tabular"] for x in items],
+                              "series": [x["series"] for x in items]})
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "0", None, True])
+def test_a_bad_seed_is_a_clear_error(seed):
+    adapter = ModelAdapter(Fusion(), _modalities(), ["a", "b", "c"])
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        interaction(adapter, _instance(), "shapley", budget=64, seed=seed, target=0)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        dime(adapter, _ds(), 0, reference_indices=[1, 2], n_samples=4, seed=seed)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0.0, "False"])
+def test_sog_times_input_must_be_a_bool(value):
+    adapter = ModelAdapter(Fusion(), _modalities(), ["a", "b", "c"])
+    with pytest.raises(ValueError, match="times_input must be None, True or False"):
+        interaction(adapter, _instance(), "second_order", times_input=value, target=0)
+
+
+@pytest.mark.parametrize("method", [["second_order"], {"shapley": 1}, 3])
+def test_a_method_that_is_not_a_name_is_a_clear_error(method):
+    adapter = ModelAdapter(Fusion(), _modalities(), ["a", "b", "c"])
+    with pytest.raises(ValueError, match="Unknown interaction method"):
+        interaction(adapter, _instance(), method)
+
+
+def test_dime_refuses_unknown_lime_params_before_running_the_model():
+    calls = []
+
+    class Counting(Fusion):
+        def forward(self, tabular, series):
+            calls.append(len(tabular))
+            return super().forward(tabular, series)
+
+    adapter = ModelAdapter(Counting(), _modalities(), ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"unknown parameters \['kernel'\].*kernel_width"):
+        dime(adapter, _ds(), 0, reference_indices=[1, 2], n_samples=4, target=0, kernel=0.5)
+    assert calls == []
+    r = dime(adapter, _ds(), 0, reference_indices=[1, 2], n_samples=4, target=0,
+             kernel_width=0.5)
+    assert r.params["kernel_width"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# DIME is symmetric in its pair
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("factorized", [None, False])
+def test_dime_scores_do_not_depend_on_the_order_of_the_modalities(factorized):
+    """DIME's UC and MI are symmetric in the two modalities; the LIME design used to be drawn
+    over the units in the order the pair was named, so (b, a) gave other scores than (a, b)."""
+    adapter = ModelAdapter(Fusion(2), _modalities(), ["a", "b", "c"])
+    kw = dict(reference_indices=[1, 2, 3, 4], n_samples=16, target=1, factorized=factorized)
+    ab = dime(adapter, _ds(), 0, **kw)
+    ba = dime(adapter, _ds(), 0, modalities=("series", "tabular"), **kw)
+    assert ba.modalities == ("series", "tabular") and list(ba.uc) == ["series", "tabular"]
+    assert ba.uc_value == pytest.approx(ab.uc_value, abs=1e-6)
+    for m in adapter.names:
+        np.testing.assert_allclose(ba.uc[m], ab.uc[m], atol=1e-6)
+        np.testing.assert_allclose(ba.mi[m], ab.mi[m], atol=1e-6)
