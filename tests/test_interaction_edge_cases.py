@@ -228,3 +228,18 @@ def test_dime_scores_do_not_depend_on_the_order_of_the_modalities(factorized):
     for m in adapter.names:
         np.testing.assert_allclose(ba.uc[m], ab.uc[m], atol=1e-6)
         np.testing.assert_allclose(ba.mi[m], ab.mi[m], atol=1e-6)
+
+
+def test_times_input_none_moves_side_b_along_its_own_direction_whatever_the_attribution():
+    """times_input=None means side b's own direction (x - baseline for embedded tokens) also when
+    side a's attribution is given explicitly; it used to sum the token's coordinates then."""
+    from multiviz_widgets.demos import easy_vqa
+    adapter, dataset = easy_vqa.load_adapter(), easy_vqa.load_dataset("test")
+    inst = dataset[0]
+    kw = dict(modalities=("image", "question"), attribution="gradient")
+    default = interaction(adapter, inst, "second_order", **kw)
+    explicit = interaction(adapter, inst, "second_order", times_input=True, **kw)
+    summed = interaction(adapter, inst, "second_order", times_input=False, **kw)
+    np.testing.assert_allclose(default.matrix, explicit.matrix, rtol=1e-6, atol=1e-9)
+    assert not np.allclose(default.matrix, summed.matrix)
+    assert default.params["times_input"] is True

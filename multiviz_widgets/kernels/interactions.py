@@ -91,6 +91,8 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
     auto = attribution == "auto" and times_input is None
     if attribution == "auto" and not auto:
         attribution = "grad_x_input" if adapter.modalities[a].weigh_units_by_input else "gradient"
+    if times_input is None and not auto:         # side b along its own direction, as by default
+        times_input = phi == "identity" and adapter.modalities[b].weigh_units_by_input
     symmetric = phi == "identity" and (auto or (attribution == "grad_x_input") == bool(times_input))
     swap = symmetric and ub < ua
     r, c = (b, a) if swap else (a, b)
