@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..adapter import ModelAdapter, Target
-from ..data import MultimodalDataset
+from ..data import MultimodalDataset, _labels
 from ..progress import ProgressFn, report
 from ..results import Result, Stopwatch
 from ..checks import positive_int
@@ -136,6 +136,8 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     traces and the check passes, else N^2 full forward passes (``params["factorization"]``
     says which was used and why). True: declared or traced, an error if neither works.
     False: full forward passes.
+
+    A pair whose output is NaN or infinite is a ValueError naming it (EMAP would not be finite).
     """
     check_adapter(adapter, "emap")
     batch_size = positive_int(batch_size, "batch_size")
@@ -178,6 +180,8 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
                     done += len(i)
                     report(progress, done, total, "EMAP pairs")
             sums.append(acc)
+            if acc.not_finite is not None:
+                _raise_not_finite(acc, m, [x for x in names if x != m], idx)
         logits = sums[0].diagonal.numpy()
         grand = np.mean([a.row_sums.sum(0).numpy() for a in sums], axis=0) / (n * n)
         unimodal = {m: a.row_sums.numpy() / n - grand for m, a in zip(groups, sums)}
@@ -203,6 +207,25 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
                       output_names=out_names)
 
 
+def _raise_not_finite(acc: "_PairSums", side: str, others: Sequence[str],
+                      idx: np.ndarray) -> None:
+    """The clear error for pairs (``side`` of instance i, ``others`` of instance j) whose output
+    is NaN or infinite (an instance itself when its own output is): EMAP's averages would not be
+    finite (stage 2 never returns NaN)."""
+    i, j, value = acc.not_finite
+    own = (~torch.isfinite(acc.diagonal)).any(1).nonzero()
+    if len(own):
+        i = j = int(own[0, 0])
+        value = float(acc.diagonal[i][~torch.isfinite(acc.diagonal[i])][0])
+    where = (f"on instance {int(idx[i])} itself" if i == j else
+             f"with {side!r} of instance {int(idx[i])} and {', '.join(map(repr, others))} of "
+             f"instance {int(idx[j])}")
+    raise ValueError(
+        f"emap: the model produced NaN or infinite values ({value}) {where}, so EMAP's averages "
+        "would not be finite (NaN results are never returned). Leave the instances where the "
+        "model is not finite out of the set (indices=...), or make the model finite there.")
+
+
 #: emap keeps its N x N x K pair matrix by default up to this size (bytes).
 KEPT_MATRIX_BYTES = 512 * 2**20
 
@@ -219,6 +242,8 @@ class _PairSums:
     def __init__(self, n: int, keep: bool):
         self.n, self.keep = n, keep
         self.row_sums = self.column_sums = self.diagonal = self._matrix = None
+        #: (i, j, value) of the first pair whose output is NaN or infinite, else None
+        self.not_finite: tuple[int, int, float] | None = None
 
     def add(self, i: torch.Tensor, j: torch.Tensor, values: torch.Tensor) -> None:
         """Pairs (i, j) [B] (in any order, each pair once) and their outputs [B, K]."""
@@ -231,6 +256,11 @@ class _PairSums:
             self.diagonal = torch.zeros(shape, dtype=torch.float64)
             if self.keep:
                 self._matrix = torch.empty(self.n * self.n, v.shape[1], dtype=torch.float64)
+        if self.not_finite is None:
+            finite = torch.isfinite(v)
+            if not bool(finite.all()):
+                k = int((~finite.all(1)).nonzero()[0, 0])
+                self.not_finite = (int(i[k]), int(j[k]), float(v[k][~finite[k]][0]))
         self.row_sums.index_add_(0, i, v)
         self.column_sums.index_add_(0, j, v)
         own = i == j
@@ -287,10 +317,22 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset, indices: Sequenc
     ``gap_predictions`` (1 - agreement of argmax fhat with the model's predictions) and, when the
     dataset has labels, ``accuracy_model``, ``accuracy_emap`` and ``gap_labels``; ``gap`` is the
     label gap when labels exist, else the prediction gap (fractions; ``gap_points`` = 100 gap).
+    The labels are checked (class indices 0..C-1, one per instance), and a model with one output
+    is refused: the argmax of one column says nothing.
     """
     check_adapter(adapter, "emap_gap")
     if not isinstance(dataset, MultimodalDataset):
         raise ValueError(f"emap_gap needs a MultimodalDataset, got {type(dataset).__name__}.")
+    _check_classes(adapter.n_classes, adapter.class_names, "emap_gap")
+    labels = None
+    if dataset.labels is not None:
+        # checked again here: labels may have been set after the dataset was built
+        labels = _labels(dataset.labels, len(dataset))
+        if len(labels) and labels.max() >= adapter.n_classes:
+            raise ValueError(
+                f"emap_gap: the dataset's labels hold class index {int(labels.max())}, but the "
+                f"model has {adapter.n_classes} classes ({adapter.class_names}); labels are class "
+                "indices 0..C-1 in the order of the adapter's class_names.")
     if indices is None:
         idx = sample_indices(len(dataset), None if n is None else positive_int(n, "n", 2), seed)
     else:
@@ -302,8 +344,8 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset, indices: Sequenc
            "agreement": float((pred == pred_hat).mean()),
            "gap_predictions": float(1.0 - (pred == pred_hat).mean()),
            "forward_passes": r.forward_passes, "seconds": r.seconds}
-    if dataset.labels is not None:
-        y = dataset.labels[idx]
+    if labels is not None:
+        y = labels[idx]
         out["accuracy_model"] = float((pred == y).mean())
         out["accuracy_emap"] = float((pred_hat == y).mean())
         out["gap_labels"] = out["accuracy_model"] - out["accuracy_emap"]
@@ -315,6 +357,16 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset, indices: Sequenc
 # --------------------------------------------------------------------------------------------
 # interaction type (M2Lens vocabulary)
 # --------------------------------------------------------------------------------------------
+def _check_classes(k: int, names: Sequence[str], what: str) -> None:
+    """A clear error when the outputs have one column: their argmax is always 0, so predictions
+    (and agreement with them) would say nothing."""
+    if k < 2:
+        raise ValueError(
+            f"{what} compares predicted classes (the argmax of the logits), but the model has one "
+            f"output ({list(names)}), whose argmax is always 0. For a binary model returning one "
+            "logit z, return torch.stack([-z, z], 1) with class_names=[negative, positive].")
+
+
 def _margin(v: np.ndarray, c: int) -> float:
     others = np.delete(v, c)
     return float(v[c] - others.max()) if len(others) else float(v[c])
@@ -357,6 +409,7 @@ def interaction_types(result: EmapResult, class_names: Sequence[str] | None = No
         raise ValueError("Interaction types label the predicted class: compute the EMAP with a "
                          "class target (or None), not a neuron.")
     names = list(class_names) if class_names is not None else list(result.output_names)
+    _check_classes(np.shape(result.logits)[1], names, "interaction_types")
     return [_label(result.logits[i], {m: u[i] for m, u in result.unimodal.items()},
                    result.grand_mean, names) for i in range(len(result.logits))]
 
@@ -380,6 +433,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     two modalities (M N^2 + M N + 1 for M > 2).
     """
     check_adapter(adapter, "interaction_type")
+    _check_classes(adapter.n_classes, adapter.class_names, "interaction_type")
     if reference is None:
         raise ValueError("interaction_type needs a reference set for EMAP's averages: pass "
                          "reference=a MultimodalDataset, a list of instances or an EmapResult.")
@@ -444,5 +498,17 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
         done += n
         report(progress, done, total, "interaction type: unimodal parts")
     logits = adapter.forward(own)[0].double().cpu().numpy()
+    # the reference pairs first: a part is not finite whenever the grand mean is not
+    bad = [what for what, v in [("pairs of the reference instances", grand),
+                                ("the instance itself", logits),
+                                *((f"the instance's {m!r} with the references' other modalities",
+                                   parts[m]) for m in names)]
+           if not np.isfinite(v).all()]
+    if bad:
+        raise ValueError(
+            f"interaction_type: the model produced NaN or infinite values on {bad[0]}, so EMAP's "
+            "averages would not be finite (NaN results are never returned). Leave the instances "
+            "where the model is not finite out of the reference set, or make the model finite "
+            "there.")
     report(progress, total, total, "interaction type")
     return _label(logits, parts, grand, adapter.class_names) | {"reference_size": n}

@@ -147,7 +147,9 @@ def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side:
             deps[node] = frozenset().union(*(deps[i] for i in node.all_input_nodes))
     output = next(n for n in graph.nodes if n.op == "output")
     if len(deps[output]) < 2:
-        raise FactorizationError(f"the output never combines {side!r} with the other modalities")
+        raise FactorizationError(f"the output never combines {side!r} with the other modalities "
+                                 "(or only through in-place operations, which the split cannot "
+                                 "follow)")
     frontier = [n for n in graph.nodes
                 if len(deps[n]) == 1 and n.op != "output"
                 and any(u.op == "output" or len(deps[u]) == 2 for u in n.users)]

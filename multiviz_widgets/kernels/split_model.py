@@ -27,12 +27,18 @@ from ..adapter import AdapterError, ModelAdapter, check_inputs_kept, input_versi
 from .common import ShapeGroups, merge_groups
 from .factorize import FactorizationError, reject_factorization, trace_factorization
 
-__all__ = ["CHECKED_PAIRS", "Encodings", "FusedPairs", "Split", "check_factorized",
-           "model_split", "same_or_reject", "with_split"]
+__all__ = ["CHECKED_PAIRS", "Encodings", "FusedPairs", "NoDecisionLayerInFusion", "Split",
+           "check_factorized", "model_split", "same_or_reject", "with_split"]
 
 
 #: off-diagonal pairs (i, i + 1) compared with plain forward passes before fused pairs are used
 CHECKED_PAIRS = 8
+
+
+class NoDecisionLayerInFusion(FactorizationError):
+    """The decision layer is not called by the split's fusion (it runs in an encoder, say): fused
+    pairs give the logits but not the decision features a neuron target reads. A limit of the
+    split for neuron targets only, never remembered as a rejection of the split."""
 
 
 @dataclass
@@ -64,6 +70,12 @@ def with_split(adapter: ModelAdapter, factorized, side: str, build: Callable[[Sp
         return None, "none", why
     try:
         return build(split), split.kind, split.note
+    except NoDecisionLayerInFusion as e:
+        # the split holds (class targets keep it): only this neuron target cannot use it, so
+        # the rejection is not remembered, and factorized=None falls back for a declared split too
+        if factorized is not None:
+            raise
+        return None, "none", f"split not used for this neuron target: {e}"
     except FactorizationError as e:
         if factorized is not None or split.kind == "declared":
             raise
@@ -178,8 +190,10 @@ class FusedPairs:
                 try:
                     logits, h = self.adapter.run(lambda: self.split.fuse(rows), features=True)
                 except AdapterError:
-                    raise FactorizationError("the decision layer is not called where the "
-                                             "modalities meet") from None
+                    raise NoDecisionLayerInFusion(
+                        "the decision layer is not called where the modalities meet, so fused "
+                        "pairs cannot give a neuron target; pass factorized=False (or None) for "
+                        "neuron targets of this model") from None
             else:
                 logits, h = self.adapter.run(lambda: self.split.fuse(rows)), None
             # the same logits as a forward pass gives ([B] with one class name becomes [B, 1])
@@ -217,10 +231,18 @@ class FusedPairs:
 
 
 def same_or_reject(split: Split, got: torch.Tensor, direct: torch.Tensor) -> None:
-    tol = 1e-4 * max(1.0, float(direct.abs().max()))
-    if not torch.allclose(got, direct, atol=tol, rtol=1e-4):
+    """Raise FactorizationError unless the fused outputs ``got`` equal the forward passes'
+    ``direct``. NaN and infinities must sit at the same places in both (a model that is not
+    finite on some inputs says nothing against its split: its callers refuse non-finite
+    results); the tolerance scales with the largest finite output."""
+    finite = torch.isfinite(direct)
+    scale = float(direct[finite].abs().max()) if bool(finite.any()) else 0.0
+    tol = 1e-4 * max(1.0, scale)
+    close = torch.isclose(got, direct, atol=tol, rtol=1e-4, equal_nan=True)
+    if not bool(close.all()):
         how = ("encode_modality/fuse_encodings disagree" if split.kind == "declared"
                else "traced split (kernels.factorize) disagrees")
         raise FactorizationError(
             f"The model's {how} with its forward pass (largest difference "
-            f"{float((got - direct).abs().max()):.3g}); fix them or pass factorized=False.")
+            f"{float((got - direct)[~close].abs().max()):.3g}); fix them or pass "
+            "factorized=False.")

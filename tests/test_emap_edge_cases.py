@@ -1,0 +1,204 @@
+"""EMAP, the EMAP gap, interaction types and the split model: bugs found by a hunt, each pinned.
+
+* a neuron target whose decision layer runs outside the fusion used to get the split rejected
+  for good (class targets of the model then lost it too), and a declared split raised;
+* a model that is NaN or infinite on some instances got its (correct) split rejected for good
+  and EMAP returned NaN (emap_gap and interaction_type then gave made-up labels);
+* an infinite output made the split check's tolerance infinite, so any split passed;
+* emap_gap read labels set after the dataset was built without checking them;
+* one-output models got an EMAP gap of 0 and 'complement' labels (argmax of one column).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from multiviz_widgets import ModelAdapter, MultimodalDataset, Neuron
+from multiviz_widgets.kernels.factorize import FactorizationError
+from multiviz_widgets.kernels.interactions import (emap, emap_gap, interaction_type,
+                                                   interaction_types)
+from multiviz_widgets.kernels.split_model import Split, same_or_reject
+from tests.test_emap_lengths import assert_emap_is_brute, brute_emap
+from tests.test_factorize import MODALITIES, Bilinear, OneLogit, _seeded, instances
+
+
+def dataset(items, labels=None):
+    return MultimodalDataset({k: [it[k] for it in items] for k in items[0]}, labels=labels)
+
+
+# -- neuron targets whose decision layer is not in the fusion ---------------------------------
+class HeadFirst(nn.Module):
+    """The decision layer reads the tabular side only; the series gates its output afterwards:
+    the split holds, but fused pairs never call the decision layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.t, self.s, self.head = nn.Linear(4, 5), nn.Linear(16, 3), nn.Linear(5, 3)
+        _seeded(self)
+
+    def forward(self, tabular, series):
+        return self.head(torch.tanh(self.t(tabular))) * torch.tanh(self.s(series.flatten(1)))
+
+
+class DeclaredHeadFirst(HeadFirst):
+    def encode_modality(self, name, x):
+        return (self.head(torch.tanh(self.t(x))) if name == "tabular"
+                else torch.tanh(self.s(x.flatten(1))))
+
+    def fuse_encodings(self, enc):
+        return enc["tabular"] * enc["series"]
+
+
+def test_a_neuron_target_outside_the_fusion_does_not_reject_the_split_for_classes():
+    adapter = ModelAdapter(HeadFirst(), MODALITIES, ["a", "b", "c"], decision_layer="head")
+    items = instances(5)
+    r = emap(adapter, items, target=Neuron(1), keep_matrix=True)
+    assert r.params["factorization"] == "none" and "neuron target" in r.params["factorization_note"]
+    assert_emap_is_brute(r, brute_emap(adapter, items, Neuron(1)))
+    again = emap(adapter, items)                      # class targets keep the traced split
+    assert again.params["factorization"] == "traced", again.params
+    assert_emap_is_brute(again, brute_emap(adapter, items))
+
+
+def test_a_declared_split_falls_back_for_a_neuron_target_it_cannot_give():
+    adapter = ModelAdapter(DeclaredHeadFirst(), MODALITIES, ["a", "b", "c"], decision_layer="head")
+    items = instances(4)
+    r = emap(adapter, items, target=Neuron(0))       # factorized=None: used to raise
+    assert r.params["factorization"] == "none"
+    assert_emap_is_brute(r, brute_emap(adapter, items, Neuron(0)))
+    assert emap(adapter, items).params["factorization"] == "declared"
+    with pytest.raises(ValueError, match="factorized=False"):
+        emap(adapter, items, target=Neuron(0), factorized=True)
+
+
+# -- models that are not finite on some instances ----------------------------------------------
+class SqrtModel(nn.Module):
+    """NaN for an instance whose tabular values sum below zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(1, 2)
+        _seeded(self)
+
+    def forward(self, tabular, series):
+        v = torch.sqrt(tabular.sum(1, keepdim=True))
+        return self.head(v * series.flatten(1).sum(1, keepdim=True))
+
+
+def _sqrt_items():
+    g = torch.Generator().manual_seed(0)
+    good = [{"tabular": torch.rand(4, generator=g) + 0.1, "series": torch.randn(8, 2, generator=g)}
+            for _ in range(4)]
+    bad = good[:3] + [{"tabular": -torch.rand(4, generator=g) - 0.1,
+                       "series": torch.randn(8, 2, generator=g)}]
+    return good, bad
+
+
+def test_non_finite_outputs_are_a_clear_error_and_leave_the_split_alone():
+    adapter = ModelAdapter(SqrtModel(), MODALITIES, ["n", "p"])
+    good, bad = _sqrt_items()
+    with pytest.raises(ValueError, match=r"emap: the model produced NaN or infinite values "
+                                         r"\(nan\) on instance 3 itself"):
+        emap(adapter, bad)
+    with pytest.raises(ValueError, match="on instance 7 itself"):      # dataset numbering
+        emap(adapter, dataset(bad + bad), indices=[0, 1, 7])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        emap(adapter, bad, factorized=False)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        emap_gap(adapter, dataset(bad, [0, 1, 0, 1]), n=None)
+    with pytest.raises(ValueError, match="interaction_type: the model produced NaN"):
+        interaction_type(adapter, good[0], bad)
+    r = emap(adapter, good)             # the split was not rejected because of the NaN
+    assert r.params["factorization"] == "traced", r.params
+    assert np.isfinite(r.emap_logits).all()
+
+
+def test_non_finite_cross_pairs_are_named():
+    """Every instance finite on its own, one pair (tabular of 0, series of 1) not."""
+
+    class Ratio(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(1, 2)
+            _seeded(self)
+
+        def forward(self, tabular, series):
+            return self.head(tabular[:, :1] / (series[:, 0, :1] - tabular[:, 1:2]))
+
+    adapter = ModelAdapter(Ratio(), MODALITIES, ["n", "p"])
+    items = [{"tabular": torch.tensor([1.0, 0.0, 0, 0]), "series": torch.full((8, 2), 2.0)},
+             {"tabular": torch.tensor([1.0, 2.0, 0, 0]), "series": torch.full((8, 2), 0.0)}]
+    with pytest.raises(ValueError, match="with 'tabular' of instance 0 and 'series' of instance 1"):
+        emap(adapter, items)
+
+
+def test_an_infinite_output_does_not_make_every_split_pass_the_check():
+    split = Split("traced", "tabular", lambda raw: (), (), lambda rows: None)
+    direct = torch.tensor([[1.0, float("inf")], [2.0, 3.0]], dtype=torch.float64)
+    with pytest.raises(FactorizationError, match="largest difference 5"):
+        same_or_reject(split, direct + torch.tensor([[5.0, 0.0], [0.0, 0.0]]), direct)
+    same_or_reject(split, direct.clone(), direct)                   # the same numbers pass
+    nan = torch.tensor([[float("nan"), 1.0]], dtype=torch.float64)
+    same_or_reject(split, nan.clone(), nan)                         # NaN where the model is NaN
+    with pytest.raises(FactorizationError):
+        same_or_reject(split, torch.tensor([[1.0, 1.0]], dtype=torch.float64), nan)
+
+
+# -- emap_gap's labels and one-output models -----------------------------------------------------
+def test_emap_gap_checks_labels_set_after_the_dataset_was_built():
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    ds = dataset(instances(6), [0, 1, 2, 0, 1, 2])
+    want = emap_gap(adapter, ds, n=None)
+    ds.labels = [0, 1, 2, 0, 1, 2]                     # a list, not the checked array
+    assert emap_gap(adapter, ds, n=None)["accuracy_model"] == want["accuracy_model"]
+    ds.labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert emap_gap(adapter, ds, n=None)["accuracy_model"] == want["accuracy_model"]
+    ds.labels = ["a", "b", "c", "a", "b", "c"]
+    with pytest.raises(TypeError, match="labels must be integers"):
+        emap_gap(adapter, ds, n=None)
+    ds.labels = [0, 1, 2]
+    with pytest.raises(ValueError, match="labels has 3 entries for 6 instances"):
+        emap_gap(adapter, ds, n=None)
+    ds.labels = [0, 1, 2, 0, 1, 7]
+    with pytest.raises(ValueError, match="class index 7, but the model has 3 classes"):
+        emap_gap(adapter, ds, n=None)
+
+
+def test_one_output_models_get_no_gap_or_labels_from_an_argmax_of_one_column():
+    adapter = ModelAdapter(OneLogit(), MODALITIES, ["yes"], decision_layer="head")
+    items = instances(5)
+    ds = dataset(items, [0, 1, 0, 1, 0])
+    with pytest.raises(ValueError, match=r"one output.*torch.stack\(\[-z, z\], 1\)"):
+        emap_gap(adapter, ds, n=None)
+    r = emap(adapter, items)                           # EMAP itself is fine: one logit
+    assert r.emap_logits.shape == (5, 1)
+    with pytest.raises(ValueError, match="argmax is always 0"):
+        interaction_types(r)
+    with pytest.raises(ValueError, match="argmax is always 0"):
+        interaction_type(adapter, items[0], items)
+
+
+# -- the traced split's message for sides that meet only in place --------------------------------
+class InPlaceMix(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t, self.s, self.head = nn.Linear(4, 5), nn.Linear(16, 5), nn.Linear(10, 3)
+        _seeded(self)
+
+    def forward(self, tabular, series):
+        a, b = torch.tanh(self.t(tabular)), torch.tanh(self.s(series.flatten(1)))
+        c = a.clone()
+        c.add_(b)                   # the only place the modalities meet: in place
+        return self.head(torch.cat([a * 2, c], 1))
+
+
+def test_sides_that_meet_only_in_place_fall_back_and_say_so():
+    adapter = ModelAdapter(InPlaceMix(), MODALITIES, ["a", "b", "c"])
+    items = instances(4)
+    r = emap(adapter, items, keep_matrix=True)
+    assert r.params["factorization"] == "none" and "in-place" in r.params["factorization_note"]
+    assert_emap_is_brute(r, brute_emap(adapter, items))
+    with pytest.raises(ValueError, match="in-place operations"):
+        emap(adapter, items, factorized=True)
