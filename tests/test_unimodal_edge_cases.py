@@ -1,0 +1,198 @@
+"""Regression tests for bugs found in the stage-1 kernels (kernels/unimodal.py)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from multiviz_widgets import ModelAdapter, Tabular, TimeSeries
+from multiviz_widgets.kernels.unimodal import (
+    METHODS, attribute, attribute_batch, kernel_shap_from_function, lime_from_function)
+from multiviz_widgets.progress import Cancelled
+
+from .test_unimodal import TabSeriesNet, tab_series
+
+
+@pytest.fixture(scope="module")
+def ts():
+    return tab_series()
+
+
+def _linear_fn(masks):
+    return masks["a"].double() @ torch.arange(1.0, 5.0, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# cost() must count what attribute() does
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,params", [("occlusion", {}), ("kernel_shap", {"n_samples": 64}),
+                                           ("integrated_gradients", {"steps": 4})])
+def test_cost_counts_a_modality_named_twice_once(ts, method, params):
+    _, adapter, inst = ts
+    p = adapter.prepare(inst)
+    twice = ["vitals", "vitals"]
+    r = attribute(adapter, p, method, target=0, modalities=twice, **params)
+    assert list(r.scores) == ["vitals"]
+    assert METHODS[method].cost(p, modalities=twice, **params) == (r.forward_passes,
+                                                                   r.backward_passes)
+
+
+def test_cost_refuses_an_empty_modality_list_as_attribute_does(ts):
+    _, adapter, inst = ts
+    p = adapter.prepare(inst)
+    with pytest.raises(ValueError, match="non-empty subset"):
+        attribute(adapter, p, "occlusion", target=0, modalities=[])
+    with pytest.raises(ValueError, match="non-empty subset"):
+        METHODS["occlusion"].cost(p, modalities=[])
+
+
+# ---------------------------------------------------------------------------------------------
+# bad arguments: clear errors that name them
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", [["gradient"], {"gradient": 1}])
+def test_an_unhashable_method_is_a_clear_error(ts, method):
+    _, adapter, inst = ts
+    with pytest.raises(ValueError, match="Unknown stage-1 method"):
+        attribute(adapter, inst, method=method, target=0)
+    with pytest.raises(ValueError, match="Unknown stage-1 method"):
+        attribute_batch(adapter, [inst], method=method, targets=0)
+
+
+@pytest.mark.parametrize("method", ["lime", "kernel_shap"])
+@pytest.mark.parametrize("seed", [1.5, -1, "a", True])
+def test_a_bad_seed_is_a_clear_error(ts, method, seed):
+    _, adapter, inst = ts
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        attribute(adapter, inst, method, target=0, n_samples=16, seed=seed)
+
+
+def test_seed_none_and_numpy_seeds_still_work(ts):
+    _, adapter, inst = ts
+    a = attribute(adapter, inst, "lime", target=0, n_samples=16, seed=np.int64(3))
+    b = attribute(adapter, inst, "lime", target=0, n_samples=16, seed=3)
+    np.testing.assert_array_equal(a.scores["vitals"], b.scores["vitals"])
+    attribute(adapter, inst, "kernel_shap", target=0, n_samples=16, seed=None)
+
+
+@pytest.mark.parametrize("fit", [lime_from_function, kernel_shap_from_function])
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_surrogates_of_a_function_check_their_batch_size(fit, batch_size):
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(_linear_fn, {"a": 4}, n_samples=8, batch_size=batch_size)
+
+
+@pytest.mark.parametrize("keep", ["0.5", None, True])
+def test_lime_keep_probability_of_the_wrong_type_is_a_clear_error(keep):
+    with pytest.raises(ValueError, match="keep_probability"):
+        lime_from_function(_linear_fn, {"a": 4}, n_samples=8, keep_probability=keep)
+
+
+def test_n_units_given_as_a_bool_is_refused():
+    with pytest.raises(ValueError, match="n_units"):
+        lime_from_function(_linear_fn, {"a": True}, n_samples=8)
+
+
+def test_lime_without_a_penalty_on_too_few_samples_says_what_to_change(ts):
+    _, adapter, inst = ts
+    with pytest.raises(ValueError, match="alpha > 0"):
+        attribute(adapter, inst, "lime", target=0, alpha=0, n_samples=3)
+    # enough samples: the unpenalised fit still works
+    r = attribute(adapter, inst, "lime", target=0, alpha=0, n_samples=200)
+    assert all(np.isfinite(v).all() for v in r.scores.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines of the wrong shape
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2,), (6,), (6, 1)])
+@pytest.mark.parametrize("method", ["integrated_gradients", "occlusion", "lime", "kernel_shap"])
+def test_a_baseline_of_the_wrong_shape_is_a_clear_error(ts, shape, method):
+    _, adapter, inst = ts
+    p = adapter.prepare(inst)
+    bad = dataclasses.replace(p, baseline=dict(p.baseline, series=torch.zeros(shape)))
+    params = {"n_samples": 16} if method in ("lime", "kernel_shap") else {}
+    with pytest.raises(ValueError, match=r"baseline of modality 'series' has shape"):
+        attribute(adapter, bad, method, target=0, **params)
+    with pytest.raises(ValueError, match=r"baseline of modality 'series' has shape"):
+        attribute_batch(adapter, [p, bad], method, targets=0, **params)
+    # the gradient methods do not read the baseline; a subset without the modality is fine
+    attribute(adapter, bad, "gradient", target=0)
+    attribute(adapter, bad, method, target=0, modalities=["vitals"], **params)
+
+
+def test_a_modality_whose_baseline_raw_has_the_wrong_shape_is_named(ts):
+    model, adapter, inst = ts
+
+    class OneValueBaseline(Tabular):
+        def baseline_raw(self, x):
+            return torch.zeros(1)
+
+    custom = ModelAdapter(model, [OneValueBaseline("vitals", columns=["hr", "bp", "t"]),
+                                  adapter.modalities["series"]], ["no", "yes"])
+    with pytest.raises(ValueError, match="OneValueBaseline.baseline_raw"):
+        attribute(custom, inst, "integrated_gradients", target=0, steps=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# integrated gradients on a float64 model
+# ---------------------------------------------------------------------------------------------
+def test_ig_on_a_float64_model_is_complete_to_float64_precision():
+    model = TabSeriesNet().double().eval()
+    adapter = ModelAdapter(model, [Tabular("vitals", columns=["hr", "bp", "t"]),
+                                   TimeSeries("series", window=2, channels=["x", "y"])],
+                           ["no", "yes"])
+    rng = np.random.default_rng(1)
+    inst = {"vitals": rng.normal(size=3), "series": rng.normal(size=(6, 2))}
+    p = adapter.prepare(inst)
+    assert p.continuous["vitals"].dtype == torch.float64
+    with torch.no_grad():
+        fx = float(adapter.forward(p.raw)[0, 1])
+        fb = float(adapter.forward(p.raw, {n: p.baseline[n][None] for n in p.names})[0, 1])
+    r = attribute(adapter, p, "integrated_gradients", target=1, steps=50)
+    total = sum(float(v.sum()) for v in r.scores.values())
+    # Gauss-Legendre with 50 nodes on a smooth model: the quadrature error is far below 1e-12;
+    # float32 nodes and weights left a gap of about 3e-9
+    assert abs(r.params["completeness_gap"]) < 1e-12
+    assert abs(fx - fb - total) < 1e-12
+    many = attribute_batch(adapter, [p, p], "integrated_gradients", targets=1, steps=50,
+                           rows_per_pass=7)
+    assert all(abs(m.params["completeness_gap"]) < 1e-12 for m in many)
+
+
+# ---------------------------------------------------------------------------------------------
+# attribute_batch: a perturbation method can be cancelled within an instance
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["occlusion", "lime", "kernel_shap"])
+def test_attribute_batch_of_a_perturbation_method_cancels_between_batches(ts, method):
+    model, adapter, inst = ts
+    rows = []
+    handle = model.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    calls = []
+
+    def cancel_on_the_third_call(done, total, message):
+        calls.append((done, total))
+        assert 0 <= done <= total == 2
+        if len(calls) == 3:
+            raise Cancelled()
+
+    params = {"batch_size": 2} if method == "occlusion" else {"batch_size": 4, "n_samples": 64}
+    try:
+        with pytest.raises(Cancelled):
+            attribute_batch(adapter, [inst, inst], method, targets=0,
+                            progress=cancel_on_the_third_call, **params)
+    finally:
+        handle.remove()
+    per_instance = METHODS[method].cost(adapter.prepare(inst), **params)[0]
+    # before: the first call came after the whole first instance (all its forward passes)
+    assert sum(rows) < per_instance
+
+
+def test_attribute_batch_progress_of_a_perturbation_method_still_counts_instances(ts):
+    _, adapter, inst = ts
+    seen = []
+    attribute_batch(adapter, [inst, inst, inst], "lime", targets=0, n_samples=16, batch_size=4,
+                    progress=lambda d, t, m: seen.append((d, t)))
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and seen[-1] == (3, 3) and {t for _, t in seen} == {3}
