@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import operator
 import os
 import sys
 import threading
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import is_integer
 from .data import update_hash
 from .modalities import Modality
 
@@ -42,6 +44,9 @@ class Target:
     def __post_init__(self):
         if self.kind not in ("class", "neuron"):
             raise ValueError(f"Target kind must be 'class' or 'neuron', got {self.kind!r}.")
+        if not is_integer(self.index):       # 2.5 or True would silently become 2 or 1
+            raise ValueError(f"A {self.kind} index must be an integer, got {self.index!r}.")
+        object.__setattr__(self, "index", operator.index(self.index))
 
     def __str__(self) -> str:
         return f"{self.kind} {self.index}"
@@ -49,12 +54,12 @@ class Target:
 
 def Class(index: int) -> Target:
     """Target the logit of class ``index``."""
-    return Target("class", int(index))
+    return Target("class", index)
 
 
 def Neuron(index: int) -> Target:
     """Target decision-level neuron ``index`` (the input of the decision layer)."""
-    return Target("neuron", int(index))
+    return Target("neuron", index)
 
 
 @dataclass
@@ -327,10 +332,13 @@ class ModelAdapter:
             if target not in self.class_names:
                 raise AdapterError(f"Unknown class {target!r}; the classes are {self.class_names}.")
             t = Class(self.class_names.index(target))
-        elif isinstance(target, (int, np.integer)) and not isinstance(target, bool):
-            t = Class(int(target))
+        elif is_integer(target):                # ints, numpy ints, one-element integer tensors
+            t = Class(target)
         elif isinstance(target, tuple) and len(target) == 2:
-            t = Target(str(target[0]), int(target[1]))
+            try:
+                t = Target(str(target[0]), target[1])
+            except ValueError as e:
+                raise AdapterError(f"{e} (target {target!r})") from None
         else:
             raise AdapterError(f"A target is a class index, a class name or Neuron(j); got {target!r}.")
         if t.kind == "class" and not 0 <= t.index < self.n_classes:

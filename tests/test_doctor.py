@@ -1,9 +1,10 @@
 """The adapter doctor: a healthy model passes; each broken adapter gets a clear, actionable message."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from multiviz_widgets import AdapterError, Image, ModelAdapter, Text
+from multiviz_widgets import AdapterError, Image, ModelAdapter, Neuron, Text
 from multiviz_widgets.doctor import STAGES, check
 
 VOCAB = ["[PAD]", "[UNK]", "what", "colour", "is", "it"]
@@ -167,6 +168,15 @@ def test_targets_are_checked():
     with pytest.raises(AdapterError, match="out of range"):
         a.target(7)
     assert a.target("green").index == 1
+    # indices are integers: a float or a bool used to be truncated to another target
+    for bad in [("neuron", 2.5), ("class", True), 1.5, True, ("layer", 1)]:
+        with pytest.raises(AdapterError, match="integer|class index|kind"):
+            a.target(bad)
+    with pytest.raises(ValueError, match="must be an integer"):
+        Neuron(2.5)
+    # a one-element integer tensor (e.g. a label from a batch) is a class index
+    assert a.target(torch.tensor(2)) == a.target(2) and isinstance(a.target(torch.tensor(2)).index, int)
+    assert a.target(("neuron", np.int64(3))) == Neuron(3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ decision-layer neuron (``Neuron(j)``); every method handles both. ``modalities=[
 explanation to some modalities: the others stay as they are in the instance.
 
 Captum: the results equal captum's (Saliency, IntegratedGradients with the same quadrature,
-FeatureAblation with a unit feature mask; tests check it), but the kernels are written directly
+FeatureAblation with a unit feature mask; tests check it; one exception: captum's
+"riemann_trapezoid" weights sum to (S - 1) / S, ours are the trapezoid rule's and sum to 1), but the kernels are written directly
 on the adapter: captum's Lime and KernelShap build every sample in a Python loop (about 5x slower
 than the vectorised sampling here), and its gradient methods neither pool to units nor target
 decision neurons. ``benchmarks/kernels.py`` times each method against captum's equivalent.
