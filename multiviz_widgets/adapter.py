@@ -426,6 +426,13 @@ class ModelAdapter:
         raw = self.collate([instance])
         cont = {k: v[0] for k, v in self.continuous(raw).items()}
         base_raw = {n: m.baseline_raw(raw[n][0]).unsqueeze(0) for n, m in self.modalities.items()}
+        for n in self.names:
+            if tuple(base_raw[n].shape) != tuple(raw[n].shape):
+                raise AdapterError(
+                    f"Modality {n!r}: {type(self.modalities[n]).__name__}.baseline_raw returned "
+                    f"shape {tuple(base_raw[n].shape[1:])} for an input of shape "
+                    f"{tuple(raw[n].shape[1:])}; a baseline (the input with every unit removed) "
+                    "must have the input's shape.")
         base = {k: v[0] for k, v in self.continuous(base_raw).items()}
         # contiguous once here: modalities may return broadcast views, and every kernel
         # flattens the index (a copy per call otherwise)

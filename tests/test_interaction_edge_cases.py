@@ -243,3 +243,49 @@ def test_times_input_none_moves_side_b_along_its_own_direction_whatever_the_attr
     np.testing.assert_allclose(default.matrix, explicit.matrix, rtol=1e-6, atol=1e-9)
     assert not np.allclose(default.matrix, summed.matrix)
     assert default.params["times_input"] is True
+
+
+class _Exp(torch.autograd.Function):
+    """exp with a hand-written backward that accumulates in place into a fresh tensor: fine for
+    plain (and double) backward passes, but torch's batched second backward (is_grads_batched,
+    vmap) refuses the in-place add of a batched gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.exp()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, = ctx.saved_tensors
+        out = torch.zeros_like(y)
+        out.add_(g * y)
+        return out
+
+
+class _ExpFusion(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, tabular, series):
+        z = tabular.sum(1, keepdim=True) * series.reshape(len(series), -1)[:, :1]
+        return self.head(torch.cat([_Exp.apply(z), z], 1))
+
+
+def test_auto_mode_falls_back_to_replicate_and_counts_the_failed_attempt():
+    adapter = ModelAdapter(_seeded(_ExpFusion(), 5), _modalities(), ["p", "q"])
+    g = torch.Generator().manual_seed(3)
+    inst = {"tabular": torch.randn(4, generator=g), "series": torch.randn(8, 2, generator=g)}
+    with pytest.raises(RuntimeError):
+        interaction(adapter, inst, "second_order", target=0, mode="vmap")
+    auto = interaction(adapter, inst, "second_order", target=0)
+    rep = interaction(adapter, inst, "second_order", target=0, mode="replicate")
+    assert auto.params["mode"] == "replicate" and auto.params["vmap_error"]
+    assert "vmap_error" not in rep.params
+    np.testing.assert_allclose(auto.matrix, rep.matrix, rtol=1e-6, atol=1e-9)
+    assert np.abs(rep.matrix).max() > 0
+    # the failed vmap attempt's forward and first backward are part of the cost
+    assert (auto.forward_passes, auto.backward_passes) == (rep.forward_passes + 1,
+                                                           rep.backward_passes + 1)

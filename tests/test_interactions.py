@@ -342,6 +342,8 @@ def test_emap_with_three_modalities_is_exact_on_additive_models():
     assert r.forward_passes == 3 * 36 + 3 * (6 + 6) and r.matrix is None  # + each split's check
     assert set(r.unimodal) == {"t1", "t2", "series"}
     np.testing.assert_allclose(r.emap_logits, r.logits, atol=1e-5)
+    with pytest.raises(ValueError, match="two modalities"):     # it was silently ignored
+        emap(adapter, items, keep_matrix=True)
 
 
 @pytest.mark.parametrize("kind", synthetic.KINDS)

@@ -133,6 +133,9 @@ def test_a_modality_whose_baseline_raw_has_the_wrong_shape_is_named(ts):
                                   adapter.modalities["series"]], ["no", "yes"])
     with pytest.raises(ValueError, match="OneValueBaseline.baseline_raw"):
         attribute(custom, inst, "integrated_gradients", target=0, steps=4)
+    # caught when the instance is prepared, so stage 2 and the views get the same message
+    with pytest.raises(ValueError, match=r"OneValueBaseline.baseline_raw returned shape \(1,\)"):
+        custom.prepare(inst)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,6 +149,10 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     if len(names) < 2:
         raise ValueError(f"EMAP needs two or more modalities; the adapter has only {names}.")
     check_factorized(factorized)
+    if keep_matrix and len(names) > 2:
+        raise ValueError(f"keep_matrix=True keeps the N x N pair matrix of two modalities; this "
+                         f"adapter has {len(names)} ({names}), whose functional-ANOVA EMAP has "
+                         "no such matrix. Leave keep_matrix unset.")
     out_fn, t, out_names = _output_fn(adapter, target)
     matrix_bytes = n * n * (1 if t is not None and t.kind == "neuron" else adapter.n_classes) * 8
     keep = len(names) == 2 and (keep_matrix or (keep_matrix is None

@@ -71,7 +71,8 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
     passes batched with torch's vmapped ``is_grads_batched``; cost 1 forward, 1 + U_r
     backwards), "replicate" (the instance replicated U_r times along the batch; cost U_r
     forwards, 2 U_r backwards) or "auto": on the CPU vmap, falling back to replicate for models
-    whose operations vmap does not support; on a GPU replicate (on an H100 the easy-VQA matrix
+    whose operations vmap does not support (``params["vmap_error"]`` says why; the failed
+    attempt's forward and backward are counted); on a GPU replicate (on an H100 the easy-VQA matrix
     took 4.6 ms replicated against 6.2 ms vmapped, median of 20: vmap runs the convolution
     backward one row at a time). Both are exact and need batch rows to be independent. A side
     the output does not depend on through a second derivative gives zeros (and fewer backwards).
@@ -100,19 +101,21 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
         attribution = "grad_x_input" if adapter.modalities[r].weigh_units_by_input else "gradient"
         times_input = adapter.modalities[c].weigh_units_by_input if phi == "identity" else False
     args = (adapter, prepared, r, c, target, progress, phi, attribution, times_input, batch_size)
-    used = mode
+    used, fell_back = mode, None
     if mode == "auto" and adapter.device.type == "cuda":
         used = "replicate"
     elif mode in ("auto", "vmap"):
         try:
             m, fwd, bwd = _sog_vmap(*args)
             used = "vmap"
-        except RuntimeError:
+        except RuntimeError as e:
             if mode == "vmap":
                 raise
-            used = "replicate"
+            used, fell_back = "replicate", str(e).strip().splitlines()[0][:200]
     if used == "replicate":
         m, fwd, bwd = _sog_replicate(*args)
+        if fell_back is not None:        # the vmap attempt's forward and first backward count
+            fwd, bwd = fwd + 1, bwd + 1
     if swap:
         m = m.T
         # the matrix is symmetric in its two sides: say what moved side a (the rows) and side b
@@ -121,6 +124,8 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
                                     attribution == "grad_x_input")
     params = {"phi": phi, "attribution": attribution, "times_input": bool(times_input),
               "contracted": r, "batch_size": batch_size, "mode": used}
+    if fell_back is not None:
+        params["vmap_error"] = fell_back
     return np.ascontiguousarray(m), fwd, bwd, params
 
 
