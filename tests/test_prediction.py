@@ -56,6 +56,9 @@ def test_stopping_early_makes_the_same_choice_with_fewer_fits(fitted):
     assert early.path_val_fidelity[:-1].max(initial=0) < 0.99
     np.testing.assert_allclose(early.path_val_fidelity, full.path_val_fidelity[:stop])
     assert early.chosen == full.chosen and early.test_fidelity == full.test_fidelity
+    # said honestly: certain only when the chosen point itself reaches 1 - tolerance
+    assert early.params["choice_final"] == (early.val_fidelity >= 0.99)
+    assert full.params["choice_final"]
 
 
 def test_the_sparse_model_is_faithful_and_finds_the_planted_neurons(fitted):

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ..adapter import ModelAdapter, Prepared
-from .common import masked_continuous
+from ..checks import positive_int
+from .common import as_prepared, masked_continuous
 
 __all__ = ["pixel_relevance", "relevance_mass", "relevance_rank", "deletion_masks",
            "insertion_masks", "curve_auc", "deletion_insertion"]
@@ -41,6 +42,10 @@ def _check(r, gt) -> tuple[np.ndarray, np.ndarray]:
     if r.shape != gt.shape:
         raise ValueError(f"The relevance map has shape {r.shape} but the ground-truth mask has "
                          f"shape {gt.shape}; they must match pixel for pixel.")
+    if not np.isfinite(r).all():
+        raise ValueError(f"The relevance map holds {int((~np.isfinite(r)).sum())} non-finite "
+                         "value(s) (NaN or infinity): the metric would be NaN or meaningless. "
+                         "Check the attribution that made it (e.g. a model output that is NaN).")
     if (r < 0).any():
         raise ValueError("Relevance must be non-negative; pool the heatmap first with "
                          "pixel_relevance(heatmap, 'clip' or 'abs').")
@@ -78,6 +83,9 @@ def _order(scores) -> np.ndarray:
     s = np.asarray(scores, dtype=np.float64).ravel()
     if s.ndim != 1 or len(s) == 0:
         raise ValueError("Unit scores must be a non-empty 1-D array.")
+    if not np.isfinite(s).all():
+        raise ValueError("Unit scores contain NaN or infinity, so they give no order to remove "
+                         "or insert units in; check the attribution that made them.")
     return np.argsort(-s, kind="stable")
 
 
@@ -110,10 +118,18 @@ def deletion_insertion(adapter: ModelAdapter, prepared: Prepared, modality: str,
     """(deletion AUC, insertion AUC, deletion curve, insertion curve) of class probabilities.
 
     Units of ``modality`` are removed / inserted in the order of ``scores`` (highest first); the
-    other modalities stay intact. Cost: 2 (U + 1) forward passes, batched.
+    other modalities stay intact. ``prepared``: a prepared instance or the instance dict.
+    Cost: 2 (U + 1) forward passes, batched.
     """
+    prepared = as_prepared(adapter, prepared)
     if modality not in prepared.names:
         raise ValueError(f"Unknown modality {modality!r}; the instance has {prepared.names}.")
+    batch_size = positive_int(batch_size, "batch_size")
+    target = adapter.target(class_index)        # refuses bools, floats, names not among classes
+    if target.kind != "class":                  # and indices out of range (no counting from the end)
+        raise ValueError(f"deletion_insertion follows a class probability; give a class index "
+                         f"or name, not {target}.")
+    class_index = target.index
     masks = torch.cat([deletion_masks(scores), insertion_masks(scores)])
     if masks.shape[1] != prepared.n_units[modality]:
         raise ValueError(f"{len(np.ravel(scores))} scores given for {prepared.n_units[modality]} "

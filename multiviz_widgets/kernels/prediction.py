@@ -113,8 +113,15 @@ class SparseModel:
         return self.decision_function(h).argmax(1)
 
     def fidelity(self, h, y) -> float:
-        """Share of instances on which the sparse model's class equals ``y`` (e.g. the model's)."""
-        y = np.asarray(y).reshape(-1)
+        """Share of instances on which the sparse model's class equals ``y`` (e.g. the model's):
+        class indices [N] or logits [N, C] (their argmax), one per row of h [N, d]."""
+        h = _as_2d(h, self.d)
+        y = _targets(y, "fidelity")
+        if len(y) != len(h):
+            raise ValueError(f"fidelity: {len(h)} feature rows but {len(y)} targets; pass one "
+                             "class index (or one row of logits) per instance.")
+        if len(y) == 0:
+            raise ValueError("fidelity of no instances is undefined; pass at least one.")
         return float((self.predict(h) == y).mean())
 
     def curve(self) -> dict[str, list]:
@@ -126,7 +133,11 @@ class SparseModel:
         return out
 
     def top_weights(self, c: int, k: int = 10) -> list[tuple[int, float]]:
-        """The k (neuron, weight) of class c with the largest |weight| (non-zero only)."""
+        """The k (neuron, weight) of class c with the largest |weight| (non-zero only).
+        c is a class index in 0..C-1 (a negative one raises, it does not count from the end)."""
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < self.n_classes:
+            raise IndexError(f"c must be a class index in 0..{self.n_classes - 1}, got {c!r}.")
+        k = positive_int(k, "k (weights to list)", minimum=0)
         w = self.weight[c]
         order = [j for j in np.argsort(-np.abs(w), kind="stable") if w[j] != 0][:k]
         return [(int(j), float(w[j])) for j in order]
@@ -263,7 +274,12 @@ def _path_sklearn(z, y, lams, alpha, tol, max_iter, seed):
     n = len(z)
     classes = np.unique(y)
     binary = len(classes) == 2
-    clf = LogisticRegression(C=1.0 / (lams[0] * n), l1_ratio=alpha, solver="saga",
+    # scikit-learn penalises its one binary logit s = v z with |v|_1 and |v|^2; the softmax rows
+    # (-v/2, v/2) it stands for carry |v|_1 and |v|^2 / 2, so the L2 part is halved (a rescaled
+    # lambda and L1 share): the binary fit then minimises the documented objective too
+    scale, ratio = ((alpha + (1 - alpha) / 2, alpha / (alpha + (1 - alpha) / 2)) if binary
+                    else (1.0, alpha))
+    clf = LogisticRegression(C=1.0 / (lams[0] * scale * n), l1_ratio=ratio, solver="saga",
                              warm_start=True, tol=tol, max_iter=max_iter, random_state=seed)
     # Start from the exact solution at lambda_max: W = 0, b = log class frequencies.
     freq = np.bincount(np.searchsorted(classes, y), minlength=len(classes)) / n
@@ -276,7 +292,7 @@ def _path_sklearn(z, y, lams, alpha, tol, max_iter, seed):
         clf.intercept_ = logf - logf.mean()
     clf.classes_ = classes
     for lam in lams:
-        clf.set_params(C=1.0 / (lam * n))
+        clf.set_params(C=1.0 / (lam * scale * n))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf.fit(z, y)
@@ -337,9 +353,13 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     held-out data for the reported fidelity. solver: "sklearn" (SAGA in
     scikit-learn's LogisticRegression, warm-started; default) or "glm_saga" (the solver of the
     original MultiViz). stop_early: end the path at the first point whose validation fidelity is
-    at least 1 - tolerance: no later point can beat it by more than the tolerance, so the rule's
-    choice is already made (unless a later, weaker-regularised point were sparser, which the
-    path's monotone growth of non-zeros rules out in practice); the curve then ends there.
+    at least 1 - tolerance (the curve then ends there). No later point can beat that point by
+    more than the tolerance, so it stays eligible; but a later point could still raise the best
+    fidelity (up to 1) and so rule out an earlier, sparser choice whose fidelity is below
+    1 - tolerance. ``params["choice_final"]`` says whether the choice is certain to be the full
+    path's (it is when the path ran to its end or the chosen point's fidelity is at least
+    1 - tolerance, assuming, as the path's growth of non-zeros makes so in practice, that no
+    later point is sparser); pass stop_early=False for the rule over the whole path.
     Cost: no model pass; at most ``n_lambdas - 1`` warm-started fits over the training features
     (the first point, lambda_max, is exact: all weights zero); progress per path point.
     """
@@ -432,12 +452,15 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
         used = i + 1
         report(progress, used, n_lambdas, "sparse model path")
         if stop_early and val_fid[i] >= 1.0 - tolerance:
-            break      # every later point is within tolerance of this one: the choice is made
+            break      # this point stays within tolerance of any later one (see choice_final)
     fits.close()
+    if used < n_lambdas:          # stopped early: the count still ends at its total
+        report(progress, n_lambdas, n_lambdas,
+               f"sparse model path (stopped early after {used} of {n_lambdas} points)")
     sl = slice(0, used)
     k = choose_sparsity(nonzeros[sl], val_fid[sl], tolerance)
     return SparseModel(
-        weight=weights[k].astype(np.float64), bias=biases[k], mean=mean, std=std,
+        weight=weights[k].astype(np.float64), bias=biases[k].copy(), mean=mean, std=std,
         class_names=names, alpha=alpha, lam=float(lams[k]), chosen=k, path_lambdas=lams[sl],
         path_nonzeros=nonzeros[sl], path_val_fidelity=val_fid[sl],
         path_test_fidelity=None if test_fid is None else test_fid[sl],
@@ -447,7 +470,8 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
         n_test=0 if z_te is None else len(z_te), seconds=time.perf_counter() - t0,
         params={"n_lambdas": n_lambdas, "eps": eps, "tol": tol, "max_iter": max_iter,
                 "seed": seed, "lambda_max": lmax, "stop_early": stop_early,
-                "stopped_at": used, "point_seconds": seconds[sl].round(4).tolist()})
+                "stopped_at": used, "point_seconds": seconds[sl].round(4).tolist(),
+                "choice_final": bool(used == n_lambdas or val_fid[k] >= 1.0 - tolerance)})
 
 
 def _chain(*iterables):
@@ -507,6 +531,10 @@ class PredictionPath:
     """class <- its top neurons (weight x activation) <- their top units and cross-modal pairs.
 
     ``note`` says why ``neurons`` is empty when it is (the class has no non-zero weight), else "".
+    ``logit`` is the model's logit of the class; ``params["bias"]`` is the bias of the source of
+    the contributions (decision layer or sparse model) and ``params["source_logit"]`` that
+    source's logit, the sum of every neuron's contribution plus the bias (the model's logit
+    with the decision layer; None for a class the sparse model never predicts).
     """
 
     class_index: int
@@ -612,11 +640,20 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
             report(progress, done, steps, f"neuron {j}: pairs")
         neurons.append(PathNeuron(int(j), float(contrib.weights[j]), float(contrib.h[j]),
                                   float(contrib.contributions[j]), units, pairs, pair_mods))
+    # what the neurons' contributions add up to: sum_j contribution_j + bias = the source's
+    # logit (the model's with the decision layer; the sparse model's own with sparse_model)
+    if sparse_model is not None:
+        bias = float(sparse_model.bias[c])
+    else:
+        bias = float(adapter.decision_weights()[1][c])
+    source_logit = float(np.sum(contrib.contributions, dtype=np.float64)) + bias
     return PredictionPath(
         class_index=c, class_name=contrib.class_name, neurons=neurons,
         logit=float(contrib.logits[c]), source=contrib.source, unimodal_method=unimodal_method,
         interaction_method=interaction_method if do_pairs else None, forward_passes=fwd,
         backward_passes=bwd, seconds=time.perf_counter() - t0,
         params={"k_neurons": k_neurons, "k_units": k_units, "k_pairs": k_pairs,
-                "absolute": absolute},
+                "absolute": absolute,
+                "bias": bias if np.isfinite(bias) else None,
+                "source_logit": source_logit if np.isfinite(source_logit) else None},
         note="" if neurons else _empty_path_note(contrib, sparse_model))

@@ -74,6 +74,8 @@ def colour_groups(by: str, labels: np.ndarray | None, predictions: np.ndarray,
     """(group id per point [N], group names) for colouring by "label", "prediction" or
     "correctness" (groups "wrong", "right"; needs labels). Labels outside the classes form a
     last group named ``UNKNOWN_GROUP`` (only when there are any)."""
+    if by not in ("label", "prediction", "correctness"):
+        raise ValueError(f"Colour by {by!r}? Use 'label', 'prediction' or 'correctness'.")
     predictions = np.asarray(predictions, dtype=np.int64)
     if by == "prediction":
         return predictions, list(class_names)
@@ -81,6 +83,9 @@ def colour_groups(by: str, labels: np.ndarray | None, predictions: np.ndarray,
         raise ValueError(f"Colouring by {by!r} needs the dataset's labels; this dataset has none "
                          "(colour by 'prediction' instead).")
     labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != predictions.shape:
+        raise ValueError(f"{labels.size} labels for {predictions.size} predictions; pass one "
+                         "label per point (the labels of the instances that were projected).")
     if by == "label":
         groups, names = labels, list(class_names)
     elif by == "correctness":

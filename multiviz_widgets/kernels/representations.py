@@ -173,7 +173,7 @@ def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipp
     total = len(idx)
     report(progress, 0, total, message)
     failed: dict[int, Exception] = {}          # position in idx -> error
-    computed = 0
+    computed = last = 0
     for positions, raw in _shape_batches(adapter, dataset, idx, batch_size, failed):
         logits, h = adapter.features(raw)
         if h.dim() != 2:
@@ -184,6 +184,11 @@ def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipp
         computed += len(positions)
         yield (np.asarray(positions, dtype=np.int64), logits.detach().float().cpu(),
                h.detach().float().cpu())
+        last = computed + len(failed)
+        report(progress, last, total, message)
+    if computed and last < total:
+        # the last batch's instances all failed their checks, so no batch came after them:
+        # the count still ends at the total
         report(progress, computed + len(failed), total, message)
     reasons = {int(idx[p]): f"{type(e).__name__}: {e}" for p, e in sorted(failed.items())}
     if failed and not computed:
@@ -420,7 +425,11 @@ class StreamingExtremes:
     def update(self, h_batch, indices=None) -> None:
         """Merge a batch h [B, d] whose rows are instances ``indices`` [B] (default: running count)."""
         h = torch.as_tensor(np.asarray(h_batch) if not isinstance(h_batch, torch.Tensor) else h_batch)
-        h = h.detach().to("cpu", torch.float32)
+        # float64 features stay float64 (float32 would round distinct values into ties and
+        # rank them by index); anything else is compared in float32 as before
+        dtype = torch.float64 if (h.dtype == torch.float64 or (
+            self._top_v is not None and self._top_v.dtype == torch.float64)) else torch.float32
+        h = h.detach().to("cpu", dtype)
         if h.dim() != 2:
             raise ValueError(f"update expects a batch of feature vectors [B, d], got shape {tuple(h.shape)}.")
         b, d = h.shape
@@ -436,11 +445,18 @@ class StreamingExtremes:
         if indices is None:
             idx = torch.arange(self.n, self.n + b, dtype=torch.int64)
         else:
-            idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64).reshape(-1)
+            raw_idx = np.asarray(indices)
+            if raw_idx.size and (raw_idx.dtype == np.bool_ or raw_idx.dtype.kind not in "iu"):
+                raise ValueError(f"indices must be integer instance numbers, got dtype "
+                                 f"{raw_idx.dtype} (e.g. {raw_idx.ravel()[:3].tolist()}); "
+                                 "non-integer numbers are not truncated.")
+            idx = torch.as_tensor(raw_idx.astype(np.int64)).reshape(-1)
             if idx.numel() != b:
                 raise ValueError(f"indices has {idx.numel()} entries for a batch of {b} rows.")
         idx = idx[:, None].expand(b, d)
         self.n += b
+        if self._top_v is not None and self._top_v.dtype != h.dtype:   # float32 kept, now float64
+            self._top_v, self._bot_v = self._top_v.to(h.dtype), self._bot_v.to(h.dtype)
         if self._top_v is None:
             self._top_v, self._top_i = self._merge(h, idx, True)
             self._bot_v, self._bot_i = self._merge(h, idx, False)
@@ -572,5 +588,7 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
         w = W[c]
         contrib = w * h
         source = "decision_layer"
+    # np.array copies: the decision layer's W[c] is a view of the live parameter, and a
+    # result must not write through to the model
     return DecisionContributions(c, adapter.class_names[c], h, contrib.astype(np.float32),
-                                 np.asarray(w, dtype=np.float32), logits, source)
+                                 np.array(w, dtype=np.float32), logits, source)

@@ -1,0 +1,221 @@
+"""Stage 3 and 4 edge cases from a bug hunt: the binary elastic net's objective, results that
+shared memory with the model or with each other, float64 rankings, progress that ended short
+of its total, and bad inputs that gave wrong numbers or confusing errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from multiviz_widgets import ModelAdapter, MultimodalDataset, Tabular
+from multiviz_widgets.kernels.metrics import deletion_insertion, relevance_mass, relevance_rank
+from multiviz_widgets.kernels.prediction import fit_sparse_model, prediction_path
+from multiviz_widgets.kernels.projection import colour_groups
+from multiviz_widgets.kernels.representations import (
+    StreamingExtremes, decision_contributions, extract_features, neuron_extremes)
+
+F, D, C = 4, 5, 3
+
+
+class Tiny(nn.Module):
+    """tabular [F] -> h = tanh(A x) [D] -> head -> [C]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Linear(F, D)
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.enc(x)))
+
+
+def tiny_adapter():
+    return ModelAdapter(Tiny().eval(), [Tabular("x", columns=[f"c{i}" for i in range(F)])],
+                        [f"k{i}" for i in range(C)], decision_layer="head")
+
+
+def tiny_dataset(n=6, nan_at=()):
+    rng = np.random.default_rng(0)
+    x = [rng.normal(size=F).astype(np.float32) for _ in range(n)]
+    for i in nan_at:
+        x[i][0] = np.nan
+    return MultimodalDataset({"x": x})
+
+
+def softmax(v):
+    e = np.exp(v - v.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def kkt_residual(m, h, y, i):
+    """The largest violation of the elastic net's optimality conditions at path point i, for
+    (1/n) sum CE + lam (alpha |W|_1 + (1 - alpha)/2 |W|^2) in the sparse model's z space."""
+    z = m.standardise(h)
+    W, b, lam, a = m.path_weights[i], m.path_biases[i], m.path_lambdas[i], m.alpha
+    Y = np.eye(W.shape[0])[y]
+    P = softmax(z @ W.T + b)
+    G = (P - Y).T @ z / len(z) + lam * (1 - a) * W
+    on = W != 0
+    res = np.abs(G + lam * a * np.sign(W))[on].max(initial=0)
+    off = np.maximum(np.abs(G[~on]) - lam * a, 0).max(initial=0)
+    return max(res, off, np.abs((P - Y).mean(0)).max())
+
+
+# -- stage 4: the elastic net -----------------------------------------------------------------------
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_every_path_point_solves_the_documented_elastic_net(n_classes):
+    # scikit-learn's binary fit penalised |v|^2 of its one logit where the softmax rows (-v/2, v/2)
+    # carry |v|^2 / 2: the two-class path solved another objective (the L2 part doubled)
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(300, 5)) * [1, 2, 0.5, 1, 3] + 1
+    y = (h @ rng.normal(size=(5, n_classes)) + rng.normal(size=(300, n_classes))).argmax(1)
+    m = fit_sparse_model((h, y), val=(h, y), alpha=0.5, n_lambdas=4, eps=0.01, tol=1e-10,
+                         max_iter=5000, stop_early=False)
+    for i in range(len(m.path_lambdas)):
+        assert kkt_residual(m, h, y, i) < 1e-4, i
+
+
+def test_the_chosen_bias_is_not_a_view_of_the_path():
+    rng = np.random.default_rng(1)
+    h = rng.normal(size=(120, 3))
+    y = (h[:, 0] > 0).astype(int)
+    m = fit_sparse_model((h, y), n_lambdas=3, stop_early=False)
+    kept = m.path_biases.copy()
+    m.bias += 1.0
+    np.testing.assert_array_equal(m.path_biases, kept)
+
+
+def test_fidelity_checks_its_targets_instead_of_broadcasting():
+    rng = np.random.default_rng(2)
+    h = rng.normal(size=(100, 3))
+    y = (h[:, 0] > 0).astype(int)
+    m = fit_sparse_model((h, y), n_lambdas=3)
+    with pytest.raises(ValueError, match="100 feature rows but 1 targets"):
+        m.fidelity(h, [0])                        # broadcast: was the share of class 0
+    assert m.fidelity(h, np.eye(2)[y]) == m.fidelity(h, y)    # logits: their argmax, as in fit
+    with pytest.raises(ValueError, match="fractional"):
+        m.fidelity(h, y + 0.5)
+    with pytest.raises(IndexError, match="class index in 0..1"):
+        m.top_weights(-1)                         # counted from the end before
+    with pytest.raises(ValueError, match="k"):
+        m.top_weights(0, -1)
+
+
+def test_a_path_that_stops_early_reports_its_total():
+    rng = np.random.default_rng(3)
+    h = rng.normal(size=(200, 3))
+    y = (h[:, 0] > 0).astype(int)
+    seen = []
+    m = fit_sparse_model((h, y), n_lambdas=15, progress=lambda d, t, msg: seen.append((d, t)))
+    assert m.params["stopped_at"] < 15
+    assert seen[-1] == (15, 15) and all(d <= t for d, t in seen)
+
+
+# -- the prediction path --------------------------------------------------------------------------
+def test_the_path_says_what_its_contributions_add_up_to():
+    adapter, ds = tiny_adapter(), tiny_dataset()
+    path = prediction_path(adapter, ds[0], k_neurons=2, unimodal_method="gradient",
+                           interaction_method=None)
+    c = decision_contributions(adapter, ds[0])
+    W, b = adapter.decision_weights()
+    assert path.params["bias"] == pytest.approx(float(b[path.class_index]))
+    assert path.params["source_logit"] == pytest.approx(c.contributions.sum() + b[c.class_index],
+                                                        abs=1e-5)
+    assert path.params["source_logit"] == pytest.approx(path.logit, abs=1e-5)
+    # with a sparse model: its own logit, which is not the model's
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, F)).astype(np.float32)
+    f = extract_features(adapter, MultimodalDataset({"x": list(x)}), cache=False)
+    sm = fit_sparse_model(f, n_lambdas=4, class_names=adapter.class_names, stop_early=False)
+    sp = prediction_path(adapter, ds[0], sparse_model=sm, unimodal_method="gradient",
+                         interaction_method=None, target=int(sm.predict(f.h[:1])[0]))
+    h0 = decision_contributions(adapter, ds[0]).h
+    expect = sm.decision_function(h0)[0, sp.class_index]
+    assert sp.params["source_logit"] == pytest.approx(expect, abs=1e-6)
+    assert json.loads(json.dumps(sp.to_dict()))["params"]["source_logit"] == pytest.approx(expect)
+
+
+# -- stage 3 --------------------------------------------------------------------------------------
+def test_contribution_weights_do_not_write_through_to_the_model():
+    adapter, ds = tiny_adapter(), tiny_dataset()
+    before = adapter.decision_layer.weight.detach().clone()
+    c = decision_contributions(adapter, ds[0])
+    c.weights[:] = 123.0
+    assert torch.equal(adapter.decision_layer.weight.detach(), before)
+
+
+def test_float64_features_are_ranked_at_their_own_precision():
+    h = np.array([[1.0], [1.0 + 1e-10], [1.0 - 1e-10]])
+    s = StreamingExtremes(2)
+    s.update(h[:1], [0])
+    s.update(h[1:], [1, 2])
+    r = s.result()
+    assert r.top_indices[0].tolist() == [1, 0] and r.bottom_indices[0].tolist() == [2, 0]
+    assert r.top_values[0, 0] == h[1, 0]
+    # float32 first, float64 later: the kept candidates are promoted
+    s = StreamingExtremes(1)
+    s.update(np.float32([[1.0]]), [0])
+    s.update(np.array([[1.0 + 1e-10]]), [1])
+    assert s.result().top(0)[0][0] == 1
+    # float32 stays float32
+    s = StreamingExtremes(1)
+    s.update(np.float32([[1.0], [2.0]]))
+    assert s.result().top_values.dtype == np.float32
+
+
+def test_non_integer_instance_numbers_are_refused_not_truncated():
+    s = StreamingExtremes(2)
+    with pytest.raises(ValueError, match="integer instance numbers"):
+        s.update(np.array([[1.0], [2.0]]), [0.7, 1.9])
+    with pytest.raises(ValueError, match="integer instance numbers"):
+        s.update(np.array([[1.0], [2.0]]), [True, False])
+    s.update(np.array([[1.0], [2.0]]), torch.tensor([4, 5]))
+    assert s.result().top(0) == [(5, 2.0), (4, 1.0)]
+
+
+def test_progress_reaches_its_total_when_the_last_batch_cannot_be_prepared():
+    adapter, ds = tiny_adapter(), tiny_dataset(5, nan_at=(4,))
+    for run in (lambda p: extract_features(adapter, ds, batch_size=2, cache=False, progress=p),
+                lambda p: neuron_extremes(adapter, ds, k=2, batch_size=2, progress=p)):
+        seen = []
+        with pytest.warns(RuntimeWarning, match="1 of 5"):
+            run(lambda d, t, m: seen.append((d, t)))
+        assert seen[-1] == (5, 5) and all(d <= t for d, t in seen)
+
+
+# -- projection and metrics -------------------------------------------------------------------------
+def test_colour_groups_name_a_bad_choice_and_mismatched_labels():
+    with pytest.raises(ValueError, match="Colour by 'bogus'"):
+        colour_groups("bogus", None, np.array([0, 1]), ["a", "b"])   # was a TypeError about None
+    with pytest.raises(ValueError, match="3 labels for 2 predictions"):
+        colour_groups("correctness", np.array([0, 1, 1]), np.array([0, 1]), ["a", "b"])
+
+
+def test_relevance_metrics_refuse_non_finite_maps():
+    gt = np.array([[True, False]])
+    for r in (np.array([[np.nan, 1.0]]), np.array([[np.inf, 1.0]])):
+        with pytest.raises(ValueError, match="non-finite"):
+            relevance_mass(r, gt)                 # was NaN
+        with pytest.raises(ValueError, match="non-finite"):
+            relevance_rank(r, gt)                 # was 0.0
+
+
+def test_deletion_insertion_checks_its_class_batch_size_and_scores():
+    adapter, ds = tiny_adapter(), tiny_dataset()
+    p = adapter.prepare(ds[0])
+    s = np.arange(F, dtype=float)
+    base = deletion_insertion(adapter, p, "x", s, 2)
+    assert deletion_insertion(adapter, p, "x", s, "k2")[0] == pytest.approx(base[0])
+    assert deletion_insertion(adapter, ds[0], "x", s, 2)[0] == pytest.approx(base[0])  # a dict
+    with pytest.raises(ValueError, match="out of range"):
+        deletion_insertion(adapter, p, "x", s, -1)     # was the last class
+    with pytest.raises(ValueError):
+        deletion_insertion(adapter, p, "x", s, True)   # was class 1
+    with pytest.raises(ValueError, match="batch_size"):
+        deletion_insertion(adapter, p, "x", s, 0, batch_size=0)
+    with pytest.raises(ValueError, match="NaN"):
+        deletion_insertion(adapter, p, "x", np.array([0.0, np.nan, 1.0, 2.0]), 0)
