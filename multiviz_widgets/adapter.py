@@ -255,6 +255,9 @@ class ModelAdapter:
         if len(set(names)) != len(names):
             raise AdapterError(f"Modality names must be unique, got {names}.")
         self.model = model
+        # the layers whose training mode changes outputs, found once (modules() walks the whole
+        # model; _eval_mode checks these on every pass)
+        self._mode_layers = [m for m in model.modules() if isinstance(m, _TRAINING_LAYERS)]
         self.modalities = {m.name: m for m in modalities}
         self.class_names = [str(c) for c in class_names]
         if not self.class_names:
@@ -433,7 +436,11 @@ class ModelAdapter:
                     f"shape {tuple(base_raw[n].shape[1:])} for an input of shape "
                     f"{tuple(raw[n].shape[1:])}; a baseline (the input with every unit removed) "
                     "must have the input's shape.")
-        base = {k: v[0] for k, v in self.continuous(base_raw).items()}
+        # in the input's dtype (a custom baseline_raw may give float64 for float32 inputs)
+        base_raw = {n: v.to(raw[n].dtype) for n, v in base_raw.items()}
+        # Text(baseline="zero") replaces the [PAD] embedding by zeros on the continuous form
+        base = {k: self.modalities[k].continuous_baseline(v[0])
+                for k, v in self.continuous(base_raw).items()}
         # contiguous once here: modalities may return broadcast views, and every kernel
         # flattens the index (a copy per call otherwise)
         index = {n: m.unit_index(cont[n]).contiguous() for n, m in self.modalities.items()}
@@ -486,18 +493,21 @@ class ModelAdapter:
     def _eval_mode(self):
         """The model in eval mode for the block (dropout off, batch norm on its running
         statistics, which then stay unchanged); every module's mode is restored afterwards.
-        A model in training mode is warned about once per adapter. Cost: nothing when the
-        model is in eval mode (the hot path: every forward pass runs through here)."""
-        if not self.model.training:          # eval() sets every module; check() reports a
-            yield                            # submodule left in training mode under it
+        A model in training mode, or one whose dropout or batch norm layers are (``sub.train()``
+        after ``model.eval()``), is warned about once per adapter. Cost: nothing when the model
+        and those layers (found when the adapter was made) are in eval mode: every forward pass
+        runs through here."""
+        if not self.model.training and not any(m.training for m in self._mode_layers):
+            yield
             return
         modes = [(m, m.training) for m in self.model.modules()]
-        active = sorted({type(m).__name__ for m, mode in modes
-                         if mode and isinstance(m, _TRAINING_LAYERS)})
+        active = sorted({type(m).__name__ for m, mode in modes if mode and isinstance(
+            m, _TRAINING_LAYERS) and getattr(m, "p", 1) > 0})      # Dropout(p=0) does nothing
         if active and not getattr(self, "_warned_training", False):
             self._warned_training = True
+            where = "is in training mode" if self.model.training else "has submodules in training mode"
             warnings.warn(
-                f"The model ({self.name}) is in training mode with {', '.join(active)} layers: "
+                f"The model ({self.name}) {where} with {', '.join(active)} layers: "
                 "dropout would make every explanation random and batch norm would change its "
                 "running statistics. The adapter runs it in eval mode for each computation and "
                 "restores its mode afterwards; call model.eval() to silence this warning.",

@@ -8,17 +8,19 @@ import numpy as np
 
 def positive_int(value, what: str, minimum: int = 1) -> int:
     """value, checked to be an integer of at least ``minimum`` (``what`` names it in the error).
-    Floats, strings and bools are refused rather than truncated."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    Floats, strings and bools are refused rather than truncated; integers of any kind that
+    ``is_integer`` takes (numpy's, a one-element integer tensor or array) are accepted."""
+    if not is_integer(value) or operator.index(value) < minimum:
         raise ValueError(f"{what} must be an integer of at least {minimum}, got {value!r}.")
-    return int(value)
+    return operator.index(value)
 
 
 def is_integer(value) -> bool:
     """An integer (Python's, numpy's, an integer tensor of one element: anything
     ``operator.index`` takes), not a bool, a float or a float tensor."""
-    if isinstance(value, bool):
-        return False
+    if isinstance(value, (bool, np.bool_)) or str(getattr(value, "dtype", "")) in ("bool",
+                                                                                  "torch.bool"):
+        return False                      # a bool tensor or array too: True is not class 1
     try:
         operator.index(value)
     except TypeError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import threading
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -56,26 +57,50 @@ class MultimodalDataset:
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> dict:
+    def _position(self, i) -> int:
+        """Instance index i (negative counts from the end) as a position 0..n-1."""
         i = _index(i)
         if not -self.n <= i < self.n:
             raise IndexError(f"Instance {i} is out of range: the dataset has {self.n} instances.")
+        return i % self.n
+
+    def __getitem__(self, i: int) -> dict:
+        i = self._position(i)
         return {k: v[i] for k, v in self.columns.items()}
 
     def describe(self, i: int) -> str:
         """A one-line description of instance i (for galleries and pickers)."""
+        i = self._position(i)
         if self.descriptions is not None:
-            return str(self.descriptions[_index(i)])
-        return f"#{_index(i)}"
+            return str(self.descriptions[i])
+        return f"#{i}"
 
     def batches(self, batch_size: int = 256, indices: Sequence[int] | None = None
                 ) -> Iterator[tuple[np.ndarray, list[dict]]]:
         """Yield (indices, instances) in chunks of at most batch_size."""
         batch_size = positive_int(batch_size, "batch_size")
-        idx = np.arange(self.n) if indices is None else np.asarray(indices)
+        idx = np.arange(self.n) if indices is None else self._positions(indices)
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
             yield chunk, [self[int(i)] for i in chunk]
+
+    def _positions(self, indices) -> np.ndarray:
+        """indices (integers, negative counting from the end) as positions [k]; floats, bools
+        (a mask is not a list of indices) and indices out of range refused."""
+        arr = np.asarray(list(indices) if not hasattr(indices, "__len__") else indices)
+        if arr.ndim != 1:
+            raise ValueError(f"indices must be a 1-D sequence of instance indices, got shape "
+                             f"{arr.shape}.")
+        if arr.size and (arr.dtype.kind not in "iu"):
+            hint = (" (a boolean mask: pass np.flatnonzero(mask))" if arr.dtype.kind == "b"
+                    else "")
+            raise TypeError(f"indices must be integers, got dtype {arr.dtype}{hint}.")
+        arr = arr.astype(np.int64)
+        bad = arr[(arr < -self.n) | (arr >= self.n)]
+        if bad.size:
+            raise IndexError(f"Instance {int(bad[0])} is out of range: the dataset has {self.n} "
+                             "instances.")
+        return arr % max(self.n, 1)
 
     def fingerprint(self) -> str:
         """A hash of the contents (every instance, with its type and shape, and the labels).
@@ -110,8 +135,14 @@ def _sequence(v, what: str, items: str):
     if isinstance(v, (str, bytes)):
         raise TypeError(f"{what} is a single string; give a sequence of {items}, one per "
                         f"instance (e.g. a list).")
+    if isinstance(v, Mapping):        # indexed by its keys, not by position
+        raise TypeError(f"{what} is a {type(v).__name__}, which is indexed by its keys; give a "
+                        f"sequence of {items}, one per instance (e.g. list(d.values())).")
     if hasattr(v, "iloc") and hasattr(v, "to_numpy"):        # pandas: by position, not label
         v = v.to_numpy()
+    if getattr(v, "ndim", None) == 0 or getattr(v, "shape", None) == ():
+        raise TypeError(f"{what} is a single value (a 0-d array); give a sequence of {items}, "
+                        "one per instance.")
     if not (hasattr(v, "__len__") and hasattr(v, "__getitem__")):
         raise TypeError(f"{what} must be a sequence of {items}, one per instance (a list, an "
                         f"array...), got {type(v).__name__}.")
@@ -130,9 +161,16 @@ def _labels(labels, n: int) -> np.ndarray:
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
             bad = arr[~(np.isfinite(arr) & (arr == np.round(arr)))][:3].tolist()
             raise ValueError(f"labels must be whole numbers, got {bad}: {how}.")
+    elif arr.dtype == object and arr.size and all(
+            isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+            for x in arr.tolist()):
+        pass                              # Python ints (a pandas object column): fine
     elif arr.dtype.kind not in "biu":
-        example = next((x for x in arr.tolist() if not isinstance(x, (int, np.integer))), arr[0])
+        example = next((x for x in arr.tolist()
+                        if not isinstance(x, (int, np.integer)) or isinstance(x, bool)), arr[0])
         raise TypeError(f"labels must be integers, got {example!r}: {how}.")
+    if arr.size and arr.dtype.kind in "fuO" and (arr.max() > np.iinfo(np.int64).max):
+        raise ValueError(f"labels must be class indices 0..C-1, got {arr.max()!r}.")
     arr = arr.astype(np.int64)
     if len(arr) != n:
         raise ValueError(f"labels has {len(arr)} entries for {n} instances.")
@@ -142,11 +180,32 @@ def _labels(labels, n: int) -> np.ndarray:
     return arr
 
 
+#: per thread, the ids of the objects whose attributes are being hashed (a cycle ends there)
+_HASHING = threading.local()
+
+
 def update_hash(h, v) -> None:
     """Feed v to the hash with its type, shape and length, so that different contents can never
     give the same byte stream (["ab", "c"] and ["a", "bc"]; a 3x4 and a 4x3 array)."""
     if isinstance(v, torch.Tensor):
-        v = v.detach().cpu().numpy()
+        t = v.detach().cpu()
+        try:
+            v = t.numpy()
+        except TypeError:                 # bfloat16, float8...: numpy has no such dtype
+            t = t.contiguous()
+            body = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+            head = f"t{t.dtype}{tuple(t.shape)}"
+            h.update(f"{head}:{len(body)}:".encode())
+            h.update(body)
+            return
+    elif isinstance(v, Mapping):          # by content, whatever the insertion order (its repr
+        items = sorted(v.items(), key=lambda kv: (type(kv[0]).__qualname__, repr(kv[0])))
+        h.update(f"d{len(items)}{{".encode())        # abbreviates large arrays with "...")
+        for k, x in items:
+            update_hash(h, k)
+            update_hash(h, x)
+        h.update(b"}")
+        return
     elif not isinstance(v, (np.ndarray, str, bytes, list, tuple, dict)) and (
             hasattr(v, "__array_interface__") or hasattr(v, "__array__")):   # PIL images...
         v = np.asarray(v)
@@ -162,6 +221,27 @@ def update_hash(h, v) -> None:
         head, body = "s", v.encode()
     elif isinstance(v, bytes):
         head, body = "b", v
+    elif isinstance(v, (set, frozenset)):   # an order that does not depend on the hash seed
+        h.update(f"S{len(v)}{{".encode())
+        for x in sorted(v, key=lambda x: (type(x).__qualname__, repr(x))):
+            update_hash(h, x)
+        h.update(b"}")
+        return
+    elif type(v).__repr__ is object.__repr__ and hasattr(v, "__dict__"):
+        # the default repr is an address: hash the attributes (the same contents in another
+        # object, or another process, give the same hash; other contents another)
+        active = _HASHING.__dict__.setdefault("ids", set())
+        if id(v) in active:               # an object that refers back to itself
+            h.update(b"o<cycle>")
+            return
+        h.update(f"o{type(v).__module__}.{type(v).__qualname__}(".encode())
+        active.add(id(v))
+        try:
+            update_hash(h, vars(v))
+        finally:
+            active.discard(id(v))
+        h.update(b")")
+        return
     else:
         head, body = f"r{type(v).__qualname__}", repr(v).encode()
     h.update(f"{head}:{len(body)}:".encode())

@@ -99,26 +99,47 @@ def check(adapter: ModelAdapter, instance) -> Report:
     try:
         prepared = instance if isinstance(instance, Prepared) else adapter.prepare(instance)
     except Exception as e:  # noqa: BLE001 -- a user's modality or embedding layer can raise anything
-        code = getattr(e, "code", "adapter")
+        # only an AdapterError's code is a finding code (other errors may carry an HTTP or OS
+        # code); the type of any other error is named, as its text alone may be just a key
+        code = e.code if isinstance(e, AdapterError) else "adapter"
         if code == "adapter":
-            report.add("error", "instance", f"The instance does not fit the adapter: {e}", _ALL)
+            text = str(e) if isinstance(e, (AdapterError, ValueError, TypeError)) else \
+                f"{type(e).__name__}: {e}"
+            report.add("error", "instance", f"The instance does not fit the adapter: {text}", _ALL)
         else:
             report.add("error", code, str(e), _ALL)
         return report
 
-    # 2. Training mode: the kernels run the model in eval mode; say so.
+    # 2. Training mode (of the model, or of its dropout / batch norm layers after model.eval()
+    # and sub.train()): the kernels run the model in eval mode; say so.
     dropouts = [m for m in model.modules()
                 if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training]
-    if dropouts or model.training:
-        what = (f"with {len(dropouts)} active dropout layer(s)" if dropouts
-                else "(batch norm would use batch statistics and update its running ones)")
-        report.add("warning", "training-mode",
-                   f"The model is in training mode {what}. Every explanation (and this check) "
-                   "runs it in eval mode and restores its mode afterwards; call model.eval() "
-                   "before wrapping it so that what is explained is the model you evaluate.")
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training]
+    what = [f"{len(dropouts)} active dropout layer(s)"] if dropouts else []
+    what += ["batch norm, which would use batch statistics and update its running ones"
+             ] if norms else []
+    fix = ("Every explanation (and this check) runs it in eval mode and restores its mode "
+           "afterwards; call model.eval() before wrapping it so that what is explained is the "
+           "model you evaluate.")
+    if model.training:
+        what = (f"with {' and '.join(what)}" if what else
+                "(no dropout or batch norm layer in it is active, so its outputs are the same)")
+        report.add("warning", "training-mode", f"The model is in training mode {what}. {fix}")
+    elif what:
+        names = [_module_name(model, m) for m in dropouts + norms]
+        report.add("warning", "training-submodule",
+                   f"The model is in eval mode but its submodule(s) {', '.join(names[:5])} are in "
+                   f"training mode (a .train() call on a part of the model after model.eval()), "
+                   f"with {' and '.join(what)}. {fix}")
     with adapter._lock, adapter._eval_mode():
         _check_passes(adapter, prepared, report)
     return report
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    name = next((n for n, m in model.named_modules() if m is module), "")
+    return f"{name or 'the model'} ({type(module).__name__})"
 
 
 def _attempt(report: Report, code: str, stages, what: str, fn):
@@ -184,10 +205,13 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
     # 4. Determinism: two passes must agree.
     again = _attempt(report, "nondeterministic", _ALL, "A second forward pass failed",
                      lambda: adapter.predict(prepared.raw))
-    if again is not None and _differ(again, out):
+    random = again is not None and _differ(again, out)
+    if random:
         report.add("error", "nondeterministic",
                    "Two forward passes on the same input gave different logits; remove randomness "
                    "from forward() (dropout, sampling).", _ALL)
+    # (the comparisons below would then fail for that randomness alone, with wrong advice: the
+    # passes still run, to find the errors they raise)
 
     # 5. The kernels' paths: the continuous inputs put in give the model's own output; the
     # instance with every unit removed runs; a batch of two gives what two batches of one give.
@@ -196,7 +220,7 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
     sub = _attempt(report, "embedding-substitution", _CONTINUOUS,
                    "Putting the continuous inputs in (as every kernel does) failed",
                    lambda: adapter.predict(prepared.raw, cont))
-    if sub is not None and _differ(sub, out):
+    if sub is not None and not random and _differ(sub, out):
         report.add("error", "embedding-substitution",
                    f"Putting the instance's own continuous inputs in gives logits "
                    f"{sub[0].tolist()} where the model gives {out[0].tolist()}: the kernels "
@@ -221,7 +245,7 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
                     lambda: adapter.predict(prepared.raw, {n: torch.cat([cont[n], base[n]])
                                                            for n in cont}))
     alone = torch.cat([sub, masked])
-    if pair is not None and _differ(pair, alone):
+    if pair is not None and not random and _differ(pair, alone):
         report.add("error", "batch-dependent",
                    "The model's output for an instance depends on the other instances in its "
                    "batch: the instance and its baseline in one batch give other logits than "
@@ -272,7 +296,19 @@ def _check_gradients(adapter: ModelAdapter, prepared, report: Report, target: in
                    "(no .detach(), .numpy() or torch.no_grad() inside forward).", _GRADIENT)
         return
     for (n, x), g in zip(cont.items(), grads):
-        if g is None or not torch.any(g != 0):
+        if g is not None and not torch.any(g != 0):
+            # connected, but zero here: not detached (advice about embedding_layers is wrong)
+            cls = adapter.class_names[target] if target < len(adapter.class_names) else target
+            report.add("error", "zero-gradient",
+                       f"The gradient of the logit of {cls!r} with respect to modality {n!r} is "
+                       "exactly zero at this instance, although the model uses it: its output "
+                       "does not change locally with it. Either units saturate at this instance "
+                       "(a dead ReLU, a saturated tanh or sigmoid, a clamp): check() another "
+                       "instance; or forward() passes it through a step (round, argmax, a "
+                       "comparison, an integer cast), which no gradient method can explain: use "
+                       "the perturbation methods (occlusion, LIME, SHAP, ablation).", _GRADIENT)
+            continue
+        if g is None:
             where = ("its embedding layer's output" if n in adapter.embedding_layers
                      else "its input")
             report.add("error", "gradient-not-reached" if n in adapter.embedding_layers

@@ -13,9 +13,10 @@ Kernels use only these verbs, so they never ask which kind of modality they hold
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +67,7 @@ class Modality:
 
     def batch(self, items: Sequence) -> torch.Tensor:
         """Stack raw instances (or their tensors) into one batch tensor."""
+        _some(items, self.name)
         return torch.stack([self._as_tensor(item) for item in items])
 
     def _as_tensor(self, item) -> torch.Tensor:
@@ -74,6 +76,13 @@ class Modality:
     def baseline_raw(self, x: torch.Tensor) -> torch.Tensor:
         """The model input (same shape as x, one instance) in which every unit is removed."""
         raise NotImplementedError
+
+    def continuous_baseline(self, base: torch.Tensor) -> torch.Tensor:
+        """The baseline on the continuous form, given ``base``, the continuous form of
+        ``baseline_raw`` (for text: the embedding of the [PAD] ids). By default ``base`` itself;
+        a modality whose baseline is not the image of any model input (Text(baseline="zero"):
+        zero embeddings) replaces it here."""
+        return base
 
     # -- units on the continuous form -------------------------------------------------------
     def unit_index(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,16 +133,30 @@ class Modality:
         return torch.as_tensor(unit_values, device=idx.device)[idx]
 
 
+def _some(items: Sequence, name: str) -> None:
+    """A ValueError when a batch is asked of no instances (torch.stack's and max()'s own errors
+    do not say what was wrong)."""
+    if len(items) == 0:
+        raise ValueError(f"{name}: a batch needs at least one instance, got none.")
+
+
 def _unit_range(t: torch.Tensor, name: str) -> torch.Tensor:
     """Pixels as floats in [0, 1]: integers (0..255) divided by 255, bools as 0/1, floats checked
     (and kept at their precision)."""
     if t.dtype == torch.bool:
         return t.float()
     if not t.is_floating_point():
-        lo, hi = int(t.min()), int(t.max())
+        wide = t.to(torch.int64)          # uint16/uint32 tensors have no min() or max()
+        lo, hi = int(wide.min()), int(wide.max())
         if lo < 0 or hi > 255:
-            raise ValueError(f"{name}: integer pixels must lie in 0..255, got {lo}..{hi}.")
-        return t.float() / 255.0
+            hint = (" For 16-bit images (0..65535) pass pixels / 65535 as floats."
+                    if lo >= 0 and hi <= 65535 and t.dtype in (torch.uint16, torch.int32,
+                                                              torch.int64, torch.uint32) else "")
+            raise ValueError(f"{name}: integer pixels must lie in 0..255, got {lo}..{hi}.{hint}")
+        return wide.float() / 255.0
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: the image holds NaN or infinite pixels; replace them (pixels "
+                         "are floats in [0, 1] or integers in 0..255).")
     lo, hi = float(t.min()), float(t.max())
     if not (lo >= -1e-3 and hi <= 1 + 1e-3):          # (NaN fails too)
         hint = (" They look like 0..255 values: divide by 255, or pass uint8 pixels."
@@ -180,9 +203,18 @@ class Image(Modality):
         patch = positive_int(patch, "Image patch (pixels per side of a unit)")
         if superpixels is not None:
             superpixels = positive_int(superpixels, "superpixels (or None for the patch grid)", 2)
-        if isinstance(baseline, str) and baseline not in ("zero", "white", "mean", "blur"):
+        if isinstance(baseline, str):
+            if baseline not in ("zero", "white", "mean", "blur"):
+                raise ValueError(f"Image baseline {baseline!r} is not one of 'zero', 'white', "
+                                 "'mean', 'blur' or a number.")
+        elif (isinstance(baseline, bool) or not isinstance(baseline, (int, float, np.number))
+              or not 0 <= float(baseline) <= 1):       # (NaN fails too)
+            hint = (f" Pixels are in [0, 1]: for the 0..255 value {baseline} pass "
+                    f"{float(baseline) / 255:.4g}."
+                    if isinstance(baseline, (int, float, np.number)) and not isinstance(baseline, bool)
+                    and 1 < float(baseline) <= 255 else "")
             raise ValueError(f"Image baseline {baseline!r} is not one of 'zero', 'white', 'mean', "
-                             "'blur' or a number.")
+                             f"'blur' or a number in [0, 1] (a grey level).{hint}")
         self.patch = int(patch)
         self.superpixels = superpixels
         self.baseline = baseline
@@ -208,8 +240,16 @@ class Image(Modality):
                 arr = arr[..., None]
             if arr.ndim != 3:
                 raise ValueError(f"{self.name}: an image must be HxWxC or HxW, got shape {arr.shape}.")
+            if (self.channels_last_raw and arr.shape[0] in (1, 3, 4)
+                    and arr.shape[-1] not in (1, 3, 4)):
+                raise ValueError(
+                    f"{self.name}: an image array must be H x W x C, and shape {arr.shape} looks "
+                    "like C x H x W: pass array.transpose(1, 2, 0), or give the modality "
+                    "channels_last_raw=False.")
             if arr.dtype.kind == "f":         # arrays give float32, as the other modalities do
                 arr = arr.astype(np.float32, copy=False)
+            if not arr.flags.writeable:       # (PIL's arrays): torch warns, and would share it
+                arr = arr.copy()
             t = torch.from_numpy(np.ascontiguousarray(arr))
             if self.channels_last_raw:
                 t = t.permute(2, 0, 1)
@@ -258,7 +298,11 @@ class Image(Modality):
         return out.reshape(b, c, h, w)
 
     def _superpixel_index(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.data_ptr(), tuple(x.shape), float(x.sum()))
+        # keyed by the pixels themselves: an address and a sum were shared by another image
+        # (a flipped copy written into the same tensor, a new tensor where a freed one was)
+        pixels = x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        key = (tuple(x.shape), str(x.dtype), str(x.device),
+               hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest())
         if key not in self._sp_cache:
             self._sp_cache.clear()
             self._sp_cache[key] = torch.from_numpy(
@@ -300,8 +344,9 @@ def slic_superpixels(img: np.ndarray, n_segments: int, compactness: float = 10.0
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     feats = np.concatenate([img.reshape(c, -1).T * compactness,
                             np.stack([ys.ravel(), xs.ravel()], 1) / step], axis=1)
-    cy = np.arange(step / 2, h, step)
-    cx = np.arange(step / 2, w, step)
+    # a row (column) of centres at least: an image thinner than half a step had none
+    cy = np.arange(min(step, h) / 2, h, step)
+    cx = np.arange(min(step, w) / 2, w, step)
     centers_idx = [int(min(h - 1, y)) * w + int(min(w - 1, x)) for y in cy for x in cx]
     centers = feats[centers_idx].copy()
     for _ in range(iterations):
@@ -315,7 +360,11 @@ def slic_superpixels(img: np.ndarray, n_segments: int, compactness: float = 10.0
     return labels.reshape(h, w).astype(np.int64)
 
 
-_WORD = re.compile(r"[\w']+|[^\w\s]")
+#: words (with inner apostrophes: don't, c'est), or one punctuation mark; an apostrophe that
+#: opens or closes a word ('red', dogs') is punctuation, so that a quoted word is still the word
+_WORD = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
+#: typographic apostrophes, read as the ASCII one (don’t is don't)
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 
 
 class Text(Modality):
@@ -335,7 +384,22 @@ class Text(Modality):
                  unk_token: str = "[UNK]", tokenize: Callable[[str], list[str]] | None = None,
                  baseline: str = "pad", drop_punctuation: bool = True):
         super().__init__(name)
+        if isinstance(vocab, (str, bytes)):
+            raise TypeError("Text vocab is a single string; give the list of tokens (index = id), "
+                            "e.g. vocab=['[PAD]', '[UNK]', 'what', 'is'].")
+        if isinstance(vocab, Mapping):       # {token: id} (tokenizer.get_vocab()): ordered by id
+            vocab = _vocab_from_ids(vocab)
         vocab = list(vocab)
+        odd = next((t for t in vocab if not isinstance(t, str)), None)
+        if odd is not None:
+            raise TypeError(f"Text vocab must hold strings (the tokens, index = id), got {odd!r}.")
+        seen: dict[str, int] = {}
+        for i, tok in enumerate(vocab):
+            if tok in seen:
+                raise ValueError(f"Text vocab holds {tok!r} twice (ids {seen[tok]} and {i}): a "
+                                 "token must have one id. Remove the duplicate, or pass your "
+                                 "own tokenize= and token ids.")
+            seen[tok] = i
         for special in (pad_token, unk_token):
             if special not in vocab:
                 raise ValueError(f"Text vocab must contain {special!r}; add it to the vocabulary.")
@@ -351,10 +415,19 @@ class Text(Modality):
 
     def tokenize(self, text: str) -> list[str]:
         if self._tokenize is not None:
-            return list(self._tokenize(text))
-        toks = _WORD.findall(text.lower())
+            toks = self._tokenize(text)
+            # a string would be split into characters, and ids looked up as tokens: all [UNK]
+            if isinstance(toks, (str, bytes)) or not all(isinstance(t, str) for t in toks):
+                got = (repr(toks) if isinstance(toks, (str, bytes)) else
+                       f"{type(toks).__name__} holding "
+                       f"{type(next(t for t in toks if not isinstance(t, str))).__name__}")
+                raise TypeError(f"{self.name}: tokenize must return a list of token strings, got "
+                                f"{got[:80]}. For a tokenizer that gives ids, pass the ids as "
+                                "a 1-D integer tensor instead of the text.")
+            return list(toks)
+        toks = _WORD.findall(text.lower().translate(_APOSTROPHES))
         if self.drop_punctuation:
-            toks = [t for t in toks if re.match(r"[\w']", t)]
+            toks = [t for t in toks if re.match(r"\w", t)]
         return toks
 
     def to_tensor(self, raw) -> torch.Tensor:
@@ -385,6 +458,7 @@ class Text(Modality):
         return super().input_shape(raw)
 
     def batch(self, items: Sequence) -> torch.Tensor:
+        _some(items, self.name)
         ts = [self._as_tensor(i) for i in items]
         n = max(len(t) for t in ts)
         out = torch.full((len(ts), n), self.pad_id, dtype=torch.long)
@@ -420,8 +494,23 @@ class Text(Modality):
     def baseline_raw(self, x: torch.Tensor) -> torch.Tensor:
         return torch.full_like(x, self.pad_id)
 
+    def continuous_baseline(self, base: torch.Tensor) -> torch.Tensor:
+        """baseline="pad": the embedding of [PAD] ids (``base``); "zero": zero embeddings."""
+        return torch.zeros_like(base) if self.baseline == "zero" else base
+
     def to_map(self, attr: torch.Tensor) -> torch.Tensor:
         return attr.reshape(attr.shape[0], -1).sum(-1) if attr.dim() > 1 else attr
+
+
+def _vocab_from_ids(vocab: Mapping) -> list:
+    """The token list (index = id) of a {token: id} mapping, whose order need not be the ids'."""
+    ids = list(vocab.values())
+    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
+        raise TypeError("Text vocab given as a dict must map each token to its integer id.")
+    if sorted(int(i) for i in ids) != list(range(len(ids))):
+        raise ValueError(f"Text vocab given as a dict must map the tokens to the ids "
+                         f"0..{len(ids) - 1}, each once.")
+    return [t for t, _ in sorted(vocab.items(), key=lambda kv: int(kv[1]))]
 
 
 class Tabular(Modality):
@@ -436,14 +525,18 @@ class Tabular(Modality):
                  groups: dict[str, Sequence[int]] | None = None,
                  baseline: str | Sequence[float] = "zero", means: Sequence[float] | None = None):
         super().__init__(name)
-        self.columns = list(columns)
+        self.columns = _names(columns, "Tabular columns", "columns=['hr', 'bp']")
         if not self.columns:
             raise ValueError("Tabular needs the column names, e.g. Tabular('vitals', columns=['hr', 'bp']).")
         f = len(self.columns)
-        self.group_names = list(groups) if groups else list(self.columns)
+        if groups is not None and not isinstance(groups, dict):
+            raise TypeError("Tabular groups must be a dict {unit name: column indices or names}, "
+                            f"got {type(groups).__name__}.")
+        self.group_names = [str(g) for g in groups] if groups else list(self.columns)
         index = np.full(f, -1, dtype=np.int64)
         if groups:
-            for g, cols in enumerate(groups.values()):
+            for g, (gname, cols) in enumerate(groups.items()):
+                cols = _members(cols, f"Tabular group {gname!r}", self.columns, "column")
                 for c in cols:
                     if not 0 <= c < f:
                         raise ValueError(f"Tabular group column {c} is outside 0..{f - 1}.")
@@ -466,17 +559,43 @@ class Tabular(Modality):
                                  "training data.")
             self._baseline = None if baseline == "zero" else torch.as_tensor(means, dtype=torch.float32)
         else:
-            self._baseline = torch.as_tensor(baseline, dtype=torch.float32)
+            self._baseline = _float_tensor(baseline, f"Tabular {self.name!r} baseline").float()
         if self._baseline is not None and self._baseline.shape != (f,):
             raise ValueError(f"Tabular baseline must have one value per column ({f}), got "
                              f"shape {tuple(self._baseline.shape)}.")
+        if self._baseline is not None and not bool(torch.isfinite(self._baseline).all()):
+            bad = [self.columns[i] for i in np.where(~torch.isfinite(self._baseline).numpy())[0]]
+            raise ValueError(f"Tabular baseline (or means) is NaN or infinite for columns {bad}: "
+                             "every masked input would be too. Give finite values (e.g. "
+                             "np.nanmean over the training data).")
 
     def to_tensor(self, raw) -> torch.Tensor:
+        """A row [F] from a sequence of F numbers (in the order of ``columns``), a dict keyed by
+        the column names, or a pandas Series whose labels include them (taken by name, so a
+        row of a DataFrame with other columns or another column order is read right)."""
+        if isinstance(raw, dict) or (hasattr(raw, "index") and hasattr(raw, "to_numpy")
+                                     and getattr(raw, "ndim", 0) == 1):
+            raw = self._by_name(raw)
         t = _float_tensor(raw, self.name)
         if t.shape != (len(self.columns),):
             raise ValueError(f"{self.name}: a row must have {len(self.columns)} values "
                              f"({', '.join(self.columns)}), got shape {tuple(t.shape)}.")
         return t
+
+    def _by_name(self, raw):
+        """The values of a dict or pandas Series, in the order of ``columns``: by label when
+        every column name is one (a Series with other labels, e.g. 0..F-1, is read by
+        position as before)."""
+        keys = list(raw.keys()) if isinstance(raw, dict) else list(raw.index)
+        names = {str(k): k for k in keys}
+        missing = [c for c in self.columns if c not in names]
+        if not missing:
+            return [raw[names[c]] for c in self.columns]
+        if isinstance(raw, dict):
+            raise ValueError(f"{self.name}: the row (a dict) has no value for the columns "
+                             f"{missing}; its keys are {keys[:10]}. Key the row by the column "
+                             f"names {self.columns}, or pass the values in that order.")
+        return raw.to_numpy()
 
     def unit_index(self, x: torch.Tensor) -> torch.Tensor:
         return self._index.to(x.device)
@@ -489,6 +608,38 @@ class Tabular(Modality):
 
     def baseline_raw(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x) if self._baseline is None else self._baseline.to(x).clone()
+
+
+def _names(v, what: str, example: str) -> list[str]:
+    """Column or channel names as a list of distinct strings (a single string, which would be
+    split into characters, and duplicates, which would make units ambiguous, refused)."""
+    if isinstance(v, (str, bytes)):
+        raise TypeError(f"{what} is a single string; give a list of names, e.g. {example}.")
+    names = [str(c) for c in v]
+    dup = next((c for i, c in enumerate(names) if c in names[:i]), None)
+    if dup is not None:
+        raise ValueError(f"{what} name {dup!r} appears twice; every name must be distinct.")
+    return names
+
+
+def _members(cols, what: str, names: Sequence[str], thing: str) -> list[int]:
+    """The indices of a group of columns (channels) given by index or by name; a group must
+    not be empty (a unit without scalars would misalign the units and their labels)."""
+    if isinstance(cols, (str, bytes)) or np.ndim(cols) == 0:
+        cols = [cols]
+    out = []
+    for c in cols:
+        if isinstance(c, str) and c in names:
+            out.append(names.index(c))
+        elif isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)):
+            out.append(int(c))
+        else:
+            raise ValueError(f"{what} holds {c!r}: give {thing} indices (integers) or {thing} "
+                             f"names ({list(names)[:10]}).")
+    if not out:
+        raise ValueError(f"{what} is empty; every unit must hold at least one {thing} (drop the "
+                         "group).")
+    return out
 
 
 def _float_tensor(raw, name: str) -> torch.Tensor:
@@ -520,8 +671,13 @@ class TimeSeries(Modality):
         if baseline not in ("zero", "mean"):
             raise ValueError(f"TimeSeries baseline {baseline!r} is not 'zero' or 'mean'.")
         self.window = int(window)
-        self.channels = list(channels)
+        self.channels = _names(channels, "TimeSeries channels", "channels=['ecg', 'spo2']")
+        if isinstance(channel_groups, (str, bytes, dict)):
+            raise TypeError("TimeSeries channel_groups must be a list of groups, each a list of "
+                            "channel indices or names, e.g. [[0, 1], [2]].")
         groups = channel_groups or [[c] for c in range(len(self.channels))]
+        groups = [_members(chans, f"TimeSeries channel group {g}", self.channels, "channel")
+                  for g, chans in enumerate(groups)]
         gidx = np.full(len(self.channels), -1, dtype=np.int64)
         for g, chans in enumerate(groups):
             for c in chans:
@@ -538,9 +694,15 @@ class TimeSeries(Modality):
 
     def to_tensor(self, raw) -> torch.Tensor:
         t = _float_tensor(raw, self.name)
-        if t.dim() != 2 or t.shape[1] != len(self.channels) or t.shape[0] == 0:
-            raise ValueError(f"{self.name}: a series must be [time, {len(self.channels)} channels] "
-                             f"with at least one time step, got shape {tuple(t.shape)}.")
+        c = len(self.channels)
+        if t.dim() != 2 or t.shape[1] != c or t.shape[0] == 0:
+            hint = ""
+            if t.dim() == 1 and c == 1 and t.shape[0]:
+                hint = " A 1-D series of one channel: pass series[:, None] (or .reshape(-1, 1))."
+            elif t.dim() == 2 and t.shape[0] == c and t.shape[1] not in (0, c):
+                hint = " It looks like [channels, time]: pass series.T."
+            raise ValueError(f"{self.name}: a series must be [time, {c} channels] "
+                             f"with at least one time step, got shape {tuple(t.shape)}.{hint}")
         return t
 
     def n_windows(self, x: torch.Tensor) -> int:
