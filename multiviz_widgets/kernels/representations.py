@@ -37,8 +37,10 @@ from .common import as_prepared, dataset_indices, input_shapes
 
 # v2: the key covers modality signatures and the module tree; v3: batches of equal shapes only
 # (no padding, which changed the features of models that pool without a pad mask), and the
-# instances that could not be prepared are recorded
-CACHE_VERSION = "features-v3"
+# instances that could not be prepared are recorded; v4: the default Text tokenizer reads quoted
+# words and curly apostrophes as words (other token ids for such texts), and the dataset
+# fingerprint hashes dicts, sets and plain objects by content
+CACHE_VERSION = "features-v4"
 
 
 # -- cache location ----------------------------------------------------------------------------
