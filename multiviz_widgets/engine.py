@@ -131,6 +131,13 @@ class Engine(traitlets.HasTraits):
         # during finalisation aborts the process ("terminate called without an active exception")
         atexit.register(_close_at_exit, weakref.ref(self))
 
+    @property
+    def lock(self) -> threading.RLock:
+        """The lock under which results are applied (``on_done``, ``on_error``). A view holds it
+        while it redraws on the kernel's thread (a highlight on a selection change), so that a
+        result applied meanwhile on a worker never interleaves with that redraw."""
+        return self._lock
+
     # -- cache ---------------------------------------------------------------------------------
     def cached(self, key: Hashable, default=None):
         """The cached value for ``key`` (refreshing its LRU position), or ``default``."""

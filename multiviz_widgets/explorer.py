@@ -94,6 +94,9 @@ class InputPanel:
         # (appended on whichever thread changes ``selected``: the kernel's or the engine's)
         self.clicks: deque[dict] = deque(maxlen=8)
         self._clicks_lock = threading.Lock()
+        # set while the kernel itself changes ``selected`` (a highlight, or the blanking of a
+        # failed or cancelled instance), on that thread only: such a change is never a click
+        self._kernel_set = threading.local()
         selection.observe(lambda _: self.refresh_items(), names=["instance"])
         selection.observe(lambda _: self.refresh_scores(),
                           names=["instance", "target", "neuron", "method", "interaction_method",
@@ -138,7 +141,7 @@ class InputPanel:
         with self.view.hold_sync():
             self.view.items = []
             self.view.scores = {}
-            self.view.selected = {}
+            self._set_selected({})            # the highlight only: the selection keeps its unit
             self.view.caption = f"{title} | not shown ({type(err).__name__})"
             self.view.score_caption = ""
             self.items_instance = -1
@@ -166,6 +169,11 @@ class InputPanel:
         unit = s.unit_ref
         a, pair = self.analyses, self.current_pair()
         in_pair = unit is not None and pair is not None and unit[0] in pair
+        if self.items_instance != i:
+            # the overlay is shown over the instance's inputs only: when they are not shown (a
+            # cancel or a failure blanked them) ask for them again, else the overlay would say
+            # "computing ..." for ever (a request already on its way is not queued twice)
+            self.refresh_items()
 
         def job(progress):
             explained = a.explained(i, target, neuron)
@@ -223,10 +231,20 @@ class InputPanel:
 
     # -- clicks ------------------------------------------------------------------------------
     def _highlight(self) -> None:
-        ref = self.selection.unit_ref
-        want = {"modality": ref[0], "unit": ref[1]} if ref else {}
-        if dict(self.view.selected) != want:
-            self.view.selected = want
+        with self.engine.lock:            # not interleaved with inputs shown on the worker
+            ref = self.selection.unit_ref
+            want = {"modality": ref[0], "unit": ref[1]} if ref else {}
+            if dict(self.view.selected) != want:
+                self._set_selected(want)
+
+    def _set_selected(self, value: dict) -> None:
+        """Set the view's ``selected`` from the kernel: what it shows, never a click (blanking
+        a failed instance must not clear the selection's unit, nor start jobs after a cancel)."""
+        self._kernel_set.active = True
+        try:
+            self.view.selected = value
+        finally:
+            self._kernel_set.active = False
 
     def _on_view_click(self, change) -> None:
         sel = change["new"] or {}
@@ -239,6 +257,10 @@ class InputPanel:
                  "items_instance": self.items_instance, "action": "selecting"}
         with self._clicks_lock:
             self.clicks.append(click)
+        if getattr(self._kernel_set, "active", False):   # the kernel's own highlight or blank
+            click["action"] = ("already selected" if ref == self.selection.unit_ref
+                               else "shown by the kernel, not a click")
+            return
         if ref is not None and not self._shows(ref):
             click["action"] = "ignored: the view does not show this unit"
             self._highlight()                 # a unit not on screen (e.g. the view is blank)

@@ -75,7 +75,7 @@ class EmbeddingView(W.VBox):
         except Exception:  # noqa: BLE001 - older ipyvolume: limits are traits of another form
             pass
         self.scatter.observe(self._on_click, names="clicked_index")
-        self.colour_by.observe(lambda _: self._colour(), names="value")
+        self.colour_by.observe(lambda _: self._recolour(), names="value")
         self.legend = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         self.legend_note = ""                            # says when colours are a hue scale
         self.caption = W.Label(value="")
@@ -133,6 +133,10 @@ class EmbeddingView(W.VBox):
             self.caption.value += (f"; {len(skipped)} could not be prepared "
                                    f"({_some(skipped)}: {feats.skipped[skipped[0]]})")
 
+    def _recolour(self) -> None:
+        with self.engine.lock:            # the menu (kernel's thread) vs points from the worker
+            self._colour()
+
     def _colour(self) -> None:
         feats = self._features
         if feats is None:
@@ -163,8 +167,9 @@ class EmbeddingView(W.VBox):
         close_widgets(old)                    # the labels replaced (each holds comms)
 
     def _highlight(self) -> None:
-        rows = np.nonzero(self.indices == self.selection.instance)[0]
-        self.scatter.selected = [int(r) for r in rows[:1]] or None
+        with self.engine.lock:            # not interleaved with points drawn on the worker
+            rows = np.nonzero(self.indices == self.selection.instance)[0]
+            self.scatter.selected = [int(r) for r in rows[:1]] or None
 
     def _on_click(self, change) -> None:
         row = change["new"]

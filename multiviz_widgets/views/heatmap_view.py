@@ -171,6 +171,10 @@ class HeatmapView(W.VBox):
         self._highlight()
 
     def _highlight(self) -> None:
+        with self.engine.lock:            # not interleaved with a matrix drawn on the worker
+            self._highlight_unlocked()
+
+    def _highlight_unlocked(self) -> None:
         s = self.selection
         rows, cols = self.matrix.shape if self.matrix.ndim == 2 else (0, 0)
         self.selected_row = self.selected_col = -1

@@ -20,6 +20,7 @@ import traitlets
 import anywidget
 
 from ..adapter import ModelAdapter, Prepared
+from ..checks import is_integer
 
 _ESM_PATH = pathlib.Path(__file__).resolve().parent.parent / "static" / "input_view.js"
 
@@ -79,6 +80,14 @@ class InputView(anywidget.AnyWidget):
             super().set_state(sync_data)
         except Exception:
             self.last_message_error = traceback.format_exc()[-4000:]
+            # a refused value stays in the browser otherwise (e.g. a highlight the kernel does
+            # not know): send the kernel's values of what the message set back
+            keys = [k for k in sync_data if k in self.keys]
+            if keys:
+                try:
+                    self.send_state(keys)
+                except Exception:  # noqa: BLE001 - no front end (a closed comm): nothing to fix
+                    pass
             raise
         finally:
             self.incoming = None
@@ -97,10 +106,16 @@ class InputView(anywidget.AnyWidget):
         sel = proposal["value"] or {}
         if not sel:
             return {}
-        if "modality" not in sel or "unit" not in sel:
+        if not isinstance(sel, dict) or "modality" not in sel or "unit" not in sel:
             raise traitlets.TraitError(
                 f"selected must be {{'modality': name, 'unit': index}} or {{}}, got {sel!r}.")
-        return {"modality": str(sel["modality"]), "unit": int(sel["unit"])}
+        m, u = sel["modality"], sel["unit"]
+        # as the Selection: a float or a bool index is refused, not truncated to another unit
+        if not isinstance(m, str) or not is_integer(u):
+            raise traitlets.TraitError(
+                f"selected must be {{'modality': name, 'unit': index}} with a modality's name and "
+                f"an integer index, got {sel!r}.")
+        return {"modality": m, "unit": int(u)}
 
     def show(self, adapter: ModelAdapter, raw_instance: Mapping, prepared: Prepared | None = None,
              caption: str | None = None) -> None:

@@ -155,7 +155,8 @@ class NeuronView(W.VBox):
 
     # -- gallery -------------------------------------------------------------------------------
     def _on_neuron(self) -> None:
-        self._draw_bars()
+        with self.engine.lock:            # not interleaved with bars arriving on the worker
+            self._draw_bars()
         self.refresh_gallery()
 
     def refresh_gallery(self) -> None:
@@ -213,6 +214,8 @@ class NeuronView(W.VBox):
                 "thumbs": thumbs}
 
     def _gallery_failed(self, err) -> None:
+        """Blank the gallery (no instances of an earlier neuron stay shown or clickable)."""
+        self._set_gallery(-1, [])
         self.gallery_caption.value = f"gallery not shown ({type(err).__name__})"
 
     def _set_gallery(self, j: int, items: list[dict], ties: dict | None = None) -> None:

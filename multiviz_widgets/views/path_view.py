@@ -111,6 +111,10 @@ class PathView(W.VBox):
         self._highlight()
 
     def _highlight(self) -> None:
+        with self.engine.lock:            # not interleaved with a path drawn on the worker
+            self._highlight_unlocked()
+
+    def _highlight_unlocked(self) -> None:
         s = self.selection
         sel = [p for p, n in enumerate(self.nodes)
                if (n["kind"] == "neuron" and n["neuron"] == s.neuron)
