@@ -372,7 +372,9 @@ class Explorer(W.VBox):
                             self.embedding_view) if v is not None]
 
     def refresh(self) -> None:
-        """Ask every view for its content again (e.g. after a cancel)."""
+        """Ask every view for its content again (e.g. after a cancel). Results already cached are
+        served again: the caches assume the model's weights do not change (after training the
+        model further, open a new Explorer)."""
         self.input_panel.refresh()
         for v in self.views:
             v.refresh()
