@@ -5,12 +5,14 @@ import threading
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from multiviz_widgets import Image, ModelAdapter, MultimodalDataset, Tabular, Text, TimeSeries
 from multiviz_widgets.adapter import Target
 from multiviz_widgets.engine import Kernels
+from multiviz_widgets.explorer import Explorer
 from multiviz_widgets.results import Attribution, Interaction
 
 VOCAB = ["[PAD]", "[UNK]", "what", "color", "is", "the", "shape", "circle", "red", "blue"]
@@ -58,6 +60,17 @@ class TinyTabSeries(nn.Module):
         a = torch.tanh(self.tab(vitals))
         b = torch.tanh(self.ser(series.flatten(1)))
         return self.head(torch.cat([a, a * b], 1))
+
+
+@pytest.fixture
+def vqa():
+    """(an Explorer on tiny_vqa with FakeKernels, its kernels), ready; closed afterwards."""
+    adapter, ds = tiny_vqa()
+    kernels = FakeKernels()
+    ex = Explorer(adapter, ds, kernels=kernels, delay=0.05)
+    assert ex.wait(60)
+    yield ex, kernels
+    ex.close()
 
 
 def tiny_tab_series(n: int = 10):

@@ -19,16 +19,6 @@ from multiviz_widgets.explorer import Explorer, default_pair
 from .explorer_support import CLASSES, FakeKernels, tiny_tab_series, tiny_three, tiny_vqa
 
 
-@pytest.fixture
-def vqa():
-    adapter, ds = tiny_vqa()
-    kernels = FakeKernels()
-    ex = Explorer(adapter, ds, kernels=kernels, delay=0.05)
-    assert ex.wait(60)
-    yield ex, kernels
-    ex.close()
-
-
 def click_mark(mark, **data):
     mark._handle_custom_msg({"event": "element_click", "data": data}, [])
 

@@ -10,20 +10,6 @@ import numpy as np
 import pytest
 import traitlets
 
-from multiviz_widgets.explorer import Explorer
-
-from .explorer_support import FakeKernels, tiny_vqa
-
-
-@pytest.fixture
-def vqa():
-    adapter, ds = tiny_vqa()
-    kernels = FakeKernels()
-    ex = Explorer(adapter, ds, kernels=kernels, delay=0.05)
-    assert ex.wait(60)
-    yield ex, kernels
-    ex.close()
-
 
 def _hold_inputs_of(ex, instance):
     """Make the input view's job for ``instance`` wait (on the worker only) until the returned
