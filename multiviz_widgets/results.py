@@ -1,7 +1,8 @@
 """Typed results of the kernels: numpy arrays plus what produced them and what it cost.
 
-``to_dict()`` gives a result as plain JSON data (lists of floats, the target as
-{"kind", "index"}); ``attribution_from_dict`` and ``interaction_from_dict`` rebuild it.
+``to_dict()`` gives a result as plain, strict JSON data (lists of floats, non-finite values as
+None, the target as {"kind", "index"}); ``attribution_from_dict`` and ``interaction_from_dict``
+rebuild it (None as NaN).
 """
 from __future__ import annotations
 
@@ -76,11 +77,17 @@ class Interaction(Result):
     col_labels: list[str] = field(default_factory=list)
 
     def top_pairs(self, k: int = 5, absolute: bool = True) -> list[tuple[int, int, float]]:
-        """The k (row, column, value) pairs of largest (absolute) interaction."""
-        m = np.abs(self.matrix) if absolute else self.matrix
-        flat = np.argsort(m, axis=None)[::-1][:k]
-        rows, cols = np.unravel_index(flat, m.shape)
-        return [(int(r), int(c), float(self.matrix[r, c])) for r, c in zip(rows, cols)]
+        """The k (row, column, value) pairs of largest (absolute) interaction (ties in row-major
+        order; NaN entries, if any, rank last)."""
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f"top_pairs needs k, the number of pairs, as an integer >= 0; got "
+                             f"{k!r}.")
+        matrix = np.asarray(self.matrix, dtype=np.float64)
+        m = np.abs(matrix) if absolute else matrix
+        key = np.where(np.isnan(m), np.inf, -m).ravel()    # largest first, NaN after all
+        order = np.argsort(key, kind="stable")[:int(k)]
+        rows, cols = np.unravel_index(order, m.shape)
+        return [(int(r), int(c), float(matrix[r, c])) for r, c in zip(rows, cols)]
 
     def _shapes(self) -> str:
         a, b = self.modalities
@@ -115,8 +122,13 @@ def _plain(value) -> Any:
 
 
 def _floats(array) -> list:
-    """An array as (nested) lists of Python floats."""
-    return np.asarray(array, dtype=np.float64).tolist()
+    """An array as (nested) lists of Python floats, non-finite values (NaN, +-inf) as None, so
+    that the data is strict JSON (``json.dumps(..., allow_nan=False)``; a browser's JSON.parse
+    refuses NaN); ``*_from_dict`` reads None back as NaN."""
+    arr = np.asarray(array, dtype=np.float64)
+    if np.isfinite(arr).all():
+        return arr.tolist()
+    return np.where(np.isfinite(arr), arr, None).tolist()
 
 
 def _shared_fields(data: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -146,7 +158,12 @@ def interaction_from_dict(data: dict[str, Any]) -> Interaction:
     """Rebuild an Interaction from ``Interaction.to_dict()`` (the matrix as float64)."""
     shared = _shared_fields(data, "interaction")
     rows, cols = list(data["row_labels"]), list(data["col_labels"])
-    matrix = np.asarray(data["matrix"], dtype=np.float64).reshape(len(rows), len(cols))
+    matrix = np.asarray(data["matrix"], dtype=np.float64)
+    if matrix.size != len(rows) * len(cols):
+        raise ValueError(f"The interaction matrix has {matrix.size} entries (shape "
+                         f"{matrix.shape}) but the data has {len(rows)} row labels and "
+                         f"{len(cols)} column labels; it is not Interaction.to_dict() data.")
+    matrix = matrix.reshape(len(rows), len(cols))
     a, b = data["modalities"]
     return Interaction(**shared, modalities=(a, b), matrix=matrix, row_labels=rows,
                        col_labels=cols)

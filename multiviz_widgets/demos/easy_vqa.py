@@ -43,6 +43,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -56,6 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter import ModelAdapter
+from ..checks import positive_int
+from ..kernels.common import dataset_indices
 from ..data import MultimodalDataset, update_hash
 from ..modalities import Image, Text
 
@@ -296,10 +299,54 @@ def read_meta(meta_path: str | Path | None = None) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"The easy-VQA model description {path} is not valid JSON ({e}). "
                            f"{_retrain_hint()}") from e
+    if not isinstance(meta, dict):
+        raise WeightsError(f"The easy-VQA model description {path} must be a JSON object with "
+                           f"'config', 'vocab' and 'answers', got a {type(meta).__name__}. "
+                           f"{_retrain_hint()}")
     missing = [k for k in ("config", "vocab", "answers") if k not in meta]
     if missing:
         raise WeightsError(f"The easy-VQA model description {path} lacks {missing}. {_retrain_hint()}")
+    problem = _meta_problem(meta)
+    if problem:
+        raise WeightsError(f"The easy-VQA model description {path} does not describe a usable "
+                           f"model: {problem}. {_retrain_hint()}")
     return meta
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with the config, vocab and answers of a model description (None: nothing).
+
+    The vocabulary maps words to rows of the embedding and the answers name the classifier's
+    outputs, so a list of the wrong length or order would give wrong answers without an error.
+    """
+    cfg, vocab, answers = meta["config"], meta["vocab"], meta["answers"]
+    if not isinstance(cfg, dict):
+        return f"'config' must be an object of EasyVQAModel arguments, got {cfg!r}"
+    unknown = sorted(set(cfg) - set(DEFAULT_CONFIG))
+    if unknown:
+        return f"'config' has unknown keys {unknown} (known: {sorted(DEFAULT_CONFIG)})"
+    for key in ("vocab_size", "n_answers", "embed_dim", "width"):
+        v = cfg.get(key, DEFAULT_CONFIG[key])
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            return f"config[{key!r}] must be a positive integer, got {v!r}"
+    ch = cfg.get("channels", DEFAULT_CONFIG["channels"])
+    if (not isinstance(ch, (list, tuple)) or len(ch) != 3
+            or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in ch)):
+        return f"config['channels'] must be a list of 3 positive integers, got {ch!r}"
+    if not isinstance(cfg.get("norm", False), bool):
+        return f"config['norm'] must be true or false, got {cfg['norm']!r}"
+    for key, items, size in (("vocab", vocab, "vocab_size"), ("answers", answers, "n_answers")):
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            return f"{key!r} must be a list of strings"
+        if len(set(items)) != len(items):
+            return f"{key!r} has repeated entries"
+        want = cfg.get(size, DEFAULT_CONFIG[size])
+        if len(items) != want:
+            return (f"{key!r} has {len(items)} entries but config[{size!r}] is {want} (one per "
+                    f"{'row of the embedding' if key == 'vocab' else 'output of the classifier'})")
+    if vocab[:2] != ["[PAD]", "[UNK]"]:
+        return f"'vocab' must start with '[PAD]' (id 0) and '[UNK]' (id 1), got {vocab[:2]}"
+    return None
 
 
 def question_modality(vocab: Sequence[str] = VOCAB) -> Text:
@@ -319,6 +366,8 @@ def load_model(weights_path: str | Path | None = None, meta_path: str | Path | N
     from safetensors.torch import load_file
 
     wpath = Path(weights_path) if weights_path is not None else WEIGHTS_FILE
+    if wpath.is_dir():                    # the folder train(out_dir=...) wrote
+        wpath = wpath / WEIGHTS_FILE.name
     if meta_path is None:
         meta_path = wpath.with_suffix(".json") if weights_path is not None else META_FILE
     meta = read_meta(meta_path)
@@ -333,6 +382,15 @@ def load_model(weights_path: str | Path | None = None, meta_path: str | Path | N
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise WeightsError(f"The easy-VQA weights {wpath} cannot be read as safetensors ({e}). "
                            f"{_retrain_hint()}") from e
+    bad = [k for k, v in state.items() if not v.is_floating_point()]
+    if bad:
+        raise WeightsError(f"The easy-VQA weights {wpath} hold non-float tensors {bad} "
+                           f"({state[bad[0]].dtype}); the model's parameters are floats. "
+                           f"{_retrain_hint()}")
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(f"The easy-VQA weights {wpath} hold NaN or infinite values in {bad}. "
+                           f"{_retrain_hint()}")
     model = EasyVQAModel(**meta["config"])
     try:
         model.load_state_dict(state, strict=True)
@@ -421,11 +479,25 @@ def image_batch(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def _question_indices(dataset: EasyVQADataset, indices) -> np.ndarray:
+    """``indices`` (None: all) checked to be question numbers of the dataset (negative ones count
+    from the end, as ``dataset[i]``): no floats truncated, no boolean mask read as 0s and 1s."""
+    if indices is None:
+        return np.arange(len(dataset))
+    return dataset_indices(indices, len(dataset), "indices", negative=True)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, dataset: EasyVQADataset, indices: Sequence[int] | None = None,
             batch_size: int = 512, question_ids: torch.Tensor | None = None) -> np.ndarray:
-    """Predicted answer indices [N] for the questions ``indices`` (default all). Cost: N forwards."""
-    idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+    """Predicted answer indices [N] for the questions ``indices`` (default all; none: an empty
+    array). ``model``: an EasyVQAModel (or the ModelAdapter around one). Cost: N forwards."""
+    if isinstance(model, ModelAdapter):
+        model = model.model
+    batch_size = positive_int(batch_size, "batch_size")
+    idx = _question_indices(dataset, indices)
+    if len(idx) == 0:
+        return np.zeros(0, dtype=np.int64)
     if question_ids is None:
         question_ids = encode_questions([dataset.questions[i] for i in idx])
         rows = np.arange(len(idx))
@@ -447,7 +519,9 @@ def predict(model: nn.Module, dataset: EasyVQADataset, indices: Sequence[int] | 
 def accuracy(model: nn.Module, dataset: EasyVQADataset, indices: Sequence[int] | None = None
              ) -> float:
     """Fraction of questions answered correctly. Cost: one forward per question (batched)."""
-    idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+    idx = _question_indices(dataset, indices)
+    if len(idx) == 0:
+        raise ValueError("accuracy needs at least one question; indices is empty.")
     return float((predict(model, dataset, idx) == dataset.labels[idx]).mean())
 
 
@@ -455,6 +529,17 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def save_weights(state: dict, path: str | Path) -> None:
+    """Save a state dict as safetensors, byte for byte the same for the same tensors.
+
+    The header's metadata has one key ("format": "pt"): safetensors writes the metadata map in
+    a random order, so two keys gave files (and SHA-256s) that differ between identical runs.
+    The model's name and configuration are in the JSON beside the weights.
+    """
+    from safetensors.torch import save_file
+    save_file(state, str(path), metadata={"format": "pt"})
 
 
 def _writable_out_dir(out_dir: str | Path | None) -> Path:
@@ -472,6 +557,24 @@ def _writable_out_dir(out_dir: str | Path | None) -> Path:
     return out
 
 
+def _train_config(config) -> dict:
+    """DEFAULT_CONFIG updated with ``config``, checked as the loader will check the saved JSON
+    (a ValueError that names the problem, before any data is read)."""
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"config must be a dict of EasyVQAModel arguments (e.g. {{'width': 96}}), "
+                         f"got {config!r}.")
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    if isinstance(cfg.get("channels"), tuple):
+        cfg["channels"] = list(cfg["channels"])
+    import easy_vqa as ev
+    answers = list(ev.get_answers())
+    problem = _meta_problem({"config": cfg, "vocab": list(VOCAB), "answers": answers})
+    if problem:
+        raise ValueError(f"Cannot train with config {config!r}: {problem} (the vocabulary has "
+                         f"{len(VOCAB)} tokens and easy-VQA {len(answers)} answers).")
+    return cfg
+
+
 def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
           val_every: int = 10, out_dir: str | Path | None = None, threads: int = 2,
           log: Callable[[str], None] = print, config: dict | None = None,
@@ -483,14 +586,40 @@ def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 
     evaluated at the end, for the record. Returns the JSON written beside the weights.
     Cost: epochs x 34,676 forward + backward passes (a few minutes on two quiet cores).
     ``max_steps_per_epoch`` cuts epochs short and ``evaluate_test=False`` skips the final test
-    pass (both for smoke tests).
+    pass (both for smoke tests). The arguments are checked first (a ValueError); the caller's
+    thread count and random states (torch, numpy, random) are restored afterwards. The weights
+    and the JSON are written to temporary files and then renamed, so an interrupted run leaves
+    the previous pair intact.
     """
-    from safetensors.torch import save_file
-
+    for name, value, least in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
+                               ("val_every", val_every, 2), ("threads", threads, 1),
+                               ("seed", seed, 0)):
+        positive_int(value, f"{name}" + (" (1 would hold out every picture)"
+                                         if name == "val_every" else ""), least)
+    if max_steps_per_epoch is not None:
+        positive_int(max_steps_per_epoch, "max_steps_per_epoch", 1)
+    if (isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer))
+            or not math.isfinite(lr) or lr <= 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}.")
+    cfg = _train_config(config)
     out = _writable_out_dir(out_dir)        # before minutes of training, not after
+    threads_before = torch.get_num_threads()
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _train(epochs, batch_size, lr, seed, val_every, out, threads, log, cfg,
+                          max_steps_per_epoch, evaluate_test)
+    finally:
+        torch.set_num_threads(threads_before)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _train(epochs, batch_size, lr, seed, val_every, out, threads, log, cfg, max_steps_per_epoch,
+           evaluate_test) -> dict:
+    """train() after its checks: the training itself, then the files (see train)."""
     torch.set_num_threads(threads)
     _seed_everything(seed)
-    cfg = dict(DEFAULT_CONFIG, **(config or {}))
     start = time.perf_counter()
     ds = load_dataset("train")
     qids = encode_questions(ds.questions)
@@ -550,9 +679,10 @@ def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 
         + (f"test accuracy {test_acc:.4f} on {len(test)} questions; " if evaluate_test else "")
         + f"{train_seconds:.0f} s of training")
 
-    wpath = out / WEIGHTS_FILE.name
+    wpath, mpath = out / WEIGHTS_FILE.name, out / META_FILE.name
+    # temporary files beside the final ones, renamed once both are complete
+    w_tmp, m_tmp = (out / f".{name}.{os.getpid()}.tmp" for name in (wpath.name, mpath.name))
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(wpath), metadata={"format": "pt", "model": "EasyVQAModel"})
     import easy_vqa as ev
     meta = {
         "model": "EasyVQAModel",
@@ -572,10 +702,17 @@ def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 
                      "torch": torch.__version__},
         "test_accuracy": test_acc,
         "n_test": len(test),
-        "weights_sha256": _file_sha256(wpath),
     }
-    (out / META_FILE.name).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    log(f"saved {wpath} and {out / META_FILE.name}")
+    try:
+        save_weights(state, w_tmp)
+        meta["weights_sha256"] = _file_sha256(w_tmp)
+        m_tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        os.replace(w_tmp, wpath)
+        os.replace(m_tmp, mpath)
+    finally:
+        for tmp in (w_tmp, m_tmp):
+            tmp.unlink(missing_ok=True)
+    log(f"saved {wpath} and {mpath}")
     return meta
 
 
@@ -622,11 +759,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         try:
+            config = json.loads(args.config) if args.config else None
+        except json.JSONDecodeError as e:
+            p_train.error(f"--config is not valid JSON ({e}); give an object such as "
+                          '\'{"width": 96}\'')
+        try:
             train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                  out_dir=args.out_dir, threads=args.threads,
-                  config=json.loads(args.config) if args.config else None,
+                  out_dir=args.out_dir, threads=args.threads, config=config,
                   log=lambda m: print(m, flush=True))
-        except OSError as e:          # e.g. an output folder it cannot write (checked first)
+        except (OSError, ValueError) as e:   # a bad argument, a folder it cannot write (checked first)
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 0

@@ -24,6 +24,7 @@ They train in about a second on two cores with fixed seeds and are cached in mem
 """
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Sequence
 
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from ..adapter import ModelAdapter
+from ..checks import is_integer, positive_int
 from ..data import MultimodalDataset
 from ..modalities import Tabular, TimeSeries
 
@@ -61,15 +63,17 @@ N_TRAIN, N_TEST = 3000, 600
 
 def make_data(n: int, seed: int = 0, kind: str = "planted"
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tabular [n, 6], series [n, 32, 3], labels [n]) float32/int64 arrays drawn with ``seed``."""
+    """(tabular [n, 6], series [n, 32, 3], labels [n]) float32/int64 arrays drawn with ``seed``
+    (n: an integer >= 0)."""
     _check_kind(kind)
+    n = positive_int(n, "n (the number of instances)", 0)
     rng = np.random.default_rng(seed)
     tab = rng.standard_normal((n, len(COLUMNS))).astype(np.float32)
     levels = rng.standard_normal((n, N_WINDOWS, len(CHANNELS))).astype(np.float32)
     series = (np.repeat(levels, WINDOW, axis=1)
               + NOISE * rng.standard_normal((n, STEPS, len(CHANNELS)))).astype(np.float32)
     means = series.reshape(n, N_WINDOWS, WINDOW, len(CHANNELS)).mean(2)
-    flat = means.reshape(n, -1)                            # [n, units] in unit order
+    flat = means.reshape(n, N_WINDOWS * len(CHANNELS))     # [n, units] in unit order
     t_add, s_add = ADDITIVE_UNITS["tabular"], ADDITIVE_UNITS["series"]
     score = ADDITIVE_WEIGHT * (tab[:, t_add[0]] - tab[:, t_add[1]]
                                + flat[:, s_add[0]] - flat[:, s_add[1]])
@@ -126,19 +130,41 @@ class AdditiveFusion(_EncodeThenFuse):
         return self.head(torch.cat([enc["tabular"], enc["series"]], 1))
 
 
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; choose one of {list(SPLITS)}.")
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"Unknown synthetic task {kind!r}; choose one of {list(KINDS)}.")
 
 
-@functools.lru_cache(maxsize=8)
 def train(kind: str = "planted", seed: int = 0, steps: int = 200, lr: float = 1e-2
           ) -> tuple[nn.Module, dict]:
     """(model in eval mode, {"train_accuracy", "test_accuracy", "steps", "seed"}); cached.
 
     Full-batch Adam with weight decay on ``N_TRAIN`` instances, on one thread (small matrices
-    gain nothing from more, and a busy machine loses a lot): a few seconds.
+    gain nothing from more, and a busy machine loses a lot): a few seconds. The trained model
+    is cached in memory (one entry per kind, seed, steps and lr, however they are passed);
+    every call returns its own copy, so that editing a model (or the metrics) never changes
+    what a later ``train`` or ``load`` gives. ``train.__wrapped__`` trains without the cache.
     """
+    _check_kind(kind)
+    model, metrics = _train_cached(kind, positive_int(seed, "seed", 0),
+                                   positive_int(steps, "steps", 1), float(lr))
+    return copy.deepcopy(model), dict(metrics)
+
+
+@functools.lru_cache(maxsize=8)
+def _train_cached(kind: str, seed: int, steps: int, lr: float) -> tuple[nn.Module, dict]:
+    """The training behind ``train``, cached (never hand out its model: train copies it)."""
+    return _train(kind, seed, steps, lr)
+
+
+def _train(kind: str = "planted", seed: int = 0, steps: int = 200, lr: float = 1e-2
+           ) -> tuple[nn.Module, dict]:
+    """``train`` without the cache (a fresh training)."""
     _check_kind(kind)
     tab, series, labels = make_data(N_TRAIN, seed=seed, kind=kind)
     threads = torch.get_num_threads()
@@ -157,6 +183,9 @@ def train(kind: str = "planted", seed: int = 0, steps: int = 200, lr: float = 1e
                           == torch.from_numpy(ty)).float().mean())
     return model, {"kind": kind, "seed": seed, "steps": steps, "train_accuracy": train_acc,
                    "test_accuracy": test_acc}
+
+
+train.__wrapped__ = _train
 
 
 def _fit(kind, seed, steps, lr, tab, series, labels):
@@ -193,12 +222,11 @@ def make_adapter(model: nn.Module, kind: str = "planted") -> ModelAdapter:
 def make_dataset(split: str = "test", seed: int = 0, kind: str = "planted",
                  n: int | None = None) -> MultimodalDataset:
     """The synthetic instances {"tabular": [6], "series": [32, 3]} with labels and descriptions."""
-    if split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r}; choose one of {list(SPLITS)}.")
-    n = (N_TRAIN if split == "train" else N_TEST) if n is None else int(n)
+    _check_split(split)
+    n = (N_TRAIN if split == "train" else N_TEST) if n is None else positive_int(n, "n", 1)
     tab, series, labels = make_data(n, seed=seed if split == "train" else seed + 1000, kind=kind)
     s_unit = PLANTED_UNITS["series"]
-    means = series.reshape(n, N_WINDOWS, WINDOW, len(CHANNELS)).mean(2).reshape(n, -1)
+    means = series.reshape(n, N_WINDOWS, WINDOW, len(CHANNELS)).mean(2).reshape(n, N_WINDOWS * len(CHANNELS))
     descriptions = [
         f"{CLASS_NAMES[labels[i]]}: glucose {tab[i, PLANTED_COLUMN]:+.2f}, "
         f"respiration t16-23 {means[i, s_unit]:+.2f}" for i in range(n)]
@@ -208,8 +236,10 @@ def make_dataset(split: str = "test", seed: int = 0, kind: str = "planted",
 
 def load(kind: str = "planted", split: str = "test", seed: int = 0
          ) -> tuple[ModelAdapter, MultimodalDataset]:
-    """(adapter, dataset) of a synthetic task; the model trains on first use (about a second)."""
+    """(adapter, dataset) of a synthetic task; the model trains on first use (about a second).
+    The adapter wraps its own copy of the cached model."""
     _check_kind(kind)
+    _check_split(split)
     model, _ = train(kind, seed)
     return make_adapter(model, kind), make_dataset(split, seed=seed, kind=kind)
 
@@ -222,7 +252,16 @@ def info(kind: str = "planted", seed: int = 0) -> dict:
 
 
 def unit_names(units: Sequence[int], modality: str) -> list[str]:
-    """Readable names of units of "tabular" or "series" (e.g. 'respiration t16-23')."""
+    """Readable names of units of "tabular" or "series" (e.g. 'respiration t16-23').
+
+    units: unit numbers, 0..5 (tabular) or 0..11 (series); others are a ValueError."""
+    n_units = {"tabular": len(COLUMNS), "series": N_WINDOWS * len(CHANNELS)}.get(modality)
+    if n_units is not None:
+        units = list(units)
+        bad = [u for u in units if not is_integer(u) or not 0 <= int(u) < n_units]
+        if bad:
+            raise ValueError(f"{modality} units are numbered 0..{n_units - 1}, got {bad[0]!r}.")
+        units = [int(u) for u in units]
     if modality == "tabular":
         return [COLUMNS[u] for u in units]
     if modality == "series":

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..adapter import AdapterError, ModelAdapter, Prepared, Target
+from ..checks import positive_int
 from ..progress import ProgressFn, report
 
 #: Default rows per forward pass for perturbation kernels. Small batches keep activations in
@@ -68,22 +69,26 @@ def evaluate_masks(adapter: ModelAdapter, prepared: Prepared, masks: Mapping[str
                    message: str = "forward passes") -> torch.Tensor:
     """f_target of the masked instance for every row of the masks: a tensor [B].
 
-    Cost: B forward passes, in chunks of batch_size (progress is reported per chunk).
+    Cost: B forward passes, in chunks of batch_size (progress is reported per chunk). No rows
+    (B = 0): an empty tensor, no forward pass.
     """
+    step = positive_int(batch_size, "batch_size")
     total = next(iter(masks.values())).shape[0]
+    if total == 0:
+        return torch.zeros(0, device=adapter.device)
     outs = []
-    for s in range(0, total, batch_size):
-        chunk = {k: v[s:s + batch_size] for k, v in masks.items()}
+    for s in range(0, total, step):
+        chunk = {k: v[s:s + step] for k, v in masks.items()}
         outs.append(adapter.scalar(prepared, masked_continuous(prepared, chunk, adapter), target))
-        report(progress, min(total, s + batch_size), total, message)
+        report(progress, min(total, s + step), total, message)
     return torch.cat(outs)
 
 
 def block_pairs(a: int, b: int, batch_size: int | None, device):
     """Yield (i [B], j [B]): all a x b pairs (i < a, j < b) in row-major order, in chunks of up
     to batch_size pairs (None: one chunk), as index tensors on ``device``."""
-    n = a * b
-    step = n if batch_size is None else int(batch_size)
+    n = int(a) * int(b)
+    step = max(n, 1) if batch_size is None else positive_int(batch_size, "batch_size")
     for s in range(0, n, step):
         k = torch.arange(s, min(n, s + step), device=device)
         yield k // b, k % b
@@ -241,10 +246,19 @@ def dataset_index(index, n_total: int, what: str = "index") -> int:
     return int(dataset_indices([index], n_total, what)[0])
 
 
-def dataset_indices(indices, n_total: int, what: str = "indices") -> np.ndarray:
+def _out_of_range(value, n_total: int, what: str, negative: bool = False) -> ValueError:
+    has = (f"the dataset has {n_total} instances, numbered 0..{n_total - 1}"
+           + (f" (or -{n_total}..-1 from the end)" if negative else "") if n_total > 0
+           else "the dataset is empty (it has no instances)")
+    return ValueError(f"{what}: {value} is out of range; {has}.")
+
+
+def dataset_indices(indices, n_total: int, what: str = "indices",
+                    negative: bool = False) -> np.ndarray:
     """Instance numbers of a dataset of n_total: a 1-D int64 array, every entry an integer in
     0..n_total-1. Refuses floats (1.7 would be truncated), strings, boolean masks and nested
-    lists with a message that says what to pass instead."""
+    lists with a message that says what to pass instead. ``negative=True`` also takes
+    -n_total..-1, counting from the end (as ``dataset[i]`` does), and returns them as 0..n-1."""
     if isinstance(indices, torch.Tensor):
         indices = indices.detach().cpu().numpy()
     try:
@@ -261,19 +275,31 @@ def dataset_indices(indices, n_total: int, what: str = "indices") -> np.ndarray:
         raise ValueError(f"{what} must be a 1-D list of instance numbers, got shape {arr.shape}.")
     if arr.size and arr.dtype.kind not in "iu":
         values = arr.tolist()
-        bad = next((x for x in values if isinstance(x, bool) or not isinstance(x, int)), values[0])
-        raise ValueError(f"{what} must be integers (instance numbers), got {bad!r} "
-                         f"({type(bad).__name__}); non-integer numbers are not truncated.")
+        bad = next((x for x in values if isinstance(x, bool) or not isinstance(x, int)), None)
+        if bad is not None:
+            raise ValueError(f"{what} must be integers (instance numbers), got {bad!r} "
+                             f"({type(bad).__name__}); non-integer numbers are not truncated.")
+        big = next((x for x in values if not (-n_total if negative else 0) <= x < n_total),
+                   None)
+        if big is not None:      # Python integers too large for int64 make an object array
+            raise _out_of_range(big, n_total, what, negative)
+        arr = np.array(values, dtype=np.int64)   # an object array of small Python integers
+    if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise _out_of_range(int(arr.max()), n_total, what, negative)     # would wrap to a negative int64
     arr = arr.astype(np.int64)
-    out = (arr < 0) | (arr >= n_total)
+    low = -n_total if negative else 0
+    out = (arr < low) | (arr >= n_total)
     if out.any():
-        raise ValueError(f"{what}: {int(arr[out][0])} is out of range; the dataset has {n_total} "
-                         f"instances, numbered 0..{n_total - 1}.")
-    return arr
+        raise _out_of_range(int(arr[out][0]), n_total, what, negative)
+    return np.where(arr < 0, arr + n_total, arr) if negative else arr
 
 
 def sample_indices(n_total: int, n: int | None, seed: int) -> np.ndarray:
-    """n of range(n_total) drawn with ``seed``, sorted (all of them when n is None or >= n_total)."""
+    """n of range(n_total) drawn with ``seed``, sorted (all of them when n is None or >= n_total).
+
+    n: None or an integer >= 0 (a float, a bool or a negative number is a ValueError)."""
+    if n is not None:
+        n = positive_int(n, "The number of instances to sample (None for all of them)", 0)
     if n is None or n >= n_total:
         return np.arange(n_total)
     return np.sort(np.random.default_rng(seed).choice(n_total, size=int(n), replace=False))
