@@ -127,6 +127,14 @@ class Modality:
         """Full-resolution map of a scalar attribution of one instance (default: as it is)."""
         return attr
 
+    def unit_sums_and_map(self, attr: torch.Tensor, x: torch.Tensor, index: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(per-unit sums [n_units], ``to_map(attr)``) of one instance's scalar attribution
+        computed together, for modalities where one follows cheaply from the other; None (the
+        default) leaves it to ``pool`` and ``to_map``. Every stage-1 gradient call makes both,
+        so few tensor operations here matter (each costs microseconds)."""
+        return None
+
     def expand(self, unit_values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Broadcast per-unit values [n_units] back to x's shape."""
         idx = self.unit_index(x)
@@ -278,6 +286,27 @@ class Image(Modality):
         cols = torch.arange(w, device=x.device) // self.patch
         ncols = math.ceil(w / self.patch)
         return (rows[:, None] * ncols + cols[None, :]).unsqueeze(0).expand(c, h, w)
+
+    def pool(self, attr: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """As Modality.pool; on an exact patch grid it sums the channels, then each patch by a
+        reshape, instead of scattering every scalar (8x8 patches of a 64x64 image: 12 us
+        against 17 us, timed alone)."""
+        c, h, w = x.shape
+        p = self.patch
+        if self.superpixels or h % p or w % p:
+            return super().pool(attr, x, index)
+        b = attr.shape[0]
+        return attr.sum(-3).reshape(b, h // p, p, w // p, p).sum((2, 4)).reshape(b, -1)
+
+    def unit_sums_and_map(self, attr, x, index):
+        """On an exact patch grid: the map (channels summed), then its patches summed."""
+        c, h, w = x.shape
+        p = self.patch
+        if self.superpixels or h % p or w % p:
+            return None
+        m = attr.sum(-3)
+        return m.reshape(h // p, p, w // p, p).sum((1, 3)).reshape(-1), m
 
     def apply_mask(self, x: torch.Tensor, masks: torch.Tensor, baseline: torch.Tensor,
                    index: torch.Tensor | None = None) -> torch.Tensor:
@@ -500,6 +529,11 @@ class Text(Modality):
 
     def to_map(self, attr: torch.Tensor) -> torch.Tensor:
         return attr.reshape(attr.shape[0], -1).sum(-1) if attr.dim() > 1 else attr
+
+    def unit_sums_and_map(self, attr, x, index):
+        """A token is a unit: its sum is its entry of the map (the same numbers, two tensors)."""
+        m = self.to_map(attr)
+        return m.clone(), m
 
 
 def _vocab_from_ids(vocab: Mapping) -> list:

@@ -255,3 +255,38 @@ def test_arrays_give_float32_and_float_tensors_keep_their_precision():
 ])
 def test_input_shape_is_the_shape_of_the_model_input(modality, raw):
     assert modality.input_shape(raw) == tuple(modality.to_tensor(raw).shape)
+
+
+@pytest.mark.parametrize("shape,patch", [((3, 64, 64), 8), ((1, 32, 48), 16), ((4, 16, 16), 4),
+                                         ((3, 30, 30), 8)])
+def test_image_pool_on_a_patch_grid_equals_the_generic_scatter(shape, patch):
+    """Image.pool sums patches by a reshape on an exact grid (a scatter otherwise): the same
+    per-unit sums, in the order of unit_index, as the base class's scatter."""
+    from multiviz_widgets.modalities import Modality
+    image = Image("image", patch=patch)
+    x = torch.rand(*shape)
+    attr = torch.randn(5, *shape)
+    index = image.unit_index(x)
+    fast = image.pool(attr, x, index)
+    torch.testing.assert_close(fast, Modality.pool(image, attr, x, index), rtol=1e-5, atol=1e-5)
+    assert fast.shape == (5, image.n_units(x))
+
+
+def test_unit_sums_and_map_agree_with_pool_and_to_map():
+    """The fused unit sums and map of Image (patch grid) and Text are pool's and to_map's
+    numbers, in separate tensors (editing one never changes the other)."""
+    from multiviz_widgets.modalities import Modality
+    image, text = Image("image", patch=8), Text("q", vocab=["[PAD]", "[UNK]", "a", "b"])
+    cases = [(image, torch.rand(3, 64, 64)), (text, torch.randn(5, 16))]
+    for mod, x in cases:
+        attr = torch.randn(*x.shape)
+        index = mod.unit_index(x)
+        sums, m = mod.unit_sums_and_map(attr, x, index)
+        torch.testing.assert_close(sums, Modality.pool(mod, attr[None], x, index)[0],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m, mod.to_map(attr))
+        before = m.clone()
+        sums.add_(1.0)
+        torch.testing.assert_close(m, before)
+    assert Image("image", patch=8, superpixels=4).unit_sums_and_map(
+        torch.zeros(3, 16, 16), torch.rand(3, 16, 16), None) is None

@@ -208,12 +208,16 @@ def _scores_and_maps(adapter: ModelAdapter, prepared: Prepared,
     decides by the device (tests force either way)."""
     parts = []
     for n, a in attrs.items():
-        parts += [_unit_sums(adapter, prepared, n, a), adapter.modalities[n].to_map(a)]
-    parts = [t.detach() for t in parts]
+        mod = adapter.modalities[n]
+        both = mod.unit_sums_and_map(a, prepared.continuous[n], prepared.index[n])
+        parts += both if both is not None else [_unit_sums(adapter, prepared, n, a),
+                                                mod.to_map(a)]
+    parts = [t.detach() if t.requires_grad else t for t in parts]
     if one_transfer is None:
         one_transfer = parts[0].device.type != "cpu"
     if not one_transfer:
-        arrays = [t.cpu().numpy() for t in parts]                # on the CPU: no copy at all
+        arrays = [t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
+                  for t in parts]                                # on the CPU: no copy at all
     else:
         flat = torch.cat([t.reshape(-1).to(parts[0].dtype) for t in parts]).cpu().numpy()
         arrays, o = [], 0
@@ -646,7 +650,8 @@ class _GradientFamily(AttributionMethod):
         attrs = self._attributions(prepared, names, total)
         scores, maps = _scores_and_maps(adapter, prepared, attrs)
         return scores, maps, self._found(adapter, prepared, target, names, p,
-                                         torch.cat(outputs), attrs)
+                                         outputs[0] if len(outputs) == 1 else torch.cat(outputs),
+                                         attrs)
 
 
 class _Gradient(_GradientFamily):
