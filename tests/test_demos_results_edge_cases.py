@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 
 import numpy as np
 import pytest
@@ -91,13 +90,6 @@ def test_sample_indices_edge_counts():
 
 
 # -- easy-VQA: loading --------------------------------------------------------------------------
-@pytest.fixture
-def weights_copy(tmp_path):
-    shutil.copy(demo.WEIGHTS_FILE, tmp_path / "easy_vqa.safetensors")
-    shutil.copy(demo.META_FILE, tmp_path / "easy_vqa.json")
-    return tmp_path / "easy_vqa.safetensors", tmp_path / "easy_vqa.json"
-
-
 def _edit_meta(m, fn):
     meta = json.loads(m.read_text())
     m.write_text(json.dumps(fn(meta)))

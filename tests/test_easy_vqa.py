@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -199,13 +198,6 @@ def test_question_kind_agrees_with_every_answer():
 
 
 # -- loading errors --------------------------------------------------------------------------
-@pytest.fixture
-def weights_copy(tmp_path):
-    shutil.copy(demo.WEIGHTS_FILE, tmp_path / "easy_vqa.safetensors")
-    shutil.copy(demo.META_FILE, tmp_path / "easy_vqa.json")
-    return tmp_path / "easy_vqa.safetensors", tmp_path / "easy_vqa.json"
-
-
 def test_copied_weights_load(weights_copy, adapter):
     w, _ = weights_copy
     other = demo.load_adapter(w)

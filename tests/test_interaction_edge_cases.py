@@ -11,15 +11,7 @@ from torch import nn
 from multiviz_widgets import ModelAdapter, MultimodalDataset, Tabular, Text, TimeSeries
 from multiviz_widgets.kernels.interactions import dime, interaction
 
-VOCAB = ["[PAD]", "[UNK]", "what", "shape", "is", "the", "red", "circle"]
-
-
-def _seeded(module: nn.Module, seed: int, scale: float = 0.6) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return module.eval()
+from .test_interactions import VOCAB, TextTab as QuestionTab, _seeded
 
 
 def _modalities():
@@ -105,18 +97,11 @@ def test_sog_backward_count_is_what_was_run():
 # ---------------------------------------------------------------------------------------------
 # params under the side swap
 # ---------------------------------------------------------------------------------------------
-class TextTab(nn.Module):
-    def __init__(self, seed=0):
-        super().__init__()
-        self.emb = nn.Embedding(len(VOCAB), 3)
-        self.q = nn.Linear(3, 4)
-        self.t = nn.Linear(2, 4)
-        self.head = nn.Linear(4, 2)
-        _seeded(self, seed)
+class TextTab(QuestionTab):
+    """test_interactions' question x tabular model, taking the tabular input first."""
 
     def forward(self, tabular, question):
-        q = torch.tanh(self.q(self.emb(question))).sum(1)
-        return self.head(torch.tanh(q * torch.tanh(self.t(tabular)) + q))
+        return super().forward(question, tabular)
 
 
 def test_sog_params_describe_the_rows_and_columns_also_when_the_sides_are_swapped():
