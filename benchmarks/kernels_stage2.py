@@ -173,8 +173,8 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
     sog_bound, loop_bound, shared_ms, sog_floor_fb = [], [], [], []
     turn = 0
     # the floor batch is chosen once; each instance's floor is then timed next to its kernels
-    first = adapter.prepare(dataset[int(indices[0])])
-    batch = floor_batch or min(per_sample_scan(adapter, first).items(), key=lambda kv: kv[1])[0]
+    probe = adapter.prepare(dataset[int(indices[0])])
+    batch = floor_batch or min(per_sample_scan(adapter, probe).items(), key=lambda kv: kv[1])[0]
     out["floor_batch"] = batch
     for i in indices:
         p = adapter.prepare(dataset[int(i)])
@@ -190,8 +190,9 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
         for fn in calls.values():                                                  # warm-up
             fn()
         for _ in range(repeats):
-            # the three in an order rotated from one timing to the next: each comes first,
-            # right after the floors' large batches, equally often
+            # the three in an order rotated from one timing to the next: each comes first
+            # (right after large batched work: the floors, or the previous round's pairwise
+            # ablation) equally often
             names = list(calls)
             first = turn % len(names)
             got = {who: timed(calls[who]) for who in names[first:] + names[:first]}

@@ -192,6 +192,12 @@ def _match_ids(t: torch.Tensor, names: Sequence[str], ids: Mapping[str, torch.Te
 _TRAINING_LAYERS = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
 
 
+def _in_effect(layer: nn.Module) -> bool:
+    """Whether a dropout or batch norm layer's training mode changes outputs (Dropout(p=0) in
+    training mode does not)."""
+    return layer.training and getattr(layer, "p", 1) > 0
+
+
 def _outside_stacklevel() -> int:
     """The stacklevel, for warnings.warn called by this function's caller, of the first frame
     outside this package, torch and contextlib: the user's line that asked for the work."""
@@ -497,12 +503,12 @@ class ModelAdapter:
         after ``model.eval()``), is warned about once per adapter. Cost: nothing when the model
         and those layers (found when the adapter was made) are in eval mode: every forward pass
         runs through here."""
-        if not self.model.training and not any(m.training for m in self._mode_layers):
+        if not self.model.training and not any(map(_in_effect, self._mode_layers)):
             yield
             return
         modes = [(m, m.training) for m in self.model.modules()]
-        active = sorted({type(m).__name__ for m, mode in modes if mode and isinstance(
-            m, _TRAINING_LAYERS) and getattr(m, "p", 1) > 0})      # Dropout(p=0) does nothing
+        active = sorted({type(m).__name__ for m, _ in modes
+                         if isinstance(m, _TRAINING_LAYERS) and _in_effect(m)})
         if active and not getattr(self, "_warned_training", False):
             self._warned_training = True
             where = "is in training mode" if self.model.training else "has submodules in training mode"

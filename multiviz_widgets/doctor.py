@@ -297,18 +297,19 @@ def _check_gradients(adapter: ModelAdapter, prepared, report: Report, target: in
         return
     for (n, x), g in zip(cont.items(), grads):
         if g is not None and not torch.any(g != 0):
-            # connected, but zero here: not detached (advice about embedding_layers is wrong)
+            # connected, but zero here: not detached (advice about embedding_layers is wrong);
+            # a warning, as it may hold at this instance only
             cls = adapter.class_names[target] if target < len(adapter.class_names) else target
-            report.add("error", "zero-gradient",
+            report.add("warning", "zero-gradient",
                        f"The gradient of the logit of {cls!r} with respect to modality {n!r} is "
-                       "exactly zero at this instance, although the model uses it: its output "
-                       "does not change locally with it. Either units saturate at this instance "
-                       "(a dead ReLU, a saturated tanh or sigmoid, a clamp): check() another "
-                       "instance; or forward() passes it through a step (round, argmax, a "
-                       "comparison, an integer cast), which no gradient method can explain: use "
-                       "the perturbation methods (occlusion, LIME, SHAP, ablation).", _GRADIENT)
-            continue
-        if g is None:
+                       "exactly zero at this instance, although the modality is connected to the "
+                       "output: the output does not change locally with it. Either units "
+                       "saturate at this instance (a dead ReLU, a saturated tanh or sigmoid, a "
+                       "clamp): check() another instance; or forward() passes it through a step "
+                       "(round, argmax, a comparison, an integer cast), which no gradient method "
+                       "can explain: use the perturbation methods (occlusion, LIME, SHAP, "
+                       "ablation).", _GRADIENT)
+        elif g is None:
             where = ("its embedding layer's output" if n in adapter.embedding_layers
                      else "its input")
             report.add("error", "gradient-not-reached" if n in adapter.embedding_layers

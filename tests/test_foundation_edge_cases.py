@@ -348,7 +348,8 @@ def test_a_zero_gradient_is_not_called_a_detached_input():
     r = check(adapter(Dead()), INSTANCE)
     assert r.codes() == {"zero-gradient"}, str(r)
     assert "detaches" not in str(r) and "another instance" in str(r)
-    assert not r.stages["unimodal_gradient"] and r.stages["unimodal_perturbation"]
+    # a warning: it may hold at this instance only, so the gradient stages stay available
+    assert r.ok and r.stages["unimodal_gradient"] and r.stages["unimodal_perturbation"]
 
 
 def test_an_instance_error_with_a_foreign_code_attribute_is_reported_as_an_instance_error():

@@ -257,21 +257,6 @@ def test_input_shape_is_the_shape_of_the_model_input(modality, raw):
     assert modality.input_shape(raw) == tuple(modality.to_tensor(raw).shape)
 
 
-@pytest.mark.parametrize("shape,patch", [((3, 64, 64), 8), ((1, 32, 48), 16), ((4, 16, 16), 4),
-                                         ((3, 30, 30), 8)])
-def test_image_pool_on_a_patch_grid_equals_the_generic_scatter(shape, patch):
-    """Image.pool sums patches by a reshape on an exact grid (a scatter otherwise): the same
-    per-unit sums, in the order of unit_index, as the base class's scatter."""
-    from multiviz_widgets.modalities import Modality
-    image = Image("image", patch=patch)
-    x = torch.rand(*shape)
-    attr = torch.randn(5, *shape)
-    index = image.unit_index(x)
-    fast = image.pool(attr, x, index)
-    torch.testing.assert_close(fast, Modality.pool(image, attr, x, index), rtol=1e-5, atol=1e-5)
-    assert fast.shape == (5, image.n_units(x))
-
-
 def test_unit_sums_and_map_agree_with_pool_and_to_map():
     """The fused unit sums and map of Image (patch grid) and Text are pool's and to_map's
     numbers, in separate tensors (editing one never changes the other)."""
@@ -288,5 +273,32 @@ def test_unit_sums_and_map_agree_with_pool_and_to_map():
         before = m.clone()
         sums.add_(1.0)
         torch.testing.assert_close(m, before)
+    for shape, patch in [((1, 32, 48), 16), ((4, 16, 16), 4)]:       # other exact grids
+        image, x = Image("image", patch=patch), torch.rand(*shape)
+        attr = torch.randn(*shape)
+        sums, _ = image.unit_sums_and_map(attr, x, image.unit_index(x))
+        torch.testing.assert_close(sums, Modality.pool(image, attr[None], x,
+                                                       image.unit_index(x))[0], rtol=1e-5, atol=1e-5)
     assert Image("image", patch=8, superpixels=4).unit_sums_and_map(
         torch.zeros(3, 16, 16), torch.rand(3, 16, 16), None) is None
+    assert Image("image", patch=8).unit_sums_and_map(              # a ragged edge: not a grid
+        torch.zeros(3, 30, 30), torch.rand(3, 30, 30), None) is None
+
+
+def test_unit_sums_and_map_leave_subclasses_with_their_own_units_or_pooling_alone():
+    """A subclass that pools or groups units its own way gets its own pool (the fused path
+    would ignore it): the stage-1 scores follow the subclass."""
+    from multiviz_widgets.modalities import Modality
+
+    class AbsImage(Image):
+        def pool(self, attr, x, index=None):
+            return Modality.pool(self, attr, x, index).abs()
+
+    class PairedText(Text):
+        def unit_index(self, x):
+            return super().unit_index(x) // 2
+
+    x = torch.rand(3, 16, 16)
+    assert AbsImage("image", patch=8).unit_sums_and_map(torch.zeros(3, 16, 16), x, None) is None
+    t = PairedText("q", vocab=["[PAD]", "[UNK]", "a"])
+    assert t.unit_sums_and_map(torch.zeros(4, 2), torch.zeros(4, 2), None) is None

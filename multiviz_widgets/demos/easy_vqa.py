@@ -588,8 +588,9 @@ def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 
     ``max_steps_per_epoch`` cuts epochs short and ``evaluate_test=False`` skips the final test
     pass (both for smoke tests). The arguments are checked first (a ValueError); the caller's
     thread count and random states (torch, numpy, random) are restored afterwards. The weights
-    and the JSON are written to temporary files and then renamed, so an interrupted run leaves
-    the previous pair intact.
+    and the JSON are written in full to temporary files and only then renamed over the old pair
+    (two renames, so a crash between them would leave new weights beside the old JSON, which the
+    loader refuses by its SHA-256 check rather than loading a mismatched pair).
     """
     for name, value, least in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
                                ("val_every", val_every, 2), ("threads", threads, 1),
