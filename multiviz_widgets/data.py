@@ -45,7 +45,7 @@ class MultimodalDataset:
         if len(set(lengths.values())) != 1:
             raise ValueError(f"All columns must have the same length, got {lengths}.")
         self.n = next(iter(lengths.values()))
-        self.labels = None if labels is None else _labels(labels, self.n)
+        self.labels = labels
         self.descriptions = None
         if descriptions is not None:
             self.descriptions = list(_sequence(descriptions, "descriptions", "texts"))
@@ -56,6 +56,17 @@ class MultimodalDataset:
 
     def __len__(self) -> int:
         return self.n
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """The class indices [n] (int64), or None."""
+        return self._labels
+
+    @labels.setter
+    def labels(self, value) -> None:
+        # checked whenever set, not only by the constructor: every consumer (the EMAP gap, the
+        # embedding's colours, accuracies) can then trust them
+        self._labels = None if value is None else _labels(value, self.n)
 
     def _position(self, i) -> int:
         """Instance index i (negative counts from the end) as a position 0..n-1."""

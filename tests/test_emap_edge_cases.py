@@ -147,20 +147,21 @@ def test_an_infinite_output_does_not_make_every_split_pass_the_check():
 
 
 # -- emap_gap's labels and one-output models -----------------------------------------------------
-def test_emap_gap_checks_labels_set_after_the_dataset_was_built():
+def test_emap_gap_gets_labels_checked_also_when_set_after_the_dataset_was_built():
+    """Labels are checked whenever they are set (a list or a tensor becomes the int64 array,
+    strings and a wrong length are refused at once); emap_gap checks them against the classes."""
     adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
     ds = dataset(instances(6), [0, 1, 2, 0, 1, 2])
     want = emap_gap(adapter, ds, n=None)
-    ds.labels = [0, 1, 2, 0, 1, 2]                     # a list, not the checked array
+    ds.labels = [0, 1, 2, 0, 1, 2]                     # a list: stored as the checked array
     assert emap_gap(adapter, ds, n=None)["accuracy_model"] == want["accuracy_model"]
     ds.labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert ds.labels.dtype == np.int64
     assert emap_gap(adapter, ds, n=None)["accuracy_model"] == want["accuracy_model"]
-    ds.labels = ["a", "b", "c", "a", "b", "c"]
     with pytest.raises(TypeError, match="labels must be integers"):
-        emap_gap(adapter, ds, n=None)
-    ds.labels = [0, 1, 2]
+        ds.labels = ["a", "b", "c", "a", "b", "c"]
     with pytest.raises(ValueError, match="labels has 3 entries for 6 instances"):
-        emap_gap(adapter, ds, n=None)
+        ds.labels = [0, 1, 2]
     ds.labels = [0, 1, 2, 0, 1, 7]
     with pytest.raises(ValueError, match="class index 7, but the model has 3 classes"):
         emap_gap(adapter, ds, n=None)

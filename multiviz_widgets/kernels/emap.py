@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..adapter import ModelAdapter, Target
-from ..data import MultimodalDataset, _labels
+from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..results import Result, Stopwatch
 from ..checks import positive_int
@@ -327,16 +327,13 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset, indices: Sequenc
     check_adapter(adapter, "emap_gap")
     if not isinstance(dataset, MultimodalDataset):
         raise ValueError(f"emap_gap needs a MultimodalDataset, got {type(dataset).__name__}.")
-    _check_classes(adapter.n_classes, adapter.class_names, "emap_gap")
-    labels = None
-    if dataset.labels is not None:
-        # checked again here: labels may have been set after the dataset was built
-        labels = _labels(dataset.labels, len(dataset))
-        if len(labels) and labels.max() >= adapter.n_classes:
-            raise ValueError(
-                f"emap_gap: the dataset's labels hold class index {int(labels.max())}, but the "
-                f"model has {adapter.n_classes} classes ({adapter.class_names}); labels are class "
-                "indices 0..C-1 in the order of the adapter's class_names.")
+    _needs_two_outputs(adapter.n_classes, adapter.class_names, "emap_gap")
+    labels = dataset.labels                 # checked by the dataset whenever they are set
+    if labels is not None and len(labels) and labels.max() >= adapter.n_classes:
+        raise ValueError(
+            f"emap_gap: the dataset's labels hold class index {int(labels.max())}, but the "
+            f"model has {adapter.n_classes} classes ({adapter.class_names}); labels are class "
+            "indices 0..C-1 in the order of the adapter's class_names.")
     if indices is None:
         idx = sample_indices(len(dataset), None if n is None else positive_int(n, "n", 2), seed)
     else:
@@ -361,7 +358,7 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset, indices: Sequenc
 # --------------------------------------------------------------------------------------------
 # interaction type (M2Lens vocabulary)
 # --------------------------------------------------------------------------------------------
-def _check_classes(k: int, names: Sequence[str], what: str) -> None:
+def _needs_two_outputs(k: int, names: Sequence[str], what: str) -> None:
     """A clear error when the outputs have one column: their argmax is always 0, so predictions
     (and agreement with them) would say nothing."""
     if k < 2:
@@ -413,7 +410,7 @@ def interaction_types(result: EmapResult, class_names: Sequence[str] | None = No
         raise ValueError("Interaction types label the predicted class: compute the EMAP with a "
                          "class target (or None), not a neuron.")
     names = list(class_names) if class_names is not None else list(result.output_names)
-    _check_classes(np.shape(result.logits)[1], names, "interaction_types")
+    _needs_two_outputs(np.shape(result.logits)[1], names, "interaction_types")
     return [_label(result.logits[i], {m: u[i] for m, u in result.unimodal.items()},
                    result.grand_mean, names) for i in range(len(result.logits))]
 
@@ -437,7 +434,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     two modalities (M N^2 + M N + 1 for M > 2).
     """
     check_adapter(adapter, "interaction_type")
-    _check_classes(adapter.n_classes, adapter.class_names, "interaction_type")
+    _needs_two_outputs(adapter.n_classes, adapter.class_names, "interaction_type")
     if reference is None:
         raise ValueError("interaction_type needs a reference set for EMAP's averages: pass "
                          "reference=a MultimodalDataset, a list of instances or an EmapResult.")
