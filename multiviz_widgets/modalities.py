@@ -652,7 +652,8 @@ def _names(v, what: str, example: str) -> list[str]:
     if isinstance(v, (str, bytes)):
         raise TypeError(f"{what} is a single string; give a list of names, e.g. {example}.")
     names = [str(c) for c in v]
-    dup = next((c for i, c in enumerate(names) if c in names[:i]), None)
+    seen: set[str] = set()
+    dup = next((c for c in names if c in seen or seen.add(c)), None)
     if dup is not None:
         raise ValueError(f"{what} name {dup!r} appears twice; every name must be distinct.")
     return names
