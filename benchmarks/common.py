@@ -58,6 +58,13 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return (time.perf_counter() - t0) * 1e3, out
 
 
+def rotated(items: list, turn: int) -> list:
+    """``items`` starting at position turn % len(items) (each item comes first once every
+    len(items) turns): the order in which side-by-side calls are timed."""
+    k = turn % len(items)
+    return items[k:] + items[:k]
+
+
 def median(xs) -> float:
     return float(statistics.median(xs))
 

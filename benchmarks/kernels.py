@@ -57,7 +57,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (FLOOR_BATCHES, RESULTS, environment, load_demo, median,  # noqa: E402
                     per_sample_forward_backward_ms, per_sample_forward_ms, per_sample_scan,
-                    shape_or_color_indices, timed, write_json)
+                    rotated, shape_or_color_indices, timed, write_json)
 
 from multiviz_widgets.kernels.common import PERTURBATION_BATCH  # noqa: E402
 from multiviz_widgets.kernels.unimodal import (  # noqa: E402
@@ -268,8 +268,7 @@ def _time_method(m: str, adapter, indices, prepared, targets, repeats: int, fwd_
             sides.append(("bare", bare_call(m, adapter, p, t, params)))
         for r in range(repeats):
             got = {who: fn() for who, fn in floors}
-            first = turn % len(sides)          # each side first (right after the floors) in turn
-            for who, fn in sides[first:] + sides[:first]:
+            for who, fn in rotated(sides, turn):    # each side first (after the floors) in turn
                 got[who] = timed(fn)
             turn += 1
             rows.append(_instance_row(int(i), t, r, got))

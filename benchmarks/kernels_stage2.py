@@ -43,8 +43,8 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, environment, load_demo, median, per_sample_forward_backward_ms,  # noqa: E402,E501
-                    per_sample_forward_ms, per_sample_scan, shape_or_color_indices, timed,
-                    write_json)
+                    per_sample_forward_ms, per_sample_scan, rotated, shape_or_color_indices,
+                    timed, write_json)
 
 from multiviz_widgets.kernels.common import (PERTURBATION_BATCH, resolve_target,  # noqa: E402
                                              sample_indices)
@@ -193,9 +193,7 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
             # the three in an order rotated from one timing to the next: each comes first
             # (right after large batched work: the floors, or the previous round's pairwise
             # ablation) equally often
-            names = list(calls)
-            first = turn % len(names)
-            got = {who: timed(calls[who]) for who in names[first:] + names[:first]}
+            got = {who: timed(calls[who]) for who in rotated(list(calls), turn)}
             turn += 1
             ms, r = got["kernel"]
             sog_ms.append(ms)

@@ -58,7 +58,7 @@ from torch import nn
 
 from ..adapter import ModelAdapter
 from ..checks import positive_int
-from ..kernels.common import dataset_indices
+from ..kernels.common import indices_or_all
 from ..data import MultimodalDataset, update_hash
 from ..modalities import Image, Text
 
@@ -479,14 +479,6 @@ def image_batch(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _question_indices(dataset: EasyVQADataset, indices) -> np.ndarray:
-    """``indices`` (None: all) checked to be question numbers of the dataset (negative ones count
-    from the end, as ``dataset[i]``): no floats truncated, no boolean mask read as 0s and 1s."""
-    if indices is None:
-        return np.arange(len(dataset))
-    return dataset_indices(indices, len(dataset), "indices", negative=True)
-
-
 @torch.no_grad()
 def predict(model: nn.Module, dataset: EasyVQADataset, indices: Sequence[int] | None = None,
             batch_size: int = 512, question_ids: torch.Tensor | None = None) -> np.ndarray:
@@ -495,7 +487,7 @@ def predict(model: nn.Module, dataset: EasyVQADataset, indices: Sequence[int] | 
     if isinstance(model, ModelAdapter):
         model = model.model
     batch_size = positive_int(batch_size, "batch_size")
-    idx = _question_indices(dataset, indices)
+    idx = indices_or_all(indices, len(dataset), negative=True)
     if len(idx) == 0:
         return np.zeros(0, dtype=np.int64)
     if question_ids is None:
@@ -519,7 +511,7 @@ def predict(model: nn.Module, dataset: EasyVQADataset, indices: Sequence[int] | 
 def accuracy(model: nn.Module, dataset: EasyVQADataset, indices: Sequence[int] | None = None
              ) -> float:
     """Fraction of questions answered correctly. Cost: one forward per question (batched)."""
-    idx = _question_indices(dataset, indices)
+    idx = indices_or_all(indices, len(dataset), negative=True)
     if len(idx) == 0:
         raise ValueError("accuracy needs at least one question; indices is empty.")
     return float((predict(model, dataset, idx) == dataset.labels[idx]).mean())

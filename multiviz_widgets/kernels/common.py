@@ -253,6 +253,14 @@ def _out_of_range(value, n_total: int, what: str, negative: bool = False) -> Val
     return ValueError(f"{what}: {value} is out of range; {has}.")
 
 
+def indices_or_all(indices, n_total: int, negative: bool = False) -> np.ndarray:
+    """All instance numbers 0..n_total-1 (indices None), or ``indices`` checked by
+    ``dataset_indices``."""
+    if indices is None:
+        return np.arange(n_total, dtype=np.int64)
+    return dataset_indices(indices, n_total, negative=negative)
+
+
 def dataset_indices(indices, n_total: int, what: str = "indices",
                     negative: bool = False) -> np.ndarray:
     """Instance numbers of a dataset of n_total: a 1-D int64 array, every entry an integer in

@@ -642,10 +642,7 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
                                   float(contrib.contributions[j]), units, pairs, pair_mods))
     # what the neurons' contributions add up to: sum_j contribution_j + bias = the source's
     # logit (the model's with the decision layer; the sparse model's own with sparse_model)
-    if sparse_model is not None:
-        bias = float(sparse_model.bias[c])
-    else:
-        bias = float(adapter.decision_weights()[1][c])
+    bias = contrib.bias
     source_logit = float(np.sum(contrib.contributions, dtype=np.float64)) + bias
     return PredictionPath(
         class_index=c, class_name=contrib.class_name, neurons=neurons,

@@ -33,7 +33,7 @@ from ..adapter import AdapterError, ModelAdapter, _outside_stacklevel
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..checks import positive_int
-from .common import as_prepared, dataset_indices, input_shapes
+from .common import as_prepared, indices_or_all, input_shapes
 
 # v2: the key covers modality signatures and the module tree; v3: batches of equal shapes only
 # (no padding, which changed the features of models that pool without a pad mask), and the
@@ -61,13 +61,6 @@ def _decision_layer_name(adapter: ModelAdapter) -> str:
     return type(adapter.decision_layer).__name__
 
 
-def _indices(dataset: MultimodalDataset, indices: Sequence[int] | None) -> np.ndarray:
-    """All of the dataset's instance numbers (indices None), or ``indices`` validated."""
-    if indices is None:
-        return np.arange(len(dataset), dtype=np.int64)
-    return dataset_indices(indices, len(dataset))
-
-
 def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
                  indices: Sequence[int] | None = None, batch_size: int = 256) -> str:
     """The cache key of a feature extraction: weights hash + the model's module tree + each
@@ -83,7 +76,7 @@ def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
                  str(int(batch_size))):
         h.update(part.encode())
         h.update(b"\0")
-    h.update(_indices(dataset, indices).tobytes())
+    h.update(indices_or_all(indices, len(dataset)).tobytes())
     return h.hexdigest()[:40]
 
 
@@ -161,7 +154,7 @@ def stream_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_siz
     Cost: one forward pass per instance (no gradients), and a first pass that reads each
     instance's input shapes; progress is reported per batch.
     """
-    idx = _indices(dataset, indices)
+    idx = indices_or_all(indices, len(dataset))
     for positions, logits, h in _feature_batches(adapter, dataset, idx, batch_size, progress,
                                                  message, skipped):
         yield idx[positions], logits, h
@@ -307,7 +300,7 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     ``cache_dir=`` overrides the cache location; ``cache=False`` neither reads nor writes it.
     """
     batch_size = positive_int(batch_size, "batch_size")
-    idx = _indices(dataset, indices)
+    idx = indices_or_all(indices, len(dataset))
     t0 = time.perf_counter()
     key = path = None
     if cache:
@@ -541,6 +534,7 @@ class DecisionContributions:
     weights: np.ndarray        # [d] W[c, :] used
     logits: np.ndarray         # [C] of the model
     source: str = "decision_layer"   # or "sparse_model"
+    bias: float = 0.0          # the source's bias of the class: contributions.sum() + bias is its logit
 
     def top(self, k: int = 10, absolute: bool = False) -> list[int]:
         """The k neuron indices ranked by contribution (largest first; by |.| when absolute).
@@ -584,13 +578,13 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
                 "class_names=adapter.class_names) (or fit_sparse_model_for(adapter, ...)).")
         w = sparse_model.weight[c]
         contrib = w * sparse_model.standardise(h[None])[0]
-        source = "sparse_model"
+        source, bias = "sparse_model", sparse_model.bias[c]
     else:
-        W, _ = adapter.decision_weights()
+        W, b = adapter.decision_weights()
         w = W[c]
         contrib = w * h
-        source = "decision_layer"
+        source, bias = "decision_layer", b[c]
     # np.array copies: the decision layer's W[c] is a view of the live parameter, and a
     # result must not write through to the model
     return DecisionContributions(c, adapter.class_names[c], h, contrib.astype(np.float32),
-                                 np.array(w, dtype=np.float32), logits, source)
+                                 np.array(w, dtype=np.float32), logits, source, float(bias))
