@@ -18,6 +18,18 @@ evict the CPU caches), equally often. (An earlier fixed order with the floors in
 ours follow another small call nearly always and captum's a floor half the time: it reported
 the gradient's ratio to captum as 0.94 where a fair order gives about 1.1.)
 
+What the gradient methods' ratio to captum is made of. Each side is timed once per call, as a
+user calls it, so its code runs out of caches that the floors' batches or the other side
+evicted; and everything after the backward pass runs on caches the backward pass has evicted.
+There a torch operation costs 2-3x, and a numpy one about 5x, what it costs in a warm loop
+(``np.isfinite(v).all()`` on 64 scores: 50 us against 10 warm). Captum's Saliency does almost
+nothing after its backward pass; ours must pool the gradient into unit scores, make the maps and
+the result. So those steps are written for a cold cache: few tensor operations (the unit sums
+made in float64 by the reduction itself), no numpy reduction, no comprehension where a loop
+will do, and the one-row gradient path skips the rows machinery of integrated gradients. That
+took our call from about bare + 330 us to bare + 220 us in this benchmark (captum's: bare +
+120 us), and the gradient's ratio from 1.10-1.16 to 1.06-1.08 (three runs each).
+
 numpy's and scipy's OpenBLAS (not torch's BLAS) run single-threaded during stage 1: captum's
 KernelShap fits with scikit-learn, whose OpenBLAS threads keep spinning after the fit; on 2 cores
 they slowed whatever ran next by about 1.5x (our lime and kernel_shap alike, and the floors), so

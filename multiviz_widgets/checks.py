@@ -18,6 +18,8 @@ def positive_int(value, what: str, minimum: int = 1) -> int:
 def is_integer(value) -> bool:
     """An integer (Python's, numpy's, an integer tensor of one element: anything
     ``operator.index`` takes), not a bool, a float or a float tensor."""
+    if type(value) is int:                # the common case, without the lookups below
+        return True
     if isinstance(value, (bool, np.bool_)) or str(getattr(value, "dtype", "")) in ("bool",
                                                                                   "torch.bool"):
         return False                      # a bool tensor or array too: True is not class 1

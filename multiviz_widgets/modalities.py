@@ -13,6 +13,7 @@ Kernels use only these verbs, so they never ask which kind of modality they hold
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -132,7 +133,9 @@ class Modality:
         """(per-unit sums [n_units], ``to_map(attr)``) of one instance's scalar attribution
         computed together, for modalities where one follows cheaply from the other; None (the
         default) leaves it to ``pool`` and ``to_map``. Every stage-1 gradient call makes both,
-        so few tensor operations here matter (each costs microseconds)."""
+        right after its backward pass, which has pushed this code out of the CPU's caches: each
+        tensor operation here costs several microseconds, so the fewer the better (the sums
+        may come in the scores' float64 already, see ``score_dtype``)."""
         return None
 
     def expand(self, unit_values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -141,9 +144,20 @@ class Modality:
         return torch.as_tensor(unit_values, device=idx.device)[idx]
 
 
-def _inherits(mod: Modality, cls: type, *methods: str) -> bool:
-    """Whether ``mod`` uses ``cls``'s own versions of ``methods`` (no subclass override)."""
-    return all(getattr(type(mod), m) is getattr(cls, m) for m in methods)
+def score_dtype(attr: torch.Tensor) -> torch.dtype:
+    """The dtype in which the fused ``unit_sums_and_map`` add up units: float64 on the CPU (the
+    results' scores are float64, so the sum converts them on the way at no cost, where a
+    conversion afterwards would be one more operation), the attribution's own elsewhere (not
+    every accelerator has float64; the host converts the scores when it receives them)."""
+    return torch.float64 if attr.device.type == "cpu" else attr.dtype
+
+
+@functools.cache
+def _keeps_units(kind: type, cls: type) -> bool:
+    """Whether the class ``kind`` uses ``cls``'s own unit_index, pool and to_map (no subclass
+    override), which the fused ``unit_sums_and_map`` of ``cls`` assume; decided once per class
+    (a lookup, where three attribute comparisons in every call cost microseconds there)."""
+    return all(getattr(kind, m) is getattr(cls, m) for m in ("unit_index", "pool", "to_map"))
 
 
 def _some(items: Sequence, name: str) -> None:
@@ -300,12 +314,12 @@ class Image(Modality):
     def unit_sums_and_map(self, attr, x, index):
         """On an exact patch grid: the map (channels summed), then its patches summed. Not for
         a subclass with its own units, pooling or map (their results would be ignored)."""
-        if not (self._on_grid(x) and _inherits(self, Image, "unit_index", "pool", "to_map")):
-            return None
         h, w = x.shape[-2:]
         p = self.patch
+        if self.superpixels or h % p or w % p or not _keeps_units(type(self), Image):
+            return None                                         # not an exact patch grid
         m = attr.sum(-3)
-        return m.reshape(h // p, p, w // p, p).sum((1, 3)).reshape(-1), m
+        return m.view(h // p, p, w // p, p).sum((1, 3), dtype=score_dtype(m)).view(-1), m
 
     def apply_mask(self, x: torch.Tensor, masks: torch.Tensor, baseline: torch.Tensor,
                    index: torch.Tensor | None = None) -> torch.Tensor:
@@ -530,12 +544,12 @@ class Text(Modality):
         return attr.reshape(attr.shape[0], -1).sum(-1) if attr.dim() > 1 else attr
 
     def unit_sums_and_map(self, attr, x, index):
-        """A token is a unit: its sum is its entry of the map (the same numbers, two tensors).
-        Not for a subclass with its own units, pooling or map."""
-        if not _inherits(self, Text, "unit_index", "pool", "to_map"):
+        """A token is a unit: its sum is its entry of the map (the same numbers, two tensors, the
+        sums in ``score_dtype``). Not for a subclass with its own units, pooling or map."""
+        if not _keeps_units(type(self), Text):
             return None
-        m = self.to_map(attr)
-        return m.clone(), m
+        m = attr.sum(-1) if attr.dim() == 2 else self.to_map(attr)
+        return m.to(score_dtype(m), copy=True), m
 
 
 def _vocab_from_ids(vocab: Mapping) -> list:

@@ -267,7 +267,8 @@ def test_unit_sums_and_map_agree_with_pool_and_to_map():
         attr = torch.randn(*x.shape)
         index = mod.unit_index(x)
         sums, m = mod.unit_sums_and_map(attr, x, index)
-        torch.testing.assert_close(sums, Modality.pool(mod, attr[None], x, index)[0],
+        assert sums.dtype == torch.float64        # on the CPU, in the scores' dtype already
+        torch.testing.assert_close(sums, Modality.pool(mod, attr[None], x, index)[0].double(),
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(m, mod.to_map(attr))
         before = m.clone()
@@ -278,7 +279,8 @@ def test_unit_sums_and_map_agree_with_pool_and_to_map():
         attr = torch.randn(*shape)
         sums, _ = image.unit_sums_and_map(attr, x, image.unit_index(x))
         torch.testing.assert_close(sums, Modality.pool(image, attr[None], x,
-                                                       image.unit_index(x))[0], rtol=1e-5, atol=1e-5)
+                                                       image.unit_index(x))[0].double(),
+                                   rtol=1e-5, atol=1e-5)
     assert Image("image", patch=8, superpixels=4).unit_sums_and_map(
         torch.zeros(3, 16, 16), torch.rand(3, 16, 16), None) is None
     assert Image("image", patch=8).unit_sums_and_map(              # a ragged edge: not a grid

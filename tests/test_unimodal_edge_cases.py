@@ -199,3 +199,46 @@ def test_attribute_batch_progress_of_a_perturbation_method_still_counts_instance
                     progress=lambda d, t, m: seen.append((d, t)))
     done = [d for d, _ in seen]
     assert done == sorted(done) and seen[-1] == (3, 3) and {t for _, t in seen} == {3}
+
+
+# ---------------------------------------------------------------------------------------------
+# the one-row gradient path and the cheap finiteness check (written for a cold cache)
+# ---------------------------------------------------------------------------------------------
+def test_all_finite_agrees_with_numpy_on_nan_inf_overflow_and_shapes():
+    """The Python-sum shortcut must never call non-finite values finite, nor an overflowing
+    sum of finite values non-finite."""
+    from multiviz_widgets.kernels.unimodal import _all_finite
+    rng = np.random.default_rng(0)
+    cases = [np.array([1e308, 1e308, -1e308]),            # the sum overflows; all finite
+             np.array([np.inf, -np.inf]), np.array([np.nan]), np.zeros(0),
+             rng.normal(size=(8, 8)), rng.normal(size=5000)]   # 2-D; above the shortcut's size
+    for n in (1, 7, 64, 4096, 5000):
+        for bad in (np.nan, np.inf, -np.inf):
+            v = rng.normal(size=n)
+            v[rng.integers(n)] = bad
+            cases.append(v)
+    for v in cases:
+        assert _all_finite([v]) == bool(np.isfinite(v).all()), v
+    assert _all_finite([np.ones(3), np.array([1.0, np.nan])]) is False
+
+
+@pytest.mark.parametrize("method", ["gradient", "grad_x_input"])
+def test_one_row_gradient_path_matches_the_batched_rows(ts, method):
+    _, adapter, inst = ts
+    one = attribute(adapter, inst, method, target=1)
+    (batched,) = attribute_batch(adapter, [inst], method, targets=1)
+    for n in one.scores:
+        assert one.scores[n].dtype == np.float64
+        np.testing.assert_allclose(one.scores[n], batched.scores[n], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(one.maps[n], batched.maps[n], rtol=1e-6, atol=1e-7)
+
+
+def test_text_scores_and_map_of_a_gradient_result_do_not_share_memory():
+    """A token's score is its map entry; editing one array must not change the other."""
+    from .explorer_support import tiny_vqa
+    adapter, dataset = tiny_vqa()
+    r = attribute(adapter, dataset[0], "gradient")
+    before = r.maps["question"].copy()
+    r.scores["question"] += 1.0
+    np.testing.assert_array_equal(r.maps["question"], before)
+    assert r.scores["image"].dtype == np.float64 and r.scores["question"].dtype == np.float64

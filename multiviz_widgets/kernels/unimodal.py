@@ -167,16 +167,18 @@ def _quadrature_once(steps: int, rule: str, device: torch.device):
 
 
 def _input_grads(adapter: ModelAdapter, prepared: Prepared, target: Target,
-                 inputs: Mapping[str, torch.Tensor], weights: torch.Tensor | None = None
-                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                 inputs: Mapping[str, torch.Tensor], weights: torch.Tensor | None = None,
+                 one_row: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(d (sum_b weights_b f(inputs_b)) / d inputs, f(inputs) [B]) for a batch [B, ...] of
-    continuous inputs.
+    continuous inputs; one_row: the inputs are one row without the batch dimension (the
+    gradients come without it too: the backward pass drops it, not an operation after it).
 
     One forward and one backward of B instances; the other modalities stay at the instance.
     """
     leaves = {n: t.detach().requires_grad_(True) for n, t in inputs.items()}
     with torch.enable_grad():
-        out = adapter.scalar(prepared, leaves, target)
+        out = adapter.scalar(prepared, ({n: t.unsqueeze(0) for n, t in leaves.items()}
+                                        if one_row else leaves), target)
         grad_out = torch.ones_like(out) if weights is None else weights.to(out)
         grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=grad_out,
                                     allow_unused=True)
@@ -205,14 +207,19 @@ def _scores_and_maps(adapter: ModelAdapter, prepared: Prepared,
     """({name: per-unit scores}, {name: full-resolution map}) as numpy arrays, from each
     modality's scalar attribution; computed where the attributions live and, from a GPU,
     copied to the host in one transfer (each copy waits for the device). one_transfer: None
-    decides by the device (tests force either way)."""
+    decides by the device (tests force either way).
+
+    Every gradient call runs this right after its backward pass, with this code out of the
+    CPU's caches, so it is written as a plain loop (each call or comprehension here cost
+    microseconds: see benchmarks/kernels.py)."""
     parts = []
     for n, a in attrs.items():
         mod = adapter.modalities[n]
         both = mod.unit_sums_and_map(a, prepared.continuous[n], prepared.index[n])
-        parts += both if both is not None else [_unit_sums(adapter, prepared, n, a),
-                                                mod.to_map(a)]
-    parts = [t.detach() if t.requires_grad else t for t in parts]
+        if both is None:
+            both = _unit_sums(adapter, prepared, n, a), mod.to_map(a)
+        for t in both:
+            parts.append(t.detach() if t.requires_grad else t)
     if one_transfer is None:
         one_transfer = parts[0].device.type != "cpu"
     if not one_transfer:
@@ -224,9 +231,34 @@ def _scores_and_maps(adapter: ModelAdapter, prepared: Prepared,
         for t in parts:
             arrays.append(flat[o:o + t.numel()].reshape(tuple(t.shape)))
             o += t.numel()
-    names = list(attrs)
-    return ({n: arrays[2 * i] for i, n in enumerate(names)},
-            {n: arrays[2 * i + 1] for i, n in enumerate(names)})
+    scores, maps = {}, {}
+    for i, n in enumerate(attrs):
+        scores[n], maps[n] = arrays[2 * i], arrays[2 * i + 1]
+    return scores, maps
+
+
+_FLOAT64 = np.dtype(np.float64)
+
+
+def _float64(values) -> np.ndarray:
+    """values as a float64 numpy array (as they are when they are one already)."""
+    if type(values) is np.ndarray and values.dtype is _FLOAT64:
+        return values
+    return np.asarray(values, dtype=np.float64)
+
+
+def _all_finite(arrays, small: int = 4096) -> bool:
+    """Whether every value of the float arrays is finite. A NaN or an infinity makes a sum
+    non-finite, so a small array is first checked through the Python sum of its values: right
+    after a backward pass numpy's code is out of the CPU's caches and ``np.isfinite(v).all()``
+    costs about five times as much. Only a non-finite sum (an overflow gives one too) is checked
+    value by value."""
+    for v in arrays:
+        if v.size <= small and math.isfinite(sum((v if v.ndim == 1 else v.ravel()).tolist())):
+            continue
+        if not np.isfinite(v).all():
+            return False
+    return True
 
 
 def _perturbation_map(adapter: ModelAdapter, prepared: Prepared, name: str,
@@ -546,12 +578,13 @@ class AttributionMethod:
     uses_baseline = True
 
     def _params(self, params: Mapping) -> dict:
-        unknown = sorted(set(params) - set(self.defaults) - {"modalities"})
+        unknown = sorted(set(params) - set(self.defaults) - {"modalities"}) if params else None
         if unknown:
             raise TypeError(f"{self.name} does not take {unknown}; its parameters are "
                             f"{sorted(self.defaults) + ['modalities']}.")
         out = dict(self.defaults)
-        out.update({k: v for k, v in params.items() if k != "modalities"})
+        if params:
+            out.update({k: v for k, v in params.items() if k != "modalities"})
         for k, least in (("steps", 1), ("internal_batch_size", 1), ("batch_size", 1),
                          ("n_samples", 2)):
             if k in out:
@@ -598,14 +631,15 @@ class AttributionMethod:
                 ) -> Attribution:
         """The Attribution of one instance from its scores and maps (found: what the method
         measured besides, added to the params); a ValueError if the scores are not finite."""
-        scores = {n: np.asarray(scores[n], dtype=np.float64) for n in names}
-        if not all(np.isfinite(v).all() for v in scores.values()):
+        scores = {n: _float64(scores[n]) for n in names}
+        if not _all_finite(scores.values()):
             raise_not_finite(adapter, prepared, target, names, self.name, "scores")
         return Attribution(
             method=self.name, target=target,
             params=dict(p, modalities=list(names), **(found or {})),
             forward_passes=forward_passes, backward_passes=backward_passes, seconds=seconds,
-            scores=scores, maps={n: np.asarray(maps[n]) for n in names},
+            scores=scores, maps={n: maps[n] if type(maps[n]) is np.ndarray
+                                 else np.asarray(maps[n]) for n in names},
             labels={n: list(prepared.labels[n]) for n in names})
 
     def _run(self, adapter, prepared, target, names, p, progress):  # pragma: no cover
@@ -670,6 +704,21 @@ class _Gradient(_GradientFamily):
     def _attributions(self, prepared, names, grad_sum):
         return {n: grad_sum[n] * prepared.continuous[n] if self.times_input else grad_sum[n]
                 for n in names}
+
+    def _run(self, adapter, prepared, target, names, p, progress):
+        """One row, so the rows machinery of the family (weights, sums over passes, outputs
+        concatenated) is skipped: every operation after the backward pass runs on caches it
+        has evicted and costs two to three times what it does warm (see benchmarks/kernels.py)."""
+        if progress is not None:
+            report(progress, 0, 1, self.label)
+        x = prepared.continuous
+        grads, _ = _input_grads(adapter, prepared, target, {n: x[n] for n in names},
+                                one_row=True)
+        attrs = {n: grads[n] * x[n] for n in names} if self.times_input else grads
+        scores, maps = _scores_and_maps(adapter, prepared, attrs)
+        if progress is not None:
+            report(progress, 1, 1, self.label)
+        return scores, maps, {}
 
 
 class _GradXInput(_Gradient):
