@@ -26,6 +26,7 @@ instances (attributions, interactions, features, neuron extremes, projections, p
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import heapq
 import itertools
 import threading
@@ -65,6 +66,28 @@ class Job:
     value: Any = field(default=None, repr=False)
     error: BaseException | None = None
     started: float = 0.0
+
+
+def read_only(value, depth: int = 3):
+    """value, with the numpy arrays in it made read-only (in place): those of results
+    (dataclasses), tuples, lists and dict values, ``depth`` levels down. A cached value is
+    handed to every later caller, so an in-place edit by one (``r.scores["image"] /= 2``) would
+    change what the others and the views get: with read-only arrays it is an error at once
+    ("assignment destination is read-only"); ``.copy()`` gives an array to edit."""
+    if isinstance(value, np.ndarray):
+        value.flags.writeable = False
+    elif depth > 0:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            items = [getattr(value, f.name) for f in dataclasses.fields(value)]
+        elif isinstance(value, dict):
+            items = list(value.values())
+        elif isinstance(value, (tuple, list)):
+            items = value
+        else:
+            return value
+        for item in items:
+            read_only(item, depth - 1)
+    return value
 
 
 def short_repr(value, limit: int = 200) -> str | None:
@@ -153,8 +176,12 @@ class Engine(traitlets.HasTraits):
         with self._lock:
             return key in self._pinned or key in self._cache
 
-    def store(self, key: Hashable, value, pin: bool = False) -> None:
-        """Put a value in the cache (``pin=True``: never evicted)."""
+    def store(self, key: Hashable, value, pin: bool = False, freeze: bool = True) -> None:
+        """Put a value in the cache (``pin=True``: never evicted), its numpy arrays made
+        read-only (``read_only``: it is shared by every later caller) unless ``freeze=False``
+        (a value the user gave, whose arrays are theirs to edit)."""
+        if freeze:
+            read_only(value)
         with self._lock:
             if pin:
                 self._pinned[key] = value
@@ -583,7 +610,7 @@ class Analyses:
         self.path_params = dict(path_params or {})
         if features is not None:
             check_features(features, len(dataset), adapter)
-            engine.store(("features",), features, pin=True)
+            engine.store(("features",), features, pin=True, freeze=False)
 
     # -- instances -----------------------------------------------------------------------------
     def check_instance(self, i: int) -> int:

@@ -141,6 +141,8 @@ class Modality:
     def expand(self, unit_values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Broadcast per-unit values [n_units] back to x's shape."""
         idx = self.unit_index(x)
+        if isinstance(unit_values, np.ndarray) and not unit_values.flags.writeable:
+            unit_values = unit_values.copy()      # cached scores are read-only: torch would warn
         return torch.as_tensor(unit_values, device=idx.device)[idx]
 
 

@@ -329,3 +329,34 @@ def test_snapshot_says_what_runs_what_waits_and_what_failed(engine):
     engine.close(join_timeout=5)
     snap = engine.snapshot()
     assert snap["closed"] and not snap["lanes"]["main"]["thread_alive"]
+
+
+def test_cached_results_are_read_only_so_one_caller_cannot_change_anothers(engine):
+    """A cached value is handed to every later caller (and to the views): an in-place edit of
+    its arrays is an error at once rather than a silent change of what the others get."""
+    import numpy as np
+
+    from multiviz_widgets.adapter import Class
+    from multiviz_widgets.results import Attribution
+    made = Attribution(method="gradient", target=Class(0), scores={"a": np.arange(3.0)},
+                       maps={"a": np.ones((2, 2))}, labels={"a": ["x", "y", "z"]})
+    got = engine.memo(("attribution", 1), lambda: made)
+    again = engine.memo(("attribution", 1), lambda: pytest.fail("computed twice"))
+    assert again is got
+    with pytest.raises(ValueError, match="read-only"):
+        got.scores["a"] /= 2
+    with pytest.raises(ValueError, match="read-only"):
+        got.maps["a"][0, 0] = 5.0
+    np.testing.assert_array_equal(again.scores["a"], [0.0, 1.0, 2.0])
+    edited = got.scores["a"].copy()            # the way to an array one may edit
+    edited /= 2
+    nested = engine.memo(("rows", 1), lambda: (np.zeros(2), [np.zeros(2)], {"m": np.zeros(2)}))
+    assert not any(a.flags.writeable for a in (nested[0], nested[1][0], nested[2]["m"]))
+
+
+def test_a_value_the_user_gives_keeps_its_arrays_writable(engine):
+    import numpy as np
+    mine = {"h": np.zeros((2, 3))}
+    engine.store(("features",), mine, pin=True, freeze=False)
+    mine["h"][0, 0] = 1.0                        # still the user's to edit
+    assert engine.cached(("features",))["h"][0, 0] == 1.0

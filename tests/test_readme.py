@@ -30,6 +30,7 @@ def test_the_own_model_example_runs():
     vocab = ["[PAD]", "[UNK]", "what", "colour", "is", "the", "car"]
     rng = np.random.default_rng(0)
     images = [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(6)]
+    torch.manual_seed(0)                 # the same small model every run (and the same warnings)
     namespace = {
         "my_model": TinyVQA(len(vocab), 3), "my_vocab": vocab, "my_answers": ["red", "blue", "grey"],
         "my_image_array": images[0], "images": images,

@@ -419,7 +419,11 @@ class StreamingExtremes:
 
     def update(self, h_batch, indices=None) -> None:
         """Merge a batch h [B, d] whose rows are instances ``indices`` [B] (default: running count)."""
-        h = torch.as_tensor(np.asarray(h_batch) if not isinstance(h_batch, torch.Tensor) else h_batch)
+        if not isinstance(h_batch, torch.Tensor):
+            h_batch = np.asarray(h_batch)
+            if not h_batch.flags.writeable:   # cached features are read-only: torch would warn
+                h_batch = h_batch.copy()      # that it shares their memory
+        h = torch.as_tensor(h_batch)
         # float64 features stay float64 (float32 would round distinct values into ties and
         # rank them by index); anything else is compared in float32 as before
         dtype = torch.float64 if (h.dtype == torch.float64 or (
