@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .adapter import Target
+from .checks import positive_int
 
 
 @dataclass
@@ -79,9 +80,7 @@ class Interaction(Result):
     def top_pairs(self, k: int = 5, absolute: bool = True) -> list[tuple[int, int, float]]:
         """The k (row, column, value) pairs of largest (absolute) interaction (ties in row-major
         order; NaN entries, if any, rank last)."""
-        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise ValueError(f"top_pairs needs k, the number of pairs, as an integer >= 0; got "
-                             f"{k!r}.")
+        k = positive_int(k, "top_pairs' k (the number of pairs)", minimum=0)
         matrix = np.asarray(self.matrix, dtype=np.float64)
         m = np.abs(matrix) if absolute else matrix
         key = np.where(np.isnan(m), np.inf, -m).ravel()    # largest first, NaN after all

@@ -51,7 +51,7 @@ def test_top_pairs_ranks_nan_last_and_refuses_a_bad_k():
     assert i.top_pairs(np.int64(1)) == [(1, 1, -7.0)]
     assert i.top_pairs(0) == []
     for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="top_pairs needs k"):
+        with pytest.raises(ValueError, match="top_pairs' k"):
             i.top_pairs(bad)
 
 

@@ -175,7 +175,7 @@ def test_bad_inputs_get_clear_errors(cache):
         extract_features(adapter, ds, indices=[True] * len(ds), cache=False)
     with pytest.raises(ValueError, match="empty"):
         extract_features(adapter, ds, indices=[], cache=False)
-    with pytest.raises(ValueError, match="k must be a positive"):
+    with pytest.raises(ValueError, match=r"k \(instances kept per neuron\) must be an integer"):
         StreamingExtremes(0)
     s = StreamingExtremes(2)
     with pytest.raises(ValueError, match="No instances"):
@@ -384,7 +384,7 @@ def test_extremes_of_no_instances_plain_arrays_and_negative_indices_get_clear_er
     feats = extract_features(adapter, ds, cache=False)
     with pytest.raises(TypeError, match="Features object from extract_features"):
         neuron_extremes(None, features=feats.h, k=2)
-    with pytest.raises(ValueError, match="k must be a positive"):
+    with pytest.raises(ValueError, match=r"k \(instances kept per neuron\) must be an integer"):
         StreamingExtremes(True)
     res = neuron_extremes(None, features=feats, k=2)
     assert res.top(D - 1) and res.bottom(0)

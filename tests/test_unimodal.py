@@ -340,7 +340,7 @@ def test_lime_from_function_calls_in_batches_and_reports_progress():
 def test_lime_from_function_errors():
     with pytest.raises(ValueError, match="n_units"):
         lime_from_function(lambda m: None, {})
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match=r"n_units\['x'\] must be an integer of at least 1"):
         lime_from_function(lambda m: None, {"x": 0})
     with pytest.raises(ValueError, match="one value per mask"):
         lime_from_function(lambda m: torch.zeros(1), {"x": 3}, n_samples=10)

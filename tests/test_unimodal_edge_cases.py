@@ -242,3 +242,14 @@ def test_text_scores_and_map_of_a_gradient_result_do_not_share_memory():
     r.scores["question"] += 1.0
     np.testing.assert_array_equal(r.maps["question"], before)
     assert r.scores["image"].dtype == np.float64 and r.scores["question"].dtype == np.float64
+
+
+def test_a_bool_is_refused_as_a_number_of_steps_or_samples():
+    """True is not one step (bools are ints to Python); the shared check refuses them."""
+    from multiviz_widgets.kernels.unimodal import integration_rule
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        integration_rule(True)
+    for fit in (lime_from_function, kernel_shap_from_function):
+        with pytest.raises(ValueError, match="n_samples"):
+            fit(_linear_fn, {"a": 4}, n_samples=True)
+    assert len(integration_rule(np.int64(3))[0]) == 3

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..adapter import AdapterError, ModelAdapter, Prepared, Target
-from ..checks import positive_int
+from ..checks import is_integer, positive_int
 from ..progress import ProgressFn, report
 
 #: Default rows per forward pass for perturbation kernels. Small batches keep activations in
@@ -240,7 +240,7 @@ def positive_number(value, what: str, allow_zero: bool = False) -> float:
 def dataset_index(index, n_total: int, what: str = "index") -> int:
     """One instance number of a dataset of n_total: an integer in 0..n_total-1 (no floats,
     strings or bools: they would be truncated or misread)."""
-    if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+    if not is_integer(index):
         raise ValueError(f"{what} must be an instance number (an integer), got {index!r} "
                          f"({type(index).__name__}).")
     return int(dataset_indices([index], n_total, what)[0])

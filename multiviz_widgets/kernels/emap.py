@@ -18,7 +18,7 @@ from ..adapter import ModelAdapter, Target
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..results import Result, Stopwatch
-from ..checks import positive_int
+from ..checks import is_integer, positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
                      check_model_takes, dataset_index, dataset_indices, sample_indices)
 from .split_model import CHECKED_PAIRS, FusedPairs, Split, check_factorized, with_split
@@ -442,7 +442,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
         if isinstance(instance, Mapping):
             raise ValueError("With an EmapResult as reference, give the instance as its dataset "
                              "index (one of result.indices).")
-        if isinstance(instance, (bool, np.bool_)) or not isinstance(instance, (int, np.integer)):
+        if not is_integer(instance):
             raise ValueError(f"With an EmapResult as reference, the instance is its dataset index "
                              f"(an integer, one of result.indices), got {instance!r}.")
         pos = np.nonzero(reference.indices == int(instance))[0]

@@ -35,7 +35,7 @@ import torch
 
 from ..adapter import ModelAdapter, Neuron
 from ..progress import ProgressFn, report
-from ..checks import positive_int
+from ..checks import is_integer, positive_int
 from .common import as_prepared
 from .representations import Features, decision_contributions
 
@@ -135,7 +135,7 @@ class SparseModel:
     def top_weights(self, c: int, k: int = 10) -> list[tuple[int, float]]:
         """The k (neuron, weight) of class c with the largest |weight| (non-zero only).
         c is a class index in 0..C-1 (a negative one raises, it does not count from the end)."""
-        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < self.n_classes:
+        if not is_integer(c) or not 0 <= c < self.n_classes:
             raise IndexError(f"c must be a class index in 0..{self.n_classes - 1}, got {c!r}.")
         k = positive_int(k, "k (weights to list)", minimum=0)
         w = self.weight[c]
@@ -606,8 +606,7 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     from .unimodal import attribute        # stage kernels are imported lazily
     t0 = time.perf_counter()
     for name, v in (("k_neurons", k_neurons), ("k_units", k_units), ("k_pairs", k_pairs)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+        positive_int(v, name)
     prepared = as_prepared(adapter, instance)
     contrib = decision_contributions(adapter, prepared, target, sparse_model)
     c = contrib.class_index

@@ -32,7 +32,7 @@ import torch
 from ..adapter import AdapterError, ModelAdapter, _outside_stacklevel
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
-from ..checks import positive_int
+from ..checks import is_integer, positive_int
 from .common import as_prepared, indices_or_all, input_shapes
 
 # v2: the key covers modality signatures and the module tree; v3: batches of equal shapes only
@@ -370,8 +370,7 @@ class NeuronExtremes:
         return int(self.top_indices.shape[0])
 
     def _neuron(self, neuron) -> int:
-        if (isinstance(neuron, bool) or not isinstance(neuron, (int, np.integer))
-                or not 0 <= neuron < self.d):
+        if not is_integer(neuron) or not 0 <= neuron < self.d:
             raise IndexError(f"neuron must be an integer in 0..{self.d - 1} (there are {self.d} "
                              f"decision neurons), got {neuron!r}; negative indices are refused "
                              "rather than counted from the end.")
@@ -410,9 +409,7 @@ class StreamingExtremes:
     """
 
     def __init__(self, k: int, d: int | None = None):
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer (instances kept per neuron), got {k!r}.")
-        self.k = int(k)
+        self.k = positive_int(k, "k (instances kept per neuron)")
         self.d = d
         self.n = 0
         self._top_v = self._top_i = self._bot_v = self._bot_i = None

@@ -124,9 +124,7 @@ def integration_rule(steps: int, rule: str = "gausslegendre") -> tuple[np.ndarra
     rules: "gausslegendre" (captum's default), "riemann_right" (k/S), "riemann_left",
     "riemann_middle", "riemann_trapezoid". The weights sum to 1.
     """
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
-    s = int(steps)
+    s = positive_int(steps, "steps")
     if rule == "gausslegendre":
         x, w = np.polynomial.legendre.leggauss(s)
         return (x + 1) / 2, w / 2
@@ -373,9 +371,7 @@ def _check_units(n_units: Mapping[str, int]) -> dict[str, int]:
         raise ValueError("n_units must be a non-empty dict {modality name: number of units}.")
     out = {}
     for k, v in n_units.items():
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or int(v) < 1:
-            raise ValueError(f"n_units[{k!r}] must be a positive integer, got {v!r}.")
-        out[str(k)] = int(v)
+        out[str(k)] = positive_int(v, f"n_units[{k!r}]")
     return out
 
 
@@ -466,8 +462,7 @@ def lime_from_function(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
     Cost: n_samples evaluations of fn, batch_size masks per call.
     """
     units = _check_units(n_units)
-    if not isinstance(n_samples, (int, np.integer)) or n_samples < 2:
-        raise ValueError(f"n_samples must be an integer of at least 2, got {n_samples!r}.")
+    n_samples = positive_int(n_samples, "n_samples", 2)
     if distance not in ("cosine", "hamming"):
         raise ValueError(f"distance must be 'cosine' or 'hamming', got {distance!r}.")
     kernel_width = positive_number(kernel_width, "kernel_width (the width of LIME's kernel)")
@@ -551,9 +546,7 @@ def kernel_shap_from_function(fn: Callable[[Mapping[str, torch.Tensor]], torch.T
     is evaluated and the scores are the exact Shapley values. Cost: at most n_samples evaluations.
     """
     units = _check_units(n_units)
-    if not isinstance(n_samples, (int, np.integer)) or n_samples < 2:
-        raise ValueError(f"n_samples must be an integer of at least 2 (the full and empty masks), "
-                         f"got {n_samples!r}.")
+    n_samples = positive_int(n_samples, "n_samples (the full and empty masks and more)", 2)
     batch_size = positive_int(batch_size, "batch_size")
     total = sum(units.values())
     rng = _rng(seed)
