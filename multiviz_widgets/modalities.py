@@ -316,10 +316,10 @@ class Image(Modality):
     def unit_sums_and_map(self, attr, x, index):
         """On an exact patch grid: the map (channels summed), then its patches summed. Not for
         a subclass with its own units, pooling or map (their results would be ignored)."""
+        if not (self._on_grid(x) and _keeps_units(type(self), Image)):
+            return None
         h, w = x.shape[-2:]
         p = self.patch
-        if self.superpixels or h % p or w % p or not _keeps_units(type(self), Image):
-            return None                                         # not an exact patch grid
         m = attr.sum(-3)
         return m.view(h // p, p, w // p, p).sum((1, 3), dtype=score_dtype(m)).view(-1), m
 
