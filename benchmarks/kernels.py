@@ -28,7 +28,8 @@ the result. So those steps are written for a cold cache: few tensor operations (
 made in float64 by the reduction itself), no numpy reduction, no comprehension where a loop
 will do, and the one-row gradient path skips the rows machinery of integrated gradients. That
 took our call from about bare + 330 us to bare + 220 us in this benchmark (captum's: bare +
-120 us), and the gradient's ratio from 1.10-1.16 to 1.06-1.08 (three runs each).
+120 us), and the gradient's ratio from 1.10-1.16 (seven runs) to 1.03-1.09 (nine runs; gradient
+x input 1.04-1.13: see the README).
 
 numpy's and scipy's OpenBLAS (not torch's BLAS) run single-threaded during stage 1: captum's
 KernelShap fits with scikit-learn, whose OpenBLAS threads keep spinning after the fit; on 2 cores
