@@ -179,7 +179,8 @@ class Engine(traitlets.HasTraits):
     def store(self, key: Hashable, value, pin: bool = False, freeze: bool = True) -> None:
         """Put a value in the cache (``pin=True``: never evicted), its numpy arrays made
         read-only (``read_only``: it is shared by every later caller) unless ``freeze=False``
-        (a value the user gave, whose arrays are theirs to edit)."""
+        (a value that holds what the user gave, whose arrays are theirs to edit, such as a
+        view's job result built from the user's features)."""
         if freeze:
             read_only(value)
         with self._lock:
@@ -434,7 +435,9 @@ class Engine(traitlets.HasTraits):
                     self.progress = 0.0              # until its next report
                 self.stats["runs"] += 1
                 if err is None and job.key is not None:
-                    self.store(job.key, value)
+                    # not frozen: a job's value is made of the Analyses' memos (read-only
+                    # already) and may hold what the user gave (their features=)
+                    self.store(job.key, value, freeze=False)
                 current = self._is_current(job)
                 if self._current.get(job.slot) is job:
                     self._current.pop(job.slot, None)

@@ -158,7 +158,9 @@ def score_dtype(attr: torch.Tensor) -> torch.dtype:
 def _keeps_units(kind: type, cls: type) -> bool:
     """Whether the class ``kind`` uses ``cls``'s own unit_index, pool and to_map (no subclass
     override), which the fused ``unit_sums_and_map`` of ``cls`` assume; decided once per class
-    (a lookup, where three attribute comparisons in every call cost microseconds there)."""
+    (a lookup, where three attribute comparisons in every call cost microseconds there). A
+    method assigned to a class after its first explanation is not seen until
+    ``_keeps_units.cache_clear()``; a subclass defined with its own methods always is."""
     return all(getattr(kind, m) is getattr(cls, m) for m in ("unit_index", "pool", "to_map"))
 
 
@@ -546,8 +548,9 @@ class Text(Modality):
         return attr.reshape(attr.shape[0], -1).sum(-1) if attr.dim() > 1 else attr
 
     def unit_sums_and_map(self, attr, x, index):
-        """A token is a unit: its sum is its entry of the map (the same numbers, two tensors, the
-        sums in ``score_dtype``). Not for a subclass with its own units, pooling or map."""
+        """A token is a unit: its sum is its entry of the map (the same numbers, two tensors: the
+        map, and its copy in ``score_dtype``). Not for a subclass with its own units, pooling or
+        map."""
         if not _keeps_units(type(self), Text):
             return None
         m = attr.sum(-1) if attr.dim() == 2 else self.to_map(attr)

@@ -457,6 +457,22 @@ def test_precomputed_features_are_used_as_they_are():
         ex.close()
 
 
+def test_the_users_features_stay_writable_while_the_explorer_shows_them():
+    """The engine makes cached results read-only; features the user passes stay theirs (the
+    embedding view's job holds them too)."""
+    from multiviz_widgets.kernels.representations import extract_features
+    adapter, ds = tiny_vqa()
+    feats = extract_features(adapter, ds, cache=False)        # a dataclass, as users get it
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), features=feats)
+    try:
+        ex.select(neuron=0)
+        assert ex.wait(60) and ex.state()["embedding"]["n_points"] == len(ds)
+        assert feats.h.flags.writeable and feats.logits.flags.writeable
+        feats.h[0, 0] += 1.0
+    finally:
+        ex.close()
+
+
 # -- failures, stale content and bad input ------------------------------------------------------
 def _json_safe_widgets():
     """The widget states that JSON (as Jupyter sends it, allow_nan=False) rejects."""

@@ -116,6 +116,18 @@ def test_a_path_that_stops_early_reports_its_total():
 
 
 # -- the prediction path --------------------------------------------------------------------------
+def test_the_path_keeps_its_counts_as_plain_ints():
+    """Counts given as numpy integers or one-element tensors are checked and kept as ints (the
+    params are JSON data)."""
+    adapter, ds = tiny_adapter(), tiny_dataset()
+    path = prediction_path(adapter, ds[0], k_neurons=np.int64(2), k_units=torch.tensor(3),
+                           unimodal_method="gradient", interaction_method=None)
+    assert [type(path.params[k]) for k in ("k_neurons", "k_units", "k_pairs")] == [int] * 3
+    with pytest.raises(ValueError, match="k_units"):
+        prediction_path(adapter, ds[0], k_units=True, unimodal_method="gradient",
+                        interaction_method=None)
+
+
 def test_the_path_says_what_its_contributions_add_up_to():
     adapter, ds = tiny_adapter(), tiny_dataset()
     path = prediction_path(adapter, ds[0], k_neurons=2, unimodal_method="gradient",

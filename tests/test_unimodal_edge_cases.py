@@ -253,3 +253,26 @@ def test_a_bool_is_refused_as_a_number_of_steps_or_samples():
         with pytest.raises(ValueError, match="n_samples"):
             fit(_linear_fn, {"a": 4}, n_samples=True)
     assert len(integration_rule(np.int64(3))[0]) == 3
+
+
+def test_one_transfer_keeps_every_part_at_its_own_precision():
+    """The one-copy path (a GPU's) concatenates the parts in the widest dtype among them: a
+    float32 part first must not round an Image's float64 unit sums after it."""
+    from types import SimpleNamespace
+
+    from multiviz_widgets import Image, Tabular
+    from multiviz_widgets.kernels.unimodal import _scores_and_maps
+    tab, img = Tabular("t", columns=["a", "b", "c"]), Image("i", patch=4)
+    x_t, x_i = torch.zeros(3), torch.rand(3, 8, 8)
+    prepared = SimpleNamespace(continuous={"t": x_t, "i": x_i},
+                               index={"t": tab.unit_index(x_t), "i": img.unit_index(x_i)},
+                               n_units={"t": 3, "i": 4})
+    adapter = SimpleNamespace(modalities={"t": tab, "i": img})
+    g = torch.Generator().manual_seed(0)
+    attrs = {"t": torch.randn(3, generator=g),
+             "i": torch.randn(3, 8, 8, generator=g) * 1e3 + 1e-3}
+    apart = _scores_and_maps(adapter, prepared, attrs, one_transfer=False)
+    once = _scores_and_maps(adapter, prepared, attrs, one_transfer=True)
+    for a, b in zip(apart, once):
+        for n in attrs:
+            np.testing.assert_array_equal(a[n], b[n])

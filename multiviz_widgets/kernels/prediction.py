@@ -605,8 +605,8 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     """
     from .unimodal import attribute        # stage kernels are imported lazily
     t0 = time.perf_counter()
-    for name, v in (("k_neurons", k_neurons), ("k_units", k_units), ("k_pairs", k_pairs)):
-        positive_int(v, name)
+    k_neurons, k_units, k_pairs = (positive_int(v, name) for name, v in (
+        ("k_neurons", k_neurons), ("k_units", k_units), ("k_pairs", k_pairs)))
     prepared = as_prepared(adapter, instance)
     contrib = decision_contributions(adapter, prepared, target, sparse_model)
     c = contrib.class_index

@@ -224,7 +224,8 @@ def _scores_and_maps(adapter: ModelAdapter, prepared: Prepared,
         arrays = [t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
                   for t in parts]                                # on the CPU: no copy at all
     else:
-        flat = torch.cat([t.reshape(-1).to(parts[0].dtype) for t in parts]).cpu().numpy()
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in parts])  # no rounding
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in parts]).cpu().numpy()
         arrays, o = [], 0
         for t in parts:
             arrays.append(flat[o:o + t.numel()].reshape(tuple(t.shape)))
