@@ -100,3 +100,36 @@ def test_make_demo_exports_the_benchmarked_malloc_settings():
     assert settings == load("allocator").TUNED
     demo = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
     assert "$(DEMO_MALLOC) $(VENV)/bin/jupyter lab" in demo
+
+
+def test_cold_cache_times_every_variant_and_writes_the_promised_json(tmp_path, has_easy_vqa):
+    out = tmp_path / "c.json"
+    bench = load("cold_cache")
+    bench.main(["--n", "5", "--repeats", "1", "--out", str(out)])
+    d = json.loads(out.read_text())
+    assert set(d["steps"]) == {"pool", "finite"}
+    for step, entry in d["steps"].items():
+        assert d["project_variant"][step] in entry
+        assert entry[d["project_variant"][step]]["cold_over_ours"] == 1.0
+        assert all(v["n"] >= 1 and v["cold_us"] > 0 for v in entry.values())
+    with pytest.raises(ValueError, match="at least 5"):
+        bench.main(["--n", "2", "--repeats", "1", "--out", str(out)])
+
+
+def test_cold_cache_variants_compute_the_same_numbers():
+    """The variants differ in speed only: the same map and float64 sums, the same verdict."""
+    import numpy as np
+    import torch
+    bench = load("cold_cache")
+    g = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    got = {name: fn(g) for name, fn in bench.pool_variants(8).items()}
+    ref_map, ref_sums = got[bench.OURS["pool"]]
+    for name, (m, s) in got.items():
+        assert s.dtype == np.float64 and s.shape == (4,), name
+        np.testing.assert_allclose(m, ref_map, rtol=1e-6)
+        np.testing.assert_allclose(s, ref_sums, rtol=1e-6)
+    cases = [[np.ones(3)], [np.ones(3), np.array([np.nan])], [np.array([np.inf, 1.0])],
+             [np.array([1e308, 1e308])]]
+    for arrays in cases:
+        verdicts = {name: fn(arrays) for name, fn in bench.finite_variants().items()}
+        assert len(set(verdicts.values())) == 1, (arrays, verdicts)

@@ -208,8 +208,8 @@ def _scores_and_maps(adapter: ModelAdapter, prepared: Prepared,
     decides by the device (tests force either way).
 
     Every gradient call runs this right after its backward pass, with this code out of the
-    CPU's caches, so it is written as a plain loop (each call or comprehension here cost
-    microseconds: see benchmarks/kernels.py)."""
+    CPU's caches, so it is written as a plain loop (each call or comprehension here costs
+    microseconds: see benchmarks/cold_cache.py)."""
     parts = []
     for n, a in attrs.items():
         mod = adapter.modalities[n]
@@ -250,8 +250,8 @@ def _all_finite(arrays, small: int = 4096) -> bool:
     """Whether every value of the float arrays is finite. A NaN or an infinity makes a sum
     non-finite, so a small array is first checked through the Python sum of its values: right
     after a backward pass numpy's code is out of the CPU's caches and ``np.isfinite(v).all()``
-    costs about five times as much. Only a non-finite sum (an overflow gives one too) is checked
-    value by value."""
+    costs about three times as much (``benchmarks/cold_cache.py``). Only a non-finite sum (an
+    overflow gives one too) is checked value by value."""
     for v in arrays:
         if v.size <= small and math.isfinite(sum((v if v.ndim == 1 else v.ravel()).tolist())):
             continue
@@ -701,8 +701,8 @@ class _Gradient(_GradientFamily):
 
     def _run(self, adapter, prepared, target, names, p, progress):
         """One row, so the rows machinery of the family (weights, sums over passes, outputs
-        concatenated) is skipped: every operation after the backward pass runs on caches it
-        has evicted and costs two to three times what it does warm (see benchmarks/kernels.py)."""
+        concatenated) is skipped: every step after the backward pass runs on caches it has
+        evicted and costs several times what it does warm (benchmarks/cold_cache.py)."""
         if progress is not None:
             report(progress, 0, 1, self.label)
         x = prepared.continuous

@@ -1,0 +1,173 @@
+"""What the gradient methods' last steps cost right after a backward pass, against a warm loop:
+why ``unimodal._all_finite`` (a Python sum first) stands in for numpy's ``isfinite(v).all()``,
+and why Image/Text ``unit_sums_and_map`` make the unit sums in float64 inside the torch
+reduction instead of pooling in numpy or converting afterwards.
+
+    python benchmarks/cold_cache.py [--n 20] [--repeats 25] [--out benchmarks/results/cold_cache.json]
+
+Each timing follows what ``benchmarks/kernels.py`` makes a gradient call follow: a batched
+forward pass of the floor batch (128 rows, which evicts the CPU caches), then the gradient of one
+instance (a forward and a backward pass of a batch of one, as the bare code of kernels.py
+writes it). Then ONE variant of one step is timed once, on that fresh gradient ("cold"), and
+at once five times more ("warm", the median). The variants take turns from one gradient to the
+next, so each follows a backward pass equally often.
+
+Steps (easy-VQA: a 3x64x64 image in 8x8 patches, a question of 5-7 embedded tokens):
+
+* ``pool``: the image's map (channels summed) and its 64 patch sums in float64, as numpy arrays.
+  ``torch_float64_in_reduction`` (the project's), ``torch_then_numpy_float64`` (the sums in the
+  gradient's float32, converted by numpy), ``numpy`` (the gradient as a numpy array, pooled by
+  numpy).
+* ``finite``: whether every unit score (image and question, float64 numpy arrays, pooled by the
+  project's path untimed first) is finite. ``numpy_isfinite`` (``np.isfinite(v).all()`` per
+  modality), ``python_sum`` (the project's ``_all_finite``).
+
+Reported per variant: the median cold and warm microseconds and cold / warm; per step, each
+variant's cold time over the project's. Microseconds: the machine's speed drifts, so compare
+variants of one run, not runs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (RESULTS, environment, load_demo, median, per_sample_forward_ms,  # noqa: E402
+                    rotated, shape_or_color_indices, write_json)
+
+from multiviz_widgets.kernels.unimodal import _all_finite  # noqa: E402
+
+WARM_REPEATS = 5
+OURS = {"pool": "torch_float64_in_reduction", "finite": "python_sum"}
+
+
+def instance_gradient(adapter, prepared, target: int) -> dict[str, torch.Tensor]:
+    """{modality: d logit_target / d continuous input} of one instance, without the batch
+    dimension: one forward and one backward pass of a batch of one."""
+    leaves = {n: prepared.continuous[n].unsqueeze(0).clone().requires_grad_(True)
+              for n in prepared.names}
+    out = adapter.forward(prepared.raw, leaves)[:, target]
+    grads = torch.autograd.grad(out.sum(), list(leaves.values()))
+    return {n: g[0] for n, g in zip(leaves, grads)}
+
+
+def pool_variants(patch: int) -> dict:
+    """The variants of the ``pool`` step: gradient [C, H, W] -> (map [H, W], sums [units])."""
+    def grid(h, w):
+        return h // patch, patch, w // patch, patch
+
+    def in_reduction(g):
+        m = g.sum(-3)
+        return m.numpy(), m.view(grid(*m.shape)).sum((1, 3), dtype=torch.float64).view(-1).numpy()
+
+    def then_numpy(g):
+        m = g.sum(-3)
+        s = m.view(grid(*m.shape)).sum((1, 3)).view(-1)
+        return m.numpy(), np.asarray(s.numpy(), dtype=np.float64)
+
+    def in_numpy(g):
+        m = g.numpy().sum(0)
+        return m, m.reshape(grid(*m.shape)).sum((1, 3), dtype=np.float64).reshape(-1)
+
+    return {OURS["pool"]: in_reduction, "torch_then_numpy_float64": then_numpy,
+            "numpy": in_numpy}
+
+
+def finite_variants() -> dict:
+    """The variants of the ``finite`` step: [float64 arrays] -> bool."""
+    return {"numpy_isfinite": lambda arrays: all(bool(np.isfinite(v).all()) for v in arrays),
+            OURS["finite"]: _all_finite}
+
+
+def project_scores(adapter, prepared, grads) -> list[np.ndarray]:
+    """The unit scores as the project's gradient path makes them (float64 numpy arrays)."""
+    out = []
+    for n, g in grads.items():
+        sums, _ = adapter.modalities[n].unit_sums_and_map(g, prepared.continuous[n],
+                                                          prepared.index[n])
+        out.append(sums.numpy())
+    return out
+
+
+def _time(fn, arg) -> tuple[float, float]:
+    """(cold us, warm us): one call, then the median of WARM_REPEATS calls more."""
+    t0 = time.perf_counter()
+    fn(arg)
+    cold = (time.perf_counter() - t0) * 1e6
+    warm = []
+    for _ in range(WARM_REPEATS):
+        t0 = time.perf_counter()
+        fn(arg)
+        warm.append((time.perf_counter() - t0) * 1e6)
+    return cold, median(warm)
+
+
+def run(adapter, dataset, indices, repeats: int, floor_batch: int = 128) -> dict:
+    image = next(n for n, m in adapter.modalities.items() if m.kind == "image")
+    patch = adapter.modalities[image].patch
+    steps = {"pool": pool_variants(patch), "finite": finite_variants()}
+    turns = [(step, name) for step, variants in steps.items() for name in variants]
+    if len(indices) * repeats < len(turns):
+        raise ValueError(f"n x repeats must be at least {len(turns)} (one timing per variant), "
+                         f"got {len(indices)} x {repeats}.")
+    prepared = [adapter.prepare(dataset[int(i)]) for i in indices]
+    targets = [int(adapter.predict(p.raw).argmax(1)[0]) for p in prepared]
+    got = {turn: ([], []) for turn in turns}
+    for v in steps["pool"].values():                                    # warm-up, untimed
+        v(instance_gradient(adapter, prepared[0], targets[0])[image])
+    turn = 0
+    for _ in range(repeats):
+        for p, t in zip(prepared, targets):
+            step, name = rotated(turns, turn)[0]
+            turn += 1
+            per_sample_forward_ms(adapter, p, batch=floor_batch, repeats=1)   # evicts, as there
+            with torch.enable_grad():
+                grads = instance_gradient(adapter, p, t)
+            if step == "pool":
+                cold, warm = _time(steps[step][name], grads[image])
+            else:
+                cold, warm = _time(steps[step][name], project_scores(adapter, p, grads))
+            got[(step, name)][0].append(cold)
+            got[(step, name)][1].append(warm)
+    out = {}
+    for step, variants in steps.items():
+        entry = {}
+        for name in variants:
+            cold, warm = got[(step, name)]
+            entry[name] = {"cold_us": median(cold), "warm_us": median(warm),
+                           "cold_over_warm": median(cold) / median(warm), "n": len(cold)}
+        ours = entry[OURS[step]]["cold_us"]
+        for name in variants:
+            entry[name]["cold_over_ours"] = entry[name]["cold_us"] / ours
+        out[step] = entry
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=20, help="test questions about a shape or colour")
+    ap.add_argument("--repeats", type=int, default=25, help="timings per instance")
+    ap.add_argument("--out", default=str(RESULTS / "cold_cache.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    adapter, dataset, note = load_demo("test")
+    indices = shape_or_color_indices(dataset, args.n)
+    steps = run(adapter, dataset, indices, args.repeats)
+    result = {"model": note, "n": args.n, "repeats": args.repeats,
+              "warm_repeats": WARM_REPEATS, "project_variant": OURS, "steps": steps,
+              "environment": environment()}
+    for step, entry in steps.items():
+        for name, v in entry.items():
+            print(f"{step:7s} {name:28s} cold {v['cold_us']:7.1f} us  warm {v['warm_us']:6.1f} us"
+                  f"  (cold/warm {v['cold_over_warm']:4.1f}, cold/ours {v['cold_over_ours']:4.2f})")
+    print(f"wrote {write_json(args.out, result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
