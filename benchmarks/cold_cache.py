@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, environment, load_demo, median, per_sample_forward_ms,  # noqa: E402
-                    rotated, shape_or_color_indices, write_json)
+                    rotated, shape_or_color_indices, timed, write_json)
+from kernels import bare_call  # noqa: E402
 
 from multiviz_widgets.kernels.unimodal import _all_finite  # noqa: E402
 
@@ -48,12 +48,9 @@ OURS = {"pool": "torch_float64_in_reduction", "finite": "python_sum"}
 
 def instance_gradient(adapter, prepared, target: int) -> dict[str, torch.Tensor]:
     """{modality: d logit_target / d continuous input} of one instance, without the batch
-    dimension: one forward and one backward pass of a batch of one."""
-    leaves = {n: prepared.continuous[n].unsqueeze(0).clone().requires_grad_(True)
-              for n in prepared.names}
-    out = adapter.forward(prepared.raw, leaves)[:, target]
-    grads = torch.autograd.grad(out.sum(), list(leaves.values()))
-    return {n: g[0] for n, g in zip(leaves, grads)}
+    dimension: kernels.py's bare gradient (one forward and one backward of a batch of one)."""
+    grads = bare_call("gradient", adapter, prepared, target, {})()
+    return {n: g[0] for n, g in zip(prepared.names, grads)}
 
 
 def pool_variants(patch: int) -> dict:
@@ -96,15 +93,8 @@ def project_scores(adapter, prepared, grads) -> list[np.ndarray]:
 
 def _time(fn, arg) -> tuple[float, float]:
     """(cold us, warm us): one call, then the median of WARM_REPEATS calls more."""
-    t0 = time.perf_counter()
-    fn(arg)
-    cold = (time.perf_counter() - t0) * 1e6
-    warm = []
-    for _ in range(WARM_REPEATS):
-        t0 = time.perf_counter()
-        fn(arg)
-        warm.append((time.perf_counter() - t0) * 1e6)
-    return cold, median(warm)
+    cold = timed(lambda: fn(arg))[0] * 1e3
+    return cold, median([timed(lambda: fn(arg))[0] * 1e3 for _ in range(WARM_REPEATS)])
 
 
 def run(adapter, dataset, indices, repeats: int, floor_batch: int = 128) -> dict:

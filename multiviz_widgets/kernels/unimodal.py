@@ -708,8 +708,8 @@ class _Gradient(_GradientFamily):
         x = prepared.continuous
         grads, _ = _input_grads(adapter, prepared, target, {n: x[n] for n in names},
                                 one_row=True)
-        attrs = {n: grads[n] * x[n] for n in names} if self.times_input else grads
-        scores, maps = _scores_and_maps(adapter, prepared, attrs)
+        scores, maps = _scores_and_maps(adapter, prepared, self._attributions(prepared, names,
+                                                                              grads))
         if progress is not None:
             report(progress, 1, 1, self.label)
         return scores, maps, {}
