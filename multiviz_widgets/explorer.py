@@ -4,12 +4,14 @@
     explorer                                    # displays (an ipywidgets.VBox)
     explorer.select(instance=3, unit=("question", 1), neuron=7, target=2)
     explorer.wait(); explorer.state()           # what every view shows now
+    Explorer(adapter, dataset, annotations="concepts.json")   # concepts of neurons and units
 
 A click in a view changes the Selection; every view observes the Selection and asks the
 engine (one worker thread, LRU cache, progress bar, cancel, error banner) for what it needs.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -19,11 +21,13 @@ import numpy as np
 import ipywidgets as W
 
 from .adapter import ModelAdapter
+from .annotations import Annotations, model_signature
 from .checks import is_integer
 from .data import MultimodalDataset
 from .engine import Analyses, Engine, Kernels, short_repr
 from .selection import FIELDS, Selection, unit_ref_of
 from .views._common import close_widgets, instance_title, widget_tree
+from .views.concepts_view import ConceptsView
 from .views.controls import Controls, ErrorBanner, ProgressPanel
 from .views.embedding_view import EmbeddingView
 from .views.heatmap_view import HeatmapView
@@ -292,17 +296,21 @@ class Explorer(W.VBox):
     pair: the two modalities of the interaction matrix (default: text/tabular rows); with more
     than two modalities the controls' "pair" menu (or ``select(pair=...)``) changes it.
     kernels: a ``Kernels`` object (tests pass fakes). gallery_k: instances per gallery row.
+    annotations: the concepts people give neurons and units (``explorer.annotations``): a JSON
+    file's path (read if it exists, saved on each change; a file that cannot be read, or was
+    made for another model, raises an AnnotationError and is left as it is), an
+    ``Annotations`` store, or None (kept in memory; ``explorer.annotations.save(path)``).
     """
 
     def __init__(self, adapter: ModelAdapter, dataset: MultimodalDataset, *, sparse_model=None,
                  cache_size: int = 256, features=None, pair: tuple[str, str] | None = None,
                  kernels: Kernels | None = None, gallery_k: int = 4, delay: float = 0.3,
-                 path_params: dict | None = None, start: bool = True):
+                 path_params: dict | None = None, annotations=None, start: bool = True):
         _check_dataset(dataset)
         self.engine = Engine(cache_size=cache_size, delay=delay)
         try:
             self._build(adapter, dataset, sparse_model, features, pair, kernels, gallery_k,
-                        path_params)
+                        path_params, annotations)
         except BaseException:
             self.engine.close()               # no worker threads left behind
             raise
@@ -310,11 +318,12 @@ class Explorer(W.VBox):
             self.refresh()
 
     def _build(self, adapter, dataset, sparse_model, features, pair, kernels, gallery_k,
-               path_params) -> None:
+               path_params, annotations) -> None:
         self.analyses = Analyses(self.engine, adapter, dataset, kernels=kernels,
                                  sparse_model=sparse_model, features=features,
                                  gallery_k=gallery_k, path_params=path_params)
         self.adapter, self.dataset = adapter, dataset
+        self.annotations = self._open_annotations(annotations)
         # out-of-range instances and targets, unknown modalities and bad pairs are rejected
         # (a ValueError, or an IndexError for the instance) even when set on the Selection
         self.selection = Selection(n_instances=len(dataset), n_classes=adapter.n_classes,
@@ -338,11 +347,13 @@ class Explorer(W.VBox):
         self.heatmap_view = (HeatmapView(self.selection, self.engine, self.analyses, pair)
                              if pair else None)
         self.neuron_view = NeuronView(self.selection, self.engine, self.analyses)
-        self.path_view = PathView(self.selection, self.engine, self.analyses)
+        self.path_view = PathView(self.selection, self.engine, self.analyses, self.annotations)
         self.embedding_view = EmbeddingView(self.selection, self.engine, self.analyses)
         self.controls = Controls(self.selection, len(dataset), adapter.class_names,
                                  describe=dataset.describe, on_refresh=self.refresh,
                                  pairs=pair_options(adapter, pair) if pair else None)
+        self.concepts_view = ConceptsView(self.selection, self.annotations,
+                                          unit_name=self._unit_name)
         self.progress_panel = ProgressPanel(self.engine)
         self.banner = ErrorBanner(self.engine)
         title = W.Label(value=f"MultiViz Explorer: {adapter.name} on {getattr(dataset, 'name', '')}"
@@ -350,10 +361,39 @@ class Explorer(W.VBox):
         top = [self.input_view] + ([self.heatmap_view] if self.heatmap_view else [])
         self.input_view.add_class("mvz-input-view")
         wrap = dict(flex_flow="row wrap", align_items="flex-start")
-        super().__init__([title, self.controls, self.progress_panel, self.banner,
+        super().__init__([title, self.controls, self.concepts_view, self.progress_panel,
+                          self.banner,
                           W.HBox(top, layout=W.Layout(**wrap)), self.neuron_view,
                           W.HBox([self.path_view, self.embedding_view],
                                  layout=W.Layout(**wrap))])
+
+    def _open_annotations(self, annotations) -> Annotations:
+        """The concepts store (see the class docstring), checked against this model."""
+        try:
+            d = self.analyses.n_neurons()
+        except Exception:  # noqa: BLE001 - a non-linear decision layer: neurons not counted
+            d = None
+        sig = model_signature(self.adapter, d)
+        n = len(self.dataset)
+        if annotations is None:
+            return Annotations(signature=sig, n_instances=n)
+        if isinstance(annotations, Annotations):
+            annotations.bind(sig, n)
+            return annotations
+        if isinstance(annotations, (str, os.PathLike)):
+            return Annotations.open(annotations, signature=sig, n_instances=n)
+        raise TypeError(f"annotations must be a JSON file's path, an Annotations store or None, "
+                        f"got {type(annotations).__name__}.")
+
+    def _unit_name(self, instance: int, modality: str, unit: int) -> str | None:
+        """The input view's label of a unit of the instance it shows (a word, a patch), or
+        None when it shows another instance."""
+        if self.input_panel.items_instance != instance:
+            return None
+        for item in self.input_view.items:
+            if item.get("name") == modality and 0 <= unit < len(item.get("labels", [])):
+                return str(item["labels"][unit])
+        return None
 
     def _path_pairs(self, pair) -> None:
         """The prediction path's pairs are those of the heatmap's pair (none: no pairs); a new
@@ -458,6 +498,7 @@ class Explorer(W.VBox):
         out["gallery"] = nv["gallery"]
         out["path"] = self.path_view.state()
         out["embedding"] = self.embedding_view.state()
+        out["concepts"] = self.concepts_view.state()
         out["busy"] = self.engine.busy
         out["progress_visible"] = self.progress_panel.visible
         out["error"] = self.engine.error

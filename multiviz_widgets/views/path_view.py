@@ -4,7 +4,8 @@ The path comes from the engine (``Analyses.path``: prediction.prediction_path(..
 and its layout from ``kernels.projection.path_layout``; the view only draws. A class node click
 sets the target (everywhere), a neuron node selects the neuron, a unit node selects the unit.
 The path's pairs are those of ``Analyses.path_params`` (the Explorer sets them to the
-heatmap's pair): a change of the selection's ``pair`` asks for the path again.
+heatmap's pair): a change of the selection's ``pair`` asks for the path again. A second line
+names the concepts people gave the path's neurons (``annotations``), as text.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import bqplot as bq
 import ipywidgets as W
 import numpy as np
 
+from ..annotations import Annotations
 from ..engine import Analyses, Engine
 from ..kernels.projection import path_layout
 from ..selection import Selection
@@ -24,8 +26,10 @@ class PathView(W.VBox):
 
     slot = "path"
 
-    def __init__(self, selection: Selection, engine: Engine, analyses: Analyses):
+    def __init__(self, selection: Selection, engine: Engine, analyses: Analyses,
+                 annotations: Annotations | None = None):
         self.selection, self.engine, self.analyses = selection, engine, analyses
+        self.annotations = annotations
         self.nodes: list[dict] = []
         self.links: list[dict] = []
         self.path: dict = {}
@@ -37,13 +41,16 @@ class PathView(W.VBox):
                                                                    height="360px"),
                                 fig_margin={"top": 20, "bottom": 20, "left": 60, "right": 60})
         self.caption = W.Label(value="")
+        self.concepts = W.Label(value="")     # the concepts of the path's neurons
         # its own width, never squeezed by the views beside it (they wrap below instead)
-        super().__init__([self.caption, self.figure],
+        super().__init__([self.caption, self.concepts, self.figure],
                          layout=W.Layout(width="626px", flex="0 0 auto",
                                          margin="0 12px 8px 0"))
         self.add_class("mvz-path-view")
         selection.observe(lambda _: self.refresh(), names=["instance", "target", "pair"])
         selection.observe(lambda _: self._highlight(), names=["neuron", "modality", "unit"])
+        if annotations is not None:
+            annotations.observe(self._on_concepts)
 
     def _new_graph(self, node_data, link_data, x, y, colors) -> bq.Graph:
         graph = bq.Graph(node_data=node_data, link_data=link_data, x=x, y=y,
@@ -76,6 +83,7 @@ class PathView(W.VBox):
     def _failed(self, err, instance: int | None = None) -> None:
         """Blank the graph (no nodes of an earlier selection stay shown or clickable)."""
         self._draw(-1, {}, [], [])
+        self.concepts.value = ""
         of = "" if instance is None else f" of #{instance}"
         self.caption.value = f"prediction path{of} not shown ({type(err).__name__})"
 
@@ -87,6 +95,25 @@ class PathView(W.VBox):
         self.caption.value = (f"prediction path to class {name!r}: no neurons ({note})" if note
                               else f"prediction path to class {name!r}: units -> neurons -> "
                                    "class (click a node)")
+        self.concepts.value = self.concept_line()
+
+    def concept_line(self) -> str:
+        """"concepts on this path: h12 red things, circle; h5 ..." for the shown neurons that
+        people named (empty when none is)."""
+        if self.annotations is None:
+            return ""
+        named = []
+        for n in self.nodes:
+            if n["kind"] == "neuron":
+                cs = self.annotations.concepts(("neuron", int(n["neuron"])))
+                if cs:
+                    named.append(f"h{int(n['neuron'])} {', '.join(cs)}")
+        return "concepts on this path: " + "; ".join(named) if named else ""
+
+    def _on_concepts(self, key) -> None:
+        if key is None or key[0] == "neuron":
+            with self.engine.lock:        # the nodes are replaced on the worker
+                self.concepts.value = self.concept_line()
 
     def _draw(self, instance: int, path: dict, nodes: list, links: list) -> None:
         self.instance = int(instance)
@@ -155,4 +182,10 @@ class PathView(W.VBox):
 
     def state(self) -> dict:
         return {"nodes": [{k: v for k, v in n.items()} for n in self.nodes],
-                "links": [dict(l) for l in self.links], "caption": self.caption.value}
+                "links": [dict(l) for l in self.links], "caption": self.caption.value,
+                "concepts": self.concepts.value}
+
+    def close(self) -> None:
+        if self.annotations is not None:
+            self.annotations.unobserve(self._on_concepts)
+        super().close()

@@ -1,0 +1,558 @@
+"""Concept annotations: what a person says a decision-level neuron or an input unit stands for.
+
+A neuron ("h12 responds to red shapes") or a unit of one instance ("patch 27 of #5 is the
+circle") gets a list of concepts, short texts. They are kept in an :class:`Annotations` store that
+saves to a JSON file, to share and to open again:
+
+    ann = Annotations("concepts.json")          # reads the file if it exists; saves on each change
+    ann.add(neuron_key(12), "red")
+    ann.add(unit_key(5, "image", 27), "circle")
+    ann.concepts(neuron_key(12))                # ('red',)
+    ann.find("red")                             # [('neuron', 12)]
+    ann.merge("colleague.json")                 # their concepts added to ours
+
+``Explorer(..., annotations="concepts.json")`` shows and edits them beside the clicked neuron
+and unit. Nothing a person saved is lost:
+
+* a file that cannot be read as annotations (not JSON, another format, a newer version, values of
+  the wrong kind, made for another model) raises :class:`AnnotationError` and is never written
+  over;
+* a save writes a temporary file beside the target and renames it (a crash leaves the old file
+  or the new one, never half of one);
+* a file changed on disk by someone else since this store read or wrote it is not written over:
+  the save raises :class:`AnnotationConflict`; ``merge(path)`` takes their concepts in, after
+  which a save goes through;
+* a store that saves on each change and cannot (a read-only folder, a conflict) keeps every
+  change in memory, says why in ``save_error`` and tells its observers; the next save that works
+  writes them all.
+
+Within one Python process, ``Annotations.open(path)`` gives every caller the same store for the
+same file, so two Explorers on one file see each other's concepts at once.
+
+Concepts are plain text: the views render them as text, never as HTML. This module imports no
+widget library (the engine layer).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import unicodedata
+import weakref
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .checks import is_integer
+
+__all__ = ["Annotations", "AnnotationError", "AnnotationConflict", "neuron_key", "unit_key",
+           "model_signature", "FORMAT", "VERSION", "MAX_CONCEPT_LENGTH"]
+
+FORMAT = "multiviz-annotations"
+VERSION = 1
+MAX_CONCEPT_LENGTH = 200
+# what a signature compares: two models that differ here cannot share neuron or unit concepts
+SIGNATURE_FIELDS = ("modalities", "classes", "neurons")
+
+
+class AnnotationError(ValueError):
+    """A concept, key or annotations file that cannot be taken; the message says how to fix it."""
+
+
+class AnnotationConflict(AnnotationError):
+    """The file changed on disk since this store read or wrote it; it was not written over."""
+
+
+# ---------------------------------------------------------------------------------------------
+# keys and concepts
+# ---------------------------------------------------------------------------------------------
+def neuron_key(neuron) -> tuple:
+    """The key of a decision-level neuron: ("neuron", j)."""
+    if not is_integer(neuron) or int(neuron) < 0:
+        raise AnnotationError(f"A neuron is an index of at least 0, got {neuron!r}.")
+    return ("neuron", int(neuron))
+
+
+def unit_key(instance, modality, unit) -> tuple:
+    """The key of a unit of one instance: ("unit", instance, modality, unit)."""
+    if not is_integer(instance) or int(instance) < 0:
+        raise AnnotationError(f"An instance is a dataset index of at least 0, got {instance!r}.")
+    if not isinstance(modality, str) or not modality:
+        raise AnnotationError(f"A modality is its name (a non-empty string), got {modality!r}.")
+    if not is_integer(unit) or int(unit) < 0:
+        raise AnnotationError(f"A unit is an index of at least 0, got {unit!r}.")
+    return ("unit", int(instance), modality, int(unit))
+
+
+def _key(key) -> tuple:
+    """``key`` checked: ("neuron", j) or ("unit", instance, modality, unit)."""
+    if isinstance(key, (tuple, list)) and key:
+        if key[0] == "neuron" and len(key) == 2:
+            return neuron_key(key[1])
+        if key[0] == "unit" and len(key) == 4:
+            return unit_key(*key[1:])
+    raise AnnotationError(f"A key is ('neuron', j) or ('unit', instance, modality, unit) (see "
+                          f"neuron_key and unit_key), got {key!r}.")
+
+
+def _concept(text) -> str:
+    """``text`` checked and tidied (outer spaces stripped): a short line of printable text."""
+    if not isinstance(text, str):
+        raise AnnotationError(f"A concept is a string, got {type(text).__name__} {text!r}.")
+    text = text.strip()
+    if not text:
+        raise AnnotationError("A concept cannot be empty or only spaces.")
+    if len(text) > MAX_CONCEPT_LENGTH:
+        raise AnnotationError(f"A concept has at most {MAX_CONCEPT_LENGTH} characters, got "
+                              f"{len(text)} ({text[:40]!r}...); keep it to a short name.")
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+    if bad:
+        raise AnnotationError(f"A concept is one line of printable text; {text[:60]!r} holds "
+                              f"the control character {bad[0]!r}.")
+    return text
+
+
+def _concepts(values) -> tuple[str, ...]:
+    """A list of concepts checked, duplicates dropped (the first kept), order kept."""
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+        raise AnnotationError(f"Concepts are a list of strings, got {values!r}.")
+    out: list[str] = []
+    for v in values:
+        v = _concept(v)
+        if v not in out:
+            out.append(v)
+    return tuple(out)
+
+
+def model_signature(adapter, n_neurons: int | None = None) -> dict:
+    """What a file of annotations records of the model it was made for: its name (informative)
+    and what must match to share concepts (modality names, class names, decision neurons)."""
+    return {"model": str(getattr(adapter, "name", "")), "modalities": list(adapter.names),
+            "classes": [str(c) for c in adapter.class_names],
+            "neurons": None if n_neurons is None else int(n_neurons)}
+
+
+def _mismatch(saved: dict | None, ours: dict | None) -> str | None:
+    """Why two signatures cannot share concepts, or None when they can (a field either side
+    leaves unknown is not compared)."""
+    if not saved or not ours:
+        return None
+    for f in SIGNATURE_FIELDS:
+        a, b = saved.get(f), ours.get(f)
+        if a is not None and b is not None and a != b:
+            return f"{f}: the file's {a!r}, this model's {b!r}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the store
+# ---------------------------------------------------------------------------------------------
+_OPEN: "weakref.WeakValueDictionary[str, Annotations]" = weakref.WeakValueDictionary()
+_OPEN_LOCK = threading.Lock()
+
+
+class Annotations:
+    """Concepts of neurons and units, optionally saved to ``path`` on each change.
+
+    path: a JSON file; read now if it exists (an :class:`AnnotationError` if it cannot be, and
+    the file is left as it is). autosave: save to ``path`` after each change (default: when a
+    path is given). signature: the model's (``model_signature``); a file made for a model with
+    other modalities, classes or number of neurons is refused. n_instances: the dataset's size,
+    to check the instances of unit keys.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, *, autosave: bool | None = None,
+                 signature: dict | None = None, n_instances: int | None = None):
+        self._lock = threading.RLock()
+        self._data: dict[tuple, tuple[str, ...]] = {}
+        self._observers: list[Callable[[tuple | None], None]] = []
+        self.path = None if path is None else Path(path).expanduser()
+        self.autosave = (self.path is not None) if autosave is None else bool(autosave)
+        if self.autosave and self.path is None:
+            raise AnnotationError("autosave=True needs a path to save to.")
+        self.signature = dict(signature) if signature else None
+        self.n_instances = None if n_instances is None else int(n_instances)
+        self.save_error: str | None = None
+        self.unsaved = False          # changes that no save has written yet
+        self._disk_digest: str | None = None     # the file as last read or written here
+        if self.path is not None and self.path.exists():
+            self._read_into_empty(self.path)
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, signature: dict | None = None,
+             n_instances: int | None = None) -> "Annotations":
+        """The store of ``path`` in this process (made, and the file read, on first use), saving
+        on each change. A later caller with a signature gets it checked against the store's."""
+        resolved = str(Path(path).expanduser().resolve())
+        with _OPEN_LOCK:
+            store = _OPEN.get(resolved)
+            if store is None:
+                store = cls(path, signature=signature, n_instances=n_instances)
+                _OPEN[resolved] = store
+                return store
+        store.bind(signature, n_instances)
+        return store
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, signature: dict | None = None,
+             n_instances: int | None = None) -> "Annotations":
+        """A store with the concepts of ``path`` that does not save (``save(path)`` does)."""
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise AnnotationError(f"No annotations file at {path}.")
+        store = cls(None, signature=signature, n_instances=n_instances)
+        store._read_into_empty(path)
+        return store
+
+    def bind(self, signature: dict | None, n_instances: int | None = None) -> None:
+        """Check this store against a model (and dataset size) that is to show it; the first
+        signature given is kept, and recorded in the file from the next save."""
+        why = _mismatch(self.signature, signature)
+        if why:
+            raise AnnotationError(
+                f"These annotations{self._where()} belong to another model ({why}). Open a new "
+                f"file for this model, or Annotations.load(path) and copy what applies.")
+        with self._lock:
+            self._check_ranges(self._data, signature, n_instances)
+            if signature and not self.signature:
+                self.signature = dict(signature)
+            elif signature:            # fill in what the first signature left unknown
+                for f, v in signature.items():
+                    if self.signature.get(f) is None:
+                        self.signature[f] = v
+            if n_instances is not None:
+                self.n_instances = int(n_instances)
+
+    # -- reading and editing --------------------------------------------------------------
+    def concepts(self, key) -> tuple[str, ...]:
+        """The concepts of ``key`` (none: an empty tuple)."""
+        key = _key(key)
+        with self._lock:
+            return self._data.get(key, ())
+
+    def set(self, key, concepts: Iterable[str]) -> tuple[str, ...]:
+        """Replace the concepts of ``key`` (an empty list removes them); returns them tidied."""
+        if not isinstance(concepts, (str, list, tuple)):
+            concepts = list(concepts)
+        return self._update(key, lambda now: concepts)
+
+    def add(self, key, concept: str) -> tuple[str, ...]:
+        """Add one concept to ``key`` (nothing when it is there already)."""
+        concept = _concept(concept)
+        return self._update(key, lambda now: now + (concept,))
+
+    def remove(self, key, concept: str) -> tuple[str, ...]:
+        """Remove one concept from ``key`` (an AnnotationError when it is not there)."""
+        concept = _concept(concept)
+
+        def without(now):
+            if concept not in now:
+                raise AnnotationError(f"{_key(key)} has no concept {concept!r}; it has "
+                                      f"{list(now)}.")
+            return [c for c in now if c != concept]
+        return self._update(key, without)
+
+    def _update(self, key, make: Callable[[tuple], Iterable[str]]) -> tuple[str, ...]:
+        """Set the concepts of ``key`` to ``make(its concepts now)`` under the lock; save and tell
+        the observers after it (outside it)."""
+        key = _key(key)
+        with self._lock:
+            now = self._data.get(key, ())
+            new = _concepts(make(now))
+            self._check_ranges({key: new}, self.signature, self.n_instances)
+            if now == new:
+                return new
+            if new:
+                self._data[key] = new
+            else:
+                self._data.pop(key, None)
+            self.unsaved = True
+        self._changed(key)
+        return new
+
+    def keys(self, kind: str | None = None) -> list[tuple]:
+        """Every annotated key ("neuron" or "unit" only, when ``kind`` says), sorted."""
+        if kind not in (None, "neuron", "unit"):
+            raise AnnotationError(f"kind is 'neuron', 'unit' or None, got {kind!r}.")
+        with self._lock:
+            keys = [k for k in self._data if kind is None or k[0] == kind]
+        return sorted(keys, key=_sort_key)
+
+    def find(self, concept: str) -> list[tuple]:
+        """The keys that carry ``concept`` (compared without regard to case), sorted."""
+        want = _concept(concept).casefold()
+        with self._lock:
+            keys = [k for k, cs in self._data.items() if any(c.casefold() == want for c in cs)]
+        return sorted(keys, key=_sort_key)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def __contains__(self, key) -> bool:
+        try:
+            key = _key(key)
+        except AnnotationError:
+            return False
+        with self._lock:
+            return key in self._data
+
+    def __repr__(self) -> str:
+        with self._lock:
+            n_n = sum(k[0] == "neuron" for k in self._data)
+            n_u = len(self._data) - n_n
+        return f"Annotations({n_n} neurons, {n_u} units{self._where()})"
+
+    # -- observers ------------------------------------------------------------------------
+    def observe(self, fn: Callable[[tuple | None], None]) -> None:
+        """Call ``fn(key)`` after each change (``key`` None: many keys, as after a merge), and
+        ``fn(None)`` when a save fails or succeeds after a failure (see ``save_error``)."""
+        with self._lock:
+            self._observers.append(fn)
+
+    def unobserve(self, fn: Callable[[tuple | None], None]) -> None:
+        with self._lock:
+            if fn in self._observers:
+                self._observers.remove(fn)
+
+    def _notify(self, key) -> None:
+        with self._lock:
+            observers = list(self._observers)
+        for fn in observers:
+            try:
+                fn(key)
+            except Exception:  # noqa: BLE001 - an observer's failure must not lose the change
+                pass
+
+    def _changed(self, key) -> None:
+        if self.autosave:
+            try:
+                self.save()
+            except (OSError, AnnotationError):
+                pass                           # recorded in save_error; the change is kept
+        self._notify(key)
+
+    # -- files ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The JSON document a save writes (sorted, so equal stores write equal files)."""
+        with self._lock:
+            items = sorted(self._data.items(), key=lambda kv: _sort_key(kv[0]))
+            sig = dict(self.signature) if self.signature else None
+        return {"format": FORMAT, "version": VERSION, "model": sig,
+                "neurons": [{"neuron": k[1], "concepts": list(v)}
+                            for k, v in items if k[0] == "neuron"],
+                "units": [{"instance": k[1], "modality": k[2], "unit": k[3], "concepts": list(v)}
+                          for k, v in items if k[0] == "unit"]}
+
+    def save(self, path: str | os.PathLike | None = None, *, overwrite: bool = False) -> Path:
+        """Write the store to ``path`` (default: its own) atomically; returns the path.
+
+        To its own path: refused (:class:`AnnotationConflict`) when the file changed on disk since
+        this store read or wrote it. To another path: refused when a file is there, unless
+        ``overwrite=True``. On failure the concepts stay in memory and ``save_error`` says why."""
+        own = path is None
+        target = self.path if own else Path(path).expanduser()
+        if target is None:
+            raise AnnotationError("This store has no file: give save() a path.")
+        try:
+            text = json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n"
+            with self._lock:
+                if own or (self.path is not None and target.resolve() == self.path.resolve()):
+                    self._check_unchanged(target)
+                elif target.exists() and not overwrite:
+                    raise AnnotationError(f"{target} exists; save(path, overwrite=True) replaces "
+                                          f"it, or choose another name.")
+                _atomic_write(target, text)
+                if own or (self.path is not None and target.resolve() == self.path.resolve()):
+                    self._disk_digest = _digest(text.encode("utf-8"))
+                    self.unsaved = False
+        except (OSError, AnnotationError) as e:
+            err = e if isinstance(e, AnnotationError) else OSError(
+                f"Could not save the annotations to {target} ({e.strerror or e}); they are kept "
+                f"in memory: save(another_path) writes them elsewhere.")
+            if own:
+                failed_before, self.save_error = self.save_error, str(err)
+                if failed_before != self.save_error:
+                    self._notify(None)
+            if err is e:
+                raise
+            raise err from e
+        if own and self.save_error is not None:
+            self.save_error = None
+            self._notify(None)
+        return target
+
+    def merge(self, other: "Annotations | str | os.PathLike") -> int:
+        """Add the concepts of ``other`` (a store or a file) to this store's; returns how many
+        concepts were new. Merging the file this store saves to also accepts its changes on disk,
+        so that the next save goes through."""
+        if isinstance(other, Annotations):
+            incoming, sig, digest = other.to_dict(), other.signature, None
+            source = None
+        else:
+            source = Path(other).expanduser()
+            raw = _read_bytes(source)
+            incoming, digest = _parse(raw, source), _digest(raw)
+            sig = incoming.get("model")
+        why = _mismatch(sig, self.signature)
+        if why:
+            raise AnnotationError(f"The annotations of {source or other!r} belong to another "
+                                  f"model ({why}); nothing was merged.")
+        found = _entries(incoming, source)
+        added = 0
+        with self._lock:
+            self._check_ranges(found, self.signature, self.n_instances)
+            for key, cs in found.items():
+                now = self._data.get(key, ())
+                new = tuple(c for c in cs if c not in now)
+                if new:
+                    self._data[key] = now + new
+                    added += len(new)
+            own_file = (source is not None and self.path is not None
+                        and source.resolve() == self.path.resolve())
+            if own_file:           # its changes on disk are taken in: a save may now replace it
+                self._disk_digest = digest
+            if added or own_file:
+                self.unsaved = True
+        if added or own_file:
+            self._changed(None)
+        return added
+
+    # -- internals ------------------------------------------------------------------------
+    def _where(self) -> str:
+        return f" in {self.path}" if self.path is not None else ""
+
+    def _read_into_empty(self, path: Path) -> None:
+        raw = _read_bytes(path)
+        doc = _parse(raw, path)
+        why = _mismatch(doc.get("model"), self.signature)
+        if why:
+            raise AnnotationError(
+                f"{path} holds annotations of another model ({why}); it was not changed. Give "
+                f"this model another file, or Annotations.load(path) and copy what applies.")
+        found = _entries(doc, path)
+        self._check_ranges(found, self.signature, self.n_instances, path)
+        self._data = found
+        if doc.get("model") and not self.signature:
+            self.signature = dict(doc["model"])
+        if self.path is not None and path.resolve() == self.path.resolve():
+            self._disk_digest = _digest(raw)
+
+    def _check_unchanged(self, target: Path) -> None:
+        if not target.exists():
+            if self._disk_digest is not None:
+                self._disk_digest = None       # deleted on disk: writing it again loses nothing
+            return
+        raw = _read_bytes(target)
+        if _digest(raw) != self._disk_digest:
+            raise AnnotationConflict(
+                f"{target} changed on disk since these annotations were read or saved (another "
+                f"program or notebook wrote it); it was not written over. merge({str(target)!r}) "
+                f"takes its concepts in, then save() writes both; or save(another_path).")
+
+    @staticmethod
+    def _check_ranges(entries: dict, signature: dict | None, n_instances: int | None,
+                      path: Path | None = None) -> None:
+        where = f" in {path}" if path is not None else ""
+        d = (signature or {}).get("neurons")
+        mods = (signature or {}).get("modalities")
+        for key in entries:
+            if key[0] == "neuron" and d is not None and key[1] >= d:
+                raise AnnotationError(f"neuron {key[1]}{where} is out of range: the decision "
+                                      f"layer has {d} neurons (0..{d - 1}).")
+            if key[0] == "unit":
+                if mods is not None and key[2] not in mods:
+                    raise AnnotationError(f"modality {key[2]!r}{where} is not one of the model's "
+                                          f"{list(mods)}.")
+                if n_instances is not None and key[1] >= n_instances:
+                    raise AnnotationError(f"instance {key[1]}{where} is out of range: the dataset "
+                                          f"has {n_instances} instances (0..{n_instances - 1}).")
+
+
+def _sort_key(key: tuple) -> tuple:
+    return (0, key[1], "", 0) if key[0] == "neuron" else (1, key[1], key[2], key[3])
+
+
+def _digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except IsADirectoryError:
+        raise AnnotationError(f"{path} is a folder; give the path of a .json file.") from None
+    except OSError as e:
+        raise AnnotationError(f"Could not read {path} ({e.strerror or e}).") from e
+
+
+def _parse(raw: bytes, path) -> dict:
+    """The document of an annotations file, its outer shape checked."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AnnotationError(f"{path} is not an annotations file: not UTF-8 JSON ({e}). It was "
+                              f"not changed.") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise AnnotationError(f"{path} is not an annotations file (no \"format\": \"{FORMAT}\"). "
+                              f"It was not changed; give annotations another file name.")
+    v = doc.get("version")
+    if not is_integer(v) or not 1 <= v <= VERSION:
+        raise AnnotationError(f"{path} is annotations format version {v!r}; this multiviz_widgets "
+                              f"reads versions up to {VERSION} (a newer file needs a newer "
+                              f"multiviz_widgets). It was not changed.")
+    model = doc.get("model")
+    if model is not None and not isinstance(model, dict):
+        raise AnnotationError(f"{path}: \"model\" must be an object or null, got {model!r}.")
+    for f in ("neurons", "units"):
+        if not isinstance(doc.get(f, []), list):
+            raise AnnotationError(f"{path}: \"{f}\" must be a list, got {doc.get(f)!r}.")
+    return doc
+
+
+def _entries(doc: dict, path) -> dict[tuple, tuple[str, ...]]:
+    """{key: concepts} of a parsed document; each entry checked (its position in the message)."""
+    out: dict[tuple, tuple[str, ...]] = {}
+    for field, fields in (("neurons", ("neuron",)),
+                          ("units", ("instance", "modality", "unit"))):
+        for n, e in enumerate(doc.get(field, [])):
+            try:
+                if not isinstance(e, dict) or any(f not in e for f in fields + ("concepts",)):
+                    raise AnnotationError(f"each entry needs {list(fields + ('concepts',))}")
+                key = (neuron_key(e["neuron"]) if field == "neurons"
+                       else unit_key(e["instance"], e["modality"], e["unit"]))
+                cs = _concepts(e["concepts"])
+            except AnnotationError as err:
+                raise AnnotationError(f"{path}: {field}[{n}] = {e!r}: {err} It was not "
+                                      f"changed.") from None
+            if cs:
+                now = out.get(key, ())
+                out[key] = now + tuple(c for c in cs if c not in now)
+    return out
+
+
+def _atomic_write(target: Path, text: str) -> None:
+    """Write ``text`` to ``target`` through a temporary file in its folder and a rename."""
+    folder = target.parent if str(target.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    try:
+        # mkstemp makes the file private (0600); the saved file keeps the mode of the one it
+        # replaces, or gets the usual 0644, so that a shared folder stays shared
+        try:
+            mode = target.stat().st_mode & 0o777
+        except OSError:
+            mode = 0o644
+        os.chmod(tmp, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,134 @@
+"""ConceptsView: the concepts of the clicked neuron and of the clicked unit, to read and edit.
+
+Two rows of tags (ipywidgets' TagsInput, which shows each tag as text, never as HTML): one for
+the selected decision-level neuron, one for the selected unit of the shown instance. Typing a
+concept and pressing Enter adds it to the :class:`~multiviz_widgets.annotations.Annotations`
+store; the tag's cross removes it. A concept the store refuses (too long, a control character)
+is taken back out of the tags and the reason shown. A line says where the concepts are saved,
+or why the last save failed (they stay in memory then).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import ipywidgets as W
+
+from ..annotations import AnnotationError, Annotations, neuron_key, unit_key
+from ..selection import Selection
+
+
+class ConceptsView(W.VBox):
+    """Concept tags of the selected neuron and unit, kept in ``annotations``."""
+
+    def __init__(self, selection: Selection, annotations: Annotations,
+                 unit_name: Callable[[int, str, int], str] | None = None):
+        self.selection, self.annotations = selection, annotations
+        self._unit_name = unit_name
+        self._lock = threading.RLock()
+        self._showing = False             # set while the tags are written from the store
+        # layouts given at construction: one set later would leave the default one open
+        self.neuron_label = W.Label(value="", layout=W.Layout(width="260px"))
+        self.neuron_tags = W.TagsInput(value=[], allow_duplicates=False,
+                                       layout=W.Layout(flex="1 1 300px"))
+        self.unit_label = W.Label(value="", layout=W.Layout(width="260px"))
+        self.unit_tags = W.TagsInput(value=[], allow_duplicates=False,
+                                     layout=W.Layout(flex="1 1 300px"))
+        self.message = W.Label(value="", style={"text_color": "#a00000"})
+        self.status = W.Label(value="")
+        self.neuron_row = W.HBox([self.neuron_label, self.neuron_tags])
+        self.unit_row = W.HBox([self.unit_label, self.unit_tags])
+        super().__init__([W.Label(value="concepts (type one, then Enter)"), self.neuron_row,
+                          self.unit_row, self.message, self.status])
+        self.add_class("mvz-concepts-view")
+        self.neuron_tags.add_class("mvz-neuron-concepts")
+        self.unit_tags.add_class("mvz-unit-concepts")
+        self.neuron_tags.observe(lambda c: self._edited("neuron", c["new"]), names="value")
+        self.unit_tags.observe(lambda c: self._edited("unit", c["new"]), names="value")
+        selection.observe(lambda _: self.show(), names=["instance", "neuron", "modality", "unit"])
+        annotations.observe(self._on_store)
+        self.show()
+
+    # -- what is shown ---------------------------------------------------------------------
+    def neuron_key(self) -> tuple | None:
+        n = self.selection.neuron
+        return neuron_key(n) if n >= 0 else None
+
+    def unit_key(self) -> tuple | None:
+        ref = self.selection.unit_ref
+        return None if ref is None else unit_key(self.selection.instance, ref[0], ref[1])
+
+    def show(self) -> None:
+        """Write the selected neuron's and unit's concepts (and the save status) into the view."""
+        with self._lock:
+            s = self.selection
+            nk, uk = self.neuron_key(), self.unit_key()
+            self.neuron_label.value = (f"neuron h{nk[1]}:" if nk else
+                                       "neuron: click a bar to name what it stands for")
+            if uk:
+                name = self._describe_unit(*uk[1:])
+                self.unit_label.value = f"{name}:"
+            else:
+                self.unit_label.value = (f"unit: click a unit of #{s.instance} to name what it "
+                                         f"shows")
+            self._showing = True
+            try:
+                self.neuron_tags.value = list(self.annotations.concepts(nk)) if nk else []
+                self.unit_tags.value = list(self.annotations.concepts(uk)) if uk else []
+            finally:
+                self._showing = False
+            self.neuron_tags.disabled = nk is None
+            self.unit_tags.disabled = uk is None
+            self.status.value = self._status()
+
+    def _describe_unit(self, instance: int, modality: str, unit: int) -> str:
+        name = None
+        if self._unit_name is not None:
+            try:
+                name = self._unit_name(instance, modality, unit)
+            except Exception:  # noqa: BLE001 - a unit without a label is shown by its index
+                name = None
+        base = f"#{instance} {modality} unit {unit}"
+        return f"{base} ({name})" if name else base
+
+    def _status(self) -> str:
+        a = self.annotations
+        n = len(a)
+        count = f"{n} annotated" if n != 1 else "1 annotated"
+        if a.save_error:
+            return f"{count}; NOT SAVED (kept in memory): {a.save_error}"
+        if a.path is None:
+            return (f"{count}; kept in memory only: explorer.annotations.save('concepts.json') "
+                    f"writes them to a file")
+        if a.autosave:
+            return f"{count}; saved to {a.path} on each change"
+        return f"{count}; from {a.path} (not saved automatically: annotations.save())"
+
+    # -- edits -----------------------------------------------------------------------------
+    def _edited(self, which: str, value) -> None:
+        if self._showing:
+            return
+        key = self.neuron_key() if which == "neuron" else self.unit_key()
+        if key is None:
+            return
+        try:
+            self.annotations.set(key, list(value))
+            self.message.value = ""
+        except AnnotationError as e:
+            self.message.value = f"not taken: {e}"
+        self.show()        # the store's (tidied) concepts, or the old ones when refused
+
+    def _on_store(self, key) -> None:
+        if key is None or key in (self.neuron_key(), self.unit_key()):
+            self.show()
+        else:
+            self.status.value = self._status()
+
+    def state(self) -> dict:
+        return {"neuron": list(self.neuron_tags.value), "unit": list(self.unit_tags.value),
+                "neuron_label": self.neuron_label.value, "unit_label": self.unit_label.value,
+                "message": self.message.value, "status": self.status.value}
+
+    def close(self) -> None:
+        self.annotations.unobserve(self._on_store)
+        super().close()

@@ -1,0 +1,427 @@
+"""Concept annotations: the store's invariants (property tests), its files (round trip, atomic
+writes, conflicts, files it must not write over), and the Explorer's concepts row."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from multiviz_widgets.annotations import (MAX_CONCEPT_LENGTH, AnnotationConflict, AnnotationError,
+                                          Annotations, model_signature, neuron_key, unit_key)
+from multiviz_widgets.explorer import Explorer
+
+from .explorer_support import FakeKernels, tiny_tab_series, tiny_vqa
+
+SIG = {"model": "m", "modalities": ["image", "question"], "classes": ["a", "b"], "neurons": 8}
+
+# one printable line, already tidy (no outer spaces)
+concept_text = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Zl", "Zp")),
+                       min_size=1, max_size=40).map(str.strip).filter(bool)
+keys = st.one_of(st.builds(neuron_key, st.integers(0, 7)),
+                 st.builds(unit_key, st.integers(0, 20), st.sampled_from(["image", "question"]),
+                           st.integers(0, 70)))
+contents = st.dictionaries(keys, st.lists(concept_text, min_size=1, max_size=4), max_size=12)
+
+
+def store_with(content: dict, **kw) -> Annotations:
+    a = Annotations(signature=SIG, **kw)
+    for k, cs in content.items():
+        a.set(k, cs)
+    return a
+
+
+def as_sets(a: Annotations) -> dict:
+    return {k: set(a.concepts(k)) for k in a.keys()}
+
+
+# -- invariants -------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=contents)
+def test_save_then_load_gives_the_same_store_and_the_same_bytes(tmp_path, content):
+    a = store_with(content)
+    path = a.save(tmp_path / "c.json", overwrite=True)
+    b = Annotations.load(path, signature=SIG)
+    assert b.to_dict() == a.to_dict()
+    assert {k: b.concepts(k) for k in b.keys()} == {
+        k: tuple(dict.fromkeys(cs)) for k, cs in content.items()}
+    first = path.read_bytes()
+    b.save(tmp_path / "c.json", overwrite=True)
+    assert path.read_bytes() == first                  # equal stores write equal files
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=contents, y=contents)
+def test_merge_is_a_union_idempotent_and_commutative(x, y):
+    a, b = store_with(x), store_with(y)
+    added = a.merge(b)
+    union = {k: set(x.get(k, ())) | set(y.get(k, ())) for k in set(x) | set(y)}
+    assert as_sets(a) == union
+    assert added == sum(len(v) for v in union.values()) - sum(len(set(v)) for v in x.values())
+    assert a.merge(b) == 0 and as_sets(a) == union                       # idempotent
+    b.merge(store_with(x))
+    assert as_sets(b) == as_sets(a)                                      # commutative
+    for k in x:                                    # a store's own concepts keep their order
+        assert a.concepts(k)[:len(set(x[k]))] == tuple(dict.fromkeys(x[k]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(content=contents, concept=concept_text)
+def test_find_returns_exactly_the_keys_that_carry_a_concept(content, concept):
+    a = store_with(content)
+    want = sorted(k for k, cs in content.items() if concept.casefold() in
+                  {c.casefold() for c in cs})
+    assert sorted(a.find(concept)) == want
+    assert sorted(a.find(concept.upper())) == sorted(
+        k for k, cs in content.items() if concept.upper().casefold() in
+        {c.casefold() for c in cs})
+
+
+def test_concepts_are_tidied_and_editing_is_consistent():
+    a = Annotations()
+    k = neuron_key(3)
+    assert a.set(k, ["  red ", "red", "circle"]) == ("red", "circle")
+    assert a.add(k, "red") == ("red", "circle")
+    assert a.add(k, " big ") == ("red", "circle", "big")
+    assert a.remove(k, "circle") == ("red", "big")
+    assert a.set(k, (c for c in ["x"])) == ("x",)         # any iterable of strings
+    assert a.set(k, []) == () and k not in a and len(a) == 0
+    assert a.keys() == [] and a.find("x") == []
+
+
+# -- bad input --------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, says", [
+    ("", "cannot be empty"), ("   ", "cannot be empty"), (3, "is a string"),
+    ("a\nb", "control character"), ("a\x00b", "control character"),
+    ("x" * (MAX_CONCEPT_LENGTH + 1), f"at most {MAX_CONCEPT_LENGTH}"),
+])
+def test_a_bad_concept_is_refused_and_changes_nothing(bad, says):
+    a = Annotations(signature=SIG)
+    a.add(neuron_key(1), "kept")
+    with pytest.raises(AnnotationError, match=says):
+        a.add(neuron_key(1), bad)
+    with pytest.raises(AnnotationError, match=says):
+        a.set(neuron_key(1), ["fine", bad])
+    assert a.concepts(neuron_key(1)) == ("kept",)
+
+
+@pytest.mark.parametrize("key, says", [
+    (("neuron", -1), "at least 0"), (("neuron", 1.0), "at least 0"), (("neuron", True), "at least 0"),
+    (("neuron", 8), "out of range: the decision layer has 8"),
+    (("unit", 0, "audio", 1), "not one of the model's"), (("unit", 30, "image", 1), "out of range"),
+    (("unit", 0, "", 1), "non-empty"), (("unit", 0, "image", -2), "at least 0"),
+    (("cell", 1), "A key is"), ("neuron", "A key is"), ((), "A key is"),
+])
+def test_a_bad_key_is_refused(key, says):
+    a = Annotations(signature=SIG, n_instances=30)
+    with pytest.raises(AnnotationError, match=says):
+        a.add(key, "x")
+    assert len(a) == 0 and key not in a
+
+
+def test_remove_of_a_missing_concept_and_other_misuse_say_what_to_do(tmp_path):
+    a = Annotations()
+    with pytest.raises(AnnotationError, match=r"has no concept 'red'; it has \[\]"):
+        a.remove(neuron_key(0), "red")
+    with pytest.raises(AnnotationError, match="give save\\(\\) a path"):
+        a.save()
+    with pytest.raises(AnnotationError, match="needs a path"):
+        Annotations(autosave=True)
+    with pytest.raises(AnnotationError, match="kind is"):
+        a.keys("neurons")
+    with pytest.raises(AnnotationError, match="No annotations file"):
+        Annotations.load(tmp_path / "absent.json")
+    with pytest.raises(AnnotationError, match="is a folder"):
+        Annotations.load(tmp_path)
+
+
+def _valid_doc(**over) -> dict:
+    doc = {"format": "multiviz-annotations", "version": 1, "model": SIG,
+           "neurons": [{"neuron": 2, "concepts": ["red"]}],
+           "units": [{"instance": 1, "modality": "image", "unit": 3, "concepts": ["circle"]}]}
+    doc.update(over)
+    return doc
+
+
+@pytest.mark.parametrize("text, says", [
+    ("{", "not UTF-8 JSON"), (b"\xff\xfe", "not UTF-8 JSON"), ("[]", "no \"format\""),
+    (json.dumps({"format": "other"}), "no \"format\""),
+    (json.dumps(_valid_doc(version=2)), "version 2; this multiviz_widgets reads versions up to 1"),
+    (json.dumps(_valid_doc(version="1")), "version '1'"),
+    (json.dumps(_valid_doc(neurons={"2": ["red"]})), "\"neurons\" must be a list"),
+    (json.dumps(_valid_doc(model=[1])), "\"model\" must be an object"),
+    (json.dumps(_valid_doc(neurons=[{"neuron": 2}])), r"neurons\[0\].*needs"),
+    (json.dumps(_valid_doc(neurons=[{"neuron": 2, "concepts": "red"}])), "a list of strings"),
+    (json.dumps(_valid_doc(neurons=[{"neuron": 2, "concepts": ["a\tb"]}])), "control character"),
+    (json.dumps(_valid_doc(units=[{"instance": -1, "modality": "image", "unit": 0,
+                                   "concepts": ["x"]}])), r"units\[0\]"),
+    (json.dumps(_valid_doc(neurons=[{"neuron": 9, "concepts": ["x"]}])), "neuron 9 in"),
+    (json.dumps(_valid_doc(model=dict(SIG, classes=["a", "c"]))), "another model .classes"),
+])
+def test_a_file_that_cannot_be_taken_is_refused_and_never_written_over(tmp_path, text, says):
+    path = tmp_path / "c.json"
+    raw = text if isinstance(text, bytes) else text.encode()
+    path.write_bytes(raw)
+    with pytest.raises(AnnotationError, match=says):
+        Annotations(path, signature=SIG)
+    with pytest.raises(AnnotationError, match=says):
+        Annotations.open(path, signature=SIG)
+    target = Annotations(signature=SIG)
+    with pytest.raises(AnnotationError):
+        target.merge(path)
+    assert len(target) == 0
+    assert path.read_bytes() == raw
+
+
+# -- files ------------------------------------------------------------------------------------
+def test_autosave_writes_each_change_atomically_with_a_shareable_mode(tmp_path):
+    path = tmp_path / "c.json"
+    a = Annotations(path, signature=SIG)
+    assert a.autosave and not path.exists()
+    a.add(neuron_key(2), "red")
+    assert json.loads(path.read_text())["neurons"] == [{"neuron": 2, "concepts": ["red"]}]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    os.chmod(path, 0o600)
+    a.add(unit_key(1, "image", 3), "<b>circle</b>")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600          # the mode it had is kept
+    assert sorted(os.listdir(tmp_path)) == ["c.json"]          # no temporary file left
+    assert not a.unsaved and a.save_error is None
+    b = Annotations(path)
+    assert b.to_dict() == a.to_dict() and b.signature == SIG
+
+
+def test_save_to_another_path_does_not_replace_a_file_unless_asked(tmp_path):
+    a = Annotations(signature=SIG)
+    a.add(neuron_key(0), "x")
+    other = tmp_path / "theirs.json"
+    other.write_text("their work")
+    with pytest.raises(AnnotationError, match="overwrite=True"):
+        a.save(other)
+    assert other.read_text() == "their work"
+    a.save(other, overwrite=True)
+    assert Annotations.load(other).concepts(neuron_key(0)) == ("x",)
+
+
+def test_a_file_changed_on_disk_is_not_written_over_and_merge_takes_it_in(tmp_path):
+    path = tmp_path / "c.json"
+    seen = []
+    a = Annotations(path, signature=SIG)
+    a.observe(seen.append)
+    a.add(neuron_key(1), "mine")
+    theirs = Annotations.load(path)
+    theirs.add(neuron_key(2), "theirs")
+    theirs.save(path, overwrite=True)                     # another notebook saves meanwhile
+    on_disk = path.read_bytes()
+    a.add(neuron_key(3), "mine too")                      # the autosave must not replace it
+    assert path.read_bytes() == on_disk
+    assert a.unsaved and "changed on disk" in a.save_error
+    assert a.concepts(neuron_key(3)) == ("mine too",)     # kept in memory
+    assert None in seen                                   # observers were told the save failed
+    with pytest.raises(AnnotationConflict):
+        a.save()
+    assert a.merge(path) == 1                             # their neuron 2 comes in
+    assert a.concepts(neuron_key(2)) == ("theirs",)
+    assert a.save_error is None and not a.unsaved         # and the save wrote the union
+    assert as_sets(Annotations.load(path)) == {neuron_key(1): {"mine"}, neuron_key(2): {"theirs"},
+                                               neuron_key(3): {"mine too"}}
+
+
+def test_merge_of_its_own_file_after_an_outside_edit_writes_the_union(tmp_path):
+    path = tmp_path / "c.json"
+    a = Annotations(path, signature=SIG)
+    a.add(neuron_key(1), "mine")
+    doc = json.loads(path.read_text())
+    doc["neurons"].append({"neuron": 2, "concepts": ["theirs"]})
+    path.write_text(json.dumps(doc))
+    a.add(neuron_key(1), "again")
+    assert "changed on disk" in a.save_error
+    assert a.merge(path) == 1
+    assert a.save_error is None and not a.unsaved
+    assert as_sets(Annotations.load(path)) == {neuron_key(1): {"mine", "again"},
+                                               neuron_key(2): {"theirs"}}
+
+
+def test_a_failing_autosave_keeps_every_change_and_a_later_save_writes_them(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    a = Annotations(blocker / "c.json", signature=SIG)   # its folder is a file: saves fail
+    a.add(neuron_key(1), "red")
+    a.add(neuron_key(2), "blue")
+    assert a.unsaved and a.save_error.startswith(f"Could not save the annotations to {blocker}")
+    assert "kept in memory" in a.save_error
+    with pytest.raises(OSError, match="kept in memory"):
+        a.save()
+    assert as_sets(a) == {neuron_key(1): {"red"}, neuron_key(2): {"blue"}}
+    out = a.save(tmp_path / "rescued.json")
+    assert as_sets(Annotations.load(out)) == as_sets(a)
+
+
+def test_open_shares_one_store_per_file_and_checks_the_model(tmp_path, monkeypatch):
+    path = tmp_path / "c.json"
+    a = Annotations.open(path, signature=SIG)
+    monkeypatch.chdir(tmp_path)
+    b = Annotations.open("c.json", signature=SIG)
+    assert a is b
+    with pytest.raises(AnnotationError, match="another model"):
+        Annotations.open(path, signature=dict(SIG, neurons=9))
+
+
+def test_observers_hear_each_change_and_a_failing_one_loses_nothing():
+    a = Annotations()
+    heard = []
+    a.observe(lambda k: 1 / 0)
+    a.observe(heard.append)
+    a.add(neuron_key(1), "x")
+    a.add(neuron_key(1), "x")                       # no change: no notice
+    a.merge(store_with({neuron_key(2): ["y"]}))
+    assert heard == [neuron_key(1), None]
+    assert a.concepts(neuron_key(1)) == ("x",)
+    a.unobserve(heard.append)
+    a.add(neuron_key(3), "z")
+    assert len(heard) == 2
+
+
+def test_concurrent_edits_from_threads_all_land(tmp_path):
+    a = Annotations(tmp_path / "c.json", signature=SIG)
+
+    def work(t):
+        for n in range(20):
+            a.add(neuron_key(t), f"c{n}")
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(len(a.concepts(neuron_key(t))) == 20 for t in range(4))
+    assert Annotations.load(tmp_path / "c.json").to_dict() == a.to_dict()
+
+
+def test_model_signature_records_what_must_match():
+    adapter, _ = tiny_vqa()
+    sig = model_signature(adapter, 12)
+    assert sig == {"model": adapter.name, "modalities": ["image", "question"],
+                   "classes": list(adapter.class_names), "neurons": 12}
+
+
+# -- the Explorer -----------------------------------------------------------------------------
+def _explorer(annotations, **kw):
+    adapter, ds = tiny_vqa()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05, annotations=annotations, **kw)
+    assert ex.wait(60)
+    return ex
+
+
+def test_the_concepts_row_edits_the_file_and_a_new_explorer_shows_them(tmp_path):
+    path = tmp_path / "concepts.json"
+    ex = _explorer(str(path))
+    try:
+        cv = ex.concepts_view
+        assert cv.neuron_tags.disabled and cv.unit_tags.disabled      # nothing selected yet
+        ex.select(neuron=3, unit=("question", 1))
+        assert not cv.neuron_tags.disabled and not cv.unit_tags.disabled
+        assert "(color)" in cv.unit_label.value                    # the unit's word
+        cv.neuron_tags.value = ["colour detector", "<img src=x onerror=alert(1)>"]
+        cv.unit_tags.value = ["question word"]                     # what typing + Enter sends
+        st_ = ex.state()["concepts"]
+        assert st_["neuron"] == ["colour detector", "<img src=x onerror=alert(1)>"]
+        assert "saved to" in st_["status"] and "2 annotated" in st_["status"]
+        saved = json.loads(path.read_text())
+        assert saved["neurons"] == [{"neuron": 3, "concepts": st_["neuron"]}]
+        assert saved["units"] == [{"instance": 0, "modality": "question", "unit": 1,
+                                   "concepts": ["question word"]}]
+        # another instance: the unit row empties (its unit is cleared); the neuron row stays
+        ex.select(instance=2)
+        assert cv.unit_tags.value == [] and cv.unit_tags.disabled
+        assert cv.neuron_tags.value == st_["neuron"]
+    finally:
+        ex.close()
+    again = _explorer(path)
+    try:
+        again.select(neuron=3, unit=("question", 1), instance=0)
+        assert again.state()["concepts"]["neuron"] == st_["neuron"]
+        assert again.state()["concepts"]["unit"] == ["question word"]
+    finally:
+        again.close()
+
+
+def test_a_refused_tag_is_taken_back_with_the_reason(tmp_path):
+    path = tmp_path / "concepts.json"
+    ex = _explorer(path)
+    try:
+        ex.select(neuron=1)
+        cv = ex.concepts_view
+        cv.neuron_tags.value = ["ok"]
+        before = path.read_bytes()
+        cv.neuron_tags.value = ["ok", "x" * 500]
+        assert cv.neuron_tags.value == ["ok"]
+        assert "not taken" in cv.message.value and "at most" in cv.message.value
+        assert path.read_bytes() == before
+        cv.neuron_tags.value = ["ok", "fine"]                       # the next edit goes through
+        assert cv.message.value == "" and ex.annotations.concepts(("neuron", 1)) == ("ok", "fine")
+    finally:
+        ex.close()
+
+
+def test_edits_from_code_show_in_the_row_and_on_the_path(tmp_path):
+    ex = _explorer(None)
+    try:
+        assert ex.annotations.path is None and "kept in memory only" in ex.state()["concepts"][
+            "status"]
+        node = next(n for n in ex.path_view.nodes if n["kind"] == "neuron")
+        j = int(node["neuron"])
+        ex.select(neuron=j)
+        ex.annotations.add(("neuron", j), "shape")
+        assert ex.concepts_view.neuron_tags.value == ["shape"]
+        assert ex.path_view.state()["concepts"] == f"concepts on this path: h{j} shape"
+        ex.annotations.set(("neuron", j), [])
+        assert ex.path_view.state()["concepts"] == ""
+    finally:
+        ex.close()
+
+
+def test_an_unreadable_file_stops_the_explorer_and_is_left_as_it_was(tmp_path):
+    path = tmp_path / "concepts.json"
+    path.write_text("my notes, not JSON")
+    with pytest.raises(AnnotationError, match="not an annotations file"):
+        _explorer(path)
+    assert path.read_text() == "my notes, not JSON"
+
+    def engine_threads():
+        return sum(t.name.startswith("multiviz-engine") for t in threading.enumerate())
+    deadline = time.monotonic() + 10
+    while engine_threads() and time.monotonic() < deadline:   # the workers stop on their own
+        time.sleep(0.02)
+    assert engine_threads() == 0
+
+
+def test_annotations_of_another_model_are_refused(tmp_path):
+    path = tmp_path / "concepts.json"
+    ex = _explorer(path)
+    ex.select(neuron=0)
+    ex.annotations.add(("neuron", 0), "x")
+    ex.close()
+    adapter, ds = tiny_tab_series()
+    with pytest.raises(AnnotationError, match="another model"):
+        Explorer(adapter, ds, kernels=FakeKernels(), annotations=path, start=False)
+    with pytest.raises(TypeError, match="annotations must be"):
+        _explorer(42)
+
+
+def test_a_shared_store_updates_two_explorers_at_once(tmp_path):
+    store = Annotations(tmp_path / "c.json")
+    a, b = _explorer(store), _explorer(store)
+    try:
+        a.select(neuron=2)
+        b.select(neuron=2)
+        a.concepts_view.neuron_tags.value = ["both see it"]
+        assert b.concepts_view.neuron_tags.value == ["both see it"]
+    finally:
+        a.close()
+        b.close()
+    store.add(("neuron", 2), "after close")          # closed views no longer listen
+    assert store.concepts(("neuron", 2)) == ("both see it", "after close")
