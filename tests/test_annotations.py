@@ -425,3 +425,24 @@ def test_a_shared_store_updates_two_explorers_at_once(tmp_path):
         b.close()
     store.add(("neuron", 2), "after close")          # closed views no longer listen
     assert store.concepts(("neuron", 2)) == ("both see it", "after close")
+
+
+# -- the tags widget ----------------------------------------------------------------------------
+def test_the_tags_bundle_keeps_keys_from_jupyterlab_and_sets_text_only():
+    from multiviz_widgets.views import concept_tags as ct
+    src = ct._ESM_PATH.read_text()
+    assert "data-lm-suppress-shortcuts" in src         # Enter reaches the input in JupyterLab
+    assert "innerHTML" not in src and "textContent" in src
+    w = ct.ConceptTags(value=["a"])
+    try:
+        assert w._esm == src and w.value == ["a"] and not w.disabled
+    finally:
+        w.close()
+
+
+def test_a_missing_tags_bundle_says_to_run_make_js(monkeypatch, tmp_path):
+    from multiviz_widgets.views import concept_tags as ct
+    from multiviz_widgets.views.input_view import BundleMissingError
+    monkeypatch.setattr(ct, "_ESM_PATH", tmp_path / "missing.js")
+    with pytest.raises(BundleMissingError, match="ConceptTags.*make js"):
+        ct.ConceptTags()

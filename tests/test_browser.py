@@ -211,6 +211,45 @@ def test_neuron_bar_click_shows_its_gallery(quickstart):
     page.wait_for_function("() => document.querySelectorAll('.widget-image').length > 0")
 
 
+def test_typing_a_concept_names_the_neuron_in_the_kernel_and_shows_it_as_text(quickstart):
+    nb, page = quickstart, quickstart.page
+    shown = nb.kernel_json("import json; print(json.dumps(explorer.neuron_view.shown))")
+    j = shown[-1]
+    nb.kernel_exec(f"explorer.select(neuron={j}); explorer.wait()")
+    row = page.locator(".mvz-neuron-concepts")
+    row.scroll_into_view_if_needed()
+    box = row.locator("input.mvz-tag-input")
+    page.wait_for_function("el => !el.disabled", arg=box.element_handle(), timeout=30_000)
+    for concept in ("red shapes", XSS, "x" * 201):       # the last is refused: too long
+        box.click()
+        box.press_sequentially(concept)
+        box.press("Enter")
+    key = f"('neuron', {j})"
+    got = None
+    for _ in range(100):                       # the tags reach the kernel through the comm
+        got = nb.kernel_json(f"import json; print(json.dumps(explorer.annotations.concepts({key})))")
+        if len(got) >= 2:
+            break
+        page.wait_for_timeout(100)
+    assert got == ["red shapes", XSS]
+    tags = row.locator(".mvz-tag-text")
+    # the refused concept is taken back out of the page, and the reason shown
+    page.wait_for_function("el => el.querySelectorAll('.mvz-tag').length === 2",
+                           arg=row.element_handle(), timeout=30_000)
+    assert [t.text_content() for t in tags.all()] == ["red shapes", XSS]
+    page.get_by_text("not taken: A concept has at most 200 characters").wait_for(timeout=30_000)
+    assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
+    # the tag's cross removes the concept in the kernel too
+    row.locator(".mvz-tag-remove").first.click()
+    for _ in range(100):
+        got = nb.kernel_json(f"import json; print(json.dumps(explorer.annotations.concepts({key})))")
+        if got == [XSS]:
+            break
+        page.wait_for_timeout(100)
+    assert got == [XSS]
+    assert not quickstart.dialogs, quickstart.dialogs
+
+
 def test_3d_point_click_opens_that_instance(quickstart):
     nb, page = quickstart, quickstart.page
     before = nb.kernel_json("import json; print(json.dumps(explorer.selection.instance))")

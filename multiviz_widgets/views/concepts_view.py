@@ -1,9 +1,9 @@
 """ConceptsView: the concepts of the clicked neuron and of the clicked unit, to read and edit.
 
-Two rows of tags (ipywidgets' TagsInput, which shows each tag as text, never as HTML): one for
-the selected decision-level neuron, one for the selected unit of the shown instance. Typing a
-concept and pressing Enter adds it to the :class:`~multiviz_widgets.annotations.Annotations`
-store; the tag's cross removes it. A concept the store refuses (too long, a control character)
+Two rows of tags (:class:`~.concept_tags.ConceptTags`, which shows each tag as text, never as
+HTML): one for the selected decision-level neuron, one for the selected unit of the shown
+instance. Typing a concept and pressing Enter adds it to the
+:class:`~multiviz_widgets.annotations.Annotations` store; the tag's cross removes it. A concept the store refuses (too long, a control character)
 is taken back out of the tags and the reason shown. A line says where the concepts are saved,
 or why the last save failed (they stay in memory then).
 """
@@ -16,6 +16,7 @@ import ipywidgets as W
 
 from ..annotations import AnnotationError, Annotations, neuron_key, unit_key
 from ..selection import Selection
+from .concept_tags import ConceptTags
 
 
 class ConceptsView(W.VBox):
@@ -29,16 +30,14 @@ class ConceptsView(W.VBox):
         self._showing = False             # set while the tags are written from the store
         # layouts given at construction: one set later would leave the default one open
         self.neuron_label = W.Label(value="", layout=W.Layout(width="260px"))
-        self.neuron_tags = W.TagsInput(value=[], allow_duplicates=False,
-                                       layout=W.Layout(flex="1 1 300px"))
+        self.neuron_tags = ConceptTags(layout=W.Layout(flex="1 1 300px"))
         self.unit_label = W.Label(value="", layout=W.Layout(width="260px"))
-        self.unit_tags = W.TagsInput(value=[], allow_duplicates=False,
-                                     layout=W.Layout(flex="1 1 300px"))
+        self.unit_tags = ConceptTags(layout=W.Layout(flex="1 1 300px"))
         self.message = W.Label(value="", style={"text_color": "#a00000"})
         self.status = W.Label(value="")
         self.neuron_row = W.HBox([self.neuron_label, self.neuron_tags])
         self.unit_row = W.HBox([self.unit_label, self.unit_tags])
-        super().__init__([W.Label(value="concepts (type one, then Enter)"), self.neuron_row,
+        super().__init__([W.Label(value="concepts"), self.neuron_row,
                           self.unit_row, self.message, self.status])
         self.add_class("mvz-concepts-view")
         self.neuron_tags.add_class("mvz-neuron-concepts")
@@ -79,6 +78,8 @@ class ConceptsView(W.VBox):
                 self._showing = False
             self.neuron_tags.disabled = nk is None
             self.unit_tags.disabled = uk is None
+            self.neuron_tags.placeholder = "a concept, then Enter" if nk else ""
+            self.unit_tags.placeholder = "a concept, then Enter" if uk else ""
             self.status.value = self._status()
 
     def _describe_unit(self, instance: int, modality: str, unit: int) -> str:

@@ -32,13 +32,19 @@ class BundleMissingError(RuntimeError):
     """The built JavaScript of a view is missing (run ``make js``)."""
 
 
-def _check_bundle() -> pathlib.Path:
-    if not _ESM_PATH.is_file():
+def check_bundle(path: pathlib.Path, view: str) -> pathlib.Path:
+    """``path``, the built JavaScript of ``view``; a BundleMissingError that says how to build
+    it when it is missing."""
+    if not path.is_file():
         raise BundleMissingError(
-            f"The InputView JavaScript bundle {_ESM_PATH} is missing: run `make js` (npm install "
+            f"The {view} JavaScript bundle {path} is missing: run `make js` (npm install "
             "and npm run build) in the repository root to build js/*.js into "
             "multiviz_widgets/static/.")
-    return _ESM_PATH
+    return path
+
+
+def _check_bundle() -> pathlib.Path:
+    return check_bundle(_ESM_PATH, "InputView")
 
 
 class InputView(anywidget.AnyWidget):

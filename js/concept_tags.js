@@ -1,0 +1,96 @@
+// ConceptTags: a list of short texts (concepts) shown as tags, each with a remove button, and an
+// input that adds one on Enter. anywidget ESM; bundled into multiviz_widgets/static/.
+//
+// Traits: value [string], disabled (bool), placeholder (string).
+// The root carries data-lm-suppress-shortcuts, so that JupyterLab does not take the keys typed
+// into the input for notebook shortcuts (Enter would otherwise never reach it), and
+// data-render-count, incremented after each redraw, so tests can wait on it.
+// Concepts come from people and files: they are only ever set through textContent.
+
+const CSS = `
+.mvz-tags { display: flex; flex-wrap: wrap; align-items: center; gap: 4px; min-height: 26px; font-family: var(--jp-ui-font-family, sans-serif); font-size: 13px; }
+.mvz-tags .mvz-tag { display: inline-flex; align-items: center; gap: 2px; padding: 1px 2px 1px 8px; border-radius: 10px; background: #e3eefb; border: 1px solid #9ec1ea; color: #123; white-space: pre; }
+.mvz-tags .mvz-tag-remove { border: none; background: none; cursor: pointer; padding: 0 5px; font-size: 14px; line-height: 1; color: #345; }
+.mvz-tags .mvz-tag-remove:hover { color: #a00; }
+.mvz-tags input.mvz-tag-input { flex: 1 1 160px; min-width: 120px; border: 1px solid #bbb; border-radius: 3px; padding: 2px 5px; font: inherit; }
+.mvz-tags.mvz-disabled .mvz-tag-remove { display: none; }
+`;
+
+function render({ model, el }) {
+  const root = document.createElement("div");
+  root.className = "mvz-tags";
+  root.setAttribute("data-lm-suppress-shortcuts", "true");
+  const style = document.createElement("style");
+  style.textContent = CSS;
+  root.appendChild(style);
+  const list = document.createElement("span");
+  list.style.display = "contents";
+  root.appendChild(list);
+  const input = document.createElement("input");
+  input.type = "text";
+  input.className = "mvz-tag-input";
+  root.appendChild(input);
+  el.appendChild(root);
+  let renderCount = 0;
+
+  const setValue = (v) => {
+    model.set("value", v);
+    model.save_changes();
+  };
+
+  const draw = () => {
+    const value = model.get("value") || [];
+    const disabled = !!model.get("disabled");
+    list.replaceChildren();
+    value.forEach((text, i) => {
+      const tag = document.createElement("span");
+      tag.className = "mvz-tag";
+      tag.setAttribute("data-index", String(i));
+      const label = document.createElement("span");
+      label.className = "mvz-tag-text";
+      label.textContent = text;
+      tag.appendChild(label);
+      const remove = document.createElement("button");
+      remove.className = "mvz-tag-remove";
+      remove.type = "button";
+      remove.textContent = "\u00d7";
+      remove.title = "remove";
+      remove.addEventListener("click", () => {
+        if (model.get("disabled")) return;
+        const now = model.get("value") || [];
+        setValue(now.filter((_, k) => k !== i));
+      });
+      tag.appendChild(remove);
+      list.appendChild(tag);
+    });
+    input.disabled = disabled;
+    input.placeholder = model.get("placeholder") || "";
+    root.classList.toggle("mvz-disabled", disabled);
+    renderCount += 1;
+    root.setAttribute("data-render-count", String(renderCount));
+  };
+
+  input.addEventListener("keydown", (e) => {
+    e.stopPropagation();                 // keys typed here are text, not notebook shortcuts
+    if (e.key !== "Enter") return;
+    e.preventDefault();
+    const text = input.value.trim();
+    if (!text || model.get("disabled")) return;
+    const now = model.get("value") || [];
+    if (!now.includes(text)) setValue([...now, text]);
+    input.value = "";
+  });
+
+  model.on("change:value", draw);
+  model.on("change:disabled", draw);
+  model.on("change:placeholder", draw);
+  draw();
+
+  return () => {
+    model.off("change:value", draw);
+    model.off("change:disabled", draw);
+    model.off("change:placeholder", draw);
+  };
+}
+
+export default { render };
