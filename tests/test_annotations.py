@@ -446,3 +446,27 @@ def test_a_missing_tags_bundle_says_to_run_make_js(monkeypatch, tmp_path):
     monkeypatch.setattr(ct, "_ESM_PATH", tmp_path / "missing.js")
     with pytest.raises(BundleMissingError, match="ConceptTags.*make js"):
         ct.ConceptTags()
+
+
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
+    import functools
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
+    block = re.search(r"## Naming neurons.*?```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    adapter, ds = tiny_vqa()
+    colleague = Annotations(signature=model_signature(adapter, 12))
+    colleague.add(unit_key(0, "question", 1), "colour word")
+    colleague.save("colleague.json")
+    ns = {"adapter": adapter, "dataset": ds,
+          "Explorer": functools.partial(Explorer, kernels=FakeKernels(), start=False)}
+    try:
+        exec(compile(block, "README.md", "exec"), ns)
+        ann = ns["explorer"].annotations
+        assert ann.find("red shapes") == [("neuron", 7)]
+        assert ann.concepts(unit_key(0, "question", 1)) == ("colour word",)
+        assert as_sets(Annotations.load("concepts.json")) == as_sets(ann)
+    finally:
+        if "explorer" in ns:
+            ns["explorer"].close()
