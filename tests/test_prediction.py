@@ -380,3 +380,30 @@ def test_an_empty_path_says_why():
         adapter.model.classifier.weight[1].zero_()
     assert "decision layer" in prediction_path(adapter, inst, **kw).note
     assert prediction_path(adapter, inst, target=0, interaction_method=None).note == ""
+
+
+@settings(max_examples=6, deadline=None)
+@given(scale=st.sampled_from([1e-9, 1e-4, 1e3, 1e9]), neuron=st.integers(0, 7))
+def test_scaling_a_neuron_leaves_the_fit_unchanged(scale, neuron):
+    """The features are standardised, so a neuron of any scale gets the same (standardised)
+    weights; only exactly constant neurons, or ones within rounding of constant, are dropped."""
+    h, y, _ = planted_features(n=600, d=8, c=4, seed=1)
+    base = fit_sparse_model((h[:400], y[:400]), val=(h[400:], y[400:]), n_lambdas=5,
+                            stop_early=False)
+    hs = h.copy()
+    hs[:, neuron] *= scale
+    scaled = fit_sparse_model((hs[:400], y[:400]), val=(hs[400:], y[400:]), n_lambdas=5,
+                              stop_early=False)
+    assert scaled.fraction_nonzero == base.fraction_nonzero
+    np.testing.assert_allclose(scaled.weight, base.weight, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(scaled.std[neuron], base.std[neuron] * scale, rtol=1e-9)
+
+
+def test_a_neuron_constant_up_to_float32_rounding_gets_no_weight():
+    h, y, _ = planted_features(n=600, d=8, c=4, seed=2)
+    rng = np.random.default_rng(0)
+    h = h.copy()
+    h[:, 7] = np.float32(0.75) * (1 + rng.uniform(-6e-8, 6e-8, len(h)))   # noise of rounding
+    m = fit_sparse_model((h[:400], y[:400]), val=(h[400:], y[400:]), n_lambdas=5,
+                         stop_early=False)
+    assert m.std[7] == 1.0 and np.all(m.path_weights[:, :, 7] == 0)

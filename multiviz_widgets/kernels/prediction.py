@@ -40,6 +40,9 @@ from .common import as_prepared
 from .representations import Features, decision_contributions
 
 SOLVERS = ("sklearn", "glm_saga")
+#: A neuron whose standard deviation over the training set is at most this fraction of its mean's
+#: magnitude counts as constant (float32 rounding is about 1.2e-7 of a value).
+CONSTANT_RELATIVE_SPREAD = 1e-5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,7 +421,11 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
 
     mean = h_tr.mean(0)
     std = h_tr.std(0)
-    std = np.where(std > 1e-8, std, 1.0)        # constant (dead) neurons stay at weight 0
+    # constant (dead) neurons stay at weight 0: no spread at all, or one within float32 rounding
+    # of their mean (the same activation computed in batches of other sizes). The test is
+    # relative, so that neurons of any scale (1e-9 or 1e9) are standardised alike: scaling a
+    # neuron leaves the fit unchanged.
+    std = np.where(std > CONSTANT_RELATIVE_SPREAD * np.abs(mean), std, 1.0)
     z_tr = (h_tr - mean) / std
     lmax = lambda_max(z_tr, y_tr, n_classes, alpha)
     if lmax <= 0:
