@@ -4,6 +4,7 @@ The core (modalities, adapter, doctor, kernels) imports only torch and numpy; th
 (Explorer, Selection, demo) are imported on first use, so kernel-only code stays light.
 """
 from .adapter import AdapterError, Class, ModelAdapter, Neuron, Prepared, Target
+from .annotations import AnnotationError, Annotations
 from .data import MultimodalDataset
 from .doctor import check
 from .modalities import Image, Modality, Tabular, Text, TimeSeries
@@ -14,8 +15,8 @@ __version__ = "0.1.0"
 _LAZY = {"Explorer": "explorer", "demo": "explorer", "Selection": "selection"}
 
 __all__ = [
-    "AdapterError", "Attribution", "Class", "Explorer", "Image", "Interaction", "ModelAdapter",
-    "Modality", "MultimodalDataset", "Neuron", "Prepared", "Result", "Selection", "Tabular",
+    "AdapterError", "AnnotationError", "Annotations", "Attribution", "Class", "Explorer", "Image",
+    "Interaction", "ModelAdapter", "Modality", "MultimodalDataset", "Neuron", "Prepared", "Result", "Selection", "Tabular",
     "Target", "Text", "TimeSeries", "check", "demo",
 ]
 
