@@ -1,7 +1,10 @@
 // ConceptTags: a list of short texts (concepts) shown as tags, each with a remove button, and an
 // input that adds one on Enter. anywidget ESM; bundled into multiviz_widgets/static/.
 //
-// Traits: value [string], disabled (bool), placeholder (string).
+// Traits: value [string], key (string: what the tags belong to), disabled (bool), placeholder.
+// The view never changes value itself: an edit is a message {op: "add" | "remove", key, text}
+// to the kernel, which applies it to the key it names (also when the row shows another key by
+// the time it arrives) and sends the new value back.
 // The root carries data-lm-suppress-shortcuts, so that JupyterLab does not take the keys typed
 // into the input for notebook shortcuts (Enter would otherwise never reach it), and
 // data-render-count, incremented after each redraw, so tests can wait on it.
@@ -33,10 +36,7 @@ function render({ model, el }) {
   el.appendChild(root);
   let renderCount = 0;
 
-  const setValue = (v) => {
-    model.set("value", v);
-    model.save_changes();
-  };
+  const edit = (op, text) => model.send({ op, key: model.get("key"), text });
 
   const draw = () => {
     const value = model.get("value") || [];
@@ -56,9 +56,7 @@ function render({ model, el }) {
       remove.textContent = "\u00d7";
       remove.title = "remove";
       remove.addEventListener("click", () => {
-        if (model.get("disabled")) return;
-        const now = model.get("value") || [];
-        setValue(now.filter((_, k) => k !== i));
+        if (!model.get("disabled")) edit("remove", text);
       });
       tag.appendChild(remove);
       list.appendChild(tag);
@@ -72,25 +70,19 @@ function render({ model, el }) {
 
   input.addEventListener("keydown", (e) => {
     e.stopPropagation();                 // keys typed here are text, not notebook shortcuts
-    if (e.key !== "Enter") return;
+    if (e.key !== "Enter" || e.isComposing) return;   // (Enter that ends an IME composition)
     e.preventDefault();
     const text = input.value.trim();
     if (!text || model.get("disabled")) return;
-    const now = model.get("value") || [];
-    if (!now.includes(text)) setValue([...now, text]);
+    edit("add", text);
     input.value = "";
   });
 
-  model.on("change:value", draw);
-  model.on("change:disabled", draw);
-  model.on("change:placeholder", draw);
+  const traits = ["value", "key", "disabled", "placeholder"];
+  traits.forEach((t) => model.on(`change:${t}`, draw));
   draw();
 
-  return () => {
-    model.off("change:value", draw);
-    model.off("change:disabled", draw);
-    model.off("change:placeholder", draw);
-  };
+  return () => traits.forEach((t) => model.off(`change:${t}`, draw));
 }
 
 export default { render };

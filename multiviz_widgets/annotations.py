@@ -106,7 +106,8 @@ def _concept(text) -> str:
     if len(text) > MAX_CONCEPT_LENGTH:
         raise AnnotationError(f"A concept has at most {MAX_CONCEPT_LENGTH} characters, got "
                               f"{len(text)} ({text[:40]!r}...); keep it to a short name.")
-    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+    # control and format characters, line breaks, and lone surrogates (which no file can hold)
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")]
     if bad:
         raise AnnotationError(f"A concept is one line of printable text; {text[:60]!r} holds "
                               f"the control character {bad[0]!r}.")
@@ -167,7 +168,8 @@ class Annotations:
         self._lock = threading.RLock()
         self._data: dict[tuple, tuple[str, ...]] = {}
         self._observers: list[Callable[[tuple | None], None]] = []
-        self.path = None if path is None else Path(path).expanduser()
+        # resolved now: a later os.chdir does not move the file, and a link keeps pointing at it
+        self.path = None if path is None else Path(path).expanduser().resolve()
         self.autosave = (self.path is not None) if autosave is None else bool(autosave)
         if self.autosave and self.path is None:
             raise AnnotationError("autosave=True needs a path to save to.")
@@ -175,7 +177,8 @@ class Annotations:
         self.n_instances = None if n_instances is None else int(n_instances)
         self.save_error: str | None = None
         self.unsaved = False          # changes that no save has written yet
-        self._disk_digest: str | None = None     # the file as last read or written here
+        self._disk_digest: str | None = None     # the file as last read or written here...
+        self._disk_entries: dict[tuple, tuple[str, ...]] = {}   # ...and its concepts
         if self.path is not None and self.path.exists():
             self._read_into_empty(self.path)
 
@@ -184,7 +187,10 @@ class Annotations:
     def open(cls, path: str | os.PathLike, *, signature: dict | None = None,
              n_instances: int | None = None) -> "Annotations":
         """The store of ``path`` in this process (made, and the file read, on first use), saving
-        on each change. A later caller with a signature gets it checked against the store's."""
+        on each change. A later caller with a signature gets it checked against the store's, and
+        gets what was changed in the file since the store read it (``merge``). (A store made with
+        ``Annotations(path)`` is its own, not shared: two such stores on one file are kept from
+        writing over each other's changes by the conflict check of ``save``.)"""
         resolved = str(Path(path).expanduser().resolve())
         with _OPEN_LOCK:
             store = _OPEN.get(resolved)
@@ -193,6 +199,8 @@ class Annotations:
                 _OPEN[resolved] = store
                 return store
         store.bind(signature, n_instances)
+        if store.path.exists() and _digest(_read_bytes(store.path)) != store._disk_digest:
+            store.merge(store.path)            # replaced or edited on disk meanwhile
         return store
 
     @classmethod
@@ -350,15 +358,17 @@ class Annotations:
         """Write the store to ``path`` (default: its own) atomically; returns the path.
 
         To its own path: refused (:class:`AnnotationConflict`) when the file changed on disk since
-        this store read or wrote it. To another path: refused when a file is there, unless
+        this store read or wrote it (``merge(path)`` takes those changes in; a save then goes
+        through). To another path: refused when a file is there, unless
         ``overwrite=True``. On failure the concepts stay in memory and ``save_error`` says why."""
         own = path is None
         target = self.path if own else Path(path).expanduser()
         if target is None:
             raise AnnotationError("This store has no file: give save() a path.")
         try:
-            text = json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n"
-            with self._lock:
+            with self._lock:           # the text and the write together: no older text wins
+                doc = self.to_dict()
+                text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
                 if own or (self.path is not None and target.resolve() == self.path.resolve()):
                     self._check_unchanged(target)
                 elif target.exists() and not overwrite:
@@ -367,6 +377,7 @@ class Annotations:
                 _atomic_write(target, text)
                 if own or (self.path is not None and target.resolve() == self.path.resolve()):
                     self._disk_digest = _digest(text.encode("utf-8"))
+                    self._disk_entries = dict(self._data)
                     self.unsaved = False
         except (OSError, AnnotationError) as e:
             err = e if isinstance(e, AnnotationError) else OSError(
@@ -385,12 +396,16 @@ class Annotations:
         return target
 
     def merge(self, other: "Annotations | str | os.PathLike") -> int:
-        """Add the concepts of ``other`` (a store or a file) to this store's; returns how many
-        concepts were new. Merging the file this store saves to also accepts its changes on disk,
-        so that the next save goes through."""
+        """Take in the concepts of ``other`` (a store or a file); returns how many concepts came
+        in.
+
+        Another store or file: its concepts are added to this store's (a union: a concept that
+        either has stays). The file this store saves to: a three-way merge against the file as
+        this store last read or wrote it, so that what was changed there since (concepts added,
+        and concepts removed) is taken in beside this store's own changes; the next save then
+        goes through."""
         if isinstance(other, Annotations):
-            incoming, sig, digest = other.to_dict(), other.signature, None
-            source = None
+            incoming, sig, digest, source = other.to_dict(), other.signature, None, None
         else:
             source = Path(other).expanduser()
             raw = _read_bytes(source)
@@ -398,25 +413,32 @@ class Annotations:
             sig = incoming.get("model")
         why = _mismatch(sig, self.signature)
         if why:
-            raise AnnotationError(f"The annotations of {source or other!r} belong to another "
-                                  f"model ({why}); nothing was merged.")
-        found = _entries(incoming, source)
+            raise AnnotationError(f"The annotations of {source if source is not None else other} "
+                                  f"belong to another model ({why}); nothing was merged.")
+        theirs = _entries(incoming, source if source is not None else "the store merged")
         added = 0
         with self._lock:
-            self._check_ranges(found, self.signature, self.n_instances)
-            for key, cs in found.items():
-                now = self._data.get(key, ())
-                new = tuple(c for c in cs if c not in now)
-                if new:
-                    self._data[key] = now + new
-                    added += len(new)
+            self._check_ranges(theirs, self.signature, self.n_instances)
             own_file = (source is not None and self.path is not None
                         and source.resolve() == self.path.resolve())
+            base = self._disk_entries if own_file else {}
+            merged = {}
+            for key in set(self._data) | set(theirs):
+                ours, their, was = self._data.get(key, ()), theirs.get(key, ()), base.get(key, ())
+                # kept: what both have, and what either added since the base; so a concept that
+                # either removed since the base stays removed
+                cs = tuple(c for c in ours if c in their or c not in was) + tuple(
+                    c for c in their if c not in ours and c not in was)
+                added += sum(c not in ours for c in cs)
+                if cs:
+                    merged[key] = cs
+            changed = merged != self._data
+            self._data = merged
             if own_file:           # its changes on disk are taken in: a save may now replace it
-                self._disk_digest = digest
-            if added or own_file:
+                self._disk_digest, self._disk_entries = digest, dict(theirs)
+            if changed or own_file:
                 self.unsaved = True
-        if added or own_file:
+        if changed or own_file:
             self._changed(None)
         return added
 
@@ -438,19 +460,20 @@ class Annotations:
         if doc.get("model") and not self.signature:
             self.signature = dict(doc["model"])
         if self.path is not None and path.resolve() == self.path.resolve():
-            self._disk_digest = _digest(raw)
+            self._disk_digest, self._disk_entries = _digest(raw), dict(found)
 
     def _check_unchanged(self, target: Path) -> None:
         if not target.exists():
-            if self._disk_digest is not None:
-                self._disk_digest = None       # deleted on disk: writing it again loses nothing
+            if self._disk_digest is not None:  # deleted on disk: writing it again loses nothing
+                self._disk_digest, self._disk_entries = None, {}
             return
         raw = _read_bytes(target)
         if _digest(raw) != self._disk_digest:
             raise AnnotationConflict(
                 f"{target} changed on disk since these annotations were read or saved (another "
                 f"program or notebook wrote it); it was not written over. merge({str(target)!r}) "
-                f"takes its concepts in, then save() writes both; or save(another_path).")
+                f"takes its changes in (concepts added and removed there), then saves both; or "
+                f"save(another_path).")
 
     @staticmethod
     def _check_ranges(entries: dict, signature: dict | None, n_instances: int | None,
@@ -525,8 +548,8 @@ def _entries(doc: dict, path) -> dict[tuple, tuple[str, ...]]:
                        else unit_key(e["instance"], e["modality"], e["unit"]))
                 cs = _concepts(e["concepts"])
             except AnnotationError as err:
-                raise AnnotationError(f"{path}: {field}[{n}] = {e!r}: {err} It was not "
-                                      f"changed.") from None
+                raise AnnotationError(f"{path}: {field}[{n}] = {e!r}: {str(err).rstrip('.')}. "
+                                      f"It was not changed.") from None
             if cs:
                 now = out.get(key, ())
                 out[key] = now + tuple(c for c in cs if c not in now)

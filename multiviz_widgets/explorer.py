@@ -91,6 +91,7 @@ class InputPanel:
         self.view, self.selection, self.engine, self.analyses = view, selection, engine, analyses
         self.pair = pair
         self.items_instance = -1
+        self.on_items: list = []              # called with no argument once an instance shows
         self._want = None                     # the key of the overlay asked for last
         self._latest: tuple | None = None     # (key, instance, payload) received last
         self.payload: dict = {}
@@ -160,6 +161,8 @@ class InputPanel:
             self.view.score_caption = ""
             self.items_instance = i
             self._highlight()
+        for fn in self.on_items:
+            fn()
         # the overlay of this instance may have come first (or from the cache, e.g. on
         # "recompute" after the LRU dropped the items): show it over the new items
         if self._latest is not None and self._latest[:2] == (self._want, i):
@@ -354,6 +357,8 @@ class Explorer(W.VBox):
                                  pairs=pair_options(adapter, pair) if pair else None)
         self.concepts_view = ConceptsView(self.selection, self.annotations,
                                           unit_name=self._unit_name)
+        # the unit's name (its word, its patch) is known once the input view has the instance
+        self.input_panel.on_items.append(self.concepts_view.show)
         self.progress_panel = ProgressPanel(self.engine)
         self.banner = ErrorBanner(self.engine)
         title = W.Label(value=f"MultiViz Explorer: {adapter.name} on {getattr(dataset, 'name', '')}"

@@ -325,8 +325,9 @@ def test_the_concepts_row_edits_the_file_and_a_new_explorer_shows_them(tmp_path)
         ex.select(neuron=3, unit=("question", 1))
         assert not cv.neuron_tags.disabled and not cv.unit_tags.disabled
         assert "(color)" in cv.unit_label.value                    # the unit's word
-        cv.neuron_tags.value = ["colour detector", "<img src=x onerror=alert(1)>"]
-        cv.unit_tags.value = ["question word"]                     # what typing + Enter sends
+        cv.neuron_tags.edit("add", "colour detector")               # what typing + Enter sends
+        cv.neuron_tags.edit("add", "<img src=x onerror=alert(1)>")
+        cv.unit_tags.edit("add", " question word ")
         st_ = ex.state()["concepts"]
         assert st_["neuron"] == ["colour detector", "<img src=x onerror=alert(1)>"]
         assert "saved to" in st_["status"] and "2 annotated" in st_["status"]
@@ -355,14 +356,20 @@ def test_a_refused_tag_is_taken_back_with_the_reason(tmp_path):
     try:
         ex.select(neuron=1)
         cv = ex.concepts_view
-        cv.neuron_tags.value = ["ok"]
+        cv.neuron_tags.edit("add", "ok")
         before = path.read_bytes()
-        cv.neuron_tags.value = ["ok", "x" * 500]
-        assert cv.neuron_tags.value == ["ok"]
-        assert "not taken" in cv.message.value and "at most" in cv.message.value
-        assert path.read_bytes() == before
-        cv.neuron_tags.value = ["ok", "fine"]                       # the next edit goes through
+        for bad in ("x" * 500, "\ud83d", "a\u2028b"):
+            cv.neuron_tags.edit("add", bad)
+            assert cv.neuron_tags.value == ["ok"]
+            assert cv.message.value.startswith("not taken: A concept")
+            assert path.read_bytes() == before
+        cv.neuron_tags.edit("add", "fine")                          # the next edit goes through
         assert cv.message.value == "" and ex.annotations.concepts(("neuron", 1)) == ("ok", "fine")
+        cv.neuron_tags.edit("remove", "ok")                          # a tag's cross
+        cv.neuron_tags.edit("remove", "ok")                          # (twice: nothing more)
+        assert cv.neuron_tags.value == ["fine"] and cv.message.value == ""
+        cv.neuron_tags.edit("add", "x", key='["neuron", 99]')        # a key the model lacks
+        assert "out of range" in cv.message.value
     finally:
         ex.close()
 
@@ -418,13 +425,12 @@ def test_a_shared_store_updates_two_explorers_at_once(tmp_path):
     try:
         a.select(neuron=2)
         b.select(neuron=2)
-        a.concepts_view.neuron_tags.value = ["both see it"]
+        a.concepts_view.neuron_tags.edit("add", "both see it")
         assert b.concepts_view.neuron_tags.value == ["both see it"]
     finally:
         a.close()
         b.close()
-    store.add(("neuron", 2), "after close")          # closed views no longer listen
-    assert store.concepts(("neuron", 2)) == ("both see it", "after close")
+    assert store._observers == []                    # closed views no longer listen
 
 
 # -- the tags widget ----------------------------------------------------------------------------
@@ -432,7 +438,9 @@ def test_the_tags_bundle_keeps_keys_from_jupyterlab_and_sets_text_only():
     from multiviz_widgets.views import concept_tags as ct
     src = ct._ESM_PATH.read_text()
     assert "data-lm-suppress-shortcuts" in src         # Enter reaches the input in JupyterLab
-    assert "innerHTML" not in src and "textContent" in src
+    assert not any(w in src for w in ("innerHTML", "outerHTML", "insertAdjacentHTML"))
+    assert "textContent" in src
+    assert "isComposing" in src                        # Enter that ends an IME composition
     w = ct.ConceptTags(value=["a"])
     try:
         assert w._esm == src and w.value == ["a"] and not w.disabled
@@ -470,3 +478,108 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
     finally:
         if "explorer" in ns:
             ns["explorer"].close()
+
+
+def test_an_edit_sent_before_a_click_elsewhere_lands_on_the_key_it_was_typed_for(tmp_path):
+    ex = _explorer(tmp_path / "c.json")
+    try:
+        ex.annotations.set(("neuron", 1), ["red"])
+        ex.annotations.set(("neuron", 2), ["circle", "big"])
+        ex.select(neuron=1)
+        tags = ex.concepts_view.neuron_tags
+        typed_for = tags.key                          # the row shows h1 while the person types
+        ex.select(neuron=2)                           # a click on h2 reaches the kernel first
+        tags.edit("add", "shiny", key=typed_for)
+        tags.edit("remove", "red", key=typed_for)
+        assert ex.annotations.concepts(("neuron", 1)) == ("shiny",)
+        assert ex.annotations.concepts(("neuron", 2)) == ("circle", "big")
+        assert tags.value == ["circle", "big"]        # the row still shows h2
+    finally:
+        ex.close()
+
+
+def test_the_unit_row_names_the_unit_once_the_input_view_has_the_instance(tmp_path):
+    ex = _explorer(None)
+    try:
+        ex.select(instance=3, unit=("question", 0))
+        assert ex.wait(30)
+        assert ex.concepts_view.unit_label.value == "#3 question unit 0 (what):"
+    finally:
+        ex.close()
+
+
+def test_a_save_writes_the_newest_concepts_when_edits_race(tmp_path, monkeypatch):
+    import multiviz_widgets.annotations as an
+    path = tmp_path / "c.json"
+    a = Annotations(path, signature=SIG)
+    a.add(neuron_key(0), "first")
+    writing, release = threading.Event(), threading.Event()
+    real = an._atomic_write
+
+    def slow_write(target, text):
+        if not release.is_set():             # the first save waits inside its write
+            writing.set()
+            release.wait(10)
+        real(target, text)
+    monkeypatch.setattr(an, "_atomic_write", slow_write)
+    t = threading.Thread(target=a.add, args=(neuron_key(1), "from A"))
+    t.start()
+    assert writing.wait(10)
+    b = threading.Thread(target=a.add, args=(neuron_key(2), "from B"))
+    b.start()
+    time.sleep(0.1)
+    release.set()
+    t.join(10)
+    b.join(10)
+    assert not a.unsaved and a.save_error is None
+    assert as_sets(Annotations.load(path)) == as_sets(a) == {
+        neuron_key(0): {"first"}, neuron_key(1): {"from A"}, neuron_key(2): {"from B"}}
+
+
+def test_merge_of_its_own_file_keeps_removals_made_on_either_side(tmp_path):
+    path = tmp_path / "c.json"
+    mine = Annotations(path, signature=SIG)
+    mine.set(neuron_key(1), ["keep", "wrong guess", "mine to drop"])
+    theirs = Annotations(path)                          # another notebook on the same file
+    theirs.remove(neuron_key(1), "wrong guess")         # they remove one and add one
+    theirs.add(neuron_key(1), "their idea")
+    mine.remove(neuron_key(1), "mine to drop")          # conflict: kept in memory
+    mine.add(neuron_key(3), "new here")
+    assert "changed on disk" in mine.save_error
+    assert mine.merge(path) == 1                        # "their idea"
+    assert mine.concepts(neuron_key(1)) == ("keep", "their idea")
+    assert mine.concepts(neuron_key(3)) == ("new here",)
+    assert mine.save_error is None
+    assert as_sets(Annotations.load(path)) == as_sets(mine)
+
+
+def test_the_store_keeps_its_file_across_chdir_and_open_sees_a_replaced_file(tmp_path,
+                                                                             monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    s = Annotations.open("c.json", signature=SIG)
+    s.add(neuron_key(1), "x")
+    monkeypatch.chdir(tmp_path / "b")
+    s.add(neuron_key(2), "y")
+    assert not (tmp_path / "b" / "c.json").exists()
+    assert as_sets(Annotations.load(tmp_path / "a" / "c.json")) == as_sets(s)
+    other = Annotations.load(tmp_path / "a" / "c.json")
+    other.set(neuron_key(1), [])
+    other.add(neuron_key(5), "replaced")
+    other.save(tmp_path / "a" / "c.json", overwrite=True)
+    again = Annotations.open(tmp_path / "a" / "c.json", signature=SIG)
+    assert again is s and as_sets(s) == {neuron_key(2): {"y"}, neuron_key(5): {"replaced"}}
+
+
+def test_a_concept_with_a_lone_surrogate_is_refused_and_saving_goes_on(tmp_path):
+    a = Annotations(tmp_path / "c.json", signature=SIG)
+    with pytest.raises(AnnotationError, match="control character"):
+        a.add(neuron_key(0), "smile \ud83d")
+    a.add(neuron_key(0), "smile \U0001f600")
+    assert a.save_error is None
+    assert Annotations.load(tmp_path / "c.json").concepts(neuron_key(0)) == ("smile \U0001f600",)
+    (tmp_path / "bad.json").write_text(json.dumps(_valid_doc(
+        neurons=[{"neuron": 1, "concepts": ["\ud83d"]}])))
+    with pytest.raises(AnnotationError, match=r"neurons\[0\]"):
+        Annotations.load(tmp_path / "bad.json")

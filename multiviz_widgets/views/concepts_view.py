@@ -3,12 +3,14 @@
 Two rows of tags (:class:`~.concept_tags.ConceptTags`, which shows each tag as text, never as
 HTML): one for the selected decision-level neuron, one for the selected unit of the shown
 instance. Typing a concept and pressing Enter adds it to the
-:class:`~multiviz_widgets.annotations.Annotations` store; the tag's cross removes it. A concept the store refuses (too long, a control character)
-is taken back out of the tags and the reason shown. A line says where the concepts are saved,
-or why the last save failed (they stay in memory then).
+:class:`~multiviz_widgets.annotations.Annotations` store, for the neuron or unit shown when it
+was typed; the tag's cross removes it. A concept the store refuses (too long, a control
+character) is not added, and the reason is shown. A line says where the concepts are saved, or
+why the last save failed (they stay in memory then).
 """
 from __future__ import annotations
 
+import json
 import threading
 from typing import Callable
 
@@ -27,7 +29,6 @@ class ConceptsView(W.VBox):
         self.selection, self.annotations = selection, annotations
         self._unit_name = unit_name
         self._lock = threading.RLock()
-        self._showing = False             # set while the tags are written from the store
         # layouts given at construction: one set later would leave the default one open
         self.neuron_label = W.Label(value="", layout=W.Layout(width="260px"))
         self.neuron_tags = ConceptTags(layout=W.Layout(flex="1 1 300px"))
@@ -42,8 +43,8 @@ class ConceptsView(W.VBox):
         self.add_class("mvz-concepts-view")
         self.neuron_tags.add_class("mvz-neuron-concepts")
         self.unit_tags.add_class("mvz-unit-concepts")
-        self.neuron_tags.observe(lambda c: self._edited("neuron", c["new"]), names="value")
-        self.unit_tags.observe(lambda c: self._edited("unit", c["new"]), names="value")
+        self.neuron_tags.on_edit(self._edited)
+        self.unit_tags.on_edit(self._edited)
         selection.observe(lambda _: self.show(), names=["instance", "neuron", "modality", "unit"])
         annotations.observe(self._on_store)
         self.show()
@@ -64,22 +65,14 @@ class ConceptsView(W.VBox):
             nk, uk = self.neuron_key(), self.unit_key()
             self.neuron_label.value = (f"neuron h{nk[1]}:" if nk else
                                        "neuron: click a bar to name what it stands for")
-            if uk:
-                name = self._describe_unit(*uk[1:])
-                self.unit_label.value = f"{name}:"
-            else:
-                self.unit_label.value = (f"unit: click a unit of #{s.instance} to name what it "
-                                         f"shows")
-            self._showing = True
-            try:
-                self.neuron_tags.value = list(self.annotations.concepts(nk)) if nk else []
-                self.unit_tags.value = list(self.annotations.concepts(uk)) if uk else []
-            finally:
-                self._showing = False
-            self.neuron_tags.disabled = nk is None
-            self.unit_tags.disabled = uk is None
-            self.neuron_tags.placeholder = "a concept, then Enter" if nk else ""
-            self.unit_tags.placeholder = "a concept, then Enter" if uk else ""
+            self.unit_label.value = (f"{self._describe_unit(*uk[1:])}:" if uk else
+                                     f"unit: click a unit of #{s.instance} to name what it shows")
+            for tags, key in ((self.neuron_tags, nk), (self.unit_tags, uk)):
+                with tags.hold_sync():
+                    tags.key = _key_text(key)
+                    tags.value = list(self.annotations.concepts(key)) if key else []
+                    tags.disabled = key is None
+                    tags.placeholder = "a concept, then Enter" if key else ""
             self.status.value = self._status()
 
     def _describe_unit(self, instance: int, modality: str, unit: int) -> str:
@@ -106,14 +99,17 @@ class ConceptsView(W.VBox):
         return f"{count}; from {a.path} (not saved automatically: annotations.save())"
 
     # -- edits -----------------------------------------------------------------------------
-    def _edited(self, which: str, value) -> None:
-        if self._showing:
-            return
-        key = self.neuron_key() if which == "neuron" else self.unit_key()
-        if key is None:
-            return
+    def _edited(self, op: str, key_text: str, text: str) -> None:
+        """An edit from the browser, for the key the row showed when it was made."""
         try:
-            self.annotations.set(key, list(value))
+            key = _key_of(key_text)
+            if key is None:
+                raise AnnotationError("nothing is selected to name: click a neuron or a unit "
+                                      "first")
+            if op == "add":
+                self.annotations.add(key, text)
+            elif text in self.annotations.concepts(key):
+                self.annotations.remove(key, text)
             self.message.value = ""
         except AnnotationError as e:
             self.message.value = f"not taken: {e}"
@@ -133,3 +129,19 @@ class ConceptsView(W.VBox):
     def close(self) -> None:
         self.annotations.unobserve(self._on_store)
         super().close()
+
+
+def _key_text(key: tuple | None) -> str:
+    """The key as the browser carries it (JSON), "" for none."""
+    return "" if key is None else json.dumps(list(key))
+
+
+def _key_of(text: str) -> tuple | None:
+    """The key a browser edit names (checked by the store when used), None for none."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise AnnotationError(f"the edit names no key the Explorer knows ({text[:60]!r})") from None
+    return tuple(value) if isinstance(value, list) else (value,)
