@@ -37,13 +37,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import unicodedata
 import weakref
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .atomic_file import write_atomically
 from .checks import is_integer
 
 __all__ = ["Annotations", "AnnotationError", "AnnotationConflict", "neuron_key", "unit_key",
@@ -558,24 +558,4 @@ def _entries(doc: dict, path) -> dict[tuple, tuple[str, ...]]:
 
 def _atomic_write(target: Path, text: str) -> None:
     """Write ``text`` to ``target`` through a temporary file in its folder and a rename."""
-    folder = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    try:
-        # mkstemp makes the file private (0600); the saved file keeps the mode of the one it
-        # replaces, or gets the usual 0644, so that a shared folder stays shared
-        try:
-            mode = target.stat().st_mode & 0o777
-        except OSError:
-            mode = 0o644
-        os.chmod(tmp, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomically(target, lambda f: f.write(text), binary=False)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from ..adapter import AdapterError, ModelAdapter, _outside_stacklevel
+from ..atomic_file import write_atomically
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..checks import is_integer, positive_int
@@ -270,20 +270,8 @@ def _load_cached(path: Path, key: str, idx: np.ndarray, d: int | None = None) ->
 
 def _save_atomic(path: Path, **arrays) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)       # mkstemp makes 0600; a cache is as readable as its directory
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # 0644: a cache is as readable as its directory
+    write_atomically(path, lambda f: np.savez(f, **arrays), binary=True, mode=0o644)
 
 
 def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_size: int = 256,
