@@ -356,7 +356,7 @@ class Explorer(W.VBox):
                                  describe=dataset.describe, on_refresh=self.refresh,
                                  pairs=pair_options(adapter, pair) if pair else None)
         self.concepts_view = ConceptsView(self.selection, self.annotations,
-                                          unit_name=self._unit_name)
+                                          unit_name=self._unit_name, goto=self._goto)
         # the unit's name (its word, its patch) is known once the input view has the instance
         self.input_panel.on_items.append(self.concepts_view.show)
         self.progress_panel = ProgressPanel(self.engine)
@@ -389,6 +389,13 @@ class Explorer(W.VBox):
             return Annotations.open(annotations, signature=sig, n_instances=n)
         raise TypeError(f"annotations must be a JSON file's path, an Annotations store or None, "
                         f"got {type(annotations).__name__}.")
+
+    def _goto(self, key: tuple) -> None:
+        """Select the neuron or the unit (and its instance) that an annotation key names."""
+        if key[0] == "neuron":
+            self.select(neuron=key[1])
+        else:
+            self.select(instance=key[1], unit=(key[2], key[3]))
 
     def _unit_name(self, instance: int, modality: str, unit: int) -> str | None:
         """The input view's label of a unit of the instance it shows (a word, a patch), or

@@ -583,3 +583,26 @@ def test_a_concept_with_a_lone_surrogate_is_refused_and_saving_goes_on(tmp_path)
         neurons=[{"neuron": 1, "concepts": ["\ud83d"]}])))
     with pytest.raises(AnnotationError, match=r"neurons\[0\]"):
         Annotations.load(tmp_path / "bad.json")
+
+
+def test_the_menu_lists_named_neurons_and_units_and_goes_to_them(tmp_path):
+    ex = _explorer(None)
+    try:
+        cv = ex.concepts_view
+        assert cv.named.options == (("go to a named neuron or unit", None),)
+        ex.annotations.add(("neuron", 4), "<b>red</b>")
+        ex.annotations.add(("unit", 5, "question", 2), "the shape word")
+        ex.annotations.add(("unit", 6, "question", 40), "beyond the question")
+        labels = [label for label, _ in cv.named.options]
+        assert labels[1:] == ["h4: <b>red</b>", "#5 question unit 2: the shape word",
+                              "#6 question unit 40: beyond the question"]
+        cv.named.value = ("unit", 5, "question", 2)
+        assert ex.selection.instance == 5 and ex.selection.unit_ref == ("question", 2)
+        assert cv.named.value is None and cv.unit_tags.value == ["the shape word"]
+        cv.named.value = ("neuron", 4)
+        assert ex.selection.neuron == 4 and cv.neuron_tags.value == ["<b>red</b>"]
+        cv.named.value = ("unit", 6, "question", 40)              # a unit the instance lacks
+        assert "cannot go to" in cv.message.value and "out of range" in cv.message.value
+        assert ex.selection.instance == 5                          # nothing changed
+    finally:
+        ex.close()

@@ -5,8 +5,9 @@ HTML): one for the selected decision-level neuron, one for the selected unit of 
 instance. Typing a concept and pressing Enter adds it to the
 :class:`~multiviz_widgets.annotations.Annotations` store, for the neuron or unit shown when it
 was typed; the tag's cross removes it. A concept the store refuses (too long, a control
-character) is not added, and the reason is shown. A line says where the concepts are saved, or
-why the last save failed (they stay in memory then).
+character) is not added, and the reason is shown. A menu lists every named neuron and unit;
+choosing one selects it (``goto``). A line says where the concepts are saved, or why the last
+save failed (they stay in memory then).
 """
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ class ConceptsView(W.VBox):
     """Concept tags of the selected neuron and unit, kept in ``annotations``."""
 
     def __init__(self, selection: Selection, annotations: Annotations,
-                 unit_name: Callable[[int, str, int], str] | None = None):
+                 unit_name: Callable[[int, str, int], str] | None = None,
+                 goto: Callable[[tuple], None] | None = None):
         self.selection, self.annotations = selection, annotations
         self._unit_name = unit_name
+        self._goto = goto
         self._lock = threading.RLock()
         # layouts given at construction: one set later would leave the default one open
         self.neuron_label = W.Label(value="", layout=W.Layout(width="260px"))
@@ -36,9 +39,12 @@ class ConceptsView(W.VBox):
         self.unit_tags = ConceptTags(layout=W.Layout(flex="1 1 300px"))
         self.message = W.Label(value="", style={"text_color": "#a00000"})
         self.status = W.Label(value="")
+        self.named = W.Dropdown(options=[(GOTO_PROMPT, None)], value=None,
+                                layout=W.Layout(width="420px"))
+        self.named.observe(self._on_named, names="value")
         self.neuron_row = W.HBox([self.neuron_label, self.neuron_tags])
         self.unit_row = W.HBox([self.unit_label, self.unit_tags])
-        super().__init__([W.Label(value="concepts"), self.neuron_row,
+        super().__init__([W.HBox([W.Label(value="concepts"), self.named]), self.neuron_row,
                           self.unit_row, self.message, self.status])
         self.add_class("mvz-concepts-view")
         self.neuron_tags.add_class("mvz-neuron-concepts")
@@ -48,6 +54,7 @@ class ConceptsView(W.VBox):
         selection.observe(lambda _: self.show(), names=["instance", "neuron", "modality", "unit"])
         annotations.observe(self._on_store)
         self.show()
+        self._list_named()
 
     # -- what is shown ---------------------------------------------------------------------
     def neuron_key(self) -> tuple | None:
@@ -120,6 +127,44 @@ class ConceptsView(W.VBox):
             self.show()
         else:
             self.status.value = self._status()
+        self._list_named()
+
+    # -- the menu of named neurons and units -------------------------------------------------
+    def _list_named(self) -> None:
+        """The menu's options: every annotated key with its concepts (as text)."""
+        options = [(GOTO_PROMPT, None)]
+        for key in self.annotations.keys():
+            where = f"h{key[1]}" if key[0] == "neuron" else f"#{key[1]} {key[2]} unit {key[3]}"
+            label = f"{where}: {', '.join(self.annotations.concepts(key))}"
+            options.append((label if len(label) <= 90 else label[:89] + "\u2026", key))
+        with self._lock:
+            self._listing = True
+            try:
+                self.named.options = options
+                self.named.value = None
+            finally:
+                self._listing = False
+
+    def goto(self, key) -> None:
+        """Select what ``key`` names (what choosing it in the menu does)."""
+        if self._goto is None:
+            return
+        try:
+            self._goto(tuple(key))
+            self.message.value = ""
+        except (ValueError, IndexError) as e:
+            self.message.value = f"cannot go to {tuple(key)}: {e}"
+
+    def _on_named(self, change) -> None:
+        if getattr(self, "_listing", False) or change["new"] is None:
+            return
+        self.goto(change["new"])
+        with self._lock:
+            self._listing = True
+            try:
+                self.named.value = None            # the menu is for going, not a state
+            finally:
+                self._listing = False
 
     def state(self) -> dict:
         return {"neuron": list(self.neuron_tags.value), "unit": list(self.unit_tags.value),
@@ -129,6 +174,9 @@ class ConceptsView(W.VBox):
     def close(self) -> None:
         self.annotations.unobserve(self._on_store)
         super().close()
+
+
+GOTO_PROMPT = "go to a named neuron or unit"
 
 
 def _key_text(key: tuple | None) -> str:
