@@ -47,7 +47,7 @@ from .atomic_file import write_atomically
 from .checks import is_integer
 
 __all__ = ["Annotations", "AnnotationError", "AnnotationConflict", "neuron_key", "unit_key",
-           "model_signature", "FORMAT", "VERSION", "MAX_CONCEPT_LENGTH"]
+           "model_signature", "dataset_signature", "FORMAT", "VERSION", "MAX_CONCEPT_LENGTH"]
 
 FORMAT = "multiviz-annotations"
 VERSION = 1
@@ -134,6 +134,16 @@ def model_signature(adapter, n_neurons: int | None = None) -> dict:
             "neurons": None if n_neurons is None else int(n_neurons)}
 
 
+def dataset_signature(dataset) -> dict:
+    """What a file records of the dataset whose instances its unit concepts name (neuron
+    concepts belong to the model and carry over to any dataset)."""
+    return {"name": str(getattr(dataset, "name", "") or ""), "instances": len(dataset)}
+
+
+def _dataset_text(d: dict) -> str:
+    return f"{d.get('name') or 'a dataset'!r} ({d.get('instances')} instances)"
+
+
 def _mismatch(saved: dict | None, ours: dict | None) -> str | None:
     """Why two signatures cannot share concepts, or None when they can (a field either side
     leaves unknown is not compared)."""
@@ -159,12 +169,16 @@ class Annotations:
     path: a JSON file; read now if it exists (an :class:`AnnotationError` if it cannot be, and
     the file is left as it is). autosave: save to ``path`` after each change (default: when a
     path is given). signature: the model's (``model_signature``); a file made for a model with
-    other modalities, classes or number of neurons is refused. n_instances: the dataset's size,
-    to check the instances of unit keys.
+    other modalities, classes or number of neurons is refused. dataset: the dataset's
+    (``dataset_signature``), whose instances the unit keys name: a file with unit concepts of
+    another dataset is refused (its neuron concepts carry over: ``Annotations.load`` and copy
+    them). n_instances: the dataset's size, to check the instances of unit keys (default: the
+    dataset's).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, autosave: bool | None = None,
-                 signature: dict | None = None, n_instances: int | None = None):
+                 signature: dict | None = None, n_instances: int | None = None,
+                 dataset: dict | None = None):
         self._lock = threading.RLock()
         self._data: dict[tuple, tuple[str, ...]] = {}
         self._observers: list[Callable[[tuple | None], None]] = []
@@ -174,7 +188,12 @@ class Annotations:
         if self.autosave and self.path is None:
             raise AnnotationError("autosave=True needs a path to save to.")
         self.signature = dict(signature) if signature else None
+        self.dataset = dict(dataset) if dataset else None
+        if n_instances is None and self.dataset is not None:
+            n_instances = self.dataset.get("instances")
         self.n_instances = None if n_instances is None else int(n_instances)
+        self._bound_dataset: dict | None = None  # the dataset of the Explorer(s) showing it
+        self._bound = 0                          # how many Explorers show it (bind - unbind)
         self.save_error: str | None = None
         self.unsaved = False          # changes that no save has written yet
         self._disk_digest: str | None = None     # the file as last read or written here...
@@ -185,7 +204,7 @@ class Annotations:
     # -- opening ---------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike, *, signature: dict | None = None,
-             n_instances: int | None = None) -> "Annotations":
+             n_instances: int | None = None, dataset: dict | None = None) -> "Annotations":
         """The store of ``path`` in this process (made, and the file read, on first use), saving
         on each change. A later caller with a signature gets it checked against the store's, and
         gets what was changed in the file since the store read it (``merge``). (A store made with
@@ -195,27 +214,29 @@ class Annotations:
         with _OPEN_LOCK:
             store = _OPEN.get(resolved)
             if store is None:
-                store = cls(path, signature=signature, n_instances=n_instances)
+                store = cls(path, signature=signature, n_instances=n_instances, dataset=dataset)
+                store.bind(signature, n_instances, dataset)
                 _OPEN[resolved] = store
                 return store
-        store.bind(signature, n_instances)
+        store.bind(signature, n_instances, dataset)
         if store.path.exists() and _digest(_read_bytes(store.path)) != store._disk_digest:
             store.merge(store.path)            # replaced or edited on disk meanwhile
         return store
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, signature: dict | None = None,
-             n_instances: int | None = None) -> "Annotations":
+             n_instances: int | None = None, dataset: dict | None = None) -> "Annotations":
         """A store with the concepts of ``path`` that does not save (``save(path)`` does)."""
         path = Path(path).expanduser()
         if not path.exists():
             raise AnnotationError(f"No annotations file at {path}.")
-        store = cls(None, signature=signature, n_instances=n_instances)
+        store = cls(None, signature=signature, n_instances=n_instances, dataset=dataset)
         store._read_into_empty(path)
         return store
 
-    def bind(self, signature: dict | None, n_instances: int | None = None) -> None:
-        """Check this store against a model (and dataset size) that is to show it; the first
+    def bind(self, signature: dict | None, n_instances: int | None = None,
+             dataset: dict | None = None) -> None:
+        """Check this store against a model (and dataset) that is to show it; the first
         signature given is kept, and recorded in the file from the next save."""
         why = _mismatch(self.signature, signature)
         if why:
@@ -223,6 +244,18 @@ class Annotations:
                 f"These annotations{self._where()} belong to another model ({why}). Open a new "
                 f"file for this model, or Annotations.load(path) and copy what applies.")
         with self._lock:
+            if dataset:
+                dataset = dict(dataset)
+                if self._bound_dataset is not None and self._bound_dataset != dataset:
+                    raise AnnotationError(
+                        f"These annotations{self._where()} are shown for the instances of "
+                        f"{_dataset_text(self._bound_dataset)} in this kernel; their unit "
+                        f"concepts cannot also name instances of {_dataset_text(dataset)}. Give "
+                        f"this dataset its own file (neuron concepts: Annotations.load(path), "
+                        f"then copy keys('neuron')).")
+                self._check_dataset(self.dataset, dataset, self._data, self._where())
+            if n_instances is None and dataset:
+                n_instances = dataset.get("instances")
             self._check_ranges(self._data, signature, n_instances)
             if signature and not self.signature:
                 self.signature = dict(signature)
@@ -232,6 +265,29 @@ class Annotations:
                         self.signature[f] = v
             if n_instances is not None:
                 self.n_instances = int(n_instances)
+            if dataset:
+                self.dataset = self._bound_dataset = dataset
+                self._bound += 1
+
+    def unbind(self) -> None:
+        """An Explorer that showed this store (``bind`` with a dataset) no longer does; when none
+        does, another dataset may bind it."""
+        with self._lock:
+            self._bound = max(0, self._bound - 1)
+            if self._bound == 0:
+                self._bound_dataset = None
+
+    def _check_dataset(self, named: dict | None, other: dict | None, entries: dict,
+                       where: str) -> None:
+        """An AnnotationError when ``entries`` hold unit concepts, which name instances of the
+        dataset ``named``, and ``other`` is another dataset (neuron concepts belong to the model
+        and go with any dataset)."""
+        if not named or not other or named == other or not any(k[0] == "unit" for k in entries):
+            return
+        raise AnnotationError(
+            f"The unit concepts{where} name instances of {_dataset_text(named)}, and this is "
+            f"{_dataset_text(other)}. Give this dataset its own file; neuron concepts carry over "
+            f"(Annotations.load(path), then copy keys('neuron')).")
 
     # -- reading and editing --------------------------------------------------------------
     def concepts(self, key) -> tuple[str, ...]:
@@ -349,6 +405,7 @@ class Annotations:
             items = sorted(self._data.items(), key=lambda kv: _sort_key(kv[0]))
             sig = dict(self.signature) if self.signature else None
         return {"format": FORMAT, "version": VERSION, "model": sig,
+                "dataset": dict(self.dataset) if self.dataset else None,
                 "neurons": [{"neuron": k[1], "concepts": list(v)}
                             for k, v in items if k[0] == "neuron"],
                 "units": [{"instance": k[1], "modality": k[2], "unit": k[3], "concepts": list(v)}
@@ -411,6 +468,8 @@ class Annotations:
             raw = _read_bytes(source)
             incoming, digest = _parse(raw, source), _digest(raw)
             sig = incoming.get("model")
+        if isinstance(other, Annotations):
+            incoming["dataset"] = other.dataset
         why = _mismatch(sig, self.signature)
         if why:
             raise AnnotationError(f"The annotations of {source if source is not None else other} "
@@ -418,6 +477,8 @@ class Annotations:
         theirs = _entries(incoming, source if source is not None else "the store merged")
         added = 0
         with self._lock:
+            self._check_dataset(incoming.get("dataset"), self.dataset, theirs,
+                                f" of {source if source is not None else 'the store merged'}")
             self._check_ranges(theirs, self.signature, self.n_instances)
             own_file = (source is not None and self.path is not None
                         and source.resolve() == self.path.resolve())
@@ -455,8 +516,11 @@ class Annotations:
                 f"{path} holds annotations of another model ({why}); it was not changed. Give "
                 f"this model another file, or Annotations.load(path) and copy what applies.")
         found = _entries(doc, path)
+        self._check_dataset(doc.get("dataset"), self.dataset, found, f" in {path}")
         self._check_ranges(found, self.signature, self.n_instances, path)
         self._data = found
+        if doc.get("dataset") and not self.dataset:
+            self.dataset = dict(doc["dataset"])
         if doc.get("model") and not self.signature:
             self.signature = dict(doc["model"])
         if self.path is not None and path.resolve() == self.path.resolve():
@@ -526,9 +590,9 @@ def _parse(raw: bytes, path) -> dict:
         raise AnnotationError(f"{path} is annotations format version {v!r}; this multiviz_widgets "
                               f"reads versions up to {VERSION} (a newer file needs a newer "
                               f"multiviz_widgets). It was not changed.")
-    model = doc.get("model")
-    if model is not None and not isinstance(model, dict):
-        raise AnnotationError(f"{path}: \"model\" must be an object or null, got {model!r}.")
+    for f in ("model", "dataset"):
+        if doc.get(f) is not None and not isinstance(doc[f], dict):
+            raise AnnotationError(f"{path}: \"{f}\" must be an object or null, got {doc[f]!r}.")
     for f in ("neurons", "units"):
         if not isinstance(doc.get(f, []), list):
             raise AnnotationError(f"{path}: \"{f}\" must be a list, got {doc.get(f)!r}.")

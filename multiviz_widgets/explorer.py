@@ -21,7 +21,7 @@ import numpy as np
 import ipywidgets as W
 
 from .adapter import ModelAdapter
-from .annotations import Annotations, model_signature
+from .annotations import Annotations, dataset_signature, model_signature
 from .checks import is_integer
 from .data import MultimodalDataset
 from .engine import Analyses, Engine, Kernels, short_repr
@@ -316,6 +316,7 @@ class Explorer(W.VBox):
                         path_params, annotations)
         except BaseException:
             self.engine.close()               # no worker threads left behind
+            self._release_annotations()       # nor a claim on a concepts file
             raise
         if start:
             self.refresh()
@@ -379,16 +380,23 @@ class Explorer(W.VBox):
         except Exception:  # noqa: BLE001 - a non-linear decision layer: neurons not counted
             d = None
         sig = model_signature(self.adapter, d)
-        n = len(self.dataset)
+        data = dataset_signature(self.dataset)
         if annotations is None:
-            return Annotations(signature=sig, n_instances=n)
+            return Annotations(signature=sig, dataset=data)
         if isinstance(annotations, Annotations):
-            annotations.bind(sig, n)
+            annotations.bind(sig, dataset=data)
             return annotations
         if isinstance(annotations, (str, os.PathLike)):
-            return Annotations.open(annotations, signature=sig, n_instances=n)
+            return Annotations.open(annotations, signature=sig, dataset=data)
         raise TypeError(f"annotations must be a JSON file's path, an Annotations store or None, "
                         f"got {type(annotations).__name__}.")
+
+    def _release_annotations(self) -> None:
+        """This Explorer no longer shows its concepts store (once, however often called)."""
+        annotations = self.__dict__.get("annotations")
+        if annotations is not None and not self.__dict__.get("_unbound"):
+            self._unbound = True
+            annotations.unbind()
 
     def _goto(self, key: tuple) -> None:
         """Select the neuron or the unit (and its instance) that an annotation key names."""
@@ -549,6 +557,7 @@ class Explorer(W.VBox):
         engine = self.__dict__.get("engine")   # absent when the constructor failed early
         if engine is not None:
             engine.close()
+        self._release_annotations()
         close_widgets(w for w in widget_tree([self]) if w is not self)
         super().close()
 

@@ -606,3 +606,72 @@ def test_the_menu_lists_named_neurons_and_units_and_goes_to_them(tmp_path):
         assert ex.selection.instance == 5                          # nothing changed
     finally:
         ex.close()
+
+
+def _explorer_on(n: int, annotations):
+    adapter, ds = tiny_vqa(n)
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05, annotations=annotations,
+                  start=False)
+    return ex
+
+
+def test_unit_concepts_stay_with_their_dataset_and_neuron_concepts_go_anywhere(tmp_path):
+    units, neurons = tmp_path / "units.json", tmp_path / "neurons.json"
+    a = _explorer_on(12, units)
+    a.annotations.add(("unit", 3, "question", 1), "colour word")
+    a.annotations.add(("neuron", 2), "red")
+    assert json.loads(units.read_text())["dataset"] == {"name": "tiny-vqa", "instances": 12}
+    b = _explorer_on(12, neurons)
+    b.annotations.add(("neuron", 2), "red")
+    a.close()
+    b.close()
+    before = units.read_bytes()
+    with pytest.raises(AnnotationError, match=r"name instances of 'tiny-vqa' \(12 instances\), "
+                                              r"and this is 'tiny-vqa' \(8 instances\)"):
+        _explorer_on(8, units)                                  # another split of the data
+    assert units.read_bytes() == before
+    other = _explorer_on(8, neurons)                            # neurons only: they carry over
+    try:
+        assert other.annotations.concepts(("neuron", 2)) == ("red",)
+        other.annotations.add(("unit", 1, "image", 0), "corner")
+        assert json.loads(neurons.read_text())["dataset"]["instances"] == 8
+        with pytest.raises(AnnotationError, match="name instances of"):
+            other.annotations.merge(units)                      # their units name other instances
+        assert other.annotations.concepts(("unit", 3, "question", 1)) == ()
+    finally:
+        other.close()
+
+
+def test_two_explorers_on_other_datasets_cannot_share_one_file(tmp_path):
+    path = tmp_path / "c.json"
+    a = _explorer_on(12, path)
+    try:
+        with pytest.raises(AnnotationError, match="shown for the instances of 'tiny-vqa' "
+                                                  r"\(12 instances\) in this kernel"):
+            _explorer_on(8, path)
+        b = _explorer_on(12, path)                              # the same dataset: shared
+        assert b.annotations is a.annotations
+        b.close()
+    finally:
+        a.close()
+
+
+def test_a_closed_or_failed_explorer_lets_another_dataset_open_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.json"
+    store = Annotations.open(path)
+    a = _explorer_on(12, store)
+    a.close()
+    a.close()                                               # twice: released once
+    b = _explorer_on(8, store)                              # no unit concepts: any dataset
+    b.close()
+    import multiviz_widgets.explorer as explorer_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a view failed")
+    monkeypatch.setattr(explorer_module, "PathView", broken)
+    with pytest.raises(RuntimeError, match="a view failed"):
+        _explorer_on(12, store)
+    monkeypatch.undo()
+    c = _explorer_on(8, store)                              # the failed one holds no claim
+    c.close()
+    assert store._bound == 0
