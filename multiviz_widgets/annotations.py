@@ -206,8 +206,9 @@ class Annotations:
     def open(cls, path: str | os.PathLike, *, signature: dict | None = None,
              n_instances: int | None = None, dataset: dict | None = None) -> "Annotations":
         """The store of ``path`` in this process (made, and the file read, on first use), saving
-        on each change. A later caller with a signature gets it checked against the store's, and
-        gets what was changed in the file since the store read it (``merge``). (A store made with
+        on each change. A later caller gets what was changed in the file since the store read it
+        (``merge``), and its signature and dataset checked against the store's (a viewer of the
+        store, like the Explorer, then calls ``bind`` with its dataset). (A store made with
         ``Annotations(path)`` is its own, not shared: two such stores on one file are kept from
         writing over each other's changes by the conflict check of ``save``.)"""
         resolved = str(Path(path).expanduser().resolve())
@@ -215,12 +216,12 @@ class Annotations:
             store = _OPEN.get(resolved)
             if store is None:
                 store = cls(path, signature=signature, n_instances=n_instances, dataset=dataset)
-                store.bind(signature, n_instances, dataset)
                 _OPEN[resolved] = store
                 return store
-        store.bind(signature, n_instances, dataset)
-        if store.path.exists() and _digest(_read_bytes(store.path)) != store._disk_digest:
-            store.merge(store.path)            # replaced or edited on disk meanwhile
+        with store._lock:
+            if store.path.exists() and _digest(_read_bytes(store.path)) != store._disk_digest:
+                store.merge(store.path)        # replaced or edited on disk meanwhile
+            store.check(signature, dataset)
         return store
 
     @classmethod
@@ -234,18 +235,16 @@ class Annotations:
         store._read_into_empty(path)
         return store
 
-    def bind(self, signature: dict | None, n_instances: int | None = None,
-             dataset: dict | None = None) -> None:
-        """Check this store against a model (and dataset) that is to show it; the first
-        signature given is kept, and recorded in the file from the next save."""
+    def check(self, signature: dict | None, dataset: dict | None = None) -> None:
+        """An AnnotationError when this store cannot be shown for that model (``signature``) and
+        dataset; changes nothing."""
         why = _mismatch(self.signature, signature)
         if why:
             raise AnnotationError(
                 f"These annotations{self._where()} belong to another model ({why}). Open a new "
                 f"file for this model, or Annotations.load(path) and copy what applies.")
-        with self._lock:
-            if dataset:
-                dataset = dict(dataset)
+        if dataset:
+            with self._lock:
                 if self._bound_dataset is not None and self._bound_dataset != dataset:
                     raise AnnotationError(
                         f"These annotations{self._where()} are shown for the instances of "
@@ -254,6 +253,15 @@ class Annotations:
                         f"this dataset its own file (neuron concepts: Annotations.load(path), "
                         f"then copy keys('neuron')).")
                 self._check_dataset(self.dataset, dataset, self._data, self._where())
+
+    def bind(self, signature: dict | None, n_instances: int | None = None,
+             dataset: dict | None = None) -> None:
+        """A viewer (an Explorer) of this model and dataset is to show this store: ``check``,
+        then keep the first signature given (recorded in the file from the next save) and, with a
+        dataset, count the viewer until its ``unbind``: meanwhile no other dataset may bind."""
+        dataset = dict(dataset) if dataset else None
+        with self._lock:
+            self.check(signature, dataset)
             if n_instances is None and dataset:
                 n_instances = dataset.get("instances")
             self._check_ranges(self._data, signature, n_instances)
@@ -276,6 +284,12 @@ class Annotations:
             self._bound = max(0, self._bound - 1)
             if self._bound == 0:
                 self._bound_dataset = None
+
+    def _take_dataset(self, dataset: dict) -> None:
+        """Adopt the dataset that unit concepts come with (this store had none)."""
+        self.dataset = dict(dataset)
+        if self.n_instances is None and is_integer(self.dataset.get("instances")):
+            self.n_instances = int(self.dataset["instances"])
 
     def _check_dataset(self, named: dict | None, other: dict | None, entries: dict,
                        where: str) -> None:
@@ -416,23 +430,24 @@ class Annotations:
 
         To its own path: refused (:class:`AnnotationConflict`) when the file changed on disk since
         this store read or wrote it (``merge(path)`` takes those changes in; a save then goes
-        through). To another path: refused when a file is there, unless
-        ``overwrite=True``. On failure the concepts stay in memory and ``save_error`` says why."""
-        own = path is None
-        target = self.path if own else Path(path).expanduser()
+        through), unless ``overwrite=True`` (which replaces them). To another path: refused when a
+        file is there, unless ``overwrite=True``. On failure the concepts stay in memory and
+        ``save_error`` says why."""
+        target = self.path if path is None else Path(path).expanduser()
         if target is None:
             raise AnnotationError("This store has no file: give save() a path.")
+        own = path is None or (self.path is not None and target.resolve() == self.path.resolve())
         try:
             with self._lock:           # the text and the write together: no older text wins
                 doc = self.to_dict()
                 text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
-                if own or (self.path is not None and target.resolve() == self.path.resolve()):
+                if own and not overwrite:
                     self._check_unchanged(target)
-                elif target.exists() and not overwrite:
+                elif not own and target.exists() and not overwrite:
                     raise AnnotationError(f"{target} exists; save(path, overwrite=True) replaces "
                                           f"it, or choose another name.")
                 _atomic_write(target, text)
-                if own or (self.path is not None and target.resolve() == self.path.resolve()):
+                if own:
                     self._disk_digest = _digest(text.encode("utf-8"))
                     self._disk_entries = dict(self._data)
                     self.unsaved = False
@@ -459,31 +474,29 @@ class Annotations:
         Another store or file: its concepts are added to this store's (a union: a concept that
         either has stays). The file this store saves to: a three-way merge against the file as
         this store last read or wrote it, so that what was changed there since (concepts added,
-        and concepts removed) is taken in beside this store's own changes; the next save then
-        goes through."""
-        if isinstance(other, Annotations):
-            incoming, sig, digest, source = other.to_dict(), other.signature, None, None
-        else:
-            source = Path(other).expanduser()
-            raw = _read_bytes(source)
-            incoming, digest = _parse(raw, source), _digest(raw)
-            sig = incoming.get("model")
-        if isinstance(other, Annotations):
-            incoming["dataset"] = other.dataset
-        why = _mismatch(sig, self.signature)
-        if why:
-            raise AnnotationError(f"The annotations of {source if source is not None else other} "
-                                  f"belong to another model ({why}); nothing was merged.")
-        theirs = _entries(incoming, source if source is not None else "the store merged")
-        added = 0
-        with self._lock:
-            self._check_dataset(incoming.get("dataset"), self.dataset, theirs,
-                                f" of {source if source is not None else 'the store merged'}")
+        and concepts removed) is taken in beside this store's own changes; the file is then
+        saved again when it lacks any of them. (Fields of the file that this format does not
+        know are not kept.)"""
+        with self._lock:               # the file read, and the merge, in step with any save
+            if isinstance(other, Annotations):
+                incoming, sig, digest, source = other.to_dict(), other.signature, None, None
+            else:
+                source = Path(other).expanduser()
+                raw = _read_bytes(source)
+                incoming, digest = _parse(raw, source), _digest(raw)
+                sig = incoming.get("model")
+            why = _mismatch(sig, self.signature)
+            what = source if source is not None else "the store merged"
+            if why:
+                raise AnnotationError(f"The annotations of {what} belong to another model "
+                                      f"({why}); nothing was merged.")
+            theirs = _entries(incoming, what)
+            self._check_dataset(incoming.get("dataset"), self.dataset, theirs, f" of {what}")
             self._check_ranges(theirs, self.signature, self.n_instances)
             own_file = (source is not None and self.path is not None
                         and source.resolve() == self.path.resolve())
             base = self._disk_entries if own_file else {}
-            merged = {}
+            merged, added = {}, 0
             for key in set(self._data) | set(theirs):
                 ours, their, was = self._data.get(key, ()), theirs.get(key, ()), base.get(key, ())
                 # kept: what both have, and what either added since the base; so a concept that
@@ -495,12 +508,22 @@ class Annotations:
                     merged[key] = cs
             changed = merged != self._data
             self._data = merged
+            if (incoming.get("dataset") and not self.dataset
+                    and any(k[0] == "unit" for k in theirs)):
+                self._take_dataset(incoming["dataset"])
+            resolved = False
             if own_file:           # its changes on disk are taken in: a save may now replace it
                 self._disk_digest, self._disk_entries = digest, dict(theirs)
-            if changed or own_file:
+                self.unsaved = merged != theirs          # the file lacks some of ours
+                resolved = not self.unsaved and self.save_error is not None
+                if resolved:
+                    self.save_error = None
+            elif changed:
                 self.unsaved = True
-        if changed or own_file:
+        if changed or (own_file and self.unsaved):
             self._changed(None)
+        elif resolved:
+            self._notify(None)
         return added
 
     # -- internals ------------------------------------------------------------------------
@@ -520,7 +543,7 @@ class Annotations:
         self._check_ranges(found, self.signature, self.n_instances, path)
         self._data = found
         if doc.get("dataset") and not self.dataset:
-            self.dataset = dict(doc["dataset"])
+            self._take_dataset(doc["dataset"])
         if doc.get("model") and not self.signature:
             self.signature = dict(doc["model"])
         if self.path is not None and path.resolve() == self.path.resolve():
@@ -536,8 +559,8 @@ class Annotations:
             raise AnnotationConflict(
                 f"{target} changed on disk since these annotations were read or saved (another "
                 f"program or notebook wrote it); it was not written over. merge({str(target)!r}) "
-                f"takes its changes in (concepts added and removed there), then saves both; or "
-                f"save(another_path).")
+                f"takes its changes in (concepts added and removed there), then saves both; "
+                f"save(another_path) keeps both files; save(overwrite=True) replaces theirs.")
 
     @staticmethod
     def _check_ranges(entries: dict, signature: dict | None, n_instances: int | None,

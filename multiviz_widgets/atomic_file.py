@@ -21,7 +21,8 @@ def write_atomically(path: Path, write: Callable[[IO], None], *, binary: bool,
             except OSError:
                 mode = 0o644
         os.chmod(tmp, mode)
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        opened = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
+        with opened as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -382,14 +382,16 @@ class Explorer(W.VBox):
         sig = model_signature(self.adapter, d)
         data = dataset_signature(self.dataset)
         if annotations is None:
-            return Annotations(signature=sig, dataset=data)
-        if isinstance(annotations, Annotations):
-            annotations.bind(sig, dataset=data)
-            return annotations
-        if isinstance(annotations, (str, os.PathLike)):
-            return Annotations.open(annotations, signature=sig, dataset=data)
-        raise TypeError(f"annotations must be a JSON file's path, an Annotations store or None, "
-                        f"got {type(annotations).__name__}.")
+            store = Annotations(signature=sig, dataset=data)
+        elif isinstance(annotations, Annotations):
+            store = annotations
+        elif isinstance(annotations, (str, os.PathLike)):
+            store = Annotations.open(annotations, signature=sig, dataset=data)
+        else:
+            raise TypeError(f"annotations must be a JSON file's path, an Annotations store or "
+                            f"None, got {type(annotations).__name__}.")
+        store.bind(sig, dataset=data)          # until close(): _release_annotations
+        return store
 
     def _release_annotations(self) -> None:
         """This Explorer no longer shows its concepts store (once, however often called)."""

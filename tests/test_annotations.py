@@ -41,7 +41,8 @@ def as_sets(a: Annotations) -> dict:
 
 
 # -- invariants -------------------------------------------------------------------------------
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(content=contents)
 def test_save_then_load_gives_the_same_store_and_the_same_bytes(tmp_path, content):
     a = store_with(content)
@@ -111,7 +112,8 @@ def test_a_bad_concept_is_refused_and_changes_nothing(bad, says):
 
 
 @pytest.mark.parametrize("key, says", [
-    (("neuron", -1), "at least 0"), (("neuron", 1.0), "at least 0"), (("neuron", True), "at least 0"),
+    (("neuron", -1), "at least 0"), (("neuron", 1.0), "at least 0"),
+    (("neuron", True), "at least 0"),
     (("neuron", 8), "out of range: the decision layer has 8"),
     (("unit", 0, "audio", 1), "not one of the model's"), (("unit", 30, "image", 1), "out of range"),
     (("unit", 0, "", 1), "non-empty"), (("unit", 0, "image", -2), "at least 0"),
@@ -515,11 +517,13 @@ def test_a_save_writes_the_newest_concepts_when_edits_race(tmp_path, monkeypatch
     a.add(neuron_key(0), "first")
     writing, release = threading.Event(), threading.Event()
     real = an._atomic_write
+    calls = []
 
     def slow_write(target, text):
-        if not release.is_set():             # the first save waits inside its write
-            writing.set()
-            release.wait(10)
+        calls.append(text)
+        if len(calls) == 1:                  # the first save (A's) waits inside its write; a
+            writing.set()                    # second one that got past the lock would write
+            release.wait(10)                 # B's newer text first, and A's older one last
         real(target, text)
     monkeypatch.setattr(an, "_atomic_write", slow_write)
     t = threading.Thread(target=a.add, args=(neuron_key(1), "from A"))
@@ -675,3 +679,81 @@ def test_a_closed_or_failed_explorer_lets_another_dataset_open_the_file(tmp_path
     c = _explorer_on(8, store)                              # the failed one holds no claim
     c.close()
     assert store._bound == 0
+
+
+def test_a_failed_open_leaves_no_claim_and_no_other_dataset(tmp_path):
+    path = tmp_path / "c.json"
+    d12, d8 = {"name": "d", "instances": 12}, {"name": "d", "instances": 8}
+    store = Annotations.open(path, signature=SIG, dataset=d12)
+    store.bind(SIG, dataset=d12)
+    store.add(unit_key(3, "image", 1), "x")
+    with pytest.raises(AnnotationError, match="shown for the instances of 'd' \\(12"):
+        Annotations.open(path, signature=SIG, dataset=d8)
+    assert store.dataset == d12 and store._bound == 1
+    path.write_text("not JSON")                                 # replaced on disk meanwhile
+    with pytest.raises(AnnotationError, match="not an annotations file"):
+        Annotations.open(path, signature=SIG, dataset=d12)
+    assert store._bound == 1 and store.concepts(unit_key(3, "image", 1)) == ("x",)
+    store.unbind()
+    assert store._bound == 0 and store._bound_dataset is None
+
+
+def test_merge_brings_the_dataset_of_the_unit_concepts_it_takes_in(tmp_path):
+    d1 = {"name": "d", "instances": 12}
+    theirs = Annotations(signature=SIG, dataset=d1)
+    theirs.add(unit_key(3, "image", 1), "corner")
+    theirs.save(tmp_path / "theirs.json")
+    mine = Annotations(tmp_path / "mine.json", signature=SIG)        # no dataset yet
+    mine.merge(tmp_path / "theirs.json")
+    assert mine.dataset == d1 and mine.n_instances == 12
+    with pytest.raises(AnnotationError, match="name instances of 'd' \\(12 instances\\), and "
+                                              "this is 'd' \\(8 instances\\)"):
+        mine.bind(SIG, dataset={"name": "d", "instances": 8})
+    with pytest.raises(AnnotationError, match="out of range"):      # its size is checked too
+        mine.add(unit_key(50, "image", 1), "y")
+    again = Annotations(tmp_path / "mine.json")                       # as saved: opens again
+    assert again.n_instances == 12 and again.dataset == d1
+
+
+def test_opening_a_file_edited_only_in_its_layout_does_not_rewrite_it(tmp_path):
+    path = tmp_path / "c.json"
+    store = Annotations.open(path, signature=SIG)
+    store.add(neuron_key(1), "x")
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps(doc, indent=4))                      # same concepts, new layout
+    laid_out = path.read_bytes()
+    assert Annotations.open(path, signature=SIG) is store
+    assert path.read_bytes() == laid_out and not store.unsaved
+    store.add(neuron_key(2), "y")                                   # and saving goes on
+    assert store.save_error is None
+
+
+def test_a_save_to_an_alias_of_its_own_file_clears_the_error(tmp_path, monkeypatch):
+    path = tmp_path / "c.json"
+    a = Annotations(path, signature=SIG)
+    a.add(neuron_key(1), "x")
+    path.write_text(path.read_text() + " ")                          # a conflict...
+    a.add(neuron_key(2), "y")
+    assert a.save_error
+    monkeypatch.chdir(tmp_path)
+    a.save("c.json", overwrite=True)                                 # ...resolved by choice
+    assert a.save_error is None and not a.unsaved
+    a.add(neuron_key(3), "z")                                        # autosave works again
+    assert a.save_error is None
+    assert as_sets(Annotations.load(path)) == as_sets(a)
+
+
+def test_merge_of_its_own_file_after_it_was_deleted_or_a_key_went_away(tmp_path):
+    path = tmp_path / "c.json"
+    a = Annotations(path, signature=SIG)
+    a.set(neuron_key(1), ["x", "y"])
+    a.set(neuron_key(2), ["z"])
+    other = Annotations(path)
+    other.set(neuron_key(2), [])                                     # they drop a whole key
+    a.add(neuron_key(1), "w")                                        # conflict, kept in memory
+    assert a.merge(path) == 0
+    assert as_sets(a) == {neuron_key(1): {"x", "y", "w"}}
+    assert as_sets(Annotations.load(path)) == as_sets(a)
+    path.unlink()                                                    # deleted on disk
+    a.add(neuron_key(4), "v")                                        # written again, all of it
+    assert as_sets(Annotations.load(path)) == as_sets(a) and a.save_error is None

@@ -32,6 +32,9 @@ class ConceptsView(W.VBox):
         self._unit_name = unit_name
         self._goto = goto
         self._lock = threading.RLock()
+        # set while the kernel itself rewrites the menu, on that thread only: such a change of
+        # its value is never a person's choice
+        self._listing = threading.local()
         # layouts given at construction: one set later would leave the default one open
         self.neuron_label = W.Label(value="", layout=W.Layout(width="260px"))
         self.neuron_tags = ConceptTags(layout=W.Layout(flex="1 1 300px"))
@@ -126,24 +129,26 @@ class ConceptsView(W.VBox):
         if key is None or key in (self.neuron_key(), self.unit_key()):
             self.show()
         else:
-            self.status.value = self._status()
+            with self._lock:
+                self.status.value = self._status()
         self._list_named()
 
     # -- the menu of named neurons and units -------------------------------------------------
     def _list_named(self) -> None:
         """The menu's options: every annotated key with its concepts (as text)."""
-        options = [(GOTO_PROMPT, None)]
-        for key in self.annotations.keys():
-            where = f"h{key[1]}" if key[0] == "neuron" else f"#{key[1]} {key[2]} unit {key[3]}"
-            label = f"{where}: {', '.join(self.annotations.concepts(key))}"
-            options.append((label if len(label) <= 90 else label[:89] + "\u2026", key))
-        with self._lock:
-            self._listing = True
+        with self._lock:           # read and shown in one go: an older list never comes last
+            options = [(GOTO_PROMPT, None)]
+            for key in self.annotations.keys():
+                where = (f"h{key[1]}" if key[0] == "neuron"
+                         else f"#{key[1]} {key[2]} unit {key[3]}")
+                label = f"{where}: {', '.join(self.annotations.concepts(key))}"
+                options.append((label if len(label) <= 90 else label[:89] + "\u2026", key))
+            self._listing.on = True
             try:
                 self.named.options = options
                 self.named.value = None
             finally:
-                self._listing = False
+                self._listing.on = False
 
     def goto(self, key) -> None:
         """Select what ``key`` names (what choosing it in the menu does)."""
@@ -156,15 +161,15 @@ class ConceptsView(W.VBox):
             self.message.value = f"cannot go to {tuple(key)}: {e}"
 
     def _on_named(self, change) -> None:
-        if getattr(self, "_listing", False) or change["new"] is None:
+        if getattr(self._listing, "on", False) or change["new"] is None:
             return
         self.goto(change["new"])
         with self._lock:
-            self._listing = True
+            self._listing.on = True
             try:
                 self.named.value = None            # the menu is for going, not a state
             finally:
-                self._listing = False
+                self._listing.on = False
 
     def state(self) -> dict:
         return {"neuron": list(self.neuron_tags.value), "unit": list(self.unit_tags.value),
