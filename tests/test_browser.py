@@ -465,6 +465,18 @@ def test_voila_renders_the_demo_and_a_click_works(voila, page):
                     + _voila_click_report(page, voila, comms, since))
     page.wait_for_selector(unit_sel("question", n_tokens - 1) + ".mvz-selected")
     assert "interaction" in page.locator(".mvz-input .mvz-score-caption").text_content()
+    # the notebook named its top neuron; a concept typed here comes back from the kernel (the
+    # page never adds a tag itself), so its tag showing is the kernel's answer
+    row = page.locator(".mvz-neuron-concepts")
+    row.locator(".mvz-tag-text", has_text="my first concept").wait_for(timeout=60_000)
+    box = row.locator("input.mvz-tag-input")
+    box.scroll_into_view_if_needed()
+    box.click()
+    box.press_sequentially("named in Voila")
+    box.press("Enter")
+    row.locator(".mvz-tag-text", has_text="named in Voila").wait_for(timeout=60_000)
+    assert [t.text_content() for t in row.locator(".mvz-tag-text").all()] == [
+        "my first concept", "named in Voila"]
     assert not dialogs
 
 
