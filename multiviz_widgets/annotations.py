@@ -1,7 +1,8 @@
 """Concept annotations: what a person says a decision-level neuron or an input unit stands for.
 
-A neuron ("h12 responds to red shapes") or a unit of one instance ("patch 27 of #5 is the
-circle") gets a list of concepts, short texts. They are kept in an :class:`Annotations` store that
+A neuron ("h12 responds to red shapes"), a unit of one instance ("patch 27 of #5 is the
+circle") or a feature, a unit that is the same in every instance ("the column hr is a vital
+sign"), gets a list of concepts, short texts. They are kept in an :class:`Annotations` store that
 saves to a JSON file, to share and to open again:
 
     ann = Annotations("concepts.json")          # reads the file if it exists; saves on each change
@@ -47,6 +48,7 @@ from .atomic_file import write_atomically
 from .checks import is_integer
 
 __all__ = ["Annotations", "AnnotationError", "AnnotationConflict", "neuron_key", "unit_key",
+           "feature_key",
            "model_signature", "dataset_signature", "FORMAT", "VERSION", "MAX_CONCEPT_LENGTH"]
 
 FORMAT = "multiviz-annotations"
@@ -85,15 +87,29 @@ def unit_key(instance, modality, unit) -> tuple:
     return ("unit", int(instance), modality, int(unit))
 
 
+def feature_key(modality, unit) -> tuple:
+    """The key of a unit that is the same feature in every instance (a tabular column):
+    ("feature", modality, unit)."""
+    if not isinstance(modality, str) or not modality:
+        raise AnnotationError(f"A modality is its name (a non-empty string), got {modality!r}.")
+    if not is_integer(unit) or int(unit) < 0:
+        raise AnnotationError(f"A unit is an index of at least 0, got {unit!r}.")
+    return ("feature", modality, int(unit))
+
+
 def _key(key) -> tuple:
-    """``key`` checked: ("neuron", j) or ("unit", instance, modality, unit)."""
+    """``key`` checked: ("neuron", j), ("unit", instance, modality, unit) or ("feature",
+    modality, unit)."""
     if isinstance(key, (tuple, list)) and key:
         if key[0] == "neuron" and len(key) == 2:
             return neuron_key(key[1])
         if key[0] == "unit" and len(key) == 4:
             return unit_key(*key[1:])
-    raise AnnotationError(f"A key is ('neuron', j) or ('unit', instance, modality, unit) (see "
-                          f"neuron_key and unit_key), got {key!r}.")
+        if key[0] == "feature" and len(key) == 3:
+            return feature_key(*key[1:])
+    raise AnnotationError(f"A key is ('neuron', j), ('unit', instance, modality, unit) or "
+                          f"('feature', modality, unit) (see neuron_key, unit_key and "
+                          f"feature_key), got {key!r}.")
 
 
 def _concept(text) -> str:
@@ -351,9 +367,10 @@ class Annotations:
         return new
 
     def keys(self, kind: str | None = None) -> list[tuple]:
-        """Every annotated key ("neuron" or "unit" only, when ``kind`` says), sorted."""
-        if kind not in (None, "neuron", "unit"):
-            raise AnnotationError(f"kind is 'neuron', 'unit' or None, got {kind!r}.")
+        """Every annotated key ("neuron", "unit" or "feature" only, when ``kind`` says),
+        sorted."""
+        if kind not in (None, "neuron", "unit", "feature"):
+            raise AnnotationError(f"kind is 'neuron', 'unit', 'feature' or None, got {kind!r}.")
         with self._lock:
             keys = [k for k in self._data if kind is None or k[0] == kind]
         return sorted(keys, key=_sort_key)
@@ -380,8 +397,9 @@ class Annotations:
     def __repr__(self) -> str:
         with self._lock:
             n_n = sum(k[0] == "neuron" for k in self._data)
-            n_u = len(self._data) - n_n
-        return f"Annotations({n_n} neurons, {n_u} units{self._where()})"
+            n_f = sum(k[0] == "feature" for k in self._data)
+            n_u = len(self._data) - n_n - n_f
+        return f"Annotations({n_n} neurons, {n_u} units, {n_f} features{self._where()})"
 
     # -- observers ------------------------------------------------------------------------
     def observe(self, fn: Callable[[tuple | None], None]) -> None:
@@ -423,7 +441,9 @@ class Annotations:
                 "neurons": [{"neuron": k[1], "concepts": list(v)}
                             for k, v in items if k[0] == "neuron"],
                 "units": [{"instance": k[1], "modality": k[2], "unit": k[3], "concepts": list(v)}
-                          for k, v in items if k[0] == "unit"]}
+                          for k, v in items if k[0] == "unit"],
+                "features": [{"modality": k[1], "unit": k[2], "concepts": list(v)}
+                             for k, v in items if k[0] == "feature"]}
 
     def save(self, path: str | os.PathLike | None = None, *, overwrite: bool = False) -> Path:
         """Write the store to ``path`` (default: its own) atomically; returns the path.
@@ -572,17 +592,22 @@ class Annotations:
             if key[0] == "neuron" and d is not None and key[1] >= d:
                 raise AnnotationError(f"neuron {key[1]}{where} is out of range: the decision "
                                       f"layer has {d} neurons (0..{d - 1}).")
+            modality = key[2] if key[0] == "unit" else key[1] if key[0] == "feature" else None
+            if modality is not None and mods is not None and modality not in mods:
+                raise AnnotationError(f"modality {modality!r}{where} is not one of the model's "
+                                      f"{list(mods)}.")
             if key[0] == "unit":
-                if mods is not None and key[2] not in mods:
-                    raise AnnotationError(f"modality {key[2]!r}{where} is not one of the model's "
-                                          f"{list(mods)}.")
                 if n_instances is not None and key[1] >= n_instances:
                     raise AnnotationError(f"instance {key[1]}{where} is out of range: the dataset "
                                           f"has {n_instances} instances (0..{n_instances - 1}).")
 
 
 def _sort_key(key: tuple) -> tuple:
-    return (0, key[1], "", 0) if key[0] == "neuron" else (1, key[1], key[2], key[3])
+    if key[0] == "neuron":
+        return (0, key[1], "", 0)
+    if key[0] == "feature":
+        return (1, 0, key[1], key[2])
+    return (2, key[1], key[2], key[3])
 
 
 def _digest(raw: bytes) -> str:
@@ -616,7 +641,7 @@ def _parse(raw: bytes, path) -> dict:
     for f in ("model", "dataset"):
         if doc.get(f) is not None and not isinstance(doc[f], dict):
             raise AnnotationError(f"{path}: \"{f}\" must be an object or null, got {doc[f]!r}.")
-    for f in ("neurons", "units"):
+    for f in ("neurons", "units", "features"):
         if not isinstance(doc.get(f, []), list):
             raise AnnotationError(f"{path}: \"{f}\" must be a list, got {doc.get(f)!r}.")
     return doc
@@ -626,13 +651,15 @@ def _entries(doc: dict, path) -> dict[tuple, tuple[str, ...]]:
     """{key: concepts} of a parsed document; each entry checked (its position in the message)."""
     out: dict[tuple, tuple[str, ...]] = {}
     for field, fields in (("neurons", ("neuron",)),
-                          ("units", ("instance", "modality", "unit"))):
+                          ("units", ("instance", "modality", "unit")),
+                          ("features", ("modality", "unit"))):
         for n, e in enumerate(doc.get(field, [])):
             try:
                 if not isinstance(e, dict) or any(f not in e for f in fields + ("concepts",)):
                     raise AnnotationError(f"each entry needs {list(fields + ('concepts',))}")
                 key = (neuron_key(e["neuron"]) if field == "neurons"
-                       else unit_key(e["instance"], e["modality"], e["unit"]))
+                       else unit_key(e["instance"], e["modality"], e["unit"]) if field == "units"
+                       else feature_key(e["modality"], e["unit"]))
                 cs = _concepts(e["concepts"])
             except AnnotationError as err:
                 raise AnnotationError(f"{path}: {field}[{n}] = {e!r}: {str(err).rstrip('.')}. "

@@ -356,8 +356,9 @@ class Explorer(W.VBox):
         self.controls = Controls(self.selection, len(dataset), adapter.class_names,
                                  describe=dataset.describe, on_refresh=self.refresh,
                                  pairs=pair_options(adapter, pair) if pair else None)
-        self.concepts_view = ConceptsView(self.selection, self.annotations,
-                                          unit_name=self._unit_name, goto=self._goto)
+        self.concepts_view = ConceptsView(
+            self.selection, self.annotations, unit_name=self._unit_name, goto=self._goto,
+            shared_units=[n for n, m in adapter.modalities.items() if m.shared_units])
         # the unit's name (its word, its patch) is known once the input view has the instance
         self.input_panel.on_items.append(self.concepts_view.show)
         self.progress_panel = ProgressPanel(self.engine)
@@ -401,9 +402,12 @@ class Explorer(W.VBox):
             annotations.unbind()
 
     def _goto(self, key: tuple) -> None:
-        """Select the neuron or the unit (and its instance) that an annotation key names."""
+        """Select the neuron or the unit (and its instance) that an annotation key names (a
+        feature: that unit of the instance shown)."""
         if key[0] == "neuron":
             self.select(neuron=key[1])
+        elif key[0] == "feature":
+            self.select(unit=(key[1], key[2]))
         else:
             self.select(instance=key[1], unit=(key[2], key[3]))
 

@@ -35,6 +35,9 @@ class Modality:
     #: True when a unit's scalars are coordinates in an arbitrary basis (embeddings): second-order
     #: interactions then move a unit along its own value minus the baseline, not along all-ones.
     weigh_units_by_input: ClassVar[bool] = False
+    #: True when a unit is the same feature in every instance (a tabular column): a concept
+    #: people give it names it everywhere (``annotations.feature_key``), not in one instance.
+    shared_units: ClassVar[bool] = False
 
     def __init__(self, name: str):
         if not isinstance(name, str) or not name.isidentifier():
@@ -575,6 +578,7 @@ class Tabular(Modality):
     """
 
     kind = "tabular"
+    shared_units = True
 
     def __init__(self, name: str = "tabular", columns: Sequence[str] = (),
                  groups: dict[str, Sequence[int]] | None = None,

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from multiviz_widgets.annotations import (MAX_CONCEPT_LENGTH, AnnotationConflict, AnnotationError,
-                                          Annotations, model_signature, neuron_key, unit_key)
+                                          Annotations, feature_key, model_signature, neuron_key,
+                                          unit_key)
 from multiviz_widgets.explorer import Explorer
 
 from .explorer_support import FakeKernels, tiny_tab_series, tiny_vqa
@@ -25,6 +26,8 @@ concept_text = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Zl
                        min_size=1, max_size=40).map(str.strip).filter(bool)
 keys = st.one_of(st.builds(neuron_key, st.integers(0, 7)),
                  st.builds(unit_key, st.integers(0, 20), st.sampled_from(["image", "question"]),
+                           st.integers(0, 70)),
+                 st.builds(feature_key, st.sampled_from(["image", "question"]),
                            st.integers(0, 70)))
 contents = st.dictionaries(keys, st.lists(concept_text, min_size=1, max_size=4), max_size=12)
 
@@ -118,6 +121,8 @@ def test_a_bad_concept_is_refused_and_changes_nothing(bad, says):
     (("unit", 0, "audio", 1), "not one of the model's"), (("unit", 30, "image", 1), "out of range"),
     (("unit", 0, "", 1), "non-empty"), (("unit", 0, "image", -2), "at least 0"),
     (("cell", 1), "A key is"), ("neuron", "A key is"), ((), "A key is"),
+    (("feature", "audio", 1), "not one of the model's"), (("feature", "image", -1), "at least 0"),
+    (("feature", "image"), "A key is"),
 ])
 def test_a_bad_key_is_refused(key, says):
     a = Annotations(signature=SIG, n_instances=30)
@@ -757,3 +762,31 @@ def test_merge_of_its_own_file_after_it_was_deleted_or_a_key_went_away(tmp_path)
     path.unlink()                                                    # deleted on disk
     a.add(neuron_key(4), "v")                                        # written again, all of it
     assert as_sets(Annotations.load(path)) == as_sets(a) and a.save_error is None
+
+
+def test_a_tabular_column_is_named_once_for_every_instance(tmp_path):
+    adapter, ds = tiny_tab_series()
+    path = tmp_path / "c.json"
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05, annotations=path)
+    try:
+        assert ex.wait(60)
+        cv = ex.concepts_view
+        ex.select(instance=0, unit=("vitals", 0))
+        assert ex.wait(30)
+        assert cv.unit_label.value == "vitals unit 0 (hr), every instance:"
+        cv.unit_tags.edit("add", "vital sign")
+        ex.select(instance=4, unit=("vitals", 0))                  # another instance: the same
+        assert cv.unit_tags.value == ["vital sign"]
+        ex.select(unit=("series", 1))                               # a time window: this one only
+        cv.unit_tags.edit("add", "a spike here")
+        assert ex.annotations.keys() == [("feature", "vitals", 0), ("unit", 4, "series", 1)]
+        ex.select(instance=2, unit=("series", 1))
+        assert cv.unit_tags.value == []
+        saved = json.loads(path.read_text())
+        assert saved["features"] == [{"modality": "vitals", "unit": 0, "concepts": ["vital sign"]}]
+        assert [o[0] for o in cv.named.options][1] == "vitals unit 0 (every instance): vital sign"
+        cv.named.value = ("feature", "vitals", 0)                    # goes to it on this instance
+        assert ex.selection.instance == 2 and ex.selection.unit_ref == ("vitals", 0)
+    finally:
+        ex.close()
+    assert Annotations.load(path).concepts(feature_key("vitals", 0)) == ("vital sign",)

@@ -2,7 +2,8 @@
 
 Two rows of tags (:class:`~.concept_tags.ConceptTags`, which shows each tag as text, never as
 HTML): one for the selected decision-level neuron, one for the selected unit of the shown
-instance. Typing a concept and pressing Enter adds it to the
+instance (or, for a modality whose units are the same feature in every instance, a tabular
+column, for that feature in all of them). Typing a concept and pressing Enter adds it to the
 :class:`~multiviz_widgets.annotations.Annotations` store, for the neuron or unit shown when it
 was typed; the tag's cross removes it. A concept the store refuses (too long, a control
 character) is not added, and the reason is shown. A menu lists every named neuron and unit;
@@ -17,7 +18,7 @@ from typing import Callable
 
 import ipywidgets as W
 
-from ..annotations import AnnotationError, Annotations, neuron_key, unit_key
+from ..annotations import AnnotationError, Annotations, feature_key, neuron_key, unit_key
 from ..selection import Selection
 from .concept_tags import ConceptTags
 
@@ -27,8 +28,11 @@ class ConceptsView(W.VBox):
 
     def __init__(self, selection: Selection, annotations: Annotations,
                  unit_name: Callable[[int, str, int], str] | None = None,
-                 goto: Callable[[tuple], None] | None = None):
+                 goto: Callable[[tuple], None] | None = None, shared_units=()):
         self.selection, self.annotations = selection, annotations
+        # modalities whose units are the same feature in every instance (tabular columns):
+        # their concepts are named once for all instances (a feature key)
+        self.shared_units = frozenset(shared_units)
         self._unit_name = unit_name
         self._goto = goto
         self._lock = threading.RLock()
@@ -65,8 +69,14 @@ class ConceptsView(W.VBox):
         return neuron_key(n) if n >= 0 else None
 
     def unit_key(self) -> tuple | None:
+        """The key of the clicked unit: a feature key for a modality of shared units, else the
+        unit of the shown instance."""
         ref = self.selection.unit_ref
-        return None if ref is None else unit_key(self.selection.instance, ref[0], ref[1])
+        if ref is None:
+            return None
+        if ref[0] in self.shared_units:
+            return feature_key(ref[0], ref[1])
+        return unit_key(self.selection.instance, ref[0], ref[1])
 
     def show(self) -> None:
         """Write the selected neuron's and unit's concepts (and the save status) into the view."""
@@ -75,8 +85,13 @@ class ConceptsView(W.VBox):
             nk, uk = self.neuron_key(), self.unit_key()
             self.neuron_label.value = (f"neuron h{nk[1]}:" if nk else
                                        "neuron: click a bar to name what it stands for")
-            self.unit_label.value = (f"{self._describe_unit(*uk[1:])}:" if uk else
-                                     f"unit: click a unit of #{s.instance} to name what it shows")
+            if uk is None:
+                self.unit_label.value = f"unit: click a unit of #{s.instance} to name what it shows"
+            elif uk[0] == "feature":
+                self.unit_label.value = (f"{self._describe_unit(s.instance, *uk[1:], every=True)}"
+                                         f":")
+            else:
+                self.unit_label.value = f"{self._describe_unit(*uk[1:])}:"
             for tags, key in ((self.neuron_tags, nk), (self.unit_tags, uk)):
                 with tags.hold_sync():
                     tags.key = _key_text(key)
@@ -85,15 +100,18 @@ class ConceptsView(W.VBox):
                     tags.placeholder = "a concept, then Enter" if key else ""
             self.status.value = self._status()
 
-    def _describe_unit(self, instance: int, modality: str, unit: int) -> str:
+    def _describe_unit(self, instance: int, modality: str, unit: int,
+                       every: bool = False) -> str:
+        """"#4 question unit 2 (red)", or for a feature "vitals unit 0 (hr), every instance"."""
         name = None
         if self._unit_name is not None:
             try:
                 name = self._unit_name(instance, modality, unit)
             except Exception:  # noqa: BLE001 - a unit without a label is shown by its index
                 name = None
-        base = f"#{instance} {modality} unit {unit}"
-        return f"{base} ({name})" if name else base
+        base = f"{modality} unit {unit}" if every else f"#{instance} {modality} unit {unit}"
+        base = f"{base} ({name})" if name else base
+        return f"{base}, every instance" if every else base
 
     def _status(self) -> str:
         a = self.annotations
@@ -140,6 +158,7 @@ class ConceptsView(W.VBox):
             options = [(GOTO_PROMPT, None)]
             for key in self.annotations.keys():
                 where = (f"h{key[1]}" if key[0] == "neuron"
+                         else f"{key[1]} unit {key[2]} (every instance)" if key[0] == "feature"
                          else f"#{key[1]} {key[2]} unit {key[3]}")
                 label = f"{where}: {', '.join(self.annotations.concepts(key))}"
                 options.append((label if len(label) <= 90 else label[:89] + "\u2026", key))
