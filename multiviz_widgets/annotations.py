@@ -52,10 +52,10 @@ __all__ = ["Annotations", "AnnotationError", "AnnotationConflict", "neuron_key",
            "model_signature", "dataset_signature", "FORMAT", "VERSION", "MAX_CONCEPT_LENGTH"]
 
 FORMAT = "multiviz-annotations"
-VERSION = 1
+VERSION = 2        # 2: "features" (version 1 had neurons and units; it is read as well)
 MAX_CONCEPT_LENGTH = 200
 # what a signature compares: two models that differ here cannot share neuron or unit concepts
-SIGNATURE_FIELDS = ("modalities", "classes", "neurons")
+SIGNATURE_FIELDS = ("modalities", "classes", "neurons", "features")
 
 
 class AnnotationError(ValueError):
@@ -144,10 +144,19 @@ def _concepts(values) -> tuple[str, ...]:
 
 def model_signature(adapter, n_neurons: int | None = None) -> dict:
     """What a file of annotations records of the model it was made for: its name (informative)
-    and what must match to share concepts (modality names, class names, decision neurons)."""
+    and what must match to share concepts: modality names, class names, decision neurons, and
+    the units of each modality whose units are the same feature in every instance
+    (``Modality.shared_units``, e.g. a tabular modality's columns), by their labels."""
+    features = {}
+    for name, m in adapter.modalities.items():
+        if getattr(m, "shared_units", False):
+            try:
+                features[name] = [str(u) for u in m.unit_labels()]
+            except TypeError:      # labels that need an instance: the units are not compared
+                features[name] = None
     return {"model": str(getattr(adapter, "name", "")), "modalities": list(adapter.names),
             "classes": [str(c) for c in adapter.class_names],
-            "neurons": None if n_neurons is None else int(n_neurons)}
+            "neurons": None if n_neurons is None else int(n_neurons), "features": features}
 
 
 def dataset_signature(dataset) -> dict:
@@ -266,8 +275,8 @@ class Annotations:
                         f"These annotations{self._where()} are shown for the instances of "
                         f"{_dataset_text(self._bound_dataset)} in this kernel; their unit "
                         f"concepts cannot also name instances of {_dataset_text(dataset)}. Give "
-                        f"this dataset its own file (neuron concepts: Annotations.load(path), "
-                        f"then copy keys('neuron')).")
+                        f"this dataset its own file (neuron and feature concepts go with any: "
+                        f"Annotations.load(path), then copy keys('neuron') and keys('feature')).")
                 self._check_dataset(self.dataset, dataset, self._data, self._where())
 
     def bind(self, signature: dict | None, n_instances: int | None = None,
@@ -316,8 +325,8 @@ class Annotations:
             return
         raise AnnotationError(
             f"The unit concepts{where} name instances of {_dataset_text(named)}, and this is "
-            f"{_dataset_text(other)}. Give this dataset its own file; neuron concepts carry over "
-            f"(Annotations.load(path), then copy keys('neuron')).")
+            f"{_dataset_text(other)}. Give this dataset its own file; neuron and feature concepts "
+            f"carry over (Annotations.load(path), then copy keys('neuron') and keys('feature')).")
 
     # -- reading and editing --------------------------------------------------------------
     def concepts(self, key) -> tuple[str, ...]:
@@ -588,6 +597,7 @@ class Annotations:
         where = f" in {path}" if path is not None else ""
         d = (signature or {}).get("neurons")
         mods = (signature or {}).get("modalities")
+        shared = (signature or {}).get("features")      # {modality: unit labels} or None
         for key in entries:
             if key[0] == "neuron" and d is not None and key[1] >= d:
                 raise AnnotationError(f"neuron {key[1]}{where} is out of range: the decision "
@@ -596,6 +606,22 @@ class Annotations:
             if modality is not None and mods is not None and modality not in mods:
                 raise AnnotationError(f"modality {modality!r}{where} is not one of the model's "
                                       f"{list(mods)}.")
+            if modality is not None and isinstance(shared, dict):
+                if key[0] == "unit" and modality in shared:
+                    raise AnnotationError(
+                        f"{key}{where}: a unit of {modality!r} is the same feature in every "
+                        f"instance, so its concepts are named for all of them: use "
+                        f"('feature', {modality!r}, {key[3]}).")
+                if key[0] == "feature" and modality not in shared:
+                    raise AnnotationError(
+                        f"{key}{where}: the units of {modality!r} differ from one instance to "
+                        f"another, so a concept names one instance's: use ('unit', instance, "
+                        f"{modality!r}, {key[2]}).")
+                labels = shared.get(modality) if key[0] == "feature" else None
+                if labels is not None and key[2] >= len(labels):
+                    raise AnnotationError(
+                        f"{key}{where}: unit {key[2]} is out of range: {modality!r} has "
+                        f"{len(labels)} units (0..{len(labels) - 1}).")
             if key[0] == "unit":
                 if n_instances is not None and key[1] >= n_instances:
                     raise AnnotationError(f"instance {key[1]}{where} is out of range: the dataset "

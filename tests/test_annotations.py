@@ -158,7 +158,7 @@ def _valid_doc(**over) -> dict:
 @pytest.mark.parametrize("text, says", [
     ("{", "not UTF-8 JSON"), (b"\xff\xfe", "not UTF-8 JSON"), ("[]", "no \"format\""),
     (json.dumps({"format": "other"}), "no \"format\""),
-    (json.dumps(_valid_doc(version=2)), "version 2; this multiviz_widgets reads versions up to 1"),
+    (json.dumps(_valid_doc(version=3)), "version 3; this multiviz_widgets reads versions up to 2"),
     (json.dumps(_valid_doc(version="1")), "version '1'"),
     (json.dumps(_valid_doc(neurons={"2": ["red"]})), "\"neurons\" must be a list"),
     (json.dumps(_valid_doc(model=[1])), "\"model\" must be an object"),
@@ -312,7 +312,9 @@ def test_model_signature_records_what_must_match():
     adapter, _ = tiny_vqa()
     sig = model_signature(adapter, 12)
     assert sig == {"model": adapter.name, "modalities": ["image", "question"],
-                   "classes": list(adapter.class_names), "neurons": 12}
+                   "classes": list(adapter.class_names), "neurons": 12, "features": {}}
+    tab, _ = tiny_tab_series()
+    assert model_signature(tab)["features"] == {"vitals": ["hr", "bp", "temp", "age"]}
 
 
 # -- the Explorer -----------------------------------------------------------------------------
@@ -790,3 +792,31 @@ def test_a_tabular_column_is_named_once_for_every_instance(tmp_path):
     finally:
         ex.close()
     assert Annotations.load(path).concepts(feature_key("vitals", 0)) == ("vital sign",)
+
+
+def test_a_units_kind_follows_its_modality_and_features_are_checked_by_label(tmp_path):
+    adapter, _ = tiny_tab_series()
+    sig = model_signature(adapter, 10)
+    a = Annotations(tmp_path / "c.json", signature=sig)
+    with pytest.raises(AnnotationError, match=r"same feature in every instance.*"
+                                              r"use \('feature', 'vitals', 0\)"):
+        a.add(unit_key(0, "vitals", 0), "x")
+    with pytest.raises(AnnotationError, match=r"differ from one instance to another.*"
+                                              r"use \('unit', instance, 'series', 1\)"):
+        a.add(feature_key("series", 1), "x")
+    with pytest.raises(AnnotationError, match="unit 9 is out of range: 'vitals' has 4 units"):
+        a.add(feature_key("vitals", 9), "x")
+    a.add(feature_key("vitals", 0), "vital sign")
+    assert json.loads((tmp_path / "c.json").read_text())["version"] == 2
+    renamed = dict(sig, features={"vitals": ["pulse", "bp", "temp", "age"]})
+    with pytest.raises(AnnotationError, match="another model .features"):
+        Annotations(tmp_path / "c.json", signature=renamed)
+
+
+def test_a_version_1_file_is_still_read(tmp_path):
+    doc = _valid_doc()
+    assert doc["version"] == 1 and "features" not in doc
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    old = Annotations.load(tmp_path / "old.json", signature=SIG)
+    assert old.concepts(neuron_key(2)) == ("red",)
+    assert old.concepts(unit_key(1, "image", 3)) == ("circle",)
