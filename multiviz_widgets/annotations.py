@@ -194,10 +194,10 @@ class Annotations:
     path: a JSON file; read now if it exists (an :class:`AnnotationError` if it cannot be, and
     the file is left as it is). autosave: save to ``path`` after each change (default: when a
     path is given). signature: the model's (``model_signature``); a file made for a model with
-    other modalities, classes or number of neurons is refused. dataset: the dataset's
-    (``dataset_signature``), whose instances the unit keys name: a file with unit concepts of
-    another dataset is refused (its neuron concepts carry over: ``Annotations.load`` and copy
-    them). n_instances: the dataset's size, to check the instances of unit keys (default: the
+    other modalities, classes, number of neurons or shared units is refused. dataset: the
+    dataset's (``dataset_signature``), whose instances the unit keys name: a file with unit
+    concepts of another dataset is refused (its neuron and feature concepts carry over:
+    ``Annotations.load`` and copy them). n_instances: the dataset's size, to check the instances of unit keys (default: the
     dataset's).
     """
 
@@ -213,10 +213,10 @@ class Annotations:
         if self.autosave and self.path is None:
             raise AnnotationError("autosave=True needs a path to save to.")
         self.signature = dict(signature) if signature else None
-        self.dataset = dict(dataset) if dataset else None
-        if n_instances is None and self.dataset is not None:
-            n_instances = self.dataset.get("instances")
         self.n_instances = None if n_instances is None else int(n_instances)
+        self.dataset = None
+        if dataset:
+            self._take_dataset(dataset)
         self._bound_dataset: dict | None = None  # the dataset of the Explorer(s) showing it
         self._bound = 0                          # how many Explorers show it (bind - unbind)
         self.save_error: str | None = None
@@ -311,7 +311,8 @@ class Annotations:
                 self._bound_dataset = None
 
     def _take_dataset(self, dataset: dict) -> None:
-        """Adopt the dataset that unit concepts come with (this store had none)."""
+        """Adopt ``dataset`` (given, or the one unit concepts come with), and its size when no
+        other was given."""
         self.dataset = dict(dataset)
         if self.n_instances is None and is_integer(self.dataset.get("instances")):
             self.n_instances = int(self.dataset["instances"])
