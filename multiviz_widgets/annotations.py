@@ -69,32 +69,34 @@ class AnnotationConflict(AnnotationError):
 # ---------------------------------------------------------------------------------------------
 # keys and concepts
 # ---------------------------------------------------------------------------------------------
+def _index(value, what: str) -> int:
+    """``value`` as an index of at least 0 (``what`` says what it indexes, in the error)."""
+    if not is_integer(value) or int(value) < 0:
+        raise AnnotationError(f"{what} is an index of at least 0, got {value!r}.")
+    return int(value)
+
+
+def _modality(name) -> str:
+    if not isinstance(name, str) or not name:
+        raise AnnotationError(f"A modality is its name (a non-empty string), got {name!r}.")
+    return name
+
+
 def neuron_key(neuron) -> tuple:
     """The key of a decision-level neuron: ("neuron", j)."""
-    if not is_integer(neuron) or int(neuron) < 0:
-        raise AnnotationError(f"A neuron is an index of at least 0, got {neuron!r}.")
-    return ("neuron", int(neuron))
+    return ("neuron", _index(neuron, "A neuron"))
 
 
 def unit_key(instance, modality, unit) -> tuple:
     """The key of a unit of one instance: ("unit", instance, modality, unit)."""
-    if not is_integer(instance) or int(instance) < 0:
-        raise AnnotationError(f"An instance is a dataset index of at least 0, got {instance!r}.")
-    if not isinstance(modality, str) or not modality:
-        raise AnnotationError(f"A modality is its name (a non-empty string), got {modality!r}.")
-    if not is_integer(unit) or int(unit) < 0:
-        raise AnnotationError(f"A unit is an index of at least 0, got {unit!r}.")
-    return ("unit", int(instance), modality, int(unit))
+    return ("unit", _index(instance, "An instance (a dataset index)"), _modality(modality),
+            _index(unit, "A unit"))
 
 
 def feature_key(modality, unit) -> tuple:
     """The key of a unit that is the same feature in every instance (a tabular column):
     ("feature", modality, unit)."""
-    if not isinstance(modality, str) or not modality:
-        raise AnnotationError(f"A modality is its name (a non-empty string), got {modality!r}.")
-    if not is_integer(unit) or int(unit) < 0:
-        raise AnnotationError(f"A unit is an index of at least 0, got {unit!r}.")
-    return ("feature", modality, int(unit))
+    return ("feature", _modality(modality), _index(unit, "A unit"))
 
 
 def _key(key) -> tuple:
@@ -163,6 +165,11 @@ def dataset_signature(dataset) -> dict:
     """What a file records of the dataset whose instances its unit concepts name (neuron
     concepts belong to the model and carry over to any dataset)."""
     return {"name": str(getattr(dataset, "name", "") or ""), "instances": len(dataset)}
+
+
+#: What to do when unit concepts belong to another dataset.
+_OWN_FILE = ("Give this dataset its own file; neuron and feature concepts carry over "
+             "(Annotations.load(path), then copy keys('neuron') and keys('feature')).")
 
 
 def _dataset_text(d: dict) -> str:
@@ -274,9 +281,8 @@ class Annotations:
                     raise AnnotationError(
                         f"These annotations{self._where()} are shown for the instances of "
                         f"{_dataset_text(self._bound_dataset)} in this kernel; their unit "
-                        f"concepts cannot also name instances of {_dataset_text(dataset)}. Give "
-                        f"this dataset its own file (neuron and feature concepts go with any: "
-                        f"Annotations.load(path), then copy keys('neuron') and keys('feature')).")
+                        f"concepts cannot also name instances of {_dataset_text(dataset)}. "
+                        f"{_OWN_FILE}")
                 self._check_dataset(self.dataset, dataset, self._data, self._where())
 
     def bind(self, signature: dict | None, n_instances: int | None = None,
@@ -326,8 +332,7 @@ class Annotations:
             return
         raise AnnotationError(
             f"The unit concepts{where} name instances of {_dataset_text(named)}, and this is "
-            f"{_dataset_text(other)}. Give this dataset its own file; neuron and feature concepts "
-            f"carry over (Annotations.load(path), then copy keys('neuron') and keys('feature')).")
+            f"{_dataset_text(other)}. {_OWN_FILE}")
 
     # -- reading and editing --------------------------------------------------------------
     def concepts(self, key) -> tuple[str, ...]:

@@ -376,11 +376,7 @@ class Explorer(W.VBox):
 
     def _open_annotations(self, annotations) -> Annotations:
         """The concepts store (see the class docstring), checked against this model."""
-        try:
-            d = self.analyses.n_neurons()
-        except Exception:  # noqa: BLE001 - a non-linear decision layer: neurons not counted
-            d = None
-        sig = model_signature(self.adapter, d)
+        sig = model_signature(self.adapter, self._n_neurons())
         data = dataset_signature(self.dataset)
         if annotations is None:
             store = Annotations(signature=sig, dataset=data)
@@ -393,6 +389,14 @@ class Explorer(W.VBox):
                             f"None, got {type(annotations).__name__}.")
         store.bind(sig, dataset=data)          # until close(): _release_annotations
         return store
+
+    def _n_neurons(self) -> int | None:
+        """The decision layer's inputs, or None where they are not counted (a decision layer
+        that is not linear: checked when used)."""
+        try:
+            return self.analyses.n_neurons()
+        except Exception:  # noqa: BLE001
+            return None
 
     def _release_annotations(self) -> None:
         """This Explorer no longer shows its concepts store (once, however often called)."""
@@ -479,10 +483,7 @@ class Explorer(W.VBox):
                 self._check_unit(m, i, kw.get("instance", self.selection.instance))
         n = kw.get("neuron")
         if n is not None and is_integer(n) and int(n) >= 0:     # (else the Selection says)
-            try:
-                d = self.analyses.n_neurons()
-            except Exception:  # noqa: BLE001 - a non-linear decision layer: checked when used
-                d = None
+            d = self._n_neurons()
             if d is not None and int(kw["neuron"]) >= d:
                 raise ValueError(f"neuron {kw['neuron']} is out of range: the decision layer has "
                                  f"{d} inputs (0..{d - 1}).")
