@@ -2,9 +2,10 @@
 // overlays and clickable units. anywidget ESM; bundled into multiviz_widgets/static/.
 //
 // Traits: items [{name, kind, ...payload}], scores {modality: [float per unit]}, score_caption,
-// selected {modality, unit}, caption.
+// selected {modality, unit}, caption, concepts {modality: {unit: [concept, ...]}}.
 // Every unit element carries data-modality, data-unit and data-score (String(v) of the value as
-// received, "" when there is no score); the root carries data-render-count, incremented after
+// received, "" when there is no score) and data-concepts (the unit's concepts joined by "; ", ""
+// for none; a named unit also has the class mvz-named, drawn with a dashed purple border); the root carries data-render-count, incremented after
 // each DOM update, so tests and benchmarks can wait on it.
 //
 // Strings from data (tokens, column names, captions) are only ever set through textContent.
@@ -19,6 +20,8 @@ const CSS = `
 .mvz-input .mvz-grid { position: absolute; inset: 0; display: grid; }
 .mvz-input .mvz-patch { box-sizing: border-box; border: 1px solid rgba(255,255,255,0.08); cursor: pointer; }
 .mvz-input .mvz-patch:hover { border-color: rgba(0,0,0,0.5); }
+.mvz-input .mvz-unit.mvz-named { border: 1px dashed #8e24aa; }
+.mvz-input .mvz-patch.mvz-named { border-width: 2px; }
 .mvz-input .mvz-unit.mvz-selected { outline: 2px solid #ff9800; outline-offset: -2px; }
 .mvz-input .mvz-tokens { display: flex; flex-wrap: wrap; gap: 4px; }
 .mvz-input .mvz-token { padding: 2px 6px; border-radius: 4px; border: 1px solid rgba(0,0,0,0.15); cursor: pointer; white-space: pre; }
@@ -116,7 +119,10 @@ function render({ model, el }) {
     element.dataset.modality = modality;
     element.dataset.unit = String(unit);
     element.dataset.score = "";
+    element.dataset.concepts = "";
     element._mvzLabel = element.title || "";
+    element._mvzScore = null;
+    element._mvzConcepts = [];
     element.addEventListener("click", (ev) => {
       ev.stopPropagation();
       select(modality, unit);
@@ -320,7 +326,8 @@ function render({ model, el }) {
         for (const e of elements) {
           e.dataset.score = isNum(v) ? String(v) : "";
           entry.paint(e, scaled && scaled[u] !== undefined ? scaled[u] : null);
-          e.title = isNum(v) ? `${e._mvzLabel} \u2014 ${fmt(v)}` : e._mvzLabel;
+          e._mvzScore = isNum(v) ? v : null;
+          setTitle(e);
         }
       }
       if (entry.repaint) entry.repaint(scaled);
@@ -332,6 +339,30 @@ function render({ model, el }) {
       legend.appendChild(el_("span", null, "+max"));
       legend.appendChild(el_("span", "mvz-score-caption", model.get("score_caption") || ""));
       legend.title = `colour scale symmetric around 0, per modality (largest |score| ${fmt(shownMax)})`;
+    }
+  }
+
+  // The text shown when the pointer rests on a unit: its label, score and concepts (a title
+  // attribute is text: a concept is never read as HTML).
+  function setTitle(e) {
+    let t = e._mvzScore === null ? e._mvzLabel : `${e._mvzLabel} \u2014 ${fmt(e._mvzScore)}`;
+    if (e._mvzConcepts.length) t += `\nconcepts: ${e._mvzConcepts.join("; ")}`;
+    e.title = t;
+  }
+
+  function paintConcepts() {
+    const all = model.get("concepts") || {};
+    for (const [name, entry] of byModality) {
+      const named = all[name] || {};
+      for (const [u, elements] of entry.units) {
+        const list = Array.isArray(named[String(u)]) ? named[String(u)].map(String) : [];
+        for (const e of elements) {
+          e._mvzConcepts = list;
+          e.dataset.concepts = list.join("; ");
+          e.classList.toggle("mvz-named", list.length > 0);
+          setTitle(e);
+        }
+      }
     }
   }
 
@@ -352,6 +383,7 @@ function render({ model, el }) {
   function full() {
     build();
     paintScores();
+    paintConcepts();
     paintSelected();
     paintCaption();
     bump();
@@ -359,12 +391,14 @@ function render({ model, el }) {
   const onScores = () => { paintScores(); bump(); };
   const onSelected = () => { paintSelected(); bump(); };
   const onCaption = () => { paintCaption(); bump(); };
+  const onConcepts = () => { paintConcepts(); bump(); };
 
   model.on("change:items", full);
   model.on("change:scores", onScores);
   model.on("change:score_caption", onScores);
   model.on("change:selected", onSelected);
   model.on("change:caption", onCaption);
+  model.on("change:concepts", onConcepts);
   full();
 
   return () => {
@@ -373,6 +407,7 @@ function render({ model, el }) {
     model.off("change:score_caption", onScores);
     model.off("change:selected", onSelected);
     model.off("change:caption", onCaption);
+    model.off("change:concepts", onConcepts);
   };
 }
 

@@ -92,6 +92,7 @@ class InputPanel:
         self.pair = pair
         self.items_instance = -1
         self.on_items: list = []              # called with no argument once an instance shows
+        self.concepts_of = None               # instance -> the view's ``concepts`` (Explorer)
         self._want = None                     # the key of the overlay asked for last
         self._latest: tuple | None = None     # (key, instance, payload) received last
         self.payload: dict = {}
@@ -149,6 +150,7 @@ class InputPanel:
             self._set_selected({})            # the highlight only: the selection keeps its unit
             self.view.caption = f"{title} | not shown ({type(err).__name__})"
             self.view.score_caption = ""
+            self.view.concepts = {}
             self.items_instance = -1
             self.payload = {}
 
@@ -159,6 +161,7 @@ class InputPanel:
             self.view.caption = caption
             self.view.scores = {}
             self.view.score_caption = ""
+            self.view.concepts = self._concepts(i)
             self.items_instance = i
             self._highlight()
         for fn in self.on_items:
@@ -167,6 +170,15 @@ class InputPanel:
         # "recompute" after the LRU dropped the items): show it over the new items
         if self._latest is not None and self._latest[:2] == (self._want, i):
             self._apply_scores(self._latest[2])
+
+    def _concepts(self, i: int) -> dict:
+        return self.concepts_of(i) if self.concepts_of is not None else {}
+
+    def show_concepts(self) -> None:
+        """Mark the named units of the shown instance anew (after the concepts changed)."""
+        with self.engine.lock:            # not interleaved with an instance shown on the worker
+            i = self.items_instance
+            self.view.concepts = self._concepts(i) if i >= 0 else {}
 
     # -- the overlay -----------------------------------------------------------------------------
     def refresh_scores(self) -> None:
@@ -361,6 +373,9 @@ class Explorer(W.VBox):
             shared_units=[n for n, m in adapter.modalities.items() if m.shared_units])
         # the unit's name (its word, its patch) is known once the input view has the instance
         self.input_panel.on_items.append(self.concepts_view.show)
+        # the input view marks the named units of its instance (and names them on hover)
+        self.input_panel.concepts_of = self._unit_concepts
+        self.annotations.observe(self._on_concepts)
         self.progress_panel = ProgressPanel(self.engine)
         self.banner = ErrorBanner(self.engine)
         title = W.Label(value=f"MultiViz Explorer: {adapter.name} on {getattr(dataset, 'name', '')}"
@@ -403,7 +418,31 @@ class Explorer(W.VBox):
         annotations = self.__dict__.get("annotations")
         if annotations is not None and not self.__dict__.get("_unbound"):
             self._unbound = True
+            annotations.unobserve(self._on_concepts)
             annotations.unbind()
+
+    def _unit_concepts(self, instance: int) -> dict:
+        """The input view's ``concepts`` for ``instance``: the concepts of its units, and of the
+        features (a unit of every instance, such as a tabular column) of its modalities."""
+        shown: dict = {}
+        store = self.annotations
+        for key in store.keys():
+            if key[0] == "feature":
+                modality, unit = key[1], key[2]
+            elif key[0] == "unit" and key[1] == instance:
+                modality, unit = key[2], key[3]
+            else:
+                continue
+            names = shown.setdefault(modality, {}).setdefault(str(unit), [])
+            names.extend(c for c in store.concepts(key) if c not in names)
+        return shown
+
+    def _on_concepts(self, key) -> None:
+        """The store changed: mark the shown instance's named units anew when it concerns them
+        (``key`` None: many keys)."""
+        if (key is None or key[0] == "feature"
+                or (key[0] == "unit" and key[1] == self.input_panel.items_instance)):
+            self.input_panel.show_concepts()
 
     def _goto(self, key: tuple) -> None:
         """Select the neuron or the unit (and its instance) that an annotation key names (a
@@ -513,6 +552,8 @@ class Explorer(W.VBox):
         out["input_scores"] = {k: list(v) for k, v in self.input_view.scores.items()}
         out["score_caption"] = self.input_view.score_caption
         out["input_selected"] = dict(self.input_view.selected)
+        out["input_concepts"] = {m: {u: list(c) for u, c in units.items()}
+                                 for m, units in self.input_view.concepts.items()}
         if self.heatmap_view is not None:
             hm = self.heatmap_view.state()
             out["heatmap"] = hm["matrix"]

@@ -820,3 +820,67 @@ def test_a_version_1_file_is_still_read(tmp_path):
     old = Annotations.load(tmp_path / "old.json", signature=SIG)
     assert old.concepts(neuron_key(2)) == ("red",)
     assert old.concepts(unit_key(1, "image", 3)) == ("circle",)
+
+
+def test_the_input_view_marks_the_named_units_of_the_shown_instance(tmp_path):
+    adapter, ds = tiny_tab_series()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05, annotations=tmp_path / "c.json")
+    try:
+        assert ex.wait(60)
+        a = ex.annotations
+        a.add(unit_key(0, "series", 1), "a spike here")
+        a.add(unit_key(3, "series", 2), "flat")                    # another instance: not shown
+        a.add(feature_key("vitals", 0), "<b>vital</b> sign")        # every instance
+        a.add(neuron_key(1), "alarm")                              # a neuron: not a unit
+        want0 = {"series": {"1": ["a spike here"]}, "vitals": {"0": ["<b>vital</b> sign"]}}
+        assert ex.state()["input_concepts"] == want0
+        ex.select(instance=3)
+        assert ex.wait(30)
+        assert ex.state()["input_concepts"] == {"series": {"2": ["flat"]},
+                                                "vitals": {"0": ["<b>vital</b> sign"]}}
+        # typed in the concepts row: marked at once; removed: unmarked
+        ex.select(unit=("series", 0))
+        assert ex.wait(30)
+        ex.concepts_view.unit_tags.edit("add", "rising")
+        assert ex.input_view.concepts["series"] == {"0": ["rising"], "2": ["flat"]}
+        ex.concepts_view.unit_tags.edit("remove", "rising")
+        assert ex.input_view.concepts["series"] == {"2": ["flat"]}
+        a.merge(Annotations())                                     # many keys at once: redone
+        ex.select(instance=0)
+        assert ex.wait(30)
+        assert ex.state()["input_concepts"] == want0
+    finally:
+        ex.close()
+    assert ex._on_concepts not in a._observers                     # a closed Explorer lets go
+    a.add(unit_key(0, "series", 3), "after close")                # and is not called
+
+
+def test_an_instance_that_cannot_be_shown_keeps_no_marks_of_the_one_before(tmp_path):
+    ex = _explorer(None)
+    try:
+        ex.annotations.add(unit_key(0, "question", 1), "colour word")
+        assert ex.input_view.concepts == {"question": {"1": ["colour word"]}}
+        ex.input_panel._items_failed(0, RuntimeError("gone"))
+        assert ex.input_view.concepts == {}
+        ex.input_panel.show_concepts()                             # nothing shown: nothing marked
+        assert ex.input_view.concepts == {}
+    finally:
+        ex.close()
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"question": ["a"]}, "modality name: {unit index"),
+    ({"question": {"x": ["a"]}}, "a unit is named by its index"),
+    ({"question": {"1": "a"}}, "a list of texts"),
+    ({"question": {"1": [3]}}, "a list of texts"),
+])
+def test_the_input_views_concepts_refuse_what_is_not_a_list_of_texts_per_unit(bad, says):
+    from multiviz_widgets.views.input_view import InputView
+    import traitlets
+    view = InputView()
+    view.concepts = {"question": {1: ["ok"], "2": []}}
+    assert view.concepts == {"question": {"1": ["ok"]}}              # empty lists dropped
+    with pytest.raises(traitlets.TraitError, match=says):
+        view.concepts = bad
+    assert view.concepts == {"question": {"1": ["ok"]}}
+    view.close()

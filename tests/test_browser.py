@@ -250,6 +250,38 @@ def test_typing_a_concept_names_the_neuron_in_the_kernel_and_shows_it_as_text(qu
     assert not quickstart.dialogs, quickstart.dialogs
 
 
+def test_a_unit_named_in_the_concepts_row_is_marked_in_the_input_view_as_text(quickstart):
+    nb, page = quickstart, quickstart.page
+    i = nb.kernel_json("import json; print(json.dumps(explorer.selection.instance))")
+    nb.kernel_exec("explorer.select(unit=('question', 0)); explorer.wait()")
+    row = page.locator(".mvz-unit-concepts")
+    row.scroll_into_view_if_needed()
+    box = row.locator("input.mvz-tag-input")
+    page.wait_for_function("el => !el.disabled", arg=box.element_handle(), timeout=30_000)
+    for concept in ("question word", XSS):
+        box.click()
+        box.press_sequentially(concept)
+        box.press("Enter")
+    chip = page.locator(unit_sel("question", 0))
+    want = f"question word; {XSS}"
+    page.wait_for_function("([el, want]) => el.dataset.concepts === want",
+                           arg=[chip.element_handle(), want], timeout=30_000)
+    assert "mvz-named" in chip.get_attribute("class")
+    assert chip.get_attribute("title").endswith(f"concepts: {want}")   # shown on hover, as text
+    assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
+    assert page.locator(unit_sel("question") + ".mvz-named").count() == 1
+    # a unit concept belongs to its instance: another one shows no mark, and it comes back
+    other = 1 if i != 1 else 2
+    for instance, marks in ((other, 0), (i, 1)):
+        nb.kernel_exec(f"explorer.select(instance={instance}); explorer.wait()")
+        page.wait_for_function(
+            "n => document.querySelectorAll(\".mvz-input .mvz-named[data-modality='question']\")"
+            ".length === n", arg=marks, timeout=60_000)
+    nb.kernel_exec(f"explorer.annotations.set(('unit', {i}, 'question', 0), [])")
+    page.wait_for_function(
+        "() => document.querySelectorAll('.mvz-input .mvz-named').length === 0", timeout=30_000)
+    assert not quickstart.dialogs, quickstart.dialogs
+
 def test_3d_point_click_opens_that_instance(quickstart):
     nb, page = quickstart, quickstart.page
     before = nb.kernel_json("import json; print(json.dumps(explorer.selection.instance))")

@@ -1,10 +1,13 @@
 """The README's own-model example runs as written (with a small model standing in for yours)."""
+import gc
 import pathlib
 import re
 
 import numpy as np
 import torch
 from torch import nn
+
+from multiviz_widgets.explorer import Explorer
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -36,9 +39,17 @@ def test_the_own_model_example_runs():
         "my_image_array": images[0], "images": images,
         "questions": ["what colour is the car?"] * 6, "answers": [0, 1, 2, 0, 1, 2],
     }
-    exec(compile(block, str(README), "exec"), namespace)
-    assert namespace["ig"].scores["image"].shape == (4,)
-    assert namespace["sog"].matrix.shape == (4, 5)
+    before = {id(o) for o in gc.get_objects() if isinstance(o, Explorer)}
+    try:
+        exec(compile(block, str(README), "exec"), namespace)
+        assert namespace["ig"].scores["image"].shape == (4,)
+        assert namespace["sog"].matrix.shape == (4, 5)
+    finally:
+        # the example's last line shows an Explorer (kept by no name): closed here, so that
+        # no engine threads are left for the tests after this one
+        for o in gc.get_objects():
+            if isinstance(o, Explorer) and id(o) not in before:
+                o.close()
 
 
 def _table_after(text: str, heading: str) -> list[list[str]]:

@@ -2,8 +2,9 @@
 
 The view is an anywidget (ESM in js/input_view.js, bundled into multiviz_widgets/static/). It
 only renders what it is given: ``items`` (built by :func:`input_items` from an adapter and a raw
-instance), ``scores`` {modality: [one float per unit]} and captions. A click in the browser sets
-``selected`` = {"modality": name, "unit": index}; Python may set it too, to highlight a unit.
+instance), ``scores`` {modality: [one float per unit]}, captions and ``concepts`` (what people
+named the units: marked on them, listed when the pointer rests on one). A click in the browser
+sets ``selected`` = {"modality": name, "unit": index}; Python may set it too, to highlight a unit.
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ class InputView(anywidget.AnyWidget):
     score_caption: what the scores are (e.g. "gradient x input for class 'yes'").
     selected: {"modality": name, "unit": index} of the highlighted unit, or {}.
     caption: a line above the inputs (e.g. the instance and the prediction).
+    concepts: {modality name: {unit index (as text, JSON's keys): [concept, ...]}}: the units
+    people named (see ``multiviz_widgets.annotations``); each is marked, and its concepts are
+    part of the text shown when the pointer rests on it (as text, never HTML).
     """
 
     # Import must work without the bundle (so the error can say what to do); __init__ checks it.
@@ -65,6 +69,7 @@ class InputView(anywidget.AnyWidget):
     score_caption = traitlets.Unicode("").tag(sync=True)
     selected = traitlets.Dict().tag(sync=True)
     caption = traitlets.Unicode("").tag(sync=True)
+    concepts = traitlets.Dict().tag(sync=True)
 
     #: How many state messages came from the browser, and the traceback of the last exception
     #: raised while one was handled (e.g. in an observer of ``selected``): ipywidgets shows such
@@ -105,6 +110,28 @@ class InputView(anywidget.AnyWidget):
             arr = np.asarray(values, dtype=np.float64).reshape(-1)
             # JSON has no NaN/inf: send None for them, which the view shows uncoloured.
             out[str(name)] = [float(v) if np.isfinite(v) else None for v in arr]
+        return out
+
+    @traitlets.validate("concepts")
+    def _validate_concepts(self, proposal):
+        out = {}
+        for name, units in (proposal["value"] or {}).items():
+            if not isinstance(name, str) or not isinstance(units, Mapping):
+                raise traitlets.TraitError(
+                    f"concepts must be {{modality name: {{unit index: [concept, ...]}}}}, got "
+                    f"{name!r}: {type(units).__name__}.")
+            shown = {}
+            for u, names in units.items():
+                if not is_integer(u) and not (isinstance(u, str) and u.isdigit()):
+                    raise traitlets.TraitError(
+                        f"concepts of {name!r}: a unit is named by its index, got {u!r}.")
+                if isinstance(names, str) or not all(isinstance(c, str) for c in names):
+                    raise traitlets.TraitError(
+                        f"concepts of {name!r} unit {u}: a list of texts, got {names!r}.")
+                if names:
+                    shown[str(int(u))] = list(names)
+            if shown:
+                out[name] = shown
         return out
 
     @traitlets.validate("selected")
