@@ -177,6 +177,49 @@ def test_split_follows_weight_changes():
     _same_as_full_forwards(adapter, instances(5, seed=3))
 
 
+
+class Centred(Bilinear):
+    """Centres its inputs with buffers of its own (read by the graph as attributes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("centre", torch.full((4,), 0.25))
+
+    def forward(self, tabular, series):
+        return super().forward(tabular - self.centre, series)
+
+
+@pytest.mark.parametrize("convert", ["double", "buffer"])
+def test_split_follows_tensors_the_model_replaced(convert):
+    """model.double() (or .half(), .to(device)) replaces the model's buffers: the split, which
+    holds the tensors it read, is traced again instead of mixing old and new ones."""
+    model = Centred()
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    emap(adapter, instances(4))                   # traced and cached
+    old = trace_factorization(model, adapter.names)
+    if convert == "double":
+        model.double()
+    else:
+        model.centre = torch.full((4,), -1.0)     # a new buffer tensor, not an in-place edit
+    _same_as_full_forwards(adapter, instances(5, seed=3))
+    assert trace_factorization(model, adapter.names) is not old
+
+
+def test_a_traced_split_that_fails_falls_back_to_forward_passes(monkeypatch):
+    from multiviz_widgets.kernels.factorize import Factorization
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    items = instances(5)
+
+    def broken(self, raw):
+        raise RuntimeError("expected scalar type Float but found Half")
+    monkeypatch.setattr(Factorization, "encode", broken)
+    r = emap(adapter, items)
+    assert r.params["factorization"] == "none"
+    assert "rejected: RuntimeError: expected scalar type" in r.params["factorization_note"]
+    np.testing.assert_allclose(r.matrix, emap(adapter, items, factorized=False).matrix)
+    with pytest.raises(RuntimeError, match="expected scalar type"):
+        emap(ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"]), items, factorized="traced")
+
 @pytest.mark.parametrize("model, reason", [
     (Branching(), "cannot trace"),
     (OneModality(), "never combines"),

@@ -57,6 +57,14 @@ class Factorization:
     encoder_operations: int        # operations moved to the encoder (informative)
     #: submodules kept whole because torch.fx cannot trace them: {qualified name: why}
     opaque_modules: dict[str, str] = field(default_factory=dict)
+    #: (qualified name, tensor) of every attribute the graphs read (get_attr): the split holds
+    #: the tensors themselves, so a model whose tensors were replaced since (``model.half()``,
+    #: ``model.to(device)`` replace its buffers) needs a new split (``is_current``)
+    attributes: tuple = ()
+
+    def is_current(self, model: nn.Module) -> bool:
+        """Whether every attribute the split read is still the model's own tensor."""
+        return all(_attribute(model, name) is value for name, value in self.attributes)
 
     @property
     def note(self) -> str:
@@ -95,18 +103,21 @@ def trace_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: 
                         side: str | None = None) -> Factorization:
     """The model's traced split between modality ``side`` (default: the first of two) and the
     other modalities. names: the model's arguments, in order (matched by name when
-    ``keyword_inputs``). Cached per model. Raises FactorizationError with the reason.
+    ``keyword_inputs``). Cached per model, and traced again when the tensors it read were
+    replaced (``model.half()``). Raises FactorizationError with the reason.
     torch.fx patches ``nn.Module.__call__`` while it traces, so no other thread may run a
     forward pass meanwhile: call it through ``ModelAdapter.run``, which holds the lock that the
     adapter's forward passes take."""
     key = _key(names, keyword_inputs, side)
     per_model = _CACHE.setdefault(model, {})
-    if key not in per_model:
+    found = per_model.get(key)
+    # traced once; again when the model's tensors were replaced since (model.half(), .to(...))
+    if found is None or (isinstance(found, Factorization) and not found.is_current(model)):
         try:
-            per_model[key] = _trace(model, *key)
+            found = _trace(model, *key)
         except FactorizationError as e:
-            per_model[key] = e
-    found = per_model[key]
+            found = e
+        per_model[key] = found
     if isinstance(found, FactorizationError):
         raise found
     return found
@@ -173,7 +184,20 @@ def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side:
                          from_side=tuple(True in deps[n] for n in frontier),
                          fused_operations=_operations(fuse_module.graph),
                          encoder_operations=_operations(enc_module.graph),
-                         opaque_modules=dict(opaque))
+                         opaque_modules=dict(opaque),
+                         attributes=tuple((n.target, _attribute(model, n.target))
+                                          for n in graph.nodes if n.op == "get_attr"))
+
+
+def _attribute(model: nn.Module, target: str):
+    """The value a get_attr node of the traced graph reads ("model.a.b": ``model.a.b``), or
+    None when the model no longer has it."""
+    value = model
+    for part in target.removeprefix("model.").split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
 
 
 class _AsTheAdapterCalls(nn.Module):

@@ -76,11 +76,15 @@ def with_split(adapter: ModelAdapter, factorized, side: str, build: Callable[[Sp
         if factorized is not None:
             raise
         return None, "none", f"split not used for this neuron target: {e}"
-    except FactorizationError as e:
+    except (FactorizationError, RuntimeError) as e:
+        # a traced split that disagrees with the forward pass, or fails where it may not (a
+        # RuntimeError, e.g. a tensor of the model that the trace could not follow): the
+        # forward passes explain the model instead, when it was not asked for by name
         if factorized is not None or split.kind == "declared":
             raise
-        reject_factorization(adapter.model, adapter.names, adapter.keyword_inputs, side, str(e))
-        return None, "none", f"traced split rejected: {e}"
+        why = str(e) if isinstance(e, FactorizationError) else f"{type(e).__name__}: {e}"
+        reject_factorization(adapter.model, adapter.names, adapter.keyword_inputs, side, why)
+        return None, "none", f"traced split rejected: {why}"
 
 
 def model_split(adapter: ModelAdapter, factorized, side: str) -> tuple[Split | None, str]:
