@@ -54,7 +54,7 @@ setup(
     install_requires=[
         "torch>=2.1", "numpy>=1.24", "ipywidgets>=8", "traitlets>=5", "bqplot>=0.13",
         "anywidget>=0.9", "ipyvolume>=0.6", "ipython_genutils", "shapiq>=1.0",
-        "glm_saga>=0.1.2", "scikit-learn>=1.3", "safetensors>=0.4", "easy-vqa>=1.0", "pillow",
+        "glm_saga>=0.1.2", "scikit-learn>=1.8", "safetensors>=0.4", "easy-vqa>=1.0", "pillow",
     ],
     cmdclass={"build_py": BuildPyWithBundle},
 )

@@ -407,3 +407,16 @@ def test_a_neuron_constant_up_to_float32_rounding_gets_no_weight():
     m = fit_sparse_model((h[:400], y[:400]), val=(h[400:], y[400:]), n_lambdas=5,
                          stop_early=False)
     assert m.std[7] == 1.0 and np.all(m.path_weights[:, :, 7] == 0)
+
+
+@pytest.mark.parametrize("version, ok", [("1.6.1", False), ("1.7.2", False), ("1.8.0", True),
+                                         ("1.9.1", True), ("2.0.dev0", True), ("1.10rc1", True)])
+def test_a_scikit_learn_that_ignores_l1_ratio_is_refused_with_the_fix(version, ok):
+    """Before 1.8, LogisticRegression ignores l1_ratio without penalty='elasticnet': every fit
+    of the path would be a dense L2 fit, silently."""
+    from multiviz_widgets.kernels.prediction import _check_sklearn
+    if ok:
+        _check_sklearn(version)
+    else:
+        with pytest.raises(ImportError, match=r"scikit-learn >= 1.8 \(found .*solver='glm_saga'"):
+            _check_sklearn(version)

@@ -271,9 +271,23 @@ def lambda_max(z: np.ndarray, y: np.ndarray, n_classes: int, alpha: float) -> fl
 
 
 # -- solvers: each yields (W [C_present, d], b [C_present]) per lambda, warm-started ----------------
+def _check_sklearn(version: str) -> None:
+    """An ImportError unless scikit-learn is 1.8 or newer: before 1.8 its LogisticRegression
+    ignores ``l1_ratio`` unless ``penalty="elasticnet"`` is named, so every fit of the path
+    would be a dense L2 fit, silently."""
+    major, minor = (int("".join(ch for ch in part if ch.isdigit()) or 0)
+                    for part in (version.split(".") + ["0"])[:2])
+    if (major, minor) < (1, 8):
+        raise ImportError(f"the sparse model's path needs scikit-learn >= 1.8 (found {version}, "
+                          f"whose LogisticRegression ignores l1_ratio): pip install -U "
+                          f"'scikit-learn>=1.8', or use solver='glm_saga'.")
+
+
 def _path_sklearn(z, y, lams, alpha, tol, max_iter, seed):
+    import sklearn
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    _check_sklearn(sklearn.__version__)
     n = len(z)
     classes = np.unique(y)
     binary = len(classes) == 2
