@@ -84,6 +84,19 @@ class Prepared:
 #: patches ``nn.Module.__call__`` for the whole process while it runs.
 MODEL_LOCK = threading.RLock()
 
+#: torch dtypes numpy has no type for (a bfloat16 model's outputs and weights): ``host_array``
+#: converts them to float32, which holds each of their values exactly
+NOT_IN_NUMPY = frozenset([torch.bfloat16] + [getattr(torch, name) for name in (
+    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, name)])
+
+
+def host_array(t: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a numpy array on the host (float32 for a dtype numpy lacks)."""
+    t = t.detach()
+    if t.dtype in NOT_IN_NUMPY:
+        t = t.float()
+    return t.cpu().numpy()
+
 
 class AdapterError(ValueError):
     """A model or instance does not fit the adapter; the message says how to fix it.
@@ -834,7 +847,7 @@ class ModelAdapter:
         if not isinstance(layer, nn.Linear):
             raise AdapterError(f"The decision layer is a {type(layer).__name__}; neuron contributions "
                                "W[c, j] h_j need an nn.Linear.")
-        w = layer.weight.detach().cpu().numpy()
-        b = (layer.bias.detach().cpu().numpy() if layer.bias is not None
+        w = host_array(layer.weight)
+        b = (host_array(layer.bias) if layer.bias is not None
              else np.zeros(w.shape[0], dtype=w.dtype))
         return w, b

@@ -231,3 +231,22 @@ def test_deletion_insertion_checks_its_class_batch_size_and_scores():
         deletion_insertion(adapter, p, "x", s, 0, batch_size=0)
     with pytest.raises(ValueError, match="NaN"):
         deletion_insertion(adapter, p, "x", np.array([0.0, np.nan, 1.0, 2.0]), 0)
+
+
+def test_a_bfloat16_model_is_explained_at_every_stage():
+    """numpy has no bfloat16: maps, features and decision weights come to the host as float32
+    (which holds every bfloat16 value), where they raised numpy's TypeError."""
+    from multiviz_widgets.kernels.unimodal import attribute, attribute_batch
+    adapter = ModelAdapter(Tiny().eval().bfloat16(), [Tabular("x", columns=[f"c{i}" for i in range(F)])],
+                           [f"k{i}" for i in range(C)], decision_layer="head")
+    ds = tiny_dataset()
+    for method in ("gradient", "grad_x_input", "integrated_gradients"):
+        r = attribute(adapter, ds[0], method, target=1)
+        assert r.maps["x"].dtype == np.float32 and np.isfinite(r.scores["x"]).all()
+    assert len(attribute_batch(adapter, [ds[0], ds[1]], "gradient", targets=0)) == 2
+    feats = extract_features(adapter, ds)
+    assert feats.h.dtype == np.float32 and feats.h.shape == (len(ds), D)
+    w, b = adapter.decision_weights()
+    assert w.dtype == np.float32 and w.shape == (C, D)
+    path = prediction_path(adapter, ds[0], k_neurons=2)
+    assert len(path.neurons) == 2

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..adapter import ModelAdapter, Neuron
+from ..adapter import ModelAdapter, Neuron, host_array
 from ..progress import ProgressFn, report
 from ..checks import is_integer, positive_int
 from .common import as_prepared
@@ -186,7 +186,7 @@ def sparse_model_from_dict(data: dict[str, Any]) -> SparseModel:
 
 def _as_2d(h, d: int | None = None) -> np.ndarray:
     if isinstance(h, torch.Tensor):
-        h = h.detach().cpu().numpy()
+        h = host_array(h)
     h = np.asarray(h, dtype=np.float64)
     if h.ndim == 1:
         h = h[None]
@@ -220,7 +220,7 @@ def _targets(y, what: str) -> np.ndarray:
     """Integer class targets [N] from class indices [N] or logits [N, C] (their argmax), checked:
     strings, fractional or non-finite numbers and a column [N, 1] are refused, never coerced."""
     if isinstance(y, torch.Tensor):
-        y = y.detach().cpu().numpy()
+        y = host_array(y)
     y = np.asarray(y)
     if y.dtype.kind in "US" or (y.dtype.kind == "O" and any(isinstance(v, (str, bytes))
                                                          for v in y.ravel())):

@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..adapter import AdapterError, ModelAdapter, _outside_stacklevel
+from ..adapter import AdapterError, ModelAdapter, _outside_stacklevel, host_array
 from ..atomic_file import write_atomically
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
@@ -306,8 +306,8 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     for positions, logits, h in _feature_batches(adapter, dataset, idx, batch_size, progress,
                                                  "decision features", skipped):
         kept.append(positions)
-        hs.append(h.numpy())
-        ls.append(logits.numpy())
+        hs.append(host_array(h))
+        ls.append(host_array(logits))
     if not hs:
         raise ValueError("No instances to extract features from: the dataset (or indices) is empty.")
     positions = np.concatenate(kept)

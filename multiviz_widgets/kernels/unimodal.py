@@ -54,7 +54,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..adapter import ModelAdapter, Prepared, Target
+from ..adapter import NOT_IN_NUMPY, ModelAdapter, Prepared, Target
 from ..modalities import Modality
 from ..progress import ProgressFn, report
 from ..results import Attribution, Stopwatch
@@ -217,6 +217,8 @@ def _scores_and_maps(adapter: ModelAdapter, prepared: Prepared,
         if both is None:
             both = _unit_sums(adapter, prepared, n, a), mod.to_map(a)
         for t in both:
+            if t.dtype in NOT_IN_NUMPY:        # a bfloat16 model's map: float32 holds it
+                t = t.float()
             parts.append(t.detach() if t.requires_grad else t)
     if one_transfer is None:
         one_transfer = parts[0].device.type != "cpu"
