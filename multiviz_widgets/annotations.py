@@ -250,10 +250,15 @@ class Annotations:
                 store = cls(path, signature=signature, n_instances=n_instances, dataset=dataset)
                 _OPEN[resolved] = store
                 return store
+        # replaced or edited on disk meanwhile: merged (which takes the store's lock itself, and
+        # tells the observers after releasing it: an observer, such as an Explorer's view, may
+        # take a lock under which another thread reads this store)
         with store._lock:
-            if store.path.exists() and _digest(_read_bytes(store.path)) != store._disk_digest:
-                store.merge(store.path)        # replaced or edited on disk meanwhile
-            store.check(signature, dataset)
+            changed = (store.path.exists()
+                       and _digest(_read_bytes(store.path)) != store._disk_digest)
+        if changed:
+            store.merge(store.path)
+        store.check(signature, dataset)
         return store
 
     @classmethod

@@ -884,3 +884,41 @@ def test_the_input_views_concepts_refuse_what_is_not_a_list_of_texts_per_unit(ba
         view.concepts = bad
     assert view.concepts == {"question": {"1": ["ok"]}}
     view.close()
+
+
+def test_opening_a_file_changed_on_disk_tells_the_views_outside_the_stores_lock(tmp_path):
+    """A second open of a file changed meanwhile merges it and tells the open Explorer's views,
+    which take the engine's lock; a worker holding that lock reads the store. Telling them under
+    the store's lock deadlocked the kernel."""
+    from multiviz_widgets.annotations import dataset_signature
+    path = tmp_path / "c.json"
+    adapter, ds = tiny_vqa()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05, annotations=path)
+    try:
+        assert ex.wait(60)
+        ex.annotations.add(neuron_key(1), "red")
+        doc = json.loads(path.read_text())
+        doc["neurons"].append({"neuron": 2, "concepts": ["theirs"]})
+        path.write_text(json.dumps(doc))                     # another program writes the file
+        holding = threading.Event()
+
+        def worker():                                        # a result applied on the worker
+            with ex.engine.lock:
+                holding.set()
+                time.sleep(0.3)
+                ex.path_view.concept_line()                  # reads the store
+        t = threading.Thread(target=worker, daemon=True)
+        t.start()
+        holding.wait(10)
+        opened = []
+        o = threading.Thread(target=lambda: opened.append(Annotations.open(
+            path, signature=model_signature(adapter, ex._n_neurons()),
+            dataset=dataset_signature(ds))), daemon=True)
+        o.start()
+        t.join(10)
+        o.join(10)
+        assert not t.is_alive() and not o.is_alive(), "deadlock"
+        assert opened == [ex.annotations]
+        assert ex.annotations.concepts(neuron_key(2)) == ("theirs",)
+    finally:
+        ex.close()
