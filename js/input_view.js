@@ -333,13 +333,15 @@ function render({ model, el }) {
       if (entry.repaint) entry.repaint(scaled);
     }
     legend.replaceChildren();
+    legend.title = "";
     if (anyScores) {
       legend.appendChild(el_("span", null, "\u2212max"));
       legend.appendChild(el_("span", "mvz-bar"));
       legend.appendChild(el_("span", null, "+max"));
-      legend.appendChild(el_("span", "mvz-score-caption", model.get("score_caption") || ""));
       legend.title = `colour scale symmetric around 0, per modality (largest |score| ${fmt(shownMax)})`;
     }
+    // the caption shows without scores too: "computing ...", or why nothing was computed
+    legend.appendChild(el_("span", "mvz-score-caption", model.get("score_caption") || ""));
   }
 
   // The text shown when the pointer rests on a unit: its label, score and concepts (a title

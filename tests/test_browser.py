@@ -112,6 +112,11 @@ def test_input_view_renders_scores_and_clicks_reach_python(lab, page):
     # Python highlights a unit
     nb.kernel_exec("view.selected = {'modality': 'image', 'unit': 3}")
     page.wait_for_selector(".mvz-input [data-modality='image'][data-unit='3'].mvz-selected")
+    # without scores (a failed or cancelled job, or one still computing) the caption says why
+    nb.kernel_exec("view.scores = {}; view.score_caption = 'not computed (RuntimeError)'")
+    page.wait_for_function("() => (document.querySelector('.mvz-input .mvz-score-caption') || {})"
+                           ".textContent === 'not computed (RuntimeError)'", timeout=30_000)
+    assert page.locator(".mvz-input .mvz-legend .mvz-bar").count() == 0
     assert not nb.dialogs, nb.dialogs
 
 
