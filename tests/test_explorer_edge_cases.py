@@ -165,3 +165,46 @@ def test_a_selected_unit_from_the_browser_that_is_not_an_integer_is_refused(vqa,
     assert "an integer index" in ex.diagnostics()["input_view"]["last_message_error"]
     view.set_state({"selected": {"modality": "question", "unit": 2}})
     assert ex.selection.unit_ref == ("question", 2)
+
+
+def test_views_whose_requests_a_cancel_stopped_ask_again_on_the_next_click(vqa):
+    """The heatmap, the neuron bars and the prediction path stayed blank after a cancel until
+    "recompute" (the input view and the embedding already asked again)."""
+    ex, _ = vqa
+    started, release = _hold_inputs_of(ex, 3)
+    ex.select(instance=3)
+    assert started.wait(10)
+    ex.engine.cancel()
+    release.set()
+    assert ex.wait(30)
+    for caption in (ex.heatmap_view.caption, ex.neuron_view.caption, ex.path_view.caption):
+        assert caption.value.endswith("(Cancelled; asked again on the next click)"), caption.value
+    assert ex.heatmap_view.instance == -1 and ex.neuron_view.shown == []
+    ex.select(method="gradient")                 # a change none of the three asks again on
+    assert ex.wait(30)
+    st = ex.state()
+    assert ex.heatmap_view.instance == 3 and np.asarray(st["heatmap"]).size
+    assert st["neurons"] and ex.path_view.nodes
+    assert "not shown" not in ex.path_view.caption.value + ex.neuron_view.caption.value
+    ex.select(method="occlusion")                # and only once: nothing is left to ask again
+    assert ex.wait(30)
+    assert not ex.heatmap_view.retry.pending and not ex.path_view.retry.pending
+
+
+def test_the_neuron_bars_show_the_top_neurons_and_only_the_selected_one_besides(vqa):
+    ex, _ = vqa
+    ex.neuron_view.n_bars = 3                    # fewer bars than the tiny model's neurons
+    ex.neuron_view.refresh()
+    assert ex.wait(30)
+    top = list(ex.neuron_view.shown)
+    assert len(top) == 3
+    others = [j for j in range(ex.analyses.n_neurons()) if j not in top][:3]
+    assert len(others) == 3
+    for j in others:
+        ex.select(neuron=j)
+        assert ex.wait(30)
+        assert ex.neuron_view.shown == top + [j]
+    ex.select(neuron=-1)
+    assert ex.wait(30)
+    assert ex.neuron_view.shown == top
+    assert len(ex.neuron_view.activations) == len(top)

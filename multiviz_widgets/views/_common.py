@@ -1,9 +1,43 @@
-"""Small helpers shared by the views: closing the widgets a view replaces, instance titles."""
+"""Small helpers shared by the views: closing the widgets a view replaces, instance titles,
+asking again for what a cancel stopped."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import ipywidgets as W
+
+from ..progress import Cancelled
+from ..selection import FIELDS, Selection
+
+
+class RetryAfterCancel:
+    """The requests of a view that a cancel stopped, asked again on the next change of the
+    selection (whatever it is): a cancel is the person's choice, not the data's fault, and
+    must not leave the view blank until "recompute". Make it after the view's own observers
+    of the selection: a change that a view asks again on anyway calls ``asked`` first, and
+    the request is then not made twice."""
+
+    def __init__(self, selection: Selection):
+        self.pending: dict[str, Callable[[], None]] = {}
+        selection.observe(self._again, names=list(FIELDS))
+
+    def asked(self, name: str) -> None:
+        """Request ``name`` is being made (again): nothing to retry for it."""
+        self.pending.pop(name, None)
+
+    def failed(self, name: str, ask: Callable[[], None], err: BaseException) -> str:
+        """Request ``name`` failed with ``err``: when it was cancelled, ``ask`` is called on
+        the next change of the selection. Returns the words to add to the view's caption."""
+        if isinstance(err, Cancelled):
+            self.pending[name] = ask
+            return "; asked again on the next click"
+        self.pending.pop(name, None)
+        return ""
+
+    def _again(self, _change) -> None:
+        pending, self.pending = self.pending, {}
+        for ask in pending.values():
+            ask()
 
 
 def widget_tree(roots: Iterable[W.Widget]) -> list[W.Widget]:

@@ -13,9 +13,8 @@ import numpy as np
 
 from ..engine import Analyses, Engine
 from ..kernels.projection import UNKNOWN_GROUP, colour_groups
-from ..progress import Cancelled
-from ..selection import FIELDS, Selection
-from ._common import close_widgets
+from ..selection import Selection
+from ._common import RetryAfterCancel, close_widgets
 
 PALETTE = np.array([
     [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
@@ -64,7 +63,6 @@ class EmbeddingView(W.VBox):
         self.group_names: list[str] = []
         self._features = None
         self._rows = np.zeros(0, dtype=np.int64)        # row of every point in the features
-        self._retry = False                              # refresh on the next selection change
         self.scatter = ipv.Scatter(x=np.zeros(1, np.float32), y=np.zeros(1, np.float32),
                                    z=np.zeros(1, np.float32), color="grey", size=2.0,
                                    size_selected=5.0, color_selected="black", geo="sphere")
@@ -84,11 +82,11 @@ class EmbeddingView(W.VBox):
                          layout=W.Layout(width="440px", flex="0 0 auto"))
         self.add_class("mvz-embedding-view")
         selection.observe(lambda _: self._highlight(), names=["instance"])
-        selection.observe(lambda _: self._retry and self.refresh(), names=list(FIELDS))
+        self.retry = RetryAfterCancel(selection)
 
     def refresh(self) -> None:
         a = self.analyses
-        self._retry = False
+        self.retry.asked("embedding")
         if len(self.indices):
             return self._highlight()
         self.caption.value = "computing the decision-level features of the dataset ..."
@@ -101,10 +99,9 @@ class EmbeddingView(W.VBox):
                            priority=6, label="dataset features", lane="background")
 
     def _failed(self, err) -> None:
-        # a cancel (the person's, or a background job stopped with it) is not the data's fault:
-        # try again on the next selection change
-        self._retry = isinstance(err, Cancelled)
-        again = "; retried on the next click" if self._retry else ""
+        # a cancel (the person's, or a background job stopped with it): asked again on the
+        # next selection change
+        again = self.retry.failed("embedding", self.refresh, err)
         self.caption.value = f"embedding not shown ({type(err).__name__}{again})"
 
     def _show(self, result) -> None:

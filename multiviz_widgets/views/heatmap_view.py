@@ -14,6 +14,7 @@ import numpy as np
 
 from ..engine import Analyses, Engine
 from ..selection import Selection
+from ._common import RetryAfterCancel
 
 
 #: Longest tick label (characters) on the heatmap's axes; longer unit names are shortened.
@@ -98,6 +99,7 @@ class HeatmapView(W.VBox):
         selection.observe(lambda _: self.refresh(), names=["instance", "target", "neuron",
                                                           "interaction_method", "pair"])
         selection.observe(lambda _: self._highlight(), names=["modality", "unit"])
+        self.retry = RetryAfterCancel(selection)
 
     # -- requests ------------------------------------------------------------------------------
     def wanted_pair(self) -> tuple[str, str]:
@@ -108,6 +110,7 @@ class HeatmapView(W.VBox):
         s = self.selection
         i, target, neuron, method = s.instance, s.target, s.neuron, s.interaction_method
         a, pair = self.analyses, self.wanted_pair()
+        self.retry.asked("matrix")
         self.caption.value = f"computing {method} interactions {pair[0]} x {pair[1]} ..."
 
         def job(progress):
@@ -124,7 +127,8 @@ class HeatmapView(W.VBox):
         self.instance = -1
         self._draw(np.zeros((0, 0)), [], [])
         of = "" if instance is None else f" of #{instance}"
-        self.caption.value = f"interactions{of} not shown ({type(err).__name__})"
+        again = self.retry.failed("matrix", self.refresh, err)
+        self.caption.value = f"interactions{of} not shown ({type(err).__name__}{again})"
 
     def _show(self, result) -> None:
         i, explained, inter = result

@@ -13,7 +13,7 @@ from ..adapter import Neuron
 from ..engine import Analyses, Engine
 from ..kernels.representations import tied_extremes
 from ..selection import Selection
-from ._common import close_widgets, instance_title
+from ._common import RetryAfterCancel, close_widgets, instance_title
 from ._encode import image_overlay, png, strip
 
 
@@ -34,6 +34,7 @@ class NeuronView(W.VBox):
         self.n_bars = int(n_bars)
         self.thumb_size = int(thumb_size)
         self.shown: list[int] = []            # neuron index of every bar
+        self._top: list[int] = []             # the top neurons of the instance (their bars)
         self.activations = np.zeros(0)
         self.contributions = np.zeros(0)
         self.gallery: list[dict] = []
@@ -81,11 +82,13 @@ class NeuronView(W.VBox):
         selection.observe(lambda _: self.refresh(), names=["instance", "target"])
         selection.observe(lambda _: self._on_neuron(), names=["neuron"])
         selection.observe(lambda _: self.refresh_gallery(), names=["method"])
+        self.retry = RetryAfterCancel(selection)
 
     # -- bars ----------------------------------------------------------------------------------
     def refresh(self) -> None:
         s = self.selection
         i, target, a = s.instance, s.target, self.analyses
+        self.retry.asked("bars")
         self.caption.value = "computing decision-level contributions ..."
 
         def job(progress):
@@ -101,17 +104,18 @@ class NeuronView(W.VBox):
     def _bars_failed(self, err, instance: int | None = None) -> None:
         """Blank the bars (no bars of an earlier selection stay shown or clickable)."""
         self._h, self._c = np.zeros(0), np.zeros(0)
-        self.shown = []
+        self._top = []
         self._draw_bars()
         of = "" if instance is None else f" of #{instance}"
-        self.caption.value = f"contributions{of} not shown ({type(err).__name__})"
+        again = self.retry.failed("bars", self.refresh, err)
+        self.caption.value = f"contributions{of} not shown ({type(err).__name__}{again})"
 
     def _show_bars(self, result) -> None:
         cls, dc, order = result
         h = np.asarray(dc.h, dtype=np.float64).reshape(-1)
         c = np.asarray(dc.contributions, dtype=np.float64).reshape(-1)
         self._h, self._c = h, c
-        self.shown = list(order)
+        self._top = list(order)
         self._draw_bars()
         source = (" (weights of the sparse linear model, standardised h)"
                   if getattr(dc, "source", "") == "sparse_model" else "")
@@ -120,7 +124,9 @@ class NeuronView(W.VBox):
 
     def _draw_bars(self) -> None:
         h, c = getattr(self, "_h", np.zeros(0)), getattr(self, "_c", np.zeros(0))
-        shown = list(self.shown)
+        # the top neurons, and the selected one after them when it is not among them (only
+        # the one selected now: a neuron selected before and left is not kept)
+        shown = list(self._top)
         j = self.selection.neuron
         if 0 <= j < len(h) and j not in shown:
             shown.append(j)
@@ -161,6 +167,7 @@ class NeuronView(W.VBox):
 
     def refresh_gallery(self) -> None:
         j, method, a = self.selection.neuron, self.selection.method, self.analyses
+        self.retry.asked("gallery")
         if j < 0:
             self.engine.drop(self.gallery_slot)
             self._set_gallery(-1, [])
@@ -216,7 +223,8 @@ class NeuronView(W.VBox):
     def _gallery_failed(self, err) -> None:
         """Blank the gallery (no instances of an earlier neuron stay shown or clickable)."""
         self._set_gallery(-1, [])
-        self.gallery_caption.value = f"gallery not shown ({type(err).__name__})"
+        again = self.retry.failed("gallery", self.refresh_gallery, err)
+        self.gallery_caption.value = f"gallery not shown ({type(err).__name__}{again})"
 
     def _set_gallery(self, j: int, items: list[dict], ties: dict | None = None) -> None:
         self.gallery_neuron = j

@@ -17,6 +17,7 @@ from ..annotations import Annotations
 from ..engine import Analyses, Engine
 from ..kernels.projection import path_layout
 from ..selection import Selection
+from ._common import RetryAfterCancel
 
 _COLOURS = {"class": "#d62728", "neuron": "#1f77b4", "unit": "#2ca02c"}
 
@@ -49,6 +50,7 @@ class PathView(W.VBox):
         self.add_class("mvz-path-view")
         selection.observe(lambda _: self.refresh(), names=["instance", "target", "pair"])
         selection.observe(lambda _: self._highlight(), names=["neuron", "modality", "unit"])
+        self.retry = RetryAfterCancel(selection)
         if annotations is not None:
             annotations.observe(self._on_concepts)
 
@@ -65,6 +67,7 @@ class PathView(W.VBox):
     def refresh(self) -> None:
         s = self.selection
         i, target, a = s.instance, s.target, self.analyses
+        self.retry.asked("path")
         self.caption.value = "computing the prediction path ..."
         params = a.path_params            # replaced (never changed in place) on a new pair
 
@@ -85,7 +88,8 @@ class PathView(W.VBox):
         self._draw(-1, {}, [], [])
         self.concepts.value = ""
         of = "" if instance is None else f" of #{instance}"
-        self.caption.value = f"prediction path{of} not shown ({type(err).__name__})"
+        again = self.retry.failed("path", self.refresh, err)
+        self.caption.value = f"prediction path{of} not shown ({type(err).__name__}{again})"
 
     def _show(self, result) -> None:
         cls, path, nodes, links, i = result
