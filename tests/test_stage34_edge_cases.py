@@ -233,6 +233,21 @@ def test_deletion_insertion_checks_its_class_batch_size_and_scores():
         deletion_insertion(adapter, p, "x", np.array([0.0, np.nan, 1.0, 2.0]), 0)
 
 
+def test_deletion_insertion_of_a_one_output_model_says_why_not_instead_of_flat_curves():
+    class OneLogit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(F, 1)
+
+        def forward(self, x):
+            return self.enc(x)[:, 0]                      # [B]: one output
+    adapter = ModelAdapter(OneLogit().eval(), [Tabular("x", columns=[f"c{i}" for i in range(F)])],
+                           ["risk"])
+    with pytest.raises(ValueError, match=r"one output \(\['risk'\]\).*softmax is always 1.*"
+                                         r"torch.stack\(\[-z, z\], 1\)"):
+        deletion_insertion(adapter, tiny_dataset()[0], "x", np.arange(F, dtype=float), 0)
+
+
 def test_a_bfloat16_model_is_explained_at_every_stage():
     """numpy has no bfloat16: maps, features and decision weights come to the host as float32
     (which holds every bfloat16 value), where they raised numpy's TypeError."""

@@ -130,6 +130,12 @@ def deletion_insertion(adapter: ModelAdapter, prepared: Prepared, modality: str,
         raise ValueError(f"deletion_insertion follows a class probability; give a class index "
                          f"or name, not {target}.")
     class_index = target.index
+    if adapter.n_classes < 2:
+        raise ValueError(
+            f"deletion_insertion follows the class's softmax probability, but the model has one "
+            f"output ({list(adapter.class_names)}), whose softmax is always 1: both curves "
+            f"would be flat. For a binary model returning one logit z, return "
+            f"torch.stack([-z, z], 1) with class_names=[negative, positive].")
     masks = torch.cat([deletion_masks(scores), insertion_masks(scores)])
     if masks.shape[1] != prepared.n_units[modality]:
         raise ValueError(f"{len(np.ravel(scores))} scores given for {prepared.n_units[modality]} "
