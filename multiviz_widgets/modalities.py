@@ -280,7 +280,10 @@ class Image(Modality):
                     f"{self.name}: an image array must be H x W x C, and shape {arr.shape} looks "
                     "like C x H x W: pass array.transpose(1, 2, 0), or give the modality "
                     "channels_last_raw=False.")
-            if arr.dtype.kind == "f":         # arrays give float32, as the other modalities do
+            if arr.dtype.kind == "f" and arr.dtype != np.float64:
+                # float arrays give float32, as the other modalities do; float64 ones keep
+                # their precision (collate casts to the model's dtype: a float64 model
+                # explains the values it was given, not their float32 rounding)
                 arr = arr.astype(np.float32, copy=False)
             if not arr.flags.writeable:       # (PIL's arrays): torch warns, and would share it
                 arr = arr.copy()
@@ -703,11 +706,16 @@ def _members(cols, what: str, names: Sequence[str], thing: str) -> list[int]:
 
 
 def _float_tensor(raw, name: str) -> torch.Tensor:
-    """raw (an array, a nested list or a tensor of numbers) as a float32 tensor."""
+    """raw (an array, a nested list or a tensor of numbers) as a float tensor: float64 values
+    (a float64 array, Python floats) keep their precision, others become float32; ``collate``
+    then casts to the model's dtype (so a float64 model explains the values it was given)."""
     if isinstance(raw, torch.Tensor):       # a float tensor keeps its precision (float64 models)
         return raw.detach() if raw.is_floating_point() else raw.detach().float()
     try:
-        return torch.from_numpy(np.asarray(raw, dtype=np.float32))
+        arr = np.asarray(raw)
+        if arr.dtype != np.float64:
+            arr = np.asarray(arr, dtype=np.float32)
+        return torch.from_numpy(arr)
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name}: expected numbers (an array, a list or a tensor), got "
                         f"{type(raw).__name__}: {e}") from None

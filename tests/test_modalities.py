@@ -234,13 +234,29 @@ def test_image_grid_fast_masking_equals_the_generic_gather(c, rows, cols, p, see
     assert torch.equal(fast, slow)
 
 
-def test_arrays_give_float32_and_float_tensors_keep_their_precision():
-    img = np.full((4, 4, 3), 0.5)                                   # float64 array
-    assert Image("image").to_tensor(img).dtype == torch.float32
+def test_float64_values_keep_their_precision_and_other_numbers_give_float32():
+    img = np.full((4, 4, 3), 0.1)                                   # float64 array
+    assert Image("image").to_tensor(img).dtype == torch.float64
+    assert Image("image").to_tensor(img.astype(np.float32)).dtype == torch.float32
     assert Image("image").to_tensor(torch.full((3, 4, 4), 0.5, dtype=torch.float64)).dtype == torch.float64
     series = TimeSeries("s", channels=["a"])
-    assert series.to_tensor(np.zeros((3, 1))).dtype == torch.float32
+    assert series.to_tensor(np.zeros((3, 1))).dtype == torch.float64
+    assert series.to_tensor(np.zeros((3, 1), np.int64)).dtype == torch.float32
     assert series.batch([torch.zeros(3, 1, dtype=torch.float64)]).dtype == torch.float64
+    assert Tabular("t", columns=["a", "b"]).to_tensor([0.1, 0.3000001]).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_model_explains_the_values_it_was_given_at_its_own_precision(dtype):
+    """A float64 model saw float32 roundings of float64 arrays (0.1 -> 0.10000000149...)."""
+    from multiviz_widgets import ModelAdapter
+    model = torch.nn.Linear(3, 2).to(dtype).eval()
+    adapter = ModelAdapter(model, [Tabular("t", columns=["a", "b", "c"])], ["x", "y"])
+    row = np.array([0.1, 0.2, 0.3000001])
+    p = adapter.prepare({"t": row})
+    assert p.raw["t"].dtype == dtype
+    want = row if dtype == torch.float64 else row.astype(np.float32)
+    assert np.array_equal(p.raw["t"][0].numpy(), want)
 
 
 @pytest.mark.parametrize("modality, raw", [
