@@ -281,6 +281,11 @@ class ModelAdapter:
         self.class_names = [str(c) for c in class_names]
         if not self.class_names:
             raise AdapterError("class_names is empty: give one name per output logit.")
+        twice = sorted({c for c in self.class_names if self.class_names.count(c) > 1})
+        if twice:
+            raise AdapterError(f"class_names must be unique (a class is also named by its name): "
+                               f"{twice} appear more than once. Give each output its own name, "
+                               f"e.g. 'yes (1)' and 'yes (2)'.")
         self.keyword_inputs = keyword_inputs
         self.name = name or type(model).__name__
         if decision_layer is None:
