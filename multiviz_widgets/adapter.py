@@ -747,7 +747,8 @@ class ModelAdapter:
         return (f"The model's parameters are {name} but modality {odd[0]!r} is "
                 f"{str(args[odd[0]].dtype).replace('torch.', '')}: pass {name} tensors as inputs "
                 f"(torch.as_tensor(x, dtype=torch.{name})), or convert the model to the inputs' "
-                "dtype (model.float()).")
+                "dtype (model.float()). An instance prepared before the model was converted "
+                "keeps the old dtype: prepare it again (adapter.prepare(instance)).")
 
     def model_inputs(self, raw: Mapping[str, torch.Tensor],
                      continuous: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -580,3 +580,17 @@ def test_inputs_follow_the_model_dtype_live_and_keys_see_shapes():
     a = adapter.prepare(inst)
     b = wide.prepare({"tab": inst["tab"], "series": np.ones((2, 4), np.float32)})
     assert a.key != b.key
+
+
+def test_an_instance_prepared_before_the_model_was_converted_is_told_to_prepare_again():
+    from multiviz_widgets import Tabular
+    from multiviz_widgets.adapter import ModelInputError
+    from multiviz_widgets.kernels.unimodal import attribute
+    adapter = ModelAdapter(torch.nn.Linear(2, 2).eval(), [Tabular("tab", columns=["a", "b"])],
+                           ["n", "p"])
+    inst = {"tab": np.ones(2, np.float32)}
+    p = adapter.prepare(inst)
+    adapter.model.double()
+    with pytest.raises(ModelInputError, match=r"prepare it again \(adapter.prepare\(instance\)\)"):
+        attribute(adapter, p, "occlusion", target=0)
+    assert attribute(adapter, adapter.prepare(inst), "occlusion", target=0).scores["tab"].shape == (2,)
