@@ -45,7 +45,7 @@ install: deps js
 
 # Every test: kernels, engine, views, notebooks and the browser tests.
 test: install chromium
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	MVZ_FULL_TEST=1 $(PY) -m pytest tests -q -p no:cacheprovider
 
 # The same without the browser and notebook tests (marked "browser" / "notebook").
 test-fast: install
@@ -63,8 +63,14 @@ demo: install
 		--ServerApp.open_browser=False --IdentityProvider.token= $(if $(filter 0,$(shell id -u)),--allow-root,) \
 		notebooks/quickstart.ipynb
 
+# Every benchmark, each writing benchmarks/results/NAME.json (kernels.py runs kernels_stage2 too;
+# common.py is their helpers; kernels_gpu.py runs where torch sees a CUDA device).
+BENCHMARKS := easy_vqa_model faithfulness kernels cold_cache allocator emap_scale representations ui_latency
+
 benchmarks: install chromium
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py || exit 1; done
+	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) benchmarks/kernels_gpu.py; fi
 
 clean:
 	rm -rf $(VENV) node_modules multiviz_widgets/static/*.js build *.egg-info

@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 
 from . import browser_support as bs
+from .prerequisites import FULL_TEST
 
 pytestmark = [pytest.mark.browser]
 
 _why_not = bs.missing_requirements()
+if _why_not and FULL_TEST:
+    raise RuntimeError(f"the browser tests cannot run: {_why_not}; `make test` installs it "
+                       f"(MVZ_FULL_TEST=1 turns this skip into a failure)")
 if _why_not:
     pytestmark.append(pytest.mark.skip(reason=_why_not))
 

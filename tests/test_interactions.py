@@ -592,7 +592,6 @@ def test_methods_registry():
 # the stage-2 benchmark runs end to end on a tiny sample (no timing is asserted)
 # ---------------------------------------------------------------------------------------------
 def test_stage2_benchmark_writes_its_json(tmp_path):
-    pytest.importorskip("easy_vqa")
     import importlib.util
     import json
     import sys
@@ -627,7 +626,6 @@ def test_stage2_benchmark_writes_its_json(tmp_path):
 
 
 def test_emap_scale_benchmark_writes_its_json(tmp_path):
-    pytest.importorskip("easy_vqa")
     import json
     import subprocess
     import sys

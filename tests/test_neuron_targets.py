@@ -20,8 +20,7 @@ from torch import nn
 from multiviz_widgets import (Image, ModelAdapter, MultimodalDataset, Neuron, Tabular, Text,
                               TimeSeries)
 
-unimodal = pytest.importorskip("multiviz_widgets.kernels.unimodal")
-interactions = pytest.importorskip("multiviz_widgets.kernels.interactions")
+from multiviz_widgets.kernels import interactions, unimodal  # noqa: E402
 
 STEPS, WINDOW, CH = 16, 4, 2
 

@@ -10,6 +10,8 @@ import zipfile
 
 import pytest
 
+from .prerequisites import skip_or_fail
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -32,7 +34,7 @@ def _clean_copy(dest: pathlib.Path) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
     if shutil.which("npm") is None:
-        pytest.skip("npm is not installed (make test installs it)")
+        skip_or_fail("npm is not installed (Node.js with npm: see the README's prerequisites)")
     return _clean_copy(tmp_path_factory.mktemp("clone"))
 
 

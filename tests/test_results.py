@@ -68,7 +68,6 @@ def test_attribution_round_trips_through_strict_json(setup, method, target):
 @pytest.mark.parametrize("method,params", [("second_order", {}), ("pairwise_ablation", {}),
                                            ("shapley", {"max_players": 4})])
 def test_interaction_round_trips_through_strict_json(setup, method, params):
-    pytest.importorskip("shapiq") if method == "shapley" else None
     adapter, inst = setup
     r = interaction(adapter, inst, method, target=0, **params)
     text = json.dumps(r.to_dict(), allow_nan=False)

@@ -24,7 +24,7 @@ def load(name):
 
 @pytest.fixture(scope="module")
 def has_easy_vqa():
-    pytest.importorskip("easy_vqa")
+    importlib.import_module("easy_vqa")   # in requirements.txt: its absence is a failure
 
 
 def test_faithfulness_writes_the_promised_json(tmp_path, has_easy_vqa):
@@ -89,6 +89,20 @@ def test_allocator_benchmark_runs_both_settings_in_fresh_processes(tmp_path, has
     assert set(r["default"]["settings"].values()) == {None}  # ...and the other did not
     e = d["methods"]["occlusion"]
     assert e["default_over_tuned"] == pytest.approx(e["default_median_ms"] / e["tuned_median_ms"])
+
+
+def test_make_benchmarks_runs_every_benchmark_once():
+    """`make benchmarks` names each benchmark: a glob also ran kernels_stage2.py (which
+    kernels.py runs) and kernels_gpu.py, whose exit on a machine without CUDA stopped the rest."""
+    makefile = (BENCH.parent / "Makefile").read_text()
+    line = next(ln for ln in makefile.splitlines() if ln.startswith("BENCHMARKS :="))
+    listed = line.split(":=", 1)[1].split()
+    assert len(listed) == len(set(listed))
+    run_elsewhere = {"common", "kernels_stage2", "kernels_gpu"}
+    assert set(listed) == {p.stem for p in BENCH.glob("*.py")} - run_elsewhere
+    assert "kernels_stage2" in (BENCH / "kernels.py").read_text()
+    target = makefile.split("\nbenchmarks:", 1)[1].split("\n\n", 1)[0]
+    assert "torch.cuda.is_available()" in target and "benchmarks/kernels_gpu.py" in target
 
 
 def test_make_demo_exports_the_benchmarked_malloc_settings():
