@@ -105,6 +105,8 @@ def test_readme_speed_table_is_the_committed_benchmark():
         shown_ms = float(cells[1].removesuffix(" ms"))
         assert abs(shown_ms - m["median_ms_ours"]) <= 0.05 * m["median_ms_ours"], (key, cells[1])
         assert float(cells[2]) == round(m["ratio_ours_captum"], 2), (key, cells[2])
+        floor = cells[3].split("x", 1)[0]            # "22.4x (7.5x a forward + backward ...)"
+        assert float(floor) == round(m["ratio_to_floor"], 1), (key, cells[3])
         checked.add(key)
     assert checked == set(names)
 
@@ -141,3 +143,40 @@ def test_readme_allocator_table_is_the_committed_benchmark():
     for row, (method, e) in zip(rows, result["methods"].items()):
         assert row[1:] == [f"{e['default_median_ms']:.1f} ms", f"{e['tuned_median_ms']:.1f} ms",
                            f"{e['default_over_tuned']:.2f}x"], method
+
+
+def test_readme_click_latency_table_is_the_committed_benchmark():
+    """Every p50 and p95 of the README's click latency table, to the millisecond shown."""
+    import json
+    cases = json.loads((README.parent / "benchmarks" / "results" / "ui_latency.json")
+                       .read_text(encoding="utf-8"))["cases"]
+    names = {"gradient x input": ["grad_x_input"], "gradient": ["gradient"],
+             "integrated gradients": ["integrated_gradients"],
+             "second-order token map": None, "occlusion / LIME / KernelSHAP":
+             ["occlusion", "lime", "kernel_shap"]}
+    rows = _table_after(README.read_text(encoding="utf-8"), "### Click latency in the browser")
+    checked = set()
+    for cells in rows:
+        key = next(k for k in sorted(names, key=len, reverse=True) if cells[0].startswith(k))
+        if names[key] is None:
+            runs = [cases["second_order_map/uncached"]]
+        elif "cached" in cells[0].split(",")[-1] and "/" in cells[0].split(",")[-1]:
+            m = names[key][0]
+            runs = [cases[f"token_click/{m}/uncached"], cases[f"token_click/{m}/cached"]]
+        else:
+            runs = [cases[f"token_click/{m}/uncached"] for m in names[key]]
+        for column, stat in ((1, "p50_ms"), (2, "p95_ms")):
+            shown = [int(v) for v in cells[column].removesuffix(" ms").split(" / ")]
+            assert shown == [round(r[stat]) for r in runs], (cells[0], stat, shown)
+        checked.add(key)
+    assert checked == set(names)
+
+
+def test_readme_cold_cache_figures_are_the_committed_benchmark():
+    import json
+    steps = json.loads((README.parent / "benchmarks" / "results" / "cold_cache.json")
+                       .read_text(encoding="utf-8"))["steps"]["finite"]
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    cold, warm = steps["numpy_isfinite"]["cold_us"], steps["numpy_isfinite"]["warm_us"]
+    assert (f"takes {round(cold)} us cold with numpy's `isfinite(v).all()` ({round(warm)} us "
+            f"warm) and {round(steps['python_sum']['cold_us'])} us") in text
