@@ -29,7 +29,7 @@ from .selection import FIELDS, Selection, unit_ref_of
 from .views._common import close_widgets, instance_title, widget_tree
 from .views.concepts_view import ConceptsView
 from .views.controls import Controls, ErrorBanner, ProgressPanel
-from .views.embedding_view import EmbeddingView
+from .views.embedding_view import BY_NEURON, EmbeddingView
 from .views.heatmap_view import HeatmapView
 from .views.neuron_view import NeuronView
 from .views.path_view import PathView
@@ -364,7 +364,8 @@ class Explorer(W.VBox):
                              if pair else None)
         self.neuron_view = NeuronView(self.selection, self.engine, self.analyses)
         self.path_view = PathView(self.selection, self.engine, self.analyses, self.annotations)
-        self.embedding_view = EmbeddingView(self.selection, self.engine, self.analyses)
+        self.embedding_view = EmbeddingView(self.selection, self.engine, self.analyses,
+                                            neuron_name=self._neuron_name)
         self.controls = Controls(self.selection, len(dataset), adapter.class_names,
                                  describe=dataset.describe, on_refresh=self.refresh,
                                  pairs=pair_options(adapter, pair) if pair else None)
@@ -438,11 +439,20 @@ class Explorer(W.VBox):
         return shown
 
     def _on_concepts(self, key) -> None:
-        """The store changed: mark the shown instance's named units anew when it concerns them
-        (``key`` None: many keys)."""
+        """The store changed: mark the shown instance's named units anew when it concerns them,
+        and name the neuron the embedding is coloured by anew (``key`` None: many keys)."""
         if (key is None or key[0] == "feature"
                 or (key[0] == "unit" and key[1] == self.input_panel.items_instance)):
             self.input_panel.show_concepts()
+        if (key is None or key == ("neuron", self.selection.neuron)) \
+                and self.embedding_view.colour_by.value == BY_NEURON:
+            self.embedding_view.recolour()
+
+    def _neuron_name(self, j: int) -> str:
+        """"h7", or with its concepts "h7 (red shapes; circles)" (shortened past 80 characters)."""
+        concepts = self.annotations.concepts(("neuron", j))
+        name = f"h{j} ({'; '.join(concepts)})" if concepts else f"h{j}"
+        return name if len(name) <= 80 else name[:79] + "\u2026"
 
     def _goto(self, key: tuple) -> None:
         """Select the neuron or the unit (and its instance) that an annotation key names (a

@@ -149,6 +149,33 @@ def test_clicking_a_3d_point_changes_the_instance_everywhere(vqa):
     assert ex.state()["embedding"]["groups"] == ["wrong", "right"]
 
 
+def test_the_embedding_colours_the_dataset_by_the_selected_neurons_activation(vqa):
+    from multiviz_widgets.views.embedding_view import BY_NEURON, SEQUENTIAL
+    ex, _ = vqa
+    view = ex.embedding_view
+    view.colour_by.value = BY_NEURON
+    emb = ex.state()["embedding"]
+    assert emb["colour_range"] is None and "click a neuron" in emb["legend"][0]
+    ex.select(neuron=2)                      # a bar click: the points follow
+    assert ex.wait(30)
+    h = np.asarray(ex.analyses.features().h)[view._rows, 2]
+    colours = np.asarray(view.scatter.color)
+    assert colours.shape == (len(h), 3)
+    np.testing.assert_allclose(colours[h.argmax()], SEQUENTIAL[-1], atol=1e-6)
+    np.testing.assert_allclose(colours[h.argmin()], SEQUENTIAL[0], atol=1e-6)
+    # ordered: a higher activation is further along the scale (its green channel, here)
+    order = np.argsort(h)
+    luminance = colours[order] @ np.array([0.2126, 0.7152, 0.0722])
+    assert np.all(np.diff(luminance) >= -1e-6)
+    emb = ex.state()["embedding"]
+    assert emb["colour_range"] == [2, pytest.approx(h.min()), pytest.approx(h.max())]
+    assert emb["legend"][0] == "activation of h2:"
+    ex.annotations.add(("neuron", 2), "<b>round</b> shapes")     # its concepts name it, as text
+    assert ex.state()["embedding"]["legend"][0] == "activation of h2 (<b>round</b> shapes):"
+    view.colour_by.value = "prediction"      # back to classes
+    assert ex.state()["embedding"]["colour_range"] is None and ex.state()["embedding"]["groups"]
+
+
 def test_select_from_code_and_read_back(vqa):
     ex, _ = vqa
     ex.select(instance=2, unit=("question", 0), target="circle")
@@ -1037,3 +1064,11 @@ def test_select_rejects_what_does_not_fit_with_the_usual_errors_and_changes_noth
     with pytest.raises(ValueError, match="neuron must be an integer, got 'x'"):
         ex.select(neuron="x")
     assert ex.selection.as_dict() == before
+
+
+def test_sequential_colours_span_the_scale_and_a_constant_sits_in_its_middle():
+    from multiviz_widgets.views.embedding_view import SEQUENTIAL, sequential_colours
+    c = sequential_colours(np.array([3.0, -1.0, 1.0]))
+    np.testing.assert_allclose(c[[1, 0, 2]], SEQUENTIAL[[0, 4, 2]], atol=1e-6)
+    np.testing.assert_allclose(sequential_colours(np.full(4, 7.0)), np.tile(SEQUENTIAL[2], (4, 1)))
+    assert sequential_colours(np.zeros(0)).shape == (0, 3)

@@ -1,12 +1,14 @@
 """EmbeddingView (ipyvolume): the dataset's decision-level features projected to 3-D.
 
-Points are coloured by label, prediction or correctness; a point click selects that instance;
-the selected instance is highlighted. Features and the projection come from the engine
+Points are coloured by label, prediction or correctness, or by the activation of the selected
+decision-level neuron (where in the dataset it fires); a point click selects that instance; the
+selected instance is highlighted. Features and the projection come from the engine
 (``Analyses.features`` / ``Analyses.projection``, computed once, with a progress bar).
 """
 from __future__ import annotations
 
 import colorsys
+from typing import Callable
 
 import ipywidgets as W
 import numpy as np
@@ -24,6 +26,24 @@ PALETTE = np.array([
 CORRECTNESS = np.array([[214, 39, 40], [44, 160, 44]], dtype=np.float32) / 255.0
 #: The colour of points whose label is not one of the model's classes (e.g. -1, unlabelled).
 UNKNOWN = np.array([200, 200, 200], dtype=np.float32) / 255.0
+#: The colour menu's entry that colours points by the selected neuron's activation.
+BY_NEURON = "selected neuron"
+#: A sequential scale (viridis' ends and three stops between): low activations dark violet,
+#: high ones yellow; perceptually ordered and readable by the colour-blind.
+SEQUENTIAL = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98],
+                       [253, 231, 37]], dtype=np.float32) / 255.0
+
+
+def sequential_colours(values: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1] [n, 3] of ``values`` on the sequential scale from their minimum to their
+    maximum (all at the scale's middle when they are equal)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+    t = (v - lo) / (hi - lo) if hi > lo else np.full(v.shape, 0.5)
+    position = t * (len(SEQUENTIAL) - 1)
+    k = np.minimum(position.astype(np.int64), len(SEQUENTIAL) - 2)
+    frac = (position - k)[:, None]
+    return (SEQUENTIAL[k] * (1 - frac) + SEQUENTIAL[k + 1] * frac).astype(np.float32)
 
 
 def group_colours(n: int, by: str) -> np.ndarray:
@@ -49,12 +69,16 @@ class EmbeddingView(W.VBox):
     slot = "embedding"
 
     def __init__(self, selection: Selection, engine: Engine, analyses: Analyses,
-                 colour_by: str | None = None):
+                 colour_by: str | None = None,
+                 neuron_name: Callable[[int], str] | None = None):
+        """neuron_name: j -> how the legend names neuron j (e.g. with its concepts)."""
         import ipyvolume as ipv
 
         self.selection, self.engine, self.analyses = selection, engine, analyses
+        self._neuron_name = neuron_name or (lambda j: f"h{j}")
         has_labels = analyses.dataset.labels is not None
-        options = (["label", "prediction", "correctness"] if has_labels else ["prediction"])
+        options = (["label", "prediction", "correctness"] if has_labels
+                   else ["prediction"]) + [BY_NEURON]
         self.colour_by = W.Dropdown(options=options, value=colour_by or options[0],
                                     description="colour by", layout=W.Layout(width="240px"))
         self.coords = np.zeros((0, 3), dtype=np.float32)
@@ -73,15 +97,18 @@ class EmbeddingView(W.VBox):
         except Exception:  # noqa: BLE001 - older ipyvolume: limits are traits of another form
             pass
         self.scatter.observe(self._on_click, names="clicked_index")
-        self.colour_by.observe(lambda _: self._recolour(), names="value")
+        self.colour_by.observe(lambda _: self.recolour(), names="value")
         self.legend = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         self.legend_note = ""                            # says when colours are a hue scale
+        self.colour_range = None                         # (neuron, lowest, highest) shown
         self.caption = W.Label(value="")
         # a fixed width: the legend wraps inside it instead of widening the view over the path
         super().__init__([self.caption, self.colour_by, self.legend, self.figure],
                          layout=W.Layout(width="440px", flex="0 0 auto"))
         self.add_class("mvz-embedding-view")
         selection.observe(lambda _: self._highlight(), names=["instance"])
+        selection.observe(lambda _: self.colour_by.value == BY_NEURON and self.recolour(),
+                          names=["neuron"])
         self.retry = RetryAfterCancel(selection)
 
     def refresh(self) -> None:
@@ -130,7 +157,7 @@ class EmbeddingView(W.VBox):
             self.caption.value += (f"; {len(skipped)} could not be prepared "
                                    f"({_some(skipped)}: {feats.skipped[skipped[0]]})")
 
-    def _recolour(self) -> None:
+    def recolour(self) -> None:
         with self.engine.lock:            # the menu (kernel's thread) vs points from the worker
             self._colour()
 
@@ -146,6 +173,9 @@ class EmbeddingView(W.VBox):
             else np.asarray(feats.predictions)
         preds = np.asarray(preds)[self._rows]
         by = self.colour_by.value
+        if by == BY_NEURON:
+            return self._colour_by_neuron(feats)
+        self.colour_range = None
         groups, group_names = colour_groups(by, labels, preds, list(a.adapter.class_names))
         unknown = group_names[-1:] == [UNKNOWN_GROUP]
         n = len(group_names) - unknown
@@ -162,6 +192,33 @@ class EmbeddingView(W.VBox):
             for g, name in enumerate(self.group_names)]
         self.legend_note = note
         close_widgets(old)                    # the labels replaced (each holds comms)
+
+    def _colour_by_neuron(self, feats) -> None:
+        """Points coloured by the selected neuron's activation h_j(x) (grey: none selected)."""
+        j = self.selection.neuron
+        h = np.asarray(feats.h)
+        old = self.legend.children
+        self.groups, self.group_names = np.zeros(0, dtype=np.int64), []
+        self.legend_note = ""
+        if not 0 <= j < (h.shape[1] if h.ndim == 2 else 0):
+            self.colour_range = None
+            self.scatter.color = np.tile(UNKNOWN, (len(self._rows), 1)).astype(np.float32)
+            self.legend.children = [W.Label(
+                value="click a neuron (a bar or a path node) to colour the dataset by its "
+                      "activation")]
+        else:
+            values = h[self._rows, j].astype(np.float64)
+            self.scatter.color = sequential_colours(values)
+            lo, hi = (float(values.min()), float(values.max())) if len(values) else (0.0, 0.0)
+            self.colour_range = (j, lo, hi)
+            name = self._neuron_name(j)
+            self.legend.children = (
+                [W.Label(value=f"activation of {name}:"),
+                 W.Label(value=f"\u25cf {lo:.3g} (lowest)", style={"text_color": _hex(SEQUENTIAL[0])}),
+                 W.Label(value=f"\u25cf {hi:.3g} (highest)", style={"text_color": _hex(SEQUENTIAL[-1])})]
+                if hi > lo else
+                [W.Label(value=f"{name} is {lo:.3g} on every instance shown (a constant neuron)")])
+        close_widgets(old)
 
     def _highlight(self) -> None:
         with self.engine.lock:            # not interleaved with points drawn on the worker
@@ -186,7 +243,9 @@ class EmbeddingView(W.VBox):
         return {"n_points": int(len(self.coords)), "colour_by": self.colour_by.value,
                 "selected": None if sel is None or len(sel) == 0 else int(
                     self.indices[int(np.asarray(sel).reshape(-1)[0])]),
-                "groups": self.group_names, "legend_note": self.legend_note}
+                "groups": self.group_names, "legend_note": self.legend_note,
+                "colour_range": None if self.colour_range is None else list(self.colour_range),
+                "legend": [getattr(w, "value", "") for w in self.legend.children]}
 
 
 def _some(indices) -> str:
