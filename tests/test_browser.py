@@ -325,6 +325,22 @@ def test_3d_point_click_opens_that_instance(quickstart):
     assert caption.text_content().startswith(f"#{after} ")
 
 
+
+def test_colouring_the_embedding_by_the_selected_neuron(quickstart):
+    nb, page = quickstart, quickstart.page
+    shown = nb.kernel_json("import json; print(json.dumps(explorer.neuron_view.shown))")
+    j = shown[0]
+    nb.kernel_exec(f"explorer.select(neuron={j}); explorer.wait()")
+    menu = page.locator(".mvz-embedding-view select")
+    menu.scroll_into_view_if_needed()
+    menu.select_option("selected neuron")                     # what a person chooses
+    page.get_by_text(f"activation of h{j}").first.wait_for(timeout=30_000)
+    emb = nb.kernel_json("import json; print(json.dumps(explorer.state()['embedding']))")
+    assert emb["colour_by"] == "selected neuron" and emb["colour_range"][0] == j
+    assert emb["colour_range"][1] < emb["colour_range"][2]
+    menu.select_option("prediction")
+    page.get_by_text(f"activation of h{j}").first.wait_for(state="detached", timeout=30_000)
+
 # Tick texts of the Explorer's heatmap (row axis: the one titled with the rows' modality) and
 # of its two neuron bar charts, in DOM (= domain) order.
 JS_TICKS = """(rowsTitle) => {
