@@ -233,3 +233,41 @@ def test_the_explorer_on_a_gpu_model_links_its_views(vqa, tmp_path, monkeypatch)
         assert st["error"] == "" and st["input_instance"] == int(ex.embedding_view.indices[5])
     finally:
         ex.close()
+
+
+def test_a_traced_split_follows_the_model_to_the_device_and_bfloat16_is_explained_there():
+    """model.to(device) after an emap on the CPU replaces the buffers the traced split read: the
+    split is traced again (it kept the CPU tensors); a bfloat16 model on the device gets float32
+    maps on the host."""
+    from torch import nn
+
+    from multiviz_widgets import ModelAdapter, Tabular, TimeSeries
+
+    class Centred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.t, self.s, self.head = nn.Linear(4, 5), nn.Linear(16, 5), nn.Linear(10, 3)
+            self.register_buffer("centre", torch.full((4,), 0.25))
+
+        def forward(self, tabular, series):
+            a = torch.tanh(self.t(tabular - self.centre))
+            b = torch.tanh(self.s(series.flatten(1)))
+            return self.head(torch.cat([a * b, a + b], 1))
+
+    g = torch.Generator().manual_seed(0)
+    items = [{"tabular": torch.randn(4, generator=g), "series": torch.randn(8, 2, generator=g)}
+             for _ in range(6)]
+    model = Centred().eval()
+    adapter = ModelAdapter(model, [Tabular("tabular", columns=["c0", "c1", "c2", "c3"]),
+                                   TimeSeries("series", window=4, channels=["x", "y"])],
+                           ["a", "b", "c"])
+    on_cpu = emap(adapter, items)
+    model.to(DEVICE)
+    there = emap(adapter, items)
+    assert there.params["factorization"] == "traced", there.params
+    close(there.matrix, on_cpu.matrix, what="emap after model.to(device)")
+    model.bfloat16()
+    for method in ("gradient", "integrated_gradients", "occlusion"):
+        r = attribute(adapter, items[0], method, target=1)
+        assert r.maps["series"].dtype == np.float32 and np.isfinite(r.scores["tabular"]).all()
