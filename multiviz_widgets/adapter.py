@@ -375,13 +375,25 @@ class ModelAdapter:
         return t
 
     def fingerprint(self) -> str:
-        """A hash of the model's parameters and buffers: changes whenever the weights change."""
+        """A hash of the model's parameters and buffers (non-persistent ones too, which the
+        state_dict leaves out: a mask, a calibration scale) and of its modules' settings that
+        are floats, flags or texts (``model.temperature = 5.0``, a dropout's p): changes
+        whenever they change. Integers are left out (a counter of forward calls would change
+        it on every pass), as are other Python attributes such as lists: after changing one,
+        extract features with ``cache=False`` or a new ``cache_dir``."""
         h = hashlib.sha256()
-        for k, v in sorted(self.model.state_dict().items()):
+        tensors = dict(self.model.named_parameters())
+        tensors.update(self.model.named_buffers())
+        for k, v in sorted(tensors.items()):
             h.update(k.encode())
             t = v.detach().cpu().contiguous()
             h.update(str(t.dtype).encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        for name, module in self.model.named_modules():
+            settings = sorted((k, repr(v)) for k, v in vars(module).items()
+                              if not k.startswith("_") and k != "training"
+                              and isinstance(v, (bool, float, str)))
+            h.update(f"{name}:{settings}".encode())
         return h.hexdigest()[:32]
 
     # -- instances and batches ---------------------------------------------------------------

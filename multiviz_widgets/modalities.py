@@ -218,8 +218,67 @@ def _stable_text(v) -> str:
     if v is None or isinstance(v, (bool, int, float, str, np.generic)):
         return repr(v)
     if callable(v):
-        return f"<{getattr(v, '__module__', '?')}.{getattr(v, '__qualname__', type(v).__qualname__)}>"
+        return _stable_callable(v)
     return f"<{type(v).__module__}.{type(v).__qualname__}>"
+
+
+def _stable_callable(fn, depth: int = 0) -> str:
+    """A text of a function that changes when what it computes may change: a Python function
+    by its name, its code (bytecode, constants, names, nested functions), its defaults, the
+    values it closes over and the functions and plain values of its module that it names; a
+    functools.partial by its function and arguments; a built-in by its name. Any other callable
+    (an object with state, such as a tokenizer instance, or a bound method of one) cannot be read
+    that way: it gets a text unique to this object in this process, so that an on-disk cache
+    made with it is never served to another tokenizer of the same name."""
+    import functools
+    import hashlib
+    import os
+    import types
+
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    if depth > 8:                                   # deep (or cyclic) references: by name
+        return f"<{name}>"
+    if isinstance(fn, functools.partial):
+        return (f"partial({_stable_callable(fn.func, depth + 1)},{_stable_text(list(fn.args))},"
+                f"{_stable_text(dict(fn.keywords))})")
+    if isinstance(fn, (types.MethodDescriptorType, types.WrapperDescriptorType)) or (
+            isinstance(fn, types.BuiltinFunctionType)
+            and (fn.__self__ is None or isinstance(fn.__self__, types.ModuleType))):
+        return f"<builtin {name}>"                   # str.split, len, math.floor
+    if not isinstance(fn, types.FunctionType):
+        return f"<{name}:object {id(fn)} of process {os.getpid()}>"
+    h = hashlib.sha256()
+    names: list[str] = []
+
+    def code_text(code: types.CodeType) -> None:
+        h.update(code.co_code)
+        h.update(repr(code.co_names).encode())
+        names.extend(code.co_names)
+        for c in code.co_consts:
+            if isinstance(c, types.CodeType):
+                code_text(c)
+            elif isinstance(c, frozenset):          # its order follows the string hash seed
+                h.update(repr(sorted(map(repr, c))).encode())
+            else:
+                h.update(repr(c).encode())
+    code_text(fn.__code__)
+    h.update(_stable_text(list(fn.__defaults__ or ())).encode())
+    h.update(_stable_text(dict(fn.__kwdefaults__ or {})).encode())
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:                          # an empty cell
+            value = None
+        h.update((_stable_callable(value, depth + 1) if callable(value)
+                  else _stable_text(value)).encode())
+    for n in dict.fromkeys(names if depth < 2 else ()):   # module functions and values it names
+        value = fn.__globals__.get(n)
+        if isinstance(value, types.FunctionType) and value is not fn:
+            h.update(f"{n}={_stable_callable(value, depth + 1)}".encode())
+        elif value is None or isinstance(value, (bool, int, float, str, list, tuple, dict,
+                                                 np.ndarray, torch.Tensor)):
+            h.update(f"{n}={_stable_text(value)}".encode())
+    return f"<{name}:{h.hexdigest()[:16]}>"
 
 
 class Image(Modality):

@@ -11,7 +11,8 @@ from torch import nn
 
 from multiviz_widgets import ModelAdapter, Tabular, TimeSeries
 from multiviz_widgets.kernels.prediction import (
-    PredictionPath, SparseModel, choose_sparsity, fit_sparse_model, lambda_max, prediction_path)
+    PredictionPath, SparseModel, choose_sparsity, fit_sparse_model, lambda_max, prediction_path,
+    sparse_model_from_dict)
 from multiviz_widgets.kernels.representations import Features
 
 
@@ -406,7 +407,7 @@ def test_a_neuron_constant_up_to_float32_rounding_gets_no_weight():
     h[:, 7] = np.float32(0.75) * (1 + rng.uniform(-6e-8, 6e-8, len(h)))   # noise of rounding
     m = fit_sparse_model((h[:400], y[:400]), val=(h[400:], y[400:]), n_lambdas=5,
                          stop_early=False)
-    assert m.std[7] == 1.0 and np.all(m.path_weights[:, :, 7] == 0)
+    assert np.isinf(m.std[7]) and np.all(m.path_weights[:, :, 7] == 0)
 
 
 @pytest.mark.parametrize("version, ok", [("1.6.1", False), ("1.7.2", False), ("1.8.0", True),
@@ -420,3 +421,23 @@ def test_a_scikit_learn_that_ignores_l1_ratio_is_refused_with_the_fix(version, o
     else:
         with pytest.raises(ImportError, match=r"scikit-learn >= 1.8 \(found .*solver='glm_saga'"):
             _check_sklearn(version)
+
+
+def test_a_neuron_constant_within_rounding_never_enters_the_model_at_any_scale():
+    """Its rounding noise (steps of 64 at 1e9 in float32) lines up with the targets here: with
+    std = 1 it kept a spread of about 50 and was the first neuron on the path."""
+    rng = np.random.default_rng(0)
+    n = 400
+    signal = rng.normal(size=n)
+    y = (signal > 0).astype(int)
+    step = np.where(rng.random(n) < 0.7, 2 * y - 1, rng.choice([-1, 1], n))
+    h = np.stack([signal, 1e9 + 64.0 * step], 1).astype(np.float32).astype(np.float64)
+    for scale in (1.0, 1e-6):
+        hs = h * np.array([1.0, scale])
+        sm = fit_sparse_model((hs[:300], y[:300]), val=(hs[300:], y[300:]), stop_early=False)
+        assert np.isinf(sm.std[1])
+        assert all(np.all(w[:, 1] == 0) for w in sm.path_weights) and np.all(sm.weight[:, 1] == 0)
+        assert np.all(sm.standardise(hs)[:, 1] == 0)
+        back = sparse_model_from_dict(json.loads(json.dumps(sm.to_dict(), allow_nan=False)))
+        assert np.isinf(back.std[1])
+        np.testing.assert_array_equal(back.decision_function(hs), sm.decision_function(hs))

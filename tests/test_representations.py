@@ -94,7 +94,10 @@ def test_reopening_reads_the_cache_without_running_the_model(cache):
     first = extract_features(adapter, ds, batch_size=8, cache_dir=cache)
     assert not first.from_cache and os.path.exists(first.path)
     calls = adapter.model.calls
-    adapter.model.fail = True        # any forward pass would now raise
+
+    def boom(*args):
+        raise RuntimeError("a forward pass")
+    adapter.model.forward = boom     # any forward pass would now raise (the weights unchanged)
     again = extract_features(adapter, ds, batch_size=8, cache_dir=cache)
     assert again.from_cache and again.forward_passes == 0 and adapter.model.calls == calls
     np.testing.assert_array_equal(again.h, first.h)
@@ -344,10 +347,11 @@ def test_the_cache_key_covers_the_modalities_preprocessing_and_the_module_tree(c
 
     mods = lambda: [Tabular("tab", columns=[f"c{i}" for i in range(F)]),  # noqa: E731
                     TimeSeries("series", window=4, channels=["a", "b"])]
-    relu = ModelAdapter(ActFusion(nn.ReLU()).eval(), mods(), base.class_names, "classifier")
+    sigmoid = ModelAdapter(ActFusion(nn.Sigmoid()).eval(), mods(), base.class_names,
+                           "classifier")
     tanh = ModelAdapter(ActFusion(nn.Tanh()).eval(), mods(), base.class_names, "classifier")
-    assert relu.fingerprint() == tanh.fingerprint()          # the weights alone cannot tell
-    assert rep.features_key(relu, ds) != rep.features_key(tanh, ds)
+    assert sigmoid.fingerprint() == tanh.fingerprint()       # the weights alone cannot tell
+    assert rep.features_key(sigmoid, ds) != rep.features_key(tanh, ds)
 
 
 @pytest.mark.parametrize("damage", ["h_columns", "rows", "other_indices", "int_h"])
@@ -566,3 +570,84 @@ def test_instances_that_cannot_be_prepared_are_left_out_and_named(cache):
     assert set(ext.top_indices.ravel()) == set(kept) and ext.n_instances == len(kept)
     with pytest.raises(ValueError, match="no tokens"):     # nothing left: the error itself
         extract_features(adapter, ds, indices=[3, 7], cache=False)
+
+
+class Calibrated(TinyFusion):
+    """Reads a non-persistent buffer (left out of the state_dict) and a plain float setting."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(D), persistent=False)
+        self.temperature = 1.0
+
+    def forward(self, tab, series):
+        self.calls += 1                          # a counter: must not defeat the cache
+        h = torch.relu(self.tab(tab) + self.ts(series.flatten(1))) * self.scale / self.temperature
+        return self.classifier(h)
+
+
+def test_the_cache_sees_non_persistent_buffers_and_float_settings_but_not_counters(cache):
+    mods = [Tabular("tab", columns=[f"c{i}" for i in range(F)]),
+            TimeSeries("series", window=4, channels=["a", "b"])]
+    model = Calibrated().eval()
+    adapter = ModelAdapter(model, mods, [f"k{i}" for i in range(C)], decision_layer="classifier")
+    ds = make_dataset()
+    first = extract_features(adapter, ds, cache_dir=cache)
+    assert extract_features(adapter, ds, cache_dir=cache).from_cache   # calls changed: a hit
+    for change in (lambda: model.scale.fill_(3.0), lambda: setattr(model, "temperature", 5.0)):
+        change()
+        again = extract_features(adapter, ds, cache_dir=cache)
+        assert not again.from_cache
+        np.testing.assert_allclose(again.h, extract_features(adapter, ds, cache=False).h)
+    assert not np.allclose(again.h, first.h)
+
+
+def test_the_cache_key_covers_how_the_model_is_called_and_a_functions_code(cache):
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.classifier = nn.Linear(2, 2)
+
+        def forward(self, b, a):                 # its arguments in the other order
+            return self.classifier(torch.cat([a, b], 1))
+    mods = lambda: [Tabular("a", columns=["x"]), Tabular("b", columns=["y"])]  # noqa: E731
+    model = Named().eval()
+    by_position = ModelAdapter(model, mods(), ["n", "p"])
+    by_name = ModelAdapter(model, mods(), ["n", "p"], keyword_inputs=True)
+    assert by_position.fingerprint() == by_name.fingerprint()
+    ds = MultimodalDataset({"a": [np.array([1.0]), np.array([2.0])],
+                            "b": [np.array([5.0]), np.array([7.0])]})
+    assert rep.features_key(by_position, ds) != rep.features_key(by_name, ds)
+    extract_features(by_position, ds, cache_dir=cache)
+    named = extract_features(by_name, ds, cache_dir=cache)
+    assert not named.from_cache
+    np.testing.assert_allclose(named.h, extract_features(by_name, ds, cache=False).h)
+    # two tokenizers that are both "<lambda>" are two tokenizers
+    from multiviz_widgets import Text
+    vocab = ["[PAD]", "[UNK]", "red", "blue"]
+    first, last = (Text("q", vocab=vocab, tokenize=lambda s: s.split()),
+                   Text("q", vocab=vocab, tokenize=lambda s: s.split()[-1:]))
+    assert first.signature() != last.signature()
+    same = Text("q", vocab=vocab, tokenize=lambda s: s.split())
+    assert same.signature() == first.signature()             # the same code: the same key
+
+
+def test_a_float64_models_features_keep_their_precision_and_rank_their_extremes():
+    """h = 1 + 1e-9 x: rounded to float32 every instance tied, and the extremes were the first
+    instances by index."""
+    class Fine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier = nn.Linear(1, 2).double()
+
+        def forward(self, x):
+            return self.classifier(1.0 + 1e-9 * x)
+    adapter = ModelAdapter(Fine().eval(), [Tabular("x", columns=["v"])], ["a", "b"])
+    ds = MultimodalDataset({"x": [np.array([float(v)]) for v in (0, 1, 2, 5, 4, 3)]})
+    feats = extract_features(adapter, ds, cache=False)
+    assert feats.h.dtype == np.float64 and len(np.unique(feats.h)) == 6
+    ext = neuron_extremes(adapter, ds, k=3)
+    assert [i for i, _ in ext.top(0)] == [3, 4, 5]
+    dc = decision_contributions(adapter, ds[3])
+    assert dc.h.dtype == np.float64

@@ -54,7 +54,8 @@ class SparseModel:
 
     weight [C, d] and bias [C] act on z = (h - mean) / std. ``path_*`` hold every point of the path
     (lambda, non-zeros, validation and test fidelity); ``chosen`` is the point selected by the
-    validation rule. Classes absent from the training targets get weight 0 and bias -inf.
+    validation rule. Classes absent from the training targets get weight 0 and bias -inf. A
+    constant (dead) neuron has std = inf: its z is 0, so it never enters the model.
     """
 
     weight: np.ndarray
@@ -151,7 +152,8 @@ class SparseModel:
             "class_names": list(self.class_names),
             "weight": self.weight.tolist(),
             "bias": [float(b) if np.isfinite(b) else None for b in self.bias],
-            "mean": self.mean.tolist(), "std": self.std.tolist(),
+            "mean": self.mean.tolist(),
+            "std": [float(v) if np.isfinite(v) else None for v in self.std],   # None: constant
             "alpha": float(self.alpha), "lambda": float(self.lam), "chosen": int(self.chosen),
             "val_fidelity": float(self.val_fidelity),
             "test_fidelity": None if self.test_fidelity is None else float(self.test_fidelity),
@@ -171,7 +173,8 @@ def sparse_model_from_dict(data: dict[str, Any]) -> SparseModel:
     return SparseModel(
         weight=np.asarray(data["weight"], dtype=np.float64), bias=bias,
         mean=np.asarray(data["mean"], dtype=np.float64),
-        std=np.asarray(data["std"], dtype=np.float64), class_names=list(data["class_names"]),
+        std=np.array([np.inf if v is None else v for v in data["std"]], dtype=np.float64),
+        class_names=list(data["class_names"]),
         alpha=float(data["alpha"]), lam=float(data["lambda"]), chosen=int(data["chosen"]),
         path_lambdas=np.asarray(curve["lambda"], dtype=np.float64),
         path_nonzeros=np.asarray(curve["nonzeros"], dtype=np.int64),
@@ -438,8 +441,9 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     # constant (dead) neurons stay at weight 0: no spread at all, or one within float32 rounding
     # of their mean (the same activation computed in batches of other sizes). The test is
     # relative, so that neurons of any scale (1e-9 or 1e9) are standardised alike: scaling a
-    # neuron leaves the fit unchanged.
-    std = np.where(std > CONSTANT_RELATIVE_SPREAD * np.abs(mean), std, 1.0)
+    # neuron leaves the fit unchanged. Their std is infinite, so their z is 0 (with std = 1 the
+    # rounding noise of a neuron of scale 1e9 kept a spread of about 50 and entered the model)
+    std = np.where(std > CONSTANT_RELATIVE_SPREAD * np.abs(mean), std, np.inf)
     z_tr = (h_tr - mean) / std
     lmax = lambda_max(z_tr, y_tr, n_classes, alpha)
     if lmax <= 0:

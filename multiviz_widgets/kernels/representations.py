@@ -40,7 +40,7 @@ from .common import as_prepared, indices_or_all, input_shapes
 # instances that could not be prepared are recorded; v4: the default Text tokenizer reads quoted
 # words and curly apostrophes as words (other token ids for such texts), and the dataset
 # fingerprint hashes dicts, sets and plain objects by content
-CACHE_VERSION = "features-v4"
+CACHE_VERSION = "features-v5"
 
 
 # -- cache location ----------------------------------------------------------------------------
@@ -54,11 +54,29 @@ def default_cache_dir(path: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "multiviz_widgets"
 
 
-def _decision_layer_name(adapter: ModelAdapter) -> str:
+def _host_float(t: torch.Tensor) -> torch.Tensor:
+    """A model output on the host, as float64 when it is float64 (a float64 model's features
+    rounded to float32 tie distinct values, which the extremes then rank by index), else as
+    float32 (float16 and bfloat16 included)."""
+    t = t.detach()
+    return (t if t.dtype == torch.float64 else t.float()).cpu()
+
+
+def _features_dtype(a: np.ndarray) -> type:
+    """The dtype features are kept in: float64 for a float64 model's, float32 otherwise."""
+    return np.float64 if a.dtype == np.float64 else np.float32
+
+
+def _module_name(adapter: ModelAdapter, module) -> str:
+    """The dotted name of one of the model's submodules (its class name where it has none)."""
     for name, mod in adapter.model.named_modules():
-        if mod is adapter.decision_layer:
+        if mod is module:
             return name
-    return type(adapter.decision_layer).__name__
+    return type(module).__name__
+
+
+def _decision_layer_name(adapter: ModelAdapter) -> str:
+    return _module_name(adapter, adapter.decision_layer)
 
 
 def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
@@ -71,9 +89,14 @@ def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
     """
     h = hashlib.sha256()
     signatures = [adapter.modalities[name].signature() for name in adapter.names]
+    # how the model is called (by position or by name) and where text enters it (its
+    # embedding layers) change the features as much as the weights do
+    calling = (f"keyword_inputs={bool(adapter.keyword_inputs)};embeddings="
+               + ",".join(f"{m}:{_module_name(adapter, layer)}"
+                          for m, layer in sorted(adapter.embedding_layers.items())))
     for part in (CACHE_VERSION, adapter.fingerprint(), repr(adapter.model), *signatures,
                  dataset.fingerprint(), _decision_layer_name(adapter), ",".join(adapter.names),
-                 str(int(batch_size))):
+                 calling, str(int(batch_size))):
         h.update(part.encode())
         h.update(b"\0")
     h.update(indices_or_all(indices, len(dataset)).tobytes())
@@ -177,8 +200,7 @@ def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipp
                 "must be one vector per instance [batch, d]. Pass decision_layer= the final "
                 "linear layer that maps a pooled vector to the logits.")
         computed += len(positions)
-        yield (np.asarray(positions, dtype=np.int64), logits.detach().float().cpu(),
-               h.detach().float().cpu())
+        yield (np.asarray(positions, dtype=np.int64), _host_float(logits), _host_float(h))
         last = computed + len(failed)
         report(progress, last, total, message)
     if computed and last < total:
@@ -313,8 +335,9 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     positions = np.concatenate(kept)
     order = np.argsort(positions, kind="stable")       # back to the order of idx
     kept = idx[positions[order]]
-    feats = Features(np.concatenate(hs)[order].astype(np.float32),
-                     np.concatenate(ls)[order].astype(np.float32),
+    h_all, l_all = np.concatenate(hs)[order], np.concatenate(ls)[order]
+    feats = Features(h_all.astype(_features_dtype(h_all), copy=False),
+                     l_all.astype(_features_dtype(l_all), copy=False),
                      kept, key or "", False, len(kept), 0.0, None, skipped)
     if cache:
         try:
@@ -545,8 +568,8 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
     if h.dim() != 2:
         raise AdapterError(f"The decision layer's input has shape {tuple(h.shape)}; it must be "
                            "[batch, d].")
-    h = h[0].float().cpu().numpy()
-    logits = logits[0].float().cpu().numpy()
+    h = _host_float(h[0]).numpy()
+    logits = _host_float(logits[0]).numpy()
     if target is None:
         t = adapter.target(int(logits.argmax()))
     else:
@@ -575,5 +598,6 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
         source, bias = "decision_layer", b[c]
     # np.array copies: the decision layer's W[c] is a view of the live parameter, and a
     # result must not write through to the model
-    return DecisionContributions(c, adapter.class_names[c], h, contrib.astype(np.float32),
-                                 np.array(w, dtype=np.float32), logits, source, float(bias))
+    dtype = _features_dtype(h)
+    return DecisionContributions(c, adapter.class_names[c], h, contrib.astype(dtype),
+                                 np.array(w, dtype=dtype), logits, source, float(bias))
