@@ -145,6 +145,7 @@ class Engine(traitlets.HasTraits):
                       "errors": 0}
         self.last_traceback = ""
         self._last: dict[str, tuple[Job, float]] = {}   # lane -> (last job finished, when)
+        self._in_hand: dict[str, Job] = {}               # lane -> the job its worker took
         self._threads = {lane: threading.Thread(target=self._loop, args=(lane,), daemon=True,
                                                 name=f"multiviz-engine-{lane}")
                          for lane in self.LANES}
@@ -238,11 +239,11 @@ class Engine(traitlets.HasTraits):
                 self.stats["hits"] += 1
                 value = self.cached(key)
                 self._current.pop(slot, None)
-                self._apply(on_done, on_error, value, label or slot)
+                self._apply(on_done, on_error, value, str(label or slot))
                 return "cached"
             if key is not None:
                 self.stats["misses"] += 1
-            job = Job(slot, key, fn, on_done, on_error, int(priority), gen, label or slot,
+            job = Job(slot, key, fn, on_done, on_error, int(priority), gen, str(label or slot),
                       lane=lane, seq=next(self._seq))
             self._current[slot] = job
             heapq.heappush(self._queues[lane], (job.priority, job.seq, job))
@@ -394,20 +395,47 @@ class Engine(traitlets.HasTraits):
                 return
             last[0] = now
             frac = float(done) / float(total) if total else 0.0
-            self.progress = min(1.0, max(0.0, frac))
-            self.message = f"{job.label}: {message} ({int(done)}/{int(total)})" if message \
-                else f"{job.label} ({int(done)}/{int(total)})"
+            self._assign(progress=min(1.0, max(0.0, frac)),
+                         message=(f"{job.label}: {message} ({int(done)}/{int(total)})"
+                                  if message else f"{job.label} ({int(done)}/{int(total)})"))
         return progress
 
     def _loop(self, lane: str) -> None:
+        """The lane's worker, until the engine closes. Nothing that a job, a callback or an
+        observer of the engine's traits raises stops it: a dead worker would leave every later
+        job of its lane waiting for ever, and the progress bar busy. A failure of the
+        bookkeeping itself ends that job as an error (its view is told) and goes on."""
+        while True:
+            try:
+                if not self._run_next(lane):
+                    return
+            except BaseException as e:  # noqa: BLE001 - see above
+                self.last_traceback = traceback.format_exc()
+                with self._cond:
+                    job = self._in_hand.pop(lane, None)
+                    self._running[lane] = None
+                    if job is not None and job.state in ("queued", "running"):
+                        job.state, job.error = "error", e
+                        self._call_error(job.on_error, e)
+                    try:
+                        self._after_job()
+                    except BaseException:  # noqa: BLE001 - an observer of busy/progress
+                        self.last_traceback = traceback.format_exc()
+                        self._cond.notify_all()
+
+    def _run_next(self, lane: str) -> bool:
+        """Run the lane's jobs, waiting for each: False once the engine is closed (a failure of
+        the bookkeeping raises, see ``_loop``)."""
         queue = self._queues[lane]
         while True:
             with self._cond:
+                self._in_hand.pop(lane, None)
                 while not queue and not self._closed:
                     self._cond.wait()
                 if self._closed:
-                    return
+                    return False
                 _, _, job = heapq.heappop(queue)
+                self._in_hand[lane] = job
                 if job.state != "queued" or not self._is_current(job):
                     if job.state == "queued":
                         job.state = "dropped"
@@ -418,8 +446,7 @@ class Engine(traitlets.HasTraits):
                 job.started = time.perf_counter()
                 self._running[lane] = job
             if self._shown(job):
-                self.message = job.label
-                self.progress = 0.0
+                self._assign(message=job.label, progress=0.0)
             try:
                 value, err = job.fn(self._progress_fn(job)), None
             except Cancelled as e:
@@ -431,8 +458,8 @@ class Engine(traitlets.HasTraits):
                 self._running[lane] = None
                 other = self._running["background"]
                 if lane == "main" and other is not None:
-                    self.message = other.label       # the bar shows the background job again
-                    self.progress = 0.0              # until its next report
+                    # the bar shows the background job again, until its next report
+                    self._assign(message=other.label, progress=0.0)
                 self.stats["runs"] += 1
                 if err is None and job.key is not None:
                     # not frozen: a job's value is made of the Analyses' memos (read-only
@@ -459,6 +486,7 @@ class Engine(traitlets.HasTraits):
                     job.state = "dropped"
                     self.stats["dropped"] += 1
                 self._last[lane] = (job, time.perf_counter())
+                self._in_hand.pop(lane, None)
                 self._after_job()
 
     def _apply(self, on_done, on_error, value, label) -> None:
@@ -472,7 +500,11 @@ class Engine(traitlets.HasTraits):
 
     def _fail(self, on_error, err: BaseException, label: str) -> None:
         self.stats["errors"] += 1
-        self.error = f"{label} failed: {type(err).__name__}: {err}"
+        try:
+            said = str(err)
+        except Exception:  # noqa: BLE001 - an exception whose message cannot be made
+            said = "(its message could not be read)"
+        self._assign(error=f"{label} failed: {type(err).__name__}: {said}")
         self._call_error(on_error, err)
 
     def _call_error(self, on_error, err) -> None:
@@ -493,8 +525,7 @@ class Engine(traitlets.HasTraits):
     def _set_busy(self) -> None:
         if self.busy:
             return
-        self.busy = True
-        self.status = ""
+        self._assign(busy=True, status="")
         self._busy_epoch += 1
         epoch = self._busy_epoch
         if self._timer is not None:
@@ -506,17 +537,23 @@ class Engine(traitlets.HasTraits):
     def _reveal(self, epoch: int) -> None:
         with self._lock:
             if self.busy and epoch == self._busy_epoch:
-                self.show_progress = True
+                self._assign(show_progress=True)
 
     def _set_idle(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._busy_epoch += 1
-        self.busy = False
-        self.show_progress = False
-        self.progress = 0.0
-        self.message = ""
+        self._assign(busy=False, show_progress=False, progress=0.0, message="")
+
+    def _assign(self, **traits) -> None:
+        """Set the engine's traits, each even when an observer of one raises (the exception is
+        kept in ``last_traceback``): the engine's state must not stop half-way."""
+        for name, value in traits.items():
+            try:
+                setattr(self, name, value)
+            except Exception:  # noqa: BLE001 - an observer's failure, not the engine's
+                self.last_traceback = traceback.format_exc()
 
 
 # ---------------------------------------------------------------------------------------------

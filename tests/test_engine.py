@@ -360,3 +360,47 @@ def test_a_value_the_user_gives_keeps_its_arrays_writable(engine):
     engine.store(("features",), mine, pin=True, freeze=False)
     mine["h"][0, 0] = 1.0                        # still the user's to edit
     assert engine.cached(("features",))["h"][0, 0] == 1.0
+
+
+@pytest.mark.parametrize("observed", ["error", "message", "busy"])
+def test_an_observer_that_raises_never_kills_a_lanes_worker(engine, observed):
+    """An exception from an observer of the engine's own traits escaped the worker loop: the
+    lane's thread died and every later job of the lane waited for ever."""
+    def bad_observer(change):
+        if change["new"]:
+            raise RuntimeError("observer bug")
+    engine.observe(bad_observer, names=observed)
+    failures = []
+    engine.submit("a", ("k", 1), lambda p: 1 / 0, lambda v: None, failures.append)
+    assert engine.wait(10)
+    got = []
+    engine.submit("b", ("k", 2), lambda p: 42, got.append)
+    assert engine.wait(10) and got == [42]
+    assert all(t.is_alive() for t in engine._threads.values())
+    assert not engine.busy
+    if observed == "error":
+        assert [type(f) for f in failures] == [ZeroDivisionError]
+
+
+def test_a_slot_that_is_not_text_still_labels_its_job(engine):
+    got = []
+    engine.submit(7, None, lambda p: 1, got.append)      # no label: the slot names it
+    assert engine.wait(10) and got == [1]
+    assert all(t.is_alive() for t in engine._threads.values())
+
+
+def test_an_error_whose_message_cannot_be_read_is_still_reported(engine):
+    class Opaque(Exception):
+        def __str__(self):
+            raise ValueError("no message")
+    failures = []
+
+    def fail(p):
+        raise Opaque()
+    engine.submit("a", None, fail, None, failures.append, label="opaque")
+    assert engine.wait(10)
+    assert [type(f) for f in failures] == [Opaque]
+    assert engine.error == "opaque failed: Opaque: (its message could not be read)"
+    got = []
+    engine.submit("b", None, lambda p: 2, got.append)
+    assert engine.wait(10) and got == [2]
