@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import heapq
+import inspect
 import itertools
 import threading
 import time
@@ -35,7 +36,7 @@ import traceback
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Mapping
 
 import numpy as np
 import traitlets
@@ -556,6 +557,43 @@ class Engine(traitlets.HasTraits):
                 self.last_traceback = traceback.format_exc()
 
 
+def params_key(params: Mapping) -> tuple:
+    """A hashable, order-free form of keyword arguments for a cache key: dicts become sorted
+    pairs and lists tuples, at any depth (``unimodal_params={"steps": 8}``, a list of
+    modalities); other unhashable values by their repr."""
+    def frozen(v):
+        if isinstance(v, Mapping):
+            return tuple(sorted(((str(k), frozen(x)) for k, x in v.items()), key=repr))
+        if isinstance(v, (list, tuple)):
+            return tuple(frozen(x) for x in v)
+        if isinstance(v, (set, frozenset)):
+            return tuple(sorted((frozen(x) for x in v), key=repr))
+        try:
+            hash(v)
+        except TypeError:
+            return repr(v)
+        return v
+    return frozen(dict(params))
+
+
+def check_path_params(path_params) -> dict:
+    """``path_params`` as a dict, checked against ``prediction_path``'s parameters (a name it
+    does not take is refused here, not in the first path the Explorer computes)."""
+    if path_params is None:
+        return {}
+    if not isinstance(path_params, Mapping):
+        raise TypeError(f"path_params must be a dict of prediction_path's parameters, got "
+                        f"{type(path_params).__name__}.")
+    from .kernels.prediction import prediction_path
+    taken = set(inspect.signature(prediction_path).parameters) - {
+        "adapter", "instance", "target", "sparse_model", "progress"}
+    unknown = sorted(set(map(str, path_params)) - taken)
+    if unknown:
+        raise TypeError(f"path_params {unknown} are not parameters of prediction_path; it "
+                        f"takes {sorted(taken)}.")
+    return dict(path_params)
+
+
 # ---------------------------------------------------------------------------------------------
 class Kernels:
     """The kernel calls the Explorer makes, in one place (tests swap in fakes).
@@ -647,7 +685,7 @@ class Analyses:
         self.kernels = kernels or Kernels()
         self.sparse_model = sparse_model
         self.gallery_k = int(gallery_k)
-        self.path_params = dict(path_params or {})
+        self.path_params = check_path_params(path_params)
         if features is not None:
             check_features(features, len(dataset), adapter)
             engine.store(("features",), features, pin=True, freeze=False)
@@ -774,7 +812,6 @@ class Analyses:
         computation read the same pairs even when a new pair comes meanwhile)."""
         params = self.path_params if params is None else params
         p = self.prepared(i)
-        key = ("path", p.key, int(class_index), id(self.sparse_model),
-               tuple(sorted(params.items())))
+        key = ("path", p.key, int(class_index), id(self.sparse_model), params_key(params))
         return self.engine.memo(key, lambda: self.kernels.prediction_path(
             self.adapter, p, int(class_index), self.sparse_model, progress, **params))

@@ -326,12 +326,12 @@ class Explorer(W.VBox):
         try:
             self._build(adapter, dataset, sparse_model, features, pair, kernels, gallery_k,
                         path_params, annotations)
+            if start:
+                self.refresh()
         except BaseException:
             self.engine.close()               # no worker threads left behind
             self._release_annotations()       # nor a claim on a concepts file
             raise
-        if start:
-            self.refresh()
 
     def _build(self, adapter, dataset, sparse_model, features, pair, kernels, gallery_k,
                path_params, annotations) -> None:

@@ -5,6 +5,7 @@ from the browser that do not fit.
 Kernel-free (no Jupyter, no browser), with the cheap fake kernels of ``explorer_support``.
 """
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -208,3 +209,56 @@ def test_the_neuron_bars_show_the_top_neurons_and_only_the_selected_one_besides(
     assert ex.wait(30)
     assert ex.neuron_view.shown == top
     assert len(ex.neuron_view.activations) == len(top)
+
+
+def test_path_params_with_dicts_and_lists_work_and_unknown_ones_are_refused():
+    import threading as th
+
+    from multiviz_widgets.engine import params_key
+    from multiviz_widgets.explorer import Explorer
+
+    from .explorer_support import FakeKernels, tiny_vqa
+    adapter, ds = tiny_vqa()
+    for params in ({"unimodal_params": {"steps": 8}}, {"modalities": ["image", "question"]}):
+        ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05, path_params=params)
+        try:
+            assert ex.wait(30)
+            assert "not shown" not in ex.path_view.caption.value, ex.path_view.caption.value
+            assert ex.path_view.nodes
+        finally:
+            ex.close()
+    assert params_key({"b": [1, {"c": [2]}], "a": 1}) == params_key({"a": 1, "b": [1, {"c": [2]}]})
+    before = sum(t.name.startswith("multiviz-engine") and t.is_alive() for t in th.enumerate())
+    with pytest.raises(TypeError, match=r"\['n_steps'\] are not parameters of prediction_path"):
+        Explorer(adapter, ds, kernels=FakeKernels(), path_params={"n_steps": 8})
+    with pytest.raises(TypeError, match="path_params must be a dict"):
+        Explorer(adapter, ds, kernels=FakeKernels(), path_params=[("k_units", 2)])
+    time.sleep(0.2)
+    assert sum(t.name.startswith("multiviz-engine") and t.is_alive()
+               for t in th.enumerate()) <= before
+
+
+def test_a_first_refresh_that_raises_leaves_no_threads_and_no_claim(monkeypatch, tmp_path):
+    from multiviz_widgets.annotations import Annotations
+    from multiviz_widgets.explorer import Explorer
+
+    from .explorer_support import FakeKernels, tiny_vqa
+    adapter, ds = tiny_vqa()
+    made = []
+    real_init = Explorer._build
+
+    def build(self, *args):
+        made.append(self)
+        return real_init(self, *args)
+
+    def refresh(self):
+        raise RuntimeError("first refresh")
+    monkeypatch.setattr(Explorer, "_build", build)
+    monkeypatch.setattr(Explorer, "refresh", refresh)
+    with pytest.raises(RuntimeError, match="first refresh"):
+        Explorer(adapter, ds, kernels=FakeKernels(), annotations=tmp_path / "c.json")
+    engine = made[0].engine
+    time.sleep(0.2)
+    assert not any(t.is_alive() for t in engine._threads.values())
+    store = Annotations.open(tmp_path / "c.json")
+    assert store._bound == 0

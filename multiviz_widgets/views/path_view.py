@@ -14,7 +14,7 @@ import ipywidgets as W
 import numpy as np
 
 from ..annotations import Annotations
-from ..engine import Analyses, Engine
+from ..engine import Analyses, Engine, params_key
 from ..kernels.projection import path_layout
 from ..selection import Selection
 from ._common import RetryAfterCancel
@@ -79,7 +79,7 @@ class PathView(W.VBox):
 
         # the "main" lane: the path is about the selected instance and needs no dataset-wide
         # work, so it never waits for the dataset's features
-        key = ("path", i, target, tuple(sorted(params.items())))
+        key = ("path", i, target, params_key(params))
         self.engine.submit(self.slot, key, job, self._show,
                            lambda err: self._failed(err, i), priority=3, label="prediction path")
 
