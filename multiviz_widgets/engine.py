@@ -67,6 +67,7 @@ class Job:
     value: Any = field(default=None, repr=False)
     error: BaseException | None = None
     started: float = 0.0
+    cache_epoch: int = 0           # the engine's cache_epoch when the job was submitted
 
 
 def read_only(value, depth: int = 3):
@@ -132,6 +133,9 @@ class Engine(traitlets.HasTraits):
         self.delay = float(delay)
         self._cache: OrderedDict = OrderedDict()
         self._pinned: dict = {}
+        #: counts clear_cache(): a value computed from what was there before a clear (a job or
+        #: a memo that started earlier) is not cached after it
+        self.cache_epoch = 0
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._queues: dict[str, list] = {lane: [] for lane in self.LANES}
@@ -178,14 +182,18 @@ class Engine(traitlets.HasTraits):
         with self._lock:
             return key in self._pinned or key in self._cache
 
-    def store(self, key: Hashable, value, pin: bool = False, freeze: bool = True) -> None:
+    def store(self, key: Hashable, value, pin: bool = False, freeze: bool = True,
+              epoch: int | None = None) -> None:
         """Put a value in the cache (``pin=True``: never evicted), its numpy arrays made
         read-only (``read_only``: it is shared by every later caller) unless ``freeze=False``
         (a value that holds what the user gave, whose arrays are theirs to edit, such as a
-        view's job result built from the user's features)."""
+        view's job result built from the user's features). ``epoch``: the ``cache_epoch`` at
+        which the value's computation started; after a ``clear_cache`` since, it is not kept."""
         if freeze:
             read_only(value)
         with self._lock:
+            if epoch is not None and epoch != self.cache_epoch:
+                return
             if pin:
                 self._pinned[key] = value
                 return
@@ -202,14 +210,18 @@ class Engine(traitlets.HasTraits):
                 self.stats["hits"] += 1
                 return self.cached(key)
             self.stats["misses"] += 1
+            epoch = self.cache_epoch
         value = fn()
-        self.store(key, value, pin=pin)
+        self.store(key, value, pin=pin, epoch=epoch)
         return value
 
     def clear_cache(self) -> None:
+        """Drop every cached value, pinned ones too; values being computed meanwhile (from what
+        was there before) are not cached when they come."""
         with self._lock:
             self._cache.clear()
             self._pinned.clear()
+            self.cache_epoch += 1
 
     # -- jobs ----------------------------------------------------------------------------------
     def submit(self, slot: str, key: Hashable | None, fn: Callable, on_done: Callable | None = None,
@@ -245,7 +257,7 @@ class Engine(traitlets.HasTraits):
             if key is not None:
                 self.stats["misses"] += 1
             job = Job(slot, key, fn, on_done, on_error, int(priority), gen, str(label or slot),
-                      lane=lane, seq=next(self._seq))
+                      lane=lane, seq=next(self._seq), cache_epoch=self.cache_epoch)
             self._current[slot] = job
             heapq.heappush(self._queues[lane], (job.priority, job.seq, job))
             self._set_busy()
@@ -465,7 +477,7 @@ class Engine(traitlets.HasTraits):
                 if err is None and job.key is not None:
                     # not frozen: a job's value is made of the Analyses' memos (read-only
                     # already) and may hold what the user gave (their features=)
-                    self.store(job.key, value, freeze=False)
+                    self.store(job.key, value, freeze=False, epoch=job.cache_epoch)
                 current = self._is_current(job)
                 if self._current.get(job.slot) is job:
                     self._current.pop(job.slot, None)
@@ -686,9 +698,18 @@ class Analyses:
         self.sparse_model = sparse_model
         self.gallery_k = int(gallery_k)
         self.path_params = check_path_params(path_params)
+        self._given_features = features
         if features is not None:
             check_features(features, len(dataset), adapter)
             engine.store(("features",), features, pin=True, freeze=False)
+
+    def forget(self) -> None:
+        """Drop every result computed so far (so that an edit of the dataset in place, or new
+        weights of the model, are seen by the next requests); the features given at
+        construction stay (they are the user's)."""
+        self.engine.clear_cache()
+        if self._given_features is not None:
+            self.engine.store(("features",), self._given_features, pin=True, freeze=False)
 
     # -- instances -----------------------------------------------------------------------------
     def check_instance(self, i: int) -> int:

@@ -491,9 +491,12 @@ class Explorer(W.VBox):
                             self.embedding_view) if v is not None]
 
     def refresh(self) -> None:
-        """Ask every view for its content again (e.g. after a cancel). Results already cached are
-        served again: the caches assume the model's weights do not change (after training the
-        model further, open a new Explorer)."""
+        """Compute what every view shows again (the "recompute" button; e.g. after a cancel):
+        the results cached in this kernel are dropped first, so that an edit of the dataset in
+        place or new weights of the model are seen. (The dataset's decision features come back
+        from the on-disk cache while model and data are unchanged: its key covers both.)"""
+        self.analyses.forget()
+        self.embedding_view.forget()
         self.input_panel.refresh()
         for v in self.views:
             v.refresh()

@@ -262,3 +262,51 @@ def test_a_first_refresh_that_raises_leaves_no_threads_and_no_claim(monkeypatch,
     assert not any(t.is_alive() for t in engine._threads.values())
     store = Annotations.open(tmp_path / "c.json")
     assert store._bound == 0
+
+
+def test_recompute_sees_an_edited_dataset_and_new_weights():
+    import torch
+
+    from multiviz_widgets.explorer import Explorer
+
+    from .explorer_support import FakeKernels, tiny_vqa
+    adapter, ds = tiny_vqa()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05)
+    try:
+        assert ex.wait(30)
+        words = [it for it in ex.input_view.items if it["name"] == "question"][0]["tokens"]
+        ds.columns["question"][0] = "red blue red"                # edited in place
+        with torch.no_grad():
+            for p in adapter.model.parameters():
+                p.mul_(-1.0)                                    # trained further, say
+        logits_before = np.asarray(ex.analyses.logits(0)).copy()
+        ex.refresh()                                            # the recompute button
+        assert ex.wait(30)
+        shown = [it for it in ex.input_view.items if it["name"] == "question"][0]["tokens"]
+        assert shown != words and shown == ["red", "blue", "red"]
+        assert not np.allclose(np.asarray(ex.analyses.logits(0)), logits_before)
+        assert ex.state()["embedding"]["n_points"] == len(ds)
+    finally:
+        ex.close()
+
+
+def test_a_value_computed_before_a_clear_is_not_cached_after_it():
+    from multiviz_widgets.engine import Engine
+    engine = Engine(delay=0.05)
+    try:
+        started, release = threading.Event(), threading.Event()
+
+        def slow():
+            started.set()
+            release.wait(10)
+            return "old"
+        t = threading.Thread(target=lambda: engine.memo(("k",), slow))
+        t.start()
+        assert started.wait(10)
+        engine.clear_cache()                                   # meanwhile: recompute
+        release.set()
+        t.join(10)
+        assert not engine.has(("k",))
+        assert engine.memo(("k",), lambda: "new") == "new"
+    finally:
+        engine.close()

@@ -72,8 +72,9 @@ class Controls(W.VBox):
         self.clear_neuron = W.Button(description="clear neuron", layout=W.Layout(width="110px"))
         self.unit_label = W.Label(value="")
         self.clear_unit = W.Button(description="clear unit", layout=W.Layout(width="100px"))
-        self.refresh_button = W.Button(description="recompute", tooltip="run the views again",
-                                       layout=W.Layout(width="100px"))
+        self.refresh_button = W.Button(
+            description="recompute", layout=W.Layout(width="100px"),
+            tooltip="compute the views again, from the model and the dataset as they are now")
 
         self.instance.observe(lambda c: self._pick(instance=c["new"]), names="value")
         self.prev.on_click(lambda _: self._step(-1))

@@ -111,6 +111,12 @@ class EmbeddingView(W.VBox):
                           names=["neuron"])
         self.retry = RetryAfterCancel(selection)
 
+    def forget(self) -> None:
+        """The points shown are computed again at the next ``refresh`` (the dataset or the
+        model may have changed); until then they stay on screen, not clickable."""
+        with self.engine.lock:
+            self.indices = np.zeros(0, dtype=np.int64)
+
     def refresh(self) -> None:
         a = self.analyses
         self.retry.asked("embedding")
