@@ -100,8 +100,26 @@ class Selection(traitlets.HasTraits):
             kw["pair"] = tuple(self.modalities[:2])   # a model of 2+ modalities has a pair
         super().__init__(**kw)
 
+    @staticmethod
+    def _no_bool(proposal) -> None:
+        """True is not instance 1 nor class 1 (as ``select`` says too): refused when a trait
+        is set directly, where traitlets' Int would take it."""
+        if isinstance(proposal["value"], bool):
+            name = proposal["trait"].name
+            raise SelectionValueError(f"{name} must be an integer, got {proposal['value']!r}.")
+
+    @traitlets.validate("neuron", "unit")
+    def _valid_index(self, proposal):
+        self._no_bool(proposal)
+        v = proposal["value"]
+        if v < -1:
+            name = proposal["trait"].name
+            raise SelectionValueError(f"{name} must be an index >= 0, or -1 for none; got {v}.")
+        return v
+
     @traitlets.validate("instance")
     def _valid_instance(self, proposal):
+        self._no_bool(proposal)
         i, n = proposal["value"], self.n_instances
         if n is not None and not 0 <= i < n:
             raise SelectionIndexError(f"Instance {i} is out of range: the dataset has {n} "
@@ -110,6 +128,7 @@ class Selection(traitlets.HasTraits):
 
     @traitlets.validate("target")
     def _valid_target(self, proposal):
+        self._no_bool(proposal)
         t, n = proposal["value"], self.n_classes
         if n is not None and not -1 <= t < n:
             raise SelectionValueError(f"target {t} is out of range: use -1 (the predicted "
@@ -170,6 +189,10 @@ class Selection(traitlets.HasTraits):
                 if not is_integer(v):
                     raise ValueError(f"{k} must be an integer, got {v!r}.")
                 kw[k] = int(v)
+        if kw.get("unit", -1) >= 0 and not kw.get("modality", self.modality):
+            raise ValueError(f"unit={kw['unit']} names no modality: give unit=(modality, "
+                             f"index), e.g. unit=({(self.modalities or ['image'])[0]!r}, "
+                             f"{kw['unit']}).")
         if "instance" in kw and kw["instance"] != self.instance and "modality" not in kw:
             kw["modality"], kw["unit"] = "", -1
         if "target" in kw and kw["target"] != self.target and "neuron" not in kw:

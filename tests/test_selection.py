@@ -160,3 +160,30 @@ def test_a_selection_told_two_or_more_modalities_starts_with_a_pair():
     assert s.pair == ("image", "question")
     s.select(unit=("question", torch.tensor(2)))          # an integer tensor is an index
     assert s.as_dict()["unit_ref"] == ["question", 2]
+
+
+@pytest.mark.parametrize("how", ["direct", "select"])
+@pytest.mark.parametrize("field, value, says", [
+    ("instance", True, "must be an integer"), ("target", True, "must be an integer"),
+    ("neuron", False, "must be an integer"), ("neuron", -7, "or -1 for none"),
+    ("unit", -5, "or -1 for none"),
+])
+def test_a_value_is_refused_the_same_way_set_directly_or_selected(how, field, value, says):
+    s = Selection(n_instances=5, n_classes=3, modalities=["image", "question"])
+    before = s.as_dict()
+    kw = {field: value} if field != "unit" else {"modality": "image", "unit": value}
+    with pytest.raises(ValueError, match=says):
+        if how == "direct":
+            setattr(s, field, value)
+        else:
+            s.select(**kw)
+    assert s.as_dict() == before
+
+
+def test_a_unit_index_without_a_modality_says_how_to_name_it():
+    s = Selection(n_instances=5, n_classes=3, modalities=["image", "question"])
+    with pytest.raises(ValueError, match=r"unit=\('image', 3\)"):
+        s.select(unit=3)
+    s.select(unit=("question", 1))
+    s.select(unit=2)                         # the clicked modality is kept: its unit 2
+    assert s.unit_ref == ("question", 2)
