@@ -230,33 +230,55 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
         return
     masked = _attempt(report, "masked-forward", _MASKED,
                       "The model fails on the instance with every unit at its baseline (as "
-                      "occlusion, LIME, SHAP and integrated gradients evaluate it)",
+                      "occlusion, LIME, SHAP and integrated gradients evaluate it; gradient and "
+                      "gradient x input do not)",
                       lambda: adapter.predict(prepared.raw, base))
-    if masked is None:
-        return
-    if not torch.isfinite(masked).all():
+    masked_usable = masked is not None and bool(torch.isfinite(masked).all())
+    if masked is not None and not masked_usable:
         report.add("error", "masked-non-finite",
                    "The model's output is NaN or infinite on the instance with every unit at its "
-                   "baseline (as occlusion, LIME, SHAP and integrated gradients evaluate it); "
-                   "choose another baseline for the modalities or guard the model's numerics "
-                   "(sqrt, log, division) against such inputs.", _MASKED)
-        return
-    pair = _attempt(report, "batch-dependent", _ALL, "A batch of two instances failed",
-                    lambda: adapter.predict(prepared.raw, {n: torch.cat([cont[n], base[n]])
-                                                           for n in cont}))
-    alone = torch.cat([sub, masked])
-    if pair is not None and not random and _differ(pair, alone):
-        report.add("error", "batch-dependent",
-                   "The model's output for an instance depends on the other instances in its "
-                   "batch: the instance and its baseline in one batch give other logits than "
-                   f"each alone (largest difference {float((pair - alone).abs().max()):.3g}). "
-                   "Every kernel batches its inputs, so every result would be wrong: make "
-                   "forward() treat the rows of a batch independently (no statistics over the "
-                   "batch dimension such as h.mean(0), no batch norm in training mode).", _ALL)
+                   "baseline (as occlusion, LIME, SHAP and integrated gradients evaluate it; "
+                   "gradient and gradient x input do not); choose another baseline for the "
+                   "modalities or guard the model's numerics (sqrt, log, division) against such "
+                   "inputs.", _MASKED)
+    # the batch check needs a second row the model can evaluate: the baseline, or else the
+    # point halfway to it (the other checks go on either way: a failure here must not leave
+    # the stages it does not concern at "yes" unchecked)
+    second, second_out = (base, masked) if masked_usable else _halfway(adapter, prepared, cont,
+                                                                        base)
+    if second is None:
+        report.add("warning", "batch-unchecked",
+                   "Whether the model treats the rows of a batch independently could not be "
+                   "checked: it gives no finite output at the baseline nor halfway to it.")
+    else:
+        pair = _attempt(report, "batch-dependent", _ALL, "A batch of two instances failed",
+                        lambda: adapter.predict(prepared.raw, {n: torch.cat([cont[n], second[n]])
+                                                               for n in cont}))
+        alone = torch.cat([sub, second_out])
+        if pair is not None and not random and _differ(pair, alone):
+            report.add("error", "batch-dependent",
+                       "The model's output for an instance depends on the other instances in its "
+                       "batch: the instance and another input in one batch give other logits "
+                       f"than each alone (largest difference {float((pair - alone).abs().max()):.3g})"
+                       ". Every kernel batches its inputs, so every result would be wrong: make "
+                       "forward() treat the rows of a batch independently (no statistics over "
+                       "the batch dimension such as h.mean(0), no batch norm in training mode).",
+                       _ALL)
 
     # 6. Gradients reach every modality (through the embedding for text).
-    if report.stages["unimodal_gradient"]:
+    if not random:
         _check_gradients(adapter, prepared, report, int(out[0].argmax()))
+
+
+def _halfway(adapter: ModelAdapter, prepared, cont: dict, base: dict):
+    """(the continuous inputs halfway between the baseline and the instance, the model's
+    output there), or (None, None) when it is not finite or the model fails there."""
+    half = {n: torch.lerp(base[n], cont[n], 0.5) for n in cont}
+    try:
+        out = adapter.predict(prepared.raw, half)
+    except Exception:  # noqa: BLE001 -- the user's model can raise anything
+        return None, None
+    return (half, out) if bool(torch.isfinite(out).all()) else (None, None)
 
 
 def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls: int) -> None:

@@ -308,3 +308,29 @@ def test_outputs_of_one_score_per_instance_are_reported_with_the_fix():
     from tests.test_adapter import outputs_adapter
     r = check(outputs_adapter("B", 1), {"tabular": torch.rand(4), "series": torch.rand(8, 2)})
     assert "output-shape" in r.codes() and "torch.stack([-z, z], 1)" in str(r), str(r)
+
+
+def test_a_model_that_fails_at_its_baseline_is_still_checked_for_the_rest():
+    """check() returned at the non-finite baseline pass: the batch dependence and the detached
+    modality below went unreported, and features and the prediction path read "yes"."""
+    from multiviz_widgets import Tabular, TimeSeries
+
+    class LogOfInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.l, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, tab, ser):
+            h = torch.tanh(self.l(torch.log(tab)))           # the zero baseline: -inf
+            h = h - h.mean(0, keepdim=True)                  # statistics over the batch
+            h = h * torch.log(tab).sum(1, keepdim=True).exp().clamp(max=1)
+            return self.head(h + ser.detach().sum((1, 2))[:, None])   # series detached
+    model = LogOfInputs().eval()
+    a = ModelAdapter(model, [Tabular("tab", columns=["a", "b", "c"]),
+                             TimeSeries("ser", window=2, channels=["x"])], ["n", "p"],
+                     decision_layer=model.head)
+    r = check(a, {"tab": [1.0, 2.0, 3.0], "ser": np.ones((4, 1), np.float32)})
+    assert {"masked-non-finite", "batch-dependent", "no-gradient"} <= r.codes()
+    assert not any(r.stages.values())
+    assert "gradient and gradient x input do not" in str(r)
