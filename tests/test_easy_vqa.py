@@ -331,3 +331,24 @@ def test_training_into_a_folder_it_cannot_write_fails_before_training(tmp_path, 
     assert demo.main(["train", "--out-dir", str(blocker / "weights")]) == 1
     assert "--out-dir" in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"
+
+
+def test_shape_mask_reads_integers_of_any_type_and_pil_images_on_the_0_255_scale(dataset):
+    from PIL import Image as PILImage
+    img = dataset[0]["image"]
+    want = demo.shape_mask(img)
+    assert want.any()
+    for other in (img.astype(np.int64), PILImage.fromarray(img), img.tolist(),
+                  img.astype(np.float32) / 255.0):
+        np.testing.assert_array_equal(demo.shape_mask(other), want)
+
+
+def test_the_easy_vqa_questions_cannot_change_and_new_labels_change_the_fingerprint(dataset):
+    import copy
+    ds = copy.copy(dataset)                     # a shallow copy: the same contents
+    with pytest.raises(TypeError):
+        ds.questions[0] = "is there a red shape?"    # a tuple: the fingerprint stays true
+    before = ds.fingerprint()
+    ds.labels = (np.asarray(dataset.labels) + 1) % len(dataset.answers)
+    assert ds.fingerprint() != before
+    assert dataset.fingerprint() == before

@@ -208,7 +208,9 @@ class EasyVQADataset(MultimodalDataset):
                  labels: Sequence[int], answers: Sequence[str], split: str = "test"):
         self.images = images
         self.image_index = np.asarray(image_index, dtype=np.int64)
-        self.questions = list(questions)
+        # a tuple: the questions cannot change in place, so the remembered fingerprint (and the
+        # descriptions, the same object) stay true
+        self.questions = tuple(str(q) for q in questions)
         self.answers = list(answers)
         self.split = split
         self._fingerprint: str | None = None
@@ -225,16 +227,21 @@ class EasyVQADataset(MultimodalDataset):
         return [question_kind(q) for q in self.questions]
 
     def fingerprint(self) -> str:
-        """A hash of the pictures, the picture index, the questions and the labels (~25 ms once,
-        then remembered: unlike a dataset of the user's lists, these contents cannot change in
-        place, the pictures being read-only and the questions a private copy)."""
+        """A hash of the pictures, the picture index, the questions and the labels. The first
+        three (~25 ms) are hashed once and remembered: unlike a dataset of the user's lists,
+        they cannot change in place (the pictures are read-only, the questions a tuple). The
+        labels, which may be replaced (``ds.labels = ...``) or edited, are hashed every time
+        (microseconds)."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             h.update(f"easy-vqa:{self.split}:{self.n}".encode())
-            for part in (self.images, self.image_index, self.questions, self.labels):
+            for part in (self.images, self.image_index, list(self.questions)):
                 update_hash(h, part)
-            self._fingerprint = h.hexdigest()[:32]
-        return self._fingerprint
+            self._fingerprint = h.hexdigest()
+        h = hashlib.sha256(self._fingerprint.encode())
+        if self.labels is not None:
+            update_hash(h, self.labels)
+        return h.hexdigest()[:32]
 
 
 @functools.lru_cache(maxsize=2)
@@ -430,8 +437,8 @@ def load(split: str = "test") -> tuple[ModelAdapter, EasyVQADataset]:
 def shape_mask(image, threshold: float = 48.0) -> np.ndarray:
     """Bool [H, W]: the pixels of the picture's shape (the ground truth for relevance mass).
 
-    image: uint8 [H, W, 3] (0..255), or floats in [0, 1] as [3, H, W] (a model input) or
-    [H, W, 3]. The background colour is the median of the border pixels (easy-VQA backgrounds
+    image: integers 0..255 [H, W, 3] (uint8 or any integer type, a PIL image, nested lists),
+    or floats in [0, 1] as [3, H, W] (a model input) or [H, W, 3]. The background colour is the median of the border pixels (easy-VQA backgrounds
     are light and uniform); a pixel belongs to the shape when one of its channels differs from
     it by more than ``threshold`` (on the 0..255 scale).
     """
@@ -444,8 +451,9 @@ def shape_mask(image, threshold: float = 48.0) -> np.ndarray:
         arr = np.moveaxis(arr, 0, -1)
     if arr.shape[-1] != 3:
         raise ValueError(f"shape_mask needs 3 colour channels, got shape {arr.shape}.")
+    on_unit_scale = arr.dtype.kind == "f"       # floats in [0, 1]; integers are 0..255
     arr = arr.astype(np.float32)
-    if image.dtype != np.uint8:
+    if on_unit_scale:
         arr = arr * 255.0
     border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
     background = np.median(border, axis=0)
