@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .checks import positive_int
+from .modalities import _is_pil, pil_pixels
 
 
 class MultimodalDataset:
@@ -22,7 +23,10 @@ class MultimodalDataset:
 
     Each column may be any indexable sequence (a list, an array, a lazy object), so a dataset
     that shares one image between many questions need not copy it; pandas columns are read by
-    position (``ds[i]`` is row i of the column as given, whatever its index labels).
+    position (``ds[i]`` is row i of the column as given, whatever its index labels). A
+    DataFrame column (a table, one row per instance) gives each row as a pandas Series
+    labelled by the frame's column names, so that a Tabular modality reads it by name
+    whatever the frame's column order.
     labels: optional integer class indices (0..C-1), one per instance;
     descriptions: optional one-line text per instance.
     """
@@ -40,7 +44,8 @@ class MultimodalDataset:
         for k, v in columns.items():
             if not isinstance(k, str):
                 raise TypeError(f"Column names are the modalities' names (strings), got {k!r}.")
-            self.columns[k] = _sequence(v, f"Column {k!r}", "inputs")
+            self.columns[k] = (_FrameRows(v) if _is_frame(v)
+                               else _sequence(v, f"Column {k!r}", "inputs"))
         lengths = {k: len(v) for k, v in self.columns.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"All columns must have the same length, got {lengths}.")
@@ -122,11 +127,39 @@ class MultimodalDataset:
         for k in sorted(self.columns):
             update_hash(h, k)
             col = self.columns[k]
+            if isinstance(col, _FrameRows):       # every row at once (one by one: 45 us a row)
+                update_hash(h, col.frame)
+                continue
             for i in range(self.n):
                 update_hash(h, col[i])
         if self.labels is not None:
             update_hash(h, self.labels)
         return h.hexdigest()[:32]
+
+
+def _is_frame(v) -> bool:
+    """Whether v is a pandas DataFrame (2-D, with columns), told without importing pandas."""
+    return hasattr(v, "iloc") and hasattr(v, "columns") and getattr(v, "ndim", 0) == 2
+
+
+class _FrameRows:
+    """The rows of a DataFrame as a sequence: ``rows[i]`` is row i by position (whatever the
+    index labels), a Series labelled by the column names. (``frame.to_numpy()`` lost the
+    names, so a frame whose column order differed from the modality's was silently misread.)
+    The frame is referred to, not copied: an edit in place shows, in the rows and in the
+    fingerprint, which hashes the frame's values and column names (what every row holds)."""
+
+    def __init__(self, frame):
+        self.frame = frame
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __getitem__(self, i):
+        return self.frame.iloc[i]
+
+    def __repr__(self) -> str:
+        return f"<rows of a DataFrame with columns {list(self.frame.columns)[:10]}>"
 
 
 def _index(i) -> int:
@@ -217,8 +250,19 @@ def update_hash(h, v) -> None:
             update_hash(h, x)
         h.update(b"}")
         return
+    elif hasattr(v, "index") and hasattr(v, "to_numpy") and getattr(v, "ndim", 0) in (1, 2):
+        # pandas Series and DataFrames: their values and their labels (a Tabular row and a
+        # TimeSeries frame are read by name), not np.asarray's values alone
+        h.update(f"p{type(v).__name__}{v.shape}(".encode())
+        update_hash(h, [str(d) for d in ([v.dtype] if v.ndim == 1 else v.dtypes)])
+        update_hash(h, list(v.index) if v.ndim == 1 else list(v.columns))
+        update_hash(h, v.to_numpy())
+        h.update(b")")
+        return
+    elif _is_pil(v):                      # its pixels as read (a palette image's colours, not
+        v = np.asarray(pil_pixels(v))     # its palette indices)
     elif not isinstance(v, (np.ndarray, str, bytes, list, tuple, dict)) and (
-            hasattr(v, "__array_interface__") or hasattr(v, "__array__")):   # PIL images...
+            hasattr(v, "__array_interface__") or hasattr(v, "__array__")):   # arrays of others
         v = np.asarray(v)
     if isinstance(v, np.ndarray) and v.dtype != object:
         head, body = f"a{v.dtype.str}{v.shape}", np.ascontiguousarray(v).tobytes()

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import math
 import re
+import unicodedata
 from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -314,10 +315,20 @@ class Image(Modality):
         self.channels_last_raw = channels_last_raw
         self._sp_cache: dict = {}
 
+    def signature(self) -> str:
+        """As Modality.signature; with ``channels_last_raw=False`` it also names the current
+        reading of an HxW array ([1, H, W], where it used to be [H, W, 1]), so that a cache made
+        with the old reading is not served."""
+        return super().signature() + ("" if self.channels_last_raw else "+gray:1xHxW")
+
     def to_tensor(self, raw) -> torch.Tensor:
-        """[C, H, W] floats in [0, 1] from an HxWxC (``channels_last_raw``) or HxW array, or a
-        [C, H, W] tensor. Integer pixels (any integer type, 0..255) are divided by 255; float
-        pixels must already lie in [0, 1]."""
+        """[C, H, W] floats in [0, 1] from an HxWxC (``channels_last_raw``, else CxHxW) or HxW
+        array, a PIL image, or a [C, H, W] tensor. Integer pixels (any integer type, 0..255) are
+        divided by 255; float pixels must already lie in [0, 1]. A PIL image whose array is not
+        its colours (palette, CMYK, YCbCr, HSV, LAB) is converted to RGB (RGBA for a palette
+        with transparency) first, see ``pil_pixels``."""
+        if _is_pil(raw):
+            raw = pil_pixels(raw, self.name)
         if isinstance(raw, torch.Tensor):
             t = raw.detach()
             if t.dim() == 3 and t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4):
@@ -329,8 +340,8 @@ class Image(Modality):
             if arr.dtype == object or not (arr.dtype.kind in "biuf"):
                 raise TypeError(f"{self.name}: an image must be an array of numbers, got "
                                 f"{type(raw).__name__} of dtype {arr.dtype}.")
-            if arr.ndim == 2:
-                arr = arr[..., None]
+            if arr.ndim == 2:                 # grey levels: one channel, where the layout has it
+                arr = arr[..., None] if self.channels_last_raw else arr[None]
             if arr.ndim != 3:
                 raise ValueError(f"{self.name}: an image must be HxWxC or HxW, got shape {arr.shape}.")
             if (self.channels_last_raw and arr.shape[0] in (1, 3, 4)
@@ -357,7 +368,9 @@ class Image(Modality):
 
     def input_shape(self, raw) -> tuple[int, ...]:
         if isinstance(raw, np.ndarray) and raw.ndim in (2, 3) and raw.dtype.kind in "biuf":
-            shape = raw.shape if raw.ndim == 3 else (*raw.shape, 1)
+            if raw.ndim == 2:                 # grey levels: [1, H, W] in either layout
+                return (1, *raw.shape)
+            shape = raw.shape
             return (shape[2], shape[0], shape[1]) if self.channels_last_raw else tuple(shape)
         return super().input_shape(raw)
 
@@ -444,6 +457,43 @@ class Image(Modality):
         return attr.sum(dim=-3)
 
 
+#: PIL modes whose array is not the image's colours, and the mode to read them in: CMYK holds
+#: four ink channels; YCbCr, HSV and LAB three channels that are not red, green and blue; RGBX
+#: a padding channel; RGBa and PA colours premultiplied by alpha or palette indices. (A palette
+#: image, mode P, is read as RGB, or RGBA when it has transparency: see ``pil_pixels``.)
+_PIL_READ_AS = {"CMYK": "RGB", "YCbCr": "RGB", "HSV": "RGB", "LAB": "RGB", "RGBX": "RGB",
+                "RGBa": "RGBA", "PA": "RGBA"}
+
+
+def _is_pil(raw) -> bool:
+    """Whether raw is a PIL image (told without importing PIL, which is optional)."""
+    return (type(raw).__module__.startswith("PIL.") and hasattr(raw, "mode")
+            and hasattr(raw, "convert"))
+
+
+def pil_pixels(img, name: str = "image"):
+    """A PIL image in a mode whose array is its pixels: a palette image (mode P, whose array
+    holds palette indices, not grey levels) as RGB, or RGBA when it has transparency; CMYK,
+    YCbCr, HSV and LAB as RGB (see ``_PIL_READ_AS``); RGB, L, LA, RGBA, 1, I and F as they are.
+    The dataset fingerprint hashes this too, so that images differing only in their palette
+    differ."""
+    mode = img.mode
+    if mode == "P":
+        transparent = getattr(img, "has_transparency_data", None)
+        transparent = ("transparency" in img.info) if transparent is None else transparent
+        target = "RGBA" if transparent else "RGB"
+    else:
+        target = _PIL_READ_AS.get(mode)
+    if target is None:
+        return img
+    try:
+        return img.convert(target)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{name}: a PIL image of mode {mode!r} holds no RGB pixels and this "
+                         f"version of PIL cannot convert it to {target} ({e}); convert it "
+                         f"yourself, e.g. img.convert('RGB').") from None
+
+
 def slic_superpixels(img: np.ndarray, n_segments: int, compactness: float = 10.0,
                      iterations: int = 6) -> np.ndarray:
     """SLIC-style superpixels of a [C, H, W] image: k-means on colour and position.
@@ -471,19 +521,62 @@ def slic_superpixels(img: np.ndarray, n_segments: int, compactness: float = 10.0
     return labels.reshape(h, w).astype(np.int64)
 
 
-#: words (with inner apostrophes: don't, c'est), or one punctuation mark; an apostrophe that
-#: opens or closes a word ('red', dogs') is punctuation, so that a quoted word is still the word
-_WORD = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
+#: whether a token of the default tokenizer is a word (not punctuation or a symbol)
+_STARTS_WORD = re.compile(r"\w").match
 #: typographic apostrophes, read as the ASCII one (don’t is don't)
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+
+
+@functools.cache
+def _word_pattern() -> re.Pattern:
+    """The default tokenizer's pattern (built on first use: listing the combining marks takes
+    some 30 ms). A token is
+
+    * a word: letters, digits and combining marks (Unicode categories M*: the vowel signs and
+      viramas of Devanagari, Arabic harakat, a decomposed accent), with inner apostrophes
+      (don't, c'est); ``\\w`` alone leaves the marks out, which split हिन्दी into three "words"
+      and dropped the vowel marks of عَرَبِيّ. An apostrophe that opens or closes a word ('red',
+      dogs') is punctuation, so that a quoted word is still the word;
+    * or a pair of regional indicators (a flag, 🇫🇷);
+    * or one other character (a punctuation mark, a symbol, an emoji) with the marks,
+      variation selectors and skin-tone modifiers that follow it, and the characters joined
+      to it by zero-width joiners: 👍🏽 and 👨‍👩‍👧 are one token each, as they are one
+      character to a reader.
+
+    On ASCII text it splits exactly as the plain ``\\w+(?:'\\w+)*|[^\\w\\s]`` did."""
+    marks = _char_class(lambda c: unicodedata.category(c).startswith("M"))
+    word = rf"[\w{marks}]+"
+    attached = rf"[{marks}\U0001F3FB-\U0001F3FF]*"        # marks, skin tones (Fitzpatrick)
+    symbol = rf"[^\w\s{marks}]{attached}(?:\u200d[^\w\s{marks}]{attached})*"
+    return re.compile(rf"{word}(?:'{word})*|[\U0001F1E6-\U0001F1FF]{{2}}|{symbol}")
+
+
+def _char_class(keep: Callable[[str], bool]) -> str:
+    """The body of a regex character class holding every code point for which keep is true,
+    as ranges (a-b). Planes 0, 1 and 14 only: the others hold CJK ideographs, private use
+    or nothing, and reading them would cost 0.2 s instead of 0.03 s."""
+    parts = []
+    for plane in (range(0, 0x20000), range(0xE0000, 0xF0000)):
+        start = None
+        for code in [*plane, None]:
+            if code is not None and keep(chr(code)):
+                start = code if start is None else start
+                prev = code
+            elif start is not None:
+                parts.append(re.escape(chr(start)) if start == prev
+                             else f"{re.escape(chr(start))}-{re.escape(chr(prev))}")
+                start = None
+    return "".join(parts)
 
 
 class Text(Modality):
     """A token sequence [T] of ids; units are tokens; gradients flow through the embedding layer.
 
     vocab: the list of tokens (index = id), which must contain ``pad_token`` and ``unk_token``.
-    tokenize: a function from a string to a list of tokens (default: lower-cased words, with
-    punctuation split off and, if ``drop_punctuation``, dropped).
+    tokenize: a function from a string to a list of tokens (default: the text NFC-normalised
+    and lower-cased, split into words, with punctuation and symbols split off and, if
+    ``drop_punctuation``, dropped unless the vocabulary holds them, as it may an emoji; see
+    ``_word_pattern``).
     baseline: "pad" (every token becomes [PAD] before embedding) or "zero" (zero embeddings).
     """
 
@@ -524,6 +617,13 @@ class Text(Modality):
         self.drop_punctuation = drop_punctuation
         self._tokenize = tokenize
 
+    def signature(self) -> str:
+        """As Modality.signature; with the default tokenizer it also names that tokenizer's
+        rules (Unicode words, since combining marks became part of words and symbols in the
+        vocabulary were kept), so that features cached with the older splitting of non-ASCII
+        text are not served."""
+        return super().signature() + ("" if self._tokenize is not None else "+words:unicode-2")
+
     def tokenize(self, text: str) -> list[str]:
         if self._tokenize is not None:
             toks = self._tokenize(text)
@@ -536,9 +636,26 @@ class Text(Modality):
                                 f"{got[:80]}. For a tokenizer that gives ids, pass the ids as "
                                 "a 1-D integer tensor instead of the text.")
             return list(toks)
-        toks = _WORD.findall(text.lower().translate(_APOSTROPHES))
-        if self.drop_punctuation:
-            toks = [t for t in toks if re.match(r"\w", t)]
+        return self._words(text, self.drop_punctuation)
+
+    def _words(self, text: str, drop_punctuation: bool) -> list[str]:
+        """The default tokenizer. NFC first, so that a decomposed "café" (e + a combining
+        accent) is the vocabulary's "café"; lower-casing "İ" gives "i" + a combining dot,
+        read as "i" as before. A symbol with modifiers that is not in the vocabulary, where
+        the symbol alone is, is read as the symbol (👍🏽 as 👍, ❤️ as ❤; not a sequence joined
+        by zero-width joiners, whose first emoji is not what it shows). A token that is not a
+        word (punctuation, a symbol) is dropped with ``drop_punctuation`` unless it is in the
+        vocabulary."""
+        text = unicodedata.normalize("NFC", text.lower().translate(_APOSTROPHES))
+        vocab = self.token_to_id
+        toks = []
+        for t in _word_pattern().findall(text.replace("i\u0307", "i")):
+            if not _STARTS_WORD(t):
+                if len(t) > 1 and t not in vocab and t[0] in vocab and "\u200d" not in t:
+                    t = t[0]
+                if drop_punctuation and t not in vocab:
+                    continue
+            toks.append(t)
         return toks
 
     def to_tensor(self, raw) -> torch.Tensor:
@@ -558,7 +675,12 @@ class Text(Modality):
                             f"{type(raw).__name__}.")
         toks = self.tokenize(raw)
         if not toks:
-            raise ValueError(f"{self.name}: the text {raw!r} has no tokens.")
+            dropped = (self._tokenize is None and self.drop_punctuation
+                       and self._words(raw, drop_punctuation=False))
+            hint = (" It holds only punctuation or symbols outside the vocabulary, which "
+                    "drop_punctuation drops: add them to the vocabulary, or give the modality "
+                    "drop_punctuation=False." if dropped else "")
+            raise ValueError(f"{self.name}: the text {raw!r} has no tokens.{hint}")
         return torch.tensor([self.token_to_id.get(t, self.unk_id) for t in toks], dtype=torch.long)
 
     def input_shape(self, raw) -> tuple[int, ...]:
@@ -637,6 +759,8 @@ class Tabular(Modality):
     """A row of F numeric columns [F]; units are columns, or named groups of columns.
 
     baseline: "zero", "mean" (``means`` must be given, e.g. the training means) or a vector.
+    ``means`` and a vector baseline are read as rows are (``to_tensor``): a dict or a pandas
+    Series (``df.mean()``) by column name, a plain sequence in the order of ``columns``.
     """
 
     kind = "tabular"
@@ -678,9 +802,10 @@ class Tabular(Modality):
             if baseline == "mean" and means is None:
                 raise ValueError("Tabular baseline 'mean' needs means=..., the column means of the "
                                  "training data.")
-            self._baseline = None if baseline == "zero" else torch.as_tensor(means, dtype=torch.float32)
+            self._baseline = (None if baseline == "zero" else
+                              self._vector(means, f"Tabular {self.name!r} means"))
         else:
-            self._baseline = _float_tensor(baseline, f"Tabular {self.name!r} baseline").float()
+            self._baseline = self._vector(baseline, f"Tabular {self.name!r} baseline")
         if self._baseline is not None and self._baseline.shape != (f,):
             raise ValueError(f"Tabular baseline must have one value per column ({f}), got "
                              f"shape {tuple(self._baseline.shape)}.")
@@ -690,33 +815,49 @@ class Tabular(Modality):
                              "every masked input would be too. Give finite values (e.g. "
                              "np.nanmean over the training data).")
 
+    def _vector(self, values, what: str) -> torch.Tensor:
+        """A float32 vector of means or baseline values: a dict or a pandas Series by column
+        name (``df.mean()`` of a frame in any column order), a sequence as it is."""
+        if _is_labelled(values):
+            values = self._by_name(values, what)
+        return _float_tensor(values, what).float()
+
     def to_tensor(self, raw) -> torch.Tensor:
         """A row [F] from a sequence of F numbers (in the order of ``columns``), a dict keyed by
         the column names, or a pandas Series whose labels include them (taken by name, so a
-        row of a DataFrame with other columns or another column order is read right)."""
-        if isinstance(raw, dict) or (hasattr(raw, "index") and hasattr(raw, "to_numpy")
-                                     and getattr(raw, "ndim", 0) == 1):
-            raw = self._by_name(raw)
+        row of a DataFrame with other columns or another column order is read right). A
+        missing value (NaN, None, pd.NA) becomes NaN, which the adapter's checks report."""
+        if _is_labelled(raw):
+            raw = self._by_name(raw, f"{self.name}: the row")
         t = _float_tensor(raw, self.name)
         if t.shape != (len(self.columns),):
             raise ValueError(f"{self.name}: a row must have {len(self.columns)} values "
                              f"({', '.join(self.columns)}), got shape {tuple(t.shape)}.")
         return t
 
-    def _by_name(self, raw):
-        """The values of a dict or pandas Series, in the order of ``columns``: by label when
-        every column name is one (a Series with other labels, e.g. 0..F-1, is read by
-        position as before)."""
-        keys = list(raw.keys()) if isinstance(raw, dict) else list(raw.index)
+    def _by_name(self, raw, what: str):
+        """The values of a dict or a pandas Series, in the order of ``columns``, by label.
+        A Series none of whose labels is a column name (e.g. labels 0..F-1, a RangeIndex) is
+        read by position; one that names some columns but not all (a renamed column) is
+        refused, as is a dict without every column: by position, the values of the other
+        columns would be silently misread. what names the values in the errors ("vitals: the
+        row", "Tabular 'vitals' means")."""
+        series = not isinstance(raw, Mapping)
+        keys = list(raw.index) if series else list(raw.keys())
         names = {str(k): k for k in keys}
         missing = [c for c in self.columns if c not in names]
         if not missing:
-            return [raw[names[c]] for c in self.columns]
-        if isinstance(raw, dict):
-            raise ValueError(f"{self.name}: the row (a dict) has no value for the columns "
-                             f"{missing}; its keys are {keys[:10]}. Key the row by the column "
-                             f"names {self.columns}, or pass the values in that order.")
-        return raw.to_numpy()
+            picked = [names[c] for c in self.columns]
+            if series:
+                return _pandas_numbers(raw[picked], what)
+            return [np.nan if _is_missing(raw[k]) else raw[k] for k in picked]
+        if series and len(missing) == len(self.columns):
+            return _pandas_numbers(raw, what)      # no label is a column name: by position
+        container, word = ("a pandas Series", "labels") if series else ("a dict", "keys")
+        raise ValueError(
+            f"{what} ({container}) has no value for the columns {missing}; "
+            f"{_others(keys, self.columns, word, 'column')}. Name the values by the columns "
+            f"{self.columns} (rename the others), or pass them as an array in that order.")
 
     def unit_index(self, x: torch.Tensor) -> torch.Tensor:
         return self._index.to(x.device)
@@ -764,6 +905,44 @@ def _members(cols, what: str, names: Sequence[str], thing: str) -> list[int]:
     return out
 
 
+def _others(labels: list, names: Sequence[str], word: str, thing: str) -> str:
+    """The part of an error that lists the labels (keys, columns) that are not names of
+    columns (channels): often the misspelt or renamed ones."""
+    unknown = [k for k in labels if str(k) not in names]
+    if not unknown:
+        return f"its {word} are {labels[:10]}{' ...' if len(labels) > 10 else ''}"
+    return (f"its {word} that are not {thing} names are {unknown[:10]}"
+            f"{' ...' if len(unknown) > 10 else ''}")
+
+
+def _is_labelled(v) -> bool:
+    """Whether v names its values: a mapping (a dict) or a pandas Series (1-D, with an index)."""
+    return isinstance(v, Mapping) or (hasattr(v, "index") and hasattr(v, "to_numpy")
+                                      and getattr(v, "ndim", 0) == 1)
+
+
+def _is_missing(x) -> bool:
+    """Whether x is pandas' missing value pd.NA (told without importing pandas), which numpy
+    cannot make a float of; None and NaN become NaN already."""
+    return type(x).__name__ == "NAType" and type(x).__module__.startswith("pandas")
+
+
+def _pandas_numbers(v, name: str) -> np.ndarray:
+    """The values of a pandas Series or DataFrame as a numpy array: columns of numpy numbers as
+    they are (their dtype kept, as when read as an array), others (nullable Float64 or Int64,
+    object) as float64 with missing values (pd.NA, None) as NaN, which the adapter's checks
+    then report as missing values to impute (pd.NA was an unclear TypeError)."""
+    dtypes = [v.dtype] if v.ndim == 1 else list(v.dtypes)
+    if all(isinstance(d, np.dtype) and d.kind in "biuf" for d in dtypes):
+        return v.to_numpy()
+    try:
+        return v.to_numpy(dtype="float64", na_value=np.nan)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name}: expected numbers, but the pandas {type(v).__name__} (dtype "
+                        f"{', '.join(sorted({str(d) for d in dtypes}))}) holds values that are "
+                        f"not ({e}). Convert or drop the non-numeric columns.") from None
+
+
 def _float_tensor(raw, name: str) -> torch.Tensor:
     """raw (an array, a nested list or a tensor of numbers) as a float tensor: float64 values
     (a float64 array, Python floats) keep their precision, others become float32; ``collate``
@@ -774,6 +953,8 @@ def _float_tensor(raw, name: str) -> torch.Tensor:
         arr = np.asarray(raw)
         if arr.dtype != np.float64:
             arr = np.asarray(arr, dtype=np.float32)
+        if not arr.flags.writeable:       # (pandas' arrays): torch warns, and would share it
+            arr = arr.copy()
         return torch.from_numpy(arr)
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name}: expected numbers (an array, a list or a tensor), got "
@@ -820,6 +1001,13 @@ class TimeSeries(Modality):
         self.baseline = baseline
 
     def to_tensor(self, raw) -> torch.Tensor:
+        """A series [T, C] from an array (time x channels, channels in the order of
+        ``channels``) or a pandas DataFrame, whose columns are taken by name (a frame in
+        another column order is read right). A frame none of whose column labels is a
+        channel name (e.g. ``pd.DataFrame(array)``, labels 0..C-1) is read by position; one
+        that names some channels but not all is refused."""
+        if hasattr(raw, "columns") and hasattr(raw, "to_numpy") and getattr(raw, "ndim", 0) == 2:
+            raw = self._by_channel_name(raw)
         t = _float_tensor(raw, self.name)
         c = len(self.channels)
         if t.dim() != 2 or t.shape[1] != c or t.shape[0] == 0:
@@ -831,6 +1019,21 @@ class TimeSeries(Modality):
             raise ValueError(f"{self.name}: a series must be [time, {c} channels] "
                              f"with at least one time step, got shape {tuple(t.shape)}.{hint}")
         return t
+
+    def _by_channel_name(self, frame) -> np.ndarray:
+        """A DataFrame's values [T, C] with its columns in the order of ``channels``."""
+        labels = list(frame.columns)
+        names = {str(k): k for k in labels}
+        missing = [c for c in self.channels if c not in names]
+        if not missing:
+            return _pandas_numbers(frame[[names[c] for c in self.channels]], self.name)
+        if len(missing) == len(self.channels):
+            return _pandas_numbers(frame, self.name)     # no label is a channel name: by position
+        raise ValueError(
+            f"{self.name}: the DataFrame has no column for the channels {missing}; "
+            f"{_others(labels, self.channels, 'columns', 'channel')}. Name its columns by the "
+            f"channels {self.channels} (rename the others), or pass frame.to_numpy() with the "
+            "channels in that order.")
 
     def n_windows(self, x: torch.Tensor) -> int:
         return math.ceil(x.shape[0] / self.window)

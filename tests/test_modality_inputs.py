@@ -1,0 +1,328 @@
+"""How the modalities and datasets read inputs given in common forms other than plain arrays:
+pandas rows, frames, means and missing values, PIL images of every colour mode, grayscale
+arrays in either layout, and text in scripts with combining marks or with emoji. Each test
+says what a user got before."""
+import random
+import re
+import string
+import unicodedata
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from multiviz_widgets import (Image, ModelAdapter, MultimodalDataset, Tabular, Text, TimeSeries,
+                              check)
+
+COLUMNS = ["age", "bmi", "glucose"]
+#: a frame whose column order is not the modality's
+FRAME = pd.DataFrame({"glucose": [90.0, 150.0], "age": [30.0, 70.0], "bmi": [22.0, 32.0]},
+                     index=[10, 11])
+
+
+def fp(columns, **kw):
+    return MultimodalDataset(columns, **kw).fingerprint()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tabular: means and baselines (defect 1)
+# ---------------------------------------------------------------------------------------------
+def test_tabular_means_and_baseline_given_by_name_follow_the_columns():
+    """means=df.mean() raised "could not determine the shape of object type 'Series'",
+    means={...} a TypeError "must be real number, not dict", and baseline=df.mean() was read
+    by position: [120, 50, 27] for the columns age, bmi, glucose."""
+    want = [50.0, 27.0, 120.0]
+    for kw in (dict(baseline="mean", means=FRAME.mean()),
+               dict(baseline="mean", means={"glucose": 120, "age": 50, "bmi": 27}),
+               dict(baseline=FRAME.mean()),
+               dict(baseline={"bmi": 27.0, "glucose": 120.0, "age": 50.0})):
+        tab = Tabular("vitals", columns=COLUMNS, **kw)
+        assert tab.baseline_raw(torch.zeros(3)).tolist() == want, kw
+
+
+def test_tabular_means_as_a_plain_sequence_are_read_in_column_order_as_before():
+    """Arrays, lists and Series without column labels (0..F-1) keep their position."""
+    for means in ([1.0, 2.0, 3.0], np.array([1.0, 2.0, 3.0]), pd.Series([1.0, 2.0, 3.0]),
+                  torch.tensor([1.0, 2.0, 3.0])):
+        tab = Tabular("vitals", columns=COLUMNS, baseline="mean", means=means)
+        assert tab.baseline_raw(torch.zeros(3)).tolist() == [1.0, 2.0, 3.0]
+        assert tab.baseline_raw(torch.zeros(3)).dtype == torch.float32
+
+
+def test_tabular_means_missing_a_column_name_are_refused_with_its_name():
+    with pytest.raises(ValueError, match=r"means \(a dict\) has no value for the columns "
+                                         r"\['glucose'\]; its keys that are not column names "
+                                         r"are \['gluc'\]"):
+        Tabular("vitals", columns=COLUMNS, baseline="mean",
+                means={"age": 50, "bmi": 27, "gluc": 120})
+    with pytest.raises(ValueError, match=r"baseline \(a pandas Series\) has no value for the "
+                                         r"columns \['bmi'\]"):
+        Tabular("vitals", columns=COLUMNS, baseline=FRAME.mean().drop("bmi"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tabular rows from pandas (defect 2)
+# ---------------------------------------------------------------------------------------------
+def test_a_dataframe_column_of_a_dataset_is_read_by_column_name():
+    """MultimodalDataset({"vitals": df}) turned the frame into a bare array: with the frame's
+    columns in another order than Tabular.columns, every row was silently misread
+    ([90, 30, 22] for age 30, bmi 22, glucose 90)."""
+    tab = Tabular("vitals", columns=COLUMNS)
+    ds = MultimodalDataset({"vitals": FRAME})
+    assert len(ds) == 2
+    assert tab.to_tensor(ds[0]["vitals"]).tolist() == [30.0, 22.0, 90.0]
+    assert tab.to_tensor(ds[-1]["vitals"]).tolist() == [70.0, 32.0, 150.0]   # by position
+    batch = tab.batch([inst["vitals"] for _, insts in ds.batches(2) for inst in insts])
+    assert batch.tolist() == [[30.0, 22.0, 90.0], [70.0, 32.0, 150.0]]
+
+
+def test_the_fingerprint_of_a_dataframe_column_follows_its_values_and_column_names():
+    """Rows are read by name, so two frames with the same numbers under other column names
+    give other inputs: their fingerprints must differ (a hash of the values alone, as
+    np.asarray gives them, would serve one's cached features for the other)."""
+    base = fp({"vitals": FRAME})
+    assert fp({"vitals": FRAME.copy()}) == base
+    assert fp({"vitals": FRAME.set_axis(["age", "glucose", "bmi"], axis=1)}) != base
+    assert fp({"vitals": FRAME.rename(columns={"bmi": "bmi_kg_m2"})}) != base
+    assert fp({"vitals": FRAME.to_numpy()}) != base
+    frame = FRAME.copy()
+    ds = MultimodalDataset({"vitals": frame})
+    before = ds.fingerprint()
+    frame.iloc[1, 2] = 33.0                                   # an edit in place shows
+    assert ds.fingerprint() != before
+    # a Series (a row given as an instance) is hashed with its labels too
+    row = FRAME.iloc[0]
+    assert fp({"vitals": [row]}) != fp({"vitals": [row.set_axis(["age", "bmi", "glucose"])]})
+    assert fp({"vitals": [row]}) == fp({"vitals": [row.copy()]})
+
+
+def test_a_pandas_row_naming_some_columns_but_not_all_is_refused():
+    """With one column renamed (glucose -> glucose_mg_dl) the row fell back silently to
+    position: age read 90 (the glucose), bmi 30 (the age)."""
+    tab = Tabular("vitals", columns=COLUMNS)
+    renamed = FRAME.rename(columns={"glucose": "glucose_mg_dl"}).iloc[0]
+    with pytest.raises(ValueError, match=r"no value for the columns \['glucose'\]; its labels "
+                                         r"that are not column names are \['glucose_mg_dl'\]"):
+        tab.to_tensor(renamed)
+    # no label a column name (a RangeIndex, other names): by position, as before
+    assert tab.to_tensor(pd.Series([1.0, 2.0, 3.0])).tolist() == [1.0, 2.0, 3.0]
+    assert tab.to_tensor(pd.Series([1.0, 2.0, 3.0], index=["x", "y", "z"])).tolist() == [1, 2, 3]
+    # extra labels (a label column) are fine when every column is named
+    row = FRAME.assign(label=[1, 0]).iloc[1]
+    assert tab.to_tensor(row).tolist() == [70.0, 32.0, 150.0]
+
+
+def test_numpy_rows_read_as_before():
+    """Rows given as arrays or lists, in column order, give what they gave (dtype included)."""
+    tab = Tabular("vitals", columns=COLUMNS)
+    assert tab.to_tensor(np.array([1.0, 2.0, 3.0])).dtype == torch.float64
+    assert tab.to_tensor(np.array([1, 2, 3])).dtype == torch.float32
+    assert tab.to_tensor([1.5, 2.0, 3.0]).tolist() == [1.5, 2.0, 3.0]
+    assert tab.to_tensor(FRAME.astype("float32").iloc[0]).dtype == torch.float32
+    assert tab.to_tensor(FRAME.iloc[0]).dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# Image: grayscale channels-first, PIL colour modes (defects 3 and 5)
+# ---------------------------------------------------------------------------------------------
+def test_a_grayscale_array_is_one_channel_in_either_layout():
+    """With channels_last_raw=False an H x W array became [H, W, 1]: 28 "channels" of a
+    20 x 1 image, with 5 units instead of 35."""
+    gray = (np.arange(28 * 20) % 256).astype(np.uint8).reshape(28, 20)
+    want = torch.from_numpy(gray).float().div(255).unsqueeze(0)
+    for channels_last in (True, False):
+        m = Image("image", patch=4, channels_last_raw=channels_last)
+        t = m.to_tensor(gray)
+        assert tuple(t.shape) == m.input_shape(gray) == (1, 28, 20)
+        assert torch.equal(t, want)
+        assert m.n_units(t) == 35
+    chw = np.zeros((3, 6, 5), np.uint8)                       # 3-D arrays as before
+    assert Image("image", channels_last_raw=False).input_shape(chw) == (3, 6, 5)
+    assert Image("image").input_shape(np.zeros((6, 5, 3), np.uint8)) == (3, 6, 5)
+
+
+def _two_colours() -> np.ndarray:
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[..., 2] = 255
+    rgb[4:12, 4:12] = [255, 0, 0]
+    return rgb
+
+
+def test_a_palette_image_is_read_as_its_colours():
+    """A mode-P image was read as one channel of palette indices (grey levels 15/255 and
+    190/255 for a red square on blue)."""
+    PIL = pytest.importorskip("PIL.Image")
+    rgb = _two_colours()
+    m = Image("image")
+    palette = PIL.fromarray(rgb).convert("P")
+    assert torch.equal(m.to_tensor(palette), m.to_tensor(rgb))
+    # with a transparent palette entry: RGBA, that entry's alpha 0
+    transparent = palette.copy()
+    transparent.info["transparency"] = int(np.asarray(palette)[0, 0])
+    t = m.to_tensor(transparent)
+    assert t.shape == (4, 16, 16)
+    assert torch.equal(t[:3], m.to_tensor(rgb)) and t[3, 0, 0] == 0 and t[3, 8, 8] == 1
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "YCbCr", "HSV", "LAB", "RGBX"])
+def test_images_in_other_colour_spaces_are_read_as_rgb(mode):
+    """CMYK gave four channels (ink amounts), YCbCr, HSV and LAB three channels that were
+    taken for red, green and blue."""
+    PIL = pytest.importorskip("PIL.Image")
+    rgb = _two_colours()
+    t = Image("image").to_tensor(PIL.fromarray(rgb).convert(mode))
+    assert t.shape == (3, 16, 16)
+    # the colour as PIL converts back (LAB round-trips loosely): red square, blue around
+    assert t[0, 8, 8] > 0.7 and t[2, 8, 8] < 0.3 and t[2, 0, 0] > 0.7 and t[0, 0, 0] < 0.3
+
+
+def test_rgb_and_grey_pil_images_read_and_hash_as_before():
+    """RGB, L and RGBA images are not converted: the same tensor and fingerprint as their
+    arrays."""
+    PIL = pytest.importorskip("PIL.Image")
+    rgb = _two_colours()
+    for arr in (rgb, rgb[..., 0], np.dstack([rgb, np.full((16, 16), 200, np.uint8)])):
+        img = PIL.fromarray(arr)
+        assert torch.equal(Image("image").to_tensor(img), Image("image").to_tensor(arr))
+        assert fp({"image": [img]}) == fp({"image": [arr]})
+
+
+def test_palette_images_differing_only_in_their_palette_have_different_fingerprints():
+    """The fingerprint hashed the palette indices: two palette images of other colours (the
+    same indices) had one fingerprint, so one's cached features were served for the other."""
+    PIL = pytest.importorskip("PIL.Image")
+    a = PIL.fromarray(_two_colours()).convert("P")
+    b = a.copy()
+    i, j = map(int, np.unique(np.asarray(a)))                  # the two entries used
+    pal = a.getpalette()
+    pal[3 * i:3 * i + 3], pal[3 * j:3 * j + 3] = pal[3 * j:3 * j + 3], pal[3 * i:3 * i + 3]
+    b.putpalette(pal)                                          # their colours swapped
+    assert np.array_equal(np.asarray(a), np.asarray(b))       # the same indices
+    assert not torch.equal(Image("image").to_tensor(a), Image("image").to_tensor(b))
+    assert fp({"image": [a]}) != fp({"image": [b]})
+    assert fp({"image": [a]}) == fp({"image": [a.copy()]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: combining marks, NFC, emoji (defect 4)
+# ---------------------------------------------------------------------------------------------
+SCRIPTS = ["हिन्दी", "नमस्ते", "ไทย", "عَرَبِيّ", "café"]
+
+
+def test_words_with_combining_marks_are_one_token():
+    """\\w excludes combining marks (Unicode M*): हिन्दी was split into ह, न, द (its vowel
+    signs and virama dropped as punctuation), عَرَبِيّ lost its harakat, and every piece was
+    [UNK]."""
+    t = Text("q", vocab=["[PAD]", "[UNK]"] + SCRIPTS)
+    for word in SCRIPTS:
+        assert t.tokenize(word) == [word]
+        assert t.to_tensor(word).tolist() == [t.token_to_id[word]]
+    assert t.tokenize("नमस्ते, हिन्दी!") == ["नमस्ते", "हिन्दी"]
+
+
+def test_a_decomposed_accent_is_the_same_word_as_the_composed_one():
+    """'café' written as e + a combining accent (NFD, as macOS file names and some inputs
+    give it) became 'cafe' (the accent dropped as punctuation): [UNK]."""
+    t = Text("q", vocab=["[PAD]", "[UNK]", "what", "is", "café"])
+    nfd = unicodedata.normalize("NFD", "What is café?")
+    assert t.tokenize(nfd) == ["what", "is", "café"]
+    assert t.to_tensor(nfd).tolist() == t.to_tensor("What is café?").tolist() == [2, 3, 4]
+    assert t.tokenize("İ") == ["i"]                           # lower() adds a combining dot
+
+
+def test_emoji_in_the_vocabulary_are_kept():
+    """Emoji were dropped as punctuation even when in the vocabulary; a text of emoji only
+    raised "has no tokens"."""
+    t = Text("q", vocab=["[PAD]", "[UNK]", "naïve", "👍", "❤", "👨‍👩‍👧"])
+    assert t.tokenize("naïve 👍") == ["naïve", "👍"]
+    assert t.to_tensor("👍").tolist() == [3]
+    assert t.tokenize("👍🏽 ❤️") == ["👍", "❤"]                 # skin tone, variation selector
+    assert t.tokenize("👨‍👩‍👧!") == ["👨‍👩‍👧"]                    # one joined emoji, one token
+    # punctuation and symbols outside the vocabulary are still dropped
+    assert t.tokenize("naïve?! 🙂") == ["naïve"]
+    assert Text("q", vocab=["[PAD]", "[UNK]"], drop_punctuation=False).tokenize(
+        "👍🏽 ok!") == ["👍🏽", "ok", "!"]
+    with pytest.raises(ValueError, match="no tokens.*outside the vocabulary.*drop_punctuation"):
+        t.to_tensor("🙂?")
+
+
+def _old_tokenize(text: str, drop_punctuation: bool) -> list[str]:
+    """The default tokenizer as it was, for ASCII text (which it handled right)."""
+    text = text.lower().translate(str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"}))
+    toks = re.findall(r"\w+(?:'\w+)*|[^\w\s]", text)
+    return [t for t in toks if re.match(r"\w", t)] if drop_punctuation else toks
+
+
+@pytest.mark.parametrize("drop_punctuation", [True, False])
+def test_ascii_text_is_tokenised_exactly_as_before(drop_punctuation):
+    """The Unicode rules must not move one ASCII token (easy-VQA's trained model depends on
+    its questions' token ids)."""
+    rng = random.Random(0)
+    texts = ["What is the red shape?", "Is there a blue circle in the image?", "don't 'red'",
+             "dogs' c'est", "x_y 1,000.5 e.g. can't!", "it\u2019s a--b"]
+    texts += ["".join(rng.choice(string.printable) for _ in range(rng.randint(0, 30)))
+              for _ in range(3000)]
+    t = Text("q", vocab=["[PAD]", "[UNK]", "what", "is"], drop_punctuation=drop_punctuation)
+    for text in texts:
+        assert t.tokenize(text) == _old_tokenize(text, drop_punctuation), text
+
+
+# ---------------------------------------------------------------------------------------------
+# TimeSeries from a DataFrame (defect 6)
+# ---------------------------------------------------------------------------------------------
+def test_a_timeseries_dataframe_is_read_by_channel_name():
+    """A frame ordered spo2, hr was read by position: the unit labelled 'hr' held SpO2."""
+    ts = TimeSeries("vitals", window=2, channels=["hr", "spo2"])
+    df = pd.DataFrame({"spo2": [97.0, 96.0, 95.0, 94.0], "hr": [60.0, 61.0, 62.0, 63.0]})
+    t = ts.to_tensor(df)
+    assert t[:, 0].tolist() == [60.0, 61.0, 62.0, 63.0]
+    assert t[:, 1].tolist() == [97.0, 96.0, 95.0, 94.0]
+    assert ts.to_tensor(df.assign(note=1.0)).tolist() == t.tolist()       # other columns
+    # no column label a channel name (pd.DataFrame(array)): by position, as before
+    assert ts.to_tensor(pd.DataFrame(df.to_numpy())).tolist() == df.to_numpy().tolist()
+    with pytest.raises(ValueError, match=r"no column for the channels \['spo2'\]; its columns "
+                                         r"that are not channel names are \['SpO2'\]"):
+        ts.to_tensor(df.rename(columns={"spo2": "SpO2"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Missing values and read-only arrays (defect 7)
+# ---------------------------------------------------------------------------------------------
+def test_pd_na_in_a_row_is_reported_as_a_missing_value():
+    """pd.NA (nullable Float64 columns) gave "float() argument must be a string or a real
+    number, not 'NAType'" where NaN gave the clear "impute missing values" finding."""
+    tab = Tabular("vitals", columns=["age", "bmi"])
+    adapter = ModelAdapter(nn.Sequential(nn.Linear(2, 2)), [tab], ["a", "b"])
+    df = pd.DataFrame({"age": [30.0, None], "bmi": [22.0, 31.0]}).astype("Float64")
+    for row in (df.iloc[1], df.astype(float).iloc[1], {"age": pd.NA, "bmi": 3.0},
+                {"age": None, "bmi": 3.0}):
+        finding = str(check(adapter, {"vitals": row}).findings[0])
+        assert "impute missing values" in finding, (row, finding)
+    assert tab.to_tensor(df.iloc[0]).tolist() == [30.0, 22.0]
+    series = pd.DataFrame({"hr": [60.0, None]}, dtype="Float64")
+    t = TimeSeries("s", channels=["hr"]).to_tensor(series)
+    assert t[0, 0] == 60 and torch.isnan(t[1, 0])
+
+
+def test_read_only_arrays_from_pandas_are_copied():
+    """pandas hands out read-only views of a frame, and torch.from_numpy shared them: it
+    warned "The given NumPy array is not writable" (once per process), and writing to the
+    tensor wrote into the user's DataFrame."""
+    ts = TimeSeries("s", channels=["hr", "spo2"])
+    tab = Tabular("vitals", columns=COLUMNS)
+    frame = pd.DataFrame({"hr": [60.0, 61.0], "spo2": [97.0, 96.0]})
+    read_only = np.array([1.0, 2.0, 3.0])
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensors = [tab.to_tensor(FRAME.iloc[0]), tab.to_tensor(read_only), ts.to_tensor(frame),
+                   Tabular("vitals", columns=COLUMNS, baseline=FRAME.mean()).baseline_raw(
+                       torch.zeros(3))]
+    for t in tensors:
+        t.fill_(-1.0)
+    assert frame.to_numpy().tolist() == [[60.0, 97.0], [61.0, 96.0]]
+    assert read_only.tolist() == [1.0, 2.0, 3.0]
+    assert FRAME["age"].tolist() == [30.0, 70.0]
