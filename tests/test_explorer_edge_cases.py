@@ -28,6 +28,16 @@ def _hold_inputs_of(ex, instance):
     return started, release
 
 
+def _cancel_while_instance_loads(ex, instance: int) -> None:
+    """Select ``instance``, cancel while its inputs are being made, and wait until idle."""
+    started, release = _hold_inputs_of(ex, instance)
+    ex.select(instance=instance)
+    assert started.wait(10)
+    ex.engine.cancel()
+    release.set()
+    assert ex.wait(30)
+
+
 def test_a_cancel_while_an_instance_loads_keeps_the_clicked_unit_and_starts_nothing(vqa):
     ex, _ = vqa
     started, release = _hold_inputs_of(ex, 3)
@@ -75,12 +85,7 @@ def test_an_instance_whose_inputs_fail_keeps_the_unit_and_the_banner(vqa):
 
 def test_a_new_method_after_a_cancelled_instance_shows_the_inputs_not_computing_for_ever(vqa):
     ex, _ = vqa
-    started, release = _hold_inputs_of(ex, 3)
-    ex.select(instance=3)
-    assert started.wait(10)
-    ex.engine.cancel()
-    release.set()
-    assert ex.wait(30)
+    _cancel_while_instance_loads(ex, 3)
     assert ex.state()["items"] == [] and "Cancelled" in ex.input_view.caption
     ex.select(method="gradient")
     assert ex.wait(30)
@@ -172,12 +177,7 @@ def test_views_whose_requests_a_cancel_stopped_ask_again_on_the_next_click(vqa):
     """The heatmap, the neuron bars and the prediction path stayed blank after a cancel until
     "recompute" (the input view and the embedding already asked again)."""
     ex, _ = vqa
-    started, release = _hold_inputs_of(ex, 3)
-    ex.select(instance=3)
-    assert started.wait(10)
-    ex.engine.cancel()
-    release.set()
-    assert ex.wait(30)
+    _cancel_while_instance_loads(ex, 3)
     for caption in (ex.heatmap_view.caption, ex.neuron_view.caption, ex.path_view.caption):
         assert caption.value.endswith("(Cancelled; asked again on the next click)"), caption.value
     assert ex.heatmap_view.instance == -1 and ex.neuron_view.shown == []
