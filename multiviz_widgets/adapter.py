@@ -281,11 +281,6 @@ class ModelAdapter:
         self.class_names = [str(c) for c in class_names]
         if not self.class_names:
             raise AdapterError("class_names is empty: give one name per output logit.")
-        twice = sorted({c for c in self.class_names if self.class_names.count(c) > 1})
-        if twice:
-            raise AdapterError(f"class_names must be unique (a class is also named by its name): "
-                               f"{twice} appear more than once. Give each output its own name, "
-                               f"e.g. 'yes (1)' and 'yes (2)'.")
         self.keyword_inputs = keyword_inputs
         self.name = name or type(model).__name__
         if decision_layer is None:
@@ -358,7 +353,11 @@ class ModelAdapter:
         elif isinstance(target, str):
             if target not in self.class_names:
                 raise AdapterError(f"Unknown class {target!r}; the classes are {self.class_names}.")
-            t = Class(self.class_names.index(target))
+            named = [c for c, name in enumerate(self.class_names) if name == target]
+            if len(named) > 1:             # label lists may repeat a name (ImageNet's "crane")
+                raise AdapterError(f"The class name {target!r} names the classes {named}: give "
+                                   f"the class index instead.")
+            t = Class(named[0])
         elif is_integer(target):                # ints, numpy ints, one-element integer tensors
             t = Class(target)
         elif isinstance(target, tuple) and len(target) == 2:

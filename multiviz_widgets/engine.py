@@ -242,8 +242,10 @@ class Engine(traitlets.HasTraits):
         with self._lock:
             cur = self._current.get(slot)
             if (key is not None and cur is not None and cur.key == key and not cur.cancelled
-                    and cur.state in ("queued", "running")):
+                    and cur.state in ("queued", "running") and cur.cache_epoch == self.cache_epoch):
                 return cur                       # the same request is already on its way
+            # (one submitted before a clear_cache computes from what was there before: it is
+            # superseded below, its result never shown)
             gen = self._gen[slot] = self._gen.get(slot, 0) + 1
             if cur is not None and cur.state == "queued":
                 cur.state = "dropped"
@@ -588,14 +590,17 @@ def params_key(params: Mapping) -> tuple:
     return frozen(dict(params))
 
 
-def check_path_params(path_params) -> dict:
-    """``path_params`` as a dict, checked against ``prediction_path``'s parameters (a name it
-    does not take is refused here, not in the first path the Explorer computes)."""
+def check_path_params(path_params, names: bool = True) -> dict:
+    """``path_params`` as a dict, with (``names``) its names checked against
+    ``prediction_path``'s parameters (a name it does not take is refused here, not in the
+    first path the Explorer computes)."""
     if path_params is None:
         return {}
     if not isinstance(path_params, Mapping):
         raise TypeError(f"path_params must be a dict of prediction_path's parameters, got "
                         f"{type(path_params).__name__}.")
+    if not names:
+        return dict(path_params)
     from .kernels.prediction import prediction_path
     taken = set(inspect.signature(prediction_path).parameters) - {
         "adapter", "instance", "target", "sparse_model", "progress"}
@@ -697,7 +702,9 @@ class Analyses:
         self.kernels = kernels or Kernels()
         self.sparse_model = sparse_model
         self.gallery_k = int(gallery_k)
-        self.path_params = check_path_params(path_params)
+        # the names checked against prediction_path's, unless the kernels' own path is another
+        self.path_params = check_path_params(
+            path_params, names=type(self.kernels).prediction_path is Kernels.prediction_path)
         self._given_features = features
         if features is not None:
             check_features(features, len(dataset), adapter)

@@ -18,6 +18,8 @@ import hashlib
 import math
 import re
 import unicodedata
+import uuid
+import weakref
 from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -203,8 +205,10 @@ def _unit_range(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _stable_text(v) -> str:
-    """A text of v that is the same in every process (no object addresses): containers
-    recursively, arrays and tensors by dtype, shape and a hash of their bytes, functions by name."""
+    """A text of v for on-disk cache keys: containers recursively (sets sorted), arrays and
+    tensors by dtype, shape and a hash of their bytes, compiled patterns by pattern and flags,
+    functions by their code (``_stable_callable``): the same in every process for these. Any
+    other object by its type's name."""
     import hashlib
 
     if isinstance(v, dict):
@@ -212,6 +216,10 @@ def _stable_text(v) -> str:
                               for k in sorted(v, key=repr)) + "}"
     if isinstance(v, (list, tuple)):
         return type(v).__name__ + "[" + ",".join(_stable_text(x) for x in v) + "]"
+    if isinstance(v, (set, frozenset)):
+        return type(v).__name__ + "{" + ",".join(sorted(_stable_text(x) for x in v)) + "}"
+    if isinstance(v, re.Pattern):
+        return f"re({v.pattern!r},{v.flags})"
     if isinstance(v, (torch.Tensor, np.ndarray)):
         a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
         a = np.ascontiguousarray(a)
@@ -223,17 +231,52 @@ def _stable_text(v) -> str:
     return f"<{type(v).__module__}.{type(v).__qualname__}>"
 
 
+#: values whose ``_stable_text`` is their content (others are told by their type alone)
+_PLAIN = (type(None), bool, int, float, str, np.generic, list, tuple, dict, set, frozenset,
+          re.Pattern, np.ndarray, torch.Tensor)
+
+
+def _stable_value(v, depth: int) -> str:
+    """A value a function reads (a closure cell, a global of its module): by content when it
+    is plain or a function; any other object by its identity (``_identity_token``), since its
+    state, which the function may read, cannot be seen."""
+    if callable(v) and not isinstance(v, type):
+        return _stable_callable(v, depth + 1)
+    if isinstance(v, _PLAIN) or isinstance(v, type):
+        return _stable_text(v) if not isinstance(v, type) else f"<class {v.__qualname__}>"
+    return f"<{type(v).__qualname__} {_identity_token(v)}>"
+
+
+_IDENTITY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_IDENTITY_KEPT: dict[int, tuple] = {}
+
+
+def _identity_token(obj) -> str:
+    """A text unique to ``obj`` for the life of this process, never given to another object
+    (``id()`` is, once the object is freed): a random token kept beside the object (weakly; an
+    object that cannot be weakly referenced is kept alive, so that its id stays its own)."""
+    try:
+        token = _IDENTITY.get(obj)
+        if token is None:
+            token = _IDENTITY[obj] = uuid.uuid4().hex
+        return token
+    except TypeError:                       # not weakly referenceable, or not hashable
+        kept = _IDENTITY_KEPT.get(id(obj))
+        if kept is None or kept[0] is not obj:
+            kept = _IDENTITY_KEPT[id(obj)] = (obj, uuid.uuid4().hex)
+        return kept[1]
+
+
 def _stable_callable(fn, depth: int = 0) -> str:
     """A text of a function that changes when what it computes may change: a Python function
     by its name, its code (bytecode, constants, names, nested functions), its defaults, the
-    values it closes over and the functions and plain values of its module that it names; a
-    functools.partial by its function and arguments; a built-in by its name. Any other callable
-    (an object with state, such as a tokenizer instance, or a bound method of one) cannot be read
-    that way: it gets a text unique to this object in this process, so that an on-disk cache
-    made with it is never served to another tokenizer of the same name."""
+    values it closes over and the functions and values of its module that it names (plain
+    values by content, other objects by identity: ``_stable_value``); a functools.partial by
+    its function and arguments; a built-in by its name; a bound method by its function and the
+    identity of its object. Any other callable (an object with state, such as a tokenizer
+    instance) by its identity: unique in this process, so that an on-disk cache made with it
+    is never served to another tokenizer of the same name (nor, in a new process, to itself)."""
     import functools
-    import hashlib
-    import os
     import types
 
     name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
@@ -246,8 +289,11 @@ def _stable_callable(fn, depth: int = 0) -> str:
             isinstance(fn, types.BuiltinFunctionType)
             and (fn.__self__ is None or isinstance(fn.__self__, types.ModuleType))):
         return f"<builtin {name}>"                   # str.split, len, math.floor
+    if isinstance(fn, types.MethodType):
+        return (f"<method {_stable_callable(fn.__func__, depth + 1)} of "
+                f"{type(fn.__self__).__qualname__} {_identity_token(fn.__self__)}>")
     if not isinstance(fn, types.FunctionType):
-        return f"<{name}:object {id(fn)} of process {os.getpid()}>"
+        return f"<{name}:object {_identity_token(fn)}>"
     h = hashlib.sha256()
     names: list[str] = []
 
@@ -270,15 +316,12 @@ def _stable_callable(fn, depth: int = 0) -> str:
             value = cell.cell_contents
         except ValueError:                          # an empty cell
             value = None
-        h.update((_stable_callable(value, depth + 1) if callable(value)
-                  else _stable_text(value)).encode())
+        h.update(_stable_value(value, depth).encode())
     for n in dict.fromkeys(names if depth < 2 else ()):   # module functions and values it names
-        value = fn.__globals__.get(n)
-        if isinstance(value, types.FunctionType) and value is not fn:
-            h.update(f"{n}={_stable_callable(value, depth + 1)}".encode())
-        elif value is None or isinstance(value, (bool, int, float, str, list, tuple, dict,
-                                                 np.ndarray, torch.Tensor)):
-            h.update(f"{n}={_stable_text(value)}".encode())
+        if n in fn.__globals__ and fn.__globals__[n] is not fn:
+            value = fn.__globals__[n]
+            if not isinstance(value, types.ModuleType):
+                h.update(f"{n}={_stable_value(value, depth)}".encode())
     return f"<{name}:{h.hexdigest()[:16]}>"
 
 
@@ -569,13 +612,21 @@ def _char_class(keep: Callable[[str], bool]) -> str:
     return "".join(parts)
 
 
+def _is_symbol(token: str) -> bool:
+    """Whether a non-word token is a symbol that ``drop_punctuation`` keeps when the vocabulary
+    has it (an emoji, a pictograph): not ASCII (whose marks were always dropped, and a
+    vocabulary taken from a real tokenizer holds them all) and not punctuation (Unicode
+    categories P*: a CJK full stop, a guillemet)."""
+    return not token.isascii() and not unicodedata.category(token[0]).startswith("P")
+
+
 class Text(Modality):
     """A token sequence [T] of ids; units are tokens; gradients flow through the embedding layer.
 
     vocab: the list of tokens (index = id), which must contain ``pad_token`` and ``unk_token``.
     tokenize: a function from a string to a list of tokens (default: the text NFC-normalised
     and lower-cased, split into words, with punctuation and symbols split off and, if
-    ``drop_punctuation``, dropped unless the vocabulary holds them, as it may an emoji; see
+    ``drop_punctuation``, dropped, except symbols such as emoji that the vocabulary holds; see
     ``_word_pattern``).
     baseline: "pad" (every token becomes [PAD] before embedding) or "zero" (zero embeddings).
     """
@@ -644,8 +695,8 @@ class Text(Modality):
         read as "i" as before. A symbol with modifiers that is not in the vocabulary, where
         the symbol alone is, is read as the symbol (👍🏽 as 👍, ❤️ as ❤; not a sequence joined
         by zero-width joiners, whose first emoji is not what it shows). A token that is not a
-        word (punctuation, a symbol) is dropped with ``drop_punctuation`` unless it is in the
-        vocabulary."""
+        word is dropped with ``drop_punctuation``, unless it is a symbol (not ASCII, not
+        punctuation: an emoji) that the vocabulary holds (``_is_symbol``)."""
         text = unicodedata.normalize("NFC", text.lower().translate(_APOSTROPHES))
         vocab = self.token_to_id
         toks = []
@@ -653,7 +704,7 @@ class Text(Modality):
             if not _STARTS_WORD(t):
                 if len(t) > 1 and t not in vocab and t[0] in vocab and "\u200d" not in t:
                     t = t[0]
-                if drop_punctuation and t not in vocab:
+                if drop_punctuation and not (t in vocab and _is_symbol(t)):
                     continue
             toks.append(t)
         return toks

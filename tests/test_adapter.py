@@ -594,3 +594,17 @@ def test_an_instance_prepared_before_the_model_was_converted_is_told_to_prepare_
     with pytest.raises(ModelInputError, match=r"prepare it again \(adapter.prepare\(instance\)\)"):
         attribute(adapter, p, "occlusion", target=0)
     assert attribute(adapter, adapter.prepare(inst), "occlusion", target=0).scores["tab"].shape == (2,)
+
+
+def test_a_class_name_given_twice_is_a_target_by_index_only():
+    """Label lists repeat names (ImageNet has two "crane"s): the adapter takes them, and a
+    target named by such a name is refused, saying which classes it names (it picked the
+    first, silently)."""
+    from multiviz_widgets import Tabular
+    from multiviz_widgets.adapter import AdapterError
+    adapter = ModelAdapter(torch.nn.Linear(2, 3).eval(), [Tabular("tab", columns=["a", "b"])],
+                           ["crane", "red", "crane"])
+    assert adapter.target(2).index == 2 and adapter.target("red").index == 1
+    with pytest.raises(AdapterError, match=r"'crane' names the classes \[0, 2\]: give the class "
+                                           r"index"):
+        adapter.target("crane")

@@ -404,3 +404,21 @@ def test_an_error_whose_message_cannot_be_read_is_still_reported(engine):
     got = []
     engine.submit("b", None, lambda p: 2, got.append)
     assert engine.wait(10) and got == [2]
+
+
+def test_a_request_made_after_a_clear_is_computed_anew_not_joined_to_the_old_one(engine):
+    """A submit of the same key while a job from before clear_cache() ran got that job back,
+    and its result (from the data before the clear) was shown."""
+    gate, got = threading.Event(), []
+
+    def old(progress):
+        gate.wait(10)
+        return "before the clear"
+    engine.submit("s", ("k",), old, got.append)
+    assert _until(lambda: engine.busy)
+    engine.clear_cache()
+    again = engine.submit("s", ("k",), lambda p: "after the clear", got.append)
+    assert again != "cached" and again.fn is not old
+    gate.set()
+    assert engine.wait(10)
+    assert got == ["after the clear"] and engine.cached(("k",)) == "after the clear"

@@ -230,7 +230,9 @@ def test_path_params_with_dicts_and_lists_work_and_unknown_ones_are_refused():
     assert params_key({"b": [1, {"c": [2]}], "a": 1}) == params_key({"a": 1, "b": [1, {"c": [2]}]})
     before = sum(t.name.startswith("multiviz-engine") and t.is_alive() for t in th.enumerate())
     with pytest.raises(TypeError, match=r"\['n_steps'\] are not parameters of prediction_path"):
-        Explorer(adapter, ds, kernels=FakeKernels(), path_params={"n_steps": 8})
+        Explorer(adapter, ds, path_params={"n_steps": 8}, start=False)   # the real kernels
+    Explorer(adapter, ds, kernels=FakeKernels(), path_params={"n_steps": 8},
+             start=False).close()          # kernels of one's own: their path's names
     with pytest.raises(TypeError, match="path_params must be a dict"):
         Explorer(adapter, ds, kernels=FakeKernels(), path_params=[("k_units", 2)])
     time.sleep(0.2)
@@ -280,12 +282,18 @@ def test_recompute_sees_an_edited_dataset_and_new_weights():
             for p in adapter.model.parameters():
                 p.mul_(-1.0)                                    # trained further, say
         logits_before = np.asarray(ex.analyses.logits(0)).copy()
+        coords_before = np.asarray(ex.embedding_view.coords).copy()
         ex.refresh()                                            # the recompute button
         assert ex.wait(30)
+        assert not np.allclose(np.asarray(ex.embedding_view.coords), coords_before)
         shown = [it for it in ex.input_view.items if it["name"] == "question"][0]["tokens"]
         assert shown != words and shown == ["red", "blue", "red"]
         assert not np.allclose(np.asarray(ex.analyses.logits(0)), logits_before)
         assert ex.state()["embedding"]["n_points"] == len(ds)
+        ex.embedding_view.forget()                # recompute pending: the colour menu works
+        ex.embedding_view.colour_by.value = "correctness"
+        ex.refresh()
+        assert ex.wait(30) and ex.state()["embedding"]["groups"] == ["wrong", "right"]
     finally:
         ex.close()
 

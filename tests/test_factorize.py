@@ -205,20 +205,36 @@ def test_split_follows_tensors_the_model_replaced(convert):
     assert trace_factorization(model, adapter.names) is not old
 
 
-def test_a_traced_split_that_fails_falls_back_to_forward_passes(monkeypatch):
+def test_a_traced_split_that_fails_falls_back_this_time_and_is_tried_again(monkeypatch):
+    """A RuntimeError of the split falls back to forward passes for that call only: a passing
+    failure must not disable the split for the rest of the process. Out of memory, and an
+    error about the inputs, are raised (the forward passes would need more, or meet it too)."""
+    from multiviz_widgets.adapter import ModelInputError
     from multiviz_widgets.kernels.factorize import Factorization
     adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
     items = instances(5)
+    real = Factorization.encode
+    failures = [RuntimeError("expected scalar type Float but found Half")]
 
-    def broken(self, raw):
-        raise RuntimeError("expected scalar type Float but found Half")
-    monkeypatch.setattr(Factorization, "encode", broken)
+    def flaky(self, raw):
+        if failures:
+            raise failures.pop()
+        return real(self, raw)
+    monkeypatch.setattr(Factorization, "encode", flaky)
     r = emap(adapter, items)
     assert r.params["factorization"] == "none"
-    assert "rejected: RuntimeError: expected scalar type" in r.params["factorization_note"]
+    assert "not used this time: RuntimeError: expected scalar type" in r.params["factorization_note"]
     np.testing.assert_allclose(r.matrix, emap(adapter, items, factorized=False).matrix)
+    assert emap(adapter, items).params["factorization"] == "traced"     # tried again: it holds
+    for err in (torch.OutOfMemoryError("CUDA out of memory"), ModelInputError("bad input")):
+        failures.append(err)
+        with pytest.raises(type(err)):
+            emap(adapter, items)
+    assert emap(adapter, items).params["factorization"] == "traced"
+    failures.append(RuntimeError("expected scalar type Float but found Half"))
     with pytest.raises(RuntimeError, match="expected scalar type"):
-        emap(ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"]), items, factorized="traced")
+        emap(adapter, items, factorized="traced")
+
 
 @pytest.mark.parametrize("model, reason", [
     (Branching(), "cannot trace"),

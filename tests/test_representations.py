@@ -651,3 +651,51 @@ def test_a_float64_models_features_keep_their_precision_and_rank_their_extremes(
     assert [i for i, _ in ext.top(0)] == [3, 4, 5]
     dc = decision_contributions(adapter, ds[3])
     assert dc.h.dtype == np.float64
+
+
+STOP = {"a"}
+
+
+def _drop_stop(s):
+    return [w for w in s.split() if w not in STOP]
+
+
+def test_a_tokenizer_is_keyed_by_what_it_reads_sets_patterns_globals_and_objects():
+    """Closures over a set or a compiled pattern, and a module global set, were keyed by their
+    type alone (so two tokenizers shared cached features); an object was keyed by id(), which
+    another object gets once the first is freed."""
+    import re as re_module
+
+    from multiviz_widgets import Text
+    vocab = ["[PAD]", "[UNK]", "a", "b"]
+
+    def sig(tokenize):
+        return Text("q", vocab=vocab, tokenize=tokenize).signature()
+
+    def dropping(words):
+        return lambda s: [w for w in s.split() if w not in words]
+
+    def splitting(pattern):
+        return lambda s: pattern.findall(s)
+    assert sig(dropping({"a"})) != sig(dropping({"b"}))
+    assert sig(dropping({"a", "b"})) == sig(dropping({"b", "a"}))
+    assert sig(splitting(re_module.compile(r"\w+"))) != sig(splitting(re_module.compile(r"\S+")))
+    before = sig(_drop_stop)
+    STOP.add("b")
+    try:
+        assert sig(_drop_stop) != before
+    finally:
+        STOP.discard("b")
+
+    class Tok:
+        def __init__(self, lower):
+            self.lower = lower
+
+        def __call__(self, s):
+            return (s.lower() if self.lower else s).split()
+    seen = set()
+    for k in range(6):                    # freed at once: CPython reuses the ids
+        seen.add(sig(Tok(bool(k % 2))))
+    assert len(seen) == 6
+    tok = Tok(True)
+    assert sig(tok) == sig(tok) and sig(tok.__call__) == sig(tok.__call__)

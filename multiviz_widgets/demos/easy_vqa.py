@@ -208,8 +208,8 @@ class EasyVQADataset(MultimodalDataset):
                  labels: Sequence[int], answers: Sequence[str], split: str = "test"):
         self.images = images
         self.image_index = np.asarray(image_index, dtype=np.int64)
-        # a tuple: the questions cannot change in place, so the remembered fingerprint (and the
-        # descriptions, the same object) stay true
+        # a tuple: the questions cannot change in place, so the remembered fingerprint (and
+        # the descriptions, a copy made from them) stay true
         self.questions = tuple(str(q) for q in questions)
         self.answers = list(answers)
         self.split = split

@@ -23,7 +23,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..adapter import AdapterError, ModelAdapter, check_inputs_kept, input_versions
+from ..adapter import (AdapterError, ModelAdapter, ModelInputError, check_inputs_kept,
+                       input_versions)
 from .common import ShapeGroups, merge_groups
 from .factorize import FactorizationError, reject_factorization, trace_factorization
 
@@ -76,15 +77,22 @@ def with_split(adapter: ModelAdapter, factorized, side: str, build: Callable[[Sp
         if factorized is not None:
             raise
         return None, "none", f"split not used for this neuron target: {e}"
-    except (FactorizationError, RuntimeError) as e:
-        # a traced split that disagrees with the forward pass, or fails where it may not (a
-        # RuntimeError, e.g. a tensor of the model that the trace could not follow): the
-        # forward passes explain the model instead, when it was not asked for by name
+    except FactorizationError as e:
+        # a traced split that disagrees with the forward pass: rejected for good (the
+        # forward passes explain the model instead), when it was not asked for by name
         if factorized is not None or split.kind == "declared":
             raise
-        why = str(e) if isinstance(e, FactorizationError) else f"{type(e).__name__}: {e}"
-        reject_factorization(adapter.model, adapter.names, adapter.keyword_inputs, side, why)
-        return None, "none", f"traced split rejected: {why}"
+        reject_factorization(adapter.model, adapter.names, adapter.keyword_inputs, side, str(e))
+        return None, "none", f"traced split rejected: {e}"
+    except RuntimeError as e:
+        # a traced split that fails where the forward pass may not (e.g. a tensor of the model
+        # that the trace could not follow): the forward passes explain the model this time,
+        # and the split is tried again next time. Out of memory (the forward passes need more)
+        # and an error about the inputs (which the forward passes would meet too) are raised.
+        if (factorized is not None or split.kind == "declared"
+                or isinstance(e, (torch.OutOfMemoryError, ModelInputError))):
+            raise
+        return None, "none", f"traced split not used this time: {type(e).__name__}: {e}"
 
 
 def model_split(adapter: ModelAdapter, factorized, side: str) -> tuple[Split | None, str]:

@@ -116,6 +116,8 @@ class EmbeddingView(W.VBox):
         model may have changed); until then they stay on screen, not clickable."""
         with self.engine.lock:
             self.indices = np.zeros(0, dtype=np.int64)
+            # the colours follow the new features too (a colour chosen meanwhile waits for them)
+            self._features, self._rows = None, np.zeros(0, dtype=np.int64)
 
     def refresh(self) -> None:
         a = self.analyses
