@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .checks import positive_int
-from .modalities import _is_pil, pil_pixels
+from .modalities import _is_pil, is_pandas, pil_pixels
 
 
 class MultimodalDataset:
@@ -44,7 +44,7 @@ class MultimodalDataset:
         for k, v in columns.items():
             if not isinstance(k, str):
                 raise TypeError(f"Column names are the modalities' names (strings), got {k!r}.")
-            self.columns[k] = (_FrameRows(v) if _is_frame(v)
+            self.columns[k] = (_FrameRows(v) if is_pandas(v, 2)
                                else _sequence(v, f"Column {k!r}", "inputs"))
         lengths = {k: len(v) for k, v in self.columns.items()}
         if len(set(lengths.values())) != 1:
@@ -135,11 +135,6 @@ class MultimodalDataset:
         if self.labels is not None:
             update_hash(h, self.labels)
         return h.hexdigest()[:32]
-
-
-def _is_frame(v) -> bool:
-    """Whether v is a pandas DataFrame (2-D, with columns), told without importing pandas."""
-    return hasattr(v, "iloc") and hasattr(v, "columns") and getattr(v, "ndim", 0) == 2
 
 
 class _FrameRows:
@@ -250,7 +245,7 @@ def update_hash(h, v) -> None:
             update_hash(h, x)
         h.update(b"}")
         return
-    elif hasattr(v, "index") and hasattr(v, "to_numpy") and getattr(v, "ndim", 0) in (1, 2):
+    elif is_pandas(v):
         # pandas Series and DataFrames: their values and their labels (a Tabular row and a
         # TimeSeries frame are read by name), not np.asarray's values alone
         h.update(f"p{type(v).__name__}{v.shape}(".encode())

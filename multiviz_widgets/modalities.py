@@ -894,21 +894,17 @@ class Tabular(Modality):
         columns would be silently misread. what names the values in the errors ("vitals: the
         row", "Tabular 'vitals' means")."""
         series = not isinstance(raw, Mapping)
-        keys = list(raw.index) if series else list(raw.keys())
-        names = {str(k): k for k in keys}
-        missing = [c for c in self.columns if c not in names]
-        if not missing:
-            picked = [names[c] for c in self.columns]
-            if series:
-                return _pandas_numbers(raw[picked], what)
-            return [np.nan if _is_missing(raw[k]) else raw[k] for k in picked]
-        if series and len(missing) == len(self.columns):
-            return _pandas_numbers(raw, what)      # no label is a column name: by position
-        container, word = ("a pandas Series", "labels") if series else ("a dict", "keys")
-        raise ValueError(
-            f"{what} ({container}) has no value for the columns {missing}; "
-            f"{_others(keys, self.columns, word, 'column')}. Name the values by the columns "
-            f"{self.columns} (rename the others), or pass them as an array in that order.")
+        picked = _named_order(
+            list(raw.index) if series else list(raw.keys()), self.columns,
+            f"{what} ({'a pandas Series' if series else 'a dict'})",
+            "labels" if series else "keys", "column",
+            f"Name the values by the columns {self.columns} (rename the others), or pass them "
+            f"as an array in that order.", by_position=series)
+        if picked is None:
+            return _pandas_numbers(raw, what)       # no label is a column name: by position
+        if series:
+            return _pandas_numbers(raw[picked], what)
+        return [np.nan if _is_missing(raw[k]) else raw[k] for k in picked]
 
     def unit_index(self, x: torch.Tensor) -> torch.Tensor:
         return self._index.to(x.device)
@@ -966,10 +962,32 @@ def _others(labels: list, names: Sequence[str], word: str, thing: str) -> str:
             f"{' ...' if len(unknown) > 10 else ''}")
 
 
+def is_pandas(v, ndim: int | None = None) -> bool:
+    """Whether v is a pandas Series (``ndim`` 1) or DataFrame (2), either when ``ndim`` is
+    None; told without importing pandas (an optional dependency)."""
+    return (hasattr(v, "iloc") and hasattr(v, "index") and hasattr(v, "to_numpy")
+            and getattr(v, "ndim", 0) in ((1, 2) if ndim is None else (ndim,)))
+
+
 def _is_labelled(v) -> bool:
-    """Whether v names its values: a mapping (a dict) or a pandas Series (1-D, with an index)."""
-    return isinstance(v, Mapping) or (hasattr(v, "index") and hasattr(v, "to_numpy")
-                                      and getattr(v, "ndim", 0) == 1)
+    """Whether v names its values: a mapping (a dict) or a pandas Series."""
+    return isinstance(v, Mapping) or is_pandas(v, 1)
+
+
+def _named_order(labels: list, names: Sequence[str], what: str, word: str, thing: str,
+                 fix: str, by_position: bool = True, holds: str = "value") -> list | None:
+    """The labels of ``names``, in their order, when every name is a label (compared as
+    text); None when none is and ``by_position`` (e.g. labels 0..n-1: read by position). A
+    partial match (a renamed column, a missing channel) is refused: by position, the other
+    values would be silently misread. ``fix`` ends the error with what to do."""
+    found = {str(k): k for k in labels}
+    missing = [n for n in names if n not in found]
+    if not missing:
+        return [found[n] for n in names]
+    if by_position and len(missing) == len(names):
+        return None
+    raise ValueError(f"{what} has no {holds} for the {thing}s {missing}; "
+                     f"{_others(labels, names, word, thing)}. {fix}")
 
 
 def _is_missing(x) -> bool:
@@ -1057,7 +1075,7 @@ class TimeSeries(Modality):
         another column order is read right). A frame none of whose column labels is a
         channel name (e.g. ``pd.DataFrame(array)``, labels 0..C-1) is read by position; one
         that names some channels but not all is refused."""
-        if hasattr(raw, "columns") and hasattr(raw, "to_numpy") and getattr(raw, "ndim", 0) == 2:
+        if is_pandas(raw, 2):
             raw = self._by_channel_name(raw)
         t = _float_tensor(raw, self.name)
         c = len(self.channels)
@@ -1072,19 +1090,13 @@ class TimeSeries(Modality):
         return t
 
     def _by_channel_name(self, frame) -> np.ndarray:
-        """A DataFrame's values [T, C] with its columns in the order of ``channels``."""
-        labels = list(frame.columns)
-        names = {str(k): k for k in labels}
-        missing = [c for c in self.channels if c not in names]
-        if not missing:
-            return _pandas_numbers(frame[[names[c] for c in self.channels]], self.name)
-        if len(missing) == len(self.channels):
-            return _pandas_numbers(frame, self.name)     # no label is a channel name: by position
-        raise ValueError(
-            f"{self.name}: the DataFrame has no column for the channels {missing}; "
-            f"{_others(labels, self.channels, 'columns', 'channel')}. Name its columns by the "
-            f"channels {self.channels} (rename the others), or pass frame.to_numpy() with the "
-            "channels in that order.")
+        """A DataFrame's values [T, C] with its columns in the order of ``channels`` (by
+        position when no column label is a channel name)."""
+        picked = _named_order(
+            list(frame.columns), self.channels, f"{self.name}: the DataFrame", "columns",
+            "channel", f"Name its columns by the channels {self.channels} (rename the others), "
+            f"or pass frame.to_numpy() with the channels in that order.", holds="column")
+        return _pandas_numbers(frame if picked is None else frame[picked], self.name)
 
     def n_windows(self, x: torch.Tensor) -> int:
         return math.ceil(x.shape[0] / self.window)
