@@ -177,7 +177,7 @@ def _sequence(v, what: str, items: str):
     if isinstance(v, Mapping):        # indexed by its keys, not by position
         raise TypeError(f"{what} is a {type(v).__name__}, which is indexed by its keys; give a "
                         f"sequence of {items}, one per instance (e.g. list(d.values())).")
-    if hasattr(v, "iloc") and hasattr(v, "to_numpy"):        # pandas: by position, not label
+    if is_pandas(v):                                         # pandas: by position, not label
         v = v.to_numpy()
     if getattr(v, "ndim", None) == 0 or getattr(v, "shape", None) == ():
         raise TypeError(f"{what} is a single value (a 0-d array); give a sequence of {items}, "

@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..adapter import AdapterError, ModelAdapter, _outside_stacklevel, host_array
+from ..adapter import AdapterError, ModelAdapter, _outside_stacklevel
 from ..atomic_file import write_atomically
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
@@ -328,17 +328,15 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     for positions, logits, h in _feature_batches(adapter, dataset, idx, batch_size, progress,
                                                  "decision features", skipped):
         kept.append(positions)
-        hs.append(host_array(h))
-        ls.append(host_array(logits))
+        hs.append(h.numpy())          # on the host already, float32 or float64 (_host_float)
+        ls.append(logits.numpy())
     if not hs:
         raise ValueError("No instances to extract features from: the dataset (or indices) is empty.")
     positions = np.concatenate(kept)
     order = np.argsort(positions, kind="stable")       # back to the order of idx
     kept = idx[positions[order]]
-    h_all, l_all = np.concatenate(hs)[order], np.concatenate(ls)[order]
-    feats = Features(h_all.astype(_features_dtype(h_all), copy=False),
-                     l_all.astype(_features_dtype(l_all), copy=False),
-                     kept, key or "", False, len(kept), 0.0, None, skipped)
+    feats = Features(np.concatenate(hs)[order], np.concatenate(ls)[order], kept, key or "",
+                     False, len(kept), 0.0, None, skipped)
     if cache:
         try:
             _save_atomic(path, key=np.array(key), h=feats.h, logits=feats.logits, indices=kept,
