@@ -22,7 +22,7 @@
   at the per-sample backward time. The kernel, the loop and MultiViz's loop are timed in an
   order rotated from one timing to the next. Pairwise ablation
   (1 + U_a + U_b + U_a U_b forwards) is timed the same way.
-* DIME of one instance (500 LIME samples, 50 references) with the same three variants
+* DIME of one instance (500 LIME samples per modality, 50 references) with the same three variants
   (informative: the issue sets no target).
 
 ``run(adapter, dataset, indices, repeats)`` is imported by ``benchmarks/kernels.py``; alone:

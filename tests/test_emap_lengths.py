@@ -255,24 +255,33 @@ def brute_dime_terms(adapter, instance, refs, target, pair):
     return p, terms
 
 
+@pytest.mark.parametrize("design", ["per_modality", "joint"])
 @pytest.mark.parametrize("model,factorized,kind", [
     (MeanPool, False, "none"), (MeanPool, None, "traced"), (DeclaredMeanPool, None, "declared"),
     (TokenLevel, None, "traced")])
-def test_dime_of_a_padding_sensitive_model_equals_brute_force(model, factorized, kind):
+def test_dime_of_a_padding_sensitive_model_equals_brute_force(model, factorized, kind, design):
     adapter = adapter_for(model())
     items = items_of(9, seed=4)
     ds = dataset_of(items)
     refs = [1, 2, 3, 4, 5, 6]
     assert padded_differs(adapter, [items[i] for i in refs])
     kw = dict(n_samples=24, seed=3, batch_size=7)
-    r = dime(adapter, ds, 0, reference_indices=refs, factorized=factorized, **kw)
-    assert r.params["factorization"] == kind, r.params
+    r = dime(adapter, ds, 0, reference_indices=refs, factorized=factorized, design=design, **kw)
+    assert r.params["factorization"] == kind and r.params["design"] == design, r.params
     p, terms = brute_dime_terms(adapter, items[0], [items[i] for i in refs],
                                 resolve_target(adapter, adapter.prepare(items[0])),
                                 ("tabular", "question"))
     units = {"tabular": p.n_units["tabular"], "question": p.n_units["question"]}
-    uc = lime_from_function(lambda m: terms(m)[0], units, **kw)
-    mi = lime_from_function(lambda m: terms(m)[1] - terms(m)[0], units, **kw)
+    # per modality: one LIME over each modality's units, the other modality intact (all ones)
+    parts = [{m: u} for m, u in units.items()] if design == "per_modality" else [units]
+    uc, mi = {}, {}
+    for part in parts:
+        def full(m):
+            rows = next(iter(m.values())).shape[0]
+            return {n: m[n] if n in m else torch.ones(rows, u) for n, u in units.items()}
+        uc.update(lime_from_function(lambda m: terms(full(m))[0], part, **kw))
+        mi.update(lime_from_function(lambda m: terms(full(m))[1] - terms(full(m))[0], part,
+                                     **kw))
     ones = {m: torch.ones(1, u) for m, u in units.items()}
     uc_full, f_full = (float(v[0]) for v in terms(ones))
     assert r.uc_value == pytest.approx(uc_full, abs=ATOL)

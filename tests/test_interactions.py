@@ -463,7 +463,8 @@ class KnownSupports(nn.Module):
         return self.head((g + h + k)[:, None])
 
 
-def test_dime_recovers_the_known_supports():
+@pytest.mark.parametrize("design", ["per_modality", "joint"])
+def test_dime_recovers_the_known_supports(design):
     mods = [Tabular("tabular", columns=[f"c{i}" for i in range(8)]),
             TimeSeries("series", window=4, channels=["x", "y"])]
     adapter = ModelAdapter(KnownSupports().eval(), mods, ["pos", "neg"])
@@ -480,7 +481,8 @@ def test_dime_recovers_the_known_supports():
     ds = MultimodalDataset({"tabular": list(tab), "series": list(ser)})
     hits_uc = hits_mi = 0
     for i in strong:
-        r = dime(adapter, ds, i, reference_indices=range(3, 33), target=0, n_samples=300)
+        r = dime(adapter, ds, i, reference_indices=range(3, 33), target=0, n_samples=300,
+                 design=design)
         assert r.f_value == pytest.approx(r.uc_value + r.mi_value)
         uc = np.concatenate([np.abs(r.uc["tabular"]), np.abs(r.uc["series"])])
         mi = np.concatenate([np.abs(r.mi["tabular"]), np.abs(r.mi["series"])])
@@ -490,7 +492,8 @@ def test_dime_recovers_the_known_supports():
         hits_mi += len(set(np.argsort(-mi)[:2]) & mi_truth)
     assert hits_uc / (4 * len(strong)) >= 0.9
     assert hits_mi / (2 * len(strong)) >= 0.9
-    assert r.forward_passes >= 30 * 30 + 300 * (2 * 30 + 1)
+    lime = 2 * 300 * (30 + 1) if design == "per_modality" else 300 * (2 * 30 + 1)
+    assert r.forward_passes >= 30 * 30 + lime
 
 
 # ---------------------------------------------------------------------------------------------
@@ -717,6 +720,24 @@ def test_dime_and_interaction_type_take_integer_indices_only(planted):
         with pytest.raises(ValueError, match=words):
             interaction_type(adapter, instance, ds, n_reference=5)
     assert dime(adapter, ds, np.int64(3), **kw).f_value == dime(adapter, ds, ds[3], **kw).f_value
+    for design in ("per-modality", "both", None):
+        with pytest.raises(ValueError, match=r"design must be one of \['per_modality', 'joint'\]"):
+            dime(adapter, ds, 0, design=design, **kw)
+
+
+def test_dime_per_modality_leaves_the_other_modality_intact(planted):
+    """Each modality's LIME masks only its own units: its first mask (every unit kept) is the
+    instance, and the two designs agree on f, UC and MI at the instance."""
+    adapter, ds = planted
+    kw = dict(n_samples=40, n_reference=6)
+    per, joint = dime(adapter, ds, 2, **kw), dime(adapter, ds, 2, design="joint", **kw)
+    assert per.params["design"] == "per_modality" and joint.params["design"] == "joint"
+    for v in ("f_value", "uc_value", "mi_value"):
+        # float32 model: the intact modality's term comes from a batch of its own
+        assert getattr(per, v) == pytest.approx(getattr(joint, v), rel=1e-6, abs=1e-6)
+    # per modality: twice the LIME masks, each with 1 + N evaluations (the intact modality's
+    # N pairs are evaluated once per design); joint: one design, 1 + 2 N per mask
+    assert per.forward_passes - joint.forward_passes == 2 * (40 * (1 + 6) + 6) - 40 * (1 + 2 * 6)
 
 
 def test_stage2_needs_an_adapter_and_an_instance_prepared_by_it():

@@ -1,6 +1,10 @@
 """DIME (Lyu et al. 2022): one instance's output split into UC = EMAP(f) and MI = f - UC, each
 explained per modality with LIME (the original code explained f instead of MI: a bug).
 
+By default each modality gets its own LIME, over its units only, with the other modality left
+intact (as the original DIME code does: ``design="per_modality"``); ``design="joint"`` fits one
+LIME over the units of both modalities at once and splits its scores by modality.
+
 With a two-modality model that can be split (``kernels.split_model``), the reference set and
 each batch of masked instances are encoded once and only the pairs are fused. References of
 different input shapes (texts of different token counts) are never padded to one length: they
@@ -70,6 +74,7 @@ class _DimeForwards:
         self.adapter, self.p, self.t, self.refs = adapter, prepared, target, refs
         self.pair, self.bs, self.cost = pair, batch_size, cost
         self.n = refs.n
+        self.constant: dict[str, torch.Tensor] = {}       # terms of intact modalities
         a, b = pair
         total = 0.0
         for _, xa in refs.by([a]):
@@ -91,27 +96,38 @@ class _DimeForwards:
         self.cost[0] += rows
         return torch.cat(out)
 
-    def uc_and_f(self, cont):
-        """(UC(z) [B], f(x^z) [B]) for the masked continuous inputs of a batch of masks."""
-        n, p = self.n, self.p
-        bsz = next(iter(cont.values())).shape[0]
-        f = self._run(p.raw, cont)
-        dev = self.adapter.device
+    def uc_and_f(self, cont, intact=()):
+        """(UC(z) [B], f(x^z) [B]) for the masked continuous inputs of a batch of masks.
+        intact: modalities that every mask of the batch keeps whole (their term against the
+        references is the instance's, computed once per DIME)."""
+        f = self._run(self.p.raw, cont)
+        bsz = f.shape[0]
         parts = []
         for mod, other in (self.pair, self.pair[::-1]):   # masked mod, reference for the other
-            part = torch.zeros(bsz, dtype=torch.float64, device=dev)
-            for _, xo in self.refs.by([other]):           # references of one shape of ``other``
-                # (mask row i, reference j) pairs, gathered GATHER_BYTES at a time (at least a
-                # batch): memory does not grow with masks x references
-                row = xo[other][0].nbytes + cont[mod][0].nbytes
-                chunk = max(self.bs, min(8 * self.bs, GATHER_BYTES // max(row, 1)))
-                for i, j in block_pairs(bsz, len(xo[other]), chunk, dev):
-                    raw = {m: (xo[m][j] if m == other
-                               else p.raw[m].expand(len(i), *p.raw[m].shape[1:]))
-                           for m in self.adapter.names}
-                    part.index_add_(0, i, self._run(raw, {mod: cont[mod][i]}))
-            parts.append(part / n)
+            if mod in intact:                             # every row is the instance: row 0
+                if mod not in self.constant:
+                    self.constant[mod] = self._against_references(mod, other, cont[mod][:1])
+                parts.append(self.constant[mod])
+            else:
+                parts.append(self._against_references(mod, other, cont[mod]))
         return parts[0] + parts[1] - self.grand, f
+
+    def _against_references(self, mod, other, masked) -> torch.Tensor:
+        """mean_j f(masked rows of ``mod``, reference j's ``other``) [rows]."""
+        p, dev = self.p, self.adapter.device
+        rows = masked.shape[0]
+        part = torch.zeros(rows, dtype=torch.float64, device=dev)
+        for _, xo in self.refs.by([other]):           # references of one shape of ``other``
+            # (mask row i, reference j) pairs, gathered GATHER_BYTES at a time (at least a
+            # batch): memory does not grow with masks x references
+            row = xo[other][0].nbytes + masked[0].nbytes
+            chunk = max(self.bs, min(8 * self.bs, GATHER_BYTES // max(row, 1)))
+            for i, j in block_pairs(rows, len(xo[other]), chunk, dev):
+                raw = {m: (xo[m][j] if m == other
+                           else p.raw[m].expand(len(i), *p.raw[m].shape[1:]))
+                       for m in self.adapter.names}
+                part.index_add_(0, i, self._run(raw, {mod: masked[i]}))
+        return part / self.n
 
 
 class _DimeFused:
@@ -122,6 +138,7 @@ class _DimeFused:
     def __init__(self, adapter, prepared, target, refs: ShapeGroups, split, batch_size, cost):
         self.adapter, self.p, self.split, self.cost = adapter, prepared, split, cost
         neuron = target.kind == "neuron"
+        self.constant: dict[str, torch.Tensor] = {}       # terms of intact modalities
         self.fused = FusedPairs(adapter, split, batch_size, neuron,
                             lambda logits, h: adapter.output(logits, h, target))
         self.n = n = refs.n
@@ -147,29 +164,47 @@ class _DimeFused:
         cost[0] += n * n + n + min(n, CHECKED_PAIRS) + len(direct)
 
     @torch.no_grad()
-    def uc_and_f(self, cont):
-        """(UC(z) [B], f(x^z) [B]) for the masked continuous inputs of a batch of masks."""
-        n = self.n
+    def uc_and_f(self, cont, intact=()):
+        """(UC(z) [B], f(x^z) [B]) for the masked continuous inputs of a batch of masks.
+        intact: modalities that every mask of the batch keeps whole (their term against the
+        references is the instance's, computed once per DIME)."""
         bsz = next(iter(cont.values())).shape[0]
-        dev = self.adapter.device
         enc = self.fused.encode(self.p.raw, cont)
-        own = torch.arange(bsz, device=dev)
+        own = torch.arange(bsz, device=self.adapter.device)
         f = self.fused.pairs(enc, enc, own, own)
+        self.cost[0] += bsz
+        side = self.split.side
+        other = next(m for m in self.adapter.names if m != side)
         parts = []
         # the masked side against each reference's others, then each reference's side against
-        # the masked others; per group of references whose encodings have one size (one group:
-        # all of them); pair (i, j): mask row i, reference j of the group
-        for groups, masked_side in ((self.ref.others, True), (self.ref.side, False)):
-            part = 0.0
-            for pos, values in groups:
-                (i, j), = block_pairs(bsz, len(pos), None, dev)      # all of them, row-major
-                out = (self.fused.pairs(enc, values, i, j) if masked_side
-                       else self.fused.pairs(values, enc, j, i))
-                part = part + out.reshape(bsz, len(pos)).sum(1)
-            parts.append(part)
-        self.cost[0] += bsz * (1 + 2 * n)
-        return (parts[0] + parts[1]) / n - self.grand, f
+        # the masked others
+        for groups, masked_side, mod in ((self.ref.others, True, side),
+                                         (self.ref.side, False, other)):
+            if mod in intact:                             # every row is the instance: row 0
+                if mod not in self.constant:
+                    self.constant[mod] = self._against_references(enc, groups, masked_side, 1)
+                parts.append(self.constant[mod])
+            else:
+                parts.append(self._against_references(enc, groups, masked_side, bsz))
+        return (parts[0] + parts[1]) / self.n - self.grand, f
 
+    def _against_references(self, enc, groups, masked_side: bool, rows: int) -> torch.Tensor:
+        """sum_j of the fused pairs (masked row i, reference j) [rows], over the first ``rows``
+        rows of ``enc``; per group of references whose encodings have one size (one group: all
+        of them)."""
+        dev = self.adapter.device
+        part = 0.0
+        for pos, values in groups:
+            (i, j), = block_pairs(rows, len(pos), None, dev)          # all of them, row-major
+            out = (self.fused.pairs(enc, values, i, j) if masked_side
+                   else self.fused.pairs(values, enc, j, i))
+            part = part + out.reshape(rows, len(pos)).sum(1)
+        self.cost[0] += rows * self.n
+        return part
+
+
+#: dime's ways of explaining UC and MI: one LIME per modality (the other intact), or one over both
+DESIGNS = ("per_modality", "joint")
 
 #: lime_from_function's parameters that dime sets itself (the others are ``lime_params``)
 _DIME_SETS = ("fn", "n_units", "n_samples", "seed", "progress", "batch_size")
@@ -188,16 +223,21 @@ def _check_lime_params(lime_params: Mapping, lime_from_function) -> None:
 def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_indices=None,
          target=None, n_samples: int = 500, n_reference: int = 50, modalities=None, seed: int = 0,
          batch_size: int = PERTURBATION_BATCH, progress: ProgressFn = None,
-         factorized: bool | str | None = None, **lime_params) -> DimeResult:
+         factorized: bool | str | None = None, design: str = "per_modality",
+         **lime_params) -> DimeResult:
     """DIME (Lyu et al. 2022): explain UC = EMAP(f) and MI = f - UC of one instance with LIME.
 
     index: an instance number of ``dataset`` (or an instance dict); the reference set is
     ``reference_indices`` or ``n_reference`` instances drawn with ``seed``. For a unit mask z,
     UC(z) = mean_j f(x_a^z, x_b^j) + mean_i f(x_a^i, x_b^z) - mean_ij f(x_a^i, x_b^j) and
-    MI(z) = f(x^z) - UC(z); both are explained over the units of a and b (one shared LIME design).
-    Cost: N^2 + n_samples (2 N + 1) model evaluations (N = reference size), in batches of
-    batch_size. factorized: as in ``emap`` (two-modality models): the reference set and each
-    masked instance are encoded once, and only the pairs are fused.
+    MI(z) = f(x^z) - UC(z). design: "per_modality" (the default, as the original DIME code)
+    explains UC and MI over the units of a with b intact, then over the units of b with a intact,
+    one LIME of ``n_samples`` masks per modality (UC and MI share its masks); "joint" explains
+    both over the units of a and b at once, one LIME of ``n_samples`` masks over all of them.
+    Cost: N^2 + 2 n_samples (N + 1) + 2 N model evaluations per modality, or N^2 + n_samples
+    (2 N + 1) joint (N = reference size), in batches of batch_size. factorized: as in ``emap`` (two-modality
+    models): the reference set and each masked instance are encoded once, and only the pairs are
+    fused.
     """
     from .unimodal import lime_from_function
     check_adapter(adapter, "dime")
@@ -209,6 +249,9 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     n_samples = positive_int(n_samples, "n_samples", 2)
     seed = positive_int(seed, "seed", 0)
     check_factorized(factorized)
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {list(DESIGNS)} (one LIME per modality, with "
+                         f"the other modality intact, or one LIME over both), got {design!r}.")
     _check_lime_params(lime_params, lime_from_function)
     instance = (index if isinstance(index, Mapping) else
                 dataset[dataset_index(index, len(dataset), "index")])
@@ -241,38 +284,58 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
             terms = _DimeForwards(adapter, p, t, refs, (a, b), batch_size, cost)
 
         cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        at_instance: list[tuple[float, float]] = []     # (UC, f) at the all-ones mask
 
-        def evaluate(masks):
+        def evaluate(masks, intact=()):
             key = masks[a].cpu().numpy().tobytes() + masks[b].cpu().numpy().tobytes()
             if key not in cache:
                 cache[key] = terms.uc_and_f(masked_continuous(p, {a: masks[a], b: masks[b]},
-                                                              adapter))
+                                                              adapter), intact)
+                if not at_instance and all(bool(masks[m][0].all()) for m in (a, b)):
+                    at_instance.append((float(cache[key][0][0]), float(cache[key][1][0])))
             return cache[key]
 
-        # one LIME design over the units in the adapter's order of modalities: the same masks
-        # (and so the same scores) whichever way round ``modalities`` names the pair
+        # the modalities in the adapter's order: the same masks (and so the same scores)
+        # whichever way round ``modalities`` names the pair
         units = {m: p.n_units[m] for m in adapter.names if m in (a, b)}
+        designs = ([{m: u} for m, u in units.items()] if design == "per_modality"
+                   else [units])
         lime_kw = dict(n_samples=n_samples, seed=seed, batch_size=batch_size, **lime_params)
+        phases = 2 * len(designs)
 
-        def step_progress(phase):
+        def step_progress(phase, part):
             if progress is None:
                 return None
-            return lambda done, total, msg: progress(done + phase * total, 2 * total,
-                                                     f"DIME {'UC' if phase == 0 else 'MI'}: {msg}")
+            what = "UC" if phase % 2 == 0 else "MI"
+            over = "" if len(part) == 2 else f" over {next(iter(part))}"
+            return lambda done, total, msg: progress(done + phase * total, phases * total,
+                                                     f"DIME {what}{over}: {msg}")
 
-        uc = lime_from_function(lambda m: evaluate(m)[0], units, progress=step_progress(0),
-                                **lime_kw)
-        mi = lime_from_function(lambda m: evaluate(m)[1] - evaluate(m)[0], units,
-                                progress=step_progress(1), **lime_kw)
-        ones = {m: torch.ones(1, u) for m, u in units.items()}
-        uc_full, f_full = evaluate(ones)
+        uc, mi = {}, {}
+        for k, part in enumerate(designs):
+            intact = tuple(m for m in units if m not in part)
+
+            def terms_of(masks, intact=intact):
+                """(UC, f) of a batch of the design's masks (its intact modalities all ones)."""
+                rows = next(iter(masks.values())).shape[0]
+                return evaluate({m: masks[m] if m in masks else torch.ones(rows, units[m])
+                                 for m in units}, intact)
+
+            uc.update(lime_from_function(lambda m: terms_of(m)[0], part,
+                                         progress=step_progress(2 * k, part), **lime_kw))
+            mi.update(lime_from_function(lambda m: (lambda u, f: f - u)(*terms_of(m)), part,
+                                         progress=step_progress(2 * k + 1, part), **lime_kw))
+        if not at_instance:     # LIME's first mask keeps every unit: this is a safeguard
+            evaluate({m: torch.ones(1, u) for m, u in units.items()})
+        uc_full, f_full = at_instance[0]
     return DimeResult(method="dime", target=t,
                       params={"n_samples": n_samples, "n_reference": n, "seed": seed,
-                              "batch_size": batch_size, "factorization": kind,
+                              "batch_size": batch_size, "design": design,
+                              "factorization": kind,
                               **({"factorization_note": note} if note else {}), **lime_params},
                       forward_passes=cost[0], backward_passes=0, seconds=sw.seconds,
                       modalities=(a, b), uc={k: np.asarray(uc[k]) for k in (a, b)},
                       mi={k: np.asarray(mi[k]) for k in (a, b)},
                       labels={a: list(p.labels[a]), b: list(p.labels[b])},
-                      f_value=float(f_full[0]), uc_value=float(uc_full[0]),
-                      mi_value=float(f_full[0] - uc_full[0]), reference_indices=ref_idx)
+                      f_value=f_full, uc_value=uc_full, mi_value=f_full - uc_full,
+                      reference_indices=ref_idx)
