@@ -101,7 +101,6 @@ class _DimeForwards:
         intact: modalities that every mask of the batch keeps whole (their term against the
         references is the instance's, computed once per DIME)."""
         f = self._run(self.p.raw, cont)
-        bsz = f.shape[0]
         parts = []
         for mod, other in (self.pair, self.pair[::-1]):   # masked mod, reference for the other
             if mod in intact:                             # every row is the instance: row 0
