@@ -33,6 +33,7 @@ const CSS = `
 .mvz-input .mvz-series { display: grid; gap: 1px; align-items: stretch; }
 .mvz-input .mvz-series .mvz-rowname { font-size: 11px; padding-right: 6px; align-self: center; white-space: nowrap; }
 .mvz-input .mvz-series .mvz-cell { color: #333; position: relative; height: 34px; min-width: 14px; cursor: pointer; border: 1px solid rgba(0,0,0,0.08); box-sizing: border-box; }
+.mvz-input .mvz-series .mvz-cell.mvz-named { border: 1px dashed #8e24aa; }  /* after the cell's own border */
 .mvz-input .mvz-series svg { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none; }
 .mvz-input .mvz-legend { display: flex; align-items: center; gap: 6px; font-size: 11px; color: var(--jp-ui-font-color2, #666); margin-top: 2px; }
 .mvz-input .mvz-legend .mvz-bar { width: 120px; height: 8px; background: linear-gradient(to right, rgb(33,102,172), rgb(247,247,247), rgb(178,24,43)); border: 1px solid rgba(0,0,0,0.1); }
