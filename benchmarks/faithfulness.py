@@ -11,6 +11,7 @@ image map is pooled to R >= 0 per pixel and scored against the shape's pixels (t
 * deletion / insertion AUC: image patches removed (set to the white baseline) / inserted in the
   order of the method's patch scores, the question intact, integrating the softmax probability
   of the explained answer (deletion lower is better, insertion higher is better);
+* deletion AOPC: the mean fall of that probability along the deletion curve (higher is better);
 
 beside a random map (uniform noise per pixel; a random patch order). Writes
 
@@ -36,13 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, load_demo, shape_or_color_indices, write_json  # noqa: E402
 
 from multiviz_widgets.demos.easy_vqa import question_kind, shape_mask  # noqa: E402
-from multiviz_widgets.kernels.metrics import (POOLINGS, deletion_insertion,  # noqa: E402
+from multiviz_widgets.kernels.metrics import (POOLINGS, aopc, deletion_insertion,  # noqa: E402
                                               pixel_relevance, relevance_mass, relevance_rank)
 from multiviz_widgets.kernels.unimodal import METHODS, attribute  # noqa: E402
 
 POOLING = "clip"
 MASS_MIN = 0.7
-METRICS = ("relevance_mass", "relevance_rank", "deletion_auc", "insertion_auc")
+METRICS = ("relevance_mass", "relevance_rank", "deletion_auc", "insertion_auc", "deletion_aopc")
 
 
 def score_map(heatmap, gt, pooling: str) -> tuple[float, float]:
@@ -110,15 +111,18 @@ def main(argv=None) -> dict:
             seconds[m] += r.seconds
             mass, rank = score_map(r.maps["image"], gt, POOLING)
             mass_abs, rank_abs = score_map(r.maps["image"], gt, "abs")
-            d, ins, _, _ = deletion_insertion(adapter, p, "image", r.scores["image"], c)
+            d, ins, curve, _ = deletion_insertion(adapter, p, "image", r.scores["image"], c)
             rows[m].append({"relevance_mass": mass, "relevance_rank": rank, "deletion_auc": d,
-                            "insertion_auc": ins, "relevance_mass_abs": mass_abs,
+                            "insertion_auc": ins, "deletion_aopc": aopc(curve),
+                            "relevance_mass_abs": mass_abs,
                             "relevance_rank_abs": rank_abs})
         noise = rng.random(gt.shape)
         mass, rank = score_map(noise, gt, POOLING)
-        d, ins, _, _ = deletion_insertion(adapter, p, "image", rng.random(p.n_units["image"]), c)
+        d, ins, curve, _ = deletion_insertion(adapter, p, "image", rng.random(p.n_units["image"]),
+                                              c)
         rows["random"].append({"relevance_mass": mass, "relevance_rank": rank, "deletion_auc": d,
-                               "insertion_auc": ins, "relevance_mass_abs": mass,
+                               "insertion_auc": ins, "deletion_aopc": aopc(curve),
+                               "relevance_mass_abs": mass,
                                "relevance_rank_abs": rank})
         if (k + 1) % 25 == 0 or k + 1 == len(indices):
             print(f"{k + 1}/{len(indices)} questions, {time.perf_counter() - t_start:.0f} s",
@@ -142,7 +146,8 @@ def main(argv=None) -> dict:
         "mean_mask_share": float(np.mean(shares)),
         "deletion_insertion": "image patches (64) set to / restored from the white baseline in "
                               "the order of the method's patch scores; question intact; trapezoid "
-                              "AUC over the fraction of patches",
+                              "AUC over the fraction of patches; AOPC: mean of p_0 - p_k over "
+                              "the deletion curve's 65 points",
         "methods": methods,
         "random": summarise(rows["random"], kinds),
         "best_method": best,
@@ -157,7 +162,8 @@ def main(argv=None) -> dict:
     for m in list(methods) + ["random"]:
         s = methods.get(m) or result["random"]
         print(f"{m:22s} mass {s['relevance_mass']:.3f}  rank {s['relevance_rank']:.3f}  "
-              f"deletion {s['deletion_auc']:.3f}  insertion {s['insertion_auc']:.3f}")
+              f"deletion {s['deletion_auc']:.3f}  insertion {s['insertion_auc']:.3f}  "
+              f"AOPC {s['deletion_aopc']:.3f}")
     print(f"best: {best} ({methods[best]['relevance_mass']:.3f}); wrote {path}")
     return result
 

@@ -111,7 +111,8 @@ GRADIENT_METHODS_NOTE = (
 PASSES_NOTE = {
     "gradient": "1 forward + 1 backward of a batch of one (see criteria.gradient_methods)",
     "grad_x_input": "1 forward + 1 backward of a batch of one (see criteria.gradient_methods)",
-    "integrated_gradients": "50 forwards + 50 backwards as one batch of 50 "
+    "integrated_gradients": "52 forwards + 52 backwards as one batch of 52: the 50 nodes, and x "
+                            "and the baseline for the completeness gap "
                             "(see criteria.gradient_methods)",
 }
 
@@ -182,9 +183,9 @@ def bare_call(method: str, adapter, prepared, target: int, params: dict):
     if method == "integrated_gradients":
         alphas, weights = (torch.as_tensor(v, dtype=torch.float32)
                            for v in integration_rule(params["steps"], params["rule"]))
-        if "completeness_gap" in params:   # ours evaluates x and the baseline too, weight 0
-            ends = torch.tensor([e for e in (0.0, 1.0) if not bool((alphas == e).any())])
-            alphas, weights = torch.cat([alphas, ends]), torch.cat([weights, torch.zeros(len(ends))])
+        # ours evaluates x and the baseline too (weight 0), for the completeness gap
+        ends = torch.tensor([e for e in (0.0, 1.0) if not bool((alphas == e).any())])
+        alphas, weights = torch.cat([alphas, ends]), torch.cat([weights, torch.zeros(len(ends))])
         bs = params["internal_batch_size"]
 
         def run():
@@ -298,6 +299,7 @@ def _instance_row(index: int, target: int, repeat: int, got: dict) -> dict:
            "captum_ms": got["captum"][0], "forward_passes": fwd, "backward_passes": bwd,
            "per_sample_forward_ms": got["floor"], "floor_ms": fwd * got["floor"]}
     row["ratio_to_floor"] = ours_ms / row["floor_ms"]
+    row["ratio_ours_captum"] = ours_ms / row["captum_ms"]
     if "bare" in got:
         row.update(bare_ms=got["bare"][0], per_sample_forward_backward_ms=got["floor_fb"],
                    floor_fwd_bwd_ms=bwd * got["floor_fb"] + (fwd - bwd) * got["floor"])
@@ -318,7 +320,10 @@ def _summary(method: str, params: dict, target_ms, rows: list[dict]) -> dict:
     mo, mc = med("ours_ms"), med("captum_ms")
     entry = {
         "captum": CAPTUM_NAMES[method], "params": params,
-        "median_ms_ours": mo, "median_ms_captum": mc, "ratio_ours_captum": mo / mc,
+        # the criterion's ratio: the median of the paired timings' ratios (ours and captum timed
+        # back to back), as the floors' ratios; the ratio of the two medians is informative
+        "median_ms_ours": mo, "median_ms_captum": mc, "ratio_ours_captum": med("ratio_ours_captum"),
+        "ratio_of_medians_ours_captum": mo / mc,
         "forward_passes": passes("forward_passes"), "backward_passes": passes("backward_passes"),
         "per_sample_forward_ms": med("per_sample_forward_ms"),
         "per_sample_forward_backward_ms": med("per_sample_forward_backward_ms"),
@@ -331,7 +336,7 @@ def _summary(method: str, params: dict, target_ms, rows: list[dict]) -> dict:
         "note": PASSES_NOTE.get(method),
         "n_timings": len(rows),
     }
-    entry["pass"] = {"vs_captum": mo / mc <= RATIO_MAX,
+    entry["pass"] = {"vs_captum": entry["ratio_ours_captum"] <= RATIO_MAX,
                      "floor": entry["ratio_to_floor"] <= FLOOR_MAX,
                      "target": None if target_ms is None else mo <= target_ms}
     entry["passed"] = all(v for v in entry["pass"].values() if v is not None)

@@ -69,7 +69,7 @@ def _stage1(adapter, prepared, targets, repeats: int, with_captum: bool, methods
     result = {}
     for m in methods:
         params = STAGE1[m][0]
-        rows = {"ours": [], "captum": [], "ratio_to_floor": []}
+        rows = {"ours": [], "captum": [], "ratio_to_floor": [], "ratio_ours_captum": []}
         for k, (p, t) in enumerate(zip(prepared, targets)):
             calls = {"ours": lambda p=p, t=t: attribute(adapter, p, m, target=t, **params)}
             if with_captum:
@@ -81,10 +81,14 @@ def _stage1(adapter, prepared, targets, repeats: int, with_captum: bool, methods
                 rows[name] += ms
             fwd = METHODS[m].cost(p, **params)[0]
             rows["ratio_to_floor"] += [ms / (fwd * floors[k]) for ms in got["ours"]]
+            if with_captum:       # paired: ours and captum timed back to back
+                rows["ratio_ours_captum"] += [o / c for o, c in zip(got["ours"], got["captum"])]
         entry = {"median_ms_ours": median(rows["ours"]), "ratio_to_floor": median(rows["ratio_to_floor"])}
         if with_captum:
             entry["median_ms_captum"] = median(rows["captum"])
-            entry["ratio_ours_captum"] = entry["median_ms_ours"] / entry["median_ms_captum"]
+            entry["ratio_ours_captum"] = median(rows["ratio_ours_captum"])
+            entry["ratio_of_medians_ours_captum"] = (entry["median_ms_ours"]
+                                                     / entry["median_ms_captum"])
         result[m] = entry
         print(f"{m:22s} ours {entry['median_ms_ours']:8.2f} ms"
               + (f"  captum {entry['median_ms_captum']:8.2f} ms  ratio "

@@ -9,7 +9,7 @@ from torch import nn
 
 from multiviz_widgets import Image, ModelAdapter, Tabular
 from multiviz_widgets.kernels.metrics import (
-    curve_auc, deletion_insertion, deletion_masks, insertion_masks, pixel_relevance,
+    aopc, curve_auc, deletion_insertion, deletion_masks, insertion_masks, pixel_relevance,
     relevance_mass, relevance_rank)
 
 
@@ -119,10 +119,25 @@ def test_deletion_insertion_on_a_known_model():
     np.testing.assert_allclose(dc, sig(np.array([4, 1, 0, 0, 0.0])), rtol=1e-6)
     np.testing.assert_allclose(ic, sig(np.array([0, 3, 4, 4, 4.0])), rtol=1e-6)
     assert d_good < d_bad and i_good > i_bad
+    # AOPC: the mean fall from p_0 along the deletion curve; the good order falls faster
+    _, _, bad_curve, _ = deletion_insertion(adapter, p, "x", -good, 0)
+    assert aopc(dc) == pytest.approx(np.mean(sig(4.0) - sig(np.array([4, 1, 0, 0, 0.0]))))
+    assert aopc(dc) > aopc(bad_curve)
     with pytest.raises(ValueError, match="Unknown modality"):
         deletion_insertion(adapter, p, "y", good, 0)
     with pytest.raises(ValueError, match="scores given"):
         deletion_insertion(adapter, p, "x", good[:3], 0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=2, max_size=70))
+def test_aopc_is_the_mean_fall_and_zero_for_a_flat_curve(curve):
+    c = np.array(curve)
+    assert aopc(c) == pytest.approx(float(np.mean(c[0] - c)))
+    assert aopc(np.full(len(c), c[0])) == 0.0
+    assert -1.0 <= aopc(c) <= 1.0
+    with pytest.raises(ValueError, match="at least two points"):
+        aopc(c[:1])
 
 
 def test_deletion_keeps_other_modalities_intact():

@@ -111,6 +111,16 @@ def curve_auc(curve) -> float:
     return float(((c[1:] + c[:-1]) / 2).sum() / (len(c) - 1))
 
 
+def aopc(deletion_curve) -> float:
+    """AOPC (Samek et al. 2017) of a deletion curve p_0, ..., p_U (the class probability with
+    the k highest-scored units removed): the mean over k = 0..U of p_0 - p_k. Higher is better:
+    the probability falls faster when the units the map ranks first go first."""
+    c = np.asarray(deletion_curve, dtype=np.float64)
+    if c.ndim != 1 or len(c) < 2:
+        raise ValueError("A deletion curve needs at least two points.")
+    return float((c[0] - c).mean())
+
+
 @torch.no_grad()
 def deletion_insertion(adapter: ModelAdapter, prepared: Prepared, modality: str, scores,
                        class_index: int, batch_size: int = 512
