@@ -20,6 +20,7 @@ import re
 import unicodedata
 import uuid
 import weakref
+from collections.abc import Iterable
 from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -924,6 +925,9 @@ def _names(v, what: str, example: str) -> list[str]:
     split into characters, and duplicates, which would make units ambiguous, refused)."""
     if isinstance(v, (str, bytes)):
         raise TypeError(f"{what} is a single string; give a list of names, e.g. {example}.")
+    if not isinstance(v, Iterable) or isinstance(v, Mapping):
+        raise TypeError(f"{what} must be a list of names, e.g. {example}; got "
+                        f"{type(v).__name__} {v!r:.60}.")
     names = [str(c) for c in v]
     seen: set[str] = set()
     dup = next((c for c in names if c in seen or seen.add(c)), None)
@@ -1043,16 +1047,21 @@ class TimeSeries(Modality):
                  channel_groups: Sequence[Sequence[int]] | None = None, baseline: str = "zero"):
         super().__init__(name)
         window = positive_int(window, "TimeSeries window (time steps per unit)")
-        if not channels:
-            raise ValueError("TimeSeries needs the channel names, e.g. channels=['ecg', 'spo2'].")
         if baseline not in ("zero", "mean"):
             raise ValueError(f"TimeSeries baseline {baseline!r} is not 'zero' or 'mean'.")
         self.window = int(window)
+        # any sequence of names: a list, a numpy array, a DataFrame's columns
         self.channels = _names(channels, "TimeSeries channels", "channels=['ecg', 'spo2']")
+        if not self.channels:
+            raise ValueError("TimeSeries needs the channel names, e.g. channels=['ecg', 'spo2'].")
         if isinstance(channel_groups, (str, bytes, dict)):
             raise TypeError("TimeSeries channel_groups must be a list of groups, each a list of "
                             "channel indices or names, e.g. [[0, 1], [2]].")
-        groups = channel_groups or [[c] for c in range(len(self.channels))]
+        groups = ([[c] for c in range(len(self.channels))] if channel_groups is None
+                  else list(channel_groups))
+        if not groups:
+            raise ValueError("TimeSeries channel_groups is empty; give one group per unit, e.g. "
+                             "[[0, 1], [2]], or leave it out for one group per channel.")
         groups = [_members(chans, f"TimeSeries channel group {g}", self.channels, "channel")
                   for g, chans in enumerate(groups)]
         gidx = np.full(len(self.channels), -1, dtype=np.int64)

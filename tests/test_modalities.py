@@ -320,3 +320,27 @@ def test_unit_sums_and_map_leave_subclasses_with_their_own_units_or_pooling_alon
     assert AbsImage("image", patch=8).unit_sums_and_map(torch.zeros(3, 16, 16), x, None) is None
     t = PairedText("q", vocab=["[PAD]", "[UNK]", "a"])
     assert t.unit_sums_and_map(torch.zeros(4, 2), torch.zeros(4, 2), None) is None
+
+
+def test_channel_and_column_names_come_from_any_sequence_of_names():
+    """A DataFrame's columns or a numpy array of names work as channels, as they do as Tabular
+    columns; a number of channels or an empty list gets a message saying what to give."""
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame(np.zeros((4, 3)), columns=["pitch", "energy", "mfcc1"])
+    for names in (frame.columns, np.array(frame.columns), tuple(frame.columns)):
+        assert TimeSeries("audio", window=2, channels=names).channels == list(frame.columns)
+        assert Tabular("vitals", columns=names).columns == list(frame.columns)
+    paired = TimeSeries("audio", window=2, channels=["a", "b", "c", "d"],
+                        channel_groups=np.array([[0, 1], [2, 3]]))
+    assert paired.groups == [[0, 1], [2, 3]]
+    for bad, words in [(3, r"channels must be a list of names.*got int 3"),
+                       ({"a": 0}, "channels must be a list of names")]:
+        with pytest.raises(TypeError, match=words):
+            TimeSeries("audio", channels=bad)
+    with pytest.raises(TypeError, match=r"columns must be a list of names.*got int 4"):
+        Tabular("vitals", columns=4)
+    for empty in ([], np.array([]), frame.columns[:0]):
+        with pytest.raises(ValueError, match="TimeSeries needs the channel names"):
+            TimeSeries("audio", channels=empty)
+    with pytest.raises(ValueError, match="channel_groups is empty"):
+        TimeSeries("audio", channels=["a"], channel_groups=[])
