@@ -23,6 +23,7 @@ if _why_not:
     pytestmark.append(pytest.mark.skip(reason=_why_not))
 
 XSS = "<img src=x onerror=alert(1)>"
+DOLLARS = "costs $5 to $10"
 
 # A tiny model whose class names and vocabulary carry an HTML payload: it must show as text.
 XSS_SETUP = r'''
@@ -30,6 +31,7 @@ import numpy as np, torch
 from torch import nn
 from multiviz_widgets import Image, ModelAdapter, MultimodalDataset, Text
 XSS = "<img src=x onerror=alert(1)>"
+DOLLARS = "costs $5 to $10"          # JupyterLab's MathJax typesets $...$ in a plain W.Label
 vocab = ["[PAD]", "[UNK]", "what", "is", XSS]
 class Tiny(nn.Module):
     def __init__(self):
@@ -43,11 +45,12 @@ class Tiny(nn.Module):
 torch.manual_seed(0)
 tok = lambda s: s.split("|")
 adapter = ModelAdapter(Tiny().eval(), [Image("image", patch=8), Text("question", vocab=vocab, tokenize=tok)],
-                       class_names=[XSS, "ok"])
+                       class_names=[XSS, DOLLARS])
 rng = np.random.default_rng(0)
 dataset = MultimodalDataset({"image": [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(12)],
                              "question": [f"what|is|{XSS}"] * 12},
-                            labels=[i % 2 for i in range(12)], descriptions=[f"{XSS} #{i}" for i in range(12)])
+                            labels=[i % 2 for i in range(12)], descriptions=[f"{XSS} #{i}" for i in range(12)],
+                            name=DOLLARS)
 '''
 
 INPUT_VIEW_CELL = r'''
@@ -553,5 +556,53 @@ def test_html_in_class_names_and_tokens_is_shown_as_text(lab, page):
     assert XSS in page.locator(".mvz-input .mvz-caption").text_content() or \
         page.get_by_text(XSS).count() > 0
     assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
+    # dollar signs in the dataset's name (the title) and a class name stay text, not LaTeX
+    page.get_by_text(f"on {DOLLARS} (12 instances)").wait_for(timeout=30_000)
+    nb.kernel_exec("explorer.selection.target = 1; explorer.wait()")
+    page.wait_for_timeout(500)
+    assert page.locator(".mvz-path-view").get_by_text(DOLLARS).count() >= 1
+    assert page.evaluate("() => document.querySelectorAll('mjx-container, .MathJax').length") == 0
     assert not nb.dialogs, nb.dialogs
     assert not nb.cell_errors()
+
+
+def render_input_bundle(page, state: dict) -> None:
+    """The shipped input-view bundle rendered alone in ``page``, with a model stub holding
+    ``state`` (no Jupyter: what the CSS and the DOM do with the payload)."""
+    import re
+    from multiviz_widgets.views.input_view import _ESM_PATH
+    src = re.sub(r"export\s*\{\s*(\w+) as default\s*\};?\s*$", r"window.__mvz_view = \1;",
+                 _ESM_PATH.read_text())
+    assert "window.__mvz_view" in src, "the bundle's default export was not found"
+    page.set_content("<html><body></body></html>")
+    page.add_script_tag(content=src)
+    page.evaluate("""state => {
+        const model = {get: k => state[k], set() {}, save_changes() {}, send() {},
+                       on() {}, off() {}};
+        const el = document.createElement('div');
+        document.body.appendChild(el);
+        window.__mvz_view.render({model, el});
+    }""", state)
+
+
+def test_named_units_of_every_kind_have_the_dashed_border(page):
+    """A named word, table cell and time window all show the dashed purple border (the series
+    cell's own border rule once won over it)."""
+    items = [
+        {"name": "question", "kind": "text", "tokens": ["what", "color"], "n_units": 2},
+        {"name": "vitals", "kind": "tabular", "columns": ["hr", "bp"], "values": [1.0, 2.0],
+         "units": [0, 1]},
+        {"name": "series", "kind": "timeseries", "group_names": ["ecg"], "groups": [[0]],
+         "n_windows": 2, "window": 2, "values": [[0.1], [0.2], [0.3], [0.4]]}]
+    concepts = {m: {"0": [f"a {m} concept"]} for m in ("question", "vitals", "series")}
+    render_input_bundle(page, {"items": items, "scores": {}, "score_caption": "", "selected": {},
+                               "caption": "", "concepts": concepts})
+    borders = page.evaluate("""() => [...document.querySelectorAll('.mvz-unit')].map(e => [
+        e.dataset.modality, e.dataset.unit, getComputedStyle(e).borderTopStyle,
+        getComputedStyle(e).borderTopColor])""")
+    named = {(m, u): (style, colour) for m, u, style, colour in borders if u == "0"}
+    assert set(named) == {("question", "0"), ("vitals", "0"), ("series", "0")}, borders
+    for key, (style, colour) in named.items():
+        assert (style, colour) == ("dashed", "rgb(142, 36, 170)"), (key, borders)
+    others = [(m, style) for m, u, style, _ in borders if u == "1"]
+    assert others and all(style != "dashed" for _, style in others), borders

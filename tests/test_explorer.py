@@ -999,7 +999,7 @@ def test_an_instance_that_cannot_be_prepared_is_named_under_the_embedding():
             assert ex.wait(60)
             caption = ex.embedding_view.caption.value
             assert ex.state()["embedding"]["n_points"] == len(ds) - 1
-            assert "1 could not be prepared (#2: ValueError" in caption and "no tokens" in caption
+            assert "1 could not be prepared or run (#2: ValueError" in caption and "no tokens" in caption
         finally:
             ex.close()
 

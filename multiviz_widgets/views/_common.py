@@ -10,6 +10,15 @@ from ..progress import Cancelled
 from ..selection import FIELDS, Selection
 
 
+def text_label(value: str = "", **kwargs) -> W.Label:
+    """A ``W.Label`` whose text shows as it is. ipywidgets' Label runs the notebook's LaTeX
+    typesetter over its value, so in JupyterLab a class name or a concept such as "costs $5 to
+    $10" lost its dollar signs to MathJax; MathJax skips an element of class mathjax_ignore."""
+    label = W.Label(value=value, **kwargs)
+    label.add_class("mathjax_ignore")
+    return label
+
+
 class RetryAfterCancel:
     """The requests of a view that a cancel stopped, asked again on the next change of the
     selection (whatever it is): a cancel is the person's choice, not the data's fault, and

@@ -21,6 +21,7 @@ import ipywidgets as W
 from ..annotations import AnnotationError, Annotations, feature_key, neuron_key, unit_key
 from ..selection import Selection
 from .concept_tags import ConceptTags
+from ._common import text_label
 
 
 class ConceptsView(W.VBox):
@@ -40,18 +41,18 @@ class ConceptsView(W.VBox):
         # its value is never a person's choice
         self._listing = threading.local()
         # layouts given at construction: one set later would leave the default one open
-        self.neuron_label = W.Label(value="", layout=W.Layout(width="260px"))
+        self.neuron_label = text_label(value="", layout=W.Layout(width="260px"))
         self.neuron_tags = ConceptTags(layout=W.Layout(flex="1 1 300px"))
-        self.unit_label = W.Label(value="", layout=W.Layout(width="260px"))
+        self.unit_label = text_label(value="", layout=W.Layout(width="260px"))
         self.unit_tags = ConceptTags(layout=W.Layout(flex="1 1 300px"))
-        self.message = W.Label(value="", style={"text_color": "#a00000"})
-        self.status = W.Label(value="")
+        self.message = text_label(value="", style={"text_color": "#a00000"})
+        self.status = text_label(value="")
         self.named = W.Dropdown(options=[(GOTO_PROMPT, None)], value=None,
                                 layout=W.Layout(width="420px"))
         self.named.observe(self._on_named, names="value")
         self.neuron_row = W.HBox([self.neuron_label, self.neuron_tags])
         self.unit_row = W.HBox([self.unit_label, self.unit_tags])
-        super().__init__([W.HBox([W.Label(value="concepts"), self.named]), self.neuron_row,
+        super().__init__([W.HBox([text_label(value="concepts"), self.named]), self.neuron_row,
                           self.unit_row, self.message, self.status])
         self.add_class("mvz-concepts-view")
         self.neuron_tags.add_class("mvz-neuron-concepts")

@@ -11,6 +11,7 @@ import ipywidgets as W
 
 from ..engine import Engine
 from ..selection import Selection
+from ._common import text_label
 
 DEFAULT_METHODS = ("gradient", "grad_x_input", "integrated_gradients", "occlusion", "lime",
                    "kernel_shap")
@@ -45,7 +46,7 @@ class Controls(W.VBox):
                                          layout=W.Layout(width="170px"))
         self.prev = W.Button(description="<", layout=W.Layout(width="32px"), tooltip="previous")
         self.next = W.Button(description=">", layout=W.Layout(width="32px"), tooltip="next")
-        self.description = W.Label(value="")
+        self.description = text_label(value="")
         self.n_instances = int(n_instances)
         self.class_names = [str(c) for c in class_names]
         self.target = W.Dropdown(options=self._target_options(), value=selection.target,
@@ -68,9 +69,9 @@ class Controls(W.VBox):
                                    description="pair", tooltip="heatmap rows x columns",
                                    layout=W.Layout(width="300px"))
             self.pair.observe(lambda c: self._pick(pair=c["new"]), names="value")
-        self.neuron_label = W.Label(value="")
+        self.neuron_label = text_label(value="")
         self.clear_neuron = W.Button(description="clear neuron", layout=W.Layout(width="110px"))
-        self.unit_label = W.Label(value="")
+        self.unit_label = text_label(value="")
         self.clear_unit = W.Button(description="clear unit", layout=W.Layout(width="100px"))
         self.refresh_button = W.Button(
             description="recompute", layout=W.Layout(width="100px"),
@@ -158,7 +159,7 @@ class ProgressPanel(W.HBox):
     def __init__(self, engine: Engine):
         self.engine = engine
         self.bar = W.FloatProgress(value=0.0, min=0.0, max=1.0, layout=W.Layout(width="220px"))
-        self.label = W.Label(value="")
+        self.label = text_label(value="")
         self.cancel = W.Button(description="Cancel", button_style="warning",
                                layout=W.Layout(width="80px"))
         self.cancel.on_click(lambda _: engine.cancel())
@@ -183,7 +184,7 @@ class ErrorBanner(W.HBox):
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.text = W.Label(value="", style={"text_color": "#a00000"})
+        self.text = text_label(value="", style={"text_color": "#a00000"})
         self.dismiss = W.Button(description="dismiss", layout=W.Layout(width="80px"))
         self.dismiss.on_click(lambda _: engine.clear_error())
         super().__init__([self.text, self.dismiss],

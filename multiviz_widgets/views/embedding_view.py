@@ -16,7 +16,7 @@ import numpy as np
 from ..engine import Analyses, Engine
 from ..kernels.projection import UNKNOWN_GROUP, colour_groups
 from ..selection import Selection
-from ._common import RetryAfterCancel, close_widgets
+from ._common import RetryAfterCancel, close_widgets, text_label
 
 PALETTE = np.array([
     [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
@@ -101,7 +101,7 @@ class EmbeddingView(W.VBox):
         self.legend = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         self.legend_note = ""                            # says when colours are a hue scale
         self.colour_range = None                         # (neuron, lowest, highest) shown
-        self.caption = W.Label(value="")
+        self.caption = text_label(value="")
         # a fixed width: the legend wraps inside it instead of widening the view over the path
         super().__init__([self.caption, self.colour_by, self.legend, self.figure],
                          layout=W.Layout(width="440px", flex="0 0 auto"))
@@ -161,8 +161,8 @@ class EmbeddingView(W.VBox):
             self.caption.value += (f"; {len(left_out)} left out, the model's output is not "
                                    f"finite there ({_some(left_out)})")
         skipped = sorted(getattr(feats, "skipped", None) or {})
-        if skipped:                      # instances that could not be prepared at all
-            self.caption.value += (f"; {len(skipped)} could not be prepared "
+        if skipped:              # instances that could not be prepared, or run by the model
+            self.caption.value += (f"; {len(skipped)} could not be prepared or run "
                                    f"({_some(skipped)}: {feats.skipped[skipped[0]]})")
 
     def recolour(self) -> None:
@@ -195,8 +195,8 @@ class EmbeddingView(W.VBox):
         self.scatter.color = np.array(colours, dtype=np.float32)[self.groups] if len(groups) \
             else np.zeros((0, 3), np.float32)
         old = self.legend.children
-        self.legend.children = ([W.Label(value=note)] if note else []) + [
-            W.Label(value=f"\u25cf {name}", style={"text_color": _hex(colours[g])})
+        self.legend.children = ([text_label(value=note)] if note else []) + [
+            text_label(value=f"\u25cf {name}", style={"text_color": _hex(colours[g])})
             for g, name in enumerate(self.group_names)]
         self.legend_note = note
         close_widgets(old)                    # the labels replaced (each holds comms)
@@ -211,7 +211,7 @@ class EmbeddingView(W.VBox):
         if not 0 <= j < (h.shape[1] if h.ndim == 2 else 0):
             self.colour_range = None
             self.scatter.color = np.tile(UNKNOWN, (len(self._rows), 1)).astype(np.float32)
-            self.legend.children = [W.Label(
+            self.legend.children = [text_label(
                 value="click a neuron (a bar or a path node) to colour the dataset by its "
                       "activation")]
         else:
@@ -221,11 +221,11 @@ class EmbeddingView(W.VBox):
             self.colour_range = (j, lo, hi)
             name = self._neuron_name(j)
             self.legend.children = (
-                [W.Label(value=f"activation of {name}:"),
-                 W.Label(value=f"\u25cf {lo:.3g} (lowest)", style={"text_color": _hex(SEQUENTIAL[0])}),
-                 W.Label(value=f"\u25cf {hi:.3g} (highest)", style={"text_color": _hex(SEQUENTIAL[-1])})]
+                [text_label(value=f"activation of {name}:"),
+                 text_label(value=f"\u25cf {lo:.3g} (lowest)", style={"text_color": _hex(SEQUENTIAL[0])}),
+                 text_label(value=f"\u25cf {hi:.3g} (highest)", style={"text_color": _hex(SEQUENTIAL[-1])})]
                 if hi > lo else
-                [W.Label(value=f"{name} is {lo:.3g} on every instance shown (a constant neuron)")])
+                [text_label(value=f"{name} is {lo:.3g} on every instance shown (a constant neuron)")])
         close_widgets(old)
 
     def _highlight(self) -> None:

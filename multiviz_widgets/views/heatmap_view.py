@@ -14,7 +14,7 @@ import numpy as np
 
 from ..engine import Analyses, Engine
 from ..selection import Selection
-from ._common import RetryAfterCancel
+from ._common import RetryAfterCancel, text_label
 
 
 #: Longest tick label (characters) on the heatmap's axes; longer unit names are shortened.
@@ -92,7 +92,7 @@ class HeatmapView(W.VBox):
                                 axes=[self.row_axis, self.col_axis, self.color_axis],
                                 fig_margin={"top": 20, "bottom": 90, "left": 130, "right": 80},
                                 layout=W.Layout(width="560px", height="410px"))
-        self.caption = W.Label(value="")
+        self.caption = text_label(value="")
         super().__init__([self.caption, self.figure],
                          layout=W.Layout(width="566px", flex="0 0 auto"))  # figure + margins
         self.add_class("mvz-heatmap-view")

@@ -13,7 +13,7 @@ from ..adapter import Neuron
 from ..engine import Analyses, Engine
 from ..kernels.representations import tied_extremes
 from ..selection import Selection
-from ._common import RetryAfterCancel, close_widgets, instance_title
+from ._common import RetryAfterCancel, close_widgets, instance_title, text_label
 from ._encode import image_overlay, png, strip
 
 
@@ -67,12 +67,12 @@ class NeuronView(W.VBox):
                                              side="left")],
             layout=W.Layout(width="380px", height="240px"),
             fig_margin={"top": 40, "bottom": 30, "left": 50, "right": 10})
-        self.caption = W.Label(value="")
-        self.gallery_caption = W.Label(value="click a bar to see what its neuron responds to")
+        self.caption = text_label(value="")
+        self.gallery_caption = text_label(value="click a bar to see what its neuron responds to")
         self.top_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         self.bottom_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
-        self.top_label = W.Label(value="top activating")
-        self.bottom_label = W.Label(value="bottom activating")
+        self.top_label = text_label(value="top activating")
+        self.bottom_label = text_label(value="bottom activating")
         super().__init__([self.caption,
                           W.HBox([self.act_figure, self.contrib_figure],
                                  layout=W.Layout(flex_flow="row wrap")),
@@ -253,7 +253,7 @@ class NeuronView(W.VBox):
                           tooltip=f"{it['description']} (h = {it['value']:.3g})",
                           layout=W.Layout(width="180px"))
         button.on_click(lambda _b, idx=it["index"]: self.click_item(idx))
-        value = W.Label(value=f"h = {it['value']:.3g}")
+        value = text_label(value=f"h = {it['value']:.3g}")
         return W.VBox(parts + [button, value], layout=W.Layout(margin="2px", width="184px"))
 
     def click_item(self, index: int) -> None:
