@@ -48,8 +48,8 @@ from .atomic_file import write_atomically
 from .checks import is_integer
 
 __all__ = ["Annotations", "AnnotationError", "AnnotationConflict", "neuron_key", "unit_key",
-           "feature_key",
-           "model_signature", "dataset_signature", "FORMAT", "VERSION", "MAX_CONCEPT_LENGTH"]
+           "feature_key", "model_signature", "dataset_signature", "DatasetSignature", "FORMAT",
+           "VERSION", "MAX_CONCEPT_LENGTH"]
 
 FORMAT = "multiviz-annotations"
 VERSION = 2        # 2: "features" (version 1 had neurons and units; it is read as well)
@@ -79,7 +79,18 @@ def _index(value, what: str) -> int:
 def _modality(name) -> str:
     if not isinstance(name, str) or not name:
         raise AnnotationError(f"A modality is its name (a non-empty string), got {name!r}.")
+    _no_surrogates(name, "A modality name")
     return name
+
+
+def _no_surrogates(text: str, what: str) -> None:
+    """An AnnotationError when ``text`` holds a lone surrogate (half of a UTF-16 pair, as a
+    JSON escape such as \\udc80 can give): no file can hold it, so every save would fail."""
+    bad = [c for c in text if unicodedata.category(c) == "Cs"]
+    if bad:
+        raise AnnotationError(f"{what} {text[:60]!r} holds the lone surrogate {bad[0]!r} (half "
+                              f"of a UTF-16 pair), which is not text and cannot be saved; write "
+                              f"the whole character instead.")
 
 
 def neuron_key(neuron) -> tuple:
@@ -114,18 +125,37 @@ def _key(key) -> tuple:
                           f"feature_key), got {key!r}.")
 
 
+#: Format characters that printable text needs: the zero-width non-joiner (Persian, Hindi...)
+#: and joiner (emoji sequences such as a family). Other format characters (bidirectional
+#: overrides, the zero-width space...) can hide or reorder what a concept shows, and are refused.
+_JOINERS = frozenset("\u200c\u200d")
+
+
+def _strip_outer(text: str) -> str:
+    """``text`` without the spaces and joiners (which join nothing there) at either end."""
+    text = text.strip()
+    start, end = 0, len(text)
+    while start < end and (text[start].isspace() or text[start] in _JOINERS):
+        start += 1
+    while end > start and (text[end - 1].isspace() or text[end - 1] in _JOINERS):
+        end -= 1
+    return text[start:end]
+
+
 def _concept(text) -> str:
-    """``text`` checked and tidied (outer spaces stripped): a short line of printable text."""
+    """``text`` checked and tidied (outer spaces stripped, NFC-normalised so that "e" + a
+    combining acute and "\u00e9" are one concept): a short line of printable text."""
     if not isinstance(text, str):
         raise AnnotationError(f"A concept is a string, got {type(text).__name__} {text!r}.")
-    text = text.strip()
+    text = _strip_outer(unicodedata.normalize("NFC", text))
     if not text:
         raise AnnotationError("A concept cannot be empty or only spaces.")
     if len(text) > MAX_CONCEPT_LENGTH:
         raise AnnotationError(f"A concept has at most {MAX_CONCEPT_LENGTH} characters, got "
                               f"{len(text)} ({text[:40]!r}...); keep it to a short name.")
     # control and format characters, line breaks, and lone surrogates (which no file can hold)
-    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")]
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")
+           and c not in _JOINERS]
     if bad:
         raise AnnotationError(f"A concept is one line of printable text; {text[:60]!r} holds "
                               f"the control character {bad[0]!r}.")
@@ -161,15 +191,96 @@ def model_signature(adapter, n_neurons: int | None = None) -> dict:
             "neurons": None if n_neurons is None else int(n_neurons), "features": features}
 
 
-def dataset_signature(dataset) -> dict:
+def dataset_signature(dataset, *, lazy: bool = False) -> dict:
     """What a file records of the dataset whose instances its unit concepts name (neuron
-    concepts belong to the model and carry over to any dataset)."""
-    return {"name": str(getattr(dataset, "name", "") or ""), "instances": len(dataset)}
+    concepts belong to the model and carry over to any dataset): its name, its size and a
+    fingerprint of its inputs (``inputs_fingerprint()``, a hash of every instance; absent for a
+    dataset that has no such method), so that a dataset of the same name and size with other
+    contents is told apart.
+
+    lazy: the fingerprint (one pass over the data) is computed only when it is first needed (a
+    file with unit concepts compared, or written): what the Explorer passes, to open fast."""
+    base = {"name": str(getattr(dataset, "name", "") or ""), "instances": len(dataset)}
+    try:                  # a store that outlives its Explorer does not keep the dataset alive
+        ref = weakref.ref(dataset)
+    except TypeError:     # an object that cannot be referred to weakly
+        def ref():
+            return dataset
+
+    def compute():
+        alive = ref()
+        return None if alive is None else _inputs_fingerprint(alive)
+    sig = DatasetSignature(base, compute)
+    if not lazy:
+        sig.fingerprint()
+    return sig
+
+
+def _inputs_fingerprint(dataset) -> str | None:
+    """The dataset's ``inputs_fingerprint()``, or None when it has none (or it fails: the
+    dataset is then told apart by its name and size alone)."""
+    method = getattr(dataset, "inputs_fingerprint", None)
+    if not callable(method):
+        return None
+    try:
+        return str(method())
+    except Exception:  # noqa: BLE001 - a lazy column that cannot be read: not compared
+        return None
+
+
+class DatasetSignature(dict):
+    """A dataset signature (a dict: name, instances and, once computed, fingerprint) that
+    computes its fingerprint when first asked (``fingerprint()``)."""
+
+    def __init__(self, base: dict, compute: Callable[[], str | None] | None = None):
+        super().__init__(base)
+        self._compute = None if "fingerprint" in base else compute
+
+    def fingerprint(self) -> str | None:
+        """The fingerprint of the dataset's inputs (computed now if not yet), or None."""
+        compute = self._compute
+        if compute is not None:
+            value = compute()
+            if value is not None:
+                self["fingerprint"] = value
+            self._compute = None
+        return self.get("fingerprint")
+
+
+def _fingerprint(d: dict) -> str | None:
+    return d.fingerprint() if isinstance(d, DatasetSignature) else d.get("fingerprint")
+
+
+def _same_dataset(a: dict | None, b: dict | None) -> bool:
+    """Whether two dataset signatures may be the same dataset: the same name and size, and the
+    same fingerprint where both have one (a file written before fingerprints were recorded is
+    told apart by its name and size)."""
+    if not a or not b:
+        return True
+    if a.get("name") != b.get("name") or a.get("instances") != b.get("instances"):
+        return False
+    fa = _fingerprint(a)
+    if fa is None:
+        return True
+    fb = _fingerprint(b)
+    return fb is None or fa == fb
+
+
+def _as_dataset(d: dict | None) -> dict | None:
+    """A signature to keep: a DatasetSignature as it is (its fingerprint may be computed
+    later), any other dict copied."""
+    if not d:
+        return None
+    return d if isinstance(d, DatasetSignature) else dict(d)
 
 
 #: What to do when unit concepts belong to another dataset.
 _OWN_FILE = ("Give this dataset its own file; neuron and feature concepts carry over "
              "(Annotations.load(path), then copy keys('neuron') and keys('feature')).")
+#: ...and when the dataset is the same, its inputs edited in place
+_SAME_INSTANCES = ("If it is the same dataset, edited, with its instances in the same order, "
+                   "the concepts still apply: store = Annotations.load(path); store.dataset = "
+                   "dataset_signature(dataset); store.save(path, overwrite=True).")
 
 
 def _dataset_text(d: dict) -> str:
@@ -204,8 +315,13 @@ class Annotations:
     other modalities, classes, number of neurons or shared units is refused. dataset: the
     dataset's (``dataset_signature``), whose instances the unit keys name: a file with unit
     concepts of another dataset is refused (its neuron and feature concepts carry over:
-    ``Annotations.load`` and copy them). n_instances: the dataset's size, to check the instances of unit keys (default: the
-    dataset's).
+    ``Annotations.load`` and copy them). n_instances: the dataset's size, to check the
+    instances of unit keys (default: the dataset's).
+
+    A version-1 file, written before feature keys, may name a unit of a modality whose units
+    are the same feature in every instance (a tabular column) per instance; once the model's
+    signature is known, such concepts are read as the feature's, those of every instance
+    together (the file is rewritten, as version 2, at the next change only).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, autosave: bool | None = None,
@@ -224,8 +340,13 @@ class Annotations:
         self.dataset = None
         if dataset:
             self._take_dataset(dataset)
-        self._bound_dataset: dict | None = None  # the dataset of the Explorer(s) showing it
-        self._bound = 0                          # how many Explorers show it (bind - unbind)
+        # the dataset of each viewer (Explorer) showing it, one entry per bind until its unbind
+        self._viewers: list[dict] = []
+        # checks a viewer adds for keys that get concepts (e.g. that the unit exists)
+        self._key_checks: list[Callable[[tuple], None]] = []
+        # read from a version-1 file: unit keys of shared-unit modalities may still be there,
+        # to be read as feature keys once a signature says which modalities those are
+        self._version_1_units = False
         self.save_error: str | None = None
         self.unsaved = False          # changes that no save has written yet
         self._disk_digest: str | None = None     # the file as last read or written here...
@@ -282,25 +403,39 @@ class Annotations:
                 f"file for this model, or Annotations.load(path) and copy what applies.")
         if dataset:
             with self._lock:
-                if self._bound_dataset is not None and self._bound_dataset != dataset:
-                    raise AnnotationError(
-                        f"These annotations{self._where()} are shown for the instances of "
-                        f"{_dataset_text(self._bound_dataset)} in this kernel; their unit "
-                        f"concepts cannot also name instances of {_dataset_text(dataset)}. "
-                        f"{_OWN_FILE}")
-                self._check_dataset(self.dataset, dataset, self._data, self._where())
+                # unit concepts held: they name the instances of self.dataset (the dataset of
+                # every viewer, when any shows the store); none: any dataset may show it
+                data, _ = self._as_read_for(signature)
+                self._check_dataset(self.dataset, dataset, data, self._where())
+
+    def _as_read_for(self, signature: dict | None) -> tuple[dict, dict]:
+        """The concepts, and those of the file as last read or written, for a model of
+        ``signature``: read from a version-1 file, the unit keys of its shared-unit modalities
+        are feature keys (``_units_as_features``)."""
+        shared = _shared_modalities(signature)
+        if self._version_1_units and shared:
+            return (_units_as_features(self._data, shared),
+                    _units_as_features(self._disk_entries, shared))
+        return self._data, self._disk_entries
 
     def bind(self, signature: dict | None, n_instances: int | None = None,
              dataset: dict | None = None) -> None:
         """A viewer (an Explorer) of this model and dataset is to show this store: ``check``,
         then keep the first signature given (recorded in the file from the next save) and, with a
-        dataset, count the viewer until its ``unbind``: meanwhile no other dataset may bind."""
-        dataset = dict(dataset) if dataset else None
+        dataset, count the viewer until its ``unbind(dataset)``. While the store holds unit
+        concepts only their dataset may bind; while viewers of two datasets show it (possible
+        when it holds none), a unit concept cannot be added (it would name an instance of one
+        of them)."""
+        dataset = _as_dataset(dataset)
         with self._lock:
             self.check(signature, dataset)
             if n_instances is None and dataset:
                 n_instances = dataset.get("instances")
-            self._check_ranges(self._data, signature, n_instances)
+            data, disk = self._as_read_for(signature)
+            self._check_ranges(data, signature, n_instances)
+            self._data, self._disk_entries = data, disk
+            if _says_shared(signature):
+                self._version_1_units = False
             if signature and not self.signature:
                 self.signature = dict(signature)
             elif signature:            # fill in what the first signature left unknown
@@ -310,21 +445,66 @@ class Annotations:
             if n_instances is not None:
                 self.n_instances = int(n_instances)
             if dataset:
-                self.dataset = self._bound_dataset = dataset
-                self._bound += 1
+                self.dataset = dataset
+                self._viewers.append(dataset)
 
-    def unbind(self) -> None:
-        """An Explorer that showed this store (``bind`` with a dataset) no longer does; when none
-        does, another dataset may bind it."""
+    def unbind(self, dataset: dict | None = None) -> None:
+        """A viewer that showed this store (``bind`` with ``dataset``; None: the last to bind)
+        no longer does. When the viewers left all show one dataset, unit concepts name its
+        instances again."""
         with self._lock:
-            self._bound = max(0, self._bound - 1)
-            if self._bound == 0:
-                self._bound_dataset = None
+            if not self._viewers:
+                return
+            if dataset is None:
+                self._viewers.pop()
+            else:
+                same = [n for n, d in enumerate(self._viewers) if d is dataset] or [
+                    n for n, d in enumerate(self._viewers) if d == dataset]
+                if same:
+                    del self._viewers[same[0]]
+            left = self._viewer_datasets()
+            if len(left) == 1:
+                self.dataset = left[0]
+                if is_integer(left[0].get("instances")):
+                    self.n_instances = int(left[0]["instances"])
+
+    def _viewer_datasets(self) -> list[dict]:
+        """The distinct datasets of the viewers showing the store."""
+        out: list[dict] = []
+        for d in self._viewers:
+            if not any(_same_dataset(d, o) for o in out):
+                out.append(d)
+        return out
+
+    def _check_one_dataset(self, where: str = "") -> None:
+        """An AnnotationError when viewers of two datasets show this store: a unit concept
+        would name an instance of one of them."""
+        shown = self._viewer_datasets()
+        if len(shown) > 1:
+            names = " and ".join(_dataset_text(d) for d in shown[:2])
+            raise AnnotationError(
+                f"A unit concept{where} names an instance of one dataset, and these annotations"
+                f"{self._where()} are shown for two in this kernel ({names}, by two Explorers), "
+                f"so none can be added now. Close the Explorer of one dataset "
+                f"(explorer.close()), or give each dataset its own file "
+                f"(Explorer(..., annotations='other.json')).")
+
+    def add_key_check(self, check: Callable[[tuple], None]) -> None:
+        """Call ``check(key)`` before a key that has no concepts gets some (``add``, ``set``):
+        it raises an AnnotationError (or a ValueError) to refuse the key, e.g. a unit that its
+        instance does not have. Called outside the store's lock."""
+        with self._lock:
+            self._key_checks.append(check)
+
+    def remove_key_check(self, check: Callable[[tuple], None]) -> None:
+        with self._lock:
+            if check in self._key_checks:
+                self._key_checks.remove(check)
 
     def _take_dataset(self, dataset: dict) -> None:
         """Adopt ``dataset`` (given, or the one unit concepts come with), and its size when no
         other was given."""
-        self.dataset = dict(dataset)
+        self.dataset = _as_dataset(dataset)
         if self.n_instances is None and is_integer(self.dataset.get("instances")):
             self.n_instances = int(self.dataset["instances"])
 
@@ -332,9 +512,17 @@ class Annotations:
                        where: str) -> None:
         """An AnnotationError when ``entries`` hold unit concepts, which name instances of the
         dataset ``named``, and ``other`` is another dataset (neuron concepts belong to the model
-        and go with any dataset)."""
-        if not named or not other or named == other or not any(k[0] == "unit" for k in entries):
+        and go with any dataset). A signature without a fingerprint (an older file) is told
+        apart by its name and size only."""
+        if not any(k[0] == "unit" for k in entries) or _same_dataset(named, other):
             return
+        if named.get("name") == other.get("name") and named.get("instances") == other.get(
+                "instances"):
+            raise AnnotationError(
+                f"The unit concepts{where} name instances of {_dataset_text(named)}, and this is "
+                f"another dataset of that name and size: its inputs differ (fingerprint "
+                f"{str(_fingerprint(other))[:12]}, the unit concepts' "
+                f"{str(_fingerprint(named))[:12]}). {_OWN_FILE} {_SAME_INSTANCES}")
         raise AnnotationError(
             f"The unit concepts{where} name instances of {_dataset_text(named)}, and this is "
             f"{_dataset_text(other)}. {_OWN_FILE}")
@@ -370,14 +558,36 @@ class Annotations:
 
     def _update(self, key, make: Callable[[tuple], Iterable[str]]) -> tuple[str, ...]:
         """Set the concepts of ``key`` to ``make(its concepts now)`` under the lock; save and tell
-        the observers after it (outside it)."""
+        the observers after it (outside it). A key that has no concepts yet is first checked
+        by the viewers' key checks (``add_key_check``), outside the lock: a check may take a
+        lock under which another thread reads this store."""
         key = _key(key)
+        with self._lock:
+            self._check_ranges({key: ()}, self.signature, self.n_instances)
+            # a key that gets its first concepts (``make`` is called again below, on what the
+            # concepts are then)
+            named = key not in self._data and bool(_concepts(make(())))
+            if named and key[0] == "unit":
+                self._check_one_dataset()
+            checks = list(self._key_checks) if named else []
+        for check in checks:
+            try:
+                check(key)
+            except AnnotationError:
+                raise
+            except (ValueError, IndexError) as e:
+                raise AnnotationError(f"{key} cannot be named: {str(e).rstrip('.')}.") from None
+        dataset = self.dataset
+        if key[0] == "unit" and dataset is not None:
+            _fingerprint(dataset)     # to be saved with it: computed (when lazy) outside the lock
         with self._lock:
             now = self._data.get(key, ())
             new = _concepts(make(now))
             self._check_ranges({key: new}, self.signature, self.n_instances)
             if now == new:
                 return new
+            if key[0] == "unit" and key not in self._data:
+                self._check_one_dataset()
             if new:
                 self._data[key] = new
             else:
@@ -456,8 +666,15 @@ class Annotations:
         with self._lock:
             items = sorted(self._data.items(), key=lambda kv: _sort_key(kv[0]))
             sig = dict(self.signature) if self.signature else None
-        return {"format": FORMAT, "version": VERSION, "model": sig,
-                "dataset": dict(self.dataset) if self.dataset else None,
+            dataset = self.dataset
+            units = any(k[0] == "unit" for k, _ in items)
+            # read from a version-1 file, with no model yet to say which of its unit keys name
+            # a feature (a tabular column): written as version 1 still, to be read so again
+            version = 1 if self._version_1_units and units else VERSION
+        if dataset is not None and units:
+            _fingerprint(dataset)      # recorded with the unit concepts (computed when lazy)
+        return {"format": FORMAT, "version": version, "model": sig,
+                "dataset": dict(dataset) if dataset else None,
                 "neurons": [{"neuron": k[1], "concepts": list(v)}
                             for k, v in items if k[0] == "neuron"],
                 "units": [{"instance": k[1], "modality": k[2], "unit": k[3], "concepts": list(v)}
@@ -477,24 +694,38 @@ class Annotations:
         if target is None:
             raise AnnotationError("This store has no file: give save() a path.")
         own = path is None or (self.path is not None and target.resolve() == self.path.resolve())
+        if own:
+            # its own file by another name (a link, a relative path): the file itself is
+            # written, not the link replaced by a copy
+            target = self.path
         try:
             with self._lock:           # the text and the write together: no older text wins
                 doc = self.to_dict()
-                text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+                raw = (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
                 if own and not overwrite:
                     self._check_unchanged(target)
                 elif not own and target.exists() and not overwrite:
                     raise AnnotationError(f"{target} exists; save(path, overwrite=True) replaces "
                                           f"it, or choose another name.")
-                _atomic_write(target, text)
+                _atomic_write(target, raw)
                 if own:
-                    self._disk_digest = _digest(text.encode("utf-8"))
+                    self._disk_digest = _digest(raw)
                     self._disk_entries = dict(self._data)
                     self.unsaved = False
-        except (OSError, AnnotationError) as e:
-            err = e if isinstance(e, AnnotationError) else OSError(
-                f"Could not save the annotations to {target} ({e.strerror or e}); they are kept "
-                f"in memory: save(another_path) writes them elsewhere.")
+        except (OSError, AnnotationError, UnicodeError) as e:
+            if isinstance(e, AnnotationError):
+                err = e
+            elif isinstance(e, UnicodeError):
+                bad = getattr(e, "object", "")[getattr(e, "start", 0):getattr(e, "end", 0)]
+                err = AnnotationError(
+                    f"Could not save the annotations to {target}: they hold {bad!r}, which is "
+                    f"not text that a file can hold ({getattr(e, 'reason', e)}); they are kept "
+                    f"in memory. Remove or rename what holds it (a name in the model's or the "
+                    f"dataset's signature, or a key: keys() lists them), then save again.")
+            else:
+                err = OSError(
+                    f"Could not save the annotations to {target} ({e.strerror or e}); they are "
+                    f"kept in memory: save(another_path) writes them elsewhere.")
             if own:
                 failed_before, self.save_error = self.save_error, str(err)
                 if failed_before != self.save_error:
@@ -530,7 +761,9 @@ class Annotations:
             if why:
                 raise AnnotationError(f"The annotations of {what} belong to another model "
                                       f"({why}); nothing was merged.")
-            theirs = _entries(incoming, what)
+            theirs = _entries(incoming, what, _shared_modalities(self.signature or sig))
+            if any(k[0] == "unit" and k not in self._data for k in theirs):
+                self._check_one_dataset(f" of {what}")
             self._check_dataset(incoming.get("dataset"), self.dataset, theirs, f" of {what}")
             self._check_ranges(theirs, self.signature, self.n_instances)
             own_file = (source is not None and self.path is not None
@@ -578,10 +811,13 @@ class Annotations:
             raise AnnotationError(
                 f"{path} holds annotations of another model ({why}); it was not changed. Give "
                 f"this model another file, or Annotations.load(path) and copy what applies.")
-        found = _entries(doc, path)
+        shared = _shared_modalities(self.signature)
+        found = _entries(doc, path, shared)
         self._check_dataset(doc.get("dataset"), self.dataset, found, f" in {path}")
         self._check_ranges(found, self.signature, self.n_instances, path)
         self._data = found
+        # which units are shared is not known yet: read as features when a signature says
+        self._version_1_units = doc.get("version") == 1 and not _says_shared(self.signature)
         if doc.get("dataset") and not self.dataset:
             self._take_dataset(doc["dataset"])
         if doc.get("model") and not self.signature:
@@ -681,11 +917,60 @@ def _parse(raw: bytes, path) -> dict:
     for f in ("neurons", "units", "features"):
         if not isinstance(doc.get(f, []), list):
             raise AnnotationError(f"{path}: \"{f}\" must be a list, got {doc.get(f)!r}.")
+    _check_no_surrogates(doc, path, "")
     return doc
 
 
-def _entries(doc: dict, path) -> dict[tuple, tuple[str, ...]]:
-    """{key: concepts} of a parsed document; each entry checked (its position in the message)."""
+def _check_no_surrogates(value, path, where: str) -> None:
+    """An AnnotationError when a string of a parsed file (a key or a value, anywhere) holds a
+    lone surrogate: a JSON escape such as \\udc80 without its pair is valid JSON but not
+    text, and no save could write it back."""
+    if isinstance(value, str):
+        bad = [c for c in value if unicodedata.category(c) == "Cs"]
+        if bad:
+            raise AnnotationError(
+                f"{path}: {where or 'the document'} = {value[:60]!r} holds the lone surrogate "
+                f"{bad[0]!r} (a \\u escape of half of a UTF-16 pair), which is not text. It was "
+                f"not changed; edit that string in the file (write the whole character, or "
+                f"remove the escape), then open it again.")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_no_surrogates(k, path, f"a field name of {where or 'the document'}")
+            _check_no_surrogates(v, path, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for n, v in enumerate(value):
+            _check_no_surrogates(v, path, f"{where}[{n}]")
+
+
+def _shared_modalities(signature: dict | None) -> frozenset[str]:
+    """The modalities whose units are the same feature in every instance, by a model
+    signature ("features"; none when it does not say)."""
+    features = (signature or {}).get("features")
+    return frozenset(features) if isinstance(features, dict) else frozenset()
+
+
+def _says_shared(signature: dict | None) -> bool:
+    """Whether a model signature says which modalities have shared units ("features")."""
+    return isinstance((signature or {}).get("features"), dict)
+
+
+def _units_as_features(entries: dict, shared: frozenset[str]) -> dict:
+    """``entries`` with the unit keys of the ``shared`` modalities read as feature keys: a
+    version-1 file named a tabular column per instance. The concepts of one column in every
+    instance are put together, in the order of the instances, each once."""
+    out: dict[tuple, tuple[str, ...]] = {}
+    for key in sorted(entries, key=_sort_key):
+        new = feature_key(key[2], key[3]) if key[0] == "unit" and key[2] in shared else key
+        now = out.get(new, ())
+        out[new] = now + tuple(c for c in entries[key] if c not in now)
+    return out
+
+
+def _entries(doc: dict, path, shared: frozenset[str] = frozenset()
+             ) -> dict[tuple, tuple[str, ...]]:
+    """{key: concepts} of a parsed document; each entry checked (its position in the message).
+    Of a version-1 file, the unit keys of the ``shared`` modalities are read as feature keys
+    (``_units_as_features``)."""
     out: dict[tuple, tuple[str, ...]] = {}
     for field, fields in (("neurons", ("neuron",)),
                           ("units", ("instance", "modality", "unit")),
@@ -704,9 +989,11 @@ def _entries(doc: dict, path) -> dict[tuple, tuple[str, ...]]:
             if cs:
                 now = out.get(key, ())
                 out[key] = now + tuple(c for c in cs if c not in now)
+    if doc.get("version") == 1 and shared:
+        out = _units_as_features(out, shared)
     return out
 
 
-def _atomic_write(target: Path, text: str) -> None:
-    """Write ``text`` to ``target`` through a temporary file in its folder and a rename."""
-    write_atomically(target, lambda f: f.write(text), binary=False)
+def _atomic_write(target: Path, raw: bytes) -> None:
+    """Write ``raw`` to ``target`` through a temporary file in its folder and a rename."""
+    write_atomically(target, lambda f: f.write(raw), binary=True)

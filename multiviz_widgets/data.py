@@ -123,6 +123,21 @@ class MultimodalDataset:
         Computed anew at each call (one pass over the data, no forward pass), so that an edit of
         a column in place changes it too."""
         h = hashlib.sha256()
+        self._hash_inputs(h)
+        if self.labels is not None:
+            update_hash(h, self.labels)
+        return h.hexdigest()[:32]
+
+    def inputs_fingerprint(self) -> str:
+        """A hash of the inputs alone (every instance of every column, not the labels nor the
+        descriptions): what tells two datasets of one name and size apart when a unit of an
+        instance is named (a concepts file; relabelling keeps the instances). Computed anew at
+        each call, like ``fingerprint``."""
+        h = hashlib.sha256(b"inputs:")
+        self._hash_inputs(h)
+        return h.hexdigest()[:32]
+
+    def _hash_inputs(self, h) -> None:
         h.update(str(self.n).encode())
         for k in sorted(self.columns):
             update_hash(h, k)
@@ -132,9 +147,6 @@ class MultimodalDataset:
                 continue
             for i in range(self.n):
                 update_hash(h, col[i])
-        if self.labels is not None:
-            update_hash(h, self.labels)
-        return h.hexdigest()[:32]
 
 
 class _FrameRows:

@@ -21,12 +21,12 @@ import numpy as np
 import ipywidgets as W
 
 from .adapter import ModelAdapter
-from .annotations import Annotations, dataset_signature, model_signature
+from .annotations import AnnotationError, Annotations, dataset_signature, model_signature
 from .checks import is_integer
 from .data import MultimodalDataset
 from .engine import Analyses, Engine, Kernels, short_repr
 from .selection import FIELDS, Selection, unit_ref_of
-from .views._common import close_widgets, instance_title, widget_tree
+from .views._common import close_widgets, instance_title, text_label, widget_tree
 from .views.concepts_view import ConceptsView
 from .views.controls import Controls, ErrorBanner, ProgressPanel
 from .views.embedding_view import BY_NEURON, EmbeddingView
@@ -379,7 +379,7 @@ class Explorer(W.VBox):
         self.annotations.observe(self._on_concepts)
         self.progress_panel = ProgressPanel(self.engine)
         self.banner = ErrorBanner(self.engine)
-        title = W.Label(value=f"MultiViz Explorer: {adapter.name} on {getattr(dataset, 'name', '')}"
+        title = text_label(value=f"MultiViz Explorer: {adapter.name} on {getattr(dataset, 'name', '')}"
                         f" ({len(dataset)} instances)")
         top = [self.input_view] + ([self.heatmap_view] if self.heatmap_view else [])
         self.input_view.add_class("mvz-input-view")
@@ -393,7 +393,8 @@ class Explorer(W.VBox):
     def _open_annotations(self, annotations) -> Annotations:
         """The concepts store (see the class docstring), checked against this model."""
         sig = model_signature(self.adapter, self._n_neurons())
-        data = dataset_signature(self.dataset)
+        # its fingerprint (a pass over the data) is computed only when unit concepts need it
+        data = self._annotated_dataset = dataset_signature(self.dataset, lazy=True)
         if annotations is None:
             store = Annotations(signature=sig, dataset=data)
         elif isinstance(annotations, Annotations):
@@ -404,7 +405,27 @@ class Explorer(W.VBox):
             raise TypeError(f"annotations must be a JSON file's path, an Annotations store or "
                             f"None, got {type(annotations).__name__}.")
         store.bind(sig, dataset=data)          # until close(): _release_annotations
+        store.add_key_check(self._check_annotation_key)
         return store
+
+    def _check_annotation_key(self, key: tuple) -> None:
+        """The store's check of a key about to be named (``Annotations.add_key_check``): an
+        AnnotationError for a unit that its instance does not have (a feature: that the shown
+        instance does not have). Neuron ranges, instance ranges and modality names are the
+        store's own checks."""
+        if key[0] == "neuron":
+            return
+        modality, unit = (key[2], key[3]) if key[0] == "unit" else (key[1], key[2])
+        if modality not in self.adapter.modalities:
+            return
+        selection = self.__dict__.get("selection")        # (none while the Explorer is built)
+        instance = (key[1] if key[0] == "unit"
+                    else selection.instance if selection is not None else 0)
+        try:
+            self._check_unit(modality, unit, instance)
+        except ValueError as e:
+            raise AnnotationError(f"{key} names no unit: {str(e).rstrip('.')}; name a unit "
+                                  f"that the instance has.") from None
 
     def _n_neurons(self) -> int | None:
         """The decision layer's inputs, or None where they are not counted (a decision layer
@@ -420,7 +441,8 @@ class Explorer(W.VBox):
         if annotations is not None and not self.__dict__.get("_unbound"):
             self._unbound = True
             annotations.unobserve(self._on_concepts)
-            annotations.unbind()
+            annotations.remove_key_check(self._check_annotation_key)
+            annotations.unbind(self.__dict__.get("_annotated_dataset"))
 
     def _unit_concepts(self, instance: int) -> dict:
         """The input view's ``concepts`` for ``instance``: the concepts of its units, and of the

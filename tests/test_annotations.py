@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import threading
 import time
+import unicodedata
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,9 +23,14 @@ from .explorer_support import FakeKernels, tiny_tab_series, tiny_vqa
 
 SIG = {"model": "m", "modalities": ["image", "question"], "classes": ["a", "b"], "neurons": 8}
 
-# one printable line, already tidy (no outer spaces)
-concept_text = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Zl", "Zp")),
-                       min_size=1, max_size=40).map(str.strip).filter(bool)
+# what a concept loses at either end: whitespace (every character str.strip() removes) and
+# the joiners ZWNJ and ZWJ
+OUTER = "".join(chr(c) for c in range(0x110000) if chr(c).isspace()) + "\u200c\u200d"
+# one printable line, already tidy (no outer spaces, NFC), a joiner (ZWNJ, ZWJ) allowed
+concept_text = st.text(st.one_of(
+    st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Zl", "Zp")),
+    st.sampled_from(["\u200c", "\u200d"])), min_size=1, max_size=40).map(
+        lambda t: unicodedata.normalize("NFC", t).strip(OUTER)).filter(bool)
 keys = st.one_of(st.builds(neuron_key, st.integers(0, 7)),
                  st.builds(unit_key, st.integers(0, 20), st.sampled_from(["image", "question"]),
                            st.integers(0, 70)),
@@ -603,16 +610,16 @@ def test_the_menu_lists_named_neurons_and_units_and_goes_to_them(tmp_path):
         assert cv.named.options == (("go to a named neuron or unit", None),)
         ex.annotations.add(("neuron", 4), "<b>red</b>")
         ex.annotations.add(("unit", 5, "question", 2), "the shape word")
-        ex.annotations.add(("unit", 6, "question", 40), "beyond the question")
+        ex.annotations.add(("unit", 6, "question", 3), "the last word")
         labels = [label for label, _ in cv.named.options]
         assert labels[1:] == ["h4: <b>red</b>", "#5 question unit 2: the shape word",
-                              "#6 question unit 40: beyond the question"]
+                              "#6 question unit 3: the last word"]
         cv.named.value = ("unit", 5, "question", 2)
         assert ex.selection.instance == 5 and ex.selection.unit_ref == ("question", 2)
         assert cv.named.value is None and cv.unit_tags.value == ["the shape word"]
         cv.named.value = ("neuron", 4)
         assert ex.selection.neuron == 4 and cv.neuron_tags.value == ["<b>red</b>"]
-        cv.named.value = ("unit", 6, "question", 40)              # a unit the instance lacks
+        cv.goto(("unit", 6, "question", 40))              # a unit the instance lacks (a file's)
         assert "cannot go to" in cv.message.value and "out of range" in cv.message.value
         assert ex.selection.instance == 5                          # nothing changed
     finally:
@@ -631,7 +638,8 @@ def test_unit_concepts_stay_with_their_dataset_and_neuron_concepts_go_anywhere(t
     a = _explorer_on(12, units)
     a.annotations.add(("unit", 3, "question", 1), "colour word")
     a.annotations.add(("neuron", 2), "red")
-    assert json.loads(units.read_text())["dataset"] == {"name": "tiny-vqa", "instances": 12}
+    assert json.loads(units.read_text())["dataset"] == {
+        "name": "tiny-vqa", "instances": 12, "fingerprint": a.dataset.inputs_fingerprint()}
     b = _explorer_on(12, neurons)
     b.annotations.add(("neuron", 2), "red")
     a.close()
@@ -653,12 +661,14 @@ def test_unit_concepts_stay_with_their_dataset_and_neuron_concepts_go_anywhere(t
         other.close()
 
 
-def test_two_explorers_on_other_datasets_cannot_share_one_file(tmp_path):
+def test_two_explorers_on_other_datasets_share_a_file_until_it_holds_unit_concepts(tmp_path):
     path = tmp_path / "c.json"
     a = _explorer_on(12, path)
     try:
-        with pytest.raises(AnnotationError, match="shown for the instances of 'tiny-vqa' "
-                                                  r"\(12 instances\) in this kernel"):
+        a.annotations.add(("unit", 3, "question", 1), "colour word")
+        with pytest.raises(AnnotationError, match=r"name instances of 'tiny-vqa' "
+                                                  r"\(12 instances\), and this is 'tiny-vqa' "
+                                                  r"\(8 instances\)"):
             _explorer_on(8, path)
         b = _explorer_on(12, path)                              # the same dataset: shared
         assert b.annotations is a.annotations
@@ -685,7 +695,7 @@ def test_a_closed_or_failed_explorer_lets_another_dataset_open_the_file(tmp_path
     monkeypatch.undo()
     c = _explorer_on(8, store)                              # the failed one holds no claim
     c.close()
-    assert store._bound == 0
+    assert store._viewers == [] and store._key_checks == []
 
 
 def test_a_failed_open_leaves_no_claim_and_no_other_dataset(tmp_path):
@@ -694,15 +704,15 @@ def test_a_failed_open_leaves_no_claim_and_no_other_dataset(tmp_path):
     store = Annotations.open(path, signature=SIG, dataset=d12)
     store.bind(SIG, dataset=d12)
     store.add(unit_key(3, "image", 1), "x")
-    with pytest.raises(AnnotationError, match="shown for the instances of 'd' \\(12"):
+    with pytest.raises(AnnotationError, match="name instances of 'd' \\(12"):
         Annotations.open(path, signature=SIG, dataset=d8)
-    assert store.dataset == d12 and store._bound == 1
+    assert store.dataset == d12 and store._viewers == [d12]
     path.write_text("not JSON")                                 # replaced on disk meanwhile
     with pytest.raises(AnnotationError, match="not an annotations file"):
         Annotations.open(path, signature=SIG, dataset=d12)
-    assert store._bound == 1 and store.concepts(unit_key(3, "image", 1)) == ("x",)
+    assert store._viewers == [d12] and store.concepts(unit_key(3, "image", 1)) == ("x",)
     store.unbind()
-    assert store._bound == 0 and store._bound_dataset is None
+    assert store._viewers == []
 
 
 def test_merge_brings_the_dataset_of_the_unit_concepts_it_takes_in(tmp_path):
@@ -922,3 +932,307 @@ def test_opening_a_file_changed_on_disk_tells_the_views_outside_the_stores_lock(
         assert ex.annotations.concepts(neuron_key(2)) == ("theirs",)
     finally:
         ex.close()
+
+
+# -- a version-1 file that named a tabular column per instance -----------------------------------
+def _version_1_tabular_doc(adapter, ds) -> dict:
+    sig = model_signature(adapter)
+    sig.pop("features")                                # version 1 had no "features"
+    return {"format": "multiviz-annotations", "version": 1, "model": sig,
+            "dataset": {"name": ds.name, "instances": len(ds)},
+            "neurons": [{"neuron": 1, "concepts": ["fever"]}],
+            "units": [{"instance": 0, "modality": "vitals", "unit": 0, "concepts": ["high hr"]},
+                      {"instance": 2, "modality": "series", "unit": 1, "concepts": ["spike"]},
+                      {"instance": 3, "modality": "vitals", "unit": 0,
+                       "concepts": ["low hr", "high hr"]},
+                      {"instance": 3, "modality": "vitals", "unit": 2, "concepts": ["fever"]}]}
+
+
+def test_a_version_1_file_naming_a_tabular_column_per_instance_opens_as_its_feature(tmp_path):
+    adapter, ds = tiny_tab_series()
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(_version_1_tabular_doc(adapter, ds)))
+    before = path.read_bytes()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05, annotations=path, start=False)
+    try:
+        a = ex.annotations
+        assert a.keys() == [("neuron", 1), ("feature", "vitals", 0), ("feature", "vitals", 2),
+                            ("unit", 2, "series", 1)]
+        # the concepts of every instance together, in the order of the instances, each once
+        assert a.concepts(feature_key("vitals", 0)) == ("high hr", "low hr")
+        assert a.concepts(unit_key(2, "series", 1)) == ("spike",)       # not a shared unit
+        assert path.read_bytes() == before and not a.unsaved             # not rewritten yet
+        a.add(neuron_key(2), "calm")                                     # a change: version 2
+        saved = json.loads(path.read_text())
+        assert saved["version"] == 2 and saved["features"] == [
+            {"modality": "vitals", "unit": 0, "concepts": ["high hr", "low hr"]},
+            {"modality": "vitals", "unit": 2, "concepts": ["fever"]}]
+        assert [u["modality"] for u in saved["units"]] == ["series"]
+    finally:
+        ex.close()
+
+
+def test_a_version_1_tabular_file_is_read_as_features_by_merge_and_by_a_later_bind(tmp_path):
+    adapter, ds = tiny_tab_series()
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(_version_1_tabular_doc(adapter, ds)))
+    sig = model_signature(adapter, 10)
+    mine = Annotations(tmp_path / "mine.json", signature=sig)
+    mine.merge(old)
+    assert mine.concepts(feature_key("vitals", 0)) == ("high hr", "low hr")
+    assert mine.keys("unit") == [unit_key(2, "series", 1)]
+    # opened before the model is known (no signature), then shown by an Explorer
+    store = Annotations.open(old)
+    assert unit_key(0, "vitals", 0) in store                      # which units are shared: unknown
+    store.add(neuron_key(2), "calm")                 # saved as version 1 still: read so again
+    assert json.loads(old.read_text())["version"] == 1
+    before = old.read_bytes()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05, annotations=store, start=False)
+    try:
+        assert store.keys("feature") == [feature_key("vitals", 0), feature_key("vitals", 2)]
+        assert store.concepts(feature_key("vitals", 0)) == ("high hr", "low hr")
+        assert old.read_bytes() == before and not store.unsaved
+        store.add(neuron_key(3), "x")                              # saves without a conflict
+        assert store.save_error is None and json.loads(old.read_text())["version"] == 2
+    finally:
+        ex.close()
+
+
+def test_a_version_1_file_of_a_model_without_shared_units_is_saved_as_version_2(tmp_path):
+    adapter, ds = tiny_vqa()
+    sig = model_signature(adapter)
+    sig.pop("features")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({
+        "format": "multiviz-annotations", "version": 1, "model": sig,
+        "dataset": {"name": ds.name, "instances": len(ds)},
+        "units": [{"instance": 1, "modality": "question", "unit": 0, "concepts": ["what"]}]}))
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), annotations=path, start=False)
+    try:
+        assert ex.annotations.keys() == [unit_key(1, "question", 0)]
+        ex.annotations.add(neuron_key(1), "x")
+        saved = json.loads(path.read_text())
+        assert saved["version"] == 2 and saved["units"][0]["concepts"] == ["what"]
+    finally:
+        ex.close()
+
+
+# -- unit concepts of a dataset of the same name and size ----------------------------------------
+def _same_name_dataset(words: str):
+    import numpy as np
+
+    from multiviz_widgets.data import MultimodalDataset
+    rng = np.random.default_rng(5)
+    return MultimodalDataset({"image": [rng.random((8, 8, 3)).astype(np.float32)
+                                        for _ in range(12)],
+                              "question": [words] * 12}, labels=[0] * 12)
+
+
+def test_unit_concepts_are_refused_beside_a_dataset_of_the_same_name_and_size(tmp_path):
+    adapter, _ = tiny_vqa(12)
+    path = tmp_path / "c.json"
+    a, b = _same_name_dataset("what color is the shape"), _same_name_dataset("is the circle red")
+    ex = Explorer(adapter, a, kernels=FakeKernels(), annotations=path, start=False)
+    ex.annotations.add(("unit", 5, "question", 3), "the word shape")
+    ex.close()
+    saved = json.loads(path.read_text())["dataset"]
+    assert saved == {"name": "dataset", "instances": 12, "fingerprint": a.inputs_fingerprint()}
+    before = path.read_bytes()
+    with pytest.raises(AnnotationError, match=r"another dataset of that name and size: its "
+                                              r"inputs differ.*its own file.*same dataset, "
+                                              r"edited"):
+        Explorer(adapter, b, kernels=FakeKernels(), annotations=path, start=False)
+    assert path.read_bytes() == before
+    a.labels = [1] * 12                             # relabelled: the same instances, still opens
+    again = Explorer(adapter, a, kernels=FakeKernels(), annotations=path, start=False)
+    assert again.annotations.concepts(("unit", 5, "question", 3)) == ("the word shape",)
+    again.close()
+    # a file written before fingerprints were recorded: told apart by its name and size
+    doc = json.loads(before)
+    del doc["dataset"]["fingerprint"]
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps(doc))
+    opened = Explorer(adapter, b, kernels=FakeKernels(), annotations=older, start=False)
+    try:
+        assert opened.annotations.concepts(("unit", 5, "question", 3)) == ("the word shape",)
+        opened.annotations.add(("neuron", 1), "x")                 # saved with the fingerprint
+        assert json.loads(older.read_text())["dataset"]["fingerprint"] == b.inputs_fingerprint()
+    finally:
+        opened.close()
+
+
+def test_the_explorer_computes_the_fingerprint_only_when_unit_concepts_need_it(tmp_path):
+    adapter, ds = tiny_vqa(12)
+    calls = []
+    real = ds.inputs_fingerprint
+    ds.inputs_fingerprint = lambda: calls.append(1) or real()
+    path = tmp_path / "c.json"
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), annotations=path, start=False)
+    try:
+        ex.annotations.add(("neuron", 1), "red")
+        assert calls == []                                # no unit concepts: not needed
+        ex.annotations.add(("unit", 1, "question", 0), "what")
+        ex.annotations.add(("unit", 2, "question", 0), "what")
+        assert len(calls) == 1                            # once, for the file
+        assert json.loads(path.read_text())["dataset"]["fingerprint"] == real()
+    finally:
+        ex.close()
+
+
+# -- a save to a link to its own file ------------------------------------------------------------
+def test_a_save_to_a_link_to_its_own_file_writes_the_file_and_keeps_the_link(tmp_path):
+    real, link = tmp_path / "concepts.json", tmp_path / "link.json"
+    Annotations(real).add(neuron_key(1), "red")
+    link.symlink_to(real)
+    a = Annotations(real, autosave=False)
+    a.add(neuron_key(2), "blue")
+    assert a.save(link) == real
+    assert link.is_symlink() and not a.unsaved
+    assert as_sets(Annotations.load(real)) == {neuron_key(1): {"red"}, neuron_key(2): {"blue"}}
+    a.add(neuron_key(3), "green")
+    a.save()                                             # no false conflict
+    assert as_sets(Annotations.load(real)) == as_sets(a) and a.save_error is None
+
+
+# -- the Explorer refuses units that do not exist ------------------------------------------------
+def test_the_explorer_refuses_to_name_a_unit_its_instance_does_not_have(tmp_path):
+    path = tmp_path / "c.json"
+    ex = _explorer(path)
+    try:
+        a = ex.annotations
+        for key in [("unit", 0, "image", 10 ** 6), ("unit", 0, "question", 500)]:
+            with pytest.raises(AnnotationError, match=r"names no unit: unit \d+ of '\w+' is out "
+                                                      r"of range: instance 0 has \d+ units"):
+                a.add(key, "x")
+        a.add(("unit", 0, "question", 2), "fine")
+        assert a.keys("unit") == [("unit", 0, "question", 2)]
+        assert [u["unit"] for u in json.loads(path.read_text())["units"]] == [2]
+        assert [k for _, k in ex.concepts_view.named.options][1:] == [("unit", 0, "question", 2)]
+        ex.concepts_view.unit_tags.key = json.dumps(["unit", 0, "image", 10 ** 6])
+        ex.concepts_view._edited("add", ex.concepts_view.unit_tags.key, "from the browser")
+        assert "names no unit" in ex.concepts_view.message.value
+    finally:
+        ex.close()
+    # a dead key read from a file can still be emptied; a store no Explorer shows takes any unit
+    doc = json.loads(path.read_text())
+    doc["units"].append({"instance": 1, "modality": "image", "unit": 999, "concepts": ["old"]})
+    path.write_text(json.dumps(doc))
+    ex = _explorer(path)
+    try:
+        ex.annotations.remove(("unit", 1, "image", 999), "old")
+        assert ("unit", 1, "image", 999) not in ex.annotations
+    finally:
+        ex.close()
+    assert ex._check_annotation_key not in ex.annotations._key_checks
+
+
+def test_the_explorer_checks_a_feature_whose_labels_are_not_recorded(tmp_path):
+    adapter, ds = tiny_tab_series()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), annotations=None, start=False)
+    try:
+        ex.annotations.signature["features"]["vitals"] = None      # labels that need an instance
+        with pytest.raises(AnnotationError, match="names no unit: unit 7 of 'vitals'"):
+            ex.annotations.add(feature_key("vitals", 7), "x")
+        ex.annotations.add(feature_key("vitals", 3), "age")
+    finally:
+        ex.close()
+
+
+# -- explorers on two datasets, one file ---------------------------------------------------------
+def test_explorers_on_two_datasets_share_a_file_that_holds_no_unit_concepts(tmp_path):
+    path = tmp_path / "c.json"
+    train = _explorer_on(12, path)
+    train.annotations.add(("neuron", 2), "red shapes")
+    test = _explorer_on(10, path)                       # no unit concepts: may share it
+    try:
+        assert test.annotations is train.annotations
+        test.annotations.add(("neuron", 3), "circles")             # neurons go anywhere
+        for ex in (train, test):
+            with pytest.raises(AnnotationError, match=r"shown for two in this kernel "
+                                                      r"\('tiny-vqa' \(12 instances\) and "
+                                                      r"'tiny-vqa' \(10 instances\).*Close the "
+                                                      r"Explorer of one dataset"):
+                ex.annotations.add(("unit", 1, "question", 0), "what")
+        assert train.annotations.keys("unit") == []
+        with pytest.raises(AnnotationError, match="shown for two"):    # nor by a merge
+            other = Annotations(signature=train.annotations.signature,
+                                dataset={"name": "tiny-vqa", "instances": 12})
+            other.add(("unit", 1, "question", 0), "what")
+            train.annotations.merge(other)
+    finally:
+        test.close()
+    # the test split closed: units name the training split's instances again (all 12 of them)
+    try:
+        train.annotations.add(("unit", 11, "question", 0), "what")
+        assert json.loads(path.read_text())["dataset"]["instances"] == 12
+        with pytest.raises(AnnotationError, match=r"name instances of 'tiny-vqa' \(12 instances\)"
+                                                  r", and this is 'tiny-vqa' \(10 instances\)"):
+            _explorer_on(10, path)
+    finally:
+        train.close()
+
+
+# -- text: joiners, normalisation, surrogates ----------------------------------------------------
+def test_joiners_are_allowed_and_concepts_are_compared_in_nfc(tmp_path):
+    a = Annotations(tmp_path / "c.json", signature=SIG)
+    persian, family = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", \
+        "\U0001F468\u200D\U0001F469\u200D\U0001F467"
+    a.add(neuron_key(0), persian)
+    a.add(neuron_key(0), family)
+    for bad in ["a\u202eb", "a\u200bb", "a\u2066b", "a\ufeffb"]:      # bidi, zero-width space
+        with pytest.raises(AnnotationError, match="control character"):
+            a.add(neuron_key(0), bad)
+    with pytest.raises(AnnotationError, match="cannot be empty"):
+        a.add(neuron_key(0), " \u200d\u200c ")                        # joiners alone: nothing
+    assert a.add(neuron_key(1), "\u200dred\u200c") == ("red",)      # joining nothing: dropped
+    assert a.add(neuron_key(0), "e\u0301") == (persian, family, "\u00e9")
+    assert a.add(neuron_key(0), "\u00e9") == (persian, family, "\u00e9")     # one concept
+    assert a.find("e\u0301") == [neuron_key(0)]
+    assert a.remove(neuron_key(0), "e\u0301") == (persian, family)
+    assert Annotations.load(tmp_path / "c.json").concepts(neuron_key(0)) == (persian, family)
+    (tmp_path / "nfd.json").write_text(json.dumps(_valid_doc(
+        neurons=[{"neuron": 1, "concepts": ["caf\u00e9", "cafe\u0301"]}])))
+    assert Annotations.load(tmp_path / "nfd.json").concepts(neuron_key(1)) == ("caf\u00e9",)
+
+
+@pytest.mark.parametrize("where, doc", [
+    ("features[0].modality", {"version": 2, "model": None, "features": [
+        {"modality": "vit\udc80als", "unit": 0, "concepts": ["hr"]}]}),
+    ("units[0].modality", {"units": [{"instance": 0, "modality": "im\ud800", "unit": 0,
+                                      "concepts": ["x"]}]}),
+    ("model.classes[1]", {"model": dict(SIG, classes=["a", "b\udfff"])}),
+    ("dataset.name", {"dataset": {"name": "d\udc80", "instances": 3}}),
+    ("a field name of model", {"model": dict(SIG, **{"x\udc80": 1})}),
+])
+def test_a_file_with_a_lone_surrogate_in_any_string_is_refused_and_left_as_it_is(tmp_path,
+                                                                                  where, doc):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(_valid_doc(**doc)))             # \udc80 escapes: valid JSON
+    before = path.read_bytes()
+    with pytest.raises(AnnotationError, match=re.escape(where) + r" = .* lone surrogate.*It was "
+                                              r"not changed; edit that string"):
+        Annotations(path)
+    assert path.read_bytes() == before
+    mine = Annotations(tmp_path / "mine.json")
+    with pytest.raises(AnnotationError, match="lone surrogate"):
+        mine.merge(path)
+    with pytest.raises(AnnotationError, match="A modality name .* lone surrogate"):
+        mine.add(("unit", 0, "vit\udc80als", 0), "x")
+
+
+def test_a_save_that_cannot_encode_the_text_keeps_the_changes_and_says_why(tmp_path):
+    sig = dict(SIG, classes=["a", "b\udc80"])          # given from code: not checked by a file
+    a = Annotations(tmp_path / "c.json", signature=sig)
+    heard = []
+    a.observe(heard.append)
+    a.add(neuron_key(1), "red")                          # autosave fails; the change is kept
+    assert a.concepts(neuron_key(1)) == ("red",) and a.unsaved
+    assert "Could not save" in a.save_error and "'\\udc80'" in a.save_error
+    assert None in heard
+    assert os.listdir(tmp_path) == []                    # no file, no temporary file
+    with pytest.raises(AnnotationError, match="kept in memory"):
+        a.save()
+    a.signature["classes"] = ["a", "b"]
+    a.add(neuron_key(2), "blue")                         # the next save that works writes all
+    assert a.save_error is None and not a.unsaved
+    assert as_sets(Annotations.load(tmp_path / "c.json")) == as_sets(a)

@@ -263,7 +263,7 @@ def test_a_first_refresh_that_raises_leaves_no_threads_and_no_claim(monkeypatch,
     time.sleep(0.2)
     assert not any(t.is_alive() for t in engine._threads.values())
     store = Annotations.open(tmp_path / "c.json")
-    assert store._bound == 0
+    assert store._viewers == [] and store._key_checks == []
 
 
 def test_recompute_sees_an_edited_dataset_and_new_weights():
