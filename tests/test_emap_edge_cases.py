@@ -203,3 +203,63 @@ def test_sides_that_meet_only_in_place_fall_back_and_say_so():
     assert_emap_is_brute(r, brute_emap(adapter, items))
     with pytest.raises(ValueError, match="in-place operations"):
         emap(adapter, items, factorized=True)
+
+
+# -- instances the model cannot run are named, not a bare model error --------------------------
+@pytest.mark.parametrize("factorized", [False, None])
+def test_an_instance_the_model_cannot_run_is_named_with_how_to_leave_it_out(factorized):
+    """A series shorter than the model's conv kernel used to stop EMAP with the model's error on
+    a batch of pairs, naming no instance."""
+    from multiviz_widgets.adapter import ModelInputError
+    from tests.test_representations import conv_case
+    adapter, ds = conv_case(n=8, short=(5,))
+    with pytest.raises(ModelInputError, match=r"emap: the model cannot run 1 of the 8 instances "
+                                              r"given \(dataset indices 5\): .*leave it out .*"
+                                              r"indices=\[i for i in range\(8\) if i not in \{5\}\]"
+                                              r".*On instance 5: .*series: \(1, 3, 2\).*Kernel"):
+        emap(adapter, ds, factorized=factorized)
+    kept = [i for i in range(8) if i != 5]
+    r = emap(adapter, ds, indices=kept, factorized=factorized)     # as the message says
+    np.testing.assert_array_equal(r.indices, kept)
+    with pytest.raises(ModelInputError, match=r"\(dataset indices 5\).*indices=\[i for i in "
+                                              r"indices if i not in \{5\}\]"):
+        emap(adapter, ds, indices=[1, 5, 6], factorized=factorized)
+    with pytest.raises(ModelInputError, match=r"cannot run 1 of the 8 .*\(dataset indices 5\)"):
+        emap_gap(adapter, ds, n=None)
+    items = [ds[i] for i in range(8)]
+    with pytest.raises(ModelInputError, match=r"\(positions in the list 5\).*pass a list "
+                                              r"without it"):
+        emap(adapter, items, factorized=factorized)
+
+
+def test_when_no_instance_runs_or_only_pairs_fail_the_model_error_is_kept():
+    from multiviz_widgets.adapter import ModelInputError
+    from tests.test_representations import ConvSeries, conv_case
+    adapter, ds = conv_case(n=4, short=range(4))
+    with pytest.raises(ModelInputError, match=r"cannot run any of the 4 instances given; on "
+                                              r"instance 0: .*series: \(1, 3, 2\)"):
+        emap(adapter, ds)
+
+    class SameLength(ConvSeries):
+        """Runs every instance alone, but not the tab of one with the series of another length."""
+
+        def forward(self, tab, series):
+            if bool((tab[:, 0] != series.shape[1]).any()):
+                raise ValueError("tab[0] must be the series' length")
+            return super().forward(tab, series)
+
+    adapter, ds = conv_case(n=6, model=SameLength())
+    for i in range(6):
+        ds.columns["tab"][i][0] = len(ds.columns["series"][i])
+    with pytest.raises(ModelInputError, match=r"^The model raised ValueError .*series' length") as e:
+        emap(adapter, ds, factorized=False)
+    assert isinstance(e.value.__cause__, ValueError)
+
+
+def test_errors_about_memory_leave_emap_at_once_as_they_are():
+    from tests.test_representations import _Raising, conv_case
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate")
+    adapter, ds = conv_case(n=6, model=_Raising(error))
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        emap(adapter, ds, factorized=False)
+    assert e.value is error and adapter.model.calls == 1      # no instance run alone after it

@@ -699,3 +699,143 @@ def test_a_tokenizer_is_keyed_by_what_it_reads_sets_patterns_globals_and_objects
     assert len(seen) == 6
     tok = Tok(True)
     assert sig(tok) == sig(tok) and sig(tok.__call__) == sig(tok.__call__)
+
+
+# -- instances the model cannot run are left out and named, like unprepared ones ---------------
+class ConvSeries(nn.Module):
+    """tab [F] + series [T, CH] through Conv1d(kernel 5): a series shorter than 5 steps makes
+    the model raise; so does a row whose first column is above 50 (``strict``)."""
+
+    def __init__(self, strict=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(CH, D, kernel_size=5)
+        self.tab = nn.Linear(F, D)
+        self.classifier = nn.Linear(D, C)
+        self.strict = strict
+        self.calls = 0
+
+    def forward(self, tab, series):
+        self.calls += 1
+        if self.strict and bool((tab[:, 0] > 50).any()):
+            raise ValueError("tab[0] is out of the model's range")
+        s = torch.relu(self.conv(series.transpose(1, 2))).amax(-1)
+        return self.classifier(torch.tanh(self.tab(tab)) + s)
+
+
+def conv_case(n=12, short=(), big=(), strict=False, model=None):
+    """(adapter, dataset): series of 8 or 10 steps, 3 steps at ``short``; tab[0] = 99 at ``big``."""
+    model = (model or ConvSeries(strict)).eval()
+    adapter = ModelAdapter(model, [Tabular("tab", columns=[f"c{i}" for i in range(F)]),
+                                   TimeSeries("series", window=4, channels=["a", "b"])],
+                           [f"k{i}" for i in range(C)], decision_layer="classifier")
+    rng = np.random.default_rng(1)
+    tab = [rng.normal(size=F).astype(np.float32) for _ in range(n)]
+    ser = [rng.normal(size=(8 if i % 3 else 10, CH)).astype(np.float32) for i in range(n)]
+    for i in short:
+        ser[i] = ser[i][:3]
+    for i in big:
+        tab[i][0] = 99.0
+    return adapter, MultimodalDataset({"tab": tab, "series": ser},
+                                      labels=rng.integers(0, C, n))
+
+
+def test_instances_the_model_cannot_run_are_left_out_and_named(cache):
+    """One series shorter than the model's conv kernel used to stop extract_features,
+    neuron_extremes and so the Explorer's embedding and gallery, with an error naming no
+    instance."""
+    adapter, ds = conv_case(short=(4, 9))
+    kept = [i for i in range(len(ds)) if i not in (4, 9)]
+    h, logits = one_by_one(adapter, MultimodalDataset(
+        {"tab": [ds[i]["tab"] for i in kept], "series": [ds[i]["series"] for i in kept]}))
+    with pytest.warns(RuntimeWarning, match=r"2 of 12 instances could not be prepared or run by "
+                                            r"the model .*#4 \(ModelInputError: the model raised "
+                                            r"RuntimeError on its inputs \(tab \(4,\), series "
+                                            r"\(3, 2\)\): .*Kernel size"):
+        f = extract_features(adapter, ds, batch_size=4, cache_dir=cache)
+    np.testing.assert_array_equal(f.indices, kept)
+    np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f.logits, logits, rtol=1e-5, atol=1e-6)
+    assert sorted(f.skipped) == [4, 9] and f.forward_passes == len(kept)
+    assert all(r.startswith("ModelInputError: the model raised RuntimeError") and
+               "Check that the modalities" not in r for r in f.skipped.values())   # brief
+    with pytest.warns(RuntimeWarning, match="2 of 12"):          # the cache keeps them too
+        again = extract_features(adapter, ds, batch_size=4, cache_dir=cache)
+    assert again.from_cache and again.skipped == f.skipped
+    np.testing.assert_array_equal(again.indices, kept)
+    with pytest.warns(RuntimeWarning, match=r"2 of 12 .*#4 .*#9"):
+        ext = neuron_extremes(adapter, ds, k=20, batch_size=4)
+    assert set(ext.top_indices.ravel()) == set(kept) and ext.n_instances == len(kept)
+    skipped = {}
+    with pytest.warns(RuntimeWarning, match="1 of 6"):
+        got = [i for b, _, _ in rep.stream_features(adapter, ds, indices=range(6), skipped=skipped)
+               for i in b]
+    assert sorted(got) == [0, 1, 2, 3, 5] and list(skipped) == [4]
+
+
+def test_a_batch_the_model_cannot_run_is_halved_only_on_failure(cache):
+    """Instances of one shape group that the model rejects by value are found by halving the
+    batch; when every batch runs, there is one forward pass per batch, nothing more."""
+    adapter, ds = conv_case(n=16, strict=True)
+    model = adapter.model
+    extract_features(adapter, ds, batch_size=16, cache=False)
+    assert model.calls == 2                  # two shape groups (8 and 10 steps), one batch each
+    adapter, ds = conv_case(n=16, big=(5,), strict=True)
+    model = adapter.model
+    with pytest.warns(RuntimeWarning, match=r"1 of 16 .*#5 \(ModelInputError: the model raised "
+                                            r"ValueError .*out of the model's range"):
+        f = extract_features(adapter, ds, batch_size=16, cache=False)
+    assert list(f.skipped) == [5] and 5 not in f.indices and len(f) == 15
+    # instance 5 is in the group of 10 instances of 8 steps: halved about log2(10) times
+    assert model.calls <= 2 + 2 * 4 + 1
+    h, _ = one_by_one(adapter, MultimodalDataset(
+        {"tab": [ds[i]["tab"] for i in f.indices], "series": [ds[i]["series"] for i in f.indices]}))
+    np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)
+
+
+def test_when_the_model_runs_no_instance_its_error_is_raised():
+    adapter, ds = conv_case(n=6, short=range(6))
+    from multiviz_widgets.adapter import ModelInputError
+    with pytest.raises(ModelInputError, match=r"series: \(1, 3, 2\)\): .*Kernel size"):
+        extract_features(adapter, ds, cache=False)
+
+
+class _Raising(ConvSeries):
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def forward(self, tab, series):
+        self.calls += 1
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory")])
+def test_errors_about_memory_are_raised_as_they_are_not_blamed_on_instances(error):
+    """Out of memory (raised by the adapter as it is, or wrapped as a ModelInputError on the
+    host) stops the extraction at once: no halving, no instance left out."""
+    adapter, ds = conv_case(n=8, model=_Raising(error))
+    with pytest.raises(RuntimeError, match="memory") as e:
+        extract_features(adapter, ds, batch_size=8, cache=False)
+    assert e.value is error or e.value.__cause__ is error
+    assert adapter.model.calls == 1
+
+
+def test_a_model_that_runs_no_instance_fails_fast_without_halving_the_whole_dataset():
+    """A misconfigured model (it raises on every instance) is not searched batch by batch for
+    the instances it cannot run: after GIVE_UP_AFTER instances, none run, its error comes."""
+    from multiviz_widgets.adapter import ModelInputError
+    from multiviz_widgets.kernels.common import GIVE_UP_AFTER
+    from multiviz_widgets.kernels.emap import emap
+    model = _Raising(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    adapter, ds = conv_case(n=600, model=model)
+    with pytest.raises(ModelInputError, match="mat1 and mat2"):
+        extract_features(adapter, ds, batch_size=128, cache=False)
+    # halving one batch down to GIVE_UP_AFTER single instances: far fewer calls than 2 x 600
+    assert model.calls <= 4 * GIVE_UP_AFTER + 16, model.calls
+    model.calls = 0
+    with pytest.raises(ModelInputError, match=r"cannot run any of the \d+ instances it tried alone"
+                                              r" \(of 600\)"):
+        emap(adapter, ds, factorized=False, batch_size=128)
+    assert model.calls <= 4 * GIVE_UP_AFTER + 16, model.calls

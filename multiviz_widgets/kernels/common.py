@@ -1,12 +1,13 @@
 """Pieces every kernel shares: instances, targets, masked inputs and chunked evaluation."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from ..adapter import AdapterError, ModelAdapter, Prepared, Target
+from ..adapter import AdapterError, ModelAdapter, ModelInputError, Prepared, Target
 from ..checks import is_integer, positive_int
 from ..progress import ProgressFn, report
 
@@ -123,6 +124,76 @@ def input_shapes(adapter: ModelAdapter, instance) -> tuple:
     return tuple(m.input_shape(instance[n]) for n, m in adapter.modalities.items())
 
 
+def memory_error(error: BaseException) -> bool:
+    """Whether an error (or the error it wraps) is about memory (out of memory on the device or
+    the host), not about the inputs: such an error is raised as it is, never blamed on an
+    instance."""
+    for e in (error, error.__cause__):
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+            return True
+        text = str(e).lower() if e is not None else ""
+        if "out of memory" in text or "allocate memory" in text:
+            return True
+    return False
+
+
+@dataclass
+class ModelFailure:
+    """The model's error on one instance's own inputs (a batch of one): ``error`` the adapter's
+    ModelInputError, ``shapes`` {modality: per-instance input shape}."""
+
+    error: Exception
+    shapes: dict
+
+    def brief(self, limit: int = 240) -> str:
+        """One line: what the model raised, on which input shapes (the original error, cut at
+        ``limit`` characters, without the adapter's general advice)."""
+        cause = self.error.__cause__ if self.error.__cause__ is not None else self.error
+        text = " ".join(str(cause).split())
+        if len(text) > limit:
+            text = text[:limit - 3].rstrip() + "..."
+        shapes = ", ".join(f"{n} {s}" for n, s in self.shapes.items())
+        return f"the model raised {type(cause).__name__} on its inputs ({shapes}): {text}"
+
+
+#: How many instances in a row, none run, make runnable_parts' callers stop looking for the
+#: few the model cannot run: such a model is misconfigured (its first instance's error says how).
+GIVE_UP_AFTER = 32
+
+
+def runnable_parts(run: Callable, raw: Mapping[str, torch.Tensor], positions: Sequence[int],
+                   failed: dict, give_up: Callable[[], bool] | None = None
+                   ) -> Iterator[tuple[list[int], object]]:
+    """Yield (positions, run(inputs)) for ``raw`` (model inputs [B, ...] of the instances at
+    ``positions``): one call, ``run(raw)``, when the model runs the batch (no extra cost);
+    when it raises ModelInputError the batch is halved, and each half again, until the
+    instances that the model cannot run alone are found: they go into ``failed`` {position:
+    ModelFailure} and the runnable parts are yielded, in order. Any other error (and a
+    ModelInputError about memory) is raised as it is. give_up(): asked after each instance
+    found; when it says True, that instance's ModelInputError is raised (a model that runs
+    none of the first GIVE_UP_AFTER instances is misconfigured: halving every batch of the
+    dataset down to single instances would only make the error come minutes later).
+    Cost on a failure: about 2 log2(B) calls per instance the model cannot run."""
+    positions = list(positions)
+    try:
+        out = run(raw)
+    except ModelInputError as e:
+        if memory_error(e):
+            raise
+        if len(positions) == 1:
+            failed[positions[0]] = ModelFailure(e, {n: tuple(x.shape[1:]) for n, x in raw.items()})
+            if give_up is not None and give_up():
+                raise
+            return
+        half = len(positions) // 2
+        yield from runnable_parts(run, {n: x[:half] for n, x in raw.items()}, positions[:half],
+                                  failed, give_up)
+        yield from runnable_parts(run, {n: x[half:] for n, x in raw.items()}, positions[half:],
+                                  failed, give_up)
+        return
+    yield positions, out
+
+
 class ShapeGroups:
     """N instances grouped by the shapes of their model inputs (``Modality.input_shape``), each
     group collated on its own, so that no instance is ever padded to another's length: a model
@@ -153,6 +224,31 @@ class ShapeGroups:
                      for p in found.values()]
         self._where = {k: (g, r) for g, p in enumerate(found.values()) for r, k in enumerate(p)}
         self._by: dict[tuple[str, ...], list] = {}
+
+    @torch.no_grad()
+    def unrunnable(self, run: Callable, batch_size: int) -> tuple[dict[int, ModelFailure], int]:
+        """({k: ModelFailure}, instances run) for the instances (positions in the list given)
+        whose own inputs the model cannot run: ``run`` (model inputs -> outputs) raises
+        ModelInputError on them alone. For after a batch of pairs failed: each group runs in
+        batches of ``batch_size``, a failing batch halved until the failing instances are found
+        (``runnable_parts``). When the first GIVE_UP_AFTER instances tried all fail, it stops
+        there (none run: the model is misconfigured).
+        Cost: one forward pass per instance, and about 2 log2(batch_size) more per failing one."""
+        step = positive_int(batch_size, "batch_size")
+        failed: dict[int, ModelFailure] = {}
+        ran = 0
+        try:
+            for pos, raw in zip(self.positions, self.raws):
+                ks = pos.tolist()
+                for s in range(0, len(ks), step):
+                    for part, _ in runnable_parts(
+                            run, {n: x[s:s + step] for n, x in raw.items()}, ks[s:s + step],
+                            failed, lambda: ran == 0 and len(failed) >= GIVE_UP_AFTER):
+                        ran += len(part)
+        except ModelInputError:
+            if ran or not failed:                # not runnable_parts giving up
+                raise
+        return dict(sorted(failed.items())), ran
 
     def where(self, k: int) -> tuple[int, int]:
         """(group, row in it) of instance k."""

@@ -14,13 +14,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..adapter import ModelAdapter, Target
+from ..adapter import ModelAdapter, ModelInputError, Target
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..results import Result, Stopwatch
 from ..checks import is_integer, positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
-                     check_model_takes, dataset_index, dataset_indices, sample_indices)
+                     dataset_index, dataset_indices, memory_error, sample_indices)
 from .split_model import CHECKED_PAIRS, FusedPairs, Split, check_factorized, with_split
 
 __all__ = ["EmapResult", "emap", "emap_gap", "emap_matrix", "interaction_type",
@@ -168,21 +168,24 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
                 acc, kind, why = with_split(adapter, factorized, m, lambda split: _emap_fused(
                     adapter, split, shapes, t, out_fn, batch_size, keep, progress, g * n * n,
                     total))
-            except RuntimeError:
-                check_model_takes(adapter, *shapes.raws)   # inputs it cannot take: a clear error
+                if acc is None:                  # no split: full forward passes of the pairs
+                    acc, done = _PairSums(n, keep), g * n * n
+                    others = [name for name in names if name != m]
+                    # x_m from instance i, the others from instance j
+                    for i, j, raw in _pair_batches(shapes, [m], others, batch_size,
+                                                   adapter.device):
+                        acc.add(i, j, out_fn(raw))
+                        del raw    # before the next batch is gathered: one batch in memory
+                        done += len(i)
+                        report(progress, done, total, "EMAP pairs")
+            except RuntimeError as e:
+                # inputs the model cannot take: an error naming the instances
+                _raise_unrunnable(e, shapes, out_fn, batch_size, idx,
+                                  isinstance(instances, MultimodalDataset), indices is not None)
                 raise
             kinds.append(kind)
             if why:                   # why not split, or what to know about the split used
                 notes.append(why if len(groups) == 1 else f"{m}: {why}")
-            if acc is None:                  # no split: full forward passes of the pairs
-                acc, done = _PairSums(n, keep), g * n * n
-                others = [name for name in names if name != m]
-                # x_m from instance i, the others from instance j
-                for i, j, raw in _pair_batches(shapes, [m], others, batch_size, adapter.device):
-                    acc.add(i, j, out_fn(raw))
-                    del raw        # before the next batch is gathered: one batch in memory
-                    done += len(i)
-                    report(progress, done, total, "EMAP pairs")
             sums.append(acc)
             if acc.not_finite is not None:
                 _raise_not_finite(acc, m, [x for x in names if x != m], idx)
@@ -209,6 +212,48 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
                       emap_logits=emap_logits, unimodal=unimodal, grand_mean=grand,
                       matrix=sums[0].matrix() if keep else None,
                       output_names=out_names)
+
+
+def _raise_unrunnable(error: RuntimeError, shapes: ShapeGroups, out_fn: Callable,
+                      batch_size: int, idx: np.ndarray, dataset: bool, subset: bool) -> None:
+    """After the pairs (or a split's encoding of the instances) failed with ``error``: raise a
+    ModelInputError naming the instances whose own inputs the model cannot run, which EMAP
+    cannot use (every instance meets every other), and saying to leave them out. Returns
+    (the caller re-raises ``error``) when the error is about memory, or when the model runs
+    every instance alone (then the failure is the split's or a pair's own).
+    idx: the instances' dataset indices (dataset), indices into the list (subset) or 0..N-1.
+    Cost: one forward pass per instance (in batches), only after a failure."""
+    if memory_error(error):
+        return
+    bad, ran = shapes.unrunnable(out_fn, batch_size)
+    if not bad:
+        return
+    names = [int(idx[k]) for k in bad]
+    first = next(iter(bad.values()))
+    if not ran:                       # none runs: the inputs do not fit the model at all
+        tried = (f"any of the {shapes.n} instances given" if len(bad) == shapes.n else
+                 f"any of the {len(bad)} instances it tried alone (of {shapes.n})")
+        raise ModelInputError(f"emap: the model cannot run {tried}; on instance {names[0]}: "
+                              f"{first.error}") from first.error
+    what = ("dataset indices" if dataset else "indices in the list" if subset
+            else "positions in the list")
+    shown = ", ".join(map(str, names[:10])) + (f", ... ({len(names)} in all)"
+                                               if len(names) > 10 else "")
+    one = len(names) == 1
+    if (dataset or subset) and len(names) <= 10:
+        left = "{" + ", ".join(map(str, names)) + "}"
+        hint = (f"pass indices= without {'it' if one else 'them'}, e.g. indices=[i for i in "
+                f"{'indices' if subset else f'range({shapes.n})'} if i not in {left}]")
+    elif dataset or subset:
+        hint = "pass indices= without them"
+    else:
+        hint = f"pass a list without {'it' if one else 'them'}"
+    raise ModelInputError(
+        f"emap: the model cannot run {len(names)} of the {shapes.n} instances given ({what} "
+        f"{shown}): EMAP pairs every instance with every other, so it needs all of them; leave "
+        f"{'it' if one else 'them'} out of the set ({hint}), or make the model take "
+        f"{'its' if one else 'their'} inputs. On instance {names[0]}: {first.error}"
+    ) from first.error
 
 
 def _raise_not_finite(acc: "_PairSums", side: str, others: Sequence[str],

@@ -33,13 +33,16 @@ from ..atomic_file import write_atomically
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..checks import is_integer, positive_int
-from .common import as_prepared, indices_or_all, input_shapes
+from .common import (GIVE_UP_AFTER, ModelFailure, as_prepared, indices_or_all, input_shapes,
+                     runnable_parts)
 
 # v2: the key covers modality signatures and the module tree; v3: batches of equal shapes only
 # (no padding, which changed the features of models that pool without a pad mask), and the
 # instances that could not be prepared are recorded; v4: the default Text tokenizer reads quoted
 # words and curly apostrophes as words (other token ids for such texts), and the dataset
-# fingerprint hashes dicts, sets and plain objects by content
+# fingerprint hashes dicts, sets and plain objects by content. Instances the model cannot run
+# are recorded among the skipped ones too, without a new version: before, such an instance
+# stopped the extraction, so no file was ever written for them; the format is unchanged.
 CACHE_VERSION = "features-v5"
 
 
@@ -105,8 +108,12 @@ def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
 
 # -- streaming over a dataset ------------------------------------------------------------------
 #: The errors that leave one instance out of the features (it cannot be prepared: a text with
-#: no tokens, a non-finite value...); any other error stops the extraction.
+#: no tokens, a non-finite value...); any other error stops the extraction. An instance the
+#: model cannot run (a ModelInputError on its own inputs) is left out too (``runnable_parts``).
 _UNPREPARABLE = (ValueError, TypeError, LookupError, RuntimeError)
+
+#: How the reason of an instance left out because the model cannot run it begins.
+_MODEL_FAILED = "ModelInputError: "
 
 
 def _shape_batches(adapter: ModelAdapter, dataset: MultimodalDataset, idx: np.ndarray,
@@ -151,8 +158,10 @@ def _shape_batches(adapter: ModelAdapter, dataset: MultimodalDataset, idx: np.nd
 def _skipped_text(skipped: dict[int, str], total: int) -> str:
     first = "; ".join(f"#{i} ({why})" for i, why in list(skipped.items())[:3])
     more = " ..." if len(skipped) > 3 else ""
-    return (f"{len(skipped)} of {total} instances could not be prepared and are left out of the "
-            f"decision features: {first}{more}")
+    run = (" or run by the model" if any(str(why).startswith(_MODEL_FAILED)
+                                         for why in skipped.values()) else "")
+    return (f"{len(skipped)} of {total} instances could not be prepared{run} and are left out "
+            f"of the decision features: {first}{more}")
 
 
 def _warn_skipped(skipped: dict[int, str], total: int) -> None:
@@ -170,12 +179,16 @@ def stream_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_siz
     Each forward pass batches instances whose model inputs have the same shapes (up to
     ``batch_size``; see ``_shape_batches``), so nothing is padded and every instance's features
     equal those of its own forward pass; the batches come group by group, so the indices are
-    not in dataset order (each batch names its own). An instance that cannot be prepared is
-    left out: it is recorded in ``skipped`` {dataset index: reason} when a dict is given, and a
-    RuntimeWarning names how many and the first few at the end; when no instance can be
-    prepared the first error is raised.
+    not in dataset order (each batch names its own). An instance that cannot be prepared, or
+    that the model cannot run (it raises ModelInputError on its inputs: a series shorter than a
+    convolution's kernel...), is left out: it is recorded in ``skipped`` {dataset index:
+    reason} when a dict is given, and a RuntimeWarning names how many and the first few at the
+    end; when no instance can be prepared and run the first error is raised. Any other error
+    (out of memory...) stops the extraction as it is.
     Cost: one forward pass per instance (no gradients), and a first pass that reads each
-    instance's input shapes; progress is reported per batch.
+    instance's input shapes; progress is reported per batch. A batch the model cannot run is
+    halved until the instances it cannot run alone are found (about 2 log2(batch_size) more
+    forward passes per such instance; none when every batch runs).
     """
     idx = indices_or_all(indices, len(dataset))
     for positions, logits, h in _feature_batches(adapter, dataset, idx, batch_size, progress,
@@ -190,26 +203,34 @@ def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipp
     batch_size = positive_int(batch_size, "batch_size")
     total = len(idx)
     report(progress, 0, total, message)
-    failed: dict[int, Exception] = {}          # position in idx -> error
+    failed: dict[int, Exception] = {}          # position in idx -> error (not prepared)
+    unrunnable: dict[int, ModelFailure] = {}   # position in idx -> the model's error on it
     computed = last = 0
     for positions, raw in _shape_batches(adapter, dataset, idx, batch_size, failed):
-        logits, h = adapter.features(raw)
-        if h.dim() != 2:
-            raise AdapterError(
-                f"The decision layer's input has shape {tuple(h.shape)}; decision-level features "
-                "must be one vector per instance [batch, d]. Pass decision_layer= the final "
-                "linear layer that maps a pooled vector to the logits.")
-        computed += len(positions)
-        yield (np.asarray(positions, dtype=np.int64), _host_float(logits), _host_float(h))
-        last = computed + len(failed)
-        report(progress, last, total, message)
+        # one forward pass of the batch; only when the model raises ModelInputError is it
+        # halved until the instances it cannot run are found (left out like unprepared ones)
+        for part, (logits, h) in runnable_parts(
+                adapter.features, raw, positions, unrunnable,
+                lambda: computed == 0 and len(unrunnable) >= GIVE_UP_AFTER):
+            if h.dim() != 2:
+                raise AdapterError(
+                    f"The decision layer's input has shape {tuple(h.shape)}; decision-level "
+                    "features must be one vector per instance [batch, d]. Pass decision_layer= "
+                    "the final linear layer that maps a pooled vector to the logits.")
+            computed += len(part)
+            yield (np.asarray(part, dtype=np.int64), _host_float(logits), _host_float(h))
+            last = computed + len(failed) + len(unrunnable)
+            report(progress, last, total, message)
     if computed and last < total:
-        # the last batch's instances all failed their checks, so no batch came after them:
-        # the count still ends at the total
-        report(progress, computed + len(failed), total, message)
-    reasons = {int(idx[p]): f"{type(e).__name__}: {e}" for p, e in sorted(failed.items())}
-    if failed and not computed:
-        raise failed[min(failed)]
+        # the last batch's instances all failed their checks (or the model), so no batch
+        # came after them: the count still ends at the total
+        report(progress, computed + len(failed) + len(unrunnable), total, message)
+    why = {p: f"{type(e).__name__}: {e}" for p, e in failed.items()}
+    why.update((p, _MODEL_FAILED + f.brief()) for p, f in unrunnable.items())
+    reasons = {int(idx[p]): why[p] for p in sorted(why)}
+    if why and not computed:
+        first = min(why)
+        raise failed[first] if first in failed else unrunnable[first].error
     if skipped is not None:
         skipped.update(reasons)
     _warn_skipped(reasons, total)
@@ -220,7 +241,8 @@ class Features:
     """Decision-level features of a dataset: h [N, d], logits [N, C], dataset indices [N].
 
     ``skipped`` {dataset index: reason}: the instances asked for that could not be prepared
-    (a text with no tokens...), which have no row here.
+    (a text with no tokens...) or that the model cannot run (reason "ModelInputError: the
+    model raised ..."), which have no row here.
     """
 
     h: np.ndarray
@@ -303,8 +325,9 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     """Decision-level features h [N, d] and logits [N, C] of a dataset (or of ``indices``).
 
     Instances are batched with others whose model inputs have the same shapes (nothing is
-    padded: see ``stream_features``). An instance that cannot be prepared has no row: it is in
-    ``Features.skipped`` {dataset index: reason} (kept in the cache too), with a RuntimeWarning.
+    padded: see ``stream_features``). An instance that cannot be prepared, or that the model
+    cannot run, has no row: it is in ``Features.skipped`` {dataset index: reason} (kept in the
+    cache too), with a RuntimeWarning.
     Cost: one forward pass per instance, in batches of up to ``batch_size``; none when the
     on-disk cache (keyed by the weights' hash and the dataset's fingerprint) already holds them.
     ``cache_dir=`` overrides the cache location; ``cache=False`` neither reads nor writes it.
@@ -496,7 +519,9 @@ def neuron_extremes(adapter: ModelAdapter | None, dataset: MultimodalDataset | N
     """Every neuron's k top and k bottom instances, in one streaming pass (memory O(k d)).
 
     With ``features`` (from extract_features) no model is run; otherwise the model runs over the
-    dataset in batches and no h is kept beyond the current batch.
+    dataset in batches and no h is kept beyond the current batch; instances that cannot be
+    prepared or that the model cannot run are left out, with a RuntimeWarning naming them (see
+    ``stream_features``).
     Cost: one forward pass per instance (none with ``features``).
     """
     t0 = time.perf_counter()
