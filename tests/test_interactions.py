@@ -804,3 +804,19 @@ def test_non_finite_model_outputs_are_a_clear_error(sqrt, method, match):
         interaction(adapter, inst, method, target=0)
     if not sqrt:                  # finite on the instance: the gradient method is fine
         assert np.isfinite(interaction(adapter, inst, "second_order", target=0).matrix).all()
+
+
+@pytest.mark.parametrize("params", [{"budget": 1 << 12, "max_players": 5},  # exact, 4 + 4 units
+                                    {"budget": 200}])                        # sampled, 8 players
+def test_shapley_of_the_pair_the_other_way_round_is_the_transpose(params):
+    """Players, their split and the sampled coalitions follow the adapter's order of the two
+    modalities, not the order the pair is named in."""
+    adapter = tiny_adapter(4)
+    inst = tiny_instance(5)
+    ab = interaction(adapter, inst, "shapley", modalities=("tabular", "series"), **params)
+    ba = interaction(adapter, inst, "shapley", modalities=("series", "tabular"), **params)
+    assert ba.modalities == ("series", "tabular") and ba.matrix.shape == ab.matrix.T.shape
+    np.testing.assert_array_equal(ba.matrix, ab.matrix.T)
+    assert ba.params["players"] == ab.params["players"]
+    assert list(ba.params["players"]) == ["series", "tabular"]
+    assert ab.params["exact"] == ("max_players" in params)

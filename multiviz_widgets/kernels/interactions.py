@@ -328,8 +328,16 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     to their units; 2 + U_a + U_b extra forwards); the other units stay present and their cells
     are 0 (``params["players"]`` lists the players). A few thousand evaluations cannot estimate
     the ~U_a U_b pairs of 70 players, so keep it small. Cost: at most budget forwards (plus the
-    occlusion pass).
+    occlusion pass). The players (and the split of max_players) are chosen, and the coalitions
+    sampled, in the adapter's order of the two modalities, so that (b, a) gives exactly the
+    transpose of (a, b).
     """
+    if adapter.names.index(a) > adapter.names.index(b):
+        m, forwards, backwards, params = shapley(adapter, prepared, b, a, target, progress, index,
+                                                 budget, max_players, seed, batch_size)
+        players = params["players"]
+        return (m.T.copy(), forwards, backwards,
+                dict(params, players={a: players[a], b: players[b]}))
     if index not in SHAPLEY_INDICES:
         raise ValueError(f"Unknown Shapley interaction index {index!r}; choose one of "
                          f"{list(SHAPLEY_INDICES)}.")
