@@ -724,29 +724,59 @@ class ModelAdapter:
                 "are listed in the order of the model's arguments.")
 
     def _signature_hint(self) -> str:
-        """How to call a model whose forward() takes the modalities by keyword only (or not by
-        the modalities' names); '' when its signature fits the way the adapter calls it."""
+        """What to change when the model's forward() cannot take the modalities the way the
+        adapter calls it (by keyword only, **kwargs, one dict of all of them, fewer arguments
+        than modalities, or not by the modalities' names); '' when its signature fits."""
         try:
             params = inspect.signature(self.model.forward).parameters.values()
         except (TypeError, ValueError):
             return ""
         kinds = {p.name: p.kind for p in params}
-        if any(k == inspect.Parameter.VAR_KEYWORD for k in kinds.values()):
-            return ""
+        var_keyword = any(k == inspect.Parameter.VAR_KEYWORD for k in kinds.values())
+        var_positional = any(k == inspect.Parameter.VAR_POSITIONAL for k in kinds.values())
         positional = [n for n, k in kinds.items() if k in (inspect.Parameter.POSITIONAL_ONLY,
                                                              inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         keyword_only = [n for n, k in kinds.items() if k == inspect.Parameter.KEYWORD_ONLY]
-        if (not self.keyword_inputs and keyword_only and len(positional) < len(self.names)
-                and not any(k == inspect.Parameter.VAR_POSITIONAL for k in kinds.values())):
-            return (f"The model's forward() takes {keyword_only} by keyword only: pass "
-                    "keyword_inputs=True to ModelAdapter (the modalities' names must be the "
-                    "argument names).")
-        unknown = [n for n in self.names if n not in kinds]
-        if self.keyword_inputs and unknown:
+        named = [n for n in kinds if kinds[n] not in (inspect.Parameter.VAR_KEYWORD,
+                                                       inspect.Parameter.VAR_POSITIONAL)]
+        if self.keyword_inputs:
+            unknown = [n for n in self.names if n not in kinds]
+            if not unknown or var_keyword:
+                return ""
+            if len(named) == 1 and len(self.names) > 1 and named[0] not in self.names:
+                return self._one_argument_hint(named[0])
             return (f"keyword_inputs=True calls model(**inputs), but forward() has no argument "
                     f"named {unknown[0]!r}: name the modalities after forward()'s arguments "
-                    f"({[n for n in kinds]}), or drop keyword_inputs=True to pass them in order.")
-        return ""
+                    f"({named}), or drop keyword_inputs=True to pass them in order.")
+        if var_positional or len(positional) >= len(self.names):
+            return ""
+        if var_keyword or keyword_only:
+            by_keyword = keyword_only or ["**" + next(n for n, k in kinds.items()
+                                                      if k == inspect.Parameter.VAR_KEYWORD)]
+            return (f"The model's forward() takes {', '.join(by_keyword)} by keyword: pass "
+                    f"keyword_inputs=True to ModelAdapter (it calls model(**inputs); the "
+                    f"modalities' names must be the argument names).")
+        if len(positional) == 1 and len(self.names) > 1 and positional[0] not in self.names:
+            return self._one_argument_hint(positional[0])     # all of them in one dict?
+        return (f"The model's forward() takes {len(positional)} input"
+                f"{'' if len(positional) == 1 else 's'} ({positional}) but the adapter has "
+                f"{len(self.names)} modalities ({self.names}): give ModelAdapter one modality per "
+                f"argument of forward(), in its order.")
+
+    def _one_argument_hint(self, argument: str) -> str:
+        """How to wrap a model whose forward() takes every modality in one argument (a dict)."""
+        items = ", ".join(f"{n!r}: {n}" for n in self.names)
+        return (f"The model's forward() takes one argument ({argument!r}) but the adapter has "
+                f"{len(self.names)} modalities ({self.names}). If it takes them in one dict, "
+                f"wrap it so that each modality is an argument of forward():\n\n"
+                f"class Wrapped(torch.nn.Module):\n"
+                f"    def __init__(self, model):\n"
+                f"        super().__init__()\n"
+                f"        self.model = model\n\n"
+                f"    def forward(self, {', '.join(self.names)}):\n"
+                f"        return self.model({{{items}}})\n\n"
+                f"adapter = ModelAdapter(Wrapped(model), ...)   # decision_layer: the same "
+                f"module object as before\n")
 
     def _dtype_hint(self, args: Mapping[str, torch.Tensor]) -> str:
         """Says so when the floating inputs' dtype differs from the model's parameters'."""

@@ -496,7 +496,7 @@ def test_keyword_only_forward_and_float64_models_get_specific_hints():
     from multiviz_widgets.kernels.unimodal import attribute
     mods = list(drop_norm_adapter(DropNorm()).modalities.values())
     a = ModelAdapter(KeywordOnly().eval(), mods, list("abc"))
-    with pytest.raises(ModelInputError, match=r"takes \['tabular', 'series'\] by keyword only: pass "
+    with pytest.raises(ModelInputError, match=r"takes tabular, series by keyword: pass "
                                               r"keyword_inputs=True"):
         attribute(a, drop_norm_instance(), "gradient")
     ok = ModelAdapter(KeywordOnly().eval(), mods, list("abc"), keyword_inputs=True)
@@ -509,6 +509,51 @@ def test_keyword_only_forward_and_float64_models_get_specific_hints():
         wide.forward(raw)
     inst = {k: v.double() for k, v in drop_norm_instance().items()}
     attribute(wide, inst, "gradient")
+
+
+class OneDict(KeywordOnly):
+    def forward(self, batch):
+        return super().forward(tabular=batch["tabular"], series=batch["series"])
+
+
+class AnyKeywords(KeywordOnly):
+    def forward(self, **inputs):
+        return super().forward(**inputs)
+
+
+class TooFew(KeywordOnly):
+    def forward(self, tabular):
+        return self.t(tabular)
+
+
+def test_forward_signatures_that_cannot_take_the_modalities_get_what_to_change():
+    """One dict of every modality, **kwargs without keyword_inputs, fewer arguments than
+    modalities: the error says what to change (not to check the inputs' shapes), and the
+    wrapper it shows works."""
+    from multiviz_widgets.kernels.unimodal import attribute
+    mods = list(drop_norm_adapter(DropNorm()).modalities.values())
+    inst = drop_norm_instance()
+    for keyword_inputs in (False, True):
+        a = ModelAdapter(OneDict().eval(), mods, list("abc"), keyword_inputs=keyword_inputs)
+        with pytest.raises(ModelInputError, match=r"takes one argument \('batch'\) but the "
+                                                  r"adapter has 2 modalities") as e:
+            attribute(a, inst, "gradient")
+        assert "shapes the model expects" not in str(e.value)
+        recipe = str(e.value)[str(e.value).index("class Wrapped"):]
+        space: dict = {"torch": torch}
+        exec(recipe.split("adapter = ")[0], space)               # the wrapper as shown
+        model = OneDict().eval()
+        wrapped = ModelAdapter(space["Wrapped"](model), mods, list("abc"))
+        assert np.isfinite(attribute(wrapped, inst, "gradient").scores["tabular"]).all()
+    with pytest.raises(ModelInputError, match=r"takes \*\*inputs by keyword: pass "
+                                              r"keyword_inputs=True"):
+        attribute(ModelAdapter(AnyKeywords().eval(), mods, list("abc")), inst, "gradient")
+    attribute(ModelAdapter(AnyKeywords().eval(), mods, list("abc"), keyword_inputs=True), inst,
+              "gradient")
+    with pytest.raises(ModelInputError, match=r"takes 1 input \(\['tabular'\]\) but the "
+                                              r"adapter has 2 modalities.*one modality per "
+                                              r"argument"):
+        attribute(ModelAdapter(TooFew().eval(), mods, list("abc")), inst, "gradient")
 
 
 class Wide(nn.Module):
