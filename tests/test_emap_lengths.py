@@ -130,10 +130,11 @@ def brute_emap(adapter, items, target=None) -> dict:
     names = adapter.names
     sides = [names[0]] if len(names) == 2 else list(names)
     mats = [pair_matrix(adapter, items, m, target) for m in sides]
-    grand = np.mean([m.mean((0, 1)) for m in mats], axis=0)
-    unimodal = {m: mat.mean(1) - grand for m, mat in zip(sides, mats)}
+    means = [m.mean((0, 1)) for m in mats]          # each modality's own mean of its pairs
+    grand = np.mean(means, axis=0)
+    unimodal = {m: mat.mean(1) - g for m, mat, g in zip(sides, mats, means)}
     if len(names) == 2:
-        unimodal[names[1]] = mats[0].mean(0) - grand
+        unimodal[names[1]] = mats[0].mean(0) - means[0]
     return {"logits": np.stack([alone(adapter, it, target) for it in items]),
             "emap_logits": grand + sum(unimodal.values()), "unimodal": unimodal,
             "grand": grand, "matrix": mats[0]}
@@ -209,6 +210,9 @@ def test_emap_with_three_modalities_and_two_texts_of_several_lengths(factorized)
     r = emap(adapter, items, factorized=factorized)
     assert_emap_is_brute(r, brute_emap(adapter, items))
     assert set(r.unimodal) == {"tabular", "question", "answer"}
+    for m, part in r.unimodal.items():                  # each unimodal part is centred
+        np.testing.assert_allclose(part.mean(0), 0.0, atol=ATOL)
+    np.testing.assert_allclose(r.grand_mean + sum(r.unimodal.values()), r.emap_logits, atol=ATOL)
 
 
 def test_emap_gap_of_a_padding_sensitive_model_equals_brute_force():
@@ -483,3 +487,16 @@ def test_interaction_type_progress_with_three_modalities_ends_at_its_total():
     done = [d for d, _ in seen]
     assert done == sorted(done) and {t for _, t in seen} == {3 * 25 + 3 * 5 + 1}
     assert seen[-1] == (91, 91)
+
+
+def test_interaction_type_with_three_modalities_has_emaps_centred_parts():
+    """With the instance among the references, its parts, grand mean and EMAP are EMAP's, for
+    three modalities too (each part centred by its own modality's mean of pairs)."""
+    adapter = adapter_for(TwoTexts(), ("question", "answer"))
+    items = items_of(6, seed=1, answers=True)
+    r = emap(adapter, items)
+    t = interaction_type(adapter, items[2], items)
+    np.testing.assert_allclose(t["grand_mean"], r.grand_mean, atol=ATOL)
+    for m in adapter.names:
+        np.testing.assert_allclose(t["unimodal"][m], r.unimodal[m][2], atol=ATOL)
+    np.testing.assert_allclose(t["emap_logits"], r.emap_logits[2], atol=ATOL)

@@ -35,9 +35,12 @@ class EmapResult(Result):
     """EMAP of N instances: their outputs and the additive projection fhat of those outputs.
 
     logits [N, K] (K = classes, or 1 for a neuron target), emap_logits [N, K];
-    unimodal {modality: [N, K]}: each modality's centred unimodal part (E_others f(x_m, .) -
-    grand mean); grand_mean [K]; matrix [N, N, K] with matrix[i, j] = f(x_a^i, x_b^j) (two
-    modalities, when kept); indices: the dataset indices of the N instances (or 0..N-1).
+    unimodal {modality: [N, K]}: each modality's unimodal part, centred (mean over the
+    references j of f(x_m, x_{-m}^j), minus its mean g_m over the N instances); grand_mean [K]:
+    the mean of the g_m (one mean of the N^2 pairs with two modalities), so that emap_logits =
+    grand_mean + the sum of the unimodal parts; matrix [N, N, K] with matrix[i, j] =
+    f(x_a^i, x_b^j) (two modalities, when kept); indices: the dataset indices of the N
+    instances (or 0..N-1).
     """
 
     modalities: tuple[str, ...] = ()
@@ -110,9 +113,14 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     instances: a list of instance dicts or a MultimodalDataset (with optional ``indices``).
     Two modalities: the N x N outputs M[i, j] = f(x_a^i, x_b^j) (batched) give
     fhat[t] = mean_j M[t, j] + mean_i M[i, t] - mean M (cost N^2 forwards, chunked).
-    M > 2 modalities: the first-order functional-ANOVA projection with the other modalities kept
-    together, fhat[t] = sum_m mean_j f(x_m^t, x_{-m}^j) - (M - 1) grand mean (cost M N^2
-    forwards); it is exact on additive models and idempotent, like the two-modality formula.
+    M > 2 modalities: fhat[t] = sum_m mean_j f(x_m^t, x_{-m}^j) - (M - 1) g, where reference
+    j's other modalities are kept together (their observed joint values) and g is the mean of
+    the M means g_m = mean_ij f(x_m^i, x_{-m}^j) (cost M N^2 forwards). It is exact on
+    additive models and idempotent, like the two-modality formula, and its unimodal parts are
+    centred; it is the first-order analogue of the functional-ANOVA projection under the
+    measure that pairs each modality with the others' joint values, not the projection under
+    the product of all M marginals (which would take N^M forwards), so the g_m can differ
+    from one another on a model with interactions.
     target: None or a class (all logits, K = C), or Neuron(j) (K = 1).
 
     The pairs are evaluated in chunks and summed as they come (row sums, column sums and the
@@ -190,10 +198,12 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
             if acc.not_finite is not None:
                 _raise_not_finite(acc, m, [x for x in names if x != m], idx)
         logits = sums[0].diagonal.numpy()
-        grand = np.mean([a.row_sums.sum(0).numpy() for a in sums], axis=0) / (n * n)
-        unimodal = {m: a.row_sums.numpy() / n - grand for m, a in zip(groups, sums)}
+        # g_m: the mean of modality m's pairs (with two modalities, one mean of the N^2 pairs)
+        means = [a.row_sums.sum(0).numpy() / (n * n) for a in sums]
+        grand = np.mean(means, axis=0)
+        unimodal = {m: a.row_sums.numpy() / n - g for m, a, g in zip(groups, sums, means)}
         if len(names) == 2:
-            unimodal[names[1]] = sums[0].column_sums.numpy() / n - grand
+            unimodal[names[1]] = sums[0].column_sums.numpy() / n - means[0]
         emap_logits = grand + sum(unimodal.values())
     fused = [k != "none" for k in kinds]
     params = {"n": n, "batch_size": batch_size, "factorized": all(fused),
@@ -533,6 +543,10 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
             report(progress, done, total, "interaction type: reference pairs")
         grands.append(pair_sum / (n * n))
     grand = torch.stack(grands).mean(0).cpu().numpy()
+    # each unimodal part is centred by its own modality's mean of pairs, as emap's (two
+    # modalities: one mean for both)
+    own_mean = {m: grands[0 if len(ref_pairs) == 1 else ref_pairs.index(m)].cpu().numpy()
+                for m in names}
     parts = {}
     for m in names:
         part = 0.0                       # x_m of the instance, the others from each reference
@@ -540,7 +554,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
             rows = torch.zeros(len(pos), dtype=torch.long, device=dev)
             part = part + adapter.forward({name: (own[name][rows] if name == m else xo[name])
                                            for name in names}).double().sum(0)
-        parts[m] = (part / n).cpu().numpy() - grand
+        parts[m] = (part / n).cpu().numpy() - own_mean[m]
         done += n
         report(progress, done, total, "interaction type: unimodal parts")
     logits = adapter.forward(own)[0].double().cpu().numpy()
