@@ -56,12 +56,13 @@ test-fast: install
 # KernelSHAP ran about 1.5x faster with them (python benchmarks/allocator.py; README).
 DEMO_MALLOC := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
 
-# JupyterLab on 127.0.0.1 with the quickstart notebook (the Explorer on easy-VQA) open.
+# JupyterLab on 127.0.0.1, serving the repository, with the quickstart notebook (the Explorer on
+# easy-VQA) at the URL it prints and at the server's root URL.
 demo: install
 	@echo "Opening http://127.0.0.1:$(PORT)/lab/tree/notebooks/quickstart.ipynb"
 	$(DEMO_MALLOC) $(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --ServerApp.port_retries=0 \
 		--ServerApp.open_browser=False --IdentityProvider.token= $(if $(filter 0,$(shell id -u)),--allow-root,) \
-		notebooks/quickstart.ipynb
+		--ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks/quickstart.ipynb
 
 # Every benchmark, each writing benchmarks/results/NAME.json (kernels.py runs kernels_stage2 too;
 # common.py is their helpers; kernels_gpu.py runs where torch sees a CUDA device).

@@ -67,3 +67,53 @@ def test_the_sdist_carries_the_sources_tests_and_set_up_files(clone, tmp_path):
     for js in (ROOT / "js").glob("*.js"):
         assert f"js/{js.name}" in names
     assert not any(n.startswith(("node_modules/", "build/")) for n in names)
+
+
+def test_make_demo_serves_the_quickstart_notebook_at_the_url_it_prints():
+    """`make demo` (its install step already done, as `make test` does first) starts JupyterLab
+    where the URL it prints opens the quickstart notebook, and the server's root URL leads there
+    too. It once served notebooks/ as the root, so the printed .../notebooks/quickstart.ipynb
+    was a file that did not exist."""
+    import json
+    import os
+    import signal
+    import time
+    import urllib.error
+    import urllib.request
+
+    from .browser_support import free_port
+    if shutil.which("make") is None:
+        skip_or_fail("make is not installed")
+    if subprocess.run(["make", "-q", "install"], cwd=ROOT, capture_output=True).returncode != 0:
+        skip_or_fail("the demo's install step is not done (make install first): `make demo` "
+                     "would install now")
+    port = free_port()
+    proc = subprocess.Popen(["make", "--no-print-directory", "demo", f"PORT={port}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        first = proc.stdout.readline().strip()
+        assert first == f"Opening http://127.0.0.1:{port}/lab/tree/notebooks/quickstart.ipynb"
+        path = first.split(f":{port}/lab/tree/", 1)[1]
+        api = f"http://127.0.0.1:{port}/api/contents/{path}?content=0"
+        deadline, model = time.monotonic() + 120, None
+        while model is None and time.monotonic() < deadline:
+            assert proc.poll() is None, "make demo stopped"
+            try:
+                with urllib.request.urlopen(api, timeout=5) as r:
+                    model = json.load(r)
+            except urllib.error.HTTPError as e:
+                assert e.code != 404, f"the printed URL names a file the server does not have: {path}"
+                time.sleep(0.5)
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.5)
+        assert model is not None, "the demo's server did not answer in 120 s"
+        assert model["type"] == "notebook" and model["path"] == "notebooks/quickstart.ipynb"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            assert r.geturl().endswith("/lab/tree/notebooks/quickstart.ipynb"), r.geturl()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
