@@ -1,7 +1,8 @@
 // InputView: one instance's inputs (image, text, tabular, time series) with per-unit score
 // overlays and clickable units. anywidget ESM; bundled into multiviz_widgets/static/.
 //
-// Traits: items [{name, kind, ...payload}], scores {modality: [float per unit]}, score_caption,
+// Traits: items [{name, kind, ...payload}], scores {modality: [float per unit]}, scales
+// {modality: |score| at full colour; else the modality's own largest}, score_caption,
 // selected {modality, unit}, caption, concepts {modality: {unit: [concept, ...]}}.
 // Every unit element carries data-modality, data-unit and data-score (String(v) of the value as
 // received, "" when there is no score) and data-concepts (the unit's concepts joined by "; ", ""
@@ -316,12 +317,13 @@ function render({ model, el }) {
 
   function paintScores() {
     const scores = model.get("scores") || {};
-    let anyScores = false, shownMax = 0;
+    const scales = model.get("scales") || {};
+    const shown = [];                      // [modality, its scale] of the modalities with scores
     for (const [name, entry] of byModality) {
       const vals = Array.isArray(scores[name]) ? scores[name] : null;
-      const m = vals ? scaleOf(vals) : 0;
+      const m = vals ? (isNum(scales[name]) && scales[name] > 0 ? scales[name] : scaleOf(vals)) : 0;
       const scaled = vals ? vals.map((v) => (isNum(v) ? (m > 0 ? v / m : 0) : null)) : null;
-      if (vals) { anyScores = true; shownMax = Math.max(shownMax, m); }
+      if (vals) shown.push([name, m]);
       for (const [u, elements] of entry.units) {
         const v = vals ? vals[u] : undefined;
         for (const e of elements) {
@@ -335,11 +337,16 @@ function render({ model, el }) {
     }
     legend.replaceChildren();
     legend.title = "";
-    if (anyScores) {
-      legend.appendChild(el_("span", null, "\u2212max"));
+    if (shown.length) {
+      // one bar; each modality's full-colour value in words (a unit's interactions come on
+      // the heatmap's scale, the attributions on their own)
+      legend.appendChild(el_("span", null, "\u2212"));
       legend.appendChild(el_("span", "mvz-bar"));
-      legend.appendChild(el_("span", null, "+max"));
-      legend.title = `colour scale symmetric around 0, per modality (largest |score| ${fmt(shownMax)})`;
+      legend.appendChild(el_("span", null, "+"));
+      legend.appendChild(el_("span", "mvz-scales",
+        shown.map(([name, m]) => `${name} \u00b1${fmt(m)}`).join(", ")));
+      legend.title = "colour scale symmetric around 0: full blue / red at the value shown for " +
+        "each modality (" + shown.map(([name, m]) => `${name}: ${fmt(m)}`).join(", ") + ")";
     }
     // the caption shows without scores too: "computing ...", or why nothing was computed
     legend.appendChild(el_("span", "mvz-score-caption", model.get("score_caption") || ""));
@@ -399,6 +406,7 @@ function render({ model, el }) {
   model.on("change:items", full);
   model.on("change:scores", onScores);
   model.on("change:score_caption", onScores);
+  model.on("change:scales", onScores);
   model.on("change:selected", onSelected);
   model.on("change:caption", onCaption);
   model.on("change:concepts", onConcepts);
@@ -408,6 +416,7 @@ function render({ model, el }) {
     model.off("change:items", full);
     model.off("change:scores", onScores);
     model.off("change:score_caption", onScores);
+    model.off("change:scales", onScores);
     model.off("change:selected", onSelected);
     model.off("change:caption", onCaption);
     model.off("change:concepts", onConcepts);

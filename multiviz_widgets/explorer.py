@@ -147,6 +147,7 @@ class InputPanel:
         with self.view.hold_sync():
             self.view.items = []
             self.view.scores = {}
+            self.view.scales = {}
             self._set_selected({})            # the highlight only: the selection keeps its unit
             self.view.caption = f"{title} | not shown ({type(err).__name__})"
             self.view.score_caption = ""
@@ -160,6 +161,7 @@ class InputPanel:
             self.view.items = items
             self.view.caption = caption
             self.view.scores = {}
+            self.view.scales = {}
             self.view.score_caption = ""
             self.view.concepts = self._concepts(i)
             self.items_instance = i
@@ -199,6 +201,7 @@ class InputPanel:
             what = a.target_text(explained)
             attr = a.attribution(i, explained, method, progress)
             scores = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in attr.scores.items()}
+            scales = {}                    # each modality to its own largest |score|, but ...
             caption = f"{method} attribution for {what}"
             if unit is not None and not in_pair and pair is not None:
                 caption += (f" ({unit[0]} is not in the heatmap's pair {pair[0]} x {pair[1]}, "
@@ -215,11 +218,16 @@ class InputPanel:
                 other = pair[1] if m == pair[0] else pair[0]
                 vec = mat[u, :] if m == pair[0] else mat[:, u]
                 scores[other] = vec.tolist()
+                # ... a unit's interactions on the heatmap's scale (its largest |cell|): a weak
+                # row must not look as strong as the matrix's strongest pair
+                finite = np.abs(mat[np.isfinite(mat)])
+                if finite.size and finite.max() > 0:
+                    scales[other] = float(finite.max())
                 labels = inter.row_labels if m == pair[0] else inter.col_labels
                 name = labels[u] if u < len(labels) else f"#{u}"
                 caption = (f"{other}: {imethod} interaction with {m} unit {name!r} (#{u}); "
                            f"{m}: {method} attribution; for {what}")
-            return i, {"scores": scores, "score_caption": caption}, key
+            return i, {"scores": scores, "scales": scales, "score_caption": caption}, key
 
         key = ("input", i, target, neuron, method, imethod, unit,
                pair if unit is not None else None)
@@ -234,6 +242,7 @@ class InputPanel:
         self._latest, self.payload = None, {}
         with self.view.hold_sync():
             self.view.scores = {}             # no overlay of an earlier selection stays
+            self.view.scales = {}
             self.view.score_caption = f"not computed ({type(err).__name__})"
 
     def _got_scores(self, result) -> None:
@@ -246,6 +255,7 @@ class InputPanel:
         self.payload = payload
         with self.view.hold_sync():
             self.view.scores = payload["scores"]
+            self.view.scales = payload.get("scales", {})
             self.view.score_caption = payload["score_caption"]
 
     # -- clicks ------------------------------------------------------------------------------
@@ -585,6 +595,7 @@ class Explorer(W.VBox):
         out["items"] = [it.get("name") for it in self.input_view.items]
         out["input_instance"] = self.input_panel.items_instance
         out["input_scores"] = {k: list(v) for k, v in self.input_view.scores.items()}
+        out["input_scales"] = dict(self.input_view.scales)
         out["score_caption"] = self.input_view.score_caption
         out["input_selected"] = dict(self.input_view.selected)
         out["input_concepts"] = {m: {u: list(c) for u, c in units.items()}

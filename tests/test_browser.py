@@ -606,3 +606,26 @@ def test_named_units_of_every_kind_have_the_dashed_border(page):
         assert (style, colour) == ("dashed", "rgb(142, 36, 170)"), (key, borders)
     others = [(m, style) for m, u, style, _ in borders if u == "1"]
     assert others and all(style != "dashed" for _, style in others), borders
+
+
+def test_a_units_interactions_are_drawn_on_the_scale_given_and_the_legend_says_it(page):
+    """With a scale (the heatmap's largest |cell|) a weak row is drawn pale, where its own
+    largest value would be full colour; the legend prints each modality's full-colour value."""
+    items = [{"name": "question", "kind": "text", "tokens": ["what", "color"], "n_units": 2},
+             {"name": "vitals", "kind": "tabular", "columns": ["hr", "bp"], "values": [1.0, 2.0],
+              "units": [0, 1]}]
+    state = {"items": items, "scores": {"question": [0.5, -1.0], "vitals": [0.41, 0.1]},
+             "scales": {"vitals": 4.08}, "score_caption": "", "selected": {}, "caption": "",
+             "concepts": {}}
+    render_input_bundle(page, state)
+    colour = page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('.mvz-unit')]
+        .map(e => [e.dataset.modality + e.dataset.unit, getComputedStyle(e).backgroundColor]))""")
+    legend = page.locator(".mvz-legend .mvz-scales").text_content()
+    assert legend == "question \u00b11.00, vitals \u00b14.08", legend
+
+    def strength(rgb):                       # how far from white (247, 247, 247) a colour is
+        r, g, b = (int(float(v)) for v in rgb[rgb.index("(") + 1:rgb.index(")")].split(",")[:3])
+        return max(abs(247 - r), abs(247 - g), abs(247 - b))
+    # the question's strongest unit at full colour; 0.41 of a 4.08 scale stays pale
+    assert strength(colour["question1"]) > 150, colour
+    assert strength(colour["vitals0"]) < 0.3 * strength(colour["question1"]), colour

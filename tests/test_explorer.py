@@ -45,6 +45,9 @@ def test_clicking_a_token_shows_its_interaction_over_the_patches(vqa):
     assert st["unit_ref"] == ["question", 1]
     assert st["heatmap_selected_row"] == 1
     assert np.allclose(st["input_scores"]["image"], np.asarray(st["heatmap"])[1])
+    # the row is drawn on the heatmap's scale (a weak row must not look as strong as the
+    # strongest pair); the question's own attribution on its own largest |score|
+    assert st["input_scales"] == {"image": pytest.approx(np.abs(np.asarray(st["heatmap"])).max())}
     assert "interaction with question unit 'color'" in st["score_caption"]
     sel = np.asarray(ex.heatmap_view.grid.selected)
     assert set(sel[:, 0]) == {1} and len(sel) == 4
@@ -57,6 +60,8 @@ def test_clicking_a_patch_colours_the_tokens_by_interaction(vqa):
     ex.wait(30)
     st = ex.state()
     assert np.allclose(st["input_scores"]["question"], np.asarray(st["heatmap"])[:, 2])
+    assert st["input_scales"] == {
+        "question": pytest.approx(np.abs(np.asarray(st["heatmap"])).max())}
     assert st["heatmap_selected_col"] == 2
 
 

@@ -136,6 +136,13 @@ def test_traits_round_trip_and_validation(adapter, instance):
         v.selected = {"unit": 3}
     v.selected = {}
     assert v.selected == {}
+    # scales: the |score| at full colour; none (or 0, NaN) means the modality's own largest
+    v.scales = {"image": np.float32(2.5), "vitals": 0.0, "question": float("nan")}
+    assert v.scales == {"image": 2.5}
+    with pytest.raises(Exception, match="scales: 'image' must be a number"):
+        v.scales = {"image": "big"}
+    v.show(adapter, instance)
+    assert v.scales == {} and v.scores == {}
 
 
 def test_the_bundle_is_built_and_loaded():

@@ -54,6 +54,10 @@ class InputView(anywidget.AnyWidget):
     items: per-modality payloads from :func:`input_items`.
     scores: {modality name: [score per unit]}; modalities without scores are shown plain.
     score_caption: what the scores are (e.g. "gradient x input for class 'yes'").
+    scales: {modality name: the |score| drawn at full colour}; a modality with scores but no
+    scale is drawn to its own largest |score|. The legend prints each modality's scale. (A
+    unit's interactions take the heatmap's scale, so that a weak row does not look as strong
+    as the matrix's strongest pair.)
     selected: {"modality": name, "unit": index} of the highlighted unit, or {}.
     caption: a line above the inputs (e.g. the instance and the prediction).
     concepts: {modality name: {unit index (as text, JSON's keys): [concept, ...]}}: the units
@@ -67,6 +71,7 @@ class InputView(anywidget.AnyWidget):
     items = traitlets.List(traitlets.Dict()).tag(sync=True)
     scores = traitlets.Dict().tag(sync=True)
     score_caption = traitlets.Unicode("").tag(sync=True)
+    scales = traitlets.Dict().tag(sync=True)
     selected = traitlets.Dict().tag(sync=True)
     caption = traitlets.Unicode("").tag(sync=True)
     concepts = traitlets.Dict().tag(sync=True)
@@ -110,6 +115,19 @@ class InputView(anywidget.AnyWidget):
             arr = np.asarray(values, dtype=np.float64).reshape(-1)
             # JSON has no NaN/inf: send None for them, which the view shows uncoloured.
             out[str(name)] = [float(v) if np.isfinite(v) else None for v in arr]
+        return out
+
+    @traitlets.validate("scales")
+    def _validate_scales(self, proposal):
+        out = {}
+        for name, value in (proposal["value"] or {}).items():
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                raise traitlets.TraitError(f"InputView scales: {name!r} must be a number (the "
+                                           f"|score| drawn at full colour), got {value!r}.")
+            if np.isfinite(v) and v > 0:        # else: the modality's own largest |score|
+                out[str(name)] = v
         return out
 
     @traitlets.validate("concepts")
@@ -156,6 +174,7 @@ class InputView(anywidget.AnyWidget):
         with self.hold_sync():
             self.items = input_items(adapter, raw_instance, prepared)
             self.scores = {}
+            self.scales = {}
             self.score_caption = ""
             self.selected = {}
             if caption is not None:
