@@ -820,3 +820,17 @@ def test_shapley_of_the_pair_the_other_way_round_is_the_transpose(params):
     assert ba.params["players"] == ab.params["players"]
     assert list(ba.params["players"]) == ["series", "tabular"]
     assert ab.params["exact"] == ("max_players" in params)
+
+
+@pytest.mark.parametrize("ua,ub,most,want", [
+    (64, 7, 24, (17, 7)),      # every word beside the image's top patches
+    (7, 64, 24, (7, 17)),
+    (64, 30, 24, (12, 12)),    # both large: half each
+    (4, 4, 5, (2, 3)),         # odd: the second of equal modalities gets the extra player
+    (3, 40, 2, (1, 1)),
+    (30, 2, 10, (8, 2))])
+def test_shapley_players_leave_both_modalities_a_fair_share(ua, ub, most, want):
+    from multiviz_widgets.kernels.interactions import _split_players
+    got = _split_players(ua, ub, most)
+    assert got == want and sum(got) == min(most, ua + ub)
+    assert 1 <= got[0] <= ua and 1 <= got[1] <= ub

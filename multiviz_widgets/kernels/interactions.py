@@ -282,6 +282,17 @@ def _shapiq_approximator(index: str, n: int, seed: int, budget: int):
     return shapiq.SVARMIQ(n=n, max_order=2, index="STII", random_state=seed)
 
 
+def _split_players(ua: int, ub: int, max_players: int) -> tuple[int, int]:
+    """How many players of each modality (ua + ub > max_players >= 2): the modality with fewer
+    units keeps up to half of max_players (all its units when they fit), the other the rest.
+    A cross-modal matrix needs both sides: a split in proportion to the units gave a
+    question of 7 words 2 of 24 players beside 22 image patches."""
+    small = min(ua, ub, max(1, max_players // 2))
+    large = min(max(ua, ub), max_players - small)
+    small = min(min(ua, ub), max_players - large)      # what the larger one cannot use
+    return (small, large) if ua <= ub else (large, small)
+
+
 def _top_units(effect: np.ndarray, k: int) -> np.ndarray:
     """The k units of largest effect, in unit order. Effects equal to 1e-6 of the largest are
     ties, broken by unit order: two units with the same effect (a repeated word) must not swap
@@ -324,9 +335,9 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     budget buys two permutations, else KernelSHAPIQ / SVARMIQ; RegressionFSII for FSII (FSII is
     a least-squares fit, so within-modality higher-order effects can leak into cross pairs).
     max_players (default 24; None = every unit): when the two modalities have more units, keep
-    only those with the largest occlusion effect (split between the modalities in proportion
-    to their units; 2 + U_a + U_b extra forwards); the other units stay present and their cells
-    are 0 (``params["players"]`` lists the players). A few thousand evaluations cannot estimate
+    only those with the largest occlusion effect (2 + U_a + U_b extra forwards), split between
+    the modalities by ``_split_players`` (the one with fewer units keeps up to half); the other
+    units stay present and their cells are 0 (``params["players"]`` lists the players). A few thousand evaluations cannot estimate
     the ~U_a U_b pairs of 70 players, so keep it small. Cost: at most budget forwards (plus the
     occlusion pass). The players (and the split of max_players) are chosen, and the coalitions
     sampled, in the adapter's order of the two modalities, so that (b, a) gives exactly the
@@ -351,8 +362,7 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     if max_players is not None:
         max_players = positive_int(max_players, "max_players", 2)
         if ua + ub > max_players:
-            ka = int(np.clip(round(max_players * ua / (ua + ub)), 1, max(1, max_players - 1)))
-            kb = max(1, max_players - ka)
+            ka, kb = _split_players(ua, ub, max_players)
             occ = {}
             for name, u in ((a, ua), (b, ub)):
                 m = torch.ones(1 + u, u)
