@@ -52,11 +52,14 @@ function diverging(t) {
   return `rgb(${c[0]},${c[1]},${c[2]})`;
 }
 
-// Overlay colour (for patches over an image): transparent at 0, saturated at the extremes.
+// Overlay colour (for patches over an image): transparent at 0, at most 0.6 opaque at the
+// extremes, so that the picture under the strongest patches (the shape a question is about)
+// stays visible (0.75 hid it).
+const OVERLAY_MAX_ALPHA = 0.6;
 function overlay(t) {
   const a = Math.max(-1, Math.min(1, t));
   const end = a >= 0 ? [178, 24, 43] : [33, 102, 172];
-  return `rgba(${end[0]},${end[1]},${end[2]},${(0.75 * Math.abs(a)).toFixed(3)})`;
+  return `rgba(${end[0]},${end[1]},${end[2]},${(OVERLAY_MAX_ALPHA * Math.abs(a)).toFixed(3)})`;
 }
 
 function isNum(v) {
