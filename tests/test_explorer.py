@@ -1077,3 +1077,25 @@ def test_sequential_colours_span_the_scale_and_a_constant_sits_in_its_middle():
     np.testing.assert_allclose(c[[1, 0, 2]], SEQUENTIAL[[0, 4, 2]], atol=1e-6)
     np.testing.assert_allclose(sequential_colours(np.full(4, 7.0)), np.tile(SEQUENTIAL[2], (4, 1)))
     assert sequential_colours(np.zeros(0)).shape == (0, 3)
+
+
+def test_the_path_colours_edges_by_sign_per_kind_and_greys_the_other_classes(vqa):
+    """Each kind of edge (contribution, attribution, pair) is drawn on its own scale in [-1, 1]
+    with its sign kept (red raises, blue lowers); the path's class is red, the other classes
+    shown beside it grey."""
+    from multiviz_widgets.views.path_view import _OTHER_CLASS, signed_link_values
+    ex, _ = vqa
+    assert ex.wait(60)
+    view = ex.path_view
+    drawn = [l["value"] for l in view.graph.link_data]
+    assert drawn == signed_link_values(view.links) and drawn
+    for link, v in zip(view.links, drawn):
+        assert -1.0 <= v <= 1.0 and np.sign(v) == np.sign(link["value"])
+    for kind in {l.get("kind") for l in view.links}:
+        assert max(abs(v) for l, v in zip(view.links, drawn) if l.get("kind") == kind) == 1.0
+    classes = [(n["class"], c) for n, c in zip(view.nodes, view.graph.colors)
+               if n["kind"] == "class"]
+    assert classes[0][1] == "#d62728" and all(c == _OTHER_CLASS for _, c in classes[1:])
+    assert "red edges raise" in view.caption.value
+    assert signed_link_values([{"value": float("nan"), "kind": "pair"},
+                               {"value": 0.0, "kind": "pair"}]) == [0.0, 0.0]

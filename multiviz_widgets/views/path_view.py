@@ -20,6 +20,25 @@ from ..selection import Selection
 from ._common import RetryAfterCancel, text_label
 
 _COLOURS = {"class": "#d62728", "neuron": "#1f77b4", "unit": "#2ca02c"}
+#: The classes shown beside the path's own (a click follows their path): grey, not its red.
+_OTHER_CLASS = "#9e9e9e"
+
+
+def signed_link_values(links: list[dict]) -> list[float]:
+    """Each link's value over the largest |value| of its kind (contribution, attribution,
+    pair), in [-1, 1]: the kinds are in different units (logits, attribution scores,
+    interactions), so each is drawn on its own scale; the sign says raises (+) or lowers (-)."""
+    largest: dict = {}
+    for link in links:
+        v = float(link["value"])
+        if np.isfinite(v):
+            kind = link.get("kind")
+            largest[kind] = max(largest.get(kind, 0.0), abs(v))
+    out = []
+    for link in links:
+        v, top = float(link["value"]), largest.get(link.get("kind"), 0.0)
+        out.append(v / top if np.isfinite(v) and top > 0 else 0.0)
+    return out
 
 
 class PathView(W.VBox):
@@ -37,6 +56,9 @@ class PathView(W.VBox):
         self.instance = -1                    # the instance whose path is shown
         self.xs = bq.LinearScale(min=-0.3, max=2.3)
         self.ys = bq.LinearScale(min=-0.1, max=1.1)
+        # edges: red raises what they point to, blue lowers it (as the heatmap's colours)
+        self.link_colours = bq.ColorScale(scheme="RdBu", mid=0.0, min=-1.0, max=1.0,
+                                          reverse=True)
         self.graph = self._new_graph([], [], [], [], [])
         self.figure = bq.Figure(marks=[self.graph], layout=W.Layout(width="620px",
                                                                    height="360px"),
@@ -56,7 +78,8 @@ class PathView(W.VBox):
 
     def _new_graph(self, node_data, link_data, x, y, colors) -> bq.Graph:
         graph = bq.Graph(node_data=node_data, link_data=link_data, x=x, y=y,
-                         colors=colors or ["#7f7f7f"], scales={"x": self.xs, "y": self.ys},
+                         colors=colors or ["#7f7f7f"],
+                         scales={"x": self.xs, "y": self.ys, "link_color": self.link_colours},
                          link_type="line", directed=True, static=True, charge=0,
                          highlight_links=True,
                          interactions={"click": "select", "hover": "tooltip"},
@@ -97,8 +120,10 @@ class PathView(W.VBox):
         name = self.analyses.adapter.class_names[cls]
         note = str(path.get("note") or "") if not path.get("neurons") else ""
         self.caption.value = (f"prediction path to class {name!r}: no neurons ({note})" if note
-                              else f"prediction path to class {name!r}: units -> neurons -> "
-                                   "class (click a node)")
+                              else f"prediction path to class {name!r} (red box): units -> "
+                                   "neurons -> class; red edges raise what they point to, blue "
+                                   "lower it, paler is weaker; grey boxes: other likely classes "
+                                   "(click a node)")
         self.concepts.value = self.concept_line()
 
     def concept_line(self) -> str:
@@ -127,16 +152,19 @@ class PathView(W.VBox):
                       {"width": 70, "height": 26}, "node_id": n["id"], "kind": n["kind"],
                       "label_display": "outside" if n["kind"] == "unit" else "center"}
                      for n in nodes]
-        # link_data is sent as JSON, which has no NaN or infinity
-        link_data = [{"source": int(l["source"]), "target": int(l["target"]),
-                      "value": float(l["value"]) if np.isfinite(float(l["value"])) else 0.0}
-                     for l in links]
+        # link_data is sent as JSON, which has no NaN or infinity; each kind of edge on its
+        # own scale (signed_link_values), coloured by sign and strength
+        link_data = [{"source": int(l["source"]), "target": int(l["target"]), "value": v}
+                     for l, v in zip(links, signed_link_values(links))]
+        shown = nodes[0]["class"] if nodes and nodes[0]["kind"] == "class" else None
         # a new mark each time: bqplot's Graph does not redraw changed nodes (bqplot#1155)
         old = self.graph
         self.graph = self._new_graph(node_data, link_data,
                                      np.array([n["x"] for n in nodes], dtype=float),
                                      np.array([n["y"] for n in nodes], dtype=float),
-                                     [_COLOURS.get(n["kind"], "#7f7f7f") for n in nodes])
+                                     [_OTHER_CLASS if n["kind"] == "class"
+                                      and n["class"] != shown else
+                                      _COLOURS.get(n["kind"], "#7f7f7f") for n in nodes])
         self.figure.marks = [self.graph]
         old.close()
         self._highlight()
