@@ -26,7 +26,7 @@ from .checks import is_integer
 from .data import MultimodalDataset
 from .engine import Analyses, Engine, Kernels, short_repr
 from .selection import FIELDS, Selection, unit_ref_of
-from .views._common import close_widgets, instance_title, text_label, widget_tree
+from .views._common import close_widgets, instance_title, method_label, text_label, widget_tree
 from .views.concepts_view import ConceptsView
 from .views.controls import Controls, ErrorBanner, ProgressPanel
 from .views.embedding_view import BY_NEURON, EmbeddingView
@@ -202,7 +202,7 @@ class InputPanel:
             attr = a.attribution(i, explained, method, progress)
             scores = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in attr.scores.items()}
             scales = {}                    # each modality to its own largest |score|, but ...
-            caption = f"{method} attribution for {what}"
+            caption = f"{method_label(method)} attribution for {what}"
             if unit is not None and not in_pair and pair is not None:
                 caption += (f" ({unit[0]} is not in the heatmap's pair {pair[0]} x {pair[1]}, "
                             f"so no interactions of its unit: choose a pair with {unit[0]} in "
@@ -225,15 +225,16 @@ class InputPanel:
                     scales[other] = float(finite.max())
                 labels = inter.row_labels if m == pair[0] else inter.col_labels
                 name = labels[u] if u < len(labels) else f"#{u}"
-                caption = (f"{other}: {imethod} interaction with {m} unit {name!r} (#{u}); "
-                           f"{m}: {method} attribution; for {what}")
+                caption = (f"{other}: {method_label(imethod)} interaction with {m} unit "
+                           f"{name!r} (#{u}); {m}: {method_label(method)} attribution; for {what}")
             return i, {"scores": scores, "scales": scales, "score_caption": caption}, key
 
         key = ("input", i, target, neuron, method, imethod, unit,
                pair if unit is not None else None)
         self._want = key
         # the progress bar names all this job computes (a unit's interactions may take seconds)
-        label = f"{method} + {imethod} interactions" if in_pair else method
+        label = (f"{method_label(method)} + {method_label(imethod)}" if in_pair
+                 else method_label(method))
         self.view.score_caption = f"computing {label} ..."
         self.engine.submit(self.scores_slot, key, job, self._got_scores, self._failed,
                            priority=1, label=label)

@@ -205,7 +205,7 @@ print(json.dumps(r.matrix[{u}].tolist()))""")
 
 def test_neuron_bar_click_shows_its_gallery(quickstart):
     nb, page = quickstart, quickstart.page
-    fig = page.locator(".bqplot.figure", has_text="activation h_j(x)")
+    fig = page.locator(".bqplot.figure", has_text="how strongly each neuron fires")
     bars = fig.locator("rect.bar")
     assert bars.count() > 0
     shown = nb.kernel_json("import json; print(json.dumps(explorer.neuron_view.shown))")
@@ -629,3 +629,87 @@ def test_a_units_interactions_are_drawn_on_the_scale_given_and_the_legend_says_i
     # the question's strongest unit at full colour; 0.41 of a 4.08 scale stays pale
     assert strength(colour["question1"]) > 150, colour
     assert strength(colour["vitals0"]) < 0.3 * strength(colour["question1"]), colour
+
+
+# -- the interaction heatmap: what bqplot draws of it ------------------------------------------
+HEATMAP_CELL = r'''
+import sys; sys.path.insert(0, REPO)
+import numpy as np
+from tests.explorer_support import FakeKernels, tiny_vqa
+from multiviz_widgets.adapter import Class
+from multiviz_widgets.explorer import Explorer
+from multiviz_widgets.results import Interaction
+ex = Explorer(*tiny_vqa(), kernels=FakeKernels(), delay=0.0); ex.wait(60)
+hv = ex.heatmap_view
+players = {"question": [0, 2], "image": [3, 9, 27, 40, 63]}
+m = np.zeros((5, 64))
+m[np.ix_(players["question"], players["image"])] = np.linspace(-2.0, 2.5, 10).reshape(2, 5)
+hv._show((0, Class(0), Interaction(
+    method="shapley", target=Class(0), modalities=("question", "image"), matrix=m,
+    row_labels=["what", "is", "the", "red", "shape"],
+    col_labels=[f"patch r{r}c{c}" for r in range(8) for c in range(8)],
+    params={"players": players, "max_players": 7})))
+ex.selection.select(unit=("question", 2))
+hv
+'''
+
+JS_HEATMAP = """() => {
+  const v = document.querySelector('.mvz-heatmap-view');
+  const box = e => { const b = e.getBoundingClientRect();
+                     return [b.left, b.top, b.right, b.bottom]; };
+  const cells = Array.from(v.querySelectorAll('rect.heatmapcell'));
+  const fills = cells.map(c => getComputedStyle(c).fill);
+  const axes = Array.from(v.querySelectorAll('g.axis')).filter(a => !a.closest('.ColorBar'));
+  const cols = axes.find(a => (a.querySelector('text.axislabel') || {}).textContent === 'image');
+  const bar = v.querySelector('.ColorBar');
+  const barTicks = Array.from(bar.querySelectorAll('.tick text')).map(
+      t => [Number(t.textContent.replace('\\u2212', '-')), box(t)]);
+  return {fills, cells: cells.map(box), fig: box(v.querySelector('.bqplot.figure')),
+          colTicks: Array.from(cols.querySelectorAll('.tick text')).map(
+              t => [t.textContent, box(t)]),
+          barTitle: (bar.querySelector('.axislabel') || {}).textContent, barTicks,
+          outline: Array.from(v.querySelectorAll('path.line')).map(box)};
+}"""
+
+
+def test_the_heatmap_greys_cells_not_computed_outlines_the_row_and_keeps_labels_off_it(lab, page):
+    """bqplot draws a NaN cell black (not in null_color), a border per selected cell as a
+    barcode, rotated tick labels over the cells, the colour bar negative on top: the heatmap
+    draws none of these."""
+    bs.write_notebook(lab.root / "probe" / "heatmap.ipynb",
+                      [f"REPO = {str(bs.REPO)!r}", HEATMAP_CELL])
+    nb = bs.Notebook(page, lab, "probe/heatmap.ipynb").open()
+    nb.run_all()
+    page.wait_for_selector(".mvz-heatmap-view rect.heatmapcell", timeout=90_000)
+    page.wait_for_function("() => document.querySelectorAll('.mvz-heatmap-view rect.heatmapcell')"
+                           ".length === 320 && !!document.querySelector("
+                           "'.mvz-heatmap-view path.line')", timeout=30_000)
+    page.wait_for_timeout(1000)                                      # bqplot's transitions
+    got = page.evaluate(JS_HEATMAP)
+    fills = got["fills"]
+    assert fills.count("rgb(200, 200, 200)") == 5 * 64 - 2 * 5, sorted(set(fills))
+    assert "rgb(0, 0, 0)" not in fills
+    cells = np.array(got["cells"])
+    grid = [cells[:, 0].min(), cells[:, 1].min(), cells[:, 2].max(), cells[:, 3].max()]
+    # column labels: short ("patch " left out), all below the cells, inside the figure
+    assert got["colTicks"] and all(t.startswith("r") and len(t) == 4 for t, _ in got["colTicks"])
+    assert all(b[1] >= grid[3] - 0.5 and b[3] <= got["fig"][3] for _, b in got["colTicks"])
+    # one outline around row 2 ("the"), the full width of the grid
+    row2 = cells[2 * 64:3 * 64]
+    (out,) = got["outline"]
+    assert abs(out[1] - row2[:, 1].min()) < 3 and abs(out[3] - row2[:, 3].max()) < 3, (out, grid)
+    assert abs(out[0] - grid[0]) < 3 and abs(out[2] - grid[2]) < 3, (out, grid)
+    # the colour bar: titled, positive on top, its tick labels inside the figure
+    assert got["barTitle"] == "interaction"
+    ticks = sorted(got["barTicks"], key=lambda t: t[1][1])
+    assert ticks[0][0] > 0 > ticks[-1][0], ticks
+    assert all(b[2] <= got["fig"][2] for _, b in ticks), (ticks, got["fig"])
+    # hovering a grey cell names its two units in full
+    page.locator(".mvz-heatmap-view rect.heatmapcell").nth(64 + 5).hover()
+    try:
+        page.wait_for_function("() => document.body.textContent.includes("
+                               "'is x image patch r0c5: not computed')", timeout=20_000)
+    except Exception:  # noqa: BLE001 - say what the page shows instead
+        tips = page.evaluate("() => Array.from(document.querySelectorAll('[class*=tooltip]'))"
+                             ".map(t => [t.className, t.style.display, t.textContent])")
+        pytest.fail(f"no tooltip for the hovered cell; the tooltips: {tips}")

@@ -16,6 +16,8 @@ from multiviz_widgets import MultimodalDataset
 from multiviz_widgets.adapter import Class, Neuron
 from multiviz_widgets.explorer import Explorer, default_pair
 
+from multiviz_widgets.views.controls import method_label
+
 from .explorer_support import CLASSES, FakeKernels, tiny_tab_series, tiny_three, tiny_vqa
 
 
@@ -49,8 +51,9 @@ def test_clicking_a_token_shows_its_interaction_over_the_patches(vqa):
     # strongest pair); the question's own attribution on its own largest |score|
     assert st["input_scales"] == {"image": pytest.approx(np.abs(np.asarray(st["heatmap"])).max())}
     assert "interaction with question unit 'color'" in st["score_caption"]
-    sel = np.asarray(ex.heatmap_view.grid.selected)
-    assert set(sel[:, 0]) == {1} and len(sel) == 4
+    # the row is outlined (4 cells wide, row 1 of 5 from the top), its cells' colours kept
+    assert ex.heatmap_view.state()["outline"] == {"x": [0, 4, 4, 0, 0], "y": [4, 4, 3, 3, 4]}
+    assert ex.heatmap_view.grid.selected is None          # "selected" cells: those not computed
     assert st["input_selected"] == {"modality": "question", "unit": 1}
 
 
@@ -615,7 +618,7 @@ def test_recompute_shows_the_overlay_again_after_the_lru_dropped_the_inputs(vqa)
     ex.controls.refresh_button.click()
     assert ex.wait(30)
     st = ex.state()
-    assert st["input_scores"] == scores and st["score_caption"].startswith("integrated_gradients")
+    assert st["input_scores"] == scores and st["score_caption"].startswith("integrated gradients")
 
 
 def test_non_finite_logits_are_reported_and_never_reach_the_browser():
@@ -715,7 +718,7 @@ def test_unknown_methods_are_rejected_with_the_valid_ones(vqa):
     assert ex.selection.method == "integrated_gradients"
     assert ex.selection.interaction_method == "second_order"
     assert ex.controls.method.options == options and "bogus2" not in \
-        ex.controls.interaction_method.options
+        [v for _, v in ex.controls.interaction_method.options]
 
 
 def test_precomputed_features_of_another_dataset_are_rejected():
@@ -772,7 +775,7 @@ def test_labels_outside_the_classes_are_shown_as_unknown_and_not_counted_wrong()
         ev = ex.embedding_view
         assert ev.group_names == CLASSES + ["unknown / unlabelled"]
         assert ev.groups.tolist() == [0, 4, 4, 1]
-        assert [c.value for c in ev.legend.children][-1] == "\u25cf unknown / unlabelled"
+        assert ev.state()["legend"][-1] == "\u25cf unknown / unlabelled"
         ev.colour_by.value = "correctness"
         preds = np.asarray(ev._features.predictions)
         assert ev.group_names == ["wrong", "right", "unknown / unlabelled"]
@@ -795,12 +798,15 @@ def test_the_axes_domains_are_the_labels_of_the_matrix_and_bars_shown(vqa):
         rows = hv.state()["rows"]
         assert list(hv.rows_scale.domain) == tick_labels(rows, len(rows))[::-1]
         assert list(hv.grid.row) == tick_labels(rows, len(rows))
-        assert list(hv.cols_scale.domain) == list(hv.grid.column) == hv.state()["cols"]
+        cols = hv.state()["cols"]
+        assert list(hv.cols_scale.domain) == list(hv.grid.column) == tick_labels(cols, len(cols))
+        assert cols[0] == "patch r0c0" and hv.grid.column[0] == "r0c0"   # "patch " left out
         names = [f"h{j}" for j in nv.shown]
         for bars in (nv.act_bars, nv.contrib_bars):
             assert list(bars.x) == list(bars.scales["x"].domain) == names
-    assert tick_labels(["what", "what", "x" * 30], 5) == ["what", "what (2)",
-                                                          "x" * (TICK_CHARS - 1) + "\u2026", "", " "]
+    half = (TICK_CHARS - 1) // 2                    # a long word keeps its start and its end
+    assert tick_labels(["what", "what", "x" * 30], 5) == [
+        "what", "what (2)", "x" * (TICK_CHARS - 1 - half) + "\u2026" + "x" * half, "", " "]
     assert tick_labels(["", ""], 3) == ["", " (2)", " "]
 
 
@@ -825,10 +831,11 @@ def test_the_progress_label_names_the_interactions_a_unit_click_computes(vqa):
     ex.input_panel.click("question", 1)
     assert ex.wait(30)
     method = ex.selection.method
-    assert (ex.input_panel.scores_slot, f"{method} + shapley interactions") in labels
+    assert (ex.input_panel.scores_slot, f"{method_label(method)} + Shapley interactions") in labels
     ex.select(unit=None)
     assert ex.wait(30)
-    assert [lab for slot, lab in labels if slot == ex.input_panel.scores_slot][-1] == method
+    assert [lab for slot, lab in labels if slot == ex.input_panel.scores_slot][-1] == \
+        method_label(method)
 
 
 def test_a_gallery_row_of_tied_activations_says_so():
@@ -921,7 +928,7 @@ def test_the_pair_menu_changes_the_heatmap_the_overlay_and_the_path(three):
     st = ex.state()
     assert st["pair"] == ["meta", "image"] and st["error"] == ""
     assert np.asarray(st["heatmap"]).shape == (3, 4)
-    assert ex.heatmap_view.caption.value.startswith("second_order interactions meta x image")
+    assert ex.heatmap_view.caption.value.startswith("second-order gradients meta x image")
     assert (ex.heatmap_view.row_axis.label, ex.heatmap_view.col_axis.label) == ("meta", "image")
     assert st["heatmap_selected_row"] == 1 and st["unit_ref"] == ["meta", 1]
     assert np.allclose(st["input_scores"]["image"], np.asarray(st["heatmap"])[1])

@@ -318,3 +318,175 @@ def test_a_value_computed_before_a_clear_is_not_cached_after_it():
         assert engine.memo(("k",), lambda: "new") == "new"
     finally:
         engine.close()
+
+
+# -- what a person reads: legend colours, headings over nothing, cut and raw texts -------------
+def test_the_legend_colours_only_its_dots_and_writes_the_names_in_the_text_colour(vqa):
+    """Each entry was one label "● red" coloured whole: a class "red" drawn green, a pale one
+    (yellow, light blue) unreadable on white. Only the dot has the colour now."""
+    from multiviz_widgets.views.embedding_view import (DOT, PALETTE, SEQUENTIAL, BY_NEURON,
+                                                       _hex)
+    from .explorer_support import CLASSES
+    ex, _ = vqa
+    ev = ex.embedding_view
+    assert ev.colour_by.value == "label" and ev.group_names == CLASSES
+    for g, (entry, name) in enumerate(zip(ev.legend.children, CLASSES)):
+        dot, text = entry.children
+        assert dot.value == DOT and dot.style.text_color == _hex(PALETTE[g])
+        assert text.value == name and not text.style.text_color      # the normal colour
+        # text_label's: MathJax leaves them alone ("$5" stays as it is)
+        assert "mathjax_ignore" in dot._dom_classes and "mathjax_ignore" in text._dom_classes
+    assert ev.state()["legend"] == [f"{DOT} {name}" for name in CLASSES]
+    ev.colour_by.value = BY_NEURON
+    # the hint, in pieces that each fit the 440 px view (a label cuts its text, never wraps)
+    hint = ev.state()["legend"]
+    assert " ".join(hint) == ("click a neuron (a bar or a path node) to colour the dataset by "
+                              "its activation")
+    assert all(len(part) <= 40 for part in hint)
+    ex.select(neuron=2)
+    assert ex.wait(30)
+    _, low, high = ev.legend.children
+    for entry, colour, words in ((low, SEQUENTIAL[0], "(lowest)"),
+                                 (high, SEQUENTIAL[-1], "(highest)")):
+        dot, text = entry.children
+        assert dot.style.text_color == _hex(colour) and not text.style.text_color
+        assert text.value.endswith(words)
+    assert ev.state()["legend"][2].startswith(f"{DOT} ") and "(highest)" in ev.state()["legend"][2]
+
+
+def test_the_gallery_headings_show_only_over_a_gallery_and_the_caption_is_in_words(vqa):
+    ex, kernels = vqa
+    nv = ex.neuron_view
+    hidden = lambda: [lab.layout.display == "none" for lab in (nv.top_label, nv.bottom_label)]
+    assert hidden() == [True, True]                        # no neuron clicked yet
+    ex.select(neuron=3)
+    assert ex.wait(30)
+    assert hidden() == [False, False] and nv.top_row.children and nv.bottom_row.children
+    assert nv.gallery_caption.value == ("h3: dataset instances with the largest and smallest "
+                                        "activation, each coloured by what drives neuron h3 "
+                                        "in it")
+    ex.select(neuron=-1)
+    assert ex.wait(30)
+    assert hidden() == [True, True]
+    kernels.fail_keys = {ex.analyses.prepared(i).key for i in range(len(ex.dataset))}
+    ex.select(neuron=5)                                    # a gallery that fails: none either
+    assert ex.wait(30)
+    assert hidden() == [True, True] and nv.gallery_caption.value.startswith("gallery not shown")
+
+
+def test_a_selected_neuron_outside_the_top_bars_is_named_with_its_values_in_words(vqa):
+    """A neuron selected elsewhere (the path, the concepts menu) is added as a last bar that
+    may be too small to see, while the caption says "top n": its values are written out."""
+    ex, _ = vqa
+    nv = ex.neuron_view
+    nv.n_bars = 3
+    nv.refresh()
+    assert ex.wait(30)
+    top = list(nv.shown)
+    name = ex.analyses.adapter.class_names[ex.analyses.class_index(0, -1)]
+    base = f"top 3 of 12 neurons by |contribution| to class {name!r}"
+    assert nv.caption.value == base and nv.selected_caption.value == ""
+    assert nv.selected_caption.layout.display == "none"
+    j = [k for k in range(12) if k not in top][0]
+    ex.select(neuron=j)
+    assert ex.wait(30)
+    assert nv.shown == top + [j] and nv.caption.value == base      # the title stays true
+    h, c = nv.activations[-1], nv.contributions[-1]
+    assert nv.selected_caption.value == (f"selected h{j} (not in the top 3, the last bar): "
+                                         f"activation {h:.3g}, contribution {c:.3g} to {name!r}")
+    assert nv.selected_caption.layout.display != "none"
+    assert nv.state()["selected_caption"] == nv.selected_caption.value
+    ex.select(neuron=top[1])                               # one of the top bars: nothing to add
+    assert ex.wait(30)
+    assert nv.selected_caption.value == "" and nv.selected_caption.layout.display == "none"
+    assert nv.caption.value == base
+
+
+def test_the_bar_charts_are_titled_in_words_before_their_formula(vqa):
+    from multiviz_widgets.views.neuron_view import contribution_title
+    ex, _ = vqa
+    nv = ex.neuron_view
+    assert nv.act_figure.title == "how strongly each neuron fires, h_j(x)"
+    name = ex.analyses.adapter.class_names[ex.analyses.class_index(0, -1)]
+    assert nv.contrib_figure.title == f"what each neuron adds to {name!r}, W_cj h_j(x)"
+    ex.select(target=3)                                    # '<b>bold</b>', shortened to fit
+    assert ex.wait(30)
+    assert nv.contrib_figure.title == "what each neuron adds to '<b>bold</b>', W_cj h_j(x)"
+    assert contribution_title("a very long class name indeed") == \
+        "what each neuron adds to 'a very long…', W_cj h_j(x)"
+
+
+def test_the_method_menus_show_readable_names_and_keep_the_method_names_as_values(vqa):
+    from multiviz_widgets.views._common import METHOD_LABELS
+    ex, _ = vqa
+    menu, inter = ex.controls.method, ex.controls.interaction_method
+    assert dict(menu.options) == {
+        "gradient": "gradient", "gradient x input": "grad_x_input",
+        "integrated gradients": "integrated_gradients", "occlusion": "occlusion",
+        "LIME": "lime", "KernelSHAP": "kernel_shap"}
+    assert [label for label, _ in inter.options] == [
+        "second-order gradients", "pairwise ablation", "Shapley interactions"]
+    assert [v for _, v in inter.options] == ["second_order", "pairwise_ablation", "shapley"]
+    assert menu.value == "integrated_gradients" and menu.label == "integrated gradients"
+    menu.label = "KernelSHAP"                              # what choosing it in the page does
+    assert ex.selection.method == "kernel_shap"
+    ex.select(interaction_method="pairwise_ablation")     # from code: the menu follows
+    assert inter.label == "pairwise ablation" and inter.value == "pairwise_ablation"
+    assert ex.wait(30)
+    assert all(label for label in METHOD_LABELS.values())
+
+
+def test_a_method_without_a_readable_name_is_listed_by_its_name():
+    from multiviz_widgets.selection import Selection
+    from multiviz_widgets.views.controls import Controls
+    sel = Selection()
+    sel.select(method="my_method")
+    c = Controls(sel, 3, ["a", "b"], methods=["gradient"])
+    try:
+        assert c.method.options == (("gradient", "gradient"), ("my_method", "my_method"))
+        assert c.method.value == "my_method"
+        sel.select(method="other_method")                  # a method the menu did not list
+        assert c.method.label == "other_method" and c.method.value == "other_method"
+    finally:
+        c.close()
+
+
+def test_the_control_row_fits_a_1280_px_notebook_and_recompute_is_not_cut(vqa):
+    """At 1280 px the notebook's output is about 845 px wide; the row was 960 px, and the
+    recompute button was shrunk to "recomp..."."""
+    ex, _ = vqa
+    c = ex.controls
+    row = c.children[1]
+    assert list(row.children) == [c.target, c.method, c.interaction_method, c.refresh_button]
+    widths = [int(w.layout.width.removesuffix("px")) for w in row.children]
+    assert sum(widths) + 4 * len(widths) <= 845               # with each widget's margins
+    assert c.refresh_button.layout.flex == "0 0 auto"          # never shrunk below its text
+    assert widths[-1] >= 100 and row.layout.flex_flow == "row wrap"
+    for menu in (c.target, c.method, c.interaction_method):
+        assert menu.style.description_width == "initial"
+
+
+def test_the_concept_rows_prompts_fit_and_the_menu_shows_its_prompt(vqa):
+    from multiviz_widgets.views.concepts_view import GOTO_PROMPT
+    ex, _ = vqa
+    cv = ex.concepts_view
+    # nothing selected: short prompts (a label of 260 px cut "... to name what it stan...")
+    assert cv.neuron_label.value == "neuron: click a bar to name it"
+    assert cv.unit_label.value == "unit: click a unit of #0 to name it"
+    for label in (cv.neuron_label, cv.unit_label):
+        assert label.layout.min_width == "260px" and label.layout.width is None
+    ex.select(instance=11)
+    assert ex.wait(30)
+    assert len(cv.unit_label.value) <= 38
+    # the menu's prompt is its selected option (index 0): a blank menu showed before
+    assert (cv.named.index, cv.named.label, cv.named.value) == (0, GOTO_PROMPT, None)
+    ex.annotations.add(("neuron", 4), "round")             # the menu is listed again
+    assert (cv.named.index, cv.named.label, cv.named.value) == (0, GOTO_PROMPT, None)
+    cv.named.value = ("neuron", 4)                          # going there ...
+    assert ex.selection.neuron == 4
+    assert (cv.named.index, cv.named.label, cv.named.value) == (0, GOTO_PROMPT, None)
+    cv.named.index = 1
+    assert ex.selection.neuron == 4 and cv.named.index == 0   # ... as often as wanted
+    ex.select(neuron=-1)
+    cv.named.index = 0                                      # the prompt is not a place to go
+    assert ex.selection.neuron == -1 and cv.named.label == GOTO_PROMPT

@@ -10,6 +10,21 @@ from ..progress import Cancelled
 from ..selection import FIELDS, Selection
 
 
+#: What the method menus show for each method name (the name stays the menu's value: what the
+#: selection holds and the kernels take). A name without an entry is shown as it is.
+METHOD_LABELS = {
+    "gradient": "gradient", "grad_x_input": "gradient x input",
+    "integrated_gradients": "integrated gradients", "occlusion": "occlusion", "lime": "LIME",
+    "kernel_shap": "KernelSHAP", "second_order": "second-order gradients",
+    "pairwise_ablation": "pairwise ablation", "shapley": "Shapley interactions",
+}
+
+
+def method_label(name: str) -> str:
+    """The readable name of a method ("integrated gradients" for integrated_gradients)."""
+    return METHOD_LABELS.get(name, str(name))
+
+
 def text_label(value: str = "", **kwargs) -> W.Label:
     """A ``W.Label`` whose text shows as it is. ipywidgets' Label runs the notebook's LaTeX
     typesetter over its value, so in JupyterLab a class name or a concept such as "costs $5 to
@@ -17,6 +32,32 @@ def text_label(value: str = "", **kwargs) -> W.Label:
     label = W.Label(value=value, **kwargs)
     label.add_class("mathjax_ignore")
     return label
+
+
+class WrappedText(W.VBox):
+    """Text of any length shown as text (never HTML), wrapped into lines of at most ``width``
+    characters, one ``text_label`` each: a Label cuts its text at its width, and an HTML widget
+    would read the text as markup. ``value`` sets the text ("" hides the widget)."""
+
+    def __init__(self, value: str = "", width: int = 95, **kwargs):
+        super().__init__([], **kwargs)
+        self.width = int(width)
+        self._value = ""
+        self.value = value
+
+    @property
+    def value(self) -> str:
+        return self._value
+
+    @value.setter
+    def value(self, text: str) -> None:
+        import textwrap
+        self._value = str(text)
+        lines = textwrap.wrap(self._value, self.width) if self._value else []
+        old = list(self.children)
+        self.children = [text_label(value=line) for line in lines]
+        close_widgets(old)
+        self.layout.display = None if lines else "none"
 
 
 class RetryAfterCancel:

@@ -40,14 +40,17 @@ class ConceptsView(W.VBox):
         # set while the kernel itself rewrites the menu, on that thread only: such a change of
         # its value is never a person's choice
         self._listing = threading.local()
-        # layouts given at construction: one set later would leave the default one open
-        self.neuron_label = text_label(value="", layout=W.Layout(width="260px"))
+        # layouts given at construction: one set later would leave the default one open.
+        # The labels are at least 260 px wide (the prompts fit in it, so the two rows' tags
+        # line up) and grow for a longer text (a unit's name) rather than cutting it.
+        self.neuron_label = text_label(value="", layout=_label_layout())
         self.neuron_tags = ConceptTags(layout=W.Layout(flex="1 1 300px"))
-        self.unit_label = text_label(value="", layout=W.Layout(width="260px"))
+        self.unit_label = text_label(value="", layout=_label_layout())
         self.unit_tags = ConceptTags(layout=W.Layout(flex="1 1 300px"))
         self.message = text_label(value="", style={"text_color": "#a00000"})
         self.status = text_label(value="")
-        self.named = W.Dropdown(options=[(GOTO_PROMPT, None)], value=None,
+        # the prompt is the first option, shown (index 0) but not a place to go (value None)
+        self.named = W.Dropdown(options=[(GOTO_PROMPT, None)], index=0,
                                 layout=W.Layout(width="420px"))
         self.named.observe(self._on_named, names="value")
         self.neuron_row = W.HBox([self.neuron_label, self.neuron_tags])
@@ -84,10 +87,9 @@ class ConceptsView(W.VBox):
         with self._lock:
             s = self.selection
             nk, uk = self.neuron_key(), self.unit_key()
-            self.neuron_label.value = (f"neuron h{nk[1]}:" if nk else
-                                       "neuron: click a bar to name what it stands for")
+            self.neuron_label.value = f"neuron h{nk[1]}:" if nk else NEURON_PROMPT
             if uk is None:
-                self.unit_label.value = f"unit: click a unit of #{s.instance} to name what it shows"
+                self.unit_label.value = UNIT_PROMPT.format(instance=s.instance)
             elif uk[0] == "feature":
                 self.unit_label.value = (f"{self._describe_unit(s.instance, *uk[1:], every=True)}"
                                          f":")
@@ -166,7 +168,7 @@ class ConceptsView(W.VBox):
             self._listing.on = True
             try:
                 self.named.options = options
-                self.named.value = None
+                self._show_prompt()
             finally:
                 self._listing.on = False
 
@@ -187,9 +189,18 @@ class ConceptsView(W.VBox):
         with self._lock:
             self._listing.on = True
             try:
-                self.named.value = None            # the menu is for going, not a state
+                self._show_prompt()                # the menu is for going, not a state
             finally:
                 self._listing.on = False
+
+    def _show_prompt(self) -> None:
+        """Show the menu's prompt: its first option, by index. A value of None alone leaves no
+        option selected (index None: a blank menu in the browser); and ipywidgets turns an
+        index of 0 set over another option into None (its value, None, reads as "no
+        selection"), so the value is cleared first and the index set after it."""
+        with self.named.hold_sync():
+            self.named.value = None
+            self.named.index = 0
 
     def state(self) -> dict:
         return {"neuron": list(self.neuron_tags.value), "unit": list(self.unit_tags.value),
@@ -202,6 +213,13 @@ class ConceptsView(W.VBox):
 
 
 GOTO_PROMPT = "go to a named neuron or unit"
+#: What the concept rows say while nothing is selected (short: they fit their 260 px label).
+NEURON_PROMPT = "neuron: click a bar to name it"
+UNIT_PROMPT = "unit: click a unit of #{instance} to name it"
+
+
+def _label_layout() -> W.Layout:
+    return W.Layout(min_width="260px", max_width="50%", flex="0 1 auto")
 
 
 def _key_text(key: tuple | None) -> str:

@@ -11,13 +11,11 @@ import ipywidgets as W
 
 from ..engine import Engine
 from ..selection import Selection
-from ._common import text_label
+from ._common import method_label, text_label
 
 DEFAULT_METHODS = ("gradient", "grad_x_input", "integrated_gradients", "occlusion", "lime",
                    "kernel_shap")
 DEFAULT_INTERACTION_METHODS = ("second_order", "pairwise_ablation", "shapley")
-
-
 def _names(module: str, attr: str, default: Sequence[str]) -> list[str]:
     try:
         mod = __import__(f"multiviz_widgets.kernels.{module}", fromlist=[attr])
@@ -49,18 +47,23 @@ class Controls(W.VBox):
         self.description = text_label(value="")
         self.n_instances = int(n_instances)
         self.class_names = [str(c) for c in class_names]
+        # widths that fit the row in a 1280 px wide notebook (about 845 px of output); the
+        # descriptions take their own width, not the default 80 px each
         self.target = W.Dropdown(options=self._target_options(), value=selection.target,
-                                 description="target", layout=W.Layout(width="260px"))
+                                 description="target", style={"description_width": "initial"},
+                                 layout=W.Layout(width="210px"))
         self.methods = list(methods or _names("unimodal", "METHODS", DEFAULT_METHODS))
         self.interaction_methods = list(interaction_methods or _names(
             "interactions", "INTERACTION_METHODS", DEFAULT_INTERACTION_METHODS))
+        # options are (readable label, method name) pairs: the value is the method's name
         self.method = W.Dropdown(options=self._with(self.methods, selection.method),
                                  value=selection.method, description="method",
-                                 layout=W.Layout(width="300px"))
+                                 style={"description_width": "initial"},
+                                 layout=W.Layout(width="230px"))
         self.interaction_method = W.Dropdown(
             options=self._with(self.interaction_methods, selection.interaction_method),
             value=selection.interaction_method, description="interaction",
-            layout=W.Layout(width="300px"))
+            style={"description_width": "initial"}, layout=W.Layout(width="270px"))
         # the heatmap's (rows, columns) modalities: a menu only when there is a choice
         self.pair = None
         if pairs is not None and len(pairs) > 1:
@@ -73,8 +76,9 @@ class Controls(W.VBox):
         self.clear_neuron = W.Button(description="clear neuron", layout=W.Layout(width="110px"))
         self.unit_label = text_label(value="")
         self.clear_unit = W.Button(description="clear unit", layout=W.Layout(width="100px"))
+        # not shrunk when the row is narrow (it was cut to "recomp..."): the row wraps instead
         self.refresh_button = W.Button(
-            description="recompute", layout=W.Layout(width="100px"),
+            description="recompute", layout=W.Layout(width="104px", flex="0 0 auto"),
             tooltip="compute the views again, from the model and the dataset as they are now")
 
         self.instance.observe(lambda c: self._pick(instance=c["new"]), names="value")
@@ -94,7 +98,8 @@ class Controls(W.VBox):
         self._sync(None)
         super().__init__([
             W.HBox([self.prev, self.instance, self.next, self.description]),
-            W.HBox([self.target, self.method, self.interaction_method, self.refresh_button]),
+            W.HBox([self.target, self.method, self.interaction_method, self.refresh_button],
+                   layout=W.Layout(flex_flow="row wrap")),
             W.HBox([self.neuron_label, self.clear_neuron, self.unit_label, self.clear_unit]
                    + ([self.pair] if self.pair is not None else [])),
         ])
@@ -107,8 +112,15 @@ class Controls(W.VBox):
         return [("predicted class", -1)] + [(name, i) for i, name in enumerate(self.class_names)]
 
     @staticmethod
-    def _with(options: list, value: str) -> list:
-        return options if value in options else options + [value]
+    def _with(names: list, value: str) -> list[tuple[str, str]]:
+        """The menu's (label, name) options of ``names``, and of ``value`` when it is not one
+        of them."""
+        names = list(names) if value in names else list(names) + [value]
+        return [(method_label(n), n) for n in names]
+
+    @staticmethod
+    def _values(menu: W.Dropdown) -> list:
+        return [v for _, v in menu.options]
 
     def _pick(self, **kw) -> None:
         if self._syncing:       # a menu whose options _sync replaces passes by its first one
@@ -134,13 +146,11 @@ class Controls(W.VBox):
             self.description.value = str(self._describe(s.instance))
         if s.target in dict((v, k) for k, v in self._target_options()):
             self.target.value = s.target
-        if s.method not in self.method.options:
-            self.method.options = self._with(list(self.method.options), s.method)
-        self.method.value = s.method
-        if s.interaction_method not in self.interaction_method.options:
-            self.interaction_method.options = self._with(list(self.interaction_method.options),
-                                                         s.interaction_method)
-        self.interaction_method.value = s.interaction_method
+        for menu, name in ((self.method, s.method),
+                           (self.interaction_method, s.interaction_method)):
+            if name not in self._values(menu):
+                menu.options = self._with(self._values(menu), name)
+            menu.value = name
         pair = s.pair
         if self.pair is not None and pair is not None:
             if pair not in [v for _, v in self.pair.options]:   # e.g. select(pair=) reversed

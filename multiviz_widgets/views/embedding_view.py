@@ -63,6 +63,29 @@ def _hex(rgb) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
+#: The legend's mark of a colour (the only part of an entry drawn in that colour).
+DOT = "\u25cf"
+
+
+def legend_entry(rgb, text: str) -> W.HBox:
+    """One legend entry: a dot in the colour ``rgb`` and ``text`` in the normal text colour.
+    The name is not drawn in its colour: a class named "red" drawn green, or a pale colour
+    (yellow, light blue) on white, could not be read."""
+    dot = text_label(value=DOT, style={"text_color": _hex(rgb)},
+                     layout=W.Layout(margin="0 3px 0 2px"))
+    name = text_label(value=str(text), layout=W.Layout(margin="0 10px 0 0"))
+    entry = W.HBox([dot, name])
+    entry.add_class("mvz-legend-entry")
+    return entry
+
+
+def legend_text(widget) -> str:
+    """The text of a legend entry ("\u25cf red") or of a plain label of the legend."""
+    if isinstance(widget, W.Box):
+        return " ".join(getattr(w, "value", "") for w in widget.children)
+    return getattr(widget, "value", "")
+
+
 class EmbeddingView(W.VBox):
     """3-D scatter of the dataset; colour by label, prediction or correctness."""
 
@@ -196,8 +219,7 @@ class EmbeddingView(W.VBox):
             else np.zeros((0, 3), np.float32)
         old = self.legend.children
         self.legend.children = ([text_label(value=note)] if note else []) + [
-            text_label(value=f"\u25cf {name}", style={"text_color": _hex(colours[g])})
-            for g, name in enumerate(self.group_names)]
+            legend_entry(colours[g], name) for g, name in enumerate(self.group_names)]
         self.legend_note = note
         close_widgets(old)                    # the labels replaced (each holds comms)
 
@@ -211,9 +233,10 @@ class EmbeddingView(W.VBox):
         if not 0 <= j < (h.shape[1] if h.ndim == 2 else 0):
             self.colour_range = None
             self.scatter.color = np.tile(UNKNOWN, (len(self._rows), 1)).astype(np.float32)
-            self.legend.children = [text_label(
-                value="click a neuron (a bar or a path node) to colour the dataset by its "
-                      "activation")]
+            # two labels, each narrower than the view: the legend wraps between them (a label
+            # does not wrap its text, it cuts it)
+            self.legend.children = [text_label(value="click a neuron (a bar or a path node)"),
+                                    text_label(value="to colour the dataset by its activation")]
         else:
             values = h[self._rows, j].astype(np.float64)
             self.scatter.color = sequential_colours(values)
@@ -222,8 +245,8 @@ class EmbeddingView(W.VBox):
             name = self._neuron_name(j)
             self.legend.children = (
                 [text_label(value=f"activation of {name}:"),
-                 text_label(value=f"\u25cf {lo:.3g} (lowest)", style={"text_color": _hex(SEQUENTIAL[0])}),
-                 text_label(value=f"\u25cf {hi:.3g} (highest)", style={"text_color": _hex(SEQUENTIAL[-1])})]
+                 legend_entry(SEQUENTIAL[0], f"{lo:.3g} (lowest)"),
+                 legend_entry(SEQUENTIAL[-1], f"{hi:.3g} (highest)")]
                 if hi > lo else
                 [text_label(value=f"{name} is {lo:.3g} on every instance shown (a constant neuron)")])
         close_widgets(old)
@@ -253,7 +276,7 @@ class EmbeddingView(W.VBox):
                     self.indices[int(np.asarray(sel).reshape(-1)[0])]),
                 "groups": self.group_names, "legend_note": self.legend_note,
                 "colour_range": None if self.colour_range is None else list(self.colour_range),
-                "legend": [getattr(w, "value", "") for w in self.legend.children]}
+                "legend": [legend_text(w) for w in self.legend.children]}
 
 
 def _some(indices) -> str:

@@ -2,11 +2,15 @@
 
 Rows are the units of modality a, columns those of modality b (``Interaction.matrix``). A cell
 click selects the row's unit (and so the InputView shows that unit's interactions); the row
-(or column) of the selected unit is highlighted. The pair follows the selection's ``pair`` when
-it has one (the Explorer's pair menu). The view only encodes: the matrix comes from
-the engine (``Analyses.interaction``).
+(or column) of the selected unit is outlined. The pair follows the selection's ``pair`` when
+it has one (the Explorer's pair menu). Hovering a cell shows the full names of its two units
+and its value. Cells the method did not compute (the units that are not Shapley players) are
+grey, and a note above the matrix says which units are players. The view only encodes: the
+matrix comes from the engine (``Analyses.interaction``).
 """
 from __future__ import annotations
+
+import math
 
 import bqplot as bq
 import ipywidgets as W
@@ -14,11 +18,28 @@ import numpy as np
 
 from ..engine import Analyses, Engine
 from ..selection import Selection
-from ._common import RetryAfterCancel, text_label
+from ._common import RetryAfterCancel, WrappedText, method_label, text_label
 
 
-#: Longest tick label (characters) on the heatmap's axes; longer unit names are shortened.
+#: Longest tick label (characters) on the heatmap's axes; longer unit names are cut in the
+#: middle, keeping their end (a series window "…t16-23", a patch's column).
 TICK_CHARS = 14
+#: At most this many tick labels along the columns (rotated: about 20 px apart) and the rows.
+MOST_COL_TICKS = 16
+MOST_ROW_TICKS = 20
+#: Blue (negative) .. white (0) .. red (positive): ColorBrewer RdBu, reversed, with a white
+#: middle so that a zero cell reads as "no interaction" and the grey of a cell not computed
+#: stands apart. Given as a list (not scheme="RdBu", reverse=True): bqplot's ``reverse`` turns
+#: the colour bar's axis upside down (negative at the top) instead of the colours.
+COLOURS = ["#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#ffffff",
+           "#fddbc7", "#f4a582", "#d6604d", "#b2182b", "#67001f"]
+#: The colour of a cell the method did not compute. Such cells are the grid's ``selected``
+#: ones, filled by ``selected_style``: bqplot's ``null_color`` is unreachable from Python (a NaN
+#: cell is sent as NaN, not null, and drawn black).
+NOT_COMPUTED = "#c8c8c8"
+#: Units of a modality kind, for the players note: (one, several).
+UNIT_WORDS = {"image": ("patch", "patches"), "text": ("word", "words"),
+              "tabular": ("column", "columns"), "timeseries": ("unit", "units")}
 
 
 def _unique(labels: list[str]) -> list[str]:
@@ -31,9 +52,37 @@ def _unique(labels: list[str]) -> list[str]:
     return out
 
 
+def common_prefix(labels: list[str]) -> str:
+    """The words (up to a space) that every one of two or more labels starts with, when each
+    label has more after them: "patch " of "patch r0c0", "patch r0c1", ...; else ""."""
+    if len(labels) < 2:
+        return ""
+    first, last = min(labels), max(labels)
+    n = 0
+    while n < min(len(first), len(last)) and first[n] == last[n]:
+        n += 1
+    prefix = first[:first.rfind(" ", 0, n) + 1]
+    return prefix if prefix.strip() and all(len(lab) > len(prefix) for lab in labels) else ""
+
+
+def shorten(label: str, most: int = TICK_CHARS) -> str:
+    """``label`` cut in the middle to at most ``most`` characters, keeping its end: its last
+    word when that is short ("respiration t16-23" -> "respir… t16-23"), else its last few
+    characters. A label of at most ``most`` characters is returned as it is."""
+    if len(label) <= most:
+        return label
+    cut = label.rfind(" ")
+    tail = label[cut:] if 0 < cut and len(label) - cut <= most - 4 else ""
+    if not tail:
+        tail = label[len(label) - (most - 1) // 2:]
+    return label[:most - 1 - len(tail)].rstrip() + "\u2026" + tail
+
+
 def tick_labels(labels: list[str], n: int) -> list[str]:
     """``n`` distinct tick labels: the (shortened, deduplicated) unit names, then blank padding
-    ("", " ", ...) for the rows or columns that are drawn but not data.
+    ("", " ", ...) for the rows or columns that are drawn but not data. A prefix common to all
+    the names ("patch ") is left out, and a long name keeps its end ("respir… t16-23"): the part
+    that tells the units apart. Hovering a cell shows the full names.
 
     They are the ordinal scale's domain itself, so the axis always shows the words of the matrix
     it draws: bqplot redraws the ticks when the domain changes, but a change of ``tick_labels``
@@ -41,14 +90,30 @@ def tick_labels(labels: list[str], n: int) -> list[str]:
     explicitly, since bqplot keeps a data-driven ordinal domain whose set of values is unchanged
     in its old order.
     """
-    out = _unique([lab if len(lab) <= TICK_CHARS else lab[:TICK_CHARS - 1] + "\u2026"
-                   for lab in labels[:n]])
+    names = [str(lab) for lab in labels[:n]]
+    drop = len(common_prefix(names))
+    out = _unique([shorten(lab[drop:]) for lab in names])
     pad = ""
     while len(out) < n:
         while pad in out:
             pad += " "
         out.append(pad)
     return out
+
+
+def num_ticks(n: int, most: int) -> int | None:
+    """bqplot's ``num_ticks`` for an ordinal axis of ``n`` labels showing at most about
+    ``most``: None (every label) when they fit. bqplot then labels every k-th one, k =
+    n // (num_ticks - 1); k divides n when it can (64 patches: every 8th, one per patch row)."""
+    if n <= most:
+        return None
+    need = math.ceil(n / most)
+    step = next((s for s in range(need, 2 * need) if n % s == 0), need)
+    return n // step + 1
+
+
+def _plural(k: int, words: tuple[str, str]) -> str:
+    return words[0] if k == 1 else words[1]
 
 
 class HeatmapView(W.VBox):
@@ -66,35 +131,65 @@ class HeatmapView(W.VBox):
         self.matrix = np.zeros((0, 0))
         self.row_labels: list[str] = []
         self.col_labels: list[str] = []
+        self.computed: np.ndarray | None = None   # bool [rows, cols]: None = every cell
         self.selected_row = -1
         self.selected_col = -1
         self.instance = -1                    # the instance whose matrix is shown
+        self._shown_shape = (2, 2)            # the grid drawn: the matrix and its padding
         self.rows_scale = bq.OrdinalScale()             # its domain: the rows, top one last
         self.cols_scale = bq.OrdinalScale()
-        self.color_scale = bq.ColorScale(scheme="RdBu", mid=0.0, reverse=True)
+        self.color_scale = bq.ColorScale(colors=COLOURS, mid=0.0)
+        # the hover tooltip: the full names of the cell's two units and its value, written
+        # from Python on bqplot's hover message (the tick labels are shortened)
+        self.tip = text_label(value="")
         self.grid = bq.GridHeatMap(
             color=np.zeros((2, 2)),
             scales={"row": self.rows_scale, "column": self.cols_scale, "color": self.color_scale},
             # no "select" interaction: with it bqplot's GridHeatMap never sends element_click
-            # to Python (checked in Chromium); the row highlight is set from Python instead
-            interactions={}, selected_style={"stroke": "black", "stroke-width": 2},
-            unselected_style={"opacity": 0.85}, stroke="white", null_color="white")
+            # to Python (checked in Chromium); the selected row is outlined from Python instead
+            interactions={"hover": "tooltip"}, tooltip=self.tip,
+            tooltip_style={"opacity": 0.95, "padding": "2px 6px"},
+            # "selected" cells: those not computed, in grey (the selected unit's row is
+            # outlined instead: a black border on each of its 64 narrow cells hid their values)
+            selected_style={"fill": NOT_COMPUTED}, unselected_style={},
+            stroke="white", null_color="white")
         self.grid.on_element_click(self._on_click)
+        self.grid.on_hover(self._on_hover)
+        # one outline around the selected row (or column): a rectangle on linear scales whose
+        # unit is one cell (the figure and these scales unpadded, so that they meet the grid's)
+        self.outline_x = bq.LinearScale(min=0.0, max=2.0, allow_padding=False)
+        self.outline_y = bq.LinearScale(min=0.0, max=2.0, allow_padding=False)
+        self.outline = bq.Lines(x=[0.0, 1.0], y=[0.0, 1.0], visible=False,
+                                scales={"x": self.outline_x, "y": self.outline_y},
+                                colors=["#111111"], stroke_width=2.5, apply_clip=False,
+                                interactions={}, enable_hover=False)
         self.row_axis = bq.Axis(scale=self.rows_scale, side="left", label=self.pair[0],
                                 label_offset="40px")
+        # rotated labels end at their tick and hang below the axis (text-anchor end; the CSS
+        # transform moves the end under the tick), never over the cells
         self.col_axis = bq.Axis(scale=self.cols_scale, label=self.pair[1], tick_rotate=-45,
-                                label_offset="75px")
+                                label_offset="75px",
+                                tick_style={"text-anchor": "end",
+                                            "transform": "translate(-12px, 2px) rotate(-45deg)"})
         # -lim, -lim/2, 0, lim/2, lim with enough digits that no two ticks of the colour bar read
-        # the same ("1e+1, 1e+1, 8"); bqplot's bar is the plot's height less 200 px
+        # the same ("1e+1, 1e+1, 8"); bqplot's bar is the plot's height less 200 px, its title
+        # above it and its ticks right of it, inside the right margin
         self.color_axis = bq.ColorAxis(scale=self.color_scale, side="right", tick_format=".3~g",
-                                       num_ticks=5)
-        self.figure = bq.Figure(marks=[self.grid],
+                                       num_ticks=5, label="interaction")
+        self.figure = bq.Figure(marks=[self.grid, self.outline],
                                 axes=[self.row_axis, self.col_axis, self.color_axis],
-                                fig_margin={"top": 20, "bottom": 90, "left": 130, "right": 80},
-                                layout=W.Layout(width="560px", height="410px"))
+                                fig_margin={"top": 20, "bottom": 100, "left": 130, "right": 140},
+                                padding_x=0.0, padding_y=0.0,
+                                layout=W.Layout(width="610px", height="430px"))
         self.caption = text_label(value="")
-        super().__init__([self.caption, self.figure],
-                         layout=W.Layout(width="566px", flex="0 0 auto"))  # figure + margins
+        # what the grey cells are (Shapley players), above the matrix; what the colours mean,
+        # below it (text in wrapped lines: a Label cuts its text)
+        self.note = WrappedText(layout=W.Layout(width="600px"))
+        self.legend = WrappedText(layout=W.Layout(width="600px"))
+        self._set_legend("")
+        self._set_note("")
+        super().__init__([self.caption, self.note, self.figure, self.legend],
+                         layout=W.Layout(width="616px", flex="0 0 auto"))  # figure + margins
         self.add_class("mvz-heatmap-view")
         selection.observe(lambda _: self.refresh(), names=["instance", "target", "neuron",
                                                           "interaction_method", "pair"])
@@ -111,7 +206,7 @@ class HeatmapView(W.VBox):
         i, target, neuron, method = s.instance, s.target, s.neuron, s.interaction_method
         a, pair = self.analyses, self.wanted_pair()
         self.retry.asked("matrix")
-        self.caption.value = f"computing {method} interactions {pair[0]} x {pair[1]} ..."
+        self.caption.value = (f"computing {method_label(method)} {pair[0]} x {pair[1]} ...")
 
         def job(progress):
             explained = a.explained(i, target, neuron)
@@ -126,6 +221,7 @@ class HeatmapView(W.VBox):
         """Blank the matrix (nothing of an earlier selection stays shown or clickable)."""
         self.instance = -1
         self._draw(np.zeros((0, 0)), [], [])
+        self._set_note("")
         of = "" if instance is None else f" of #{instance}"
         again = self.retry.failed("matrix", self.refresh, err)
         self.caption.value = f"interactions{of} not shown ({type(err).__name__}{again})"
@@ -137,23 +233,95 @@ class HeatmapView(W.VBox):
         if pair != self.pair:
             self.pair = pair
             self.row_axis.label, self.col_axis.label = pair
-        self._draw(np.asarray(inter.matrix, dtype=np.float64), inter.row_labels,
-                   inter.col_labels)
-        self.caption.value = (f"{inter.method} interactions {self.pair[0]} x {self.pair[1]} "
-                              f"for {self.analyses.target_text(explained)}")
+        m = np.asarray(inter.matrix, dtype=np.float64)
+        computed, note = self._players(getattr(inter, "params", None) or {}, m.shape)
+        self._draw(m, inter.row_labels, inter.col_labels, computed)
+        self._set_note(note)
+        target = self.analyses.target_text(explained)
+        self._set_legend(target, grey=computed is not None)
+        self.caption.value = (f"{method_label(inter.method)} {self.pair[0]} x {self.pair[1]} "
+                              f"for {target}")
 
-    def _draw(self, m: np.ndarray, row_labels, col_labels) -> None:
+    # -- Shapley players -----------------------------------------------------------------------
+    def _unit_words(self, modality: str) -> tuple[str, str]:
+        try:
+            kind = self.analyses.adapter.modalities[modality].kind
+        except Exception:  # noqa: BLE001 - an adapter without modality kinds: "units"
+            kind = ""
+        one, many = UNIT_WORDS.get(kind, ("unit", "units"))
+        return f"{modality} {one}", f"{modality} {many}"
+
+    def _players(self, params: dict, shape) -> tuple[np.ndarray | None, str]:
+        """(computed, note): which cells the method computed (None: all of them) and the words
+        saying so, from ``params["players"]`` ({modality: the player units}) when some units of
+        the pair are not players (Shapley's max_players); their cells are 0 in the matrix."""
+        players = params.get("players") if isinstance(params, dict) else None
+        if not isinstance(players, dict) or len(shape) != 2:
+            return None, ""
+        sides = []
+        for modality, n in zip(self.pair, shape):
+            units = players.get(modality)
+            try:
+                idx = np.unique(np.asarray(units, dtype=np.int64).ravel())
+            except (TypeError, ValueError):
+                return None, ""
+            if units is None or (idx.size and (idx.min() < 0 or idx.max() >= n)):
+                return None, ""
+            sides.append(idx)
+        if all(len(idx) == n for idx, n in zip(sides, shape)):
+            return None, ""
+        computed = np.zeros(shape, dtype=bool)
+        computed[np.ix_(sides[0], sides[1])] = True
+        parts = []
+        for modality, idx, n in zip(self.pair, sides, shape):
+            words = self._unit_words(modality)
+            parts.append(f"all {n} {_plural(n, words)}" if len(idx) == n else
+                         f"the {len(idx)} of the {n} {_plural(n, words)} of largest occlusion "
+                         f"effect")
+        most = params.get("max_players")
+        most = f" (at most {most} players)" if isinstance(most, (int, np.integer)) else ""
+        note = (f"Shapley interactions are computed only between the players: {parts[0]} and "
+                f"{parts[1]}{most}. The grey cells, of the other units, are not computed (0 in "
+                f"the matrix).")
+        return computed, note
+
+    def _set_note(self, text: str) -> None:
+        self.note_text = text
+        self.note.value = text
+
+    def _set_legend(self, target: str, grey: bool = False) -> None:
+        """What the colours mean (the sign convention of every interaction method: a positive
+        cell means the two units together raise the explained output more than the sum of their
+        separate effects)."""
+        of = f" ({target})" if target else ""
+        self.legend_text = (
+            f"Colour: the interaction of the row's unit with the column's unit. Red: they "
+            f"reinforce each other (together they raise the explained output{of} more than the "
+            f"sum of their separate effects); blue: they counteract each other (together less "
+            f"than that sum); white: no interaction."
+            + (" Grey: not computed." if grey else "")
+            + " Hover a cell for its units' full names.")
+        self.legend.value = self.legend_text
+
+    # -- drawing -------------------------------------------------------------------------------
+    def _draw(self, m: np.ndarray, row_labels, col_labels,
+              computed: np.ndarray | None = None) -> None:
         self.matrix = m
         self.row_labels = [str(x) for x in row_labels]
         self.col_labels = [str(x) for x in col_labels]
+        finite = np.isfinite(m)
+        if not finite.all():                      # a kernel's NaN: grey too, never "0"
+            computed = finite if computed is None else computed & finite
+        self.computed = computed
         rows, cols = m.shape
-        # bqplot squeezes a single row or column to 1-D: pad with an empty (NaN) one; no
-        # matrix: a blank (all NaN, drawn in the null colour) 2 x 2 grid
-        shown = m if m.size else np.full((2, 2), np.nan)
+        # bqplot squeezes a single row or column to 1-D: pad with an empty one (0: white, on the
+        # white stroke); no matrix: a blank (all 0) 2 x 2 grid. Never NaN: bqplot draws it black.
+        shown = np.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0) if m.size else np.zeros((2, 2))
         if rows == 1:
-            shown = np.vstack([shown, np.full((1, shown.shape[1]), np.nan)])
+            shown = np.vstack([shown, np.zeros((1, shown.shape[1]))])
         if cols == 1:
-            shown = np.hstack([shown, np.full((shown.shape[0], 1), np.nan)])
+            shown = np.hstack([shown, np.zeros((shown.shape[0], 1))])
+        self._shown_shape = shown.shape
         row_ticks = tick_labels(self.row_labels, shown.shape[0])
         col_ticks = tick_labels(self.col_labels, shown.shape[1])
         self.rows_scale.domain = row_ticks[::-1]         # row 0 at the top
@@ -165,13 +333,21 @@ class HeatmapView(W.VBox):
             self.grid.color = shown
             self.grid.row = np.array(row_ticks, dtype=str)
             self.grid.column = np.array(col_ticks, dtype=str)
-            lim = float(np.nanmax(np.abs(m))) if m.size and np.isfinite(m).any() else 1.0
+            grey = np.argwhere(~computed) if computed is not None else np.zeros((0, 2))
+            self.grid.selected = grey.astype(np.int32) if len(grey) else None
+            values = m[computed] if computed is not None else m
+            lim = float(np.nanmax(np.abs(values))) if values.size and np.isfinite(values).any() \
+                else 1.0
             lim = lim if np.isfinite(lim) and lim > 0 else 1.0
             self.color_scale.min, self.color_scale.max = -lim, lim
-        # the row axis title clear of the longest row label (about 7 px a character)
+        # the row axis title clear of the longest row label (about 7 px a character); the
+        # columns' title below their rotated labels (about 4.6 px down a character)
         longest = max((len(t) for t in row_ticks), default=1)
         self.row_axis.label_offset = f"{min(7 * longest + 20, 122)}px"
-        self.col_axis.num_ticks = cols if cols <= 24 else 12
+        longest = max((len(t) for t in col_ticks), default=1)
+        self.col_axis.label_offset = f"{min(round(4.6 * longest) + 26, 92)}px"
+        self.col_axis.num_ticks = num_ticks(cols, MOST_COL_TICKS)
+        self.row_axis.num_ticks = num_ticks(rows, MOST_ROW_TICKS)
         self._highlight()
 
     def _highlight(self) -> None:
@@ -182,15 +358,59 @@ class HeatmapView(W.VBox):
         s = self.selection
         rows, cols = self.matrix.shape if self.matrix.ndim == 2 else (0, 0)
         self.selected_row = self.selected_col = -1
-        cells = None
         if s.unit_ref is not None:
             if s.modality == self.pair[0] and 0 <= s.unit < rows:
                 self.selected_row = s.unit
-                cells = np.array([[s.unit, c] for c in range(cols)])
             elif s.modality == self.pair[1] and 0 <= s.unit < cols:
                 self.selected_col = s.unit
-                cells = np.array([[r, s.unit] for r in range(rows)])
-        self.grid.selected = cells if cells is not None and len(cells) else None
+        self._outline()
+
+    def _outline(self) -> None:
+        """The rectangle around the selected row or column, in cells (y up from the bottom
+        of the grid drawn: row r spans [R - r - 1, R - r])."""
+        rows, cols = self.matrix.shape if self.matrix.ndim == 2 else (0, 0)
+        big_r, big_c = self._shown_shape
+        if self.selected_row >= 0:
+            top, bottom = big_r - self.selected_row, big_r - self.selected_row - 1
+            x0, x1 = 0, cols
+        elif self.selected_col >= 0:
+            top, bottom = big_r, big_r - rows
+            x0, x1 = self.selected_col, self.selected_col + 1
+        else:
+            self.outline.visible = False
+            return
+        with self.outline.hold_sync():
+            self.outline_x.min, self.outline_x.max = 0.0, float(big_c)
+            self.outline_y.min, self.outline_y.max = 0.0, float(big_r)
+            self.outline.x = np.array([x0, x1, x1, x0, x0], dtype=float)
+            self.outline.y = np.array([top, top, bottom, bottom, top], dtype=float)
+            self.outline.visible = True
+
+    # -- hover ---------------------------------------------------------------------------------
+    def cell_text(self, row: int, col: int) -> str:
+        """What the tooltip of cell (row, col) says: its units' full names and its value; ""
+        for a padding cell."""
+        m, rows, cols, computed = self.matrix, self.row_labels, self.col_labels, self.computed
+        if m.ndim != 2 or not (0 <= row < m.shape[0] and 0 <= col < m.shape[1]):
+            return ""
+        a, b = self.pair
+        names = (f"{a} {rows[row] if row < len(rows) else row!s} x "
+                 f"{b} {cols[col] if col < len(cols) else col!s}")
+        if not np.isfinite(m[row, col]):
+            return f"{names}: {float(m[row, col])}"
+        if computed is not None and not computed[row, col]:
+            return f"{names}: not computed (not both Shapley players)"
+        return f"{names}: {float(m[row, col]):.3g}"
+
+    def _on_hover(self, _mark, content) -> None:
+        data = content.get("data") or {}
+        try:
+            r = int(data.get("rowNum", -1))
+            c = int(data.get("columnNum", -1))
+        except (TypeError, ValueError):
+            return
+        text = self.cell_text(r, c)
+        self.tip.value = text or ""
 
     # -- clicks --------------------------------------------------------------------------------
     def _on_click(self, _mark, content) -> None:
@@ -212,5 +432,12 @@ class HeatmapView(W.VBox):
     def state(self) -> dict:
         return {"pair": list(self.pair), "matrix": self.matrix.tolist(),
                 "rows": list(self.row_labels), "cols": list(self.col_labels),
+                "row_ticks": list(self.grid.row) if self.grid.row is not None else [],
+                "col_ticks": list(self.grid.column) if self.grid.column is not None else [],
+                "computed": None if self.computed is None else self.computed.tolist(),
                 "selected_row": self.selected_row, "selected_col": self.selected_col,
-                "caption": self.caption.value}
+                "outline": ({"x": list(map(float, self.outline.x)),
+                             "y": list(map(float, self.outline.y))}
+                            if self.outline.visible else None),
+                "caption": self.caption.value, "note": self.note_text,
+                "legend": self.legend_text}

@@ -22,6 +22,18 @@ def _short(text: str, n: int = 38) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
+#: The bar charts' titles: words first, the quantity after (h_j: neuron j of the decision layer).
+ACTIVATION_TITLE = "how strongly each neuron fires, h_j(x)"
+#: The bars' font size: the contribution title names the class and must fit the 380 px figure.
+TITLE_STYLE = {"font-size": "13px"}
+
+
+def contribution_title(class_name: str | None = None) -> str:
+    """"what each neuron adds to 'red', W_cj h_j(x)" (the class name shortened to fit)."""
+    of = "the class" if class_name is None else repr(_short(class_name, 12))
+    return f"what each neuron adds to {of}, W_cj h_j(x)"
+
+
 class NeuronView(W.VBox):
     """Bars of the instance's top neurons (by |contribution|) and the selected neuron's gallery."""
 
@@ -56,24 +68,33 @@ class NeuronView(W.VBox):
         self.act_axis = bq.Axis(scale=x)
         self.contrib_axis = bq.Axis(scale=xc)
         lay = W.Layout(width="380px", height="240px")
-        self.act_figure = bq.Figure(marks=[self.act_bars], title="activation h_j(x)",
+        self.act_figure = bq.Figure(marks=[self.act_bars], title=ACTIVATION_TITLE,
+                                    title_style=dict(TITLE_STYLE),
                                     axes=[self.act_axis, bq.Axis(scale=self.act_bars.scales["y"],
                                                                  side="left")],
                                     layout=lay, fig_margin={"top": 40, "bottom": 30, "left": 50,
                                                             "right": 10})
         self.contrib_figure = bq.Figure(
-            marks=[self.contrib_bars], title="contribution W_cj h_j(x)",
+            marks=[self.contrib_bars], title=contribution_title(),
+            title_style=dict(TITLE_STYLE),
             axes=[self.contrib_axis, bq.Axis(scale=self.contrib_bars.scales["y"],
                                              side="left")],
             layout=W.Layout(width="380px", height="240px"),
             fig_margin={"top": 40, "bottom": 30, "left": 50, "right": 10})
         self.caption = text_label(value="")
+        # the caption's second line: the selected neuron's values in words when it is not one
+        # of the top neurons (its bar, added last, may be too small to see); hidden otherwise
+        self.selected_caption = text_label(value="", layout=W.Layout(display="none"))
         self.gallery_caption = text_label(value="click a bar to see what its neuron responds to")
         self.top_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         self.bottom_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
-        self.top_label = text_label(value="top activating")
-        self.bottom_label = text_label(value="bottom activating")
-        super().__init__([self.caption,
+        # hidden until a gallery shows instances under them
+        self.top_label = text_label(value="top activating", layout=W.Layout(display="none"))
+        self.bottom_label = text_label(value="bottom activating",
+                                       layout=W.Layout(display="none"))
+        self._caption_base: str | None = None   # the bars' caption, without the selected one
+        self._class_name: str | None = None     # the class the contributions are to
+        super().__init__([self.caption, self.selected_caption,
                           W.HBox([self.act_figure, self.contrib_figure],
                                  layout=W.Layout(flex_flow="row wrap")),
                           self.gallery_caption, self.top_label, self.top_row,
@@ -89,6 +110,7 @@ class NeuronView(W.VBox):
         s = self.selection
         i, target, a = s.instance, s.target, self.analyses
         self.retry.asked("bars")
+        self._caption_base = None
         self.caption.value = "computing decision-level contributions ..."
 
         def job(progress):
@@ -105,6 +127,7 @@ class NeuronView(W.VBox):
         """Blank the bars (no bars of an earlier selection stay shown or clickable)."""
         self._h, self._c = np.zeros(0), np.zeros(0)
         self._top = []
+        self._caption_base = None
         self._draw_bars()
         of = "" if instance is None else f" of #{instance}"
         again = self.retry.failed("bars", self.refresh, err)
@@ -116,11 +139,13 @@ class NeuronView(W.VBox):
         c = np.asarray(dc.contributions, dtype=np.float64).reshape(-1)
         self._h, self._c = h, c
         self._top = list(order)
-        self._draw_bars()
         source = (" (weights of the sparse linear model, standardised h)"
                   if getattr(dc, "source", "") == "sparse_model" else "")
-        self.caption.value = (f"top {len(order)} of {len(h)} neurons by |contribution| to "
-                              f"class {self.analyses.adapter.class_names[cls]!r}{source}")
+        self._class_name = str(self.analyses.adapter.class_names[cls])
+        self._caption_base = (f"top {len(order)} of {len(h)} neurons by |contribution| to "
+                              f"class {self._class_name!r}{source}")
+        self.contrib_figure.title = contribution_title(self._class_name)
+        self._draw_bars()
 
     def _draw_bars(self) -> None:
         h, c = getattr(self, "_h", np.zeros(0)), getattr(self, "_c", np.zeros(0))
@@ -142,6 +167,23 @@ class NeuronView(W.VBox):
                 mark.x = names
                 mark.y = y
                 mark.selected = sel
+        self._write_caption()
+
+    def _write_caption(self) -> None:
+        """The bars' caption ("top 12 of 64 ...": the top neurons only), and under it, for a
+        selected neuron that is not one of them, its values in words: its bar, added last,
+        may be too small to see."""
+        j = self.selection.neuron
+        note = ""
+        if self._caption_base is not None:      # else computing, or failed: that caption stays
+            self.caption.value = self._caption_base
+            if j >= 0 and j not in self._top and j in self.shown:
+                k = self.shown.index(j)
+                note = (f"selected h{j} (not in the top {len(self._top)}, the last bar): "
+                        f"activation {self.activations[k]:.3g}, contribution "
+                        f"{self.contributions[k]:.3g} to {self._class_name!r}")
+        self.selected_caption.value = note
+        self.selected_caption.layout.display = None if note else "none"
 
     def _on_click(self, _mark, content) -> None:
         data = content.get("data") or {}
@@ -242,9 +284,12 @@ class NeuronView(W.VBox):
             label.value = f"{side} activating" if tie is None else (
                 f"{side} activating: {tie[0]} instances tie at h = {tie[1]:.3g} (no ranking "
                 f"among them), showing the first {len(rows[side])}")
+            # a heading over nothing (no neuron clicked yet, a failed gallery) is not shown
+            label.layout.display = None if rows[side] else "none"
         if j >= 0:
             self.gallery_caption.value = (f"h{j}: dataset instances with the largest and smallest "
-                                          f"activation, heatmaps targeted at h{j}")
+                                          f"activation, each coloured by what drives neuron "
+                                          f"h{j} in it")
 
     def _item_widget(self, it: dict) -> W.Widget:
         parts = [W.Image(value=b, format="png", layout=W.Layout(width=f"{self.thumb_size}px"))
@@ -263,6 +308,7 @@ class NeuronView(W.VBox):
     def state(self) -> dict:
         return {"neurons": [{"neuron": int(n), "activation": float(h), "contribution": float(c)}
                             for n, h, c in zip(self.shown, self.activations, self.contributions)],
+                "caption": self.caption.value, "selected_caption": self.selected_caption.value,
                 "gallery_neuron": self.gallery_neuron,
                 "gallery": [{k: v for k, v in it.items() if k != "thumbs"} | {
                     "thumbnails": sorted(it["thumbs"])} for it in self.gallery]}

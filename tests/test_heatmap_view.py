@@ -1,0 +1,205 @@
+"""The unit x unit interaction heatmap (views/heatmap_view.py): tick labels that tell the units
+apart, the full names on hover, the selected row outlined (its values kept), the colour bar's
+title and orientation, and the cells that Shapley did not compute. Kernel-free: the matrices
+are given to the view as an engine job would (``HeatmapView._show``)."""
+import ipywidgets as W
+import numpy as np
+import pytest
+
+from multiviz_widgets.adapter import Class
+from multiviz_widgets.results import Interaction
+from multiviz_widgets.views.heatmap_view import (COLOURS, NOT_COMPUTED, TICK_CHARS, common_prefix,
+                                                 num_ticks, shorten, tick_labels)
+
+
+
+def hover(mark, **data):
+    mark._handle_custom_msg({"event": "hover", "data": data}, [])
+
+
+def show(hv, matrix, rows, cols, method="second_order", **params):
+    inter = Interaction(method=method, target=Class(0), modalities=("question", "image"),
+                        matrix=np.asarray(matrix, dtype=float), row_labels=rows,
+                        col_labels=cols, params=params)
+    hv._show((0, Class(0), inter))
+    return inter
+
+
+PATCHES = [f"patch r{r}c{c}" for r in range(8) for c in range(8)]
+WORDS = ["what", "is", "the", "red", "shape"]
+
+
+# -- (a) tick labels ----------------------------------------------------------------------------
+def test_long_unit_names_keep_the_part_that_tells_them_apart():
+    series = [f"{ch} t{8 * w}-{8 * w + 7}" for w in range(4) for ch in ("ecg", "respiration",
+                                                                         "spo2")]
+    ticks = tick_labels(series, len(series))
+    assert all(len(t) <= TICK_CHARS for t in ticks) and len(set(ticks)) == len(ticks)
+    assert ticks[:3] == ["ecg t0-7", "respirat\u2026 t0-7", "spo2 t0-7"]
+    assert shorten("respiration t16-23") == "respir\u2026 t16-23"      # the window survives
+    assert ticks[7] == "respir\u2026 t16-23" and "(2)" not in "".join(ticks)
+    # a common prefix is left out: 64 patches read r0c0 .. r7c7, all different
+    assert common_prefix(PATCHES) == "patch "
+    ticks = tick_labels(PATCHES, 64)
+    assert ticks[:3] == ["r0c0", "r0c1", "r0c2"] and ticks[-1] == "r7c7"
+    assert len(set(ticks)) == 64
+    # no prefix to drop: words, or one label only, or a label that is all prefix
+    assert common_prefix(WORDS) == "" and common_prefix(["patch r0c0"]) == ""
+    assert common_prefix(["ecg", "ecg t0-7"]) == ""
+    assert tick_labels(["what", "what", "x"], 4) == ["what", "what (2)", "x", ""]
+
+
+def test_dense_axes_label_every_kth_unit_and_the_columns_hang_below_the_axis(vqa):
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    show(hv, np.ones((5, 64)), WORDS, PATCHES)
+    assert list(hv.grid.column[:2]) == ["r0c0", "r0c1"] and list(hv.grid.row) == WORDS
+    assert hv.col_axis.num_ticks == 17           # every 4th patch: r0c0, r0c4, r1c0, ..., r7c4
+    assert hv.row_axis.num_ticks is None         # 5 words: all labelled
+    assert num_ticks(12, 16) is None and num_ticks(64, 16) == 17 and num_ticks(64, 10) == 9
+    assert num_ticks(30, 20) == 16 and num_ticks(31, 20) == 16
+    # rotated labels end at their tick: they hang below the axis, not over the cells
+    assert hv.col_axis.tick_style["text-anchor"] == "end"
+    assert "rotate(-45deg)" in hv.col_axis.tick_style["transform"]
+
+
+def test_hovering_a_cell_names_its_two_units_in_full_and_its_value(vqa):
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    long = ["respiration t16-23", "respiration t24-31"]
+    m = np.array([[0.5, -1.25], [2.0, 0.0]])
+    inter = Interaction(method="second_order", target=Class(0), modalities=("question", "image"),
+                        matrix=m, row_labels=["what", "<b>is</b>"], col_labels=long)
+    hv._show((0, Class(0), inter))
+    assert hv.grid.tooltip is hv.tip and hv.grid.interactions.get("hover") == "tooltip"
+    hover(hv.grid, rowNum=0, columnNum=1, row="what", column="respir\u2026 t24-31", color=-1.25)
+    assert hv.tip.value == "question what x image respiration t24-31: -1.25"
+    hover(hv.grid, rowNum=1, columnNum=0)
+    # a Label: the text as it is, never read as markup
+    assert "respiration t16-23" in hv.tip.value and "<b>is</b>" in hv.tip.value
+    assert isinstance(hv.tip, W.Label)
+    assert hv.cell_text(5, 0) == "" and hv.cell_text(0, 1).endswith("-1.25")
+
+
+# -- (b) the selected row: outlined, its values kept -----------------------------------------
+def test_the_selected_row_is_outlined_without_hiding_its_values(vqa):
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    show(hv, np.arange(5 * 64, dtype=float).reshape(5, 64), WORDS, PATCHES)
+    ex.selection.select(unit=("question", 1))
+    st = hv.state()
+    assert st["selected_row"] == 1
+    # no border on the row's cells (a border on each of 64 cells was a black barcode) and no
+    # dimming of the others: grid.selected holds only the cells not computed (none here)
+    assert hv.grid.selected is None and hv.grid.unselected_style == {}
+    assert "stroke" not in hv.grid.selected_style
+    # one rectangle around the row: 64 cells wide, one cell high, row 1 of 5 from the top
+    assert hv.outline.visible and st["outline"] == {"x": [0, 64, 64, 0, 0],
+                                                     "y": [4, 4, 3, 3, 4]}
+    assert (hv.outline_x.min, hv.outline_x.max, hv.outline_y.min, hv.outline_y.max) == (
+        0, 64, 0, 5)
+    # on scales that meet the grid's: no padding on the figure or these scales
+    assert hv.figure.padding_x == hv.figure.padding_y == 0
+    assert not hv.outline_x.allow_padding and not hv.outline_y.allow_padding
+    ex.selection.select(unit=("image", 10))                            # a column: all 5 rows
+    assert hv.state()["outline"] == {"x": [10, 11, 11, 10, 10], "y": [5, 5, 0, 0, 5]}
+    ex.select(unit=None)
+    assert not hv.outline.visible and hv.state()["outline"] is None
+
+
+def test_a_one_row_matrix_outlines_its_row_not_the_padding(vqa):
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    show(hv, np.arange(4.0).reshape(1, 4), ["what"], ["p0", "p1", "p2", "p3"])
+    assert np.asarray(hv.grid.color).shape == (2, 4)
+    assert np.isfinite(np.asarray(hv.grid.color)).all()      # padding: 0 (white), not grey
+    ex.select(unit=("image", 2))
+    assert hv.state()["outline"] == {"x": [2, 3, 3, 2, 2], "y": [2, 2, 1, 1, 2]}
+
+
+# -- (c) the colour bar --------------------------------------------------------------------
+def test_the_colour_bar_has_a_title_positive_on_top_and_room_for_its_ticks(vqa):
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    show(hv, [[-0.868, 1.74], [0.2, 0.0]], ["what", "is"], ["p0", "p1"])
+    assert hv.color_axis.label == "interaction"
+    cs = hv.color_scale
+    # not reversed (bqplot's reverse turns the bar's axis upside down): blue low, red high
+    assert not cs.reverse and cs.colors == COLOURS and cs.mid == 0
+    assert COLOURS[0].startswith("#05") and COLOURS[-1].startswith("#67")
+    assert COLOURS[len(COLOURS) // 2] == "#ffffff"
+    assert (cs.min, cs.max) == (-1.74, 1.74)
+    # the ticks right of the bar fit the right margin ("-0.868", "-1.74e+3")
+    assert hv.figure.fig_margin["right"] >= 130
+    # the words: red = the units reinforce each other, blue = they counteract
+    legend = hv.state()["legend"]
+    assert "Red: they reinforce each other" in legend and "blue: they counteract" in legend
+    assert "more than the sum of their separate effects" in legend
+    assert "class 'red'" in legend and "Grey" not in legend
+
+
+# -- (d) Shapley: the units that are not players ----------------------------------------------
+def test_cells_of_units_that_are_not_shapley_players_are_grey_and_the_note_says_so(vqa):
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    rng = np.random.default_rng(0)
+    players = {"image": [3, 9, 27, 40], "question": [0, 4]}    # counts read, not assumed
+    m = np.zeros((5, 64))
+    m[np.ix_(players["question"], players["image"])] = rng.normal(size=(2, 4))
+    show(hv, m, WORDS, PATCHES, method="shapley", max_players=6, players=players)
+    st = hv.state()
+    computed = np.asarray(st["computed"])
+    assert computed.sum() == 8 and computed[0, 3] and not computed[1, 3]
+    # grey: bqplot fills the grid's "selected" cells with selected_style (a NaN cell would be
+    # black: bqplot sends it as NaN, not null, so null_color is never used)
+    shown = np.asarray(hv.grid.color)
+    assert np.isfinite(shown).all() and shown[0, 3] == m[0, 3]
+    assert hv.grid.selected_style == {"fill": NOT_COMPUTED}
+    assert sorted(map(tuple, np.asarray(hv.grid.selected).tolist())) == sorted(
+        map(tuple, np.argwhere(~computed).tolist()))
+    assert st["matrix"] == m.tolist()                    # the data itself is unchanged
+    assert st["note"] == (
+        "Shapley interactions are computed only between the players: the 2 of the 5 question "
+        "words of largest occlusion effect and the 4 of the 64 image patches of largest "
+        "occlusion effect (at most 6 players). The grey cells, of the other units, are not "
+        "computed (0 in the matrix).")
+    assert hv.note.layout.display is None and "Grey: not computed" in st["legend"]
+    hover(hv.grid, rowNum=1, columnNum=3)
+    assert "not computed" in hv.tip.value
+    hover(hv.grid, rowNum=0, columnNum=3)
+    assert hv.tip.value.endswith(f"{m[0, 3]:.3g}")
+    # the players of one side only: all units of the other; no max_players given
+    show(hv, m, WORDS, PATCHES, method="shapley", players=dict(players, question=range(5)))
+    assert hv.state()["note"].startswith("Shapley interactions are computed only between the "
+                                         "players: all 5 question words and the 4 of the 64 "
+                                         "image patches of largest occlusion effect. The grey")
+    assert np.asarray(hv.state()["computed"]).sum() == 5 * 4
+    # every unit a player: no note, no grey
+    show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", max_players=24,
+         players={"question": list(range(5)), "image": list(range(4))})
+    assert hv.state()["note"] == "" and hv.state()["computed"] is None
+    assert hv.note.layout.display == "none" and hv.grid.selected is None
+    # other methods carry no players
+    show(hv, np.ones((5, 4)), WORDS, PATCHES[:4])
+    assert hv.state()["note"] == "" and hv.state()["computed"] is None
+
+
+@pytest.mark.parametrize("players", [{"question": [0, 1]},              # a side missing
+                                     {"question": [0], "image": [99]},  # out of range
+                                     {"question": "all", "image": [0]},
+                                     "not a dict"])
+def test_players_that_do_not_fit_the_matrix_are_ignored(vqa, players):
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", players=players)
+    assert hv.state()["computed"] is None and hv.state()["note"] == ""
+
+
+def test_a_non_finite_cell_is_grey_not_black_or_white(vqa):
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    show(hv, [[np.nan, 1.0], [0.5, -2.0]], ["what", "is"], ["p0", "p1"])
+    assert np.isfinite(np.asarray(hv.grid.color)).all()
+    assert np.asarray(hv.grid.selected).tolist() == [[0, 0]]
+    assert (hv.color_scale.min, hv.color_scale.max) == (-2.0, 2.0)
+    assert hv.cell_text(0, 0).endswith(": nan") and hv.state()["note"] == ""
