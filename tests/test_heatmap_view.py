@@ -203,3 +203,17 @@ def test_a_non_finite_cell_is_grey_not_black_or_white(vqa):
     assert np.asarray(hv.grid.selected).tolist() == [[0, 0]]
     assert (hv.color_scale.min, hv.color_scale.max) == (-2.0, 2.0)
     assert hv.cell_text(0, 0).endswith(": nan") and hv.state()["note"] == ""
+
+
+def test_wrapped_text_is_text_in_lines_that_fit_and_hides_when_empty():
+    from multiviz_widgets.views._common import WrappedText
+    w = WrappedText("<b>bold</b> " + "word " * 40, width=30)
+    assert all(isinstance(c, W.Label) and len(c.value) <= 30 for c in w.children)
+    assert " ".join(c.value for c in w.children) == w.value.strip()
+    assert w.children[0].value.startswith("<b>bold</b>")         # as text, never markup
+    first = w.children[0]
+    w.value = "y " * 15 + "word " * 37                             # as many lines: labels kept
+    assert len(w.children) == 8 and w.children[0] is first and w.layout.display is None
+    assert w.children[0].value.startswith("y y")
+    w.value = ""
+    assert w.children == () and w.layout.display == "none"
