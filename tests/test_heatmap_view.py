@@ -217,3 +217,20 @@ def test_wrapped_text_is_text_in_lines_that_fit_and_hides_when_empty():
     assert w.children[0].value.startswith("y y")
     w.value = ""
     assert w.children == () and w.layout.display == "none"
+
+
+def test_a_hover_waits_for_a_matrix_being_drawn(vqa):
+    """The tooltip reads the matrix, labels and computed cells together, under the engine's
+    lock, which the worker holds while it draws: never half of one matrix and half of the
+    next (an IndexError in a stress test before)."""
+    import threading
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    assert ex.wait(30)
+    with hv.engine.lock:                       # a matrix being drawn
+        t = threading.Thread(target=lambda: hover(hv.grid, rowNum=0, columnNum=0))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive()
+    t.join(10)
+    assert not t.is_alive() and hv.tip.value.startswith(f"{hv.pair[0]} ")

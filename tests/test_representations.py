@@ -839,3 +839,21 @@ def test_a_model_that_runs_no_instance_fails_fast_without_halving_the_whole_data
                                               r" \(of 600\)"):
         emap(adapter, ds, factorized=False, batch_size=128)
     assert model.calls <= 4 * GIVE_UP_AFTER + 16, model.calls
+
+
+def test_a_whole_input_shape_the_model_cannot_run_is_left_out_without_stopping_the_others():
+    """Batches come one input shape at a time: when the first GIVE_UP_AFTER instances of a
+    shape all fail (a series shorter than the kernel), the rest of that shape is left out
+    untried and named, and the other shapes still run, in whatever order they come."""
+    from multiviz_widgets.kernels.common import GIVE_UP_AFTER
+    n_short = GIVE_UP_AFTER + 20
+    model = ConvSeries()
+    adapter, ds = conv_case(n=n_short + 30, short=range(n_short), model=model)
+    with pytest.warns(RuntimeWarning, match=r"could not be prepared or run by the model"):
+        f = extract_features(adapter, ds, batch_size=8, cache=False)
+    assert sorted(f.indices.tolist()) == list(range(n_short, n_short + 30))
+    assert sorted(f.skipped) == list(range(n_short))
+    untried = [why for why in f.skipped.values() if "not tried" in why]
+    assert untried and all(f"ran none of the first {GIVE_UP_AFTER}" in why for why in untried)
+    # the failing shape was not halved instance by instance to its end
+    assert model.calls < 4 * GIVE_UP_AFTER + 2 * 30

@@ -28,13 +28,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..adapter import AdapterError, ModelAdapter, _outside_stacklevel
+from ..adapter import AdapterError, ModelAdapter, ModelInputError, _outside_stacklevel
 from ..atomic_file import write_atomically
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..checks import is_integer, positive_int
 from .common import (GIVE_UP_AFTER, ModelFailure, as_prepared, indices_or_all, input_shapes,
-                     runnable_parts)
+                     memory_error, runnable_parts)
 
 # v2: the key covers modality signatures and the module tree; v3: batches of equal shapes only
 # (no padding, which changed the features of models that pool without a pad mask), and the
@@ -118,8 +118,9 @@ _MODEL_FAILED = "ModelInputError: "
 
 def _shape_batches(adapter: ModelAdapter, dataset: MultimodalDataset, idx: np.ndarray,
                    batch_size: int, failed: dict[int, Exception]
-                   ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """Yield (positions in ``idx``, model inputs {name: [B, ...]}) for batches of up to
+                   ) -> Iterator[tuple[list[int], dict[str, torch.Tensor], list[int]]]:
+    """Yield (positions in ``idx``, model inputs {name: [B, ...]}, the positions of the batch's
+    shape group not yet yielded after it) for batches of up to
     ``batch_size`` instances whose model inputs have the same shapes, so that no batch is ever
     padded (a model that pools without a pad mask gives every instance the features of its own
     forward pass) and instances of different sizes never meet.
@@ -138,9 +139,9 @@ def _shape_batches(adapter: ModelAdapter, dataset: MultimodalDataset, idx: np.nd
             failed[pos] = exc
     for positions in groups.values():
         for s in range(0, len(positions), batch_size):
-            chunk = positions[s:s + batch_size]
+            chunk, rest = positions[s:s + batch_size], positions[s + batch_size:]
             try:
-                yield chunk, adapter.collate([dataset[int(idx[p])] for p in chunk])
+                yield chunk, adapter.collate([dataset[int(idx[p])] for p in chunk]), rest
                 continue
             except _UNPREPARABLE:
                 pass
@@ -152,7 +153,7 @@ def _shape_batches(adapter: ModelAdapter, dataset: MultimodalDataset, idx: np.nd
                 except _UNPREPARABLE as exc:
                     failed[p] = exc
             if good:
-                yield good, adapter.collate([dataset[int(idx[p])] for p in good])
+                yield good, adapter.collate([dataset[int(idx[p])] for p in good]), rest
 
 
 def _skipped_text(skipped: dict[int, str], total: int) -> str:
@@ -206,30 +207,60 @@ def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipp
     failed: dict[int, Exception] = {}          # position in idx -> error (not prepared)
     unrunnable: dict[int, ModelFailure] = {}   # position in idx -> the model's error on it
     computed = last = 0
-    for positions, raw in _shape_batches(adapter, dataset, idx, batch_size, failed):
-        # one forward pass of the batch; only when the model raises ModelInputError is it
-        # halved until the instances it cannot run are found (left out like unprepared ones)
-        for part, (logits, h) in runnable_parts(
-                adapter.features, raw, positions, unrunnable,
-                lambda: computed == 0 and len(unrunnable) >= GIVE_UP_AFTER):
-            if h.dim() != 2:
-                raise AdapterError(
-                    f"The decision layer's input has shape {tuple(h.shape)}; decision-level "
-                    "features must be one vector per instance [batch, d]. Pass decision_layer= "
-                    "the final linear layer that maps a pooled vector to the logits.")
-            computed += len(part)
-            yield (np.asarray(part, dtype=np.int64), _host_float(logits), _host_float(h))
-            last = computed + len(failed) + len(unrunnable)
-            report(progress, last, total, message)
+    # per shape group: the instances it ran and the failures before it began; a group whose
+    # first GIVE_UP_AFTER instances all fail is given up (its other instances left out untried:
+    # a series shorter than a kernel fails for every instance of its length), and the others
+    # are still run; when no group runs any, the first error is raised at the end
+    group = {"ran": 0, "failed_before": 0}
+    untried: dict[int, str] = {}               # position -> why it was not tried
+    new_group = True
+    for positions, raw, rest in _shape_batches(adapter, dataset, idx, batch_size, failed):
+        if new_group:
+            group = {"ran": 0, "failed_before": len(unrunnable)}
+        new_group = not rest
+        if positions[0] in untried:
+            continue
+
+        def give_up(group=group) -> bool:
+            return (group["ran"] == 0
+                    and len(unrunnable) - group["failed_before"] >= GIVE_UP_AFTER)
+        try:
+            # one forward pass of the batch; only when the model raises ModelInputError is it
+            # halved until the instances it cannot run are found (left out like unprepared ones)
+            for part, (logits, h) in runnable_parts(adapter.features, raw, positions,
+                                                    unrunnable, give_up):
+                if h.dim() != 2:
+                    raise AdapterError(
+                        f"The decision layer's input has shape {tuple(h.shape)}; decision-level "
+                        "features must be one vector per instance [batch, d]. Pass "
+                        "decision_layer= the final linear layer that maps a pooled vector to "
+                        "the logits.")
+                computed += len(part)
+                group["ran"] += len(part)
+                yield (np.asarray(part, dtype=np.int64), _host_float(logits), _host_float(h))
+                last = computed + len(failed) + len(unrunnable) + len(untried)
+                report(progress, last, total, message)
+        except ModelInputError as e:
+            if memory_error(e):
+                raise
+            tried = len(unrunnable) - group["failed_before"]
+            note = (f"not tried: the model ran none of the first {tried} instances of the same "
+                    f"input shapes ({type(e.__cause__ or e).__name__})")
+            for pos in [q for q in positions if q not in unrunnable] + list(rest):
+                untried[pos] = note
+            report(progress, computed + len(failed) + len(unrunnable) + len(untried), total,
+                   message)
     if computed and last < total:
         # the last batch's instances all failed their checks (or the model), so no batch
         # came after them: the count still ends at the total
-        report(progress, computed + len(failed) + len(unrunnable), total, message)
+        report(progress, computed + len(failed) + len(unrunnable) + len(untried), total,
+               message)
     why = {p: f"{type(e).__name__}: {e}" for p, e in failed.items()}
     why.update((p, _MODEL_FAILED + f.brief()) for p, f in unrunnable.items())
+    why.update((p, _MODEL_FAILED + note) for p, note in untried.items())
     reasons = {int(idx[p]): why[p] for p in sorted(why)}
     if why and not computed:
-        first = min(why)
+        first = min(set(failed) | set(unrunnable))     # an instance that was tried
         raise failed[first] if first in failed else unrunnable[first].error
     if skipped is not None:
         skipped.update(reasons)

@@ -409,7 +409,8 @@ class HeatmapView(W.VBox):
             c = int(data.get("columnNum", -1))
         except (TypeError, ValueError):
             return
-        text = self.cell_text(r, c)
+        with self.engine.lock:        # not interleaved with a matrix drawn on the worker
+            text = self.cell_text(r, c)
         self.tip.value = text or ""
 
     # -- clicks --------------------------------------------------------------------------------
