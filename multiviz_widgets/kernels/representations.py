@@ -189,7 +189,9 @@ def stream_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_siz
     Cost: one forward pass per instance (no gradients), and a first pass that reads each
     instance's input shapes; progress is reported per batch. A batch the model cannot run is
     halved until the instances it cannot run alone are found (about 2 log2(batch_size) more
-    forward passes per such instance; none when every batch runs).
+    forward passes per such instance; none when every batch runs); when the first
+    GIVE_UP_AFTER (32) instances of one input shape all fail, the rest of that shape is left
+    out untried (its reason says so), and the other shapes still run.
     """
     idx = indices_or_all(indices, len(dataset))
     for positions, logits, h in _feature_batches(adapter, dataset, idx, batch_size, progress,
