@@ -179,7 +179,7 @@ class EmbeddingView(W.VBox):
         self._colour()
         self._highlight()
         self.caption.value = (f"{len(self.coords)} instances: decision features, PCA to 3-D "
-                              "(click a point)")
+                              "(click a point; the black one is the instance shown)")
         if len(left_out):
             self.caption.value += (f"; {len(left_out)} left out, the model's output is not "
                                    f"finite there ({_some(left_out)})")
