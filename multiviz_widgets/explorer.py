@@ -26,7 +26,8 @@ from .checks import is_integer
 from .data import MultimodalDataset
 from .engine import Analyses, Engine, Kernels, short_repr
 from .selection import FIELDS, Selection, unit_ref_of
-from .views._common import close_widgets, instance_title, method_label, text_label, widget_tree
+from .views._common import (close_widgets, colour_limit, instance_title, method_label,
+                            text_label, widget_tree)
 from .views.concepts_view import ConceptsView
 from .views.controls import Controls, ErrorBanner, ProgressPanel
 from .views.embedding_view import BY_NEURON, EmbeddingView
@@ -220,9 +221,9 @@ class InputPanel:
                 scores[other] = vec.tolist()
                 # ... a unit's interactions on the heatmap's scale (its largest |cell|): a weak
                 # row must not look as strong as the matrix's strongest pair
-                finite = np.abs(mat[np.isfinite(mat)])
-                if finite.size and finite.max() > 0:
-                    scales[other] = float(finite.max())
+                lim = colour_limit(mat)
+                if lim is not None:
+                    scales[other] = lim
                 labels = inter.row_labels if m == pair[0] else inter.col_labels
                 name = labels[u] if u < len(labels) else f"#{u}"
                 caption = (f"{other}: {method_label(imethod)} interaction with {m} unit "

@@ -2,9 +2,11 @@
 asking again for what a cancel stopped."""
 from __future__ import annotations
 
+import textwrap
 from typing import Callable, Iterable
 
 import ipywidgets as W
+import numpy as np
 
 from ..progress import Cancelled
 from ..selection import FIELDS, Selection
@@ -23,6 +25,16 @@ METHOD_LABELS = {
 def method_label(name: str) -> str:
     """The readable name of a method ("integrated gradients" for integrated_gradients)."""
     return METHOD_LABELS.get(name, str(name))
+
+
+def colour_limit(values) -> float | None:
+    """The largest |value| among the finite ones (the full-colour end of a symmetric scale), or
+    None when there is none above 0. The heatmap's colour bar and the input view's overlay of a
+    unit's interactions both take it, so the two are on one scale."""
+    v = np.abs(np.asarray(values, dtype=np.float64))
+    v = v[np.isfinite(v)]
+    top = float(v.max()) if v.size else 0.0
+    return top if top > 0 else None
 
 
 def text_label(value: str = "", **kwargs) -> W.Label:
@@ -52,7 +64,6 @@ class WrappedText(W.VBox):
 
     @value.setter
     def value(self, text: str) -> None:
-        import textwrap
         self._value = str(text)
         lines = textwrap.wrap(self._value, self.width) if self._value else []
         old = list(self.children)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..engine import Analyses, Engine
 from ..selection import Selection
-from ._common import RetryAfterCancel, WrappedText, method_label, text_label
+from ._common import RetryAfterCancel, WrappedText, colour_limit, method_label, text_label
 
 
 #: Longest tick label (characters) on the heatmap's axes; longer unit names are cut in the
@@ -336,9 +336,7 @@ class HeatmapView(W.VBox):
             grey = np.argwhere(~computed) if computed is not None else np.zeros((0, 2))
             self.grid.selected = grey.astype(np.int32) if len(grey) else None
             values = m[computed] if computed is not None else m
-            lim = float(np.nanmax(np.abs(values))) if values.size and np.isfinite(values).any() \
-                else 1.0
-            lim = lim if np.isfinite(lim) and lim > 0 else 1.0
+            lim = colour_limit(values) or 1.0
             self.color_scale.min, self.color_scale.max = -lim, lim
         # the row axis title clear of the longest row label (about 7 px a character); the
         # columns' title below their rotated labels (about 4.6 px down a character)
