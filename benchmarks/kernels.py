@@ -11,12 +11,12 @@ the lowest per-sample time of a batched forward pass (and, separately, of a batc
 backward). The machine's speed drifts by up to 2x within minutes, so a floor measured at another
 moment than the kernel would mislead: for every instance, the per-sample time at the floor batch
 (best of 3) is measured again right next to that instance's timings, and each ratio to a floor
-is the median over instances of ours_i / floor_i. The timings of one instance run back to
-back: first the floors, then ours, captum's (and the bare code's) in an order rotated from one
-timing to the next, so that each side comes first, right after the floors' large batches (which
-evict the CPU caches), equally often. (An earlier fixed order with the floors in the middle let
-ours follow another small call nearly always and captum's a floor half the time: it reported
-the gradient's ratio to captum as 0.94 where a fair order gives about 1.1.)
+is, per instance, the geometric mean of ours / floor over its rounds, then the median over the
+instances. The timings of one instance run in rounds: first the floors, then ours, captum's (and
+the bare code's) back to back, in every possible order once per cycle (3 sides: 6 orders), so
+that each side runs first (right after the floors' large batches, which evict the CPU caches),
+second and third equally often, after each of the others. Ratios are taken per instance over
+whole cycles, where these position effects cancel (``_time_method`` says what they did before).
 
 What the gradient methods' ratio to captum is made of. Each side is timed once per call, as a
 user calls it, so its code runs out of caches that the floors' batches or the other side
@@ -58,8 +58,10 @@ Stage 2 (``benchmarks/kernels_stage2.py``, written separately): merged under "st
 from __future__ import annotations
 
 import argparse
-import warnings
 import importlib.util
+import itertools
+import math
+import warnings
 import sys
 import traceback
 from pathlib import Path
@@ -70,7 +72,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (FLOOR_BATCHES, RESULTS, environment, load_demo, median,  # noqa: E402
                     per_sample_forward_backward_ms, per_sample_forward_ms, per_sample_scan,
-                    rotated, shape_or_color_indices, timed, write_json)
+                    shape_or_color_indices, timed, write_json)
 
 from multiviz_widgets.kernels.common import PERTURBATION_BATCH  # noqa: E402
 from multiviz_widgets.kernels.unimodal import (  # noqa: E402
@@ -254,15 +256,36 @@ def _stage1(adapter, dataset, indices, repeats, methods, floor_batch) -> dict:
     return out
 
 
+def side_orders(n_sides: int) -> list[tuple[int, ...]]:
+    """Every order of ``n_sides`` side-by-side calls (2 sides: 2 orders, 3 sides: 6). Timed once
+    each, they put every side in every position, right after every other side (and first, right
+    after the floors) equally often, and they pair every position of one side with every other
+    position of another: the paired ratios of one instance then carry no position effect on
+    average (see ``_balanced``)."""
+    return list(itertools.permutations(range(n_sides)))
+
+
+def rounds_per_instance(repeats: int, n_sides: int) -> int:
+    """``repeats`` rounded up to whole cycles through every order of the sides."""
+    cycle = len(side_orders(n_sides))
+    return -(-max(1, repeats) // cycle) * cycle
+
+
 def _time_method(m: str, adapter, indices, prepared, targets, repeats: int, fwd_batch: int,
                  fb_batch: int) -> dict:
-    """One method's JSON entry: per instance (and repeat), the floors at the chosen batches (and,
+    """One method's JSON entry: per instance, rounds of timings (``rounds_per_instance``: whole
+    cycles through every order of the sides), each round the floors at the chosen batches (and,
     for a gradient method, the forward+backward floor), then ours, captum's (and the bare code)
-    back to back, in an order rotated from one timing to the next, so that each side follows the
-    floors' large batches (which evict the CPU caches) as often as it follows the other sides.
-    A fixed order with the floors in the middle gave the side timed first after another small
-    call warm caches most of the time, and moved the gradient's ratio to captum from about 1.12
-    to 0.94."""
+    back to back in that round's order.
+
+    Why every order, and per-instance ratios over whole cycles: a call timed first, right after
+    the floors' large batches (which evict the CPU caches), costs about 1.4x what it costs third,
+    and second about 1.15x third. A single timing's ratio ours/captum therefore says mostly which
+    of the two ran first. The rotation used before (3 orders of 3 sides) put each side in each
+    position equally often, but the median of its 60 single-timing ratios fell among the
+    timings where ours ran second and captum third (the "bare first" third of them): the
+    gradient's ratio read 1.16 where ours was 1.08x captum at every equal position. A fixed
+    order with the floors in the middle had, before that, flattered ours (0.94)."""
     params, target_ms = STAGE1[m]
     # warm-up (not timed): first calls allocate and let captum import its submodules
     gradient_family = attribute(adapter, prepared[0], method=m, target=targets[0],
@@ -270,7 +293,7 @@ def _time_method(m: str, adapter, indices, prepared, targets, repeats: int, fwd_
     captum_call(m, adapter, prepared[0], targets[0])()
     if gradient_family:
         bare_call(m, adapter, prepared[0], targets[0], params)()
-    rows, turn = [], 0
+    rows = []
     for i, p, t in zip(indices, prepared, targets):
         floors = [("floor", lambda: per_sample_forward_ms(adapter, p, batch=fwd_batch,
                                                           repeats=FLOOR_REPEATS))]
@@ -280,22 +303,23 @@ def _time_method(m: str, adapter, indices, prepared, targets, repeats: int, fwd_
             floors.append(("floor_fb", lambda: per_sample_forward_backward_ms(
                 adapter, p, target=t, batch=fb_batch, repeats=FLOOR_REPEATS)))
             sides.append(("bare", bare_call(m, adapter, p, t, params)))
-        for r in range(repeats):
+        orders = side_orders(len(sides))
+        for r in range(rounds_per_instance(repeats, len(sides))):
             got = {who: fn() for who, fn in floors}
-            for who, fn in rotated(sides, turn):    # each side first (after the floors) in turn
+            order = [sides[k] for k in orders[r % len(orders)]]
+            for who, fn in order:
                 got[who] = timed(fn)
-            turn += 1
-            rows.append(_instance_row(int(i), t, r, got))
+            rows.append(_instance_row(int(i), t, r, got, [who for who, _ in order]))
     return _summary(m, params, target_ms, rows)
 
 
-def _instance_row(index: int, target: int, repeat: int, got: dict) -> dict:
-    """One instance's (and repeat's) timings, floors and ratios, from the timed calls: ``got``
-    maps "ours", "captum" (and "bare") to (ms, result), "floor" (and "floor_fb") to the
-    per-sample ms at the floor batch."""
+def _instance_row(index: int, target: int, repeat: int, got: dict, order: list[str]) -> dict:
+    """One round's timings, floors and ratios, from the timed calls: ``got`` maps "ours",
+    "captum" (and "bare") to (ms, result), "floor" (and "floor_fb") to the per-sample ms at the
+    floor batch; ``order``: the sides in the order they ran."""
     ours_ms, res = got["ours"]
     fwd, bwd = res.forward_passes, res.backward_passes
-    row = {"index": index, "target": target, "repeat": repeat, "ours_ms": ours_ms,
+    row = {"index": index, "target": target, "repeat": repeat, "order": order, "ours_ms": ours_ms,
            "captum_ms": got["captum"][0], "forward_passes": fwd, "backward_passes": bwd,
            "per_sample_forward_ms": got["floor"], "floor_ms": fwd * got["floor"]}
     row["ratio_to_floor"] = ours_ms / row["floor_ms"]
@@ -308,10 +332,28 @@ def _instance_row(index: int, target: int, repeat: int, got: dict) -> dict:
     return row
 
 
+#: the per-round ratios that are summarised per instance (``_balanced``), then over instances
+RATIOS = ("ratio_ours_captum", "ratio_to_floor", "ratio_to_fwd_bwd_floor", "ratio_to_bare")
+
+
+def _balanced(rows: list[dict], key: str) -> list[float]:
+    """Per instance, the geometric mean of ``key`` (a ratio) over its rounds. The rounds are
+    whole cycles through every order of the sides, so each side's position (first after the
+    floors, second, third) enters its mean as often as the other side's: the position effects,
+    which multiply a timing, cancel in the mean of the logarithms."""
+    by_instance: dict[int, list[float]] = {}
+    for r in rows:
+        by_instance.setdefault(r["index"], []).append(math.log(r[key]))
+    return [math.exp(sum(v) / len(v)) for v in by_instance.values()]
+
+
 def _summary(method: str, params: dict, target_ms, rows: list[dict]) -> dict:
-    """A method's JSON entry: medians over the instances' rows, pass/fail, and the rows."""
+    """A method's JSON entry: medians over the rows (times) and over the instances (ratios),
+    pass/fail, and the rows."""
     def med(key):
-        return median([r[key] for r in rows]) if key in rows[0] else None
+        if key not in rows[0]:
+            return None
+        return median(_balanced(rows, key)) if key in RATIOS else median([r[key] for r in rows])
 
     def passes(key):   # a whole number unless the instances' median falls between two
         v = med(key)
@@ -320,10 +362,14 @@ def _summary(method: str, params: dict, target_ms, rows: list[dict]) -> dict:
     mo, mc = med("ours_ms"), med("captum_ms")
     entry = {
         "captum": CAPTUM_NAMES[method], "params": params,
-        # the criterion's ratio: the median of the paired timings' ratios (ours and captum timed
-        # back to back), as the floors' ratios; the ratio of the two medians is informative
+        # the criterion's ratio: per instance, the geometric mean of the paired ratios over
+        # whole cycles of orders (ours and captum timed back to back, each in every position),
+        # then the median over the instances, as the floors' ratios
         "median_ms_ours": mo, "median_ms_captum": mc, "ratio_ours_captum": med("ratio_ours_captum"),
+        # informative: the ratio of the two medians, and the median of the single timings'
+        # ratios (which says mostly which side ran first: see _time_method)
         "ratio_of_medians_ours_captum": mo / mc,
+        "median_of_timing_ratios_ours_captum": median([r["ratio_ours_captum"] for r in rows]),
         "forward_passes": passes("forward_passes"), "backward_passes": passes("backward_passes"),
         "per_sample_forward_ms": med("per_sample_forward_ms"),
         "per_sample_forward_backward_ms": med("per_sample_forward_backward_ms"),
@@ -334,7 +380,7 @@ def _summary(method: str, params: dict, target_ms, rows: list[dict]) -> dict:
         "ratio_to_fwd_bwd_floor": med("ratio_to_fwd_bwd_floor"),
         "bare_ms": med("bare_ms"), "ratio_to_bare": med("ratio_to_bare"),
         "note": PASSES_NOTE.get(method),
-        "n_timings": len(rows),
+        "n_instances": len({r["index"] for r in rows}), "n_timings": len(rows),
     }
     entry["pass"] = {"vs_captum": entry["ratio_ours_captum"] <= RATIO_MAX,
                      "floor": entry["ratio_to_floor"] <= FLOOR_MAX,
@@ -409,8 +455,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=20, help="instances (median over them; >= 20)")
     ap.add_argument("--repeats", type=int, default=3,
-                    help="timings per instance and method (3: a ratio near 1 moved by 0.1 between "
-                         "single-timing runs on this noisy machine)")
+                    help="timings per instance and method, rounded up to whole cycles through "
+                         "every order of the sides (3 sides: 6 rounds, 2 sides: 4)")
     ap.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(STAGE1)}")
     ap.add_argument("--no-stage2", action="store_true", help="skip benchmarks/kernels_stage2.py")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2 cores)")

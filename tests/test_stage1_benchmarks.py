@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -51,6 +52,22 @@ def test_kernels_benchmark_writes_ratios_and_floors(tmp_path, has_easy_vqa):
                   "floor_ms", "ratio_to_floor", "target_ms", "pass"):
             assert k in e
     assert d["stage1"]["methods"]["occlusion"]["forward_passes"] > 60
+    # every order of the sides once per cycle: each side in each position equally often, and
+    # the instance's ratio is the geometric mean over its rounds (position effects cancel)
+    for m, sides, rounds in (("gradient", {"ours", "captum", "bare"}, 6),
+                             ("occlusion", {"ours", "captum"}, 4)):
+        e = d["stage1"]["methods"][m]
+        orders = [tuple(r["order"]) for r in e["instances"]]
+        assert len(orders) == rounds == e["n_timings"] and e["n_instances"] == 1
+        assert all(set(o) == sides for o in orders)
+        for side in sides:
+            positions = [o.index(side) for o in orders]
+            assert sorted(positions) == sorted(list(range(len(sides))) * (rounds // len(sides)))
+        if m == "gradient":
+            assert len(set(orders)) == 6
+        geo = math.exp(sum(math.log(r["ratio_ours_captum"]) for r in e["instances"]) / rounds)
+        assert e["ratio_ours_captum"] == pytest.approx(geo, rel=2e-3)
+        assert e["median_of_timing_ratios_ours_captum"] > 0
     batched = d["stage1"]["batched"]                 # gradient methods only
     assert batched["n"] == 6 and sum(batched["shape_groups"]) == 6
     assert set(batched["methods"]) == {"gradient"}
