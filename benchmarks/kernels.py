@@ -279,9 +279,8 @@ def _time_method(m: str, adapter, indices, prepared, targets, repeats: int, fwd_
     back to back in that round's order.
 
     Why every order, and per-instance ratios over whole cycles: a call timed first, right after
-    the floors' large batches (which evict the CPU caches), costs about 1.4x what it costs third,
-    and second about 1.15x third. A single timing's ratio ours/captum therefore says mostly which
-    of the two ran first. The rotation used before (3 orders of 3 sides) put each side in each
+    the floors' large batches (which evict the CPU caches), costs 1.2 to 1.7 times what it costs
+    third. A single timing's ratio ours/captum therefore says mostly which of the two ran first. The rotation used before (3 orders of 3 sides) put each side in each
     position equally often, but the median of its 60 single-timing ratios fell among the
     timings where ours ran second and captum third (the "bare first" third of them): the
     gradient's ratio read 1.16 where ours was 1.08x captum at every equal position. A fixed

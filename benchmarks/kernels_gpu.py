@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -45,9 +46,11 @@ GPU_FLOOR_BATCHES = (256, 1024, 4096)
 
 def side_by_side(calls: dict, repeats: int, k: int) -> dict[str, list[float]]:
     """{name: [ms per repeat]} of zero-argument calls, timed back to back (reversed order every
-    other repeat, by ``k`` and the repeat)."""
+    other repeat, by ``k`` and the repeat; two calls get an even number of repeats)."""
     out = {name: [] for name in calls}
     items = list(calls.items())
+    if len(items) == 2:                     # whole cycles: each side first equally often
+        repeats += repeats % 2
     for r in range(repeats):
         for name, fn in (items if (k + r) % 2 == 0 else items[::-1]):
             out[name].append(timed(fn)[0])
@@ -81,8 +84,11 @@ def _stage1(adapter, prepared, targets, repeats: int, with_captum: bool, methods
                 rows[name] += ms
             fwd = METHODS[m].cost(p, **params)[0]
             rows["ratio_to_floor"] += [ms / (fwd * floors[k]) for ms in got["ours"]]
-            if with_captum:       # paired: ours and captum timed back to back
-                rows["ratio_ours_captum"] += [o / c for o, c in zip(got["ours"], got["captum"])]
+            if with_captum:       # paired: ours and captum timed back to back; per instance
+                # the geometric mean over its repeats (each order equally often when even), as
+                # kernels.py balances the positions within an instance
+                logs = [math.log(o / c) for o, c in zip(got["ours"], got["captum"])]
+                rows["ratio_ours_captum"].append(math.exp(sum(logs) / len(logs)))
         entry = {"median_ms_ours": median(rows["ours"]), "ratio_to_floor": median(rows["ratio_to_floor"])}
         if with_captum:
             entry["median_ms_captum"] = median(rows["captum"])
