@@ -66,7 +66,7 @@ demo: install
 
 # Every benchmark, each writing benchmarks/results/NAME.json (kernels.py runs kernels_stage2 too;
 # common.py is their helpers; kernels_gpu.py runs where torch sees a CUDA device).
-BENCHMARKS := easy_vqa_model faithfulness kernels cold_cache allocator emap_scale representations ui_latency
+BENCHMARKS := easy_vqa_model faithfulness kernels cold_cache allocator emap_scale representations ui_latency shapley_accuracy
 
 benchmarks: install chromium
 	for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py || exit 1; done

@@ -184,6 +184,31 @@ def test_cells_of_units_that_are_not_shapley_players_are_grey_and_the_note_says_
     assert hv.state()["note"] == "" and hv.state()["computed"] is None
 
 
+def test_the_note_says_whether_shapley_values_are_exact_or_sampled_and_how_noisy(vqa):
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    every = {"question": list(range(5)), "image": list(range(4))}
+    show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", players=every,
+         approximator="ExactComputer", exact=True, budget=4096)
+    assert hv.state()["note"] == "Exact: all 512 coalitions of the 9 players."
+    show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", players=every,
+         approximator="PermutationSamplingSII", exact=False, budget=4096, relative_noise=0.4679)
+    note = hv.state()["note"]
+    assert note.startswith("Estimated from 4,096 sampled coalitions (PermutationSamplingSII)")
+    assert "differ by about 47% of the matrix's size" in note
+    show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", players=every,
+         approximator="KernelSHAPIQ", exact=False, budget=30, relative_noise=None,
+         underdetermined=True)
+    note = hv.state()["note"]
+    assert "its noise is not measured" in note and note.endswith("the estimate is unreliable.")
+    # with players: both sentences; the real kernel's params give the words too
+    players = {"image": [3, 9, 27, 40], "question": [0, 4]}
+    show(hv, np.ones((5, 64)), WORDS, PATCHES, method="shapley", players=players,
+         approximator="ExactComputer", exact=True, max_players=6)
+    assert hv.state()["note"].endswith("(0 in the matrix). Exact: all 64 coalitions of the 6 "
+                                       "players.")
+
+
 @pytest.mark.parametrize("players", [{"question": [0, 1]},              # a side missing
                                      {"question": [0], "image": [99]},  # out of range
                                      {"question": "all", "image": [0]},

@@ -139,7 +139,7 @@ def test_shapley_progress_ends_at_its_total_and_never_passes_it(budget):
     short of the budget): progress stopped at 256 / 4096 or 89 / 100."""
     adapter = ModelAdapter(Fusion(), _modalities(), ["a", "b", "c"])
     calls = []
-    r = interaction(adapter, _instance(), "shapley", budget=budget, target=0,
+    r = interaction(adapter, _instance(), "shapley", budget=budget, target=0, max_players=None,
                     progress=lambda d, n, m: calls.append((d, n)))
     assert r.params["approximator"] == ("ExactComputer" if budget == 4096
                                         else "PermutationSamplingSII")

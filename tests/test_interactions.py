@@ -558,19 +558,76 @@ def test_shapley_exact_for_few_players_and_max_players():
     assert np.all(r2.matrix[~mask] == 0)
 
 
+
+def test_shapley_keeps_by_default_as_many_players_as_the_budget_computes_exactly():
+    """max_players="auto": 2^players <= budget (at most EXACT_MAX_PLAYERS), so the default is the
+    index itself, not a sample of it; the number kept is recorded."""
+    from multiviz_widgets.kernels.interactions import EXACT_MAX_PLAYERS, auto_max_players
+    assert [auto_max_players(b) for b in (4, 15, 16, 64, 100, 4096, 1 << 20)] == \
+        [2, 3, 4, 6, 6, 12, EXACT_MAX_PLAYERS]
+    adapter, inst = tiny_adapter(4), tiny_instance(5)           # 8 players
+    r = interaction(adapter, inst, "shapley", budget=64)        # 6 of them, exactly
+    assert r.params["exact"] and r.params["max_players"] == 6
+    assert sum(len(v) for v in r.params["players"].values()) == 6
+    assert r.params["relative_noise"] is None
+    assert interaction(adapter, inst, "shapley").params["exact"]         # all 8 at 4096
+    for bad in ("all", "", "AUTO"):
+        with pytest.raises(ValueError, match="max_players must be 'auto', a number of players"):
+            interaction(adapter, inst, "shapley", max_players=bad)
+
+
+class WideFusion(nn.Module):
+    """tabular [7] + series [6, 1]: 13 units, more than Shapley computes exactly."""
+
+    def __init__(self, additive=False):
+        super().__init__()
+        self.additive = additive
+        self.t, self.s = nn.Linear(7, 5), nn.Linear(6, 5)
+        self.head = nn.Linear(10 if additive else 5, 2)
+        _seeded(self, 3)
+
+    def forward(self, tabular, series):
+        a, b = torch.tanh(self.t(tabular)), torch.tanh(self.s(series.flatten(1)))
+        return self.head(torch.cat([a, b], 1) if self.additive else a * b)
+
+
+def test_shapley_sampled_reports_its_noise_from_two_independent_halves():
+    """Permutation sampling runs as two halves (seeds seed and seed + 1): the result is their
+    mean, and relative_noise = ||m1 - m2|| / ||m1 + m2|| shrinks as the budget grows; an additive
+    model still gets 0 from both halves."""
+    from multiviz_widgets.kernels.interactions import _cross_noise
+    mods = [Tabular("tabular", columns=[f"c{i}" for i in range(7)]),
+            TimeSeries("series", window=1, channels=["x"])]
+    g = torch.Generator().manual_seed(0)
+    inst = {"tabular": torch.randn(7, generator=g), "series": torch.randn(6, 1, generator=g)}
+    additive = interaction(ModelAdapter(WideFusion(additive=True), mods, ["k0", "k1"]), inst,
+                           "shapley", max_players=None)
+    assert additive.params["approximator"] == "PermutationSamplingSII"
+    np.testing.assert_allclose(additive.matrix, 0.0, atol=1e-6)      # both halves: rounding only
+    adapter = ModelAdapter(WideFusion(), mods, ["k0", "k1"])
+    small, large = (interaction(adapter, inst, "shapley", budget=b, max_players=None)
+                    for b in (800, 12800))
+    assert small.params["approximator"] == large.params["approximator"] == \
+        "PermutationSamplingSII"
+    assert 0 < large.params["relative_noise"] < 0.5 * small.params["relative_noise"]
+    assert _cross_noise(np.ones((2, 2)), np.ones((2, 2))) == 0.0
+    assert _cross_noise(np.zeros((2, 2)), np.zeros((2, 2))) == 0.0
+    assert _cross_noise(np.array([[1.0]]), np.array([[3.0]])) == pytest.approx(0.5)
+
+
 def test_shapley_warns_when_a_regression_estimate_is_underdetermined():
     """Below 1 + n + n(n-1)/2 coalitions KernelSHAPIQ / RegressionFSII solve an underdetermined
     system: the user is told, with the budget that would do, and params record it."""
     adapter, inst = tiny_adapter(), tiny_instance(9)          # 8 players: 37 terms, not exact
     with pytest.warns(UserWarning, match=r"fits 37 interaction terms of 8 players from only "
                                          r"30 coalitions.*at least \d+ \(permutation sampling\)"):
-        r = interaction(adapter, inst, "shapley", budget=30)
+        r = interaction(adapter, inst, "shapley", budget=30, max_players=None)
     assert r.params["approximator"] == "KernelSHAPIQ" and r.params["underdetermined"]
     with pytest.warns(UserWarning, match="at least 37 or lower max_players"):
-        interaction(adapter, inst, "shapley", index="FSII", budget=30)
+        interaction(adapter, inst, "shapley", index="FSII", budget=30, max_players=None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        r = interaction(adapter, inst, "shapley", index="FSII", budget=40)
+        r = interaction(adapter, inst, "shapley", index="FSII", budget=40, max_players=None)
     assert not r.params["underdetermined"]
 
 
@@ -680,9 +737,10 @@ def test_shapley_stii_with_a_small_budget_uses_svarmiq():
     """Below two permutations STII falls back to SVARMIQ, whose approximate() takes no
     batch_size: only the permutation samplers get one."""
     adapter, inst = tiny_adapter(), tiny_instance(3)          # 8 players, not exact
-    r = interaction(adapter, inst, "shapley", index="STII", budget=64)
+    r = interaction(adapter, inst, "shapley", index="STII", budget=64, max_players=None)
     assert r.params["approximator"] == "SVARMIQ" and np.isfinite(r.matrix).all()
-    r = interaction(adapter, inst, "shapley", index="STII", budget=240, batch_size=7)
+    r = interaction(adapter, inst, "shapley", index="STII", budget=240, batch_size=7,
+                    max_players=None)
     assert r.params["approximator"] == "PermutationSamplingSTII"
 
 
@@ -807,7 +865,7 @@ def test_non_finite_model_outputs_are_a_clear_error(sqrt, method, match):
 
 
 @pytest.mark.parametrize("params", [{"budget": 1 << 12, "max_players": 5},  # exact, 4 + 4 units
-                                    {"budget": 200}])                        # sampled, 8 players
+                                    {"budget": 200, "max_players": None}])   # sampled, 8 players
 def test_shapley_of_the_pair_the_other_way_round_is_the_transpose(params):
     """Players, their split and the sampled coalitions follow the adapter's order of the two
     modalities, not the order the pair is named in."""
@@ -819,7 +877,7 @@ def test_shapley_of_the_pair_the_other_way_round_is_the_transpose(params):
     np.testing.assert_array_equal(ba.matrix, ab.matrix.T)
     assert ba.params["players"] == ab.params["players"]
     assert list(ba.params["players"]) == ["series", "tabular"]
-    assert ab.params["exact"] == ("max_players" in params)
+    assert ab.params["exact"] == (params["max_players"] is not None)
 
 
 @pytest.mark.parametrize("ua,ub,most,want", [

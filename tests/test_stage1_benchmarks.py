@@ -164,3 +164,17 @@ def test_cold_cache_variants_compute_the_same_numbers():
     for arrays in cases:
         verdicts = {name: fn(arrays) for name, fn in bench.finite_variants().items()}
         assert len(set(verdicts.values())) == 1, (arrays, verdicts)
+
+
+def test_shapley_accuracy_benchmark_compares_a_sample_with_its_reference(tmp_path, has_easy_vqa):
+    out = tmp_path / "s.json"
+    load("shapley_accuracy").main(["--n", "1", "--players", "14", "--budget", "400",
+                                   "--reference-budget", "1600", "--seeds", "2",
+                                   "--out", str(out)])
+    d = json.loads(out.read_text())
+    assert d["n"] == 1 and d["players"] == 14 and d["seeds"] == 2
+    row = d["instances"][0]
+    assert len(row["errors"]) == len(row["reported_noise"]) == 2
+    assert all(e > 0 for e in row["errors"]) and all(x > 0 for x in row["reported_noise"])
+    assert row["exact"] and row["exact_players"] == 8          # the default at budget 400
+    assert d["median_exact_default_s"] > 0 and d["strongest_cell_agrees"].endswith("of 2")

@@ -116,6 +116,32 @@ def _plural(k: int, words: tuple[str, str]) -> str:
     return words[0] if k == 1 else words[1]
 
 
+def shapley_estimate_note(params) -> str:
+    """Words saying whether Shapley interactions are exact or sampled, and how noisy a sample
+    is (``params["relative_noise"]``: two independent halves of it compared); "" for the other
+    methods (their params have no ``approximator``)."""
+    if not isinstance(params, dict) or not isinstance(params.get("approximator"), str):
+        return ""
+    players = params.get("players")
+    n = (sum(len(v) for v in players.values() if isinstance(v, (list, tuple)))
+         if isinstance(players, dict) else None)
+    if params.get("exact"):
+        return (f"Exact: all {2 ** n:,} coalitions of the {n} players." if n
+                else "Exact: every coalition of the players.")
+    budget = params.get("budget")
+    text = (f"Estimated from {budget:,} sampled coalitions" if isinstance(budget, int)
+            else "Estimated from sampled coalitions") + f" ({params['approximator']})"
+    noise = params.get("relative_noise")
+    if isinstance(noise, (int, float)) and math.isfinite(noise):
+        text += (f"; two independent halves of the sample differ by about {noise:.0%} of the "
+                 f"matrix's size: trust its strongest cells, not the weak ones.")
+    else:
+        text += "; its noise is not measured: compare with another seed or a larger budget."
+    if params.get("underdetermined"):
+        text += " Too few coalitions for the terms it fits: the estimate is unreliable."
+    return text
+
+
 class HeatmapView(W.VBox):
     """Interaction matrix of ``pair`` = (rows modality, columns modality); cells clickable.
 
@@ -234,9 +260,10 @@ class HeatmapView(W.VBox):
             self.pair = pair
             self.row_axis.label, self.col_axis.label = pair
         m = np.asarray(inter.matrix, dtype=np.float64)
-        computed, note = self._players(getattr(inter, "params", None) or {}, m.shape)
+        params = getattr(inter, "params", None) or {}
+        computed, note = self._players(params, m.shape)
         self._draw(m, inter.row_labels, inter.col_labels, computed)
-        self._set_note(note)
+        self._set_note(" ".join(part for part in (note, shapley_estimate_note(params)) if part))
         target = self.analyses.target_text(explained)
         self._set_legend(target, grey=computed is not None)
         self.caption.value = (f"{method_label(inter.method)} {self.pair[0]} x {self.pair[1]} "
