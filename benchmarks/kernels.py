@@ -27,9 +27,10 @@ nothing after its backward pass; ours must pool the gradient into unit scores, m
 the result. So those steps are written for a cold cache: few tensor operations (the unit sums
 made in float64 by the reduction itself), no numpy reduction, no comprehension where a loop
 will do, and the one-row gradient path skips the rows machinery of integrated gradients. That
-took our call from about bare + 330 us to bare + 220 us in this benchmark (captum's: bare +
-120 us), and the gradient's ratio from 1.10-1.16 (seven runs) to 1.03-1.09 (nine runs; gradient
-x input 1.04-1.13: see the README).
+took our call from about bare + 330 us to bare + 220 us (captum's: bare + 120 us), measured
+by an earlier design of this benchmark (see the README for the ratios by each design). Timed
+warm instead (``warm_loop``: WARM_CALLS calls in a row per side and instance, informative),
+the two sides take about the same time.
 
 numpy's and scipy's OpenBLAS (not torch's BLAS) run single-threaded during stage 1: captum's
 KernelShap fits with scikit-learn, whose OpenBLAS threads keep spinning after the fit; on 2 cores
@@ -97,6 +98,8 @@ CAPTUM_NAMES = {"gradient": "Saliency(abs=False)", "grad_x_input": "InputXGradie
 RATIO_MAX, FLOOR_MAX = 1.1, 1.5
 #: repeats of the per-instance floor measurement (its best is kept)
 FLOOR_REPEATS = 3
+#: calls in a row per side and instance of the gradient methods' warm loop (informative)
+WARM_CALLS = 20
 GRADIENT_METHODS_NOTE = (
     "The literal floor (ratio_to_floor, pass.floor) counts forward passes only, each at the best "
     "per-sample time of a large batched forward pass without gradient. Gradient methods cannot "
@@ -292,7 +295,7 @@ def _time_method(m: str, adapter, indices, prepared, targets, repeats: int, fwd_
     captum_call(m, adapter, prepared[0], targets[0])()
     if gradient_family:
         bare_call(m, adapter, prepared[0], targets[0], params)()
-    rows = []
+    rows, warm = [], []
     for i, p, t in zip(indices, prepared, targets):
         floors = [("floor", lambda: per_sample_forward_ms(adapter, p, batch=fwd_batch,
                                                           repeats=FLOOR_REPEATS))]
@@ -309,7 +312,10 @@ def _time_method(m: str, adapter, indices, prepared, targets, repeats: int, fwd_
             for who, fn in order:
                 got[who] = timed(fn)
             rows.append(_instance_row(int(i), t, r, got, [who for who, _ in order]))
-    return _summary(m, params, target_ms, rows)
+        if gradient_family:          # informative: each side warm, WARM_CALLS calls in a row
+            warm.append({who: timed(lambda fn=fn: [fn() for _ in range(WARM_CALLS)])[0]
+                         / WARM_CALLS for who, fn in sides})
+    return _summary(m, params, target_ms, rows, warm)
 
 
 def _instance_row(index: int, target: int, repeat: int, got: dict, order: list[str]) -> dict:
@@ -346,9 +352,10 @@ def _balanced(rows: list[dict], key: str) -> list[float]:
     return [math.exp(sum(v) / len(v)) for v in by_instance.values()]
 
 
-def _summary(method: str, params: dict, target_ms, rows: list[dict]) -> dict:
+def _summary(method: str, params: dict, target_ms, rows: list[dict],
+             warm: list[dict] | None = None) -> dict:
     """A method's JSON entry: medians over the rows (times) and over the instances (ratios),
-    pass/fail, and the rows."""
+    pass/fail, and the rows; ``warm``: per instance, each side's ms per call in a warm loop."""
     def med(key):
         if key not in rows[0]:
             return None
@@ -385,6 +392,12 @@ def _summary(method: str, params: dict, target_ms, rows: list[dict]) -> dict:
                      "floor": entry["ratio_to_floor"] <= FLOOR_MAX,
                      "target": None if target_ms is None else mo <= target_ms}
     entry["passed"] = all(v for v in entry["pass"].values() if v is not None)
+    if warm:
+        entry["warm_loop"] = {
+            "calls_in_a_row": WARM_CALLS,
+            "median_ms": {who: median([w[who] for w in warm]) for who in warm[0]},
+            "ratio_ours_captum": median([w["ours"] / w["captum"] for w in warm]),
+            "ratio_ours_bare": median([w["ours"] / w["bare"] for w in warm])}
     entry["instances"] = [{k: _sig(v) if isinstance(v, float) else v for k, v in r.items()}
                           for r in rows]
     return entry

@@ -192,21 +192,53 @@ def test_the_note_says_whether_shapley_values_are_exact_or_sampled_and_how_noisy
          approximator="ExactComputer", exact=True, budget=4096)
     assert hv.state()["note"] == "Exact: all 512 coalitions of the 9 players."
     show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", players=every,
-         approximator="PermutationSamplingSII", exact=False, budget=4096, relative_noise=0.4679)
+         approximator="PermutationSamplingSII", exact=False, budget=4096, coalitions=3994,
+         relative_noise=np.float32(0.4679))
     note = hv.state()["note"]
-    assert note.startswith("Estimated from 4,096 sampled coalitions (PermutationSamplingSII)")
-    assert "differ by about 47% of the matrix's size" in note
+    assert note.startswith("Estimated from 3,994 sampled coalitions (PermutationSamplingSII); "
+                           "its error, estimated from two independent halves of the sample, is "
+                           "about 47% of the matrix's size: trust its strongest cells")
+    show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", players=every,
+         approximator="PermutationSamplingSII", exact=False, budget=4096, relative_noise=0.79)
+    assert hv.state()["note"].endswith("about 79% of the matrix's size: read it as mostly noise, "
+                                       "and raise the budget or lower max_players.")
+    show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", players=every,
+         approximator="PermutationSamplingSII", exact=False, budget=np.int64(4096),
+         relative_noise=float("inf"))
+    assert hv.state()["note"].startswith("Estimated from 4,096 sampled coalitions")
+    assert "cancel out: the estimate is noise" in hv.state()["note"]
     show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", players=every,
          approximator="KernelSHAPIQ", exact=False, budget=30, relative_noise=None,
          underdetermined=True)
     note = hv.state()["note"]
     assert "its noise is not measured" in note and note.endswith("the estimate is unreliable.")
-    # with players: both sentences; the real kernel's params give the words too
-    players = {"image": [3, 9, 27, 40], "question": [0, 4]}
-    show(hv, np.ones((5, 64)), WORDS, PATCHES, method="shapley", players=players,
-         approximator="ExactComputer", exact=True, max_players=6)
-    assert hv.state()["note"].endswith("(0 in the matrix). Exact: all 64 coalitions of the 6 "
-                                       "players.")
+    for odd in (True, "0.3", float("nan")):                  # not a measured noise
+        show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", players=every,
+             approximator="PermutationSamplingSII", relative_noise=odd)
+        assert "its noise is not measured" in hv.state()["note"]
+    # the exact computer without an "exact" key; players that are not lists are not counted
+    show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", approximator="ExactComputer",
+         players={"question": "all", "image": [0, 1]})
+    assert hv.state()["note"] == "Exact: every coalition of the players."
+
+
+def test_the_note_of_a_real_shapley_matrix_names_its_players_and_says_exact(vqa):
+    from multiviz_widgets.kernels.interactions import interaction
+    ex, _ = vqa
+    hv, adapter = ex.heatmap_view, ex.analyses.adapter
+    inst = adapter.prepare(ex.analyses.dataset[0])
+    pair = hv.wanted_pair()
+    inter = interaction(adapter, inst, "shapley", modalities=pair, budget=64)
+    hv._show((0, Class(0), inter))
+    note = hv.state()["note"]
+    assert note.startswith("Shapley interactions are computed only between the players:")
+    assert "(at most 6 players)" in note and note.endswith("Exact: all 64 coalitions of the 6 "
+                                                           "players.")
+    sampled = interaction(adapter, inst, "shapley", modalities=pair, budget=400, max_players=None)
+    hv._show((0, Class(0), sampled))
+    note = hv.state()["note"]
+    assert f"Estimated from {sampled.params['coalitions']:,} sampled coalitions" in note
+    assert f"about {sampled.params['relative_noise']:.0%} of the matrix's size" in note
 
 
 @pytest.mark.parametrize("players", [{"question": [0, 1]},              # a side missing

@@ -592,10 +592,10 @@ class WideFusion(nn.Module):
 
 
 def test_shapley_sampled_reports_its_noise_from_two_independent_halves():
-    """Permutation sampling runs as two halves (seeds seed and seed + 1): the result is their
-    mean, and relative_noise = ||m1 - m2|| / ||m1 + m2|| shrinks as the budget grows; an additive
-    model still gets 0 from both halves."""
-    from multiviz_widgets.kernels.interactions import _cross_noise
+    """Permutation sampling runs as two halves (independent seeds drawn from seed): the result
+    is their mean, relative_noise (the error of that mean) shrinks as the budget grows, the
+    second half spends what the first left; an additive model still gets 0 from both halves."""
+    from multiviz_widgets.kernels.interactions import _half_seeds, _mean_and_noise
     mods = [Tabular("tabular", columns=[f"c{i}" for i in range(7)]),
             TimeSeries("series", window=1, channels=["x"])]
     g = torch.Generator().manual_seed(0)
@@ -610,9 +610,24 @@ def test_shapley_sampled_reports_its_noise_from_two_independent_halves():
     assert small.params["approximator"] == large.params["approximator"] == \
         "PermutationSamplingSII"
     assert 0 < large.params["relative_noise"] < 0.5 * small.params["relative_noise"]
-    assert _cross_noise(np.ones((2, 2)), np.ones((2, 2))) == 0.0
-    assert _cross_noise(np.zeros((2, 2)), np.zeros((2, 2))) == 0.0
-    assert _cross_noise(np.array([[1.0]]), np.array([[3.0]])) == pytest.approx(0.5)
+    for r, budget in ((small, 800), (large, 12800)):
+        # whole permutations: at most the budget, and less than one permutation short of it
+        assert budget - 2 * 4 * 13 < r.params["coalitions"] <= budget
+        assert r.forward_passes == r.params["coalitions"] + 1        # + the predicted class
+    again = interaction(adapter, inst, "shapley", budget=800, max_players=None)
+    np.testing.assert_array_equal(again.matrix, small.matrix)        # a seed fixes the sample
+    # the halves of seeds 0 and 1 are four different streams (seed, seed + 1 shared one)
+    assert len(set(_half_seeds(0)) | set(_half_seeds(1))) == 4
+    assert _half_seeds(0) == _half_seeds(0)
+    # the mean weighs the halves by their samples; its error from their difference
+    mean, noise = _mean_and_noise(np.array([[1.0]]), np.array([[3.0]]))
+    assert mean[0, 0] == 2.0 and noise == pytest.approx(0.5)       # (|1 - 3| / 2) / 2
+    mean, noise = _mean_and_noise(np.array([[1.0]]), np.array([[4.0]]), 1, 2)
+    assert mean[0, 0] == 3.0 and noise == pytest.approx(3 * np.sqrt(2) / 3 / 3)
+    assert _mean_and_noise(np.ones((2, 2)), np.ones((2, 2)))[1] == 0.0
+    assert _mean_and_noise(np.zeros((2, 2)), np.zeros((2, 2)))[1] == 0.0
+    assert _mean_and_noise(np.array([[1.0]]), np.array([[-1.0]]))[1] == np.inf   # all noise
+    assert np.isnan(_mean_and_noise(np.array([[np.nan, 1.0]]), np.ones((1, 2)))[1])
 
 
 def test_shapley_warns_when_a_regression_estimate_is_underdetermined():

@@ -68,6 +68,9 @@ def test_kernels_benchmark_writes_ratios_and_floors(tmp_path, has_easy_vqa):
         geo = math.exp(sum(math.log(r["ratio_ours_captum"]) for r in e["instances"]) / rounds)
         assert e["ratio_ours_captum"] == pytest.approx(geo, rel=2e-3)
         assert e["median_of_timing_ratios_ours_captum"] > 0
+    warm = d["stage1"]["methods"]["gradient"]["warm_loop"]      # informative, gradient methods
+    assert set(warm["median_ms"]) == {"ours", "captum", "bare"} and warm["ratio_ours_captum"] > 0
+    assert "warm_loop" not in d["stage1"]["methods"]["occlusion"]
     batched = d["stage1"]["batched"]                 # gradient methods only
     assert batched["n"] == 6 and sum(batched["shape_groups"]) == 6
     assert set(batched["methods"]) == {"gradient"}

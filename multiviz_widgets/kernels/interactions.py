@@ -26,6 +26,7 @@ Dataset-level measures live beside this module and are re-exported here: ``emap`
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from typing import Callable
 
@@ -273,21 +274,37 @@ def auto_max_players(budget: int) -> int:
     """The players that ``max_players="auto"`` keeps: as many as the budget computes exactly
     (2^players <= budget), at most EXACT_MAX_PLAYERS and at least 2.
 
-    Why exact by default: on easy-VQA, the 24 players the old default kept (7 words, 17 patches)
-    and permutation sampling with 4,096 coalitions gave a matrix off by a median 0.63 of its norm
-    (0.37 to 1.94 over 6 questions and 4 seeds, against 131,072 coalitions), with the strongest
-    cell the reference's in 9 of 24 runs (``benchmarks/shapley_accuracy.py``). The same 4,096
+    Why exact by default: on easy-VQA, the 24 players the old default kept (a question's 4 to 7
+    words, the rest patches) and permutation sampling with 4,096 coalitions gave a matrix off by
+    a median 0.60 of its norm
+    (0.33 to 1.01 over 6 questions and 4 seeds, against 131,072 coalitions), with the strongest
+    cell the reference's in 11 of 24 runs (``benchmarks/shapley_accuracy.py``). The same 4,096
     coalitions compute 12 players exactly: fewer units, but what is shown is the index itself,
     not a sample of it."""
     return max(2, min(EXACT_MAX_PLAYERS, int(budget).bit_length() - 1))
 
 
-def _cross_noise(m1: np.ndarray, m2: np.ndarray) -> float:
-    """The relative standard error of the mean of two independent estimates of a matrix, from
-    their difference: ||m1 - m2|| / ||m1 + m2|| (each cell's error of the mean is about
-    |m1 - m2| / 2; 0 when both are 0)."""
-    total = float(np.linalg.norm(m1 + m2))
-    return float(np.linalg.norm(m1 - m2)) / total if total > 0 else 0.0
+def _mean_and_noise(m1: np.ndarray, m2: np.ndarray, w1: float = 1.0, w2: float = 1.0
+                    ) -> tuple[np.ndarray, float]:
+    """(mean, relative standard error of the mean) of two independent estimates of a matrix,
+    each the average of w1 and w2 samples (permutations): the mean weighs them by w, and the
+    error follows from their difference, ||m1 - m2|| sqrt(w1 w2) / (w1 + w2), divided by the
+    mean's norm (two equal halves: ||m1 - m2|| / ||m1 + m2||). 0 when both are 0; infinite when
+    they differ and their mean is 0 (the estimate is all noise); NaN for non-finite values."""
+    mean = (w1 * m1 + w2 * m2) / (w1 + w2)
+    if not (np.isfinite(m1).all() and np.isfinite(m2).all()):
+        return mean, float("nan")
+    error = float(np.linalg.norm(m1 - m2)) * math.sqrt(w1 * w2) / (w1 + w2)
+    size = float(np.linalg.norm(mean))
+    if size > 0:
+        return mean, error / size
+    return mean, 0.0 if error == 0 else float("inf")
+
+
+def _half_seeds(seed: int) -> tuple[int, int]:
+    """Two seeds for the two halves of a sample, from independent streams of ``seed`` (seed and
+    seed + 1 would make the second half of seed s the first half of seed s + 1)."""
+    return tuple(int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(2))
 
 
 def _shapiq_approximator(index: str, n: int, seed: int, budget: int):
@@ -364,9 +381,11 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     other units stay present and their cells are 0 (``params["players"]`` lists the players).
     A few thousand evaluations cannot estimate the ~U_a U_b pairs of 70 players well.
     Permutation sampling with a budget for at least four permutations runs as two halves with
-    seeds ``seed`` and ``seed + 1`` and reports their mean; ``params["relative_noise"]`` is the
-    relative standard error of that mean, from the halves' difference (``_cross_noise``; None
-    when exact or not estimated). Cost: at most budget forwards (plus the occlusion pass). The players (and the split of max_players) are chosen, and the coalitions
+    independent seeds drawn from ``seed`` and reports their mean; ``params["relative_noise"]``
+    is the relative standard error of that mean, from the halves' difference
+    (``_mean_and_noise``; None when exact or not estimated); ``params["coalitions"]``: the
+    coalitions evaluated (whole permutations: at most the budget). Cost: at most budget
+    forwards (plus the occlusion pass). The players (and the split of max_players) are chosen, and the coalitions
     sampled, in the adapter's order of the two modalities, so that (b, a) gives exactly the
     transpose of (a, b).
     """
@@ -454,18 +473,21 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
             if _takes_batch_size(ap):              # permutations evaluated per game call
                 kw["batch_size"] = max(1, batch_size // max(1, getattr(ap, "iteration_cost", 1)))
             if approximator in PERMUTATION_APPROXIMATORS and budget >= 2 * _two_permutations(ap, n):
-                # two independent halves: their mean is as good as one run of the whole budget
-                # (an average over permutations either way), and their difference says how good
-                halves = [cross_block(ap.approximate(budget=budget // 2, game=game, **kw)),
-                          cross_block(_permutation_sampler(index, n, seed + 1).approximate(
-                              budget=budget - budget // 2, game=game, **kw))]
-                m, noise = (halves[0] + halves[1]) / 2, _cross_noise(*halves)
+                # two independent halves (the second spends what the first left), weighed by
+                # their coalitions: the mean is an average over permutations as one run is
+                # (it pays the two ends twice), and the halves' difference says how good it is
+                first, second = (_permutation_sampler(index, n, s) for s in _half_seeds(seed))
+                m1 = cross_block(first.approximate(budget=budget // 2, game=game, **kw))
+                used = evaluated[0]
+                m2 = cross_block(second.approximate(budget=budget - used, game=game, **kw))
+                m, noise = _mean_and_noise(m1, m2, used, evaluated[0] - used)
             else:
                 m = cross_block(ap.approximate(budget=budget, game=game, **kw))
     if evaluated[0] < total:            # permutation sampling stops at whole permutations
         report(progress, total, total, "Shapley coalitions")
     params = {"index": index, "budget": budget, "exact": exact, "approximator": approximator,
-              "underdetermined": underdetermined, "relative_noise": noise, "seed": seed,
+              "underdetermined": underdetermined, "relative_noise": noise,
+              "coalitions": evaluated[0], "seed": seed,
               "max_players": max_players, "players": {a: pa.tolist(), b: pb.tolist()}}
     return m, forwards + evaluated[0], 0, params
 

@@ -11,6 +11,7 @@ matrix comes from the engine (``Analyses.interaction``).
 from __future__ import annotations
 
 import math
+import numbers
 
 import bqplot as bq
 import ipywidgets as W
@@ -116,25 +117,47 @@ def _plural(k: int, words: tuple[str, str]) -> str:
     return words[0] if k == 1 else words[1]
 
 
+#: a sampled Shapley matrix whose estimated relative error reaches this is called mostly noise
+NOISY = 0.5
+
+
+def _count(value) -> int | None:
+    """value as an int when it is a whole number (numpy's too), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
 def shapley_estimate_note(params) -> str:
     """Words saying whether Shapley interactions are exact or sampled, and how noisy a sample
-    is (``params["relative_noise"]``: two independent halves of it compared); "" for the other
-    methods (their params have no ``approximator``)."""
+    is (``params["relative_noise"]``: the estimated error of the mean of two independent halves
+    of the sample, relative to its size); "" for the other methods (their params have no
+    ``approximator``)."""
     if not isinstance(params, dict) or not isinstance(params.get("approximator"), str):
         return ""
     players = params.get("players")
-    n = (sum(len(v) for v in players.values() if isinstance(v, (list, tuple)))
-         if isinstance(players, dict) else None)
-    if params.get("exact"):
+    n = None
+    if isinstance(players, dict) and all(isinstance(v, (list, tuple, range))
+                                         for v in players.values()):
+        n = sum(len(v) for v in players.values())
+    if params.get("exact") or params["approximator"] == "ExactComputer":
         return (f"Exact: all {2 ** n:,} coalitions of the {n} players." if n
                 else "Exact: every coalition of the players.")
-    budget = params.get("budget")
-    text = (f"Estimated from {budget:,} sampled coalitions" if isinstance(budget, int)
+    used = _count(params.get("coalitions"))
+    used = used if used is not None else _count(params.get("budget"))
+    text = (f"Estimated from {used:,} sampled coalitions" if used is not None
             else "Estimated from sampled coalitions") + f" ({params['approximator']})"
     noise = params.get("relative_noise")
-    if isinstance(noise, (int, float)) and math.isfinite(noise):
-        text += (f"; two independent halves of the sample differ by about {noise:.0%} of the "
-                 f"matrix's size: trust its strongest cells, not the weak ones.")
+    noise = (float(noise) if isinstance(noise, numbers.Real) and not isinstance(noise, bool)
+             else None)
+    if noise is not None and math.isinf(noise):
+        text += ("; two independent halves of the sample cancel out: the estimate is noise. "
+                 "Raise the budget or lower max_players.")
+    elif noise is not None and math.isfinite(noise):
+        text += (f"; its error, estimated from two independent halves of the sample, is about "
+                 f"{noise:.0%} of the matrix's size: "
+                 + ("trust its strongest cells, not the weak ones." if noise < NOISY else
+                    "read it as mostly noise, and raise the budget or lower max_players."))
     else:
         text += "; its noise is not measured: compare with another seed or a larger budget."
     if params.get("underdetermined"):
