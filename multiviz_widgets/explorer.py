@@ -217,8 +217,15 @@ class InputPanel:
                 inter = a.interaction(i, explained, imethod, pair, progress)
                 mat = np.asarray(inter.matrix, dtype=np.float64)
                 other = pair[1] if m == pair[0] else pair[0]
-                vec = mat[u, :] if m == pair[0] else mat[:, u]
-                scores[other] = vec.tolist()
+                vec = (mat[u, :] if m == pair[0] else mat[:, u]).tolist()
+                # Shapley's cells outside its players are not computed (0 in the matrix): no
+                # score, not a measured 0 (the heatmap greys them)
+                players = (inter.params or {}).get("players")
+                outside = isinstance(players, dict) and u not in set(players.get(m, [u]))
+                if isinstance(players, dict) and other in players:
+                    kept = set(players[other])
+                    vec = [None if outside or k not in kept else v for k, v in enumerate(vec)]
+                scores[other] = vec
                 # ... a unit's interactions on the heatmap's scale (its largest |cell|): a weak
                 # row must not look as strong as the matrix's strongest pair
                 lim = colour_limit(mat)
@@ -226,8 +233,15 @@ class InputPanel:
                     scales[other] = lim
                 labels = inter.row_labels if m == pair[0] else inter.col_labels
                 name = labels[u] if u < len(labels) else f"#{u}"
-                caption = (f"{other}: {method_label(imethod)} interaction with {m} unit "
-                           f"{name!r} (#{u}); {m}: {method_label(method)} attribution; for {what}")
+                if outside:
+                    caption = (f"{other}: no interactions with {m} unit {name!r} (#{u}): it is "
+                               f"not a player of the {method_label(imethod)} (they are the "
+                               f"units of largest occlusion effect; the heatmap greys the "
+                               f"others); {m}: {method_label(method)} attribution; for {what}")
+                else:
+                    caption = (f"{other}: interaction with {m} unit {name!r} (#{u}, "
+                               f"{method_label(imethod)}); {m}: {method_label(method)} "
+                               f"attribution; for {what}")
             return i, {"scores": scores, "scales": scales, "score_caption": caption}, key
 
         key = ("input", i, target, neuron, method, imethod, unit,

@@ -1106,3 +1106,49 @@ def test_the_path_colours_edges_by_sign_per_kind_and_greys_the_other_classes(vqa
     assert "red edges raise" in view.caption.value
     assert signed_link_values([{"value": float("nan"), "kind": "pair"},
                                {"value": 0.0, "kind": "pair"}]) == [0.0, 0.0]
+
+
+class ShapleyPlayersKernels(FakeKernels):
+    """Fake Shapley interactions computed only between some players (as max_players does)."""
+
+    PLAYERS = {"question": [0, 2], "image": [1, 3]}
+
+    def interaction(self, adapter, prepared, method, modalities, target, progress=None):
+        inter = super().interaction(adapter, prepared, method, modalities, target, progress)
+        if method == "shapley":
+            a, b = modalities
+            kept = np.zeros(inter.matrix.shape, bool)
+            kept[np.ix_(self.PLAYERS[a], self.PLAYERS[b])] = True
+            inter.matrix = np.where(kept, inter.matrix, 0.0)
+            inter.params = dict(inter.params or {}, players=self.PLAYERS)
+        return inter
+
+
+def test_units_that_are_not_shapley_players_get_no_score_not_a_zero():
+    """A non-player's row is not computed (0 in the matrix, grey in the heatmap): the input view
+    shows no score for it, and says why; a player's row leaves the other side's non-players
+    unscored."""
+    adapter, ds = tiny_vqa()
+    ex = Explorer(adapter, ds, kernels=ShapleyPlayersKernels(), delay=0.05)
+    try:
+        assert ex.wait(60)
+        ex.selection.interaction_method = "shapley"
+        assert ex.wait(60)
+        ex.input_panel.click("question", 1)                   # not a player
+        assert ex.wait(60)
+        st = ex.state()
+        assert st["input_scores"]["image"] == [None] * 4
+        assert "no interactions with question unit" in st["score_caption"]
+        assert "not a player of the Shapley interactions" in st["score_caption"]
+        ex.input_panel.click("question", 2)                   # a player
+        assert ex.wait(60)
+        st = ex.state()
+        row = np.asarray(st["heatmap"])[2]
+        assert st["input_scores"]["image"] == [None, row[1], None, row[3]]
+        assert "interaction with question unit" in st["score_caption"]
+        assert "(#2, Shapley interactions)" in st["score_caption"]
+        ex.input_panel.click("image", 0)                      # a patch that is not a player
+        assert ex.wait(60)
+        assert ex.state()["input_scores"]["question"] == [None] * 5
+    finally:
+        ex.close()
