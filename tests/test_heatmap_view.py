@@ -121,7 +121,8 @@ def test_a_one_row_matrix_outlines_its_row_not_the_padding(vqa):
 def test_the_colour_bar_has_a_title_positive_on_top_and_room_for_its_ticks(vqa):
     ex, _ = vqa
     hv = ex.heatmap_view
-    show(hv, [[-0.868, 1.74], [0.2, 0.0]], ["what", "is"], ["p0", "p1"])
+    show(hv, [[-0.868, 1.74], [0.2, 0.0]], ["what", "is"], ["p0", "p1"],
+         method="pairwise_ablation")
     assert hv.color_axis.label == "interaction"
     cs = hv.color_scale
     # not reversed (bqplot's reverse turns the bar's axis upside down): blue low, red high
@@ -136,6 +137,13 @@ def test_the_colour_bar_has_a_title_positive_on_top_and_room_for_its_ticks(vqa):
     assert "Red: they reinforce each other" in legend and "blue: they counteract" in legend
     assert "more than the sum of their separate effects" in legend
     assert "class 'red'" in legend and "Grey" not in legend
+    # second-order gradients: a local curvature, whose sign can differ from the ablations'
+    show(hv, [[-0.868, 1.74], [0.2, 0.0]], ["what", "is"], ["p0", "p1"])
+    legend = hv.state()["legend"]
+    assert legend.startswith("Colour: the second-order gradient of the row's unit")
+    assert "increasing the two units together raises the explained output (class 'red')" in legend
+    assert "its sign can differ from pairwise ablation's and Shapley's" in legend
+    assert "reinforce" not in legend
 
 
 # -- (d) Shapley: the units that are not players ----------------------------------------------

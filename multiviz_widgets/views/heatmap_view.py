@@ -288,7 +288,7 @@ class HeatmapView(W.VBox):
         self._draw(m, inter.row_labels, inter.col_labels, computed)
         self._set_note(" ".join(part for part in (note, shapley_estimate_note(params)) if part))
         target = self.analyses.target_text(explained)
-        self._set_legend(target, grey=computed is not None)
+        self._set_legend(target, grey=computed is not None, method=inter.method)
         self.caption.value = (f"{method_label(inter.method)} {self.pair[0]} x {self.pair[1]} "
                               f"for {target}")
 
@@ -339,16 +339,28 @@ class HeatmapView(W.VBox):
         self.note_text = text
         self.note.value = text
 
-    def _set_legend(self, target: str, grey: bool = False) -> None:
-        """What the colours mean (the sign convention of every interaction method: a positive
-        cell means the two units together raise the explained output more than the sum of their
-        separate effects)."""
+    def _set_legend(self, target: str, grey: bool = False, method: str | None = None) -> None:
+        """What the colours mean. Pairwise ablation and Shapley interactions remove units: a
+        positive cell means the two units together raise the explained output more than the sum
+        of their separate effects. Second-order gradients are the mixed second derivative at
+        the input, along each unit's direction: a local curvature, whose sign can differ from
+        theirs (it does not depend on the sign of the inputs' values)."""
         of = f" ({target})" if target else ""
+        if method == "second_order":
+            meaning = (
+                f"Colour: the second-order gradient of the row's unit with the column's unit, "
+                f"at this input. Red: increasing the two units together raises the explained "
+                f"output{of} more than increasing each alone would; blue: less; white: no "
+                f"interaction. It is a local curvature: its sign can differ from pairwise "
+                f"ablation's and Shapley's, which remove the units.")
+        else:
+            meaning = (
+                f"Colour: the interaction of the row's unit with the column's unit. Red: they "
+                f"reinforce each other (together they raise the explained output{of} more than "
+                f"the sum of their separate effects); blue: they counteract each other "
+                f"(together less than that sum); white: no interaction.")
         self.legend_text = (
-            f"Colour: the interaction of the row's unit with the column's unit. Red: they "
-            f"reinforce each other (together they raise the explained output{of} more than the "
-            f"sum of their separate effects); blue: they counteract each other (together less "
-            f"than that sum); white: no interaction."
+            meaning
             + (" Grey: not computed." if grey else "")
             + " Hover a cell for its units' full names.")
         self.legend.value = self.legend_text
