@@ -441,3 +441,28 @@ def test_a_neuron_constant_within_rounding_never_enters_the_model_at_any_scale()
         back = sparse_model_from_dict(json.loads(json.dumps(sm.to_dict(), allow_nan=False)))
         assert np.isinf(back.std[1])
         np.testing.assert_array_equal(back.decision_function(hs), sm.decision_function(hs))
+
+
+def test_the_path_ranks_neurons_by_their_size_and_skips_those_that_contribute_nothing():
+    """A neuron at its mean (or inactive) contributes exactly 0: it is not on the path; the others
+    come largest |contribution| first (the neuron view's order), or signed with absolute=False.
+    Where no neuron contributes, the note says so."""
+    adapter, inst = path_case(UNITS_A)                       # h = [6.0, 4.5, 2.25]
+
+    def sparse(weight, mean):
+        return SparseModel(weight=np.array([weight, [0.0, 0.0, 1.0]]), bias=np.zeros(2),
+                           mean=np.array(mean), std=np.ones(3), class_names=["yes", "no"],
+                           alpha=0.99, lam=0.1, chosen=0, path_lambdas=np.ones(1),
+                           path_nonzeros=np.ones(1), path_val_fidelity=np.ones(1))
+    sm = sparse([1.0, -2.0, 0.5], [6.0, 0.0, 0.0])           # contributions 0, -9, 1.125
+    path = prediction_path(adapter, inst, target=0, sparse_model=sm, interaction_method=None)
+    assert [n.index for n in path.neurons] == [1, 2]
+    assert [n.contribution for n in path.neurons] == pytest.approx([-9.0, 1.125])
+    signed = prediction_path(adapter, inst, target=0, sparse_model=sm, interaction_method=None,
+                             absolute=False)
+    assert [n.index for n in signed.neurons] == [2, 1]
+    idle = prediction_path(adapter, inst, target=0, sparse_model=sparse([1.0, 0.0, 0.0],
+                                                                        [6.0, 0.0, 0.0]),
+                           interaction_method=None)
+    assert idle.neurons == [] and idle.note.startswith("No neuron contributes to class 'yes' "
+                                                       "on this instance")

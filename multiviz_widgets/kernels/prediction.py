@@ -598,8 +598,12 @@ def _top_units(scores: np.ndarray, labels: Sequence[str], k: int, absolute: bool
 
 
 def _empty_path_note(contrib, sparse_model: SparseModel | None) -> str:
-    """Why class ``contrib.class_index`` has no neuron with a non-zero weight."""
+    """Why class ``contrib.class_index`` has no neuron that contributes to it."""
     name = contrib.class_name
+    if np.any(contrib.weights != 0) and np.isfinite(contrib.bias):
+        return (f"No neuron contributes to class {name!r} on this instance: the neurons with a "
+                f"weight for it are all inactive here (activation "
+                f"{'at its mean' if sparse_model is not None else '0'}).")
     if sparse_model is None:
         return (f"The decision layer's weights for class {name!r} are all zero, so no neuron "
                 "contributes to it.")
@@ -623,7 +627,11 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
 
     target: the class to explain (None: the predicted class). Neurons are ranked by their
     contribution to that class: W[c, j] h_j(x) with the decision layer, or with ``sparse_model``
-    W[c, j] (h_j - mean_j) / std_j, largest first (neurons with zero weight are skipped). For each
+    W[c, j] (h_j - mean_j) / std_j, largest |contribution| first (``absolute``, the default, as
+    the neuron view's bars; else largest first); neurons that contribute nothing (zero weight,
+    or inactive: a contribution of 0, or under 1e-6 of the largest) are skipped. A class the instance is far from
+    (say, not predicted) then shows the neurons that lower it most, where the signed order
+    picked inactive neurons. ``absolute`` ranks the units and pairs the same way. For each
     of the top ``k_neurons``: stage 1 (``unimodal_method``) and stage 2 (``interaction_method``,
     None to skip; needs two modalities) targeted at Neuron(j).
     Cost: 1 forward pass + k_neurons x (the stage-1 method's cost + the stage-2 method's cost).
@@ -635,7 +643,11 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     prepared = as_prepared(adapter, instance)
     contrib = decision_contributions(adapter, prepared, target, sparse_model)
     c = contrib.class_index
-    order = [j for j in np.argsort(-contrib.contributions, kind="stable") if contrib.weights[j] != 0]
+    rank = np.abs(contrib.contributions) if absolute else contrib.contributions
+    # nothing: 0, or float rounding of it (a neuron at its mean, in float32) next to the largest
+    nothing = 1e-6 * float(np.abs(contrib.contributions).max(initial=0.0))
+    order = [j for j in np.argsort(-rank, kind="stable")
+             if contrib.weights[j] != 0 and abs(contrib.contributions[j]) > nothing]
     chosen = order[:k_neurons]
     do_pairs = interaction_method is not None and len(adapter.names) >= 2
     if do_pairs:
