@@ -688,11 +688,14 @@ class Annotations:
         To its own path: refused (:class:`AnnotationConflict`) when the file changed on disk since
         this store read or wrote it (``merge(path)`` takes those changes in; a save then goes
         through), unless ``overwrite=True`` (which replaces them). To another path: refused when a
-        file is there, unless ``overwrite=True``. On failure the concepts stay in memory and
-        ``save_error`` says why."""
+        file is there, unless ``overwrite=True``. A store without a file (made without a path)
+        takes the file it saved to as its own, and from then on saves each change there
+        (``path`` and ``autosave`` set; observers hear it), as a store made with that path would.
+        On failure the concepts stay in memory and ``save_error`` says why."""
         target = self.path if path is None else Path(path).expanduser()
         if target is None:
             raise AnnotationError("This store has no file: give save() a path.")
+        adopt = self.path is None
         own = path is None or (self.path is not None and target.resolve() == self.path.resolve())
         if own:
             # its own file by another name (a link, a relative path): the file itself is
@@ -708,7 +711,9 @@ class Annotations:
                     raise AnnotationError(f"{target} exists; save(path, overwrite=True) replaces "
                                           f"it, or choose another name.")
                 _atomic_write(target, raw)
-                if own:
+                if adopt:
+                    self.path, self.autosave = target.resolve(), True
+                if own or adopt:
                     self._disk_digest = _digest(raw)
                     self._disk_entries = dict(self._data)
                     self.unsaved = False
@@ -733,7 +738,9 @@ class Annotations:
             if err is e:
                 raise
             raise err from e
-        if own and self.save_error is not None:
+        if adopt:
+            self._notify(None)
+        elif own and self.save_error is not None:
             self.save_error = None
             self._notify(None)
         return target

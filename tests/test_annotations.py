@@ -407,6 +407,35 @@ def test_edits_from_code_show_in_the_row_and_on_the_path(tmp_path):
         ex.close()
 
 
+def test_a_store_without_a_file_adopts_the_one_it_saves_to_and_the_status_says_so(tmp_path):
+    """The status line's own advice, followed: save('concepts.json') writes the file, the
+    status says so, later changes are saved there, and saving again goes through."""
+    ex = _explorer(None)
+    try:
+        a = ex.annotations
+        a.add(("neuron", 0), "shape")
+        heard = []
+        a.observe(heard.append)
+        target = tmp_path / "concepts.json"
+        assert a.save(target) == target
+        assert a.path == target.resolve() and a.autosave and not a.unsaved
+        assert heard == [None]
+        assert ex.state()["concepts"]["status"] == f"1 annotated; saved to {target.resolve()} " \
+                                                   f"on each change"
+        a.add(("neuron", 1), "colour")                               # saved on the change
+        saved = json.loads(target.read_text(encoding="utf-8"))
+        assert sorted(tuple(u["concepts"]) for u in saved["neurons"]) == [("colour",),
+                                                                          ("shape",)]
+        a.save()                                                     # again: its own file
+        a.save(target)
+        # a store with a file of its own still writes a copy elsewhere and keeps its own
+        copy = tmp_path / "copy.json"
+        a.save(copy)
+        assert a.path == target.resolve() and copy.exists()
+    finally:
+        ex.close()
+
+
 def test_an_unreadable_file_stops_the_explorer_and_is_left_as_it_was(tmp_path):
     path = tmp_path / "concepts.json"
     path.write_text("my notes, not JSON")

@@ -124,7 +124,7 @@ class ConceptsView(W.VBox):
             return f"{count}; NOT SAVED (kept in memory): {a.save_error}"
         if a.path is None:
             return (f"{count}; kept in memory only: explorer.annotations.save('concepts.json') "
-                    f"writes them to a file")
+                    f"writes them to a file, and each change there from then on")
         if a.autosave:
             return f"{count}; saved to {a.path} on each change"
         return f"{count}; from {a.path} (not saved automatically: annotations.save())"
