@@ -1152,3 +1152,12 @@ def test_units_that_are_not_shapley_players_get_no_score_not_a_zero():
         assert ex.state()["input_scores"]["question"] == [None] * 5
     finally:
         ex.close()
+
+
+def test_the_embedding_caption_is_wrapped_to_its_box_not_cut(vqa):
+    """A Label cut the caption at the 440 px box, just where it says what the black point is."""
+    ex, _ = vqa
+    cap = ex.embedding_view.caption
+    assert "black" in cap.value and len(cap.value) > 56
+    assert len(cap.children) >= 2 and all(len(line.value) <= 56 for line in cap.children)
+    assert " ".join(line.value for line in cap.children) == " ".join(cap.value.split())

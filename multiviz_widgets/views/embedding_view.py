@@ -16,7 +16,7 @@ import numpy as np
 from ..engine import Analyses, Engine
 from ..kernels.projection import UNKNOWN_GROUP, colour_groups
 from ..selection import Selection
-from ._common import RetryAfterCancel, close_widgets, text_label
+from ._common import RetryAfterCancel, WrappedText, close_widgets, text_label
 
 PALETTE = np.array([
     [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
@@ -124,7 +124,9 @@ class EmbeddingView(W.VBox):
         self.legend = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         self.legend_note = ""                            # says when colours are a hue scale
         self.colour_range = None                         # (neuron, lowest, highest) shown
-        self.caption = text_label(value="")
+        # wrapped, never cut (a Label cut its end at the box's width, the part that says
+        # what the black point is): 56 characters fit the 440 px box
+        self.caption = WrappedText(width=56)
         # a fixed width: the legend wraps inside it instead of widening the view over the path
         super().__init__([self.caption, self.colour_by, self.legend, self.figure],
                          layout=W.Layout(width="440px", flex="0 0 auto"))
