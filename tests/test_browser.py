@@ -176,7 +176,7 @@ def test_token_click_colours_the_image_with_the_kernels_interaction_row(quicksta
     current = nb.kernel_json("import json; print(json.dumps(explorer.selection.unit_ref))")
     u = next(k for k in range(n_tokens - 1, -1, -1) if current != [rows, k])
     res = page.evaluate(bs.JS_CLICK_AND_WAIT, [unit_sel(rows, u), unit_sel(cols), 120_000,
-                                                  f"(#{u})"])
+                                                  f"(#{u}, "])
     if not res["ok"]:
         try:
             kernel = json.dumps(nb.kernel_json(bs.EXPLORER_DIAGNOSTICS), indent=1)
@@ -519,7 +519,7 @@ def test_voila_renders_the_demo_and_a_click_works(voila, page):
     # a click on another token recolours the image
     since = comms.mark()
     res = page.evaluate(bs.JS_CLICK_AND_WAIT, [unit_sel("question", n_tokens - 1),
-                                               unit_sel("image"), 180_000, f"(#{n_tokens - 1})"])
+                                               unit_sel("image"), 180_000, f"(#{n_tokens - 1}, "])
     if not res["ok"]:
         pytest.fail("the image overlay did not change after a token click in Voila\n"
                     + _voila_click_report(page, voila, comms, since))

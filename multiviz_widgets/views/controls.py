@@ -164,7 +164,9 @@ class Controls(W.VBox):
 
 class ProgressPanel(W.HBox):
     """A progress bar, what runs and a cancel button, shown only while the engine has been
-    busy for longer than its delay (0.3 s)."""
+    busy for longer than its delay (0.3 s). Hidden, it keeps its place (visibility, not
+    display): appearing for every slow click, it moved every view below it by its height, just
+    as the user's pointer was on its way to the next cell."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -174,17 +176,17 @@ class ProgressPanel(W.HBox):
                                layout=W.Layout(width="80px"))
         self.cancel.on_click(lambda _: engine.cancel())
         super().__init__([self.bar, self.label, self.cancel],
-                         layout=W.Layout(display="none"))
+                         layout=W.Layout(visibility="hidden"))
         engine.observe(self._update, names=["show_progress", "progress", "message"])
         self._update(None)
 
     @property
     def visible(self) -> bool:
-        return self.layout.display != "none"
+        return self.layout.visibility != "hidden"
 
     def _update(self, _change) -> None:
         e = self.engine
-        self.layout.display = "flex" if e.show_progress else "none"
+        self.layout.visibility = "visible" if e.show_progress else "hidden"
         self.bar.value = float(e.progress)
         self.label.value = e.message
 
