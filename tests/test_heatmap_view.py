@@ -73,7 +73,7 @@ def test_hovering_a_cell_names_its_two_units_in_full_and_its_value(vqa):
     hv._show((0, Class(0), inter))
     assert hv.grid.tooltip is hv.tip and hv.grid.interactions.get("hover") == "tooltip"
     hover(hv.grid, rowNum=0, columnNum=1, row="what", column="respir\u2026 t24-31", color=-1.25)
-    assert hv.tip.value == "question what x image respiration t24-31: -1.25"
+    assert hv.tip.value == "question 'what' x image 'respiration t24-31': -1.25"
     hover(hv.grid, rowNum=1, columnNum=0)
     # a Label: the text as it is, never read as markup
     assert "respiration t16-23" in hv.tip.value and "<b>is</b>" in hv.tip.value

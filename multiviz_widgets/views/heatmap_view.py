@@ -454,8 +454,9 @@ class HeatmapView(W.VBox):
         if m.ndim != 2 or not (0 <= row < m.shape[0] and 0 <= col < m.shape[1]):
             return ""
         a, b = self.pair
-        names = (f"{a} {rows[row] if row < len(rows) else row!s} x "
-                 f"{b} {cols[col] if col < len(cols) else col!s}")
+        # quoted (repr): a unit named "the" or "x" must not read as part of the sentence
+        names = (f"{a} {rows[row] if row < len(rows) else f'#{row}'!r} x "
+                 f"{b} {cols[col] if col < len(cols) else f'#{col}'!r}")
         if not np.isfinite(m[row, col]):
             return f"{names}: {float(m[row, col])}"
         if computed is not None and not computed[row, col]:
