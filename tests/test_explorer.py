@@ -1165,3 +1165,30 @@ def test_the_embedding_caption_is_wrapped_to_its_box_not_cut(vqa):
     assert "black" in cap.value and len(cap.value) > 56
     assert len(cap.children) >= 2 and all(len(line.value) <= 56 for line in cap.children)
     assert " ".join(line.value for line in cap.children) == " ".join(cap.value.split())
+
+
+def test_the_gallery_says_how_to_read_its_strip_thumbnails():
+    """A table's and a series' thumbnails are coloured strips: a key under the gallery's caption
+    names their squares (columns; channel rows and windows); an image model needs none."""
+    adapter, ds = tiny_tab_series()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05)
+    try:
+        assert ex.wait(60)
+        nv = ex.neuron_view
+        assert nv.gallery_key.layout.display == "none" and nv.gallery_key.value == ""
+        ex.select(neuron=1)
+        assert ex.wait(60)
+        assert nv.gallery and nv.gallery_key.layout.display is None
+        assert nv.gallery_key.value == (
+            "Thumbnails, coloured by what drives the neuron (red raises it, blue lowers it): "
+            "vitals: a square per hr, bp, temp, age (left to right); series: a row per ecg, "
+            "spo2 (top to bottom), a square per window of 4 steps (left to right).")
+    finally:
+        ex.close()
+
+
+def test_an_image_and_text_gallery_needs_no_thumbnail_key(vqa):
+    ex, _ = vqa
+    ex.select(neuron=1)
+    assert ex.wait(60)
+    assert ex.neuron_view.gallery and ex.neuron_view.gallery_key.layout.display == "none"

@@ -13,7 +13,7 @@ from ..adapter import Neuron
 from ..engine import Analyses, Engine
 from ..kernels.representations import tied_extremes
 from ..selection import Selection
-from ._common import RetryAfterCancel, close_widgets, instance_title, text_label
+from ._common import RetryAfterCancel, WrappedText, close_widgets, instance_title, text_label
 from ._encode import image_overlay, png, strip
 
 
@@ -32,6 +32,29 @@ def contribution_title(class_name: str | None = None) -> str:
     """"what each neuron adds to 'red', W_cj h_j(x)" (the class name shortened to fit)."""
     of = "the class" if class_name is None else repr(_short(class_name, 12))
     return f"what each neuron adds to {of}, W_cj h_j(x)"
+
+
+def thumbnail_key(modalities) -> tuple[str, set]:
+    """(how to read the gallery's strip thumbnails, the modalities drawn as strips): a time
+    series is one row per channel group and one square per window, a table one square per
+    unit; images draw as pictures, texts not at all."""
+    parts, names = [], set()
+    for name, m in modalities.items():
+        if m.kind == "timeseries":
+            rows = ["+".join(str(m.channels[c]) for c in g) for g in m.groups]
+            parts.append(f"{name}: a row per {', '.join(rows)} (top to bottom), a square per "
+                         f"window of {m.window} steps (left to right)")
+        elif m.kind not in ("image", "text"):
+            units = getattr(m, "group_names", None)
+            parts.append(f"{name}: a square per {', '.join(map(str, units))} (left to right)"
+                         if units else f"{name}: a square per unit (left to right)")
+        else:
+            continue
+        names.add(name)
+    if not parts:
+        return "", names
+    return ("Thumbnails, coloured by what drives the neuron (red raises it, blue lowers it): "
+            + "; ".join(parts) + ".", names)
 
 
 class NeuronView(W.VBox):
@@ -86,6 +109,9 @@ class NeuronView(W.VBox):
         # of the top neurons (its bar, added last, may be too small to see); hidden otherwise
         self.selected_caption = text_label(value="", layout=W.Layout(display="none"))
         self.gallery_caption = text_label(value="click a bar to see what its neuron responds to")
+        # how to read the strip thumbnails (tabular columns, series windows): shown with them
+        self.thumb_key = thumbnail_key(analyses.adapter.modalities)
+        self.gallery_key = WrappedText(layout=W.Layout(display="none"))
         self.top_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         self.bottom_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         # hidden until a gallery shows instances under them
@@ -97,7 +123,7 @@ class NeuronView(W.VBox):
         super().__init__([self.caption, self.selected_caption,
                           W.HBox([self.act_figure, self.contrib_figure],
                                  layout=W.Layout(flex_flow="row wrap")),
-                          self.gallery_caption, self.top_label, self.top_row,
+                          self.gallery_caption, self.gallery_key, self.top_label, self.top_row,
                           self.bottom_label, self.bottom_row])
         self.add_class("mvz-neuron-view")
         selection.observe(lambda _: self.refresh(), names=["instance", "target"])
@@ -286,6 +312,9 @@ class NeuronView(W.VBox):
                 f"among them), showing the first {len(rows[side])}")
             # a heading over nothing (no neuron clicked yet, a failed gallery) is not shown
             label.layout.display = None if rows[side] else "none"
+        strips = any(name in self.thumb_key[1] for it in items for name in it["thumbs"])
+        self.gallery_key.value = self.thumb_key[0] if strips else ""
+        self.gallery_key.layout.display = None if strips else "none"
         if j >= 0:
             self.gallery_caption.value = (f"h{j}: dataset instances with the largest and smallest "
                                           f"activation, each coloured by what drives neuron "
