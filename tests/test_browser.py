@@ -708,7 +708,7 @@ def test_the_heatmap_greys_cells_not_computed_outlines_the_row_and_keeps_labels_
     page.locator(".mvz-heatmap-view rect.heatmapcell").nth(64 + 5).hover()
     try:
         page.wait_for_function("() => document.body.textContent.includes("
-                               "'is x image patch r0c5: not computed')", timeout=20_000)
+                               "\"'is' x image 'patch r0c5': not computed\")", timeout=20_000)
     except Exception:  # noqa: BLE001 - say what the page shows instead
         tips = page.evaluate("() => Array.from(document.querySelectorAll('[class*=tooltip]'))"
                              ".map(t => [t.className, t.style.display, t.textContent])")
