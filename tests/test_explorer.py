@@ -1192,3 +1192,22 @@ def test_an_image_and_text_gallery_needs_no_thumbnail_key(vqa):
     ex.select(neuron=1)
     assert ex.wait(60)
     assert ex.neuron_view.gallery and ex.neuron_view.gallery_key.layout.display == "none"
+
+
+def test_the_path_names_its_units_left_of_them_and_draws_no_arrowheads(vqa):
+    """Arrowheads piled up over the neurons' names, and the units' names sat on their edges:
+    the names are a text mark left of the units, and the layout (caption: left to right) gives
+    the direction."""
+    from multiviz_widgets.views.path_view import UNIT_LABEL_GAP, UNIT_NAME_CHARS
+    ex, _ = vqa
+    pv = ex.path_view
+    units = [n for n in pv.nodes if n["kind"] == "unit"]
+    assert units and not pv.graph.directed
+    assert all(d["label_display"] == "none" for d in pv.graph.node_data if d["kind"] == "unit")
+    assert pv.figure.marks == [pv.graph, pv.unit_names]
+    assert list(pv.unit_names.text) == [str(n["label"])[:UNIT_NAME_CHARS] for n in units]
+    np.testing.assert_allclose(pv.unit_names.x, [n["x"] - UNIT_LABEL_GAP for n in units])
+    assert pv.unit_names.align == "end" and pv.xs.min < min(pv.unit_names.x) - 0.3
+    assert "left to right" in pv.caption.value
+    from multiviz_widgets.views.path_view import _short_unit_name
+    assert _short_unit_name("respiration t16-23 and more") == "respiration t16\u2026"

@@ -22,6 +22,16 @@ from ._common import RetryAfterCancel, WrappedText, text_label
 _COLOURS = {"class": "#d62728", "neuron": "#1f77b4", "unit": "#2ca02c"}
 #: The classes shown beside the path's own (a click follows their path): grey, not its red.
 _OTHER_CLASS = "#9e9e9e"
+#: how far left of its node (in x units) a unit's name ends
+UNIT_LABEL_GAP = 0.12
+#: the longest unit name drawn in full (about 100 px of 12 px text, the room left of the units)
+UNIT_NAME_CHARS = 16
+
+
+def _short_unit_name(name: str) -> str:
+    """A unit's name as the path draws it: in full up to UNIT_NAME_CHARS, else cut with an
+    ellipsis (its node's tooltip still has it whole)."""
+    return name if len(name) <= UNIT_NAME_CHARS else name[:UNIT_NAME_CHARS - 1] + "\u2026"
 
 
 def signed_link_values(links: list[dict]) -> list[float]:
@@ -54,15 +64,17 @@ class PathView(W.VBox):
         self.links: list[dict] = []
         self.path: dict = {}
         self.instance = -1                    # the instance whose path is shown
-        self.xs = bq.LinearScale(min=-0.3, max=2.3)
+        # room left of the units (x = 0) for their names, drawn there (UNIT_LABEL_GAP)
+        self.xs = bq.LinearScale(min=-0.62, max=2.3)
         self.ys = bq.LinearScale(min=-0.1, max=1.1)
         # edges: red raises what they point to, blue lowers it (as the heatmap's colours)
         self.link_colours = bq.ColorScale(scheme="RdBu", mid=0.0, min=-1.0, max=1.0,
                                           reverse=True)
         self.graph = self._new_graph([], [], [], [], [])
-        self.figure = bq.Figure(marks=[self.graph], layout=W.Layout(width="620px",
-                                                                   height="360px"),
-                                fig_margin={"top": 20, "bottom": 20, "left": 60, "right": 60})
+        self.unit_names = self._new_unit_names([])
+        self.figure = bq.Figure(marks=[self.graph, self.unit_names],
+                                layout=W.Layout(width="620px", height="360px"),
+                                fig_margin={"top": 20, "bottom": 20, "left": 10, "right": 60})
         self.caption = WrappedText(width=84)      # long: wrapped, never cut
         self.concepts = text_label(value="")     # the concepts of the path's neurons
         # its own width, never squeezed by the views beside it (they wrap below instead)
@@ -76,11 +88,22 @@ class PathView(W.VBox):
         if annotations is not None:
             annotations.observe(self._on_concepts)
 
+    def _new_unit_names(self, units: list[dict]) -> bq.Label:
+        """The units' names as text right-aligned just left of their nodes (a Label mark: text,
+        never markup), where no edge crosses them."""
+        return bq.Label(x=np.array([n["x"] - UNIT_LABEL_GAP for n in units], dtype=float),
+                        y=np.array([n["y"] for n in units], dtype=float),
+                        text=[_short_unit_name(str(n["label"])) for n in units],
+                        scales={"x": self.xs, "y": self.ys}, align="end", default_size=12,
+                        y_offset=4, colors=["#333333"], font_weight="normal")
+
     def _new_graph(self, node_data, link_data, x, y, colors) -> bq.Graph:
         graph = bq.Graph(node_data=node_data, link_data=link_data, x=x, y=y,
                          colors=colors or ["#7f7f7f"],
                          scales={"x": self.xs, "y": self.ys, "link_color": self.link_colours},
-                         link_type="line", directed=True, static=True, charge=0,
+                         # no arrowheads: they piled up over the neurons' names; the caption
+                         # and the left-to-right layout say the direction
+                         link_type="line", directed=False, static=True, charge=0,
                          highlight_links=True,
                          interactions={"click": "select", "hover": "tooltip"},
                          selected_style={"stroke": "black", "stroke-width": 3})
@@ -121,9 +144,9 @@ class PathView(W.VBox):
         note = str(path.get("note") or "") if not path.get("neurons") else ""
         self.caption.value = (f"prediction path to class {name!r}: no neurons ({note})" if note
                               else f"prediction path to class {name!r} (red box): units -> "
-                                   "neurons -> class; red edges raise what they point to, blue "
-                                   "lower it, paler is weaker; grey boxes: other likely classes "
-                                   "(click a node)")
+                                   "neurons -> class, left to right; red edges raise the node on "
+                                   "their right, blue lower it, paler is weaker; grey boxes: "
+                                   "other likely classes (click a node)")
         self.concepts.value = self.concept_line()
 
     def concept_line(self) -> str:
@@ -150,7 +173,8 @@ class PathView(W.VBox):
         node_data = [{"label": str(n["label"]), "shape": "rect" if n["kind"] == "class" else
                       "circle", "shape_attrs": {"r": 12} if n["kind"] != "class" else
                       {"width": 70, "height": 26}, "node_id": n["id"], "kind": n["kind"],
-                      "label_display": "outside" if n["kind"] == "unit" else "center"}
+                      # a unit's name left of it (self.unit_names), not over its edges
+                      "label_display": "none" if n["kind"] == "unit" else "center"}
                      for n in nodes]
         # link_data is sent as JSON, which has no NaN or infinity; each kind of edge on its
         # own scale (signed_link_values), coloured by sign and strength
@@ -165,8 +189,12 @@ class PathView(W.VBox):
                                      [_OTHER_CLASS if n["kind"] == "class"
                                       and n["class"] != shown else
                                       _COLOURS.get(n["kind"], "#7f7f7f") for n in nodes])
-        self.figure.marks = [self.graph]
+        units = [n for n in nodes if n["kind"] == "unit"]
+        old_names = self.unit_names
+        self.unit_names = self._new_unit_names(units)
+        self.figure.marks = [self.graph, self.unit_names]
         old.close()
+        old_names.close()
         self._highlight()
 
     def _highlight(self) -> None:
