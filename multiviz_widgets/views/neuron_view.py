@@ -206,8 +206,8 @@ class NeuronView(W.VBox):
             if j >= 0 and j not in self._top and j in self.shown:
                 k = self.shown.index(j)
                 note = (f"selected h{j} (not in the top {len(self._top)}, the last bar): "
-                        f"activation {self.activations[k]:.3g}, contribution "
-                        f"{self.contributions[k]:.3g} to {self._class_name!r}")
+                        f"activation {self.activations[k] + 0.0:.3g}, contribution "
+                        f"{self.contributions[k] + 0.0:.3g} to {self._class_name!r}")  # no "-0"
         self.selected_caption.value = note
         self.selected_caption.layout.display = None if note else "none"
 
