@@ -47,6 +47,18 @@ def shape_or_color_indices(dataset, n: int, seed: int = 0) -> np.ndarray:
     return idx
 
 
+def start_run(threads: int, n: int, seed: int):
+    """(adapter, dataset, note, indices) for a benchmark run on the easy-VQA model: torch on
+    ``threads`` threads, captum's "did not already require gradients" warning silenced, and n
+    questions about a shape or a colour (seeded)."""
+    import warnings
+
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
+    adapter, dataset, note = load_demo()
+    return adapter, dataset, note, shape_or_color_indices(dataset, n, seed=seed)
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
     """(milliseconds, result) of one call; where CUDA is in use, the device's queued work is
     waited for before and after (GPU kernels run asynchronously)."""

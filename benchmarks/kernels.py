@@ -62,7 +62,6 @@ import argparse
 import importlib.util
 import itertools
 import math
-import warnings
 import sys
 import traceback
 from pathlib import Path
@@ -71,9 +70,9 @@ import torch
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (FLOOR_BATCHES, RESULTS, environment, load_demo, median,  # noqa: E402
+from common import (FLOOR_BATCHES, RESULTS, environment, median,  # noqa: E402
                     per_sample_forward_backward_ms, per_sample_forward_ms, per_sample_scan,
-                    shape_or_color_indices, timed, write_json)
+                    shape_or_color_indices, start_run, timed, write_json)
 
 from multiviz_widgets.kernels.common import PERTURBATION_BATCH  # noqa: E402
 from multiviz_widgets.kernels.unimodal import (  # noqa: E402
@@ -481,10 +480,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batched-rounds", type=int, default=3)
     ap.add_argument("--out", default=str(RESULTS / "kernels.json"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
-    adapter, dataset, note = load_demo()
-    indices = shape_or_color_indices(dataset, args.n, seed=args.seed)
+    adapter, dataset, note, indices = start_run(args.threads, args.n, args.seed)
     if len(indices) < 20:
         print(f"note: {len(indices)} instances; the criterion's medians are over at least 20 "
               "(n_meets_criterion is false in the JSON)", flush=True)

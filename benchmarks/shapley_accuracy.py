@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, environment, load_demo, median, shape_or_color_indices,  # noqa: E402
-                    timed, write_json)
+from common import (RESULTS, environment, median, start_run, timed,  # noqa: E402
+                    write_json)
 
 from multiviz_widgets.kernels.common import resolve_target  # noqa: E402
 from multiviz_widgets.kernels.interactions import interaction  # noqa: E402
@@ -115,10 +113,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "shapley_accuracy.json"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
-    adapter, dataset, note = load_demo()
-    indices = shape_or_color_indices(dataset, args.n, seed=args.seed)
+    adapter, dataset, note, indices = start_run(args.threads, args.n, args.seed)
     result = {"model": note, "environment": environment(),
               **run(adapter, dataset, indices, args.players, args.budget, args.reference_budget,
                     args.seeds, args.reference_seed)}
