@@ -713,3 +713,18 @@ def test_the_heatmap_greys_cells_not_computed_outlines_the_row_and_keeps_labels_
         tips = page.evaluate("() => Array.from(document.querySelectorAll('[class*=tooltip]'))"
                              ".map(t => [t.className, t.style.display, t.textContent])")
         pytest.fail(f"no tooltip for the hovered cell; the tooltips: {tips}")
+    # another matrix with other rows: no row is ever placed at "undefined" meanwhile (the
+    # scales and the grid reach the browser one after the other)
+    before = len(nb.console_errors)
+    nb.kernel_exec("hv._show((0, Class(0), Interaction(method='pairwise_ablation', "
+                   "target=Class(0), modalities=('question', 'image'), "
+                   "matrix=np.linspace(-1, 1, 3 * 64).reshape(3, 64), "
+                   "row_labels=['how', 'many', 'sides'], "
+                   "col_labels=[f'patch r{r}c{c}' for r in range(8) for c in range(8)])))")
+    page.wait_for_function("() => document.querySelectorAll('.mvz-heatmap-view "
+                           "rect.heatmapcell').length === 192", timeout=30_000)
+    page.wait_for_timeout(1000)
+    assert not [e for e in nb.console_errors[before:] if "undefined" in e], nb.console_errors
+    rows = page.evaluate("() => Array.from(document.querySelectorAll('.mvz-heatmap-view "
+                         "g.axis .tick text')).map(t => t.textContent)")
+    assert {"how", "many", "sides"} <= set(rows) and "what" not in rows

@@ -386,8 +386,13 @@ class HeatmapView(W.VBox):
         self._shown_shape = shown.shape
         row_ticks = tick_labels(self.row_labels, shown.shape[0])
         col_ticks = tick_labels(self.col_labels, shown.shape[1])
-        self.rows_scale.domain = row_ticks[::-1]         # row 0 at the top
-        self.cols_scale.domain = col_ticks
+        # The scales and the grid are separate widgets, so the browser gets their changes one
+        # after the other: a grid row (or column) missing from its scale's domain meanwhile is
+        # placed at "undefined" (a console error per row). Each domain first holds the old and
+        # the new ticks, and is cut to the new ones after the grid has them.
+        for scale, ticks in ((self.rows_scale, row_ticks[::-1]), (self.cols_scale, col_ticks)):
+            old = [t for t in (scale.domain or []) if t not in set(ticks)]
+            scale.domain = list(ticks) + old
         with self.grid.hold_sync():
             self.grid.selected = None
             self.grid.row = None
@@ -400,6 +405,8 @@ class HeatmapView(W.VBox):
             values = m[computed] if computed is not None else m
             lim = colour_limit(values) or 1.0
             self.color_scale.min, self.color_scale.max = -lim, lim
+        self.rows_scale.domain = row_ticks[::-1]         # row 0 at the top
+        self.cols_scale.domain = col_ticks
         # the row axis title clear of the longest row label (about 7 px a character); the
         # columns' title below their rotated labels (about 4.6 px down a character)
         longest = max((len(t) for t in row_ticks), default=1)
