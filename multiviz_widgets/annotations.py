@@ -333,6 +333,7 @@ class Annotations:
         # resolved now: a later os.chdir does not move the file, and a link keeps pointing at it
         self.path = None if path is None else Path(path).expanduser().resolve()
         self.autosave = (self.path is not None) if autosave is None else bool(autosave)
+        self._autosave_given = autosave is not None     # kept when save() adopts a file
         if self.autosave and self.path is None:
             raise AnnotationError("autosave=True needs a path to save to.")
         self.signature = dict(signature) if signature else None
@@ -689,13 +690,17 @@ class Annotations:
         this store read or wrote it (``merge(path)`` takes those changes in; a save then goes
         through), unless ``overwrite=True`` (which replaces them). To another path: refused when a
         file is there, unless ``overwrite=True``. A store without a file (made without a path)
-        takes the file it saved to as its own, and from then on saves each change there
-        (``path`` and ``autosave`` set; observers hear it), as a store made with that path would.
-        On failure the concepts stay in memory and ``save_error`` says why."""
+        takes the file it saved to as its own, as ``Annotations.open`` of that path would: a link
+        is followed to its file, each change is saved there from then on (unless the store was
+        made with ``autosave=False``), observers hear it, and a later ``Annotations.open`` of the
+        file (an Explorer given it) gets this store. On failure the concepts stay in memory and
+        ``save_error`` says why."""
         target = self.path if path is None else Path(path).expanduser()
         if target is None:
             raise AnnotationError("This store has no file: give save() a path.")
         adopt = self.path is None
+        if adopt:          # a link: the file it points at, as Annotations(path) would read it
+            target = target.resolve()
         own = path is None or (self.path is not None and target.resolve() == self.path.resolve())
         if own:
             # its own file by another name (a link, a relative path): the file itself is
@@ -703,6 +708,7 @@ class Annotations:
             target = self.path
         try:
             with self._lock:           # the text and the write together: no older text wins
+                adopt = adopt and self.path is None     # else adopted by another save meanwhile
                 doc = self.to_dict()
                 raw = (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
                 if own and not overwrite:
@@ -712,7 +718,8 @@ class Annotations:
                                           f"it, or choose another name.")
                 _atomic_write(target, raw)
                 if adopt:
-                    self.path, self.autosave = target.resolve(), True
+                    self.path = target
+                    self.autosave = self.autosave if self._autosave_given else True
                 if own or adopt:
                     self._disk_digest = _digest(raw)
                     self._disk_entries = dict(self._data)
@@ -739,6 +746,9 @@ class Annotations:
                 raise
             raise err from e
         if adopt:
+            with _OPEN_LOCK:       # shared from now on, as a store opened on the file is
+                if _OPEN.get(str(target)) is None:
+                    _OPEN[str(target)] = self
             self._notify(None)
         elif own and self.save_error is not None:
             self.save_error = None

@@ -432,8 +432,30 @@ def test_a_store_without_a_file_adopts_the_one_it_saves_to_and_the_status_says_s
         copy = tmp_path / "copy.json"
         a.save(copy)
         assert a.path == target.resolve() and copy.exists()
+        # shared from now on, as a store opened on the file: a second Explorer gets this one
+        assert Annotations.open(target) is a
     finally:
         ex.close()
+
+
+def test_adopting_a_link_writes_the_file_it_points_at_and_autosave_false_stays(tmp_path):
+    real = tmp_path / "real.json"
+    Annotations(real).save()
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    a = Annotations()
+    a.add(neuron_key(1), "w")
+    a.save(link, overwrite=True)
+    assert link.is_symlink() and a.path == real.resolve()
+    saved = json.loads(real.read_text(encoding="utf-8"))
+    assert [n["concepts"] for n in saved["neurons"]] == [["w"]] and a.autosave
+    b = Annotations(autosave=False)                      # said: no saves on each change
+    b.add(neuron_key(2), "v")
+    b.save(tmp_path / "b.json")
+    assert b.path == (tmp_path / "b.json").resolve() and not b.autosave
+    b.add(neuron_key(3), "u")
+    saved = json.loads((tmp_path / "b.json").read_text(encoding="utf-8"))
+    assert b.unsaved and [n["concepts"] for n in saved["neurons"]] == [["v"]]
 
 
 def test_an_unreadable_file_stops_the_explorer_and_is_left_as_it_was(tmp_path):
