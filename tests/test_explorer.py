@@ -1205,9 +1205,14 @@ def test_the_path_names_its_units_left_of_them_and_draws_no_arrowheads(vqa):
     assert units and not pv.graph.directed
     assert all(d["label_display"] == "none" for d in pv.graph.node_data if d["kind"] == "unit")
     assert pv.figure.marks == [pv.graph, pv.unit_names]
-    assert list(pv.unit_names.text) == [str(n["label"])[:UNIT_NAME_CHARS] for n in units]
+    from multiviz_widgets.views.path_view import _short_unit_name
+    assert list(pv.unit_names.text) == [_short_unit_name(str(n["label"])) for n in units]
+    assert pv.graph.tooltip is not None and list(pv.graph.tooltip.fields) == ["label"]
     np.testing.assert_allclose(pv.unit_names.x, [n["x"] - UNIT_LABEL_GAP for n in units])
     assert pv.unit_names.align == "end" and pv.xs.min < min(pv.unit_names.x) - 0.3
     assert "left to right" in pv.caption.value
-    from multiviz_widgets.views.path_view import _short_unit_name
-    assert _short_unit_name("respiration t16-23 and more") == "respiration t16\u2026"
+    names = [_short_unit_name(f"ecg+respiration t{8 * w}-{8 * w + 7}") for w in range(4)]
+    assert names[1] == "ecg+respi\u2026 t8-15" and len(set(names)) == 4
+    assert all(len(n) <= UNIT_NAME_CHARS for n in names)
+    assert _short_unit_name("a" * 30) == "a" * (UNIT_NAME_CHARS - 1) + "\u2026"
+    assert _short_unit_name("patch r6c0") == "patch r6c0"

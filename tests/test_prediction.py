@@ -466,3 +466,8 @@ def test_the_path_ranks_neurons_by_their_size_and_skips_those_that_contribute_no
                            interaction_method=None)
     assert idle.neurons == [] and idle.note.startswith("No neuron contributes to class 'yes' "
                                                        "on this instance")
+    # a non-finite contribution neither hides the others nor reads as "inactive"
+    with np.errstate(invalid="ignore"):
+        odd = prediction_path(adapter, inst, target=0, interaction_method=None,
+                              sparse_model=sparse([1.0, -2.0, 0.5], [np.nan, 0.0, 0.0]))
+    assert [n.index for n in odd.neurons] == [1, 2, 0] and odd.note == ""

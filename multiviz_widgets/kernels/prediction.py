@@ -645,9 +645,10 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     c = contrib.class_index
     rank = np.abs(contrib.contributions) if absolute else contrib.contributions
     # nothing: 0, or float rounding of it (a neuron at its mean, in float32) next to the largest
-    nothing = 1e-6 * float(np.abs(contrib.contributions).max(initial=0.0))
+    finite = np.abs(contrib.contributions[np.isfinite(contrib.contributions)])
+    nothing = 1e-6 * float(finite.max(initial=0.0))      # a NaN or inf neuron is not "nothing"
     order = [j for j in np.argsort(-rank, kind="stable")
-             if contrib.weights[j] != 0 and abs(contrib.contributions[j]) > nothing]
+             if contrib.weights[j] != 0 and not abs(contrib.contributions[j]) <= nothing]
     chosen = order[:k_neurons]
     do_pairs = interaction_method is not None and len(adapter.names) >= 2
     if do_pairs:

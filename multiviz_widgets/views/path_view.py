@@ -29,9 +29,15 @@ UNIT_NAME_CHARS = 16
 
 
 def _short_unit_name(name: str) -> str:
-    """A unit's name as the path draws it: in full up to UNIT_NAME_CHARS, else cut with an
-    ellipsis (its node's tooltip still has it whole)."""
-    return name if len(name) <= UNIT_NAME_CHARS else name[:UNIT_NAME_CHARS - 1] + "\u2026"
+    """A unit's name as the path draws it: in full up to UNIT_NAME_CHARS, else cut in the
+    middle, its last word kept ("ecg+respi\u2026 t8-15": the windows of one channel group must
+    not all read alike); the node's tooltip has it whole."""
+    if len(name) <= UNIT_NAME_CHARS:
+        return name
+    head, _, last = name.rpartition(" ")
+    if head and len(last) <= UNIT_NAME_CHARS - 4:
+        return name[:UNIT_NAME_CHARS - len(last) - 2] + "\u2026 " + last
+    return name[:UNIT_NAME_CHARS - 1] + "\u2026"
 
 
 def signed_link_values(links: list[dict]) -> list[float]:
@@ -67,7 +73,8 @@ class PathView(W.VBox):
         # room left of the units (x = 0) for their names, drawn there (UNIT_LABEL_GAP)
         self.xs = bq.LinearScale(min=-0.62, max=2.3)
         self.ys = bq.LinearScale(min=-0.1, max=1.1)
-        # edges: red raises what they point to, blue lowers it (as the heatmap's colours)
+        # edges: red raises the node on their right, blue lowers it; a link between two units:
+        # red, they reinforce each other, blue, they counteract (as the heatmap's colours)
         self.link_colours = bq.ColorScale(scheme="RdBu", mid=0.0, min=-1.0, max=1.0,
                                           reverse=True)
         self.graph = self._new_graph([], [], [], [], [])
@@ -106,6 +113,8 @@ class PathView(W.VBox):
                          link_type="line", directed=False, static=True, charge=0,
                          highlight_links=True,
                          interactions={"click": "select", "hover": "tooltip"},
+                         # a node's full name (a unit's drawn name may be shortened)
+                         tooltip=bq.Tooltip(fields=["label"]),
                          selected_style={"stroke": "black", "stroke-width": 3})
         graph.on_element_click(self._on_click)
         return graph
@@ -145,8 +154,9 @@ class PathView(W.VBox):
         self.caption.value = (f"prediction path to class {name!r}: no neurons ({note})" if note
                               else f"prediction path to class {name!r} (red box): units -> "
                                    "neurons -> class, left to right; red edges raise the node on "
-                                   "their right, blue lower it, paler is weaker; grey boxes: "
-                                   "other likely classes (click a node)")
+                                   "their right, blue lower it, paler is weaker; a link between "
+                                   "two units: their interaction (red: they reinforce each "
+                                   "other); grey boxes: other likely classes (click a node)")
         self.concepts.value = self.concept_line()
 
     def concept_line(self) -> str:
