@@ -27,7 +27,7 @@ from .data import MultimodalDataset
 from .engine import Analyses, Engine, Kernels, short_repr
 from .selection import FIELDS, Selection, unit_ref_of
 from .views._common import (close_widgets, colour_limit, instance_title, method_label,
-                            text_label, widget_tree)
+                            shapley_players, text_label, widget_tree)
 from .views.concepts_view import ConceptsView
 from .views.controls import Controls, ErrorBanner, ProgressPanel
 from .views.embedding_view import BY_NEURON, EmbeddingView
@@ -220,10 +220,11 @@ class InputPanel:
                 vec = (mat[u, :] if m == pair[0] else mat[:, u]).tolist()
                 # Shapley's cells outside its players are not computed (0 in the matrix): no
                 # score, not a measured 0 (the heatmap greys them)
-                players = (inter.params or {}).get("players")
-                outside = isinstance(players, dict) and u not in set(players.get(m, [u]))
-                if isinstance(players, dict) and other in players:
-                    kept = set(players[other])
+                sides = shapley_players(inter.params, pair, mat.shape)
+                outside = False
+                if sides is not None:
+                    mine, kept = (sides if m == pair[0] else sides[::-1])
+                    outside, kept = u not in set(mine.tolist()), set(kept.tolist())
                     vec = [None if outside or k not in kept else v for k, v in enumerate(vec)]
                 scores[other] = vec
                 # ... a unit's interactions on the heatmap's scale (its largest |cell|): a weak

@@ -1216,3 +1216,31 @@ def test_the_path_names_its_units_left_of_them_and_draws_no_arrowheads(vqa):
     assert all(len(n) <= UNIT_NAME_CHARS for n in names)
     assert _short_unit_name("a" * 30) == "a" * (UNIT_NAME_CHARS - 1) + "\u2026"
     assert _short_unit_name("patch r6c0") == "patch r6c0"
+
+
+@pytest.mark.parametrize("players", [{"question": [0, 2]},                 # a side missing
+                                     {"question": [0, 2], "image": None},
+                                     {"question": [0, 2], "image": [1, 3, 9]},  # out of range
+                                     {"question": "all", "image": [1]}])
+def test_players_the_heatmap_ignores_the_input_view_ignores_too(players):
+    """Both views read the players through one function: where the heatmap greys nothing, the
+    input view shows every score (and never fails on odd players from custom kernels)."""
+    class OddPlayers(FakeKernels):
+        def interaction(self, adapter, prepared, method, modalities, target, progress=None):
+            inter = super().interaction(adapter, prepared, method, modalities, target, progress)
+            inter.params = dict(inter.params or {}, players=players)
+            return inter
+    adapter, ds = tiny_vqa()
+    ex = Explorer(adapter, ds, kernels=OddPlayers(), delay=0.05)
+    try:
+        assert ex.wait(60)
+        ex.selection.interaction_method = "shapley"
+        assert ex.wait(60)
+        ex.input_panel.click("question", 1)
+        assert ex.wait(60)
+        st = ex.state()
+        assert st["error"] == "" and ex.heatmap_view.state()["computed"] is None
+        assert None not in st["input_scores"]["image"]
+        assert "not a player" not in st["score_caption"]
+    finally:
+        ex.close()

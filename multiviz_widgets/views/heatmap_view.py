@@ -19,7 +19,8 @@ import numpy as np
 
 from ..engine import Analyses, Engine
 from ..selection import Selection
-from ._common import RetryAfterCancel, WrappedText, colour_limit, method_label, text_label
+from ._common import (RetryAfterCancel, WrappedText, colour_limit, method_label,
+                      shapley_players, text_label)
 
 
 #: Longest tick label (characters) on the heatmap's axes; longer unit names are cut in the
@@ -305,20 +306,8 @@ class HeatmapView(W.VBox):
         """(computed, note): which cells the method computed (None: all of them) and the words
         saying so, from ``params["players"]`` ({modality: the player units}) when some units of
         the pair are not players (Shapley's max_players); their cells are 0 in the matrix."""
-        players = params.get("players") if isinstance(params, dict) else None
-        if not isinstance(players, dict) or len(shape) != 2:
-            return None, ""
-        sides = []
-        for modality, n in zip(self.pair, shape):
-            units = players.get(modality)
-            try:
-                idx = np.unique(np.asarray(units, dtype=np.int64).ravel())
-            except (TypeError, ValueError):
-                return None, ""
-            if units is None or (idx.size and (idx.min() < 0 or idx.max() >= n)):
-                return None, ""
-            sides.append(idx)
-        if all(len(idx) == n for idx, n in zip(sides, shape)):
+        sides = shapley_players(params, self.pair, shape)
+        if sides is None or all(len(idx) == n for idx, n in zip(sides, shape)):
             return None, ""
         computed = np.zeros(shape, dtype=bool)
         computed[np.ix_(sides[0], sides[1])] = True
@@ -344,7 +333,8 @@ class HeatmapView(W.VBox):
         positive cell means the two units together raise the explained output more than the sum
         of their separate effects. Second-order gradients are the mixed second derivative at
         the input, along each unit's direction: a local curvature, whose sign can differ from
-        theirs (it does not depend on the sign of the inputs' values)."""
+        theirs (along a patch's or a column's own direction it does not depend on the sign of
+        the unit's values; embedded tokens move along x - baseline, so for them it does)."""
         of = f" ({target})" if target else ""
         if method == "second_order":
             meaning = (

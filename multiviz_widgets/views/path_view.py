@@ -77,6 +77,8 @@ class PathView(W.VBox):
         # red, they reinforce each other, blue, they counteract (as the heatmap's colours)
         self.link_colours = bq.ColorScale(scheme="RdBu", mid=0.0, min=-1.0, max=1.0,
                                           reverse=True)
+        # one tooltip for every graph drawn (each redraw makes a new graph: bqplot#1155)
+        self.node_tip = bq.Tooltip(fields=["label"])
         self.graph = self._new_graph([], [], [], [], [])
         self.unit_names = self._new_unit_names([])
         self.figure = bq.Figure(marks=[self.graph, self.unit_names],
@@ -114,7 +116,7 @@ class PathView(W.VBox):
                          highlight_links=True,
                          interactions={"click": "select", "hover": "tooltip"},
                          # a node's full name (a unit's drawn name may be shortened)
-                         tooltip=bq.Tooltip(fields=["label"]),
+                         tooltip=self.node_tip,
                          selected_style={"stroke": "black", "stroke-width": 3})
         graph.on_element_click(self._on_click)
         return graph
