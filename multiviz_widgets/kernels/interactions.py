@@ -276,9 +276,9 @@ def auto_max_players(budget: int) -> int:
 
     Why exact by default: on easy-VQA, the 24 players the old default kept (a question's 4 to 7
     words, the rest patches) and permutation sampling with 4,096 coalitions gave a matrix off by
-    a median 0.60 of its norm
-    (0.33 to 1.01 over 6 questions and 4 seeds, against 131,072 coalitions), with the strongest
-    cell the reference's in 11 of 24 runs (``benchmarks/shapley_accuracy.py``). The same 4,096
+    a median 0.60 of its norm (0.33 to 1.01 over 6 questions and 4 seeds, against 131,072
+    coalitions), with the strongest cell the reference's in 11 of 24 runs
+    (``benchmarks/shapley_accuracy.py``). The same 4,096
     coalitions compute 12 players exactly: fewer units, but what is shown is the index itself,
     not a sample of it."""
     return max(2, min(EXACT_MAX_PLAYERS, int(budget).bit_length() - 1))
@@ -385,9 +385,9 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     is the relative standard error of that mean, from the halves' difference
     (``_mean_and_noise``; None when exact or not estimated); ``params["coalitions"]``: the
     coalitions evaluated (whole permutations: at most the budget). Cost: at most budget
-    forwards (plus the occlusion pass). The players (and the split of max_players) are chosen, and the coalitions
-    sampled, in the adapter's order of the two modalities, so that (b, a) gives exactly the
-    transpose of (a, b).
+    forwards (plus the occlusion pass). The players (and the split of max_players) are chosen,
+    and the coalitions sampled, in the adapter's order of the two modalities, so that (b, a)
+    gives exactly the transpose of (a, b).
     """
     if adapter.names.index(a) > adapter.names.index(b):
         m, forwards, backwards, params = shapley(adapter, prepared, b, a, target, progress, index,
