@@ -4,6 +4,7 @@ Kernel-free (no Jupyter, no browser): clicks are simulated the way the front end
 (bqplot ``_handle_custom_msg``, ipyvolume ``clicked_index``, the InputView's ``selected``,
 ipywidgets ``Button.click``); kernels are cheap fakes that count their calls.
 """
+import contextlib
 import threading
 import time
 
@@ -1128,34 +1129,43 @@ class ShapleyPlayersKernels(FakeKernels):
         return inter
 
 
-def test_units_that_are_not_shapley_players_get_no_score_not_a_zero():
-    """A non-player's row is not computed (0 in the matrix, grey in the heatmap): the input view
-    shows no score for it, and says why; a player's row leaves the other side's non-players
-    unscored."""
+@contextlib.contextmanager
+def shapley_explorer(kernels):
+    """An Explorer on tiny_vqa with ``kernels``, showing Shapley interactions; closed after."""
     adapter, ds = tiny_vqa()
-    ex = Explorer(adapter, ds, kernels=ShapleyPlayersKernels(), delay=0.05)
+    ex = Explorer(adapter, ds, kernels=kernels, delay=0.05)
     try:
         assert ex.wait(60)
         ex.selection.interaction_method = "shapley"
         assert ex.wait(60)
-        ex.input_panel.click("question", 1)                   # not a player
-        assert ex.wait(60)
-        st = ex.state()
+        yield ex
+    finally:
+        ex.close()
+
+
+def click_unit(ex, modality: str, unit: int) -> dict:
+    """Click a unit in the input view; the Explorer's state once every view has followed."""
+    ex.input_panel.click(modality, unit)
+    assert ex.wait(60)
+    return ex.state()
+
+
+def test_units_that_are_not_shapley_players_get_no_score_not_a_zero():
+    """A non-player's row is not computed (0 in the matrix, grey in the heatmap): the input view
+    shows no score for it, and says why; a player's row leaves the other side's non-players
+    unscored."""
+    with shapley_explorer(ShapleyPlayersKernels()) as ex:
+        st = click_unit(ex, "question", 1)                    # not a player
         assert st["input_scores"]["image"] == [None] * 4
         assert "no interactions with question unit" in st["score_caption"]
         assert "not a player of the Shapley interactions" in st["score_caption"]
-        ex.input_panel.click("question", 2)                   # a player
-        assert ex.wait(60)
-        st = ex.state()
+        st = click_unit(ex, "question", 2)                    # a player
         row = np.asarray(st["heatmap"])[2]
         assert st["input_scores"]["image"] == [None, row[1], None, row[3]]
         assert "interaction with question unit" in st["score_caption"]
         assert "(#2, Shapley interactions)" in st["score_caption"]
-        ex.input_panel.click("image", 0)                      # a patch that is not a player
-        assert ex.wait(60)
-        assert ex.state()["input_scores"]["question"] == [None] * 5
-    finally:
-        ex.close()
+        st = click_unit(ex, "image", 0)                       # a patch that is not a player
+        assert st["input_scores"]["question"] == [None] * 5
 
 
 def test_the_embedding_caption_is_wrapped_to_its_box_not_cut(vqa):
@@ -1230,17 +1240,8 @@ def test_players_the_heatmap_ignores_the_input_view_ignores_too(players):
             inter = super().interaction(adapter, prepared, method, modalities, target, progress)
             inter.params = dict(inter.params or {}, players=players)
             return inter
-    adapter, ds = tiny_vqa()
-    ex = Explorer(adapter, ds, kernels=OddPlayers(), delay=0.05)
-    try:
-        assert ex.wait(60)
-        ex.selection.interaction_method = "shapley"
-        assert ex.wait(60)
-        ex.input_panel.click("question", 1)
-        assert ex.wait(60)
-        st = ex.state()
+    with shapley_explorer(OddPlayers()) as ex:
+        st = click_unit(ex, "question", 1)
         assert st["error"] == "" and ex.heatmap_view.state()["computed"] is None
         assert None not in st["input_scores"]["image"]
         assert "not a player" not in st["score_caption"]
-    finally:
-        ex.close()
