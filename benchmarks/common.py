@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -79,6 +80,13 @@ def rotated(items: list, turn: int) -> list:
 
 def median(xs) -> float:
     return float(statistics.median(xs))
+
+
+def geometric_mean(ratios) -> float:
+    """The geometric mean of positive ratios: over timings in every order, the factors by which
+    a call's position (first, second, ...) multiplies its time cancel in it."""
+    logs = [math.log(r) for r in ratios]
+    return math.exp(sum(logs) / len(logs))
 
 
 #: Batch sizes tried for a floor: the best per-sample time over them is the floor (small

@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
-import math
 import sys
 import traceback
 from pathlib import Path
@@ -72,7 +71,8 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (FLOOR_BATCHES, RESULTS, environment, median,  # noqa: E402
                     per_sample_forward_backward_ms, per_sample_forward_ms, per_sample_scan,
-                    shape_or_color_indices, start_run, timed, write_json)
+                    geometric_mean, shape_or_color_indices, start_run, timed,
+                    write_json)
 
 from multiviz_widgets.kernels.common import PERTURBATION_BATCH  # noqa: E402
 from multiviz_widgets.kernels.unimodal import (  # noqa: E402
@@ -282,10 +282,11 @@ def _time_method(m: str, adapter, indices, prepared, targets, repeats: int, fwd_
 
     Why every order, and per-instance ratios over whole cycles: a call timed first, right after
     the floors' large batches (which evict the CPU caches), costs 1.2 to 1.7 times what it costs
-    third. A single timing's ratio ours/captum therefore says mostly which of the two ran first. The rotation used before (3 orders of 3 sides) put each side in each
-    position equally often, but the median of its 60 single-timing ratios fell among the
-    timings where ours ran second and captum third (the "bare first" third of them): the
-    gradient's ratio read 1.16 where ours was 1.08x captum at every equal position. A fixed
+    third. A single timing's ratio ours/captum therefore says mostly which of the two ran
+    first. The rotation used before (3 orders of 3 sides) put each side in each position
+    equally often, but the median of its 60 single-timing ratios fell among the timings where
+    ours ran second and captum third (the "bare first" third of them): the gradient's ratio
+    read 1.16 where ours was 1.02, 1.09 and 1.07 times captum's at equal positions. A fixed
     order with the floors in the middle had, before that, flattered ours (0.94)."""
     params, target_ms = STAGE1[m]
     # warm-up (not timed): first calls allocate and let captum import its submodules
@@ -347,8 +348,8 @@ def _balanced(rows: list[dict], key: str) -> list[float]:
     which multiply a timing, cancel in the mean of the logarithms."""
     by_instance: dict[int, list[float]] = {}
     for r in rows:
-        by_instance.setdefault(r["index"], []).append(math.log(r[key]))
-    return [math.exp(sum(v) / len(v)) for v in by_instance.values()]
+        by_instance.setdefault(r["index"], []).append(r[key])
+    return [geometric_mean(v) for v in by_instance.values()]
 
 
 def _summary(method: str, params: dict, target_ms, rows: list[dict],

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -32,8 +31,8 @@ import torch
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, environment, load_demo, median, per_sample_scan,  # noqa: E402
-                    shape_or_color_indices, timed, write_json)
+from common import (RESULTS, environment, geometric_mean, load_demo, median,  # noqa: E402
+                    per_sample_scan, shape_or_color_indices, timed, write_json)
 from kernels import STAGE1, captum_call  # noqa: E402
 from kernels_stage2 import EMAP_N, _emap_instances, emap_unbatched, sog_per_token_loop  # noqa: E402,E501
 
@@ -87,8 +86,8 @@ def _stage1(adapter, prepared, targets, repeats: int, with_captum: bool, methods
             if with_captum:       # paired: ours and captum timed back to back; per instance
                 # the geometric mean over its repeats (each order equally often when even), as
                 # kernels.py balances the positions within an instance
-                logs = [math.log(o / c) for o, c in zip(got["ours"], got["captum"])]
-                rows["ratio_ours_captum"].append(math.exp(sum(logs) / len(logs)))
+                rows["ratio_ours_captum"].append(geometric_mean(
+                    [o / c for o, c in zip(got["ours"], got["captum"])]))
         entry = {"median_ms_ours": median(rows["ours"]), "ratio_to_floor": median(rows["ratio_to_floor"])}
         if with_captum:
             entry["median_ms_captum"] = median(rows["captum"])

@@ -629,9 +629,9 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     contribution to that class: W[c, j] h_j(x) with the decision layer, or with ``sparse_model``
     W[c, j] (h_j - mean_j) / std_j, largest |contribution| first (``absolute``, the default, as
     the neuron view's bars; else largest first); neurons that contribute nothing (zero weight,
-    or inactive: a contribution of 0, or under 1e-6 of the largest) are skipped. A class the instance is far from
-    (say, not predicted) then shows the neurons that lower it most, where the signed order
-    picked inactive neurons. ``absolute`` ranks the units and pairs the same way. For each
+    or inactive: a contribution of 0, or under 1e-6 of the largest) are skipped. A class the
+    instance is far from (say, not predicted) then shows the neurons that lower it most, where
+    the signed order picked inactive neurons. ``absolute`` ranks the units and pairs the same way. For each
     of the top ``k_neurons``: stage 1 (``unimodal_method``) and stage 2 (``interaction_method``,
     None to skip; needs two modalities) targeted at Neuron(j).
     Cost: 1 forward pass + k_neurons x (the stage-1 method's cost + the stage-2 method's cost).

@@ -381,8 +381,8 @@ class HeatmapView(W.VBox):
         # placed at "undefined" (a console error per row). Each domain first holds the old and
         # the new ticks, and is cut to the new ones after the grid has them.
         for scale, ticks in ((self.rows_scale, row_ticks[::-1]), (self.cols_scale, col_ticks)):
-            old = [t for t in (scale.domain or []) if t not in set(ticks)]
-            scale.domain = list(ticks) + old
+            new = set(ticks)
+            scale.domain = list(ticks) + [t for t in (scale.domain or []) if t not in new]
         with self.grid.hold_sync():
             self.grid.selected = None
             self.grid.row = None

@@ -110,7 +110,7 @@ class NeuronView(W.VBox):
         self.selected_caption = text_label(value="", layout=W.Layout(display="none"))
         self.gallery_caption = text_label(value="click a bar to see what its neuron responds to")
         # how to read the strip thumbnails (tabular columns, series windows): shown with them
-        self.thumb_key = thumbnail_key(analyses.adapter.modalities)
+        self.thumb_key, self.strip_modalities = thumbnail_key(analyses.adapter.modalities)
         self.gallery_key = WrappedText(layout=W.Layout(display="none"))
         self.top_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         self.bottom_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
@@ -312,8 +312,8 @@ class NeuronView(W.VBox):
                 f"among them), showing the first {len(rows[side])}")
             # a heading over nothing (no neuron clicked yet, a failed gallery) is not shown
             label.layout.display = None if rows[side] else "none"
-        strips = any(name in self.thumb_key[1] for it in items for name in it["thumbs"])
-        self.gallery_key.value = self.thumb_key[0] if strips else ""
+        strips = any(name in self.strip_modalities for it in items for name in it["thumbs"])
+        self.gallery_key.value = self.thumb_key if strips else ""
         self.gallery_key.layout.display = None if strips else "none"
         if j >= 0:
             self.gallery_caption.value = (f"h{j}: dataset instances with the largest and smallest "

@@ -80,7 +80,11 @@ class PathView(W.VBox):
         # one tooltip for every graph drawn (each redraw makes a new graph: bqplot#1155)
         self.node_tip = bq.Tooltip(fields=["label"])
         self.graph = self._new_graph([], [], [], [], [])
-        self.unit_names = self._new_unit_names([])
+        # the units' names: text right-aligned just left of their nodes (a Label mark: text,
+        # never markup), where no edge crosses them; updated in place on each draw
+        self.unit_names = bq.Label(x=[], y=[], text=[], scales={"x": self.xs, "y": self.ys},
+                                   align="end", default_size=12, y_offset=4, colors=["#333333"],
+                                   font_weight="normal")
         self.figure = bq.Figure(marks=[self.graph, self.unit_names],
                                 layout=W.Layout(width="620px", height="360px"),
                                 fig_margin={"top": 20, "bottom": 20, "left": 10, "right": 60})
@@ -96,15 +100,6 @@ class PathView(W.VBox):
         self.retry = RetryAfterCancel(selection)
         if annotations is not None:
             annotations.observe(self._on_concepts)
-
-    def _new_unit_names(self, units: list[dict]) -> bq.Label:
-        """The units' names as text right-aligned just left of their nodes (a Label mark: text,
-        never markup), where no edge crosses them."""
-        return bq.Label(x=np.array([n["x"] - UNIT_LABEL_GAP for n in units], dtype=float),
-                        y=np.array([n["y"] for n in units], dtype=float),
-                        text=[_short_unit_name(str(n["label"])) for n in units],
-                        scales={"x": self.xs, "y": self.ys}, align="end", default_size=12,
-                        y_offset=4, colors=["#333333"], font_weight="normal")
 
     def _new_graph(self, node_data, link_data, x, y, colors) -> bq.Graph:
         graph = bq.Graph(node_data=node_data, link_data=link_data, x=x, y=y,
@@ -202,11 +197,12 @@ class PathView(W.VBox):
                                       and n["class"] != shown else
                                       _COLOURS.get(n["kind"], "#7f7f7f") for n in nodes])
         units = [n for n in nodes if n["kind"] == "unit"]
-        old_names = self.unit_names
-        self.unit_names = self._new_unit_names(units)
+        with self.unit_names.hold_sync():
+            self.unit_names.x = np.array([n["x"] - UNIT_LABEL_GAP for n in units], dtype=float)
+            self.unit_names.y = np.array([n["y"] for n in units], dtype=float)
+            self.unit_names.text = [_short_unit_name(str(n["label"])) for n in units]
         self.figure.marks = [self.graph, self.unit_names]
         old.close()
-        old_names.close()
         self._highlight()
 
     def _highlight(self) -> None:
