@@ -769,11 +769,35 @@ class Analyses:
             return Neuron(int(neuron))
         return Class(self.class_index(i, target))
 
-    def target_text(self, t: Target) -> str:
-        """A short name for a target: "class 'red'" or "neuron h5"."""
+    def target_text(self, t: Target, i: int | None = None) -> str:
+        """A short name for a target: "class 'red'" or "neuron h5". With the instance ``i``, it
+        also says what the target is there: a class other than the predicted one names the
+        prediction ("class 'circle' (not the predicted 'yes')": the explained class stays when
+        the instance changes), a neuron its activation ("neuron h5 (h = 0.031 here)": a map
+        is coloured to its own largest score, so a nearly silent neuron's map looks as strong
+        as any)."""
         if t.kind == "neuron":
-            return f"neuron h{t.index}"
-        return f"class {self.adapter.class_names[t.index]!r}"
+            text = f"neuron h{t.index}"
+            if i is not None:
+                text += f" (h = {self.activation(i, t.index) + 0.0:.3g} here)"   # no "-0"
+            return text
+        names = self.adapter.class_names
+        text = f"class {names[t.index]!r}"
+        if i is not None:
+            predicted = self.class_index(i, -1)
+            if predicted != t.index:
+                text += f" (not the predicted {names[predicted]!r})"
+        return text
+
+    def activation(self, i: int, neuron: int) -> float:
+        """h_neuron(x_i): the decision-level neuron's activation at instance i."""
+        p = self.prepared(i)
+        h = self.engine.memo(("activations", p.key), lambda: self.adapter.features(p.raw)[1][0]
+                             .detach().double().cpu().numpy())
+        if not 0 <= int(neuron) < h.shape[0]:
+            raise IndexError(f"Neuron {neuron} is out of range: the decision layer has "
+                             f"{h.shape[0]} neurons (0..{h.shape[0] - 1}).")
+        return float(h[int(neuron)])
 
     def label(self, i: int):
         labels = self.dataset.labels

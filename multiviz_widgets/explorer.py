@@ -199,11 +199,14 @@ class InputPanel:
 
         def job(progress):
             explained = a.explained(i, target, neuron)
-            what = a.target_text(explained)
+            what = a.target_text(explained, i)
             attr = a.attribution(i, explained, method, progress)
             scores = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in attr.scores.items()}
             scales = {}                    # each modality to its own largest |score|, but ...
             caption = f"{method_label(method)} attribution for {what}"
+            if scores and not any(np.any(np.asarray(v)) for v in scores.values()):
+                # no colour anywhere: say it is the answer, not a view that failed to draw
+                caption += ": every score is 0 (nothing in the input moves it at this instance)"
             if unit is not None and not in_pair and pair is not None:
                 caption += (f" ({unit[0]} is not in the heatmap's pair {pair[0]} x {pair[1]}, "
                             f"so no interactions of its unit: choose a pair with {unit[0]} in "

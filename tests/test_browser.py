@@ -648,7 +648,7 @@ hv._show((0, Class(0), Interaction(
     method="shapley", target=Class(0), modalities=("question", "image"), matrix=m,
     row_labels=["what", "is", "the", "red", "shape"],
     col_labels=[f"patch r{r}c{c}" for r in range(8) for c in range(8)],
-    params={"players": players, "max_players": 7})))
+    params={"players": players, "max_players": 7}), "class 0"))
 ex.selection.select(unit=("question", 2))
 hv
 '''
@@ -720,7 +720,8 @@ def test_the_heatmap_greys_cells_not_computed_outlines_the_row_and_keeps_labels_
                    "target=Class(0), modalities=('question', 'image'), "
                    "matrix=np.linspace(-1, 1, 3 * 64).reshape(3, 64), "
                    "row_labels=['how', 'many', 'sides'], "
-                   "col_labels=[f'patch r{r}c{c}' for r in range(8) for c in range(8)])))")
+                   "col_labels=[f'patch r{r}c{c}' for r in range(8) for c in range(8)]), "
+                   "'class 0'))")
     page.wait_for_function("() => document.querySelectorAll('.mvz-heatmap-view "
                            "rect.heatmapcell').length === 192", timeout=30_000)
     page.wait_for_timeout(1000)

@@ -94,7 +94,11 @@ def test_clicking_a_neuron_shows_its_targeted_attributions_and_gallery(vqa):
     assert all(g["thumbnails"] == ["image"] for g in st["gallery"])
     assert list(ex.neuron_view.contrib_bars.selected) == [2]
     heat = {k: v for k, v in st["input_scores"].items()}
-    assert heat and ex.heatmap_view.caption.value.endswith(f"neuron h{j}")
+    # the captions say how strongly the neuron fires here: each map is coloured to its own
+    # largest score, so a nearly silent neuron's map would look as strong as any
+    here = f"neuron h{j} (h = {ex.analyses.activation(0, j) + 0.0:.3g} here)"
+    assert heat and ex.heatmap_view.caption.value.endswith(here)
+    assert here in st["score_caption"]
 
 
 def test_clicking_a_gallery_item_changes_the_instance_everywhere(vqa):
@@ -124,8 +128,11 @@ def test_clicking_a_class_node_changes_the_target_everywhere(vqa):
     ex.wait(30)
     st = ex.state()
     name = CLASSES[other["class"]]
-    assert f"class {name!r}" in st["score_caption"]
-    assert ex.heatmap_view.caption.value.endswith(f"class {name!r}")
+    predicted = CLASSES[ex.analyses.class_index(0, -1)]
+    # a class other than the prediction is said to be one (it stays when the instance changes)
+    said = f"class {name!r} (not the predicted {predicted!r})"
+    assert said in st["score_caption"]
+    assert ex.heatmap_view.caption.value.endswith(said)
     assert f"class {name!r}" in ex.neuron_view.caption.value
     assert st["path"]["nodes"][0]["class"] == other["class"]
     assert ex.controls.target.value == other["class"]
@@ -470,7 +477,7 @@ def test_a_one_token_matrix_is_drawn_padded_and_its_padding_is_not_clickable(vqa
     inter = Interaction(method="second_order", target=Class(0), modalities=("question", "image"),
                         matrix=np.arange(4.0).reshape(1, 4), row_labels=["what"],
                         col_labels=["p0", "p1", "p2", "p3"])
-    hv._show((0, Class(0), inter))
+    hv._show((0, Class(0), inter, "class 0"))
     assert np.asarray(hv.grid.color).shape == (2, 4) and hv.state()["matrix"] == [[0, 1, 2, 3]]
     unit = ex.selection.unit_ref
     click_mark(hv.grid, rowNum=1, columnNum=0)          # the padding row
@@ -1245,3 +1252,29 @@ def test_players_the_heatmap_ignores_the_input_view_ignores_too(players):
         assert st["error"] == "" and ex.heatmap_view.state()["computed"] is None
         assert None not in st["input_scores"]["image"]
         assert "not a player" not in st["score_caption"]
+
+
+def test_a_silent_neuron_is_said_to_be_silent_not_drawn_blank():
+    """A neuron that does not fire at the instance (ReLU at 0) has a gradient of 0 everywhere:
+    the caption says so, and says how strongly each explained neuron fires there."""
+    adapter, ds = tiny_vqa()
+    ex = Explorer(adapter, ds, delay=0.0)          # the real kernels
+    try:
+        assert ex.wait(120)
+        h = [ex.analyses.activation(0, j) for j in range(6)]   # the image half: relu(img(x))
+        silent, firing = h.index(0.0), int(np.argmax(h))
+        ex.select(method="gradient", neuron=silent)
+        assert ex.wait(120)
+        caption = ex.state()["score_caption"]
+        assert caption == (f"gradient attribution for neuron h{silent} (h = 0 here): every "
+                           "score is 0 (nothing in the input moves it at this instance)")
+        ex.select(neuron=firing)
+        assert ex.wait(120)
+        caption = ex.state()["score_caption"]
+        assert caption == (f"gradient attribution for neuron h{firing} (h = {h[firing]:.3g} "
+                           "here)")
+        with pytest.raises(IndexError, match="Neuron 99 is out of range: the decision layer "
+                                             r"has 12 neurons \(0..11\)"):
+            ex.analyses.activation(0, 99)
+    finally:
+        ex.close()

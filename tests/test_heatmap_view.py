@@ -21,7 +21,7 @@ def show(hv, matrix, rows, cols, method="second_order", **params):
     inter = Interaction(method=method, target=Class(0), modalities=("question", "image"),
                         matrix=np.asarray(matrix, dtype=float), row_labels=rows,
                         col_labels=cols, params=params)
-    hv._show((0, Class(0), inter))
+    hv._show((0, Class(0), inter, "class 0"))
     return inter
 
 
@@ -70,7 +70,7 @@ def test_hovering_a_cell_names_its_two_units_in_full_and_its_value(vqa):
     m = np.array([[0.5, -1.25], [2.0, 0.0]])
     inter = Interaction(method="second_order", target=Class(0), modalities=("question", "image"),
                         matrix=m, row_labels=["what", "<b>is</b>"], col_labels=long)
-    hv._show((0, Class(0), inter))
+    hv._show((0, Class(0), inter, "class 0"))
     assert hv.grid.tooltip is hv.tip and hv.grid.interactions.get("hover") == "tooltip"
     hover(hv.grid, rowNum=0, columnNum=1, row="what", column="respir\u2026 t24-31", color=-1.25)
     assert hv.tip.value == "question 'what' x image 'respiration t24-31': -1.25"
@@ -237,13 +237,13 @@ def test_the_note_of_a_real_shapley_matrix_names_its_players_and_says_exact(vqa)
     inst = adapter.prepare(ex.analyses.dataset[0])
     pair = hv.wanted_pair()
     inter = interaction(adapter, inst, "shapley", modalities=pair, budget=64)
-    hv._show((0, Class(0), inter))
+    hv._show((0, Class(0), inter, "class 0"))
     note = hv.state()["note"]
     assert note.startswith("Shapley interactions are computed only between the players:")
     assert "(at most 6 players)" in note and note.endswith("Exact: all 64 coalitions of the 6 "
                                                            "players.")
     sampled = interaction(adapter, inst, "shapley", modalities=pair, budget=400, max_players=None)
-    hv._show((0, Class(0), sampled))
+    hv._show((0, Class(0), sampled, "class 0"))
     note = hv.state()["note"]
     assert f"Estimated from {sampled.params['coalitions']:,} sampled coalitions" in note
     assert f"about {sampled.params['relative_noise']:.0%} of the matrix's size" in note

@@ -261,7 +261,7 @@ class HeatmapView(W.VBox):
         def job(progress):
             explained = a.explained(i, target, neuron)
             inter = a.interaction(i, explained, method, pair, progress)
-            return i, explained, inter
+            return i, explained, inter, a.target_text(explained, i)
 
         self.engine.submit(self.slot, ("heatmap", i, target, neuron, method, pair), job,
                            self._show, lambda err: self._failed(err, i), priority=2,
@@ -277,7 +277,7 @@ class HeatmapView(W.VBox):
         self.caption.value = f"interactions{of} not shown ({type(err).__name__}{again})"
 
     def _show(self, result) -> None:
-        i, explained, inter = result
+        i, explained, inter, what = result        # what: the target, said at this instance
         self.instance = int(i)
         pair = tuple(str(m) for m in (getattr(inter, "modalities", None) or self.pair))
         if pair != self.pair:
@@ -291,7 +291,7 @@ class HeatmapView(W.VBox):
         target = self.analyses.target_text(explained)
         self._set_legend(target, grey=computed is not None, method=inter.method)
         self.caption.value = (f"{method_label(inter.method)} {self.pair[0]} x {self.pair[1]} "
-                              f"for {target}")
+                              f"for {what}")
 
     # -- Shapley players -----------------------------------------------------------------------
     def _unit_words(self, modality: str) -> tuple[str, str]:
