@@ -661,12 +661,17 @@ JS_HEATMAP = """() => {
   const fills = cells.map(c => getComputedStyle(c).fill);
   const axes = Array.from(v.querySelectorAll('g.axis')).filter(a => !a.closest('.ColorBar'));
   const cols = axes.find(a => (a.querySelector('text.axislabel') || {}).textContent === 'image');
+  const rows = axes.find(a => (a.querySelector('text.axislabel') || {}).textContent ===
+                              'question');
   const bar = v.querySelector('.ColorBar');
   const barTicks = Array.from(bar.querySelectorAll('.tick text')).map(
       t => [Number(t.textContent.replace('\\u2212', '-')), box(t)]);
   return {fills, cells: cells.map(box), fig: box(v.querySelector('.bqplot.figure')),
           colTicks: Array.from(cols.querySelectorAll('.tick text')).map(
               t => [t.textContent, box(t)]),
+          rowTicks: Array.from(rows.querySelectorAll('.tick text')).map(
+              t => [t.textContent, getComputedStyle(t).fill]),
+          rowLine: getComputedStyle(rows.querySelector('path.domain')).stroke,
           barTitle: (bar.querySelector('.axislabel') || {}).textContent, barTicks,
           outline: Array.from(v.querySelectorAll('path.line')).map(box)};
 }"""
@@ -694,6 +699,11 @@ def test_the_heatmap_greys_cells_not_computed_outlines_the_row_and_keeps_labels_
     # column labels: short ("patch " left out), all below the cells, inside the figure
     assert got["colTicks"] and all(t.startswith("r") and len(t) == 4 for t, _ in got["colTicks"])
     assert all(b[1] >= grid[3] - 0.5 and b[3] <= got["fig"][3] for _, b in got["colTicks"])
+    # no line left of the rows (d3 would end it with a stray "-" above the first row), and
+    # their labels still drawn in the axis colour
+    assert got["rowLine"] in ("transparent", "rgba(0, 0, 0, 0)"), got["rowLine"]
+    assert [t for t, _ in got["rowTicks"]] == ["shape", "red", "the", "is", "what"]
+    assert all(f not in ("transparent", "rgba(0, 0, 0, 0)") for _, f in got["rowTicks"])
     # one outline around row 2 ("the"), the full width of the grid
     row2 = cells[2 * 64:3 * 64]
     (out,) = got["outline"]

@@ -213,8 +213,12 @@ class HeatmapView(W.VBox):
                                 scales={"x": self.outline_x, "y": self.outline_y},
                                 colors=["#111111"], stroke_width=2.5, apply_clip=False,
                                 interactions={}, enable_hover=False)
+        # no axis line left of the rows: the cells' edge is one, and d3 ends the line with an
+        # outer tick that reads as a stray "-" above the first row (the colour is the line's
+        # and, unless tick_style says otherwise, the labels')
         self.row_axis = bq.Axis(scale=self.rows_scale, side="left", label=self.pair[0],
-                                label_offset="40px")
+                                label_offset="40px", color="transparent",
+                                tick_style={"fill": "var(--bq-axis-tick-text-fill)"})
         # rotated labels end at their tick and hang below the axis (text-anchor end; the CSS
         # transform moves the end under the tick), never over the cells
         self.col_axis = bq.Axis(scale=self.cols_scale, label=self.pair[1], tick_rotate=-45,
