@@ -63,6 +63,7 @@ class Job:
     lane: str = "main"
     seq: int = 0
     cancelled: bool = False
+    told: bool = False             # on_error(Cancelled) called already (at the cancel)
     state: str = "queued"          # queued, running, done, error, cancelled, dropped
     value: Any = field(default=None, repr=False)
     error: BaseException | None = None
@@ -302,6 +303,12 @@ class Engine(traitlets.HasTraits):
                 job = self._running[lane]
                 if job is not None:
                     job.cancelled = True
+                    # its view is told now, not when the worker next reaches a progress report
+                    # (seconds, in one slow call): a click meanwhile must find the request
+                    # waiting to be asked again (RetryAfterCancel), not lose it
+                    if self._gen.get(job.slot) == job.generation and not job.told:
+                        job.told = True
+                        self._call_error(job.on_error, Cancelled("cancelled"))
             for job in dropped:
                 self.stats["cancelled"] += 1
                 if self._current.get(job.slot) is job:
@@ -492,7 +499,8 @@ class Engine(traitlets.HasTraits):
                 elif isinstance(err, Cancelled) or (err is None and job.cancelled):
                     job.state = "cancelled"
                     self.stats["cancelled"] += 1
-                    if job.cancelled and self._gen.get(job.slot) == job.generation:
+                    if (job.cancelled and not job.told
+                            and self._gen.get(job.slot) == job.generation):
                         self._call_error(job.on_error, err or Cancelled("cancelled"))
                 elif err is not None and current:
                     job.state, job.error = "error", err

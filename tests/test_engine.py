@@ -260,7 +260,8 @@ def test_cancel_stops_the_click_first_and_the_background_work_only_when_alone(en
     assert click.wait(10)
     assert _until(lambda: engine.message.startswith("input"))   # the bar shows the click
     engine.cancel()
-    assert _until(lambda: len(errors) == 1) and engine.busy       # the features still run
+    assert len(errors) == 1                     # the click's view is told at the cancel
+    assert _until(lambda: engine._running["main"] is None) and engine.busy  # features still run
     assert engine._running["background"] is not None and engine._running["main"] is None
     engine.cancel()                                               # now they are what is shown
     assert engine.wait(10) and len(errors) == 2

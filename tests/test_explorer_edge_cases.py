@@ -192,6 +192,34 @@ def test_views_whose_requests_a_cancel_stopped_ask_again_on_the_next_click(vqa):
     assert not ex.heatmap_view.retry.pending and not ex.path_view.retry.pending
 
 
+def test_a_click_between_a_cancel_and_the_worker_stopping_asks_the_view_again(vqa):
+    """A cancel flags the running job, which stops at its next progress report (seconds later
+    in one slow call): the view is told at the cancel, so that a click meanwhile asks again.
+    It was told only when the worker stopped, after the click, and stayed blank."""
+    ex, kernels = vqa
+    started, release = threading.Event(), threading.Event()
+    compute = kernels.interaction
+
+    def slow_without_reports(*args, **kw):
+        started.set()
+        release.wait(30)                       # a long chunk of work: no progress report
+        return compute(*args, **kw)
+
+    kernels.interaction = slow_without_reports
+    ex.select(instance=5)
+    assert started.wait(10)
+    ex.engine.cancel()
+    caption = ex.heatmap_view.caption.value
+    assert caption.endswith("(Cancelled; asked again on the next click)"), caption
+    kernels.interaction = compute
+    ex.select(unit=("question", 1))            # the heatmap only highlights on a unit click
+    release.set()
+    assert ex.wait(30)
+    assert ex.heatmap_view.instance == 5 and np.asarray(ex.state()["heatmap"]).size
+    assert "not shown" not in ex.heatmap_view.caption.value
+    assert not ex.heatmap_view.retry.pending
+
+
 def test_the_neuron_bars_show_the_top_neurons_and_only_the_selected_one_besides(vqa):
     ex, _ = vqa
     ex.neuron_view.n_bars = 3                    # fewer bars than the tiny model's neurons

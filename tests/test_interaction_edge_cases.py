@@ -148,6 +148,46 @@ def test_shapley_progress_ends_at_its_total_and_never_passes_it(budget):
     assert all(b[0] >= a[0] for a, b in zip(calls, calls[1:]))
 
 
+def test_exact_shapley_reports_each_chunk_so_that_a_cancel_stops_it_early():
+    """shapiq's exact computer asks for all 2^n coalitions in one call: the game still reports
+    after each chunk of batch_size (the Explorer's progress bar moves, and its Cancel, raised
+    from a report, stops the work at the next chunk instead of after all of it)."""
+    adapter = ModelAdapter(Fusion(), _modalities(), ["a", "b", "c"])
+    calls = []
+    r = interaction(adapter, _instance(), "shapley", target=0, max_players=None, batch_size=32,
+                    progress=lambda d, n, m: calls.append((d, n, m)))
+    assert r.params["exact"] and r.params["coalitions"] == 256
+    coalitions = [(d, n) for d, n, m in calls if m == "Shapley coalitions"]
+    assert coalitions == [(k, 256) for k in range(32, 257, 32)]
+
+    class Stop(Exception):
+        pass
+
+    forwards = []
+
+    def cancel_after_the_first_chunk(done, total, message):
+        forwards.append(done)
+        if message == "Shapley coalitions":
+            raise Stop
+
+    with pytest.raises(Stop):
+        interaction(adapter, _instance(), "shapley", target=0, max_players=None, batch_size=32,
+                    progress=cancel_after_the_first_chunk)
+    assert forwards == [32]
+
+
+def test_choosing_shapley_players_reports_its_occlusion_passes():
+    adapter = ModelAdapter(Fusion(), _modalities(), ["a", "b", "c"])
+    calls = []
+    r = interaction(adapter, _instance(), "shapley", target=0, max_players=4,
+                    progress=lambda d, n, m: calls.append((d, n, m)))
+    assert sum(map(len, r.params["players"].values())) == 4
+    messages = [m for _, _, m in calls]
+    first = messages.index("Shapley coalitions")
+    assert first > 0 and all(m.startswith("choosing the Shapley players: occlusion of ")
+                             for m in messages[:first])
+
+
 # ---------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------

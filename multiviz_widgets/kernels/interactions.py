@@ -418,7 +418,8 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
             for name, u in ((a, ua), (b, ub)):
                 m = torch.ones(1 + u, u)
                 m[1 + torch.arange(u), torch.arange(u)] = 0
-                f = evaluate_masks(adapter, prepared, {name: m}, target, batch_size)
+                f = evaluate_masks(adapter, prepared, {name: m}, target, batch_size, progress,
+                                   f"choosing the Shapley players: occlusion of {name}")
                 occ[name] = (f[0] - f[1:]).abs().double().cpu().numpy()
                 forwards += 1 + u
             pa, pb = _top_units(occ[a], min(ka, ua)), _top_units(occ[b], min(kb, ub))
@@ -428,14 +429,20 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     total = 2 ** n if exact else budget                # coalitions the game is asked for
     evaluated = [0]
 
+    def chunk_done(done: int, _rows: int, _message: str) -> None:
+        # per chunk of batch_size coalitions, counted over the whole game: shapiq's exact
+        # computer asks for all 2^n coalitions in one call, and a progress report is where a
+        # cancelled job stops
+        report(progress, min(evaluated[0] + done, total), total, "Shapley coalitions")
+
     def game(coalitions: np.ndarray) -> np.ndarray:
         z = torch.from_numpy(np.atleast_2d(np.asarray(coalitions, dtype=np.float32)))
         ma, mb = torch.ones(z.shape[0], ua), torch.ones(z.shape[0], ub)
         ma[:, torch.from_numpy(pa)] = z[:, :na]
         mb[:, torch.from_numpy(pb)] = z[:, na:]
-        out = evaluate_masks(adapter, prepared, {a: ma, b: mb}, target, batch_size)
+        out = evaluate_masks(adapter, prepared, {a: ma, b: mb}, target, batch_size,
+                             None if progress is None else chunk_done)
         evaluated[0] += z.shape[0]
-        report(progress, min(evaluated[0], total), total, "Shapley coalitions")
         return out.double().cpu().numpy()
 
     def cross_block(iv) -> np.ndarray:
