@@ -4,7 +4,9 @@
 // Traits: value [string], key (string: what the tags belong to), disabled (bool), placeholder.
 // The view never changes value itself: an edit is a message {op: "add" | "remove", key, text}
 // to the kernel, which applies it to the key it names (also when the row shows another key by
-// the time it arrives) and sends the new value back.
+// the time it arrives) and sends the new value back, and answers an "add" with
+// {op: "answer", text, taken}: a refused concept (too long, a pasted tab) comes back into the
+// emptied input, to correct rather than type again.
 // The root carries data-lm-suppress-shortcuts, so that JupyterLab does not take the keys typed
 // into the input for notebook shortcuts (Enter would otherwise never reach it), and
 // data-render-count, incremented after each redraw, so tests can wait on it.
@@ -75,14 +77,25 @@ function render({ model, el }) {
     const text = input.value.trim();
     if (!text || model.get("disabled")) return;
     edit("add", text);
-    input.value = "";
+    input.value = "";                    // ready for the next one at once
   });
+
+  const answered = (msg) => {
+    // a refused text back, unless something else has been typed since
+    if (msg && msg.op === "answer" && !msg.taken && !input.value) {
+      input.value = msg.text;
+    }
+  };
+  model.on("msg:custom", answered);
 
   const traits = ["value", "key", "disabled", "placeholder"];
   traits.forEach((t) => model.on(`change:${t}`, draw));
   draw();
 
-  return () => traits.forEach((t) => model.off(`change:${t}`, draw));
+  return () => {
+    traits.forEach((t) => model.off(`change:${t}`, draw));
+    model.off("msg:custom", answered);
+  };
 }
 
 export default { render };

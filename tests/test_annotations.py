@@ -379,8 +379,11 @@ def test_a_refused_tag_is_taken_back_with_the_reason(tmp_path):
             assert cv.neuron_tags.value == ["ok"]
             assert cv.message.value.startswith("not taken: A concept")
             assert path.read_bytes() == before
+            # the browser is told, and puts the text back into its input to be corrected
+            assert cv.neuron_tags.last_answer == {"op": "answer", "text": bad, "taken": False}
         cv.neuron_tags.edit("add", "fine")                          # the next edit goes through
         assert cv.message.value == "" and ex.annotations.concepts(("neuron", 1)) == ("ok", "fine")
+        assert cv.neuron_tags.last_answer == {"op": "answer", "text": "fine", "taken": True}
         cv.neuron_tags.edit("remove", "ok")                          # a tag's cross
         cv.neuron_tags.edit("remove", "ok")                          # (twice: nothing more)
         assert cv.neuron_tags.value == ["fine"] and cv.message.value == ""

@@ -250,6 +250,10 @@ def test_typing_a_concept_names_the_neuron_in_the_kernel_and_shows_it_as_text(qu
                            arg=row.element_handle(), timeout=30_000)
     assert [t.text_content() for t in tags.all()] == ["red shapes", XSS]
     page.get_by_text("not taken: A concept has at most 200 characters").wait_for(timeout=30_000)
+    # ... and the refused text is back in the input, to correct (not typed again from memory)
+    page.wait_for_function("el => el.value === 'x'.repeat(201)", arg=box.element_handle(),
+                           timeout=30_000)
+    box.fill("")
     assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
     # the tag's cross removes the concept in the kernel too
     row.locator(".mvz-tag-remove").first.click()

@@ -9,7 +9,9 @@ The browser never sets ``value``: an edit comes as a message {"op": "add" | "rem
 "text"} naming the ``key`` the row showed when the person typed, and goes to the callbacks
 registered with :meth:`on_edit`; the kernel answers by setting ``value``. So an edit sent just
 before a click on another neuron still lands on the neuron it was typed for, and changes only
-the concept typed or removed.
+the concept typed or removed. An "add" is answered too, {"op": "answer", "text", "taken"}
+(taken: no callback returned False): the browser puts a refused text back into its emptied
+input, to be corrected rather than typed again.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from .input_view import check_bundle
 
 _ESM_PATH = pathlib.Path(__file__).resolve().parent.parent / "static" / "concept_tags.js"
 
-EditCallback = Callable[[str, str, str], None]
+EditCallback = Callable[[str, str, str], "bool | None"]
 
 
 class ConceptTags(anywidget.AnyWidget):
@@ -43,10 +45,12 @@ class ConceptTags(anywidget.AnyWidget):
         check_bundle(_ESM_PATH, "ConceptTags")
         super().__init__(**kwargs)
         self._edit_callbacks: list[EditCallback] = []
+        self.last_answer: dict | None = None    # what the last "add" was answered
         self.on_msg(self._on_message)
 
     def on_edit(self, callback: EditCallback) -> None:
-        """Call ``callback(op, key, text)`` for each edit from the browser (op "add"/"remove")."""
+        """Call ``callback(op, key, text)`` for each edit from the browser (op "add"/"remove");
+        a callback that refuses the edit returns False."""
         self._edit_callbacks.append(callback)
 
     def edit(self, op: str, text: str, key: str | None = None) -> None:
@@ -61,5 +65,9 @@ class ConceptTags(anywidget.AnyWidget):
         op, key, text = content["op"], content.get("key"), content.get("text")
         if not isinstance(key, str) or not isinstance(text, str):
             return
+        taken = True
         for callback in list(self._edit_callbacks):
-            callback(op, key, text)
+            taken = callback(op, key, text) is not False and taken
+        if op == "add":
+            self.last_answer = {"op": "answer", "text": text, "taken": taken}
+            self.send(self.last_answer)

@@ -130,8 +130,10 @@ class ConceptsView(W.VBox):
         return f"{count}; from {a.path} (not saved automatically: annotations.save())"
 
     # -- edits -----------------------------------------------------------------------------
-    def _edited(self, op: str, key_text: str, text: str) -> None:
-        """An edit from the browser, for the key the row showed when it was made."""
+    def _edited(self, op: str, key_text: str, text: str) -> bool:
+        """An edit from the browser, for the key the row showed when it was made: whether it
+        was taken (a refused one stays in the input, to correct)."""
+        taken = True
         try:
             key = _key_of(key_text)
             if key is None:
@@ -144,7 +146,9 @@ class ConceptsView(W.VBox):
             self.message.value = ""
         except AnnotationError as e:
             self.message.value = f"not taken: {e}"
+            taken = False
         self.show()        # the store's (tidied) concepts, or the old ones when refused
+        return taken
 
     def _on_store(self, key) -> None:
         if key is None or key in (self.neuron_key(), self.unit_key()):
