@@ -595,6 +595,7 @@ def test_a_click_on_the_previous_instance_while_the_new_one_loads_is_ignored(vqa
     assert kernels.blocking_started.wait(10)
     assert ex.heatmap_view.instance == 0 and ex.path_view.instance == 0
     click_mark(ex.heatmap_view.grid, rowNum=1, columnNum=0)
+    ex.heatmap_view.click(1)         # what a cell click does, from code: ignored the same way
     unit = next(p for p, n in enumerate(ex.path_view.nodes) if n["kind"] == "unit")
     ex.path_view.click(unit)
     assert ex.selection.unit_ref is None

@@ -480,15 +480,17 @@ class HeatmapView(W.VBox):
         data = content.get("data") or {}
         r = data.get("rowNum", data.get("row"))
         c = data.get("columnNum", data.get("column"))
-        if r is None or not 0 <= int(r) < self.matrix.shape[0]:
-            return                      # a padding cell, or no matrix yet
-        if self.instance != self.selection.instance or tuple(self.pair) != self.wanted_pair():
-            return                      # the matrix of an earlier instance or pair, still loading
+        if r is None:
+            return
         self.click(int(r), None if c is None else int(c))
 
     def click(self, row: int, col: int | None = None) -> None:
-        """What a cell click does: select the row's unit of modality a (rows shown only)."""
+        """What a cell click does: select the row's unit of modality a. Nothing for a padding
+        row, or while the matrix shown is of an earlier instance or pair (the new one still
+        loading: its row may not exist in the instance selected)."""
         if not 0 <= int(row) < (self.matrix.shape[0] if self.matrix.ndim == 2 else 0):
+            return
+        if self.instance != self.selection.instance or tuple(self.pair) != self.wanted_pair():
             return
         self.selection.select(unit=(self.pair[0], int(row)))
 
