@@ -130,6 +130,10 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
     return np.ascontiguousarray(m), fwd, bwd, params
 
 
+#: Largest [units, scalars] unit indicator the vmapped second-order gradients build (elements).
+SMALL_INDICATOR = 1 << 16
+
+
 def _first_gradient(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     """df.sum()/dx with its graph kept (for the second derivative); None when f does not depend
     on x at all (a modality the model ignores, or an output that depends on no input)."""
@@ -162,8 +166,15 @@ def _sog_vmap(adapter, prepared, r, c, target, progress, phi, attribution, times
         g = g[0]
         if attribution == "grad_x_input":
             g = g * (xr - prepared.baseline[r])
-        own = _own_units(ir, 0, n_rows, g.dtype)
-        a_u = (g.unsqueeze(0) * own).reshape(n_rows, -1).sum(1)      # every unit's attribution
+        # every unit's attribution. Through a [U_r, numel] indicator when that is small (its
+        # batched second backward is about 5% faster than index_add's for a question's words),
+        # else summed by index: the indicator's second backward builds [U_r, U_r, numel], 4 GB
+        # and 30 s for a 96 x 96 image of 576 patches
+        if n_rows * g.numel() <= SMALL_INDICATOR:
+            own = _own_units(ir, 0, n_rows, g.dtype)
+            a_u = (g.unsqueeze(0) * own).reshape(n_rows, -1).sum(1)
+        else:
+            a_u = g.new_zeros(n_rows).index_add(0, ir.reshape(-1), g.reshape(-1))
         if phi == "abs":
             a_u = a_u.abs()
         rows = []
