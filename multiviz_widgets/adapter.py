@@ -200,6 +200,30 @@ def _match_ids(t: torch.Tensor, names: Sequence[str], ids: Mapping[str, torch.Te
     return None
 
 
+def _rows_of_part(name: str, t: torch.Tensor, ids: torch.Tensor | None, x: torch.Tensor,
+                  consumed: dict[str, int]) -> torch.Tensor:
+    """The rows of the continuous input ``x`` [B, ...] for ``t``, a part of the batch's token ids
+    ``ids`` [B, ...] that the model embeds on its own (``torch.cat([emb(c) for c in
+    ids.split(k)])``): found from where the part starts in the ids' storage, or, for the ids of
+    one instance expanded to B rows (every part starts at the same place), the next rows in
+    the order the parts come. An AdapterError for a part that is no run of rows."""
+    rows = t.shape[0]
+    if ids is not None and _same_storage(t, ids) and t.stride() == ids.stride():
+        if ids.stride(0) != 0:
+            start, off = divmod(t.storage_offset() - ids.storage_offset(), ids.stride(0))
+        else:
+            start, off = consumed.get(name, 0) % x.shape[0], 0
+            consumed[name] = start + rows
+        if off == 0 and 0 <= start and start + rows <= x.shape[0]:
+            return x[start:start + rows]
+    raise AdapterError(
+        f"The model embeds token ids of {name!r} of shape {tuple(t.shape)}, a part of the batch "
+        f"of {x.shape[0]} the adapter gave it, but not a run of its rows (the ids copied, "
+        f"reordered or taken every few rows), so the continuous input of those rows cannot be "
+        f"put in. Embed the batch's ids in one call, or in consecutive slices (ids[i:j]).",
+        code="embedding-substitution")
+
+
 #: Layers that act differently in training mode (the adapter warns about them; any module in
 #: training mode is run in eval mode).
 _TRAINING_LAYERS = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
@@ -588,6 +612,8 @@ class ModelAdapter:
         """A forward hook on an embedding layer shared by text modalities ``names``: a call on
         one modality's token ids returns that modality's continuous input (a copy, so that the
         model may change it in place and gradients still reach the input); other calls pass."""
+        consumed: dict[str, int] = {}       # rows handed out to parts of an expanded batch
+
         def hook(module, inp, out):
             t = inp[0] if inp else None
             n = _match_ids(t, names, inputs, matched) if isinstance(t, torch.Tensor) else None
@@ -599,6 +625,8 @@ class ModelAdapter:
                     f"The continuous input of {n!r} has shape {tuple(x.shape)} but its embedding "
                     f"layer gives {tuple(out.shape)} for the token ids of shape {tuple(t.shape)}; "
                     "give one vector per token of the instance, as prepare() does.")
+            if t.dim() and x.dim() and t.shape[0] != x.shape[0]:
+                x = _rows_of_part(n, t, inputs.get(n), x, consumed)
             matched.add(n)
             return x.clone()
         return hook
