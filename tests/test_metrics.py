@@ -155,3 +155,30 @@ def test_deletion_keeps_other_modalities_intact():
     _, _, dc, ic = deletion_insertion(adapter, p, "image", np.arange(4.0), 1)
     assert len(dc) == 5 and len(ic) == 5
     assert dc[-1] == pytest.approx(ic[0]) and dc[0] == pytest.approx(ic[-1])
+
+
+class LogOfColumns(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, tab):
+        return self.head(torch.log(tab))          # not finite at the zero baseline
+
+
+def test_deletion_insertion_refuses_a_curve_that_is_not_finite_and_says_where():
+    """The other kernels refuse a model that is not finite at their masked inputs; this one
+    returned NaN AUCs and curves."""
+    adapter = ModelAdapter(LogOfColumns().eval(), [Tabular("tab", columns=list("abcd"))],
+                           ["no", "yes"])
+    x = {"tab": np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)}
+    with pytest.raises(ValueError, match=r"probability of class 'yes' is nan on the deletion "
+                                         r"curve, with the 1 highest-scored units of 'tab' at "
+                                         r"their baseline.*Choose another baseline"):
+        deletion_insertion(adapter, x, "tab", [4.0, 3.0, 2.0, 1.0], 1)
+    ones = ModelAdapter(LogOfColumns().eval(), [Tabular("tab", columns=list("abcd"),
+                                                        baseline=np.ones(4, np.float32))],
+                        ["no", "yes"])
+    d, i, dc, ic = deletion_insertion(ones, x, "tab", [4.0, 3.0, 2.0, 1.0], 1)
+    assert np.isfinite([d, i]).all() and np.isfinite(dc).all() and np.isfinite(ic).all()

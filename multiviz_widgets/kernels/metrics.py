@@ -157,4 +157,18 @@ def deletion_insertion(adapter: ModelAdapter, prepared: Prepared, modality: str,
         probs.append(torch.softmax(logits.double(), 1)[:, class_index])
     p = torch.cat(probs).cpu().numpy()
     n = masks.shape[0] // 2
+    bad = np.flatnonzero(~np.isfinite(p))
+    if len(bad):                               # an AUC of NaN says nothing: say where instead
+        from .unimodal import BASELINE_HINT
+        k = int(bad[0])
+        curve, step = ("deletion", k) if k < n else ("insertion", k - n)
+        did = (f"with the {step} highest-scored units of {modality!r} at their baseline"
+               if curve == "deletion" else
+               f"with only the {step} highest-scored units of {modality!r} kept (the others at "
+               f"their baseline)")
+        raise ValueError(
+            f"deletion_insertion: the model's probability of class "
+            f"{adapter.class_names[class_index]!r} is {p[k]} on the {curve} curve, {did} "
+            f"({len(bad)} of the {2 * n} points are not finite), so the AUCs would be NaN. "
+            f"{BASELINE_HINT}")
     return curve_auc(p[:n]), curve_auc(p[n:]), p[:n], p[n:]

@@ -288,6 +288,13 @@ def _split(vec: np.ndarray, n_units: Mapping[str, int]) -> dict[str, np.ndarray]
     return out
 
 
+#: What to do when the model is not finite on inputs moved towards a baseline.
+BASELINE_HINT = ("Choose another baseline for the modality (its baseline= argument: Image "
+                 "'zero', 'white', 'mean' or 'blur'; Text 'pad' or 'zero'; Tabular 'zero', "
+                 "'mean' or a vector; TimeSeries 'zero' or 'mean'), or make the model finite "
+                 "there (multiviz_widgets.check(adapter, instance) tests it).")
+
+
 def raise_not_finite(adapter: ModelAdapter, prepared: Prepared, target: Target,
                      names: Sequence[str], method: str, what: str = "scores"):
     """Raise the ValueError of ``method`` whose ``what`` (scores, outputs, matrix) are NaN or
@@ -306,10 +313,7 @@ def raise_not_finite(adapter: ModelAdapter, prepared: Prepared, target: Target,
                 if len(names) > 1 and not math.isfinite(v)]
     if culprits:
         baselines += " (" + "; ".join(culprits) + ")"
-    hint = ("Choose another baseline for the modality (its baseline= argument: Image 'zero', "
-            "'white', 'mean' or 'blur'; Text 'pad' or 'zero'; Tabular 'zero', 'mean' or a "
-            "vector; TimeSeries 'zero' or 'mean'), or make the model finite there "
-            "(multiviz_widgets.check(adapter, instance) tests it).")
+    hint = BASELINE_HINT
     head = (f"{method}: the model produced NaN or infinite values, so the {what} would not be "
             f"finite (NaN results are never returned). Its output for target {target}")
     if not math.isfinite(fx):
