@@ -389,6 +389,28 @@ def test_dime_with_a_traced_split_equals_dime_with_forward_passes(target):
     assert fast.params["factorization"] == "traced"
 
 
+@pytest.mark.parametrize("factorized", [None, False])
+def test_dime_and_emap_count_every_row_through_the_decision_layer(factorized):
+    """forward_passes counts the fused pairs and the full forwards alike, the split's check
+    included (it left out the check's fused pairs)."""
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    ds = MultimodalDataset({k: [it[k] for it in instances(14)] for k in ("tabular", "series")})
+    rows = []
+    hook = adapter.decision_layer.register_forward_pre_hook(
+        lambda _m, inp: rows.append(inp[0].shape[0]))
+    try:
+        d = dime(adapter, ds, 0, reference_indices=range(1, 13), n_samples=20,
+                 factorized=factorized)
+        assert d.forward_passes == sum(rows)
+        rows.clear()
+        e = emap(adapter, ds, factorized=factorized)
+        assert e.forward_passes == sum(rows)
+    finally:
+        hook.remove()
+    assert (d.params["factorization"] == "traced") == (factorized is None)
+    assert (e.params["factorization"] == "traced") == (factorized is None)
+
+
 def test_dime_split_feeds_masked_text_through_the_embedding():
     mods = [Text("question", vocab=VOCAB), Tabular("tabular", columns=list("abcd"))]
     adapter = ModelAdapter(Keywords(), mods, ["no", "yes"], keyword_inputs=True)

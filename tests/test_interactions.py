@@ -267,10 +267,18 @@ def test_additive_twin_has_no_interactions(additive, method, params):
 
 def test_additive_twin_emap_reproduces_logits_and_is_idempotent(additive):
     adapter, ds = additive
-    r = emap(adapter, ds, indices=range(40))
+    rows = []                          # every row through the decision layer is a forward
+    hook = adapter.decision_layer.register_forward_pre_hook(
+        lambda _m, inp: rows.append(inp[0].shape[0]))
+    try:
+        r = emap(adapter, ds, indices=range(40))
+    finally:
+        hook.remove()
     scale = np.abs(r.logits).max()
     np.testing.assert_allclose(r.emap_logits, r.logits, atol=1e-5 * scale)
-    assert r.forward_passes == 40 * 40 + 40 + 8 and r.matrix.shape == (40, 40, 2)  # + the check
+    # the N^2 fused pairs and the split's check: 40 own pairs and 8 neighbours, fused and full
+    assert r.forward_passes == 40 * 40 + 2 * (40 + 8) == sum(rows)
+    assert r.matrix.shape == (40, 40, 2)
     # logits equal the model's own logits (the diagonal of the pair matrix)
     direct = adapter.predict(adapter.collate([ds[i] for i in range(40)])).double().numpy()
     np.testing.assert_allclose(r.logits, direct, atol=1e-5)
@@ -345,7 +353,7 @@ def test_emap_with_three_modalities_is_exact_on_additive_models():
     items = [{"t1": torch.randn(3, generator=g), "t2": torch.randn(2, generator=g),
               "series": torch.randn(4, 2, generator=g)} for _ in range(6)]
     r = emap(adapter, items)
-    assert r.forward_passes == 3 * 36 + 3 * (6 + 6) and r.matrix is None  # + each split's check
+    assert r.forward_passes == 3 * 36 + 3 * 2 * (6 + 6) and r.matrix is None  # + each check
     assert set(r.unimodal) == {"t1", "t2", "series"}
     np.testing.assert_allclose(r.emap_logits, r.logits, atol=1e-5)
     with pytest.raises(ValueError, match="two modalities"):     # it was silently ignored

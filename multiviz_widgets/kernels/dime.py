@@ -160,7 +160,9 @@ class _DimeFused:
             direct = adapter.target_output(prepared.raw, cont, target).double()
             _, f = self.uc_and_f(cont)
             same_or_reject(split, f, direct)
-        cost[0] += n * n + n + min(n, CHECKED_PAIRS) + len(direct)
+        # the N^2 pairs of the grand mean; the split's check (its N own pairs and a few
+        # neighbours, each fused and run in full); the masks' full forwards
+        cost[0] += n * n + 2 * (n + min(n, CHECKED_PAIRS)) + len(direct)
 
     @torch.no_grad()
     def uc_and_f(self, cont, intact=()):

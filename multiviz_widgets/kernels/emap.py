@@ -214,7 +214,8 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         params["matrix_note"] = ("not kept (keep_matrix=False)" if keep_matrix is False else
                                  f"not kept: it would take {_size(matrix_bytes)}; pass "
                                  "keep_matrix=True to keep it anyway")
-    checks = sum(fused) * (n + min(n, CHECKED_PAIRS))
+    # the split's check: its N own pairs and a few neighbours, each fused and run in full
+    checks = sum(fused) * 2 * (n + min(n, CHECKED_PAIRS))
     return EmapResult(method="emap", target=t, params=params,
                       forward_passes=total + checks,
                       backward_passes=0, seconds=sw.seconds,
