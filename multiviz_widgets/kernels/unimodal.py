@@ -264,9 +264,12 @@ def _all_finite(arrays, small: int = 4096) -> bool:
 
 def _perturbation_map(adapter: ModelAdapter, prepared: Prepared, name: str,
                       scores: torch.Tensor) -> np.ndarray:
-    """A unit score spread evenly over the unit's scalars, then the modality's to_map."""
+    """A unit score spread evenly over the unit's scalars, then the modality's to_map; in the
+    input's precision, at least float32 (a float64 model's map sums to its scores exactly, a
+    bfloat16 model's is one numpy holds)."""
     idx = prepared.index[name]
-    scores = scores.to(idx.device)                  # scores come from numpy; idx lives with the model
+    dtype = torch.promote_types(prepared.continuous[name].dtype, torch.float32)
+    scores = scores.to(idx.device, dtype)           # scores come from numpy; idx lives with the model
     counts = torch.bincount(idx.reshape(-1), minlength=scores.numel()).clamp(min=1)
     per_scalar = (scores / counts.to(scores))[idx]
     return adapter.modalities[name].to_map(per_scalar).detach().cpu().numpy()
@@ -790,7 +793,7 @@ class _Occlusion(AttributionMethod):
                            progress=progress, message="occlusion")
         diff = (y[0] - y[1:]).double()
         scores = {n: diff[offsets[n]:offsets[n] + prepared.n_units[n]] for n in names}
-        maps = {n: _perturbation_map(adapter, prepared, n, scores[n].float()) for n in names}
+        maps = {n: _perturbation_map(adapter, prepared, n, scores[n]) for n in names}
         return {n: v.cpu().numpy() for n, v in scores.items()}, maps, {}
 
 
@@ -805,7 +808,7 @@ class _Lime(AttributionMethod):
     def _run(self, adapter, prepared, target, names, p, progress):
         fn = _mask_function(adapter, prepared, target, int(p["batch_size"]), names, self.name)
         scores = self.fit(fn, {n: prepared.n_units[n] for n in names}, progress=progress, **p)
-        maps = {n: _perturbation_map(adapter, prepared, n, torch.as_tensor(scores[n]).float())
+        maps = {n: _perturbation_map(adapter, prepared, n, torch.as_tensor(scores[n]))
                 for n in names}
         return scores, maps, {}
 
