@@ -629,7 +629,11 @@ class Text(Modality):
     and lower-cased, split into words, with punctuation and symbols split off and, if
     ``drop_punctuation``, dropped, except symbols such as emoji that the vocabulary holds; see
     ``_word_pattern``).
-    baseline: "pad" (every token becomes [PAD] before embedding) or "zero" (zero embeddings).
+    baseline: "pad" (a removed token's embedding becomes the embedding of [PAD]) or "zero"
+    (zero embeddings). Either way only the embedding layer's output changes: the model still
+    receives the original ids, so a padding mask it builds from them (``ids != pad``) still
+    counts a removed token as present, as captum's embedding-level attributions do. Such a
+    model's own pooling over that mask then sees the [PAD] embedding in the token's place.
     """
 
     kind = "text"
