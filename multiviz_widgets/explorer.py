@@ -7,7 +7,8 @@
     Explorer(adapter, dataset, annotations="concepts.json")   # concepts of neurons and units
 
 A click in a view changes the Selection; every view observes the Selection and asks the
-engine (one worker thread, LRU cache, progress bar, cancel, error banner) for what it needs.
+engine (two worker threads, a lane for clicks and one for dataset-wide work; LRU cache, progress
+bar, cancel, error banner) for what it needs.
 """
 from __future__ import annotations
 

@@ -9,12 +9,12 @@ holding the vocabulary, the answers, the training configuration and the measured
     >>> adapter, dataset = easy_vqa.load("test")       # under 3 s
     >>> dataset[0]                                     # {"image": uint8 [64,64,3], "question": str}
 
-Command line (fixed seeds, 2 threads, a few minutes on two cores)::
+Command line (fixed seeds, 2 threads, about 8 minutes on two cores)::
 
     python -m multiviz_widgets.demos.easy_vqa train
     python -m multiviz_widgets.demos.easy_vqa evaluate --json
 
-The model (``EasyVQAModel``, about 82,000 parameters):
+The model (``EasyVQAModel``, 80,941 parameters):
 
 * image encoder: four 3x3 convolutions (stride 2, 2, 2, 1; 16-32-64-64 channels, ReLU; trained
   with batch norm, which the shipped weights fold into the convolutions) -> a spatial map
@@ -31,9 +31,10 @@ The model (``EasyVQAModel``, about 82,000 parameters):
 Shipped weights: the output of ``train`` with its defaults (seed 0, 10 epochs of batch 64, Adam
 with a one-cycle schedule, left-right flips, the first epoch with the best accuracy on held-out
 training pictures, here epoch 5; then batch norm folded into the convolutions and the [UNK]
-embedding set to zero); 110 s on two quiet cores (torch 2.11); test accuracy 0.9996 (9,669 of
-9,673). On two quiet cores one forward + backward takes about 2 ms at batch 1 and 22 ms at
-batch 50, a forward of batch 512 about 60 ms (``benchmarks/easy_vqa_model.py``).
+embedding set to zero); 451 s on two cores (torch 2.13.0); test accuracy 0.9998 (9,671 of
+9,673; ``seconds`` and ``test_accuracy`` in the JSON). On two cores one forward + backward
+takes about 1.0 ms at batch 1 and 13.5 ms at batch 50, a forward of batch 512 about 68 ms
+(``benchmarks/easy_vqa_model.py``, ``benchmarks/results/easy_vqa_model.json``).
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ class EasyVQAModel(nn.Module):
     forward(image [B, 3, 64, 64] floats in [0, 1], question [B, T] token ids padded with 0).
     ``norm=True`` adds batch norm after each convolution (for training; ``train`` folds it away,
     so the defaults build the shipped architecture).
-    Cost on two quiet CPU cores: batch 1 forward + backward about 2 ms; batch 512 forward 60 ms.
+    Cost on two CPU cores: batch 1 forward + backward about 1 ms; batch 512 forward about 68 ms.
     """
 
     def __init__(self, vocab_size: int = len(VOCAB), n_answers: int = 13, embed_dim: int = 32,
@@ -584,7 +585,7 @@ def train(epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 
     Pictures whose id is a multiple of ``val_every`` (and their questions) are held out for
     model selection (the best epoch by validation accuracy is kept); the test split is only
     evaluated at the end, for the record. Returns the JSON written beside the weights.
-    Cost: epochs x 34,676 forward + backward passes (a few minutes on two quiet cores).
+    Cost: epochs x 34,676 forward + backward passes (about 8 minutes on two cores).
     ``max_steps_per_epoch`` cuts epochs short and ``evaluate_test=False`` skips the final test
     pass (both for smoke tests). The arguments are checked first (a ValueError); the caller's
     thread count and random states (torch, numpy, random) are restored afterwards. The weights
