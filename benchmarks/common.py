@@ -89,6 +89,16 @@ def geometric_mean(ratios) -> float:
     return math.exp(sum(logs) / len(logs))
 
 
+def bootstrap_median_ci(values, resamples: int = 2000, seed: int = 0) -> list[float]:
+    """[2.5th, 97.5th] percentiles of the median of ``values`` (per-instance ratios) over
+    bootstrap resamples of the instances: how far the median could move with other instances
+    of the same kind. A criterion met by the median but not by the upper end is marginal."""
+    v = np.asarray(list(values), dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    medians = np.median(v[rng.integers(0, len(v), size=(resamples, len(v)))], axis=1)
+    return [float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))]
+
+
 #: Batch sizes tried for a floor: the best per-sample time over them is the floor (small
 #: batches stay in the CPU caches and are often the fastest per sample).
 FLOOR_BATCHES = (32, 64, 128, 256, 512)

@@ -52,6 +52,12 @@ def test_kernels_benchmark_writes_ratios_and_floors(tmp_path, has_easy_vqa):
                   "floor_ms", "ratio_to_floor", "target_ms", "pass"):
             assert k in e
     assert d["stage1"]["methods"]["occlusion"]["forward_passes"] > 60
+    for m in ("gradient", "occlusion"):   # the same numbers as captum's, and the ratio's spread
+        e = d["stage1"]["methods"][m]
+        assert e["max_relative_difference_to_captum"] < 1e-4 and e["pass"]["agrees"]
+        lo, hi = e["ratio_ours_captum_ci95"]
+        assert lo <= e["ratio_ours_captum"] <= hi
+        assert e["vs_captum_margin"] in ("clear", "marginal", "not met")
     # every order of the sides once per cycle: each side in each position equally often, and
     # the instance's ratio is the geometric mean over its rounds (position effects cancel)
     for m, sides, rounds in (("gradient", {"ours", "captum", "bare"}, 6),
