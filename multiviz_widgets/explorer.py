@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from itertools import combinations
 
@@ -683,10 +684,18 @@ class Explorer(W.VBox):
 
 def demo(kind: str = "easy_vqa", **kwargs) -> Explorer:
     """An Explorer on an embedded demo: "easy_vqa" (image + question) or "synthetic"
-    (tabular + time series)."""
+    (tabular + time series). The easy-VQA demo's prediction path and neuron contributions come
+    from the shipped stage-4 sparse linear model (``easy_vqa.load_sparse_model``; pass
+    ``sparse_model=None`` for the decision layer's own weights)."""
     if kind == "easy_vqa":
-        from .demos.easy_vqa import load
+        from .demos.easy_vqa import WeightsError, load, load_sparse_model
         adapter, dataset = load(split="test")
+        if "sparse_model" not in kwargs:
+            try:
+                kwargs["sparse_model"] = load_sparse_model(adapter=adapter)
+            except WeightsError as e:        # the demo still opens, on the dense weights
+                warnings.warn(f"{e} The demo uses the decision layer's weights meanwhile.",
+                              RuntimeWarning, stacklevel=2)
     elif kind == "synthetic":
         from .demos.synthetic import load
         adapter, dataset = load()

@@ -352,3 +352,73 @@ def test_the_easy_vqa_questions_cannot_change_and_new_labels_change_the_fingerpr
     ds.labels = (np.asarray(dataset.labels) + 1) % len(dataset.answers)
     assert ds.fingerprint() != before
     assert dataset.fingerprint() == before
+
+
+# -- the shipped stage-4 sparse linear model ---------------------------------------------------
+def test_the_shipped_sparse_model_is_sparse_and_faithful_to_the_model(adapter, dataset):
+    """Fitted by `python -m multiviz_widgets.demos.easy_vqa fit-sparse` for these weights: a
+    few neurons per class, and the model's own answer on held-out questions."""
+    from multiviz_widgets.kernels.representations import extract_features
+    sparse = demo.load_sparse_model(adapter=adapter)
+    assert sparse.class_names == adapter.class_names and sparse.d == 64
+    assert sparse.fraction_nonzero <= 0.10 and sparse.test_fidelity >= 0.95
+    assert 1 <= sparse.nonzeros_per_class.min()
+    feats = extract_features(adapter, dataset, indices=range(500), cache=False)
+    assert sparse.fidelity(feats.h, feats.logits) >= 0.95
+
+
+def test_a_sparse_model_missing_unreadable_or_for_other_weights_says_how_to_refit(tmp_path,
+                                                                                 adapter):
+    with pytest.raises(demo.WeightsError, match="missing.*easy_vqa fit-sparse"):
+        demo.load_sparse_model(tmp_path / "none.json", adapter=adapter)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    with pytest.raises(demo.WeightsError, match="not readable.*fit-sparse"):
+        demo.load_sparse_model(bad, adapter=adapter)
+    data = json.loads(demo.SPARSE_FILE.read_text(encoding="utf-8"))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(data, weights_sha256="0" * 64)), encoding="utf-8")
+    with pytest.raises(demo.WeightsError, match="fitted for other weights.*fit-sparse"):
+        demo.load_sparse_model(other, adapter=adapter)
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(dict(data, class_names=data["class_names"][:-1],
+                                     weight=data["weight"][:-1], bias=data["bias"][:-1])),
+                     encoding="utf-8")
+    with pytest.raises(demo.WeightsError, match="12 classes over 64 neurons, the model 13"):
+        demo.load_sparse_model(fewer, adapter=adapter)
+
+
+def test_fit_sparse_writes_a_model_that_loads(tmp_path):
+    """The command's code on the first 1,500 training questions (the shipped file: all of
+    them)."""
+    out = tmp_path / "sparse.json"
+    lines, threads = [], torch.get_num_threads()
+    model = demo.fit_sparse(out, max_train=1500, n_lambdas=6, threads=1, cache=False,
+                            log=lines.append)
+    assert torch.get_num_threads() == threads                     # the caller's, restored
+    assert model.n_train + model.n_val == 1500 and model.n_test == demo.N_TEST_QUESTIONS
+    again = demo.load_sparse_model(out)
+    np.testing.assert_array_equal(again.weight, model.weight)
+    assert lines[-1].startswith(f"wrote {out}: test fidelity")
+
+
+def test_the_easy_vqa_demo_explains_with_the_sparse_model(tmp_path, monkeypatch):
+    from multiviz_widgets.explorer import demo as open_demo
+    ex = open_demo()
+    try:
+        assert ex.wait(120) and ex.analyses.sparse_model is not None
+        assert "(weights of the sparse linear model" in ex.neuron_view.caption.value
+    finally:
+        ex.close()
+    ex = open_demo(sparse_model=None)                  # the decision layer's own weights
+    try:
+        assert ex.wait(120) and ex.analyses.sparse_model is None
+    finally:
+        ex.close()
+    monkeypatch.setattr(demo, "SPARSE_FILE", tmp_path / "gone.json")
+    with pytest.warns(RuntimeWarning, match="missing.*decision layer's weights meanwhile"):
+        ex = open_demo()
+    try:
+        assert ex.wait(120) and ex.analyses.sparse_model is None
+    finally:
+        ex.close()

@@ -34,7 +34,11 @@ def test_the_explorer_fills_every_view(vqa):
     assert st["items"] == ["image", "question"] and st["input_instance"] == 0
     assert set(st["input_scores"]) == {"image", "question"}
     assert np.asarray(st["heatmap"]).shape == (5, 4)      # 5 tokens x 4 patches
-    assert len(st["neurons"]) == 12
+    # a bar per neuron that adds something to the class (the tiny model's inactive ReLU
+    # neurons add exactly 0 and get none)
+    c = ex.analyses.contributions(0, ex.analyses.class_index(0, -1)).contributions
+    assert len(st["neurons"]) == int((np.asarray(c) != 0).sum()) == 6
+    assert ex.neuron_view.caption.value.endswith("; the other 6 add exactly 0 here")
     assert {n["kind"] for n in st["path"]["nodes"]} == {"class", "neuron", "unit"}
     assert st["embedding"]["n_points"] == 12 and st["embedding"]["selected"] == 0
     assert isinstance(ex, W.VBox)

@@ -142,7 +142,10 @@ class NeuronView(W.VBox):
         def job(progress):
             cls = a.class_index(i, target)
             dc = a.contributions(i, cls)
-            order = [int(j) for j in dc.top(self.n_bars, absolute=True)]
+            # no bar for a neuron that adds exactly 0 (inactive, or left out by the sparse
+            # model): a bar of height 0 says nothing and cannot be clicked
+            c = np.asarray(dc.contributions).reshape(-1)
+            order = [int(j) for j in dc.top(self.n_bars, absolute=True) if c[j] != 0]
             return cls, dc, order
 
         self.engine.submit(self.slot, ("neurons", i, target, self.n_bars), job, self._show_bars,
@@ -170,6 +173,9 @@ class NeuronView(W.VBox):
         self._class_name = str(self.analyses.adapter.class_names[cls])
         self._caption_base = (f"top {len(order)} of {len(h)} neurons by |contribution| to "
                               f"class {self._class_name!r}{source}")
+        silent = int((c == 0).sum())
+        if len(order) < self.n_bars and silent:
+            self._caption_base += f"; the other {silent} add exactly 0 here"
         self.contrib_figure.title = contribution_title(self._class_name)
         self._draw_bars()
 
