@@ -19,7 +19,7 @@
   loop's time over the part of the work that no exact method avoids (the image encoder's forward
   and one batched vector-Jacobian product per token row), i.e. the best speedup any
   implementation could reach on this model. The three are timed in every order once per cycle
-  (6 rounds per instance); an instance's speedup is the geometric mean of its rounds' paired
+  (6 rounds, ``repeats`` cycles per instance: 3 from ``benchmarks/kernels.py``); an instance's speedup is the geometric mean of its rounds' paired
   ratios, the criterion's the median over the instances (``speedup_ci95``: a bootstrap over
   them). The kernel's matrix must equal the loops' (``agrees``, relative 1e-4).
 * Every kernel against its floor: forward passes x the per-sample time of a batched forward pass
@@ -286,9 +286,10 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
         "floor": "the kernel's forward passes (1 in vmap mode) x per-sample forward time; the "
                  "fwd_bwd floor adds its backward passes (1 + U_text in vmap mode) x per-sample "
                  "backward time",
-        "statistic": "per instance, the geometric mean of the paired ratio over a cycle of the "
-                     "6 orders of kernel, shared-graph loop and recomputing loop; then the "
-                     "median over the instances (ci95: a bootstrap over the instances)",
+        "statistic": "per instance, the geometric mean of the paired ratio over its rounds "
+                     "(whole cycles through the 6 orders of kernel, shared-graph loop and "
+                     "recomputing loop); then the median over the instances (ci95: a "
+                     "bootstrap over the instances)",
     }
     if bounds:
         # Informative: the best speedup over each loop that any exact method could reach, if it

@@ -200,20 +200,17 @@ def _match_ids(t: torch.Tensor, names: Sequence[str], ids: Mapping[str, torch.Te
     return None
 
 
-def _rows_of_part(name: str, t: torch.Tensor, ids: torch.Tensor | None, x: torch.Tensor,
-                  consumed: dict[str, int]) -> torch.Tensor:
+def _rows_of_part(name: str, t: torch.Tensor, ids: torch.Tensor | None, x: torch.Tensor
+                  ) -> torch.Tensor:
     """The rows of the continuous input ``x`` [B, ...] for ``t``, a part of the batch's token ids
     ``ids`` [B, ...] that the model embeds on its own (``torch.cat([emb(c) for c in
-    ids.split(k)])``): found from where the part starts in the ids' storage, or, for the ids of
-    one instance expanded to B rows (every part starts at the same place), the next rows in
-    the order the parts come. An AdapterError for a part that is no run of rows."""
+    ids.split(k)])``), found from where the part starts in the ids' storage (``model_inputs``
+    copies an instance's ids to every row of the batch for real, so every row has its place).
+    An AdapterError for a part that is no run of rows."""
     rows = t.shape[0]
-    if ids is not None and _same_storage(t, ids) and t.stride() == ids.stride():
-        if ids.stride(0) != 0:
-            start, off = divmod(t.storage_offset() - ids.storage_offset(), ids.stride(0))
-        else:
-            start, off = consumed.get(name, 0) % x.shape[0], 0
-            consumed[name] = start + rows
+    if (ids is not None and _same_storage(t, ids) and t.stride() == ids.stride()
+            and ids.dim() and ids.stride(0) != 0):
+        start, off = divmod(t.storage_offset() - ids.storage_offset(), ids.stride(0))
         if off == 0 and 0 <= start and start + rows <= x.shape[0]:
             return x[start:start + rows]
     raise AdapterError(
@@ -612,8 +609,6 @@ class ModelAdapter:
         """A forward hook on an embedding layer shared by text modalities ``names``: a call on
         one modality's token ids returns that modality's continuous input (a copy, so that the
         model may change it in place and gradients still reach the input); other calls pass."""
-        consumed: dict[str, int] = {}       # rows handed out to parts of an expanded batch
-
         def hook(module, inp, out):
             t = inp[0] if inp else None
             n = _match_ids(t, names, inputs, matched) if isinstance(t, torch.Tensor) else None
@@ -626,7 +621,7 @@ class ModelAdapter:
                     f"layer gives {tuple(out.shape)} for the token ids of shape {tuple(t.shape)}; "
                     "give one vector per token of the instance, as prepare() does.")
             if t.dim() and x.dim() and t.shape[0] != x.shape[0]:
-                x = _rows_of_part(n, t, inputs.get(n), x, consumed)
+                x = _rows_of_part(n, t, inputs.get(n), x)
             matched.add(n)
             return x.clone()
         return hook
@@ -833,7 +828,14 @@ class ModelAdapter:
                 args[n] = continuous[n]
             else:
                 x = raw[n]
-                args[n] = x.expand(b, *x.shape[1:]) if x.shape[0] == 1 and b > 1 else x
+                if x.shape[0] == 1 and b > 1:
+                    x = x.expand(b, *x.shape[1:])
+                    if n in self.embedding_layers:
+                        # token ids copied for real (B x T integers): a model that embeds them
+                        # in parts then passes parts whose place in the batch can be read
+                        # (``_rows_of_part``); rows of an expanded tensor all sit at one place
+                        x = x.contiguous()
+                args[n] = x
         return args
 
     def run(self, fn: Callable[[], Any], continuous: Mapping[str, torch.Tensor] | None = None,

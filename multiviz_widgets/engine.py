@@ -306,7 +306,8 @@ class Engine(traitlets.HasTraits):
                     # its view is told now, not when the worker next reaches a progress report
                     # (seconds, in one slow call): a click meanwhile must find the request
                     # waiting to be asked again (RetryAfterCancel), not lose it
-                    if self._gen.get(job.slot) == job.generation and not job.told:
+                    if (self._gen.get(job.slot) == job.generation and not job.told
+                            and not self._closed):       # closed: its views may be too
                         job.told = True
                         self._call_error(job.on_error, Cancelled("cancelled"))
             for job in dropped:
@@ -438,7 +439,8 @@ class Engine(traitlets.HasTraits):
                     self._running[lane] = None
                     if job is not None and job.state in ("queued", "running"):
                         job.state, job.error = "error", e
-                        self._call_error(job.on_error, e)
+                        if not job.told:                 # its view heard "cancelled" already
+                            self._call_error(job.on_error, e)
                     try:
                         self._after_job()
                     except BaseException:  # noqa: BLE001 - an observer of busy/progress

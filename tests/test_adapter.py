@@ -253,6 +253,10 @@ class TextVitals(nn.Module):
             e = e + self.pos(torch.arange(text.shape[1]))[None]
         elif self.kind == "strided":     # every other row, then the rest: no run of rows
             e = torch.cat([self.emb(text[::2]), self.emb(text[1::2])])
+        elif self.kind == "reversed":    # parts embedded last first, put back in order
+            k = text.shape[0] // 2
+            e = torch.cat([self.emb(text[k:]), self.emb(text[:k])]).roll(k, 0)
+            e = e + self.pos(torch.arange(text.shape[1]))[None]
         else:
             e = self.emb(text) + self.pos(torch.arange(text.shape[1]))[None]
         w = torch.softmax(self.att(e), 1)
@@ -302,19 +306,22 @@ def test_an_embedding_called_on_other_ids_too_is_replaced_only_on_the_text_ids(k
 
 def test_a_model_that_embeds_the_batch_in_parts_gets_each_part_its_own_rows():
     """torch.cat([emb(c) for c in ids.split(2)]): each part gets the continuous input of its
-    rows (found from where it starts in the ids; for one instance's ids expanded to the batch,
-    in the order the parts come), so every method gives what the same model embedding the
-    batch at once gives. It got the whole batch for each part, and a misleading error."""
+    rows (found from where it starts in the ids, also for one instance's ids copied to the
+    batch), so every method gives what the same model embedding the batch at once gives,
+    whatever the order of the parts. It got the whole batch for each part, and a misleading
+    error."""
     from multiviz_widgets.kernels.unimodal import attribute
-    whole, parts = text_vitals("plain"), text_vitals("chunked")
-    parts.model.load_state_dict(whole.model.state_dict())
+    whole = text_vitals("plain")
     p = whole.prepare(TV_INSTANCE)
-    for method in ("gradient", "integrated_gradients", "occlusion", "kernel_shap"):
-        want = attribute(whole, p, method, target=1)
-        got = attribute(parts, parts.prepare(TV_INSTANCE), method, target=1)
-        for name in want.scores:
-            np.testing.assert_allclose(got.scores[name], want.scores[name], rtol=1e-5,
-                                       atol=1e-7, err_msg=f"{method} {name}")
+    for kind in ("chunked", "reversed"):
+        parts = text_vitals(kind)
+        parts.model.load_state_dict(whole.model.state_dict())
+        for method in ("gradient", "integrated_gradients", "occlusion", "kernel_shap"):
+            want = attribute(whole, p, method, target=1)
+            got = attribute(parts, parts.prepare(TV_INSTANCE), method, target=1)
+            for name in want.scores:
+                np.testing.assert_allclose(got.scores[name], want.scores[name], rtol=1e-5,
+                                           atol=1e-7, err_msg=f"{kind} {method} {name}")
     # a batch of five different rows, each with its own continuous input
     texts = ["what colour", "the car is", "what is the car colour", "car", "is the colour"]
     batch = [dict(TV_INSTANCE, text=t) for t in texts]
@@ -322,10 +329,13 @@ def test_a_model_that_embeds_the_batch_in_parts_gets_each_part_its_own_rows():
     cont = {"text": torch.randn(5, raw["text"].shape[1], 6, generator=torch.Generator().manual_seed(0))}
     with torch.no_grad():
         torch.testing.assert_close(parts.forward(raw, cont), whole.forward(raw, cont))
-    # parts that are no run of rows are refused, saying why
+    # parts that are no run of rows are refused, saying why: on a batch, and on one instance's
+    # rows (its ids copied to the batch)
     strided = text_vitals("strided")
     with pytest.raises(AdapterError, match="not a run of its rows"):
         strided.forward(raw, cont)
+    with pytest.raises(AdapterError, match="not a run of its rows"):
+        attribute(strided, strided.prepare(TV_INSTANCE), "occlusion", target=1)
 
 
 class Premise(nn.Module):

@@ -518,3 +518,20 @@ def test_the_concept_rows_prompts_fit_and_the_menu_shows_its_prompt(vqa):
     ex.select(neuron=-1)
     cv.named.index = 0                                      # the prompt is not a place to go
     assert ex.selection.neuron == -1 and cv.named.label == GOTO_PROMPT
+
+
+def test_neuron_bars_of_a_class_no_neuron_adds_to_say_so(vqa):
+    """A sparse model may leave a class without neurons (or a layer may be silent): no bars,
+    and a caption that says why instead of "top 0 of 12"."""
+    ex, _ = vqa
+    nv = ex.neuron_view
+    dc = ex.analyses.contributions(0, ex.analyses.class_index(0, -1))
+    from types import SimpleNamespace
+    silent = SimpleNamespace(h=dc.h, contributions=np.zeros_like(dc.contributions))
+    nv._show_bars((ex.analyses.class_index(0, -1), silent, []))
+    assert nv.shown == [] and nv.caption.value.startswith("no neuron adds anything to class ")
+    assert nv.caption.value.endswith("all 12 contributions are exactly 0")
+    ex.select(neuron=3)
+    assert ex.wait(30)
+    nv._show_bars((ex.analyses.class_index(0, -1), silent, []))
+    assert nv.selected_caption.value.startswith("selected h3 (the only bar): activation ")

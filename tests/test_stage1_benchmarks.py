@@ -187,3 +187,17 @@ def test_shapley_accuracy_benchmark_compares_a_sample_with_its_reference(tmp_pat
     assert all(e > 0 for e in row["errors"]) and all(x > 0 for x in row["reported_noise"])
     assert row["exact"] and row["exact_players"] == 8          # the default at budget 400
     assert d["median_exact_default_s"] > 0 and d["strongest_cell_agrees"].endswith("of 2")
+
+
+def test_captums_lime_is_weighted_as_ours():
+    """The benchmark runs captum's Lime with our similarity kernel (and a ridge fit), so that
+    the two do the same work: its weight of a mask equals lime_from_function's."""
+    import torch
+    k = load("kernels")
+    for kept, total in ((72, 72), (30, 72), (1, 72), (5, 9)):
+        z = torch.zeros(1, total)
+        z[0, :kept] = 1
+        d = 1 - math.sqrt(kept / total)
+        want = math.exp(-d * d / (2 * 0.25 ** 2))
+        assert float(k.lime_similarity(None, None, z)) == pytest.approx(want, rel=1e-6)
+    assert "SkLearnRidge(alpha=1.0)" in k.CAPTUM_NAMES["lime"]

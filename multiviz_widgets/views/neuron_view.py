@@ -174,7 +174,10 @@ class NeuronView(W.VBox):
         self._caption_base = (f"top {len(order)} of {len(h)} neurons by |contribution| to "
                               f"class {self._class_name!r}{source}")
         silent = int((c == 0).sum())
-        if len(order) < self.n_bars and silent:
+        if not order:
+            self._caption_base = (f"no neuron adds anything to class {self._class_name!r} "
+                                  f"here{source}: all {len(h)} contributions are exactly 0")
+        elif len(order) < self.n_bars and silent:
             self._caption_base += f"; the other {silent} add exactly 0 here"
         self.contrib_figure.title = contribution_title(self._class_name)
         self._draw_bars()
@@ -211,7 +214,9 @@ class NeuronView(W.VBox):
             self.caption.value = self._caption_base
             if j >= 0 and j not in self._top and j in self.shown:
                 k = self.shown.index(j)
-                note = (f"selected h{j} (not in the top {len(self._top)}, the last bar): "
+                where = (f"not in the top {len(self._top)}, the last bar" if self._top else
+                         "the only bar")
+                note = (f"selected h{j} ({where}): "
                         f"activation {self.activations[k] + 0.0:.3g}, contribution "
                         f"{self.contributions[k] + 0.0:.3g} to {self._class_name!r}")  # no "-0"
         self.selected_caption.value = note
