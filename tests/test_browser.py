@@ -479,10 +479,13 @@ def voila(root):
     server.stop()
 
 
-def _voila_click_report(page, voila, comms: bs.CommLog, since: int) -> str:
+def _voila_click_report(page, voila, comms: bs.CommLog, since: int,
+                        console: list[str] | None = None) -> str:
     """Why a click in the Voila page may not have shown: the page's input view, its widget
     model in the browser (comm live? sync messages still waiting for the kernel?), the kernel
-    messages since the click, the kernel's own view of the Explorer, and the log tail."""
+    messages since the click, the kernel's own view of the Explorer, the browser console's
+    errors and warnings (a widget update that threw stops every later update of its model),
+    and the log tail."""
     parts = [f"the page shows: {_input_view_state(page)}"]
     try:
         browser = page.evaluate(bs.JS_VOILA_MODELS, "score_caption")
@@ -499,13 +502,19 @@ def _voila_click_report(page, voila, comms: bs.CommLog, since: int) -> str:
         parts.append("the kernel's Explorer.diagnostics():\n" + json.dumps(state, indent=1))
     except Exception as e:  # noqa: BLE001
         parts.append(f"the kernel's Explorer state: unavailable ({type(e).__name__}: {e})")
+    if console is not None:
+        parts.append("browser console (errors and warnings):\n  "
+                     + ("\n  ".join(console[-30:]) or "(none)"))
     parts.append(f"voila log:\n{voila.log()[-3000:]}")
     return "\n".join(parts)
 
 
 def test_voila_renders_the_demo_and_a_click_works(voila, page):
-    dialogs = []
+    dialogs, console = [], []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text[:400]}")
+            if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: console.append(f"pageerror: {str(e)[:400]}"))
     comms = bs.CommLog(page)
     page.goto(voila.url + "/", timeout=600_000)
     page.wait_for_selector(".mvz-input .mvz-patch", timeout=600_000)
@@ -526,7 +535,7 @@ def test_voila_renders_the_demo_and_a_click_works(voila, page):
                                                unit_sel("image"), 180_000, f"(#{n_tokens - 1}, "])
     if not res["ok"]:
         pytest.fail("the image overlay did not change after a token click in Voila\n"
-                    + _voila_click_report(page, voila, comms, since))
+                    + _voila_click_report(page, voila, comms, since, console))
     page.wait_for_selector(unit_sel("question", n_tokens - 1) + ".mvz-selected")
     assert "interaction" in page.locator(".mvz-input .mvz-score-caption").text_content()
     # the notebook named its top neuron; a concept typed here comes back from the kernel (the
