@@ -408,6 +408,7 @@ def test_the_easy_vqa_demo_explains_with_the_sparse_model(tmp_path, monkeypatch)
     try:
         assert ex.wait(120) and ex.analyses.sparse_model is not None
         assert "(weights of the sparse linear model" in ex.neuron_view.caption.value
+        assert ex.neuron_view.contrib_figure.title.endswith(", w_cj z_j(x)")
     finally:
         ex.close()
     ex = open_demo(sparse_model=None)                  # the decision layer's own weights

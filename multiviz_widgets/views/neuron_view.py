@@ -28,10 +28,12 @@ ACTIVATION_TITLE = "how strongly each neuron fires, h_j(x)"
 TITLE_STYLE = {"font-size": "13px"}
 
 
-def contribution_title(class_name: str | None = None) -> str:
-    """"what each neuron adds to 'red', W_cj h_j(x)" (the class name shortened to fit)."""
+def contribution_title(class_name: str | None = None, standardised: bool = False) -> str:
+    """"what each neuron adds to 'red', W_cj h_j(x)" (the class name shortened to fit); with a
+    sparse linear model, which weighs the standardised activations z_j = (h_j - mean_j) / std_j,
+    "..., w_cj z_j(x)"."""
     of = "the class" if class_name is None else repr(_short(class_name, 12))
-    return f"what each neuron adds to {of}, W_cj h_j(x)"
+    return f"what each neuron adds to {of}, " + ("w_cj z_j(x)" if standardised else "W_cj h_j(x)")
 
 
 def thumbnail_key(modalities) -> tuple[str, set]:
@@ -168,8 +170,8 @@ class NeuronView(W.VBox):
         c = np.asarray(dc.contributions, dtype=np.float64).reshape(-1)
         self._h, self._c = h, c
         self._top = list(order)
-        source = (" (weights of the sparse linear model, standardised h)"
-                  if getattr(dc, "source", "") == "sparse_model" else "")
+        sparse = getattr(dc, "source", "") == "sparse_model"
+        source = " (weights of the sparse linear model, standardised h)" if sparse else ""
         self._class_name = str(self.analyses.adapter.class_names[cls])
         self._caption_base = (f"top {len(order)} of {len(h)} neurons by |contribution| to "
                               f"class {self._class_name!r}{source}")
@@ -179,7 +181,7 @@ class NeuronView(W.VBox):
                                   f"here{source}: all {len(h)} contributions are exactly 0")
         elif len(order) < self.n_bars and silent:
             self._caption_base += f"; the other {silent} add exactly 0 here"
-        self.contrib_figure.title = contribution_title(self._class_name)
+        self.contrib_figure.title = contribution_title(self._class_name, standardised=sparse)
         self._draw_bars()
 
     def _draw_bars(self) -> None:
