@@ -423,3 +423,9 @@ def test_the_easy_vqa_demo_explains_with_the_sparse_model(tmp_path, monkeypatch)
         assert ex.wait(120) and ex.analyses.sparse_model is None
     finally:
         ex.close()
+
+
+def test_fit_sparse_to_a_missing_folder_is_refused_before_the_work(tmp_path, capsys):
+    code = demo.main(["fit-sparse", "--out", str(tmp_path / "no" / "such" / "sparse.json")])
+    err = capsys.readouterr().err
+    assert code == 1 and "does not exist: give a file in an existing folder" in err

@@ -455,6 +455,10 @@ def fit_sparse(out_path: str | Path | None = None, *, n_lambdas: int = 20,
     from ..kernels.prediction import fit_sparse_model
     from ..kernels.representations import extract_features
     threads = positive_int(threads, "threads")
+    path = Path(out_path) if out_path is not None else SPARSE_FILE
+    if not path.parent.is_dir():          # said before the minute of work, not after it
+        raise OSError(f"The folder {path.parent} does not exist: give a file in an existing "
+                      f"folder.")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -473,7 +477,6 @@ def fit_sparse(out_path: str | Path | None = None, *, n_lambdas: int = 20,
         torch.set_num_threads(before)
     data = model.to_dict()
     data["weights_sha256"] = _file_sha256(WEIGHTS_FILE)
-    path = Path(out_path) if out_path is not None else SPARSE_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -861,7 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             fit_sparse(args.out, n_lambdas=args.n_lambdas, solver=args.solver,
                        threads=args.threads, log=lambda m: print(m, flush=True))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, WeightsError) as e:   # a folder it cannot write, no weights
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 0
