@@ -194,7 +194,8 @@ def unit_scores_of_captum(method: str, prepared, attributions) -> dict | None:
     for LIME and KernelSHAP, whose samples differ from ours."""
     if method in ("lime", "kernel_shap"):
         return None
-    if isinstance(attributions, tuple) and len(attributions) == 2 and method == "integrated_gradients":
+    if method == "integrated_gradients" and isinstance(attributions, tuple) \
+            and len(attributions) == 2:
         attributions = attributions[0]                # (attributions, convergence delta)
     out = {}
     for n, a in zip(prepared.names, attributions):

@@ -19,9 +19,10 @@
   loop's time over the part of the work that no exact method avoids (the image encoder's forward
   and one batched vector-Jacobian product per token row), i.e. the best speedup any
   implementation could reach on this model. The three are timed in every order once per cycle
-  (6 rounds, ``repeats`` cycles per instance: 3 from ``benchmarks/kernels.py``); an instance's speedup is the geometric mean of its rounds' paired
-  ratios, the criterion's the median over the instances (``speedup_ci95``: a bootstrap over
-  them). The kernel's matrix must equal the loops' (``agrees``, relative 1e-4).
+  (6 rounds; ``repeats`` cycles per instance, 3 from ``benchmarks/kernels.py``); an instance's
+  speedup is the geometric mean of its rounds' paired ratios, the criterion's the median over
+  the instances (``speedup_ci95``: a bootstrap over them). The kernel's matrix must equal the
+  loops' (``agrees``, relative 1e-4).
 * Every kernel against its floor: forward passes x the per-sample time of a batched forward pass
   at the fastest batch size, timed next to each round; target: within 1.5x. For the
   second-order kernel an informative forward + backward floor also counts its backward passes
@@ -109,13 +110,17 @@ def emap_unbatched_plain(adapter, instances, pairs=None) -> tuple[np.ndarray, in
     return fhat, total
 
 
-def per_instance_pairs(rounds: list[dict], pairs: list[tuple[float, float]]) -> list[float]:
-    """Per instance (of ``rounds``, in the same order as ``pairs``), the geometric mean of
-    ms / floor over its rounds."""
+def by_instance(rounds: list[dict], values) -> dict[int, list[float]]:
+    """{instance: its values}, ``values`` given one per round (in the order of ``rounds``)."""
     by: dict[int, list[float]] = {}
-    for r, (ms, floor) in zip(rounds, pairs):
-        by.setdefault(r["index"], []).append(ms / floor)
-    return [geometric_mean(v) for v in by.values()]
+    for r, v in zip(rounds, values):
+        by.setdefault(r["index"], []).append(v)
+    return by
+
+
+def per_instance(rounds: list[dict], values) -> list[float]:
+    """Per instance, the geometric mean of its rounds' ratios (``values``, one per round)."""
+    return [geometric_mean(v) for v in by_instance(rounds, values).values()]
 
 
 def sog_per_token_loop(adapter, prepared, target, image: str, text: str,
@@ -253,17 +258,10 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
         if bound is not None:
             bounds[int(i)] = bound
 
-    def per_instance(fn) -> list[float]:
-        """Per instance, the geometric mean of fn(round) over its rounds."""
-        by: dict[int, list[float]] = {}
-        for r in rounds:
-            by.setdefault(r["index"], []).append(fn(r))
-        return [geometric_mean(v) for v in by.values()]
-
     sog_ms = [r["kernel"] for r in rounds]
     sog_med = median(sog_ms)
-    shared_speedups = per_instance(lambda r: r["shared"] / r["kernel"])
-    loop_speedups = per_instance(lambda r: r["loop"] / r["kernel"])
+    shared_speedups = per_instance(rounds, [r["shared"] / r["kernel"] for r in rounds])
+    loop_speedups = per_instance(rounds, [r["loop"] / r["kernel"] for r in rounds])
     out["second_order"] = {
         "n": len(indices), "rounds_per_instance": len(orders) * max(1, repeats),
         "median_ms": sog_med,
@@ -277,10 +275,11 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
         "per_token_loop_median_ms": median([r["loop"] for r in rounds]),
         "speedup_over_recomputing_loop": median(loop_speedups),
         "floor_median_ms": median([f for _, f in sog_floor]),
-        "ratio_to_floor": median(per_instance_pairs(rounds, sog_floor)),
+        "ratio_to_floor": median(per_instance(rounds, [ms / f for ms, f in sog_floor])),
         # informative: the floor with the kernel's backward passes counted too
         "floor_fwd_bwd_median_ms": median([f for _, f in sog_floor_fb]),
-        "ratio_to_fwd_bwd_floor": median(per_instance_pairs(rounds, sog_floor_fb)),
+        "ratio_to_fwd_bwd_floor": median(per_instance(rounds,
+                                                      [ms / f for ms, f in sog_floor_fb])),
         "max_relative_difference_to_loop": max(sog_err),
         "agrees": max(sog_err) <= AGREEMENT_MAX,
         "floor": "the kernel's forward passes (1 in vmap mode) x per-sample forward time; the "
@@ -295,21 +294,15 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
         # Informative: the best speedup over each loop that any exact method could reach, if it
         # did nothing but the image encoder's unavoidable part (see image_gradient_rows_ms),
         # per instance against the loop's median there
-        def bound_speedups(who):
-            by: dict[int, list[float]] = {}
-            for r in rounds:
-                by.setdefault(r["index"], []).append(r[who])
-            return [median(v) / bounds[i] for i, v in by.items() if i in bounds]
-        kernel_by: dict[int, list[float]] = {}
-        for r in rounds:
-            kernel_by.setdefault(r["index"], []).append(r["kernel"])
+        def over_bound(who):        # per instance, its median time of ``who`` / the bound
+            return [median(v) / bounds[i] for i, v in
+                    by_instance(rounds, [r[who] for r in rounds]).items() if i in bounds]
         out["second_order"].update({
             "image_gradient_rows_median_ms": median(list(bounds.values())),
-            "speedup_bound": median(bound_speedups("shared")),
-            "speedup_bound_max": float(np.max(bound_speedups("shared"))),
-            "speedup_bound_over_recomputing_loop": median(bound_speedups("loop")),
-            "kernel_to_bound": median([median(v) / bounds[i] for i, v in kernel_by.items()
-                                       if i in bounds]),
+            "speedup_bound": median(over_bound("shared")),
+            "speedup_bound_max": float(np.max(over_bound("shared"))),
+            "speedup_bound_over_recomputing_loop": median(over_bound("loop")),
+            "kernel_to_bound": median(over_bound("kernel")),
         })
     out["second_order"]["meets"] = {
         "speedup": out["second_order"]["speedup"] >= CRITERIA["sog_speedup_min"],
@@ -319,7 +312,8 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
     so = out["second_order"]
     print(f"second-order {sog_med:6.2f} ms  MultiViz's shared-graph loop "
           f"{so['shared_graph_loop_median_ms']:6.2f} ms: {so['speedup']:4.1f}x  (recomputing "
-          f"loop {so['per_token_loop_median_ms']:6.2f} ms: {so['speedup_over_recomputing_loop']:4.1f}x)"
+          f"loop {so['per_token_loop_median_ms']:6.2f} ms: "
+          f"{so['speedup_over_recomputing_loop']:4.1f}x)"
           f"  floor ratio {so['ratio_to_floor']:4.1f}"
           + f" (fwd+bwd floor {so['ratio_to_fwd_bwd_floor']:4.1f})"
           + (f"  (best possible speedup {so['speedup_bound']:4.1f}x, kernel "
@@ -327,7 +321,8 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
           flush=True)
     out["pairwise_ablation"] = {
         "n": len(indices), "median_ms": median(pair_ms), "floor_median_ms": median(pair_floor),
-        "ratio_to_floor": median(per_instance_pairs(rounds, list(zip(pair_ms, pair_floor))))}
+        "ratio_to_floor": median(per_instance(rounds, [ms / f for ms, f in
+                                                       zip(pair_ms, pair_floor)]))}
     out["pairwise_ablation"]["meets"] = {
         "floor": out["pairwise_ablation"]["ratio_to_floor"] <= CRITERIA["ratio_to_floor_max"]}
 

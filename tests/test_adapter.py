@@ -326,7 +326,8 @@ def test_a_model_that_embeds_the_batch_in_parts_gets_each_part_its_own_rows():
     texts = ["what colour", "the car is", "what is the car colour", "car", "is the colour"]
     batch = [dict(TV_INSTANCE, text=t) for t in texts]
     raw = whole.collate(batch)
-    cont = {"text": torch.randn(5, raw["text"].shape[1], 6, generator=torch.Generator().manual_seed(0))}
+    g = torch.Generator().manual_seed(0)
+    cont = {"text": torch.randn(5, raw["text"].shape[1], 6, generator=g)}
     with torch.no_grad():
         torch.testing.assert_close(parts.forward(raw, cont), whole.forward(raw, cont))
     # parts that are no run of rows are refused, saying why: on a batch, and on one instance's

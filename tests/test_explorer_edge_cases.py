@@ -443,7 +443,8 @@ def test_the_bar_charts_are_titled_in_words_before_their_formula(vqa):
     assert contribution_title("a very long class name indeed") == \
         "what each neuron adds to 'a very long…', W_cj h_j(x)"
     # a sparse linear model weighs the standardised activations
-    assert contribution_title("red", standardised=True) == "what each neuron adds to 'red', w_cj z_j(x)"
+    assert contribution_title("red", standardised=True) == \
+        "what each neuron adds to 'red', w_cj z_j(x)"
 
 
 def test_the_method_menus_show_readable_names_and_keep_the_method_names_as_values(vqa):

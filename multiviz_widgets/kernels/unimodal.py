@@ -269,7 +269,7 @@ def _perturbation_map(adapter: ModelAdapter, prepared: Prepared, name: str,
     bfloat16 model's is one numpy holds)."""
     idx = prepared.index[name]
     dtype = torch.promote_types(prepared.continuous[name].dtype, torch.float32)
-    scores = scores.to(idx.device, dtype)           # scores come from numpy; idx lives with the model
+    scores = scores.to(idx.device, dtype)       # from numpy, where idx lives with the model
     counts = torch.bincount(idx.reshape(-1), minlength=scores.numel()).clamp(min=1)
     per_scalar = (scores / counts.to(scores))[idx]
     return adapter.modalities[name].to_map(per_scalar).detach().cpu().numpy()
