@@ -89,6 +89,11 @@ def geometric_mean(ratios) -> float:
     return math.exp(sum(logs) / len(logs))
 
 
+#: largest relative difference of a kernel's numbers to its reference's (captum, a loop): float32
+#: rounding
+AGREEMENT_MAX = 1e-4
+
+
 def bootstrap_median_ci(values, resamples: int = 2000, seed: int = 0) -> list[float]:
     """[2.5th, 97.5th] percentiles of the median of ``values`` (per-instance ratios) over
     bootstrap resamples of the instances: how far the median could move with other instances

@@ -76,9 +76,9 @@ import torch
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (FLOOR_BATCHES, RESULTS, bootstrap_median_ci, environment, median,  # noqa: E402
-                    per_sample_forward_backward_ms, per_sample_forward_ms, per_sample_scan,
-                    geometric_mean, shape_or_color_indices, start_run, timed,
+from common import (AGREEMENT_MAX, FLOOR_BATCHES, RESULTS, bootstrap_median_ci,  # noqa: E402
+                    environment, median, per_sample_forward_backward_ms, per_sample_forward_ms,
+                    per_sample_scan, geometric_mean, shape_or_color_indices, start_run, timed,
                     write_json)
 
 from multiviz_widgets.kernels.common import PERTURBATION_BATCH  # noqa: E402
@@ -103,8 +103,6 @@ CAPTUM_NAMES = {"gradient": "Saliency(abs=False)", "grad_x_input": "InputXGradie
                 "kernel_shap": f"KernelShap(feature_mask, n_samples=500, "
                                f"perturbations_per_eval={BATCH})"}
 RATIO_MAX, FLOOR_MAX = 1.1, 1.5
-#: largest relative difference of our unit scores to captum's (float32 rounding)
-AGREEMENT_MAX = 1e-4
 #: repeats of the per-instance floor measurement (its best is kept)
 FLOOR_REPEATS = 3
 #: calls in a row per side and instance of the gradient methods' warm loop (informative)
@@ -176,8 +174,8 @@ def captum_call(method: str, adapter, prepared, target: int):
     raise ValueError(method)
 
 
-#: our LIME's kernel width (``lime_from_function``'s default)
-LIME_KERNEL_WIDTH = 0.25
+#: our LIME's kernel width (its default, which the benchmark's parameters keep)
+LIME_KERNEL_WIDTH = METHODS["lime"].defaults["kernel_width"]
 
 
 def lime_similarity(_original, _perturbed, interpretable_sample, **_kwargs):

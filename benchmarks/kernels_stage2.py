@@ -3,7 +3,8 @@
 * EMAP with N = 100 (one batched N x N logit matrix) against the unbatched reference of the
   original MultiViz code (one forward pass per pair, N^2 calls); target: >= 20x faster, < 2 s.
   The reference is timed twice per repeat, through the adapter and with the model called
-  directly (``emap_unbatched_plain``), and the speedup is taken against the faster of the two.
+  directly (``emap_unbatched(..., plain=True)``), and the speedup is taken against the faster
+  of the two.
   Three variants: "generic" (N^2 full forward passes, batched: what models that cannot be split
   get), "declared" (each modality of the N instances encoded once and only the N^2 pairs fused,
   with the model's own encode_modality / fuse_encodings) and "traced" (the same split found in
@@ -49,9 +50,10 @@ import torch
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, bootstrap_median_ci, environment, geometric_mean,  # noqa: E402
-                    load_demo, median, per_sample_forward_backward_ms, per_sample_forward_ms,
-                    per_sample_scan, shape_or_color_indices, timed, write_json)
+from common import (AGREEMENT_MAX, RESULTS, bootstrap_median_ci, environment,  # noqa: E402
+                    geometric_mean, load_demo, median, per_sample_forward_backward_ms,
+                    per_sample_forward_ms, per_sample_scan, shape_or_color_indices, timed,
+                    write_json)
 
 from multiviz_widgets.kernels import factorize  # noqa: E402
 from multiviz_widgets.kernels.common import (PERTURBATION_BATCH, resolve_target,  # noqa: E402
@@ -62,8 +64,6 @@ EMAP_N = 100
 EMAP_BATCH = PERTURBATION_BATCH   # the kernel's default
 CRITERIA = {"emap_speedup_min": 20.0, "emap_seconds_max": 2.0,
             "sog_speedup_min": 10.0, "sog_ms_max": 300.0, "ratio_to_floor_max": 1.5}
-#: largest relative difference between the kernel's matrix and the loops' (float32 rounding)
-AGREEMENT_MAX = 1e-4
 #: largest absolute difference between EMAP's logits and the unbatched reference's
 EMAP_AGREEMENT_MAX = 1e-4
 
@@ -72,40 +72,28 @@ EMAP_AGREEMENT_MAX = 1e-4
 # references (deliberately unbatched, as in the original MultiViz code)
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def emap_unbatched(adapter, instances, pairs=None) -> tuple[np.ndarray, int]:
+def emap_unbatched(adapter, instances, pairs=None, plain: bool = False) -> tuple[np.ndarray, int]:
     """EMAP with one forward pass per pair: (fhat [N, C], pairs evaluated). ``pairs``: evaluate
-    only that many (row-major) pairs, for a cheaper timing that is then extrapolated."""
-    n = len(instances)
-    raws = [adapter.collate([inst]) for inst in instances]
-    names = adapter.names
-    a, b = names[0], names[1]
-    total = n * n if pairs is None else min(pairs, n * n)
-    m = np.zeros((n, n, adapter.n_classes))
-    for k in range(total):
-        i, j = divmod(k, n)
-        raw = {a: raws[i][a], b: raws[j][b]}
-        m[i, j] = adapter.forward(raw)[0].double().cpu().numpy()
-    fhat = m.mean(1) + m.mean(0) - m.mean((0, 1))
-    return fhat, total
-
-
-@torch.no_grad()
-def emap_unbatched_plain(adapter, instances, pairs=None) -> tuple[np.ndarray, int]:
-    """``emap_unbatched`` with the model called directly, ``model(image, question)`` on each
-    pair's tensors, without the adapter's checks and hooks: the fastest plain loop (the
-    criterion's speedup is taken against the faster of the two references)."""
+    only that many (row-major) pairs, for a cheaper timing that is then extrapolated.
+    ``plain``: the model called directly, ``model(image, question)`` on each pair's tensors,
+    without the adapter's checks and hooks (the fastest plain loop: the criterion's speedup is
+    taken against the faster of the two); else through ``adapter.forward``."""
     n = len(instances)
     raws = [adapter.collate([inst]) for inst in instances]
     names = adapter.names
     a, b = names[0], names[1]
     model = adapter.model            # in eval mode already (the shipped model is)
+
+    def forward(args):
+        if not plain:
+            return adapter.forward(args)
+        return model(**args) if adapter.keyword_inputs else model(*(args[x] for x in names))
+
     total = n * n if pairs is None else min(pairs, n * n)
     m = np.zeros((n, n, adapter.n_classes))
     for k in range(total):
         i, j = divmod(k, n)
-        args = {a: raws[i][a], b: raws[j][b]}
-        out = model(**args) if adapter.keyword_inputs else model(*(args[x] for x in names))
-        m[i, j] = out[0].double().cpu().numpy()
+        m[i, j] = forward({a: raws[i][a], b: raws[j][b]})[0].double().cpu().numpy()
     fhat = m.mean(1) + m.mean(0) - m.mean((0, 1))
     return fhat, total
 
@@ -339,8 +327,8 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
         inst = _emap_instances(dataset, emap_n, seed + rep)
         ms, (fhat, done) = timed(lambda: emap_unbatched(adapter, inst, emap_reference_pairs))
         ref_times.append(ms / 1e3 * (emap_n * emap_n) / done)
-        ms, (plain, done_plain) = timed(lambda: emap_unbatched_plain(adapter, inst,
-                                                                      emap_reference_pairs))
+        ms, (plain, done_plain) = timed(lambda: emap_unbatched(adapter, inst, emap_reference_pairs,
+                                                                plain=True))
         plain_times.append(ms / 1e3 * (emap_n * emap_n) / done_plain)
         if done_plain == emap_n * emap_n:
             diffs["plain_reference"] = max(diffs.get("plain_reference", 0.0),
