@@ -60,6 +60,22 @@ def start_run(threads: int, n: int, seed: int):
     return adapter, dataset, note, shape_or_color_indices(dataset, n, seed=seed)
 
 
+def single_threaded_blas():
+    """A context in which numpy's and scipy's OpenBLAS (not torch's BLAS) run one thread.
+
+    captum's Lime and KernelShap fit with scikit-learn, whose OpenBLAS threads keep spinning for
+    a while after each fit and slow the next timed call: on a 16-core GPU host our KernelSHAP took
+    74 ms instead of 7.5 ms right after captum's. threadpoolctl limits only the libraries loaded
+    when the limit is set, and scikit-learn brings its own scipy's OpenBLAS, so it is imported
+    first.
+    """
+    import importlib
+
+    from threadpoolctl import threadpool_limits
+    importlib.import_module("sklearn.linear_model")
+    return threadpool_limits(1, user_api="blas")
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
     """(milliseconds, result) of one call; where CUDA is in use, the device's queued work is
     waited for before and after (GPU kernels run asynchronously)."""

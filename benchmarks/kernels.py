@@ -73,13 +73,12 @@ import traceback
 from pathlib import Path
 
 import torch
-from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (AGREEMENT_MAX, FLOOR_BATCHES, RESULTS, bootstrap_median_ci,  # noqa: E402
                     environment, median, per_sample_forward_backward_ms, per_sample_forward_ms,
-                    per_sample_scan, geometric_mean, shape_or_color_indices, start_run, timed,
-                    write_json)
+                    per_sample_scan, geometric_mean, shape_or_color_indices, single_threaded_blas,
+                    start_run, timed, write_json)
 
 from multiviz_widgets.kernels.common import PERTURBATION_BATCH  # noqa: E402
 from multiviz_widgets.kernels.unimodal import (  # noqa: E402
@@ -274,12 +273,9 @@ def run_stage1(adapter, dataset, indices, repeats: int = 1, methods=None,
     instance's numbers. ``floor_batch``: the floors' batch size (default: the fastest per sample
     of FLOOR_BATCHES, chosen once, for the forward and the forward+backward floor separately).
 
-    numpy's and scipy's OpenBLAS run single-threaded meanwhile (see the module docstring).
-    scikit-learn, with which captum's Lime and KernelShap fit, is imported first: threadpoolctl
-    limits the libraries loaded when the limit is set.
+    numpy's and scipy's OpenBLAS run single-threaded meanwhile (``common.single_threaded_blas``).
     """
-    importlib.import_module("sklearn.linear_model")
-    with threadpool_limits(1, user_api="blas"):
+    with single_threaded_blas():
         return _stage1(adapter, dataset, indices, repeats, methods, floor_batch)
 
 
@@ -568,7 +564,7 @@ def main(argv=None) -> dict:
                                    args.floor_batch)}
     if args.batched_n > 0:
         s1 = result["stage1"]
-        with threadpool_limits(1, user_api="blas"):
+        with single_threaded_blas():
             s1["batched"] = run_batched(adapter, dataset, args.batched_n, args.batched_rounds,
                                         args.seed, s1["floor_batch"], s1["floor_batch_fwd_bwd"],
                                         args.methods)

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, environment, geometric_mean, load_demo, median,  # noqa: E402
-                    per_sample_scan, shape_or_color_indices, timed, write_json)
+                    per_sample_scan, shape_or_color_indices, single_threaded_blas, timed,
+                    write_json)
 from kernels import STAGE1, captum_call  # noqa: E402
 from kernels_stage2 import EMAP_N, _emap_instances, emap_unbatched, sog_per_token_loop  # noqa: E402,E501
 
@@ -58,10 +58,9 @@ def side_by_side(calls: dict, repeats: int, k: int) -> dict[str, list[float]]:
 
 def stage1(adapter, prepared, targets, repeats: int, with_captum: bool, methods) -> dict:
     """Per method: medians of ours (and captum's), their ratio, and the floor ratio. numpy's
-    BLAS runs single-threaded meanwhile, as in ``kernels.py``: the idle threads that captum's
-    scikit-learn fits leave spinning slowed our next call (KernelSHAP 74 ms instead of 7 ms on
-    a 16-core host)."""
-    with threadpool_limits(1, user_api="blas"):
+    and scipy's BLAS run single-threaded meanwhile, as in ``kernels.py``
+    (``common.single_threaded_blas``)."""
+    with single_threaded_blas():
         return _stage1(adapter, prepared, targets, repeats, with_captum, methods)
 
 

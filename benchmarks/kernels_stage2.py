@@ -39,7 +39,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import sys
 import warnings
@@ -47,13 +46,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (AGREEMENT_MAX, RESULTS, bootstrap_median_ci, environment,  # noqa: E402
                     geometric_mean, load_demo, median, per_sample_forward_backward_ms,
-                    per_sample_forward_ms, per_sample_scan, shape_or_color_indices, timed,
-                    write_json)
+                    per_sample_forward_ms, per_sample_scan, shape_or_color_indices,
+                    single_threaded_blas, timed, write_json)
 
 from multiviz_widgets.kernels import factorize  # noqa: E402
 from multiviz_widgets.kernels.common import (PERTURBATION_BATCH, resolve_target,  # noqa: E402
@@ -188,8 +186,7 @@ def run(adapter, dataset, indices, repeats: int = 1, **options) -> dict:
     """Stage-2 timings as a JSON-ready dict (see the module docstring). numpy's and scipy's
     OpenBLAS run single-threaded meanwhile: on two cores their idle threads, left spinning by
     scikit-learn or shapiq, slow the next timed call (as ``benchmarks/kernels.py`` found)."""
-    importlib.import_module("sklearn.linear_model")
-    with threadpool_limits(1, user_api="blas"):
+    with single_threaded_blas():
         return _run(adapter, dataset, indices, repeats, **options)
 
 
