@@ -44,7 +44,7 @@ import weakref
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .atomic_file import write_atomically
+from .atomic_file import folder_lock, write_atomically
 from .checks import is_integer
 
 __all__ = ["Annotations", "AnnotationError", "AnnotationConflict", "neuron_key", "unit_key",
@@ -352,6 +352,10 @@ class Annotations:
         self.unsaved = False          # changes that no save has written yet
         self._disk_digest: str | None = None     # the file as last read or written here...
         self._disk_entries: dict[tuple, tuple[str, ...]] = {}   # ...and its concepts
+        # fields of the file that this format does not know (a "description", an entry's
+        # "comment"), written back as they were: the document's, and each entry's by its key
+        self._extra: dict = {}
+        self._entry_extra: dict[tuple, dict] = {}
         if self.path is not None and self.path.exists():
             self._read_into_empty(self.path)
 
@@ -415,6 +419,7 @@ class Annotations:
         are feature keys (``_units_as_features``)."""
         shared = _shared_modalities(signature)
         if self._version_1_units and shared:
+            self._entry_extra = _extras_as_features(self._entry_extra, shared)
             return (_units_as_features(self._data, shared),
                     _units_as_features(self._disk_entries, shared))
         return self._data, self._disk_entries
@@ -672,16 +677,21 @@ class Annotations:
             # read from a version-1 file, with no model yet to say which of its unit keys name
             # a feature (a tabular column): written as version 1 still, to be read so again
             version = 1 if self._version_1_units and units else VERSION
+            extra, entry_extra = dict(self._extra), dict(self._entry_extra)
         if dataset is not None and units:
             _fingerprint(dataset)      # recorded with the unit concepts (computed when lazy)
-        return {"format": FORMAT, "version": version, "model": sig,
-                "dataset": dict(dataset) if dataset else None,
-                "neurons": [{"neuron": k[1], "concepts": list(v)}
-                            for k, v in items if k[0] == "neuron"],
-                "units": [{"instance": k[1], "modality": k[2], "unit": k[3], "concepts": list(v)}
-                          for k, v in items if k[0] == "unit"],
-                "features": [{"modality": k[1], "unit": k[2], "concepts": list(v)}
-                             for k, v in items if k[0] == "feature"]}
+
+        def entry(k, fields: dict, v) -> dict:
+            return {**fields, "concepts": list(v), **entry_extra.get(k, {})}
+        doc = {"format": FORMAT, "version": version, "model": sig,
+               "dataset": dict(dataset) if dataset else None,
+               "neurons": [entry(k, {"neuron": k[1]}, v) for k, v in items if k[0] == "neuron"],
+               "units": [entry(k, {"instance": k[1], "modality": k[2], "unit": k[3]}, v)
+                         for k, v in items if k[0] == "unit"],
+               "features": [entry(k, {"modality": k[1], "unit": k[2]}, v)
+                            for k, v in items if k[0] == "feature"]}
+        doc.update((f, v) for f, v in extra.items() if f not in doc)
+        return doc
 
     def save(self, path: str | os.PathLike | None = None, *, overwrite: bool = False) -> Path:
         """Write the store to ``path`` (default: its own) atomically; returns the path.
@@ -711,12 +721,15 @@ class Annotations:
                 adopt = adopt and self.path is None     # else adopted by another save meanwhile
                 doc = self.to_dict()
                 raw = (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
-                if own and not overwrite:
-                    self._check_unchanged(target)
-                elif not own and target.exists() and not overwrite:
-                    raise AnnotationError(f"{target} exists; save(path, overwrite=True) replaces "
-                                          f"it, or choose another name.")
-                _atomic_write(target, raw)
+                # the check and the write under one lock of the folder: another store or
+                # program saving the file meanwhile waits, then sees this write as a change
+                with folder_lock(target):
+                    if own and not overwrite:
+                        self._check_unchanged(target)
+                    elif not own and target.exists() and not overwrite:
+                        raise AnnotationError(f"{target} exists; save(path, overwrite=True) "
+                                              f"replaces it, or choose another name.")
+                    _atomic_write(target, raw)
                 if adopt:
                     self.path = target
                     self.autosave = self.autosave if self._autosave_given else True
@@ -763,8 +776,9 @@ class Annotations:
         either has stays). The file this store saves to: a three-way merge against the file as
         this store last read or wrote it, so that what was changed there since (concepts added,
         and concepts removed) is taken in beside this store's own changes; the file is then
-        saved again when it lacks any of them. (Fields of the file that this format does not
-        know are not kept.)"""
+        saved again when it lacks any of them. Fields that this format does not know (a
+        document's "description", an entry's "comment") are kept: this store's win, except
+        over its own file's, whose edits are newer."""
         with self._lock:               # the file read, and the merge, in step with any save
             if isinstance(other, Annotations):
                 incoming, sig, digest, source = other.to_dict(), other.signature, None, None
@@ -778,7 +792,9 @@ class Annotations:
             if why:
                 raise AnnotationError(f"The annotations of {what} belong to another model "
                                       f"({why}); nothing was merged.")
-            theirs = _entries(incoming, what, _shared_modalities(self.signature or sig))
+            their_extra: dict[tuple, dict] = {}
+            theirs = _entries(incoming, what, _shared_modalities(self.signature or sig),
+                              their_extra)
             if any(k[0] == "unit" and k not in self._data for k in theirs):
                 self._check_one_dataset(f" of {what}")
             self._check_dataset(incoming.get("dataset"), self.dataset, theirs, f" of {what}")
@@ -798,6 +814,9 @@ class Annotations:
                     merged[key] = cs
             changed = merged != self._data
             self._data = merged
+            _take_extras(self._extra, _document_extras(incoming), own_file)
+            for key, fields in their_extra.items():
+                _take_extras(self._entry_extra.setdefault(key, {}), fields, own_file)
             if (incoming.get("dataset") and not self.dataset
                     and any(k[0] == "unit" for k in theirs)):
                 self._take_dataset(incoming["dataset"])
@@ -829,10 +848,12 @@ class Annotations:
                 f"{path} holds annotations of another model ({why}); it was not changed. Give "
                 f"this model another file, or Annotations.load(path) and copy what applies.")
         shared = _shared_modalities(self.signature)
-        found = _entries(doc, path, shared)
+        entry_extra: dict[tuple, dict] = {}
+        found = _entries(doc, path, shared, entry_extra)
         self._check_dataset(doc.get("dataset"), self.dataset, found, f" in {path}")
         self._check_ranges(found, self.signature, self.n_instances, path)
         self._data = found
+        self._extra, self._entry_extra = _document_extras(doc), entry_extra
         # which units are shared is not known yet: read as features when a signature says
         self._version_1_units = doc.get("version") == 1 and not _says_shared(self.signature)
         if doc.get("dataset") and not self.dataset:
@@ -916,7 +937,7 @@ def _read_bytes(path: Path) -> bytes:
 def _parse(raw: bytes, path) -> dict:
     """The document of an annotations file, its outer shape checked."""
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8-sig"))      # a byte-order mark (Notepad) is read too
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AnnotationError(f"{path} is not an annotations file: not UTF-8 JSON ({e}). It was "
                               f"not changed.") from None
@@ -924,18 +945,62 @@ def _parse(raw: bytes, path) -> dict:
         raise AnnotationError(f"{path} is not an annotations file (no \"format\": \"{FORMAT}\"). "
                               f"It was not changed; give annotations another file name.")
     v = doc.get("version")
-    if not is_integer(v) or not 1 <= v <= VERSION:
+    if not is_integer(v) or v < 1:
+        raise AnnotationError(f"{path}: \"version\" must be a whole number from 1 to {VERSION} "
+                              f"(the format's version), got {v!r}. It was not changed.")
+    if v > VERSION:
         raise AnnotationError(f"{path} is annotations format version {v!r}; this multiviz_widgets "
                               f"reads versions up to {VERSION} (a newer file needs a newer "
                               f"multiviz_widgets). It was not changed.")
     for f in ("model", "dataset"):
         if doc.get(f) is not None and not isinstance(doc[f], dict):
             raise AnnotationError(f"{path}: \"{f}\" must be an object or null, got {doc[f]!r}.")
+    for f, check in (("model", _bad_model_fields), ("dataset", _bad_dataset_fields)):
+        why = check(doc.get(f) or {})
+        if why:
+            raise AnnotationError(f"{path}: \"{f}\": {why}. It was not changed; correct the "
+                                  f"field, or set it to null (then it is not compared).")
     for f in ("neurons", "units", "features"):
         if not isinstance(doc.get(f, []), list):
             raise AnnotationError(f"{path}: \"{f}\" must be a list, got {doc.get(f)!r}.")
     _check_no_surrogates(doc, path, "")
     return doc
+
+
+def _bad_model_fields(model: dict) -> str | None:
+    """What is wrong with the fields of a file's model signature (``model_signature``'s), or
+    None; a field that is absent or null is not compared, so it is not checked."""
+    def texts(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    name, mods, classes = model.get("model"), model.get("modalities"), model.get("classes")
+    neurons, features = model.get("neurons"), model.get("features")
+    if name is not None and not isinstance(name, str):
+        return f'"model" must be text, got {name!r}'
+    if mods is not None and not texts(mods):
+        return f'"modalities" must be a list of names, got {mods!r}'
+    if classes is not None and not texts(classes):
+        return f'"classes" must be a list of names, got {classes!r}'
+    if neurons is not None and (not is_integer(neurons) or neurons < 0):
+        return f'"neurons" must be a whole number (how many), got {neurons!r}'
+    if features is not None and not (
+            isinstance(features, dict)
+            and all(v is None or texts(v) for v in features.values())):
+        return (f'"features" must map each modality to a list of unit labels (or null), got '
+                f'{features!r}')
+    return None
+
+
+def _bad_dataset_fields(dataset: dict) -> str | None:
+    """What is wrong with the fields of a file's dataset signature (``dataset_signature``'s),
+    or None."""
+    name, n, fp = dataset.get("name"), dataset.get("instances"), dataset.get("fingerprint")
+    if name is not None and not isinstance(name, str):
+        return f'"name" must be text, got {name!r}'
+    if n is not None and (not is_integer(n) or n < 0):
+        return f'"instances" must be a whole number (how many), got {n!r}'
+    if fp is not None and not isinstance(fp, str):
+        return f'"fingerprint" must be text, got {fp!r}'
+    return None
 
 
 def _check_no_surrogates(value, path, where: str) -> None:
@@ -983,12 +1048,14 @@ def _units_as_features(entries: dict, shared: frozenset[str]) -> dict:
     return out
 
 
-def _entries(doc: dict, path, shared: frozenset[str] = frozenset()
-             ) -> dict[tuple, tuple[str, ...]]:
+def _entries(doc: dict, path, shared: frozenset[str] = frozenset(),
+             extras: dict[tuple, dict] | None = None) -> dict[tuple, tuple[str, ...]]:
     """{key: concepts} of a parsed document; each entry checked (its position in the message).
     Of a version-1 file, the unit keys of the ``shared`` modalities are read as feature keys
-    (``_units_as_features``)."""
+    (``_units_as_features``). extras: filled with {key: the entry's fields that this format
+    does not know}."""
     out: dict[tuple, tuple[str, ...]] = {}
+    found_extras: dict[tuple, dict] = {}
     for field, fields in (("neurons", ("neuron",)),
                           ("units", ("instance", "modality", "unit")),
                           ("features", ("modality", "unit"))):
@@ -1006,11 +1073,52 @@ def _entries(doc: dict, path, shared: frozenset[str] = frozenset()
             if cs:
                 now = out.get(key, ())
                 out[key] = now + tuple(c for c in cs if c not in now)
+            unknown = {f: v for f, v in e.items() if f not in fields + ("concepts",)}
+            if unknown:
+                found_extras.setdefault(key, {}).update(unknown)
     if doc.get("version") == 1 and shared:
         out = _units_as_features(out, shared)
+        found_extras = _extras_as_features(found_extras, shared)
+    if extras is not None:
+        extras.update(found_extras)
+    return out
+
+
+#: The fields of an annotations document that this format knows.
+_DOCUMENT_FIELDS = ("format", "version", "model", "dataset", "neurons", "units", "features")
+
+
+def _document_extras(doc: dict) -> dict:
+    """The fields of a document that this format does not know."""
+    return {f: v for f, v in doc.items() if f not in _DOCUMENT_FIELDS}
+
+
+def _take_extras(ours: dict, theirs: dict, theirs_win: bool) -> None:
+    """Unknown fields of another version of a document or entry taken into ``ours``."""
+    for f, v in theirs.items():
+        if theirs_win or f not in ours:
+            ours[f] = v
+
+
+def _extras_as_features(extras: dict[tuple, dict], shared: frozenset[str]) -> dict:
+    """``extras`` with the unit keys of the ``shared`` modalities as feature keys (as
+    ``_units_as_features`` reads a version-1 file's concepts)."""
+    out: dict[tuple, dict] = {}
+    for key in sorted(extras, key=_sort_key):
+        new = feature_key(key[2], key[3]) if key[0] == "unit" and key[2] in shared else key
+        _take_extras(out.setdefault(new, {}), extras[key], False)
     return out
 
 
 def _atomic_write(target: Path, raw: bytes) -> None:
-    """Write ``raw`` to ``target`` through a temporary file in its folder and a rename."""
+    """Write ``raw`` to ``target`` through a temporary file in its folder and a rename; a
+    PermissionError when ``target`` is write-protected (no write permission for anybody, or
+    none for this user): the rename would replace it all the same, as no plain write would."""
+    try:
+        mode = target.stat().st_mode
+    except OSError:
+        mode = None
+    if mode is not None and (not mode & 0o222 or not os.access(target, os.W_OK)):
+        raise PermissionError(13, "the file is write-protected; make it writable (chmod u+w) "
+                                  "to save there", str(target))
     write_atomically(target, lambda f: f.write(raw), binary=True)

@@ -1,25 +1,32 @@
 """Writing a file so that a crash leaves the old file or the new one, never half of one."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:              # pragma: no cover - not POSIX: saves are not serialized
+    fcntl = None
 
 
 def write_atomically(path: Path, write: Callable[[IO], None], *, binary: bool,
                      mode: int | None = None) -> None:
     """Call ``write(f)`` on a temporary file in ``path``'s folder, flush it to disk and rename it
     to ``path``. mode: the new file's permission bits (default: those of the file it replaces,
-    else 0o644; the temporary file's own 0600 would make a file in a shared folder private)."""
-    folder = path.parent if str(path.parent) else Path(".")
+    else what the process's umask gives a new file, as ``open`` would; the temporary file's own
+    0600 would make a file in a shared folder private)."""
+    folder = _folder(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
         if mode is None:
             try:
                 mode = path.stat().st_mode & 0o777
             except OSError:
-                mode = 0o644
+                mode = 0o666 & ~_umask()
         os.chmod(tmp, mode)
         opened = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
         with opened as f:
@@ -33,3 +40,41 @@ def write_atomically(path: Path, write: Callable[[IO], None], *, binary: bool,
         except OSError:
             pass
         raise
+
+
+@contextlib.contextmanager
+def folder_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock (``flock``) on ``path``'s folder meanwhile: another process (or
+    another open of the folder in this one) that asks for it waits. A check of the file on disk
+    and its replacement made under it cannot interleave with another writer's. Where the folder
+    cannot be opened or the file system has no such locks, nothing is held."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(_folder(path), os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)            # closing the folder releases the lock
+
+
+def _folder(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022

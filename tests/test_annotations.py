@@ -166,7 +166,15 @@ def _valid_doc(**over) -> dict:
     ("{", "not UTF-8 JSON"), (b"\xff\xfe", "not UTF-8 JSON"), ("[]", "no \"format\""),
     (json.dumps({"format": "other"}), "no \"format\""),
     (json.dumps(_valid_doc(version=3)), "version 3; this multiviz_widgets reads versions up to 2"),
-    (json.dumps(_valid_doc(version="1")), "version '1'"),
+    (json.dumps(_valid_doc(version="1")), "\"version\" must be a whole number from 1 to 2.*'1'"),
+    (json.dumps(_valid_doc(version=0)), "\"version\" must be a whole number from 1 to 2.* 0"),
+    (json.dumps(_valid_doc(version=2.0)), "\"version\" must be a whole number.* 2.0"),
+    (json.dumps(_valid_doc(model=dict(SIG, neurons="64"))), "\"neurons\" must be a whole"),
+    (json.dumps(_valid_doc(model=dict(SIG, modalities="image"))), "\"modalities\" must be a list"),
+    (json.dumps(_valid_doc(model=dict(SIG, classes=[1, 2]))), "\"classes\" must be a list"),
+    (json.dumps(_valid_doc(model=dict(SIG, features={"tab": 5}))), "\"features\" must map"),
+    (json.dumps(_valid_doc(dataset={"name": "d", "instances": "10"})),
+     "\"dataset\": \"instances\" must be a whole number"),
     (json.dumps(_valid_doc(neurons={"2": ["red"]})), "\"neurons\" must be a list"),
     (json.dumps(_valid_doc(model=[1])), "\"model\" must be an object"),
     (json.dumps(_valid_doc(neurons=[{"neuron": 2}])), r"neurons\[0\].*needs"),
@@ -1290,3 +1298,89 @@ def test_a_save_that_cannot_encode_the_text_keeps_the_changes_and_says_why(tmp_p
     a.add(neuron_key(2), "blue")                         # the next save that works writes all
     assert a.save_error is None and not a.unsaved
     assert as_sets(Annotations.load(tmp_path / "c.json")) == as_sets(a)
+
+
+def test_two_stores_saving_one_file_at_once_lose_no_concept(tmp_path, monkeypatch):
+    """Two kernels with a store each on one file: the check 'changed on disk?' and the rename
+    are one step under the folder's lock, so the second writer is told of the first's save
+    (a conflict) instead of writing over it; its merge then keeps both concepts."""
+    path = tmp_path / "c.json"
+    Annotations(path).add(neuron_key(0), "seed")
+    a, b = Annotations(path), Annotations(path)
+    fsync = os.fsync
+
+    def slow_fsync(fd):                    # a slow disk: each save takes 0.2 s to reach it
+        time.sleep(0.2)
+        fsync(fd)
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    ta = threading.Thread(target=a.add, args=(neuron_key(1), "from a"))
+    tb = threading.Thread(target=lambda: (time.sleep(0.05), b.add(neuron_key(2), "from b")))
+    ta.start()
+    tb.start()
+    ta.join()
+    tb.join()
+    monkeypatch.setattr(os, "fsync", fsync)
+    refused = [s for s in (a, b) if s.save_error is not None]
+    assert len(refused) == 1 and "changed on disk" in refused[0].save_error
+    refused[0].merge(path)
+    on_disk = Annotations.load(path)
+    assert {k: on_disk.concepts(k) for k in on_disk.keys()} == {
+        neuron_key(0): ("seed",), neuron_key(1): ("from a",), neuron_key(2): ("from b",)}
+
+
+def test_fields_the_format_does_not_know_are_written_back(tmp_path):
+    path = tmp_path / "c.json"
+    doc = _valid_doc(version=2, description="colour neurons, checked by Ana",
+                     neurons=[{"neuron": 2, "concepts": ["red"], "comment": "strong"}])
+    path.write_text(json.dumps(doc))
+    store = Annotations(path, signature=SIG)
+    store.add(neuron_key(3), "blue")                           # autosaved
+    saved = json.loads(path.read_text())
+    assert saved["description"] == "colour neurons, checked by Ana"
+    assert saved["neurons"] == [{"neuron": 2, "concepts": ["red"], "comment": "strong"},
+                                {"neuron": 3, "concepts": ["blue"]}]
+    # a hand edit of the file's fields is newer than this store's: merge takes it in
+    edited = dict(saved, description="checked twice")
+    edited["neurons"][1]["comment"] = "weak"
+    path.write_text(json.dumps(edited))
+    store.merge(path)
+    copy = store.save(tmp_path / "copy.json")
+    again = json.loads(copy.read_text())
+    assert again["description"] == "checked twice"
+    assert [n.get("comment") for n in again["neurons"]] == ["strong", "weak"]
+    # another file's fields do not replace this store's own
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_valid_doc(version=2, description="theirs", units=[])))
+    store.merge(other)
+    assert json.loads(path.read_text())["description"] == "checked twice"
+
+
+def test_a_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(_valid_doc()).encode())
+    assert Annotations.load(path).concepts(neuron_key(2)) == ("red",)
+
+
+def test_a_new_file_gets_the_permissions_the_umask_gives(tmp_path):
+    old = os.umask(0o077)
+    try:
+        Annotations(tmp_path / "private.json").add(neuron_key(0), "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
+
+
+def test_a_write_protected_file_is_not_replaced_and_the_concepts_are_kept(tmp_path):
+    path = tmp_path / "c.json"
+    store = Annotations(path)
+    store.add(neuron_key(0), "red")
+    before = path.read_bytes()
+    path.chmod(0o444)
+    store.add(neuron_key(1), "blue")
+    assert path.read_bytes() == before
+    assert "write-protected" in store.save_error and "kept in memory" in store.save_error
+    assert store.concepts(neuron_key(1)) == ("blue",) and store.unsaved
+    path.chmod(0o644)
+    store.save()
+    assert store.save_error is None
+    assert Annotations.load(path).concepts(neuron_key(1)) == ("blue",)
