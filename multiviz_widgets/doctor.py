@@ -155,8 +155,24 @@ def _attempt(report: Report, code: str, stages, what: str, fn):
     return None
 
 
-def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape != b.shape or not torch.allclose(a, b, atol=_ATOL, rtol=_RTOL)
+def _differ(a: torch.Tensor, b: torch.Tensor, eps: float = 0.0) -> bool:
+    """Whether two outputs differ by more than rounding: _ATOL and _RTOL (float32's), or for a
+    less precise model (``eps``: its unit roundoff, as ``_roundoff`` gives) 4 roundoffs of
+    the outputs' magnitude, since a batch of another size may sum in another order."""
+    if a.shape != b.shape:
+        return True
+    a, b = a.double(), b.double()
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    atol, rtol = max(_ATOL, 4 * eps * scale), max(_RTOL, 4 * eps)
+    return not torch.allclose(a, b, atol=atol, rtol=rtol)
+
+
+def _roundoff(adapter: ModelAdapter, *outputs: torch.Tensor) -> float:
+    """The largest machine epsilon of the model's floating parameters and of its outputs
+    (bfloat16's 0.0078 for a bfloat16 model)."""
+    dtypes = {p.dtype for p in adapter.model.parameters() if p.is_floating_point()}
+    dtypes |= {o.dtype for o in outputs if o.is_floating_point()}
+    return max((torch.finfo(d).eps for d in dtypes), default=0.0)
 
 
 def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
@@ -205,7 +221,8 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
     # 4. Determinism: two passes must agree.
     again = _attempt(report, "nondeterministic", _ALL, "A second forward pass failed",
                      lambda: adapter.predict(prepared.raw))
-    random = again is not None and _differ(again, out)
+    eps = _roundoff(adapter, out)
+    random = again is not None and _differ(again, out, eps)
     if random:
         report.add("error", "nondeterministic",
                    "Two forward passes on the same input gave different logits; remove randomness "
@@ -220,7 +237,7 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
     sub = _attempt(report, "embedding-substitution", _CONTINUOUS,
                    "Putting the continuous inputs in (as every kernel does) failed",
                    lambda: adapter.predict(prepared.raw, cont))
-    if sub is not None and not random and _differ(sub, out):
+    if sub is not None and not random and _differ(sub, out, eps):
         report.add("error", "embedding-substitution",
                    f"Putting the instance's own continuous inputs in gives logits "
                    f"{sub[0].tolist()} where the model gives {out[0].tolist()}: the kernels "
@@ -255,7 +272,7 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
                         lambda: adapter.predict(prepared.raw, {n: torch.cat([cont[n], second[n]])
                                                                for n in cont}))
         alone = torch.cat([sub, second_out])
-        if pair is not None and not random and _differ(pair, alone):
+        if pair is not None and not random and _differ(pair, alone, eps):
             report.add("error", "batch-dependent",
                        "The model's output for an instance depends on the other instances in its "
                        "batch: the instance and another input in one batch give other logits "

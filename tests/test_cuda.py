@@ -271,3 +271,16 @@ def test_a_traced_split_follows_the_model_to_the_device_and_bfloat16_is_explaine
     for method in ("gradient", "integrated_gradients", "occlusion"):
         r = attribute(adapter, items[0], method, target=1)
         assert r.maps["series"].dtype == np.float32 and np.isfinite(r.scores["tabular"]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_doctor_passes_the_shipped_model_on_the_device_in_every_precision(dtype):
+    """A GPU may sum a batch of two in another order than two batches of one (another
+    convolution algorithm): in bfloat16 that is a few roundoffs, not batch dependence."""
+    from multiviz_widgets.doctor import check
+    model, meta = easy_vqa.load_model()
+    adapter = easy_vqa.make_adapter(copy.deepcopy(model).to(DEVICE, dtype), meta["vocab"],
+                                    meta["answers"])
+    dataset = easy_vqa.load_dataset("test")
+    report = check(adapter, dataset[0])
+    assert report.ok and all(report.stages.values()), str(report)
