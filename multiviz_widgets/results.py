@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -130,41 +130,81 @@ def _floats(array) -> list:
     return np.where(np.isfinite(arr), arr, None).tolist()
 
 
-def _shared_fields(data: dict[str, Any], kind: str) -> dict[str, Any]:
-    """The keyword arguments of Result's fields from ``to_dict()`` data of a ``kind`` result."""
+def _from_dict(kind: str, build: Callable[[dict], Result], data: dict[str, Any]) -> Result:
+    """``build(data)``, its mistakes on data of the wrong shape (a missing field, a list for a
+    dict) told as a ValueError that names the field."""
     if not isinstance(data, dict) or data.get("type") != kind:
         got = data.get("type") if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"Expected the to_dict() data of an {kind.capitalize()} "
                          f"(type {kind!r}), got {got!r}.")
+    try:
+        return build(data)
+    except KeyError as e:
+        why = f"it has no {e.args[0]!r} field"
+    except (TypeError, AttributeError, ValueError) as e:
+        why = str(e)
+    raise ValueError(f"This is not {kind.capitalize()}.to_dict() data: {why.rstrip('.')}.") from None
+
+
+def _shared_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of Result's fields from ``to_dict()`` data."""
     t = data["target"]
-    return {"method": data["method"], "target": Target(t["kind"], int(t["index"])),
+    if not isinstance(t, dict):
+        raise TypeError(f"\"target\" must be {{\"kind\": ..., \"index\": ...}}, got {t!r}")
+    return {"method": str(data["method"]), "target": Target(t["kind"], t["index"]),
             "params": dict(data.get("params", {})),
             "forward_passes": int(data.get("forward_passes", 0)),
             "backward_passes": int(data.get("backward_passes", 0)),
             "seconds": float(data.get("seconds", 0.0))}
 
 
+def _per_modality(data: dict[str, Any], field: str) -> dict:
+    value = data[field]
+    if not isinstance(value, dict):
+        raise TypeError(f"\"{field}\" must map each modality to its values, got "
+                        f"{type(value).__name__}")
+    return value
+
+
 def attribution_from_dict(data: dict[str, Any]) -> Attribution:
     """Rebuild an Attribution from ``Attribution.to_dict()`` (arrays as float64; tuples in the
     params come back as lists)."""
-    shared = _shared_fields(data, "attribution")
-    arrays = {key: {n: np.asarray(v, dtype=np.float64) for n, v in data[key].items()}
-              for key in ("scores", "maps")}
-    return Attribution(**shared, **arrays, labels={n: list(v) for n, v in data["labels"].items()})
+    return _from_dict("attribution", _attribution, data)
+
+
+def _attribution(data: dict[str, Any]) -> Attribution:
+    shared = _shared_fields(data)
+    scores, maps, labels = (_per_modality(data, f) for f in ("scores", "maps", "labels"))
+    if not set(scores) == set(maps) == set(labels):
+        raise ValueError(f"\"scores\", \"maps\" and \"labels\" name other modalities "
+                         f"({sorted(scores)}, {sorted(maps)}, {sorted(labels)})")
+    out = {key: {n: np.asarray(v, dtype=np.float64) for n, v in d.items()}
+           for key, d in (("scores", scores), ("maps", maps))}
+    for n, v in out["scores"].items():
+        if v.shape != (len(labels[n]),):
+            raise ValueError(f"the scores of {n!r} have shape {v.shape} but it has "
+                             f"{len(labels[n])} unit labels")
+    return Attribution(**shared, **out, labels={n: list(v) for n, v in labels.items()})
 
 
 def interaction_from_dict(data: dict[str, Any]) -> Interaction:
     """Rebuild an Interaction from ``Interaction.to_dict()`` (the matrix as float64)."""
-    shared = _shared_fields(data, "interaction")
+    return _from_dict("interaction", _interaction, data)
+
+
+def _interaction(data: dict[str, Any]) -> Interaction:
+    shared = _shared_fields(data)
     rows, cols = list(data["row_labels"]), list(data["col_labels"])
     matrix = np.asarray(data["matrix"], dtype=np.float64)
-    if matrix.size != len(rows) * len(cols):
-        raise ValueError(f"The interaction matrix has {matrix.size} entries (shape "
-                         f"{matrix.shape}) but the data has {len(rows)} row labels and "
-                         f"{len(cols)} column labels; it is not Interaction.to_dict() data.")
-    matrix = matrix.reshape(len(rows), len(cols))
-    a, b = data["modalities"]
-    return Interaction(**shared, modalities=(a, b), matrix=matrix, row_labels=rows,
+    if matrix.size == 0 and len(rows) * len(cols) == 0:      # no rows: written as []
+        matrix = matrix.reshape(len(rows), len(cols))
+    if matrix.shape != (len(rows), len(cols)):
+        raise ValueError(f"the matrix has shape {matrix.shape} but there are {len(rows)} row "
+                         f"labels and {len(cols)} column labels")
+    mods = data["modalities"]
+    if not isinstance(mods, (list, tuple)) or len(mods) != 2:
+        raise ValueError(f"\"modalities\" must name the two modalities, got {mods!r}")
+    return Interaction(**shared, modalities=(mods[0], mods[1]), matrix=matrix, row_labels=rows,
                        col_labels=cols)
 
 

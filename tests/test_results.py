@@ -104,6 +104,43 @@ def test_from_dict_refuses_the_other_kind_of_result(setup):
         attribution_from_dict(dict(data, type="interaction"))
 
 
+def _without(data: dict, field: str) -> dict:
+    return {k: v for k, v in data.items() if k != field}
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda d: dict(d, target={"kind": "class", "index": 0.7}), "class index must be an integer"),
+    (lambda d: dict(d, target={"kind": "class", "index": True}), "class index must be an integer"),
+    (lambda d: _without(d, "target"), "no 'target' field"),
+    (lambda d: _without(d, "scores"), "no 'scores' field"),
+    (lambda d: dict(d, scores=[1.0, 2.0]), "\"scores\" must map each modality"),
+    (lambda d: dict(d, scores=dict(d["scores"], vitals=[1.0, 2.0])),
+     "scores of 'vitals' have shape \\(2,\\) but it has 3 unit labels"),
+    (lambda d: dict(d, maps={"vitals": d["maps"]["vitals"]}), "name other modalities"),
+])
+def test_attribution_data_of_the_wrong_shape_is_refused_with_what_is_wrong(setup, change, says):
+    adapter, inst = setup
+    data = json.loads(json.dumps(attribute(adapter, inst, "gradient", target=0).to_dict()))
+    with pytest.raises(ValueError, match="This is not Attribution.to_dict\\(\\) data: .*" + says):
+        attribution_from_dict(change(data))
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda d: dict(d, matrix=[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+     "matrix has shape \\(3, 2\\) but there are 2 row labels and 3 column labels"),
+    (lambda d: dict(d, matrix=[[1.0, 2.0, 3.0], [4.0, 5.0]]), "This is not"),
+    (lambda d: dict(d, modalities=["a"]), "must name the two modalities"),
+    (lambda d: _without(d, "row_labels"), "no 'row_labels' field"),
+])
+def test_interaction_data_of_the_wrong_shape_is_refused_with_what_is_wrong(change, says):
+    r = Interaction(method="pairwise", target=Target("class", 0), modalities=("a", "b"),
+                    matrix=np.ones((2, 3)), row_labels=["r0", "r1"],
+                    col_labels=["c0", "c1", "c2"])
+    data = json.loads(json.dumps(r.to_dict()))
+    with pytest.raises(ValueError, match=says):
+        interaction_from_dict(change(data))
+
+
 def test_repr_is_one_short_line_without_arrays():
     big = np.arange(100_000, dtype=np.float64)
     a = Attribution(method="integrated_gradients", target=Target("class", 2),
