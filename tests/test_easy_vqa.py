@@ -1,6 +1,7 @@
 """The embedded easy-VQA demo: shipped weights, dataset, helpers, CLI and error paths."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -388,6 +389,30 @@ def test_a_sparse_model_missing_unreadable_or_for_other_weights_says_how_to_refi
         demo.load_sparse_model(fewer, adapter=adapter)
 
 
+def test_the_sparse_model_is_checked_against_the_adapters_own_weights(weights_copy):
+    """An adapter of other weights (retrained, kept elsewhere) does not get the shipped sparse
+    model; one of the shipped weights, copied, does."""
+    from safetensors.torch import load_file
+    w, m = weights_copy
+    same = demo.load_adapter(w, m)
+    assert demo.load_sparse_model(adapter=same).d == 64
+    state = {k: v + 0.01 for k, v in load_file(str(w)).items()}
+    demo.save_weights(state, w)
+    meta = json.loads(m.read_text())
+    m.write_text(json.dumps(dict(meta, weights_sha256=demo._file_sha256(w))))
+    other = demo.load_adapter(w, m)
+    with pytest.raises(demo.WeightsError, match="fitted for other weights.*fit_sparse_model"):
+        demo.load_sparse_model(adapter=other)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_predict_feeds_the_model_in_its_own_precision(adapter, dataset, dtype):
+    model = copy.deepcopy(adapter.model).to(dtype).train()
+    got = demo.predict(model, dataset, range(8))
+    assert model.training                              # its mode is given back
+    assert (got == demo.predict(adapter, dataset, range(8))).mean() >= 0.75
+
+
 def test_fit_sparse_writes_a_model_that_loads(tmp_path):
     """The command's code on the first 1,500 training questions (the shipped file: all of
     them)."""
@@ -429,3 +454,20 @@ def test_fit_sparse_to_a_missing_folder_is_refused_before_the_work(tmp_path, cap
     code = demo.main(["fit-sparse", "--out", str(tmp_path / "no" / "such" / "sparse.json")])
     err = capsys.readouterr().err
     assert code == 1 and "does not exist: give a file in an existing folder" in err
+
+
+def test_fit_sparse_refuses_a_bad_argument_before_the_work(tmp_path, capsys, monkeypatch):
+    def no_work(*a, **k):
+        raise AssertionError("the features were extracted before the arguments were checked")
+    monkeypatch.setattr(demo, "load_adapter", no_work)
+    code = demo.main(["fit-sparse", "--n-lambdas", "1", "--out", str(tmp_path / "s.json")])
+    assert code == 1 and "n_lambdas must be an integer of at least 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="solver must be one of"):
+        demo.fit_sparse(tmp_path / "s.json", solver="lasso")
+
+
+def test_evaluate_with_zero_threads_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["evaluate", "--threads", "0"])
+    assert e.value.code == 2
+    assert "--threads must be an integer of at least 1" in capsys.readouterr().err

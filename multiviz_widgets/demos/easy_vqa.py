@@ -387,10 +387,11 @@ def load_model(weights_path: str | Path | None = None, meta_path: str | Path | N
     meta = read_meta(meta_path)
     if not wpath.is_file():
         raise WeightsError(f"The easy-VQA weights {wpath} are missing. {_retrain_hint()}")
-    expected = meta.get("weights_sha256")
-    if expected and _file_sha256(wpath) != expected:
+    expected, digest = meta.get("weights_sha256"), _file_sha256(wpath)
+    if expected and digest != expected:
         raise WeightsError(f"The easy-VQA weights {wpath} are corrupt: their SHA-256 does not match "
                            f"the one recorded in {Path(meta_path).name}. {_retrain_hint()}")
+    meta["weights_sha256"] = digest         # what load_sparse_model checks a sparse model by
     try:
         state = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -428,9 +429,12 @@ def make_adapter(model: EasyVQAModel, vocab: Sequence[str] = VOCAB,
 
 def load_adapter(weights_path: str | Path | None = None, meta_path: str | Path | None = None
                  ) -> ModelAdapter:
-    """A ModelAdapter around the shipped easy-VQA model (eval mode). Cost: ~50 ms, no forward."""
+    """A ModelAdapter around the shipped easy-VQA model (eval mode), or the weights given; its
+    ``weights_sha256`` names the weights file it read. Cost: ~50 ms, no forward."""
     model, meta = load_model(weights_path, meta_path)
-    return make_adapter(model, meta["vocab"], meta["answers"])
+    adapter = make_adapter(model, meta["vocab"], meta["answers"])
+    adapter.weights_sha256 = meta["weights_sha256"]
+    return adapter
 
 
 def load(split: str = "test") -> tuple[ModelAdapter, EasyVQADataset]:
@@ -454,7 +458,14 @@ def fit_sparse(out_path: str | Path | None = None, *, n_lambdas: int = 20,
     """
     from ..kernels.prediction import fit_sparse_model
     from ..kernels.representations import extract_features
+    from ..kernels.prediction import SOLVERS
     threads = positive_int(threads, "threads")
+    # the arguments fit_sparse_model checks, checked before the minute of features
+    positive_int(n_lambdas, "n_lambdas", minimum=2)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}.")
+    if max_train is not None:
+        positive_int(max_train, "max_train")
     path = Path(out_path) if out_path is not None else SPARSE_FILE
     if not path.parent.is_dir():          # said before the minute of work, not after it
         raise OSError(f"The folder {path.parent} does not exist: give a file in an existing "
@@ -487,8 +498,9 @@ def fit_sparse(out_path: str | Path | None = None, *, n_lambdas: int = 20,
 
 def load_sparse_model(path: str | Path | None = None, adapter: ModelAdapter | None = None):
     """The shipped stage-4 sparse linear model (``fit_sparse``'s JSON), checked against the
-    weights it was fitted for and the model's classes and decision width: a WeightsError that
-    says how to refit it otherwise."""
+    weights it was fitted for (the adapter's, when ``load_adapter`` made it; else the shipped
+    file's) and the model's classes and decision width: a WeightsError that says how to refit
+    it otherwise."""
     from ..kernels.prediction import sparse_model_from_dict
     path = Path(path) if path is not None else SPARSE_FILE
     refit = "Refit it with `python -m multiviz_widgets.demos.easy_vqa fit-sparse`."
@@ -501,10 +513,20 @@ def load_sparse_model(path: str | Path | None = None, adapter: ModelAdapter | No
             ValueError) as e:
         raise WeightsError(f"The easy-VQA sparse model {path} is not readable ({e}). "
                            f"{refit}") from e
-    if data.get("weights_sha256") != _file_sha256(WEIGHTS_FILE):
-        raise WeightsError(f"The easy-VQA sparse model {path} was fitted for other weights than "
-                           f"{WEIGHTS_FILE.name}. {refit}")
     adapter = adapter if adapter is not None else load_adapter()
+    weights = getattr(adapter, "weights_sha256", None)
+    if weights is None:
+        try:
+            weights = _file_sha256(WEIGHTS_FILE)
+        except OSError as e:
+            raise WeightsError(f"The easy-VQA weights {WEIGHTS_FILE}, which the sparse model is "
+                               f"checked against, cannot be read ({e.strerror or e}). "
+                               f"{_retrain_hint()}") from e
+    if data.get("weights_sha256") != weights:
+        raise WeightsError(f"The easy-VQA sparse model {path} was fitted for other weights than "
+                           f"the model's. {refit} (It fits the weights in {WEIGHTS_FILE.parent}; "
+                           f"for weights kept elsewhere, fit one on their decision features "
+                           f"with multiviz_widgets.kernels.prediction.fit_sparse_model.)")
     width = adapter.decision_layer.in_features
     if list(model.class_names) != list(adapter.class_names) or model.d != width:
         raise WeightsError(f"The easy-VQA sparse model {path} has {model.n_classes} classes over "
@@ -585,16 +607,22 @@ def predict(model: nn.Module, dataset: EasyVQADataset, indices: Sequence[int] | 
         rows = np.arange(len(idx))
     else:
         rows = idx
+    # the inputs go where the model lives, the images in its precision
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = weight.device if weight is not None else torch.device("cpu")
+    dtype = weight.dtype if weight is not None else torch.float32
     was_training = model.training
     model.eval()
     out = []
-    for s in range(0, len(idx), batch_size):
-        chunk = idx[s:s + batch_size]
-        img = image_batch(dataset.images[dataset.image_index[chunk]])
-        q = question_ids[torch.from_numpy(rows[s:s + batch_size])]
-        q = q[:, : max(1, int((q != 0).sum(1).max()))]
-        out.append(model(img, q).argmax(1).numpy())
-    model.train(was_training)
+    try:
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s:s + batch_size]
+            img = image_batch(dataset.images[dataset.image_index[chunk]]).to(device, dtype)
+            q = question_ids[torch.from_numpy(rows[s:s + batch_size])]
+            q = q[:, : max(1, int((q != 0).sum(1).max()))].to(device)
+            out.append(model(img, q).argmax(1).cpu().numpy())
+    finally:
+        model.train(was_training)
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
@@ -868,7 +896,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 0
-    torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_threads(positive_int(args.threads, "--threads"))
+    except ValueError as e:
+        p_eval.error(str(e))
     try:
         result = evaluate(args.weights)
     except WeightsError as e:
