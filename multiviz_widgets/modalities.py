@@ -380,7 +380,7 @@ class Image(Modality):
                     f"{self.name}: an image tensor must be [C, H, W], and shape {tuple(t.shape)} "
                     "looks like H x W x C: pass tensor.permute(2, 0, 1), or the numpy array.")
         else:
-            arr = np.asarray(raw)
+            arr = _native_byte_order(np.asarray(raw))
             if arr.dtype == object or not (arr.dtype.kind in "biuf"):
                 raise TypeError(f"{self.name}: an image must be an array of numbers, got "
                                 f"{type(raw).__name__} of dtype {arr.dtype}.")
@@ -716,7 +716,8 @@ class Text(Modality):
 
     def to_tensor(self, raw) -> torch.Tensor:
         if isinstance(raw, torch.Tensor):
-            if raw.dtype not in (torch.int64, torch.int32) or raw.dim() != 1:
+            if (raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool
+                    or raw.dim() != 1):
                 raise ValueError(f"{self.name}: token ids must be a 1-D integer tensor, got "
                                  f"{raw.dtype} with shape {tuple(raw.shape)}.")
             if raw.numel() == 0:
@@ -1020,6 +1021,14 @@ def _pandas_numbers(v, name: str) -> np.ndarray:
                         f"not ({e}). Convert or drop the non-numeric columns.") from None
 
 
+def _native_byte_order(arr: np.ndarray) -> np.ndarray:
+    """arr with its numbers in this machine's byte order (a FITS file's arrays are big-endian,
+    which torch cannot take), the same values and precision."""
+    if not arr.dtype.isnative:
+        return arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
 def _float_tensor(raw, name: str) -> torch.Tensor:
     """raw (an array, a nested list or a tensor of numbers) as a float tensor: float64 values
     (a float64 array, Python floats) keep their precision, others become float32; ``collate``
@@ -1027,7 +1036,7 @@ def _float_tensor(raw, name: str) -> torch.Tensor:
     if isinstance(raw, torch.Tensor):       # a float tensor keeps its precision (float64 models)
         return raw.detach() if raw.is_floating_point() else raw.detach().float()
     try:
-        arr = np.asarray(raw)
+        arr = _native_byte_order(np.asarray(raw))
         if arr.dtype != np.float64:
             arr = np.asarray(arr, dtype=np.float32)
         if not arr.flags.writeable:       # (pandas' arrays): torch warns, and would share it

@@ -328,3 +328,27 @@ def test_read_only_arrays_from_pandas_are_copied():
     assert frame.to_numpy().tolist() == [[60.0, 97.0], [61.0, 96.0]]
     assert read_only.tolist() == [1.0, 2.0, 3.0]
     assert FRAME["age"].tolist() == [30.0, 70.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32])
+def test_token_ids_of_any_integer_type_are_read(dtype):
+    """Before: int16 or uint8 ids (a compact corpus) were refused as 'not an integer tensor'."""
+    text = Text("q", vocab=["[PAD]", "[UNK]", "a", "b"])
+    assert text.to_tensor(torch.tensor([2, 3], dtype=dtype)).tolist() == [2, 3]
+    for bad in (torch.tensor([2.0]), torch.tensor([True])):
+        with pytest.raises(ValueError, match="1-D integer tensor"):
+            text.to_tensor(bad)
+
+
+@pytest.mark.parametrize("dtype", [">u1", ">i2", ">f4", ">f8"])
+def test_big_endian_arrays_are_read_with_their_values_and_precision(dtype):
+    """Before: big-endian integers (FITS images) raised torch's byte-order error, and
+    big-endian float64 was rounded to float32."""
+    values = np.array([[0, 1], [1, 0]]) * (0.5 if dtype[1] == "f" else 7)
+    got = Image("im", channels_last_raw=False).to_tensor(values[None].astype(dtype))
+    want = Image("im", channels_last_raw=False).to_tensor(
+        values[None].astype(np.dtype(dtype).newbyteorder("=")))
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    series = TimeSeries("s", window=1, channels=["x"]).to_tensor(
+        np.array([[0.25], [0.5]], dtype=">f8"))
+    assert series.dtype == torch.float64 and series[:, 0].tolist() == [0.25, 0.5]
