@@ -280,18 +280,21 @@ class Engine(traitlets.HasTraits):
         """Cancel the running and queued jobs of ``lanes`` (the cancel button).
 
         By default the jobs the person sees: the "main" lane's (what a click asked for) when it
-        has any, else every lane's (the dataset-wide work then shown in the progress bar). So
-        cancelling a slow click leaves the dataset's features running for the 3-D embedding.
+        has any not cancelled yet, else every lane's (the dataset-wide work then shown in the
+        progress bar). So cancelling a slow click leaves the dataset's features running for the
+        3-D embedding, and a second cancel, while the first one waits for the click's job to
+        reach its next step, stops them too. The progress bar says that it is cancelling.
         """
         with self._lock:
             if lanes is None:
-                main = self._running["main"] is not None or any(
+                running = self._running["main"]
+                main = (running is not None and not running.cancelled) or any(
                     j.state == "queued" for *_, j in self._queues["main"])
                 lanes = ("main",) if main else self.LANES
             bad = [lane for lane in lanes if lane not in self._queues]
             if bad:
                 raise ValueError(f"lanes must be among {self.LANES}, got {bad}.")
-            dropped = []
+            dropped, stopping = [], []
             for lane in lanes:
                 queue = self._queues[lane]
                 for _, _, job in queue:
@@ -303,6 +306,7 @@ class Engine(traitlets.HasTraits):
                 job = self._running[lane]
                 if job is not None:
                     job.cancelled = True
+                    stopping.append(job.label)
                     # its view is told now, not when the worker next reaches a progress report
                     # (seconds, in one slow call): a click meanwhile must find the request
                     # waiting to be asked again (RetryAfterCancel), not lose it
@@ -318,6 +322,9 @@ class Engine(traitlets.HasTraits):
             self.status = "cancelled"
             if not self._active():
                 self._set_idle()
+            elif stopping:      # said until the job stops, or a newer one reports progress
+                self._assign(message=f"cancelling {', '.join(stopping)}: it stops at its next "
+                                     f"step ...")
             self._cond.notify_all()
 
     def pending(self) -> int:
@@ -406,10 +413,14 @@ class Engine(traitlets.HasTraits):
         return job.lane == "main" or self._running["main"] is None
 
     def _progress_fn(self, job: Job):
+        """The job's ``progress(done, total, message)``: it raises ``Cancelled`` once the job is
+        cancelled or stale. Its ``shared`` variant, for work that other jobs reuse (a
+        dataset-wide pass, see ``Analyses.features``), raises only on a cancel: a newer click
+        does not throw away a pass that its own job would start again."""
         last = [0.0]
 
-        def progress(done, total, message=""):
-            if not self._is_current(job) or self._closed:
+        def report(done, total, message, stops: Callable[[], bool]):
+            if stops() or self._closed:
                 raise Cancelled(f"{job.label}: cancelled")
             if not self._shown(job):
                 return
@@ -421,6 +432,13 @@ class Engine(traitlets.HasTraits):
             self._assign(progress=min(1.0, max(0.0, frac)),
                          message=(f"{job.label}: {message} ({int(done)}/{int(total)})"
                                   if message else f"{job.label} ({int(done)}/{int(total)})"))
+
+        def progress(done, total, message=""):
+            report(done, total, message, lambda: not self._is_current(job))
+
+        def shared(done, total, message=""):
+            report(done, total, message, lambda: job.cancelled)
+        progress.shared = shared
         return progress
 
     def _loop(self, lane: str) -> None:
@@ -829,10 +847,15 @@ class Analyses:
 
     # -- stage 3 -------------------------------------------------------------------------------
     def features(self, progress=None):
+        """The decision-level features of the dataset (one pass, kept): computed under the
+        job's ``shared`` progress, which a newer click does not stop (the next job would only
+        start the pass again), a cancel does."""
+        progress = getattr(progress, "shared", progress)
         return self.engine.memo(("features",), lambda: self.kernels.features(
             self.adapter, self.dataset, progress), pin=True)
 
     def extremes(self, progress=None):
+        progress = getattr(progress, "shared", progress)
         feats = self.features(progress)
         return self.engine.memo(("extremes", self.gallery_k), lambda: self.kernels.extremes(
             self.adapter, feats, self.gallery_k, progress), pin=True)

@@ -28,8 +28,8 @@ from .checks import is_integer
 from .data import MultimodalDataset
 from .engine import Analyses, Engine, Kernels, short_repr
 from .selection import FIELDS, Selection, unit_ref_of
-from .views._common import (close_widgets, colour_limit, instance_title, method_label,
-                            shapley_players, text_label, widget_tree)
+from .views._common import (close_widgets, colour_limit, failure_text, instance_title,
+                            method_label, shapley_players, text_label, widget_tree)
 from .views.concepts_view import ConceptsView
 from .views.controls import Controls, ErrorBanner, ProgressPanel
 from .views.embedding_view import BY_NEURON, EmbeddingView
@@ -98,6 +98,7 @@ class InputPanel:
         self.concepts_of = None               # instance -> the view's ``concepts`` (Explorer)
         self._want = None                     # the key of the overlay asked for last
         self._latest: tuple | None = None     # (key, instance, payload) received last
+        self._computing: tuple | None = None  # (instance, caption) of the overlay on its way
         self.payload: dict = {}
         # the last changes of the view's ``selected`` and what was done with them (diagnostics)
         # (appended on whichever thread changes ``selected``: the kernel's or the engine's)
@@ -114,6 +115,10 @@ class InputPanel:
         view.observe(self._on_view_click, names="selected")
 
     def refresh(self) -> None:
+        # an overlay received before a recompute is not shown over the inputs that come back
+        # first (under the same key, it would look current while the new one is computed)
+        with self.engine.lock:
+            self._latest = None
         self.refresh_items()
         self.refresh_scores()
 
@@ -152,7 +157,7 @@ class InputPanel:
             self.view.scores = {}
             self.view.scales = {}
             self._set_selected({})            # the highlight only: the selection keeps its unit
-            self.view.caption = f"{title} | not shown ({type(err).__name__})"
+            self.view.caption = f"{title} | not shown ({failure_text(err)})"
             self.view.score_caption = ""
             self.view.concepts = {}
             self.items_instance = -1
@@ -165,7 +170,9 @@ class InputPanel:
             self.view.caption = caption
             self.view.scores = {}
             self.view.scales = {}
-            self.view.score_caption = ""
+            # the overlay of this instance still on its way: said so until it comes
+            computing = self._computing
+            self.view.score_caption = computing[1] if computing and computing[0] == i else ""
             self.view.concepts = self._concepts(i)
             self.items_instance = i
             self._highlight()
@@ -256,20 +263,22 @@ class InputPanel:
         # the progress bar names all this job computes (a unit's interactions may take seconds)
         label = (f"{method_label(method)} + {method_label(imethod)}" if in_pair
                  else method_label(method))
-        self.view.score_caption = f"computing {label} ..."
+        with self.engine.lock:           # not interleaved with a result shown on the worker
+            self._computing = (i, f"computing {label} ...")
+            self.view.score_caption = self._computing[1]
         self.engine.submit(self.scores_slot, key, job, self._got_scores, self._failed,
                            priority=1, label=label)
 
     def _failed(self, err) -> None:
-        self._latest, self.payload = None, {}
+        self._latest, self.payload, self._computing = None, {}, None
         with self.view.hold_sync():
             self.view.scores = {}             # no overlay of an earlier selection stays
             self.view.scales = {}
-            self.view.score_caption = f"not computed ({type(err).__name__})"
+            self.view.score_caption = f"not computed ({failure_text(err)})"
 
     def _got_scores(self, result) -> None:
         i, payload, key = result
-        self._latest = (key, i, payload)
+        self._latest, self._computing = (key, i, payload), None
         if i == self.items_instance:
             self._apply_scores(payload)
 

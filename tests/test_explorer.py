@@ -547,10 +547,10 @@ def test_a_failed_instance_blanks_every_view_and_old_content_is_not_clickable(vq
     st = ex.state()
     assert "kernel exploded" in st["error"]
     assert ex.input_view.caption.startswith("#2 ") and st["input_instance"] == 2
-    assert st["input_scores"] == {} and st["score_caption"] == "not computed (RuntimeError)"
+    assert st["input_scores"] == {} and st["score_caption"] == "not computed (RuntimeError: kernel exploded on purpose)"
     assert st["heatmap"] == [] and st["neurons"] == [] and st["path"]["nodes"] == []
     for caption in (ex.heatmap_view.caption, ex.neuron_view.caption, ex.path_view.caption):
-        assert "of #2 not shown (RuntimeError)" in caption.value
+        assert "of #2 not shown (RuntimeError: kernel exploded on purpose)" in caption.value
     click_mark(ex.heatmap_view.grid, rowNum=0, columnNum=0)
     click_mark(ex.neuron_view.contrib_bars, index=0, key=0)
     ex.path_view.click(0)
@@ -661,7 +661,7 @@ def test_non_finite_logits_are_reported_and_never_reach_the_browser():
             assert ex.wait(30)
             st = ex.state()
             assert "instance 3 is not finite" in st["error"], (kw, st["error"])
-            assert "predicted" not in ex.input_view.caption
+            assert "| predicted:" not in ex.input_view.caption   # no class is claimed
             assert st["path"]["nodes"] == [] and st["heatmap"] == []
             assert not _json_safe_widgets()
     finally:

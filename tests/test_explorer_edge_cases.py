@@ -76,7 +76,7 @@ def test_an_instance_whose_inputs_fail_keeps_the_unit_and_the_banner(vqa):
     st = ex.state()
     assert "cannot draw this instance" in st["error"] and ex.banner.visible
     assert st["unit_ref"] == ["question", 2] and st["heatmap_selected_row"] == 2
-    assert st["items"] == [] and "not shown (RuntimeError)" in ex.input_view.caption
+    assert st["items"] == [] and "not shown (RuntimeError: " in ex.input_view.caption
     ex.analyses.raw = raw
     ex.select(instance=6)
     assert ex.wait(30)
@@ -108,7 +108,7 @@ def test_a_failed_gallery_does_not_leave_the_previous_neurons_instances(vqa):
     assert st["gallery"] == [] and st["gallery_neuron"] == -1
     nv = ex.neuron_view
     assert not nv.top_row.children and not nv.bottom_row.children
-    assert nv.gallery_caption.value == "gallery not shown (RuntimeError)"
+    assert nv.gallery_caption.value.startswith("gallery not shown (RuntimeError: ")
     kernels.fail_keys = set()
     ex.select(neuron=6)
     assert ex.wait(30)
@@ -538,3 +538,131 @@ def test_neuron_bars_of_a_class_no_neuron_adds_to_say_so(vqa):
     assert ex.wait(30)
     nv._show_bars((ex.analyses.class_index(0, -1), silent, []))
     assert nv.selected_caption.value.startswith("selected h3 (the only bar): activation ")
+
+
+def _fake_explorer():
+    from multiviz_widgets.explorer import Explorer
+
+    from .explorer_support import FakeKernels, tiny_vqa
+    adapter, ds = tiny_vqa()
+    kernels = FakeKernels()
+    ex = Explorer(adapter, ds, kernels=kernels, delay=0.05)
+    assert ex.wait(60)
+    return ex, kernels
+
+
+def test_neuron_clicks_during_the_dataset_pass_do_not_start_it_again():
+    """Before: each click on a neuron made the gallery's job stale, and the features pass it
+    was running was thrown away and started again by the next one."""
+    ex, kernels = _fake_explorer()
+    try:
+        ex.select(neuron=1)
+        assert ex.wait(30)
+        before = kernels.calls["features"]
+        kernels.features_gate = gate = threading.Event()
+        kernels.features_started.clear()
+        ex.refresh()                                   # "recompute": the pass runs again
+        assert kernels.features_started.wait(10)
+        for n in (2, 3, 0):
+            ex.select(neuron=n)
+            time.sleep(0.05)
+        gate.set()
+        assert ex.wait(30)
+        assert kernels.calls["features"] == before + 1
+        st = ex.state()
+        assert st["gallery_neuron"] == 0 and st["embedding"]["n_points"] > 0
+    finally:
+        ex.close()
+
+
+def test_recompute_does_not_show_the_old_overlay_as_current_and_state_works_meanwhile():
+    """Before: the inputs, back first after "recompute", got the overlay from before it (same
+    key) under its old caption; and state() raised IndexError until the 3-D points came."""
+    ex, kernels = _fake_explorer()
+    try:
+        old = ex.state()["input_scores"]
+        assert old
+        kernels.block = gate = threading.Event()
+        kernels.blocking_started.clear()
+        kernels.features_gate = features_gate = threading.Event()
+        ex.refresh()
+        assert kernels.blocking_started.wait(10)
+        time.sleep(0.2)                                # the inputs are back meanwhile
+        st = ex.state()                                # no IndexError
+        assert st["input_scores"] == {} and st["score_caption"].startswith("computing")
+        assert st["embedding"]["selected"] is None
+        kernels.block = None
+        gate.set()
+        features_gate.set()
+        assert ex.wait(30)
+        st = ex.state()
+        assert st["input_scores"] == old and "attribution for" in st["score_caption"]
+        assert st["embedding"]["selected"] == st["input_instance"]
+    finally:
+        ex.close()
+
+
+def test_a_failed_view_says_why_in_its_caption_after_the_banner_is_gone():
+    ex, kernels = _fake_explorer()
+    try:
+        kernels.fail_all = True
+        kernels.fail_keys.add(ex.analyses.prepared(2).key)
+        ex.select(instance=2)
+        assert ex.wait(30) and "kernel exploded on purpose" in ex.state()["error"]
+        kernels.fail_all, kernels.fail_keys = False, set()
+        ex.select(method="gradient")       # clears the banner; the heatmap is not asked again
+        assert ex.wait(30) and ex.state()["error"] == ""
+        assert ("not shown (RuntimeError: kernel exploded on purpose)"
+                in ex.heatmap_view.caption.value)
+    finally:
+        ex.close()
+
+
+def test_a_second_cancel_reaches_the_background_while_the_first_waits_for_a_slow_step():
+    from multiviz_widgets.engine import Engine
+    engine = Engine(delay=0.01)
+    release, background_stop, told = threading.Event(), threading.Event(), []
+
+    def slow(progress):                               # one long call after its first report
+        progress(1, 10, "step")
+        release.wait(10)
+        return 1
+
+    def background(progress):
+        while not background_stop.is_set():
+            progress(0, 1, "features")
+            time.sleep(0.01)
+        return 2
+    try:
+        engine.submit("bg", ("bg",), background, on_error=lambda e: told.append("bg"),
+                      lane="background")
+        engine.submit("click", ("c",), slow, on_error=lambda e: told.append("click"))
+        time.sleep(0.2)
+        engine.cancel()
+        assert told == ["click"]
+        assert engine.show_progress and engine.message.startswith("cancelling click")
+        engine.cancel()                               # the click's job has not stopped yet
+        time.sleep(0.1)
+        assert told == ["click", "bg"]
+        assert engine.snapshot()["lanes"]["background"]["running"] is None
+    finally:
+        release.set()
+        background_stop.set()
+        engine.wait(5)
+        engine.close()
+
+
+def test_a_long_error_is_wrapped_in_the_banner_not_cut():
+    from multiviz_widgets.engine import Engine
+    from multiviz_widgets.views.controls import ErrorBanner
+    engine = Engine(delay=0.01)
+    try:
+        banner = ErrorBanner(engine)
+        advice = "The model's output is not finite " + "at this instance " * 10 + "(recompute)"
+        engine.error = advice
+        assert banner.visible
+        lines = [label.value for label in banner.text.children]
+        assert len(lines) >= 2 and " ".join(lines) == advice
+        assert all(label.style.text_color == "#a00000" for label in banner.text.children)
+    finally:
+        engine.close()

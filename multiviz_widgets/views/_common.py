@@ -74,11 +74,13 @@ class WrappedText(W.VBox):
     """Text of any length shown as text (never HTML), wrapped into lines of at most ``width``
     characters, one ``text_label`` each: a Label cuts its text at its width, and an HTML widget
     would read the text as markup. ``value`` sets the text ("" hides the widget). 80 characters
-    fit 600 px of JupyterLab's 13 px font."""
+    fit 600 px of JupyterLab's 13 px font. label_style: each line's style (a colour)."""
 
-    def __init__(self, value: str = "", width: int = 80, **kwargs):
+    def __init__(self, value: str = "", width: int = 80, label_style: dict | None = None,
+                 **kwargs):
         super().__init__([], **kwargs)
         self.width = int(width)
+        self.label_style = dict(label_style or {})
         self._value = ""
         self.value = value
 
@@ -95,9 +97,21 @@ class WrappedText(W.VBox):
             for label, line in zip(old, lines):
                 label.value = line
         else:
-            self.children = [text_label(value=line) for line in lines]
+            self.children = [text_label(value=line, style=dict(self.label_style))
+                             for line in lines]
             close_widgets(old)
         self.layout.display = None if lines else "none"
+
+
+def failure_text(err: BaseException, limit: int = 160) -> str:
+    """How a view's caption names a failure: the exception's type and the start of its
+    message, on one line (the banner, which shows it whole, is cleared by the next click)."""
+    name, message = type(err).__name__, " ".join(str(err).split())
+    if isinstance(err, Cancelled) or not message:
+        return name
+    if len(message) > limit:
+        message = message[:limit - 1].rstrip() + "\u2026"
+    return f"{name}: {message}"
 
 
 class RetryAfterCancel:

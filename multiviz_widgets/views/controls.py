@@ -11,7 +11,7 @@ import ipywidgets as W
 
 from ..engine import Engine
 from ..selection import Selection
-from ._common import method_label, text_label
+from ._common import WrappedText, method_label, text_label
 
 DEFAULT_METHODS = ("gradient", "grad_x_input", "integrated_gradients", "occlusion", "lime",
                    "kernel_shap")
@@ -192,11 +192,12 @@ class ProgressPanel(W.HBox):
 
 
 class ErrorBanner(W.HBox):
-    """The engine's last error as text, with a dismiss button; hidden when there is none."""
+    """The engine's last error as text (wrapped: a Label would cut the advice at the end of a
+    long message), with a dismiss button; hidden when there is none."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.text = text_label(value="", style={"text_color": "#a00000"})
+        self.text = WrappedText("", width=110, label_style={"text_color": "#a00000"})
         self.dismiss = W.Button(description="dismiss", layout=W.Layout(width="80px"))
         self.dismiss.on_click(lambda _: engine.clear_error())
         super().__init__([self.text, self.dismiss],

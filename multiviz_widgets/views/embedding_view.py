@@ -16,7 +16,8 @@ import numpy as np
 from ..engine import Analyses, Engine
 from ..kernels.projection import UNKNOWN_GROUP, colour_groups
 from ..selection import Selection
-from ._common import RetryAfterCancel, WrappedText, close_widgets, text_label
+from ._common import (RetryAfterCancel, WrappedText, close_widgets, failure_text,
+                      text_label)
 
 PALETTE = np.array([
     [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
@@ -162,7 +163,7 @@ class EmbeddingView(W.VBox):
         # a cancel (the person's, or a background job stopped with it): asked again on the
         # next selection change
         again = self.retry.failed("embedding", self.refresh, err)
-        self.caption.value = f"embedding not shown ({type(err).__name__}{again})"
+        self.caption.value = f"embedding not shown ({failure_text(err)}{again})"
 
     def _show(self, result) -> None:
         feats, (rows, coords) = result
@@ -272,10 +273,12 @@ class EmbeddingView(W.VBox):
         self.selection.select(instance=int(self.indices[row]))
 
     def state(self) -> dict:
-        sel = self.scatter.selected
+        with self.engine.lock:            # not while the points of a recompute arrive
+            sel, indices = self.scatter.selected, self.indices
+            row = None if sel is None or len(sel) == 0 else int(np.asarray(sel).reshape(-1)[0])
+            selected = int(indices[row]) if row is not None and row < len(indices) else None
         return {"n_points": int(len(self.coords)), "colour_by": self.colour_by.value,
-                "selected": None if sel is None or len(sel) == 0 else int(
-                    self.indices[int(np.asarray(sel).reshape(-1)[0])]),
+                "selected": selected,
                 "groups": self.group_names, "legend_note": self.legend_note,
                 "colour_range": None if self.colour_range is None else list(self.colour_range),
                 "legend": [legend_text(w) for w in self.legend.children]}

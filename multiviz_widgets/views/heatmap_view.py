@@ -19,7 +19,7 @@ import numpy as np
 
 from ..engine import Analyses, Engine
 from ..selection import Selection
-from ._common import (RetryAfterCancel, WrappedText, colour_limit, method_label,
+from ._common import (RetryAfterCancel, WrappedText, colour_limit, failure_text, method_label,
                       shapley_players, text_label)
 
 
@@ -278,7 +278,7 @@ class HeatmapView(W.VBox):
         self._set_note("")
         of = "" if instance is None else f" of #{instance}"
         again = self.retry.failed("matrix", self.refresh, err)
-        self.caption.value = f"interactions{of} not shown ({type(err).__name__}{again})"
+        self.caption.value = f"interactions{of} not shown ({failure_text(err)}{again})"
 
     def _show(self, result) -> None:
         i, explained, inter, what = result        # what: the target, said at this instance

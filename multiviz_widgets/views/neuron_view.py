@@ -13,7 +13,8 @@ from ..adapter import Neuron
 from ..engine import Analyses, Engine
 from ..kernels.representations import tied_extremes
 from ..selection import Selection
-from ._common import RetryAfterCancel, WrappedText, close_widgets, instance_title, text_label
+from ._common import (RetryAfterCancel, WrappedText, close_widgets, failure_text,
+                      instance_title, text_label)
 from ._encode import image_overlay, png, strip
 
 
@@ -162,7 +163,7 @@ class NeuronView(W.VBox):
         self._draw_bars()
         of = "" if instance is None else f" of #{instance}"
         again = self.retry.failed("bars", self.refresh, err)
-        self.caption.value = f"contributions{of} not shown ({type(err).__name__}{again})"
+        self.caption.value = f"contributions{of} not shown ({failure_text(err)}{again})"
 
     def _show_bars(self, result) -> None:
         cls, dc, order = result
@@ -305,7 +306,7 @@ class NeuronView(W.VBox):
         """Blank the gallery (no instances of an earlier neuron stay shown or clickable)."""
         self._set_gallery(-1, [])
         again = self.retry.failed("gallery", self.refresh_gallery, err)
-        self.gallery_caption.value = f"gallery not shown ({type(err).__name__}{again})"
+        self.gallery_caption.value = f"gallery not shown ({failure_text(err)}{again})"
 
     def _set_gallery(self, j: int, items: list[dict], ties: dict | None = None) -> None:
         self.gallery_neuron = j

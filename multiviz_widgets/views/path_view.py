@@ -17,7 +17,7 @@ from ..annotations import Annotations
 from ..engine import Analyses, Engine, params_key
 from ..kernels.projection import path_layout
 from ..selection import Selection
-from ._common import RetryAfterCancel, WrappedText, text_label
+from ._common import RetryAfterCancel, WrappedText, failure_text, text_label
 
 _COLOURS = {"class": "#d62728", "neuron": "#1f77b4", "unit": "#2ca02c"}
 #: The classes shown beside the path's own (a click follows their path): grey, not its red.
@@ -141,7 +141,7 @@ class PathView(W.VBox):
         self.concepts.value = ""
         of = "" if instance is None else f" of #{instance}"
         again = self.retry.failed("path", self.refresh, err)
-        self.caption.value = f"prediction path{of} not shown ({type(err).__name__}{again})"
+        self.caption.value = f"prediction path{of} not shown ({failure_text(err)}{again})"
 
     def _show(self, result) -> None:
         cls, path, nodes, links, i = result
