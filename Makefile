@@ -28,7 +28,7 @@ node_modules/.stamp: package.json
 	npm install --no-audit --no-fund
 	touch $@
 
-multiviz_widgets/static/%.js: js/%.js node_modules/.stamp
+multiviz_widgets/static/%.js: js/%.js $(wildcard js/lib/*.js) node_modules/.stamp
 	npm run build
 
 js: $(JS_BUNDLES)

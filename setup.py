@@ -17,7 +17,8 @@ def _bundle_is_fresh() -> bool:
     if not sources:                      # no sources (e.g. a wheel rebuilt from itself)
         return True
     bundles = [ROOT / "multiviz_widgets" / "static" / s.name for s in sources]
-    newest = max(s.stat().st_mtime for s in sources + [ROOT / "package.json"])
+    shared = list((ROOT / "js" / "lib").glob("*.js"))      # modules the bundles import
+    newest = max(s.stat().st_mtime for s in sources + shared + [ROOT / "package.json"])
     return all(b.is_file() and b.stat().st_mtime >= newest for b in bundles)
 
 

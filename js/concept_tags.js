@@ -12,6 +12,8 @@
 // data-render-count, incremented after each redraw, so tests can wait on it.
 // Concepts come from people and files: they are only ever set through textContent.
 
+import { watchKernelLink } from "./lib/kernel_link.js";
+
 const CSS = `
 .mvz-tags { display: flex; flex-wrap: wrap; align-items: center; gap: 4px; min-height: 26px; font-family: var(--jp-ui-font-family, sans-serif); font-size: 13px; }
 .mvz-tags .mvz-tag { display: inline-flex; align-items: center; gap: 2px; padding: 1px 2px 1px 8px; border-radius: 10px; background: #e3eefb; border: 1px solid #9ec1ea; color: #123; white-space: pre; }
@@ -36,6 +38,7 @@ function render({ model, el }) {
   input.className = "mvz-tag-input";
   root.appendChild(input);
   el.appendChild(root);
+  const unwatch = watchKernelLink(model, root);
   let renderCount = 0;
 
   const edit = (op, text) => model.send({ op, key: model.get("key"), text });
@@ -93,6 +96,7 @@ function render({ model, el }) {
   draw();
 
   return () => {
+    unwatch();
     traits.forEach((t) => model.off(`change:${t}`, draw));
     model.off("msg:custom", answered);
   };

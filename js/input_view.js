@@ -10,6 +10,9 @@
 // each DOM update, so tests and benchmarks can wait on it.
 //
 // Strings from data (tokens, column names, captions) are only ever set through textContent.
+// The root's data-kernel-link says whether the kernel answers (lib/kernel_link.js).
+
+import { watchKernelLink } from "./lib/kernel_link.js";
 
 const CSS = `
 .mvz-input { font-family: var(--jp-ui-font-family, sans-serif); font-size: 13px; color: var(--jp-ui-font-color1, #222); }
@@ -104,6 +107,7 @@ function render({ model, el }) {
   const legend = el_("div", "mvz-legend");
   root.appendChild(legend);
   el.appendChild(root);
+  const unwatch = watchKernelLink(model, root);
 
   let renderCount = 0;
   // modality name -> {kind, units: Map(unit -> [elements]), paint(el, scaled, value)}
@@ -416,6 +420,7 @@ function render({ model, el }) {
   full();
 
   return () => {
+    unwatch();
     model.off("change:items", full);
     model.off("change:scores", onScores);
     model.off("change:score_caption", onScores);

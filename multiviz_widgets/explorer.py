@@ -399,6 +399,7 @@ class Explorer(W.VBox):
         # overflow the output area or push views over each other (a layout given here: one set
         # later would leave the default one open)
         self.input_view = InputView(layout=W.Layout(flex="1 1 360px", margin="0 12px 8px 0"))
+        self.input_view.state_lock = self.engine.lock
         self.input_panel = InputPanel(self.input_view, self.selection, self.engine,
                                       self.analyses, pair)
         self.heatmap_view = (HeatmapView(self.selection, self.engine, self.analyses, pair)

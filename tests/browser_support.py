@@ -440,3 +440,20 @@ JS_CLICK_AND_WAIT = """async ([clickSel, watchSel, timeout, captionIncludes]) =>
     target.click();
   });
 }"""
+
+
+def kernel_link(page, selector: str = ".mvz-input", timeout_ms: int = 60_000) -> str:
+    """Whether the kernel's messages reach the view at ``selector`` (its data-kernel-link, see
+    js/lib/kernel_link.js): "ok" once the kernel answered its ping, else what it says after
+    ``timeout_ms`` ("silent": anywidget gave up on the model's set-up, and only a reload mends
+    it; "waiting")."""
+    try:
+        page.wait_for_function(
+            "sel => { const e = document.querySelector(sel);"
+            " return e !== null && e.dataset.kernelLink === 'ok'; }",
+            arg=selector, timeout=timeout_ms)
+    except Exception:  # noqa: BLE001 - playwright's timeout: say what the view says instead
+        pass
+    return page.evaluate("sel => { const e = document.querySelector(sel);"
+                         " return e === null ? 'no view' : (e.dataset.kernelLink || 'none'); }",
+                         selector)

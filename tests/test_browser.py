@@ -103,6 +103,8 @@ def test_input_view_renders_scores_and_clicks_reach_python(lab, page):
     nb = bs.Notebook(page, lab, "probe/input_view.ipynb").open()
     nb.run_all()
     page.wait_for_selector(".mvz-input[data-render-count] .mvz-patch", timeout=90_000)
+    assert bs.kernel_link(page) == "ok"           # the view's ping was answered
+    assert not page.locator(".mvz-input .mvz-link-note").is_visible()
     patches = page.eval_on_selector_all(
         ".mvz-input [data-modality='image']", "els => els.map(e => e.dataset.score)")
     expected = nb.kernel_json("import json; print(json.dumps(view.scores['image']))")
@@ -516,8 +518,18 @@ def test_voila_renders_the_demo_and_a_click_works(voila, page):
             if m.type in ("error", "warning") else None)
     page.on("pageerror", lambda e: console.append(f"pageerror: {str(e)[:400]}"))
     comms = bs.CommLog(page)
-    page.goto(voila.url + "/", timeout=600_000)
-    page.wait_for_selector(".mvz-input .mvz-patch", timeout=600_000)
+
+    def load() -> str:
+        page.goto(voila.url + "/", timeout=600_000)
+        page.wait_for_selector(".mvz-input .mvz-patch", timeout=600_000)
+        return bs.kernel_link(page)
+    link = load()
+    if link != "ok":
+        # anywidget drops every kernel message to a model whose set-up in the page took over
+        # 2 s (a busy page, a loaded CI machine); the view then says so, and a reload mends it
+        assert page.locator(".mvz-input .mvz-link-note").is_visible(), link
+        link = load()
+    assert link == "ok", f"the input view got no answer from the kernel twice ({link})"
     page.wait_for_function(
         "() => Array.from(document.querySelectorAll(\".mvz-unit[data-modality='image']\"))"
         ".some(e => e.dataset.score !== '')", timeout=300_000)
@@ -551,6 +563,18 @@ def test_voila_renders_the_demo_and_a_click_works(voila, page):
     assert [t.text_content() for t in row.locator(".mvz-tag-text").all()] == [
         "my first concept", "named in Voila"]
     assert not dialogs
+
+
+def test_a_voila_page_where_anywidget_gave_up_says_to_reload_it(voila, page):
+    """The failure this test's neighbour once met in CI: the input view draws and clicks
+    reach the kernel, but anywidget drops every message back, so nothing a click computes is
+    shown. The view now says so, as text, instead of staying silent."""
+    page.add_init_script(ANYWIDGET_GIVES_UP)
+    page.goto(voila.url + "/", timeout=600_000)
+    page.wait_for_selector(".mvz-input .mvz-patch", timeout=600_000)
+    assert bs.kernel_link(page, timeout_ms=30_000) == "silent"
+    note = page.locator(".mvz-input .mvz-link-note")
+    assert note.is_visible() and "reload the page" in note.text_content()
 
 
 # -- XSS: data strings are text -------------------------------------------------------------
@@ -590,12 +614,43 @@ def render_input_bundle(page, state: dict) -> None:
     page.set_content("<html><body></body></html>")
     page.add_script_tag(content=src)
     page.evaluate("""state => {
-        const model = {get: k => state[k], set() {}, save_changes() {}, send() {},
-                       on() {}, off() {}};
+        // what the view sends is kept in __mvz_sent; __mvz_deliver(name, msg) plays the kernel
+        window.__mvz_sent = [];
+        const handlers = {};
+        window.__mvz_deliver = (name, msg) => (handlers[name] || []).forEach(fn => fn(msg));
+        const model = {get: k => state[k], set() {}, save_changes() {},
+                       send: msg => window.__mvz_sent.push(msg),
+                       on: (name, fn) => (handlers[name] = handlers[name] || []).push(fn),
+                       off() {}};
         const el = document.createElement('div');
         document.body.appendChild(el);
         window.__mvz_view.render({model, el});
     }""", state)
+
+
+#: What a page too busy to set up an anywidget model in time gets: anywidget's 2 s deadline
+#: (``AbortSignal.timeout(2000)`` in its runtime) made to pass at once.
+ANYWIDGET_GIVES_UP = """(() => { const timeout = AbortSignal.timeout.bind(AbortSignal);
+    AbortSignal.timeout = ms => timeout(ms === 2000 ? 0 : ms); })();"""
+
+
+def test_a_view_whose_kernel_never_answers_says_so_and_how_to_mend_it(page):
+    """anywidget drops every kernel message to a model whose set-up took over 2 s (a page busy
+    drawing): the view asks the kernel once and, with no answer in 15 s, says so as text."""
+    page.clock.install()
+    items = [{"name": "question", "kind": "text", "tokens": ["what", "color"], "n_units": 2}]
+    render_input_bundle(page, {"items": items, "scores": {}, "score_caption": "", "selected": {},
+                               "caption": "", "concepts": {}})
+    assert page.evaluate("window.__mvz_sent") == [{"op": "ping"}]
+    root, note = page.locator(".mvz-input"), page.locator(".mvz-input .mvz-link-note")
+    assert root.get_attribute("data-kernel-link") == "waiting" and not note.is_visible()
+    page.clock.run_for(14_000)
+    assert not note.is_visible()
+    page.clock.run_for(2_000)
+    assert root.get_attribute("data-kernel-link") == "silent"
+    assert note.is_visible() and "reload the page" in note.text_content()
+    page.evaluate("window.__mvz_deliver('msg:custom', {op: 'pong'})")     # a busy kernel, late
+    assert root.get_attribute("data-kernel-link") == "ok" and not note.is_visible()
 
 
 def test_named_units_of_every_kind_have_the_dashed_border(page):

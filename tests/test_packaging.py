@@ -64,8 +64,8 @@ def test_the_sdist_carries_the_sources_tests_and_set_up_files(clone, tmp_path):
                    "tests/browser_support.py", "notebooks/quickstart.ipynb",
                    "multiviz_widgets/demos/weights/easy_vqa.safetensors"):
         assert needed in names, needed
-    for js in (ROOT / "js").glob("*.js"):
-        assert f"js/{js.name}" in names
+    for js in (ROOT / "js").rglob("*.js"):
+        assert f"js/{js.relative_to(ROOT / 'js').as_posix()}" in names
     assert not any(n.startswith(("node_modules/", "build/")) for n in names)
 
 

@@ -103,6 +103,19 @@ class WrappedText(W.VBox):
         self.layout.display = None if lines else "none"
 
 
+def answer_ping(widget: W.DOMWidget, content) -> bool:
+    """Answer a view's "ping" (js/lib/kernel_link.js) with a "pong"; whether it was one. A view
+    that gets no answer says so: anywidget drops every kernel message to a model whose set-up
+    in the page took over 2 s, and only a reload mends it."""
+    if isinstance(content, dict) and content.get("op") == "ping":
+        try:
+            widget.send({"op": "pong"})
+        except Exception:  # noqa: BLE001 - no front end (a closed comm): nobody to answer
+            pass
+        return True
+    return False
+
+
 def failure_text(err: BaseException, limit: int = 160) -> str:
     """How a view's caption names a failure: the exception's type and the start of its
     message, on one line (the banner, which shows it whole, is cleared by the next click)."""

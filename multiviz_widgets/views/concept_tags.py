@@ -21,6 +21,7 @@ from typing import Any, Callable
 import anywidget
 import traitlets
 
+from ._common import answer_ping
 from .input_view import check_bundle
 
 _ESM_PATH = pathlib.Path(__file__).resolve().parent.parent / "static" / "concept_tags.js"
@@ -60,6 +61,8 @@ class ConceptTags(anywidget.AnyWidget):
                                 "text": text}, [])
 
     def _on_message(self, _widget, content, _buffers) -> None:
+        if answer_ping(self, content):
+            return
         if not isinstance(content, dict) or content.get("op") not in ("add", "remove"):
             return                          # not an edit (anything else the front end sends)
         op, key, text = content["op"], content.get("key"), content.get("text")

@@ -22,6 +22,7 @@ import anywidget
 
 from ..adapter import ModelAdapter, Prepared
 from ..checks import is_integer
+from ._common import answer_ping
 
 _ESM_PATH = pathlib.Path(__file__).resolve().parent.parent / "static" / "input_view.js"
 
@@ -83,17 +84,26 @@ class InputView(anywidget.AnyWidget):
     last_message_error = ""
     #: The state the browser sent, while it is being handled (else None).
     incoming: dict | None = None
+    #: Held while a state message from the browser is applied (the Explorer gives its engine's
+    #: lock): ipywidgets keeps one set of sync bookkeeping per widget, so a click applied while
+    #: a worker sends this view a result could lose one of the two.
+    state_lock = None
 
     def __init__(self, **kwargs: Any):
         _check_bundle()
         super().__init__(**kwargs)
+        self.on_msg(lambda _widget, content, _buffers: answer_ping(self, content))
 
     def set_state(self, sync_data):
         """A state message from the browser (a click sets ``selected``)."""
         self.messages_received += 1
         self.incoming = dict(sync_data)
         try:
-            super().set_state(sync_data)
+            if self.state_lock is None:
+                super().set_state(sync_data)
+            else:
+                with self.state_lock:
+                    super().set_state(sync_data)
         except Exception:
             self.last_message_error = traceback.format_exc()[-4000:]
             # a refused value stays in the browser otherwise (e.g. a highlight the kernel does
