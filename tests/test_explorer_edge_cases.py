@@ -540,82 +540,62 @@ def test_neuron_bars_of_a_class_no_neuron_adds_to_say_so(vqa):
     assert nv.selected_caption.value.startswith("selected h3 (the only bar): activation ")
 
 
-def _fake_explorer():
-    from multiviz_widgets.explorer import Explorer
-
-    from .explorer_support import FakeKernels, tiny_vqa
-    adapter, ds = tiny_vqa()
-    kernels = FakeKernels()
-    ex = Explorer(adapter, ds, kernels=kernels, delay=0.05)
-    assert ex.wait(60)
-    return ex, kernels
-
-
-def test_neuron_clicks_during_the_dataset_pass_do_not_start_it_again():
+def test_neuron_clicks_during_the_dataset_pass_do_not_start_it_again(vqa):
     """Before: each click on a neuron made the gallery's job stale, and the features pass it
     was running was thrown away and started again by the next one."""
-    ex, kernels = _fake_explorer()
-    try:
-        ex.select(neuron=1)
-        assert ex.wait(30)
-        before = kernels.calls["features"]
-        kernels.features_gate = gate = threading.Event()
-        kernels.features_started.clear()
-        ex.refresh()                                   # "recompute": the pass runs again
-        assert kernels.features_started.wait(10)
-        for n in (2, 3, 0):
-            ex.select(neuron=n)
-            time.sleep(0.05)
-        gate.set()
-        assert ex.wait(30)
-        assert kernels.calls["features"] == before + 1
-        st = ex.state()
-        assert st["gallery_neuron"] == 0 and st["embedding"]["n_points"] > 0
-    finally:
-        ex.close()
+    ex, kernels = vqa
+    ex.select(neuron=1)
+    assert ex.wait(30)
+    before = kernels.calls["features"]
+    kernels.features_gate = gate = threading.Event()
+    kernels.features_started.clear()
+    ex.refresh()                                   # "recompute": the pass runs again
+    assert kernels.features_started.wait(10)
+    for n in (2, 3, 0):
+        ex.select(neuron=n)
+        time.sleep(0.05)
+    gate.set()
+    assert ex.wait(30)
+    assert kernels.calls["features"] == before + 1
+    st = ex.state()
+    assert st["gallery_neuron"] == 0 and st["embedding"]["n_points"] > 0
 
 
-def test_recompute_does_not_show_the_old_overlay_as_current_and_state_works_meanwhile():
+def test_recompute_does_not_show_the_old_overlay_as_current_and_state_works_meanwhile(vqa):
     """Before: the inputs, back first after "recompute", got the overlay from before it (same
     key) under its old caption; and state() raised IndexError until the 3-D points came."""
-    ex, kernels = _fake_explorer()
-    try:
-        old = ex.state()["input_scores"]
-        assert old
-        kernels.block = gate = threading.Event()
-        kernels.blocking_started.clear()
-        kernels.features_gate = features_gate = threading.Event()
-        ex.refresh()
-        assert kernels.blocking_started.wait(10)
-        time.sleep(0.2)                                # the inputs are back meanwhile
-        st = ex.state()                                # no IndexError
-        assert st["input_scores"] == {} and st["score_caption"].startswith("computing")
-        assert st["embedding"]["selected"] is None
-        kernels.block = None
-        gate.set()
-        features_gate.set()
-        assert ex.wait(30)
-        st = ex.state()
-        assert st["input_scores"] == old and "attribution for" in st["score_caption"]
-        assert st["embedding"]["selected"] == st["input_instance"]
-    finally:
-        ex.close()
+    ex, kernels = vqa
+    old = ex.state()["input_scores"]
+    assert old
+    kernels.block = gate = threading.Event()
+    kernels.blocking_started.clear()
+    kernels.features_gate = features_gate = threading.Event()
+    ex.refresh()
+    assert kernels.blocking_started.wait(10)
+    time.sleep(0.2)                                # the inputs are back meanwhile
+    st = ex.state()                                # no IndexError
+    assert st["input_scores"] == {} and st["score_caption"].startswith("computing")
+    assert st["embedding"]["selected"] is None
+    kernels.block = None
+    gate.set()
+    features_gate.set()
+    assert ex.wait(30)
+    st = ex.state()
+    assert st["input_scores"] == old and "attribution for" in st["score_caption"]
+    assert st["embedding"]["selected"] == st["input_instance"]
 
 
-def test_a_failed_view_says_why_in_its_caption_after_the_banner_is_gone():
-    ex, kernels = _fake_explorer()
-    try:
-        kernels.fail_all = True
-        kernels.fail_keys.add(ex.analyses.prepared(2).key)
-        ex.select(instance=2)
-        assert ex.wait(30) and "kernel exploded on purpose" in ex.state()["error"]
-        kernels.fail_all, kernels.fail_keys = False, set()
-        ex.select(method="gradient")       # clears the banner; the heatmap is not asked again
-        assert ex.wait(30) and ex.state()["error"] == ""
-        assert ("not shown (RuntimeError: kernel exploded on purpose)"
-                in ex.heatmap_view.caption.value)
-    finally:
-        ex.close()
+def test_a_failed_view_says_why_in_its_caption_after_the_banner_is_gone(vqa):
+    ex, kernels = vqa
+    kernels.fail_all = True
+    kernels.fail_keys.add(ex.analyses.prepared(2).key)
+    ex.select(instance=2)
+    assert ex.wait(30) and "kernel exploded on purpose" in ex.state()["error"]
+    kernels.fail_all, kernels.fail_keys = False, set()
+    ex.select(method="gradient")       # clears the banner; the heatmap is not asked again
+    assert ex.wait(30) and ex.state()["error"] == ""
+    assert ("not shown (RuntimeError: kernel exploded on purpose)"
+            in ex.heatmap_view.caption.value)
 
 
 def test_a_second_cancel_reaches_the_background_while_the_first_waits_for_a_slow_step():
