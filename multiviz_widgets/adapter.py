@@ -262,6 +262,16 @@ def check_inputs_kept(args: Mapping[str, torch.Tensor], versions: Sequence[int])
             code="input-in-place")
 
 
+def _setting(value) -> bool:
+    """Whether a module's attribute is a setting that ``fingerprint`` hashes by its repr: a
+    float, a flag, a text, or a (short) tuple or list of numbers, flags and texts. (Not a lone
+    integer: it may count forward calls.)"""
+    if isinstance(value, (bool, float, str)):
+        return True
+    return (isinstance(value, (tuple, list)) and len(value) <= 64
+            and all(isinstance(x, (bool, int, float, str)) for x in value))
+
+
 class ModelAdapter:
     """Wraps a model that takes one input per modality (in order) and returns [B, C] logits.
 
@@ -396,23 +406,28 @@ class ModelAdapter:
 
     def fingerprint(self) -> str:
         """A hash of the model's parameters and buffers (non-persistent ones too, which the
-        state_dict leaves out: a mask, a calibration scale) and of its modules' settings that
-        are floats, flags or texts (``model.temperature = 5.0``, a dropout's p): changes
-        whenever they change. Integers are left out (a counter of forward calls would change
-        it on every pass), as are other Python attributes such as lists: after changing one,
+        state_dict leaves out: a mask, a calibration scale), of tensors and arrays its modules
+        hold as plain attributes (``self.scale = torch.ones(d)``), and of its modules' settings
+        that are floats, flags, texts or tuples and lists of numbers (``model.temperature =
+        5.0``, a convolution's stride): changes whenever they change. A lone integer is left
+        out, since a model may count its forward calls in one (which would change the hash on
+        every pass), as are other Python attributes: after changing one (``model.shift = 3``),
         extract features with ``cache=False`` or a new ``cache_dir``."""
         h = hashlib.sha256()
         tensors = dict(self.model.named_parameters())
         tensors.update(self.model.named_buffers())
+        for name, module in self.model.named_modules():      # tensors held as plain attributes
+            for k, v in vars(module).items():
+                if not k.startswith("_") and isinstance(v, (torch.Tensor, np.ndarray)):
+                    tensors.setdefault(f"{name}.{k}" if name else k, torch.as_tensor(v))
         for k, v in sorted(tensors.items()):
             h.update(k.encode())
             t = v.detach().cpu().contiguous()
-            h.update(str(t.dtype).encode())
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         for name, module in self.model.named_modules():
             settings = sorted((k, repr(v)) for k, v in vars(module).items()
-                              if not k.startswith("_") and k != "training"
-                              and isinstance(v, (bool, float, str)))
+                              if not k.startswith("_") and k != "training" and _setting(v))
             h.update(f"{name}:{settings}".encode())
         return h.hexdigest()[:32]
 

@@ -415,8 +415,9 @@ class Engine(traitlets.HasTraits):
     def _progress_fn(self, job: Job):
         """The job's ``progress(done, total, message)``: it raises ``Cancelled`` once the job is
         cancelled or stale. Its ``shared`` variant, for work that other jobs reuse (a
-        dataset-wide pass, see ``Analyses.features``), raises only on a cancel: a newer click
-        does not throw away a pass that its own job would start again."""
+        dataset-wide pass, see ``Analyses.features``), raises only on a cancel or once the cache
+        was cleared since the job began ("recompute": the pass would not be kept): a newer
+        click does not throw away a pass that its own job would start again."""
         last = [0.0]
 
         def report(done, total, message, stops: Callable[[], bool]):
@@ -437,7 +438,8 @@ class Engine(traitlets.HasTraits):
             report(done, total, message, lambda: not self._is_current(job))
 
         def shared(done, total, message=""):
-            report(done, total, message, lambda: job.cancelled)
+            report(done, total, message,
+                   lambda: job.cancelled or job.cache_epoch != self.cache_epoch)
         progress.shared = shared
         return progress
 

@@ -266,8 +266,8 @@ class InputPanel:
         with self.engine.lock:           # not interleaved with a result shown on the worker
             self._computing = (i, f"computing {label} ...")
             self.view.score_caption = self._computing[1]
-        self.engine.submit(self.scores_slot, key, job, self._got_scores, self._failed,
-                           priority=1, label=label)
+            self.engine.submit(self.scores_slot, key, job, self._got_scores, self._failed,
+                               priority=1, label=label)
 
     def _failed(self, err) -> None:
         self._latest, self.payload, self._computing = None, {}, None

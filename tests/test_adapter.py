@@ -80,6 +80,24 @@ def test_prepared_instances_have_consistent_units():
     assert p.index["image"].shape == p.continuous["image"].shape
 
 
+def test_fingerprint_follows_tensors_held_as_attributes_and_tuple_settings_not_counters():
+    """A calibration scale kept as a plain tensor (not a buffer) and a stride are part of what
+    the model computes; a lone integer may count its calls, so it is not."""
+    model = Healthy()
+    model.scale = torch.ones(3)
+    model.fuse.stride_like = (1, 1)
+    a = adapter(model)
+    f = a.fingerprint()
+    model.scale.mul_(5)
+    g = a.fingerprint()
+    assert g != f
+    model.fuse.stride_like = (2, 2)
+    assert a.fingerprint() != g
+    h = a.fingerprint()
+    model.calls = 7
+    assert a.fingerprint() == h
+
+
 def test_fingerprint_handles_zero_dimensional_buffers():
     model = Healthy()
     model.register_buffer("steps", torch.tensor(3))  # like batch norm's num_batches_tracked

@@ -561,6 +561,23 @@ def test_neuron_clicks_during_the_dataset_pass_do_not_start_it_again(vqa):
     assert st["gallery_neuron"] == 0 and st["embedding"]["n_points"] > 0
 
 
+def test_a_recompute_during_the_dataset_pass_starts_the_new_pass_at_once(vqa):
+    """The pass of the first recompute is not finished for nothing (the cache it would fill
+    was cleared): the second recompute's pass starts at its next progress report."""
+    ex, kernels = vqa
+    kernels.features_gate = gate = threading.Event()
+    kernels.features_started.clear()
+    ex.refresh()
+    assert kernels.features_started.wait(10)
+    before = kernels.calls["features"]
+    kernels.features_started.clear()
+    ex.refresh()
+    assert kernels.features_started.wait(10)            # while the gate still holds the first
+    assert kernels.calls["features"] == before + 1
+    gate.set()
+    assert ex.wait(30) and ex.state()["embedding"]["n_points"] > 0
+
+
 def test_recompute_does_not_show_the_old_overlay_as_current_and_state_works_meanwhile(vqa):
     """Before: the inputs, back first after "recompute", got the overlay from before it (same
     key) under its old caption; and state() raised IndexError until the 3-D points came."""
