@@ -44,7 +44,7 @@ import weakref
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .atomic_file import folder_lock, write_atomically
+from .atomic_file import file_lock, write_atomically
 from .checks import is_integer
 
 __all__ = ["Annotations", "AnnotationError", "AnnotationConflict", "neuron_key", "unit_key",
@@ -410,19 +410,19 @@ class Annotations:
             with self._lock:
                 # unit concepts held: they name the instances of self.dataset (the dataset of
                 # every viewer, when any shows the store); none: any dataset may show it
-                data, _ = self._as_read_for(signature)
+                data, _, _ = self._as_read_for(signature)
                 self._check_dataset(self.dataset, dataset, data, self._where())
 
-    def _as_read_for(self, signature: dict | None) -> tuple[dict, dict]:
-        """The concepts, and those of the file as last read or written, for a model of
-        ``signature``: read from a version-1 file, the unit keys of its shared-unit modalities
-        are feature keys (``_units_as_features``)."""
+    def _as_read_for(self, signature: dict | None) -> tuple[dict, dict, dict]:
+        """The concepts, those of the file as last read or written, and the entries' unknown
+        fields, for a model of ``signature`` (nothing changed): read from a version-1 file, the
+        unit keys of its shared-unit modalities are feature keys (``_units_as_features``)."""
         shared = _shared_modalities(signature)
         if self._version_1_units and shared:
-            self._entry_extra = _extras_as_features(self._entry_extra, shared)
             return (_units_as_features(self._data, shared),
-                    _units_as_features(self._disk_entries, shared))
-        return self._data, self._disk_entries
+                    _units_as_features(self._disk_entries, shared),
+                    _extras_as_features(self._entry_extra, shared))
+        return self._data, self._disk_entries, self._entry_extra
 
     def bind(self, signature: dict | None, n_instances: int | None = None,
              dataset: dict | None = None) -> None:
@@ -437,9 +437,9 @@ class Annotations:
             self.check(signature, dataset)
             if n_instances is None and dataset:
                 n_instances = dataset.get("instances")
-            data, disk = self._as_read_for(signature)
+            data, disk, extra = self._as_read_for(signature)
             self._check_ranges(data, signature, n_instances)
-            self._data, self._disk_entries = data, disk
+            self._data, self._disk_entries, self._entry_extra = data, disk, extra
             if _says_shared(signature):
                 self._version_1_units = False
             if signature and not self.signature:
@@ -721,9 +721,9 @@ class Annotations:
                 adopt = adopt and self.path is None     # else adopted by another save meanwhile
                 doc = self.to_dict()
                 raw = (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
-                # the check and the write under one lock of the folder: another store or
-                # program saving the file meanwhile waits, then sees this write as a change
-                with folder_lock(target):
+                # the check and the write under one lock: another store saving the file
+                # meanwhile (in this kernel or another) waits, then sees this write as a change
+                with file_lock(target):
                     if own and not overwrite:
                         self._check_unchanged(target)
                     elif not own and target.exists() and not overwrite:
@@ -1102,23 +1102,29 @@ def _take_extras(ours: dict, theirs: dict, theirs_win: bool) -> None:
 
 def _extras_as_features(extras: dict[tuple, dict], shared: frozenset[str]) -> dict:
     """``extras`` with the unit keys of the ``shared`` modalities as feature keys (as
-    ``_units_as_features`` reads a version-1 file's concepts)."""
-    out: dict[tuple, dict] = {}
+    ``_units_as_features`` reads a version-1 file's concepts): a field that several instances
+    of one column gave different values gets the list of them, in the instances' order."""
+    gathered: dict[tuple, dict[str, list]] = {}
     for key in sorted(extras, key=_sort_key):
         new = feature_key(key[2], key[3]) if key[0] == "unit" and key[2] in shared else key
-        _take_extras(out.setdefault(new, {}), extras[key], False)
-    return out
+        fields = gathered.setdefault(new, {})
+        for f, v in extras[key].items():
+            if v not in fields.setdefault(f, []):
+                fields[f].append(v)
+    return {key: {f: vs[0] if len(vs) == 1 else vs for f, vs in fields.items()}
+            for key, fields in gathered.items()}
 
 
 def _atomic_write(target: Path, raw: bytes) -> None:
     """Write ``raw`` to ``target`` through a temporary file in its folder and a rename; a
-    PermissionError when ``target`` is write-protected (no write permission for anybody, or
-    none for this user): the rename would replace it all the same, as no plain write would."""
+    PermissionError when ``target`` is write-protected (no write permission for anybody): the
+    rename would replace it all the same. (A colleague's file in a shared folder, writable by
+    its owner only, is replaced as a save in that folder always did.)"""
     try:
         mode = target.stat().st_mode
     except OSError:
         mode = None
-    if mode is not None and (not mode & 0o222 or not os.access(target, os.W_OK)):
+    if mode is not None and not mode & 0o222:
         raise PermissionError(13, "the file is write-protected; make it writable (chmod u+w) "
                                   "to save there", str(target))
     write_atomically(target, lambda f: f.write(raw), binary=True)

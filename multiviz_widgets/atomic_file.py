@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
@@ -42,26 +43,38 @@ def write_atomically(path: Path, write: Callable[[IO], None], *, binary: bool,
         raise
 
 
+#: One lock per lock file within this process (fcntl's locks are the process's, so two threads
+#: of one process would both get the file's).
+_LOCAL_LOCKS: dict[str, threading.Lock] = {}
+_LOCAL_LOCKS_GUARD = threading.Lock()
+
+
 @contextlib.contextmanager
-def folder_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock (``flock``) on ``path``'s folder meanwhile: another process (or
-    another open of the folder in this one) that asks for it waits. A check of the file on disk
-    and its replacement made under it cannot interleave with another writer's. Where the folder
-    cannot be opened or the file system has no such locks, nothing is held."""
-    fd = None
-    if fcntl is not None:
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for writing ``path`` meanwhile: a lock file beside it
+    (``.NAME.lock``, made once and left there) locked with ``fcntl.lockf``, which other
+    processes (NFS clients too, where the server keeps locks) wait for, and a lock of this
+    process for its threads. A check of the file on disk and its replacement made under it
+    cannot interleave with another writer's. Where the lock file cannot be made or locked (a
+    read-only folder, a file system without locks), only this process's lock is held."""
+    key = str(_folder(path).resolve() / path.name)
+    with _LOCAL_LOCKS_GUARD:
+        local = _LOCAL_LOCKS.setdefault(key, threading.Lock())
+    with local:
+        fd = None
+        if fcntl is not None:
+            try:
+                fd = os.open(_folder(path) / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+            except OSError:
+                if fd is not None:
+                    os.close(fd)
+                fd = None
         try:
-            fd = os.open(_folder(path), os.O_RDONLY)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
+            yield
+        finally:
             if fd is not None:
-                os.close(fd)
-            fd = None
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)            # closing the folder releases the lock
+                os.close(fd)            # closing the lock file releases the lock
 
 
 def _folder(path: Path) -> Path:

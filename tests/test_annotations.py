@@ -211,7 +211,8 @@ def test_autosave_writes_each_change_atomically_with_a_shareable_mode(tmp_path):
     os.chmod(path, 0o600)
     a.add(unit_key(1, "image", 3), "<b>circle</b>")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600          # the mode it had is kept
-    assert sorted(os.listdir(tmp_path)) == ["c.json"]          # no temporary file left
+    # no temporary file left; the lock file that serializes saves stays (it is made once)
+    assert sorted(os.listdir(tmp_path)) == [".c.json.lock", "c.json"]
     assert not a.unsaved and a.save_error is None
     b = Annotations(path)
     assert b.to_dict() == a.to_dict() and b.signature == SIG
@@ -1353,6 +1354,32 @@ def test_fields_the_format_does_not_know_are_written_back(tmp_path):
     other.write_text(json.dumps(_valid_doc(version=2, description="theirs", units=[])))
     store.merge(other)
     assert json.loads(path.read_text())["description"] == "checked twice"
+
+
+def test_a_version_1_files_unknown_fields_follow_its_columns_to_their_feature_keys(tmp_path):
+    """check() changes nothing (the units and their comments are written back as units);
+    bind() reads a column's units as its feature, with every instance's comment kept."""
+    sig = {"model": "m", "modalities": ["img", "tab"], "classes": ["a", "b"], "neurons": 4,
+           "features": {"tab": ["age", "height"]}}
+    dataset = {"name": "d", "instances": 3}
+    doc = {"format": "multiviz-annotations", "version": 1, "model": None, "dataset": dataset,
+           "neurons": [], "units": [
+               {"instance": i, "modality": "tab", "unit": 1, "concepts": ["tall"],
+                "comment": f"note {i}"} for i in (0, 1)]}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(doc))
+    store = Annotations(path)
+    store.check(sig, dataset)
+    store.add(neuron_key(0), "red")
+    saved = json.loads(path.read_text())
+    assert saved["version"] == 1 and [u["comment"] for u in saved["units"]] == ["note 0",
+                                                                                 "note 1"]
+    store.bind(sig, dataset=dataset)
+    store.add(neuron_key(1), "blue")
+    saved = json.loads(path.read_text())
+    assert saved["version"] == 2 and saved["units"] == []
+    assert saved["features"] == [{"modality": "tab", "unit": 1, "concepts": ["tall"],
+                                  "comment": ["note 0", "note 1"]}]
 
 
 def test_a_file_with_a_byte_order_mark_is_read(tmp_path):
