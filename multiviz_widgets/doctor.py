@@ -155,10 +155,16 @@ def _attempt(report: Report, code: str, stages, what: str, fn):
     return None
 
 
+#: The machine epsilon of TF32 (10 bits of mantissa), in which a GPU may run float32
+#: convolutions and matrix products (torch.backends.cudnn.allow_tf32, on by default)
+_TF32_EPS = 2.0 ** -10
+
+
 def _differ(a: torch.Tensor, b: torch.Tensor, eps: float = 0.0) -> bool:
     """Whether two outputs differ by more than rounding: _ATOL and _RTOL (float32's), or for a
-    less precise model (``eps``: its unit roundoff, as ``_roundoff`` gives) 4 roundoffs of
-    the outputs' magnitude, since a batch of another size may sum in another order."""
+    less precise model (``eps``: its machine epsilon, as ``_roundoff`` gives) 4 epsilons of the
+    outputs' largest magnitude plus 4 of each value, since a batch of another size may sum in
+    another order."""
     if a.shape != b.shape:
         return True
     a, b = a.double(), b.double()
@@ -167,12 +173,33 @@ def _differ(a: torch.Tensor, b: torch.Tensor, eps: float = 0.0) -> bool:
     return not torch.allclose(a, b, atol=atol, rtol=rtol)
 
 
-def _roundoff(adapter: ModelAdapter, *outputs: torch.Tensor) -> float:
-    """The largest machine epsilon of the model's floating parameters and of its outputs
-    (bfloat16's 0.0078 for a bfloat16 model)."""
+def _roundoff(adapter: ModelAdapter, raw: dict, *outputs: torch.Tensor) -> float:
+    """The precision the model computes in, as a machine epsilon: the largest of its floating
+    parameters', its outputs', and those of what each of its modules returns in one pass on
+    ``raw`` (a model that runs under torch.autocast inside forward computes in bfloat16 or
+    float16 with float32 weights), and TF32's for a model on a GPU that allows it."""
     dtypes = {p.dtype for p in adapter.model.parameters() if p.is_floating_point()}
     dtypes |= {o.dtype for o in outputs if o.is_floating_point()}
-    return max((torch.finfo(d).eps for d in dtypes), default=0.0)
+
+    def seen(_module, _inputs, output):
+        for o in (output if isinstance(output, (tuple, list)) else (output,)):
+            if isinstance(o, torch.Tensor) and o.is_floating_point():
+                dtypes.add(o.dtype)
+    handles = [m.register_forward_hook(seen) for m in adapter.model.modules()]
+    try:
+        with torch.no_grad():
+            adapter.predict(raw)
+    except Exception:  # noqa: BLE001 - the checks that run this pass report its failure
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    eps = max((torch.finfo(d).eps for d in dtypes), default=0.0)
+    on_gpu = any(p.is_cuda for p in adapter.model.parameters())
+    if on_gpu and torch.float32 in dtypes and (torch.backends.cudnn.allow_tf32
+                                               or torch.backends.cuda.matmul.allow_tf32):
+        eps = max(eps, _TF32_EPS)
+    return eps
 
 
 def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
@@ -221,7 +248,7 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
     # 4. Determinism: two passes must agree.
     again = _attempt(report, "nondeterministic", _ALL, "A second forward pass failed",
                      lambda: adapter.predict(prepared.raw))
-    eps = _roundoff(adapter, out)
+    eps = _roundoff(adapter, prepared.raw, out)
     random = again is not None and _differ(again, out, eps)
     if random:
         report.add("error", "nondeterministic",
@@ -272,11 +299,12 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
                         lambda: adapter.predict(prepared.raw, {n: torch.cat([cont[n], second[n]])
                                                                for n in cont}))
         alone = torch.cat([sub, second_out])
+        largest = float((pair - alone).abs().max()) if pair is not None else 0.0
         if pair is not None and not random and _differ(pair, alone, eps):
             report.add("error", "batch-dependent",
                        "The model's output for an instance depends on the other instances in its "
                        "batch: the instance and another input in one batch give other logits "
-                       f"than each alone (largest difference {float((pair - alone).abs().max()):.3g})"
+                       f"than each alone (largest difference {largest:.3g})"
                        ". Every kernel batches its inputs, so every result would be wrong: make "
                        "forward() treat the rows of a batch independently (no statistics over "
                        "the batch dimension such as h.mean(0), no batch norm in training mode).",

@@ -234,9 +234,22 @@ def test_rounding_of_a_less_precise_model_is_not_batch_dependence(dtype):
     assert check(_tabular_series(RoundingMixer("plain").eval().to(dtype)), TS_INSTANCE).ok
     r = check(_tabular_series(Mixer("batchmix").eval().to(dtype)), TS_INSTANCE)
     assert "batch-dependent" in r.codes(), str(r)
-    # float32's tolerance is float32's: the same roundoff there is a real difference
+    # float32's tolerance is float32's: the same roundoff there is a real difference ...
     r = check(_tabular_series(RoundingMixer("plain").eval()), TS_INSTANCE)
     assert "batch-dependent" in r.codes(), str(r)
+
+
+class AutocastMixer(RoundingMixer):
+    """float32 weights, computing in bfloat16 inside forward (torch.autocast)."""
+
+    def forward(self, vitals, ecg):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super().forward(vitals, ecg).float()
+
+
+def test_a_model_that_computes_in_bfloat16_under_autocast_gets_bfloat16s_tolerance():
+    """... unless the model computes below its weights' precision: its modules' outputs say so."""
+    assert check(_tabular_series(AutocastMixer("plain").eval()), TS_INSTANCE).ok
 
 
 def test_a_model_failing_on_its_masked_inputs_is_reported_for_the_perturbation_stages():
