@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .adapter import Target
-from .checks import positive_int
+from .checks import is_integer, positive_int
 
 
 @dataclass
@@ -148,13 +148,18 @@ def _from_dict(kind: str, build: Callable[[dict], Result], data: dict[str, Any])
 
 def _shared_fields(data: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of Result's fields from ``to_dict()`` data."""
-    t = data["target"]
+    t, method = data["target"], data["method"]
     if not isinstance(t, dict):
         raise TypeError(f"\"target\" must be {{\"kind\": ..., \"index\": ...}}, got {t!r}")
-    return {"method": str(data["method"]), "target": Target(t["kind"], t["index"]),
+    if not isinstance(method, str):
+        raise TypeError(f"\"method\" must be the method's name, got {method!r}")
+    passes = {f: data.get(f, 0) for f in ("forward_passes", "backward_passes")}
+    for f, n in passes.items():
+        if not is_integer(n) or n < 0:
+            raise ValueError(f"\"{f}\" must be a whole number, got {n!r}")
+    return {"method": method, "target": Target(t["kind"], t["index"]),
             "params": dict(data.get("params", {})),
-            "forward_passes": int(data.get("forward_passes", 0)),
-            "backward_passes": int(data.get("backward_passes", 0)),
+            **{f: int(n) for f, n in passes.items()},
             "seconds": float(data.get("seconds", 0.0))}
 
 
@@ -175,6 +180,10 @@ def attribution_from_dict(data: dict[str, Any]) -> Attribution:
 def _attribution(data: dict[str, Any]) -> Attribution:
     shared = _shared_fields(data)
     scores, maps, labels = (_per_modality(data, f) for f in ("scores", "maps", "labels"))
+    bad = [n for n, v in labels.items() if not isinstance(v, list)]
+    if bad:
+        raise TypeError(f"the labels of {bad[0]!r} must be a list of unit names, got "
+                        f"{labels[bad[0]]!r}")
     if not set(scores) == set(maps) == set(labels):
         raise ValueError(f"\"scores\", \"maps\" and \"labels\" name other modalities "
                          f"({sorted(scores)}, {sorted(maps)}, {sorted(labels)})")
