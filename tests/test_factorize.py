@@ -274,6 +274,41 @@ def test_splits_that_change_the_numbers_are_rejected(model):
         emap(adapter, items, factorized="traced")
 
 
+class Tempered(Bilinear):
+    """A float setting read in forward: the trace bakes it into the graph as a constant."""
+
+    temperature = 1.0
+
+    def forward(self, tabular, series):
+        return super().forward(tabular, series) / self.temperature
+
+
+def test_a_split_follows_a_replaced_submodule_and_a_changed_setting():
+    """Before: the split kept the old head and the old temperature, disagreed with the model,
+    and was rejected for the life of the model object (every later EMAP: N^2 full passes)."""
+    model = Tempered()
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    items = instances(5)
+    assert emap(adapter, items).params["factorization"] == "traced"
+    model.head = _seeded(nn.Linear(10, 3), seed=1)
+    model.temperature = 2.0
+    r = emap(adapter, items, factorized="traced")
+    np.testing.assert_allclose(r.matrix, emap(adapter, items, factorized=False).matrix,
+                               rtol=1e-5, atol=1e-6)
+    model.temperature = 1.0
+    assert emap(adapter, items).params["factorization"] == "traced"
+
+
+def test_a_rejected_split_is_traced_again_once_the_model_changes():
+    model = BatchStatistics()
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    items = instances(6)
+    assert "rejected" in emap(adapter, items).params["factorization_note"]
+    assert "rejected earlier" in emap(adapter, items).params["factorization_note"]
+    model.head = _seeded(nn.Linear(10, 3), seed=2)          # a changed model: tried anew
+    assert "rejected earlier" not in emap(adapter, items).params["factorization_note"]
+
+
 def test_factorized_argument_is_checked():
     adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
     with pytest.raises(ValueError, match="factorized must be"):

@@ -35,7 +35,10 @@ __all__ = ["Factorization", "FactorizationError", "reject_factorization", "trace
 
 
 class FactorizationError(ValueError):
-    """The model cannot be split into per-modality encoders and a fusion (the message says why)."""
+    """The model cannot be split into per-modality encoders and a fusion (the message says why).
+    ``state``: the model's ``_model_state`` when that was found (None: not tied to one)."""
+
+    state: tuple | None = None
 
 
 @dataclass
@@ -61,10 +64,15 @@ class Factorization:
     #: the tensors themselves, so a model whose tensors were replaced since (``model.half()``,
     #: ``model.to(device)`` replace its buffers) needs a new split (``is_current``)
     attributes: tuple = ()
+    #: the model's ``_model_state`` when it was traced: which submodule sits at each name and
+    #: the settings the trace baked in as constants (``model.temperature = 2.0``)
+    state: tuple = ()
 
     def is_current(self, model: nn.Module) -> bool:
-        """Whether every attribute the split read is still the model's own tensor."""
-        return all(_attribute(model, name) is value for name, value in self.attributes)
+        """Whether every attribute the split read is still the model's own tensor, and every
+        submodule and setting still what it was when it was traced."""
+        return (all(_attribute(model, name) is value for name, value in self.attributes)
+                and _model_state(model) == self.state)
 
     @property
     def note(self) -> str:
@@ -112,10 +120,18 @@ def trace_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: 
     per_model = _CACHE.setdefault(model, {})
     found = per_model.get(key)
     # traced once; again when the model's tensors were replaced since (model.half(), .to(...))
-    if found is None or (isinstance(found, Factorization) and not found.is_current(model)):
+    # or a submodule or setting changed (model.head = nn.Linear(...)): a split, a failure to
+    # trace and a rejection alike hold for the model as it was
+    stale = (found is not None and not found.is_current(model) if isinstance(found, Factorization)
+             else found is not None and found.state is not None
+             and found.state != _model_state(model))
+    if found is None or stale:
+        state = _model_state(model)
         try:
             found = _trace(model, *key)
+            found.state = state
         except FactorizationError as e:
+            e.state = state
             found = e
         per_model[key] = found
     if isinstance(found, FactorizationError):
@@ -126,9 +142,22 @@ def trace_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: 
 def reject_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: bool,
                          side: str | None, reason: str) -> None:
     """Remember that the model's traced split gave different numbers from its forward pass, so
-    that later calls skip it (``trace_factorization`` then raises with ``reason``)."""
-    _CACHE.setdefault(model, {})[_key(names, keyword_inputs, side)] = FactorizationError(
-        f"its traced split was rejected earlier: {reason}")
+    that later calls skip it (``trace_factorization`` then raises with ``reason``) until a
+    submodule or setting of the model changes."""
+    error = FactorizationError(f"its traced split was rejected earlier: {reason}")
+    error.state = _model_state(model)
+    _CACHE.setdefault(model, {})[_key(names, keyword_inputs, side)] = error
+
+
+def _model_state(model: nn.Module) -> tuple:
+    """What a traced split depends on besides the tensors it reads: which submodule object sits
+    at each name, and each module's settings that are floats, flags or texts (the trace bakes
+    them into the graph as constants). Integers are left out, as in
+    ``ModelAdapter.fingerprint``: a model may count its calls in one."""
+    return tuple((name, id(module), tuple(sorted(
+        (k, repr(v)) for k, v in vars(module).items()
+        if not k.startswith("_") and k != "training" and isinstance(v, (bool, float, str)))))
+        for name, module in model.named_modules())
 
 
 def _key(names: Sequence[str], keyword_inputs: bool, side: str | None) -> tuple:
