@@ -263,3 +263,16 @@ def test_errors_about_memory_leave_emap_at_once_as_they_are():
     with pytest.raises(torch.OutOfMemoryError) as e:
         emap(adapter, ds, factorized=False)
     assert e.value is error and adapter.model.calls == 1      # no instance run alone after it
+
+
+def test_interaction_type_runs_its_unimodal_parts_in_batches_too():
+    """Before: each of the instance's unimodal parts went through the model as one batch of
+    all the references, whatever batch_size said."""
+    model = Bilinear()
+    sizes = []
+    model.register_forward_pre_hook(lambda _m, args: sizes.append(int(args[0].shape[0])))
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    items = instances(40)
+    typed = interaction_type(adapter, items[0], items, batch_size=7)
+    assert max(sizes) <= 7, sorted(set(sizes))
+    assert typed["label"] == interaction_type(adapter, items[0], items)["label"]

@@ -48,6 +48,16 @@ def test_the_path_goes_from_all_zero_to_dense_and_the_choice_follows_the_rule(fi
     assert m.test_fidelity == m.path_test_fidelity[m.chosen]
 
 
+def test_rows_that_are_not_finite_are_refused_not_given_class_0(fitted):
+    m, h, y, _ = fitted
+    bad = h[:4].copy()
+    bad[2, 0] = np.nan
+    for call in (m.predict, m.decision_function, lambda x: m.fidelity(x, y[:4])):
+        with pytest.raises(ValueError, match="1 of the 4 rows are not finite .*rows 2"):
+            call(bad)
+    assert m.predict(h[:4]).shape == (4,)
+
+
 def test_stopping_early_makes_the_same_choice_with_fewer_fits(fitted):
     full, h, y, _ = fitted
     early = fit_sparse_model((h[:2000], y[:2000]), test=(h[2000:], y[2000:]), n_lambdas=12,

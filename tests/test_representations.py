@@ -80,6 +80,15 @@ def test_features_equal_a_direct_computation_for_any_batch_size(cache):
         assert seen[-1] == (len(ds), len(ds)) and len(seen) >= -(-len(ds) // bs)
 
 
+def test_a_plain_list_of_instances_is_extracted_without_the_cache(cache):
+    """Before: the default cache=True raised AttributeError ('list' has no fingerprint)."""
+    adapter, ds = make_adapter(), make_dataset()
+    items = [ds[i] for i in range(len(ds))]
+    f = extract_features(adapter, items, cache_dir=cache)
+    np.testing.assert_allclose(f.h, direct_h(adapter, ds)[0], rtol=1e-5, atol=1e-6)
+    assert not f.from_cache and not cache.exists()
+
+
 def test_features_of_chosen_indices(cache):
     adapter, ds = make_adapter(), make_dataset()
     h, _ = direct_h(adapter, ds)
@@ -188,6 +197,10 @@ def test_bad_inputs_get_clear_errors(cache):
         s.update(np.zeros((3, 5)))
     with pytest.raises(ValueError, match="NaN"):
         s.update(np.full((1, 4), np.nan))
+    one = np.zeros((2, 4))
+    one[1, 2] = np.nan
+    with pytest.raises(ValueError, match="1 values; the first at instance 17, neuron 2"):
+        s.update(one, indices=[16, 17])
     with pytest.raises(ValueError, match=r"\[B, d\]"):
         s.update(np.zeros(4))
     with pytest.raises(ValueError, match="adapter and a dataset"):

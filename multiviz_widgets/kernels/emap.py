@@ -552,9 +552,11 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     for m in names:
         part = 0.0                       # x_m of the instance, the others from each reference
         for pos, xo in shapes.by([name for name in names if name != m]):
-            rows = torch.zeros(len(pos), dtype=torch.long, device=dev)
-            part = part + adapter.forward({name: (own[name][rows] if name == m else xo[name])
-                                           for name in names}).double().sum(0)
+            for s in range(0, len(pos), batch_size):        # in batches, as the pairs above
+                rows = torch.zeros(min(batch_size, len(pos) - s), dtype=torch.long, device=dev)
+                part = part + adapter.forward(
+                    {name: (own[name][rows] if name == m else xo[name][s:s + batch_size])
+                     for name in names}).double().sum(0)
         parts[m] = (part / n).cpu().numpy() - own_mean[m]
         done += n
         report(progress, done, total, "interaction type: unimodal parts")

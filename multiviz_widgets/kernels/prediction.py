@@ -104,8 +104,9 @@ class SparseModel:
 
     # -- prediction ------------------------------------------------------------------------------
     def standardise(self, h) -> np.ndarray:
-        """z = (h - mean) / std for features h [N, d]."""
-        h = _as_2d(h, self.d)
+        """z = (h - mean) / std for features h [N, d]; a ValueError for rows that are not
+        finite (their class would be an argmax of NaN: class 0, silently)."""
+        h = _finite(_as_2d(h, self.d))
         return (h - self.mean) / self.std
 
     def decision_function(self, h) -> np.ndarray:
@@ -119,7 +120,7 @@ class SparseModel:
     def fidelity(self, h, y) -> float:
         """Share of instances on which the sparse model's class equals ``y`` (e.g. the model's):
         class indices [N] or logits [N, C] (their argmax), one per row of h [N, d]."""
-        h = _as_2d(h, self.d)
+        h = _finite(_as_2d(h, self.d))
         y = _targets(y, "fidelity")
         if len(y) != len(h):
             raise ValueError(f"fidelity: {len(h)} feature rows but {len(y)} targets; pass one "
@@ -198,6 +199,18 @@ def _as_2d(h, d: int | None = None) -> np.ndarray:
     if d is not None and h.shape[1] != d:
         raise ValueError(f"The features have {h.shape[1]} columns but the sparse model was fit on "
                          f"{d} decision features.")
+    return h
+
+
+def _finite(h: np.ndarray) -> np.ndarray:
+    """h [N, d], or a ValueError naming its rows that hold NaN or infinity."""
+    bad = np.nonzero(~np.isfinite(h).all(1))[0]
+    if len(bad):
+        rows = ", ".join(str(int(r)) for r in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(f"The decision features of {len(bad)} of the {len(h)} rows are not "
+                         f"finite (NaN or infinity; rows {rows}): the sparse model cannot "
+                         f"classify them. Leave those instances out, or check the model's "
+                         f"forward on them.")
     return h
 
 

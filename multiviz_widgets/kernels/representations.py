@@ -364,12 +364,13 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     Cost: one forward pass per instance, in batches of up to ``batch_size``; none when the
     on-disk cache (keyed by the weights' hash and the dataset's fingerprint) already holds them.
     ``cache_dir=`` overrides the cache location; ``cache=False`` neither reads nor writes it.
+    A dataset without a ``fingerprint()`` (a plain list of instances) is not cached.
     """
     batch_size = positive_int(batch_size, "batch_size")
     idx = indices_or_all(indices, len(dataset))
     t0 = time.perf_counter()
     key = path = None
-    if cache:
+    if cache and callable(getattr(dataset, "fingerprint", None)):
         key = features_key(adapter, dataset, idx, batch_size)
         path = default_cache_dir(cache_dir) / f"{key}.npz"
         layer = adapter.decision_layer
@@ -393,7 +394,7 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     kept = idx[positions[order]]
     feats = Features(np.concatenate(hs)[order], np.concatenate(ls)[order], kept, key or "",
                      False, len(kept), 0.0, None, skipped)
-    if cache:
+    if path is not None:
         try:
             _save_atomic(path, key=np.array(key), h=feats.h, logits=feats.logits, indices=kept,
                          skipped_indices=np.array(list(skipped), dtype=np.int64),
@@ -500,9 +501,15 @@ class StreamingExtremes:
             raise ValueError(f"This batch has {d} features but earlier ones had {self.d}.")
         if b == 0:
             return
-        if torch.isnan(h).any():
-            raise ValueError("The features contain NaN; a neuron cannot be ranked. Check the model "
-                             "for numerical problems on these instances.")
+        nan = torch.isnan(h)
+        if nan.any():
+            row, neuron = (int(v) for v in nan.nonzero()[0])
+            where = (f"instance {int(np.asarray(indices).reshape(-1)[row])}"
+                     if indices is not None and np.asarray(indices).size == b
+                     else f"row {self.n + row} of the stream")
+            raise ValueError(f"The features contain NaN ({int(nan.sum())} values; the first at "
+                             f"{where}, neuron {neuron}); a neuron cannot be ranked. Check the "
+                             f"model for numerical problems on that instance.")
         if indices is None:
             idx = torch.arange(self.n, self.n + b, dtype=torch.int64)
         else:
