@@ -264,11 +264,11 @@ def check_inputs_kept(args: Mapping[str, torch.Tensor], versions: Sequence[int])
 
 def _setting(value) -> bool:
     """Whether a module's attribute is a setting that ``fingerprint`` hashes by its repr: a
-    float, a flag, a text, or a (short) tuple or list of numbers, flags and texts. (Not a lone
-    integer: it may count forward calls.)"""
+    float, a flag, a text, or a (short) tuple of numbers, flags and texts. (Not a lone integer:
+    it may count forward calls; not a list: it may grow with them.)"""
     if isinstance(value, (bool, float, str)):
         return True
-    return (isinstance(value, (tuple, list)) and len(value) <= 64
+    return (isinstance(value, tuple) and len(value) <= 64
             and all(isinstance(x, (bool, int, float, str)) for x in value))
 
 
@@ -406,20 +406,16 @@ class ModelAdapter:
 
     def fingerprint(self) -> str:
         """A hash of the model's parameters and buffers (non-persistent ones too, which the
-        state_dict leaves out: a mask, a calibration scale), of tensors and arrays its modules
-        hold as plain attributes (``self.scale = torch.ones(d)``), and of its modules' settings
-        that are floats, flags, texts or tuples and lists of numbers (``model.temperature =
-        5.0``, a convolution's stride): changes whenever they change. A lone integer is left
-        out, since a model may count its forward calls in one (which would change the hash on
-        every pass), as are other Python attributes: after changing one (``model.shift = 3``),
-        extract features with ``cache=False`` or a new ``cache_dir``."""
+        state_dict leaves out: a mask, a calibration scale), and of its modules' settings that
+        are floats, flags, texts or tuples of them (``model.temperature = 5.0``, a
+        convolution's stride): changes whenever they change. Left out: a lone integer (a model
+        may count its forward calls in one), lists, and tensors held as plain attributes (a
+        model may keep its last activation in one, which would change the hash on every pass:
+        register a tensor the output depends on as a buffer). After changing such an attribute
+        (``model.shift = 3``), extract features with ``cache=False`` or a new ``cache_dir``."""
         h = hashlib.sha256()
         tensors = dict(self.model.named_parameters())
         tensors.update(self.model.named_buffers())
-        for name, module in self.model.named_modules():      # tensors held as plain attributes
-            for k, v in vars(module).items():
-                if not k.startswith("_") and isinstance(v, (torch.Tensor, np.ndarray)):
-                    tensors.setdefault(f"{name}.{k}" if name else k, torch.as_tensor(v))
         for k, v in sorted(tensors.items()):
             h.update(k.encode())
             t = v.detach().cpu().contiguous()

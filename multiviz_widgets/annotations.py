@@ -1117,14 +1117,16 @@ def _extras_as_features(extras: dict[tuple, dict], shared: frozenset[str]) -> di
 
 def _atomic_write(target: Path, raw: bytes) -> None:
     """Write ``raw`` to ``target`` through a temporary file in its folder and a rename; a
-    PermissionError when ``target`` is write-protected (no write permission for anybody): the
-    rename would replace it all the same. (A colleague's file in a shared folder, writable by
-    its owner only, is replaced as a save in that folder always did.)"""
+    PermissionError when ``target`` is write-protected (no write permission for anybody, or
+    none for its owner when that is this user): the rename would replace it all the same. (A
+    colleague's file in a shared folder, writable by its owner only, is replaced, as a save in
+    that folder always did.)"""
     try:
-        mode = target.stat().st_mode
+        st = target.stat()
     except OSError:
-        mode = None
-    if mode is not None and not mode & 0o222:
+        st = None
+    if st is not None and (not st.st_mode & 0o222
+                           or (st.st_uid == os.geteuid() and not st.st_mode & 0o200)):
         raise PermissionError(13, "the file is write-protected; make it writable (chmod u+w) "
                                   "to save there", str(target))
     write_atomically(target, lambda f: f.write(raw), binary=True)

@@ -55,8 +55,10 @@ def file_lock(path: Path) -> Iterator[None]:
     (``.NAME.lock``, made once and left there) locked with ``fcntl.lockf``, which other
     processes (NFS clients too, where the server keeps locks) wait for, and a lock of this
     process for its threads. A check of the file on disk and its replacement made under it
-    cannot interleave with another writer's. Where the lock file cannot be made or locked (a
-    read-only folder, a file system without locks), only this process's lock is held."""
+    cannot interleave with another writer's. The lock file gets the file's permissions (else
+    what the umask gives), so whoever may write the file may lock it. Where the lock file
+    cannot be made or locked (a read-only folder, a file system without locks), only this
+    process's lock is held."""
     key = str(_folder(path).resolve() / path.name)
     with _LOCAL_LOCKS_GUARD:
         local = _LOCAL_LOCKS.setdefault(key, threading.Lock())
@@ -64,7 +66,7 @@ def file_lock(path: Path) -> Iterator[None]:
         fd = None
         if fcntl is not None:
             try:
-                fd = os.open(_folder(path) / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+                fd = _open_lock_file(path)
                 fcntl.lockf(fd, fcntl.LOCK_EX)
             except OSError:
                 if fd is not None:
@@ -75,6 +77,25 @@ def file_lock(path: Path) -> Iterator[None]:
         finally:
             if fd is not None:
                 os.close(fd)            # closing the lock file releases the lock
+
+
+def _open_lock_file(path: Path) -> int:
+    """The descriptor of ``path``'s lock file, opened for writing (which fcntl's exclusive
+    locks need); made, with the permissions of ``path`` (or the umask's), when missing."""
+    lock = _folder(path) / f".{path.name}.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return os.open(lock, os.O_RDWR)
+    try:
+        mode = path.stat().st_mode & 0o666
+    except OSError:
+        mode = 0o666 & ~_umask()
+    try:
+        os.fchmod(fd, mode)       # not masked by the umask: a group may share the folder
+    except OSError:
+        pass
+    return fd
 
 
 def _folder(path: Path) -> Path:

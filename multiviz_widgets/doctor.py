@@ -185,8 +185,11 @@ def _roundoff(adapter: ModelAdapter, raw: dict, *outputs: torch.Tensor) -> float
         for o in (output if isinstance(output, (tuple, list)) else (output,)):
             if isinstance(o, torch.Tensor) and o.is_floating_point():
                 dtypes.add(o.dtype)
-    handles = [m.register_forward_hook(seen) for m in adapter.model.modules()]
+    handles = []
     try:
+        for m in adapter.model.modules():
+            if not isinstance(m, torch.jit.ScriptModule):      # which take no Python hooks
+                handles.append(m.register_forward_hook(seen))
         with torch.no_grad():
             adapter.predict(raw)
     except Exception:  # noqa: BLE001 - the checks that run this pass report its failure
@@ -195,11 +198,22 @@ def _roundoff(adapter: ModelAdapter, raw: dict, *outputs: torch.Tensor) -> float
         for h in handles:
             h.remove()
     eps = max((torch.finfo(d).eps for d in dtypes), default=0.0)
-    on_gpu = any(p.is_cuda for p in adapter.model.parameters())
-    if on_gpu and torch.float32 in dtypes and (torch.backends.cudnn.allow_tf32
-                                               or torch.backends.cuda.matmul.allow_tf32):
+    if torch.float32 in dtypes and _uses_tf32(adapter.model):
         eps = max(eps, _TF32_EPS)
     return eps
+
+
+def _uses_tf32(model: torch.nn.Module) -> bool:
+    """Whether a float32 model may compute in TF32: on a GPU that has it (compute capability 8
+    or more), in convolutions (cuDNN's flag, on by default) or matrix products (off by
+    default)."""
+    weight = next((p for p in model.parameters() if p.is_cuda), None)
+    if weight is None or torch.cuda.get_device_capability(weight.device)[0] < 8:
+        return False
+    convs = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+    return ((convs and torch.backends.cudnn.allow_tf32)
+            or torch.backends.cuda.matmul.allow_tf32
+            or torch.get_float32_matmul_precision() != "highest")
 
 
 def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:

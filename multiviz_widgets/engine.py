@@ -521,9 +521,13 @@ class Engine(traitlets.HasTraits):
                 elif isinstance(err, Cancelled) or (err is None and job.cancelled):
                     job.state = "cancelled"
                     self.stats["cancelled"] += 1
-                    if (job.cancelled and not job.told
-                            and self._gen.get(job.slot) == job.generation):
+                    latest = self._gen.get(job.slot) == job.generation
+                    if job.cancelled and not job.told and latest:
                         self._call_error(job.on_error, err or Cancelled("cancelled"))
+                    elif not job.cancelled and latest:
+                        # its shared pass stopped because the cache was cleared, and no newer
+                        # job took its slot: its view is told (it asks again on the next click)
+                        self._call_error(job.on_error, err)
                 elif err is not None and current:
                     job.state, job.error = "error", err
                     self._fail(job.on_error, err, job.label)

@@ -156,7 +156,7 @@ def _shared_fields(data: dict[str, Any]) -> dict[str, Any]:
     passes = {f: data.get(f, 0) for f in ("forward_passes", "backward_passes")}
     for f, n in passes.items():
         if not is_integer(n) or n < 0:
-            raise ValueError(f"\"{f}\" must be a whole number, got {n!r}")
+            raise ValueError(f"\"{f}\" must be an integer (a count), got {n!r}")
     return {"method": method, "target": Target(t["kind"], t["index"]),
             "params": dict(data.get("params", {})),
             **{f: int(n) for f, n in passes.items()},
@@ -203,7 +203,10 @@ def interaction_from_dict(data: dict[str, Any]) -> Interaction:
 
 def _interaction(data: dict[str, Any]) -> Interaction:
     shared = _shared_fields(data)
-    rows, cols = list(data["row_labels"]), list(data["col_labels"])
+    rows, cols = data["row_labels"], data["col_labels"]
+    if not isinstance(rows, list) or not isinstance(cols, list):
+        raise TypeError(f"\"row_labels\" and \"col_labels\" must be lists of unit names, got "
+                        f"{type(rows).__name__} and {type(cols).__name__}")
     matrix = np.asarray(data["matrix"], dtype=np.float64)
     if matrix.size == 0 and len(rows) * len(cols) == 0:      # no rows: written as []
         matrix = matrix.reshape(len(rows), len(cols))

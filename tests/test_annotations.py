@@ -1411,3 +1411,23 @@ def test_a_write_protected_file_is_not_replaced_and_the_concepts_are_kept(tmp_pa
     store.save()
     assert store.save_error is None
     assert Annotations.load(path).concepts(neuron_key(1)) == ("blue",)
+
+
+def test_the_lock_file_gets_the_files_permissions_so_a_group_can_share_it(tmp_path):
+    path = tmp_path / "c.json"
+    store = Annotations(path)
+    store.add(neuron_key(0), "red")
+    os.unlink(tmp_path / ".c.json.lock")
+    path.chmod(0o660)                                   # a group shares the file
+    store.add(neuron_key(1), "blue")
+    assert stat.S_IMODE((tmp_path / ".c.json.lock").stat().st_mode) == 0o660
+
+
+def test_a_file_its_owner_write_protected_is_not_replaced_though_its_group_may_write(tmp_path):
+    path = tmp_path / "c.json"
+    store = Annotations(path)
+    store.add(neuron_key(0), "red")
+    before = path.read_bytes()
+    path.chmod(0o464)                                   # chmod u-w, still group-writable
+    store.add(neuron_key(1), "blue")
+    assert path.read_bytes() == before and "write-protected" in store.save_error

@@ -252,6 +252,21 @@ def test_a_model_that_computes_in_bfloat16_under_autocast_gets_bfloat16s_toleran
     assert check(_tabular_series(AutocastMixer("plain").eval()), TS_INSTANCE).ok
 
 
+class WithScripted(Mixer):
+    """A TorchScript submodule, which takes no Python forward hooks."""
+
+    def __init__(self):
+        super().__init__("plain")
+        self.b = torch.jit.script(nn.Linear(2, 4))
+
+
+def test_a_model_with_a_torchscript_submodule_is_checked_and_left_without_hooks():
+    model = WithScripted().eval()
+    assert check(_tabular_series(model), TS_INSTANCE).ok
+    assert not any(m._forward_hooks for m in model.modules()
+                   if not isinstance(m, torch.jit.ScriptModule))
+
+
 def test_a_model_failing_on_its_masked_inputs_is_reported_for_the_perturbation_stages():
     r = check(_tabular_series(Mixer("log").eval()), TS_INSTANCE)
     assert "masked-non-finite" in r.codes(), str(r)

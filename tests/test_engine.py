@@ -424,3 +424,25 @@ def test_a_request_made_after_a_clear_is_computed_anew_not_joined_to_the_old_one
     gate.set()
     assert engine.wait(10)
     assert got == ["after the clear"] and engine.cached(("k",)) == "after the clear"
+
+
+def test_a_job_whose_shared_pass_a_cache_clear_stopped_tells_its_view():
+    """Analyses.forget() alone (no newer job for the slot): the job's view is told, instead of
+    showing 'computing' for ever."""
+    engine = Engine(delay=0.01)
+    heard = []
+
+    def job(progress):
+        for k in range(200):
+            progress.shared(k, 200, "features")
+            time.sleep(0.01)
+        return "value"
+    try:
+        engine.submit("embedding", ("embedding",), job, lambda v: heard.append("done"),
+                      lambda err: heard.append(type(err).__name__), lane="background")
+        time.sleep(0.2)
+        engine.clear_cache()
+        assert engine.wait(10)
+        assert heard == ["Cancelled"]
+    finally:
+        engine.close()

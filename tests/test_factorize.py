@@ -299,6 +299,26 @@ def test_a_split_follows_a_replaced_submodule_and_a_changed_setting():
     assert emap(adapter, items).params["factorization"] == "traced"
 
 
+class Shifted(Bilinear):
+    """An integer setting read in forward (baked into the graph as a constant)."""
+
+    shift = 0
+
+    def forward(self, tabular, series):
+        return torch.roll(super().forward(tabular, series), self.shift, 1)
+
+
+def test_a_split_follows_a_changed_integer_setting():
+    model = Shifted()
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    items = instances(5)
+    assert emap(adapter, items).params["factorization"] == "traced"
+    model.shift = 1
+    r = emap(adapter, items, factorized="traced")
+    np.testing.assert_allclose(r.matrix, emap(adapter, items, factorized=False).matrix,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_a_rejected_split_is_traced_again_once_the_model_changes():
     model = BatchStatistics()
     adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])

@@ -118,7 +118,7 @@ def _without(data: dict, field: str) -> dict:
      "scores of 'vitals' have shape \\(2,\\) but it has 3 unit labels"),
     (lambda d: dict(d, maps={"vitals": d["maps"]["vitals"]}), "name other modalities"),
     (lambda d: dict(d, method=None), "\"method\" must be the method's name"),
-    (lambda d: dict(d, forward_passes=2.7), "\"forward_passes\" must be a whole number"),
+    (lambda d: dict(d, forward_passes=2.7), "\"forward_passes\" must be an integer"),
     (lambda d: dict(d, labels=dict(d["labels"], vitals="hbt")), "must be a list of unit names"),
 ])
 def test_attribution_data_of_the_wrong_shape_is_refused_with_what_is_wrong(setup, change, says):

@@ -23,6 +23,7 @@ Two-modality models that declare ``encode_modality``/``fuse_encodings`` do not n
 """
 from __future__ import annotations
 
+import hashlib
 import weakref
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -151,12 +152,20 @@ def reject_factorization(model: nn.Module, names: Sequence[str], keyword_inputs:
 
 def _model_state(model: nn.Module) -> tuple:
     """What a traced split depends on besides the tensors it reads: which submodule object sits
-    at each name, and each module's settings that are floats, flags or texts (the trace bakes
-    them into the graph as constants). Integers are left out, as in
-    ``ModelAdapter.fingerprint``: a model may count its calls in one."""
+    at each name, and each module's settings that are numbers, flags, texts or tuples of them
+    (the trace bakes them into the graph as constants; a long text by its hash). A model that
+    counts its calls in an integer is traced again at each call: slower, never stale."""
+    def setting(v) -> str | None:
+        if isinstance(v, str) and len(v) > 256:
+            return "sha256:" + hashlib.sha256(v.encode("utf-8", "replace")).hexdigest()
+        if isinstance(v, (bool, int, float, str)) or (
+                isinstance(v, tuple) and len(v) <= 64
+                and all(isinstance(x, (bool, int, float, str)) for x in v)):
+            return repr(v)
+        return None
     return tuple((name, id(module), tuple(sorted(
-        (k, repr(v)) for k, v in vars(module).items()
-        if not k.startswith("_") and k != "training" and isinstance(v, (bool, float, str)))))
+        (k, s) for k, v in vars(module).items()
+        if not k.startswith("_") and k != "training" and (s := setting(v)) is not None)))
         for name, module in model.named_modules())
 
 
