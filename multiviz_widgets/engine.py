@@ -855,7 +855,7 @@ class Analyses:
     def features(self, progress=None):
         """The decision-level features of the dataset (one pass, kept): computed under the
         job's ``shared`` progress, which a newer click does not stop (the next job would only
-        start the pass again), a cancel does."""
+        start the pass again); a cancel or a recompute (the cache cleared) does."""
         progress = getattr(progress, "shared", progress)
         return self.engine.memo(("features",), lambda: self.kernels.features(
             self.adapter, self.dataset, progress), pin=True)
