@@ -273,11 +273,14 @@ def test_a_traced_split_follows_the_model_to_the_device_and_bfloat16_is_explaine
         assert r.maps["series"].dtype == np.float32 and np.isfinite(r.scores["tabular"]).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_the_doctor_passes_the_shipped_model_on_the_device_in_every_precision(dtype):
+@pytest.mark.parametrize("dtype, tf32", [(torch.float32, False), (torch.float32, True),
+                                         (torch.bfloat16, False), (torch.float16, False)])
+def test_the_doctor_passes_the_shipped_model_on_the_device_in_every_precision(dtype, tf32):
     """A GPU may sum a batch of two in another order than two batches of one (another
-    convolution algorithm): in bfloat16 that is a few roundoffs, not batch dependence."""
+    convolution algorithm): in bfloat16, or in float32 with cuDNN's TF32 (on by default), that
+    is a few roundoffs, not batch dependence."""
     from multiviz_widgets.doctor import check
+    torch.backends.cudnn.allow_tf32 = tf32          # (the fixture restores it)
     model, meta = easy_vqa.load_model()
     adapter = easy_vqa.make_adapter(copy.deepcopy(model).to(DEVICE, dtype), meta["vocab"],
                                     meta["answers"])
