@@ -56,9 +56,10 @@ def file_lock(path: Path) -> Iterator[None]:
     processes (NFS clients too, where the server keeps locks) wait for, and a lock of this
     process for its threads. A check of the file on disk and its replacement made under it
     cannot interleave with another writer's. The lock file gets the file's permissions (else
-    what the umask gives), so whoever may write the file may lock it. Where the lock file
-    cannot be made or locked (a read-only folder, a file system without locks), only this
-    process's lock is held."""
+    what the umask gives), so those who may write the file may lock it, when its permissions
+    give them write access (a group's file: umask 002). Where the lock file cannot be opened,
+    made or locked (another user's 0644 file, a read-only folder, a file system without locks),
+    only this process's lock is held."""
     key = str(_folder(path).resolve() / path.name)
     with _LOCAL_LOCKS_GUARD:
         local = _LOCAL_LOCKS.setdefault(key, threading.Lock())

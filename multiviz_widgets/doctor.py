@@ -89,7 +89,7 @@ class Report:
 
 def check(adapter: ModelAdapter, instance) -> Report:
     """Run the model on one instance (a dict, or a ``Prepared`` one as the kernels take) and
-    report which stages are supported (cost: about 8 passes of a batch of one). The passes run
+    report which stages are supported (cost: about 9 passes of a batch of one). The passes run
     as the kernels run them: in eval mode, under the adapter's lock; the model is left as it was.
     """
     report = Report()

@@ -8,7 +8,8 @@ with a cache key, a function and a callback. The engine
   "background" for dataset-wide work (features, galleries), which never delays a click;
 * keeps a generation counter per slot: a newer submit to the same slot makes the older job
   stale, so it is dropped from the queue, cancelled at its next progress report, and its result
-  is never applied (the latest click wins);
+  is never applied (the latest click wins); a dataset-wide pass that other jobs reuse runs on
+  under a newer click (the job's ``progress.shared``), and stops at a cancel or a recompute;
 * caches results in an LRU (``OrderedDict``) keyed by what produced them; a cache hit applies
   at once, without calling the kernel;
 * turns the kernels' ``progress(done, total, message)`` calls into traits (``progress``,

@@ -558,7 +558,8 @@ class Explorer(W.VBox):
         """Compute what every view shows again (the "recompute" button; e.g. after a cancel):
         the results cached in this kernel are dropped first, so that an edit of the dataset in
         place or new weights of the model are seen. (The dataset's decision features come back
-        from the on-disk cache while model and data are unchanged: its key covers both.)"""
+        from the on-disk cache while model and data are unchanged: its key covers both, except
+        a model's integer, list or plain-tensor attributes, see ``ModelAdapter.fingerprint``.)"""
         self.analyses.forget()
         self.embedding_view.forget()
         self.input_panel.refresh()

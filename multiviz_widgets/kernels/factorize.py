@@ -113,7 +113,9 @@ def trace_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: 
     """The model's traced split between modality ``side`` (default: the first of two) and the
     other modalities. names: the model's arguments, in order (matched by name when
     ``keyword_inputs``). Cached per model, and traced again when the tensors it read were
-    replaced (``model.half()``). Raises FactorizationError with the reason.
+    replaced (``model.half()``) or a submodule or a number, flag or text setting changed
+    (``_model_state``); a failure to trace or a rejection is retried then too. Raises
+    FactorizationError with the reason.
     torch.fx patches ``nn.Module.__call__`` while it traces, so no other thread may run a
     forward pass meanwhile: call it through ``ModelAdapter.run``, which holds the lock that the
     adapter's forward passes take."""

@@ -4,7 +4,8 @@
   instances whose inputs have equal shapes (never padded), through
   the adapter's forward pre-hook on the decision layer (the hook lives for one forward call and is
   removed in ``finally``, also when the model raises). Results are cached on disk as ``.npz``
-  (no pickle), keyed by a hash of the model's weights and structure, the modalities'
+  (no pickle), keyed by a hash of the model's weights, settings and structure
+  (``ModelAdapter.fingerprint``: not integer, list or plain-tensor attributes), the modalities'
   preprocessing and the dataset's fingerprint; a change of any gives another key, a corrupt or
   inconsistent file is ignored and recomputed, writes are atomic.
 * ``StreamingExtremes`` / ``neuron_extremes``: for every neuron the k instances with the largest
