@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .adapter import AdapterError, ModelAdapter, Prepared
+from .kernels.common import math_attention
 
 STAGES = (
     "unimodal_gradient",       # gradient, grad x input, integrated gradients
@@ -400,12 +401,14 @@ def _check_gradients(adapter: ModelAdapter, prepared, report: Report, target: in
                        "whose output the model uses (not a copy), and that forward() does not "
                        "detach it.", _GRADIENT)
     try:
-        logits = adapter.forward(prepared.raw, cont)
-        g = torch.autograd.grad(logits[0, target], list(cont.values()), create_graph=True,
-                                allow_unused=True)
-        s = sum((gi.sum() for gi in g if gi is not None and gi.requires_grad), torch.zeros(()))
-        if s.requires_grad:
-            torch.autograd.grad(s, list(cont.values()), allow_unused=True)
+        with math_attention():      # as the second-order kernel runs it
+            logits = adapter.forward(prepared.raw, cont)
+            g = torch.autograd.grad(logits[0, target], list(cont.values()), create_graph=True,
+                                    allow_unused=True)
+            s = sum((gi.sum() for gi in g if gi is not None and gi.requires_grad),
+                    torch.zeros(()))
+            if s.requires_grad:
+                torch.autograd.grad(s, list(cont.values()), allow_unused=True)
     except Exception as e:  # noqa: BLE001 -- the user's model can raise anything
         report.add("error", "no-double-backward",
                    f"Second-order gradients are not available ({e}); use the perturbation "

@@ -931,3 +931,42 @@ def test_shapley_players_leave_both_modalities_a_fair_share(ua, ub, most, want):
     got = _split_players(ua, ub, most)
     assert got == want and sum(got) == min(most, ua + ub)
     assert 1 <= got[0] <= ua and 1 <= got[1] <= ub
+
+
+class AttentionVQA(nn.Module):
+    """A transformer text encoder (scaled_dot_product_attention, a padding mask) and a small
+    CNN: the most common text encoder."""
+
+    VOCAB = ["[PAD]", "[UNK]", "is", "there", "a", "red", "square"]
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(len(self.VOCAB), d, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.cnn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, d))
+        self.classifier = nn.Linear(d, 3)
+
+    def forward(self, image, question):
+        mask = question == 0
+        t = self.enc(self.embed(question), src_key_padding_mask=mask).mean(1)
+        return self.classifier(torch.tanh(self.cnn(image) * t))
+
+
+def test_second_order_gradients_go_through_a_transformers_attention():
+    """Before: torch's fused attention has no second derivative, and the default heatmap (and
+    the prediction path) of such a model failed with torch's 'derivative ... not implemented'."""
+    from multiviz_widgets import Image, check
+    model = AttentionVQA().eval()
+    adapter = ModelAdapter(model, [Image("image", patch=4), Text("question",
+                                                                vocab=AttentionVQA.VOCAB)],
+                           ["a", "b", "c"], decision_layer=model.classifier,
+                           embedding_layers={"question": model.embed})
+    instance = {"image": np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8),
+                "question": "is there a red square"}
+    r = interaction(adapter, instance, "second_order", modalities=("question", "image"))
+    assert r.matrix.shape == (5, 4) and np.isfinite(r.matrix).all() and np.abs(r.matrix).max() > 0
+    report = check(adapter, instance)
+    assert report.stages["interaction_gradient"], str(report)

@@ -1,6 +1,7 @@
 """Pieces every kernel shares: instances, targets, masked inputs and chunked evaluation."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -15,6 +16,19 @@ from ..progress import ProgressFn, report
 #: the CPU caches: on the easy-VQA model a batch of 64-256 costs 0.075-0.085 ms per sample, a
 #: batch of 512 0.17 ms and 1024 0.24 ms (2 cores, torch 2.13).
 PERTURBATION_BATCH = 128
+
+
+def math_attention():
+    """A context in which ``scaled_dot_product_attention`` (a transformer's attention) runs in
+    its math backend: the fused ones (flash, memory-efficient) have no second derivative
+    ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented"), and second-order gradients need one. (torch's backend flags are the
+    process's: other threads use the math backend meanwhile too, slower but the same.)"""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:               # pragma: no cover - a torch without the selector
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def check_adapter(adapter, what: str) -> ModelAdapter:

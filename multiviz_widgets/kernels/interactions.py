@@ -37,8 +37,8 @@ from ..adapter import ModelAdapter, Prepared, Target
 from ..progress import ProgressFn, report
 from ..results import Interaction, Stopwatch
 from ..checks import positive_int
-from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_masks, modality_pair,
-                     resolve_target)
+from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_masks,
+                     math_attention, modality_pair, resolve_target)
 from .dime import DimeResult, dime
 from .emap import EmapResult, emap, emap_gap, emap_matrix, interaction_type, interaction_types
 from .unimodal import raise_not_finite
@@ -104,20 +104,21 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
         times_input = adapter.modalities[c].weigh_units_by_input if phi == "identity" else False
     args = (adapter, prepared, r, c, target, progress, phi, attribution, times_input, batch_size)
     used, fell_back = mode, None
-    if mode == "auto" and adapter.device.type == "cuda":
-        used = "replicate"
-    elif mode in ("auto", "vmap"):
-        try:
-            m, fwd, bwd = _sog_vmap(*args)
-            used = "vmap"
-        except RuntimeError as e:
-            if mode == "vmap":
-                raise
-            used, fell_back = "replicate", str(e).strip().splitlines()[0][:200]
-    if used == "replicate":
-        m, fwd, bwd = _sog_replicate(*args)
-        if fell_back is not None:        # the vmap attempt's forward and first backward count
-            fwd, bwd = fwd + 1, bwd + 1
+    with math_attention():               # a transformer's attention, twice differentiable
+        if mode == "auto" and adapter.device.type == "cuda":
+            used = "replicate"
+        elif mode in ("auto", "vmap"):
+            try:
+                m, fwd, bwd = _sog_vmap(*args)
+                used = "vmap"
+            except RuntimeError as e:
+                if mode == "vmap":
+                    raise
+                used, fell_back = "replicate", str(e).strip().splitlines()[0][:200]
+        if used == "replicate":
+            m, fwd, bwd = _sog_replicate(*args)
+            if fell_back is not None:    # the vmap attempt's forward and first backward count
+                fwd, bwd = fwd + 1, bwd + 1
     if swap:
         m = m.T
         # the matrix is symmetric in its two sides: say what moved side a (the rows) and side b
