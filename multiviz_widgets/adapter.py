@@ -280,7 +280,9 @@ class ModelAdapter:
         stay unchanged) and its modes are restored afterwards, with a warning the first time.
     modalities: the Modality objects, in the order of the model's arguments.
     class_names: one name per output logit.
-    decision_layer: the module (or dotted name) whose input is h(x); default: the last nn.Linear.
+    decision_layer: the module (or dotted name) whose input is h(x); default: the last nn.Linear
+    with one output per class (else the last nn.Linear; ``check`` says when its output is not
+    the logits).
     embedding_layers: {text modality name: embedding module or dotted name}; a text modality
         without one uses the model's only nn.Embedding when there is exactly one. Its output
         must be one vector per token [B, T, ...]. The layer may be called more than once in
@@ -320,7 +322,10 @@ class ModelAdapter:
                 raise AdapterError("The model has no nn.Linear to use as decision layer; pass "
                                    "decision_layer= (the module whose input is the decision-level "
                                    "feature vector).")
-            decision_layer = linears[-1]
+            # registration order need not be the order of use (a classifier defined before the
+            # fusion): the last with one output per class is the likelier decision layer
+            heads = [m for m in linears if m.out_features == len(self.class_names)]
+            decision_layer = (heads or linears)[-1]
         self.decision_layer = _resolve_module(model, decision_layer, "decision layer")
         self.embedding_layers: dict[str, nn.Module] = {}
         embedding_layers = dict(embedding_layers or {})

@@ -256,15 +256,17 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
         report.add("warning", "probabilities",
                    "The output looks like probabilities (in [0, 1], summing to 1). Explanations "
                    "should target pre-softmax logits: remove the final softmax from forward().")
-    _check_decision_layer(adapter, prepared, report, calls.get("decision", 0))
+    eps = _roundoff(adapter, prepared.raw, out)      # the precision it computes in
+    after_layer = _check_decision_layer(adapter, prepared, report, calls.get("decision", 0), eps)
     # an embedding layer never called on its text's ids is reported (once) by step 5's
     # substitution check, which names the layer and what it must be
 
     # 4. Determinism: two passes must agree.
     again = _attempt(report, "nondeterministic", _ALL, "A second forward pass failed",
                      lambda: adapter.predict(prepared.raw))
-    eps = _roundoff(adapter, prepared.raw, out)
     random = again is not None and _differ(again, out, eps)
+    if after_layer and not random:      # (a random model's logits differ for randomness alone)
+        report.add("warning", "decision-not-last", after_layer)
     if random:
         report.add("error", "nondeterministic",
                    "Two forward passes on the same input gave different logits; remove randomness "
@@ -341,14 +343,19 @@ def _halfway(adapter: ModelAdapter, prepared, cont: dict, base: dict):
     return (half, out) if bool(torch.isfinite(out).all()) else (None, None)
 
 
-def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls: int) -> None:
+def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls: int,
+                          eps: float) -> str | None:
+    """Report what is wrong with the decision layer (``eps``: the model's precision, as
+    ``_roundoff`` gives); returns the warning that the logits are not its output, for the
+    caller to give once it knows the model is not random."""
     name = type(adapter.decision_layer).__name__
+    after = None
     if calls == 0:
         report.add("error", "decision-layer",
                    f"The decision layer ({name}) was never called "
                    "in the forward pass: pass decision_layer= the module that computes the logits "
                    "from the decision-level features.", _FEATURES)
-        return
+        return None
     if calls > 1:
         report.add("error", "decision-calls",
                    f"The decision layer ({name}) is called {calls} times in one forward pass "
@@ -356,15 +363,36 @@ def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls
                    "vector per instance, so neuron targets (Neuron(j)), features and the "
                    "prediction path cannot be computed. Pass decision_layer= a module called once, "
                    "on the fused vector.", _FEATURES)
-        return
+        return None
     feats = _attempt(report, "decision-input", _FEATURES, "The decision-level features",
                      lambda: adapter.features(prepared.raw))
     if feats is not None:
         report.n_features = int(feats[1].shape[1])
+    layer = adapter.decision_layer
+    if feats is not None and isinstance(layer, nn.Linear):
+        logits, h = feats
+        if layer.out_features != logits.shape[1]:
+            report.add("error", "decision-not-logits",
+                       f"The decision layer ({name}, {layer.in_features} -> "
+                       f"{layer.out_features}) does not compute the {logits.shape[1]} logits: "
+                       f"its weights are not the classes' weights, so neuron contributions "
+                       f"W[c, j] h_j and the prediction path would be meaningless. Pass "
+                       f"decision_layer= the module that computes the logits (the neurons "
+                       f"shown are then its inputs).", ("prediction",))
+        else:
+            with torch.no_grad():
+                again = layer(h.to(layer.weight.dtype))
+            if _differ(again.to(logits.dtype), logits, eps):
+                after = (f"The logits are not the decision layer's output ({name}): the model "
+                         f"changes them after it (a scale, a bias, another layer), so neuron "
+                         f"contributions W[c, j] h_j do not add up to them. Pass "
+                         f"decision_layer= the last module that computes the logits, or read "
+                         f"the contributions as those of the layer's output.")
     if not isinstance(adapter.decision_layer, nn.Linear):
         report.add("warning", "decision-not-linear",
                    "The decision layer is not an nn.Linear: neuron contributions W[c, j] h_j "
                    "and the prediction path use the sparse linear model instead.")
+    return after
 
 
 def _check_gradients(adapter: ModelAdapter, prepared, report: Report, target: int) -> None:

@@ -380,3 +380,35 @@ def test_a_model_that_fails_at_its_baseline_is_still_checked_for_the_rest():
     assert {"masked-non-finite", "batch-dependent", "no-gradient"} <= r.codes()
     assert not any(r.stages.values())
     assert "gradient and gradient x input do not" in str(r)
+
+
+class HeadFirst(nn.Module):
+    """The classifier registered before the fusion layer (registration order is not use)."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.classifier = nn.Linear(6, 2)
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(2, 6)
+        self.fuse = nn.Linear(6, 6)
+        self.scale = scale
+
+    def forward(self, vitals, ecg):
+        h = torch.tanh(self.fuse(torch.tanh(self.a(vitals)) * torch.tanh(self.b(ecg.mean(1)))))
+        return self.classifier(h) * self.scale
+
+
+def test_the_default_decision_layer_is_the_one_with_an_output_per_class():
+    adapter = _tabular_series(HeadFirst().eval())
+    assert adapter.decision_layer is adapter.model.classifier
+    assert check(adapter, TS_INSTANCE).ok
+
+
+def test_a_decision_layer_that_does_not_compute_the_logits_is_reported():
+    """Before: the doctor said OK and the neuron bars used fuse's weights as the classes'."""
+    model = HeadFirst().eval()
+    r = check(_tabular_series(model, decision_layer="fuse"), TS_INSTANCE)
+    assert "decision-not-logits" in r.codes() and not r.stages["prediction"], str(r)
+    assert "6 -> 6" in str(r) and r.stages["representations"]
+    scaled = check(_tabular_series(HeadFirst(scale=0.5).eval()), TS_INSTANCE)
+    assert "decision-not-last" in scaled.codes() and scaled.ok, str(scaled)
