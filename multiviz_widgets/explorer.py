@@ -65,17 +65,33 @@ def pair_options(adapter: ModelAdapter, pair: tuple[str, str] | None) -> list[tu
     return out
 
 
-def _check_dataset(dataset) -> None:
+def _check_dataset(dataset, adapter: ModelAdapter | None = None) -> None:
     """A clear TypeError for anything but a MultimodalDataset (or an object that offers the
-    same: len, [i], labels, describe, batches)."""
+    same: len, [i], labels, describe, batches); with the adapter, a ValueError when the
+    dataset's columns are not the adapter's modalities (said now, not as a failure of every
+    view). Labels outside the classes are allowed: the views show them as unknown (-1 is a
+    common mark of an unlabelled instance)."""
     needs = ("__len__", "__getitem__", "labels", "describe", "batches")
     if isinstance(dataset, MultimodalDataset) or all(hasattr(dataset, n) for n in needs):
+        if adapter is not None:
+            _check_dataset_fits(dataset, adapter)
         return
     raise TypeError(
         f"The Explorer needs a MultimodalDataset, got {type(dataset).__name__}. Wrap your data: "
         "MultimodalDataset({'image': images, 'question': questions}, labels=labels), one "
         "sequence per modality of the adapter (a list of instance dicts d: "
         "MultimodalDataset({k: [x[k] for x in d] for k in d[0]})).")
+
+
+def _check_dataset_fits(dataset, adapter: ModelAdapter) -> None:
+    columns = getattr(dataset, "columns", None)
+    if isinstance(columns, dict) and set(columns) != set(adapter.names):
+        missing = [n for n in adapter.names if n not in columns]
+        unknown = [n for n in columns if n not in adapter.names]
+        raise ValueError(
+            f"The dataset's columns {list(columns)} are not the adapter's modalities "
+            f"{list(adapter.names)} (missing {missing}, unknown {unknown}): name each column "
+            f"as its modality, MultimodalDataset({{'{adapter.names[0]}': ..., ...}}).")
 
 
 class InputPanel:
@@ -362,7 +378,7 @@ class Explorer(W.VBox):
                  cache_size: int = 256, features=None, pair: tuple[str, str] | None = None,
                  kernels: Kernels | None = None, gallery_k: int = 4, delay: float = 0.3,
                  path_params: dict | None = None, annotations=None, start: bool = True):
-        _check_dataset(dataset)
+        _check_dataset(dataset, adapter)
         self.engine = Engine(cache_size=cache_size, delay=delay)
         try:
             self._build(adapter, dataset, sparse_model, features, pair, kernels, gallery_k,

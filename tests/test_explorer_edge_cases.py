@@ -663,3 +663,16 @@ def test_a_long_error_is_wrapped_in_the_banner_not_cut():
         assert all(label.style.text_color == "#a00000" for label in banner.text.children)
     finally:
         engine.close()
+
+
+def test_a_dataset_whose_columns_are_not_the_modalities_is_refused_at_once():
+    """Before: the Explorer opened, and every view failed with the same error in the banner."""
+    from multiviz_widgets import MultimodalDataset
+    from multiviz_widgets.explorer import Explorer
+
+    from .explorer_support import FakeKernels, tiny_vqa
+    adapter, ds = tiny_vqa()
+    columns = dict(ds.columns)
+    columns["img"] = columns.pop("image")
+    with pytest.raises(ValueError, match=r"missing \['image'\], unknown \['img'\]"):
+        Explorer(adapter, MultimodalDataset(columns), kernels=FakeKernels())
