@@ -738,7 +738,8 @@ class ModelAdapter:
         shapes = ", ".join(f"{n}: {tuple(v.shape)}" for n, v in args.items())
         text = str(error)
         head = f"The model raised {type(error).__name__} on the inputs of modalities ({shapes}): {text}."
-        special = self._signature_hint() or ("type" in text.lower() and self._dtype_hint(args))
+        special = (self._signature_hint() or ("type" in text.lower() and self._dtype_hint(args))
+                   or (isinstance(error, IndexError) and self._table_hint(args)))
         if special:
             return f"{head} {special}"
         last = getattr(self, "_last_shapes", {})
@@ -761,6 +762,22 @@ class ModelAdapter:
         return (f"{head}{hint} Check that the modalities give the shapes the model "
                 "expects (channels, image size, series length, columns) and that they "
                 "are listed in the order of the model's arguments.")
+
+    def _table_hint(self, args: Mapping[str, torch.Tensor]) -> str:
+        """For an index out of an embedding table's range: a text longer than a table of the
+        model that is not its token embedding (a table of positions), or ''."""
+        own = {id(m) for m in self.embedding_layers.values()}
+        tables = [(name, m.num_embeddings) for name, m in self.model.named_modules()
+                  if isinstance(m, nn.Embedding) and id(m) not in own]
+        long = [(n, int(args[n].shape[-1])) for n in self.embedding_layers if n in args]
+        over = [(n, t, name, rows) for n, t in long for name, rows in tables if t > rows]
+        if not over:
+            return ""
+        n, t, name, rows = over[0]
+        return (f"The text of {n!r} has {t} tokens, and the model's table {name!r} has {rows} "
+                f"rows (a table of positions?): shorten the text to at most {rows} tokens "
+                f"(the Text modality's tokenize= can cut it), or give the model a longer "
+                f"table.")
 
     def _signature_hint(self) -> str:
         """What to change when the model's forward() cannot take the modalities the way the

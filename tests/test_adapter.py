@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from multiviz_widgets import AdapterError, Class, ModelAdapter, Neuron, Tabular, TimeSeries
+from multiviz_widgets import AdapterError, Class, ModelAdapter, Neuron, Tabular, Text, TimeSeries
 from multiviz_widgets.adapter import ModelInputError
 from multiviz_widgets.modalities import Modality
 from tests.test_doctor import INSTANCE, Healthy, adapter
@@ -713,3 +713,25 @@ def test_a_class_name_given_twice_is_a_target_by_index_only():
     with pytest.raises(AdapterError, match=r"'crane' names the classes \[0, 2\]: give the class "
                                            r"index"):
         adapter.target("crane")
+
+
+def test_a_text_longer_than_the_models_table_of_positions_says_so():
+    """Before: 'IndexError: index out of range in self', with advice about image sizes."""
+    from multiviz_widgets.adapter import ModelInputError
+    vocab = ["[PAD]", "[UNK]", "a", "b"]
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.pos = nn.Embedding(4, 3), nn.Embedding(4, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, question):
+            steps = torch.arange(question.shape[1])
+            return self.head((self.embed(question) + self.pos(steps)).mean(1))
+    a = ModelAdapter(Positions(), [Text("question", vocab=vocab)], ["x", "y"],
+                     embedding_layers={"question": "embed"})
+    assert a.forward(a.prepare({"question": "a b a b"}).raw).shape == (1, 2)
+    with pytest.raises(ModelInputError, match="has 6 tokens, and the model's table 'pos' has 4 "
+                                              "rows"):
+        a.forward(a.prepare({"question": "a b a b a b"}).raw)
