@@ -727,6 +727,9 @@ class Text(Modality):
                 raise ValueError(f"{self.name}: token ids must lie in 0..{len(self.vocab) - 1} "
                                  f"(the vocabulary), got {lo}..{hi}.")
             return raw.long()
+        if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+            raise ValueError(f"{self.name}: the text is missing ({raw!r}, e.g. an empty cell of "
+                             f"a DataFrame): fill it in, or leave the instance out.")
         if not isinstance(raw, str):
             raise TypeError(f"{self.name}: expected a string or a 1-D tensor of token ids, got "
                             f"{type(raw).__name__}.")
