@@ -316,6 +316,9 @@ class ModelAdapter:
             raise AdapterError("class_names is empty: give one name per output logit.")
         self.keyword_inputs = keyword_inputs
         self.name = name or type(model).__name__
+        #: whether the decision layer was chosen by default (``check`` then says which layer
+        #: computes the logits when the default does not)
+        self.decision_layer_default = decision_layer is None
         if decision_layer is None:
             linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
             if not linears:
@@ -739,7 +742,8 @@ class ModelAdapter:
         text = str(error)
         head = f"The model raised {type(error).__name__} on the inputs of modalities ({shapes}): {text}."
         special = (self._signature_hint() or ("type" in text.lower() and self._dtype_hint(args))
-                   or (isinstance(error, IndexError) and self._table_hint(args)))
+                   or (isinstance(error, IndexError) and "index out of range in self" in text
+                       and self._table_hint(args)))
         if special:
             return f"{head} {special}"
         last = getattr(self, "_last_shapes", {})
@@ -764,11 +768,14 @@ class ModelAdapter:
                 "are listed in the order of the model's arguments.")
 
     def _table_hint(self, args: Mapping[str, torch.Tensor]) -> str:
-        """For an index out of an embedding table's range: a text longer than a table of the
-        model that is not its token embedding (a table of positions), or ''."""
+        """For an index out of an embedding table's range (torch's "index out of range in
+        self"): a text longer than a table of the model that is not its token embedding (a
+        table of positions: one named so first; tables of under 8 rows, such as a BERT's token
+        types, are not taken for one), or ''."""
         own = {id(m) for m in self.embedding_layers.values()}
         tables = [(name, m.num_embeddings) for name, m in self.model.named_modules()
-                  if isinstance(m, nn.Embedding) and id(m) not in own]
+                  if isinstance(m, nn.Embedding) and id(m) not in own and m.num_embeddings >= 8]
+        tables.sort(key=lambda t: ("pos" not in t[0].lower(), t[1]))
         long = [(n, int(args[n].shape[-1])) for n in self.embedding_layers if n in args]
         over = [(n, t, name, rows) for n, t in long for name, rows in tables if t > rows]
         if not over:

@@ -382,7 +382,20 @@ def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls
         else:
             with torch.no_grad():
                 again = layer(h.to(layer.weight.dtype))
-            if _differ(again.to(logits.dtype), logits, eps):
+            mismatch = _differ(again.to(logits.dtype), logits, eps)
+            # chosen by default (the last Linear with one output per class): another layer of
+            # that width may be the one whose output is the logits
+            found = (_logit_layers(adapter, prepared, logits, eps)
+                     if mismatch and adapter.decision_layer_default else [])
+            if found:
+                report.add("error", "decision-not-logits",
+                           f"The decision layer chosen by default "
+                           f"({_module_name(adapter.model, layer)}, the last nn.Linear with one "
+                           f"output per class) does not compute the logits, so neuron "
+                           f"contributions and the prediction path would use the wrong "
+                           f"weights. Pass decision_layer={found[0]!r}: its output is the "
+                           f"logits.", ("prediction",))
+            elif mismatch:
                 after = (f"The logits are not the decision layer's output ({name}): the model "
                          f"changes them after it (a scale, a bias, another layer), so neuron "
                          f"contributions W[c, j] h_j do not add up to them. Pass "
@@ -393,6 +406,26 @@ def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls
                    "The decision layer is not an nn.Linear: neuron contributions W[c, j] h_j "
                    "and the prediction path use the sparse linear model instead.")
     return after
+
+
+def _logit_layers(adapter: ModelAdapter, prepared, logits: torch.Tensor, eps: float) -> list[str]:
+    """The names of the model's nn.Linear layers whose output in one pass is the logits."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for name, m in adapter.model.named_modules():
+            if isinstance(m, nn.Linear) and m.out_features == logits.shape[1]:
+                handles.append(m.register_forward_hook(
+                    lambda _m, _i, out, name=name: outputs.setdefault(name, out.detach())))
+        with torch.no_grad():
+            adapter.predict(prepared.raw)
+    except Exception:  # noqa: BLE001 - the other checks report a failing pass
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+    return [n for n, out in outputs.items()
+            if out.shape == logits.shape and not _differ(out.to(logits.dtype), logits, eps)]
 
 
 def _check_gradients(adapter: ModelAdapter, prepared, report: Report, target: int) -> None:

@@ -17,6 +17,7 @@ import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Mapping
 from itertools import combinations
 
 import numpy as np
@@ -85,7 +86,7 @@ def _check_dataset(dataset, adapter: ModelAdapter | None = None) -> None:
 
 def _check_dataset_fits(dataset, adapter: ModelAdapter) -> None:
     columns = getattr(dataset, "columns", None)
-    if isinstance(columns, dict) and set(columns) != set(adapter.names):
+    if isinstance(columns, Mapping) and set(columns) != set(adapter.names):
         missing = [n for n in adapter.names if n not in columns]
         unknown = [n for n in columns if n not in adapter.names]
         raise ValueError(

@@ -727,7 +727,7 @@ class Text(Modality):
                 raise ValueError(f"{self.name}: token ids must lie in 0..{len(self.vocab) - 1} "
                                  f"(the vocabulary), got {lo}..{hi}.")
             return raw.long()
-        if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+        if _missing(raw):
             raise ValueError(f"{self.name}: the text is missing ({raw!r}, e.g. an empty cell of "
                              f"a DataFrame): fill it in, or leave the instance out.")
         if not isinstance(raw, str):
@@ -1022,6 +1022,25 @@ def _pandas_numbers(v, name: str) -> np.ndarray:
         raise TypeError(f"{name}: expected numbers, but the pandas {type(v).__name__} (dtype "
                         f"{', '.join(sorted({str(d) for d in dtypes}))}) holds values that are "
                         f"not ({e}). Convert or drop the non-numeric columns.") from None
+
+
+def _missing(value) -> bool:
+    """Whether ``value`` is a missing value (None, NaN of any float type, pandas' NA and NaT),
+    not data."""
+    if value is None:
+        return True
+    if isinstance(value, (str, bytes, torch.Tensor, np.ndarray, list, tuple, dict)):
+        return False
+    if isinstance(value, (float, np.floating)):
+        return bool(np.isnan(value))
+    try:
+        import pandas as pd
+    except ImportError:                # pragma: no cover - pandas comes with the requirements
+        return False
+    try:
+        return bool(pd.isna(value)) if np.ndim(value) == 0 else False
+    except (TypeError, ValueError):
+        return False
 
 
 def _native_byte_order(arr: np.ndarray) -> np.ndarray:

@@ -723,7 +723,7 @@ def test_a_text_longer_than_the_models_table_of_positions_says_so():
     class Positions(nn.Module):
         def __init__(self):
             super().__init__()
-            self.embed, self.pos = nn.Embedding(4, 3), nn.Embedding(4, 3)
+            self.embed, self.pos = nn.Embedding(4, 3), nn.Embedding(8, 3)
             self.head = nn.Linear(3, 2)
 
         def forward(self, question):
@@ -732,6 +732,6 @@ def test_a_text_longer_than_the_models_table_of_positions_says_so():
     a = ModelAdapter(Positions(), [Text("question", vocab=vocab)], ["x", "y"],
                      embedding_layers={"question": "embed"})
     assert a.forward(a.prepare({"question": "a b a b"}).raw).shape == (1, 2)
-    with pytest.raises(ModelInputError, match="has 6 tokens, and the model's table 'pos' has 4 "
+    with pytest.raises(ModelInputError, match="has 10 tokens, and the model.s table .pos. has 8 "
                                               "rows"):
-        a.forward(a.prepare({"question": "a b a b a b"}).raw)
+        a.forward(a.prepare({"question": "a b a b a b a b a b"}).raw)

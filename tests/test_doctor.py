@@ -412,3 +412,25 @@ def test_a_decision_layer_that_does_not_compute_the_logits_is_reported():
     assert "6 -> 6" in str(r) and r.stages["representations"]
     scaled = check(_tabular_series(HeadFirst(scale=0.5).eval()), TS_INSTANCE)
     assert "decision-not-last" in scaled.codes() and scaled.ok, str(scaled)
+
+
+class GatedHead(HeadFirst):
+    """A 2-unit gate (as wide as the classes) registered after the classifier, used inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(3, 2)
+
+    def forward(self, vitals, ecg):
+        g = torch.sigmoid(self.gate(vitals)).mean(1, keepdim=True)
+        return super().forward(vitals * g, ecg)
+
+
+def test_a_default_decision_layer_that_is_not_the_classifier_is_an_error_naming_the_right_one():
+    adapter = _tabular_series(GatedHead().eval())
+    assert adapter.decision_layer is adapter.model.gate          # as wide as the classes
+    r = check(adapter, TS_INSTANCE)
+    assert "decision-not-logits" in r.codes() and not r.stages["prediction"], str(r)
+    assert "Pass decision_layer='classifier'" in str(r)
+    assert check(_tabular_series(GatedHead().eval(), decision_layer="classifier"),
+                 TS_INSTANCE).ok

@@ -970,3 +970,43 @@ def test_second_order_gradients_go_through_a_transformers_attention():
     assert r.matrix.shape == (5, 4) and np.isfinite(r.matrix).all() and np.abs(r.matrix).max() > 0
     report = check(adapter, instance)
     assert report.stages["interaction_gradient"], str(report)
+
+
+def test_math_attention_holds_while_any_thread_needs_it_and_then_restores_the_flags():
+    """Two engine lanes (or the doctor beside the Explorer) inside at once: the first one out
+    must not turn the fused backends back on under the other, and the last one out restores
+    them (before: the flags ended at 'math only' for the whole process)."""
+    import threading
+
+    import torch.nn.functional as F
+
+    from multiviz_widgets.kernels.common import math_attention
+
+    def flags():
+        return (torch.backends.cuda.flash_sdp_enabled(),
+                torch.backends.cuda.mem_efficient_sdp_enabled(),
+                torch.backends.cuda.math_sdp_enabled())
+    before = flags()
+    a_in, b_in, a_out, result = threading.Event(), threading.Event(), threading.Event(), []
+
+    def first():
+        with math_attention():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second():
+        a_in.wait(10)
+        with math_attention():
+            b_in.set()
+            a_out.wait(10)
+            q = torch.randn(1, 2, 5, 8, requires_grad=True)
+            g, = torch.autograd.grad(F.scaled_dot_product_attention(q, q, q).sum(), q,
+                                     create_graph=True)
+            result.append(torch.autograd.grad(g.sum(), q)[0].shape)
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert result == [torch.Size([1, 2, 5, 8])] and flags() == before

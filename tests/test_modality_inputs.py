@@ -354,7 +354,7 @@ def test_big_endian_arrays_are_read_with_their_values_and_precision(dtype):
     assert series.dtype == torch.float64 and series[:, 0].tolist() == [0.25, 0.5]
 
 
-@pytest.mark.parametrize("missing", [float("nan"), None])
+@pytest.mark.parametrize("missing", [float("nan"), None, np.float32("nan"), pd.NA, pd.NaT])
 def test_a_missing_text_is_called_missing(missing):
     """Before: an empty DataFrame cell gave 'expected a string ..., got float'."""
     with pytest.raises(ValueError, match="the text is missing"):

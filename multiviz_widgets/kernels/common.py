@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -18,16 +19,43 @@ from ..progress import ProgressFn, report
 PERTURBATION_BATCH = 128
 
 
+_MATH_LOCK = threading.Lock()
+_math_users = 0            # threads inside math_attention now
+_math_context = None       # the selector entered by the first of them, exited by the last
+
+
+@contextlib.contextmanager
 def math_attention():
     """A context in which ``scaled_dot_product_attention`` (a transformer's attention) runs in
     its math backend: the fused ones (flash, memory-efficient) have no second derivative
     ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
-    implemented"), and second-order gradients need one. (torch's backend flags are the
-    process's: other threads use the math backend meanwhile too, slower but the same.)"""
+    implemented"), and second-order gradients need one. torch's backend flags are the
+    process's: the first thread in sets them and the last one out restores them (so two
+    threads inside at once cannot restore them under each other); other threads use the math
+    backend meanwhile too, slower but the same."""
+    global _math_users, _math_context
+    with _MATH_LOCK:
+        if _math_users == 0:
+            _math_context = _math_selector()
+            _math_context.__enter__()
+        _math_users += 1
+    try:
+        yield
+    finally:
+        with _MATH_LOCK:
+            _math_users -= 1
+            if _math_users == 0:
+                context, _math_context = _math_context, None
+                context.__exit__(None, None, None)
+
+
+def _math_selector():
+    """torch's context that allows the math backend of attention only."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:               # pragma: no cover - a torch without the selector
-        return contextlib.nullcontext()
+    except ImportError:               # pragma: no cover - torch before 2.3
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True,
+                                              enable_mem_efficient=False)
     return sdpa_kernel([SDPBackend.MATH])
 
 
