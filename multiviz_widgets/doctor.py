@@ -316,8 +316,9 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
                         lambda: adapter.predict(prepared.raw, {n: torch.cat([cont[n], second[n]])
                                                                for n in cont}))
         alone = torch.cat([sub, second_out])
-        largest = float((pair - alone).abs().max()) if pair is not None else 0.0
         if pair is not None and not random and _differ(pair, alone, eps):
+            largest = (float((pair - alone).abs().max()) if pair.shape == alone.shape
+                       else float("nan"))
             report.add("error", "batch-dependent",
                        "The model's output for an instance depends on the other instances in its "
                        "batch: the instance and another input in one batch give other logits "
