@@ -262,14 +262,24 @@ def check_inputs_kept(args: Mapping[str, torch.Tensor], versions: Sequence[int])
             code="input-in-place")
 
 
-def _setting(value) -> bool:
-    """Whether a module's attribute is a setting that ``fingerprint`` hashes by its repr: a
-    float, a flag, a text, or a (short) tuple of numbers, flags and texts. (Not a lone integer:
-    it may count forward calls; not a list: it may grow with them.)"""
-    if isinstance(value, (bool, float, str)):
-        return True
-    return (isinstance(value, tuple) and len(value) <= 64
-            and all(isinstance(x, (bool, int, float, str)) for x in value))
+def module_settings(module: nn.Module, integers: bool) -> list[tuple[str, str]]:
+    """The sorted (name, repr) of a module's own attributes that are settings: floats, flags,
+    texts (a long one by its hash), (short) tuples of them and of integers, and, with
+    ``integers``, lone integers (a model may count its forward calls in one). Not lists (they
+    may grow with the calls), not tensors (one may hold the last activation). What
+    ``ModelAdapter.fingerprint`` (without integers) and a traced split's staleness check
+    (``kernels.factorize``, with them) compare."""
+    kinds = (bool, int, float, str) if integers else (bool, float, str)
+    out = []
+    for k, v in vars(module).items():
+        if k.startswith("_") or k == "training":
+            continue
+        if isinstance(v, str) and len(v) > 256:
+            out.append((k, "sha256:" + hashlib.sha256(v.encode("utf-8", "replace")).hexdigest()))
+        elif isinstance(v, kinds) or (isinstance(v, tuple) and len(v) <= 64 and all(
+                isinstance(x, (bool, int, float, str)) for x in v)):
+            out.append((k, repr(v)))
+    return sorted(out)
 
 
 class ModelAdapter:
@@ -430,9 +440,7 @@ class ModelAdapter:
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         for name, module in self.model.named_modules():
-            settings = sorted((k, repr(v)) for k, v in vars(module).items()
-                              if not k.startswith("_") and k != "training" and _setting(v))
-            h.update(f"{name}:{settings}".encode())
+            h.update(f"{name}:{module_settings(module, integers=False)}".encode())
         return h.hexdigest()[:32]
 
     # -- instances and batches ---------------------------------------------------------------

@@ -7,6 +7,7 @@ found; ``report.stages`` maps every stage to whether it can run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -182,26 +183,36 @@ def _roundoff(adapter: ModelAdapter, raw: dict, *outputs: torch.Tensor) -> float
     dtypes = {p.dtype for p in adapter.model.parameters() if p.is_floating_point()}
     dtypes |= {o.dtype for o in outputs if o.is_floating_point()}
 
-    def seen(_module, _inputs, output):
+    def seen(_name, output):
         for o in (output if isinstance(output, (tuple, list)) else (output,)):
             if isinstance(o, torch.Tensor) and o.is_floating_point():
                 dtypes.add(o.dtype)
-    handles = []
-    try:
-        for m in adapter.model.modules():
-            if not isinstance(m, torch.jit.ScriptModule):      # which take no Python hooks
-                handles.append(m.register_forward_hook(seen))
-        with torch.no_grad():
-            adapter.predict(raw)
-    except Exception:  # noqa: BLE001 - the checks that run this pass report its failure
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    _watched_pass(adapter, raw, lambda m: True, seen)
     eps = max((torch.finfo(d).eps for d in dtypes), default=0.0)
     if torch.float32 in dtypes and _uses_tf32(adapter.model):
         eps = max(eps, _TF32_EPS)
     return eps
+
+
+def _watched_pass(adapter: ModelAdapter, raw: dict, which: Callable[[nn.Module], bool],
+                  seen: Callable[[str, object], None]) -> bool:
+    """One pass on ``raw`` (no gradients) with ``seen(name, output)`` called for each module
+    that ``which`` picks (TorchScript ones take no Python hooks); the hooks are removed
+    whatever happens. Whether the pass ran (a failing one: the other checks report it)."""
+    handles = []
+    try:
+        for name, m in adapter.model.named_modules():
+            if which(m) and not isinstance(m, torch.jit.ScriptModule):
+                handles.append(m.register_forward_hook(
+                    lambda _m, _i, out, name=name: seen(name, out)))
+        with torch.no_grad():
+            adapter.predict(raw)
+        return True
+    except Exception:  # noqa: BLE001 - the user's model can raise anything
+        return False
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _uses_tf32(model: torch.nn.Module) -> bool:
@@ -412,19 +423,10 @@ def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls
 def _logit_layers(adapter: ModelAdapter, prepared, logits: torch.Tensor, eps: float) -> list[str]:
     """The names of the model's nn.Linear layers whose output in one pass is the logits."""
     outputs: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
-        for name, m in adapter.model.named_modules():
-            if isinstance(m, nn.Linear) and m.out_features == logits.shape[1]:
-                handles.append(m.register_forward_hook(
-                    lambda _m, _i, out, name=name: outputs.setdefault(name, out.detach())))
-        with torch.no_grad():
-            adapter.predict(prepared.raw)
-    except Exception:  # noqa: BLE001 - the other checks report a failing pass
+    if not _watched_pass(adapter, prepared.raw,
+                         lambda m: isinstance(m, nn.Linear) and m.out_features == logits.shape[1],
+                         lambda name, out: outputs.setdefault(name, out.detach())):
         return []
-    finally:
-        for h in handles:
-            h.remove()
     return [n for n, out in outputs.items()
             if out.shape == logits.shape and not _differ(out.to(logits.dtype), logits, eps)]
 

@@ -23,7 +23,6 @@ Two-modality models that declare ``encode_modality``/``fuse_encodings`` do not n
 """
 from __future__ import annotations
 
-import hashlib
 import weakref
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -31,6 +30,8 @@ from typing import Mapping, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+
+from ..adapter import module_settings
 
 __all__ = ["Factorization", "FactorizationError", "reject_factorization", "trace_factorization"]
 
@@ -69,11 +70,12 @@ class Factorization:
     #: the settings the trace baked in as constants (``model.temperature = 2.0``)
     state: tuple = ()
 
-    def is_current(self, model: nn.Module) -> bool:
+    def is_current(self, model: nn.Module, state: tuple | None = None) -> bool:
         """Whether every attribute the split read is still the model's own tensor, and every
-        submodule and setting still what it was when it was traced."""
+        submodule and setting still what it was when it was traced (``state``: the model's
+        ``_model_state`` now, when the caller has it)."""
         return (all(_attribute(model, name) is value for name, value in self.attributes)
-                and _model_state(model) == self.state)
+                and (_model_state(model) if state is None else state) == self.state)
 
     @property
     def note(self) -> str:
@@ -125,11 +127,10 @@ def trace_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: 
     # traced once; again when the model's tensors were replaced since (model.half(), .to(...))
     # or a submodule or setting changed (model.head = nn.Linear(...)): a split, a failure to
     # trace and a rejection alike hold for the model as it was
-    stale = (found is not None and not found.is_current(model) if isinstance(found, Factorization)
-             else found is not None and found.state is not None
-             and found.state != _model_state(model))
+    state = _model_state(model)
+    stale = (not found.is_current(model, state) if isinstance(found, Factorization)
+             else found is not None and found.state is not None and found.state != state)
     if found is None or stale:
-        state = _model_state(model)
         try:
             found = _trace(model, *key)
             found.state = state
@@ -157,18 +158,8 @@ def _model_state(model: nn.Module) -> tuple:
     at each name, and each module's settings that are numbers, flags, texts or tuples of them
     (the trace bakes them into the graph as constants; a long text by its hash). A model that
     counts its calls in an integer is traced again at each call: slower, never stale."""
-    def setting(v) -> str | None:
-        if isinstance(v, str) and len(v) > 256:
-            return "sha256:" + hashlib.sha256(v.encode("utf-8", "replace")).hexdigest()
-        if isinstance(v, (bool, int, float, str)) or (
-                isinstance(v, tuple) and len(v) <= 64
-                and all(isinstance(x, (bool, int, float, str)) for x in v)):
-            return repr(v)
-        return None
-    return tuple((name, id(module), tuple(sorted(
-        (k, s) for k, v in vars(module).items()
-        if not k.startswith("_") and k != "training" and (s := setting(v)) is not None)))
-        for name, module in model.named_modules())
+    return tuple((name, id(module), tuple(module_settings(module, integers=True)))
+                 for name, module in model.named_modules())
 
 
 def _key(names: Sequence[str], keyword_inputs: bool, side: str | None) -> tuple:
