@@ -13,13 +13,19 @@ image map is pooled to R >= 0 per pixel and scored against the shape's pixels (t
   of the explained answer (deletion lower is better, insertion higher is better);
 * deletion AOPC: the mean fall of that probability along the deletion curve (higher is better);
 
-beside a random map (uniform noise per pixel; a random patch order). Writes
+beside two controls that do not look at the model: a random map (uniform noise per pixel; a
+random patch order) and an input-only map (each pixel's squared distance from the white baseline,
+summed over channels; patches in the order of its sums). The ground truth is "the pixels that
+differ from the background", so the input-only map localises the shape almost perfectly: relevance
+mass and rank measure how well a map *finds the shape*, and a method beats the input-only control
+there only by ignoring the background more completely. Deletion and insertion are the columns that
+say whether the model relied on what the map ranks first. Writes
 
     {"n": ..., "methods": {NAME: {"relevance_mass", "relevance_rank", "deletion_auc",
-     "insertion_auc", ...}}, "random": {...}, ...}
+     "insertion_auc", ...}}, "random": {...}, "input_only": {...}, ...}
 
 to --out (default benchmarks/results/faithfulness.json). Criterion: the best method's mean
-relevance mass is at least 0.7.
+relevance mass is at least 0.7 (the JSON also records whether it beats the input-only control).
 
     python benchmarks/faithfulness.py --n 500
 """
@@ -49,6 +55,19 @@ METRICS = ("relevance_mass", "relevance_rank", "deletion_auc", "insertion_auc", 
 def score_map(heatmap, gt, pooling: str) -> tuple[float, float]:
     r = pixel_relevance(heatmap, pooling)
     return relevance_mass(r, gt), relevance_rank(r, gt)
+
+
+def input_only_map(prepared) -> np.ndarray:
+    """[H, W]: each pixel's squared distance from the image's baseline, summed over channels."""
+    x, b = prepared.continuous["image"], prepared.baseline["image"]
+    return ((x - b) ** 2).sum(0).double().cpu().numpy()
+
+
+def unit_sums(prepared, pixel_map: np.ndarray) -> np.ndarray:
+    """[n_units]: a per-pixel map summed over each image unit (patch)."""
+    index = prepared.index["image"][0].reshape(-1).cpu().numpy()
+    return np.bincount(index, weights=pixel_map.reshape(-1),
+                       minlength=prepared.n_units["image"])
 
 
 def summarise(rows: list[dict], kinds: list[str]) -> dict:
@@ -96,6 +115,7 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(args.seed)
     rows = {m: [] for m in args.methods}
     rows["random"] = []
+    rows["input_only"] = []
     seconds = {m: 0.0 for m in args.methods}
     kinds, correct, shares = [], [], []
     for k, i in enumerate(indices):
@@ -124,6 +144,13 @@ def main(argv=None) -> dict:
                                "insertion_auc": ins, "deletion_aopc": aopc(curve),
                                "relevance_mass_abs": mass,
                                "relevance_rank_abs": rank})
+        ink = input_only_map(p)
+        mass, rank = score_map(ink, gt, POOLING)
+        d, ins, curve, _ = deletion_insertion(adapter, p, "image", unit_sums(p, ink), c)
+        rows["input_only"].append({"relevance_mass": mass, "relevance_rank": rank,
+                                   "deletion_auc": d, "insertion_auc": ins,
+                                   "deletion_aopc": aopc(curve), "relevance_mass_abs": mass,
+                                   "relevance_rank_abs": rank})
         if (k + 1) % 25 == 0 or k + 1 == len(indices):
             print(f"{k + 1}/{len(indices)} questions, {time.perf_counter() - t_start:.0f} s",
                   flush=True)
@@ -150,6 +177,9 @@ def main(argv=None) -> dict:
                               "the deletion curve's 65 points",
         "methods": methods,
         "random": summarise(rows["random"], kinds),
+        "input_only": summarise(rows["input_only"], kinds),
+        "input_only_map": "each pixel's squared distance from the white baseline, summed over "
+                          "channels (no model); its patch sums order deletion and insertion",
         "best_method": best,
         "best_relevance_mass": methods[best]["relevance_mass"],
         "criterion": {"best_relevance_mass_min": MASS_MIN,
@@ -158,9 +188,11 @@ def main(argv=None) -> dict:
         "seconds": time.perf_counter() - t_start,
         "environment": environment(),
     }
+    ink_mass = result["input_only"]["relevance_mass"]
+    result["criterion"]["best_beats_input_only"] = methods[best]["relevance_mass"] > ink_mass
     path = write_json(args.out, result)
-    for m in list(methods) + ["random"]:
-        s = methods.get(m) or result["random"]
+    for m in list(methods) + ["random", "input_only"]:
+        s = methods.get(m) or result[m]
         print(f"{m:22s} mass {s['relevance_mass']:.3f}  rank {s['relevance_rank']:.3f}  "
               f"deletion {s['deletion_auc']:.3f}  insertion {s['insertion_auc']:.3f}  "
               f"AOPC {s['deletion_aopc']:.3f}")
