@@ -282,6 +282,33 @@ def module_settings(module: nn.Module, integers: bool) -> list[tuple[str, str]]:
     return sorted(out)
 
 
+def binary_logits(z: torch.Tensor) -> torch.Tensor:
+    """[B, 2]: a binary model's one logit z [B, 1] as the two classes' logits [-z/2, z/2], whose
+    softmax is [1 - sigmoid(z), sigmoid(z)] and whose difference is z."""
+    half = z / 2
+    return torch.cat([-half, half], 1)
+
+
+def _named_in_another_order(model: nn.Module, names: Sequence[str]) -> bool:
+    """Whether forward()'s leading arguments (by position or keyword) are the modalities' names
+    in another order than the adapter's: the model must then take them by keyword."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    lead = params[:len(names)]
+    if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in lead):
+        return False
+    order = [p.name for p in lead]
+    if sorted(order) != sorted(names) or order == list(names):
+        return False
+    if any(p.kind == p.POSITIONAL_ONLY for p in lead):
+        raise AdapterError(
+            f"The model's forward() takes {order} by position only, but the modalities are "
+            f"listed as {list(names)}: list them in forward()'s order.")
+    return True
+
+
 class ModelAdapter:
     """Wraps a model that takes one input per modality (in order) and returns [B, C] logits.
 
@@ -298,7 +325,9 @@ class ModelAdapter:
         must be one vector per token [B, T, ...]. The layer may be called more than once in
         forward() and shared by several text modalities: the continuous input of a modality
         replaces the layer's output only on the calls that receive that modality's token ids.
-    keyword_inputs: call model(**{name: tensor}) instead of model(*tensors).
+    keyword_inputs: call model(**{name: tensor}) instead of model(*tensors). Set by itself
+        when forward()'s first arguments are the modalities' names in another order than
+        ``modalities`` lists them (each input then goes to the argument of its name).
     """
 
     def __init__(self, model: nn.Module, modalities: Sequence[Modality],
@@ -324,7 +353,9 @@ class ModelAdapter:
         self.class_names = [str(c) for c in class_names]
         if not self.class_names:
             raise AdapterError("class_names is empty: give one name per output logit.")
-        self.keyword_inputs = keyword_inputs
+        # forward(image, question) with the modalities listed [question, image]: by position
+        # the model would take each input as the other (silently, when the shapes allow it)
+        self.keyword_inputs = keyword_inputs or _named_in_another_order(model, names)
         self.name = name or type(model).__name__
         #: whether the decision layer was chosen by default (``check`` then says which layer
         #: computes the logits when the default does not)
@@ -338,6 +369,8 @@ class ModelAdapter:
             # registration order need not be the order of use (a classifier defined before the
             # fusion): the last with one output per class is the likelier decision layer
             heads = [m for m in linears if m.out_features == len(self.class_names)]
+            if not heads and len(self.class_names) == 2:     # a binary model's one logit
+                heads = [m for m in linears if m.out_features == 1]
             decision_layer = (heads or linears)[-1]
         self.decision_layer = _resolve_module(model, decision_layer, "decision layer")
         self.embedding_layers: dict[str, nn.Module] = {}
@@ -692,6 +725,8 @@ class ModelAdapter:
         c = self.n_classes
         if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape == (b, c):
             return out
+        if c == 2 and isinstance(out, torch.Tensor) and out.shape in ((b,), (b, 1)):
+            return binary_logits(out.reshape(b, 1))
         wrap = ("Wrap the model: class Logits(nn.Module): __init__(self, m) sets self.m = m; "
                 "forward(self, *x) returns self.m(*x){}; and pass ModelAdapter(Logits(model), ...).")
         if isinstance(out, Mapping):
@@ -711,18 +746,19 @@ class ModelAdapter:
         if out.dim() == 1 and out.shape[0] == b:
             raise AdapterError(
                 f"The model returned shape {shape}: one score per instance, where the adapter "
-                f"needs 2-D logits [batch, classes] with classes = len(class_names) = {c}. For a "
-                "binary model returning one logit z, return torch.stack([-z, z], 1) with "
-                "class_names=[negative, positive], or give class_names of length 1.",
+                f"needs 2-D logits [batch, classes] with classes = len(class_names) = {c}. A "
+                "binary model returning one logit z takes class_names=[negative, positive] (z "
+                "is read as the two logits [-z/2, z/2]); a single score (a regression) takes "
+                "one class name.",
                 code="output-shape")
         if out.dim() != 2 or out.shape[0] != b:
             raise AdapterError(
                 f"The model returned shape {shape} for a batch of {b}; it must return 2-D logits "
                 f"[batch, classes] = [{b}, {c}] (classes = len(class_names)).",
                 code="output-shape")
-        hint = (" For a binary model returning one logit z ([batch, 1]), return "
-                "torch.cat([-z, z], 1) or give class_names of length 1."
-                if out.shape[1] == 1 else "")
+        hint = (" A binary model returning one logit z ([batch, 1]) takes "
+                "class_names=[negative, positive] (z is read as the two logits [-z/2, z/2]); a "
+                "single score (a regression) takes one class name." if out.shape[1] == 1 else "")
         raise AdapterError(
             f"The model returns {out.shape[1]} logits (shape {shape}) but class_names has {c} "
             f"names; it must return [batch, classes] with classes = len(class_names): give one "
@@ -975,4 +1011,6 @@ class ModelAdapter:
         w = host_array(layer.weight)
         b = (host_array(layer.bias) if layer.bias is not None
              else np.zeros(w.shape[0], dtype=w.dtype))
+        if w.shape[0] == 1 and self.n_classes == 2:   # one logit z: the classes' -z/2 and z/2
+            return np.concatenate([-w, w]) / 2, np.concatenate([-b, b]) / 2
         return w, b

@@ -383,7 +383,7 @@ def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls
     layer = adapter.decision_layer
     if feats is not None and isinstance(layer, nn.Linear):
         logits, h = feats
-        if layer.out_features != logits.shape[1]:
+        if layer.out_features not in _logit_widths(logits):
             report.add("error", "decision-not-logits",
                        f"The decision layer ({name}, {layer.in_features} -> "
                        f"{layer.out_features}) does not compute the {logits.shape[1]} logits: "
@@ -393,7 +393,7 @@ def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls
                        f"shown are then its inputs).", ("prediction",))
         else:
             with torch.no_grad():
-                again = layer(h.to(layer.weight.dtype))
+                again = adapter.as_logits(layer(h.to(layer.weight.dtype)), logits.shape[0])
             mismatch = _differ(again.to(logits.dtype), logits, eps)
             # chosen by default (the last Linear with one output per class): another layer of
             # that width may be the one whose output is the logits
@@ -424,11 +424,23 @@ def _logit_layers(adapter: ModelAdapter, prepared, logits: torch.Tensor, eps: fl
     """The names of the model's nn.Linear layers whose output in one pass is the logits."""
     outputs: dict[str, torch.Tensor] = {}
     if not _watched_pass(adapter, prepared.raw,
-                         lambda m: isinstance(m, nn.Linear) and m.out_features == logits.shape[1],
+                         lambda m: (isinstance(m, nn.Linear)
+                                    and m.out_features in _logit_widths(logits)),
                          lambda name, out: outputs.setdefault(name, out.detach())):
         return []
-    return [n for n, out in outputs.items()
-            if out.shape == logits.shape and not _differ(out.to(logits.dtype), logits, eps)]
+    found = []
+    for n, out in outputs.items():
+        if out.dim() == 2 and out.shape[0] == logits.shape[0]:
+            out = adapter.as_logits(out, logits.shape[0])
+            if not _differ(out.to(logits.dtype), logits, eps):
+                found.append(n)
+    return found
+
+
+def _logit_widths(logits: torch.Tensor) -> tuple[int, ...]:
+    """The output widths of a layer that computes these logits: one per class, or one logit
+    for a binary model (read as [-z/2, z/2], ``adapter.binary_logits``)."""
+    return (2, 1) if logits.shape[1] == 2 else (logits.shape[1],)
 
 
 def _check_gradients(adapter: ModelAdapter, prepared, report: Report, target: int) -> None:

@@ -491,9 +491,9 @@ def outputs_adapter(kind="plain", n=2, names=("n", "y"), **kw):
 
 
 @pytest.mark.parametrize("kind, n, names, match", [
-    ("B", 1, ("n", "y"), r"shape \(\d+,\): one score per instance.*classes = len\(class_names\) = "
-                         r"2.*torch.stack\(\[-z, z\], 1\).*class_names of length 1"),
-    ("plain", 1, ("n", "y"), r"returns 1 logits.*class_names has 2 names.*torch.cat\(\[-z, z\], 1\)"),
+    ("B", 1, ("n", "y", "z"), r"shape \(\d+,\): one score per instance.*classes = "
+                              r"len\(class_names\) = 3.*binary model.*\[negative, positive\]"),
+    ("plain", 1, ("n", "y", "z"), r"returns 1 logits.*class_names has 3 names.*binary model"),
     ("plain", 3, ("n", "y"), r"returns 3 logits.*class_names has 2 names.*classes = len\(class_names\)"),
     ("dict", 2, ("n", "y"), r"returned a dict \(keys \['logits'\]\).*self.m\(\*x\)\['logits'\]"),
     ("hf", 2, ("n", "y"), r"returned Out.*returns self.m\(\*x\).logits"),
@@ -512,6 +512,58 @@ def test_one_score_per_instance_with_one_class_name_is_one_logit():
     p = a.prepare(drop_norm_instance())
     assert a.predict(p.raw).shape == (1, 1)
     attribute(a, p, "occlusion", target=0)
+
+
+@pytest.mark.parametrize("kind", ["B", "plain"])
+def test_a_binary_model_with_one_logit_is_read_as_two_classes(kind):
+    """One logit z with class_names=[negative, positive]: the logits [-z/2, z/2] (softmax =
+    [1 - sigmoid(z), sigmoid(z)]), the decision layer's one row as the two classes' rows, and
+    every stage that needs two outputs (the EMAP gap, the doctor's decision-layer check)."""
+    from multiviz_widgets import check
+    from multiviz_widgets.kernels.representations import decision_contributions
+    from multiviz_widgets.kernels.unimodal import attribute
+    model = Outputs(kind, 1).eval()
+    a = ModelAdapter(model, [Tabular("tabular", columns=list("abcd")),
+                             TimeSeries("series", window=4, channels=["x", "y"])], ["no", "yes"])
+    assert a.decision_layer is model.head
+    p = a.prepare(drop_norm_instance())
+    z = model(*p.raw.values()).reshape(-1)
+    logits = a.predict(p.raw)
+    assert logits.shape == (1, 2)
+    assert torch.allclose(logits, torch.stack([-z / 2, z / 2], 1))
+    assert torch.allclose(logits.softmax(1)[:, 1], torch.sigmoid(z))
+    pos, neg = (attribute(a, p, "gradient", target=c) for c in (1, 0))
+    assert np.allclose(pos.scores["tabular"], -neg.scores["tabular"])
+    w, b = a.decision_weights()
+    assert w.shape == (2, 4) and np.allclose(w[1], model.head.weight.detach().numpy()[0] / 2)
+    got = decision_contributions(a, p, 1)
+    assert np.isclose(got.contributions.sum() + got.bias, float(z[0]) / 2, atol=1e-6)
+    report = check(a, drop_norm_instance())
+    assert not [f for f in report.findings if f.code == "decision-not-logits"], str(report)
+
+
+def test_modalities_listed_in_another_order_than_forward_reach_their_own_arguments():
+    """forward(tabular, series) with the modalities listed [series, tabular]: each input goes
+    to the argument of its name (by position the model would take one for the other)."""
+    from multiviz_widgets.kernels.unimodal import attribute
+    model = Outputs("plain", 2).eval()
+    mods = [Tabular("tabular", columns=list("abcd")),
+            TimeSeries("series", window=4, channels=["x", "y"])]
+    right = ModelAdapter(model, mods, ["n", "y"])
+    swapped = ModelAdapter(model, mods[::-1], ["n", "y"])
+    assert swapped.keyword_inputs and not right.keyword_inputs
+    inst = drop_norm_instance()
+    p, q = right.prepare(inst), swapped.prepare(inst)
+    assert torch.equal(right.predict(p.raw), swapped.predict(q.raw))
+    r1, r2 = (attribute(x, y, "occlusion", target=1) for x, y in ((right, p), (swapped, q)))
+    for n in ("tabular", "series"):
+        assert np.allclose(r1.scores[n], r2.scores[n])
+
+    class PositionalOnly(nn.Module):
+        def forward(self, tabular, series, /):
+            return model(tabular, series)
+    with pytest.raises(AdapterError, match=r"by position only.*list them in forward\(\)'s order"):
+        ModelAdapter(PositionalOnly(), mods[::-1], ["n", "y"])
 
 
 def test_a_decision_layer_called_twice_or_on_tokens_is_an_error_for_neurons():

@@ -72,8 +72,10 @@ class DetachedEmbedding(Healthy):
 
 
 class WrongOrder(Healthy):
-    def forward(self, question, image):
-        return super().forward(image, question)
+    """Arguments in another order than the modalities, under other names (with the modalities'
+    names the adapter passes them by keyword: see test_adapter)."""
+    def forward(self, q, img):
+        return super().forward(img, q)
 
 
 class ReturnsDict(Healthy):
@@ -352,8 +354,10 @@ def test_check_reports_an_embedding_module_that_cannot_embed_the_ids():
 
 def test_outputs_of_one_score_per_instance_are_reported_with_the_fix():
     from tests.test_adapter import outputs_adapter
-    r = check(outputs_adapter("B", 1), {"tabular": torch.rand(4), "series": torch.rand(8, 2)})
-    assert "output-shape" in r.codes() and "torch.stack([-z, z], 1)" in str(r), str(r)
+    instance = {"tabular": torch.rand(4), "series": torch.rand(8, 2)}
+    r = check(outputs_adapter("B", 1, ("n", "y", "z")), instance)
+    assert "output-shape" in r.codes() and "class_names=[negative, positive]" in str(r), str(r)
+    assert check(outputs_adapter("B", 1), instance).ok      # binary: one logit, two names
 
 
 def test_a_model_that_fails_at_its_baseline_is_still_checked_for_the_rest():

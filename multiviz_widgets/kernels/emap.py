@@ -420,8 +420,9 @@ def _needs_two_outputs(k: int, names: Sequence[str], what: str) -> None:
     if k < 2:
         raise ValueError(
             f"{what} compares predicted classes (the argmax of the logits), but the model has one "
-            f"output ({list(names)}), whose argmax is always 0. For a binary model returning one "
-            "logit z, return torch.stack([-z, z], 1) with class_names=[negative, positive].")
+            f"output ({list(names)}), whose argmax is always 0. A binary model returning one "
+            "logit z takes class_names=[negative, positive]: its logit is then read as two "
+            "classes' logits.")
 
 
 def _margin(v: np.ndarray, c: int) -> float:

@@ -144,8 +144,8 @@ def deletion_insertion(adapter: ModelAdapter, prepared: Prepared, modality: str,
         raise ValueError(
             f"deletion_insertion follows the class's softmax probability, but the model has one "
             f"output ({list(adapter.class_names)}), whose softmax is always 1: both curves "
-            f"would be flat. For a binary model returning one logit z, return "
-            f"torch.stack([-z, z], 1) with class_names=[negative, positive].")
+            f"would be flat. A binary model returning one logit z takes "
+            f"class_names=[negative, positive]: its logit is then read as two classes' logits.")
     masks = torch.cat([deletion_masks(scores), insertion_masks(scores)])
     if masks.shape[1] != prepared.n_units[modality]:
         raise ValueError(f"{len(np.ravel(scores))} scores given for {prepared.n_units[modality]} "
