@@ -345,3 +345,51 @@ def test_second_order_with_a_side_of_many_units_sums_them_by_index_and_is_exact(
     rep = interaction(adapter, p, "second_order", target=1, mode="replicate")
     assert vm.matrix.shape == (64, 64) and np.abs(vm.matrix).max() > 0
     np.testing.assert_allclose(vm.matrix, rep.matrix, rtol=1e-5, atol=1e-9)
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """An embedding outside torch.nn (as transformers' scaled word embeddings): torch.fx would
+    trace through it, and the adapter's hook on it would never fire in a traced split."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_dime_traced_split_calls_a_custom_embedding_module_whole(wrapped):
+    from multiviz_widgets import MultimodalDataset, Tabular, Text
+    from multiviz_widgets.kernels.dime import dime
+    vocab = ["[PAD]", "[UNK]", "a", "b", "c", "d", "e"]
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            emb = _ScaledEmbedding(len(vocab), 4)
+            self.emb = nn.Sequential(emb) if wrapped else emb
+            self.tab, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, tabular, text):
+            return self.head(torch.tanh(self.tab(tabular) * self.emb(text).mean(1)))
+
+    m = Model().eval()
+    a = ModelAdapter(m, [Tabular("tabular", columns=["x", "y", "z"]), Text("text", vocab=vocab)],
+                     ["n", "p"], embedding_layers={"text": m.emb})
+    rng = np.random.default_rng(0)
+    ds = MultimodalDataset({"tabular": list(rng.standard_normal((6, 3)).astype(np.float32)),
+                            "text": ["a b c", "d e a", "b b c", "e d c", "a a a", "c d e"]})
+    split, plain = (dime(a, ds, 0, n_samples=20, factorized=f) for f in (None, False))
+    assert split.params["factorization"] == "traced"
+    for n in ("tabular", "text"):
+        assert np.allclose(split.uc[n], plain.uc[n], atol=1e-9)
+        assert np.allclose(split.mi[n], plain.mi[n], atol=1e-9)
+
+
+def test_an_interaction_parameter_the_method_does_not_take_is_named_with_those_it_takes():
+    a = ModelAdapter(QuestionTab().eval(), [Text("question", vocab=VOCAB),
+                                            Tabular("tabular", columns=["x", "y"])], ["n", "y"])
+    inst = {"question": "what red circle", "tabular": np.ones(2, np.float32)}
+    with pytest.raises(ValueError, match=r"'pairwise_ablation' got unknown parameters \['phi'\]; "
+                                         r"it takes \['batch_size'\]"):
+        interaction(a, inst, "pairwise_ablation", phi="abs")
+    assert interaction(a, inst, "second_order", phi="abs").params["phi"] == "abs"

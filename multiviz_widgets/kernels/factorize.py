@@ -111,17 +111,21 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary
 
 
 def trace_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: bool = False,
-                        side: str | None = None) -> Factorization:
+                        side: str | None = None, keep_whole: Sequence[nn.Module] = ()
+                        ) -> Factorization:
     """The model's traced split between modality ``side`` (default: the first of two) and the
     other modalities. names: the model's arguments, in order (matched by name when
-    ``keyword_inputs``). Cached per model, and traced again when the tensors it read were
+    ``keyword_inputs``). keep_whole: submodules called as one operation, not traced through
+    (the adapter's embedding layers and decision layer, whose hooks put continuous inputs in and
+    read the decision-level features: a hook fires only where the module itself is called, and
+    torch.fx traces through any module outside torch.nn). Cached per model, and traced again when the tensors it read were
     replaced (``model.half()``) or a submodule or a number, flag or text setting changed
     (``_model_state``); a failure to trace or a rejection is retried then too. Raises
     FactorizationError with the reason.
     torch.fx patches ``nn.Module.__call__`` while it traces, so no other thread may run a
     forward pass meanwhile: call it through ``ModelAdapter.run``, which holds the lock that the
     adapter's forward passes take."""
-    key = _key(names, keyword_inputs, side)
+    key = _key(names, keyword_inputs, side) + (_qualified_names(model, keep_whole),)
     per_model = _CACHE.setdefault(model, {})
     found = per_model.get(key)
     # traced once; again when the model's tensors were replaced since (model.half(), .to(...))
@@ -143,14 +147,23 @@ def trace_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: 
     return found
 
 
+def _qualified_names(model: nn.Module, modules: Sequence[nn.Module]) -> tuple[str, ...]:
+    """The names (as the tracer sees them, under the adapter's call) of those submodules."""
+    wanted = {id(m) for m in modules}
+    return tuple(sorted("model." + name for name, m in model.named_modules()
+                        if id(m) in wanted and name))
+
+
 def reject_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: bool,
-                         side: str | None, reason: str) -> None:
+                         side: str | None, reason: str, keep_whole: Sequence[nn.Module] = ()
+                         ) -> None:
     """Remember that the model's traced split gave different numbers from its forward pass, so
     that later calls skip it (``trace_factorization`` then raises with ``reason``) until a
     submodule or setting of the model changes."""
     error = FactorizationError(f"its traced split was rejected earlier: {reason}")
     error.state = _model_state(model)
-    _CACHE.setdefault(model, {})[_key(names, keyword_inputs, side)] = error
+    key = _key(names, keyword_inputs, side) + (_qualified_names(model, keep_whole),)
+    _CACHE.setdefault(model, {})[key] = error
 
 
 def _model_state(model: nn.Module) -> tuple:
@@ -173,11 +186,11 @@ def _key(names: Sequence[str], keyword_inputs: bool, side: str | None) -> tuple:
     return names, bool(keyword_inputs), side
 
 
-def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side: str
-           ) -> Factorization:
+def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side: str,
+           keep_whole: tuple[str, ...] = ()) -> Factorization:
     if len(names) < 2:
         raise FactorizationError(f"a split needs two or more modalities, the adapter has {list(names)}")
-    root, graph, modality_of, opaque = _trace_graph(model, names, keyword_inputs)
+    root, graph, modality_of, opaque = _trace_graph(model, names, keyword_inputs, keep_whole)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
 
     # which of the two groups (side, others) each value depends on
@@ -246,8 +259,8 @@ class _AsTheAdapterCalls(nn.Module):
         return self.model(*(inputs[m] for m in self.names))
 
 
-def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool
-                 ) -> tuple[nn.Module, fx.Graph, dict, dict]:
+def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool,
+                 keep_whole: tuple[str, ...] = ()) -> tuple[nn.Module, fx.Graph, dict, dict]:
     """(the model as the adapter calls it, its fx graph, {input node: modality}, {submodule kept
     whole: why it could not be traced})."""
     root = _AsTheAdapterCalls(model, names, keyword_inputs)
@@ -257,7 +270,7 @@ def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool
     # submodule is found by tracing again, up to MAX_OPAQUE_MODULES of them.
     opaque: dict[str, str] = {}
     while True:
-        tracer = _Tracer(set(opaque))
+        tracer = _Tracer(set(opaque) | set(keep_whole))
         try:
             graph = _restoring_attributes(model, lambda: tracer.trace(
                 root, concrete_args={"inputs": {m: fx.PH for m in names}}))

@@ -25,6 +25,7 @@ Dataset-level measures live beside this module and are re-exported here: ``emap`
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -522,6 +523,13 @@ INTERACTION_METHODS: dict[str, Callable] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _method_params(method: str) -> list[str]:
+    """The parameters an interaction method takes besides those ``interaction`` passes."""
+    return [n for n in inspect.signature(INTERACTION_METHODS[method]).parameters
+            if n not in ("adapter", "prepared", "a", "b", "target", "progress")]
+
+
 def interaction(adapter: ModelAdapter, instance, method: str = "second_order", modalities=None,
                 target=None, progress: ProgressFn = None, **params) -> Interaction:
     """The unit x unit interaction matrix between modalities (a, b) of one instance.
@@ -536,6 +544,11 @@ def interaction(adapter: ModelAdapter, instance, method: str = "second_order", m
     if not isinstance(method, str) or method not in INTERACTION_METHODS:
         raise ValueError(f"Unknown interaction method {method!r}; choose one of "
                          f"{list(INTERACTION_METHODS)}.")
+    known = _method_params(method)
+    unknown = [k for k in params if k not in known]
+    if unknown:
+        raise ValueError(f"interaction method {method!r} got unknown parameters {unknown}; it "
+                         f"takes {known}.")
     a, b = modality_pair(adapter, modalities)
     with Stopwatch() as sw:
         prepared = as_prepared(adapter, instance)

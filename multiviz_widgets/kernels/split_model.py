@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
+from torch import nn
 
 from ..adapter import (AdapterError, ModelAdapter, ModelInputError, check_inputs_kept,
                        input_versions)
@@ -82,8 +83,17 @@ def with_split(adapter: ModelAdapter, factorized, side: str, build: Callable[[Sp
         # forward passes explain the model instead), when it was not asked for by name
         if factorized is not None or split.kind == "declared":
             raise
-        reject_factorization(adapter.model, adapter.names, adapter.keyword_inputs, side, str(e))
+        reject_factorization(adapter.model, adapter.names, adapter.keyword_inputs, side, str(e),
+                             hooked_modules(adapter))
         return None, "none", f"traced split rejected: {e}"
+    except AdapterError as e:
+        # a traced split in which a module the adapter hooks was not called as it is (the hook
+        # that puts a modality's continuous input in never fired): the forward passes explain
+        # the model instead
+        if (factorized is not None or split.kind == "declared"
+                or getattr(e, "code", None) != "embedding-substitution"):
+            raise
+        return None, "none", f"traced split not used: {e}"
     except RuntimeError as e:
         # a traced split that fails where the forward pass may not (e.g. a tensor of the model
         # that the trace could not follow): the forward passes explain the model this time,
@@ -93,6 +103,12 @@ def with_split(adapter: ModelAdapter, factorized, side: str, build: Callable[[Sp
                 or isinstance(e, (torch.OutOfMemoryError, ModelInputError))):
             raise
         return None, "none", f"traced split not used this time: {type(e).__name__}: {e}"
+
+
+def hooked_modules(adapter: ModelAdapter) -> list[nn.Module]:
+    """The modules whose hooks the adapter uses (embedding layers, the decision layer): a traced
+    split calls them whole."""
+    return [*adapter.embedding_layers.values(), adapter.decision_layer]
 
 
 def model_split(adapter: ModelAdapter, factorized, side: str) -> tuple[Split | None, str]:
@@ -112,7 +128,8 @@ def model_split(adapter: ModelAdapter, factorized, side: str) -> tuple[Split | N
                      lambda raw: (model.encode_modality(a, raw[a]), model.encode_modality(b, raw[b])),
                      (True, False), lambda rows: model.fuse_encodings({a: rows[0], b: rows[1]})), ""
     try:
-        f = adapter.run(lambda: trace_factorization(model, names, adapter.keyword_inputs, side))
+        f = adapter.run(lambda: trace_factorization(model, names, adapter.keyword_inputs, side,
+                                                    hooked_modules(adapter)))
     except FactorizationError as e:
         if factorized is None:
             return None, f"not traced: {e}"
