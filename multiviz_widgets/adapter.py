@@ -710,7 +710,21 @@ class ModelAdapter:
         Cost: one forward pass of B instances. Gradients flow when the inputs require them.
         """
         args = self.model_inputs(raw, continuous)
-        result = self.run(lambda: self._call_model(args), continuous, features, inputs=args)
+        perturbed = tuple(continuous or ())
+        try:
+            result = self.run(lambda: self._call_model(args, perturbed), continuous, features,
+                              inputs=args)
+        except ModelInputError as e:
+            if not perturbed or getattr(self, "_last_shapes", None):
+                raise
+            # the model's first call, on inputs a method built: were the shapes or the values
+            # refused? The instance's own inputs tell (and set the shapes the message compares)
+            try:
+                self.forward(raw)
+            except Exception:  # noqa: BLE001 -- the first error says more
+                raise e from e.__cause__
+            raise ModelInputError(self._model_error_message(args, e.__cause__, perturbed)
+                                  ) from e.__cause__
         out = self.as_logits(result[0] if features else result, next(iter(args.values())).shape[0])
         return (out, result[1]) if features else out
 
@@ -764,7 +778,7 @@ class ModelAdapter:
             f"names; it must return [batch, classes] with classes = len(class_names): give one "
             f"name per logit.{hint}", code="class-count")
 
-    def _call_model(self, args: Mapping[str, torch.Tensor]):
+    def _call_model(self, args: Mapping[str, torch.Tensor], perturbed: Sequence[str] = ()):
         """model(*args) (or model(**args)); an error the model raises on these inputs comes out
         as a ModelInputError naming the modalities and their shapes (the original chained), and
         a model that changes its inputs in place gets an AdapterError (``check_inputs_kept``)."""
@@ -776,12 +790,15 @@ class ModelAdapter:
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
-            raise ModelInputError(self._model_error_message(args, e)) from e
+            raise ModelInputError(self._model_error_message(args, e, perturbed)) from e
         check_inputs_kept(args, versions)
         self._last_shapes = {n: tuple(v.shape[1:]) for n, v in args.items()}
         return out
 
-    def _model_error_message(self, args: Mapping[str, torch.Tensor], error: Exception) -> str:
+    def _model_error_message(self, args: Mapping[str, torch.Tensor], error: Exception,
+                             perturbed: Sequence[str] = ()) -> str:
+        """perturbed: the modalities whose inputs an explanation method built (masked units at
+        their baseline, points on a path from it), not the instance's own."""
         shapes = ", ".join(f"{n}: {tuple(v.shape)}" for n, v in args.items())
         text = str(error)
         head = f"The model raised {type(error).__name__} on the inputs of modalities ({shapes}): {text}."
@@ -801,6 +818,14 @@ class ModelAdapter:
         if named:
             hint = (f" The input of modality {named[0]!r} (shape {tuple(args[named[0]].shape)}) "
                     "appears in the error.")
+        elif perturbed and last and not changed:
+            # the shapes are those the model took before: the values are what it refuses
+            return (f"{head} These were not the instance's own inputs but those the explanation "
+                    f"method built from it for {', '.join(map(repr, perturbed))}: units set to "
+                    "the modality's baseline (occlusion, LIME, SHAP, ablation) or points on the "
+                    "path from the baseline (integrated gradients), in inputs of the shapes the "
+                    "model took before. Give that modality a baseline the model accepts (its "
+                    "baseline= argument), or make forward() accept such inputs.")
         elif changed:
             hint = " " + "; ".join(
                 f"Modality {n!r} has shape {tuple(args[n].shape[1:])} per instance, where the "

@@ -443,6 +443,42 @@ def _logit_widths(logits: torch.Tensor) -> tuple[int, ...]:
     return (2, 1) if logits.shape[1] == 2 else (logits.shape[1],)
 
 
+def _check_step_columns(adapter: ModelAdapter, prepared, report: Report, target: int, name: str,
+                        grad: torch.Tensor) -> None:
+    """A warning naming the columns of a table whose gradient is exactly zero although setting
+    them to the baseline changes the logit: a step inside forward() (an integer cast into an
+    embedding, a comparison, a rounding), where gradient methods score 0 what matters."""
+    index = prepared.index[name]
+    flat = torch.zeros(prepared.n_units[name], dtype=grad.dtype, device=grad.device)
+    flat.index_add_(0, index.reshape(-1), grad.abs().reshape(-1))
+    dead = [int(u) for u in torch.nonzero(flat == 0).reshape(-1)]
+    if not dead:
+        return
+    x, b = prepared.continuous[name], prepared.baseline[name]
+    rows = x.unsqueeze(0).repeat(len(dead), *([1] * x.dim()))
+    for r, u in enumerate(dead):
+        rows[r][index == u] = b[index == u]
+    try:
+        with torch.no_grad():
+            base = adapter.forward(prepared.raw)[0, target]
+            changed = adapter.forward(prepared.raw, {name: rows})[:, target]
+    except Exception:  # noqa: BLE001 -- the other checks report a model that fails
+        return
+    delta = (changed - base).abs()
+    tol = 1e-6 * max(1.0, float(base.abs()))
+    steps = [(prepared.labels[name][u], float(d)) for u, d in zip(dead, delta.tolist()) if d > tol]
+    if steps:
+        shown = ", ".join(f"{label!r} ({d:.3g})" for label, d in steps[:8])
+        report.add("warning", "step-columns",
+                   f"Columns of {name!r} have a gradient of exactly zero at this instance, yet "
+                   f"setting them to the baseline changes the logit (by): {shown}. forward() "
+                   "passes them through a step (an integer cast into an embedding, a "
+                   "comparison, a rounding), so gradient saliency, gradient x input, integrated "
+                   "gradients and second-order gradients score them 0: explain them with the "
+                   "perturbation methods (occlusion, LIME, KernelSHAP, pairwise ablation, "
+                   "Shapley).", _GRADIENT)
+
+
 def _check_gradients(adapter: ModelAdapter, prepared, report: Report, target: int) -> None:
     cont = {n: v.unsqueeze(0).clone().requires_grad_(True) for n, v in prepared.continuous.items()}
     try:
@@ -467,6 +503,8 @@ def _check_gradients(adapter: ModelAdapter, prepared, report: Report, target: in
                        "(round, argmax, a comparison, an integer cast), which no gradient method "
                        "can explain: use the perturbation methods (occlusion, LIME, SHAP, "
                        "ablation).", _GRADIENT)
+        elif g is not None and adapter.modalities[n].kind == "tabular":
+            _check_step_columns(adapter, prepared, report, target, n, g[0])
         elif g is None:
             where = ("its embedding layer's output" if n in adapter.embedding_layers
                      else "its input")

@@ -787,3 +787,27 @@ def test_a_text_longer_than_the_models_table_of_positions_says_so():
     with pytest.raises(ModelInputError, match="has 10 tokens, and the model.s table .pos. has 8 "
                                               "rows"):
         a.forward(a.prepare({"question": "a b a b a b a b a b"}).raw)
+
+
+def test_a_model_that_refuses_the_baseline_inputs_is_told_about_baselines_not_shapes():
+    from multiviz_widgets.kernels.unimodal import attribute
+
+    class RefusesZeros(Outputs):
+        def forward(self, tabular, series):
+            if bool((tabular == 0).all(1).any()):
+                raise ValueError("all-zero record not supported")
+            return super().forward(tabular, series)
+    a = ModelAdapter(RefusesZeros().eval(), [Tabular("tabular", columns=list("abcd")),
+                                             TimeSeries("series", window=4, channels=["x", "y"])],
+                     ["n", "y"])
+    p = a.prepare(drop_norm_instance())
+    for method in ("integrated_gradients", "kernel_shap"):
+        with pytest.raises(ModelInputError, match=r"all-zero record not supported.*not the "
+                                                  r"instance's own inputs.*'tabular'.*baseline=") as e:
+            attribute(a, p, method, target=0)
+        assert "order of the model's arguments" not in str(e.value)
+    ok = ModelAdapter(RefusesZeros().eval(), [Tabular("tabular", columns=list("abcd"),
+                                                      baseline=[1.0] * 4),
+                                              TimeSeries("series", window=4, channels=["x", "y"])],
+                      ["n", "y"])
+    assert attribute(ok, ok.prepare(drop_norm_instance()), "occlusion", target=0).scores

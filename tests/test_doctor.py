@@ -438,3 +438,31 @@ def test_a_default_decision_layer_that_is_not_the_classifier_is_an_error_naming_
     assert "Pass decision_layer='classifier'" in str(r)
     assert check(_tabular_series(GatedHead().eval(), decision_layer="classifier"),
                  TS_INSTANCE).ok
+
+
+def test_a_table_column_read_through_an_integer_cast_is_named_for_perturbation_methods():
+    """A categorical code looked up in an embedding (rec[:, 1].long()): its gradient is exactly
+    0, yet it changes the logit; the modality as a whole has a gradient, so only a per-column
+    check can tell."""
+    from multiviz_widgets import Tabular, TimeSeries
+
+    class Categorical(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.ward = nn.Embedding(5, 4)
+            self.age, self.series = nn.Linear(1, 4), nn.Linear(2, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, record, vitals):
+            r = torch.tanh(self.age(record[:, :1])) + self.ward(record[:, 1].long())
+            return self.head(r * torch.tanh(self.series(vitals.mean(1))))
+
+    a = ModelAdapter(Categorical().eval(), [Tabular("record", columns=["age", "ward"]),
+                                            TimeSeries("vitals", window=4, channels=["hr", "bp"])],
+                     ["home", "icu"])
+    r = check(a, {"record": torch.tensor([0.5, 3.0]), "vitals": torch.rand(8, 2)})
+    finding = next(f for f in r.findings if f.code == "step-columns")
+    assert finding.severity == "warning" and "'ward'" in finding.message
+    assert "'age'" not in finding.message and "occlusion" in finding.message
+    assert "step-columns" not in check(adapter(Healthy()), INSTANCE).codes()

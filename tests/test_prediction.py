@@ -144,7 +144,8 @@ def test_glm_saga_solver_runs_with_this_torch():
 
 def test_bad_inputs_get_clear_errors():
     h, y, _ = planted_features(n=200)
-    with pytest.raises(ValueError, match="single class"):
+    with pytest.raises(ValueError, match=r"model predicts one class \('0'\) for every training "
+                                         r"instance.*fit_to='labels'"):
         fit_sparse_model((h, np.zeros(200, dtype=int)))
     with pytest.raises(ValueError, match="alpha"):
         fit_sparse_model((h, y), alpha=0)
