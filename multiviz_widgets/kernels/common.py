@@ -14,8 +14,9 @@ from ..checks import is_integer, positive_int
 from ..progress import ProgressFn, report
 
 #: Default rows per forward pass for perturbation kernels. Small batches keep activations in
-#: the CPU caches: on the easy-VQA model a batch of 64-256 costs 0.075-0.085 ms per sample, a
-#: batch of 512 0.17 ms and 1024 0.24 ms (2 cores, torch 2.13).
+#: the CPU caches: on the easy-VQA model a batch of 64-256 costs about 0.08 ms per sample and
+#: a batch of 512 about 0.18 ms (2 cores, torch 2.13; ``floor_batch_scan_ms_per_sample`` in
+#: benchmarks/results/kernels.json).
 PERTURBATION_BATCH = 128
 
 

@@ -75,7 +75,7 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
     forwards, 2 U_r backwards) or "auto": on the CPU vmap, falling back to replicate for models
     whose operations vmap does not support (``params["vmap_error"]`` says why; the failed
     attempt's forward and backward are counted); on a GPU replicate (on an H100 the easy-VQA matrix
-    took 4.9 ms replicated against 6.6 ms vmapped, median of 20, ``kernels_gpu.json``: vmap runs
+    took 4.0 ms replicated against 5.4 ms vmapped, median of 20, ``kernels_gpu.json``: vmap runs
     the convolution backward one row at a time). Both are exact and need batch rows to be
     independent. A side the output does not depend on through a second derivative gives zeros
     (and fewer backwards).
