@@ -482,3 +482,10 @@ def test_the_path_ranks_neurons_by_their_size_and_skips_those_that_contribute_no
         odd = prediction_path(adapter, inst, target=0, interaction_method=None,
                               sparse_model=sparse([1.0, -2.0, 0.5], [np.nan, 0.0, 0.0]))
     assert [n.index for n in odd.neurons] == [1, 2, 0] and odd.note == ""
+
+
+def test_the_sparse_model_prints_as_one_line_not_its_matrices(fitted):
+    m = fitted[0]
+    text = repr(m)
+    assert text.startswith("SparseModel(") and "\n" not in text and len(text) < 300, text
+    assert f"{m.n_classes} classes x {m.d} features" in text and "test fidelity" in text
