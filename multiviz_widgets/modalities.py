@@ -613,6 +613,35 @@ def _char_class(keep: Callable[[str], bool]) -> str:
     return "".join(parts)
 
 
+#: common spellings of the padding and unknown tokens, most specific first
+_SPECIAL_SPELLINGS = {"pad_token": ("[PAD]", "<pad>", "<PAD>", "[pad]", "<|pad|>", "pad", "PAD"),
+                      "unk_token": ("[UNK]", "<unk>", "<UNK>", "[unk]", "<|unk|>", "unk", "UNK")}
+
+
+def _check_specials(vocab: Mapping[str, int], pad_token: str, unk_token: str) -> None:
+    """A ValueError when the vocabulary lacks pad_token or unk_token, that names the argument to
+    pass when it holds another common spelling of that token (a vocabulary with '<pad>' needs
+    pad_token='<pad>': adding '[PAD]' would give it an id beyond the model's embedding rows)."""
+    given = {"pad_token": pad_token, "unk_token": unk_token}
+    missing = [k for k, tok in given.items() if tok not in vocab]
+    if not missing:
+        return
+    found = {k: next((t for t in _SPECIAL_SPELLINGS[k] if t in vocab), None) for k in missing}
+    head = "Text vocab must contain " + " and ".join(f"{k} {given[k]!r}" for k in missing)
+    fix = ", ".join(f"{k}={t!r}" for k, t in found.items() if t is not None)
+    if fix:
+        held = " and ".join(repr(t) for t in found.values() if t is not None)
+        added = " or ".join(repr(given[k]) for k, t in found.items() if t is not None)
+        rest = [k for k, t in found.items() if t is None]
+        more = f"; {rest[0]} must also name a token of the vocabulary" if rest else ""
+        raise ValueError(f"{head}, but it holds {held}: pass {fix} to Text(...){more}. Adding "
+                         f"{added} to the vocabulary instead would give it an id the model's "
+                         "embedding has no row for.")
+    raise ValueError(f"{head}. Pass the vocabulary's own padding and unknown tokens as "
+                     "pad_token='...' and unk_token='...' (as your tokenizer spells them); add a "
+                     "token only if the model's embedding has a row for its new id.")
+
+
 def _is_symbol(token: str) -> bool:
     """Whether a non-word token is a symbol that ``drop_punctuation`` keeps when the vocabulary
     has it (an emoji, a pictograph): not ASCII (whose marks were always dropped, and a
@@ -660,9 +689,7 @@ class Text(Modality):
                                  "token must have one id. Remove the duplicate, or pass your "
                                  "own tokenize= and token ids.")
             seen[tok] = i
-        for special in (pad_token, unk_token):
-            if special not in vocab:
-                raise ValueError(f"Text vocab must contain {special!r}; add it to the vocabulary.")
+        _check_specials(seen, pad_token, unk_token)
         if baseline not in ("pad", "zero"):
             raise ValueError(f"Text baseline {baseline!r} is not 'pad' or 'zero'.")
         self.vocab = vocab
@@ -876,11 +903,14 @@ class Tabular(Modality):
                              "np.nanmean over the training data).")
 
     def _vector(self, values, what: str) -> torch.Tensor:
-        """A float32 vector of means or baseline values: a dict or a pandas Series by column
-        name (``df.mean()`` of a frame in any column order), a sequence as it is."""
+        """A float vector of means or baseline values: a dict or a pandas Series by column
+        name (``df.mean()`` of a frame in any column order), a sequence as it is. At the
+        precision given, as ``_float_tensor`` keeps it (float64 values stay float64, others
+        become float32): ``baseline_raw`` casts it to the input's dtype, so a float64 model
+        gets the values it was given, not their float32 rounding."""
         if _is_labelled(values):
             values = self._by_name(values, what)
-        return _float_tensor(values, what).float()
+        return _float_tensor(values, what)
 
     def to_tensor(self, raw) -> torch.Tensor:
         """A row [F] from a sequence of F numbers (in the order of ``columns``), a dict keyed by

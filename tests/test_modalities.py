@@ -259,6 +259,22 @@ def test_a_model_explains_the_values_it_was_given_at_its_own_precision(dtype):
     assert np.array_equal(p.raw["t"][0].numpy(), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kw", [dict(baseline=np.array([0.1, 1 / 3])),
+                                dict(baseline=[0.1, 1 / 3]),
+                                dict(baseline="mean", means={"b": 1 / 3, "a": 0.1}),
+                                dict(baseline=torch.tensor([0.1, 1 / 3], dtype=torch.float64))])
+def test_a_tabular_baseline_keeps_the_precision_it_was_given(dtype, kw):
+    """Tabular baselines and means were rounded to float32 before baseline_raw cast them to
+    the input's dtype: a float64 model got 0.10000000149... for 0.1."""
+    from multiviz_widgets import ModelAdapter
+    adapter = ModelAdapter(torch.nn.Linear(2, 2).to(dtype).eval(),
+                           [Tabular("t", columns=["a", "b"], **kw)], ["x", "y"])
+    p = adapter.prepare({"t": np.array([1.0, 2.0])})
+    want = torch.tensor([0.1, 1 / 3], dtype=torch.float64).to(dtype)
+    assert p.baseline["t"].dtype == dtype and torch.equal(p.baseline["t"], want)
+
+
 @pytest.mark.parametrize("modality, raw", [
     (Image("image"), np.zeros((6, 5, 3), np.uint8)),
     (Image("image"), np.zeros((6, 5), np.float32)),

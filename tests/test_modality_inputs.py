@@ -359,3 +359,30 @@ def test_a_missing_text_is_called_missing(missing):
     """Before: an empty DataFrame cell gave 'expected a string ..., got float'."""
     with pytest.raises(ValueError, match="the text is missing"):
         Text("q", vocab=["[PAD]", "[UNK]", "a"]).to_tensor(missing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: a vocabulary that spells its special tokens otherwise
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pad, unk", [("<pad>", "<unk>"), ("<PAD>", "<UNK>"), ("pad", "unk"),
+                                      ("[pad]", "[unk]")])
+def test_a_vocabulary_with_other_special_spellings_says_which_tokens_to_pass(pad, unk):
+    """Text(vocab=[..., '<pad>', '<unk>', ...]) said "add '[PAD]' to the vocabulary", which
+    gives it an id beyond the model's embedding rows."""
+    vocab = ["hello", pad, unk, "world"]
+    with pytest.raises(ValueError, match=re.escape(f"pass pad_token={pad!r}, unk_token={unk!r}")):
+        Text("q", vocab=vocab)
+    with pytest.raises(ValueError, match=re.escape(f"pass unk_token={unk!r}")) as err:
+        Text("q", vocab=vocab, pad_token=pad)
+    assert "pad_token=" not in str(err.value).split("pass ")[1]
+    t = Text("q", vocab=vocab, pad_token=pad, unk_token=unk)         # the advice works
+    assert (t.pad_id, t.unk_id) == (1, 2)
+
+
+def test_a_vocabulary_with_its_pad_but_no_unk_names_both_findings():
+    with pytest.raises(ValueError, match=r"pass pad_token='<pad>' to Text\(\.\.\.\); unk_token "
+                                         r"must also name a token"):
+        Text("q", vocab=["<pad>", "a"])
+    with pytest.raises(ValueError, match=r"must contain pad_token '\[PAD\]' and unk_token "
+                                         r"'\[UNK\]'\. Pass the vocabulary's own"):
+        Text("q", vocab=["a", "b"])

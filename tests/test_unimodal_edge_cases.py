@@ -9,7 +9,8 @@ import torch
 
 from multiviz_widgets import ModelAdapter, Tabular, TimeSeries
 from multiviz_widgets.kernels.unimodal import (
-    METHODS, attribute, attribute_batch, kernel_shap_from_function, lime_from_function)
+    METHODS, CompletenessWarning, attribute, attribute_batch, kernel_shap_from_function,
+    lime_from_function)
 from multiviz_widgets.progress import Cancelled
 
 from .test_unimodal import TabSeriesNet, tab_series
@@ -293,3 +294,200 @@ def test_one_transfer_keeps_every_part_at_its_own_precision():
     for a, b in zip(apart, once):
         for n in attrs:
             np.testing.assert_array_equal(a[n], b[n])
+
+
+# ---------------------------------------------------------------------------------------------
+# review of stage 1: models captum explains, models without gradients, inference mode, params
+# ---------------------------------------------------------------------------------------------
+class _SqrtNet(torch.nn.Module):
+    """sqrt of the inputs: its input gradient is infinite at a zero baseline."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, a, b):
+        return self.lin(torch.sqrt(torch.cat([a, b], 1)))
+
+
+def _sqrt_case():
+    model = _SqrtNet().eval()
+    adapter = ModelAdapter(model, [Tabular("a", columns=["x", "y"]), Tabular("b", columns=["z"])],
+                           ["n", "p"])
+    inst = {"a": np.array([1.0, 2.0], np.float32), "b": np.array([3.0], np.float32)}
+    return model, adapter, inst
+
+
+@pytest.mark.filterwarnings("ignore::multiviz_widgets.kernels.unimodal.CompletenessWarning")
+@pytest.mark.parametrize("rule", ["gausslegendre", "riemann_middle", "riemann_right"])
+def test_ig_with_an_infinite_gradient_at_the_baseline_equals_captum(rule):
+    """IG's rows for x and the baseline (weight 0, there for f(x) and f(b)) were summed with
+    the others: 0 * the infinite gradient of sqrt at 0 is NaN, so IG refused a model that none
+    of the rule's nodes takes to alpha = 0, and that captum explains."""
+    import captum.attr as captum
+    model, adapter, inst = _sqrt_case()
+    p = adapter.prepare(inst)
+    x = (p.continuous["a"][None], p.continuous["b"][None])
+    ref = captum.IntegratedGradients(model).attribute(
+        x, tuple(torch.zeros_like(t) for t in x), target=0, n_steps=50, method=rule)
+    one = attribute(adapter, inst, "integrated_gradients", target=0, rule=rule)
+    many = attribute_batch(adapter, [inst, inst], "integrated_gradients", targets=0, rule=rule)
+    many += attribute_batch(adapter, [inst], "integrated_gradients", targets=0, rule=rule,
+                            rows_per_pass=1)           # the x and b rows in passes of their own
+    chunked = attribute(adapter, inst, "integrated_gradients", target=0, rule=rule,
+                        internal_batch_size=7)
+    for r in [one, chunked] + many:
+        for n, c in zip(["a", "b"], ref):
+            np.testing.assert_allclose(r.scores[n], c[0].numpy(), rtol=1e-4, atol=1e-6)
+        assert np.isfinite(r.params["completeness_gap"])
+
+
+class _NoGradNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+    @torch.no_grad()
+    def forward(self, a, b):
+        return self.lin(torch.cat([a, b], 1))
+
+
+class _DetachedNet(_NoGradNet):
+    def forward(self, a, b):
+        return self.lin(torch.cat([a, b], 1).detach())
+
+
+@pytest.mark.parametrize("net", [_NoGradNet, _DetachedNet])
+@pytest.mark.parametrize("method", ["gradient", "grad_x_input", "integrated_gradients"])
+def test_a_model_without_input_gradients_is_a_clear_error(net, method):
+    """torch's "element 0 of tensors does not require grad" said nothing of what to do."""
+    model = net().eval()
+    if net is _DetachedNet:
+        model.requires_grad_(False)              # frozen: nothing in the output requires grad
+    adapter = ModelAdapter(model, [Tabular("a", columns=["x", "y"]),
+                                   Tabular("b", columns=["z"])], ["n", "p"])
+    inst = {"a": np.array([1.0, 2.0], np.float32), "b": np.array([3.0], np.float32)}
+    for call in (lambda: attribute(adapter, inst, method, target=0),
+                 lambda: attribute_batch(adapter, [inst, inst], method, targets=0)):
+        with pytest.raises(ValueError, match="does not depend differentiably") as err:
+            call()
+        assert "occlusion, lime or kernel_shap" in str(err.value)
+    assert np.isfinite(attribute(adapter, inst, "occlusion", target=0).scores["a"]).all()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_inference_mode_is_a_clear_error(ts, method):
+    """Every method failed with "Inference tensors do not track version counter"."""
+    _, adapter, inst = ts
+    params = {"n_samples": 16} if method in ("lime", "kernel_shap") else {}
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match=r"outside torch\.inference_mode\(\)"):
+            attribute(adapter, inst, method, target=0, **params)
+        with pytest.raises(ValueError, match=r"outside torch\.inference_mode\(\)"):
+            attribute_batch(adapter, [inst], method, targets=0, **params)
+
+
+def test_an_instance_prepared_in_inference_mode_says_to_prepare_it_again(ts):
+    _, adapter, inst = ts
+    with torch.inference_mode():
+        p = adapter.prepare(inst)
+    for method in ("gradient", "grad_x_input"):
+        with pytest.raises(ValueError, match="Prepare it again outside"):
+            attribute(adapter, p, method, target=0)
+    again = adapter.prepare(inst)
+    r = attribute(adapter, again, "gradient", target=0)
+    assert np.isfinite(r.scores["vitals"]).all()
+    # the paths that build new rows from the inference tensors work, and give the same numbers
+    for method in ("integrated_gradients", "occlusion"):
+        ref = attribute(adapter, again, method, target=0, steps=8) if method[0] == "i" else \
+            attribute(adapter, again, method, target=0)
+        params = {"steps": 8} if method[0] == "i" else {}
+        for got in (attribute(adapter, p, method, target=0, **params),
+                    attribute_batch(adapter, [p], method, targets=0, **params)[0]):
+            for n in ref.scores:
+                np.testing.assert_allclose(got.scores[n], ref.scores[n], rtol=1e-6, atol=1e-7)
+
+
+def test_attribute_batch_records_the_rows_per_pass_it_used(ts):
+    _, adapter, inst = ts
+    r = attribute_batch(adapter, [inst, inst], "integrated_gradients", targets=0, steps=8,
+                        rows_per_pass=7)
+    assert all(x.params["internal_batch_size"] == 7 for x in r)
+    r = attribute_batch(adapter, [inst], "integrated_gradients", targets=0, steps=8,
+                        internal_batch_size=5)
+    assert r[0].params["internal_batch_size"] == 5
+
+
+def test_integer_params_are_stored_as_the_python_ints_they_were_checked_to_be(ts):
+    """steps=torch.tensor([8]) was stored as the tensor, and came back from to_dict as [8]."""
+    import json
+
+    from multiviz_widgets.results import attribution_from_dict
+    _, adapter, inst = ts
+    for steps in (torch.tensor([8]), np.int64(8), torch.tensor(8)):
+        r = attribute(adapter, inst, "integrated_gradients", target=0, steps=steps,
+                      internal_batch_size=np.int32(64))
+        assert type(r.params["steps"]) is int and r.params["steps"] == 8
+        assert type(r.params["internal_batch_size"]) is int
+        back = attribution_from_dict(json.loads(json.dumps(r.to_dict())))
+        assert back.params == r.params
+    r = attribute(adapter, inst, "lime", target=0, n_samples=np.int64(16))
+    assert type(r.params["n_samples"]) is int
+
+
+class _ZScoreNet(torch.nn.Module):
+    """z-scores each series inside forward (common for ECG and audio): 0 / 0 on a constant
+    series."""
+
+    def __init__(self, eps=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.eps = eps
+        self.lin = torch.nn.Linear(16, 2)
+
+    def forward(self, ecg):
+        z = (ecg - ecg.mean(1, keepdim=True)) / (ecg.std(1, keepdim=True) + self.eps)
+        return self.lin(z.reshape(len(z), -1))
+
+
+@pytest.mark.parametrize("baseline", ["zero", "mean"])
+def test_nan_at_a_constant_baseline_advises_an_epsilon_not_another_constant_baseline(baseline):
+    """The advice was "TimeSeries 'zero' or 'mean'": both are constant along time, so a model
+    that z-scores each series is NaN on either."""
+    inst = {"ecg": np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)}
+
+    def adapter(eps):
+        return ModelAdapter(_ZScoreNet(eps).eval(), [
+            TimeSeries("ecg", window=4, channels=["i", "ii"], baseline=baseline)], ["a", "b"])
+
+    with pytest.raises(ValueError, match="nan with ecg at its baseline") as err:
+        attribute(adapter(0.0), inst, "integrated_gradients", target=0)
+    msg = str(err.value)
+    assert "epsilon" in msg and "+ 1e-6" in msg
+    assert "switching between them does not help" in msg
+    assert "TimeSeries 'zero' or 'mean'" not in msg            # the advice that did not work
+    assert "occlusion, lime and kernel_shap" in msg           # IG from a constant: a jump at 0
+    with pytest.raises(ValueError, match="nan with ecg at its baseline") as err:
+        attribute(adapter(0.0), inst, "lime", target=0, n_samples=64)
+    assert "+ 1e-6" in str(err.value) and "occlusion, lime" not in str(err.value)
+    with pytest.warns(CompletenessWarning):                   # the advice works: finite
+        r = attribute(adapter(1e-6), inst, "integrated_gradients", target=0)
+    assert np.isfinite(r.scores["ecg"]).all()
+
+
+def test_nan_at_the_baseline_for_another_cause_keeps_the_general_advice():
+    """log of the input at a zero baseline: not finite near the baseline either, so the model
+    does not merely divide by a spread that a constant baseline makes zero."""
+    class Log(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, t):
+            return self.lin(torch.log(t))
+
+    adapter = ModelAdapter(Log().eval(), [Tabular("t", columns=["u", "v"])], ["a", "b"])
+    with pytest.raises(ValueError, match="with t at its baseline") as err:
+        attribute(adapter, {"t": np.array([1.0, 2.0], np.float32)}, "occlusion", target=0)
+    assert "Choose another baseline" in str(err.value) and "epsilon" not in str(err.value)

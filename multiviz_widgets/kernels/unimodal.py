@@ -12,7 +12,9 @@ Methods:
 * ``integrated_gradients``: (x - b) * mean over the path b -> x of d f / d x (S forwards and
   backwards, batched; completeness: the scores sum to f(x) - f(b) up to the quadrature error).
   The rows x and b ride along in the same passes (weight 0; 2 more rows unless the rule's nodes
-  include alpha = 0 and 1), so ``params["completeness_gap"]`` = f(x) - f(b) - sum(scores)
+  include alpha = 0 and 1; their gradients are left out of the sum, so a gradient that is
+  infinite there, a sqrt at a zero baseline, does not make the scores NaN where captum's are
+  finite), so ``params["completeness_gap"]`` = f(x) - f(b) - sum(scores)
   (captum's convergence delta) and ``params["completeness_gap_relative"]`` (|gap| over
   |f(x) - f(b)|) are recorded, with a ``CompletenessWarning`` above ``COMPLETENESS_WARN`` for
   class targets (a neuron's gap is recorded only: see ``_warn_completeness``);
@@ -54,7 +56,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..adapter import NOT_IN_NUMPY, ModelAdapter, Prepared, Target
+from ..adapter import NOT_IN_NUMPY, AdapterError, ModelAdapter, Prepared, Target
 from ..modalities import Modality
 from ..progress import ProgressFn, report
 from ..results import Attribution, Stopwatch
@@ -177,11 +179,71 @@ def _input_grads(adapter: ModelAdapter, prepared: Prepared, target: Target,
     with torch.enable_grad():
         out = adapter.scalar(prepared, ({n: t.unsqueeze(0) for n, t in leaves.items()}
                                         if one_row else leaves), target)
+        if not out.requires_grad:
+            _raise_not_differentiable(target)
         grad_out = torch.ones_like(out) if weights is None else weights.to(out)
         grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=grad_out,
                                     allow_unused=True)
     return ({n: (torch.zeros_like(leaves[n]) if g is None else g)
              for n, g in zip(leaves, grads)}, out.detach())
+
+
+#: the gradient methods, named in the advice of the errors below
+_GRADIENT_METHODS = "gradient, grad_x_input and integrated_gradients"
+
+
+def _raise_not_differentiable(target: Target):
+    """The AdapterError (a ValueError) of a gradient method whose model output does not require
+    grad, though its inputs do (torch's own error says only "element 0 of tensors does not
+    require grad"). Reached after the forward pass, on this path only."""
+    if torch.is_inference_mode_enabled():
+        raise AdapterError(_INFERENCE_MODE, code="inference-mode")
+    raise AdapterError(
+        f"The model's output for target {target} does not depend differentiably on its inputs "
+        "(it does not require grad although the inputs do): forward() runs under "
+        "torch.no_grad() (or a @torch.no_grad() decorator) or detaches its inputs (.detach(), "
+        ".numpy(), .item()), and no parameter after that requires grad. The gradient methods "
+        f"({_GRADIENT_METHODS}) need a model whose output is differentiable in its inputs: "
+        "remove that from forward(), or use occlusion, lime or kernel_shap, which need no "
+        "gradients (multiviz_widgets.check(adapter, instance) tests this).",
+        code="no-gradient")
+
+
+_INFERENCE_MODE = (
+    "The kernels cannot run inside torch.inference_mode(): its tensors cannot be "
+    "differentiated nor tracked for in-place changes. Call attribute (and the other "
+    "explanations) outside torch.inference_mode() (under torch.no_grad() they work, and give "
+    "the same results).")
+
+
+def _inference_error(instances, error: RuntimeError) -> AdapterError | None:
+    """On the error path only: the clear error to raise instead of torch's RuntimeError when the
+    call ran inside torch.inference_mode(), or when a Prepared instance was made inside it (its
+    tensors are inference tensors, which cannot require grad nor be versioned outside it);
+    None otherwise (the original error stands: out of memory, an error of the model's)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return None
+    if torch.is_inference_mode_enabled():
+        return AdapterError(_INFERENCE_MODE, code="inference-mode")
+    if "inference" not in str(error).lower():
+        return None
+    if isinstance(instances, Prepared):
+        instances = [instances]
+    elif not isinstance(instances, (list, tuple)):     # a dict, a dataset: made in this call
+        return None
+    for pr in instances:
+        if not isinstance(pr, Prepared):
+            continue
+        parts = (pr.raw, pr.continuous, pr.baseline, pr.index)
+        if any(isinstance(t, torch.Tensor) and t.is_inference()
+               for part in parts for t in part.values()):
+            return AdapterError(
+                "This prepared instance was made inside torch.inference_mode(): its tensors are "
+                "inference tensors, which cannot be differentiated nor tracked for in-place "
+                "changes outside it. Prepare it again outside torch.inference_mode() "
+                "(adapter.prepare(instance), under torch.no_grad() if you like) and explain "
+                "that.", code="inference-mode")
+    return None
 
 
 def _unit_sums(adapter: ModelAdapter, prepared: Prepared, name: str, attr: torch.Tensor
@@ -324,12 +386,68 @@ def raise_not_finite(adapter: ModelAdapter, prepared: Prepared, target: Target,
                          "input (a sqrt or log of a negative number, a division by zero, an "
                          "overflow), e.g. with multiviz_widgets.check(adapter, instance).")
     if not math.isfinite(fb):
+        bad = [n for n, v in zip(names, alone) if not math.isfinite(v)]
+        hint = _division_hint(adapter, prepared, target, bad, method) or hint
         raise ValueError(f"{head} is finite on the instance ({fx:.4g}) but {fb} with {baselines}"
                          f": the masked or interpolated inputs that {method} builds from the "
                          f"baseline take the model where it is not finite. {hint}")
     raise ValueError(f"{head} is finite on the instance ({fx:.4g}) and with {baselines} "
                      f"({fb:.4g}), but not on some masked or interpolated input between them, "
                      f"or its gradient is not finite there (a sqrt at 0, say). {hint}")
+
+
+#: per modality kind: a baseline that is not constant, where the modality has one
+_NOT_CONSTANT = {
+    "image": " or use Image(baseline='blur'), the one Image baseline that is not constant",
+    "tabular": " or pass Tabular(baseline=[...]) a vector whose values are not all equal",
+    "timeseries": " (both TimeSeries baselines, 'zero' and 'mean', are constant along time, so "
+                  "switching between them does not help)",
+    "text": " (both Text baselines, 'pad' and 'zero', repeat one vector over the tokens, so "
+            "switching between them does not help)",
+}
+
+
+def _division_hint(adapter: ModelAdapter, prepared: Prepared, target: Target,
+                   names: Sequence[str], method: str) -> str | None:
+    """What to do when the model is not finite with the modalities ``names`` each alone at its
+    baseline but finite with that baseline plus a little noise (one forward pass per modality,
+    on this error path only): the model divides by something that is zero on the baseline,
+    most often the spread or norm of an input that is constant there (a z-score of each series
+    inside forward gives 0 / 0 on a 'zero' or 'mean' baseline, which another constant baseline
+    does not fix). None when that does not hold (the general advice stands)."""
+    found = []
+    gen = torch.Generator().manual_seed(0)
+    for n in names:
+        x, b = prepared.continuous[n], prepared.baseline[n]
+        try:
+            with torch.no_grad():
+                scale = float((x - b).abs().max()) or float(b.abs().max()) or 1.0
+                scale = scale if math.isfinite(scale) else 1.0
+                noise = torch.randn(tuple(b.shape), generator=gen, dtype=torch.float64)
+                row = (b + (1e-3 * scale * noise).to(b)).unsqueeze(0)
+                v = float(adapter.scalar(prepared, {n: row}, target)[0])
+        except Exception:  # noqa: BLE001 -- a diagnosis only: the original error stands
+            continue
+        if math.isfinite(v):
+            found.append(n)
+    if not found:
+        return None
+    kinds = {getattr(adapter.modalities[n], "kind", "") for n in found}
+    others = "".join(_NOT_CONSTANT.get(k, "") for k in sorted(kinds))
+    where = (f"{found[0]} at its baseline" if len(found) == 1 else
+             f"{' or '.join(found)} (each alone) at its baseline")
+    return (f"With {where} plus a little noise (1e-3 of the input's range) the output is "
+            "finite: the model divides by something that is zero on the baseline, most likely "
+            "the spread or norm of an input that is constant there (a z-score of each series "
+            "or image, x / x.std() or x / x.norm(), is 0 / 0 on a constant baseline such as "
+            "'zero' or 'mean'). Add an epsilon to that division in the model's forward, e.g. "
+            "(x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6), which leaves "
+            f"other inputs as they were{others}. "
+            + ("A z-score ignores each series' offset and scale, so even then integrated "
+               "gradients from a constant baseline sees the whole change at alpha = 0 (a large "
+               "completeness gap); occlusion, lime and kernel_shap, which remove some units "
+               "only, do not. " if method == "integrated_gradients" else "")
+            + "(multiviz_widgets.check(adapter, instance) tests it.)")
 
 
 def _warn_completeness(adapter: ModelAdapter, results: Sequence[Attribution]) -> None:
@@ -590,8 +708,8 @@ class AttributionMethod:
             out.update({k: v for k, v in params.items() if k != "modalities"})
         for k, least in (("steps", 1), ("internal_batch_size", 1), ("batch_size", 1),
                          ("n_samples", 2)):
-            if k in out:
-                positive_int(out[k], f"{self.name}: {k}", least)
+            if k in out:           # stored as the Python int it was checked to be
+                out[k] = positive_int(out[k], f"{self.name}: {k}", least)
         return out
 
     @property
@@ -671,17 +789,27 @@ class _GradientFamily(AttributionMethod):
     def _rows_per_pass(self, p) -> int:
         return int(p.get("internal_batch_size", PERTURBATION_BATCH))
 
+    def _weighted_rows(self, p) -> int:
+        """How many of ``_rows``' rows, the first ones, are weighted. The rows after them
+        (integrated gradients' x and baseline, weight 0) ride along for their outputs only:
+        their gradients are left out of the sum, since a weight 0 times a gradient that is
+        infinite there (a sqrt at 0 at a zero baseline) is NaN, and captum has no such rows."""
+        return 1
+
     def _run(self, adapter, prepared, target, names, p, progress):
         inputs, weights = self._rows(prepared, names, p)
         n_rows, bs = len(weights), self._rows_per_pass(p)
+        weighted = self._weighted_rows(p)
         total, outputs = None, []
         report(progress, 0, n_rows, self.label)
         for s in range(0, n_rows, bs):
             grads, out = _input_grads(adapter, prepared, target,
                                       {n: x[s:s + bs] for n, x in inputs.items()},
                                       weights[s:s + bs])
-            part = {n: g[0] if g.shape[0] == 1 else g.sum(0) for n, g in grads.items()}
-            total = part if total is None else {n: total[n] + part[n] for n in names}
+            k = min(bs, weighted - s)             # the pass's weighted rows (see _weighted_rows)
+            if k > 0:
+                part = {n: g[0] if k == 1 else g[:k].sum(0) for n, g in grads.items()}
+                total = part if total is None else {n: total[n] + part[n] for n in names}
             outputs.append(out)
             report(progress, min(n_rows, s + bs), n_rows, self.label)
         attrs = self._attributions(prepared, names, total)
@@ -745,6 +873,9 @@ class _IntegratedGradients(_GradientFamily):
     def _cost(self, prepared, names, p):
         n = _ig_ends(p["steps"], p["rule"])[2]
         return n, n
+
+    def _weighted_rows(self, p):
+        return int(p["steps"])                    # the rule's nodes; then x and b (weight 0)
 
     def _rows(self, prepared, names, p):
         a, weights = _quadrature(int(p["steps"]), p["rule"], prepared.continuous[names[0]].device)
@@ -869,7 +1000,14 @@ def attribute(adapter: ModelAdapter, instance, method: str = "integrated_gradien
     forward/backward passes, recorded in the result with the seconds it took.
     """
     check_adapter(adapter, "attribute")
-    result = _method(method).attribute(adapter, instance, target, progress=progress, **params)
+    try:
+        result = _method(method).attribute(adapter, instance, target, progress=progress,
+                                           **params)
+    except RuntimeError as e:        # (a try costs nothing until something is raised)
+        clear = _inference_error(instance, e)
+        if clear is None:
+            raise
+        raise clear from e
     _warn_completeness(adapter, [result])
     return result
 
@@ -893,9 +1031,10 @@ def attribute_batch(adapter: ModelAdapter, instances, method: str = "integrated_
     Gradient methods (gradient, grad_x_input, integrated_gradients) stack the rows of all
     instances whose inputs have the same shapes (for text: the same number of tokens, so no
     padding changes what the model sees) into shared forward and backward passes of up to
-    ``rows_per_pass`` rows (default: the method's internal_batch_size, else 128). An instance
-    then costs about one row of a large batch instead of a whole batch of one. Like every
-    batched kernel this needs batch rows that do not affect each other (a model in eval mode).
+    ``rows_per_pass`` rows (default: the method's internal_batch_size, else 128; integrated
+    gradients' params record the rows used as internal_batch_size). An instance then costs
+    about one row of a large batch instead of a whole batch of one. Like every batched kernel
+    this needs batch rows that do not affect each other (a model in eval mode).
     Other methods already batch their perturbations; they explain one instance at a time.
 
     Cost: the same forward and backward passes as one ``attribute`` call per instance, in
@@ -908,31 +1047,40 @@ def attribute_batch(adapter: ModelAdapter, instances, method: str = "integrated_
     p = m._params(params)
     if rows_per_pass is not None:
         rows_per_pass = positive_int(rows_per_pass, "rows_per_pass")
-    with Stopwatch() as sw:
-        preps = _prepared_list(adapter, instances, targets)
-        names = _select(adapter, preps[0], params.get("modalities"))
-        if m.uses_baseline:
-            for pr in preps:
-                _check_baselines(adapter, pr, names, m.name)
-        chosen, extra = _batch_targets(adapter, preps, targets,
-                                       rows_per_pass or PERTURBATION_BATCH)
-        if isinstance(m, _GradientFamily):
-            out = _gradient_batch(adapter, m, preps, chosen, names, p,
-                                  rows_per_pass or m._rows_per_pass(p), progress)
-            weight = np.array([r.forward_passes for r in out], dtype=np.float64)   # its rows
-        else:
-            out = []
-            report(progress, 0, len(preps), m.label)
-            for k, (pr, t) in enumerate(zip(preps, chosen)):
-                # the instance's own batches report (k, n) too: the callback is called between
-                # batches, as every kernel's is, so a cancel (Cancelled raised by the callback)
-                # stops the work within one batch instead of after the whole instance
-                inner = (None if progress is None else
-                         lambda done, total, message, k=k: report(progress, k, len(preps),
-                                                                  m.label))
-                out.append(m.attribute(adapter, pr, t, progress=inner, **params))
-                report(progress, k + 1, len(preps), m.label)
-            weight = np.array([r.seconds for r in out], dtype=np.float64)
+    try:              # (a try costs nothing until something is raised)
+        with Stopwatch() as sw:
+            preps = _prepared_list(adapter, instances, targets)
+            names = _select(adapter, preps[0], params.get("modalities"))
+            if m.uses_baseline:
+                for pr in preps:
+                    _check_baselines(adapter, pr, names, m.name)
+            chosen, extra = _batch_targets(adapter, preps, targets,
+                                           rows_per_pass or PERTURBATION_BATCH)
+            if isinstance(m, _GradientFamily):
+                rows = rows_per_pass or m._rows_per_pass(p)
+                if "internal_batch_size" in p:    # the rows its passes had, as attribute's
+                    p = dict(p, internal_batch_size=rows)
+                out = _gradient_batch(adapter, m, preps, chosen, names, p, rows, progress)
+                weight = np.array([r.forward_passes for r in out], dtype=np.float64)   # its rows
+            else:
+                out = []
+                report(progress, 0, len(preps), m.label)
+                for k, (pr, t) in enumerate(zip(preps, chosen)):
+                    # the instance's own batches report (k, n) too: the callback is called
+                    # between batches, as every kernel's is, so a cancel (Cancelled raised by
+                    # the callback) stops the work within one batch instead of after the whole
+                    # instance
+                    inner = (None if progress is None else
+                             lambda done, total, message, k=k: report(progress, k, len(preps),
+                                                                      m.label))
+                    out.append(m.attribute(adapter, pr, t, progress=inner, **params))
+                    report(progress, k + 1, len(preps), m.label)
+                weight = np.array([r.seconds for r in out], dtype=np.float64)
+    except RuntimeError as e:
+        clear = _inference_error(instances, e)
+        if clear is None:
+            raise
+        raise clear from e
     shares = weight / weight.sum() if weight.sum() > 0 else np.full(len(out), 1.0 / len(out))
     for r, share, more in zip(out, shares, extra):
         r.seconds = float(sw.seconds * share)
@@ -1023,6 +1171,7 @@ def _gradient_batch(adapter: ModelAdapter, m: _GradientFamily, preps: Sequence[P
                     progress: ProgressFn) -> list[Attribution]:
     """The rows of every instance in passes of up to ``rows`` rows, within each shape group."""
     n_rows = [m._cost(pr, names, p)[0] for pr in preps]   # a row = a forward + a backward
+    weighted = m._weighted_rows(p)                         # the first rows of each instance
     total_rows, done = sum(n_rows), 0
     results: list[Attribution | None] = [None] * len(preps)
     report(progress, 0, total_rows, m.label)
@@ -1035,8 +1184,19 @@ def _gradient_batch(adapter: ModelAdapter, m: _GradientFamily, preps: Sequence[P
                 if k not in pending:
                     pending[k] = m._rows(preps[k], names, p)
             grads, out = _rows_grads(adapter, preps, targets, names, pending, chunk)
-            owner = torch.repeat_interleave(torch.arange(len(chunk)),
-                                            torch.tensor([b - a for _, a, b in chunk]))
+            # each summed row's slot in the chunk: an instance's rows after its weighted ones
+            # (integrated gradients' x and baseline, there for their outputs) are left out, as
+            # in _run (a weight 0 times an infinite gradient is NaN)
+            owner, kept, o = [], [], 0
+            for slot, (_, a, b) in enumerate(chunk):
+                w = max(0, min(b, weighted) - a)
+                owner += [slot] * w
+                kept += range(o, o + w)
+                o += b - a
+            owner = torch.tensor(owner, dtype=torch.long)
+            if len(kept) < o:
+                kept = torch.tensor(kept, dtype=torch.long)
+                grads = {n: g.index_select(0, kept.to(g.device)) for n, g in grads.items()}
             sums = {n: torch.zeros(len(chunk), *g.shape[1:], dtype=g.dtype, device=g.device)
                     .index_add_(0, owner.to(g.device), g) for n, g in grads.items()}
             o = 0
@@ -1107,6 +1267,8 @@ def _rows_grads(adapter: ModelAdapter, preps: Sequence[Prepared], targets: Seque
             pieces.append(adapter.output(logits, h, t)[rows_t])
             rows_of.append(rows_t)
         out = torch.cat(pieces)[torch.argsort(torch.cat(rows_of))]
+        if not out.requires_grad:
+            _raise_not_differentiable(row_targets[0])
         grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=weights.to(out),
                                     allow_unused=True)
     return ({n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(leaves, grads)},
