@@ -243,10 +243,24 @@ def _outside_stacklevel() -> int:
     return level
 
 
+#: The error of any explanation run inside torch.inference_mode().
+INFERENCE_MODE_MESSAGE = (
+    "The kernels cannot run inside torch.inference_mode(): its tensors cannot be "
+    "differentiated nor tracked for in-place changes. Call attribute (and the other "
+    "explanations) outside torch.inference_mode() (under torch.no_grad() they work, and give "
+    "the same results); an instance prepared inside it must be prepared again outside.")
+
+
 def input_versions(args: Mapping[str, torch.Tensor]) -> list[int]:
     """The in-place version counters of a model's inputs (torch bumps one at every in-place
-    change of the tensor or of a view of it; reading it costs about 0.1 us)."""
-    return [v._version for v in args.values()]
+    change of the tensor or of a view of it; reading it costs about 0.1 us). Inference tensors
+    have none: an AdapterError says to work outside torch.inference_mode()."""
+    try:
+        return [v._version for v in args.values()]
+    except RuntimeError:
+        if any(v.is_inference() for v in args.values()):
+            raise AdapterError(INFERENCE_MODE_MESSAGE, code="inference-mode") from None
+        raise
 
 
 def check_inputs_kept(args: Mapping[str, torch.Tensor], versions: Sequence[int]) -> None:

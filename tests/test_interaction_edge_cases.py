@@ -393,3 +393,14 @@ def test_an_interaction_parameter_the_method_does_not_take_is_named_with_those_i
                                          r"it takes \['batch_size'\]"):
         interaction(a, inst, "pairwise_ablation", phi="abs")
     assert interaction(a, inst, "second_order", phi="abs").params["phi"] == "abs"
+
+
+def test_interactions_inside_inference_mode_are_a_clear_error():
+    from multiviz_widgets import AdapterError
+    a = ModelAdapter(QuestionTab().eval(), [Text("question", vocab=VOCAB),
+                                            Tabular("tabular", columns=["x", "y"])], ["n", "y"])
+    inst = {"question": "what red circle", "tabular": np.ones(2, np.float32)}
+    for method in ("pairwise_ablation", "second_order"):
+        with torch.inference_mode(), pytest.raises(AdapterError, match="inference_mode"):
+            interaction(a, inst, method)
+    assert interaction(a, inst, "pairwise_ablation").matrix.shape == (3, 2)

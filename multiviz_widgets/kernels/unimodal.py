@@ -56,7 +56,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..adapter import NOT_IN_NUMPY, AdapterError, ModelAdapter, Prepared, Target
+from ..adapter import (INFERENCE_MODE_MESSAGE, NOT_IN_NUMPY, AdapterError, ModelAdapter,
+                       Prepared, Target)
 from ..modalities import Modality
 from ..progress import ProgressFn, report
 from ..results import Attribution, Stopwatch
@@ -209,11 +210,7 @@ def _raise_not_differentiable(target: Target):
         code="no-gradient")
 
 
-_INFERENCE_MODE = (
-    "The kernels cannot run inside torch.inference_mode(): its tensors cannot be "
-    "differentiated nor tracked for in-place changes. Call attribute (and the other "
-    "explanations) outside torch.inference_mode() (under torch.no_grad() they work, and give "
-    "the same results).")
+_INFERENCE_MODE = INFERENCE_MODE_MESSAGE
 
 
 def _inference_error(instances, error: RuntimeError) -> AdapterError | None:
