@@ -10,14 +10,20 @@
 // The root carries data-lm-suppress-shortcuts, so that JupyterLab does not take the keys typed
 // into the input for notebook shortcuts (Enter would otherwise never reach it), and
 // data-render-count, incremented after each redraw, so tests can wait on it.
-// Concepts come from people and files: they are only ever set through textContent.
+// Concepts come from people and files: they are only ever set through textContent, and as
+// attributes (a tag's title, its remove button's aria-label "remove concept <text>").
+// A long concept is cut with an ellipsis (its title holds it whole). When a redraw (the
+// kernel's answer to a remove) drops the focused remove button, the focus goes to the remove
+// button now at its place (the next tag's, else the last one's), else to the input.
 
 import { watchKernelLink } from "./lib/kernel_link.js";
 
 const CSS = `
 .mvz-tags { display: flex; flex-wrap: wrap; align-items: center; gap: 4px; min-height: 26px; font-family: var(--jp-ui-font-family, sans-serif); font-size: 13px; }
-.mvz-tags .mvz-tag { display: inline-flex; align-items: center; gap: 2px; padding: 1px 2px 1px 8px; border-radius: 10px; background: #e3eefb; border: 1px solid #9ec1ea; color: #123; white-space: pre; }
-.mvz-tags .mvz-tag-remove { border: none; background: none; cursor: pointer; padding: 0 5px; font-size: 14px; line-height: 1; color: #345; }
+.mvz-tags .mvz-tag { display: inline-flex; align-items: center; gap: 2px; padding: 1px 2px 1px 8px; border-radius: 10px; background: #e3eefb; border: 1px solid #9ec1ea; color: #123; white-space: pre; max-width: 100%; box-sizing: border-box; }
+.mvz-tags .mvz-tag-text { max-width: 32ch; min-width: 0; overflow: hidden; text-overflow: ellipsis; }
+.mvz-tags .mvz-tag-remove { flex: 0 0 auto; border: none; background: none; cursor: pointer; padding: 0 5px; font-size: 14px; line-height: 1; color: #345; }
+.mvz-tags .mvz-tag-remove:focus-visible { outline: 2px solid #1565c0; outline-offset: 0; border-radius: 8px; }
 .mvz-tags .mvz-tag-remove:hover { color: #a00; }
 .mvz-tags input.mvz-tag-input { flex: 1 1 160px; min-width: 120px; border: 1px solid #bbb; border-radius: 3px; padding: 2px 5px; font: inherit; }
 .mvz-tags.mvz-disabled .mvz-tag-remove { display: none; }
@@ -36,6 +42,7 @@ function render({ model, el }) {
   const input = document.createElement("input");
   input.type = "text";
   input.className = "mvz-tag-input";
+  input.setAttribute("aria-label", "add a concept");
   root.appendChild(input);
   el.appendChild(root);
   const unwatch = watchKernelLink(model, root);
@@ -46,6 +53,10 @@ function render({ model, el }) {
   const draw = () => {
     const value = model.get("value") || [];
     const disabled = !!model.get("disabled");
+    // the focused remove button (its tag's index), which the redraw drops
+    const active = document.activeElement;
+    const focused = active && list.contains(active) && active.closest(".mvz-tag");
+    const at = focused ? Number(focused.getAttribute("data-index")) : -1;
     list.replaceChildren();
     value.forEach((text, i) => {
       const tag = document.createElement("span");
@@ -54,12 +65,14 @@ function render({ model, el }) {
       const label = document.createElement("span");
       label.className = "mvz-tag-text";
       label.textContent = text;
+      label.title = text;
       tag.appendChild(label);
       const remove = document.createElement("button");
       remove.className = "mvz-tag-remove";
       remove.type = "button";
       remove.textContent = "\u00d7";
-      remove.title = "remove";
+      remove.title = `remove concept ${text}`;
+      remove.setAttribute("aria-label", `remove concept ${text}`);
       remove.addEventListener("click", () => {
         if (!model.get("disabled")) edit("remove", text);
       });
@@ -69,6 +82,11 @@ function render({ model, el }) {
     input.disabled = disabled;
     input.placeholder = model.get("placeholder") || "";
     root.classList.toggle("mvz-disabled", disabled);
+    if (at >= 0 && !disabled) {
+      const buttons = list.querySelectorAll(".mvz-tag-remove");
+      const next = buttons.length ? buttons[Math.min(at, buttons.length - 1)] : input;
+      next.focus();
+    }
     renderCount += 1;
     root.setAttribute("data-render-count", String(renderCount));
   };

@@ -11,6 +11,14 @@
 //
 // Strings from data (tokens, column names, captions) are only ever set through textContent.
 // The root's data-kernel-link says whether the kernel answers (lib/kernel_link.js).
+//
+// Every unit is a button for the keyboard too: focusable (tabindex 0, role "button", its
+// name in aria-label, aria-pressed when selected), Enter or Space choose it as a click does,
+// and the one focused from the keyboard has a blue ring (beside the selection's orange
+// outline). Its keys are kept from JupyterLab's shortcuts (data-lm-suppress-shortcuts: Enter
+// would enter the notebook's edit mode instead). The superpixel canvas is for the pointer; its
+// segment chips are the keyboard's way to the same units. A chip too long to show (at most
+// 40ch) is cut with an ellipsis, and its title then starts with its whole text.
 
 import { watchKernelLink } from "./lib/kernel_link.js";
 
@@ -28,7 +36,7 @@ const CSS = `
 .mvz-input .mvz-patch.mvz-named { border-width: 2px; }
 .mvz-input .mvz-unit.mvz-selected { outline: 2px solid #ff9800; outline-offset: -2px; }
 .mvz-input .mvz-tokens { display: flex; flex-wrap: wrap; gap: 4px; }
-.mvz-input .mvz-token { padding: 2px 6px; border-radius: 4px; border: 1px solid rgba(0,0,0,0.15); cursor: pointer; white-space: pre; }
+.mvz-input .mvz-token { padding: 2px 6px; border-radius: 4px; border: 1px solid rgba(0,0,0,0.15); cursor: pointer; white-space: pre; max-width: 40ch; overflow: hidden; text-overflow: ellipsis; }
 .mvz-input .mvz-token.mvz-selected { outline-offset: 1px; }
 .mvz-input table.mvz-table { border-collapse: collapse; }
 .mvz-input table.mvz-table td, .mvz-input table.mvz-table th { border: 1px solid rgba(0,0,0,0.12); padding: 2px 6px; text-align: right; }
@@ -39,6 +47,8 @@ const CSS = `
 .mvz-input .mvz-series .mvz-cell { color: #333; position: relative; height: 34px; min-width: 14px; cursor: pointer; border: 1px solid rgba(0,0,0,0.08); box-sizing: border-box; }
 .mvz-input .mvz-series .mvz-cell.mvz-named { border: 1px dashed #8e24aa; }  /* after the cell's own border */
 .mvz-input .mvz-series svg { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none; }
+.mvz-input .mvz-unit:focus-visible { box-shadow: 0 0 0 1px #fff, 0 0 0 4px #1565c0; position: relative; z-index: 1; }
+.mvz-input .mvz-unit:focus-visible:not(.mvz-selected) { outline: none; }  /* the ring instead */
 .mvz-input .mvz-legend { display: flex; align-items: center; gap: 6px; font-size: 11px; color: var(--jp-ui-font-color2, #666); margin-top: 2px; }
 .mvz-input .mvz-legend .mvz-bar { width: 120px; height: 8px; background: linear-gradient(to right, rgb(33,102,172), rgb(247,247,247), rgb(178,24,43)); border: 1px solid rgba(0,0,0,0.1); }
 `;
@@ -123,7 +133,9 @@ function render({ model, el }) {
     model.save_changes();
   }
 
-  function addUnit(entry, modality, unit, element) {
+  // A clickable unit; name: what it is called to a screen reader (its word, its patch's
+  // label, its column and value), set as an attribute (text, never markup).
+  function addUnit(entry, modality, unit, element, name) {
     element.classList.add("mvz-unit");
     element.dataset.modality = modality;
     element.dataset.unit = String(unit);
@@ -132,10 +144,34 @@ function render({ model, el }) {
     element._mvzLabel = element.title || "";
     element._mvzScore = null;
     element._mvzConcepts = [];
+    element._mvzText = "";             // a chip's whole text, put in its title when cut
+    element._mvzCut = false;
+    element.tabIndex = 0;
+    element.setAttribute("role", "button");
+    element.setAttribute("aria-label", String(name || element._mvzLabel || `${modality} ${unit}`));
+    element.setAttribute("aria-pressed", "false");
+    element.setAttribute("data-lm-suppress-shortcuts", "true");
     element.addEventListener("click", (ev) => {
       ev.stopPropagation();
       select(modality, unit);
     });
+    element.addEventListener("keydown", (ev) => {
+      if (ev.isComposing || ev.altKey || ev.ctrlKey || ev.metaKey) return;
+      if (ev.key !== "Enter" && ev.key !== " " && ev.key !== "Spacebar") return;
+      ev.preventDefault();             // no page scroll on Space, no notebook shortcut
+      ev.stopPropagation();
+      select(modality, unit);
+    });
+    if (element.classList.contains("mvz-token")) {
+      // a chip cut by its max-width says its whole text on hover and on focus
+      element._mvzText = element.textContent;
+      const check = () => {
+        const cut = element.scrollWidth > element.clientWidth + 1;
+        if (cut !== element._mvzCut) { element._mvzCut = cut; setTitle(element); }
+      };
+      element.addEventListener("mouseenter", check);
+      element.addEventListener("focus", check);
+    }
     if (!entry.units.has(unit)) entry.units.set(unit, []);
     entry.units.get(unit).push(element);
   }
@@ -161,7 +197,7 @@ function render({ model, el }) {
         const u = r * cols + c;
         const p = el_("div", "mvz-patch");
         p.title = item.labels && item.labels[u] ? item.labels[u] : `patch ${u}`;
-        addUnit(entry, item.name, u, p);
+        addUnit(entry, item.name, u, p, `${item.name}: ${p.title}`);
         grid.appendChild(p);
       }
     }
@@ -200,7 +236,7 @@ function render({ model, el }) {
     const chips = el_("div", "mvz-tokens");
     for (let u = 0; u < item.n_units; u++) {
       const chip = el_("span", "mvz-token", item.labels ? item.labels[u] : `segment ${u}`);
-      addUnit(entry, item.name, u, chip);
+      addUnit(entry, item.name, u, chip, `${item.name}: ${chip.textContent}`);
       chips.appendChild(chip);
     }
     box.appendChild(chips);
@@ -231,7 +267,7 @@ function render({ model, el }) {
       const chip = el_("span", "mvz-token", word);
       const seen = item.model_tokens ? item.model_tokens[u] : null;
       chip.title = seen !== null && seen !== undefined && seen !== word ? `model sees: ${seen}` : `${item.tokens ? "token" : "unit"} ${u}`;
-      addUnit(entry, item.name, u, chip);
+      addUnit(entry, item.name, u, chip, `${item.name}: ${word}`);
       chips.appendChild(chip);
     });
     box.appendChild(chips);
@@ -249,7 +285,7 @@ function render({ model, el }) {
       const td = el_("td", null, fmt(item.values[c]));
       const u = item.units[c];
       td.title = item.unit_labels ? item.unit_labels[u] : name;
-      addUnit(entry, item.name, u, td);
+      addUnit(entry, item.name, u, td, `${item.name}: ${td.title} = ${td.textContent}`);
       body.appendChild(td);
     });
     table.appendChild(head);
@@ -294,7 +330,7 @@ function render({ model, el }) {
           svg.appendChild(line);
         }
         cell.appendChild(svg);
-        addUnit(entry, item.name, u, cell);
+        addUnit(entry, item.name, u, cell, `${item.name}: ${cell.title}`);
         grid.appendChild(cell);
       }
     });
@@ -363,6 +399,7 @@ function render({ model, el }) {
   // attribute is text: a concept is never read as HTML).
   function setTitle(e) {
     let t = e._mvzScore === null ? e._mvzLabel : `${e._mvzLabel} \u2014 ${fmt(e._mvzScore)}`;
+    if (e._mvzCut) t = `${e._mvzText}\n${t}`;
     if (e._mvzConcepts.length) t += `\nconcepts: ${e._mvzConcepts.join("; ")}`;
     e.title = t;
   }
@@ -388,7 +425,10 @@ function render({ model, el }) {
     for (const [name, entry] of byModality) {
       for (const [u, elements] of entry.units) {
         const on = sel.modality === name && sel.unit === u;
-        for (const e of elements) e.classList.toggle("mvz-selected", on);
+        for (const e of elements) {
+          e.classList.toggle("mvz-selected", on);
+          e.setAttribute("aria-pressed", on ? "true" : "false");
+        }
       }
     }
   }

@@ -30,7 +30,7 @@ from .data import MultimodalDataset
 from .engine import Analyses, Engine, Kernels, short_repr
 from .selection import FIELDS, Selection, unit_ref_of
 from .views._common import (close_widgets, colour_limit, failure_text, instance_title,
-                            method_label, shapley_players, text_label, widget_tree)
+                            isolate, method_label, shapley_players, text_label, widget_tree)
 from .views.concepts_view import ConceptsView
 from .views.controls import Controls, ErrorBanner, ProgressPanel
 from .views.embedding_view import BY_NEURON, EmbeddingView
@@ -152,11 +152,14 @@ class InputPanel:
             items = input_items(a.adapter, a.raw(i), p)
             pred = a.class_index(i, -1)
             label = a.label(i)
-            cap = (f"{instance_title(i, a.dataset.describe(i))} | predicted: "
-                   f"{a.adapter.class_names[pred]}")
+            # each piece of data isolated (bidi): a description or class name that holds a
+            # RIGHT-TO-LEFT OVERRIDE must not reverse "| predicted: ..." after it
+            cap = (f"{instance_title(i, a.dataset.describe(i), isolated=True)} | predicted: "
+                   f"{isolate(a.adapter.class_names[pred])}")
             if label is not None:
                 names = a.adapter.class_names
-                cap += f" | label: {names[label] if 0 <= label < len(names) else label}"
+                cap += (" | label: "
+                        + isolate(names[label] if 0 <= label < len(names) else label))
             return i, items, cap
 
         self.engine.submit(self.items_slot, ("items", i), job, self._show_items,
@@ -166,7 +169,7 @@ class InputPanel:
         """The instance cannot be shown: blank the view (no inputs of the previous instance
         stay on screen or clickable) and say which instance failed."""
         try:
-            title = instance_title(i, self.analyses.dataset.describe(i))
+            title = instance_title(i, self.analyses.dataset.describe(i), isolated=True)
         except Exception:  # noqa: BLE001 - an instance out of range has no description
             title = f"#{i}"
         with self.view.hold_sync():
@@ -427,7 +430,8 @@ class Explorer(W.VBox):
                                             neuron_name=self._neuron_name)
         self.controls = Controls(self.selection, len(dataset), adapter.class_names,
                                  describe=dataset.describe, on_refresh=self.refresh,
-                                 pairs=pair_options(adapter, pair) if pair else None)
+                                 pairs=pair_options(adapter, pair) if pair else None,
+                                 n_neurons=self._n_neurons())
         self.concepts_view = ConceptsView(
             self.selection, self.annotations, unit_name=self._unit_name, goto=self._goto,
             shared_units=[n for n, m in adapter.modalities.items() if m.shared_units])

@@ -129,6 +129,53 @@ def test_input_view_renders_scores_and_clicks_reach_python(lab, page):
     assert not nb.dialogs, nb.dialogs
 
 
+def test_a_unit_is_chosen_from_the_keyboard_as_by_a_click(lab, page):
+    """Tab to a token and press Enter (or Space on a patch): the kernel's ``selected`` changes
+    as for a click (the test above), in JupyterLab, whose Enter would otherwise enter the
+    notebook's edit mode. Each unit is a named button, and the focused one has a ring."""
+    nb = bs.Notebook(page, lab, "probe/input_view.ipynb").open()
+    nb.run_all()
+    page.wait_for_selector(".mvz-input[data-render-count] .mvz-token", timeout=90_000)
+    assert bs.kernel_link(page) == "ok"
+    tokens = page.locator(".mvz-input .mvz-token[data-modality='question']")
+    assert tokens.count() == 3
+    assert [tokens.nth(k).get_attribute(a) for k in (0, 2) for a in ("tabindex", "role")] == [
+        "0", "button", "0", "button"]
+    # the unit's name, as an attribute: the HTML of the word is text
+    assert tokens.nth(2).get_attribute("aria-label") == f"question: {XSS}"
+    assert page.locator(".mvz-input .mvz-patch").first.get_attribute("aria-label") == \
+        "image: patch r0c0"
+    tokens.nth(0).focus()
+    page.keyboard.press("Tab")                                  # the keyboard's way to a unit
+    assert page.evaluate("() => [document.activeElement.dataset.modality, "
+                         "document.activeElement.dataset.unit]") == ["question", "1"]
+    ring = page.evaluate("() => getComputedStyle(document.activeElement).boxShadow")
+    assert "rgb(21, 101, 192)" in ring, ring                   # the focus ring (#1565c0)
+    count = page.get_attribute(".mvz-input", "data-render-count")
+    page.keyboard.press("Enter")
+    page.wait_for_function("c => document.querySelector('.mvz-input').dataset.renderCount "
+                           "!== c", arg=count)
+    sel = nb.kernel_json("import json; print(json.dumps(view.selected))")
+    assert sel == {"modality": "question", "unit": 1}
+    page.wait_for_selector(".mvz-input .mvz-token[data-unit='1'].mvz-selected"
+                           "[aria-pressed='true']")
+    assert page.evaluate("() => document.activeElement.dataset.unit") == "1"   # focus kept
+    # Space on a patch does the same
+    page.locator(".mvz-input .mvz-patch[data-unit='3']").focus()
+    page.keyboard.press("Space")
+    for _ in range(100):
+        sel = nb.kernel_json("import json; print(json.dumps(view.selected))")
+        if sel == {"modality": "image", "unit": 3}:
+            break
+        page.wait_for_timeout(100)
+    assert sel == {"modality": "image", "unit": 3}
+    page.wait_for_selector(".mvz-input [data-modality='image'][data-unit='3'].mvz-selected")
+    # the notebook stayed in command mode (no cell was opened for editing by the keys)
+    assert page.evaluate("() => !document.querySelector('.jp-Notebook.jp-mod-editMode')")
+    assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
+    assert not nb.dialogs, nb.dialogs
+
+
 # -- the Explorer on easy-VQA (notebooks/quickstart.ipynb), opened once for these tests ------------
 
 def unit_sel(modality: str, unit: int | None = None) -> str:
@@ -603,22 +650,27 @@ def test_html_in_class_names_and_tokens_is_shown_as_text(lab, page):
     assert not nb.cell_errors()
 
 
-def render_input_bundle(page, state: dict) -> None:
-    """The shipped input-view bundle rendered alone in ``page``, with a model stub holding
-    ``state`` (no Jupyter: what the CSS and the DOM do with the payload)."""
+def render_bundle(page, esm_path, state: dict) -> None:
+    """A shipped bundle (an anywidget ESM) rendered alone in ``page``, with a model stub
+    holding ``state`` (no Jupyter: what the CSS and the DOM do with the payload). What the
+    view sends is kept in ``window.__mvz_sent``, what it saves (``set`` then
+    ``save_changes``) in ``window.__mvz_saved``; ``__mvz_deliver(name, msg)`` plays the kernel
+    and ``__mvz_set(name, value)`` changes a trait as the kernel would."""
     import re
-    from multiviz_widgets.views.input_view import _ESM_PATH
     src = re.sub(r"export\s*\{\s*(\w+) as default\s*\};?\s*$", r"window.__mvz_view = \1;",
-                 _ESM_PATH.read_text())
+                 esm_path.read_text())
     assert "window.__mvz_view" in src, "the bundle's default export was not found"
     page.set_content("<html><body></body></html>")
     page.add_script_tag(content=src)
     page.evaluate("""state => {
-        // what the view sends is kept in __mvz_sent; __mvz_deliver(name, msg) plays the kernel
         window.__mvz_sent = [];
-        const handlers = {};
+        window.__mvz_saved = [];
+        const handlers = {}, changed = {};
         window.__mvz_deliver = (name, msg) => (handlers[name] || []).forEach(fn => fn(msg));
-        const model = {get: k => state[k], set() {}, save_changes() {},
+        window.__mvz_set = (k, v) => { state[k] = v; window.__mvz_deliver('change:' + k); };
+        const model = {get: k => state[k], set: (k, v) => { changed[k] = v; },
+                       save_changes() { window.__mvz_saved.push(JSON.parse(JSON.stringify(
+                           changed))); for (const k of Object.keys(changed)) delete changed[k]; },
                        send: msg => window.__mvz_sent.push(msg),
                        on: (name, fn) => (handlers[name] = handlers[name] || []).push(fn),
                        off() {}};
@@ -626,6 +678,19 @@ def render_input_bundle(page, state: dict) -> None:
         document.body.appendChild(el);
         window.__mvz_view.render({model, el});
     }""", state)
+
+
+def render_input_bundle(page, state: dict) -> None:
+    """The shipped input-view bundle rendered alone in ``page`` (``render_bundle``)."""
+    from multiviz_widgets.views.input_view import _ESM_PATH
+    render_bundle(page, _ESM_PATH, state)
+
+
+def render_tags_bundle(page, state: dict) -> None:
+    """The shipped concept-tags bundle rendered alone in ``page`` (``render_bundle``)."""
+    from multiviz_widgets.views.concept_tags import _ESM_PATH
+    render_bundle(page, _ESM_PATH, {"value": [], "key": "k", "disabled": False,
+                                    "placeholder": "", **state})
 
 
 #: What a page too busy to set up an anywidget model in time gets: anywidget's 2 s deadline
@@ -674,6 +739,111 @@ def test_named_units_of_every_kind_have_the_dashed_border(page):
         assert (style, colour) == ("dashed", "rgb(142, 36, 170)"), (key, borders)
     others = [(m, style) for m, u, style, _ in borders if u == "1"]
     assert others and all(style != "dashed" for _, style in others), borders
+
+
+def test_every_kind_of_unit_is_a_named_button_that_enter_and_space_choose(page):
+    """Patches, word chips, segment chips, table cells and series windows: each is focusable
+    (in document order), has a name, and Enter or Space saves ``selected`` as a click does."""
+    items = [
+        {"name": "image", "kind": "image", "src": "", "rows": 1, "cols": 2, "patch": 2,
+         "width": 4, "height": 2, "display_width": 40, "display_height": 20,
+         "labels": ["top left", "top right"]},
+        {"name": "photo", "kind": "image", "src": "", "width": 2, "height": 1,
+         "display_width": 20, "display_height": 10, "segments": [0, 1], "n_units": 2,
+         "labels": ["sky", "sea"]},
+        {"name": "question", "kind": "text", "tokens": ["what", XSS], "n_units": 2},
+        {"name": "vitals", "kind": "tabular", "columns": ["hr", "bp"], "values": [1.0, 2.0],
+         "units": [0, 1]},
+        {"name": "series", "kind": "timeseries", "group_names": ["ecg"], "groups": [[0]],
+         "n_windows": 2, "window": 2, "values": [[0.1], [0.2], [0.3], [0.4]],
+         "labels": ["ecg t0-1", "ecg t2-3"]}]
+    render_input_bundle(page, {"items": items, "scores": {}, "score_caption": "",
+                               "selected": {}, "caption": "", "concepts": {}})
+    units = page.evaluate("""() => [...document.querySelectorAll('.mvz-unit')].map(e => [
+        e.dataset.modality, Number(e.dataset.unit), e.tabIndex, e.getAttribute('role'),
+        e.getAttribute('aria-label')])""")
+    assert [u[:2] for u in units] == [["image", 0], ["image", 1], ["photo", 0], ["photo", 1],
+                                      ["question", 0], ["question", 1], ["vitals", 0],
+                                      ["vitals", 1], ["series", 0], ["series", 1]]
+    assert all(u[2:4] == [0, "button"] for u in units), units
+    assert [u[4] for u in units] == [
+        "image: top left", "image: top right", "photo: sky", "photo: sea", "question: what",
+        f"question: {XSS}", "vitals: hr = 1.00", "vitals: bp = 2.00", "series: ecg t0-1",
+        "series: ecg t2-3"]
+    page.locator(".mvz-unit").first.focus()
+    for k, (modality, unit, *_rest) in enumerate(units):
+        if k:
+            page.keyboard.press("Tab")
+        page.keyboard.press("Enter" if k % 2 == 0 else "Space")
+        assert page.evaluate("() => window.__mvz_saved.at(-1)") == {
+            "selected": {"modality": modality, "unit": unit}}, (modality, unit)
+    assert page.evaluate("() => window.__mvz_saved.length") == len(units)
+    # other keys choose nothing; the selection shows as pressed
+    page.keyboard.press("a")
+    page.keyboard.press("Control+Enter")
+    assert page.evaluate("() => window.__mvz_saved.length") == len(units)
+    page.evaluate("() => window.__mvz_set('selected', {modality: 'vitals', unit: 1})")
+    assert page.locator(".mvz-unit[aria-pressed='true']").evaluate_all(
+        "els => els.map(e => e.dataset.modality + e.dataset.unit)") == ["vitals1"]
+    assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
+
+
+def test_very_long_tokens_and_concepts_are_cut_with_an_ellipsis_and_said_whole_on_hover(page):
+    """A 500-character word (one token) and a 200-character concept stay within their views
+    (they once widened them to thousands of px); hovering shows the whole text."""
+    long_word, long_concept = "a" * 500, "c" * 200
+    items = [{"name": "question", "kind": "text", "tokens": [long_word, "short"],
+              "n_units": 2}]
+    render_input_bundle(page, {"items": items, "scores": {}, "score_caption": "",
+                               "selected": {}, "caption": "", "concepts": {}})
+    chips = page.locator(".mvz-input .mvz-token")
+    sizes = chips.evaluate_all("els => els.map(e => [e.getBoundingClientRect().width, "
+                               "e.scrollWidth > e.clientWidth, getComputedStyle(e).textOverflow])")
+    assert sizes[0][0] < 400 and sizes[0][1:] == [True, "ellipsis"], sizes
+    assert sizes[1][1] is False, sizes
+    assert chips.first.text_content() == long_word             # cut on screen only
+    assert page.evaluate("() => document.querySelector('.mvz-tokens').scrollWidth "
+                         "<= document.querySelector('.mvz-tokens').clientWidth")
+    chips.first.hover()
+    assert chips.first.get_attribute("title") == f"{long_word}\ntoken 0"
+    chips.nth(1).hover()
+    assert chips.nth(1).get_attribute("title") == "token 1"    # not cut: as before
+    # a concept tag: cut, its remove button still there, the whole text in its title
+    render_tags_bundle(page, {"value": [long_concept, "ok"]})
+    tag = page.locator(".mvz-tag").first
+    got = tag.evaluate("""t => { const x = t.querySelector('.mvz-tag-text');
+        return [t.getBoundingClientRect().width, x.scrollWidth > x.clientWidth,
+                t.querySelector('.mvz-tag-remove').getBoundingClientRect().width,
+                x.title, x.textContent]; }""")
+    assert got[0] < 400 and got[1] is True and got[2] > 5, got[:3]
+    assert got[3:] == [long_concept, long_concept]
+
+
+def test_the_focus_moves_to_the_next_remove_button_after_a_concept_is_removed(page):
+    """The kernel's answer to a remove redraws the tags: the focus goes on to the remove
+    button now in the removed one's place (else the last one, else the input), not to the
+    page's body. Each button and the input have a name (the concept's text, as text)."""
+    render_tags_bundle(page, {"value": ["red", XSS, "round"]})
+    names = page.locator(".mvz-tag-remove").evaluate_all(
+        "els => els.map(e => e.getAttribute('aria-label'))")
+    assert names == ["remove concept red", f"remove concept {XSS}", "remove concept round"]
+    assert page.locator("input.mvz-tag-input").get_attribute("aria-label") == "add a concept"
+    focused = "() => { const a = document.activeElement; return a.classList.contains(" \
+              "'mvz-tag-remove') ? a.getAttribute('aria-label') : a.className; }"
+    page.locator(".mvz-tag-remove").nth(1).focus()
+    for sent, value, then in (
+            (XSS, ["red", "round"], "remove concept round"),      # the next one
+            ("round", ["red"], "remove concept red"),             # the last: the one before
+            ("red", [], "mvz-tag-input")):                        # none left: the input
+        page.keyboard.press("Enter")                              # a button's click
+        assert page.evaluate("() => window.__mvz_sent.at(-1)") == {
+            "op": "remove", "key": "k", "text": sent}
+        page.evaluate("v => window.__mvz_set('value', v)", value)  # the kernel's answer
+        assert page.evaluate(focused) == then
+    # a redraw for anything else leaves the focus where it is
+    page.evaluate("() => window.__mvz_set('value', ['new'])")
+    assert page.evaluate(focused) == "mvz-tag-input"
+    assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
 
 
 def test_a_units_interactions_are_drawn_on_the_scale_given_and_the_legend_says_it(page):
@@ -807,3 +977,50 @@ def test_the_heatmap_greys_cells_not_computed_outlines_the_row_and_keeps_labels_
     rows = page.evaluate("() => Array.from(document.querySelectorAll('.mvz-heatmap-view "
                          "g.axis .tick text')).map(t => t.textContent)")
     assert {"how", "many", "sides"} <= set(rows) and "what" not in rows
+
+
+#: Each time a heatmap cell is hovered: [rowNum, columnNum, the tooltip's text] just after
+#: bqplot showed the tooltip (this listener bubbles to the document after bqplot's own)
+JS_RECORD_TIPS = """() => { window.__tips = [];
+  document.addEventListener('mouseover', ev => {
+    const t = ev.target;
+    if (!(t instanceof Element) || !t.matches('rect.heatmapcell')) return;
+    const tip = document.querySelector('.mvz-cell-tip');
+    window.__tips.push([t.__data__.rowNum, t.__data__.columnNum, tip ? tip.textContent : null]);
+  }); }"""
+
+
+def test_the_heatmap_tooltip_never_shows_the_previous_cells_text(lab, page):
+    """bqplot shows the tooltip before the kernel has the hover: over a new cell it said the
+    previous cell's names and value for a round trip. Now it shows an ellipsis until the
+    kernel's text for that very cell arrives."""
+    bs.write_notebook(lab.root / "probe" / "heatmap_tip.ipynb",
+                      [f"REPO = {str(bs.REPO)!r}", HEATMAP_CELL])
+    nb = bs.Notebook(page, lab, "probe/heatmap_tip.ipynb").open()
+    nb.run_all()
+    page.wait_for_function("() => document.querySelectorAll('.mvz-heatmap-view rect.heatmapcell')"
+                           ".length === 320", timeout=90_000)
+    page.wait_for_timeout(1000)                                      # bqplot's transitions
+    page.evaluate(JS_RECORD_TIPS)
+    want = nb.kernel_json("import json; print(json.dumps({f'{r},{c}': hv.cell_text(r, c) "
+                          "for r in range(5) for c in range(64)}))")
+    assert want["1,5"].endswith("not computed (not both Shapley players)")
+    cells = page.locator(".mvz-heatmap-view rect.heatmapcell")
+    shown = "t => { const e = document.querySelector('.mvz-cell-tip'); " \
+            "return !!e && e.textContent === t; }"
+    for r, c in ((1, 5), (0, 3), (1, 5)):
+        n = page.evaluate("() => window.__tips.length")
+        k = page.evaluate("""([r, c]) => Array.from(document.querySelectorAll(
+            '.mvz-heatmap-view rect.heatmapcell')).findIndex(
+            e => e.__data__.rowNum === r && e.__data__.columnNum === c)""", [r, c])
+        cells.nth(k).hover()
+        page.wait_for_function(shown, arg=want[f"{r},{c}"], timeout=20_000)
+        seen = page.evaluate("n => window.__tips.slice(n)", n)
+        assert seen and seen[-1][:2] == [r, c], seen
+        # at each hover the tip showed an ellipsis or that cell's own text: never another's
+        wrong = [s for s in seen if s[2] not in ("\u2026", want[f"{s[0]},{s[1]}"])]
+        assert not wrong, wrong
+        assert seen[-1][2] == "\u2026", seen                 # before the kernel's answer
+    assert page.evaluate("() => document.querySelector('.mvz-cell-tip').closest("
+                         "'.mathjax_ignore') !== null")
+    assert not nb.dialogs, nb.dialogs

@@ -676,3 +676,135 @@ def test_a_dataset_whose_columns_are_not_the_modalities_is_refused_at_once():
     columns["img"] = columns.pop("image")
     with pytest.raises(ValueError, match=r"missing \['image'\], unknown \['img'\]"):
         Explorer(adapter, MultimodalDataset(columns), kernels=FakeKernels())
+
+
+# -- a neuron from the keyboard; long messages; bidi controls in data --------------------------
+def test_a_neuron_is_picked_by_its_number_as_a_click_on_its_bar_picks_it(vqa):
+    """The bars and the path's nodes are for the pointer only: the controls take a neuron's
+    number too (typed, then Enter, or "show neuron"), through the selection as a click."""
+    ex, _ = vqa
+    c = ex.controls
+    n = ex.analyses.n_neurons()
+    assert c.neuron_pick is not None and (c.neuron_pick.min, c.neuron_pick.max) == (0, n - 1)
+    row = c.children[2]
+    assert c.neuron_pick in row.children and c.neuron_go in row.children
+    assert row.layout.flex_flow == "row wrap"              # the longer row wraps, never cut
+    seen = []
+    ex.selection.observe(lambda ch: seen.append(ch["new"]), names="neuron")
+    c.neuron_pick.value = 3                  # typed, then Enter: one change of the value
+    assert ex.selection.neuron == 3 and seen == [3]
+    assert ex.wait(30)
+    st = ex.state()
+    assert st["neuron"] == 3 and st["gallery_neuron"] == 3 and c.neuron_label.value == \
+        "neuron: h3"
+    ex.select(neuron=-1)
+    assert c.neuron_pick.value == 3                         # kept: the button picks it again
+    c.neuron_go.click()
+    assert ex.selection.neuron == 3 and seen == [3, -1, 3]
+    c.neuron_pick.value = n + 7                             # clamped to the last neuron
+    assert ex.selection.neuron == n - 1
+    # a bar clicked: the box shows its number, and that selects nothing more
+    ex.select(neuron=-1)
+    before = len(seen)
+    ex.neuron_view.click_bar(0)
+    j = ex.neuron_view.shown[0]
+    assert ex.selection.neuron == j and c.neuron_pick.value == j and seen[before:] == [j]
+    assert ex.wait(30)
+
+
+def test_controls_without_a_neuron_count_have_no_neuron_box():
+    from multiviz_widgets.selection import Selection
+    from multiviz_widgets.views.controls import Controls
+    c = Controls(Selection(), 3, ["a", "b"], methods=["gradient"])
+    try:
+        assert c.neuron_pick is None and c.neuron_go is None
+    finally:
+        c.close()
+
+
+def test_a_refused_concept_and_the_save_status_are_wrapped_not_cut(vqa):
+    """The reason a concept is refused (which character) and where concepts are saved were
+    one-line Labels, cut with "..." at their width; the path's concepts line too."""
+    ex, _ = vqa
+    cv = ex.concepts_view
+    ex.select(neuron=ex.neuron_view.shown[0])
+    assert ex.wait(30)
+    cv.neuron_tags.edit("add", "a pasted\tconcept " + "p" * 70)
+    msg = cv.message.value
+    assert msg.startswith("not taken: ") and "control character" in msg and len(msg) > 110
+    lines = [label.value for label in cv.message.children]
+    assert len(lines) >= 2 and all(len(line) <= 110 for line in lines)
+    assert " ".join(lines).split() == msg.split()           # all of it, the end included
+    assert all(label.style.text_color == "#a00000" for label in cv.message.children)
+    cv.neuron_tags.edit("add", "fine")
+    assert cv.message.value == "" and cv.message.layout.display == "none"
+    status = cv.status.value
+    assert "kept in memory only" in status and len(status) > 110
+    lines = [label.value for label in cv.status.children]
+    assert len(lines) >= 2 and " ".join(lines).split() == status.split()
+    # the path's line of concepts: every named neuron on the path, in lines of 84 at most
+    on_path = [int(node["neuron"]) for node in ex.path_view.nodes if node["kind"] == "neuron"]
+    assert on_path
+    for j in on_path:
+        ex.annotations.add(("neuron", j), f"a long name for what neuron {j} stands for")
+    line = ex.path_view.concepts.value
+    assert line.startswith("concepts on this path: ") and len(line) > 84
+    lines = [label.value for label in ex.path_view.concepts.children]
+    assert len(lines) >= 2 and all(len(x) <= 84 for x in lines)
+    assert " ".join(lines).split() == line.split()
+    assert ex.state()["path"]["concepts"] == line
+
+
+def test_isolate_keeps_data_from_reordering_the_words_around_it():
+    from multiviz_widgets.views._common import FSI, PDI, instance_title, isolate
+    assert isolate("") == "" and isolate(None) == ""
+    assert isolate("a red circle") == f"{FSI}a red circle{PDI}"
+    assert isolate("\u05e9\u05dc\u05d5\u05dd") == f"{FSI}\u05e9\u05dc\u05d5\u05dd{PDI}"  # RTL
+    # embeddings, overrides and isolates inside: escaped as repr shows them; marks are kept
+    assert isolate("ab\u202ecd\u2069\u202a\u200f") == f"{FSI}ab\\u202ecd\\u2069\\u202a\u200f{PDI}"
+    assert instance_title(4, "x\u202ey", isolated=True) == f"#4 {FSI}x\\u202ey{PDI}"
+    assert instance_title(4, "#4", isolated=True) == "#4"
+    assert instance_title(4, "x\u202ey") == "#4 x\u202ey"          # alone on its line: as is
+
+
+def test_bidi_controls_in_descriptions_and_class_names_cannot_reorder_the_input_caption():
+    """A description or a class name with a RIGHT-TO-LEFT OVERRIDE (or a POP DIRECTIONAL
+    ISOLATE meant to escape an isolate) once reversed "| predicted: ... | label: ..." after
+    it in the input view's caption: every piece of data is now an isolate of its own."""
+    import re
+
+    from multiviz_widgets import Image, ModelAdapter, MultimodalDataset, Text
+    from multiviz_widgets.explorer import Explorer
+    from multiviz_widgets.views._common import FSI, PDI
+
+    from .explorer_support import VOCAB, FakeKernels, TinyVQA
+    classes = ["red\u202e", "blue", "circle", "\u2069evil\u202e"]
+    adapter = ModelAdapter(TinyVQA().eval(), [Image("image", patch=4), Text("question", VOCAB)],
+                           classes)
+    rng = np.random.default_rng(0)
+    n = 8
+    ds = MultimodalDataset({"image": [rng.random((8, 8, 3)).astype(np.float32)
+                                      for _ in range(n)],
+                            "question": ["what color is the shape"] * n},
+                           labels=[i % 4 for i in range(n)],
+                           descriptions=[f"q{i} \u202egnp.live\u2069" for i in range(n)])
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.0)
+    try:
+        for i in (0, 3):
+            ex.select(instance=i)
+            assert ex.wait(60)
+            cap = ex.input_view.caption
+            assert "\u202e" not in cap and cap.count(FSI) == cap.count(PDI) == 3, cap
+            assert cap.startswith(f"#{i} {FSI}q{i} \\u202egnp.live\\u2069{PDI} | predicted: ")
+            assert cap.endswith(f" | label: {FSI}{classes[i % 4]}{PDI}".replace(
+                "\u202e", "\\u202e").replace("\u2069evil", "\\u2069evil"))
+            # the app's own words are outside every isolate, in their order
+            outside = re.sub(f"{FSI}[^{PDI}]*{PDI}", "", cap)
+            assert outside == f"#{i}  | predicted:  | label: ", outside
+        # the caption of an instance that cannot be shown too
+        ex.input_panel._items_failed(5, RuntimeError("no inputs"))
+        cap = ex.input_view.caption
+        assert cap == f"#5 {FSI}q5 \\u202egnp.live\\u2069{PDI} | not shown (RuntimeError: " \
+                      f"no inputs)"
+    finally:
+        ex.close()

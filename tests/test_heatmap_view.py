@@ -2,6 +2,8 @@
 apart, the full names on hover, the selected row outlined (its values kept), the colour bar's
 title and orientation, and the cells that Shapley did not compute. Kernel-free: the matrices
 are given to the view as an engine job would (``HeatmapView._show``)."""
+import pathlib
+
 import ipywidgets as W
 import numpy as np
 import pytest
@@ -75,10 +77,40 @@ def test_hovering_a_cell_names_its_two_units_in_full_and_its_value(vqa):
     hover(hv.grid, rowNum=0, columnNum=1, row="what", column="respir\u2026 t24-31", color=-1.25)
     assert hv.tip.value == "question 'what' x image 'respiration t24-31': -1.25"
     hover(hv.grid, rowNum=1, columnNum=0)
-    # a Label: the text as it is, never read as markup
+    # the text as it is, never read as markup (the browser sets it as textContent)
     assert "respiration t16-23" in hv.tip.value and "<b>is</b>" in hv.tip.value
-    assert isinstance(hv.tip, W.Label)
     assert hv.cell_text(5, 0) == "" and hv.cell_text(0, 1).endswith("-1.25")
+
+
+def test_the_tooltip_says_which_cell_its_text_is_for_and_the_browser_checks_it(vqa):
+    """bqplot shows the tooltip before the kernel has the hover: the text comes with the cell
+    it is for, the browser shows it only over that cell (an ellipsis meanwhile), and a new
+    matrix clears it (no text of the previous one over the new cells)."""
+    from multiviz_widgets.views.heatmap_view import CellTip
+    root = pathlib.Path(__file__).resolve().parent.parent
+    source = (root / "js" / "cell_tip.js").read_text(encoding="utf-8")
+    bundle = (root / "multiviz_widgets" / "static" / "cell_tip.js").read_text(encoding="utf-8")
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    m = np.array([[0.5, -1.25], [2.0, 0.0]])
+    show(hv, m, ["what", "is"], ["patch r0c0", "patch r0c1"])
+    assert isinstance(hv.tip, CellTip) and hv.grid.tooltip is hv.tip
+    assert hv.tip.tip == {} and hv.tip.value == ""
+    hover(hv.grid, rowNum=1, columnNum=0)
+    assert hv.tip.tip == {"row": 1, "col": 0,
+                          "text": "question 'is' x image 'patch r0c0': 2"}
+    hover(hv.grid, rowNum=0, columnNum=1)                 # the text and its cell, together
+    assert (hv.tip.tip["row"], hv.tip.tip["col"]) == (0, 1) and hv.tip.value.endswith("-1.25")
+    show(hv, -m, ["what", "is"], ["patch r0c0", "patch r0c1"])
+    assert hv.tip.tip == {} and hv.tip.value == ""
+    # the browser's side: the hovered cell from bqplot's datum, before bqplot shows the tip;
+    # the kernel's text only over its own cell; text, never markup
+    assert "rowNum" in source and "columnNum" in source and "textContent" in source
+    assert 'addEventListener("mouseover", over, true)' in source
+    for js in (source, bundle):
+        assert not any(w in js for w in ("innerHTML", "outerHTML", "insertAdjacentHTML"))
+    assert "rowNum" in bundle and "mvz-cell-tip" in bundle
+    assert "mathjax_ignore" in hv.tip._dom_classes
 
 
 # -- (b) the selected row: outlined, its values kept -----------------------------------------

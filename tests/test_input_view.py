@@ -153,6 +153,24 @@ def test_the_bundle_is_built_and_loaded():
     assert InputView()._esm == src
 
 
+def test_the_bundles_units_and_tags_are_keyboard_buttons_with_names():
+    """What the browser tests check in Chromium, present in the shipped bundles: units are
+    focusable named buttons kept from JupyterLab's shortcuts, chips and tags cut long text,
+    a tag's remove button names its concept."""
+    from multiviz_widgets.views import concept_tags as ct
+    src = iv._ESM_PATH.read_text()
+    for needle in ('"role","button"', '"aria-label"', '"aria-pressed"', "keydown",
+                   '"data-lm-suppress-shortcuts","true"', "focus-visible", "max-width: 40ch",
+                   "text-overflow: ellipsis"):
+        assert needle in src, needle
+    tags = ct._ESM_PATH.read_text()
+    for needle in ("remove concept ", '"aria-label","add a concept"', "text-overflow: ellipsis",
+                   "activeElement", ".focus()"):
+        assert needle in tags, needle
+    for bundle in (src, tags):
+        assert not any(w in bundle for w in ("innerHTML", "outerHTML", "insertAdjacentHTML"))
+
+
 def test_missing_bundle_says_to_run_make_js(monkeypatch, tmp_path):
     monkeypatch.setattr(iv, "_ESM_PATH", tmp_path / "missing.js")
     with pytest.raises(iv.BundleMissingError, match="make js"):

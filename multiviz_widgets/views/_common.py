@@ -189,8 +189,32 @@ def close_widgets(roots: Iterable[W.Widget]) -> None:
         w.close()
 
 
-def instance_title(index: int, description) -> str:
+#: The bidi controls that open or close an embedding, override or isolate (LRE, RLE, PDF, LRO,
+#: RLO; LRI, RLI, FSI, PDI): inside a piece of data they could reorder or close more than the
+#: piece itself, so ``isolate`` shows them escaped, as repr does ("\u202e").
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+#: FIRST STRONG ISOLATE ... POP DIRECTIONAL ISOLATE (Unicode's bidi algorithm, UAX #9)
+FSI, PDI = "\u2068", "\u2069"
+
+
+def isolate(text) -> str:
+    """``text`` (from data: a description, a class name) ready to be joined with the app's own
+    words in one line: its bidi controls escaped ("\\u202e"), and the whole between FSI and
+    PDI, so that its direction (right-to-left words, a stray RIGHT-TO-LEFT OVERRIDE) never
+    reorders the words around it ("| predicted: yes" after a description). "" stays ""."""
+    text = "" if text is None else str(text)
+    if not text:
+        return ""
+    if not BIDI_CONTROLS.isdisjoint(text):
+        text = "".join(f"\\u{ord(ch):04x}" if ch in BIDI_CONTROLS else ch for ch in text)
+    return f"{FSI}{text}{PDI}"
+
+
+def instance_title(index: int, description, isolated: bool = False) -> str:
     """"#4 a red circle", or just "#4" when the description is empty or is "#4" itself
-    (a dataset without descriptions)."""
+    (a dataset without descriptions). isolated: the description as ``isolate`` gives it (for
+    a line that goes on after it)."""
     desc = "" if description is None else str(description)
-    return f"#{index}" if desc in ("", f"#{index}") else f"#{index} {desc}"
+    if desc in ("", f"#{index}"):
+        return f"#{index}"
+    return f"#{index} {isolate(desc) if isolated else desc}"

@@ -21,7 +21,7 @@ import ipywidgets as W
 from ..annotations import AnnotationError, Annotations, feature_key, neuron_key, unit_key
 from ..selection import Selection
 from .concept_tags import ConceptTags
-from ._common import text_label
+from ._common import WrappedText, text_label
 
 
 class ConceptsView(W.VBox):
@@ -47,8 +47,10 @@ class ConceptsView(W.VBox):
         self.neuron_tags = ConceptTags(layout=W.Layout(flex="1 1 300px"))
         self.unit_label = text_label(value="", layout=_label_layout())
         self.unit_tags = ConceptTags(layout=W.Layout(flex="1 1 300px"))
-        self.message = text_label(value="", style={"text_color": "#a00000"})
-        self.status = text_label(value="")
+        # what was refused and why, and where the concepts are saved (or why they are not):
+        # wrapped lines, never cut (a Label ends its text with "..." at its width)
+        self.message = WrappedText("", width=110, label_style={"text_color": "#a00000"})
+        self.status = WrappedText("", width=110)
         # the prompt is the first option, shown (index 0) but not a place to go (value None)
         self.named = W.Dropdown(options=[(GOTO_PROMPT, None)], index=0,
                                 layout=W.Layout(width="420px"))

@@ -26,7 +26,9 @@ def _names(module: str, attr: str, default: Sequence[str]) -> list[str]:
 
 class Controls(W.VBox):
     """Picks the instance, the target class, the methods and (with ``pairs``: more than one
-    (rows, columns) pair of modalities) the heatmap's pair; shows the neuron and unit.
+    (rows, columns) pair of modalities) the heatmap's pair; shows the neuron and unit. With
+    ``n_neurons`` (the decision layer's inputs) a neuron is picked by its number too (typed,
+    then Enter, or the "show neuron" button): what a click on its bar does, for a keyboard.
 
     Every change goes through ``selection.select`` (the same path as a click elsewhere), and
     every selection change is reflected here, the pair menu included (the selection's ``pair``).
@@ -35,7 +37,7 @@ class Controls(W.VBox):
     def __init__(self, selection: Selection, n_instances: int, class_names: Sequence[str],
                  describe=None, methods: Sequence[str] | None = None,
                  interaction_methods: Sequence[str] | None = None, on_refresh=None,
-                 pairs: Sequence[tuple[str, str]] | None = None):
+                 pairs: Sequence[tuple[str, str]] | None = None, n_neurons: int | None = None):
         self.selection = selection
         self._syncing = False
         self._describe = describe or (lambda i: f"#{i}")
@@ -74,6 +76,19 @@ class Controls(W.VBox):
             self.pair.observe(lambda c: self._pick(pair=c["new"]), names="value")
         self.neuron_label = text_label(value="")
         self.clear_neuron = W.Button(description="clear neuron", layout=W.Layout(width="110px"))
+        # a neuron by its number (the bars and the path's nodes are for the pointer only)
+        self.neuron_pick = self.neuron_go = None
+        if n_neurons is not None and int(n_neurons) > 0:
+            self.neuron_pick = W.BoundedIntText(
+                value=max(0, selection.neuron), min=0, max=int(n_neurons) - 1,
+                description="neuron h", style={"description_width": "initial"},
+                tooltip=f"a neuron's number (0..{int(n_neurons) - 1}), then Enter",
+                layout=W.Layout(width="150px"))
+            self.neuron_go = W.Button(description="show neuron", layout=W.Layout(width="110px"),
+                                      tooltip="select the neuron whose number is typed, as a "
+                                              "click on its bar does")
+            self.neuron_pick.observe(lambda c: self._pick(neuron=c["new"]), names="value")
+            self.neuron_go.on_click(lambda _: self._pick(neuron=self.neuron_pick.value))
         self.unit_label = text_label(value="")
         self.clear_unit = W.Button(description="clear unit", layout=W.Layout(width="100px"))
         # not shrunk when the row is narrow (it was cut to "recomp..."): the row wraps instead
@@ -100,8 +115,11 @@ class Controls(W.VBox):
             W.HBox([self.prev, self.instance, self.next, self.description]),
             W.HBox([self.target, self.method, self.interaction_method, self.refresh_button],
                    layout=W.Layout(flex_flow="row wrap")),
-            W.HBox([self.neuron_label, self.clear_neuron, self.unit_label, self.clear_unit]
-                   + ([self.pair] if self.pair is not None else [])),
+            W.HBox([self.neuron_label]
+                   + ([self.neuron_pick, self.neuron_go] if self.neuron_pick is not None else [])
+                   + [self.clear_neuron, self.unit_label, self.clear_unit]
+                   + ([self.pair] if self.pair is not None else []),
+                   layout=W.Layout(flex_flow="row wrap")),
         ])
 
     @staticmethod
@@ -157,6 +175,8 @@ class Controls(W.VBox):
                 self.pair.options = list(self.pair.options) + [self._pair_option(pair)]
             self.pair.value = pair
         self.neuron_label.value = f"neuron: h{s.neuron}" if s.neuron >= 0 else "neuron: none"
+        if self.neuron_pick is not None and 0 <= s.neuron <= self.neuron_pick.max:
+            self.neuron_pick.value = s.neuron      # the number of the neuron clicked elsewhere
         self.clear_neuron.disabled = s.neuron < 0
         self.unit_label.value = (f"unit: {s.modality} #{s.unit}" if s.unit_ref else "unit: none")
         self.clear_unit.disabled = s.unit_ref is None

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import math
 import numbers
+import pathlib
 
+import anywidget
 import bqplot as bq
 import ipywidgets as W
 import numpy as np
+import traitlets
 
 from ..engine import Analyses, Engine
 from ..selection import Selection
+from .input_view import check_bundle
 from ._common import (RetryAfterCancel, WrappedText, colour_limit, failure_text, method_label,
                       shapley_players, text_label)
 
@@ -166,6 +170,32 @@ def shapley_estimate_note(params) -> str:
     return text
 
 
+_ESM_PATH = pathlib.Path(__file__).resolve().parent.parent / "static" / "cell_tip.js"
+
+
+class CellTip(anywidget.AnyWidget):
+    """The heatmap's hover tooltip: ``tip`` = {"row", "col", "text"}, the text the kernel wrote
+    for cell (row, col) (bqplot's rowNum, columnNum); {} for none. The browser shows it only
+    while that cell is the one hovered (js/cell_tip.js)."""
+
+    # Import must work without the bundle (so the error can say what to do); __init__ checks it.
+    _esm = _ESM_PATH if _ESM_PATH.is_file() else "export default { render() {} };"
+    tip = traitlets.Dict().tag(sync=True)
+
+    def __init__(self, **kwargs):
+        check_bundle(_ESM_PATH, "CellTip")
+        super().__init__(**kwargs)
+        self.add_class("mathjax_ignore")          # a "$" in a unit's name stays a "$"
+
+    @property
+    def value(self) -> str:
+        """The text of the cell hovered last ("" for none)."""
+        return str(self.tip.get("text", ""))
+
+    def show(self, row: int, col: int, text: str) -> None:
+        self.tip = {"row": int(row), "col": int(col), "text": str(text)}
+
+
 class HeatmapView(W.VBox):
     """Interaction matrix of ``pair`` = (rows modality, columns modality); cells clickable.
 
@@ -190,8 +220,9 @@ class HeatmapView(W.VBox):
         self.cols_scale = bq.OrdinalScale()
         self.color_scale = bq.ColorScale(colors=COLOURS, mid=0.0)
         # the hover tooltip: the full names of the cell's two units and its value, written
-        # from Python on bqplot's hover message (the tick labels are shortened)
-        self.tip = text_label(value="")
+        # from Python on bqplot's hover message (the tick labels are shortened), shown by the
+        # browser only over the cell it is for (CellTip)
+        self.tip = CellTip()
         self.grid = bq.GridHeatMap(
             color=np.zeros((2, 2)),
             scales={"row": self.rows_scale, "column": self.cols_scale, "color": self.color_scale},
@@ -363,6 +394,7 @@ class HeatmapView(W.VBox):
     def _draw(self, m: np.ndarray, row_labels, col_labels,
               computed: np.ndarray | None = None) -> None:
         self.matrix = m
+        self.tip.tip = {}                 # no text of the previous matrix over the new one
         self.row_labels = [str(x) for x in row_labels]
         self.col_labels = [str(x) for x in col_labels]
         finite = np.isfinite(m)
@@ -472,8 +504,8 @@ class HeatmapView(W.VBox):
         except (TypeError, ValueError):
             return
         with self.engine.lock:        # not interleaved with a matrix drawn on the worker
-            text = self.cell_text(r, c)
-        self.tip.value = text or ""
+            # the text and the cell it is for in one message (the browser compares the cell)
+            self.tip.show(r, c, self.cell_text(r, c) or "")
 
     # -- clicks --------------------------------------------------------------------------------
     def _on_click(self, _mark, content) -> None:

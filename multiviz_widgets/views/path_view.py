@@ -17,7 +17,7 @@ from ..annotations import Annotations
 from ..engine import Analyses, Engine, params_key
 from ..kernels.projection import path_layout
 from ..selection import Selection
-from ._common import RetryAfterCancel, WrappedText, failure_text, text_label
+from ._common import RetryAfterCancel, WrappedText, failure_text
 
 _COLOURS = {"class": "#d62728", "neuron": "#1f77b4", "unit": "#2ca02c"}
 #: The classes shown beside the path's own (a click follows their path): grey, not its red.
@@ -89,7 +89,8 @@ class PathView(W.VBox):
                                 layout=W.Layout(width="620px", height="360px"),
                                 fig_margin={"top": 20, "bottom": 20, "left": 10, "right": 60})
         self.caption = WrappedText(width=84)      # long: wrapped, never cut
-        self.concepts = text_label(value="")     # the concepts of the path's neurons
+        # the concepts of the path's neurons: wrapped, never cut
+        self.concepts = WrappedText(width=84)
         # its own width, never squeezed by the views beside it (they wrap below instead)
         super().__init__([self.caption, self.concepts, self.figure],
                          layout=W.Layout(width="626px", flex="0 0 auto",
