@@ -626,16 +626,28 @@ def test_the_cache_key_covers_how_the_model_is_called_and_a_functions_code(cache
             return self.classifier(torch.cat([a, b], 1))
     mods = lambda: [Tabular("a", columns=["x"]), Tabular("b", columns=["y"])]  # noqa: E731
     model = Named().eval()
-    by_position = ModelAdapter(model, mods(), ["n", "p"])
+    # the modalities' names in another order than forward()'s: the adapter calls by name by
+    # itself (by position each input would reach the other argument), so both adapters call
+    # the model alike and share the cached features; with the arguments in the modalities'
+    # order under other names, the call is by position and its key differs
+    by_order = ModelAdapter(model, mods(), ["n", "p"])
     by_name = ModelAdapter(model, mods(), ["n", "p"], keyword_inputs=True)
-    assert by_position.fingerprint() == by_name.fingerprint()
+    assert by_order.keyword_inputs and by_order.fingerprint() == by_name.fingerprint()
     ds = MultimodalDataset({"a": [np.array([1.0]), np.array([2.0])],
                             "b": [np.array([5.0]), np.array([7.0])]})
-    assert rep.features_key(by_position, ds) != rep.features_key(by_name, ds)
-    extract_features(by_position, ds, cache_dir=cache)
+    assert rep.features_key(by_order, ds) == rep.features_key(by_name, ds)
+    extract_features(by_order, ds, cache_dir=cache)
     named = extract_features(by_name, ds, cache_dir=cache)
-    assert not named.from_cache
+    assert named.from_cache
     np.testing.assert_allclose(named.h, extract_features(by_name, ds, cache=False).h)
+
+    class Unnamed(Named):
+        def forward(self, *inputs):
+            return super().forward(*inputs)
+    plain = Unnamed().eval()
+    positional = ModelAdapter(plain, mods(), ["n", "p"])
+    keywords = ModelAdapter(plain, mods(), ["n", "p"], keyword_inputs=True)
+    assert rep.features_key(positional, ds) != rep.features_key(keywords, ds)
     # two tokenizers that are both "<lambda>" are two tokenizers
     from multiviz_widgets import Text
     vocab = ["[PAD]", "[UNK]", "red", "blue"]

@@ -244,7 +244,7 @@ def test_deletion_insertion_of_a_one_output_model_says_why_not_instead_of_flat_c
     adapter = ModelAdapter(OneLogit().eval(), [Tabular("x", columns=[f"c{i}" for i in range(F)])],
                            ["risk"])
     with pytest.raises(ValueError, match=r"one output \(\['risk'\]\).*softmax is always 1.*"
-                                         r"torch.stack\(\[-z, z\], 1\)"):
+                                         r"class_names=\[negative, positive\]"):
         deletion_insertion(adapter, tiny_dataset()[0], "x", np.arange(F, dtype=float), 0)
 
 
