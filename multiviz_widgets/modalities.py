@@ -394,6 +394,16 @@ class Image(Modality):
                     f"{self.name}: an image array must be H x W x C, and shape {arr.shape} looks "
                     "like C x H x W: pass array.transpose(1, 2, 0), or give the modality "
                     "channels_last_raw=False.")
+            if (self.channels_last_raw and arr.shape[-1] > 4
+                    and arr.shape[0] < min(arr.shape[1], arr.shape[2])):
+                raise ValueError(
+                    f"{self.name}: an image array must be H x W x C, and shape {arr.shape} "
+                    f"would be a {arr.shape[0]}-pixel-high picture of {arr.shape[-1]} channels: "
+                    f"it looks like {arr.shape[0]} planes of {arr.shape[1]} x {arr.shape[2]} "
+                    "first (C x H x W: pass array.transpose(1, 2, 0) or give the modality "
+                    "channels_last_raw=False; a video's frames T x H x W: an Image is one "
+                    "picture, so give the frames as a TimeSeries of per-frame features or one "
+                    "Image modality per frame).")
             if arr.dtype.kind == "f" and arr.dtype != np.float64:
                 # float arrays give float32, as the other modalities do; float64 ones keep
                 # their precision (collate casts to the model's dtype: a float64 model

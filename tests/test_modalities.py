@@ -191,10 +191,16 @@ def test_every_pixel_type_reaches_the_model_in_0_1():
     (np.array([[["a"]]]), "array of numbers"),
     (np.zeros((0, 0, 3), dtype=np.uint8), "empty"),
     (torch.zeros(64, 64, 3), "looks like H x W x C"),
+    (np.zeros((16, 32, 32), dtype=np.uint8), r"16 planes of 32 x 32 first.*video"),  # frames
 ])
 def test_bad_pixels_say_what_to_fix(raw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         Image("image").to_tensor(raw)
+
+
+def test_many_channel_images_that_are_not_planes_first_are_kept():
+    """A multispectral picture (13 bands of 32 x 32) is H x W x C: not taken for a stack."""
+    assert Image("image").to_tensor(np.zeros((32, 32, 13), dtype=np.uint8)).shape == (13, 32, 32)
 
 
 def test_tensor_inputs_get_the_same_checks_as_arrays():
