@@ -53,7 +53,7 @@ test-fast: install
 
 # glibc malloc settings for the demo's server and its notebook kernels: keep blocks up to 32 MiB on
 # the heap instead of mmapping (and page-faulting) every batch anew. In fresh processes LIME and
-# KernelSHAP ran about 1.9x faster with them (python benchmarks/allocator.py; README).
+# KernelSHAP ran 1.5 to 1.9x faster with them (python benchmarks/allocator.py; README).
 DEMO_MALLOC := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
 
 # JupyterLab on 127.0.0.1, serving the repository, with the quickstart notebook (the Explorer on
