@@ -13,10 +13,11 @@
 // The root's data-kernel-link says whether the kernel answers (lib/kernel_link.js).
 //
 // Every unit is a button for the keyboard too: focusable (tabindex 0, role "button", its
-// name in aria-label, aria-pressed when selected), Enter or Space choose it as a click does,
+// name in aria-label, aria-current when selected), Enter or Space choose it as a click does,
 // and the one focused from the keyboard has a blue ring (beside the selection's orange
-// outline). Its keys are kept from JupyterLab's shortcuts (data-lm-suppress-shortcuts: Enter
-// would enter the notebook's edit mode instead). The superpixel canvas is for the pointer; its
+// outline). Its Enter and Space are taken (preventDefault: JupyterLab skips keys already
+// handled, so Enter does not open the cell for editing) and every other key, Ctrl+S included,
+// still reaches JupyterLab's shortcuts. The superpixel canvas is for the pointer; its
 // segment chips are the keyboard's way to the same units. A chip too long to show (at most
 // 40ch) is cut with an ellipsis, and its title then starts with its whole text.
 
@@ -147,10 +148,10 @@ function render({ model, el }) {
     element._mvzText = "";             // a chip's whole text, put in its title when cut
     element._mvzCut = false;
     element.tabIndex = 0;
-    element.setAttribute("role", "button");
+    // a table cell keeps its cell role (a screen reader then still says its row and column)
+    if (element.tagName !== "TD") element.setAttribute("role", "button");
     element.setAttribute("aria-label", String(name || element._mvzLabel || `${modality} ${unit}`));
-    element.setAttribute("aria-pressed", "false");
-    element.setAttribute("data-lm-suppress-shortcuts", "true");
+    element.setAttribute("aria-current", "false");
     element.addEventListener("click", (ev) => {
       ev.stopPropagation();
       select(modality, unit);
@@ -427,7 +428,7 @@ function render({ model, el }) {
         const on = sel.modality === name && sel.unit === u;
         for (const e of elements) {
           e.classList.toggle("mvz-selected", on);
-          e.setAttribute("aria-pressed", on ? "true" : "false");
+          e.setAttribute("aria-current", on ? "true" : "false");
         }
       }
     }

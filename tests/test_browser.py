@@ -158,7 +158,7 @@ def test_a_unit_is_chosen_from_the_keyboard_as_by_a_click(lab, page):
     sel = nb.kernel_json("import json; print(json.dumps(view.selected))")
     assert sel == {"modality": "question", "unit": 1}
     page.wait_for_selector(".mvz-input .mvz-token[data-unit='1'].mvz-selected"
-                           "[aria-pressed='true']")
+                           "[aria-current='true']")
     assert page.evaluate("() => document.activeElement.dataset.unit") == "1"   # focus kept
     # Space on a patch does the same
     page.locator(".mvz-input .mvz-patch[data-unit='3']").focus()
@@ -761,11 +761,14 @@ def test_every_kind_of_unit_is_a_named_button_that_enter_and_space_choose(page):
                                "selected": {}, "caption": "", "concepts": {}})
     units = page.evaluate("""() => [...document.querySelectorAll('.mvz-unit')].map(e => [
         e.dataset.modality, Number(e.dataset.unit), e.tabIndex, e.getAttribute('role'),
-        e.getAttribute('aria-label')])""")
+        e.getAttribute('aria-label'), e.tagName])""")
     assert [u[:2] for u in units] == [["image", 0], ["image", 1], ["photo", 0], ["photo", 1],
                                       ["question", 0], ["question", 1], ["vitals", 0],
                                       ["vitals", 1], ["series", 0], ["series", 1]]
-    assert all(u[2:4] == [0, "button"] for u in units), units
+    # focusable buttons; a table's cells keep their cell role (a screen reader then says
+    # their row and column)
+    assert all(u[2:4] == [0, None if u[5] == "TD" else "button"] for u in units), units
+    assert [u[0] for u in units if u[5] == "TD"] == ["vitals", "vitals"], units
     assert [u[4] for u in units] == [
         "image: top left", "image: top right", "photo: sky", "photo: sea", "question: what",
         f"question: {XSS}", "vitals: hr = 1.00", "vitals: bp = 2.00", "series: ecg t0-1",
@@ -783,7 +786,7 @@ def test_every_kind_of_unit_is_a_named_button_that_enter_and_space_choose(page):
     page.keyboard.press("Control+Enter")
     assert page.evaluate("() => window.__mvz_saved.length") == len(units)
     page.evaluate("() => window.__mvz_set('selected', {modality: 'vitals', unit: 1})")
-    assert page.locator(".mvz-unit[aria-pressed='true']").evaluate_all(
+    assert page.locator(".mvz-unit[aria-current='true']").evaluate_all(
         "els => els.map(e => e.dataset.modality + e.dataset.unit)") == ["vitals1"]
     assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
 

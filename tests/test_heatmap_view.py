@@ -101,7 +101,11 @@ def test_the_tooltip_says_which_cell_its_text_is_for_and_the_browser_checks_it(v
                           "text": "question 'is' x image 'patch r0c0': 2"}
     hover(hv.grid, rowNum=0, columnNum=1)                 # the text and its cell, together
     assert (hv.tip.tip["row"], hv.tip.tip["col"]) == (0, 1) and hv.tip.value.endswith("-1.25")
+    # a new matrix drawn under a resting pointer (no new hover comes): the hovered cell's new
+    # text, never the old one
     show(hv, -m, ["what", "is"], ["patch r0c0", "patch r0c1"])
+    assert hv.tip.tip == {"row": 0, "col": 1, "text": "question 'what' x image 'patch r0c1': 1.25"}
+    show(hv, np.ones((1, 1)), ["what"], ["patch r0c0"])          # that cell is gone: no text
     assert hv.tip.tip == {} and hv.tip.value == ""
     # the browser's side: the hovered cell from bqplot's datum, before bqplot shows the tip;
     # the kernel's text only over its own cell; text, never markup

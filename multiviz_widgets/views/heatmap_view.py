@@ -223,6 +223,7 @@ class HeatmapView(W.VBox):
         # from Python on bqplot's hover message (the tick labels are shortened), shown by the
         # browser only over the cell it is for (CellTip)
         self.tip = CellTip()
+        self._hovered: tuple[int, int] | None = None     # (rowNum, columnNum) hovered last
         self.grid = bq.GridHeatMap(
             color=np.zeros((2, 2)),
             scales={"row": self.rows_scale, "column": self.cols_scale, "color": self.color_scale},
@@ -442,6 +443,11 @@ class HeatmapView(W.VBox):
         self.col_axis.num_ticks = num_ticks(cols, MOST_COL_TICKS)
         self.row_axis.num_ticks = num_ticks(rows, MOST_ROW_TICKS)
         self._highlight()
+        # a pointer resting on a cell gets no new hover when the cells are redrawn in place:
+        # the last hovered cell's new text (the browser shows it only if still over that cell)
+        hovered = self._hovered
+        if hovered is not None and hovered[0] < rows and hovered[1] < cols:
+            self.tip.show(*hovered, self.cell_text(*hovered) or "")
 
     def _highlight(self) -> None:
         with self.engine.lock:            # not interleaved with a matrix drawn on the worker
@@ -505,6 +511,7 @@ class HeatmapView(W.VBox):
             return
         with self.engine.lock:        # not interleaved with a matrix drawn on the worker
             # the text and the cell it is for in one message (the browser compares the cell)
+            self._hovered = (r, c)
             self.tip.show(r, c, self.cell_text(r, c) or "")
 
     # -- clicks --------------------------------------------------------------------------------
