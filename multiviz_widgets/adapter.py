@@ -306,6 +306,11 @@ def binary_logits(z: torch.Tensor) -> torch.Tensor:
 def _named_in_another_order(model: nn.Module, names: Sequence[str]) -> bool:
     """Whether forward()'s leading arguments (by position or keyword) are the modalities' names
     in another order than the adapter's: the model must then take them by keyword."""
+    # through nn.DataParallel (.module) and torch.compile (._orig_mod), whose own forward takes
+    # (*args, **kwargs) and passes them on
+    while isinstance(getattr(model, "module", None) or getattr(model, "_orig_mod", None),
+                     nn.Module):
+        model = getattr(model, "_orig_mod", None) or model.module
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
@@ -726,15 +731,16 @@ class ModelAdapter:
         args = self.model_inputs(raw, continuous)
         perturbed = tuple(continuous or ())
         try:
-            result = self.run(lambda: self._call_model(args, perturbed), continuous, features,
-                              inputs=args)
+            result = self.run(lambda: self._call_model(args), continuous, features, inputs=args)
         except ModelInputError as e:
-            if not perturbed or getattr(self, "_last_shapes", None):
+            if not perturbed or "requires grad" in str(e.__cause__):
                 raise
-            # the model's first call, on inputs a method built: were the shapes or the values
-            # refused? The instance's own inputs tell (and set the shapes the message compares)
+            # on inputs a method built: were their values refused? Only if the instance's own
+            # inputs pass, as a batch of the same size
+            b = next(iter(args.values())).shape[0]
             try:
-                self.forward(raw)
+                self.forward({n: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v
+                              for n, v in raw.items()})
             except Exception:  # noqa: BLE001 -- the first error says more
                 raise e from e.__cause__
             raise ModelInputError(self._model_error_message(args, e.__cause__, perturbed)
@@ -753,9 +759,13 @@ class ModelAdapter:
         c = self.n_classes
         if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape == (b, c):
             return out
-        if c == 2 and isinstance(out, torch.Tensor) and out.shape in ((b,), (b, 1)):
-            return binary_logits(out.reshape(b, 1))
+        if (c == 2 and isinstance(out, torch.Tensor)
+                and (out.shape in ((b,), (b, 1)) or (b == 1 and out.dim() == 0))):
+            return binary_logits(out.reshape(b, 1))      # (a squeezed batch of one: [])
         wrap = ("Wrap the model: class Logits(nn.Module): __init__(self, m) sets self.m = m; "
+                "forward(self, **x) returns self.m(**x){}; and pass ModelAdapter(Logits(model), "
+                "..., keyword_inputs=True)." if self.keyword_inputs else
+                "Wrap the model: class Logits(nn.Module): __init__(self, m) sets self.m = m; "
                 "forward(self, *x) returns self.m(*x){}; and pass ModelAdapter(Logits(model), ...).")
         if isinstance(out, Mapping):
             raise AdapterError(
@@ -792,7 +802,7 @@ class ModelAdapter:
             f"names; it must return [batch, classes] with classes = len(class_names): give one "
             f"name per logit.{hint}", code="class-count")
 
-    def _call_model(self, args: Mapping[str, torch.Tensor], perturbed: Sequence[str] = ()):
+    def _call_model(self, args: Mapping[str, torch.Tensor]):
         """model(*args) (or model(**args)); an error the model raises on these inputs comes out
         as a ModelInputError naming the modalities and their shapes (the original chained), and
         a model that changes its inputs in place gets an AdapterError (``check_inputs_kept``)."""
@@ -804,7 +814,7 @@ class ModelAdapter:
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
-            raise ModelInputError(self._model_error_message(args, e, perturbed)) from e
+            raise ModelInputError(self._model_error_message(args, e)) from e
         check_inputs_kept(args, versions)
         self._last_shapes = {n: tuple(v.shape[1:]) for n, v in args.items()}
         return out
@@ -821,6 +831,15 @@ class ModelAdapter:
                        and self._table_hint(args)))
         if special:
             return f"{head} {special}"
+        if perturbed:
+            # (forward() passes them only when the instance's own inputs, as a batch of the
+            # same size, pass: the values are what the model refuses)
+            return (f"{head} These were not the instance's own inputs but those the explanation "
+                    f"method built from it for {', '.join(map(repr, perturbed))}: units set to "
+                    "the modality's baseline (occlusion, LIME, SHAP, ablation) or points on the "
+                    "path from the baseline (integrated gradients); the instance's own inputs, "
+                    "as a batch of the same size, pass. Give that modality a baseline the model "
+                    "accepts (its baseline= argument), or make forward() accept such inputs.")
         last = getattr(self, "_last_shapes", {})
         # the modality to suspect: its batch shape appears in the message, or its per-instance
         # shape differs from the inputs the model last took
@@ -832,14 +851,6 @@ class ModelAdapter:
         if named:
             hint = (f" The input of modality {named[0]!r} (shape {tuple(args[named[0]].shape)}) "
                     "appears in the error.")
-        elif perturbed and last and not changed:
-            # the shapes are those the model took before: the values are what it refuses
-            return (f"{head} These were not the instance's own inputs but those the explanation "
-                    f"method built from it for {', '.join(map(repr, perturbed))}: units set to "
-                    "the modality's baseline (occlusion, LIME, SHAP, ablation) or points on the "
-                    "path from the baseline (integrated gradients), in inputs of the shapes the "
-                    "model took before. Give that modality a baseline the model accepts (its "
-                    "baseline= argument), or make forward() accept such inputs.")
         elif changed:
             hint = " " + "; ".join(
                 f"Modality {n!r} has shape {tuple(args[n].shape[1:])} per instance, where the "

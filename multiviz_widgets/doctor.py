@@ -268,6 +268,9 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
                    "The output looks like probabilities (in [0, 1], summing to 1). Explanations "
                    "should target pre-softmax logits: remove the final softmax from forward().")
     eps = _roundoff(adapter, prepared.raw, out)      # the precision it computes in
+    if (adapter.n_classes == 2 and isinstance(first, torch.Tensor)
+            and first.numel() == out.shape[0] and first.dim() <= 2):
+        _check_binary_output(adapter, prepared, report, first.reshape(-1), eps)
     after_layer = _check_decision_layer(adapter, prepared, report, calls.get("decision", 0), eps)
     # an embedding layer never called on its text's ids is reported (once) by step 5's
     # substitution check, which names the layer and what it must be
@@ -443,6 +446,34 @@ def _logit_widths(logits: torch.Tensor) -> tuple[int, ...]:
     return (2, 1) if logits.shape[1] == 2 else (logits.shape[1],)
 
 
+def _check_binary_output(adapter: ModelAdapter, prepared, report: Report, z: torch.Tensor,
+                         eps: float) -> None:
+    """A binary model's one output is read as a logit ([-z/2, z/2]): an error when it is the
+    sigmoid of the decision layer's output (a probability), a warning when it lies in [0, 1]."""
+    fix = ("return the logit (the decision layer's output, before any sigmoid): the adapter "
+           "reads one output z with two class names as the logits [-z/2, z/2], whose softmax is "
+           "[1 - sigmoid(z), sigmoid(z)]; a probability p read as a logit makes every "
+           "prediction the second class and every explanation that of p, not of the decision.")
+    layer = adapter.decision_layer
+    if isinstance(layer, nn.Linear) and layer.out_features == 1:
+        try:
+            with torch.no_grad():
+                _, h = adapter.features(prepared.raw)
+                logit = layer(h.to(layer.weight.dtype)).reshape(-1).to(z.dtype)
+        except Exception:  # noqa: BLE001 -- the decision-layer checks report a failure
+            logit = None
+        if (logit is not None and _differ(logit, z, eps)
+                and not _differ(torch.sigmoid(logit), z, eps)):
+            report.add("error", "sigmoid-output",
+                       "The model's one output is the sigmoid of its decision layer's output, a "
+                       "probability: " + fix, _ALL)
+            return
+    if bool(((z >= 0) & (z <= 1)).all()):
+        report.add("warning", "binary-probability",
+                   f"The model's one output is {float(z[0]):.4g}, within [0, 1]. If forward() "
+                   "ends in a sigmoid, " + fix)
+
+
 def _check_step_columns(adapter: ModelAdapter, prepared, report: Report, target: int, name: str,
                         grad: torch.Tensor) -> None:
     """A warning naming the columns of a table whose gradient is exactly zero although setting
@@ -466,11 +497,34 @@ def _check_step_columns(adapter: ModelAdapter, prepared, report: Report, target:
         return
     delta = (changed - base).abs()
     tol = 1e-6 * max(1.0, float(base.abs()))
-    steps = [(prepared.labels[name][u], float(d)) for u, d in zip(dead, delta.tolist()) if d > tol]
+    moved = [r for r, d in enumerate(delta.tolist()) if d > tol]
+    if not moved:
+        return
+    # a step, or a unit saturated at this instance (a clamp, a saturated tanh)? Saturation has a
+    # gradient somewhere on the way to the baseline (where integrated gradients sees it): each
+    # column's gradient at five points of that way
+    alphas = (0.1, 0.3, 0.5, 0.7, 0.9)
+    way = x.unsqueeze(0).repeat(len(moved) * len(alphas), *([1] * x.dim()))
+    for r, k in enumerate(moved):
+        at = index == dead[k]
+        for j, alpha in enumerate(alphas):
+            way[r * len(alphas) + j][at] = b[at] + alpha * (x[at] - b[at])
+    try:
+        with torch.enable_grad():
+            way.requires_grad_(True)
+            out = adapter.forward(prepared.raw, {name: way})[:, target]
+            g, = torch.autograd.grad(out.sum(), way, allow_unused=True)
+    except Exception:  # noqa: BLE001 -- the other checks report a model that fails
+        return
+    flat = [g is None or not bool(g[r * len(alphas):(r + 1) * len(alphas)][
+        :, index == dead[k]].ne(0).any()) for r, k in enumerate(moved)]
+    steps = [(prepared.labels[name][dead[k]], float(delta[k]))
+             for r, k in enumerate(moved) if flat[r]]
     if steps:
         shown = ", ".join(f"{label!r} ({d:.3g})" for label, d in steps[:8])
         report.add("warning", "step-columns",
-                   f"Columns of {name!r} have a gradient of exactly zero at this instance, yet "
+                   f"Units of {name!r} have a gradient of exactly zero at this instance and "
+                   "on the way to the baseline, yet "
                    f"setting them to the baseline changes the logit (by): {shown}. forward() "
                    "passes them through a step (an integer cast into an embedding, a "
                    "comparison, a rounding), so gradient saliency, gradient x input, integrated "

@@ -403,7 +403,8 @@ class Image(Modality):
                     "first (C x H x W: pass array.transpose(1, 2, 0) or give the modality "
                     "channels_last_raw=False; a video's frames T x H x W: an Image is one "
                     "picture, so give the frames as a TimeSeries of per-frame features or one "
-                    "Image modality per frame).")
+                    "Image modality per frame). If it is a picture of that many channels, pass it "
+                    "as a [C, H, W] tensor: torch.from_numpy(array).permute(2, 0, 1).")
             if arr.dtype.kind == "f" and arr.dtype != np.float64:
                 # float arrays give float32, as the other modalities do; float64 ones keep
                 # their precision (collate casts to the model's dtype: a float64 model
@@ -624,8 +625,9 @@ def _char_class(keep: Callable[[str], bool]) -> str:
 
 
 #: common spellings of the padding and unknown tokens, most specific first
-_SPECIAL_SPELLINGS = {"pad_token": ("[PAD]", "<pad>", "<PAD>", "[pad]", "<|pad|>", "pad", "PAD"),
-                      "unk_token": ("[UNK]", "<unk>", "<UNK>", "[unk]", "<|unk|>", "unk", "UNK")}
+#: (bracketed only: the plain words "pad" and "unk" may be words of the vocabulary)
+_SPECIAL_SPELLINGS = {"pad_token": ("[PAD]", "<pad>", "<PAD>", "[pad]", "<|pad|>"),
+                      "unk_token": ("[UNK]", "<unk>", "<UNK>", "[unk]", "<|unk|>")}
 
 
 def _check_specials(vocab: Mapping[str, int], pad_token: str, unk_token: str) -> None:

@@ -540,6 +540,13 @@ def test_a_binary_model_with_one_logit_is_read_as_two_classes(kind):
     assert np.isclose(got.contributions.sum() + got.bias, float(z[0]) / 2, atol=1e-6)
     report = check(a, drop_norm_instance())
     assert not [f for f in report.findings if f.code == "decision-not-logits"], str(report)
+    from multiviz_widgets import MultimodalDataset
+    from multiviz_widgets.kernels.emap import emap_gap
+    insts = [drop_norm_instance(seed) for seed in range(6)]
+    ds = MultimodalDataset({n: [i[n] for i in insts] for n in ("tabular", "series")},
+                           labels=[0, 1, 0, 1, 0, 1])
+    gap = emap_gap(a, ds, n=None)
+    assert 0 <= gap["accuracy_model"] <= 1 and 0 <= gap["agreement"] <= 1, gap
 
 
 def test_modalities_listed_in_another_order_than_forward_reach_their_own_arguments():
@@ -811,3 +818,54 @@ def test_a_model_that_refuses_the_baseline_inputs_is_told_about_baselines_not_sh
                                               TimeSeries("series", window=4, channels=["x", "y"])],
                       ["n", "y"])
     assert attribute(ok, ok.prepare(drop_norm_instance()), "occlusion", target=0).scores
+
+
+def test_a_binary_model_that_ends_in_a_sigmoid_is_told_to_return_the_logit():
+    from multiviz_widgets import check
+
+    class Sigmoid(Outputs):
+        def forward(self, tabular, series):
+            return torch.sigmoid(super().forward(tabular, series))
+
+    class Squeezed(Outputs):
+        def forward(self, tabular, series):
+            return super().forward(tabular, series).squeeze()    # [] for a batch of one
+    mods = [Tabular("tabular", columns=list("abcd")),
+            TimeSeries("series", window=4, channels=["x", "y"])]
+    r = check(ModelAdapter(Sigmoid(n=1).eval(), mods, ["no", "yes"]), drop_norm_instance())
+    assert "sigmoid-output" in r.codes() and not r.ok and "return the logit" in str(r), str(r)
+    squeezed = ModelAdapter(Squeezed(n=1).eval(), mods, ["no", "yes"])
+    assert squeezed.predict(squeezed.prepare(drop_norm_instance()).raw).shape == (1, 2)
+    assert "sigmoid-output" not in check(squeezed, drop_norm_instance()).codes()
+
+
+def test_a_model_that_takes_one_instance_only_is_not_told_about_baselines():
+    """forward() written for a batch of one fails on any batch: the baselines are not to
+    blame (the instance itself fails as a batch of the same size)."""
+    from multiviz_widgets.kernels.unimodal import attribute
+
+    class OneAtATime(Outputs):
+        def forward(self, tabular, series):
+            return super().forward(tabular.view(1, -1), series.view(1, 8, 2))
+    a = ModelAdapter(OneAtATime().eval(), [Tabular("tabular", columns=list("abcd")),
+                                           TimeSeries("series", window=4, channels=["x", "y"])],
+                     ["n", "y"])
+    with pytest.raises(ModelInputError) as e:
+        attribute(a, drop_norm_instance(), "occlusion", target=0)
+    assert "baseline" not in str(e.value) and "shapes the model expects" in str(e.value)
+
+
+def test_argument_order_is_read_through_data_parallel_and_the_wrapper_advice_keeps_names():
+    model = Outputs("plain", 2).eval()
+    mods = [Tabular("tabular", columns=list("abcd")),
+            TimeSeries("series", window=4, channels=["x", "y"])]
+    wrapped = ModelAdapter(nn.DataParallel(model), mods[::-1], ["n", "y"])
+    plain = ModelAdapter(model, mods, ["n", "y"])
+    assert wrapped.keyword_inputs
+    inst = drop_norm_instance()
+    assert torch.equal(wrapped.predict(wrapped.prepare(inst).raw),
+                       plain.predict(plain.prepare(inst).raw))
+    dict_out = ModelAdapter(Outputs("dict", 2).eval(), mods[::-1], ["n", "y"])
+    with pytest.raises(AdapterError, match=r"forward\(self, \*\*x\) returns self.m\(\*\*x\)"
+                                           r"\['logits'\].*keyword_inputs=True"):
+        dict_out.predict(dict_out.prepare(inst).raw)

@@ -466,3 +466,25 @@ def test_a_table_column_read_through_an_integer_cast_is_named_for_perturbation_m
     assert finding.severity == "warning" and "'ward'" in finding.message
     assert "'age'" not in finding.message and "occlusion" in finding.message
     assert "step-columns" not in check(adapter(Healthy()), INSTANCE).codes()
+
+
+def test_a_column_saturated_at_the_instance_is_not_taken_for_a_step():
+    """clamp(-1, 1) of a value of 4: zero gradient here, yet integrated gradients sees the
+    column on the way to the baseline (0): no step warning."""
+    from multiviz_widgets import Tabular, TimeSeries
+
+    class Clamped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.series, self.head = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, record, vitals):
+            r = record.clamp(-1, 1)
+            return self.head(r * torch.tanh(self.series(vitals.mean(1))))
+
+    a = ModelAdapter(Clamped().eval(), [Tabular("record", columns=["dose", "age"]),
+                                        TimeSeries("vitals", window=4, channels=["hr", "bp"])],
+                     ["home", "icu"])
+    r = check(a, {"record": torch.tensor([4.0, 0.5]), "vitals": torch.rand(8, 2)})
+    assert "step-columns" not in r.codes(), str(r)

@@ -199,8 +199,17 @@ def test_bad_pixels_say_what_to_fix(raw, match):
 
 
 def test_many_channel_images_that_are_not_planes_first_are_kept():
-    """A multispectral picture (13 bands of 32 x 32) is H x W x C: not taken for a stack."""
-    assert Image("image").to_tensor(np.zeros((32, 32, 13), dtype=np.uint8)).shape == (13, 32, 32)
+    """A multispectral picture (13 bands of 32 x 32, or 200 of 128 x 64) is H x W x C: not taken
+    for a stack. One that reads as planes first (8 x 9 x 16) is refused with the way to pass
+    it anyway: a [C, H, W] tensor."""
+    image = Image("image")
+    assert image.to_tensor(np.zeros((32, 32, 13), dtype=np.uint8)).shape == (13, 32, 32)
+    assert image.to_tensor(np.zeros((128, 64, 200), dtype=np.uint8)).shape == (200, 128, 64)
+    ambiguous = np.zeros((8, 9, 16), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"\[C, H, W\] tensor: torch.from_numpy\(array\)"):
+        image.to_tensor(ambiguous)
+    as_tensor = torch.from_numpy(ambiguous).permute(2, 0, 1)
+    assert image.to_tensor(as_tensor).shape == (16, 8, 9)
 
 
 def test_tensor_inputs_get_the_same_checks_as_arrays():

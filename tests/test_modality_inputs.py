@@ -364,8 +364,8 @@ def test_a_missing_text_is_called_missing(missing):
 # ---------------------------------------------------------------------------------------------
 # Text: a vocabulary that spells its special tokens otherwise
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pad, unk", [("<pad>", "<unk>"), ("<PAD>", "<UNK>"), ("pad", "unk"),
-                                      ("[pad]", "[unk]")])
+@pytest.mark.parametrize("pad, unk", [("<pad>", "<unk>"), ("<PAD>", "<UNK>"), ("[pad]", "[unk]"),
+                                      ("<|pad|>", "<|unk|>")])
 def test_a_vocabulary_with_other_special_spellings_says_which_tokens_to_pass(pad, unk):
     """Text(vocab=[..., '<pad>', '<unk>', ...]) said "add '[PAD]' to the vocabulary", which
     gives it an id beyond the model's embedding rows."""
@@ -377,6 +377,14 @@ def test_a_vocabulary_with_other_special_spellings_says_which_tokens_to_pass(pad
     assert "pad_token=" not in str(err.value).split("pass ")[1]
     t = Text("q", vocab=vocab, pad_token=pad, unk_token=unk)         # the advice works
     assert (t.pad_id, t.unk_id) == (1, 2)
+
+
+def test_plain_words_pad_and_unk_are_not_taken_for_special_tokens():
+    """A vocabulary holding the words "pad" and "unk" (a shoulder pad) gets no advice to pad
+    with them."""
+    with pytest.raises(ValueError, match="Pass the vocabulary's own") as err:
+        Text("q", vocab=["a", "pad", "unk"])
+    assert "pad_token='pad'" not in str(err.value)
 
 
 def test_a_vocabulary_with_its_pad_but_no_unk_names_both_findings():

@@ -144,9 +144,14 @@ def test_glm_saga_solver_runs_with_this_torch():
 
 def test_bad_inputs_get_clear_errors():
     h, y, _ = planted_features(n=200)
-    with pytest.raises(ValueError, match=r"model predicts one class \('0'\) for every training "
-                                         r"instance.*fit_to='labels'"):
+    with pytest.raises(ValueError, match=r"training targets hold a single class \('0'\)"):
         fit_sparse_model((h, np.zeros(200, dtype=int)))
+    from multiviz_widgets.kernels.representations import Features
+    one = Features(h=h, logits=np.tile([[2.0, 0.0]], (200, 1)), indices=np.arange(200))
+    with pytest.raises(ValueError, match=r"model predicts one class \('0'\) for every training "
+                                         r"instance.*train=\(features.h, labels\), "
+                                         r"fit_to='labels'"):
+        fit_sparse_model(one)
     with pytest.raises(ValueError, match="alpha"):
         fit_sparse_model((h, y), alpha=0)
     with pytest.raises(ValueError, match="solver"):

@@ -641,13 +641,15 @@ def test_the_cache_key_covers_how_the_model_is_called_and_a_functions_code(cache
     assert named.from_cache
     np.testing.assert_allclose(named.h, extract_features(by_name, ds, cache=False).h)
 
-    class Unnamed(Named):
-        def forward(self, *inputs):
-            return super().forward(*inputs)
+    class Unnamed(Named):            # by position: (a, b); by keyword: b=..., a=...
+        def forward(self, *inputs, **named):
+            return super().forward(*(inputs or (named["b"], named["a"])))
     plain = Unnamed().eval()
     positional = ModelAdapter(plain, mods(), ["n", "p"])
     keywords = ModelAdapter(plain, mods(), ["n", "p"], keyword_inputs=True)
     assert rep.features_key(positional, ds) != rep.features_key(keywords, ds)
+    assert not np.allclose(extract_features(positional, ds, cache=False).h,
+                           extract_features(keywords, ds, cache=False).h)
     # two tokenizers that are both "<lambda>" are two tokenizers
     from multiviz_widgets import Text
     vocab = ["[PAD]", "[UNK]", "red", "blue"]

@@ -523,11 +523,15 @@ INTERACTION_METHODS: dict[str, Callable] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _method_params(method: str) -> list[str]:
-    """The parameters an interaction method takes besides those ``interaction`` passes."""
-    return [n for n in inspect.signature(INTERACTION_METHODS[method]).parameters
-            if n not in ("adapter", "prepared", "a", "b", "target", "progress")]
+@functools.lru_cache(maxsize=64)
+def _method_params(fn: Callable) -> list[str] | None:
+    """The parameters an interaction method takes besides those ``interaction`` passes; None
+    when it takes any (**kwargs)."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params
+            if p.name not in ("adapter", "prepared", "a", "b", "target", "progress")]
 
 
 def interaction(adapter: ModelAdapter, instance, method: str = "second_order", modalities=None,
@@ -544,8 +548,8 @@ def interaction(adapter: ModelAdapter, instance, method: str = "second_order", m
     if not isinstance(method, str) or method not in INTERACTION_METHODS:
         raise ValueError(f"Unknown interaction method {method!r}; choose one of "
                          f"{list(INTERACTION_METHODS)}.")
-    known = _method_params(method)
-    unknown = [k for k in params if k not in known]
+    known = _method_params(INTERACTION_METHODS[method])
+    unknown = [] if known is None else [k for k in params if k not in known]
     if unknown:
         raise ValueError(f"interaction method {method!r} got unknown parameters {unknown}; it "
                          f"takes {known}.")

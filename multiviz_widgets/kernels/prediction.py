@@ -453,14 +453,15 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
             _check_classes(y, name, n_classes, class_names is not None)
     present = np.unique(y_tr)
     if len(present) < 2:
-        if fit_to == "predictions":
+        if isinstance(train, Features):      # its targets are the model's predictions
             raise ValueError(
                 f"The model predicts one class ({names[present[0]]!r}) for every training "
-                "instance (fit_to='predictions' fits the sparse model to the model's own "
-                "predictions), so there is no decision to explain. Check the model (a collapsed "
-                "or untrained model predicts one class everywhere), use data on which it "
-                "predicts at least two classes, or pass fit_to='labels' to fit the true labels.")
-        raise ValueError(f"The training labels hold a single class ({names[present[0]]!r}); a "
+                "instance (the sparse model is fitted to the model's own predictions), so there "
+                "is no decision to explain. Check the model (a collapsed or untrained model "
+                "predicts one class everywhere), use data on which it predicts at least two "
+                "classes, or fit the true labels: train=(features.h, labels), "
+                "fit_to='labels'.")
+        raise ValueError(f"The training targets hold a single class ({names[present[0]]!r}); a "
                          "classifier needs at least two. Use more (or more varied) data.")
 
     mean = h_tr.mean(0)

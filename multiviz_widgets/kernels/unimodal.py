@@ -1184,18 +1184,15 @@ def _gradient_batch(adapter: ModelAdapter, m: _GradientFamily, preps: Sequence[P
             # each summed row's slot in the chunk: an instance's rows after its weighted ones
             # (integrated gradients' x and baseline, there for their outputs) are left out, as
             # in _run (a weight 0 times an infinite gradient is NaN)
-            owner, kept, o = [], [], 0
+            # (they go to one more slot, dropped: no copy of the kept rows)
+            owner = []
             for slot, (_, a, b) in enumerate(chunk):
                 w = max(0, min(b, weighted) - a)
-                owner += [slot] * w
-                kept += range(o, o + w)
-                o += b - a
+                owner += [slot] * w + [len(chunk)] * (b - a - w)
             owner = torch.tensor(owner, dtype=torch.long)
-            if len(kept) < o:
-                kept = torch.tensor(kept, dtype=torch.long)
-                grads = {n: g.index_select(0, kept.to(g.device)) for n, g in grads.items()}
-            sums = {n: torch.zeros(len(chunk), *g.shape[1:], dtype=g.dtype, device=g.device)
-                    .index_add_(0, owner.to(g.device), g) for n, g in grads.items()}
+            sums = {n: torch.zeros(len(chunk) + 1, *g.shape[1:], dtype=g.dtype, device=g.device)
+                    .index_add_(0, owner.to(g.device), g)[:len(chunk)]
+                    for n, g in grads.items()}
             o = 0
             for slot, (k, a, b) in enumerate(chunk):
                 outputs.setdefault(k, []).append(out[o:o + b - a])
