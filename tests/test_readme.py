@@ -219,3 +219,103 @@ def test_readme_stage2_speed_rows_are_the_committed_benchmark():
     d = dime["traced"]
     assert f"{d['median_s']:.2f} s" in text and f"{d['speedup_over_generic']:.1f}x" in text, text
     assert f"({dime['generic']['median_s']:.1f} s)" in text, text
+
+
+def _flat_readme() -> str:
+    return " ".join(README.read_text(encoding="utf-8").split())
+
+
+def _kernels() -> dict:
+    import json
+    return json.loads((README.parent / "benchmarks" / "results" / "kernels.json")
+                      .read_text(encoding="utf-8"))
+
+
+def _shown_ms(v: float) -> str:
+    """A median as the speed table rounds it."""
+    return f"{v:.2f} ms" if v < 10 else (f"{v:.1f} ms" if v < 30 else f"{v:.0f} ms")
+
+
+def test_readme_stage1_speed_cells_and_prose_are_the_committed_benchmark():
+    """The stage-1 medians and the floor parentheticals exactly as rounded, and the prose about
+    the gradient methods (headline, intervals, warm loop, other statistics)."""
+    d = _kernels()["stage1"]["methods"]
+    rows = _table_after(README.read_text(encoding="utf-8"), "### Kernel speed")
+    cells = {c[0].split(" (")[0].split(",")[0]: c for c in rows}
+    for name, key in (("gradient", "gradient"), ("gradient x input", "grad_x_input"),
+                      ("integrated gradients", "integrated_gradients"),
+                      ("occlusion", "occlusion"), ("LIME", "lime"), ("KernelSHAP", "kernel_shap")):
+        m, row = d[key], cells[name]
+        assert row[1] == _shown_ms(m["median_ms_ours"]), (name, row[1])
+        if m.get("ratio_to_bare") is not None:
+            assert f"{m['ratio_to_fwd_bwd_floor']:.1f}x" in row[3], (name, row[3])
+            assert f"{m['ratio_to_bare']:.2f}x" in row[3], (name, row[3])
+    g, gx = d["gradient"], d["grad_x_input"]
+    text = _flat_readme()
+    for piece in (
+            f"**The gradient methods against captum: {g['ratio_ours_captum']:.2f} and "
+            f"{gx['ratio_ours_captum']:.2f}",
+            "the median's 95% interval is {:.2f} to {:.2f} and {:.2f} to {:.2f}".format(
+                *g["ratio_ours_captum_ci95"], *gx["ratio_ours_captum_ci95"]),
+            "{:.2f} and {:.2f} ms for the gradient (ours/captum {:.2f}), {:.2f} and {:.2f} ms for "
+            "gradient x input ({:.2f})".format(
+                g["warm_loop"]["median_ms"]["ours"], g["warm_loop"]["median_ms"]["captum"],
+                g["warm_loop"]["ratio_ours_captum"], gx["warm_loop"]["median_ms"]["ours"],
+                gx["warm_loop"]["median_ms"]["captum"], gx["warm_loop"]["ratio_ours_captum"]),
+            f"the median of single-timing ratios {g['median_of_timing_ratios_ours_captum']:.2f} "
+            f"and {gx['median_of_timing_ratios_ours_captum']:.2f}",
+            f"the ratio of the two medians {g['ratio_of_medians_ours_captum']:.2f} and "
+            f"{gx['ratio_of_medians_ours_captum']:.2f}"):
+        assert piece in text, piece
+
+
+def test_readme_emap_first_call_and_second_order_bound_are_the_committed_benchmark():
+    st = _kernels()["stage2"]
+    e, so = st["emap"]["traced"], st["second_order"]
+    text = _flat_readme()
+    lo, hi = so["speedup_ci95"]
+    for piece in (
+            f"(first call, tracing included: {e['first_call_s']:.2f} s)",
+            f"({e['first_call_speedup']:.0f}x on the first call)",
+            f"a median of {so['image_gradient_rows_median_ms']:.1f} ms",
+            f"({so['shared_graph_loop_median_ms']:.1f} ms) allows at most "
+            f"{so['speedup_bound']:.1f}x ({so['speedup_bound_max']:.1f}x on the most favourable "
+            f"instance; against the loop that also redoes the forward per token, "
+            f"{so['speedup_bound_over_recomputing_loop']:.1f}x), and our kernel takes "
+            f"{so['kernel_to_bound']:.1f}x",
+            f"{so['speedup']:.2f}x faster (95% interval {lo:.2f} to {hi:.2f}, `speedup_ci95`)",
+            f"{so['rounds_per_instance']} rounds per instance",
+            f"(relative difference {so['max_relative_difference_to_loop']:.0e})".replace(
+                "e-0", "e-")):
+        assert piece in text, piece
+
+
+def test_readme_emap_scale_and_stage34_tables_are_the_committed_benchmarks():
+    import json
+    results = README.parent / "benchmarks" / "results"
+    em = json.loads((results / "emap_scale.json").read_text(encoding="utf-8"))
+    rows = _table_after(README.read_text(encoding="utf-8"), "### EMAP gap over large reference")
+    assert len(rows) == len(em["runs"])
+    for row, r in zip(rows, em["runs"]):
+        t = r["seconds"]
+        assert row == [f"{r['n']:,}", f"{r['pairs']:,}", f"{t:.1f} s" if t < 10 else f"{t:.0f} s",
+                       f"{int(round(r['pairs_per_second'] / 1000)) * 1000:,}",
+                       f"{r['peak_rss_growth_mib']:.0f} MiB", f"{r['pair_matrix_mib']:.0f} MiB"]
+    rp = json.loads((results / "representations.json").read_text(encoding="utf-8"))
+    text = " | ".join(" | ".join(r) for r in _table_after(README.read_text(encoding="utf-8"),
+                                                          "### Stages 3 and 4"))
+    runs = rp["memory"]["runs"]
+    syn = [r for r in runs if r["kind"] == "synthetic"]
+    vqa = [r for r in runs if r["kind"] == "vqa"]
+    sp = rp["sparse"]["sklearn"]
+    for piece in (f"{rp['extremes_vqa']['seconds']:.1f} s",
+                  f"{syn[0]['peak_rss_growth_mib']:.1f} vs {syn[1]['peak_rss_growth_mib']:.1f} MiB",
+                  f"{vqa[0]['peak_rss_growth_mib']:.0f} vs {vqa[1]['peak_rss_growth_mib']:.0f} MiB",
+                  f"{rp['cache']['reopen_seconds'] * 1000:.1f} ms",
+                  f"extracting them: {rp['cache']['extract_seconds']:.1f} s",
+                  f"{sp['fit_seconds']:.0f} s", f"{sp['test_fidelity']:.3f}",
+                  f"{sp['fraction_nonzero']:.3f}"):
+        assert piece in text, piece
+    al = json.loads((results / "allocator.json").read_text(encoding="utf-8"))["methods"]
+    gains = [al[m]["default_over_tuned"] for m in ("occlusion", "lime", "kernel_shap")]
+    assert f"gain {min(gains):.2f}-{max(gains):.2f}x here" in _flat_readme()
