@@ -306,13 +306,18 @@ def binary_logits(z: torch.Tensor) -> torch.Tensor:
 def _named_in_another_order(model: nn.Module, names: Sequence[str]) -> bool:
     """Whether forward()'s leading arguments (by position or keyword) are the modalities' names
     in another order than the adapter's: the model must then take them by keyword."""
-    # through nn.DataParallel (.module) and torch.compile (._orig_mod), whose own forward takes
-    # (*args, **kwargs) and passes them on
-    while isinstance(getattr(model, "module", None) or getattr(model, "_orig_mod", None),
-                     nn.Module):
-        model = getattr(model, "_orig_mod", None) or model.module
     try:
         params = list(inspect.signature(model.forward).parameters.values())
+        # through a wrapper whose forward takes only (*args, **kwargs) and passes them on:
+        # nn.DataParallel (.module), torch.compile (._orig_mod)
+        while all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            inner = next((m for m in (getattr(model, "_orig_mod", None),
+                                      getattr(model, "module", None))
+                          if isinstance(m, nn.Module)), None)
+            if inner is None:
+                break
+            model = inner
+            params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return False
     lead = params[:len(names)]
@@ -729,10 +734,10 @@ class ModelAdapter:
         Cost: one forward pass of B instances. Gradients flow when the inputs require them.
         """
         args = self.model_inputs(raw, continuous)
-        perturbed = tuple(continuous or ())
         try:
             result = self.run(lambda: self._call_model(args), continuous, features, inputs=args)
         except ModelInputError as e:
+            perturbed = tuple(continuous or ())
             if not perturbed or "requires grad" in str(e.__cause__):
                 raise
             # on inputs a method built: were their values refused? Only if the instance's own

@@ -479,47 +479,43 @@ def _check_step_columns(adapter: ModelAdapter, prepared, report: Report, target:
     """A warning naming the columns of a table whose gradient is exactly zero although setting
     them to the baseline changes the logit: a step inside forward() (an integer cast into an
     embedding, a comparison, a rounding), where gradient methods score 0 what matters."""
-    index = prepared.index[name]
-    flat = torch.zeros(prepared.n_units[name], dtype=grad.dtype, device=grad.device)
-    flat.index_add_(0, index.reshape(-1), grad.abs().reshape(-1))
-    dead = [int(u) for u in torch.nonzero(flat == 0).reshape(-1)]
+    mod, index = adapter.modalities[name], prepared.index[name]
+    x, b = prepared.continuous[name], prepared.baseline[name]
+    per_unit = mod.pool(grad.abs().unsqueeze(0), x, index)[0]
+    dead = [int(u) for u in torch.nonzero(per_unit == 0).reshape(-1)]
     if not dead:
         return
-    x, b = prepared.continuous[name], prepared.baseline[name]
-    rows = x.unsqueeze(0).repeat(len(dead), *([1] * x.dim()))
-    for r, u in enumerate(dead):
-        rows[r][index == u] = b[index == u]
+    n = prepared.n_units[name]
+
+    def masks(scale: float) -> torch.Tensor:      # each dead unit at `scale` of its way to x
+        m = torch.ones(len(dead), n, dtype=x.dtype, device=x.device)
+        m[torch.arange(len(dead)), dead] = scale
+        return m
     try:
         with torch.no_grad():
             base = adapter.forward(prepared.raw)[0, target]
-            changed = adapter.forward(prepared.raw, {name: rows})[:, target]
+            changed = adapter.forward(prepared.raw,
+                                      {name: mod.apply_mask(x, masks(0.0), b, index)})[:, target]
     except Exception:  # noqa: BLE001 -- the other checks report a model that fails
         return
     delta = (changed - base).abs()
     tol = 1e-6 * max(1.0, float(base.abs()))
-    moved = [r for r, d in enumerate(delta.tolist()) if d > tol]
-    if not moved:
-        return
     # a step, or a unit saturated at this instance (a clamp, a saturated tanh)? Saturation has a
     # gradient somewhere on the way to the baseline (where integrated gradients sees it): each
-    # column's gradient at five points of that way
+    # unit's gradient at five points of that way
     alphas = (0.1, 0.3, 0.5, 0.7, 0.9)
-    way = x.unsqueeze(0).repeat(len(moved) * len(alphas), *([1] * x.dim()))
-    for r, k in enumerate(moved):
-        at = index == dead[k]
-        for j, alpha in enumerate(alphas):
-            way[r * len(alphas) + j][at] = b[at] + alpha * (x[at] - b[at])
+    way = torch.stack([mod.apply_mask(x, masks(alpha), b, index) for alpha in alphas], 1)
     try:
         with torch.enable_grad():
-            way.requires_grad_(True)
+            way = way.reshape(-1, *x.shape).requires_grad_(True)
             out = adapter.forward(prepared.raw, {name: way})[:, target]
             g, = torch.autograd.grad(out.sum(), way, allow_unused=True)
     except Exception:  # noqa: BLE001 -- the other checks report a model that fails
         return
-    flat = [g is None or not bool(g[r * len(alphas):(r + 1) * len(alphas)][
-        :, index == dead[k]].ne(0).any()) for r, k in enumerate(moved)]
-    steps = [(prepared.labels[name][dead[k]], float(delta[k]))
-             for r, k in enumerate(moved) if flat[r]]
+    moving = (torch.zeros(len(dead), len(alphas), n, dtype=x.dtype) if g is None else
+              mod.pool(g.abs(), x, index).reshape(len(dead), len(alphas), n).cpu())
+    steps = [(prepared.labels[name][u], float(delta[r])) for r, u in enumerate(dead)
+             if float(delta[r]) > tol and not bool(moving[r, :, u].ne(0).any())]
     if steps:
         shown = ", ".join(f"{label!r} ({d:.3g})" for label, d in steps[:8])
         report.add("warning", "step-columns",

@@ -865,6 +865,12 @@ def test_argument_order_is_read_through_data_parallel_and_the_wrapper_advice_kee
     inst = drop_norm_instance()
     assert torch.equal(wrapped.predict(wrapped.prepare(inst).raw),
                        plain.predict(plain.prepare(inst).raw))
+
+    class OwnModule(Outputs):            # a submodule named "module" of a model with names
+        def __init__(self):
+            super().__init__("plain", 2)
+            self.module = nn.Linear(1, 1)
+    assert ModelAdapter(OwnModule().eval(), mods[::-1], ["n", "y"]).keyword_inputs
     dict_out = ModelAdapter(Outputs("dict", 2).eval(), mods[::-1], ["n", "y"])
     with pytest.raises(AdapterError, match=r"forward\(self, \*\*x\) returns self.m\(\*\*x\)"
                                            r"\['logits'\].*keyword_inputs=True"):

@@ -125,7 +125,7 @@ def trace_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: 
     torch.fx patches ``nn.Module.__call__`` while it traces, so no other thread may run a
     forward pass meanwhile: call it through ``ModelAdapter.run``, which holds the lock that the
     adapter's forward passes take."""
-    key = _key(names, keyword_inputs, side) + (_qualified_names(model, keep_whole),)
+    key = _key(model, names, keyword_inputs, side, keep_whole)
     per_model = _CACHE.setdefault(model, {})
     found = per_model.get(key)
     # traced once; again when the model's tensors were replaced since (model.half(), .to(...))
@@ -162,8 +162,7 @@ def reject_factorization(model: nn.Module, names: Sequence[str], keyword_inputs:
     submodule or setting of the model changes."""
     error = FactorizationError(f"its traced split was rejected earlier: {reason}")
     error.state = _model_state(model)
-    key = _key(names, keyword_inputs, side) + (_qualified_names(model, keep_whole),)
-    _CACHE.setdefault(model, {})[key] = error
+    _CACHE.setdefault(model, {})[_key(model, names, keyword_inputs, side, keep_whole)] = error
 
 
 def _model_state(model: nn.Module) -> tuple:
@@ -175,7 +174,9 @@ def _model_state(model: nn.Module) -> tuple:
                  for name, module in model.named_modules())
 
 
-def _key(names: Sequence[str], keyword_inputs: bool, side: str | None) -> tuple:
+def _key(model: nn.Module, names: Sequence[str], keyword_inputs: bool, side: str | None,
+         keep_whole: Sequence[nn.Module]) -> tuple:
+    """(names, keyword_inputs, side, the kept-whole modules' names): what a split is traced for."""
     names = tuple(names)
     if side is None:
         if len(names) != 2:
@@ -183,7 +184,7 @@ def _key(names: Sequence[str], keyword_inputs: bool, side: str | None) -> tuple:
         side = names[0]
     if side not in names:
         raise FactorizationError(f"{side!r} is not one of the modalities {list(names)}")
-    return names, bool(keyword_inputs), side
+    return names, bool(keyword_inputs), side, _qualified_names(model, keep_whole)
 
 
 def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side: str,

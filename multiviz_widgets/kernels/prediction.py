@@ -86,7 +86,8 @@ class SparseModel:
     def __repr__(self) -> str:
         test = "" if self.test_fidelity is None else f", test fidelity {self.test_fidelity:.3f}"
         return (f"SparseModel({self.n_classes} classes x {self.d} features, "
-                f"{int((self.weight != 0).sum())} non-zero weights ({self.fraction_nonzero:.1%}), "
+                f"{int(self.nonzeros_per_class.sum())} non-zero weights "
+                f"({self.fraction_nonzero:.1%}), "
                 f"lambda {self.lam:.3g} (path point {self.chosen} of {len(self.path_lambdas)}), "
                 f"validation fidelity {self.val_fidelity:.3f}{test}, fit to {self.fit_to})")
 

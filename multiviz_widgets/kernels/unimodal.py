@@ -176,7 +176,12 @@ def _input_grads(adapter: ModelAdapter, prepared: Prepared, target: Target,
 
     One forward and one backward of B instances; the other modalities stay at the instance.
     """
-    leaves = {n: t.detach().requires_grad_(True) for n, t in inputs.items()}
+    try:                                     # (free until something is raised)
+        leaves = {n: t.detach().requires_grad_(True) for n, t in inputs.items()}
+    except RuntimeError:
+        if any(t.is_inference() for t in inputs.values()):
+            raise AdapterError(_PREPARED_IN_INFERENCE_MODE, code="inference-mode") from None
+        raise
     with torch.enable_grad():
         out = adapter.scalar(prepared, ({n: t.unsqueeze(0) for n, t in leaves.items()}
                                         if one_row else leaves), target)
@@ -198,7 +203,7 @@ def _raise_not_differentiable(target: Target):
     grad, though its inputs do (torch's own error says only "element 0 of tensors does not
     require grad"). Reached after the forward pass, on this path only."""
     if torch.is_inference_mode_enabled():
-        raise AdapterError(_INFERENCE_MODE, code="inference-mode")
+        raise AdapterError(INFERENCE_MODE_MESSAGE, code="inference-mode")
     raise AdapterError(
         f"The model's output for target {target} does not depend differentiably on its inputs "
         "(it does not require grad although the inputs do): forward() runs under "
@@ -210,37 +215,12 @@ def _raise_not_differentiable(target: Target):
         code="no-gradient")
 
 
-_INFERENCE_MODE = INFERENCE_MODE_MESSAGE
-
-
-def _inference_error(instances, error: RuntimeError) -> AdapterError | None:
-    """On the error path only: the clear error to raise instead of torch's RuntimeError when the
-    call ran inside torch.inference_mode(), or when a Prepared instance was made inside it (its
-    tensors are inference tensors, which cannot require grad nor be versioned outside it);
-    None otherwise (the original error stands: out of memory, an error of the model's)."""
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return None
-    if torch.is_inference_mode_enabled():
-        return AdapterError(_INFERENCE_MODE, code="inference-mode")
-    if "inference" not in str(error).lower():
-        return None
-    if isinstance(instances, Prepared):
-        instances = [instances]
-    elif not isinstance(instances, (list, tuple)):     # a dict, a dataset: made in this call
-        return None
-    for pr in instances:
-        if not isinstance(pr, Prepared):
-            continue
-        parts = (pr.raw, pr.continuous, pr.baseline, pr.index)
-        if any(isinstance(t, torch.Tensor) and t.is_inference()
-               for part in parts for t in part.values()):
-            return AdapterError(
-                "This prepared instance was made inside torch.inference_mode(): its tensors are "
-                "inference tensors, which cannot be differentiated nor tracked for in-place "
-                "changes outside it. Prepare it again outside torch.inference_mode() "
-                "(adapter.prepare(instance), under torch.no_grad() if you like) and explain "
-                "that.", code="inference-mode")
-    return None
+#: an instance prepared inside torch.inference_mode(): its tensors cannot require grad
+_PREPARED_IN_INFERENCE_MODE = (
+    "This prepared instance was made inside torch.inference_mode(): its tensors are inference "
+    "tensors, which cannot be differentiated nor tracked for in-place changes outside it. "
+    "Prepare it again outside torch.inference_mode() (adapter.prepare(instance), under "
+    "torch.no_grad() if you like) and explain that.")
 
 
 def _unit_sums(adapter: ModelAdapter, prepared: Prepared, name: str, attr: torch.Tensor
@@ -997,14 +977,7 @@ def attribute(adapter: ModelAdapter, instance, method: str = "integrated_gradien
     forward/backward passes, recorded in the result with the seconds it took.
     """
     check_adapter(adapter, "attribute")
-    try:
-        result = _method(method).attribute(adapter, instance, target, progress=progress,
-                                           **params)
-    except RuntimeError as e:        # (a try costs nothing until something is raised)
-        clear = _inference_error(instance, e)
-        if clear is None:
-            raise
-        raise clear from e
+    result = _method(method).attribute(adapter, instance, target, progress=progress, **params)
     _warn_completeness(adapter, [result])
     return result
 
@@ -1044,40 +1017,34 @@ def attribute_batch(adapter: ModelAdapter, instances, method: str = "integrated_
     p = m._params(params)
     if rows_per_pass is not None:
         rows_per_pass = positive_int(rows_per_pass, "rows_per_pass")
-    try:              # (a try costs nothing until something is raised)
-        with Stopwatch() as sw:
-            preps = _prepared_list(adapter, instances, targets)
-            names = _select(adapter, preps[0], params.get("modalities"))
-            if m.uses_baseline:
-                for pr in preps:
-                    _check_baselines(adapter, pr, names, m.name)
-            chosen, extra = _batch_targets(adapter, preps, targets,
-                                           rows_per_pass or PERTURBATION_BATCH)
-            if isinstance(m, _GradientFamily):
-                rows = rows_per_pass or m._rows_per_pass(p)
-                if "internal_batch_size" in p:    # the rows its passes had, as attribute's
-                    p = dict(p, internal_batch_size=rows)
-                out = _gradient_batch(adapter, m, preps, chosen, names, p, rows, progress)
-                weight = np.array([r.forward_passes for r in out], dtype=np.float64)   # its rows
-            else:
-                out = []
-                report(progress, 0, len(preps), m.label)
-                for k, (pr, t) in enumerate(zip(preps, chosen)):
-                    # the instance's own batches report (k, n) too: the callback is called
-                    # between batches, as every kernel's is, so a cancel (Cancelled raised by
-                    # the callback) stops the work within one batch instead of after the whole
-                    # instance
-                    inner = (None if progress is None else
-                             lambda done, total, message, k=k: report(progress, k, len(preps),
-                                                                      m.label))
-                    out.append(m.attribute(adapter, pr, t, progress=inner, **params))
-                    report(progress, k + 1, len(preps), m.label)
-                weight = np.array([r.seconds for r in out], dtype=np.float64)
-    except RuntimeError as e:
-        clear = _inference_error(instances, e)
-        if clear is None:
-            raise
-        raise clear from e
+    with Stopwatch() as sw:
+        preps = _prepared_list(adapter, instances, targets)
+        names = _select(adapter, preps[0], params.get("modalities"))
+        if m.uses_baseline:
+            for pr in preps:
+                _check_baselines(adapter, pr, names, m.name)
+        chosen, extra = _batch_targets(adapter, preps, targets,
+                                       rows_per_pass or PERTURBATION_BATCH)
+        if isinstance(m, _GradientFamily):
+            rows = rows_per_pass or m._rows_per_pass(p)
+            if "internal_batch_size" in p:    # the rows its passes had, as attribute's
+                p = dict(p, internal_batch_size=rows)
+            out = _gradient_batch(adapter, m, preps, chosen, names, p, rows, progress)
+            weight = np.array([r.forward_passes for r in out], dtype=np.float64)   # its rows
+        else:
+            out = []
+            report(progress, 0, len(preps), m.label)
+            for k, (pr, t) in enumerate(zip(preps, chosen)):
+                # the instance's own batches report (k, n) too: the callback is called
+                # between batches, as every kernel's is, so a cancel (Cancelled raised by
+                # the callback) stops the work within one batch instead of after the whole
+                # instance
+                inner = (None if progress is None else
+                         lambda done, total, message, k=k: report(progress, k, len(preps),
+                                                                  m.label))
+                out.append(m.attribute(adapter, pr, t, progress=inner, **params))
+                report(progress, k + 1, len(preps), m.label)
+            weight = np.array([r.seconds for r in out], dtype=np.float64)
     shares = weight / weight.sum() if weight.sum() > 0 else np.full(len(out), 1.0 / len(out))
     for r, share, more in zip(out, shares, extra):
         r.seconds = float(sw.seconds * share)
