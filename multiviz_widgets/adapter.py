@@ -753,6 +753,13 @@ class ModelAdapter:
         out = self.as_logits(result[0] if features else result, next(iter(args.values())).shape[0])
         return (out, result[1]) if features else out
 
+    def is_binary_logit(self, out: Any, b: int) -> bool:
+        """Whether ``out`` is a binary model's one logit per instance for a batch of ``b``
+        ([b], [b, 1], or [] for a squeezed batch of one) with two class names: ``as_logits``
+        reads it as [-z/2, z/2]."""
+        return (self.n_classes == 2 and isinstance(out, torch.Tensor)
+                and (out.shape in ((b,), (b, 1)) or (b == 1 and out.dim() == 0)))
+
     def as_logits(self, out: Any, b: int) -> torch.Tensor:
         """The model's output for a batch of ``b`` as logits [b, C] (the first element of a
         tuple; [b] with one class name becomes [b, 1]), or an AdapterError saying how to make
@@ -764,9 +771,8 @@ class ModelAdapter:
         c = self.n_classes
         if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape == (b, c):
             return out
-        if (c == 2 and isinstance(out, torch.Tensor)
-                and (out.shape in ((b,), (b, 1)) or (b == 1 and out.dim() == 0))):
-            return binary_logits(out.reshape(b, 1))      # (a squeezed batch of one: [])
+        if self.is_binary_logit(out, b):
+            return binary_logits(out.reshape(b, 1))
         wrap = ("Wrap the model: class Logits(nn.Module): __init__(self, m) sets self.m = m; "
                 "forward(self, **x) returns self.m(**x){}; and pass ModelAdapter(Logits(model), "
                 "..., keyword_inputs=True)." if self.keyword_inputs else

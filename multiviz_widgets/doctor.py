@@ -268,8 +268,7 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
                    "The output looks like probabilities (in [0, 1], summing to 1). Explanations "
                    "should target pre-softmax logits: remove the final softmax from forward().")
     eps = _roundoff(adapter, prepared.raw, out)      # the precision it computes in
-    if (adapter.n_classes == 2 and isinstance(first, torch.Tensor)
-            and first.numel() == out.shape[0] and first.dim() <= 2):
+    if adapter.is_binary_logit(first, out.shape[0]):
         _check_binary_output(adapter, prepared, report, first.reshape(-1), eps)
     after_layer = _check_decision_layer(adapter, prepared, report, calls.get("decision", 0), eps)
     # an embedding layer never called on its text's ids is reported (once) by step 5's

@@ -15,16 +15,15 @@ input, to be corrected rather than typed again.
 """
 from __future__ import annotations
 
-import pathlib
 from typing import Any, Callable
 
 import anywidget
 import traitlets
 
 from ._common import answer_ping
-from .input_view import check_bundle
+from .input_view import STATIC, check_bundle, esm_of
 
-_ESM_PATH = pathlib.Path(__file__).resolve().parent.parent / "static" / "concept_tags.js"
+_ESM_PATH = STATIC / "concept_tags.js"
 
 EditCallback = Callable[[str, str, str], "bool | None"]
 
@@ -34,8 +33,7 @@ class ConceptTags(anywidget.AnyWidget):
     owner chooses, sent back with each edit); disabled: no editing; placeholder: the input's
     hint."""
 
-    # Import must work without the bundle (so the error can say what to do); __init__ checks it.
-    _esm = _ESM_PATH if _ESM_PATH.is_file() else "export default { render() {} };"
+    _esm = esm_of(_ESM_PATH)
 
     value = traitlets.List(traitlets.Unicode()).tag(sync=True)
     key = traitlets.Unicode("").tag(sync=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import pathlib
 
 import anywidget
 import bqplot as bq
@@ -22,7 +21,7 @@ import traitlets
 
 from ..engine import Analyses, Engine
 from ..selection import Selection
-from .input_view import check_bundle
+from .input_view import STATIC, check_bundle, esm_of
 from ._common import (RetryAfterCancel, WrappedText, colour_limit, failure_text, method_label,
                       shapley_players, text_label)
 
@@ -170,7 +169,7 @@ def shapley_estimate_note(params) -> str:
     return text
 
 
-_ESM_PATH = pathlib.Path(__file__).resolve().parent.parent / "static" / "cell_tip.js"
+_ESM_PATH = STATIC / "cell_tip.js"
 
 
 class CellTip(anywidget.AnyWidget):
@@ -178,8 +177,7 @@ class CellTip(anywidget.AnyWidget):
     for cell (row, col) (bqplot's rowNum, columnNum); {} for none. The browser shows it only
     while that cell is the one hovered (js/cell_tip.js)."""
 
-    # Import must work without the bundle (so the error can say what to do); __init__ checks it.
-    _esm = _ESM_PATH if _ESM_PATH.is_file() else "export default { render() {} };"
+    _esm = esm_of(_ESM_PATH)
     tip = traitlets.Dict().tag(sync=True)
 
     def __init__(self, **kwargs):

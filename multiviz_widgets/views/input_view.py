@@ -24,7 +24,9 @@ from ..adapter import ModelAdapter, Prepared
 from ..checks import is_integer
 from ._common import answer_ping
 
-_ESM_PATH = pathlib.Path(__file__).resolve().parent.parent / "static" / "input_view.js"
+#: the built JavaScript of the views (esbuild, from js/)
+STATIC = pathlib.Path(__file__).resolve().parent.parent / "static"
+_ESM_PATH = STATIC / "input_view.js"
 
 #: Longest side, in screen pixels, at which images are shown (small images are scaled up).
 DISPLAY_SIZE = 256
@@ -43,6 +45,12 @@ def check_bundle(path: pathlib.Path, view: str) -> pathlib.Path:
             "and npm run build) in the repository root to build js/*.js into "
             "multiviz_widgets/static/.")
     return path
+
+
+def esm_of(path: pathlib.Path):
+    """A view's ``_esm``: its bundle, or while that is missing a placeholder, so that importing
+    the view works and its ``__init__`` (``check_bundle``) can say how to build it."""
+    return path if path.is_file() else "export default { render() {} };"
 
 
 def _check_bundle() -> pathlib.Path:
@@ -66,8 +74,7 @@ class InputView(anywidget.AnyWidget):
     part of the text shown when the pointer rests on it (as text, never HTML).
     """
 
-    # Import must work without the bundle (so the error can say what to do); __init__ checks it.
-    _esm = _ESM_PATH if _ESM_PATH.is_file() else "export default { render() {} };"
+    _esm = esm_of(_ESM_PATH)
 
     items = traitlets.List(traitlets.Dict()).tag(sync=True)
     scores = traitlets.Dict().tag(sync=True)
