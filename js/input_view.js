@@ -20,6 +20,13 @@
 // still reaches JupyterLab's shortcuts. The superpixel canvas is for the pointer; its
 // segment chips are the keyboard's way to the same units. A chip too long to show (at most
 // 40ch) is cut with an ellipsis, and its title then starts with its whole text.
+//
+// A grid of units (an image's patches, a series' windows) is one tab stop, not one per unit
+// (64 patches on easy-VQA, 196 on a 14 x 14 grid): a group named for the screen reader whose
+// one focusable unit (tabindex 0; the others -1) is the selected unit when it is in the grid,
+// else the last one focused there, else the first. The arrow keys move the focus inside the
+// grid (Home / End: the row's ends; Ctrl+Home / Ctrl+End: the grid's), and are taken
+// (preventDefault) so that JupyterLab does not move to another cell meanwhile.
 
 import { watchKernelLink } from "./lib/kernel_link.js";
 
@@ -157,7 +164,9 @@ function render({ model, el }) {
       select(modality, unit);
     });
     element.addEventListener("keydown", (ev) => {
-      if (ev.isComposing || ev.altKey || ev.ctrlKey || ev.metaKey) return;
+      if (ev.isComposing || ev.altKey || ev.metaKey) return;
+      if (element._mvzGrid && moveInGrid(element, ev)) return;
+      if (ev.ctrlKey) return;
       if (ev.key !== "Enter" && ev.key !== " " && ev.key !== "Spacebar") return;
       ev.preventDefault();             // no page scroll on Space, no notebook shortcut
       ev.stopPropagation();
@@ -177,6 +186,45 @@ function render({ model, el }) {
     entry.units.get(unit).push(element);
   }
 
+  // Make `cells` (row-major, rows x cols) one tab stop: see the header.
+  function rovingGrid(container, cells, rows, cols, label) {
+    container.setAttribute("role", "group");
+    container.setAttribute("aria-label", label);
+    const grid = { cells, rows, cols };
+    cells.forEach((e, i) => {
+      e._mvzGrid = grid;
+      e._mvzCell = i;
+      e.tabIndex = i === 0 ? 0 : -1;
+      e.addEventListener("focus", () => makeTabStop(e));
+    });
+  }
+
+  function makeTabStop(e) {
+    for (const other of e._mvzGrid.cells) if (other !== e) other.tabIndex = -1;
+    e.tabIndex = 0;
+  }
+
+  // An arrow, Home or End key on a grid's unit: focus its neighbour; true when the key was one.
+  function moveInGrid(e, ev) {
+    const { cells, rows, cols } = e._mvzGrid;
+    const r = Math.floor(e._mvzCell / cols), c = e._mvzCell % cols;
+    const to = {
+      ArrowLeft: [r, c - 1], ArrowRight: [r, c + 1], ArrowUp: [r - 1, c], ArrowDown: [r + 1, c],
+      Home: ev.ctrlKey ? [0, 0] : [r, 0],
+      End: ev.ctrlKey ? [rows - 1, cols - 1] : [r, cols - 1],
+    }[ev.key];
+    if (!to || (ev.ctrlKey && ev.key !== "Home" && ev.key !== "End")) return false;
+    ev.preventDefault();               // no page scroll, no move to another notebook cell
+    ev.stopPropagation();
+    const clamp = (v, n) => Math.max(0, Math.min(n - 1, v));
+    const next = cells[clamp(to[0], rows) * cols + clamp(to[1], cols)];
+    if (next && next !== e) {
+      makeTabStop(next);
+      next.focus();
+    }
+    return true;
+  }
+
   function buildImage(item, box, entry) {
     const rows = item.rows, cols = item.cols;
     const wrap = el_("div", "mvz-image");
@@ -193,6 +241,7 @@ function render({ model, el }) {
     for (let r = 0; r < rows; r++) rowSizes.push(Math.min(item.patch, item.height - r * item.patch) + "fr");
     grid.style.gridTemplateColumns = colSizes.join(" ");
     grid.style.gridTemplateRows = rowSizes.join(" ");
+    const cells = [];
     for (let r = 0; r < rows; r++) {
       for (let c = 0; c < cols; c++) {
         const u = r * cols + c;
@@ -200,8 +249,11 @@ function render({ model, el }) {
         p.title = item.labels && item.labels[u] ? item.labels[u] : `patch ${u}`;
         addUnit(entry, item.name, u, p, `${item.name}: ${p.title}`);
         grid.appendChild(p);
+        cells.push(p);
       }
     }
+    rovingGrid(grid, cells, rows, cols,
+      `${item.name}: ${rows} x ${cols} patches, arrow keys move between them`);
     wrap.appendChild(grid);
     box.appendChild(wrap);
     entry.paint = (e, t) => { e.style.background = t === null ? "transparent" : overlay(t); };
@@ -300,6 +352,7 @@ function render({ model, el }) {
     const grid = el_("div", "mvz-series");
     grid.style.gridTemplateColumns = `max-content repeat(${W}, minmax(14px, 1fr))`;
     const T = item.values.length;
+    const cells = [];                      // row-major: group g, window w at g * W + w
     item.group_names.forEach((gname, g) => {
       grid.appendChild(el_("div", "mvz-rowname", gname));
       const chans = item.groups[g];
@@ -333,8 +386,11 @@ function render({ model, el }) {
         cell.appendChild(svg);
         addUnit(entry, item.name, u, cell, `${item.name}: ${cell.title}`);
         grid.appendChild(cell);
+        cells.push(cell);
       }
     });
+    rovingGrid(grid, cells, G, W,
+      `${item.name}: ${G} x ${W} windows, arrow keys move between them`);
     box.appendChild(grid);
     entry.paint = paintCell;
   }
@@ -429,6 +485,7 @@ function render({ model, el }) {
         for (const e of elements) {
           e.classList.toggle("mvz-selected", on);
           e.setAttribute("aria-current", on ? "true" : "false");
+          if (on && e._mvzGrid) makeTabStop(e);   // Tab into the grid lands on the selection
         }
       }
     }

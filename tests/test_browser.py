@@ -170,6 +170,14 @@ def test_a_unit_is_chosen_from_the_keyboard_as_by_a_click(lab, page):
         page.wait_for_timeout(100)
     assert sel == {"modality": "image", "unit": 3}
     page.wait_for_selector(".mvz-input [data-modality='image'][data-unit='3'].mvz-selected")
+    # the arrow keys move inside the 2 x 2 patches, not to another notebook cell
+    active = ("() => [...document.querySelectorAll('.jp-Notebook .jp-Cell')]"
+              ".findIndex(c => c.classList.contains('jp-mod-active'))")
+    cell = page.evaluate(active)
+    for key, unit in [("ArrowUp", "1"), ("ArrowLeft", "0"), ("ArrowDown", "2")]:
+        page.keyboard.press(key)
+        assert page.evaluate("() => document.activeElement.dataset.unit") == unit, key
+    assert page.evaluate(active) == cell
     # the notebook stayed in command mode (no cell was opened for editing by the keys)
     assert page.evaluate("() => !document.querySelector('.jp-Notebook.jp-mod-editMode')")
     assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
@@ -768,8 +776,10 @@ def test_every_kind_of_unit_is_a_named_button_that_enter_and_space_choose(page):
                                       ["question", 0], ["question", 1], ["vitals", 0],
                                       ["vitals", 1], ["series", 0], ["series", 1]]
     # focusable buttons; a table's cells keep their cell role (a screen reader then says
-    # their row and column)
-    assert all(u[2:4] == [0, None if u[5] == "TD" else "button"] for u in units), units
+    # their row and column); a grid of patches or windows is one tab stop (its first unit)
+    in_grid = {("image", 1), ("series", 1)}
+    assert all(u[2:4] == [-1 if tuple(u[:2]) in in_grid else 0,
+                          None if u[5] == "TD" else "button"] for u in units), units
     assert [u[0] for u in units if u[5] == "TD"] == ["vitals", "vitals"], units
     assert [u[4] for u in units] == [
         "image: top left", "image: top right", "photo: sky", "photo: sea", "question: what",
@@ -777,8 +787,10 @@ def test_every_kind_of_unit_is_a_named_button_that_enter_and_space_choose(page):
         "series: ecg t2-3"]
     page.locator(".mvz-unit").first.focus()
     for k, (modality, unit, *_rest) in enumerate(units):
-        if k:
-            page.keyboard.press("Tab")
+        if k:                             # the arrow keys move inside a grid, Tab out of it
+            page.keyboard.press("ArrowRight" if (modality, unit) in in_grid else "Tab")
+        assert page.evaluate("() => [document.activeElement.dataset.modality, "
+                             "Number(document.activeElement.dataset.unit)]") == [modality, unit]
         page.keyboard.press("Enter" if k % 2 == 0 else "Space")
         assert page.evaluate("() => window.__mvz_saved.at(-1)") == {
             "selected": {"modality": modality, "unit": unit}}, (modality, unit)
@@ -791,6 +803,66 @@ def test_every_kind_of_unit_is_a_named_button_that_enter_and_space_choose(page):
     assert page.locator(".mvz-unit[aria-current='true']").evaluate_all(
         "els => els.map(e => e.dataset.modality + e.dataset.unit)") == ["vitals1"]
     assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
+
+
+def test_a_grid_of_units_is_one_tab_stop_that_the_arrow_keys_move_inside(page):
+    """An image's patches (3 x 4) and a series' windows (2 groups x 3 windows): one tab stop
+    each (not 12 and 6), the arrow keys move the focus (clamped at the edges, Home / End the
+    row's ends, Ctrl+Home / Ctrl+End the grid's) and are taken from the page; Tab comes back
+    to the last unit focused, or to the selection when the kernel moves it."""
+    items = [
+        {"name": "image", "kind": "image", "src": "", "rows": 3, "cols": 4, "patch": 1,
+         "width": 4, "height": 3, "display_width": 80, "display_height": 60},
+        {"name": "question", "kind": "text", "tokens": ["what"], "n_units": 1},
+        {"name": "series", "kind": "timeseries", "group_names": ["ecg", "bp"],
+         "groups": [[0], [1]], "n_windows": 3, "window": 1,
+         "values": [[0.1, 1.0], [0.2, 2.0], [0.3, 1.5]]}]
+    render_input_bundle(page, {"items": items, "scores": {}, "score_caption": "",
+                               "selected": {}, "caption": "", "concepts": {}})
+    # every key event, seen on its way down (the view stops it on its way up); read after
+    page.evaluate("""() => { window.__mvz_keys = [];
+        document.addEventListener('keydown', ev => window.__mvz_keys.push(ev), true); }""")
+    stops = ("() => [...document.querySelectorAll('.mvz-unit')].filter(e => e.tabIndex === 0)"
+             ".map(e => e.dataset.modality + e.dataset.unit)")
+    focused = ("() => document.activeElement.dataset.modality + "
+               "document.activeElement.dataset.unit")
+    assert page.evaluate(stops) == ["image0", "question0", "series0"]
+    assert page.locator("[role='group']").evaluate_all(
+        "els => els.map(e => e.getAttribute('aria-label'))") == [
+        "image: 3 x 4 patches, arrow keys move between them",
+        "series: 2 x 3 windows, arrow keys move between them"]
+    page.locator(".mvz-unit").first.focus()
+    # patch u = row * 4 + column
+    for key, unit in [("ArrowRight", 1), ("ArrowDown", 5), ("ArrowDown", 9), ("ArrowDown", 9),
+                      ("End", 11), ("ArrowRight", 11), ("Home", 8), ("ArrowLeft", 8),
+                      ("ArrowUp", 4), ("Control+End", 11), ("Control+Home", 0),
+                      ("ArrowUp", 0), ("ArrowDown", 4)]:
+        page.keyboard.press(key)
+        assert page.evaluate(focused) == f"image{unit}", key
+    assert page.evaluate(stops) == ["image4", "question0", "series0"]
+    keys = page.evaluate("() => window.__mvz_keys.map(ev => [ev.key, ev.defaultPrevented])")
+    assert len(keys) == 13 + 2 and all(taken for key, taken in keys
+                                       if key not in ("Control", "Shift")), keys
+    page.keyboard.press("Tab")                                  # out of the grid
+    assert page.evaluate(focused) == "question0"
+    page.keyboard.press("Shift+Tab")                            # back to where it was
+    assert page.evaluate(focused) == "image4"
+    page.keyboard.press("Enter")
+    assert page.evaluate("() => window.__mvz_saved.at(-1)") == {
+        "selected": {"modality": "image", "unit": 4}}
+    # the series' windows: cell (group g, window w) is unit w * 2 + g
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    assert page.evaluate(focused) == "series0"
+    for key, unit in [("ArrowRight", 2), ("ArrowDown", 3), ("End", 5), ("ArrowUp", 4)]:
+        page.keyboard.press(key)
+        assert page.evaluate(focused) == f"series{unit}", key
+    # the kernel selects a patch: Tab into the grid lands on it
+    page.evaluate("() => window.__mvz_set('selected', {modality: 'image', unit: 10})")
+    assert page.evaluate(stops) == ["image10", "question0", "series4"]
+    page.locator(".mvz-token").first.focus()
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate(focused) == "image10"
 
 
 def test_very_long_tokens_and_concepts_are_cut_with_an_ellipsis_and_said_whole_on_hover(page):
