@@ -878,6 +878,28 @@ def test_a_gallery_row_of_tied_activations_says_so():
         ex.close()
 
 
+def test_a_small_dataset_shows_each_instance_once_in_the_gallery():
+    """Fewer instances than the two rows hold (4 each): the top row has the 4 largest h, the
+    bottom row only the smallest of the others; a lone instance is in the top row alone."""
+    from .explorer_support import Features
+    for n, top, bottom in [(6, [0, 1, 2, 3], [5, 4]), (1, [0], [])]:
+        adapter, ds = tiny_vqa(n)
+        logits, h = adapter.features(adapter.collate([ds[i] for i in range(n)]))
+        h = h.numpy().copy()
+        h[:, 0] = np.arange(n, dtype=h.dtype)[::-1]           # instance i has h0 = n - 1 - i
+        ex = Explorer(adapter, ds, kernels=FakeKernels(), features=Features(h, logits.numpy()))
+        try:
+            ex.select(neuron=0)
+            assert ex.wait(60)
+            nv = ex.neuron_view
+            rows = {side: [it["index"] for it in nv.gallery if it["side"] == side]
+                    for side in ("top", "bottom")}
+            assert rows == {"top": top, "bottom": bottom}, (n, rows)
+            assert nv.bottom_label.layout.display == (None if bottom else "none")
+        finally:
+            ex.close()
+
+
 # -- widgets the views replace are closed; close() closes them all ----------------------------
 def _live(widgets) -> list:
     return [w for w in widgets if w.comm is not None]

@@ -264,10 +264,14 @@ class NeuronView(W.VBox):
                 raise IndexError(f"Neuron {j} is out of range: the decision layer has "
                                  f"{ext.top_indices.shape[0]} neurons.")
             entries = [("top", int(i), float(v)) for i, v in zip(ext.top_indices[j],
-                                                                 ext.top_values[j])]
+                                                                 ext.top_values[j]) if i >= 0]
+            # a dataset of fewer than twice the row's length: the bottom row leaves out the
+            # instances the top row shows (one instance is not both the most and the least
+            # activating), so each instance is shown (and explained) once
+            on_top = {i for _, i, _ in entries}
             entries += [("bottom", int(i), float(v)) for i, v in zip(ext.bottom_indices[j],
-                                                                     ext.bottom_values[j])]
-            entries = [e for e in entries if e[1] >= 0]
+                                                                     ext.bottom_values[j])
+                        if i >= 0 and int(i) not in on_top]
             ties = {side: tied_extremes(np.asarray(a.features(progress).h)[:, j],
                                         [e[2] for e in entries if e[0] == side])
                     for side in ("top", "bottom")}
