@@ -367,8 +367,12 @@ def test_the_cache_key_covers_the_modalities_preprocessing_and_the_module_tree(c
     assert rep.features_key(sigmoid, ds) != rep.features_key(tanh, ds)
 
 
-@pytest.mark.parametrize("damage", ["h_columns", "rows", "other_indices", "int_h"])
-def test_a_cache_file_with_the_right_key_but_wrong_contents_is_recomputed(cache, damage):
+@pytest.mark.parametrize("damage, why", [
+    ("h_columns", "features but the decision layer takes"), ("rows", "instances, not the"),
+    ("other_indices", "instances, not the"), ("int_h", "dtypes h int64"),
+    ("logits_columns", "logits are of 1 classes, the adapter's 3"),
+    ("no_skipped", "KeyError")])
+def test_a_cache_file_with_the_right_key_but_wrong_contents_is_recomputed(cache, damage, why):
     adapter, ds = make_adapter(), make_dataset()
     first = extract_features(adapter, ds, cache_dir=cache)
     h, logits, idx = first.h, first.logits, first.indices
@@ -378,11 +382,16 @@ def test_a_cache_file_with_the_right_key_but_wrong_contents_is_recomputed(cache,
         h, logits, idx = h[:5], logits[:5], idx[:5]
     elif damage == "other_indices":
         idx = idx[::-1].copy()
-    else:
+    elif damage == "int_h":
         h = h.astype(np.int64)
-    np.savez(first.path, key=np.array(first.key), h=h, logits=logits, indices=idx)
-    with pytest.warns(RuntimeWarning, match="unreadable feature cache"):
+    elif damage == "logits_columns":          # a one-logit model's file, now read as 3 classes
+        logits = logits[:, :1]
+    skipped = {} if damage == "no_skipped" else {
+        "skipped_indices": np.array([], np.int64), "skipped_reasons": np.array([], str)}
+    np.savez(first.path, key=np.array(first.key), h=h, logits=logits, indices=idx, **skipped)
+    with pytest.warns(RuntimeWarning, match="unreadable feature cache") as got:
         again = extract_features(adapter, ds, cache_dir=cache)
+    assert why in str(got[0].message), got[0].message
     assert not again.from_cache
     np.testing.assert_allclose(again.h, first.h)
     np.testing.assert_array_equal(again.indices, np.arange(len(ds)))
@@ -658,6 +667,86 @@ def test_the_cache_key_covers_how_the_model_is_called_and_a_functions_code(cache
     assert first.signature() != last.signature()
     same = Text("q", vocab=vocab, tokenize=lambda s: s.split())
     assert same.signature() == first.signature()             # the same code: the same key
+
+
+MODEL_CELL = """
+import torch
+from torch import nn
+
+
+def act(x):
+    return torch.{act}(x)
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Linear(2, 3)
+        self.classifier = nn.Linear(3, 2)
+
+    def encode(self, a, b):
+        return {encode}
+
+    def forward(self, a, b):
+        mode = "x"
+        return self.classifier(act(self.encode(a, b)) if mode in {{"x", "y"}} else a)
+"""
+
+
+def model_from_cell(run: int, act: str = "tanh", encode: str = "self.enc(torch.cat([a, b], 1))"):
+    """The model of a notebook cell's ``run``-th execution (each run its own file name)."""
+    scope: dict = {}
+    exec(compile(MODEL_CELL.format(act=act, encode=encode), f"/tmp/ipykernel_7/{run}.py",
+                 "exec"), scope)
+    return scope["M"]().eval()
+
+
+def test_the_cache_key_covers_the_models_code_and_its_number_of_classes(cache):
+    """An edit of forward (or of a method or a module-level function it calls) in a notebook
+    cell is another key, the same code run again is the same; a one-logit model read as one
+    class or as two (logits [N, 1] or [N, 2]) is two keys."""
+    mods = lambda: [Tabular("a", columns=["x"]), Tabular("b", columns=["y"])]  # noqa: E731
+    ds = MultimodalDataset({"a": [np.array([1.0]), np.array([-2.0])],
+                            "b": [np.array([5.0]), np.array([-7.0])]})
+    key = lambda model: rep.features_key(ModelAdapter(model, mods(), ["n", "p"]), ds)  # noqa
+    first = key(model_from_cell(1))
+    assert key(model_from_cell(2)) == first                   # the cell run again
+    edits = [key(model_from_cell(3, act="relu")),             # the helper forward calls
+             key(model_from_cell(4, encode="self.enc(torch.cat([b, a], 1))"))]  # a method
+    assert len({first, *edits}) == 3
+    old = extract_features(ModelAdapter(model_from_cell(1), mods(), ["n", "p"]), ds,
+                           cache_dir=cache)
+    new = extract_features(ModelAdapter(model_from_cell(3, act="relu"), mods(), ["n", "p"]), ds,
+                           cache_dir=cache)
+    assert not new.from_cache and (old.h < 0).any() and (new.h >= 0).all()
+    # the code's constants are hashed in an order that does not follow the process's string
+    # hashing (the set {"x", "y"} in forward is a frozenset constant)
+    import subprocess
+    import sys
+    probe = ("import sys; sys.path.insert(0, 'tests'); from test_representations import "
+             "model_from_cell; from multiviz_widgets.kernels.representations import "
+             "model_code_digest; print(model_code_digest(model_from_cell(1)))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digests = {subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              check=True, cwd=root, env={**os.environ, "PYTHONHASHSEED": seed}
+                              ).stdout.strip() for seed in ("1", "2")}
+    assert digests == {rep.model_code_digest(model_from_cell(1))}
+
+    class OneLogit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier = nn.Linear(2, 1)
+
+        def forward(self, a, b):
+            return self.classifier(torch.cat([a, b], 1))
+    model = OneLogit().eval()
+    as_one = ModelAdapter(model, mods(), ["score"])
+    as_two = ModelAdapter(model, mods(), ["neg", "pos"])
+    assert rep.features_key(as_one, ds) != rep.features_key(as_two, ds)
+    assert extract_features(as_one, ds, cache_dir=cache).logits.shape == (2, 1)
+    two = extract_features(as_two, ds, cache_dir=cache)
+    assert two.logits.shape == (2, 2) and not two.from_cache
 
 
 def test_a_float64_models_features_keep_their_precision_and_rank_their_extremes():

@@ -5,9 +5,10 @@
   the adapter's forward pre-hook on the decision layer (the hook lives for one forward call and is
   removed in ``finally``, also when the model raises). Results are cached on disk as ``.npz``
   (no pickle), keyed by a hash of the model's weights, settings and structure
-  (``ModelAdapter.fingerprint``: not integer, list or plain-tensor attributes), the modalities'
-  preprocessing and the dataset's fingerprint; a change of any gives another key, a corrupt or
-  inconsistent file is ignored and recomputed, writes are atomic.
+  (``ModelAdapter.fingerprint``: not integer, list or plain-tensor attributes), the code of
+  its classes (``model_code_digest``), the modalities' preprocessing, the number of classes and
+  the dataset's fingerprint; a change of any gives another key, a corrupt or inconsistent file
+  (logits of another width included) is ignored and recomputed, writes are atomic.
 * ``StreamingExtremes`` / ``neuron_extremes``: for every neuron the k instances with the largest
   and the smallest activation in one streaming pass, memory O(k d) whatever the dataset size.
 * ``decision_contributions(adapter, instance)``: the local view, h(x) and each neuron's
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,11 +85,69 @@ def _decision_layer_name(adapter: ModelAdapter) -> str:
     return _module_name(adapter, adapter.decision_layer)
 
 
+def _hash_code(code: types.CodeType, h) -> None:
+    """What a function does, not where it is: its bytecode, names and constants (nested code
+    objects, a lambda's or a comprehension's, recursively). Not its file and line numbers: a
+    class defined in a notebook cell gets another file name at every run of that cell."""
+    h.update(code.co_code)
+    h.update(repr((code.co_names, code.co_varnames, code.co_freevars)).encode())
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            _hash_code(c, h)
+        elif isinstance(c, frozenset):        # its order follows the process's string hashing
+            h.update(repr(sorted(map(repr, c))).encode())
+        else:
+            h.update(repr(c).encode())
+
+
+def _own_function(f) -> bool:
+    """A plain function of the user's (or a library's other than torch's): its code is hashed."""
+    return (isinstance(f, types.FunctionType)
+            and not (getattr(f, "__module__", None) or "").startswith("torch"))
+
+
+def model_code_digest(model: torch.nn.Module) -> str:
+    """A hash of the code the model's forward pass runs, as far as it can be found: every
+    function (methods, static and class methods, properties) of the classes of its modules,
+    up their bases, except torch's own (they change only with torch, whose version the key has
+    too), and the module-level functions those call by name, recursively. An edit of
+    ``forward`` (tanh to relu) in a notebook then gives another feature-cache key. Not followed:
+    functions reached through attributes (``helpers.act(x)``) or held in containers."""
+    h = hashlib.sha256()
+    seen: set[int] = set()
+
+    def visit(f) -> None:
+        if id(f) in seen:
+            return
+        seen.add(id(f))
+        h.update(f"{f.__module__}.{f.__qualname__}".encode())
+        _hash_code(f.__code__, h)
+        for name in f.__code__.co_names:           # module-level helpers called by name
+            g = f.__globals__.get(name)
+            if _own_function(g):
+                visit(g)
+
+    classes = {}
+    for m in model.modules():
+        for cls in type(m).__mro__:
+            if cls.__module__.startswith("torch") or cls is object:
+                continue
+            classes[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    for name in sorted(classes):
+        for attr, value in sorted(vars(classes[name]).items()):
+            for f in ((value.fget, value.fset) if isinstance(value, property)
+                      else (getattr(value, "__func__", value),)):
+                if _own_function(f):
+                    visit(f)
+    return h.hexdigest()[:32]
+
+
 def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
                  indices: Sequence[int] | None = None, batch_size: int = 256) -> str:
-    """The cache key of a feature extraction: weights hash + the model's module tree + each
-    modality's preprocessing (``Modality.signature()``, in adapter order) + dataset fingerprint
-    + what was asked.
+    """The cache key of a feature extraction: weights hash + the model's module tree and code
+    (``model_code_digest``) + each modality's preprocessing (``Modality.signature()``, in
+    adapter order) + the number of classes (a one-logit model read as two classes gives two
+    logits) + dataset fingerprint + what was asked.
 
     Cost: hashes the weights (and, the first time, the dataset's contents); no forward pass.
     """
@@ -98,9 +158,11 @@ def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
     calling = (f"keyword_inputs={bool(adapter.keyword_inputs)};embeddings="
                + ",".join(f"{m}:{_module_name(adapter, layer)}"
                           for m, layer in sorted(adapter.embedding_layers.items())))
-    for part in (CACHE_VERSION, adapter.fingerprint(), repr(adapter.model), *signatures,
-                 dataset.fingerprint(), _decision_layer_name(adapter), ",".join(adapter.names),
-                 calling, str(int(batch_size))):
+    for part in (CACHE_VERSION, adapter.fingerprint(), repr(adapter.model),
+                 model_code_digest(adapter.model), f"torch={torch.__version__}", *signatures,
+                 f"classes={adapter.n_classes}", dataset.fingerprint(),
+                 _decision_layer_name(adapter), ",".join(adapter.names), calling,
+                 str(int(batch_size))):
         h.update(part.encode())
         h.update(b"\0")
     h.update(indices_or_all(indices, len(dataset)).tobytes())
@@ -303,7 +365,7 @@ class Features:
 
 
 def _check_cached(h: np.ndarray, logits: np.ndarray, indices: np.ndarray, idx: np.ndarray,
-                  d: int | None, skipped: np.ndarray) -> None:
+                  d: int | None, skipped: np.ndarray, n_classes: int | None = None) -> None:
     """Raise ValueError when a cache file's arrays are not the features of ``idx`` less the
     ``skipped`` instances."""
     if h.ndim != 2 or logits.ndim != 2 or indices.ndim != 1:
@@ -321,9 +383,13 @@ def _check_cached(h: np.ndarray, logits: np.ndarray, indices: np.ndarray, idx: n
         raise ValueError(f"it holds {len(indices)} instances, not the {len(kept)} asked for")
     if d is not None and h.shape[1] != d:
         raise ValueError(f"h has {h.shape[1]} features but the decision layer takes {d}")
+    if n_classes is not None and logits.shape[1] != n_classes:
+        raise ValueError(f"its logits are of {logits.shape[1]} classes, the adapter's "
+                         f"{n_classes}")
 
 
-def _load_cached(path: Path, key: str, idx: np.ndarray, d: int | None = None) -> Features | None:
+def _load_cached(path: Path, key: str, idx: np.ndarray, d: int | None = None,
+                 n_classes: int | None = None) -> Features | None:
     """The cached features of ``idx`` under ``key``, or None (missing, foreign, corrupt or not
     matching what was asked: the last two with a warning)."""
     try:
@@ -335,7 +401,7 @@ def _load_cached(path: Path, key: str, idx: np.ndarray, d: int | None = None) ->
         if skipped.shape != reasons.shape or not np.issubdtype(skipped.dtype, np.integer):
             raise ValueError(f"skipped instances {skipped.shape} {skipped.dtype} with reasons "
                              f"{reasons.shape}")
-        _check_cached(h, logits, indices, idx, d, skipped)
+        _check_cached(h, logits, indices, idx, d, skipped, n_classes)
         return Features(h, logits, indices, key, True, 0, 0.0, str(path),
                         dict(zip(skipped.tolist(), map(str, reasons.tolist()))))
     except FileNotFoundError:
@@ -376,7 +442,7 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
         path = default_cache_dir(cache_dir) / f"{key}.npz"
         layer = adapter.decision_layer
         d = layer.in_features if isinstance(layer, torch.nn.Linear) else None
-        hit = _load_cached(path, key, idx, d)
+        hit = _load_cached(path, key, idx, d, adapter.n_classes)
         if hit is not None:
             hit.seconds = time.perf_counter() - t0
             report(progress, len(idx), len(idx), "decision features (cached)")
