@@ -234,13 +234,17 @@ def _in_effect(layer: nn.Module) -> bool:
 
 def _outside_stacklevel() -> int:
     """The stacklevel, for warnings.warn called by this function's caller, of the first frame
-    outside this package, torch and contextlib: the user's line that asked for the work."""
-    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.__file__),
-            contextlib.__file__)
-    frame, level = sys._getframe(1), 1
+    outside this package, torch, contextlib and threading: the user's line that asked for the
+    work. On a worker thread (the Explorer's), where no user's line is on the stack, the
+    outermost frame of this package (the job the Explorer ran), not threading.py."""
+    own = os.path.dirname(os.path.abspath(__file__))
+    skip = (own, os.path.dirname(torch.__file__), contextlib.__file__, threading.__file__)
+    frame, level, outermost_own = sys._getframe(1), 1, 1
     while frame is not None and frame.f_code.co_filename.startswith(skip):
+        if frame.f_code.co_filename.startswith(own):
+            outermost_own = level
         frame, level = frame.f_back, level + 1
-    return level
+    return level if frame is not None else outermost_own
 
 
 #: The error of any explanation run inside torch.inference_mode().

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping
 
 import numpy as np
+import torch
 import traitlets
 
 from .adapter import Class, ModelAdapter, Neuron, Prepared, Target
@@ -691,6 +692,30 @@ class Kernels:
         return project_3d(h)
 
 
+def _finite_rows(feats) -> np.ndarray | None:
+    """None when every row of ``feats`` (h, and the logits where it has them) is finite, else
+    the positions of the finite rows; a ValueError when there are none."""
+    h = np.asarray(feats.h)
+    ok = np.isfinite(h).all(1)
+    logits = getattr(feats, "logits", None)
+    if logits is not None:
+        ok &= np.isfinite(np.asarray(logits)).all(1)
+    if ok.all():
+        return None
+    if not ok.any():
+        raise ValueError(f"The decision-level features of all {len(h)} instances are not "
+                         "finite (NaN or infinity): check the model's forward.")
+    return np.nonzero(ok)[0]
+
+
+def _feature_rows(feats, rows: np.ndarray):
+    """The features of ``rows`` alone (h, logits and indices), as a Features object."""
+    from .kernels.representations import Features
+    idx = getattr(feats, "indices", None)
+    idx = np.arange(len(feats.h)) if idx is None else np.asarray(idx)
+    return Features(np.asarray(feats.h)[rows], np.asarray(feats.logits)[rows], idx[rows])
+
+
 def check_features(features, n_instances: int, adapter: ModelAdapter | None = None) -> None:
     """Check that precomputed ``features`` (``extract_features(adapter, dataset)``) belong to a
     dataset of ``n_instances`` instances (and to the adapter's classes and decision layer)."""
@@ -772,8 +797,12 @@ class Analyses:
         """The model's logits for instance i; a ValueError when they are not finite (no class
         is predicted then, and every explanation of the instance would be NaN)."""
         p = self.prepared(i)
-        z = self.engine.memo(("logits", p.key), lambda: self.adapter.predict(p.raw)[0]
-                             .detach().float().cpu().numpy())
+        def fn():
+            z = self.adapter.predict(p.raw)[0].detach()
+            # a float64 model's logits stay float64: rounded to float32, two classes 1e-9 apart
+            # would tie and the Explorer could predict another class than the features say
+            return (z if z.dtype == torch.float64 else z.float()).cpu().numpy()
+        z = self.engine.memo(("logits", p.key), fn)
         if not np.isfinite(z).all():
             raise ValueError(
                 f"The model's output for instance {i} is not finite: logits "
@@ -862,10 +891,17 @@ class Analyses:
             self.adapter, self.dataset, progress), pin=True)
 
     def extremes(self, progress=None):
+        """Every neuron's top and bottom instances among the rows of ``features()`` whose
+        features and logits are finite (as ``projection``: features given by the user may
+        hold NaN rows, which cannot be ranked)."""
         progress = getattr(progress, "shared", progress)
         feats = self.features(progress)
-        return self.engine.memo(("extremes", self.gallery_k), lambda: self.kernels.extremes(
-            self.adapter, feats, self.gallery_k, progress), pin=True)
+
+        def fn():
+            rows = _finite_rows(feats)
+            part = feats if rows is None else _feature_rows(feats, rows)
+            return self.kernels.extremes(self.adapter, part, self.gallery_k, progress)
+        return self.engine.memo(("extremes", self.gallery_k), fn, pin=True)
 
     def projection(self, progress=None) -> tuple[np.ndarray, np.ndarray]:
         """(rows, coords): the 3-D coordinates [M, 3] of the rows of ``features()`` whose
@@ -875,14 +911,8 @@ class Analyses:
 
         def fn():
             h = np.asarray(feats.h, dtype=np.float64)
-            ok = np.isfinite(h).all(1)
-            logits = getattr(feats, "logits", None)
-            if logits is not None:
-                ok &= np.isfinite(np.asarray(logits, dtype=np.float64)).all(1)
-            rows = np.nonzero(ok)[0]
-            if not len(rows):
-                raise ValueError(f"The decision-level features of all {len(h)} instances are not "
-                                 "finite (NaN or infinity): check the model's forward.")
+            rows = _finite_rows(feats)
+            rows = np.arange(len(h)) if rows is None else rows
             return rows, np.asarray(self.kernels.projection(h[rows]))
         return self.engine.memo(("projection",), fn, pin=True)
 

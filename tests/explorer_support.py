@@ -97,11 +97,12 @@ class Features:
 
 
 class Extremes:
-    def __init__(self, h, k):
+    def __init__(self, h, k, indices=None):
         order = np.argsort(-h, axis=0, kind="stable")
-        self.top_indices = order[:k].T
+        at = np.arange(len(h)) if indices is None else np.asarray(indices)   # row -> instance
+        self.top_indices = at[order[:k].T]
         self.top_values = np.take_along_axis(h, order[:k], 0).T
-        self.bottom_indices = order[::-1][:k].T
+        self.bottom_indices = at[order[::-1][:k].T]
         self.bottom_values = np.take_along_axis(h, order[::-1][:k], 0).T
 
 
@@ -190,7 +191,7 @@ class FakeKernels(Kernels):
 
     def extremes(self, adapter, features, k, progress=None):
         self.calls["extremes"] += 1
-        return Extremes(features.h, k)
+        return Extremes(features.h, k, getattr(features, "indices", None))
 
     def contributions(self, adapter, prepared, class_index, sparse_model=None):
         self.calls["contributions"] += 1

@@ -5,6 +5,7 @@ Kernel-free (no Jupyter, no browser): clicks are simulated the way the front end
 ipywidgets ``Button.click``); kernels are cheap fakes that count their calls.
 """
 import contextlib
+import os
 import threading
 import time
 
@@ -668,6 +669,46 @@ def test_non_finite_logits_are_reported_and_never_reach_the_browser():
         ex.close()
 
 
+def test_instances_whose_output_is_not_finite_are_left_out_of_the_gallery_and_the_embedding():
+    """With the real kernels: extract_features leaves instance 3 (NaN output) out and says
+    why; the neuron's gallery ranks the others (one NaN row once stopped it for the whole
+    dataset). Features given with a NaN row are ranked without it too."""
+    from multiviz_widgets.kernels.representations import Features as RealFeatures
+    adapter, ds = tiny_vqa()
+    model, forward = adapter.model, adapter.model.forward
+    bad = torch.as_tensor(ds[3]["image"]).permute(2, 0, 1)
+
+    def nan_for_one(image, question):
+        out = forward(image, question)
+        rows = torch.tensor([torch.equal(row, bad) for row in image])
+        return torch.where(rows[:, None], torch.full_like(out, float("nan")), out)
+    model.forward = nan_for_one
+    logits, h = adapter.features(adapter.collate([ds[i] for i in range(len(ds))]))
+    h = h.numpy().copy()
+    h[5] = np.nan                                # given features: instance 5's row is NaN
+    given = RealFeatures(h, logits.numpy(), np.arange(len(ds)))
+    for features, out in [(None, 3), (given, 5)]:
+        # said from the worker thread: pointing at the package's job, not at threading.py
+        with pytest.warns() if features is None else contextlib.nullcontext([]) as said:
+            ex = Explorer(adapter, ds, features=features, delay=0.05)
+            ready = ex.wait(120)
+        try:
+            assert ready
+            where = [w.filename for w in said if "1 of 12 instances" in str(w.message)]
+            assert len(where) == (features is None) and all(
+                os.sep + "multiviz_widgets" + os.sep in f for f in where), where
+            ex.select(instance=0, neuron=1)
+            assert ex.wait(120)
+            shown = [it["index"] for it in ex.neuron_view.gallery]
+            assert len(shown) == 8 and out not in shown, (out, shown)
+            assert "gallery not shown" not in ex.neuron_view.gallery_caption.value
+            if features is None:
+                assert ("1 left out of the features (#3: model output not finite: "
+                        in ex.embedding_view.caption.value), ex.embedding_view.caption.value
+        finally:
+            ex.close()
+
+
 @pytest.fixture
 def gated():
     """An Explorer whose dataset-features job runs until ``gate`` is set."""
@@ -1050,7 +1091,7 @@ def test_an_instance_that_cannot_be_prepared_is_named_under_the_embedding():
             assert ex.wait(60)
             caption = ex.embedding_view.caption.value
             assert ex.state()["embedding"]["n_points"] == len(ds) - 1
-            assert "1 could not be prepared or run (#2: ValueError" in caption and "no tokens" in caption
+            assert "1 left out of the features (#2: ValueError" in caption and "no tokens" in caption
         finally:
             ex.close()
 

@@ -416,6 +416,42 @@ def test_scaling_a_neuron_leaves_the_fit_unchanged(scale, neuron):
     np.testing.assert_allclose(scaled.std[neuron], base.std[neuron] * scale, rtol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_shifting_a_neuron_by_a_large_constant_leaves_the_fit_unchanged(dtype):
+    """A neuron of mean 1e6 and spread 3 (48 float32 rounding steps) is a neuron, not a
+    constant: it was zeroed by a fixed 1e-5-of-the-mean rule (fidelity fell from 1.0)."""
+    h, y, _ = planted_features(n=600, d=8, c=4, seed=1)
+    h[:, 0] *= 3 / h[:, 0].std()
+    fits = []
+    for shift in (0.0, 1e6):
+        hs = h.copy()
+        hs[:, 0] += shift
+        hs = hs.astype(dtype)           # float32 rounds the shifted neuron to steps of 1/16
+        fits.append(fit_sparse_model((hs[:400], y[:400]), val=(hs[400:], y[400:]), n_lambdas=5,
+                                     stop_early=False))
+    assert np.isfinite(fits[1].std[0]) and np.any(fits[1].weight[:, 0] != 0)
+    assert fits[1].val_fidelity == fits[0].val_fidelity
+    tol = 0.05 if dtype == np.float32 else 1e-6
+    np.testing.assert_allclose(fits[1].weight, fits[0].weight, rtol=tol, atol=tol)
+
+
+def test_the_rounding_step_is_the_features_dtype_and_never_below_float32():
+    from multiviz_widgets.kernels.prediction import rounding_step
+    assert rounding_step(np.zeros(2, np.float32)) == rounding_step(np.zeros(2)) == 2.0 ** -23
+    assert rounding_step(torch.zeros(2, dtype=torch.bfloat16)) == 2.0 ** -7
+    assert rounding_step(np.zeros(2, np.float16)) == 2.0 ** -10
+    assert rounding_step([1, 2]) == rounding_step(np.arange(2)) == 2.0 ** -23
+    # a bfloat16 model's neuron, constant up to its rounding, gets no weight
+    h, y, _ = planted_features(n=600, d=8, c=4, seed=2)
+    h = torch.as_tensor(h, dtype=torch.float32)
+    rng = np.random.default_rng(0)
+    h[:, 7] = torch.as_tensor(0.75 * (1 + rng.uniform(-3e-3, 3e-3, len(h))), dtype=torch.float32)
+    hb = h.to(torch.bfloat16)
+    m = fit_sparse_model((hb[:400], y[:400]), val=(hb[400:], y[400:]), n_lambdas=5,
+                         stop_early=False)
+    assert np.isinf(m.std[7]) and np.all(m.path_weights[:, :, 7] == 0)
+
+
 def test_a_neuron_constant_up_to_float32_rounding_gets_no_weight():
     h, y, _ = planted_features(n=600, d=8, c=4, seed=2)
     rng = np.random.default_rng(0)

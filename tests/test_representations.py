@@ -669,6 +669,40 @@ def test_the_cache_key_covers_how_the_model_is_called_and_a_functions_code(cache
     assert same.signature() == first.signature()             # the same code: the same key
 
 
+def test_instances_whose_output_is_not_finite_are_left_out_and_named(cache):
+    """A NaN or infinite h or logit: the instance has no row (its features could not be ranked,
+    projected or fit, nor its prediction read) and ``skipped`` says which values; when every
+    instance's output is not finite, a clear error."""
+    adapter, ds = make_adapter(), make_dataset(12)
+    bad = {4: float("nan"), 9: float("inf")}
+    rows = {i: torch.as_tensor(ds[i]["tab"]) for i in bad}
+    forward = adapter.model.forward
+
+    def broken(tab, series):
+        out = forward(tab, series)
+        for i, v in bad.items():
+            hit = (tab == rows[i]).all(1)
+            out = torch.where(hit[:, None], torch.full_like(out, v), out)
+        return out
+    adapter.model.forward = broken
+    with pytest.warns(RuntimeWarning, match=r"2 of 12 instances could not be prepared or given "
+                                            r"finite outputs .*#4 \(model output not finite: "
+                                            r"logits 3 of 3 values NaN or infinite\)"):
+        f = extract_features(adapter, ds, batch_size=5, cache_dir=cache)
+    assert f.indices.tolist() == [i for i in range(12) if i not in bad]
+    assert np.isfinite(f.h).all() and np.isfinite(f.logits).all()
+    assert sorted(f.skipped) == [4, 9]
+    with pytest.warns(RuntimeWarning, match="2 of 12 instances"):       # said again
+        again = extract_features(adapter, ds, batch_size=5, cache_dir=cache)
+    assert again.from_cache and again.skipped == f.skipped
+    assert neuron_extremes(None, features=f).n_instances == 10
+    bad.update({i: float("nan") for i in range(12)})
+    rows.update({i: torch.as_tensor(ds[i]["tab"]) for i in range(12)})
+    with pytest.raises(ValueError, match=r"not finite for every instance it ran \(12; instance "
+                                         r"0: logits 3 of 3 values NaN.*Check the model"):
+        extract_features(adapter, ds, cache=False)
+
+
 MODEL_CELL = """
 import torch
 from torch import nn

@@ -40,9 +40,27 @@ from .common import as_prepared
 from .representations import Features, decision_contributions
 
 SOLVERS = ("sklearn", "glm_saga")
-#: A neuron whose standard deviation over the training set is at most this fraction of its mean's
-#: magnitude counts as constant (float32 rounding is about 1.2e-7 of a value).
-CONSTANT_RELATIVE_SPREAD = 1e-5
+#: A neuron whose standard deviation over the training set is at most this many rounding
+#: steps of its mean (``rounding_step``: 1.2e-7 of a value in float32) counts as constant: the
+#: same activation computed in batches of other sizes spreads by a step or so.
+CONSTANT_ROUNDING_STEPS = 8
+
+FLOAT32_STEP = 2.0 ** -23
+
+
+def rounding_step(h) -> float:
+    """The relative rounding step (machine epsilon) of the features ``h``: their dtype's
+    (a float16 or bfloat16 model's is coarser), never below float32's, since features handed
+    over as float64 are often a float32 model's converted (and lists or integers have none)."""
+    dtype = getattr(h, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        eps = float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
+    else:
+        try:
+            eps = float(np.finfo(dtype).eps) if np.dtype(dtype).kind == "f" else 0.0
+        except TypeError:
+            eps = 0.0
+    return max(eps, FLOAT32_STEP)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,6 +434,8 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     n_lambdas = positive_int(n_lambdas, "n_lambdas", minimum=2)
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance is a fraction of fidelity (0.01 = 1 point), got {tolerance}.")
+    step = rounding_step(train.h if isinstance(train, Features) else
+                         train[0] if isinstance(train, (tuple, list)) and len(train) == 2 else None)
     h_tr, y_tr = _split_data(train, "train", fit_to)
     if len(h_tr) == 0:
         raise ValueError("The training set is empty; pass at least two instances of two classes.")
@@ -467,12 +487,14 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
 
     mean = h_tr.mean(0)
     std = h_tr.std(0)
-    # constant (dead) neurons stay at weight 0: no spread at all, or one within float32 rounding
-    # of their mean (the same activation computed in batches of other sizes). The test is
-    # relative, so that neurons of any scale (1e-9 or 1e9) are standardised alike: scaling a
-    # neuron leaves the fit unchanged. Their std is infinite, so their z is 0 (with std = 1 the
-    # rounding noise of a neuron of scale 1e9 kept a spread of about 50 and entered the model)
-    std = np.where(std > CONSTANT_RELATIVE_SPREAD * np.abs(mean), std, np.inf)
+    # constant (dead) neurons stay at weight 0: no spread at all, or one within a few rounding
+    # steps of their mean in the features' own dtype (the same activation computed in batches
+    # of other sizes). The test is relative, so that neurons of any scale (1e-9 or 1e9) are
+    # standardised alike: scaling a neuron leaves the fit unchanged. Their std is infinite, so
+    # their z is 0 (with std = 1 the rounding noise of a neuron of scale 1e9 kept a spread of
+    # about 50 and entered the model). A fixed 1e-5 of the mean instead zeroed a float32 neuron
+    # of mean 1e6 and spread 3 (48 rounding steps): shifting a neuron changed the fit.
+    std = np.where(std > CONSTANT_ROUNDING_STEPS * step * np.abs(mean), std, np.inf)
     z_tr = (h_tr - mean) / std
     lmax = lambda_max(z_tr, y_tr, n_classes, alpha)
     if lmax <= 0:

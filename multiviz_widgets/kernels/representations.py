@@ -46,7 +46,8 @@ from .common import (GIVE_UP_AFTER, ModelFailure, as_prepared, indices_or_all, i
 # fingerprint hashes dicts, sets and plain objects by content. Instances the model cannot run
 # are recorded among the skipped ones too, without a new version: before, such an instance
 # stopped the extraction, so no file was ever written for them; the format is unchanged.
-CACHE_VERSION = "features-v5"
+# v6: the instances whose outputs are not finite are left out (and recorded as skipped).
+CACHE_VERSION = "features-v6"
 
 
 # -- cache location ----------------------------------------------------------------------------
@@ -178,6 +179,27 @@ _UNPREPARABLE = (ValueError, TypeError, LookupError, RuntimeError)
 #: How the reason of an instance left out because the model cannot run it begins.
 _MODEL_FAILED = "ModelInputError: "
 
+#: How the reason of an instance left out because the model's output on it is NaN or infinite
+#: begins (its features cannot be ranked, projected or fit, nor its prediction read).
+_NOT_FINITE = "model output not finite: "
+
+
+def _finite_rows(logits: torch.Tensor, h: torch.Tensor, positions: Sequence[int],
+                 nonfinite: dict[int, str]) -> torch.Tensor | None:
+    """None when every row of the batch's logits and h is finite; else the mask of the finite
+    rows, the others recorded in ``nonfinite`` {position: which values}."""
+    bad_h = ~torch.isfinite(h).all(1)
+    bad_logits = ~torch.isfinite(logits).all(1)
+    bad = bad_h | bad_logits
+    if not bad.any():
+        return None
+    for row in bad.nonzero().flatten().tolist():
+        parts = [f"{name} {int((~torch.isfinite(t[row])).sum())} of {t.shape[1]} values"
+                 for name, t, b in (("decision features", h, bad_h),
+                                    ("logits", logits, bad_logits)) if b[row]]
+        nonfinite[positions[row]] = ", ".join(parts) + " NaN or infinite"
+    return ~bad
+
 
 def _shape_batches(adapter: ModelAdapter, dataset: MultimodalDataset, idx: np.ndarray,
                    batch_size: int, failed: dict[int, Exception]
@@ -222,9 +244,11 @@ def _shape_batches(adapter: ModelAdapter, dataset: MultimodalDataset, idx: np.nd
 def _skipped_text(skipped: dict[int, str], total: int) -> str:
     first = "; ".join(f"#{i} ({why})" for i, why in list(skipped.items())[:3])
     more = " ..." if len(skipped) > 3 else ""
-    run = (" or run by the model" if any(str(why).startswith(_MODEL_FAILED)
-                                         for why in skipped.values()) else "")
-    return (f"{len(skipped)} of {total} instances could not be prepared{run} and are left out "
+    kinds = {_MODEL_FAILED: "run by the model", _NOT_FINITE: "given finite outputs"}
+    how = ["prepared"] + [said for start, said in kinds.items()
+                          if any(str(why).startswith(start) for why in skipped.values())]
+    how = ", ".join(how[:-1]) + " or " + how[-1] if len(how) > 1 else how[0]
+    return (f"{len(skipped)} of {total} instances could not be {how} and are left out "
             f"of the decision features: {first}{more}")
 
 
@@ -245,7 +269,8 @@ def stream_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_siz
     equal those of its own forward pass; the batches come group by group, so the indices are
     not in dataset order (each batch names its own). An instance that cannot be prepared, or
     that the model cannot run (it raises ModelInputError on its inputs: a series shorter than a
-    convolution's kernel...), is left out: it is recorded in ``skipped`` {dataset index:
+    convolution's kernel...) or whose outputs are NaN or infinite, is left out: it is
+    recorded in ``skipped`` {dataset index:
     reason} when a dict is given, and a RuntimeWarning names how many and the first few at the
     end; when no instance can be prepared and run the first error is raised. Any other error
     (out of memory...) stops the extraction as it is.
@@ -271,7 +296,8 @@ def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipp
     report(progress, 0, total, message)
     failed: dict[int, Exception] = {}          # position in idx -> error (not prepared)
     unrunnable: dict[int, ModelFailure] = {}   # position in idx -> the model's error on it
-    computed = last = 0
+    computed = last = yielded = 0
+    nonfinite: dict[int, str] = {}             # position -> which output was not finite
     # per shape group: the instances it ran and the failures before it began; a group whose
     # first GIVE_UP_AFTER instances all fail is given up (its other instances left out untried:
     # a series shorter than a kernel fails for every instance of its length), and the others
@@ -302,7 +328,15 @@ def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipp
                         "the logits.")
                 computed += len(part)
                 group["ran"] += len(part)
-                yield (np.asarray(part, dtype=np.int64), _host_float(logits), _host_float(h))
+                logits, h = _host_float(logits), _host_float(h)
+                finite = _finite_rows(logits, h, part, nonfinite)
+                if finite is not None:
+                    yielded += int(finite.sum())
+                    yield (np.asarray(part, dtype=np.int64)[finite.numpy()], logits[finite],
+                           h[finite])
+                else:
+                    yielded += len(part)
+                    yield (np.asarray(part, dtype=np.int64), logits, h)
                 last = computed + len(failed) + len(unrunnable) + len(untried)
                 report(progress, last, total, message)
         except ModelInputError as e:
@@ -323,10 +357,17 @@ def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipp
     why = {p: f"{type(e).__name__}: {e}" for p, e in failed.items()}
     why.update((p, _MODEL_FAILED + f.brief()) for p, f in unrunnable.items())
     why.update((p, _MODEL_FAILED + note) for p, note in untried.items())
+    why.update((p, _NOT_FINITE + note) for p, note in nonfinite.items())
     reasons = {int(idx[p]): why[p] for p in sorted(why)}
     if why and not computed:
         first = min(set(failed) | set(unrunnable))     # an instance that was tried
         raise failed[first] if first in failed else unrunnable[first].error
+    if computed and not yielded:
+        first = min(nonfinite)
+        raise ValueError(f"The model's output is not finite for every instance it ran "
+                         f"({computed}; instance {int(idx[first])}: {nonfinite[first]}): "
+                         "there are no decision features to show. Check the model for "
+                         "numerical problems (a log or sqrt of a negative, a division by 0).")
     if skipped is not None:
         skipped.update(reasons)
     _warn_skipped(reasons, total)
@@ -337,8 +378,9 @@ class Features:
     """Decision-level features of a dataset: h [N, d], logits [N, C], dataset indices [N].
 
     ``skipped`` {dataset index: reason}: the instances asked for that could not be prepared
-    (a text with no tokens...) or that the model cannot run (reason "ModelInputError: the
-    model raised ..."), which have no row here.
+    (a text with no tokens...), that the model cannot run (reason "ModelInputError: the
+    model raised ...") or whose logits or features are NaN or infinite (reason "model output
+    not finite: ..."), which have no row here.
     """
 
     h: np.ndarray

@@ -187,8 +187,8 @@ class EmbeddingView(W.VBox):
             self.caption.value += (f"; {len(left_out)} left out, the model's output is not "
                                    f"finite there ({_some(left_out)})")
         skipped = sorted(getattr(feats, "skipped", None) or {})
-        if skipped:              # instances that could not be prepared, or run by the model
-            self.caption.value += (f"; {len(skipped)} could not be prepared or run "
+        if skipped:   # instances that could not be prepared, or run, or gave NaN or infinity
+            self.caption.value += (f"; {len(skipped)} left out of the features "
                                    f"({_some(skipped)}: {feats.skipped[skipped[0]]})")
 
     def recolour(self) -> None:
