@@ -243,6 +243,29 @@ def test_the_prediction_path_finds_the_planted_route():
     assert (u, v, rl) == (1, 1, "c1") and cl.startswith("y t0") and val != 0
 
 
+def test_every_pair_of_the_path_links_units_it_shows():
+    """k_units=1 and k_pairs=3: the pairs' other units join the neuron's units with their own
+    stage-1 scores, and the layout draws a link for every pair (it drew only the pairs whose
+    two units were both among the top units)."""
+    from multiviz_widgets.kernels.projection import path_layout
+    from multiviz_widgets.kernels.unimodal import attribute
+    from multiviz_widgets.adapter import Neuron
+    adapter, inst = path_case(UNITS_A)
+    path = prediction_path(adapter, inst, k_neurons=2, k_units=1, k_pairs=3)
+    for n in path.neurons:
+        a, b = n.pair_modalities
+        scores = attribute(adapter, inst, "integrated_gradients", target=Neuron(n.index)).scores
+        for side, modality in enumerate((a, b)):
+            listed = [u for u, _, _ in n.units[modality]]
+            wanted = {int(p[side]) for p in n.pairs}
+            assert wanted <= set(listed) and len(listed) == len(set(listed))
+            assert listed[0] == int(np.argmax(np.abs(scores[modality])))   # the top one first
+            for u, _, score in n.units[modality]:
+                assert score == pytest.approx(float(scores[modality][u]), rel=1e-6, abs=1e-9)
+    nodes, links = path_layout(path.to_dict())
+    assert sum(link["kind"] == "pair" for link in links) == sum(len(n.pairs) for n in path.neurons)
+
+
 def test_other_stage_methods_and_a_chosen_class():
     adapter, inst = path_case(UNITS_A)
     path = prediction_path(adapter, inst, k_neurons=2, unimodal_method="occlusion",

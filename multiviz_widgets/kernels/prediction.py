@@ -648,6 +648,26 @@ def _top_units(scores: np.ndarray, labels: Sequence[str], k: int, absolute: bool
     return [(int(u), str(labels[u]) if u < len(labels) else str(u), float(s[u])) for u in order]
 
 
+def _add_pair_units(units: dict, att, prepared, pair_mods, pairs) -> None:
+    """Append to ``units`` {modality: [(unit, label, score)]} the units of ``pairs`` that are
+    not among the top units, each with its own stage-1 score: the path then shows every pair it
+    computed between units it shows (with the top units alone, most pairs had one unit that was
+    not drawn, and their links were left out)."""
+    for side, modality in enumerate(pair_mods):
+        if modality not in att.scores:
+            continue
+        listed = units.setdefault(modality, [])
+        have = {u for u, _, _ in listed}
+        scores = np.asarray(att.scores[modality], dtype=np.float64)
+        labels = att.labels.get(modality, prepared.labels[modality])
+        for pair in pairs:
+            u = int(pair[side])
+            if u not in have and u < len(scores):
+                listed.append((u, str(labels[u]) if u < len(labels) else str(u),
+                               float(scores[u])))
+                have.add(u)
+
+
 def _empty_path_note(contrib, sparse_model: SparseModel | None) -> str:
     """Why class ``contrib.class_index`` has no neuron that contributes to it."""
     name = contrib.class_name
@@ -684,7 +704,9 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     instance is far from (say, not predicted) then shows the neurons that lower it most, where
     the signed order picked inactive neurons. ``absolute`` ranks the units and pairs the same way. For each
     of the top ``k_neurons``: stage 1 (``unimodal_method``) and stage 2 (``interaction_method``,
-    None to skip; needs two modalities) targeted at Neuron(j).
+    None to skip; needs two modalities) targeted at Neuron(j): a neuron's units are each
+    modality's top ``k_units``, then the other units of its top ``k_pairs`` pairs (each with
+    its own stage-1 score), so that every pair links units the path shows.
     Cost: 1 forward pass + k_neurons x (the stage-1 method's cost + the stage-2 method's cost).
     """
     from .unimodal import attribute        # stage kernels are imported lazily
@@ -724,6 +746,7 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
             pair_mods = tuple(inter.modalities)
             pairs = [(u, v, inter.row_labels[u], inter.col_labels[v], x)
                      for u, v, x in inter.top_pairs(k_pairs, absolute=absolute)]
+            _add_pair_units(units, att, prepared, pair_mods, pairs)
             done += 1
             report(progress, done, steps, f"neuron {j}: pairs")
         neurons.append(PathNeuron(int(j), float(contrib.weights[j]), float(contrib.h[j]),
