@@ -289,6 +289,14 @@ def test_the_path_uses_the_sparse_model_in_standardised_space():
     assert path.source == "sparse_model" and [n.index for n in path.neurons] == [2]
     assert path.neurons[0].contribution == pytest.approx(2.0 * (2.25 - 0.25) / 0.5)
     assert path.neurons[0].activation == pytest.approx(h[0, 2])
+    # the same classes in another order: its row for "yes" is "no"'s; named by index, it is used
+    sm.class_names = ["no", "yes"]
+    with pytest.raises(ValueError, match=r"classes are the model's in another order \(\['no', "
+                                         r"'yes'\] against \['yes', 'no'\]\).*Refit"):
+        prediction_path(adapter, inst, target=0, sparse_model=sm, interaction_method=None)
+    sm.class_names = ["0", "1"]
+    assert prediction_path(adapter, inst, target=0, sparse_model=sm,
+                           interaction_method=None).neurons[0].index == 2
 
 
 def test_two_models_side_by_side_keep_their_own_paths():

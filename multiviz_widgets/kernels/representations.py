@@ -760,6 +760,17 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
                 f"{adapter.n_classes}: fit without class_names, it only counts the classes up to "
                 "the largest that occurs in its targets. Refit with fit_sparse_model(..., "
                 "class_names=adapter.class_names) (or fit_sparse_model_for(adapter, ...)).")
+        names = [str(n) for n in sparse_model.class_names]
+        own = [str(n) for n in adapter.class_names]
+        if names != own and sorted(names) == sorted(own):
+            # the same classes in another order: row c of its weights is another class's
+            raise ValueError(
+                f"The sparse model's classes are the model's in another order ({names[:6]}"
+                f"{' ...' if len(names) > 6 else ''} against {own[:6]}"
+                f"{' ...' if len(own) > 6 else ''}): its weights for class {own[c]!r} would be "
+                "another class's. Refit with fit_sparse_model(..., class_names="
+                "adapter.class_names) and targets numbered as the model's classes (or "
+                "fit_sparse_model_for(adapter, ...)).")
         w = sparse_model.weight[c]
         contrib = w * sparse_model.standardise(h[None])[0]
         source, bias = "sparse_model", sparse_model.bias[c]
