@@ -639,17 +639,22 @@ def test_recompute_shows_the_overlay_again_after_the_lru_dropped_the_inputs(vqa)
     assert st["input_scores"] == scores and st["score_caption"].startswith("integrated gradients")
 
 
-def test_non_finite_logits_are_reported_and_never_reach_the_browser():
+def nan_for_instance_3():
+    """tiny_vqa whose model's logits are NaN on instance 3 (and only there)."""
     adapter, ds = tiny_vqa()
-    model, forward = adapter.model, adapter.model.forward
+    forward = adapter.model.forward
     bad = torch.as_tensor(ds[3]["image"]).permute(2, 0, 1)
 
     def nan_for_one(image, question):
         out = forward(image, question)
         rows = torch.tensor([torch.equal(row, bad) for row in image])
         return torch.where(rows[:, None], torch.full_like(out, float("nan")), out)
+    adapter.model.forward = nan_for_one
+    return adapter, ds
 
-    model.forward = nan_for_one
+
+def test_non_finite_logits_are_reported_and_never_reach_the_browser():
+    adapter, ds = nan_for_instance_3()
     ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05)
     try:
         assert ex.wait(30)
@@ -674,15 +679,7 @@ def test_instances_whose_output_is_not_finite_are_left_out_of_the_gallery_and_th
     why; the neuron's gallery ranks the others (one NaN row once stopped it for the whole
     dataset). Features given with a NaN row are ranked without it too."""
     from multiviz_widgets.kernels.representations import Features as RealFeatures
-    adapter, ds = tiny_vqa()
-    model, forward = adapter.model, adapter.model.forward
-    bad = torch.as_tensor(ds[3]["image"]).permute(2, 0, 1)
-
-    def nan_for_one(image, question):
-        out = forward(image, question)
-        rows = torch.tensor([torch.equal(row, bad) for row in image])
-        return torch.where(rows[:, None], torch.full_like(out, float("nan")), out)
-    model.forward = nan_for_one
+    adapter, ds = nan_for_instance_3()
     logits, h = adapter.features(adapter.collate([ds[i] for i in range(len(ds))]))
     h = h.numpy().copy()
     h[5] = np.nan                                # given features: instance 5's row is NaN
