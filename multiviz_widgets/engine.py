@@ -170,6 +170,11 @@ class Engine(traitlets.HasTraits):
         result applied meanwhile on a worker never interleaves with that redraw."""
         return self._lock
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called: no job is taken any more (``submit`` raises)."""
+        return self._closed
+
     # -- cache ---------------------------------------------------------------------------------
     def cached(self, key: Hashable, default=None):
         """The cached value for ``key`` (refreshing its LRU position), or ``default``."""

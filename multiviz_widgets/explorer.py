@@ -29,8 +29,9 @@ from .checks import is_integer
 from .data import MultimodalDataset
 from .engine import Analyses, Engine, Kernels, short_repr
 from .selection import FIELDS, Selection, unit_ref_of
-from .views._common import (close_widgets, colour_limit, failure_text, instance_title,
-                            isolate, method_label, shapley_players, text_label, widget_tree)
+from .views._common import (close_widgets, colour_limit, describe_instance, failure_text,
+                            instance_title, isolate, method_label, shapley_players, text_label,
+                            widget_tree)
 from .views.concepts_view import ConceptsView
 from .views.controls import Controls, ErrorBanner, ProgressPanel
 from .views.embedding_view import BY_NEURON, EmbeddingView
@@ -154,7 +155,8 @@ class InputPanel:
             label = a.label(i)
             # each piece of data isolated (bidi): a description or class name that holds a
             # RIGHT-TO-LEFT OVERRIDE must not reverse "| predicted: ..." after it
-            cap = (f"{instance_title(i, a.dataset.describe(i), isolated=True)} | predicted: "
+            desc = describe_instance(a.dataset.describe, i)     # a failing one: a note
+            cap = (f"{instance_title(i, desc, isolated=True)} | predicted: "
                    f"{isolate(a.adapter.class_names[pred])}")
             if label is not None:
                 names = a.adapter.class_names
@@ -168,10 +170,8 @@ class InputPanel:
     def _items_failed(self, i: int, err) -> None:
         """The instance cannot be shown: blank the view (no inputs of the previous instance
         stay on screen or clickable) and say which instance failed."""
-        try:
-            title = instance_title(i, self.analyses.dataset.describe(i), isolated=True)
-        except Exception:  # noqa: BLE001 - an instance out of range has no description
-            title = f"#{i}"
+        title = instance_title(i, describe_instance(self.analyses.dataset.describe, i),
+                               isolated=True)
         with self.view.hold_sync():
             self.view.items = []
             self.view.scores = {}
@@ -390,8 +390,12 @@ class Explorer(W.VBox):
             if start:
                 self.refresh()
         except BaseException:
-            self.engine.close()               # no worker threads left behind
-            self._release_annotations()       # nor a claim on a concepts file
+            # no worker threads left behind, nor a claim on a concepts file, nor the views built
+            # so far: open widgets, and observers of a concepts store that the caller shares
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - the constructor's own error is the one to see
+                pass
             raise
 
     def _build(self, adapter, dataset, sparse_model, features, pair, kernels, gallery_k,
@@ -442,8 +446,8 @@ class Explorer(W.VBox):
         self.annotations.observe(self._on_concepts)
         self.progress_panel = ProgressPanel(self.engine)
         self.banner = ErrorBanner(self.engine)
-        title = text_label(value=f"MultiViz Explorer: {adapter.name} on {getattr(dataset, 'name', '')}"
-                        f" ({len(dataset)} instances)")
+        title = text_label(value=f"MultiViz Explorer: {adapter.name} on "
+                                 f"{getattr(dataset, 'name', '')} ({len(dataset)} instances)")
         top = [self.input_view] + ([self.heatmap_view] if self.heatmap_view else [])
         self.input_view.add_class("mvz-input-view")
         wrap = dict(flex_flow="row wrap", align_items="flex-start")
@@ -581,6 +585,7 @@ class Explorer(W.VBox):
         place or new weights of the model are seen. (The dataset's decision features come back
         from the on-disk cache while model and data are unchanged: its key covers both, except
         a model's integer, list or plain-tensor attributes, see ``ModelAdapter.fingerprint``.)"""
+        self._check_open()
         self.analyses.forget()
         self.embedding_view.forget()
         self.input_panel.refresh()
@@ -594,6 +599,7 @@ class Explorer(W.VBox):
         a class name or -1/None (the predicted class); ``neuron`` an index or -1/None;
         ``pair`` the heatmap's (rows, columns) modalities. A value that does not fit raises a
         ValueError (an IndexError for an instance out of range) and changes nothing."""
+        self._check_open()
         kw = {k: v for k, v in dict(instance=instance, unit=unit, neuron=neuron, target=target,
                                     method=method, interaction_method=interaction_method,
                                     pair=pair).items()
@@ -627,6 +633,15 @@ class Explorer(W.VBox):
                                  f"{d} inputs (0..{d - 1}).")
         self.selection.select(**kw)
         return self
+
+    def _check_open(self) -> None:
+        """A clear RuntimeError once ``close()`` was called, before anything changes (else the
+        selection changed, and then each view's request failed inside its observer)."""
+        engine = self.__dict__.get("engine")
+        if engine is None or engine.closed:
+            raise RuntimeError("This Explorer is closed (its worker threads stopped and its "
+                               "widgets closed): create a new one, e.g. Explorer(adapter, "
+                               "dataset), to explore again.")
 
     def _check_unit(self, modality: str, unit: int, instance: int) -> None:
         """A ValueError when instance ``instance`` has no unit ``unit`` of ``modality``."""
@@ -706,7 +721,11 @@ class Explorer(W.VBox):
         if engine is not None:
             engine.close()
         self._release_annotations()
-        close_widgets(w for w in widget_tree([self]) if w is not self)
+        # the views are this widget's children, except when the constructor failed before it
+        # could make them so: those built by then are closed too (a view's close() also lets
+        # go of the concepts store, which the caller may share with another Explorer)
+        built = [w for w in self.__dict__.values() if isinstance(w, W.Widget)]
+        close_widgets(w for w in widget_tree([self, *built]) if w is not self)
         super().close()
 
     def __repr__(self) -> str:

@@ -685,7 +685,9 @@ def test_a_neuron_is_picked_by_its_number_as_a_click_on_its_bar_picks_it(vqa):
     ex, _ = vqa
     c = ex.controls
     n = ex.analyses.n_neurons()
-    assert c.neuron_pick is not None and (c.neuron_pick.min, c.neuron_pick.max) == (0, n - 1)
+    # -1: no neuron (the box always holds the selection, see the next test)
+    assert c.neuron_pick is not None and (c.neuron_pick.min, c.neuron_pick.max) == (-1, n - 1)
+    assert c.neuron_pick.value == -1 and c.neuron_go.disabled       # nothing to show again yet
     row = c.children[2]
     assert c.neuron_pick in row.children and c.neuron_go in row.children
     assert row.layout.flex_flow == "row wrap"              # the longer row wraps, never cut
@@ -698,8 +700,8 @@ def test_a_neuron_is_picked_by_its_number_as_a_click_on_its_bar_picks_it(vqa):
     assert st["neuron"] == 3 and st["gallery_neuron"] == 3 and c.neuron_label.value == \
         "neuron: h3"
     ex.select(neuron=-1)
-    assert c.neuron_pick.value == 3                         # kept: the button picks it again
-    c.neuron_go.click()
+    assert c.neuron_pick.value == -1 and not c.neuron_go.disabled
+    c.neuron_go.click()                                     # the one selected last, again
     assert ex.selection.neuron == 3 and seen == [3, -1, 3]
     c.neuron_pick.value = n + 7                             # clamped to the last neuron
     assert ex.selection.neuron == n - 1
@@ -808,3 +810,207 @@ def test_bidi_controls_in_descriptions_and_class_names_cannot_reorder_the_input_
                       f"no inputs)"
     finally:
         ex.close()
+
+
+# -- a failed constructor, a failing description, stale views after a failure, use after close --
+def _widgets_of(ex):
+    """Every widget of ``ex``: its children's and those of the views it had built."""
+    import ipywidgets as W
+
+    from multiviz_widgets.views._common import widget_tree
+    return widget_tree([ex] + [w for w in ex.__dict__.values() if isinstance(w, W.Widget)])
+
+
+@pytest.mark.parametrize("fails", ["first refresh", "embedding view"])
+def test_a_failed_constructor_closes_the_views_it_built_and_lets_go_of_a_shared_store(
+        monkeypatch, fails):
+    """Before: the views built so far stayed open (about 99 widgets with live comms), and the
+    path and concepts views stayed observers of the caller's concepts store."""
+    import sys
+
+    from ipywidgets.widgets.widget import _instances
+
+    from multiviz_widgets.annotations import Annotations
+    from multiviz_widgets.explorer import Explorer
+
+    from .explorer_support import FakeKernels, tiny_vqa
+    adapter, ds = tiny_vqa()
+    store = Annotations()
+    # (one Explorer first: ipyvolume makes its own shared widgets, a theme, once per process)
+    Explorer(adapter, ds, kernels=FakeKernels(), annotations=store).close()
+    made = []
+    real_build = Explorer._build
+
+    def build(self, *args):
+        made.append(self)
+        return real_build(self, *args)
+
+    def refresh(self):
+        raise RuntimeError("first refresh")
+    monkeypatch.setattr(Explorer, "_build", build)
+    if fails == "first refresh":
+        monkeypatch.setattr(Explorer, "refresh", refresh)
+        expected = RuntimeError
+    else:                                       # ipyvolume missing: after the path view
+        monkeypatch.setitem(sys.modules, "ipyvolume", None)
+        expected = ImportError
+    before = set(_instances)
+    with pytest.raises(expected):
+        Explorer(adapter, ds, kernels=FakeKernels(), annotations=store)
+    assert store._observers == [] and store._key_checks == []
+    widgets = _widgets_of(made[0])
+    assert len(widgets) > 10 and all(w.comm is None for w in widgets)
+    assert set(_instances) - before == set()
+    monkeypatch.undo()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), annotations=store)   # the store works on
+    try:
+        assert ex.wait(30)
+        ex.annotations.add(("neuron", 1), "red things")
+        assert len(store._observers) == 3
+    finally:
+        ex.close()
+    assert store._observers == []
+
+
+def test_a_description_that_raises_does_not_stop_selecting_or_showing_its_instance():
+    """Before: ``select(instance=3)`` raised the dataset's KeyError from the controls' observer
+    (the selection had changed, the views after it never heard of it) and the input view was
+    blank; a gallery with such an instance failed as a whole."""
+    from multiviz_widgets.data import MultimodalDataset
+    from multiviz_widgets.explorer import Explorer
+
+    from .explorer_support import FakeKernels, tiny_vqa
+
+    class Flaky(MultimodalDataset):
+        def describe(self, i):
+            if int(i) % 2:
+                raise KeyError(f"no metadata row for #{i}")
+            return super().describe(i)
+
+    adapter, ds = tiny_vqa()
+    ex = Explorer(adapter, Flaky(dict(ds.columns), labels=ds.labels), kernels=FakeKernels(),
+                  delay=0.0)
+    try:
+        assert ex.wait(30)
+        ex.select(instance=3)
+        assert ex.wait(30)
+        st = ex.state()
+        assert st["instance"] == 3 and st["input_instance"] == 3 and st["items"]
+        note = "(no description: KeyError: 'no metadata row for #3')"
+        assert ex.controls.description.value == note
+        assert ex.input_view.caption.startswith("#3 ") and note in ex.input_view.caption
+        assert "| predicted: " in ex.input_view.caption
+        assert st["concepts"]["unit_label"] == "unit: click a unit of #3 to name it"
+        ex.controls.next.click()
+        assert ex.selection.instance == 4 and ex.controls.description.value == "#4"
+        ex.select(neuron=ex.neuron_view.shown[0])
+        assert ex.wait(30)
+        gallery = ex.state()["gallery"]
+        assert ex.neuron_view.gallery_neuron == ex.selection.neuron
+        odd = [it for it in gallery if it["index"] % 2]
+        assert odd and all(it["description"].startswith("(no description: KeyError")
+                           for it in odd)
+        assert ex.state()["error"] == ""
+    finally:
+        ex.close()
+
+
+def test_the_neuron_box_selects_the_number_typed_after_no_neuron_or_a_cleared_one(vqa):
+    """Before: the box held a number while no neuron was selected (0 at first, the cleared
+    neuron's after "clear neuron"), and typing that number then Enter changed nothing the
+    browser sends: neuron 0 could not be picked at first, nor a cleared neuron again."""
+    ex, _ = vqa
+    c = ex.controls
+    assert ex.selection.neuron == -1 and c.neuron_pick.value == -1
+    c.neuron_pick.value = 0                   # typed 0, then Enter
+    assert ex.selection.neuron == 0
+    ex.select(neuron=5)
+    assert c.neuron_pick.value == 5
+    c.clear_neuron.click()
+    assert ex.selection.neuron == -1 and c.neuron_pick.value == -1
+    c.neuron_pick.value = 5                   # typed 5, then Enter
+    assert ex.selection.neuron == 5
+    c.neuron_pick.value = -1                  # -1: none, as select(neuron=-1)
+    assert ex.selection.neuron == -1 and c.neuron_label.value == "neuron: none"
+    assert ex.wait(30)
+
+
+def test_views_that_fail_do_not_keep_the_previous_pairs_axes_or_classs_title():
+    """Before: a failed heatmap kept the earlier pair's axis titles and the earlier method's
+    and target's legend, and failed bars kept the earlier class's chart title."""
+    from multiviz_widgets.explorer import Explorer
+    from multiviz_widgets.views.neuron_view import contribution_title
+
+    from .explorer_support import FakeKernels, tiny_three
+    adapter, ds = tiny_three()
+    kernels = FakeKernels()
+    ex = Explorer(adapter, ds, kernels=kernels, delay=0.0)
+    try:
+        assert ex.wait(30)
+        hv, nv = ex.heatmap_view, ex.neuron_view
+        assert (hv.row_axis.label, hv.col_axis.label) == ("question", "image")
+        assert hv.legend.value and nv.contrib_figure.title != contribution_title()
+        kernels.fail_keys.add(ex.analyses.prepared(3).key)
+        kernels.fail_all = True
+        ex.select(instance=3, pair=("image", "meta"))        # the predicted class: unknown
+        assert ex.wait(30)
+        assert "not shown" in hv.caption.value and "not shown" in nv.caption.value
+        assert (hv.row_axis.label, hv.col_axis.label) == ("image", "meta")
+        assert hv.state()["pair"] == ["image", "meta"]
+        assert hv.legend.value == "" and hv.state()["legend"] == ""
+        assert nv.contrib_figure.title == contribution_title()
+        ex.select(target="red")
+        assert ex.wait(30)
+        assert nv.contrib_figure.title == contribution_title("red")
+        kernels.fail_all, kernels.fail_keys = False, set()
+        ex.select(instance=0, pair=("question", "image"))
+        assert ex.wait(30)
+        assert (hv.row_axis.label, hv.col_axis.label) == ("question", "image")
+        assert "red" in hv.legend.value and hv.matrix.size
+    finally:
+        ex.close()
+
+
+def test_a_closed_explorer_refuses_select_and_refresh_before_changing_anything(vqa):
+    """Before: ``select`` after ``close()`` changed the selection, then raised the engine's
+    "The engine is closed." from inside the views' observers."""
+    ex, _ = vqa
+    ex.select(instance=2)
+    assert ex.wait(30)
+    ex.close()
+    with pytest.raises(RuntimeError, match="This Explorer is closed.*create a new one"):
+        ex.select(instance=4)
+    with pytest.raises(RuntimeError, match="This Explorer is closed"):
+        ex.refresh()
+    assert ex.selection.instance == 2 and ex.engine.closed
+
+
+def test_the_banner_is_not_rewritten_while_a_result_is_applied_on_the_worker():
+    """The banner's lines are replaced (not set in one go): a click clearing the error on the
+    kernel's thread waits for the worker, which sets errors under the engine's lock."""
+    from multiviz_widgets.engine import Engine
+    from multiviz_widgets.views.controls import ErrorBanner
+    engine = Engine(delay=0.01)
+    held, release = threading.Event(), threading.Event()
+
+    def worker():
+        with engine.lock:
+            held.set()
+            release.wait(10)
+    try:
+        banner = ErrorBanner(engine)
+        engine.error = "heatmap failed: RuntimeError: " + "kernel exploded " * 12
+        holder = threading.Thread(target=worker)
+        holder.start()
+        assert held.wait(10)
+        clearing = threading.Thread(target=engine.clear_error)
+        clearing.start()
+        time.sleep(0.2)
+        assert clearing.is_alive() and banner.visible and len(banner.text.children) >= 2
+        release.set()
+        clearing.join(10)
+        holder.join(10)
+        assert not banner.visible and banner.text.children == ()
+    finally:
+        release.set()
+        engine.close()

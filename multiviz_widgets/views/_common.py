@@ -210,6 +210,17 @@ def isolate(text) -> str:
     return f"{FSI}{text}{PDI}"
 
 
+def describe_instance(describe: Callable[[int], object], index: int) -> str:
+    """``describe(index)`` as text (a dataset's ``describe``), or, when it raises, a short note
+    of why there is none: "(no description: KeyError: 'id 3')". A description is for display
+    only, and a dataset whose metadata lacks a row must not stop its instance from being
+    selected or shown (the note goes where the description would, e.g. in ``instance_title``)."""
+    try:
+        return str(describe(index))
+    except Exception as e:  # noqa: BLE001 - the data's fault, said where it shows
+        return f"(no description: {failure_text(e, 80)})"
+
+
 def instance_title(index: int, description, isolated: bool = False) -> str:
     """"#4 a red circle", or just "#4" when the description is empty or is "#4" itself
     (a dataset without descriptions). isolated: the description as ``isolate`` gives it (for

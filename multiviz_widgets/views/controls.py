@@ -11,7 +11,7 @@ import ipywidgets as W
 
 from ..engine import Engine
 from ..selection import Selection
-from ._common import WrappedText, method_label, text_label
+from ._common import WrappedText, describe_instance, method_label, text_label
 
 DEFAULT_METHODS = ("gradient", "grad_x_input", "integrated_gradients", "occlusion", "lime",
                    "kernel_shap")
@@ -29,6 +29,10 @@ class Controls(W.VBox):
     (rows, columns) pair of modalities) the heatmap's pair; shows the neuron and unit. With
     ``n_neurons`` (the decision layer's inputs) a neuron is picked by its number too (typed,
     then Enter, or the "show neuron" button): what a click on its bar does, for a keyboard.
+    The number box always holds the selected neuron, -1 while there is none: the browser sends
+    a number box's value only when it changes (it has no Enter event), so a box that kept a
+    number no longer selected could not select it again. "show neuron" selects the typed
+    number, or while none is selected the one selected last.
 
     Every change goes through ``selection.select`` (the same path as a click elsewhere), and
     every selection change is reflected here, the pair menu included (the selection's ``pair``).
@@ -78,17 +82,19 @@ class Controls(W.VBox):
         self.clear_neuron = W.Button(description="clear neuron", layout=W.Layout(width="110px"))
         # a neuron by its number (the bars and the path's nodes are for the pointer only)
         self.neuron_pick = self.neuron_go = None
+        self._last_neuron = selection.neuron         # the neuron selected last (-1: none yet)
         if n_neurons is not None and int(n_neurons) > 0:
             self.neuron_pick = W.BoundedIntText(
-                value=max(0, selection.neuron), min=0, max=int(n_neurons) - 1,
+                value=selection.neuron, min=-1, max=int(n_neurons) - 1,
                 description="neuron h", style={"description_width": "initial"},
-                tooltip=f"a neuron's number (0..{int(n_neurons) - 1}), then Enter",
+                tooltip=f"a neuron's number (0..{int(n_neurons) - 1}), then Enter; -1: none",
                 layout=W.Layout(width="150px"))
             self.neuron_go = W.Button(description="show neuron", layout=W.Layout(width="110px"),
-                                      tooltip="select the neuron whose number is typed, as a "
-                                              "click on its bar does")
+                                      tooltip="select the neuron whose number is typed (none "
+                                              "typed: the one selected last), as a click on "
+                                              "its bar does")
             self.neuron_pick.observe(lambda c: self._pick(neuron=c["new"]), names="value")
-            self.neuron_go.on_click(lambda _: self._pick(neuron=self.neuron_pick.value))
+            self.neuron_go.on_click(lambda _: self._show_neuron())
         self.unit_label = text_label(value="")
         self.clear_unit = W.Button(description="clear unit", layout=W.Layout(width="100px"))
         # not shrunk when the row is narrow (it was cut to "recomp..."): the row wraps instead
@@ -146,6 +152,11 @@ class Controls(W.VBox):
         if any(getattr(self.selection, k) != v for k, v in kw.items()):
             self.selection.select(**kw)
 
+    def _show_neuron(self) -> None:
+        """The "show neuron" button: the typed neuron, or (the box at -1) the last one."""
+        j = self.neuron_pick.value
+        self._pick(neuron=j if j >= 0 else self._last_neuron)
+
     def _step(self, d: int) -> None:
         i = min(max(0, self.selection.instance + d), self.n_instances - 1)
         self._pick(instance=i)
@@ -161,7 +172,8 @@ class Controls(W.VBox):
         s = self.selection
         if 0 <= s.instance < self.n_instances:
             self.instance.value = s.instance
-            self.description.value = str(self._describe(s.instance))
+            # (a description that fails is a note: the selection's other observers still run)
+            self.description.value = describe_instance(self._describe, s.instance)
         if s.target in dict((v, k) for k, v in self._target_options()):
             self.target.value = s.target
         for menu, name in ((self.method, s.method),
@@ -175,8 +187,14 @@ class Controls(W.VBox):
                 self.pair.options = list(self.pair.options) + [self._pair_option(pair)]
             self.pair.value = pair
         self.neuron_label.value = f"neuron: h{s.neuron}" if s.neuron >= 0 else "neuron: none"
-        if self.neuron_pick is not None and 0 <= s.neuron <= self.neuron_pick.max:
-            self.neuron_pick.value = s.neuron      # the number of the neuron clicked elsewhere
+        if s.neuron >= 0:
+            self._last_neuron = s.neuron
+        if self.neuron_pick is not None and s.neuron <= self.neuron_pick.max:
+            # the neuron clicked elsewhere, or -1 for none: never a number not selected, which
+            # typed again (no change of the box's value) would not reach the kernel
+            self.neuron_pick.value = s.neuron
+        if self.neuron_go is not None:
+            self.neuron_go.disabled = s.neuron < 0 and self._last_neuron < 0
         self.clear_neuron.disabled = s.neuron < 0
         self.unit_label.value = (f"unit: {s.modality} #{s.unit}" if s.unit_ref else "unit: none")
         self.clear_unit.disabled = s.unit_ref is None
@@ -231,6 +249,10 @@ class ErrorBanner(W.HBox):
         return self.layout.display != "none"
 
     def _update(self, _change) -> None:
-        msg = self.engine.error
-        self.text.value = msg
-        self.layout.display = "flex" if msg else "none"
+        # under the engine's lock: a failure sets the error on the worker (holding it) while a
+        # click clears it on the kernel's thread, and the text's lines are replaced, not set in
+        # one go; the error read under the lock is the latest, so the last update shows it
+        with self.engine.lock:
+            msg = self.engine.error
+            self.text.value = msg
+            self.layout.display = "flex" if msg else "none"

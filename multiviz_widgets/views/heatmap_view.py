@@ -290,22 +290,29 @@ class HeatmapView(W.VBox):
         i, target, neuron, method = s.instance, s.target, s.neuron, s.interaction_method
         a, pair = self.analyses, self.wanted_pair()
         self.retry.asked("matrix")
-        self.caption.value = (f"computing {method_label(method)} {pair[0]} x {pair[1]} ...")
 
         def job(progress):
             explained = a.explained(i, target, neuron)
             inter = a.interaction(i, explained, method, pair, progress)
             return i, explained, inter, a.target_text(explained, i)
 
-        self.engine.submit(self.slot, ("heatmap", i, target, neuron, method, pair), job,
-                           self._show, lambda err: self._failed(err, i), priority=2,
-                           label=f"{method} interactions")
+        with self.engine.lock:     # the caption not overwritten by a result applied meanwhile
+            self.caption.value = f"computing {method_label(method)} {pair[0]} x {pair[1]} ..."
+            self.engine.submit(self.slot, ("heatmap", i, target, neuron, method, pair), job,
+                               self._show, lambda err: self._failed(err, i, pair), priority=2,
+                               label=f"{method} interactions")
 
-    def _failed(self, err, instance: int | None = None) -> None:
-        """Blank the matrix (nothing of an earlier selection stays shown or clickable)."""
+    def _failed(self, err, instance: int | None = None,
+                pair: tuple[str, str] | None = None) -> None:
+        """Blank the matrix (nothing of an earlier selection stays shown or clickable): the
+        axes name the pair asked for (``pair``, else the one wanted now), and no legend speaks
+        of the previous matrix's method and target."""
         self.instance = -1
+        self.pair = tuple(str(m) for m in (pair or self.wanted_pair()))
+        self.row_axis.label, self.col_axis.label = self.pair
         self._draw(np.zeros((0, 0)), [], [])
         self._set_note("")
+        self.legend_text = self.legend.value = ""
         of = "" if instance is None else f" of #{instance}"
         again = self.retry.failed("matrix", self.refresh, err)
         self.caption.value = f"interactions{of} not shown ({failure_text(err)}{again})"
@@ -313,10 +320,8 @@ class HeatmapView(W.VBox):
     def _show(self, result) -> None:
         i, explained, inter, what = result        # what: the target, said at this instance
         self.instance = int(i)
-        pair = tuple(str(m) for m in (getattr(inter, "modalities", None) or self.pair))
-        if pair != self.pair:
-            self.pair = pair
-            self.row_axis.label, self.col_axis.label = pair
+        self.pair = tuple(str(m) for m in (getattr(inter, "modalities", None) or self.pair))
+        self.row_axis.label, self.col_axis.label = self.pair     # (a failure may have set others)
         m = np.asarray(inter.matrix, dtype=np.float64)
         params = getattr(inter, "params", None) or {}
         computed, note = self._players(params, m.shape)

@@ -13,8 +13,8 @@ from ..adapter import Neuron
 from ..engine import Analyses, Engine
 from ..kernels.representations import tied_extremes
 from ..selection import Selection
-from ._common import (RetryAfterCancel, WrappedText, close_widgets, failure_text,
-                      instance_title, text_label)
+from ._common import (RetryAfterCancel, WrappedText, close_widgets, describe_instance,
+                      failure_text, instance_title, text_label)
 from ._encode import image_overlay, png, strip
 
 
@@ -139,8 +139,6 @@ class NeuronView(W.VBox):
         s = self.selection
         i, target, a = s.instance, s.target, self.analyses
         self.retry.asked("bars")
-        self._caption_base = None
-        self.caption.value = "computing decision-level contributions ..."
 
         def job(progress):
             cls = a.class_index(i, target)
@@ -151,15 +149,24 @@ class NeuronView(W.VBox):
             order = [int(j) for j in dc.top(self.n_bars, absolute=True) if c[j] != 0]
             return cls, dc, order
 
-        self.engine.submit(self.slot, ("neurons", i, target, self.n_bars), job, self._show_bars,
-                           lambda err: self._bars_failed(err, i), priority=2,
-                           label="neuron contributions")
+        with self.engine.lock:     # the caption not overwritten by bars applied meanwhile
+            self._caption_base = None
+            self.caption.value = "computing decision-level contributions ..."
+            self.engine.submit(self.slot, ("neurons", i, target, self.n_bars), job,
+                               self._show_bars, lambda err: self._bars_failed(err, i, target),
+                               priority=2, label="neuron contributions")
 
-    def _bars_failed(self, err, instance: int | None = None) -> None:
-        """Blank the bars (no bars of an earlier selection stay shown or clickable)."""
+    def _bars_failed(self, err, instance: int | None = None, target: int = -1) -> None:
+        """Blank the bars (no bars of an earlier selection stay shown or clickable), under a
+        title naming the class asked for (``target``; -1, the predicted class: not known when
+        the instance fails), not the previous bars' class."""
         self._h, self._c = np.zeros(0), np.zeros(0)
         self._top = []
         self._caption_base = None
+        names = self.analyses.adapter.class_names
+        self._class_name = str(names[target]) if 0 <= target < len(names) else None
+        self.contrib_figure.title = contribution_title(
+            self._class_name, standardised=self.analyses.sparse_model is not None)
         self._draw_bars()
         of = "" if instance is None else f" of #{instance}"
         again = self.retry.failed("bars", self.refresh, err)
@@ -251,11 +258,11 @@ class NeuronView(W.VBox):
         j, method, a = self.selection.neuron, self.selection.method, self.analyses
         self.retry.asked("gallery")
         if j < 0:
-            self.engine.drop(self.gallery_slot)
-            self._set_gallery(-1, [])
-            self.gallery_caption.value = "click a bar to see what its neuron responds to"
+            with self.engine.lock:        # not while a gallery is set on the worker
+                self.engine.drop(self.gallery_slot)
+                self._set_gallery(-1, [])
+                self.gallery_caption.value = "click a bar to see what its neuron responds to"
             return
-        self.gallery_caption.value = f"finding the instances that activate h{j} ..."
         size = self.thumb_size
 
         def job(progress):
@@ -282,9 +289,11 @@ class NeuronView(W.VBox):
                 items.append(self._item(side, idx, value, attr, size))
             return j, items, ties
 
-        self.engine.submit(self.gallery_slot, ("gallery", j, method), job,
-                           lambda r: self._set_gallery(*r), self._gallery_failed, priority=4,
-                           label=f"gallery of h{j}", lane="background")
+        with self.engine.lock:     # the caption not overwritten by a gallery set meanwhile
+            self.gallery_caption.value = f"finding the instances that activate h{j} ..."
+            self.engine.submit(self.gallery_slot, ("gallery", j, method), job,
+                               lambda r: self._set_gallery(*r), self._gallery_failed,
+                               priority=4, label=f"gallery of h{j}", lane="background")
 
     def _item(self, side: str, idx: int, value: float, attr, size: int) -> dict:
         """One gallery entry: text, and a thumbnail per modality (encoded here, off the UI)."""
@@ -303,8 +312,8 @@ class NeuronView(W.VBox):
             elif m.kind != "text" and scores.size:   # tabular and other kinds: one strip
                 thumbs[name] = png(strip(scores, rows=1), size)
         return {"side": side, "index": idx, "value": value,
-                "description": str(a.dataset.describe(idx)), "label": a.label(idx),
-                "thumbs": thumbs}
+                "description": describe_instance(a.dataset.describe, idx),
+                "label": a.label(idx), "thumbs": thumbs}
 
     def _gallery_failed(self, err) -> None:
         """Blank the gallery (no instances of an earlier neuron stay shown or clickable)."""
