@@ -121,7 +121,6 @@ class PathView(W.VBox):
         s = self.selection
         i, target, a = s.instance, s.target, self.analyses
         self.retry.asked("path")
-        self.caption.value = "computing the prediction path ..."
         params = a.path_params            # replaced (never changed in place) on a new pair
 
         def job(progress):
@@ -133,8 +132,11 @@ class PathView(W.VBox):
         # the "main" lane: the path is about the selected instance and needs no dataset-wide
         # work, so it never waits for the dataset's features
         key = ("path", i, target, params_key(params))
-        self.engine.submit(self.slot, key, job, self._show,
-                           lambda err: self._failed(err, i), priority=3, label="prediction path")
+        with self.engine.lock:     # the caption not overwritten by a path applied meanwhile
+            self.caption.value = "computing the prediction path ..."
+            self.engine.submit(self.slot, key, job, self._show,
+                               lambda err: self._failed(err, i), priority=3,
+                               label="prediction path")
 
     def _failed(self, err, instance: int | None = None) -> None:
         """Blank the graph (no nodes of an earlier selection stay shown or clickable)."""
