@@ -44,16 +44,20 @@ import weakref
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .atomic_file import file_lock, write_atomically
+from .atomic_file import LockTimeout, file_lock, write_atomically
 from .checks import is_integer
 
 __all__ = ["Annotations", "AnnotationError", "AnnotationConflict", "neuron_key", "unit_key",
            "feature_key", "model_signature", "dataset_signature", "DatasetSignature", "FORMAT",
-           "VERSION", "MAX_CONCEPT_LENGTH"]
+           "VERSION", "MAX_CONCEPT_LENGTH", "MAX_CONCEPTS_PER_KEY"]
 
 FORMAT = "multiviz-annotations"
 VERSION = 2        # 2: "features" (version 1 had neurons and units; it is read as well)
 MAX_CONCEPT_LENGTH = 200
+#: The most concepts one key may have: a key's concepts are a few short names (shown in a row
+#: beside it), and a bound keeps the work of reading a file, or of an edit, small whatever a
+#: file holds (a file beyond it is refused, an add beyond it too).
+MAX_CONCEPTS_PER_KEY = 1000
 # what a signature compares: two models that differ here cannot share neuron or unit concepts
 SIGNATURE_FIELDS = ("modalities", "classes", "neurons", "features")
 
@@ -162,16 +166,40 @@ def _concept(text) -> str:
     return text
 
 
-def _concepts(values) -> tuple[str, ...]:
-    """A list of concepts checked, duplicates dropped (the first kept), order kept."""
+#: How to keep a key's concepts under MAX_CONCEPTS_PER_KEY: in a store, and in a file.
+_FEWER = "remove some first (remove(key, concept), or set(key, a shorter list))"
+_FEWER_IN_FILE = "keep the ones that say most and remove the others from the file"
+
+
+def _concepts(values, who: str = "A key", fewer: str = _FEWER) -> tuple[str, ...]:
+    """A list of concepts checked, duplicates dropped (the first kept), order kept: at most
+    MAX_CONCEPTS_PER_KEY, else an AnnotationError that names ``who`` and says to keep
+    ``fewer``. Each is looked up once in a dict (a list's ``in`` would make a long list cost
+    its square), and a list that has too many is refused as soon as that shows."""
     if isinstance(values, str) or not isinstance(values, (list, tuple)):
-        raise AnnotationError(f"Concepts are a list of strings, got {values!r}.")
-    out: list[str] = []
+        raise AnnotationError(f"Concepts are a list of strings, got {_brief(values)}.")
+    out: dict[str, None] = {}
     for v in values:
-        v = _concept(v)
-        if v not in out:
-            out.append(v)
+        out[_concept(v)] = None
+        if len(out) > MAX_CONCEPTS_PER_KEY:
+            raise _too_many(who, fewer)
     return tuple(out)
+
+
+def _too_many(who: str, fewer: str) -> AnnotationError:
+    return AnnotationError(f"{who} would have more than {MAX_CONCEPTS_PER_KEY} concepts, the "
+                           f"most one key can have (MAX_CONCEPTS_PER_KEY): a key's concepts are "
+                           f"a few short names; {fewer}.")
+
+
+def _brief(value, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message quotes what was wrong without
+    copying a whole file's list into it."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deep to show"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def model_signature(adapter, n_neurons: int | None = None) -> dict:
@@ -268,10 +296,66 @@ def _same_dataset(a: dict | None, b: dict | None) -> bool:
 
 def _as_dataset(d: dict | None) -> dict | None:
     """A signature to keep: a DatasetSignature as it is (its fingerprint may be computed
-    later), any other dict copied."""
+    later), any other dict copied; its values made plain (``_plain``) and checked, so that
+    every save can write them (an AnnotationError says what is wrong)."""
     if not d:
         return None
-    return d if isinstance(d, DatasetSignature) else dict(d)
+    if not isinstance(d, dict):
+        raise AnnotationError(f"A dataset signature is a dict (dataset_signature(dataset) makes "
+                              f"one), got {_brief(d)}.")
+    if isinstance(d, DatasetSignature):
+        for f, v in list(d.items()):
+            d[f] = _plain(v)
+    else:
+        d = _plain(d)
+    _check_signature(d, _bad_dataset_fields(d), "dataset", "dataset_signature(dataset)")
+    return d
+
+
+def _as_signature(sig: dict | None) -> dict | None:
+    """A model signature to keep: copied, its values made plain (``_plain``) and checked, so
+    that every save can write it (an AnnotationError says what is wrong)."""
+    if not sig:
+        return None
+    if not isinstance(sig, dict):
+        raise AnnotationError(f"A model signature is a dict (model_signature(adapter) makes "
+                              f"one), got {_brief(sig)}.")
+    sig = _plain(sig)
+    _check_signature(sig, _bad_model_fields(sig), "model", "model_signature(adapter, n_neurons)")
+    return sig
+
+
+def _plain(value):
+    """``value`` as a JSON file holds it: numpy's scalars (and other one-element arrays, such as
+    a tensor's) as Python's (``np.int64(10)`` as 10, e.g. a count taken from an array's shape),
+    tuples as lists, within lists and dicts too; anything else as it is."""
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "shape", None) == ():
+        try:
+            return item()
+        except Exception:  # noqa: BLE001 - not a scalar after all: refused by the caller
+            return value
+    return value
+
+
+def _check_signature(sig: dict, why: str | None, what: str, maker: str) -> None:
+    """An AnnotationError when a signature given by code has a field of the wrong kind
+    (``why``, from ``_bad_model_fields`` or ``_bad_dataset_fields``) or a value that a JSON file
+    cannot hold: it would be saved with the concepts, and every save would fail."""
+    if why is None:
+        try:
+            json.dumps(sig)
+            return
+        except (TypeError, ValueError, RecursionError) as e:
+            why = f"it holds a value that a JSON file cannot hold ({str(e)[:200]})"
+    raise AnnotationError(f"The {what} signature {_brief(sig)}: {why}. Give text, whole numbers "
+                          f"(int(n), str(name)), lists and dicts, as {maker} does.")
 
 
 #: What to do when unit concepts belong to another dataset.
@@ -324,6 +408,10 @@ class Annotations:
     together (the file is rewritten, as version 2, at the next change only).
     """
 
+    #: The most seconds a save waits for the file's lock (held by another program's save):
+    #: then it fails into ``save_error`` rather than freezing the kernel.
+    lock_timeout: float = 5.0
+
     def __init__(self, path: str | os.PathLike | None = None, *, autosave: bool | None = None,
                  signature: dict | None = None, n_instances: int | None = None,
                  dataset: dict | None = None):
@@ -336,7 +424,7 @@ class Annotations:
         self._autosave_given = autosave is not None     # kept when save() adopts a file
         if self.autosave and self.path is None:
             raise AnnotationError("autosave=True needs a path to save to.")
-        self.signature = dict(signature) if signature else None
+        self.signature = _as_signature(signature)
         self.n_instances = None if n_instances is None else int(n_instances)
         self.dataset = None
         if dataset:
@@ -432,7 +520,7 @@ class Annotations:
         concepts only their dataset may bind; while viewers of two datasets show it (possible
         when it holds none), a unit concept cannot be added (it would name an instance of one
         of them)."""
-        dataset = _as_dataset(dataset)
+        dataset, signature = _as_dataset(dataset), _as_signature(signature)
         with self._lock:
             self.check(signature, dataset)
             if n_instances is None and dataset:
@@ -443,7 +531,7 @@ class Annotations:
             if _says_shared(signature):
                 self._version_1_units = False
             if signature and not self.signature:
-                self.signature = dict(signature)
+                self.signature = signature
             elif signature:            # fill in what the first signature left unknown
                 for f, v in signature.items():
                     if self.signature.get(f) is None:
@@ -496,9 +584,10 @@ class Annotations:
                 f"(Explorer(..., annotations='other.json')).")
 
     def add_key_check(self, check: Callable[[tuple], None]) -> None:
-        """Call ``check(key)`` before a key that has no concepts gets some (``add``, ``set``):
-        it raises an AnnotationError (or a ValueError) to refuse the key, e.g. a unit that its
-        instance does not have. Called outside the store's lock."""
+        """Call ``check(key)`` before a key that has no concepts gets some (``add``, ``set``, and
+        ``merge``, of a file or a store, which then takes nothing): it raises an AnnotationError
+        (or a ValueError) to refuse the key, e.g. a unit that its instance does not have. Called
+        outside the store's lock."""
         with self._lock:
             self._key_checks.append(check)
 
@@ -572,23 +661,17 @@ class Annotations:
             self._check_ranges({key: ()}, self.signature, self.n_instances)
             # a key that gets its first concepts (``make`` is called again below, on what the
             # concepts are then)
-            named = key not in self._data and bool(_concepts(make(())))
+            named = key not in self._data and bool(_concepts(make(()), str(key)))
             if named and key[0] == "unit":
                 self._check_one_dataset()
             checks = list(self._key_checks) if named else []
-        for check in checks:
-            try:
-                check(key)
-            except AnnotationError:
-                raise
-            except (ValueError, IndexError) as e:
-                raise AnnotationError(f"{key} cannot be named: {str(e).rstrip('.')}.") from None
+        _run_key_checks(checks, [key])
         dataset = self.dataset
         if key[0] == "unit" and dataset is not None:
             _fingerprint(dataset)     # to be saved with it: computed (when lazy) outside the lock
         with self._lock:
             now = self._data.get(key, ())
-            new = _concepts(make(now))
+            new = _concepts(make(now), str(key))
             self._check_ranges({key: new}, self.signature, self.n_instances)
             if now == new:
                 return new
@@ -668,9 +751,15 @@ class Annotations:
 
     # -- files ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """The JSON document a save writes (sorted, so equal stores write equal files)."""
+        """The JSON document a save writes (sorted, so equal stores write equal files). A key
+        without concepts whose entry has fields this format does not know (a colleague's
+        "comment": "TODO" on a neuron not named yet, or a key whose last concept was removed)
+        is written with no concepts, its fields kept; it is no concept's key (``keys``, ``find``
+        and the views do not show it)."""
         with self._lock:
-            items = sorted(self._data.items(), key=lambda kv: _sort_key(kv[0]))
+            noted = [(k, ()) for k, fields in self._entry_extra.items()
+                     if fields and k not in self._data]
+            items = sorted([*self._data.items(), *noted], key=lambda kv: _sort_key(kv[0]))
             sig = dict(self.signature) if self.signature else None
             dataset = self.dataset
             units = any(k[0] == "unit" for k, _ in items)
@@ -704,7 +793,9 @@ class Annotations:
         is followed to its file, each change is saved there from then on (unless the store was
         made with ``autosave=False``), observers hear it, and a later ``Annotations.open`` of the
         file (an Explorer given it) gets this store. On failure the concepts stay in memory and
-        ``save_error`` says why."""
+        ``save_error`` says why; a save fails so too when another program holds the file's lock
+        (``.NAME.lock``, taken by each save) for more than ``lock_timeout`` seconds, rather than
+        freeze the kernel (reads of the store never wait for it)."""
         target = self.path if path is None else Path(path).expanduser()
         if target is None:
             raise AnnotationError("This store has no file: give save() a path.")
@@ -717,29 +808,46 @@ class Annotations:
             # written, not the link replaced by a copy
             target = self.path
         try:
-            with self._lock:           # the text and the write together: no older text wins
-                adopt = adopt and self.path is None     # else adopted by another save meanwhile
-                doc = self.to_dict()
-                raw = (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
-                # the check and the write under one lock: another store saving the file
-                # meanwhile (in this kernel or another) waits, then sees this write as a change
-                with file_lock(target):
+            # the text first (a value that JSON cannot hold fails here, before the disk is
+            # touched), with no lock held while it is encoded (to_dict copies under the lock)
+            doc = self.to_dict()
+            raw = _encoded(doc, target)
+            # then the file's lock, with the store's not held: while another program holds it
+            # (another kernel's save, stalled), this store is read and edited as usual, and the
+            # wait ends after lock_timeout seconds in save_error. Under it, the check and the
+            # write: another store saving the file meanwhile (in this kernel or another) waits,
+            # then sees this write as a change
+            with file_lock(target, timeout=self.lock_timeout):
+                with self._lock:       # the text and the write together: no older text wins
+                    adopt = adopt and self.path is None  # else adopted by another save meanwhile
+                    newer = self.to_dict()
+                    if newer != doc:   # changed while this save waited: the newest is written
+                        raw = _encoded(newer, target)
                     if own and not overwrite:
                         self._check_unchanged(target)
                     elif not own and target.exists() and not overwrite:
                         raise AnnotationError(f"{target} exists; save(path, overwrite=True) "
                                               f"replaces it, or choose another name.")
                     _atomic_write(target, raw)
-                if adopt:
-                    self.path = target
-                    self.autosave = self.autosave if self._autosave_given else True
-                if own or adopt:
-                    self._disk_digest = _digest(raw)
-                    self._disk_entries = dict(self._data)
-                    self.unsaved = False
+                    if adopt:
+                        self.path = target
+                        self.autosave = self.autosave if self._autosave_given else True
+                    if own or adopt:
+                        self._disk_digest = _digest(raw)
+                        self._disk_entries = dict(self._data)
+                        self.unsaved = False
         except (OSError, AnnotationError, UnicodeError) as e:
             if isinstance(e, AnnotationError):
                 err = e
+            elif isinstance(e, LockTimeout):
+                lock = e.lock_path
+                err = TimeoutError(
+                    f"Could not save the annotations to {target}: another program (a notebook "
+                    f"or kernel saving that file, stopped or hung while it saved) has held its "
+                    f"lock file {lock} for more than {e.waited:g} s; they are kept in memory. "
+                    f"The next change, or save(), writes them once it lets go (`fuser {lock}` "
+                    f"shows which process of this machine holds it); save(another_path) "
+                    f"writes them elsewhere.")
             elif isinstance(e, UnicodeError):
                 bad = getattr(e, "object", "")[getattr(e, "start", 0):getattr(e, "end", 0)]
                 err = AnnotationError(
@@ -778,62 +886,104 @@ class Annotations:
         and concepts removed) is taken in beside this store's own changes; the file is then
         saved again when it lacks any of them. Fields that this format does not know (a
         document's "description", an entry's "comment") are kept: this store's win, except
-        over its own file's, whose edits are newer."""
-        with self._lock:               # the file read, and the merge, in step with any save
-            if isinstance(other, Annotations):
-                incoming, sig, digest, source = other.to_dict(), other.signature, None, None
-            else:
-                source = Path(other).expanduser()
-                raw = _read_bytes(source)
-                incoming, digest = _parse(raw, source), _digest(raw)
-                sig = incoming.get("model")
-            why = _mismatch(sig, self.signature)
-            what = source if source is not None else "the store merged"
-            if why:
-                raise AnnotationError(f"The annotations of {what} belong to another model "
-                                      f"({why}); nothing was merged.")
-            their_extra: dict[tuple, dict] = {}
-            theirs = _entries(incoming, what, _shared_modalities(self.signature or sig),
-                              their_extra)
-            if any(k[0] == "unit" and k not in self._data for k in theirs):
-                self._check_one_dataset(f" of {what}")
-            self._check_dataset(incoming.get("dataset"), self.dataset, theirs, f" of {what}")
-            self._check_ranges(theirs, self.signature, self.n_instances)
-            own_file = (source is not None and self.path is not None
-                        and source.resolve() == self.path.resolve())
-            base = self._disk_entries if own_file else {}
-            merged, added = {}, 0
-            for key in set(self._data) | set(theirs):
-                ours, their, was = self._data.get(key, ()), theirs.get(key, ()), base.get(key, ())
-                # kept: what both have, and what either added since the base; so a concept that
-                # either removed since the base stays removed
-                cs = tuple(c for c in ours if c in their or c not in was) + tuple(
-                    c for c in their if c not in ours and c not in was)
-                added += sum(c not in ours for c in cs)
-                if cs:
-                    merged[key] = cs
-            changed = merged != self._data
-            self._data = merged
-            _take_extras(self._extra, _document_extras(incoming), own_file)
-            for key, fields in their_extra.items():
-                _take_extras(self._entry_extra.setdefault(key, {}), fields, own_file)
-            if (incoming.get("dataset") and not self.dataset
-                    and any(k[0] == "unit" for k in theirs)):
-                self._take_dataset(incoming["dataset"])
-            resolved = False
-            if own_file:           # its changes on disk are taken in: a save may now replace it
-                self._disk_digest, self._disk_entries = digest, dict(theirs)
-                self.unsaved = merged != theirs          # the file lacks some of ours
-                resolved = not self.unsaved and self.save_error is not None
-                if resolved:
-                    self.save_error = None
-            elif changed:
-                self.unsaved = True
+        over its own file's, whose edits are newer. A key that gets its first concepts from it
+        is checked by the viewers' checks (``add_key_check``) as an add's is: one refused, and
+        nothing is merged."""
+        checked: set[tuple] = set()          # keys the viewers' checks took
+        parsed: dict[str, dict] = {}           # the file's document by its digest: parsed once
+        while True:
+            with self._lock:           # the file read, and the merge, in step with any save
+                if isinstance(other, Annotations):
+                    incoming, sig, digest, source = other.to_dict(), other.signature, None, None
+                else:
+                    source = Path(other).expanduser()
+                    raw = _read_bytes(source)
+                    digest = _digest(raw)
+                    incoming = parsed[digest] if digest in parsed else _parse(raw, source)
+                    parsed = {digest: incoming}
+                    sig = incoming.get("model")
+                what = source if source is not None else "the store merged"
+                merged, added, theirs, their_extra, own_file = self._merged(incoming, sig, what,
+                                                                            source)
+                # keys that get their first concepts are checked by the viewers' checks
+                # (add_key_check), as an add's are: outside the lock (a check may take a lock
+                # under which another thread reads this store), then all is read again
+                unchecked = [k for k in merged if k not in self._data and k not in checked]
+                checks = list(self._key_checks) if unchecked else []
+                if not checks:
+                    changed, resolved = self._take_merged(merged, theirs, incoming, their_extra,
+                                                          own_file, digest)
+                    break
+            _run_key_checks(checks, unchecked, f"It is in {what}, so nothing was merged; "
+                                               f"correct or remove that entry there, then "
+                                               f"merge again.")
+            checked.update(unchecked)
         if changed or (own_file and self.unsaved):
             self._changed(None)
         elif resolved:
             self._notify(None)
         return added
+
+    def _merged(self, incoming: dict, sig: dict | None, what, source: Path | None) -> tuple:
+        """What ``merge`` makes of a document (``to_dict``'s, or a file's) under the lock,
+        nothing changed yet: (the concepts merged, how many came in, the document's concepts
+        and its entries' unknown fields, whether it is this store's own file); an
+        AnnotationError when it cannot be taken."""
+        why = _mismatch(sig, self.signature)
+        if why:
+            raise AnnotationError(f"The annotations of {what} belong to another model "
+                                  f"({why}); nothing was merged.")
+        their_extra: dict[tuple, dict] = {}
+        theirs = _entries(incoming, what, _shared_modalities(self.signature or sig),
+                          their_extra)
+        if any(k[0] == "unit" and k not in self._data for k in theirs):
+            self._check_one_dataset(f" of {what}")
+        self._check_dataset(incoming.get("dataset"), self.dataset, theirs, f" of {what}")
+        self._check_ranges(theirs, self.signature, self.n_instances)
+        own_file = (source is not None and self.path is not None
+                    and source.resolve() == self.path.resolve())
+        base = self._disk_entries if own_file else {}
+        merged, added = {}, 0
+        for key in set(self._data) | set(theirs):
+            ours, their = self._data.get(key, ()), theirs.get(key, ())
+            # sets to look concepts up in (a tuple's ``in`` would cost the square of a long
+            # list), the tuples for the order
+            in_ours, in_theirs, was = set(ours), set(their), set(base.get(key, ()))
+            # kept: what both have, and what either added since the base; so a concept that
+            # either removed since the base stays removed
+            new = tuple(c for c in their if c not in in_ours and c not in was)
+            cs = tuple(c for c in ours if c in in_theirs or c not in was) + new
+            if len(cs) > MAX_CONCEPTS_PER_KEY:
+                raise _too_many(f"{key}, with the concepts of {what} merged in,",
+                                f"nothing was merged; remove some of its concepts here or in "
+                                f"{what} first")
+            added += len(new)
+            if cs:
+                merged[key] = cs
+        return merged, added, theirs, their_extra, own_file
+
+    def _take_merged(self, merged: dict, theirs: dict, incoming: dict, their_extra: dict,
+                     own_file: bool, digest: str | None) -> tuple[bool, bool]:
+        """``merge``'s result made the store's (under the lock): (whether its concepts changed,
+        whether a failed save of its own file is resolved by it)."""
+        changed = merged != self._data
+        self._data = merged
+        _take_extras(self._extra, _document_extras(incoming), own_file)
+        for key, fields in their_extra.items():
+            _take_extras(self._entry_extra.setdefault(key, {}), fields, own_file)
+        if (incoming.get("dataset") and not self.dataset
+                and any(k[0] == "unit" for k in theirs)):
+            self._take_dataset(incoming["dataset"])
+        resolved = False
+        if own_file:           # its changes on disk are taken in: a save may now replace it
+            self._disk_digest, self._disk_entries = digest, dict(theirs)
+            self.unsaved = merged != theirs          # the file lacks some of ours
+            resolved = not self.unsaved and self.save_error is not None
+            if resolved:
+                self.save_error = None
+        elif changed:
+            self.unsaved = True
+        return changed, resolved
 
     # -- internals ------------------------------------------------------------------------
     def _where(self) -> str:
@@ -913,6 +1063,23 @@ class Annotations:
                                           f"has {n_instances} instances (0..{n_instances - 1}).")
 
 
+def _run_key_checks(checks: list, keys: list, then: str | None = None) -> None:
+    """Each viewer's check (``add_key_check``) of each of ``keys``, called with no lock held:
+    an AnnotationError for the first key refused (a check's ValueError or IndexError said as
+    one), followed by ``then`` (what came of it, and what to do) when given."""
+    for key in keys:
+        for check in checks:
+            try:
+                check(key)
+            except AnnotationError as e:
+                if then is None:
+                    raise
+                raise AnnotationError(f"{str(e).rstrip('.')}. {then}") from None
+            except (ValueError, IndexError) as e:
+                why = f"{key} cannot be named: {str(e).rstrip('.')}."
+                raise AnnotationError(why if then is None else f"{why} {then}") from None
+
+
 def _sort_key(key: tuple) -> tuple:
     if key[0] == "neuron":
         return (0, key[1], "", 0)
@@ -934,13 +1101,35 @@ def _read_bytes(path: Path) -> bytes:
         raise AnnotationError(f"Could not read {path} ({e.strerror or e}).") from e
 
 
+#: The smallest annotations file: what an empty file can be replaced by.
+_EMPTY_DOCUMENT = f'{{"format": "{FORMAT}", "version": {VERSION}}}'
+
+
 def _parse(raw: bytes, path) -> dict:
-    """The document of an annotations file, its outer shape checked."""
+    """The document of an annotations file, its outer shape checked. Whatever the bytes, a
+    file that cannot be taken gives an AnnotationError (a hostile or broken file: JSON nested
+    deeper than Python's recursion limit, a number of more digits than ``int`` reads), never
+    another exception."""
     try:
-        doc = json.loads(raw.decode("utf-8-sig"))      # a byte-order mark (Notepad) is read too
+        text = raw.decode("utf-8-sig")          # a byte-order mark (Notepad) is read too
+        if not text.strip():
+            raise AnnotationError(
+                f"{path} is empty (no annotations, not even the format's header; a `touch` or "
+                f"an interrupted copy makes such a file). It was not changed; delete it (a "
+                f"new file is then made there at the first save), or write "
+                f"{_EMPTY_DOCUMENT} in it.")
+        doc = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AnnotationError(f"{path} is not an annotations file: not UTF-8 JSON ({e}). It was "
                               f"not changed.") from None
+    except RecursionError:
+        raise _too_deep(path) from None
+    except AnnotationError:
+        raise
+    except ValueError as e:                      # e.g. a number of thousands of digits
+        raise AnnotationError(f"{path} is not an annotations file (a value in it cannot be read: "
+                              f"{str(e).split(';')[0]}); it was not changed. Give annotations "
+                              f"another file name.") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise AnnotationError(f"{path} is not an annotations file (no \"format\": \"{FORMAT}\"). "
                               f"It was not changed; give annotations another file name.")
@@ -962,9 +1151,19 @@ def _parse(raw: bytes, path) -> dict:
                                   f"field, or set it to null (then it is not compared).")
     for f in ("neurons", "units", "features"):
         if not isinstance(doc.get(f, []), list):
-            raise AnnotationError(f"{path}: \"{f}\" must be a list, got {doc.get(f)!r}.")
-    _check_no_surrogates(doc, path, "")
+            raise AnnotationError(f"{path}: \"{f}\" must be a list, got {_brief(doc.get(f))}.")
+    try:
+        _check_no_surrogates(doc, path, "")      # recursive, as deep as the JSON
+    except RecursionError:
+        raise _too_deep(path) from None
     return doc
+
+
+def _too_deep(path) -> AnnotationError:
+    return AnnotationError(f"{path} is not an annotations file (its JSON is nested deeper than "
+                           f"Python can read: lists or objects within each other about a "
+                           f"thousand times or more); it was not changed. Give annotations "
+                           f"another file name.")
 
 
 def _bad_model_fields(model: dict) -> str | None:
@@ -1040,12 +1239,15 @@ def _units_as_features(entries: dict, shared: frozenset[str]) -> dict:
     """``entries`` with the unit keys of the ``shared`` modalities read as feature keys: a
     version-1 file named a tabular column per instance. The concepts of one column in every
     instance are put together, in the order of the instances, each once."""
-    out: dict[tuple, tuple[str, ...]] = {}
+    out: dict[tuple, dict[str, None]] = {}
     for key in sorted(entries, key=_sort_key):
         new = feature_key(key[2], key[3]) if key[0] == "unit" and key[2] in shared else key
-        now = out.get(new, ())
-        out[new] = now + tuple(c for c in entries[key] if c not in now)
-    return out
+        now = out.setdefault(new, {})
+        now.update(dict.fromkeys(entries[key]))
+        if len(now) > MAX_CONCEPTS_PER_KEY:
+            raise _too_many(f"{new} (the concepts of its unit in every instance together, as a "
+                            f"version-1 file named them)", _FEWER_IN_FILE)
+    return {key: tuple(cs) for key, cs in out.items()}
 
 
 def _entries(doc: dict, path, shared: frozenset[str] = frozenset(),
@@ -1054,7 +1256,7 @@ def _entries(doc: dict, path, shared: frozenset[str] = frozenset(),
     Of a version-1 file, the unit keys of the ``shared`` modalities are read as feature keys
     (``_units_as_features``). extras: filled with {key: the entry's fields that this format
     does not know}."""
-    out: dict[tuple, tuple[str, ...]] = {}
+    out: dict[tuple, dict[str, None]] = {}      # a dict of concepts: each joined in once
     found_extras: dict[tuple, dict] = {}
     for field, fields in (("neurons", ("neuron",)),
                           ("units", ("instance", "modality", "unit")),
@@ -1066,22 +1268,26 @@ def _entries(doc: dict, path, shared: frozenset[str] = frozenset(),
                 key = (neuron_key(e["neuron"]) if field == "neurons"
                        else unit_key(e["instance"], e["modality"], e["unit"]) if field == "units"
                        else feature_key(e["modality"], e["unit"]))
-                cs = _concepts(e["concepts"])
+                cs = _concepts(e["concepts"], str(key), _FEWER_IN_FILE)
+                if cs:
+                    now = out.setdefault(key, {})
+                    now.update(dict.fromkeys(cs))
+                    if len(now) > MAX_CONCEPTS_PER_KEY:
+                        raise _too_many(f"{key}, with the entries before it of that key,",
+                                        _FEWER_IN_FILE)
             except AnnotationError as err:
-                raise AnnotationError(f"{path}: {field}[{n}] = {e!r}: {str(err).rstrip('.')}. "
-                                      f"It was not changed.") from None
-            if cs:
-                now = out.get(key, ())
-                out[key] = now + tuple(c for c in cs if c not in now)
+                raise AnnotationError(f"{path}: {field}[{n}] = {_brief(e)}: "
+                                      f"{str(err).rstrip('.')}. It was not changed.") from None
             unknown = {f: v for f, v in e.items() if f not in fields + ("concepts",)}
             if unknown:
                 found_extras.setdefault(key, {}).update(unknown)
+    found = {key: tuple(cs) for key, cs in out.items()}
     if doc.get("version") == 1 and shared:
-        out = _units_as_features(out, shared)
+        found = _units_as_features(found, shared)
         found_extras = _extras_as_features(found_extras, shared)
     if extras is not None:
         extras.update(found_extras)
-    return out
+    return found
 
 
 #: The fields of an annotations document that this format knows.
@@ -1113,6 +1319,21 @@ def _extras_as_features(extras: dict[tuple, dict], shared: frozenset[str]) -> di
                 fields[f].append(v)
     return {key: {f: vs[0] if len(vs) == 1 else vs for f, vs in fields.items()}
             for key, fields in gathered.items()}
+
+
+def _encoded(doc: dict, target: Path) -> bytes:
+    """The bytes a save of ``doc`` (``to_dict``'s) writes; a value that JSON cannot hold (a
+    numpy number put in ``signature`` or ``dataset`` by hand, a field of the file nested too
+    deep) gives an AnnotationError, which the save records in ``save_error``."""
+    try:
+        text = json.dumps(doc, indent=1, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise AnnotationError(
+            f"Could not save the annotations to {target}: they hold a value that a JSON file "
+            f"cannot hold ({type(e).__name__}: {str(e)[:200]}); they are kept in memory. Make "
+            f"the model's signature (store.signature) and the dataset's (store.dataset) plain "
+            f"text, whole numbers (int(n), str(name)), lists and dicts, then save again.") from e
+    return (text + "\n").encode("utf-8")
 
 
 def _atomic_write(target: Path, raw: bytes) -> None:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
@@ -41,6 +43,33 @@ def write_atomically(path: Path, write: Callable[[IO], None], *, binary: bool,
         except OSError:
             pass
         raise
+    _sync_folder(folder)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries to disk: until then a power loss may undo the rename (the old
+    file back, or none). Where a folder cannot be opened or flushed (Windows, some network file
+    systems), the rename stands as the file system keeps it; the write itself went through."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class LockTimeout(TimeoutError):
+    """Another process held a lock file longer than the caller would wait (``file_lock``'s
+    timeout); ``lock_path`` is that file."""
+
+    def __init__(self, lock_path: Path, waited: float):
+        super().__init__(errno.ETIMEDOUT, f"another save held the lock file {lock_path} for "
+                                          f"more than {waited:g} s", str(lock_path))
+        self.lock_path, self.waited = lock_path, waited
 
 
 #: One lock per lock file within this process (fcntl's locks are the process's, so two threads
@@ -50,7 +79,7 @@ _LOCAL_LOCKS_GUARD = threading.Lock()
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
     """Hold an exclusive lock for writing ``path`` meanwhile: a lock file beside it
     (``.NAME.lock``, made once and left there) locked with ``fcntl.lockf``, which other
     processes (NFS clients too, where the server keeps locks) wait for, and a lock of this
@@ -59,25 +88,62 @@ def file_lock(path: Path) -> Iterator[None]:
     what the umask gives), so those who may write the file may lock it, when its permissions
     give them write access (a group's file: umask 002). Where the lock file cannot be opened,
     made or locked (another user's 0644 file, a read-only folder, a file system without locks),
-    only this process's lock is held."""
+    only this process's lock is held.
+
+    timeout: the most seconds to wait for both locks (None: as long as it takes); then a
+    :class:`LockTimeout`, so that a process stopped while it holds the lock (paused in a
+    debugger, a network file system that hangs) cannot freeze its caller. The lock file is
+    polled (a blocking ``lockf`` could not be given up)."""
     key = str(_folder(path).resolve() / path.name)
+    lock_path = _folder(path) / f".{path.name}.lock"
+    deadline = None if timeout is None else time.monotonic() + timeout
     with _LOCAL_LOCKS_GUARD:
         local = _LOCAL_LOCKS.setdefault(key, threading.Lock())
-    with local:
+    if not local.acquire(timeout=-1 if deadline is None else max(0.0, timeout)):
+        raise LockTimeout(lock_path, timeout)
+    try:
         fd = None
         if fcntl is not None:
+            timed_out = False
             try:
                 fd = _open_lock_file(path)
-                fcntl.lockf(fd, fcntl.LOCK_EX)
+                timed_out = not _lock_until(fd, deadline)
             except OSError:
                 if fd is not None:
                     os.close(fd)
                 fd = None
+            if timed_out:
+                os.close(fd)
+                raise LockTimeout(lock_path, timeout)
         try:
             yield
         finally:
             if fd is not None:
                 os.close(fd)            # closing the lock file releases the lock
+    finally:
+        local.release()
+
+
+def _lock_until(fd: int, deadline: float | None) -> bool:
+    """Lock ``fd`` exclusively (``fcntl.lockf``), trying again while another process holds it,
+    until ``deadline`` (``time.monotonic()``; None: no end): whether it was locked. An OSError
+    other than "held by another" (no locks on this file system) is raised as it is."""
+    if deadline is None:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        return True
+    pause = 0.01
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.1)
 
 
 def _open_lock_file(path: Path) -> int:
