@@ -135,6 +135,24 @@ def _resolve_module(model: nn.Module, spec, what: str) -> nn.Module:
                        f"{type(spec).__name__}.")
 
 
+def _check_decision_width(model: nn.Module, layer: nn.Module, n_classes: int) -> None:
+    """Reject, at construction, a decision layer given as an nn.Linear whose output cannot be
+    the logits: one output per class, or one (a binary model's logit, read as [-z/2, z/2]).
+    Its weights would be taken as the classes' (neuron bars, the prediction path), and only
+    the doctor, which the Explorer never runs, would say so."""
+    if not isinstance(layer, nn.Linear) or layer.out_features == n_classes or (
+            layer.out_features == 1 and n_classes == 2):
+        return
+    raise AdapterError(
+        f"The decision layer given, {_layer_name(model, layer)}, has {layer.out_features} "
+        f"outputs but class_names has {n_classes} names, so its output is not the logits (it "
+        f"needs one output per class{', or 1 for a binary model' if n_classes == 2 else ''}) "
+        f"and its weights are not the classes': neuron contributions and the prediction path "
+        f"would be computed from a hidden layer. Pass decision_layer= the final nn.Linear that "
+        f"maps the decision-level vector h to the logits, or leave decision_layer out to find "
+        f"it.", code="decision-not-logits")
+
+
 #: Layers that take vectors, not token ids: never a text modality's embedding layer.
 _VECTOR_LAYERS = (nn.Linear, nn.Bilinear, nn.RNNBase, nn.RNNCellBase, nn.modules.conv._ConvNd,
                   nn.MultiheadAttention, nn.LayerNorm, nn.modules.batchnorm._NormBase,
@@ -401,6 +419,8 @@ class ModelAdapter:
                 heads = [m for m in linears if m.out_features == 1]
             decision_layer = (heads or linears)[-1]
         self.decision_layer = _resolve_module(model, decision_layer, "decision layer")
+        if not self.decision_layer_default:
+            _check_decision_width(model, self.decision_layer, len(self.class_names))
         self.embedding_layers: dict[str, nn.Module] = {}
         embedding_layers = dict(embedding_layers or {})
         unknown = set(embedding_layers) - set(names)
@@ -523,23 +543,27 @@ class ModelAdapter:
         float32 arrays); token ids and other integer inputs are left as they are. No copy when
         device and dtype already match.
 
-        Raises AdapterError when a modality's inputs are empty, hold NaN or infinity, or (in a
-        batch) differ in shape from one instance to another; it names the instance by its
-        position in the list, or by ``numbers[position]`` when given (a caller that collates a
-        part of its instances names them as its user knows them)."""
+        Raises AdapterError when a modality's inputs are empty, hold NaN or infinity (also
+        once cast to the model's dtype: 1e5 is infinite in float16), or (in a batch) differ in
+        shape from one instance to another; it names the instance by its position in the list,
+        or by ``numbers[position]`` when given (a caller that collates a part of its instances
+        names them as its user knows them)."""
         for inst in instances:
             self._check_names(inst)
         dev = self.device if on_device else None
+        dtype = self.float_dtype
         out = {}
         for n, m in self.modalities.items():
-            x = self._checked_batch(m, [inst[n] for inst in instances], numbers)
-            out[n] = x.to(dev, self.float_dtype if x.is_floating_point() else None)
+            x = self._checked_batch(m, [inst[n] for inst in instances], numbers, dtype)
+            out[n] = x.to(dev, dtype if x.is_floating_point() else None)
         return out
 
     def _checked_batch(self, modality: Modality, items: Sequence,
-                       numbers: Sequence[int] | None = None) -> torch.Tensor:
+                       numbers: Sequence[int] | None = None,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
         """modality.batch(items), with clear errors for inputs of several shapes, empty inputs
-        and non-finite values."""
+        and non-finite values, also those that become infinite cast to ``dtype`` (the model's:
+        values beyond its largest number)."""
         name = modality.name
         number = (lambda k: k) if numbers is None else (lambda k: int(numbers[k]))
         try:
@@ -565,6 +589,23 @@ class ModelAdapter:
                     f"Modality {name!r}{of.format(number(k))} holds non-finite values (NaN or infinity): "
                     "the model's outputs and every explanation would be NaN. Replace them (for "
                     "example impute missing values) before explaining the instance.")
+            if (dtype is not None and x.is_floating_point() and x.dtype != dtype
+                    and torch.finfo(dtype).max < torch.finfo(x.dtype).max):
+                # finite here, they may not be in the model's dtype (float16 ends at 65504):
+                # the model would take infinities, and its outputs be NaN
+                peak = x.reshape(x.shape[0], -1).abs().amax(1)
+                over = ~torch.isfinite(peak.to(dtype))
+                if bool(over.any()):
+                    k = int(over.nonzero()[0, 0])
+                    raise AdapterError(
+                        f"Modality {name!r}{of.format(number(k))} holds values up to "
+                        f"{float(peak[k]):g} in magnitude, beyond the largest number of the "
+                        f"model's dtype {str(dtype).replace('torch.', '')} "
+                        f"({torch.finfo(dtype).max:g}): cast to it, as the model's inputs are, "
+                        "they would overflow to infinity, and the model's outputs and every "
+                        "explanation would be NaN or infinite. Scale them down before they reach "
+                        "the model (normalising inside forward() comes too late: the inputs are "
+                        "cast first), or run the model in float32 (model.float()).")
         return x
 
     def prepare(self, instance: Mapping) -> Prepared:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .adapter import AdapterError, ModelAdapter, Prepared
 from .kernels.common import math_attention
+from .modalities import Text
 
 STAGES = (
     "unimodal_gradient",       # gradient, grad x input, integrated gradients
@@ -134,9 +135,66 @@ def check(adapter: ModelAdapter, instance) -> Report:
                    f"The model is in eval mode but its submodule(s) {', '.join(names[:5])} are in "
                    f"training mode (a .train() call on a part of the model after model.eval()), "
                    f"with {' and '.join(what)}. {fix}")
+    _check_unknown_tokens(adapter, prepared, report)
     with adapter._lock, adapter._eval_mode():
         _check_passes(adapter, prepared, report)
     return report
+
+
+#: the share of a text's tokens that may be unknown to its vocabulary before check() warns
+_UNKNOWN_SHARE = 0.5
+#: how subword vocabularies mark a token's position in a word: WordPiece continues a word with
+#: '##', SentencePiece starts one with '▁', byte-level BPE (GPT-2, RoBERTa) with 'Ġ'
+_SUBWORD_MARKS = ("##", "\u2581", "\u0120")
+
+
+def _check_unknown_tokens(adapter: ModelAdapter, prepared, report: Report) -> None:
+    """A warning for each text modality of which most tokens (at least two, or all) are the
+    vocabulary's unknown token: the model reads them all as one token and every explanation
+    scores that token, not the words. Nothing fails, so nothing else would say it; the usual
+    causes are a tokenizer that does not match the vocabulary (a cased vocabulary with the
+    lower-casing default tokenizer, a subword vocabulary split into words)."""
+    for name, m in adapter.modalities.items():
+        if not isinstance(m, Text):
+            continue
+        ids = prepared.raw[name].reshape(-1)
+        ids = ids[ids != m.pad_id]
+        unknown = [i for i, v in enumerate(ids.tolist()) if v == m.unk_id]
+        if not unknown or not (len(unknown) == len(ids) or (
+                len(unknown) >= 2 and len(unknown) >= _UNKNOWN_SHARE * len(ids))):
+            continue
+        labels = prepared.labels.get(name, [])
+        words = list(dict.fromkeys(labels[i] for i in unknown if i < len(labels)
+                                   and labels[i] != m.unk_token))
+        shown = f", e.g. {', '.join(map(repr, words[:5]))}" if words else ""
+        report.add("warning", "unknown-tokens",
+                   f"{len(unknown)} of the {len(ids)} tokens of {name!r} are not in its "
+                   f"vocabulary and become {m.unk_token!r}{shown}: the model reads them all as "
+                   f"the same token, and every explanation scores {m.unk_token!r}, not the "
+                   f"words. {_unknown_cause(m, words)}")
+
+
+def _unknown_cause(m: Text, words: list[str]) -> str:
+    """The likely reason why the words are not in the vocabulary of m, and its fix."""
+    folded = {}
+    for tok in m.vocab:
+        folded.setdefault(tok.casefold(), tok)
+    cased = [(w, folded[w.casefold()]) for w in words if w.casefold() in folded]
+    if cased:
+        word, tok = cased[0]
+        how = ("the default tokenizer lower-cases the text" if m._tokenize is None else
+               "the tokenizer gives another case")
+        return (f"The vocabulary is cased ({word!r} is there as {tok!r}) and {how}: pass "
+                f"tokenize= the tokenizer the vocabulary was made with (e.g. "
+                f"tokenize=str.split keeps the case, or a HuggingFace tokenizer's "
+                f"tokenize=tokenizer.tokenize).")
+    if any(tok.startswith(_SUBWORD_MARKS) for tok in m.vocab):
+        return ("The vocabulary is a subword one (WordPiece, SentencePiece or BPE pieces), "
+                "which whole words do not match: pass tokenize=tokenizer.tokenize, the "
+                "tokenizer the vocabulary was made with.")
+    return ("Check that tokenize= splits the text as the vocabulary's tokens were made (case, "
+            "punctuation, subwords) and that vocab is the one the model was trained with; "
+            "words the model never saw are expected to be unknown.")
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:

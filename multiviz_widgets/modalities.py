@@ -26,7 +26,7 @@ from typing import Callable, ClassVar, Mapping, Sequence
 import numpy as np
 import torch
 
-from .checks import positive_int
+from .checks import is_integer, positive_int
 
 
 class Modality:
@@ -178,18 +178,31 @@ def _some(items: Sequence, name: str) -> None:
         raise ValueError(f"{name}: a batch needs at least one instance, got none.")
 
 
+#: unsigned integer types wider than a byte: their pixels are 16- or 32-bit levels whatever
+#: the values of one image (a dim 16-bit scan holds 0..199 of 0..65535)
+_WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64")
+                       if hasattr(torch, n))
+_16BIT_HINT = " For 16-bit images (0..65535) pass pixels / 65535 as floats."
+
+
 def _unit_range(t: torch.Tensor, name: str) -> torch.Tensor:
     """Pixels as floats in [0, 1]: integers (0..255) divided by 255, bools as 0/1, floats checked
-    (and kept at their precision)."""
+    (and kept at their precision). Unsigned integers wider than a byte are refused whatever
+    their values: divided by 255, a dark 16-bit image would be read 257 times too bright, and
+    the brighter images of the same dataset refused."""
     if t.dtype == torch.bool:
         return t.float()
+    if t.dtype in _WIDE_UNSIGNED:
+        raise ValueError(f"{name}: {str(t.dtype).replace('torch.', '')} pixels are not 8-bit "
+                         "levels (0..255), whatever the values of this image, so dividing them "
+                         f"by 255 would misread them.{_16BIT_HINT} Pixels that are 8-bit levels "
+                         "stored in a wider type: pass pixels.astype(np.uint8).")
     if not t.is_floating_point():
         wide = t.to(torch.int64)          # uint16/uint32 tensors have no min() or max()
         lo, hi = int(wide.min()), int(wide.max())
         if lo < 0 or hi > 255:
-            hint = (" For 16-bit images (0..65535) pass pixels / 65535 as floats."
-                    if lo >= 0 and hi <= 65535 and t.dtype in (torch.uint16, torch.int32,
-                                                              torch.int64, torch.uint32) else "")
+            hint = (_16BIT_HINT if lo >= 0 and hi <= 65535
+                    and t.dtype in (torch.int32, torch.int64) else "")
             raise ValueError(f"{name}: integer pixels must lie in 0..255, got {lo}..{hi}.{hint}")
         return wide.float() / 255.0
     if not bool(torch.isfinite(t).all()):
@@ -361,40 +374,65 @@ class Image(Modality):
 
     def signature(self) -> str:
         """As Modality.signature; with ``channels_last_raw=False`` it also names the current
-        reading of an HxW array ([1, H, W], where it used to be [H, W, 1]), so that a cache made
-        with the old reading is not served."""
-        return super().signature() + ("" if self.channels_last_raw else "+gray:1xHxW")
+        readings of an HxW array ([1, H, W], where it used to be [H, W, 1]) and of a PIL image
+        (H x W x C, where it used to be read as C x H x W), so that a cache made with an old
+        reading is not served."""
+        return super().signature() + ("" if self.channels_last_raw else "+gray:1xHxW+pil:HxWxC")
 
     def to_tensor(self, raw) -> torch.Tensor:
         """[C, H, W] floats in [0, 1] from an HxWxC (``channels_last_raw``, else CxHxW) or HxW
-        array, a PIL image, or a [C, H, W] tensor. Integer pixels (any integer type, 0..255) are
-        divided by 255; float pixels must already lie in [0, 1]. A PIL image whose array is not
-        its colours (palette, CMYK, YCbCr, HSV, LAB) is converted to RGB (RGBA for a palette
-        with transparency) first, see ``pil_pixels``."""
+        array, a PIL image (H x W x C whatever ``channels_last_raw``), or a [C, H, W] tensor.
+        Integer pixels (0..255; unsigned types wider than a byte and PIL's 16- and 32-bit modes
+        are refused, see ``_unit_range``) are divided by 255; float pixels must already lie in
+        [0, 1]. A PIL image whose array is not its colours (palette, CMYK, YCbCr, HSV, LAB) is
+        converted to RGB (RGBA for a palette with transparency) first, see ``pil_pixels``."""
+        # a PIL image's array is H x W x C whatever the layout of the dataset's arrays
+        channels_last = self.channels_last_raw or _is_pil(raw)
         if _is_pil(raw):
+            _check_pil_depth(raw, self.name)
             raw = pil_pixels(raw, self.name)
         if isinstance(raw, torch.Tensor):
             t = raw.detach()
+            if t.is_complex():                # (a cast would drop the imaginary parts)
+                raise TypeError(f"{self.name}: an image must hold real pixel values, got a "
+                                f"{t.dtype} tensor; pass the magnitude (tensor.abs()) or the "
+                                "real part (tensor.real), scaled to [0, 1].")
             if t.dim() == 3 and t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4):
                 raise ValueError(
                     f"{self.name}: an image tensor must be [C, H, W], and shape {tuple(t.shape)} "
                     "looks like H x W x C: pass tensor.permute(2, 0, 1), or the numpy array.")
         else:
-            arr = _native_byte_order(np.asarray(raw))
+            try:
+                arr = _native_byte_order(np.asarray(raw))
+            except (TypeError, ValueError) as e:
+                pair = (" It looks like an (image, label) pair, as a torchvision dataset gives: "
+                        "pass the images alone as this modality's inputs and the labels as the "
+                        "dataset's labels=." if isinstance(raw, tuple) and len(raw) == 2 else "")
+                raise TypeError(f"{self.name}: an image must be one array of numbers (H x W x "
+                                f"C, H x W, a PIL image or a [C, H, W] tensor), but numpy cannot "
+                                f"make this {type(raw).__name__} into one array ({e}).{pair}"
+                                ) from None
             if arr.dtype == object or not (arr.dtype.kind in "biuf"):
                 raise TypeError(f"{self.name}: an image must be an array of numbers, got "
                                 f"{type(raw).__name__} of dtype {arr.dtype}.")
             if arr.ndim == 2:                 # grey levels: one channel, where the layout has it
-                arr = arr[..., None] if self.channels_last_raw else arr[None]
+                arr = arr[..., None] if channels_last else arr[None]
             if arr.ndim != 3:
                 raise ValueError(f"{self.name}: an image must be HxWxC or HxW, got shape {arr.shape}.")
-            if (self.channels_last_raw and arr.shape[0] in (1, 3, 4)
+            if (channels_last and arr.shape[0] in (1, 3, 4)
                     and arr.shape[-1] not in (1, 3, 4)):
                 raise ValueError(
                     f"{self.name}: an image array must be H x W x C, and shape {arr.shape} looks "
                     "like C x H x W: pass array.transpose(1, 2, 0), or give the modality "
                     "channels_last_raw=False.")
-            if (self.channels_last_raw and arr.shape[-1] > 4
+            if (not channels_last and arr.shape[-1] in (1, 3, 4)
+                    and arr.shape[0] not in (1, 3, 4)):
+                raise ValueError(
+                    f"{self.name}: the modality has channels_last_raw=False, so an image array "
+                    f"must be C x H x W, and shape {arr.shape} looks like H x W x C: pass "
+                    "array.transpose(2, 0, 1), or leave channels_last_raw at its default (True) "
+                    "if the dataset's arrays are all H x W x C.")
+            if (channels_last and arr.shape[-1] > 4
                     and arr.shape[0] < min(arr.shape[1], arr.shape[2])):
                 raise ValueError(
                     f"{self.name}: an image array must be H x W x C, and shape {arr.shape} "
@@ -413,7 +451,7 @@ class Image(Modality):
             if not arr.flags.writeable:       # (PIL's arrays): torch warns, and would share it
                 arr = arr.copy()
             t = torch.from_numpy(np.ascontiguousarray(arr))
-            if self.channels_last_raw:
+            if channels_last:
                 t = t.permute(2, 0, 1)
         if t.dim() != 3:
             raise ValueError(f"{self.name}: an image tensor must be [C, H, W], got {tuple(t.shape)}.")
@@ -524,6 +562,21 @@ def _is_pil(raw) -> bool:
     """Whether raw is a PIL image (told without importing PIL, which is optional)."""
     return (type(raw).__module__.startswith("PIL.") and hasattr(raw, "mode")
             and hasattr(raw, "convert"))
+
+
+#: PIL modes of 16- or 32-bit integer pixels (a 16-bit PNG opens as I;16 or, in older
+#: versions of PIL, as I): not 8-bit levels, whatever the values of one image
+_PIL_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;32", "I;32B", "I;32L")
+
+
+def _check_pil_depth(img, name: str) -> None:
+    """A ValueError for a PIL image of integer pixels wider than a byte (``_PIL_WIDE_MODES``),
+    which dividing by 255 would misread (as ``_unit_range`` refuses uint16 arrays)."""
+    if img.mode in _PIL_WIDE_MODES:
+        raise ValueError(f"{name}: a PIL image of mode {img.mode!r} holds 16- or 32-bit integer "
+                         "pixels, not 8-bit levels (0..255), whatever the values of this image, "
+                         "so dividing them by 255 would misread them. For a 16-bit image "
+                         "(0..65535) pass np.asarray(img) / 65535 as floats.")
 
 
 def pil_pixels(img, name: str = "image"):
@@ -722,15 +775,29 @@ class Text(Modality):
     def tokenize(self, text: str) -> list[str]:
         if self._tokenize is not None:
             toks = self._tokenize(text)
+            # a HuggingFace tokenizer called on the text gives a BatchEncoding (a UserDict of
+            # input_ids, attention_mask...): iterated, its key names would be the tokens
+            if isinstance(toks, Mapping) or callable(getattr(toks, "keys", None)):
+                keys = list(toks.keys())
+                raise TypeError(
+                    f"{self.name}: tokenize returned a {type(toks).__name__} with the keys "
+                    f"{keys[:6]}, as a HuggingFace tokenizer called on the text does, where it "
+                    "must return the list of token strings (its key names would be read as the "
+                    "tokens). Pass tokenize=tokenizer.tokenize, which gives the tokens as "
+                    "strings, with vocab=tokenizer.get_vocab(); or pass the ids "
+                    "(tokenizer(text)['input_ids']) as a 1-D integer tensor instead of the text.")
+            if not isinstance(toks, (str, bytes)) and isinstance(toks, Iterable):
+                toks = list(toks)     # a generator or map: checking it below would consume it
             # a string would be split into characters, and ids looked up as tokens: all [UNK]
-            if isinstance(toks, (str, bytes)) or not all(isinstance(t, str) for t in toks):
+            if not isinstance(toks, list) or not all(isinstance(t, str) for t in toks):
                 got = (repr(toks) if isinstance(toks, (str, bytes)) else
                        f"{type(toks).__name__} holding "
-                       f"{type(next(t for t in toks if not isinstance(t, str))).__name__}")
+                       f"{type(next(t for t in toks if not isinstance(t, str))).__name__}"
+                       if isinstance(toks, list) else type(toks).__name__)
                 raise TypeError(f"{self.name}: tokenize must return a list of token strings, got "
                                 f"{got[:80]}. For a tokenizer that gives ids, pass the ids as "
                                 "a 1-D integer tensor instead of the text.")
-            return list(toks)
+            return toks
         return self._words(text, self.drop_punctuation)
 
     def _words(self, text: str, drop_punctuation: bool) -> list[str]:
@@ -939,11 +1006,12 @@ class Tabular(Modality):
 
     def _by_name(self, raw, what: str):
         """The values of a dict or a pandas Series, in the order of ``columns``, by label.
-        A Series none of whose labels is a column name (e.g. labels 0..F-1, a RangeIndex) is
-        read by position; one that names some columns but not all (a renamed column) is
-        refused, as is a dict without every column: by position, the values of the other
-        columns would be silently misread. what names the values in the errors ("vitals: the
-        row", "Tabular 'vitals' means")."""
+        A Series whose labels are integers none of which is a column name (labels 0..F-1, a
+        RangeIndex) is read by position; one that names some columns but not all (a renamed
+        column), or none (labels 'BP', 'HR' for the columns 'hr', 'bp'), is refused, as is a
+        dict without every column: by position, the values of the other columns would be
+        silently misread. what names the values in the errors ("vitals: the row", "Tabular
+        'vitals' means")."""
         series = not isinstance(raw, Mapping)
         picked = _named_order(
             list(raw.index) if series else list(raw.keys()), self.columns,
@@ -952,7 +1020,7 @@ class Tabular(Modality):
             f"Name the values by the columns {self.columns} (rename the others), or pass them "
             f"as an array in that order.", by_position=series)
         if picked is None:
-            return _pandas_numbers(raw, what)       # no label is a column name: by position
+            return _pandas_numbers(raw, what)       # integer labels, none a column: by position
         if series:
             return _pandas_numbers(raw[picked], what)
         return [np.nan if _is_missing(raw[k]) else raw[k] for k in picked]
@@ -1031,17 +1099,24 @@ def _is_labelled(v) -> bool:
 def _named_order(labels: list, names: Sequence[str], what: str, word: str, thing: str,
                  fix: str, by_position: bool = True, holds: str = "value") -> list | None:
     """The labels of ``names``, in their order, when every name is a label (compared as
-    text); None when none is and ``by_position`` (e.g. labels 0..n-1: read by position). A
-    partial match (a renamed column, a missing channel) is refused: by position, the other
-    values would be silently misread. ``fix`` ends the error with what to do."""
+    text); None when none is, every label is an integer and ``by_position`` (labels 0..n-1, a
+    RangeIndex: read by position). A partial match (a renamed column, a missing channel) is
+    refused, and so are labels that are names but not these (['BP', 'HR'] for the columns
+    ['hr', 'bp']): by position, the values would be silently misread. ``fix`` ends the error
+    with what to do."""
     found = {str(k): k for k in labels}
     missing = [n for n in names if n not in found]
     if not missing:
         return [found[n] for n in names]
-    if by_position and len(missing) == len(names):
+    if (by_position and len(missing) == len(names)
+            and all(is_integer(k) for k in labels)):
         return None
+    folded = {str(k).casefold(): str(k) for k in labels if str(k) not in names}
+    cased = [(folded[n.casefold()], n) for n in missing if n.casefold() in folded]
+    case = (f" Names are case-sensitive: {cased[0][0]!r} is not {cased[0][1]!r}."
+            if cased else "")
     raise ValueError(f"{what} has no {holds} for the {thing}s {missing}; "
-                     f"{_others(labels, names, word, thing)}. {fix}")
+                     f"{_others(labels, names, word, thing)}.{case} {fix}")
 
 
 def _is_missing(x) -> bool:
@@ -1084,14 +1159,42 @@ def _native_byte_order(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _complex_refused(dtype, name: str) -> None:
+    """A TypeError for complex values, which a cast to float would silently cut to their real
+    parts."""
+    raise TypeError(f"{name}: expected real numbers, got complex values ({dtype}); pass their "
+                    "magnitude (abs) or real part (.real) as the model expects them.")
+
+
+def _missing_as_nan(arr: np.ndarray) -> np.ndarray:
+    """An object array (a list holding pd.NA or pd.NaT, ``df.to_numpy()`` of a nullable
+    column) with its missing values (``_missing``) as NaN, so that they are reported as missing
+    values to impute, not as values numpy cannot make a float of."""
+    flat = [np.nan if _missing(v) else v for v in arr.ravel().tolist()]
+    out = np.empty(len(flat), dtype=object)
+    out[:] = flat
+    return out.reshape(arr.shape)
+
+
 def _float_tensor(raw, name: str) -> torch.Tensor:
     """raw (an array, a nested list or a tensor of numbers) as a float tensor: float64 values
     (a float64 array, Python floats) keep their precision, others become float32; ``collate``
-    then casts to the model's dtype (so a float64 model explains the values it was given)."""
+    then casts to the model's dtype (so a float64 model explains the values it was given).
+    Missing values (None, NaN, pd.NA, pd.NaT) become NaN, which the adapter's checks report."""
     if isinstance(raw, torch.Tensor):       # a float tensor keeps its precision (float64 models)
+        if raw.is_complex():
+            _complex_refused(raw.dtype, name)
         return raw.detach() if raw.is_floating_point() else raw.detach().float()
     try:
         arr = _native_byte_order(np.asarray(raw))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name}: expected numbers (an array, a list or a tensor), got "
+                        f"{type(raw).__name__}: {e}") from None
+    if arr.dtype.kind == "c":
+        _complex_refused(arr.dtype, name)
+    try:
+        if arr.dtype == object:
+            arr = _missing_as_nan(arr)
         if arr.dtype != np.float64:
             arr = np.asarray(arr, dtype=np.float32)
         if not arr.flags.writeable:       # (pandas' arrays): torch warns, and would share it
@@ -1149,9 +1252,9 @@ class TimeSeries(Modality):
     def to_tensor(self, raw) -> torch.Tensor:
         """A series [T, C] from an array (time x channels, channels in the order of
         ``channels``) or a pandas DataFrame, whose columns are taken by name (a frame in
-        another column order is read right). A frame none of whose column labels is a
-        channel name (e.g. ``pd.DataFrame(array)``, labels 0..C-1) is read by position; one
-        that names some channels but not all is refused."""
+        another column order is read right). A frame whose column labels are integers none of
+        which is a channel name (``pd.DataFrame(array)``, labels 0..C-1) is read by position;
+        one whose labels name some channels but not all, or other names only, is refused."""
         if is_pandas(raw, 2):
             raw = self._by_channel_name(raw)
         t = _float_tensor(raw, self.name)
@@ -1168,7 +1271,7 @@ class TimeSeries(Modality):
 
     def _by_channel_name(self, frame) -> np.ndarray:
         """A DataFrame's values [T, C] with its columns in the order of ``channels`` (by
-        position when no column label is a channel name)."""
+        position when its column labels are integers, none a channel name)."""
         picked = _named_order(
             list(frame.columns), self.channels, f"{self.name}: the DataFrame", "columns",
             "channel", f"Name its columns by the channels {self.channels} (rename the others), "

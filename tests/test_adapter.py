@@ -746,6 +746,32 @@ def test_inputs_follow_the_model_dtype_live_and_keys_see_shapes():
     assert a.key != b.key
 
 
+def test_values_beyond_the_model_dtype_are_an_error_naming_the_overflow():
+    """A float16 model that normalises inside forward (v / 1e5) got an income of 120000 as
+    inf: collate checked finiteness before the cast, and check() blamed the model's numerics."""
+    model = nn.Sequential(nn.Linear(3, 2)).half().eval()
+    adapter = ModelAdapter(model, [Tabular("v", columns=["income", "age", "debt"])], ["no", "yes"])
+    ok, big = {"v": [60000.0, 40.0, 7.0]}, {"v": [120000.0, 40.0, -70000.0]}
+    assert adapter.collate([ok])["v"].dtype == torch.float16
+    with pytest.raises(AdapterError, match=r"Modality 'v' of instance 1 holds values up to "
+                                           r"120000 in magnitude, beyond the largest number of "
+                                           r"the model's dtype float16 \(65504\)") as err:
+        adapter.collate([ok, big])
+    assert "Scale them down before they reach the model" in str(err.value)
+    assert "model.float()" in str(err.value)
+    from multiviz_widgets import check
+    report = check(adapter, big)
+    assert not report.ok and "beyond the largest number" in str(report), str(report)
+    assert "non-finite" not in report.codes()
+    model.float()                       # a float32 model takes them
+    assert adapter.collate([big])["v"].tolist() == [[120000.0, 40.0, -70000.0]]
+    model.double()
+    assert adapter.collate([{"v": np.array([1e300, 0.0, 0.0])}])["v"].dtype == torch.float64
+    model.float()
+    with pytest.raises(AdapterError, match="float32"):
+        adapter.collate([{"v": np.array([1e300, 0.0, 0.0])}])
+
+
 def test_an_instance_prepared_before_the_model_was_converted_is_told_to_prepare_again():
     from multiviz_widgets import Tabular
     from multiviz_widgets.adapter import ModelInputError

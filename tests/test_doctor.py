@@ -408,10 +408,42 @@ def test_the_default_decision_layer_is_the_one_with_an_output_per_class():
     assert check(adapter, TS_INSTANCE).ok
 
 
-def test_a_decision_layer_that_does_not_compute_the_logits_is_reported():
+class MatmulHead(HeadFirst):
+    """Logits from a matrix product with a parameter, not an nn.Linear: the default decision
+    layer, the last nn.Linear, is the 6-wide fusion layer."""
+
+    def __init__(self):
+        super().__init__()
+        del self.classifier
+        self.w = nn.Parameter(torch.randn(6, 2))
+
+    def forward(self, vitals, ecg):
+        return torch.tanh(self.fuse(torch.tanh(self.a(vitals)) * torch.tanh(self.b(ecg.mean(1))))
+                          ) @ self.w
+
+
+def test_a_decision_layer_given_that_cannot_compute_the_logits_is_refused_at_construction():
+    """Before: the adapter took fuse (6 outputs for 2 classes); only check() said so, and the
+    Explorer, which never runs it, drew neuron bars and paths from fuse's weights."""
+    with pytest.raises(AdapterError, match=r"fuse \(Linear\), has 6 outputs but class_names has "
+                                           r"2 names") as e:
+        _tabular_series(HeadFirst().eval(), decision_layer="fuse")
+    assert e.value.code == "decision-not-logits"
+    assert "one output per class, or 1 for a binary model" in str(e.value)
+    assert "Pass decision_layer= the final nn.Linear" in str(e.value)
+    assert "leave decision_layer out" in str(e.value)
+    # the layers that can be the logits' are taken: one per class, a binary model's one logit
+    assert _tabular_series(HeadFirst().eval(), decision_layer="classifier")
+    one = ModelAdapter(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)),
+                       [Image("image")], ["no", "yes"], decision_layer="1")
+    assert one.decision_layer.out_features == 1
+
+
+def test_a_default_decision_layer_that_does_not_compute_the_logits_is_reported():
     """Before: the doctor said OK and the neuron bars used fuse's weights as the classes'."""
-    model = HeadFirst().eval()
-    r = check(_tabular_series(model, decision_layer="fuse"), TS_INSTANCE)
+    adapter = _tabular_series(MatmulHead().eval())
+    assert adapter.decision_layer is adapter.model.fuse
+    r = check(adapter, TS_INSTANCE)
     assert "decision-not-logits" in r.codes() and not r.stages["prediction"], str(r)
     assert "6 -> 6" in str(r) and r.stages["representations"]
     scaled = check(_tabular_series(HeadFirst(scale=0.5).eval()), TS_INSTANCE)
@@ -488,3 +520,47 @@ def test_a_column_saturated_at_the_instance_is_not_taken_for_a_step():
                      ["home", "icu"])
     r = check(a, {"record": torch.tensor([4.0, 0.5]), "vitals": torch.rand(8, 2)})
     assert "step-columns" not in r.codes(), str(r)
+
+
+def _unknown(report):
+    return [f for f in report.findings if f.code == "unknown-tokens"]
+
+
+def test_text_that_is_mostly_unknown_tokens_is_a_warning_naming_the_words_and_the_cause():
+    """A cased vocabulary with the lower-casing default tokenizer made 'What Colour is it'
+    [UNK] [UNK] is it, and check() said OK with nothing to say: every explanation then scored
+    [UNK], not the words."""
+    cased = ["[PAD]", "[UNK]", "What", "Colour", "is", "it"]
+    a = adapter(Healthy(), modalities=[Image("image", patch=4), Text("question", vocab=cased)])
+    r = check(a, {"image": INSTANCE["image"], "question": "What Colour is it"})
+    found = _unknown(r)
+    assert r.ok and len(found) == 1 and found[0].severity == "warning", str(r)
+    message = found[0].message
+    assert "2 of the 4 tokens of 'question' are not in its vocabulary and become '[UNK]', " \
+           "e.g. 'what', 'colour'" in message, message
+    assert "The vocabulary is cased ('what' is there as 'What') and the default tokenizer " \
+           "lower-cases the text: pass tokenize=" in message, message
+
+
+def test_a_subword_vocabulary_read_as_whole_words_is_named_as_the_cause():
+    pieces = ["[PAD]", "[UNK]", "what", "col", "##our", "##s"]
+    a = adapter(Healthy(), modalities=[Image("image", patch=4), Text("question", vocab=pieces)])
+    r = check(a, {"image": INSTANCE["image"], "question": "colour is it"})
+    message = _unknown(r)[0].message
+    assert "3 of the 3 tokens" in message and "'colour', 'is', 'it'" in message, message
+    assert "subword one" in message and "tokenize=tokenizer.tokenize" in message, message
+
+
+def test_words_outside_a_plain_vocabulary_get_the_generic_advice_and_few_unknowns_none():
+    a = adapter(Healthy())
+    message = _unknown(check(a, {"image": INSTANCE["image"],
+                                 "question": "which vehicles park here"}))[0].message
+    assert "4 of the 4 tokens" in message and "Check that tokenize= splits the text" in message
+    # one unknown word in a few (a word the model never saw) is no sign of a mismatch
+    for question in ("what colour is it", "what hue is it", "what is teal", "what x"):
+        found = _unknown(check(a, {"image": INSTANCE["image"], "question": question}))
+        assert not found, (question, found)
+    # ids given as a tensor: the share counts, no words to name
+    ids = {"image": INSTANCE["image"], "question": torch.tensor([1, 1, 2])}
+    message = _unknown(check(a, ids))[0].message
+    assert "2 of the 3 tokens" in message and "e.g." not in message, message

@@ -303,7 +303,7 @@ class EmapModel(nn.Module):
     def __init__(self, inner, ref_tab, ref_series):
         super().__init__()
         self.inner, self.rt, self.rs = inner, ref_tab, ref_series
-        self.head = nn.Linear(1, 1)           # the adapter needs a decision layer; unused
+        self.head = nn.Linear(1, 3)           # the adapter needs a decision layer; unused
 
     def forward(self, tabular, series):
         n, b = len(self.rt), len(tabular)

@@ -4,6 +4,7 @@ arrays in either layout, and text in scripts with combining marks or with emoji.
 says what a user got before."""
 import random
 import re
+from collections import UserDict
 import string
 import unicodedata
 import warnings
@@ -107,9 +108,8 @@ def test_a_pandas_row_naming_some_columns_but_not_all_is_refused():
     with pytest.raises(ValueError, match=r"no value for the columns \['glucose'\]; its labels "
                                          r"that are not column names are \['glucose_mg_dl'\]"):
         tab.to_tensor(renamed)
-    # no label a column name (a RangeIndex, other names): by position, as before
+    # integer labels, none a column name (a RangeIndex): by position, as before
     assert tab.to_tensor(pd.Series([1.0, 2.0, 3.0])).tolist() == [1.0, 2.0, 3.0]
-    assert tab.to_tensor(pd.Series([1.0, 2.0, 3.0], index=["x", "y", "z"])).tolist() == [1, 2, 3]
     # extra labels (a label column) are fine when every column is named
     row = FRAME.assign(label=[1, 0]).iloc[1]
     assert tab.to_tensor(row).tolist() == [70.0, 32.0, 150.0]
@@ -394,3 +394,170 @@ def test_a_vocabulary_with_its_pad_but_no_unk_names_both_findings():
     with pytest.raises(ValueError, match=r"must contain pad_token '\[PAD\]' and unk_token "
                                          r"'\[UNK\]'\. Pass the vocabulary's own"):
         Text("q", vocab=["a", "b"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reviewed defects: tokenizers' return types, image layouts and depths, pandas labels, pd.NA
+# ---------------------------------------------------------------------------------------------
+VQA_VOCAB = ["[PAD]", "[UNK]", "what", "colour", "is", "the", "car"]
+
+
+@pytest.mark.parametrize("container", [dict, UserDict])
+def test_a_tokenizer_returning_a_dict_of_ids_is_refused_with_the_fix(container):
+    """A HuggingFace tokenizer called on the text gives a BatchEncoding (a UserDict): its key
+    names were read as the tokens, ids all [UNK] and labels ['input_ids', 'attention_mask'],
+    and check() said OK."""
+    ids = {t: i for i, t in enumerate(VQA_VOCAB)}
+
+    def hf_like(s):
+        words = s.split()
+        return container(input_ids=[ids.get(w, 1) for w in words], attention_mask=[1] * len(words))
+    text = Text("q", vocab=VQA_VOCAB, tokenize=hf_like)
+    with pytest.raises(TypeError, match=r"tokenize returned a \w+ with the keys \['input_ids', "
+                                        r"'attention_mask'\]") as err:
+        text.to_tensor("what colour is the car")
+    assert "must return the list of token strings" in str(err.value)
+    assert "tokenize=tokenizer.tokenize" in str(err.value)
+    adapter = ModelAdapter(nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(8, 2)),
+                           [text], ["no", "yes"])
+    report = check(adapter, {"q": "what colour"})
+    assert not report.ok and "tokenize=tokenizer.tokenize" in str(report)
+
+
+@pytest.mark.parametrize("tokenize", [lambda s: map(str.lower, s.split()),
+                                      lambda s: (w for w in s.lower().split()),
+                                      lambda s: tuple(s.lower().split())])
+def test_a_tokenizer_returning_a_generator_or_map_is_read(tokenize):
+    """Before: the type check consumed a generator or map, and the text 'had no tokens'."""
+    text = Text("q", vocab=VQA_VOCAB, tokenize=tokenize)
+    assert text.to_tensor("What colour is the car").tolist() == [2, 3, 4, 5, 6]
+    assert text.tokenize("What colour") == ["what", "colour"]
+    with pytest.raises(TypeError, match="tokenize must return a list of token strings, got "
+                                        "NoneType"):
+        Text("q", vocab=VQA_VOCAB, tokenize=lambda s: None).to_tensor("what")
+
+
+def test_a_pil_image_is_height_width_channels_whatever_channels_last_raw():
+    """With channels_last_raw=False (a dataset of C x H x W arrays) a 32 x 48 RGB PIL image
+    became a (32, 48, 3) image: 32 channels of 48 x 3."""
+    from PIL import Image as PILImage
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((32, 48, 3)) * 255).astype(np.uint8)
+    first = Image("image", channels_last_raw=False)
+    want = Image("image").to_tensor(pixels)
+    assert want.shape == (3, 32, 48)
+    assert torch.equal(first.to_tensor(PILImage.fromarray(pixels)), want)
+    assert torch.equal(first.to_tensor(pixels.transpose(2, 0, 1)), want)
+    grey = PILImage.fromarray(pixels[..., 0])
+    assert first.to_tensor(grey).shape == (1, 32, 48)
+
+
+def test_a_channels_last_array_is_refused_when_the_modality_reads_channels_first():
+    """The mirror of the channels-last check: an H x W x C array given to a modality with
+    channels_last_raw=False was read as C x H x W, shape (32, 48, 3)."""
+    first = Image("image", channels_last_raw=False)
+    with pytest.raises(ValueError, match=r"channels_last_raw=False, so an image array must be C "
+                                         r"x H x W, and shape \(32, 48, 3\) looks like H x W x "
+                                         r"C: pass array.transpose\(2, 0, 1\)"):
+        first.to_tensor(np.zeros((32, 48, 3), np.float32))
+    assert first.to_tensor(np.zeros((3, 32, 3), np.uint8)).shape == (3, 32, 3)   # ambiguous
+    assert first.to_tensor(np.zeros((4, 32, 48), np.uint8)).shape == (4, 32, 48)
+
+
+@pytest.mark.parametrize("make", [
+    lambda a: a, lambda a: a.astype(np.uint32), lambda a: a.astype(">u2"),
+    lambda a: torch.from_numpy(a.astype(np.int32)).to(torch.uint16)[None],
+])
+def test_wide_unsigned_pixels_are_refused_whatever_their_values(make):
+    """A dim 16-bit scan (values 0..199 of 0..65535) was divided by 255: its brightest pixel
+    read 0.78 where it is 0.003, while a brighter scan of the same dataset was refused."""
+    dark = np.random.default_rng(0).integers(0, 200, (16, 16)).astype(np.uint16)
+    with pytest.raises(ValueError, match=r"pixels are not 8-bit levels \(0\.\.255\), whatever "
+                                         r"the values of this image") as err:
+        Image("image").to_tensor(make(dark))
+    assert "pass pixels / 65535 as floats" in str(err.value)
+    # 8-bit levels in a signed wider type (np.array of Python ints) are read as before
+    assert float(Image("image").to_tensor(dark.astype(np.int64)).max()) == pytest.approx(
+        int(dark.max()) / 255)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_pil_images_of_16_or_32_bit_pixels_are_refused(mode):
+    """PIL's 16-bit modes (a 16-bit PNG) were divided by 255 when their values were small."""
+    from PIL import Image as PILImage
+    img = PILImage.new(mode, (8, 6), 199)
+    with pytest.raises(ValueError, match=f"a PIL image of mode {re.escape(repr(mode))} holds 16- "
+                                         "or 32-bit integer pixels") as err:
+        Image("image").to_tensor(img)
+    assert "np.asarray(img) / 65535" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["pil", "tensor"])
+def test_an_image_label_pair_is_named_as_such(kind):
+    """An (image, label) pair from a torchvision dataset gave numpy's "setting an array element
+    with a sequence ... inhomogeneous shape", naming neither the modality nor the pair."""
+    from PIL import Image as PILImage
+    image = (PILImage.fromarray(np.zeros((8, 8, 3), np.uint8)) if kind == "pil"
+             else torch.rand(3, 8, 8))
+    with pytest.raises(TypeError, match=r"photo: an image must be one array of numbers .* "
+                                        r"It looks like an \(image, label\) pair") as err:
+        Image("photo").to_tensor((image, 3))
+    assert "labels=" in str(err.value)
+
+
+def test_complex_image_tensors_are_refused_as_complex_arrays_are():
+    """A complex tensor lost its imaginary parts (with torch's warning) and its real parts
+    were read as 0..255 pixels; a complex array was refused."""
+    with pytest.raises(TypeError, match=r"img: an image must hold real pixel values, got a "
+                                        r"torch.complex64 tensor; pass the magnitude"):
+        Image("img").to_tensor(torch.full((3, 4, 4), 200 + 5j))
+    with pytest.raises(TypeError, match="array of numbers"):
+        Image("img").to_tensor(np.full((4, 4, 3), 0.5 + 1j))
+    with pytest.raises(TypeError, match="expected real numbers, got complex"):
+        Tabular("t", columns=["a"]).to_tensor(np.array([1 + 2j]))
+
+
+def test_pandas_labels_that_name_no_column_are_refused_not_read_by_position():
+    """A frame with the columns BP, HR for Tabular(columns=['hr', 'bp']) was read by position:
+    hr = 120 (the blood pressure), bp = 60; a dict with those keys was refused."""
+    tab = Tabular("vitals", columns=["hr", "bp"])
+    df = pd.DataFrame({"BP": [120.0, 130.0], "HR": [60.0, 70.0]})
+    row = MultimodalDataset({"vitals": df})[0]["vitals"]
+    message = (r"vitals: the row \(a {}\) has no value for the columns \['hr', 'bp'\]; its {} "
+               r"that are not column names are \['{}', '{}'\]\. Names are case-sensitive: "
+               r"'HR' is not 'hr'\. Name the values by the columns")
+    with pytest.raises(ValueError, match=message.format("pandas Series", "labels", "BP", "HR")):
+        tab.to_tensor(row)
+    with pytest.raises(ValueError, match=message.format("dict", "keys", "HR", "BP")):
+        tab.to_tensor({"HR": 60.0, "BP": 120.0})       # as a dict row already was
+    with pytest.raises(ValueError, match=r"no value for the columns \['hr', 'bp'\]"):
+        tab.to_tensor(pd.Series([1.0, 2.0], index=["x", "y"]))
+    assert tab.to_tensor(df.rename(columns=str.lower).iloc[0]).tolist() == [60.0, 120.0]
+    assert tab.to_tensor(pd.Series([60.0, 120.0])).tolist() == [60.0, 120.0]     # RangeIndex
+    ts = TimeSeries("ecg", window=2, channels=["lead1", "lead2"])
+    frame = pd.DataFrame({"Lead2": [5.0, 6.0], "Lead1": [1.0, 2.0]})
+    with pytest.raises(ValueError, match=r"no column for the channels \['lead1', 'lead2'\].*"
+                                         r"Names are case-sensitive"):
+        ts.to_tensor(frame)
+    assert ts.to_tensor(pd.DataFrame(frame.to_numpy())).tolist() == [[5.0, 1.0], [6.0, 2.0]]
+
+
+@pytest.mark.parametrize("missing", [pd.NA, pd.NaT, None])
+def test_pd_na_and_nat_in_lists_and_object_arrays_are_missing_values(missing):
+    """pd.NA or pd.NaT in a list or an object array (df.to_numpy() of a nullable column) gave
+    "float() argument must be a string or a real number, not 'NAType'", not the "impute
+    missing values" of NaN."""
+    tab = Tabular("vitals", columns=["age", "bmi"])
+    adapter = ModelAdapter(nn.Sequential(nn.Linear(2, 2)), [tab], ["a", "b"])
+    for row in ([30.0, missing], np.array([30.0, missing], dtype=object)):
+        t = tab.to_tensor(row)
+        assert t[0] == 30 and torch.isnan(t[1])
+        finding = str(check(adapter, {"vitals": row}).findings[0])
+        assert "impute missing values" in finding, finding
+    frame = pd.DataFrame({"age": [30.0, None], "bmi": [22.0, 31.0]}, dtype="Float64")
+    finding = str(check(adapter, MultimodalDataset({"vitals": frame.to_numpy()})[1]).findings[0])
+    assert "impute missing values" in finding, finding
+    series = TimeSeries("s", channels=["hr"]).to_tensor([[60.0], [missing]])
+    assert series[0, 0] == 60 and torch.isnan(series[1, 0])
+    with pytest.raises(TypeError, match="expected numbers"):
+        tab.to_tensor(np.array([30.0, "high"], dtype=object))
