@@ -213,7 +213,7 @@ def _unit_range(t: torch.Tensor, name: str) -> torch.Tensor:
         hint = (" They look like 0..255 values: divide by 255, or pass uint8 pixels."
                 if 0 <= lo and 2 < hi <= 255 else
                 " If your model expects normalised pixels, normalise inside its forward: units "
-                "and baselines (black, white, blur) are defined on [0, 1] pixels.")
+                "and baselines ('zero' (black), 'white', 'mean', 'blur') are on [0, 1] pixels.")
         raise ValueError(f"{name}: float pixels must lie in [0, 1], got {lo:g}..{hi:g}.{hint}")
     return t
 
