@@ -93,6 +93,17 @@ def test_find_returns_exactly_the_keys_that_carry_a_concept(content, concept):
         {c.casefold() for c in cs})
 
 
+def test_find_ignores_case_as_unicode_folds_it():
+    """The hypothesis test above rarely draws a concept in another case than one stored: a
+    case-sensitive find passed it."""
+    a = Annotations()
+    a.add(neuron_key(1), "Red shapes")
+    a.add(neuron_key(2), "Straße")
+    assert a.find("red SHAPES") == a.find("RED SHAPES") == [neuron_key(1)]
+    assert a.find("STRASSE") == a.find("strasse") == [neuron_key(2)]
+    assert a.find("blue") == []
+
+
 def test_concepts_are_tidied_and_editing_is_consistent():
     a = Annotations()
     k = neuron_key(3)

@@ -177,7 +177,7 @@ def test_bad_arguments_are_clear_errors(it_many):
         attribute_batch(object(), instances, "gradient")
     with pytest.raises(AdapterError, match="Neuron 99 is out of range"):
         attribute_batch(adapter, instances, "gradient", targets=Neuron(99))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="zebra"):
         attribute_batch(adapter, instances, "gradient", targets="zebra")
 
 

@@ -206,9 +206,9 @@ def test_select_from_code_and_read_back(vqa):
     assert st["input_instance"] == 2 and st["heatmap_selected_row"] == 0
     with pytest.raises(IndexError):
         ex.select(instance=99)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="modality of"):
         ex.select(unit=("audio", 1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Unknown class 'purple'; the classes are"):
         ex.select(target="purple")
     with pytest.raises(ValueError, match="neuron 99 is out of range"):
         ex.select(neuron=99)

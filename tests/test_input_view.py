@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import traitlets
 from torch import nn
 
 from multiviz_widgets import Image, ModelAdapter, Tabular, Text, TimeSeries
@@ -132,7 +133,7 @@ def test_traits_round_trip_and_validation(adapter, instance):
     # a click in the browser arrives as a state update from the front end
     v.set_state({"selected": {"modality": "image", "unit": 4}})
     assert v.selected == {"modality": "image", "unit": 4}
-    with pytest.raises(Exception):
+    with pytest.raises(traitlets.TraitError, match=r"selected must be \{'modality'"):
         v.selected = {"unit": 3}
     v.selected = {}
     assert v.selected == {}

@@ -303,7 +303,7 @@ def test_auto_mode_falls_back_to_replicate_and_counts_the_failed_attempt():
     adapter = ModelAdapter(_seeded(_ExpFusion(), 5), _modalities(), ["p", "q"])
     g = torch.Generator().manual_seed(3)
     inst = {"tabular": torch.randn(4, generator=g), "series": torch.randn(8, 2, generator=g)}
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"vmap: aten::add_"):     # vmap cannot run it
         interaction(adapter, inst, "second_order", target=0, mode="vmap")
     auto = interaction(adapter, inst, "second_order", target=0)
     rep = interaction(adapter, inst, "second_order", target=0, mode="replicate")
