@@ -14,8 +14,10 @@ PORT ?= 8888
 
 all: install
 
+# a venv that failed half-way (Debian without python3-venv leaves a python without pip) is
+# removed, so that the next run makes it again instead of failing on it
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
 
 # Python dependencies (torch pinned to the CPU build on disk), then the package itself (editable).
 $(VENV)/.deps-stamp: requirements.txt setup.py | $(PY)
@@ -24,11 +26,13 @@ $(VENV)/.deps-stamp: requirements.txt setup.py | $(PY)
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
-node_modules/.stamp: package.json
-	npm install --no-audit --no-fund
+# exactly the versions of package-lock.json (npm ci never rewrites it)
+node_modules/.stamp: package.json package-lock.json
+	npm ci --no-audit --no-fund
 	touch $@
 
-multiviz_widgets/static/%.js: js/%.js $(wildcard js/lib/*.js) node_modules/.stamp
+# one build makes every bundle (a grouped target: `make -j` runs it once, not once per bundle)
+$(JS_BUNDLES) &: $(JS_SOURCES) $(wildcard js/lib/*.js) node_modules/.stamp
 	npm run build
 
 js: $(JS_BUNDLES)
@@ -62,7 +66,8 @@ demo: install
 	@echo "Opening http://127.0.0.1:$(PORT)/lab/tree/notebooks/quickstart.ipynb"
 	$(DEMO_MALLOC) $(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --ServerApp.port_retries=0 \
 		--ServerApp.open_browser=False --IdentityProvider.token= $(if $(filter 0,$(shell id -u)),--allow-root,) \
-		--ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks/quickstart.ipynb
+		--ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks/quickstart.ipynb \
+		--LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate
 
 # Every benchmark, each writing benchmarks/results/NAME.json (kernels.py runs kernels_stage2 too;
 # common.py is their helpers; kernels_gpu.py runs where torch sees a CUDA device).

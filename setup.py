@@ -51,7 +51,7 @@ setup(
                              "demos/weights/*.json"],
     },
     include_package_data=True,
-    python_requires=">=3.10",
+    python_requires=">=3.11",   # numpy, scipy, scikit-learn and pandas as pinned
     install_requires=[
         "torch>=2.1", "numpy>=1.24", "ipywidgets>=8", "traitlets>=5", "bqplot>=0.13",
         "anywidget>=0.9", "ipyvolume>=0.6", "ipython_genutils", "shapiq>=1.0",

@@ -356,7 +356,7 @@ def test_unit_sums_and_map_leave_subclasses_with_their_own_units_or_pooling_alon
 def test_channel_and_column_names_come_from_any_sequence_of_names():
     """A DataFrame's columns or a numpy array of names work as channels, as they do as Tabular
     columns; a number of channels or an empty list gets a message saying what to give."""
-    pd = pytest.importorskip("pandas")
+    import pandas as pd
     frame = pd.DataFrame(np.zeros((4, 3)), columns=["pitch", "energy", "mfcc1"])
     for names in (frame.columns, np.array(frame.columns), tuple(frame.columns)):
         assert TimeSeries("audio", window=2, channels=names).channels == list(frame.columns)

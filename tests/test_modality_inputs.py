@@ -154,7 +154,7 @@ def _two_colours() -> np.ndarray:
 def test_a_palette_image_is_read_as_its_colours():
     """A mode-P image was read as one channel of palette indices (grey levels 15/255 and
     190/255 for a red square on blue)."""
-    PIL = pytest.importorskip("PIL.Image")
+    import PIL.Image as PIL
     rgb = _two_colours()
     m = Image("image")
     palette = PIL.fromarray(rgb).convert("P")
@@ -171,7 +171,7 @@ def test_a_palette_image_is_read_as_its_colours():
 def test_images_in_other_colour_spaces_are_read_as_rgb(mode):
     """CMYK gave four channels (ink amounts), YCbCr, HSV and LAB three channels that were
     taken for red, green and blue."""
-    PIL = pytest.importorskip("PIL.Image")
+    import PIL.Image as PIL
     rgb = _two_colours()
     t = Image("image").to_tensor(PIL.fromarray(rgb).convert(mode))
     assert t.shape == (3, 16, 16)
@@ -182,7 +182,7 @@ def test_images_in_other_colour_spaces_are_read_as_rgb(mode):
 def test_rgb_and_grey_pil_images_read_and_hash_as_before():
     """RGB, L and RGBA images are not converted: the same tensor and fingerprint as their
     arrays."""
-    PIL = pytest.importorskip("PIL.Image")
+    import PIL.Image as PIL
     rgb = _two_colours()
     for arr in (rgb, rgb[..., 0], np.dstack([rgb, np.full((16, 16), 200, np.uint8)])):
         img = PIL.fromarray(arr)
@@ -193,7 +193,7 @@ def test_rgb_and_grey_pil_images_read_and_hash_as_before():
 def test_palette_images_differing_only_in_their_palette_have_different_fingerprints():
     """The fingerprint hashed the palette indices: two palette images of other colours (the
     same indices) had one fingerprint, so one's cached features were served for the other."""
-    PIL = pytest.importorskip("PIL.Image")
+    import PIL.Image as PIL
     a = PIL.fromarray(_two_colours()).convert("P")
     b = a.copy()
     i, j = map(int, np.unique(np.asarray(a)))                  # the two entries used
