@@ -49,9 +49,11 @@ Every per-instance timing is kept in the JSON (``instances``) to show the spread
 ``vs_captum_margin`` is "marginal" where the median meets 1.1 and the interval's upper end does
 not. Correctness: on each instance's first round our unit scores are compared with captum's
 (``max_relative_difference_to_captum``, ``pass.agrees`` at 1e-4; None for LIME and KernelSHAP,
-whose samples differ). Captum's Lime is configured as ours (a ridge fit, alpha 1, and our
+whose samples differ). Captum's Lime is configured like ours (a ridge fit, alpha 1, and our
 similarity kernel on the masks): its defaults (a Lasso, a cosine distance of the full inputs)
-cost about 20% more.
+cost about 20% more. The penalties are not quite equal: sklearn's Ridge takes alpha as it is,
+ours scales it by the mean similarity weight (alpha 1 on samples of mean weight 1, so that it
+means the same for any n_samples), which changes the scores by about 1% and not the cost.
 
 Many instances at once (``stage1.batched``, gradient methods, informative): ``attribute_batch``
 over --batched-n other test questions (stacking the rows of questions of equal length into
