@@ -31,7 +31,7 @@ from torch import nn
 
 from .checks import is_integer
 from .data import update_hash
-from .modalities import Modality
+from .modalities import NOT_IN_NUMPY, Modality
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,6 @@ class Prepared:
 #: patches ``nn.Module.__call__`` for the whole process while it runs.
 MODEL_LOCK = threading.RLock()
 
-#: torch dtypes numpy has no type for (a bfloat16 model's outputs and weights): ``host_array``
-#: converts them to float32, which holds each of their values exactly
-NOT_IN_NUMPY = frozenset([torch.bfloat16] + [getattr(torch, name) for name in (
-    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, name)])
 
 
 def host_array(t: torch.Tensor) -> np.ndarray:
@@ -195,26 +191,64 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
 
 
-def _match_ids(t: torch.Tensor, names: Sequence[str], ids: Mapping[str, torch.Tensor],
-               matched: set) -> str | None:
-    """The text modality (of ``names``) whose token ids an embedding call received as ``t``:
-    the very tensor the adapter passed, a slice of it (a batch taken in parts), or failing that
-    a tensor of equal shape and values (ids the model copied or cast first); None for any other
-    ids (a CLS token, positions), which then pass through unchanged."""
-    for n in names:
-        if ids.get(n) is t:
-            return n
-    for n in names:
-        i = ids.get(n)
-        if i is not None and t.shape[1:] == i.shape[1:] and _same_storage(t, i):
-            return n
-    if t.is_floating_point() or t.is_complex():
+def _ids_owners(t: torch.Tensor, names: Sequence[str], ids: Mapping[str, torch.Tensor]
+                ) -> list[str]:
+    """The text modalities (of ``names``) whose token ids an embedding call received as ``t``:
+    those whose ids are the very tensor the adapter passed, else those whose ids it is a slice of
+    (a batch taken in parts), else, failing both, those whose ids have the same shape and values
+    (ids the model copied or cast first). Several when modalities' ids are equal; none for any
+    other ids (a CLS token, positions)."""
+    tests = [lambda i: i is t, lambda i: t.shape[1:] == i.shape[1:] and _same_storage(t, i)]
+    if not (t.is_floating_point() or t.is_complex()):
+        tests.append(lambda i: t.shape == i.shape and t.device == i.device
+                     and torch.equal(t.to(i.dtype), i))
+    for test in tests:
+        found = [n for n in names if ids.get(n) is not None and test(ids[n])]
+        if found:
+            return found
+    return []
+
+
+class _Matches:
+    """What the embedding hooks found during one computation: ``names``, the explained text
+    modalities whose continuous input replaced an embedding output; ``others``, the text
+    modalities not explained whose ids a call plainly received (left unchanged); ``unclear``,
+    the calls on ids equal to those of explained and unexplained modalities alike, that no
+    earlier call told apart (left unchanged), as (explained, unexplained) names: judged by
+    ``ModelAdapter._check_unclear`` once the pass is over."""
+
+    def __init__(self):
+        self.names: set[str] = set()
+        self.others: set[str] = set()
+        self.unclear: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+
+
+def _match_ids(t: torch.Tensor, names: Sequence[str], others: Sequence[str],
+               ids: Mapping[str, torch.Tensor], matches: _Matches) -> str | None:
+    """The explained text modality (of ``names``) whose continuous input an embedding call on
+    the ids ``t`` gets, or None to leave the call unchanged. ``others`` are the text modalities
+    on the same layer that are not explained: a call on their ids is never replaced, also when
+    their ids equal an explained modality's (a question and an answer alike; replacing both
+    calls would move the answer with the question). Equal ids copied by the model before the
+    call are told apart by which of them earlier calls took (each is embedded once): a call
+    that cannot be told yet is left unchanged and recorded in ``matches.unclear``."""
+    found = _ids_owners(t, list(names) + list(others), ids)
+    mine = [n for n in found if n in names]
+    theirs = [n for n in found if n not in names]
+    if not theirs:
+        # explained modalities with equal ids: the first not yet replaced, in forward() order
+        return min(mine, key=lambda n: n in matches.names) if mine else None
+    if not mine:
+        if len(theirs) == 1:
+            matches.others.add(theirs[0])
         return None
-    for n in sorted(names, key=lambda n: n in matched):
-        i = ids.get(n)
-        if (i is not None and t.shape == i.shape and t.device == i.device
-                and torch.equal(t.to(i.dtype), i)):
-            return n
+    open_mine = [n for n in mine if n not in matches.names]
+    open_theirs = [n for n in theirs if n not in matches.others]
+    if open_mine and not open_theirs:        # the unexplained ones were embedded already
+        return open_mine[0]
+    if not open_mine and open_theirs:        # the explained ones were replaced already
+        return None
+    matches.unclear.append((tuple(mine), tuple(theirs)))
     return None
 
 
@@ -364,13 +398,17 @@ class ModelAdapter:
     modalities: the Modality objects, in the order of the model's arguments.
     class_names: one name per output logit.
     decision_layer: the module (or dotted name) whose input is h(x); default: the last nn.Linear
-    with one output per class (else the last nn.Linear; ``check`` says when its output is not
-    the logits).
+    with one output per class (with two class names and none of two outputs, the last with
+    one: a binary model's logit), else the last nn.Linear; ``check`` says when its output is
+    not the logits.
     embedding_layers: {text modality name: embedding module or dotted name}; a text modality
         without one uses the model's only nn.Embedding when there is exactly one. Its output
         must be one vector per token [B, T, ...]. The layer may be called more than once in
         forward() and shared by several text modalities: the continuous input of a modality
-        replaces the layer's output only on the calls that receive that modality's token ids.
+        replaces the layer's output only on the calls that receive that modality's token ids
+        (never on another modality's, also when their ids are equal; a copy of ids equal to
+        those of an explained and an unexplained modality, whose owner cannot be told from
+        the other calls, is an AdapterError).
     keyword_inputs: call model(**{name: tensor}) instead of model(*tensors). Set by itself
         when forward()'s first arguments are the modalities' names in another order than
         ``modalities`` lists them (each input then goes to the argument of its name).
@@ -413,7 +451,10 @@ class ModelAdapter:
                                    "decision_layer= (the module whose input is the decision-level "
                                    "feature vector).")
             # registration order need not be the order of use (a classifier defined before the
-            # fusion): the last with one output per class is the likelier decision layer
+            # fusion): the last with one output per class is the likelier decision layer. A
+            # binary model's one logit comes after: a one-output nn.Linear is as often an
+            # attention pooling's scorer beside a two-logit head (``check`` names the layer
+            # whose output is the logits when the default is not it)
             heads = [m for m in linears if m.out_features == len(self.class_names)]
             if not heads and len(self.class_names) == 2:     # a binary model's one logit
                 heads = [m for m in linears if m.out_features == 1]
@@ -710,9 +751,9 @@ class ModelAdapter:
                inputs: Mapping[str, torch.Tensor] | None = None):
         """Hooks for one computation: text modalities' embedding outputs replaced by their
         ``continuous`` inputs on the calls that receive their token ids (``inputs``), and the
-        decision layer's input captured into ``store``. Yields the set of modalities whose
-        embedding output was replaced."""
-        handles, matched = [], set()
+        decision layer's input captured into ``store``. Yields the computation's ``_Matches``
+        (``names``: the modalities whose embedding output was replaced)."""
+        handles, matched = [], _Matches()
         try:
             shared: dict[nn.Module, list[str]] = {}
             for n in (continuous or {}):
@@ -721,8 +762,12 @@ class ModelAdapter:
             if shared and inputs is None:
                 inputs = {}                  # no ids given: matched by shape and values only
             for layer, names in shared.items():
+                # the text modalities not explained that share the layer: their calls must be
+                # told from the explained ones' (their ids may be equal) and left unchanged
+                others = [n for n, e in self.embedding_layers.items()
+                          if e is layer and n not in names]
                 handles.append(layer.register_forward_hook(
-                    self._substitute(names, continuous, inputs, matched)))
+                    self._substitute(names, others, continuous, inputs, matched)))
             if store is not None:
                 def grab(mod, inp):
                     store.setdefault("h", inp[0])
@@ -733,14 +778,17 @@ class ModelAdapter:
             for hd in handles:
                 hd.remove()
 
-    def _substitute(self, names: Sequence[str], continuous: Mapping[str, torch.Tensor],
-                    inputs: Mapping[str, torch.Tensor], matched: set) -> Callable:
-        """A forward hook on an embedding layer shared by text modalities ``names``: a call on
-        one modality's token ids returns that modality's continuous input (a copy, so that the
-        model may change it in place and gradients still reach the input); other calls pass."""
+    def _substitute(self, names: Sequence[str], others: Sequence[str],
+                    continuous: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor],
+                    matched: _Matches) -> Callable:
+        """A forward hook on an embedding layer shared by the explained text modalities
+        ``names`` (and the unexplained ``others``): a call on one explained modality's token ids
+        returns that modality's continuous input (a copy, so that the model may change it in
+        place and gradients still reach the input); other calls pass."""
         def hook(module, inp, out):
             t = inp[0] if inp else None
-            n = _match_ids(t, names, inputs, matched) if isinstance(t, torch.Tensor) else None
+            n = (_match_ids(t, names, others, inputs, matched) if isinstance(t, torch.Tensor)
+                 else None)
             if n is None:
                 return None
             x = continuous[n]
@@ -751,9 +799,29 @@ class ModelAdapter:
                     "give one vector per token of the instance, as prepare() does.")
             if t.dim() and x.dim() and t.shape[0] != x.shape[0]:
                 x = _rows_of_part(n, t, inputs.get(n), x)
-            matched.add(n)
+            matched.names.add(n)
             return x.clone()
         return hook
+
+    def _check_unclear(self, matched: _Matches) -> None:
+        """AdapterError when an embedding call left unchanged because its ids equal those of an
+        explained and an unexplained modality may have been the explained one's: when the
+        explained one was never replaced, or when each unexplained one took a call of its own
+        (the unclear call was then a second call on explained ids)."""
+        for mine, theirs in matched.unclear:
+            if all(n in matched.names for n in mine) and not all(
+                    n in matched.others for n in theirs):
+                continue
+            layer = _layer_name(self.model, self.embedding_layers[mine[0]])
+            raise AdapterError(
+                f"The model called the embedding layer {layer} on a copy of token ids that "
+                f"equal those of {', '.join(map(repr, mine))} (explained) and of "
+                f"{', '.join(map(repr, theirs))} (not explained), which share that layer, so "
+                "whose call it was cannot be told, nor whether to put in the continuous input "
+                "of the explained one. Pass the ids the model receives to the embedding layer "
+                "as they are (not copied, cast or moved first), or explain these modalities "
+                "together (modalities=[...] naming all of them).",
+                code="embedding-substitution")
 
     def _unsubstituted(self, continuous: Mapping[str, torch.Tensor], matched: set) -> None:
         """AdapterError when a text modality's continuous input replaced no embedding output."""
@@ -1025,6 +1093,12 @@ class ModelAdapter:
                         # in parts then passes parts whose place in the batch can be read
                         # (``_rows_of_part``); rows of an expanded tensor all sit at one place
                         x = x.contiguous()
+                if n in self.embedding_layers and any(m in self.embedding_layers
+                                                      and _same_storage(x, v)
+                                                      for m, v in args.items()):
+                    # two text modalities given one tensor (or views of one): a copy, so that
+                    # each embedding call is told whose ids it takes by the tensor it receives
+                    x = x.clone()
                 args[n] = x
         return args
 
@@ -1040,8 +1114,10 @@ class ModelAdapter:
         store = {} if features else None
         with self._lock, self._eval_mode(), self._hooks(continuous, store, inputs) as matched:
             out = fn()
-        if continuous and len(matched) < len(continuous):
-            self._unsubstituted(continuous, matched)
+        if matched.unclear:
+            self._check_unclear(matched)
+        if continuous and len(matched.names) < len(continuous):
+            self._unsubstituted(continuous, matched.names)
         if not features:
             return out
         if "h" not in store:

@@ -127,8 +127,8 @@ class Modality:
              ) -> torch.Tensor:
         """Per-unit sums [B, n_units] of a scalar attribution attr [B, *x.shape]."""
         idx = self.unit_index(x) if index is None else index
-        flat = attr.reshape(attr.shape[0], -1)
-        out = torch.zeros(attr.shape[0], int(idx.max()) + 1, dtype=attr.dtype, device=attr.device)
+        flat = wide_sums(attr).reshape(attr.shape[0], -1)     # a bfloat16 sum rounds each step
+        out = torch.zeros(attr.shape[0], int(idx.max()) + 1, dtype=flat.dtype, device=attr.device)
         return out.index_add_(1, idx.reshape(-1), flat)
 
     def to_map(self, attr: torch.Tensor) -> torch.Tensor:
@@ -151,6 +151,23 @@ class Modality:
         if isinstance(unit_values, np.ndarray) and not unit_values.flags.writeable:
             unit_values = unit_values.copy()      # cached scores are read-only: torch would warn
         return torch.as_tensor(unit_values, device=idx.device)[idx]
+
+
+#: torch dtypes numpy has no type for (a bfloat16 model's outputs and weights): ``host_array``
+#: converts them to float32, which holds each of their values exactly
+NOT_IN_NUMPY = frozenset([torch.bfloat16] + [getattr(torch, name) for name in (
+    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, name)])
+
+#: Floating dtypes too coarse to add up attributions in: a sum of bfloat16 (8 significant bits)
+#: or float16 values rounds each partial sum, off by up to ~1e-3 of the exact sum of the very
+#: same values; they are summed in float32 (``wide_sums``), which holds each of them exactly.
+LOW_PRECISION = frozenset([torch.bfloat16, torch.float16])
+
+
+def wide_sums(attr: torch.Tensor) -> torch.Tensor:
+    """``attr`` as a tensor to add up: float32 for a low-precision one (``LOW_PRECISION``), as it
+    is otherwise (no copy)."""
+    return attr.float() if attr.dtype in LOW_PRECISION else attr
 
 
 def score_dtype(attr: torch.Tensor) -> torch.dtype:
@@ -522,8 +539,11 @@ class Image(Modality):
                hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest())
         if key not in self._sp_cache:
             self._sp_cache.clear()
+            # numpy has no bfloat16 (nor float8): float32 holds each of their values exactly
+            img = x.detach().cpu()
+            img = img.float() if img.dtype in NOT_IN_NUMPY else img
             self._sp_cache[key] = torch.from_numpy(
-                slic_superpixels(x.detach().cpu().numpy(), self.superpixels)).to(x.device)
+                slic_superpixels(img.numpy(), self.superpixels)).to(x.device)
         return self._sp_cache[key]
 
     def unit_labels(self, x: torch.Tensor) -> list[str]:

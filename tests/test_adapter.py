@@ -389,6 +389,115 @@ def test_two_text_modalities_sharing_one_embedding_each_get_their_own_input(laye
         assert np.abs(both.scores["hypothesis"]).sum() > 0
 
 
+class QuestionAnswer(nn.Module):
+    """question and answer through one shared embedding, used differently; ``copy`` names the
+    texts whose ids the model copies before embedding them."""
+
+    def __init__(self, copy=()):
+        super().__init__()
+        torch.manual_seed(0)
+        self.copy = tuple(copy)
+        self.emb, self.q, self.a = nn.Embedding(len(WORDS), 4), nn.Linear(4, 5), nn.Linear(4, 5)
+        self.out = nn.Linear(10, 3)
+
+    def embed(self, ids, name):
+        return self.emb(ids + 0 if name in self.copy else ids).mean(1)
+
+    def forward(self, question, answer):
+        q = torch.tanh(self.q(self.embed(question, "question")))
+        a = torch.tanh(self.a(self.embed(answer, "answer")))
+        return self.out(torch.cat([q * a, q + a], 1))
+
+
+def test_explaining_one_of_two_texts_sharing_an_embedding_leaves_the_other_with_equal_ids():
+    """Only the question explained, the answer's ids equal to the question's: the answer's
+    embedding call got the question's continuous input too (matched by equal values), so the
+    answer moved with the question: a gradient 3.5x too large, IG adding up to f(x) minus f
+    with both texts at the baseline. Now the answer's call is left as it is."""
+    from multiviz_widgets.kernels.unimodal import attribute, attribute_batch
+    model = QuestionAnswer().eval()
+    a = ModelAdapter(model, [Text("question", vocab=WORDS), Text("answer", vocab=WORDS)],
+                     ["x", "y", "z"])
+    inst = {"question": "what colour is", "answer": "what colour is"}
+    p = a.prepare(inst)
+    assert torch.equal(p.raw["question"], p.raw["answer"])
+
+    def f(eq):        # the truth: only the question's embedding output varies
+        with torch.no_grad():
+            ea = model.emb(p.raw["answer"])
+        q, an = torch.tanh(model.q(eq.mean(1))), torch.tanh(model.a(ea.mean(1)))
+        return model.out(torch.cat([q * an, q + an], 1))[:, 1]
+    x = p.continuous["question"][None].clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(f(x).sum(), [x])
+    want = want[0].sum(-1).numpy()
+    with torch.no_grad():
+        gap = float(f(x) - f(p.baseline["question"][None]))
+    got = attribute(a, p, "gradient", target=1, modalities=["question"])
+    np.testing.assert_allclose(got.scores["question"], want, rtol=1e-5, atol=1e-7)
+    ig = attribute(a, p, "integrated_gradients", target=1, modalities=["question"])
+    assert ig.scores["question"].sum() == pytest.approx(gap, abs=1e-5)
+    for method in ("gradient", "integrated_gradients"):
+        one = attribute(a, p, method, target=1, modalities=["question"])
+        for r in attribute_batch(a, [inst, inst], method, targets=1, modalities=["question"]):
+            np.testing.assert_allclose(r.scores["question"], one.scores["question"],
+                                       rtol=1e-5, atol=1e-7)
+
+
+def test_equal_ids_of_an_explained_and_an_unexplained_text_copied_by_the_model():
+    """The model copies ids before embedding them, and the texts' ids are equal: a copy is
+    told apart by which text another call took by its very tensor, else a clear error."""
+    from multiviz_widgets.kernels.unimodal import attribute
+    mods = [Text("question", vocab=WORDS), Text("answer", vocab=WORDS)]
+    same = {"question": "the car", "answer": "the car"}
+    plain = ModelAdapter(QuestionAnswer().eval(), mods, ["x", "y", "z"])
+    truth = {n: attribute(plain, same, "gradient", target=1, modalities=[n]).scores[n]
+             for n in ("question", "answer")}
+    for copy in ("question", "answer"):
+        a = ModelAdapter(QuestionAnswer([copy]).eval(), mods, ["x", "y", "z"])
+        for n in ("question", "answer"):
+            if (copy, n) == ("question", "question"):
+                # the question's copy is embedded first, the answer's ids then: the copy was
+                # the question's, but only known once its call had passed unchanged
+                with pytest.raises(AdapterError, match="cannot be told") as e:
+                    attribute(a, same, "gradient", target=1, modalities=[n])
+                assert e.value.code == "embedding-substitution"
+                continue
+            r = attribute(a, same, "gradient", target=1, modalities=[n])
+            np.testing.assert_allclose(r.scores[n], truth[n], rtol=1e-6, err_msg=f"{copy} {n}")
+    # both copied and equal, one explained: a clear error, not the other's input put in
+    a = ModelAdapter(QuestionAnswer(["question", "answer"]).eval(), mods, ["x", "y", "z"])
+    for n in ("question", "answer"):
+        with pytest.raises(AdapterError, match="cannot be told"):
+            attribute(a, same, "integrated_gradients", target=1, modalities=[n])
+    both = attribute(a, same, "gradient", target=1)          # both explained: as before
+    assert all(np.abs(v).sum() > 0 for v in both.scores.values())
+    r = attribute(a, {"question": "the car", "answer": "a car"}, "gradient", target=1,
+                  modalities=["question"])                  # ids that differ: fine
+    np.testing.assert_allclose(r.scores["question"], attribute(
+        plain, {"question": "the car", "answer": "a car"}, "gradient", target=1,
+        modalities=["question"]).scores["question"], rtol=1e-6)
+
+
+def test_one_tensor_given_for_two_texts_is_told_apart_by_the_model_inputs():
+    """raw ids of the question and the answer given as one tensor: the model's arguments are
+    two tensors, so each embedding call is told whose ids it takes."""
+    model = QuestionAnswer().eval()
+    a = ModelAdapter(model, [Text("question", vocab=WORDS), Text("answer", vocab=WORDS)],
+                     ["x", "y", "z"])
+    ids = a.prepare({"question": "the car", "answer": "the car"}).raw["question"]
+    args = a.model_inputs({"question": ids, "answer": ids})
+    assert args["question"] is ids and args["answer"] is not ids
+    assert torch.equal(args["answer"], ids)
+    cont = a.continuous({"question": ids, "answer": ids})
+    with torch.no_grad():
+        moved = a.forward({"question": ids, "answer": ids},
+                          {"question": cont["question"] + 1.0})
+        want = model.out(torch.cat([
+            (q := torch.tanh(model.q((cont["question"] + 1.0).mean(1))))
+            * (an := torch.tanh(model.a(model.emb(ids).mean(1)))), q + an], 1))
+    torch.testing.assert_close(moved, want)
+
+
 def test_an_embedding_never_called_on_the_text_ids_is_a_clear_error():
     a = text_vitals(embedding_layers={"text": "pos"})     # the positional embedding
     p = a.prepare(TV_INSTANCE)
@@ -547,6 +656,43 @@ def test_a_binary_model_with_one_logit_is_read_as_two_classes(kind):
                            labels=[0, 1, 0, 1, 0, 1])
     gap = emap_gap(a, ds, n=None)
     assert 0 <= gap["accuracy_model"] <= 1 and 0 <= gap["agreement"] <= 1, gap
+
+
+class HiddenPair(nn.Module):
+    """A binary model whose one-logit head comes after a hidden nn.Linear of two outputs
+    (``head_first``: a two-logit head registered before a one-output gate)."""
+
+    def __init__(self, head_first=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head_first = head_first
+        if head_first:
+            self.head, self.gate, self.mid = nn.Linear(4, 2), nn.Linear(3, 1), nn.Linear(3, 4)
+        else:
+            self.enc, self.mid, self.head = nn.Linear(3, 2), nn.Linear(2, 4), nn.Linear(4, 1)
+
+    def forward(self, vitals):
+        if self.head_first:
+            return self.head(torch.tanh(self.mid(vitals)) * torch.sigmoid(self.gate(vitals)))
+        return self.head(torch.tanh(self.mid(torch.tanh(self.enc(vitals)))))
+
+
+def test_a_binary_models_two_logit_head_is_the_default_beside_a_one_output_gate():
+    """Two class names: the last nn.Linear of two outputs is the decision layer, not a
+    one-output gate (an attention pooling's scorer) registered after it; a one-output layer
+    is taken only when there is no two-output one."""
+    model = HiddenPair(head_first=True).eval()
+    a = ModelAdapter(model, [Tabular("vitals", columns=["a", "b", "c"])], ["neg", "pos"])
+    assert a.decision_layer is model.head and a.decision_weights()[0].shape == (2, 4)
+    # a hidden nn.Linear(..., 2) before a one-logit head is taken for the head: check() says
+    # so and names the head
+    from multiviz_widgets import check
+    one = HiddenPair().eval()
+    b = ModelAdapter(one, [Tabular("vitals", columns=["a", "b", "c"])], ["neg", "pos"])
+    assert b.decision_layer is one.enc
+    found = [f for f in check(b, {"vitals": np.array([0.1, 0.2, 0.3], np.float32)}).findings
+             if f.code == "decision-not-logits"]
+    assert found and "decision_layer='head'" in found[0].message, found
 
 
 def test_modalities_listed_in_another_order_than_forward_reach_their_own_arguments():

@@ -497,3 +497,88 @@ def test_nan_at_the_baseline_for_another_cause_keeps_the_general_advice():
     with pytest.raises(ValueError, match="with t at its baseline") as err:
         attribute(adapter, {"t": np.array([1.0, 2.0], np.float32)}, "occlusion", target=0)
     assert "Choose another baseline" in str(err.value) and "epsilon" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16 models: superpixels, and sums taken wider than the attributions
+# ---------------------------------------------------------------------------------------------
+def _bf16_image_text(patch=4, superpixels=None):
+    from multiviz_widgets import Image, Text
+
+    from .test_unimodal import VOCAB, ImageTextNet
+    model = ImageTextNet().eval().bfloat16()
+    adapter = ModelAdapter(model, [Image("image", patch=patch, superpixels=superpixels,
+                                         baseline="zero"), Text("question", VOCAB)],
+                           ["a", "b", "c"])
+    rng = np.random.default_rng(0)
+    inst = {"image": (rng.random((8, 8, 3)) * 255).astype(np.uint8),
+            "question": "what shape is the red circle"}
+    return adapter, inst
+
+
+def test_a_bfloat16_model_with_superpixels_is_explained():
+    """SLIC ran on the image as numpy, which has no bfloat16: prepare() raised a TypeError."""
+    from multiviz_widgets.modalities import slic_superpixels
+    adapter, inst = _bf16_image_text(superpixels=4)
+    p = adapter.prepare(inst)
+    assert p.continuous["image"].dtype == torch.bfloat16
+    want = slic_superpixels(p.continuous["image"].float().numpy(), 4)
+    np.testing.assert_array_equal(p.index["image"][0].numpy(), want)
+    assert p.n_units["image"] == want.max() + 1 > 1
+    for method in ("occlusion", "gradient"):
+        r = attribute(adapter, p, method, target=1)
+        assert r.scores["image"].shape == (p.n_units["image"],)
+        assert np.isfinite(r.scores["image"]).all()
+
+
+@pytest.mark.parametrize("patch", [4, 3])          # an exact patch grid, and a ragged one
+def test_a_bfloat16_models_gradient_scores_are_exact_sums_of_its_gradients(patch):
+    """The channels (image) and embedding dimensions (text) were summed in bfloat16 before the
+    scores became float64: off by up to ~2e-3 of the sums of the very same gradients."""
+    adapter, inst = _bf16_image_text(patch)
+    p = adapter.prepare(inst)
+    leaves = {n: p.continuous[n][None].clone().requires_grad_(True) for n in p.names}
+    out = adapter.target_output(p.raw, leaves, adapter.target(1))
+    grads = dict(zip(leaves, torch.autograd.grad(out.sum(), list(leaves.values()))))
+    r = attribute(adapter, p, "gradient", target=1)
+    for n, g in grads.items():
+        assert g.dtype == torch.bfloat16
+        want = adapter.modalities[n].pool(g.double(), p.continuous[n], p.index[n])[0].numpy()
+        np.testing.assert_allclose(r.scores[n], want, rtol=1e-6, atol=1e-9, err_msg=n)
+        # a modality's own pool adds up bfloat16 values in float32 too
+        wide = adapter.modalities[n].pool(g, p.continuous[n], p.index[n])
+        assert wide.dtype == torch.float32
+        np.testing.assert_allclose(wide[0].double().numpy(), want, rtol=1e-6, atol=1e-9)
+    # the image map: the channels' exact sums
+    np.testing.assert_allclose(r.maps["image"], grads["image"][0].double().sum(0).numpy(),
+                               rtol=1e-6, atol=1e-9)
+
+
+class _Bf16Linear(torch.nn.Module):
+    """One bfloat16 linear layer, weights and instance found where f(x) - f(x without unit)
+    rounds in bfloat16 (14.125 for the exact 14.109375)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(3, 2, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[4.625, -0.87890625, -6.53125],
+                                                 [1.703125, -3.25, -4.1875]]))
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def test_a_bfloat16_models_occlusion_scores_are_exact_differences_of_its_outputs():
+    """f(x) - f(x without unit u) was taken in bfloat16 (rounded) before becoming float64."""
+    from multiviz_widgets.kernels.common import evaluate_masks
+    adapter = ModelAdapter(_Bf16Linear().eval().bfloat16(),
+                           [Tabular("x", columns=["a", "b", "c"])], ["n", "p"])
+    p = adapter.prepare({"x": np.array([1.2109375, 2.515625, -2.15625], dtype=np.float32)})
+    r = attribute(adapter, p, "occlusion", target=0)
+    # occlusion's rows: the instance, then each unit at the baseline (zero)
+    y = evaluate_masks(adapter, p, {"x": torch.tensor([[1.0, 1, 1], [0, 1, 1], [1, 0, 1],
+                                                       [1, 1, 0]])}, adapter.target(0))
+    assert y.dtype == torch.bfloat16
+    np.testing.assert_array_equal(r.scores["x"], (y[0].double() - y[1:].double()).numpy())
+    assert r.scores["x"][2] == 14.109375

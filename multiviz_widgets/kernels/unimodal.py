@@ -58,7 +58,7 @@ import torch
 
 from ..adapter import (INFERENCE_MODE_MESSAGE, NOT_IN_NUMPY, AdapterError, ModelAdapter,
                        Prepared, Target)
-from ..modalities import Modality
+from ..modalities import LOW_PRECISION, Modality
 from ..progress import ProgressFn, report
 from ..results import Attribution, Stopwatch
 from ..checks import positive_int
@@ -251,6 +251,8 @@ def _scores_and_maps(adapter: ModelAdapter, prepared: Prepared,
     microseconds: see benchmarks/cold_cache.py)."""
     parts = []
     for n, a in attrs.items():
+        if a.dtype in LOW_PRECISION:     # a bfloat16 sum rounds each step: ~1e-3 off the exact
+            a = a.float()                # sum of the same values; float32 holds each exactly
         mod = adapter.modalities[n]
         both = mod.unit_sums_and_map(a, prepared.continuous[n], prepared.index[n])
         if both is None:
@@ -899,7 +901,8 @@ class _Occlusion(AttributionMethod):
             masks[n] = m
         y = evaluate_masks(adapter, prepared, masks, target, batch_size=int(p["batch_size"]),
                            progress=progress, message="occlusion")
-        diff = (y[0] - y[1:]).double()
+        y = y.double()          # a bfloat16 model's outputs: their difference rounds in bfloat16
+        diff = y[0] - y[1:]
         scores = {n: diff[offsets[n]:offsets[n] + prepared.n_units[n]] for n in names}
         maps = {n: _perturbation_map(adapter, prepared, n, scores[n]) for n in names}
         return {n: v.cpu().numpy() for n, v in scores.items()}, maps, {}
