@@ -276,3 +276,28 @@ def test_interaction_type_runs_its_unimodal_parts_in_batches_too():
     typed = interaction_type(adapter, items[0], items, batch_size=7)
     assert max(sizes) <= 7, sorted(set(sizes))
     assert typed["label"] == interaction_type(adapter, items[0], items)["label"]
+
+
+def test_progress_never_goes_back_when_a_split_fails_part_way(monkeypatch):
+    """A traced split that fails after some of its pairs (a RuntimeError: the forward passes
+    explain the model this time) left progress at those pairs, and the forward passes then
+    reported from zero again; forward_passes left out the check and the abandoned pairs."""
+    from multiviz_widgets.kernels.factorize import Factorization
+    real, calls = Factorization.fuse, [0]
+
+    def fuse(self, rows):
+        calls[0] += 1
+        if calls[0] == 7:                 # after the check (4 calls) and two batches of pairs
+            raise RuntimeError("a tensor the trace could not follow")
+        return real(self, rows)
+    monkeypatch.setattr(Factorization, "fuse", fuse)
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    rows, progress = [], []
+    adapter.decision_layer.register_forward_pre_hook(lambda _m, inp: rows.append(len(inp[0])))
+    items = instances(6)
+    r = emap(adapter, items, batch_size=4, progress=lambda *a: progress.append(a))
+    assert "not used this time" in r.params["factorization_note"]
+    done = [d for d, _, _ in progress]
+    assert done[:3] == [0, 4, 8] and done == sorted(done) and done[-1] == progress[-1][1] == 36
+    assert r.forward_passes == sum(rows) == 2 * (6 + 6) + 2 * 4 + 36
+    np.testing.assert_allclose(r.matrix, emap(adapter, items, factorized=False).matrix)

@@ -3,6 +3,9 @@ the fused pairs equal full forward passes, and every model the split cannot hand
 full forward passes (or, when a split was asked for, gets an error that says why)."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -11,6 +14,7 @@ from torch import nn
 
 from multiviz_widgets import ModelAdapter, MultimodalDataset, Neuron, Tabular, Text, TimeSeries
 from multiviz_widgets.demos import easy_vqa, synthetic
+from multiviz_widgets.kernels import factorize
 from multiviz_widgets.kernels.factorize import FactorizationError, trace_factorization
 from multiviz_widgets.kernels.interactions import dime, emap
 
@@ -444,11 +448,13 @@ def test_dime_with_a_traced_split_equals_dime_with_forward_passes(target):
     assert fast.params["factorization"] == "traced"
 
 
+@pytest.mark.parametrize("model", [Bilinear, BatchStatistics])
 @pytest.mark.parametrize("factorized", [None, False])
-def test_dime_and_emap_count_every_row_through_the_decision_layer(factorized):
+def test_dime_and_emap_count_every_row_through_the_decision_layer(factorized, model):
     """forward_passes counts the fused pairs and the full forwards alike, the split's check
-    included (it left out the check's fused pairs)."""
-    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    included (it left out the check's fused pairs), also when the check rejects the split
+    (BatchStatistics: it left out that check's passes)."""
+    adapter = ModelAdapter(model(), MODALITIES, ["a", "b", "c"])
     ds = MultimodalDataset({k: [it[k] for it in instances(14)] for k in ("tabular", "series")})
     rows = []
     hook = adapter.decision_layer.register_forward_pre_hook(
@@ -462,8 +468,9 @@ def test_dime_and_emap_count_every_row_through_the_decision_layer(factorized):
         assert e.forward_passes == sum(rows)
     finally:
         hook.remove()
-    assert (d.params["factorization"] == "traced") == (factorized is None)
-    assert (e.params["factorization"] == "traced") == (factorized is None)
+    split = factorized is None and model is Bilinear
+    assert (d.params["factorization"] == "traced") == split
+    assert (e.params["factorization"] == "traced") == split
 
 
 def test_dime_split_feeds_masked_text_through_the_embedding():
@@ -693,3 +700,210 @@ def test_one_logit_models_keep_the_split_in_emap_and_dime():
     a = dime(adapter, ds, 0, n_samples=40, factorized=True)
     b = dime(adapter, ds, 0, n_samples=40, factorized=False)
     assert a.uc_value == pytest.approx(b.uc_value, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a trace leaves behind: the cache frees the model, no proxy stays on it, no stale split
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [Branching, BatchStatistics])
+def test_a_model_that_cannot_be_split_is_freed_once_the_caller_drops_it(make):
+    """Before: the cache kept the FactorizationError of a failed trace (or raised the one of a
+    rejection again), whose traceback held the frames of the trace and so the model: the
+    weak-keyed cache never let go of it (its weights stayed in memory for ever)."""
+    from multiviz_widgets.kernels.split_model import hooked_modules
+    model = make()
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    for _ in range(2):                 # the second time from the cache
+        assert emap(adapter, instances(5)).params["factorization"] == "none"
+        with pytest.raises(FactorizationError):       # emap's split, as emap asks for it
+            trace_factorization(model, adapter.names, keep_whole=hooked_modules(adapter))
+    dropped = weakref.ref(model)
+    del model, adapter
+    gc.collect()
+    assert dropped() is None
+
+
+class Recording(Bilinear):
+    """Keeps each attention map for plotting, in a list, a dict of lists, an object's attribute
+    and an object with slots: a trace must leave every one of them as it was."""
+
+    class Slotted:
+        __slots__ = ("last",)
+
+    def __init__(self):
+        super().__init__()
+        self.maps, self.stats = [], {"maps": [], "calls": 0}
+        self.config = type("Config", (), {})()
+        self.config.log = []
+        self.slotted = self.Slotted()
+
+    def forward(self, tabular, series):
+        a, b = torch.tanh(self.t(tabular)), torch.tanh(self.s(series.flatten(1)))
+        attention = torch.softmax(a * b, 1)
+        self.maps.append(attention)
+        self.stats["maps"].append(attention)
+        self.stats["calls"] += 1
+        self.config.log.append(attention)
+        self.slotted.last = attention
+        return self.head(torch.cat([a * b, a + b], 1))
+
+
+def _proxies(value, depth: int = 4) -> list:
+    """The torch.fx proxies in a value, through containers and objects' attributes."""
+    if isinstance(value, torch.fx.Proxy):
+        return [value]
+    if depth == 0 or isinstance(value, (torch.Tensor, nn.Module, str, type)):
+        return []
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, (list, tuple, set)):
+        items = list(value)
+    else:
+        items = [getattr(value, k) for k in getattr(type(value), "__slots__", ())
+                 if hasattr(value, k)] + list(getattr(value, "__dict__", {}).values())
+    return [p for v in items for p in _proxies(v, depth - 1)]
+
+
+def test_tracing_leaves_lists_dicts_and_objects_on_the_model_as_they_were():
+    """Before: only the modules' own attributes were put back after the trace, so a list the
+    forward appends its attention map to held a torch.fx Proxy after emap, and any code that
+    read it (torch.stack(model.maps)) broke."""
+    model = Recording()
+    real = []              # forward calls with real tensors (the trace's get proxies)
+    model.register_forward_pre_hook(
+        lambda _m, args: real.append(len(args[0])) if isinstance(args[0], torch.Tensor) else None)
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    r = emap(adapter, instances(6))
+    assert r.params["factorization"] == "traced"
+    assert all(isinstance(x, torch.Tensor) for x in model.maps)
+    assert [len(x) for x in model.maps] == [len(x) for x in model.stats["maps"]] == real
+    assert model.stats["calls"] == len(real) and len(model.config.log) == len(real)
+    assert isinstance(model.slotted.last, torch.Tensor)
+    assert not [p for m in model.modules() for p in _proxies(vars(m))]
+
+
+LEFT_OUTSIDE: list = []
+
+
+class KeepsOutside(Bilinear):
+    """Keeps a value in a global list: a trace cannot put that back."""
+
+    def forward(self, tabular, series):
+        a, b = torch.tanh(self.t(tabular)), torch.tanh(self.s(series.flatten(1)))
+        LEFT_OUTSIDE.append(a)
+        return self.head(torch.cat([a * b, a + b], 1))
+
+
+def test_a_forward_that_keeps_traced_values_out_of_reach_is_not_split():
+    adapter = ModelAdapter(KeepsOutside(), MODALITIES, ["a", "b", "c"])
+    r = emap(adapter, instances(4))
+    assert r.params["factorization"] == "none" and "proxy" in r.params["factorization_note"]
+    with pytest.raises(ValueError, match="outside the model's attributes"):
+        emap(adapter, instances(4), factorized=True)
+    LEFT_OUTSIDE.clear()
+
+
+class Weighted(Bilinear):
+    """A list setting read in forward: the trace bakes its numbers in, and the cache's check of
+    the model's settings does not look into lists."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = [1.0, 1.0]
+
+    def forward(self, tabular, series):
+        a, b = torch.tanh(self.t(tabular)), torch.tanh(self.s(series.flatten(1)))
+        return self.head(torch.cat([self.mix[0] * a * b, self.mix[1] * (a + b)], 1))
+
+
+@pytest.mark.parametrize("factorized", [True, None])
+def test_a_cached_split_that_disagrees_is_traced_again_once(factorized, monkeypatch):
+    """Before: after model.mix changed, the cached split disagreed with the forward pass:
+    factorized=True raised that it disagrees, and the default fell back to N^2 full forward
+    passes and remembered the rejection for the life of the model."""
+    model = Weighted()
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    items = instances(8)
+    assert emap(adapter, items, factorized=factorized).params["factorization"] == "traced"
+    model.mix = [3.0, 0.5]
+    traces = []
+    real = factorize._trace
+    monkeypatch.setattr(factorize, "_trace", lambda *a: traces.append(1) or real(*a))
+    r = emap(adapter, items, factorized=factorized)
+    assert r.params["factorization"] == "traced" and len(traces) == 1
+    np.testing.assert_allclose(r.matrix, emap(adapter, items, factorized=False).matrix,
+                               rtol=1e-5, atol=1e-6)
+    assert emap(adapter, items).params["factorization"] == "traced" and len(traces) == 1
+    # a split that disagrees as soon as it is traced is rejected (or raised about) at once
+    traces.clear()
+    adapter = ModelAdapter(BatchStatistics(), MODALITIES, ["a", "b", "c"])
+    if factorized:
+        with pytest.raises(FactorizationError, match="disagrees"):
+            emap(adapter, items, factorized=factorized)
+    else:
+        assert "rejected" in emap(adapter, items).params["factorization_note"]
+    assert len(traces) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# DIME with a large reference set: cancelled within a batch, batch_size pairs at a time
+# ---------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("factorized", [None, False])
+def test_dime_can_be_cancelled_while_it_averages_the_reference_pairs(factorized):
+    """Before: no progress was reported during the N^2 pairs of the grand mean (minutes for
+    N = 3,000), so a cancel waited until they were all done."""
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    ds = MultimodalDataset({k: [it[k] for it in instances(14)] for k in ("tabular", "series")})
+    rows, calls = [], []
+    adapter.decision_layer.register_forward_pre_hook(lambda _m, inp: rows.append(len(inp[0])))
+
+    def cancel(done, total, message):
+        calls.append((done, total, message))
+        if done > 0:
+            raise _Stop
+    n = 12
+    with pytest.raises(_Stop):
+        dime(adapter, ds, 0, reference_indices=range(1, 1 + n), n_samples=20, batch_size=8,
+             progress=cancel, factorized=factorized)
+    done, total, message = calls[-1]
+    assert done == 8 and "reference" in message and total > n * n
+    check = 2 * (n + 8) + 1 if factorized is None else 1    # the split's check, the prediction
+    assert sum(rows) <= check + 8 < n * n
+
+
+def test_dime_fuses_batch_size_pairs_at_a_time(monkeypatch):
+    """Before: the grand mean fused all N^2 reference pairs at once (their indices and
+    outputs: memory grew with N^2), and each batch of masks with all references at once."""
+    from multiviz_widgets.kernels.factorize import Factorization
+    from multiviz_widgets.kernels.split_model import FusedPairs
+    largest, fused = [0], [0]
+    real, real_fuse = FusedPairs.pairs, Factorization.fuse
+
+    def pairs(self, side, others, i, j):
+        largest[0] = max(largest[0], len(i))
+        return real(self, side, others, i, j)
+
+    def fuse(self, rows):
+        fused[0] = max(fused[0], len(rows[0]))
+        return real_fuse(self, rows)
+    monkeypatch.setattr(FusedPairs, "pairs", pairs)
+    monkeypatch.setattr(Factorization, "fuse", fuse)
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    ds = MultimodalDataset({k: [it[k] for it in instances(14)] for k in ("tabular", "series")})
+    progress = []
+    fast = dime(adapter, ds, 0, reference_indices=range(1, 13), n_samples=30, batch_size=8,
+                progress=lambda *a: progress.append(a))
+    # the most pairs asked for at once: the check's N = 12 own pairs (memory linear in N),
+    # never the 144 reference pairs or a batch of 8 masks x 12 references
+    assert fast.params["factorization"] == "traced" and largest[0] == 12 and fused[0] == 8
+    slow = dime(adapter, ds, 0, reference_indices=range(1, 13), n_samples=30, batch_size=8,
+                factorized=False)
+    assert fast.uc_value == pytest.approx(slow.uc_value, abs=1e-5)
+    for m in adapter.names:
+        np.testing.assert_allclose(fast.uc[m], slow.uc[m], atol=1e-5, rtol=1e-4)
+    done = [d for d, _, _ in progress]
+    assert done == sorted(done) and done[-1] == progress[-1][1]      # never back, to the end

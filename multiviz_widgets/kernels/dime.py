@@ -28,7 +28,8 @@ from ..checks import positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
                      check_model_takes, dataset_index, dataset_indices, masked_continuous,
                      modality_pair, resolve_target, sample_indices)
-from .split_model import CHECKED_PAIRS, FusedPairs, check_factorized, same_or_reject, with_split
+from .split_model import (FusedPairs, check_factorized, same_or_reject, steady_progress,
+                          with_split)
 
 __all__ = ["DimeResult", "dime"]
 
@@ -63,26 +64,33 @@ class DimeResult(Result):
 #: never all masks x references at once (for 224 x 224 images that was gigabytes).
 GATHER_BYTES = 64 << 20
 
+#: the progress message while the N^2 reference pairs of the grand mean are evaluated
+REFERENCE_PAIRS = "DIME: pairs of the reference instances"
+
 
 class _DimeForwards:
     """DIME's terms from full forward passes: f(x^z), and each masked modality against the
     reference set's other modality (the remaining modalities, if any, kept as the instance's).
     Each batch takes a reference modality from references of one input shape (``ShapeGroups``:
-    one group when they share one), so nothing is padded."""
+    one group when they share one), so nothing is padded. step(done, message): progress of the
+    N^2 reference pairs (``dime``)."""
 
-    def __init__(self, adapter, prepared, target, refs: ShapeGroups, pair, batch_size, cost):
+    def __init__(self, adapter, prepared, target, refs: ShapeGroups, pair, batch_size, cost,
+                 step):
         self.adapter, self.p, self.t, self.refs = adapter, prepared, target, refs
         self.pair, self.bs, self.cost = pair, batch_size, cost
         self.n = refs.n
         self.constant: dict[str, torch.Tensor] = {}       # terms of intact modalities
         a, b = pair
-        total = 0.0
+        total, done = 0.0, 0
         for _, xa in refs.by([a]):
             for _, xb in refs.by([b]):
                 for i, j in block_pairs(len(xa[a]), len(xb[b]), batch_size, adapter.device):
                     sel = {a: xa[a][i], b: xb[b][j]}
                     total = total + self._run({m: sel.get(m, prepared.raw[m])
                                                for m in adapter.names}, {}).sum()
+                    done += len(i)
+                    step(done, REFERENCE_PAIRS)
         self.grand = total / (self.n * self.n)
 
     @torch.no_grad()
@@ -131,24 +139,32 @@ class _DimeForwards:
 
 class _DimeFused:
     """DIME's terms from a split model (two modalities): the reference set and each batch of
-    masked instances are encoded once, and only the pairs are fused. The split is checked
-    against forward passes when it is built (FactorizationError when they differ)."""
+    masked instances are encoded once, and only the pairs are fused, batch_size pairs at a time
+    (memory does not grow with the N^2 pairs). The split is checked against forward passes when
+    it is built (FactorizationError when they differ). step(done, message): progress of the
+    N^2 reference pairs (``dime``); cost: [count] of forward passes, added to as they run."""
 
-    def __init__(self, adapter, prepared, target, refs: ShapeGroups, split, batch_size, cost):
+    def __init__(self, adapter, prepared, target, refs: ShapeGroups, split, batch_size, cost,
+                 step):
         self.adapter, self.p, self.split, self.cost = adapter, prepared, split, cost
         neuron = target.kind == "neuron"
         self.constant: dict[str, torch.Tensor] = {}       # terms of intact modalities
+        # the split's check (its N own pairs and a few neighbours, each fused and run in full)
+        # counts its forward passes in cost
         self.fused = FusedPairs(adapter, split, batch_size, neuron,
-                            lambda logits, h: adapter.output(logits, h, target))
+                                lambda logits, h: adapter.output(logits, h, target), cost)
         self.n = n = refs.n
         with torch.no_grad():
             # each shape group of the references encoded on its own (one group: one batch)
             self.ref = self.fused.encode_groups(refs)
             self.fused.check(refs, self.ref, lambda raw: adapter.target_output(raw, {}, target))
-            total = 0.0
+            total, done = 0.0, 0
             for ps, sv, po, ov in self.ref.blocks():
-                for i, j in block_pairs(len(ps), len(po), None, adapter.device):
+                for i, j in block_pairs(len(ps), len(po), batch_size, adapter.device):
                     total = total + self.fused.pairs(sv, ov, i, j).sum()
+                    done += len(i)
+                    cost[0] += len(i)
+                    step(done, REFERENCE_PAIRS)
             self.grand = total / (n * n)
             # masked inputs enter the encoders through the continuous inputs: check that path
             # on the instance and two random masks of it against full forward passes
@@ -158,11 +174,9 @@ class _DimeFused:
                      for m in adapter.names}
             cont = masked_continuous(prepared, masks, adapter)
             direct = adapter.target_output(prepared.raw, cont, target).double()
+            cost[0] += len(direct)
             _, f = self.uc_and_f(cont)
             same_or_reject(split, f, direct)
-        # the N^2 pairs of the grand mean; the split's check (its N own pairs and a few
-        # neighbours, each fused and run in full); the masks' full forwards
-        cost[0] += n * n + 2 * (n + min(n, CHECKED_PAIRS)) + len(direct)
 
     @torch.no_grad()
     def uc_and_f(self, cont, intact=()):
@@ -192,14 +206,14 @@ class _DimeFused:
     def _against_references(self, enc, groups, masked_side: bool, rows: int) -> torch.Tensor:
         """sum_j of the fused pairs (masked row i, reference j) [rows], over the first ``rows``
         rows of ``enc``; per group of references whose encodings have one size (one group: all
-        of them)."""
+        of them), batch_size pairs at a time (memory does not grow with masks x references)."""
         dev = self.adapter.device
-        part = 0.0
+        part = torch.zeros(rows, dtype=torch.float64, device=dev)
         for pos, values in groups:
-            (i, j), = block_pairs(rows, len(pos), None, dev)          # all of them, row-major
-            out = (self.fused.pairs(enc, values, i, j) if masked_side
-                   else self.fused.pairs(values, enc, j, i))
-            part = part + out.reshape(rows, len(pos)).sum(1)
+            for i, j in block_pairs(rows, len(pos), self.fused.batch_size, dev):
+                out = (self.fused.pairs(enc, values, i, j) if masked_side
+                       else self.fused.pairs(values, enc, j, i))
+                part.index_add_(0, i, out.reshape(len(i)))
         self.cost[0] += rows * self.n
         return part
 
@@ -236,9 +250,11 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     one LIME of ``n_samples`` masks per modality (UC and MI share its masks); "joint" explains
     both over the units of a and b at once, one LIME of ``n_samples`` masks over all of them.
     Cost: N^2 + 2 n_samples (N + 1) + 2 N model evaluations per modality, or N^2 + n_samples
-    (2 N + 1) joint (N = reference size), in batches of batch_size. factorized: as in ``emap`` (two-modality
-    models): the reference set and each masked instance are encoded once, and only the pairs are
-    fused.
+    (2 N + 1) joint (N = reference size), in batches of batch_size. factorized: as in ``emap``
+    (two-modality models): the reference set and each masked instance are encoded once, and only
+    the pairs are fused. progress(done, total, message): after each batch, the N^2 pairs of the
+    reference set first, then LIME's masks (each counted as N pairs); a callback that raises
+    (to cancel) stops DIME within a batch.
     """
     from .unimodal import lime_from_function
     check_adapter(adapter, "dime")
@@ -269,10 +285,16 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
         refs = ShapeGroups(adapter, [dataset[int(i)] for i in ref_idx], ref_idx)
         n = len(ref_idx)
         cost = [1 if target is None else 0]
+        # progress counts the N^2 reference pairs, then LIME's masks, each mask about N pairs
+        # (UC's terms cost N per mask, or 2N with design="joint"; MI takes them from UC's)
+        phases = 4 if design == "per_modality" else 2
+        total = n * n + phases * n_samples * n
+        step = steady_progress(progress, total)
+        step(0, REFERENCE_PAIRS)
         if len(adapter.names) == 2:
             try:
                 terms, kind, note = with_split(adapter, factorized, a, lambda split: _DimeFused(
-                    adapter, p, t, refs, split, batch_size, cost))
+                    adapter, p, t, refs, split, batch_size, cost, step))
             except RuntimeError:
                 check_model_takes(adapter, p.raw, *refs.raws)   # inputs the model cannot take
                 raise
@@ -282,7 +304,7 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
         else:
             terms, kind, note = None, "none", "DIME splits only two-modality models"
         if terms is None:
-            terms = _DimeForwards(adapter, p, t, refs, (a, b), batch_size, cost)
+            terms = _DimeForwards(adapter, p, t, refs, (a, b), batch_size, cost, step)
 
         cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         at_instance: list[tuple[float, float]] = []     # (UC, f) at the all-ones mask
@@ -302,15 +324,16 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
         designs = ([{m: u} for m, u in units.items()] if design == "per_modality"
                    else [units])
         lime_kw = dict(n_samples=n_samples, seed=seed, batch_size=batch_size, **lime_params)
-        phases = 2 * len(designs)
 
         def step_progress(phase, part):
             if progress is None:
                 return None
             what = "UC" if phase % 2 == 0 else "MI"
             over = "" if len(part) == 2 else f" over {next(iter(part))}"
-            return lambda done, total, msg: progress(done + phase * total, phases * total,
-                                                     f"DIME {what}{over}: {msg}")
+            # LIME counts its masks (n_samples of them): each phase is n_samples * n of total
+            return lambda done, of, msg: step(
+                n * n + round((phase + done / max(of, 1)) * n_samples * n),
+                f"DIME {what}{over}: {msg}")
 
         uc, mi = {}, {}
         for k, part in enumerate(designs):

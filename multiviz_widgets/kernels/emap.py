@@ -21,7 +21,7 @@ from ..results import Result, Stopwatch
 from ..checks import is_integer, positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
                      dataset_index, dataset_indices, memory_error, sample_indices)
-from .split_model import CHECKED_PAIRS, FusedPairs, Split, check_factorized, with_split
+from .split_model import FusedPairs, Split, check_factorized, steady_progress, with_split
 
 __all__ = ["EmapResult", "emap", "emap_gap", "emap_matrix", "interaction_type",
            "interaction_types"]
@@ -169,13 +169,17 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         shapes = ShapeGroups(adapter, items, idx)     # one group unless the shapes differ
         groups = [names[0]] if len(names) == 2 else list(names)   # modality m vs all others
         total = len(groups) * n * n
-        report(progress, 0, total, "EMAP pairs")
+        step = steady_progress(progress, total)
+        step(0, "EMAP pairs")
+        # forward passes run, fused or full: a split's checks, and the pairs of a split
+        # abandoned part way, included
+        passes = [0]
         sums, kinds, notes = [], [], []
         for g, m in enumerate(groups):
             try:
                 acc, kind, why = with_split(adapter, factorized, m, lambda split: _emap_fused(
-                    adapter, split, shapes, t, out_fn, batch_size, keep, progress, g * n * n,
-                    total))
+                    adapter, split, shapes, t, out_fn, batch_size, keep, step, g * n * n,
+                    passes))
                 if acc is None:                  # no split: full forward passes of the pairs
                     acc, done = _PairSums(n, keep), g * n * n
                     others = [name for name in names if name != m]
@@ -185,7 +189,8 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
                         acc.add(i, j, out_fn(raw))
                         del raw    # before the next batch is gathered: one batch in memory
                         done += len(i)
-                        report(progress, done, total, "EMAP pairs")
+                        passes[0] += len(i)
+                        step(done, "EMAP pairs")
             except RuntimeError as e:
                 # inputs the model cannot take: an error naming the instances
                 _raise_unrunnable(e, shapes, out_fn, batch_size, idx,
@@ -214,10 +219,8 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         params["matrix_note"] = ("not kept (keep_matrix=False)" if keep_matrix is False else
                                  f"not kept: it would take {_size(matrix_bytes)}; pass "
                                  "keep_matrix=True to keep it anyway")
-    # the split's check: its N own pairs and a few neighbours, each fused and run in full
-    checks = sum(fused) * 2 * (n + min(n, CHECKED_PAIRS))
     return EmapResult(method="emap", target=t, params=params,
-                      forward_passes=total + checks,
+                      forward_passes=passes[0],
                       backward_passes=0, seconds=sw.seconds,
                       modalities=tuple(names), indices=idx, logits=logits,
                       emap_logits=emap_logits, unimodal=unimodal, grand_mean=grand,
@@ -334,16 +337,17 @@ class _PairSums:
 
 def _emap_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
                 target: Target | None, out_fn: Callable, batch_size: int, keep: bool,
-                progress: ProgressFn, done: int, total: int) -> _PairSums:
+                step: Callable[[int, str], None], done: int, passes: list[int]) -> _PairSums:
     """The sums of the N x N pairs M[i, j] = f(x_side^i, x_others^j), from encodings fused
     pairwise (see ``emap``; each shape group of the instances encoded on its own, see
     ``FusedPairs.encode_groups``); raises FactorizationError when fused pairs differ from plain
-    forward passes (checked before the N^2 pairs). done, total: where these pairs stand in the
-    whole job, for progress."""
+    forward passes (checked before the N^2 pairs). step(done, message): progress, where done
+    starts (these pairs' place in the whole job); passes: [count], the forward passes run
+    (the check's and the pairs') added as they run."""
     neuron = target is not None and target.kind == "neuron"
     fused = FusedPairs(adapter, split, batch_size, neuron,
                        (lambda logits, h: adapter.output(logits, h, target)[:, None]) if neuron
-                       else (lambda logits, h: logits))
+                       else (lambda logits, h: logits), passes)
     enc = fused.encode_groups(shapes)
     fused.check(shapes, enc, out_fn)
     acc = _PairSums(shapes.n, keep)
@@ -351,7 +355,8 @@ def _emap_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
         for i, j in block_pairs(len(ps), len(po), batch_size, adapter.device):
             acc.add(ps[i], po[j], fused.pairs(sv, ov, i, j))
             done += len(i)
-            report(progress, done, total, "EMAP pairs (fused encodings)")
+            passes[0] += len(i)
+            step(done, "EMAP pairs (fused encodings)")
     return acc
 
 

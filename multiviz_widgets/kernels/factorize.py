@@ -18,14 +18,19 @@ is the batch. A submodule that does not trace (an encoder that packs a padded se
 lengths, say) is kept whole, as one operation: the split still works when it reads one side
 only, and ``Factorization.opaque_modules`` names it. Whether rows really are independent cannot
 be read from the graph, so ``emap`` also compares fused pairs with plain forward passes before
-it uses them.
+it uses them. A forward that keeps values on the model (``self.maps.append(a)``) gets what it
+changed put back after the trace (``_Saved``); one that keeps them where that cannot be done (a
+global list) is not split.
 Two-modality models that declare ``encode_modality``/``fuse_encodings`` do not need this.
 """
 from __future__ import annotations
 
+import collections
+import gc
+import types
 import weakref
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -33,7 +38,8 @@ from torch import nn
 
 from ..adapter import module_settings
 
-__all__ = ["Factorization", "FactorizationError", "reject_factorization", "trace_factorization"]
+__all__ = ["Factorization", "FactorizationError", "reject_factorization", "trace_factorization",
+           "traced_split"]
 
 
 class FactorizationError(ValueError):
@@ -106,45 +112,72 @@ class Factorization:
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-#: model -> {(names, keyword_inputs, side): Factorization or FactorizationError}; traced once.
+@dataclass(frozen=True)
+class _Refusal:
+    """A failure to trace or a rejected split, as the cache keeps it: its message and the model
+    state it holds for, never the exception itself, whose traceback and context hold the
+    frames of the trace and through them the model, so that the weak-keyed cache would keep
+    its key (the model, with all its weights) alive for ever."""
+
+    message: str
+    state: tuple | None
+
+    def error(self) -> FactorizationError:
+        """A new FactorizationError for each raise (a raised one gets the raiser's frames)."""
+        error = FactorizationError(self.message)
+        error.state = self.state
+        return error
+
+
+#: model -> {(names, keyword_inputs, side, kept whole): Factorization or _Refusal}; traced once.
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def trace_factorization(model: nn.Module, names: Sequence[str], keyword_inputs: bool = False,
-                        side: str | None = None, keep_whole: Sequence[nn.Module] = ()
-                        ) -> Factorization:
+                        side: str | None = None, keep_whole: Sequence[nn.Module] = (),
+                        retrace: bool = False) -> Factorization:
     """The model's traced split between modality ``side`` (default: the first of two) and the
     other modalities. names: the model's arguments, in order (matched by name when
     ``keyword_inputs``). keep_whole: submodules called as one operation, not traced through
     (the adapter's embedding layers and decision layer, whose hooks put continuous inputs in and
     read the decision-level features: a hook fires only where the module itself is called, and
-    torch.fx traces through any module outside torch.nn). Cached per model, and traced again when the tensors it read were
-    replaced (``model.half()``) or a submodule or a number, flag or text setting changed
-    (``_model_state``); a failure to trace or a rejection is retried then too. Raises
+    torch.fx traces through any module outside torch.nn). Cached per model, and traced again
+    when the tensors it read were replaced (``model.half()``) or a submodule or a number, flag
+    or text setting changed (``_model_state``); a failure to trace or a rejection is retried
+    then too. retrace: trace again whatever is cached (a cached split that disagrees with the
+    forward pass may be stale: a setting the state does not see changed, a list say). Raises
     FactorizationError with the reason.
     torch.fx patches ``nn.Module.__call__`` while it traces, so no other thread may run a
     forward pass meanwhile: call it through ``ModelAdapter.run``, which holds the lock that the
     adapter's forward passes take."""
+    return traced_split(model, names, keyword_inputs, side, keep_whole, retrace)[0]
+
+
+def traced_split(model: nn.Module, names: Sequence[str], keyword_inputs: bool = False,
+                 side: str | None = None, keep_whole: Sequence[nn.Module] = (),
+                 retrace: bool = False) -> tuple[Factorization, bool]:
+    """(``trace_factorization``'s split, whether this call traced it: False when it came from
+    the cache, so that a caller whose check finds it wrong can trace it again once)."""
     key = _key(model, names, keyword_inputs, side, keep_whole)
     per_model = _CACHE.setdefault(model, {})
-    found = per_model.get(key)
+    found = None if retrace else per_model.get(key)
     # traced once; again when the model's tensors were replaced since (model.half(), .to(...))
     # or a submodule or setting changed (model.head = nn.Linear(...)): a split, a failure to
     # trace and a rejection alike hold for the model as it was
     state = _model_state(model)
     stale = (not found.is_current(model, state) if isinstance(found, Factorization)
              else found is not None and found.state is not None and found.state != state)
-    if found is None or stale:
+    fresh = found is None or stale
+    if fresh:
         try:
             found = _trace(model, *key)
             found.state = state
         except FactorizationError as e:
-            e.state = state
-            found = e
+            found = _Refusal(str(e), state)
         per_model[key] = found
-    if isinstance(found, FactorizationError):
-        raise found
-    return found
+    if isinstance(found, _Refusal):
+        raise found.error()
+    return found, fresh
 
 
 def _qualified_names(model: nn.Module, modules: Sequence[nn.Module]) -> tuple[str, ...]:
@@ -160,9 +193,8 @@ def reject_factorization(model: nn.Module, names: Sequence[str], keyword_inputs:
     """Remember that the model's traced split gave different numbers from its forward pass, so
     that later calls skip it (``trace_factorization`` then raises with ``reason``) until a
     submodule or setting of the model changes."""
-    error = FactorizationError(f"its traced split was rejected earlier: {reason}")
-    error.state = _model_state(model)
-    _CACHE.setdefault(model, {})[_key(model, names, keyword_inputs, side, keep_whole)] = error
+    _CACHE.setdefault(model, {})[_key(model, names, keyword_inputs, side, keep_whole)] = _Refusal(
+        f"its traced split was rejected earlier: {reason}", _model_state(model))
 
 
 def _model_state(model: nn.Module) -> tuple:
@@ -190,7 +222,8 @@ def _key(model: nn.Module, names: Sequence[str], keyword_inputs: bool, side: str
 def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side: str,
            keep_whole: tuple[str, ...] = ()) -> Factorization:
     if len(names) < 2:
-        raise FactorizationError(f"a split needs two or more modalities, the adapter has {list(names)}")
+        raise FactorizationError(f"a split needs two or more modalities, the adapter has "
+                                 f"{list(names)}")
     root, graph, modality_of, opaque = _trace_graph(model, names, keyword_inputs, keep_whole)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
 
@@ -221,7 +254,7 @@ def _trace(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool, side:
     env = {n: fusion.placeholder(f"frontier_{k}") for k, n in enumerate(frontier)}
     for node in graph.nodes:
         if node in env or (len(deps[node]) == 1 and node.op != "output"):
-            continue          # frontier values arrive as arguments; other encoder steps are not needed
+            continue      # frontier values arrive as arguments; other encoder steps: not needed
         env[node] = fusion.node_copy(node, lambda n: env[n])
     enc_module, fuse_module = _module(root, encoder), _module(root, fusion)
     return Factorization(names=names, side=side, inputs=tuple(modality_of[p] for p in placeholders),
@@ -272,19 +305,24 @@ def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool,
     opaque: dict[str, str] = {}
     while True:
         tracer = _Tracer(set(opaque) | set(keep_whole))
+        saved = _Saved(model)
         try:
-            graph = _restoring_attributes(model, lambda: tracer.trace(
-                root, concrete_args={"inputs": {m: fx.PH for m in names}}))
-            break
-        except Exception as e:   # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
+            graph, why = tracer.trace(root, concrete_args={"inputs": {m: fx.PH for m in names}}), ""
+        except Exception as e:   # fx raises many kinds (TraceError, TypeError, ...)
             why = f"{type(e).__name__}: {e}"
-            where = tracer.failed_in if tracer.failed_in != "model" else None   # not the model itself
-            if where and where not in opaque and len(opaque) < MAX_OPAQUE_MODULES:
-                opaque[where] = why
-                continue
-            inside = f" (in submodule {where.removeprefix('model.')!r})" if where else ""
-            raise FactorizationError(f"torch.fx cannot trace the model's forward{inside} "
-                                     f"({why})") from None
+        finally:
+            saved.restore()
+        # here, past the except clause, its traceback (whose frames hold the trace's proxies)
+        # is gone: a proxy still alive is one the model or the user's code kept
+        _no_proxies_left(model, tracer)
+        if not why:
+            break
+        where = tracer.failed_in if tracer.failed_in != "model" else None   # not the model itself
+        if where and where not in opaque and len(opaque) < MAX_OPAQUE_MODULES:
+            opaque[where] = why
+            continue
+        inside = f" (in submodule {where.removeprefix('model.')!r})" if where else ""
+        raise FactorizationError(f"torch.fx cannot trace the model's forward{inside} ({why})")
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(names):
         raise FactorizationError(f"the traced forward has {len(placeholders)} inputs for the "
@@ -304,9 +342,16 @@ class _Tracer(fx.Tracer):
     def __init__(self, opaque: set[str]):
         super().__init__()
         self.opaque, self.failed_in = opaque, None
+        self.proxies: list[weakref.ref] = []     # every proxy of the trace, to see none is kept
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        made = super().proxy(node)
+        self.proxies.append(weakref.ref(made))
+        return made
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.opaque or super().is_leaf_module(m, module_qualified_name)
+        return (module_qualified_name in self.opaque
+                or super().is_leaf_module(m, module_qualified_name))
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -320,18 +365,134 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def _restoring_attributes(model: nn.Module, trace):
-    """trace(), then every module's attributes as they were: a forward that keeps values on the
-    model (``self.last_attention = a``) would otherwise keep the tracer's proxies there."""
-    saved = [(m, dict(vars(m))) for m in model.modules()]
+#: How deep (attribute, item, attribute of an object held there...) and over how many objects
+#: the values a forward may change while it is traced are saved, and put back after the trace
+SAVED_DEPTH, SAVED_OBJECTS = 6, 50_000
+
+#: Values never looked into: immutable, or not the model's state (tensors are the weights)
+_LEAVES = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+           types.MethodType, torch.Tensor, fx.Proxy, fx.Node, torch.dtype, torch.device,
+           weakref.ref, str, bytes, int, float, complex, bool, type(None))
+
+#: The mutable containers put back as they were (in place: other references to them stay valid)
+_RESTORED = (list, dict, set, collections.deque)
+
+
+def _reachable(model: nn.Module) -> Iterator[tuple[str, object]]:
+    """(where, value) for the attribute dicts of the model's modules and every value reachable
+    from them through lists, tuples, dicts, sets, deques and the attributes of other objects,
+    breadth first, up to SAVED_DEPTH steps and SAVED_OBJECTS objects looked into."""
+    modules = {id(m) for m in model.modules()}
+    todo = collections.deque((f"model.{name}" if name else "model", vars(m), 0, True)
+                             for name, m in model.named_modules())
+    seen: set[int] = set()
+    while todo and len(seen) < SAVED_OBJECTS:
+        where, value, depth, attributes = todo.popleft()
+        yield where, value
+        if isinstance(value, _LEAVES) or id(value) in seen or depth >= SAVED_DEPTH:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            todo.extend((f"{where}.{k}" if attributes else f"{where}[{k!r}]", v, depth + 1, False)
+                        for k, v in list(value.items()))
+        elif isinstance(value, (list, tuple, collections.deque)):
+            todo.extend((f"{where}[{k}]", v, depth + 1, False) for k, v in enumerate(list(value)))
+        elif isinstance(value, (set, frozenset)):
+            todo.extend((f"{where} (an item)", v, depth + 1, False) for v in list(value))
+        elif not (isinstance(value, nn.Module) and id(value) in modules):   # modules: above
+            try:
+                todo.append((where, vars(value), depth + 1, True))
+            except TypeError:          # no __dict__: its slots, if any
+                todo.extend((f"{where}.{k}", v, depth + 1, False)
+                            for k, v in _slots(value).items() if v is not _UNSET)
+
+
+class _Saved:
+    """The mutable values reachable from the model's modules (``_reachable``: their attribute
+    dicts, the lists, dicts, sets and deques they hold, the attributes of objects they hold...),
+    each with a shallow copy, to put back after a trace: a forward that keeps values on the
+    model (``self.last = a``, ``self.maps.append(a)``, ``self.stats["last"] = a``) would
+    otherwise keep the tracer's proxies there, and a count of calls would count the trace."""
+
+    def __init__(self, model: nn.Module):
+        self.saved, self.slots = [], []
+        for _, value in _reachable(model):
+            if isinstance(value, _RESTORED):
+                self.saved.append((value, list(value.items()) if isinstance(value, dict)
+                                   else list(value)))
+            elif not isinstance(value, _LEAVES) and (slots := _slots(value)):
+                self.slots.append((value, slots))
+
+    def restore(self) -> None:
+        """Each container as it was, in place; only those that changed (compared by identity:
+        a proxy compared by value would trace the comparison)."""
+        for value, was in self.slots:
+            for k, v in was.items():
+                if getattr(value, k, _UNSET) is v:
+                    continue
+                try:
+                    if v is _UNSET:
+                        delattr(value, k)
+                    else:
+                        setattr(value, k, v)
+                except Exception:         # read-only: a proxy left there is caught after
+                    pass
+        for value, was in self.saved:
+            now = list(value.items()) if isinstance(value, dict) else list(value)
+            if isinstance(value, dict):              # their order is not the point
+                same = {id(k): id(v) for k, v in now} == {id(k): id(v) for k, v in was}
+            elif isinstance(value, set):
+                same = {id(x) for x in now} == {id(x) for x in was}
+            else:
+                same = len(now) == len(was) and all(x is y for x, y in zip(now, was))
+            if same:
+                continue
+            try:
+                value.clear()
+                if isinstance(value, (dict, set)):
+                    value.update(was)
+                else:                                  # a list or a deque
+                    value.extend(was)
+            except Exception:      # a container that refuses: a proxy left there is caught after
+                pass
+
+
+def _slots(value: object) -> dict[str, object]:
+    """{slot: value or _UNSET} of an object without a __dict__, else {}."""
     try:
-        return trace()
-    finally:
-        for m, attributes in saved:
-            state = vars(m)
-            for k in [k for k in state if k not in attributes]:
-                del state[k]
-            state.update(attributes)
+        vars(value)
+        return {}
+    except TypeError:
+        pass
+    names: set[str] = set()
+    for cls in type(value).__mro__:
+        declared = cls.__dict__.get("__slots__", ())
+        names.update([declared] if isinstance(declared, str) else declared)
+    return {k: getattr(value, k, _UNSET) for k in sorted(names - {"__weakref__", "__dict__"})}
+
+
+_UNSET = object()      # a slot without a value
+
+
+def _no_proxies_left(model: nn.Module, tracer: _Tracer) -> None:
+    """Raise FactorizationError when a proxy of the trace is still alive after the model's state
+    was put back: the forward kept it where that could not be undone (a global variable, a
+    closure, deeper than SAVED_DEPTH), so the model (or the user's code) is not as it was, and
+    the graph may miss effects of the forward (a split must not be used then)."""
+    if not any(r() is not None for r in tracer.proxies):
+        return
+    gc.collect()                          # a proxy kept only by a cycle is not kept
+    alive = {id(p) for r in tracer.proxies if (p := r()) is not None}
+    if not alive:
+        return
+    where = next((w for w, value in _reachable(model) if id(value) in alive), None)
+    raise FactorizationError(
+        "its forward keeps a value computed while it was traced (a torch.fx proxy) "
+        + (f"in {where}, " if where else "outside the model's attributes (a global variable "
+           "or a closure, say), ")
+        + "where the split cannot put back what was there before: that place now holds the "
+        "proxy. Keep such values in the model's own attributes, lists or dicts (the split puts "
+        "those back as they were), or pass factorized=False")
 
 
 def _module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
@@ -342,7 +503,8 @@ def _module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
         module.graph.lint()
         module.recompile()
     except Exception as e:
-        raise FactorizationError(f"the split graphs do not compile ({type(e).__name__}: {e})") from None
+        raise FactorizationError(f"the split graphs do not compile ({type(e).__name__}: "
+                                 f"{e})") from None
     return module
 
 

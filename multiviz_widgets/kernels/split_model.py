@@ -26,11 +26,12 @@ from torch import nn
 
 from ..adapter import (AdapterError, ModelAdapter, ModelInputError, check_inputs_kept,
                        input_versions)
+from ..progress import ProgressFn, report
 from .common import ShapeGroups, merge_groups
-from .factorize import FactorizationError, reject_factorization, trace_factorization
+from .factorize import FactorizationError, reject_factorization, traced_split
 
 __all__ = ["CHECKED_PAIRS", "Encodings", "FusedPairs", "NoDecisionLayerInFusion", "Split",
-           "check_factorized", "model_split", "same_or_reject", "with_split"]
+           "check_factorized", "model_split", "same_or_reject", "steady_progress", "with_split"]
 
 
 #: off-diagonal pairs (i, i + 1) compared with plain forward passes before fused pairs are used
@@ -53,6 +54,21 @@ class Split:
     from_side: tuple[bool, ...]                        # per encoded value: from the split-off modality
     fuse: Callable[[Sequence[torch.Tensor]], torch.Tensor]
     note: str = ""                                     # informative (e.g. submodules kept whole)
+    #: traced by this call (False: a traced split from the cache, which a failed check may
+    #: find stale, as when a list setting of the model changed: it is traced again then)
+    fresh: bool = True
+
+
+def steady_progress(progress: ProgressFn, total: int) -> Callable[[int, str], None]:
+    """step(done, message): ``report(progress, done, total, message)``, never less than it
+    reported before: when a split is abandoned part way (the forward passes then run its pairs
+    again), the count stays where it was until the forward passes pass it, and never goes back."""
+    shown = [0]
+
+    def step(done: int, message: str) -> None:
+        shown[0] = max(shown[0], int(done))
+        report(progress, shown[0], total, message)
+    return step
 
 
 def check_factorized(factorized) -> None:
@@ -66,43 +82,55 @@ def with_split(adapter: ModelAdapter, factorized, side: str, build: Callable[[Sp
                ) -> tuple[object | None, str, str]:
     """(build(split), its kind, its note) with the model's split of ``side`` from the others, or
     (None, "none", why not) when there is none or (for a traced split and factorized=None) when
-    build finds that the split disagrees with forward passes; the rejection is remembered."""
+    build finds that the split disagrees with forward passes; the rejection is remembered. A
+    traced split from the cache that disagrees is traced again once first: it may be stale (a
+    setting the cache does not see changed, such as a list), and only a split traced for this
+    call is rejected (or raised about, when it was asked for)."""
     split, why = model_split(adapter, factorized, side)
-    if split is None:
-        return None, "none", why
-    try:
-        return build(split), split.kind, split.note
-    except NoDecisionLayerInFusion as e:
+    while True:
+        if split is None:
+            return None, "none", why
+        try:
+            return build(split), split.kind, split.note
+        except FactorizationError as e:
+            if split.fresh or isinstance(e, NoDecisionLayerInFusion):
+                return _not_built(adapter, factorized, side, split, e)
+        except (AdapterError, RuntimeError) as e:
+            return _not_built(adapter, factorized, side, split, e)
+        split, why = model_split(adapter, factorized, side, retrace=True)
+
+
+def _not_built(adapter: ModelAdapter, factorized, side: str, split: Split, e: Exception
+               ) -> tuple[None, str, str]:
+    """with_split's answer when build(split) raised ``e``: (None, "none", why) to fall back to
+    forward passes (remembering a traced split that disagrees), else raise ``e``."""
+    fall_back = factorized is None and split.kind == "traced"
+    if isinstance(e, NoDecisionLayerInFusion):
         # the split holds (class targets keep it): only this neuron target cannot use it, so
         # the rejection is not remembered, and factorized=None falls back for a declared split too
-        if factorized is not None:
-            raise
-        return None, "none", f"split not used for this neuron target: {e}"
-    except FactorizationError as e:
+        if factorized is None:
+            return None, "none", f"split not used for this neuron target: {e}"
+    elif isinstance(e, FactorizationError):
         # a traced split that disagrees with the forward pass: rejected for good (the
         # forward passes explain the model instead), when it was not asked for by name
-        if factorized is not None or split.kind == "declared":
-            raise
-        reject_factorization(adapter.model, adapter.names, adapter.keyword_inputs, side, str(e),
-                             hooked_modules(adapter))
-        return None, "none", f"traced split rejected: {e}"
-    except AdapterError as e:
+        if fall_back:
+            reject_factorization(adapter.model, adapter.names, adapter.keyword_inputs, side,
+                                 str(e), hooked_modules(adapter))
+            return None, "none", f"traced split rejected: {e}"
+    elif isinstance(e, AdapterError):
         # a traced split in which a module the adapter hooks was not called as it is (the hook
         # that puts a modality's continuous input in never fired): the forward passes explain
         # the model instead
-        if (factorized is not None or split.kind == "declared"
-                or getattr(e, "code", None) != "embedding-substitution"):
-            raise
-        return None, "none", f"traced split not used: {e}"
-    except RuntimeError as e:
+        if fall_back and getattr(e, "code", None) == "embedding-substitution":
+            return None, "none", f"traced split not used: {e}"
+    elif isinstance(e, RuntimeError):
         # a traced split that fails where the forward pass may not (e.g. a tensor of the model
         # that the trace could not follow): the forward passes explain the model this time,
         # and the split is tried again next time. Out of memory (the forward passes need more)
         # and an error about the inputs (which the forward passes would meet too) are raised.
-        if (factorized is not None or split.kind == "declared"
-                or isinstance(e, (torch.OutOfMemoryError, ModelInputError))):
-            raise
-        return None, "none", f"traced split not used this time: {type(e).__name__}: {e}"
+        if fall_back and not isinstance(e, (torch.OutOfMemoryError, ModelInputError)):
+            return None, "none", f"traced split not used this time: {type(e).__name__}: {e}"
+    raise e
 
 
 def hooked_modules(adapter: ModelAdapter) -> list[nn.Module]:
@@ -111,9 +139,11 @@ def hooked_modules(adapter: ModelAdapter) -> list[nn.Module]:
     return [*adapter.embedding_layers.values(), adapter.decision_layer]
 
 
-def model_split(adapter: ModelAdapter, factorized, side: str) -> tuple[Split | None, str]:
+def model_split(adapter: ModelAdapter, factorized, side: str, retrace: bool = False
+                ) -> tuple[Split | None, str]:
     """(the split of modality ``side`` from the others, or None and why) for
-    ``factorized=...`` of ``emap`` and ``dime``."""
+    ``factorized=...`` of ``emap`` and ``dime``. retrace: a traced split is traced anew, not
+    taken from the cache."""
     if factorized is False:
         return None, ""
     model, names = adapter.model, adapter.names
@@ -128,14 +158,14 @@ def model_split(adapter: ModelAdapter, factorized, side: str) -> tuple[Split | N
                      lambda raw: (model.encode_modality(a, raw[a]), model.encode_modality(b, raw[b])),
                      (True, False), lambda rows: model.fuse_encodings({a: rows[0], b: rows[1]})), ""
     try:
-        f = adapter.run(lambda: trace_factorization(model, names, adapter.keyword_inputs, side,
-                                                    hooked_modules(adapter)))
+        f, fresh = adapter.run(lambda: traced_split(model, names, adapter.keyword_inputs, side,
+                                                    hooked_modules(adapter), retrace))
     except FactorizationError as e:
         if factorized is None:
             return None, f"not traced: {e}"
         raise ValueError(f"factorized={factorized!r}: the model cannot be split where {side!r} "
                          f"meets the other modalities: {e}.") from None
-    return Split("traced", side, f.encode, f.from_side, f.fuse, f.note), ""
+    return Split("traced", side, f.encode, f.from_side, f.fuse, f.note, fresh), ""
 
 
 @dataclass
@@ -167,12 +197,16 @@ class FusedPairs:
     """A split model in use: encodings of batches, and outputs of fused pairs of encodings.
 
     reduce(logits, h) -> the outputs wanted ([B, K] or [B]); h is None unless ``features``.
+    cost: a [count] of forward passes that ``check`` adds its own to (fused and full alike), as
+    it runs them: a check that fails has run them too.
     """
 
     def __init__(self, adapter: ModelAdapter, split: Split, batch_size: int, features: bool,
-                 reduce: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]):
+                 reduce: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+                 cost: list[int] | None = None):
         self.adapter, self.split, self.batch_size = adapter, split, batch_size
         self.features, self.reduce = features, reduce
+        self.cost = [0] if cost is None else cost
 
     def encode(self, raw: Mapping[str, torch.Tensor],
                continuous: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -228,7 +262,7 @@ class FusedPairs:
             # the same logits as a forward pass gives ([B] with one class name becomes [B, 1])
             logits = self.adapter.as_logits(logits, len(i[s:s + bs]))
             out.append(self.reduce(logits, h).double())
-        return torch.cat(out)
+        return out[0] if len(out) == 1 else torch.cat(out)    # one batch: as it is (faster)
 
     def check(self, groups: ShapeGroups, enc: Encodings,
               out_fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]) -> None:
@@ -256,6 +290,7 @@ class FusedPairs:
             got.append(self.pairs(enc.groups[gi][1], enc.groups[gj][1], ri, rj))
             direct += [out_fn({m: (groups.instance(i) if m == side else groups.instance(j))[m]
                                for m in groups.names}).double() for i, j in ij]
+        self.cost[0] += sum(len(x) for x in got) + sum(len(x) for x in direct)
         same_or_reject(self.split, torch.cat(got), torch.cat(direct))
 
 
