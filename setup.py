@@ -34,7 +34,10 @@ class BuildPyWithBundle(build_py):
                     "or older than js/, and npm is not installed to build it. Install Node.js "
                     "and npm (Debian: apt-get install npm), or run `make js`, then build again.")
             if not (ROOT / "node_modules").is_dir():
-                subprocess.run([npm, "install", "--no-audit", "--no-fund"], cwd=ROOT, check=True)
+                # exactly package-lock.json's versions, as `make` installs them (npm ci never
+                # rewrites the lock file)
+                how = "ci" if (ROOT / "package-lock.json").is_file() else "install"
+                subprocess.run([npm, how, "--no-audit", "--no-fund"], cwd=ROOT, check=True)
             subprocess.run([npm, "run", "build"], cwd=ROOT, check=True)
         super().run()
 

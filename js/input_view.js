@@ -17,14 +17,15 @@
 // and the one focused from the keyboard has a blue ring (beside the selection's orange
 // outline). Its Enter and Space are taken (preventDefault: JupyterLab skips keys already
 // handled, so Enter does not open the cell for editing) and every other key, Ctrl+S included,
-// still reaches JupyterLab's shortcuts. The superpixel canvas is for the pointer; its
+// still reaches JupyterLab's shortcuts (but the arrow keys, Home and End inside a grid, below). The superpixel canvas is for the pointer; its
 // segment chips are the keyboard's way to the same units. A chip too long to show (at most
 // 40ch) is cut with an ellipsis, and its title then starts with its whole text.
 //
 // A grid of units (an image's patches, a series' windows) is one tab stop, not one per unit
 // (64 patches on easy-VQA, 196 on a 14 x 14 grid): a group named for the screen reader whose
-// one focusable unit (tabindex 0; the others -1) is the selected unit when it is in the grid,
-// else the last one focused there, else the first. The arrow keys move the focus inside the
+// one focusable unit (tabindex 0; the others -1) is the last one focused there, else the
+// first; a selection made elsewhere (a click on the heatmap, the kernel) moves it to the
+// selected unit unless the focus is in that grid. The arrow keys move the focus inside the
 // grid (Home / End: the row's ends; Ctrl+Home / Ctrl+End: the grid's), and are taken
 // (preventDefault) so that JupyterLab does not move to another cell meanwhile.
 
@@ -485,7 +486,11 @@ function render({ model, el }) {
         for (const e of elements) {
           e.classList.toggle("mvz-selected", on);
           e.setAttribute("aria-current", on ? "true" : "false");
-          if (on && e._mvzGrid) makeTabStop(e);   // Tab into the grid lands on the selection
+          // Tab into the grid lands on the selection, unless the focus is in the grid (its
+          // unit keeps the stop: Tab then leaves the grid in one press)
+          if (on && e._mvzGrid && !e._mvzGrid.cells.includes(document.activeElement)) {
+            makeTabStop(e);
+          }
         }
       }
     }

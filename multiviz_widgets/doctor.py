@@ -157,9 +157,10 @@ def _check_unknown_tokens(adapter: ModelAdapter, prepared, report: Report) -> No
     for name, m in adapter.modalities.items():
         if not isinstance(m, Text):
             continue
-        ids = prepared.raw[name].reshape(-1)
-        ids = ids[ids != m.pad_id]
-        unknown = [i for i, v in enumerate(ids.tolist()) if v == m.unk_id]
+        every = prepared.raw[name].reshape(-1).tolist()
+        ids = [v for v in every if v != m.pad_id]
+        # positions among all the ids (the labels' positions), pads wherever they are skipped
+        unknown = [i for i, v in enumerate(every) if v == m.unk_id]
         if not unknown or not (len(unknown) == len(ids) or (
                 len(unknown) >= 2 and len(unknown) >= _UNKNOWN_SHARE * len(ids))):
             continue

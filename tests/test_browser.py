@@ -177,7 +177,7 @@ def test_a_unit_is_chosen_from_the_keyboard_as_by_a_click(lab, page):
     for key, unit in [("ArrowUp", "1"), ("ArrowLeft", "0"), ("ArrowDown", "2")]:
         page.keyboard.press(key)
         assert page.evaluate("() => document.activeElement.dataset.unit") == unit, key
-    assert page.evaluate(active) == cell
+        assert page.evaluate(active) == cell, key
     # the notebook stayed in command mode (no cell was opened for editing by the keys)
     assert page.evaluate("() => !document.querySelector('.jp-Notebook.jp-mod-editMode')")
     assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
@@ -863,6 +863,13 @@ def test_a_grid_of_units_is_one_tab_stop_that_the_arrow_keys_move_inside(page):
     page.locator(".mvz-token").first.focus()
     page.keyboard.press("Shift+Tab")
     assert page.evaluate(focused) == "image10"
+    # a selection made while the focus is in the same grid leaves the stop with the focused
+    # unit: Tab leaves the grid in one press
+    page.keyboard.press("ArrowLeft")
+    page.evaluate("() => window.__mvz_set('selected', {modality: 'image', unit: 2})")
+    assert page.evaluate(stops) == ["image9", "question0", "series4"]
+    page.keyboard.press("Tab")
+    assert page.evaluate(focused) == "question0"
 
 
 def test_very_long_tokens_and_concepts_are_cut_with_an_ellipsis_and_said_whole_on_hover(page):

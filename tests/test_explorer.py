@@ -918,13 +918,16 @@ def test_a_gallery_row_of_tied_activations_says_so():
 
 def test_a_small_dataset_shows_each_instance_once_in_the_gallery():
     """Fewer instances than the two rows hold (4 each): the top row has the 4 largest h, the
-    bottom row only the smallest of the others; a lone instance is in the top row alone."""
+    bottom row only the smallest of the others; a lone instance is in the top row alone. All
+    tied (a dead ReLU): the bottom row is the others, not empty (the extremes' bottom list is
+    then the top's own)."""
     from .explorer_support import Features
-    for n, top, bottom in [(6, [0, 1, 2, 3], [5, 4]), (1, [0], [])]:
+    for n, tied, top, bottom in [(6, False, [0, 1, 2, 3], [5, 4]), (1, False, [0], []),
+                                 (6, True, [0, 1, 2, 3], [4, 5])]:
         adapter, ds = tiny_vqa(n)
         logits, h = adapter.features(adapter.collate([ds[i] for i in range(n)]))
         h = h.numpy().copy()
-        h[:, 0] = np.arange(n, dtype=h.dtype)[::-1]           # instance i has h0 = n - 1 - i
+        h[:, 0] = 0.0 if tied else np.arange(n, dtype=h.dtype)[::-1]   # else h0 = n - 1 - i
         ex = Explorer(adapter, ds, kernels=FakeKernels(), features=Features(h, logits.numpy()))
         try:
             ex.select(neuron=0)

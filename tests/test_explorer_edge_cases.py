@@ -850,12 +850,12 @@ def test_a_failed_constructor_closes_the_views_it_built_and_lets_go_of_a_shared_
     monkeypatch.setattr(Explorer, "_build", build)
     if fails == "first refresh":
         monkeypatch.setattr(Explorer, "refresh", refresh)
-        expected = RuntimeError
+        expected, said = RuntimeError, "first refresh"
     else:                                       # ipyvolume missing: after the path view
         monkeypatch.setitem(sys.modules, "ipyvolume", None)
-        expected = ImportError
+        expected, said = ImportError, "ipyvolume"
     before = set(_instances)
-    with pytest.raises(expected):
+    with pytest.raises(expected, match=said):
         Explorer(adapter, ds, kernels=FakeKernels(), annotations=store)
     assert store._observers == [] and store._key_checks == []
     widgets = _widgets_of(made[0])

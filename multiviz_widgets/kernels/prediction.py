@@ -51,7 +51,9 @@ FLOAT32_STEP = 2.0 ** -23
 def rounding_step(h) -> float:
     """The relative rounding step (machine epsilon) of the features ``h``: their dtype's
     (a float16 or bfloat16 model's is coarser), never below float32's, since features handed
-    over as float64 are often a float32 model's converted (and lists or integers have none)."""
+    over as float64 are often a float32 model's converted (and lists or integers have none).
+    ``extract_features`` keeps a half-precision model's features as float32: fit on
+    (h, y) with h in the model's dtype for its coarser step to count."""
     dtype = getattr(h, "dtype", None)
     if isinstance(dtype, torch.dtype):
         eps = float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0

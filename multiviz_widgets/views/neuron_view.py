@@ -272,15 +272,23 @@ class NeuronView(W.VBox):
                                  f"{ext.top_indices.shape[0]} neurons.")
             entries = [("top", int(i), float(v)) for i, v in zip(ext.top_indices[j],
                                                                  ext.top_values[j]) if i >= 0]
-            # a dataset of fewer than twice the row's length: the bottom row leaves out the
-            # instances the top row shows (one instance is not both the most and the least
-            # activating), so each instance is shown (and explained) once
+            # a dataset of fewer than twice the row's length: the bottom row is the lowest of
+            # the instances the top row does not show (one instance is not both the most and
+            # the least activating), so each instance is shown (and explained) once; taken
+            # from the features, since the extremes' bottom list may be the top's own (a tie)
             on_top = {i for _, i, _ in entries}
-            entries += [("bottom", int(i), float(v)) for i, v in zip(ext.bottom_indices[j],
-                                                                     ext.bottom_values[j])
+            feats = a.features(progress)
+            h_j = np.asarray(feats.h)[:, j]
+            bottom = list(zip(ext.bottom_indices[j], ext.bottom_values[j]))
+            if len(h_j) < 2 * ext.top_indices.shape[1]:
+                idx = getattr(feats, "indices", None)
+                rows = np.arange(len(h_j)) if idx is None else np.asarray(idx)
+                rest = [(int(i), float(v)) for i, v in zip(rows, h_j)
+                        if np.isfinite(v) and int(i) not in on_top]
+                bottom = sorted(rest, key=lambda t: t[1])[:ext.top_indices.shape[1]]
+            entries += [("bottom", int(i), float(v)) for i, v in bottom
                         if i >= 0 and int(i) not in on_top]
-            ties = {side: tied_extremes(np.asarray(a.features(progress).h)[:, j],
-                                        [e[2] for e in entries if e[0] == side])
+            ties = {side: tied_extremes(h_j, [e[2] for e in entries if e[0] == side])
                     for side in ("top", "bottom")}
             items = []
             for n, (side, idx, value) in enumerate(entries):
