@@ -288,7 +288,7 @@ def _outside_stacklevel() -> int:
     """The stacklevel, for warnings.warn called by this function's caller, of the first frame
     outside this package, torch, contextlib and threading: the user's line that asked for the
     work. On a worker thread (the Explorer's), where no user's line is on the stack, the
-    outermost frame of this package (the job the Explorer ran), not threading.py."""
+    outermost frame of this package (the engine's loop that ran the job), not threading.py."""
     own = os.path.dirname(os.path.abspath(__file__))
     skip = (own, os.path.dirname(torch.__file__), contextlib.__file__, threading.__file__)
     frame, level, outermost_own = sys._getframe(1), 1, 1
@@ -631,9 +631,15 @@ class ModelAdapter:
                     "the model's outputs and every explanation would be NaN. Replace them (for "
                     "example impute missing values) before explaining the instance.")
             if (dtype is not None and x.is_floating_point() and x.dtype != dtype
-                    and torch.finfo(dtype).max < torch.finfo(x.dtype).max):
-                # finite here, they may not be in the model's dtype (float16 ends at 65504):
-                # the model would take infinities, and its outputs be NaN
+                    # bfloat16 ends at 3.39e38, float32 at 3.40e38: a float32 value between the
+                    # two is not worth a pass over every batch; float16 (65504) is, and so is
+                    # float64 input to a float32 or bfloat16 model
+                    and torch.finfo(dtype).max < torch.finfo(x.dtype).max / 2
+                    # finite here, they may not be in the model's dtype (float16 ends at
+                    # 65504): the model would take infinities, and its outputs be NaN. Two
+                    # reductions, no copy of the batch; the instance is looked for only after
+                    and not bool(torch.isfinite(torch.stack([x.amax(), x.amin()]).to(dtype))
+                                 .all())):
                 peak = x.reshape(x.shape[0], -1).abs().amax(1)
                 over = ~torch.isfinite(peak.to(dtype))
                 if bool(over.any()):

@@ -416,6 +416,10 @@ class Annotations:
                  signature: dict | None = None, n_instances: int | None = None,
                  dataset: dict | None = None):
         self._lock = threading.RLock()
+        # counts the changes to what to_dict writes (made under the lock), so that a save that
+        # waited for the file's lock sees whether its text is still the newest without building
+        # the document again (``_edited``)
+        self._edits = 0
         self._data: dict[tuple, tuple[str, ...]] = {}
         self._observers: list[Callable[[tuple | None], None]] = []
         # resolved now: a later os.chdir does not move the file, and a link keeps pointing at it
@@ -541,6 +545,7 @@ class Annotations:
             if dataset:
                 self.dataset = dataset
                 self._viewers.append(dataset)
+            self._edited()        # its concepts read anew, its signature or dataset taken
 
     def unbind(self, dataset: dict | None = None) -> None:
         """A viewer that showed this store (``bind`` with ``dataset``; None: the last to bind)
@@ -559,6 +564,7 @@ class Annotations:
             left = self._viewer_datasets()
             if len(left) == 1:
                 self.dataset = left[0]
+                self._edited()
                 if is_integer(left[0].get("instances")):
                     self.n_instances = int(left[0]["instances"])
 
@@ -600,6 +606,7 @@ class Annotations:
         """Adopt ``dataset`` (given, or the one unit concepts come with), and its size when no
         other was given."""
         self.dataset = _as_dataset(dataset)
+        self._edited()
         if self.n_instances is None and is_integer(self.dataset.get("instances")):
             self.n_instances = int(self.dataset["instances"])
 
@@ -681,6 +688,7 @@ class Annotations:
                 self._data[key] = new
             else:
                 self._data.pop(key, None)
+            self._edited()
             self.unsaved = True
         self._changed(key)
         return new
@@ -756,7 +764,24 @@ class Annotations:
         "comment": "TODO" on a neuron not named yet, or a key whose last concept was removed)
         is written with no concepts, its fields kept; it is no concept's key (``keys``, ``find``
         and the views do not show it)."""
+        return self._document()[0]
+
+    def _edited(self) -> None:
+        """Count a change to what ``to_dict`` writes; called under the store's lock."""
+        self._edits += 1
+
+    def _current(self, doc: dict, edits: int) -> bool:
+        """Whether ``doc`` (``_document``'s, made at ``edits``) is what to_dict would write now;
+        under the lock. The signature and dataset are compared too (small dicts): a user may
+        set or edit them by hand (``store.dataset = ...``), which no count sees."""
+        return (edits == self._edits
+                and doc["model"] == (dict(self.signature) if self.signature else None)
+                and doc["dataset"] == (dict(self.dataset) if self.dataset else None))
+
+    def _document(self) -> tuple[dict, int]:
+        """``to_dict``'s document, and the count of changes (``_edits``) it holds."""
         with self._lock:
+            edits = self._edits
             noted = [(k, ()) for k, fields in self._entry_extra.items()
                      if fields and k not in self._data]
             items = sorted([*self._data.items(), *noted], key=lambda kv: _sort_key(kv[0]))
@@ -780,7 +805,7 @@ class Annotations:
                "features": [entry(k, {"modality": k[1], "unit": k[2]}, v)
                             for k, v in items if k[0] == "feature"]}
         doc.update((f, v) for f, v in extra.items() if f not in doc)
-        return doc
+        return doc, edits
 
     def save(self, path: str | os.PathLike | None = None, *, overwrite: bool = False) -> Path:
         """Write the store to ``path`` (default: its own) atomically; returns the path.
@@ -810,7 +835,7 @@ class Annotations:
         try:
             # the text first (a value that JSON cannot hold fails here, before the disk is
             # touched), with no lock held while it is encoded (to_dict copies under the lock)
-            doc = self.to_dict()
+            doc, edits = self._document()
             raw = _encoded(doc, target)
             # then the file's lock, with the store's not held: while another program holds it
             # (another kernel's save, stalled), this store is read and edited as usual, and the
@@ -820,9 +845,10 @@ class Annotations:
             with file_lock(target, timeout=self.lock_timeout):
                 with self._lock:       # the text and the write together: no older text wins
                     adopt = adopt and self.path is None  # else adopted by another save meanwhile
-                    newer = self.to_dict()
-                    if newer != doc:   # changed while this save waited: the newest is written
-                        raw = _encoded(newer, target)
+                    if not self._current(doc, edits):
+                        # changed while this save waited: the newest is written (built again
+                        # only then: a save after each change built it twice)
+                        raw = _encoded(self.to_dict(), target)
                     if own and not overwrite:
                         self._check_unchanged(target)
                     elif not own and target.exists() and not overwrite:
@@ -839,6 +865,15 @@ class Annotations:
         except (OSError, AnnotationError, UnicodeError) as e:
             if isinstance(e, AnnotationError):
                 err = e
+            elif isinstance(e, LockTimeout) and e.in_process:
+                # this kernel's own lock: no other program is involved, and fuser would show
+                # this process only
+                err = TimeoutError(
+                    f"Could not save the annotations to {target}: another thread of this "
+                    f"kernel is still saving that file, for more than {e.waited:g} s (a slow "
+                    f"disk or network file system); they are kept in memory. The next change, "
+                    f"or save(), writes them once that save ends; save(another_path) writes "
+                    f"them elsewhere.")
             elif isinstance(e, LockTimeout):
                 lock = e.lock_path
                 err = TimeoutError(
@@ -968,6 +1003,7 @@ class Annotations:
         whether a failed save of its own file is resolved by it)."""
         changed = merged != self._data
         self._data = merged
+        self._edited()
         _take_extras(self._extra, _document_extras(incoming), own_file)
         for key, fields in their_extra.items():
             _take_extras(self._entry_extra.setdefault(key, {}), fields, own_file)
@@ -1004,12 +1040,14 @@ class Annotations:
         self._check_ranges(found, self.signature, self.n_instances, path)
         self._data = found
         self._extra, self._entry_extra = _document_extras(doc), entry_extra
+        self._edited()
         # which units are shared is not known yet: read as features when a signature says
         self._version_1_units = doc.get("version") == 1 and not _says_shared(self.signature)
         if doc.get("dataset") and not self.dataset:
             self._take_dataset(doc["dataset"])
         if doc.get("model") and not self.signature:
             self.signature = dict(doc["model"])
+            self._edited()
         if self.path is not None and path.resolve() == self.path.resolve():
             self._disk_digest, self._disk_entries = _digest(raw), dict(found)
 

@@ -63,13 +63,17 @@ def _sync_folder(folder: Path) -> None:
 
 
 class LockTimeout(TimeoutError):
-    """Another process held a lock file longer than the caller would wait (``file_lock``'s
-    timeout); ``lock_path`` is that file."""
+    """A lock was held longer than the caller would wait (``file_lock``'s timeout):
+    ``lock_path`` is the lock file; ``in_process`` says which lock. False: another process held
+    the lock file. True: another thread of this process held the process's own lock of it (a
+    save of this process still writing), which no tool that lists a file's holders shows."""
 
-    def __init__(self, lock_path: Path, waited: float):
-        super().__init__(errno.ETIMEDOUT, f"another save held the lock file {lock_path} for "
-                                          f"more than {waited:g} s", str(lock_path))
-        self.lock_path, self.waited = lock_path, waited
+    def __init__(self, lock_path: Path, waited: float, in_process: bool = False):
+        who = ("another thread of this process held the lock of" if in_process
+               else "another save held the lock file")
+        super().__init__(errno.ETIMEDOUT, f"{who} {lock_path} for more than {waited:g} s",
+                         str(lock_path))
+        self.lock_path, self.waited, self.in_process = lock_path, waited, in_process
 
 
 #: One lock per lock file within this process (fcntl's locks are the process's, so two threads
@@ -100,7 +104,7 @@ def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
     with _LOCAL_LOCKS_GUARD:
         local = _LOCAL_LOCKS.setdefault(key, threading.Lock())
     if not local.acquire(timeout=-1 if deadline is None else max(0.0, timeout)):
-        raise LockTimeout(lock_path, timeout)
+        raise LockTimeout(lock_path, timeout, in_process=True)
     try:
         fd = None
         if fcntl is not None:

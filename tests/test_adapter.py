@@ -905,6 +905,12 @@ def test_values_beyond_the_model_dtype_are_an_error_naming_the_overflow():
         adapter.collate([ok, big])
     assert "Scale them down before they reach the model" in str(err.value)
     assert "model.float()" in str(err.value)
+    # read from the batch's largest and smallest values (no copy of it): a negative one too
+    with pytest.raises(AdapterError, match=r"instance 0 holds values up to 70000 in magnitude"):
+        adapter.collate([{"v": [1.0, -70000.0, 7.0]}, ok])
+    model.bfloat16()                    # its range is float32's: nothing to check
+    assert adapter.collate([{"v": [1e30, 40.0, 7.0]}])["v"].dtype == torch.bfloat16
+    model.half()
     from multiviz_widgets import check
     report = check(adapter, big)
     assert not report.ok and "beyond the largest number" in str(report), str(report)

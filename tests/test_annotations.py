@@ -1606,6 +1606,83 @@ def test_a_lock_held_by_another_process_blocks_no_read_and_fails_into_save_error
                                                neuron_key(2): {"green"}}
 
 
+def _hold_file_lock(path, until: threading.Event) -> threading.Thread:
+    """Another thread of this kernel saving ``path``: it holds the file's locks until told."""
+    from multiviz_widgets.atomic_file import file_lock
+    held = threading.Event()
+
+    def hold():
+        with file_lock(path):
+            held.set()
+            until.wait(30)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    return holder
+
+
+def test_a_save_that_waits_for_another_thread_of_the_kernel_says_so(tmp_path, monkeypatch):
+    """The lock of this process (not the file's) timed out: the message blamed "another
+    program, stopped or hung" and sent the user to fuser, which shows only this kernel."""
+    from multiviz_widgets.atomic_file import LockTimeout, file_lock
+    monkeypatch.setattr(Annotations, "lock_timeout", 0.3)
+    path = tmp_path / "c.json"
+    store = Annotations(path)
+    release = threading.Event()
+    holder = _hold_file_lock(path, release)
+    try:
+        store.add(neuron_key(0), "red")
+        assert store.unsaved and "another thread of this kernel is still saving" in (
+            store.save_error)
+        assert "kept in memory" in store.save_error
+        assert "fuser" not in store.save_error and "another program" not in store.save_error
+        with pytest.raises(LockTimeout) as e:
+            with file_lock(path, timeout=0.1):
+                pass
+        assert e.value.in_process and "another thread of this process" in str(e.value)
+    finally:
+        release.set()
+        holder.join(30)
+    store.add(neuron_key(1), "blue")
+    assert store.save_error is None and not store.unsaved
+
+
+def test_a_save_builds_the_document_again_only_when_it_changed_while_it_waited(tmp_path,
+                                                                             monkeypatch):
+    """Each save built the document twice (before the file's lock, and under it to compare);
+    a count of the store's changes now says whether the one built first is still the newest."""
+    built = []
+    document = Annotations._document
+    monkeypatch.setattr(Annotations, "_document",
+                        lambda self: built.append(1) or document(self))
+    path = tmp_path / "c.json"
+    store = Annotations(path, autosave=False)
+    store.add(neuron_key(0), "red")
+    store.save()
+    assert len(built) == 1
+
+    def change_while_saving(change) -> None:
+        built.clear()
+        release = threading.Event()
+        holder = _hold_file_lock(path, release)
+        saver = threading.Thread(target=store.save)
+        try:
+            saver.start()
+            time.sleep(0.2)                           # the save built its text and waits
+            assert saver.is_alive() and len(built) == 1
+            change()
+        finally:
+            release.set()
+            holder.join(30)
+        saver.join(30)
+        assert len(built) == 2 and store.save_error is None and not store.unsaved
+    change_while_saving(lambda: store.add(neuron_key(1), "blue"))
+    assert as_sets(Annotations.load(path)) == {neuron_key(0): {"red"}, neuron_key(1): {"blue"}}
+    # set by hand (as the advice for an edited dataset says): no count sees it, the check does
+    change_while_saving(lambda: setattr(store, "dataset", {"name": "mine", "instances": 10}))
+    assert json.loads(path.read_text())["dataset"] == {"name": "mine", "instances": 10}
+
+
 def test_merge_runs_the_viewers_key_checks_outside_the_lock(tmp_path):
     """A key a merge (or an open of a file changed on disk) brings in is checked by the viewers'
     checks (``add_key_check``) as an add's is: a colleague's unit that the instance does not

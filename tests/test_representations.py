@@ -685,13 +685,18 @@ def test_instances_whose_output_is_not_finite_are_left_out_and_named(cache):
             out = torch.where(hit[:, None], torch.full_like(out, v), out)
         return out
     adapter.model.forward = broken
-    with pytest.warns(RuntimeWarning, match=r"2 of 12 instances could not be prepared or given "
+    with pytest.warns(RuntimeWarning, match=r"2 of 12 instances could not be given "
                                             r"finite outputs .*#4 \(model output not finite: "
                                             r"logits 3 of 3 values NaN or infinite\)"):
         f = extract_features(adapter, ds, batch_size=5, cache_dir=cache)
     assert f.indices.tolist() == [i for i in range(12) if i not in bad]
     assert np.isfinite(f.h).all() and np.isfinite(f.logits).all()
     assert sorted(f.skipped) == [4, 9]
+    # the model ran the 12 rows, the two left out after it included (it counted 10)
+    assert f.forward_passes == 12
+    with pytest.warns(RuntimeWarning, match="2 of 12 instances"):
+        ext = neuron_extremes(adapter, ds, k=3, batch_size=5)
+    assert ext.forward_passes == 12 and ext.n_instances == 10
     with pytest.warns(RuntimeWarning, match="2 of 12 instances"):       # said again
         again = extract_features(adapter, ds, batch_size=5, cache_dir=cache)
     assert again.from_cache and again.skipped == f.skipped
@@ -701,6 +706,17 @@ def test_instances_whose_output_is_not_finite_are_left_out_and_named(cache):
     with pytest.raises(ValueError, match=r"not finite for every instance it ran \(12; instance "
                                          r"0: logits 3 of 3 values NaN.*Check the model"):
         extract_features(adapter, ds, cache=False)
+
+
+def test_the_skipped_warning_says_only_what_went_wrong():
+    text = rep._skipped_text
+    model, nan = rep._MODEL_FAILED + "raised", rep._NOT_FINITE + "logits"
+    assert "could not be prepared and are" in text({1: "ValueError: no tokens"}, 5)
+    assert "could not be run by the model and" in text({1: model}, 5)
+    assert "could not be given finite outputs and" in text({1: nan}, 5)
+    assert "could not be prepared, run by the model or given finite outputs" in text(
+        {1: "ValueError: x", 2: model, 3: nan}, 5)
+    assert "could not be prepared or given finite outputs" in text({1: "TypeError: x", 2: nan}, 5)
 
 
 MODEL_CELL = """
@@ -781,6 +797,55 @@ def test_the_cache_key_covers_the_models_code_and_its_number_of_classes(cache):
     assert extract_features(as_one, ds, cache_dir=cache).logits.shape == (2, 1)
     two = extract_features(as_two, ds, cache_dir=cache)
     assert two.logits.shape == (2, 2) and not two.from_cache
+
+
+DECORATED_CELL = """
+import functools
+import torch
+from torch import nn
+
+
+def plain(f):                       # a decorator without functools.wraps: f only in its closure
+    def run(*args):
+        return f(*args)
+    return run
+
+
+def wrapped(f):
+    @functools.wraps(f)
+    def run(*args):
+        return f(*args)
+    return run
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    @{decorator}
+    def forward(self, x):
+        return torch.{act}(self.fc(x))
+"""
+
+
+def test_the_code_digest_follows_decorated_methods_and_libraries_named_like_torch():
+    """A decorated forward (torch.no_grad's, autocast's or a user's wrapper) was hashed as the
+    wrapper's code, and a module whose name only began with "torch" (torchvision, torch_utils)
+    was taken for torch's and not hashed: an edit of tanh to relu kept the cache key."""
+    def digest(decorator="plain", act="tanh", module="__main__"):
+        scope: dict = {"__name__": module}
+        exec(compile(DECORATED_CELL.format(decorator=decorator, act=act),
+                     f"/tmp/ipykernel_7/{module}.py", "exec"), scope)
+        return rep.model_code_digest(scope["M"]())
+    for decorator in ("torch.no_grad()", 'torch.autocast("cpu", enabled=False)', "plain",
+                      "wrapped", "functools.lru_cache(maxsize=None)"):
+        assert digest(decorator) == digest(decorator), decorator
+        assert digest(decorator) != digest(decorator, act="relu"), decorator
+    for module in ("torch_utils", "torchvision.models.mine", "torch_geometric.nn.mine"):
+        assert digest(module=module) != digest(module=module, act="relu"), module
+    # torch's own code is left to torch's version, which the key has too
+    assert rep.model_code_digest(nn.Linear(2, 2)) == rep.model_code_digest(nn.Linear(3, 2))
 
 
 def test_a_float64_models_features_keep_their_precision_and_rank_their_extremes():
@@ -898,7 +963,7 @@ def test_instances_the_model_cannot_run_are_left_out_and_named(cache):
     kept = [i for i in range(len(ds)) if i not in (4, 9)]
     h, logits = one_by_one(adapter, MultimodalDataset(
         {"tab": [ds[i]["tab"] for i in kept], "series": [ds[i]["series"] for i in kept]}))
-    with pytest.warns(RuntimeWarning, match=r"2 of 12 instances could not be prepared or run by "
+    with pytest.warns(RuntimeWarning, match=r"2 of 12 instances could not be run by "
                                             r"the model .*#4 \(ModelInputError: the model raised "
                                             r"RuntimeError on its inputs \(tab \(4,\), series "
                                             r"\(3, 2\)\): .*Kernel size"):
@@ -906,7 +971,9 @@ def test_instances_the_model_cannot_run_are_left_out_and_named(cache):
     np.testing.assert_array_equal(f.indices, kept)
     np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(f.logits, logits, rtol=1e-5, atol=1e-6)
-    assert sorted(f.skipped) == [4, 9] and f.forward_passes == len(kept)
+    # the 10 it ran, and the calls that found the two it could not: their batch of 2 (the
+    # same shapes), then each alone
+    assert sorted(f.skipped) == [4, 9] and f.forward_passes == len(kept) + 2 + 1 + 1
     assert all(r.startswith("ModelInputError: the model raised RuntimeError") and
                "Check that the modalities" not in r for r in f.skipped.values())   # brief
     with pytest.warns(RuntimeWarning, match="2 of 12"):          # the cache keeps them too
@@ -999,7 +1066,7 @@ def test_a_whole_input_shape_the_model_cannot_run_is_left_out_without_stopping_t
     n_short = GIVE_UP_AFTER + 20
     model = ConvSeries()
     adapter, ds = conv_case(n=n_short + 30, short=range(n_short), model=model)
-    with pytest.warns(RuntimeWarning, match=r"could not be prepared or run by the model"):
+    with pytest.warns(RuntimeWarning, match=r"could not be run by the model"):
         f = extract_features(adapter, ds, batch_size=8, cache=False)
     assert sorted(f.indices.tolist()) == list(range(n_short, n_short + 30))
     assert sorted(f.skipped) == list(range(n_short))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import operator
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -366,45 +367,92 @@ class _Tracer(fx.Tracer):
 
 
 #: How deep (attribute, item, attribute of an object held there...) and over how many objects
-#: the values a forward may change while it is traced are saved, and put back after the trace
-SAVED_DEPTH, SAVED_OBJECTS = 6, 50_000
+#: the values a forward may change while it is traced are saved, and put back after the trace;
+#: SAVED_ITEMS bounds the items read one by one (a model holding a list of a million objects
+#: would otherwise cost seconds per trace, each retry included)
+SAVED_DEPTH, SAVED_OBJECTS, SAVED_ITEMS = 6, 50_000, 200_000
 
 #: Values never looked into: immutable, or not the model's state (tensors are the weights)
 _LEAVES = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
            types.MethodType, torch.Tensor, fx.Proxy, fx.Node, torch.dtype, torch.device,
            weakref.ref, str, bytes, int, float, complex, bool, type(None))
 
+#: Exactly these types (not subclasses, which may hold attributes) hold nothing to look into
+_PLAIN = frozenset({str, bytes, int, float, complex, bool, type(None)})
+
+#: A container with more items than this has their types read first (at C speed): when all
+#: are plain (a vocabulary {token: id}) it is saved whole but not read item by item
+_LARGE = 256
+
 #: The mutable containers put back as they were (in place: other references to them stay valid)
 _RESTORED = (list, dict, set, collections.deque)
 
 
-def _reachable(model: nn.Module) -> Iterator[tuple[str, object]]:
-    """(where, value) for the attribute dicts of the model's modules and every value reachable
-    from them through lists, tuples, dicts, sets, deques and the attributes of other objects,
-    breadth first, up to SAVED_DEPTH steps and SAVED_OBJECTS objects looked into."""
+def _where(chain) -> str:
+    """The path a ``_reachable`` chain names ("model.enc.stats['maps'][0]"). Built only for an
+    error message: building one per item cost more than the walk itself."""
+    steps = []
+    while isinstance(chain, tuple):
+        chain, key, kind = chain
+        steps.append(f".{key}" if kind == "attr" else f"[{key!r}]" if kind == "item"
+                     else f"[{key}]" if kind == "index" else " (an item)")
+    return chain + "".join(reversed(steps))
+
+
+def _steps(value: object, attributes: bool) -> Iterator[tuple[object, str, object]]:
+    """(key, kind, item) for what a value holds: a dict's values (its attributes when it is an
+    object's ``__dict__``), a sequence's or a set's items, or an object's attribute dict or
+    slots (key None: the same path)."""
+    if isinstance(value, dict):
+        kind = "attr" if attributes else "item"
+        return ((k, kind, v) for k, v in list(value.items()))
+    if isinstance(value, (list, tuple, collections.deque)):
+        return ((k, "index", v) for k, v in enumerate(list(value)))
+    if isinstance(value, (set, frozenset)):
+        return ((None, "member", v) for v in list(value))
+    try:
+        return iter([(None, "self", vars(value))])
+    except TypeError:              # no __dict__: its slots, if any
+        return ((k, "attr", v) for k, v in _slots(value).items() if v is not _UNSET)
+
+
+def _plain(value: object) -> bool:
+    """Whether a large container holds only str, int, float... (nothing a trace can change in
+    place, nor anything to look into)."""
+    if isinstance(value, (dict, list, tuple, set, frozenset, collections.deque)):
+        items = value.values() if isinstance(value, dict) else value
+        return len(value) > _LARGE and set(map(type, items)) <= _PLAIN
+    return False
+
+
+def _reachable(model: nn.Module) -> Iterator[tuple[object, object, bool]]:
+    """(where, value, attributes) for the attribute dicts of the model's modules and every
+    value reachable from them through lists, tuples, dicts, sets, deques and the attributes of
+    other objects, breadth first, each once, up to SAVED_DEPTH steps, SAVED_OBJECTS objects
+    looked into and SAVED_ITEMS items read. Values that hold nothing to look into (str, int,
+    tensors, proxies...) are not yielded. ``where`` is a chain for ``_where``; ``attributes``:
+    the value is an object's ``__dict__`` (its keys are attribute names)."""
     modules = {id(m) for m in model.modules()}
     todo = collections.deque((f"model.{name}" if name else "model", vars(m), 0, True)
                              for name, m in model.named_modules())
     seen: set[int] = set()
+    budget = SAVED_ITEMS
     while todo and len(seen) < SAVED_OBJECTS:
         where, value, depth, attributes = todo.popleft()
-        yield where, value
-        if isinstance(value, _LEAVES) or id(value) in seen or depth >= SAVED_DEPTH:
+        if id(value) in seen:
             continue
         seen.add(id(value))
-        if isinstance(value, dict):
-            todo.extend((f"{where}.{k}" if attributes else f"{where}[{k!r}]", v, depth + 1, False)
-                        for k, v in list(value.items()))
-        elif isinstance(value, (list, tuple, collections.deque)):
-            todo.extend((f"{where}[{k}]", v, depth + 1, False) for k, v in enumerate(list(value)))
-        elif isinstance(value, (set, frozenset)):
-            todo.extend((f"{where} (an item)", v, depth + 1, False) for v in list(value))
-        elif not (isinstance(value, nn.Module) and id(value) in modules):   # modules: above
-            try:
-                todo.append((where, vars(value), depth + 1, True))
-            except TypeError:          # no __dict__: its slots, if any
-                todo.extend((f"{where}.{k}", v, depth + 1, False)
-                            for k, v in _slots(value).items() if v is not _UNSET)
+        yield where, value, attributes
+        if (depth >= SAVED_DEPTH or budget <= 0 or _plain(value)
+                or (isinstance(value, nn.Module) and id(value) in modules)):  # modules: above
+            continue
+        for key, kind, item in _steps(value, attributes):
+            budget -= 1
+            if budget < 0:                 # the rest is not saved: a proxy left there is caught
+                break
+            if not isinstance(item, _LEAVES):
+                todo.append((where if kind == "self" else (where, key, kind), item, depth + 1,
+                             kind == "self"))
 
 
 class _Saved:
@@ -412,20 +460,24 @@ class _Saved:
     dicts, the lists, dicts, sets and deques they hold, the attributes of objects they hold...),
     each with a shallow copy, to put back after a trace: a forward that keeps values on the
     model (``self.last = a``, ``self.maps.append(a)``, ``self.stats["last"] = a``) would
-    otherwise keep the tracer's proxies there, and a count of calls would count the trace."""
+    otherwise keep the tracer's proxies there, and a count of calls would count the trace.
+    Cost: a C-speed copy of each container (a vocabulary of 300k entries: milliseconds)."""
 
     def __init__(self, model: nn.Module):
         self.saved, self.slots = [], []
-        for _, value in _reachable(model):
-            if isinstance(value, _RESTORED):
-                self.saved.append((value, list(value.items()) if isinstance(value, dict)
-                                   else list(value)))
-            elif not isinstance(value, _LEAVES) and (slots := _slots(value)):
+        for _, value, _ in _reachable(model):
+            if isinstance(value, dict):
+                # a plain dict's copy is one C call; a subclass's (OrderedDict) in its own order
+                self.saved.append((value, value.copy() if type(value) is dict
+                                   else dict(value.items())))
+            elif isinstance(value, _RESTORED):
+                self.saved.append((value, list(value)))
+            elif slots := _slots(value):
                 self.slots.append((value, slots))
 
     def restore(self) -> None:
-        """Each container as it was, in place; only those that changed (compared by identity:
-        a proxy compared by value would trace the comparison)."""
+        """Each container as it was, in place; only those that changed (compared by identity,
+        at C speed: a proxy compared by value would trace the comparison)."""
         for value, was in self.slots:
             for k, v in was.items():
                 if getattr(value, k, _UNSET) is v:
@@ -438,13 +490,15 @@ class _Saved:
                 except Exception:         # read-only: a proxy left there is caught after
                     pass
         for value, was in self.saved:
-            now = list(value.items()) if isinstance(value, dict) else list(value)
-            if isinstance(value, dict):              # their order is not the point
-                same = {id(k): id(v) for k, v in now} == {id(k): id(v) for k, v in was}
-            elif isinstance(value, set):
-                same = {id(x) for x in now} == {id(x) for x in was}
+            if len(value) != len(was):
+                same = False
+            elif isinstance(value, dict):     # the same keys, in the same order, same values
+                same = (all(map(operator.is_, value.keys(), was.keys()))
+                        and all(map(operator.is_, value.values(), was.values())))
+            elif isinstance(value, set):      # no order to follow
+                same = set(map(id, value)) == set(map(id, was))
             else:
-                same = len(now) == len(was) and all(x is y for x, y in zip(now, was))
+                same = all(map(operator.is_, value, was))
             if same:
                 continue
             try:
@@ -485,7 +539,10 @@ def _no_proxies_left(model: nn.Module, tracer: _Tracer) -> None:
     alive = {id(p) for r in tracer.proxies if (p := r()) is not None}
     if not alive:
         return
-    where = next((w for w, value in _reachable(model) if id(value) in alive), None)
+    # the walk yields containers only; the proxy is one of their items
+    where = next((_where(w if kind == "self" else (w, key, kind))
+                  for w, value, attributes in _reachable(model)
+                  for key, kind, item in _steps(value, attributes) if id(item) in alive), None)
     raise FactorizationError(
         "its forward keeps a value computed while it was traced (a torch.fx proxy) "
         + (f"in {where}, " if where else "outside the model's attributes (a global variable "

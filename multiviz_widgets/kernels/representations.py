@@ -20,6 +20,7 @@ used side by side in one process.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import time
 import types
@@ -101,10 +102,17 @@ def _hash_code(code: types.CodeType, h) -> None:
             h.update(repr(c).encode())
 
 
+def _torch_module(name: str | None) -> bool:
+    """Whether a module is torch's own: "torch" or below it. Not a prefix test on the name:
+    torchvision, torchaudio, torch_geometric or a user's torch_utils.py are not torch, and
+    their code changes without torch's version changing."""
+    return name == "torch" or (name or "").startswith("torch.")
+
+
 def _own_function(f) -> bool:
     """A plain function of the user's (or a library's other than torch's): its code is hashed."""
     return (isinstance(f, types.FunctionType)
-            and not (getattr(f, "__module__", None) or "").startswith("torch"))
+            and not _torch_module(getattr(f, "__module__", None)))
 
 
 def model_code_digest(model: torch.nn.Module) -> str:
@@ -112,8 +120,10 @@ def model_code_digest(model: torch.nn.Module) -> str:
     function (methods, static and class methods, properties) of the classes of its modules,
     up their bases, except torch's own (they change only with torch, whose version the key has
     too), and the module-level functions those call by name, recursively. An edit of
-    ``forward`` (tanh to relu) in a notebook then gives another feature-cache key. Not followed:
-    functions reached through attributes (``helpers.act(x)``) or held in containers."""
+    ``forward`` (tanh to relu) in a notebook then gives another feature-cache key. A decorated
+    method (``@torch.no_grad()``, a user's decorator) is followed to the function it wraps
+    (``__wrapped__``, and the functions its closure holds). Not followed: functions reached
+    through attributes (``helpers.act(x)``) or held in containers."""
     h = hashlib.sha256()
     seen: set[int] = set()
 
@@ -122,22 +132,43 @@ def model_code_digest(model: torch.nn.Module) -> str:
             return
         seen.add(id(f))
         h.update(f"{f.__module__}.{f.__qualname__}".encode())
+        # a functools.wraps wrapper (torch.no_grad's included) copies the wrapped function's
+        # module and name but runs its own code: without this an edit of the decorated
+        # function's body would keep the cache key
+        inner = getattr(f, "__wrapped__", None)
+        if inner is not None and _own_function(inner):
+            visit(inner)
         _hash_code(f.__code__, h)
         for name in f.__code__.co_names:           # module-level helpers called by name
             g = f.__globals__.get(name)
+            if _own_function(g):
+                visit(g)
+        # a decorator without functools.wraps keeps the decorated function only in its closure
+        for cell in f.__closure__ or ():
+            try:
+                g = cell.cell_contents
+            except ValueError:                     # a cell not filled yet
+                continue
             if _own_function(g):
                 visit(g)
 
     classes = {}
     for m in model.modules():
         for cls in type(m).__mro__:
-            if cls.__module__.startswith("torch") or cls is object:
+            if _torch_module(cls.__module__) or cls is object:
                 continue
             classes[f"{cls.__module__}.{cls.__qualname__}"] = cls
     for name in sorted(classes):
         for attr, value in sorted(vars(classes[name]).items()):
             for f in ((value.fget, value.fset) if isinstance(value, property)
                       else (getattr(value, "__func__", value),)):
+                if not isinstance(f, types.FunctionType) and hasattr(f, "__wrapped__"):
+                    # a wrapper that is not a function (functools.lru_cache's, a decorator
+                    # class's instance): only the function it wraps can be hashed
+                    try:
+                        f = inspect.unwrap(f)
+                    except ValueError:             # a cycle of __wrapped__
+                        continue
                 if _own_function(f):
                     visit(f)
     return h.hexdigest()[:32]
@@ -245,8 +276,10 @@ def _skipped_text(skipped: dict[int, str], total: int) -> str:
     first = "; ".join(f"#{i} ({why})" for i, why in list(skipped.items())[:3])
     more = " ..." if len(skipped) > 3 else ""
     kinds = {_MODEL_FAILED: "run by the model", _NOT_FINITE: "given finite outputs"}
-    how = ["prepared"] + [said for start, said in kinds.items()
-                          if any(str(why).startswith(start) for why in skipped.values())]
+    unprepared = any(not str(why).startswith(tuple(kinds)) for why in skipped.values())
+    how = ["prepared"] * unprepared + [said for start, said in kinds.items()
+                                       if any(str(why).startswith(start)
+                                              for why in skipped.values())]
     how = ", ".join(how[:-1]) + " or " + how[-1] if len(how) > 1 else how[0]
     return (f"{len(skipped)} of {total} instances could not be {how} and are left out "
             f"of the decision features: {first}{more}")
@@ -287,8 +320,11 @@ def stream_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_siz
         yield idx[positions], logits, h
 
 
-def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipped):
-    """stream_features' batches as (positions in idx [B], logits, h)."""
+def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipped,
+                     ran: list[int] | None = None):
+    """stream_features' batches as (positions in idx [B], logits, h). ``ran`` [count]: every
+    row the model is given is added to it, those left out after (non-finite outputs) and the
+    calls a batch's halving makes included, since each of them cost a forward pass."""
     if not isinstance(adapter, ModelAdapter):
         raise TypeError(f"stream_features needs a ModelAdapter, got {type(adapter).__name__}.")
     batch_size = positive_int(batch_size, "batch_size")
@@ -305,6 +341,11 @@ def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipp
     group = {"ran": 0, "failed_before": 0}
     untried: dict[int, str] = {}               # position -> why it was not tried
     new_group = True
+
+    def run(raw):
+        if ran is not None:
+            ran[0] += len(next(iter(raw.values())))
+        return adapter.features(raw)
     for positions, raw, rest in _shape_batches(adapter, dataset, idx, batch_size, failed):
         if new_group:
             group = {"ran": 0, "failed_before": len(unrunnable)}
@@ -318,8 +359,8 @@ def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipp
         try:
             # one forward pass of the batch; only when the model raises ModelInputError is it
             # halved until the instances it cannot run are found (left out like unprepared ones)
-            for part, (logits, h) in runnable_parts(adapter.features, raw, positions,
-                                                    unrunnable, give_up):
+            for part, (logits, h) in runnable_parts(run, raw, positions, unrunnable,
+                                                    give_up):
                 if h.dim() != 2:
                     raise AdapterError(
                         f"The decision layer's input has shape {tuple(h.shape)}; decision-level "
@@ -388,6 +429,8 @@ class Features:
     indices: np.ndarray
     key: str = ""
     from_cache: bool = False
+    # the rows the model was given: with those left out after it ran (non-finite outputs) and
+    # the calls that halving a batch it could not run made, since each cost a forward pass
     forward_passes: int = 0
     seconds: float = 0.0
     path: str | None = None
@@ -490,9 +533,9 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
             report(progress, len(idx), len(idx), "decision features (cached)")
             _warn_skipped(hit.skipped, len(idx))
             return hit
-    hs, ls, kept, skipped = [], [], [], {}
+    hs, ls, kept, skipped, ran = [], [], [], {}, [0]
     for positions, logits, h in _feature_batches(adapter, dataset, idx, batch_size, progress,
-                                                 "decision features", skipped):
+                                                 "decision features", skipped, ran):
         kept.append(positions)
         hs.append(h.numpy())          # on the host already, float32 or float64 (_host_float)
         ls.append(logits.numpy())
@@ -502,7 +545,7 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     order = np.argsort(positions, kind="stable")       # back to the order of idx
     kept = idx[positions[order]]
     feats = Features(np.concatenate(hs)[order], np.concatenate(ls)[order], kept, key or "",
-                     False, len(kept), 0.0, None, skipped)
+                     False, ran[0], 0.0, None, skipped)
     if path is not None:
         try:
             _save_atomic(path, key=np.array(key), h=feats.h, logits=feats.logits, indices=kept,
@@ -692,10 +735,14 @@ def neuron_extremes(adapter: ModelAdapter | None, dataset: MultimodalDataset | N
     else:
         if adapter is None or dataset is None:
             raise ValueError("neuron_extremes needs an adapter and a dataset, or features=.")
-        for idx, _, h in stream_features(adapter, dataset, batch_size, indices, progress,
-                                         "neuron extremes"):
-            ext.update(h, idx)
-            passes += len(idx)
+        # the rows the model ran, not the rows yielded: those with non-finite outputs are
+        # left out of the batches but cost their forward pass all the same
+        ran = [0]
+        idx = indices_or_all(indices, len(dataset))
+        for positions, _, h in _feature_batches(adapter, dataset, idx, batch_size, progress,
+                                                "neuron extremes", None, ran):
+            ext.update(h, idx[positions])
+        passes = ran[0]
     if ext.n == 0:
         raise ValueError("There are no instances to rank: the dataset, the indices or the "
                          "features are empty. Pass at least one instance.")
