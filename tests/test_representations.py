@@ -708,6 +708,27 @@ def test_instances_whose_output_is_not_finite_are_left_out_and_named(cache):
         extract_features(adapter, ds, cache=False)
 
 
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 20), k=st.integers(1, 6), ties=st.booleans(), seed=st.integers(0, 99))
+def test_gallery_rows_show_each_instance_once_and_the_lowest_of_the_others(n, k, ties, seed):
+    rng = np.random.default_rng(seed)
+    h = (rng.integers(0, 2, (n, 2)) if ties else rng.normal(size=(n, 2))).astype(np.float64)
+    ext = StreamingExtremes(k)
+    ext.update(h)
+    ext = ext.result()
+    for j in range(2):
+        top, bottom = rep.gallery_rows(ext, j, h[:, j])
+        shown = [i for i, _ in top + bottom]
+        assert len(shown) == len(set(shown)) == min(n, len(top) + len(bottom))
+        assert [i for i, _ in top] == [i for i, _ in ext.top(j)]
+        if n < 2 * k:                       # every instance is in one row
+            assert sorted(shown) == list(range(min(n, 2 * k)))
+            rest = sorted((v, i) for i, v in enumerate(h[:, j]) if i not in dict(top))
+            assert [i for i, _ in bottom] == [i for _, i in rest][:k]
+        else:
+            assert bottom == [(i, v) for i, v in ext.bottom(j) if i not in dict(top)]
+
+
 def test_the_skipped_warning_says_only_what_went_wrong():
     text = rep._skipped_text
     model, nan = rep._MODEL_FAILED + "raised", rep._NOT_FINITE + "logits"

@@ -607,6 +607,29 @@ class NeuronExtremes:
         return [(int(i), float(v)) for i, v in zip(self.bottom_indices[j], self.bottom_values[j])]
 
 
+def gallery_rows(extremes, neuron: int, values: np.ndarray, indices: np.ndarray | None = None
+                 ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(top, bottom) [(dataset index, activation)] of one neuron for a gallery, each instance
+    in one row only. ``extremes``: its top and bottom lists (``NeuronExtremes``); ``values``:
+    the neuron's activation over the rows of the features, whose dataset indices are
+    ``indices`` (default: the row numbers). A dataset of fewer than twice the row's length:
+    the bottom row is the lowest of the instances the top row does not show (one instance is
+    not both the most and the least activating), taken from ``values``, since the extremes'
+    bottom list may then be the top's own (a tie, a dead ReLU's)."""
+    k = int(extremes.top_indices.shape[1])
+    top = [(int(i), float(v)) for i, v in zip(extremes.top_indices[neuron],
+                                                extremes.top_values[neuron]) if i >= 0]
+    on_top = {i for i, _ in top}
+    values = np.asarray(values)
+    bottom = list(zip(extremes.bottom_indices[neuron], extremes.bottom_values[neuron]))
+    if len(values) < 2 * k:
+        rows = np.arange(len(values)) if indices is None else np.asarray(indices)
+        rest = [(int(i), float(v)) for i, v in zip(rows, values)
+                if np.isfinite(v) and int(i) not in on_top]
+        bottom = sorted(rest, key=lambda t: t[1])[:k]        # ties: in the rows' order
+    return top, [(int(i), float(v)) for i, v in bottom if i >= 0 and int(i) not in on_top]
+
+
 def tied_extremes(values: np.ndarray, shown: Sequence[float]) -> tuple[int, float] | None:
     """(how many instances have the value, the value) when every shown instance of a top or
     bottom list has the same activation and more instances than shown share it (a ReLU

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..adapter import Neuron
 from ..engine import Analyses, Engine
-from ..kernels.representations import tied_extremes
+from ..kernels.representations import gallery_rows, tied_extremes
 from ..selection import Selection
 from ._common import (RetryAfterCancel, WrappedText, close_widgets, describe_instance,
                       failure_text, instance_title, text_label)
@@ -270,24 +270,11 @@ class NeuronView(W.VBox):
             if not 0 <= j < ext.top_indices.shape[0]:
                 raise IndexError(f"Neuron {j} is out of range: the decision layer has "
                                  f"{ext.top_indices.shape[0]} neurons.")
-            entries = [("top", int(i), float(v)) for i, v in zip(ext.top_indices[j],
-                                                                 ext.top_values[j]) if i >= 0]
-            # a dataset of fewer than twice the row's length: the bottom row is the lowest of
-            # the instances the top row does not show (one instance is not both the most and
-            # the least activating), so each instance is shown (and explained) once; taken
-            # from the features, since the extremes' bottom list may be the top's own (a tie)
-            on_top = {i for _, i, _ in entries}
             feats = a.features(progress)
             h_j = np.asarray(feats.h)[:, j]
-            bottom = list(zip(ext.bottom_indices[j], ext.bottom_values[j]))
-            if len(h_j) < 2 * ext.top_indices.shape[1]:
-                idx = getattr(feats, "indices", None)
-                rows = np.arange(len(h_j)) if idx is None else np.asarray(idx)
-                rest = [(int(i), float(v)) for i, v in zip(rows, h_j)
-                        if np.isfinite(v) and int(i) not in on_top]
-                bottom = sorted(rest, key=lambda t: t[1])[:ext.top_indices.shape[1]]
-            entries += [("bottom", int(i), float(v)) for i, v in bottom
-                        if i >= 0 and int(i) not in on_top]
+            # each instance shown (and explained) once, also in a dataset smaller than the rows
+            top, bottom = gallery_rows(ext, j, h_j, getattr(feats, "indices", None))
+            entries = [("top", i, v) for i, v in top] + [("bottom", i, v) for i, v in bottom]
             ties = {side: tied_extremes(h_j, [e[2] for e in entries if e[0] == side])
                     for side in ("top", "bottom")}
             items = []
