@@ -1014,3 +1014,20 @@ def test_the_banner_is_not_rewritten_while_a_result_is_applied_on_the_worker():
     finally:
         release.set()
         engine.close()
+
+
+def test_a_float64_models_logits_stay_float64_in_the_explorer():
+    """Two classes 1e-9 apart tie in float32: the Explorer's prediction then could differ from
+    the features' (float64, kept as the model gives them)."""
+    from multiviz_widgets.explorer import Explorer
+    from .explorer_support import FakeKernels, tiny_vqa
+    adapter, ds = tiny_vqa()
+    adapter.model.double()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), start=False)
+    try:
+        z = ex.analyses.logits(0)
+        assert z.dtype == np.float64
+        raw = adapter.predict(adapter.prepare(ds[0]).raw)[0].numpy()
+        np.testing.assert_array_equal(z, raw)
+    finally:
+        ex.close()
