@@ -160,7 +160,8 @@ def _check_unknown_tokens(adapter: ModelAdapter, prepared, report: Report) -> No
         every = prepared.raw[name].reshape(-1).tolist()
         ids = [v for v in every if v != m.pad_id]
         # positions among all the ids (the labels' positions), pads wherever they are skipped
-        unknown = [i for i, v in enumerate(every) if v == m.unk_id]
+        # (a pad that is also the unknown token, GPT-2's <|endoftext|>, is a pad)
+        unknown = [i for i, v in enumerate(every) if v == m.unk_id and v != m.pad_id]
         if not unknown or not (len(unknown) == len(ids) or (
                 len(unknown) >= 2 and len(unknown) >= _UNKNOWN_SHARE * len(ids))):
             continue

@@ -564,3 +564,10 @@ def test_words_outside_a_plain_vocabulary_get_the_generic_advice_and_few_unknown
     ids = {"image": INSTANCE["image"], "question": torch.tensor([1, 1, 2])}
     message = _unknown(check(a, ids))[0].message
     assert "2 of the 3 tokens" in message and "e.g." not in message, message
+    # a pad that is also the unknown token (GPT-2's <|endoftext|>) is not counted as unknown
+    same = ["<eos>", "what", "colour", "is", "it"]
+    b = adapter(Healthy(), modalities=[Image("image", patch=4),
+                                       Text("question", vocab=same, pad_token="<eos>",
+                                            unk_token="<eos>")])
+    padded = {"image": INSTANCE["image"], "question": torch.tensor([1, 2, 3, 0, 0, 0, 0])}
+    assert not _unknown(check(b, padded))

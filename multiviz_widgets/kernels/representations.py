@@ -615,14 +615,16 @@ def gallery_rows(extremes, neuron: int, values: np.ndarray, indices: np.ndarray 
     ``indices`` (default: the row numbers). A dataset of fewer than twice the row's length:
     the bottom row is the lowest of the instances the top row does not show (one instance is
     not both the most and the least activating), taken from ``values``, since the extremes'
-    bottom list may then be the top's own (a tie, a dead ReLU's)."""
+    bottom list may then be the top's own (a tie, a dead ReLU's); so it is, of any size, when
+    the bottom list holds instances of the top one."""
     k = int(extremes.top_indices.shape[1])
     top = [(int(i), float(v)) for i, v in zip(extremes.top_indices[neuron],
                                                 extremes.top_values[neuron]) if i >= 0]
     on_top = {i for i, _ in top}
     values = np.asarray(values)
     bottom = list(zip(extremes.bottom_indices[neuron], extremes.bottom_values[neuron]))
-    if len(values) < 2 * k:
+    # (a neuron tied over more than k instances, a dead ReLU's, has the same first k in both)
+    if len(values) < 2 * k or any(int(i) in on_top for i, _ in bottom if i >= 0):
         rows = np.arange(len(values)) if indices is None else np.asarray(indices)
         rest = [(int(i), float(v)) for i, v in zip(rows, values)
                 if np.isfinite(v) and int(i) not in on_top]
