@@ -859,7 +859,8 @@ def test_the_code_digest_follows_decorated_methods_and_libraries_named_like_torc
                      f"/tmp/ipykernel_7/{module}.py", "exec"), scope)
         return rep.model_code_digest(scope["M"]())
     for decorator in ("torch.no_grad()", 'torch.autocast("cpu", enabled=False)', "plain",
-                      "wrapped", "functools.lru_cache(maxsize=None)"):
+                      "wrapped", "functools.lru_cache(maxsize=None)",
+                      "functools.cached_property"):
         assert digest(decorator) == digest(decorator), decorator
         assert digest(decorator) != digest(decorator, act="relu"), decorator
     for module in ("torch_utils", "torchvision.models.mine", "torch_geometric.nn.mine"):

@@ -19,6 +19,7 @@ used side by side in one process.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import os
@@ -160,7 +161,10 @@ def model_code_digest(model: torch.nn.Module) -> str:
             classes[f"{cls.__module__}.{cls.__qualname__}"] = cls
     for name in sorted(classes):
         for attr, value in sorted(vars(classes[name]).items()):
+            # a property's getter and setter, a cached_property's function (.func), a static
+            # or class method's (.__func__)
             for f in ((value.fget, value.fset) if isinstance(value, property)
+                      else (value.func,) if isinstance(value, functools.cached_property)
                       else (getattr(value, "__func__", value),)):
                 if not isinstance(f, types.FunctionType) and hasattr(f, "__wrapped__"):
                     # a wrapper that is not a function (functools.lru_cache's, a decorator
