@@ -298,6 +298,26 @@ def _identity_token(obj) -> str:
         return kept[1]
 
 
+def hash_code(code, h, names: list | None = None) -> None:
+    """Add what a function's code does to the hash ``h``, not where it is: its bytecode, the
+    names it uses and its constants (nested code objects, a lambda's or a comprehension's,
+    recursively; a frozenset's items sorted, since their order follows the process's string
+    hashing). Not its file and line numbers: a function defined in a notebook cell gets another
+    file name at every run of that cell. ``names``: extended with every name the code uses."""
+    import types
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    if names is not None:
+        names.extend(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            hash_code(c, h, names)
+        elif isinstance(c, frozenset):
+            h.update(repr(sorted(map(repr, c))).encode())
+        else:
+            h.update(repr(c).encode())
+
+
 def _stable_callable(fn, depth: int = 0) -> str:
     """A text of a function that changes when what it computes may change: a Python function
     by its name, its code (bytecode, constants, names, nested functions), its defaults, the
@@ -327,19 +347,7 @@ def _stable_callable(fn, depth: int = 0) -> str:
         return f"<{name}:object {_identity_token(fn)}>"
     h = hashlib.sha256()
     names: list[str] = []
-
-    def code_text(code: types.CodeType) -> None:
-        h.update(code.co_code)
-        h.update(repr(code.co_names).encode())
-        names.extend(code.co_names)
-        for c in code.co_consts:
-            if isinstance(c, types.CodeType):
-                code_text(c)
-            elif isinstance(c, frozenset):          # its order follows the string hash seed
-                h.update(repr(sorted(map(repr, c))).encode())
-            else:
-                h.update(repr(c).encode())
-    code_text(fn.__code__)
+    hash_code(fn.__code__, h, names)
     h.update(_stable_text(list(fn.__defaults__ or ())).encode())
     h.update(_stable_text(dict(fn.__kwdefaults__ or {})).encode())
     for cell in fn.__closure__ or ():

@@ -36,6 +36,7 @@ import torch
 from ..adapter import AdapterError, ModelAdapter, ModelInputError, _outside_stacklevel
 from ..atomic_file import write_atomically
 from ..data import MultimodalDataset
+from ..modalities import hash_code
 from ..progress import ProgressFn, report
 from ..checks import is_integer, positive_int
 from .common import (GIVE_UP_AFTER, ModelFailure, as_prepared, indices_or_all, input_shapes,
@@ -88,21 +89,6 @@ def _decision_layer_name(adapter: ModelAdapter) -> str:
     return _module_name(adapter, adapter.decision_layer)
 
 
-def _hash_code(code: types.CodeType, h) -> None:
-    """What a function does, not where it is: its bytecode, names and constants (nested code
-    objects, a lambda's or a comprehension's, recursively). Not its file and line numbers: a
-    class defined in a notebook cell gets another file name at every run of that cell."""
-    h.update(code.co_code)
-    h.update(repr((code.co_names, code.co_varnames, code.co_freevars)).encode())
-    for c in code.co_consts:
-        if isinstance(c, types.CodeType):
-            _hash_code(c, h)
-        elif isinstance(c, frozenset):        # its order follows the process's string hashing
-            h.update(repr(sorted(map(repr, c))).encode())
-        else:
-            h.update(repr(c).encode())
-
-
 def _torch_module(name: str | None) -> bool:
     """Whether a module is torch's own: "torch" or below it. Not a prefix test on the name:
     torchvision, torchaudio, torch_geometric or a user's torch_utils.py are not torch, and
@@ -139,7 +125,7 @@ def model_code_digest(model: torch.nn.Module) -> str:
         inner = getattr(f, "__wrapped__", None)
         if inner is not None and _own_function(inner):
             visit(inner)
-        _hash_code(f.__code__, h)
+        hash_code(f.__code__, h)        # what it does, not where (a notebook cell's file)
         for name in f.__code__.co_names:           # module-level helpers called by name
             g = f.__globals__.get(name)
             if _own_function(g):
