@@ -10,7 +10,7 @@ JS_SOURCES := $(wildcard js/*.js)
 JS_BUNDLES := $(patsubst js/%.js,multiviz_widgets/static/%.js,$(JS_SOURCES))
 PORT ?= 8888
 
-.PHONY: all install deps js chromium test test-fast demo benchmarks clean
+.PHONY: all install deps js chromium test test-fast demo benchmarks clean constraints
 
 all: install
 
@@ -20,9 +20,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
 
 # Python dependencies (torch pinned to the CPU build on disk), then the package itself (editable).
-$(VENV)/.deps-stamp: requirements.txt setup.py | $(PY)
+# constraints.txt holds every package of the environment the tests passed in (what the pinned
+# ones pull in too), so that a fresh machine installs the same versions, not the newest.
+$(VENV)/.deps-stamp: requirements.txt constraints.txt setup.py | $(PY)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q -r requirements.txt -c constraints.txt
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
@@ -44,6 +46,16 @@ $(CHROMIUM):
 chromium: $(CHROMIUM)
 
 deps: $(VENV)/.deps-stamp
+
+# after changing requirements.txt: install it without the old constraints (a raised pin would
+# conflict with them), then write the environment as it now is
+constraints: | $(PY)
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -e .
+	{ sed -n '/^#/!q;p' constraints.txt; $(PIP) freeze --exclude-editable | \
+		sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	touch $(VENV)/.deps-stamp
 
 install: deps js
 

@@ -59,7 +59,8 @@ def test_the_sdist_carries_the_sources_tests_and_set_up_files(clone, tmp_path):
     sdist = next(tmp_path.glob("multiviz_widgets-*.tar.gz"))
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    for needed in ("Makefile", "requirements.txt", "package.json", "package-lock.json",
+    for needed in ("Makefile", "requirements.txt", "constraints.txt", "package.json",
+                   "package-lock.json",
                    "pytest.ini", "README.md", "tests/__init__.py", "tests/explorer_support.py",
                    "tests/browser_support.py", "notebooks/quickstart.ipynb",
                    "multiviz_widgets/demos/weights/easy_vqa.safetensors"):
@@ -117,3 +118,41 @@ def test_make_demo_serves_the_quickstart_notebook_at_the_url_it_prints():
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _pins(path: pathlib.Path) -> dict[str, str]:
+    """{normalised name: version} of a requirements-style file's ``name==version`` lines."""
+    import re
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep, f"{path.name}: {line!r} is not pinned with =="
+            pins[re.sub(r"[-_.]+", "-", name.strip().lower())] = version.strip()
+    return pins
+
+
+def test_the_constraints_pin_every_requirement_at_its_own_version():
+    """make installs requirements.txt under constraints.txt: a requirement whose pin was raised
+    without `make constraints` would make pip refuse the install on a fresh machine."""
+    required, constrained = _pins(ROOT / "requirements.txt"), _pins(ROOT / "constraints.txt")
+    assert required and len(constrained) > len(required)
+    stale = {n: (v, constrained.get(n)) for n, v in required.items() if constrained.get(n) != v}
+    assert not stale, f"requirements.txt vs constraints.txt (run `make constraints`): {stale}"
+
+
+def test_the_make_venv_holds_the_constrained_versions():
+    """The tests run in the environment constraints.txt describes, so that a fresh machine,
+    which installs from it, tests the same versions (checked only in make's .venv)."""
+    import importlib.metadata
+    import re
+    if pathlib.Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+        pytest.skip("not make's .venv: the constraints describe that environment only")
+    installed = {re.sub(r"[-_.]+", "-", d.metadata["Name"].lower()): d.version
+                 for d in importlib.metadata.distributions()}
+    # a constrained package not installed is one the venv it was written from had besides
+    # (a linter); constraints install nothing by themselves
+    differ = {n: (v, installed[n]) for n, v in _pins(ROOT / "constraints.txt").items()
+              if n in installed and installed[n].split("+")[0] != v}
+    assert not differ, f"constraints.txt vs .venv (run `make constraints`): {differ}"
