@@ -98,6 +98,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "faithfulness.json"))
     args = ap.parse_args(argv)
+    if args.n < 1:
+        ap.error(f"--n must be at least 1 (questions to explain), got {args.n}")
+    if not args.methods:
+        ap.error(f"--methods needs at least one of {list(METHODS)} (or leave it out for all)")
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")

@@ -165,6 +165,10 @@ def test_shape_mask_accepts_model_inputs(dataset):
     np.testing.assert_array_equal(demo.shape_mask(im.astype(np.float32) / 255.0), as_uint8)
     with pytest.raises(ValueError, match="one RGB image"):
         demo.shape_mask(im[..., 0])
+    # floats on the 0..255 scale were read as 255 times brighter: faint antialiased edge pixels
+    # became shape (28% more pixels on test image 19), with no error
+    with pytest.raises(ValueError, match="divide it by 255"):
+        demo.shape_mask(im.astype(np.float32))
 
 
 def test_shape_mask_finds_a_planted_square():

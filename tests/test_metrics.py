@@ -182,3 +182,11 @@ def test_deletion_insertion_refuses_a_curve_that_is_not_finite_and_says_where():
                         ["no", "yes"])
     d, i, dc, ic = deletion_insertion(ones, x, "tab", [4.0, 3.0, 2.0, 1.0], 1)
     assert np.isfinite([d, i]).all() and np.isfinite(dc).all() and np.isfinite(ic).all()
+
+
+def test_every_public_metric_is_exported():
+    """aopc, used by the faithfulness benchmark, was missing from __all__."""
+    import multiviz_widgets.kernels.metrics as metrics
+    public = {n for n, v in vars(metrics).items() if callable(v) and not n.startswith("_")
+              and getattr(v, "__module__", None) == metrics.__name__}
+    assert public == set(metrics.__all__)

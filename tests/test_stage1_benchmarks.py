@@ -40,6 +40,22 @@ def test_faithfulness_writes_the_promised_json(tmp_path, has_easy_vqa):
     assert "pooling" in d and d["criterion"]["passed"] in (True, False)
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--n", "0"], "--n must be at least 1"),
+    (["--n", "-3"], "--n must be at least 1"),
+    (["--methods"], "--methods needs at least one"),
+    (["--methods", "saliency"], "unknown methods"),
+])
+def test_faithfulness_refuses_bad_arguments_before_loading_the_model(argv, says, capsys,
+                                                                        monkeypatch):
+    """--n 0 once died in an IndexError after the whole run, --methods with no names in max()."""
+    bench = load("faithfulness")
+    monkeypatch.setattr(bench, "load_demo", lambda: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_kernels_benchmark_writes_ratios_and_floors(tmp_path, has_easy_vqa):
     out = tmp_path / "k.json"
     load("kernels").main(["--n", "1", "--methods", "gradient", "occlusion", "--no-stage2",

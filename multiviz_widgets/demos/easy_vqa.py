@@ -542,9 +542,11 @@ def shape_mask(image, threshold: float = 48.0) -> np.ndarray:
     """Bool [H, W]: the pixels of the picture's shape (the ground truth for relevance mass).
 
     image: integers 0..255 [H, W, 3] (uint8 or any integer type, a PIL image, nested lists),
-    or floats in [0, 1] as [3, H, W] (a model input) or [H, W, 3]. The background colour is the median of the border pixels (easy-VQA backgrounds
-    are light and uniform); a pixel belongs to the shape when one of its channels differs from
-    it by more than ``threshold`` (on the 0..255 scale).
+    or floats in [0, 1] as [3, H, W] (a model input) or [H, W, 3]; floats above 1 are refused
+    (they would be read as far brighter than they are: pass 0..255 values as integers). The
+    background colour is the median of the border pixels (easy-VQA backgrounds are light and
+    uniform); a pixel belongs to the shape when one of its channels differs from it by more
+    than ``threshold`` (on the 0..255 scale).
     """
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
@@ -556,6 +558,11 @@ def shape_mask(image, threshold: float = 48.0) -> np.ndarray:
     if arr.shape[-1] != 3:
         raise ValueError(f"shape_mask needs 3 colour channels, got shape {arr.shape}.")
     on_unit_scale = arr.dtype.kind == "f"       # floats in [0, 1]; integers are 0..255
+    if on_unit_scale and arr.size and float(np.nanmax(arr)) > 1.0:
+        raise ValueError(
+            f"shape_mask reads floating images on the 0..1 scale, but this one reaches "
+            f"{float(np.nanmax(arr)):g}: divide it by 255, or pass the 0..255 values as "
+            f"integers (e.g. arr.astype(np.uint8)).")
     arr = arr.astype(np.float32)
     if on_unit_scale:
         arr = arr * 255.0

@@ -20,7 +20,7 @@ from ..checks import positive_int
 from .common import as_prepared, masked_continuous
 
 __all__ = ["pixel_relevance", "relevance_mass", "relevance_rank", "deletion_masks",
-           "insertion_masks", "curve_auc", "deletion_insertion"]
+           "insertion_masks", "curve_auc", "deletion_insertion", "aopc"]
 
 POOLINGS = {"clip": "sum over channels, then max(R, 0)",
             "abs": "sum over channels, then |R|"}
