@@ -301,3 +301,60 @@ def test_progress_never_goes_back_when_a_split_fails_part_way(monkeypatch):
     assert done[:3] == [0, 4, 8] and done == sorted(done) and done[-1] == progress[-1][1] == 36
     assert r.forward_passes == sum(rows) == 2 * (6 + 6) + 2 * 4 + 36
     np.testing.assert_allclose(r.matrix, emap(adapter, items, factorized=False).matrix)
+
+
+# -- interaction types at ties -----------------------------------------------------------------
+class SeriesOnly(nn.Module):
+    """Two logits from the series alone; the tabular input is ignored (its part is 0, and the
+    grand mean is a tie when the series' mean effect is 0)."""
+
+    def __init__(self, sign: float):
+        super().__init__()
+        self.head = nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[-sign], [sign]]))
+
+    def forward(self, tabular, series):
+        return self.head(series[:, 0, :1] + 0 * tabular[:, :1])
+
+
+def test_an_ignored_modality_agrees_with_neither_class_so_the_label_does_not_depend_on_it():
+    """argmax broke a tied part's tie toward class 0: the ignored modality 'agreed' when the
+    model answered class 0 (complement) and not when it answered class 1 (dominance)."""
+    items = instances(6)
+    for i in range(len(items)):                      # series means 0: the grand mean ties
+        items[i]["series"] = items[i]["series"] - items[i]["series"].mean(0)
+    reference = [dict(it) for it in items]
+    for k, it in enumerate(reference):
+        it["series"] = torch.zeros(8, 2)
+        it["series"][0, 0] = (-1.0) ** k                # mean 0 over the six references
+    labels = {}
+    for sign in (1.0, -1.0):                        # the same instance answered 1, then 0
+        adapter = ModelAdapter(SeriesOnly(sign), MODALITIES, ["no", "yes"])
+        inst = {"tabular": items[0]["tabular"], "series": torch.zeros(8, 2)}
+        inst["series"][0, 0] = 2.0
+        t = interaction_type(adapter, inst, reference)
+        labels[t["predicted_name"]] = t
+    assert set(labels) == {"no", "yes"}
+    for t in labels.values():
+        assert t["label"] == "dominance" and t["dominant"] == "series", t
+        assert t["unimodal_predictions"]["tabular"] is None
+
+
+def test_a_model_with_no_margin_is_undecided_whatever_class_argmax_names():
+    class Zero(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+        def forward(self, tabular, series):
+            return self.head(tabular * series.sum((1, 2))[:, None])
+
+    adapter = ModelAdapter(Zero(), MODALITIES, ["no", "yes"])
+    items = instances(4)
+    t = interaction_type(adapter, items[0], items)
+    assert t["label"] == "undecided" and t["dominant"] is None
+    assert t["emap_prediction"] is None
+    assert set(t["unimodal_predictions"].values()) == {None}

@@ -4,7 +4,8 @@
 evaluated in batches and summed as they come (each modality encoded once and only the pairs
 fused, through ``kernels.split_model``, when the model can be split); ``emap_matrix`` projects a whole pair matrix; ``emap_gap`` is
 accuracy(f) - accuracy(EMAP(f)) over a dataset; ``interaction_type`` / ``interaction_types``
-label instances dominance, complement or conflict (M2Lens) from EMAP's unimodal parts.
+label instances dominance, complement or conflict (M2Lens; undecided when the model ties) from
+EMAP's unimodal parts.
 """
 from __future__ import annotations
 
@@ -436,21 +437,42 @@ def _margin(v: np.ndarray, c: int) -> float:
     return float(v[c] - others.max()) if len(others) else float(v[c])
 
 
+#: Margins within this share of the outputs' scale are ties: float32 rounding of averages over
+#: N^2 pairs reaches about 1e-7 of it, and argmax would break the tie toward class 0.
+TIE_TOLERANCE = 1e-6
+
+
+def _decided(v: np.ndarray, tol: float) -> int | None:
+    """The class a vector of logits picks, or None when its top two are within ``tol``."""
+    c = int(np.argmax(v))
+    return c if _margin(v, c) > tol else None
+
+
 def _label(logits: np.ndarray, parts: Mapping[str, np.ndarray], grand: np.ndarray,
            class_names: Sequence[str]) -> dict:
-    """Label one instance from its outputs [C], centred unimodal parts {m: [C]} and grand mean."""
+    """Label one instance from its outputs [C], centred unimodal parts {m: [C]} and grand mean.
+
+    A vector whose top two logits are within TIE_TOLERANCE of the outputs' scale picks no
+    class (None), rather than the lower-numbered one: a modality the model ignores then agrees
+    with no prediction, whichever class it is, and a model with no margin of its own is
+    "undecided"."""
     c = int(np.argmax(logits))
     emap_out = grand + sum(parts.values())
     names = list(parts)
-    uni_pred = {m: int(np.argmax(grand + parts[m])) for m in names}
+    scale = max(float(np.abs(v).max()) for v in (logits, emap_out, grand, *parts.values()))
+    tol = TIE_TOLERANCE * max(scale, np.finfo(np.float32).tiny)
+    uni_pred = {m: _decided(grand + parts[m], tol) for m in names}
     agree = {m: uni_pred[m] == c for m in names}
-    emap_pred = int(np.argmax(emap_out))
-    if emap_pred != c:                    # the additive parts alone would decide otherwise
+    emap_pred = _decided(emap_out, tol)
+    if _margin(logits, c) <= tol:         # the model itself picks no class
+        label, dominant = "undecided", None
+    elif emap_pred != c:                  # the additive parts alone would decide otherwise
         label, dominant = "conflict", None
     elif any(agree.values()) and not all(agree.values()):
         label = "dominance"
-        # the agreeing modality whose part pushes the prediction hardest
-        dominant = max((m for m in names if agree[m]), key=lambda m: _margin(parts[m], c))
+        # the agreeing modality whose unimodal prediction is the most certain
+        dominant = max((m for m in names if agree[m]),
+                       key=lambda m: _margin(grand + parts[m], c))
     else:                                 # all agree, or none alone but together they decide
         label, dominant = "complement", None
     inter = logits - emap_out
@@ -482,14 +504,20 @@ def interaction_types(result: EmapResult, class_names: Sequence[str] | None = No
 def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_indices=None,
                      n_reference: int = 50, seed: int = 0, batch_size: int = 1024,
                      progress: ProgressFn = None) -> dict:
-    """Dominance, complement or conflict for one instance, with the numbers behind the label.
+    """Dominance, complement, conflict (or undecided) for one instance, with the numbers behind
+    the label.
 
     Unimodal part of modality m: the model's logits averaged over the reference set for the
     other modalities (EMAP's row / column means). conflict: the additive EMAP prediction differs
-    from the model's, so the interaction f - EMAP decides; otherwise dominance when some but not
-    all modalities' parts alone pick the predicted class (``dominant`` names the strongest), and
-    complement when all do (or none alone but together they do). ``margins`` give each part's logit margin
-    of the predicted class over the runner-up.
+    from the model's, so the interaction f - EMAP decides (whether the modalities agree with each
+    other or not: the interaction then conflicts with what they say); otherwise dominance when
+    some but not all modalities' parts alone (grand mean + part) pick the predicted class
+    (``dominant`` names the one that picks it by the widest margin), and complement when all
+    do (or none alone but together they do). undecided: the model's own top two logits tie
+    (within ``TIE_TOLERANCE`` of the outputs' scale), so there is no prediction to explain.
+    A part whose top two logits tie picks no class (``unimodal_predictions`` holds None; so
+    can ``emap_prediction``), never the lower-numbered one by default. ``margins`` give each
+    centred part's logit margin of the predicted class over the runner-up.
 
     reference: a MultimodalDataset (``reference_indices``, or ``n_reference`` drawn with
     ``seed``), a list of instances, or an EmapResult that contains the instance, given then as
