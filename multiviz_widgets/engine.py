@@ -45,6 +45,7 @@ import traitlets
 
 from .adapter import Class, ModelAdapter, Neuron, Prepared, Target
 from .data import MultimodalDataset
+from .display_text import quoted
 from .progress import Cancelled
 
 __all__ = ["Engine", "Job", "Analyses", "Kernels", "Cancelled"]
@@ -851,11 +852,11 @@ class Analyses:
                 text += f" (h = {self.activation(i, t.index) + 0.0:.3g} here)"   # no "-0"
             return text
         names = self.adapter.class_names
-        text = f"class {names[t.index]!r}"
+        text = f"class {quoted(names[t.index])}"
         if i is not None:
             predicted = self.class_index(i, -1)
             if predicted != t.index:
-                text += f" (not the predicted {names[predicted]!r})"
+                text += f" (not the predicted {quoted(names[predicted])})"
         return text
 
     def activation(self, i: int, neuron: int) -> float:

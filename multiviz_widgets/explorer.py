@@ -29,8 +29,9 @@ from .checks import is_integer
 from .data import MultimodalDataset
 from .engine import Analyses, Engine, Kernels, short_repr
 from .selection import FIELDS, Selection, unit_ref_of
+from .display_text import isolate, quoted
 from .views._common import (close_widgets, colour_limit, describe_instance, failure_text,
-                            instance_title, isolate, method_label, shapley_players, text_label,
+                            instance_title, method_label, shapley_players, text_label,
                             widget_tree)
 from .views.concepts_view import ConceptsView
 from .views.controls import Controls, ErrorBanner, ProgressPanel
@@ -267,12 +268,12 @@ class InputPanel:
                 labels = inter.row_labels if m == pair[0] else inter.col_labels
                 name = labels[u] if u < len(labels) else f"#{u}"
                 if outside:
-                    caption = (f"{other}: no interactions with {m} unit {name!r} (#{u}): it is "
-                               f"not a player of the {method_label(imethod)} (they are the "
+                    caption = (f"{other}: no interactions with {m} unit {quoted(name)} (#{u}): "
+                               f"it is not a player of the {method_label(imethod)} (they are the "
                                f"units of largest occlusion effect; the heatmap greys the "
                                f"others); {m}: {method_label(method)} attribution; for {what}")
                 else:
-                    caption = (f"{other}: interaction with {m} unit {name!r} (#{u}, "
+                    caption = (f"{other}: interaction with {m} unit {quoted(name)} (#{u}, "
                                f"{method_label(imethod)}); {m}: {method_label(method)} "
                                f"attribution; for {what}")
             return i, {"scores": scores, "scales": scales, "score_caption": caption}, key

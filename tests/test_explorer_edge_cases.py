@@ -758,7 +758,8 @@ def test_a_refused_concept_and_the_save_status_are_wrapped_not_cut(vqa):
 
 
 def test_isolate_keeps_data_from_reordering_the_words_around_it():
-    from multiviz_widgets.views._common import FSI, PDI, instance_title, isolate
+    from multiviz_widgets.display_text import FSI, PDI, isolate
+    from multiviz_widgets.views._common import instance_title
     assert isolate("") == "" and isolate(None) == ""
     assert isolate("a red circle") == f"{FSI}a red circle{PDI}"
     assert isolate("\u05e9\u05dc\u05d5\u05dd") == f"{FSI}\u05e9\u05dc\u05d5\u05dd{PDI}"  # RTL
@@ -777,7 +778,7 @@ def test_bidi_controls_in_descriptions_and_class_names_cannot_reorder_the_input_
 
     from multiviz_widgets import Image, ModelAdapter, MultimodalDataset, Text
     from multiviz_widgets.explorer import Explorer
-    from multiviz_widgets.views._common import FSI, PDI
+    from multiviz_widgets.display_text import FSI, PDI
 
     from .explorer_support import VOCAB, FakeKernels, TinyVQA
     classes = ["red\u202e", "blue", "circle", "\u2069evil\u202e"]

@@ -51,6 +51,18 @@ def test_long_unit_names_keep_the_part_that_tells_them_apart():
     assert tick_labels(["what", "what", "x"], 4) == ["what", "what (2)", "x", ""]
 
 
+def test_tick_labels_stay_distinct_when_a_unit_is_named_like_a_renamed_duplicate():
+    """A second "a" became "a (2)" even when a unit was named "a (2)": two equal labels, one
+    tick of the ordinal scale for two rows. The suffix grows until the name is new."""
+    assert tick_labels(["a", "a", "a (2)"], 3) == ["a", "a (3)", "a (2)"]
+    assert tick_labels(["x", "a (2)", "a", "a"], 4) == ["x", "a (2)", "a", "a (3)"]
+    assert tick_labels(["a", "a", "a", "a (3)", "a (2)"], 6) == \
+        ["a", "a (4)", "a (5)", "a (3)", "a (2)", ""]
+    for labels in (["a"] * 5 + ["a (2)", "a (3)"], ["b (2)", "b", "b", "b (2)"], ["", "", " "]):
+        ticks = tick_labels(labels, len(labels) + 1)
+        assert len(set(ticks)) == len(ticks), ticks
+
+
 def test_dense_axes_label_every_kth_unit_and_the_columns_hang_below_the_axis(vqa):
     ex, _ = vqa
     hv = ex.heatmap_view
@@ -80,6 +92,10 @@ def test_hovering_a_cell_names_its_two_units_in_full_and_its_value(vqa):
     # the text as it is, never read as markup (the browser sets it as textContent)
     assert "respiration t16-23" in hv.tip.value and "<b>is</b>" in hv.tip.value
     assert hv.cell_text(5, 0) == "" and hv.cell_text(0, 1).endswith("-1.25")
+    # quoted as written (repr doubled a backslash), a control character escaped
+    show(hv, m, ["\\frac", "a\tb"], ["C:\\data", "x"])
+    assert hv.cell_text(0, 0) == "question '\\frac' x image 'C:\\data': 0.5"
+    assert hv.cell_text(1, 1) == "question 'a\\tb' x image 'x': 0"
 
 
 def test_the_tooltip_says_which_cell_its_text_is_for_and_the_browser_checks_it(vqa):

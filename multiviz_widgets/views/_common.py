@@ -1,5 +1,5 @@
 """Small helpers shared by the views: closing the widgets a view replaces, instance titles,
-asking again for what a cancel stopped."""
+asking again for what a cancel stopped, data quoted or isolated in the app's sentences."""
 from __future__ import annotations
 
 import textwrap
@@ -8,6 +8,7 @@ from typing import Callable, Iterable
 import ipywidgets as W
 import numpy as np
 
+from ..display_text import isolate
 from ..progress import Cancelled
 from ..selection import FIELDS, Selection
 
@@ -187,27 +188,6 @@ def close_widgets(roots: Iterable[W.Widget]) -> None:
     stays open must not be reachable from ``roots``."""
     for w in widget_tree(roots):
         w.close()
-
-
-#: The bidi controls that open or close an embedding, override or isolate (LRE, RLE, PDF, LRO,
-#: RLO; LRI, RLI, FSI, PDI): inside a piece of data they could reorder or close more than the
-#: piece itself, so ``isolate`` shows them escaped, as repr does ("\u202e").
-BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-#: FIRST STRONG ISOLATE ... POP DIRECTIONAL ISOLATE (Unicode's bidi algorithm, UAX #9)
-FSI, PDI = "\u2068", "\u2069"
-
-
-def isolate(text) -> str:
-    """``text`` (from data: a description, a class name) ready to be joined with the app's own
-    words in one line: its bidi controls escaped ("\\u202e"), and the whole between FSI and
-    PDI, so that its direction (right-to-left words, a stray RIGHT-TO-LEFT OVERRIDE) never
-    reorders the words around it ("| predicted: yes" after a description). "" stays ""."""
-    text = "" if text is None else str(text)
-    if not text:
-        return ""
-    if not BIDI_CONTROLS.isdisjoint(text):
-        text = "".join(f"\\u{ord(ch):04x}" if ch in BIDI_CONTROLS else ch for ch in text)
-    return f"{FSI}{text}{PDI}"
 
 
 def describe_instance(describe: Callable[[int], object], index: int) -> str:

@@ -19,6 +19,7 @@ from typing import Callable
 import ipywidgets as W
 
 from ..annotations import AnnotationError, Annotations, feature_key, neuron_key, unit_key
+from ..display_text import embed
 from ..selection import Selection
 from .concept_tags import ConceptTags
 from ._common import WrappedText, text_label
@@ -115,7 +116,9 @@ class ConceptsView(W.VBox):
             except Exception:  # noqa: BLE001 - a unit without a label is shown by its index
                 name = None
         base = f"{modality} unit {unit}" if every else f"#{instance} {modality} unit {unit}"
-        base = f"{base} ({name})" if name else base
+        # the name embedded (bidi): a RIGHT-TO-LEFT OVERRIDE in a token must not reverse the
+        # "), every instance:" after it
+        base = f"{base} ({embed(name)})" if name else base
         return f"{base}, every instance" if every else base
 
     def _status(self) -> str:

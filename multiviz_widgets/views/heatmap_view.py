@@ -19,6 +19,7 @@ import ipywidgets as W
 import numpy as np
 import traitlets
 
+from ..display_text import quoted
 from ..engine import Analyses, Engine
 from ..selection import Selection
 from .input_view import STATIC, check_bundle, esm_of
@@ -48,12 +49,23 @@ UNIT_WORDS = {"image": ("patch", "patches"), "text": ("word", "words"),
 
 
 def _unique(labels: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
+    """``labels`` made distinct: a label seen before gets the first suffix " (2)", " (3)", ...
+    that makes it a label neither given nor made already (["a", "a", "a (2)"] -> "a", "a (3)",
+    "a (2)"): the labels are an ordinal scale's domain, where two equal ones are one tick."""
+    taken = set(labels)
+    used: set[str] = set()
+    count: dict[str, int] = {}
     out = []
     for lab in labels:
-        n = seen.get(lab, 0)
-        seen[lab] = n + 1
-        out.append(lab if n == 0 else f"{lab} ({n + 1})")
+        name = lab
+        if lab in used:
+            n = count.get(lab, 1)
+            while name in used or name in taken:
+                n += 1
+                name = f"{lab} ({n})"
+            count[lab] = n
+        used.add(name)
+        out.append(name)
     return out
 
 
@@ -496,9 +508,9 @@ class HeatmapView(W.VBox):
         if m.ndim != 2 or not (0 <= row < m.shape[0] and 0 <= col < m.shape[1]):
             return ""
         a, b = self.pair
-        # quoted (repr): a unit named "the" or "x" must not read as part of the sentence
-        names = (f"{a} {rows[row] if row < len(rows) else f'#{row}'!r} x "
-                 f"{b} {cols[col] if col < len(cols) else f'#{col}'!r}")
+        # quoted: a unit named "the" or "x" must not read as part of the sentence
+        names = (f"{a} {quoted(rows[row] if row < len(rows) else f'#{row}')} x "
+                 f"{b} {quoted(cols[col] if col < len(cols) else f'#{col}')}")
         if not np.isfinite(m[row, col]):
             return f"{names}: {float(m[row, col])}"
         if computed is not None and not computed[row, col]:

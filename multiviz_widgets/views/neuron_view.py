@@ -10,6 +10,7 @@ import ipywidgets as W
 import numpy as np
 
 from ..adapter import Neuron
+from ..display_text import embed, quoted
 from ..engine import Analyses, Engine
 from ..kernels.representations import gallery_rows, tied_extremes
 from ..selection import Selection
@@ -33,7 +34,7 @@ def contribution_title(class_name: str | None = None, standardised: bool = False
     """"what each neuron adds to 'red', W_cj h_j(x)" (the class name shortened to fit); with a
     sparse linear model, which weighs the standardised activations z_j = (h_j - mean_j) / std_j,
     "..., w_cj z_j(x)"."""
-    of = "the class" if class_name is None else repr(_short(class_name, 12))
+    of = "the class" if class_name is None else quoted(_short(class_name, 12))
     return f"what each neuron adds to {of}, " + ("w_cj z_j(x)" if standardised else "W_cj h_j(x)")
 
 
@@ -182,10 +183,10 @@ class NeuronView(W.VBox):
         source = " (weights of the sparse linear model, standardised h)" if sparse else ""
         self._class_name = str(self.analyses.adapter.class_names[cls])
         self._caption_base = (f"top {len(order)} of {len(h)} neurons by |contribution| to "
-                              f"class {self._class_name!r}{source}")
+                              f"class {quoted(self._class_name)}{source}")
         silent = int((c == 0).sum())
         if not order:
-            self._caption_base = (f"no neuron adds anything to class {self._class_name!r} "
+            self._caption_base = (f"no neuron adds anything to class {quoted(self._class_name)} "
                                   f"here{source}: all {len(h)} contributions are exactly 0")
         elif len(order) < self.n_bars and silent:
             self._caption_base += f"; the other {silent} add exactly 0 here"
@@ -227,8 +228,8 @@ class NeuronView(W.VBox):
                 where = (f"not in the top {len(self._top)}, the last bar" if self._top else
                          "the only bar")
                 note = (f"selected h{j} ({where}): "
-                        f"activation {self.activations[k] + 0.0:.3g}, contribution "
-                        f"{self.contributions[k] + 0.0:.3g} to {self._class_name!r}")  # no "-0"
+                        f"activation {self.activations[k] + 0.0:.3g}, contribution "  # no "-0"
+                        f"{self.contributions[k] + 0.0:.3g} to {quoted(self._class_name)}")
         self.selected_caption.value = note
         self.selected_caption.layout.display = None if note else "none"
 
@@ -345,8 +346,13 @@ class NeuronView(W.VBox):
     def _item_widget(self, it: dict) -> W.Widget:
         parts = [W.Image(value=b, format="png", layout=W.Layout(width=f"{self.thumb_size}px"))
                  for b in it["thumbs"].values()]
-        button = W.Button(description=_short(instance_title(it["index"], it["description"])),
-                          tooltip=f"{it['description']} (h = {it['value']:.3g})",
+        # the description embedded (bidi): a stray RIGHT-TO-LEFT OVERRIDE in it must not
+        # reverse the "(h = ...)" after it. It is cut to fit the title's 38 characters before
+        # it is embedded, so that the cut never drops the end of its isolate.
+        index, desc = it["index"], str(it["description"])
+        short = _short(desc, 36 - len(str(index)))          # "#12 " + 34 characters
+        button = W.Button(description=instance_title(index, embed(short)),
+                          tooltip=f"{embed(desc)} (h = {it['value']:.3g})",
                           layout=W.Layout(width="180px"))
         button.on_click(lambda _b, idx=it["index"]: self.click_item(idx))
         value = text_label(value=f"h = {it['value']:.3g}")

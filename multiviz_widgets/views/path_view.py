@@ -14,6 +14,7 @@ import ipywidgets as W
 import numpy as np
 
 from ..annotations import Annotations
+from ..display_text import quoted
 from ..engine import Analyses, Engine, params_key
 from ..kernels.projection import path_layout
 from ..selection import Selection
@@ -151,8 +152,9 @@ class PathView(W.VBox):
         self._draw(i, path, nodes, links)
         name = self.analyses.adapter.class_names[cls]
         note = str(path.get("note") or "") if not path.get("neurons") else ""
-        self.caption.value = (f"prediction path to class {name!r}: no neurons ({note})" if note
-                              else f"prediction path to class {name!r} (red box): units -> "
+        cls_text = quoted(name)
+        self.caption.value = (f"prediction path to class {cls_text}: no neurons ({note})" if note
+                              else f"prediction path to class {cls_text} (red box): units -> "
                                    "neurons -> class, left to right; red edges raise the node on "
                                    "their right, blue lower it, paler is weaker; a link between "
                                    "two units: their interaction (red: they reinforce each "
