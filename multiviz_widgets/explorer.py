@@ -734,11 +734,15 @@ class Explorer(W.VBox):
                 f"{len(self.dataset)} instances, {self.selection!r})")
 
 
-def demo(kind: str = "easy_vqa", **kwargs) -> Explorer:
+def demo(kind: str = "easy_vqa", task: str | None = None, **kwargs) -> Explorer:
     """An Explorer on an embedded demo: "easy_vqa" (image + question) or "synthetic"
-    (tabular + time series). The easy-VQA demo's prediction path and neuron contributions come
-    from the shipped stage-4 sparse linear model (``easy_vqa.load_sparse_model``; pass
-    ``sparse_model=None`` for the decision layer's own weights)."""
+    (tabular + time series; ``task`` "planted", the default, or its "additive" twin). The
+    easy-VQA demo's prediction path and neuron contributions come from the shipped stage-4
+    sparse linear model (``easy_vqa.load_sparse_model``; pass ``sparse_model=None`` for the
+    decision layer's own weights). Other keyword arguments go to ``Explorer``."""
+    if task is not None and kind != "synthetic":
+        raise ValueError(f"task= chooses a synthetic task ('planted' or 'additive'); the "
+                         f"{kind!r} demo has none.")
     if kind == "easy_vqa":
         from .demos.easy_vqa import WeightsError, load, load_sparse_model
         adapter, dataset = load(split="test")
@@ -750,7 +754,7 @@ def demo(kind: str = "easy_vqa", **kwargs) -> Explorer:
                               RuntimeWarning, stacklevel=2)
     elif kind == "synthetic":
         from .demos.synthetic import load
-        adapter, dataset = load()
+        adapter, dataset = load("planted" if task is None else task)
     else:
         raise ValueError(f"Unknown demo {kind!r}; use 'easy_vqa' or 'synthetic'.")
     return Explorer(adapter, dataset, **kwargs)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -210,10 +211,22 @@ def test_copied_weights_load(weights_copy, adapter):
 
 
 def test_missing_weights_is_a_clear_error(weights_copy):
+    """A path the user gave is named as theirs; a mistyped one was reported as a missing JSON
+    description, with the advice to reinstall the package."""
     w, _ = weights_copy
     w.unlink()
-    with pytest.raises(demo.WeightsError, match="missing.*easy_vqa train"):
+    with pytest.raises(demo.WeightsError, match=f"no easy-VQA weights at {re.escape(str(w))}"
+                                               r": check the path") as e:
         demo.load_adapter(w)
+    assert "Reinstall" not in str(e.value) and ".json" not in str(e.value).split(":")[0]
+    with pytest.raises(demo.WeightsError, match="no easy-VQA weights at .*typo"):
+        demo.load_adapter(w.parent / "typo.safetensors")
+
+
+def test_missing_shipped_weights_say_how_to_get_them_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(demo, "WEIGHTS_FILE", tmp_path / "easy_vqa.safetensors")
+    with pytest.raises(demo.WeightsError, match="missing.*easy_vqa train"):
+        demo.load_model()
 
 
 def test_missing_description_is_a_clear_error(weights_copy):

@@ -398,6 +398,20 @@ def test_path_layout_reads_prediction_path_dicts():
 
 
 # -- the real kernels on the shipped synthetic task ----------------------------------------------
+def test_the_synthetic_demo_opens_either_task_and_refuses_a_task_elsewhere():
+    """demo("synthetic", kind="additive") was a TypeError (kind is the demo's name)."""
+    from multiviz_widgets.explorer import demo
+    ex = demo("synthetic", task="additive")
+    try:
+        assert ex.adapter.model is not None and ex.dataset.name == "synthetic-additive-test"
+    finally:
+        ex.close()
+    with pytest.raises(ValueError, match="'easy_vqa' demo has none"):
+        demo("easy_vqa", task="additive")
+    with pytest.raises(ValueError, match="Unknown synthetic task 'Planted'"):
+        demo("synthetic", task="Planted")
+
+
 def test_the_synthetic_demo_runs_with_the_real_kernels():
     from multiviz_widgets.explorer import demo
     ex = demo("synthetic")

@@ -382,11 +382,17 @@ def load_model(weights_path: str | Path | None = None, meta_path: str | Path | N
     wpath = Path(weights_path) if weights_path is not None else WEIGHTS_FILE
     if wpath.is_dir():                    # the folder train(out_dir=...) wrote
         wpath = wpath / WEIGHTS_FILE.name
+    if not wpath.is_file():
+        # a path the user gave first: its description is looked for beside it, and "missing
+        # description" would name a file they never typed
+        raise WeightsError(
+            f"There are no easy-VQA weights at {wpath}: check the path (train writes "
+            f"{WEIGHTS_FILE.name} and {META_FILE.name} into its --out-dir)."
+            if weights_path is not None else
+            f"The easy-VQA weights {wpath} are missing. {_retrain_hint()}")
     if meta_path is None:
         meta_path = wpath.with_suffix(".json") if weights_path is not None else META_FILE
     meta = read_meta(meta_path)
-    if not wpath.is_file():
-        raise WeightsError(f"The easy-VQA weights {wpath} are missing. {_retrain_hint()}")
     expected, digest = meta.get("weights_sha256"), _file_sha256(wpath)
     if expected and digest != expected:
         raise WeightsError(f"The easy-VQA weights {wpath} are corrupt: their SHA-256 does not match "

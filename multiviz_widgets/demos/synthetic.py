@@ -15,10 +15,11 @@ numbered ``w * 3 + c`` (the ``TimeSeries`` convention: window-major, channel-min
 
 Both models have GELU activations (second-order gradients of a ReLU network vanish almost
 everywhere) and one final ``nn.Linear(32, 2)`` decision layer (``head``) over a 32-dimensional h.
-They train in about a second on two cores with fixed seeds and are cached in memory::
+They train on one thread with fixed seeds, in about 2 to 3 s (planted) and 1 s (additive) of
+CPU time, and are cached in memory::
 
     >>> from multiviz_widgets.demos import synthetic
-    >>> adapter, dataset = synthetic.load("planted")        # trains on first use (~1-3 s)
+    >>> adapter, dataset = synthetic.load("planted")        # trains on first use (~2-3 s)
     >>> synthetic.PLANTED_UNITS
     {'tabular': 2, 'series': 7}
 """
@@ -145,7 +146,8 @@ def train(kind: str = "planted", seed: int = 0, steps: int = 200, lr: float = 1e
     """(model in eval mode, {"train_accuracy", "test_accuracy", "steps", "seed"}); cached.
 
     Full-batch Adam with weight decay on ``N_TRAIN`` instances, on one thread (small matrices
-    gain nothing from more, and a busy machine loses a lot): a few seconds. The trained model
+    gain nothing from more, and a busy machine loses a lot): 2 to 3 s of CPU time (planted), 1 s
+    (additive). The trained model
     is cached in memory (one entry per kind, seed, steps and lr, however they are passed);
     every call returns its own copy, so that editing a model (or the metrics) never changes
     what a later ``train`` or ``load`` gives. ``train.__wrapped__`` trains without the cache.
@@ -236,7 +238,7 @@ def make_dataset(split: str = "test", seed: int = 0, kind: str = "planted",
 
 def load(kind: str = "planted", split: str = "test", seed: int = 0
          ) -> tuple[ModelAdapter, MultimodalDataset]:
-    """(adapter, dataset) of a synthetic task; the model trains on first use (about a second).
+    """(adapter, dataset) of a synthetic task; the model trains on first use (2 to 3 s).
     The adapter wraps its own copy of the cached model."""
     _check_kind(kind)
     _check_split(split)
