@@ -21,18 +21,32 @@ def write_atomically(path: Path, write: Callable[[IO], None], *, binary: bool,
     """Call ``write(f)`` on a temporary file in ``path``'s folder, flush it to disk and rename it
     to ``path``. mode: the new file's permission bits (default: those of the file it replaces,
     else what the process's umask gives a new file, as ``open`` would; the temporary file's own
-    0600 would make a file in a shared folder private)."""
+    0600 would make a file in a shared folder private).
+
+    A symbolic link is followed: the file it points to is replaced (in that file's folder) and
+    the link stays, as ``open(path, "w")`` would write through it."""
+    path = _real(path)
     folder = _folder(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
-        if mode is None:
+        try:
+            opened = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
+        except BaseException:
+            os.close(fd)
+            raise
+        with opened as f:            # closed however the rest ends: the descriptor never leaks
+            if mode is None:
+                try:
+                    mode = path.stat().st_mode & 0o777
+                except OSError:
+                    mode = 0o666 & ~_umask()
             try:
-                mode = path.stat().st_mode & 0o777
+                os.chmod(tmp, mode)
             except OSError:
-                mode = 0o666 & ~_umask()
-        os.chmod(tmp, mode)
-        opened = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
-        with opened as f:
+                # a file system without Unix permissions (vfat, some CIFS/FUSE mounts) refuses
+                # chmod (EPERM); its files' permissions come from how it is mounted, so there
+                # are none to keep, and the data is written all the same
+                pass
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -44,6 +58,13 @@ def write_atomically(path: Path, write: Callable[[IO], None], *, binary: bool,
             pass
         raise
     _sync_folder(folder)
+
+
+def _real(path) -> Path:
+    """``path`` with its symbolic links followed (also a link to a file not made yet), so that
+    a write replaces the file a link points to, not the link, and a link and its file share
+    one lock."""
+    return Path(os.path.realpath(path))
 
 
 def _sync_folder(folder: Path) -> None:
@@ -97,8 +118,10 @@ def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
     timeout: the most seconds to wait for both locks (None: as long as it takes); then a
     :class:`LockTimeout`, so that a process stopped while it holds the lock (paused in a
     debugger, a network file system that hangs) cannot freeze its caller. The lock file is
-    polled (a blocking ``lockf`` could not be given up)."""
-    key = str(_folder(path).resolve() / path.name)
+    polled (a blocking ``lockf`` could not be given up). A symbolic link is followed: the lock
+    is the file's, beside the file, as :func:`write_atomically` writes the file."""
+    path = _real(path)                  # a link to the file and the file: one lock
+    key = str(path)
     lock_path = _folder(path) / f".{path.name}.lock"
     deadline = None if timeout is None else time.monotonic() + timeout
     with _LOCAL_LOCKS_GUARD:

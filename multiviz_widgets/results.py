@@ -2,7 +2,8 @@
 
 ``to_dict()`` gives a result as plain, strict JSON data (lists of floats, non-finite values as
 None, the target as {"kind", "index"}); ``attribution_from_dict`` and ``interaction_from_dict``
-rebuild it (None as NaN).
+rebuild it (None as NaN), and refuse data that is not what ``to_dict`` writes (a string or a
+bool for a number, a label that is not a string) with a ValueError that says what was wrong.
 """
 from __future__ import annotations
 
@@ -59,12 +60,14 @@ class Attribution(Result):
         return "scores={" + ", ".join(f"{n}: {np.shape(v)}" for n, v in self.scores.items()) + "}"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able plain data: scores and maps as (nested) lists of floats, the labels, the
-        target as {"kind", "index"}, the params and the cost; ``attribution_from_dict`` inverts
-        it."""
+        """JSON-able plain data: scores and maps as (nested) lists of floats, the maps' shapes
+        (which the lists of an empty map, such as [] for shape (0, 4), do not keep), the labels,
+        the target as {"kind", "index"}, the params and the cost; ``attribution_from_dict``
+        inverts it."""
         return {**self._shared_dict(),
                 "scores": {n: _floats(v) for n, v in self.scores.items()},
                 "maps": {n: _floats(v) for n, v in self.maps.items()},
+                "map_shapes": {n: [int(d) for d in np.shape(v)] for n, v in self.maps.items()},
                 "labels": {n: [str(x) for x in v] for n, v in self.labels.items()}}
 
 
@@ -83,8 +86,10 @@ class Interaction(Result):
         k = positive_int(k, "top_pairs' k (the number of pairs)", minimum=0)
         matrix = np.asarray(self.matrix, dtype=np.float64)
         m = np.abs(matrix) if absolute else matrix
-        key = np.where(np.isnan(m), np.inf, -m).ravel()    # largest first, NaN after all
-        order = np.argsort(key, kind="stable")[:int(k)]
+        nan = np.isnan(m).ravel()
+        # sorted by NaN-or-not first, then largest first (-inf after every number, NaN after
+        # -inf); lexsort is stable, so ties stay in row-major order
+        order = np.lexsort((np.where(nan, 0.0, -m.ravel()), nan))[:int(k)]
         rows, cols = np.unravel_index(order, m.shape)
         return [(int(r), int(c), float(matrix[r, c])) for r, c in zip(rows, cols)]
 
@@ -141,9 +146,12 @@ def _from_dict(kind: str, build: Callable[[dict], Result], data: dict[str, Any])
         return build(data)
     except KeyError as e:
         why = f"it has no {e.args[0]!r} field"
+    except OverflowError:
+        why = "it has a number too large for a float"
     except (TypeError, AttributeError, ValueError) as e:
         why = str(e)
-    raise ValueError(f"This is not {kind.capitalize()}.to_dict() data: {why.rstrip('.')}.") from None
+    raise ValueError(f"This is not {kind.capitalize()}.to_dict() data: "
+                     f"{why.rstrip('.')}.") from None
 
 
 def _shared_fields(data: dict[str, Any]) -> dict[str, Any]:
@@ -157,10 +165,65 @@ def _shared_fields(data: dict[str, Any]) -> dict[str, Any]:
     for f, n in passes.items():
         if not is_integer(n) or n < 0:
             raise ValueError(f"\"{f}\" must be an integer (a count), got {n!r}")
-    return {"method": method, "target": Target(t["kind"], t["index"]),
-            "params": dict(data.get("params", {})),
-            **{f: int(n) for f, n in passes.items()},
-            "seconds": float(data.get("seconds", 0.0))}
+    params, seconds = data.get("params", {}), data.get("seconds", 0.0)
+    if not isinstance(params, dict):
+        raise TypeError(f"\"params\" must map each parameter's name to its value, got {params!r}")
+    if not _is_number(seconds):
+        raise ValueError(f"\"seconds\" must be a number, got {seconds!r}")
+    return {"method": method, "target": Target(t["kind"], t["index"]), "params": dict(params),
+            **{f: int(n) for f, n in passes.items()}, "seconds": float(seconds)}
+
+
+def _is_number(value) -> bool:
+    """An int or a float (numpy's too), not a bool nor a string such as "nan" or "1e3"."""
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)))
+
+
+def _numbers(value, what: str) -> np.ndarray:
+    """``to_dict``'s (nested) lists of numbers, None for a non-finite one, as a float64 array
+    (None as NaN); a string, a bool or anything else is refused (numpy would read "nan", "1e3"
+    and True as numbers), and a number too large for a float too."""
+    bad = _not_a_number(value)
+    if bad is not _NONE:
+        raise ValueError(f"{what} must hold numbers (null for NaN or an infinity), got {bad!r}")
+    try:
+        arr = np.asarray(value)
+        if arr.dtype == object:                  # None among the numbers, or a huge int
+            return np.array([np.nan if v is None else v for v in arr.ravel()],
+                            dtype=np.float64).reshape(arr.shape)
+        return arr.astype(np.float64)
+    except OverflowError:
+        raise ValueError(f"{what} has a number too large for a float") from None
+
+
+_NONE = object()          # _not_a_number's "all are numbers" (None is a value it may find)
+_PLAIN = {float, int, type(None)}
+
+
+def _not_a_number(value):
+    """The first value in nested lists that is neither a number nor None, else ``_NONE``.
+    The types of a list of values are checked at once (a map's rows are long)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (list, tuple)):
+            if v and set(map(type, v)) <= _PLAIN:
+                continue
+            stack.extend(reversed(v))
+        elif v is not None and not _is_number(v):
+            return v
+    return _NONE
+
+
+def _strings(value, what: str) -> list[str]:
+    """A list of strings (unit labels, modality names), checked."""
+    if not isinstance(value, list):
+        raise TypeError(f"{what} must be a list of names, got {value!r}")
+    bad = [x for x in value if not isinstance(x, str)]
+    if bad:
+        raise ValueError(f"{what} must be strings, got {bad[0]!r}")
+    return list(value)
 
 
 def _per_modality(data: dict[str, Any], field: str) -> dict:
@@ -184,16 +247,39 @@ def _attribution(data: dict[str, Any]) -> Attribution:
     if bad:
         raise TypeError(f"the labels of {bad[0]!r} must be a list of unit names, got "
                         f"{labels[bad[0]]!r}")
+    labels = {n: _strings(v, f"the labels of {n!r}") for n, v in labels.items()}
     if not set(scores) == set(maps) == set(labels):
         raise ValueError(f"\"scores\", \"maps\" and \"labels\" name other modalities "
                          f"({sorted(scores)}, {sorted(maps)}, {sorted(labels)})")
-    out = {key: {n: np.asarray(v, dtype=np.float64) for n, v in d.items()}
+    out = {key: {n: _numbers(v, f"the {key} of {n!r}") for n, v in d.items()}
            for key, d in (("scores", scores), ("maps", maps))}
     for n, v in out["scores"].items():
         if v.shape != (len(labels[n]),):
             raise ValueError(f"the scores of {n!r} have shape {v.shape} but it has "
                              f"{len(labels[n])} unit labels")
-    return Attribution(**shared, **out, labels={n: list(v) for n, v in labels.items()})
+    if "map_shapes" in data:                 # (data written before it had them: as they read)
+        out["maps"] = _shaped(out["maps"], _per_modality(data, "map_shapes"))
+    return Attribution(**shared, **out, labels=labels)
+
+
+def _shaped(maps: dict[str, np.ndarray], shapes: dict) -> dict[str, np.ndarray]:
+    """The maps in the shapes ``to_dict`` wrote down (an empty map's lists lose its shape:
+    [] for (0, 4)), checked against them."""
+    if set(shapes) != set(maps):
+        raise ValueError(f"\"map_shapes\" names other modalities than \"maps\" "
+                         f"({sorted(shapes)}, {sorted(maps)})")
+    for n, shape in shapes.items():
+        if (not isinstance(shape, list)
+                or not all(is_integer(d) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise ValueError(f"the shape of the map of {n!r} must be a list of sizes, got "
+                             f"{shape!r}")
+        shape = tuple(int(d) for d in shape)
+        if maps[n].size == 0 and math.prod(shape) == 0:
+            maps[n] = maps[n].reshape(shape)
+        if maps[n].shape != shape:
+            raise ValueError(f"the map of {n!r} has shape {maps[n].shape} but \"map_shapes\" "
+                             f"says {shape}")
+    return maps
 
 
 def interaction_from_dict(data: dict[str, Any]) -> Interaction:
@@ -207,15 +293,18 @@ def _interaction(data: dict[str, Any]) -> Interaction:
     if not isinstance(rows, list) or not isinstance(cols, list):
         raise TypeError(f"\"row_labels\" and \"col_labels\" must be lists of unit names, got "
                         f"{type(rows).__name__} and {type(cols).__name__}")
-    matrix = np.asarray(data["matrix"], dtype=np.float64)
+    rows, cols = _strings(rows, "\"row_labels\""), _strings(cols, "\"col_labels\"")
+    matrix = _numbers(data["matrix"], "the matrix")
     if matrix.size == 0 and len(rows) * len(cols) == 0:      # no rows: written as []
         matrix = matrix.reshape(len(rows), len(cols))
     if matrix.shape != (len(rows), len(cols)):
         raise ValueError(f"the matrix has shape {matrix.shape} but there are {len(rows)} row "
                          f"labels and {len(cols)} column labels")
     mods = data["modalities"]
-    if not isinstance(mods, (list, tuple)) or len(mods) != 2:
-        raise ValueError(f"\"modalities\" must name the two modalities, got {mods!r}")
+    if (not isinstance(mods, (list, tuple)) or len(mods) != 2
+            or not all(isinstance(m, str) and m for m in mods) or mods[0] == mods[1]):
+        raise ValueError(f"\"modalities\" must name the two modalities (two different names), "
+                         f"got {mods!r}")
     return Interaction(**shared, modalities=(mods[0], mods[1]), matrix=matrix, row_labels=rows,
                        col_labels=cols)
 

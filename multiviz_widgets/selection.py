@@ -111,10 +111,16 @@ class Selection(traitlets.HasTraits):
     @traitlets.validate("neuron", "unit")
     def _valid_index(self, proposal):
         self._no_bool(proposal)
-        v = proposal["value"]
+        v, name = proposal["value"], proposal["trait"].name
         if v < -1:
-            name = proposal["trait"].name
             raise SelectionValueError(f"{name} must be an index >= 0, or -1 for none; got {v}.")
+        if name == "unit" and v >= 0 and not self.modality:
+            # a unit index is a unit of the clicked modality: without one, unit_ref would be
+            # None while as_dict reported the index (set together, ``update`` checks both
+            # once both are set)
+            raise SelectionValueError(
+                f"unit {v} names no modality: set both, e.g. select(unit=("
+                f"{(self.modalities or ['image'])[0]!r}, {v})) or update(modality=..., unit={v}).")
         return v
 
     @traitlets.validate("instance")
@@ -141,6 +147,11 @@ class Selection(traitlets.HasTraits):
         if m and names is not None and m not in names:
             raise SelectionValueError(f"unit must be (modality, index) with a modality of "
                                       f"{names}, or None; got modality {m!r}.")
+        if not m and self.unit >= 0:
+            # no modality with a unit index left behind: clear both (as ``select(unit=None)``)
+            raise SelectionValueError(
+                f"modality '' would leave unit {self.unit} without its modality: clear the unit "
+                f"too, with select(unit=None) or update(modality='', unit=-1).")
         return m
 
     @traitlets.validate("pair")
@@ -172,8 +183,10 @@ class Selection(traitlets.HasTraits):
         """A click: like ``update`` plus the linking rules.
 
         ``unit=(modality, index)`` or ``unit=None`` (clear) is accepted besides ``modality=`` /
-        ``unit=int``. A change of instance clears the clicked unit, a change of target clears
-        the neuron, unless the same call sets them.
+        ``unit=int`` (``modality=""`` alone clears the unit too). A change of instance clears
+        the clicked unit, a change of target clears the neuron, unless the same call sets them
+        (the unit's index: a modality alone names no unit of the new instance, so it is set with
+        no unit; ``unit=int`` alone keeps the clicked modality).
         """
         kw = {k: v for k, v in kw.items() if v is not ...}
         if "unit" in kw and (kw["unit"] is None or isinstance(kw["unit"], (tuple, list))):
@@ -193,8 +206,10 @@ class Selection(traitlets.HasTraits):
             raise ValueError(f"unit={kw['unit']} names no modality: give unit=(modality, "
                              f"index), e.g. unit=({(self.modalities or ['image'])[0]!r}, "
                              f"{kw['unit']}).")
-        if "instance" in kw and kw["instance"] != self.instance and "modality" not in kw:
-            kw["modality"], kw["unit"] = "", -1
+        if "unit" not in kw and ("instance" in kw and kw["instance"] != self.instance
+                                 or kw.get("modality") == ""):
+            kw.setdefault("modality", "")
+            kw["unit"] = -1
         if "target" in kw and kw["target"] != self.target and "neuron" not in kw:
             kw["neuron"] = -1
         self.update(**kw)

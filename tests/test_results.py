@@ -158,3 +158,74 @@ def test_repr_is_one_short_line_without_arrays():
     assert repr(i) == ("Interaction(second_order, target=neuron 1, matrix=(196, 7) (img x txt), "
                        "forward_passes=1, backward_passes=8, seconds=0)")
     assert str(a) == repr(a) and "\n" not in repr(i) + repr(a)
+
+
+def _interaction_data() -> dict:
+    return Interaction(method="pairwise", target=Target("class", 0), modalities=("a", "b"),
+                       matrix=np.ones((2, 2)), row_labels=["r0", "r1"],
+                       col_labels=["c0", "c1"]).to_dict()
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"matrix": [["nan", 1.0], [1.0, 1.0]]}, "matrix must hold numbers .* got 'nan'"),
+    ({"matrix": [[1.0, "1e3"], [1.0, 1.0]]}, "matrix must hold numbers .* got '1e3'"),
+    ({"matrix": [[True, 1.0], [1.0, None]]}, "matrix must hold numbers .* got True"),
+    ({"matrix": [[True, False], [True, True]]}, "matrix must hold numbers .* got True"),
+    ({"matrix": [[10 ** 400, 1.0], [1.0, 1.0]]}, "matrix has a number too large for a float"),
+    ({"seconds": 10 ** 400}, "a number too large for a float"),
+    ({"seconds": "1e3"}, "\"seconds\" must be a number, got '1e3'"),
+    ({"modalities": [7, 7]}, "\"modalities\" must name the two modalities"),
+    ({"modalities": ["a", "a"]}, "two different names.*got \\['a', 'a'\\]"),
+    ({"row_labels": [None, {"x": 1}]}, "\"row_labels\" must be strings, got None"),
+    ({"col_labels": ["c0", 1]}, "\"col_labels\" must be strings, got 1"),
+    ({"params": [["k", 1]]}, "\"params\" must map each parameter's name to its value"),
+])
+def test_interaction_data_with_values_to_dict_never_writes_is_refused(change, says):
+    with pytest.raises(ValueError, match="This is not Interaction.to_dict\\(\\) data: .*" + says):
+        interaction_from_dict({**_interaction_data(), **change})
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda d: dict(d, scores=dict(d["scores"], vitals=["1", 2.0, 3.0])), "got '1'"),
+    (lambda d: dict(d, maps=dict(d["maps"], vitals=[False, 1.0, 1.0])), "got False"),
+    (lambda d: dict(d, labels=dict(d["labels"], vitals=["hr", 7, "t"])),
+     "the labels of 'vitals' must be strings, got 7"),
+    (lambda d: dict(d, params="steps=5"), "\"params\" must map"),
+    (lambda d: dict(d, map_shapes=dict(d["map_shapes"], vitals=[4])),
+     "the map of 'vitals' has shape \\(3,\\) but \"map_shapes\" says \\(4,\\)"),
+])
+def test_attribution_data_with_values_to_dict_never_writes_is_refused(setup, change, says):
+    adapter, inst = setup
+    data = json.loads(json.dumps(attribute(adapter, inst, "gradient", target=0).to_dict()))
+    with pytest.raises(ValueError, match="This is not Attribution.to_dict\\(\\) data: .*" + says):
+        attribution_from_dict(change(data))
+
+
+def test_top_pairs_ranks_nan_after_minus_infinity_when_signed():
+    i = Interaction(method="m", target=Target("class", 0), modalities=("a", "b"),
+                    matrix=np.array([[np.nan, -np.inf], [-1.0, np.nan]]),
+                    row_labels=["r0", "r1"], col_labels=["c0", "c1"])
+    top = i.top_pairs(4, absolute=False)
+    assert top[:2] == [(1, 0, -1.0), (0, 1, -np.inf)]
+    assert [(r, c) for r, c, _ in top[2:]] == [(0, 0), (1, 1)]      # NaN last, row-major
+    assert i.top_pairs(2) == [(0, 1, -np.inf), (1, 0, -1.0)]
+
+
+def test_empty_maps_keep_their_shape_and_data_without_shapes_still_loads():
+    a = Attribution(method="m", target=Target("class", 0), scores={"t": np.zeros(0)},
+                    maps={"t": np.zeros((0, 4)), "u": np.zeros((2, 0, 3))},
+                    labels={"t": []})
+    a.scores["u"], a.labels["u"] = np.zeros(0), []
+    data = json.loads(json.dumps(a.to_dict(), allow_nan=False))
+    back = attribution_from_dict(data)
+    assert back.maps["t"].shape == (0, 4) and back.maps["u"].shape == (2, 0, 3)
+    old = {k: v for k, v in data.items() if k != "map_shapes"}      # written before them
+    assert attribution_from_dict(old).maps["t"].shape == (0,)
+
+
+def test_a_count_given_as_a_one_element_array_says_how_to_pass_it():
+    i = Interaction(method="m", target=Target("class", 0), modalities=("a", "b"),
+                    matrix=np.arange(4.0).reshape(2, 2))
+    assert len(i.top_pairs(torch.tensor([3]))) == 3 and len(i.top_pairs(np.array(3))) == 3
+    with pytest.raises(ValueError, match=r"one element: pass the element, a\[0\] or a.item\(\)"):
+        i.top_pairs(np.array([3]))

@@ -187,3 +187,38 @@ def test_a_unit_index_without_a_modality_says_how_to_name_it():
     s.select(unit=("question", 1))
     s.select(unit=2)                         # the clicked modality is kept: its unit 2
     assert s.unit_ref == ("question", 2)
+
+
+def test_a_new_instance_keeps_the_unit_the_call_sets_and_no_index_it_does_not():
+    s = Selection(n_instances=10, modalities=["image", "question"])
+    s.select(unit=("question", 4))
+    s.select(instance=2, unit=1)             # the call sets the unit: of the clicked modality
+    assert (s.instance, s.unit_ref) == (2, ("question", 1))
+    s.select(unit=("question", 7))
+    s.select(instance=3, modality="question")    # a modality names no unit of instance 3
+    assert s.instance == 3 and s.unit_ref is None and s.unit == -1
+    s.select(unit=("image", 2))
+    s.select(instance=4, unit=("question", 0))
+    assert s.unit_ref == ("question", 0)
+
+
+def test_the_traits_set_directly_never_hold_a_unit_without_its_modality():
+    s = Selection(modalities=["image", "question"])
+    with pytest.raises(ValueError, match=r"unit 5 names no modality.*unit=\('image', 5\)"):
+        s.unit = 5
+    assert s.as_dict()["unit"] == -1
+    s.modality, s.unit = "question", 2
+    assert s.unit_ref == ("question", 2)
+    seen = []
+    s.observe(lambda c: seen.append(c["name"]), names=["modality", "unit"])
+    with pytest.raises(ValueError, match="would leave unit 2 without its modality"):
+        s.modality = ""
+    with pytest.raises(ValueError, match="without its modality|names no modality"):
+        s.update(modality="", unit=3)
+    assert (s.modality, s.unit) == ("question", 2) and not seen
+    s.update(unit=-1, modality="")           # both at once, in either order
+    assert s.as_dict()["unit"] == -1 and s.unit_ref is None
+    s.update(unit=3, modality="image")
+    assert s.unit_ref == ("image", 3)
+    s.select(modality="")                    # a click's empty modality clears the unit
+    assert (s.modality, s.unit, s.unit_ref) == ("", -1, None)
