@@ -6,6 +6,7 @@ found; ``report.stages`` maps every stage to whether it can run.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from .adapter import AdapterError, ModelAdapter, Prepared
 from .kernels.common import math_attention
+from .kernels.interactions import ROUNDING_EPS
 from .modalities import Text
 
 STAGES = (
@@ -628,12 +630,48 @@ def _check_gradients(adapter: ModelAdapter, prepared, report: Report, target: in
             logits = adapter.forward(prepared.raw, cont)
             g = torch.autograd.grad(logits[0, target], list(cont.values()), create_graph=True,
                                     allow_unused=True)
-            s = sum((gi.sum() for gi in g if gi is not None and gi.requires_grad),
-                    torch.zeros(()))
-            if s.requires_grad:
-                torch.autograd.grad(s, list(cont.values()), allow_unused=True)
+            # the Hessian along a random direction: 0 along it means 0, almost surely (along
+            # the ones, f = (x1 - x2)^2 would give 0 too)
+            gen = torch.Generator().manual_seed(0)
+            s = sum((torch.sum(gi * torch.randn(gi.shape, generator=gen, dtype=torch.float64)
+                               .to(gi.dtype).to(gi.device))
+                     for gi in g if gi is not None and gi.requires_grad), torch.zeros(()))
+            hv = (torch.autograd.grad(s, list(cont.values()), allow_unused=True)
+                  if s.requires_grad else ())
     except Exception as e:  # noqa: BLE001 -- the user's model can raise anything
         report.add("error", "no-double-backward",
                    f"Second-order gradients are not available ({e}); use the perturbation "
                    "interaction methods (pairwise ablation, Shapley) instead.",
                    ("interaction_gradient",))
+        return
+    _check_curvature(prepared, report, cont, g, hv)
+
+
+def _check_curvature(prepared, report: Report, cont: dict, g, hv) -> None:
+    """A warning when the output's second derivatives vanish at the instance (its Hessian along
+    a random direction, ``hv``, is float rounding beside the gradient ``g``) while its gradient
+    does not: a model piecewise linear here (a ReLU network, whose second derivatives are 0
+    almost everywhere), where second-order gradients give a matrix of zeros whether or not the
+    modalities interact."""
+    if len(cont) < 2:                       # no interactions to see
+        return
+    first = max((float(gi.detach().abs().max()) for gi in g if gi is not None and gi.numel()),
+                default=0.0)
+    if not first > 0 or not math.isfinite(first):
+        return                              # zero-gradient (or not finite): said elsewhere
+    # how far the inputs are from their baselines: what turns a second derivative into a
+    # change of the gradient (1 when they are their baselines)
+    span = max(float((x - prepared.baseline[n]).abs().max()) if x.numel() else 0.0
+               for n, x in prepared.continuous.items()) or 1.0
+    second = max((float(h.detach().abs().max()) for h in hv if h is not None and h.numel()),
+                 default=0.0)
+    dtype = next(iter(cont.values())).dtype
+    if not second * span <= ROUNDING_EPS * torch.finfo(dtype).eps * first:
+        return
+    report.add("warning", "zero-second-derivatives",
+               "The model's second derivatives are 0 at this instance although its gradient is "
+               "not: it is piecewise linear here (e.g. a ReLU network, whose second derivatives "
+               "are 0 almost everywhere). Second-order gradients, the default interaction "
+               "method, then give a matrix of zeros whether or not the modalities interact: "
+               "use pairwise ablation or Shapley interactions to see its interactions (or, to "
+               "keep second-order gradients, smooth activations such as GELU or SiLU).")

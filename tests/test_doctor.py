@@ -571,3 +571,58 @@ def test_words_outside_a_plain_vocabulary_get_the_generic_advice_and_few_unknown
                                             unk_token="<eos>")])
     padded = {"image": INSTANCE["image"], "question": torch.tensor([1, 2, 3, 0, 0, 0, 0])}
     assert not _unknown(check(b, padded))
+
+
+# ---------------------------------------------------------------------------------------------
+# second derivatives that vanish (a piecewise-linear model)
+# ---------------------------------------------------------------------------------------------
+class ReluHead(Healthy):
+    """Concatenated image and question features, then ReLUs: piecewise linear in both inputs,
+    so its second derivatives are 0 almost everywhere, though the modalities interact."""
+
+    def __init__(self):
+        super().__init__()
+        self.fuse = nn.Linear(12, 8)
+
+    def features(self, image, question):
+        img = self.conv(image).mean((2, 3))
+        return torch.relu(self.fuse(torch.cat([img, self.embedding(question).mean(1)], 1)))
+
+
+class Difference(nn.Module):
+    """logit 1 = (t0 - s0)^2: its Hessian [[2, -2], [-2, 2]] is 0 along the ones direction."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[0.0], [1.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, tabular, series):
+        return self.head((tabular[:, :1] - series.flatten(1)[:, :1]) ** 2)
+
+
+def _curvature(report):
+    return [f for f in report.findings if f.code == "zero-second-derivatives"]
+
+
+def test_a_relu_model_is_told_that_second_order_gradients_cannot_see_its_interactions():
+    """Second-order gradients (the default interaction method) give a ReLU fusion head a matrix
+    of zeros: check() says so at the instance it runs, and what to use instead."""
+    r = check(adapter(ReluHead()), INSTANCE)
+    found = _curvature(r)
+    assert len(found) == 1 and found[0].severity == "warning", str(r)
+    assert "piecewise linear" in found[0].message and "pairwise ablation" in found[0].message
+    assert "Shapley" in found[0].message and r.ok and r.stages["interaction_gradient"]
+
+
+def test_a_curved_model_gets_no_curvature_warning_even_when_its_hessian_cancels_on_ones():
+    """The healthy model curves; (t0 - s0)^2 curves too, though its Hessian times the ones
+    vector is 0: the check reads the Hessian along a random direction."""
+    from multiviz_widgets import Tabular, TimeSeries
+    assert not _curvature(check(adapter(Healthy()), INSTANCE))
+    mods = [Tabular("tabular", columns=["a", "b"]), TimeSeries("series", window=1, channels=["x"])]
+    a = ModelAdapter(Difference(), mods, ["k0", "k1"])
+    r = check(a, {"tabular": torch.tensor([1.0, 0.5]), "series": torch.tensor([[-1.0], [2.0]])})
+    assert not _curvature(r), str(r)

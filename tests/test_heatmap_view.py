@@ -244,6 +244,36 @@ def test_cells_of_units_that_are_not_shapley_players_are_grey_and_the_note_says_
     assert hv.state()["note"] == "" and hv.state()["computed"] is None
 
 
+def test_pairs_a_sampled_estimate_never_met_are_grey_and_the_note_says_so(vqa):
+    """They were 0 like any pair measured to be 0 (shapiq's permutation sampler only estimates
+    pairs adjacent in a sampled permutation)."""
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    every = {"question": list(range(5)), "image": list(range(4))}
+    m = np.ones((5, 4))
+    m[1, 2] = m[4, 0] = 0.0
+    show(hv, m, WORDS, PATCHES[:4], method="shapley", players=every, approximator="x",
+         exact=False, budget=4096, coalitions=4000, relative_noise=0.1,
+         unestimated=[[1, 2], [4, 0], [9, 9]])                # a cell off the matrix: ignored
+    st = hv.state()
+    assert np.argwhere(~np.asarray(st["computed"])).tolist() == [[1, 2], [4, 0]]
+    assert st["note"].startswith("2 pairs were never met in the sampled coalitions: grey, "
+                                 "not estimated (0 in the matrix)")
+    assert "Grey: not computed" in st["legend"]
+    show(hv, m, WORDS, PATCHES[:4], method="shapley", players=every, unestimated=[])
+    assert hv.state()["computed"] is None
+
+
+def test_a_second_order_matrix_the_kernel_calls_blind_says_so_first(vqa):
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    blind = "Second-order gradients cannot see this model's interactions here: ..."
+    show(hv, np.zeros((5, 4)), WORDS, PATCHES[:4], note=blind)
+    assert hv.state()["note"] == blind and hv.note.layout.display is None
+    show(hv, np.zeros((5, 4)), WORDS, PATCHES[:4])
+    assert hv.state()["note"] == ""
+
+
 def test_the_note_says_whether_shapley_values_are_exact_or_sampled_and_how_noisy(vqa):
     ex, _ = vqa
     hv = ex.heatmap_view

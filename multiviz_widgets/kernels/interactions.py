@@ -12,7 +12,9 @@ units of b) with its cost. Methods:
   replicates the instance U_r times along the batch (row k contracted to its own unit k, one
   double backward): U_r forwards, 2 U_r backwards. MultiViz's variant contracts side a first with
   phi = |.| (``phi="abs"``) and/or grad x input (``attribution="grad_x_input"``).
-  The model must treat batch rows independently (eval mode, no batch statistics).
+  The model must treat batch rows independently (eval mode, no batch statistics). A
+  piecewise-linear model (ReLU) has no second derivatives to see: its all-zero matrix says so in
+  ``params["note"]``.
 * ``pairwise_ablation``: D[u, v] = f(x) - f(x\\u) - f(x\\v) + f(x\\{u, v}); 1 + U_a + U_b +
   U_a U_b forwards, batched.
 * ``shapley``: order-2 Shapley interaction indices (k-SII, STII, FSII or SII, computed by
@@ -78,7 +80,12 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
     took 4.0 ms replicated against 5.4 ms vmapped, median of 20, ``kernels_gpu.json``: vmap runs
     the convolution backward one row at a time). Both are exact and need batch rows to be
     independent. A side the output does not depend on through a second derivative gives zeros
-    (and fewer backwards).
+    (and fewer backwards). A matrix of zeros (float rounding) from a model piecewise linear at
+    the instance (a ReLU network: its second derivatives are 0 almost everywhere), whose
+    interactions second-order gradients cannot see, carries ``params["note"]`` saying so and
+    what to use instead; telling it from a model whose sides do not interact costs one more
+    backward (vmap) or 1 forward and 2 backwards (replicate), counted, and only when every cell
+    is 0 (``_flat``).
     """
     if phi not in ("identity", "abs"):
         raise ValueError(f"phi must be 'identity' or 'abs', got {phi!r}.")
@@ -110,14 +117,14 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
             used = "replicate"
         elif mode in ("auto", "vmap"):
             try:
-                m, fwd, bwd = _sog_vmap(*args)
+                m, fwd, bwd, flat = _sog_vmap(*args)
                 used = "vmap"
             except RuntimeError as e:
                 if mode == "vmap":
                     raise
                 used, fell_back = "replicate", str(e).strip().splitlines()[0][:200]
         if used == "replicate":
-            m, fwd, bwd = _sog_replicate(*args)
+            m, fwd, bwd, flat = _sog_replicate(*args)
             if fell_back is not None:    # the vmap attempt's forward and first backward count
                 fwd, bwd = fwd + 1, bwd + 1
     if swap:
@@ -130,6 +137,8 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
               "contracted": r, "batch_size": batch_size, "mode": used}
     if fell_back is not None:
         params["vmap_error"] = fell_back
+    if flat:
+        params["note"] = FLAT_NOTE.format(r=r)
     return np.ascontiguousarray(m), fwd, bwd, params
 
 
@@ -152,34 +161,101 @@ def _own_units(index: torch.Tensor, start: int, k: int, dtype) -> torch.Tensor:
     return (index.unsqueeze(0) == units.view(-1, *([1] * index.dim()))).to(dtype)
 
 
-def _sog_vmap(adapter, prepared, r, c, target, progress, phi, attribution, times_input,
-              batch_size):
-    xr, xc = prepared.continuous[r], prepared.continuous[c]
-    ir, ic = prepared.index[r], prepared.index[c]
+def _unit_attributions(adapter, prepared, r, c, target, phi, attribution):
+    """One forward and one backward (create_graph) of the instance, under enable_grad: (f, xr1,
+    xc1, a_u), a_u [U_r] the first-order attribution of every unit of side r with its graph kept
+    for the second derivatives, or None when the output does not depend on x_r at all."""
+    xr, xc, ir = prepared.continuous[r], prepared.continuous[c], prepared.index[r]
     n_rows = prepared.n_units[r]
     xr1 = xr.detach().unsqueeze(0).clone().requires_grad_(True)
     xc1 = xc.detach().unsqueeze(0).clone().requires_grad_(True)
+    f = adapter.scalar(prepared, {r: xr1, c: xc1}, target)
+    g = _first_gradient(f, xr1)
+    if g is None:
+        return f, xr1, xc1, None
+    g = g[0]
+    if attribution == "grad_x_input":
+        g = g * (xr - prepared.baseline[r])
+    # every unit's attribution. Through a [U_r, numel] indicator when that is small (its
+    # batched second backward is about 5% faster than index_add's for a question's words),
+    # else summed by index: the indicator's second backward builds [U_r, U_r, numel], 4 GB
+    # and 30 s for a 96 x 96 image of 576 patches
+    if n_rows * g.numel() <= SMALL_INDICATOR:
+        own = _own_units(ir, 0, n_rows, g.dtype)
+        a_u = (g.unsqueeze(0) * own).reshape(n_rows, -1).sum(1)
+    else:
+        a_u = g.new_zeros(n_rows).index_add(0, ir.reshape(-1), g.reshape(-1))
+    return f, xr1, xc1, (a_u.abs() if phi == "abs" else a_u)
+
+
+#: Second derivatives that move the first-order attributions by less than this many epsilons of
+#: the model's dtype (relative to the largest attribution) are float rounding.
+ROUNDING_EPS = 16
+
+#: params["note"] of a second-order matrix that cannot show interactions (see ``_flat``)
+FLAT_NOTE = ("Second-order gradients cannot see this model's interactions here: its second "
+             "derivatives with respect to {r!r} are 0 at this instance (the model is piecewise "
+             "linear here, e.g. a ReLU network), so every cell is 0 whether or not the units "
+             "interact. Use pairwise ablation or Shapley interactions.")
+
+
+def _span(x: torch.Tensor, baseline: torch.Tensor) -> float:
+    """How far the side's scalars are from their baseline (the largest |x - baseline|; 1 when
+    x is its baseline): what turns a second derivative into a change of a first-order one."""
+    span = float((x - baseline).abs().max()) if x.numel() else 0.0
+    return span if span > 0 else 1.0
+
+
+def _negligible(second: float, span: float, first: float, dtype: torch.dtype) -> bool:
+    """Whether second derivatives of largest magnitude ``second``, over inputs that move by
+    ``span``, change first-order attributions of largest magnitude ``first`` by float rounding
+    only (ROUNDING_EPS epsilons of dtype)."""
+    return second * span <= ROUNDING_EPS * torch.finfo(dtype).eps * first
+
+
+def _flat(adapter, prepared, r, c, m, first, times_input, a_u=None, xr1=None, phi="identity",
+          attribution="gradient", target=None) -> tuple[bool, int, int]:
+    """(flat, forwards, backwards): whether second-order gradients are blind at this instance.
+    The cross block m is 0 (float rounding of the first-order attributions, of largest
+    magnitude ``first``) while those attributions are not, and so is the block of side r with
+    itself: the model is piecewise linear here (a ReLU network: its second derivatives are 0
+    almost everywhere), where a model whose sides do not interact (late fusion: f = g(x_r) +
+    h(x_c)) still curves in x_r. The within-r block is read along one random combination of
+    the rows (0 along it: 0, almost surely) with one backward pass of a_u's graph, or, when the
+    caller has no graph left (``a_u`` None), one forward and two backward passes (counted)."""
+    if not first > 0 or not math.isfinite(first):
+        return False, 0, 0
+    dtype = prepared.continuous[r].dtype
+    span_c = 1.0 if times_input else _span(prepared.continuous[c], prepared.baseline[c])
+    if not _negligible(float(np.abs(m).max(initial=0.0)), span_c, first, dtype):
+        return False, 0, 0
+    fwd = bwd = 0
+    if a_u is None:                   # replicated: the attributions of one instance again
+        with torch.enable_grad():
+            f, xr1, _, a_u = _unit_attributions(adapter, prepared, r, c, target, phi, attribution)
+        fwd, bwd = 1, int(f.requires_grad)
+        if a_u is None:
+            return False, fwd, bwd
+    if not a_u.requires_grad:         # the attributions do not depend on the inputs
+        return True, fwd, bwd
+    w = torch.randn(a_u.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    h, = torch.autograd.grad(a_u, xr1, grad_outputs=w.to(a_u.dtype).to(a_u.device),
+                             allow_unused=True)
+    second = 0.0 if h is None else float(h.detach().abs().max())
+    return _negligible(second, _span(prepared.continuous[r], prepared.baseline[r]), first,
+                       dtype), fwd, bwd + 1
+
+
+def _sog_vmap(adapter, prepared, r, c, target, progress, phi, attribution, times_input,
+              batch_size):
+    xc, ic = prepared.continuous[c], prepared.index[c]
+    n_rows = prepared.n_units[r]
     report(progress, 0, n_rows, "second-order gradients")
     with torch.enable_grad():
-        f = adapter.scalar(prepared, {r: xr1, c: xc1}, target)
-        g = _first_gradient(f, xr1)
-        if g is None:                                # no path from x_r: no interaction
+        f, xr1, xc1, a_u = _unit_attributions(adapter, prepared, r, c, target, phi, attribution)
+        if a_u is None:                              # no path from x_r: no interaction
             report(progress, n_rows, n_rows, "second-order gradients")
-            return np.zeros((n_rows, prepared.n_units[c])), 1, int(f.requires_grad)
-        g = g[0]
-        if attribution == "grad_x_input":
-            g = g * (xr - prepared.baseline[r])
-        # every unit's attribution. Through a [U_r, numel] indicator when that is small (its
-        # batched second backward is about 5% faster than index_add's for a question's words),
-        # else summed by index: the indicator's second backward builds [U_r, U_r, numel], 4 GB
-        # and 30 s for a 96 x 96 image of 576 patches
-        if n_rows * g.numel() <= SMALL_INDICATOR:
-            own = _own_units(ir, 0, n_rows, g.dtype)
-            a_u = (g.unsqueeze(0) * own).reshape(n_rows, -1).sum(1)
-        else:
-            a_u = g.new_zeros(n_rows).index_add(0, ir.reshape(-1), g.reshape(-1))
-        if phi == "abs":
-            a_u = a_u.abs()
+            return np.zeros((n_rows, prepared.n_units[c])), 1, int(f.requires_grad), False
         rows = []
         for s in range(0, n_rows, batch_size):
             k = min(batch_size, n_rows - s)
@@ -195,8 +271,12 @@ def _sog_vmap(adapter, prepared, r, c, target, progress, phi, attribution, times
                 h = h * (xc - prepared.baseline[c])
             rows.append(adapter.modalities[c].pool(h.detach(), xc, ic))
             report(progress, s + k, n_rows, "second-order gradients")
-    # the second backward passes run only where the attributions depend on the inputs
-    return torch.cat(rows).double().cpu().numpy(), 1, 1 + (n_rows if a_u.requires_grad else 0)
+        m = torch.cat(rows).double().cpu().numpy()
+        # the second backward passes run only where the attributions depend on the inputs
+        backwards = 1 + (n_rows if a_u.requires_grad else 0)
+        flat, _, more = _flat(adapter, prepared, r, c, m, float(a_u.detach().abs().max()),
+                              times_input, a_u, xr1)
+    return m, 1, backwards + more, flat
 
 
 def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, times_input,
@@ -206,7 +286,7 @@ def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, 
     wr = (xr - prepared.baseline[r]) if attribution == "grad_x_input" else None
     wc = (xc - prepared.baseline[c]) if times_input else None
     n_rows = prepared.n_units[r]
-    rows, backwards = [], 0
+    rows, backwards, first = [], 0, 0.0
     report(progress, 0, n_rows, "second-order gradients")
     for s in range(0, n_rows, batch_size):
         k = min(batch_size, n_rows - s)
@@ -223,6 +303,7 @@ def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, 
                 a_u = (g * _own_units(ir, s, k, g.dtype)).reshape(k, -1).sum(1)  # row i: unit s + i
                 if phi == "abs":
                     a_u = a_u.abs()
+                first = max(first, float(a_u.detach().abs().max()))
                 if a_u.requires_grad:
                     h, = torch.autograd.grad(a_u.sum(), xc_b, allow_unused=True)
                     backwards += k
@@ -232,7 +313,10 @@ def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, 
             h = h * wc
         rows.append(adapter.modalities[c].pool(h.detach(), xc, ic))
         report(progress, s + k, n_rows, "second-order gradients")
-    return torch.cat(rows).double().cpu().numpy(), n_rows, backwards
+    m = torch.cat(rows).double().cpu().numpy()
+    flat, more_f, more_b = _flat(adapter, prepared, r, c, m, first, times_input, phi=phi,
+                                 attribution=attribution, target=target)
+    return m, n_rows + more_f, backwards + more_b, flat
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,17 +382,37 @@ def auto_max_players(budget: int) -> int:
     return max(2, min(EXACT_MAX_PLAYERS, int(budget).bit_length() - 1))
 
 
-def _mean_and_noise(m1: np.ndarray, m2: np.ndarray, w1: float = 1.0, w2: float = 1.0
-                    ) -> tuple[np.ndarray, float]:
+def _mean_and_noise(m1: np.ndarray, m2: np.ndarray, w1=1.0, w2=1.0
+                    ) -> tuple[np.ndarray, float | None]:
     """(mean, relative standard error of the mean) of two independent estimates of a matrix,
-    each the average of w1 and w2 samples (permutations): the mean weighs them by w, and the
-    error follows from their difference, ||m1 - m2|| sqrt(w1 w2) / (w1 + w2), divided by the
-    mean's norm (two equal halves: ||m1 - m2|| / ||m1 + m2||). 0 when both are 0; infinite when
-    they differ and their mean is 0 (the estimate is all noise); NaN for non-finite values."""
-    mean = (w1 * m1 + w2 * m2) / (w1 + w2)
+    each cell the average of w1 and w2 samples (permutations that visited it; numbers, or arrays
+    of per-cell counts): the mean weighs them by w, which is what one run over both halves'
+    permutations gives, and the error follows from their difference: per cell
+    |m1 - m2| sqrt(w1 w2) / (w1 + w2), summed in squares, divided by the mean's norm (two
+    equal halves: ||m1 - m2|| / ||m1 + m2||). A cell one half never visited (w 0) takes the
+    other half's value, with the error of w samples of the average per-sample variance of the
+    cells both visited; a cell neither visited is 0, and left out. 0 when both are 0; infinite
+    when they differ and their mean is 0 (the estimate is all noise); NaN for non-finite values;
+    None when no cell was visited by both halves (no difference to measure the error by)."""
+    w1 = np.broadcast_to(np.asarray(w1, dtype=np.float64), np.shape(m1))
+    w2 = np.broadcast_to(np.asarray(w2, dtype=np.float64), np.shape(m2))
+    w = w1 + w2
+    seen = w > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(seen, (np.where(w1 > 0, w1 * m1, 0.0) + np.where(w2 > 0, w2 * m2, 0.0))
+                        / np.where(seen, w, 1.0), 0.0)
     if not (np.isfinite(m1).all() and np.isfinite(m2).all()):
         return mean, float("nan")
-    error = float(np.linalg.norm(m1 - m2)) * math.sqrt(w1 * w2) / (w1 + w2)
+    both = (w1 > 0) & (w2 > 0)
+    one = seen & ~both
+    if one.any() and not both.any():
+        return mean, None
+    # per-sample variance of a cell visited by both: (m1 - m2)^2 w1 w2 / (w1 + w2)
+    per_sample = (m1 - m2)[both] ** 2 * (w1 * w2)[both] / w[both]
+    variance = float(np.sum(per_sample / w[both]))
+    if one.any():
+        variance += float(per_sample.mean()) * float(np.sum(1.0 / w[one]))
+    error = math.sqrt(variance)
     size = float(np.linalg.norm(mean))
     if size > 0:
         return mean, error / size
@@ -322,9 +426,10 @@ def _half_seeds(seed: int) -> tuple[int, int]:
 
 
 def _shapiq_approximator(index: str, n: int, seed: int, budget: int):
-    """shapiq's approximator for an order-2 index: permutation sampling (unbiased, and exactly 0
-    on pairs that never interact) when the budget buys at least two permutations, else a
-    regression / stratified estimator; FSII always by its regression."""
+    """shapiq's approximator for an order-2 index: permutation sampling when the budget buys at
+    least two permutations, else a regression / stratified estimator; FSII always by its
+    regression. (k-SII / SII permutation sampling estimates a pair only from the permutations
+    in which its two players are adjacent, about 2 / n of them: see ``_visits``.)"""
     import shapiq
     if index == "FSII":
         return shapiq.RegressionFSII(n=n, max_order=2, random_state=seed)
@@ -334,6 +439,35 @@ def _shapiq_approximator(index: str, n: int, seed: int, budget: int):
     if index in ("k-SII", "SII"):
         return shapiq.KernelSHAPIQ(n=n, max_order=2, index=index, random_state=seed)
     return shapiq.SVARMIQ(n=n, max_order=2, index="STII", random_state=seed)
+
+
+def _visits(approximator, budget: int, game, **kw):
+    """(interaction values, visits): shapiq's estimate and, for a permutation sampler, how many
+    sampled permutations each interaction's estimate averages, else None.
+
+    shapiq's SII / k-SII permutation sampler estimates a pair only from the permutations in
+    which its two players are adjacent (about 2 / n of them), and returns exactly 0 for a pair
+    no permutation visited, which reads as a pair that does not interact: at a budget of a few
+    permutations per pair, many pairs are never visited. The samplers count the visits in an
+    integer array made by ``_init_result(dtype=int)``, read here; a shapiq whose samplers make
+    none gives None (``shapley`` then takes a cell of exactly 0 for a pair not visited)."""
+    made = []
+    if type(approximator).__name__ in PERMUTATION_APPROXIMATORS:
+        init = approximator._init_result
+
+        def counting_init(dtype=float):
+            out = init(dtype)
+            if np.issubdtype(np.dtype(dtype), np.integer):
+                made.append(out)
+            return out
+        approximator._init_result = counting_init
+    try:
+        iv = approximator.approximate(budget=budget, game=game, **kw)
+    finally:
+        approximator.__dict__.pop("_init_result", None)
+    if len(made) != 1 or len(made[0]) != len(np.asarray(iv.values)):
+        return iv, None
+    return iv, np.asarray(made[0], dtype=np.float64)
 
 
 def _split_players(ua: int, ub: int, max_players: int) -> tuple[int, int]:
@@ -385,9 +519,15 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     Players are the units of a and b (a unit "absent" takes its baseline; other modalities stay).
     Exact (shapiq.ExactComputer) when 2^players <= budget and players <= EXACT_MAX_PLAYERS;
     otherwise shapiq's approximator for the index with ``budget`` evaluations: permutation
-    sampling for k-SII/SII/STII (unbiased; pairs that never interact get exactly 0) when the
-    budget buys two permutations, else KernelSHAPIQ / SVARMIQ; RegressionFSII for FSII (FSII is
-    a least-squares fit, so within-modality higher-order effects can leak into cross pairs).
+    sampling for k-SII/SII/STII when the budget buys two permutations, else KernelSHAPIQ /
+    SVARMIQ; RegressionFSII for FSII (FSII is a least-squares fit, so within-modality
+    higher-order effects can leak into cross pairs). k-SII/SII permutation sampling estimates a
+    pair only from the sampled permutations in which its two players are adjacent (about 2 / n
+    of them; STII's uses every permutation for every pair): at a few thousand coalitions and 18
+    players or more some pairs are in none. Their cells are 0, not a measured 0, and
+    ``params["unestimated"]`` lists them ([row unit, column unit]; [] when every player pair
+    was estimated; only in sampled results) to be shown apart, as the cells of non-players
+    are.
     max_players ("auto", the default: as many as the budget computes exactly, 12 for 4,096, see
     ``auto_max_players``; a number; None = every unit): when the two modalities have more units,
     keep only those with the largest occlusion effect (2 + U_a + U_b extra forwards), split
@@ -395,9 +535,11 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     other units stay present and their cells are 0 (``params["players"]`` lists the players).
     A few thousand evaluations cannot estimate the ~U_a U_b pairs of 70 players well.
     Permutation sampling with a budget for at least four permutations runs as two halves with
-    independent seeds drawn from ``seed`` and reports their mean; ``params["relative_noise"]``
-    is the relative standard error of that mean, from the halves' difference
-    (``_mean_and_noise``; None when exact or not estimated); ``params["coalitions"]``: the
+    independent seeds drawn from ``seed`` and reports their mean, cell by cell weighted by the
+    permutations that visited the pair (what one run over both halves gives: a pair one half
+    never visited takes the other half's value); ``params["relative_noise"]`` is the relative
+    standard error of that mean, from the halves' difference (``_mean_and_noise``; None when
+    exact, not estimated, or no pair was visited by both halves); ``params["coalitions"]``: the
     coalitions evaluated (whole permutations: at most the budget). Cost: at most budget
     forwards (plus the occlusion pass). The players (and the split of max_players) are chosen,
     and the coalitions sampled, in the adapter's order of the two modalities, so that (b, a)
@@ -407,8 +549,10 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         m, forwards, backwards, params = shapley(adapter, prepared, b, a, target, progress, index,
                                                  budget, max_players, seed, batch_size)
         players = params["players"]
-        return (m.T.copy(), forwards, backwards,
-                dict(params, players={a: players[a], b: players[b]}))
+        swapped = dict(params, players={a: players[a], b: players[b]})
+        if "unestimated" in params:
+            swapped["unestimated"] = sorted([v, u] for u, v in params["unestimated"])
+        return m.T.copy(), forwards, backwards, swapped
     if index not in SHAPLEY_INDICES:
         raise ValueError(f"Unknown Shapley interaction index {index!r}; choose one of "
                          f"{list(SHAPLEY_INDICES)}.")
@@ -459,9 +603,9 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         evaluated[0] += z.shape[0]
         return out.double().cpu().numpy()
 
-    def cross_block(iv) -> np.ndarray:
+    def cross_block(iv, values=None) -> np.ndarray:
         lookup = iv.interaction_lookup
-        values = np.asarray(iv.values, dtype=np.float64)
+        values = np.asarray(iv.values if values is None else values, dtype=np.float64)
         m = np.zeros((ua, ub))
         for i, u in enumerate(pa):
             for j, v in enumerate(pb):
@@ -470,6 +614,19 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
                     m[u, v] = values[pos]
         return m
 
+    def estimate(ap, spend: int, kw: dict) -> tuple[np.ndarray, np.ndarray]:
+        # (cross block, visits of each of its pairs): a player pair of exactly 0 counts as not
+        # visited when the sampler's counts cannot be read (a pair that does not interact at
+        # all is then taken for one not visited)
+        iv, visits = _visits(ap, spend, game, **kw)
+        m = cross_block(iv)
+        if visits is None:
+            return m, (m != 0).astype(np.float64)
+        return m, cross_block(iv, visits)
+
+    players = np.zeros((ua, ub), dtype=bool)
+    players[np.ix_(pa, pb)] = True
+    visits = None                                       # None: every player pair estimated
     underdetermined, noise = False, None
     if exact:
         approximator = "ExactComputer"
@@ -494,14 +651,18 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
             if _takes_batch_size(ap):              # permutations evaluated per game call
                 kw["batch_size"] = max(1, batch_size // max(1, getattr(ap, "iteration_cost", 1)))
             if approximator in PERMUTATION_APPROXIMATORS and budget >= 2 * _two_permutations(ap, n):
-                # two independent halves (the second spends what the first left), weighed by
-                # their coalitions: the mean is an average over permutations as one run is
-                # (it pays the two ends twice), and the halves' difference says how good it is
+                # two independent halves (the second spends what the first left), weighed cell
+                # by cell by the permutations that visited the pair: the mean is the average
+                # over both halves' permutations that one run gives (it pays the two ends
+                # twice), a pair one half never visited takes the other's value, and the
+                # halves' difference says how good the mean is
                 first, second = (_permutation_sampler(index, n, s) for s in _half_seeds(seed))
-                m1 = cross_block(first.approximate(budget=budget // 2, game=game, **kw))
-                used = evaluated[0]
-                m2 = cross_block(second.approximate(budget=budget - used, game=game, **kw))
-                m, noise = _mean_and_noise(m1, m2, used, evaluated[0] - used)
+                m1, v1 = estimate(first, budget // 2, kw)
+                m2, v2 = estimate(second, budget - evaluated[0], kw)
+                m, noise = _mean_and_noise(m1, m2, v1, v2)
+                visits = v1 + v2
+            elif approximator in PERMUTATION_APPROXIMATORS:
+                m, visits = estimate(ap, budget, kw)
             else:
                 m = cross_block(ap.approximate(budget=budget, game=game, **kw))
     if evaluated[0] < total:            # permutation sampling stops at whole permutations
@@ -510,6 +671,9 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
               "underdetermined": underdetermined, "relative_noise": noise,
               "coalitions": evaluated[0], "seed": seed,
               "max_players": max_players, "players": {a: pa.tolist(), b: pb.tolist()}}
+    if not exact:
+        params["unestimated"] = ([] if visits is None else
+                                 np.argwhere(players & (visits == 0)).tolist())
     return m, forwards + evaluated[0], 0, params
 
 

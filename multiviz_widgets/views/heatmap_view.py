@@ -24,7 +24,7 @@ from ..engine import Analyses, Engine
 from ..selection import Selection
 from .input_view import STATIC, check_bundle, esm_of
 from ._common import (RetryAfterCancel, WrappedText, colour_limit, failure_text, method_label,
-                      shapley_players, text_label)
+                      shapley_players, text_label, unestimated_cells)
 
 
 #: Longest tick label (characters) on the heatmap's axes; longer unit names are cut in the
@@ -337,8 +337,13 @@ class HeatmapView(W.VBox):
         m = np.asarray(inter.matrix, dtype=np.float64)
         params = getattr(inter, "params", None) or {}
         computed, note = self._players(params, m.shape)
+        computed, unseen = self._unestimated(params, m.shape, computed)
         self._draw(m, inter.row_labels, inter.col_labels, computed)
-        self._set_note(" ".join(part for part in (note, shapley_estimate_note(params)) if part))
+        # the kernel's own note (second-order gradients blind to a piecewise-linear model)
+        # first: it says the whole matrix cannot be read as it looks
+        kernel_note = params.get("note") if isinstance(params.get("note"), str) else ""
+        self._set_note(" ".join(part for part in (kernel_note, note, unseen,
+                                                  shapley_estimate_note(params)) if part))
         target = self.analyses.target_text(explained)
         self._set_legend(target, grey=computed is not None, method=inter.method)
         self.caption.value = (f"{method_label(inter.method)} {self.pair[0]} x {self.pair[1]} "
@@ -374,6 +379,21 @@ class HeatmapView(W.VBox):
                 f"{parts[1]}{most}. The grey cells, of the other units, are not computed (0 in "
                 f"the matrix).")
         return computed, note
+
+    @staticmethod
+    def _unestimated(params: dict, shape, computed: np.ndarray | None
+                     ) -> tuple[np.ndarray | None, str]:
+        """(computed, note) with the pairs a sampled Shapley estimate never visited
+        (``params["unestimated"]``: [row, column] cells, 0 in the matrix) greyed too."""
+        idx = unestimated_cells(params, shape)
+        if not len(idx):
+            return computed, ""
+        computed = np.ones(shape, dtype=bool) if computed is None else computed.copy()
+        computed[idx[:, 0], idx[:, 1]] = False
+        n = len(idx)
+        return computed, (f"{n} {'pair was' if n == 1 else 'pairs were'} never met in the "
+                          f"sampled coalitions: grey, not estimated (0 in the matrix); a larger "
+                          f"budget estimates them.")
 
     def _set_note(self, text: str) -> None:
         self.note_text = text

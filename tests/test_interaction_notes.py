@@ -1,0 +1,182 @@
+"""Stage-2 results that say what they cannot show: second-order gradients of a piecewise-linear
+(ReLU) model, which are 0 whether or not the modalities interact, and the pairs that sampled
+Shapley interactions never estimated, which are 0 without being measured."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from multiviz_widgets import ModelAdapter, Tabular, TimeSeries
+from multiviz_widgets.kernels.interactions import _mean_and_noise, interaction
+
+from .test_interactions import _seeded
+
+
+def _modalities(steps=4):
+    # tabular: 6 units; series: `steps` steps / window 1 x 1 channel = `steps` units
+    return [Tabular("tabular", columns=[f"c{i}" for i in range(6)]),
+            TimeSeries("series", window=1, channels=["x"])]
+
+
+def _instance(steps=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"tabular": torch.randn(6, generator=g), "series": torch.randn(steps, 1, generator=g)}
+
+
+class ReluFusion(nn.Module):
+    """Concatenation, then a ReLU MLP: the commonest fusion head. Its modalities interact (the
+    ReLUs switch with both), yet its second derivatives are 0 almost everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.fuse = nn.Sequential(nn.Linear(6 + 4, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
+        self.head = nn.Linear(16, 2)
+        _seeded(self, 0)
+
+    def forward(self, tabular, series):
+        return self.head(self.fuse(torch.cat([tabular, series.flatten(1)], 1)))
+
+
+class LateFusion(nn.Module):
+    """f = W [g(tabular); h(series)] + b with smooth encoders: no interaction at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.t, self.s = nn.Linear(6, 5), nn.Linear(4, 5)
+        self.head = nn.Linear(10, 2)
+        _seeded(self, 1)
+
+    def forward(self, tabular, series):
+        return self.head(torch.cat([torch.tanh(self.t(tabular)),
+                                    torch.tanh(self.s(series.flatten(1)))], 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# second-order gradients of a piecewise-linear model
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["vmap", "replicate"])
+@pytest.mark.parametrize("phi, contracted", [("identity", "series"), ("abs", "tabular")])
+def test_second_order_of_a_relu_model_says_it_cannot_see_interactions(mode, phi, contracted):
+    """The matrix of a ReLU fusion MLP is exactly 0 while pairwise ablation finds the
+    interaction: the result says why, and what to use instead, and counts the pass that tells
+    it from a model without interactions."""
+    adapter = ModelAdapter(ReluFusion(), _modalities(), ["no", "yes"], decision_layer="head")
+    sog = interaction(adapter, _instance(), "second_order", target=1, mode=mode, phi=phi)
+    assert np.all(sog.matrix == 0)
+    assert np.abs(interaction(adapter, _instance(), "pairwise_ablation",
+                              target=1).matrix).max() > 1e-3
+    note = sog.params["note"]
+    assert "piecewise linear" in note and f"{contracted!r}" in note
+    assert "pairwise ablation" in note and "Shapley" in note
+    # the contracted side's U units: vmap runs 1 forward and 1 + U backwards, + 1 to read the
+    # side's own second derivatives on the graph kept; replicate U forwards and 2 U backwards,
+    # + one forward and two backwards of the instance
+    u = {"series": 4, "tabular": 6}[sog.params["contracted"]]
+    assert sog.params["contracted"] == contracted
+    assert (sog.forward_passes, sog.backward_passes) == ((1, 1 + u + 1) if mode == "vmap" else
+                                                         (u + 1, 2 * u + 2))
+
+
+@pytest.mark.parametrize("mode", ["vmap", "replicate"])
+def test_second_order_of_modalities_that_do_not_interact_is_zero_without_a_note(mode):
+    """Late fusion with smooth encoders: the zeros are the answer (no interaction), not a blind
+    spot, as the side's own second derivatives show."""
+    adapter = ModelAdapter(LateFusion(), _modalities(), ["no", "yes"], decision_layer="head")
+    sog = interaction(adapter, _instance(), "second_order", target=1, mode=mode)
+    assert np.all(sog.matrix == 0)
+    assert "note" not in sog.params
+
+
+def test_second_order_of_an_interacting_smooth_model_has_no_note_and_no_extra_pass():
+    """A GELU fusion MLP: a matrix that is not 0, no note, and the cost of the method alone."""
+    model = ReluFusion()
+    model.fuse[1], model.fuse[3] = nn.GELU(), nn.GELU()
+    adapter = ModelAdapter(model, _modalities(), ["no", "yes"], decision_layer="head")
+    sog = interaction(adapter, _instance(), "second_order", target=1, mode="vmap")
+    assert np.abs(sog.matrix).max() > 1e-4 and "note" not in sog.params
+    assert (sog.forward_passes, sog.backward_passes) == (1, 1 + 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# pairs that sampled Shapley interactions did not estimate
+# ---------------------------------------------------------------------------------------------
+#: W[u, v]: the interaction of tabular unit u with series unit v in ``Bilinear``
+W = torch.tensor(np.random.default_rng(0).choice([-1.0, 1.0], (6, 12))
+                 * np.random.default_rng(1).uniform(1.0, 2.0, (6, 12)), dtype=torch.float32)
+
+
+class Bilinear(nn.Module):
+    """logit 1 = t' W s on an instance of ones (baselines 0): every coalition's discrete
+    derivative of the pair (u, v) is W[u, v], so its Shapley interaction is W[u, v] and every
+    permutation that visits the pair measures it exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[0.0], [1.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, tabular, series):
+        return self.head(((tabular @ W) * series.flatten(1)).sum(1, keepdim=True))
+
+
+def _bilinear():
+    adapter = ModelAdapter(Bilinear(), _modalities(12), ["no", "yes"], decision_layer="head")
+    return adapter, {"tabular": torch.ones(6), "series": torch.ones(12, 1)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampled_shapley_keeps_each_estimated_pair_whole_and_lists_the_others(seed):
+    """18 players and 2,048 coalitions: permutation sampling visits a pair only when its two
+    players are adjacent, so some pairs are in one half of the sample only (they used to get
+    half their value: the mean treated the other half's 0 as a measurement) and some in
+    neither (0, as if measured). Each pair estimated has its whole value; the others are
+    listed, also with the modalities the other way round."""
+    adapter, inst = _bilinear()
+    r = interaction(adapter, inst, "shapley", target=1, max_players=None, budget=2048, seed=seed)
+    assert r.params["approximator"] == "PermutationSamplingSII" and not r.params["exact"]
+    unestimated = r.params["unestimated"]
+    missing = np.zeros((6, 12), dtype=bool)
+    if unestimated:
+        missing[tuple(np.array(unestimated).T)] = True
+    assert 0 < missing.sum() < 72 / 3                        # some, and not many
+    np.testing.assert_allclose(r.matrix[~missing], W.numpy()[~missing], rtol=1e-5)
+    assert np.all(r.matrix[missing] == 0)
+    # every estimate is exact, so the halves agree where both visited the pair
+    assert r.params["relative_noise"] < 1e-5
+    swapped = interaction(adapter, inst, "shapley", modalities=("series", "tabular"), target=1,
+                          max_players=None, budget=2048, seed=seed)
+    np.testing.assert_array_equal(swapped.matrix, r.matrix.T)
+    assert swapped.params["unestimated"] == sorted([v, u] for u, v in unestimated)
+
+
+def test_every_pair_is_estimated_by_stii_and_by_a_large_sample():
+    """STII's permutation sampling uses every permutation for every pair, and a large budget
+    visits every pair: nothing is listed; the exact default has no such list at all."""
+    adapter, inst = _bilinear()
+    stii = interaction(adapter, inst, "shapley", target=1, index="STII", max_players=None,
+                       budget=2048)
+    assert stii.params["approximator"] == "PermutationSamplingSTII"
+    assert stii.params["unestimated"] == []
+    large = interaction(adapter, inst, "shapley", target=1, max_players=None, budget=40000)
+    assert large.params["unestimated"] == []
+    np.testing.assert_allclose(large.matrix, W.numpy(), rtol=1e-5)
+    assert "unestimated" not in interaction(adapter, inst, "shapley", target=1).params
+
+
+def test_the_mean_of_two_halves_takes_a_pair_seen_by_one_half_whole():
+    """Per-cell visit counts: a cell one half never visited takes the other's value, a cell
+    neither visited is 0 and adds nothing to the error, which comes from the cells both
+    visited (and, for a cell visited once, from their average per-visit variance)."""
+    m1, m2 = np.array([[2.0, 5.0, 0.0, 1.0]]), np.array([[4.0, 0.0, 0.0, 1.0]])
+    mean, noise = _mean_and_noise(m1, m2, np.array([[1, 3, 0, 2]]), np.array([[1, 0, 0, 2]]))
+    np.testing.assert_array_equal(mean, [[3.0, 5.0, 0.0, 1.0]])
+    # squared errors: (2 - 4)^2 * 1 * 1 / (1 + 1)^2 = 1 (cell 0), 0 (cell 3), and for cell 1
+    # the per-visit variance of those cells, ((2 - 4)^2 * 1 * 1 / (1 + 1) + 0) / 2 = 1, over
+    # its 3 visits
+    assert noise == pytest.approx(np.sqrt(1 + 1 / 3) / np.linalg.norm([3, 5, 1]))
+    # no cell visited by both halves: no difference to measure the error by
+    assert _mean_and_noise(m1, m2, np.array([[1, 1, 0, 0]]), np.array([[0, 0, 0, 2]]))[1] is None
