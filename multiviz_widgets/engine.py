@@ -738,8 +738,14 @@ def check_features(features, n_instances: int, adapter: ModelAdapter | None = No
     if h.ndim != 2 or logits.ndim != 2 or not len(h) == len(logits) == len(idx):
         raise ValueError(f"features= do not fit together: h {h.shape}, logits {logits.shape}, "
                          f"indices {idx.shape} (one row per instance); {how}.")
+    if len(idx) and np.issubdtype(idx.dtype, np.integer) and len(np.unique(idx)) != len(idx):
+        values, counts = np.unique(idx, return_counts=True)
+        twice = values[counts > 1]
+        raise ValueError(f"features= have {len(idx) - len(np.unique(idx))} repeated rows (instances "
+                         f"{twice[:5].tolist()} more than once): each instance is one point and "
+                         f"one gallery entry; {how} (with indices listed once).")
     if len(idx) and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0
-                     or idx.max() >= n_instances or len(np.unique(idx)) != len(idx)):
+                     or idx.max() >= n_instances):
         raise ValueError(f"features= come from another dataset: they have {len(idx)} rows for "
                          f"instances {int(idx.min())}..{int(idx.max())}, but the dataset has "
                          f"{n_instances} instances (0..{n_instances - 1}); {how}.")
@@ -896,18 +902,30 @@ class Analyses:
         return self.engine.memo(("features",), lambda: self.kernels.features(
             self.adapter, self.dataset, progress), pin=True)
 
-    def extremes(self, progress=None):
-        """Every neuron's top and bottom instances among the rows of ``features()`` whose
-        features and logits are finite (as ``projection``: features given by the user may
-        hold NaN rows, which cannot be ranked)."""
+    def ranked_features(self, progress=None):
+        """The rows of ``features()`` whose features and logits are finite, as a Features
+        object (features given by the user may hold NaN rows, which cannot be ranked, and may
+        be any object with ``h`` and ``logits``): what the extremes rank and the gallery
+        shows."""
         progress = getattr(progress, "shared", progress)
         feats = self.features(progress)
 
         def fn():
+            from .kernels.representations import Features
             rows = _finite_rows(feats)
-            part = feats if rows is None else _feature_rows(feats, rows)
-            return self.kernels.extremes(self.adapter, part, self.gallery_k, progress)
-        return self.engine.memo(("extremes", self.gallery_k), fn, pin=True)
+            if rows is None and isinstance(feats, Features):
+                return None           # the features themselves (not frozen: maybe the user's)
+            return _feature_rows(feats, np.arange(len(feats.h)) if rows is None else rows)
+        part = self.engine.memo(("ranked_features",), fn, pin=True)
+        return feats if part is None else part
+
+    def extremes(self, progress=None):
+        """Every neuron's top and bottom instances among ``ranked_features()`` (as
+        ``projection``, the rows whose features and logits are finite)."""
+        progress = getattr(progress, "shared", progress)
+        ranked = self.ranked_features(progress)
+        return self.engine.memo(("extremes", self.gallery_k), lambda: self.kernels.extremes(
+            self.adapter, ranked, self.gallery_k, progress), pin=True)
 
     def projection(self, progress=None) -> tuple[np.ndarray, np.ndarray]:
         """(rows, coords): the 3-D coordinates [M, 3] of the rows of ``features()`` whose

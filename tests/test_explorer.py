@@ -351,6 +351,11 @@ def test_project_3d_is_pca_scaled_and_deterministic():
     assert project_3d(np.ones((1, 2))).shape == (1, 3)
     with pytest.raises(ValueError):
         project_3d(np.ones(3))
+    # huge finite values: the mean once overflowed to NaN and infinite coordinates
+    huge = project_3d([[1e308, 0], [1e308, 1], [-1e308, 2]])
+    assert np.isfinite(huge).all() and np.abs(huge).max() == pytest.approx(1.0)
+    np.testing.assert_allclose(huge, project_3d(np.array([[1e308, 0], [1e308, 1], [-1e308, 2]])
+                                                / 1e300), atol=1e-6)
 
 
 def test_colour_groups():
@@ -803,6 +808,38 @@ def test_precomputed_features_of_another_dataset_are_rejected():
         Explorer(adapter, big, kernels=FakeKernels(), features=feats)
     with pytest.raises(TypeError, match="extract_features"):
         Explorer(adapter, big, kernels=FakeKernels(), features=h.numpy())
+    # an instance listed twice was said to come "from another dataset"
+    feats = Features(h.numpy()[[3, 5, 3]], logits.numpy()[[3, 5, 3]])
+    feats.indices = np.array([3, 5, 3])
+    with pytest.raises(ValueError, match=r"1 repeated rows \(instances \[3\] more than once"):
+        Explorer(adapter, big, kernels=FakeKernels(), features=feats)
+
+
+def test_the_embedding_says_when_the_instance_shown_is_not_among_its_points():
+    """The caption promised a black point that was not drawn (the instance outside the
+    features given), and named one reason for instances left out for several."""
+    from .explorer_support import Features
+    adapter, ds = tiny_vqa(12)
+    logits, h = adapter.features(adapter.collate([ds[i] for i in range(12)]))
+    rows = [4, 5, 6]
+    feats = Features(h.numpy()[rows], logits.numpy()[rows])
+    feats.indices = np.array(rows)
+    feats.skipped = {1: "ValueError: no tokens", 2: "ValueError: NaN pixels",
+                     3: "ValueError: no tokens"}
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), features=feats, delay=0.05)
+    try:
+        assert ex.wait(60)
+        cap = ex.embedding_view.caption.value
+        assert "the instance shown, #0, is not among them" in cap, cap
+        assert ("3 left out of the features (#1, #3: ValueError: no tokens; #2: ValueError: "
+                "NaN pixels)") in cap
+        ex.select(instance=5)
+        assert ex.wait(60)
+        cap = ex.embedding_view.caption.value
+        assert "the black one is the instance shown" in cap and "3 left out" in cap
+        assert ex.state()["embedding"]["selected"] == 5
+    finally:
+        ex.close()
 
 
 @pytest.mark.parametrize("data", ["list", "dict", None, "abc"])
@@ -910,9 +947,11 @@ def test_the_progress_label_names_the_interactions_a_unit_click_computes(vqa):
 def test_a_gallery_row_of_tied_activations_says_so():
     from multiviz_widgets.kernels.representations import tied_extremes as _tie
     from .explorer_support import Features
-    assert _tie(np.array([0, 0, 0, 0, 0, 0, 1.0, 2.0]), [0.0] * 4) == (6, 0.0)
+    assert _tie(np.array([0, 0, 0, 0, 0, 0, 1.0, 2.0]), [0.0] * 4) == (6, 0.0, 4)
     assert _tie(np.array([0, 0, 0, 0, 1.0, 2.0]), [0.0] * 4) is None       # exactly the 4 shown
-    assert _tie(np.array([0, 0, 0, 0, 0, 1.0]), [0.0, 0.0, 0.0, 1.0]) is None   # a ranking
+    assert _tie(np.array([0, 0, 0, 0, 0, 1.0]), [1.0, 0.0, 0.0, 0.0]) == (5, 0.0, 3)  # its end
+    assert _tie(np.array([0, 0, 3.0, 0, 0, 1.0]), [3.0, 1.0, 0.0, 0.0]) == (4, 0.0, 2)
+    assert _tie(np.array([4.0, 3.0, 2.0, 1.0, 0, 0]), [4.0, 3.0, 2.0, 1.0]) is None  # a ranking
     adapter, ds = tiny_vqa()
     logits, h = adapter.features(adapter.collate([ds[i] for i in range(len(ds))]))
     h = h.numpy().copy()
@@ -924,8 +963,69 @@ def test_a_gallery_row_of_tied_activations_says_so():
         assert ex.wait(60)
         nv = ex.neuron_view
         assert nv.bottom_label.value == ("bottom activating: 10 instances tie at h = 0 (no "
-                                         "ranking among them), showing the first 4")
-        assert nv.top_label.value == "top activating"
+                                         "ranking among them), showing 4 of them")
+        # the top row is 2, 1, 0, 0: its end is two of the ten, not the two lowest
+        assert nv.top_label.value == ("top activating: the last 2 shown tie at h = 0 with 8 "
+                                      "more instances (no ranking among them)")
+    finally:
+        ex.close()
+
+
+class _RealExtremes(FakeKernels):
+    """Fake attributions (fast), the real streaming extremes."""
+
+    def extremes(self, adapter, features, k, progress=None):
+        from multiviz_widgets.engine import Kernels
+        return Kernels.extremes(self, adapter, features, k, progress)
+
+
+def test_the_gallery_shows_and_counts_only_instances_the_embedding_keeps():
+    """A features row with a NaN output was left out of the embedding and the ranking, but the
+    gallery's small-dataset fallback showed it (a click then opened an instance whose output
+    is NaN), and its tie count counted such rows."""
+    from .explorer_support import Features
+    adapter, ds = tiny_vqa(6)
+    logits, h = adapter.features(adapter.collate([ds[i] for i in range(6)]))
+    h, logits = h.numpy().copy(), logits.numpy().copy()
+    h[:, 0] = [5, 4, 3, 2, 1, -7]                    # instance 5 the least activating ...
+    logits[5] = np.nan                               # ... but its output is not finite
+    ex = Explorer(adapter, ds, kernels=_RealExtremes(), features=Features(h, logits), delay=0.05)
+    try:
+        assert ex.wait(60)
+        assert ex.embedding_view.indices.tolist() == [0, 1, 2, 3, 4]
+        ex.select(neuron=0)
+        assert ex.wait(60)
+        assert [(it["side"], it["index"]) for it in ex.neuron_view.gallery] == [
+            ("top", 0), ("top", 1), ("top", 2), ("top", 3), ("bottom", 4)]
+    finally:
+        ex.close()
+    adapter, ds = tiny_vqa(12)
+    logits, h = adapter.features(adapter.collate([ds[i] for i in range(12)]))
+    h, logits = h.numpy().copy(), logits.numpy().copy()
+    h[:, 0] = [0.0] * 8 + [1, 2, 3, 4]
+    logits[0:3] = np.nan                             # three of the eight zeros left out
+    ex = Explorer(adapter, ds, kernels=_RealExtremes(), features=Features(h, logits), delay=0.05)
+    try:
+        ex.select(instance=5, neuron=0)
+        assert ex.wait(60)
+        assert {it["index"] for it in ex.neuron_view.gallery}.isdisjoint({0, 1, 2})
+        assert ex.neuron_view.bottom_label.value.startswith("bottom activating: 5 instances tie")
+    finally:
+        ex.close()
+
+
+def test_features_given_as_any_object_with_h_and_logits_open_the_gallery():
+    """They were accepted, but the gallery failed ("features= must be a Features object")
+    unless a NaN row made the Explorer convert them."""
+    from types import SimpleNamespace
+    adapter, ds = tiny_vqa(12)
+    logits, h = adapter.features(adapter.collate([ds[i] for i in range(12)]))
+    feats = SimpleNamespace(h=h.numpy(), logits=logits.numpy())
+    ex = Explorer(adapter, ds, kernels=_RealExtremes(), features=feats, delay=0.05)
+    try:
+        ex.select(neuron=1)
+        assert ex.wait(60)
+        assert ex.state()["error"] == "" and len(ex.neuron_view.gallery) == 8
     finally:
         ex.close()
 

@@ -42,10 +42,15 @@ def project_3d(h: np.ndarray, dims: int = 3) -> np.ndarray:
     out = np.zeros((n, dims), dtype=np.float32)
     if n == 0:
         return out
+    # PCA is scale-free: scaled to at most 1 first, so that neither the mean nor the centring
+    # of huge values (1e308) overflows
+    size = np.abs(h).max() if h.size else 0.0
+    if size > 0:
+        h = h / size
     centred = h - h.mean(0, keepdims=True)
     spread = np.abs(centred).max() if centred.size else 0.0
-    if np.isfinite(spread) and spread > 0:
-        centred = centred / spread      # PCA is scale-free; keeps huge values from overflowing
+    if spread > 0:
+        centred = centred / spread
     fit = centred
     if n > 4096:
         rng = np.random.default_rng(0)

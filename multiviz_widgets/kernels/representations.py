@@ -622,15 +622,19 @@ def gallery_rows(extremes, neuron: int, values: np.ndarray, indices: np.ndarray 
     return top, [(int(i), float(v)) for i, v in bottom if i >= 0 and int(i) not in on_top]
 
 
-def tied_extremes(values: np.ndarray, shown: Sequence[float]) -> tuple[int, float] | None:
-    """(how many instances have the value, the value) when every shown instance of a top or
-    bottom list has the same activation and more instances than shown share it (a ReLU
-    neuron's h = 0): the list is then the first instances of a tie, not a ranking; else None.
-    values: one neuron's activation over the dataset."""
-    if not len(shown) or min(shown) != max(shown):
+def tied_extremes(values: np.ndarray, shown: Sequence[float]
+                  ) -> tuple[int, float, int] | None:
+    """(how many instances have the value, the value, how many of the shown have it) when the
+    last shown instance of a top or bottom list shares its activation with instances not shown
+    (a ReLU neuron's h = 0): those shown with it are then some of a tie, not a ranking (all of
+    the list, or its end: top 5, 0, 0, 0 of a neuron off on most instances); else None.
+    values: one neuron's activation over the instances ranked."""
+    if not len(shown):
         return None
-    n = int(np.count_nonzero(np.asarray(values) == shown[0]))
-    return (n, float(shown[0])) if n > len(shown) else None
+    last = float(shown[-1])
+    n = int(np.count_nonzero(np.asarray(values) == last))
+    k = int(np.count_nonzero(np.asarray(shown, dtype=np.float64) == last))
+    return (n, last, k) if n > k else None
 
 
 class StreamingExtremes:

@@ -110,6 +110,7 @@ class EmbeddingView(W.VBox):
         self.groups = np.zeros(0, dtype=np.int64)
         self.group_names: list[str] = []
         self._features = None
+        self._caption_tail = ""         # what follows the points' caption: instances left out
         self._rows = np.zeros(0, dtype=np.int64)        # row of every point in the features
         self.scatter = ipv.Scatter(x=np.zeros(1, np.float32), y=np.zeros(1, np.float32),
                                    z=np.zeros(1, np.float32), color="grey", size=2.0,
@@ -180,16 +181,20 @@ class EmbeddingView(W.VBox):
             self.scatter.y = self.coords[:, 1].copy()
             self.scatter.z = self.coords[:, 2].copy()
         self._colour()
-        self._highlight()
-        self.caption.value = (f"{len(self.coords)} instances: decision features, PCA to 3-D "
-                              "(click a point; the black one is the instance shown)")
+        tail = ""
         if len(left_out):
-            self.caption.value += (f"; {len(left_out)} left out, the model's output is not "
-                                   f"finite there ({_some(left_out)})")
+            tail += (f"; {len(left_out)} left out, the model's output is not finite there "
+                     f"({_some(left_out)})")
         skipped = sorted(getattr(feats, "skipped", None) or {})
         if skipped:   # instances that could not be prepared, or run, or gave NaN or infinity
-            self.caption.value += (f"; {len(skipped)} left out of the features "
-                                   f"({_some(skipped)}: {feats.skipped[skipped[0]]})")
+            by_reason: dict[str, list[int]] = {}
+            for i in skipped:                 # each reason with its own instances
+                by_reason.setdefault(str(feats.skipped[i]), []).append(i)
+            reasons = [f"{_some(ix)}: {why}" for why, ix in list(by_reason.items())[:2]]
+            more = f"; {len(by_reason) - 2} more reasons" if len(by_reason) > 2 else ""
+            tail += f"; {len(skipped)} left out of the features ({'; '.join(reasons)}{more})"
+        self._caption_tail = tail
+        self._highlight()
 
     def recolour(self) -> None:
         with self.engine.lock:            # the menu (kernel's thread) vs points from the worker
@@ -258,6 +263,11 @@ class EmbeddingView(W.VBox):
         with self.engine.lock:            # not interleaved with points drawn on the worker
             rows = np.nonzero(self.indices == self.selection.instance)[0]
             self.scatter.selected = [int(r) for r in rows[:1]] or None
+            if self._features is not None:          # the points' caption, once they are shown
+                shown = ("the black one is the instance shown" if len(rows) else
+                         f"the instance shown, #{self.selection.instance}, is not among them")
+                self.caption.value = (f"{len(self.coords)} instances: decision features, PCA "
+                                      f"to 3-D (click a point; {shown}){self._caption_tail}")
 
     def _on_click(self, change) -> None:
         row = change["new"]

@@ -271,7 +271,7 @@ class NeuronView(W.VBox):
             if not 0 <= j < ext.top_indices.shape[0]:
                 raise IndexError(f"Neuron {j} is out of range: the decision layer has "
                                  f"{ext.top_indices.shape[0]} neurons.")
-            feats = a.features(progress)
+            feats = a.ranked_features(progress)          # the rows the extremes rank
             h_j = np.asarray(feats.h)[:, j]
             # each instance shown (and explained) once, also in a dataset smaller than the rows
             top, bottom = gallery_rows(ext, j, h_j, getattr(feats, "indices", None))
@@ -330,9 +330,13 @@ class NeuronView(W.VBox):
         close_widgets(old)
         for side, label in (("top", self.top_label), ("bottom", self.bottom_label)):
             tie = (ties or {}).get(side)
-            label.value = f"{side} activating" if tie is None else (
-                f"{side} activating: {tie[0]} instances tie at h = {tie[1]:.3g} (no ranking "
-                f"among them), showing the first {len(rows[side])}")
+            label.value = (f"{side} activating" if tie is None else
+                           f"{side} activating: {tie[0]} instances tie at h = {tie[1]:.3g} (no "
+                           f"ranking among them), showing {len(rows[side])} of them"
+                           if tie[2] == len(rows[side]) else
+                           f"{side} activating: the last {tie[2]} shown tie at h = "
+                           f"{tie[1]:.3g} with {tie[0] - tie[2]} more instances (no ranking "
+                           f"among them)")
             # a heading over nothing (no neuron clicked yet, a failed gallery) is not shown
             label.layout.display = None if rows[side] else "none"
         strips = any(name in self.strip_modalities for it in items for name in it["thumbs"])
