@@ -133,16 +133,18 @@ def test_sog_params_describe_the_rows_and_columns_also_when_the_sides_are_swappe
 # ---------------------------------------------------------------------------------------------
 # Shapley progress
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("budget", [4096, 100])
-def test_shapley_progress_ends_at_its_total_and_never_passes_it(budget):
-    """Exact (2^8 coalitions of a budget of 4096) or permutation sampling (whole permutations
-    short of the budget): progress stopped at 256 / 4096 or 89 / 100."""
+@pytest.mark.parametrize("index, budget, approximator",
+                         [("k-SII", 4096, "ExactComputer"), ("k-SII", 100, "KernelSHAPIQ"),
+                          ("STII", 240, "PermutationSamplingSTII")])
+def test_shapley_progress_ends_at_its_total_and_never_passes_it(index, budget, approximator):
+    """Exact (2^8 coalitions of a budget of 4096), KernelSHAPIQ (two halves of the budget) or
+    permutation sampling (whole permutations short of the budget): progress used to stop at
+    256 / 4096 or 89 / 100."""
     adapter = ModelAdapter(Fusion(), _modalities(), ["a", "b", "c"])
     calls = []
     r = interaction(adapter, _instance(), "shapley", budget=budget, target=0, max_players=None,
-                    progress=lambda d, n, m: calls.append((d, n)))
-    assert r.params["approximator"] == ("ExactComputer" if budget == 4096
-                                        else "PermutationSamplingSII")
+                    index=index, progress=lambda d, n, m: calls.append((d, n)))
+    assert r.params["approximator"] == approximator
     assert calls and calls[-1][0] == calls[-1][1]
     assert all(0 <= d <= n for d, n in calls)
     assert all(b[0] >= a[0] for a, b in zip(calls, calls[1:]))

@@ -129,41 +129,39 @@ def _bilinear():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sampled_shapley_keeps_each_estimated_pair_whole_and_lists_the_others(seed):
-    """18 players and 2,048 coalitions: permutation sampling visits a pair only when its two
-    players are adjacent, so some pairs are in one half of the sample only (they used to get
-    half their value: the mean treated the other half's 0 as a measurement) and some in
-    neither (0, as if measured). Each pair estimated has its whole value; the others are
-    listed, also with the modalities the other way round."""
+def test_sampled_k_sii_estimates_every_pair_within_its_reported_noise(seed):
+    """18 players and 2,048 coalitions: KernelSHAPIQ (a regression on every coalition) estimates
+    every pair, where permutation sampling, visiting a pair only when its two players are
+    adjacent, left some pairs unestimated (0) and missed the index by about a third. Nothing is
+    listed, the matrix is close to the index, within the noise it reports, and the modalities
+    the other way round give its transpose."""
     adapter, inst = _bilinear()
     r = interaction(adapter, inst, "shapley", target=1, max_players=None, budget=2048, seed=seed)
-    assert r.params["approximator"] == "PermutationSamplingSII" and not r.params["exact"]
-    unestimated = r.params["unestimated"]
-    missing = np.zeros((6, 12), dtype=bool)
-    if unestimated:
-        missing[tuple(np.array(unestimated).T)] = True
-    assert 0 < missing.sum() < 72 / 3                        # some, and not many
-    np.testing.assert_allclose(r.matrix[~missing], W.numpy()[~missing], rtol=1e-5)
-    assert np.all(r.matrix[missing] == 0)
-    # every estimate is exact, so the halves agree where both visited the pair
-    assert r.params["relative_noise"] < 1e-5
+    assert r.params["approximator"] == "KernelSHAPIQ" and not r.params["exact"]
+    assert r.params["unestimated"] == [] and r.params["coalitions"] == 2048
+    error = np.linalg.norm(r.matrix - W.numpy()) / np.linalg.norm(W.numpy())
+    noise = r.params["relative_noise"]
+    assert error < 0.1 and 0 < noise < 0.1
+    assert error < 2 * noise                                  # the noise says how far it is
     swapped = interaction(adapter, inst, "shapley", modalities=("series", "tabular"), target=1,
                           max_players=None, budget=2048, seed=seed)
     np.testing.assert_array_equal(swapped.matrix, r.matrix.T)
-    assert swapped.params["unestimated"] == sorted([v, u] for u, v in unestimated)
+    assert swapped.params["unestimated"] == []
+    assert swapped.params["relative_noise"] == noise
 
 
 def test_every_pair_is_estimated_by_stii_and_by_a_large_sample():
     """STII's permutation sampling uses every permutation for every pair, and a large budget
-    visits every pair: nothing is listed; the exact default has no such list at all."""
+    estimates the index closely: nothing is listed; the exact default has no such list at
+    all."""
     adapter, inst = _bilinear()
     stii = interaction(adapter, inst, "shapley", target=1, index="STII", max_players=None,
                        budget=2048)
     assert stii.params["approximator"] == "PermutationSamplingSTII"
     assert stii.params["unestimated"] == []
-    large = interaction(adapter, inst, "shapley", target=1, max_players=None, budget=40000)
+    large = interaction(adapter, inst, "shapley", target=1, max_players=None, budget=16384)
     assert large.params["unestimated"] == []
-    np.testing.assert_allclose(large.matrix, W.numpy(), rtol=1e-5)
+    assert np.linalg.norm(large.matrix - W.numpy()) < 0.01 * np.linalg.norm(W.numpy())
     assert "unestimated" not in interaction(adapter, inst, "shapley", target=1).params
 
 

@@ -606,30 +606,39 @@ class WideFusion(nn.Module):
 
 
 def test_shapley_sampled_reports_its_noise_from_two_independent_halves():
-    """Permutation sampling runs as two halves (independent seeds drawn from seed): the result
-    is their mean, relative_noise (the error of that mean) shrinks as the budget grows, the
-    second half spends what the first left; an additive model still gets 0 from both halves."""
+    """Sampled k-SII is KernelSHAPIQ run as two halves (independent seeds drawn from seed): the
+    result is their mean, every pair estimated, relative_noise (the error of that mean) shrinks
+    as the budget grows, the second half spends what the first left (the budget exactly); an
+    additive model's cross cells are near 0 and reported as noise."""
     from multiviz_widgets.kernels.interactions import _half_seeds, _mean_and_noise
     mods = [Tabular("tabular", columns=[f"c{i}" for i in range(7)]),
             TimeSeries("series", window=1, channels=["x"])]
     g = torch.Generator().manual_seed(0)
     inst = {"tabular": torch.randn(7, generator=g), "series": torch.randn(6, 1, generator=g)}
-    additive = interaction(ModelAdapter(WideFusion(additive=True), mods, ["k0", "k1"]), inst,
-                           "shapley", max_players=None)
-    assert additive.params["approximator"] == "PermutationSamplingSII"
-    np.testing.assert_allclose(additive.matrix, 0.0, atol=1e-6)      # both halves: rounding only
     adapter = ModelAdapter(WideFusion(), mods, ["k0", "k1"])
     small, large = (interaction(adapter, inst, "shapley", budget=b, max_players=None)
                     for b in (800, 12800))
-    assert small.params["approximator"] == large.params["approximator"] == \
-        "PermutationSamplingSII"
-    assert 0 < large.params["relative_noise"] < 0.5 * small.params["relative_noise"]
     for r, budget in ((small, 800), (large, 12800)):
-        # whole permutations: at most the budget, and less than one permutation short of it
-        assert budget - 2 * 4 * 13 < r.params["coalitions"] <= budget
+        assert r.params["approximator"] == "KernelSHAPIQ" and not r.params["exact"]
+        assert r.params["unestimated"] == [] and not r.params["underdetermined"]
+        assert r.params["coalitions"] == budget
         assert r.forward_passes == r.params["coalitions"] + 1        # + the predicted class
+    assert 0 < large.params["relative_noise"] < 0.5 * small.params["relative_noise"]
+    # the noise is what it says: the two estimates differ by about their reported errors
+    gap = np.linalg.norm(small.matrix - large.matrix) / np.linalg.norm(large.matrix)
+    assert gap < 3 * small.params["relative_noise"]
+    # a regression also fits the within-modality effects of an additive model, so its cross
+    # cells are not exactly 0 as permutation sampling's were: small, and reported as noise
+    additive = interaction(ModelAdapter(WideFusion(additive=True), mods, ["k0", "k1"]), inst,
+                           "shapley", max_players=None)
+    assert additive.params["approximator"] == "KernelSHAPIQ"
+    assert np.linalg.norm(additive.matrix) < 0.1 * np.linalg.norm(
+        interaction(adapter, inst, "shapley", max_players=None).matrix)
+    assert additive.params["relative_noise"] > 0.5
     again = interaction(adapter, inst, "shapley", budget=800, max_players=None)
     np.testing.assert_array_equal(again.matrix, small.matrix)        # a seed fixes the sample
+    other = interaction(adapter, inst, "shapley", budget=800, max_players=None, seed=1)
+    assert not np.array_equal(other.matrix, small.matrix)
     # the halves of seeds 0 and 1 are four different streams (seed, seed + 1 shared one)
     assert len(set(_half_seeds(0)) | set(_half_seeds(1))) == 4
     assert _half_seeds(0) == _half_seeds(0)
@@ -649,15 +658,41 @@ def test_shapley_warns_when_a_regression_estimate_is_underdetermined():
     system: the user is told, with the budget that would do, and params record it."""
     adapter, inst = tiny_adapter(), tiny_instance(9)          # 8 players: 37 terms, not exact
     with pytest.warns(UserWarning, match=r"fits 37 interaction terms of 8 players from only "
-                                         r"30 coalitions.*at least \d+ \(permutation sampling\)"):
+                                         r"30 coalitions.*at least 37 \(at least 74 to measure "
+                                         r"its noise\) or lower max_players"):
         r = interaction(adapter, inst, "shapley", budget=30, max_players=None)
     assert r.params["approximator"] == "KernelSHAPIQ" and r.params["underdetermined"]
+    assert r.params["relative_noise"] is None                        # one run: no halves
+    with warnings.catch_warnings():        # determined, but too few coalitions for two halves
+        warnings.simplefilter("error")
+        r = interaction(adapter, inst, "shapley", budget=50, max_players=None)
+    assert r.params["approximator"] == "KernelSHAPIQ" and not r.params["underdetermined"]
+    assert r.params["relative_noise"] is None and r.params["coalitions"] == 50
     with pytest.warns(UserWarning, match="at least 37 or lower max_players"):
         interaction(adapter, inst, "shapley", index="FSII", budget=30, max_players=None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         r = interaction(adapter, inst, "shapley", index="FSII", budget=40, max_players=None)
     assert not r.params["underdetermined"]
+
+
+def test_shapley_refuses_a_regression_too_large_for_memory(monkeypatch):
+    """KernelSHAPIQ builds a coalitions x terms least-squares problem: 70 players and 2^17
+    coalitions would take about 8 GiB. It is refused before any coalition is evaluated, with
+    the budget that fits."""
+    import multiviz_widgets.kernels.interactions as mod
+    adapter, inst = tiny_adapter(), tiny_instance(9)          # 8 players: 37 terms
+    monkeypatch.setattr(mod, "REGRESSION_MEMORY_LIMIT", 24 * 37 * 100)
+    calls = []
+    forward = adapter.forward
+    monkeypatch.setattr(adapter, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    with pytest.raises(ValueError, match=r"KernelSHAPIQ would fit 37 interaction terms of 8 "
+                                         r"players to 101 coalitions.*Lower budget \(at most 100 "
+                                         r"for 8 players\) or max_players"):
+        interaction(adapter, inst, "shapley", budget=101, max_players=None)
+    n_before = len(calls)
+    r = interaction(adapter, inst, "shapley", budget=100, max_players=None)
+    assert r.params["approximator"] == "KernelSHAPIQ" and len(calls) > n_before
 
 
 def test_shapley_player_choice_ignores_rounding():

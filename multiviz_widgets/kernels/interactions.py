@@ -19,7 +19,8 @@ units of b) with its cost. Methods:
   U_a U_b forwards, batched.
 * ``shapley``: order-2 Shapley interaction indices (k-SII, STII, FSII or SII, computed by
   shapiq) over the players "units of a and of b"; the cross block [U_a, U_b] is reported.
-  Exact when 2^players <= budget, otherwise shapiq's approximator under the budget.
+  Exact when 2^players <= budget, otherwise shapiq's approximator under the budget
+  (KernelSHAPIQ for k-SII and SII).
 
 Dataset-level measures live beside this module and are re-exported here: ``emap``,
 ``emap_gap``, ``emap_matrix``, ``interaction_type`` and ``interaction_types`` in
@@ -364,6 +365,11 @@ EXACT_MAX_PLAYERS = 12
 
 #: shapiq approximators that fit all interaction terms by least squares
 REGRESSION_APPROXIMATORS = ("KernelSHAPIQ", "RegressionFSII")
+#: A regression estimator's peak memory per cell of its coalitions x terms matrix (float64, about
+#: three copies while shapiq builds and solves it), and the most it may take: beyond, shapley
+#: refuses with how to lower the budget (70 players and 2^17 coalitions would need 8 GiB).
+REGRESSION_BYTES_PER_CELL = 24
+REGRESSION_MEMORY_LIMIT = 2 * 2**30
 #: shapiq approximators that average over sampled permutations
 PERMUTATION_APPROXIMATORS = ("PermutationSamplingSII", "PermutationSamplingSTII")
 
@@ -373,12 +379,14 @@ def auto_max_players(budget: int) -> int:
     (2^players <= budget), at most EXACT_MAX_PLAYERS and at least 2.
 
     Why exact by default: on easy-VQA, the 24 players the old default kept (a question's 4 to 7
-    words, the rest patches) and permutation sampling with 4,096 coalitions gave a matrix off by
-    a median 0.60 of its norm (0.33 to 1.01 over 6 questions and 4 seeds, against 131,072
-    coalitions), with the strongest cell the reference's in 11 of 24 runs
-    (``benchmarks/shapley_accuracy.py``). The same 4,096
-    coalitions compute 12 players exactly: fewer units, but what is shown is the index itself,
-    not a sample of it."""
+    words, the rest patches) and permutation sampling (the sampler k-SII used then) with 4,096
+    coalitions gave a matrix off by a median 0.60 of its norm (0.33 to 1.01 over 6 questions and
+    4 seeds, against 131,072 coalitions), with the strongest cell the reference's in 11 of 24
+    runs (``benchmarks/shapley_accuracy.py``). KernelSHAPIQ, which k-SII and SII sample with now,
+    came to a median 0.20 (0.14 to 0.28) on 2 of those questions and 4 seeds, against the same
+    reference (whose own noise was 0.07 and 0.14), where permutation sampling came to 0.59: the
+    benchmark is to be rerun for its figures. The same 4,096 coalitions compute 12 players
+    exactly: fewer units, but what is shown is the index itself, not a sample of it."""
     return max(2, min(EXACT_MAX_PLAYERS, int(budget).bit_length() - 1))
 
 
@@ -426,18 +434,25 @@ def _half_seeds(seed: int) -> tuple[int, int]:
 
 
 def _shapiq_approximator(index: str, n: int, seed: int, budget: int):
-    """shapiq's approximator for an order-2 index: permutation sampling when the budget buys at
-    least two permutations, else a regression / stratified estimator; FSII always by its
-    regression. (k-SII / SII permutation sampling estimates a pair only from the permutations
-    in which its two players are adjacent, about 2 / n of them: see ``_visits``.)"""
+    """shapiq's approximator for an order-2 index: KernelSHAPIQ for k-SII and SII, RegressionFSII
+    for FSII (regressions: every pair estimated from every coalition); for STII permutation
+    sampling when the budget buys at least two permutations, else SVARMIQ.
+
+    Why not permutation sampling for k-SII / SII: it estimates a pair only from the
+    permutations in which its two players are adjacent, about 2 / n of them (see ``_visits``).
+    With 24 easy-VQA players and 4,096 coalitions its matrix was off by a median 0.59 of the
+    norm of a 131,072-coalition reference, KernelSHAPIQ's by 0.20 (2 questions, 4 seeds, both
+    run as two halves), in 0.9 s per matrix against 0.8 s (2 CPU threads); on a planted model
+    of 18 players (median of 18 runs against exact k-SII), 0.17 against KernelSHAPIQ's 0.041
+    at 2,048 coalitions and 0.115 against 0.026 at 4,096."""
     import shapiq
     if index == "FSII":
         return shapiq.RegressionFSII(n=n, max_order=2, random_state=seed)
-    perm = _permutation_sampler(index, n, seed)
-    if budget >= _two_permutations(perm, n):
-        return perm
     if index in ("k-SII", "SII"):
         return shapiq.KernelSHAPIQ(n=n, max_order=2, index=index, random_state=seed)
+    perm = _permutation_sampler(n, seed)
+    if budget >= _two_permutations(perm, n):
+        return perm
     return shapiq.SVARMIQ(n=n, max_order=2, index="STII", random_state=seed)
 
 
@@ -445,10 +460,12 @@ def _visits(approximator, budget: int, game, **kw):
     """(interaction values, visits): shapiq's estimate and, for a permutation sampler, how many
     sampled permutations each interaction's estimate averages, else None.
 
-    shapiq's SII / k-SII permutation sampler estimates a pair only from the permutations in
-    which its two players are adjacent (about 2 / n of them), and returns exactly 0 for a pair
-    no permutation visited, which reads as a pair that does not interact: at a budget of a few
-    permutations per pair, many pairs are never visited. The samplers count the visits in an
+    shapiq's SII / k-SII permutation sampler (which ``shapley`` no longer uses: KernelSHAPIQ
+    estimates every pair) estimates a pair only from the permutations in which its two players
+    are adjacent (about 2 / n of them), and returns exactly 0 for a pair no permutation
+    visited, which reads as a pair that does not interact: at a budget of a few permutations
+    per pair, many pairs are never visited; STII's visits every pair in every permutation, so
+    its counts only weigh the halves' mean. The samplers count the visits in an
     integer array made by ``_init_result(dtype=int)``, read here; a shapiq whose samplers make
     none gives None (``shapley`` then takes a cell of exactly 0 for a pair not visited)."""
     made = []
@@ -489,11 +506,10 @@ def _top_units(effect: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.argsort(-q, kind="stable")[:k])
 
 
-def _permutation_sampler(index: str, n: int, seed: int):
+def _permutation_sampler(n: int, seed: int):
+    """STII's permutation sampler (the only index still sampled by permutations)."""
     import shapiq
-    return (shapiq.PermutationSamplingSII(n=n, max_order=2, index=index, random_state=seed)
-            if index in ("k-SII", "SII") else
-            shapiq.PermutationSamplingSTII(n=n, max_order=2, random_state=seed))
+    return shapiq.PermutationSamplingSTII(n=n, max_order=2, random_state=seed)
 
 
 def _takes_batch_size(approximator) -> bool:
@@ -518,32 +534,38 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
 
     Players are the units of a and b (a unit "absent" takes its baseline; other modalities stay).
     Exact (shapiq.ExactComputer) when 2^players <= budget and players <= EXACT_MAX_PLAYERS;
-    otherwise shapiq's approximator for the index with ``budget`` evaluations: permutation
-    sampling for k-SII/SII/STII when the budget buys two permutations, else KernelSHAPIQ /
-    SVARMIQ; RegressionFSII for FSII (FSII is a least-squares fit, so within-modality
-    higher-order effects can leak into cross pairs). k-SII/SII permutation sampling estimates a
-    pair only from the sampled permutations in which its two players are adjacent (about 2 / n
-    of them; STII's uses every permutation for every pair): at a few thousand coalitions and 18
-    players or more some pairs are in none. Their cells are 0, not a measured 0, and
-    ``params["unestimated"]`` lists them ([row unit, column unit]; [] when every player pair
-    was estimated; only in sampled results) to be shown apart, as the cells of non-players
-    are.
+    otherwise shapiq's approximator for the index with ``budget`` evaluations
+    (``_shapiq_approximator``): KernelSHAPIQ for k-SII/SII, RegressionFSII for FSII (FSII is a
+    least-squares fit, so within-modality higher-order effects can leak into cross pairs), for
+    STII permutation sampling when the budget buys two permutations, else SVARMIQ. A regression
+    estimates every pair from every coalition; a permutation sampler could leave some pairs
+    unvisited (shapiq's k-SII/SII sampler, used before KernelSHAPIQ, visits a pair only in the
+    permutations where its two players are adjacent; STII's uses every permutation for every
+    pair). Such cells would be 0, not a measured 0: ``params["unestimated"]`` lists them ([row
+    unit, column unit]; [] when every player pair was estimated, as by a regression; only in
+    sampled results) to be shown apart, as the cells of non-players are.
     max_players ("auto", the default: as many as the budget computes exactly, 12 for 4,096, see
     ``auto_max_players``; a number; None = every unit): when the two modalities have more units,
     keep only those with the largest occlusion effect (2 + U_a + U_b extra forwards), split
     between the modalities by ``_split_players`` (the one with fewer units keeps up to half); the
     other units stay present and their cells are 0 (``params["players"]`` lists the players).
     A few thousand evaluations cannot estimate the ~U_a U_b pairs of 70 players well.
-    Permutation sampling with a budget for at least four permutations runs as two halves with
-    independent seeds drawn from ``seed`` and reports their mean, cell by cell weighted by the
-    permutations that visited the pair (what one run over both halves gives: a pair one half
-    never visited takes the other half's value); ``params["relative_noise"]`` is the relative
-    standard error of that mean, from the halves' difference (``_mean_and_noise``; None when
-    exact, not estimated, or no pair was visited by both halves); ``params["coalitions"]``: the
-    coalitions evaluated (whole permutations: at most the budget). Cost: at most budget
-    forwards (plus the occlusion pass). The players (and the split of max_players) are chosen,
-    and the coalitions sampled, in the adapter's order of the two modalities, so that (b, a)
-    gives exactly the transpose of (a, b).
+    KernelSHAPIQ with a budget of at least twice its terms (1 + n + n(n - 1) / 2 for n players),
+    and STII's permutation sampling with a budget for at least four permutations, run as two
+    halves with independent seeds drawn from ``seed`` and report their mean: KernelSHAPIQ's
+    weighted by each half's coalitions, permutation sampling's cell by cell by the permutations
+    that visited the pair (what one run over both halves gives: a pair one half never visited
+    takes the other half's value); ``params["relative_noise"]`` is the relative standard error
+    of that mean, from the halves' difference (``_mean_and_noise``; None when exact, when run as
+    one (FSII, or a smaller budget), or when no pair was visited by both halves);
+    ``params["coalitions"]``: the coalitions evaluated (at most the budget; permutation
+    sampling stops at whole permutations). Cost: at most budget forwards (plus the occlusion
+    pass); a regression also builds and solves a weighted least-squares problem of coalitions x
+    terms, per half: about 0.2 s in all for 24 players and 4,096 coalitions (0.7 s of easy-VQA
+    forwards on 2 CPU threads), 2.3 s for 70 players, and a peak of about 3 x 8 bytes x
+    coalitions x terms of memory (1 GB for a run of 16,384 coalitions of 70 players). The
+    players (and the split of max_players) are chosen, and the coalitions sampled, in the
+    adapter's order of the two modalities, so that (b, a) gives exactly the transpose of (a, b).
     """
     if adapter.names.index(a) > adapter.names.index(b):
         m, forwards, backwards, params = shapley(adapter, prepared, b, a, target, progress, index,
@@ -635,16 +657,24 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         ap = _shapiq_approximator(index, n, seed, budget)
         approximator = type(ap).__name__
         terms = 1 + n + n * (n - 1) // 2              # what a regression estimator solves for
+        need = REGRESSION_BYTES_PER_CELL * budget * terms
+        if approximator in REGRESSION_APPROXIMATORS and need > REGRESSION_MEMORY_LIMIT:
+            raise ValueError(
+                f"shapley: {approximator} would fit {terms} interaction terms of {n} players to "
+                f"{budget:,} coalitions, a least-squares problem of about {need / 2**30:.1f} GiB "
+                f"(at most {REGRESSION_MEMORY_LIMIT / 2**30:.0f} GiB are allowed). Lower budget "
+                f"(at most {REGRESSION_MEMORY_LIMIT // (REGRESSION_BYTES_PER_CELL * terms):,} for "
+                f"{n} players) or max_players.")
         underdetermined = approximator in REGRESSION_APPROXIMATORS and budget < terms
         if underdetermined:
-            enough = (terms if index == "FSII" else
-                      f"{_two_permutations(_permutation_sampler(index, n, seed), n)} "
-                      f"(permutation sampling)")
+            halves = (f" (at least {2 * terms} to measure its noise)"
+                      if approximator == "KernelSHAPIQ" else "")
             warnings.warn(
                 f"shapley: {approximator} fits {terms} interaction terms of {n} players from "
                 f"only {budget} coalitions, so its estimate is underdetermined and can change "
                 f"a lot with the model's rounding (for example between CPU and GPU). Raise "
-                f"budget to at least {enough} or lower max_players.", UserWarning, stacklevel=3)
+                f"budget to at least {terms}{halves} or lower max_players.", UserWarning,
+                stacklevel=3)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*budget.*", category=UserWarning)
             kw = {}
@@ -656,13 +686,23 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
                 # over both halves' permutations that one run gives (it pays the two ends
                 # twice), a pair one half never visited takes the other's value, and the
                 # halves' difference says how good the mean is
-                first, second = (_permutation_sampler(index, n, s) for s in _half_seeds(seed))
+                first, second = (_permutation_sampler(n, s) for s in _half_seeds(seed))
                 m1, v1 = estimate(first, budget // 2, kw)
                 m2, v2 = estimate(second, budget - evaluated[0], kw)
                 m, noise = _mean_and_noise(m1, m2, v1, v2)
                 visits = v1 + v2
             elif approximator in PERMUTATION_APPROXIMATORS:
                 m, visits = estimate(ap, budget, kw)
+            elif approximator == "KernelSHAPIQ" and budget // 2 >= terms:
+                # two independent halves, each determined, weighed by their coalitions (the
+                # second spends what the first left): every pair is estimated by both, and
+                # their difference says how good the mean is
+                first, second = (_shapiq_approximator(index, n, s, budget)
+                                 for s in _half_seeds(seed))
+                m1 = cross_block(first.approximate(budget=budget // 2, game=game))
+                w1 = evaluated[0]
+                m2 = cross_block(second.approximate(budget=budget - w1, game=game))
+                m, noise = _mean_and_noise(m1, m2, w1, evaluated[0] - w1)
             else:
                 m = cross_block(ap.approximate(budget=budget, game=game, **kw))
     if evaluated[0] < total:            # permutation sampling stops at whole permutations
