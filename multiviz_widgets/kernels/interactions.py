@@ -378,15 +378,12 @@ def auto_max_players(budget: int) -> int:
     """The players that ``max_players="auto"`` keeps: as many as the budget computes exactly
     (2^players <= budget), at most EXACT_MAX_PLAYERS and at least 2.
 
-    Why exact by default: on easy-VQA, the 24 players the old default kept (a question's 4 to 7
-    words, the rest patches) and permutation sampling (the sampler k-SII used then) with 4,096
-    coalitions gave a matrix off by a median 0.60 of its norm (0.33 to 1.01 over 6 questions and
-    4 seeds, against 131,072 coalitions), with the strongest cell the reference's in 11 of 24
-    runs (``benchmarks/shapley_accuracy.py``). KernelSHAPIQ, which k-SII and SII sample with now,
-    came to a median 0.20 (0.14 to 0.28) on 2 of those questions and 4 seeds, against the same
-    reference (whose own noise was 0.07 and 0.14), where permutation sampling came to 0.59: the
-    benchmark is to be rerun for its figures. The same 4,096 coalitions compute 12 players
-    exactly: fewer units, but what is shown is the index itself, not a sample of it."""
+    Why exact by default: on easy-VQA, 24 players (a question's 4 to 7 words, the rest
+    patches) sampled with 4,096 coalitions by KernelSHAPIQ gave a matrix off by a median 0.18
+    of its norm (0.12 to 0.51 over 6 questions and 4 seeds, against 131,072 coalitions), with
+    the strongest cell the reference's in 22 of 24 runs (``benchmarks/shapley_accuracy.py``;
+    permutation sampling, used before, was off by 0.60). The same 4,096 coalitions compute 12
+    players exactly: fewer units, but what is shown is the index itself, not an estimate."""
     return max(2, min(EXACT_MAX_PLAYERS, int(budget).bit_length() - 1))
 
 
