@@ -5,8 +5,10 @@
 // The view never changes value itself: an edit is a message {op: "add" | "remove", key, text}
 // to the kernel, which applies it to the key it names (also when the row shows another key by
 // the time it arrives) and sends the new value back, and answers an "add" with
-// {op: "answer", text, taken}: a refused concept (too long, a pasted tab) comes back into the
-// emptied input, to correct rather than type again.
+// {op: "answer", key, text, taken}: a refused concept (too long, a pasted tab) comes back into
+// the emptied input, to correct rather than type again, when the row still shows the key it
+// was typed for (the kernel's message names the key otherwise: the text is not put into
+// another neuron's or unit's input).
 // The root carries data-lm-suppress-shortcuts, so that JupyterLab does not take the keys typed
 // into the input for notebook shortcuts (Enter would otherwise never reach it), and
 // data-render-count, incremented after each redraw, so tests can wait on it.
@@ -102,8 +104,11 @@ function render({ model, el }) {
   });
 
   const answered = (msg) => {
-    // a refused text back, unless something else has been typed since
-    if (msg && msg.op === "answer" && !msg.taken && !input.value) {
+    // a refused text back, unless something else has been typed since, or the row has moved
+    // to another key (a click elsewhere reached the kernel first): not into its input
+    // (keys are lists such as ["neuron", 3]: compared by value, not as objects)
+    if (msg && msg.op === "answer" && !msg.taken && !input.value &&
+        JSON.stringify(msg.key) === JSON.stringify(model.get("key"))) {
       input.value = msg.text;
     }
   };

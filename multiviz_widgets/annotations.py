@@ -16,8 +16,13 @@ saves to a JSON file, to share and to open again:
 and unit. Nothing a person saved is lost:
 
 * a file that cannot be read as annotations (not JSON, another format, a newer version, values of
-  the wrong kind, made for another model) raises :class:`AnnotationError` and is never written
-  over;
+  the wrong kind, a field written twice in one object, made for another model) raises
+  :class:`AnnotationError` and is never written over; two entries of one key are joined (a
+  field they give different values, such as a "comment", keeps them all, as a list);
+* a file made for a model of the same shape under another name (a retrained or fine-tuned
+  model's) is read, with a warning and ``model_note`` saying that its neuron concepts may not
+  fit;
+* a path whose folder is not there (a typo) is refused when the store opens it;
 * a save writes a temporary file beside the target and renames it (a crash leaves the old file
   or the new one, never half of one);
 * a file changed on disk by someone else since this store read or wrote it is not written over:
@@ -38,8 +43,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
 import unicodedata
+import warnings
 import weakref
 from pathlib import Path
 from typing import Callable, Iterable
@@ -60,6 +67,10 @@ MAX_CONCEPT_LENGTH = 200
 MAX_CONCEPTS_PER_KEY = 1000
 # what a signature compares: two models that differ here cannot share neuron or unit concepts
 SIGNATURE_FIELDS = ("modalities", "classes", "neurons", "features")
+# what tells two models of the same shape apart: the model's name and, where a signature
+# records one, a fingerprint of its weights. Not refused (a retrained or fine-tuned model
+# keeps its file), but said: its neuron concepts may name other neurons (``model_note``)
+IDENTITY_FIELDS = ("model", "weights")
 
 
 class AnnotationError(ValueError):
@@ -203,10 +214,11 @@ def _brief(value, limit: int = 200) -> str:
 
 
 def model_signature(adapter, n_neurons: int | None = None) -> dict:
-    """What a file of annotations records of the model it was made for: its name (informative)
-    and what must match to share concepts: modality names, class names, decision neurons, and
-    the units of each modality whose units are the same feature in every instance
-    (``Modality.shared_units``, e.g. a tabular modality's columns), by their labels."""
+    """What a file of annotations records of the model it was made for: its name (a file of
+    another name is taken, with a warning: ``Annotations.model_note``) and what must match to
+    share concepts: modality names, class names, decision neurons, and the units of each
+    modality whose units are the same feature in every instance (``Modality.shared_units``,
+    e.g. a tabular modality's columns), by their labels."""
     features = {}
     for name, m in adapter.modalities.items():
         if getattr(m, "shared_units", False):
@@ -371,6 +383,25 @@ def _dataset_text(d: dict) -> str:
     return f"{d.get('name') or 'a dataset'!r} ({d.get('instances')} instances)"
 
 
+def _other_model(saved: dict | None, ours: dict | None) -> str | None:
+    """What to say when two signatures that may share concepts (``_mismatch`` finds nothing)
+    name different models (``IDENTITY_FIELDS``: the model's name, or the fingerprint of its
+    weights where both record one), or None: "made for model 'a'; this is model 'b': the
+    neuron concepts may not fit". A field either side leaves unknown (or empty) is not
+    compared."""
+    if not saved or not ours:
+        return None
+    for f in IDENTITY_FIELDS:
+        a, b = saved.get(f), ours.get(f)
+        if a and b and a != b:
+            def named(sig):
+                text = f"model {sig.get('model')!r}" if sig.get("model") else "a model"
+                return f"{text} (weights {sig[f][:12]})" if f == "weights" else text
+            return (f"made for {named(saved)}; this is {named(ours)}: the neuron concepts may "
+                    f"not fit")
+    return None
+
+
 def _mismatch(saved: dict | None, ours: dict | None) -> str | None:
     """Why two signatures cannot share concepts, or None when they can (a field either side
     leaves unknown is not compared)."""
@@ -394,9 +425,10 @@ class Annotations:
     """Concepts of neurons and units, optionally saved to ``path`` on each change.
 
     path: a JSON file; read now if it exists (an :class:`AnnotationError` if it cannot be, and
-    the file is left as it is). autosave: save to ``path`` after each change (default: when a
-    path is given). signature: the model's (``model_signature``); a file made for a model with
-    other modalities, classes, number of neurons or shared units is refused. dataset: the
+    the file is left as it is, or if its folder does not exist). autosave: save to ``path``
+    after each change (default: when a path is given). signature: the model's
+    (``model_signature``); a file made for a model with other modalities, classes, number of
+    neurons or shared units is refused. dataset: the
     dataset's (``dataset_signature``), whose instances the unit keys name: a file with unit
     concepts of another dataset is refused (its neuron and feature concepts carry over:
     ``Annotations.load`` and copy them). n_instances: the dataset's size, to check the
@@ -406,6 +438,12 @@ class Annotations:
     are the same feature in every instance (a tabular column) per instance; once the model's
     signature is known, such concepts are read as the feature's, those of every instance
     together (the file is rewritten, as version 2, at the next change only).
+
+    A file made for a model of the same shape but another name (or, where both signatures
+    record one, other weights: a "weights" fingerprint) is taken, as a retrained or fine-tuned
+    model's may be, with a warning; ``model_note`` then says so ("made for model 'a'; this is
+    model 'b': the neuron concepts may not fit"), for the signature given last (here or to
+    ``bind``), and the Explorer's concepts row shows it.
     """
 
     #: The most seconds a save waits for the file's lock (held by another program's save):
@@ -448,6 +486,12 @@ class Annotations:
         # "comment"), written back as they were: the document's, and each entry's by its key
         self._extra: dict = {}
         self._entry_extra: dict[tuple, dict] = {}
+        # the model signature recorded in the file read (None: none read, or none recorded),
+        # and what tells it from this store's model (``_other_model``), for its views to show
+        self._made_for: dict | None = None
+        self.model_note: str | None = None
+        if self.path is not None:
+            self._check_folder()
         if self.path is not None and self.path.exists():
             self._read_into_empty(self.path)
 
@@ -527,6 +571,9 @@ class Annotations:
         dataset, signature = _as_dataset(dataset), _as_signature(signature)
         with self._lock:
             self.check(signature, dataset)
+            said = self.model_note
+            if signature:
+                self.model_note = _other_model(self._made_for or self.signature, signature)
             if n_instances is None and dataset:
                 n_instances = dataset.get("instances")
             data, disk, extra = self._as_read_for(signature)
@@ -546,6 +593,9 @@ class Annotations:
                 self.dataset = dataset
                 self._viewers.append(dataset)
             self._edited()        # its concepts read anew, its signature or dataset taken
+            note = self.model_note if self.model_note != said else None
+        if note:                  # (not said again when reading the file said it already)
+            self._warn_model(note)
 
     def unbind(self, dataset: dict | None = None) -> None:
         """A viewer that showed this store (``bind`` with ``dataset``; None: the last to bind)
@@ -953,10 +1003,21 @@ class Annotations:
                                                f"correct or remove that entry there, then "
                                                f"merge again.")
             checked.update(unchecked)
+        # concepts of another model of this shape (another name or weights): taken, but said
+        note = _other_model(sig, self.signature) if isinstance(sig, dict) else None
+        if note:
+            with self._lock:
+                self.model_note = note
+                if own_file:                   # its file is now what the other model made
+                    self._made_for = dict(sig)
         if changed or (own_file and self.unsaved):
             self._changed(None)
         elif resolved:
             self._notify(None)
+        if note:
+            self._warn_model(note, f"The annotations in {source}" if own_file
+                             else f"The annotations merged from {source}" if source
+                             else "The annotations of the store merged")
         return added
 
     def _merged(self, incoming: dict, sig: dict | None, what, source: Path | None) -> tuple:
@@ -1040,6 +1101,8 @@ class Annotations:
         self._check_ranges(found, self.signature, self.n_instances, path)
         self._data = found
         self._extra, self._entry_extra = _document_extras(doc), entry_extra
+        self._made_for = dict(doc["model"]) if doc.get("model") else None
+        self.model_note = _other_model(self._made_for, self.signature)
         self._edited()
         # which units are shared is not known yet: read as features when a signature says
         self._version_1_units = doc.get("version") == 1 and not _says_shared(self.signature)
@@ -1050,6 +1113,27 @@ class Annotations:
             self._edited()
         if self.path is not None and path.resolve() == self.path.resolve():
             self._disk_digest, self._disk_entries = _digest(raw), dict(found)
+        if self.model_note:
+            self._warn_model(self.model_note, f"The annotations in {path}")
+
+    def _warn_model(self, note: str, what: str | None = None) -> None:
+        """Warn that ``what`` (default: this store's annotations) were made for another model
+        of the same shape (``note``, ``_other_model``'s): taken, but maybe not fitting."""
+        what = what or f"The annotations{self._where()}"
+        warnings.warn(f"{what} were {note} (a retrained or fine-tuned model may keep them: "
+                      f"check a few; else give this model its own file).",
+                      UserWarning, stacklevel=_caller_level())
+
+    def _check_folder(self) -> None:
+        """An AnnotationError when the folder of the store's file is not there (a typo in the
+        path): else the store would say it saves each change there until the first save
+        failed."""
+        folder = self.path.parent
+        if not folder.is_dir():
+            why = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise AnnotationError(
+                f"Cannot keep annotations in {self.path}: the folder {folder} {why}. Correct "
+                f"the path, or create the folder first (os.makedirs({str(folder)!r})).")
 
     def _check_unchanged(self, target: Path) -> None:
         if not target.exists():
@@ -1099,6 +1183,16 @@ class Annotations:
                 if n_instances is not None and key[1] >= n_instances:
                     raise AnnotationError(f"instance {key[1]}{where} is out of range: the dataset "
                                           f"has {n_instances} instances (0..{n_instances - 1}).")
+
+
+def _caller_level() -> int:
+    """The stacklevel, for warnings.warn called by this function's caller, of the first frame
+    outside this package: the user's line that opened the file (an Explorer's, or a store's)."""
+    own = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(own):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _run_key_checks(checks: list, keys: list, then: str | None = None) -> None:
@@ -1156,7 +1250,7 @@ def _parse(raw: bytes, path) -> dict:
                 f"an interrupted copy makes such a file). It was not changed; delete it (a "
                 f"new file is then made there at the first save), or write "
                 f"{_EMPTY_DOCUMENT} in it.")
-        doc = json.loads(text)
+        doc = json.loads(text, object_pairs_hook=_one_of_each(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AnnotationError(f"{path} is not an annotations file: not UTF-8 JSON ({e}). It was "
                               f"not changed.") from None
@@ -1197,6 +1291,29 @@ def _parse(raw: bytes, path) -> dict:
     return doc
 
 
+def _one_of_each(path) -> Callable[[list], dict]:
+    """json.loads' object_pairs_hook for the file at ``path``: an object as a dict, or an
+    AnnotationError when a field name appears twice in it. json.loads alone keeps the last
+    value and drops the others silently (two files pasted together, a merge conflict resolved
+    by keeping both sides: two "neurons" lists), and the next save would take the dropped
+    concepts off the disk."""
+    def hook(pairs: list) -> dict:
+        obj = dict(pairs)
+        if len(obj) == len(pairs):
+            return obj
+        seen: set = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        where = ("the document" if "format" in obj
+                 else f"an object with the fields {_brief(list(obj), 120)}")
+        raise AnnotationError(
+            f"{path}: the field {twice!r} appears more than once in {where} (two files pasted "
+            f"together, or a merge conflict resolved by keeping both sides?); read as it is, "
+            f"only its last value would be kept and the next save would lose the others. It "
+            f"was not changed; keep one {twice!r} there (two lists joined into one list, or "
+            f"the value that is right), then open it again.")
+    return hook
+
+
 def _too_deep(path) -> AnnotationError:
     return AnnotationError(f"{path} is not an annotations file (its JSON is nested deeper than "
                            f"Python can read: lists or objects within each other about a "
@@ -1211,8 +1328,11 @@ def _bad_model_fields(model: dict) -> str | None:
         return isinstance(v, list) and all(isinstance(x, str) for x in v)
     name, mods, classes = model.get("model"), model.get("modalities"), model.get("classes")
     neurons, features = model.get("neurons"), model.get("features")
+    weights = model.get("weights")
     if name is not None and not isinstance(name, str):
         return f'"model" must be text, got {name!r}'
+    if weights is not None and not isinstance(weights, str):
+        return f'"weights" must be text (a fingerprint of the weights), got {weights!r}'
     if mods is not None and not texts(mods):
         return f'"modalities" must be a list of names, got {mods!r}'
     if classes is not None and not texts(classes):
@@ -1293,7 +1413,8 @@ def _entries(doc: dict, path, shared: frozenset[str] = frozenset(),
     """{key: concepts} of a parsed document; each entry checked (its position in the message).
     Of a version-1 file, the unit keys of the ``shared`` modalities are read as feature keys
     (``_units_as_features``). extras: filled with {key: the entry's fields that this format
-    does not know}."""
+    does not know} (a field that two entries of one key give different values: the list of
+    them)."""
     out: dict[tuple, dict[str, None]] = {}      # a dict of concepts: each joined in once
     found_extras: dict[tuple, dict] = {}
     for field, fields in (("neurons", ("neuron",)),
@@ -1318,14 +1439,33 @@ def _entries(doc: dict, path, shared: frozenset[str] = frozenset(),
                                       f"{str(err).rstrip('.')}. It was not changed.") from None
             unknown = {f: v for f, v in e.items() if f not in fields + ("concepts",)}
             if unknown:
-                found_extras.setdefault(key, {}).update(unknown)
+                gathered = found_extras.setdefault(key, {})
+                for f, v in unknown.items():
+                    # each value once, looked up by its JSON text (linear work however many
+                    # entries a key has; a list's ``in`` would cost their square)
+                    gathered.setdefault(f, {}).setdefault(_json_text(v), v)
     found = {key: tuple(cs) for key, cs in out.items()}
+    # two entries of one key (two people's lines pasted together) that give a field different
+    # values ("comment": "Ana: ..." and "comment": "Bo: ..."): the list of them, in the file's
+    # order, so that a save writes both back (a field given once, or alike, keeps its value)
+    found_extras = {key: {f: _one_or_list(list(vs.values())) for f, vs in fs.items()}
+                    for key, fs in found_extras.items()}
     if doc.get("version") == 1 and shared:
         found = _units_as_features(found, shared)
         found_extras = _extras_as_features(found_extras, shared)
     if extras is not None:
         extras.update(found_extras)
     return found
+
+
+def _json_text(value) -> str:
+    """A parsed JSON value as text, equal for equal values (a dict's fields in any order)."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def _one_or_list(values: list):
+    """The value of a field that entries gave: the one value, or the list of several."""
+    return values[0] if len(values) == 1 else values
 
 
 #: The fields of an annotations document that this format knows.

@@ -282,8 +282,10 @@ def test_merge_of_its_own_file_after_an_outside_edit_writes_the_union(tmp_path):
 
 def test_a_failing_autosave_keeps_every_change_and_a_later_save_writes_them(tmp_path):
     blocker = tmp_path / "not_a_folder"
-    blocker.write_text("x")
-    a = Annotations(blocker / "c.json", signature=SIG)   # its folder is a file: saves fail
+    blocker.mkdir()
+    a = Annotations(blocker / "c.json", signature=SIG)
+    blocker.rmdir()
+    blocker.write_text("x")                              # its folder is now a file: saves fail
     a.add(neuron_key(1), "red")
     a.add(neuron_key(2), "blue")
     assert a.unsaved and a.save_error.startswith(f"Could not save the annotations to {blocker}")
@@ -400,10 +402,12 @@ def test_a_refused_tag_is_taken_back_with_the_reason(tmp_path):
             assert cv.message.value.startswith("not taken: A concept")
             assert path.read_bytes() == before
             # the browser is told, and puts the text back into its input to be corrected
-            assert cv.neuron_tags.last_answer == {"op": "answer", "text": bad, "taken": False}
+            assert cv.neuron_tags.last_answer == {"op": "answer", "key": cv.neuron_tags.key,
+                                                  "text": bad, "taken": False}
         cv.neuron_tags.edit("add", "fine")                          # the next edit goes through
         assert cv.message.value == "" and ex.annotations.concepts(("neuron", 1)) == ("ok", "fine")
-        assert cv.neuron_tags.last_answer == {"op": "answer", "text": "fine", "taken": True}
+        assert cv.neuron_tags.last_answer == {"op": "answer", "key": cv.neuron_tags.key,
+                                              "text": "fine", "taken": True}
         cv.neuron_tags.edit("remove", "ok")                          # a tag's cross
         cv.neuron_tags.edit("remove", "ok")                          # (twice: nothing more)
         assert cv.neuron_tags.value == ["fine"] and cv.message.value == ""

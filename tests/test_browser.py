@@ -1108,3 +1108,24 @@ def test_the_heatmap_tooltip_never_shows_the_previous_cells_text(lab, page):
     assert page.evaluate("() => document.querySelector('.mvz-cell-tip').closest("
                          "'.mathjax_ignore') !== null")
     assert not nb.dialogs, nb.dialogs
+
+
+def test_a_refused_concept_comes_back_only_into_the_row_of_the_key_it_was_typed_for(page):
+    """The kernel answers a refused add with the key it was typed for: the text comes back
+    into the emptied input while the row shows that key, never into another neuron's input
+    (a click elsewhere reached the kernel first; its message names the key instead)."""
+    render_tags_bundle(page, {"key": '["neuron", 3]'})
+    box = page.locator("input.mvz-tag-input")
+    for typed, answer_key, back in (
+            ("x" * 201, '["neuron", 3]', ""),           # the row moved to h5 meanwhile
+            ("y" * 201, '["neuron", 5]', "y" * 201)):   # refused for the key shown
+        box.fill(typed)
+        box.press("Enter")
+        assert page.evaluate("() => window.__mvz_sent.at(-1)") == {
+            "op": "add", "key": answer_key, "text": typed}
+        assert box.input_value() == ""                   # emptied for the next one at once
+        page.evaluate("() => window.__mvz_set('key', '[\"neuron\", 5]')")   # a click on h5
+        page.evaluate("m => window.__mvz_deliver('msg:custom', m)",
+                      {"op": "answer", "key": answer_key, "text": typed, "taken": False})
+        assert box.input_value() == back
+        box.fill("")

@@ -9,9 +9,11 @@ The browser never sets ``value``: an edit comes as a message {"op": "add" | "rem
 "text"} naming the ``key`` the row showed when the person typed, and goes to the callbacks
 registered with :meth:`on_edit`; the kernel answers by setting ``value``. So an edit sent just
 before a click on another neuron still lands on the neuron it was typed for, and changes only
-the concept typed or removed. An "add" is answered too, {"op": "answer", "text", "taken"}
-(taken: no callback returned False): the browser puts a refused text back into its emptied
-input, to be corrected rather than typed again.
+the concept typed or removed. An "add" is answered too, {"op": "answer", "key", "text",
+"taken"} (key: the one the add named; taken: no callback returned False): the browser puts a
+refused text back into its emptied input, to be corrected rather than typed again, when the
+row still shows that key (else the text would land on another neuron's or unit's input; the
+owner's message says which key refused it).
 """
 from __future__ import annotations
 
@@ -70,5 +72,5 @@ class ConceptTags(anywidget.AnyWidget):
         for callback in list(self._edit_callbacks):
             taken = callback(op, key, text) is not False and taken
         if op == "add":
-            self.last_answer = {"op": "answer", "text": text, "taken": taken}
+            self.last_answer = {"op": "answer", "key": key, "text": text, "taken": taken}
             self.send(self.last_answer)

@@ -8,7 +8,8 @@ column, for that feature in all of them). Typing a concept and pressing Enter ad
 was typed; the tag's cross removes it. A concept the store refuses (too long, a control
 character) is not added, and the reason is shown. A menu lists every named neuron and unit;
 choosing one selects it (``goto``). A line says where the concepts are saved, or why the last
-save failed (they stay in memory then).
+save failed (they stay in memory then); another, when the file was made for another model of
+the same shape (``Annotations.model_note``), that its neuron concepts may not fit.
 """
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ class ConceptsView(W.VBox):
         # wrapped lines, never cut (a Label ends its text with "..." at its width)
         self.message = WrappedText("", width=110, label_style={"text_color": "#a00000"})
         self.status = WrappedText("", width=110)
+        # the file was made for another model of this shape (another name or weights): said
+        # for the model the store was last bound to, the one this view is made for
+        self.model_line = WrappedText(_model_line(annotations.model_note), width=110,
+                                      label_style={"text_color": "#8a4b00"})
         # the prompt is the first option, shown (index 0) but not a place to go (value None)
         self.named = W.Dropdown(options=[(GOTO_PROMPT, None)], index=0,
                                 layout=W.Layout(width="420px"))
@@ -59,7 +64,7 @@ class ConceptsView(W.VBox):
         self.neuron_row = W.HBox([self.neuron_label, self.neuron_tags])
         self.unit_row = W.HBox([self.unit_label, self.unit_tags])
         super().__init__([W.HBox([text_label(value="concepts"), self.named]), self.neuron_row,
-                          self.unit_row, self.message, self.status])
+                          self.unit_row, self.model_line, self.message, self.status])
         self.add_class("mvz-concepts-view")
         self.neuron_tags.add_class("mvz-neuron-concepts")
         self.unit_tags.add_class("mvz-unit-concepts")
@@ -138,7 +143,7 @@ class ConceptsView(W.VBox):
     def _edited(self, op: str, key_text: str, text: str) -> bool:
         """An edit from the browser, for the key the row showed when it was made: whether it
         was taken (a refused one stays in the input, to correct)."""
-        taken = True
+        taken, key = True, None
         try:
             key = _key_of(key_text)
             if key is None:
@@ -150,7 +155,11 @@ class ConceptsView(W.VBox):
                 self.annotations.remove(key, text)
             self.message.value = ""
         except AnnotationError as e:
-            self.message.value = f"not taken: {e}"
+            # typed for a neuron or unit the rows no longer show (a click elsewhere came
+            # first): which one, since its row cannot take the text back
+            shown = key_text in (self.neuron_tags.key, self.unit_tags.key)
+            where = "" if shown or key is None else f" for {_key_name(key)}"
+            self.message.value = f"not taken{where}: {e}"
             taken = False
         self.show()        # the store's (tidied) concepts, or the old ones when refused
         return taken
@@ -169,10 +178,7 @@ class ConceptsView(W.VBox):
         with self._lock:           # read and shown in one go: an older list never comes last
             options = [(GOTO_PROMPT, None)]
             for key in self.annotations.keys():
-                where = (f"h{key[1]}" if key[0] == "neuron"
-                         else f"{key[1]} unit {key[2]} (every instance)" if key[0] == "feature"
-                         else f"#{key[1]} {key[2]} unit {key[3]}")
-                label = f"{where}: {', '.join(self.annotations.concepts(key))}"
+                label = f"{_key_name(key)}: {', '.join(self.annotations.concepts(key))}"
                 options.append((label if len(label) <= 90 else label[:89] + "\u2026", key))
             self._listing.on = True
             try:
@@ -214,7 +220,8 @@ class ConceptsView(W.VBox):
     def state(self) -> dict:
         return {"neuron": list(self.neuron_tags.value), "unit": list(self.unit_tags.value),
                 "neuron_label": self.neuron_label.value, "unit_label": self.unit_label.value,
-                "message": self.message.value, "status": self.status.value}
+                "message": self.message.value, "status": self.status.value,
+                "model_note": self.model_line.value}
 
     def close(self) -> None:
         self.annotations.unobserve(self._on_store)
@@ -229,6 +236,24 @@ UNIT_PROMPT = "unit: click a unit of #{instance} to name it"
 
 def _label_layout() -> W.Layout:
     return W.Layout(min_width="260px", max_width="50%", flex="0 1 auto")
+
+
+def _model_line(note: str | None) -> str:
+    """The line of a store's ``model_note`` ("" for none)."""
+    return f"These concepts were {note} (check a few)." if note else ""
+
+
+def _key_name(key: tuple) -> str:
+    """A key as the menu and the messages name it: "h3", "#5 image unit 27", "vitals unit 0
+    (every instance)"."""
+    if key[0] == "neuron" and len(key) == 2:
+        return f"h{key[1]}"
+    if key[0] == "feature" and len(key) == 3:
+        return f"{key[1]} unit {key[2]} (every instance)"
+    if key[0] == "unit" and len(key) == 4:
+        return f"#{key[1]} {key[2]} unit {key[3]}"
+    text = repr(key)                        # not a key (refused as such): quoted, cut
+    return text if len(text) <= 60 else f"{text[:59]}\u2026"
 
 
 def _key_text(key: tuple | None) -> str:
