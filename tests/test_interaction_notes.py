@@ -178,3 +178,40 @@ def test_the_mean_of_two_halves_takes_a_pair_seen_by_one_half_whole():
     assert noise == pytest.approx(np.sqrt(1 + 1 / 3) / np.linalg.norm([3, 5, 1]))
     # no cell visited by both halves: no difference to measure the error by
     assert _mean_and_noise(m1, m2, np.array([[1, 1, 0, 0]]), np.array([[0, 0, 0, 2]]))[1] is None
+
+
+def test_the_prediction_path_of_a_relu_model_takes_its_pairs_from_pairwise_ablation():
+    """Its second-order matrix is all 0, so the path's pairs were three arbitrary cells of 0:
+    they come from pairwise ablation instead, and the path says for which neurons."""
+    from multiviz_widgets.kernels.prediction import prediction_path
+    adapter = ModelAdapter(ReluFusion(), _modalities(), ["a", "b"], decision_layer="head")
+    path = prediction_path(adapter, _instance(), k_neurons=2, k_pairs=2)
+    assert path.neurons and path.params["pairs_by_ablation"] == [n.index for n in path.neurons]
+    ablation = interaction(adapter, _instance(), "pairwise_ablation", target=("neuron",
+                                                                            path.neurons[0].index))
+    u, v, x = ablation.top_pairs(1)[0]
+    assert path.neurons[0].pairs[0][:2] == (u, v) and path.neurons[0].pairs[0][4] == x
+    assert all(p[4] != 0 for n in path.neurons for p in n.pairs)
+    assert path.to_dict()["params"]["pairs_by_ablation"] == path.params["pairs_by_ablation"]
+    # a smooth model keeps its second-order pairs
+    smooth = ModelAdapter(LateFusion(), _modalities(), ["a", "b"], decision_layer="head")
+    assert prediction_path(smooth, _instance(), k_neurons=2).params["pairs_by_ablation"] == []
+
+
+def test_the_path_view_says_which_neurons_pairs_come_from_pairwise_ablation():
+    from multiviz_widgets import MultimodalDataset
+    from multiviz_widgets.explorer import Explorer
+    adapter = ModelAdapter(ReluFusion(), _modalities(), ["a", "b"], decision_layer="head")
+    items = [_instance(seed=s) for s in range(6)]
+    ds = MultimodalDataset({k: [it[k] for it in items] for k in items[0]})
+    ex = Explorer(adapter, ds, delay=0.05)
+    try:
+        assert ex.wait(120)
+        path = ex.path_view.path
+        ablated = path["params"]["pairs_by_ablation"]
+        assert ablated, path["params"]
+        cap = ex.path_view.caption.value
+        assert (f"the pairs of {', '.join(f'h{j}' for j in ablated)} come from pairwise "
+                "ablation: second-order gradients are 0 there") in cap, cap
+    finally:
+        ex.close()

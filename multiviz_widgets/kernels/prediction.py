@@ -669,8 +669,10 @@ class PredictionPath:
             "neurons": [n.to_dict() for n in self.neurons], "note": self.note,
             "forward_passes": int(self.forward_passes),
             "backward_passes": int(self.backward_passes), "seconds": float(self.seconds),
-            "params": {k: v for k, v in self.params.items()
-                       if isinstance(v, (int, float, str, bool, type(None)))},
+            "params": {k: (list(v) if isinstance(v, list) else v)
+                       for k, v in self.params.items()
+                       if isinstance(v, (int, float, str, bool, type(None)))
+                       or (isinstance(v, list) and all(isinstance(x, int) for x in v))},
         }
 
 
@@ -739,8 +741,12 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     of the top ``k_neurons``: stage 1 (``unimodal_method``) and stage 2 (``interaction_method``,
     None to skip; needs two modalities) targeted at Neuron(j): a neuron's units are each
     modality's top ``k_units``, then the other units of its top ``k_pairs`` pairs (each with
-    its own stage-1 score), so that every pair links units the path shows.
-    Cost: 1 forward pass + k_neurons x (the stage-1 method's cost + the stage-2 method's cost).
+    its own stage-1 score), so that every pair links units the path shows. Where second-order
+    gradients are blind to a neuron (the model is piecewise linear there, a ReLU network: its
+    matrix is all 0 and says so in ``params["note"]``), that neuron's pairs come from pairwise
+    ablation instead, and ``params["pairs_by_ablation"]`` lists such neurons.
+    Cost: 1 forward pass + k_neurons x (the stage-1 method's cost + the stage-2 method's cost;
+    + pairwise ablation's for a neuron second-order gradients are blind to).
     """
     from .unimodal import attribute        # stage kernels are imported lazily
     t0 = time.perf_counter()
@@ -762,7 +768,7 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     steps = len(chosen) * (2 if do_pairs else 1)
     done = 0
     fwd, bwd = 1, 0
-    neurons = []
+    neurons, by_ablation = [], []
     for j in chosen:
         nt = Neuron(int(j))
         att = attribute(adapter, prepared, unimodal_method, target=nt, **(unimodal_params or {}))
@@ -776,6 +782,12 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
             inter = interaction(adapter, prepared, interaction_method, modalities=modalities,
                                 target=nt, **(interaction_params or {}))
             fwd, bwd = fwd + inter.forward_passes, bwd + inter.backward_passes
+            if interaction_method == "second_order" and (inter.params or {}).get("note"):
+                # blind here (all 0 whatever the units do): pairs that remove the units
+                inter = interaction(adapter, prepared, "pairwise_ablation",
+                                    modalities=modalities, target=nt)
+                fwd, bwd = fwd + inter.forward_passes, bwd + inter.backward_passes
+                by_ablation.append(int(j))
             pair_mods = tuple(inter.modalities)
             pairs = [(u, v, inter.row_labels[u], inter.col_labels[v], x)
                      for u, v, x in inter.top_pairs(k_pairs, absolute=absolute)]
@@ -794,7 +806,7 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
         interaction_method=interaction_method if do_pairs else None, forward_passes=fwd,
         backward_passes=bwd, seconds=time.perf_counter() - t0,
         params={"k_neurons": k_neurons, "k_units": k_units, "k_pairs": k_pairs,
-                "absolute": absolute,
+                "absolute": absolute, "pairs_by_ablation": by_ablation,
                 "bias": bias if np.isfinite(bias) else None,
                 "source_logit": source_logit if np.isfinite(source_logit) else None},
         note="" if neurons else _empty_path_note(contrib, sparse_model))

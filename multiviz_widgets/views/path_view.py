@@ -159,6 +159,12 @@ class PathView(W.VBox):
                                    "their right, blue lower it, paler is weaker; a link between "
                                    "two units: their interaction (red: they reinforce each "
                                    "other); grey boxes: other likely classes (click a node)")
+        ablated = (path.get("params") or {}).get("pairs_by_ablation") or []
+        if ablated and not note:
+            self.caption.value += (
+                f"; the pairs of {', '.join(f'h{int(j)}' for j in ablated)} come from pairwise "
+                f"ablation: second-order gradients are 0 there (the model is piecewise linear "
+                f"at this instance)")
         self.concepts.value = self.concept_line()
 
     def concept_line(self) -> str:
