@@ -52,8 +52,11 @@ deps: $(VENV)/.deps-stamp
 constraints: | $(PY)
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps -e .
-	{ sed -n '/^#/!q;p' constraints.txt; $(PIP) freeze --exclude-editable | \
-		sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new
+	$(PIP) freeze --exclude-editable > constraints.txt.freeze
+	grep -q '==' constraints.txt.freeze
+	{ sed -n '/^#/!q;p' constraints.txt; \
+		sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' constraints.txt.freeze; } > constraints.txt.new
+	rm constraints.txt.freeze
 	mv constraints.txt.new constraints.txt
 	touch $(VENV)/.deps-stamp
 

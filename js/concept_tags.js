@@ -106,7 +106,8 @@ function render({ model, el }) {
   const answered = (msg) => {
     // a refused text back, unless something else has been typed since, or the row has moved
     // to another key (a click elsewhere reached the kernel first): not into its input
-    // (keys are lists such as ["neuron", 3]: compared by value, not as objects)
+    // (keys are JSON texts such as '["neuron", 3]'; compared by value all the same, should one
+    // ever arrive as a list)
     if (msg && msg.op === "answer" && !msg.taken && !input.value &&
         JSON.stringify(msg.key) === JSON.stringify(model.get("key"))) {
       input.value = msg.text;

@@ -745,6 +745,8 @@ def demo(kind: str = "easy_vqa", task: str | None = None, **kwargs) -> Explorer:
     easy-VQA demo's prediction path and neuron contributions come from the shipped stage-4
     sparse linear model (``easy_vqa.load_sparse_model``; pass ``sparse_model=None`` for the
     decision layer's own weights). Other keyword arguments go to ``Explorer``."""
+    if kind not in ("easy_vqa", "synthetic"):
+        raise ValueError(f"Unknown demo {kind!r}; use 'easy_vqa' or 'synthetic'.")
     if task is not None and kind != "synthetic":
         raise ValueError(f"task= chooses a synthetic task ('planted' or 'additive'); the "
                          f"{kind!r} demo has none.")

@@ -358,3 +358,15 @@ def test_a_model_with_no_margin_is_undecided_whatever_class_argmax_names():
     assert t["label"] == "undecided" and t["dominant"] is None
     assert t["emap_prediction"] is None
     assert set(t["unimodal_predictions"].values()) == {None}
+
+
+def test_a_class_the_model_rules_out_does_not_make_a_real_margin_a_tie():
+    """The tie tolerance was 1e-6 of the largest logit of any class: a third class at -1e9 made
+    a margin of 0.04 between the other two "undecided"."""
+    from multiviz_widgets.kernels.emap import _label
+    for third in (-1.0, -1e5, -1e9):
+        logits = np.array([0.02, -0.02, third])
+        parts = {"a": np.array([0.02, -0.02, 0.0]), "b": np.zeros(3)}
+        t = _label(logits, parts, np.array([0.0, 0.0, third]), ["yes", "no", "never"])
+        assert t["label"] == "dominance" and t["dominant"] == "a", (third, t["label"])
+        assert t["unimodal_predictions"] == {"a": 0, "b": None}

@@ -413,6 +413,8 @@ def test_the_synthetic_demo_opens_either_task_and_refuses_a_task_elsewhere():
         ex.close()
     with pytest.raises(ValueError, match="'easy_vqa' demo has none"):
         demo("easy_vqa", task="additive")
+    with pytest.raises(ValueError, match="Unknown demo 'easyvqa'; use 'easy_vqa' or"):
+        demo("easyvqa", task="additive")            # the name first, not "has no task"
     with pytest.raises(ValueError, match="Unknown synthetic task 'Planted'"):
         demo("synthetic", task="Planted")
 

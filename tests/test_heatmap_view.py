@@ -260,6 +260,9 @@ def test_pairs_a_sampled_estimate_never_met_are_grey_and_the_note_says_so(vqa):
     assert st["note"].startswith("2 pairs were never met in the sampled coalitions: grey, "
                                  "not estimated (0 in the matrix)")
     assert "Grey: not computed" in st["legend"]
+    # their tooltip gives their own reason, not the non-players' one (both are players)
+    assert hv.cell_text(1, 2).endswith(": not estimated (never met in the sampled coalitions)")
+    assert hv.cell_text(0, 0).endswith("1")
     show(hv, m, WORDS, PATCHES[:4], method="shapley", players=every, unestimated=[])
     assert hv.state()["computed"] is None
 

@@ -215,3 +215,15 @@ def test_the_path_view_says_which_neurons_pairs_come_from_pairwise_ablation():
                 "ablation: second-order gradients are 0 there") in cap, cap
     finally:
         ex.close()
+
+
+def test_a_smooth_half_precision_model_gets_no_blind_note():
+    """The rounding threshold was 16 epsilons of the model's dtype: in bfloat16 (0.125) a GELU
+    late-fusion model's own curvature of 5% passed for rounding, and its correct zero matrix
+    was said to hide interactions."""
+    from multiviz_widgets.demos import synthetic
+    adapter, ds = synthetic.load("additive")
+    adapter.model.to(torch.bfloat16)
+    for i in range(8):
+        r = interaction(adapter, ds[i], "second_order")
+        assert "note" not in r.params, (i, r.params.get("note"))

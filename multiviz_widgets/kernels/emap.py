@@ -437,34 +437,40 @@ def _margin(v: np.ndarray, c: int) -> float:
     return float(v[c] - others.max()) if len(others) else float(v[c])
 
 
-#: Margins within this share of the outputs' scale are ties: float32 rounding of averages over
-#: N^2 pairs reaches about 1e-7 of it, and argmax would break the tie toward class 0.
+#: Margins within this share of the top two logits' size are ties: float32 rounding of averages
+#: over N^2 pairs reaches about 1e-7 of it, and argmax would break the tie toward class 0.
 TIE_TOLERANCE = 1e-6
 
 
-def _decided(v: np.ndarray, tol: float) -> int | None:
-    """The class a vector of logits picks, or None when its top two are within ``tol``."""
+def _decided(v: np.ndarray, context: Sequence[np.ndarray]) -> int | None:
+    """The class a vector of logits picks, or None when its top two tie: their margin is within
+    TIE_TOLERANCE of the size of those two classes' entries in ``context`` (the outputs, the
+    grand mean and the parts, whose rounding ``v`` carries). Only those two classes count: a
+    class the model rules out, at -1e9, must not make a margin of 0.04 a tie."""
     c = int(np.argmax(v))
-    return c if _margin(v, c) > tol else None
+    if len(v) < 2:
+        return c
+    two = [c, int(np.argmax(np.where(np.arange(len(v)) == c, -np.inf, v)))]
+    size = max(float(np.abs(np.asarray(u)[two]).max()) for u in (v, *context))
+    return c if _margin(v, c) > TIE_TOLERANCE * max(size, np.finfo(np.float32).tiny) else None
 
 
 def _label(logits: np.ndarray, parts: Mapping[str, np.ndarray], grand: np.ndarray,
            class_names: Sequence[str]) -> dict:
     """Label one instance from its outputs [C], centred unimodal parts {m: [C]} and grand mean.
 
-    A vector whose top two logits are within TIE_TOLERANCE of the outputs' scale picks no
+    A vector whose top two logits are within TIE_TOLERANCE of their size picks no
     class (None), rather than the lower-numbered one: a modality the model ignores then agrees
     with no prediction, whichever class it is, and a model with no margin of its own is
     "undecided"."""
     c = int(np.argmax(logits))
     emap_out = grand + sum(parts.values())
     names = list(parts)
-    scale = max(float(np.abs(v).max()) for v in (logits, emap_out, grand, *parts.values()))
-    tol = TIE_TOLERANCE * max(scale, np.finfo(np.float32).tiny)
-    uni_pred = {m: _decided(grand + parts[m], tol) for m in names}
+    context = (logits, grand, *parts.values())
+    uni_pred = {m: _decided(grand + parts[m], context) for m in names}
     agree = {m: uni_pred[m] == c for m in names}
-    emap_pred = _decided(emap_out, tol)
-    if _margin(logits, c) <= tol:         # the model itself picks no class
+    emap_pred = _decided(emap_out, context)
+    if _decided(logits, context) is None:     # the model itself picks no class
         label, dominant = "undecided", None
     elif emap_pred != c:                  # the additive parts alone would decide otherwise
         label, dominant = "conflict", None
@@ -514,7 +520,8 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     some but not all modalities' parts alone (grand mean + part) pick the predicted class
     (``dominant`` names the one that picks it by the widest margin), and complement when all
     do (or none alone but together they do). undecided: the model's own top two logits tie
-    (within ``TIE_TOLERANCE`` of the outputs' scale), so there is no prediction to explain.
+    (within ``TIE_TOLERANCE`` of those two classes' logits), so there is no prediction to
+    explain.
     A part whose top two logits tie picks no class (``unimodal_predictions`` holds None; so
     can ``emap_prediction``), never the lower-numbered one by default. ``margins`` give each
     centred part's logit margin of the predicted class over the runner-up.

@@ -222,6 +222,8 @@ class HeatmapView(W.VBox):
         self.row_labels: list[str] = []
         self.col_labels: list[str] = []
         self.computed: np.ndarray | None = None   # bool [rows, cols]: None = every cell
+        # the cells a sampled estimate never met (grey too, for another reason than players)
+        self.unestimated: set[tuple[int, int]] = set()
         self.selected_row = -1
         self.selected_col = -1
         self.instance = -1                    # the instance whose matrix is shown
@@ -338,6 +340,7 @@ class HeatmapView(W.VBox):
         params = getattr(inter, "params", None) or {}
         computed, note = self._players(params, m.shape)
         computed, unseen = self._unestimated(params, m.shape, computed)
+        self.unestimated = {(int(r), int(c)) for r, c in unestimated_cells(params, m.shape)}
         self._draw(m, inter.row_labels, inter.col_labels, computed)
         # the kernel's own note (second-order gradients blind to a piecewise-linear model)
         # first: it says the whole matrix cannot be read as it looks
@@ -533,6 +536,8 @@ class HeatmapView(W.VBox):
                  f"{b} {quoted(cols[col] if col < len(cols) else f'#{col}')}")
         if not np.isfinite(m[row, col]):
             return f"{names}: {float(m[row, col])}"
+        if (row, col) in self.unestimated:
+            return f"{names}: not estimated (never met in the sampled coalitions)"
         if computed is not None and not computed[row, col]:
             return f"{names}: not computed (not both Shapley players)"
         return f"{names}: {float(m[row, col]):.3g}"
