@@ -738,10 +738,11 @@ def check_features(features, n_instances: int, adapter: ModelAdapter | None = No
     if h.ndim != 2 or logits.ndim != 2 or not len(h) == len(logits) == len(idx):
         raise ValueError(f"features= do not fit together: h {h.shape}, logits {logits.shape}, "
                          f"indices {idx.shape} (one row per instance); {how}.")
-    if len(idx) and np.issubdtype(idx.dtype, np.integer) and len(np.unique(idx)) != len(idx):
-        values, counts = np.unique(idx, return_counts=True)
+    values, counts = (np.unique(idx, return_counts=True)
+                      if len(idx) and np.issubdtype(idx.dtype, np.integer) else (idx, None))
+    if counts is not None and (counts > 1).any():
         twice = values[counts > 1]
-        raise ValueError(f"features= have {len(idx) - len(np.unique(idx))} repeated rows (instances "
+        raise ValueError(f"features= have {len(idx) - len(values)} repeated rows (instances "
                          f"{twice[:5].tolist()} more than once): each instance is one point and "
                          f"one gallery entry; {how} (with indices listed once).")
     if len(idx) and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0

@@ -32,7 +32,7 @@ from .selection import FIELDS, Selection, unit_ref_of
 from .display_text import isolate, quoted
 from .views._common import (close_widgets, colour_limit, describe_instance, failure_text,
                             instance_title, method_label, shapley_players, text_label,
-                            unestimated_cells, widget_tree)
+                            widget_tree)
 from .views.concepts_view import ConceptsView
 from .views.controls import Controls, ErrorBanner, ProgressPanel
 from .views.embedding_view import BY_NEURON, EmbeddingView
@@ -259,11 +259,6 @@ class InputPanel:
                     mine, kept = (sides if m == pair[0] else sides[::-1])
                     outside, kept = u not in set(mine.tolist()), set(kept.tolist())
                     vec = [None if outside or k not in kept else v for k, v in enumerate(vec)]
-                # nor are the pairs a sampled estimate never met (the heatmap greys them too)
-                cells = unestimated_cells(inter.params, mat.shape)
-                mine, theirs = (0, 1) if m == pair[0] else (1, 0)
-                for k in cells[cells[:, mine] == u, theirs]:
-                    vec[int(k)] = None
                 scores[other] = vec
                 # ... a unit's interactions on the heatmap's scale (its largest |cell|): a weak
                 # row must not look as strong as the matrix's strongest pair
@@ -759,9 +754,7 @@ def demo(kind: str = "easy_vqa", task: str | None = None, **kwargs) -> Explorer:
             except WeightsError as e:        # the demo still opens, on the dense weights
                 warnings.warn(f"{e} The demo uses the decision layer's weights meanwhile.",
                               RuntimeWarning, stacklevel=2)
-    elif kind == "synthetic":
+    else:                                 # "synthetic" (the names are checked above)
         from .demos.synthetic import load
         adapter, dataset = load("planted" if task is None else task)
-    else:
-        raise ValueError(f"Unknown demo {kind!r}; use 'easy_vqa' or 'synthetic'.")
     return Explorer(adapter, dataset, **kwargs)

@@ -1359,23 +1359,6 @@ def test_units_that_are_not_shapley_players_get_no_score_not_a_zero():
         assert st["input_scores"]["question"] == [None] * 5
 
 
-def test_pairs_a_sampled_shapley_estimate_never_met_get_no_score_not_a_zero():
-    class Unmet(FakeKernels):
-        def interaction(self, adapter, prepared, method, modalities, target, progress=None):
-            inter = super().interaction(adapter, prepared, method, modalities, target, progress)
-            cells = [[2, 1], [2, 3], [0, 0], ["x", 1]] if modalities[0] == "question" else []
-            inter.params = dict(inter.params or {}, unestimated=cells)
-            return inter
-    with shapley_explorer(Unmet()) as ex:
-        st = click_unit(ex, "question", 2)
-        row = np.asarray(st["heatmap"])[2]
-        assert st["error"] == ""
-        assert st["input_scores"]["image"] == [row[0], None, row[2], None]
-        st = click_unit(ex, "image", 0)                   # the column side of cell [0, 0]
-        col = np.asarray(st["heatmap"])[:, 0]
-        assert st["input_scores"]["question"] == [None, *col[1:].tolist()]
-
-
 def test_the_embedding_caption_is_wrapped_to_its_box_not_cut(vqa):
     """A Label cut the caption at the 440 px box, just where it says what the black point is."""
     ex, _ = vqa

@@ -244,29 +244,6 @@ def test_cells_of_units_that_are_not_shapley_players_are_grey_and_the_note_says_
     assert hv.state()["note"] == "" and hv.state()["computed"] is None
 
 
-def test_pairs_a_sampled_estimate_never_met_are_grey_and_the_note_says_so(vqa):
-    """They were 0 like any pair measured to be 0 (shapiq's permutation sampler only estimates
-    pairs adjacent in a sampled permutation)."""
-    ex, _ = vqa
-    hv = ex.heatmap_view
-    every = {"question": list(range(5)), "image": list(range(4))}
-    m = np.ones((5, 4))
-    m[1, 2] = m[4, 0] = 0.0
-    show(hv, m, WORDS, PATCHES[:4], method="shapley", players=every, approximator="x",
-         exact=False, budget=4096, coalitions=4000, relative_noise=0.1,
-         unestimated=[[1, 2], [4, 0], [9, 9]])                # a cell off the matrix: ignored
-    st = hv.state()
-    assert np.argwhere(~np.asarray(st["computed"])).tolist() == [[1, 2], [4, 0]]
-    assert st["note"].startswith("2 pairs were never met in the sampled coalitions: grey, "
-                                 "not estimated (0 in the matrix)")
-    assert "Grey: not computed" in st["legend"]
-    # their tooltip gives their own reason, not the non-players' one (both are players)
-    assert hv.cell_text(1, 2).endswith(": not estimated (never met in the sampled coalitions)")
-    assert hv.cell_text(0, 0).endswith("1")
-    show(hv, m, WORDS, PATCHES[:4], method="shapley", players=every, unestimated=[])
-    assert hv.state()["computed"] is None
-
-
 def test_a_second_order_matrix_the_kernel_calls_blind_says_so_first(vqa):
     ex, _ = vqa
     hv = ex.heatmap_view

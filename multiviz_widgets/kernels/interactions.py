@@ -139,7 +139,8 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
     if fell_back is not None:
         params["vmap_error"] = fell_back
     if flat:
-        params["note"] = FLAT_NOTE.format(r=r)
+        # blind: what the prediction path reads (the note is for people)
+        params["note"], params["blind"] = FLAT_NOTE.format(r=r), True
     return np.ascontiguousarray(m), fwd, bwd, params
 
 
@@ -307,7 +308,9 @@ def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, 
                 a_u = (g * _own_units(ir, s, k, g.dtype)).reshape(k, -1).sum(1)  # row i: unit s + i
                 if phi == "abs":
                     a_u = a_u.abs()
-                first = max(first, float(a_u.detach().abs().max()))
+                # a running maximum on the device: read once, after the loop (no sync per batch)
+                first = torch.maximum(torch.as_tensor(first, dtype=a_u.dtype, device=a_u.device),
+                                      a_u.detach().abs().max())
                 if a_u.requires_grad:
                     h, = torch.autograd.grad(a_u.sum(), xc_b, allow_unused=True)
                     backwards += k
@@ -318,7 +321,7 @@ def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, 
         rows.append(adapter.modalities[c].pool(h.detach(), xc, ic))
         report(progress, s + k, n_rows, "second-order gradients")
     m = torch.cat(rows).double().cpu().numpy()
-    flat, more_f, more_b = _flat(adapter, prepared, r, c, m, first, times_input, phi=phi,
+    flat, more_f, more_b = _flat(adapter, prepared, r, c, m, float(first), times_input, phi=phi,
                                  attribution=attribution, target=target)
     return m, n_rows + more_f, backwards + more_b, flat
 
@@ -374,7 +377,7 @@ REGRESSION_APPROXIMATORS = ("KernelSHAPIQ", "RegressionFSII")
 REGRESSION_BYTES_PER_CELL = 24
 REGRESSION_MEMORY_LIMIT = 2 * 2**30
 #: shapiq approximators that average over sampled permutations
-PERMUTATION_APPROXIMATORS = ("PermutationSamplingSII", "PermutationSamplingSTII")
+PERMUTATION_APPROXIMATORS = ("PermutationSamplingSTII",)
 
 
 def auto_max_players(budget: int) -> int:
@@ -390,37 +393,17 @@ def auto_max_players(budget: int) -> int:
     return max(2, min(EXACT_MAX_PLAYERS, int(budget).bit_length() - 1))
 
 
-def _mean_and_noise(m1: np.ndarray, m2: np.ndarray, w1=1.0, w2=1.0
-                    ) -> tuple[np.ndarray, float | None]:
+def _mean_and_noise(m1: np.ndarray, m2: np.ndarray, w1: float = 1.0, w2: float = 1.0
+                    ) -> tuple[np.ndarray, float]:
     """(mean, relative standard error of the mean) of two independent estimates of a matrix,
-    each cell the average of w1 and w2 samples (permutations that visited it; numbers, or arrays
-    of per-cell counts): the mean weighs them by w, which is what one run over both halves'
-    permutations gives, and the error follows from their difference: per cell
-    |m1 - m2| sqrt(w1 w2) / (w1 + w2), summed in squares, divided by the mean's norm (two
-    equal halves: ||m1 - m2|| / ||m1 + m2||). A cell one half never visited (w 0) takes the
-    other half's value, with the error of w samples of the average per-sample variance of the
-    cells both visited; a cell neither visited is 0, and left out. 0 when both are 0; infinite
-    when they differ and their mean is 0 (the estimate is all noise); NaN for non-finite values;
-    None when no cell was visited by both halves (no difference to measure the error by)."""
-    w1 = np.broadcast_to(np.asarray(w1, dtype=np.float64), np.shape(m1))
-    w2 = np.broadcast_to(np.asarray(w2, dtype=np.float64), np.shape(m2))
-    w = w1 + w2
-    seen = w > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(seen, (np.where(w1 > 0, w1 * m1, 0.0) + np.where(w2 > 0, w2 * m2, 0.0))
-                        / np.where(seen, w, 1.0), 0.0)
+    each the average of w1 and w2 samples (coalitions): the mean weighs them by w, and the
+    error follows from their difference, ||m1 - m2|| sqrt(w1 w2) / (w1 + w2), divided by the
+    mean's norm (two equal halves: ||m1 - m2|| / ||m1 + m2||). 0 when both are 0; infinite when
+    they differ and their mean is 0 (the estimate is all noise); NaN for non-finite values."""
+    mean = (w1 * m1 + w2 * m2) / (w1 + w2)
     if not (np.isfinite(m1).all() and np.isfinite(m2).all()):
         return mean, float("nan")
-    both = (w1 > 0) & (w2 > 0)
-    one = seen & ~both
-    if one.any() and not both.any():
-        return mean, None
-    # per-sample variance of a cell visited by both: (m1 - m2)^2 w1 w2 / (w1 + w2)
-    per_sample = (m1 - m2)[both] ** 2 * (w1 * w2)[both] / w[both]
-    variance = float(np.sum(per_sample / w[both]))
-    if one.any():
-        variance += float(per_sample.mean()) * float(np.sum(1.0 / w[one]))
-    error = math.sqrt(variance)
+    error = float(np.linalg.norm(m1 - m2)) * math.sqrt(w1 * w2) / (w1 + w2)
     size = float(np.linalg.norm(mean))
     if size > 0:
         return mean, error / size
@@ -439,7 +422,8 @@ def _shapiq_approximator(index: str, n: int, seed: int, budget: int):
     sampling when the budget buys at least two permutations, else SVARMIQ.
 
     Why not permutation sampling for k-SII / SII: it estimates a pair only from the
-    permutations in which its two players are adjacent, about 2 / n of them (see ``_visits``).
+    permutations in which its two players are adjacent, about 2 / n of them (pairs no sampled
+    permutation visited came back as exactly 0).
     With 24 easy-VQA players and 4,096 coalitions its matrix was off by a median 0.59 of the
     norm of a 131,072-coalition reference, KernelSHAPIQ's by 0.20 (2 questions, 4 seeds, both
     run as two halves), in 0.9 s per matrix against 0.8 s (2 CPU threads); on a planted model
@@ -454,37 +438,6 @@ def _shapiq_approximator(index: str, n: int, seed: int, budget: int):
     if budget >= _two_permutations(perm, n):
         return perm
     return shapiq.SVARMIQ(n=n, max_order=2, index="STII", random_state=seed)
-
-
-def _visits(approximator, budget: int, game, **kw):
-    """(interaction values, visits): shapiq's estimate and, for a permutation sampler, how many
-    sampled permutations each interaction's estimate averages, else None.
-
-    shapiq's SII / k-SII permutation sampler (which ``shapley`` no longer uses: KernelSHAPIQ
-    estimates every pair) estimates a pair only from the permutations in which its two players
-    are adjacent (about 2 / n of them), and returns exactly 0 for a pair no permutation
-    visited, which reads as a pair that does not interact: at a budget of a few permutations
-    per pair, many pairs are never visited; STII's visits every pair in every permutation, so
-    its counts only weigh the halves' mean. The samplers count the visits in an
-    integer array made by ``_init_result(dtype=int)``, read here; a shapiq whose samplers make
-    none gives None (``shapley`` then takes a cell of exactly 0 for a pair not visited)."""
-    made = []
-    if type(approximator).__name__ in PERMUTATION_APPROXIMATORS:
-        init = approximator._init_result
-
-        def counting_init(dtype=float):
-            out = init(dtype)
-            if np.issubdtype(np.dtype(dtype), np.integer):
-                made.append(out)
-            return out
-        approximator._init_result = counting_init
-    try:
-        iv = approximator.approximate(budget=budget, game=game, **kw)
-    finally:
-        approximator.__dict__.pop("_init_result", None)
-    if len(made) != 1 or len(made[0]) != len(np.asarray(iv.values)):
-        return iv, None
-    return iv, np.asarray(made[0], dtype=np.float64)
 
 
 def _split_players(ua: int, ub: int, max_players: int) -> tuple[int, int]:
@@ -537,13 +490,10 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     otherwise shapiq's approximator for the index with ``budget`` evaluations
     (``_shapiq_approximator``): KernelSHAPIQ for k-SII/SII, RegressionFSII for FSII (FSII is a
     least-squares fit, so within-modality higher-order effects can leak into cross pairs), for
-    STII permutation sampling when the budget buys two permutations, else SVARMIQ. A regression
-    estimates every pair from every coalition; a permutation sampler could leave some pairs
-    unvisited (shapiq's k-SII/SII sampler, used before KernelSHAPIQ, visits a pair only in the
-    permutations where its two players are adjacent; STII's uses every permutation for every
-    pair). Such cells would be 0, not a measured 0: ``params["unestimated"]`` lists them ([row
-    unit, column unit]; [] when every player pair was estimated, as by a regression; only in
-    sampled results) to be shown apart, as the cells of non-players are.
+    STII permutation sampling when the budget buys two permutations, else SVARMIQ. Each
+    estimates every pair (a regression from every coalition, STII's sampler from every
+    permutation; shapiq's k-SII/SII sampler, used before KernelSHAPIQ, visits a pair only in the
+    permutations where its two players are adjacent, and gave 0 for pairs none visited).
     max_players ("auto", the default: as many as the budget computes exactly, 12 for 4,096, see
     ``auto_max_players``; a number; None = every unit): when the two modalities have more units,
     keep only those with the largest occlusion effect (2 + U_a + U_b extra forwards), split
@@ -552,12 +502,10 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     A few thousand evaluations cannot estimate the ~U_a U_b pairs of 70 players well.
     KernelSHAPIQ with a budget of at least twice its terms (1 + n + n(n - 1) / 2 for n players),
     and STII's permutation sampling with a budget for at least four permutations, run as two
-    halves with independent seeds drawn from ``seed`` and report their mean: KernelSHAPIQ's
-    weighted by each half's coalitions, permutation sampling's cell by cell by the permutations
-    that visited the pair (what one run over both halves gives: a pair one half never visited
-    takes the other half's value); ``params["relative_noise"]`` is the relative standard error
-    of that mean, from the halves' difference (``_mean_and_noise``; None when exact, when run as
-    one (FSII, or a smaller budget), or when no pair was visited by both halves);
+    halves with independent seeds drawn from ``seed`` and report their mean, weighted by each
+    half's coalitions; ``params["relative_noise"]`` is the relative standard error of that
+    mean, from the halves' difference (``_mean_and_noise``; None when exact, or when run as one:
+    FSII, or a smaller budget);
     ``params["coalitions"]``: the coalitions evaluated (at most the budget; permutation
     sampling stops at whole permutations). Cost: at most budget forwards (plus the occlusion
     pass); a regression also builds and solves a weighted least-squares problem of coalitions x
@@ -571,10 +519,8 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         m, forwards, backwards, params = shapley(adapter, prepared, b, a, target, progress, index,
                                                  budget, max_players, seed, batch_size)
         players = params["players"]
-        swapped = dict(params, players={a: players[a], b: players[b]})
-        if "unestimated" in params:
-            swapped["unestimated"] = sorted([v, u] for u, v in params["unestimated"])
-        return m.T.copy(), forwards, backwards, swapped
+        return (m.T.copy(), forwards, backwards,
+                dict(params, players={a: players[a], b: players[b]}))
     if index not in SHAPLEY_INDICES:
         raise ValueError(f"Unknown Shapley interaction index {index!r}; choose one of "
                          f"{list(SHAPLEY_INDICES)}.")
@@ -625,9 +571,9 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         evaluated[0] += z.shape[0]
         return out.double().cpu().numpy()
 
-    def cross_block(iv, values=None) -> np.ndarray:
+    def cross_block(iv) -> np.ndarray:
         lookup = iv.interaction_lookup
-        values = np.asarray(iv.values if values is None else values, dtype=np.float64)
+        values = np.asarray(iv.values, dtype=np.float64)
         m = np.zeros((ua, ub))
         for i, u in enumerate(pa):
             for j, v in enumerate(pb):
@@ -636,19 +582,6 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
                     m[u, v] = values[pos]
         return m
 
-    def estimate(ap, spend: int, kw: dict) -> tuple[np.ndarray, np.ndarray]:
-        # (cross block, visits of each of its pairs): a player pair of exactly 0 counts as not
-        # visited when the sampler's counts cannot be read (a pair that does not interact at
-        # all is then taken for one not visited)
-        iv, visits = _visits(ap, spend, game, **kw)
-        m = cross_block(iv)
-        if visits is None:
-            return m, (m != 0).astype(np.float64)
-        return m, cross_block(iv, visits)
-
-    players = np.zeros((ua, ub), dtype=bool)
-    players[np.ix_(pa, pb)] = True
-    visits = None                                       # None: every player pair estimated
     underdetermined, noise = False, None
     if exact:
         approximator = "ExactComputer"
@@ -680,29 +613,18 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
             kw = {}
             if _takes_batch_size(ap):              # permutations evaluated per game call
                 kw["batch_size"] = max(1, batch_size // max(1, getattr(ap, "iteration_cost", 1)))
-            if approximator in PERMUTATION_APPROXIMATORS and budget >= 2 * _two_permutations(ap, n):
-                # two independent halves (the second spends what the first left), weighed cell
-                # by cell by the permutations that visited the pair: the mean is the average
-                # over both halves' permutations that one run gives (it pays the two ends
-                # twice), a pair one half never visited takes the other's value, and the
-                # halves' difference says how good the mean is
-                first, second = (_permutation_sampler(n, s) for s in _half_seeds(seed))
-                m1, v1 = estimate(first, budget // 2, kw)
-                m2, v2 = estimate(second, budget - evaluated[0], kw)
-                m, noise = _mean_and_noise(m1, m2, v1, v2)
-                visits = v1 + v2
-            elif approximator in PERMUTATION_APPROXIMATORS:
-                m, visits = estimate(ap, budget, kw)
-            elif approximator == "KernelSHAPIQ" and budget // 2 >= terms:
-                # two independent halves, each determined, weighed by their coalitions (the
-                # second spends what the first left): every pair is estimated by both, and
-                # their difference says how good the mean is
+            if (approximator in PERMUTATION_APPROXIMATORS
+                    and budget >= 2 * _two_permutations(ap, n)
+                    or approximator == "KernelSHAPIQ" and budget // 2 >= terms):
+                # two independent halves (the second spends what the first left), each able to
+                # estimate every pair, weighed by their coalitions: the halves' difference says
+                # how good their mean is
                 first, second = (_shapiq_approximator(index, n, s, budget)
                                  for s in _half_seeds(seed))
-                m1 = cross_block(first.approximate(budget=budget // 2, game=game))
-                w1 = evaluated[0]
-                m2 = cross_block(second.approximate(budget=budget - w1, game=game))
-                m, noise = _mean_and_noise(m1, m2, w1, evaluated[0] - w1)
+                m1 = cross_block(first.approximate(budget=budget // 2, game=game, **kw))
+                used = evaluated[0]
+                m2 = cross_block(second.approximate(budget=budget - used, game=game, **kw))
+                m, noise = _mean_and_noise(m1, m2, used, evaluated[0] - used)
             else:
                 m = cross_block(ap.approximate(budget=budget, game=game, **kw))
     if evaluated[0] < total:            # permutation sampling stops at whole permutations
@@ -711,9 +633,6 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
               "underdetermined": underdetermined, "relative_noise": noise,
               "coalitions": evaluated[0], "seed": seed,
               "max_players": max_players, "players": {a: pa.tolist(), b: pb.tolist()}}
-    if not exact:
-        params["unestimated"] = ([] if visits is None else
-                                 np.argwhere(players & (visits == 0)).tolist())
     return m, forwards + evaluated[0], 0, params
 
 

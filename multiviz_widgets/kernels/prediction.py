@@ -232,9 +232,15 @@ def _as_2d(h, d: int | None = None) -> np.ndarray:
     return h
 
 
-def _finite(h: np.ndarray) -> np.ndarray:
-    """h [N, d], or a ValueError naming its rows that hold NaN or infinity."""
-    bad = np.nonzero(~np.isfinite(h).all(1))[0]
+def _finite(h: np.ndarray, what: str | None = None) -> np.ndarray:
+    """h [N, d], or a ValueError naming its rows that hold NaN or infinity: rows to classify,
+    or, with ``what``, the rows of the split the caller gave for fitting ("train")."""
+    bad = np.nonzero(~np.isfinite(h).all(1))[0] if h.ndim == 2 and len(h) else []
+    if len(bad) and what is not None:
+        raise ValueError(
+            f"The {what} features contain NaN or infinity in {len(bad)} row(s) (rows "
+            f"{bad[:10].tolist()}{', ...' if len(bad) > 10 else ''} of {what}); check the model on "
+            "those instances, or leave them out.")
     if len(bad):
         rows = ", ".join(str(int(r)) for r in bad[:5]) + (", ..." if len(bad) > 5 else "")
         raise ValueError(f"The decision features of {len(bad)} of the {len(h)} rows are not "
@@ -251,26 +257,16 @@ def _split_data(data, what: str, fit_to: str) -> tuple[np.ndarray, np.ndarray]:
         if fit_to == "labels":
             raise ValueError(f"fit_to='labels' needs the true labels: pass {what}=(features.h, "
                              "labels) instead of a Features object.")
-        return _finite_features(_as_2d(data.h), what), data.predictions.astype(np.int64)
+        return _finite(_as_2d(data.h), what), data.predictions.astype(np.int64)
     if isinstance(data, (tuple, list)) and len(data) == 2:
         h, y = data
-        h = _finite_features(_as_2d(h), what)
+        h = _finite(_as_2d(h), what)
         y = _targets(y, what)
         if len(y) != len(h):
             raise ValueError(f"{what}: {len(h)} feature rows but {len(y)} targets.")
         return h, y
     raise TypeError(f"{what} must be Features (from extract_features) or a pair (h [N, d], y [N] "
                     f"or logits [N, C]), got {type(data).__name__}.")
-
-
-def _finite_features(h: np.ndarray, what: str) -> np.ndarray:
-    bad = np.nonzero(~np.isfinite(h).all(1))[0] if h.ndim == 2 and len(h) else []
-    if len(bad):
-        raise ValueError(
-            f"The {what} features contain NaN or infinity in {len(bad)} row(s) (rows "
-            f"{bad[:10].tolist()}{', ...' if len(bad) > 10 else ''} of {what}); check the model on "
-            "those instances, or leave them out.")
-    return h
 
 
 def _targets(y, what: str) -> np.ndarray:
@@ -782,7 +778,7 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
             inter = interaction(adapter, prepared, interaction_method, modalities=modalities,
                                 target=nt, **(interaction_params or {}))
             fwd, bwd = fwd + inter.forward_passes, bwd + inter.backward_passes
-            if interaction_method == "second_order" and (inter.params or {}).get("note"):
+            if interaction_method == "second_order" and (inter.params or {}).get("blind"):
                 # blind here (all 0 whatever the units do): pairs that remove the units
                 inter = interaction(adapter, prepared, "pairwise_ablation",
                                     modalities=modalities, target=nt)

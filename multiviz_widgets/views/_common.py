@@ -52,21 +52,6 @@ def shapley_players(params, pair, shape) -> tuple[np.ndarray, np.ndarray] | None
     return sides[0], sides[1]
 
 
-def unestimated_cells(params, shape) -> np.ndarray:
-    """The [row, column] cells [k, 2] of an interaction matrix [shape] that a sampled Shapley
-    estimate never met (``params["unestimated"]``; 0 in the matrix), those inside the matrix
-    only (a cell in another form, from a custom kernel, is left out). The heatmap (grey cells)
-    and the input view (unscored units) read them through this one function."""
-    cells = params.get("unestimated") if isinstance(params, dict) else None
-    if not isinstance(cells, (list, tuple)) or len(shape) != 2:
-        cells = ()
-    kept = [(int(c[0]), int(c[1])) for c in cells
-            if isinstance(c, (list, tuple)) and len(c) == 2
-            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in c)
-            and 0 <= c[0] < shape[0] and 0 <= c[1] < shape[1]]
-    return np.asarray(kept, dtype=np.int64).reshape(-1, 2)
-
-
 def colour_limit(values) -> float | None:
     """The largest |value| among the finite ones (the full-colour end of a symmetric scale), or
     None when there is none above 0. The heatmap's colour bar and the input view's overlay of a

@@ -24,7 +24,7 @@ from ..engine import Analyses, Engine
 from ..selection import Selection
 from .input_view import STATIC, check_bundle, esm_of
 from ._common import (RetryAfterCancel, WrappedText, colour_limit, failure_text, method_label,
-                      shapley_players, text_label, unestimated_cells)
+                      shapley_players, text_label)
 
 
 #: Longest tick label (characters) on the heatmap's axes; longer unit names are cut in the
@@ -222,8 +222,6 @@ class HeatmapView(W.VBox):
         self.row_labels: list[str] = []
         self.col_labels: list[str] = []
         self.computed: np.ndarray | None = None   # bool [rows, cols]: None = every cell
-        # the cells a sampled estimate never met (grey too, for another reason than players)
-        self.unestimated: set[tuple[int, int]] = set()
         self.selected_row = -1
         self.selected_col = -1
         self.instance = -1                    # the instance whose matrix is shown
@@ -339,13 +337,11 @@ class HeatmapView(W.VBox):
         m = np.asarray(inter.matrix, dtype=np.float64)
         params = getattr(inter, "params", None) or {}
         computed, note = self._players(params, m.shape)
-        computed, unseen = self._unestimated(params, m.shape, computed)
-        self.unestimated = {(int(r), int(c)) for r, c in unestimated_cells(params, m.shape)}
         self._draw(m, inter.row_labels, inter.col_labels, computed)
         # the kernel's own note (second-order gradients blind to a piecewise-linear model)
         # first: it says the whole matrix cannot be read as it looks
         kernel_note = params.get("note") if isinstance(params.get("note"), str) else ""
-        self._set_note(" ".join(part for part in (kernel_note, note, unseen,
+        self._set_note(" ".join(part for part in (kernel_note, note,
                                                   shapley_estimate_note(params)) if part))
         target = self.analyses.target_text(explained)
         self._set_legend(target, grey=computed is not None, method=inter.method)
@@ -382,21 +378,6 @@ class HeatmapView(W.VBox):
                 f"{parts[1]}{most}. The grey cells, of the other units, are not computed (0 in "
                 f"the matrix).")
         return computed, note
-
-    @staticmethod
-    def _unestimated(params: dict, shape, computed: np.ndarray | None
-                     ) -> tuple[np.ndarray | None, str]:
-        """(computed, note) with the pairs a sampled Shapley estimate never visited
-        (``params["unestimated"]``: [row, column] cells, 0 in the matrix) greyed too."""
-        idx = unestimated_cells(params, shape)
-        if not len(idx):
-            return computed, ""
-        computed = np.ones(shape, dtype=bool) if computed is None else computed.copy()
-        computed[idx[:, 0], idx[:, 1]] = False
-        n = len(idx)
-        return computed, (f"{n} {'pair was' if n == 1 else 'pairs were'} never met in the "
-                          f"sampled coalitions: grey, not estimated (0 in the matrix); a larger "
-                          f"budget estimates them.")
 
     def _set_note(self, text: str) -> None:
         self.note_text = text
@@ -536,8 +517,6 @@ class HeatmapView(W.VBox):
                  f"{b} {quoted(cols[col] if col < len(cols) else f'#{col}')}")
         if not np.isfinite(m[row, col]):
             return f"{names}: {float(m[row, col])}"
-        if (row, col) in self.unestimated:
-            return f"{names}: not estimated (never met in the sampled coalitions)"
         if computed is not None and not computed[row, col]:
             return f"{names}: not computed (not both Shapley players)"
         return f"{names}: {float(m[row, col]):.3g}"
