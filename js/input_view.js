@@ -94,11 +94,23 @@ function scaleOf(values) {
   return m;
 }
 
+// A score: 3 significant digits; exponent form only below 1e-3 and from 1e4 up (toPrecision
+// alone writes 1234 as "1.23e+3").
 function fmt(v) {
   if (!isNum(v)) return "";
   const a = Math.abs(v);
   if (a !== 0 && (a < 1e-3 || a >= 1e4)) return v.toExponential(2);
+  if (a >= 1000) return v.toFixed(0);
   return v.toPrecision(3);
+}
+
+// An input value (a table's cell): as the data has it, up to 6 significant digits (a year
+// 2023 stays 2023, 123.456 is not cut to 123).
+function fmtValue(v) {
+  if (!isNum(v)) return "";
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-4 || a >= 1e9)) return v.toExponential(5).replace(/\.?0+e/, "e");
+  return String(Number(v.toPrecision(6)));
 }
 
 function el_(tag, cls, text) {
@@ -166,6 +178,7 @@ function render({ model, el }) {
     });
     element.addEventListener("keydown", (ev) => {
       if (ev.isComposing || ev.altKey || ev.metaKey) return;
+      if (ev.shiftKey && ev.key === "Enter") return;   // JupyterLab's "run cell"
       if (element._mvzGrid && moveInGrid(element, ev)) return;
       if (ev.ctrlKey) return;
       if (ev.key !== "Enter" && ev.key !== " " && ev.key !== "Spacebar") return;
@@ -281,8 +294,10 @@ function render({ model, el }) {
     wrap.appendChild(canvas);
     canvas.addEventListener("click", (ev) => {
       const r = canvas.getBoundingClientRect();
-      const x = Math.floor(((ev.clientX - r.left) / r.width) * item.width);
-      const y = Math.floor(((ev.clientY - r.top) / r.height) * item.height);
+      // clamped: a click on the right or bottom edge is the last pixel, not the next row's first
+      const x = Math.min(item.width - 1, Math.floor(((ev.clientX - r.left) / r.width) * item.width));
+      const y = Math.min(item.height - 1,
+                         Math.floor(((ev.clientY - r.top) / r.height) * item.height));
       const u = item.segments[y * item.width + x];
       if (u !== undefined) select(item.name, u);
     });
@@ -290,6 +305,7 @@ function render({ model, el }) {
     const chips = el_("div", "mvz-tokens");
     for (let u = 0; u < item.n_units; u++) {
       const chip = el_("span", "mvz-token", item.labels ? item.labels[u] : `segment ${u}`);
+      chip.title = chip.textContent;          // the hover text's label (not " — 0.12")
       addUnit(entry, item.name, u, chip, `${item.name}: ${chip.textContent}`);
       chips.appendChild(chip);
     }
@@ -306,7 +322,7 @@ function render({ model, el }) {
         data.data[4 * i] = end[0];
         data.data[4 * i + 1] = end[1];
         data.data[4 * i + 2] = end[2];
-        data.data[4 * i + 3] = Math.round(191 * Math.abs(a));
+        data.data[4 * i + 3] = Math.round(255 * OVERLAY_MAX_ALPHA * Math.abs(a));
       }
       ctx.putImageData(data, 0, 0);
     };
@@ -336,7 +352,7 @@ function render({ model, el }) {
     body.appendChild(el_("th", null, "value"));
     item.columns.forEach((name, c) => {
       head.appendChild(el_("th", null, name));
-      const td = el_("td", null, fmt(item.values[c]));
+      const td = el_("td", null, fmtValue(item.values[c]));
       const u = item.units[c];
       td.title = item.unit_labels ? item.unit_labels[u] : name;
       addUnit(entry, item.name, u, td, `${item.name}: ${td.title} = ${td.textContent}`);
@@ -424,7 +440,7 @@ function render({ model, el }) {
       const vals = Array.isArray(scores[name]) ? scores[name] : null;
       const m = vals ? (isNum(scales[name]) && scales[name] > 0 ? scales[name] : scaleOf(vals)) : 0;
       const scaled = vals ? vals.map((v) => (isNum(v) ? (m > 0 ? v / m : 0) : null)) : null;
-      if (vals) shown.push([name, m]);
+      if (vals && m > 0) shown.push([name, m]);       // none computed: no scale to state
       for (const [u, elements] of entry.units) {
         const v = vals ? vals[u] : undefined;
         for (const e of elements) {

@@ -373,9 +373,12 @@ class Explorer(W.VBox):
     pair: the two modalities of the interaction matrix (default: text/tabular rows); with more
     than two modalities the controls' "pair" menu (or ``select(pair=...)``) changes it.
     kernels: a ``Kernels`` object (tests pass fakes). gallery_k: instances per gallery row.
+    path_params: ``prediction_path``'s parameters for the path view (k_neurons, k_units,
+    interaction_method, ...); its pairs follow the pair menu unless they name ``modalities``
+    (or interaction_method=None: no pairs).
     annotations: the concepts people give neurons and units (``explorer.annotations``): a JSON
     file's path (read if it exists, saved on each change; a file that cannot be read, or was
-    made for another model, raises an AnnotationError and is left as it is), an
+    made for a model of another shape, raises an AnnotationError and is left as it is), an
     ``Annotations`` store, or None (kept in memory; ``explorer.annotations.save(path)``).
     """
 
@@ -415,7 +418,12 @@ class Explorer(W.VBox):
         # a new selection clears the banner first: observers run in the order they were added,
         # and a view's job may fail on the worker before a later observer would clear it
         self.selection.observe(lambda _: self.engine.clear_error(), names=list(FIELDS))
-        if path_params is None:        # pairs of the path = the heatmap's pair (none: no pairs)
+        # the path's pairs follow the heatmap's pair (none: no pairs), unless path_params name
+        # their own (modalities=, or interaction_method=None for none); its other parameters
+        # (k_neurons, ...) are kept
+        self._own_path_params = dict(path_params or {})
+        if ("modalities" not in self._own_path_params
+                and self._own_path_params.get("interaction_method", "") is not None):
             self._path_pairs(pair)
             # before the path view's own observer, so that it asks for the new pairs
             self.selection.observe(lambda c: self._path_pairs(c["new"]), names=["pair"])
@@ -567,8 +575,9 @@ class Explorer(W.VBox):
     def _path_pairs(self, pair) -> None:
         """The prediction path's pairs are those of the heatmap's pair (none: no pairs); a new
         dict, so that a path job that started with the old one can tell (PathView)."""
-        self.analyses.path_params = ({"modalities": tuple(pair)} if pair
-                                     else {"interaction_method": None})
+        self.analyses.path_params = {**self._own_path_params,
+                                     **({"modalities": tuple(pair)} if pair
+                                        else {"interaction_method": None})}
 
     @property
     def pair(self) -> tuple[str, str] | None:

@@ -783,7 +783,7 @@ def test_every_kind_of_unit_is_a_named_button_that_enter_and_space_choose(page):
     assert [u[0] for u in units if u[5] == "TD"] == ["vitals", "vitals"], units
     assert [u[4] for u in units] == [
         "image: top left", "image: top right", "photo: sky", "photo: sea", "question: what",
-        f"question: {XSS}", "vitals: hr = 1.00", "vitals: bp = 2.00", "series: ecg t0-1",
+        f"question: {XSS}", "vitals: hr = 1", "vitals: bp = 2", "series: ecg t0-1",
         "series: ecg t2-3"]
     page.locator(".mvz-unit").first.focus()
     for k, (modality, unit, *_rest) in enumerate(units):
@@ -798,6 +798,7 @@ def test_every_kind_of_unit_is_a_named_button_that_enter_and_space_choose(page):
     # other keys choose nothing; the selection shows as pressed
     page.keyboard.press("a")
     page.keyboard.press("Control+Enter")
+    page.keyboard.press("Shift+Enter")                 # JupyterLab's "run cell": not taken
     assert page.evaluate("() => window.__mvz_saved.length") == len(units)
     page.evaluate("() => window.__mvz_set('selected', {modality: 'vitals', unit: 1})")
     assert page.locator(".mvz-unit[aria-current='true']").evaluate_all(
@@ -1129,3 +1130,17 @@ def test_a_refused_concept_comes_back_only_into_the_row_of_the_key_it_was_typed_
                       {"op": "answer", "key": answer_key, "text": typed, "taken": False})
         assert box.input_value() == back
         box.fill("")
+
+
+def test_table_cells_show_their_values_as_the_data_has_them(page):
+    """toPrecision(3) wrote a year 2023 as "2.02e+3" and cut 123.456 to "123"."""
+    items = [{"name": "vitals", "kind": "tabular", "columns": ["year", "dose", "tiny", "big"],
+              "values": [2023.0, 123.456, 0.0000123, 12345678901.0], "units": [0, 1, 2, 3]}]
+    render_input_bundle(page, {"items": items, "scores": {"vitals": [1234.0, None, 0.5, 0.0]},
+                               "score_caption": "", "selected": {}, "caption": "",
+                               "concepts": {}})
+    cells = page.evaluate("() => [...document.querySelectorAll('td.mvz-unit')].map(e => "
+                          "[e.textContent, e.title])")
+    assert [c[0] for c in cells] == ["2023", "123.456", "1.23e-5", "1.23457e+10"], cells
+    assert cells[0][1] == "year \u2014 1234", cells             # a score of 1234, not 1.23e+3
+    assert cells[1][1] == "dose", cells                         # no score: no number

@@ -1032,3 +1032,41 @@ def test_a_float64_models_logits_stay_float64_in_the_explorer():
         np.testing.assert_array_equal(z, raw)
     finally:
         ex.close()
+
+
+def test_the_path_follows_the_pair_menu_with_path_params_that_name_no_modalities():
+    """Any path_params (k_neurons=2) pinned the path's pairs to prediction_path's default pair
+    while the heatmap and the overlay followed the menu."""
+    from multiviz_widgets.explorer import Explorer
+
+    from .explorer_support import FakeKernels, tiny_three
+    adapter, ds = tiny_three()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05, path_params={"k_neurons": 2})
+    try:
+        assert ex.wait(60)
+        ex.select(pair=("meta", "image"))
+        assert ex.wait(60)
+        assert ex.analyses.path_params == {"k_neurons": 2, "modalities": ("meta", "image")}
+    finally:
+        ex.close()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05,
+                  path_params={"modalities": ("image", "question")})
+    try:
+        ex.select(pair=("meta", "image"))
+        assert ex.wait(60)
+        assert ex.analyses.path_params == {"modalities": ("image", "question")}   # pinned
+    finally:
+        ex.close()
+
+
+@pytest.mark.parametrize("concepts, says", [
+    ({"image": {3: 5}}, "a list of texts, got 5"),
+    ({"image": {3: np.array(["red", "round"])}}, "a list of texts"),
+    ({"image": {"\u00b2": ["red"]}}, "a unit is named by its index"),
+])
+def test_odd_concepts_given_to_the_input_view_are_refused_with_a_clear_error(concepts, says):
+    """They escaped as TypeError ('int' object is not iterable), numpy's ambiguous truth value,
+    or int('²')."""
+    from multiviz_widgets.views.input_view import InputView
+    with pytest.raises(traitlets.TraitError, match=says):
+        InputView(concepts=concepts)

@@ -157,13 +157,15 @@ class InputView(anywidget.AnyWidget):
                     f"{name!r}: {type(units).__name__}.")
             shown = {}
             for u, names in units.items():
-                if not is_integer(u) and not (isinstance(u, str) and u.isdigit()):
+                if not is_integer(u) and not (isinstance(u, str) and u.isascii()
+                                              and u.isdigit()):
                     raise traitlets.TraitError(
                         f"concepts of {name!r}: a unit is named by its index, got {u!r}.")
-                if isinstance(names, str) or not all(isinstance(c, str) for c in names):
+                if (not isinstance(names, (list, tuple))
+                        or not all(isinstance(c, str) for c in names)):
                     raise traitlets.TraitError(
                         f"concepts of {name!r} unit {u}: a list of texts, got {names!r}.")
-                if names:
+                if len(names):
                     shown[str(int(u))] = list(names)
             if shown:
                 out[name] = shown
