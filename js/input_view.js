@@ -295,9 +295,10 @@ function render({ model, el }) {
     canvas.addEventListener("click", (ev) => {
       const r = canvas.getBoundingClientRect();
       // clamped: a click on the right or bottom edge is the last pixel, not the next row's first
-      const x = Math.min(item.width - 1, Math.floor(((ev.clientX - r.left) / r.width) * item.width));
-      const y = Math.min(item.height - 1,
-                         Math.floor(((ev.clientY - r.top) / r.height) * item.height));
+      const at = (pos, start, size, n) =>
+        Math.max(0, Math.min(n - 1, Math.floor(((pos - start) / size) * n)));
+      const x = at(ev.clientX, r.left, r.width, item.width);
+      const y = at(ev.clientY, r.top, r.height, item.height);
       const u = item.segments[y * item.width + x];
       if (u !== undefined) select(item.name, u);
     });
