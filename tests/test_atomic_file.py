@@ -9,6 +9,8 @@ import pytest
 
 from multiviz_widgets.atomic_file import LockTimeout, file_lock, write_atomically
 
+from .test_annotations import _hold_file_lock
+
 needs_links = pytest.mark.skipif(not hasattr(os, "symlink") or os.name != "posix",
                                  reason="symbolic links: POSIX")
 
@@ -43,17 +45,9 @@ def test_a_link_and_its_file_share_one_lock(tmp_path):
     real, link = tmp_path / "real.json", tmp_path / "link.json"
     real.write_text("OLD")
     link.symlink_to(real)
-    held, release, outcome = threading.Event(), threading.Event(), []
-
-    def hold():
-        with file_lock(real):
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=hold)
-    t.start()
+    release, outcome = threading.Event(), []
+    t = _hold_file_lock(real, release)
     try:
-        assert held.wait(10)
         try:
             with file_lock(link, timeout=0.2):
                 outcome.append("taken while the file's lock was held")

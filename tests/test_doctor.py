@@ -7,6 +7,8 @@ from torch import nn
 from multiviz_widgets import AdapterError, Image, ModelAdapter, Neuron, Text
 from multiviz_widgets.doctor import STAGES, check
 
+from .test_interaction_notes import ScalarHead
+
 VOCAB = ["[PAD]", "[UNK]", "what", "colour", "is", "it"]
 INSTANCE = {"image": torch.rand(3, 8, 8), "question": "what colour is it"}
 
@@ -589,18 +591,11 @@ class ReluHead(Healthy):
         return torch.relu(self.fuse(torch.cat([img, self.embedding(question).mean(1)], 1)))
 
 
-class Difference(nn.Module):
+class Difference(ScalarHead):
     """logit 1 = (t0 - s0)^2: its Hessian [[2, -2], [-2, 2]] is 0 along the ones direction."""
 
-    def __init__(self):
-        super().__init__()
-        self.head = nn.Linear(1, 2)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.tensor([[0.0], [1.0]]))
-            self.head.bias.zero_()
-
-    def forward(self, tabular, series):
-        return self.head((tabular[:, :1] - series.flatten(1)[:, :1]) ** 2)
+    def scalar(self, tabular, series):
+        return (tabular[:, :1] - series.flatten(1)[:, :1]) ** 2
 
 
 def _curvature(report):

@@ -107,10 +107,9 @@ W = torch.tensor(np.random.default_rng(0).choice([-1.0, 1.0], (6, 12))
                  * np.random.default_rng(1).uniform(1.0, 2.0, (6, 12)), dtype=torch.float32)
 
 
-class Bilinear(nn.Module):
-    """logit 1 = t' W s on an instance of ones (baselines 0): every coalition's discrete
-    derivative of the pair (u, v) is W[u, v], so its Shapley interaction is W[u, v] and every
-    permutation that visits the pair measures it exactly."""
+class ScalarHead(nn.Module):
+    """Two logits: 0 and ``scalar(tabular, series)`` [B, 1], through a decision layer ``head``
+    (a model with a known closed form, for tests)."""
 
     def __init__(self):
         super().__init__()
@@ -120,7 +119,16 @@ class Bilinear(nn.Module):
             self.head.bias.zero_()
 
     def forward(self, tabular, series):
-        return self.head(((tabular @ W) * series.flatten(1)).sum(1, keepdim=True))
+        return self.head(self.scalar(tabular, series))
+
+
+class Bilinear(ScalarHead):
+    """logit 1 = t' W s on an instance of ones (baselines 0): every coalition's discrete
+    derivative of the pair (u, v) is W[u, v], so its Shapley interaction is W[u, v] and every
+    permutation that visits the pair measures it exactly."""
+
+    def scalar(self, tabular, series):
+        return ((tabular @ W) * series.flatten(1)).sum(1, keepdim=True)
 
 
 def _bilinear():
