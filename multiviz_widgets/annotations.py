@@ -29,8 +29,8 @@ and unit. Nothing a person saved is lost:
   the save raises :class:`AnnotationConflict`; ``merge(path)`` takes their concepts in, after
   which a save goes through;
 * a store that saves on each change and cannot (a read-only folder, a conflict) keeps every
-  change in memory, says why in ``save_error`` and tells its observers; the next save that works
-  writes them all.
+  change in memory, says why in ``save_error`` (``save_conflict`` when it is such a conflict)
+  and tells its observers; the next save that works writes them all.
 
 Within one Python process, ``Annotations.open(path)`` gives every caller the same store for the
 same file, so two Explorers on one file see each other's concepts at once.
@@ -479,6 +479,8 @@ class Annotations:
         # to be read as feature keys once a signature says which modalities those are
         self._version_1_units = False
         self.save_error: str | None = None
+        # whether save_error is a conflict (the file changed on disk): merge(path) resolves it
+        self.save_conflict = False
         self.unsaved = False          # changes that no save has written yet
         self._disk_digest: str | None = None     # the file as last read or written here...
         self._disk_entries: dict[tuple, tuple[str, ...]] = {}   # ...and its concepts
@@ -946,6 +948,7 @@ class Annotations:
                     f"kept in memory: save(another_path) writes them elsewhere.")
             if own:
                 failed_before, self.save_error = self.save_error, str(err)
+                self.save_conflict = isinstance(err, AnnotationConflict)
                 if failed_before != self.save_error:
                     self._notify(None)
             if err is e:
@@ -957,7 +960,7 @@ class Annotations:
                     _OPEN[str(target)] = self
             self._notify(None)
         elif own and self.save_error is not None:
-            self.save_error = None
+            self.save_error, self.save_conflict = None, False
             self._notify(None)
         return target
 
@@ -1077,7 +1080,7 @@ class Annotations:
             self.unsaved = merged != theirs          # the file lacks some of ours
             resolved = not self.unsaved and self.save_error is not None
             if resolved:
-                self.save_error = None
+                self.save_error, self.save_conflict = None, False
         elif changed:
             self.unsaved = True
         return changed, resolved

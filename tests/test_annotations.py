@@ -417,6 +417,45 @@ def test_a_refused_tag_is_taken_back_with_the_reason(tmp_path):
         ex.close()
 
 
+def test_the_concepts_row_takes_in_a_file_another_notebook_changed(tmp_path):
+    """A save refused on a conflict (another notebook wrote the file) shows a button that
+    merges the file's changes in and saves both; nothing either side typed is lost."""
+    path = tmp_path / "concepts.json"
+    ex = _explorer(path)
+    try:
+        ex.select(neuron=1)
+        cv = ex.concepts_view
+        cv.neuron_tags.edit("add", "mine")
+        assert cv.merge_button.layout.display == "none"
+        other = Annotations(path)                     # another notebook's store of the file
+        other.add(neuron_key(2), "theirs")
+        other.remove(neuron_key(1), "mine")           # ...which also dropped one of ours
+        cv.neuron_tags.edit("add", "mine too")        # refused: kept in memory
+        assert "NOT SAVED" in cv.status.value and "changed on disk" in cv.status.value
+        assert cv.merge_button.layout.display is None
+        cv.merge_button.click()
+        assert cv.merge_button.layout.display == "none" and cv.message.value == ""
+        assert "NOT SAVED" not in cv.status.value
+        assert "took in 1 concept from the file" in cv.status.value
+        want = {neuron_key(1): {"mine too"}, neuron_key(2): {"theirs"}}
+        assert as_sets(ex.annotations) == want and as_sets(Annotations.load(path)) == want
+        assert cv.neuron_tags.value == ["mine too"]
+        cv.neuron_tags.edit("add", "again")           # saving each change goes on
+        assert "took in" not in cv.status.value and ex.annotations.save_error is None
+        assert as_sets(Annotations.load(path))[neuron_key(1)] == {"mine too", "again"}
+        # the file spoilt meanwhile: said, the button stays, the concepts stay in memory
+        path.write_text("{ not json")
+        cv.neuron_tags.edit("add", "kept")
+        assert cv.merge_button.layout.display is None
+        cv.merge_button.click()
+        assert cv.message.value.startswith("not merged: ")
+        assert cv.merge_button.layout.display is None
+        assert ex.annotations.concepts(neuron_key(1)) == ("mine too", "again", "kept")
+        assert path.read_text() == "{ not json"
+    finally:
+        ex.close()
+
+
 def test_edits_from_code_show_in_the_row_and_on_the_path(tmp_path):
     ex = _explorer(None)
     try:

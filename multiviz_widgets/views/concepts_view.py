@@ -8,8 +8,10 @@ column, for that feature in all of them). Typing a concept and pressing Enter ad
 was typed; the tag's cross removes it. A concept the store refuses (too long, a control
 character) is not added, and the reason is shown. A menu lists every named neuron and unit;
 choosing one selects it (``goto``). A line says where the concepts are saved, or why the last
-save failed (they stay in memory then); another, when the file was made for another model of
-the same shape (``Annotations.model_note``), that its neuron concepts may not fit.
+save failed (they stay in memory then); when it failed because another notebook or program
+changed the file meanwhile, a button takes that file's changes in beside these
+(``Annotations.merge``) and saves both. Another line, when the file was made for another model
+of the same shape (``Annotations.model_note``), says that its neuron concepts may not fit.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ class ConceptsView(W.VBox):
         self.shared_units = frozenset(shared_units)
         self._unit_name = unit_name
         self._goto = goto
+        # what the last merge took in, said in the status line until the next edit here
+        self._merged_note = ""
         self._lock = threading.RLock()
         # set while the kernel itself rewrites the menu, on that thread only: such a change of
         # its value is never a person's choice
@@ -53,6 +57,15 @@ class ConceptsView(W.VBox):
         # wrapped lines, never cut (a Label ends its text with "..." at its width)
         self.message = WrappedText("", width=110, label_style={"text_color": "#a00000"})
         self.status = WrappedText("", width=110)
+        # shown only while the last save failed on a conflict (the file changed on disk)
+        self.merge_button = W.Button(
+            description="take in the file's changes and save",
+            tooltip="Another notebook or program changed the concepts file since it was read "
+                    "here: take its changes (concepts added and removed there) in beside "
+                    "these, then save both",
+            icon="code-fork", layout=W.Layout(width="auto", display="none"))
+        self.merge_button.add_class("mvz-concepts-merge")
+        self.merge_button.on_click(self._merge_file)
         # the file was made for another model of this shape (another name or weights): said
         # for the model the store was last bound to, the one this view is made for
         self.model_line = WrappedText(_model_line(annotations.model_note), width=110,
@@ -64,7 +77,8 @@ class ConceptsView(W.VBox):
         self.neuron_row = W.HBox([self.neuron_label, self.neuron_tags])
         self.unit_row = W.HBox([self.unit_label, self.unit_tags])
         super().__init__([W.HBox([text_label(value="concepts"), self.named]), self.neuron_row,
-                          self.unit_row, self.model_line, self.message, self.status])
+                          self.unit_row, self.model_line, self.message, self.status,
+                          self.merge_button])
         self.add_class("mvz-concepts-view")
         self.neuron_tags.add_class("mvz-neuron-concepts")
         self.unit_tags.add_class("mvz-unit-concepts")
@@ -109,7 +123,14 @@ class ConceptsView(W.VBox):
                     tags.value = list(self.annotations.concepts(key)) if key else []
                     tags.disabled = key is None
                     tags.placeholder = "a concept, then Enter" if key else ""
-            self.status.value = self._status()
+            self._show_status()
+
+    def _show_status(self) -> None:
+        """The save status line, and the merge button while a conflict stops the saves."""
+        self.status.value = self._status()
+        a = self.annotations
+        conflicted = bool(a.save_error) and a.save_conflict and a.path is not None
+        self.merge_button.layout.display = None if conflicted else "none"
 
     def _describe_unit(self, instance: int, modality: str, unit: int,
                        every: bool = False) -> str:
@@ -132,6 +153,8 @@ class ConceptsView(W.VBox):
         count = f"{n} annotated" if n != 1 else "1 annotated"
         if a.save_error:
             return f"{count}; NOT SAVED (kept in memory): {a.save_error}"
+        if self._merged_note:
+            count = f"{count} ({self._merged_note})"
         if a.path is None:
             return (f"{count}; kept in memory only: explorer.annotations.save('concepts.json') "
                     f"writes them to a file, and each change there from then on")
@@ -144,6 +167,7 @@ class ConceptsView(W.VBox):
         """An edit from the browser, for the key the row showed when it was made: whether it
         was taken (a refused one stays in the input, to correct)."""
         taken, key = True, None
+        self._merged_note = ""
         try:
             key = _key_of(key_text)
             if key is None:
@@ -164,12 +188,31 @@ class ConceptsView(W.VBox):
         self.show()        # the store's (tidied) concepts, or the old ones when refused
         return taken
 
+    def _merge_file(self, _button=None) -> None:
+        """The merge button: the store's file, changed on disk by another program, merged in
+        (``Annotations.merge``: concepts added and removed there are taken, these kept), then
+        saved. What cannot be merged (the file is now unreadable, or made for another model) is
+        said, and these concepts stay in memory."""
+        a = self.annotations
+        try:
+            if a.path is None:
+                raise AnnotationError("these concepts have no file to merge")
+            added = a.merge(a.path)
+            if a.unsaved:                  # a store that does not save each change
+                a.save()
+            came = "1 concept" if added == 1 else f"{added} concepts"
+            self.message.value = ""
+            self._merged_note = f"took in {came} from the file"
+        except (AnnotationError, OSError) as e:
+            self.message.value = f"not merged: {e}"
+        self.show()
+
     def _on_store(self, key) -> None:
         if key is None or key in (self.neuron_key(), self.unit_key()):
             self.show()
         else:
             with self._lock:
-                self.status.value = self._status()
+                self._show_status()
         self._list_named()
 
     # -- the menu of named neurons and units -------------------------------------------------
