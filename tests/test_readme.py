@@ -319,3 +319,29 @@ def test_readme_emap_scale_and_stage34_tables_are_the_committed_benchmarks():
     al = json.loads((results / "allocator.json").read_text(encoding="utf-8"))["methods"]
     gains = [al[m]["default_over_tuned"] for m in ("occlusion", "lime", "kernel_shap")]
     assert f"gain {min(gains):.2f}-{max(gains):.2f}x here" in _flat_readme()
+
+
+def test_each_benchmark_section_dates_the_run_of_its_committed_json():
+    """A section about ``benchmarks/NAME.py`` that dates its run ("run of 2026-11-27 14:00
+    UTC") dates the run that wrote ``benchmarks/results/NAME.json``: its first date is that
+    JSON's ``time_utc`` (a rerun whose JSON is committed without the README's date moved
+    otherwise goes unnoticed)."""
+    import json
+    results = README.parent / "benchmarks" / "results"
+    sections = re.split(r"^### ", README.read_text(encoding="utf-8"), flags=re.M)[1:]
+    checked = 0
+    for section in sections:
+        heading = section.splitlines()[0]
+        named = re.search(r"benchmarks/(\w+)\.py", heading)
+        text = " ".join(section.split())
+        dated = re.search(r"[Rr]un of (\d{4}-\d\d-\d\d) (\d\d:\d\d) UTC", text)
+        if not named or not dated or not (results / f"{named[1]}.json").is_file():
+            continue
+        env = json.loads((results / f"{named[1]}.json").read_text(encoding="utf-8")).get(
+            "environment") or {}
+        if "time_utc" not in env:
+            continue
+        day, minute = env["time_utc"][:10], env["time_utc"][11:16]
+        assert (dated[1], dated[2]) == (day, minute), (heading, env["time_utc"])
+        checked += 1
+    assert checked >= 5          # kernels, allocator, the GPU's, EMAP at scale, stages 3-4
