@@ -3,14 +3,20 @@ why ``unimodal._all_finite`` (a Python sum first) stands in for numpy's ``isfini
 and why Image/Text ``unit_sums_and_map`` make the unit sums in float64 inside the torch
 reduction instead of pooling in numpy or converting afterwards.
 
-    python benchmarks/cold_cache.py [--n 20] [--repeats 25] [--out benchmarks/results/cold_cache.json]
+    python benchmarks/cold_cache.py [--n 20] [--repeats 25] [--floor-batch B]
+                                    [--out benchmarks/results/cold_cache.json]
 
-Each timing follows what ``benchmarks/kernels.py`` makes a gradient call follow: a batched
-forward pass of the floor batch (128 rows, which evicts the CPU caches), then the gradient of one
-instance (a forward and a backward pass of a batch of one, as the bare code of kernels.py
-writes it). Then ONE variant of one step is timed once, on that fresh gradient ("cold"), and
-at once five times more ("warm", the median). The variants take turns from one gradient to the
-next, so each follows a backward pass equally often.
+Each timing follows what ``benchmarks/kernels.py`` makes a gradient call follow: its two floors'
+batched passes (which evict the CPU caches), a forward pass without gradient at the forward
+floor batch, then a forward + backward at the forward + backward floor batch, each as often as
+kernels.py runs them (FLOOR_REPEATS timed, after one untimed); the floor batches are chosen as
+kernels.py chooses them, once at the start: the sizes of FLOOR_BATCHES (32..512) with the lowest
+per-sample time of the one pass and of the other (on the first instance), or --floor-batch for
+both, as kernels.py's option (``floor_batch`` and ``floor_batch_fwd_bwd`` in the JSON). Then the
+gradient of one instance (a forward and a backward pass of a batch of one, as the bare code of
+kernels.py writes it). Then ONE variant of one step is timed once, on that fresh gradient
+("cold"), and at once five times more ("warm", the median). The variants take turns from one
+gradient to the next, so each follows a backward pass equally often.
 
 Steps (easy-VQA: a 3x64x64 image in 8x8 patches, a question of 5-7 embedded tokens):
 
@@ -36,9 +42,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, environment, load_demo, median, per_sample_forward_ms,  # noqa: E402
+from common import (FLOOR_BATCHES, RESULTS, environment, load_demo, median,  # noqa: E402
+                    per_sample_forward_backward_ms, per_sample_forward_ms, per_sample_scan,
                     rotated, shape_or_color_indices, timed, write_json)
-from kernels import bare_call  # noqa: E402
+from kernels import FLOOR_REPEATS, bare_call  # noqa: E402
 
 from multiviz_widgets.kernels.unimodal import _all_finite  # noqa: E402
 
@@ -97,7 +104,21 @@ def _time(fn, arg) -> tuple[float, float]:
     return cold, median([timed(lambda: fn(arg))[0] * 1e3 for _ in range(WARM_REPEATS)])
 
 
-def run(adapter, dataset, indices, repeats: int, floor_batch: int = 128) -> dict:
+def floor_batches(adapter, prepared, target: int, floor_batch: int | None = None
+                  ) -> tuple[int, int]:
+    """(forward, forward + backward) floor batch sizes, chosen as ``benchmarks/kernels.py``
+    chooses them: ``floor_batch`` for both, or each the size of FLOOR_BATCHES with the lowest
+    per-sample time of its pass on the instance."""
+    if floor_batch is not None:
+        return floor_batch, floor_batch
+    fwd = per_sample_scan(adapter, prepared, FLOOR_BATCHES)
+    fb = per_sample_scan(adapter, prepared, FLOOR_BATCHES, backward=True, target=target)
+    return min(fwd, key=fwd.get), min(fb, key=fb.get)
+
+
+def run(adapter, dataset, indices, repeats: int, floor_batch: int | None = None) -> dict:
+    """{"floor_batch": the forward floor's batch, "floor_batch_fwd_bwd": the forward +
+    backward floor's, "steps": {step: {variant: timings}}}."""
     image = next(n for n, m in adapter.modalities.items() if m.kind == "image")
     patch = adapter.modalities[image].patch
     steps = {"pool": pool_variants(patch), "finite": finite_variants()}
@@ -107,6 +128,7 @@ def run(adapter, dataset, indices, repeats: int, floor_batch: int = 128) -> dict
                          f"got {len(indices)} x {repeats}.")
     prepared = [adapter.prepare(dataset[int(i)]) for i in indices]
     targets = [int(adapter.predict(p.raw).argmax(1)[0]) for p in prepared]
+    fwd_batch, fb_batch = floor_batches(adapter, prepared[0], targets[0], floor_batch)
     got = {turn: ([], []) for turn in turns}
     for v in steps["pool"].values():                                    # warm-up, untimed
         v(instance_gradient(adapter, prepared[0], targets[0])[image])
@@ -115,7 +137,10 @@ def run(adapter, dataset, indices, repeats: int, floor_batch: int = 128) -> dict
         for p, t in zip(prepared, targets):
             step, name = rotated(turns, turn)[0]
             turn += 1
-            per_sample_forward_ms(adapter, p, batch=floor_batch, repeats=1)   # evicts, as there
+            # the floors of kernels.py's round, which evict the CPU caches, as there
+            per_sample_forward_ms(adapter, p, batch=fwd_batch, repeats=FLOOR_REPEATS)
+            per_sample_forward_backward_ms(adapter, p, target=t, batch=fb_batch,
+                                           repeats=FLOOR_REPEATS)
             with torch.enable_grad():
                 grads = instance_gradient(adapter, p, t)
             if step == "pool":
@@ -135,22 +160,27 @@ def run(adapter, dataset, indices, repeats: int, floor_batch: int = 128) -> dict
         for name in variants:
             entry[name]["cold_over_ours"] = entry[name]["cold_us"] / ours
         out[step] = entry
-    return out
+    return {"floor_batch": fwd_batch, "floor_batch_fwd_bwd": fb_batch, "steps": out}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=20, help="test questions about a shape or colour")
     ap.add_argument("--repeats", type=int, default=25, help="timings per instance")
+    ap.add_argument("--floor-batch", type=int, default=None,
+                    help="batch of the floors' passes before each timing (default: as "
+                         "kernels.py, the fastest per sample of 32..512, chosen once per pass)")
     ap.add_argument("--out", default=str(RESULTS / "cold_cache.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     adapter, dataset, note = load_demo("test")
     indices = shape_or_color_indices(dataset, args.n)
-    steps = run(adapter, dataset, indices, args.repeats)
+    got = run(adapter, dataset, indices, args.repeats, args.floor_batch)
+    steps = got["steps"]
     result = {"model": note, "n": args.n, "repeats": args.repeats,
-              "warm_repeats": WARM_REPEATS, "project_variant": OURS, "steps": steps,
-              "environment": environment()}
+              "warm_repeats": WARM_REPEATS, "floor_batch": got["floor_batch"],
+              "floor_batch_fwd_bwd": got["floor_batch_fwd_bwd"], "floor_repeats": FLOOR_REPEATS,
+              "project_variant": OURS, "steps": steps, "environment": environment()}
     for step, entry in steps.items():
         for name, v in entry.items():
             print(f"{step:7s} {name:28s} cold {v['cold_us']:7.1f} us  warm {v['warm_us']:6.1f} us"

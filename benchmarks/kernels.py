@@ -22,15 +22,15 @@ What the gradient methods' ratio to captum is made of. Each side is timed once p
 user calls it, so its code runs out of caches that the floors' batches or the other side
 evicted; and everything after the backward pass runs on caches the backward pass has evicted.
 There a step costs 5 to 18 times what it does in a warm loop (``benchmarks/cold_cache.py``:
-numpy's ``isfinite(v).all()`` on the scores 57 us cold against 3 us warm). Captum's Saliency does almost
-nothing after its backward pass; ours must pool the gradient into unit scores, make the maps and
-the result. So those steps are written for a cold cache: few tensor operations (the unit sums
-made in float64 by the reduction itself), no numpy reduction, no comprehension where a loop
-will do, and the one-row gradient path skips the rows machinery of integrated gradients. That
-took our call from about bare + 330 us to bare + 220 us (captum's: bare + 120 us), measured
+numpy's ``isfinite(v).all()`` on the scores 57 us cold against 3 us warm). Captum's Saliency
+does almost nothing after its backward pass; ours must pool the gradient into unit scores, make
+the maps and the result. So those steps are written for a cold cache: few tensor operations (the
+unit sums made in float64 by the reduction itself), no numpy reduction, no comprehension where a
+loop will do, and the one-row gradient path skips the rows machinery of integrated gradients.
+That took our call from about bare + 330 us to bare + 220 us (captum's: bare + 120 us), measured
 by an earlier design of this benchmark (see the README for the ratios by each design). Timed
-warm instead (``warm_loop``: WARM_CALLS calls in a row per side and instance, informative),
-the two sides take about the same time.
+warm instead (``warm_loop``: WARM_CALLS calls in a row per side and instance, informative), the
+two sides take about the same time.
 
 numpy's and scipy's OpenBLAS (not torch's BLAS) run single-threaded during stage 1: captum's
 KernelShap fits with scikit-learn, whose OpenBLAS threads keep spinning after the fit; on 2 cores
@@ -48,12 +48,17 @@ Every per-instance timing is kept in the JSON (``instances``) to show the spread
 ``ratio_ours_captum_ci95`` (a bootstrap over the instances) says how far the median could move:
 ``vs_captum_margin`` is "marginal" where the median meets 1.1 and the interval's upper end does
 not. Correctness: on each instance's first round our unit scores are compared with captum's
-(``max_relative_difference_to_captum``, ``pass.agrees`` at 1e-4; None for LIME and KernelSHAP,
-whose samples differ). Captum's Lime is configured like ours (a ridge fit, alpha 1, and our
-similarity kernel on the masks): its defaults (a Lasso, a cosine distance of the full inputs)
-cost about 20% more. The penalties are not quite equal: sklearn's Ridge takes alpha as it is,
-ours scales it by the mean similarity weight (alpha 1 on samples of mean weight 1, so that it
-means the same for any n_samples), which changes the scores by about 1% and not the cost.
+(``max_relative_difference_to_captum``, ``pass.agrees`` at 1e-4). LIME's and KernelSHAP's
+samples differ from captum's, so they get a sanity check instead, untimed, once per instance
+after its rounds, on the scores of its first round (``sanity_check``, ``pass.agrees`` at 1e-4):
+KernelSHAP's efficiency (the scores sum to f(x) - f(baseline)), and LIME against a refit of the
+same masks with scikit-learn's Ridge, its sample weights scaled to mean 1 so that its alpha
+means ours (``SANITY_NOTE``). Captum's Lime is configured like ours (a ridge fit, alpha 1, and
+our similarity kernel on the masks): its defaults (a Lasso, a cosine distance of the full
+inputs) cost about 20% more. The penalties are not quite equal: sklearn's Ridge takes alpha as
+it is, ours scales it by the mean similarity weight (alpha 1 on samples of mean weight 1, so
+that it means the same for any n_samples), which changes the scores by about 1% and not the
+cost.
 
 Many instances at once (``stage1.batched``, gradient methods, informative): ``attribute_batch``
 over --batched-n other test questions (stacking the rows of questions of equal length into
@@ -74,6 +79,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,7 +97,8 @@ BATCH = PERTURBATION_BATCH   # the kernels' default; captum gets the same pertur
 STAGE1 = {
     "gradient": ({}, 20.0),
     "grad_x_input": ({}, 20.0),
-    "integrated_gradients": ({"steps": 50, "rule": "gausslegendre", "internal_batch_size": 128}, 150.0),
+    "integrated_gradients": ({"steps": 50, "rule": "gausslegendre", "internal_batch_size": 128},
+                             150.0),
     "occlusion": ({"batch_size": BATCH}, None),
     "lime": ({"n_samples": 500, "batch_size": BATCH}, 1500.0),
     "kernel_shap": ({"n_samples": 500, "batch_size": BATCH}, 1500.0),
@@ -212,6 +219,73 @@ def relative_difference(ours, theirs: dict) -> float:
     diff = max(float(abs(ours.scores[n] - theirs[n]).max()) for n in theirs)
     scale = max(float(abs(ours.scores[n]).max()) for n in theirs)
     return diff / max(scale, 1e-12)
+
+
+#: what the sanity check of a sampled method (whose samples differ from captum's) compares; run
+#: once per instance, untimed, on the scores of its first timed call
+SANITY_NOTE = {
+    "kernel_shap": "efficiency: |sum of our unit scores over all modalities - (f(x) - "
+                   "f(baseline))| for the target, f from one plain forward pass each, relative "
+                   "to max(|f(x) - f(baseline)|, 1e-3 max(|f(x)|, |f(baseline)|), 1e-12) (the "
+                   "scale of the kernels' completeness_gap_relative)",
+    "lime": "our scores against a LIME fitted again here: the same masks drawn as "
+            "lime_from_function documents them (numpy's default_rng(seed), each unit kept with "
+            "probability keep_probability, the first mask keeping all), the model's target "
+            "output on the masked inputs, the weights exp(-d^2 / (2 kernel_width^2)) of the "
+            "cosine distance d to the all-ones mask, and scikit-learn's Ridge(alpha) with an "
+            "unpenalised intercept and the weights scaled to mean 1; max |ours - refit| over the "
+            "units relative to max |ours|",
+}
+
+
+@torch.no_grad()
+def _f(adapter, prepared, target: int, continuous: dict) -> float:
+    """The target logit at one instance's continuous inputs (no batch dimension)."""
+    return float(adapter.forward(prepared.raw, {n: v.unsqueeze(0) for n, v in continuous.items()}
+                                 )[0, target])
+
+
+def kernel_shap_efficiency(adapter, prepared, target: int, params: dict, ours) -> float:
+    """KernelSHAP's efficiency: the unit scores sum to f(x) - f(baseline) (see SANITY_NOTE); the
+    relative deviation. Exact by construction up to float32 rounding (the fit is constrained)."""
+    fx = _f(adapter, prepared, target, prepared.continuous)
+    fb = _f(adapter, prepared, target, prepared.baseline)
+    total = sum(float(v.sum()) for v in ours.scores.values())
+    scale = max(abs(fx - fb), 1e-3 * max(abs(fx), abs(fb)), 1e-12)
+    return abs(total - (fx - fb)) / scale
+
+
+def lime_refit(adapter, prepared, target: int, params: dict, ours) -> float:
+    """Our LIME's scores against a LIME fitted again to the same masks (see SANITY_NOTE): the
+    relative difference. The masks and the model's outputs are the same, so only the fits'
+    rounding (float64) separates the two."""
+    from sklearn.linear_model import Ridge
+
+    from multiviz_widgets.kernels.common import masked_continuous
+    p = {**METHODS["lime"].defaults, **params}
+    names = list(prepared.names)
+    units = [prepared.n_units[n] for n in names]
+    z = (np.random.default_rng(p["seed"]).random((int(p["n_samples"]), sum(units)))
+         < p["keep_probability"]).astype(np.float64)
+    z[0] = 1.0
+    zt = torch.from_numpy(z.astype(np.float32))
+    cuts = np.cumsum([0] + units)
+    ys = []
+    with torch.no_grad():
+        for s in range(0, len(z), int(p["batch_size"])):
+            chunk = zt[s:s + int(p["batch_size"])]
+            masks = {n: chunk[:, cuts[k]:cuts[k + 1]] for k, n in enumerate(names)}
+            cont = masked_continuous(prepared, masks, adapter)
+            ys.append(adapter.forward(prepared.raw, cont)[:, target].double().numpy())
+    d = 1.0 - np.sqrt(z.sum(1) / z.shape[1])
+    w = np.exp(-(d ** 2) / (2.0 * p["kernel_width"] ** 2))
+    fit = Ridge(alpha=p["alpha"]).fit(z, np.concatenate(ys), sample_weight=w * len(w) / w.sum())
+    theirs = dict(zip(names, np.split(fit.coef_, cuts[1:-1])))
+    return relative_difference(ours, theirs)
+
+
+#: method -> its sanity check (adapter, prepared, target, params, our result) -> relative deviation
+SANITY_CHECKS = {"kernel_shap": kernel_shap_efficiency, "lime": lime_refit}
 
 
 def bare_call(method: str, adapter, prepared, target: int, params: dict):
@@ -363,10 +437,14 @@ def _time_method(m: str, adapter, indices, prepared, targets, repeats: int, fwd_
                 got[who] = timed(fn)
             rows.append(_instance_row(int(i), t, r, got, [who for who, _ in order]))
             if r == 0:            # do the two give the same numbers? (deterministic methods)
+                first_row, first_result = rows[-1], got["ours"][1]
                 theirs = unit_scores_of_captum(m, p, got["captum"][1])
                 if theirs is not None:
                     rows[-1]["relative_difference_to_captum"] = relative_difference(
                         got["ours"][1], theirs)
+        if m in SANITY_CHECKS:    # sampled methods: untimed, once, after the instance's rounds
+            first_row["sanity_relative_deviation"] = SANITY_CHECKS[m](adapter, p, t, params,
+                                                                      first_result)
         if gradient_family:          # informative: each side warm, WARM_CALLS calls in a row
             warm.append({who: timed(lambda fn=fn: [fn() for _ in range(WARM_CALLS)])[0]
                          / WARM_CALLS for who, fn in sides})
@@ -452,11 +530,21 @@ def _summary(method: str, params: dict, target_ms, rows: list[dict],
     diffs = [r["relative_difference_to_captum"] for r in rows
              if "relative_difference_to_captum" in r]
     entry["max_relative_difference_to_captum"] = max(diffs) if diffs else None
+    checks = [r["sanity_relative_deviation"] for r in rows if "sanity_relative_deviation" in r]
+    if checks:
+        # float32 rounding of the same forward passes, in other batches (KernelSHAP's f(x) and
+        # f(baseline)) or the same ones (LIME's refit), is far below AGREEMENT_MAX; a wrong
+        # mask, weight, penalty or constraint is far above it
+        entry["sanity_check"] = {"compares": SANITY_NOTE[method],
+                                 "max_relative_deviation": max(checks),
+                                 "tolerance": AGREEMENT_MAX, "n_instances": len(checks)}
     entry["pass"] = {"vs_captum": entry["ratio_ours_captum"] <= RATIO_MAX,
                      "floor": entry["ratio_to_floor"] <= FLOOR_MAX,
                      "target": None if target_ms is None else mo <= target_ms,
-                     # the same numbers as captum's (None: sampled methods, not comparable)
-                     "agrees": None if not diffs else max(diffs) <= AGREEMENT_MAX}
+                     # the same numbers as captum's; for the sampled methods (LIME, KernelSHAP:
+                     # captum's samples differ) the sanity check instead (sanity_check)
+                     "agrees": (None if not (diffs or checks)
+                                else max(diffs or checks) <= AGREEMENT_MAX)}
     entry["passed"] = all(v for v in entry["pass"].values() if v is not None)
     if warm:
         entry["warm_loop"] = {
@@ -558,9 +646,11 @@ def main(argv=None) -> dict:
                                     "(no gradient) at the floor batch ("
                                     + (str(args.floor_batch) if args.floor_batch else
                                        "the fastest per sample of 32..512, chosen once")
-                                    + "), measured again next to every instance's timings; "
-                                      "ratio_to_floor = median over instances of ours_i / "
-                                      "floor_i",
+                                    + "), measured again next to every instance's timings "
+                                      "(in every round, before the sides); ratio_to_floor = "
+                                      "per instance, the geometric mean over its rounds of "
+                                      "ours / the floor measured in that round, then the "
+                                      "median over the instances",
                            "gradient_methods": GRADIENT_METHODS_NOTE},
               "stage1": run_stage1(adapter, dataset, indices, args.repeats, args.methods,
                                    args.floor_batch)}

@@ -9,9 +9,11 @@
   get), "declared" (each modality of the N instances encoded once and only the N^2 pairs fused,
   with the model's own encode_modality / fuse_encodings) and "traced" (the same split found in
   the model's torch.fx graph: what any traceable model gets by default; its first call, which
-  also traces the model, is timed too: ``first_call_s``). Every repeat times the references and
-  the variants back to back on the same instances. The floor (N^2 full forward passes) is a
-  check for the generic variant only (``meets.floor`` is None for the splits).
+  also traces the model, is timed too, once, before the first repeat: ``first_call_s``). Every
+  repeat times the references and the variants back to back on the same instances, in an order
+  rotated by one per repeat (``emap.orders``), each variant right after its warm-up. The floor
+  (N^2 full forward passes) is a check for the generic variant only (``meets.floor`` is None
+  for the splits).
 * The second-order token x patch matrix (one batched forward + double backward) against the
   per-token loop of the original MultiViz code (``get_double_grad``: one forward and one
   create_graph backward shared by all tokens, then a second backward per token); target: >= 10x
@@ -22,15 +24,18 @@
   implementation could reach on this model. The three are timed in every order once per cycle
   (6 rounds; ``repeats`` cycles per instance, 3 from ``benchmarks/kernels.py``); an instance's
   speedup is the geometric mean of its rounds' paired ratios, the criterion's the median over
-  the instances (``speedup_ci95``: a bootstrap over them). The kernel's matrix must equal the
-  loops' (``agrees``, relative 1e-4).
+  the instances (``speedup_ci95``: a bootstrap over them; every round's timings are in
+  ``second_order.rounds``). The kernel's matrix must equal the loops' (``agrees``, relative
+  1e-4).
 * Every kernel against its floor: forward passes x the per-sample time of a batched forward pass
   at the fastest batch size, timed next to each round; target: within 1.5x. For the
   second-order kernel an informative forward + backward floor also counts its backward passes
   at the per-sample backward time. Pairwise ablation (1 + U_a + U_b + U_a U_b forwards) is timed
   once per round.
 * DIME of one instance (500 LIME samples per modality, 50 references) with the same three variants
-  (informative: the issue sets no target).
+  (informative: the issue sets no target), each warmed up once, in an order rotated by one per
+  instance (``dime.orders``); the split variants' scores are compared with the generic one's
+  on the same instance (the same seed, so the same masks and references: ``agrees``).
 
 ``run(adapter, dataset, indices, repeats)`` is imported by ``benchmarks/kernels.py``; alone:
 
@@ -50,7 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (AGREEMENT_MAX, RESULTS, bootstrap_median_ci, environment,  # noqa: E402
                     geometric_mean, load_demo, median, per_sample_forward_backward_ms,
-                    per_sample_forward_ms, per_sample_scan, shape_or_color_indices,
+                    per_sample_forward_ms, per_sample_scan, rotated, shape_or_color_indices,
                     single_threaded_blas, timed, write_json)
 
 from multiviz_widgets.kernels import factorize  # noqa: E402
@@ -179,6 +184,27 @@ def _ran_as(result, label: str, factorized) -> None:
         raise RuntimeError(f"{result.method} variant {label} ran as {result.params}")
 
 
+def dime_relative_difference(result, generic) -> float:
+    """The largest difference of a DIME result to the generic variant's on the same instance:
+    the UC and MI unit scores (over both modalities) each relative to the generic variant's
+    largest |score| of that part, and the f and UC values at the instance relative to its |f|."""
+    diffs = []
+    for part in ("uc", "mi"):
+        ours, ref = getattr(result, part), getattr(generic, part)
+        scale = max(float(np.abs(ref[m]).max()) for m in ref)
+        diff = max(float(np.abs(np.asarray(ours[m]) - ref[m]).max()) for m in ref)
+        diffs.append(diff / max(scale, 1e-12))
+    scale = max(abs(generic.f_value), 1e-12)
+    diffs += [abs(result.f_value - generic.f_value) / scale,
+              abs(result.uc_value - generic.uc_value) / scale]
+    return max(diffs)
+
+
+def _sig(x: float) -> float:
+    """x to 4 significant digits (the per-round numbers of the JSON)."""
+    return float(f"{x:.4g}")
+
+
 def _emap_instances(dataset, n: int, seed: int) -> list[dict]:
     return [dataset[int(i)] for i in sample_indices(len(dataset), n, seed)]
 
@@ -303,6 +329,14 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
         "floor": out["second_order"]["ratio_to_floor"] <= CRITERIA["ratio_to_floor_max"],
         "agrees": out["second_order"]["agrees"]}
     so = out["second_order"]
+    # every round's timings (ms, 4 significant digits), so that the speedups, their interval and
+    # the ratios to the floors can be derived again: per round the instance, the order in which
+    # the sides ran, each side's ms ("bound": image_gradient_rows, timed last) and the floors
+    so["rounds"] = [{"index": r["index"], "order": r["order"],
+                     **{who: _sig(r[who]) for who in ("kernel", "shared", "loop", "bound")
+                        if who in r},
+                     "floor_ms": _sig(f), "floor_fwd_bwd_ms": _sig(fb)}
+                    for r, (_, f), (_, fb) in zip(rounds, sog_floor, sog_floor_fb)]
     print(f"second-order {sog_med:6.2f} ms  MultiViz's shared-graph loop "
           f"{so['shared_graph_loop_median_ms']:6.2f} ms: {so['speedup']:4.1f}x  (recomputing "
           f"loop {so['per_token_loop_median_ms']:6.2f} ms: "
@@ -310,7 +344,8 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
           f"  floor ratio {so['ratio_to_floor']:4.1f}"
           + f" (fwd+bwd floor {so['ratio_to_fwd_bwd_floor']:4.1f})"
           + (f"  (best possible speedup {so['speedup_bound']:4.1f}x, kernel "
-             f"{so['kernel_to_bound']:3.1f}x the unavoidable part)" if "speedup_bound" in so else ""),
+             f"{so['kernel_to_bound']:3.1f}x the unavoidable part)"
+             if "speedup_bound" in so else ""),
           flush=True)
     out["pairwise_ablation"] = {
         "n": len(indices), "median_ms": median(pair_ms), "floor_median_ms": median(pair_floor),
@@ -321,37 +356,55 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
 
     # --- EMAP over N instances ---------------------------------------------------------------
     variants = {"generic": False, "declared": "declared", "traced": "traced"}
-    if not all(callable(getattr(adapter.model, k, None)) for k in ("encode_modality", "fuse_encodings")):
+    if not all(callable(getattr(adapter.model, k, None))
+               for k in ("encode_modality", "fuse_encodings")):
         del variants["declared"]
     out["emap"] = {"n": emap_n, "batch_size": EMAP_BATCH, "variants": list(variants)}
-    # Each repeat times the unbatched reference and every variant back to back on the same N
-    # instances, so each speedup is a ratio of neighbouring timings (this machine drifts).
+    # Each repeat times the two unbatched references and every variant back to back on the same
+    # N instances, so each speedup is a ratio of neighbouring timings (this machine drifts). The
+    # order of the sides rotates by one per repeat, so that no side always runs first or last.
+    emap_sides = ["adapter_reference", "plain_reference", *variants]
     times = {label: [] for label in variants}
     floors, ref_times, plain_times, diffs, first_call = [], [], [], {}, {}
+    emap_orders = []
     for rep in range(max(1, emap_repeats)):
         inst = _emap_instances(dataset, emap_n, seed + rep)
-        ms, (fhat, done) = timed(lambda: emap_unbatched(adapter, inst, emap_reference_pairs))
-        ref_times.append(ms / 1e3 * (emap_n * emap_n) / done)
-        ms, (plain, done_plain) = timed(lambda: emap_unbatched(adapter, inst, emap_reference_pairs,
-                                                                plain=True))
-        plain_times.append(ms / 1e3 * (emap_n * emap_n) / done_plain)
-        if done_plain == emap_n * emap_n:
-            diffs["plain_reference"] = max(diffs.get("plain_reference", 0.0),
-                                           float(np.abs(fhat - plain).max()))
-        for label, fac in variants.items():
-            if rep == 0 and fac == "traced":
-                # a user's first call also traces the model (cached per model afterwards)
-                factorize._CACHE.pop(adapter.model, None)
-                ms, _ = timed(lambda: emap(adapter, inst, batch_size=EMAP_BATCH,
-                                           keep_matrix=False, factorized=fac))
-                first_call[label] = ms / 1e3
+        if rep == 0 and "traced" in variants:
+            # a user's first call also traces the model (cached per model afterwards): timed
+            # once, before the rotated timings of the first repeat
+            factorize._CACHE.pop(adapter.model, None)
+            ms, _ = timed(lambda: emap(adapter, inst, batch_size=EMAP_BATCH,
+                                       keep_matrix=False, factorized="traced"))
+            first_call["traced"] = ms / 1e3
+        order = rotated(emap_sides, rep)
+        emap_orders.append(order)
+        got = {}
+        for side in order:
+            if side in ("adapter_reference", "plain_reference"):
+                direct = side == "plain_reference"
+                ms, (fhat, done) = timed(lambda: emap_unbatched(adapter, inst,
+                                                                emap_reference_pairs,
+                                                                plain=direct))
+                (plain_times if direct else ref_times).append(ms / 1e3 * (emap_n * emap_n)
+                                                              / done)
+                got[side] = (fhat, done)
+                continue
+            fac = variants[side]
             emap(adapter, inst[:8], batch_size=EMAP_BATCH, factorized=fac)     # warm-up
             ms, r = timed(lambda: emap(adapter, inst, batch_size=EMAP_BATCH, keep_matrix=False,
                                        factorized=fac))
-            times[label].append(ms / 1e3)
-            _ran_as(r, label, fac)
-            if done == emap_n * emap_n:
-                diffs[label] = max(diffs.get(label, 0.0), float(np.abs(fhat - r.emap_logits).max()))
+            times[side].append(ms / 1e3)
+            _ran_as(r, side, fac)
+            got[side] = r
+        fhat, done = got["adapter_reference"]
+        plain, done_plain = got["plain_reference"]
+        if done_plain == emap_n * emap_n:
+            diffs["plain_reference"] = max(diffs.get("plain_reference", 0.0),
+                                           float(np.abs(fhat - plain).max()))
+        if done == emap_n * emap_n:
+            for label in variants:
+                diffs[label] = max(diffs.get(label, 0.0),
+                                   float(np.abs(fhat - got[label].emap_logits).max()))
         p = adapter.prepare(inst[0])
         floors.append(emap_n * emap_n * per_sample_forward_ms(adapter, p, batch=batch) / 1e3)
     # the criterion's reference: per repeat, the faster of the two loops (through the adapter,
@@ -387,6 +440,20 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
     out["emap"]["plain_reference_max_abs_difference"] = diffs.get("plain_reference")
     out["emap"]["reference_pairs_timed"] = (emap_n * emap_n if emap_reference_pairs is None
                                             else min(emap_reference_pairs, emap_n * emap_n))
+    out["emap"]["orders"] = emap_orders
+    out["emap"]["order"] = ("per repeat, the two references (through the adapter, the model "
+                            "called directly) and every variant back to back on the same N "
+                            "instances, in the order of emap_sides rotated by one per repeat "
+                            "(orders: each repeat's); each variant's warm-up (EMAP of 8 "
+                            "instances) right before its timed call; the traced variant's "
+                            "first_call_s (the model traced anew) once, before the first "
+                            "repeat's rotated timings")
+    out["emap"]["emap_sides"] = emap_sides
+    out["emap"]["statistic"] = ("per repeat, the reference's time is the faster of the two "
+                                "loops; speedup = the median over the repeats of that reference "
+                                "/ the variant's time in the same repeat; ratio_to_floor = the "
+                                "median over the repeats of the variant's time / the floor timed "
+                                "after that repeat's sides")
     out["emap"]["floor"] = ("N^2 x best per-sample time of a batched full forward pass. Only "
                             "the generic variant runs N^2 full forward passes; the split "
                             "variants encode each modality N times and run only the fusion on "
@@ -397,22 +464,58 @@ def _run(adapter, dataset, indices, repeats: int = 1, emap_n: int = EMAP_N,
     # --- DIME of one instance (informative: no criterion) ------------------------------------
     out["dime"] = {"n_samples": dime_samples, "n_reference": 50, "instances": dime_instances,
                    "variants": list(variants)}
+    dime_kw = dict(n_samples=dime_samples, n_reference=50)     # seed 0: the same references
+    dime_indices = [int(i) for i in indices[:dime_instances]]
+    for label, fac in variants.items():              # warm-up, untimed: a small call each
+        dime(adapter, dataset, dime_indices[0], n_samples=20, n_reference=8, factorized=fac)
     dime_s = {label: [] for label in variants}
-    for idx in [int(i) for i in indices[:dime_instances]]:
-        for label, fac in variants.items():
-            ms, r = timed(lambda: dime(adapter, dataset, idx, n_samples=dime_samples,
-                                       n_reference=50, factorized=fac))
+    dime_diff = {label: 0.0 for label in variants if label != "generic"}
+    dime_orders = []
+    for k, idx in enumerate(dime_indices):
+        # the variants' order rotates by one per instance (each first as often as the others)
+        order = rotated(list(variants), k)
+        dime_orders.append(order)
+        got = {}
+        for label in order:
+            fac = variants[label]
+            ms, got[label] = timed(lambda: dime(adapter, dataset, idx, factorized=fac,
+                                                **dime_kw))
             dime_s[label].append(ms / 1e3)
-            _ran_as(r, label, fac)
+            _ran_as(got[label], label, fac)
+        for label in dime_diff:
+            dime_diff[label] = max(dime_diff[label],
+                                   dime_relative_difference(got[label], got["generic"]))
     generic = np.array(dime_s["generic"])
     for label in variants:
         t = np.array(dime_s[label])
         out["dime"][label] = {"median_s": median(t), "seconds": t.tolist(),
                               "speedup_over_generic": median(generic / t)}
-        print(f"DIME {label:9s} {median(t):7.3f} s  ({median(generic / t):4.1f}x generic)",
+        if label in dime_diff:
+            # the split variants run the same masks (DIME's seed) on the same references: they
+            # differ from the generic variant by the float32 rounding of fused against full
+            # forward passes (about 1e-7 of a logit), which LIME's ridge fit passes on linearly
+            # (about 1e-8 of the largest score in a trial); AGREEMENT_MAX (1e-4, as the other
+            # agreement checks of these benchmarks) leaves room and still catches a wrong term
+            out["dime"][label]["max_relative_difference_to_generic"] = dime_diff[label]
+            out["dime"][label]["agrees"] = dime_diff[label] <= AGREEMENT_MAX
+        print(f"DIME {label:9s} {median(t):7.3f} s  ({median(generic / t):4.1f}x generic)"
+              + (f"  relative difference {dime_diff[label]:.1e}" if label in dime_diff else ""),
               flush=True)
+    out["dime"]["orders"] = dime_orders
+    out["dime"]["order"] = ("every variant warmed up once (DIME with 20 samples and 8 references "
+                            "on the first instance), then per instance the variants back to back "
+                            "in the order of variants rotated by one per instance (orders: each "
+                            "instance's)")
+    out["dime"]["statistic"] = ("median_s: the median over the instances; speedup_over_generic: "
+                                "the median over the instances of the generic variant's time / "
+                                "the variant's on the same instance")
+    out["dime"]["compared"] = ("per instance, each split variant's UC and MI unit scores (each "
+                               "relative to the largest |score| of the generic variant's UC, or "
+                               "MI) and its f and UC values at the instance (relative to the "
+                               "generic |f|) against the generic variant's on the same instance "
+                               "(the same seed, masks and references): the largest over them "
+                               f"and the instances; agrees at <= {AGREEMENT_MAX:g}")
     return out
-
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

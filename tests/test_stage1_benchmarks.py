@@ -164,12 +164,22 @@ def test_cold_cache_times_every_variant_and_writes_the_promised_json(tmp_path, h
     bench.main(["--n", "5", "--repeats", "1", "--out", str(out)])
     d = json.loads(out.read_text())
     assert set(d["steps"]) == {"pool", "finite"}
+    # the floors before each timing are kernels.py's, at batches chosen as kernels.py does
+    floor_batches = load("common").FLOOR_BATCHES
+    assert d["floor_batch"] in floor_batches and d["floor_batch_fwd_bwd"] in floor_batches
+    assert d["floor_repeats"] == load("kernels").FLOOR_REPEATS
     for step, entry in d["steps"].items():
         assert d["project_variant"][step] in entry
         assert entry[d["project_variant"][step]]["cold_over_ours"] == 1.0
         assert all(v["n"] >= 1 and v["cold_us"] > 0 for v in entry.values())
     with pytest.raises(ValueError, match="at least 5"):
         bench.main(["--n", "2", "--repeats", "1", "--out", str(out)])
+
+
+def test_cold_cache_takes_kernels_floor_batch_option():
+    bench = load("cold_cache")
+    assert bench.floor_batches(None, None, 0, floor_batch=32) == (32, 32)
+    assert "128" not in bench.__doc__.split("Steps")[0]     # no fixed batch claimed
 
 
 def test_cold_cache_variants_compute_the_same_numbers():
@@ -217,3 +227,74 @@ def test_captums_lime_is_weighted_as_ours():
         want = math.exp(-d * d / (2 * 0.25 ** 2))
         assert float(k.lime_similarity(None, None, z)) == pytest.approx(want, rel=1e-6)
     assert "SkLearnRidge(alpha=1.0)" in k.CAPTUM_NAMES["lime"]
+
+
+def test_kernels_benchmark_checks_lime_and_kernel_shap(tmp_path, has_easy_vqa):
+    """Captum's samples differ from ours, so LIME and KernelSHAP get a sanity check of their own
+    (untimed, once per instance): KernelSHAP's efficiency, LIME against a refit of its masks."""
+    import types
+
+    import numpy as np
+    k = load("kernels")
+    out = tmp_path / "k.json"
+    k.main(["--n", "1", "--repeats", "1", "--methods", "lime", "kernel_shap", "--no-stage2",
+            "--floor-batch", "32", "--batched-n", "0", "--out", str(out)])
+    d = json.loads(out.read_text())
+    assert "geometric mean over its rounds" in d["criteria"]["floor"]
+    for m in ("lime", "kernel_shap"):
+        e = d["stage1"]["methods"][m]
+        assert e["max_relative_difference_to_captum"] is None
+        check = e["sanity_check"]
+        assert check["n_instances"] == 1 and check["compares"] == k.SANITY_NOTE[m]
+        assert check["max_relative_deviation"] < check["tolerance"] == 1e-4
+        assert e["pass"]["agrees"] is True
+        assert sum("sanity_relative_deviation" in r for r in e["instances"]) == 1
+    # the checks are not vacuous: one unit's score moved by 1% of the largest fails them
+    from common import load_demo, shape_or_color_indices
+
+    from multiviz_widgets.kernels.unimodal import attribute
+    adapter, ds, _ = load_demo()
+    p = adapter.prepare(ds[int(shape_or_color_indices(ds, 1)[0])])
+    t = int(adapter.predict(p.raw).argmax(1)[0])
+    for m, check in k.SANITY_CHECKS.items():
+        params = k.STAGE1[m][0]
+        r = attribute(adapter, p, method=m, target=t, **params)
+        assert check(adapter, p, t, params, r) < 1e-4, m
+        scores = {n: np.array(v, dtype=np.float64) for n, v in r.scores.items()}
+        name = p.names[0]
+        scores[name][0] += 0.01 * max(float(np.abs(v).max()) for v in scores.values())
+        assert check(adapter, p, t, params, types.SimpleNamespace(scores=scores)) > 1e-3, m
+
+
+def test_stage2_benchmark_rotates_its_orders_and_keeps_its_rounds(tmp_path, has_easy_vqa):
+    """EMAP's sides and DIME's variants run in rotated orders (recorded), DIME's split variants
+    are checked against the generic one, and the second-order rounds are in the JSON."""
+    import torch
+    bench = load("kernels_stage2")
+    out = tmp_path / "s2.json"
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--n", "1", "--emap-n", "6", "--emap-repeats", "2", "--dime-instances", "1",
+                    "--dime-samples", "20", "--threads", str(threads), "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    d = json.loads(out.read_text())["stage2"]
+    so = d["second_order"]
+    assert len(so["rounds"]) == so["rounds_per_instance"] == 6
+    assert len({tuple(r["order"][:3]) for r in so["rounds"]}) == 6
+    # the speedup can be derived again from the rounds (4 significant digits each)
+    geo = math.exp(sum(math.log(r["shared"] / r["kernel"]) for r in so["rounds"]) / 6)
+    assert so["speedup"] == pytest.approx(geo, rel=2e-3)
+    e = d["emap"]
+    sides = e["emap_sides"]
+    assert set(sides) == {"adapter_reference", "plain_reference", *e["variants"]}
+    assert len(e["orders"]) == 2 and all(sorted(o) == sorted(sides) for o in e["orders"])
+    assert e["orders"][0][0] != e["orders"][1][0] and e["orders"][0][-1] != e["orders"][1][-1]
+    assert "rotated" in e["order"] and e["statistic"]
+    assert e["traced"]["first_call_s"] > 0
+    dm = d["dime"]
+    assert dm["orders"] == [dm["variants"]] and "rotated" in dm["order"] and dm["compared"]
+    for label in dm["variants"]:
+        if label != "generic":
+            assert dm[label]["max_relative_difference_to_generic"] < 1e-4
+            assert dm[label]["agrees"] is True
