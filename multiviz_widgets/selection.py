@@ -186,7 +186,8 @@ class Selection(traitlets.HasTraits):
         ``unit=int`` (``modality=""`` alone clears the unit too). A change of instance clears
         the clicked unit, a change of target clears the neuron, unless the same call sets them
         (the unit's index: a modality alone names no unit of the new instance, so it is set with
-        no unit; ``unit=int`` alone keeps the clicked modality).
+        no unit; ``unit=int`` alone keeps the clicked modality). Another modality alone clears
+        the unit too: the clicked index names a unit of the old modality, not of the new one.
         """
         kw = {k: v for k, v in kw.items() if v is not ...}
         if "unit" in kw and (kw["unit"] is None or isinstance(kw["unit"], (tuple, list))):
@@ -207,7 +208,7 @@ class Selection(traitlets.HasTraits):
                              f"index), e.g. unit=({(self.modalities or ['image'])[0]!r}, "
                              f"{kw['unit']}).")
         if "unit" not in kw and ("instance" in kw and kw["instance"] != self.instance
-                                 or kw.get("modality") == ""):
+                                 or "modality" in kw and kw["modality"] != self.modality):
             kw.setdefault("modality", "")
             kw["unit"] = -1
         if "target" in kw and kw["target"] != self.target and "neuron" not in kw:

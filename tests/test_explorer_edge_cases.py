@@ -1070,3 +1070,47 @@ def test_odd_concepts_given_to_the_input_view_are_refused_with_a_clear_error(con
     from multiviz_widgets.views.input_view import InputView
     with pytest.raises(traitlets.TraitError, match=says):
         InputView(concepts=concepts)
+
+
+def test_recompute_while_the_embedding_job_ends_shows_the_new_features():
+    """The embedding's job ends (on the old features) right after "recompute" forgot the
+    points: its result is dropped, and the points are computed again from the new features
+    (they were brought back and kept)."""
+    from multiviz_widgets.explorer import Explorer
+
+    from .explorer_support import FakeKernels, tiny_vqa
+
+    class ModelChanges(FakeKernels):
+        def __init__(self):
+            super().__init__()
+            self.generation, self.gate, self.inside = 0, threading.Event(), threading.Event()
+
+        def features(self, adapter, dataset, progress=None):
+            f = super().features(adapter, dataset, progress)
+            f.h = f.h + 100.0 * self.generation        # the model retrained: new features
+            return f
+
+        def projection(self, h):
+            self.inside.set()
+            self.gate.wait(10)
+            return super().projection(h)
+
+    k = ModelChanges()
+    adapter, ds = tiny_vqa()
+    ex = Explorer(adapter, ds, kernels=k, delay=0.05)
+    try:
+        assert k.inside.wait(10)          # the first embedding job is past its progress reports
+        k.generation = 1
+        ask_again = ex.input_panel.refresh
+
+        def the_old_job_ends_first():     # the worker ends it between forget and the views' asks
+            k.gate.set()
+            time.sleep(0.3)
+            ask_again()
+        ex.input_panel.refresh = the_old_job_ends_first
+        ex.refresh()
+        ex.input_panel.refresh = ask_again
+        assert ex.wait(30)
+        assert float(np.asarray(ex.embedding_view._features.h).mean()) > 50
+    finally:
+        ex.close()

@@ -202,6 +202,18 @@ def test_a_new_instance_keeps_the_unit_the_call_sets_and_no_index_it_does_not():
     assert s.unit_ref == ("question", 0)
 
 
+def test_another_modality_alone_clears_the_unit_and_the_same_one_keeps_it():
+    s = Selection(n_instances=10, modalities=["image", "question"])
+    s.select(unit=("image", 7))
+    s.select(modality="question")            # image unit 7 is not question unit 7
+    assert s.unit_ref is None and (s.modality, s.unit) == ("question", -1)
+    s.select(unit=("question", 2))
+    s.select(modality="question")            # the same modality: its unit stays
+    assert s.unit_ref == ("question", 2)
+    s.select(modality="image", unit=5)       # a modality and its unit together
+    assert s.unit_ref == ("image", 5)
+
+
 def test_the_traits_set_directly_never_hold_a_unit_without_its_modality():
     s = Selection(modalities=["image", "question"])
     with pytest.raises(ValueError, match=r"unit 5 names no modality.*unit=\('image', 5\)"):

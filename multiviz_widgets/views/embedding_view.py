@@ -140,7 +140,10 @@ class EmbeddingView(W.VBox):
 
     def forget(self) -> None:
         """The points shown are computed again at the next ``refresh`` (the dataset or the
-        model may have changed); until then they stay on screen, not clickable."""
+        model may have changed); until then they stay on screen, not clickable. A job that
+        started before (on the old features) is dropped first: its result, coming in after
+        this, would bring the old points back and keep ``refresh`` from asking again."""
+        self.engine.drop(self.slot)
         with self.engine.lock:
             self.indices = np.zeros(0, dtype=np.int64)
             # the colours follow the new features too (a colour chosen meanwhile waits for them)
