@@ -31,7 +31,7 @@ from torch import nn
 
 from .checks import is_integer
 from .data import update_hash
-from .modalities import NOT_IN_NUMPY, Modality
+from .modalities import NOT_IN_NUMPY, Modality, _vocab_from_ids
 
 
 @dataclass(frozen=True)
@@ -389,6 +389,50 @@ def _named_in_another_order(model: nn.Module, names: Sequence[str]) -> bool:
     return True
 
 
+def _is_index(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _class_name_list(class_names) -> list[str]:
+    """class_names as the list of names in logit order: a sequence as it is; a mapping ordered by
+    class index, {index: name} (a HuggingFace config's id2label) or {name: index} (label2id).
+    A string (whose letters would be the names) and a set (in no order) are refused."""
+    if isinstance(class_names, (str, bytes)):
+        raise AdapterError(
+            f"class_names is the single string {class_names!r}, whose characters would be read as "
+            f"the names: give a list with one name per output logit, e.g. ['cat', 'dog'].")
+    if isinstance(class_names, (set, frozenset)):
+        raise AdapterError("class_names is a set, which has no order: give a list with one name "
+                           "per output logit, in the order of the logits.")
+    if isinstance(class_names, Mapping):
+        keys, values = list(class_names), list(class_names.values())
+        by_keys, by_values = all(map(_is_index, keys)), all(map(_is_index, values))
+        if by_keys and by_values and keys:
+            raise AdapterError(
+                "class_names maps integers to integers, so which are the class indices cannot be "
+                "told: give the list of names in logit order, e.g. ['cat', 'dog'].")
+        if by_keys:                                  # id2label {0: 'cat', 1: 'dog'}
+            pairs = [(name, i) for i, name in class_names.items()]
+        elif by_values:                              # label2id {'cat': 0, 'dog': 1}
+            pairs = list(class_names.items())
+        else:
+            hint = (" (a JSON file's keys are strings: convert them, "
+                    "{int(i): name for i, name in id2label.items()})"
+                    if all(isinstance(k, str) and k.isdigit() for k in keys) else "")
+            raise AdapterError(
+                "class_names given as a mapping must map the class indices to the names "
+                "{0: 'cat', 1: 'dog'} (id2label) or the names to the indices {'cat': 0, 'dog': 1} "
+                f"(label2id), with integer indices; got {dict(list(class_names.items())[:4])!r}"
+                f"{hint}.")
+        names = _vocab_from_ids(pairs, "class_names given as a mapping", "name", AdapterError)
+        return [str(c) for c in names]
+    try:
+        return [str(c) for c in class_names]
+    except TypeError:
+        raise AdapterError(f"class_names must be a list with one name per output logit, e.g. "
+                           f"['cat', 'dog'], got {type(class_names).__name__}.") from None
+
+
 class ModelAdapter:
     """Wraps a model that takes one input per modality (in order) and returns [B, C] logits.
 
@@ -396,7 +440,8 @@ class ModelAdapter:
         mode for every computation (dropout off, batch norm on its running statistics, which
         stay unchanged) and its modes are restored afterwards, with a warning the first time.
     modalities: the Modality objects, in the order of the model's arguments.
-    class_names: one name per output logit.
+    class_names: one name per output logit: a list, or a mapping ordered by the logits'
+        indices 0..C-1, {index: name} (a HuggingFace config's id2label) or {name: index}.
     decision_layer: the module (or dotted name) whose input is h(x); default: the last nn.Linear
     with one output per class (with two class names and none of two outputs, the last with
     one: a binary model's logit), else the last nn.Linear; ``check`` says when its output is
@@ -434,7 +479,7 @@ class ModelAdapter:
         # model; _eval_mode checks these on every pass)
         self._mode_layers = [m for m in model.modules() if isinstance(m, _TRAINING_LAYERS)]
         self.modalities = {m.name: m for m in modalities}
-        self.class_names = [str(c) for c in class_names]
+        self.class_names = _class_name_list(class_names)
         if not self.class_names:
             raise AdapterError("class_names is empty: give one name per output logit.")
         # forward(image, question) with the modalities listed [question, image]: by position

@@ -691,7 +691,13 @@ class Annotations:
     def set(self, key, concepts: Iterable[str]) -> tuple[str, ...]:
         """Replace the concepts of ``key`` (an empty list removes them); returns them tidied."""
         if not isinstance(concepts, (str, list, tuple)):
-            concepts = list(concepts)
+            try:
+                concepts = list(concepts)
+            except TypeError:                # None, a number: not a list of concepts
+                raise AnnotationError(
+                    f"Concepts are a list of strings, got {_brief(concepts)}: pass "
+                    f"set(key, ['red shapes']), or set(key, []) to remove the key's "
+                    f"concepts.") from None
         return self._update(key, lambda now: concepts)
 
     def add(self, key, concept: str) -> tuple[str, ...]:
@@ -977,6 +983,10 @@ class Annotations:
         over its own file's, whose edits are newer. A key that gets its first concepts from it
         is checked by the viewers' checks (``add_key_check``) as an add's is: one refused, and
         nothing is merged."""
+        if not isinstance(other, (Annotations, str, os.PathLike)):
+            raise AnnotationError(
+                f"merge takes a store (an Annotations) or the path of an annotations file, got "
+                f"{type(other).__name__} {_brief(other, 80)}.")
         checked: set[tuple] = set()          # keys the viewers' checks took
         parsed: dict[str, dict] = {}           # the file's document by its digest: parsed once
         while True:

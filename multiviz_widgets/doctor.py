@@ -97,6 +97,12 @@ def check(adapter: ModelAdapter, instance) -> Report:
     report which stages are supported (cost: about 9 passes of a batch of one). The passes run
     as the kernels run them: in eval mode, under the adapter's lock; the model is left as it was.
     """
+    if not isinstance(adapter, ModelAdapter):
+        swapped = (" (the arguments are swapped: the adapter comes first)"
+                   if isinstance(instance, ModelAdapter) else "")
+        raise AdapterError(
+            f"check needs a ModelAdapter, got {type(adapter).__name__}{swapped}: wrap the model "
+            f"in ModelAdapter(model, modalities, class_names) and call check(adapter, instance).")
     report = Report()
     model = adapter.model
 

@@ -44,6 +44,7 @@ import torch
 import traitlets
 
 from .adapter import Class, ModelAdapter, Neuron, Prepared, Target
+from .checks import positive_int
 from .data import MultimodalDataset
 from .display_text import quoted
 from .progress import Cancelled
@@ -650,7 +651,9 @@ def check_path_params(path_params, names: bool = True) -> dict:
     if unknown:
         raise TypeError(f"path_params {unknown} are not parameters of prediction_path; it "
                         f"takes {sorted(taken)}.")
-    return dict(path_params)
+    # the counts checked here, not in the first path (a click later, in the banner)
+    return {k: (positive_int(v, f"path_params[{k!r}]") if str(k).startswith("k_") else v)
+            for k, v in path_params.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -773,8 +776,14 @@ class Analyses:
         self.adapter = adapter
         self.dataset = dataset
         self.kernels = kernels or Kernels()
+        if (type(self.kernels).contributions is Kernels.contributions
+                or type(self.kernels).prediction_path is Kernels.prediction_path):
+            # refused here, not in the banner after the first click (a to_dict() read back)
+            from .kernels.prediction import check_sparse_model
+            check_sparse_model(sparse_model)
         self.sparse_model = sparse_model
-        self.gallery_k = int(gallery_k)
+        # int() cut 2.7 to 2, and -1 failed only in the first gallery
+        self.gallery_k = positive_int(gallery_k, "gallery_k (instances per gallery row)")
         # the names checked against prediction_path's, unless the kernels' own path is another
         self.path_params = check_path_params(
             path_params, names=type(self.kernels).prediction_path is Kernels.prediction_path)

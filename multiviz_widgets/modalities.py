@@ -770,7 +770,7 @@ class Text(Modality):
             raise TypeError("Text vocab is a single string; give the list of tokens (index = id), "
                             "e.g. vocab=['[PAD]', '[UNK]', 'what', 'is'].")
         if isinstance(vocab, Mapping):       # {token: id} (tokenizer.get_vocab()): ordered by id
-            vocab = _vocab_from_ids(vocab)
+            vocab = _vocab_from_ids(vocab.items())
         vocab = list(vocab)
         odd = next((t for t in vocab if not isinstance(t, str)), None)
         if odd is not None:
@@ -785,6 +785,11 @@ class Text(Modality):
         _check_specials(seen, pad_token, unk_token)
         if baseline not in ("pad", "zero"):
             raise ValueError(f"Text baseline {baseline!r} is not 'pad' or 'zero'.")
+        if tokenize is not None and not callable(tokenize):
+            # a name such as "split" failed only on the first text, as not callable
+            raise TypeError(f"Text tokenize must be a function from a string to its list of "
+                            f"tokens (e.g. str.split or a tokenizer's .tokenize), or None for "
+                            f"the default words, got {type(tokenize).__name__} {tokenize!r}.")
         self.vocab = vocab
         self.token_to_id = {t: i for i, t in enumerate(vocab)}
         self.pad_token, self.unk_token = pad_token, unk_token
@@ -938,15 +943,20 @@ class Text(Modality):
         return m.to(score_dtype(m), copy=True), m
 
 
-def _vocab_from_ids(vocab: Mapping) -> list:
-    """The token list (index = id) of a {token: id} mapping, whose order need not be the ids'."""
-    ids = list(vocab.values())
-    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
-        raise TypeError("Text vocab given as a dict must map each token to its integer id.")
-    if sorted(int(i) for i in ids) != list(range(len(ids))):
-        raise ValueError(f"Text vocab given as a dict must map the tokens to the ids "
-                         f"0..{len(ids) - 1}, each once.")
-    return [t for t, _ in sorted(vocab.items(), key=lambda kv: int(kv[1]))]
+def _vocab_from_ids(pairs: Iterable[tuple], what: str = "Text vocab given as a dict",
+                    item: str = "token", error: type[Exception] = ValueError) -> list:
+    """The list (index = id) of (item, id) pairs, such as a {token: id} mapping's items, whose
+    order need not be the ids'. ``what`` and ``item`` name them in the errors (also used for
+    class_names given as a mapping); ``error`` is raised when the ids are not 0..n-1."""
+    pairs = list(pairs)
+    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for _, i in pairs):
+        raise TypeError(f"{what} must map each {item} to its integer id.")
+    ids = sorted(int(i) for _, i in pairs)
+    if ids != list(range(len(pairs))):
+        shown = ", ".join(map(str, ids[:8])) + (", ..." if len(ids) > 8 else "")
+        raise error(f"{what} must map the {item}s to the ids 0..{len(pairs) - 1}, each once "
+                    f"(got the ids {shown}).")
+    return [t for t, _ in sorted(pairs, key=lambda kv: int(kv[1]))]
 
 
 class Tabular(Modality):

@@ -1053,3 +1053,33 @@ def test_argument_order_is_read_through_data_parallel_and_the_wrapper_advice_kee
     with pytest.raises(AdapterError, match=r"forward\(self, \*\*x\) returns self.m\(\*\*x\)"
                                            r"\['logits'\].*keyword_inputs=True"):
         dict_out.predict(dict_out.prepare(inst).raw)
+
+
+def test_class_names_given_as_a_mapping_are_ordered_by_class_index():
+    """A HuggingFace id2label {0: 'cat', ...} gave the names ['0', '1', '2'], and a label2id
+    {'dog': 1, 'cat': 0, ...} named logit 0 'dog': a mapping is read by its class indices."""
+    expected = ["red", "green", "blue"]
+    for names in ({2: "blue", 0: "red", 1: "green"}, {"green": 1, "blue": 2, "red": 0},
+                  {np.int64(1): "green", np.int64(0): "red", np.int64(2): "blue"}):
+        assert adapter(Healthy(), class_names=names).class_names == expected
+    a = adapter(Healthy(), class_names={1: "green", 0: "red", 2: "blue"})
+    assert a.target("green").index == 1
+    for bad, words in [({0: "red", 1: "green", 3: "blue"}, r"ids 0\.\.2, each once.*0, 1, 3"),
+                       ({"red": 0, "green": 0, "blue": 1}, r"ids 0\.\.2, each once.*0, 0, 1"),
+                       ({"0": "red", "1": "green", "2": "blue"}, r"id2label.*label2id.*"
+                                                                r"JSON file's keys are strings"),
+                       ({0: 2, 1: 0, 2: 1}, "integers to integers"),
+                       ({"red": "r", "green": "g"}, r"\{0: 'cat', 1: 'dog'\} \(id2label\)")]:
+        with pytest.raises(AdapterError, match=words):
+            adapter(Healthy(), class_names=bad)
+
+
+def test_class_names_as_one_string_a_set_or_a_number_are_refused():
+    """'abc' became the names ['a', 'b', 'c'] (silently); a set has no order."""
+    with pytest.raises(AdapterError, match=r"single string 'rgb'.*give a list"):
+        adapter(Healthy(), class_names="rgb")
+    with pytest.raises(AdapterError, match="is a set, which has no order"):
+        adapter(Healthy(), class_names={"red", "green", "blue"})
+    with pytest.raises(AdapterError, match="must be a list with one name per output logit.*int"):
+        adapter(Healthy(), class_names=3)
+    assert adapter(Healthy(), class_names=("r", "g", "b")).class_names == ["r", "g", "b"]

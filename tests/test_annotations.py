@@ -1847,3 +1847,23 @@ def test_a_write_is_made_durable_by_flushing_its_folder_too(tmp_path, monkeypatc
     monkeypatch.setattr(os, "fsync", failing)
     write_atomically(tmp_path / "f.txt", lambda f: f.write("y"), binary=False)
     assert (tmp_path / "f.txt").read_text() == "y"
+
+
+def test_set_and_merge_refuse_what_they_cannot_take_with_an_annotation_error(tmp_path):
+    """set(key, None) raised "'NoneType' object is not iterable" and merge(42) pathlib's
+    TypeError; set(key, []) removes the key's concepts."""
+    a = Annotations()
+    a.set(("neuron", 5), ["red shapes"])
+    for bad in (None, 7):
+        with pytest.raises(AnnotationError, match=r"Concepts are a list of strings, got "
+                                                  rf"{bad}.*set\(key, \[\]\) to remove"):
+            a.set(("neuron", 5), bad)
+    assert a.concepts(("neuron", 5)) == ("red shapes",)
+    assert a.set(("neuron", 5), []) == () and ("neuron", 5) not in a
+    for bad, shown in ((42, "int 42"), ({"format": "multiviz-annotations"}, "dict {'format'")):
+        with pytest.raises(AnnotationError, match=r"merge takes a store \(an Annotations\) or "
+                                                  rf"the path of an annotations file, got {shown}"):
+            a.merge(bad)
+    other = Annotations()
+    other.add(("neuron", 1), "blue")
+    assert a.merge(other) == 1 and a.concepts(("neuron", 1)) == ("blue",)

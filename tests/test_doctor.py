@@ -621,3 +621,14 @@ def test_a_curved_model_gets_no_curvature_warning_even_when_its_hessian_cancels_
     a = ModelAdapter(Difference(), mods, ["k0", "k1"])
     r = check(a, {"tabular": torch.tensor([1.0, 0.5]), "series": torch.tensor([[-1.0], [2.0]])})
     assert not _curvature(r), str(r)
+
+
+def test_check_refuses_what_is_not_an_adapter_and_says_to_wrap_the_model():
+    """check("model", instance) raised AttributeError: 'str' object has no attribute 'model'."""
+    for bad in ("model", Healthy()):
+        with pytest.raises(AdapterError, match=rf"check needs a ModelAdapter, got "
+                                               rf"{type(bad).__name__}: wrap the model in "
+                                               r"ModelAdapter\(model, modalities, class_names\)"):
+            check(bad, INSTANCE)
+    with pytest.raises(AdapterError, match="arguments are swapped"):
+        check(INSTANCE, adapter(Healthy()))

@@ -375,3 +375,10 @@ def test_channel_and_column_names_come_from_any_sequence_of_names():
             TimeSeries("audio", channels=empty)
     with pytest.raises(ValueError, match="channel_groups is empty"):
         TimeSeries("audio", channels=["a"], channel_groups=[])
+
+
+def test_a_tokenize_that_is_not_a_function_is_refused_at_construction():
+    """tokenize="split" was taken and failed on the first text: 'str' object is not callable."""
+    with pytest.raises(TypeError, match=r"tokenize must be a function.*got str 'split'"):
+        Text("q", vocab=VOCAB, tokenize="split")
+    assert Text("q", vocab=VOCAB, tokenize=str.split).tokenize("what is") == ["what", "is"]

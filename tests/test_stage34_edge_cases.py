@@ -265,3 +265,80 @@ def test_a_bfloat16_model_is_explained_at_every_stage():
     assert w.dtype == np.float32 and w.shape == (C, D)
     path = prediction_path(adapter, ds[0], k_neurons=2)
     assert len(path.neurons) == 2
+
+
+def test_fit_sparse_model_checks_max_iter_seed_and_alpha_up_front():
+    """max_iter=0 fit an all-zero model silently (scikit-learn) or failed inside glm_saga;
+    seed=-1 got numpy's error, naming no argument; alpha="0.9" a bare TypeError."""
+    rng = np.random.default_rng(0)
+    h, y = rng.normal(size=(40, 3)), np.arange(40) % 2
+    for kw, words in [(dict(max_iter=0), r"max_iter .* integer of at least 1, got 0"),
+                      (dict(max_iter=0, solver="glm_saga"), r"max_iter .*at least 1, got 0"),
+                      (dict(max_iter=2.5), r"max_iter .*got 2.5"),
+                      (dict(seed=-1), r"seed .* integer of at least 0, got -1"),
+                      (dict(seed="0"), r"seed .*got '0'"),
+                      (dict(alpha="0.9"), r"alpha .* must be a number in \(0, 1\].*'0.9' \(str\)"),
+                      (dict(alpha=True), r"alpha .*got True \(bool\)"),
+                      (dict(eps="1e-3"), r"eps .* must be a number"),
+                      (dict(tolerance=None), r"tolerance must be a number"),
+                      (dict(val_fraction="0.2"), r"val_fraction must be a number")]:
+        with pytest.raises(ValueError, match=words):
+            fit_sparse_model((h, y), **kw)
+    m = fit_sparse_model((h, y), alpha=np.float64(0.9), max_iter=np.int64(50), seed=np.int64(3),
+                         n_lambdas=3)
+    assert m.alpha == 0.9 and m.params["seed"] == 3 and m.params["max_iter"] == 50
+    assert type(m.params["seed"]) is int                  # a plain int: saved as JSON
+
+
+def test_a_sparse_model_that_is_not_one_is_refused_with_the_loader_named():
+    """SparseModel.to_dict() read back from JSON, or a path, raised AttributeError: 'dict' object
+    has no attribute 'weight'."""
+    adapter, ds = tiny_adapter(), tiny_dataset(12)
+    sm = fit_sparse_model(extract_features(adapter, ds), class_names=adapter.class_names,
+                          n_lambdas=3)
+    saved = json.loads(json.dumps(sm.to_dict()))
+    for bad, words in [(saved, r"it is a dict, as SparseModel.to_dict\(\).*"
+                               r"prediction.sparse_model_from_dict\(that dict\)"),
+                       ("sparse.json", r"the path 'sparse.json'.*sparse_model_from_dict\("
+                                       r"json.load\(open\(path\)\)\)"),
+                       (3, r"got int .*sparse_model_from_dict rebuilds one")]:
+        with pytest.raises(TypeError, match=r"sparse_model must be a SparseModel .*" + words):
+            prediction_path(adapter, ds[0], sparse_model=bad, interaction_method=None)
+        with pytest.raises(TypeError, match=words):
+            decision_contributions(adapter, ds[0], sparse_model=bad)
+    from multiviz_widgets.kernels.prediction import sparse_model_from_dict
+    again = decision_contributions(adapter, ds[0], sparse_model=sparse_model_from_dict(saved))
+    assert again.source == "sparse_model"
+
+
+def test_the_explorer_analyses_check_sparse_model_gallery_k_and_path_params_when_built():
+    """A dict sparse model, gallery_k=-1 and path_params k_neurons=-1 were taken and failed only
+    after a click, in the banner; gallery_k=2.7 was cut to 2."""
+    from multiviz_widgets.engine import Analyses, Engine, Kernels
+    adapter, ds = tiny_adapter(), tiny_dataset()
+    engine = Engine(delay=0.0)
+    try:
+        with pytest.raises(TypeError, match="sparse_model must be a SparseModel.*it is a dict"):
+            Analyses(engine, adapter, ds, sparse_model={"weight": [[1.0]]})
+        for k in (-1, 0, 2.7, "4"):
+            with pytest.raises(ValueError, match=rf"gallery_k .* at least 1, got {k!r}"):
+                Analyses(engine, adapter, ds, gallery_k=k)
+        for params, err, words in [
+                ({"k_neurons": -1}, ValueError, r"path_params\['k_neurons'\] .*got -1"),
+                ({"k_units": 1.5}, ValueError, r"path_params\['k_units'\] .*got 1.5"),
+                ({"k_neuron": 2}, TypeError, r"\['k_neuron'\] are not parameters of "
+                                             r"prediction_path; it takes .*'k_neurons'")]:
+            with pytest.raises(err, match=words):
+                Analyses(engine, adapter, ds, path_params=params)
+        ok = Analyses(engine, adapter, ds, gallery_k=np.int64(3), path_params={"k_neurons": 2})
+        assert ok.gallery_k == 3 and ok.path_params == {"k_neurons": 2}
+
+        class Own(Kernels):          # kernels of one's own take their own kind of sparse model
+            def contributions(self, *a, **k):
+                return None
+
+            def prediction_path(self, *a, **k):
+                return {}
+        assert Analyses(engine, adapter, ds, Own(), sparse_model="mine").sparse_model == "mine"
+    finally:
+        engine.close()

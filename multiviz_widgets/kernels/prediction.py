@@ -25,10 +25,12 @@ activation <- each neuron's top units (stage 1 targeted at the neuron) and top c
 """
 from __future__ import annotations
 
+import numbers
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -195,6 +197,25 @@ class SparseModel:
             "seconds": float(self.seconds), "params": dict(self.params),
             "curve": self.curve(),
         }
+
+
+def check_sparse_model(value, where: str = "sparse_model"):
+    """``value`` when it is a SparseModel (or None); else a TypeError that says how to get one:
+    its ``to_dict()`` read back (from JSON) is rebuilt with ``sparse_model_from_dict``, a saved
+    file is read first."""
+    if value is None or isinstance(value, SparseModel):
+        return value
+    load = "multiviz_widgets.kernels.prediction.sparse_model_from_dict"
+    if isinstance(value, Mapping):
+        how = (f"it is a dict, as SparseModel.to_dict() (saved as JSON) gives: pass "
+               f"{load}(that dict) instead")
+    elif isinstance(value, (str, bytes, os.PathLike)):
+        how = (f"it is the path {value!r}: read the file and pass "
+               f"{load}(json.load(open(path)))")
+    else:
+        how = f"got {type(value).__name__} ({load} rebuilds one from its to_dict())"
+    raise TypeError(f"{where} must be a SparseModel (from fit_sparse_model or "
+                    f"fit_sparse_model_for), or None for the decision layer; {how}.")
 
 
 def sparse_model_from_dict(data: dict[str, Any]) -> SparseModel:
@@ -409,6 +430,15 @@ def choose_sparsity(nonzeros: Sequence[int], val_fidelity: Sequence[float],
     return int(ok[np.lexsort((ok, nz[ok]))[0]])
 
 
+def _real(value, what: str, allowed: str) -> float:
+    """value as a float, refusing what is not a real number (a string such as "0.9", a bool),
+    which the range checks would compare with numbers and fail on with a bare TypeError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what} must be a number in {allowed}, got {value!r} "
+                         f"({type(value).__name__}).")
+    return float(value)
+
+
 def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] | None = None,
                      alpha: float = 0.99, n_lambdas: int = 20, eps: float = 1e-3,
                      tolerance: float = 0.01, fit_to: str = "predictions",
@@ -441,13 +471,20 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
         raise ValueError(f"fit_to must be 'predictions' (fidelity) or 'labels', got {fit_to!r}.")
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver {solver!r}; choose one of {SOLVERS}.")
+    alpha = _real(alpha, "alpha (the L1 share of the elastic net)", "(0, 1], e.g. 0.99")
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha (the L1 share of the elastic net) must be in (0, 1], got {alpha}.")
+    eps = _real(eps, "eps (smallest lambda / lambda_max)", "(0, 1), e.g. 1e-3")
     if not 0 < eps < 1:
         raise ValueError(f"eps (smallest lambda / lambda_max) must be in (0, 1), got {eps}.")
     n_lambdas = positive_int(n_lambdas, "n_lambdas", minimum=2)
+    tolerance = _real(tolerance, "tolerance", "[0, 1), e.g. 0.01")
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance is a fraction of fidelity (0.01 = 1 point), got {tolerance}.")
+    # max_iter=0 left every point of the path at its all-zero start with scikit-learn (silently)
+    # and failed inside glm_saga; a negative seed failed in numpy without naming the argument
+    max_iter = positive_int(max_iter, "max_iter (the solver's iterations per path point)")
+    seed = positive_int(seed, "seed (of the validation split and the solver)", minimum=0)
     step = (rounding_step(train.h, model_dtype=True) if isinstance(train, Features) else
             rounding_step(train[0] if isinstance(train, (tuple, list)) and len(train) == 2
                           else None))
@@ -455,6 +492,7 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     if len(h_tr) == 0:
         raise ValueError("The training set is empty; pass at least two instances of two classes.")
     if val is None:
+        val_fraction = _real(val_fraction, "val_fraction", "(0, 1), e.g. 0.2")
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
         rng = np.random.default_rng(seed)
@@ -748,6 +786,7 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     t0 = time.perf_counter()
     k_neurons, k_units, k_pairs = (positive_int(v, name) for name, v in (
         ("k_neurons", k_neurons), ("k_units", k_units), ("k_pairs", k_pairs)))
+    check_sparse_model(sparse_model)
     prepared = as_prepared(adapter, instance)
     contrib = decision_contributions(adapter, prepared, target, sparse_model)
     c = contrib.class_index

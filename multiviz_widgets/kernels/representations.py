@@ -801,6 +801,8 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
     Contributions are W[c, j] h_j(x) with the decision layer's W, or with ``sparse_model``
     (from prediction.fit_sparse_model) W[c, j] (h_j - mean_j) / std_j. Cost: one forward pass.
     """
+    from .prediction import check_sparse_model     # prediction imports this module
+    check_sparse_model(sparse_model)
     prepared = as_prepared(adapter, instance)
     logits, h = adapter.features(prepared.raw)
     if h.dim() != 2:
