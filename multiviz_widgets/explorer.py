@@ -374,8 +374,9 @@ class Explorer(W.VBox):
     than two modalities the controls' "pair" menu (or ``select(pair=...)``) changes it.
     kernels: a ``Kernels`` object (tests pass fakes). gallery_k: instances per gallery row.
     path_params: ``prediction_path``'s parameters for the path view (k_neurons, k_units,
-    interaction_method, ...); its pairs follow the pair menu unless they name ``modalities``
-    (or interaction_method=None: no pairs).
+    interaction_method, ...); the path follows the menus (its units the method's, its pairs the
+    interaction method's between the pair menu's modalities) where they name no
+    ``unimodal_method``, ``interaction_method`` (None: no pairs) or ``modalities``.
     annotations: the concepts people give neurons and units (``explorer.annotations``): a JSON
     file's path (read if it exists, saved on each change; a file that cannot be read, or was
     made for a model of another shape, raises an AnnotationError and is left as it is), an
@@ -418,15 +419,15 @@ class Explorer(W.VBox):
         # a new selection clears the banner first: observers run in the order they were added,
         # and a view's job may fail on the worker before a later observer would clear it
         self.selection.observe(lambda _: self.engine.clear_error(), names=list(FIELDS))
-        # the path's pairs follow the heatmap's pair (none: no pairs), unless path_params name
-        # their own (modalities=, or interaction_method=None for none); its other parameters
-        # (k_neurons, ...) are kept
+        # the path follows the menus (its units the method's, its pairs the interaction
+        # method's between the heatmap's pair; none: no pairs), except where path_params name
+        # their own (unimodal_method=, interaction_method= or None for no pairs, modalities=);
+        # its other parameters (k_neurons, ...) are kept
         self._own_path_params = dict(path_params or {})
-        if ("modalities" not in self._own_path_params
-                and self._own_path_params.get("interaction_method", "") is not None):
-            self._path_pairs(pair)
-            # before the path view's own observer, so that it asks for the new pairs
-            self.selection.observe(lambda c: self._path_pairs(c["new"]), names=["pair"])
+        self._follow_menus()
+        # before the path view's own observer, so that it asks with the new parameters
+        self.selection.observe(lambda _: self._follow_menus(),
+                               names=["pair", "method", "interaction_method"])
         from .views.input_view import InputView
         # the input view takes what the heatmap leaves (at least 360 px); rows wrap rather than
         # overflow the output area or push views over each other (a layout given here: one set
@@ -572,12 +573,20 @@ class Explorer(W.VBox):
                 return str(item["labels"][unit])
         return None
 
-    def _path_pairs(self, pair) -> None:
-        """The prediction path's pairs are those of the heatmap's pair (none: no pairs); a new
-        dict, so that a path job that started with the old one can tell (PathView)."""
-        self.analyses.path_params = {**self._own_path_params,
-                                     **({"modalities": tuple(pair)} if pair
-                                        else {"interaction_method": None})}
+    def _follow_menus(self) -> None:
+        """The prediction path's parameters: ``path_params``' own, and the menus' for what
+        they leave open: the units by the stage-1 method, the pairs by the stage-2 method
+        between the heatmap's pair (none: no pairs). A new dict, so that a path job that
+        started with the old one can tell (PathView)."""
+        own, s = self._own_path_params, self.selection
+        params = {"unimodal_method": s.method, **own}
+        if own.get("interaction_method", "") is not None:
+            params.setdefault("interaction_method", s.interaction_method)
+            if "modalities" not in own:
+                params.update({"modalities": tuple(s.pair)} if s.pair
+                              else {"interaction_method": None})
+        if params != self.analyses.path_params:
+            self.analyses.path_params = params
 
     @property
     def pair(self) -> tuple[str, str] | None:

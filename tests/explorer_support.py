@@ -218,7 +218,10 @@ class FakeKernels(Kernels):
                             "contribution": float(dc.contributions[j]), "units": units,
                             "pairs": pairs})
         return {"class": class_index, "class_name": adapter.class_names[class_index],
-                "neurons": neurons}
+                "neurons": neurons,
+                "unimodal_method": params.get("unimodal_method", "integrated_gradients"),
+                "interaction_method": (params.get("interaction_method", "second_order")
+                                       if len(names) > 1 else None)}
 
 
 class TinyThree(nn.Module):

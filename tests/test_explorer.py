@@ -1129,7 +1129,9 @@ def test_the_pair_menu_changes_the_heatmap_the_overlay_and_the_path(three):
     assert st["heatmap_selected_row"] == 1 and st["unit_ref"] == ["meta", 1]
     assert np.allclose(st["input_scores"]["image"], np.asarray(st["heatmap"])[1])
     assert "not in the heatmap's pair" not in st["score_caption"]
-    assert ex.analyses.path_params == {"modalities": ("meta", "image")}
+    assert ex.analyses.path_params == {"unimodal_method": "integrated_gradients",
+                                       "interaction_method": "second_order",
+                                       "modalities": ("meta", "image")}
     ex.heatmap_view.click(2)                          # a cell click selects a meta unit
     assert ex.selection.unit_ref == ("meta", 2)
     ex.select(pair=("image", "question"))             # from code, another order: added to the menu
@@ -1139,6 +1141,37 @@ def test_the_pair_menu_changes_the_heatmap_the_overlay_and_the_path(three):
         ex.select(pair=("meta", "meta"))
     with pytest.raises(ValueError, match="two different modalities"):
         ex.select(pair=("meta", "audio"))
+
+
+def test_the_path_follows_the_method_menus_unless_path_params_name_its_own():
+    """The path's units and pairs come from the methods the menus show (as the input view's
+    and the heatmap's do), and its caption names them; path_params' own methods stay."""
+    from .explorer_support import FakeKernels, tiny_vqa
+    adapter, ds = tiny_vqa()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05)
+    try:
+        assert ex.wait(30)
+        assert "units by integrated gradients, pairs by second-order gradients" in (
+            ex.path_view.caption.value)
+        ex.controls.method.value = "occlusion"
+        ex.controls.interaction_method.value = "pairwise_ablation"
+        assert ex.wait(30)
+        assert ex.analyses.path_params == {"unimodal_method": "occlusion",
+                                           "interaction_method": "pairwise_ablation",
+                                           "modalities": ("question", "image")}
+        assert "units by occlusion, pairs by pairwise ablation" in ex.path_view.caption.value
+    finally:
+        ex.close()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05,
+                  path_params={"unimodal_method": "gradient", "interaction_method": None})
+    try:
+        ex.controls.method.value = "lime"
+        assert ex.wait(30)
+        assert ex.analyses.path_params == {"unimodal_method": "gradient",
+                                           "interaction_method": None}
+        assert "units by gradient, no pairs" in ex.path_view.caption.value
+    finally:
+        ex.close()
 
 
 def test_two_modalities_have_no_pair_menu(vqa):

@@ -1046,7 +1046,9 @@ def test_the_path_follows_the_pair_menu_with_path_params_that_name_no_modalities
         assert ex.wait(60)
         ex.select(pair=("meta", "image"))
         assert ex.wait(60)
-        assert ex.analyses.path_params == {"k_neurons": 2, "modalities": ("meta", "image")}
+        menus = {"unimodal_method": "integrated_gradients", "interaction_method": "second_order"}
+        assert ex.analyses.path_params == {"k_neurons": 2, **menus,
+                                           "modalities": ("meta", "image")}
     finally:
         ex.close()
     ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05,
@@ -1054,7 +1056,8 @@ def test_the_path_follows_the_pair_menu_with_path_params_that_name_no_modalities
     try:
         ex.select(pair=("meta", "image"))
         assert ex.wait(60)
-        assert ex.analyses.path_params == {"modalities": ("image", "question")}   # pinned
+        assert ex.analyses.path_params == {**menus,
+                                           "modalities": ("image", "question")}   # pinned
     finally:
         ex.close()
 

@@ -18,7 +18,7 @@ from ..display_text import quoted
 from ..engine import Analyses, Engine, params_key
 from ..kernels.projection import path_layout
 from ..selection import Selection
-from ._common import RetryAfterCancel, WrappedText, failure_text
+from ._common import RetryAfterCancel, WrappedText, failure_text, method_label
 
 _COLOURS = {"class": "#d62728", "neuron": "#1f77b4", "unit": "#2ca02c"}
 #: The classes shown beside the path's own (a click follows their path): grey, not its red.
@@ -39,6 +39,15 @@ def _short_unit_name(name: str) -> str:
     if head and len(last) <= UNIT_NAME_CHARS - 4:
         return name[:UNIT_NAME_CHARS - len(last) - 2] + "\u2026 " + last
     return name[:UNIT_NAME_CHARS - 1] + "\u2026"
+
+
+def path_methods(path: dict) -> str:
+    """"units by integrated gradients, pairs by second-order gradients" (or "no pairs"): what
+    a path (``PredictionPath.to_dict``'s) was computed with, for its caption."""
+    units = path.get("unimodal_method")
+    pairs = path.get("interaction_method")
+    said = f"units by {method_label(units)}" if units else "units by their attributions"
+    return f"{said}, " + (f"pairs by {method_label(pairs)}" if pairs else "no pairs")
 
 
 def signed_link_values(links: list[dict]) -> list[float]:
@@ -97,7 +106,8 @@ class PathView(W.VBox):
                          layout=W.Layout(width="626px", flex="0 0 auto",
                                          margin="0 12px 8px 0"))
         self.add_class("mvz-path-view")
-        selection.observe(lambda _: self.refresh(), names=["instance", "target", "pair"])
+        selection.observe(lambda _: self.refresh(),
+                          names=["instance", "target", "pair", "method", "interaction_method"])
         selection.observe(lambda _: self._highlight(), names=["neuron", "modality", "unit"])
         self.retry = RetryAfterCancel(selection)
         if annotations is not None:
@@ -159,6 +169,8 @@ class PathView(W.VBox):
                                    "their right, blue lower it, paler is weaker; a link between "
                                    "two units: their interaction (red: they reinforce each "
                                    "other); grey boxes: other likely classes (click a node)")
+        if not note:
+            self.caption.value += f"; {path_methods(path)}"
         ablated = (path.get("params") or {}).get("pairs_by_ablation") or []
         if ablated and not note:
             self.caption.value += (
