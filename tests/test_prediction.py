@@ -258,6 +258,30 @@ def test_the_prediction_path_finds_the_planted_route():
     assert (u, v, rl) == (1, 1, "c1") and cl.startswith("y t0") and val != 0
 
 
+def test_the_path_reports_inside_its_kernels_so_a_cancel_stops_it_there():
+    """The path's progress comes from inside each step's kernel too (a Shapley estimate takes
+    seconds): a callback that cancels at the first report stops the path inside the first
+    neuron's stage-1 kernel, not after it."""
+    from multiviz_widgets.progress import Cancelled
+    adapter, inst = path_case(UNITS_A)
+    seen = []
+
+    def cancel_inside(done, total, message):
+        seen.append((done, total, message))
+        if "(" in message:                    # a report from inside a kernel
+            raise Cancelled("stale")
+    with pytest.raises(Cancelled):
+        prediction_path(adapter, inst, k_neurons=5, unimodal_method="occlusion",
+                        progress=cancel_inside)
+    assert seen and seen[-1][0] == 0 and seen[-1][2].startswith("neuron ")
+    assert "units (" in seen[-1][2]
+    messages = []
+    prediction_path(adapter, inst, k_neurons=2, interaction_method="pairwise_ablation",
+                    progress=lambda d, t, m: messages.append((d, t, m)))
+    assert any(m.startswith("neuron ") and ": pairs (" in m for _, _, m in messages)
+    assert all(0 <= d <= t == 4 for d, t, _ in messages) and messages[-1][:2] == (4, 4)
+
+
 def test_every_pair_of_the_path_links_units_it_shows():
     """k_units=1 and k_pairs=3: the pairs' other units join the neuron's units with their own
     stage-1 scores, and the layout draws a link for every pair (it drew only the pairs whose

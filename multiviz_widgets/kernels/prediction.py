@@ -804,9 +804,19 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     done = 0
     fwd, bwd = 1, 0
     neurons, by_ablation = [], []
+    def within(what: str):
+        """A step's kernel reports its own batches as the path's progress (so that a cancel,
+        or a newer click that makes the path stale, stops it inside a slow kernel, a Shapley
+        estimate of seconds, not only between the steps)."""
+        if progress is None:
+            return None
+        at = done
+        return lambda d, t, m="": report(progress, at, steps, f"{what} ({m} {d}/{t})")
+
     for j in chosen:
         nt = Neuron(int(j))
-        att = attribute(adapter, prepared, unimodal_method, target=nt, **(unimodal_params or {}))
+        att = attribute(adapter, prepared, unimodal_method, target=nt,
+                        progress=within(f"neuron {j}: units"), **(unimodal_params or {}))
         fwd, bwd = fwd + att.forward_passes, bwd + att.backward_passes
         units = {m: _top_units(att.scores[m], att.labels.get(m, prepared.labels[m]), k_units,
                                absolute) for m in att.scores}
@@ -815,12 +825,14 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
         pairs, pair_mods = [], None
         if do_pairs:
             inter = interaction(adapter, prepared, interaction_method, modalities=modalities,
-                                target=nt, **(interaction_params or {}))
+                                target=nt, progress=within(f"neuron {j}: pairs"),
+                                **(interaction_params or {}))
             fwd, bwd = fwd + inter.forward_passes, bwd + inter.backward_passes
             if interaction_method == "second_order" and (inter.params or {}).get("blind"):
                 # blind here (all 0 whatever the units do): pairs that remove the units
                 inter = interaction(adapter, prepared, "pairwise_ablation",
-                                    modalities=modalities, target=nt)
+                                    modalities=modalities, target=nt,
+                                    progress=within(f"neuron {j}: pairs"))
                 fwd, bwd = fwd + inter.forward_passes, bwd + inter.backward_passes
                 by_ablation.append(int(j))
             pair_mods = tuple(inter.modalities)
