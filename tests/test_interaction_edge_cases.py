@@ -3,6 +3,8 @@ models without a path, metadata under the side swap, Shapley progress, argument 
 independence of the order of its modalities)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -83,15 +85,85 @@ def test_sog_of_a_side_without_a_path_is_zero_not_an_error(model, mode, pair, ph
 
 def test_sog_backward_count_is_what_was_run():
     """With no path from the contracted side there is no second derivative to take: no second
-    backward passes are run, and the result says so."""
+    backward passes are run, and the result says so. The all-zero matrix costs one forward of
+    4 rows more (removing both modalities against removing each), which finds no interaction:
+    the zeros are the answer, without a note."""
     adapter = ModelAdapter(IgnoresSeries(), _modalities(), ["k0", "k1"], decision_layer="head")
     pair = ("series", "tabular")
     r = interaction(adapter, _instance(), "second_order", modalities=pair, target=0, mode="vmap")
     assert r.params["contracted"] == "series"
-    assert r.forward_passes == 1 and r.backward_passes == 1
+    assert r.forward_passes == 1 + 4 and r.backward_passes == 1
+    assert "note" not in r.params and "blind" not in r.params
     r = interaction(adapter, _instance(), "second_order", modalities=pair, target=0,
                     mode="replicate")
-    assert r.forward_passes == 4 and r.backward_passes == 4
+    assert r.forward_passes == 4 + 4 and r.backward_passes == 4
+    assert "note" not in r.params
+
+
+class CutOff(nn.Module):
+    """logit 0 = tanh(tabular) . w * series[:, 0, 0]: the modalities interact, but forward()
+    cuts one side off autograd's graph (``how``: "detach" or "round") or runs under
+    torch.no_grad() ("no_grad")."""
+
+    def __init__(self, how, side="tabular"):
+        super().__init__()
+        self.how, self.side = how, side
+        self.head = nn.Linear(1, 2)
+        _seeded(self, 0)
+
+    def _forward(self, tabular, series):
+        x = {"tabular": tabular, "series": series}
+        if self.how == "detach":
+            x[self.side] = x[self.side].detach()
+        elif self.how == "round":
+            x[self.side] = torch.round(x[self.side] * 4) / 4
+        t = torch.tanh(x["tabular"]) @ torch.tensor([1.0, -0.5, 0.25, 2.0])
+        return self.head((t * x["series"][:, 0, 0]).unsqueeze(1))
+
+    def forward(self, tabular, series):
+        if self.how == "no_grad":
+            with torch.no_grad():
+                return self._forward(tabular, series)
+        return self._forward(tabular, series)
+
+
+@pytest.mark.parametrize("mode", ["auto", "vmap", "replicate"])
+def test_sog_of_a_model_under_no_grad_is_the_stage_1_error_not_zeros(mode):
+    """The output does not require grad: the matrix was all 0 with no note (read as "no
+    interaction"); now the AdapterError the gradient methods raise, with stage 2's advice."""
+    from multiviz_widgets import AdapterError
+    adapter = ModelAdapter(CutOff("no_grad"), _modalities(), ["k0", "k1"])
+    with pytest.raises(AdapterError, match=r"torch.no_grad\(\).*Second-order gradients "
+                                           r"\(interaction method second_order\).*use "
+                                           r"pairwise_ablation or shapley") as e:
+        interaction(adapter, _instance(), "second_order", target=0, mode=mode)
+    assert e.value.code == "no-gradient"
+
+
+@pytest.mark.parametrize("mode", ["vmap", "replicate"])
+@pytest.mark.parametrize("how, side, why", [
+    ("detach", "tabular", r"(no gradient with respect to|cuts) 'tabular'.*\.detach\(\)"),
+    ("detach", "series", r"(no gradient with respect to|cuts) 'series'.*\.detach\(\)"),
+    ("round", "tabular", r"(gradient with respect to|cuts) 'tabular'.*torch\.round")])
+@pytest.mark.parametrize("pair", [("tabular", "series"), ("series", "tabular")])
+def test_sog_of_a_side_cut_off_from_the_graph_is_marked_blind(mode, how, side, why, pair):
+    """A side detached or rounded inside forward() has no second derivatives: the matrix was
+    all 0 with no note while pairwise ablation found the pairs. Now it is marked blind as a
+    piecewise-linear model's is (params["blind"], read by the prediction path, and a note that
+    names the side, why, and what to use instead), and counts the passes that found it.
+    (Where the other side is linear, the piecewise-linear check already calls it blind.)"""
+    adapter = ModelAdapter(CutOff(how, side), _modalities(), ["k0", "k1"])
+    r = interaction(adapter, _instance(), "second_order", modalities=pair, target=0, mode=mode)
+    assert np.all(r.matrix == 0) and r.params["blind"] is True
+    assert re.search(why, r.params["note"])
+    assert "cannot see" in r.params["note"] and "pairwise ablation" in r.params["note"]
+    ablation = interaction(adapter, _instance(), "pairwise_ablation", modalities=pair, target=0)
+    assert np.abs(ablation.matrix).max() > 0.1
+    # on top of the method's own passes: 4 rows to find the interaction, 1 + 1 to name the side
+    plain = interaction(ModelAdapter(CutOff("none"), _modalities(), ["k0", "k1"]), _instance(),
+                        "second_order", modalities=pair, target=0, mode=mode)
+    assert "note" not in plain.params and np.abs(plain.matrix).max() > 0.01
+    assert r.forward_passes >= plain.forward_passes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,3 +478,20 @@ def test_interactions_inside_inference_mode_are_a_clear_error():
         with torch.inference_mode(), pytest.raises(AdapterError, match="inference_mode"):
             interaction(a, inst, method)
     assert interaction(a, inst, "pairwise_ablation").matrix.shape == (3, 2)
+
+
+@pytest.mark.parametrize("method", ["second_order", "pairwise_ablation", "shapley"])
+def test_an_interaction_progress_that_is_not_callable_is_a_clear_error_before_any_work(method):
+    """progress=5 gave "'int' object is not callable" from inside the kernel, after its first
+    forward passes."""
+    model = Fusion()
+    rows = []
+    handle = model.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    adapter = ModelAdapter(model, _modalities(), ["k0", "k1", "k2"])
+    try:
+        with pytest.raises(TypeError, match=r"interaction: progress must be None or a callable "
+                                            r"progress\(done, total, message\), got 5 \(int\)"):
+            interaction(adapter, _instance(), method, target=0, progress=5)
+    finally:
+        handle.remove()
+    assert rows == []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -69,6 +70,7 @@ def test_a_bad_seed_is_a_clear_error(ts, method, seed):
         attribute(adapter, inst, method, target=0, n_samples=16, seed=seed)
 
 
+@pytest.mark.filterwarnings("ignore:kernel_shap.*underdetermined")   # 16 samples, 9 units
 def test_seed_none_and_numpy_seeds_still_work(ts):
     _, adapter, inst = ts
     a = attribute(adapter, inst, "lime", target=0, n_samples=16, seed=np.int64(3))
@@ -582,3 +584,150 @@ def test_a_bfloat16_models_occlusion_scores_are_exact_differences_of_its_outputs
     assert y.dtype == torch.bfloat16
     np.testing.assert_array_equal(r.scores["x"], (y[0].double() - y[1:].double()).numpy())
     assert r.scores["x"][2] == 14.109375
+
+
+# ---------------------------------------------------------------------------------------------
+# surrogates that the samples do not determine
+# ---------------------------------------------------------------------------------------------
+def test_kernel_shap_on_too_few_samples_warns_and_records_it(ts):
+    """9 units, 8 samples: the 6 sampled coalitions (3 with their complements) determine at
+    most 3 of the 8 free coefficients; lstsq's minimum-norm guess came back silently (10 units
+    and 10 samples gave -0.89 where the Shapley value is -0.004). As shapley's underdetermined
+    regression: a UserWarning with the samples that would do, and params["underdetermined"]."""
+    _, adapter, inst = ts
+    with pytest.warns(UserWarning, match=r"kernel_shap: the Shapley-kernel regression fits 9 "
+                                         r"unit scores from only 8 samples, whose 6 sampled "
+                                         r"coalitions determine [0-3] of its 8 free coefficients"
+                                         r".*underdetermined.*Raise n_samples to at least 27 "
+                                         r"\(exact Shapley values from 512\)"):
+        r = attribute(adapter, inst, "kernel_shap", target=0, n_samples=8)
+    assert r.params["underdetermined"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact = attribute(adapter, inst, "kernel_shap", target=0, n_samples=512)
+        [batched] = attribute_batch(adapter, [inst], "kernel_shap", targets=0, n_samples=512)
+    assert exact.params["underdetermined"] is False
+    assert batched.params["underdetermined"] is False
+    # attribute_batch records it too, and warns at its caller
+    with pytest.warns(UserWarning, match="underdetermined") as record:
+        [few] = attribute_batch(adapter, [inst], "kernel_shap", targets=0, n_samples=8)
+    assert few.params["underdetermined"] is True
+    assert record[0].filename == __file__
+
+
+def test_kernel_shap_of_a_function_warns_below_the_rank_of_its_regression():
+    """Sampled (not exact) designs: 30 units need about 2.5 x 30 samples; the function itself
+    (used without attribute) warns too, and a determined fit recovers a linear function."""
+    w = torch.arange(1.0, 31.0, dtype=torch.float64)
+
+    def fn(m):
+        return m["a"].double() @ w
+
+    with pytest.warns(UserWarning, match=r"fits 30 unit scores from only 40 samples.*at least "
+                                         r"90, explain fewer units \(modalities=\[\.\.\.\]\), "
+                                         r"or use occlusion") as record:
+        kernel_shap_from_function(fn, {"a": 30}, n_samples=40)
+    assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = kernel_shap_from_function(fn, {"a": 30}, n_samples=120)
+    np.testing.assert_allclose(s["a"], w.numpy(), atol=1e-8)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lime_without_a_penalty_refuses_a_rank_deficient_design_that_solve_misses(seed):
+    """10 units and 8 masks: the unpenalised system is singular, but rounding let solve()
+    return finite coefficients off by up to 10^4; the rank is read first now."""
+    w = torch.arange(1.0, 11.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"with alpha=0.0 \(no ridge penalty\) the 8 sampled "
+                                         r"masks determine only \d of the coefficients of its "
+                                         r"10 units \(too few masks: at least 11 are needed.*"
+                                         r"alpha > 0"):
+        lime_from_function(lambda m: m["a"].double() @ w, {"a": 10}, n_samples=8, alpha=0,
+                           seed=seed)
+    s = lime_from_function(lambda m: m["a"].double() @ w, {"a": 10}, n_samples=30, alpha=0,
+                           seed=seed)
+    np.testing.assert_allclose(s["a"], w.numpy(), atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# progress that is not a callable
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["gradient", "integrated_gradients", "occlusion", "lime",
+                                    "kernel_shap"])
+def test_a_progress_that_is_not_callable_is_a_clear_error_before_any_work(ts, method):
+    """progress=5 gave "'int' object is not callable" from inside the kernel (or nothing at
+    all, from a method that skips the report without a callback), after forward passes."""
+    model, adapter, inst = ts
+    rows = []
+    handle = model.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    try:
+        with pytest.raises(TypeError, match=r"attribute: progress must be None or a callable "
+                                            r"progress\(done, total, message\), got 5 \(int\)"):
+            attribute(adapter, inst, method, target=0, progress=5)
+        with pytest.raises(TypeError, match="attribute_batch: progress must be None or a "
+                                            "callable"):
+            attribute_batch(adapter, [inst], method, targets=0, progress="bar")
+    finally:
+        handle.remove()
+    assert rows == []
+
+
+def test_surrogates_and_report_refuse_a_progress_that_is_not_callable():
+    from multiviz_widgets.progress import report
+    for fit in (lime_from_function, kernel_shap_from_function):
+        with pytest.raises(TypeError, match="progress must be None or a callable"):
+            fit(_linear_fn, {"a": 4}, n_samples=8, progress=[])
+    with pytest.raises(TypeError, match=r"got 5 \(int\)"):
+        report(5, 0, 1, "x")
+    report(None, 0, 1)                                    # None: nothing to call
+
+
+# ---------------------------------------------------------------------------------------------
+# integrated gradients' steps beyond memory
+# ---------------------------------------------------------------------------------------------
+def test_integrated_gradients_refuses_steps_beyond_memory_before_any_work(ts):
+    """steps=10**9 raised numpy's MemoryError (6.94 EiB, leggauss' dense eigenproblem); now a
+    ValueError up front that says what it would take and the most steps that fit."""
+    from multiviz_widgets.kernels.unimodal import integration_rule
+    model, adapter, inst = ts
+    rows = []
+    handle = model.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    words = (r"integrated_gradients: steps=1,000,000,000 would need about 13\.9 EiB of memory: "
+             r"13\.9 EiB for the gausslegendre nodes .*; 111\.8 GiB for the path's "
+             r"1,000,000,002 rows of 60 bytes\. At most 2\.0 GiB are allowed\. Lower steps to "
+             r"at most 11,5\d\d")
+    try:
+        with pytest.raises(ValueError, match=words):
+            attribute(adapter, inst, "integrated_gradients", target=None, steps=10**9)
+        with pytest.raises(ValueError, match=words):
+            attribute_batch(adapter, [inst, inst], "integrated_gradients", steps=10**9)
+    finally:
+        handle.remove()
+    assert rows == []                     # not even the forward pass that finds the target
+    with pytest.raises(ValueError, match=r"integration_rule: steps=100,000,000 would need about "
+                                         r"3\.0 GiB .*riemann_right nodes\. .*at most "
+                                         r"67,108,864"):
+        integration_rule(10**8, "riemann_right")
+
+
+def test_integrated_gradients_memory_limit_counts_the_path_and_what_it_suggests_fits(
+        ts, monkeypatch):
+    """The path's rows count too (a large input), and the steps the error suggests run."""
+    import re
+
+    from multiviz_widgets.kernels import unimodal
+    _, adapter, inst = ts
+    monkeypatch.setattr(unimodal, "PATH_MEMORY_LIMIT", 64 * 2**10)
+    with pytest.raises(ValueError, match=r"path's 1,001 rows of 60 bytes\..*At most 64\.0 KiB"
+                                         r".*Lower steps to at most ([\d,]+)") as e:
+        attribute(adapter, inst, "integrated_gradients", target=0, steps=1000,
+                  rule="riemann_right")
+    fits = int(re.search(r"at most ([\d,]+) \(", str(e.value)).group(1).replace(",", ""))
+    assert 100 < fits < 1000
+    r = attribute(adapter, inst, "integrated_gradients", target=0, steps=fits,
+                  rule="riemann_right")
+    assert r.params["steps"] == fits
+    with pytest.raises(ValueError, match="Lower steps to at most"):
+        attribute(adapter, inst, "integrated_gradients", target=0, steps=fits + 1,
+                  rule="riemann_right")

@@ -38,14 +38,14 @@ import numpy as np
 import torch
 
 from ..adapter import ModelAdapter, Prepared, Target
-from ..progress import ProgressFn, report
+from ..progress import ProgressFn, check_progress, report
 from ..results import Interaction, Stopwatch
 from ..checks import positive_int
 from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_masks,
                      math_attention, modality_pair, resolve_target)
 from .dime import DimeResult, dime
 from .emap import EmapResult, emap, emap_gap, emap_matrix, interaction_type, interaction_types
-from .unimodal import raise_not_finite
+from .unimodal import _raise_not_differentiable, raise_not_finite
 
 __all__ = ["INTERACTION_METHODS", "interaction", "second_order", "pairwise_ablation", "shapley",
            "pairwise_masks", "SHAPLEY_INDICES",
@@ -81,12 +81,18 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
     took 4.0 ms replicated against 5.4 ms vmapped, median of 20, ``kernels_gpu.json``: vmap runs
     the convolution backward one row at a time). Both are exact and need batch rows to be
     independent. A side the output does not depend on through a second derivative gives zeros
-    (and fewer backwards). A matrix of zeros (float rounding) from a model piecewise linear at
-    the instance (a ReLU network: its second derivatives are 0 almost everywhere), whose
-    interactions second-order gradients cannot see, carries ``params["note"]`` saying so and
-    what to use instead; telling it from a model whose sides do not interact costs one more
-    backward (vmap) or 1 forward and 2 backwards (replicate), counted, and only when every cell
-    is 0 (``_flat``).
+    (and fewer backwards); an output that does not require grad at all (forward() under
+    torch.no_grad()) raises the AdapterError of stage 1's gradient methods. A matrix of zeros
+    (float rounding) from a model piecewise linear at the instance (a ReLU network: its second
+    derivatives are 0 almost everywhere), whose interactions second-order gradients cannot see,
+    carries ``params["note"]`` saying so and what to use instead, and ``params["blind"]``;
+    telling it from a model whose sides do not interact costs one more backward (vmap) or 1
+    forward and 2 backwards (replicate), counted, and only when every cell is 0 (``_flat``).
+    An all-zero matrix that ``_flat`` does not explain costs one forward of 4 rows more
+    (``_hidden``): where removing the two modalities together shows an interaction (a side
+    detached, computed under torch.no_grad() or rounded, whose derivatives are None or 0), it
+    is marked blind the same way, its note naming the side and why (1 forward and 1 backward
+    more).
     """
     if phi not in ("identity", "abs"):
         raise ValueError(f"phi must be 'identity' or 'abs', got {phi!r}.")
@@ -138,9 +144,13 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
               "contracted": r, "batch_size": batch_size, "mode": used}
     if fell_back is not None:
         params["vmap_error"] = fell_back
-    if flat:
+    note = FLAT_NOTE.format(r=r, c=c) if flat else None
+    if not flat and not np.any(m):
+        note, more_f, more_b = _hidden(adapter, prepared, a, b, target)
+        fwd, bwd = fwd + more_f, bwd + more_b
+    if note is not None:
         # blind: what the prediction path reads (the note is for people)
-        params["note"], params["blind"] = FLAT_NOTE.format(r=r), True
+        params["note"], params["blind"] = note, True
     return np.ascontiguousarray(m), fwd, bwd, params
 
 
@@ -148,11 +158,15 @@ def second_order(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, targ
 SMALL_INDICATOR = 1 << 16
 
 
-def _first_gradient(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+def _first_gradient(f: torch.Tensor, x: torch.Tensor, target: Target) -> torch.Tensor | None:
     """df.sum()/dx with its graph kept (for the second derivative); None when f does not depend
-    on x at all (a modality the model ignores, or an output that depends on no input)."""
+    on x in autograd's graph (a modality the model ignores, or one it detaches: ``_hidden``
+    tells them apart). An AdapterError, as stage 1's gradient methods raise, when f does not
+    require grad at all (forward() under torch.no_grad(), or detaching every input): read as
+    "no interaction", that gave an all-zero matrix where pairwise ablation found the pairs."""
     if not f.requires_grad:
-        return None
+        _raise_not_differentiable(target, "Second-order gradients (interaction method "
+                                  "second_order)", "pairwise_ablation or shapley")
     g, = torch.autograd.grad(f.sum(), x, create_graph=True, allow_unused=True)
     return g
 
@@ -172,7 +186,7 @@ def _unit_attributions(adapter, prepared, r, c, target, phi, attribution):
     xr1 = xr.detach().unsqueeze(0).clone().requires_grad_(True)
     xc1 = xc.detach().unsqueeze(0).clone().requires_grad_(True)
     f = adapter.scalar(prepared, {r: xr1, c: xc1}, target)
-    g = _first_gradient(f, xr1)
+    g = _first_gradient(f, xr1, target)
     if g is None:
         return f, xr1, xc1, None
     g = g[0]
@@ -197,8 +211,62 @@ ROUNDING_EPS = 16
 #: params["note"] of a second-order matrix that cannot show interactions (see ``_flat``)
 FLAT_NOTE = ("Second-order gradients cannot see this model's interactions here: its second "
              "derivatives with respect to {r!r} are 0 at this instance (the model is piecewise "
-             "linear here, e.g. a ReLU network), so every cell is 0 whether or not the units "
-             "interact. Use pairwise ablation or Shapley interactions.")
+             "linear here, e.g. a ReLU network, or forward() cuts {c!r} off autograd's graph: "
+             ".detach(), torch.no_grad() or a step such as torch.round around its use), so "
+             "every cell is 0 whether or not the units interact. Use pairwise ablation or "
+             "Shapley interactions.")
+
+
+#: params["note"] of a second-order matrix of zeros where removing the two modalities together
+#: shows an interaction (see ``_hidden``); {why}: what cuts the derivatives off
+HIDDEN_NOTE = ("Second-order gradients cannot see this model's interactions here: every cell "
+               "is 0, but removing {a!r} and {b!r} together does not change the output by the "
+               "sum of removing each (f(x) - f(x\\{a}) - f(x\\{b}) + f(x\\both) = {d:.3g}), "
+               "and {why}. Use pairwise ablation or Shapley interactions.")
+
+
+def _hidden(adapter, prepared, a, b, target) -> tuple[str | None, int, int]:
+    """(note or None, forwards, backwards) for an all-zero second-order matrix that ``_flat``
+    did not explain. Zeros are the answer when the modalities do not interact; they are a
+    blind spot when a side is cut off from autograd's graph (forward() detaches it, runs it
+    under torch.no_grad(), or passes it through a step such as torch.round, whose derivative is
+    0), which left every cell 0 while pairwise ablation found the pairs. One forward of 4 rows
+    tells them apart: removing both modalities (each to its baseline) against removing each,
+    f(x) - f(x\\a) - f(x\\b) + f(x\\ab), rounding or not. Only when it is not does one more
+    forward and backward find each side's first-order gradient, to say which side is cut off
+    and how."""
+    keep = torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    masks = {n: keep[:, i:i + 1].repeat(1, prepared.n_units[n]) for i, n in enumerate((a, b))}
+    with torch.no_grad():
+        out = evaluate_masks(adapter, prepared, masks, target)
+    f = out.double().cpu()
+    d = float(f[0] - f[1] - f[2] + f[3])
+    scale = float(f.abs().max())
+    # the four outputs are rounded in the model's own dtype (not at most float32's, as the
+    # derivatives' check is): a bfloat16 late-fusion model's contrast of 0.025 on outputs of
+    # about 3 is its rounding, not an interaction
+    eps = torch.finfo(out.dtype if out.is_floating_point() else torch.float32).eps
+    if not (math.isfinite(d) and math.isfinite(scale)) or abs(d) <= ROUNDING_EPS * eps * scale:
+        return None, 4, 0
+    xs = {n: prepared.continuous[n].detach().unsqueeze(0).clone().requires_grad_(True)
+          for n in (a, b)}
+    with torch.enable_grad():
+        out = adapter.scalar(prepared, xs, target)
+        grads = (torch.autograd.grad(out.sum(), [xs[a], xs[b]], allow_unused=True)
+                 if out.requires_grad else (None, None))
+    why = []
+    for n, g in zip((a, b), grads):
+        if g is None:
+            why.append(f"the output has no gradient with respect to {n!r}: forward() cuts it "
+                       "off autograd's graph (.detach(), .numpy(), .item(), or torch.no_grad() "
+                       "around its use)")
+        elif not bool(g.detach().ne(0).any()):
+            why.append(f"the output's gradient with respect to {n!r} is 0: forward() passes it "
+                       "through a step (torch.round, a threshold, an argmax or an index) or "
+                       "through ReLUs all inactive here")
+    if not why:
+        why = ["its mixed second derivatives are 0 at this instance"]
+    return HIDDEN_NOTE.format(a=a, b=b, d=d, why="; ".join(why)), 5, 1
 
 
 def _span(x: torch.Tensor, baseline: torch.Tensor) -> float:
@@ -299,7 +367,7 @@ def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, 
         xc_b = xc.detach().unsqueeze(0).repeat(k, *([1] * xc.dim())).requires_grad_(True)
         with torch.enable_grad():
             f = adapter.scalar(prepared, {r: xr_b, c: xc_b}, target)
-            g = _first_gradient(f, xr_b)
+            g = _first_gradient(f, xr_b, target)
             backwards += k if f.requires_grad else 0
             h = None
             if g is not None:                        # else no path from x_r: no interaction
@@ -330,7 +398,8 @@ def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, 
 # pairwise ablation
 # --------------------------------------------------------------------------------------------
 def pairwise_masks(ua: int, ub: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks for 1 + U_a + U_b + U_a U_b forwards: full, each u removed, each v, each pair (u, v)."""
+    """Masks for 1 + U_a + U_b + U_a U_b forwards: full, each u removed, each v, each pair
+    (u, v)."""
     n = 1 + ua + ub + ua * ub
     ma, mb = torch.ones(n, ua), torch.ones(n, ub)
     ar_a, ar_b = torch.arange(ua), torch.arange(ub)
@@ -668,6 +737,7 @@ def interaction(adapter: ModelAdapter, instance, method: str = "second_order", m
     masked inputs or gradients the method needs) are not finite.
     """
     check_adapter(adapter, "interaction")
+    check_progress(progress, "interaction")
     if not isinstance(method, str) or method not in INTERACTION_METHODS:
         raise ValueError(f"Unknown interaction method {method!r}; choose one of "
                          f"{list(INTERACTION_METHODS)}.")

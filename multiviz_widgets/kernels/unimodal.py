@@ -22,7 +22,8 @@ Methods:
   batched forwards (1 + U forwards);
 * ``lime``: a weighted ridge regression of f on random binary unit masks (n_samples forwards);
 * ``kernel_shap``: the Shapley-kernel regression constrained so that the scores sum exactly to
-  f(x) - f(baseline) (n_samples forwards; exact Shapley values when 2^U <= n_samples).
+  f(x) - f(baseline) (n_samples forwards; exact Shapley values when 2^U <= n_samples; too few
+  samples to determine the regression warn and set ``params["underdetermined"]``).
 
 Gradients are taken with respect to the *continuous* inputs of all explained modalities at once
 (for text: the embedding layer's output, never the token ids). The target is a class logit or a
@@ -31,10 +32,11 @@ explanation to some modalities: the others stay as they are in the instance.
 
 Captum: the results equal captum's (Saliency, IntegratedGradients with the same quadrature,
 FeatureAblation with a unit feature mask; tests check it; one exception: captum's
-"riemann_trapezoid" weights sum to (S - 1) / S, ours are the trapezoid rule's and sum to 1), but the kernels are written directly
-on the adapter: captum's Lime and KernelShap build every sample in a Python loop (about 5x slower
-than the vectorised sampling here), and its gradient methods neither pool to units nor target
-decision neurons. ``benchmarks/kernels.py`` times each method against captum's equivalent.
+"riemann_trapezoid" weights sum to (S - 1) / S, ours are the trapezoid rule's and sum to 1),
+but the kernels are written directly on the adapter: captum's Lime and KernelShap build every
+sample in a Python loop (about 5x slower than the vectorised sampling here), and its gradient
+methods neither pool to units nor target decision neurons. ``benchmarks/kernels.py`` times each
+method against captum's equivalent.
 
 Non-finite results are refused: when the model's output on the instance, or on the masked or
 interpolated inputs a method builds, is NaN or infinite, every method raises a ValueError that
@@ -59,7 +61,7 @@ import torch
 from ..adapter import (INFERENCE_MODE_MESSAGE, NOT_IN_NUMPY, AdapterError, ModelAdapter,
                        Prepared, Target)
 from ..modalities import LOW_PRECISION, Modality
-from ..progress import ProgressFn, report
+from ..progress import ProgressFn, check_progress, report
 from ..results import Attribution, Stopwatch
 from ..checks import positive_int
 from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_masks,
@@ -121,13 +123,76 @@ def _check_baselines(adapter: ModelAdapter, prepared: Prepared, names: Sequence[
                 "adapter.prepare(instance) rather than editing Prepared.baseline).")
 
 
+#: The most memory integrated gradients may take for its quadrature and its path's rows, as
+#: shapley's REGRESSION_MEMORY_LIMIT (kernels/interactions.py): beyond, integrated gradients (and
+#: integration_rule) refuse with the steps that fit (steps=10**9 raised numpy's MemoryError for
+#: 6.94 EiB).
+PATH_MEMORY_LIMIT = 2 * 2**30
+#: numpy's leggauss solves a dense [steps, steps] float64 eigenproblem: about two copies (its
+#: companion matrix and LAPACK's), 16 bytes per cell (peak RSS for 2,000 steps); any rule keeps
+#: about 32 bytes per step (its nodes and weights, in numpy and as tensors)
+LEGGAUSS_BYTES_PER_CELL = 16
+QUADRATURE_BYTES_PER_STEP = 32
+#: the path's rows exist about twice while they are built (the path, then its concatenation
+#: with x and the baseline)
+PATH_COPIES = 2
+
+
+def _ig_bytes(steps: int, rule, row_bytes: int) -> tuple[int, int]:
+    """(quadrature bytes, path bytes) of integrated gradients with ``steps`` nodes of ``rule``
+    and rows of ``row_bytes`` bytes (all explained modalities' scalars)."""
+    quad = QUADRATURE_BYTES_PER_STEP * steps
+    if rule == "gausslegendre":
+        quad += LEGGAUSS_BYTES_PER_CELL * steps * steps
+    return quad, PATH_COPIES * _ig_ends(steps, rule)[2] * row_bytes
+
+
+def _size(n: float) -> str:
+    """A number of bytes for people: '512.0 MiB', '6.9 EiB'."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024:
+            return f"{n:.0f} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} EiB"
+
+
+def _check_ig_memory(steps: int, rule, row_bytes: int, where: str) -> None:
+    """A ValueError, before anything is computed, when ``steps`` nodes of ``rule`` (and the
+    path's rows of ``row_bytes`` bytes, 0: the quadrature alone) would take more than
+    PATH_MEMORY_LIMIT: what they would need and the most steps that fit."""
+    quad, path = _ig_bytes(steps, rule, row_bytes)
+    if quad + path <= PATH_MEMORY_LIMIT:
+        return
+    lo, hi = 0, steps                                  # the most steps that fit: in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if sum(_ig_bytes(mid, rule, row_bytes)) <= PATH_MEMORY_LIMIT else (
+            lo, mid)
+    parts = [f"{_size(quad)} for the {rule} nodes"
+             + (" (numpy's leggauss solves a dense steps x steps eigenproblem)"
+                if rule == "gausslegendre" else "")]
+    if row_bytes:
+        parts.append(f"{_size(path)} for the path's {_ig_ends(steps, rule)[2]:,} rows of "
+                     f"{_size(row_bytes)}")
+    fits = (f"Lower steps to at most {lo:,} (integrated gradients' default is 50; a few "
+            "hundred are plenty for a smooth model, and each result's "
+            "params['completeness_gap'] says how close its scores are)" if lo else
+            "Even one step does not fit: explain fewer modalities (modalities=[...])")
+    raise ValueError(
+        f"{where}: steps={steps:,} would need about {_size(quad + path)} of memory: "
+        + "; ".join(parts) + f". At most {_size(PATH_MEMORY_LIMIT)} are allowed. {fits}.")
+
+
 def integration_rule(steps: int, rule: str = "gausslegendre") -> tuple[np.ndarray, np.ndarray]:
     """(alphas, weights) of a quadrature of the integral over [0, 1] with ``steps`` nodes.
 
     rules: "gausslegendre" (captum's default), "riemann_right" (k/S), "riemann_left",
-    "riemann_middle", "riemann_trapezoid". The weights sum to 1.
+    "riemann_middle", "riemann_trapezoid". The weights sum to 1. Steps whose nodes would take
+    more than PATH_MEMORY_LIMIT (about 11,500 Gauss-Legendre nodes, whose dense eigenproblem
+    also takes time cubic in steps) are refused with a ValueError.
     """
     s = positive_int(steps, "steps")
+    _check_ig_memory(s, rule, 0, "integration_rule")
     if rule == "gausslegendre":
         x, w = np.polynomial.legendre.leggauss(s)
         return (x + 1) / 2, w / 2
@@ -198,19 +263,22 @@ def _input_grads(adapter: ModelAdapter, prepared: Prepared, target: Target,
 _GRADIENT_METHODS = "gradient, grad_x_input and integrated_gradients"
 
 
-def _raise_not_differentiable(target: Target):
+def _raise_not_differentiable(target: Target,
+                              methods: str = f"The gradient methods ({_GRADIENT_METHODS})",
+                              instead: str = "occlusion, lime or kernel_shap"):
     """The AdapterError (a ValueError) of a gradient method whose model output does not require
     grad, though its inputs do (torch's own error says only "element 0 of tensors does not
-    require grad"). Reached after the forward pass, on this path only."""
+    require grad"). Reached after the forward pass, on this path only. methods: who needs the
+    gradients; instead: the methods that do not (stage 2 passes its own)."""
     if torch.is_inference_mode_enabled():
         raise AdapterError(INFERENCE_MODE_MESSAGE, code="inference-mode")
     raise AdapterError(
         f"The model's output for target {target} does not depend differentiably on its inputs "
         "(it does not require grad although the inputs do): forward() runs under "
         "torch.no_grad() (or a @torch.no_grad() decorator) or detaches its inputs (.detach(), "
-        ".numpy(), .item()), and no parameter after that requires grad. The gradient methods "
-        f"({_GRADIENT_METHODS}) need a model whose output is differentiable in its inputs: "
-        "remove that from forward(), or use occlusion, lime or kernel_shap, which need no "
+        ".numpy(), .item()), and no parameter after that requires grad. "
+        f"{methods} need a model whose output is differentiable in its inputs: "
+        f"remove that from forward(), or use {instead}, which need no "
         "gradients (multiviz_widgets.check(adapter, instance) tests this).",
         code="no-gradient")
 
@@ -540,24 +608,33 @@ def _lime_fit(z: np.ndarray, y: np.ndarray, weights: np.ndarray, alpha: float) -
     # alpha is on the scale of sklearn's Ridge on n samples of mean weight 1 (weights sum to n):
     # with weights normalised to sum 1 it becomes alpha / n, comparable across n_samples.
     a.diagonal().add_(alpha / n)
-    try:
-        coef = torch.linalg.solve(a, zw.T @ yc)
-    except torch.linalg.LinAlgError:
-        coef = None
+    # without a penalty (alpha = 0) a rank-deficient design has no unique solution; solve()
+    # notices only when the rounding leaves the system exactly singular (10 units and 8 to 11
+    # masks gave finite coefficients off by up to 10^4), so the rank is read first
+    rank = (int(torch.linalg.matrix_rank(zc * w.sqrt()[:, None])) if alpha == 0 and u else u)
+    coef = None
+    if rank == u:
+        try:
+            coef = torch.linalg.solve(a, zw.T @ yc)
+        except torch.linalg.LinAlgError:
+            pass
     if coef is None or not bool(torch.isfinite(coef).all()):
         # only without a penalty (alpha = 0): a penalty makes the system positive definite
+        what = (f"determine only {rank} of the coefficients of its {u} units" if rank < u else
+                f"do not determine the coefficients of all {u} units")
         raise ValueError(
             f"LIME's regression has no unique solution: with alpha={alpha} (no ridge penalty) "
-            f"the {n} sampled masks do not determine the coefficients of all {u} units (too "
-            "few masks, or a unit kept in every mask or removed in every one). Use a ridge "
-            "penalty (alpha > 0; the default is 1.0) or more samples (n_samples).")
+            f"the {n} sampled masks {what} (too few masks: at least {u + 1} are needed, or a "
+            "unit kept in every mask or removed in every one). Use a ridge penalty (alpha > 0; "
+            "the default is 1.0) or more samples (n_samples).")
     return coef.numpy()
 
 
 def lime_from_function(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
                        n_units: Mapping[str, int], n_samples: int = 500, seed: int = 0,
                        progress: ProgressFn = None, kernel_width: float = 0.25,
-                       distance: str = "cosine", alpha: float = 1.0, batch_size: int = PERTURBATION_BATCH,
+                       distance: str = "cosine", alpha: float = 1.0,
+                       batch_size: int = PERTURBATION_BATCH,
                        keep_probability: float = 0.5) -> dict[str, np.ndarray]:
     """LIME scores of ``fn`` over the units of several modalities: {name: array [n_units]}.
 
@@ -575,10 +652,12 @@ def lime_from_function(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
     kernel_width = positive_number(kernel_width, "kernel_width (the width of LIME's kernel)")
     alpha = positive_number(alpha, "alpha (the ridge penalty; 0 for none)", allow_zero=True)
     batch_size = positive_int(batch_size, "batch_size")
+    check_progress(progress, "lime")
     if (isinstance(keep_probability, (bool, np.bool_))
             or not isinstance(keep_probability, (int, float, np.integer, np.floating))
             or not 0 < keep_probability < 1):
-        raise ValueError(f"keep_probability must lie strictly between 0 and 1, got {keep_probability!r}.")
+        raise ValueError(f"keep_probability must lie strictly between 0 and 1, got "
+                         f"{keep_probability!r}.")
     total = sum(units.values())
     rng = _rng(seed)
     z = (rng.random((int(n_samples), total)) < keep_probability).astype(np.float64)
@@ -623,22 +702,65 @@ def _shapley_design(total: int, n_samples: int, rng: np.random.Generator
 
 
 def _shap_fit(z: np.ndarray, y: np.ndarray, w: np.ndarray, f_full: float, f_empty: float
-              ) -> np.ndarray:
-    """Weighted least squares of y - f_empty on z subject to sum(phi) = f_full - f_empty."""
+              ) -> tuple[np.ndarray, int]:
+    """Weighted least squares of y - f_empty on z subject to sum(phi) = f_full - f_empty:
+    (phi, rank), rank the rank of the design, out of U - 1 free coefficients (below it the
+    samples do not determine phi and lstsq's minimum-norm solution is a guess)."""
     total = z.shape[1]
     delta = f_full - f_empty
     if total == 1:
-        return np.array([delta])
+        return np.array([delta]), 0
     if len(z) == 0:
-        return np.full(total, delta / total)
+        return np.full(total, delta / total), 0
     zt = torch.from_numpy(z)
     t = (torch.from_numpy(np.asarray(y, dtype=np.float64)) - f_empty) - zt[:, -1] * delta
     x = zt[:, :-1] - zt[:, -1:]
     sw = torch.from_numpy(np.sqrt(np.asarray(w, dtype=np.float64)))[:, None]
     # gelsd (SVD): the minimum-norm solution of a rank-deficient design, bit for bit the same on
     # every run (gelsy, a third of the time, differed in the last bits from call to call)
-    phi = torch.linalg.lstsq(x * sw, (t[:, None] * sw), driver="gelsd").solution[:, 0]
-    return np.concatenate([phi.numpy(), [delta - float(phi.sum())]])
+    fit = torch.linalg.lstsq(x * sw, (t[:, None] * sw), driver="gelsd")
+    phi = fit.solution[:, 0]
+    return np.concatenate([phi.numpy(), [delta - float(phi.sum())]]), int(fit.rank)
+
+
+def _shap_samples_needed(total: int, n_samples: int) -> int:
+    """The n_samples to suggest when n_samples left the KernelSHAP regression of ``total`` units
+    underdetermined: sampled coalitions come with their complements, whose rows of the
+    constrained design are the same row negated, so a pair adds at most 1 to the rank, and
+    sampled coalitions repeat (those of one unit most): the U - 1 free coefficients took up to
+    2.5 U samples (10 to 604 units, 3 seeds), so 3 U are suggested (twice n_samples when that
+    many already fell short); never more than the 2^U that give the exact values."""
+    need = 3 * total if n_samples < 3 * total else 2 * n_samples
+    return min(need, 2 ** total) if total <= 20 else need
+
+
+def _kernel_shap(fn, n_units, n_samples, seed, progress, batch_size, stacklevel: int
+                 ) -> tuple[dict[str, np.ndarray], bool]:
+    """kernel_shap_from_function's scores and whether the samples left them underdetermined
+    (then warned, ``stacklevel`` pointing at the user's call)."""
+    units = _check_units(n_units)
+    n_samples = positive_int(n_samples, "n_samples (the full and empty masks and more)", 2)
+    batch_size = positive_int(batch_size, "batch_size")
+    check_progress(progress, "kernel_shap")
+    total = sum(units.values())
+    rng = _rng(seed)
+    zs, ws = _shapley_design(total, int(n_samples) - 2, rng)
+    z = np.concatenate([np.ones((1, total)), np.zeros((1, total)), zs])
+    y = _evaluate_in_chunks(fn, z, units, batch_size, progress, "KernelSHAP samples")
+    phi, rank = _shap_fit(zs, y[2:], ws, float(y[0]), float(y[1]))
+    underdetermined = rank < total - 1
+    if underdetermined:
+        exact = (f" (exact Shapley values from {2 ** total:,})"
+                 if total <= 20 and _shap_samples_needed(total, n_samples) < 2 ** total else "")
+        warnings.warn(
+            f"kernel_shap: the Shapley-kernel regression fits {total} unit scores from only "
+            f"{n_samples} samples, whose {len(zs)} sampled coalitions determine {rank} of its "
+            f"{total - 1} free coefficients, so its estimate is underdetermined (a "
+            f"minimum-norm guess that can be far from the Shapley values, though the scores "
+            f"still sum to f(x) - f(baseline)). Raise n_samples to at least "
+            f"{_shap_samples_needed(total, n_samples):,}{exact}, explain fewer units "
+            "(modalities=[...]), or use occlusion.", UserWarning, stacklevel=stacklevel)
+    return _split(phi, units), underdetermined
 
 
 def kernel_shap_from_function(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
@@ -651,16 +773,11 @@ def kernel_shap_from_function(fn: Callable[[Mapping[str, torch.Tensor]], torch.T
     the scores solve the Shapley-kernel weighted regression under the efficiency constraint, so
     they sum exactly to fn(all ones) - fn(all zeros). With 2^U - 2 <= n_samples - 2 every coalition
     is evaluated and the scores are the exact Shapley values. Cost: at most n_samples evaluations.
+    Too few samples to determine the regression (2 to 3 U are needed: each sampled coalition
+    comes with its complement) give its minimum-norm solution and a UserWarning that says how
+    many would do (``attribute`` records it as ``params["underdetermined"]``).
     """
-    units = _check_units(n_units)
-    n_samples = positive_int(n_samples, "n_samples (the full and empty masks and more)", 2)
-    batch_size = positive_int(batch_size, "batch_size")
-    total = sum(units.values())
-    rng = _rng(seed)
-    zs, ws = _shapley_design(total, int(n_samples) - 2, rng)
-    z = np.concatenate([np.ones((1, total)), np.zeros((1, total)), zs])
-    y = _evaluate_in_chunks(fn, z, units, batch_size, progress, "KernelSHAP samples")
-    return _split(_shap_fit(zs, y[2:], ws, float(y[0]), float(y[1])), units)
+    return _kernel_shap(fn, n_units, n_samples, seed, progress, batch_size, stacklevel=3)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -707,6 +824,10 @@ class AttributionMethod:
     def _cost(self, prepared, names, p) -> tuple[int, int]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _check_size(self, prepared, names, p) -> None:
+        """A ValueError, before any forward pass, when the instance would take more memory
+        than the method allows (integrated gradients' path)."""
+
     def attribute(self, adapter: ModelAdapter, prepared: Prepared, target,
                   progress: ProgressFn = None, **params) -> Attribution:
         """The Attribution of ``target`` for a prepared instance (target None: predicted class)."""
@@ -715,6 +836,7 @@ class AttributionMethod:
         p = self._params(params)
         if self.uses_baseline:
             _check_baselines(adapter, prepared, names, self.name)
+        self._check_size(prepared, names, p)
         extra = 0
         with Stopwatch() as sw:
             if target is None:
@@ -750,8 +872,9 @@ class AttributionMethod:
 class _GradientFamily(AttributionMethod):
     """A method whose attribution is a weighted sum of input gradients over rows derived from the
     instance: ``_rows`` gives those rows and weights, ``_attributions`` turns the summed gradient
-    into each modality's scalar attribution (which ``_scores_and_maps`` pools and maps). ``_run`` explains one instance; ``attribute_batch`` stacks the rows of
-    many instances (or targets) into shared forward and backward passes."""
+    into each modality's scalar attribution (which ``_scores_and_maps`` pools and maps).
+    ``_run`` explains one instance; ``attribute_batch`` stacks the rows of many instances (or
+    targets) into shared forward and backward passes."""
 
     def _rows(self, prepared, names, p) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -856,6 +979,11 @@ class _IntegratedGradients(_GradientFamily):
     def _weighted_rows(self, p):
         return int(p["steps"])                    # the rule's nodes; then x and b (weight 0)
 
+    def _check_size(self, prepared, names, p):
+        row = sum(prepared.continuous[n].numel() * prepared.continuous[n].element_size()
+                  for n in names)
+        _check_ig_memory(int(p["steps"]), p["rule"], row, self.name)
+
     def _rows(self, prepared, names, p):
         a, weights = _quadrature(int(p["steps"]), p["rule"], prepared.continuous[names[0]].device)
         ix, ib, n_rows = _ig_ends(p["steps"], p["rule"])
@@ -916,18 +1044,31 @@ class _Lime(AttributionMethod):
     def _cost(self, prepared, names, p):
         return int(p["n_samples"]), 0
 
+    def _fit(self, fn, units, progress, p) -> tuple[dict, dict]:
+        """(scores, found): the surrogate's scores and what it measured besides."""
+        return self.fit(fn, units, progress=progress, **p), {}
+
     def _run(self, adapter, prepared, target, names, p, progress):
         fn = _mask_function(adapter, prepared, target, int(p["batch_size"]), names, self.name)
-        scores = self.fit(fn, {n: prepared.n_units[n] for n in names}, progress=progress, **p)
+        scores, found = self._fit(fn, {n: prepared.n_units[n] for n in names}, progress, p)
         maps = {n: _perturbation_map(adapter, prepared, n, torch.as_tensor(scores[n]))
                 for n in names}
-        return scores, maps, {}
+        return scores, maps, found
 
 
 class _KernelShap(_Lime):
-    """The same with the Shapley kernel and the efficiency constraint (exact for few units)."""
+    """The same with the Shapley kernel and the efficiency constraint (exact for few units);
+    ``params["underdetermined"]``: whether n_samples was too few to determine the regression
+    (warned)."""
 
     fit = staticmethod(kernel_shap_from_function)
+
+    def _fit(self, fn, units, progress, p):
+        # the warning points at the caller of attribute / attribute_batch: through
+        # AttributionMethod.attribute, _run and this
+        scores, under = _kernel_shap(fn, units, p["n_samples"], p["seed"], progress,
+                                     p["batch_size"], stacklevel=6)
+        return scores, {"underdetermined": under}
 
     def _cost(self, prepared, names, p):
         total = sum(prepared.n_units[n] for n in names)
@@ -953,7 +1094,8 @@ METHODS: dict[str, AttributionMethod] = {
               {"n_samples": 500, "seed": 0, "kernel_width": 0.25, "distance": "cosine",
                "alpha": 1.0, "batch_size": PERTURBATION_BATCH, "keep_probability": 0.5},
               "weighted ridge regression on random unit masks (n_samples forwards)"),
-        _KernelShap("kernel_shap", "perturbation", {"n_samples": 500, "seed": 0, "batch_size": PERTURBATION_BATCH},
+        _KernelShap("kernel_shap", "perturbation",
+                    {"n_samples": 500, "seed": 0, "batch_size": PERTURBATION_BATCH},
                     "Shapley-kernel regression with exact efficiency (n_samples forwards)"),
     ]
 }
@@ -980,6 +1122,7 @@ def attribute(adapter: ModelAdapter, instance, method: str = "integrated_gradien
     forward/backward passes, recorded in the result with the seconds it took.
     """
     check_adapter(adapter, "attribute")
+    check_progress(progress, "attribute")
     result = _method(method).attribute(adapter, instance, target, progress=progress, **params)
     _warn_completeness(adapter, [result])
     return result
@@ -1016,6 +1159,7 @@ def attribute_batch(adapter: ModelAdapter, instances, method: str = "integrated_
     perturbation methods).
     """
     check_adapter(adapter, "attribute_batch")
+    check_progress(progress, "attribute_batch")
     m = _method(method)
     p = m._params(params)
     if rows_per_pass is not None:
@@ -1026,6 +1170,8 @@ def attribute_batch(adapter: ModelAdapter, instances, method: str = "integrated_
         if m.uses_baseline:
             for pr in preps:
                 _check_baselines(adapter, pr, names, m.name)
+        for pr in preps:
+            m._check_size(pr, names, p)
         chosen, extra = _batch_targets(adapter, preps, targets,
                                        rows_per_pass or PERTURBATION_BATCH)
         if isinstance(m, _GradientFamily):
