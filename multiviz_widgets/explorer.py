@@ -237,6 +237,10 @@ class InputPanel:
             if scores and not any(np.any(np.asarray(v)) for v in scores.values()):
                 # no colour anywhere: say it is the answer, not a view that failed to draw
                 caption += ": every score is 0 (nothing in the input moves it at this instance)"
+            if (attr.params or {}).get("underdetermined"):
+                # KernelSHAP with fewer samples than its regression needs (a large input)
+                caption += (" (an estimate from too few samples for this many units, "
+                            "unreliable: attribute(..., n_samples=...) in code takes more)")
             if unit is not None and not in_pair and pair is not None:
                 caption += (f" ({unit[0]} is not in the heatmap's pair {pair[0]} x {pair[1]}, "
                             f"so no interactions of its unit: choose a pair with {unit[0]} in "

@@ -1174,6 +1174,28 @@ def test_the_path_follows_the_method_menus_unless_path_params_name_its_own():
         ex.close()
 
 
+def test_the_overlay_caption_says_when_kernel_shap_had_too_few_samples():
+    import dataclasses
+
+    from .explorer_support import FakeKernels, tiny_vqa
+
+    class FewSamples(FakeKernels):
+        def attribute(self, adapter, prepared, method, target, progress=None):
+            r = super().attribute(adapter, prepared, method, target, progress)
+            return dataclasses.replace(r, params={"underdetermined": method == "kernel_shap"})
+
+    adapter, ds = tiny_vqa()
+    ex = Explorer(adapter, ds, kernels=FewSamples(), delay=0.05)
+    try:
+        assert ex.wait(30) and "too few samples" not in ex.input_view.score_caption
+        ex.controls.method.value = "kernel_shap"
+        assert ex.wait(30)
+        assert "an estimate from too few samples for this many units, unreliable" in (
+            ex.input_view.score_caption)
+    finally:
+        ex.close()
+
+
 def test_two_modalities_have_no_pair_menu(vqa):
     ex, _ = vqa
     assert ex.controls.pair is None
