@@ -488,3 +488,80 @@ def test_evaluate_with_zero_threads_is_a_usage_error(capsys):
         demo.main(["evaluate", "--threads", "0"])
     assert e.value.code == 2
     assert "--threads must be an integer of at least 1" in capsys.readouterr().err
+
+
+# -- frozen datasets, live weights, atomic sparse-model files -----------------------------------
+def test_a_dataset_keeps_read_only_copies_of_writable_arrays(adapter, dataset, tmp_path):
+    """Before: built from a writable images array, the dataset kept that array, so an edit in
+    place (imgs[:] = 255 - imgs) changed its pictures but not its remembered fingerprint, and
+    the feature cache served the old pictures' features."""
+    from multiviz_widgets.kernels.representations import extract_features
+    imgs, index = np.array(dataset.images[:5]), dataset.image_index[:20] % 5
+    ds = demo.EasyVQADataset(imgs, index, dataset.questions[:20], dataset.labels[:20],
+                             dataset.answers)
+    assert not ds.images.flags.writeable and not ds.image_index.flags.writeable
+    first = extract_features(adapter, ds, cache_dir=tmp_path)
+    before = ds[0]["image"].copy()
+    imgs[:] = 255 - imgs                                   # the caller's arrays edited
+    index[:] = 0
+    np.testing.assert_array_equal(ds[0]["image"], before)
+    np.testing.assert_array_equal(ds.image_index, dataset.image_index[:20] % 5)
+    again = extract_features(adapter, ds, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again.h, first.h)
+    edited = demo.EasyVQADataset(imgs, dataset.image_index[:20] % 5, dataset.questions[:20],
+                                 dataset.labels[:20], dataset.answers)
+    assert edited.fingerprint() != ds.fingerprint()
+    # a split's read-only pictures are shared, not copied
+    assert demo.load_dataset("test").images is dataset.images
+
+
+def test_the_sparse_model_is_refused_for_live_weights_other_than_those_it_was_fitted_on():
+    """Before: only the SHA-256 of the weights file read at load time was compared, so a model
+    whose weights were changed in place after load_adapter(), or a randomly initialised one
+    wrapped with make_adapter, got the shipped sparse model."""
+    changed = demo.load_adapter()
+    assert demo.load_sparse_model(adapter=changed).d == 64
+    with torch.no_grad():
+        changed.model.classifier.weight.mul_(-1)
+    with pytest.raises(demo.WeightsError, match="not those of the file it was fitted for"):
+        demo.load_sparse_model(adapter=changed)
+    torch.manual_seed(0)
+    random_model = demo.EasyVQAModel(**demo.read_meta()["config"]).eval()
+    with pytest.raises(demo.WeightsError, match="not those of the file.*fit_sparse_model"):
+        demo.load_sparse_model(adapter=demo.make_adapter(random_model))
+    # the shipped weights wrapped with make_adapter (no file recorded), or moved to float64
+    model, _ = demo.load_model()
+    assert demo.load_sparse_model(adapter=demo.make_adapter(model)).d == 64
+    wide = demo.load_adapter()
+    wide.model.double()
+    assert demo.load_sparse_model(adapter=wide).d == 64
+
+
+def test_fit_sparse_writes_its_json_atomically(tmp_path, monkeypatch):
+    """Before: the JSON went to a fixed NAME.tmp with write_text, so an interrupt left a partial
+    file beside the target (two runs shared the name). Now an interrupted write leaves the old
+    file and nothing else."""
+    import os
+    import types
+    import multiviz_widgets.kernels.prediction as prediction
+    import multiviz_widgets.kernels.representations as rep
+    monkeypatch.setattr(demo, "load_adapter", lambda: types.SimpleNamespace(class_names=["a"]))
+    monkeypatch.setattr(demo, "load_dataset", lambda split: None)
+    monkeypatch.setattr(rep, "extract_features", lambda *a, **k: None)
+    fitted = types.SimpleNamespace(to_dict=lambda: {"weight": [[0.0] * 100] * 20},
+                                   test_fidelity=1.0, fraction_nonzero=0.0, seconds=0.0)
+    monkeypatch.setattr(prediction, "fit_sparse_model", lambda *a, **k: fitted)
+    out = tmp_path / "sparse.json"
+    out.write_text("old\n", encoding="utf-8")
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", interrupted)       # interrupted before the file is complete
+        with pytest.raises(KeyboardInterrupt):
+            demo.fit_sparse(out, log=lambda _: None)
+    assert os.listdir(tmp_path) == ["sparse.json"]
+    assert out.read_text(encoding="utf-8") == "old\n"
+    demo.fit_sparse(out, log=lambda _: None)
+    assert os.listdir(tmp_path) == ["sparse.json"]
+    assert json.loads(out.read_text(encoding="utf-8"))["weight"] == [[0.0] * 100] * 20

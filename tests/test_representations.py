@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -1095,3 +1096,182 @@ def test_a_whole_input_shape_the_model_cannot_run_is_left_out_without_stopping_t
     assert untried and all(f"ran none of the first {GIVE_UP_AFTER}" in why for why in untried)
     # the failing shape was not halved instance by instance to its end
     assert model.calls < 4 * GIVE_UP_AFTER + 2 * 30
+
+
+# -- the cache key: hooks and globals; the cache folder: ~, temporaries, bound, clearing -------
+def test_forward_hooks_and_pre_hooks_are_in_the_cache_key(cache):
+    """Before: the key left out hooks, so a hook-based ablation (a pre-hook that scales the
+    decision layer's input, a forward hook that shifts a module's output, torch's global
+    hooks) was served the features computed without it."""
+    from torch.nn.modules.module import register_module_forward_hook
+    adapter, ds = make_adapter(), make_dataset()
+    plain = extract_features(adapter, ds, cache_dir=cache)
+    model = adapter.model
+    for register in (
+            lambda: model.classifier.register_forward_pre_hook(lambda m, inp: (inp[0] * 2,)),
+            lambda: model.tab.register_forward_hook(lambda m, inp, out: out + 1),
+            lambda: model.tab.register_forward_hook(lambda m, a, k, out: out + 1,
+                                                    with_kwargs=True),
+            lambda: register_module_forward_hook(
+                lambda m, inp, out: out * 3 if m is model.ts else None)):
+        handle = register()
+        try:
+            hooked = extract_features(adapter, ds, cache_dir=cache)
+            fresh = extract_features(adapter, ds, cache=False)
+        finally:
+            handle.remove()
+        assert not hooked.from_cache and hooked.key != plain.key
+        np.testing.assert_allclose(hooked.h, fresh.h)
+        assert not np.allclose(hooked.h, plain.h)
+        # the hook gone, the first features are served again
+        assert extract_features(adapter, ds, cache_dir=cache).key == plain.key
+    # the same hook code registered again gives the same key (no ids or addresses in it)
+    keys = set()
+    for _ in range(2):
+        handle = model.tab.register_forward_hook(lambda m, inp, out: out + 1)
+        keys.add(rep.features_key(adapter, ds))
+        handle.remove()
+    assert len(keys) == 1
+
+
+GLOBALS_CELL = """
+import torch
+from torch import nn
+
+SCALE = {scale}
+BIG = torch.zeros(1 << 17)
+CALLS = 0
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Linear(2, 3)
+        self.classifier = nn.Linear(3, 2)
+
+    def forward(self, a, b):
+        global CALLS
+        CALLS += 1
+        return self.classifier(torch.relu(self.enc(torch.cat([a, b], 1)) * SCALE + BIG[0]))
+"""
+
+
+def test_plain_globals_the_models_code_reads_are_in_the_cache_key(cache):
+    """Before: ``SCALE = 3.0`` read in forward was not in the key, so changing it kept the
+    features of SCALE = 1.0. A global the code writes (a call counter) and a large array
+    are left out (the counter would give a new key at every extraction)."""
+    mods = lambda: [Tabular("a", columns=["x"]), Tabular("b", columns=["y"])]  # noqa: E731
+    ds = MultimodalDataset({"a": [np.array([1.0]), np.array([-2.0])],
+                            "b": [np.array([5.0]), np.array([-7.0])]})
+
+    def adapter(scale):
+        scope: dict = {"__name__": "notebook_cell"}
+        exec(compile(GLOBALS_CELL.format(scale=scale), "/tmp/ipykernel_9/cell.py", "exec"),
+             scope)
+        return ModelAdapter(scope["M"]().eval(), mods(), ["n", "p"]), scope
+    one, scope = adapter(1.0)
+    first = extract_features(one, ds, cache_dir=cache)
+    again = extract_features(one, ds, cache_dir=cache)         # CALLS changed meanwhile
+    assert again.from_cache and scope["CALLS"] > 0
+    scope["BIG"][1] = 5.0                                      # not read through a key
+    assert rep.features_key(one, ds) == first.key
+    scope["SCALE"] = 3.0
+    changed = extract_features(one, ds, cache_dir=cache)
+    assert not changed.from_cache
+    np.testing.assert_allclose(changed.h, extract_features(one, ds, cache=False).h)
+    assert rep.features_key(adapter(3.0)[0], ds) == changed.key     # the same in a new cell
+    scope["SCALE"] = 1.0
+    assert extract_features(one, ds, cache_dir=cache).key == first.key
+
+
+def test_a_tilde_in_the_cache_location_is_the_home_folder(tmp_path, monkeypatch):
+    """Before: cache_dir="~/c" and MULTIVIZ_CACHE="~/e" made a folder named ~ in the current
+    folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert rep.default_cache_dir("~/c") == tmp_path / "home" / "c"
+    monkeypatch.setenv("MULTIVIZ_CACHE", "~/e")
+    assert rep.default_cache_dir() == tmp_path / "home" / "e"
+    f = extract_features(make_adapter(), make_dataset())
+    assert f.path.startswith(str(tmp_path / "home" / "e"))
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_truncated_cache_file_is_closed_after_it_is_found_unreadable(cache):
+    """Before: np.load opened the file itself and left it open when it could not read it: a
+    ResourceWarning "unclosed file" at the next garbage collection."""
+    import gc
+    import warnings
+    adapter, ds = make_adapter(), make_dataset()
+    first = extract_features(adapter, ds, cache_dir=cache)
+    data = open(first.path, "rb").read()
+    with open(first.path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = extract_features(adapter, ds, cache_dir=cache)
+        gc.collect()
+    assert not again.from_cache
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], \
+        [str(w.message) for w in caught]
+    assert any("unreadable feature cache" in str(w.message) for w in caught)
+
+
+def test_a_save_removes_the_temporaries_of_writers_killed_over_an_hour_ago(cache):
+    """Before: a writer killed mid-write left its .<key>.npz.XXXX.tmp in the folder forever.
+    Only the cache's own temporaries older than an hour go (a live writer's is younger)."""
+    cache.mkdir(parents=True)
+    key = "0123456789abcdef0123456789abcdef01234567"
+    old, young = cache / f".{key}.npz.abc_12xy.tmp", cache / f".{key}.npz.zz9_8765.tmp"
+    other = cache / ".notes.txt.abc_12xy.tmp"
+    for p in (old, young, other):
+        p.write_bytes(b"partial")
+    hours_ago = time.time() - 7200
+    for p in (old, other):
+        os.utime(p, (hours_ago, hours_ago))
+    extract_features(make_adapter(), make_dataset(), cache_dir=cache)
+    assert not old.exists() and young.exists() and other.exists()
+
+
+def _cache_files(folder):
+    return sorted(p for p in os.listdir(folder) if p.endswith(".npz"))
+
+
+def test_the_cache_folder_is_bounded_by_removing_the_least_recently_used(cache, monkeypatch):
+    """Before: one full-dataset file per model change, kept forever. After a save the least
+    recently used files (a hit renews a file) beyond $MULTIVIZ_CACHE_MAX_MB go, never the
+    file just written."""
+    ds = make_dataset()
+    a, b, c = (make_adapter(seed) for seed in (1, 2, 3))
+    fa = extract_features(a, ds, cache_dir=cache)
+    size = os.path.getsize(fa.path)
+    monkeypatch.setenv("MULTIVIZ_CACHE_MAX_MB", str(2.5 * size / 1e6))    # two files fit
+    fb = extract_features(b, ds, cache_dir=cache)
+    now = time.time()
+    os.utime(fa.path, (now - 100, now - 100))
+    os.utime(fb.path, (now - 50, now - 50))
+    assert extract_features(a, ds, cache_dir=cache).from_cache   # a used after b
+    fc = extract_features(c, ds, cache_dir=cache)
+    assert _cache_files(cache) == sorted(os.path.basename(f.path) for f in (fa, fc))
+    monkeypatch.setenv("MULTIVIZ_CACHE_MAX_MB", "0")            # the new file stays alone
+    fb = extract_features(b, ds, cache_dir=cache)
+    assert _cache_files(cache) == [os.path.basename(fb.path)]
+    monkeypatch.setenv("MULTIVIZ_CACHE_MAX_MB", "lots")
+    with pytest.warns(RuntimeWarning, match="MULTIVIZ_CACHE_MAX_MB='lots'"):
+        extract_features(a, ds, cache_dir=cache)
+    assert len(_cache_files(cache)) == 2                        # the default: both kept
+
+
+def test_clear_feature_cache_removes_the_cache_files_and_nothing_else(cache, monkeypatch):
+    adapter, ds = make_adapter(), make_dataset()
+    f = extract_features(adapter, ds, cache_dir=cache)
+    extract_features(make_adapter(1), ds, cache_dir=cache)
+    (cache / "mine.npz").write_bytes(b"a user's file")
+    freed = rep.clear_feature_cache(cache)
+    assert freed > os.path.getsize(cache / "mine.npz")
+    assert os.listdir(cache) == ["mine.npz"]
+    assert not extract_features(adapter, ds, cache_dir=cache).from_cache
+    monkeypatch.setenv("MULTIVIZ_CACHE", str(cache))
+    assert rep.clear_feature_cache() > 0 and not os.path.exists(f.path)
+    assert rep.clear_feature_cache(cache / "missing") == 0

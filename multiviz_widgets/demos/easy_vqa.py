@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter import ModelAdapter
+from ..atomic_file import write_atomically
 from ..checks import positive_int
 from ..kernels.common import indices_or_all
 from ..data import MultimodalDataset, update_hash
@@ -204,17 +205,31 @@ class _ImageColumn:
         return self.images[self.image_index[int(i)]].copy()
 
 
+def _frozen(a, dtype=None) -> np.ndarray:
+    """``a`` as an array that cannot change in place: itself when it is read-only and owns its
+    memory (``load_dataset``'s pictures, shared by the datasets of a split), else a read-only
+    copy (a writable array, or a view whose memory another array may write)."""
+    arr = np.asarray(a, dtype=dtype)
+    if arr.flags.writeable or not arr.flags.owndata:
+        arr = arr.copy()
+        arr.setflags(write=False)
+    return arr
+
+
 class EasyVQADataset(MultimodalDataset):
     """easy-VQA questions: items {"image": uint8 [64, 64, 3], "question": str}, labels = answers.
 
     Each picture is stored once (``images`` [n_images, 64, 64, 3]); ``image_index[i]`` is the
     picture of question i. ``answers`` are the class names; ``descriptions`` the questions.
+    ``images`` and ``image_index`` are kept read-only (copied unless they are read-only arrays
+    that own their memory), so that the remembered fingerprint stays true: an edit of the
+    arrays given (``imgs[:] = 255 - imgs``) does not reach the dataset.
     """
 
     def __init__(self, images: np.ndarray, image_index: np.ndarray, questions: Sequence[str],
                  labels: Sequence[int], answers: Sequence[str], split: str = "test"):
-        self.images = images
-        self.image_index = np.asarray(image_index, dtype=np.int64)
+        images = self.images = _frozen(images)
+        self.image_index = _frozen(image_index, np.int64)
         # a tuple: the questions cannot change in place, so the remembered fingerprint (and
         # the descriptions, a copy made from them) stay true
         self.questions = tuple(str(q) for q in questions)
@@ -301,6 +316,38 @@ def _retrain_hint() -> str:
 
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+#: {SHA-256 of a weights file: ``_tensors_digest`` of its tensors}, for the files read so far
+_TENSOR_DIGESTS: dict[str, str] = {}
+
+
+def _tensors_digest(state) -> str:
+    """A hash of a state dict's tensors by name, shape and value: the weights as they are now.
+    Floating tensors are hashed as float64, so that a model moved to float64 or to a GPU keeps
+    its weights' digest (one rounded to half precision does not: its values changed)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu()
+        t = (t.to(torch.float64) if t.is_floating_point() else t).contiguous()
+        h.update(f"{name}:{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _file_tensors_digest(sha256: str) -> str | None:
+    """The ``_tensors_digest`` of the weights file whose SHA-256 is ``sha256``: remembered when
+    ``load_model`` read it, else read from the shipped file when it is that file (once per
+    process); None when no such file is known."""
+    if sha256 not in _TENSOR_DIGESTS:
+        try:
+            if _file_sha256(WEIGHTS_FILE) != sha256:
+                return None
+            from safetensors.torch import load_file
+            _TENSOR_DIGESTS[sha256] = _tensors_digest(load_file(str(WEIGHTS_FILE)))
+        except Exception:  # noqa: BLE001 - unreadable: no reference, said by the caller
+            return None
+    return _TENSOR_DIGESTS[sha256]
 
 
 def read_meta(meta_path: str | Path | None = None) -> dict:
@@ -412,6 +459,7 @@ def load_model(weights_path: str | Path | None = None, meta_path: str | Path | N
     if bad:
         raise WeightsError(f"The easy-VQA weights {wpath} hold NaN or infinite values in {bad}. "
                            f"{_retrain_hint()}")
+    _TENSOR_DIGESTS[digest] = _tensors_digest(state)    # what a sparse model's check compares
     model = EasyVQAModel(**meta["config"])
     try:
         model.load_state_dict(state, strict=True)
@@ -494,9 +542,10 @@ def fit_sparse(out_path: str | Path | None = None, *, n_lambdas: int = 20,
         torch.set_num_threads(before)
     data = model.to_dict()
     data["weights_sha256"] = _file_sha256(WEIGHTS_FILE)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=1) + "\n"
+    # a temporary file of its own beside the target, renamed once complete: an interrupt
+    # leaves the old file (and no partial one), and two runs do not share a name
+    write_atomically(path, lambda f: f.write(text), binary=False)
     log(f"wrote {path}: test fidelity {model.test_fidelity:.4f}, non-zero weights "
         f"{model.fraction_nonzero:.3f}, {model.seconds:.1f} s")
     return model
@@ -505,8 +554,10 @@ def fit_sparse(out_path: str | Path | None = None, *, n_lambdas: int = 20,
 def load_sparse_model(path: str | Path | None = None, adapter: ModelAdapter | None = None):
     """The shipped stage-4 sparse linear model (``fit_sparse``'s JSON), checked against the
     weights it was fitted for (the adapter's, when ``load_adapter`` made it; else the shipped
-    file's) and the model's classes and decision width: a WeightsError that says how to refit
-    it otherwise."""
+    file's), against the model's live weights (they must equal that file's tensors: not
+    changed in place since loading, nor another model's wrapped with ``make_adapter``) and the
+    model's classes and decision width: a WeightsError that says how to refit it otherwise.
+    Cost: a hash of the model's weights (about a millisecond)."""
     from ..kernels.prediction import sparse_model_from_dict
     path = Path(path) if path is not None else SPARSE_FILE
     refit = "Refit it with `python -m multiviz_widgets.demos.easy_vqa fit-sparse`."
@@ -533,6 +584,19 @@ def load_sparse_model(path: str | Path | None = None, adapter: ModelAdapter | No
                            f"the model's. {refit} (It fits the weights in {WEIGHTS_FILE.parent}; "
                            f"for weights kept elsewhere, fit one on their decision features "
                            f"with multiviz_widgets.kernels.prediction.fit_sparse_model.)")
+    # the file names the weights it was fitted for; the model may have changed since it was
+    # read (trained further, edited in place) or never have been read from it (make_adapter)
+    reference = _file_tensors_digest(weights)
+    live = _tensors_digest(adapter.model.state_dict())
+    if reference is None or live != reference:
+        why = ("the weights file it was fitted for cannot be read to compare with"
+               if reference is None else
+               "the model's weights are not those of the file it was fitted for: changed in "
+               "place since they were loaded, or not loaded from it")
+        raise WeightsError(f"The easy-VQA sparse model {path} does not fit this model: {why}. "
+                           f"Load the model again with load_adapter(), or fit a sparse model "
+                           f"on this model's decision features with "
+                           f"multiviz_widgets.kernels.prediction.fit_sparse_model.")
     width = adapter.decision_layer.in_features
     if list(model.class_names) != list(adapter.class_names) or model.d != width:
         raise WeightsError(f"The easy-VQA sparse model {path} has {model.n_classes} classes over "

@@ -6,9 +6,12 @@
   removed in ``finally``, also when the model raises). Results are cached on disk as ``.npz``
   (no pickle), keyed by a hash of the model's weights, settings and structure
   (``ModelAdapter.fingerprint``: not integer, list or plain-tensor attributes), the code of
-  its classes (``model_code_digest``), the modalities' preprocessing, the number of classes and
-  the dataset's fingerprint; a change of any gives another key, a corrupt or inconsistent file
-  (logits of another width included) is ignored and recomputed, writes are atomic.
+  its classes and the plain global values they read (``model_code_digest``), its forward hooks
+  and pre-hooks (``forward_hooks_text``), the modalities' preprocessing, the number of classes
+  and the dataset's fingerprint; a change of any gives another key, a corrupt or inconsistent
+  file (logits of another width included) is ignored and recomputed, writes are atomic. The
+  cache folder is bounded: after a write, the least recently used files beyond
+  $MULTIVIZ_CACHE_MAX_MB (default 2048) are removed; ``clear_feature_cache()`` empties it.
 * ``StreamingExtremes`` / ``neuron_extremes``: for every neuron the k instances with the largest
   and the smallest activation in one streaming pass, memory O(k d) whatever the dataset size.
 * ``decision_contributions(adapter, instance)``: the local view, h(x) and each neuron's
@@ -19,10 +22,13 @@ used side by side in one process.
 """
 from __future__ import annotations
 
+import dis
 import functools
 import hashlib
 import inspect
 import os
+import re
+import stat
 import time
 import types
 import warnings
@@ -36,7 +42,7 @@ import torch
 from ..adapter import AdapterError, ModelAdapter, ModelInputError, _outside_stacklevel
 from ..atomic_file import write_atomically
 from ..data import MultimodalDataset
-from ..modalities import hash_code
+from ..modalities import _stable_callable, _stable_text, hash_code
 from ..progress import ProgressFn, report
 from ..checks import is_integer, positive_int
 from .common import (GIVE_UP_AFTER, ModelFailure, as_prepared, indices_or_all, input_shapes,
@@ -55,12 +61,13 @@ CACHE_VERSION = "features-v6"
 
 # -- cache location ----------------------------------------------------------------------------
 def default_cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """The directory of on-disk caches: ``path``, else $MULTIVIZ_CACHE, else ~/.cache/multiviz_widgets."""
+    """The directory of on-disk caches: ``path``, else $MULTIVIZ_CACHE, else
+    ~/.cache/multiviz_widgets (a leading ``~`` is the home folder in the first two too)."""
     if path is not None:
-        return Path(path)
+        return Path(path).expanduser()          # "~/cache": the home's, not a folder named ~
     env = os.environ.get("MULTIVIZ_CACHE")
     if env:
-        return Path(env)
+        return Path(env).expanduser()
     return Path.home() / ".cache" / "multiviz_widgets"
 
 
@@ -110,9 +117,17 @@ def model_code_digest(model: torch.nn.Module) -> str:
     ``forward`` (tanh to relu) in a notebook then gives another feature-cache key. A decorated
     method (``@torch.no_grad()``, a user's decorator) is followed to the function it wraps
     (``__wrapped__``, and the functions its closure holds). Not followed: functions reached
-    through attributes (``helpers.act(x)``) or held in containers."""
+    through attributes (``helpers.act(x)``) or held in containers.
+
+    The plain values of their modules that these functions read as globals (``SCALE = 3.0``
+    read in ``forward``) are hashed too, by content (``_plain_global_text``): numbers, texts,
+    flags, small containers of them, arrays and tensors of up to ``_GLOBAL_ARRAY_MAX``
+    elements. Not: a global one of these functions writes (``global calls; calls += 1``, a
+    counter), larger arrays, and other objects (their state cannot be seen)."""
     h = hashlib.sha256()
     seen: set[int] = set()
+    reads: dict[tuple[str, str], tuple[dict, str]] = {}   # (module, name) -> (globals, name)
+    written: set[tuple[str, str]] = set()
 
     def visit(f) -> None:
         if id(f) in seen:
@@ -130,6 +145,11 @@ def model_code_digest(model: torch.nn.Module) -> str:
             g = f.__globals__.get(name)
             if _own_function(g):
                 visit(g)
+        module = str(f.__globals__.get("__name__", f.__module__))
+        loads, stores = _global_names(f.__code__)
+        for name in loads:
+            reads.setdefault((module, name), (f.__globals__, name))
+        written.update((module, name) for name in stores)
         # a decorator without functools.wraps keeps the decorated function only in its closure
         for cell in f.__closure__ or ():
             try:
@@ -161,13 +181,111 @@ def model_code_digest(model: torch.nn.Module) -> str:
                         continue
                 if _own_function(f):
                     visit(f)
+    for where in sorted(set(reads) - written):
+        scope, name = reads[where]
+        if name in scope:
+            text = _plain_global_text(scope[name])
+            if text is not None:
+                h.update(f"{where[0]}.{name}={text}".encode())
     return h.hexdigest()[:32]
+
+
+def _global_names(code) -> tuple[set[str], set[str]]:
+    """(the names ``code`` reads as globals, those it writes or deletes as globals), its
+    nested code (lambdas, comprehensions, inner functions) included."""
+    loads: set[str] = set()
+    stores: set[str] = set()
+    for ins in dis.get_instructions(code):
+        if ins.opname == "LOAD_GLOBAL":
+            loads.add(ins.argval)
+        elif ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+            stores.add(ins.argval)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            inner_loads, inner_stores = _global_names(const)
+            loads |= inner_loads
+            stores |= inner_stores
+    return loads, stores
+
+
+#: The largest array or tensor (in elements) that is hashed when a model's code reads it as a
+#: global (256 KiB of float32): larger ones are left out of the key, which would otherwise hash
+#: a dataset a notebook keeps as a global on every key.
+_GLOBAL_ARRAY_MAX = 1 << 16
+
+#: The most items of a list, tuple, dict or set read as a global that are hashed.
+_GLOBAL_ITEMS_MAX = 1000
+
+
+def _plain_global_text(v, depth: int = 0) -> str | None:
+    """The text (``_stable_text``) of a value a model's code reads as a global, when it is
+    plain and small: a number, text, flag or None; an array or tensor of up to
+    ``_GLOBAL_ARRAY_MAX`` elements; a list, tuple, dict or set of up to ``_GLOBAL_ITEMS_MAX``
+    such values. None (left out of the key) for anything else: a function, class or module
+    (followed as code, or not at all), any other object (its state cannot be seen)."""
+    if v is None or isinstance(v, (bool, int, float, str, np.generic)):
+        return _stable_text(v)
+    if isinstance(v, (np.ndarray, torch.Tensor)):
+        size = v.numel() if isinstance(v, torch.Tensor) else v.size
+        if size > _GLOBAL_ARRAY_MAX or (isinstance(v, np.ndarray) and v.dtype.hasobject):
+            return None
+        try:
+            return _stable_text(v)
+        except (RuntimeError, TypeError, ValueError):     # a meta tensor, a sparse one
+            return None
+    if isinstance(v, (list, tuple, dict, set, frozenset)) and depth < 4:
+        if len(v) > _GLOBAL_ITEMS_MAX:
+            return None
+        items = list(v.items()) if isinstance(v, dict) else [(None, x) for x in v]
+        if any(_plain_global_text(x, depth + 1) is None
+               for kx in items for x in kx if x is not None):
+            return None
+        return _stable_text(v)
+    return None
+
+
+def _hook_text(hook) -> str:
+    """A forward hook by what it runs: a function by its code and the values it reads
+    (``_stable_callable``); one of torch's own hook objects (``weight_norm``'s) by its type and
+    settings, since torch's code changes only with its version; any other object by its
+    identity (in this process only)."""
+    if (not isinstance(hook, (types.FunctionType, types.MethodType, functools.partial))
+            and _torch_module(type(hook).__module__)):
+        return (f"<{type(hook).__module__}.{type(hook).__qualname__} "
+                f"{_stable_text(dict(getattr(hook, '__dict__', {})))}>")
+    return _stable_callable(hook)
+
+
+def forward_hooks_text(model: torch.nn.Module) -> str:
+    """A text of every forward hook and forward pre-hook that runs in the model's forward
+    pass, in the order they run: torch's global ones (``register_module_forward_hook``) and
+    each module's, with how each is called (with keyword arguments, always). A hook that
+    changes an input or an output (an ablation) changes the features as much as a weight."""
+    M = torch.nn.modules.module
+    parts = []
+
+    def add(where: str, hooks, with_kwargs, always=()) -> None:
+        for hid, hook in list(hooks.items()):
+            flags = "k" * (hid in with_kwargs) + "a" * (hid in always)
+            parts.append(f"{where}[{flags}]={_hook_text(hook)}")
+    add("global-pre", M._global_forward_pre_hooks, ())
+    add("global", M._global_forward_hooks,
+        getattr(M, "_global_forward_hooks_with_kwargs", {}),
+        getattr(M, "_global_forward_hooks_always_called", {}))
+    for name, module in model.named_modules():
+        add(f"{name}:pre", getattr(module, "_forward_pre_hooks", {}),
+            getattr(module, "_forward_pre_hooks_with_kwargs", {}))
+        add(f"{name}:", getattr(module, "_forward_hooks", {}),
+            getattr(module, "_forward_hooks_with_kwargs", {}),
+            getattr(module, "_forward_hooks_always_called", {}))
+    return ";".join(parts)
 
 
 def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
                  indices: Sequence[int] | None = None, batch_size: int = 256) -> str:
     """The cache key of a feature extraction: weights hash + the model's module tree and code
-    (``model_code_digest``) + each modality's preprocessing (``Modality.signature()``, in
+    (``model_code_digest``) + its forward hooks and pre-hooks, torch's global ones included
+    (``forward_hooks_text``) + each modality's preprocessing (``Modality.signature()``, in
     adapter order) + the number of classes (a one-logit model read as two classes gives two
     logits) + dataset fingerprint + what was asked.
 
@@ -181,7 +299,8 @@ def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
                + ",".join(f"{m}:{_module_name(adapter, layer)}"
                           for m, layer in sorted(adapter.embedding_layers.items())))
     for part in (CACHE_VERSION, adapter.fingerprint(), repr(adapter.model),
-                 model_code_digest(adapter.model), f"torch={torch.__version__}", *signatures,
+                 model_code_digest(adapter.model), forward_hooks_text(adapter.model),
+                 f"torch={torch.__version__}", *signatures,
                  f"classes={adapter.n_classes}", dataset.fingerprint(),
                  _decision_layer_name(adapter), ",".join(adapter.names), calling,
                  str(int(batch_size))):
@@ -468,7 +587,9 @@ def _load_cached(path: Path, key: str, idx: np.ndarray, d: int | None = None,
     """The cached features of ``idx`` under ``key``, or None (missing, foreign, corrupt or not
     matching what was asked: the last two with a warning)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        # the file opened here, so that it is closed also when np.load cannot read it (a
+        # truncated file: np.load's own handle was left to the garbage collector)
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
             if str(z["key"]) != key:
                 return None
             h, logits, indices = z["h"], z["logits"], z["indices"]
@@ -487,10 +608,121 @@ def _load_cached(path: Path, key: str, idx: np.ndarray, d: int | None = None,
         return None
 
 
+#: A feature cache file's name: the 40 hex digits of its key (``features_key``).
+_CACHE_NAME = re.compile(r"[0-9a-f]{40}\.npz")
+
+#: The temporary file ``write_atomically`` writes a cache file into before renaming it
+#: (``.<key>.npz.<random>.tmp``): one older than ``_STALE_TMP_SECONDS`` was left by a writer
+#: that was killed.
+_CACHE_TMP_NAME = re.compile(r"\.[0-9a-f]{40}\.npz\.[A-Za-z0-9_]+\.tmp")
+_STALE_TMP_SECONDS = 3600.0
+
+#: The size the cache folder is kept under (in MB) when $MULTIVIZ_CACHE_MAX_MB is not set.
+DEFAULT_CACHE_MAX_MB = 2048.0
+
+
+def cache_max_bytes() -> float:
+    """The most bytes of feature cache files kept in a cache folder: $MULTIVIZ_CACHE_MAX_MB
+    (a number of megabytes, 0 or more; ``inf``: no bound) else DEFAULT_CACHE_MAX_MB. A value
+    that is not such a number is ignored with a RuntimeWarning."""
+    raw = os.environ.get("MULTIVIZ_CACHE_MAX_MB", "").strip()
+    if raw:
+        try:
+            mb = float(raw)
+            if not mb >= 0:                          # NaN too
+                raise ValueError
+            return mb * 1e6
+        except ValueError:
+            warnings.warn(f"MULTIVIZ_CACHE_MAX_MB={raw!r} is not a number of megabytes (0 or "
+                          f"more, or inf); using {DEFAULT_CACHE_MAX_MB:g}.", RuntimeWarning,
+                          stacklevel=_outside_stacklevel())
+    return DEFAULT_CACHE_MAX_MB * 1e6
+
+
+def _cache_entries(folder: Path, pattern: re.Pattern) -> list[tuple[Path, os.stat_result]]:
+    """(path, stat) of the plain files in ``folder`` whose names match ``pattern`` (none when
+    the folder cannot be read); files removed meanwhile (by another process) are left out."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        if pattern.fullmatch(name):
+            try:
+                st = os.stat(folder / name, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.append((folder / name, st))
+    return out
+
+
+def _remove(path: Path) -> int:
+    """Remove a file; its size when it was removed, else -1 (gone already, not allowed)."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+        return size
+    except OSError:
+        return -1
+
+
+def _remove_stale_temporaries(folder: Path, older_than: float = _STALE_TMP_SECONDS) -> int:
+    """Remove the cache's temporary files in ``folder`` last written more than ``older_than``
+    seconds ago (a writer killed mid-write leaves one; a live writer's is younger): the bytes
+    freed."""
+    now = time.time()
+    return sum(max(_remove(p), 0) for p, st in _cache_entries(folder, _CACHE_TMP_NAME)
+               if now - st.st_mtime > older_than)
+
+
+def _evict(folder: Path, keep: Path, limit: float) -> None:
+    """Remove the least recently used cache files of ``folder`` (by modification time, which a
+    cache hit renews) until the rest take at most ``limit`` bytes; never ``keep``, the file
+    just written, even when it alone is larger."""
+    entries = _cache_entries(folder, _CACHE_NAME)
+    total = sum(st.st_size for _, st in entries)
+    if total <= limit:
+        return
+    keep = keep.resolve()
+    for p, st in sorted(entries, key=lambda e: (e[1].st_mtime, e[0].name)):
+        if total <= limit:
+            break
+        if p.resolve() == keep:
+            continue
+        if _remove(p) >= 0:
+            total -= st.st_size
+
+
+def _touch(path: Path) -> None:
+    """Mark a cache file as just used (its modification time: what eviction orders by; access
+    times are often not kept). A read-only cache folder is used all the same."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
 def _save_atomic(path: Path, **arrays) -> None:
+    """Write a cache file atomically, then tidy its folder: the temporary files of writers
+    killed more than an hour ago are removed, and the least recently used cache files beyond
+    ``cache_max_bytes()`` (never this one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # 0644: a cache is as readable as its directory
     write_atomically(path, lambda f: np.savez(f, **arrays), binary=True, mode=0o644)
+    _remove_stale_temporaries(path.parent)
+    _evict(path.parent, path, cache_max_bytes())
+
+
+def clear_feature_cache(cache_dir: str | os.PathLike | None = None) -> int:
+    """Remove the decision-feature cache files of ``cache_dir`` (default: ``default_cache_dir()``,
+    $MULTIVIZ_CACHE or ~/.cache/multiviz_widgets), and the temporary files writers killed
+    mid-write left there over an hour ago; nothing else in the folder. Returns the number of
+    bytes freed. The next ``extract_features`` computes its features again."""
+    folder = default_cache_dir(cache_dir)
+    freed = sum(max(_remove(p), 0) for p, _ in _cache_entries(folder, _CACHE_NAME))
+    return freed + _remove_stale_temporaries(folder)
 
 
 def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_size: int = 256,
@@ -506,6 +738,8 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     Cost: one forward pass per instance, in batches of up to ``batch_size``; none when the
     on-disk cache (keyed by the weights' hash and the dataset's fingerprint) already holds them.
     ``cache_dir=`` overrides the cache location; ``cache=False`` neither reads nor writes it.
+    After a write the folder's least recently used cache files beyond $MULTIVIZ_CACHE_MAX_MB
+    (default 2048) are removed; ``clear_feature_cache(cache_dir)`` removes them all.
     A dataset without a ``fingerprint()`` (a plain list of instances) is not cached.
     """
     batch_size = positive_int(batch_size, "batch_size")
@@ -519,6 +753,7 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
         d = layer.in_features if isinstance(layer, torch.nn.Linear) else None
         hit = _load_cached(path, key, idx, d, adapter.n_classes)
         if hit is not None:
+            _touch(path)                  # recently used: the last to be evicted
             hit.seconds = time.perf_counter() - t0
             report(progress, len(idx), len(idx), "decision features (cached)")
             _warn_skipped(hit.skipped, len(idx))
