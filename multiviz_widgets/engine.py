@@ -111,6 +111,19 @@ def _close_at_exit(ref) -> None:
         engine.close(join_timeout=5.0)
 
 
+class _Flight:
+    """A memo being computed (``Engine.memo``): who computes it, and, once ``event`` is set,
+    its value (``ok``) or a failure (not ``ok``: a waiting caller computes it itself)."""
+
+    __slots__ = ("thread", "event", "value", "ok")
+
+    def __init__(self, thread: threading.Thread):
+        self.thread = thread
+        self.event = threading.Event()
+        self.value = None
+        self.ok = False
+
+
 class Engine(traitlets.HasTraits):
     """Job queues with worker threads (two lanes), an LRU cache and progress/error traits.
 
@@ -138,6 +151,7 @@ class Engine(traitlets.HasTraits):
         self.delay = float(delay)
         self._cache: OrderedDict = OrderedDict()
         self._pinned: dict = {}
+        self._inflight: dict = {}       # key -> _Flight: a memo being computed now (see memo)
         #: counts clear_cache(): a value computed from what was there before a clear (a job or
         #: a memo that started earlier) is not cached after it
         self.cache_epoch = 0
@@ -151,8 +165,8 @@ class Engine(traitlets.HasTraits):
         self._busy_epoch = 0
         self._timer: threading.Timer | None = None
         self._closed = False
-        self.stats = {"hits": 0, "misses": 0, "runs": 0, "dropped": 0, "cancelled": 0,
-                      "errors": 0}
+        self.stats = {"hits": 0, "misses": 0, "joined": 0, "runs": 0, "dropped": 0,
+                      "cancelled": 0, "errors": 0}
         self.last_traceback = ""
         self._last: dict[str, tuple[Job, float]] = {}   # lane -> (last job finished, when)
         self._in_hand: dict[str, Job] = {}               # lane -> the job its worker took
@@ -213,17 +227,79 @@ class Engine(traitlets.HasTraits):
                 self._cache.popitem(last=False)
 
     def memo(self, key: Hashable, fn: Callable[[], Any], pin: bool = False):
-        """``fn()`` once per key: later calls return the cached value (call it inside jobs)."""
-        with self._lock:
-            hit = key in self._pinned or key in self._cache
-            if hit:
-                self.stats["hits"] += 1
-                return self.cached(key)
-            self.stats["misses"] += 1
-            epoch = self.cache_epoch
-        value = fn()
-        self.store(key, value, pin=pin, epoch=epoch)
+        """``fn()`` once per key: later calls return the cached value (call it inside jobs).
+
+        Single-flight: a call for a key that another thread is computing now (the click's lane
+        and the gallery's asking for the same attribution) waits for that result instead of
+        computing it a second time. If that computation fails or is cancelled, the waiting
+        caller computes the value itself (one job's error or ``Cancelled`` is not another's).
+        The wait never hangs on a job that stops: it polls, and a worker's job raises
+        ``Cancelled`` there once the job is cancelled or stale, or the engine closes."""
+        held = self._holds_lock()        # (read before taking it: then it is always held)
+        while True:
+            with self._lock:
+                if key in self._pinned or key in self._cache:
+                    self.stats["hits"] += 1
+                    return self.cached(key)
+                flight = self._inflight.get(key)
+                if flight is None:
+                    flight = self._inflight[key] = _Flight(threading.current_thread())
+                    self.stats["misses"] += 1
+                    epoch = self.cache_epoch
+                    break
+                if flight.thread is threading.current_thread() or held:
+                    # fn() asking for its own key, or a caller that holds the engine's lock
+                    # (the owner needs it to store): computed here, as without the record
+                    self.stats["misses"] += 1
+                    epoch = self.cache_epoch
+                    flight = None
+                    break
+            self._await_flight(flight)
+            with self._lock:
+                if flight.ok:
+                    self.stats["joined"] += 1
+                    return flight.value
+            # it failed or was cancelled: look again (cached meanwhile? another's? else ours)
+        try:
+            value = fn()
+            self.store(key, value, pin=pin, epoch=epoch)
+        except BaseException:
+            if flight is not None:
+                self._land(key, flight, False)
+            raise
+        if flight is not None:
+            self._land(key, flight, True, value)
         return value
+
+    def _land(self, key: Hashable, flight: _Flight, ok: bool, value=None) -> None:
+        """End the computation of ``key`` that ``flight`` records: ``ok``, its waiters take
+        ``value``; else (it failed) they compute the value themselves."""
+        with self._lock:
+            if ok:
+                flight.value, flight.ok = value, True
+            if self._inflight.get(key) is flight:
+                del self._inflight[key]
+            flight.event.set()
+
+    def _holds_lock(self) -> bool:
+        is_owned = getattr(self._lock, "_is_owned", None)
+        return bool(is_owned()) if is_owned is not None else False
+
+    def _await_flight(self, flight: _Flight) -> None:
+        """Wait until ``flight`` ends; on a worker thread, raise ``Cancelled`` as soon as the
+        worker's own job is cancelled or stale or the engine closes (as its progress would),
+        so that a waiting job stops like a computing one. Outside the workers (no job) it
+        waits for the computation, which ends (its job's progress raises at a cancel)."""
+        me = threading.current_thread()
+        lane = next((lane for lane, t in self._threads.items() if t is me), None)
+        while not flight.event.wait(0.05):
+            if lane is None:
+                continue
+            with self._lock:
+                job = self._running[lane]
+                if self._closed or (job is not None and not self._is_current(job)):
+                    label = job.label if job is not None else lane
+                    raise Cancelled(f"{label}: cancelled")
 
     def clear_cache(self) -> None:
         """Drop every cached value, pinned ones too; values being computed meanwhile (from what
@@ -232,6 +308,8 @@ class Engine(traitlets.HasTraits):
             self._cache.clear()
             self._pinned.clear()
             self.cache_epoch += 1
+            # a value being computed now is not joined by a later call (it would be stale)
+            self._inflight.clear()
 
     # -- jobs ----------------------------------------------------------------------------------
     def submit(self, slot: str, key: Hashable | None, fn: Callable, on_done: Callable | None = None,
@@ -257,13 +335,16 @@ class Engine(traitlets.HasTraits):
             # (one submitted before a clear_cache computes from what was there before: it is
             # superseded below, its result never shown)
             gen = self._gen[slot] = self._gen.get(slot, 0) + 1
-            if cur is not None and cur.state == "queued":
+            dropped = cur is not None and cur.state == "queued"
+            if dropped:
                 cur.state = "dropped"
                 self.stats["dropped"] += 1
             if key is not None and (key in self._cache or key in self._pinned):
                 self.stats["hits"] += 1
                 value = self.cached(key)
                 self._current.pop(slot, None)
+                if dropped:            # nothing else pending: not busy once wait() returns
+                    self._after_job()
                 self._apply(on_done, on_error, value, str(label or slot))
                 return "cached"
             if key is not None:
@@ -284,6 +365,7 @@ class Engine(traitlets.HasTraits):
             if cur is not None and cur.state == "queued":
                 cur.state = "dropped"
                 self.stats["dropped"] += 1
+                self._after_job()      # nothing else pending: not busy once wait() returns
 
     def cancel(self, lanes: tuple[str, ...] | None = None) -> None:
         """Cancel the running and queued jobs of ``lanes`` (the cancel button).

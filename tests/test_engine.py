@@ -446,3 +446,131 @@ def test_a_job_whose_shared_pass_a_cache_clear_stopped_tells_its_view():
         assert heard == ["Cancelled"]
     finally:
         engine.close()
+
+
+# -- single-flight memos: one computation per key, even asked for by two lanes at once ---------
+def test_a_key_two_threads_ask_for_at_once_is_computed_once(engine):
+    """The click's lane and the gallery's asked for the same attribution at once and both
+    computed it (seconds of LIME or KernelSHAP twice): the second now waits for the first."""
+    gate, calls, got = threading.Event(), [], []
+
+    def slow():
+        calls.append(threading.current_thread().name)
+        gate.wait(10)
+        return {"scores": 1}
+    threads = [threading.Thread(target=lambda: got.append(engine.memo(("attr",), slow)))
+               for _ in range(2)]
+    threads[0].start()
+    assert _until(lambda: len(calls) == 1)
+    threads[1].start()
+    time.sleep(0.2)                          # the second caller is waiting by now
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert len(calls) == 1 and len(got) == 2 and got[0] is got[1]
+    assert engine.cached(("attr",)) is got[0]
+
+
+def test_a_waiting_caller_computes_the_value_itself_when_the_first_computation_fails(engine):
+    """One job's Cancelled (or error) is not the other's: the waiter computes the value."""
+    started, gate, calls, got = threading.Event(), threading.Event(), [], {}
+
+    def first():
+        started.set()
+        gate.wait(10)
+        raise Cancelled("the first job was cancelled")
+
+    def run(name, fn):
+        try:
+            got[name] = engine.memo(("attr",), fn)
+        except Cancelled as e:
+            got[name] = e
+    owner = threading.Thread(target=run, args=("first", first))
+    owner.start()
+    assert started.wait(10)
+    waiter = threading.Thread(target=run, args=("second", lambda: calls.append(1) or "mine"))
+    waiter.start()
+    time.sleep(0.2)
+    assert calls == []                       # it waits for the first computation
+    gate.set()
+    owner.join(10)
+    waiter.join(10)
+    assert isinstance(got["first"], Cancelled) and got["second"] == "mine" and calls == [1]
+    assert engine.memo(("attr",), lambda: "again") == "mine"
+
+
+def test_a_caller_holding_the_engines_lock_computes_the_value_instead_of_waiting():
+    """Waiting under the lock would deadlock: the computation needs the lock to store."""
+    engine = Engine(delay=0.05)
+    started, gate, got = threading.Event(), threading.Event(), []
+
+    def slow():
+        started.set()
+        gate.wait(10)
+        return "theirs"
+    owner = threading.Thread(target=lambda: got.append(engine.memo(("k",), slow)), daemon=True)
+    owner.start()
+    assert started.wait(10)
+
+    def holder():
+        with engine.lock:
+            gate.set()
+            time.sleep(0.1)                  # the owner now waits for the lock to store
+            got.append(engine.memo(("k",), lambda: "mine"))
+    t = threading.Thread(target=holder, daemon=True)
+    t.start()
+    t.join(5)
+    owner.join(5)
+    assert not t.is_alive() and not owner.is_alive(), "deadlock"   # (left unclosed then)
+    engine.close()
+    assert sorted(got) == ["mine", "theirs"]
+
+
+@pytest.mark.parametrize("how", ["cancel", "newer click"])
+def test_a_job_waiting_for_anothers_computation_still_stops_when_cancelled_or_stale(engine, how):
+    """A job waiting for a value another thread computes must not wait for ever: a cancel or a
+    newer job of its slot stops it (while the computation it waited for goes on)."""
+    started, gate, heard, got = threading.Event(), threading.Event(), [], []
+
+    def slow():
+        started.set()
+        gate.wait(10)
+        return "value"
+    owner = threading.Thread(target=lambda: engine.memo(("attr",), slow))
+    owner.start()
+    assert started.wait(10)
+    engine.submit("s", None, lambda p: engine.memo(("attr",), slow), got.append,
+                  lambda err: heard.append(type(err).__name__))
+    assert _until(lambda: engine.snapshot()["lanes"]["main"]["running"] is not None)
+    time.sleep(0.1)
+    try:
+        if how == "cancel":
+            engine.cancel()
+        else:
+            engine.submit("s", None, lambda p: "newer", got.append)
+        assert engine.wait(2), "the waiting job did not stop"
+        assert got == ([] if how == "cancel" else ["newer"])
+        assert heard == (["Cancelled"] if how == "cancel" else [])
+        assert owner.is_alive()              # the other computation goes on
+    finally:
+        gate.set()
+        owner.join(10)
+    assert engine.cached(("attr",)) == "value"
+
+
+# -- busy ends with the last pending job, however it ends --------------------------------------
+@pytest.mark.parametrize("how", ["cache hit", "drop"])
+def test_the_engine_is_not_busy_once_wait_returns_after_a_queued_job_is_superseded(engine,
+                                                                                   how):
+    """A queued job replaced by a cache hit (or dropped) left busy True with nothing pending:
+    wait() said done while the Explorer's state still said busy."""
+    engine.store(("k", 2), "cached")
+    got = []
+    with engine.lock:                        # the worker cannot take the first job meanwhile
+        engine.submit("s", ("k", 1), lambda p: "computed")
+        if how == "cache hit":
+            assert engine.submit("s", ("k", 2), lambda p: "x", got.append) == "cached"
+        else:
+            engine.drop("s")
+        assert engine.wait(0) and not engine.busy and engine.pending() == 0
+    assert got == (["cached"] if how == "cache hit" else [])
