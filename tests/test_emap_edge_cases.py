@@ -370,3 +370,171 @@ def test_a_class_the_model_rules_out_does_not_make_a_real_margin_a_tie():
         t = _label(logits, parts, np.array([0.0, 0.0, third]), ["yes", "no", "never"])
         assert t["label"] == "dominance" and t["dominant"] == "a", (third, t["label"])
         assert t["unimodal_predictions"] == {"a": 0, "b": None}
+
+
+# -- interaction_type through emap's split ----------------------------------------------------
+def _typed_cases():
+    """(adapter, instance, references) for models with a traced split, a declared one, a
+    token-level cut over texts of several lengths (an instance of a length no reference has)
+    and three modalities."""
+    from tests.test_emap_lengths import (DeclaredMeanPool, MeanPool, TokenLevel, TwoTexts,
+                                         adapter_for, items_of)
+    items = instances(9, seed=3)
+    texts = items_of(10, seed=4)
+    odd = dict(texts[0], question="is the red circle what shape is the")
+    three = items_of(7, seed=5, answers=True)
+    return {"traced": (ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"]), items[0], items[1:]),
+            "declared": (adapter_for(DeclaredMeanPool()), texts[0], texts[1:]),
+            "pooled lengths": (adapter_for(MeanPool()), odd, texts[1:]),
+            "token level": (adapter_for(TokenLevel()), odd, texts[1:]),
+            "three": (adapter_for(TwoTexts(), ("question", "answer")), three[0], three[1:])}
+
+
+def _assert_same_type(fast: dict, slow: dict) -> None:
+    assert (fast["label"], fast["dominant"], fast["predicted"]) == (
+        slow["label"], slow["dominant"], slow["predicted"])
+    assert fast["unimodal_predictions"] == slow["unimodal_predictions"]
+    for k in ("logits", "emap_logits", "grand_mean", "interaction"):
+        np.testing.assert_allclose(fast[k], slow[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for m in slow["unimodal"]:
+        np.testing.assert_allclose(fast["unimodal"][m], slow["unimodal"][m], rtol=1e-5,
+                                   atol=1e-6, err_msg=m)
+    for k, v in slow["margins"].items():
+        assert fast["margins"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.parametrize("case", ["traced", "declared", "pooled lengths", "token level", "three"])
+def test_interaction_type_takes_emaps_split_by_default_with_the_full_forwards_numbers(case):
+    """interaction_type used to run all N^2 reference pairs as full forward passes (batches of
+    1024 instances) where emap fuses encodings: now the same split as emap's, same numbers."""
+    adapter, instance, refs = _typed_cases()[case]
+    kind = emap(adapter, refs).params["factorization"]
+    assert kind == ("declared" if case == "declared" else "traced")
+    fast = interaction_type(adapter, instance, refs)
+    slow = interaction_type(adapter, instance, refs, factorized=False)
+    assert (fast["factorized"], fast["factorization"]) == (True, kind)
+    assert (slow["factorized"], slow["factorization"]) == (False, "none")
+    assert "factorization_note" not in fast
+    _assert_same_type(fast, slow)
+    small = interaction_type(adapter, instance, refs, batch_size=3)     # batches cut anywhere
+    assert small["factorization"] == kind
+    _assert_same_type(small, slow)
+    if case == "declared":
+        _assert_same_type(interaction_type(adapter, instance, refs, factorized="declared"), slow)
+    else:
+        _assert_same_type(interaction_type(adapter, instance, refs, factorized="traced"), slow)
+        with pytest.raises(ValueError, match="factorized='declared' needs"):
+            interaction_type(adapter, instance, refs, factorized="declared")
+
+
+def test_interaction_type_runs_no_full_forward_pass_per_pair_when_split():
+    """Full forward passes with the split: the references' own pairs and a few neighbours (the
+    check, as emap's) and the instance; without it, N^2 + 2 N + 1 of them."""
+    from multiviz_widgets.kernels.split_model import CHECKED_PAIRS
+    model = Bilinear()
+    rows = []
+    model.register_forward_pre_hook(      # full forward passes only (not while traced)
+        lambda _m, args: rows.append(args[0].shape[0]) if torch.is_tensor(args[0]) else None)
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    items = instances(21)
+    emap(adapter, items[1:])                          # traced (and cached) before counting
+    rows.clear()
+    interaction_type(adapter, items[0], items[1:])
+    assert sum(rows) == 20 + CHECKED_PAIRS + 1, rows
+    rows.clear()
+    interaction_type(adapter, items[0], items[1:], factorized=False)
+    assert sum(rows) == 20 * 20 + 2 * 20 + 1
+
+
+def test_interaction_type_batches_as_emap_does():
+    import inspect
+    from multiviz_widgets.kernels.common import PERTURBATION_BATCH
+    sig = inspect.signature
+    assert (sig(interaction_type).parameters["batch_size"].default
+            == sig(emap).parameters["batch_size"].default == PERTURBATION_BATCH)
+    assert sig(interaction_type).parameters["factorized"].default is None
+
+
+def test_interaction_type_falls_back_where_emap_does_and_says_why():
+    adapter = ModelAdapter(InPlaceMix(), MODALITIES, ["a", "b", "c"])
+    items = instances(6)
+    r = emap(adapter, items)
+    t = interaction_type(adapter, items[0], items)
+    assert t["factorization"] == r.params["factorization"] == "none"
+    assert t["factorized"] is False and "in-place" in t["factorization_note"]
+    _assert_same_type(t, interaction_type(adapter, items[0], items, factorized=False))
+    with pytest.raises(ValueError, match="in-place operations"):
+        interaction_type(adapter, items[0], items, factorized=True)
+    with pytest.raises(ValueError, match="factorized must be None, True, False"):
+        interaction_type(adapter, items[0], items, factorized="fused")
+    # an EmapResult as the reference: its own factorization, no forwards
+    t = interaction_type(adapter, 2, r)
+    assert (t["factorized"], t["factorization"]) == (False, "none")
+
+
+class DeclaredWrongFar(Bilinear):
+    """A declared split that is right near the references and wrong for a tabular input far
+    from them (the instance): only the check on the instance itself can see it."""
+
+    def encode_modality(self, name, x):
+        if name == "tabular":
+            return torch.tanh(self.t(x)) + (x.abs().amax(1, keepdim=True) > 50).float()
+        return torch.tanh(self.s(x.flatten(1)))
+
+    def fuse_encodings(self, enc):
+        a, b = enc["tabular"], enc["series"]
+        return self.head(torch.cat([a * b, a + b], 1))
+
+
+def test_interaction_type_checks_the_split_on_the_instance_too():
+    adapter = ModelAdapter(DeclaredWrongFar(), MODALITIES, ["a", "b", "c"])
+    items = instances(6)
+    far = dict(items[0], tabular=torch.tensor([100.0, 0.0, 0.0, 0.0]))
+    assert interaction_type(adapter, items[0], items)["factorization"] == "declared"
+    with pytest.raises(FactorizationError, match="encode_modality/fuse_encodings disagree"):
+        interaction_type(adapter, far, items)
+    assert interaction_type(adapter, far, items, factorized=False)["factorization"] == "none"
+
+
+@pytest.mark.parametrize("factorized", [None, False])
+def test_cancelling_interaction_type_stops_it_within_a_batch(factorized):
+    from multiviz_widgets.progress import Cancelled
+    model = Bilinear()
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    items = instances(12)
+    seen = []
+
+    def progress(done, total, message):
+        seen.append((done, total, message))
+        if done > 0:
+            raise Cancelled()
+    with pytest.raises(Cancelled):
+        interaction_type(adapter, items[0], items[1:], batch_size=5, progress=progress,
+                         factorized=factorized)
+    assert [d for d, _, _ in seen] == [0, 5] and seen[1][1] == 11 * 11 + 2 * 11 + 1, seen
+    fused = "(fused encodings)" in seen[1][2]
+    assert fused == (factorized is None)
+
+
+def test_interaction_type_falls_back_part_way_as_emap_does(monkeypatch):
+    """A traced split that fails after some of its fused pairs (a RuntimeError): the full
+    forward passes give the numbers, and progress never goes back."""
+    from multiviz_widgets.kernels.factorize import Factorization
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    items = instances(7)
+    slow = interaction_type(adapter, items[0], items[1:], factorized=False)
+    real, calls = Factorization.fuse, [0]
+
+    def fuse(self, rows):
+        calls[0] += 1
+        if calls[0] == 7:                # after the check (5 calls) and a batch of pairs
+            raise RuntimeError("a tensor the trace could not follow")
+        return real(self, rows)
+    monkeypatch.setattr(Factorization, "fuse", fuse)
+    seen = []
+    t = interaction_type(adapter, items[0], items[1:], batch_size=4,
+                         progress=lambda *a: seen.append(a))
+    assert t["factorization"] == "none" and "not used this time" in t["factorization_note"]
+    _assert_same_type(t, slow)
+    done = [d for d, _, _ in seen]
+    assert done[:2] == [0, 4] and done == sorted(done) and seen[-1][:2] == (49, 49), seen

@@ -2,10 +2,11 @@
 
 ``emap`` computes the EMAP projection of N instances from the outputs of all N x N pairs,
 evaluated in batches and summed as they come (each modality encoded once and only the pairs
-fused, through ``kernels.split_model``, when the model can be split); ``emap_matrix`` projects a whole pair matrix; ``emap_gap`` is
-accuracy(f) - accuracy(EMAP(f)) over a dataset; ``interaction_type`` / ``interaction_types``
-label instances dominance, complement or conflict (M2Lens; undecided when the model ties) from
-EMAP's unimodal parts.
+fused, through ``kernels.split_model``, when the model can be split); ``emap_matrix`` projects a
+whole pair matrix; ``emap_gap`` is accuracy(f) - accuracy(EMAP(f)) over a dataset;
+``interaction_type`` / ``interaction_types`` label instances dominance, complement or conflict
+(M2Lens; undecided when the model ties) from EMAP's unimodal parts (``interaction_type``'s pairs
+take the same split, or the same full forward passes, as ``emap``'s).
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import torch
 
 from ..adapter import ModelAdapter, ModelInputError, Target
 from ..data import MultimodalDataset
-from ..progress import ProgressFn, report
+from ..progress import ProgressFn
 from ..results import Result, Stopwatch
 from ..checks import is_integer, positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
                      dataset_index, dataset_indices, memory_error, sample_indices)
-from .split_model import FusedPairs, Split, check_factorized, steady_progress, with_split
+from .split_model import (Encodings, FusedPairs, Split, check_factorized, same_or_reject,
+                          steady_progress, with_split)
 
 __all__ = ["EmapResult", "emap", "emap_gap", "emap_matrix", "interaction_type",
            "interaction_types"]
@@ -182,16 +184,8 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
                     adapter, split, shapes, t, out_fn, batch_size, keep, step, g * n * n,
                     passes))
                 if acc is None:                  # no split: full forward passes of the pairs
-                    acc, done = _PairSums(n, keep), g * n * n
-                    others = [name for name in names if name != m]
-                    # x_m from instance i, the others from instance j
-                    for i, j, raw in _pair_batches(shapes, [m], others, batch_size,
-                                                   adapter.device):
-                        acc.add(i, j, out_fn(raw))
-                        del raw    # before the next batch is gathered: one batch in memory
-                        done += len(i)
-                        passes[0] += len(i)
-                        step(done, "EMAP pairs")
+                    acc = _forward_sums(adapter, shapes, m, out_fn, batch_size, keep, step,
+                                        g * n * n, passes, "EMAP pairs")
             except RuntimeError as e:
                 # inputs the model cannot take: an error naming the instances
                 _raise_unrunnable(e, shapes, out_fn, batch_size, idx,
@@ -351,13 +345,40 @@ def _emap_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
                        else (lambda logits, h: logits), passes)
     enc = fused.encode_groups(shapes)
     fused.check(shapes, enc, out_fn)
-    acc = _PairSums(shapes.n, keep)
+    return _fused_sums(fused, enc, shapes.n, keep, step, done, passes,
+                       "EMAP pairs (fused encodings)")
+
+
+def _fused_sums(fused: FusedPairs, enc: Encodings, n: int, keep: bool,
+                step: Callable[[int, str], None], done: int, passes: list[int],
+                message: str) -> "_PairSums":
+    """The sums of the N x N pairs fused from the (checked) encodings ``enc`` of N instances,
+    batch_size pairs at a time; progress and passes as ``_emap_fused``'s."""
+    acc = _PairSums(n, keep)
     for ps, sv, po, ov in enc.blocks():     # one block unless the encodings' sizes differ
-        for i, j in block_pairs(len(ps), len(po), batch_size, adapter.device):
+        for i, j in block_pairs(len(ps), len(po), fused.batch_size, fused.adapter.device):
             acc.add(ps[i], po[j], fused.pairs(sv, ov, i, j))
             done += len(i)
             passes[0] += len(i)
-            step(done, "EMAP pairs (fused encodings)")
+            step(done, message)
+    return acc
+
+
+def _forward_sums(adapter: ModelAdapter, shapes: ShapeGroups, side: str, out_fn: Callable,
+                  batch_size: int, keep: bool, step: Callable[[int, str], None], done: int,
+                  passes: list[int], message: str) -> "_PairSums":
+    """The sums of the N x N pairs M[i, j] = f(x_side^i, x_others^j) from full forward passes
+    (``out_fn``), batch_size pairs at a time (the path of a model with no split); progress and
+    passes as ``_emap_fused``'s."""
+    acc = _PairSums(shapes.n, keep)
+    others = [name for name in adapter.names if name != side]
+    # x_side from instance i, the others from instance j
+    for i, j, raw in _pair_batches(shapes, [side], others, batch_size, adapter.device):
+        acc.add(i, j, out_fn(raw))
+        del raw    # before the next batch is gathered: one batch in memory
+        done += len(i)
+        passes[0] += len(i)
+        step(done, message)
     return acc
 
 
@@ -371,9 +392,9 @@ def emap_matrix(matrix: np.ndarray) -> np.ndarray:
     return m.mean(1, keepdims=True) + m.mean(0, keepdims=True) - m.mean((0, 1), keepdims=True)
 
 
-def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset, indices: Sequence[int] | None = None,
-             n: int | None = 100, seed: int = 0, batch_size: int = PERTURBATION_BATCH,
-             progress: ProgressFn = None) -> dict:
+def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
+             indices: Sequence[int] | None = None, n: int | None = 100, seed: int = 0,
+             batch_size: int = PERTURBATION_BATCH, progress: ProgressFn = None) -> dict:
     """How much a model relies on cross-modal interactions: accuracy(f) - accuracy(EMAP(f)).
 
     Uses ``indices`` (or ``n`` instances drawn with ``seed``; n=None: all) as both the evaluated
@@ -506,10 +527,17 @@ def interaction_types(result: EmapResult, class_names: Sequence[str] | None = No
                    result.grand_mean, names) for i in range(len(result.logits))]
 
 
+#: interaction_type's progress messages
+_TYPE_PAIRS = "interaction type: reference pairs"
+_TYPE_PARTS = "interaction type: unimodal parts"
+_FUSED = " (fused encodings)"
+
+
 @torch.no_grad()
 def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_indices=None,
-                     n_reference: int = 50, seed: int = 0, batch_size: int = 1024,
-                     progress: ProgressFn = None) -> dict:
+                     n_reference: int = 50, seed: int = 0, batch_size: int = PERTURBATION_BATCH,
+                     progress: ProgressFn = None,
+                     factorized: bool | str | None = None) -> dict:
     """Dominance, complement, conflict (or undecided) for one instance, with the numbers behind
     the label.
 
@@ -528,11 +556,18 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
 
     reference: a MultimodalDataset (``reference_indices``, or ``n_reference`` drawn with
     ``seed``), a list of instances, or an EmapResult that contains the instance, given then as
-    its dataset index (no forwards). Cost otherwise: N^2 + 2 N + 1 forwards in batches for
-    two modalities (M N^2 + M N + 1 for M > 2).
+    its dataset index (no forwards). Cost otherwise: N^2 + 2 N + 1 model outputs in batches of
+    batch_size for two modalities (M N^2 + M N + 1 for M > 2).
+
+    factorized: as ``emap``'s, with the same default (None) and the same split: the references
+    and the instance are each encoded once and only the pairs are fused (checked first against
+    forward passes: the references' own pairs, a few others and the instance itself), else full
+    forward passes; ``factorized`` / ``factorization`` (/ ``factorization_note``) in the result
+    say which was used, as ``emap``'s params do.
     """
     check_adapter(adapter, "interaction_type")
     _needs_two_outputs(adapter.n_classes, adapter.class_names, "interaction_type")
+    check_factorized(factorized)
     if reference is None:
         raise ValueError("interaction_type needs a reference set for EMAP's averages: pass "
                          "reference=a MultimodalDataset, a list of instances or an EmapResult.")
@@ -547,7 +582,10 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
         if not len(pos):
             raise ValueError(f"Instance {instance} is not among the EMAP result's instances; "
                              "pass a dataset as the reference instead.")
-        return interaction_types(reference, adapter.class_names)[int(pos[0])] | {"reference_size": len(reference.indices)}
+        how = {k: reference.params[k] for k in ("factorized", "factorization",
+                                                "factorization_note") if k in reference.params}
+        return (interaction_types(reference, adapter.class_names)[int(pos[0])]
+                | {"reference_size": len(reference.indices)} | how)
     batch_size = positive_int(batch_size, "batch_size")
     if isinstance(reference, MultimodalDataset):
         idx = (sample_indices(len(reference), positive_int(n_reference, "n_reference", 2), seed)
@@ -571,38 +609,39 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     # alone: nothing is padded to another instance's length
     shapes = ShapeGroups(adapter, refs, idx)
     own = adapter.collate([instance])
-    dev = adapter.device
-    ref_pairs = [names[0]] if len(names) == 2 else names
+    # with two modalities one split (names[0] from the other) gives the N^2 pairs and both
+    # parts; with M > 2 the split of each modality m gives its N^2 pairs and m's part
+    ref_pairs = [names[0]] if len(names) == 2 else list(names)
     total = len(ref_pairs) * n * n + len(names) * n + 1
-    done = 0
-    grands = []
-    for m in ref_pairs:
-        pair_sum = 0.0                   # summed as they come: memory does not grow with N^2
-        others = [name for name in names if name != m]
-        for i, _, raw in _pair_batches(shapes, [m], others, batch_size, dev):
-            pair_sum = pair_sum + adapter.forward(raw).double().sum(0)
-            del raw            # before the next batch is gathered: one batch in memory
-            done += len(i)
-            report(progress, done, total, "interaction type: reference pairs")
-        grands.append(pair_sum / (n * n))
+    step = steady_progress(progress, total)
+    step(0, _TYPE_PAIRS)
+    logits = adapter.forward(own).double()           # [1, K]; the split's check uses it too
+    passes = [1]
+    grands, sums, kinds, notes = [], {}, [], []
+    for g, m in enumerate(ref_pairs):
+        mine = list(names) if len(ref_pairs) == 1 else [m]    # the parts this split gives
+        start = g * (n * n + n)
+        res, kind, why = with_split(adapter, factorized, m, lambda split: _typed_fused(
+            adapter, split, shapes, own, logits, batch_size, step, start, passes, mine))
+        if res is None:                  # no split: full forward passes, as emap's
+            acc = _forward_sums(adapter, shapes, m, adapter.forward, batch_size, False, step,
+                                start, passes, _TYPE_PAIRS)
+            res = acc, {p: _forward_part(adapter, shapes, own, p, batch_size, step,
+                                         start + n * n + k * n, passes, _TYPE_PARTS)
+                        for k, p in enumerate(mine)}
+        acc, parts_of = res
+        grands.append(acc.row_sums.sum(0) / (n * n))
+        sums.update(parts_of)
+        kinds.append(kind)
+        if why:
+            notes.append(why if len(ref_pairs) == 1 else f"{m}: {why}")
     grand = torch.stack(grands).mean(0).cpu().numpy()
     # each unimodal part is centred by its own modality's mean of pairs, as emap's (two
     # modalities: one mean for both)
     own_mean = {m: grands[0 if len(ref_pairs) == 1 else ref_pairs.index(m)].cpu().numpy()
                 for m in names}
-    parts = {}
-    for m in names:
-        part = 0.0                       # x_m of the instance, the others from each reference
-        for pos, xo in shapes.by([name for name in names if name != m]):
-            for s in range(0, len(pos), batch_size):        # in batches, as the pairs above
-                rows = torch.zeros(min(batch_size, len(pos) - s), dtype=torch.long, device=dev)
-                part = part + adapter.forward(
-                    {name: (own[name][rows] if name == m else xo[name][s:s + batch_size])
-                     for name in names}).double().sum(0)
-        parts[m] = (part / n).cpu().numpy() - own_mean[m]
-        done += n
-        report(progress, done, total, "interaction type: unimodal parts")
-    logits = adapter.forward(own)[0].double().cpu().numpy()
+    parts = {m: (sums[m] / n).cpu().numpy() - own_mean[m] for m in names}
+    logits = logits[0].cpu().numpy()
     # the reference pairs first: a part is not finite whenever the grand mean is not
     bad = [what for what, v in [("pairs of the reference instances", grand),
                                 ("the instance itself", logits),
@@ -615,5 +654,66 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
             "averages would not be finite (NaN results are never returned). Leave the instances "
             "where the model is not finite out of the reference set, or make the model finite "
             "there.")
-    report(progress, total, total, "interaction type")
-    return _label(logits, parts, grand, adapter.class_names) | {"reference_size": n}
+    step(total, "interaction type")
+    how = {"factorized": all(k != "none" for k in kinds),
+           "factorization": kinds[0] if len(set(kinds)) == 1 else dict(zip(ref_pairs, kinds))}
+    if notes:
+        how["factorization_note"] = "; ".join(notes)
+    return _label(logits, parts, grand, adapter.class_names) | {"reference_size": n} | how
+
+
+def _typed_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
+                 own: Mapping[str, torch.Tensor], logits: torch.Tensor, batch_size: int,
+                 step: Callable[[int, str], None], done: int, passes: list[int],
+                 mine: Sequence[str]) -> tuple["_PairSums", dict[str, torch.Tensor]]:
+    """interaction_type's sums from a split model: (the sums of the N x N reference pairs
+    f(x_side^i, x_others^j), {m: sum_j f(x_m of the instance, the other modalities of reference
+    j)} for the modalities ``mine``), from the references' encodings (encoded once, each shape
+    group on its own, as ``emap``'s) and the instance's (own: its inputs, a batch of one), fused
+    batch_size pairs at a time. Before the pairs, the split is checked against forward passes as
+    ``emap``'s (the references' own pairs and a few others) and on the instance itself (against
+    ``logits`` [1, K], its forward pass): FactorizationError when they differ. step(done,
+    message): progress, from done; passes: [count] of outputs computed, added to as they run."""
+    n, dev = shapes.n, adapter.device
+    fused = FusedPairs(adapter, split, batch_size, False, lambda out, h: out, passes)
+    enc = fused.encode_groups(shapes)
+    fused.check(shapes, enc, adapter.forward)
+    inst = fused.encode(own)
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    same_or_reject(split, fused.pairs(inst, inst, zero, zero), logits)
+    passes[0] += 1
+    acc = _fused_sums(fused, enc, n, False, step, done, passes, _TYPE_PAIRS + _FUSED)
+    done += n * n
+    sums = {}
+    for m in mine:
+        mine_side = m == split.side   # the instance's side against the references' others
+        total = torch.zeros(logits.shape[1], dtype=torch.float64, device=dev)
+        for pos, values in (enc.others if mine_side else enc.side):
+            for i, j in block_pairs(1, len(pos), batch_size, dev):
+                out = (fused.pairs(inst, values, i, j) if mine_side
+                       else fused.pairs(values, inst, j, i))
+                total += out.sum(0)
+                done += len(i)
+                passes[0] += len(i)
+                step(done, _TYPE_PARTS + _FUSED)
+        sums[m] = total
+    return acc, sums
+
+
+def _forward_part(adapter: ModelAdapter, shapes: ShapeGroups, own: Mapping[str, torch.Tensor],
+                  m: str, batch_size: int, step: Callable[[int, str], None], done: int,
+                  passes: list[int], message: str) -> torch.Tensor:
+    """sum_j f(x_m of the instance, the other modalities of reference j) [K] from full forward
+    passes, batch_size at a time (the references grouped by the shapes of those modalities)."""
+    names, dev = adapter.names, adapter.device
+    part = 0.0
+    for pos, xo in shapes.by([name for name in names if name != m]):
+        for s in range(0, len(pos), batch_size):
+            rows = torch.zeros(min(batch_size, len(pos) - s), dtype=torch.long, device=dev)
+            part = part + adapter.forward(
+                {name: (own[name][rows] if name == m else xo[name][s:s + batch_size])
+                 for name in names}).double().sum(0)
+            done += len(rows)
+            passes[0] += len(rows)
+            step(done, message)
+    return part
