@@ -4,6 +4,7 @@ independence of the order of its modalities)."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -495,3 +496,75 @@ def test_an_interaction_progress_that_is_not_callable_is_a_clear_error_before_an
     finally:
         handle.remove()
     assert rows == []
+
+
+# ---------------------------------------------------------------------------------------------
+# costs at realistic sizes: pairwise ablation's masks and warning, Shapley's noise
+# ---------------------------------------------------------------------------------------------
+def test_pairwise_ablation_builds_each_batchs_masks_when_it_runs(monkeypatch):
+    """All 1 + U_a + U_b + U_a U_b masks were built before the first forward: 784 x 512 units
+    took about 2 GB. Each batch's masks are built when it runs now (at most batch_size rows at a
+    time), with the same matrix as the masks built at once."""
+    from multiviz_widgets.kernels import interactions
+    from multiviz_widgets.kernels.common import evaluate_masks
+    from multiviz_widgets.kernels.interactions import pairwise_masks
+    adapter = ModelAdapter(Fusion(), _modalities(), ["a", "b", "c"])
+    p, t = adapter.prepare(_instance()), adapter.target(1)
+    rows = []
+
+    def spy(adapter, prepared, masks, *args, **kwargs):
+        rows.append([tuple(m.shape) for m in masks.values()])
+        return evaluate_masks(adapter, prepared, masks, *args, **kwargs)
+
+    monkeypatch.setattr(interactions, "evaluate_masks", spy)
+    r = interaction(adapter, p, "pairwise_ablation", target=1, batch_size=4)
+    assert all(a[0] == b[0] <= 4 and (a[1], b[1]) == (4, 4) for a, b in rows)
+    assert sum(a[0] for a, _ in rows) == 25 == r.forward_passes      # 1 + 4 + 4 + 16
+    ma, mb = pairwise_masks(4, 4)
+    f = evaluate_masks(adapter, p, {"tabular": ma, "series": mb}, t, 4).double().numpy()
+    want = f[0] - f[1:5, None] - f[None, 5:9] + f[9:].reshape(4, 4)
+    np.testing.assert_allclose(r.matrix, want, rtol=1e-12, atol=1e-12)
+
+
+def test_pairwise_ablation_of_many_pairs_warns_with_its_cost_and_what_costs_less(monkeypatch):
+    """784 x 512 units are 401,408 forward passes, and nothing said so to a code caller. Above
+    PAIRWISE_WARN_PAIRS pairs a UserWarning gives the forwards, the time the second batch took
+    times the batches (when there is a second batch), and the cheaper ways."""
+    from multiviz_widgets.kernels import interactions
+    adapter = ModelAdapter(Fusion(), _modalities(), ["a", "b", "c"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # 16 pairs: no warning by default
+        interaction(adapter, _instance(), "pairwise_ablation", target=1, batch_size=4)
+    monkeypatch.setattr(interactions, "PAIRWISE_WARN_PAIRS", 15)
+    words = (r"pairwise_ablation: 4 x 4 units make 16 pairs, one forward pass each: 25 forward "
+             r"passes in all{}\. Use fewer, larger units \(a larger patch .*second_order \(1 "
+             r"forward and 5 backward passes\) or shapley")
+    with pytest.warns(UserWarning, match=words.format(r", about \d+ s at the rate of its first "
+                                                      r"batches")) as record:
+        interaction(adapter, _instance(), "pairwise_ablation", target=1, batch_size=4)
+    assert len(record) == 1 and record[0].filename == __file__
+    with pytest.warns(UserWarning, match=words.format("")) as record:       # one batch: untimed
+        interaction(adapter, _instance(), "pairwise_ablation", target=1, batch_size=64)
+    assert len(record) == 1 and record[0].filename == __file__
+
+
+def test_a_shapley_estimate_that_is_mostly_noise_warns():
+    """relative_noise of 0.5 or more (the heatmap's "read it as mostly noise") passed silently
+    for a code caller: a UserWarning now says so and what to change."""
+    from .test_interactions import WideFusion
+    mods = [Tabular("tabular", columns=[f"c{i}" for i in range(7)]),
+            TimeSeries("series", window=1, channels=["x"])]
+    g = torch.Generator().manual_seed(0)
+    inst = {"tabular": torch.randn(7, generator=g), "series": torch.randn(6, 1, generator=g)}
+    adapter = ModelAdapter(WideFusion(), mods, ["k0", "k1"])
+    with pytest.warns(UserWarning, match=r"shapley: KernelSHAPIQ's estimate from 200 coalitions "
+                                         r"of 13 players is mostly noise: its error, estimated "
+                                         r"from two independent halves of the sample, is about "
+                                         r"\d+% of the matrix's size\. Raise the budget \(now "
+                                         r"200\) or lower max_players\.") as record:
+        r = interaction(adapter, inst, "shapley", budget=200, max_players=None, target=0)
+    assert r.params["relative_noise"] >= 0.5 and record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = interaction(adapter, inst, "shapley", budget=800, max_players=None, target=0)
+    assert r.params["relative_noise"] < 0.5

@@ -731,3 +731,117 @@ def test_integrated_gradients_memory_limit_counts_the_path_and_what_it_suggests_
     with pytest.raises(ValueError, match="Lower steps to at most"):
         attribute(adapter, inst, "integrated_gradients", target=0, steps=fits + 1,
                   rule="riemann_right")
+
+
+# ---------------------------------------------------------------------------------------------
+# LIME below its unknowns; KernelSHAP's regression step
+# ---------------------------------------------------------------------------------------------
+def test_lime_on_fewer_samples_than_unknowns_warns_and_records_it(ts):
+    """9 units and an intercept, 9 samples: the ridge penalty makes the regression solvable, not
+    determined (1,296 units at the default 500 samples ranked a known linear function's effects
+    with a Spearman correlation of 0.38), and nothing said so. As KernelSHAP: a UserWarning
+    with the samples that would do, and params["underdetermined"], which the Explorer's overlay
+    caption reads ("an estimate from too few samples")."""
+    _, adapter, inst = ts
+    with pytest.warns(UserWarning, match=r"lime: the LIME regression fits 9 unit scores and an "
+                                         r"intercept to only 9 samples, so its estimate is "
+                                         r"underdetermined.*Raise n_samples to at least 10 "
+                                         r".*modalities=\[\.\.\.\]\), or use occlusion") as record:
+        r = attribute(adapter, inst, "lime", target=0, n_samples=9)
+    assert r.params["underdetermined"] is True and record[0].filename == __file__
+    with pytest.warns(UserWarning, match="underdetermined") as record:
+        [few] = attribute_batch(adapter, [inst], "lime", targets=0, n_samples=9)
+    assert few.params["underdetermined"] is True and record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enough = attribute(adapter, inst, "lime", target=0, n_samples=10)
+        one = attribute(adapter, inst, "lime", target=0, n_samples=10, modalities=["vitals"])
+    assert enough.params["underdetermined"] is False and one.params["underdetermined"] is False
+    with pytest.warns(UserWarning, match=r"fits 4 unit scores.*only 4 samples.*at least 5") as w:
+        lime_from_function(_linear_fn, {"a": 4}, n_samples=4)
+    assert w[0].filename == __file__
+
+
+def test_the_explorers_lime_on_more_units_than_its_samples_is_flagged_for_its_caption():
+    """The Explorer's own kernel call (engine.Kernels, LIME's default 500 samples) on 600 units:
+    the result carries what the overlay caption reads."""
+    from torch import nn
+
+    from multiviz_widgets.engine import Kernels
+
+    class Wide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = nn.Linear(602, 2)
+
+        def forward(self, table, series):
+            return self.out(torch.cat([table, series.flatten(1)], 1))
+
+    adapter = ModelAdapter(Wide().eval(), [Tabular("table", columns=[f"c{i}" for i in range(600)]),
+                                           TimeSeries("series", window=1, channels=["x"])],
+                           ["a", "b"])
+    p = adapter.prepare({"table": torch.randn(600), "series": torch.randn(2, 1)})
+    with pytest.warns(UserWarning, match="602 unit scores .* 500 samples.*at least 603"):
+        r = Kernels().attribute(adapter, p, "lime", adapter.target(0))
+    assert r.params["underdetermined"] is True
+
+
+def test_kernel_shap_reports_its_regression_before_solving_it_so_a_cancel_stops_there(
+        ts, monkeypatch):
+    """The least-squares fit came after the last progress report: seconds for thousands of
+    units that a cancel could not stop. It is reported ("fitting") first."""
+    from multiviz_widgets.kernels import unimodal
+    _, adapter, inst = ts
+    seen = []
+    attribute(adapter, inst, "kernel_shap", target=0, n_samples=64,
+              progress=lambda d, t, m: seen.append((d, t, m)))
+    assert seen[-1] == (64, 64, "KernelSHAP: fitting the regression")
+    assert seen[-2] == (64, 64, "KernelSHAP samples")
+    fits = []
+    monkeypatch.setattr(unimodal, "_shap_fit", lambda *a: fits.append(a))
+
+    def cancel(done, total, message):
+        if "fitting" in message:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        attribute(adapter, inst, "kernel_shap", target=0, n_samples=64, progress=cancel)
+    assert fits == []
+
+
+def _shap_design(units, n_samples, seed=0):
+    """KernelSHAP's weighted, constrained design for ``units`` and a response: (x, t)."""
+    from multiviz_widgets.kernels.unimodal import _shapley_design
+    rng = np.random.default_rng(seed)
+    z, w = _shapley_design(units, n_samples, rng)
+    x = torch.from_numpy((z[:, :-1] - z[:, -1:]) * np.sqrt(w)[:, None])
+    return x, torch.from_numpy(rng.normal(size=(len(z), 1)))
+
+
+def test_kernel_shaps_regression_agrees_with_gelsd_without_it_and_gives_the_same_bits(
+        monkeypatch):
+    """A full-rank design is solved by QR (2.4 times faster than lstsq's gelsd at 1,700 units):
+    the same solution to 1e-6 (here 1e-12), the same bits on every call (lstsq's gelsy, as
+    fast, is given an uninitialised pivot array by torch and varied in its last bits), and no
+    gelsd. A rank-deficient one still goes to gelsd: its minimum-norm solution and rank."""
+    from multiviz_widgets.kernels.unimodal import _least_squares
+    gelsd = torch.linalg.lstsq
+    x, t = _shap_design(60, 300)                                # 300 rows, 59 free coefficients
+    want = gelsd(x, t, driver="gelsd")
+    assert int(want.rank) == 59
+    calls = []
+    monkeypatch.setattr(torch.linalg, "lstsq", lambda *a, **k: calls.append(k) or gelsd(*a, **k))
+    got, rank = _least_squares(x, t)
+    assert rank == 59 and calls == []
+    np.testing.assert_allclose(got.numpy(), want.solution.numpy(), rtol=1e-12, atol=0)
+    for _ in range(5):
+        assert torch.equal(_least_squares(x.clone(), t.clone())[0], got)
+    few_x, few_t = _shap_design(60, 80)                         # 40 pairs: rank 40 at most
+    few = gelsd(few_x, few_t, driver="gelsd")
+    s, rank = _least_squares(few_x, few_t)
+    assert rank == int(few.rank) < 59 and calls == [{"driver": "gelsd"}]
+    assert torch.equal(s, few.solution)
+    dependent = torch.cat([x, x[:, :1]], 1)                      # more rows, a repeated column
+    s, rank = _least_squares(dependent, t)
+    assert rank == 59 and len(calls) == 2
+    assert torch.equal(s, gelsd(dependent, t, driver="gelsd").solution)

@@ -16,7 +16,8 @@ units of b) with its cost. Methods:
   piecewise-linear model (ReLU) has no second derivatives to see: its all-zero matrix says so in
   ``params["note"]``.
 * ``pairwise_ablation``: D[u, v] = f(x) - f(x\\u) - f(x\\v) + f(x\\{u, v}); 1 + U_a + U_b +
-  U_a U_b forwards, batched.
+  U_a U_b forwards, batched (each batch's masks built when it runs; a UserWarning with the
+  cost above PAIRWISE_WARN_PAIRS pairs).
 * ``shapley``: order-2 Shapley interaction indices (k-SII, STII, FSII or SII, computed by
   shapiq) over the players "units of a and of b"; the cross block [U_a, U_b] is reported.
   Exact when 2^players <= budget, otherwise shapiq's approximator under the budget
@@ -31,6 +32,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import time
 import warnings
 from typing import Callable
 
@@ -397,32 +399,85 @@ def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, 
 # --------------------------------------------------------------------------------------------
 # pairwise ablation
 # --------------------------------------------------------------------------------------------
+#: pairwise_ablation warns (UserWarning, with its cost) above this many pairs of units: each pair
+#: is a forward pass (784 image patches x 512 tokens are 401,408 of them)
+PAIRWISE_WARN_PAIRS = 100_000
+
+
+def _pairwise_rows(ua: int, ub: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows start..stop - 1 of ``pairwise_masks(ua, ub)``, built alone: one batch's masks
+    ((stop - start) x (U_a + U_b) values, whatever the number of pairs)."""
+    r = torch.arange(start, stop)
+    k = torch.arange(len(r))
+    ma, mb = torch.ones(len(r), ua), torch.ones(len(r), ub)
+    o = 1 + ua + ub
+    alone_a = (r >= 1) & (r <= ua)               # row 1 + u: unit u of a removed
+    ma[k[alone_a], r[alone_a] - 1] = 0
+    alone_b = (r > ua) & (r < o)                 # row 1 + U_a + v: unit v of b removed
+    mb[k[alone_b], r[alone_b] - 1 - ua] = 0
+    pair = r >= o                                # row o + u U_b + v: both removed
+    q = r[pair] - o
+    ma[k[pair], q // ub] = 0
+    mb[k[pair], q % ub] = 0
+    return ma, mb
+
+
 def pairwise_masks(ua: int, ub: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks for 1 + U_a + U_b + U_a U_b forwards: full, each u removed, each v, each pair
-    (u, v)."""
-    n = 1 + ua + ub + ua * ub
-    ma, mb = torch.ones(n, ua), torch.ones(n, ub)
-    ar_a, ar_b = torch.arange(ua), torch.arange(ub)
-    ma[1 + ar_a, ar_a] = 0
-    mb[1 + ua + ar_b, ar_b] = 0
-    o = 1 + ua + ub
-    uu, vv = torch.meshgrid(ar_a, ar_b, indexing="ij")
-    rows = o + (uu * ub + vv).reshape(-1)
-    ma[rows, uu.reshape(-1)] = 0
-    mb[rows, vv.reshape(-1)] = 0
-    return ma, mb
+    (u, v). All of them at once ((1 + U_a + U_b + U_a U_b) x (U_a + U_b) floats: about 2 GB for
+    784 x 512 units); pairwise_ablation builds them one batch at a time."""
+    return _pairwise_rows(ua, ub, 0, 1 + ua + ub + ua * ub)
+
+
+def _duration(seconds: float) -> str:
+    """A duration in words: "40 s", "12 min", "3.5 h"."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _warn_pairwise(ua: int, ub: int, n: int, seconds: float | None) -> None:
+    """The UserWarning of a pairwise ablation of many pairs: its cost (``seconds``: estimated
+    from its first batches, None when not measured) and what costs less."""
+    took = f", about {_duration(seconds)} at the rate of its first batches" if seconds else ""
+    warnings.warn(
+        f"pairwise_ablation: {ua} x {ub} units make {ua * ub:,} pairs, one forward pass each: "
+        f"{n:,} forward passes in all{took}. Use fewer, larger units (a larger patch for an "
+        f"image, a larger window for a series), or second_order (1 forward and "
+        f"{1 + min(ua, ub):,} backward passes) or shapley (a budget of coalitions, 4,096 by "
+        "default).", UserWarning, stacklevel=4)
 
 
 def pairwise_ablation(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: Target,
                       progress: ProgressFn = None, batch_size: int = PERTURBATION_BATCH
                       ) -> tuple[np.ndarray, int, int, dict]:
     """D[u, v] = f(x) - f(x\\u) - f(x\\v) + f(x\\{u,v}) as a matrix [U_a, U_b] (removed units take
-    the baseline). Cost: 1 + U_a + U_b + U_a U_b forwards in batches of batch_size."""
+    the baseline). Cost: 1 + U_a + U_b + U_a U_b forwards in batches of batch_size, each
+    batch's masks built when it runs (memory: batch_size x (U_a + U_b) mask values, and one
+    output per forward). Above PAIRWISE_WARN_PAIRS pairs a UserWarning gives the cost: the
+    forwards, and the time the first batches took times the number of batches."""
     batch_size = positive_int(batch_size, "batch_size")
     ua, ub = prepared.n_units[a], prepared.n_units[b]
-    ma, mb = pairwise_masks(ua, ub)
-    f = evaluate_masks(adapter, prepared, {a: ma, b: mb}, target, batch_size, progress,
-                       "pairwise ablations").double().cpu().numpy()
+    n = 1 + ua + ub + ua * ub
+    timed = ua * ub > PAIRWISE_WARN_PAIRS and n > 2 * batch_size   # a second batch to time
+    if ua * ub > PAIRWISE_WARN_PAIRS and not timed:
+        _warn_pairwise(ua, ub, n, None)
+    outs, clock = [], 0.0
+    for s in range(0, n, batch_size):
+        ma, mb = _pairwise_rows(ua, ub, s, min(n, s + batch_size))
+        outs.append(evaluate_masks(adapter, prepared, {a: ma, b: mb}, target, batch_size))
+        if timed and s <= batch_size:
+            # the second batch timed (the first warms up): read one output, so that a device
+            # has finished the batch (no wait per batch otherwise)
+            float(outs[-1][-1])
+            if s == 0:
+                clock = time.perf_counter()
+            else:
+                _warn_pairwise(ua, ub, n, (time.perf_counter() - clock) * -(-n // batch_size))
+        report(progress, min(n, s + batch_size), n, "pairwise ablations")
+    f = torch.cat(outs).double().cpu().numpy()
     f0, fa, fb = f[0], f[1:1 + ua], f[1 + ua:1 + ua + ub]
     fab = f[1 + ua + ub:].reshape(ua, ub)
     with np.errstate(invalid="ignore"):          # inf - inf: interaction() raises its error
@@ -447,6 +502,9 @@ REGRESSION_BYTES_PER_CELL = 24
 REGRESSION_MEMORY_LIMIT = 2 * 2**30
 #: shapiq approximators that average over sampled permutations
 PERMUTATION_APPROXIMATORS = ("PermutationSamplingSTII",)
+#: shapley warns when a sampled matrix's ``relative_noise`` reaches this: mostly noise (the
+#: heatmap's caption says so from the same value, ``views.heatmap_view.NOISY``)
+NOISE_WARN = 0.5
 
 
 def auto_max_players(budget: int) -> int:
@@ -574,7 +632,7 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     halves with independent seeds drawn from ``seed`` and report their mean, weighted by each
     half's coalitions; ``params["relative_noise"]`` is the relative standard error of that
     mean, from the halves' difference (``_mean_and_noise``; None when exact, or when run as one:
-    FSII, or a smaller budget);
+    FSII, or a smaller budget), and from NOISE_WARN on (mostly noise) a UserWarning says so;
     ``params["coalitions"]``: the coalitions evaluated (at most the budget; permutation
     sampling stops at whole permutations). Cost: at most budget forwards (plus the occlusion
     pass); a regression also builds and solves a weighted least-squares problem of coalitions x
@@ -698,6 +756,14 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
                 m = cross_block(ap.approximate(budget=budget, game=game, **kw))
     if evaluated[0] < total:            # permutation sampling stops at whole permutations
         report(progress, total, total, "Shapley coalitions")
+    if noise is not None and noise >= NOISE_WARN:             # NaN: a non-finite matrix, refused
+        what = ("two independent halves of the sample cancel out" if math.isinf(noise) else
+                f"its error, estimated from two independent halves of the sample, is about "
+                f"{noise:.0%} of the matrix's size")
+        warnings.warn(
+            f"shapley: {approximator}'s estimate from {evaluated[0]:,} coalitions of {n} players "
+            f"is mostly noise: {what}. Raise the budget (now {budget:,}) or lower max_players.",
+            UserWarning, stacklevel=3)
     params = {"index": index, "budget": budget, "exact": exact, "approximator": approximator,
               "underdetermined": underdetermined, "relative_noise": noise,
               "coalitions": evaluated[0], "seed": seed,
