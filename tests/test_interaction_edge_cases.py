@@ -568,3 +568,24 @@ def test_a_shapley_estimate_that_is_mostly_noise_warns():
         warnings.simplefilter("error")
         r = interaction(adapter, inst, "shapley", budget=800, max_players=None, target=0)
     assert r.params["relative_noise"] < 0.5
+
+
+def test_dime_on_fewer_lime_samples_than_units_warns_once_and_records_it():
+    """DIME fits LIME to UC and to MI over each modality's units: below a fit's unknowns (its 4
+    units and the intercept) each fit warned on its own; one UserWarning now, and the params
+    say which modalities' fits were underdetermined."""
+    adapter = ModelAdapter(Fusion(), _modalities(), ["a", "b", "c"])
+    with pytest.warns(UserWarning, match=r"dime: the LIME regression fits 4 unit scores and an "
+                                         r"intercept to only 4 samples.*at least 5") as record:
+        r = dime(adapter, _ds(), 0, reference_indices=[1, 2], n_samples=4, target=0)
+    assert len(record) == 1 and record[0].filename == __file__
+    assert r.params["underdetermined"] is True
+    assert r.params["underdetermined_modalities"] == ["tabular", "series"]
+    with pytest.warns(UserWarning, match=r"fits 8 unit scores .* 6 samples.*at least 9"):
+        r = dime(adapter, _ds(), 0, reference_indices=[1, 2], n_samples=6, target=0,
+                 design="joint")
+    assert r.params["underdetermined_modalities"] == ["tabular", "series"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = dime(adapter, _ds(), 0, reference_indices=[1, 2], n_samples=5, target=0)
+    assert r.params["underdetermined"] is False and r.params["underdetermined_modalities"] == []

@@ -14,6 +14,7 @@ shape, so a model that pools over [PAD] tokens gets its own numbers.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -256,7 +257,7 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     reference set first, then LIME's masks (each counted as N pairs); a callback that raises
     (to cancel) stops DIME within a batch.
     """
-    from .unimodal import lime_from_function
+    from .unimodal import _lime, _lime_message, lime_from_function
     check_adapter(adapter, "dime")
     if not isinstance(dataset, MultimodalDataset):
         raise ValueError(f"dime needs a MultimodalDataset for its reference set, got "
@@ -345,17 +346,25 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
                 return evaluate({m: masks[m] if m in masks else torch.ones(rows, units[m])
                                  for m in units}, intact)
 
-            uc.update(lime_from_function(lambda m: terms_of(m)[0], part,
-                                         progress=step_progress(2 * k, part), **lime_kw))
-            mi.update(lime_from_function(lambda m: (lambda u, f: f - u)(*terms_of(m)), part,
-                                         progress=step_progress(2 * k + 1, part), **lime_kw))
+            # LIME's own warning of too few samples is given once, below, for all the fits
+            uc.update(_lime(lambda m: terms_of(m)[0], part, progress=step_progress(2 * k, part),
+                            stacklevel=None, **lime_kw)[0])
+            mi.update(_lime(lambda m: (lambda u, f: f - u)(*terms_of(m)), part,
+                            progress=step_progress(2 * k + 1, part), stacklevel=None,
+                            **lime_kw)[0])
         if not at_instance:     # LIME's first mask keeps every unit: this is a safeguard
             evaluate({m: torch.ones(1, u) for m, u in units.items()})
         uc_full, f_full = at_instance[0]
+    # fewer masks than a fit's unknowns (its units and the intercept): underdetermined
+    short = [m for part in designs if n_samples < sum(part.values()) + 1 for m in part]
+    if short:
+        warnings.warn(_lime_message(max(sum(part.values()) for part in designs), n_samples,
+                                    "dime"), UserWarning, stacklevel=2)
     return DimeResult(method="dime", target=t,
                       params={"n_samples": n_samples, "n_reference": n, "seed": seed,
                               "batch_size": batch_size, "design": design,
-                              "factorization": kind,
+                              "factorization": kind, "underdetermined": bool(short),
+                              "underdetermined_modalities": short,
                               **({"factorization_note": note} if note else {}), **lime_params},
                       forward_passes=cost[0], backward_passes=0, seconds=sw.seconds,
                       modalities=(a, b), uc={k: np.asarray(uc[k]) for k in (a, b)},
