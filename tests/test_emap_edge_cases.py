@@ -167,6 +167,50 @@ def test_emap_gap_gets_labels_checked_also_when_set_after_the_dataset_was_built(
         emap_gap(adapter, ds, n=None)
 
 
+def test_emap_gap_checks_only_the_labels_of_the_instances_it_uses():
+    """A label >= C at an instance outside ``indices`` (or not drawn) is none of the gap's: it
+    used to be refused from labels.max() over the whole dataset."""
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    ds = dataset(instances(8), [0, 1, 2, 0, 1, 2, 0, 5])
+    got = emap_gap(adapter, ds, indices=[0, 1, 2, 3])
+    want = emap_gap(adapter, dataset(instances(8)[:4], [0, 1, 2, 0]), n=None)
+    for k in ("accuracy_model", "accuracy_emap", "gap", "gap_predictions"):
+        assert got[k] == want[k], k
+    with pytest.raises(ValueError, match="label of instance 7 is class index 5, but the model"):
+        emap_gap(adapter, ds, indices=[0, 7])
+    with pytest.raises(ValueError, match="label of instance 7 is class index 5"):
+        emap_gap(adapter, ds, n=None)
+
+
+class PairNaN3(nn.Module):
+    """Three tabular modalities; infinite when t2[0] - t1[0] == 1 (never on an instance itself,
+    whose t1[0] == t2[0]), NaN on an instance whose t3[0] is negative."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, t1, t2, t3):
+        gate = 1.0 / (t1[:, :1] - t2[:, :1] + 1.0) + torch.sqrt(t3[:, :1])
+        return self.head(torch.cat([gate, t1[:, 1:2]], 1))
+
+
+def test_three_modality_non_finite_pairs_name_the_instance_of_each_modality():
+    from multiviz_widgets import Tabular
+    mods = [Tabular(m, columns=["x", "y"]) for m in ("t1", "t2", "t3")]
+    adapter = ModelAdapter(PairNaN3(), mods, ["a", "b"])
+    items = [{m: torch.tensor([float(k), 0.5]) for m in ("t1", "t2", "t3")} for k in range(5)]
+    with pytest.raises(ValueError, match="NaN or infinite") as e:
+        emap(adapter, items, factorized=False)
+    import re
+    found = re.search(r"with 't1' of instance (\d), 't2' of instance (\d) and 't3' of "
+                      r"instance \d", str(e.value))
+    assert found and int(found[2]) == int(found[1]) + 1, str(e.value)
+    items[3]["t3"] = torch.tensor([-1.0, 0.5])
+    with pytest.raises(ValueError, match=r"\(nan\) on instance 3 itself"):
+        emap(adapter, items, factorized=False)
+
+
 def test_one_output_models_get_no_gap_or_labels_from_an_argmax_of_one_column():
     adapter = ModelAdapter(OneLogit(), MODALITIES, ["yes"], decision_layer="head")
     items = instances(5)

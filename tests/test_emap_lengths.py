@@ -120,16 +120,28 @@ def alone(adapter, instance, target=None) -> np.ndarray:
     return adapter.forward(raw)[0].double().numpy()
 
 
-def pair_matrix(adapter, items, side, target=None) -> np.ndarray:
-    """M[i, j] = f(x_side^i, x_others^j), every pair alone."""
-    return np.stack([np.stack([alone(adapter, {m: (a if m == side else b)[m] for m in a}, target)
-                               for b in items]) for a in items])
+def pair_matrix(adapter, items, side, target=None, mixed=None) -> np.ndarray:
+    """M[i, j] = f(x_side^i, x_others^j), every pair alone; mixed: {k: permutation}, modality k of
+    reference j from instance mixed[k][j] (EMAP's M > 2 references)."""
+    def other(k, j):
+        return items[j][k] if mixed is None else items[int(mixed[k][j])][k]
+    return np.stack([np.stack([alone(adapter, {m: (a[m] if m == side else other(m, j))
+                                               for m in a}, target)
+                               for j in range(len(items))]) for a in items])
 
 
-def brute_emap(adapter, items, target=None) -> dict:
+def mixing(names, n, seed=0) -> dict:
+    """EMAP's M > 2 permutations as its docstring defines them: for each modality m, then each
+    k != m (the adapter's order), numpy.random.default_rng(seed).permutation(n)."""
+    rng = np.random.default_rng(seed)
+    return {m: {k: rng.permutation(n) for k in names if k != m} for m in names}
+
+
+def brute_emap(adapter, items, target=None, seed=0) -> dict:
     names = adapter.names
     sides = [names[0]] if len(names) == 2 else list(names)
-    mats = [pair_matrix(adapter, items, m, target) for m in sides]
+    perms = mixing(names, len(items), seed) if len(names) > 2 else {}
+    mats = [pair_matrix(adapter, items, m, target, perms.get(m)) for m in sides]
     means = [m.mean((0, 1)) for m in mats]          # each modality's own mean of its pairs
     grand = np.mean(means, axis=0)
     unimodal = {m: mat.mean(1) - g for m, mat, g in zip(sides, mats, means)}
@@ -500,3 +512,36 @@ def test_interaction_type_with_three_modalities_has_emaps_centred_parts():
     for m in adapter.names:
         np.testing.assert_allclose(t["unimodal"][m], r.unimodal[m][2], atol=ATOL)
     np.testing.assert_allclose(t["emap_logits"], r.emap_logits[2], atol=ATOL)
+
+
+def test_three_modalities_take_one_seed_in_emap_interaction_type_and_emap_gap():
+    """One definition and one seed: the mixed references' permutations of emap(seed=s) are
+    interaction_type's (the instance among the same references) and emap_gap's; another seed
+    draws others (and other numbers: it is a sample)."""
+    adapter = adapter_for(TwoTexts(), ("question", "answer"))
+    items = items_of(6, seed=1, answers=True)
+    r0, r3 = emap(adapter, items), emap(adapter, items, seed=3)
+    assert r3.params["seed"] == 3 and "(seed 3)" in r3.params["anova"]
+    assert_emap_is_brute(r3, brute_emap(adapter, items, seed=3))
+    assert np.abs(r3.emap_logits - r0.emap_logits).max() > 1e-4
+    for factorized in (None, False):
+        t = interaction_type(adapter, items[2], items, seed=3, factorized=factorized)
+        np.testing.assert_allclose(t["grand_mean"], r3.grand_mean, atol=ATOL)
+        for m in adapter.names:
+            np.testing.assert_allclose(t["unimodal"][m], r3.unimodal[m][2], atol=ATOL)
+        np.testing.assert_allclose(t["emap_logits"], r3.emap_logits[2], atol=ATOL)
+    # a dataset as the reference: seed draws the references and then their permutations
+    ds = dataset_of(items_of(12, seed=2, answers=True))
+    from multiviz_widgets.kernels.common import sample_indices
+    idx = sample_indices(12, 6, 4)
+    r = emap(adapter, ds, indices=idx, seed=4)
+    t = interaction_type(adapter, int(idx[1]), ds, n_reference=6, seed=4)
+    np.testing.assert_allclose(t["emap_logits"], r.emap_logits[1], atol=ATOL)
+    with pytest.raises(ValueError, match="seed must be an integer of at least 0"):
+        interaction_type(adapter, items[2], items, seed=-1)
+    labelled = dataset_of(items, labels=[0, 1, 2, 0, 1, 2])
+    gap = emap_gap(adapter, labelled, n=None, seed=3)
+    agree = float((r3.logits.argmax(1) == r3.emap_logits.argmax(1)).mean())
+    assert gap["agreement"] == agree
+    with pytest.raises(ValueError, match="seed must be an integer of at least 0"):
+        emap_gap(adapter, labelled, n=None, seed=1.0)

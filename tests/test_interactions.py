@@ -353,11 +353,202 @@ def test_emap_with_three_modalities_is_exact_on_additive_models():
     items = [{"t1": torch.randn(3, generator=g), "t2": torch.randn(2, generator=g),
               "series": torch.randn(4, 2, generator=g)} for _ in range(6)]
     r = emap(adapter, items)
-    assert r.forward_passes == 3 * 36 + 3 * 2 * (6 + 6) and r.matrix is None  # + each check
+    # M N^2 pairs, + each split's check, + the N instances' own outputs (no mixed reference
+    # is an instance itself)
+    assert r.forward_passes == 3 * 36 + 3 * 2 * (6 + 6) + 6 and r.matrix is None
     assert set(r.unimodal) == {"t1", "t2", "series"}
-    np.testing.assert_allclose(r.emap_logits, r.logits, atol=1e-5)
+    assert r.params["seed"] == 0 and r.params["anova"].startswith("product of the marginals")
+    # exact, not approximate: each permutation takes every instance once, whatever the seed
+    for seed in (0, 1, 7):
+        r = emap(adapter, items, seed=seed)
+        np.testing.assert_allclose(r.emap_logits, r.logits, rtol=1e-5,
+                                   atol=1e-5 * np.abs(r.logits).max())
     with pytest.raises(ValueError, match="two modalities"):     # it was silently ignored
         emap(adapter, items, keep_matrix=True)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an integer of at least 0"):
+            emap(adapter, items, seed=bad)
+
+
+# -- M > 2: the product-of-marginals projection, sampled -------------------------------------
+class Interacting3(nn.Module):
+    """Three modalities with pairwise and three-way interactions (float64)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(2, 4), nn.Linear(8, 4)
+        self.head = nn.Linear(8, 3)
+        _seeded(self, seed)
+        self.double()
+
+    def forward(self, t1, t2, series):
+        a, b = torch.tanh(self.a(t1)), torch.tanh(self.b(t2))
+        c = torch.tanh(self.c(series.flatten(1)))
+        return self.head(torch.cat([a * b + b * c, a * b * c + a + c], 1))
+
+
+def three_modalities(model, n, seed=0):
+    mods = [Tabular("t1", columns=["a", "b", "c"]), Tabular("t2", columns=["d", "e"]),
+            TimeSeries("series", window=2, channels=["x", "y"])]
+    g = torch.Generator().manual_seed(seed)
+    items = [{"t1": torch.randn(3, generator=g, dtype=torch.float64),
+              "t2": torch.randn(2, generator=g, dtype=torch.float64),
+              "series": torch.randn(4, 2, generator=g, dtype=torch.float64)} for _ in range(n)]
+    return ModelAdapter(model, mods, ["k0", "k1", "k2"]), items
+
+
+@torch.no_grad()
+def product_projection(adapter, items) -> np.ndarray:
+    """The exact first-order functional-ANOVA projection under the product of the three
+    marginals, by brute force over all N^3 combinations: f0 + sum_m (E[f | x_m] - f0)."""
+    n, names = len(items), adapter.names
+    raw = adapter.collate(items)
+    k = torch.arange(n)
+    i1, i2, i3 = torch.meshgrid(k, k, k, indexing="ij")
+    grid = adapter.forward({names[0]: raw[names[0]][i1.reshape(-1)],
+                            names[1]: raw[names[1]][i2.reshape(-1)],
+                            names[2]: raw[names[2]][i3.reshape(-1)]}).double().numpy()
+    t = grid.reshape(n, n, n, -1)
+    f0 = t.mean((0, 1, 2))
+    return f0 + (t.mean((1, 2)) - f0) + (t.mean((0, 2)) - f0) + (t.mean((0, 1)) - f0)
+
+
+def test_three_modality_emap_is_an_unbiased_estimate_of_the_product_projection():
+    """The mean over seeds of EMAP's fhat is the exact projection under the product of the
+    marginals (brute force over all N^3 combinations), within a few standard errors; one seed
+    alone is not it (a sample), and the seed is recorded."""
+    adapter, items = three_modalities(Interacting3(1), 6, seed=2)
+    exact = product_projection(adapter, items)
+    runs = []
+    for seed in range(30):
+        r = emap(adapter, items, seed=seed)
+        assert r.params["seed"] == seed and f"(seed {seed})" in r.params["anova"]
+        runs.append(r.emap_logits)
+    runs = np.stack(runs)
+    se = runs.std(0, ddof=1) / np.sqrt(len(runs))
+    assert float(se.min()) > 0                                   # it is a sample
+    z = np.abs(runs.mean(0) - exact) / se
+    assert float(z.max()) < 4.5, z
+    # the mean of the seeds is much closer to the projection than one seed
+    one = np.abs(runs[0] - exact).max()
+    assert np.abs(runs.mean(0) - exact).max() < 0.5 * one
+    # the joint pairing (references' other modalities kept together) is another quantity
+    from tests.test_emap_lengths import pair_matrix
+    mats = [pair_matrix(adapter, items, m) for m in adapter.names]
+    means = [m.mean((0, 1)) for m in mats]
+    joint = np.mean(means, 0) + sum(m.mean(1) - g for m, g in zip(mats, means))
+    assert float((np.abs(joint - exact) / se).max()) > 6
+
+
+class LookupAdditive(nn.Module):
+    """An additive model on N stored instances: c + sum_m parts[m][k], k the stored instance
+    whose modality m the input's is (an EMAP result as a model: EMAP(fhat) must be fhat)."""
+
+    def __init__(self, refs: dict, parts: dict, grand):
+        super().__init__()
+        self.refs, self.parts = refs, {m: torch.as_tensor(p) for m, p in parts.items()}
+        self.grand = torch.as_tensor(grand)
+        self.head = nn.Linear(1, 3)               # the adapter needs a decision layer; unused
+
+    def forward(self, t1, t2, series):
+        out = self.grand.expand(len(t1), -1).clone()
+        for m, x in (("t1", t1), ("t2", t2), ("series", series)):
+            d = (x.flatten(1)[:, None] - self.refs[m].flatten(1)[None]).abs().sum(-1)
+            out = out + self.parts[m][d.argmin(1)]
+        return out
+
+
+def test_three_modality_emap_is_idempotent_and_its_parts_are_centred():
+    adapter, items = three_modalities(Interacting3(3), 7, seed=4)
+    r = emap(adapter, items, seed=5)
+    for part in r.unimodal.values():
+        np.testing.assert_allclose(part.mean(0), 0.0, atol=1e-12)
+    raw = adapter.collate(items)
+    fhat = LookupAdditive(raw, r.unimodal, r.grand_mean)
+    again = ModelAdapter(fhat, list(adapter.modalities.values()), adapter.class_names,
+                         decision_layer=fhat.head)
+    for seed in (0, 5, 11):
+        r2 = emap(again, items, seed=seed, factorized=False)
+        np.testing.assert_allclose(r2.logits, r.emap_logits, atol=1e-12)
+        np.testing.assert_allclose(r2.emap_logits, r.emap_logits, atol=1e-12)
+
+
+def test_two_modality_emap_takes_no_seed_and_no_sample():
+    """With two modalities nothing is sampled: every seed gives the same numbers, bit for bit,
+    those of the N x N pair matrix."""
+    adapter = tiny_adapter(2)
+    items = [tiny_instance(40 + i) for i in range(7)]
+    r = emap(adapter, items)
+    assert r.params["anova"].startswith("two modalities") and r.params["seed"] == 0
+    for seed in (1, 9):
+        other = emap(adapter, items, seed=seed)
+        assert np.array_equal(other.emap_logits, r.emap_logits)
+        assert all(np.array_equal(other.unimodal[m], r.unimodal[m]) for m in r.unimodal)
+    want = np.stack([emap_matrix(r.matrix)[i, i] for i in range(7)])
+    np.testing.assert_allclose(r.emap_logits, want, rtol=1e-12, atol=1e-12)
+
+
+class IgnoresThird(nn.Module):
+    """Two tabular modalities a, b that interact (u * v, the same encoder on both); the third, c,
+    is ignored (its encoder's weights are zero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(4, 4), nn.Linear(3, 4)
+        self.head = nn.Linear(8, 3)
+        _seeded(self, 3)
+        with torch.no_grad():
+            self.c.weight.zero_()
+            self.c.bias.zero_()
+        self.double()
+
+    def forward(self, a, b, c):
+        u, v = torch.tanh(self.a(a)), torch.tanh(self.a(b))
+        return self.head(torch.cat([u * v + self.c(c), u + v], 1))
+
+
+def test_three_modality_emap_of_a_model_ignoring_one_is_the_two_modality_emap():
+    """A model that ignores modality c gets the two-modality EMAP of (a, b) plus one offset, the
+    same at every instance: (R - mean M) / 3, with M[i, j] = f(a^i, b^j) and R the mean of the N
+    pairs M[pi(j), pi'(j)] that c's mixed references take (pi, pi' its permutations). R is the
+    mean of M over a random permutation, so it is unbiased and (Hoeffding's combinatorial
+    CLT) has variance sum_ij D_ij^2 / (N^2 (N - 1)), D = M - row means - column means + mean
+    (the interaction of M): the offset must be within 4 of its standard deviations / 3. The
+    joint pairing used before gave (mean of the diagonal - mean M) / 3 instead, which is
+    biased on matched data (b is a noisy copy of a) and fails that bound."""
+    mods = [Tabular("a", columns=list("pqrs")), Tabular("b", columns=list("tuvw")),
+            Tabular("c", columns=list("xyz"))]
+    adapter = ModelAdapter(IgnoresThird(), mods, ["k0", "k1", "k2"])
+    g = torch.Generator().manual_seed(1)
+    n, items = 30, []
+    for _ in range(n):
+        a = torch.randn(4, generator=g, dtype=torch.float64) * 1.5
+        items.append({"a": a, "b": a + 0.1 * torch.randn(4, generator=g, dtype=torch.float64),
+                      "c": torch.randn(3, generator=g, dtype=torch.float64)})
+    with torch.no_grad():
+        raw = adapter.collate(items)
+        k = torch.arange(n)
+        i, j = k.repeat_interleave(n), k.repeat(n)
+        pairs = adapter.forward({"a": raw["a"][i], "b": raw["b"][j],
+                                 "c": raw["c"][:1].expand(n * n, -1)}).double().numpy()
+    mat = pairs.reshape(n, n, -1)
+    two = np.stack([emap_matrix(mat)[t, t] for t in range(n)])
+    d = emap_matrix(mat) - mat                                  # minus the interaction of M
+    bound = 4 * np.sqrt((d ** 2).sum((0, 1)) / (n - 1)) / n / 3
+    old = (np.einsum("iik->k", mat) / n - mat.mean((0, 1))) / 3  # the joint pairing's offset
+    assert (np.abs(old) > bound).any(), (old, bound)
+    from tests.test_emap_lengths import mixing
+    for seed in (0, 1, 2):
+        r = emap(adapter, items, seed=seed)
+        offset = r.emap_logits - two
+        np.testing.assert_allclose(offset, offset[:1].repeat(n, 0), atol=1e-12)
+        assert (np.abs(offset[0]) <= bound).all(), (offset[0], bound)
+        perms = mixing(adapter.names, n, seed)["c"]
+        sampled = mat[perms["a"], perms["b"]].mean(0)
+        np.testing.assert_allclose(offset[0], (sampled - mat.mean((0, 1))) / 3, atol=1e-12)
+        np.testing.assert_allclose(r.unimodal["c"], 0.0, atol=1e-12)
+        np.testing.assert_allclose(r.unimodal["a"], mat.mean(1) - mat.mean((0, 1)), atol=1e-12)
+        np.testing.assert_allclose(r.unimodal["b"], mat.mean(0) - mat.mean((0, 1)), atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", synthetic.KINDS)

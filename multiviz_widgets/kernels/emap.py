@@ -1,6 +1,8 @@
 """Dataset-level interaction measures built on EMAP (Hessel & Lee 2020).
 
-``emap`` computes the EMAP projection of N instances from the outputs of all N x N pairs,
+``emap`` computes the EMAP projection of N instances from the outputs of all N x N pairs (with
+M > 2 modalities, the functional-ANOVA projection under the product of the marginals, sampled:
+M N^2 pairs against references whose other modalities come from random permutations),
 evaluated in batches and summed as they come (each modality encoded once and only the pairs
 fused, through ``kernels.split_model``, when the model can be split); ``emap_matrix`` projects a
 whole pair matrix; ``emap_gap`` is accuracy(f) - accuracy(EMAP(f)) over a dataset;
@@ -39,11 +41,12 @@ class EmapResult(Result):
 
     logits [N, K] (K = classes, or 1 for a neuron target), emap_logits [N, K];
     unimodal {modality: [N, K]}: each modality's unimodal part, centred (mean over the
-    references j of f(x_m, x_{-m}^j), minus its mean g_m over the N instances); grand_mean [K]:
-    the mean of the g_m (one mean of the N^2 pairs with two modalities), so that emap_logits =
-    grand_mean + the sum of the unimodal parts; matrix [N, N, K] with matrix[i, j] =
-    f(x_a^i, x_b^j) (two modalities, when kept); indices: the dataset indices of the N
-    instances (or 0..N-1).
+    references j of f(x_m, x_{-m}^j), minus its mean g_m over the N instances; with M > 2
+    modalities reference j's other modalities come from independently permuted instances, see
+    ``emap``); grand_mean [K]: the mean of the g_m (one mean of the N^2 pairs with two
+    modalities), so that emap_logits = grand_mean + the sum of the unimodal parts;
+    matrix [N, N, K] with matrix[i, j] = f(x_a^i, x_b^j) (two modalities, when kept); indices:
+    the dataset indices of the N instances (or 0..N-1).
     """
 
     modalities: tuple[str, ...] = ()
@@ -110,20 +113,32 @@ def _pair_batches(groups: ShapeGroups, side: Sequence[str], others: Sequence[str
 @torch.no_grad()
 def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = None,
          indices: Sequence[int] | None = None, batch_size: int = PERTURBATION_BATCH,
-         keep_matrix: bool | None = None, factorized: bool | str | None = None) -> EmapResult:
+         keep_matrix: bool | None = None, factorized: bool | str | None = None,
+         seed: int = 0) -> EmapResult:
     """EMAP (Hessel & Lee 2020) of N instances against themselves as the reference set.
 
     instances: a list of instance dicts or a MultimodalDataset (with optional ``indices``).
     Two modalities: the N x N outputs M[i, j] = f(x_a^i, x_b^j) (batched) give
-    fhat[t] = mean_j M[t, j] + mean_i M[i, t] - mean M (cost N^2 forwards, chunked).
-    M > 2 modalities: fhat[t] = sum_m mean_j f(x_m^t, x_{-m}^j) - (M - 1) g, where reference
-    j's other modalities are kept together (their observed joint values) and g is the mean of
-    the M means g_m = mean_ij f(x_m^i, x_{-m}^j) (cost M N^2 forwards). It is exact on
-    additive models and idempotent, like the two-modality formula, and its unimodal parts are
-    centred; it is the first-order analogue of the functional-ANOVA projection under the
-    measure that pairs each modality with the others' joint values, not the projection under
-    the product of all M marginals (which would take N^M forwards), so the g_m can differ
-    from one another on a model with interactions.
+    fhat[t] = mean_j M[t, j] + mean_i M[i, t] - mean M (cost N^2 forwards, chunked; exact, no
+    sampling: ``seed`` is not used).
+    M > 2 modalities: the first-order functional-ANOVA projection under the product of the M
+    marginals (METHODS.md), fhat(x) = f0 + sum_m f_m(x_m) with f_m(x_m) = E f(x_m, X_-m) - f0,
+    X_-m's modalities drawn independently, each from its own marginal (the N instances'
+    values), and f0 = E f. Its exact value takes N^M forwards; it is estimated, unbiased, from
+    M N^2: for each modality m, N mixed references whose modality k != m is that of instance
+    pi_{m,k}(j), the M (M - 1) permutations pi drawn independently from
+    ``numpy.random.default_rng(seed)`` (for m, then k, in the adapter's order); then
+    U_m(t) = mean_j f(x_m^t, mixed reference j), g_m = mean_t U_m(t) (each an estimate of f0),
+    g = mean_m g_m and fhat[t] = g + sum_m (U_m(t) - g_m). As each permutation takes every
+    instance once, it is exact on additive models (and so idempotent), and its unimodal parts
+    are centred; a model that ignores a modality k gets (with M = 3) the two-modality EMAP of
+    the other two plus (g_k - their mean of pairs) / 3, the same at every t, where g_k is a mean
+    of N of their pairs drawn at random (its sampling error). Pairing each reference's other
+    modalities as observed (their joint values) would instead project under the measure that
+    keeps the others together: it does not reduce to two-modality EMAP, and on matched data (a
+    question and its own image) their joint mean differs systematically from the product's.
+    ``params["anova"]`` says which was computed, ``params["seed"]`` with what seed. The outputs
+    themselves (``logits``) take N more forwards with M > 2 (a mixed reference is no instance).
     target: None or a class (all logits, K = C), or Neuron(j) (K = 1).
 
     The pairs are evaluated in chunks and summed as they come (row sums, column sums and the
@@ -131,7 +146,9 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     different input shapes (texts of different token counts) are never padded to one length: a
     batch of pairs takes each modality from instances of one shape, and a split model encodes
     each shape group on its own, so a model that pools over [PAD] tokens still gets its own
-    numbers (instances of one shape: one group, batched as they come). keep_matrix: also
+    numbers (instances of one shape: one group, batched as they come). With M > 2 the mixed
+    references are grouped by their own shapes (each modality's from the instance it comes
+    from), and a split is checked on them, the pairs it fuses. keep_matrix: also
     return the N x N x K matrix (two modalities); None (default) keeps it when it takes at most
     KEPT_MATRIX_BYTES (``params["matrix_note"]`` says when it was not kept).
 
@@ -152,6 +169,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     """
     check_adapter(adapter, "emap")
     batch_size = positive_int(batch_size, "batch_size")
+    seed = positive_int(seed, "seed", 0)
     items, idx = _instances(instances, indices)
     n = len(items)
     if n < 2:
@@ -168,36 +186,52 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     matrix_bytes = n * n * (1 if t is not None and t.kind == "neuron" else adapter.n_classes) * 8
     keep = len(names) == 2 and (keep_matrix or (keep_matrix is None
                                                 and matrix_bytes <= KEPT_MATRIX_BYTES))
+    many = len(names) > 2
+    dataset, subset = isinstance(instances, MultimodalDataset), indices is not None
     with Stopwatch() as sw:
         shapes = ShapeGroups(adapter, items, idx)     # one group unless the shapes differ
-        groups = [names[0]] if len(names) == 2 else list(names)   # modality m vs all others
-        total = len(groups) * n * n
+        groups = list(names) if many else [names[0]]   # modality m vs all others
+        # M > 2: the instances' own outputs first (no pair is an instance itself)
+        start = n if many else 0
+        total = len(groups) * n * n + start
         step = steady_progress(progress, total)
         step(0, "EMAP pairs")
         # forward passes run, fused or full: a split's checks, and the pairs of a split
         # abandoned part way, included
         passes = [0]
+        own = None
+        mixing = _mixing(n, names, seed) if many else {}
+        if many:
+            try:
+                own = _own_outputs(shapes, out_fn, batch_size, step, passes)
+            except RuntimeError as e:
+                _raise_unrunnable(e, shapes, out_fn, batch_size, idx, dataset, subset)
+                raise
+            _raise_own_not_finite(own, idx)
         sums, kinds, notes = [], [], []
         for g, m in enumerate(groups):
+            # the pairs' instances: the N instances, or (M > 2) N mixed references, each with
+            # its own modality m and the others of independently permuted instances
+            pairs = (ShapeGroups(adapter, _mixed_items(items, m, mixing[m]), idx) if many
+                     else shapes)
+            done = start + g * n * n
             try:
                 acc, kind, why = with_split(adapter, factorized, m, lambda split: _emap_fused(
-                    adapter, split, shapes, t, out_fn, batch_size, keep, step, g * n * n,
-                    passes))
+                    adapter, split, pairs, t, out_fn, batch_size, keep, step, done, passes))
                 if acc is None:                  # no split: full forward passes of the pairs
-                    acc = _forward_sums(adapter, shapes, m, out_fn, batch_size, keep, step,
-                                        g * n * n, passes, "EMAP pairs")
+                    acc = _forward_sums(adapter, pairs, m, out_fn, batch_size, keep, step,
+                                        done, passes, "EMAP pairs")
             except RuntimeError as e:
                 # inputs the model cannot take: an error naming the instances
-                _raise_unrunnable(e, shapes, out_fn, batch_size, idx,
-                                  isinstance(instances, MultimodalDataset), indices is not None)
+                _raise_unrunnable(e, shapes, out_fn, batch_size, idx, dataset, subset)
                 raise
             kinds.append(kind)
             if why:                   # why not split, or what to know about the split used
                 notes.append(why if len(groups) == 1 else f"{m}: {why}")
             sums.append(acc)
             if acc.not_finite is not None:
-                _raise_not_finite(acc, m, [x for x in names if x != m], idx)
-        logits = sums[0].diagonal.numpy()
+                _raise_not_finite(acc, m, [x for x in names if x != m], idx, mixing.get(m))
+        logits = own if many else sums[0].diagonal.numpy()
         # g_m: the mean of modality m's pairs (with two modalities, one mean of the N^2 pairs)
         means = [a.row_sums.sum(0).numpy() / (n * n) for a in sums]
         grand = np.mean(means, axis=0)
@@ -207,7 +241,8 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         emap_logits = grand + sum(unimodal.values())
     fused = [k != "none" for k in kinds]
     params = {"n": n, "batch_size": batch_size, "factorized": all(fused),
-              "factorization": kinds[0] if len(set(kinds)) == 1 else dict(zip(groups, kinds))}
+              "factorization": kinds[0] if len(set(kinds)) == 1 else dict(zip(groups, kinds)),
+              "anova": _anova_note(many, seed), "seed": seed}
     if notes:
         params["factorization_note"] = "; ".join(notes)
     if len(names) == 2 and not keep:
@@ -221,6 +256,48 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
                       emap_logits=emap_logits, unimodal=unimodal, grand_mean=grand,
                       matrix=sums[0].matrix() if keep else None,
                       output_names=out_names)
+
+
+def _anova_note(many: bool, seed: int) -> str:
+    """``params["anova"]``: what EMAP computed."""
+    if not many:
+        return "two modalities: all N x N pairs (exact, no sampling)"
+    return ("product of the marginals, sampled: for each modality, the others from N "
+            f"independent permutations (seed {seed})")
+
+
+def _mixing(n: int, names: Sequence[str], seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """{m: {k: pi_{m,k}}} for every modality m and k != m: the independent permutations of
+    0..n-1 whose instances give the mixed references of modality m their modality k (reference
+    j takes x_k of instance pi_{m,k}(j)), drawn in that order (m, then k, in ``names``' order)
+    from ``numpy.random.default_rng(seed)``. EMAP's and interaction_type's M > 2 projection."""
+    rng = np.random.default_rng(seed)
+    return {m: {k: rng.permutation(n) for k in names if k != m} for m in names}
+
+
+def _mixed_items(items: Sequence[Mapping], side: str,
+                 perms: Mapping[str, np.ndarray]) -> list[dict]:
+    """The mixed references of modality ``side``: item j keeps instance j's ``side`` (so that row
+    t of their pairs is x_side^t) and takes each other modality k from instance perms[k][j]."""
+    return [{**item, **{k: items[int(p[j])][k] for k, p in perms.items()}}
+            for j, item in enumerate(items)]
+
+
+def _own_outputs(shapes: ShapeGroups, out_fn: Callable, batch_size: int,
+                 step: Callable[[int, str], None], passes: list[int]) -> np.ndarray:
+    """The outputs [N, K] (float64) of the N instances themselves, shape group by shape group,
+    batch_size at a time (progress and passes as ``_emap_fused``'s, from 0)."""
+    out, done = [None] * shapes.n, 0
+    for pos, raw in zip(shapes.positions, shapes.raws):
+        ks = pos.tolist()
+        for s in range(0, len(ks), batch_size):
+            v = out_fn({m: x[s:s + batch_size] for m, x in raw.items()}).detach().double().cpu()
+            for k, row in zip(ks[s:s + batch_size], v.numpy()):
+                out[k] = row
+            done += len(v)
+            passes[0] += len(v)
+            step(done, "EMAP: the instances' own outputs")
+    return np.stack(out)
 
 
 def _raise_unrunnable(error: RuntimeError, shapes: ShapeGroups, out_fn: Callable,
@@ -266,18 +343,38 @@ def _raise_unrunnable(error: RuntimeError, shapes: ShapeGroups, out_fn: Callable
 
 
 def _raise_not_finite(acc: "_PairSums", side: str, others: Sequence[str],
-                      idx: np.ndarray) -> None:
+                      idx: np.ndarray, mixed: Mapping[str, np.ndarray] | None = None) -> None:
     """The clear error for pairs (``side`` of instance i, ``others`` of instance j) whose output
     is NaN or infinite (an instance itself when its own output is): EMAP's averages would not be
-    finite (stage 2 never returns NaN)."""
+    finite (stage 2 never returns NaN). mixed: {k: permutation} when the pairs' others come from
+    mixed references (M > 2: modality k of reference j is instance mixed[k][j]'s); no pair is
+    then an instance itself."""
     i, j, value = acc.not_finite
-    own = (~torch.isfinite(acc.diagonal)).any(1).nonzero()
+    own = (~torch.isfinite(acc.diagonal)).any(1).nonzero() if mixed is None else []
     if len(own):
         i = j = int(own[0, 0])
         value = float(acc.diagonal[i][~torch.isfinite(acc.diagonal[i])][0])
-    where = (f"on instance {int(idx[i])} itself" if i == j else
-             f"with {side!r} of instance {int(idx[i])} and {', '.join(map(repr, others))} of "
-             f"instance {int(idx[j])}")
+    if i == j and mixed is None:
+        where = f"on instance {int(idx[i])} itself"
+    elif mixed is None:
+        where = (f"with {side!r} of instance {int(idx[i])} and {', '.join(map(repr, others))} "
+                 f"of instance {int(idx[j])}")
+    else:
+        parts = [f"{side!r} of instance {int(idx[i])}"] + [
+            f"{k!r} of instance {int(idx[int(mixed[k][j])])}" for k in others]
+        where = f"with {', '.join(parts[:-1])} and {parts[-1]}"
+    _not_finite_error(value, where)
+
+
+def _raise_own_not_finite(own: np.ndarray, idx: np.ndarray) -> None:
+    """The clear error when an instance's own output [N, K] is NaN or infinite."""
+    bad = ~np.isfinite(own)
+    if bad.any():
+        i = int(bad.any(1).nonzero()[0][0])
+        _not_finite_error(float(own[i][bad[i]][0]), f"on instance {int(idx[i])} itself")
+
+
+def _not_finite_error(value: float, where: str) -> None:
     raise ValueError(
         f"emap: the model produced NaN or infinite values ({value}) {where}, so EMAP's averages "
         "would not be finite (NaN results are never returned). Leave the instances where the "
@@ -398,39 +495,45 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
     """How much a model relies on cross-modal interactions: accuracy(f) - accuracy(EMAP(f)).
 
     Uses ``indices`` (or ``n`` instances drawn with ``seed``; n=None: all) as both the evaluated
-    instances and the reference set; cost: N^2 forwards (one EMAP; pairs of encodings when the
-    model splits, 70,000 to 87,000 pairs a second for easy-VQA on two cores at N = 1,000 and
-    3,000: benchmarks/results/emap_scale.json), memory linear in N
-    (the pairs are summed as they come, never stored). Returns a dict with
+    instances and the reference set (with M > 2 modalities ``seed`` also draws EMAP's
+    permutations, see ``emap``); cost: N^2 forwards (one EMAP, M N^2 + N with M > 2; pairs of
+    encodings when the model splits, 70,000 to 87,000 pairs a second for easy-VQA on two cores
+    at N = 1,000 and 3,000: benchmarks/results/emap_scale.json), memory linear in N (the pairs
+    are summed as they come, never stored). Returns a dict with
     ``gap_predictions`` (1 - agreement of argmax fhat with the model's predictions) and, when the
     dataset has labels, ``accuracy_model``, ``accuracy_emap`` and ``gap_labels``; ``gap`` is the
     label gap when labels exist, else the prediction gap (fractions; ``gap_points`` = 100 gap).
-    The labels are checked (class indices 0..C-1, one per instance), and a model with one output
-    is refused: the argmax of one column says nothing.
+    The labels of the instances used are checked (class indices 0..C-1; the dataset checks one
+    per instance), and a model with one output is refused: the argmax of one column says
+    nothing.
     """
     check_adapter(adapter, "emap_gap")
     if not isinstance(dataset, MultimodalDataset):
         raise ValueError(f"emap_gap needs a MultimodalDataset, got {type(dataset).__name__}.")
     _needs_two_outputs(adapter.n_classes, adapter.class_names, "emap_gap")
-    labels = dataset.labels                 # checked by the dataset whenever they are set
-    if labels is not None and len(labels) and labels.max() >= adapter.n_classes:
-        raise ValueError(
-            f"emap_gap: the dataset's labels hold class index {int(labels.max())}, but the "
-            f"model has {adapter.n_classes} classes ({adapter.class_names}); labels are class "
-            "indices 0..C-1 in the order of the adapter's class_names.")
+    seed = positive_int(seed, "seed", 0)
     if indices is None:
         idx = sample_indices(len(dataset), None if n is None else positive_int(n, "n", 2), seed)
     else:
         idx = dataset_indices(indices, len(dataset))
+    labels = dataset.labels                 # checked by the dataset whenever they are set
+    # only the labels of the instances used count: a label elsewhere is none of this gap's
+    used = None if labels is None else np.asarray(labels)[idx]
+    if used is not None and len(used) and used.max() >= adapter.n_classes:
+        k = int(np.argmax(used))
+        raise ValueError(
+            f"emap_gap: the label of instance {int(idx[k])} is class index {int(used[k])}, but "
+            f"the model has {adapter.n_classes} classes ({adapter.class_names}); labels are "
+            "class indices 0..C-1 in the order of the adapter's class_names.")
     r = emap(adapter, dataset, indices=idx, batch_size=batch_size, progress=progress,
-             keep_matrix=False)
+             keep_matrix=False, seed=seed)
     pred, pred_hat = r.logits.argmax(1), r.emap_logits.argmax(1)
     out = {"n": int(len(idx)), "indices": [int(i) for i in idx],
            "agreement": float((pred == pred_hat).mean()),
            "gap_predictions": float(1.0 - (pred == pred_hat).mean()),
            "forward_passes": r.forward_passes, "seconds": r.seconds}
-    if labels is not None:
-        y = labels[idx]
+    if used is not None:
+        y = used
         out["accuracy_model"] = float((pred == y).mean())
         out["accuracy_emap"] = float((pred_hat == y).mean())
         out["gap_labels"] = out["accuracy_model"] - out["accuracy_emap"]
@@ -558,6 +661,11 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     ``seed``), a list of instances, or an EmapResult that contains the instance, given then as
     its dataset index (no forwards). Cost otherwise: N^2 + 2 N + 1 model outputs in batches of
     batch_size for two modalities (M N^2 + M N + 1 for M > 2).
+    M > 2: as ``emap``'s, the product-of-marginals projection sampled with ``seed``: modality
+    m's part and mean of pairs are taken against N mixed references whose modality k != m is
+    that of reference pi_{m,k}(j), the permutations drawn as ``emap`` draws them (so with the
+    instance among the same references, in the same order, and the same seed, its numbers are
+    emap's). ``seed`` also draws the ``n_reference`` references of a dataset.
 
     factorized: as ``emap``'s, with the same default (None) and the same split: the references
     and the instance are each encoded once and only the pairs are fused (checked first against
@@ -587,6 +695,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
         return (interaction_types(reference, adapter.class_names)[int(pos[0])]
                 | {"reference_size": len(reference.indices)} | how)
     batch_size = positive_int(batch_size, "batch_size")
+    seed = positive_int(seed, "seed", 0)
     if isinstance(reference, MultimodalDataset):
         idx = (sample_indices(len(reference), positive_int(n_reference, "n_reference", 2), seed)
                if reference_indices is None else
@@ -610,8 +719,10 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     shapes = ShapeGroups(adapter, refs, idx)
     own = adapter.collate([instance])
     # with two modalities one split (names[0] from the other) gives the N^2 pairs and both
-    # parts; with M > 2 the split of each modality m gives its N^2 pairs and m's part
+    # parts; with M > 2 the split of each modality m gives its N^2 pairs and m's part, against
+    # emap's mixed references (the others from permutations drawn with ``seed``)
     ref_pairs = [names[0]] if len(names) == 2 else list(names)
+    mixing = _mixing(n, names, seed) if len(names) > 2 else {}
     total = len(ref_pairs) * n * n + len(names) * n + 1
     step = steady_progress(progress, total)
     step(0, _TYPE_PAIRS)
@@ -621,12 +732,14 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     for g, m in enumerate(ref_pairs):
         mine = list(names) if len(ref_pairs) == 1 else [m]    # the parts this split gives
         start = g * (n * n + n)
+        pairs = (ShapeGroups(adapter, _mixed_items(refs, m, mixing[m]), idx) if mixing
+                 else shapes)
         res, kind, why = with_split(adapter, factorized, m, lambda split: _typed_fused(
-            adapter, split, shapes, own, logits, batch_size, step, start, passes, mine))
+            adapter, split, pairs, own, logits, batch_size, step, start, passes, mine))
         if res is None:                  # no split: full forward passes, as emap's
-            acc = _forward_sums(adapter, shapes, m, adapter.forward, batch_size, False, step,
+            acc = _forward_sums(adapter, pairs, m, adapter.forward, batch_size, False, step,
                                 start, passes, _TYPE_PAIRS)
-            res = acc, {p: _forward_part(adapter, shapes, own, p, batch_size, step,
+            res = acc, {p: _forward_part(adapter, pairs, own, p, batch_size, step,
                                          start + n * n + k * n, passes, _TYPE_PARTS)
                         for k, p in enumerate(mine)}
         acc, parts_of = res
