@@ -97,6 +97,19 @@ def _check_dataset_fits(dataset, adapter: ModelAdapter) -> None:
             f"as its modality, MultimodalDataset({{'{adapter.names[0]}': ..., ...}}).")
 
 
+
+def _path_method_defaults() -> dict:
+    """prediction_path's default methods (its unimodal_method and interaction_method)."""
+    import inspect
+
+    from .kernels.prediction import prediction_path
+    sig = inspect.signature(prediction_path).parameters
+    return {k: sig[k].default for k in ("unimodal_method", "interaction_method")}
+
+
+#: the methods the path uses when path_params give a method's parameters but not the method
+_PATH_METHOD_DEFAULTS = _path_method_defaults()
+
 class InputPanel:
     """Drives the InputView (the anywidget of the instance's inputs) from the Selection.
 
@@ -380,7 +393,9 @@ class Explorer(W.VBox):
     path_params: ``prediction_path``'s parameters for the path view (k_neurons, k_units,
     interaction_method, ...); the path follows the menus (its units the method's, its pairs the
     interaction method's between the pair menu's modalities) where they name no
-    ``unimodal_method``, ``interaction_method`` (None: no pairs) or ``modalities``.
+    ``unimodal_method``, ``interaction_method`` (None: no pairs) or ``modalities``; parameters
+    of a method (``unimodal_params``, ``interaction_params``) without it keep prediction_path's
+    default method, which they were written for.
     annotations: the concepts people give neurons and units (``explorer.annotations``): a JSON
     file's path (read if it exists, saved on each change; a file that cannot be read, or was
     made for a model of another shape, raises an AnnotationError and is left as it is), an
@@ -583,7 +598,11 @@ class Explorer(W.VBox):
         between the heatmap's pair (none: no pairs). A new dict, so that a path job that
         started with the old one can tell (PathView)."""
         own, s = self._own_path_params, self.selection
-        params = {"unimodal_method": s.method, **own}
+        # parameters given for a method (unimodal_params={"steps": 16}) but no method: that of
+        # prediction_path's default, which they were written for, not the menu's
+        pinned = {k: v for k, v in _PATH_METHOD_DEFAULTS.items()
+                  if f"{k.split('_')[0]}_params" in own}
+        params = {"unimodal_method": s.method, **pinned, **own}
         if own.get("interaction_method", "") is not None:
             params.setdefault("interaction_method", s.interaction_method)
             if "modalities" not in own:

@@ -252,7 +252,16 @@ def _stable_text(v) -> str:
     if isinstance(v, re.Pattern):
         return f"re({v.pattern!r},{v.flags})"
     if isinstance(v, (torch.Tensor, np.ndarray)):
-        a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu()
+            try:
+                a = t.numpy()
+            except TypeError:              # bfloat16 and other dtypes numpy lacks: the bytes
+                raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+                return (f"array({v.dtype},{tuple(v.shape)},"
+                        f"{hashlib.sha256(raw.tobytes()).hexdigest()[:16]})")
+        else:
+            a = v
         a = np.ascontiguousarray(a)
         return f"array({a.dtype},{a.shape},{hashlib.sha256(a.tobytes()).hexdigest()[:16]})"
     if v is None or isinstance(v, (bool, int, float, str, np.generic)):
@@ -267,12 +276,16 @@ _PLAIN = (type(None), bool, int, float, str, np.generic, list, tuple, dict, set,
           re.Pattern, np.ndarray, torch.Tensor)
 
 
-def _stable_value(v, depth: int) -> str:
+def _stable_value(v, depth: int, mutable_by_identity: bool = False) -> str:
     """A value a function reads (a closure cell, a global of its module): by content when it
     is plain or a function; any other object by its identity (``_identity_token``), since its
-    state, which the function may read, cannot be seen."""
+    state, which the function may read, cannot be seen. ``mutable_by_identity``: a dict, list
+    or set by its identity too (a forward hook's: one that records activations into a dict
+    changes its content at every forward pass, not what it computes)."""
     if callable(v) and not isinstance(v, type):
-        return _stable_callable(v, depth + 1)
+        return _stable_callable(v, depth + 1, mutable_by_identity)
+    if mutable_by_identity and isinstance(v, (dict, list, set)):
+        return f"<{type(v).__qualname__} {_identity_token(v)}>"
     if isinstance(v, _PLAIN) or isinstance(v, type):
         return _stable_text(v) if not isinstance(v, type) else f"<class {v.__qualname__}>"
     return f"<{type(v).__qualname__} {_identity_token(v)}>"
@@ -318,7 +331,7 @@ def hash_code(code, h, names: list | None = None) -> None:
             h.update(repr(c).encode())
 
 
-def _stable_callable(fn, depth: int = 0) -> str:
+def _stable_callable(fn, depth: int = 0, mutable_by_identity: bool = False) -> str:
     """A text of a function that changes when what it computes may change: a Python function
     by its name, its code (bytecode, constants, names, nested functions), its defaults, the
     values it closes over and the functions and values of its module that it names (plain
@@ -326,7 +339,8 @@ def _stable_callable(fn, depth: int = 0) -> str:
     its function and arguments; a built-in by its name; a bound method by its function and the
     identity of its object. Any other callable (an object with state, such as a tokenizer
     instance) by its identity: unique in this process, so that an on-disk cache made with it
-    is never served to another tokenizer of the same name (nor, in a new process, to itself)."""
+    is never served to another tokenizer of the same name (nor, in a new process, to itself).
+    ``mutable_by_identity``: see ``_stable_value``."""
     import functools
     import types
 
@@ -334,14 +348,14 @@ def _stable_callable(fn, depth: int = 0) -> str:
     if depth > 8:                                   # deep (or cyclic) references: by name
         return f"<{name}>"
     if isinstance(fn, functools.partial):
-        return (f"partial({_stable_callable(fn.func, depth + 1)},{_stable_text(list(fn.args))},"
-                f"{_stable_text(dict(fn.keywords))})")
+        return (f"partial({_stable_callable(fn.func, depth + 1, mutable_by_identity)},"
+                f"{_stable_text(list(fn.args))},{_stable_text(dict(fn.keywords))})")
     if isinstance(fn, (types.MethodDescriptorType, types.WrapperDescriptorType)) or (
             isinstance(fn, types.BuiltinFunctionType)
             and (fn.__self__ is None or isinstance(fn.__self__, types.ModuleType))):
         return f"<builtin {name}>"                   # str.split, len, math.floor
     if isinstance(fn, types.MethodType):
-        return (f"<method {_stable_callable(fn.__func__, depth + 1)} of "
+        return (f"<method {_stable_callable(fn.__func__, depth + 1, mutable_by_identity)} of "
                 f"{type(fn.__self__).__qualname__} {_identity_token(fn.__self__)}>")
     if not isinstance(fn, types.FunctionType):
         return f"<{name}:object {_identity_token(fn)}>"
@@ -355,12 +369,12 @@ def _stable_callable(fn, depth: int = 0) -> str:
             value = cell.cell_contents
         except ValueError:                          # an empty cell
             value = None
-        h.update(_stable_value(value, depth).encode())
+        h.update(_stable_value(value, depth, mutable_by_identity).encode())
     for n in dict.fromkeys(names if depth < 2 else ()):   # module functions and values it names
         if n in fn.__globals__ and fn.__globals__[n] is not fn:
             value = fn.__globals__[n]
             if not isinstance(value, types.ModuleType):
-                h.update(f"{n}={_stable_value(value, depth)}".encode())
+                h.update(f"{n}={_stable_value(value, depth, mutable_by_identity)}".encode())
     return f"<{name}:{h.hexdigest()[:16]}>"
 
 

@@ -535,6 +535,14 @@ def test_the_sparse_model_is_refused_for_live_weights_other_than_those_it_was_fi
     wide = demo.load_adapter()
     wide.model.double()
     assert demo.load_sparse_model(adapter=wide).d == 64
+    for cast in ("half", "bfloat16"):           # cast only: its weights, rounded (was refused)
+        low = demo.load_adapter()
+        getattr(low.model, cast)()
+        assert demo.load_sparse_model(adapter=low).d == 64
+        with torch.no_grad():
+            low.model.classifier.bias.add_(1)
+        with pytest.raises(demo.WeightsError, match="not those of the file"):
+            demo.load_sparse_model(adapter=low)
 
 
 def test_fit_sparse_writes_its_json_atomically(tmp_path, monkeypatch):

@@ -1172,6 +1172,19 @@ def test_the_path_follows_the_method_menus_unless_path_params_name_its_own():
         assert "units by gradient, no pairs" in ex.path_view.caption.value
     finally:
         ex.close()
+    # a method's parameters without the method: the default method they were written for
+    # (IG's steps passed to occlusion failed the path: "occlusion does not take ['steps']")
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05,
+                  path_params={"unimodal_params": {"steps": 16}})
+    try:
+        ex.controls.method.value = "occlusion"
+        ex.controls.interaction_method.value = "pairwise_ablation"
+        assert ex.wait(30)
+        p = ex.analyses.path_params
+        assert (p["unimodal_method"], p["interaction_method"]) == ("integrated_gradients",
+                                                                   "pairwise_ablation")
+    finally:
+        ex.close()
 
 
 def test_the_overlay_caption_says_when_kernel_shap_had_too_few_samples():

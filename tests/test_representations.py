@@ -1275,3 +1275,75 @@ def test_clear_feature_cache_removes_the_cache_files_and_nothing_else(cache, mon
     monkeypatch.setenv("MULTIVIZ_CACHE", str(cache))
     assert rep.clear_feature_cache() > 0 and not os.path.exists(f.path)
     assert rep.clear_feature_cache(cache / "missing") == 0
+
+
+def test_what_a_hook_or_the_models_code_fills_as_it_runs_keeps_the_key(cache):
+    """Before: a hook that records activations into a dict, and a module-level memo dict that
+    forward fills, were hashed by content: every forward pass gave a new key, so the features
+    were extracted again (and one more file left in the cache) after any other computation."""
+    adapter, ds = make_adapter(), make_dataset()
+    acts: dict = {}
+    handle = adapter.model.tab.register_forward_hook(
+        lambda m, inp, out: acts.__setitem__("tab", out.detach()))
+    try:
+        first = extract_features(adapter, ds, cache_dir=cache)
+        assert acts                                           # the hook ran, filling its dict
+        from multiviz_widgets.kernels.unimodal import attribute
+        attribute(adapter, ds[3], "gradient", target=0)       # another computation meanwhile
+        again = extract_features(adapter, ds, cache_dir=cache)
+        assert again.from_cache and again.key == first.key
+    finally:
+        handle.remove()
+    memo_cell = GLOBALS_CELL.replace("CALLS = 0", "CALLS = 0\nMEMO = dict()")
+    scope: dict = {"__name__": "notebook_cell"}
+    exec(compile(memo_cell.format(scale=1.0).replace(
+        "global CALLS", "global CALLS\n        MEMO[CALLS] = 1"), "/tmp/ipykernel_9/c.py",
+        "exec"), scope)
+    mods = [Tabular("a", columns=["x"]), Tabular("b", columns=["y"])]
+    tiny = ModelAdapter(scope["M"]().eval(), mods, ["n", "p"])
+    small = MultimodalDataset({"a": [np.array([1.0]), np.array([-2.0])],
+                               "b": [np.array([5.0]), np.array([-7.0])]})
+    one = extract_features(tiny, small, cache_dir=cache)
+    assert scope["MEMO"]                                      # forward filled it
+    assert extract_features(tiny, small, cache_dir=cache).from_cache
+    assert rep.features_key(tiny, small) == one.key
+
+
+def test_a_hook_holding_a_bfloat16_tensor_is_keyed_by_its_bytes(cache):
+    """Before: hashing a hook's closed-over bfloat16 tensor (a steering vector) raised numpy's
+    "unsupported ScalarType BFloat16" out of extract_features."""
+    adapter, ds = make_adapter(), make_dataset()
+    shift = torch.full((1,), 0.5, dtype=torch.bfloat16)
+    handle = adapter.model.tab.register_forward_hook(lambda m, inp, out: out + shift.float())
+    try:
+        hooked = extract_features(adapter, ds, cache_dir=cache)
+        key = hooked.key
+        shift.fill_(1.0)                                      # another vector: another key
+        assert rep.features_key(adapter, ds) != key
+    finally:
+        handle.remove()
+
+
+def test_a_kernels_passing_hooks_on_another_thread_are_not_in_the_key():
+    """Before: the key was read without the model's lock, so it took in the input hooks that
+    a kernel on the other lane keeps for the length of its passes: features saved under a key
+    no later run computes."""
+    import threading
+    adapter, ds = make_adapter(), make_dataset()
+    idle = rep.features_key(adapter, ds)
+    ready, done = threading.Event(), threading.Event()
+
+    def kernel_pass():
+        with adapter._lock:                    # as a kernel's passes hold it, hooks and all
+            h = adapter.model.tab.register_forward_hook(lambda m, inp, out: out)
+            ready.set()
+            done.wait(0.3)
+            h.remove()
+    t = threading.Thread(target=kernel_pass)
+    t.start()
+    assert ready.wait(5)
+    try:
+        assert rep.features_key(adapter, ds) == idle
+    finally:
+        done.set()
+        t.join()

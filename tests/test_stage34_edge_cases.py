@@ -288,6 +288,10 @@ def test_fit_sparse_model_checks_max_iter_seed_and_alpha_up_front():
                          n_lambdas=3)
     assert m.alpha == 0.9 and m.params["seed"] == 3 and m.params["max_iter"] == 50
     assert type(m.params["seed"]) is int                  # a plain int: saved as JSON
+    # seed=None: fresh randomness, as scikit-learn takes it (it was refused for a while)
+    assert fit_sparse_model((h, y), seed=None, n_lambdas=3).params["seed"] is None
+    with pytest.raises(ValueError, match=r"seed .*got None"):
+        fit_sparse_model((h, y), seed=None, solver="glm_saga", n_lambdas=3)
 
 
 def test_a_sparse_model_that_is_not_one_is_refused_with_the_loader_named():

@@ -318,36 +318,39 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-#: {SHA-256 of a weights file: ``_tensors_digest`` of its tensors}, for the files read so far
-_TENSOR_DIGESTS: dict[str, str] = {}
+#: {SHA-256 of a weights file: its tensors}, for the files read so far (a few MB each)
+_FILE_WEIGHTS: dict[str, dict[str, torch.Tensor]] = {}
 
 
-def _tensors_digest(state) -> str:
-    """A hash of a state dict's tensors by name, shape and value: the weights as they are now.
-    Floating tensors are hashed as float64, so that a model moved to float64 or to a GPU keeps
-    its weights' digest (one rounded to half precision does not: its values changed)."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu()
-        t = (t.to(torch.float64) if t.is_floating_point() else t).contiguous()
-        h.update(f"{name}:{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def _same_weights(live: dict, reference: dict) -> bool:
+    """Whether a model's state dict holds the reference weights: the same names and shapes,
+    and values equal to the reference's cast to the live tensor's dtype (a model moved to
+    float64, to half precision or to a GPU keeps its weights; one trained further or edited
+    in place does not)."""
+    if set(live) != set(reference):
+        return False
+    for name, ref in reference.items():
+        t = live[name].detach().cpu()
+        if t.shape != ref.shape or t.is_floating_point() != ref.is_floating_point():
+            return False
+        if not torch.equal(t, ref.to(t.dtype)):
+            return False
+    return True
 
 
-def _file_tensors_digest(sha256: str) -> str | None:
-    """The ``_tensors_digest`` of the weights file whose SHA-256 is ``sha256``: remembered when
+def _file_weights(sha256: str) -> dict | None:
+    """The tensors of the weights file whose SHA-256 is ``sha256``: remembered when
     ``load_model`` read it, else read from the shipped file when it is that file (once per
     process); None when no such file is known."""
-    if sha256 not in _TENSOR_DIGESTS:
+    if sha256 not in _FILE_WEIGHTS:
         try:
             if _file_sha256(WEIGHTS_FILE) != sha256:
                 return None
             from safetensors.torch import load_file
-            _TENSOR_DIGESTS[sha256] = _tensors_digest(load_file(str(WEIGHTS_FILE)))
+            _FILE_WEIGHTS[sha256] = load_file(str(WEIGHTS_FILE))
         except Exception:  # noqa: BLE001 - unreadable: no reference, said by the caller
             return None
-    return _TENSOR_DIGESTS[sha256]
+    return _FILE_WEIGHTS[sha256]
 
 
 def read_meta(meta_path: str | Path | None = None) -> dict:
@@ -459,7 +462,8 @@ def load_model(weights_path: str | Path | None = None, meta_path: str | Path | N
     if bad:
         raise WeightsError(f"The easy-VQA weights {wpath} hold NaN or infinite values in {bad}. "
                            f"{_retrain_hint()}")
-    _TENSOR_DIGESTS[digest] = _tensors_digest(state)    # what a sparse model's check compares
+    # what a sparse model's check compares with (copies: the model's own may change in place)
+    _FILE_WEIGHTS[digest] = {k: v.detach().clone() for k, v in state.items()}
     model = EasyVQAModel(**meta["config"])
     try:
         model.load_state_dict(state, strict=True)
@@ -586,9 +590,8 @@ def load_sparse_model(path: str | Path | None = None, adapter: ModelAdapter | No
                            f"with multiviz_widgets.kernels.prediction.fit_sparse_model.)")
     # the file names the weights it was fitted for; the model may have changed since it was
     # read (trained further, edited in place) or never have been read from it (make_adapter)
-    reference = _file_tensors_digest(weights)
-    live = _tensors_digest(adapter.model.state_dict())
-    if reference is None or live != reference:
+    reference = _file_weights(weights)
+    if reference is None or not _same_weights(adapter.model.state_dict(), reference):
         why = ("the weights file it was fitted for cannot be read to compare with"
                if reference is None else
                "the model's weights are not those of the file it was fitted for: changed in "

@@ -484,7 +484,8 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     # max_iter=0 left every point of the path at its all-zero start with scikit-learn (silently)
     # and failed inside glm_saga; a negative seed failed in numpy without naming the argument
     max_iter = positive_int(max_iter, "max_iter (the solver's iterations per path point)")
-    seed = positive_int(seed, "seed (of the validation split and the solver)", minimum=0)
+    if seed is not None or solver == "glm_saga":      # None: fresh randomness (scikit-learn)
+        seed = positive_int(seed, "seed (of the validation split and the solver)", minimum=0)
     step = (rounding_step(train.h, model_dtype=True) if isinstance(train, Features) else
             rounding_step(train[0] if isinstance(train, (tuple, list)) and len(train) == 2
                           else None))

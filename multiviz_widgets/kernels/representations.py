@@ -213,16 +213,17 @@ def _global_names(code) -> tuple[set[str], set[str]]:
 #: a dataset a notebook keeps as a global on every key.
 _GLOBAL_ARRAY_MAX = 1 << 16
 
-#: The most items of a list, tuple, dict or set read as a global that are hashed.
+#: The most items of a tuple or frozenset read as a global that are hashed.
 _GLOBAL_ITEMS_MAX = 1000
 
 
 def _plain_global_text(v, depth: int = 0) -> str | None:
     """The text (``_stable_text``) of a value a model's code reads as a global, when it is
     plain and small: a number, text, flag or None; an array or tensor of up to
-    ``_GLOBAL_ARRAY_MAX`` elements; a list, tuple, dict or set of up to ``_GLOBAL_ITEMS_MAX``
-    such values. None (left out of the key) for anything else: a function, class or module
-    (followed as code, or not at all), any other object (its state cannot be seen)."""
+    ``_GLOBAL_ARRAY_MAX`` elements; a tuple or frozenset of up to ``_GLOBAL_ITEMS_MAX`` such
+    values. None (left out of the key) for anything else: a list, dict or set (a model may
+    fill one as it runs: a memo), a function, class or module (followed as code, or not at
+    all), any other object (its state cannot be seen)."""
     if v is None or isinstance(v, (bool, int, float, str, np.generic)):
         return _stable_text(v)
     if isinstance(v, (np.ndarray, torch.Tensor)):
@@ -233,12 +234,12 @@ def _plain_global_text(v, depth: int = 0) -> str | None:
             return _stable_text(v)
         except (RuntimeError, TypeError, ValueError):     # a meta tensor, a sparse one
             return None
-    if isinstance(v, (list, tuple, dict, set, frozenset)) and depth < 4:
+    if isinstance(v, (tuple, frozenset)) and depth < 4:
+        # not a list, dict or set: a model may fill one as it runs (a memo, a counter), which
+        # would change the key after every forward pass
         if len(v) > _GLOBAL_ITEMS_MAX:
             return None
-        items = list(v.items()) if isinstance(v, dict) else [(None, x) for x in v]
-        if any(_plain_global_text(x, depth + 1) is None
-               for kx in items for x in kx if x is not None):
+        if any(_plain_global_text(x, depth + 1) is None for x in v):
             return None
         return _stable_text(v)
     return None
@@ -253,7 +254,9 @@ def _hook_text(hook) -> str:
             and _torch_module(type(hook).__module__)):
         return (f"<{type(hook).__module__}.{type(hook).__qualname__} "
                 f"{_stable_text(dict(getattr(hook, '__dict__', {})))}>")
-    return _stable_callable(hook)
+    # a dict, list or set it reads by identity: a hook that records activations into one
+    # changes it at every forward pass, which must not change the key
+    return _stable_callable(hook, mutable_by_identity=True)
 
 
 def forward_hooks_text(model: torch.nn.Module) -> str:
@@ -292,6 +295,10 @@ def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
     Cost: hashes the weights (and, the first time, the dataset's contents); no forward pass.
     """
     h = hashlib.sha256()
+    # under the model's lock: a kernel on another thread adds hooks of its own for the length
+    # of its passes (the adapter's input hooks), which are no part of what the features are
+    with adapter._lock:
+        hooks = forward_hooks_text(adapter.model)
     signatures = [adapter.modalities[name].signature() for name in adapter.names]
     # how the model is called (by position or by name) and where text enters it (its
     # embedding layers) change the features as much as the weights do
@@ -299,7 +306,7 @@ def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
                + ",".join(f"{m}:{_module_name(adapter, layer)}"
                           for m, layer in sorted(adapter.embedding_layers.items())))
     for part in (CACHE_VERSION, adapter.fingerprint(), repr(adapter.model),
-                 model_code_digest(adapter.model), forward_hooks_text(adapter.model),
+                 model_code_digest(adapter.model), hooks,
                  f"torch={torch.__version__}", *signatures,
                  f"classes={adapter.n_classes}", dataset.fingerprint(),
                  _decision_layer_name(adapter), ",".join(adapter.names), calling,
