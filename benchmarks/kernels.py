@@ -21,8 +21,8 @@ whole cycles, where these position effects cancel (``_time_method`` says what th
 What the gradient methods' ratio to captum is made of. Each side is timed once per call, as a
 user calls it, so its code runs out of caches that the floors' batches or the other side
 evicted; and everything after the backward pass runs on caches the backward pass has evicted.
-There a step costs 5 to 18 times what it does in a warm loop (``benchmarks/cold_cache.py``:
-numpy's ``isfinite(v).all()`` on the scores 57 us cold against 3 us warm). Captum's Saliency
+There a step costs 4 to 19 times what it does in a warm loop (``benchmarks/cold_cache.py``:
+numpy's ``isfinite(v).all()`` on the scores 61 us cold against 3 us warm). Captum's Saliency
 does almost nothing after its backward pass; ours must pool the gradient into unit scores, make
 the maps and the result. So those steps are written for a cold cache: few tensor operations (the
 unit sums made in float64 by the reduction itself), no numpy reduction, no comprehension where a
