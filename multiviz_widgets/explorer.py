@@ -97,7 +97,6 @@ def _check_dataset_fits(dataset, adapter: ModelAdapter) -> None:
             f"as its modality, MultimodalDataset({{'{adapter.names[0]}': ..., ...}}).")
 
 
-
 def _path_method_defaults() -> dict:
     """prediction_path's default methods (its unimodal_method and interaction_method)."""
     import inspect
@@ -109,6 +108,7 @@ def _path_method_defaults() -> dict:
 
 #: the methods the path uses when path_params give a method's parameters but not the method
 _PATH_METHOD_DEFAULTS = _path_method_defaults()
+
 
 class InputPanel:
     """Drives the InputView (the anywidget of the instance's inputs) from the Selection.

@@ -276,16 +276,18 @@ _PLAIN = (type(None), bool, int, float, str, np.generic, list, tuple, dict, set,
           re.Pattern, np.ndarray, torch.Tensor)
 
 
-def _stable_value(v, depth: int, mutable_by_identity: bool = False) -> str:
+def _stable_value(v, depth: int, mutable_by_type: bool = False) -> str:
     """A value a function reads (a closure cell, a global of its module): by content when it
     is plain or a function; any other object by its identity (``_identity_token``), since its
-    state, which the function may read, cannot be seen. ``mutable_by_identity``: a dict, list
-    or set by its identity too (a forward hook's: one that records activations into a dict
+    state, which the function may read, cannot be seen. ``mutable_by_type``: a dict, list
+    or set by its type alone (a forward hook's: one that records activations into a dict
     changes its content at every forward pass, not what it computes)."""
     if callable(v) and not isinstance(v, type):
-        return _stable_callable(v, depth + 1, mutable_by_identity)
-    if mutable_by_identity and isinstance(v, (dict, list, set)):
-        return f"<{type(v).__qualname__} {_identity_token(v)}>"
+        return _stable_callable(v, depth + 1, mutable_by_type)
+    if mutable_by_type and isinstance(v, (dict, list, set)):
+        # by its type alone: not its content (filled at every pass), nor its identity (which
+        # would keep it, and what it holds, alive: dicts cannot be weakly referenced)
+        return f"<{type(v).__qualname__}>"
     if isinstance(v, _PLAIN) or isinstance(v, type):
         return _stable_text(v) if not isinstance(v, type) else f"<class {v.__qualname__}>"
     return f"<{type(v).__qualname__} {_identity_token(v)}>"
@@ -331,7 +333,7 @@ def hash_code(code, h, names: list | None = None) -> None:
             h.update(repr(c).encode())
 
 
-def _stable_callable(fn, depth: int = 0, mutable_by_identity: bool = False) -> str:
+def _stable_callable(fn, depth: int = 0, mutable_by_type: bool = False) -> str:
     """A text of a function that changes when what it computes may change: a Python function
     by its name, its code (bytecode, constants, names, nested functions), its defaults, the
     values it closes over and the functions and values of its module that it names (plain
@@ -340,7 +342,7 @@ def _stable_callable(fn, depth: int = 0, mutable_by_identity: bool = False) -> s
     identity of its object. Any other callable (an object with state, such as a tokenizer
     instance) by its identity: unique in this process, so that an on-disk cache made with it
     is never served to another tokenizer of the same name (nor, in a new process, to itself).
-    ``mutable_by_identity``: see ``_stable_value``."""
+    ``mutable_by_type``: see ``_stable_value``."""
     import functools
     import types
 
@@ -348,14 +350,14 @@ def _stable_callable(fn, depth: int = 0, mutable_by_identity: bool = False) -> s
     if depth > 8:                                   # deep (or cyclic) references: by name
         return f"<{name}>"
     if isinstance(fn, functools.partial):
-        return (f"partial({_stable_callable(fn.func, depth + 1, mutable_by_identity)},"
+        return (f"partial({_stable_callable(fn.func, depth + 1, mutable_by_type)},"
                 f"{_stable_text(list(fn.args))},{_stable_text(dict(fn.keywords))})")
     if isinstance(fn, (types.MethodDescriptorType, types.WrapperDescriptorType)) or (
             isinstance(fn, types.BuiltinFunctionType)
             and (fn.__self__ is None or isinstance(fn.__self__, types.ModuleType))):
         return f"<builtin {name}>"                   # str.split, len, math.floor
     if isinstance(fn, types.MethodType):
-        return (f"<method {_stable_callable(fn.__func__, depth + 1, mutable_by_identity)} of "
+        return (f"<method {_stable_callable(fn.__func__, depth + 1, mutable_by_type)} of "
                 f"{type(fn.__self__).__qualname__} {_identity_token(fn.__self__)}>")
     if not isinstance(fn, types.FunctionType):
         return f"<{name}:object {_identity_token(fn)}>"
@@ -369,12 +371,12 @@ def _stable_callable(fn, depth: int = 0, mutable_by_identity: bool = False) -> s
             value = cell.cell_contents
         except ValueError:                          # an empty cell
             value = None
-        h.update(_stable_value(value, depth, mutable_by_identity).encode())
+        h.update(_stable_value(value, depth, mutable_by_type).encode())
     for n in dict.fromkeys(names if depth < 2 else ()):   # module functions and values it names
         if n in fn.__globals__ and fn.__globals__[n] is not fn:
             value = fn.__globals__[n]
             if not isinstance(value, types.ModuleType):
-                h.update(f"{n}={_stable_value(value, depth, mutable_by_identity)}".encode())
+                h.update(f"{n}={_stable_value(value, depth, mutable_by_type)}".encode())
     return f"<{name}:{h.hexdigest()[:16]}>"
 
 

@@ -182,6 +182,19 @@ def test_emap_gap_checks_only_the_labels_of_the_instances_it_uses():
         emap_gap(adapter, ds, n=None)
 
 
+def test_a_seed_of_none_draws_afresh_as_numpy_takes_it():
+    """seed=None (fresh randomness, numpy's default_rng(None)) was taken by emap_gap and
+    interaction_type, then refused for a while when the seed was first checked."""
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    ds = dataset(instances(8), [0, 1, 2, 0, 1, 2, 0, 1])
+    gap = emap_gap(adapter, ds, n=4, seed=None)
+    assert 0 <= gap["accuracy_model"] <= 1
+    t = interaction_type(adapter, ds[0], reference=ds, n_reference=4, seed=None)
+    assert t["label"] in ("dominance", "complement", "conflict", "undecided")
+    with pytest.raises(ValueError, match="seed"):
+        emap_gap(adapter, ds, n=4, seed=-1)
+
+
 class PairNaN3(nn.Module):
     """Three tabular modalities; infinite when t2[0] - t1[0] == 1 (never on an instance itself,
     whose t1[0] == t2[0]), NaN on an instance whose t3[0] is negative."""

@@ -1347,3 +1347,25 @@ def test_a_kernels_passing_hooks_on_another_thread_are_not_in_the_key():
     finally:
         done.set()
         t.join()
+
+
+def test_a_hooks_recording_dict_is_not_kept_alive_by_the_key():
+    """Before (today): a dict a hook reads was keyed by an identity token, which kept the dict,
+    and the activations it recorded, alive for the life of the process (dicts cannot be weakly
+    referenced): every re-run of a notebook cell leaked its recordings."""
+    import gc
+    import weakref
+    adapter, ds = make_adapter(), make_dataset()
+    recorded = torch.zeros(1000, 100)
+    alive = weakref.ref(recorded)
+    store = {"acts": recorded}
+    handle = adapter.model.tab.register_forward_hook(
+        lambda m, inp, out: store.__setitem__("last", out.detach()))
+    key = rep.features_key(adapter, ds)
+    store = {"acts": None}                         # a new dict, as a re-run cell makes
+    assert rep.features_key(adapter, ds) == key    # its type is what the key holds
+    handle.remove()
+    del recorded
+    store = None                                   # the hook gone, nothing holds the dicts
+    gc.collect()
+    assert alive() is None

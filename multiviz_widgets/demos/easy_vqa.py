@@ -561,7 +561,7 @@ def load_sparse_model(path: str | Path | None = None, adapter: ModelAdapter | No
     file's), against the model's live weights (they must equal that file's tensors: not
     changed in place since loading, nor another model's wrapped with ``make_adapter``) and the
     model's classes and decision width: a WeightsError that says how to refit it otherwise.
-    Cost: a hash of the model's weights (about a millisecond)."""
+    Cost: comparing the model's weights with the file's (well under a millisecond)."""
     from ..kernels.prediction import sparse_model_from_dict
     path = Path(path) if path is not None else SPARSE_FILE
     refit = "Refit it with `python -m multiviz_widgets.demos.easy_vqa fit-sparse`."

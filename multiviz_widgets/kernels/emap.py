@@ -169,7 +169,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     """
     check_adapter(adapter, "emap")
     batch_size = positive_int(batch_size, "batch_size")
-    seed = positive_int(seed, "seed", 0)
+    seed = None if seed is None else positive_int(seed, "seed", 0)   # None: fresh
     items, idx = _instances(instances, indices)
     n = len(items)
     if n < 2:
@@ -262,8 +262,9 @@ def _anova_note(many: bool, seed: int) -> str:
     """``params["anova"]``: what EMAP computed."""
     if not many:
         return "two modalities: all N x N pairs (exact, no sampling)"
-    return ("product of the marginals, sampled: for each modality, the others from N "
-            f"independent permutations (seed {seed})")
+    return ("product of the marginals, sampled: for each modality, N references whose other "
+            f"modalities come from M - 1 independent permutations of the N instances "
+            f"(seed {seed})")
 
 
 def _mixing(n: int, names: Sequence[str], seed: int) -> dict[str, dict[str, np.ndarray]]:
@@ -511,7 +512,7 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
     if not isinstance(dataset, MultimodalDataset):
         raise ValueError(f"emap_gap needs a MultimodalDataset, got {type(dataset).__name__}.")
     _needs_two_outputs(adapter.n_classes, adapter.class_names, "emap_gap")
-    seed = positive_int(seed, "seed", 0)
+    seed = None if seed is None else positive_int(seed, "seed", 0)   # None: fresh
     if indices is None:
         idx = sample_indices(len(dataset), None if n is None else positive_int(n, "n", 2), seed)
     else:
@@ -695,7 +696,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
         return (interaction_types(reference, adapter.class_names)[int(pos[0])]
                 | {"reference_size": len(reference.indices)} | how)
     batch_size = positive_int(batch_size, "batch_size")
-    seed = positive_int(seed, "seed", 0)
+    seed = None if seed is None else positive_int(seed, "seed", 0)   # None: fresh
     if isinstance(reference, MultimodalDataset):
         idx = (sample_indices(len(reference), positive_int(n_reference, "n_reference", 2), seed)
                if reference_indices is None else

@@ -254,9 +254,10 @@ def _hook_text(hook) -> str:
             and _torch_module(type(hook).__module__)):
         return (f"<{type(hook).__module__}.{type(hook).__qualname__} "
                 f"{_stable_text(dict(getattr(hook, '__dict__', {})))}>")
-    # a dict, list or set it reads by identity: a hook that records activations into one
-    # changes it at every forward pass, which must not change the key
-    return _stable_callable(hook, mutable_by_identity=True)
+    # a dict, list or set it reads by its type alone: a hook that records activations into
+    # one changes it at every forward pass, which must not change the key (nor is a change of
+    # a config dict it reads seen: pass cache=False then)
+    return _stable_callable(hook, mutable_by_type=True)
 
 
 def forward_hooks_text(model: torch.nn.Module) -> str:
@@ -288,7 +289,8 @@ def features_key(adapter: ModelAdapter, dataset: MultimodalDataset,
                  indices: Sequence[int] | None = None, batch_size: int = 256) -> str:
     """The cache key of a feature extraction: weights hash + the model's module tree and code
     (``model_code_digest``) + its forward hooks and pre-hooks, torch's global ones included
-    (``forward_hooks_text``) + each modality's preprocessing (``Modality.signature()``, in
+    (``forward_hooks_text``; a dict, list or set a hook reads by its type alone) + each
+    modality's preprocessing (``Modality.signature()``, in
     adapter order) + the number of classes (a one-logit model read as two classes gives two
     logits) + dataset fingerprint + what was asked.
 
