@@ -202,7 +202,7 @@ def test_the_path_view_says_which_neurons_pairs_come_from_pairwise_ablation():
         assert ablated, path["params"]
         cap = ex.path_view.caption.value
         assert (f"the pairs of {', '.join(f'h{j}' for j in ablated)} come from pairwise "
-                "ablation: second-order gradients are 0 there") in cap, cap
+                "ablation: second-order gradients cannot see their interactions here") in cap, cap
     finally:
         ex.close()
 

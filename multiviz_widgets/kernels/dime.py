@@ -255,7 +255,9 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     (two-modality models): the reference set and each masked instance are encoded once, and only
     the pairs are fused. progress(done, total, message): after each batch, the N^2 pairs of the
     reference set first, then LIME's masks (each counted as N pairs); a callback that raises
-    (to cancel) stops DIME within a batch.
+    (to cancel) stops DIME within a batch. Fewer masks than a LIME fit's unknowns (its units
+    and an intercept) give one UserWarning, and ``params["underdetermined"]`` (with
+    ``params["underdetermined_modalities"]``) says so.
     """
     from .unimodal import _lime, _lime_message, lime_from_function
     check_adapter(adapter, "dime")

@@ -13,8 +13,9 @@ units of b) with its cost. Methods:
   double backward): U_r forwards, 2 U_r backwards. MultiViz's variant contracts side a first with
   phi = |.| (``phi="abs"``) and/or grad x input (``attribution="grad_x_input"``).
   The model must treat batch rows independently (eval mode, no batch statistics). A
-  piecewise-linear model (ReLU) has no second derivatives to see: its all-zero matrix says so in
-  ``params["note"]``.
+  piecewise-linear model (ReLU) has no second derivatives to see, nor has a modality that
+  forward() cuts off autograd's graph (detach, no_grad, round): its all-zero matrix says so in
+  ``params["note"]`` (and ``params["blind"]``).
 * ``pairwise_ablation``: D[u, v] = f(x) - f(x\\u) - f(x\\v) + f(x\\{u, v}); 1 + U_a + U_b +
   U_a U_b forwards, batched (each batch's masks built when it runs; a UserWarning with the
   cost above PAIRWISE_WARN_PAIRS pairs).

@@ -777,8 +777,9 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     None to skip; needs two modalities) targeted at Neuron(j): a neuron's units are each
     modality's top ``k_units``, then the other units of its top ``k_pairs`` pairs (each with
     its own stage-1 score), so that every pair links units the path shows. Where second-order
-    gradients are blind to a neuron (the model is piecewise linear there, a ReLU network: its
-    matrix is all 0 and says so in ``params["note"]``), that neuron's pairs come from pairwise
+    gradients are blind to a neuron (the model is piecewise linear there, a ReLU network, or
+    cuts a modality off autograd's graph: its matrix is all 0 and says so in ``params["note"]``
+    and ``params["blind"]``), that neuron's pairs come from pairwise
     ablation instead, and ``params["pairs_by_ablation"]`` lists such neurons.
     Cost: 1 forward pass + k_neurons x (the stage-1 method's cost + the stage-2 method's cost;
     + pairwise ablation's for a neuron second-order gradients are blind to).

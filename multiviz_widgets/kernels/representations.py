@@ -745,7 +745,8 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     cannot run, has no row: it is in ``Features.skipped`` {dataset index: reason} (kept in the
     cache too), with a RuntimeWarning.
     Cost: one forward pass per instance, in batches of up to ``batch_size``; none when the
-    on-disk cache (keyed by the weights' hash and the dataset's fingerprint) already holds them.
+    on-disk cache (keyed by the weights, the model's settings, code, forward hooks and small
+    plain globals, and the dataset's fingerprint: ``features_key``) already holds them.
     ``cache_dir=`` overrides the cache location; ``cache=False`` neither reads nor writes it.
     After a write the folder's least recently used cache files beyond $MULTIVIZ_CACHE_MAX_MB
     (default 2048) are removed; ``clear_feature_cache(cache_dir)`` removes them all.

@@ -175,8 +175,9 @@ class PathView(W.VBox):
         if ablated and not note:
             self.caption.value += (
                 f"; the pairs of {', '.join(f'h{int(j)}' for j in ablated)} come from pairwise "
-                f"ablation: second-order gradients are 0 there (the model is piecewise linear "
-                f"at this instance)")
+                f"ablation: second-order gradients cannot see their interactions here (the "
+                f"model is piecewise linear at this instance, or cuts a modality off autograd's "
+                f"graph; the heatmap's note says which)")
         self.concepts.value = self.concept_line()
 
     def concept_line(self) -> str:
