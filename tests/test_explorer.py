@@ -1476,7 +1476,12 @@ def test_the_path_names_its_units_left_of_them_and_draws_no_arrowheads(vqa):
     assert pv.figure.marks == [pv.graph, pv.unit_names]
     from multiviz_widgets.views.path_view import _short_unit_name
     assert list(pv.unit_names.text) == [_short_unit_name(str(n["label"])) for n in units]
-    assert pv.graph.tooltip is not None and list(pv.graph.tooltip.fields) == ["label"]
+    assert pv.graph.tooltip is not None and list(pv.graph.tooltip.fields) == ["name"]
+    assert [d["name"] for d in pv.graph.node_data] == [str(n["label"]) for n in pv.nodes]
+    from multiviz_widgets.views.path_view import CLASS_NAME_CHARS, _short_class_name
+    assert _short_class_name("yes") == "yes"            # a long answer stays in its box
+    assert _short_class_name("a rather long answer") == "a rather\u2026"
+    assert len(_short_class_name("x" * 40)) == CLASS_NAME_CHARS
     np.testing.assert_allclose(pv.unit_names.x, [n["x"] - UNIT_LABEL_GAP for n in units])
     assert pv.unit_names.align == "end" and pv.xs.min < min(pv.unit_names.x) - 0.3
     assert "left to right" in pv.caption.value

@@ -96,6 +96,10 @@ def test_hovering_a_cell_names_its_two_units_in_full_and_its_value(vqa):
     show(hv, m, ["\\frac", "a\tb"], ["C:\\data", "x"])
     assert hv.cell_text(0, 0) == "question '\\frac' x image 'C:\\data': 0.5"
     assert hv.cell_text(1, 1) == "question 'a\\tb' x image 'x': 0"
+    neg_zero = m.copy()
+    neg_zero[1, 1] = -0.0                                   # shown as 0, not "-0"
+    show(hv, neg_zero, ["\\frac", "a\tb"], ["C:\\data", "x"])
+    assert hv.cell_text(1, 1).endswith(": 0")
 
 
 def test_the_tooltip_says_which_cell_its_text_is_for_and_the_browser_checks_it(vqa):

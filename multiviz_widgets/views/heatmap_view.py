@@ -519,7 +519,7 @@ class HeatmapView(W.VBox):
             return f"{names}: {float(m[row, col])}"
         if computed is not None and not computed[row, col]:
             return f"{names}: not computed (not both Shapley players)"
-        return f"{names}: {float(m[row, col]):.3g}"
+        return f"{names}: {float(m[row, col]) + 0.0:.3g}"       # + 0.0: never "-0"
 
     def _on_hover(self, _mark, content) -> None:
         data = content.get("data") or {}

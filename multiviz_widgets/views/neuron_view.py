@@ -331,11 +331,12 @@ class NeuronView(W.VBox):
         for side, label in (("top", self.top_label), ("bottom", self.bottom_label)):
             tie = (ties or {}).get(side)
             label.value = (f"{side} activating" if tie is None else
-                           f"{side} activating: {tie[0]} instances tie at h = {tie[1]:.3g} (no "
-                           f"ranking among them), showing {len(rows[side])} of them"
+                           f"{side} activating: {tie[0]} instances tie at h = "
+                           f"{tie[1] + 0.0:.3g} (no ranking among them), showing "
+                           f"{len(rows[side])} of them"
                            if tie[2] == len(rows[side]) else
                            f"{side} activating: the last {tie[2]} shown tie at h = "
-                           f"{tie[1]:.3g} with {tie[0] - tie[2]} more instances (no ranking "
+                           f"{tie[1] + 0.0:.3g} with {tie[0] - tie[2]} more instances (no ranking "
                            f"among them)")
             # a heading over nothing (no neuron clicked yet, a failed gallery) is not shown
             label.layout.display = None if rows[side] else "none"
@@ -356,10 +357,10 @@ class NeuronView(W.VBox):
         index, desc = it["index"], str(it["description"])
         short = _short(desc, 36 - len(str(index)))          # "#12 " + 34 characters
         button = W.Button(description=instance_title(index, embed(short)),
-                          tooltip=f"{embed(desc)} (h = {it['value']:.3g})",
+                          tooltip=f"{embed(desc)} (h = {it['value'] + 0.0:.3g})",
                           layout=W.Layout(width="180px"))
         button.on_click(lambda _b, idx=it["index"]: self.click_item(idx))
-        value = text_label(value=f"h = {it['value']:.3g}")
+        value = text_label(value=f"h = {it['value'] + 0.0:.3g}")
         return W.VBox(parts + [button, value], layout=W.Layout(margin="2px", width="184px"))
 
     def click_item(self, index: int) -> None:

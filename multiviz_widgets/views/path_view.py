@@ -27,6 +27,8 @@ _OTHER_CLASS = "#9e9e9e"
 UNIT_LABEL_GAP = 0.12
 #: the longest unit name drawn in full (about 100 px of 12 px text, the room left of the units)
 UNIT_NAME_CHARS = 16
+#: The most characters of a class's name drawn in its 70 px box (the tooltip has it whole).
+CLASS_NAME_CHARS = 9
 
 
 def _short_unit_name(name: str) -> str:
@@ -39,6 +41,12 @@ def _short_unit_name(name: str) -> str:
     if head and len(last) <= UNIT_NAME_CHARS - 4:
         return name[:UNIT_NAME_CHARS - len(last) - 2] + "\u2026 " + last
     return name[:UNIT_NAME_CHARS - 1] + "\u2026"
+
+
+def _short_class_name(name: str) -> str:
+    """A class's name as its box on the path shows it: in full up to CLASS_NAME_CHARS, else
+    cut with an ellipsis (a long answer ran out of its box and off the figure's edge)."""
+    return name if len(name) <= CLASS_NAME_CHARS else name[:CLASS_NAME_CHARS - 1] + "\u2026"
 
 
 def path_methods(path: dict) -> str:
@@ -88,7 +96,7 @@ class PathView(W.VBox):
         self.link_colours = bq.ColorScale(scheme="RdBu", mid=0.0, min=-1.0, max=1.0,
                                           reverse=True)
         # one tooltip for every graph drawn (each redraw makes a new graph: bqplot#1155)
-        self.node_tip = bq.Tooltip(fields=["label"])
+        self.node_tip = bq.Tooltip(fields=["name"])      # a node's whole name
         self.graph = self._new_graph([], [], [], [], [])
         # the units' names: text right-aligned just left of their nodes (a Label mark: text,
         # never markup), where no edge crosses them; updated in place on each draw
@@ -201,7 +209,9 @@ class PathView(W.VBox):
     def _draw(self, instance: int, path: dict, nodes: list, links: list) -> None:
         self.instance = int(instance)
         self.path, self.nodes, self.links = path, nodes, links
-        node_data = [{"label": str(n["label"]), "shape": "rect" if n["kind"] == "class" else
+        node_data = [{"label": (_short_class_name(str(n["label"])) if n["kind"] == "class"
+                                else str(n["label"])), "name": str(n["label"]),
+                      "shape": "rect" if n["kind"] == "class" else
                       "circle", "shape_attrs": {"r": 12} if n["kind"] != "class" else
                       {"width": 70, "height": 26}, "node_id": n["id"], "kind": n["kind"],
                       # a unit's name left of it (self.unit_names), not over its edges
