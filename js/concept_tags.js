@@ -8,7 +8,8 @@
 // {op: "answer", key, text, taken}: a refused concept (too long, a pasted tab) comes back into
 // the emptied input, to correct rather than type again, when the row still shows the key it
 // was typed for (the kernel's message names the key otherwise: the text is not put into
-// another neuron's or unit's input).
+// another neuron's or unit's input). The answer goes to every view of the model: only the view
+// that sent the text takes it back (each keeps the adds it sent that await an answer).
 // The root carries data-lm-suppress-shortcuts, so that JupyterLab does not take the keys typed
 // into the input for notebook shortcuts (Enter would otherwise never reach it), and
 // data-render-count, incremented after each redraw, so tests can wait on it.
@@ -16,7 +17,9 @@
 // attributes (a tag's title, its remove button's aria-label "remove concept <text>").
 // A long concept is cut with an ellipsis (its title holds it whole). When a redraw (the
 // kernel's answer to a remove) drops the focused remove button, the focus goes to the remove
-// button now at its place (the next tag's, else the last one's), else to the input.
+// button now at its place (the next tag's, else the last one's), else to the input. When the
+// row becomes disabled with the focus on one of its buttons or its input, the focus goes to
+// the row itself (tabindex -1), not to the page's body.
 
 import { watchKernelLink } from "./lib/kernel_link.js";
 
@@ -35,6 +38,7 @@ function render({ model, el }) {
   const root = document.createElement("div");
   root.className = "mvz-tags";
   root.setAttribute("data-lm-suppress-shortcuts", "true");
+  root.tabIndex = -1;                    // where the focus goes when the row is disabled
   const style = document.createElement("style");
   style.textContent = CSS;
   root.appendChild(style);
@@ -51,6 +55,10 @@ function render({ model, el }) {
   let renderCount = 0;
 
   const edit = (op, text) => model.send({ op, key: model.get("key"), text });
+  // the adds this view sent that await the kernel's answer, oldest first: {n, key, text}
+  const pending = [];
+  let typed = 0;                         // adds sent so far (n: the order they were typed in)
+  let held = null;                       // a refused add waiting for later ones' answers
 
   const draw = () => {
     const value = model.get("value") || [];
@@ -88,6 +96,8 @@ function render({ model, el }) {
       const buttons = list.querySelectorAll(".mvz-tag-remove");
       const next = buttons.length ? buttons[Math.min(at, buttons.length - 1)] : input;
       next.focus();
+    } else if (disabled && (at >= 0 || active === input)) {
+      root.focus({ preventScroll: true });  // its control is hidden or disabled now
     }
     renderCount += 1;
     root.setAttribute("data-render-count", String(renderCount));
@@ -99,19 +109,34 @@ function render({ model, el }) {
     e.preventDefault();
     const text = input.value.trim();
     if (!text || model.get("disabled")) return;
+    const key = model.get("key");
     edit("add", text);
+    typed += 1;
+    pending.push({ n: typed, key, text });
     input.value = "";                    // ready for the next one at once
   });
 
+  // keys are JSON texts such as '["neuron", 3]'; compared by value all the same, should one
+  // ever arrive as a list
+  const sameKey = (a, b) => JSON.stringify(a) === JSON.stringify(b);
   const answered = (msg) => {
-    // a refused text back, unless something else has been typed since, or the row has moved
-    // to another key (a click elsewhere reached the kernel first): not into its input
-    // (keys are JSON texts such as '["neuron", 3]'; compared by value all the same, should one
-    // ever arrive as a list)
-    if (msg && msg.op === "answer" && !msg.taken && !input.value &&
-        JSON.stringify(msg.key) === JSON.stringify(model.get("key"))) {
-      input.value = msg.text;
-    }
+    if (!msg || msg.op !== "answer") return;
+    // only an answer to an add of this view: the same model shown twice gets it in both
+    const i = pending.findIndex((p) => sameKey(p.key, msg.key) && p.text === msg.text);
+    if (i < 0) return;
+    const [sent] = pending.splice(i, 1);
+    if (!msg.taken && (held === null || sent.n > held.n)) held = sent;
+    // The input holds one text: of the refused adds, the one typed last comes back, once no
+    // add typed after it awaits its answer (that one may be refused too); an earlier refused
+    // one is dropped then (the kernel's message says what was refused).
+    if (held === null || pending.some((p) => p.n > held.n)) return;
+    const back = held;
+    held = null;
+    // Not into the row of another key (a click elsewhere reached the kernel first), and never
+    // over what the person has typed since: an input that holds another text is left as it is.
+    if (!sameKey(back.key, model.get("key"))) return;
+    if (input.value && input.value !== back.text) return;
+    input.value = back.text;
   };
   model.on("msg:custom", answered);
 

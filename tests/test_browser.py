@@ -1144,3 +1144,152 @@ def test_table_cells_show_their_values_as_the_data_has_them(page):
     assert [c[0] for c in cells] == ["2023", "123.456", "1.23e-5", "1.23457e+10"], cells
     assert cells[0][1] == "year \u2014 1234", cells             # a score of 1234, not 1.23e+3
     assert cells[1][1] == "dose", cells                         # no score: no number
+
+
+def render_views(page, esm_path, state: dict, views: int = 1, attach: bool = True) -> None:
+    """Like ``render_bundle``, with ``views`` views of one model stub (a widget displayed that
+    many times) whose ``off`` works: ``window.__mvz_views[i]`` is the i-th view's element (in
+    the page when ``attach``, else not yet: as bqplot renders a tooltip's view),
+    ``window.__mvz_handlers()`` the number of handlers per event name, and
+    ``window.__mvz_doc_listeners`` the number of "mouseover" listeners on the document."""
+    import re
+    src = re.sub(r"export\s*\{\s*(\w+) as default\s*\};?\s*$", r"window.__mvz_view = \1;",
+                 esm_path.read_text())
+    assert "window.__mvz_view" in src, "the bundle's default export was not found"
+    page.set_content("<html><body></body></html>")
+    page.add_script_tag(content=src)
+    page.evaluate("""([state, n, attach]) => {
+        window.__mvz_sent = [];
+        window.__mvz_doc_listeners = 0;
+        const add = document.addEventListener.bind(document);
+        const remove = document.removeEventListener.bind(document);
+        document.addEventListener = (t, f, o) => {
+            if (t === 'mouseover') window.__mvz_doc_listeners += 1; add(t, f, o); };
+        document.removeEventListener = (t, f, o) => {
+            if (t === 'mouseover') window.__mvz_doc_listeners -= 1; remove(t, f, o); };
+        const handlers = {};
+        window.__mvz_handlers = () => Object.fromEntries(
+            Object.entries(handlers).map(([k, v]) => [k, v.length]).filter(([, n]) => n));
+        window.__mvz_deliver = (name, msg) => (handlers[name] || []).slice()
+            .forEach(fn => fn(msg));
+        window.__mvz_set = (k, v) => { state[k] = v; window.__mvz_deliver('change:' + k); };
+        const model = {get: k => state[k], set() {}, save_changes() {},
+                       send: msg => window.__mvz_sent.push(msg),
+                       on: (name, fn) => (handlers[name] = handlers[name] || []).push(fn),
+                       off: (name, fn) => {
+                           handlers[name] = (handlers[name] || []).filter(f => f !== fn); }};
+        window.__mvz_views = [];
+        for (let i = 0; i < n; i++) {
+            const el = document.createElement('div');
+            el.className = 'mvz-host';
+            if (attach) document.body.appendChild(el);
+            window.__mvz_view.render({model, el});
+            window.__mvz_views.push(el);
+        }
+    }""", [state, views, attach])
+
+
+def test_the_heatmap_tooltip_lets_go_of_the_page_once_bqplot_drops_it(page):
+    """bqplot never calls a tooltip view's remove(): after "clear all outputs" its document
+    listener and its model handler stayed, one more at each run. They now go once the tooltip
+    is out of the page; not before bqplot has put it there."""
+    from multiviz_widgets.views.heatmap_view import _ESM_PATH
+    render_views(page, _ESM_PATH, {"tip": {"row": 1, "col": 2, "text": XSS}}, views=2,
+                 attach=False)
+    assert page.evaluate("() => window.__mvz_doc_listeners") == 2
+    assert page.evaluate("() => window.__mvz_handlers()") == {"change:tip": 2}
+    # bqplot's figure: a box in document.body holding the mark's box, which gets the tooltip
+    page.evaluate("""() => {
+        document.body.dispatchEvent(new MouseEvent('mouseover', {bubbles: true}));
+        window.__mvz_set('tip', {row: 1, col: 2, text: '""" + XSS + """'});
+        window.__boxes = window.__mvz_views.map(el => {
+            const fig = document.createElement('div'), mark = document.createElement('div');
+            fig.appendChild(mark); mark.appendChild(el); document.body.appendChild(fig);
+            return fig; });
+        const svg = document.createElementNS('http://www.w3.org/2000/svg', 'svg');
+        const rect = document.createElementNS('http://www.w3.org/2000/svg', 'rect');
+        rect.setAttribute('class', 'heatmapcell');
+        rect.__data__ = {rowNum: 1, columnNum: 2};
+        svg.appendChild(rect); document.body.appendChild(svg);
+        window.__hover = () => rect.dispatchEvent(new MouseEvent('mouseover', {bubbles: true}));
+    }""")
+    page.evaluate("() => window.__hover()")       # not yet in the page was not gone
+    tips = page.locator(".mvz-cell-tip")
+    assert [tips.nth(i).text_content() for i in range(2)] == [XSS, XSS]
+    assert page.evaluate("() => window.__mvz_doc_listeners") == 2
+    # the figure's remove(): its box leaves the page, the tooltip still in it
+    page.evaluate("() => window.__boxes[0].remove()")
+    page.evaluate("() => window.__hover()")       # a mouseover anywhere lets go of it
+    assert page.evaluate("() => window.__mvz_doc_listeners") == 1
+    assert page.evaluate("() => window.__mvz_handlers()") == {"change:tip": 1}
+    # the other one, never hovered after it left: the kernel's next tip lets go of it
+    page.evaluate("() => window.__boxes[1].remove()")
+    page.evaluate("() => window.__mvz_set('tip', {row: 0, col: 0, text: 'x'})")
+    assert page.evaluate("() => window.__mvz_handlers()") == {}
+    page.evaluate("() => window.__hover()")
+    assert page.evaluate("() => window.__mvz_doc_listeners") == 0
+    assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
+
+
+def test_a_refused_concept_comes_back_only_into_the_view_that_sent_it_the_last_typed_first(page):
+    """The kernel's answer reaches every view of the model: a refused text came back into the
+    inputs of both views of a row shown twice, and of two texts refused before the answers
+    came, the first stayed in the input (the second, which the message names, was lost). Now
+    only the view that sent it takes it back, the one typed last, over no newer typing."""
+    from multiviz_widgets.views.concept_tags import _ESM_PATH
+    render_views(page, _ESM_PATH, {"value": [], "key": "k", "disabled": False,
+                                   "placeholder": ""}, views=2)
+    boxes = page.locator("input.mvz-tag-input")
+    mine, other = boxes.nth(0), boxes.nth(1)
+
+    def answer(text, taken=False, key="k"):
+        page.evaluate("m => window.__mvz_deliver('msg:custom', m)",
+                      {"op": "answer", "key": key, "text": text, "taken": taken})
+
+    def typed(*texts):
+        for t in texts:
+            mine.fill(t)
+            mine.press("Enter")
+        assert mine.input_value() == ""
+
+    typed(XSS)                                   # the row shown twice: into the sender only
+    answer(XSS)
+    assert [mine.input_value(), other.input_value()] == [XSS, ""]
+    mine.fill("")
+    typed("first", "second")                     # both refused: the last typed comes back
+    answer("first")
+    assert mine.input_value() == ""              # "second" may be refused too
+    answer("second")
+    assert [mine.input_value(), other.input_value()] == ["second", ""]
+    mine.fill("")
+    typed("first", "second")                     # the second taken: the first comes back
+    answer("first")
+    answer("second", taken=True)
+    assert mine.input_value() == "first"
+    mine.fill("")
+    typed("lost")                                # typed since: left as it is
+    mine.fill("draft")
+    answer("lost")
+    assert mine.input_value() == "draft"
+    other.fill("")
+    answer("never sent")                         # nobody's add here: nothing comes back
+    assert [mine.input_value(), other.input_value()] == ["draft", ""]
+    assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
+
+
+def test_a_row_disabled_while_its_button_or_input_has_the_focus_keeps_it_in_the_row(page):
+    """Disabling the row hides its remove buttons and disables its input: the focus on one
+    of them fell to the page's body. It now goes to the row itself (tabindex -1)."""
+    render_tags_bundle(page, {"value": ["red", "round"]})
+    focused = "() => document.activeElement.className"
+    assert page.locator(".mvz-tags").get_attribute("tabindex") == "-1"
+    for control in (page.locator(".mvz-tag-remove").nth(1), page.locator("input.mvz-tag-input")):
+        control.focus()
+        page.evaluate("() => window.__mvz_set('disabled', true)")
+        assert page.evaluate(focused) == "mvz-tags mvz-disabled"
+        page.evaluate("() => window.__mvz_set('disabled', false)")
+        assert page.evaluate(focused) == "mvz-tags"
+    # a redraw with the focus elsewhere leaves it there
+    page.locator("input.mvz-tag-input").focus()
+    page.evaluate("() => window.__mvz_set('value', ['red'])")
+    assert page.evaluate(focused) == "mvz-tag-input"
