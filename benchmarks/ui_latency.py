@@ -4,9 +4,10 @@ Opens notebooks/quickstart.ipynb (a temporary copy) in JupyterLab with Debian's 
 it, then clicks question tokens in the InputView. A click is timed in the page with
 performance.now(), from the click to the moment the InputView has re-rendered
 (data-render-count changed) with the new token's image overlay: the Explorer sends the overlay
-(data-score of the 64 patches) and its caption ("... interaction with question unit 'w' (#k)")
-in one message, so the caption naming token #k marks the update (some tokens have an all-zero
-interaction row, so the scores alone need not change). Between clicks the script waits (untimed) for the engine to be idle.
+(data-score of the 64 patches) and its caption ("... interaction with question unit 'w' (#k,
+method)") in one message, so the caption naming token #k marks the update (some tokens have an
+all-zero interaction row, so the scores alone need not change). Between clicks the script waits
+(untimed) for the engine to be idle.
 
 Cases, each with ``--clicks`` clicks (default 30):
 
@@ -96,7 +97,7 @@ class Bench:
     def click(self, token: int) -> tuple[float | None, bool]:
         res = self.page.evaluate(bs.JS_CLICK_AND_WAIT, [
             f".mvz-input .mvz-unit[data-modality='question'][data-unit='{token}']",
-            ".mvz-input .mvz-unit[data-modality='image']", self.timeout_ms, f"(#{token})"])
+            ".mvz-input .mvz-unit[data-modality='image']", self.timeout_ms, f"(#{token}, "])
         self.last = token
         return float(res["ms"]), bool(res["ok"])
 
@@ -126,6 +127,13 @@ class Bench:
                 ms.append(dt)
             else:
                 timeouts += 1
+                if not ms and timeouts >= 3:
+                    # not slowness: the page never showed what the click waits for (the
+                    # overlay's caption naming the token, "(#k, method)")
+                    raise RuntimeError(
+                        f"the first {timeouts} clicks never updated the input view within "
+                        f"{self.timeout_ms:.0f} ms: has the overlay's caption changed from "
+                        f"'... (#k, method) ...'?")
             self.idle()
         return ms, timeouts
 
