@@ -66,6 +66,13 @@ def _mvz_drop(kinds=None):
 """
 
 
+def caption_marker(token: int) -> str:
+    """What the overlay's caption holds once it shows question token ``token``'s interaction
+    row ("... interaction with question unit 'w' (#k, method); ..."): what a click waits for
+    (tests/test_stage1_benchmarks.py checks it against the Explorer's caption)."""
+    return f"(#{int(token)}, "
+
+
 def summarise(ms: list[float], timeouts: int, target: float | None) -> dict:
     a = np.asarray(ms, dtype=np.float64)
     out = {"n": int(a.size), "timeouts": int(timeouts)}
@@ -97,7 +104,8 @@ class Bench:
     def click(self, token: int) -> tuple[float | None, bool]:
         res = self.page.evaluate(bs.JS_CLICK_AND_WAIT, [
             f".mvz-input .mvz-unit[data-modality='question'][data-unit='{token}']",
-            ".mvz-input .mvz-unit[data-modality='image']", self.timeout_ms, f"(#{token}, "])
+            ".mvz-input .mvz-unit[data-modality='image']", self.timeout_ms,
+            caption_marker(token)])
         self.last = token
         return float(res["ms"]), bool(res["ok"])
 

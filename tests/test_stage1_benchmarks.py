@@ -298,3 +298,23 @@ def test_stage2_benchmark_rotates_its_orders_and_keeps_its_rounds(tmp_path, has_
         if label != "generic":
             assert dm[label]["max_relative_difference_to_generic"] < 1e-4
             assert dm[label]["agrees"] is True
+
+
+def test_ui_latency_waits_for_the_caption_the_explorer_writes():
+    """The click benchmark waited for "(#k)" after the overlay's caption became "(#k, method)":
+    every click timed out (60 s each) and nothing said why. Its marker is checked here against
+    the caption the Explorer writes for a clicked question token."""
+    from multiviz_widgets.explorer import Explorer
+
+    from .explorer_support import FakeKernels, tiny_vqa
+    ui = load("ui_latency")
+    adapter, ds = tiny_vqa()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05)
+    try:
+        for k in (1, 3):
+            ex.select(unit=("question", k))
+            assert ex.wait(30)
+            assert ui.caption_marker(k) in ex.input_view.score_caption, (
+                ex.input_view.score_caption)
+    finally:
+        ex.close()
