@@ -339,6 +339,7 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
                 f"DIME {what}{over}: {msg}")
 
         uc, mi = {}, {}
+        short: list[str] = []          # the modalities of the fits with too few masks
         for k, part in enumerate(designs):
             intact = tuple(m for m in units if m not in part)
 
@@ -349,16 +350,19 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
                                  for m in units}, intact)
 
             # LIME's own warning of too few samples is given once, below, for all the fits
-            uc.update(_lime(lambda m: terms_of(m)[0], part, progress=step_progress(2 * k, part),
-                            stacklevel=None, **lime_kw)[0])
-            mi.update(_lime(lambda m: (lambda u, f: f - u)(*terms_of(m)), part,
-                            progress=step_progress(2 * k + 1, part), stacklevel=None,
-                            **lime_kw)[0])
+            scores, under_uc = _lime(lambda m: terms_of(m)[0], part,
+                                     progress=step_progress(2 * k, part), stacklevel=None,
+                                     **lime_kw)
+            uc.update(scores)
+            scores, under_mi = _lime(lambda m: (lambda u, f: f - u)(*terms_of(m)), part,
+                                     progress=step_progress(2 * k + 1, part), stacklevel=None,
+                                     **lime_kw)
+            mi.update(scores)
+            if under_uc or under_mi:        # fewer masks than the fit's units and intercept
+                short.extend(part)
         if not at_instance:     # LIME's first mask keeps every unit: this is a safeguard
             evaluate({m: torch.ones(1, u) for m, u in units.items()})
         uc_full, f_full = at_instance[0]
-    # fewer masks than a fit's unknowns (its units and the intercept): underdetermined
-    short = [m for part in designs if n_samples < sum(part.values()) + 1 for m in part]
     if short:
         warnings.warn(_lime_message(max(sum(part.values()) for part in designs), n_samples,
                                     "dime"), UserWarning, stacklevel=2)

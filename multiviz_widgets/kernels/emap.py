@@ -239,12 +239,8 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         if len(names) == 2:
             unimodal[names[1]] = sums[0].column_sums.numpy() / n - means[0]
         emap_logits = grand + sum(unimodal.values())
-    fused = [k != "none" for k in kinds]
-    params = {"n": n, "batch_size": batch_size, "factorized": all(fused),
-              "factorization": kinds[0] if len(set(kinds)) == 1 else dict(zip(groups, kinds)),
+    params = {"n": n, "batch_size": batch_size, **_factorization(groups, kinds, notes),
               "anova": _anova_note(many, seed), "seed": seed}
-    if notes:
-        params["factorization_note"] = "; ".join(notes)
     if len(names) == 2 and not keep:
         params["matrix_note"] = ("not kept (keep_matrix=False)" if keep_matrix is False else
                                  f"not kept: it would take {_size(matrix_bytes)}; pass "
@@ -256,6 +252,17 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
                       emap_logits=emap_logits, unimodal=unimodal, grand_mean=grand,
                       matrix=sums[0].matrix() if keep else None,
                       output_names=out_names)
+
+
+def _factorization(groups, kinds: list[str], notes: list[str]) -> dict:
+    """What the results record of the splits used: ``factorized`` (every group fused),
+    ``factorization`` (one kind, or a kind per group) and ``factorization_note`` (when any
+    group has one)."""
+    out = {"factorized": all(k != "none" for k in kinds),
+           "factorization": kinds[0] if len(set(kinds)) == 1 else dict(zip(groups, kinds))}
+    if notes:
+        out["factorization_note"] = "; ".join(notes)
+    return out
 
 
 def _anova_note(many: bool, seed: int) -> str:
@@ -769,10 +776,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
             "where the model is not finite out of the reference set, or make the model finite "
             "there.")
     step(total, "interaction type")
-    how = {"factorized": all(k != "none" for k in kinds),
-           "factorization": kinds[0] if len(set(kinds)) == 1 else dict(zip(ref_pairs, kinds))}
-    if notes:
-        how["factorization_note"] = "; ".join(notes)
+    how = _factorization(ref_pairs, kinds, notes)
     return _label(logits, parts, grand, adapter.class_names) | {"reference_size": n} | how
 
 

@@ -1108,11 +1108,11 @@ class _Occlusion(AttributionMethod):
 
 
 class _Lime(AttributionMethod):
-    """A surrogate fitted to the model on sampled unit masks (``fit``: LIME's weighted ridge);
-    ``params["underdetermined"]``: whether n_samples was below the regression's unknowns
-    (warned)."""
+    """A surrogate fitted to the model on sampled unit masks (``fit``: LIME's weighted ridge,
+    returning the scores and whether they were underdetermined); ``params["underdetermined"]``:
+    whether n_samples was below the regression's unknowns (warned)."""
 
-    fit = staticmethod(lime_from_function)
+    fit = staticmethod(_lime)
 
     def _cost(self, prepared, names, p):
         return int(p["n_samples"]), 0
@@ -1121,7 +1121,7 @@ class _Lime(AttributionMethod):
         """(scores, found): the surrogate's scores and what it measured besides."""
         # the warning points at the caller of attribute / attribute_batch: through
         # AttributionMethod.attribute, _run and this
-        scores, under = _lime(fn, units, progress=progress, stacklevel=6, **p)
+        scores, under = self.fit(fn, units, progress=progress, stacklevel=6, **p)
         return scores, {"underdetermined": under}
 
     def _run(self, adapter, prepared, target, names, p, progress):
@@ -1137,14 +1137,7 @@ class _KernelShap(_Lime):
     ``params["underdetermined"]``: whether n_samples was too few to determine the regression
     (warned)."""
 
-    fit = staticmethod(kernel_shap_from_function)
-
-    def _fit(self, fn, units, progress, p):
-        # the warning points at the caller of attribute / attribute_batch: through
-        # AttributionMethod.attribute, _run and this
-        scores, under = _kernel_shap(fn, units, p["n_samples"], p["seed"], progress,
-                                     p["batch_size"], stacklevel=6)
-        return scores, {"underdetermined": under}
+    fit = staticmethod(_kernel_shap)
 
     def _cost(self, prepared, names, p):
         total = sum(prepared.n_units[n] for n in names)
