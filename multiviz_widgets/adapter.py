@@ -31,7 +31,7 @@ from torch import nn
 
 from .checks import is_integer
 from .data import update_hash
-from .modalities import NOT_IN_NUMPY, Modality, _vocab_from_ids
+from .modalities import NOT_IN_NUMPY, Modality, _is_index, _vocab_from_ids
 
 
 @dataclass(frozen=True)
@@ -387,10 +387,6 @@ def _named_in_another_order(model: nn.Module, names: Sequence[str]) -> bool:
             f"The model's forward() takes {order} by position only, but the modalities are "
             f"listed as {list(names)}: list them in forward()'s order.")
     return True
-
-
-def _is_index(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _class_name_list(class_names) -> list[str]:

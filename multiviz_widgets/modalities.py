@@ -959,13 +959,18 @@ class Text(Modality):
         return m.to(score_dtype(m), copy=True), m
 
 
+def _is_index(value) -> bool:
+    """An index a mapping holds: a Python or numpy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _vocab_from_ids(pairs: Iterable[tuple], what: str = "Text vocab given as a dict",
                     item: str = "token", error: type[Exception] = ValueError) -> list:
     """The list (index = id) of (item, id) pairs, such as a {token: id} mapping's items, whose
     order need not be the ids'. ``what`` and ``item`` name them in the errors (also used for
     class_names given as a mapping); ``error`` is raised when the ids are not 0..n-1."""
     pairs = list(pairs)
-    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for _, i in pairs):
+    if not all(_is_index(i) for _, i in pairs):
         raise TypeError(f"{what} must map each {item} to its integer id.")
     ids = sorted(int(i) for _, i in pairs)
     if ids != list(range(len(pairs))):
