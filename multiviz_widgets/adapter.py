@@ -278,6 +278,29 @@ def _rows_of_part(name: str, t: torch.Tensor, ids: torch.Tensor | None, x: torch
 _TRAINING_LAYERS = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
 
 
+#: Marks the threads that compute beside the user's own cells (the Explorer's engine workers,
+#: see ``mark_worker_thread``): on those a model in training mode is refused, not switched.
+_thread_role = threading.local()
+
+
+def mark_worker_thread() -> None:
+    """Mark the calling thread as one that computes while the user's cells run (an engine
+    worker). Switching the model to eval mode there and back would race the user's own
+    ``model.train()`` or ``model.eval()`` (a training step run in eval mode, or an eval undone),
+    so a model in training mode gets a clear AdapterError on such a thread instead."""
+    _thread_role.worker = True
+
+
+def training_mode_message(name: str, where: str, active: Sequence[str]) -> str:
+    """Why an Explorer refuses a model in training mode, and how to fix it."""
+    layers = f" with {', '.join(active)} layers" if active else ""
+    return (f"The model ({name}) {where}{layers}. The Explorer computes on worker threads while "
+            "your cells run, so it cannot switch the model to eval mode and back without racing "
+            "your own code (a training step would run in eval mode, or your model.eval() be "
+            "undone). Call model.eval() before making the Explorer (and after any training "
+            "step), then click recompute.")
+
+
 def _in_effect(layer: nn.Module) -> bool:
     """Whether a dropout or batch norm layer's training mode changes outputs (Dropout(p=0) in
     training mode does not)."""
@@ -461,6 +484,14 @@ class ModelAdapter:
                  keyword_inputs: bool = False, name: str | None = None):
         if not isinstance(model, nn.Module):
             raise AdapterError(f"ModelAdapter needs a torch.nn.Module, got {type(model).__name__}.")
+        meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()]
+                     if t.is_meta), None)
+        if meta is not None:
+            raise AdapterError(
+                f"The model's {meta!r} (and maybe more) is on the 'meta' device: it has a shape "
+                "but no values, so nothing can be computed from it. Give it real weights first: "
+                "model.to_empty(device='cpu') then model.load_state_dict(state), or "
+                "load_state_dict(state, assign=True).", code="meta-device")
         modalities = list(modalities)
         if not modalities:
             raise AdapterError("ModelAdapter needs at least one modality, e.g. [Image('image'), Text('question', vocab)].")
@@ -762,29 +793,47 @@ class ModelAdapter:
                                + fix, code="embedding-layer")
         return e.detach()
 
+    def _training_state(self) -> tuple[str, list[str]] | None:
+        """None when the model and its dropout and batch norm layers (found when the adapter
+        was made) are in eval mode, else (where the training mode is, the names of those layers
+        it changes)."""
+        if not self.model.training and not any(map(_in_effect, self._mode_layers)):
+            return None
+        active = sorted({type(m).__name__ for m in self._mode_layers if _in_effect(m)})
+        where = "is in training mode" if self.model.training else "has submodules in training mode"
+        return where, active
+
+    def training_mode(self) -> str | None:
+        """None when the model runs as it is (eval mode), else the AdapterError message an
+        Explorer gives for it (``training_mode_message``)."""
+        state = self._training_state()
+        return None if state is None else training_mode_message(self.name, *state)
+
     @contextlib.contextmanager
     def _eval_mode(self):
         """The model in eval mode for the block (dropout off, batch norm on its running
         statistics, which then stay unchanged); every module's mode is restored afterwards.
         A model in training mode, or one whose dropout or batch norm layers are (``sub.train()``
-        after ``model.eval()``), is warned about once per adapter. Cost: nothing when the model
-        and those layers (found when the adapter was made) are in eval mode: every forward pass
-        runs through here."""
-        if not self.model.training and not any(map(_in_effect, self._mode_layers)):
+        after ``model.eval()``), is warned about once per adapter; on an Explorer's worker
+        thread (``mark_worker_thread``) it is refused instead, since switching it there would
+        race the user's cells. Cost: nothing when the model and those layers are in eval mode:
+        every forward pass runs through here."""
+        state = self._training_state()
+        if state is None:
             yield
             return
-        modes = [(m, m.training) for m in self.model.modules()]
-        active = sorted({type(m).__name__ for m, _ in modes
-                         if isinstance(m, _TRAINING_LAYERS) and _in_effect(m)})
+        if getattr(_thread_role, "worker", False):
+            raise AdapterError(training_mode_message(self.name, *state), code="training-mode")
+        where, active = state
         if active and not getattr(self, "_warned_training", False):
             self._warned_training = True
-            where = "is in training mode" if self.model.training else "has submodules in training mode"
             warnings.warn(
                 f"The model ({self.name}) {where} with {', '.join(active)} layers: "
                 "dropout would make every explanation random and batch norm would change its "
                 "running statistics. The adapter runs it in eval mode for each computation and "
                 "restores its mode afterwards; call model.eval() to silence this warning.",
                 UserWarning, stacklevel=_outside_stacklevel())
+        modes = [(m, m.training) for m in self.model.modules()]
         try:
             self.model.eval()
             yield
@@ -928,6 +977,13 @@ class ModelAdapter:
         if isinstance(out, (tuple, list)) and out:
             returned = f"returned a {type(out).__name__} whose first element (taken as logits) is"
             out = out[0]
+        if isinstance(out, torch.Tensor) and not out.is_floating_point():
+            raise AdapterError(
+                f"The model {returned} a tensor of {out.dtype}; it must return floating-point "
+                "logits [batch, classes]: the scores before any argmax, threshold, rounding or "
+                "cast to an integer (a real tensor: take .real or .abs() of a complex one in "
+                "forward). Attributions differentiate and compare these scores.",
+                code="output-dtype")
         c = self.n_classes
         if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape == (b, c):
             return out
@@ -982,7 +1038,8 @@ class ModelAdapter:
             out = self.model(**args) if self.keyword_inputs else self.model(*args.values())
         except AdapterError:
             raise
-        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError,
+                AttributeError, NotImplementedError) as e:
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
             raise ModelInputError(self._model_error_message(args, e)) from e
@@ -1121,10 +1178,10 @@ class ModelAdapter:
 
     def model_inputs(self, raw: Mapping[str, torch.Tensor],
                      continuous: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The model's arguments {name: [B, ...]} for a batch: the raw inputs (a batch of one
-        expanded to B), with the continuous inputs in place of those of non-text modalities
-        (text's continuous inputs enter through its embedding layer: see ``run``, which takes
-        these arguments' token ids as the ones whose embedding it replaces)."""
+        """The model's arguments {name: [B, ...]} for a batch (copies when B = 1): the raw inputs
+        (a batch of one expanded to B), with the continuous inputs in place of those of non-text
+        modalities (text's continuous inputs enter through its embedding layer: see ``run``,
+        which takes these arguments' token ids as the ones whose embedding it replaces)."""
         continuous = continuous or {}
         b = max([v.shape[0] for v in continuous.values()] + [v.shape[0] for v in raw.values()])
         args = {}
@@ -1147,6 +1204,13 @@ class ModelAdapter:
                     # each embedding call is told whose ids it takes by the tensor it receives
                     x = x.clone()
                 args[n] = x
+        if b == 1:
+            # the instance's own tensors (its Prepared raw and continuous inputs, a gradient
+            # leaf) are passed as copies: a model that changes its input in place (refused after
+            # the call, see check_inputs_kept; or unseen, through x.numpy() or x.data) must not
+            # change the instance every later result is computed from. A batch of one costs
+            # next to nothing to copy; a larger batch is built for the call (masks, paths)
+            args = {n: v.clone() for n, v in args.items()}
         return args
 
     def run(self, fn: Callable[[], Any], continuous: Mapping[str, torch.Tensor] | None = None,

@@ -304,7 +304,9 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
     handles = [adapter.decision_layer.register_forward_pre_hook(count("decision"))]
     try:
         with torch.no_grad():
-            raw_out = adapter._call_model(prepared.raw)
+            # (copies: a model writing into its input through .numpy() would change the
+            # instance, and the second pass below would call it nondeterministic)
+            raw_out = adapter._call_model(adapter.model_inputs(prepared.raw))
     except Exception as e:  # noqa: BLE001 -- the user's model can raise anything
         report.add("error", "forward", str(e) if isinstance(e, AdapterError) else
                    f"The model raised {type(e).__name__} on inputs of shapes ({shapes}): {e}. "

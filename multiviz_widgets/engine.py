@@ -43,7 +43,8 @@ import numpy as np
 import torch
 import traitlets
 
-from .adapter import Class, ModelAdapter, Neuron, Prepared, Target
+from .adapter import (AdapterError, Class, ModelAdapter, Neuron, Prepared, Target,
+                      mark_worker_thread)
 from .checks import positive_int
 from .data import MultimodalDataset
 from .display_text import quoted
@@ -539,6 +540,7 @@ class Engine(traitlets.HasTraits):
         observer of the engine's traits raises stops it: a dead worker would leave every later
         job of its lane waiting for ever, and the progress bar busy. A failure of the
         bookkeeping itself ends that job as an error (its view is told) and goes on."""
+        mark_worker_thread()
         while True:
             try:
                 if not self._run_next(lane):
@@ -756,9 +758,11 @@ class Kernels:
         return interaction(adapter, prepared, method=method, modalities=modalities, target=target,
                            progress=progress)
 
-    def features(self, adapter: ModelAdapter, dataset: MultimodalDataset, progress=None):
+    def features(self, adapter: ModelAdapter, dataset: MultimodalDataset, progress=None,
+                 refresh: bool = False):
+        """refresh: compute again, not from the on-disk cache (a recompute)."""
         from .kernels.representations import extract_features
-        return extract_features(adapter, dataset, progress=progress)
+        return extract_features(adapter, dataset, progress=progress, refresh=refresh)
 
     def extremes(self, adapter: ModelAdapter, features, k: int, progress=None):
         from .kernels.representations import neuron_extremes
@@ -854,6 +858,9 @@ class Analyses:
             raise TypeError(f"The Explorer needs a ModelAdapter, got {type(adapter).__name__}.")
         if len(dataset) == 0:
             raise ValueError("The dataset is empty: the Explorer needs at least one instance.")
+        training = adapter.training_mode()
+        if training is not None:
+            raise AdapterError(training, code="training-mode")
         self.engine = engine
         self.adapter = adapter
         self.dataset = dataset
@@ -870,6 +877,8 @@ class Analyses:
         self.path_params = check_path_params(
             path_params, names=type(self.kernels).prediction_path is Kernels.prediction_path)
         self._given_features = features
+        #: set by forget(): the next features() computes them again, not from the disk cache
+        self._refresh_features = False
         if features is not None:
             check_features(features, len(dataset), adapter)
             engine.store(("features",), features, pin=True, freeze=False)
@@ -879,6 +888,7 @@ class Analyses:
         weights of the model, are seen by the next requests); the features given at
         construction stay (they are the user's)."""
         self.engine.clear_cache()
+        self._refresh_features = True
         if self._given_features is not None:
             self.engine.store(("features",), self._given_features, pin=True, freeze=False)
 
@@ -991,8 +1001,17 @@ class Analyses:
         job's ``shared`` progress, which a newer click does not stop (the next job would only
         start the pass again); a cancel or a recompute (the cache cleared) does."""
         progress = getattr(progress, "shared", progress)
-        return self.engine.memo(("features",), lambda: self.kernels.features(
-            self.adapter, self.dataset, progress), pin=True)
+
+        def fn():
+            # after a recompute, not from the disk cache (it keeps the instances a fault since
+            # fixed made the model fail on); a Kernels subclass's features may not take it
+            refresh = (self._refresh_features
+                       and "refresh" in inspect.signature(self.kernels.features).parameters)
+            feats = self.kernels.features(self.adapter, self.dataset, progress,
+                                          **({"refresh": True} if refresh else {}))
+            self._refresh_features = False
+            return feats
+        return self.engine.memo(("features",), fn, pin=True)
 
     def ranked_features(self, progress=None):
         """The rows of ``features()`` whose features and logits are finite, as a Features

@@ -247,9 +247,16 @@ class InputPanel:
             scores = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in attr.scores.items()}
             scales = {}                    # each modality to its own largest |score|, but ...
             caption = f"{method_label(method)} attribution for {what}"
-            if scores and not any(np.any(np.asarray(v)) for v in scores.values()):
+            blind = (attr.params or {}).get("no_gradient")
+            if scores and not blind and not any(np.any(np.asarray(v)) for v in scores.values()):
                 # no colour anywhere: say it is the answer, not a view that failed to draw
                 caption += ": every score is 0 (nothing in the input moves it at this instance)"
+            if blind:
+                # a modality cut off from autograd (a frozen encoder under no_grad): its 0s
+                # are not the model's answer
+                caption += (f" (no gradient reaches {', '.join(map(quoted, blind))}: the model "
+                            "computes it without one, under no_grad or detached, so its 0s say "
+                            "nothing; occlusion, LIME and KernelSHAP score it)")
             if (attr.params or {}).get("underdetermined"):
                 # KernelSHAP with fewer samples than its regression needs (a large input)
                 caption += (" (an estimate from too few samples for this many units, "

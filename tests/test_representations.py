@@ -60,6 +60,11 @@ def direct_h(adapter, ds):
         return h.numpy(), m.classifier(h).numpy()
 
 
+#: the forward pass of one instance alone that checks that the model treats the rows of the
+#: first batch of several rows independently (representations._check_rows_independent)
+ROWS_CHECK = 1
+
+
 @pytest.fixture
 def cache(tmp_path):
     return tmp_path / "cache"
@@ -77,7 +82,9 @@ def test_features_equal_a_direct_computation_for_any_batch_size(cache):
         np.testing.assert_allclose(f.logits, logits, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(f.indices, np.arange(len(ds)))
         np.testing.assert_array_equal(f.predictions, logits.argmax(1))
-        assert f.forward_passes == len(ds) and not f.from_cache
+        # one pass per instance, and one more of an instance alone that checks the first
+        # batch of several rows treats them independently
+        assert f.forward_passes == len(ds) + (bs > 1) and not f.from_cache
         assert seen[-1] == (len(ds), len(ds)) and len(seen) >= -(-len(ds) // bs)
 
 
@@ -262,7 +269,7 @@ def test_neuron_extremes_over_the_model_equal_a_full_sort(cache):
         j = 2
         assert res.top(j)[0] == (int(top[j, 0]), pytest.approx(float(feats.h[top[j, 0], j])))
         assert [i for i, _ in res.bottom(j)] == bot[j].tolist()
-    assert neuron_extremes(adapter, ds, k=4).forward_passes == 50
+    assert neuron_extremes(adapter, ds, k=4).forward_passes == 50 + ROWS_CHECK
 
 
 # -- local view and two adapters ----------------------------------------------------------------------
@@ -484,7 +491,8 @@ def test_texts_of_different_lengths_are_never_padded(cache):
         np.testing.assert_array_equal(f.indices, np.arange(len(ds)))
         np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(f.logits, logits, rtol=1e-5, atol=1e-6)
-        assert f.forward_passes == len(ds) and f.skipped == {}
+        multi_row = any(b > 1 for b, _ in adapter.model.shapes)
+        assert f.forward_passes == len(ds) + ROWS_CHECK * multi_row and f.skipped == {}
         assert all(b <= bs for b, _ in adapter.model.shapes)
         ext = neuron_extremes(adapter, ds, k=3, batch_size=bs)
         top, bot = full_sort(h, 3)
@@ -581,7 +589,7 @@ def test_instances_that_cannot_be_prepared_are_left_out_and_named(cache):
     np.testing.assert_array_equal(f.indices, kept)
     np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)
     assert sorted(f.skipped) == [3, 7] and "no tokens" in f.skipped[7]
-    assert f.forward_passes == len(kept)
+    assert f.forward_passes == len(kept) + ROWS_CHECK
     with pytest.warns(RuntimeWarning, match="2 of 10"):
         again = extract_features(adapter, ds, batch_size=3, cache_dir=cache)
     assert again.from_cache and again.skipped == f.skipped
@@ -694,10 +702,10 @@ def test_instances_whose_output_is_not_finite_are_left_out_and_named(cache):
     assert np.isfinite(f.h).all() and np.isfinite(f.logits).all()
     assert sorted(f.skipped) == [4, 9]
     # the model ran the 12 rows, the two left out after it included (it counted 10)
-    assert f.forward_passes == 12
+    assert f.forward_passes == 12 + ROWS_CHECK
     with pytest.warns(RuntimeWarning, match="2 of 12 instances"):
         ext = neuron_extremes(adapter, ds, k=3, batch_size=5)
-    assert ext.forward_passes == 12 and ext.n_instances == 10
+    assert ext.forward_passes == 12 + ROWS_CHECK and ext.n_instances == 10
     with pytest.warns(RuntimeWarning, match="2 of 12 instances"):       # said again
         again = extract_features(adapter, ds, batch_size=5, cache_dir=cache)
     assert again.from_cache and again.skipped == f.skipped
@@ -995,7 +1003,8 @@ def test_instances_the_model_cannot_run_are_left_out_and_named(cache):
     np.testing.assert_allclose(f.logits, logits, rtol=1e-5, atol=1e-6)
     # the 10 it ran, and the calls that found the two it could not: their batch of 2 (the
     # same shapes), then each alone
-    assert sorted(f.skipped) == [4, 9] and f.forward_passes == len(kept) + 2 + 1 + 1
+    assert (sorted(f.skipped) == [4, 9]
+            and f.forward_passes == len(kept) + 2 + 1 + 1 + ROWS_CHECK)
     assert all(r.startswith("ModelInputError: the model raised RuntimeError") and
                "Check that the modalities" not in r for r in f.skipped.values())   # brief
     with pytest.warns(RuntimeWarning, match="2 of 12"):          # the cache keeps them too
@@ -1018,7 +1027,8 @@ def test_a_batch_the_model_cannot_run_is_halved_only_on_failure(cache):
     adapter, ds = conv_case(n=16, strict=True)
     model = adapter.model
     extract_features(adapter, ds, batch_size=16, cache=False)
-    assert model.calls == 2                  # two shape groups (8 and 10 steps), one batch each
+    # two shape groups (8 and 10 steps), one batch each
+    assert model.calls == 2 + ROWS_CHECK
     adapter, ds = conv_case(n=16, big=(5,), strict=True)
     model = adapter.model
     with pytest.warns(RuntimeWarning, match=r"1 of 16 .*#5 \(ModelInputError: the model raised "
@@ -1026,7 +1036,7 @@ def test_a_batch_the_model_cannot_run_is_halved_only_on_failure(cache):
         f = extract_features(adapter, ds, batch_size=16, cache=False)
     assert list(f.skipped) == [5] and 5 not in f.indices and len(f) == 15
     # instance 5 is in the group of 10 instances of 8 steps: halved about log2(10) times
-    assert model.calls <= 2 + 2 * 4 + 1
+    assert model.calls <= 2 + 2 * 4 + 1 + ROWS_CHECK
     h, _ = one_by_one(adapter, MultimodalDataset(
         {"tab": [ds[i]["tab"] for i in f.indices], "series": [ds[i]["series"] for i in f.indices]}))
     np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)

@@ -403,10 +403,62 @@ def _skipped_text(skipped: dict[int, str], total: int) -> str:
             f"of the decision features: {first}{more}")
 
 
-def _warn_skipped(skipped: dict[int, str], total: int) -> None:
+def _warn_skipped(skipped: dict[int, str], total: int, cached: bool = False) -> None:
     if skipped:
-        warnings.warn(_skipped_text(skipped, total), RuntimeWarning,
+        again = (" (as the feature cache recorded them: extract_features(..., refresh=True) "
+                 "runs them again)" if cached else "")
+        warnings.warn(_skipped_text(skipped, total) + again, RuntimeWarning,
                       stacklevel=_outside_stacklevel())
+
+
+def _check_rows_independent(adapter: ModelAdapter, raw: dict, out: tuple, ran) -> None:
+    """An AdapterError (code "batch-dependent") when the first row of a batch's outputs (logits,
+    h) differs, beyond the model's rounding, from those of that instance run alone: a model
+    with statistics over the batch (BatchNorm without running statistics, h - h.mean(0)) whose
+    features would depend on which instances share a batch. Cost: one forward pass of one
+    instance; two more only when they differ (a second pass alone, to tell randomness, which
+    check() reports, from the batch; and one that reads the precision the model computes in)."""
+    from ..doctor import _differ, _roundoff
+    row = {n: v[:1] for n, v in raw.items()}
+    b = len(next(iter(raw.values())))
+    passes = 1
+    try:
+        try:
+            alone = adapter.features(row)
+        except ModelInputError as e:
+            raise AdapterError(
+                f"The model runs a batch of {b} instances but not one instance alone "
+                f"({type(e.__cause__ or e).__name__}: {e.__cause__ or e}). Every explanation "
+                "runs single instances, and a model that needs more than one row is computing "
+                "statistics over the batch (BatchNorm with track_running_stats=False or in "
+                "training mode, h.mean(0)): make forward() treat the rows of a batch "
+                "independently.", code="batch-dependent") from e
+        dtypes = {t.dtype for t in (*out, *alone)}
+        dtypes |= {p.dtype for p in adapter.model.parameters() if p.is_floating_point()}
+        eps = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
+        if not any(_differ(o[:1], a, eps) for o, a in zip(out, alone)):
+            return
+        passes += 2
+        again = adapter.features(row)
+        if any(_differ(x, y, eps) for x, y in zip(alone, again)):
+            return                   # a random model: check() says so, not this
+        eps = max(eps, _roundoff(adapter, row))
+        differ = [_differ(o[:1], a, eps) for o, a in zip(out, alone)]
+        if not any(differ):
+            return
+        largest = max(float((o[:1].double() - a.double()).abs().max())
+                      for o, a, d in zip(out, alone, differ) if d)
+        what = "logits" if differ[0] else "decision features h"
+        raise AdapterError(
+            f"The model's {what} for an instance depend on the other instances in its batch: "
+            f"run in a batch of {b} and alone, they differ by up to "
+            f"{largest:.3g}. Every view of the dataset would then depend on how its instances "
+            "were batched. Make forward() treat the rows of a batch independently: no "
+            "statistics over the batch dimension (h.mean(0), BatchNorm with "
+            "track_running_stats=False or in training mode).", code="batch-dependent")
+    finally:
+        if ran is not None:
+            ran[0] += passes
 
 
 def stream_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_size: int = 256,
@@ -460,10 +512,17 @@ def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipp
     untried: dict[int, str] = {}               # position -> why it was not tried
     new_group = True
 
+    checked = [False]
+
     def run(raw):
+        rows = len(next(iter(raw.values())))
         if ran is not None:
-            ran[0] += len(next(iter(raw.values())))
-        return adapter.features(raw)
+            ran[0] += rows
+        out = adapter.features(raw)
+        if rows > 1 and not checked[0]:
+            checked[0] = True
+            _check_rows_independent(adapter, raw, out, ran)
+        return out
     for positions, raw, rest in _shape_batches(adapter, dataset, idx, batch_size, failed):
         if new_group:
             group = {"ran": 0, "failed_before": len(unrunnable)}
@@ -736,8 +795,8 @@ def clear_feature_cache(cache_dir: str | os.PathLike | None = None) -> int:
 
 def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_size: int = 256,
                      indices: Sequence[int] | None = None, progress: ProgressFn = None,
-                     cache: bool = True, cache_dir: str | os.PathLike | None = None
-                     ) -> Features:
+                     cache: bool = True, cache_dir: str | os.PathLike | None = None,
+                     refresh: bool = False) -> Features:
     """Decision-level features h [N, d] and logits [N, C] of a dataset (or of ``indices``).
 
     Instances are batched with others whose model inputs have the same shapes (nothing is
@@ -747,7 +806,10 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     Cost: one forward pass per instance, in batches of up to ``batch_size``; none when the
     on-disk cache (keyed by the weights, the model's settings, code, forward hooks and small
     plain globals, and the dataset's fingerprint: ``features_key``) already holds them.
-    ``cache_dir=`` overrides the cache location; ``cache=False`` neither reads nor writes it.
+    ``cache_dir=`` overrides the cache location; ``cache=False`` neither reads nor writes it;
+    ``refresh=True`` computes again and overwrites it (an instance the model failed on once, by
+    a fault since fixed, is kept skipped in the cache until then: what the Explorer's
+    "recompute" does).
     After a write the folder's least recently used cache files beyond $MULTIVIZ_CACHE_MAX_MB
     (default 2048) are removed; ``clear_feature_cache(cache_dir)`` removes them all.
     A dataset without a ``fingerprint()`` (a plain list of instances) is not cached.
@@ -761,12 +823,12 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
         path = default_cache_dir(cache_dir) / f"{key}.npz"
         layer = adapter.decision_layer
         d = layer.in_features if isinstance(layer, torch.nn.Linear) else None
-        hit = _load_cached(path, key, idx, d, adapter.n_classes)
+        hit = None if refresh else _load_cached(path, key, idx, d, adapter.n_classes)
         if hit is not None:
             _touch(path)                  # recently used: the last to be evicted
             hit.seconds = time.perf_counter() - t0
             report(progress, len(idx), len(idx), "decision features (cached)")
-            _warn_skipped(hit.skipped, len(idx))
+            _warn_skipped(hit.skipped, len(idx), cached=True)
             return hit
     hs, ls, kept, skipped, ran = [], [], [], {}, [0]
     for positions, logits, h in _feature_batches(adapter, dataset, idx, batch_size, progress,

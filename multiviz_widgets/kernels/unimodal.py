@@ -233,6 +233,26 @@ def _quadrature_once(steps: int, rule: str, device: torch.device):
             torch.as_tensor(weights, dtype=torch.float64, device=device))
 
 
+class _Gradients(dict):
+    """{modality: gradient}, with ``unreached``: the modalities no gradient reached, whose
+    gradient is given as 0 (autograd found no path from them to the output: the model does not
+    use them, or computes them under no_grad, detached or through a non-differentiable step)."""
+    unreached: tuple[str, ...] = ()
+
+
+def _gradients(leaves: Mapping[str, torch.Tensor], grads) -> _Gradients:
+    out = _Gradients({n: torch.zeros_like(leaves[n]) if g is None else g
+                      for n, g in zip(leaves, grads)})
+    out.unreached = tuple(n for n, g in zip(leaves, grads) if g is None)
+    return out
+
+
+def _unreached_found(*unreached: Sequence[str]) -> dict:
+    """The params entry of the modalities no gradient reached: ``no_gradient`` [names]."""
+    names = sorted(set().union(*unreached))
+    return {"no_gradient": names} if names else {}
+
+
 def _input_grads(adapter: ModelAdapter, prepared: Prepared, target: Target,
                  inputs: Mapping[str, torch.Tensor], weights: torch.Tensor | None = None,
                  one_row: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -256,8 +276,7 @@ def _input_grads(adapter: ModelAdapter, prepared: Prepared, target: Target,
         grad_out = torch.ones_like(out) if weights is None else weights.to(out)
         grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=grad_out,
                                     allow_unused=True)
-    return ({n: (torch.zeros_like(leaves[n]) if g is None else g)
-             for n, g in zip(leaves, grads)}, out.detach())
+    return _gradients(leaves, grads), out.detach()
 
 
 #: the gradient methods, named in the advice of the errors below
@@ -515,6 +534,19 @@ def _warn_completeness(adapter: ModelAdapter, results: Sequence[Attribution]) ->
     p = worst.params
     which = (f"{len(bad)} of {len(results)} results miss" if len(results) > 1 else
              "the scores miss")
+    if p.get("no_gradient"):
+        names = ", ".join(map(repr, p["no_gradient"]))
+        warnings.warn(
+            f"integrated_gradients: {which} f(x) - f(baseline) by more than "
+            f"{COMPLETENESS_WARN:.0%} (worst: a gap of {p['completeness_gap']:.4g}, "
+            f"{p['completeness_gap_relative']:.0%}), because no gradient reaches {names}: the "
+            "model computes from it under torch.no_grad(), detached or through a step without "
+            "a gradient, so its scores are 0 and its part of the change is missing. No number "
+            "of steps closes that gap: occlusion, lime and kernel_shap (which run the model, "
+            "not its gradient) score it; or let gradients flow through it in forward. (Warned "
+            "once per adapter; params['no_gradient'] names such modalities.)",
+            CompletenessWarning, stacklevel=3)
+        return
     warnings.warn(
         f"integrated_gradients: {which} f(x) - f(baseline) by more than "
         f"{COMPLETENESS_WARN:.0%} (worst: a gap of {p['completeness_gap']:.4g}, "
@@ -973,12 +1005,13 @@ class _GradientFamily(AttributionMethod):
         inputs, weights = self._rows(prepared, names, p)
         n_rows, bs = len(weights), self._rows_per_pass(p)
         weighted = self._weighted_rows(p)
-        total, outputs = None, []
+        total, outputs, unreached = None, [], set()
         report(progress, 0, n_rows, self.label)
         for s in range(0, n_rows, bs):
             grads, out = _input_grads(adapter, prepared, target,
                                       {n: x[s:s + bs] for n, x in inputs.items()},
                                       weights[s:s + bs])
+            unreached.update(grads.unreached)
             k = min(bs, weighted - s)             # the pass's weighted rows (see _weighted_rows)
             if k > 0:
                 part = {n: g[0] if k == 1 else g[:k].sum(0) for n, g in grads.items()}
@@ -987,9 +1020,9 @@ class _GradientFamily(AttributionMethod):
             report(progress, min(n_rows, s + bs), n_rows, self.label)
         attrs = self._attributions(prepared, names, total)
         scores, maps = _scores_and_maps(adapter, prepared, attrs)
-        return scores, maps, self._found(adapter, prepared, target, names, p,
-                                         outputs[0] if len(outputs) == 1 else torch.cat(outputs),
-                                         attrs)
+        found = self._found(adapter, prepared, target, names, p,
+                            outputs[0] if len(outputs) == 1 else torch.cat(outputs), attrs)
+        return scores, maps, {**found, **_unreached_found(unreached)}
 
 
 class _Gradient(_GradientFamily):
@@ -1022,7 +1055,7 @@ class _Gradient(_GradientFamily):
                                                                               grads))
         if progress is not None:
             report(progress, 1, 1, self.label)
-        return scores, maps, {}
+        return scores, maps, _unreached_found(grads.unreached)
 
 
 class _GradXInput(_Gradient):
@@ -1361,11 +1394,13 @@ def _gradient_batch(adapter: ModelAdapter, m: _GradientFamily, preps: Sequence[P
         pending: dict[int, tuple[dict, torch.Tensor]] = {}   # instance -> its rows, weights
         carried: dict[int, dict[str, torch.Tensor]] = {}     # sums of an instance's earlier passes
         outputs: dict[int, list[torch.Tensor]] = {}          # instance -> f of its rows so far
+        unreached: set[str] = set()       # modalities no gradient reached (the same for all)
         for chunk in _chunks(group, n_rows, rows):
             for k, a, b in chunk:
                 if k not in pending:
                     pending[k] = m._rows(preps[k], names, p)
             grads, out = _rows_grads(adapter, preps, targets, names, pending, chunk)
+            unreached.update(grads.unreached)
             # each summed row's slot in the chunk: an instance's rows after its weighted ones
             # (integrated gradients' x and baseline, there for their outputs) are left out, as
             # in _run (a weight 0 times an infinite gradient is NaN)
@@ -1392,8 +1427,9 @@ def _gradient_batch(adapter: ModelAdapter, m: _GradientFamily, preps: Sequence[P
                 attrs = m._attributions(preps[k], names, part)
                 scores, maps = _scores_and_maps(adapter, preps[k], attrs)
                 del pending[k]
-                found = m._found(adapter, preps[k], targets[k], names, p,
-                                 torch.cat(outputs.pop(k)), attrs)
+                found = {**m._found(adapter, preps[k], targets[k], names, p,
+                                    torch.cat(outputs.pop(k)), attrs),
+                         **_unreached_found(unreached)}
                 results[k] = m._result(adapter, preps[k], targets[k], names, p, scores, maps,
                                        n_rows[k], n_rows[k], found=found)
             done += o
@@ -1450,5 +1486,4 @@ def _rows_grads(adapter: ModelAdapter, preps: Sequence[Prepared], targets: Seque
             _raise_not_differentiable(row_targets[0])
         grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=weights.to(out),
                                     allow_unused=True)
-    return ({n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(leaves, grads)},
-            out.detach())
+    return _gradients(leaves, grads), out.detach()

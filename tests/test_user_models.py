@@ -1,0 +1,571 @@
+"""Models as users write them, which the package used to handle wrongly: a model left in training
+mode (raced by the Explorer's worker threads), a forward that changes its input in place, logits
+of a non-floating dtype, weights on the meta device, a modality computed under torch.no_grad(),
+batch statistics in forward, transient failures kept in the feature cache, and forward passes
+raising AssertionError or KeyError."""
+from __future__ import annotations
+
+import importlib
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from multiviz_widgets import AdapterError, ModelAdapter, MultimodalDataset, Tabular, TimeSeries
+from multiviz_widgets import check
+from multiviz_widgets.adapter import mark_worker_thread
+from multiviz_widgets.engine import Analyses, Engine
+from multiviz_widgets.kernels.representations import extract_features
+from multiviz_widgets.kernels.unimodal import CompletenessWarning, attribute, attribute_batch
+
+COLUMNS = ["hr", "bp", "temp", "age"]
+CHANNELS = ["ecg", "spo2"]
+CLASSES = ["healthy", "sick"]
+GRADIENT_METHODS = ["gradient", "grad_x_input", "integrated_gradients"]
+
+
+class TabSeries(nn.Module):
+    """vitals [4] + series [16, 2] -> logits [2]; optional dropout and batch norm."""
+
+    def __init__(self, dropout: float = 0.0, bn: bool = False):
+        super().__init__()
+        torch.manual_seed(1)
+        self.tab = nn.Linear(4, 8)
+        self.bn = nn.BatchNorm1d(8) if bn else nn.Identity()
+        self.drop = nn.Dropout(dropout)
+        self.ser = nn.Linear(16 * 2, 8)
+        self.head = nn.Linear(16, 2)
+
+    def encode(self, vitals, series):
+        a = torch.tanh(self.bn(self.tab(vitals)))
+        b = torch.tanh(self.ser(series.flatten(1)))
+        return torch.cat([a, a * b], 1)
+
+    def forward(self, vitals, series):
+        return self.head(self.drop(self.encode(vitals, series)))
+
+
+def modalities():
+    return [Tabular("vitals", columns=COLUMNS), TimeSeries("series", window=4, channels=CHANNELS)]
+
+
+def make_adapter(model: nn.Module) -> ModelAdapter:
+    return ModelAdapter(model, modalities(), CLASSES, decision_layer="head")
+
+
+def make_data(n: int = 8, seed: int = 0) -> MultimodalDataset:
+    rng = np.random.default_rng(seed)
+    return MultimodalDataset(
+        {"vitals": [rng.normal(size=4).astype(np.float32) for _ in range(n)],
+         "series": [rng.normal(size=(16, 2)).astype(np.float32) for _ in range(n)]},
+        labels=[i % 2 for i in range(n)], name=f"tab-series-{seed}")
+
+
+def instance():
+    return make_data(1)[0]
+
+
+def modes(model: nn.Module) -> dict[str, bool]:
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def healthy_features(ds: MultimodalDataset):
+    """(h, logits) of the healthy TabSeries on every instance, computed directly."""
+    model = TabSeries().eval()
+    vitals = torch.tensor(np.stack([ds[i]["vitals"] for i in range(len(ds))]))
+    series = torch.tensor(np.stack([ds[i]["series"] for i in range(len(ds))]))
+    with torch.no_grad():
+        h = model.encode(vitals, series)
+        return h.numpy(), model.head(h).numpy()
+
+
+@pytest.fixture(scope="module")
+def explorer_class():
+    """The Explorer class, with the plotting library its embedding view imports on first use
+    loaded once (an import of about a second, a cost of no one test)."""
+    importlib.import_module("ipyvolume")
+    from multiviz_widgets.explorer import Explorer
+    return Explorer
+
+
+@pytest.fixture
+def cache_env(tmp_path, monkeypatch):
+    """The default feature cache ($MULTIVIZ_CACHE) in a temporary folder."""
+    folder = tmp_path / "default-cache"
+    monkeypatch.setenv("MULTIVIZ_CACHE", str(folder))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Training mode
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dropout, bn", [(0.5, False), (0.0, True), (0.5, True)])
+def test_an_explorer_refuses_a_model_in_training_mode_and_leaves_its_modes(
+        dropout, bn, cache_env, explorer_class):
+    Explorer = explorer_class
+    model = TabSeries(dropout=dropout, bn=bn).train()
+    before = modes(model)
+    with pytest.raises(AdapterError) as caught:
+        Explorer(make_adapter(model), make_data())
+    assert caught.value.code == "training-mode"
+    assert "model.eval()" in str(caught.value)
+    assert modes(model) == before and model.training
+
+
+def test_a_submodule_in_training_mode_is_refused_by_the_explorer_too(cache_env, explorer_class):
+    Explorer = explorer_class
+    model = TabSeries(dropout=0.5).eval()
+    model.drop.train()
+    with pytest.raises(AdapterError) as caught:
+        Explorer(make_adapter(model), make_data())
+    assert caught.value.code == "training-mode" and "model.eval()" in str(caught.value)
+    assert not model.training and model.drop.training
+
+
+def _on_a_worker_thread(fn):
+    """(fn's result or the exception it raised), run on a thread marked as an engine worker."""
+    out = {}
+
+    def run():
+        mark_worker_thread()
+        try:
+            out["result"] = fn()
+        except Exception as e:  # noqa: BLE001 - handed back to the test
+            out["error"] = e
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out
+
+
+@pytest.mark.parametrize("call", [
+    lambda ad, inst: attribute(ad, inst, "gradient", target=1),
+    lambda ad, inst: attribute(ad, inst, "occlusion", target=1),
+    lambda ad, inst: ad.predict(ad.prepare(inst).raw),
+], ids=["gradient", "occlusion", "predict"])
+def test_a_worker_thread_refuses_a_training_model_without_touching_its_modes(call):
+    model = TabSeries(dropout=0.5, bn=True).train()
+    model.ser.eval()                                  # a mixture, to see each flag kept
+    before = modes(model)
+    bn_mean = model.bn.running_mean.clone()
+    ad = make_adapter(model)
+    out = _on_a_worker_thread(lambda: call(ad, instance()))
+    assert "result" not in out
+    assert isinstance(out["error"], AdapterError), out
+    assert out["error"].code == "training-mode" and "model.eval()" in str(out["error"])
+    assert modes(model) == before
+    assert torch.equal(model.bn.running_mean, bn_mean)
+
+
+def test_the_main_thread_runs_a_training_model_in_eval_mode_warning_once():
+    model = TabSeries(dropout=0.5, bn=True).train()
+    model.ser.eval()
+    before = modes(model)
+    bn_mean = model.bn.running_mean.clone()
+    ad = make_adapter(model)
+    inst = instance()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = attribute(ad, inst, "gradient", target=1)
+        second = attribute(ad, inst, "gradient", target=1)
+        z1, z2 = ad.predict(ad.prepare(inst).raw), ad.predict(ad.prepare(inst).raw)
+    mode_warnings = [w for w in caught if issubclass(w.category, UserWarning)
+                     and "training mode" in str(w.message)]
+    assert len(mode_warnings) == 1, [str(w.message) for w in caught]
+    assert "model.eval()" in str(mode_warnings[0].message)
+    # run in eval mode: dropout off (deterministic), batch norm's running stats untouched
+    for name in first.scores:
+        np.testing.assert_array_equal(first.scores[name], second.scores[name])
+    assert torch.equal(z1, z2)
+    eval_ad = make_adapter(TabSeries(dropout=0.5, bn=True).eval())
+    np.testing.assert_allclose(z1.detach().numpy(),
+                               eval_ad.predict(eval_ad.prepare(inst).raw).detach().numpy(),
+                               rtol=1e-6, atol=1e-7)
+    assert modes(model) == before
+    assert torch.equal(model.bn.running_mean, bn_mean)
+
+
+def test_an_eval_model_switched_to_training_after_the_explorer_shows_the_error(
+        cache_env, explorer_class):
+    Explorer = explorer_class
+    model = TabSeries(dropout=0.5, bn=True).eval()
+    ex = Explorer(make_adapter(model), make_data(), delay=0.01)
+    try:
+        assert ex.wait(60) and ex.engine.error == ""
+        model.train()                              # the user's next cell
+        ex.select(instance=3, method="occlusion")
+        assert ex.wait(60)
+        assert "training mode" in ex.engine.error and "model.eval()" in ex.engine.error
+        assert model.training and all(modes(model).values())     # not switched behind the user
+    finally:
+        ex.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. In-place changes of the input
+# ---------------------------------------------------------------------------------------------
+class Normalising(TabSeries):
+    """Subtracts 0.5 from its vitals in forward; ``how`` chooses how."""
+
+    def __init__(self, how: str | None):
+        super().__init__()
+        self.how = how
+
+    def forward(self, vitals, series):
+        if self.how == "no_grad":
+            with torch.no_grad():
+                vitals -= 0.5
+        elif self.how == "numpy":
+            vitals.numpy()[...] -= 0.5                # preprocessing written with numpy
+        elif self.how == "data":
+            vitals.data.sub_(0.5)                     # bypasses autograd's version counter
+        else:
+            vitals = vitals - 0.5
+        return super().forward(vitals, series)
+
+
+@pytest.mark.parametrize("method", ["gradient", "occlusion", "integrated_gradients", None])
+def test_a_refused_in_place_model_leaves_the_prepared_instance_as_it_was(method):
+    ad = make_adapter(Normalising("no_grad").eval())
+    inst = instance()
+    p = ad.prepare(inst)
+    raw = {n: v.clone() for n, v in p.raw.items()}
+    continuous = {n: v.clone() for n, v in p.continuous.items()}
+    with pytest.raises(AdapterError) as caught:
+        if method is None:
+            ad.predict(p.raw)
+        else:
+            attribute(ad, p, method, target=1)
+    assert caught.value.code == "input-in-place"
+    for n in raw:
+        assert torch.equal(p.raw[n], raw[n]), n
+        assert torch.equal(p.continuous[n], continuous[n]), n
+    np.testing.assert_array_equal(p.raw["vitals"][0].numpy(), inst["vitals"])
+    # once forward is fixed, the same Prepared gives what a fresh one gives
+    ad.model.how = None
+    again = attribute(ad, p, "occlusion", target=1)
+    fresh = attribute(ad, ad.prepare(inst), "occlusion", target=1)
+    np.testing.assert_array_equal(again.scores["vitals"], fresh.scores["vitals"])
+
+
+@pytest.mark.parametrize("how", ["numpy", "data"])
+def test_a_model_writing_through_numpy_or_data_sees_the_instance_unchanged(how):
+    ad = make_adapter(Normalising(how).eval())
+    reference = make_adapter(Normalising(None).eval())
+    inst = instance()
+    p = ad.prepare(inst)
+    raw = {n: v.clone() for n, v in p.raw.items()}
+    first, second = ad.predict(p.raw), ad.predict(p.raw)
+    assert torch.equal(first, second)
+    np.testing.assert_allclose(first.detach().numpy(),
+                               reference.predict(reference.prepare(inst).raw).detach().numpy(),
+                               rtol=1e-6, atol=1e-7)
+    for n in raw:
+        assert torch.equal(p.raw[n], raw[n]), n
+    occl = attribute(ad, p, "occlusion", target=1)
+    want = attribute(reference, inst, "occlusion", target=1)
+    np.testing.assert_allclose(occl.scores["vitals"], want.scores["vitals"], rtol=1e-5,
+                               atol=1e-6)
+    report = check(ad, inst)
+    assert "nondeterministic" not in report.codes(), str(report)
+    np.testing.assert_array_equal(p.raw["vitals"][0].numpy(), inst["vitals"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Logits of a non-floating dtype
+# ---------------------------------------------------------------------------------------------
+class Cast(TabSeries):
+    def __init__(self, post):
+        super().__init__()
+        self.post = post
+
+    def forward(self, vitals, series):
+        return self.post(super().forward(vitals, series))
+
+
+CASTS = {"bool": lambda z: z > 0, "int64": lambda z: (z * 1000).long(),
+         "complex64": lambda z: z.to(torch.complex64)}
+
+
+@pytest.mark.parametrize("dtype", list(CASTS))
+@pytest.mark.parametrize("method", ["gradient", "occlusion"])
+def test_logits_of_a_non_floating_dtype_are_an_output_dtype_error(dtype, method):
+    ad = make_adapter(Cast(CASTS[dtype]).eval())
+    with pytest.raises(AdapterError) as caught:
+        attribute(ad, instance(), method, target=1)
+    assert caught.value.code == "output-dtype"
+    assert "floating-point" in str(caught.value)
+
+
+@pytest.mark.parametrize("dtype", list(CASTS))
+def test_check_reports_logits_of_a_non_floating_dtype(dtype):
+    report = check(make_adapter(Cast(CASTS[dtype]).eval()), instance())    # does not raise
+    assert not report.ok
+    assert "output-dtype" in {f.code for f in report.errors}, str(report)
+
+
+def test_floating_logits_of_another_precision_are_accepted():
+    ad = make_adapter(Cast(lambda z: z.double()).eval())
+    assert "output-dtype" not in check(ad, instance()).codes()
+    assert np.isfinite(attribute(ad, instance(), "gradient", target=1).scores["vitals"]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The meta device
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("on_meta", ["all", "ser"])
+def test_a_model_on_the_meta_device_is_refused_with_the_fix(on_meta):
+    model = TabSeries()
+    (model if on_meta == "all" else model.ser).to("meta")
+    with pytest.raises(AdapterError) as caught:
+        make_adapter(model.eval())
+    assert caught.value.code == "meta-device"
+    text = str(caught.value)
+    assert "to_empty" in text and "load_state_dict" in text
+    if on_meta == "ser":
+        assert "'ser." in text                    # names the parameter on the meta device
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A modality that no gradient reaches
+# ---------------------------------------------------------------------------------------------
+class FrozenSeries(TabSeries):
+    """The series branch runs under torch.no_grad() (a frozen encoder)."""
+
+    def forward(self, vitals, series):
+        a = torch.tanh(self.tab(vitals))
+        with torch.no_grad():
+            b = torch.tanh(self.ser(series.flatten(1)))
+        return self.head(torch.cat([a, a * b], 1))
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_gradient_methods_name_the_modality_no_gradient_reaches(method):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompletenessWarning)
+        frozen = attribute(make_adapter(FrozenSeries().eval()), instance(), method, target=1)
+        flowing = attribute(make_adapter(TabSeries().eval()), instance(), method, target=1)
+    assert frozen.params["no_gradient"] == ["series"]
+    assert not np.any(frozen.scores["series"])
+    assert np.any(frozen.scores["vitals"])
+    assert "no_gradient" not in flowing.params
+    assert np.any(flowing.scores["series"])
+
+
+def test_perturbation_methods_do_not_report_missing_gradients():
+    a = attribute(make_adapter(FrozenSeries().eval()), instance(), "occlusion", target=1)
+    assert "no_gradient" not in (a.params or {})
+    assert np.any(a.scores["series"])
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_attribute_batch_names_the_modality_no_gradient_reaches(method):
+    ds = make_data(3)
+    instances = [ds[i] for i in range(len(ds))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompletenessWarning)
+        frozen = attribute_batch(make_adapter(FrozenSeries().eval()), instances, method,
+                                 targets=1)
+        flowing = attribute_batch(make_adapter(TabSeries().eval()), instances, method,
+                                  targets=1)
+    assert [r.params.get("no_gradient") for r in frozen] == [["series"]] * 3
+    assert all("no_gradient" not in r.params for r in flowing)
+
+
+def test_the_completeness_warning_says_no_gradient_reaches_the_modality():
+    ad = make_adapter(FrozenSeries().eval())
+    with pytest.warns(CompletenessWarning) as caught:
+        attribute(ad, instance(), "integrated_gradients", target=1)
+    text = " ".join(str(w.message) for w in caught if issubclass(w.category,
+                                                                   CompletenessWarning))
+    assert "no gradient reaches 'series'" in text
+
+
+def test_the_explorer_overlay_says_no_gradient_reaches_the_modality(cache_env, explorer_class):
+    Explorer = explorer_class
+    ex = Explorer(make_adapter(FrozenSeries().eval()), make_data(), delay=0.01)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CompletenessWarning)
+            assert ex.wait(60)
+            ex.select(instance=0, method="integrated_gradients")
+            assert ex.wait(60)
+        caption = ex.input_view.score_caption
+        assert "no gradient reaches" in caption and "series" in caption, caption
+        assert ex.engine.error == ""
+        ex.select(method="occlusion")
+        assert ex.wait(60)
+        assert "no gradient reaches" not in ex.input_view.score_caption
+    finally:
+        ex.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Batch dependence
+# ---------------------------------------------------------------------------------------------
+class Centred(TabSeries):
+    """Centres its decision features over the batch."""
+
+    def forward(self, vitals, series):
+        h = self.encode(vitals, series)
+        return self.head(h - h.mean(0, keepdim=True))
+
+
+class BatchStatistics(TabSeries):
+    """BatchNorm1d without running statistics: the batch's statistics even in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(8, track_running_stats=False)
+
+
+@pytest.mark.parametrize("model_class", [Centred, BatchStatistics])
+@pytest.mark.parametrize("batch_size", [4, 256])
+def test_a_batch_dependent_model_is_refused_by_extract_features(model_class, batch_size):
+    ad = make_adapter(model_class().eval())
+    with pytest.raises(AdapterError) as caught:
+        extract_features(ad, make_data(), batch_size=batch_size, cache=False)
+    assert caught.value.code == "batch-dependent"
+    assert "independently" in str(caught.value)
+
+
+@pytest.mark.parametrize("batch_size, passes", [(1, 8), (3, 9), (4, 9), (256, 9)])
+def test_a_healthy_model_costs_one_pass_per_instance_and_one_check(batch_size, passes):
+    ds = make_data(8)
+    f = extract_features(make_adapter(TabSeries().eval()), ds, batch_size=batch_size,
+                         cache=False)
+    assert f.forward_passes == passes == len(ds) + (batch_size > 1)
+    h, logits = healthy_features(ds)
+    np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f.logits, logits, rtol=1e-5, atol=1e-6)
+    assert f.skipped == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Recompute after a transient fault
+# ---------------------------------------------------------------------------------------------
+class Flaky(TabSeries):
+    """Raises RuntimeError on its first ``failures`` calls only (a device busy for a while)."""
+
+    def __init__(self, failures: int):
+        super().__init__()
+        self.calls: list[int] = []        # lists: not part of the cache's fingerprint
+        self.failures = [failures]
+
+    def forward(self, vitals, series):
+        self.calls.append(len(vitals))
+        if len(self.calls) <= self.failures[0]:
+            raise RuntimeError("transient: device busy")
+        return super().forward(vitals, series)
+
+
+def test_refresh_runs_the_instances_a_transient_fault_left_out_again(tmp_path):
+    ds = make_data(8)
+    ad = make_adapter(Flaky(5).eval())
+    with pytest.warns(RuntimeWarning, match="left out"):
+        first = extract_features(ad, ds, batch_size=8, cache_dir=tmp_path)
+    assert not first.from_cache and first.skipped
+    assert all(why.startswith("ModelInputError") for why in first.skipped.values())
+    assert len(first.indices) + len(first.skipped) == len(ds)
+
+    with pytest.warns(RuntimeWarning, match=r"refresh=True"):
+        cached = extract_features(ad, ds, batch_size=8, cache_dir=tmp_path)
+    assert cached.from_cache and cached.skipped == first.skipped
+    calls = len(ad.model.calls)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # nothing skipped: no warning
+        again = extract_features(ad, ds, batch_size=8, cache_dir=tmp_path, refresh=True)
+        assert len(ad.model.calls) > calls
+        assert not again.from_cache and again.skipped == {}
+        np.testing.assert_array_equal(again.indices, np.arange(len(ds)))
+        h, logits = healthy_features(ds)
+        np.testing.assert_allclose(again.h, h, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(again.logits, logits, rtol=1e-5, atol=1e-6)
+        # the refreshed features replaced the cached ones
+        later = extract_features(ad, ds, batch_size=8, cache_dir=tmp_path)
+    assert later.from_cache and later.skipped == {}
+    np.testing.assert_array_equal(later.h, again.h)
+
+
+def test_the_engines_forget_computes_the_features_again(cache_env):
+    ds = make_data(8)
+    ad = make_adapter(Flaky(5).eval())
+    engine, other, third = Engine(), Engine(), Engine()
+    try:
+        analyses = Analyses(engine, ad, ds)
+        with pytest.warns(RuntimeWarning, match="left out"):
+            first = analyses.features()
+        assert not first.from_cache and first.skipped
+        assert analyses.features() is first                 # memoised until forgotten
+        # the skipped instances are in the on-disk cache: a new Analyses reads them back
+        with pytest.warns(RuntimeWarning, match="refresh=True"):
+            cached = Analyses(other, ad, ds).features()
+        assert cached.from_cache and cached.skipped == first.skipped
+
+        analyses.forget()                                   # the Explorer's recompute
+        calls = len(ad.model.calls)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again = analyses.features()
+        assert len(ad.model.calls) > calls
+        assert not again.from_cache and again.skipped == {}
+        np.testing.assert_array_equal(again.indices, np.arange(len(ds)))
+        # the recomputed features are what the disk cache holds now
+        assert Analyses(third, ad, ds).features().skipped == {}
+    finally:
+        for e in (engine, other, third):
+            e.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. AssertionError and KeyError in forward
+# ---------------------------------------------------------------------------------------------
+class Picky(TabSeries):
+    """Raises ``error`` on any batch holding the instance whose first vital is ``bad``."""
+
+    def __init__(self, error: type[Exception], bad: float):
+        super().__init__()
+        self.error, self.bad = error, bad
+        self.sizes: list[int] = []
+
+    def forward(self, vitals, series):
+        self.sizes.append(len(vitals))
+        if (vitals[:, 0] == self.bad).any():
+            raise self.error("a value this model does not expect")
+        return super().forward(vitals, series)
+
+
+@pytest.mark.parametrize("error", [AssertionError, KeyError])
+def test_assertion_and_key_errors_leave_only_the_failing_instance_out(error):
+    ds = make_data(8)
+    bad = 5
+    model = Picky(error, float(ds[bad]["vitals"][0])).eval()
+    with pytest.warns(RuntimeWarning, match="1 of 8 instances"):
+        f = extract_features(make_adapter(model), ds, batch_size=8, cache=False)
+    assert list(f.skipped) == [bad]
+    reason = f.skipped[bad]
+    assert reason.startswith("ModelInputError") and error.__name__ in reason
+    kept = [i for i in range(len(ds)) if i != bad]
+    np.testing.assert_array_equal(f.indices, kept)
+    h, logits = healthy_features(ds)
+    np.testing.assert_allclose(f.h, h[kept], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f.logits, logits[kept], rtol=1e-5, atol=1e-6)
+    # the failing batch was halved (not dropped, nor run one instance at a time)
+    assert model.sizes[0] == 8 and 4 in model.sizes and 2 in model.sizes
+    assert model.sizes.count(1) < len(ds) - 1
+
+
+@pytest.mark.parametrize("error", [AssertionError, KeyError])
+def test_assertion_and_key_errors_are_model_input_errors_in_a_kernel_call(error):
+    from multiviz_widgets.adapter import ModelInputError
+    ds = make_data(2)
+    ad = make_adapter(Picky(error, float(ds[0]["vitals"][0])).eval())
+    with pytest.raises(ModelInputError) as caught:
+        attribute(ad, ds[0], "occlusion", target=1)
+    assert isinstance(caught.value, RuntimeError)
+    assert isinstance(caught.value.__cause__, error)
+    assert np.isfinite(attribute(ad, ds[1], "occlusion", target=1).scores["vitals"]).all()
