@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -48,7 +48,9 @@ setup(
     description="Jupyter widgets for seeing inside multimodal PyTorch models (MultiViz, on demand).",
     long_description=open(ROOT / "README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["multiviz_widgets", "multiviz_widgets.*"]),
+    # namespace packages: the data-only folders (static/, demos/weights/) are packages too, so
+    # setuptools ships their files without its "Package would be ignored" warnings
+    packages=find_namespace_packages(include=["multiviz_widgets", "multiviz_widgets.*"]),
     package_data={
         "multiviz_widgets": ["static/*.js", "static/*.css", "demos/weights/*.safetensors",
                              "demos/weights/*.json"],
@@ -57,7 +59,7 @@ setup(
     python_requires=">=3.11",   # numpy, scipy, scikit-learn and pandas as pinned
     install_requires=[
         "torch>=2.1", "numpy>=1.24", "ipywidgets>=8", "traitlets>=5", "bqplot>=0.13",
-        "anywidget>=0.9", "ipyvolume>=0.6", "ipython_genutils", "shapiq>=1.0",
+        "anywidget>=0.9", "ipyvolume>=0.6", "ipython_genutils", "six", "shapiq>=1.0",
         "glm_saga>=0.1.2", "scikit-learn>=1.8", "safetensors>=0.4", "easy-vqa>=1.0", "pillow",
     ],
     cmdclass={"build_py": BuildPyWithBundle},
