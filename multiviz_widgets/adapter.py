@@ -291,14 +291,17 @@ def mark_worker_thread() -> None:
     _thread_role.worker = True
 
 
-def training_mode_message(name: str, where: str, active: Sequence[str]) -> str:
-    """Why an Explorer refuses a model in training mode, and how to fix it."""
+def training_mode_message(name: str, where: str, active: Sequence[str],
+                          made: bool = True) -> str:
+    """Why an Explorer refuses a model in training mode, and how to fix it (made: the Explorer
+    exists, and its recompute button shows the views again)."""
     layers = f" with {', '.join(active)} layers" if active else ""
+    fix = ("Call model.eval() (after any training step), then click recompute." if made else
+           "Call model.eval() before making the Explorer (and after any training step).")
     return (f"The model ({name}) {where}{layers}. The Explorer computes on worker threads while "
             "your cells run, so it cannot switch the model to eval mode and back without racing "
             "your own code (a training step would run in eval mode, or your model.eval() be "
-            "undone). Call model.eval() before making the Explorer (and after any training "
-            "step), then click recompute.")
+            f"undone). {fix}")
 
 
 def _in_effect(layer: nn.Module) -> bool:
@@ -456,8 +459,9 @@ class ModelAdapter:
     """Wraps a model that takes one input per modality (in order) and returns [B, C] logits.
 
     model: the torch.nn.Module. Put it in eval mode: a model in training mode is run in eval
-        mode for every computation (dropout off, batch norm on its running statistics, which
-        stay unchanged) and its modes are restored afterwards, with a warning the first time.
+        mode for every computation called from your code (dropout off, batch norm on its running
+        statistics, which stay unchanged) and its modes are restored afterwards, with a warning
+        the first time; the Explorer refuses it (``training_mode_message``).
     modalities: the Modality objects, in the order of the model's arguments.
     class_names: one name per output logit: a list, or a mapping ordered by the logits'
         indices 0..C-1, {index: name} (a HuggingFace config's id2label) or {name: index}.
@@ -805,9 +809,9 @@ class ModelAdapter:
 
     def training_mode(self) -> str | None:
         """None when the model runs as it is (eval mode), else the AdapterError message an
-        Explorer gives for it (``training_mode_message``)."""
+        Explorer being made gives for it (``training_mode_message``)."""
         state = self._training_state()
-        return None if state is None else training_mode_message(self.name, *state)
+        return None if state is None else training_mode_message(self.name, *state, made=False)
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -1085,9 +1089,14 @@ class ModelAdapter:
                 f"model last took {last[n]}" for n in changed) + "."
         else:
             hint = ""
+        series = [n for n in (named or changed or self.names)
+                  if self.modalities[n].kind == "timeseries"]
+        layout = (f" A TimeSeries ({', '.join(map(repr, series))}) reaches forward() as [batch, "
+                  "time, channels]: a model whose Conv1d takes [batch, channels, time] "
+                  "transposes it in forward (x.transpose(1, 2))." if series else "")
         return (f"{head}{hint} Check that the modalities give the shapes the model "
                 "expects (channels, image size, series length, columns) and that they "
-                "are listed in the order of the model's arguments.")
+                f"are listed in the order of the model's arguments.{layout}")
 
     def _table_hint(self, args: Mapping[str, torch.Tensor]) -> str:
         """For an index out of an embedding table's range (torch's "index out of range in
@@ -1296,11 +1305,30 @@ class ModelAdapter:
         return self.forward(raw, features=True)
 
     def decision_weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """(W [C, d], b [C]) of the decision layer, which must be an nn.Linear."""
+        """(W [C, d], b [C]) of the decision layer, which must be an nn.Linear with one output
+        per class (or one, a binary model's logit); else an AdapterError that says what to pass
+        instead (a sparse model's weights serve the contributions and the path)."""
         layer = self.decision_layer
+        instead = ("Or pass sparse_model=fit_sparse_model_for(adapter, train_set) to the "
+                   "Explorer (or to decision_contributions / prediction_path): its weights over "
+                   "h then give the contributions and the path.")
         if not isinstance(layer, nn.Linear):
-            raise AdapterError(f"The decision layer is a {type(layer).__name__}; neuron contributions "
-                               "W[c, j] h_j need an nn.Linear.")
+            raise AdapterError(
+                f"The decision layer, {_layer_name(self.model, layer)}, is not an nn.Linear, so "
+                "it has no weights W[c, j] to weigh the neurons h_j by for each class. " + instead,
+                code="decision-not-linear")
+        c = self.n_classes
+        if layer.out_features != c and not (layer.out_features == 1 and c == 2):
+            # only the default can be such a layer (a given one is refused at construction):
+            # no nn.Linear has one output per class, so the last nn.Linear was taken
+            raise AdapterError(
+                f"The decision layer, {_layer_name(self.model, layer)}, has "
+                f"{layer.out_features} outputs, not one per class ({c}): no nn.Linear of the "
+                "model computes the logits (a head written with F.linear, a matmul or a sum of "
+                "several heads), so it was taken as the last nn.Linear, and its weights are not "
+                "the classes'. Make the head an nn.Linear over the decision-level vector h, or "
+                "call an nn.Identity on h in forward and pass decision_layer= that module. "
+                + instead, code="decision-not-logits")
         w = host_array(layer.weight)
         b = (host_array(layer.bias) if layer.bias is not None
              else np.zeros(w.shape[0], dtype=w.dtype))

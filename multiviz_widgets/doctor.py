@@ -130,9 +130,10 @@ def check(adapter: ModelAdapter, instance) -> Report:
     what = [f"{len(dropouts)} active dropout layer(s)"] if dropouts else []
     what += ["batch norm, which would use batch statistics and update its running ones"
              ] if norms else []
-    fix = ("Every explanation (and this check) runs it in eval mode and restores its mode "
-           "afterwards; call model.eval() before wrapping it so that what is explained is the "
-           "model you evaluate.")
+    fix = ("Every explanation called from your code (and this check) runs it in eval mode "
+           "and restores its mode afterwards, but the Explorer refuses it (it computes beside "
+           "your cells, where switching modes would race them): call model.eval() before "
+           "wrapping it so that what is explained is the model you evaluate.")
     if model.training:
         what = (f"with {' and '.join(what)}" if what else
                 "(no dropout or batch norm layer in it is active, so its outputs are the same)")
@@ -488,7 +489,9 @@ def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls
     if not isinstance(adapter.decision_layer, nn.Linear):
         report.add("warning", "decision-not-linear",
                    "The decision layer is not an nn.Linear: neuron contributions W[c, j] h_j "
-                   "and the prediction path use the sparse linear model instead.")
+                   "and the prediction path need a sparse linear model's weights instead: pass "
+                   "sparse_model=fit_sparse_model_for(adapter, train_set) to the Explorer (or "
+                   "to decision_contributions / prediction_path).")
     return after
 
 

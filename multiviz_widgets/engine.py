@@ -1059,7 +1059,11 @@ class Analyses:
                                                                    self.sparse_model))
 
     def n_neurons(self) -> int:
-        w, _ = self.adapter.decision_weights()
+        """The decision layer's inputs d (an AdapterError for a layer that is not linear)."""
+        layer = self.adapter.decision_layer
+        if isinstance(layer, torch.nn.Linear):
+            return int(layer.in_features)
+        w, _ = self.adapter.decision_weights()       # raises, saying what to pass instead
         return int(w.shape[1])
 
     # -- stage 4 -------------------------------------------------------------------------------

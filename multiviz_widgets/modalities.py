@@ -1265,7 +1265,8 @@ def _float_tensor(raw, name: str) -> torch.Tensor:
 
 
 class TimeSeries(Modality):
-    """A multichannel series [T, C]; units are time windows x channel groups.
+    """A multichannel series [T, C]; units are time windows x channel groups. The model gets
+    a batch as [B, T, C], time first (a Conv1d model transposes it in forward: x.transpose(1, 2)).
 
     window: time steps per unit; channel_groups: lists of channel indices (default: one group
     per channel); baseline: "zero" or "mean" (each channel's mean over the instance).
@@ -1323,7 +1324,9 @@ class TimeSeries(Modality):
             if t.dim() == 1 and c == 1 and t.shape[0]:
                 hint = " A 1-D series of one channel: pass series[:, None] (or .reshape(-1, 1))."
             elif t.dim() == 2 and t.shape[0] == c and t.shape[1] not in (0, c):
-                hint = " It looks like [channels, time]: pass series.T."
+                hint = (" It looks like [channels, time]: pass series.T (the model then gets "
+                        "[batch, time, channels]; a model that wants channels first transposes "
+                        "it in forward).")
             raise ValueError(f"{self.name}: a series must be [time, {c} channels] "
                              f"with at least one time step, got shape {tuple(t.shape)}.{hint}")
         return t

@@ -569,3 +569,86 @@ def test_assertion_and_key_errors_are_model_input_errors_in_a_kernel_call(error)
     assert isinstance(caught.value, RuntimeError)
     assert isinstance(caught.value.__cause__, error)
     assert np.isfinite(attribute(ad, ds[1], "occlusion", target=1).scores["vitals"]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. A head that is not one nn.Linear per class
+# ---------------------------------------------------------------------------------------------
+class FunctionalHead(TabSeries):
+    """Logits from F.linear(h, W): no nn.Linear has one output per class, so the default
+    decision layer is the last nn.Linear (``ser``, 8 outputs), whose weights are not the
+    classes'."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = None
+        self.W = nn.Parameter(torch.randn(2, 16))
+
+    def forward(self, vitals, series):
+        return nn.functional.linear(self.encode(vitals, series), self.W)
+
+
+def test_a_default_decision_layer_that_is_not_the_head_is_refused_for_stage_4():
+    from multiviz_widgets.kernels.prediction import prediction_path
+    from multiviz_widgets.kernels.representations import decision_contributions
+    adapter = ModelAdapter(FunctionalHead().eval(), modalities(), CLASSES)
+    assert adapter.decision_layer is adapter.model.ser
+    for fn in (adapter.decision_weights,
+               lambda: decision_contributions(adapter, instance(), 0),
+               lambda: prediction_path(adapter, instance(), target=0)):
+        with pytest.raises(AdapterError) as caught:
+            fn()
+        assert caught.value.code == "decision-not-logits"
+        message = str(caught.value)
+        assert "ser (Linear)" in message and "not one per class (2)" in message
+        assert "nn.Identity" in message and "fit_sparse_model_for" in message
+    # stages 1 and 2 do not need its weights
+    assert attribute(adapter, instance(), method="gradient").scores["vitals"].shape == (4,)
+
+
+def test_a_decision_layer_that_is_not_linear_says_to_pass_a_sparse_model():
+    adapter = ModelAdapter(TabSeries().eval(), modalities(), CLASSES, decision_layer="drop")
+    with pytest.raises(AdapterError) as caught:
+        adapter.decision_weights()
+    assert caught.value.code == "decision-not-linear"
+    assert "drop (Dropout)" in str(caught.value)
+    assert "sparse_model=fit_sparse_model_for(adapter, train_set)" in str(caught.value)
+
+
+def test_the_explorer_counts_the_neurons_of_a_default_layer_and_shows_stage_4_refused(
+        cache_env, explorer_class):
+    Explorer = explorer_class
+    ex = Explorer(ModelAdapter(FunctionalHead().eval(), modalities(), CLASSES), make_data(),
+                  delay=0.01)
+    try:
+        assert ex.wait(60)
+        assert ex.analyses.n_neurons() == 32        # the inputs of ``ser``, the layer taken
+        ex.select(instance=0, method="occlusion")
+        assert ex.wait(60)
+        state = ex.state()
+        assert len(state["input_scores"]["vitals"]) == 4      # stage 1 is shown
+        assert "decision-not-logits" in repr(state["path"]) or "not one per class" in (
+            repr(state["path"]) + state["error"]), (state["path"], state["error"])
+    finally:
+        ex.close()
+
+
+class ChannelsFirst(nn.Module):
+    """A Conv1d over the series as [batch, channels, time], without the transpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3)
+        self.head = nn.Linear(4 + 4, 2)
+
+    def forward(self, vitals, series):
+        return self.head(torch.cat([vitals, self.conv(series).mean(2)], 1))
+
+
+def test_a_conv1d_given_time_first_is_told_the_layout_and_the_transpose():
+    adapter = make_adapter(ChannelsFirst().eval())
+    with pytest.raises(AdapterError) as caught:
+        adapter.predict(adapter.prepare(instance()).raw)
+    message = str(caught.value)
+    assert "reaches forward() as [batch, time, channels]" in message
+    assert "x.transpose(1, 2)" in message and "'series'" in message
