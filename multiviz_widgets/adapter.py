@@ -549,12 +549,25 @@ class ModelAdapter:
                 continue
             spec = embedding_layers.get(m.name)
             if spec is None:
-                embs = [e for e in model.modules() if isinstance(e, nn.Embedding)]
-                if len(embs) != 1:
+                embs = [(n, e) for n, e in model.named_modules() if isinstance(e, nn.Embedding)]
+                if len(embs) > 1:
                     raise AdapterError(
                         f"Text modality {m.name!r} needs its embedding layer: pass "
-                        f"embedding_layers={{'{m.name}': model.<embedding>}} (the model has "
-                        f"{len(embs)} nn.Embedding modules, so it cannot be guessed).")
+                        f"embedding_layers={{'{m.name}': '<name>'}} with the name of the "
+                        f"nn.Embedding that maps its token ids to vectors; the model has "
+                        f"{len(embs)}, so it cannot be guessed: "
+                        f"{', '.join(repr(n) for n, _ in embs[:8])}.")
+                if not embs:
+                    raise AdapterError(
+                        f"Text modality {m.name!r} needs an embedding layer, a module that maps "
+                        "its token ids [batch, tokens] to vectors [batch, tokens, dim], and the "
+                        "model has no nn.Embedding (a table read by F.embedding or indexing is "
+                        "not a module). Make the table an nn.Embedding (nn.Embedding."
+                        "from_pretrained(weight, freeze=False) keeps its values), or pass "
+                        "embedding_layers="
+                        f"{{'{m.name}': <the module>}}: gradients and token baselines enter "
+                        "through its output.")
+                embs = [e for _, e in embs]
                 spec = embs[0]
             layer = _resolve_module(model, spec, f"embedding of {m.name!r}")
             _check_embedding_layer(model, m, layer)
@@ -960,11 +973,28 @@ class ModelAdapter:
                 self.forward({n: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v
                               for n, v in raw.items()})
             except Exception:  # noqa: BLE001 -- the first error says more
+                if b > 1 and all(v.shape[0] == 1 for v in raw.values()):
+                    self._refuse_batch_of_one_only(raw, b, e)
                 raise e from e.__cause__
             raise ModelInputError(self._model_error_message(args, e.__cause__, perturbed)
                                   ) from e.__cause__
         out = self.as_logits(result[0] if features else result, next(iter(args.values())).shape[0])
         return (out, result[1]) if features else out
+
+    def _refuse_batch_of_one_only(self, raw: Mapping[str, torch.Tensor], b: int,
+                                  error: ModelInputError) -> None:
+        """A ModelInputError saying so when the model runs the instance ``raw`` alone but not as
+        a batch of ``b`` (its ``error``); nothing when it cannot run it alone either."""
+        try:
+            self.forward(raw)
+        except Exception:  # noqa: BLE001 -- then the batch is not the cause
+            return
+        cause = error.__cause__ or error
+        raise ModelInputError(
+            f"The model runs this instance alone but not as a batch of {b} "
+            f"({type(cause).__name__}: {cause}). Every explanation batches its inputs (masked "
+            "copies, points on a path): make forward() take any batch size (no reshape(1, ...), "
+            ".item(), .squeeze() or a loop that assumes one row).") from cause
 
     def is_binary_logit(self, out: Any, b: int) -> bool:
         """Whether ``out`` is a binary model's one logit per instance for a batch of ``b``

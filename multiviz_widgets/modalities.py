@@ -1032,8 +1032,9 @@ class Tabular(Modality):
         else:
             self._baseline = self._vector(baseline, f"Tabular {self.name!r} baseline")
         if self._baseline is not None and self._baseline.shape != (f,):
-            raise ValueError(f"Tabular baseline must have one value per column ({f}), got "
-                             f"shape {tuple(self._baseline.shape)}.")
+            given = "means=" if isinstance(baseline, str) else "baseline="
+            raise ValueError(f"Tabular {self.name!r} {given} must have one value per column "
+                             f"({f}), got shape {tuple(self._baseline.shape)}.")
         if self._baseline is not None and not bool(torch.isfinite(self._baseline).all()):
             bad = [self.columns[i] for i in np.where(~torch.isfinite(self._baseline).numpy())[0]]
             raise ValueError(f"Tabular baseline (or means) is NaN or infinite for columns {bad}: "
@@ -1327,6 +1328,9 @@ class TimeSeries(Modality):
                 hint = (" It looks like [channels, time]: pass series.T (the model then gets "
                         "[batch, time, channels]; a model that wants channels first transposes "
                         "it in forward).")
+            elif t.dim() == 2 and t.shape[0]:
+                hint = (f" channels= names {c} channels but the series has {t.shape[1]} "
+                        "columns: give one name per column.")
             raise ValueError(f"{self.name}: a series must be [time, {c} channels] "
                              f"with at least one time step, got shape {tuple(t.shape)}.{hint}")
         return t

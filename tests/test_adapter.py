@@ -1024,7 +1024,8 @@ def test_a_binary_model_that_ends_in_a_sigmoid_is_told_to_return_the_logit():
 
 def test_a_model_that_takes_one_instance_only_is_not_told_about_baselines():
     """forward() written for a batch of one fails on any batch: the baselines are not to
-    blame (the instance itself fails as a batch of the same size)."""
+    blame (the instance itself fails as a batch of the same size), the batch size is (the
+    instance alone runs)."""
     from multiviz_widgets.kernels.unimodal import attribute
 
     class OneAtATime(Outputs):
@@ -1035,7 +1036,9 @@ def test_a_model_that_takes_one_instance_only_is_not_told_about_baselines():
                      ["n", "y"])
     with pytest.raises(ModelInputError) as e:
         attribute(a, drop_norm_instance(), "occlusion", target=0)
-    assert "baseline" not in str(e.value) and "shapes the model expects" in str(e.value)
+    assert "baseline" not in str(e.value)
+    assert "runs this instance alone but not as a batch" in str(e.value)
+    assert "take any batch size" in str(e.value)
 
 
 def test_argument_order_is_read_through_data_parallel_and_the_wrapper_advice_keeps_names():

@@ -652,3 +652,51 @@ def test_a_conv1d_given_time_first_is_told_the_layout_and_the_transpose():
     message = str(caught.value)
     assert "reaches forward() as [batch, time, channels]" in message
     assert "x.transpose(1, 2)" in message and "'series'" in message
+
+
+class OneRowOnly(TabSeries):
+    """Runs a batch of one only (a reshape that assumes one row)."""
+
+    def forward(self, vitals, series):
+        return super().forward(vitals.reshape(1, 4), series.reshape(1, 16, 2))
+
+
+@pytest.mark.parametrize("method", ["occlusion", "integrated_gradients"])
+def test_a_model_that_runs_one_row_only_is_told_to_take_any_batch_size(method):
+    from multiviz_widgets.adapter import ModelInputError
+    adapter = make_adapter(OneRowOnly().eval())
+    adapter.predict(adapter.prepare(instance()).raw)             # alone, it runs
+    with pytest.raises(ModelInputError, match=r"runs this instance alone but not as a batch of "
+                                              r"\d+ .*take any batch size"):
+        attribute(adapter, instance(), method=method)
+
+
+def test_messages_name_what_was_given_wrongly():
+    """means= of the wrong length is named as means=; a channels= list longer than the data's
+    columns is named as the cause."""
+    with pytest.raises(ValueError, match=r"'vitals' means= must have one value per column"):
+        Tabular("vitals", columns=COLUMNS, baseline="mean", means=[0.0, 1.0])
+    series = TimeSeries("series", window=4, channels=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"channels= names 3 channels but the series has 2 "):
+        series.to_tensor(np.zeros((16, 2)))
+
+
+class TwoTables(nn.Module):
+    def __init__(self, n_tables: int):
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(10, 4) for _ in range(n_tables))
+        self.weight = nn.Parameter(torch.randn(10, 4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, text):
+        return self.head(nn.functional.embedding(text, self.weight).mean(1))
+
+
+@pytest.mark.parametrize("n_tables, says", [
+    (2, r"cannot be guessed: 'tables.0', 'tables.1'"),
+    (0, r"has no nn.Embedding \(a table read by F.embedding .*nn.Embedding.from_pretrained")])
+def test_a_text_embedding_that_cannot_be_found_is_named_or_explained(n_tables, says):
+    from multiviz_widgets import Text
+    with pytest.raises(AdapterError, match=says):
+        ModelAdapter(TwoTables(n_tables), [Text("text", vocab=["[PAD]", "[UNK]", "a", "b"])],
+                     CLASSES)

@@ -1122,8 +1122,9 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
     else:
         t = adapter.target(target)
     if t.kind != "class":
-        raise ValueError("decision_contributions explains a class; give a class index or name, "
-                         f"not {t}.")
+        raise ValueError("Neuron contributions and the prediction path explain a class (class "
+                         f"<- neurons); give a class index or name, not {t}. What drives a "
+                         f"neuron: attribute(..., target=Neuron({t.index})).")
     c = t.index
     if sparse_model is not None:
         if sparse_model.weight.shape[1] != h.shape[0]:
