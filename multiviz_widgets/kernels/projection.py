@@ -1,7 +1,8 @@
 """Projections for the Explorer's global views (pure numpy; no widgets).
 
-* ``project_3d(h)``: decision-level features [N, d] to 3-D by PCA (centred SVD), scaled to
-  the unit cube, so the EmbeddingView only draws points.
+* ``project_3d(h)``: decision-level features [N, d] to 3-D by PCA (exact, from the d x d
+  covariance, for up to ``EXACT_MAX_FEATURES`` features), scaled to the unit cube, so the
+  EmbeddingView only draws points.
 * ``colour_groups(...)``: one group id per point (label, prediction or correctness) and the
   group names, for the EmbeddingView's colours.
 * ``path_layout(path)``: the prediction path (class <- neurons <- units) as positioned nodes
@@ -9,7 +10,7 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -17,56 +18,125 @@ from ..checks import positive_int
 
 #: The most axes project_3d returns (the EmbeddingView draws 3-D points).
 MAX_DIMS = 3
+#: Up to this many features project_3d computes the exact PCA, from the eigenvectors of the
+#: d x d covariance (O(N d^2) time, O(d^2) memory besides the rows in hand).
+EXACT_MAX_FEATURES = 2048
+#: Above EXACT_MAX_FEATURES, the axes are fitted on a random sample of this many rows.
+SAMPLE_ROWS = 4096
+#: Rows are read in chunks of about this many values (32 MiB of float64), so that the work
+#: memory stays bounded whatever N (the input is never copied whole).
+_CHUNK_VALUES = 1 << 22
+
+
+def _chunks(n: int, d: int) -> Iterator[slice]:
+    step = max(1, _CHUNK_VALUES // max(d, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
 
 
 def project_3d(h: np.ndarray, dims: int = 3) -> np.ndarray:
     """PCA of h [N, d] onto its first ``dims`` (1..3) principal axes, scaled into [-1, 1].
 
-    Fewer than ``dims`` features or instances pad with zeros. h must be finite (a ValueError
-    names the rows with NaN or infinity). Cost: one thin SVD of [N, d] (for large N a random
-    sample of 4096 rows fits the axes, then all rows are projected).
+    Returns float32 [N, dims]: the centred rows' coordinates on the axes, all divided by one
+    shared scale (the largest absolute coordinate, so the aspect between axes is kept). Each
+    axis' sign is fixed so that its largest loading is positive (deterministic). Axes that
+    the data do not span (fewer than ``dims`` features, or fewer than ``dims`` + 1 instances,
+    or constant features) are zeros. h must be finite (a ValueError names the rows with NaN
+    or infinity).
+
+    Method: for d <= ``EXACT_MAX_FEATURES`` (decision layers are usually far narrower) the
+    exact PCA, from the eigenvectors of the d x d covariance accumulated in float64 over
+    chunks of rows: O(N d^2) time, and float64 work arrays of at most about 32 MiB whatever N
+    (a random subsample of rows saved no time here and tilted the axes by degrees). Above
+    that, d^2 work and memory grow large, so the axes are the top right singular vectors of
+    a random (seeded) sample of ``SAMPLE_ROWS`` centred rows (all rows, so exact, when N is
+    not larger), and all rows are projected on them.
     """
     dims = positive_int(dims, "dims (axes of the projection)")
     if dims > MAX_DIMS:
         raise ValueError(f"dims must be at most {MAX_DIMS} (a projection for a 3-D view), got "
                          f"{dims}.")
-    h = np.asarray(h, dtype=np.float64)
+    h = np.asarray(h)
+    if not (h.dtype.kind == "f" and h.dtype.itemsize <= 8):
+        h = np.asarray(h, dtype=np.float64)       # float16/32/64 are converted chunk by chunk
     if h.ndim != 2:
         raise ValueError(f"project_3d needs a matrix [instances, features], got shape {h.shape}.")
-    bad = np.where(~np.isfinite(h).all(1))[0]
+    n, d = h.shape
+    parts = list(_chunks(n, d)) if d else []
+    bad, size = [], 0.0
+    for part in parts:
+        block = h[part]
+        top = float(max(block.max(), -block.min())) if block.size else 0.0  # NaN/inf if any
+        if np.isfinite(top):
+            size = max(size, top)
+        else:
+            bad.append(np.where(~np.isfinite(block).all(1))[0] + part.start)
+    bad = np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
     if len(bad):
         raise ValueError(f"The features contain non-finite values (NaN or infinity) in {len(bad)} "
                          f"row(s), e.g. rows {bad[:10].tolist()}; drop those instances or check "
                          "the model on them.")
-    n, d = h.shape
     out = np.zeros((n, dims), dtype=np.float32)
-    if n == 0:
+    if n < 2 or d == 0 or size == 0:
         return out
-    # PCA is scale-free: scaled to at most 1 first, so that neither the mean nor the centring
-    # of huge values (1e308) overflows
-    size = np.abs(h).max() if h.size else 0.0
-    if size > 0:
-        h = h / size
-    centred = h - h.mean(0, keepdims=True)
-    spread = np.abs(centred).max() if centred.size else 0.0
-    if spread > 0:
-        centred = centred / spread
-    fit = centred
-    if n > 4096:
-        rng = np.random.default_rng(0)
-        fit = centred[rng.choice(n, 4096, replace=False)]
-    if n > 1 and d > 0:
-        _, _, vt = np.linalg.svd(fit, full_matrices=False)
-        k = min(dims, vt.shape[0])
-        # a deterministic sign: the largest loading of every axis is positive
-        signs = np.sign(vt[np.arange(k), np.abs(vt[:k]).argmax(1)])
-        signs[signs == 0] = 1
-        proj = centred @ (vt[:k].T * signs)
-        out[:, :k] = proj
-    scale = np.abs(out).max()
+    # PCA is scale-free: the rows are scaled to at most 1 first, so that neither the mean nor
+    # the centring of huge values (1e308) overflows, then centred and scaled again to at most
+    # 1, so that the covariance of tiny spreads does not underflow
+    if len(parts) == 1:                              # small enough for one float64 copy
+        x = h.astype(np.float64)
+        x /= size
+        x -= x.sum(0) / n
+        spread = float(max(x.max(), -x.min()))
+        if spread == 0:
+            return out
+        x /= spread
+
+        def rows(part) -> np.ndarray:
+            return x[part]
+    else:
+        mean = np.zeros(d)
+        for part in parts:
+            mean += (h[part].astype(np.float64) / size).sum(0)
+        mean /= n
+        spread = max(float(np.abs(h[part].astype(np.float64) / size - mean).max())
+                     for part in parts)
+        if spread == 0:
+            return out
+
+        def rows(part) -> np.ndarray:
+            return (h[part].astype(np.float64) / size - mean) / spread
+
+    if d <= EXACT_MAX_FEATURES:
+        cov = np.zeros((d, d))
+        for part in parts:
+            r = rows(part)
+            cov += r.T @ r
+        values, vectors = np.linalg.eigh(cov)        # ascending
+        top = np.argsort(values, kind="stable")[::-1]
+        values, axes = values[top], vectors[:, top].T
+        # eigenvalues are squared singular values: their rounding is about eps * largest
+        null = values <= values[0] * max(n, d) * np.finfo(np.float64).eps
+    else:
+        fit = np.arange(n)
+        if n > SAMPLE_ROWS:
+            fit = np.sort(np.random.default_rng(0).choice(n, SAMPLE_ROWS, replace=False))
+        _, values, axes = np.linalg.svd(rows(fit), full_matrices=False)
+        null = values <= values[0] * max(len(fit), d) * np.finfo(np.float64).eps
+    k = min(dims, len(axes), int((~null).sum()))
+    if k == 0:
+        return out
+    axes = axes[:k]
+    # a deterministic sign: the largest loading of every axis is positive
+    signs = np.sign(axes[np.arange(k), np.abs(axes).argmax(1)])
+    signs[signs == 0] = 1
+    axes = axes.T * signs
+    proj = np.zeros((n, k))
+    for part in parts:
+        proj[part] = rows(part) @ axes
+    scale = np.abs(proj).max()
     if scale > 0:
-        out /= scale
-    return out.astype(np.float32)
+        out[:, :k] = proj / scale
+    return out
 
 
 #: The group of points whose label lies outside the model's classes (colouring by label or
