@@ -700,3 +700,10 @@ def test_a_text_embedding_that_cannot_be_found_is_named_or_explained(n_tables, s
     with pytest.raises(AdapterError, match=says):
         ModelAdapter(TwoTables(n_tables), [Text("text", vocab=["[PAD]", "[UNK]", "a", "b"])],
                      CLASSES)
+
+
+def test_the_path_caption_reads_second_order_links_as_curvature():
+    from multiviz_widgets.views.path_view import pair_colours
+    assert "curvature" in pair_colours({"interaction_method": "second_order"})
+    assert pair_colours({"interaction_method": "pairwise_ablation"}) == (
+        "red: they reinforce each other")

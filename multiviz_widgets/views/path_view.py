@@ -58,6 +58,16 @@ def path_methods(path: dict) -> str:
     return f"{said}, " + (f"pairs by {method_label(pairs)}" if pairs else "no pairs")
 
 
+def pair_colours(path: dict) -> str:
+    """What a red link between two units means, by the method of the path's pairs: removing
+    units (ablation, Shapley) measures whether they reinforce each other; second-order
+    gradients measure a local curvature, whose sign can differ (as the heatmap's legend says)."""
+    if path.get("interaction_method") == "second_order":
+        return ("red: raising the two together raises the neuron more than each alone, a local "
+                "curvature whose sign can differ from removing them")
+    return "red: they reinforce each other"
+
+
 def signed_link_values(links: list[dict]) -> list[float]:
     """Each link's value over the largest |value| of its kind (contribution, attribution,
     pair), in [-1, 1]: the kinds are in different units (logits, attribution scores,
@@ -175,8 +185,8 @@ class PathView(W.VBox):
                               else f"prediction path to class {cls_text} (red box): units -> "
                                    "neurons -> class, left to right; red edges raise the node on "
                                    "their right, blue lower it, paler is weaker; a link between "
-                                   "two units: their interaction (red: they reinforce each "
-                                   "other); grey boxes: other likely classes (click a node)")
+                                   f"two units: their interaction ({pair_colours(path)}); grey "
+                                   "boxes: other likely classes (click a node)")
         if not note:
             self.caption.value += f"; {path_methods(path)}"
         ablated = (path.get("params") or {}).get("pairs_by_ablation") or []
