@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import math
 import operator
 import os
 import sys
@@ -302,6 +303,20 @@ def training_mode_message(name: str, where: str, active: Sequence[str],
             "your cells run, so it cannot switch the model to eval mode and back without racing "
             "your own code (a training step would run in eval mode, or your model.eval() be "
             f"undone). {fix}")
+
+
+def masked_logits_hint(logits) -> str:
+    """For logits [B, C] (a tensor or an array) that are not finite only by -inf (each row with
+    a finite largest value): a sentence saying to mask classes with a finite value; else ""."""
+    z = torch.as_tensor(logits).detach().double().reshape(-1, logits.shape[-1])
+    if z.numel() == 0 or z.isnan().any() or (z == math.inf).any() or not (z == -math.inf).any():
+        return ""
+    if not torch.isfinite(z.max(1).values).all():
+        return ""
+    return (" Its -inf logits look like masked classes: mask them with a large negative finite "
+            "value instead (logits.masked_fill(mask, -1e4)), which gives the same "
+            "probabilities, since averages and differences of logits (EMAP, integrated "
+            "gradients' completeness, the sparse model) need finite values.")
 
 
 def _in_effect(layer: nn.Module) -> bool:

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .adapter import AdapterError, ModelAdapter, Prepared
+from .adapter import AdapterError, ModelAdapter, Prepared, masked_logits_hint
 from .kernels.common import math_attention
 from .kernels.interactions import ROUNDING_EPS
 from .modalities import Text
@@ -331,7 +331,7 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
     if not torch.isfinite(out).all():
         report.add("error", "non-finite",
                    "The model's output contains NaN or infinity for this instance; check the "
-                   "input scaling and the model's numerics.", _ALL)
+                   "input scaling and the model's numerics." + masked_logits_hint(out), _ALL)
         return
     row = out[0]
     if (row >= 0).all() and (row <= 1).all() and abs(float(row.sum()) - 1) < 1e-4:

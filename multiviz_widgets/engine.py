@@ -44,7 +44,7 @@ import torch
 import traitlets
 
 from .adapter import (AdapterError, Class, ModelAdapter, Neuron, Prepared, Target,
-                      mark_worker_thread)
+                      mark_worker_thread, masked_logits_hint)
 from .checks import positive_int
 from .data import MultimodalDataset
 from .display_text import quoted
@@ -922,7 +922,8 @@ class Analyses:
                 f"The model's output for instance {i} is not finite: logits "
                 f"{np.array2string(np.asarray(z), precision=3, threshold=8)} contain NaN or "
                 "infinity, so there is no predicted class and nothing to explain; check the "
-                "model's forward on this instance (e.g. a division by zero or log(0)).")
+                "model's forward on this instance (e.g. a division by zero or log(0))."
+                + masked_logits_hint(z))
         return z
 
     def class_index(self, i: int, target: int) -> int:

@@ -6,6 +6,7 @@ raising AssertionError or KeyError."""
 from __future__ import annotations
 
 import importlib
+import math
 import threading
 import warnings
 
@@ -707,3 +708,46 @@ def test_the_path_caption_reads_second_order_links_as_curvature():
     assert "curvature" in pair_colours({"interaction_method": "second_order"})
     assert pair_colours({"interaction_method": "pairwise_ablation"}) == (
         "red: they reinforce each other")
+
+
+class MaskedClass(TabSeries):
+    """Three classes, the last masked by -inf (valid logits: its probability is 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, vitals, series):
+        z = super().forward(vitals, series)
+        return z.masked_fill(torch.tensor([False, False, True]), -math.inf)
+
+
+def masked_adapter() -> ModelAdapter:
+    return ModelAdapter(MaskedClass().eval(), modalities(), ["a", "b", "masked"],
+                        decision_layer="head")
+
+
+def test_logits_masked_by_minus_infinity_are_told_to_use_a_finite_mask():
+    from multiviz_widgets.engine import Engine as _Engine
+    adapter = masked_adapter()
+    report = check(adapter, instance())
+    assert "non-finite" in report.codes()
+    assert "masked_fill(mask, -1e4)" in str(report)
+    engine = _Engine()
+    try:
+        with pytest.raises(ValueError, match=r"-inf logits look like masked classes"):
+            Analyses(engine, adapter, make_data()).logits(0)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("method", ["gradient", "grad_x_input", "integrated_gradients"])
+def test_explaining_a_class_masked_by_minus_infinity_is_refused(method):
+    with pytest.raises(ValueError, match=r"masked by -inf has nothing to explain"):
+        attribute(masked_adapter(), instance(), method=method, target=2)
+
+
+def test_second_order_of_a_class_masked_by_minus_infinity_is_refused():
+    from multiviz_widgets.kernels.interactions import interaction
+    with pytest.raises(ValueError, match=r"second_order: .* is -inf .*masked by -inf"):
+        interaction(masked_adapter(), instance(), "second_order", target=2)

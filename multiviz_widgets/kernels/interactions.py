@@ -170,6 +170,17 @@ def _first_gradient(f: torch.Tensor, x: torch.Tensor, target: Target) -> torch.T
     if not f.requires_grad:
         _raise_not_differentiable(target, "Second-order gradients (interaction method "
                                   "second_order)", "pairwise_ablation or shapley")
+    if bool(torch.isinf(f).any()):
+        # (a NaN output gives a NaN matrix, which the kernel's own check explains; an infinite
+        # one, a class masked by -inf, gives finite derivatives of what came before the mask)
+        value = float(f.reshape(-1)[torch.isinf(f.reshape(-1))][0])
+        raise ValueError(
+            f"second_order: the model's output for target {target} is {value} on the instance, "
+            "so its derivatives say nothing (NaN results are never returned): check the model "
+            "on this instance, e.g. with multiviz_widgets.check(adapter, instance)."
+            + (" A class masked by -inf has nothing to explain (a finite mask value, "
+               "logits.masked_fill(mask, -1e4), gives the same probabilities)."
+               if value == -math.inf else ""))
     g, = torch.autograd.grad(f.sum(), x, create_graph=True, allow_unused=True)
     return g
 

@@ -39,7 +39,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..adapter import AdapterError, ModelAdapter, ModelInputError, _outside_stacklevel
+from ..adapter import (AdapterError, ModelAdapter, ModelInputError, _outside_stacklevel,
+                       masked_logits_hint)
 from ..atomic_file import write_atomically
 from ..data import MultimodalDataset
 from ..modalities import _stable_callable, _stable_text, hash_code
@@ -346,7 +347,9 @@ def _finite_rows(logits: torch.Tensor, h: torch.Tensor, positions: Sequence[int]
         parts = [f"{name} {int((~torch.isfinite(t[row])).sum())} of {t.shape[1]} values"
                  for name, t, b in (("decision features", h, bad_h),
                                     ("logits", logits, bad_logits)) if b[row]]
-        nonfinite[positions[row]] = ", ".join(parts) + " NaN or infinite"
+        masked = (" (-inf: a masked class? mask with a large negative finite value)"
+                  if not bad_h[row] and masked_logits_hint(logits[row:row + 1]) else "")
+        nonfinite[positions[row]] = ", ".join(parts) + " NaN or infinite" + masked
     return ~bad
 
 
@@ -585,7 +588,10 @@ def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipp
         raise ValueError(f"The model's output is not finite for every instance it ran "
                          f"({computed}; instance {int(idx[first])}: {nonfinite[first]}): "
                          "there are no decision features to show. Check the model for "
-                         "numerical problems (a log or sqrt of a negative, a division by 0).")
+                         "numerical problems (a log or sqrt of a negative, a division by 0)."
+                         + (" A logit of -inf (a masked class?) counts too: mask with a large "
+                            "negative finite value." if "masked class" in nonfinite[first]
+                            else ""))
     if skipped is not None:
         skipped.update(reasons)
     _warn_skipped(reasons, total)

@@ -449,9 +449,13 @@ def raise_not_finite(adapter: ModelAdapter, prepared: Prepared, target: Target,
     head = (f"{method}: the model produced NaN or infinite values, so the {what} would not be "
             f"finite (NaN results are never returned). Its output for target {target}")
     if not math.isfinite(fx):
+        masked = (" A class masked by -inf has nothing to explain (and a finite mask value, "
+                  "logits.masked_fill(mask, -1e4), gives the same probabilities)."
+                  if fx == -math.inf else "")
         raise ValueError(f"{head} is {fx} on the instance itself: check the model and the "
                          "input (a sqrt or log of a negative number, a division by zero, an "
-                         "overflow), e.g. with multiviz_widgets.check(adapter, instance).")
+                         "overflow), e.g. with multiviz_widgets.check(adapter, instance)."
+                         + masked)
     if not math.isfinite(fb):
         bad = [n for n, v in zip(names, alone) if not math.isfinite(v)]
         hint = _division_hint(adapter, prepared, target, bad, method) or hint
@@ -1049,8 +1053,11 @@ class _Gradient(_GradientFamily):
         if progress is not None:
             report(progress, 0, 1, self.label)
         x = prepared.continuous
-        grads, _ = _input_grads(adapter, prepared, target, {n: x[n] for n in names},
-                                one_row=True)
+        grads, out = _input_grads(adapter, prepared, target, {n: x[n] for n in names},
+                                  one_row=True)
+        if not bool(torch.isfinite(out).all()):
+            # an infinite target (a class masked by -inf) has finite, meaningless gradients
+            raise_not_finite(adapter, prepared, target, names, self.name, "scores")
         scores, maps = _scores_and_maps(adapter, prepared, self._attributions(prepared, names,
                                                                               grads))
         if progress is not None:
