@@ -244,7 +244,9 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     """DIME (Lyu et al. 2022): explain UC = EMAP(f) and MI = f - UC of one instance with LIME.
 
     index: an instance number of ``dataset`` (or an instance dict); the reference set is
-    ``reference_indices`` or ``n_reference`` instances drawn with ``seed``. For a unit mask z,
+    ``reference_indices`` or ``n_reference`` instances drawn with ``seed``. modalities: the
+    pair (a, b) explained (default: the first two); with three or more modalities, the others
+    stay at the instance's own values in every evaluation. For a unit mask z,
     UC(z) = mean_j f(x_a^z, x_b^j) + mean_i f(x_a^i, x_b^z) - mean_ij f(x_a^i, x_b^j) and
     MI(z) = f(x^z) - UC(z). design: "per_modality" (the default, as the original DIME code)
     explains UC and MI over the units of a with b intact, then over the units of b with a intact,
