@@ -13,7 +13,7 @@ Command line (fixed seeds, 2 threads, about 8 minutes on two cores)::
 
     python -m multiviz_widgets.demos.easy_vqa train
     python -m multiviz_widgets.demos.easy_vqa evaluate --json
-    python -m multiviz_widgets.demos.easy_vqa fit-sparse      # the stage-4 sparse model, 40 s
+    python -m multiviz_widgets.demos.easy_vqa fit-sparse      # the stage-4 sparse model, about 45 s
 
 The stage-4 sparse linear model of the shipped weights ships beside them
 (``weights/easy_vqa_sparse.json``, ``load_sparse_model``), fitted by ``fit_sparse``.
@@ -512,7 +512,7 @@ def fit_sparse(out_path: str | Path | None = None, *, n_lambdas: int = 20,
     for, so that ``load_sparse_model`` refuses it beside other weights. ``max_train``: fit on
     the first questions only (for a smoke test); ``cache``: read and write the features' disk
     cache (``extract_features``). Returns the SparseModel. Cost: about 15 s of features (none
-    when cached) and about 20 s of fitting on two cores.
+    when cached) and about 30 s of fitting on two cores.
     """
     from ..kernels.prediction import fit_sparse_model
     from ..kernels.representations import extract_features
