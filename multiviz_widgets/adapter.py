@@ -132,13 +132,17 @@ def _resolve_module(model: nn.Module, spec, what: str) -> nn.Module:
                        f"{type(spec).__name__}.")
 
 
+def _gives_logits(layer: nn.Linear, n_classes: int) -> bool:
+    """Whether an nn.Linear's output can be the logits: one output per class, or one (a binary
+    model's logit, read as [-z/2, z/2])."""
+    return layer.out_features == n_classes or (layer.out_features == 1 and n_classes == 2)
+
+
 def _check_decision_width(model: nn.Module, layer: nn.Module, n_classes: int) -> None:
     """Reject, at construction, a decision layer given as an nn.Linear whose output cannot be
-    the logits: one output per class, or one (a binary model's logit, read as [-z/2, z/2]).
-    Its weights would be taken as the classes' (neuron bars, the prediction path), and only
-    the doctor, which the Explorer never runs, would say so."""
-    if not isinstance(layer, nn.Linear) or layer.out_features == n_classes or (
-            layer.out_features == 1 and n_classes == 2):
+    the logits (``_gives_logits``). Its weights would be taken as the classes' (neuron bars,
+    the prediction path), and only the doctor, which the Explorer never runs, would say so."""
+    if not isinstance(layer, nn.Linear) or _gives_logits(layer, n_classes):
         return
     raise AdapterError(
         f"The decision layer given, {_layer_name(model, layer)}, has {layer.out_features} "
@@ -305,6 +309,14 @@ def training_mode_message(name: str, where: str, active: Sequence[str],
             f"undone). {fix}")
 
 
+#: How to mask a class so that every method can still compute: the same probabilities as -inf.
+MASK_FINITE = ("mask classes with a large negative finite value instead "
+               "(logits.masked_fill(mask, -1e4)): the same probabilities")
+
+#: What a method that explains a class masked by -inf says.
+MASKED_TARGET_NOTE = f" A class masked by -inf has nothing to explain ({MASK_FINITE})."
+
+
 def masked_logits_hint(logits) -> str:
     """For logits [B, C] (a tensor or an array) that are not finite only by -inf (each row with
     a finite largest value): a sentence saying to mask classes with a finite value; else ""."""
@@ -313,10 +325,9 @@ def masked_logits_hint(logits) -> str:
         return ""
     if not torch.isfinite(z.max(1).values).all():
         return ""
-    return (" Its -inf logits look like masked classes: mask them with a large negative finite "
-            "value instead (logits.masked_fill(mask, -1e4)), which gives the same "
-            "probabilities, since averages and differences of logits (EMAP, integrated "
-            "gradients' completeness, the sparse model) need finite values.")
+    return (f" Its -inf logits look like masked classes: {MASK_FINITE}, and averages and "
+            "differences of logits (EMAP, integrated gradients' completeness, the sparse "
+            "model) finite.")
 
 
 def _in_effect(layer: nn.Module) -> bool:
@@ -505,6 +516,14 @@ class ModelAdapter:
             raise AdapterError(f"ModelAdapter needs a torch.nn.Module, got {type(model).__name__}.")
         meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()]
                      if t.is_meta), None)
+        if meta is not None and any(hasattr(m, "_hf_hook") for m in model.modules()):
+            raise AdapterError(
+                f"The model's {meta!r} (and maybe more) is on the 'meta' device, moved in only "
+                "during each forward by accelerate's offloading hooks (device_map= or "
+                "cpu_offload). The explanations read the weights between passes (the decision "
+                "layer's, the feature cache's key), so load the model whole onto one device: "
+                "from_pretrained without device_map=, or with device_map='cpu'.",
+                code="meta-device")
         if meta is not None:
             raise AdapterError(
                 f"The model's {meta!r} (and maybe more) is on the 'meta' device: it has a shape "
@@ -836,10 +855,13 @@ class ModelAdapter:
         return where, active
 
     def training_mode(self) -> str | None:
-        """None when the model runs as it is (eval mode), else the AdapterError message an
-        Explorer being made gives for it (``training_mode_message``)."""
+        """None when the model's outputs do not depend on its mode (no dropout or batch norm
+        layer in training mode), else the AdapterError message an Explorer being made gives
+        for it (``training_mode_message``)."""
         state = self._training_state()
-        return None if state is None else training_mode_message(self.name, *state, made=False)
+        if state is None or not state[1]:
+            return None
+        return training_mode_message(self.name, *state, made=False)
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -847,16 +869,22 @@ class ModelAdapter:
         statistics, which then stay unchanged); every module's mode is restored afterwards.
         A model in training mode, or one whose dropout or batch norm layers are (``sub.train()``
         after ``model.eval()``), is warned about once per adapter; on an Explorer's worker
-        thread (``mark_worker_thread``) it is refused instead, since switching it there would
-        race the user's cells. Cost: nothing when the model and those layers are in eval mode:
-        every forward pass runs through here."""
+        thread (``mark_worker_thread``) it is refused instead when dropout or batch norm layers
+        are active, since switching it there would race the user's cells (and run as it is
+        otherwise: no layer acts on the mode). Cost: nothing when the model and those layers
+        are in eval mode: every forward pass runs through here."""
         state = self._training_state()
         if state is None:
             yield
             return
-        if getattr(_thread_role, "worker", False):
-            raise AdapterError(training_mode_message(self.name, *state), code="training-mode")
         where, active = state
+        if getattr(_thread_role, "worker", False):
+            if active:
+                raise AdapterError(training_mode_message(self.name, where, active),
+                                   code="training-mode")
+            # no layer acts on the mode (as check() says): run it as it is, not switched
+            yield
+            return
         if active and not getattr(self, "_warned_training", False):
             self._warned_training = True
             warnings.warn(
@@ -1087,8 +1115,7 @@ class ModelAdapter:
             out = self.model(**args) if self.keyword_inputs else self.model(*args.values())
         except AdapterError:
             raise
-        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError,
-                AttributeError, NotImplementedError) as e:
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError) as e:
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
             raise ModelInputError(self._model_error_message(args, e)) from e
@@ -1354,26 +1381,26 @@ class ModelAdapter:
         per class (or one, a binary model's logit); else an AdapterError that says what to pass
         instead (a sparse model's weights serve the contributions and the path)."""
         layer = self.decision_layer
-        instead = ("Or pass sparse_model=fit_sparse_model_for(adapter, train_set) to the "
-                   "Explorer (or to decision_contributions / prediction_path): its weights over "
-                   "h then give the contributions and the path.")
+        sparse = ("sparse_model=fit_sparse_model_for(adapter, train_set) to the Explorer (or to "
+                  "decision_contributions / prediction_path): its weights over h then give the "
+                  "contributions and the path.")
         if not isinstance(layer, nn.Linear):
             raise AdapterError(
                 f"The decision layer, {_layer_name(self.model, layer)}, is not an nn.Linear, so "
-                "it has no weights W[c, j] to weigh the neurons h_j by for each class. " + instead,
-                code="decision-not-linear")
-        c = self.n_classes
-        if layer.out_features != c and not (layer.out_features == 1 and c == 2):
+                "it has no weights W[c, j] to weigh the neurons h_j by for each class. Pass "
+                + sparse, code="decision-not-linear")
+        if not _gives_logits(layer, self.n_classes):
             # only the default can be such a layer (a given one is refused at construction):
             # no nn.Linear has one output per class, so the last nn.Linear was taken
             raise AdapterError(
                 f"The decision layer, {_layer_name(self.model, layer)}, has "
-                f"{layer.out_features} outputs, not one per class ({c}): no nn.Linear of the "
-                "model computes the logits (a head written with F.linear, a matmul or a sum of "
-                "several heads), so it was taken as the last nn.Linear, and its weights are not "
-                "the classes'. Make the head an nn.Linear over the decision-level vector h, or "
-                "call an nn.Identity on h in forward and pass decision_layer= that module. "
-                + instead, code="decision-not-logits")
+                f"{layer.out_features} outputs, not one per class ({self.n_classes}): no "
+                "nn.Linear of the model computes the logits (a head written with F.linear, a "
+                "matmul or a sum of several heads), so it was taken as the last nn.Linear, and "
+                "its weights are not the classes' (its input is not h either). Make the head an "
+                "nn.Linear over the decision-level vector h; or call an nn.Identity on h in "
+                "forward, pass decision_layer= that module, and pass " + sparse,
+                code="decision-not-logits")
         w = host_array(layer.weight)
         b = (host_array(layer.bias) if layer.bias is not None
              else np.zeros(w.shape[0], dtype=w.dtype))

@@ -759,8 +759,8 @@ class Kernels:
                            progress=progress)
 
     def features(self, adapter: ModelAdapter, dataset: MultimodalDataset, progress=None,
-                 refresh: bool = False):
-        """refresh: compute again, not from the on-disk cache (a recompute)."""
+                 refresh: bool | str = False):
+        """refresh: as ``extract_features``' ("failed" after a recompute)."""
         from .kernels.representations import extract_features
         return extract_features(adapter, dataset, progress=progress, refresh=refresh)
 
@@ -785,6 +785,13 @@ class Kernels:
     def projection(self, h: np.ndarray) -> np.ndarray:
         from .kernels.projection import project_3d
         return project_3d(h)
+
+
+def _takes(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword argument ``name`` (by name or through **kwargs)."""
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                 for p in params.values())
 
 
 def _finite_rows(feats) -> np.ndarray | None:
@@ -877,18 +884,23 @@ class Analyses:
         self.path_params = check_path_params(
             path_params, names=type(self.kernels).prediction_path is Kernels.prediction_path)
         self._given_features = features
-        #: set by forget(): the next features() computes them again, not from the disk cache
-        self._refresh_features = False
+        #: counts forget(retry_failures=True): a features() computed under an older count
+        #: runs the instances the model failed on when the disk cache was written again
+        self._forgotten = 0
+        self._retried = 0
         if features is not None:
             check_features(features, len(dataset), adapter)
             engine.store(("features",), features, pin=True, freeze=False)
 
-    def forget(self) -> None:
+    def forget(self, retry_failures: bool = True) -> None:
         """Drop every result computed so far (so that an edit of the dataset in place, or new
         weights of the model, are seen by the next requests); the features given at
-        construction stay (they are the user's)."""
+        construction stay (they are the user's). retry_failures: the next features() runs the
+        instances the disk cache records the model failing on again (a fault since fixed)."""
+        if retry_failures:
+            with self.engine.lock:
+                self._forgotten += 1        # before the cache is cleared: the next job sees it
         self.engine.clear_cache()
-        self._refresh_features = True
         if self._given_features is not None:
             self.engine.store(("features",), self._given_features, pin=True, freeze=False)
 
@@ -1004,13 +1016,15 @@ class Analyses:
         progress = getattr(progress, "shared", progress)
 
         def fn():
-            # after a recompute, not from the disk cache (it keeps the instances a fault since
-            # fixed made the model fail on); a Kernels subclass's features may not take it
-            refresh = (self._refresh_features
-                       and "refresh" in inspect.signature(self.kernels.features).parameters)
+            # after a recompute, the instances the disk cache records the model failing on are
+            # run again (a fault since fixed); a Kernels subclass's features may not take it
+            with self.engine.lock:
+                wanted = self._forgotten
+            refresh = wanted > self._retried and _takes(self.kernels.features, "refresh")
             feats = self.kernels.features(self.adapter, self.dataset, progress,
-                                          **({"refresh": True} if refresh else {}))
-            self._refresh_features = False
+                                          **({"refresh": "failed"} if refresh else {}))
+            with self.engine.lock:
+                self._retried = max(self._retried, wanted)
             return feats
         return self.engine.memo(("features",), fn, pin=True)
 

@@ -255,8 +255,9 @@ class InputPanel:
                 # a modality cut off from autograd (a frozen encoder under no_grad): its 0s
                 # are not the model's answer
                 caption += (f" (no gradient reaches {', '.join(map(quoted, blind))}: the model "
-                            "computes it without one, under no_grad or detached, so its 0s say "
-                            "nothing; occlusion, LIME and KernelSHAP score it)")
+                            "ignores it, or computes it without one, under no_grad or "
+                            "detached, and then its 0s say nothing; occlusion, LIME and "
+                            "KernelSHAP tell which)")
             if (attr.params or {}).get("underdetermined"):
                 # KernelSHAP with fewer samples than its regression needs (a large input)
                 caption += (" (an estimate from too few samples for this many units, "
@@ -633,9 +634,12 @@ class Explorer(W.VBox):
         the results cached in this kernel are dropped first, so that an edit of the dataset in
         place or new weights of the model are seen. (The dataset's decision features come back
         from the on-disk cache while model and data are unchanged: its key covers both, except
-        a model's integer, list or plain-tensor attributes, see ``ModelAdapter.fingerprint``.)"""
+        a model's integer, list or plain-tensor attributes, see ``ModelAdapter.fingerprint``;
+        unless the model failed on some instances when they were cached, which are run again;
+        not on the Explorer's first computation, which reads the cache as it is.)"""
         self._check_open()
-        self.analyses.forget()
+        self.analyses.forget(retry_failures=self.__dict__.get("_refreshed", False))
+        self._refreshed = True
         self.embedding_view.forget()
         self.input_panel.refresh()
         for v in self.views:

@@ -1328,7 +1328,8 @@ class TimeSeries(Modality):
                 hint = (" It looks like [channels, time]: pass series.T (the model then gets "
                         "[batch, time, channels]; a model that wants channels first transposes "
                         "it in forward).")
-            elif t.dim() == 2 and t.shape[0]:
+            elif t.dim() == 2 and t.shape[0] >= t.shape[1] > 0:
+                # (time x channels: longer than wide; a wide one may be channels x time)
                 hint = (f" channels= names {c} channels but the series has {t.shape[1]} "
                         "columns: give one name per column.")
             raise ValueError(f"{self.name}: a series must be [time, {c} channels] "

@@ -13,7 +13,7 @@ from torch import nn
 from multiviz_widgets import ModelAdapter, MultimodalDataset, Tabular, TimeSeries
 from multiviz_widgets.kernels import representations as rep
 from multiviz_widgets.kernels.representations import (
-    StreamingExtremes, decision_contributions, extract_features, neuron_extremes)
+    ROWS_CHECKED, StreamingExtremes, decision_contributions, extract_features, neuron_extremes)
 
 F, T, CH, D, C = 4, 8, 2, 6, 3
 
@@ -60,9 +60,11 @@ def direct_h(adapter, ds):
         return h.numpy(), m.classifier(h).numpy()
 
 
-#: the forward pass of one instance alone that checks that the model treats the rows of the
-#: first batch of several rows independently (representations._check_rows_independent)
-ROWS_CHECK = 1
+def rows_check(first_batch: int) -> int:
+    """The rows of the two passes that check that the model treats the rows of its first batch
+    of several rows independently (representations._check_rows_independent): that batch's
+    first ROWS_CHECKED rows, and as many copies of one of them."""
+    return 2 * min(first_batch, ROWS_CHECKED) if first_batch > 1 else 0
 
 
 @pytest.fixture
@@ -84,7 +86,7 @@ def test_features_equal_a_direct_computation_for_any_batch_size(cache):
         np.testing.assert_array_equal(f.predictions, logits.argmax(1))
         # one pass per instance, and one more of an instance alone that checks the first
         # batch of several rows treats them independently
-        assert f.forward_passes == len(ds) + (bs > 1) and not f.from_cache
+        assert f.forward_passes == len(ds) + rows_check(min(bs, len(ds))) and not f.from_cache
         assert seen[-1] == (len(ds), len(ds)) and len(seen) >= -(-len(ds) // bs)
 
 
@@ -114,7 +116,9 @@ def test_reopening_reads_the_cache_without_running_the_model(cache):
 
     def boom(*args):
         raise RuntimeError("a forward pass")
-    adapter.model.forward = boom     # any forward pass would now raise (the weights unchanged)
+    # any forward pass would now raise (the model itself unchanged: a forward set on it is
+    # in the key, test_the_cache_key_covers_a_forward_set_on_the_model_instance)
+    adapter.forward = boom
     again = extract_features(adapter, ds, batch_size=8, cache_dir=cache)
     assert again.from_cache and again.forward_passes == 0 and adapter.model.calls == calls
     np.testing.assert_array_equal(again.h, first.h)
@@ -269,7 +273,7 @@ def test_neuron_extremes_over_the_model_equal_a_full_sort(cache):
         j = 2
         assert res.top(j)[0] == (int(top[j, 0]), pytest.approx(float(feats.h[top[j, 0], j])))
         assert [i for i, _ in res.bottom(j)] == bot[j].tolist()
-    assert neuron_extremes(adapter, ds, k=4).forward_passes == 50 + ROWS_CHECK
+    assert neuron_extremes(adapter, ds, k=4).forward_passes == 50 + rows_check(50)
 
 
 # -- local view and two adapters ----------------------------------------------------------------------
@@ -491,8 +495,8 @@ def test_texts_of_different_lengths_are_never_padded(cache):
         np.testing.assert_array_equal(f.indices, np.arange(len(ds)))
         np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(f.logits, logits, rtol=1e-5, atol=1e-6)
-        multi_row = any(b > 1 for b, _ in adapter.model.shapes)
-        assert f.forward_passes == len(ds) + ROWS_CHECK * multi_row and f.skipped == {}
+        first = next((b for b, _ in adapter.model.shapes if b > 1), 1)
+        assert f.forward_passes == len(ds) + rows_check(first) and f.skipped == {}
         assert all(b <= bs for b, _ in adapter.model.shapes)
         ext = neuron_extremes(adapter, ds, k=3, batch_size=bs)
         top, bot = full_sort(h, 3)
@@ -589,7 +593,7 @@ def test_instances_that_cannot_be_prepared_are_left_out_and_named(cache):
     np.testing.assert_array_equal(f.indices, kept)
     np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)
     assert sorted(f.skipped) == [3, 7] and "no tokens" in f.skipped[7]
-    assert f.forward_passes == len(kept) + ROWS_CHECK
+    assert f.forward_passes == len(kept) + rows_check(3)
     with pytest.warns(RuntimeWarning, match="2 of 10"):
         again = extract_features(adapter, ds, batch_size=3, cache_dir=cache)
     assert again.from_cache and again.skipped == f.skipped
@@ -631,6 +635,21 @@ def test_the_cache_sees_non_persistent_buffers_and_float_settings_but_not_counte
         assert not again.from_cache
         np.testing.assert_allclose(again.h, extract_features(adapter, ds, cache=False).h)
     assert not np.allclose(again.h, first.h)
+
+
+def test_the_cache_key_covers_a_forward_set_on_the_model_instance(cache):
+    """model.forward = patched (a closure over the old one) runs instead of the class's: a
+    patch that made one instance's logits NaN kept the unpatched model's cached features."""
+    adapter, ds = make_adapter(), make_dataset()
+    plain_key = rep.features_key(adapter, ds)
+    forward = adapter.model.forward
+
+    def negated(*args):
+        return -forward(*args)
+    adapter.model.forward = negated
+    assert rep.features_key(adapter, ds) != plain_key
+    del adapter.model.forward
+    assert rep.features_key(adapter, ds) == plain_key
 
 
 def test_the_cache_key_covers_how_the_model_is_called_and_a_functions_code(cache):
@@ -702,10 +721,10 @@ def test_instances_whose_output_is_not_finite_are_left_out_and_named(cache):
     assert np.isfinite(f.h).all() and np.isfinite(f.logits).all()
     assert sorted(f.skipped) == [4, 9]
     # the model ran the 12 rows, the two left out after it included (it counted 10)
-    assert f.forward_passes == 12 + ROWS_CHECK
+    assert f.forward_passes == 12 + rows_check(5)
     with pytest.warns(RuntimeWarning, match="2 of 12 instances"):
         ext = neuron_extremes(adapter, ds, k=3, batch_size=5)
-    assert ext.forward_passes == 12 + ROWS_CHECK and ext.n_instances == 10
+    assert ext.forward_passes == 12 + rows_check(5) and ext.n_instances == 10
     with pytest.warns(RuntimeWarning, match="2 of 12 instances"):       # said again
         again = extract_features(adapter, ds, batch_size=5, cache_dir=cache)
     assert again.from_cache and again.skipped == f.skipped
@@ -1002,9 +1021,10 @@ def test_instances_the_model_cannot_run_are_left_out_and_named(cache):
     np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(f.logits, logits, rtol=1e-5, atol=1e-6)
     # the 10 it ran, and the calls that found the two it could not: their batch of 2 (the
-    # same shapes), then each alone
+    # same shapes), then each alone; the rows' check runs on the first batch, the three
+    # series of 10 steps (0, 3 and 6)
     assert (sorted(f.skipped) == [4, 9]
-            and f.forward_passes == len(kept) + 2 + 1 + 1 + ROWS_CHECK)
+            and f.forward_passes == len(kept) + 2 + 1 + 1 + rows_check(3))
     assert all(r.startswith("ModelInputError: the model raised RuntimeError") and
                "Check that the modalities" not in r for r in f.skipped.values())   # brief
     with pytest.warns(RuntimeWarning, match="2 of 12"):          # the cache keeps them too
@@ -1028,7 +1048,7 @@ def test_a_batch_the_model_cannot_run_is_halved_only_on_failure(cache):
     model = adapter.model
     extract_features(adapter, ds, batch_size=16, cache=False)
     # two shape groups (8 and 10 steps), one batch each
-    assert model.calls == 2 + ROWS_CHECK
+    assert model.calls == 2 + 2                 # and the two passes of the rows' check
     adapter, ds = conv_case(n=16, big=(5,), strict=True)
     model = adapter.model
     with pytest.warns(RuntimeWarning, match=r"1 of 16 .*#5 \(ModelInputError: the model raised "
@@ -1036,7 +1056,7 @@ def test_a_batch_the_model_cannot_run_is_halved_only_on_failure(cache):
         f = extract_features(adapter, ds, batch_size=16, cache=False)
     assert list(f.skipped) == [5] and 5 not in f.indices and len(f) == 15
     # instance 5 is in the group of 10 instances of 8 steps: halved about log2(10) times
-    assert model.calls <= 2 + 2 * 4 + 1 + ROWS_CHECK
+    assert model.calls <= 2 + 2 * 4 + 1 + 2
     h, _ = one_by_one(adapter, MultimodalDataset(
         {"tab": [ds[i]["tab"] for i in f.indices], "series": [ds[i]["series"] for i in f.indices]}))
     np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)

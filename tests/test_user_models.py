@@ -126,6 +126,20 @@ def test_a_submodule_in_training_mode_is_refused_by_the_explorer_too(cache_env, 
     assert not model.training and model.drop.training
 
 
+def test_a_training_model_without_dropout_or_batch_norm_runs_as_it_is(cache_env,
+                                                                       explorer_class):
+    """No layer acts on the mode: the Explorer takes it, and its workers run it unswitched."""
+    Explorer = explorer_class
+    model = TabSeries().train()
+    ex = Explorer(make_adapter(model), make_data(), delay=0.01)
+    try:
+        assert ex.wait(60) and ex.engine.error == ""
+        assert len(ex.state()["input_scores"]["vitals"]) == 4
+        assert model.training
+    finally:
+        ex.close()
+
+
 def _on_a_worker_thread(fn):
     """(fn's result or the exception it raised), run on a thread marked as an engine worker."""
     out = {}
@@ -433,12 +447,14 @@ def test_a_batch_dependent_model_is_refused_by_extract_features(model_class, bat
     assert "independently" in str(caught.value)
 
 
-@pytest.mark.parametrize("batch_size, passes", [(1, 8), (3, 9), (4, 9), (256, 9)])
+@pytest.mark.parametrize("batch_size, passes", [(1, 8), (3, 14), (4, 16), (256, 24)])
 def test_a_healthy_model_costs_one_pass_per_instance_and_one_check(batch_size, passes):
+    """8 instances, and the check of the first batch of several rows: min(B, 8) of its rows,
+    and as many copies of one of them."""
     ds = make_data(8)
     f = extract_features(make_adapter(TabSeries().eval()), ds, batch_size=batch_size,
                          cache=False)
-    assert f.forward_passes == passes == len(ds) + (batch_size > 1)
+    assert f.forward_passes == passes
     h, logits = healthy_features(ds)
     np.testing.assert_allclose(f.h, h, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(f.logits, logits, rtol=1e-5, atol=1e-6)
@@ -520,6 +536,47 @@ def test_the_engines_forget_computes_the_features_again(cache_env):
     finally:
         for e in (engine, other, third):
             e.close()
+
+
+def test_a_recompute_reads_the_disk_cache_when_the_model_failed_on_nothing(cache_env):
+    """forget() runs again only what the model failed on: a cache without such instances is
+    read as it is (reopening an Explorer, or a recompute after a cancel, costs no pass)."""
+    ds = make_data(8)
+    ad = make_adapter(TabSeries().eval())
+    engine, other = Engine(), Engine()
+    try:
+        assert not Analyses(engine, ad, ds).features().from_cache
+        analyses = Analyses(other, ad, ds)
+        assert analyses.features().from_cache                # a second Explorer: read
+        analyses.forget()
+        assert analyses.features().from_cache                # a recompute: read too
+        analyses.forget(retry_failures=False)
+        assert analyses.features().from_cache
+    finally:
+        engine.close()
+        other.close()
+
+
+def test_refresh_failed_reruns_only_a_cache_that_records_model_failures(tmp_path):
+    ds = make_data(8)
+    healthy = make_adapter(TabSeries().eval())
+    extract_features(healthy, ds, cache_dir=tmp_path)
+    assert extract_features(healthy, ds, cache_dir=tmp_path, refresh="failed").from_cache
+    assert not extract_features(healthy, ds, cache_dir=tmp_path, refresh=True).from_cache
+    with pytest.raises(ValueError, match=r"refresh must be True, False or 'failed'"):
+        extract_features(healthy, ds, cache=False, refresh="yes")
+
+
+def test_an_explorer_reads_the_features_its_predecessor_cached(cache_env, explorer_class):
+    Explorer = explorer_class
+    ds, model = make_data(8), TabSeries().eval()
+    for opened in range(2):
+        ex = Explorer(make_adapter(model), ds, delay=0.01)
+        try:
+            assert ex.wait(60)
+            assert ex.analyses.features().from_cache == (opened == 1)
+        finally:
+            ex.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,3 +808,10 @@ def test_second_order_of_a_class_masked_by_minus_infinity_is_refused():
     from multiviz_widgets.kernels.interactions import interaction
     with pytest.raises(ValueError, match=r"second_order: .* is -inf .*masked by -inf"):
         interaction(masked_adapter(), instance(), "second_order", target=2)
+
+
+def test_a_model_offloaded_by_accelerate_hooks_is_told_to_load_on_one_device():
+    model = TabSeries().to("meta").eval()
+    model.tab._hf_hook = object()            # what accelerate's offloading leaves on a module
+    with pytest.raises(AdapterError, match=r"accelerate's offloading hooks .*device_map='cpu'"):
+        make_adapter(model)

@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..adapter import ModelAdapter, Prepared, Target
+from ..adapter import MASKED_TARGET_NOTE, ModelAdapter, Prepared, Target
 from ..progress import ProgressFn, check_progress, report
 from ..results import Interaction, Stopwatch
 from ..checks import positive_int
@@ -178,9 +178,7 @@ def _first_gradient(f: torch.Tensor, x: torch.Tensor, target: Target) -> torch.T
             f"second_order: the model's output for target {target} is {value} on the instance, "
             "so its derivatives say nothing (NaN results are never returned): check the model "
             "on this instance, e.g. with multiviz_widgets.check(adapter, instance)."
-            + (" A class masked by -inf has nothing to explain (a finite mask value, "
-               "logits.masked_fill(mask, -1e4), gives the same probabilities)."
-               if value == -math.inf else ""))
+            + (MASKED_TARGET_NOTE if value == -math.inf else ""))
     g, = torch.autograd.grad(f.sum(), x, create_graph=True, allow_unused=True)
     return g
 

@@ -39,8 +39,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..adapter import (AdapterError, ModelAdapter, ModelInputError, _outside_stacklevel,
-                       masked_logits_hint)
+from ..adapter import (MASK_FINITE, AdapterError, ModelAdapter, ModelInputError,
+                       _outside_stacklevel, masked_logits_hint)
 from ..atomic_file import write_atomically
 from ..data import MultimodalDataset
 from ..modalities import _stable_callable, _stable_text, hash_code
@@ -117,8 +117,10 @@ def model_code_digest(model: torch.nn.Module) -> str:
     too), and the module-level functions those call by name, recursively. An edit of
     ``forward`` (tanh to relu) in a notebook then gives another feature-cache key. A decorated
     method (``@torch.no_grad()``, a user's decorator) is followed to the function it wraps
-    (``__wrapped__``, and the functions its closure holds). Not followed: functions reached
-    through attributes (``helpers.act(x)``) or held in containers.
+    (``__wrapped__``, and the functions its closure holds). A function set on a module
+    instance (``model.forward = patched``) is hashed too. Not followed: functions reached
+    through attributes (``helpers.act(x)``) or held in containers, and the values (other than
+    functions) a closure holds.
 
     The plain values of their modules that these functions read as globals (``SCALE = 3.0``
     read in ``forward``) are hashed too, by content (``_plain_global_text``): numbers, texts,
@@ -182,6 +184,16 @@ def model_code_digest(model: torch.nn.Module) -> str:
                         continue
                 if _own_function(f):
                     visit(f)
+    # functions set on a module itself (model.forward = patched, a closure over the old one):
+    # they run instead of the class's, so their code (and the functions their closures hold)
+    # is hashed too, under the module's place in the model
+    for place, m in model.named_modules():
+        for attr, value in sorted(vars(m).items()):
+            f = getattr(value, "__func__", value)            # a bound method's function
+            if _own_function(f):
+                h.update(f"instance {place}.{attr}".encode())
+                seen.discard(id(f))          # hashed again here: its place is part of the key
+                visit(f)
     for where in sorted(set(reads) - written):
         scope, name = reads[where]
         if name in scope:
@@ -332,6 +344,8 @@ _MODEL_FAILED = "ModelInputError: "
 #: How the reason of an instance left out because the model's output on it is NaN or infinite
 #: begins (its features cannot be ranked, projected or fit, nor its prediction read).
 _NOT_FINITE = "model output not finite: "
+#: Added to the reason of a row not finite only by -inf logits.
+_MASKED_REASON = " (-inf: a masked class?)"
 
 
 def _finite_rows(logits: torch.Tensor, h: torch.Tensor, positions: Sequence[int],
@@ -347,8 +361,8 @@ def _finite_rows(logits: torch.Tensor, h: torch.Tensor, positions: Sequence[int]
         parts = [f"{name} {int((~torch.isfinite(t[row])).sum())} of {t.shape[1]} values"
                  for name, t, b in (("decision features", h, bad_h),
                                     ("logits", logits, bad_logits)) if b[row]]
-        masked = (" (-inf: a masked class? mask with a large negative finite value)"
-                  if not bad_h[row] and masked_logits_hint(logits[row:row + 1]) else "")
+        masked = (_MASKED_REASON if not bad_h[row] and masked_logits_hint(logits[row:row + 1])
+                  else "")
         nonfinite[positions[row]] = ", ".join(parts) + " NaN or infinite" + masked
     return ~bad
 
@@ -414,54 +428,62 @@ def _warn_skipped(skipped: dict[int, str], total: int, cached: bool = False) -> 
                       stacklevel=_outside_stacklevel())
 
 
+#: How many rows the check of a batch's independence runs (``_check_rows_independent``).
+ROWS_CHECKED = 8
+
+
 def _check_rows_independent(adapter: ModelAdapter, raw: dict, out: tuple, ran) -> None:
-    """An AdapterError (code "batch-dependent") when the first row of a batch's outputs (logits,
-    h) differs, beyond the model's rounding, from those of that instance run alone: a model
-    with statistics over the batch (BatchNorm without running statistics, h - h.mean(0)) whose
-    features would depend on which instances share a batch. Cost: one forward pass of one
-    instance; two more only when they differ (a second pass alone, to tell randomness, which
-    check() reports, from the batch; and one that reads the precision the model computes in)."""
+    """An AdapterError (code "batch-dependent") when a row's outputs (logits, h) depend on the
+    other rows of its batch: a model with statistics over the batch (BatchNorm without running
+    statistics, h - h.mean(0), dynamic quantisation's per-batch scale) whose features would
+    depend on which instances share a batch. The first row with finite outputs, among k =
+    min(B, ROWS_CHECKED) rows of the batch, is compared with the same row in a batch of k
+    copies of it: the same shapes run the same kernels in the same order, so a model that
+    treats rows independently gives the same values (to rounding). Cost: two forward passes of
+    k rows; one more only when they differ (a second batch of copies, to tell randomness, which
+    check() reports, from the batch; and one of a row alone that reads the precision the model
+    computes in)."""
     from ..doctor import _differ, _roundoff
-    row = {n: v[:1] for n, v in raw.items()}
+    finite = (torch.isfinite(out[0]).all(1) & torch.isfinite(out[1]).all(1)).nonzero()
+    if len(finite) == 0:
+        return                          # no finite row to compare (they are left out)
+    r = int(finite[0])
     b = len(next(iter(raw.values())))
-    passes = 1
+    k = min(b, ROWS_CHECKED)
+    order = torch.tensor([r] + [i for i in range(b) if i != r][:k - 1])
+    batch = {n: v[order] for n, v in raw.items()}
+    copies = {n: v[r:r + 1].expand(k, *v.shape[1:]).contiguous() for n, v in raw.items()}
+    passes = 2
     try:
-        try:
-            alone = adapter.features(row)
-        except ModelInputError as e:
-            raise AdapterError(
-                f"The model runs a batch of {b} instances but not one instance alone "
-                f"({type(e.__cause__ or e).__name__}: {e.__cause__ or e}). Every explanation "
-                "runs single instances, and a model that needs more than one row is computing "
-                "statistics over the batch (BatchNorm with track_running_stats=False or in "
-                "training mode, h.mean(0)): make forward() treat the rows of a batch "
-                "independently.", code="batch-dependent") from e
-        dtypes = {t.dtype for t in (*out, *alone)}
+        mixed, same = adapter.features(batch), adapter.features(copies)
+        dtypes = {t.dtype for t in (*mixed, *same)}
         dtypes |= {p.dtype for p in adapter.model.parameters() if p.is_floating_point()}
         eps = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
-        if not any(_differ(o[:1], a, eps) for o, a in zip(out, alone)):
+        if not any(_differ(x[:1], y[:1], eps) for x, y in zip(mixed, same)):
             return
         passes += 2
-        again = adapter.features(row)
-        if any(_differ(x, y, eps) for x, y in zip(alone, again)):
+        again = adapter.features(copies)
+        if any(_differ(x, y, eps) for x, y in zip(same, again)):
             return                   # a random model: check() says so, not this
-        eps = max(eps, _roundoff(adapter, row))
-        differ = [_differ(o[:1], a, eps) for o, a in zip(out, alone)]
+        eps = max(eps, _roundoff(adapter, {n: v[:1] for n, v in copies.items()}))
+        differ = [_differ(x[:1], y[:1], eps) for x, y in zip(mixed, same)]
         if not any(differ):
             return
-        largest = max(float((o[:1].double() - a.double()).abs().max())
-                      for o, a, d in zip(out, alone, differ) if d)
+        largest = max(float((x[:1].double() - y[:1].double()).abs().max())
+                      for x, y, d in zip(mixed, same, differ) if d)
         what = "logits" if differ[0] else "decision features h"
         raise AdapterError(
             f"The model's {what} for an instance depend on the other instances in its batch: "
-            f"run in a batch of {b} and alone, they differ by up to "
-            f"{largest:.3g}. Every view of the dataset would then depend on how its instances "
-            "were batched. Make forward() treat the rows of a batch independently: no "
-            "statistics over the batch dimension (h.mean(0), BatchNorm with "
-            "track_running_stats=False or in training mode).", code="batch-dependent")
+            f"in a batch of {k} with others and in a batch of {k} copies of itself, they differ "
+            f"by up to {largest:.3g}. Every view of the dataset would then depend on how its "
+            "instances were batched. Make forward() treat the rows of a batch independently: "
+            "no statistics over the batch dimension (h.mean(0), BatchNorm with "
+            "track_running_stats=False or in training mode; a dynamically quantised model "
+            "scales each batch by its own range: explain the float model).",
+            code="batch-dependent")
     finally:
         if ran is not None:
-            ran[0] += passes
+            ran[0] += passes * k
 
 
 def stream_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_size: int = 256,
@@ -589,9 +611,8 @@ def _feature_batches(adapter, dataset, idx, batch_size, progress, message, skipp
                          f"({computed}; instance {int(idx[first])}: {nonfinite[first]}): "
                          "there are no decision features to show. Check the model for "
                          "numerical problems (a log or sqrt of a negative, a division by 0)."
-                         + (" A logit of -inf (a masked class?) counts too: mask with a large "
-                            "negative finite value." if "masked class" in nonfinite[first]
-                            else ""))
+                         + (f" A logit of -inf counts too: {MASK_FINITE}."
+                            if _MASKED_REASON in nonfinite[first] else ""))
     if skipped is not None:
         skipped.update(reasons)
     _warn_skipped(reasons, total)
@@ -802,7 +823,7 @@ def clear_feature_cache(cache_dir: str | os.PathLike | None = None) -> int:
 def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_size: int = 256,
                      indices: Sequence[int] | None = None, progress: ProgressFn = None,
                      cache: bool = True, cache_dir: str | os.PathLike | None = None,
-                     refresh: bool = False) -> Features:
+                     refresh: bool | str = False) -> Features:
     """Decision-level features h [N, d] and logits [N, C] of a dataset (or of ``indices``).
 
     Instances are batched with others whose model inputs have the same shapes (nothing is
@@ -813,14 +834,16 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     on-disk cache (keyed by the weights, the model's settings, code, forward hooks and small
     plain globals, and the dataset's fingerprint: ``features_key``) already holds them.
     ``cache_dir=`` overrides the cache location; ``cache=False`` neither reads nor writes it;
-    ``refresh=True`` computes again and overwrites it (an instance the model failed on once, by
-    a fault since fixed, is kept skipped in the cache until then: what the Explorer's
-    "recompute" does).
+    ``refresh=True`` computes again and overwrites it; ``refresh="failed"`` does so only when
+    the cached entry records instances the model failed on (a fault since fixed is kept in the
+    cache until then: what the Explorer's "recompute" does).
     After a write the folder's least recently used cache files beyond $MULTIVIZ_CACHE_MAX_MB
     (default 2048) are removed; ``clear_feature_cache(cache_dir)`` removes them all.
     A dataset without a ``fingerprint()`` (a plain list of instances) is not cached.
     """
     batch_size = positive_int(batch_size, "batch_size")
+    if not any(refresh is v for v in (True, False)) and refresh != "failed":
+        raise ValueError(f"refresh must be True, False or 'failed', got {refresh!r}.")
     idx = indices_or_all(indices, len(dataset))
     t0 = time.perf_counter()
     key = path = None
@@ -829,7 +852,10 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
         path = default_cache_dir(cache_dir) / f"{key}.npz"
         layer = adapter.decision_layer
         d = layer.in_features if isinstance(layer, torch.nn.Linear) else None
-        hit = None if refresh else _load_cached(path, key, idx, d, adapter.n_classes)
+        hit = None if refresh is True else _load_cached(path, key, idx, d, adapter.n_classes)
+        if hit is not None and refresh == "failed" and any(
+                str(why).startswith(_MODEL_FAILED) for why in hit.skipped.values()):
+            hit = None
         if hit is not None:
             _touch(path)                  # recently used: the last to be evicted
             hit.seconds = time.perf_counter() - t0

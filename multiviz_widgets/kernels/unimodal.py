@@ -59,8 +59,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..adapter import (INFERENCE_MODE_MESSAGE, NOT_IN_NUMPY, AdapterError, ModelAdapter,
-                       Prepared, Target)
+from ..adapter import (INFERENCE_MODE_MESSAGE, MASKED_TARGET_NOTE, NOT_IN_NUMPY, AdapterError,
+                       ModelAdapter, Prepared, Target)
 from ..modalities import LOW_PRECISION, Modality
 from ..progress import ProgressFn, check_progress, report
 from ..results import Attribution, Stopwatch
@@ -449,9 +449,7 @@ def raise_not_finite(adapter: ModelAdapter, prepared: Prepared, target: Target,
     head = (f"{method}: the model produced NaN or infinite values, so the {what} would not be "
             f"finite (NaN results are never returned). Its output for target {target}")
     if not math.isfinite(fx):
-        masked = (" A class masked by -inf has nothing to explain (and a finite mask value, "
-                  "logits.masked_fill(mask, -1e4), gives the same probabilities)."
-                  if fx == -math.inf else "")
+        masked = MASKED_TARGET_NOTE if fx == -math.inf else ""
         raise ValueError(f"{head} is {fx} on the instance itself: check the model and the "
                          "input (a sqrt or log of a negative number, a division by zero, an "
                          "overflow), e.g. with multiviz_widgets.check(adapter, instance)."
@@ -543,12 +541,14 @@ def _warn_completeness(adapter: ModelAdapter, results: Sequence[Attribution]) ->
         warnings.warn(
             f"integrated_gradients: {which} f(x) - f(baseline) by more than "
             f"{COMPLETENESS_WARN:.0%} (worst: a gap of {p['completeness_gap']:.4g}, "
-            f"{p['completeness_gap_relative']:.0%}), because no gradient reaches {names}: the "
-            "model computes from it under torch.no_grad(), detached or through a step without "
-            "a gradient, so its scores are 0 and its part of the change is missing. No number "
-            "of steps closes that gap: occlusion, lime and kernel_shap (which run the model, "
-            "not its gradient) score it; or let gradients flow through it in forward. (Warned "
-            "once per adapter; params['no_gradient'] names such modalities.)",
+            f"{p['completeness_gap_relative']:.0%}, with {p['steps']} {p['rule']} steps), and "
+            f"no gradient reaches {names}. If the model uses it (under torch.no_grad(), "
+            "detached or through a step without a gradient), its scores are 0 and its part of "
+            "the change is missing: no number of steps closes that gap, while occlusion, lime "
+            "and kernel_shap (which run the model, not its gradient) score it. If the model "
+            "ignores it, try more steps (e.g. steps="
+            f"{4 * int(p['steps'])}). (Warned once per adapter; params['no_gradient'] names "
+            "such modalities.)",
             CompletenessWarning, stacklevel=3)
         return
     warnings.warn(
