@@ -1286,12 +1286,14 @@ class ModelAdapter:
                     x = x.clone()
                 args[n] = x
         if b == 1:
-            # the instance's own tensors (its Prepared raw and continuous inputs, a gradient
-            # leaf) are passed as copies: a model that changes its input in place (refused after
-            # the call, see check_inputs_kept; or unseen, through x.numpy() or x.data) must not
-            # change the instance every later result is computed from. A batch of one costs
-            # next to nothing to copy; a larger batch is built for the call (masks, paths)
-            args = {n: v.clone() for n, v in args.items()}
+            # the instance's own tensors (its Prepared raw and continuous inputs) are passed as
+            # copies: a model that changes its input in place (refused after the call, see
+            # check_inputs_kept; or unseen, through x.numpy() or x.data) must not change the
+            # instance every later result is computed from. A batch of one costs next to
+            # nothing to copy; a larger batch is built for the call (masks, paths). A gradient
+            # method's leaf is passed as it is (a copy here would add a step to every backward
+            # pass): the kernels make their leaves from copies of the instance's tensors
+            args = {n: v if v.requires_grad else v.clone() for n, v in args.items()}
         return args
 
     def run(self, fn: Callable[[], Any], continuous: Mapping[str, torch.Tensor] | None = None,
