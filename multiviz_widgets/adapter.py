@@ -375,13 +375,17 @@ def check_inputs_kept(args: Mapping[str, torch.Tensor], versions: Sequence[int])
     """An AdapterError when the model changed any of its inputs in place during the call."""
     changed = [n for (n, v), was in zip(args.items(), versions) if v._version != was]
     if changed:
-        raise AdapterError(
-            f"The model changed its input {', '.join(map(repr, changed))} in place (an "
-            "operation such as x.sub_(mu), x /= s or x[...] = ... on the argument itself). The "
-            "kernels pass the same inputs again (the instance, its masked copies, the pairs of "
-            "EMAP and DIME), so every later result would be computed on changed values. Make the "
-            "operation out of place in the model's forward: x = (x - mu) / s.",
-            code="input-in-place")
+        raise AdapterError(INPUT_IN_PLACE_MESSAGE.format(names=", ".join(map(repr, changed))),
+                           code="input-in-place")
+
+
+#: The error of a model that changes its inputs ({names}) in place.
+INPUT_IN_PLACE_MESSAGE = (
+    "The model changed its input {names} in place (an operation such as x.sub_(mu), x /= s or "
+    "x[...] = ... on the argument itself). The kernels pass the same inputs again (the "
+    "instance, its masked copies, the pairs of EMAP and DIME), so every later result would be "
+    "computed on changed values. Make the operation out of place in the model's forward: "
+    "x = (x - mu) / s.")
 
 
 def module_settings(module: nn.Module, integers: bool) -> list[tuple[str, str]]:
@@ -855,13 +859,12 @@ class ModelAdapter:
         return where, active
 
     def training_mode(self) -> str | None:
-        """None when the model's outputs do not depend on its mode (no dropout or batch norm
-        layer in training mode), else the AdapterError message an Explorer being made gives
-        for it (``training_mode_message``)."""
+        """None when the model and its dropout and batch norm layers are in eval mode, else
+        the AdapterError message an Explorer being made gives for it (``training_mode_message``:
+        a model in training mode without such layers too, since attention and recurrent
+        layers' dropout, or its own code reading self.training, may act on the mode)."""
         state = self._training_state()
-        if state is None or not state[1]:
-            return None
-        return training_mode_message(self.name, *state, made=False)
+        return None if state is None else training_mode_message(self.name, *state, made=False)
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -869,9 +872,8 @@ class ModelAdapter:
         statistics, which then stay unchanged); every module's mode is restored afterwards.
         A model in training mode, or one whose dropout or batch norm layers are (``sub.train()``
         after ``model.eval()``), is warned about once per adapter; on an Explorer's worker
-        thread (``mark_worker_thread``) it is refused instead when dropout or batch norm layers
-        are active, since switching it there would race the user's cells (and run as it is
-        otherwise: no layer acts on the mode). Cost: nothing when the model and those layers
+        thread (``mark_worker_thread``) it is refused instead, since switching it there would
+        race the user's cells. Cost: nothing when the model and those layers
         are in eval mode: every forward pass runs through here."""
         state = self._training_state()
         if state is None:
@@ -879,12 +881,8 @@ class ModelAdapter:
             return
         where, active = state
         if getattr(_thread_role, "worker", False):
-            if active:
-                raise AdapterError(training_mode_message(self.name, where, active),
-                                   code="training-mode")
-            # no layer acts on the mode (as check() says): run it as it is, not switched
-            yield
-            return
+            raise AdapterError(training_mode_message(self.name, where, active),
+                               code="training-mode")
         if active and not getattr(self, "_warned_training", False):
             self._warned_training = True
             warnings.warn(
@@ -1118,6 +1116,12 @@ class ModelAdapter:
         except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError) as e:
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
+            if "leaf Variable that requires grad is being used in an in-place" in str(e):
+                # torch refused the in-place change of a gradient method's input before it
+                # happened: the same fix as for one made (check_inputs_kept)
+                leaves = [n for n, v in args.items() if v.requires_grad] or list(args)
+                raise AdapterError(INPUT_IN_PLACE_MESSAGE.format(
+                    names=", ".join(map(repr, leaves))), code="input-in-place") from e
             raise ModelInputError(self._model_error_message(args, e)) from e
         check_inputs_kept(args, versions)
         self._last_shapes = {n: tuple(v.shape[1:]) for n, v in args.items()}

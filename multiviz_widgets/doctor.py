@@ -136,7 +136,8 @@ def check(adapter: ModelAdapter, instance) -> Report:
            "wrapping it so that what is explained is the model you evaluate.")
     if model.training:
         what = (f"with {' and '.join(what)}" if what else
-                "(no dropout or batch norm layer in it is active, so its outputs are the same)")
+                "(no dropout or batch norm module in it is active; attention or recurrent "
+                "layers' dropout, or its own code reading self.training, may still act on it)")
         report.add("warning", "training-mode", f"The model is in training mode {what}. {fix}")
     elif what:
         names = [_module_name(model, m) for m in dropouts + norms]

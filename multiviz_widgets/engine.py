@@ -759,8 +759,8 @@ class Kernels:
                            progress=progress)
 
     def features(self, adapter: ModelAdapter, dataset: MultimodalDataset, progress=None,
-                 refresh: bool | str = False):
-        """refresh: as ``extract_features``' ("failed" after a recompute)."""
+                 refresh: bool = False):
+        """refresh: compute again, not from the disk cache (a recompute)."""
         from .kernels.representations import extract_features
         return extract_features(adapter, dataset, progress=progress, refresh=refresh)
 
@@ -884,20 +884,21 @@ class Analyses:
         self.path_params = check_path_params(
             path_params, names=type(self.kernels).prediction_path is Kernels.prediction_path)
         self._given_features = features
-        #: counts forget(retry_failures=True): a features() computed under an older count
-        #: runs the instances the model failed on when the disk cache was written again
+        #: counts forget(recompute_features=True): a features() asked for under a newer count
+        #: than the last one computed computes them again, not from the disk cache
         self._forgotten = 0
-        self._retried = 0
+        self._recomputed = 0
         if features is not None:
             check_features(features, len(dataset), adapter)
             engine.store(("features",), features, pin=True, freeze=False)
 
-    def forget(self, retry_failures: bool = True) -> None:
+    def forget(self, recompute_features: bool = True) -> None:
         """Drop every result computed so far (so that an edit of the dataset in place, or new
         weights of the model, are seen by the next requests); the features given at
-        construction stay (they are the user's). retry_failures: the next features() runs the
-        instances the disk cache records the model failing on again (a fault since fixed)."""
-        if retry_failures:
+        construction stay (they are the user's). recompute_features: the next features() are
+        computed again, not read from the disk cache (whose key cannot see every change: a
+        fault since fixed, an integer attribute of the model)."""
+        if recompute_features:
             with self.engine.lock:
                 self._forgotten += 1        # before the cache is cleared: the next job sees it
         self.engine.clear_cache()
@@ -1016,15 +1017,15 @@ class Analyses:
         progress = getattr(progress, "shared", progress)
 
         def fn():
-            # after a recompute, the instances the disk cache records the model failing on are
-            # run again (a fault since fixed); a Kernels subclass's features may not take it
+            # after a recompute, not from the disk cache (see forget); a Kernels subclass's
+            # features may not take it
             with self.engine.lock:
                 wanted = self._forgotten
-            refresh = wanted > self._retried and _takes(self.kernels.features, "refresh")
+            refresh = wanted > self._recomputed and _takes(self.kernels.features, "refresh")
             feats = self.kernels.features(self.adapter, self.dataset, progress,
-                                          **({"refresh": "failed"} if refresh else {}))
+                                          **({"refresh": True} if refresh else {}))
             with self.engine.lock:
-                self._retried = max(self._retried, wanted)
+                self._recomputed = max(self._recomputed, wanted)
             return feats
         return self.engine.memo(("features",), fn, pin=True)
 

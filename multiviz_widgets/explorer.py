@@ -632,13 +632,13 @@ class Explorer(W.VBox):
     def refresh(self) -> None:
         """Compute what every view shows again (the "recompute" button; e.g. after a cancel):
         the results cached in this kernel are dropped first, so that an edit of the dataset in
-        place or new weights of the model are seen. (The dataset's decision features come back
-        from the on-disk cache while model and data are unchanged: its key covers both, except
-        a model's integer, list or plain-tensor attributes, see ``ModelAdapter.fingerprint``;
-        unless the model failed on some instances when they were cached, which are run again;
-        not on the Explorer's first computation, which reads the cache as it is.)"""
+        place or new weights of the model are seen. The dataset's decision features are
+        computed again too: the on-disk cache that the Explorer's first computation reads
+        covers model and data, but not a model's integer, list or plain-tensor attributes (see
+        ``ModelAdapter.fingerprint``), nor a fault since fixed that made the model fail on
+        some instances."""
         self._check_open()
-        self.analyses.forget(retry_failures=self.__dict__.get("_refreshed", False))
+        self.analyses.forget(recompute_features=self.__dict__.get("_refreshed", False))
         self._refreshed = True
         self.embedding_view.forget()
         self.input_panel.refresh()

@@ -126,18 +126,21 @@ def test_a_submodule_in_training_mode_is_refused_by_the_explorer_too(cache_env, 
     assert not model.training and model.drop.training
 
 
-def test_a_training_model_without_dropout_or_batch_norm_runs_as_it_is(cache_env,
-                                                                       explorer_class):
-    """No layer acts on the mode: the Explorer takes it, and its workers run it unswitched."""
+def test_a_training_model_without_dropout_or_batch_norm_is_refused_too(cache_env,
+                                                                        explorer_class):
+    """Attention and recurrent layers' dropout, or the model's own code reading self.training,
+    act on the mode without a dropout or batch norm module: the Explorer refuses any model in
+    training mode (it cannot switch it on its workers)."""
     Explorer = explorer_class
-    model = TabSeries().train()
-    ex = Explorer(make_adapter(model), make_data(), delay=0.01)
-    try:
-        assert ex.wait(60) and ex.engine.error == ""
-        assert len(ex.state()["input_scores"]["vitals"]) == 4
-        assert model.training
-    finally:
-        ex.close()
+
+    class OwnDropout(TabSeries):
+        def forward(self, vitals, series):
+            h = nn.functional.dropout(self.encode(vitals, series), 0.5, self.training)
+            return self.head(h)
+    model = OwnDropout().train()
+    with pytest.raises(AdapterError) as caught:
+        Explorer(make_adapter(model), make_data())
+    assert caught.value.code == "training-mode" and model.training
 
 
 def _on_a_worker_thread(fn):
@@ -538,33 +541,32 @@ def test_the_engines_forget_computes_the_features_again(cache_env):
             e.close()
 
 
-def test_a_recompute_reads_the_disk_cache_when_the_model_failed_on_nothing(cache_env):
-    """forget() runs again only what the model failed on: a cache without such instances is
-    read as it is (reopening an Explorer, or a recompute after a cancel, costs no pass)."""
-    ds = make_data(8)
-    ad = make_adapter(TabSeries().eval())
+def test_a_recompute_computes_what_the_cache_key_cannot_see(cache_env):
+    """forget() (the recompute button) computes the features again: the disk cache's key does
+    not cover a model's integer attribute, which changed them; forget(recompute_features=False)
+    and a second Analyses read the cache."""
+    class Scaled(TabSeries):
+        k = 1
+
+        def encode(self, vitals, series):
+            return super().encode(vitals, series) * self.k
+    ds, model = make_data(8), Scaled().eval()
+    ad = make_adapter(model)
     engine, other = Engine(), Engine()
     try:
-        assert not Analyses(engine, ad, ds).features().from_cache
+        first = Analyses(engine, ad, ds).features()
         analyses = Analyses(other, ad, ds)
         assert analyses.features().from_cache                # a second Explorer: read
-        analyses.forget()
-        assert analyses.features().from_cache                # a recompute: read too
-        analyses.forget(retry_failures=False)
+        analyses.forget(recompute_features=False)
         assert analyses.features().from_cache
+        model.k = 3                                          # not in the cache's key
+        analyses.forget()
+        again = analyses.features()
+        assert not again.from_cache
+        np.testing.assert_allclose(again.h, 3 * first.h, rtol=1e-5, atol=1e-6)
     finally:
         engine.close()
         other.close()
-
-
-def test_refresh_failed_reruns_only_a_cache_that_records_model_failures(tmp_path):
-    ds = make_data(8)
-    healthy = make_adapter(TabSeries().eval())
-    extract_features(healthy, ds, cache_dir=tmp_path)
-    assert extract_features(healthy, ds, cache_dir=tmp_path, refresh="failed").from_cache
-    assert not extract_features(healthy, ds, cache_dir=tmp_path, refresh=True).from_cache
-    with pytest.raises(ValueError, match=r"refresh must be True, False or 'failed'"):
-        extract_features(healthy, ds, cache=False, refresh="yes")
 
 
 def test_an_explorer_reads_the_features_its_predecessor_cached(cache_env, explorer_class):
@@ -815,3 +817,34 @@ def test_a_model_offloaded_by_accelerate_hooks_is_told_to_load_on_one_device():
     model.tab._hf_hook = object()            # what accelerate's offloading leaves on a module
     with pytest.raises(AdapterError, match=r"accelerate's offloading hooks .*device_map='cpu'"):
         make_adapter(model)
+
+
+class InPlaceWithGrad(TabSeries):
+    """Subtracts in place with autograd on: torch refuses it for a leaf before it happens."""
+
+    def forward(self, vitals, series):
+        vitals.sub_(0.5)
+        return super().forward(vitals, series)
+
+
+@pytest.mark.parametrize("method", ["gradient", "integrated_gradients"])
+def test_an_in_place_change_torch_refuses_is_the_packages_clear_error(method):
+    with pytest.raises(AdapterError) as caught:
+        attribute(make_adapter(InPlaceWithGrad().eval()), instance(), method=method)
+    assert caught.value.code == "input-in-place" and "'vitals'" in str(caught.value)
+    assert "x = (x - mu) / s" in str(caught.value)
+
+
+def test_a_helper_forward_sets_itself_keeps_the_cache_key():
+    """A function forward assigns on the module (self.act = lambda ...) is not in the key: its
+    code is hashed with forward's, and the key must not change after the first pass."""
+    from multiviz_widgets.kernels.representations import features_key
+
+    class Lazy(TabSeries):
+        def forward(self, vitals, series):
+            self.post = lambda z: z * 2
+            return self.post(super().forward(vitals, series))
+    ad, ds = make_adapter(Lazy().eval()), make_data(4)
+    before = features_key(ad, ds)
+    extract_features(ad, ds, cache=False)
+    assert features_key(ad, ds) == before

@@ -118,7 +118,7 @@ def model_code_digest(model: torch.nn.Module) -> str:
     ``forward`` (tanh to relu) in a notebook then gives another feature-cache key. A decorated
     method (``@torch.no_grad()``, a user's decorator) is followed to the function it wraps
     (``__wrapped__``, and the functions its closure holds). A function set on a module
-    instance (``model.forward = patched``) is hashed too. Not followed: functions reached
+    instance in place of a method (``model.forward = patched``) is hashed too. Not followed: functions reached
     through attributes (``helpers.act(x)``) or held in containers, and the values (other than
     functions) a closure holds.
 
@@ -184,13 +184,15 @@ def model_code_digest(model: torch.nn.Module) -> str:
                         continue
                 if _own_function(f):
                     visit(f)
-    # functions set on a module itself (model.forward = patched, a closure over the old one):
-    # they run instead of the class's, so their code (and the functions their closures hold)
-    # is hashed too, under the module's place in the model
+    # functions set on a module itself in place of its class's (model.forward = patched, a
+    # closure over the old one) run instead of them, so their code (and the functions their
+    # closures hold) is hashed too, under the module's place in the model; not a helper that
+    # forward sets itself (self.act = lambda ...: its code is hashed with forward's, and it may
+    # change from pass to pass)
     for place, m in model.named_modules():
         for attr, value in sorted(vars(m).items()):
             f = getattr(value, "__func__", value)            # a bound method's function
-            if _own_function(f):
+            if _own_function(f) and hasattr(type(m), attr):
                 h.update(f"instance {place}.{attr}".encode())
                 seen.discard(id(f))          # hashed again here: its place is part of the key
                 visit(f)
@@ -440,7 +442,7 @@ def _check_rows_independent(adapter: ModelAdapter, raw: dict, out: tuple, ran) -
     min(B, ROWS_CHECKED) rows of the batch, is compared with the same row in a batch of k
     copies of it: the same shapes run the same kernels in the same order, so a model that
     treats rows independently gives the same values (to rounding). Cost: two forward passes of
-    k rows; one more only when they differ (a second batch of copies, to tell randomness, which
+    k rows; two more only when they differ (a second batch of copies, to tell randomness, which
     check() reports, from the batch; and one of a row alone that reads the precision the model
     computes in)."""
     from ..doctor import _differ, _roundoff
@@ -453,7 +455,7 @@ def _check_rows_independent(adapter: ModelAdapter, raw: dict, out: tuple, ran) -
     order = torch.tensor([r] + [i for i in range(b) if i != r][:k - 1])
     batch = {n: v[order] for n, v in raw.items()}
     copies = {n: v[r:r + 1].expand(k, *v.shape[1:]).contiguous() for n, v in raw.items()}
-    passes = 2
+    rows = 2 * k                     # what the model is given, counted as the passes run
     try:
         mixed, same = adapter.features(batch), adapter.features(copies)
         dtypes = {t.dtype for t in (*mixed, *same)}
@@ -461,10 +463,11 @@ def _check_rows_independent(adapter: ModelAdapter, raw: dict, out: tuple, ran) -
         eps = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
         if not any(_differ(x[:1], y[:1], eps) for x, y in zip(mixed, same)):
             return
-        passes += 2
+        rows += k
         again = adapter.features(copies)
         if any(_differ(x, y, eps) for x, y in zip(same, again)):
             return                   # a random model: check() says so, not this
+        rows += 1
         eps = max(eps, _roundoff(adapter, {n: v[:1] for n, v in copies.items()}))
         differ = [_differ(x[:1], y[:1], eps) for x, y in zip(mixed, same)]
         if not any(differ):
@@ -483,7 +486,7 @@ def _check_rows_independent(adapter: ModelAdapter, raw: dict, out: tuple, ran) -
             code="batch-dependent")
     finally:
         if ran is not None:
-            ran[0] += passes * k
+            ran[0] += rows
 
 
 def stream_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_size: int = 256,
@@ -823,7 +826,7 @@ def clear_feature_cache(cache_dir: str | os.PathLike | None = None) -> int:
 def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_size: int = 256,
                      indices: Sequence[int] | None = None, progress: ProgressFn = None,
                      cache: bool = True, cache_dir: str | os.PathLike | None = None,
-                     refresh: bool | str = False) -> Features:
+                     refresh: bool = False) -> Features:
     """Decision-level features h [N, d] and logits [N, C] of a dataset (or of ``indices``).
 
     Instances are batched with others whose model inputs have the same shapes (nothing is
@@ -834,16 +837,14 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     on-disk cache (keyed by the weights, the model's settings, code, forward hooks and small
     plain globals, and the dataset's fingerprint: ``features_key``) already holds them.
     ``cache_dir=`` overrides the cache location; ``cache=False`` neither reads nor writes it;
-    ``refresh=True`` computes again and overwrites it; ``refresh="failed"`` does so only when
-    the cached entry records instances the model failed on (a fault since fixed is kept in the
-    cache until then: what the Explorer's "recompute" does).
+    ``refresh=True`` computes again and overwrites it (an instance the model failed on by a
+    fault since fixed is kept skipped in the cache until then; the Explorer's "recompute"
+    does this).
     After a write the folder's least recently used cache files beyond $MULTIVIZ_CACHE_MAX_MB
     (default 2048) are removed; ``clear_feature_cache(cache_dir)`` removes them all.
     A dataset without a ``fingerprint()`` (a plain list of instances) is not cached.
     """
     batch_size = positive_int(batch_size, "batch_size")
-    if not any(refresh is v for v in (True, False)) and refresh != "failed":
-        raise ValueError(f"refresh must be True, False or 'failed', got {refresh!r}.")
     idx = indices_or_all(indices, len(dataset))
     t0 = time.perf_counter()
     key = path = None
@@ -852,10 +853,7 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
         path = default_cache_dir(cache_dir) / f"{key}.npz"
         layer = adapter.decision_layer
         d = layer.in_features if isinstance(layer, torch.nn.Linear) else None
-        hit = None if refresh is True else _load_cached(path, key, idx, d, adapter.n_classes)
-        if hit is not None and refresh == "failed" and any(
-                str(why).startswith(_MODEL_FAILED) for why in hit.skipped.values()):
-            hit = None
+        hit = None if refresh else _load_cached(path, key, idx, d, adapter.n_classes)
         if hit is not None:
             _touch(path)                  # recently used: the last to be evicted
             hit.seconds = time.perf_counter() - t0

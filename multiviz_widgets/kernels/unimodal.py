@@ -262,16 +262,14 @@ def _input_grads(adapter: ModelAdapter, prepared: Prepared, target: Target,
 
     One forward and one backward of B instances; the other modalities stay at the instance.
     """
-    try:                                     # (free until something is raised)
-        # one row: the instance's own tensors, copied (about 4 us for an image, and no step in
-        # the backward pass), so that a model writing into its input under no_grad cannot
-        # change the instance (ModelAdapter.model_inputs copies the other inputs of one row)
-        leaves = {n: (t.detach().clone() if one_row else t.detach()).requires_grad_(True)
-                  for n, t in inputs.items()}
-    except RuntimeError:
-        if any(t.is_inference() for t in inputs.values()):
-            raise AdapterError(_PREPARED_IN_INFERENCE_MODE, code="inference-mode") from None
-        raise
+    if any(t.is_inference() for t in inputs.values()):
+        # (a copy of one would work here, but the instance's other tensors fail later)
+        raise AdapterError(_PREPARED_IN_INFERENCE_MODE, code="inference-mode")
+    # one row: the instance's own tensors, copied (about 4 us for an image, and no step in the
+    # backward pass), so that a model writing into its input under no_grad cannot change the
+    # instance (ModelAdapter.model_inputs copies the other inputs of one row)
+    leaves = {n: (t.detach().clone() if one_row else t.detach()).requires_grad_(True)
+              for n, t in inputs.items()}
     with torch.enable_grad():
         out = adapter.scalar(prepared, ({n: t.unsqueeze(0) for n, t in leaves.items()}
                                         if one_row else leaves), target)
