@@ -118,9 +118,9 @@ def model_code_digest(model: torch.nn.Module) -> str:
     ``forward`` (tanh to relu) in a notebook then gives another feature-cache key. A decorated
     method (``@torch.no_grad()``, a user's decorator) is followed to the function it wraps
     (``__wrapped__``, and the functions its closure holds). A function set on a module
-    instance in place of a method (``model.forward = patched``) is hashed too. Not followed: functions reached
-    through attributes (``helpers.act(x)``) or held in containers, and the values (other than
-    functions) a closure holds.
+    instance in place of a method (``model.forward = patched``) is hashed too. Not followed:
+    functions reached through attributes (``helpers.act(x)``) or held in containers, and the
+    values (other than functions) a closure holds.
 
     The plain values of their modules that these functions read as globals (``SCALE = 3.0``
     read in ``forward``) are hashed too, by content (``_plain_global_text``): numbers, texts,
