@@ -471,8 +471,9 @@ def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls
             mismatch = _differ(again.to(logits.dtype), logits, eps)
             # chosen by default (the last Linear with one output per class): another layer of
             # that width may be the one whose output is the logits
-            found = (_logit_layers(adapter, prepared, logits, eps)
-                     if mismatch and adapter.decision_layer_default else [])
+            found, heads = (_logit_layers(adapter, prepared, logits, eps) if mismatch
+                            else ([], []))
+            found = found if adapter.decision_layer_default else []
             if found:
                 report.add("error", "decision-not-logits",
                            f"The decision layer chosen by default "
@@ -481,6 +482,14 @@ def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls
                            f"contributions and the prediction path would use the wrong "
                            f"weights. Pass decision_layer={found[0]!r}: its output is the "
                            f"logits.", ("prediction",))
+            elif mismatch and len(heads) > 1:
+                after = (f"The logits are not the decision layer's output ({name}): "
+                         f"{len(heads)} layers of one output per class run in the pass "
+                         f"({', '.join(heads[:5])}), so the logits look like a sum of several "
+                         f"heads, and no one layer's weights give them. Neuron contributions "
+                         f"W[c, j] h_j and the prediction path then cover this layer's part "
+                         f"only: for the whole decision, compute the logits with one nn.Linear "
+                         f"over the concatenated encodings (the heads' weights side by side).")
             elif mismatch:
                 after = (f"The logits are not the decision layer's output ({name}): the model "
                          f"changes them after it (a scale, a bias, another layer), so neuron "
@@ -496,21 +505,23 @@ def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls
     return after
 
 
-def _logit_layers(adapter: ModelAdapter, prepared, logits: torch.Tensor, eps: float) -> list[str]:
-    """The names of the model's nn.Linear layers whose output in one pass is the logits."""
+def _logit_layers(adapter: ModelAdapter, prepared, logits: torch.Tensor, eps: float
+                  ) -> tuple[list[str], list[str]]:
+    """(the names of the model's nn.Linear layers whose output in one pass is the logits, the
+    names of all of its nn.Linear layers of the logits' width that ran in that pass)."""
     outputs: dict[str, torch.Tensor] = {}
     if not _watched_pass(adapter, prepared.raw,
                          lambda m: (isinstance(m, nn.Linear)
                                     and m.out_features in _logit_widths(logits)),
                          lambda name, out: outputs.setdefault(name, out.detach())):
-        return []
+        return [], []
     found = []
     for n, out in outputs.items():
         if out.dim() == 2 and out.shape[0] == logits.shape[0]:
             out = adapter.as_logits(out, logits.shape[0])
             if not _differ(out.to(logits.dtype), logits, eps):
                 found.append(n)
-    return found
+    return found, list(outputs)
 
 
 def _logit_widths(logits: torch.Tensor) -> tuple[int, ...]:

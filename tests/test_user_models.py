@@ -848,3 +848,23 @@ def test_a_helper_forward_sets_itself_keeps_the_cache_key():
     before = features_key(ad, ds)
     extract_features(ad, ds, cache=False)
     assert features_key(ad, ds) == before
+
+
+class SumOfHeads(TabSeries):
+    """Late fusion that sums two per-modality heads: no one layer's output is the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.head_a, self.head_b = nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def forward(self, vitals, series):
+        h = self.encode(vitals, series)
+        return self.head_a(h[:, :8]) + self.head_b(h[:, 8:])
+
+
+def test_check_names_a_sum_of_heads_and_the_one_layer_that_replaces_it():
+    report = check(ModelAdapter(SumOfHeads().eval(), modalities(), CLASSES), instance())
+    text = str(report)
+    assert "decision-not-last" in report.codes()
+    assert "2 layers of one output per class run in the pass (head_a, head_b)" in text
+    assert "one nn.Linear over the concatenated encodings" in text
