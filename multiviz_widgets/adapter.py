@@ -382,7 +382,8 @@ def check_inputs_kept(args: Mapping[str, torch.Tensor], versions: Sequence[int])
 #: The error of a model that changes its inputs ({names}) in place.
 INPUT_IN_PLACE_MESSAGE = (
     "The model changed its input {names} in place (an operation such as x.sub_(mu), x /= s or "
-    "x[...] = ... on the argument itself). The kernels pass the same inputs again (the "
+    "x[...] = ... on the argument itself; or one of its parameters, such as w.clamp_(), with "
+    "autograd on: wrap that in torch.no_grad()). The kernels pass the same inputs again (the "
     "instance, its masked copies, the pairs of EMAP and DIME), so every later result would be "
     "computed on changed values. Make the operation out of place in the model's forward: "
     "x = (x - mu) / s.")
@@ -547,6 +548,9 @@ class ModelAdapter:
         # the layers whose training mode changes outputs, found once (modules() walks the whole
         # model; _eval_mode checks these on every pass)
         self._mode_layers = [m for m in model.modules() if isinstance(m, _TRAINING_LAYERS)]
+        #: every module: one in training mode may act on it in its own code (an LSTM's or an
+        #: attention's dropout, a forward reading self.training) without such a layer
+        self._all_modules = list(model.modules())
         self.modalities = {m.name: m for m in modalities}
         self.class_names = _class_name_list(class_names)
         if not self.class_names:
@@ -849,10 +853,10 @@ class ModelAdapter:
         return e.detach()
 
     def _training_state(self) -> tuple[str, list[str]] | None:
-        """None when the model and its dropout and batch norm layers (found when the adapter
-        was made) are in eval mode, else (where the training mode is, the names of those layers
-        it changes)."""
-        if not self.model.training and not any(map(_in_effect, self._mode_layers)):
+        """None when the model and all its modules (found when the adapter was made) are in
+        eval mode, else (where the training mode is, the names of its dropout and batch norm
+        layers it changes)."""
+        if not any(m.training for m in self._all_modules):
             return None
         active = sorted({type(m).__name__ for m in self._mode_layers if _in_effect(m)})
         where = "is in training mode" if self.model.training else "has submodules in training mode"
@@ -1121,7 +1125,7 @@ class ModelAdapter:
                 # happened: the same fix as for one made (check_inputs_kept)
                 leaves = [n for n, v in args.items() if v.requires_grad] or list(args)
                 raise AdapterError(INPUT_IN_PLACE_MESSAGE.format(
-                    names=", ".join(map(repr, leaves))), code="input-in-place") from e
+                    names=" or ".join(map(repr, leaves))), code="input-in-place") from e
             raise ModelInputError(self._model_error_message(args, e)) from e
         check_inputs_kept(args, versions)
         self._last_shapes = {n: tuple(v.shape[1:]) for n, v in args.items()}

@@ -139,12 +139,16 @@ def check(adapter: ModelAdapter, instance) -> Report:
                 "(no dropout or batch norm module in it is active; attention or recurrent "
                 "layers' dropout, or its own code reading self.training, may still act on it)")
         report.add("warning", "training-mode", f"The model is in training mode {what}. {fix}")
-    elif what:
-        names = [_module_name(model, m) for m in dropouts + norms]
+    elif what or any(m.training for m in model.modules()):
+        layers = dropouts + norms or [m for m in model.modules() if m.training]
+        names = [_module_name(model, m) for m in layers]
+        with_what = (f"with {' and '.join(what)}" if what else
+                     "(attention or recurrent layers' dropout, or their own code reading "
+                     "self.training, may act on it)")
         report.add("warning", "training-submodule",
                    f"The model is in eval mode but its submodule(s) {', '.join(names[:5])} are in "
                    f"training mode (a .train() call on a part of the model after model.eval()), "
-                   f"with {' and '.join(what)}. {fix}")
+                   f"{with_what}. {fix}")
     _check_unknown_tokens(adapter, prepared, report)
     with adapter._lock, adapter._eval_mode():
         _check_passes(adapter, prepared, report)

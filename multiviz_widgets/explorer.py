@@ -420,6 +420,7 @@ class Explorer(W.VBox):
             self._build(adapter, dataset, sparse_model, features, pair, kernels, gallery_k,
                         path_params, annotations)
             if start:
+                self._opening = True          # this refresh reads the features' disk cache
                 self.refresh()
         except BaseException:
             # no worker threads left behind, nor a claim on a concepts file, nor the views built
@@ -636,10 +637,10 @@ class Explorer(W.VBox):
         computed again too: the on-disk cache that the Explorer's first computation reads
         covers model and data, but not a model's integer, list or plain-tensor attributes (see
         ``ModelAdapter.fingerprint``), nor a fault since fixed that made the model fail on
-        some instances."""
+        some instances. (The constructor's own first computation reads that cache.)"""
         self._check_open()
-        self.analyses.forget(recompute_features=self.__dict__.get("_refreshed", False))
-        self._refreshed = True
+        opening = self.__dict__.pop("_opening", False)
+        self.analyses.forget(recompute_features=not opening)
         self.embedding_view.forget()
         self.input_panel.refresh()
         for v in self.views:

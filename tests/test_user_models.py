@@ -868,3 +868,55 @@ def test_check_names_a_sum_of_heads_and_the_one_layer_that_replaces_it():
     assert "decision-not-last" in report.codes()
     assert "2 layers of one output per class run in the pass (head_a, head_b)" in text
     assert "one nn.Linear over the concatenated encodings" in text
+
+
+def test_a_recurrent_submodule_left_in_training_mode_is_named_and_refused(cache_env,
+                                                                         explorer_class):
+    """An LSTM's dropout acts on its own mode, without a dropout module."""
+    class Recurrent(TabSeries):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(2, 4, num_layers=2, dropout=0.5, batch_first=True)
+    model = Recurrent().eval()
+    model.rnn.train()
+    adapter = make_adapter(model)
+    assert "submodules in training mode" in adapter.training_mode()
+    report = check(adapter, instance())
+    assert "training-submodule" in report.codes() and "rnn" in str(report)
+    with pytest.raises(AdapterError) as caught:
+        explorer_class(adapter, make_data())
+    assert caught.value.code == "training-mode"
+
+
+def test_a_function_given_to_the_constructor_is_in_the_cache_key():
+    from multiviz_widgets.kernels.representations import features_key
+
+    def soft(z):
+        return torch.tanh(z)
+
+    def hard(z):
+        return torch.relu(z)
+
+    class WithActivation(TabSeries):
+        def __init__(self, act):
+            super().__init__()
+            self.act = act
+
+        def forward(self, vitals, series):
+            return self.act(super().forward(vitals, series))
+    ds = make_data(4)
+    keys = {features_key(make_adapter(WithActivation(act).eval()), ds) for act in (soft, hard)}
+    assert len(keys) == 2
+
+
+def test_the_first_recompute_of_an_explorer_made_without_start_computes_the_features(
+        cache_env, explorer_class):
+    ds, model = make_data(8), TabSeries().eval()
+    extract_features(make_adapter(model), ds)                  # in the disk cache
+    ex = explorer_class(make_adapter(model), ds, delay=0.01, start=False)
+    try:
+        ex.refresh()                                           # the user's recompute
+        assert ex.wait(60)
+        assert not ex.analyses.features().from_cache
+    finally:
+        ex.close()

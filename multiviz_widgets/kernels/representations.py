@@ -118,7 +118,8 @@ def model_code_digest(model: torch.nn.Module) -> str:
     ``forward`` (tanh to relu) in a notebook then gives another feature-cache key. A decorated
     method (``@torch.no_grad()``, a user's decorator) is followed to the function it wraps
     (``__wrapped__``, and the functions its closure holds). A function set on a module
-    instance in place of a method (``model.forward = patched``) is hashed too. Not followed:
+    instance (``model.forward = patched``, an activation given to the constructor) is hashed
+    too, unless code already hashed makes it (a lambda forward sets). Not followed:
     functions reached through attributes (``helpers.act(x)``) or held in containers, and the
     values (other than functions) a closure holds.
 
@@ -132,10 +133,13 @@ def model_code_digest(model: torch.nn.Module) -> str:
     reads: dict[tuple[str, str], tuple[dict, str]] = {}   # (module, name) -> (globals, name)
     written: set[tuple[str, str]] = set()
 
+    visited: list = []                             # the functions hashed, in order
+
     def visit(f) -> None:
         if id(f) in seen:
             return
         seen.add(id(f))
+        visited.append(f)
         h.update(f"{f.__module__}.{f.__qualname__}".encode())
         # a functools.wraps wrapper (torch.no_grad's included) copies the wrapped function's
         # module and name but runs its own code: without this an edit of the decorated
@@ -184,15 +188,22 @@ def model_code_digest(model: torch.nn.Module) -> str:
                         continue
                 if _own_function(f):
                     visit(f)
-    # functions set on a module itself in place of its class's (model.forward = patched, a
-    # closure over the old one) run instead of them, so their code (and the functions their
-    # closures hold) is hashed too, under the module's place in the model; not a helper that
-    # forward sets itself (self.act = lambda ...: its code is hashed with forward's, and it may
-    # change from pass to pass)
+    # functions set on a module itself (model.forward = patched, a closure over the old one;
+    # an activation given to the constructor) run in the forward pass too, so their code (and
+    # the functions their closures hold) is hashed, under the module's place in the model; not
+    # a function made by code already hashed (self.act = lambda ... in forward: it may change
+    # from pass to pass, and its code is part of forward's)
+    nested = set()
+    stack = [f.__code__ for f in visited]
+    while stack:
+        for const in stack.pop().co_consts:
+            if isinstance(const, types.CodeType) and const not in nested:
+                nested.add(const)
+                stack.append(const)
     for place, m in model.named_modules():
         for attr, value in sorted(vars(m).items()):
             f = getattr(value, "__func__", value)            # a bound method's function
-            if _own_function(f) and hasattr(type(m), attr):
+            if _own_function(f) and f.__code__ not in nested:
                 h.update(f"instance {place}.{attr}".encode())
                 seen.discard(id(f))          # hashed again here: its place is part of the key
                 visit(f)
