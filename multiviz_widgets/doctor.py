@@ -254,14 +254,22 @@ def _roundoff(adapter: ModelAdapter, raw: dict, *outputs: torch.Tensor) -> float
     parameters', its outputs', and those of what each of its modules returns in one pass on
     ``raw`` (a model that runs under torch.autocast inside forward computes in bfloat16 or
     float16 with float32 weights), and TF32's for a model on a GPU that allows it."""
-    dtypes = {p.dtype for p in adapter.model.parameters() if p.is_floating_point()}
-    dtypes |= {o.dtype for o in outputs if o.is_floating_point()}
+    dtypes = set()
 
     def seen(_name, output):
         for o in (output if isinstance(output, (tuple, list)) else (output,)):
             if isinstance(o, torch.Tensor) and o.is_floating_point():
                 dtypes.add(o.dtype)
     _watched_pass(adapter, raw, lambda m: True, seen)
+    return dtype_eps(adapter, *outputs, dtypes=dtypes)
+
+
+def dtype_eps(adapter: ModelAdapter, *outputs: torch.Tensor, dtypes=()) -> float:
+    """The machine epsilon of the least precise of the model's floating parameters, the
+    ``outputs`` and ``dtypes``, and TF32's for a model on a GPU that allows it: no pass (what
+    ``_roundoff`` adds is the dtypes its modules compute in)."""
+    dtypes = set(dtypes) | {p.dtype for p in adapter.model.parameters() if p.is_floating_point()}
+    dtypes |= {o.dtype for o in outputs if o.is_floating_point()}
     eps = max((torch.finfo(d).eps for d in dtypes), default=0.0)
     if torch.float32 in dtypes and _uses_tf32(adapter.model):
         eps = max(eps, _TF32_EPS)

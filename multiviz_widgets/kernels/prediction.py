@@ -459,7 +459,11 @@ def kkt_violation(z, y, W, b, lam: float, alpha: float) -> float:
     CE gradients are opposite, so this measures the documented objective in v too)."""
     W = np.asarray(W, dtype=np.float64)
     G, gb, _ = _smooth_grads(z, np.asarray(y), W, np.asarray(b, dtype=np.float64), lam, alpha)
-    t = lam * alpha
+    return _violation(G, gb, W, lam * alpha)
+
+
+def _violation(G, gb, W, t) -> float:
+    """``kkt_violation`` from the smooth part's gradients (G, gb) at W, with t = lam alpha."""
     v = np.where(W != 0, np.abs(G + t * np.sign(W)), np.maximum(np.abs(G) - t, 0.0))
     return float(max(v.max(initial=0.0), np.abs(gb).max(initial=0.0)) / t)
 
@@ -479,8 +483,7 @@ def _polish(z, yi, W, b, lam, alpha, kkt_tol, max_iter):
     used = 0
     while True:
         G, gb, ce = _smooth_grads(z, yi, W, b, lam, alpha)
-        v = np.where(W != 0, np.abs(G + t * np.sign(W)), np.maximum(np.abs(G) - t, 0.0))
-        viol = float(max(v.max(initial=0.0), np.abs(gb).max(initial=0.0)) / t)
+        viol = _violation(G, gb, W, t)
         if viol <= kkt_tol:
             return W, b, viol, used, ""
         if used >= max_iter:
@@ -716,7 +719,7 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     kkt = np.zeros(n_lambdas)
     kkt_solver = np.zeros(n_lambdas)
     polish_iters = np.zeros(n_lambdas, dtype=np.int64)
-    unpolished = []               # (point, violation, why) of points left above kkt_tol
+    unpolished = []     # (point, violation, why, iterations ran out) of points above kkt_tol
     used = 0
     t_point = time.perf_counter()
     for i, (w, b) in enumerate(_chain([first], fits)):
@@ -729,7 +732,8 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
                 w, b = np.stack([-v, v]), np.array([-c, c])
                 kkt[i] = kkt_violation(z_tr, yi_tr, w, b, lams[i], alpha)
             if kkt[i] > kkt_tol:
-                unpolished.append((i, kkt[i], why or "after its binary rows were symmetrised"))
+                unpolished.append((i, kkt[i], why or "after its binary rows were symmetrised",
+                                   polish_iters[i] >= polish_max_iter))
         else:
             kkt[i] = kkt_solver[i]
         weights[i, present] = w
@@ -757,8 +761,8 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     sl = slice(0, used)
     k = choose_sparsity(nonzeros[sl], val_fid[sl], tolerance)
     if unpolished:
-        chosen = next((f"{v:.3g}" for i, v, _ in unpolished if i == k), None)
-        capped = any("ran out" in why for _, _, why in unpolished)
+        chosen = next((f"{v:.3g}" for i, v, _, _ in unpolished if i == k), None)
+        capped = any(ran_out for *_, ran_out in unpolished)
         fix = (f"Raise polish_max_iter (now {polish_max_iter}), e.g. to "
                f"{max(10 * polish_max_iter, 1000)}, or raise kkt_tol to accept them" if capped
                else f"kkt_tol={kkt_tol:g} is finer than float64 rounding allows on these "
@@ -766,7 +770,7 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
         warnings.warn(
             f"fit_sparse_model: {len(unpolished)} of the {used} path points are not the optimum "
             f"of their elastic net within kkt_tol={kkt_tol:g}: KKT violations "
-            + "; ".join(f"{v:.3g} at point {i} ({why})" for i, v, why in unpolished[:3])
+            + "; ".join(f"{v:.3g} at point {i} ({why})" for i, v, why, _ in unpolished[:3])
             + ("; ..." if len(unpolished) > 3 else "")
             + " (in units of lambda * alpha, params['path_kkt_violation']). "
             + (f"The chosen point {k} is one of them (violation {chosen}): its non-zeros and "

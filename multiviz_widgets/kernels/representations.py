@@ -456,7 +456,7 @@ def _check_rows_independent(adapter: ModelAdapter, raw: dict, out: tuple, ran) -
     k rows; two more only when they differ (a second batch of copies, to tell randomness, which
     check() reports, from the batch; and one of a row alone that reads the precision the model
     computes in)."""
-    from ..doctor import _differ, _roundoff
+    from ..doctor import _differ, _roundoff, dtype_eps
     finite = (torch.isfinite(out[0]).all(1) & torch.isfinite(out[1]).all(1)).nonzero()
     if len(finite) == 0:
         return                          # no finite row to compare (they are left out)
@@ -469,9 +469,7 @@ def _check_rows_independent(adapter: ModelAdapter, raw: dict, out: tuple, ran) -
     rows = 2 * k                     # what the model is given, counted as the passes run
     try:
         mixed, same = adapter.features(batch), adapter.features(copies)
-        dtypes = {t.dtype for t in (*mixed, *same)}
-        dtypes |= {p.dtype for p in adapter.model.parameters() if p.is_floating_point()}
-        eps = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
+        eps = dtype_eps(adapter, *mixed, *same)
         if not any(_differ(x[:1], y[:1], eps) for x, y in zip(mixed, same)):
             return
         rows += k

@@ -54,7 +54,7 @@ import math
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -247,9 +247,9 @@ def _gradients(leaves: Mapping[str, torch.Tensor], grads) -> _Gradients:
     return out
 
 
-def _unreached_found(*unreached: Sequence[str]) -> dict:
+def _unreached_found(unreached: Iterable[str]) -> dict:
     """The params entry of the modalities no gradient reached: ``no_gradient`` [names]."""
-    names = sorted(set().union(*unreached))
+    names = sorted(set(unreached))
     return {"no_gradient": names} if names else {}
 
 
@@ -538,30 +538,24 @@ def _warn_completeness(adapter: ModelAdapter, results: Sequence[Attribution]) ->
     p = worst.params
     which = (f"{len(bad)} of {len(results)} results miss" if len(results) > 1 else
              "the scores miss")
+    head = (f"integrated_gradients: {which} f(x) - f(baseline) by more than "
+            f"{COMPLETENESS_WARN:.0%} (worst: a gap of {p['completeness_gap']:.4g}, "
+            f"{p['completeness_gap_relative']:.0%}, with {p['steps']} {p['rule']} steps")
+    more = f"Try more steps (e.g. steps={4 * int(p['steps'])})"
     if p.get("no_gradient"):
         names = ", ".join(map(repr, p["no_gradient"]))
-        warnings.warn(
-            f"integrated_gradients: {which} f(x) - f(baseline) by more than "
-            f"{COMPLETENESS_WARN:.0%} (worst: a gap of {p['completeness_gap']:.4g}, "
-            f"{p['completeness_gap_relative']:.0%}, with {p['steps']} {p['rule']} steps), and "
-            f"no gradient reaches {names}. If the model uses it (under torch.no_grad(), "
-            "detached or through a step without a gradient), its scores are 0 and its part of "
-            "the change is missing: no number of steps closes that gap, while occlusion, lime "
-            "and kernel_shap (which run the model, not its gradient) score it. If the model "
-            "ignores it, try more steps (e.g. steps="
-            f"{4 * int(p['steps'])}). (Warned once per adapter; params['no_gradient'] names "
-            "such modalities.)",
-            CompletenessWarning, stacklevel=3)
-        return
-    warnings.warn(
-        f"integrated_gradients: {which} f(x) - f(baseline) by more than "
-        f"{COMPLETENESS_WARN:.0%} (worst: a gap of {p['completeness_gap']:.4g}, "
-        f"{p['completeness_gap_relative']:.0%}, with {p['steps']} {p['rule']} steps; "
-        "params['completeness_gap']). Try more steps (e.g. steps="
-        f"{4 * int(p['steps'])}); if the gap stays, the model's output jumps along the path "
-        "(often right at the baseline, alpha = 0) and no number of steps closes it: use a "
-        "different baseline. (Warned once per adapter; each result's params hold its gap.)",
-        CompletenessWarning, stacklevel=3)
+        tail = (f"), and no gradient reaches {names}. If the model uses it (under "
+                "torch.no_grad(), detached or through a step without a gradient), its scores "
+                "are 0 and its part of the change is missing: no number of steps closes that "
+                "gap, while occlusion, lime and kernel_shap (which run the model, not its "
+                f"gradient) score it. If the model ignores it, {more[0].lower() + more[1:]}. "
+                "(Warned once per adapter; params['no_gradient'] names such modalities.)")
+    else:
+        tail = (f"; params['completeness_gap']). {more}; if the gap stays, the model's output "
+                "jumps along the path (often right at the baseline, alpha = 0) and no number "
+                "of steps closes it: use a different baseline. (Warned once per adapter; each "
+                "result's params hold its gap.)")
+    warnings.warn(head + tail, CompletenessWarning, stacklevel=3)
 
 
 def _mask_function(adapter: ModelAdapter, prepared: Prepared, target: Target, batch_size: int,
