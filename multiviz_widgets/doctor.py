@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -17,6 +16,7 @@ from .adapter import AdapterError, ModelAdapter, Prepared, masked_logits_hint
 from .kernels.common import math_attention
 from .kernels.interactions import ROUNDING_EPS
 from .modalities import Text
+from .precision import outputs_differ, roundoff_eps, watched_pass
 
 STAGES = (
     "unimodal_gradient",       # gradient, grad x input, integrated gradients
@@ -35,7 +35,6 @@ _PERTURBATION = ("unimodal_perturbation", "interaction_perturbation")
 _CONTINUOUS = _GRADIENT + _PERTURBATION
 #: stages that evaluate the model with units at their baselines (integrated gradients too)
 _MASKED = _PERTURBATION + ("unimodal_gradient",)
-_ATOL, _RTOL = 1e-5, 1e-4
 
 
 @dataclass
@@ -231,85 +230,6 @@ def _attempt(report: Report, code: str, stages, what: str, fn):
     return None
 
 
-#: The machine epsilon of TF32 (10 bits of mantissa), in which a GPU may run float32
-#: convolutions and matrix products (torch.backends.cudnn.allow_tf32, on by default)
-_TF32_EPS = 2.0 ** -10
-
-
-def _differ(a: torch.Tensor, b: torch.Tensor, eps: float = 0.0) -> bool:
-    """Whether two outputs differ by more than rounding: _ATOL and _RTOL (float32's), or for a
-    less precise model (``eps``: its machine epsilon, as ``_roundoff`` gives) 4 epsilons of the
-    outputs' largest magnitude plus 4 of each value, since a batch of another size may sum in
-    another order."""
-    if a.shape != b.shape:
-        return True
-    a, b = a.double(), b.double()
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    atol, rtol = max(_ATOL, 4 * eps * scale), max(_RTOL, 4 * eps)
-    return not torch.allclose(a, b, atol=atol, rtol=rtol)
-
-
-def _roundoff(adapter: ModelAdapter, raw: dict, *outputs: torch.Tensor) -> float:
-    """The precision the model computes in, as a machine epsilon: the largest of its floating
-    parameters', its outputs', and those of what each of its modules returns in one pass on
-    ``raw`` (a model that runs under torch.autocast inside forward computes in bfloat16 or
-    float16 with float32 weights), and TF32's for a model on a GPU that allows it."""
-    dtypes = set()
-
-    def seen(_name, output):
-        for o in (output if isinstance(output, (tuple, list)) else (output,)):
-            if isinstance(o, torch.Tensor) and o.is_floating_point():
-                dtypes.add(o.dtype)
-    _watched_pass(adapter, raw, lambda m: True, seen)
-    return dtype_eps(adapter, *outputs, dtypes=dtypes)
-
-
-def dtype_eps(adapter: ModelAdapter, *outputs: torch.Tensor, dtypes=()) -> float:
-    """The machine epsilon of the least precise of the model's floating parameters, the
-    ``outputs`` and ``dtypes``, and TF32's for a model on a GPU that allows it: no pass (what
-    ``_roundoff`` adds is the dtypes its modules compute in)."""
-    dtypes = set(dtypes) | {p.dtype for p in adapter.model.parameters() if p.is_floating_point()}
-    dtypes |= {o.dtype for o in outputs if o.is_floating_point()}
-    eps = max((torch.finfo(d).eps for d in dtypes), default=0.0)
-    if torch.float32 in dtypes and _uses_tf32(adapter.model):
-        eps = max(eps, _TF32_EPS)
-    return eps
-
-
-def _watched_pass(adapter: ModelAdapter, raw: dict, which: Callable[[nn.Module], bool],
-                  seen: Callable[[str, object], None]) -> bool:
-    """One pass on ``raw`` (no gradients) with ``seen(name, output)`` called for each module
-    that ``which`` picks (TorchScript ones take no Python hooks); the hooks are removed
-    whatever happens. Whether the pass ran (a failing one: the other checks report it)."""
-    handles = []
-    try:
-        for name, m in adapter.model.named_modules():
-            if which(m) and not isinstance(m, torch.jit.ScriptModule):
-                handles.append(m.register_forward_hook(
-                    lambda _m, _i, out, name=name: seen(name, out)))
-        with torch.no_grad():
-            adapter.predict(raw)
-        return True
-    except Exception:  # noqa: BLE001 - the user's model can raise anything
-        return False
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _uses_tf32(model: torch.nn.Module) -> bool:
-    """Whether a float32 model may compute in TF32: on a GPU that has it (compute capability 8
-    or more), in convolutions (cuDNN's flag, on by default) or matrix products (off by
-    default)."""
-    weight = next((p for p in model.parameters() if p.is_cuda), None)
-    if weight is None or torch.cuda.get_device_capability(weight.device)[0] < 8:
-        return False
-    convs = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
-    return ((convs and torch.backends.cudnn.allow_tf32)
-            or torch.backends.cuda.matmul.allow_tf32
-            or torch.get_float32_matmul_precision() != "highest")
-
-
 def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
     # 3. One forward pass: output shape, finiteness, logits vs probabilities, decision layer.
     shapes = ", ".join(f"{n}: {tuple(v.shape)}" for n, v in prepared.raw.items())
@@ -351,7 +271,7 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
         report.add("warning", "probabilities",
                    "The output looks like probabilities (in [0, 1], summing to 1). Explanations "
                    "should target pre-softmax logits: remove the final softmax from forward().")
-    eps = _roundoff(adapter, prepared.raw, out)      # the precision it computes in
+    eps = roundoff_eps(adapter, prepared.raw, out)      # the precision it computes in
     if adapter.is_binary_logit(first, out.shape[0]):
         _check_binary_output(adapter, prepared, report, first.reshape(-1), eps)
     after_layer = _check_decision_layer(adapter, prepared, report, calls.get("decision", 0), eps)
@@ -361,7 +281,7 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
     # 4. Determinism: two passes must agree.
     again = _attempt(report, "nondeterministic", _ALL, "A second forward pass failed",
                      lambda: adapter.predict(prepared.raw))
-    random = again is not None and _differ(again, out, eps)
+    random = again is not None and outputs_differ(again, out, eps)
     if after_layer and not random:      # (a random model's logits differ for randomness alone)
         report.add("warning", "decision-not-last", after_layer)
     if random:
@@ -378,7 +298,7 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
     sub = _attempt(report, "embedding-substitution", _CONTINUOUS,
                    "Putting the continuous inputs in (as every kernel does) failed",
                    lambda: adapter.predict(prepared.raw, cont))
-    if sub is not None and not random and _differ(sub, out, eps):
+    if sub is not None and not random and outputs_differ(sub, out, eps):
         report.add("error", "embedding-substitution",
                    f"Putting the instance's own continuous inputs in gives logits "
                    f"{sub[0].tolist()} where the model gives {out[0].tolist()}: the kernels "
@@ -413,7 +333,7 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
                         lambda: adapter.predict(prepared.raw, {n: torch.cat([cont[n], second[n]])
                                                                for n in cont}))
         alone = torch.cat([sub, second_out])
-        if pair is not None and not random and _differ(pair, alone, eps):
+        if pair is not None and not random and outputs_differ(pair, alone, eps):
             largest = (float((pair - alone).abs().max()) if pair.shape == alone.shape
                        else float("nan"))
             report.add("error", "batch-dependent",
@@ -444,7 +364,7 @@ def _halfway(adapter: ModelAdapter, prepared, cont: dict, base: dict):
 def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls: int,
                           eps: float) -> str | None:
     """Report what is wrong with the decision layer (``eps``: the model's precision, as
-    ``_roundoff`` gives); returns the warning that the logits are not its output, for the
+    ``roundoff_eps`` gives); returns the warning that the logits are not its output, for the
     caller to give once it knows the model is not random."""
     name = type(adapter.decision_layer).__name__
     after = None
@@ -480,7 +400,7 @@ def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls
         else:
             with torch.no_grad():
                 again = adapter.as_logits(layer(h.to(layer.weight.dtype)), logits.shape[0])
-            mismatch = _differ(again.to(logits.dtype), logits, eps)
+            mismatch = outputs_differ(again.to(logits.dtype), logits, eps)
             # chosen by default (the last Linear with one output per class): another layer of
             # that width may be the one whose output is the logits
             found, heads = (_logit_layers(adapter, prepared, logits, eps) if mismatch
@@ -522,7 +442,7 @@ def _logit_layers(adapter: ModelAdapter, prepared, logits: torch.Tensor, eps: fl
     """(the names of the model's nn.Linear layers whose output in one pass is the logits, the
     names of all of its nn.Linear layers of the logits' width that ran in that pass)."""
     outputs: dict[str, torch.Tensor] = {}
-    if not _watched_pass(adapter, prepared.raw,
+    if not watched_pass(adapter, prepared.raw,
                          lambda m: (isinstance(m, nn.Linear)
                                     and m.out_features in _logit_widths(logits)),
                          lambda name, out: outputs.setdefault(name, out.detach())):
@@ -531,7 +451,7 @@ def _logit_layers(adapter: ModelAdapter, prepared, logits: torch.Tensor, eps: fl
     for n, out in outputs.items():
         if out.dim() == 2 and out.shape[0] == logits.shape[0]:
             out = adapter.as_logits(out, logits.shape[0])
-            if not _differ(out.to(logits.dtype), logits, eps):
+            if not outputs_differ(out.to(logits.dtype), logits, eps):
                 found.append(n)
     return found, list(outputs)
 
@@ -558,8 +478,8 @@ def _check_binary_output(adapter: ModelAdapter, prepared, report: Report, z: tor
                 logit = layer(h.to(layer.weight.dtype)).reshape(-1).to(z.dtype)
         except Exception:  # noqa: BLE001 -- the decision-layer checks report a failure
             logit = None
-        if (logit is not None and _differ(logit, z, eps)
-                and not _differ(torch.sigmoid(logit), z, eps)):
+        if (logit is not None and outputs_differ(logit, z, eps)
+                and not outputs_differ(torch.sigmoid(logit), z, eps)):
             report.add("error", "sigmoid-output",
                        "The model's one output is the sigmoid of its decision layer's output, a "
                        "probability: " + fix, _ALL)

@@ -44,6 +44,7 @@ from ..adapter import (MASK_FINITE, AdapterError, ModelAdapter, ModelInputError,
 from ..atomic_file import write_atomically
 from ..data import MultimodalDataset
 from ..modalities import _stable_callable, _stable_text, hash_code
+from ..precision import dtype_eps, outputs_differ, roundoff_eps
 from ..progress import ProgressFn, report
 from ..checks import is_integer, positive_int
 from .common import (GIVE_UP_AFTER, ModelFailure, as_prepared, indices_or_all, input_shapes,
@@ -456,7 +457,6 @@ def _check_rows_independent(adapter: ModelAdapter, raw: dict, out: tuple, ran) -
     k rows; two more only when they differ (a second batch of copies, to tell randomness, which
     check() reports, from the batch; and one of a row alone that reads the precision the model
     computes in)."""
-    from ..doctor import _differ, _roundoff, dtype_eps
     finite = (torch.isfinite(out[0]).all(1) & torch.isfinite(out[1]).all(1)).nonzero()
     if len(finite) == 0:
         return                          # no finite row to compare (they are left out)
@@ -470,15 +470,15 @@ def _check_rows_independent(adapter: ModelAdapter, raw: dict, out: tuple, ran) -
     try:
         mixed, same = adapter.features(batch), adapter.features(copies)
         eps = dtype_eps(adapter, *mixed, *same)
-        if not any(_differ(x[:1], y[:1], eps) for x, y in zip(mixed, same)):
+        if not any(outputs_differ(x[:1], y[:1], eps) for x, y in zip(mixed, same)):
             return
         rows += k
         again = adapter.features(copies)
-        if any(_differ(x, y, eps) for x, y in zip(same, again)):
+        if any(outputs_differ(x, y, eps) for x, y in zip(same, again)):
             return                   # a random model: check() says so, not this
         rows += 1
-        eps = max(eps, _roundoff(adapter, {n: v[:1] for n, v in copies.items()}))
-        differ = [_differ(x[:1], y[:1], eps) for x, y in zip(mixed, same)]
+        eps = max(eps, roundoff_eps(adapter, {n: v[:1] for n, v in copies.items()}))
+        differ = [outputs_differ(x[:1], y[:1], eps) for x, y in zip(mixed, same)]
         if not any(differ):
             return
         largest = max(float((x[:1].double() - y[:1].double()).abs().max())

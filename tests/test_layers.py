@@ -1,0 +1,76 @@
+"""The layers import only downward (ARCHITECTURE.md: kernels <- engine <- views): a kernel never
+reaches up to the engine, the doctor, the views or the Explorer; the modules under the kernels
+(the adapter, the modalities, the results, ...) reach none of them. Read from the source, so an
+import hidden inside a function counts too."""
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "multiviz_widgets"
+
+ABOVE_KERNELS = {"engine", "explorer", "views", "doctor", "demos", "annotations", "selection"}
+#: what each layer may not import: the modules of the package by their first name under it
+FORBIDDEN = {
+    "kernels": ABOVE_KERNELS,
+    "engine": {"explorer", "views", "doctor", "demos"},
+    "views": {"explorer", "demos"},
+    "foundation": ABOVE_KERNELS | {"kernels"},
+}
+FOUNDATION = {"adapter", "atomic_file", "checks", "data", "display_text", "modalities",
+              "precision", "progress", "results"}
+
+
+def _layer(path: pathlib.Path) -> str | None:
+    first = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+    return "foundation" if first in FOUNDATION else first if first in FORBIDDEN else None
+
+
+def _imported(path: pathlib.Path, root: pathlib.Path = PACKAGE) -> set[str]:
+    """The first names, under the package at ``root``, of every module ``path`` imports."""
+    depth = len(path.relative_to(root).parts) - 1         # packages between it and the root
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:                                  # relative: from the package root
+                parts = (node.module or "").split(".") if node.level == depth + 1 else None
+                if node.level <= depth:
+                    inside = path.relative_to(root).parts[:depth - node.level + 1]
+                    parts = [*inside, *(node.module or "").split(".")]
+                parts = [p for p in parts if p]
+                if parts:
+                    names.add(parts[0])
+                else:                                       # from . import x (at the root)
+                    names.update(a.name for a in node.names)
+            elif (node.module or "").startswith("multiviz_widgets."):
+                names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names
+                         if a.name.startswith("multiviz_widgets."))
+    return names
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if _layer(p) is not None)
+
+
+def test_every_layer_has_modules():
+    assert {_layer(p) for p in MODULES} == set(FORBIDDEN)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_a_module_imports_nothing_from_a_layer_above_it(path):
+    wrong = _imported(path) & FORBIDDEN[_layer(path)]
+    assert not wrong, (f"{path.relative_to(PACKAGE)} ({_layer(path)}) imports "
+                       f"{sorted(wrong)}, which sit above it")
+
+
+def test_the_check_resolves_relative_imports_and_sees_those_inside_functions(tmp_path):
+    probe = tmp_path / "kernels" / "probe.py"
+    probe.parent.mkdir()
+    probe.write_text("from . import common\nfrom .unimodal import attribute\n"
+                     "from .. import engine\nimport multiviz_widgets.views.controls\n"
+                     "def f():\n    from ..doctor import check\n")
+    assert _imported(probe, tmp_path) == {"kernels", "engine", "views", "doctor"}
+    top = tmp_path / "adapter.py"
+    top.write_text("from .checks import is_integer\nfrom . import data\n")
+    assert _imported(top, tmp_path) == {"checks", "data"}
