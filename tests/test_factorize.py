@@ -16,7 +16,7 @@ from multiviz_widgets import ModelAdapter, MultimodalDataset, Neuron, Tabular, T
 from multiviz_widgets.demos import easy_vqa, synthetic
 from multiviz_widgets.kernels import factorize
 from multiviz_widgets.kernels.factorize import FactorizationError, trace_factorization
-from multiviz_widgets.kernels.interactions import dime, emap
+from multiviz_widgets.kernels.interactions import dime, emap, interaction_type
 
 VOCAB = ["[PAD]", "[UNK]", "what", "shape", "is", "the", "red", "circle"]
 MODALITIES = [Tabular("tabular", columns=["c0", "c1", "c2", "c3"]),
@@ -405,6 +405,45 @@ def test_three_modalities_split_each_from_the_others():
     assert split.side == "t2" and split.from_side.count(True) >= 1
     with pytest.raises(FactorizationError, match="name the modality"):
         trace_factorization(adapter.model, adapter.names)
+
+
+class ThreeWayDeclared(ThreeWay):
+    """ThreeWay with its own split into one encoder per modality (``len()`` in forward: torch.fx
+    cannot trace it, so only the declared split can save forward passes)."""
+
+    def encode_modality(self, name, x):
+        return {"t1": lambda: torch.tanh(self.t1(x)), "t2": lambda: torch.tanh(self.t2(x)),
+                "series": lambda: torch.tanh(self.s(x.flatten(1)))}[name]()
+
+    def fuse_encodings(self, e):
+        tab = torch.tanh(self.mix(e["t1"] * e["t2"]))
+        return self.head(torch.cat([tab * e["series"], tab + e["series"]], 1))
+
+    def forward(self, t1, t2, series):
+        assert len(t1) == len(series)
+        return self.fuse_encodings({"t1": self.encode_modality("t1", t1),
+                                    "t2": self.encode_modality("t2", t2),
+                                    "series": self.encode_modality("series", series)})
+
+
+def test_a_declared_split_serves_three_modalities_each_split_from_the_others():
+    mods = [Tabular("t1", columns=list("abc")), Tabular("t2", columns=list("de")),
+            TimeSeries("series", window=2, channels=["x", "y"])]
+    adapter = ModelAdapter(ThreeWayDeclared(), mods, ["n", "p"])
+    g = torch.Generator().manual_seed(1)
+    items = [{"t1": torch.randn(3, generator=g), "t2": torch.randn(2, generator=g),
+              "series": torch.randn(4, 2, generator=g)} for _ in range(6)]
+    slow = emap(adapter, items, factorized=False)
+    for factorized in (None, "declared"):
+        fast = emap(adapter, items, factorized=factorized)
+        assert fast.params["factorization"] == "declared", fast.params
+        np.testing.assert_allclose(fast.emap_logits, slow.emap_logits, atol=1e-5)
+        for m in adapter.names:
+            np.testing.assert_allclose(fast.unimodal[m], slow.unimodal[m], atol=1e-5)
+    typed = interaction_type(adapter, items[0], items)
+    full = interaction_type(adapter, items[0], items, factorized=False)
+    assert typed["factorization"] == "declared" and typed["label"] == full["label"]
+    np.testing.assert_allclose(typed["emap_logits"], full["emap_logits"], atol=1e-5)
 
 
 class WithOptions(Bilinear):

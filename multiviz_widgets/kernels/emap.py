@@ -152,9 +152,10 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     return the N x N x K matrix (two modalities); None (default) keeps it when it takes at most
     KEPT_MATRIX_BYTES (``params["matrix_note"]`` says when it was not kept).
 
-    factorized: with two modalities most of each pair's forward pass encodes one modality alone,
-    so the encodings of the N instances are computed once and only the N^2 pairs are fused:
-    the same numbers for a fraction of the cost. Two ways to split the model:
+    factorized: most of each pair's forward pass encodes one modality alone, so the encodings
+    of the N instances are computed once and only the N^2 pairs are fused (with three or more
+    modalities, N^2 per modality, each split from the others): the same numbers for a fraction
+    of the cost. Two ways to split the model:
     "declared": the model defines ``encode_modality(name, x)`` and ``fuse_encodings({name:
     encoding})`` with model(*inputs) == fuse_encodings({m: encode_modality(m, x_m)});
     "traced": ``kernels.factorize.trace_factorization`` cuts the model's torch.fx graph where

@@ -4,7 +4,7 @@ computed by fusing pairs of encodings.
 
 EMAP (``kernels.emap``) and DIME (``kernels.dime``) evaluate the model on cartesian pairs of
 instances. ``model_split`` finds the split: declared by the model (``encode_modality`` /
-``fuse_encodings``, two modalities) or traced by ``kernels.factorize``. ``FusedPairs`` encodes
+``fuse_encodings``) or traced by ``kernels.factorize``. ``FusedPairs`` encodes
 batches and fuses pairs of rows, and ``FusedPairs.check`` compares fused pairs with plain
 forward passes before they are trusted; ``with_split`` builds on a split and falls back (and
 remembers the rejection) when a traced split disagrees.
@@ -147,16 +147,17 @@ def model_split(adapter: ModelAdapter, factorized, side: str, retrace: bool = Fa
     if factorized is False:
         return None, ""
     model, names = adapter.model, adapter.names
-    declared = len(names) == 2 and all(callable(getattr(model, k, None))
-                                       for k in ("encode_modality", "fuse_encodings"))
+    declared = all(callable(getattr(model, k, None)) for k in ("encode_modality", "fuse_encodings"))
     if factorized == "declared" and not declared:
-        raise ValueError("factorized='declared' needs two modalities and a model with "
-                         "encode_modality(name, x) and fuse_encodings(encodings) methods.")
+        raise ValueError("factorized='declared' needs a model with encode_modality(name, x) and "
+                         "fuse_encodings(encodings) methods.")
     if declared and factorized != "traced":
-        a, b = names
-        return Split("declared", a,
-                     lambda raw: (model.encode_modality(a, raw[a]), model.encode_modality(b, raw[b])),
-                     (True, False), lambda rows: model.fuse_encodings({a: rows[0], b: rows[1]})), ""
+        # each modality encoded alone: a pair takes ``side``'s encoding from one instance and
+        # every other modality's from the other (with three or more, the others come together)
+        return Split("declared", side,
+                     lambda raw: tuple(model.encode_modality(n, raw[n]) for n in names),
+                     tuple(n == side for n in names),
+                     lambda rows: model.fuse_encodings(dict(zip(names, rows)))), ""
     try:
         f, fresh = adapter.run(lambda: traced_split(model, names, adapter.keyword_inputs, side,
                                                     hooked_modules(adapter), retrace))
