@@ -402,6 +402,28 @@ def test_path_layout_reads_prediction_path_dicts():
     assert {n["x"] for n in nodes if n["kind"] == "unit"} == {0.0}
 
 
+def test_a_pair_two_neurons_list_is_one_link_and_opposite_signs_are_said():
+    """Units are shared between neurons: a link per neuron lay on top of another, and the
+    colour shown was whichever came last."""
+    from multiviz_widgets.kernels.projection import path_layout
+    from multiviz_widgets.views.path_view import shared_pairs_note
+    units = {"q": [[0, "<b>what</b>", 0.4]], "img": [[3, "p3", 0.2]]}
+    path = {"class": {"index": 2, "name": "red", "logit": 3.0}, "pair_modalities": ["q", "img"],
+            "neurons": [{"index": 5, "contribution": 1.5, "units": units,
+                         "pairs": [[0, 3, "what", "p3", -0.7]]},
+                        {"index": 1, "contribution": 0.5, "units": units,
+                         "pairs": [[0, 3, "what", "p3", 0.2]]}]}
+    nodes, links = path_layout(path)
+    pairs = [l for l in links if l["kind"] == "pair"]
+    assert len(pairs) == 1 and pairs[0]["value"] == -0.7 and pairs[0]["neuron"] == 5
+    assert pairs[0]["neurons"] == [[5, -0.7], [1, 0.2]]
+    note = shared_pairs_note(nodes, links)
+    assert "drawn as h5's interaction" in note and "h1 gives it the other sign" in note
+    assert "'<b>what</b>'" in note                      # a token is quoted text, never markup
+    path["neurons"][1]["pairs"][0][4] = -0.1            # the same sign: nothing to say
+    assert shared_pairs_note(*path_layout(path)) == ""
+
+
 # -- the real kernels on the shipped synthetic task ----------------------------------------------
 def test_the_synthetic_demo_opens_either_task_and_refuses_a_task_elsewhere():
     """demo("synthetic", kind="additive") was a TypeError (kind is the demo's name)."""

@@ -454,7 +454,16 @@ def test_every_pair_of_the_path_links_units_it_shows():
             for u, _, score in n.units[modality]:
                 assert score == pytest.approx(float(scores[modality][u]), rel=1e-6, abs=1e-9)
     nodes, links = path_layout(path.to_dict())
-    assert sum(link["kind"] == "pair" for link in links) == sum(len(n.pairs) for n in path.neurons)
+    drawn = {(nodes[l["source"]]["id"], nodes[l["target"]]["id"]): l["neurons"]
+             for l in links if l["kind"] == "pair"}
+    listed = {}
+    for n in path.neurons:
+        a, b = n.pair_modalities
+        for p in n.pairs:     # one link per two units, with every neuron that lists them
+            listed.setdefault((f"unit:{a}:{int(p[0])}", f"unit:{b}:{int(p[1])}"), []).append(
+                [n.index, pytest.approx(float(p[4]))])
+    assert drawn == listed and sum(map(len, drawn.values())) == sum(len(n.pairs)
+                                                                    for n in path.neurons)
 
 
 def test_other_stage_methods_and_a_chosen_class():

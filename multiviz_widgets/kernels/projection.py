@@ -183,7 +183,9 @@ def path_layout(path: dict, max_units: int | None = None,
     Returns (nodes, links): a node is {id, kind ("class"|"neuron"|"unit"), label, x, y, value,
     and class / neuron / modality+unit}; units are shared between neurons; a link is
     {source, target, value} with node positions (indices into nodes), from units to neurons
-    and from neurons to the class, plus {kind: "pair"} links between the units of a pair.
+    and from neurons to the class, plus {kind: "pair"} links between the units of a pair: one
+    link per two units, drawn with the value of the first (strongest) neuron that lists them
+    ("neuron"), with every such neuron's [index, value] in "neurons".
     other_classes: (index, name) of further classes to show as (unlinked) class nodes, so a
     click on one can switch the target.
     """
@@ -218,14 +220,24 @@ def path_layout(path: dict, max_units: int | None = None,
                     unit_pos[key] = len(nodes) - 1
                 links.append({"source": unit_pos[key], "target": npos, "value": score,
                               "kind": "attribution"})
+    pair_links: dict[tuple[int, int], dict] = {}
     for n in neurons:
         mods = list((n.get("units") or {}).keys())
         mods = list(n.get("pair_modalities") or path.get("pair_modalities") or mods)
         for pair in n.get("pairs", []) or []:
             u, v = int(pair[0]), int(pair[1])
             if len(mods) >= 2 and (mods[0], u) in unit_pos and (mods[1], v) in unit_pos:
-                links.append({"source": unit_pos[(mods[0], u)], "target": unit_pos[(mods[1], v)],
-                              "value": float(pair[4]) if len(pair) > 4 else 0.0, "kind": "pair"})
+                ends = (unit_pos[(mods[0], u)], unit_pos[(mods[1], v)])
+                value = float(pair[4]) if len(pair) > 4 else 0.0
+                if ends not in pair_links:
+                    # one link per pair of units (units are shared between neurons, so a link
+                    # per neuron would lie on top of another): the first neuron's value, the
+                    # path's strongest neuron that lists the pair; every neuron's in "neurons"
+                    pair_links[ends] = {"source": ends[0], "target": ends[1], "value": value,
+                                        "kind": "pair", "neuron": int(n["index"]),
+                                        "neurons": []}
+                    links.append(pair_links[ends])
+                pair_links[ends]["neurons"].append([int(n["index"]), value])
     # three columns: units (x=0), neurons (x=1), class (x=2); rows spread evenly in [0, 1]
     for col, kind in ((0.0, "unit"), (1.0, "neuron"), (2.0, "class")):
         members = [nd for nd in nodes if nd["kind"] == kind]

@@ -85,6 +85,24 @@ def signed_link_values(links: list[dict]) -> list[float]:
     return out
 
 
+def shared_pairs_note(nodes: list[dict], links: list[dict]) -> str:
+    """"; the link 'red'-'circle' is drawn as h3's interaction: h4's has the other sign" for
+    pair links (``path_layout``: one per two units, the first neuron's value) that several
+    neurons list with interactions of opposite signs; empty when none does."""
+    mixed = [l for l in links if l.get("kind") == "pair"
+             and len({np.sign(v) for _, v in l.get("neurons", []) if v}) > 1]
+    if not mixed:
+        return ""
+    l = mixed[0]
+    ends = "-".join(quoted(str(nodes[l[k]]["label"])) for k in ("source", "target"))
+    others = [f"h{int(j)}" for j, v in l["neurons"] if v and np.sign(v) != np.sign(l["value"])]
+    more = len(mixed) - 1
+    more = f" (and {more} more such link{'s' * (more > 1)})" if more else ""
+    return (f"; the link {ends} is drawn as h{int(l['neuron'])}'s interaction, the strongest "
+            f"neuron's: {', '.join(others)} give{'s' * (len(others) == 1)} it the other "
+            f"sign{more}")
+
+
 class PathView(W.VBox):
     """The prediction path of the selected instance for the selected (or predicted) class."""
 
@@ -196,6 +214,8 @@ class PathView(W.VBox):
                 f"ablation: second-order gradients cannot see their interactions here (the "
                 f"model is piecewise linear at this instance, or cuts a modality off autograd's "
                 f"graph; the heatmap's note says which)")
+        if not note:
+            self.caption.value += shared_pairs_note(nodes, links)
         self.concepts.value = self.concept_line()
 
     def concept_line(self) -> str:
