@@ -22,8 +22,10 @@ $(PY):
 # Python dependencies (torch pinned to the CPU build on disk), then the package itself (editable).
 # constraints.txt holds every package of the environment the tests passed in (what the pinned
 # ones pull in too), so that a fresh machine installs the same versions, not the newest.
+# (a newer pip is welcome, not needed: offline, as in a classroom after a `git pull`, the pinned
+# packages already there still install)
 $(VENV)/.deps-stamp: requirements.txt constraints.txt setup.py | $(PY)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip || echo "pip not upgraded (PyPI unreachable?): going on with the pip there is"
 	$(PIP) install -q -r requirements.txt -c constraints.txt
 	$(PIP) install -q --no-deps -e .
 	touch $@
@@ -76,12 +78,22 @@ test-fast: install
 DEMO_MALLOC := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
 
 # JupyterLab on 127.0.0.1, serving the repository, with the quickstart notebook (the Explorer on
-# easy-VQA) at the URL it prints and at the server's root URL.
+# easy-VQA) at the URL it prints and at the server's root URL. notebooks/.demo-settings holds
+# JupyterLab's defaults for the demo (no prompt about news or updates on a projector); voila's
+# and the language servers' extensions are not loaded (the demo uses neither, and their start-up
+# warnings looked like errors).
+DEMO_URL := http://127.0.0.1:$(PORT)/lab/tree/notebooks/quickstart.ipynb
 demo: install
-	@echo "Opening http://127.0.0.1:$(PORT)/lab/tree/notebooks/quickstart.ipynb"
+	@echo ""
+	@echo "  Open $(DEMO_URL) in a browser on this machine,"
+	@echo "  then choose Run > Run All Cells: the Explorer on easy-VQA appears under the first code cell."
+	@echo "  Press Ctrl-C here (twice) to stop the server."
+	@echo ""
 	$(DEMO_MALLOC) $(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --ServerApp.port_retries=0 \
 		--ServerApp.open_browser=False --IdentityProvider.token= $(if $(filter 0,$(shell id -u)),--allow-root,) \
 		--ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks/quickstart.ipynb \
+		--LabApp.app_settings_dir="$(CURDIR)/notebooks/.demo-settings" \
+		--ServerApp.jpserver_extensions="{'voila.server_extension': False, 'jupyter_lsp': False}" \
 		--LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate
 
 # Every benchmark, each writing benchmarks/results/NAME.json (kernels.py runs kernels_stage2 too;

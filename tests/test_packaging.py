@@ -72,9 +72,9 @@ def test_the_sdist_carries_the_sources_tests_and_set_up_files(clone, tmp_path):
 
 def test_make_demo_serves_the_quickstart_notebook_at_the_url_it_prints():
     """`make demo` (its install step already done, as `make test` does first) starts JupyterLab
-    where the URL it prints opens the quickstart notebook, and the server's root URL leads there
-    too. It once served notebooks/ as the root, so the printed .../notebooks/quickstart.ipynb
-    was a file that did not exist."""
+    where the URL it prints opens the quickstart notebook, says what to do there and how to
+    stop, and the server's root URL leads there too. It once served notebooks/ as the root, so
+    the printed .../notebooks/quickstart.ipynb was a file that did not exist."""
     import json
     import os
     import signal
@@ -93,9 +93,12 @@ def test_make_demo_serves_the_quickstart_notebook_at_the_url_it_prints():
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        first = proc.stdout.readline().strip()
-        assert first == f"Opening http://127.0.0.1:{port}/lab/tree/notebooks/quickstart.ipynb"
-        path = first.split(f":{port}/lab/tree/", 1)[1]
+        said = [proc.stdout.readline().strip() for _ in range(4)]
+        url = f"http://127.0.0.1:{port}/lab/tree/notebooks/quickstart.ipynb"
+        # what to do next, for a teacher who has never used JupyterLab
+        assert said[1] == f"Open {url} in a browser on this machine,", said
+        assert "Run > Run All Cells" in said[2] and "Ctrl-C" in said[3], said
+        path = url.split(f":{port}/lab/tree/", 1)[1]
         api = f"http://127.0.0.1:{port}/api/contents/{path}?content=0"
         deadline, model = time.monotonic() + 120, None
         while model is None and time.monotonic() < deadline:
@@ -112,6 +115,12 @@ def test_make_demo_serves_the_quickstart_notebook_at_the_url_it_prints():
         assert model["type"] == "notebook" and model["path"] == "notebooks/quickstart.ipynb"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
             assert r.geturl().endswith("/lab/tree/notebooks/quickstart.ipynb"), r.geturl()
+        # no prompt about Jupyter's news or updates on the projector (notebooks/.demo-settings)
+        notes = "/lab/api/settings/@jupyterlab/apputils-extension:notification"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{notes}", timeout=10) as r:
+            defaults = json.load(r)["schema"]["properties"]
+        assert defaults["fetchNews"]["default"] == "false"
+        assert defaults["checkForUpdates"]["default"] is False
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
