@@ -1261,6 +1261,25 @@ def test_a_dataset_without_descriptions_names_its_instance_once(three):
     assert button.description == f"#{ex.neuron_view.gallery[0]['index']}"
 
 
+def test_a_class_named_after_a_colour_is_drawn_in_that_colour():
+    """easy-VQA's legend drew "red" green and "gray" red: the palette went by class index."""
+    from multiviz_widgets.views.embedding_view import NAMED_COLOURS, _TOO_CLOSE, group_colours
+    names = ["circle", "rectangle", "triangle", "Red", "green", "blue", "black", "gray ", "teal",
+             "brown", "yellow", "yes", "no"]
+    colours = group_colours(len(names), "label", names)
+    for name, c in zip(names, colours):
+        if name.strip().lower() in NAMED_COLOURS:
+            assert np.allclose(c, NAMED_COLOURS[name.strip().lower()]), name
+        else:                    # the others are told apart from every named class
+            assert all(np.linalg.norm(c - colours[g]) >= _TOO_CLOSE
+                       for g, n in enumerate(names) if n.strip().lower() in NAMED_COLOURS)
+    assert len({tuple(c) for c in colours}) == len(names)
+    # two names for one colour, or the correctness groups: the palette as before
+    from multiviz_widgets.views.embedding_view import CORRECTNESS, PALETTE
+    assert np.allclose(group_colours(2, "label", ["gray", "grey"]), PALETTE[:2])
+    assert np.allclose(group_colours(2, "correctness", ["wrong", "right"]), CORRECTNESS)
+
+
 def test_more_classes_than_palette_colours_get_a_hue_scale_and_a_legend_note():
     from multiviz_widgets.views.embedding_view import PALETTE, group_colours
     assert np.allclose(group_colours(3, "label"), PALETTE[:3])

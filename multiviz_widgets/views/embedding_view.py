@@ -8,7 +8,7 @@ selected instance is highlighted. Features and the projection come from the engi
 from __future__ import annotations
 
 import colorsys
-from typing import Callable
+from typing import Callable, Sequence
 
 import ipywidgets as W
 import numpy as np
@@ -47,11 +47,39 @@ def sequential_colours(values: np.ndarray) -> np.ndarray:
     return (SEQUENTIAL[k] * (1 - frac) + SEQUENTIAL[k + 1] * frac).astype(np.float32)
 
 
-def group_colours(n: int, by: str) -> np.ndarray:
-    """RGB in [0, 1] [n, 3] of ``n`` colour groups: the palette's distinct colours while they
-    suffice; for more groups (e.g. 50 classes) a continuous hue scale over the group index
-    (no two groups share a colour, neighbouring ones look alike)."""
+#: Colours for classes named after a colour (easy-VQA answers "red", "teal", ...): a class
+#: "red" drawn green would be misread. Each is that colour, dark or light enough to be seen on
+#: white (white itself is a light grey, beside the unknown group's paler one).
+NAMED_COLOURS = {name: np.array(rgb, dtype=np.float32) / 255.0 for name, rgb in {
+    "red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 180),
+    "yellow": (230, 200, 20), "orange": (255, 127, 14), "purple": (148, 103, 189),
+    "violet": (148, 103, 189), "pink": (227, 119, 194), "brown": (140, 86, 75),
+    "black": (25, 25, 25), "white": (225, 225, 225), "gray": (127, 127, 127),
+    "grey": (127, 127, 127), "teal": (0, 128, 128), "cyan": (23, 190, 207),
+    "magenta": (200, 0, 200)}.items()}
+#: a palette colour this close (RGB distance, in [0, sqrt 3]) to a named class's colour is not
+#: given to another class
+_TOO_CLOSE = 0.25
+
+
+def group_colours(n: int, by: str, names: Sequence[str] = ()) -> np.ndarray:
+    """RGB in [0, 1] [n, 3] of ``n`` colour groups: a group whose name is a colour (``names``,
+    say a class "red") in that colour, the others the palette's distinct colours (but those
+    close to a named group's) while they suffice; for more groups (e.g. 50 classes) a
+    continuous hue scale over the group index (no two groups share a colour, neighbouring ones
+    look alike)."""
     pal = CORRECTNESS if by == "correctness" else PALETTE
+    keys = [str(x).strip().lower() for x in names] if by != "correctness" else []
+    named = {g: NAMED_COLOURS[k] for g, k in enumerate(keys[:n]) if k in NAMED_COLOURS}
+    if len({tuple(c) for c in named.values()}) < len(named):
+        named = {}                          # "gray" and "grey" both: one colour for two classes
+    if named:
+        free = [c for c in pal if all(np.linalg.norm(c - m) >= _TOO_CLOSE
+                                      for m in named.values())]
+        if n - len(named) <= len(free):
+            rest = iter(free)
+            return np.array([named[g] if g in named else next(rest) for g in range(n)],
+                            dtype=np.float32).reshape(n, 3)
     if n <= len(pal):
         return pal[:n].copy()
     hues = np.linspace(0.0, 0.85, n)          # red .. violet, without wrapping back to red
@@ -221,7 +249,8 @@ class EmbeddingView(W.VBox):
         groups, group_names = colour_groups(by, labels, preds, list(a.adapter.class_names))
         unknown = group_names[-1:] == [UNKNOWN_GROUP]
         n = len(group_names) - unknown
-        colours = list(group_colours(n, by)) + ([UNKNOWN] if unknown else [])
+        colours = list(group_colours(n, by, group_names[:n]))
+        colours += [UNKNOWN] if unknown else []
         note = (f"{n} classes, more than the {len(PALETTE)} distinct colours: "
                 "a continuous hue scale by class index (neighbouring classes look alike)"
                 if n > len(PALETTE) else "")
