@@ -352,15 +352,17 @@ def test_a_value_computed_before_a_clear_is_not_cached_after_it():
 def test_the_legend_colours_only_its_dots_and_writes_the_names_in_the_text_colour(vqa):
     """Each entry was one label "● red" coloured whole: a class "red" drawn green, a pale one
     (yellow, light blue) unreadable on white. Only the dot has the colour now."""
-    from multiviz_widgets.views.embedding_view import (DOT, PALETTE, SEQUENTIAL, BY_NEURON,
-                                                       _hex)
+    from multiviz_widgets.views.embedding_view import (DOT, NAMED_COLOURS, SEQUENTIAL,
+                                                       BY_NEURON, _hex, group_colours)
     from .explorer_support import CLASSES
     ex, _ = vqa
     ev = ex.embedding_view
     assert ev.colour_by.value == "label" and ev.group_names == CLASSES
+    colours = group_colours(len(CLASSES), "label", CLASSES)
+    assert _hex(colours[0]) == _hex(NAMED_COLOURS["red"])      # "red" is red
     for g, (entry, name) in enumerate(zip(ev.legend.children, CLASSES)):
         dot, text = entry.children
-        assert dot.value == DOT and dot.style.text_color == _hex(PALETTE[g])
+        assert dot.value == DOT and dot.style.text_color == _hex(colours[g])
         assert text.value == name and not text.style.text_color      # the normal colour
         # text_label's: MathJax leaves them alone ("$5" stays as it is)
         assert "mathjax_ignore" in dot._dom_classes and "mathjax_ignore" in text._dom_classes
