@@ -226,9 +226,19 @@ def model_signature(adapter, n_neurons: int | None = None) -> dict:
                 features[name] = [str(u) for u in m.unit_labels()]
             except TypeError:      # labels that need an instance: the units are not compared
                 features[name] = None
+    fingerprint = getattr(adapter, "fingerprint", None)
     return {"model": str(getattr(adapter, "name", "")), "modalities": list(adapter.names),
             "classes": [str(c) for c in adapter.class_names],
-            "neurons": None if n_neurons is None else int(n_neurons), "features": features}
+            "neurons": None if n_neurons is None else int(n_neurons), "features": features,
+            "weights": fingerprint() if callable(fingerprint) else None,
+            "units": {name: unit_settings(m) for name, m in adapter.modalities.items()}}
+
+
+def unit_settings(modality) -> str:
+    """A short fingerprint of what makes a modality's units (its patch size or superpixels,
+    vocabulary and tokenizer, window, columns): ``Modality.signature`` without the baselines,
+    which change what a unit is replaced by, not which part of the input it is."""
+    return hashlib.sha256(modality.signature(baselines=False).encode()).hexdigest()[:16]
 
 
 def dataset_signature(dataset, *, lazy: bool = False) -> dict:
@@ -399,6 +409,12 @@ def _other_model(saved: dict | None, ours: dict | None) -> str | None:
                 return f"{text} (weights {sig[f][:12]})" if f == "weights" else text
             return (f"made for {named(saved)}; this is {named(ours)}: the neuron concepts may "
                     f"not fit")
+    a, b = saved.get("units") or {}, ours.get("units") or {}
+    other = [m for m in a if a[m] and b.get(m) and a[m] != b[m]]
+    if other:
+        names = ", ".join(repr(m) for m in other)
+        return (f"made with other unit settings for {names} (patch size, vocabulary, "
+                f"tokenizer, window or columns): the unit concepts there may name other units")
     return None
 
 
@@ -1341,7 +1357,11 @@ def _bad_model_fields(model: dict) -> str | None:
         return isinstance(v, list) and all(isinstance(x, str) for x in v)
     name, mods, classes = model.get("model"), model.get("modalities"), model.get("classes")
     neurons, features = model.get("neurons"), model.get("features")
-    weights = model.get("weights")
+    weights, units = model.get("weights"), model.get("units")
+    if units is not None and not (isinstance(units, dict) and all(
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in units.items())):
+        return (f'"units" must map each modality to a fingerprint of its unit settings (text), '
+                f'got {_brief(units)}')
     if name is not None and not isinstance(name, str):
         return f'"model" must be text, got {name!r}'
     if weights is not None and not isinstance(weights, str):

@@ -56,11 +56,14 @@ class Modality:
     #: Attributes that are caches, not settings (left out of ``signature``).
     _UNSTABLE: ClassVar[tuple[str, ...]] = ("_sp_cache",)
 
-    def signature(self) -> str:
+    def signature(self, baselines: bool = True) -> str:
         """A stable text of every setting that shapes this modality's inputs and units (its
         class, vocabulary, tokenizer, patch size, columns, baselines...): it keys on-disk caches,
-        so that a change of preprocessing is never served features computed with the old one."""
-        fields = {k: v for k, v in vars(self).items() if k not in self._UNSTABLE}
+        so that a change of preprocessing is never served features computed with the old one.
+        baselines=False: without the baselines (what a unit is replaced by, not which part of
+        the input it is), for what annotations record of the units their concepts name."""
+        fields = {k: v for k, v in vars(self).items()
+                  if k not in self._UNSTABLE and (baselines or "baseline" not in k)}
         return f"{type(self).__module__}.{type(self).__qualname__}{_stable_text(fields)}"
 
     # -- raw instances ----------------------------------------------------------------------
@@ -413,12 +416,13 @@ class Image(Modality):
         self.channels_last_raw = channels_last_raw
         self._sp_cache: dict = {}
 
-    def signature(self) -> str:
+    def signature(self, baselines: bool = True) -> str:
         """As Modality.signature; with ``channels_last_raw=False`` it also names the current
         readings of an HxW array ([1, H, W], where it used to be [H, W, 1]) and of a PIL image
         (H x W x C, where it used to be read as C x H x W), so that a cache made with an old
         reading is not served."""
-        return super().signature() + ("" if self.channels_last_raw else "+gray:1xHxW+pil:HxWxC")
+        return (super().signature(baselines)
+                + ("" if self.channels_last_raw else "+gray:1xHxW+pil:HxWxC"))
 
     def to_tensor(self, raw) -> torch.Tensor:
         """[C, H, W] floats in [0, 1] from an HxWxC (``channels_last_raw``, else CxHxW) or HxW
@@ -814,12 +818,13 @@ class Text(Modality):
         self.drop_punctuation = drop_punctuation
         self._tokenize = tokenize
 
-    def signature(self) -> str:
+    def signature(self, baselines: bool = True) -> str:
         """As Modality.signature; with the default tokenizer it also names that tokenizer's
         rules (Unicode words, since combining marks became part of words and symbols in the
         vocabulary were kept), so that features cached with the older splitting of non-ASCII
         text are not served."""
-        return super().signature() + ("" if self._tokenize is not None else "+words:unicode-2")
+        return (super().signature(baselines)
+                + ("" if self._tokenize is not None else "+words:unicode-2"))
 
     def tokenize(self, text: str) -> list[str]:
         if self._tokenize is not None:

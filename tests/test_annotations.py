@@ -11,12 +11,13 @@ import time
 import unicodedata
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from multiviz_widgets.annotations import (MAX_CONCEPT_LENGTH, AnnotationConflict, AnnotationError,
                                           Annotations, feature_key, model_signature, neuron_key,
-                                          unit_key)
+                                          unit_key, unit_settings)
 from multiviz_widgets.explorer import Explorer
 
 from .explorer_support import FakeKernels, tiny_tab_series, tiny_vqa
@@ -341,9 +342,38 @@ def test_model_signature_records_what_must_match():
     adapter, _ = tiny_vqa()
     sig = model_signature(adapter, 12)
     assert sig == {"model": adapter.name, "modalities": ["image", "question"],
-                   "classes": list(adapter.class_names), "neurons": 12, "features": {}}
+                   "classes": list(adapter.class_names), "neurons": 12, "features": {},
+                   "weights": adapter.fingerprint(),
+                   "units": {m: unit_settings(adapter.modalities[m]) for m in adapter.names}}
     tab, _ = tiny_tab_series()
     assert model_signature(tab)["features"] == {"vitals": ["hr", "bp", "temp", "age"]}
+
+
+def test_a_retrained_model_or_other_unit_settings_are_said_when_a_file_is_opened(tmp_path):
+    """A colleague's retrained model (the same class, so the same name) took the file's neuron
+    concepts with no word, and a patch size changed moved unit concepts to other patches: the
+    signature recorded neither the weights nor the units' settings."""
+    from multiviz_widgets import Image
+    adapter, _ = tiny_vqa()
+    path = tmp_path / "lab.json"
+    mine = Annotations(path, signature=model_signature(adapter, 12))
+    mine.add(neuron_key(3), "red shapes")
+    retrained, _ = tiny_vqa()
+    with torch.no_grad():
+        for p in retrained.model.parameters():
+            p.add_(0.01)
+    with pytest.warns(UserWarning, match="weights .*the neuron concepts may not fit"):
+        theirs = Annotations(path, autosave=False, signature=model_signature(retrained, 12))
+    assert "may not fit" in theirs.model_note and theirs.concepts(neuron_key(3)) == ("red shapes",)
+    other, _ = tiny_vqa()
+    image = other.modalities["image"]
+    assert isinstance(image, Image)
+    same = unit_settings(image)
+    image.baseline = "mean"                   # what a unit is replaced by: not its place
+    assert unit_settings(image) == same
+    image.patch = image.patch * 2             # other patches: unit concepts would move
+    with pytest.warns(UserWarning, match="other unit settings for 'image'"):
+        Annotations(path, autosave=False, signature=model_signature(other, 12))
 
 
 # -- the Explorer -----------------------------------------------------------------------------
