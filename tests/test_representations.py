@@ -138,6 +138,28 @@ def test_a_change_of_weights_invalidates_the_cache(cache):
     assert extract_features(adapter, ds, cache_dir=cache).from_cache
 
 
+def test_features_whose_model_changed_during_the_pass_are_never_cached(cache):
+    """A checkpoint loaded in a cell while the Explorer's dataset pass ran: the rows mixed two
+    models and were written under the first one's key, read back later as its features."""
+    adapter, ds = make_adapter(), make_dataset()
+    before = adapter.fingerprint()
+    checkpoint = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+
+    def train_a_step(done, total, message):
+        if 0 < done < total:
+            with torch.no_grad():
+                adapter.model.tab.weight.add_(0.25)
+    with pytest.warns(RuntimeWarning, match="model changed while its decision features"):
+        mixed = extract_features(adapter, ds, batch_size=8, cache_dir=cache,
+                                 progress=train_a_step)
+    assert mixed.key == "" and mixed.path is None and not list(cache.glob("*.npz"))
+    adapter.model.load_state_dict(checkpoint)     # back to the weights the pass began with
+    assert adapter.fingerprint() == before
+    again = extract_features(adapter, ds, batch_size=8, cache_dir=cache)
+    assert not again.from_cache and again.path is not None
+    np.testing.assert_allclose(again.h, direct_h(adapter, ds)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_a_change_of_data_invalidates_the_cache(cache):
     adapter = make_adapter()
     a = extract_features(adapter, make_dataset(seed=0), cache_dir=cache)

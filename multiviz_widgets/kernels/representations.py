@@ -832,6 +832,14 @@ def clear_feature_cache(cache_dir: str | os.PathLike | None = None) -> int:
     return freed + _remove_stale_temporaries(folder)
 
 
+#: What extract_features says when the model changed while its features were computed.
+MODEL_CHANGED_DURING_PASS = (
+    "The model changed while its decision features were computed (its weights, settings or "
+    "hooks): the features mix the model before and after the change, and were not cached. "
+    "Compute them again once the model is as you want it (extract_features, or the "
+    "Explorer's recompute).")
+
+
 def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_size: int = 256,
                      indices: Sequence[int] | None = None, progress: ProgressFn = None,
                      cache: bool = True, cache_dir: str | os.PathLike | None = None,
@@ -851,7 +859,8 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     does this).
     After a write the folder's least recently used cache files beyond $MULTIVIZ_CACHE_MAX_MB
     (default 2048) are removed; ``clear_feature_cache(cache_dir)`` removes them all.
-    A dataset without a ``fingerprint()`` (a plain list of instances) is not cached.
+    A dataset without a ``fingerprint()`` (a plain list of instances) is not cached, nor are
+    features during whose pass the model changed (a RuntimeWarning says so).
     """
     batch_size = positive_int(batch_size, "batch_size")
     idx = indices_or_all(indices, len(dataset))
@@ -882,6 +891,12 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     kept = idx[positions[order]]
     feats = Features(np.concatenate(hs)[order], np.concatenate(ls)[order], kept, key or "",
                      False, ran[0], 0.0, None, skipped)
+    if path is not None and features_key(adapter, dataset, idx, batch_size) != key:
+        # the model changed during the pass (weights loaded or trained in another cell while
+        # the Explorer's pass ran): the rows mix two models, and must never be read back
+        # under the first one's key
+        warnings.warn(MODEL_CHANGED_DURING_PASS, RuntimeWarning, stacklevel=2)
+        feats.key, path = "", None
     if path is not None:
         try:
             _save_atomic(path, key=np.array(key), h=feats.h, logits=feats.logits, indices=kept,
