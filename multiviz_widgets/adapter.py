@@ -296,6 +296,23 @@ def mark_worker_thread() -> None:
     _thread_role.worker = True
 
 
+def _calls_of_others() -> Callable[[], bool]:
+    """For hooks registered now: a test, cheap enough for every call of a hook, of whether the
+    thread calling it is another's. The hooks sit on the user's modules, so they fire for any
+    forward pass: one the user runs in a cell (the main thread) while an engine worker
+    computes, or another worker's, would be counted or have its embedding replaced (a false
+    "decision layer called 2 times"). Threads that torch starts for a computation (nn.DataParallel
+    runs its replicas on threads of its own) are neither, and keep the hooks."""
+    owner = threading.get_ident()
+
+    def foreign() -> bool:
+        if threading.get_ident() == owner:
+            return False
+        return (threading.current_thread() is threading.main_thread()
+                or getattr(_thread_role, "worker", False))
+    return foreign
+
+
 def training_mode_message(name: str, where: str, active: Sequence[str],
                           made: bool = True) -> str:
     """Why an Explorer refuses a model in training mode, and how to fix it (made: the Explorer
@@ -912,6 +929,7 @@ class ModelAdapter:
         decision layer's input captured into ``store``. Yields the computation's ``_Matches``
         (``names``: the modalities whose embedding output was replaced)."""
         handles, matched = [], _Matches()
+        foreign = _calls_of_others()
         try:
             shared: dict[nn.Module, list[str]] = {}
             for n in (continuous or {}):
@@ -925,9 +943,11 @@ class ModelAdapter:
                 others = [n for n, e in self.embedding_layers.items()
                           if e is layer and n not in names]
                 handles.append(layer.register_forward_hook(
-                    self._substitute(names, others, continuous, inputs, matched)))
+                    self._substitute(names, others, continuous, inputs, matched, foreign)))
             if store is not None:
                 def grab(mod, inp):
+                    if foreign():
+                        return
                     store.setdefault("h", inp[0])
                     store["calls"] = store.get("calls", 0) + 1
                 handles.append(self.decision_layer.register_forward_pre_hook(grab))
@@ -938,12 +958,16 @@ class ModelAdapter:
 
     def _substitute(self, names: Sequence[str], others: Sequence[str],
                     continuous: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor],
-                    matched: _Matches) -> Callable:
+                    matched: _Matches, foreign: Callable[[], bool] = lambda: False
+                    ) -> Callable:
         """A forward hook on an embedding layer shared by the explained text modalities
         ``names`` (and the unexplained ``others``): a call on one explained modality's token ids
         returns that modality's continuous input (a copy, so that the model may change it in
-        place and gradients still reach the input); other calls pass."""
+        place and gradients still reach the input); other calls pass, and so do the calls
+        ``foreign`` says are another thread's (``_calls_of_others``)."""
         def hook(module, inp, out):
+            if foreign():
+                return None
             t = inp[0] if inp else None
             n = (_match_ids(t, names, others, inputs, matched) if isinstance(t, torch.Tensor)
                  else None)

@@ -920,3 +920,46 @@ def test_the_first_recompute_of_an_explorer_made_without_start_computes_the_feat
         assert not ex.analyses.features().from_cache
     finally:
         ex.close()
+
+
+class Pausing(TabSeries):
+    """Pauses inside the first forward pass on an engine worker, so that the user's own pass
+    (the main thread, a cell) runs while the worker's hooks sit on the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside, self.go_on = threading.Event(), threading.Event()
+
+    def forward(self, vitals, series):
+        z = self.encode(vitals, series)
+        if threading.current_thread() is not threading.main_thread() and not self.inside.is_set():
+            self.inside.set()
+            assert self.go_on.wait(30)
+        return self.head(self.drop(z))
+
+
+def test_the_users_own_forward_pass_during_a_workers_computation_touches_neither():
+    """The Explorer's hooks fired for a pass the user ran in a cell meanwhile: its decision
+    layer was counted twice ("called 2 times in one forward pass: late fusion?") and the
+    worker's computation failed."""
+    model = Pausing().eval()
+    adapter = make_adapter(model)
+    raw = adapter.collate([instance()])
+    with torch.no_grad():
+        expected = model.head(model.encode(*raw.values())).numpy()
+
+    def features():
+        return adapter.features(raw)
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(_on_a_worker_thread(features)))
+    worker.start()
+    assert model.inside.wait(30)
+    with torch.no_grad():                       # the user's cell, on the main thread
+        mine = model(*raw.values()).numpy()
+    model.go_on.set()
+    worker.join(30)
+    assert "error" not in out, out.get("error")
+    logits, h = out["result"]
+    np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(mine, expected, rtol=1e-6)
+    assert h.shape == (1, 16)
