@@ -48,9 +48,12 @@ def check_bundle(path: pathlib.Path, view: str) -> pathlib.Path:
 
 
 def esm_of(path: pathlib.Path):
-    """A view's ``_esm``: its bundle, or while that is missing a placeholder, so that importing
-    the view works and its ``__init__`` (``check_bundle``) can say how to build it."""
-    return path if path.is_file() else "export default { render() {} };"
+    """A view's ``_esm``: its bundle's text, or while that is missing a placeholder, so that
+    importing the view works and its ``__init__`` (``check_bundle``) can say how to build it.
+    The text, not the path: anywidget turns a path into a file object of the class, whose
+    change signal then holds every view ever made (manzt/anywidget#929), so that no closed
+    Explorer, nor the user's model it holds, was ever freed."""
+    return path.read_text(encoding="utf-8") if path.is_file() else "export default { render() {} };"
 
 
 def _check_bundle() -> pathlib.Path:
