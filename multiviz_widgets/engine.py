@@ -741,6 +741,11 @@ def check_path_params(path_params, names: bool = True) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+#: How far below its fidelity when fit (a share of instances) the sparse model's agreement with
+#: the model must fall for the Explorer to say that the model changed since
+SPARSE_MODEL_DRIFT = 0.05
+
+
 class Kernels:
     """The kernel calls the Explorer makes, in one place (tests swap in fakes).
 
@@ -990,6 +995,35 @@ class Analyses:
             raise IndexError(f"Neuron {neuron} is out of range: the decision layer has "
                              f"{h.shape[0]} neurons (0..{h.shape[0] - 1}).")
         return float(h[int(neuron)])
+
+    def sparse_model_note(self, i: int) -> str:
+        """What to say when the sparse linear model (the path's and the bars' weights) does
+        not stand for the model: empty when it does. Once the dataset's features are computed,
+        its agreement with the model over them against its fidelity when it was fit (far
+        lower: the model changed since, say trained, and "recompute" keeps the sparse model);
+        else, at instance i, its answer where the model's differs."""
+        sm = self.sparse_model
+        if sm is None or not callable(getattr(sm, "predict", None)):
+            return ""
+        names = self.adapter.class_names
+        feats = self.engine.cached(("features",))
+        if feats is not None and len(getattr(feats, "h", ())):
+            agree = float(np.mean(sm.predict(feats.h) == np.asarray(feats.logits).argmax(1)))
+            fit = getattr(sm, "test_fidelity", None)
+            fit = getattr(sm, "val_fidelity", float("nan")) if fit is None else fit
+            if np.isfinite(fit) and agree < fit - SPARSE_MODEL_DRIFT:
+                return (f"the sparse linear model agrees with the model on {agree:.1%} of the "
+                        f"dataset, against {fit:.1%} when it was fit: the model changed since "
+                        f"(new weights?), so its weights explain another model; fit it again "
+                        f"(kernels.prediction.fit_sparse_model_for) and pass it to the Explorer")
+            return ""
+        self.activation(i, 0)                                  # h at instance i, memoised
+        h = self.engine.cached(("activations", self.prepared(i).key))
+        ours, theirs = int(np.argmax(self.logits(i))), int(sm.predict(h[None])[0])
+        if ours == theirs:
+            return ""
+        return (f"here the sparse linear model answers {quoted(str(names[theirs]))} where the "
+                f"model answers {quoted(str(names[ours]))}")
 
     def label(self, i: int):
         labels = self.dataset.labels

@@ -573,3 +573,29 @@ def test_fit_sparse_writes_its_json_atomically(tmp_path, monkeypatch):
     demo.fit_sparse(out, log=lambda _: None)
     assert os.listdir(tmp_path) == ["sparse.json"]
     assert json.loads(out.read_text(encoding="utf-8"))["weight"] == [[0.0] * 100] * 20
+
+
+def test_after_training_and_recompute_the_views_say_the_sparse_model_no_longer_fits(
+        tmp_path, monkeypatch):
+    """"recompute" keeps the sparse model: after the model was trained (here its classifier's
+    rows rolled, in place), the path and the bars showed the old model's weights as current,
+    with no word, though the sparse model then agreed with the model on 0.1% of the data."""
+    from multiviz_widgets.explorer import demo as open_demo
+    monkeypatch.setenv("MULTIVIZ_CACHE", str(tmp_path))
+    ex = open_demo()
+    try:
+        assert ex.wait(120) and ex.analyses.sparse_model is not None
+        assert "agrees with the model" not in ex.path_view.caption.value
+        with torch.no_grad():
+            head = ex.adapter.model.classifier
+            head.weight.copy_(head.weight.roll(1, 0))
+            head.bias.copy_(head.bias.roll(1, 0))
+        ex.refresh()
+        assert ex.wait(120)
+        ex.select(instance=1)
+        assert ex.wait(120)
+        for caption in (ex.path_view.caption.value, ex.neuron_view.caption.value):
+            assert "the sparse linear model agrees with the model on" in caption, caption
+            assert "fit it again" in caption
+    finally:
+        ex.close()

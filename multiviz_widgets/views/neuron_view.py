@@ -148,7 +148,8 @@ class NeuronView(W.VBox):
             # model): a bar of height 0 says nothing and cannot be clicked
             c = np.asarray(dc.contributions).reshape(-1)
             order = [int(j) for j in dc.top(self.n_bars, absolute=True) if c[j] != 0]
-            return cls, dc, order
+            sparse = getattr(dc, "source", "") == "sparse_model"
+            return cls, dc, order, a.sparse_model_note(i) if sparse else ""
 
         with self.engine.lock:     # the caption not overwritten by bars applied meanwhile
             self._caption_base = None
@@ -174,7 +175,7 @@ class NeuronView(W.VBox):
         self.caption.value = f"contributions{of} not shown ({failure_text(err)}{again})"
 
     def _show_bars(self, result) -> None:
-        cls, dc, order = result
+        cls, dc, order, sparse_note = result
         h = np.asarray(dc.h, dtype=np.float64).reshape(-1)
         c = np.asarray(dc.contributions, dtype=np.float64).reshape(-1)
         self._h, self._c = h, c
@@ -190,6 +191,8 @@ class NeuronView(W.VBox):
                                   f"here{source}: all {len(h)} contributions are exactly 0")
         elif len(order) < self.n_bars and silent:
             self._caption_base += f"; the other {silent} add exactly 0 here"
+        if sparse_note:
+            self._caption_base += f"; {sparse_note}"
         self.contrib_figure.title = contribution_title(self._class_name, standardised=sparse)
         self._draw_bars()
 

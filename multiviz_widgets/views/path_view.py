@@ -174,7 +174,7 @@ class PathView(W.VBox):
             cls = a.class_index(i, target)
             path = a.path(i, cls, progress, params)   # the pairs captured here, key and all
             nodes, links = path_layout(path, other_classes=a.top_classes(i, 3))
-            return cls, path, nodes, links, i
+            return cls, path, nodes, links, i, a.sparse_model_note(i)
 
         # the "main" lane: the path is about the selected instance and needs no dataset-wide
         # work, so it never waits for the dataset's features
@@ -194,7 +194,7 @@ class PathView(W.VBox):
         self.caption.value = f"prediction path{of} not shown ({failure_text(err)}{again})"
 
     def _show(self, result) -> None:
-        cls, path, nodes, links, i = result
+        cls, path, nodes, links, i, sparse_note = result
         self._draw(i, path, nodes, links)
         name = self.analyses.adapter.class_names[cls]
         note = str(path.get("note") or "") if not path.get("neurons") else ""
@@ -216,6 +216,8 @@ class PathView(W.VBox):
                 f"graph; the heatmap's note says which)")
         if not note:
             self.caption.value += shared_pairs_note(nodes, links)
+        if sparse_note:
+            self.caption.value += f"; {sparse_note}"
         self.concepts.value = self.concept_line()
 
     def concept_line(self) -> str:
