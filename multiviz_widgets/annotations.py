@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import threading
 import unicodedata
@@ -146,6 +147,17 @@ def _key(key) -> tuple:
 _JOINERS = frozenset("\u200c\u200d")
 
 
+#: a run of spaces of any kind (no-break, em, ideographic...) inside a concept
+_SPACES = re.compile(r"\s+")
+
+
+def same_concept(text: str) -> str:
+    """What two concepts that are the same compare equal by: without regard to case (and,
+    as ``_concept`` tidies them, to spaces). "Red Shapes" and "red shapes" are one concept:
+    a key keeps the first it was given, and ``find``, ``remove`` and ``rename`` take either."""
+    return text.casefold()
+
+
 def _strip_outer(text: str) -> str:
     """``text`` without the spaces and joiners (which join nothing there) at either end."""
     text = text.strip()
@@ -158,8 +170,10 @@ def _strip_outer(text: str) -> str:
 
 
 def _concept(text) -> str:
-    """``text`` checked and tidied (outer spaces stripped, NFC-normalised so that "e" + a
-    combining acute and "\u00e9" are one concept): a short line of printable text."""
+    """``text`` checked and tidied (outer spaces stripped, every run of spaces inside one plain
+    space, so that "red  shapes" and "red\u00a0shapes" pasted from a web page are "red
+    shapes"; NFC-normalised so that "e" + a combining acute and "\u00e9" are one concept): a
+    short line of printable text."""
     if not isinstance(text, str):
         raise AnnotationError(f"A concept is a string, got {type(text).__name__} {text!r}.")
     text = _strip_outer(unicodedata.normalize("NFC", text))
@@ -174,7 +188,7 @@ def _concept(text) -> str:
     if bad:
         raise AnnotationError(f"A concept is one line of printable text; {text[:60]!r} holds "
                               f"the control character {bad[0]!r}.")
-    return text
+    return _SPACES.sub(" ", text)
 
 
 #: How to keep a key's concepts under MAX_CONCEPTS_PER_KEY: in a store, and in a file.
@@ -183,18 +197,20 @@ _FEWER_IN_FILE = "keep the ones that say most and remove the others from the fil
 
 
 def _concepts(values, who: str = "A key", fewer: str = _FEWER) -> tuple[str, ...]:
-    """A list of concepts checked, duplicates dropped (the first kept), order kept: at most
+    """A list of concepts checked, duplicates (``same_concept``) dropped (the first kept), order
+    kept: at most
     MAX_CONCEPTS_PER_KEY, else an AnnotationError that names ``who`` and says to keep
     ``fewer``. Each is looked up once in a dict (a list's ``in`` would make a long list cost
     its square), and a list that has too many is refused as soon as that shows."""
     if isinstance(values, str) or not isinstance(values, (list, tuple)):
         raise AnnotationError(f"Concepts are a list of strings, got {_brief(values)}.")
-    out: dict[str, None] = {}
+    out: dict[str, str] = {}                 # same_concept(c): c, the first of its spellings
     for v in values:
-        out[_concept(v)] = None
+        c = _concept(v)
+        out.setdefault(same_concept(c), c)
         if len(out) > MAX_CONCEPTS_PER_KEY:
             raise _too_many(who, fewer)
-    return tuple(out)
+    return tuple(out.values())
 
 
 def _too_many(who: str, fewer: str) -> AnnotationError:
@@ -722,15 +738,39 @@ class Annotations:
         return self._update(key, lambda now: now + (concept,))
 
     def remove(self, key, concept: str) -> tuple[str, ...]:
-        """Remove one concept from ``key`` (an AnnotationError when it is not there)."""
+        """Remove one concept from ``key``, whatever its case (an AnnotationError when it is not
+        there)."""
         concept = _concept(concept)
+        gone = same_concept(concept)
 
         def without(now):
-            if concept not in now:
+            if not any(same_concept(c) == gone for c in now):
                 raise AnnotationError(f"{_key(key)} has no concept {concept!r}; it has "
                                       f"{list(now)}.")
-            return [c for c in now if c != concept]
+            return [c for c in now if same_concept(c) != gone]
         return self._update(key, without)
+
+    def rename(self, old: str, new: str) -> list[tuple]:
+        """Rename the concept ``old`` (whatever its case) to ``new`` on every key that carries
+        it, as one change (one save): a key that has ``new`` already keeps it once. Returns the
+        keys renamed (none: an AnnotationError naming the concepts there are)."""
+        old, new = _concept(old), _concept(new)
+        was = same_concept(old)
+        with self._lock:
+            keys = [k for k, cs in self._data.items() if any(same_concept(c) == was for c in cs)]
+            if not keys:
+                known = sorted({c for cs in self._data.values() for c in cs}, key=str.casefold)
+                raise AnnotationError(f"No key has the concept {old!r}; the concepts are "
+                                      f"{_brief(known)}.")
+            renamed = {k: _concepts([new if same_concept(c) == was else c
+                                     for c in self._data[k]], str(k)) for k in keys}
+            if all(renamed[k] == self._data[k] for k in keys):
+                return sorted(keys, key=_sort_key)           # only its case or spaces: the same
+            self._data.update(renamed)
+            self._edited()
+            self.unsaved = True
+        self._changed(None)
+        return sorted(keys, key=_sort_key)
 
     def _update(self, key, make: Callable[[tuple], Iterable[str]]) -> tuple[str, ...]:
         """Set the concepts of ``key`` to ``make(its concepts now)`` under the lock; save and tell
@@ -777,10 +817,11 @@ class Annotations:
         return sorted(keys, key=_sort_key)
 
     def find(self, concept: str) -> list[tuple]:
-        """The keys that carry ``concept`` (compared without regard to case), sorted."""
-        want = _concept(concept).casefold()
+        """The keys that carry ``concept`` (compared as ``same_concept`` does), sorted."""
+        want = same_concept(_concept(concept))
         with self._lock:
-            keys = [k for k, cs in self._data.items() if any(c.casefold() == want for c in cs)]
+            keys = [k for k, cs in self._data.items()
+                    if any(same_concept(c) == want for c in cs)]
         return sorted(keys, key=_sort_key)
 
     def __len__(self) -> int:
