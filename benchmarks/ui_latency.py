@@ -4,8 +4,8 @@ Opens notebooks/quickstart.ipynb (a temporary copy) in JupyterLab with Debian's 
 it, then clicks question tokens in the InputView. A click is timed in the page with
 performance.now(), from the click to the moment the InputView has re-rendered
 (data-render-count changed) with the new token's image overlay: the Explorer sends the overlay
-(data-score of the 64 patches) and its caption ("... interaction with question unit 'w' (#k,
-method)") in one message, so the caption naming token #k marks the update (some tokens have an
+(data-score of the 64 patches) and its caption ("... interaction with question unit k ('w',
+method)") in one message, so the caption naming token k marks the update (some tokens have an
 all-zero interaction row, so the scores alone need not change). Between clicks the script waits
 (untimed) for the engine to be idle.
 
@@ -68,9 +68,9 @@ def _mvz_drop(kinds=None):
 
 def caption_marker(token: int) -> str:
     """What the overlay's caption holds once it shows question token ``token``'s interaction
-    row ("... interaction with question unit 'w' (#k, method); ..."): what a click waits for
+    row ("... interaction with question unit k ('w', method); ..."): what a click waits for
     (tests/test_stage1_benchmarks.py checks it against the Explorer's caption)."""
-    return f"(#{int(token)}, "
+    return f"question unit {int(token)} ("
 
 
 def summarise(ms: list[float], timeouts: int, target: float | None) -> dict:
@@ -137,11 +137,11 @@ class Bench:
                 timeouts += 1
                 if not ms and timeouts >= 3:
                     # not slowness: the page never showed what the click waits for (the
-                    # overlay's caption naming the token, "(#k, method)")
+                    # overlay's caption naming the token, "question unit k ('w', method)")
                     raise RuntimeError(
                         f"the first {timeouts} clicks never updated the input view within "
                         f"{self.timeout_ms:.0f} ms: has the overlay's caption changed from "
-                        f"'... (#k, method) ...'?")
+                        f"'... question unit k ('w', method) ...'?")
             self.idle()
         return ms, timeouts
 

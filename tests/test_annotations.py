@@ -644,7 +644,7 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
     try:
         exec(compile(block, "README.md", "exec"), ns)
         ann = ns["explorer"].annotations
-        assert ann.find("red shapes") == [("neuron", 7)]
+        assert ann.find("red things") == [("neuron", 7)] and ann.find("red shapes") == []
         assert ann.concepts(unit_key(0, "question", 1)) == ("colour word",)
         assert as_sets(Annotations.load("concepts.json")) == as_sets(ann)
     finally:

@@ -233,7 +233,7 @@ def test_token_click_colours_the_image_with_the_kernels_interaction_row(quicksta
     current = nb.kernel_json("import json; print(json.dumps(explorer.selection.unit_ref))")
     u = next(k for k in range(n_tokens - 1, -1, -1) if current != [rows, k])
     res = page.evaluate(bs.JS_CLICK_AND_WAIT, [unit_sel(rows, u), unit_sel(cols), 120_000,
-                                                  f"(#{u}, "])
+                                                  f"unit {u} ("])
     if not res["ok"]:
         try:
             kernel = json.dumps(nb.kernel_json(bs.EXPLORER_DIAGNOSTICS), indent=1)

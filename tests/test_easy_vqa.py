@@ -449,8 +449,8 @@ def test_the_easy_vqa_demo_explains_with_the_sparse_model(tmp_path, monkeypatch)
     ex = open_demo()
     try:
         assert ex.wait(120) and ex.analyses.sparse_model is not None
-        assert "(weights of the sparse linear model" in ex.neuron_view.caption.value
-        assert ex.neuron_view.contrib_figure.title.endswith(", w_cj z_j(x)")
+        assert "the sparse linear model's weight" in ex.neuron_view.caption.value
+        assert "standardised over the dataset" in ex.neuron_view.caption.value
     finally:
         ex.close()
     ex = open_demo(sparse_model=None)                  # the decision layer's own weights

@@ -56,7 +56,7 @@ def test_clicking_a_token_shows_its_interaction_over_the_patches(vqa):
     # the row is drawn on the heatmap's scale (a weak row must not look as strong as the
     # strongest pair); the question's own attribution on its own largest |score|
     assert st["input_scales"] == {"image": pytest.approx(np.abs(np.asarray(st["heatmap"])).max())}
-    assert "interaction with question unit 'color'" in st["score_caption"]
+    assert "interaction with question unit 1 ('color'" in st["score_caption"]
     # the row is outlined (4 cells wide, row 1 of 5 from the top), its cells' colours kept
     assert ex.heatmap_view.state()["outline"] == {"x": [0, 4, 4, 0, 0], "y": [4, 4, 3, 3, 4]}
     assert ex.heatmap_view.grid.selected is None          # "selected" cells: those not computed
@@ -1337,7 +1337,7 @@ def test_diagnostics_say_what_the_kernel_did_with_each_click_from_the_browser(vq
     assert iv["messages_from_browser"] == 1 and iv["last_message_error"] == ""
     assert iv["overlay_wanted"] == iv["overlay_received"]
     assert "('question', 2)" in iv["overlay_wanted"]
-    assert iv["overlay_shown"] == view.score_caption and "(#2, " in iv["score_caption"]
+    assert iv["overlay_shown"] == view.score_caption and "unit 2 (" in iv["score_caption"]
     assert iv["model_id"] == view.model_id and iv["items_instance"] == 0
     assert d["engine"]["pending"] == 0 and d["engine"]["lanes"]["main"]["thread_alive"]
     assert "multiviz-engine-main" in d["threads"]
@@ -1463,7 +1463,8 @@ def test_units_that_are_not_shapley_players_get_no_score_not_a_zero():
         row = np.asarray(st["heatmap"])[2]
         assert st["input_scores"]["image"] == [None, row[1], None, row[3]]
         assert "interaction with question unit" in st["score_caption"]
-        assert "(#2, Shapley interactions)" in st["score_caption"]
+        assert ", Shapley interactions)" in st["score_caption"]
+        assert "interaction with question unit 2 (" in st["score_caption"]
         st = click_unit(ex, "image", 0)                       # a patch that is not a player
         assert st["input_scores"]["question"] == [None] * 5
 

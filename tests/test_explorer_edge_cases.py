@@ -414,7 +414,8 @@ def test_a_selected_neuron_outside_the_top_bars_is_named_with_its_values_in_word
     assert ex.wait(30)
     top = list(nv.shown)
     name = ex.analyses.adapter.class_names[ex.analyses.class_index(0, -1)]
-    base = f"top 3 of 12 neurons by |contribution| to class {name!r}"
+    base = (f"top 3 of 12 neurons by |contribution| to class {name!r} (each bar: the "
+            f"decision layer's weight of the class for the neuron x its activation)")
     assert nv.caption.value == base and nv.selected_caption.value == ""
     assert nv.selected_caption.layout.display == "none"
     j = [k for k in range(12) if k not in top][0]
@@ -433,20 +434,20 @@ def test_a_selected_neuron_outside_the_top_bars_is_named_with_its_values_in_word
 
 
 def test_the_bar_charts_are_titled_in_words_before_their_formula(vqa):
-    from multiviz_widgets.views.neuron_view import contribution_title
+    from multiviz_widgets.views.neuron_view import contribution_source, contribution_title
     ex, _ = vqa
     nv = ex.neuron_view
     assert nv.act_figure.title == "how strongly each neuron fires, h_j(x)"
     name = ex.analyses.adapter.class_names[ex.analyses.class_index(0, -1)]
-    assert nv.contrib_figure.title == f"what each neuron adds to {name!r}, W_cj h_j(x)"
+    assert nv.contrib_figure.title == f"what each neuron adds to {name!r}"
+    assert "each bar: the decision layer's weight of the class" in nv.caption.value
     ex.select(target=3)                                    # '<b>bold</b>', shortened to fit
     assert ex.wait(30)
-    assert nv.contrib_figure.title == "what each neuron adds to '<b>bold</b>', W_cj h_j(x)"
+    assert nv.contrib_figure.title == "what each neuron adds to '<b>bold</b>'"
     assert contribution_title("a very long class name indeed") == \
-        "what each neuron adds to 'a very long…', W_cj h_j(x)"
-    # a sparse linear model weighs the standardised activations
-    assert contribution_title("red", standardised=True) == \
-        "what each neuron adds to 'red', w_cj z_j(x)"
+        "what each neuron adds to 'a very long…'"
+    # a sparse linear model weighs the standardised activations: said in words
+    assert "standardised over the dataset" in contribution_source(True)
 
 
 def test_the_method_menus_show_readable_names_and_keep_the_method_names_as_values(vqa):

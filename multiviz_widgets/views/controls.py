@@ -196,7 +196,7 @@ class Controls(W.VBox):
         if self.neuron_go is not None:
             self.neuron_go.disabled = s.neuron < 0 and self._last_neuron < 0
         self.clear_neuron.disabled = s.neuron < 0
-        self.unit_label.value = (f"unit: {s.modality} #{s.unit}" if s.unit_ref else "unit: none")
+        self.unit_label.value = (f"unit: {s.unit} of {s.modality}" if s.unit_ref else "unit: none")
         self.clear_unit.disabled = s.unit_ref is None
 
 

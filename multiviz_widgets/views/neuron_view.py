@@ -30,12 +30,21 @@ ACTIVATION_TITLE = "how strongly each neuron fires, h_j(x)"
 TITLE_STYLE = {"font-size": "13px"}
 
 
-def contribution_title(class_name: str | None = None, standardised: bool = False) -> str:
-    """"what each neuron adds to 'red', W_cj h_j(x)" (the class name shortened to fit); with a
-    sparse linear model, which weighs the standardised activations z_j = (h_j - mean_j) / std_j,
-    "..., w_cj z_j(x)"."""
+def contribution_title(class_name: str | None = None) -> str:
+    """"what each neuron adds to 'red'" (the class name shortened to fit the figure); the
+    caption says what a bar is (``contribution_source``)."""
     of = "the class" if class_name is None else quoted(_short(class_name, 12))
-    return f"what each neuron adds to {of}, " + ("w_cj z_j(x)" if standardised else "W_cj h_j(x)")
+    return f"what each neuron adds to {of}"
+
+
+def contribution_source(sparse: bool) -> str:
+    """What a contribution bar is, in words: the weight of the class for the neuron times the
+    neuron's activation, from the decision layer or, with a sparse linear model, from that
+    model (which weighs activations standardised over the dataset)."""
+    if sparse:
+        return ("each bar: the sparse linear model's weight of the class for the neuron x the "
+                "neuron's activation, standardised over the dataset")
+    return "each bar: the decision layer's weight of the class for the neuron x its activation"
 
 
 def thumbnail_key(modalities) -> tuple[str, set]:
@@ -167,8 +176,7 @@ class NeuronView(W.VBox):
         self._caption_base = None
         names = self.analyses.adapter.class_names
         self._class_name = str(names[target]) if 0 <= target < len(names) else None
-        self.contrib_figure.title = contribution_title(
-            self._class_name, standardised=self.analyses.sparse_model is not None)
+        self.contrib_figure.title = contribution_title(self._class_name)
         self._draw_bars()
         of = "" if instance is None else f" of #{instance}"
         again = self.retry.failed("bars", self.refresh, err)
@@ -181,7 +189,7 @@ class NeuronView(W.VBox):
         self._h, self._c = h, c
         self._top = list(order)
         sparse = getattr(dc, "source", "") == "sparse_model"
-        source = " (weights of the sparse linear model, standardised h)" if sparse else ""
+        source = f" ({contribution_source(sparse)})"
         self._class_name = str(self.analyses.adapter.class_names[cls])
         self._caption_base = (f"top {len(order)} of {len(h)} neurons by |contribution| to "
                               f"class {quoted(self._class_name)}{source}")
@@ -193,7 +201,7 @@ class NeuronView(W.VBox):
             self._caption_base += f"; the other {silent} add exactly 0 here"
         if sparse_note:
             self._caption_base += f"; {sparse_note}"
-        self.contrib_figure.title = contribution_title(self._class_name, standardised=sparse)
+        self.contrib_figure.title = contribution_title(self._class_name)
         self._draw_bars()
 
     def _draw_bars(self) -> None:
