@@ -1120,3 +1120,17 @@ def test_recompute_while_the_embedding_job_ends_shows_the_new_features():
         assert float(np.asarray(ex.embedding_view._features.h).mean()) > 50
     finally:
         ex.close()
+
+
+def test_patch_names_are_spelled_out_where_they_are_shown(vqa):
+    """"patch r6c0" on the heatmap's axes and the path's nodes was never explained."""
+    from multiviz_widgets.views._common import patch_names_key
+    assert patch_names_key(["what", "patch r6c0"]).startswith("; a patch rRcC is the patch in "
+                                                              "row R, column C")
+    assert patch_names_key(["what", "segment 3", "patch", "patch r6"]) == ""
+    ex, _ = vqa
+    assert "image" in ex.pair
+    assert "row R, column C of the image's grid" in ex.heatmap_view.legend.value
+    shown = [n["label"] for n in ex.path_view.nodes if n["kind"] == "unit"]
+    assert ("row R, column C" in ex.path_view.caption.value) == any(
+        str(x).startswith("patch r") for x in shown)

@@ -2,6 +2,7 @@
 asking again for what a cancel stopped, data quoted or isolated in the app's sentences."""
 from __future__ import annotations
 
+import re
 import textwrap
 from typing import Callable, Iterable
 
@@ -209,3 +210,18 @@ def instance_title(index: int, description, isolated: bool = False) -> str:
     if desc in ("", f"#{index}"):
         return f"#{index}"
     return f"#{index} {isolate(desc) if isolated else desc}"
+
+
+#: an image patch's name, as ``Image.unit_labels`` gives it ("patch r6c0")
+_PATCH_NAME = re.compile(r"patch r\d+c\d+")
+
+
+#: how to read an image patch's name
+PATCH_NAMES = ("a patch rRcC is the patch in row R, column C of the image's grid (counted from "
+               "0, at the top left)")
+
+
+def patch_names_key(labels) -> str:
+    """"; a patch rRcC is ..." (``PATCH_NAMES``) when ``labels`` name an image patch, for a
+    caption beside them; else ""."""
+    return f"; {PATCH_NAMES}" if any(_PATCH_NAME.fullmatch(str(x)) for x in labels) else ""

@@ -23,8 +23,8 @@ from ..display_text import quoted
 from ..engine import Analyses, Engine
 from ..selection import Selection
 from .input_view import STATIC, check_bundle, esm_of
-from ._common import (RetryAfterCancel, WrappedText, colour_limit, failure_text, method_label,
-                      shapley_players, text_label)
+from ._common import (PATCH_NAMES, RetryAfterCancel, WrappedText, colour_limit, failure_text,
+                      method_label, patch_names_key, shapley_players, text_label)
 
 
 #: Longest tick label (characters) on the heatmap's axes; longer unit names are cut in the
@@ -347,6 +347,9 @@ class HeatmapView(W.VBox):
         self._set_legend(target, grey=computed is not None, method=inter.method)
         self.caption.value = (f"{method_label(inter.method)} {self.pair[0]} x {self.pair[1]} "
                               f"for {what}")
+        if patch_names_key([*inter.row_labels, *inter.col_labels]):
+            self.legend_text += f" {PATCH_NAMES[0].upper()}{PATCH_NAMES[1:]}."
+            self.legend.value = self.legend_text
 
     # -- Shapley players -----------------------------------------------------------------------
     def _unit_words(self, modality: str) -> tuple[str, str]:

@@ -18,7 +18,8 @@ from ..display_text import quoted
 from ..engine import Analyses, Engine, params_key
 from ..kernels.projection import path_layout
 from ..selection import Selection
-from ._common import RetryAfterCancel, WrappedText, failure_text, method_label
+from ._common import (RetryAfterCancel, WrappedText, failure_text, method_label,
+                      patch_names_key)
 
 _COLOURS = {"class": "#d62728", "neuron": "#1f77b4", "unit": "#2ca02c"}
 #: The classes shown beside the path's own (a click follows their path): grey, not its red.
@@ -218,6 +219,7 @@ class PathView(W.VBox):
             self.caption.value += shared_pairs_note(nodes, links)
         if sparse_note:
             self.caption.value += f"; {sparse_note}"
+        self.caption.value += patch_names_key(n["label"] for n in nodes if n["kind"] == "unit")
         self.concepts.value = self.concept_line()
 
     def concept_line(self) -> str:
