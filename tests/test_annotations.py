@@ -1936,3 +1936,57 @@ def test_concepts_that_differ_in_case_or_spaces_are_one_concept_everywhere(tmp_p
     with pytest.raises(AnnotationError, match="only spaces"):
         a.rename("round", "   ")
     assert Annotations.load(tmp_path / "c.json").to_dict() == a.to_dict()
+
+
+def test_a_lab_file_stays_shared_after_a_colleague_names_a_unit_of_another_split(tmp_path):
+    """Two kernels on two splits shared a file of neuron concepts; once the test split's
+    kernel named a unit, the training split's could neither save (its merge refused the file)
+    nor open it again: one colleague's unit concept locked the lab out of its own file."""
+    path = tmp_path / "lab.json"
+    d12, d20 = {"name": "d", "instances": 12}, {"name": "d", "instances": 20}
+    train = Annotations(path, signature=SIG, dataset=d12)        # one kernel...
+    train.bind(SIG, dataset=d12)
+    train.add(neuron_key(1), "red")
+    test = Annotations(path, signature=SIG, dataset=d20)         # ...and another
+    test.bind(SIG, dataset=d20)
+    test.add(unit_key(15, "image", 2), "corner")
+    test.add(neuron_key(3), "round")
+    train.add(neuron_key(2), "blue")                              # the file changed: a conflict
+    assert train.save_conflict
+    assert train.merge(path) == 1 and not train.save_error        # "round" in, and saved
+    assert train.keys("unit") == [] and "1 unit concept of 'd' (20 instances)" in train.kept_note
+    doc = json.loads(path.read_text())
+    assert doc["dataset"] == d20 and len(doc["units"]) == 1       # theirs, written back
+    assert {e["neuron"] for e in doc["neurons"]} == {1, 2, 3}
+    with pytest.raises(AnnotationError, match=r"hold the unit concepts of 'd' \(20 instances\)"
+                                              r".*no unit concept of 'd' \(12 instances\)"):
+        train.add(unit_key(3, "image", 0), "x")
+    again = Annotations(path, signature=SIG, dataset=d12)        # opens beside its split still
+    assert again.concepts(neuron_key(2)) == ("blue",) and again.kept_note
+    test.add(unit_key(15, "image", 2), "top left")                # theirs go on as before
+    assert test.save_conflict and test.merge(path) == 1 and not test.save_error
+    theirs = Annotations(path, signature=SIG, dataset=d20)
+    assert theirs.concepts(unit_key(15, "image", 2)) == ("corner", "top left")
+    assert theirs.kept_note is None and theirs.concepts(neuron_key(2)) == ("blue",)
+    train.add(neuron_key(4), "big")                               # a merge keeps them aside
+    assert train.save_conflict and train.merge(path) == 0 and not train.save_error
+    assert Annotations(path, signature=SIG, dataset=d20).concepts(
+        unit_key(15, "image", 2)) == ("corner", "top left")
+
+
+def test_the_explorer_says_what_its_file_keeps_for_another_dataset(tmp_path):
+    path = tmp_path / "lab.json"
+    adapter, _ = tiny_vqa(20)
+    other = Annotations(path, signature=model_signature(adapter, 12),
+                        dataset={"name": "tiny-vqa", "instances": 20})
+    other.add(unit_key(15, "question", 1), "colour word")
+    other.add(neuron_key(2), "red")
+    ex = _explorer_on(12, str(path))
+    try:
+        assert ex.annotations.concepts(neuron_key(2)) == ("red",)
+        line = ex.concepts_view.model_line.value
+        assert "1 unit concept of 'tiny-vqa' (20 instances), kept for that dataset" in line
+        ex.annotations.add(neuron_key(5), "circle")                # saved beside them
+        assert Annotations(path).concepts(unit_key(15, "question", 1)) == ("colour word",)
+    finally:
+        ex.close()
