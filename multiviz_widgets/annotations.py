@@ -461,11 +461,9 @@ class Annotations:
     after each change (default: when a path is given). signature: the model's
     (``model_signature``); a file made for a model with other modalities, classes, number of
     neurons or shared units is refused. dataset: the
-    dataset's (``dataset_signature``), whose instances the unit keys name: a file's unit
-    concepts of another dataset are kept aside for it (``kept_note``: not shown, written back
-    as they are; no unit concept of this dataset can then be added), its neuron and feature
-    concepts taken; in this kernel, a store that holds unit concepts of another dataset, or
-    one shown for theirs, is refused instead. n_instances: the dataset's size, to check the
+    dataset's (``dataset_signature``), whose instances the unit keys name: a file with unit
+    concepts of another dataset is refused (its neuron and feature concepts carry over:
+    ``Annotations.load`` and copy them). n_instances: the dataset's size, to check the
     instances of unit keys (default: the dataset's).
 
     A version-1 file, written before feature keys, may name a unit of a modality whose units
@@ -526,10 +524,6 @@ class Annotations:
         # and what tells it from this store's model (``_other_model``), for its views to show
         self._made_for: dict | None = None
         self.model_note: str | None = None
-        # unit concepts of another dataset (its file's, named beside that dataset by another
-        # Explorer or a colleague) while this store names no unit itself: {"dataset", "units",
-        # "extra"}, never shown, written back as they were (``_set_aside``)
-        self._kept: dict | None = None
         if self.path is not None:
             self._check_folder()
         if self.path is not None and self.path.exists():
@@ -610,7 +604,6 @@ class Annotations:
         of them)."""
         dataset, signature = _as_dataset(dataset), _as_signature(signature)
         with self._lock:
-            self._take_back_kept(dataset)
             self.check(signature, dataset)
             said = self.model_note
             if signature:
@@ -659,25 +652,6 @@ class Annotations:
                 if is_integer(left[0].get("instances")):
                     self.n_instances = int(left[0]["instances"])
 
-    def _take_back_kept(self, dataset: dict | None) -> None:
-        """A viewer of the dataset whose unit concepts the store keeps aside: they become the
-        store's (its dataset theirs) when no viewer of another dataset shows it, else an
-        AnnotationError (they would name that viewer's instances); under the lock."""
-        kept = self._kept
-        if not kept or not dataset or not _same_dataset(kept["dataset"], dataset):
-            return
-        if any(not _same_dataset(d, dataset) for d in self._viewer_datasets()):
-            raise AnnotationError(
-                f"The unit concepts{self._where()} name instances of {_dataset_text(dataset)}, "
-                f"and these annotations are shown in this kernel for "
-                f"{_dataset_text(self._viewer_datasets()[0])} (another Explorer): close that "
-                f"Explorer first (explorer.close()).")
-        self._data.update(kept["units"])
-        self._disk_entries.update(kept["units"])
-        self._entry_extra.update(kept["extra"])
-        self._kept = None
-        self._take_dataset(dataset)
-
     def _viewer_datasets(self) -> list[dict]:
         """The distinct datasets of the viewers showing the store."""
         out: list[dict] = []
@@ -699,19 +673,6 @@ class Annotations:
                 f"(explorer.close()), or give each dataset its own file "
                 f"(Explorer(..., annotations='other.json')).")
 
-    def _check_nothing_kept(self) -> None:
-        """An AnnotationError when the store keeps another dataset's unit concepts aside: a
-        unit concept of this one cannot join them in its file."""
-        if self._kept:
-            raise AnnotationError(
-                f"These annotations{self._where()} hold the unit concepts of "
-                f"{_dataset_text(self._kept['dataset'])}, named beside that dataset (by another "
-                f"Explorer, or a colleague), and a file holds the unit concepts of one dataset: "
-                f"no unit concept of {_dataset_text(self.dataset or {})} can be added to it. Its "
-                f"neuron and feature concepts are still shared and saved there. Name this "
-                f"dataset's units in a file of its own (Explorer(..., annotations="
-                f"'other.json')).")
-
     def add_key_check(self, check: Callable[[tuple], None]) -> None:
         """Call ``check(key)`` before a key that has no concepts gets some (``add``, ``set``, and
         ``merge``, of a file or a store, which then takes nothing): it raises an AnnotationError
@@ -732,49 +693,6 @@ class Annotations:
         self._edited()
         if self.n_instances is None and is_integer(self.dataset.get("instances")):
             self.n_instances = int(self.dataset["instances"])
-
-    def _set_aside(self, named: dict | None, entries: dict, extras: dict, version
-                   ) -> tuple[dict, dict, dict | None]:
-        """(the entries this store takes, their unknown fields, the unit concepts it keeps aside
-        or None): a document's unit concepts name instances of its dataset ``named``; when that
-        is another dataset than this store's and the store names no unit itself, they are kept
-        aside (``_kept``: not shown, written back as they are), so that Explorers on two splits
-        of the data share one file's neuron and feature concepts after one of them named a
-        unit. Otherwise (the same dataset, none known, or unit concepts of both: a file holds
-        one dataset's) nothing is set aside, and ``_check_dataset`` says what is wrong."""
-        units = [k for k in entries if k[0] == "unit"]
-        if (not units or version == 1 or not named or not self.dataset
-                or _same_dataset(named, self.dataset)
-                or any(k[0] == "unit" for k in self._data)
-                # a viewer in this kernel shows their dataset: theirs to show (or refuse, when
-                # another dataset is shown beside it: ``_check_one_dataset``)
-                or any(_same_dataset(named, d) for d in self._viewer_datasets())):
-            return entries, extras, None
-        kept = {"dataset": _as_dataset(named), "units": {k: entries[k] for k in units},
-                "extra": {k: extras[k] for k in units if k in extras}}
-        return ({k: v for k, v in entries.items() if k[0] != "unit"},
-                {k: v for k, v in extras.items() if k[0] != "unit"}, kept)
-
-    @property
-    def kept_note(self) -> str | None:
-        """What the store keeps aside (``_set_aside``), for its views to say: "this file also
-        holds 3 unit concepts of 'test' (20 instances), kept for that dataset: ...", or None."""
-        with self._lock:
-            kept = self._kept
-        if not kept:
-            return None
-        n = sum(len(cs) for cs in kept["units"].values())
-        return (f"this file also holds {n} unit concept{'s' * (n != 1)} of "
-                f"{_dataset_text(kept['dataset'])}, kept for that dataset (not shown here): a "
-                f"file holds the unit concepts of one dataset, so name this dataset's units in "
-                f"a file of its own (its neuron and feature concepts are shared and saved here)")
-
-    def _written_dataset(self) -> dict | None:
-        """The dataset a save records: the store's, or while it names no unit and keeps another
-        dataset's unit concepts (``_kept``), theirs; under the lock."""
-        if self._kept and not any(k[0] == "unit" for k in self._data):
-            return dict(self._kept["dataset"])
-        return dict(self.dataset) if self.dataset else None
 
     def _check_dataset(self, named: dict | None, other: dict | None, entries: dict,
                        where: str) -> None:
@@ -867,7 +785,6 @@ class Annotations:
             named = key not in self._data and bool(_concepts(make(()), str(key)))
             if named and key[0] == "unit":
                 self._check_one_dataset()
-                self._check_nothing_kept()
             checks = list(self._key_checks) if named else []
         _run_key_checks(checks, [key])
         dataset = self.dataset
@@ -974,7 +891,7 @@ class Annotations:
         set or edit them by hand (``store.dataset = ...``), which no count sees."""
         return (edits == self._edits
                 and doc["model"] == (dict(self.signature) if self.signature else None)
-                and doc["dataset"] == self._written_dataset())
+                and doc["dataset"] == (dict(self.dataset) if self.dataset else None))
 
     def _document(self) -> tuple[dict, int]:
         """``to_dict``'s document, and the count of changes (``_edits``) it holds."""
@@ -984,18 +901,12 @@ class Annotations:
                      if fields and k not in self._data]
             items = sorted([*self._data.items(), *noted], key=lambda kv: _sort_key(kv[0]))
             sig = dict(self.signature) if self.signature else None
+            dataset = self.dataset
             units = any(k[0] == "unit" for k, _ in items)
-            kept = self._kept if not units else None
-            if kept:                  # another dataset's unit concepts, written back as read
-                items = sorted([*items, *kept["units"].items()], key=lambda kv: _sort_key(kv[0]))
-            dataset = kept["dataset"] if kept else self.dataset
-            units = units or bool(kept)
             # read from a version-1 file, with no model yet to say which of its unit keys name
             # a feature (a tabular column): written as version 1 still, to be read so again
             version = 1 if self._version_1_units and units else VERSION
             extra, entry_extra = dict(self._extra), dict(self._entry_extra)
-            if kept:
-                entry_extra.update(kept["extra"])
         if dataset is not None and units:
             _fingerprint(dataset)      # recorded with the unit concepts (computed when lazy)
 
@@ -1147,8 +1058,8 @@ class Annotations:
                     parsed = {digest: incoming}
                     sig = incoming.get("model")
                 what = source if source is not None else "the store merged"
-                merged, added, theirs, their_extra, own_file, kept = self._merged(
-                    incoming, sig, what, source)
+                merged, added, theirs, their_extra, own_file = self._merged(incoming, sig, what,
+                                                                            source)
                 # keys that get their first concepts are checked by the viewers' checks
                 # (add_key_check), as an add's are: outside the lock (a check may take a lock
                 # under which another thread reads this store), then all is read again
@@ -1156,7 +1067,7 @@ class Annotations:
                 checks = list(self._key_checks) if unchecked else []
                 if not checks:
                     changed, resolved = self._take_merged(merged, theirs, incoming, their_extra,
-                                                          own_file, digest, kept)
+                                                          own_file, digest)
                     break
             _run_key_checks(checks, unchecked, f"It is in {what}, so nothing was merged; "
                                                f"correct or remove that entry there, then "
@@ -1191,21 +1102,12 @@ class Annotations:
         their_extra: dict[tuple, dict] = {}
         theirs = _entries(incoming, what, _shared_modalities(self.signature or sig),
                           their_extra)
-        theirs, their_extra, kept = self._set_aside(incoming.get("dataset"), theirs,
-                                                    their_extra, incoming.get("version"))
-        own_file = (source is not None and self.path is not None
-                    and source.resolve() == self.path.resolve())
-        if (kept and self._kept and not own_file
-                and not _same_dataset(kept["dataset"], self._kept["dataset"])):
-            raise AnnotationError(
-                f"The unit concepts of {what} name instances of {_dataset_text(kept['dataset'])}, "
-                f"and these annotations keep those of "
-                f"{_dataset_text(self._kept['dataset'])}: a file holds one dataset's; nothing "
-                f"was merged. Merge them into a file of that dataset's.")
         if any(k[0] == "unit" and k not in self._data for k in theirs):
             self._check_one_dataset(f" of {what}")
         self._check_dataset(incoming.get("dataset"), self.dataset, theirs, f" of {what}")
         self._check_ranges(theirs, self.signature, self.n_instances)
+        own_file = (source is not None and self.path is not None
+                    and source.resolve() == self.path.resolve())
         base = self._disk_entries if own_file else {}
         merged, added = {}, 0
         for key in set(self._data) | set(theirs):
@@ -1224,27 +1126,13 @@ class Annotations:
             added += len(new)
             if cs:
                 merged[key] = cs
-        return merged, added, theirs, their_extra, own_file, kept
+        return merged, added, theirs, their_extra, own_file
 
     def _take_merged(self, merged: dict, theirs: dict, incoming: dict, their_extra: dict,
-                     own_file: bool, digest: str | None, kept: dict | None = None
-                     ) -> tuple[bool, bool]:
+                     own_file: bool, digest: str | None) -> tuple[bool, bool]:
         """``merge``'s result made the store's (under the lock): (whether its concepts changed,
-        whether a failed save of its own file is resolved by it). kept: the unit concepts of
-        another dataset it held (``_set_aside``): its own file's replace those kept (a colleague
-        may have removed some), another's join them."""
+        whether a failed save of its own file is resolved by it)."""
         changed = merged != self._data
-        if own_file:
-            changed = changed or kept != self._kept
-            self._kept = kept
-        elif kept:
-            if self._kept:
-                for k, cs in kept["units"].items():
-                    self._kept["units"][k] = _concepts(
-                        [*self._kept["units"].get(k, ()), *cs], str(k))
-            else:
-                self._kept = kept
-            changed = True
         self._data = merged
         self._edited()
         _take_extras(self._extra, _document_extras(incoming), own_file)
@@ -1279,8 +1167,6 @@ class Annotations:
         shared = _shared_modalities(self.signature)
         entry_extra: dict[tuple, dict] = {}
         found = _entries(doc, path, shared, entry_extra)
-        found, entry_extra, self._kept = self._set_aside(doc.get("dataset"), found, entry_extra,
-                                                         doc.get("version"))
         self._check_dataset(doc.get("dataset"), self.dataset, found, f" in {path}")
         self._check_ranges(found, self.signature, self.n_instances, path)
         self._data = found
@@ -1632,7 +1518,7 @@ def _entries(doc: dict, path, shared: frozenset[str] = frozenset(),
                     # each value once, looked up by its JSON text (linear work however many
                     # entries a key has; a list's ``in`` would cost their square)
                     gathered.setdefault(f, {}).setdefault(_json_text(v), v)
-    found = {key: _concepts(list(cs), str(key), _FEWER_IN_FILE) for key, cs in out.items()}
+    found = {key: tuple(cs) for key, cs in out.items()}
     # two entries of one key (two people's lines pasted together) that give a field different
     # values ("comment": "Ana: ..." and "comment": "Bo: ..."): the list of them, in the file's
     # order, so that a save writes both back (a field given once, or alike, keeps its value)

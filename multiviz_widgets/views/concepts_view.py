@@ -68,8 +68,7 @@ class ConceptsView(W.VBox):
         self.merge_button.on_click(self._merge_file)
         # the file was made for another model of this shape (another name or weights): said
         # for the model the store was last bound to, the one this view is made for
-        self.model_line = WrappedText(_model_line(annotations.model_note, annotations.kept_note),
-                                      width=110,
+        self.model_line = WrappedText(_model_line(annotations.model_note), width=110,
                                       label_style={"text_color": "#8a4b00"})
         # the prompt is the first option, shown (index 0) but not a place to go (value None)
         self.named = W.Dropdown(options=[(GOTO_PROMPT, None)], index=0,
@@ -130,7 +129,6 @@ class ConceptsView(W.VBox):
         """The save status line, and the merge button while a conflict stops the saves."""
         self.status.value = self._status()
         a = self.annotations
-        self.model_line.value = _model_line(a.model_note, a.kept_note)
         conflicted = bool(a.save_error) and a.save_conflict and a.path is not None
         self.merge_button.layout.display = None if conflicted else "none"
 
@@ -283,11 +281,9 @@ def _label_layout() -> W.Layout:
     return W.Layout(min_width="260px", max_width="50%", flex="0 1 auto")
 
 
-def _model_line(note: str | None, kept: str | None = None) -> str:
-    """The line of a store's ``model_note`` and ``kept_note`` ("" for none)."""
-    parts = [f"These concepts were {note} (check a few)." if note else "",
-             f"Note: {kept}." if kept else ""]
-    return " ".join(p for p in parts if p)
+def _model_line(note: str | None) -> str:
+    """The line of a store's ``model_note`` ("" for none)."""
+    return f"These concepts were {note} (check a few)." if note else ""
 
 
 def _key_name(key: tuple) -> str:
