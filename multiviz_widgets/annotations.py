@@ -1114,11 +1114,15 @@ class Annotations:
             ours, their = self._data.get(key, ()), theirs.get(key, ())
             # sets to look concepts up in (a tuple's ``in`` would cost the square of a long
             # list), the tuples for the order
-            in_ours, in_theirs, was = set(ours), set(their), set(base.get(key, ()))
+            # (compared as same_concept does: "Red Shapes" there is "red shapes" here)
+            in_ours, in_theirs = {same_concept(c) for c in ours}, {same_concept(c) for c in their}
+            was = {same_concept(c) for c in base.get(key, ())}
             # kept: what both have, and what either added since the base; so a concept that
             # either removed since the base stays removed
-            new = tuple(c for c in their if c not in in_ours and c not in was)
-            cs = tuple(c for c in ours if c in in_theirs or c not in was) + new
+            new = tuple(c for c in their
+                        if same_concept(c) not in in_ours and same_concept(c) not in was)
+            cs = tuple(c for c in ours
+                       if same_concept(c) in in_theirs or same_concept(c) not in was) + new
             if len(cs) > MAX_CONCEPTS_PER_KEY:
                 raise _too_many(f"{key}, with the concepts of {what} merged in,",
                                 f"nothing was merged; remove some of its concepts here or in "
@@ -1471,15 +1475,16 @@ def _units_as_features(entries: dict, shared: frozenset[str]) -> dict:
     """``entries`` with the unit keys of the ``shared`` modalities read as feature keys: a
     version-1 file named a tabular column per instance. The concepts of one column in every
     instance are put together, in the order of the instances, each once."""
-    out: dict[tuple, dict[str, None]] = {}
+    out: dict[tuple, dict[str, str]] = {}   # same_concept(c): c, its first spelling
     for key in sorted(entries, key=_sort_key):
         new = feature_key(key[2], key[3]) if key[0] == "unit" and key[2] in shared else key
         now = out.setdefault(new, {})
-        now.update(dict.fromkeys(entries[key]))
+        for c in entries[key]:
+            now.setdefault(same_concept(c), c)
         if len(now) > MAX_CONCEPTS_PER_KEY:
             raise _too_many(f"{new} (the concepts of its unit in every instance together, as a "
                             f"version-1 file named them)", _FEWER_IN_FILE)
-    return {key: tuple(cs) for key, cs in out.items()}
+    return {key: tuple(cs.values()) for key, cs in out.items()}
 
 
 def _entries(doc: dict, path, shared: frozenset[str] = frozenset(),
@@ -1518,7 +1523,7 @@ def _entries(doc: dict, path, shared: frozenset[str] = frozenset(),
                     # each value once, looked up by its JSON text (linear work however many
                     # entries a key has; a list's ``in`` would cost their square)
                     gathered.setdefault(f, {}).setdefault(_json_text(v), v)
-    found = {key: tuple(cs) for key, cs in out.items()}
+    found = {key: _concepts(list(cs), str(key), _FEWER_IN_FILE) for key, cs in out.items()}
     # two entries of one key (two people's lines pasted together) that give a field different
     # values ("comment": "Ana: ..." and "comment": "Bo: ..."): the list of them, in the file's
     # order, so that a save writes both back (a field given once, or alike, keeps its value)

@@ -1936,3 +1936,36 @@ def test_concepts_that_differ_in_case_or_spaces_are_one_concept_everywhere(tmp_p
     with pytest.raises(AnnotationError, match="only spaces"):
         a.rename("round", "   ")
     assert Annotations.load(tmp_path / "c.json").to_dict() == a.to_dict()
+
+
+def test_merges_and_files_join_concepts_under_the_same_rule_as_add(tmp_path):
+    """A conflict merge kept 'red shapes' and 'Red  Shapes' on one key (and saved both), and
+    remove() of one then removed both; two entries of a key in a file, and a version-1 file's
+    column concepts put together, kept 'Tall' and 'tall' as two."""
+    path = tmp_path / "c.json"
+    a = Annotations(path)
+    a.add(neuron_key(1), "shape")
+    b = Annotations(path)                                 # another kernel's store
+    a.add(neuron_key(1), "red shapes")
+    b.add(neuron_key(1), "Red  Shapes")
+    assert b.save_conflict
+    b.merge(path)
+    assert b.concepts(neuron_key(1)) == ("shape", "Red Shapes") and not b.save_error
+    c, d = Annotations(), Annotations()
+    c.add(neuron_key(2), "Circle")
+    d.add(neuron_key(2), "circle")
+    assert c.merge(d) == 0 and c.concepts(neuron_key(2)) == ("Circle",)
+    doc = {"format": "multiviz-annotations", "version": 2, "model": None, "dataset": None,
+           "neurons": [{"neuron": 3, "concepts": ["Tall"]}, {"neuron": 3, "concepts": ["tall"]}],
+           "units": [], "features": []}
+    (tmp_path / "two.json").write_text(json.dumps(doc))
+    assert Annotations.load(tmp_path / "two.json").concepts(neuron_key(3)) == ("Tall",)
+    v1 = {"format": "multiviz-annotations", "version": 1, "model": None, "dataset": None,
+          "neurons": [], "units": [{"instance": 0, "modality": "vitals", "unit": 1,
+                                    "concepts": ["Tall"]},
+                                   {"instance": 1, "modality": "vitals", "unit": 1,
+                                    "concepts": ["tall", "big"]}]}
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    adapter, _ = tiny_tab_series()
+    old = Annotations.load(tmp_path / "v1.json", signature=model_signature(adapter))
+    assert old.concepts(feature_key("vitals", 1)) == ("Tall", "big")
