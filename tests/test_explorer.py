@@ -1274,6 +1274,17 @@ def test_a_class_named_after_a_colour_is_drawn_in_that_colour():
             assert all(np.linalg.norm(c - colours[g]) >= _TOO_CLOSE
                        for g, n in enumerate(names) if n.strip().lower() in NAMED_COLOURS)
     assert len({tuple(c) for c in colours}) == len(names)
+    # more classes than palette colours left: named ones keep theirs, the others on hues
+    from multiviz_widgets.views.embedding_view import colour_note
+    many = ["red", "green", "blue", "orange", "purple", "pink", "brown"] + [f"c{k}" for k in
+                                                                          range(9)]
+    drawn = group_colours(len(many), "label", many)
+    for g, name in enumerate(many[:7]):
+        assert np.allclose(drawn[g], NAMED_COLOURS[name]), name
+    assert len({tuple(np.round(c, 4)) for c in drawn}) == len(many)
+    assert "named after a colour are drawn in it" in colour_note(len(many), "label", many)
+    assert colour_note(len(names), "label", names) == ""
+    assert "more than the 15 distinct colours" in colour_note(20, "label", [])
     # two names for one colour, or the correctness groups: the palette as before
     from multiviz_widgets.views.embedding_view import CORRECTNESS, PALETTE
     assert np.allclose(group_colours(2, "label", ["gray", "grey"]), PALETTE[:2])

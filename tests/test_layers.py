@@ -47,6 +47,8 @@ def _imported(path: pathlib.Path, root: pathlib.Path = PACKAGE) -> set[str]:
                     names.update(a.name for a in node.names)
             elif (node.module or "").startswith("multiviz_widgets."):
                 names.add(node.module.split(".")[1])
+            elif node.module == "multiviz_widgets":              # from multiviz_widgets import x
+                names.update(a.name for a in node.names)
         elif isinstance(node, ast.Import):
             names.update(a.name.split(".")[1] for a in node.names
                          if a.name.startswith("multiviz_widgets."))
@@ -72,8 +74,9 @@ def test_the_check_resolves_relative_imports_and_sees_those_inside_functions(tmp
     probe.parent.mkdir()
     probe.write_text("from . import common\nfrom .unimodal import attribute\n"
                      "from .. import engine\nimport multiviz_widgets.views.controls\n"
+                     "from multiviz_widgets import explorer\n"
                      "def f():\n    from ..doctor import check\n")
-    assert _imported(probe, tmp_path) == {"kernels", "engine", "views", "doctor"}
+    assert _imported(probe, tmp_path) == {"kernels", "engine", "views", "doctor", "explorer"}
     top = tmp_path / "adapter.py"
     top.write_text("from .checks import is_integer\nfrom . import data\n")
     assert _imported(top, tmp_path) == {"checks", "data"}

@@ -149,7 +149,7 @@ def test_features_whose_model_changed_during_the_pass_are_never_cached(cache):
         if 0 < done < total:
             with torch.no_grad():
                 adapter.model.tab.weight.add_(0.25)
-    with pytest.warns(RuntimeWarning, match="model changed while its decision features"):
+    with pytest.warns(RuntimeWarning, match="weights changed while its decision features"):
         mixed = extract_features(adapter, ds, batch_size=8, cache_dir=cache,
                                  progress=train_a_step)
     assert mixed.key == "" and mixed.path is None and not list(cache.glob("*.npz"))
@@ -158,6 +158,32 @@ def test_features_whose_model_changed_during_the_pass_are_never_cached(cache):
     again = extract_features(adapter, ds, batch_size=8, cache_dir=cache)
     assert not again.from_cache and again.path is not None
     np.testing.assert_allclose(again.h, direct_h(adapter, ds)[0], rtol=1e-5, atol=1e-6)
+
+
+class FillsACache(TinyFusion):
+    """Fills a non-persistent buffer in its first pass (a rotary embedding's cache): its
+    outputs never depend on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.zeros(0), persistent=False)
+
+    def forward(self, tab, series):
+        if self.table.numel() == 0:
+            self.table = torch.arange(8.0)
+        return super().forward(tab, series)
+
+
+def test_a_buffer_the_model_fills_in_its_first_pass_is_no_change_of_the_model(cache):
+    import warnings
+    model = FillsACache().eval()
+    mods = [Tabular("tab", columns=[f"c{i}" for i in range(F)]),
+            TimeSeries("series", window=4, channels=["a", "b"])]
+    adapter = ModelAdapter(model, mods, [f"k{i}" for i in range(C)], decision_layer="classifier")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        first = extract_features(adapter, make_dataset(), batch_size=8, cache_dir=cache)
+    assert first.path is not None and first.key
 
 
 def test_a_change_of_data_invalidates_the_cache(cache):

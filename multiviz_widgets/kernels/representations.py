@@ -832,10 +832,22 @@ def clear_feature_cache(cache_dir: str | os.PathLike | None = None) -> int:
     return freed + _remove_stale_temporaries(folder)
 
 
+def _weights_digest(model: torch.nn.Module) -> str:
+    """A hash of the model's parameters and persistent buffers (its state_dict)."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous() if isinstance(v, torch.Tensor) else None
+        h.update(k.encode())
+        if t is not None and t.numel():
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 #: What extract_features says when the model changed while its features were computed.
 MODEL_CHANGED_DURING_PASS = (
-    "The model changed while its decision features were computed (its weights, settings or "
-    "hooks): the features mix the model before and after the change, and were not cached. "
+    "The model's weights changed while its decision features were computed: the features "
+    "mix the model before and after the change, and were not cached. "
     "Compute them again once the model is as you want it (extract_features, or the "
     "Explorer's recompute).")
 
@@ -878,6 +890,9 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
             report(progress, len(idx), len(idx), "decision features (cached)")
             _warn_skipped(hit.skipped, len(idx), cached=True)
             return hit
+    # the weights as the pass begins: loaded or trained meanwhile (in a cell, beside the
+    # Explorer's pass), its rows would mix two models
+    weights = _weights_digest(adapter.model) if path is not None else None
     hs, ls, kept, skipped, ran = [], [], [], {}, [0]
     for positions, logits, h in _feature_batches(adapter, dataset, idx, batch_size, progress,
                                                  "decision features", skipped, ran):
@@ -891,10 +906,10 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     kept = idx[positions[order]]
     feats = Features(np.concatenate(hs)[order], np.concatenate(ls)[order], kept, key or "",
                      False, ran[0], 0.0, None, skipped)
-    if path is not None and features_key(adapter, dataset, idx, batch_size) != key:
-        # the model changed during the pass (weights loaded or trained in another cell while
-        # the Explorer's pass ran): the rows mix two models, and must never be read back
-        # under the first one's key
+    if path is not None and _weights_digest(adapter.model) != weights:
+        # the rows mix two models, and must never be read back under the first one's key (a
+        # buffer the model fills in its first pass, a rotary embedding's cache, is not
+        # persistent and not compared: it does not change what the model computes)
         warnings.warn(MODEL_CHANGED_DURING_PASS, RuntimeWarning, stacklevel=2)
         feats.key, path = "", None
     if path is not None:

@@ -62,29 +62,58 @@ NAMED_COLOURS = {name: np.array(rgb, dtype=np.float32) / 255.0 for name, rgb in 
 _TOO_CLOSE = 0.25
 
 
+def _named_colours(n: int, by: str, names: Sequence[str]) -> dict[int, np.ndarray]:
+    """{group: its colour} of the groups named after a colour (none when two of them would
+    share one, "gray" and "grey", or for the correctness groups)."""
+    if by == "correctness":
+        return {}
+    keys = [str(x).strip().lower() for x in names][:n]
+    named = {g: NAMED_COLOURS[k] for g, k in enumerate(keys) if k in NAMED_COLOURS}
+    return named if len({tuple(c) for c in named.values()}) == len(named) else {}
+
+
+def _hues(k: int) -> list[np.ndarray]:
+    """k colours on a continuous hue scale, red .. violet, without wrapping back to red."""
+    return [np.array(colorsys.hsv_to_rgb(float(h), 0.75, 0.85), dtype=np.float32)
+            for h in np.linspace(0.0, 0.85, k)]
+
+
 def group_colours(n: int, by: str, names: Sequence[str] = ()) -> np.ndarray:
     """RGB in [0, 1] [n, 3] of ``n`` colour groups: a group whose name is a colour (``names``,
-    say a class "red") in that colour, the others the palette's distinct colours (but those
-    close to a named group's) while they suffice; for more groups (e.g. 50 classes) a
-    continuous hue scale over the group index (no two groups share a colour, neighbouring ones
-    look alike)."""
+    say a class "red") in that colour; the others the palette's distinct colours (but those
+    close to a named group's) while they suffice, else colours of a continuous hue scale
+    over the group index (away from the named groups' colours when it can; neighbouring
+    groups look alike): ``colour_note`` says which."""
     pal = CORRECTNESS if by == "correctness" else PALETTE
-    keys = [str(x).strip().lower() for x in names] if by != "correctness" else []
-    named = {g: NAMED_COLOURS[k] for g, k in enumerate(keys[:n]) if k in NAMED_COLOURS}
-    if len({tuple(c) for c in named.values()}) < len(named):
-        named = {}                          # "gray" and "grey" both: one colour for two classes
-    if named:
-        free = [c for c in pal if all(np.linalg.norm(c - m) >= _TOO_CLOSE
-                                      for m in named.values())]
-        if n - len(named) <= len(free):
-            rest = iter(free)
-            return np.array([named[g] if g in named else next(rest) for g in range(n)],
-                            dtype=np.float32).reshape(n, 3)
-    if n <= len(pal):
-        return pal[:n].copy()
-    hues = np.linspace(0.0, 0.85, n)          # red .. violet, without wrapping back to red
-    return np.array([colorsys.hsv_to_rgb(float(h), 0.75, 0.85) for h in hues],
+    named = _named_colours(n, by, names)
+    if not named:
+        return pal[:n].copy() if n <= len(pal) else np.array(_hues(n)).reshape(n, 3)
+    free = [c for c in pal if all(np.linalg.norm(c - m) >= _TOO_CLOSE for m in named.values())]
+    rest = n - len(named)
+    if rest > len(free):                      # a hue scale for the others, away from the named
+        far = [c for c in _hues(4 * rest) if all(np.linalg.norm(c - m) >= _TOO_CLOSE
+                                                 for m in named.values())]
+        pool = far if len(far) >= rest else _hues(rest)
+        free = [pool[int(k)] for k in np.linspace(0, len(pool) - 1, rest).round()]
+    others = iter(free)
+    return np.array([named[g] if g in named else next(others) for g in range(n)],
                     dtype=np.float32).reshape(n, 3)
+
+
+def colour_note(n: int, by: str, names: Sequence[str] = ()) -> str:
+    """The legend's note on the colours ``group_colours`` gives, or "" (the palette's distinct
+    colours for every group)."""
+    named = _named_colours(n, by, names)
+    pal = CORRECTNESS if by == "correctness" else PALETTE
+    free = [c for c in pal if all(np.linalg.norm(c - m) >= _TOO_CLOSE for m in named.values())]
+    if named and n - len(named) > len(free):
+        return ("classes named after a colour are drawn in it; more classes than distinct "
+                "colours: the others on a continuous hue scale by class index (neighbouring "
+                "ones look alike)")
+    if not named and n > len(pal):
+        return (f"{n} classes, more than the {len(pal)} distinct colours: a continuous hue "
+                "scale by class index (neighbouring classes look alike)")
+    return ""
 
 
 def _hex(rgb) -> str:
@@ -251,9 +280,7 @@ class EmbeddingView(W.VBox):
         n = len(group_names) - unknown
         colours = list(group_colours(n, by, group_names[:n]))
         colours += [UNKNOWN] if unknown else []
-        note = (f"{n} classes, more than the {len(PALETTE)} distinct colours: "
-                "a continuous hue scale by class index (neighbouring classes look alike)"
-                if n > len(PALETTE) else "")
+        note = colour_note(n, by, group_names[:n])
         self.groups, self.group_names = groups, group_names
         self.scatter.color = np.array(colours, dtype=np.float32)[self.groups] if len(groups) \
             else np.zeros((0, 3), np.float32)
