@@ -25,7 +25,7 @@ $(PY):
 # (a newer pip is welcome, not needed: offline, as in a classroom after a `git pull`, the pinned
 # packages already there still install)
 $(VENV)/.deps-stamp: requirements.txt constraints.txt setup.py | $(PY)
-	$(PIP) install -q --upgrade pip || echo "pip not upgraded (PyPI unreachable?): going on with the pip there is"
+	$(PIP) install -q --upgrade pip || echo "pip not upgraded (PyPI unreachable?): going on"
 	$(PIP) install -q -r requirements.txt -c constraints.txt
 	$(PIP) install -q --no-deps -e .
 	touch $@
@@ -86,7 +86,8 @@ DEMO_URL := http://127.0.0.1:$(PORT)/lab/tree/notebooks/quickstart.ipynb
 demo: install
 	@echo ""
 	@echo "  Open $(DEMO_URL) in a browser on this machine,"
-	@echo "  then choose Run > Run All Cells: the Explorer on easy-VQA appears under the first code cell."
+	@echo "  then choose Run > Run All Cells: the Explorer on easy-VQA appears"
+	@echo "  under the first code cell."
 	@echo "  Press Ctrl-C here (twice) to stop the server."
 	@echo ""
 	$(DEMO_MALLOC) $(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --ServerApp.port_retries=0 \

@@ -426,6 +426,14 @@ def module_settings(module: nn.Module, integers: bool) -> list[tuple[str, str]]:
     return sorted(out)
 
 
+def hash_tensor(h, name: str, t: torch.Tensor) -> None:
+    """Feed a named tensor (its name, dtype, shape and bytes) to the hash ``h``."""
+    h.update(name.encode())
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
 def binary_logits(z: torch.Tensor) -> torch.Tensor:
     """[B, 2]: a binary model's one logit z [B, 1] as the two classes' logits [-z/2, z/2], whose
     softmax is [1 - sigmoid(z), sigmoid(z)] and whose difference is z."""
@@ -705,12 +713,19 @@ class ModelAdapter:
         tensors = dict(self.model.named_parameters())
         tensors.update(self.model.named_buffers())
         for k, v in sorted(tensors.items()):
-            h.update(k.encode())
-            t = v.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            hash_tensor(h, k, v)
         for name, module in self.model.named_modules():
             h.update(f"{name}:{module_settings(module, integers=False)}".encode())
+        return h.hexdigest()[:32]
+
+    def weights_fingerprint(self) -> str:
+        """A hash of the model's state_dict alone (its parameters and persistent buffers):
+        what a retrained copy of the model changes, and what a buffer it fills in its first
+        pass (a rotary embedding's cache, never saved) or its settings do not."""
+        h = hashlib.sha256()
+        for k, v in self.model.state_dict().items():
+            if isinstance(v, torch.Tensor):
+                hash_tensor(h, k, v)
         return h.hexdigest()[:32]
 
     # -- instances and batches ---------------------------------------------------------------

@@ -198,9 +198,8 @@ _FEWER_IN_FILE = "keep the ones that say most and remove the others from the fil
 
 def _concepts(values, who: str = "A key", fewer: str = _FEWER) -> tuple[str, ...]:
     """A list of concepts checked, duplicates (``same_concept``) dropped (the first kept), order
-    kept: at most
-    MAX_CONCEPTS_PER_KEY, else an AnnotationError that names ``who`` and says to keep
-    ``fewer``. Each is looked up once in a dict (a list's ``in`` would make a long list cost
+    kept: at most MAX_CONCEPTS_PER_KEY, else an AnnotationError that names ``who`` and says to
+    keep ``fewer``. Each is looked up once in a dict (a list's ``in`` would make a long list cost
     its square), and a list that has too many is refused as soon as that shows."""
     if isinstance(values, str) or not isinstance(values, (list, tuple)):
         raise AnnotationError(f"Concepts are a list of strings, got {_brief(values)}.")
@@ -242,7 +241,7 @@ def model_signature(adapter, n_neurons: int | None = None) -> dict:
                 features[name] = [str(u) for u in m.unit_labels()]
             except TypeError:      # labels that need an instance: the units are not compared
                 features[name] = None
-    fingerprint = getattr(adapter, "fingerprint", None)
+    fingerprint = getattr(adapter, "weights_fingerprint", None)
     return {"model": str(getattr(adapter, "name", "")), "modalities": list(adapter.names),
             "classes": [str(c) for c in adapter.class_names],
             "neurons": None if n_neurons is None else int(n_neurons), "features": features,
@@ -409,11 +408,13 @@ def _dataset_text(d: dict) -> str:
     return f"{d.get('name') or 'a dataset'!r} ({d.get('instances')} instances)"
 
 
-def _other_model(saved: dict | None, ours: dict | None) -> str | None:
+def _other_model(saved: dict | None, ours: dict | None, keys=()) -> str | None:
     """What to say when two signatures that may share concepts (``_mismatch`` finds nothing)
     name different models (``IDENTITY_FIELDS``: the model's name, or the fingerprint of its
     weights where both record one), or None: "made for model 'a'; this is model 'b': the
-    neuron concepts may not fit". A field either side leaves unknown (or empty) is not
+    neuron concepts may not fit"; else, for the modalities that ``keys`` name units or
+    features of, other unit settings (a patch size, a vocabulary): "made with other unit
+    settings for 'image' ...". A field either side leaves unknown (or empty) is not
     compared."""
     if not saved or not ours:
         return None
@@ -425,8 +426,10 @@ def _other_model(saved: dict | None, ours: dict | None) -> str | None:
                 return f"{text} (weights {sig[f][:12]})" if f == "weights" else text
             return (f"made for {named(saved)}; this is {named(ours)}: the neuron concepts may "
                     f"not fit")
+    # other unit settings matter to the unit and feature concepts there are (``keys``)
+    named = {k[2] if k[0] == "unit" else k[1] for k in keys if k[0] in ("unit", "feature")}
     a, b = saved.get("units") or {}, ours.get("units") or {}
-    other = [m for m in a if a[m] and b.get(m) and a[m] != b[m]]
+    other = [m for m in a if m in named and a[m] and b.get(m) and a[m] != b[m]]
     if other:
         names = ", ".join(repr(m) for m in other)
         return (f"made with other unit settings for {names} (patch size, vocabulary, "
@@ -607,7 +610,8 @@ class Annotations:
             self.check(signature, dataset)
             said = self.model_note
             if signature:
-                self.model_note = _other_model(self._made_for or self.signature, signature)
+                self.model_note = _other_model(self._made_for or self.signature, signature,
+                                               self._data)
             if n_instances is None and dataset:
                 n_instances = dataset.get("instances")
             data, disk, extra = self._as_read_for(signature)
@@ -765,7 +769,7 @@ class Annotations:
             renamed = {k: _concepts([new if same_concept(c) == was else c
                                      for c in self._data[k]], str(k)) for k in keys}
             if all(renamed[k] == self._data[k] for k in keys):
-                return sorted(keys, key=_sort_key)           # only its case or spaces: the same
+                return sorted(keys, key=_sort_key)           # new is the spelling kept already
             self._data.update(renamed)
             self._edited()
             self.unsaved = True
@@ -1074,7 +1078,7 @@ class Annotations:
                                                f"merge again.")
             checked.update(unchecked)
         # concepts of another model of this shape (another name or weights): taken, but said
-        note = _other_model(sig, self.signature) if isinstance(sig, dict) else None
+        note = _other_model(sig, self.signature, self.keys()) if isinstance(sig, dict) else None
         if note:
             with self._lock:
                 self.model_note = note
@@ -1176,7 +1180,7 @@ class Annotations:
         self._data = found
         self._extra, self._entry_extra = _document_extras(doc), entry_extra
         self._made_for = dict(doc["model"]) if doc.get("model") else None
-        self.model_note = _other_model(self._made_for, self.signature)
+        self.model_note = _other_model(self._made_for, self.signature, found)
         self._edited()
         # which units are shared is not known yet: read as features when a signature says
         self._version_1_units = doc.get("version") == 1 and not _says_shared(self.signature)

@@ -443,9 +443,9 @@ def _logit_layers(adapter: ModelAdapter, prepared, logits: torch.Tensor, eps: fl
     names of all of its nn.Linear layers of the logits' width that ran in that pass)."""
     outputs: dict[str, torch.Tensor] = {}
     if not watched_pass(adapter, prepared.raw,
-                         lambda m: (isinstance(m, nn.Linear)
-                                    and m.out_features in _logit_widths(logits)),
-                         lambda name, out: outputs.setdefault(name, out.detach())):
+                        lambda m: (isinstance(m, nn.Linear)
+                                   and m.out_features in _logit_widths(logits)),
+                        lambda name, out: outputs.setdefault(name, out.detach())):
         return [], []
     found = []
     for n, out in outputs.items():

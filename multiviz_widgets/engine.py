@@ -986,11 +986,15 @@ class Analyses:
                 text += f" (not the predicted {quoted(names[predicted])})"
         return text
 
+    def activations(self, i: int) -> np.ndarray:
+        """h(x_i) [d]: the decision-level activations at instance i (float64, memoised)."""
+        p = self.prepared(i)
+        return self.engine.memo(("activations", p.key), lambda: self.adapter.features(p.raw)[1][0]
+                                .detach().double().cpu().numpy())
+
     def activation(self, i: int, neuron: int) -> float:
         """h_neuron(x_i): the decision-level neuron's activation at instance i."""
-        p = self.prepared(i)
-        h = self.engine.memo(("activations", p.key), lambda: self.adapter.features(p.raw)[1][0]
-                             .detach().double().cpu().numpy())
+        h = self.activations(i)
         if not 0 <= int(neuron) < h.shape[0]:
             raise IndexError(f"Neuron {neuron} is out of range: the decision layer has "
                              f"{h.shape[0]} neurons (0..{h.shape[0] - 1}).")
@@ -1022,8 +1026,7 @@ class Analyses:
                         f"(new weights?), so its weights explain another model; fit it again "
                         f"(kernels.prediction.fit_sparse_model_for) and pass it to the Explorer")
             return ""
-        self.activation(i, 0)                                  # h at instance i, memoised
-        h = self.engine.cached(("activations", self.prepared(i).key))
+        h = self.activations(i)
         ours, theirs = int(np.argmax(self.logits(i))), int(sm.predict(h[None])[0])
         if ours == theirs:
             return ""

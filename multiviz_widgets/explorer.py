@@ -291,15 +291,18 @@ class InputPanel:
                 if lim is not None:
                     scales[other] = lim
                 labels = inter.row_labels if m == pair[0] else inter.col_labels
-                name = labels[u] if u < len(labels) else f"unit {u}"
+                said = f"{m} unit {u}"
+                name = quoted(labels[u]) if u < len(labels) else ""      # when the matrix names it
                 if outside:
-                    caption = (f"{other}: no interactions with {m} unit {u} ({quoted(name)}): "
-                               f"it is not a player of the {method_label(imethod)} (they are the "
-                               f"units of largest occlusion effect; the heatmap greys the "
+                    caption = (f"{other}: no interactions with {said}"
+                               + (f" ({name})" if name else "")
+                               + f": it is not a player of the {method_label(imethod)} (they are "
+                               f"the units of largest occlusion effect; the heatmap greys the "
                                f"others); {m}: {method_label(method)} attribution; for {what}")
                 else:
-                    caption = (f"{other}: interaction with {m} unit {u} ({quoted(name)}, "
-                               f"{method_label(imethod)}); {m}: {method_label(method)} "
+                    caption = (f"{other}: interaction with {said} ("
+                               + (f"{name}, " if name else "")
+                               + f"{method_label(imethod)}); {m}: {method_label(method)} "
                                f"attribution; for {what}")
             return i, {"scores": scores, "scales": scales, "score_caption": caption}, key
 

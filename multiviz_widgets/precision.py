@@ -60,7 +60,7 @@ def dtype_eps(adapter: ModelAdapter, *outputs: torch.Tensor, dtypes=()) -> float
 
 
 def watched_pass(adapter: ModelAdapter, raw: dict, which: Callable[[nn.Module], bool],
-                  seen: Callable[[str, object], None]) -> bool:
+                 seen: Callable[[str, object], None]) -> bool:
     """One pass on ``raw`` (no gradients) with ``seen(name, output)`` called for each module
     that ``which`` picks (TorchScript ones take no Python hooks); the hooks are removed
     whatever happens. Whether the pass ran (a failing one: the other checks report it)."""

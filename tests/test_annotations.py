@@ -9,6 +9,7 @@ import stat
 import threading
 import time
 import unicodedata
+import warnings
 
 import pytest
 import torch
@@ -352,7 +353,7 @@ def test_model_signature_records_what_must_match():
     sig = model_signature(adapter, 12)
     assert sig == {"model": adapter.name, "modalities": ["image", "question"],
                    "classes": list(adapter.class_names), "neurons": 12, "features": {},
-                   "weights": adapter.fingerprint(),
+                   "weights": adapter.weights_fingerprint(),
                    "units": {m: unit_settings(adapter.modalities[m]) for m in adapter.names}}
     tab, _ = tiny_tab_series()
     assert model_signature(tab)["features"] == {"vitals": ["hr", "bp", "temp", "age"]}
@@ -367,6 +368,12 @@ def test_a_retrained_model_or_other_unit_settings_are_said_when_a_file_is_opened
     path = tmp_path / "lab.json"
     mine = Annotations(path, signature=model_signature(adapter, 12))
     mine.add(neuron_key(3), "red shapes")
+    other, _ = tiny_vqa()
+    other.modalities["image"].patch *= 2      # other patches, but no unit concept yet: silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Annotations(path, autosave=False, signature=model_signature(other, 12))
+    mine.add(unit_key(0, "image", 2), "corner")
     retrained, _ = tiny_vqa()
     with torch.no_grad():
         for p in retrained.model.parameters():

@@ -599,7 +599,8 @@ def test_voila_renders_the_demo_and_a_click_works(voila, page):
     # a click on another token recolours the image
     since = comms.mark()
     res = page.evaluate(bs.JS_CLICK_AND_WAIT, [unit_sel("question", n_tokens - 1),
-                                               unit_sel("image"), 180_000, f"unit {n_tokens - 1} ("])
+                                               unit_sel("image"), 180_000,
+                                               f"unit {n_tokens - 1} ("])
     if not res["ok"]:
         pytest.fail("the image overlay did not change after a token click in Voila\n"
                     + _voila_click_report(page, voila, comms, since, console))

@@ -422,6 +422,9 @@ def test_a_pair_two_neurons_list_is_one_link_and_opposite_signs_are_said():
     assert "'<b>what</b>'" in note                      # a token is quoted text, never markup
     path["neurons"][1]["pairs"][0][4] = -0.1            # the same sign: nothing to say
     assert shared_pairs_note(*path_layout(path)) == ""
+    path["neurons"][0]["pairs"][0][4] = 0.0             # drawn as 0: it has no sign to differ
+    path["neurons"][1]["pairs"][0][4] = 0.3
+    assert shared_pairs_note(*path_layout(path)) == ""
 
 
 # -- the real kernels on the shipped synthetic task ----------------------------------------------

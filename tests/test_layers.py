@@ -1,4 +1,4 @@
-"""The layers import only downward (ARCHITECTURE.md: kernels <- engine <- views): a kernel never
+"""The layers import only downward (kernels <- engine <- views, the design's rule): a kernel never
 reaches up to the engine, the doctor, the views or the Explorer; the modules under the kernels
 (the adapter, the modalities, the results, ...) reach none of them. Read from the source, so an
 import hidden inside a function counts too."""

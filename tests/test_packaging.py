@@ -93,11 +93,11 @@ def test_make_demo_serves_the_quickstart_notebook_at_the_url_it_prints():
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        said = [proc.stdout.readline().strip() for _ in range(4)]
+        said = [proc.stdout.readline().strip() for _ in range(5)]
         url = f"http://127.0.0.1:{port}/lab/tree/notebooks/quickstart.ipynb"
         # what to do next, for a teacher who has never used JupyterLab
         assert said[1] == f"Open {url} in a browser on this machine,", said
-        assert "Run > Run All Cells" in said[2] and "Ctrl-C" in said[3], said
+        assert "Run > Run All Cells" in said[2] and "Ctrl-C" in said[4], said
         path = url.split(f":{port}/lab/tree/", 1)[1]
         api = f"http://127.0.0.1:{port}/api/contents/{path}?content=0"
         deadline, model = time.monotonic() + 120, None

@@ -149,7 +149,7 @@ def test_features_whose_model_changed_during_the_pass_are_never_cached(cache):
         if 0 < done < total:
             with torch.no_grad():
                 adapter.model.tab.weight.add_(0.25)
-    with pytest.warns(RuntimeWarning, match="weights changed while its decision features"):
+    with pytest.warns(RuntimeWarning, match="model changed while its decision features"):
         mixed = extract_features(adapter, ds, batch_size=8, cache_dir=cache,
                                  progress=train_a_step)
     assert mixed.key == "" and mixed.path is None and not list(cache.glob("*.npz"))
@@ -180,10 +180,19 @@ def test_a_buffer_the_model_fills_in_its_first_pass_is_no_change_of_the_model(ca
     mods = [Tabular("tab", columns=[f"c{i}" for i in range(F)]),
             TimeSeries("series", window=4, channels=["a", "b"])]
     adapter = ModelAdapter(model, mods, [f"k{i}" for i in range(C)], decision_layer="classifier")
+    weights = adapter.weights_fingerprint()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         first = extract_features(adapter, make_dataset(), batch_size=8, cache_dir=cache)
     assert first.path is not None and first.key
+    assert adapter.weights_fingerprint() == weights      # what an annotations file records
+
+    def set_a_scale(done, total, message):         # a setting changed mid-pass: caught
+        if 0 < done < total:
+            model.scale = 2.0
+    with pytest.warns(RuntimeWarning, match="model changed while its decision features"):
+        extract_features(adapter, make_dataset(seed=1), batch_size=8, cache_dir=cache,
+                         progress=set_a_scale)
 
 
 def test_a_change_of_data_invalidates_the_cache(cache):

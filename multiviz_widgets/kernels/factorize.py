@@ -21,7 +21,7 @@ be read from the graph, so ``emap`` also compares fused pairs with plain forward
 it uses them. A forward that keeps values on the model (``self.maps.append(a)``) gets what it
 changed put back after the trace (``_Saved``); one that keeps them where that cannot be done (a
 global list) is not split.
-Two-modality models that declare ``encode_modality``/``fuse_encodings`` do not need this.
+Models that declare ``encode_modality``/``fuse_encodings`` do not need this.
 """
 from __future__ import annotations
 

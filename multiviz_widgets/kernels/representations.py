@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..adapter import (MASK_FINITE, AdapterError, ModelAdapter, ModelInputError,
-                       _outside_stacklevel, masked_logits_hint)
+                       _outside_stacklevel, hash_tensor, masked_logits_hint, module_settings)
 from ..atomic_file import write_atomically
 from ..data import MultimodalDataset
 from ..modalities import _stable_callable, _stable_text, hash_code
@@ -832,23 +832,37 @@ def clear_feature_cache(cache_dir: str | os.PathLike | None = None) -> int:
     return freed + _remove_stale_temporaries(folder)
 
 
-def _weights_digest(model: torch.nn.Module) -> str:
-    """A hash of the model's parameters and persistent buffers (its state_dict)."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        t = v.detach().cpu().contiguous() if isinstance(v, torch.Tensor) else None
-        h.update(k.encode())
-        if t is not None and t.numel():
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def _model_state(model: torch.nn.Module) -> dict[str, str | None]:
+    """{name: a hash} of each parameter and buffer (non-persistent ones too: a mask, a scale)
+    and {"settings": ...} of the modules' settings (``module_settings``), to tell whether the
+    model changed during a pass; None for an empty buffer, which a model may fill in its first
+    pass (a rotary embedding's cache) without changing what it computes."""
+    state: dict[str, str | None] = {}
+    for k, v in [*model.named_parameters(), *model.named_buffers()]:
+        if v.numel() == 0:
+            state[k] = None
+            continue
+        h = hashlib.sha256()
+        hash_tensor(h, k, v)
+        state[k] = h.hexdigest()
+    state["settings"] = hashlib.sha256("".join(
+        f"{name}:{module_settings(m, integers=False)}"
+        for name, m in model.named_modules()).encode()).hexdigest()
+    return state
+
+
+def _changed_since(before: dict[str, str | None], model: torch.nn.Module) -> bool:
+    """Whether the model is not as ``_model_state`` found it (an empty buffer filled since
+    is no change)."""
+    now = _model_state(model)
+    return any(v is not None and now.get(k) != v for k, v in before.items())
 
 
 #: What extract_features says when the model changed while its features were computed.
 MODEL_CHANGED_DURING_PASS = (
-    "The model's weights changed while its decision features were computed: the features "
-    "mix the model before and after the change, and were not cached. "
-    "Compute them again once the model is as you want it (extract_features, or the "
+    "The model changed while its decision features were computed (its weights, buffers or "
+    "settings): the features mix the model before and after the change, and were not "
+    "cached. Compute them again once the model is as you want it (extract_features, or the "
     "Explorer's recompute).")
 
 
@@ -890,9 +904,9 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
             report(progress, len(idx), len(idx), "decision features (cached)")
             _warn_skipped(hit.skipped, len(idx), cached=True)
             return hit
-    # the weights as the pass begins: loaded or trained meanwhile (in a cell, beside the
+    # the model as the pass begins: loaded or trained meanwhile (in a cell, beside the
     # Explorer's pass), its rows would mix two models
-    weights = _weights_digest(adapter.model) if path is not None else None
+    state = _model_state(adapter.model) if path is not None else None
     hs, ls, kept, skipped, ran = [], [], [], {}, [0]
     for positions, logits, h in _feature_batches(adapter, dataset, idx, batch_size, progress,
                                                  "decision features", skipped, ran):
@@ -906,10 +920,8 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     kept = idx[positions[order]]
     feats = Features(np.concatenate(hs)[order], np.concatenate(ls)[order], kept, key or "",
                      False, ran[0], 0.0, None, skipped)
-    if path is not None and _weights_digest(adapter.model) != weights:
-        # the rows mix two models, and must never be read back under the first one's key (a
-        # buffer the model fills in its first pass, a rotary embedding's cache, is not
-        # persistent and not compared: it does not change what the model computes)
+    if path is not None and _changed_since(state, adapter.model):
+        # the rows mix two models, and must never be read back under the first one's key
         warnings.warn(MODEL_CHANGED_DURING_PASS, RuntimeWarning, stacklevel=2)
         feats.key, path = "", None
     if path is not None:

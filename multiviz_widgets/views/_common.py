@@ -221,7 +221,12 @@ PATCH_NAMES = ("a patch rRcC is the patch in row R, column C of the image's grid
                "0, at the top left)")
 
 
+def names_patches(labels) -> bool:
+    """Whether ``labels`` name an image patch ("patch r6c0")."""
+    return any(_PATCH_NAME.fullmatch(str(x)) for x in labels)
+
+
 def patch_names_key(labels) -> str:
     """"; a patch rRcC is ..." (``PATCH_NAMES``) when ``labels`` name an image patch, for a
     caption beside them; else ""."""
-    return f"; {PATCH_NAMES}" if any(_PATCH_NAME.fullmatch(str(x)) for x in labels) else ""
+    return f"; {PATCH_NAMES}" if names_patches(labels) else ""

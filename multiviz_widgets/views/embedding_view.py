@@ -78,19 +78,27 @@ def _hues(k: int) -> list[np.ndarray]:
             for h in np.linspace(0.0, 0.85, k)]
 
 
+def _colour_plan(n: int, by: str, names: Sequence[str]
+                 ) -> tuple[dict[int, np.ndarray], list[np.ndarray], bool]:
+    """(the named groups' colours, the palette colours free for the others, whether the others
+    need a hue scale): what ``group_colours`` draws and ``colour_note`` says, decided once."""
+    pal = CORRECTNESS if by == "correctness" else PALETTE
+    named = _named_colours(n, by, names)
+    free = [c for c in pal if all(np.linalg.norm(c - m) >= _TOO_CLOSE for m in named.values())]
+    return named, free, n - len(named) > len(free)
+
+
 def group_colours(n: int, by: str, names: Sequence[str] = ()) -> np.ndarray:
     """RGB in [0, 1] [n, 3] of ``n`` colour groups: a group whose name is a colour (``names``,
     say a class "red") in that colour; the others the palette's distinct colours (but those
     close to a named group's) while they suffice, else colours of a continuous hue scale
     over the group index (away from the named groups' colours when it can; neighbouring
     groups look alike): ``colour_note`` says which."""
-    pal = CORRECTNESS if by == "correctness" else PALETTE
-    named = _named_colours(n, by, names)
-    if not named:
-        return pal[:n].copy() if n <= len(pal) else np.array(_hues(n)).reshape(n, 3)
-    free = [c for c in pal if all(np.linalg.norm(c - m) >= _TOO_CLOSE for m in named.values())]
+    named, free, hues = _colour_plan(n, by, names)
     rest = n - len(named)
-    if rest > len(free):                      # a hue scale for the others, away from the named
+    if hues and not named:
+        free = _hues(n)
+    elif hues:                                # a hue scale for the others, away from the named
         far = [c for c in _hues(4 * rest) if all(np.linalg.norm(c - m) >= _TOO_CLOSE
                                                  for m in named.values())]
         pool = far if len(far) >= rest else _hues(rest)
@@ -103,15 +111,13 @@ def group_colours(n: int, by: str, names: Sequence[str] = ()) -> np.ndarray:
 def colour_note(n: int, by: str, names: Sequence[str] = ()) -> str:
     """The legend's note on the colours ``group_colours`` gives, or "" (the palette's distinct
     colours for every group)."""
-    named = _named_colours(n, by, names)
-    pal = CORRECTNESS if by == "correctness" else PALETTE
-    free = [c for c in pal if all(np.linalg.norm(c - m) >= _TOO_CLOSE for m in named.values())]
-    if named and n - len(named) > len(free):
+    named, free, hues = _colour_plan(n, by, names)
+    if hues and named:
         return ("classes named after a colour are drawn in it; more classes than distinct "
                 "colours: the others on a continuous hue scale by class index (neighbouring "
                 "ones look alike)")
-    if not named and n > len(pal):
-        return (f"{n} classes, more than the {len(pal)} distinct colours: a continuous hue "
+    if hues:
+        return (f"{n} classes, more than the {len(free)} distinct colours: a continuous hue "
                 "scale by class index (neighbouring classes look alike)")
     return ""
 

@@ -24,7 +24,7 @@ from ..engine import Analyses, Engine
 from ..selection import Selection
 from .input_view import STATIC, check_bundle, esm_of
 from ._common import (PATCH_NAMES, RetryAfterCancel, WrappedText, colour_limit, failure_text,
-                      method_label, patch_names_key, shapley_players, text_label)
+                      method_label, names_patches, shapley_players, text_label)
 
 
 #: Longest tick label (characters) on the heatmap's axes; longer unit names are cut in the
@@ -347,7 +347,7 @@ class HeatmapView(W.VBox):
         self._set_legend(target, grey=computed is not None, method=inter.method)
         self.caption.value = (f"{method_label(inter.method)} {self.pair[0]} x {self.pair[1]} "
                               f"for {what}")
-        if patch_names_key([*inter.row_labels, *inter.col_labels]):
+        if names_patches([*inter.row_labels, *inter.col_labels]):
             self.legend_text += f" {PATCH_NAMES[0].upper()}{PATCH_NAMES[1:]}."
             self.legend.value = self.legend_text
 
@@ -516,8 +516,8 @@ class HeatmapView(W.VBox):
             return ""
         a, b = self.pair
         # quoted: a unit named "the" or "x" must not read as part of the sentence
-        names = (f"{a} {quoted(rows[row] if row < len(rows) else f'#{row}')} x "
-                 f"{b} {quoted(cols[col] if col < len(cols) else f'#{col}')}")
+        names = (f"{a} {quoted(rows[row]) if row < len(rows) else f'unit {row}'} x "
+                 f"{b} {quoted(cols[col]) if col < len(cols) else f'unit {col}'}")
         if not np.isfinite(m[row, col]):
             return f"{names}: {float(m[row, col])}"
         if computed is not None and not computed[row, col]:

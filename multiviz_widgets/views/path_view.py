@@ -90,7 +90,7 @@ def shared_pairs_note(nodes: list[dict], links: list[dict]) -> str:
     """"; the link 'red'-'circle' is drawn as h3's interaction: h4's has the other sign" for
     pair links (``path_layout``: one per two units, the first neuron's value) that several
     neurons list with interactions of opposite signs; empty when none does."""
-    mixed = [l for l in links if l.get("kind") == "pair"
+    mixed = [l for l in links if l.get("kind") == "pair" and l["value"]
              and len({np.sign(v) for _, v in l.get("neurons", []) if v}) > 1]
     if not mixed:
         return ""
