@@ -389,13 +389,18 @@ class ThreeWay(nn.Module):
         return self.head(torch.cat([tab * s, tab + s], 1))
 
 
-def test_three_modalities_split_each_from_the_others():
+def three_way(model: nn.Module, n: int, seed: int) -> tuple[ModelAdapter, list[dict]]:
+    """An adapter of a ThreeWay model and n random instances of its three modalities."""
     mods = [Tabular("t1", columns=list("abc")), Tabular("t2", columns=list("de")),
             TimeSeries("series", window=2, channels=["x", "y"])]
-    adapter = ModelAdapter(ThreeWay(), mods, ["n", "p"])
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     items = [{"t1": torch.randn(3, generator=g), "t2": torch.randn(2, generator=g),
-              "series": torch.randn(4, 2, generator=g)} for _ in range(7)]
+              "series": torch.randn(4, 2, generator=g)} for _ in range(n)]
+    return ModelAdapter(model, mods, ["n", "p"]), items
+
+
+def test_three_modalities_split_each_from_the_others():
+    adapter, items = three_way(ThreeWay(), 7, 0)
     fast, slow = emap(adapter, items), emap(adapter, items, factorized=False)
     assert fast.params["factorization"] == "traced" and fast.params["factorized"]
     np.testing.assert_allclose(fast.emap_logits, slow.emap_logits, atol=1e-5)
@@ -427,12 +432,7 @@ class ThreeWayDeclared(ThreeWay):
 
 
 def test_a_declared_split_serves_three_modalities_each_split_from_the_others():
-    mods = [Tabular("t1", columns=list("abc")), Tabular("t2", columns=list("de")),
-            TimeSeries("series", window=2, channels=["x", "y"])]
-    adapter = ModelAdapter(ThreeWayDeclared(), mods, ["n", "p"])
-    g = torch.Generator().manual_seed(1)
-    items = [{"t1": torch.randn(3, generator=g), "t2": torch.randn(2, generator=g),
-              "series": torch.randn(4, 2, generator=g)} for _ in range(6)]
+    adapter, items = three_way(ThreeWayDeclared(), 6, 1)
     slow = emap(adapter, items, factorized=False)
     for factorized in (None, "declared"):
         fast = emap(adapter, items, factorized=factorized)
