@@ -1078,7 +1078,7 @@ class Annotations:
                                                f"merge again.")
             checked.update(unchecked)
         # concepts of another model of this shape (another name or weights): taken, but said
-        note = _other_model(sig, self.signature, self.keys()) if isinstance(sig, dict) else None
+        note = _other_model(sig, self.signature, theirs) if isinstance(sig, dict) else None
         if note:
             with self._lock:
                 self.model_note = note

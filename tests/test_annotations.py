@@ -390,6 +390,13 @@ def test_a_retrained_model_or_other_unit_settings_are_said_when_a_file_is_opened
     image.patch = image.patch * 2             # other patches: unit concepts would move
     with pytest.warns(UserWarning, match="other unit settings for 'image'"):
         Annotations(path, autosave=False, signature=model_signature(other, 12))
+    # merged in: only the merged file's own unit concepts are its to say about
+    neurons_only = Annotations(signature=model_signature(other, 12))
+    neurons_only.add(neuron_key(5), "round")
+    mine.add(unit_key(1, "image", 0), "edge")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mine.merge(neurons_only)
 
 
 # -- the Explorer -----------------------------------------------------------------------------

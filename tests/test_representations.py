@@ -187,6 +187,19 @@ def test_a_buffer_the_model_fills_in_its_first_pass_is_no_change_of_the_model(ca
     assert first.path is not None and first.key
     assert adapter.weights_fingerprint() == weights      # what an annotations file records
 
+    model.register_buffer("last", torch.zeros(3), persistent=False)
+    original = model.forward
+
+    def keeps_its_last(tab, series):               # its last activation in a buffer
+        out = original(tab, series)
+        model.last = out[0, :3].detach().clone()
+        return out
+    model.forward = keeps_its_last
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        extract_features(adapter, make_dataset(seed=2), batch_size=8, cache_dir=cache)
+    model.forward = original
+
     def set_a_scale(done, total, message):         # a setting changed mid-pass: caught
         if 0 < done < total:
             model.scale = 2.0

@@ -833,19 +833,23 @@ def clear_feature_cache(cache_dir: str | os.PathLike | None = None) -> int:
 
 
 def _model_state(model: torch.nn.Module) -> dict[str, str | None]:
-    """{name: a hash} of each parameter and buffer (non-persistent ones too: a mask, a scale)
-    and {"settings": ...} of the modules' settings (``module_settings``), to tell whether the
-    model changed during a pass; None for an empty buffer, which a model may fill in its first
-    pass (a rotary embedding's cache) without changing what it computes."""
+    """{name: a hash} of each parameter and persistent buffer (the state_dict's), of each other
+    buffer's dtype and shape only (a model may keep its last activation in one, or fill a
+    rotary embedding's cache in its first pass), and under "" (no tensor's name) of the
+    modules' settings (``module_settings``): to tell whether the model changed during a pass.
+    None for an empty tensor, which a model may fill without changing what it computes."""
+    persistent = set(model.state_dict())
     state: dict[str, str | None] = {}
     for k, v in [*model.named_parameters(), *model.named_buffers()]:
         if v.numel() == 0:
             state[k] = None
-            continue
-        h = hashlib.sha256()
-        hash_tensor(h, k, v)
-        state[k] = h.hexdigest()
-    state["settings"] = hashlib.sha256("".join(
+        elif k in persistent:
+            h = hashlib.sha256()
+            hash_tensor(h, k, v)
+            state[k] = h.hexdigest()
+        else:
+            state[k] = f"{v.dtype}{tuple(v.shape)}"
+    state[""] = hashlib.sha256("".join(
         f"{name}:{module_settings(m, integers=False)}"
         for name, m in model.named_modules()).encode()).hexdigest()
     return state
