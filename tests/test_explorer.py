@@ -1605,7 +1605,11 @@ def test_a_closed_explorer_is_freed_with_the_model_it_held():
     ex.select(instance=1)
     assert ex.wait(30)
     ex.close()
+    workers = list(ex.engine._threads.values())
     explorer, model = weakref.ref(ex), weakref.ref(adapter.model)
     del ex, adapter, ds
+    for t in workers:                    # a worker holds its engine until its loop returns
+        t.join(30)
+    assert not any(t.is_alive() for t in workers)
     gc.collect()
     assert explorer() is None and model() is None
