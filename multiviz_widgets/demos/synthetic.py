@@ -223,15 +223,18 @@ def make_adapter(model: nn.Module, kind: str = "planted") -> ModelAdapter:
 
 def make_dataset(split: str = "test", seed: int = 0, kind: str = "planted",
                  n: int | None = None) -> MultimodalDataset:
-    """The synthetic instances {"tabular": [6], "series": [32, 3]} with labels and descriptions."""
+    """The synthetic instances {"tabular": [6], "series": [32, 3]} with labels and descriptions
+    ("true label low risk: glucose +1.68 (standardised), respiration t16-23 -2.43 (window
+    mean)": the planted units' values)."""
     _check_split(split)
     n = (N_TRAIN if split == "train" else N_TEST) if n is None else positive_int(n, "n", 1)
     tab, series, labels = make_data(n, seed=seed if split == "train" else seed + 1000, kind=kind)
     s_unit = PLANTED_UNITS["series"]
     means = series.reshape(n, N_WINDOWS, WINDOW, len(CHANNELS)).mean(2).reshape(n, N_WINDOWS * len(CHANNELS))
     descriptions = [
-        f"{CLASS_NAMES[labels[i]]}: glucose {tab[i, PLANTED_COLUMN]:+.2f}, "
-        f"respiration t16-23 {means[i, s_unit]:+.2f}" for i in range(n)]
+        f"true label {CLASS_NAMES[labels[i]]}: glucose {tab[i, PLANTED_COLUMN]:+.2f} "
+        f"(standardised), respiration t16-23 {means[i, s_unit]:+.2f} (window mean)"
+        for i in range(n)]
     return MultimodalDataset({"tabular": list(tab), "series": list(series)}, labels=labels,
                              descriptions=descriptions, name=f"synthetic-{kind}-{split}")
 

@@ -331,8 +331,10 @@ class EmbeddingView(W.VBox):
             if self._features is not None:          # the points' caption, once they are shown
                 shown = ("the black one is the instance shown" if len(rows) else
                          f"the instance shown, #{self.selection.instance}, is not among them")
-                self.caption.value = (f"{len(self.coords)} instances: decision features, PCA "
-                                      f"to 3-D (click a point; {shown}){self._caption_tail}")
+                self.caption.value = (f"{len(self.coords)} instances, placed by their "
+                                      f"decision-level neurons' activations, projected to 3-D "
+                                      f"(PCA: the three directions along which they vary "
+                                      f"most; click a point; {shown}){self._caption_tail}")
 
     def _on_click(self, change) -> None:
         row = change["new"]
