@@ -226,7 +226,8 @@ def test_cells_of_units_that_are_not_shapley_players_are_grey_and_the_note_says_
         "Shapley interactions are computed only between the players: the 2 of the 5 question "
         "words of largest occlusion effect and the 4 of the 64 image patches of largest "
         "occlusion effect (at most 6 players). The grey cells, of the other units, are not "
-        "computed (0 in the matrix).")
+        "computed (0 in the matrix). A unit's occlusion effect: how much the output changes "
+        "when that unit alone is removed.")
     assert hv.note.layout.display is None and "Grey: not computed" in st["legend"]
     hover(hv.grid, rowNum=1, columnNum=3)
     assert "not computed" in hv.tip.value
@@ -264,7 +265,8 @@ def test_the_note_says_whether_shapley_values_are_exact_or_sampled_and_how_noisy
     every = {"question": list(range(5)), "image": list(range(4))}
     show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", players=every,
          approximator="ExactComputer", exact=True, budget=4096)
-    assert hv.state()["note"] == "Exact: all 512 coalitions of the 9 players."
+    assert hv.state()["note"] == ("Exact: all 512 coalitions of the 9 players (a coalition: a "
+                                  "set of players kept, the others removed).")
     show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", players=every,
          approximator="PermutationSamplingSII", exact=False, budget=4096, coalitions=3994,
          relative_noise=np.float32(0.4679))
@@ -293,7 +295,8 @@ def test_the_note_says_whether_shapley_values_are_exact_or_sampled_and_how_noisy
     # the exact computer without an "exact" key; players that are not lists are not counted
     show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", approximator="ExactComputer",
          players={"question": "all", "image": [0, 1]})
-    assert hv.state()["note"] == "Exact: every coalition of the players."
+    assert hv.state()["note"] == ("Exact: every coalition of the players (a coalition: a set "
+                                  "of players kept, the others removed).")
 
 
 def test_the_note_of_a_real_shapley_matrix_names_its_players_and_says_exact(vqa):
@@ -306,8 +309,9 @@ def test_the_note_of_a_real_shapley_matrix_names_its_players_and_says_exact(vqa)
     hv._show((0, Class(0), inter, "class 0"))
     note = hv.state()["note"]
     assert note.startswith("Shapley interactions are computed only between the players:")
-    assert "(at most 6 players)" in note and note.endswith("Exact: all 64 coalitions of the 6 "
-                                                           "players.")
+    assert "(at most 6 players)" in note and note.endswith(
+        "Exact: all 64 coalitions of the 6 players (a coalition: a set of players kept, the "
+        "others removed).")
     sampled = interaction(adapter, inst, "shapley", modalities=pair, budget=400, max_players=None)
     hv._show((0, Class(0), sampled, "class 0"))
     note = hv.state()["note"]

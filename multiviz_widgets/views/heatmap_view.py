@@ -43,6 +43,8 @@ COLOURS = ["#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#ffffff",
 #: ones, filled by ``selected_style``: bqplot's ``null_color`` is unreachable from Python (a NaN
 #: cell is sent as NaN, not null, and drawn black).
 NOT_COMPUTED = "#c8c8c8"
+#: What a coalition is, for the note of an exact Shapley matrix.
+COALITIONS = " (a coalition: a set of players kept, the others removed)"
 #: Units of a modality kind, for the players note: (one, several).
 UNIT_WORDS = {"image": ("patch", "patches"), "text": ("word", "words"),
               "tabular": ("column", "columns"), "timeseries": ("unit", "units")}
@@ -157,8 +159,8 @@ def shapley_estimate_note(params) -> str:
                                          for v in players.values()):
         n = sum(len(v) for v in players.values())
     if params.get("exact") or params["approximator"] == "ExactComputer":
-        return (f"Exact: all {2 ** n:,} coalitions of the {n} players." if n
-                else "Exact: every coalition of the players.")
+        return (f"Exact: all {2 ** n:,} coalitions of the {n} players{COALITIONS}." if n
+                else f"Exact: every coalition of the players{COALITIONS}.")
     used = _count(params.get("coalitions"))
     used = used if used is not None else _count(params.get("budget"))
     text = (f"Estimated from {used:,} sampled coalitions" if used is not None
@@ -380,6 +382,9 @@ class HeatmapView(W.VBox):
         note = (f"Shapley interactions are computed only between the players: {parts[0]} and "
                 f"{parts[1]}{most}. The grey cells, of the other units, are not computed (0 in "
                 f"the matrix).")
+        if any("occlusion" in p for p in parts):
+            note += (" A unit's occlusion effect: how much the output changes when that unit "
+                     "alone is removed.")
         return computed, note
 
     def _set_note(self, text: str) -> None:
