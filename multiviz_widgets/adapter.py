@@ -434,6 +434,12 @@ def hash_tensor(h, name: str, t: torch.Tensor) -> None:
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
+def hash_module_settings(h, model: nn.Module) -> None:
+    """Feed every module's settings (``module_settings``, integers left out) to the hash ``h``."""
+    for name, module in model.named_modules():
+        h.update(f"{name}:{module_settings(module, integers=False)}".encode())
+
+
 def binary_logits(z: torch.Tensor) -> torch.Tensor:
     """[B, 2]: a binary model's one logit z [B, 1] as the two classes' logits [-z/2, z/2], whose
     softmax is [1 - sigmoid(z), sigmoid(z)] and whose difference is z."""
@@ -714,8 +720,7 @@ class ModelAdapter:
         tensors.update(self.model.named_buffers())
         for k, v in sorted(tensors.items()):
             hash_tensor(h, k, v)
-        for name, module in self.model.named_modules():
-            h.update(f"{name}:{module_settings(module, integers=False)}".encode())
+        hash_module_settings(h, self.model)
         return h.hexdigest()[:32]
 
     def weights_fingerprint(self) -> str:

@@ -1007,7 +1007,7 @@ class Analyses:
         lower: the model changed since, say trained, and "recompute" keeps the sparse model);
         else, at instance i, its answer where the model's differs."""
         sm = self.sparse_model
-        if sm is None or not callable(getattr(sm, "predict", None)):
+        if sm is None or not all(callable(getattr(sm, f, None)) for f in ("predict", "fidelity")):
             return ""
         names = self.adapter.class_names
         feats = self.engine.cached(("features",))
@@ -1016,8 +1016,8 @@ class Analyses:
         if (feats is not None and len(getattr(feats, "h", ()))
                 and getattr(sm, "fit_to", "predictions") == "predictions"):
             # once per features and sparse model (a dataset-wide product: 1 s at 50k x 1024)
-            agree = self.engine.memo(("sparse agreement", id(feats), id(sm)), lambda: float(
-                np.mean(sm.predict(feats.h) == np.asarray(feats.logits).argmax(1))))
+            agree = self.engine.memo(("sparse agreement", id(feats), id(sm)),
+                                     lambda: sm.fidelity(feats.h, feats.logits))
             fit = getattr(sm, "test_fidelity", None)
             fit = getattr(sm, "val_fidelity", float("nan")) if fit is None else fit
             if np.isfinite(fit) and agree < fit - SPARSE_MODEL_DRIFT:

@@ -296,6 +296,8 @@ def test_a_model_writing_through_numpy_or_data_sees_the_instance_unchanged(how):
 # 3. Logits of a non-floating dtype
 # ---------------------------------------------------------------------------------------------
 class Cast(TabSeries):
+    """TabSeries whose logits go through ``post`` (a cast, an activation)."""
+
     def __init__(self, post):
         super().__init__()
         self.post = post
@@ -897,15 +899,8 @@ def test_a_function_given_to_the_constructor_is_in_the_cache_key():
     def hard(z):
         return torch.relu(z)
 
-    class WithActivation(TabSeries):
-        def __init__(self, act):
-            super().__init__()
-            self.act = act
-
-        def forward(self, vitals, series):
-            return self.act(super().forward(vitals, series))
     ds = make_data(4)
-    keys = {features_key(make_adapter(WithActivation(act).eval()), ds) for act in (soft, hard)}
+    keys = {features_key(make_adapter(Cast(act).eval()), ds) for act in (soft, hard)}
     assert len(keys) == 2
 
 
@@ -974,6 +969,9 @@ class _AlwaysFirst:
     def predict(self, h):
         self.calls += 1
         return np.zeros(len(np.atleast_2d(h)), dtype=np.int64)
+
+    def fidelity(self, h, y):
+        return float(np.mean(self.predict(h) == np.asarray(y).argmax(1)))
 
 
 def test_the_sparse_model_note_compares_like_with_like_and_once_per_features(cache_env):

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from ..adapter import (MASK_FINITE, AdapterError, ModelAdapter, ModelInputError,
-                       _outside_stacklevel, hash_tensor, masked_logits_hint, module_settings)
+                       _outside_stacklevel, hash_module_settings, hash_tensor,
+                       masked_logits_hint)
 from ..atomic_file import write_atomically
 from ..data import MultimodalDataset
 from ..modalities import _stable_callable, _stable_text, hash_code
@@ -849,9 +850,9 @@ def _model_state(model: torch.nn.Module) -> dict[str, str | None]:
             state[k] = h.hexdigest()
         else:
             state[k] = f"{v.dtype}{tuple(v.shape)}"
-    state[""] = hashlib.sha256("".join(
-        f"{name}:{module_settings(m, integers=False)}"
-        for name, m in model.named_modules()).encode()).hexdigest()
+    settings = hashlib.sha256()
+    hash_module_settings(settings, model)
+    state[""] = settings.hexdigest()
     return state
 
 
