@@ -22,7 +22,6 @@ import operator
 import os
 import sys
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .notices import warn
 from .checks import is_integer
 from .data import update_hash
 from .modalities import NOT_IN_NUMPY, Modality, _is_index, _vocab_from_ids
@@ -926,7 +926,7 @@ class ModelAdapter:
                                code="training-mode")
         if active and not getattr(self, "_warned_training", False):
             self._warned_training = True
-            warnings.warn(
+            warn(
                 f"The model ({self.name}) {where} with {', '.join(active)} layers: "
                 "dropout would make every explanation random and batch norm would change its "
                 "running statistics. The adapter runs it in eval mode for each computation and "

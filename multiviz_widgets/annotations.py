@@ -47,11 +47,11 @@ import re
 import sys
 import threading
 import unicodedata
-import warnings
 import weakref
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .notices import warn
 from .atomic_file import LockTimeout, file_lock, write_atomically
 from .checks import is_integer
 
@@ -1198,7 +1198,7 @@ class Annotations:
         """Warn that ``what`` (default: this store's annotations) were made for another model
         of the same shape (``note``, ``_other_model``'s): taken, but maybe not fitting."""
         what = what or f"The annotations{self._where()}"
-        warnings.warn(f"{what} were {note} (a retrained or fine-tuned model may keep them: "
+        warn(f"{what} were {note} (a retrained or fine-tuned model may keep them: "
                       f"check a few; else give this model its own file).",
                       UserWarning, stacklevel=_caller_level())
 

@@ -15,7 +15,11 @@ with a cache key, a function and a callback. The engine
 * turns the kernels' ``progress(done, total, message)`` calls into traits (``progress``,
   ``message``) and raises ``Cancelled`` inside the kernel when the job is cancelled or stale;
 * reveals a progress bar (``show_progress``) only when it has been busy for more than
-  ``delay`` seconds (0.3 s), and reports a failure in ``error`` (the banner) without stopping.
+  ``delay`` seconds (0.3 s), and reports a failure in ``error`` (the banner) without stopping;
+* collects the caveats a job's kernels give (``notices.warn``: completeness missed, a LIME fit
+  with fewer samples than units, a cache not written) and shows them in ``notices`` beside the
+  job's result, again whenever the result comes from the cache: on a worker thread a Python
+  warning reaches no cell (see ``multiviz_widgets.notices``).
 
 Results are applied by calling ``on_done`` on the worker thread (or on the submitting thread
 for a cache hit), always under the engine's lock, after checking that the job is still current.
@@ -36,6 +40,7 @@ import time
 import traceback
 import weakref
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping
 
@@ -48,6 +53,7 @@ from .adapter import (AdapterError, Class, ModelAdapter, Neuron, Prepared, Targe
 from .checks import positive_int
 from .data import MultimodalDataset
 from .display_text import quoted
+from .notices import Notice, collecting, is_collecting, replay
 from .progress import Cancelled
 
 __all__ = ["Engine", "Job", "Analyses", "Kernels", "Cancelled"]
@@ -114,15 +120,17 @@ def _close_at_exit(ref) -> None:
 
 class _Flight:
     """A memo being computed (``Engine.memo``): who computes it, and, once ``event`` is set,
-    its value (``ok``) or a failure (not ``ok``: a waiting caller computes it itself)."""
+    its value (``ok``) and caveats or a failure (not ``ok``: a waiting caller computes it
+    itself)."""
 
-    __slots__ = ("thread", "event", "value", "ok")
+    __slots__ = ("thread", "event", "value", "ok", "notices")
 
     def __init__(self, thread: threading.Thread):
         self.thread = thread
         self.event = threading.Event()
         self.value = None
         self.ok = False
+        self.notices: tuple = ()
 
 
 class Engine(traitlets.HasTraits):
@@ -138,6 +146,9 @@ class Engine(traitlets.HasTraits):
     message = traitlets.Unicode("")         # what the current job is doing
     error = traitlets.Unicode("")           # the last failure (the banner); "" none
     status = traitlets.Unicode("")          # a short note ("cancelled", "ready")
+    #: the caveats of the results shown now: per slot, a list of {"label", "category", "text"}
+    #: (the kernels' warnings while computing them); a slot's result replaces its list
+    notices = traitlets.Dict()
 
     #: Two lanes, one worker thread each: "main" for what a click asks about the instance,
     #: "background" for dataset-wide work (features, galleries), so a long background job
@@ -152,6 +163,7 @@ class Engine(traitlets.HasTraits):
         self.delay = float(delay)
         self._cache: OrderedDict = OrderedDict()
         self._pinned: dict = {}
+        self._notes: dict = {}          # key -> the caveats of its cached value (tuple of Notice)
         self._inflight: dict = {}       # key -> _Flight: a memo being computed now (see memo)
         #: counts clear_cache(): a value computed from what was there before a clear (a job or
         #: a memo that started earlier) is not cached after it
@@ -208,24 +220,36 @@ class Engine(traitlets.HasTraits):
             return key in self._pinned or key in self._cache
 
     def store(self, key: Hashable, value, pin: bool = False, freeze: bool = True,
-              epoch: int | None = None) -> None:
+              epoch: int | None = None, notices=()) -> None:
         """Put a value in the cache (``pin=True``: never evicted), its numpy arrays made
         read-only (``read_only``: it is shared by every later caller) unless ``freeze=False``
         (a value that holds what the user gave, whose arrays are theirs to edit, such as a
         view's job result built from the user's features). ``epoch``: the ``cache_epoch`` at
-        which the value's computation started; after a ``clear_cache`` since, it is not kept."""
+        which the value's computation started; after a ``clear_cache`` since, it is not kept.
+        ``notices``: the caveats given while computing it, told again to each later taker."""
         if freeze:
             read_only(value)
         with self._lock:
             if epoch is not None and epoch != self.cache_epoch:
                 return
+            if notices:
+                self._notes[key] = tuple(notices)
+            else:
+                self._notes.pop(key, None)
             if pin:
                 self._pinned[key] = value
                 return
             self._cache[key] = value
             self._cache.move_to_end(key)
             while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+                old, _ = self._cache.popitem(last=False)
+                if old not in self._pinned:
+                    self._notes.pop(old, None)
+
+    def notices_of(self, key: Hashable) -> tuple[Notice, ...]:
+        """The caveats kept with the cached value of ``key`` (empty when none or not cached)."""
+        with self._lock:
+            return self._notes.get(key, ())
 
     def memo(self, key: Hashable, fn: Callable[[], Any], pin: bool = False):
         """``fn()`` once per key: later calls return the cached value (call it inside jobs).
@@ -241,6 +265,7 @@ class Engine(traitlets.HasTraits):
             with self._lock:
                 if key in self._pinned or key in self._cache:
                     self.stats["hits"] += 1
+                    replay(self._notes.get(key, ()))
                     return self.cached(key)
                 flight = self._inflight.get(key)
                 if flight is None:
@@ -259,25 +284,30 @@ class Engine(traitlets.HasTraits):
             with self._lock:
                 if flight.ok:
                     self.stats["joined"] += 1
+                    replay(flight.notices)
                     return flight.value
             # it failed or was cancelled: look again (cached meanwhile? another's? else ours)
         try:
-            value = fn()
-            self.store(key, value, pin=pin, epoch=epoch)
+            # its own caveats, kept with it (and told upward), when a job collects them: called
+            # outside one (a cell), they are Python warnings, said at once
+            with collecting() if is_collecting() else nullcontext([]) as said:
+                value = fn()
+            self.store(key, value, pin=pin, epoch=epoch, notices=said)
         except BaseException:
             if flight is not None:
                 self._land(key, flight, False)
             raise
         if flight is not None:
-            self._land(key, flight, True, value)
+            self._land(key, flight, True, value, said)
         return value
 
-    def _land(self, key: Hashable, flight: _Flight, ok: bool, value=None) -> None:
+    def _land(self, key: Hashable, flight: _Flight, ok: bool, value=None, notices=()) -> None:
         """End the computation of ``key`` that ``flight`` records: ``ok``, its waiters take
-        ``value``; else (it failed) they compute the value themselves."""
+        ``value`` (and are told ``notices``); else (it failed) they compute the value
+        themselves."""
         with self._lock:
             if ok:
-                flight.value, flight.ok = value, True
+                flight.value, flight.ok, flight.notices = value, True, tuple(notices)
             if self._inflight.get(key) is flight:
                 del self._inflight[key]
             flight.event.set()
@@ -308,6 +338,7 @@ class Engine(traitlets.HasTraits):
         with self._lock:
             self._cache.clear()
             self._pinned.clear()
+            self._notes.clear()
             self.cache_epoch += 1
             # a value being computed now is not joined by a later call (it would be stale)
             self._inflight.clear()
@@ -347,6 +378,7 @@ class Engine(traitlets.HasTraits):
                 if dropped:            # nothing else pending: not busy once wait() returns
                     self._after_job()
                 self._apply(on_done, on_error, value, str(label or slot))
+                self._show_notices(slot, str(label or slot), self._notes.get(key, ()))
                 return "cached"
             if key is not None:
                 self.stats["misses"] += 1
@@ -477,6 +509,24 @@ class Engine(traitlets.HasTraits):
     def clear_error(self) -> None:
         self.error = ""
 
+    def clear_notices(self) -> None:
+        """Hide every caveat shown (the notices banner's dismiss)."""
+        with self._lock:
+            self._assign(notices={})
+
+    def _show_notices(self, slot: str, label: str, said) -> None:
+        """The caveats of the result just shown in ``slot`` replace that slot's (none: the
+        slot's are cleared). Under the engine's lock."""
+        with self._lock:
+            shown = dict(self.notices)
+            if said:
+                shown[slot] = [dict(n.as_dict(), label=label) for n in said]
+            elif slot not in shown:
+                return
+            else:
+                del shown[slot]
+            self._assign(notices=shown)
+
     def close(self, join_timeout: float = 0.0) -> None:
         """Stop the worker threads (queued jobs are dropped, the running ones cancelled at their
         next progress report); wait up to join_timeout seconds for them to finish."""
@@ -584,8 +634,10 @@ class Engine(traitlets.HasTraits):
                 self._running[lane] = job
             if self._shown(job):
                 self._assign(message=job.label, progress=0.0)
+            said: list[Notice] = []
             try:
-                value, err = job.fn(self._progress_fn(job)), None
+                with collecting() as said:
+                    value, err = job.fn(self._progress_fn(job)), None
             except Cancelled as e:
                 value, err = None, e
             except BaseException as e:   # noqa: BLE001 - a kernel failure must not kill the worker
@@ -601,7 +653,8 @@ class Engine(traitlets.HasTraits):
                 if err is None and job.key is not None:
                     # not frozen: a job's value is made of the Analyses' memos (read-only
                     # already) and may hold what the user gave (their features=)
-                    self.store(job.key, value, freeze=False, epoch=job.cache_epoch)
+                    self.store(job.key, value, freeze=False, epoch=job.cache_epoch,
+                               notices=said)
                 current = self._is_current(job)
                 if self._current.get(job.slot) is job:
                     self._current.pop(job.slot, None)
@@ -611,6 +664,7 @@ class Engine(traitlets.HasTraits):
                 elif err is None and current:
                     job.state, job.value = "done", value
                     self._apply(job.on_done, job.on_error, value, job.label)
+                    self._show_notices(job.slot, job.label, said)
                 elif isinstance(err, Cancelled) or (err is None and job.cancelled):
                     job.state = "cancelled"
                     self.stats["cancelled"] += 1
@@ -624,6 +678,7 @@ class Engine(traitlets.HasTraits):
                 elif err is not None and current:
                     job.state, job.error = "error", err
                     self._fail(job.on_error, err, job.label)
+                    self._show_notices(job.slot, job.label, said)
                 else:
                     job.state = "dropped"
                     self.stats["dropped"] += 1

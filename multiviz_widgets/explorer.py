@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import Mapping
 from itertools import combinations
@@ -23,6 +22,7 @@ from itertools import combinations
 import numpy as np
 import ipywidgets as W
 
+from .notices import warn
 from .adapter import ModelAdapter
 from .annotations import AnnotationError, Annotations, dataset_signature, model_signature
 from .checks import is_integer
@@ -34,7 +34,7 @@ from .views._common import (close_widgets, colour_limit, describe_instance, fail
                             instance_title, method_label, shapley_players, text_label,
                             widget_tree)
 from .views.concepts_view import ConceptsView
-from .views.controls import Controls, ErrorBanner, ProgressPanel
+from .views.controls import Controls, ErrorBanner, NoticeBanner, ProgressPanel
 from .views.embedding_view import BY_NEURON, EmbeddingView
 from .views.heatmap_view import HeatmapView
 from .views.neuron_view import NeuronView
@@ -487,13 +487,14 @@ class Explorer(W.VBox):
         self.annotations.observe(self._on_concepts)
         self.progress_panel = ProgressPanel(self.engine)
         self.banner = ErrorBanner(self.engine)
+        self.notices_banner = NoticeBanner(self.engine)
         title = text_label(value=f"MultiViz Explorer: {adapter.name} on "
                                  f"{getattr(dataset, 'name', '')} ({len(dataset)} instances)")
         top = [self.input_view] + ([self.heatmap_view] if self.heatmap_view else [])
         self.input_view.add_class("mvz-input-view")
         wrap = dict(flex_flow="row wrap", align_items="flex-start")
         super().__init__([title, self.controls, self.concepts_view, self.progress_panel,
-                          self.banner,
+                          self.banner, self.notices_banner,
                           W.HBox(top, layout=W.Layout(**wrap)), self.neuron_view,
                           W.HBox([self.path_view, self.embedding_view],
                                  layout=W.Layout(**wrap))])
@@ -742,6 +743,7 @@ class Explorer(W.VBox):
         out["busy"] = self.engine.busy
         out["progress_visible"] = self.progress_panel.visible
         out["error"] = self.engine.error
+        out["notices"] = self.notices_banner.lines
         return out
 
     def diagnostics(self) -> dict:
@@ -808,7 +810,7 @@ def demo(kind: str = "easy_vqa", task: str | None = None, **kwargs) -> Explorer:
             try:
                 kwargs["sparse_model"] = load_sparse_model(adapter=adapter)
             except WeightsError as e:        # the demo still opens, on the dense weights
-                warnings.warn(f"{e} The demo uses the decision layer's weights meanwhile.",
+                warn(f"{e} The demo uses the decision layer's weights meanwhile.",
                               RuntimeWarning, stacklevel=2)
     else:                                 # "synthetic" (the names are checked above)
         from .demos.synthetic import load

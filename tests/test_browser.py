@@ -657,6 +657,12 @@ def test_html_in_class_names_and_tokens_is_shown_as_text(lab, page):
     page.wait_for_timeout(500)
     assert page.locator(".mvz-path-view").get_by_text(DOLLARS).count() >= 1
     assert page.evaluate("() => document.querySelectorAll('mjx-container, .MathJax').length") == 0
+    # a kernel's caveat that quotes data (here the markup) is shown in the notices box, as text
+    nb.kernel_exec("from multiviz_widgets.notices import warn\n"
+                   "explorer.engine.submit('probe', None, lambda p: warn('caveat about ' + XSS), "
+                   "label='probe')\nexplorer.wait()")
+    page.get_by_text(f"probe: caveat about {XSS}").wait_for(timeout=30_000)
+    assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
     assert not nb.dialogs, nb.dialogs
     assert not nb.cell_errors()
 

@@ -574,3 +574,112 @@ def test_the_engine_is_not_busy_once_wait_returns_after_a_queued_job_is_supersed
             engine.drop("s")
         assert engine.wait(0) and not engine.busy and engine.pending() == 0
     assert got == (["cached"] if how == "cache hit" else [])
+
+
+# -- the kernels' caveats (notices) ------------------------------------------------------------
+def _warning_job(text, category=UserWarning):
+    from multiviz_widgets.notices import warn
+
+    def fn(progress):
+        warn(text, category)
+        return text.upper()
+    return fn
+
+
+def test_a_jobs_warnings_are_shown_beside_its_result_and_reach_no_stream(engine, recwarn):
+    """A caveat a kernel gives on the worker is the slot's notice (not a Python warning, which
+    on a worker thread reaches no cell); each of its later results replaces it."""
+    got = []
+    engine.submit("heatmap", ("k", 1), _warning_job("completeness missed by 3%"), got.append,
+                  label="integrated gradients")
+    assert engine.wait(10) and got == ["COMPLETENESS MISSED BY 3%"]
+    assert engine.notices == {"heatmap": [{"category": "UserWarning", "label":
+                                           "integrated gradients",
+                                           "text": "completeness missed by 3%"}]}
+    assert not [w for w in recwarn if "completeness" in str(w.message)]
+    engine.submit("heatmap", ("k", 2), lambda p: "clean", got.append)
+    assert engine.wait(10) and got[-1] == "clean"
+    assert engine.notices == {}                        # the slot's new result has none
+
+
+def test_a_cached_result_brings_its_warnings_back(engine):
+    """The same request again comes from the cache, without running the kernel: its caveat is
+    shown again (Python's registry would have said it only once)."""
+    got = []
+    for k in (1, 2, 1):
+        engine.submit("heatmap", ("k", k), _warning_job(f"caveat {k}"), got.append)
+        assert engine.wait(10)
+    assert engine.stats["hits"] == 1
+    assert [n["text"] for n in engine.notices["heatmap"]] == ["caveat 1"]
+    engine.clear_notices()
+    assert engine.notices == {}
+
+
+def test_a_memos_warnings_are_told_to_every_job_that_takes_it(engine):
+    """A dataset-wide value computed once (a memo) keeps its caveats: the second job that
+    takes it from the cache shows them too, beside its own."""
+    from multiviz_widgets.notices import warn
+
+    def features():
+        warn("2 of 12 instances could not be prepared", RuntimeWarning)
+        return "features"
+
+    def job(own):
+        def fn(progress):
+            value = engine.memo(("features",), features)
+            warn(own)
+            return value
+        return fn
+    engine.submit("embedding", ("e",), job("embedding caveat"), None, label="embedding")
+    engine.submit("path", ("p",), job("path caveat"), None, label="path")
+    assert engine.wait(10)
+    texts = {slot: [n["text"] for n in shown] for slot, shown in engine.notices.items()}
+    assert texts == {"embedding": ["2 of 12 instances could not be prepared", "embedding caveat"],
+                     "path": ["2 of 12 instances could not be prepared", "path caveat"]}
+    assert engine.notices_of(("features",))[0].category == "RuntimeWarning"
+
+
+def test_a_failed_job_shows_its_warnings_beside_the_error(engine):
+    from multiviz_widgets.notices import warn
+
+    def fn(progress):
+        warn("only 10 samples for 40 units")
+        raise ValueError("the fit failed")
+    engine.submit("heatmap", None, fn, None, label="LIME")
+    assert engine.wait(10)
+    assert "the fit failed" in engine.error
+    assert [n["text"] for n in engine.notices["heatmap"]] == ["only 10 samples for 40 units"]
+
+
+def test_warnings_outside_a_job_stay_python_warnings(engine):
+    """Called from a cell (no job), the package's warnings are Python warnings as always, and
+    a memo computed there keeps none."""
+    from multiviz_widgets.notices import warn
+
+    def fn():
+        warn("said in a cell", RuntimeWarning)
+        return 1
+    with pytest.warns(RuntimeWarning, match="said in a cell"):
+        assert engine.memo(("m",), fn) == 1
+    assert engine.notices_of(("m",)) == ()
+
+
+def test_the_collector_is_per_thread():
+    """A worker's collection never takes the warnings of another thread (the person's cell)."""
+    from multiviz_widgets.notices import collecting, warn
+    inside, started, go = [], threading.Event(), threading.Event()
+
+    def worker():
+        with collecting() as said:
+            started.set()
+            go.wait(5)
+            warn("from the worker")
+        inside.extend(said)
+    t = threading.Thread(target=worker)
+    t.start()
+    assert started.wait(5)
+    with pytest.warns(UserWarning, match="from the cell"):
+        warn("from the cell")
+    go.set()
+    t.join(5)
+    assert [n.text for n in inside] == ["from the worker"]

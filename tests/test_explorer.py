@@ -5,9 +5,9 @@ Kernel-free (no Jupyter, no browser): clicks are simulated the way the front end
 ipywidgets ``Button.click``); kernels are cheap fakes that count their calls.
 """
 import contextlib
-import os
 import threading
 import time
+import warnings
 
 import ipywidgets as W
 import numpy as np
@@ -293,6 +293,58 @@ def test_a_kernel_error_shows_the_banner_and_the_explorer_keeps_working(vqa):
     st = ex.state()
     assert st["error"] == "" and not ex.banner.visible
     assert st["input_instance"] == 9 and st["input_scores"]
+
+
+class WarningKernels(FakeKernels):
+    """Fake kernels whose attribution warns, as a real one does when it misses a check, for
+    the instances in ``warn_keys`` (with a data string that looks like markup)."""
+
+    def __init__(self):
+        super().__init__()
+        self.warn_keys: set[str] = set()
+
+    def attribute(self, adapter, prepared, method, target, progress=None):
+        from multiviz_widgets.notices import warn
+        if prepared.key in self.warn_keys:
+            warn(f"completeness missed for <b>{prepared.key}</b>", RuntimeWarning)
+        return super().attribute(adapter, prepared, method, target, progress)
+
+
+def test_a_kernels_caveat_is_shown_beside_the_views_and_comes_back_with_the_cached_result():
+    """What a kernel warns while computing a view's result is shown in the notices banner (as
+    text), goes when that view shows a result without a caveat, and comes back with the
+    cached result (the kernel does not run again); dismiss hides it; nothing is a Python
+    warning, which from the worker would reach no cell."""
+    adapter, ds = tiny_vqa()
+    kernels = WarningKernels()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        ex = Explorer(adapter, ds, kernels=kernels, delay=0.05)
+        try:
+            assert ex.wait(60)
+            key = ex.analyses.prepared(3).key
+            kernels.warn_keys.add(key)
+            ex.select(instance=3)
+            assert ex.wait(30)
+            lines = ex.state()["notices"]
+            assert len(lines) == 1 and f"completeness missed for <b>{key}</b>" in lines[0], lines
+            assert ex.notices_banner.visible
+            shown = [w.children[0].value for w in ex.notices_banner.text.children]
+            assert shown and shown[0].startswith(lines[0][:40])
+            ex.select(instance=4)
+            assert ex.wait(30)
+            assert ex.state()["notices"] == [] and not ex.notices_banner.visible
+            calls = kernels.calls["attribute"]
+            ex.select(instance=3)                        # from the cache: told again
+            assert ex.wait(30)
+            assert kernels.calls["attribute"] == calls
+            assert ex.state()["notices"] == lines
+            ex.notices_banner.dismiss.click()
+            assert ex.state()["notices"] == [] and not ex.notices_banner.visible
+            assert ex.state()["error"] == ""
+        finally:
+            ex.close()
+    assert not [w for w in said if "completeness missed" in str(w.message)]
 
 
 def test_data_strings_are_never_rendered_as_html(vqa):
@@ -731,15 +783,18 @@ def test_instances_whose_output_is_not_finite_are_left_out_of_the_gallery_and_th
     h[5] = np.nan                                # given features: instance 5's row is NaN
     given = RealFeatures(h, logits.numpy(), np.arange(len(ds)))
     for features, out in [(None, 3), (given, 5)]:
-        # said from the worker thread: pointing at the package's job, not at threading.py
-        with pytest.warns() if features is None else contextlib.nullcontext([]) as said:
+        # said from the worker thread: in the Explorer's notices, not as a Python warning (which
+        # reaches no cell from a worker)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
             ex = Explorer(adapter, ds, features=features, delay=0.05)
             ready = ex.wait(120)
         try:
             assert ready
-            where = [w.filename for w in said if "1 of 12 instances" in str(w.message)]
-            assert len(where) == (features is None) and all(
-                os.sep + "multiviz_widgets" + os.sep in f for f in where), where
+            assert not [w for w in said if "1 of 12 instances" in str(w.message)], said
+            told = [line for line in ex.state()["notices"] if "1 of 12 instances" in line]
+            assert len(told) == (features is None), ex.state()["notices"]
+            assert ex.notices_banner.visible == (features is None)
             ex.select(instance=0, neuron=1)
             assert ex.wait(120)
             shown = [it["index"] for it in ex.neuron_view.gallery]
@@ -1324,15 +1379,17 @@ def test_an_instance_that_cannot_be_prepared_is_named_under_the_embedding():
     questions[2] = "?!"
     data = MultimodalDataset({"image": [ds[i]["image"] for i in range(len(ds))],
                               "question": questions}, labels=ds.labels)
-    with pytest.warns(RuntimeWarning, match="could not be prepared|left out|skipped"):
-        ex = Explorer(adapter, data, delay=0.05)
-        try:
-            assert ex.wait(60)
-            caption = ex.embedding_view.caption.value
-            assert ex.state()["embedding"]["n_points"] == len(ds) - 1
-            assert "1 left out of the features (#2: ValueError" in caption and "no tokens" in caption
-        finally:
-            ex.close()
+    ex = Explorer(adapter, data, delay=0.05)
+    try:
+        assert ex.wait(60)
+        caption = ex.embedding_view.caption.value
+        assert ex.state()["embedding"]["n_points"] == len(ds) - 1
+        assert "1 left out of the features (#2: ValueError" in caption and "no tokens" in caption
+        # and the features' caveat is in the notices, with the views that rest on them
+        told = [line for line in ex.state()["notices"] if "could not be prepared" in line]
+        assert len(told) == 1 and "#2" in told[0], ex.state()["notices"]
+    finally:
+        ex.close()
 
 
 # -- diagnostics: what the kernel did with a browser's click -----------------------------------

@@ -20,7 +20,7 @@ FORBIDDEN = {
     "views": {"explorer", "demos"},
     "foundation": ABOVE_KERNELS | {"kernels"},
 }
-FOUNDATION = {"adapter", "atomic_file", "checks", "data", "display_text", "modalities",
+FOUNDATION = {"adapter", "atomic_file", "checks", "data", "display_text", "modalities", "notices",
               "precision", "progress", "results"}
 
 
@@ -90,3 +90,34 @@ def test_the_sources_have_no_unused_imports_or_undefined_names():
     found = checkRecursive([str(root / d) for d in ("multiviz_widgets", "tests",
                                                        "benchmarks")], Reporter(out, err))
     assert found == 0, out.getvalue() + err.getvalue()
+
+
+def _calls_warnings_warn(path: pathlib.Path) -> list[int]:
+    """Lines of ``path`` that call warnings.warn (or a name imported from warnings as warn)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    direct = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+              and node.module == "warnings" for a in node.names if a.name == "warn"}
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if (isinstance(f, ast.Attribute) and f.attr == "warn" and isinstance(f.value, ast.Name)
+                and f.value.id == "warnings") or (isinstance(f, ast.Name) and f.id in direct):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_package_warns_through_notices_only():
+    """Every caveat of the package goes through ``notices.warn``: on the Explorer's workers a
+    Python warning reaches no cell, so a direct ``warnings.warn`` would be lost there."""
+    found = {str(p.relative_to(PACKAGE)): _calls_warnings_warn(p)
+             for p in sorted(PACKAGE.rglob("*.py")) if p.name != "notices.py"}
+    assert not {k: v for k, v in found.items() if v}
+    probe = "import warnings\nfrom warnings import warn as w\nwarnings.warn('a')\nw('b')\n"
+    path = pathlib.Path(__file__).parent / "__probe_warns.py"
+    try:
+        path.write_text(probe)
+        assert _calls_warnings_warn(path) == [3, 4]
+    finally:
+        path.unlink()

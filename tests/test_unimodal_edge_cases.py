@@ -845,3 +845,20 @@ def test_kernel_shaps_regression_agrees_with_gelsd_without_it_and_gives_the_same
     s, rank = _least_squares(dependent, t)
     assert rank == 59 and len(calls) == 2
     assert torch.equal(s, gelsd(dependent, t, driver="gelsd").solution)
+
+
+def test_a_kernels_caveat_is_collected_on_a_collecting_thread_and_a_warning_elsewhere(ts):
+    """KernelSHAP's underdetermined-fit caveat: a Python warning from a cell (at the caller's
+    line), a notice and no warning inside ``collecting()``, as on the Explorer's workers."""
+    from multiviz_widgets.notices import collecting
+    _, adapter, inst = ts
+    with pytest.warns(UserWarning, match="underdetermined") as record:
+        attribute(adapter, inst, "kernel_shap", target=0, n_samples=8)
+    assert record[0].filename == __file__
+    with warnings.catch_warnings(record=True) as said, collecting() as told:
+        warnings.simplefilter("always")
+        r = attribute(adapter, inst, "kernel_shap", target=0, n_samples=8)
+    assert r.params["underdetermined"] is True
+    assert not [w for w in said if "underdetermined" in str(w.message)]
+    assert [n.category for n in told] == ["UserWarning"]
+    assert "underdetermined" in told[0].text and "Raise n_samples" in told[0].text

@@ -14,13 +14,13 @@ shape, so a model that pools over [PAD] tokens gets its own numbers.
 from __future__ import annotations
 
 import inspect
-import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
 import torch
 
+from ..notices import warn
 from ..adapter import ModelAdapter
 from ..data import MultimodalDataset
 from ..progress import ProgressFn
@@ -366,7 +366,7 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
             evaluate({m: torch.ones(1, u) for m, u in units.items()})
         uc_full, f_full = at_instance[0]
     if short:
-        warnings.warn(_lime_message(max(sum(part.values()) for part in designs), n_samples,
+        warn(_lime_message(max(sum(part.values()) for part in designs), n_samples,
                                     "dime"), UserWarning, stacklevel=2)
     return DimeResult(method="dime", target=t,
                       params={"n_samples": n_samples, "n_reference": n, "seed": seed,

@@ -40,6 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..notices import warn
 from ..adapter import MASKED_TARGET_NOTE, ModelAdapter, Prepared, Target
 from ..progress import ProgressFn, check_progress, report
 from ..results import Interaction, Stopwatch
@@ -173,7 +174,7 @@ def _first_gradient(f: torch.Tensor, x: torch.Tensor, target: Target) -> torch.T
     if bool(torch.isinf(f).any()):
         # (a NaN output gives a NaN matrix, which the kernel's own check explains; an infinite
         # one, a class masked by -inf, gives finite derivatives of what came before the mask)
-        value = float(f.reshape(-1)[torch.isinf(f.reshape(-1))][0])
+        value = float(f.detach().reshape(-1)[torch.isinf(f.detach().reshape(-1))][0])
         raise ValueError(
             f"second_order: the model's output for target {target} is {value} on the instance, "
             "so its derivatives say nothing (NaN results are never returned): check the model "
@@ -452,7 +453,7 @@ def _warn_pairwise(ua: int, ub: int, n: int, seconds: float | None) -> None:
     """The UserWarning of a pairwise ablation of many pairs: its cost (``seconds``: estimated
     from its first batches, None when not measured) and what costs less."""
     took = f", about {_duration(seconds)} at the rate of its first batches" if seconds else ""
-    warnings.warn(
+    warn(
         f"pairwise_ablation: {ua} x {ub} units make {ua * ub:,} pairs, one forward pass each: "
         f"{n:,} forward passes in all{took}. Use fewer, larger units (a larger patch for an "
         f"image, a larger window for a series), or second_order (1 forward and "
@@ -739,7 +740,7 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         if underdetermined:
             halves = (f" (at least {2 * terms} to measure its noise)"
                       if approximator == "KernelSHAPIQ" else "")
-            warnings.warn(
+            warn(
                 f"shapley: {approximator} fits {terms} interaction terms of {n} players from "
                 f"only {budget} coalitions, so its estimate is underdetermined and can change "
                 f"a lot with the model's rounding (for example between CPU and GPU). Raise "
@@ -770,7 +771,7 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         what = ("two independent halves of the sample cancel out" if math.isinf(noise) else
                 f"its error, estimated from two independent halves of the sample, is about "
                 f"{noise:.0%} of the matrix's size")
-        warnings.warn(
+        warn(
             f"shapley: {approximator}'s estimate from {evaluated[0]:,} coalitions of {n} players "
             f"is mostly noise: {what}. Raise the budget (now {budget:,}) or lower max_players.",
             UserWarning, stacklevel=3)

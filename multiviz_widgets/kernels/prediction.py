@@ -39,6 +39,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..notices import warn
 from ..adapter import ModelAdapter, Neuron, host_array
 from ..progress import ProgressFn, report
 from ..checks import is_integer, positive_int
@@ -672,7 +673,7 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
                  "fitted to its predictions)" if fit_to == "predictions" else
                  "no training label is one of them")
         listed = ", ".join(repr(c) for c in absent[:10]) + (", ..." if len(absent) > 10 else "")
-        warnings.warn(f"{len(absent)} of the {n_classes} classes never occur in the training "
+        warn(f"{len(absent)} of the {n_classes} classes never occur in the training "
                       f"targets: {listed}; {whose}. The sparse model gets no weights for them "
                       f"(bias -inf) and never predicts them, so its fidelity on instances of "
                       f"them is 0. Fit on data where they occur to explain them.",
@@ -767,7 +768,7 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
                f"{max(10 * polish_max_iter, 1000)}, or raise kkt_tol to accept them" if capped
                else f"kkt_tol={kkt_tol:g} is finer than float64 rounding allows on these "
                f"features: raise kkt_tol, e.g. to {max(10 * kkt_tol, 1e-3):g}")
-        warnings.warn(
+        warn(
             f"fit_sparse_model: {len(unpolished)} of the {used} path points are not the optimum "
             f"of their elastic net within kkt_tol={kkt_tol:g}: KKT violations "
             + "; ".join(f"{v:.3g} at point {i} ({why})" for i, v, why, _ in unpolished[:3])

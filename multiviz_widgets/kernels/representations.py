@@ -31,7 +31,6 @@ import re
 import stat
 import time
 import types
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -39,6 +38,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..notices import warn
 from ..adapter import (MASK_FINITE, AdapterError, ModelAdapter, ModelInputError,
                        _outside_stacklevel, hash_module_settings, hash_tensor,
                        masked_logits_hint)
@@ -439,7 +439,7 @@ def _warn_skipped(skipped: dict[int, str], total: int, cached: bool = False) -> 
     if skipped:
         again = (" (as the feature cache recorded them: extract_features(..., refresh=True) "
                  "runs them again)" if cached else "")
-        warnings.warn(_skipped_text(skipped, total) + again, RuntimeWarning,
+        warn(_skipped_text(skipped, total) + again, RuntimeWarning,
                       stacklevel=_outside_stacklevel())
 
 
@@ -711,7 +711,7 @@ def _load_cached(path: Path, key: str, idx: np.ndarray, d: int | None = None,
     except FileNotFoundError:
         return None
     except Exception as exc:  # corrupt or inconsistent file: recompute and overwrite
-        warnings.warn(f"Ignoring unreadable feature cache {path} ({type(exc).__name__}: {exc}); "
+        warn(f"Ignoring unreadable feature cache {path} ({type(exc).__name__}: {exc}); "
                       "recomputing.", RuntimeWarning, stacklevel=3)
         return None
 
@@ -741,7 +741,7 @@ def cache_max_bytes() -> float:
                 raise ValueError
             return mb * 1e6
         except ValueError:
-            warnings.warn(f"MULTIVIZ_CACHE_MAX_MB={raw!r} is not a number of megabytes (0 or "
+            warn(f"MULTIVIZ_CACHE_MAX_MB={raw!r} is not a number of megabytes (0 or "
                           f"more, or inf); using {DEFAULT_CACHE_MAX_MB:g}.", RuntimeWarning,
                           stacklevel=_outside_stacklevel())
     return DEFAULT_CACHE_MAX_MB * 1e6
@@ -927,7 +927,7 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
                      False, ran[0], 0.0, None, skipped)
     if path is not None and _changed_since(state, adapter.model):
         # the rows mix two models, and must never be read back under the first one's key
-        warnings.warn(MODEL_CHANGED_DURING_PASS, RuntimeWarning, stacklevel=2)
+        warn(MODEL_CHANGED_DURING_PASS, RuntimeWarning, stacklevel=2)
         feats.key, path = "", None
     if path is not None:
         try:
@@ -936,7 +936,7 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
                          skipped_reasons=np.array(list(skipped.values()), dtype=str))
             feats.path = str(path)
         except OSError as exc:
-            warnings.warn(f"Could not write the feature cache to {path} ({exc}); continuing "
+            warn(f"Could not write the feature cache to {path} ({exc}); continuing "
                           "without it. Set MULTIVIZ_CACHE to a writable directory.",
                           RuntimeWarning, stacklevel=2)
     feats.seconds = time.perf_counter() - t0

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
@@ -59,6 +58,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..notices import warn
 from ..adapter import (INFERENCE_MODE_MESSAGE, MASKED_TARGET_NOTE, NOT_IN_NUMPY, AdapterError,
                        ModelAdapter, Prepared, Target)
 from ..modalities import LOW_PRECISION, Modality
@@ -555,7 +555,7 @@ def _warn_completeness(adapter: ModelAdapter, results: Sequence[Attribution]) ->
                 "jumps along the path (often right at the baseline, alpha = 0) and no number "
                 "of steps closes it: use a different baseline. (Warned once per adapter; each "
                 "result's params hold its gap.)")
-    warnings.warn(head + tail, CompletenessWarning, stacklevel=3)
+    warn(head + tail, CompletenessWarning, stacklevel=3)
 
 
 def _mask_function(adapter: ModelAdapter, prepared: Prepared, target: Target, batch_size: int,
@@ -696,7 +696,7 @@ def _lime(fn, n_units, n_samples=500, seed=0, progress=None, kernel_width=0.25,
     scores = _split(_lime_fit(z, y, weights, alpha), units)
     underdetermined = n_samples < total + 1
     if underdetermined and stacklevel is not None:
-        warnings.warn(_lime_message(total, n_samples), UserWarning,
+        warn(_lime_message(total, n_samples), UserWarning,
                       stacklevel=stacklevel)
     return scores, underdetermined
 
@@ -855,7 +855,7 @@ def _kernel_shap(fn, n_units, n_samples, seed, progress, batch_size, stacklevel:
     if underdetermined:
         exact = (f" (exact Shapley values from {2 ** total:,})"
                  if total <= 20 and _shap_samples_needed(total, n_samples) < 2 ** total else "")
-        warnings.warn(
+        warn(
             f"kernel_shap: the Shapley-kernel regression fits {total} unit scores from only "
             f"{n_samples} samples, whose {len(zs)} sampled coalitions determine {rank} of its "
             f"{total - 1} free coefficients, so its estimate is underdetermined (a "

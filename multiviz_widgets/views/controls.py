@@ -11,7 +11,7 @@ import ipywidgets as W
 
 from ..engine import Engine
 from ..selection import Selection
-from ._common import WrappedText, describe_instance, method_label, text_label
+from ._common import WrappedText, close_widgets, describe_instance, method_label, text_label
 
 DEFAULT_METHODS = ("gradient", "grad_x_input", "integrated_gradients", "occlusion", "lime",
                    "kernel_shap")
@@ -227,6 +227,52 @@ class ProgressPanel(W.HBox):
         self.layout.visibility = "visible" if e.show_progress else "hidden"
         self.bar.value = float(e.progress)
         self.label.value = e.message
+
+
+class NoticeBanner(W.HBox):
+    """The caveats of the results shown (``Engine.notices``: what the kernels warned while
+    computing them, such as integrated gradients that miss completeness), one line per caveat
+    with the views that show it, as text; a dismiss button; hidden when there are none."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.text = W.VBox([])               # one WrappedText per caveat
+        self.dismiss = W.Button(description="dismiss", layout=W.Layout(width="80px"))
+        self.dismiss.on_click(lambda _: engine.clear_notices())
+        super().__init__([self.text, self.dismiss],
+                         layout=W.Layout(display="none", border="1px solid #d9a400",
+                                         padding="2px 6px"))
+        engine.observe(self._update, names="notices")
+        self._update(None)
+
+    @property
+    def visible(self) -> bool:
+        return self.layout.display != "none"
+
+    @property
+    def lines(self) -> list[str]:
+        """One line per caveat: "label, label: text" (a caveat several views share, such as one
+        of the dataset's features, once, with each view's label)."""
+        with self.engine.lock:
+            shown = self.engine.notices
+        by_text: dict[str, list[str]] = {}
+        for entries in shown.values():
+            for n in entries:
+                labels = by_text.setdefault(n["text"], [])
+                if n["label"] not in labels:
+                    labels.append(n["label"])
+        return [f"{', '.join(labels)}: {text}" for text, labels in by_text.items()]
+
+    def _update(self, _change) -> None:
+        with self.engine.lock:          # (as the error banner: the latest value is shown last)
+            lines = self.lines
+            old = list(self.text.children)
+            if [t.value for t in old] != lines:
+                self.text.children = [WrappedText(line, width=110,
+                                                  label_style={"text_color": "#7a4a00"})
+                                      for line in lines]
+                close_widgets(old)
+            self.layout.display = "flex" if lines else "none"
 
 
 class ErrorBanner(W.HBox):

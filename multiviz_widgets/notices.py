@@ -1,0 +1,86 @@
+"""The package's warnings, said where the person will see them.
+
+Called from a notebook cell, a kernel's caveat (integrated gradients that miss completeness, a
+LIME fit with fewer samples than units, a feature cache that could not be written) is a Python
+warning, shown under the cell. Inside the Explorer the kernels run on the engine's worker
+threads, where a warning has no cell: ipykernel sends it to whichever cell ran last, or, when a
+click in a view started the work, to no cell at all (JupyterLab drops output whose parent is a
+widget's message), and Python's registry says a repeated one only once. So the engine collects
+the caveats of each job (``collecting``) and the Explorer shows them beside its views, per job,
+every time that job's result is shown.
+
+``warn`` is what the package calls instead of ``warnings.warn``: it hands the caveat to the
+collector of the current thread when there is one, else to ``warnings.warn`` (same category and
+stacklevel, so filters and ``pytest.warns`` see it as before). A thread-local collector, not
+``warnings.catch_warnings``: that one swaps the process's filters and ``showwarning``, so on a
+worker it would also swallow, or let through, the warnings of the person's own cells meanwhile.
+Warnings from other libraries (torch, shapiq) keep Python's own path.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+__all__ = ["Notice", "collecting", "is_collecting", "replay", "warn"]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """One caveat: the warning's category name and its text."""
+
+    category: str
+    text: str
+
+    def as_dict(self) -> dict:
+        return {"category": self.category, "text": self.text}
+
+
+_local = threading.local()
+
+
+def warn(message, category: type[Warning] = UserWarning, stacklevel: int = 1) -> None:
+    """``warnings.warn(message, category, stacklevel)``, or, inside ``collecting()`` on this
+    thread, the caveat added to its list (every time: no once-per-place registry)."""
+    sink = getattr(_local, "sink", None)
+    if sink is None:
+        warnings.warn(message, category, stacklevel=stacklevel + 1)
+    else:
+        _add(sink, [Notice(category.__name__, str(message))])
+
+
+def is_collecting() -> bool:
+    """Whether this thread is inside ``collecting()``."""
+    return getattr(_local, "sink", None) is not None
+
+
+def replay(notices) -> None:
+    """Add ``notices`` (kept with a cached value) to this thread's collector, if any: a later
+    caller that takes the value from the cache is told its caveats too."""
+    sink = getattr(_local, "sink", None)
+    if sink is not None:
+        _add(sink, notices)
+
+
+def _add(sink: list, notices) -> None:
+    for notice in notices:
+        if notice not in sink:
+            sink.append(notice)
+
+
+@contextmanager
+def collecting() -> Iterator[list[Notice]]:
+    """Collect the caveats ``warn`` is given on this thread meanwhile, in a list (yielded), in
+    place of Python warnings. Nested: an inner collection also passes its caveats to the outer
+    one, so a value computed for one caller (a cached memo) keeps its own."""
+    outer = getattr(_local, "sink", None)
+    sink: list[Notice] = []
+    _local.sink = sink
+    try:
+        yield sink
+    finally:
+        _local.sink = outer
+        if outer is not None:
+            _add(outer, sink)
