@@ -687,6 +687,36 @@ def test_ig_warns_once_per_adapter_about_a_jump_at_the_baseline():
     assert [m.params["completeness_gap"] for m in many] == pytest.approx([1.0] * 3, abs=1e-4)
 
 
+def test_ig_tells_the_explorer_of_every_result_that_misses_completeness():
+    """Inside ``collecting()`` (the Explorer's workers) the caveat comes with every result it
+    concerns, shown beside it: after one in a cell, and twice in a row; the cell's once per
+    adapter still holds afterwards."""
+    import warnings
+
+    from multiviz_widgets.kernels.unimodal import CompletenessWarning
+    from multiviz_widgets.notices import collecting
+    rng = np.random.default_rng(0)
+    insts = [{"vitals": rng.normal(size=3).astype(np.float32),
+              "series": rng.normal(size=(6, 2)).astype(np.float32)} for _ in range(3)]
+    adapter = jump_adapter()
+    with pytest.warns(CompletenessWarning):
+        attribute(adapter, insts[0], "integrated_gradients", target=0)
+    for inst in insts[1:]:
+        with collecting() as told:
+            attribute(adapter, inst, "integrated_gradients", target=0)
+        assert [n.category for n in told] == ["CompletenessWarning"]
+        assert "different baseline" in told[0].text and "once per adapter" not in told[0].text
+    fresh = jump_adapter()
+    with collecting() as told:
+        attribute(fresh, insts[0], "integrated_gradients", target=0)
+    assert len(told) == 1
+    with pytest.warns(CompletenessWarning):        # the cell is still told, once
+        attribute(fresh, insts[1], "integrated_gradients", target=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attribute(fresh, insts[2], "integrated_gradients", target=0)
+
+
 def test_ig_records_but_does_not_warn_about_a_neuron_s_gap():
     """A decision-layer neuron is often 0 at x or at the baseline (ReLU), so its relative gap is
     routinely large (15-90% on easy-VQA); the Explorer's prediction path explains neurons, and a

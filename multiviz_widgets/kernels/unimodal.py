@@ -58,7 +58,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..notices import warn
+from ..notices import is_collecting, warn
 from ..adapter import (INFERENCE_MODE_MESSAGE, MASKED_TARGET_NOTE, NOT_IN_NUMPY, AdapterError,
                        ModelAdapter, Prepared, Target)
 from ..modalities import LOW_PRECISION, Modality
@@ -531,9 +531,13 @@ def _warn_completeness(adapter: ModelAdapter, results: Sequence[Attribution]) ->
     # user can act on; its gap is still recorded in params.
     bad = [r for r in results if r.target.kind == "class"
            and r.params.get("completeness_gap_relative", 0) > COMPLETENESS_WARN]
-    if not bad or adapter in _WARNED_COMPLETENESS:
+    # collected for the Explorer (``notices``): told with every result it concerns, shown
+    # beside it; in a cell, once per adapter
+    every = is_collecting()
+    if not bad or (adapter in _WARNED_COMPLETENESS and not every):
         return
-    _WARNED_COMPLETENESS.add(adapter)
+    if not every:
+        _WARNED_COMPLETENESS.add(adapter)
     worst = max(bad, key=lambda r: r.params["completeness_gap_relative"])
     p = worst.params
     which = (f"{len(bad)} of {len(results)} results miss" if len(results) > 1 else
@@ -555,6 +559,8 @@ def _warn_completeness(adapter: ModelAdapter, results: Sequence[Attribution]) ->
                 "jumps along the path (often right at the baseline, alpha = 0) and no number "
                 "of steps closes it: use a different baseline. (Warned once per adapter; each "
                 "result's params hold its gap.)")
+    if every:
+        tail = tail.replace("Warned once per adapter; ", "")
     warn(head + tail, CompletenessWarning, stacklevel=3)
 
 
