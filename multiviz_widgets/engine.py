@@ -49,11 +49,11 @@ import torch
 import traitlets
 
 from .adapter import (AdapterError, Class, ModelAdapter, Neuron, Prepared, Target,
-                      mark_worker_thread, masked_logits_hint)
+                      _outside_stacklevel, mark_worker_thread, masked_logits_hint)
 from .checks import positive_int
 from .data import MultimodalDataset
 from .display_text import quoted
-from .notices import Notice, collecting, is_collecting, replay
+from .notices import Notice, collecting, is_collecting, replay, warn
 from .progress import Cancelled
 
 __all__ = ["Engine", "Job", "Analyses", "Kernels", "Cancelled"]
@@ -911,6 +911,51 @@ def check_features(features, n_instances: int, adapter: ModelAdapter | None = No
                          f"{adapter.n_classes} classes: they come from another model; {how}.")
 
 
+#: rows of given features compared with the model's own outputs when an Explorer opens
+CHECKED_FEATURE_ROWS = 3
+
+
+def check_features_rows(features, dataset: MultimodalDataset, adapter: ModelAdapter) -> None:
+    """A RuntimeWarning (said in the cell that opens the Explorer) unless a few rows of given
+    ``features`` (the first, middle and last) hold the model's own logits on the dataset's
+    instances of those indices: features of another dataset of the same size (or of another
+    model, or of weights since changed) pass every check of their shapes, and the gallery and
+    the 3-D view then show another dataset's numbers. A warning, not a refusal: features
+    computed from padded batches differ as much for a model that pools over its padding. A row
+    whose instance cannot be run here is not compared (the extraction would have left it out);
+    the tolerance allows for the batch the features were computed in."""
+    logits = np.asarray(features.logits)
+    idx = getattr(features, "indices", None)
+    idx = np.arange(len(logits)) if idx is None else np.asarray(idx).reshape(-1)
+    if not len(idx):
+        return
+    for r in sorted({0, len(idx) // 2, len(idx) - 1})[:CHECKED_FEATURE_ROWS]:
+        try:
+            got = adapter.features(adapter.collate([dataset[int(idx[r])]]))[0]
+        except Exception:  # noqa: BLE001 - an instance the model cannot run has no row to check
+            continue
+        own = got[0].detach().double().cpu().numpy()
+        given = logits[r].astype(np.float64)
+        if not np.isfinite(given).all():          # a row the Explorer leaves out anyway
+            continue
+        scale = max(1.0, float(np.abs(own).max()))
+        if own.shape == given.shape and np.allclose(given, own, rtol=1e-3, atol=1e-3 * scale,
+                                                    equal_nan=True):
+            continue
+        diff = float(np.abs(given - own).max()) if own.shape == given.shape else float("nan")
+        warn(f"features= do not hold the model's outputs on this dataset: for instance "
+             f"#{int(idx[r])} they give logits {np.round(given[:4], 3).tolist()}"
+             f"{' ...' if len(given) > 4 else ''} where the model gives "
+             f"{np.round(own[:4], 3).tolist()}{' ...' if len(own) > 4 else ''} (largest "
+             f"difference {diff:.3g}). If they come from another dataset of the same size, "
+             "another model, or weights changed since, the gallery and the 3-D view show "
+             "numbers that are not this dataset's: pass extract_features(adapter, dataset) of "
+             "the dataset given to the Explorer (or leave features= out). (Features computed "
+             "from padded batches differ too, for a model that pools over its padding.)",
+             RuntimeWarning, stacklevel=_outside_stacklevel())
+        return
+
+
 class Analyses:
     """What the Explorer's views ask for, memoised in the engine's cache.
 
@@ -937,6 +982,12 @@ class Analyses:
             # refused here, not in the banner after the first click (a to_dict() read back)
             from .kernels.prediction import check_sparse_model
             check_sparse_model(sparse_model)
+        if sparse_model is not None and hasattr(sparse_model, "weight"):
+            # another model's (its classes, its features) refused here, not after the first
+            # click with a cause that may not be it
+            from .kernels.representations import check_sparse_model_fits
+            layer = adapter.decision_layer
+            check_sparse_model_fits(sparse_model, adapter, getattr(layer, "in_features", None))
         self.sparse_model = sparse_model
         # int() cut 2.7 to 2, and -1 failed only in the first gallery
         self.gallery_k = positive_int(gallery_k, "gallery_k (instances per gallery row)")
@@ -950,6 +1001,7 @@ class Analyses:
         self._recomputed = 0
         if features is not None:
             check_features(features, len(dataset), adapter)
+            check_features_rows(features, dataset, adapter)
             engine.store(("features",), features, pin=True, freeze=False)
 
     def forget(self, recompute_features: bool = True) -> None:

@@ -115,6 +115,14 @@ class Contributions:
         return [int(j) for j in np.argsort(-c, kind="stable")[:k]]
 
 
+def own_features(adapter, items):
+    """(logits, h) of ``items``, each instance run alone, as the Explorer's own extraction
+    gives them (nothing padded: tiny_vqa's model sums over its [PAD] tokens, so a padded batch
+    gives other numbers, which an Explorer given them warns about)."""
+    outs = [adapter.features(adapter.collate([item])) for item in items]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
 class FakeKernels(Kernels):
     """Cheap, deterministic kernels that count their calls and can block or fail on demand.
 

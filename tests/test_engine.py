@@ -683,3 +683,20 @@ def test_the_collector_is_per_thread():
     go.set()
     t.join(5)
     assert [n.text for n in inside] == ["from the worker"]
+
+
+def test_the_notices_banner_names_each_caveat_once_with_its_views_and_not_its_method_twice(engine):
+    from multiviz_widgets.views.controls import NoticeBanner
+    banner = NoticeBanner(engine)
+    engine.submit("input", ("i",), _warning_job("integrated_gradients: missed by 12%"), None,
+                  label="integrated gradients + second-order gradients")
+    engine.submit("path", ("p",), _warning_job("lime: only 500 samples"), None,
+                  label="prediction path")
+    engine.submit("gallery", ("g",), _warning_job("lime: only 500 samples"), None,
+                  label="LIME")
+    assert engine.wait(10)
+    assert banner.lines == ["integrated gradients + second-order gradients: missed by 12%",
+                            "prediction path, LIME: only 500 samples"]
+    assert banner.visible and len(banner.text.children) == 2
+    engine.clear_notices()
+    assert banner.lines == [] and not banner.visible and banner.text.children == ()

@@ -20,7 +20,8 @@ from multiviz_widgets.explorer import Explorer, default_pair
 
 from multiviz_widgets.views.controls import method_label
 
-from .explorer_support import CLASSES, FakeKernels, tiny_tab_series, tiny_three, tiny_vqa
+from .explorer_support import (CLASSES, FakeKernels, own_features, tiny_tab_series, tiny_three,
+                               tiny_vqa)
 
 
 def click_mark(mark, **data):
@@ -593,7 +594,7 @@ def test_precomputed_features_are_used_as_they_are():
     from .explorer_support import Features
     adapter, ds = tiny_vqa()
     kernels = FakeKernels()
-    logits, h = adapter.features(adapter.collate([ds[i] for i in range(len(ds))]))
+    logits, h = own_features(adapter, [ds[i] for i in range(len(ds))])
     ex = Explorer(adapter, ds, kernels=kernels, features=Features(h.numpy(), logits.numpy()))
     try:
         ex.select(neuron=0)
@@ -602,6 +603,53 @@ def test_precomputed_features_are_used_as_they_are():
         assert ex.state()["embedding"]["n_points"] == len(ds) and ex.state()["gallery"]
     finally:
         ex.close()
+
+
+def test_features_of_another_dataset_of_the_same_size_are_said_when_the_explorer_opens():
+    """Rows that are not the model's outputs on the dataset's instances (here the rows in
+    another order: the features of another dataset of 12) passed every check of their shapes
+    and the gallery showed their numbers; the cell that opens the Explorer is now warned, with
+    an instance's two logits. The right rows, and a row left out as not finite, say nothing."""
+    import warnings as _w
+    from .explorer_support import Features
+    adapter, ds = tiny_vqa()
+    logits, h = own_features(adapter, [ds[i] for i in range(len(ds))])
+    h, logits = h.numpy(), logits.numpy()
+    with pytest.warns(RuntimeWarning, match=r"features= do not hold the model's outputs on this "
+                                            r"dataset: for instance #0 .*another dataset of "
+                                            r"the same size.*extract_features") as said:
+        ex = Explorer(adapter, ds, kernels=FakeKernels(),
+                      features=Features(h[::-1].copy(), logits[::-1].copy()))
+    ex.close()
+    assert [w.filename for w in said] == [__file__]
+    logits[0] = np.nan
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        ex = Explorer(adapter, ds, kernels=FakeKernels(), features=Features(h, logits))
+    ex.close()
+
+
+def test_a_sparse_model_of_another_model_is_refused_when_the_explorer_opens():
+    """Its classes are not the model's: refused at once, saying so (it opened, then every
+    click failed with "fit without class_names", which was not the cause)."""
+    from multiviz_widgets.kernels.prediction import SparseModel
+    adapter, ds = tiny_vqa()
+    d = adapter.decision_layer.in_features
+
+    def sparse(names):
+        k = len(names)
+        return SparseModel(weight=np.zeros((k, d)), bias=np.zeros(k), mean=np.zeros(d),
+                           std=np.ones(d), class_names=names, alpha=0.99, lam=0.1, chosen=0,
+                           path_lambdas=np.ones(1), path_nonzeros=np.ones(1),
+                           path_val_fidelity=np.ones(1))
+    other = [f"s{k}" for k in range(7)]
+    with pytest.raises(ValueError, match=r"7 classes \(\['s0', 's1', .* ...\) but the model has "
+                                         r"4 \(\['red', .*fit on another model"):
+        Explorer(adapter, ds, kernels=FakeKernels(), sparse_model=sparse(other))
+    with pytest.raises(ValueError, match="fit without class_names"):
+        Explorer(adapter, ds, kernels=FakeKernels(), sparse_model=sparse(["0", "1"]))
+    with pytest.raises(ValueError, match="another order"):
+        Explorer(adapter, ds, kernels=FakeKernels(), sparse_model=sparse(CLASSES[::-1]))
 
 
 def test_the_users_features_stay_writable_while_the_explorer_shows_them():
@@ -778,7 +826,7 @@ def test_instances_whose_output_is_not_finite_are_left_out_of_the_gallery_and_th
     dataset). Features given with a NaN row are ranked without it too."""
     from multiviz_widgets.kernels.representations import Features as RealFeatures
     adapter, ds = nan_for_instance_3()
-    logits, h = adapter.features(adapter.collate([ds[i] for i in range(len(ds))]))
+    logits, h = own_features(adapter, [ds[i] for i in range(len(ds))])
     h = h.numpy().copy()
     h[5] = np.nan                                # given features: instance 5's row is NaN
     given = RealFeatures(h, logits.numpy(), np.arange(len(ds)))
@@ -881,7 +929,7 @@ def test_precomputed_features_of_another_dataset_are_rejected():
     from .explorer_support import Features
     adapter, big = tiny_vqa(12)
     _, small = tiny_vqa(4)
-    logits, h = adapter.features(adapter.collate([big[i] for i in range(len(big))]))
+    logits, h = own_features(adapter, [big[i] for i in range(len(big))])
     feats = Features(h.numpy(), logits.numpy())
     with pytest.raises(ValueError, match="another dataset.*12 rows.*4 instances"):
         Explorer(adapter, small, kernels=FakeKernels(), features=feats)
@@ -902,7 +950,7 @@ def test_the_embedding_says_when_the_instance_shown_is_not_among_its_points():
     features given), and named one reason for instances left out for several."""
     from .explorer_support import Features
     adapter, ds = tiny_vqa(12)
-    logits, h = adapter.features(adapter.collate([ds[i] for i in range(12)]))
+    logits, h = own_features(adapter, [ds[i] for i in range(12)])
     rows = [4, 5, 6]
     feats = Features(h.numpy()[rows], logits.numpy()[rows])
     feats.indices = np.array(rows)
@@ -1035,7 +1083,7 @@ def test_a_gallery_row_of_tied_activations_says_so():
     assert _tie(np.array([0, 0, 3.0, 0, 0, 1.0]), [3.0, 1.0, 0.0, 0.0]) == (4, 0.0, 2)
     assert _tie(np.array([4.0, 3.0, 2.0, 1.0, 0, 0]), [4.0, 3.0, 2.0, 1.0]) is None  # a ranking
     adapter, ds = tiny_vqa()
-    logits, h = adapter.features(adapter.collate([ds[i] for i in range(len(ds))]))
+    logits, h = own_features(adapter, [ds[i] for i in range(len(ds))])
     h = h.numpy().copy()
     h[:10, 0] = 0.0                                   # a ReLU neuron, off on 10 of 12 instances
     h[10:, 0] = [1.0, 2.0]
@@ -1067,7 +1115,7 @@ def test_the_gallery_shows_and_counts_only_instances_the_embedding_keeps():
     is NaN), and its tie count counted such rows."""
     from .explorer_support import Features
     adapter, ds = tiny_vqa(6)
-    logits, h = adapter.features(adapter.collate([ds[i] for i in range(6)]))
+    logits, h = own_features(adapter, [ds[i] for i in range(6)])
     h, logits = h.numpy().copy(), logits.numpy().copy()
     h[:, 0] = [5, 4, 3, 2, 1, -7]                    # instance 5 the least activating ...
     logits[5] = np.nan                               # ... but its output is not finite
@@ -1082,7 +1130,7 @@ def test_the_gallery_shows_and_counts_only_instances_the_embedding_keeps():
     finally:
         ex.close()
     adapter, ds = tiny_vqa(12)
-    logits, h = adapter.features(adapter.collate([ds[i] for i in range(12)]))
+    logits, h = own_features(adapter, [ds[i] for i in range(12)])
     h, logits = h.numpy().copy(), logits.numpy().copy()
     h[:, 0] = [0.0] * 8 + [1, 2, 3, 4]
     logits[0:3] = np.nan                             # three of the eight zeros left out
@@ -1101,7 +1149,7 @@ def test_features_given_as_any_object_with_h_and_logits_open_the_gallery():
     unless a NaN row made the Explorer convert them."""
     from types import SimpleNamespace
     adapter, ds = tiny_vqa(12)
-    logits, h = adapter.features(adapter.collate([ds[i] for i in range(12)]))
+    logits, h = own_features(adapter, [ds[i] for i in range(12)])
     feats = SimpleNamespace(h=h.numpy(), logits=logits.numpy())
     ex = Explorer(adapter, ds, kernels=_RealExtremes(), features=feats, delay=0.05)
     try:
@@ -1121,7 +1169,7 @@ def test_a_small_dataset_shows_each_instance_once_in_the_gallery():
     for n, tied, top, bottom in [(6, False, [0, 1, 2, 3], [5, 4]), (1, False, [0], []),
                                  (6, True, [0, 1, 2, 3], [4, 5])]:
         adapter, ds = tiny_vqa(n)
-        logits, h = adapter.features(adapter.collate([ds[i] for i in range(n)]))
+        logits, h = own_features(adapter, [ds[i] for i in range(n)])
         h = h.numpy().copy()
         h[:, 0] = 0.0 if tied else np.arange(n, dtype=h.dtype)[::-1]   # else h0 = n - 1 - i
         ex = Explorer(adapter, ds, kernels=FakeKernels(), features=Features(h, logits.numpy()))

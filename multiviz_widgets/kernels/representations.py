@@ -1187,6 +1187,42 @@ class DecisionContributions:
         return [int(j) for j in np.argsort(-c, kind="stable")[:k]]
 
 
+def _few(names: Sequence[str]) -> str:
+    return f"{list(names[:6])}{' ...' if len(names) > 6 else ''}"
+
+
+def check_sparse_model_fits(sparse_model, adapter: ModelAdapter, d: int | None) -> None:
+    """A ValueError unless ``sparse_model`` was fit for this model: ``d`` decision features
+    (None: not known), the model's classes, in its order. A sparse model with fewer classes,
+    named 0..k - 1 (or the model's first k), was fit without class_names; one whose classes are
+    others was fit on another model."""
+    how = ("Refit with fit_sparse_model(..., class_names=adapter.class_names) (or "
+           "fit_sparse_model_for(adapter, ...)).")
+    if d is not None and sparse_model.weight.shape[1] != d:
+        raise ValueError(f"The sparse model has {sparse_model.weight.shape[1]} features but the "
+                         f"decision layer has {d}: it was fit on another model.")
+    names = [str(n) for n in sparse_model.class_names]
+    own = [str(n) for n in adapter.class_names]
+    if sparse_model.n_classes != adapter.n_classes:
+        # fit_sparse_model without class_names names the classes 0..k - 1 it saw
+        counted = names in ([str(k) for k in range(len(names))], own[:len(names)])
+        if counted and len(names) < len(own):
+            raise ValueError(
+                f"The sparse model has {sparse_model.n_classes} classes but the model has "
+                f"{adapter.n_classes}: fit without class_names, it only counts the classes up "
+                f"to the largest that occurs in its targets. {how}")
+        raise ValueError(
+            f"The sparse model has {sparse_model.n_classes} classes ({_few(names)}) but the "
+            f"model has {adapter.n_classes} ({_few(own)}): it was fit on another model. {how}")
+    if names != own and sorted(names) == sorted(own):
+        # the same classes in another order: row c of its weights is another class's
+        raise ValueError(
+            f"The sparse model's classes are the model's in another order ({_few(names)} "
+            f"against {_few(own)}): its weights for a class would be another class's. Refit "
+            "with fit_sparse_model(..., class_names=adapter.class_names) and targets numbered "
+            "as the model's classes (or fit_sparse_model_for(adapter, ...)).")
+
+
 def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_model=None
                            ) -> DecisionContributions:
     """h(x) and the contribution of each neuron to class ``target`` (default: predicted class).
@@ -1213,26 +1249,7 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
                          f"neuron: attribute(..., target=Neuron({t.index})).")
     c = t.index
     if sparse_model is not None:
-        if sparse_model.weight.shape[1] != h.shape[0]:
-            raise ValueError(f"The sparse model has {sparse_model.weight.shape[1]} features but the "
-                             f"decision layer has {h.shape[0]}: it was fit on another model.")
-        if sparse_model.n_classes != adapter.n_classes:
-            raise ValueError(
-                f"The sparse model has {sparse_model.n_classes} classes but the model has "
-                f"{adapter.n_classes}: fit without class_names, it only counts the classes up to "
-                "the largest that occurs in its targets. Refit with fit_sparse_model(..., "
-                "class_names=adapter.class_names) (or fit_sparse_model_for(adapter, ...)).")
-        names = [str(n) for n in sparse_model.class_names]
-        own = [str(n) for n in adapter.class_names]
-        if names != own and sorted(names) == sorted(own):
-            # the same classes in another order: row c of its weights is another class's
-            raise ValueError(
-                f"The sparse model's classes are the model's in another order ({names[:6]}"
-                f"{' ...' if len(names) > 6 else ''} against {own[:6]}"
-                f"{' ...' if len(own) > 6 else ''}): its weights for class {own[c]!r} would be "
-                "another class's. Refit with fit_sparse_model(..., class_names="
-                "adapter.class_names) and targets numbered as the model's classes (or "
-                "fit_sparse_model_for(adapter, ...)).")
+        check_sparse_model_fits(sparse_model, adapter, h.shape[0])
         w = sparse_model.weight[c]
         contrib = w * sparse_model.standardise(h[None])[0]
         source, bias = "sparse_model", sparse_model.bias[c]

@@ -261,7 +261,8 @@ class NoticeBanner(W.HBox):
                 labels = by_text.setdefault(n["text"], [])
                 if n["label"] not in labels:
                     labels.append(n["label"])
-        return [f"{', '.join(labels)}: {text}" for text, labels in by_text.items()]
+        return [f"{', '.join(labels)}: {_without_method(text, labels)}"
+                for text, labels in by_text.items()]
 
     def _update(self, _change) -> None:
         with self.engine.lock:          # (as the error banner: the latest value is shown last)
@@ -273,6 +274,16 @@ class NoticeBanner(W.HBox):
                                       for line in lines]
                 close_widgets(old)
             self.layout.display = "flex" if lines else "none"
+
+
+def _without_method(text: str, labels: Sequence[str]) -> str:
+    """``text`` without its leading "method_name: " when a label already names that method
+    ("integrated gradients: integrated_gradients: ..." read twice)."""
+    head, sep, rest = text.partition(": ")
+    named = {part.strip().casefold() for label in labels for part in label.split(" + ")}
+    if sep and head.replace("_", " ").casefold() in named:
+        return rest
+    return text
 
 
 class ErrorBanner(W.HBox):
