@@ -465,7 +465,7 @@ def test_an_interaction_parameter_the_method_does_not_take_is_named_with_those_i
                                             Tabular("tabular", columns=["x", "y"])], ["n", "y"])
     inst = {"question": "what red circle", "tabular": np.ones(2, np.float32)}
     with pytest.raises(ValueError, match=r"'pairwise_ablation' got unknown parameters \['phi'\]; "
-                                         r"it takes \['batch_size'\]"):
+                                         r"it takes \['batch_size', 'units'\]"):
         interaction(a, inst, "pairwise_ablation", phi="abs")
     assert interaction(a, inst, "second_order", phi="abs").params["phi"] == "abs"
 

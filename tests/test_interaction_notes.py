@@ -188,9 +188,16 @@ def test_the_prediction_path_of_a_relu_model_takes_its_pairs_from_pairwise_ablat
     assert prediction_path(smooth, _instance(), k_neurons=2).params["pairs_by_ablation"] == []
 
 
-def test_the_path_view_says_which_neurons_pairs_come_from_pairwise_ablation():
+@pytest.mark.parametrize("candidates", [None, 2])
+def test_the_path_view_says_which_neurons_pairs_come_from_pairwise_ablation(candidates,
+                                                                            monkeypatch):
+    """...and, when its ablation looked among each side's strongest units only (more units
+    than PATH_ABLATION_UNITS), among how many."""
     from multiviz_widgets import MultimodalDataset
     from multiviz_widgets.explorer import Explorer
+    from multiviz_widgets.kernels import prediction
+    if candidates:
+        monkeypatch.setattr(prediction, "PATH_ABLATION_UNITS", candidates)
     adapter = ModelAdapter(ReluFusion(), _modalities(), ["a", "b"], decision_layer="head")
     items = [_instance(seed=s) for s in range(6)]
     ds = MultimodalDataset({k: [it[k] for it in items] for k in items[0]})
@@ -203,6 +210,13 @@ def test_the_path_view_says_which_neurons_pairs_come_from_pairwise_ablation():
         cap = ex.path_view.caption.value
         assert (f"the pairs of {', '.join(f'h{j}' for j in ablated)} come from pairwise "
                 "ablation: second-order gradients cannot see their interactions here") in cap, cap
+        narrowed = path["params"].get("ablation_candidates")
+        if candidates:
+            assert narrowed and set(narrowed.values()) == {2}, path["params"]
+            said = ", ".join(f"2 units of '{m}'" for m in narrowed)
+            assert f"pairwise ablation looked for the pairs among the {said} of largest" in cap
+        else:
+            assert narrowed is None and "looked for the pairs among" not in cap
     finally:
         ex.close()
 

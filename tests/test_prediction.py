@@ -805,3 +805,41 @@ def test_the_sparse_model_prints_as_one_line_not_its_matrices(fitted):
     text = repr(m)
     assert text.startswith("SparseModel(") and "\n" not in text and len(text) < 300, text
     assert f"{m.n_classes} classes x {m.d} features" in text and "test fidelity" in text
+
+
+def test_the_paths_pairwise_ablation_looks_among_each_modalitys_strongest_units(monkeypatch):
+    """Above PATH_ABLATION_UNITS units a side, a neuron's pairs are looked for among its
+    units of largest stage-1 score (every pair of 2,000 x 128 units was 256,000 forward passes
+    per neuron): the planted pairs are still found, for fewer forward passes, and the params
+    say how many candidates each side had."""
+    import multiviz_widgets.kernels.prediction as prediction
+    adapter, inst = path_case(UNITS_A)
+    full = prediction_path(adapter, inst, interaction_method="pairwise_ablation", k_pairs=1)
+    assert "ablation_candidates" not in full.params
+    monkeypatch.setattr(prediction, "PATH_ABLATION_UNITS", 3)
+    narrow = prediction_path(adapter, inst, interaction_method="pairwise_ablation", k_pairs=1)
+    assert narrow.params["ablation_candidates"] == {"series": 3, "tab": 3}
+    assert [n.pairs[0][:2] for n in narrow.neurons] == [n.pairs[0][:2] for n in full.neurons]
+    assert [n.pairs[0][4] for n in narrow.neurons] == pytest.approx(
+        [n.pairs[0][4] for n in full.neurons])
+    assert narrow.forward_passes < full.forward_passes
+
+
+def test_pairwise_ablation_among_chosen_units_gives_those_cells_of_the_full_matrix():
+    from multiviz_widgets.kernels.interactions import interaction
+    adapter, inst = path_case(UNITS_A)
+    full = interaction(adapter, inst, "pairwise_ablation", target=0)
+    some = interaction(adapter, inst, "pairwise_ablation", target=0,
+                       units={"tab": [2, 0], "series": [7, 1, 5]})
+    assert some.params["units"] == {"tab": [0, 2], "series": [1, 5, 7]}
+    cells = np.ix_([0, 2], [1, 5, 7])
+    np.testing.assert_allclose(some.matrix[cells], full.matrix[cells], atol=1e-6)
+    rest = np.ones(full.matrix.shape, bool)
+    rest[cells] = False
+    assert not some.matrix[rest].any()
+    assert some.forward_passes == 1 + 2 + 3 + 6          # target given: no prediction pass
+    for bad, match in [({"tab": [4]}, "0..3"), ({"tab": [1, 1]}, "distinct"),
+                       ({"tab": []}, "non-empty"), ({"nope": [0]}, "pair's modalities"),
+                       ([0, 1], "pair's modalities")]:
+        with pytest.raises(ValueError, match=match):
+            interaction(adapter, inst, "pairwise_ablation", target=0, units=bad)

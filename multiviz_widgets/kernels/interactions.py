@@ -35,7 +35,7 @@ import inspect
 import math
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -462,15 +462,24 @@ def _warn_pairwise(ua: int, ub: int, n: int, seconds: float | None) -> None:
 
 
 def pairwise_ablation(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: Target,
-                      progress: ProgressFn = None, batch_size: int = PERTURBATION_BATCH
+                      progress: ProgressFn = None, batch_size: int = PERTURBATION_BATCH,
+                      units: Mapping[str, Sequence[int]] | None = None
                       ) -> tuple[np.ndarray, int, int, dict]:
     """D[u, v] = f(x) - f(x\\u) - f(x\\v) + f(x\\{u,v}) as a matrix [U_a, U_b] (removed units take
     the baseline). Cost: 1 + U_a + U_b + U_a U_b forwards in batches of batch_size, each
     batch's masks built when it runs (memory: batch_size x (U_a + U_b) mask values, and one
     output per forward). Above PAIRWISE_WARN_PAIRS pairs a UserWarning gives the cost: the
-    forwards, and the time the first batches took times the number of batches."""
+    forwards, and the time the first batches took times the number of batches.
+    units: {modality: unit indices} to compute only the pairs among those units (a modality not
+    named: all its units); the other cells are 0 and ``params["units"]`` lists the units used.
+    Cost then 1 + k_a + k_b + k_a k_b forwards (the prediction path's candidates)."""
     batch_size = positive_int(batch_size, "batch_size")
-    ua, ub = prepared.n_units[a], prepared.n_units[b]
+    full_a, full_b = prepared.n_units[a], prepared.n_units[b]
+    if units is not None and (not isinstance(units, Mapping) or set(units) - {a, b}):
+        raise ValueError(f"units must be a dict naming units of the pair's modalities {a!r} and "
+                         f"{b!r}, got {units!r}.")
+    sel = {m: _unit_subset(units, m, prepared.n_units[m]) for m in (a, b)}
+    ua, ub = len(sel[a]), len(sel[b])
     n = 1 + ua + ub + ua * ub
     timed = ua * ub > PAIRWISE_WARN_PAIRS and n > 2 * batch_size   # a second batch to time
     if ua * ub > PAIRWISE_WARN_PAIRS and not timed:
@@ -478,6 +487,9 @@ def pairwise_ablation(adapter: ModelAdapter, prepared: Prepared, a: str, b: str,
     outs, clock = [], 0.0
     for s in range(0, n, batch_size):
         ma, mb = _pairwise_rows(ua, ub, s, min(n, s + batch_size))
+        if units is not None:           # the chosen units' masks, the others kept
+            ma = torch.ones(len(ma), full_a).index_copy_(1, torch.as_tensor(sel[a]), ma)
+            mb = torch.ones(len(mb), full_b).index_copy_(1, torch.as_tensor(sel[b]), mb)
         outs.append(evaluate_masks(adapter, prepared, {a: ma, b: mb}, target, batch_size))
         if timed and s <= batch_size:
             # the second batch timed (the first warms up): read one output, so that a device
@@ -493,7 +505,27 @@ def pairwise_ablation(adapter: ModelAdapter, prepared: Prepared, a: str, b: str,
     fab = f[1 + ua + ub:].reshape(ua, ub)
     with np.errstate(invalid="ignore"):          # inf - inf: interaction() raises its error
         d = f0 - fa[:, None] - fb[None, :] + fab
-    return d, len(f), 0, {"batch_size": batch_size}
+    if units is None:
+        return d, len(f), 0, {"batch_size": batch_size}
+    out = np.zeros((full_a, full_b))
+    out[np.ix_(sel[a], sel[b])] = d
+    return out, len(f), 0, {"batch_size": batch_size,
+                            "units": {a: sel[a].tolist(), b: sel[b].tolist()}}
+
+
+def _unit_subset(units, m: str, n: int) -> np.ndarray:
+    """The sorted unit indices of modality ``m`` named in ``units`` (all n when None or not
+    named there); a ValueError for an index out of range, repeated or not an integer."""
+    if units is None or m not in units:
+        return np.arange(n)
+    idx = np.asarray(list(units[m]))
+    if idx.ndim != 1 or not len(idx) or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"units[{m!r}] must be a non-empty list of unit indices (integers), "
+                         f"got {units[m]!r}.")
+    if idx.min() < 0 or idx.max() >= n or len(np.unique(idx)) != len(idx):
+        raise ValueError(f"units[{m!r}] must name distinct units of {m!r} in 0..{n - 1}, got "
+                         f"{idx.tolist()[:10]}.")
+    return np.sort(idx)
 
 
 # --------------------------------------------------------------------------------------------

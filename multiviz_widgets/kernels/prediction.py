@@ -891,10 +891,13 @@ class PredictionPath:
             "neurons": [n.to_dict() for n in self.neurons], "note": self.note,
             "forward_passes": int(self.forward_passes),
             "backward_passes": int(self.backward_passes), "seconds": float(self.seconds),
-            "params": {k: (list(v) if isinstance(v, list) else v)
+            "params": {k: (list(v) if isinstance(v, list) else
+                           dict(v) if isinstance(v, dict) else v)
                        for k, v in self.params.items()
                        if isinstance(v, (int, float, str, bool, type(None)))
-                       or (isinstance(v, list) and all(isinstance(x, int) for x in v))},
+                       or (isinstance(v, list) and all(isinstance(x, int) for x in v))
+                       or (isinstance(v, dict) and all(isinstance(x, str) and isinstance(y, int)
+                                                       for x, y in v.items()))},
         }
 
 
@@ -944,6 +947,31 @@ def _empty_path_note(contrib, sparse_model: SparseModel | None) -> str:
             "or use the decision layer (sparse_model=None).")
 
 
+#: Pairwise ablation in the prediction path looks for a neuron's pairs among at most this many
+#: units of each modality, those of largest stage-1 score (a modality with fewer: all of them)
+PATH_ABLATION_UNITS = 24
+
+
+def _candidates(adapter: ModelAdapter, prepared, att, modalities, absolute: bool,
+                narrowed: dict) -> dict:
+    """{"units": {modality: candidate units}} for a neuron's pairwise ablation in the path, or
+    {} when both modalities have at most PATH_ABLATION_UNITS units; records in ``narrowed``
+    how many candidates a narrowed modality kept."""
+    from .common import modality_pair
+    pair = modality_pair(adapter, modalities)
+    if all(prepared.n_units[m] <= PATH_ABLATION_UNITS for m in pair):
+        return {}
+    units = {}
+    for m in pair:
+        if prepared.n_units[m] <= PATH_ABLATION_UNITS or m not in att.scores:
+            continue
+        score = np.asarray(att.scores[m], dtype=np.float64)
+        key = np.abs(score) if absolute else score
+        units[m] = np.sort(np.argsort(-key, kind="stable")[:PATH_ABLATION_UNITS]).tolist()
+        narrowed[m] = PATH_ABLATION_UNITS
+    return {"units": units}
+
+
 def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: SparseModel | None = None,
                     k_neurons: int = 3, k_units: int = 3, k_pairs: int = 3,
                     unimodal_method: str = "integrated_gradients",
@@ -967,7 +995,11 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     gradients are blind to a neuron (the model is piecewise linear there, a ReLU network, or
     cuts a modality off autograd's graph: its matrix is all 0 and says so in ``params["note"]``
     and ``params["blind"]``), that neuron's pairs come from pairwise
-    ablation instead, and ``params["pairs_by_ablation"]`` lists such neurons.
+    ablation instead, and ``params["pairs_by_ablation"]`` lists such neurons. Pairwise ablation
+    of two modalities of more than PATH_ABLATION_UNITS units each is narrowed to the pairs among
+    each one's PATH_ABLATION_UNITS units of largest stage-1 score for the neuron (every pair of
+    96 x 128 units is 12,288 forward passes per neuron, and 2,000 x 128, 256,000, took a minute
+    and a half); ``params["ablation_candidates"]`` then gives the candidates per modality.
     Cost: 1 forward pass + k_neurons x (the stage-1 method's cost + the stage-2 method's cost;
     + pairwise ablation's for a neuron second-order gradients are blind to).
     """
@@ -993,6 +1025,8 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     done = 0
     fwd, bwd = 1, 0
     neurons, by_ablation = [], []
+    narrowed: dict[str, int] = {}      # modality -> its candidate units, when narrowed
+
     def within(what: str):
         """A step's kernel reports its own batches as the path's progress (so that a cancel,
         or a newer click that makes the path stale, stops it inside a slow kernel, a Shapley
@@ -1013,15 +1047,20 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
         report(progress, done, steps, f"neuron {j}: units")
         pairs, pair_mods = [], None
         if do_pairs:
+            iparams = dict(interaction_params or {})
+            if interaction_method == "pairwise_ablation" and "units" not in iparams:
+                iparams.update(_candidates(adapter, prepared, att, modalities, absolute,
+                                           narrowed))
             inter = interaction(adapter, prepared, interaction_method, modalities=modalities,
-                                target=nt, progress=within(f"neuron {j}: pairs"),
-                                **(interaction_params or {}))
+                                target=nt, progress=within(f"neuron {j}: pairs"), **iparams)
             fwd, bwd = fwd + inter.forward_passes, bwd + inter.backward_passes
             if interaction_method == "second_order" and (inter.params or {}).get("blind"):
                 # blind here (all 0 whatever the units do): pairs that remove the units
                 inter = interaction(adapter, prepared, "pairwise_ablation",
                                     modalities=modalities, target=nt,
-                                    progress=within(f"neuron {j}: pairs"))
+                                    progress=within(f"neuron {j}: pairs"),
+                                    **_candidates(adapter, prepared, att, modalities, absolute,
+                                                  narrowed))
                 fwd, bwd = fwd + inter.forward_passes, bwd + inter.backward_passes
                 by_ablation.append(int(j))
             pair_mods = tuple(inter.modalities)
@@ -1043,6 +1082,7 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
         backward_passes=bwd, seconds=time.perf_counter() - t0,
         params={"k_neurons": k_neurons, "k_units": k_units, "k_pairs": k_pairs,
                 "absolute": absolute, "pairs_by_ablation": by_ablation,
+                **({"ablation_candidates": dict(narrowed)} if narrowed else {}),
                 "bias": bias if np.isfinite(bias) else None,
                 "source_logit": source_logit if np.isfinite(source_logit) else None},
         note="" if neurons else _empty_path_note(contrib, sparse_model))

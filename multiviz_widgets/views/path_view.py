@@ -215,6 +215,13 @@ class PathView(W.VBox):
                 f"ablation: second-order gradients cannot see their interactions here (the "
                 f"model is piecewise linear at this instance, or cuts a modality off autograd's "
                 f"graph; the heatmap's note says which)")
+        narrowed = (path.get("params") or {}).get("ablation_candidates") or {}
+        if narrowed and not note:
+            self.caption.value += (
+                "; pairwise ablation looked for the pairs among the "
+                + ", ".join(f"{int(k)} units of {quoted(m)}" for m, k in narrowed.items())
+                + " of largest stage-1 score (every pair of so many units would take a "
+                "forward pass each)")
         if not note:
             self.caption.value += shared_pairs_note(nodes, links)
         if sparse_note:
