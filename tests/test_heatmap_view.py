@@ -369,3 +369,46 @@ def test_a_hover_waits_for_a_matrix_being_drawn(vqa):
         assert t.is_alive()
     t.join(10)
     assert not t.is_alive() and hv.tip.value.startswith(f"{hv.pair[0]} ")
+
+
+# -- a matrix too large to draw whole ------------------------------------------------------------
+def test_a_large_matrix_draws_each_sides_strongest_units_and_clicks_select_the_right_one(vqa):
+    """2,000 x 128 units were 256,000 SVG cells: the page froze for a minute at every matrix.
+    A side of more than MOST_SHOWN units draws its units of strongest interaction, in order;
+    hover names them, a click selects the unit drawn (not the row's position), the selected
+    unit is outlined where it is drawn and kept among those drawn, and the note says so."""
+    from multiviz_widgets.views.heatmap_view import MOST_SHOWN
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    rng = np.random.default_rng(0)
+    m = rng.normal(scale=0.01, size=(300, 100))
+    strong_r, strong_c = [7, 150, 299], [3, 60]
+    m[np.ix_(strong_r, strong_c)] = [[5.0, -6.0], [4.0, 3.0], [-7.0, 2.0]]
+    rows = [f"w{k}" for k in range(300)]
+    cols = [f"patch p{k}" for k in range(100)]
+    show(hv, m, rows, cols)
+    st = hv.state()
+    assert np.shape(st["matrix"]) == (MOST_SHOWN, MOST_SHOWN) == np.asarray(hv.grid.color).shape
+    assert len(st["row_units"]) == len(st["col_units"]) == MOST_SHOWN
+    assert st["row_units"] == sorted(st["row_units"]) and set(strong_r) <= set(st["row_units"])
+    assert set(strong_c) <= set(st["col_units"])
+    # the strongest rows are those of largest |value|: every other row drawn is weaker
+    left_out = sorted(set(range(300)) - set(st["row_units"]))
+    assert np.abs(m[left_out]).max() <= min(np.abs(m[u]).max() for u in st["row_units"])
+    r = st["row_units"].index(150)
+    c = st["col_units"].index(60)
+    assert st["rows"][r] == "w150" and st["matrix"][r][c] == 3.0
+    assert hv.cell_text(r, c) == "question 'w150' x image 'patch p60': 3"
+    assert "the 64 of the 300 question words and the 64 of the 100 image patches with the " \
+           "strongest interactions" in st["note"]
+    hv.click(r)
+    assert ex.selection.unit_ref == ("question", 150)
+    assert hv.state()["selected_row"] == r
+    ex.select(unit=("question", left_out[0]))        # not drawn: nothing outlined
+    assert hv.state()["selected_row"] == -1 and not hv.outline.visible
+    show(hv, m, rows, cols)                           # drawn again: the selected unit kept
+    st = hv.state()
+    assert left_out[0] in st["row_units"] and st["selected_row"] >= 0
+    show(hv, m[:5, :64], rows[:5], cols[:64])         # small enough: drawn whole, no note
+    st = hv.state()
+    assert st["row_units"] is None and st["col_units"] is None and "Drawn:" not in st["note"]

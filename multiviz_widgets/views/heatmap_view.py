@@ -43,6 +43,10 @@ COLOURS = ["#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#ffffff",
 #: ones, filled by ``selected_style``: bqplot's ``null_color`` is unreachable from Python (a NaN
 #: cell is sent as NaN, not null, and drawn black).
 NOT_COMPUTED = "#c8c8c8"
+#: At most this many rows and this many columns are drawn: bqplot draws an SVG rectangle and a
+#: text per cell, and 2,000 audio windows x 128 words (256,000 cells) froze the page for a
+#: minute at every new matrix. A larger side shows its units of strongest interaction.
+MOST_SHOWN = 64
 #: What a coalition is, for the note of an exact Shapley matrix.
 COALITIONS = " (a coalition: a set of players kept, the others removed)"
 #: Units of a modality kind, for the players note: (one, several).
@@ -224,6 +228,9 @@ class HeatmapView(W.VBox):
         self.row_labels: list[str] = []
         self.col_labels: list[str] = []
         self.computed: np.ndarray | None = None   # bool [rows, cols]: None = every cell
+        # the units of the rows and columns drawn (None: all, in order; see MOST_SHOWN)
+        self.row_units: np.ndarray | None = None
+        self.col_units: np.ndarray | None = None
         self.selected_row = -1
         self.selected_col = -1
         self.instance = -1                    # the instance whose matrix is shown
@@ -324,6 +331,7 @@ class HeatmapView(W.VBox):
         self.instance = -1
         self.pair = tuple(str(m) for m in (pair or self.wanted_pair()))
         self.row_axis.label, self.col_axis.label = self.pair
+        self.row_units = self.col_units = None
         self._draw(np.zeros((0, 0)), [], [])
         self._set_note("")
         self.legend_text = self.legend.value = ""
@@ -339,11 +347,19 @@ class HeatmapView(W.VBox):
         m = np.asarray(inter.matrix, dtype=np.float64)
         params = getattr(inter, "params", None) or {}
         computed, note = self._players(params, m.shape)
-        self._draw(m, inter.row_labels, inter.col_labels, computed)
+        rows, cols, labels, shown_note = self._strongest(m, computed, inter.row_labels,
+                                                         inter.col_labels)
+        if rows is not None or cols is not None:
+            cut = np.ix_(np.arange(m.shape[0]) if rows is None else rows,
+                         np.arange(m.shape[1]) if cols is None else cols)
+            m = m[cut]
+            computed = None if computed is None else computed[cut]
+        self.row_units, self.col_units = rows, cols
+        self._draw(m, *labels, computed)
         # the kernel's own note (second-order gradients blind to a piecewise-linear model)
         # first: it says the whole matrix cannot be read as it looks
         kernel_note = params.get("note") if isinstance(params.get("note"), str) else ""
-        self._set_note(" ".join(part for part in (kernel_note, note,
+        self._set_note(" ".join(part for part in (kernel_note, note, shown_note,
                                                   shapley_estimate_note(params)) if part))
         target = self.analyses.target_text(explained)
         self._set_legend(target, grey=computed is not None, method=inter.method)
@@ -352,6 +368,51 @@ class HeatmapView(W.VBox):
         if names_patches([*inter.row_labels, *inter.col_labels]):
             self.legend_text += f" {PATCH_NAMES[0].upper()}{PATCH_NAMES[1:]}."
             self.legend.value = self.legend_text
+
+    # -- the units drawn ------------------------------------------------------------------------
+    def _strongest(self, m: np.ndarray, computed: np.ndarray | None, row_labels, col_labels):
+        """(row units, column units, (row labels, column labels), note): for a side of more
+        than MOST_SHOWN units, its MOST_SHOWN units of strongest interaction (largest |value|
+        in their row or column, cells not computed counting 0), in their order, the selected
+        unit among them; None for a side drawn whole."""
+        strength = np.where(np.isfinite(m), np.abs(m), 0.0)
+        if computed is not None:
+            strength = np.where(computed, strength, 0.0)
+        s = self.selection
+        kept, parts = [], []
+        for axis, (modality, labels) in enumerate(zip(self.pair, (row_labels, col_labels))):
+            n = m.shape[axis]
+            if n <= MOST_SHOWN:
+                kept.append(None)
+                continue
+            score = strength.max(axis=1 - axis) if strength.size else np.zeros(n)
+            order = np.argsort(-score, kind="stable")
+            chosen = list(order[:MOST_SHOWN])
+            if (s.unit_ref is not None and s.modality == modality and 0 <= s.unit < n
+                    and s.unit not in chosen):
+                chosen[-1] = s.unit                       # the selected unit stays drawn
+            kept.append(np.sort(np.asarray(chosen, dtype=np.int64)))
+            one, many = self._unit_words(modality)
+            parts.append(f"the {MOST_SHOWN} of the {n} {_plural(n, (one, many))}")
+        labels = [list(lab) if k is None else [str(lab[int(u)]) if int(u) < len(lab) else
+                                               str(int(u)) for u in k]
+                  for k, lab in zip(kept, (row_labels, col_labels))]
+        note = ("" if not parts else
+                f"Drawn: {' and '.join(parts)} with the strongest interactions (the largest "
+                f"|value| in their {'row' if kept[0] is not None else 'column'}"
+                f"{' or column' if kept[0] is not None and kept[1] is not None else ''}), in "
+                f"their order; the others are left out (every cell of so large a matrix would "
+                f"take the browser minutes to draw). Click a unit in the input view to see "
+                f"all its interactions there.")
+        return kept[0], kept[1], labels, note
+
+    def _position(self, units: np.ndarray | None, unit: int, n: int) -> int:
+        """Where unit ``unit`` is drawn among ``n`` rows (or columns) showing ``units``; -1
+        when it is not drawn."""
+        if units is None:
+            return unit if 0 <= unit < n else -1
+        at = int(np.searchsorted(units, unit))
+        return at if at < len(units) and units[at] == unit else -1
 
     # -- Shapley players -----------------------------------------------------------------------
     def _unit_words(self, modality: str) -> tuple[str, str]:
@@ -485,10 +546,10 @@ class HeatmapView(W.VBox):
         rows, cols = self.matrix.shape if self.matrix.ndim == 2 else (0, 0)
         self.selected_row = self.selected_col = -1
         if s.unit_ref is not None:
-            if s.modality == self.pair[0] and 0 <= s.unit < rows:
-                self.selected_row = s.unit
-            elif s.modality == self.pair[1] and 0 <= s.unit < cols:
-                self.selected_col = s.unit
+            if s.modality == self.pair[0]:
+                self.selected_row = self._position(self.row_units, s.unit, rows)
+            elif s.modality == self.pair[1]:
+                self.selected_col = self._position(self.col_units, s.unit, cols)
         self._outline()
 
     def _outline(self) -> None:
@@ -558,7 +619,8 @@ class HeatmapView(W.VBox):
             return
         if self.instance != self.selection.instance or tuple(self.pair) != self.wanted_pair():
             return
-        self.selection.select(unit=(self.pair[0], int(row)))
+        unit = int(row) if self.row_units is None else int(self.row_units[int(row)])
+        self.selection.select(unit=(self.pair[0], unit))
 
     def state(self) -> dict:
         return {"pair": list(self.pair), "matrix": self.matrix.tolist(),
@@ -566,6 +628,8 @@ class HeatmapView(W.VBox):
                 "row_ticks": list(self.grid.row) if self.grid.row is not None else [],
                 "col_ticks": list(self.grid.column) if self.grid.column is not None else [],
                 "computed": None if self.computed is None else self.computed.tolist(),
+                "row_units": None if self.row_units is None else self.row_units.tolist(),
+                "col_units": None if self.col_units is None else self.col_units.tolist(),
                 "selected_row": self.selected_row, "selected_col": self.selected_col,
                 "outline": ({"x": list(map(float, self.outline.x)),
                              "y": list(map(float, self.outline.y))}
