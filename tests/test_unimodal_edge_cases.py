@@ -862,3 +862,33 @@ def test_a_kernels_caveat_is_collected_on_a_collecting_thread_and_a_warning_else
     assert not [w for w in said if "underdetermined" in str(w.message)]
     assert [n.category for n in told] == ["UserWarning"]
     assert "underdetermined" in told[0].text and "Raise n_samples" in told[0].text
+
+
+@pytest.mark.parametrize("method", ["lime", "kernel_shap"])
+def test_a_surrogate_too_large_for_memory_is_refused_before_any_sample(monkeypatch, method):
+    """8,128 units and the 24,384 samples KernelSHAP's own warning asked for ran every sample,
+    then failed in the solve with the allocator's bare error. Now: refused first, with what it
+    would need, what fits and what to do instead; nothing is evaluated."""
+    import multiviz_widgets.kernels.unimodal as unimodal
+    calls = []
+
+    def fn(masks):
+        calls.append(1)
+        return masks["x"].sum(1)
+    # 300 units x 900 samples: 8 x (6 x 900 x 300 + 2 x 300^2) bytes = 14.4 MB
+    monkeypatch.setattr(unimodal, "SURROGATE_MEMORY_LIMIT", 10 * 2**20)
+    run = (unimodal.lime_from_function if method == "lime"
+           else unimodal.kernel_shap_from_function)
+    # (10 MiB / 8 - 2 x 300^2) / (6 x 300) = 628 samples fit: enough for LIME's 301 unknowns,
+    # not for KernelSHAP's 3 U
+    few = (r"" if method == "lime" else r", too few to determine 300 unit scores \(about 900 "
+           r"do\): the estimate would be a guess")
+    with pytest.raises(ValueError, match=rf"{method}: 900 samples over 300 units would need "
+                                         r"about 13\.7 MiB of memory .* At most 10\.0 MiB are "
+                                         r"allowed\. Explain fewer, larger units .*\(at most 628 "
+                                         rf"fit{few}\), or use occlusion \(1 \+ 300 forward "
+                                         r"passes"):
+        run(fn, {"x": 300}, n_samples=900)
+    assert calls == []
+    run(fn, {"x": 300}, n_samples=500)                  # what fits runs
+    assert calls

@@ -669,6 +669,41 @@ def _lime_fit(z: np.ndarray, y: np.ndarray, weights: np.ndarray, alpha: float) -
     return coef.numpy()
 
 
+#: LIME's and KernelSHAP's regressions keep about this many float64 copies of their samples x
+#: units design while they build and solve it (KernelSHAP's peak: 5.5 for 2,128 and 4,128 units),
+#: and LIME about two units x units matrices; beyond SURROGATE_MEMORY_LIMIT they refuse, before
+#: any forward pass, with what fits (8,128 units and the 24,384 samples their own warning asks
+#: for ran every sample, then failed in the solve: "DefaultCPUAllocator: can't allocate memory")
+SURROGATE_DESIGN_COPIES = 6
+SURROGATE_MEMORY_LIMIT = PATH_MEMORY_LIMIT
+
+
+def _surrogate_bytes(n_samples: int, total: int) -> int:
+    return 8 * (SURROGATE_DESIGN_COPIES * n_samples * total + 2 * total * total)
+
+
+def _check_surrogate_memory(n_samples: int, total: int, where: str, needed: int) -> None:
+    """A ValueError, before any forward pass, when a LIME or KernelSHAP regression of
+    ``n_samples`` samples over ``total`` units would take more than SURROGATE_MEMORY_LIMIT:
+    what it would need, and the most samples that fit (and whether they are fewer than the
+    ``needed`` that determine the regression)."""
+    need = _surrogate_bytes(n_samples, total)
+    if need <= SURROGATE_MEMORY_LIMIT:
+        return
+    free = SURROGATE_MEMORY_LIMIT // 8 - 2 * total * total
+    fits = max(free // (SURROGATE_DESIGN_COPIES * total), 0) if total else 0
+    few = (f", too few to determine {total:,} unit scores (about {needed:,} do): the estimate "
+           f"would be a guess" if fits < needed else "")
+    lower = f"fewer samples (at most {fits:,} fit{few}), " if fits >= 2 else ""
+    raise ValueError(
+        f"{where}: {n_samples:,} samples over {total:,} units would need about "
+        f"{_size(need)} of memory for the regression (a samples x units design, several "
+        f"copies while it is built and solved). At most {_size(SURROGATE_MEMORY_LIMIT)} are "
+        f"allowed. Explain fewer, larger units (a larger patch, a larger window; or "
+        f"modalities=[...]), {lower}or use occlusion (1 + {total:,} forward passes, memory for "
+        f"one batch).")
+
+
 def _lime(fn, n_units, n_samples=500, seed=0, progress=None, kernel_width=0.25,
           distance="cosine", alpha=1.0, batch_size=PERTURBATION_BATCH, keep_probability=0.5,
           stacklevel: int | None = 3) -> tuple[dict[str, np.ndarray], bool]:
@@ -689,6 +724,7 @@ def _lime(fn, n_units, n_samples=500, seed=0, progress=None, kernel_width=0.25,
         raise ValueError(f"keep_probability must lie strictly between 0 and 1, got "
                          f"{keep_probability!r}.")
     total = sum(units.values())
+    _check_surrogate_memory(int(n_samples), total, "lime", total + 1)
     rng = _rng(seed)
     z = (rng.random((int(n_samples), total)) < keep_probability).astype(np.float64)
     z[0] = 1.0
@@ -849,6 +885,8 @@ def _kernel_shap(fn, n_units, n_samples, seed, progress, batch_size, stacklevel:
     batch_size = positive_int(batch_size, "batch_size")
     check_progress(progress, "kernel_shap")
     total = sum(units.values())
+    _check_surrogate_memory(min(int(n_samples), 2 ** min(total, 62)), total, "kernel_shap",
+                            3 * total)
     rng = _rng(seed)
     zs, ws = _shapley_design(total, int(n_samples) - 2, rng)
     z = np.concatenate([np.ones((1, total)), np.zeros((1, total)), zs])
