@@ -45,8 +45,9 @@ from ..adapter import MASKED_TARGET_NOTE, ModelAdapter, Prepared, Target
 from ..progress import ProgressFn, check_progress, report
 from ..results import Interaction, Stopwatch
 from ..checks import positive_int
-from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_masks,
-                     math_attention, modality_pair, resolve_target)
+from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_mask_rows,
+                     evaluate_masks, math_attention, modality_pair, occlusion_rows,
+                     resolve_target)
 from .dime import DimeResult, dime
 from .emap import EmapResult, emap, emap_gap, emap_matrix, interaction_type, interaction_types
 from .unimodal import _raise_not_differentiable, raise_not_finite
@@ -712,10 +713,11 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
             ka, kb = _split_players(ua, ub, max_players)
             occ = {}
             for name, u in ((a, ua), (b, ub)):
-                m = torch.ones(1 + u, u)
-                m[1 + torch.arange(u), torch.arange(u)] = 0
-                f = evaluate_masks(adapter, prepared, {name: m}, target, batch_size, progress,
-                                   f"choosing the Shapley players: occlusion of {name}")
+                f = evaluate_mask_rows(adapter, prepared, 1 + u,
+                                       lambda s, e, name=name, u=u: occlusion_rows({name: u}, s,
+                                                                                    e),
+                                       target, batch_size, progress,
+                                       f"choosing the Shapley players: occlusion of {name}")
                 occ[name] = (f[0] - f[1:]).abs().double().cpu().numpy()
                 forwards += 1 + u
             pa, pb = _top_units(occ[a], min(ka, ua)), _top_units(occ[b], min(kb, ub))

@@ -65,8 +65,8 @@ from ..modalities import LOW_PRECISION, Modality
 from ..progress import ProgressFn, check_progress, report
 from ..results import Attribution, Stopwatch
 from ..checks import positive_int
-from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_masks,
-                     positive_number, resolve_target)
+from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_mask_rows,
+                     evaluate_masks, occlusion_rows, positive_number, resolve_target)
 
 __all__ = ["METHODS", "AttributionMethod", "attribute", "attribute_batch", "lime_from_function",
            "kernel_shap_from_function", "integration_rule", "CompletenessWarning",
@@ -1171,15 +1171,11 @@ class _Occlusion(AttributionMethod):
 
     def _run(self, adapter, prepared, target, names, p, progress):
         offsets, total = _units_offsets(prepared, names)
-        masks = {}
-        for n in names:
-            u = prepared.n_units[n]
-            m = torch.ones(1 + total, u)
-            o = offsets[n]
-            m[1 + o + torch.arange(u), torch.arange(u)] = 0.0
-            masks[n] = m
-        y = evaluate_masks(adapter, prepared, masks, target, batch_size=int(p["batch_size"]),
-                           progress=progress, message="occlusion")
+        units = {n: prepared.n_units[n] for n in names}        # in the order of the offsets
+        y = evaluate_mask_rows(adapter, prepared, 1 + total,
+                               lambda s, e: occlusion_rows(units, s, e), target,
+                               batch_size=int(p["batch_size"]), progress=progress,
+                               message="occlusion")
         y = y.double()          # a bfloat16 model's outputs: their difference rounds in bfloat16
         diff = y[0] - y[1:]
         scores = {n: diff[offsets[n]:offsets[n] + prepared.n_units[n]] for n in names}
