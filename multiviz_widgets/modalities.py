@@ -891,8 +891,15 @@ class Text(Modality):
             raise ValueError(f"{self.name}: the text is missing ({raw!r}, e.g. an empty cell of "
                              f"a DataFrame): fill it in, or leave the instance out.")
         if not isinstance(raw, str):
+            hint = ""
+            if isinstance(raw, (list, tuple)) and raw and all(isinstance(w, str) for w in raw):
+                hint = (" A list of words (pre-tokenised text, as the CMU-MOSEI SDK gives): "
+                        "join them, ' '.join(words), or pass their ids as a tensor.")
+            elif isinstance(raw, (list, tuple, np.ndarray)):
+                hint = (" Token ids as a list or a numpy array: pass "
+                        "torch.as_tensor(ids, dtype=torch.long).")
             raise TypeError(f"{self.name}: expected a string or a 1-D tensor of token ids, got "
-                            f"{type(raw).__name__}.")
+                            f"{type(raw).__name__}.{hint}")
         toks = self.tokenize(raw)
         if not toks:
             dropped = (self._tokenize is None and self.drop_punctuation

@@ -450,7 +450,7 @@ def test_the_easy_vqa_demo_explains_with_the_sparse_model(tmp_path, monkeypatch)
     try:
         assert ex.wait(120) and ex.analyses.sparse_model is not None
         assert "the sparse linear model's weight" in ex.neuron_view.caption.value
-        assert "standardised over the dataset" in ex.neuron_view.caption.value
+        assert "standardised over the data the sparse model was fit on" in ex.neuron_view.caption.value
     finally:
         ex.close()
     ex = open_demo(sparse_model=None)                  # the decision layer's own weights

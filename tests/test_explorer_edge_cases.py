@@ -447,7 +447,7 @@ def test_the_bar_charts_are_titled_in_words_before_their_formula(vqa):
     assert contribution_title("a very long class name indeed") == \
         "what each neuron adds to 'a very long…'"
     # a sparse linear model weighs the standardised activations: said in words
-    assert "standardised over the dataset" in contribution_source(True)
+    assert "standardised over the data the sparse model was fit on" in contribution_source(True)
 
 
 def test_the_method_menus_show_readable_names_and_keep_the_method_names_as_values(vqa):

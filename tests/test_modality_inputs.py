@@ -561,3 +561,19 @@ def test_pd_na_and_nat_in_lists_and_object_arrays_are_missing_values(missing):
     assert series[0, 0] == 60 and torch.isnan(series[1, 0])
     with pytest.raises(TypeError, match="expected numbers"):
         tab.to_tensor(np.array([30.0, "high"], dtype=object))
+
+
+def test_pre_tokenised_text_and_ids_in_a_list_say_how_to_pass_them():
+    """The CMU-MOSEI SDK gives words as a list, and ids often come as numpy arrays: the refusal
+    says what to pass instead."""
+    from multiviz_widgets import Text
+    t = Text("question", ["[PAD]", "[UNK]", "what", "is", "red"])
+    with pytest.raises(TypeError, match=r"got list\. A list of words .*' '\.join\(words\)"):
+        t.to_tensor(["what", "is", "red"])
+    for ids in ([2, 3], np.array([2, 3])):
+        with pytest.raises(TypeError, match=r"torch\.as_tensor\(ids, dtype=torch\.long\)"):
+            t.to_tensor(ids)
+    assert t.to_tensor(" ".join(["what", "is", "red"])).tolist() == [2, 3, 4]
+    assert t.to_tensor(torch.as_tensor(np.array([2, 3]), dtype=torch.long)).tolist() == [2, 3]
+    with pytest.raises(TypeError, match=r"got dict\.$"):
+        t.to_tensor({"a": 1})

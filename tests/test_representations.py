@@ -234,6 +234,20 @@ def test_cache_location_follows_the_environment(tmp_path, monkeypatch):
     assert rep.default_cache_dir() == tmp_path / "env"
 
 
+def test_a_cache_folder_under_a_file_says_only_that_it_could_not_write(tmp_path, monkeypatch):
+    """MULTIVIZ_CACHE under a regular file: one warning, that the cache could not be written
+    (there was a first one about an 'unreadable feature cache' that never existed)."""
+    import warnings
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("MULTIVIZ_CACHE", str(tmp_path / "afile" / "cache"))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        f = extract_features(make_adapter(), make_dataset())
+    texts = [str(w.message) for w in said if issubclass(w.category, RuntimeWarning)]
+    assert len(texts) == 1 and texts[0].startswith("Could not write the feature cache"), texts
+    assert f.path is None and len(f.h)
+
+
 def test_cache_false_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("MULTIVIZ_CACHE", str(tmp_path / "env"))
     f = extract_features(make_adapter(), make_dataset(), cache=False)

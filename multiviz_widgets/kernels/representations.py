@@ -708,7 +708,8 @@ def _load_cached(path: Path, key: str, idx: np.ndarray, d: int | None = None,
         _check_cached(h, logits, indices, idx, d, skipped, n_classes)
         return Features(h, logits, indices, key, True, 0, 0.0, str(path),
                         dict(zip(skipped.tolist(), map(str, reasons.tolist()))))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        # no such file (a cache folder under a file is no folder: writing says so)
         return None
     except Exception as exc:  # corrupt or inconsistent file: recompute and overwrite
         warn(f"Ignoring unreadable feature cache {path} ({type(exc).__name__}: {exc}); "

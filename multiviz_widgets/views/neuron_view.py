@@ -40,10 +40,11 @@ def contribution_title(class_name: str | None = None) -> str:
 def contribution_source(sparse: bool) -> str:
     """What a contribution bar is, in words: the weight of the class for the neuron times the
     neuron's activation, from the decision layer or, with a sparse linear model, from that
-    model (which weighs activations standardised over the dataset)."""
+    model (which weighs activations standardised by their mean and spread over the data it was
+    fit on, not necessarily the dataset shown)."""
     if sparse:
         return ("each bar: the sparse linear model's weight of the class for the neuron x the "
-                "neuron's activation, standardised over the dataset")
+                "neuron's activation, standardised over the data the sparse model was fit on")
     return "each bar: the decision layer's weight of the class for the neuron x its activation"
 
 
