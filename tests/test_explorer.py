@@ -1718,3 +1718,30 @@ def test_a_closed_explorer_is_freed_with_the_model_it_held():
     assert not any(t.is_alive() for t in workers)
     gc.collect()
     assert explorer() is None and model() is None
+
+
+def test_a_long_series_thumbnail_keeps_its_strong_window_and_rows_a_person_can_see():
+    """2,000 windows in 96 px were a 96 x 1 px picture, and a nearest-neighbour resize dropped
+    the one strong window: columns are pooled to the largest magnitude (its sign kept) and rows
+    are at least MIN_STRIP_ROW_PX tall; a short strip keeps its square cells."""
+    import io
+
+    from PIL import Image as PILImage
+
+    from multiviz_widgets.views._encode import MIN_STRIP_ROW_PX, pooled_columns, strip_png
+    g = np.zeros((2, 2000))
+    g[0, 1000] = 5.0
+    g[1, 17] = -3.0
+    pooled = pooled_columns(g, 96)
+    assert pooled.shape == (2, 96)
+    assert pooled[0].max() == 5.0 and pooled[1].min() == -3.0
+    img = PILImage.open(io.BytesIO(strip_png(g, 96)))
+    assert img.size == (96, 2 * MIN_STRIP_ROW_PX)
+    px = np.asarray(img.convert("RGB")).astype(int)
+    row0 = px[:MIN_STRIP_ROW_PX].reshape(-1, 3)
+    assert ((row0[:, 0] > 200) & (row0[:, 1] < 100)).any()         # the red window is drawn
+    row1 = px[MIN_STRIP_ROW_PX:].reshape(-1, 3)
+    assert ((row1[:, 2] > 200) & (row1[:, 0] < 150)).any()         # and the blue one
+    small = PILImage.open(io.BytesIO(strip_png(np.arange(24.0).reshape(3, 8), 96)))
+    assert small.size == (96, 36)                                  # 12 px square cells
+    assert pooled_columns(np.full((1, 300), np.nan), 96).shape == (1, 96)

@@ -60,3 +60,49 @@ def strip(values: np.ndarray, rows: int = 1) -> np.ndarray:
     rgb = diverging(np.nan_to_num(pad.reshape(rows, cols)))
     rgb[np.isnan(pad.reshape(rows, cols))] = 230
     return rgb
+
+
+#: A strip thumbnail's rows are at least this many pixels tall (a series of 2,000 windows drawn
+#: with square cells in 96 px was 1 px tall)
+MIN_STRIP_ROW_PX = 6
+
+
+def pooled_columns(grid: np.ndarray, most: int) -> np.ndarray:
+    """``grid`` [rows, n] with its columns pooled into at most ``most`` bins of neighbours,
+    each bin the value of largest magnitude in it (its sign kept): one strong unit among
+    thousands still shows (every k-th column, as a nearest-neighbour resize takes, missed a
+    single strong window). NaN (no value) only where a whole bin is."""
+    g = np.asarray(grid, dtype=np.float64)
+    rows, n = g.shape
+    if n <= most:
+        return g
+    edges = np.linspace(0, n, most + 1).round().astype(int)
+    out = np.full((rows, most), np.nan)
+    for b in range(most):
+        part = g[:, edges[b]:edges[b + 1]]
+        mag = np.where(np.isfinite(part), np.abs(part), -1.0)
+        k = mag.argmax(1)
+        pick = part[np.arange(rows), k]
+        out[:, b] = np.where(mag.max(1) >= 0, pick, np.nan)
+    return out
+
+
+def strip_png(grid: np.ndarray, size: int) -> bytes:
+    """PNG bytes of per-unit values [rows, n] as coloured cells: at most ``size`` columns
+    (``pooled_columns``), ``size`` px wide at most, square cells where they fit and rows at
+    least MIN_STRIP_ROW_PX tall (at most ``size`` px in all)."""
+    from PIL import Image as PILImage
+
+    g = pooled_columns(np.atleast_2d(np.asarray(grid, dtype=np.float64)), max(1, int(size)))
+    rows, cols = g.shape
+    rgb = diverging(np.nan_to_num(g))
+    rgb[np.isnan(g)] = 230
+    cell = max(1, int(size) // max(rows, cols))      # square cells, the long side in size
+    width = cols * cell
+    row_px = max(cell, MIN_STRIP_ROW_PX)
+    height = max(1, min(int(size), rows * row_px))
+    img = PILImage.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB")
+    img = img.resize((width, height), PILImage.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -16,7 +16,7 @@ from ..kernels.representations import gallery_rows, tied_extremes
 from ..selection import Selection
 from ._common import (RetryAfterCancel, WrappedText, close_widgets, describe_instance,
                       failure_text, instance_title, text_label)
-from ._encode import image_overlay, png, strip
+from ._encode import image_overlay, png, strip_png
 
 
 def _short(text: str, n: int = 38) -> str:
@@ -315,10 +315,9 @@ class NeuronView(W.VBox):
                 thumbs[name] = png(image_overlay(x, np.asarray(attr.maps[name])), size)
             elif m.kind == "timeseries" and scores.size:
                 groups = len(m.groups)            # units are window-major: [windows, groups]
-                thumbs[name] = png(strip(scores.reshape(-1, groups).T.reshape(-1), rows=groups),
-                                   size)
+                thumbs[name] = strip_png(scores.reshape(-1, groups).T, size)
             elif m.kind != "text" and scores.size:   # tabular and other kinds: one strip
-                thumbs[name] = png(strip(scores, rows=1), size)
+                thumbs[name] = strip_png(scores[None, :], size)
         return {"side": side, "index": idx, "value": value,
                 "description": describe_instance(a.dataset.describe, idx),
                 "label": a.label(idx), "thumbs": thumbs}
