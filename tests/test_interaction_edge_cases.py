@@ -546,6 +546,14 @@ def test_pairwise_ablation_of_many_pairs_warns_with_its_cost_and_what_costs_less
     with pytest.warns(UserWarning, match=words.format("")) as record:       # one batch: untimed
         interaction(adapter, _instance(), "pairwise_ablation", target=1, batch_size=64)
     assert len(record) == 1 and record[0].filename == __file__
+    # few pairs that will take long (196 x 256 patches and words of a large model: hours) are
+    # said too, from the time of the second batch
+    monkeypatch.setattr(interactions, "PAIRWISE_WARN_PAIRS", 10**9)
+    monkeypatch.setattr(interactions, "PAIRWISE_WARN_SECONDS", 0.0)
+    with pytest.warns(UserWarning, match=words.format(r", about \d+ s at the rate of its first "
+                                                      r"batches")) as record:
+        interaction(adapter, _instance(), "pairwise_ablation", target=1, batch_size=4)
+    assert len(record) == 1 and record[0].filename == __file__
 
 
 def test_a_shapley_estimate_that_is_mostly_noise_warns():

@@ -414,6 +414,8 @@ def _sog_replicate(adapter, prepared, r, c, target, progress, phi, attribution, 
 #: pairwise_ablation warns (UserWarning, with its cost) above this many pairs of units: each pair
 #: is a forward pass (784 image patches x 512 tokens are 401,408 of them)
 PAIRWISE_WARN_PAIRS = 100_000
+#: ... or when its first batches say it will take longer than this (seconds)
+PAIRWISE_WARN_SECONDS = 60.0
 
 
 def _pairwise_rows(ua: int, ub: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -469,8 +471,10 @@ def pairwise_ablation(adapter: ModelAdapter, prepared: Prepared, a: str, b: str,
     """D[u, v] = f(x) - f(x\\u) - f(x\\v) + f(x\\{u,v}) as a matrix [U_a, U_b] (removed units take
     the baseline). Cost: 1 + U_a + U_b + U_a U_b forwards in batches of batch_size, each
     batch's masks built when it runs (memory: batch_size x (U_a + U_b) mask values, and one
-    output per forward). Above PAIRWISE_WARN_PAIRS pairs a UserWarning gives the cost: the
-    forwards, and the time the first batches took times the number of batches.
+    output per forward). Above PAIRWISE_WARN_PAIRS pairs, or when its second batch says the
+    whole will take more than PAIRWISE_WARN_SECONDS (50,176 pairs of a large model: hours), a
+    UserWarning gives the cost: the forwards, and the time the second batch took times the
+    number of batches.
     units: {modality: unit indices} to compute only the pairs among those units (a modality not
     named: all its units); the other cells are 0 and ``params["units"]`` lists the units used.
     Cost then 1 + k_a + k_b + k_a k_b forwards (the prediction path's candidates)."""
@@ -482,8 +486,9 @@ def pairwise_ablation(adapter: ModelAdapter, prepared: Prepared, a: str, b: str,
     sel = {m: _unit_subset(units, m, prepared.n_units[m]) for m in (a, b)}
     ua, ub = len(sel[a]), len(sel[b])
     n = 1 + ua + ub + ua * ub
-    timed = ua * ub > PAIRWISE_WARN_PAIRS and n > 2 * batch_size   # a second batch to time
-    if ua * ub > PAIRWISE_WARN_PAIRS and not timed:
+    many = ua * ub > PAIRWISE_WARN_PAIRS
+    timed = n > 2 * batch_size                            # a second batch to time
+    if many and not timed:
         _warn_pairwise(ua, ub, n, None)
     outs, clock = [], 0.0
     for s in range(0, n, batch_size):
@@ -499,7 +504,9 @@ def pairwise_ablation(adapter: ModelAdapter, prepared: Prepared, a: str, b: str,
             if s == 0:
                 clock = time.perf_counter()
             else:
-                _warn_pairwise(ua, ub, n, (time.perf_counter() - clock) * -(-n // batch_size))
+                seconds = (time.perf_counter() - clock) * -(-n // batch_size)
+                if many or seconds > PAIRWISE_WARN_SECONDS:
+                    _warn_pairwise(ua, ub, n, seconds)
         report(progress, min(n, s + batch_size), n, "pairwise ablations")
     f = torch.cat(outs).double().cpu().numpy()
     f0, fa, fb = f[0], f[1:1 + ua], f[1 + ua:1 + ua + ub]
