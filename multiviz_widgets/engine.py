@@ -795,6 +795,37 @@ def check_path_params(path_params, names: bool = True) -> dict:
             for k, v in path_params.items()}
 
 
+def check_method_params(method_params) -> dict:
+    """``method_params`` ({method: {parameter: value}}, e.g. {"lime": {"n_samples": 3000}}) as
+    a dict of dicts, each method a stage-1 or stage-2 method and each parameter one it takes
+    (a value it refuses is said by the method, in the banner, when it runs)."""
+    if method_params is None:
+        return {}
+    if not isinstance(method_params, Mapping):
+        raise TypeError(f"method_params must be a dict {{method: {{parameter: value}}}}, e.g. "
+                        f"{{'lime': {{'n_samples': 3000}}}}, got {type(method_params).__name__}.")
+    from .kernels.interactions import INTERACTION_METHODS, _method_params
+    from .kernels.unimodal import METHODS
+    out = {}
+    for method, params in method_params.items():
+        if method in METHODS:
+            taken = sorted(set(METHODS[method].defaults) | {"modalities"})
+        elif method in INTERACTION_METHODS:
+            taken = _method_params(INTERACTION_METHODS[method])      # None: it takes any
+        else:
+            raise ValueError(f"method_params names {method!r}, which is no method; the methods "
+                             f"are {sorted(METHODS)} and {sorted(INTERACTION_METHODS)}.")
+        if not isinstance(params, Mapping):
+            raise TypeError(f"method_params[{method!r}] must be a dict of its parameters, got "
+                            f"{type(params).__name__}.")
+        unknown = [] if taken is None else sorted(set(map(str, params)) - set(taken))
+        if unknown:
+            raise TypeError(f"method_params[{method!r}] names {unknown}, which {method} does "
+                            f"not take; it takes {taken}.")
+        out[str(method)] = dict(params)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 #: How far below its fidelity when fit (a share of instances) the sparse model's agreement with
 #: the model must fall for the Explorer to say that the model changed since
@@ -808,15 +839,16 @@ class Kernels:
     """
 
     def attribute(self, adapter: ModelAdapter, prepared: Prepared, method: str, target: Target,
-                  progress=None):
+                  progress=None, **params):
         from .kernels.unimodal import attribute
-        return attribute(adapter, prepared, method=method, target=target, progress=progress)
+        return attribute(adapter, prepared, method=method, target=target, progress=progress,
+                         **params)
 
     def interaction(self, adapter: ModelAdapter, prepared: Prepared, method: str,
-                    modalities: tuple[str, str], target: Target, progress=None):
+                    modalities: tuple[str, str], target: Target, progress=None, **params):
         from .kernels.interactions import interaction
         return interaction(adapter, prepared, method=method, modalities=modalities, target=target,
-                           progress=progress)
+                           progress=progress, **params)
 
     def features(self, adapter: ModelAdapter, dataset: MultimodalDataset, progress=None,
                  refresh: bool = False):
@@ -965,7 +997,8 @@ class Analyses:
 
     def __init__(self, engine: Engine, adapter: ModelAdapter, dataset: MultimodalDataset,
                  kernels: Kernels | None = None, sparse_model=None, features=None,
-                 gallery_k: int = 4, path_params: dict | None = None):
+                 gallery_k: int = 4, path_params: dict | None = None,
+                 method_params: dict | None = None):
         if not isinstance(adapter, ModelAdapter):
             raise TypeError(f"The Explorer needs a ModelAdapter, got {type(adapter).__name__}.")
         if len(dataset) == 0:
@@ -994,6 +1027,9 @@ class Analyses:
         # the names checked against prediction_path's, unless the kernels' own path is another
         self.path_params = check_path_params(
             path_params, names=type(self.kernels).prediction_path is Kernels.prediction_path)
+        #: {method: {parameter: value}} for the views' stage-1 and stage-2 calls (and the
+        #: path's, where it follows the menus)
+        self.method_params = check_method_params(method_params)
         self._given_features = features
         #: counts forget(recompute_features=True): a features() asked for under a newer count
         #: than the last one computed computes them again, not from the disk cache
@@ -1147,16 +1183,19 @@ class Analyses:
     # -- stage 1 and 2 -------------------------------------------------------------------------
     def attribution(self, i: int, target: Target, method: str, progress=None):
         p = self.prepared(i)
-        return self.engine.memo(("attribution", p.key, method, target),
-                                lambda: self.kernels.attribute(self.adapter, p, method, target,
-                                                               progress))
+        params = self.method_params.get(method, {})      # (passed only when given: a
+        return self.engine.memo(                         # Kernels of a test may not take them)
+            ("attribution", p.key, method, target, params_key(params)),
+            lambda: self.kernels.attribute(self.adapter, p, method, target, progress, **params))
 
     def interaction(self, i: int, target: Target, method: str, pair: tuple[str, str],
                     progress=None):
         p = self.prepared(i)
-        return self.engine.memo(("interaction", p.key, method, target, tuple(pair)),
-                                lambda: self.kernels.interaction(self.adapter, p, method,
-                                                                 tuple(pair), target, progress))
+        params = self.method_params.get(method, {})
+        return self.engine.memo(
+            ("interaction", p.key, method, target, tuple(pair), params_key(params)),
+            lambda: self.kernels.interaction(self.adapter, p, method, tuple(pair), target,
+                                             progress, **params))
 
     # -- stage 3 -------------------------------------------------------------------------------
     def features(self, progress=None):

@@ -261,7 +261,8 @@ class InputPanel:
             if (attr.params or {}).get("underdetermined"):
                 # KernelSHAP with fewer samples than its regression needs (a large input)
                 caption += (" (an estimate from too few samples for this many units, "
-                            "unreliable: attribute(..., n_samples=...) in code takes more)")
+                            "unreliable: Explorer(..., method_params={"
+                            f"{method!r}: {{'n_samples': ...}}}}) takes more)")
             if unit is not None and not in_pair and pair is not None:
                 caption += (f" ({unit[0]} is not in the heatmap's pair {pair[0]} x {pair[1]}, "
                             f"so no interactions of its unit: choose a pair with {unit[0]} in "
@@ -407,6 +408,11 @@ class Explorer(W.VBox):
     ``unimodal_method``, ``interaction_method`` (None: no pairs) or ``modalities``; parameters
     of a method (``unimodal_params``, ``interaction_params``) without it keep prediction_path's
     default method, which they were written for.
+    method_params: {method: {parameter: value}} for the views' stage-1 and stage-2 methods (and
+    the path's, unless ``path_params`` give their own), e.g. ``{"lime": {"n_samples": 3000},
+    "shapley": {"budget": 8192}}``: an instance of thousands of units needs more LIME samples
+    than the default 500, and the menus have no place for numbers. Unknown methods or
+    parameters are refused at once; a value a method refuses is said in the banner.
     annotations: the concepts people give neurons and units (``explorer.annotations``): a JSON
     file's path (read if it exists, saved on each change; a file that cannot be read, or was
     made for a model of another shape, raises an AnnotationError and is left as it is), an
@@ -416,12 +422,13 @@ class Explorer(W.VBox):
     def __init__(self, adapter: ModelAdapter, dataset: MultimodalDataset, *, sparse_model=None,
                  cache_size: int = 256, features=None, pair: tuple[str, str] | None = None,
                  kernels: Kernels | None = None, gallery_k: int = 4, delay: float = 0.3,
-                 path_params: dict | None = None, annotations=None, start: bool = True):
+                 path_params: dict | None = None, annotations=None, start: bool = True,
+                 method_params: dict | None = None):
         _check_dataset(dataset, adapter)
         self.engine = Engine(cache_size=cache_size, delay=delay)
         try:
             self._build(adapter, dataset, sparse_model, features, pair, kernels, gallery_k,
-                        path_params, annotations)
+                        path_params, annotations, method_params)
             if start:
                 self._opening = True          # this refresh reads the features' disk cache
                 self.refresh()
@@ -435,10 +442,11 @@ class Explorer(W.VBox):
             raise
 
     def _build(self, adapter, dataset, sparse_model, features, pair, kernels, gallery_k,
-               path_params, annotations) -> None:
+               path_params, annotations, method_params=None) -> None:
         self.analyses = Analyses(self.engine, adapter, dataset, kernels=kernels,
                                  sparse_model=sparse_model, features=features,
-                                 gallery_k=gallery_k, path_params=path_params)
+                                 gallery_k=gallery_k, path_params=path_params,
+                                 method_params=method_params)
         self.adapter, self.dataset = adapter, dataset
         self.annotations = self._open_annotations(annotations)
         # out-of-range instances and targets, unknown modalities and bad pairs are rejected
@@ -621,6 +629,11 @@ class Explorer(W.VBox):
             if "modalities" not in own:
                 params.update({"modalities": tuple(s.pair)} if s.pair
                               else {"interaction_method": None})
+        # the methods' own parameters (method_params=), where path_params give none
+        given = self.analyses.method_params
+        for kind in ("unimodal", "interaction"):
+            if f"{kind}_params" not in own and params.get(f"{kind}_method") in given:
+                params[f"{kind}_params"] = given[params[f"{kind}_method"]]
         if params != self.analyses.path_params:
             self.analyses.path_params = params
 

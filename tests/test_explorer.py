@@ -1745,3 +1745,39 @@ def test_a_long_series_thumbnail_keeps_its_strong_window_and_rows_a_person_can_s
     small = PILImage.open(io.BytesIO(strip_png(np.arange(24.0).reshape(3, 8), 96)))
     assert small.size == (96, 36)                                  # 12 px square cells
     assert pooled_columns(np.full((1, 300), np.nan), 96).shape == (1, 96)
+
+
+def test_method_params_reach_the_views_methods_and_the_path():
+    """An instance of thousands of units needs more LIME samples than 500, and the menus have
+    no place for numbers: method_params gives them, to the input view's and the heatmap's
+    methods and to the path's when it follows the menus; unknown names are refused at once."""
+    adapter, ds = tiny_vqa()
+    for bad, err, match in [({"limes": {}}, ValueError, "no method"),
+                            ({"lime": {"samples": 3}}, TypeError, r"\['samples'\].*n_samples"),
+                            ({"shapley": {"budgett": 3}}, TypeError, "budget"),
+                            ({"lime": 3}, TypeError, "dict of its parameters"),
+                            ([1], TypeError, "method_params must be a dict")]:
+        with pytest.raises(err, match=match):
+            Explorer(adapter, ds, method_params=bad, start=False)
+    ex = Explorer(adapter, ds, delay=0.05,
+                  method_params={"lime": {"n_samples": 64, "seed": 3},
+                                 "pairwise_ablation": {"batch_size": 5}})
+    try:
+        assert ex.wait(120)
+        ex.controls.method.value = "lime"
+        ex.controls.interaction_method.value = "pairwise_ablation"
+        assert ex.wait(120)
+        i, t = ex.selection.instance, ex.analyses.explained(ex.selection.instance,
+                                                           ex.selection.target,
+                                                           ex.selection.neuron)
+        attr = ex.analyses.attribution(i, t, "lime")
+        assert attr.params["n_samples"] == 64 and attr.params["seed"] == 3
+        inter = ex.analyses.interaction(i, t, "pairwise_ablation", ex.selection.pair)
+        assert inter.params["batch_size"] == 5
+        pp = ex.analyses.path_params
+        assert pp["unimodal_method"] == "lime"
+        assert pp["unimodal_params"] == {"n_samples": 64, "seed": 3}
+        assert pp["interaction_params"] == {"batch_size": 5}
+        assert ex.state()["error"] == ""
+    finally:
+        ex.close()

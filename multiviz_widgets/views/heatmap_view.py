@@ -183,7 +183,8 @@ def shapley_estimate_note(params) -> str:
     else:
         text += "; its noise is not measured: compare with another seed or a larger budget."
     if params.get("underdetermined"):
-        text += " Too few coalitions for the terms it fits: the estimate is unreliable."
+        text += (" Too few coalitions for the terms it fits: the estimate is unreliable "
+                 "(Explorer(..., method_params={'shapley': {'budget': ...}}) raises it).")
     return text
 
 
