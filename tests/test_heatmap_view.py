@@ -287,7 +287,9 @@ def test_the_note_says_whether_shapley_values_are_exact_or_sampled_and_how_noisy
          approximator="KernelSHAPIQ", exact=False, budget=30, relative_noise=None,
          underdetermined=True)
     note = hv.state()["note"]
-    assert "its noise is not measured" in note and note.endswith("the estimate is unreliable.")
+    assert "its noise is not measured" in note and note.endswith(
+        "the estimate is unreliable (Explorer(..., method_params={'shapley': {'budget': ...}}) "
+        "raises it).")
     for odd in (True, "0.3", float("nan")):                  # not a measured noise
         show(hv, np.ones((5, 4)), WORDS, PATCHES[:4], method="shapley", players=every,
              approximator="PermutationSamplingSII", relative_noise=odd)
