@@ -23,6 +23,7 @@ import numpy as np
 import ipywidgets as W
 
 from .notices import warn
+from .results import computed_units
 from .adapter import ModelAdapter
 from .annotations import AnnotationError, Annotations, dataset_signature, model_signature
 from .checks import is_integer
@@ -31,7 +32,7 @@ from .engine import Analyses, Engine, Kernels, short_repr
 from .selection import FIELDS, Selection, unit_ref_of
 from .display_text import isolate, quoted
 from .views._common import (close_widgets, colour_limit, describe_instance, failure_text,
-                            instance_title, method_label, shapley_players, text_label,
+                            instance_title, method_label, text_label,
                             widget_tree)
 from .views.concepts_view import ConceptsView
 from .views.controls import Controls, ErrorBanner, NoticeBanner, ProgressPanel
@@ -279,7 +280,7 @@ class InputPanel:
                 vec = (mat[u, :] if m == pair[0] else mat[:, u]).tolist()
                 # Shapley's cells outside its players are not computed (0 in the matrix): no
                 # score, not a measured 0 (the heatmap greys them)
-                sides = shapley_players(inter.params, pair, mat.shape)
+                sides = computed_units(inter.params, pair, mat.shape)
                 outside = False
                 if sides is not None:
                     mine, kept = (sides if m == pair[0] else sides[::-1])

@@ -48,6 +48,34 @@ class Result:
                 "backward_passes": int(self.backward_passes), "seconds": float(self.seconds)}
 
 
+def computed_units(params, pair, shape) -> tuple[np.ndarray, np.ndarray] | None:
+    """(the row modality's units, the column modality's) whose cells an interaction matrix
+    [shape] between ``pair`` (rows, columns) computed, from ``params["players"]`` (Shapley's
+    players) or ``params["units"]`` (pairwise ablation's chosen units), {modality: units}, as
+    sorted index arrays; None when the params name no valid units of both sides (then every
+    cell is computed). The other cells are 0 in the matrix, no measured value: the heatmap
+    greys them, the input view leaves them unscored and ``Interaction.top_pairs`` skips them,
+    all through this one function."""
+    if not isinstance(params, dict) or len(shape) != 2:
+        return None
+    chosen = params.get("players", params.get("units"))
+    if not isinstance(chosen, dict):
+        return None
+    sides = []
+    for modality, n in zip(pair, shape):
+        units = chosen.get(modality)
+        if units is None or isinstance(units, (str, bytes)):
+            return None
+        try:
+            idx = np.unique(np.asarray(units, dtype=np.int64).ravel())
+        except (TypeError, ValueError):
+            return None
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            return None
+        sides.append(idx)
+    return sides[0], sides[1]
+
+
 @dataclass(repr=False)
 class Attribution(Result):
     """Stage 1: per-unit scores and full-resolution maps, one entry per modality."""
@@ -81,16 +109,23 @@ class Interaction(Result):
     col_labels: list[str] = field(default_factory=list)
 
     def top_pairs(self, k: int = 5, absolute: bool = True) -> list[tuple[int, int, float]]:
-        """The k (row, column, value) pairs of largest (absolute) interaction (ties in row-major
-        order; NaN entries, if any, rank last)."""
+        """The k (row, column, value) pairs of largest (absolute) interaction among the cells
+        the method computed (``computed_units``: Shapley's players, pairwise ablation's units;
+        the others are 0 in the matrix, no measured value), ties in row-major order; NaN
+        entries, if any, rank last."""
         k = positive_int(k, "top_pairs' k (the number of pairs)", minimum=0)
         matrix = np.asarray(self.matrix, dtype=np.float64)
         m = np.abs(matrix) if absolute else matrix
         nan = np.isnan(m).ravel()
         # sorted by NaN-or-not first, then largest first (-inf after every number, NaN after
         # -inf); lexsort is stable, so ties stay in row-major order
-        order = np.lexsort((np.where(nan, 0.0, -m.ravel()), nan))[:int(k)]
-        rows, cols = np.unravel_index(order, m.shape)
+        order = np.lexsort((np.where(nan, 0.0, -m.ravel()), nan))
+        sides = computed_units(self.params, self.modalities, matrix.shape)
+        if sides is not None:
+            inside = np.zeros(matrix.shape, dtype=bool)
+            inside[np.ix_(*sides)] = True
+            order = order[inside.ravel()[order]]
+        rows, cols = np.unravel_index(order[:int(k)], m.shape)
         return [(int(r), int(c), float(matrix[r, c])) for r, c in zip(rows, cols)]
 
     def _shapes(self) -> str:

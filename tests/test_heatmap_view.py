@@ -414,3 +414,20 @@ def test_a_large_matrix_draws_each_sides_strongest_units_and_clicks_select_the_r
     show(hv, m[:5, :64], rows[:5], cols[:64])         # small enough: drawn whole, no note
     st = hv.state()
     assert st["row_units"] is None and st["col_units"] is None and "Drawn:" not in st["note"]
+
+
+def test_cells_pairwise_ablation_did_not_compute_are_grey_too(vqa):
+    """units= left cells out: they were drawn white (a measured "no interaction"); now grey,
+    with a note of the units computed, and their tooltip says not computed."""
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    m = np.zeros((5, 4))
+    m[np.ix_([1, 3], [0, 2])] = [[1.0, -2.0], [0.5, 0.0]]
+    show(hv, m, WORDS, PATCHES[:4], method="pairwise_ablation",
+         units={"question": [1, 3], "image": [0, 2]})
+    st = hv.state()
+    assert st["computed"][1][0] and st["computed"][3][2] and not st["computed"][0][0]
+    assert "Pairwise ablation is computed only between the 2 of the 5 question words chosen " \
+           "(units=) and the 2 of the 4 image patches chosen (units=). The grey cells" in st["note"]
+    assert hv.cell_text(0, 1).endswith("not computed (not both among the units computed)")
+    assert hv.cell_text(3, 2).endswith(": 0")                # computed: a measured 0

@@ -843,3 +843,44 @@ def test_pairwise_ablation_among_chosen_units_gives_those_cells_of_the_full_matr
                        ([0, 1], "pair's modalities")]:
         with pytest.raises(ValueError, match=match):
             interaction(adapter, inst, "pairwise_ablation", target=0, units=bad)
+
+
+def test_the_paths_pairs_come_only_from_the_cells_its_ablation_computed():
+    """Every interaction negative and the pairs ranked signed: the path took three cells its
+    narrowed ablation never computed (0 in the matrix) and drew their units. Pairs are now
+    ranked among the computed cells only (Interaction.top_pairs reads params["units"] and
+    Shapley's params["players"])."""
+    from multiviz_widgets.kernels.interactions import interaction
+    from multiviz_widgets.results import Interaction
+
+    class Product(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(1, 2)
+            with torch.no_grad():
+                self.head.weight[:] = torch.tensor([[1.0], [-1.0]])
+                self.head.bias.zero_()
+
+        def forward(self, a, b):            # D[u, v] = -a_u b_v < 0 for every pair
+            return self.head(-(a.sum(1, keepdim=True) * b.sum(1, keepdim=True)))
+
+    cols = [f"c{k}" for k in range(30)]
+    adapter = ModelAdapter(Product().eval(), [Tabular("a", columns=cols),
+                                              Tabular("b", columns=cols)], ["x", "y"])
+    rng = np.random.default_rng(0)
+    inst = {"a": (rng.random(30) + 0.5).astype(np.float32),
+            "b": (rng.random(30) + 0.5).astype(np.float32)}
+    path = prediction_path(adapter, inst, target=0, unimodal_method="gradient",
+                           interaction_method="pairwise_ablation", absolute=False,
+                           k_neurons=1, k_pairs=3)
+    assert path.params["ablation_candidates"] == {"a": 24, "b": 24}
+    pairs = path.neurons[0].pairs
+    assert len(pairs) == 3 and all(x < 0 for *_, x in pairs), pairs
+    some = interaction(adapter, inst, "pairwise_ablation", target=0,
+                       units={"a": [0, 1], "b": [5]})
+    assert [p[:2] for p in some.top_pairs(5, absolute=False)] == [(0, 5), (1, 5)] or \
+        [p[:2] for p in some.top_pairs(5, absolute=False)] == [(1, 5), (0, 5)]
+    shap = Interaction(method="shapley", target=some.target, modalities=("a", "b"),
+                       matrix=np.array([[0.0, -1.0], [0.0, 0.0]]),
+                       params={"players": {"a": [0], "b": [1]}})
+    assert shap.top_pairs(3, absolute=False) == [(0, 1, -1.0)]

@@ -29,30 +29,6 @@ def method_label(name: str) -> str:
     return METHOD_LABELS.get(name, str(name))
 
 
-def shapley_players(params, pair, shape) -> tuple[np.ndarray, np.ndarray] | None:
-    """(the row modality's player units, the column modality's) of an interaction matrix
-    [shape] between ``pair`` (rows, columns), from ``params["players"]`` ({modality: units}),
-    as sorted index arrays; None when the params name no valid players of both sides (then
-    every cell counts as computed). The heatmap (grey cells) and the input view (unscored
-    units) read the players through this one function, so that they always agree."""
-    players = params.get("players") if isinstance(params, dict) else None
-    if not isinstance(players, dict) or len(shape) != 2:
-        return None
-    sides = []
-    for modality, n in zip(pair, shape):
-        units = players.get(modality)
-        if units is None or isinstance(units, (str, bytes)):
-            return None
-        try:
-            idx = np.unique(np.asarray(units, dtype=np.int64).ravel())
-        except (TypeError, ValueError):
-            return None
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            return None
-        sides.append(idx)
-    return sides[0], sides[1]
-
-
 def colour_limit(values) -> float | None:
     """The largest |value| among the finite ones (the full-colour end of a symmetric scale), or
     None when there is none above 0. The heatmap's colour bar and the input view's overlay of a

@@ -23,8 +23,9 @@ from ..display_text import quoted
 from ..engine import Analyses, Engine
 from ..selection import Selection
 from .input_view import STATIC, check_bundle, esm_of
+from ..results import computed_units
 from ._common import (PATCH_NAMES, RetryAfterCancel, WrappedText, colour_limit, failure_text,
-                      method_label, names_patches, shapley_players, text_label)
+                      method_label, names_patches, text_label)
 
 
 #: Longest tick label (characters) on the heatmap's axes; longer unit names are cut in the
@@ -229,6 +230,7 @@ class HeatmapView(W.VBox):
         self.row_labels: list[str] = []
         self.col_labels: list[str] = []
         self.computed: np.ndarray | None = None   # bool [rows, cols]: None = every cell
+        self.method = ""                          # the method of the matrix shown
         # the units of the rows and columns drawn (None: all, in order; see MOST_SHOWN)
         self.row_units: np.ndarray | None = None
         self.col_units: np.ndarray | None = None
@@ -347,7 +349,8 @@ class HeatmapView(W.VBox):
         self.row_axis.label, self.col_axis.label = self.pair     # (a failure may have set others)
         m = np.asarray(inter.matrix, dtype=np.float64)
         params = getattr(inter, "params", None) or {}
-        computed, note = self._players(params, m.shape)
+        self.method = str(inter.method)
+        computed, note = self._players(params, m.shape, inter.method)
         rows, cols, labels, shown_note = self._strongest(m, computed, inter.row_labels,
                                                          inter.col_labels)
         if rows is not None or cols is not None:
@@ -424,26 +427,33 @@ class HeatmapView(W.VBox):
         one, many = UNIT_WORDS.get(kind, ("unit", "units"))
         return f"{modality} {one}", f"{modality} {many}"
 
-    def _players(self, params: dict, shape) -> tuple[np.ndarray | None, str]:
+    def _players(self, params: dict, shape, method: str = "shapley"
+                 ) -> tuple[np.ndarray | None, str]:
         """(computed, note): which cells the method computed (None: all of them) and the words
-        saying so, from ``params["players"]`` ({modality: the player units}) when some units of
-        the pair are not players (Shapley's max_players); their cells are 0 in the matrix."""
-        sides = shapley_players(params, self.pair, shape)
+        saying so, from ``params["players"]`` (Shapley's max_players) or ``params["units"]``
+        (pairwise ablation's units=) when some units of the pair are left out; their cells are
+        0 in the matrix."""
+        sides = computed_units(params, self.pair, shape)
         if sides is None or all(len(idx) == n for idx, n in zip(sides, shape)):
             return None, ""
         computed = np.zeros(shape, dtype=bool)
         computed[np.ix_(sides[0], sides[1])] = True
+        shapley = method == "shapley"
+        how = "of largest occlusion effect" if shapley else "chosen (units=)"
         parts = []
         for modality, idx, n in zip(self.pair, sides, shape):
             words = self._unit_words(modality)
             parts.append(f"all {n} {_plural(n, words)}" if len(idx) == n else
-                         f"the {len(idx)} of the {n} {_plural(n, words)} of largest occlusion "
-                         f"effect")
-        most = params.get("max_players")
-        most = f" (at most {most} players)" if isinstance(most, (int, np.integer)) else ""
-        note = (f"Shapley interactions are computed only between the players: {parts[0]} and "
-                f"{parts[1]}{most}. The grey cells, of the other units, are not computed (0 in "
-                f"the matrix).")
+                         f"the {len(idx)} of the {n} {_plural(n, words)} {how}")
+        if shapley:
+            most = params.get("max_players")
+            most = f" (at most {most} players)" if isinstance(most, (int, np.integer)) else ""
+            note = (f"Shapley interactions are computed only between the players: {parts[0]} "
+                    f"and {parts[1]}{most}.")
+        else:
+            note = (f"{method_label(method)[:1].upper()}{method_label(method)[1:]} is computed "
+                    f"only between {parts[0]} and {parts[1]}.")
+        note += " The grey cells, of the other units, are not computed (0 in the matrix)."
         if any("occlusion" in p for p in parts):
             note += (" A unit's occlusion effect: how much the output changes when that unit "
                      "alone is removed.")
@@ -588,7 +598,9 @@ class HeatmapView(W.VBox):
         if not np.isfinite(m[row, col]):
             return f"{names}: {float(m[row, col])}"
         if computed is not None and not computed[row, col]:
-            return f"{names}: not computed (not both Shapley players)"
+            why = ("not both Shapley players" if self.method == "shapley" else
+                   "not both among the units computed")
+            return f"{names}: not computed ({why})"
         return f"{names}: {float(m[row, col]) + 0.0:.3g}"       # + 0.0: never "-0"
 
     def _on_hover(self, _mark, content) -> None:
