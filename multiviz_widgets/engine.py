@@ -391,8 +391,10 @@ class Engine(traitlets.HasTraits):
             return job
 
     def drop(self, slot: str) -> None:
-        """Make the slot's pending job stale (its result will not be applied)."""
+        """Make the slot's pending job stale (its result will not be applied); the slot's
+        caveats go (its view blanks, or forgets, what it showed)."""
         with self._lock:
+            self._show_notices(slot, "", ())
             self._gen[slot] = self._gen.get(slot, 0) + 1
             cur = self._current.pop(slot, None)
             if cur is not None and cur.state == "queued":
@@ -438,11 +440,13 @@ class Engine(traitlets.HasTraits):
                             and not self._closed):       # closed: its views may be too
                         job.told = True
                         self._call_error(job.on_error, Cancelled("cancelled"))
+                        self._show_notices(job.slot, job.label, ())    # its view blanks
             for job in dropped:
                 self.stats["cancelled"] += 1
                 if self._current.get(job.slot) is job:
                     self._current.pop(job.slot, None)
                     self._call_error(job.on_error, Cancelled("cancelled"))
+                    self._show_notices(job.slot, job.label, ())
             self.status = "cancelled"
             if not self._active():
                 self._set_idle()
@@ -671,10 +675,12 @@ class Engine(traitlets.HasTraits):
                     latest = self._gen.get(job.slot) == job.generation
                     if job.cancelled and not job.told and latest:
                         self._call_error(job.on_error, err or Cancelled("cancelled"))
+                        self._show_notices(job.slot, job.label, ())
                     elif not job.cancelled and latest:
                         # its shared pass stopped because the cache was cleared, and no newer
                         # job took its slot: its view is told (it asks again on the next click)
                         self._call_error(job.on_error, err)
+                        self._show_notices(job.slot, job.label, ())
                 elif err is not None and current:
                     job.state, job.error = "error", err
                     self._fail(job.on_error, err, job.label)

@@ -700,3 +700,27 @@ def test_the_notices_banner_names_each_caveat_once_with_its_views_and_not_its_me
     assert banner.visible and len(banner.text.children) == 2
     engine.clear_notices()
     assert banner.lines == [] and not banner.visible and banner.text.children == ()
+
+
+def test_a_slots_caveats_go_when_its_view_blanks_a_cancelled_or_dropped_job(engine):
+    """The gallery emptied (its slot dropped) or the heatmap blanked after a cancel kept the
+    caveat of what they no longer show."""
+    got = []
+    engine.submit("gallery", ("g", 1), _warning_job("caveat of h1"), got.append)
+    assert engine.wait(10) and "gallery" in engine.notices
+    engine.drop("gallery")
+    assert "gallery" not in engine.notices
+    engine.submit("heatmap", ("h", 0), _warning_job("caveat of #0"), got.append)
+    assert engine.wait(10) and "heatmap" in engine.notices
+    go, told = threading.Event(), []
+
+    def slow(progress):
+        while not go.wait(0.01):
+            progress(0, 1, "slow")
+        return "late"
+    engine.submit("heatmap", ("h", 1), slow, got.append, told.append)
+    assert _until(lambda: engine.snapshot()["lanes"]["main"]["running"] is not None)
+    engine.cancel()
+    go.set()
+    assert engine.wait(10)
+    assert told and "heatmap" not in engine.notices

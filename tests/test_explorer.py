@@ -1781,3 +1781,22 @@ def test_method_params_reach_the_views_methods_and_the_path():
         assert ex.state()["error"] == ""
     finally:
         ex.close()
+
+
+def test_a_thumbnail_of_many_channel_groups_keeps_a_strong_cell():
+    """More channel groups than rows fit (96 px / 6 px): rows are pooled as the columns are
+    (a nearest-neighbour resize lost one strong cell in four with 128 groups)."""
+    import io
+
+    from PIL import Image as PILImage
+
+    from multiviz_widgets.views._encode import strip_png
+    for groups in (17, 128, 300):
+        lost = 0
+        for r in range(0, groups, max(1, groups // 12)):
+            g = np.zeros((groups, 2000))
+            g[r, 1234] = 5.0
+            px = np.asarray(PILImage.open(io.BytesIO(strip_png(g, 96))).convert("RGB")).astype(int)
+            lost += not ((px[..., 0] > 200) & (px[..., 1] < 100)).any()
+        assert lost == 0, (groups, lost)
+        assert max(PILImage.open(io.BytesIO(strip_png(g, 96))).size) <= 96

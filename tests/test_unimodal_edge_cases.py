@@ -879,15 +879,16 @@ def test_a_surrogate_too_large_for_memory_is_refused_before_any_sample(monkeypat
     monkeypatch.setattr(unimodal, "SURROGATE_MEMORY_LIMIT", 10 * 2**20)
     run = (unimodal.lime_from_function if method == "lime"
            else unimodal.kernel_shap_from_function)
-    # (10 MiB / 8 - 2 x 300^2) / (6 x 300) = 628 samples fit: enough for LIME's 301 unknowns,
-    # not for KernelSHAP's 3 U
+    # LIME: (10 MiB / 8 - 2 x 300^2) / (6 x 300) = 628 samples fit, enough for its 301
+    # unknowns; KernelSHAP (no units x units system): 10 MiB / 8 / 1800 = 728, not its 3 U
+    need, fits = ("13.7", 628) if method == "lime" else ("12.4", 728)
     few = (r"" if method == "lime" else r", too few to determine 300 unit scores \(about 900 "
            r"do\): the estimate would be a guess")
     with pytest.raises(ValueError, match=rf"{method}: 900 samples over 300 units would need "
-                                         r"about 13\.7 MiB of memory .* At most 10\.0 MiB are "
-                                         r"allowed\. Explain fewer, larger units .*\(at most 628 "
-                                         rf"fit{few}\), or use occlusion \(1 \+ 300 forward "
-                                         r"passes"):
+                                         rf"about {need} MiB of memory .* At most 10\.0 MiB are "
+                                         r"allowed\. Explain fewer, larger units .*\(at most "
+                                         rf"{fits} fit{few}\), or use occlusion \(1 \+ 300 "
+                                         r"forward passes"):
         run(fn, {"x": 300}, n_samples=900)
     assert calls == []
     run(fn, {"x": 300}, n_samples=500)                  # what fits runs
@@ -919,3 +920,12 @@ def test_occlusion_builds_each_batchs_masks_when_it_runs(monkeypatch, ts):
     assert max(seen) == 3 and sum(seen) == got.forward_passes
     for n in ref.scores:
         np.testing.assert_allclose(got.scores[n], ref.scores[n], atol=1e-5)   # float32 batches
+
+
+def test_kernel_shap_of_many_units_and_few_samples_is_not_refused():
+    """LIME's units x units system was counted for KernelSHAP too, whose QR builds none: 12,000
+    units were refused whatever the samples (300 ran in 0.6 s and 162 MiB)."""
+    from multiviz_widgets.kernels.unimodal import _check_surrogate_memory
+    _check_surrogate_memory(300, 12_000, "kernel_shap", 36_000)
+    with pytest.raises(ValueError, match="lime: 300 samples over 12,000 units"):
+        _check_surrogate_memory(300, 12_000, "lime", 12_001)

@@ -678,8 +678,11 @@ SURROGATE_DESIGN_COPIES = 6
 SURROGATE_MEMORY_LIMIT = PATH_MEMORY_LIMIT
 
 
-def _surrogate_bytes(n_samples: int, total: int) -> int:
-    return 8 * (SURROGATE_DESIGN_COPIES * n_samples * total + 2 * total * total)
+def _surrogate_bytes(n_samples: int, total: int, square: bool) -> int:
+    """The bytes of a surrogate's regression: its design's copies, and (``square``: LIME's
+    normal equations) two units x units matrices; KernelSHAP's QR builds none."""
+    return 8 * (SURROGATE_DESIGN_COPIES * n_samples * total + (2 * total * total if square
+                                                              else 0))
 
 
 def _check_surrogate_memory(n_samples: int, total: int, where: str, needed: int) -> None:
@@ -687,10 +690,11 @@ def _check_surrogate_memory(n_samples: int, total: int, where: str, needed: int)
     ``n_samples`` samples over ``total`` units would take more than SURROGATE_MEMORY_LIMIT:
     what it would need, and the most samples that fit (and whether they are fewer than the
     ``needed`` that determine the regression)."""
-    need = _surrogate_bytes(n_samples, total)
+    square = where == "lime"
+    need = _surrogate_bytes(n_samples, total, square)
     if need <= SURROGATE_MEMORY_LIMIT:
         return
-    free = SURROGATE_MEMORY_LIMIT // 8 - 2 * total * total
+    free = SURROGATE_MEMORY_LIMIT // 8 - (2 * total * total if square else 0)
     fits = max(free // (SURROGATE_DESIGN_COPIES * total), 0) if total else 0
     few = (f", too few to determine {total:,} unit scores (about {needed:,} do): the estimate "
            f"would be a guess" if fits < needed else "")

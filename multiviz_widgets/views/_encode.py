@@ -93,7 +93,10 @@ def strip_png(grid: np.ndarray, size: int) -> bytes:
     least MIN_STRIP_ROW_PX tall (at most ``size`` px in all)."""
     from PIL import Image as PILImage
 
-    g = pooled_columns(np.atleast_2d(np.asarray(grid, dtype=np.float64)), max(1, int(size)))
+    most = max(1, int(size))
+    g = pooled_columns(np.atleast_2d(np.asarray(grid, dtype=np.float64)), most)
+    if g.shape[0] > most // MIN_STRIP_ROW_PX:        # more rows than fit: pooled the same way
+        g = pooled_columns(g.T, max(1, most // MIN_STRIP_ROW_PX)).T
     rows, cols = g.shape
     rgb = diverging(np.nan_to_num(g))
     rgb[np.isnan(g)] = 230
