@@ -80,6 +80,10 @@ class Job:
     error: BaseException | None = None
     started: float = 0.0
     cache_epoch: int = 0           # the engine's cache_epoch when the job was submitted
+    #: the caveats its kernels gave so far (shown while it runs, at its progress reports: a
+    #: pairwise ablation's "about 3 h" is worth knowing at its start, not its end)
+    said: list = field(default_factory=list, repr=False)
+    said_shown: int = 0
 
 
 def read_only(value, depth: int = 3):
@@ -569,6 +573,11 @@ class Engine(traitlets.HasTraits):
         def report(done, total, message, stops: Callable[[], bool]):
             if stops() or self._closed:
                 raise Cancelled(f"{job.label}: cancelled")
+            if len(job.said) > job.said_shown:          # new caveats: said while it runs
+                with self._lock:
+                    if self._is_current(job):
+                        job.said_shown = len(job.said)
+                        self._show_notices(job.slot, job.label, list(job.said))
             if not self._shown(job):
                 return
             now = time.monotonic()      # at most 20 updates a second reach the front end
@@ -641,6 +650,7 @@ class Engine(traitlets.HasTraits):
             said: list[Notice] = []
             try:
                 with collecting() as said:
+                    job.said = said
                     value, err = job.fn(self._progress_fn(job)), None
             except Cancelled as e:
                 value, err = None, e

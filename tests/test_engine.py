@@ -724,3 +724,23 @@ def test_a_slots_caveats_go_when_its_view_blanks_a_cancelled_or_dropped_job(engi
     go.set()
     assert engine.wait(10)
     assert told and "heatmap" not in engine.notices
+
+
+def test_a_running_jobs_caveat_is_shown_at_its_next_progress_report(engine):
+    """A cost warning ("about 3 h") given at a job's start was shown only when it ended."""
+    from multiviz_widgets.notices import warn
+    go, seen = threading.Event(), []
+
+    def long_job(progress):
+        warn("pairwise_ablation: about 3 h at the rate of its first batches")
+        while not go.wait(0.01):
+            progress(0, 1, "pairs")
+        return "done"
+    engine.submit("heatmap", ("h",), long_job, seen.append, label="pairwise ablation")
+    assert _until(lambda: "heatmap" in engine.notices)
+    assert not seen                                   # still running
+    assert engine.notices["heatmap"][0]["text"].endswith("about 3 h at the rate of its first "
+                                                         "batches")
+    go.set()
+    assert engine.wait(10) and seen == ["done"]
+    assert len(engine.notices["heatmap"]) == 1

@@ -632,7 +632,11 @@ class HeatmapView(W.VBox):
             return
         if self.instance != self.selection.instance or tuple(self.pair) != self.wanted_pair():
             return
-        unit = int(row) if self.row_units is None else int(self.row_units[int(row)])
+        with self.engine.lock:       # the units of the rows drawn now, not half-replaced
+            units = self.row_units
+            if units is not None and not int(row) < len(units):
+                return
+            unit = int(row) if units is None else int(units[int(row)])
         self.selection.select(unit=(self.pair[0], unit))
 
     def state(self) -> dict:
