@@ -5,7 +5,7 @@ that render text (Label, Dropdown options, Button descriptions), never HTML.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ipywidgets as W
 
@@ -229,25 +229,38 @@ class ProgressPanel(W.HBox):
         self.label.value = e.message
 
 
-class NoticeBanner(W.HBox):
-    """The caveats of the results shown (``Engine.notices``: what the kernels warned while
-    computing them, such as integrated gradients that miss completeness), one line per caveat
-    with the views that show it, as text; a dismiss button; hidden when there are none."""
+class _Banner(W.HBox):
+    """Text the engine's trait ``trait`` gives (``text``: the widget showing it), framed in
+    ``colour``, with a dismiss button that calls ``dismiss``; hidden when there is none."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, text: W.Widget, trait: str, colour: str,
+                 dismiss: Callable[[], None]):
         self.engine = engine
-        self.text = W.VBox([])               # one WrappedText per caveat
+        self.text = text
         self.dismiss = W.Button(description="dismiss", layout=W.Layout(width="80px"))
-        self.dismiss.on_click(lambda _: engine.clear_notices())
+        self.dismiss.on_click(lambda _: dismiss())
         super().__init__([self.text, self.dismiss],
-                         layout=W.Layout(display="none", border="1px solid #d9a400",
+                         layout=W.Layout(display="none", border=f"1px solid {colour}",
                                          padding="2px 6px"))
-        engine.observe(self._update, names="notices")
+        engine.observe(self._update, names=trait)
         self._update(None)
 
     @property
     def visible(self) -> bool:
         return self.layout.display != "none"
+
+    def _update(self, _change) -> None:  # pragma: no cover - each banner has its own
+        raise NotImplementedError
+
+
+class NoticeBanner(_Banner):
+    """The caveats of the results shown (``Engine.notices``: what the kernels warned while
+    computing them, such as integrated gradients that miss completeness), one line per caveat
+    with the views that show it, as text; a dismiss button; hidden when there are none."""
+
+    def __init__(self, engine: Engine):
+        # one WrappedText per caveat
+        super().__init__(engine, W.VBox([]), "notices", "#d9a400", engine.clear_notices)
 
     @property
     def lines(self) -> list[str]:
@@ -286,24 +299,13 @@ def _without_method(text: str, labels: Sequence[str]) -> str:
     return text
 
 
-class ErrorBanner(W.HBox):
+class ErrorBanner(_Banner):
     """The engine's last error as text (wrapped: a Label would cut the advice at the end of a
     long message), with a dismiss button; hidden when there is none."""
 
     def __init__(self, engine: Engine):
-        self.engine = engine
-        self.text = WrappedText("", width=110, label_style={"text_color": "#a00000"})
-        self.dismiss = W.Button(description="dismiss", layout=W.Layout(width="80px"))
-        self.dismiss.on_click(lambda _: engine.clear_error())
-        super().__init__([self.text, self.dismiss],
-                         layout=W.Layout(display="none", border="1px solid #d33",
-                                         padding="2px 6px"))
-        engine.observe(self._update, names="error")
-        self._update(None)
-
-    @property
-    def visible(self) -> bool:
-        return self.layout.display != "none"
+        super().__init__(engine, WrappedText("", width=110, label_style={"text_color": "#a00000"}),
+                         "error", "#d33", engine.clear_error)
 
     def _update(self, _change) -> None:
         # under the engine's lock: a failure sets the error on the worker (holding it) while a
