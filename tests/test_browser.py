@@ -1069,6 +1069,22 @@ def test_the_heatmap_greys_cells_not_computed_outlines_the_row_and_keeps_labels_
     rows = page.evaluate("() => Array.from(document.querySelectorAll('.mvz-heatmap-view "
                          "g.axis .tick text')).map(t => t.textContent)")
     assert {"how", "many", "sides"} <= set(rows) and "what" not in rows
+    # 300 x 200 units (2,000 x 128 froze the page for a minute): 64 x 64 cells drawn, those of
+    # the strongest units, and hovering one names its own units
+    nb.kernel_exec("big = np.random.default_rng(0).normal(scale=0.01, size=(300, 200))\n"
+                   "big[150, 60] = 3.0\n"
+                   "hv._show((0, Class(0), Interaction(method='pairwise_ablation', "
+                   "target=Class(0), modalities=('question', 'image'), matrix=big, "
+                   "row_labels=[f'w{k}' for k in range(300)], "
+                   "col_labels=[f'p{k}' for k in range(200)]), 'class 0'))")
+    page.wait_for_function("() => document.querySelectorAll('.mvz-heatmap-view "
+                           "rect.heatmapcell').length === 64 * 64", timeout=30_000)
+    page.wait_for_timeout(1000)
+    r, c = nb.kernel_json("import json; st = hv.state(); print(json.dumps("
+                          "[st['row_units'].index(150), st['col_units'].index(60)]))")
+    page.locator(".mvz-heatmap-view rect.heatmapcell").nth(r * 64 + c).hover()
+    page.wait_for_function("() => document.body.textContent.includes("
+                           "\"question 'w150' x image 'p60': 3\")", timeout=20_000)
 
 
 #: Each time a heatmap cell is hovered: [rowNum, columnNum, the tooltip's text] just after
