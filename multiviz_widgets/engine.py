@@ -168,6 +168,9 @@ class Engine(traitlets.HasTraits):
         self._cache: OrderedDict = OrderedDict()
         self._pinned: dict = {}
         self._notes: dict = {}          # key -> the caveats of its cached value (tuple of Notice)
+        #: slot -> the caveats of the result it shows (what ``notices`` goes back to when a
+        #: running job showed its own early and then ends without a result shown)
+        self._result_notices: dict = {}
         self._inflight: dict = {}       # key -> _Flight: a memo being computed now (see memo)
         #: counts clear_cache(): a value computed from what was there before a clear (a job or
         #: a memo that started earlier) is not cached after it
@@ -520,20 +523,38 @@ class Engine(traitlets.HasTraits):
     def clear_notices(self) -> None:
         """Hide every caveat shown (the notices banner's dismiss)."""
         with self._lock:
+            self._result_notices.clear()
             self._assign(notices={})
 
-    def _show_notices(self, slot: str, label: str, said) -> None:
+    def _show_notices(self, slot: str, label: str, said, live: bool = False) -> None:
         """The caveats of the result just shown in ``slot`` replace that slot's (none: the
-        slot's are cleared). Under the engine's lock."""
+        slot's are cleared). ``live``: those of a job still running, shown early, not its
+        result's (``_restore_notices`` puts the result's back). Under the engine's lock."""
         with self._lock:
-            shown = dict(self.notices)
-            if said:
-                shown[slot] = [dict(n.as_dict(), label=label) for n in said]
-            elif slot not in shown:
-                return
-            else:
-                del shown[slot]
-            self._assign(notices=shown)
+            entries = [dict(n.as_dict(), label=label) for n in said]
+            if not live:
+                if entries:
+                    self._result_notices[slot] = entries
+                else:
+                    self._result_notices.pop(slot, None)
+            self._set_slot_notices(slot, entries)
+
+    def _restore_notices(self, job: Job) -> None:
+        """A job that showed caveats while it ran ends without its result shown (superseded,
+        cancelled): its slot shows its result's caveats again."""
+        if job.said_shown:
+            with self._lock:
+                self._set_slot_notices(job.slot, self._result_notices.get(job.slot, []))
+
+    def _set_slot_notices(self, slot: str, entries: list) -> None:
+        shown = dict(self.notices)
+        if entries:
+            shown[slot] = entries
+        elif slot not in shown:
+            return
+        else:
+            del shown[slot]
+        self._assign(notices=shown)
 
     def close(self, join_timeout: float = 0.0) -> None:
         """Stop the worker threads (queued jobs are dropped, the running ones cancelled at their
@@ -577,7 +598,7 @@ class Engine(traitlets.HasTraits):
                 with self._lock:
                     if self._is_current(job):
                         job.said_shown = len(job.said)
-                        self._show_notices(job.slot, job.label, list(job.said))
+                        self._show_notices(job.slot, job.label, list(job.said), live=True)
             if not self._shown(job):
                 return
             now = time.monotonic()      # at most 20 updates a second reach the front end
@@ -691,6 +712,8 @@ class Engine(traitlets.HasTraits):
                         # job took its slot: its view is told (it asks again on the next click)
                         self._call_error(job.on_error, err)
                         self._show_notices(job.slot, job.label, ())
+                    elif not latest:
+                        self._restore_notices(job)
                 elif err is not None and current:
                     job.state, job.error = "error", err
                     self._fail(job.on_error, err, job.label)
@@ -698,6 +721,7 @@ class Engine(traitlets.HasTraits):
                 else:
                     job.state = "dropped"
                     self.stats["dropped"] += 1
+                    self._restore_notices(job)
                 self._last[lane] = (job, time.perf_counter())
                 self._in_hand.pop(lane, None)
                 self._after_job()

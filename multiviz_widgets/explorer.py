@@ -296,11 +296,14 @@ class InputPanel:
                 said = f"{m} unit {u}"
                 name = quoted(labels[u]) if u < len(labels) else ""      # when the matrix names it
                 if outside:
+                    why = (f"it is not a player of the {method_label(imethod)} (they are the "
+                           f"units of largest occlusion effect" if imethod == "shapley" else
+                           f"it is not among the units the {method_label(imethod)} computed "
+                           f"(units=")
                     caption = (f"{other}: no interactions with {said}"
                                + (f" ({name})" if name else "")
-                               + f": it is not a player of the {method_label(imethod)} (they are "
-                               f"the units of largest occlusion effect; the heatmap greys the "
-                               f"others); {m}: {method_label(method)} attribution; for {what}")
+                               + f": {why}; the heatmap greys the others); {m}: "
+                               f"{method_label(method)} attribution; for {what}")
                 else:
                     caption = (f"{other}: interaction with {said} ("
                                + (f"{name}, " if name else "")

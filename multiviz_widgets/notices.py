@@ -41,26 +41,36 @@ class Notice:
 _local = threading.local()
 
 
+def _sinks() -> list[list[Notice]]:
+    """This thread's collections, outermost first (``collecting`` nests)."""
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
 def warn(message, category: type[Warning] = UserWarning, stacklevel: int = 1) -> None:
     """``warnings.warn(message, category, stacklevel)``, or, inside ``collecting()`` on this
-    thread, the caveat added to its list (every time: no once-per-place registry)."""
-    sink = getattr(_local, "sink", None)
-    if sink is None:
+    thread, the caveat added to its list and every list around it at once (every time: no
+    once-per-place registry): a job sees a caveat given inside a memo while the memo runs."""
+    stack = _sinks()
+    if not stack:
         warnings.warn(message, category, stacklevel=stacklevel + 1)
-    else:
-        _add(sink, [Notice(category.__name__, str(message))])
+        return
+    notice = [Notice(category.__name__, str(message))]
+    for sink in stack:
+        _add(sink, notice)
 
 
 def is_collecting() -> bool:
     """Whether this thread is inside ``collecting()``."""
-    return getattr(_local, "sink", None) is not None
+    return bool(_sinks())
 
 
 def replay(notices) -> None:
-    """Add ``notices`` (kept with a cached value) to this thread's collector, if any: a later
+    """Add ``notices`` (kept with a cached value) to this thread's collections, if any: a later
     caller that takes the value from the cache is told its caveats too."""
-    sink = getattr(_local, "sink", None)
-    if sink is not None:
+    for sink in _sinks():
         _add(sink, notices)
 
 
@@ -73,14 +83,13 @@ def _add(sink: list, notices) -> None:
 @contextmanager
 def collecting() -> Iterator[list[Notice]]:
     """Collect the caveats ``warn`` is given on this thread meanwhile, in a list (yielded), in
-    place of Python warnings. Nested: an inner collection also passes its caveats to the outer
-    one, so a value computed for one caller (a cached memo) keeps its own."""
-    outer = getattr(_local, "sink", None)
+    place of Python warnings. Nested: a caveat reaches the inner collection and the outer ones
+    at once, so a value computed for one caller (a cached memo) keeps its own, and the job
+    around it sees it as it comes."""
+    stack = _sinks()
     sink: list[Notice] = []
-    _local.sink = sink
+    stack.append(sink)
     try:
         yield sink
     finally:
-        _local.sink = outer
-        if outer is not None:
-            _add(outer, sink)
+        stack.pop()

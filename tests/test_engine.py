@@ -744,3 +744,51 @@ def test_a_running_jobs_caveat_is_shown_at_its_next_progress_report(engine):
     go.set()
     assert engine.wait(10) and seen == ["done"]
     assert len(engine.notices["heatmap"]) == 1
+
+
+def test_a_caveat_given_inside_a_memo_is_shown_while_the_job_runs(engine):
+    """Every view computes through memos, each collecting its own caveats: a cost warning
+    inside one reached the job only when the memo returned, so never early."""
+    from multiviz_widgets.notices import warn
+    go, seen = threading.Event(), []
+
+    def inner():
+        warn("pairwise_ablation: about 3 h")
+        while not go.wait(0.01):
+            progress(0, 1, "pairs")
+        return 1
+    progress = None
+
+    def job(p):
+        nonlocal progress
+        progress = p
+        return engine.memo(("pairs",), inner)
+    engine.submit("heatmap", ("h",), job, seen.append, label="pairwise ablation")
+    assert _until(lambda: "heatmap" in engine.notices)
+    assert not seen
+    go.set()
+    assert engine.wait(10) and seen == [1]
+    assert [n.text for n in engine.notices_of(("pairs",))] == ["pairwise_ablation: about 3 h"]
+
+
+def test_a_superseded_jobs_early_caveats_give_way_to_the_shown_results(engine):
+    """A job that showed its caveats while running, then was superseded, left them on screen
+    in place of those of the result still shown."""
+    from multiviz_widgets.notices import warn
+    engine.submit("scores", ("a",), _warning_job("caveat of the result shown"), None,
+                  label="shown")
+    assert engine.wait(10)
+    go = threading.Event()
+
+    def slow(progress):
+        warn("caveat of a result never shown")
+        while not go.wait(0.01):
+            progress(0, 1, "slow")
+        return "stale"
+    engine.submit("scores", ("b",), slow, None, label="superseded")
+    assert _until(lambda: engine.notices["scores"][0]["label"] == "superseded")
+    engine.submit("scores", ("a",), _warning_job("caveat of the result shown"), None,
+                  label="shown")                       # from the cache, shown at once
+    go.set()
+    assert engine.wait(10)
+    assert [n["text"] for n in engine.notices["scores"]] == ["caveat of the result shown"]

@@ -1800,3 +1800,23 @@ def test_a_thumbnail_of_many_channel_groups_keeps_a_strong_cell():
             lost += not ((px[..., 0] > 200) & (px[..., 1] < 100)).any()
         assert lost == 0, (groups, lost)
         assert max(PILImage.open(io.BytesIO(strip_png(g, 96))).size) <= 96
+
+
+def test_a_unit_pairwise_ablation_left_out_is_said_so_not_called_a_shapley_player():
+    adapter, ds = tiny_vqa()
+    ex = Explorer(adapter, ds, delay=0.05,
+                  method_params={"pairwise_ablation": {"units": {"image": [0, 1]}}})
+    try:
+        assert ex.wait(120)
+        ex.controls.interaction_method.value = "pairwise_ablation"
+        ex.select(unit=("image", 3))
+        assert ex.wait(120)
+        cap = ex.input_view.score_caption
+        assert "not among the units the pairwise ablation computed (units=; the heatmap greys " \
+               "the others)" in cap, cap
+        assert "player" not in cap and "occlusion effect" not in cap
+        ex.select(unit=("image", 1))
+        assert ex.wait(120)
+        assert "interaction with image unit 1" in ex.input_view.score_caption
+    finally:
+        ex.close()

@@ -839,8 +839,8 @@ def test_pairwise_ablation_among_chosen_units_gives_those_cells_of_the_full_matr
     assert not some.matrix[rest].any()
     assert some.forward_passes == 1 + 2 + 3 + 6          # target given: no prediction pass
     for bad, match in [({"tab": [4]}, "0..3"), ({"tab": [1, 1]}, "distinct"),
-                       ({"tab": []}, "non-empty"), ({"nope": [0]}, "pair's modalities"),
-                       ([0, 1], "pair's modalities")]:
+                       ({"tab": []}, "non-empty"), ({"nope": [0]}, "the model's modalities"),
+                       ([0, 1], "the model's modalities")]:
         with pytest.raises(ValueError, match=match):
             interaction(adapter, inst, "pairwise_ablation", target=0, units=bad)
 

@@ -480,9 +480,12 @@ def pairwise_ablation(adapter: ModelAdapter, prepared: Prepared, a: str, b: str,
     Cost then 1 + k_a + k_b + k_a k_b forwards (the prediction path's candidates)."""
     batch_size = positive_int(batch_size, "batch_size")
     full_a, full_b = prepared.n_units[a], prepared.n_units[b]
-    if units is not None and (not isinstance(units, Mapping) or set(units) - {a, b}):
-        raise ValueError(f"units must be a dict naming units of the pair's modalities {a!r} and "
-                         f"{b!r}, got {units!r}.")
+    if units is not None and (not isinstance(units, Mapping)
+                              or set(units) - set(prepared.n_units)):
+        # (a modality outside the pair is left alone: Explorer(method_params=) gives one units=
+        # for every pair of a three-modality model)
+        raise ValueError(f"units must be a dict naming units of the model's modalities "
+                         f"{list(prepared.n_units)}, got {units!r}.")
     sel = {m: _unit_subset(units, m, prepared.n_units[m]) for m in (a, b)}
     ua, ub = len(sel[a]), len(sel[b])
     n = 1 + ua + ub + ua * ub
