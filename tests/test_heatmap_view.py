@@ -431,3 +431,18 @@ def test_cells_pairwise_ablation_did_not_compute_are_grey_too(vqa):
            "(units=) and the 2 of the 4 image patches chosen (units=). The grey cells" in st["note"]
     assert hv.cell_text(0, 1).endswith("not computed (not both among the units computed)")
     assert hv.cell_text(3, 2).endswith(": 0")                # computed: a measured 0
+
+
+def test_a_large_matrix_of_few_computed_units_draws_those_units_only(vqa):
+    """units= computed 24 of 300 rows: the cut to 64 drew 40 rows that were all grey."""
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    rows = list(range(0, 240, 10))                        # 24 rows computed
+    m = np.zeros((300, 100))
+    m[np.ix_(rows, range(100))] = np.random.default_rng(1).normal(size=(24, 100))
+    show(hv, m, [f"w{k}" for k in range(300)], [f"p{k}" for k in range(100)],
+         method="pairwise_ablation", units={"question": rows, "image": list(range(100))})
+    st = hv.state()
+    assert st["row_units"] == rows and len(st["col_units"]) == 64
+    assert all(any(r) for r in st["computed"])
+    assert "the 24 of the 300 question words and the 64 of the 100 image patches" in st["note"]

@@ -391,13 +391,17 @@ class HeatmapView(W.VBox):
                 continue
             score = strength.max(axis=1 - axis) if strength.size else np.zeros(n)
             order = np.argsort(-score, kind="stable")
-            chosen = list(order[:MOST_SHOWN])
+            most = MOST_SHOWN
+            if computed is not None:         # units with no cell computed: not drawn at all
+                some = int(computed.any(axis=1 - axis).sum())
+                most = max(1, min(MOST_SHOWN, some))
+            chosen = list(order[:most])
             if (s.unit_ref is not None and s.modality == modality and 0 <= s.unit < n
                     and s.unit not in chosen):
                 chosen[-1] = s.unit                       # the selected unit stays drawn
             kept.append(np.sort(np.asarray(chosen, dtype=np.int64)))
             one, many = self._unit_words(modality)
-            parts.append(f"the {MOST_SHOWN} of the {n} {_plural(n, (one, many))}")
+            parts.append(f"the {len(chosen)} of the {n} {_plural(n, (one, many))}")
         labels = [list(lab) if k is None else [str(lab[int(u)]) if int(u) < len(lab) else
                                                str(int(u)) for u in k]
                   for k, lab in zip(kept, (row_labels, col_labels))]
