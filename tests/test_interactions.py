@@ -1237,3 +1237,30 @@ def test_math_attention_holds_while_any_thread_needs_it_and_then_restores_the_fl
     for t in threads:
         t.join(20)
     assert result == [torch.Size([1, 2, 5, 8])] and flags() == before
+
+
+def test_a_three_modality_emap_gap_says_how_far_one_run_may_be_off():
+    """With three modalities EMAP is a sample (its permutations): repeats=R averages R
+    independent runs' fhat and gives each run's gap, their spread and the mean's error; the
+    first run is the one seed alone gives. Two modalities are exact: repeats is refused."""
+    from multiviz_widgets import MultimodalDataset
+    from multiviz_widgets.kernels.emap import emap_gap
+    adapter, items = three_modalities(Interacting3(1), 12, seed=2)
+    ds = MultimodalDataset({k: [it[k] for it in items] for k in items[0]},
+                           labels=[i % 3 for i in range(12)])
+    one = emap_gap(adapter, ds, n=None, seed=4)
+    seen = []
+    many = emap_gap(adapter, ds, n=None, seed=4, repeats=4,
+                    progress=lambda d, t, m="": seen.append((d, t)))
+    assert many["gap_runs"][0] == one["gap"] and len(many["gap_runs"]) == 4
+    assert many["gap_spread"] == pytest.approx(np.std(many["gap_runs"], ddof=1))
+    assert many["gap_se"] == pytest.approx(many["gap_spread"] / 2)
+    assert many["forward_passes"] == 4 * one["forward_passes"]
+    assert all(t == seen[-1][1] for _, t in seen) and seen[-1][0] == seen[-1][1]
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert "gap_runs" not in one
+    two = tiny_adapter(0)
+    ds2 = MultimodalDataset({k: [tiny_instance(s)[k] for s in range(4)] for k in ("tabular",
+                                                                                "series")})
+    with pytest.raises(ValueError, match="two modalities EMAP is exact"):
+        emap_gap(two, ds2, n=None, repeats=2)

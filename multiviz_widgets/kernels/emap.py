@@ -12,6 +12,7 @@ take the same split, or the same full forward passes, as ``emap``'s).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -20,7 +21,7 @@ import torch
 
 from ..adapter import ModelAdapter, ModelInputError, Target
 from ..data import MultimodalDataset
-from ..progress import ProgressFn
+from ..progress import ProgressFn, report
 from ..results import Result, Stopwatch
 from ..checks import is_integer, positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
@@ -500,7 +501,8 @@ def emap_matrix(matrix: np.ndarray) -> np.ndarray:
 
 def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
              indices: Sequence[int] | None = None, n: int | None = 100, seed: int = 0,
-             batch_size: int = PERTURBATION_BATCH, progress: ProgressFn = None) -> dict:
+             batch_size: int = PERTURBATION_BATCH, progress: ProgressFn = None,
+             repeats: int = 1) -> dict:
     """How much a model relies on cross-modal interactions: accuracy(f) - accuracy(EMAP(f)).
 
     Uses ``indices`` (or ``n`` instances drawn with ``seed``; n=None: all) as both the evaluated
@@ -515,6 +517,11 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
     The labels of the instances used are checked (class indices 0..C-1; the dataset checks one
     per instance), and a model with one output is refused: the argmax of one column says
     nothing.
+    repeats (M > 2 modalities, whose EMAP is a sampled estimate): EMAP ``repeats`` times with
+    independent permutations (seeds seed, seed + 1, ...; cost times repeats), fhat their mean;
+    then ``gap_runs`` holds each run's gap, ``gap_spread`` their standard deviation (how far one
+    run's gap may be off) and ``gap_se`` that over sqrt(repeats) (the error of the mean's). With
+    two modalities EMAP is exact and repeats > 1 is refused.
     """
     check_adapter(adapter, "emap_gap")
     if not isinstance(dataset, MultimodalDataset):
@@ -534,17 +541,38 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
             f"emap_gap: the label of instance {int(idx[k])} is class index {int(used[k])}, but "
             f"the model has {adapter.n_classes} classes ({adapter.class_names}); labels are "
             "class indices 0..C-1 in the order of the adapter's class_names.")
-    r = emap(adapter, dataset, indices=idx, batch_size=batch_size, progress=progress,
-             keep_matrix=False, seed=seed)
-    pred, pred_hat = r.logits.argmax(1), r.emap_logits.argmax(1)
-    out = {"n": int(len(idx)), "indices": [int(i) for i in idx],
-           "agreement": float((pred == pred_hat).mean()),
-           "gap_predictions": float(1.0 - (pred == pred_hat).mean()),
-           "forward_passes": r.forward_passes, "seconds": r.seconds}
-    if used is not None:
-        y = used
-        out["accuracy_model"] = float((pred == y).mean())
-        out["accuracy_emap"] = float((pred_hat == y).mean())
+    repeats = positive_int(repeats, "repeats")
+    if repeats > 1 and len(adapter.names) == 2:
+        raise ValueError("emap_gap: with two modalities EMAP is exact (all N x N pairs), so "
+                         "repeats would give the same gap; leave repeats at 1.")
+    runs = []
+    for k in range(repeats):
+        step = None if progress is None else (
+            lambda d, t, m="", k=k: report(progress, k * t + d, repeats * t, m))
+        runs.append(emap(adapter, dataset, indices=idx, batch_size=batch_size, progress=step,
+                         keep_matrix=False, seed=None if seed is None else seed + k))
+    r = runs[0]
+    pred = r.logits.argmax(1)
+    pred_hat = np.mean([run.emap_logits for run in runs], axis=0).argmax(1)
+    out = _gaps(pred, pred_hat, used)
+    out.update({"n": int(len(idx)), "indices": [int(i) for i in idx],
+                "forward_passes": sum(run.forward_passes for run in runs),
+                "seconds": sum(run.seconds for run in runs)})
+    if repeats > 1:
+        gaps = [_gaps(pred, run.emap_logits.argmax(1), used)["gap"] for run in runs]
+        out["gap_runs"] = gaps
+        out["gap_spread"] = float(np.std(gaps, ddof=1))
+        out["gap_se"] = out["gap_spread"] / math.sqrt(repeats)
+    return out
+
+
+def _gaps(pred: np.ndarray, pred_hat: np.ndarray, labels: np.ndarray | None) -> dict:
+    """emap_gap's figures for the model's predictions and EMAP's (and the labels, if any)."""
+    out = {"agreement": float((pred == pred_hat).mean()),
+           "gap_predictions": float(1.0 - (pred == pred_hat).mean())}
+    if labels is not None:
+        out["accuracy_model"] = float((pred == labels).mean())
+        out["accuracy_emap"] = float((pred_hat == labels).mean())
         out["gap_labels"] = out["accuracy_model"] - out["accuracy_emap"]
     out["gap"] = out.get("gap_labels", out["gap_predictions"])
     out["gap_points"] = 100.0 * out["gap"]
