@@ -43,7 +43,7 @@ from ..notices import warn
 from ..adapter import ModelAdapter, Neuron, host_array
 from ..progress import ProgressFn, report
 from ..checks import is_integer, positive_int
-from .common import as_prepared
+from .common import as_prepared, modality_pair
 from .representations import Features, decision_contributions
 
 SOLVERS = ("sklearn", "glm_saga")
@@ -957,7 +957,6 @@ def _candidates(adapter: ModelAdapter, prepared, att, modalities, absolute: bool
     """{"units": {modality: candidate units}} for a neuron's pairwise ablation in the path, or
     {} when both modalities have at most PATH_ABLATION_UNITS units; records in ``narrowed``
     how many candidates a narrowed modality kept."""
-    from .common import modality_pair
     pair = modality_pair(adapter, modalities)
     if all(prepared.n_units[m] <= PATH_ABLATION_UNITS for m in pair):
         return {}

@@ -21,16 +21,30 @@ def diverging(values: np.ndarray, limit: float | None = None) -> np.ndarray:
 
 def png(rgb: np.ndarray, size: int | None = None) -> bytes:
     """PNG bytes of an RGB uint8 array [H, W, 3], scaled (nearest) so its long side is ``size``."""
+    h, w = rgb.shape[:2]
+    if not size:
+        return _png_of(rgb, None)
+    s = size / max(h, w)
+    return _png_of(rgb, (max(1, round(w * s)), max(1, round(h * s))))
+
+
+def _png_of(rgb: np.ndarray, to: tuple[int, int] | None) -> bytes:
+    """PNG bytes of an RGB uint8 array, resized (nearest) to ``to`` = (width, height) if given."""
     from PIL import Image as PILImage
 
     img = PILImage.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB")
-    if size:
-        h, w = rgb.shape[:2]
-        s = size / max(h, w)
-        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), PILImage.NEAREST)
+    if to is not None:
+        img = img.resize(to, PILImage.NEAREST)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _cells(grid: np.ndarray) -> np.ndarray:
+    """RGB [rows, cols, 3] of values [rows, cols]: diverging colours, light grey where NaN."""
+    rgb = diverging(np.nan_to_num(grid))
+    rgb[np.isnan(grid)] = 230
+    return rgb
 
 
 def image_overlay(chw: np.ndarray, heat: np.ndarray, alpha: float = 0.65) -> np.ndarray:
@@ -57,9 +71,7 @@ def strip(values: np.ndarray, rows: int = 1) -> np.ndarray:
     cols = int(np.ceil(len(v) / max(1, rows))) if len(v) else 1
     pad = np.full(rows * cols, np.nan)
     pad[:len(v)] = v
-    rgb = diverging(np.nan_to_num(pad.reshape(rows, cols)))
-    rgb[np.isnan(pad.reshape(rows, cols))] = 230
-    return rgb
+    return _cells(pad.reshape(rows, cols))
 
 
 #: A strip thumbnail's rows are at least this many pixels tall (a series of 2,000 windows drawn
@@ -91,21 +103,11 @@ def strip_png(grid: np.ndarray, size: int) -> bytes:
     """PNG bytes of per-unit values [rows, n] as coloured cells: at most ``size`` columns
     (``pooled_columns``), ``size`` px wide at most, square cells where they fit and rows at
     least MIN_STRIP_ROW_PX tall (at most ``size`` px in all)."""
-    from PIL import Image as PILImage
-
     most = max(1, int(size))
     g = pooled_columns(np.atleast_2d(np.asarray(grid, dtype=np.float64)), most)
     if g.shape[0] > most // MIN_STRIP_ROW_PX:        # more rows than fit: pooled the same way
         g = pooled_columns(g.T, max(1, most // MIN_STRIP_ROW_PX)).T
     rows, cols = g.shape
-    rgb = diverging(np.nan_to_num(g))
-    rgb[np.isnan(g)] = 230
-    cell = max(1, int(size) // max(rows, cols))      # square cells, the long side in size
-    width = cols * cell
+    cell = max(1, most // max(rows, cols))           # square cells, the long side in size
     row_px = max(cell, MIN_STRIP_ROW_PX)
-    height = max(1, min(int(size), rows * row_px))
-    img = PILImage.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB")
-    img = img.resize((width, height), PILImage.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return _png_of(_cells(g), (cols * cell, max(1, min(most, rows * row_px))))
