@@ -1085,6 +1085,16 @@ def test_the_heatmap_greys_cells_not_computed_outlines_the_row_and_keeps_labels_
     page.locator(".mvz-heatmap-view rect.heatmapcell").nth(r * 64 + c).hover()
     page.wait_for_function("() => document.body.textContent.includes("
                            "\"question 'w150' x image 'p60': 3\")", timeout=20_000)
+    # a click on that cell selects unit 150 (bqplot sends the row's tick with its number: the
+    # kernel checks it against the row drawn, so the tick must come back as drawn)
+    page.locator(".mvz-heatmap-view rect.heatmapcell").nth(r * 64 + c).click()
+    chosen = None
+    for _ in range(40):
+        chosen = nb.kernel_json("import json; print(json.dumps(ex.selection.unit_ref))")
+        if chosen == ["question", 150]:
+            break
+        page.wait_for_timeout(250)
+    assert chosen == ["question", 150], chosen
 
 
 #: Each time a heatmap cell is hovered: [rowNum, columnNum, the tooltip's text] just after

@@ -416,6 +416,34 @@ def test_a_large_matrix_draws_each_sides_strongest_units_and_clicks_select_the_r
     assert st["row_units"] is None and st["col_units"] is None and "Drawn:" not in st["note"]
 
 
+def test_a_click_on_the_previous_matrixs_row_selects_nothing(vqa):
+    """A click on row r arriving just after a new matrix of the same instance and pair (another
+    target) was drawn mapped to the new matrix's row r: another unit, when a side is cut to its
+    strongest units. bqplot sends the row's tick with the click; a tick that is not the row's
+    now is a click on the previous matrix, and selects nothing. The same click on the matrix
+    it was made on selects the unit drawn there."""
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    rows = [f"w{k}" for k in range(300)]
+    cols = [f"p{k}" for k in range(80)]
+    first = np.zeros((300, 80))
+    first[:64] = 1.0                                          # rows 0-63 drawn
+    second = np.zeros((300, 80))
+    second[200:264] = 1.0                                     # rows 200-263 drawn
+    show(hv, first, rows, cols)
+    tick = str(hv.grid.row[5])
+    assert tick == "w5" and hv.row_units[5] == 5
+    show(hv, second, rows, cols)
+    assert str(hv.grid.row[5]) == "w205"
+    ex.select(unit=("question", 0))
+    hv.grid._handle_custom_msg({"event": "element_click",      # drawn before: nothing
+                                "data": {"rowNum": 5, "columnNum": 0, "row": tick}}, [])
+    assert ex.selection.unit_ref == ("question", 0)
+    hv.grid._handle_custom_msg({"event": "element_click",      # the row drawn now
+                                "data": {"rowNum": 5, "columnNum": 0, "row": "w205"}}, [])
+    assert ex.selection.unit_ref == ("question", 205)
+
+
 def test_cells_pairwise_ablation_did_not_compute_are_grey_too(vqa):
     """units= left cells out: they were drawn white (a measured "no interaction"); now grey,
     with a note of the units computed, and their tooltip says not computed."""

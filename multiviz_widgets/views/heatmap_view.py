@@ -626,12 +626,19 @@ class HeatmapView(W.VBox):
         c = data.get("columnNum", data.get("column"))
         if r is None:
             return
-        self.click(int(r), None if c is None else int(c))
+        # bqplot sends the row's tick as the browser drew it: a click on the previous matrix,
+        # arriving after a new one was drawn, is told apart by it
+        tick = data.get("row") if "rowNum" in data else None
+        self.click(int(r), None if c is None else int(c),
+                   row_tick=None if tick is None else str(tick))
 
-    def click(self, row: int, col: int | None = None) -> None:
+    def click(self, row: int, col: int | None = None, row_tick: str | None = None) -> None:
         """What a cell click does: select the row's unit of modality a. Nothing for a padding
         row, or while the matrix shown is of an earlier instance or pair (the new one still
-        loading: its row may not exist in the instance selected)."""
+        loading: its row may not exist in the instance selected), or when ``row_tick`` (the
+        row's tick in the browser) is not that of the row drawn now: the click was on an earlier
+        matrix of the same instance and pair, whose row ``row`` was another unit (a side cut to
+        its MOST_SHOWN strongest units differs between targets)."""
         if not 0 <= int(row) < (self.matrix.shape[0] if self.matrix.ndim == 2 else 0):
             return
         if self.instance != self.selection.instance or tuple(self.pair) != self.wanted_pair():
@@ -639,6 +646,10 @@ class HeatmapView(W.VBox):
         with self.engine.lock:       # the units of the rows drawn now, not half-replaced
             units = self.row_units
             if units is not None and not int(row) < len(units):
+                return
+            ticks = self.grid.row
+            if row_tick is not None and (ticks is None or not int(row) < len(ticks)
+                                         or str(ticks[int(row)]) != row_tick):
                 return
             unit = int(row) if units is None else int(units[int(row)])
         self.selection.select(unit=(self.pair[0], unit))
