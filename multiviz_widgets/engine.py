@@ -1311,6 +1311,14 @@ class Analyses:
         return int(w.shape[1])
 
     # -- stage 4 -------------------------------------------------------------------------------
+    def path_takes(self, name: str) -> bool:
+        """Whether the kernels' prediction path takes the parameter ``name`` (that of
+        kernels.prediction does each of its own; one's own kernels, those it names)."""
+        fn = self.kernels.prediction_path
+        if type(self.kernels).prediction_path is Kernels.prediction_path:
+            from .kernels.prediction import prediction_path as fn
+        return _takes(fn, name)
+
     def path(self, i: int, class_index: int, progress=None, params: dict | None = None) -> dict:
         """The prediction path of instance i to a class, with ``params`` (default: the current
         ``path_params``; a view passes the dict it captured, so that the cache key and the

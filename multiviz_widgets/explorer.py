@@ -638,6 +638,10 @@ class Explorer(W.VBox):
         for kind in ("unimodal", "interaction"):
             if f"{kind}_params" not in own and params.get(f"{kind}_method") in given:
                 params[f"{kind}_params"] = given[params[f"{kind}_method"]]
+        # and pairwise ablation's where it stands in for blind second-order gradients
+        if (params.get("interaction_method") == "second_order" and "ablation_params" not in own
+                and "pairwise_ablation" in given and self.analyses.path_takes("ablation_params")):
+            params["ablation_params"] = given["pairwise_ablation"]
         if params != self.analyses.path_params:
             self.analyses.path_params = params
 

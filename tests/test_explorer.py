@@ -77,7 +77,9 @@ def test_clicking_a_patch_colours_the_tokens_by_interaction(vqa):
 
 def test_a_heatmap_cell_click_selects_the_row_unit(vqa):
     ex, _ = vqa
-    click_mark(ex.heatmap_view.grid, rowNum=3, columnNum=1, row=3, column=1, color=0.2)
+    grid = ex.heatmap_view.grid        # bqplot sends the row's and column's ticks as drawn
+    click_mark(grid, rowNum=3, columnNum=1, row=str(grid.row[3]), column=str(grid.column[1]),
+               color=0.2)
     ex.wait(30)
     st = ex.state()
     assert st["unit_ref"] == ["question", 3] and st["input_selected"]["unit"] == 3

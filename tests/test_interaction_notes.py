@@ -188,6 +188,41 @@ def test_the_prediction_path_of_a_relu_model_takes_its_pairs_from_pairwise_ablat
     assert prediction_path(smooth, _instance(), k_neurons=2).params["pairs_by_ablation"] == []
 
 
+def test_the_paths_stand_in_ablation_takes_its_own_parameters(monkeypatch):
+    """Where second-order gradients are blind, the path's pairs come from pairwise ablation,
+    which took only its candidates: Explorer(method_params={"pairwise_ablation": ...}) (a
+    batch size for a large model, say) never reached it. ablation_params= gives them, the
+    Explorer passes its method_params' own, and a wrong type says what to pass."""
+    from multiviz_widgets import MultimodalDataset
+    from multiviz_widgets.explorer import Explorer
+    from multiviz_widgets.kernels import interactions, prediction
+    adapter = ModelAdapter(ReluFusion(), _modalities(), ["a", "b"], decision_layer="head")
+    seen = []
+    real = interactions.interaction
+
+    def spy(*args, **kw):
+        seen.append((args[2], kw))
+        return real(*args, **kw)
+    monkeypatch.setattr(interactions, "interaction", spy)
+    path = prediction.prediction_path(adapter, _instance(), k_neurons=1, k_pairs=1,
+                                      ablation_params={"batch_size": 3})
+    assert path.params["pairs_by_ablation"] == [path.neurons[0].index]
+    assert [kw.get("batch_size") for m, kw in seen if m == "pairwise_ablation"] == [3]
+    with pytest.raises(TypeError, match="ablation_params must be a dict of pairwise_ablation"):
+        prediction.prediction_path(adapter, _instance(), ablation_params=[3])
+    items = [_instance(seed=s) for s in range(4)]
+    ds = MultimodalDataset({k: [it[k] for it in items] for k in items[0]})
+    ex = Explorer(adapter, ds, delay=0.05,
+                  method_params={"pairwise_ablation": {"batch_size": 5}})
+    try:
+        assert ex.wait(120)
+        assert ex.analyses.path_params["ablation_params"] == {"batch_size": 5}
+        assert ex.path_view.path["params"]["pairs_by_ablation"]
+        assert 5 in [kw.get("batch_size") for m, kw in seen if m == "pairwise_ablation"]
+    finally:
+        ex.close()
+
+
 @pytest.mark.parametrize("candidates", [None, 2])
 def test_the_path_view_says_which_neurons_pairs_come_from_pairwise_ablation(candidates,
                                                                             monkeypatch):
@@ -231,3 +266,28 @@ def test_a_smooth_half_precision_model_gets_no_blind_note():
     for i in range(8):
         r = interaction(adapter, ds[i], "second_order")
         assert "note" not in r.params, (i, r.params.get("note"))
+
+
+def test_the_path_view_says_a_side_was_searched_whole(monkeypatch):
+    """The path's stage 1 restricted to one modality: the other's ablation cannot be narrowed,
+    and the caption says that search was every unit."""
+    from multiviz_widgets import MultimodalDataset
+    from multiviz_widgets.explorer import Explorer
+    from multiviz_widgets.kernels import prediction
+    monkeypatch.setattr(prediction, "PATH_ABLATION_UNITS", 2)
+    adapter = ModelAdapter(ReluFusion(), _modalities(), ["a", "b"], decision_layer="head")
+    first, second = adapter.names[:2]
+    items = [_instance(seed=s) for s in range(4)]
+    ds = MultimodalDataset({k: [it[k] for it in items] for k in items[0]})
+    ex = Explorer(adapter, ds, delay=0.05, path_params={
+        "interaction_method": "pairwise_ablation", "modalities": (first, second),
+        "unimodal_params": {"modalities": [first]}})
+    try:
+        assert ex.wait(120)
+        path = ex.path_view.path
+        assert path["params"]["ablation_whole"] == [second], path["params"]
+        cap = ex.path_view.caption.value
+        assert f"pairwise ablation tried every unit of '{second}' (the path's stage-1 method " \
+               "explains other modalities only" in cap, cap
+    finally:
+        ex.close()

@@ -825,6 +825,22 @@ def test_the_paths_pairwise_ablation_looks_among_each_modalitys_strongest_units(
     assert narrow.forward_passes < full.forward_passes
 
 
+def test_a_side_stage_1_left_out_is_searched_whole_and_the_path_says_so(monkeypatch):
+    """unimodal_params restricting stage 1 to one modality left the other without scores to
+    narrow its ablation by: it was searched whole (every pair, maybe hours), and nothing said
+    so. params["ablation_whole"] names it now (the path view's caption reads it)."""
+    import multiviz_widgets.kernels.prediction as prediction
+    adapter, inst = path_case(UNITS_A)
+    monkeypatch.setattr(prediction, "PATH_ABLATION_UNITS", 3)
+    path = prediction_path(adapter, inst, interaction_method="pairwise_ablation", k_pairs=1,
+                           unimodal_params={"modalities": ["tab"]})
+    assert path.params["ablation_candidates"] == {"tab": 3}
+    assert path.params["ablation_whole"] == ["series"]
+    assert path.to_dict()["params"]["ablation_whole"] == ["series"]
+    both = prediction_path(adapter, inst, interaction_method="pairwise_ablation", k_pairs=1)
+    assert "ablation_whole" not in both.params
+
+
 def test_pairwise_ablation_among_chosen_units_gives_those_cells_of_the_full_matrix():
     from multiviz_widgets.kernels.interactions import interaction
     adapter, inst = path_case(UNITS_A)

@@ -895,7 +895,8 @@ class PredictionPath:
                            dict(v) if isinstance(v, dict) else v)
                        for k, v in self.params.items()
                        if isinstance(v, (int, float, str, bool, type(None)))
-                       or (isinstance(v, list) and all(isinstance(x, int) for x in v))
+                       or (isinstance(v, list) and (all(isinstance(x, int) for x in v)
+                                                    or all(isinstance(x, str) for x in v)))
                        or (isinstance(v, dict) and all(isinstance(x, str) and isinstance(y, int)
                                                        for x, y in v.items()))},
         }
@@ -953,16 +954,20 @@ PATH_ABLATION_UNITS = 24
 
 
 def _candidates(adapter: ModelAdapter, prepared, att, modalities, absolute: bool,
-                narrowed: dict) -> dict:
+                narrowed: dict, whole: set) -> dict:
     """{"units": {modality: candidate units}} for a neuron's pairwise ablation in the path, or
     {} when both modalities have at most PATH_ABLATION_UNITS units; records in ``narrowed``
-    how many candidates a narrowed modality kept."""
+    how many candidates a narrowed modality kept, and in ``whole`` a modality of more units
+    that could not be narrowed (stage 1 gave it no scores: ``unimodal_params`` left it out)."""
     pair = modality_pair(adapter, modalities)
     if all(prepared.n_units[m] <= PATH_ABLATION_UNITS for m in pair):
         return {}
     units = {}
     for m in pair:
-        if prepared.n_units[m] <= PATH_ABLATION_UNITS or m not in att.scores:
+        if prepared.n_units[m] <= PATH_ABLATION_UNITS:
+            continue
+        if m not in att.scores:
+            whole.add(m)
             continue
         score = np.asarray(att.scores[m], dtype=np.float64)
         key = np.abs(score) if absolute else score
@@ -977,6 +982,7 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
                     interaction_method: str | None = "second_order",
                     unimodal_params: dict | None = None, interaction_params: dict | None = None,
                     modalities: tuple[str, str] | None = None, absolute: bool = True,
+                    ablation_params: dict | None = None,
                     progress: ProgressFn = None) -> PredictionPath:
     """The prediction path of one instance as plain data (see PredictionPath.to_dict).
 
@@ -998,7 +1004,11 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     of two modalities of more than PATH_ABLATION_UNITS units each is narrowed to the pairs among
     each one's PATH_ABLATION_UNITS units of largest stage-1 score for the neuron (every pair of
     96 x 128 units is 12,288 forward passes per neuron, and 2,000 x 128, 256,000, took a minute
-    and a half); ``params["ablation_candidates"]`` then gives the candidates per modality.
+    and a half); ``params["ablation_candidates"]`` then gives the candidates per modality, and
+    ``params["ablation_whole"]`` a modality of more units searched whole, having no stage-1
+    scores to narrow it by (``unimodal_params`` restrict stage 1 to other modalities).
+    ``ablation_params``: pairwise ablation's parameters where it stands in for second-order
+    gradients (e.g. ``{"batch_size": 64}``; its ``units`` narrow the search as above does).
     Cost: 1 forward pass + k_neurons x (the stage-1 method's cost + the stage-2 method's cost;
     + pairwise ablation's for a neuron second-order gradients are blind to).
     """
@@ -1025,6 +1035,11 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     fwd, bwd = 1, 0
     neurons, by_ablation = [], []
     narrowed: dict[str, int] = {}      # modality -> its candidate units, when narrowed
+    whole: set[str] = set()            # modalities of many units that could not be narrowed
+    if not isinstance(ablation_params, (Mapping, type(None))):
+        raise TypeError(f"ablation_params must be a dict of pairwise_ablation's parameters, "
+                        f"e.g. {{'batch_size': 64}}, got {type(ablation_params).__name__}.")
+    fallback = dict(ablation_params or {})
 
     def within(what: str):
         """A step's kernel reports its own batches as the path's progress (so that a cancel,
@@ -1049,17 +1064,19 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
             iparams = dict(interaction_params or {})
             if interaction_method == "pairwise_ablation" and "units" not in iparams:
                 iparams.update(_candidates(adapter, prepared, att, modalities, absolute,
-                                           narrowed))
+                                           narrowed, whole))
             inter = interaction(adapter, prepared, interaction_method, modalities=modalities,
                                 target=nt, progress=within(f"neuron {j}: pairs"), **iparams)
             fwd, bwd = fwd + inter.forward_passes, bwd + inter.backward_passes
             if interaction_method == "second_order" and (inter.params or {}).get("blind"):
                 # blind here (all 0 whatever the units do): pairs that remove the units
+                aparams = dict(fallback)
+                if "units" not in aparams:
+                    aparams.update(_candidates(adapter, prepared, att, modalities, absolute,
+                                               narrowed, whole))
                 inter = interaction(adapter, prepared, "pairwise_ablation",
                                     modalities=modalities, target=nt,
-                                    progress=within(f"neuron {j}: pairs"),
-                                    **_candidates(adapter, prepared, att, modalities, absolute,
-                                                  narrowed))
+                                    progress=within(f"neuron {j}: pairs"), **aparams)
                 fwd, bwd = fwd + inter.forward_passes, bwd + inter.backward_passes
                 by_ablation.append(int(j))
             pair_mods = tuple(inter.modalities)
@@ -1082,6 +1099,7 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
         params={"k_neurons": k_neurons, "k_units": k_units, "k_pairs": k_pairs,
                 "absolute": absolute, "pairs_by_ablation": by_ablation,
                 **({"ablation_candidates": dict(narrowed)} if narrowed else {}),
+                **({"ablation_whole": sorted(whole)} if whole else {}),
                 "bias": bias if np.isfinite(bias) else None,
                 "source_logit": source_logit if np.isfinite(source_logit) else None},
         note="" if neurons else _empty_path_note(contrib, sparse_model))

@@ -222,6 +222,13 @@ class PathView(W.VBox):
                 + ", ".join(f"{int(k)} units of {quoted(m)}" for m, k in narrowed.items())
                 + " of largest stage-1 score (every pair of so many units would take a "
                 "forward pass each)")
+        whole = (path.get("params") or {}).get("ablation_whole") or []
+        if whole and not note:
+            self.caption.value += (
+                "; pairwise ablation tried every unit of "
+                + ", ".join(quoted(m) for m in whole)
+                + " (the path's stage-1 method explains other modalities only, so nothing "
+                "ranked them: a slow search)")
         if not note:
             self.caption.value += shared_pairs_note(nodes, links)
         if sparse_note:
