@@ -115,6 +115,30 @@ class ModelInputError(AdapterError, RuntimeError):
     code = "forward"
 
 
+class ModelOutOfMemory(MemoryError, RuntimeError):
+    """The model ran out of host memory on a batch (torch's allocator error chained): not the
+    inputs' fault, so never blamed on them; the message says which batch sizes to lower. (A
+    RuntimeError too, as the allocator's own error. torch.OutOfMemoryError, the device's, is
+    raised as it is: it says so itself.)"""
+
+
+#: what to lower when a batch does not fit in memory (each method's own parameter)
+LOWER_THE_BATCH = (
+    "Lower the rows per model call: batch_size= for occlusion, LIME, KernelSHAP, pairwise "
+    "ablation, Shapley and EMAP; internal_batch_size= for integrated gradients; rows_per_pass= "
+    "for attribute_batch; batch_size= of extract_features (whose features an Explorer takes "
+    "as features=; its views' methods take theirs as method_params={method: {parameter: "
+    "value}}). Or free memory (other models, tensors kept in the kernel).")
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """torch's allocator refusing (host or device), whatever the exception type it uses."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
 def _resolve_module(model: nn.Module, spec, what: str) -> nn.Module:
     if isinstance(spec, nn.Module):
         if not any(m is spec for m in model.modules()):
@@ -1161,9 +1185,16 @@ class ModelAdapter:
             out = self.model(**args) if self.keyword_inputs else self.model(*args.values())
         except AdapterError:
             raise
-        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError) as e:
-            if isinstance(e, torch.cuda.OutOfMemoryError):
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError,
+                MemoryError) as e:
+            if isinstance(e, torch.OutOfMemoryError):
                 raise
+            if _is_out_of_memory(e):
+                b = next(iter(args.values())).shape[0] if args else 0
+                raise ModelOutOfMemory(
+                    f"The model ran out of memory on a batch of {b} instance(s) "
+                    f"({type(e).__name__}: {str(e)[:300]}). This is not about the inputs' "
+                    f"values. {LOWER_THE_BATCH}") from e
             if "leaf Variable that requires grad is being used in an in-place" in str(e):
                 # torch refused the in-place change of a gradient method's input before it
                 # happened: the same fix as for one made (check_inputs_kept)

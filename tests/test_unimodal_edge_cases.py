@@ -929,3 +929,38 @@ def test_kernel_shap_of_many_units_and_few_samples_is_not_refused():
     _check_surrogate_memory(300, 12_000, "kernel_shap", 36_000)
     with pytest.raises(ValueError, match="lime: 300 samples over 12,000 units"):
         _check_surrogate_memory(300, 12_000, "lime", 12_001)
+
+
+class _HostMemoryBound(TabSeriesNet):
+    """Runs batches of up to 4 rows; a larger one meets torch's host allocator refusing (its
+    own message, raised here rather than asked of a real allocator: overcommit would differ
+    between machines)."""
+
+    def forward(self, vitals, series):
+        if vitals.shape[0] > 4:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. "
+                               "DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 2250000000000 bytes. Error code 12 (Cannot allocate "
+                               "memory)")
+        return super().forward(vitals, series)
+
+
+@pytest.mark.parametrize("method, lower", [("occlusion", {"batch_size": 4}),
+                                           ("integrated_gradients", {"internal_batch_size": 4})])
+def test_running_out_of_host_memory_says_which_batch_to_lower(ts, method, lower):
+    """The host allocator's refusal was read as the model's fault: 'The model runs this
+    instance alone but not as a batch of 45 ... make forward() take any batch size', where
+    batch_size=4 was the fix. It now says memory ran out and which parameters to lower."""
+    from multiviz_widgets.adapter import ModelOutOfMemory
+    _, _, inst = ts
+    adapter = ModelAdapter(_HostMemoryBound().eval(),
+                           [Tabular("vitals", columns=["hr", "bp", "t"]),
+                            TimeSeries("series", window=2, channels=["x", "y"])], ["no", "yes"])
+    with pytest.raises(ModelOutOfMemory, match=r"^The model ran out of memory on a batch of "
+                                               r"\d+ instance\(s\)") as e:
+        attribute(adapter, inst, method, target=0)
+    text = str(e.value)
+    assert "not about the inputs' values" in text and "batch_size=" in text
+    assert "internal_batch_size=" in text and "runs this instance alone" not in text
+    assert isinstance(e.value, MemoryError) and "can't allocate" in str(e.value.__cause__)
+    assert attribute(adapter, inst, method, target=0, **lower).scores["vitals"].shape == (3,)

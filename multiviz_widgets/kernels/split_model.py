@@ -24,8 +24,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..adapter import (AdapterError, ModelAdapter, ModelInputError, check_inputs_kept,
-                       input_versions)
+from ..adapter import (AdapterError, ModelAdapter, ModelInputError, ModelOutOfMemory,
+                       check_inputs_kept, input_versions)
 from ..progress import ProgressFn, report
 from .common import ShapeGroups, merge_groups
 from .factorize import FactorizationError, reject_factorization, traced_split
@@ -128,7 +128,8 @@ def _not_built(adapter: ModelAdapter, factorized, side: str, split: Split, e: Ex
         # that the trace could not follow): the forward passes explain the model this time,
         # and the split is tried again next time. Out of memory (the forward passes need more)
         # and an error about the inputs (which the forward passes would meet too) are raised.
-        if fall_back and not isinstance(e, (torch.OutOfMemoryError, ModelInputError)):
+        if fall_back and not isinstance(e, (torch.OutOfMemoryError, ModelOutOfMemory,
+                                            ModelInputError)):
             return None, "none", f"traced split not used this time: {type(e).__name__}: {e}"
     raise e
 
