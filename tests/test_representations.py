@@ -1212,6 +1212,34 @@ def test_a_whole_input_shape_the_model_cannot_run_is_left_out_without_stopping_t
     assert model.calls < 4 * GIVE_UP_AFTER + 2 * 30
 
 
+class _OutOfRange(Exception):
+    """A model's own exception class (not a RuntimeError or ValueError)."""
+
+
+class _Guarded(ConvSeries):
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def forward(self, tab, series):
+        if bool((tab[:, 0] > 50).any()):
+            raise self.error("tab[0] is out of the model's range")
+        return super().forward(tab, series)
+
+
+@pytest.mark.parametrize("error", [ZeroDivisionError, _OutOfRange, NotImplementedError])
+def test_an_instance_the_model_refuses_with_any_exception_is_left_out_and_named(error):
+    """Only RuntimeError, ValueError, TypeError, IndexError, KeyError and AssertionError were
+    read as the model refusing an instance: one instance raising ZeroDivisionError (or the
+    model's own exception class) stopped the whole dataset's features, naming no instance, and
+    the Explorer's embedding was empty. Any exception now leaves out that instance only."""
+    adapter, ds = conv_case(n=12, big=[3], model=_Guarded(error))
+    with pytest.warns(RuntimeWarning, match=r"#3 \(") as w:
+        f = extract_features(adapter, ds, batch_size=8, cache=False)
+    assert sorted(f.skipped) == [3] and len(f.indices) == 11
+    assert error.__name__ in str(w[0].message) and "out of the model's range" in f.skipped[3]
+
+
 # -- the cache key: hooks and globals; the cache folder: ~, temporaries, bound, clearing -------
 def test_forward_hooks_and_pre_hooks_are_in_the_cache_key(cache):
     """Before: the key left out hooks, so a hook-based ablation (a pre-hook that scales the
