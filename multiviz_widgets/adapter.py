@@ -641,6 +641,17 @@ class ModelAdapter:
         if unknown:
             raise AdapterError(f"embedding_layers names {sorted(unknown)}, which are not modalities "
                                f"({names}).")
+        # a modality that takes its input as it is (no token ids) has no embedding layer: the
+        # entry would be dropped, so that what the person meant (a layer to explain from, say)
+        # silently did not happen
+        direct = [m for m in modalities if m.name in embedding_layers and not m.via_embedding]
+        if direct:
+            raise AdapterError(
+                f"embedding_layers names {[m.name for m in direct]}, whose inputs are not token "
+                f"ids ({', '.join(f'{m.name!r} is {type(m).__name__}' for m in direct)}): only a "
+                "Text modality has an embedding layer (the module that maps its token ids to "
+                "vectors). The others are explained on their own inputs: leave them out of "
+                "embedding_layers.", code="embedding-layer")
         for m in modalities:
             if not m.via_embedding:
                 continue

@@ -463,7 +463,8 @@ class Image(Modality):
             if arr.ndim == 2:                 # grey levels: one channel, where the layout has it
                 arr = arr[..., None] if channels_last else arr[None]
             if arr.ndim != 3:
-                raise ValueError(f"{self.name}: an image must be HxWxC or HxW, got shape {arr.shape}.")
+                raise ValueError(f"{self.name}: an image must be HxWxC or HxW, got shape "
+                                 f"{arr.shape}." + batch_of_one_hint(arr.shape, 3))
             if (channels_last and arr.shape[0] in (1, 3, 4)
                     and arr.shape[-1] not in (1, 3, 4)):
                 raise ValueError(
@@ -499,7 +500,8 @@ class Image(Modality):
             if channels_last:
                 t = t.permute(2, 0, 1)
         if t.dim() != 3:
-            raise ValueError(f"{self.name}: an image tensor must be [C, H, W], got {tuple(t.shape)}.")
+            raise ValueError(f"{self.name}: an image tensor must be [C, H, W], got "
+                             f"{tuple(t.shape)}." + batch_of_one_hint(t.shape, 3))
         if 0 in t.shape:
             raise ValueError(f"{self.name}: the image is empty (shape {tuple(t.shape)}).")
         return _unit_range(t, self.name).contiguous()
@@ -890,7 +892,8 @@ class Text(Modality):
             if (raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool
                     or raw.dim() != 1):
                 raise ValueError(f"{self.name}: token ids must be a 1-D integer tensor, got "
-                                 f"{raw.dtype} with shape {tuple(raw.shape)}.")
+                                 f"{raw.dtype} with shape {tuple(raw.shape)}."
+                                 + batch_of_one_hint(raw.shape, 1))
             if raw.numel() == 0:
                 raise ValueError(f"{self.name}: the tensor of token ids is empty.")
             lo, hi = int(raw.min()), int(raw.max())
@@ -1084,7 +1087,8 @@ class Tabular(Modality):
         t = _float_tensor(raw, self.name)
         if t.shape != (len(self.columns),):
             raise ValueError(f"{self.name}: a row must have {len(self.columns)} values "
-                             f"({', '.join(self.columns)}), got shape {tuple(t.shape)}.")
+                             f"({', '.join(self.columns)}), got shape {tuple(t.shape)}."
+                             + batch_of_one_hint(t.shape, 1))
         return t
 
     def _by_name(self, raw, what: str):
@@ -1259,6 +1263,15 @@ def _missing_as_nan(arr: np.ndarray) -> np.ndarray:
     return out.reshape(arr.shape)
 
 
+def batch_of_one_hint(shape: Sequence[int], instance_dims: int) -> str:
+    """A hint when ``shape`` is one instance's (``instance_dims`` dimensions) with a batch
+    dimension of 1 in front: a batch of one passed where one instance is wanted."""
+    if len(shape) == instance_dims + 1 and shape[0] == 1:
+        return (" It looks like a batch of one (shape [1, ...]): pass the instance itself, x[0] "
+                "(the kernels add the batch dimension).")
+    return ""
+
+
 def _float_tensor(raw, name: str) -> torch.Tensor:
     """raw (an array, a nested list or a tensor of numbers) as a float tensor: float64 values
     (a float64 array, Python floats) keep their precision, others become float32; ``collate``
@@ -1344,8 +1357,8 @@ class TimeSeries(Modality):
         t = _float_tensor(raw, self.name)
         c = len(self.channels)
         if t.dim() != 2 or t.shape[1] != c or t.shape[0] == 0:
-            hint = ""
-            if t.dim() == 1 and c == 1 and t.shape[0]:
+            hint = batch_of_one_hint(t.shape, 2)
+            if not hint and t.dim() == 1 and c == 1 and t.shape[0]:
                 hint = " A 1-D series of one channel: pass series[:, None] (or .reshape(-1, 1))."
             elif t.dim() == 2 and t.shape[0] == c and t.shape[1] not in (0, c):
                 hint = (" It looks like [channels, time]: pass series.T (the model then gets "

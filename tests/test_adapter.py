@@ -514,6 +514,15 @@ def test_an_embedding_never_called_on_the_text_ids_is_a_clear_error():
     a.forward(p.raw)                                       # without continuous inputs: fine
 
 
+def test_an_embedding_layer_named_for_a_modality_without_token_ids_is_refused():
+    """embedding_layers={"vitals": ...} (a Tabular) was accepted and dropped: what the person
+    meant silently did not happen."""
+    with pytest.raises(AdapterError, match=r"embedding_layers names \['vitals'\], whose inputs "
+                                           r"are not token ids \('vitals' is Tabular\)") as e:
+        text_vitals(embedding_layers={"text": "emb", "vitals": "emb"})
+    assert e.value.code == "embedding-layer" and "leave them out" in str(e.value)
+
+
 def test_in_place_changes_of_the_embedding_output_keep_gradients_and_inputs():
     """The model masks and scales its embedding output in place: the hook hands it a copy, so
     back-propagation works, reaches the continuous input and leaves the input unchanged."""

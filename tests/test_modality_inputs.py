@@ -577,3 +577,20 @@ def test_pre_tokenised_text_and_ids_in_a_list_say_how_to_pass_them():
     assert t.to_tensor(torch.as_tensor(np.array([2, 3]), dtype=torch.long)).tolist() == [2, 3]
     with pytest.raises(TypeError, match=r"got dict\.$"):
         t.to_tensor({"a": 1})
+
+
+@pytest.mark.parametrize("modality, batched", [
+    (lambda: Tabular("vitals", columns=["hr", "bp", "t"]), np.zeros((1, 3), np.float32)),
+    (lambda: TimeSeries("ecg", window=2, channels=["a", "b"]), np.zeros((1, 6, 2), np.float32)),
+    (lambda: Text("question", vocab=["[PAD]", "[UNK]", "red"]),
+     torch.zeros(1, 4, dtype=torch.long)),
+    (lambda: Image("image", patch=2), np.zeros((1, 4, 4, 3), np.float32)),
+    (lambda: Image("image", patch=2), torch.zeros(1, 3, 4, 4)),
+])
+def test_a_batch_of_one_given_for_an_instance_says_to_pass_the_instance(modality, batched):
+    """A row of shape (1, 20), a series (1, 200, 3) or ids (1, T) were refused with the shape
+    only; a leftover batch dimension now gets its fix."""
+    with pytest.raises(ValueError, match=r"It looks like a batch of one \(shape \[1, \.\.\.\]\): "
+                                         r"pass the instance itself, x\[0\]"):
+        modality().to_tensor(batched)
+    assert modality().to_tensor(batched[0]).shape[0] > 0
