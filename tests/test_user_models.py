@@ -395,6 +395,24 @@ def test_attribute_batch_names_the_modality_no_gradient_reaches(method):
     assert all("no_gradient" not in r.params for r in flowing)
 
 
+@pytest.mark.parametrize("method", ["gradient", "grad_x_input"])
+def test_a_gradient_method_warns_once_that_no_gradient_reaches_a_modality(method):
+    """Its scores were all 0 with no word outside params (a frozen encoder is common, and 0 reads
+    as "unimportant" while occlusion finds it the strongest): a warning now says why and what
+    scores it, once per adapter; a perturbation method says nothing."""
+    from multiviz_widgets.kernels.unimodal import NoGradientWarning
+    ad = make_adapter(FrozenSeries().eval())
+    with pytest.warns(NoGradientWarning, match=rf"^{method}: no gradient reaches 'series', so "
+                                               "its scores are 0") as caught:
+        attribute(ad, instance(), method, target=1)
+    assert "occlusion, lime and kernel_shap" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoGradientWarning)
+        attribute(ad, instance(), method, target=1)                  # once per adapter
+        attribute(make_adapter(FrozenSeries().eval()), instance(), "occlusion", target=1)
+        attribute(make_adapter(TabSeries().eval()), instance(), method, target=1)
+
+
 def test_the_completeness_warning_says_no_gradient_reaches_the_modality():
     ad = make_adapter(FrozenSeries().eval())
     with pytest.warns(CompletenessWarning) as caught:

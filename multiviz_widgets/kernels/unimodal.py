@@ -76,12 +76,18 @@ __all__ = ["METHODS", "AttributionMethod", "attribute", "attribute_batch", "lime
 COMPLETENESS_WARN = 0.05
 
 
+class NoGradientWarning(UserWarning):
+    """A gradient method's scores of a modality are 0 because no gradient reached it (the model
+    computes it under torch.no_grad(), detached, or through a step without a gradient)."""
+
+
 class CompletenessWarning(UserWarning):
     """Integrated gradients' scores for a class miss f(x) - f(baseline) by more than
     COMPLETENESS_WARN (warned once per adapter; every result records its gap in its params)."""
 
 
 _WARNED_COMPLETENESS: weakref.WeakSet = weakref.WeakSet()     # adapters warned about
+_WARNED_NO_GRADIENT: weakref.WeakSet = weakref.WeakSet()      # adapters warned about
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,6 +527,32 @@ def _division_hint(adapter: ModelAdapter, prepared: Prepared, target: Target,
             + "(multiviz_widgets.check(adapter, instance) tests it.)")
 
 
+def _completeness_missed(r: Attribution) -> bool:
+    """Whether _warn_completeness speaks of this result (a class target's gap too large)."""
+    return (r.target.kind == "class"
+            and r.params.get("completeness_gap_relative", 0) > COMPLETENESS_WARN)
+
+
+def _warn_no_gradient(adapter: ModelAdapter, results: Sequence[Attribution]) -> None:
+    """One NoGradientWarning, the first time an adapter gives gradient results with a modality
+    no gradient reached (``params["no_gradient"]``), unless the completeness warning says so
+    already. Its scores read 0, which a person takes for "unimportant": a frozen encoder under
+    torch.no_grad() is common. In a cell only: the Explorer's caption says it beside the map."""
+    if is_collecting() or adapter in _WARNED_NO_GRADIENT:
+        return
+    blind = [r for r in results if r.params.get("no_gradient") and not _completeness_missed(r)]
+    if not blind:
+        return
+    _WARNED_NO_GRADIENT.add(adapter)
+    names = sorted({n for r in blind for n in r.params["no_gradient"]})
+    warn(f"{blind[0].method}: no gradient reaches {', '.join(map(repr, names))}, so its scores "
+         "are 0 whatever the model does with it. If the model uses it (computed under "
+         "torch.no_grad(), detached, or through a step without a gradient, such as a frozen "
+         "encoder's), those 0s say nothing: occlusion, lime and kernel_shap, which run the model "
+         "instead of its gradient, score it. (Warned once per adapter; params['no_gradient'] "
+         "names such modalities.)", NoGradientWarning, stacklevel=3)
+
+
 def _warn_completeness(adapter: ModelAdapter, results: Sequence[Attribution]) -> None:
     """One CompletenessWarning (pointing at the caller of attribute or attribute_batch), the
     first time an adapter gives integrated-gradients results whose relative completeness gap
@@ -529,8 +561,7 @@ def _warn_completeness(adapter: ModelAdapter, results: Sequence[Attribution]) ->
     # often 0 at x or at the baseline and kinked along the path, so its relative gap is large
     # routinely (on easy-VQA 15-90%, and unbounded where f(x) = f(b) = 0) and says nothing a
     # user can act on; its gap is still recorded in params.
-    bad = [r for r in results if r.target.kind == "class"
-           and r.params.get("completeness_gap_relative", 0) > COMPLETENESS_WARN]
+    bad = [r for r in results if _completeness_missed(r)]
     # collected for the Explorer (``notices``): told with every result it concerns, shown
     # beside it; in a cell, once per adapter
     every = is_collecting()
@@ -1274,6 +1305,7 @@ def attribute(adapter: ModelAdapter, instance, method: str = "integrated_gradien
     check_progress(progress, "attribute")
     result = _method(method).attribute(adapter, instance, target, progress=progress, **params)
     _warn_completeness(adapter, [result])
+    _warn_no_gradient(adapter, [result])
     return result
 
 
@@ -1348,6 +1380,7 @@ def attribute_batch(adapter: ModelAdapter, instances, method: str = "integrated_
         r.seconds = float(sw.seconds * share)
         r.forward_passes += more
     _warn_completeness(adapter, out)
+    _warn_no_gradient(adapter, out)
     return out
 
 
