@@ -1009,3 +1009,44 @@ def test_dime_fuses_batch_size_pairs_at_a_time(monkeypatch):
         np.testing.assert_allclose(fast.uc[m], slow.uc[m], atol=1e-5, rtol=1e-4)
     done = [d for d, _, _ in progress]
     assert done == sorted(done) and done[-1] == progress[-1][1]      # never back, to the end
+
+
+class WithEncoder(Bilinear):
+    """Bilinear whose tabular encoder is a Sequential (traced through, not a leaf)."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Sequential(nn.Linear(4, 5))
+        _seeded(self)
+
+
+def test_tracing_never_runs_the_persons_hooks_on_proxies():
+    """torch.fx traced through a module by its __call__, so the person's hooks ran on the
+    trace's proxies: a list of logged activations then held a Proxy (torch.cat of it gave a
+    Proxy), a row counter became Proxy(add_1) for good. The hooks are set aside while tracing
+    and put back after; a hook that changes an output makes the split's check reject it."""
+    model = WithEncoder()
+    logged, rows = [], [0]
+    model.t.register_forward_hook(lambda _m, _i, out: logged.append(out.detach()))
+    model.register_forward_pre_hook(lambda _m, args: rows.__setitem__(0, rows[0] +
+                                                                     args[0].shape[0]))
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    items = instances(6)
+    r = emap(adapter, items)
+    assert r.params["factorization"] == "traced", r.params
+    assert logged and all(type(t) is torch.Tensor for t in logged)
+    assert type(torch.cat(logged)) is torch.Tensor and type(rows[0]) is int
+    before = (len(logged), rows[0])
+    with torch.no_grad():
+        model(torch.zeros(2, 4), torch.zeros(2, 8, 2))          # the hooks are still there
+    assert (len(logged), rows[0]) == (before[0] + 1, before[1] + 2)
+    np.testing.assert_allclose(r.emap_logits, emap(adapter, items, factorized=False).emap_logits,
+                               atol=1e-5)
+    # a hook that changes the encoder's output is not in the graph: the split is rejected
+    changed = WithEncoder()
+    changed.t.register_forward_hook(lambda _m, _i, out: out * 2.0)
+    adapter = ModelAdapter(changed, MODALITIES, ["a", "b", "c"])
+    r = emap(adapter, items)
+    assert r.params["factorization"] == "none" and "rejected" in r.params["factorization_note"]
+    np.testing.assert_allclose(r.emap_logits, emap(adapter, items, factorized=False).emap_logits,
+                               atol=1e-5)

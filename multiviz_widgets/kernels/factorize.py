@@ -279,6 +279,47 @@ def _attribute(model: nn.Module, target: str):
     return value
 
 
+#: the hooks a module runs around its forward (and the process-wide ones, torch's globals)
+_FORWARD_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+_GLOBAL_FORWARD_HOOKS = ("_global_forward_hooks", "_global_forward_hooks_with_kwargs",
+                         "_global_forward_hooks_always_called", "_global_forward_pre_hooks")
+
+
+class _HooksSetAside:
+    """The forward hooks of every submodule of ``model`` (and torch's global ones) taken out
+    while the model is traced, and put back after: torch.fx calls a module that it traces
+    through by its ``__call__``, so its hooks ran on the trace's proxies, and a hook that keeps
+    what it sees (an activation logger, a row counter) kept proxies in the person's lists. A
+    hook that changes a module's output is then missing from the graph: the split's check
+    against the model's own forward finds that and the forward passes are used."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.saved: list[tuple[object, str, dict]] = []
+
+    def __enter__(self):
+        import torch.nn.modules.module as module_mod
+        for m in self.model.modules():
+            for name in _FORWARD_HOOKS:
+                hooks = getattr(m, name, None)
+                if isinstance(hooks, dict) and hooks:
+                    self.saved.append((m, name, dict(hooks)))
+                    hooks.clear()
+        for name in _GLOBAL_FORWARD_HOOKS:
+            hooks = getattr(module_mod, name, None)
+            if isinstance(hooks, dict) and hooks:
+                self.saved.append((module_mod, name, dict(hooks)))
+                hooks.clear()
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, hooks in self.saved:
+            getattr(owner, name).update(hooks)       # (in their order: the dicts were empty)
+        self.saved.clear()
+        return False
+
+
 class _AsTheAdapterCalls(nn.Module):
     """model(*inputs) or model(**inputs), as ``ModelAdapter`` calls it: tracing this instead of
     the model's ``forward`` leaves its other arguments (defaults, ``*args``, ``**kwargs``) to
@@ -308,7 +349,9 @@ def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool,
         tracer = _Tracer(set(opaque) | set(keep_whole))
         saved = _Saved(model)
         try:
-            graph, why = tracer.trace(root, concrete_args={"inputs": {m: fx.PH for m in names}}), ""
+            with _HooksSetAside(model):
+                graph = tracer.trace(root, concrete_args={"inputs": {m: fx.PH for m in names}})
+            why = ""
         except Exception as e:   # fx raises many kinds (TraceError, TypeError, ...)
             why = f"{type(e).__name__}: {e}"
         finally:
