@@ -45,9 +45,9 @@ from ..adapter import MASKED_TARGET_NOTE, ModelAdapter, Prepared, Target
 from ..progress import ProgressFn, check_progress, report
 from ..results import Interaction, Stopwatch
 from ..checks import positive_int
-from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_mask_rows,
-                     evaluate_masks, math_attention, modality_pair, occlusion_rows,
-                     resolve_target)
+from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, check_rows_independent,
+                     evaluate_mask_rows, evaluate_masks, math_attention, modality_pair,
+                     occlusion_rows, resolve_target)
 from .dime import DimeResult, dime
 from .emap import EmapResult, emap, emap_gap, emap_matrix, interaction_type, interaction_types
 from .unimodal import _raise_not_differentiable, raise_not_finite
@@ -868,8 +868,9 @@ def interaction(adapter: ModelAdapter, instance, method: str = "second_order", m
         raise ValueError(f"interaction method {method!r} got unknown parameters {unknown}; it "
                          f"takes {known}.")
     a, b = modality_pair(adapter, modalities)
+    prepared = as_prepared(adapter, instance)
+    check_rows_independent(adapter, prepared)          # (a check of the model: not timed)
     with Stopwatch() as sw:
-        prepared = as_prepared(adapter, instance)
         t = resolve_target(adapter, prepared, target)
         matrix, fwd, bwd, used = INTERACTION_METHODS[method](
             adapter, prepared, a, b, t, progress=progress, **params)

@@ -65,8 +65,9 @@ from ..modalities import LOW_PRECISION, Modality
 from ..progress import ProgressFn, check_progress, report
 from ..results import Attribution, Stopwatch
 from ..checks import positive_int
-from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, evaluate_mask_rows,
-                     evaluate_masks, occlusion_rows, positive_number, resolve_target)
+from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, check_rows_independent,
+                     evaluate_mask_rows, evaluate_masks, occlusion_rows, positive_number,
+                     resolve_target)
 
 __all__ = ["METHODS", "AttributionMethod", "attribute", "attribute_batch", "lime_from_function",
            "kernel_shap_from_function", "integration_rule", "CompletenessWarning",
@@ -1303,7 +1304,10 @@ def attribute(adapter: ModelAdapter, instance, method: str = "integrated_gradien
     """
     check_adapter(adapter, "attribute")
     check_progress(progress, "attribute")
-    result = _method(method).attribute(adapter, instance, target, progress=progress, **params)
+    m = _method(method)
+    prepared = as_prepared(adapter, instance)
+    check_rows_independent(adapter, prepared)
+    result = m.attribute(adapter, prepared, target, progress=progress, **params)
     _warn_completeness(adapter, [result])
     _warn_no_gradient(adapter, [result])
     return result
@@ -1347,6 +1351,7 @@ def attribute_batch(adapter: ModelAdapter, instances, method: str = "integrated_
         rows_per_pass = positive_int(rows_per_pass, "rows_per_pass")
     with Stopwatch() as sw:
         preps = _prepared_list(adapter, instances, targets)
+        check_rows_independent(adapter, preps[0])
         names = _select(adapter, preps[0], params.get("modalities"))
         if m.uses_baseline:
             for pr in preps:
