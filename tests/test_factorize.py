@@ -132,6 +132,17 @@ def test_traced_split_equals_full_forward_passes():
     _same_as_full_forwards(ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"]), instances(9))
 
 
+def test_emap_says_how_many_of_its_passes_were_fused_pairs():
+    """A split's forward_passes (fused pairs, encodings, the check) exceeded the N^2 full passes
+    it replaces, which read as the split costing more: params["fused_pairs"] says how many of
+    them ran only the fusion and the head."""
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    fast = emap(adapter, instances(9))
+    slow = emap(adapter, instances(9), factorized=False)
+    assert fast.params["fused_pairs"] == 81 and slow.params["fused_pairs"] == 0
+    assert slow.forward_passes == 81 and fast.forward_passes > fast.params["fused_pairs"]
+
+
 @pytest.mark.parametrize("target", [1, Neuron(2)])
 def test_traced_split_handles_class_and_neuron_targets(target):
     adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])

@@ -166,6 +166,10 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     traces and the check passes, else N^2 full forward passes (``params["factorization"]``
     says which was used and why). True: declared or traced, an error if neither works.
     False: full forward passes.
+    ``forward_passes`` counts every row the model (or a part of it) ran: with a split, each
+    fused pair as one (it runs the fusion and the head only: ``params["fused_pairs"]`` of them),
+    besides the encodings and the split's check; so it can exceed the N^2 of full passes while
+    the work is a fraction of theirs.
 
     A pair whose output is NaN or infinite is a ValueError naming it (EMAP would not be finite).
     """
@@ -199,8 +203,8 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         step = steady_progress(progress, total)
         step(0, "EMAP pairs")
         # forward passes run, fused or full: a split's checks, and the pairs of a split
-        # abandoned part way, included
-        passes = [0]
+        # abandoned part way, included; then the fused pairs among them
+        passes = [0, 0]
         own = None
         mixing = _mixing(n, names, seed) if many else {}
         if many:
@@ -242,7 +246,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
             unimodal[names[1]] = sums[0].column_sums.numpy() / n - means[0]
         emap_logits = grand + sum(unimodal.values())
     params = {"n": n, "batch_size": batch_size, **_factorization(groups, kinds, notes),
-              "anova": _anova_note(many, seed), "seed": seed}
+              "anova": _anova_note(many, seed), "seed": seed, "fused_pairs": passes[1]}
     if len(names) == 2 and not keep:
         params["matrix_note"] = ("not kept (keep_matrix=False)" if keep_matrix is False else
                                  f"not kept: it would take {_size(matrix_bytes)}; pass "
@@ -467,6 +471,8 @@ def _fused_sums(fused: FusedPairs, enc: Encodings, n: int, keep: bool,
             acc.add(ps[i], po[j], fused.pairs(sv, ov, i, j))
             done += len(i)
             passes[0] += len(i)
+            if len(passes) > 1:
+                passes[1] += len(i)
             step(done, message)
     return acc
 
