@@ -165,6 +165,7 @@ class _DimeFused:
                     total = total + self.fused.pairs(sv, ov, i, j).sum()
                     done += len(i)
                     cost[0] += len(i)
+                    cost[1] += len(i)
                     step(done, REFERENCE_PAIRS)
             self.grand = total / (n * n)
             # masked inputs enter the encoders through the continuous inputs: check that path
@@ -189,6 +190,7 @@ class _DimeFused:
         own = torch.arange(bsz, device=self.adapter.device)
         f = self.fused.pairs(enc, enc, own, own)
         self.cost[0] += bsz
+        self.cost[1] += bsz
         side = self.split.side
         other = next(m for m in self.adapter.names if m != side)
         parts = []
@@ -216,6 +218,7 @@ class _DimeFused:
                        else self.fused.pairs(values, enc, j, i))
                 part.index_add_(0, i, out.reshape(len(i)))
         self.cost[0] += rows * self.n
+        self.cost[1] += rows * self.n
         return part
 
 
@@ -289,7 +292,7 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
         # the references grouped by input shapes: one group (one batch) when they share one
         refs = ShapeGroups(adapter, [dataset[int(i)] for i in ref_idx], ref_idx)
         n = len(ref_idx)
-        cost = [1 if target is None else 0]
+        cost = [1 if target is None else 0, 0]      # forward passes; fused pairs among them
         # progress counts the N^2 reference pairs, then LIME's masks, each mask about N pairs
         # (UC's terms cost N per mask, or 2N with design="joint"; MI takes them from UC's)
         phases = 4 if design == "per_modality" else 2
@@ -371,7 +374,8 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     return DimeResult(method="dime", target=t,
                       params={"n_samples": n_samples, "n_reference": n, "seed": seed,
                               "batch_size": batch_size, "design": design,
-                              "factorization": kind, "underdetermined": bool(short),
+                              "factorization": kind, "fused_pairs": cost[1],
+                              "underdetermined": bool(short),
                               "underdetermined_modalities": short,
                               **({"factorization_note": note} if note else {}), **lime_params},
                       forward_passes=cost[0], backward_passes=0, seconds=sw.seconds,
