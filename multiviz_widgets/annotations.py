@@ -27,7 +27,11 @@ and unit. Nothing a person saved is lost:
   or the new one, never half of one);
 * a file changed on disk by someone else since this store read or wrote it is not written over:
   the save raises :class:`AnnotationConflict`; ``merge(path)`` takes their concepts in, after
-  which a save goes through;
+  which a save goes through. Concepts removed there are removed here only when the file is a
+  later version of the one this store read or wrote (each save records the ids of the versions
+  a file came from, "revisions"); a file copied over it is joined, removing none of ours;
+  ``change_note`` names what came in and what went;
+* ``undo()`` undoes the last edits (a remove clicked by mistake, a rename), one per call;
 * a store that saves on each change and cannot (a read-only folder, a conflict) keeps every
   change in memory, says why in ``save_error`` (``save_conflict`` when it is such a conflict)
   and tells its observers; the next save that works writes them all.
@@ -72,6 +76,16 @@ SIGNATURE_FIELDS = ("modalities", "classes", "neurons", "features")
 # records one, a fingerprint of its weights. Not refused (a retrained or fine-tuned model
 # keeps its file), but said: its neuron concepts may name other neurons (``model_note``)
 IDENTITY_FIELDS = ("model", "weights")
+#: How ``model_signature`` fingerprints the weights (``ModelAdapter.weights_fingerprint``: a hash
+#: of the state_dict), recorded beside them as "weights_method": a file without it was written
+#: before it was recorded, when the weights were ``ModelAdapter.fingerprint`` (state_dict and
+#: module settings); two fingerprints of different methods cannot be compared.
+WEIGHTS_METHOD = "state_dict-sha256"
+#: The fields of a model signature and of a dataset signature that this format knows; others
+#: (a "checkpoint" written in by hand) are kept as they are and written back.
+MODEL_FIELDS = ("model", "modalities", "classes", "neurons", "features", "weights",
+                "weights_method", "units")
+DATASET_FIELDS = ("name", "instances", "fingerprint")
 
 
 class AnnotationError(ValueError):
@@ -186,9 +200,69 @@ def _concept(text) -> str:
     bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")
            and c not in _JOINERS]
     if bad:
+        c = bad[0]
+        kind = ("an invisible format character, which can make a look-alike of another "
+                "concept or reorder what it shows" if unicodedata.category(c) == "Cf"
+                else "a line break or tab" if c in "\n\r\t\u2028\u2029" else "not text")
         raise AnnotationError(f"A concept is one line of printable text; {text[:60]!r} holds "
-                              f"the control character {bad[0]!r}.")
+                              f"the control character {c!r} ({_char_name(c)}: {kind}); "
+                              f"remove it.")
+    joiner = _needless_joiner(text)
+    if joiner is not None:
+        raise AnnotationError(
+            f"A concept is one line of printable text; {text[:60]!r} holds the control "
+            f"character {text[joiner]!r} ({_char_name(text[joiner])}: an invisible format "
+            f"character) between {text[joiner - 1]!r} and {text[joiner + 1]!r}, which it "
+            f"does not join (it would make a look-alike of {_no_joiners(text)!r}); remove "
+            f"it. (Joiners are kept where a script or an emoji sequence needs them.)")
+    if not any(unicodedata.category(c)[0] in "LNS" for c in text):
+        raise AnnotationError(
+            f"A concept names something with letters, digits or symbols; {text[:60]!r} has "
+            f"none (only {_kinds(text)}); type the name itself.")
     return _SPACES.sub(" ", text)
+
+
+def _char_name(c: str) -> str:
+    """"U+200D ZERO WIDTH JOINER": a character as a message names it."""
+    names = {"\n": "LINE FEED", "\r": "CARRIAGE RETURN", "\t": "TAB", "\0": "NULL"}
+    return f"U+{ord(c):04X} {unicodedata.name(c, names.get(c, 'a control character'))}"
+
+
+#: Scripts whose letters never need a joiner between them (nor digits and ASCII).
+_PLAIN_SCRIPTS = ("LATIN", "GREEK", "CYRILLIC", "DIGIT", "FULLWIDTH LATIN")
+
+
+def _plain_letter(c: str) -> bool:
+    """Whether ``c`` is a letter, digit or mark of a script that no joiner changes (Latin,
+    Greek, Cyrillic), or ASCII, or a space: a joiner beside such characters on both sides
+    joins nothing and only makes a look-alike ("re\u200dd" of "red")."""
+    if c.isascii() or c.isspace() or unicodedata.category(c) == "Mn":
+        return True
+    return unicodedata.name(c, "").startswith(_PLAIN_SCRIPTS)
+
+
+def _needless_joiner(text: str) -> int | None:
+    """The index of the first joiner (ZWJ, ZWNJ) inside ``text`` between two characters that
+    it cannot join (``_plain_letter`` both, or another joiner), or None."""
+    for i, c in enumerate(text):
+        if c in _JOINERS and 0 < i < len(text) - 1:
+            before, after = text[i - 1], text[i + 1]
+            if (before in _JOINERS or after in _JOINERS
+                    or (_plain_letter(before) and _plain_letter(after))):
+                return i
+    return None
+
+
+def _no_joiners(text: str) -> str:
+    return "".join(c for c in text if c not in _JOINERS)
+
+
+def _kinds(text: str) -> str:
+    """What ``text``'s characters are, for a message: "combining marks", "punctuation"."""
+    names = {"M": "combining marks", "P": "punctuation", "Z": "spaces", "C": "joiners"}
+    kinds = dict.fromkeys(names.get(unicodedata.category(c)[0], "other characters")
+                          for c in text)
+    return " and ".join(kinds)
 
 
 #: How to keep a key's concepts under MAX_CONCEPTS_PER_KEY: in a store, and in a file.
@@ -242,11 +316,78 @@ def model_signature(adapter, n_neurons: int | None = None) -> dict:
             except TypeError:      # labels that need an instance: the units are not compared
                 features[name] = None
     fingerprint = getattr(adapter, "weights_fingerprint", None)
-    return {"model": str(getattr(adapter, "name", "")), "modalities": list(adapter.names),
-            "classes": [str(c) for c in adapter.class_names],
-            "neurons": None if n_neurons is None else int(n_neurons), "features": features,
-            "weights": fingerprint() if callable(fingerprint) else None,
-            "units": {name: unit_settings(m) for name, m in adapter.modalities.items()}}
+    sig = ModelSignature(
+        {"model": str(getattr(adapter, "name", "")), "modalities": list(adapter.names),
+         "classes": [str(c) for c in adapter.class_names],
+         "neurons": None if n_neurons is None else int(n_neurons), "features": features,
+         "weights": fingerprint() if callable(fingerprint) else None,
+         "weights_method": WEIGHTS_METHOD if callable(fingerprint) else None,
+         "units": {name: unit_settings(m) for name, m in adapter.modalities.items()}})
+    if callable(fingerprint):
+        sig.live_weights = _live_weights(adapter, sig["weights"])
+        older = getattr(adapter, "fingerprint", None)
+        if callable(older):
+            sig.older_weights = _weak_call(adapter, "fingerprint")
+    return sig
+
+
+class ModelSignature(dict):
+    """A model signature (a dict, as a file records it) that also knows, while its adapter
+    lives, how to fingerprint the model's weights now (``live_weights``: a save records the
+    weights the concepts were made on, also after a fine-tune in the session) and by the method
+    used before "weights_method" was recorded (``older_weights``: an older file's fingerprint
+    of the same weights is recognised). Neither is written to a file; equal as a dict."""
+
+    live_weights: Callable[[], str | None] | None = None
+    older_weights: Callable[[], str | None] | None = None
+
+
+def _weak_call(obj, method: str) -> Callable[[], str | None]:
+    """``obj.method()`` while ``obj`` lives (a store that outlives its Explorer does not keep
+    the model alive), else None."""
+    try:
+        ref = weakref.ref(obj)
+    except TypeError:
+        def ref():
+            return obj
+
+    def call():
+        alive = ref()
+        return None if alive is None else str(getattr(alive, method)())
+    return call
+
+
+def _live_weights(adapter, value: str) -> Callable[[], str | None]:
+    """``adapter.weights_fingerprint()`` now, computed again only when a tensor of the model's
+    state_dict was replaced or changed in place since (torch counts each in-place change in a
+    tensor's ``_version``: an optimizer step, ``load_state_dict``, an edit under no_grad), so
+    that each save can afford to ask. (An edit through ``param.data`` is not counted: the
+    fingerprint is then taken again at the next ``Explorer`` made for the model.)"""
+    fingerprint = _weak_call(adapter, "weights_fingerprint")
+    try:
+        adapter_ref = weakref.ref(adapter)
+    except TypeError:
+        def adapter_ref():
+            return adapter
+
+    def state_key(alive) -> tuple | None:
+        try:
+            state = alive.model.state_dict(keep_vars=True)
+            return tuple((k, id(v), getattr(v, "_version", None)) for k, v in state.items())
+        except Exception:  # noqa: BLE001 - not a torch module: fingerprinted each time
+            return None
+    memo = {"key": state_key(adapter), "value": value}
+
+    def now():
+        alive = adapter_ref()
+        if alive is None:
+            return None
+        key = state_key(alive)
+        if key is not None and memo["key"] == key:
+            return memo["value"]
+        memo.update(key=key, value=fingerprint())
+        return memo["value"]
+    return now
 
 
 def unit_settings(modality) -> str:
@@ -357,9 +498,11 @@ def _as_signature(sig: dict | None) -> dict | None:
     if not isinstance(sig, dict):
         raise AnnotationError(f"A model signature is a dict (model_signature(adapter) makes "
                               f"one), got {_brief(sig)}.")
-    sig = _plain(sig)
-    _check_signature(sig, _bad_model_fields(sig), "model", "model_signature(adapter, n_neurons)")
-    return sig
+    out = ModelSignature(_plain(sig))
+    _check_signature(out, _bad_model_fields(out), "model", "model_signature(adapter, n_neurons)")
+    out.live_weights = getattr(sig, "live_weights", None)
+    out.older_weights = getattr(sig, "older_weights", None)
+    return out
 
 
 def _plain(value):
@@ -424,6 +567,14 @@ def _other_model(saved: dict | None, ours: dict | None, keys=()) -> str | None:
             def named(sig):
                 text = f"model {sig.get('model')!r}" if sig.get("model") else "a model"
                 return f"{text} (weights {sig[f][:12]})" if f == "weights" else text
+            if f == "weights":
+                how = _weights_compared(saved, ours)
+                if how == "same":
+                    continue
+                if how is not None:
+                    return (f"made for {named(saved)}, whose weights fingerprint was taken "
+                            f"{how}: the two cannot be compared, so whether the neuron "
+                            f"concepts fit this model's weights is not known")
             return (f"made for {named(saved)}; this is {named(ours)}: the neuron concepts may "
                     f"not fit")
     # other unit settings matter to the unit and feature concepts there are (``keys``)
@@ -435,6 +586,29 @@ def _other_model(saved: dict | None, ours: dict | None, keys=()) -> str | None:
         return (f"made with other unit settings for {names} (patch size, vocabulary, "
                 f"tokenizer, window or columns): the unit concepts there may name other units")
     return None
+
+
+def _weights_compared(saved: dict, ours: dict) -> str | None:
+    """For two signatures whose "weights" differ: "same" when they fingerprint the same weights
+    by two methods (a file written before "weights_method" was recorded, whose fingerprint
+    this model's older method gives again), how the file's was taken when its method is
+    another than ours (then they cannot be compared), or None (the same method: other
+    weights)."""
+    theirs, mine = saved.get("weights_method"), ours.get("weights_method")
+    if theirs == mine:
+        return None
+    if theirs is None and mine == WEIGHTS_METHOD:
+        older = getattr(ours, "older_weights", None)
+        try:
+            again = older() if callable(older) else None
+        except Exception:  # noqa: BLE001 - not computable: not compared
+            again = None
+        if again is not None:
+            # the older method reproduced: the same weights, or truly other ones
+            return "same" if again == saved.get("weights") else None
+        return ("by an older multiviz_widgets (before the method was recorded), which this "
+                "model cannot reproduce")
+    return f"by another method ({theirs!r}; this model's: {mine!r})"
 
 
 def _mismatch(saved: dict | None, ours: dict | None) -> str | None:
@@ -519,10 +693,27 @@ class Annotations:
         self.unsaved = False          # changes that no save has written yet
         self._disk_digest: str | None = None     # the file as last read or written here...
         self._disk_entries: dict[tuple, tuple[str, ...]] = {}   # ...and its concepts
+        # ...and the id of its content (``_content_id``), with the ids of the versions it came
+        # from ("revisions", kept by each save): a file on disk whose revisions hold the id of
+        # the version this store last read or wrote is a later version of it, whose removals
+        # are real; any other (a file copied over it, an older backup) is joined, never
+        # removing a concept (``merge``)
+        self._disk_id: str | None = None
+        self._revisions: list[str] = []
+        # the last edits, to undo (``undo``): (what was done, {key: concepts before}, {key:
+        # concepts after}), newest last
+        self._undo: list[tuple[str, dict, dict]] = []
+        #: What the last merge of a file (or an undo) did, by name, until the next edit: the
+        #: concepts it took in and removed ("took in 1 concept from the file: h2 'theirs'").
+        self.change_note: str | None = None
+        self._merge_news = False      # whether the last merge took in or removed anything
         # fields of the file that this format does not know (a "description", an entry's
         # "comment"), written back as they were: the document's, and each entry's by its key
         self._extra: dict = {}
         self._entry_extra: dict[tuple, dict] = {}
+        # ...and those of its "model" and "dataset" objects (a "checkpoint", a "source")
+        self._model_extra: dict = {}
+        self._dataset_extra: dict = {}
         # the model signature recorded in the file read (None: none read, or none recorded),
         # and what tells it from this store's model (``_other_model``), for its views to show
         self._made_for: dict | None = None
@@ -557,6 +748,10 @@ class Annotations:
                        and _digest(_read_bytes(store.path)) != store._disk_digest)
         if changed:
             store.merge(store.path)
+            if store.change_note and store._merge_news:
+                warn(f"The annotations file {store.path} changed on disk since this kernel "
+                     f"read or saved it: {store.change_note}.", UserWarning,
+                     stacklevel=_caller_level())
         store.check(signature, dataset)
         return store
 
@@ -754,25 +949,42 @@ class Annotations:
             return [c for c in now if same_concept(c) != gone]
         return self._update(key, without)
 
-    def rename(self, old: str, new: str) -> list[tuple]:
+    def rename(self, old: str, new: str, *, merge: bool = False) -> list[tuple]:
         """Rename the concept ``old`` (whatever its case) to ``new`` on every key that carries
-        it, as one change (one save): a key that has ``new`` already keeps it once. Returns the
-        keys renamed (none: an AnnotationError naming the concepts there are)."""
+        it, as one change (one save; ``undo()`` takes it back). Returns the keys renamed (none:
+        an AnnotationError naming the concepts there are).
+
+        When ``new`` is a concept already (of any key), the rename would join the two concepts
+        into one, which renaming back cannot separate: it is refused (an AnnotationError that
+        names the keys that have it) unless ``merge=True``, which joins them (a key that has
+        both keeps ``new`` once)."""
         old, new = _concept(old), _concept(new)
-        was = same_concept(old)
+        was, will = same_concept(old), same_concept(new)
         with self._lock:
             keys = [k for k, cs in self._data.items() if any(same_concept(c) == was for c in cs)]
             if not keys:
                 known = sorted({c for cs in self._data.values() for c in cs}, key=str.casefold)
                 raise AnnotationError(f"No key has the concept {old!r}; the concepts are "
                                       f"{_brief(known)}.")
+            taken = [k for k, cs in self._data.items()
+                     if will != was and any(same_concept(c) == will for c in cs)]
+            if taken and not merge:
+                names = ", ".join(key_name(k) for k in sorted(taken, key=_sort_key)[:5])
+                more = f" and {len(taken) - 5} more" if len(taken) > 5 else ""
+                raise AnnotationError(
+                    f"{new!r} is a concept already ({names}{more}): renaming {old!r} to it "
+                    f"would join the two into one, which renaming back could not separate. "
+                    f"Nothing was renamed; choose another name, or pass merge=True to join "
+                    f"them (undo() separates them again).")
             renamed = {k: _concepts([new if same_concept(c) == was else c
                                      for c in self._data[k]], str(k)) for k in keys}
             if all(renamed[k] == self._data[k] for k in keys):
                 return sorted(keys, key=_sort_key)           # new is the spelling kept already
-            self._data.update(renamed)
-            self._edited()
-            self.unsaved = True
+            before = {k: self._data[k] for k in keys}
+            self._apply(renamed)
+            joined = " (joined with the concept of that name)" if taken else ""
+            self._push_undo(f"renamed {old!r} to {new!r} on {_names(keys)}{joined}", before,
+                            renamed)
         self._changed(None)
         return sorted(keys, key=_sort_key)
 
@@ -798,18 +1010,77 @@ class Annotations:
             now = self._data.get(key, ())
             new = _concepts(make(now), str(key))
             self._check_ranges({key: new}, self.signature, self.n_instances)
-            if now == new:
+            retry = now == new and self.unsaved and self.autosave
+            if now == new and not retry:
                 return new
-            if key[0] == "unit" and key not in self._data:
-                self._check_one_dataset()
-            if new:
-                self._data[key] = new
-            else:
-                self._data.pop(key, None)
-            self._edited()
-            self.unsaved = True
+            if now != new:
+                if key[0] == "unit" and key not in self._data:
+                    self._check_one_dataset()
+                self._apply({key: new})
+                self._push_undo(_describe_change({key: now}, {key: new}), {key: now},
+                                {key: new})
+        # nothing changed, but a change is not saved yet (an interrupted save): saved now
         self._changed(key)
         return new
+
+    def _apply(self, values: dict) -> None:
+        """Set the concepts of each key of ``values`` (none: the key goes); an edit, under the
+        lock: not saved yet, and what the last merge did is no longer the news."""
+        for key, cs in values.items():
+            if cs:
+                self._data[key] = tuple(cs)
+            else:
+                self._data.pop(key, None)
+        self._edited()
+        self.unsaved = True
+        self.change_note = None
+
+    def _push_undo(self, what: str, before: dict, after: dict) -> None:
+        self._undo.append((what, before, after))
+        del self._undo[:-UNDO_KEPT]
+
+    @property
+    def can_undo(self) -> str | None:
+        """What ``undo`` would undo ("removed 'red' from h7"), or None when nothing."""
+        with self._lock:
+            return self._undo[-1][0] if self._undo else None
+
+    def undo(self) -> str:
+        """Undo the last edit of this store (``add``, ``remove``, ``set`` or ``rename``; not a
+        merge), saved as any change; returns what it did ("undid: removed h7 'red' (added h7
+        'red')"), also kept in ``change_note``. A key edited since (by a merge) keeps those
+        edits: only what that edit added is taken off and what it removed put back. The last
+        100 edits can be undone, newest first, one per call; an AnnotationError when there is
+        none."""
+        with self._lock:
+            if not self._undo:
+                raise AnnotationError("There is no edit of these concepts to undo (undo() undoes "
+                                      "the adds, removes, sets and renames made here since "
+                                      "they were opened).")
+            what, before, after = self._undo.pop()
+            values = {}
+            try:
+                for key in sorted(set(before) | set(after), key=_sort_key):
+                    was, made = before.get(key, ()), after.get(key, ())
+                    now = self._data.get(key, ())
+                    if now == made:
+                        values[key] = was
+                        continue
+                    was_f, made_f = {same_concept(c) for c in was}, {same_concept(c) for c in made}
+                    values[key] = _concepts(
+                        [c for c in now if same_concept(c) in was_f or same_concept(c)
+                         not in made_f] + [c for c in was if same_concept(c) not in made_f],
+                        str(key))
+            except AnnotationError:
+                self._undo.append((what, before, after))
+                raise
+            now = {k: self._data.get(k, ()) for k in values}
+            done = _describe_change(now, values) or "nothing left to change"
+            self._apply(values)
+            self.change_note = f"undid: {what} ({done})"
+            note = self.change_note
+        self._changed(None)
+        return note
 
     def keys(self, kind: str | None = None) -> list[tuple]:
         """Every annotated key ("neuron", "unit" or "feature" only, when ``kind`` says),
@@ -869,12 +1140,14 @@ class Annotations:
                 pass
 
     def _changed(self, key) -> None:
-        if self.autosave:
-            try:
-                self.save()
-            except (OSError, AnnotationError):
-                pass                           # recorded in save_error; the change is kept
-        self._notify(key)
+        try:
+            if self.autosave:
+                try:
+                    self.save()
+                except (OSError, AnnotationError):
+                    pass                       # recorded in save_error; the change is kept
+        finally:                               # (an interrupt too: the views show the change)
+            self._notify(key)
 
     # -- files ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -893,9 +1166,8 @@ class Annotations:
         """Whether ``doc`` (``_document``'s, made at ``edits``) is what to_dict would write now;
         under the lock. The signature and dataset are compared too (small dicts): a user may
         set or edit them by hand (``store.dataset = ...``), which no count sees."""
-        return (edits == self._edits
-                and doc["model"] == (dict(self.signature) if self.signature else None)
-                and doc["dataset"] == (dict(self.dataset) if self.dataset else None))
+        return (edits == self._edits and doc["model"] == self._model_doc()
+                and doc["dataset"] == _with_extra(self.dataset, self._dataset_extra))
 
     def _document(self) -> tuple[dict, int]:
         """``to_dict``'s document, and the count of changes (``_edits``) it holds."""
@@ -904,8 +1176,10 @@ class Annotations:
             noted = [(k, ()) for k, fields in self._entry_extra.items()
                      if fields and k not in self._data]
             items = sorted([*self._data.items(), *noted], key=lambda kv: _sort_key(kv[0]))
-            sig = dict(self.signature) if self.signature else None
+            sig = self._model_doc()
             dataset = self.dataset
+            dataset_extra = dict(self._dataset_extra)
+            revisions = list(self._revisions)
             units = any(k[0] == "unit" for k, _ in items)
             # read from a version-1 file, with no model yet to say which of its unit keys name
             # a feature (a tabular column): written as version 1 still, to be read so again
@@ -917,14 +1191,45 @@ class Annotations:
         def entry(k, fields: dict, v) -> dict:
             return {**fields, "concepts": list(v), **entry_extra.get(k, {})}
         doc = {"format": FORMAT, "version": version, "model": sig,
-               "dataset": dict(dataset) if dataset else None,
+               "dataset": _with_extra(dataset, dataset_extra),
                "neurons": [entry(k, {"neuron": k[1]}, v) for k, v in items if k[0] == "neuron"],
                "units": [entry(k, {"instance": k[1], "modality": k[2], "unit": k[3]}, v)
                          for k, v in items if k[0] == "unit"],
                "features": [entry(k, {"modality": k[1], "unit": k[2]}, v)
                             for k, v in items if k[0] == "feature"]}
         doc.update((f, v) for f, v in extra.items() if f not in doc)
+        try:
+            content = _content_id(doc)
+        except (TypeError, ValueError, RecursionError):
+            content = None          # a value JSON cannot hold: the save says so (``_encoded``)
+        if content is not None and revisions[-1:] != [content]:
+            revisions.append(content)
+        doc["revisions"] = revisions[-REVISIONS_KEPT:]
         return doc, edits
+
+    def _model_doc(self) -> dict | None:
+        """The "model" object a save writes: the signature, with the fields of the file's that
+        this format does not know; under the lock."""
+        if not self.signature and not self._model_extra:
+            return None
+        return _with_extra(self.signature or {}, self._model_extra)
+
+    def _take_live_weights(self) -> None:
+        """The signature's weights fingerprint as the model's weights are now
+        (``ModelSignature.live_weights``): a save records the weights the concepts were made
+        on, also after a fine-tune within the session (then ``explorer.refresh()``)."""
+        live = getattr(self.signature, "live_weights", None)
+        if not callable(live):
+            return
+        try:
+            now = live()
+        except Exception:  # noqa: BLE001 - the model cannot be read now: what was recorded
+            return
+        with self._lock:
+            if now and self.signature is not None and self.signature.get("weights") != now:
+                self.signature["weights"] = now
+                self.signature["weights_method"] = WEIGHTS_METHOD
+                self._edited()
 
     def save(self, path: str | os.PathLike | None = None, *, overwrite: bool = False) -> Path:
         """Write the store to ``path`` (default: its own) atomically; returns the path.
@@ -951,7 +1256,14 @@ class Annotations:
             # its own file by another name (a link, a relative path): the file itself is
             # written, not the link replaced by a copy
             target = self.path
+        done = False
         try:
+            if target.is_dir():
+                raise AnnotationError(
+                    f"Could not save the annotations to {target}: it is a folder; give the "
+                    f"path of a file in it (save({str(target / 'concepts.json')!r})). They are "
+                    f"kept in memory.")
+            self._take_live_weights()       # the weights the concepts were made on, now
             # the text first (a value that JSON cannot hold fails here, before the disk is
             # touched), with no lock held while it is encoded (to_dict copies under the lock)
             doc, edits = self._document()
@@ -967,7 +1279,8 @@ class Annotations:
                     if not self._current(doc, edits):
                         # changed while this save waited: the newest is written (built again
                         # only then: a save after each change built it twice)
-                        raw = _encoded(self.to_dict(), target)
+                        doc = self._document()[0]
+                        raw = _encoded(doc, target)
                     if own and not overwrite:
                         self._check_unchanged(target)
                     elif not own and target.exists() and not overwrite:
@@ -980,8 +1293,23 @@ class Annotations:
                     if own or adopt:
                         self._disk_digest = _digest(raw)
                         self._disk_entries = dict(self._data)
+                        self._revisions = list(doc["revisions"])
+                        self._disk_id = self._revisions[-1]
                         self.unsaved = False
-        except (OSError, AnnotationError, UnicodeError) as e:
+                    done = True
+        except BaseException as e:
+            if done:
+                raise
+            if not isinstance(e, Exception):
+                # an interrupt (the kernel's Interrupt button while the save waited for the
+                # file's lock): said in save_error, so that the row says NOT saved; raised on
+                if own:
+                    self._failed(f"The save to {target} was interrupted ({type(e).__name__}) "
+                                 f"before it wrote the annotations; they are kept in memory. "
+                                 f"The next change, or annotations.save(), writes them.", False)
+                raise
+            if not isinstance(e, (OSError, AnnotationError, UnicodeError)):
+                raise
             if isinstance(e, AnnotationError):
                 err = e
             elif isinstance(e, LockTimeout) and e.in_process:
@@ -1009,15 +1337,21 @@ class Annotations:
                     f"not text that a file can hold ({getattr(e, 'reason', e)}); they are kept "
                     f"in memory. Remove or rename what holds it (a name in the model's or the "
                     f"dataset's signature, or a key: keys() lists them), then save again.")
+            elif (isinstance(e, (FileNotFoundError, NotADirectoryError))
+                  and not target.parent.is_dir()):
+                why = ("is a file, not a folder" if target.parent.exists()
+                       else "does not exist (a typo in the path, or moved or deleted)")
+                err = type(e)(
+                    f"Could not save the annotations to {target}: the folder "
+                    f"{target.parent} {why}; they are kept in memory. Create the folder "
+                    f"(os.makedirs({str(target.parent)!r})), then save again, or "
+                    f"save(another_path) writes them elsewhere.")
             else:
                 err = OSError(
                     f"Could not save the annotations to {target} ({e.strerror or e}); they are "
                     f"kept in memory: save(another_path) writes them elsewhere.")
             if own:
-                failed_before, self.save_error = self.save_error, str(err)
-                self.save_conflict = isinstance(err, AnnotationConflict)
-                if failed_before != self.save_error:
-                    self._notify(None)
+                self._failed(str(err), isinstance(err, AnnotationConflict))
             if err is e:
                 raise
             raise err from e
@@ -1030,6 +1364,14 @@ class Annotations:
             self.save_error, self.save_conflict = None, False
             self._notify(None)
         return target
+
+    def _failed(self, why: str, conflict: bool) -> None:
+        """A save of its own file failed (``why``): recorded in ``save_error``, observers told
+        when that changed."""
+        failed_before, self.save_error = self.save_error, why
+        self.save_conflict = conflict
+        if failed_before != self.save_error:
+            self._notify(None)
 
     def merge(self, other: "Annotations | str | os.PathLike") -> int:
         """Take in the concepts of ``other`` (a store or a file); returns how many concepts came
@@ -1062,8 +1404,8 @@ class Annotations:
                     parsed = {digest: incoming}
                     sig = incoming.get("model")
                 what = source if source is not None else "the store merged"
-                merged, added, theirs, their_extra, own_file = self._merged(incoming, sig, what,
-                                                                            source)
+                (merged, added, removed, theirs, their_extra, own_file,
+                 replaced) = self._merged(incoming, sig, what, source)
                 # keys that get their first concepts are checked by the viewers' checks
                 # (add_key_check), as an add's are: outside the lock (a check may take a lock
                 # under which another thread reads this store), then all is read again
@@ -1072,6 +1414,10 @@ class Annotations:
                 if not checks:
                     changed, resolved = self._take_merged(merged, theirs, incoming, their_extra,
                                                           own_file, digest)
+                    self.change_note = _merge_text(
+                        added, removed, replaced,
+                        "the file" if own_file else str(source) if source else "the store")
+                    news = bool(added or removed or replaced)
                     break
             _run_key_checks(checks, unchecked, f"It is in {what}, so nothing was merged; "
                                                f"correct or remove that entry there, then "
@@ -1092,7 +1438,8 @@ class Annotations:
             self._warn_model(note, f"The annotations in {source}" if own_file
                              else f"The annotations merged from {source}" if source
                              else "The annotations of the store merged")
-        return added
+        self._merge_news = news
+        return len(added)
 
     def _merged(self, incoming: dict, sig: dict | None, what, source: Path | None) -> tuple:
         """What ``merge`` makes of a document (``to_dict``'s, or a file's) under the lock,
@@ -1112,8 +1459,13 @@ class Annotations:
         self._check_ranges(theirs, self.signature, self.n_instances)
         own_file = (source is not None and self.path is not None
                     and source.resolve() == self.path.resolve())
-        base = self._disk_entries if own_file else {}
-        merged, added = {}, 0
+        # a three-way merge only against a later version of the file as this store last read
+        # or wrote it (its revisions hold that version's id): its removals are real. A file
+        # copied over it (a colleague's, an older backup) is joined: nothing of ours removed
+        later = own_file and self._disk_id is not None and self._disk_id in _history(incoming)
+        replaced = own_file and self._disk_id is not None and not later
+        base = self._disk_entries if later else {}
+        merged, added, removed = {}, [], []
         for key in set(self._data) | set(theirs):
             ours, their = self._data.get(key, ()), theirs.get(key, ())
             # sets to look concepts up in (a tuple's ``in`` would cost the square of a long
@@ -1131,10 +1483,14 @@ class Annotations:
                 raise _too_many(f"{key}, with the concepts of {what} merged in,",
                                 f"nothing was merged; remove some of its concepts here or in "
                                 f"{what} first")
-            added += len(new)
+            added += [(key, c) for c in new]
+            kept = {same_concept(c) for c in cs}
+            removed += [(key, c) for c in ours if same_concept(c) not in kept]
             if cs:
                 merged[key] = cs
-        return merged, added, theirs, their_extra, own_file
+        added.sort(key=lambda kc: _sort_key(kc[0]))
+        removed.sort(key=lambda kc: _sort_key(kc[0]))
+        return merged, added, removed, theirs, their_extra, own_file, replaced
 
     def _take_merged(self, merged: dict, theirs: dict, incoming: dict, their_extra: dict,
                      own_file: bool, digest: str | None) -> tuple[bool, bool]:
@@ -1146,12 +1502,21 @@ class Annotations:
         _take_extras(self._extra, _document_extras(incoming), own_file)
         for key, fields in their_extra.items():
             _take_extras(self._entry_extra.setdefault(key, {}), fields, own_file)
+        _take_extras(self._model_extra, _unknown(incoming.get("model"), MODEL_FIELDS), own_file)
+        _take_extras(self._dataset_extra, _unknown(incoming.get("dataset"), DATASET_FIELDS),
+                     own_file)
         if (incoming.get("dataset") and not self.dataset
                 and any(k[0] == "unit" for k in theirs)):
-            self._take_dataset(incoming["dataset"])
+            self._take_dataset(_known(incoming["dataset"], DATASET_FIELDS))
         resolved = False
         if own_file:           # its changes on disk are taken in: a save may now replace it
             self._disk_digest, self._disk_entries = digest, dict(theirs)
+            # what the merged concepts come from: the file's versions (its id last, the base
+            # of the next merge), and this store's
+            history = _history(incoming)
+            self._revisions = ([r for r in self._revisions if r not in set(history)]
+                               + history)[-REVISIONS_KEPT:]
+            self._disk_id = history[-1]
             self.unsaved = merged != theirs          # the file lacks some of ours
             resolved = not self.unsaved and self.save_error is not None
             if resolved:
@@ -1179,18 +1544,22 @@ class Annotations:
         self._check_ranges(found, self.signature, self.n_instances, path)
         self._data = found
         self._extra, self._entry_extra = _document_extras(doc), entry_extra
+        self._model_extra = _unknown(doc.get("model"), MODEL_FIELDS)
+        self._dataset_extra = _unknown(doc.get("dataset"), DATASET_FIELDS)
         self._made_for = dict(doc["model"]) if doc.get("model") else None
         self.model_note = _other_model(self._made_for, self.signature, found)
         self._edited()
         # which units are shared is not known yet: read as features when a signature says
         self._version_1_units = doc.get("version") == 1 and not _says_shared(self.signature)
         if doc.get("dataset") and not self.dataset:
-            self._take_dataset(doc["dataset"])
+            self._take_dataset(_known(doc["dataset"], DATASET_FIELDS))
         if doc.get("model") and not self.signature:
-            self.signature = dict(doc["model"])
+            self.signature = _known(doc["model"], MODEL_FIELDS)
             self._edited()
+        self._revisions = _history(doc)
         if self.path is not None and path.resolve() == self.path.resolve():
             self._disk_digest, self._disk_entries = _digest(raw), dict(found)
+            self._disk_id = self._revisions[-1]
         if self.model_note:
             self._warn_model(self.model_note, f"The annotations in {path}")
 
@@ -1216,7 +1585,7 @@ class Annotations:
     def _check_unchanged(self, target: Path) -> None:
         if not target.exists():
             if self._disk_digest is not None:  # deleted on disk: writing it again loses nothing
-                self._disk_digest, self._disk_entries = None, {}
+                self._disk_digest, self._disk_entries, self._disk_id = None, {}, None
             return
         raw = _read_bytes(target)
         if _digest(raw) != self._disk_digest:
@@ -1290,6 +1659,71 @@ def _run_key_checks(checks: list, keys: list, then: str | None = None) -> None:
                 raise AnnotationError(why if then is None else f"{why} {then}") from None
 
 
+#: How many edits ``Annotations.undo`` can undo.
+UNDO_KEPT = 100
+
+
+def key_name(key: tuple) -> str:
+    """A key as messages name it: "h3", "#5 image unit 27", "vitals unit 0 (every
+    instance)"."""
+    if key[0] == "neuron":
+        return f"h{key[1]}"
+    if key[0] == "feature":
+        return f"{key[1]} unit {key[2]} (every instance)"
+    return f"#{key[1]} {key[2]} unit {key[3]}"
+
+
+def _names(keys, most: int = 5) -> str:
+    """Keys named (``key_name``), the first ``most``, then how many more."""
+    keys = sorted(keys, key=_sort_key)
+    text = ", ".join(key_name(k) for k in keys[:most])
+    return f"{text} and {len(keys) - most} more" if len(keys) > most else text
+
+
+def _pairs(pairs: list[tuple], most: int = 6) -> str:
+    """(key, concept) pairs named: "h2 'theirs', h3 'x'", the first ``most``, then how many
+    more."""
+    text = ", ".join(f"{key_name(k)} {c!r}" for k, c in pairs[:most])
+    return f"{text} and {len(pairs) - most} more" if len(pairs) > most else text
+
+
+def _merge_text(added: list, removed: list, replaced: bool, source: str) -> str:
+    """What a merge did, by name: "took in 1 concept from the file: h2 'theirs'; removed 1
+    that the file's newer version removed: h1 'mine'"."""
+    def count(n):
+        return "1 concept" if n == 1 else f"{n} concepts"
+    parts = []
+    if replaced:
+        parts.append(f"{source} was replaced by one that is not a later version of these "
+                     f"concepts (a copy saved over it?): its concepts were joined with these, "
+                     f"none of these removed")
+    parts.append(f"took in {count(len(added))} from {source}"
+                 + (f": {_pairs(added)}" if added else ""))
+    if removed:
+        parts.append(f"removed {count(len(removed))} that its later version removed: "
+                     f"{_pairs(removed)} (to keep one, add it again)")
+    return "; ".join(parts)
+
+
+def _describe_change(before: dict, after: dict) -> str:
+    """What going from ``before`` to ``after`` ({key: concepts}) did, by name: "added 'red' to
+    h7; removed 'blue' from h8"."""
+    added, removed = [], []
+    for key in sorted(set(before) | set(after), key=_sort_key):
+        b, a = before.get(key, ()), after.get(key, ())
+        bf, af = {same_concept(c) for c in b}, {same_concept(c) for c in a}
+        added += [(key, c) for c in a if same_concept(c) not in bf]
+        removed += [(key, c) for c in b if same_concept(c) not in af]
+    out = []
+    if added:
+        out.append("added " + _pairs(added))
+    if removed:
+        out.append("removed " + _pairs(removed))
+    if not out and before != after:
+        out.append("changed the spelling or order on " + _names(set(before) | set(after)))
+    return "; ".join(out)
+
+
 def _sort_key(key: tuple) -> tuple:
     if key[0] == "neuron":
         return (0, key[1], "", 0)
@@ -1330,8 +1764,8 @@ def _parse(raw: bytes, path) -> dict:
                 f"{_EMPTY_DOCUMENT} in it.")
         doc = json.loads(text, object_pairs_hook=_one_of_each(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AnnotationError(f"{path} is not an annotations file: not UTF-8 JSON ({e}). It was "
-                              f"not changed.") from None
+        raise AnnotationError(f"{path} is not an annotations file: {_unreadable(raw, e, path)} It "
+                              f"was not changed.") from None
     except RecursionError:
         raise _too_deep(path) from None
     except AnnotationError:
@@ -1367,6 +1801,51 @@ def _parse(raw: bytes, path) -> dict:
     except RecursionError:
         raise _too_deep(path) from None
     return doc
+
+
+#: The lines git writes around the two sides of a merge conflict
+_CONFLICT = re.compile(rb"^(<{7}|={7}|>{7})( |\r?$)", re.MULTILINE)
+
+
+def _unreadable(raw: bytes, e: Exception, path) -> str:
+    """What is wrong with a file that is not UTF-8 JSON, and how to fix it (``_parse``'s
+    message): git's conflict markers, a file cut short, UTF-16 text, zero bytes, HTML."""
+    markers = _CONFLICT.findall(raw)
+    if any(m[0].startswith(b"<") for m in markers) and any(m[0].startswith(b">")
+                                                            for m in markers):
+        line = raw[:_CONFLICT.search(raw).start()].count(b"\n") + 1
+        return (f"it holds git's merge conflict markers (<<<<<<<, ======= and >>>>>>>, the "
+                f"first on line {line}): a git merge or pull left both sides of a change in it. "
+                f"Resolve them: keep both sides' entries (delete the three marker lines and put "
+                f"a comma between two entries or concepts where JSON needs one), or take one "
+                f"side whole with `git checkout --ours -- {path}` (yours) or `git checkout "
+                f"--theirs -- {path}` (the branch merged in); then open it again.")
+    if raw and not raw.strip(b"\0"):
+        return (f"it holds only zero bytes ({len(raw)} of them): a disk that filled up, or a "
+                f"crash while it was written. Restore it from a backup or from git, or delete "
+                f"it (a new file is then made there at the first save).")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (
+            len(raw) >= 4 and raw[1::2].count(0) > len(raw) // 4):
+        return ("it is UTF-16 text (Notepad's \"Unicode\" encoding), not UTF-8; save it again "
+                "as UTF-8 (in Notepad: Save As, Encoding: UTF-8), or in Python: "
+                "open(path, 'w', encoding='utf-8').write(open(path, encoding='utf-16').read()).")
+    if raw.lstrip()[:1] == b"<":
+        return ("it is HTML or XML (a web page, or an e-mail's HTML copy of the file), not "
+                "JSON; save the attachment or the download itself (the .json file), not the "
+                "page that shows it.")
+    if isinstance(e, UnicodeDecodeError):
+        return (f"it is not UTF-8 text ({e.reason} at byte {e.start}); save it again as "
+                f"UTF-8.")
+    text = raw.decode("utf-8", "replace").strip()
+    if isinstance(e, json.JSONDecodeError) and (
+            not e.doc[e.pos:].strip() or text.startswith("{") and not text.endswith("}")):
+        return (f"it ends before its JSON does (at line {e.lineno}, column {e.colno}): it was "
+                f"cut short (an interrupted copy or download, a full disk). Copy it again, or "
+                f"restore it from a backup or git.")
+    where = (f"line {e.lineno}, column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError)
+             else str(e))
+    return (f"not valid JSON ({where}). Correct it there (a missing comma or quote?), or "
+            f"restore it from a backup or git.")
 
 
 def _one_of_each(path) -> Callable[[list], dict]:
@@ -1415,6 +1894,9 @@ def _bad_model_fields(model: dict) -> str | None:
         return f'"model" must be text, got {name!r}'
     if weights is not None and not isinstance(weights, str):
         return f'"weights" must be text (a fingerprint of the weights), got {weights!r}'
+    method = model.get("weights_method")
+    if method is not None and not isinstance(method, str):
+        return f'"weights_method" must be text (how "weights" was computed), got {method!r}'
     if mods is not None and not texts(mods):
         return f'"modalities" must be a list of names, got {mods!r}'
     if classes is not None and not texts(classes):
@@ -1552,7 +2034,55 @@ def _one_or_list(values: list):
 
 
 #: The fields of an annotations document that this format knows.
-_DOCUMENT_FIELDS = ("format", "version", "model", "dataset", "neurons", "units", "features")
+_DOCUMENT_FIELDS = ("format", "version", "model", "dataset", "neurons", "units", "features",
+                    "revisions")
+#: How many of the ids of the versions a file came from it keeps ("revisions"): another
+#: kernel's store that read one of them takes the file as a later version (its removals real)
+REVISIONS_KEPT = 32
+
+
+def _content_id(doc: dict) -> str:
+    """The id of a document's content (all but its "revisions"): equal for equal content,
+    however the file is laid out."""
+    body = {f: v for f, v in doc.items() if f != "revisions"}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _history(doc: dict) -> list[str]:
+    """The ids of the versions a parsed document came from ("revisions", read leniently: a
+    value of another kind counts as none), ending with the id of its own content (a file
+    edited by hand after its last save is a version of its own)."""
+    revs = doc.get("revisions")
+    revs = [r for r in revs if isinstance(r, str)] if isinstance(revs, list) else []
+    content = _content_id(doc)
+    if revs[-1:] != [content]:
+        revs.append(content)
+    return revs[-REVISIONS_KEPT:]
+
+
+def _joined_history(first: list[str], then: list[str]) -> list[str]:
+    """Two histories as one (each id once, the order kept), the newest ``REVISIONS_KEPT``."""
+    return list(dict.fromkeys([*first, *then]))[-REVISIONS_KEPT:]
+
+
+def _unknown(obj, known: tuple) -> dict:
+    """The fields of a file's "model" or "dataset" object that this format does not know."""
+    return {f: v for f, v in obj.items() if f not in known} if isinstance(obj, dict) else {}
+
+
+def _known(obj: dict, known: tuple) -> dict:
+    """A file's "model" or "dataset" object without the fields this format does not know."""
+    return {f: v for f, v in obj.items() if f in known}
+
+
+def _with_extra(obj: dict | None, extra: dict) -> dict | None:
+    """A signature as written: its fields, then the unknown ones a file gave (``_unknown``)."""
+    if not obj and not extra:
+        return None
+    out = dict(obj or {})
+    out.update((f, v) for f, v in extra.items() if f not in out)
+    return out
 
 
 def _document_extras(doc: dict) -> dict:

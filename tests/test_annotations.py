@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from multiviz_widgets.annotations import (MAX_CONCEPT_LENGTH, AnnotationConflict, AnnotationError,
-                                          Annotations, feature_key, model_signature, neuron_key,
-                                          unit_key, unit_settings)
+                                          WEIGHTS_METHOD, Annotations, _concept, feature_key,
+                                          model_signature, neuron_key, unit_key, unit_settings)
 from multiviz_widgets.explorer import Explorer
 
 from .explorer_support import FakeKernels, tiny_tab_series, tiny_vqa
@@ -37,11 +37,20 @@ def _tidy(t: str) -> str:
     return re.sub(r"\s+", " ", t.strip(OUTER))
 
 
-# one printable line, already tidy (_tidy), a joiner (ZWNJ, ZWJ) allowed
+def _taken(t: str) -> bool:
+    """Whether the store takes ``t`` as it is (a joiner only where it joins, a letter, digit
+    or symbol somewhere)."""
+    try:
+        return _concept(t) == t
+    except AnnotationError:
+        return False
+
+
+# one printable line, already tidy (_tidy), a joiner (ZWNJ, ZWJ) allowed where it joins
 concept_text = st.text(st.one_of(
     st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Zl", "Zp")),
     st.sampled_from(["\u200c", "\u200d"])), min_size=1, max_size=40).map(_tidy).filter(
-        lambda t: t and _tidy(t) == t and t.casefold() == t)
+        lambda t: t and _tidy(t) == t and t.casefold() == t and _taken(t))
 keys = st.one_of(st.builds(neuron_key, st.integers(0, 7)),
                  st.builds(unit_key, st.integers(0, 20), st.sampled_from(["image", "question"]),
                            st.integers(0, 70)),
@@ -185,7 +194,9 @@ def _valid_doc(**over) -> dict:
 
 
 @pytest.mark.parametrize("text, says", [
-    ("{", "not UTF-8 JSON"), (b"\xff\xfe", "not UTF-8 JSON"), ("[]", "no \"format\""),
+    ("{", "ends before its JSON does"), (b"\xff\xfe", "UTF-16 text"),
+    (b"{\"a\": \xe9}", "not UTF-8 text"), ("{'a': 1}", "not valid JSON \\(line 1, column 2"),
+    ("[]", "no \"format\""),
     (json.dumps({"format": "other"}), "no \"format\""),
     (json.dumps(_valid_doc(version=3)), "version 3; this multiviz_widgets reads versions up to 2"),
     (json.dumps(_valid_doc(version="1")), "\"version\" must be a whole number from 1 to 2.*'1'"),
@@ -353,7 +364,7 @@ def test_model_signature_records_what_must_match():
     sig = model_signature(adapter, 12)
     assert sig == {"model": adapter.name, "modalities": ["image", "question"],
                    "classes": list(adapter.class_names), "neurons": 12, "features": {},
-                   "weights": adapter.weights_fingerprint(),
+                   "weights": adapter.weights_fingerprint(), "weights_method": WEIGHTS_METHOD,
                    "units": {m: unit_settings(adapter.modalities[m]) for m in adapter.names}}
     tab, _ = tiny_tab_series()
     assert model_signature(tab)["features"] == {"vitals": ["hr", "bp", "temp", "age"]}
@@ -1943,7 +1954,9 @@ def test_concepts_that_differ_in_case_or_spaces_are_one_concept_everywhere(tmp_p
     assert saved.find("red shapes") == [] and len(saved.find("red things")) == 3
     a.add(neuron_key(2), "round")
     a.add(neuron_key(2), "circle")
-    assert a.rename("circle", "Round") == [neuron_key(2)]      # kept once, in its place
+    with pytest.raises(AnnotationError, match="'Round' is a concept already"):
+        a.rename("circle", "Round")                             # would join two concepts
+    assert a.rename("circle", "Round", merge=True) == [neuron_key(2)]   # once, in its place
     assert a.concepts(neuron_key(2)) == ("round",)
     with pytest.raises(AnnotationError, match="No key has the concept 'square'"):
         a.rename("square", "box")

@@ -10,8 +10,14 @@ character) is not added, and the reason is shown. A menu lists every named neuro
 choosing one selects it (``goto``). A line says where the concepts are saved, or why the last
 save failed (they stay in memory then); when it failed because another notebook or program
 changed the file meanwhile, a button takes that file's changes in beside these
-(``Annotations.merge``) and saves both. Another line, when the file was made for another model
-of the same shape (``Annotations.model_note``), says that its neuron concepts may not fit.
+(``Annotations.merge``) and saves both, and the status line then says, by name, which concepts
+came in and which went (a file copied over this one is joined with these: none of these go).
+An "undo" button undoes the last edit (``Annotations.undo``) and says what it undid. Another
+line, when the file was made for another model of the same shape (``Annotations.model_note``,
+also after a merge), says that its neuron concepts may not fit. A concept typed again in another
+case ("STRASSE" beside "Stra\u00dfe") is said to be there already. A named unit that its
+instance does not have (a hand-edited file's) cannot be gone to: a button then removes its
+concepts.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from typing import Callable
 
 import ipywidgets as W
 
-from ..annotations import AnnotationError, Annotations, feature_key, neuron_key, unit_key
+from ..annotations import (AnnotationError, Annotations, _concept, feature_key, neuron_key,
+                           same_concept, unit_key)
 from ..display_text import embed
 from ..selection import Selection
 from .concept_tags import ConceptTags
@@ -40,8 +47,6 @@ class ConceptsView(W.VBox):
         self.shared_units = frozenset(shared_units)
         self._unit_name = unit_name
         self._goto = goto
-        # what the last merge took in, said in the status line until the next edit here
-        self._merged_note = ""
         self._lock = threading.RLock()
         # set while the kernel itself rewrites the menu, on that thread only: such a change of
         # its value is never a person's choice
@@ -66,6 +71,19 @@ class ConceptsView(W.VBox):
             icon="code-fork", layout=W.Layout(width="auto", display="none"))
         self.merge_button.add_class("mvz-concepts-merge")
         self.merge_button.on_click(self._merge_file)
+        # undoes the store's last edit (a tag's cross clicked by mistake); shown while there is
+        # one, its tooltip says which
+        self.undo_button = W.Button(description="undo", icon="undo",
+                                    layout=W.Layout(width="auto", display="none"))
+        self.undo_button.add_class("mvz-concepts-undo")
+        self.undo_button.on_click(self._undo)
+        # removes the concepts of a named key that cannot be gone to (a unit its instance does
+        # not have, from a hand-edited file): shown after such a key was chosen in the menu
+        self._unreachable: tuple | None = None
+        self.drop_button = W.Button(description="", icon="trash",
+                                    layout=W.Layout(width="auto", display="none"))
+        self.drop_button.add_class("mvz-concepts-drop")
+        self.drop_button.on_click(self._drop_unreachable)
         # the file was made for another model of this shape (another name or weights): said
         # for the model the store was last bound to, the one this view is made for
         self.model_line = WrappedText(_model_line(annotations.model_note), width=110,
@@ -78,7 +96,7 @@ class ConceptsView(W.VBox):
         self.unit_row = W.HBox([self.unit_label, self.unit_tags])
         super().__init__([W.HBox([text_label(value="concepts"), self.named]), self.neuron_row,
                           self.unit_row, self.model_line, self.message, self.status,
-                          self.merge_button])
+                          W.HBox([self.undo_button, self.merge_button, self.drop_button])])
         self.add_class("mvz-concepts-view")
         self.neuron_tags.add_class("mvz-neuron-concepts")
         self.unit_tags.add_class("mvz-unit-concepts")
@@ -126,11 +144,17 @@ class ConceptsView(W.VBox):
             self._show_status()
 
     def _show_status(self) -> None:
-        """The save status line, and the merge button while a conflict stops the saves."""
+        """The save status line, the model line, the merge button while a conflict stops the
+        saves, and the undo button while there is an edit to undo."""
         self.status.value = self._status()
         a = self.annotations
+        self.model_line.value = _model_line(a.model_note)     # a merge may have changed it
         conflicted = bool(a.save_error) and a.save_conflict and a.path is not None
         self.merge_button.layout.display = None if conflicted else "none"
+        last = a.can_undo
+        self.undo_button.layout.display = None if last else "none"
+        self.undo_button.tooltip = f"undo the last edit: {last}" if last else ""
+        self.drop_button.layout.display = None if self._unreachable is not None else "none"
 
     def _describe_unit(self, instance: int, modality: str, unit: int,
                        every: bool = False) -> str:
@@ -153,8 +177,12 @@ class ConceptsView(W.VBox):
         count = f"{n} annotated" if n != 1 else "1 annotated"
         if a.save_error:
             return f"{count}; NOT SAVED (kept in memory): {a.save_error}"
-        if self._merged_note:
-            count = f"{count} ({self._merged_note})"
+        if a.unsaved and a.autosave and a.path is not None:
+            # (a save that never finished and left no error: said all the same)
+            return (f"{count}; NOT SAVED (kept in memory): the last save to {a.path} did not "
+                    f"finish; the next change, or annotations.save(), writes them")
+        if a.change_note:
+            count = f"{count} ({a.change_note})"
         if a.path is None:
             return (f"{count}; kept in memory only: explorer.annotations.save('concepts.json') "
                     f"writes them to a file, and each change there from then on")
@@ -167,17 +195,20 @@ class ConceptsView(W.VBox):
         """An edit from the browser, for the key the row showed when it was made: whether it
         was taken (a refused one stays in the input, to correct)."""
         taken, key = True, None
-        self._merged_note = ""
         try:
             key = _key_of(key_text)
             if key is None:
                 raise AnnotationError("nothing is selected to name: click a neuron or a unit "
                                       "first")
+            said = ""
             if op == "add":
-                self.annotations.add(key, text)
+                before = self.annotations.concepts(key)
+                after = self.annotations.add(key, text)
+                if after == before:            # nothing added: said, not silent
+                    said = _already(text, after, key)
             elif text in self.annotations.concepts(key):
                 self.annotations.remove(key, text)
-            self.message.value = ""
+            self.message.value = said
         except AnnotationError as e:
             # typed for a neuron or unit the rows no longer show (a click elsewhere came
             # first): which one, since its row cannot take the text back
@@ -197,15 +228,37 @@ class ConceptsView(W.VBox):
         try:
             if a.path is None:
                 raise AnnotationError("these concepts have no file to merge")
-            added = a.merge(a.path)
+            a.merge(a.path)            # its change_note says what came in and what went
             if a.unsaved:                  # a store that does not save each change
                 a.save()
-            came = "1 concept" if added == 1 else f"{added} concepts"
             self.message.value = ""
-            self._merged_note = f"took in {came} from the file"
         except (AnnotationError, OSError) as e:
             self.message.value = f"not merged: {e}"
         self.show()
+
+    def _undo(self, _button=None) -> None:
+        """The undo button: the store's last edit undone (``Annotations.undo``); the status
+        line says what it undid."""
+        try:
+            self.annotations.undo()
+            self.message.value = ""
+        except (AnnotationError, OSError) as e:
+            self.message.value = f"not undone: {e}"
+        self.show()
+        self._list_named()
+
+    def _drop_unreachable(self, _button=None) -> None:
+        """The button shown after a named key that cannot be gone to was chosen: its concepts
+        removed (undo puts them back)."""
+        key, self._unreachable = self._unreachable, None
+        if key is not None:
+            try:
+                self.annotations.set(key, [])
+                self.message.value = ""
+            except (AnnotationError, OSError) as e:
+                self.message.value = f"not removed: {e}"
+        self.show()
+        self._list_named()
 
     def _on_store(self, key) -> None:
         if key is None or key in (self.neuron_key(), self.unit_key()):
@@ -234,11 +287,20 @@ class ConceptsView(W.VBox):
         """Select what ``key`` names (what choosing it in the menu does)."""
         if self._goto is None:
             return
+        key = tuple(key)
         try:
-            self._goto(tuple(key))
+            self._goto(key)
             self.message.value = ""
+            self._unreachable = None
         except (ValueError, IndexError) as e:
-            self.message.value = f"cannot go to {tuple(key)}: {e}"
+            concepts = self.annotations.concepts(key) if key in self.annotations else ()
+            self._unreachable = key if concepts else None
+            what = (f"; its concepts ({', '.join(concepts)}) stay in the file until the button "
+                    f"below removes them" if concepts else "")
+            self.message.value = f"cannot go to {_key_name(key)}: {e}{what}"
+            self.drop_button.description = f"remove the concepts of {_key_name(key)}"
+        with self._lock:
+            self._show_status()
 
     def _on_named(self, change) -> None:
         if getattr(self._listing, "on", False) or change["new"] is None:
@@ -297,6 +359,23 @@ def _key_name(key: tuple) -> str:
         return f"#{key[1]} {key[2]} unit {key[3]}"
     text = repr(key)                        # not a key (refused as such): quoted, cut
     return text if len(text) <= 60 else f"{text[:59]}\u2026"
+
+
+def _already(text: str, concepts: tuple, key: tuple) -> str:
+    """What to say when an add added nothing: the concept is there already, maybe in another
+    spelling ("'STRASSE' is there already as 'Stra\u00dfe'")."""
+    try:
+        typed = _concept(text)             # tidied as the store tidies it
+    except AnnotationError:
+        return ""
+    there = next((c for c in concepts if same_concept(c) == same_concept(typed)), None)
+    if there is None:
+        return ""
+    if there == typed:
+        return f"{there!r} is there already on {_key_name(key)}: nothing added"
+    return (f"{typed!r} is there already on {_key_name(key)} as {there!r} (concepts "
+            f"are the same whatever their case or spaces): nothing added; to respell it, "
+            f"remove {there!r} first")
 
 
 def _key_text(key: tuple | None) -> str:
