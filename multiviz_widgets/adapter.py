@@ -124,11 +124,18 @@ class ModelOutOfMemory(MemoryError, RuntimeError):
 
 #: what to lower when a batch does not fit in memory (each method's own parameter)
 LOWER_THE_BATCH = (
-    "Lower the rows per model call: batch_size= for occlusion, LIME, KernelSHAP, pairwise "
-    "ablation, Shapley and EMAP; internal_batch_size= for integrated gradients; rows_per_pass= "
+    "Lower the rows per model call: batch_size= for occlusion, LIME, KernelSHAP, second-order "
+    "gradients, pairwise ablation, Shapley, EMAP and DIME; internal_batch_size= for integrated "
+    "gradients; rows_per_pass= "
     "for attribute_batch; batch_size= of extract_features (whose features an Explorer takes "
     "as features=; its views' methods take theirs as method_params={method: {parameter: "
     "value}}). Or free memory (other models, tensors kept in the kernel).")
+
+
+#: errors of the model's own code, whatever its inputs (a misspelt attribute, a missing import):
+#: raised as they are, never read as the model refusing an instance (which halves batches to
+#: find the instances, and blames their shapes)
+_CODE_ERRORS = (AttributeError, NameError, ImportError, SyntaxError, RecursionError)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -1198,8 +1205,9 @@ class ModelAdapter:
             raise
         except Exception as e:  # noqa: BLE001 -- a model can raise anything (ZeroDivisionError,
             # its own exception classes): every error is named with the inputs it met, and one
-            # instance's (whatever its type) is left out, not the whole dataset's work
-            if isinstance(e, torch.OutOfMemoryError):
+            # instance's (whatever its type) is left out, not the whole dataset's work; but
+            # an error of the model's code (_CODE_ERRORS) is raised as it is
+            if isinstance(e, (torch.OutOfMemoryError, *_CODE_ERRORS)):
                 raise
             if _is_out_of_memory(e):
                 b = next(iter(args.values())).shape[0] if args else 0

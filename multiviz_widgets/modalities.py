@@ -1088,7 +1088,8 @@ class Tabular(Modality):
         if t.shape != (len(self.columns),):
             raise ValueError(f"{self.name}: a row must have {len(self.columns)} values "
                              f"({', '.join(self.columns)}), got shape {tuple(t.shape)}."
-                             + batch_of_one_hint(t.shape, 1))
+                             + batch_of_one_hint(t.shape, 1, raw,
+                                                 lambda rest: rest == (len(self.columns),)))
         return t
 
     def _by_name(self, raw, what: str):
@@ -1263,12 +1264,16 @@ def _missing_as_nan(arr: np.ndarray) -> np.ndarray:
     return out.reshape(arr.shape)
 
 
-def batch_of_one_hint(shape: Sequence[int], instance_dims: int) -> str:
-    """A hint when ``shape`` is one instance's (``instance_dims`` dimensions) with a batch
-    dimension of 1 in front: a batch of one passed where one instance is wanted."""
-    if len(shape) == instance_dims + 1 and shape[0] == 1:
-        return (" It looks like a batch of one (shape [1, ...]): pass the instance itself, x[0] "
-                "(the kernels add the batch dimension).")
+def batch_of_one_hint(shape: Sequence[int], instance_dims: int, raw=None,
+                      fits: Callable[[tuple], bool] = lambda _: True) -> str:
+    """A hint when ``shape`` is one instance's (``instance_dims`` dimensions, a shape that
+    ``fits``) with a batch dimension of 1 in front: a batch of one passed where one instance is
+    wanted (``raw``, the value given: a pandas frame's row is taken with .iloc)."""
+    shape = tuple(shape)
+    if len(shape) == instance_dims + 1 and shape[0] == 1 and fits(shape[1:]):
+        take = "x.iloc[0]" if is_pandas(raw, 2) else "x[0]"
+        return (f" It looks like a batch of one (shape [1, ...]): pass the instance itself, "
+                f"{take} (the kernels add the batch dimension).")
     return ""
 
 
@@ -1357,7 +1362,7 @@ class TimeSeries(Modality):
         t = _float_tensor(raw, self.name)
         c = len(self.channels)
         if t.dim() != 2 or t.shape[1] != c or t.shape[0] == 0:
-            hint = batch_of_one_hint(t.shape, 2)
+            hint = batch_of_one_hint(t.shape, 2, raw, lambda rest: rest[1:] == (c,))
             if not hint and t.dim() == 1 and c == 1 and t.shape[0]:
                 hint = " A 1-D series of one channel: pass series[:, None] (or .reshape(-1, 1))."
             elif t.dim() == 2 and t.shape[0] == c and t.shape[1] not in (0, c):

@@ -77,9 +77,12 @@ def test_clicking_a_patch_colours_the_tokens_by_interaction(vqa):
 
 def test_a_heatmap_cell_click_selects_the_row_unit(vqa):
     ex, _ = vqa
-    grid = ex.heatmap_view.grid        # bqplot sends the row's and column's ticks as drawn
+    grid = ex.heatmap_view.grid       # bqplot sends the ticks and the cell's value as drawn
+    click_mark(grid, rowNum=3, columnNum=1, row="not this row's tick", column=str(grid.column[1]),
+               color=float(np.asarray(grid.color)[3, 1]))
+    assert ex.selection.unit_ref != ("question", 3)       # a click on another matrix's row
     click_mark(grid, rowNum=3, columnNum=1, row=str(grid.row[3]), column=str(grid.column[1]),
-               color=0.2)
+               color=float(np.asarray(grid.color)[3, 1]))
     ex.wait(30)
     st = ex.state()
     assert st["unit_ref"] == ["question", 3] and st["input_selected"]["unit"] == 3

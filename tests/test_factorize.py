@@ -1061,3 +1061,44 @@ def test_tracing_never_runs_the_persons_hooks_on_proxies():
     assert r.params["factorization"] == "none" and "rejected" in r.params["factorization_note"]
     np.testing.assert_allclose(r.emap_logits, emap(adapter, items, factorized=False).emap_logits,
                                atol=1e-5)
+
+
+class _PausesWhileTraced(WithEncoder):
+    """Waits, the first time it is traced, for another thread to act."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+        self.tracing, self.go = threading.Event(), threading.Event()
+
+    def forward(self, tabular, series):
+        from torch import fx
+        if isinstance(tabular, fx.Proxy) and not self.tracing.is_set():
+            self.tracing.set()
+            self.go.wait(10)
+        return super().forward(tabular, series)
+
+
+def test_a_hook_removed_or_added_while_the_model_is_traced_stays_so():
+    """A hook removed from another thread (a person's cell) while EMAP traced the split came
+    back after, and kept running: the trace put back the hook dicts it had saved."""
+    import threading
+    model = _PausesWhileTraced()
+    seen, added = [], []
+    handle = model.t.register_forward_hook(lambda _m, _i, out: seen.append(type(out)))
+
+    def person():
+        model.tracing.wait(10)
+        handle.remove()
+        model.s.register_forward_hook(lambda _m, _i, out: added.append(type(out)))
+        model.go.set()
+    thread = threading.Thread(target=person)
+    thread.start()
+    r = emap(ModelAdapter(model, MODALITIES, ["a", "b", "c"]), instances(4), factorized="traced")
+    thread.join(10)
+    assert r.params["factorization"] == "traced"
+    assert len(model.t._forward_hooks) == 0 and len(model.s._forward_hooks) == 1
+    seen.clear(), added.clear()
+    with torch.no_grad():
+        model(torch.zeros(1, 4), torch.zeros(1, 8, 2))
+    assert seen == [] and added == [torch.Tensor]

@@ -442,6 +442,19 @@ def test_a_click_on_the_previous_matrixs_row_selects_nothing(vqa):
     hv.grid._handle_custom_msg({"event": "element_click",      # the row drawn now
                                 "data": {"rowNum": 5, "columnNum": 0, "row": "w205"}}, [])
     assert ex.selection.unit_ref == ("question", 205)
+    # words that read the same ("the" at row 5 of both): the cell's value tells them apart
+    same = ["the"] * 300
+    show(hv, first, same, cols)
+    tick = str(hv.grid.row[5])
+    show(hv, 2.0 * second, same, cols)
+    assert str(hv.grid.row[5]) == tick
+    ex.select(unit=("question", 0))
+    hv.grid._handle_custom_msg({"event": "element_click", "data": {
+        "rowNum": 5, "columnNum": 0, "row": tick, "color": 1.0}}, [])      # drawn before
+    assert ex.selection.unit_ref == ("question", 0)
+    hv.grid._handle_custom_msg({"event": "element_click", "data": {
+        "rowNum": 5, "columnNum": 0, "row": tick, "color": 2.0}}, [])      # drawn now
+    assert ex.selection.unit_ref == ("question", 205)
 
 
 def test_cells_pairwise_ablation_did_not_compute_are_grey_too(vqa):

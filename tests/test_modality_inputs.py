@@ -594,3 +594,19 @@ def test_a_batch_of_one_given_for_an_instance_says_to_pass_the_instance(modality
                                          r"pass the instance itself, x\[0\]"):
         modality().to_tensor(batched)
     assert modality().to_tensor(batched[0]).shape[0] > 0
+
+
+def test_the_batch_of_one_hint_fits_what_was_given():
+    """A one-row DataFrame was told to pass x[0] (a KeyError on a frame: x.iloc[0] it is), and
+    a row of the wrong width in a batch of one was told to pass x[0], which fails too."""
+    tab = Tabular("vitals", columns=["hr", "bp", "t"])
+    frame = pd.DataFrame([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], columns=["hr", "bp", "t"])
+    with pytest.raises(ValueError, match=r"pass the instance itself, x\.iloc\[0\]"):
+        tab.to_tensor(frame.iloc[[0]])
+    assert tab.to_tensor(frame.iloc[0]).tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError) as e:
+        tab.to_tensor(np.zeros((1, 5), np.float32))
+    assert "batch of one" not in str(e.value)
+    with pytest.raises(ValueError) as e:
+        TimeSeries("ecg", window=2, channels=["a", "b"]).to_tensor(np.zeros((1, 6, 3)))
+    assert "batch of one" not in str(e.value)

@@ -1240,6 +1240,22 @@ def test_an_instance_the_model_refuses_with_any_exception_is_left_out_and_named(
     assert error.__name__ in str(w[0].message) and "out of the model's range" in f.skipped[3]
 
 
+class _Misspelt(ConvSeries):
+    def forward(self, tab, series):
+        self.calls += 1
+        return self.clasifier(tab)                    # a typo: an error of the model's code
+
+
+def test_an_error_of_the_models_own_code_is_raised_as_it_is_at_once():
+    """An AttributeError (a typo in forward) is not an instance the model refuses: it was
+    wrapped with advice about input shapes after halving every batch (62 model calls)."""
+    model = _Misspelt()
+    adapter, ds = conv_case(n=12, model=model)
+    with pytest.raises(AttributeError, match="clasifier"):
+        extract_features(adapter, ds, batch_size=8, cache=False)
+    assert model.calls == 1
+
+
 # -- the cache key: hooks and globals; the cache folder: ~, temporaries, bound, clearing -------
 def test_forward_hooks_and_pre_hooks_are_in_the_cache_key(cache):
     """Before: the key left out hooks, so a hook-based ablation (a pre-hook that scales the

@@ -1051,8 +1051,35 @@ def test_the_rows_check_runs_once_per_adapter_and_passes_a_model_with_running_st
     model.register_forward_pre_hook(lambda _m, args: calls.append(int(args[0].shape[0])))
     ad = make_adapter(model)
     first = attribute(ad, instance(), "occlusion", target=1)
-    assert calls[:2] == [2, 2] and sum(calls[2:]) == first.forward_passes    # 2 rows, twice
+    assert calls[:3] == [2, 2, 2] and sum(calls[3:]) == first.forward_passes  # 2 rows, thrice
     calls.clear()
     again = attribute(ad, instance(), "occlusion", target=1)
     assert sum(calls) == again.forward_passes                       # no check the second time
     np.testing.assert_allclose(again.scores["vitals"], first.scores["vitals"])
+
+
+class _FirstRowScale(TabSeries):
+    """Every row scaled by a statistic of the batch's first row (a 'batch of one' habit)."""
+
+    def forward(self, vitals, series):
+        return super().forward(vitals / (1.0 + vitals[:1].abs().max()), series)
+
+
+def test_the_rows_check_sees_a_statistic_of_the_first_row_and_never_passes_on_no_evidence():
+    """The check compared the instance's row when first in its batch only: a model scaling every
+    row by the first row's statistic passed, and its occlusion scores changed with batch_size.
+    An instance equal to its baseline (the two batches then the same) passed the adapter for
+    good, as did one whose output was NaN; a later, ordinary instance was not checked."""
+    import dataclasses
+
+    from multiviz_widgets.kernels.common import _ROWS_INDEPENDENT, check_rows_independent
+    with pytest.raises(AdapterError, match="depend on the other instances in its batch"):
+        attribute(make_adapter(_FirstRowScale().eval()), instance(), "occlusion", target=1)
+    ad = make_adapter(_batch_statistics(TabSeries(bn=True)))
+    p = ad.prepare(instance())
+    check_rows_independent(ad, dataclasses.replace(p, continuous=dict(p.baseline)))
+    nan = {n: torch.full_like(v, float("nan")) for n, v in p.continuous.items()}
+    check_rows_independent(ad, dataclasses.replace(p, continuous=nan))
+    assert ad not in _ROWS_INDEPENDENT
+    with pytest.raises(AdapterError, match="depend on the other instances in its batch"):
+        check_rows_independent(ad, p)

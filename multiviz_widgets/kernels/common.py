@@ -89,47 +89,54 @@ _ROWS_INDEPENDENT: "weakref.WeakSet[ModelAdapter]" = weakref.WeakSet()
 def check_rows_independent(adapter: ModelAdapter, prepared: Prepared) -> None:
     """An AdapterError (code "batch-dependent") when the model's output for the instance
     depends on the other rows of its batch (BatchNorm without running statistics, h - h.mean(0),
-    dynamic quantisation's per-batch scale): every method batches the instance with masked
-    copies or points on a path, so its scores would depend on which rows share a batch (the
-    reviewer's occlusion scores changed 2.9x with batch_size). The instance beside its
-    baseline is compared with the instance beside itself (the same shapes: a model that treats
-    rows independently gives the same values to rounding), and a third pass tells a random
-    model (check() reports that) from the batch. Once per adapter when it passes; again at
-    every call when it does not. Cost: 2 forward passes of 2 rows (3 when they differ), a
-    check of the model, not counted in a result's forward_passes. A model that cannot run the
-    batch is left to the method, whose error says why."""
+    the first row's statistic applied to all, dynamic quantisation's per-batch scale): every
+    method batches the instance with masked copies or points on a path, so its scores would
+    depend on which rows share a batch (occlusion's changed 2.9x with batch_size). The instance
+    beside its baseline, first and second, is compared with the instance beside itself (the
+    same shapes: a model that treats rows independently gives the same values to rounding), and
+    one more pass tells a random model (check() reports that) from the batch. Passed: not
+    checked again for this adapter. Failed, or inconclusive (an output that is not finite, an
+    instance equal to its baseline, a model that cannot run the batch, whose method then says
+    why): checked again at the next call. Cost: 3 forward passes of 2 rows (4 when they
+    differ), a check of the model, not counted in a result's forward_passes."""
     if adapter in _ROWS_INDEPENDENT:
         return
     from ..precision import dtype_eps, outputs_differ
-    raw = dict(prepared.raw)
-    beside_base = {n: torch.stack([prepared.continuous[n], prepared.baseline[n]])
-                   for n in prepared.names}
-    beside_self = {n: torch.stack([prepared.continuous[n], prepared.continuous[n]])
-                   for n in prepared.names}
+    names = prepared.names
+    if all(torch.equal(prepared.continuous[n], prepared.baseline[n]) for n in names):
+        return                     # the instance is its baseline: nothing to tell apart
+    x, b = prepared.continuous, prepared.baseline
+
+    def run(first, second):
+        return adapter.forward(dict(prepared.raw),
+                               {n: torch.stack([first[n], second[n]]) for n in names})
     try:
-        mixed = adapter.forward(raw, beside_base)[:1]
-        same = adapter.forward(raw, beside_self)
+        same = run(x, x)
+        beside = torch.cat([run(x, b)[:1], run(b, x)[1:]])      # x first, then second
     except Exception:  # noqa: BLE001 -- the method's own passes meet it and say why
         return
-    eps = dtype_eps(adapter, mixed, same)
-    if not torch.isfinite(mixed).all() or not outputs_differ(mixed, same[:1], eps):
+    if not (torch.isfinite(same).all() and torch.isfinite(beside).all()):
+        return
+    eps = dtype_eps(adapter, same, beside)
+    if not outputs_differ(beside, same, eps):
         _ROWS_INDEPENDENT.add(adapter)
         return
     try:
-        again = adapter.forward(raw, beside_self)
+        again = run(x, x)
     except Exception:  # noqa: BLE001
         return
     if outputs_differ(same, again, eps):
         return                             # a random model: check() says so, not this
-    largest = float((mixed.double() - same[:1].double()).abs().max())
+    largest = float((beside.double() - same.double()).abs().max())
     raise AdapterError(
         f"The model's logits for an instance depend on the other instances in its batch: "
         f"beside its baseline and beside a copy of itself, they differ by up to "
         f"{largest:.3g}. Every explanation batches the instance with masked copies or points on "
         "a path, so its scores would depend on the batch size. Make forward() treat the rows "
-        "of a batch independently: no statistics over the batch dimension (h.mean(0), "
-        "BatchNorm with track_running_stats=False or in training mode; a dynamically quantised "
-        "model scales each batch by its own range: explain the float model).",
+        "of a batch independently: no statistics over the batch dimension (h.mean(0), a "
+        "statistic of the first row applied to all, BatchNorm with track_running_stats=False "
+        "or in training mode; a dynamically quantised model scales each batch by its own "
+        "range: explain the float model).",
         code="batch-dependent")
 
 

@@ -287,35 +287,37 @@ _GLOBAL_FORWARD_HOOKS = ("_global_forward_hooks", "_global_forward_hooks_with_kw
 
 
 class _HooksSetAside:
-    """The forward hooks of every submodule of ``model`` (and torch's global ones) taken out
+    """The forward hooks of every submodule of ``model`` (and torch's global ones) set aside
     while the model is traced, and put back after: torch.fx calls a module that it traces
     through by its ``__call__``, so its hooks ran on the trace's proxies, and a hook that keeps
     what it sees (an activation logger, a row counter) kept proxies in the person's lists. A
     hook that changes a module's output is then missing from the graph: the split's check
-    against the model's own forward finds that and the forward passes are used."""
+    against the model's own forward finds that and the forward passes are used.
+    Each hook dict is swapped for an empty one, not emptied: a handle removed meanwhile (from
+    another thread) removes its hook from the dict put back, and a hook registered meanwhile
+    is added to it."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.saved: list[tuple[object, str, dict]] = []
+        self.saved: list[tuple[object, str, dict, dict]] = []
 
     def __enter__(self):
         import torch.nn.modules.module as module_mod
-        for m in self.model.modules():
-            for name in _FORWARD_HOOKS:
-                hooks = getattr(m, name, None)
+        owners = [(m, _FORWARD_HOOKS) for m in self.model.modules()]
+        owners.append((module_mod, _GLOBAL_FORWARD_HOOKS))
+        for owner, names in owners:
+            for name in names:
+                hooks = getattr(owner, name, None)
                 if isinstance(hooks, dict) and hooks:
-                    self.saved.append((m, name, dict(hooks)))
-                    hooks.clear()
-        for name in _GLOBAL_FORWARD_HOOKS:
-            hooks = getattr(module_mod, name, None)
-            if isinstance(hooks, dict) and hooks:
-                self.saved.append((module_mod, name, dict(hooks)))
-                hooks.clear()
+                    empty = collections.OrderedDict()
+                    setattr(owner, name, empty)
+                    self.saved.append((owner, name, hooks, empty))
         return self
 
     def __exit__(self, *exc):
-        for owner, name, hooks in self.saved:
-            getattr(owner, name).update(hooks)       # (in their order: the dicts were empty)
+        for owner, name, hooks, meanwhile in self.saved:
+            hooks.update(meanwhile)                  # registered while it traced
+            setattr(owner, name, hooks)
         self.saved.clear()
         return False
 
@@ -508,7 +510,13 @@ class _Saved:
 
     def __init__(self, model: nn.Module):
         self.saved, self.slots = [], []
+        # the modules' hook dicts are torch's, not the forward's: a hook that another thread
+        # removes while the model is traced stays removed (_HooksSetAside sets them aside)
+        hooks = {id(v) for m in model.modules() for k, v in vars(m).items()
+                 if "hooks" in k and isinstance(v, dict)}
         for _, value, _ in _reachable(model):
+            if id(value) in hooks:
+                continue
             if isinstance(value, dict):
                 # a plain dict's copy is one C call; a subclass's (OrderedDict) in its own order
                 self.saved.append((value, value.copy() if type(value) is dict

@@ -626,19 +626,23 @@ class HeatmapView(W.VBox):
         c = data.get("columnNum", data.get("column"))
         if r is None:
             return
-        # bqplot sends the row's tick as the browser drew it: a click on the previous matrix,
-        # arriving after a new one was drawn, is told apart by it
+        # bqplot sends the row's tick and the cell's value as the browser drew them: a click on
+        # the previous matrix, arriving after a new one was drawn, is told apart by them
         tick = data.get("row") if "rowNum" in data else None
+        value = data.get("color")
         self.click(int(r), None if c is None else int(c),
-                   row_tick=None if tick is None else str(tick))
+                   row_tick=None if tick is None else str(tick),
+                   value=value if isinstance(value, (int, float)) else None)
 
-    def click(self, row: int, col: int | None = None, row_tick: str | None = None) -> None:
+    def click(self, row: int, col: int | None = None, row_tick: str | None = None,
+              value: float | None = None) -> None:
         """What a cell click does: select the row's unit of modality a. Nothing for a padding
         row, or while the matrix shown is of an earlier instance or pair (the new one still
         loading: its row may not exist in the instance selected), or when ``row_tick`` (the
-        row's tick in the browser) is not that of the row drawn now: the click was on an earlier
-        matrix of the same instance and pair, whose row ``row`` was another unit (a side cut to
-        its MOST_SHOWN strongest units differs between targets)."""
+        row's tick in the browser) or ``value`` (the cell's) is not that of the cell drawn now:
+        the click was on an earlier matrix of the same instance and pair, whose row ``row`` was
+        another unit (a side cut to its MOST_SHOWN strongest units differs between targets;
+        ticks are names, and two words may read the same)."""
         if not 0 <= int(row) < (self.matrix.shape[0] if self.matrix.ndim == 2 else 0):
             return
         if self.instance != self.selection.instance or tuple(self.pair) != self.wanted_pair():
@@ -651,6 +655,12 @@ class HeatmapView(W.VBox):
             if row_tick is not None and (ticks is None or not int(row) < len(ticks)
                                          or str(ticks[int(row)]) != row_tick):
                 return
+            if value is not None and col is not None:
+                shown = np.asarray(self.grid.color, dtype=np.float64)
+                if not (shown.ndim == 2 and 0 <= int(col) < shown.shape[1]
+                        and math.isclose(float(shown[int(row), int(col)]), float(value),
+                                         rel_tol=1e-6, abs_tol=1e-12)):
+                    return
             unit = int(row) if units is None else int(units[int(row)])
         self.selection.select(unit=(self.pair[0], unit))
 
