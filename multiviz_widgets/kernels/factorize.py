@@ -89,8 +89,12 @@ class Factorization:
         """'' or which submodules were kept whole (informative, for a result's params)."""
         if not self.opaque_modules:
             return ""
-        return ("traced with submodules kept whole (torch.fx cannot trace into them): "
-                + ", ".join(self.opaque_modules))
+        hooked = [m for m, why in self.opaque_modules.items() if _HOOKED in why]
+        untraced = [m for m in self.opaque_modules if m not in hooked]
+        parts = ([f"torch.fx cannot trace into {', '.join(untraced)}"] if untraced else []) + (
+            [f"{', '.join(hooked)} {'has' if len(hooked) == 1 else 'have'} forward hooks, run "
+             "on real values"] if hooked else [])
+        return "traced with submodules kept whole (" + "; ".join(parts) + ")"
 
     def encode(self, raw: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Frontier values of a batch {modality: [B, ...]}; raises FactorizationError when a
@@ -286,40 +290,48 @@ _GLOBAL_FORWARD_HOOKS = ("_global_forward_hooks", "_global_forward_hooks_with_kw
                          "_global_forward_hooks_always_called", "_global_forward_pre_hooks")
 
 
-class _HooksSetAside:
-    """The forward hooks of every submodule of ``model`` (and torch's global ones) set aside
-    while the model is traced, and put back after: torch.fx calls a module that it traces
-    through by its ``__call__``, so its hooks ran on the trace's proxies, and a hook that keeps
-    what it sees (an activation logger, a row counter) kept proxies in the person's lists. A
-    hook that changes a module's output is then missing from the graph: the split's check
-    against the model's own forward finds that and the forward passes are used.
-    Each hook dict is swapped for an empty one, not emptied: a handle removed meanwhile (from
-    another thread) removes its hook from the dict put back, and a hook registered meanwhile
-    is added to it."""
+def _has_forward_hooks(owner) -> bool:
+    return any(isinstance(h := getattr(owner, name, None), dict) and h
+               for name in _FORWARD_HOOKS + _GLOBAL_FORWARD_HOOKS)
+
+
+#: why a module with forward hooks is not traced through (_HookedModule's message)
+_HOOKED = "it has forward hooks, which tracing would run on symbolic values"
+
+
+class _OwnHooksAside:
+    """The model's own forward hooks (not its submodules') set aside while it is traced: the
+    split never calls the model itself, only its parts, so they do not belong in the graph (its
+    check's full forward passes run them; a hook that changes the model's output makes that
+    check reject the split). Each dict is swapped for an empty one, not emptied: a handle
+    removed meanwhile (from another thread) removes its hook from the dict put back, and a
+    hook registered meanwhile is added to it."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
-        self.saved: list[tuple[object, str, dict, dict]] = []
+        self.model, self.saved = model, []
 
     def __enter__(self):
-        import torch.nn.modules.module as module_mod
-        owners = [(m, _FORWARD_HOOKS) for m in self.model.modules()]
-        owners.append((module_mod, _GLOBAL_FORWARD_HOOKS))
-        for owner, names in owners:
-            for name in names:
-                hooks = getattr(owner, name, None)
-                if isinstance(hooks, dict) and hooks:
-                    empty = collections.OrderedDict()
-                    setattr(owner, name, empty)
-                    self.saved.append((owner, name, hooks, empty))
+        for name in _FORWARD_HOOKS:
+            hooks = getattr(self.model, name, None)
+            if isinstance(hooks, dict) and hooks:
+                empty = collections.OrderedDict()
+                setattr(self.model, name, empty)
+                self.saved.append((name, hooks, empty))
         return self
 
     def __exit__(self, *exc):
-        for owner, name, hooks, meanwhile in self.saved:
-            hooks.update(meanwhile)                  # registered while it traced
-            setattr(owner, name, hooks)
+        for name, hooks, meanwhile in self.saved:
+            hooks.update(meanwhile)
+            setattr(self.model, name, hooks)
         self.saved.clear()
         return False
+
+
+class _HookedModule(Exception):
+    """A module with forward hooks that the trace would go through: torch.fx calls it by its
+    ``__call__``, so its hooks would run on the trace's proxies (a logger would keep a Proxy,
+    a counter would become one). It is kept whole instead: the split calls it on real values,
+    hooks and all, so a hook that changes its output is in the numbers too."""
 
 
 class _AsTheAdapterCalls(nn.Module):
@@ -346,12 +358,18 @@ def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool,
     # packing a padded sequence by its lengths) is kept whole: called as one operation, it stays
     # on its modality's side of the split when it reads only that modality. Each failing
     # submodule is found by tracing again, up to MAX_OPAQUE_MODULES of them.
+    import torch.nn.modules.module as module_mod
+    if _has_forward_hooks(module_mod):
+        raise FactorizationError(
+            "torch's global forward hooks are set (nn.modules.module.register_module_forward_"
+            "hook or _pre_hook), which tracing would run on symbolic values; the forward passes "
+            "run them on real ones")
     opaque: dict[str, str] = {}
     while True:
         tracer = _Tracer(set(opaque) | set(keep_whole))
         saved = _Saved(model)
         try:
-            with _HooksSetAside(model):
+            with _OwnHooksAside(model):
                 graph = tracer.trace(root, concrete_args={"inputs": {m: fx.PH for m in names}})
             why = ""
         except Exception as e:   # fx raises many kinds (TraceError, TypeError, ...)
@@ -401,6 +419,8 @@ class _Tracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         try:
+            if _has_forward_hooks(m) and not self.is_leaf_module(m, self.path_of_module(m)):
+                raise _HookedModule(_HOOKED)
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:     # the innermost failing module is seen first
@@ -511,7 +531,7 @@ class _Saved:
     def __init__(self, model: nn.Module):
         self.saved, self.slots = [], []
         # the modules' hook dicts are torch's, not the forward's: a hook that another thread
-        # removes while the model is traced stays removed (_HooksSetAside sets them aside)
+        # removes while the model is traced stays removed
         hooks = {id(v) for m in model.modules() for k, v in vars(m).items()
                  if "hooks" in k and isinstance(v, dict)}
         for _, value, _ in _reachable(model):
