@@ -27,11 +27,16 @@ and unit. Nothing a person saved is lost:
   or the new one, never half of one);
 * a file changed on disk by someone else since this store read or wrote it is not written over:
   the save raises :class:`AnnotationConflict`; ``merge(path)`` takes their concepts in, after
-  which a save goes through. Concepts removed there are removed here only when the file is a
-  later version of the one this store read or wrote (each save records the ids of the versions
-  a file came from, "revisions"); a file copied over it is joined, removing none of ours;
-  ``change_note`` names what came in and what went;
-* ``undo()`` undoes the last edits (a remove clicked by mistake, a rename), one per call;
+  which a save goes through. A file gets a "lineage" at its first save here (a random id, one
+  line that every later save keeps, so that git merges two branches' versions as their
+  entries). The file on disk of the lineage this store read or wrote (or, both without one, an
+  older or hand-edited file) is a version of the same file: a three-way merge against the file
+  as last read or written takes in what was added and what was removed there; so does an
+  older backup of the same file put back, whose missing concepts read as removed (said by
+  name). A file of another lineage copied over it (a colleague's, a teacher's) is joined,
+  removing none of ours. ``change_note`` names what came in and what went;
+* ``undo()`` undoes the last edits (a remove clicked by mistake, a rename), one per call,
+  skipping (and saying so) a key that a merge changed since;
 * a store that saves on each change and cannot (a read-only folder, a conflict) keeps every
   change in memory, says why in ``save_error`` (``save_conflict`` when it is such a conflict)
   and tells its observers; the next save that works writes them all.
@@ -51,6 +56,7 @@ import re
 import sys
 import threading
 import unicodedata
+import uuid
 import weakref
 from pathlib import Path
 from typing import Callable, Iterable
@@ -183,11 +189,17 @@ def _strip_outer(text: str) -> str:
     return text[start:end]
 
 
-def _concept(text) -> str:
+def _concept(text, typed: bool = True) -> str:
     """``text`` checked and tidied (outer spaces stripped, every run of spaces inside one plain
     space, so that "red  shapes" and "red\u00a0shapes" pasted from a web page are "red
     shapes"; NFC-normalised so that "e" + a combining acute and "\u00e9" are one concept): a
-    short line of printable text."""
+    short line of printable text.
+
+    ``typed``: a concept a person adds or renames to now, which is also refused when it holds
+    a joiner that joins nothing ("re\u200dd", a look-alike of "red") or no letter, digit or
+    symbol ("?"). A concept read from a file, or one there is already (``typed=False``), is
+    not: files written before those checks hold such concepts ("?" for a neuron not
+    understood yet), and they open, merge and stay as they are."""
     if not isinstance(text, str):
         raise AnnotationError(f"A concept is a string, got {type(text).__name__} {text!r}.")
     text = _strip_outer(unicodedata.normalize("NFC", text))
@@ -207,6 +219,14 @@ def _concept(text) -> str:
         raise AnnotationError(f"A concept is one line of printable text; {text[:60]!r} holds "
                               f"the control character {c!r} ({_char_name(c)}: {kind}); "
                               f"remove it.")
+    if typed:
+        _check_typed(text)
+    return _SPACES.sub(" ", text)
+
+
+def _check_typed(text: str) -> None:
+    """The checks of a concept that a person types (``_concept``'s ``typed``): an
+    AnnotationError for a needless joiner, or for a concept of no letter, digit or symbol."""
     joiner = _needless_joiner(text)
     if joiner is not None:
         raise AnnotationError(
@@ -219,7 +239,6 @@ def _concept(text) -> str:
         raise AnnotationError(
             f"A concept names something with letters, digits or symbols; {text[:60]!r} has "
             f"none (only {_kinds(text)}); type the name itself.")
-    return _SPACES.sub(" ", text)
 
 
 def _char_name(c: str) -> str:
@@ -270,16 +289,18 @@ _FEWER = "remove some first (remove(key, concept), or set(key, a shorter list))"
 _FEWER_IN_FILE = "keep the ones that say most and remove the others from the file"
 
 
-def _concepts(values, who: str = "A key", fewer: str = _FEWER) -> tuple[str, ...]:
+def _concepts(values, who: str = "A key", fewer: str = _FEWER,
+              typed: bool = True) -> tuple[str, ...]:
     """A list of concepts checked, duplicates (``same_concept``) dropped (the first kept), order
     kept: at most MAX_CONCEPTS_PER_KEY, else an AnnotationError that names ``who`` and says to
     keep ``fewer``. Each is looked up once in a dict (a list's ``in`` would make a long list cost
-    its square), and a list that has too many is refused as soon as that shows."""
+    its square), and a list that has too many is refused as soon as that shows. ``typed``: as
+    ``_concept``'s (False for concepts read from a file, or there already)."""
     if isinstance(values, str) or not isinstance(values, (list, tuple)):
         raise AnnotationError(f"Concepts are a list of strings, got {_brief(values)}.")
     out: dict[str, str] = {}                 # same_concept(c): c, the first of its spellings
     for v in values:
-        c = _concept(v)
+        c = _concept(v, typed)
         out.setdefault(same_concept(c), c)
         if len(out) > MAX_CONCEPTS_PER_KEY:
             raise _too_many(who, fewer)
@@ -360,9 +381,11 @@ def _weak_call(obj, method: str) -> Callable[[], str | None]:
 def _live_weights(adapter, value: str) -> Callable[[], str | None]:
     """``adapter.weights_fingerprint()`` now, computed again only when a tensor of the model's
     state_dict was replaced or changed in place since (torch counts each in-place change in a
-    tensor's ``_version``: an optimizer step, ``load_state_dict``, an edit under no_grad), so
-    that each save can afford to ask. (An edit through ``param.data`` is not counted: the
-    fingerprint is then taken again at the next ``Explorer`` made for the model.)"""
+    tensor's ``_version``: an optimizer step, ``load_state_dict``, an edit under no_grad), or
+    cast or moved (``model.half()``, ``.double()``, ``.to(...)``: another dtype, device or
+    memory), so that each save can afford to ask. (A limitation: an in-place edit through
+    ``param.data``, such as ``param.data.mul_(0.5)``, is not counted; the fingerprint is then
+    taken again at the next ``Explorer`` made for the model.)"""
     fingerprint = _weak_call(adapter, "weights_fingerprint")
     try:
         adapter_ref = weakref.ref(adapter)
@@ -371,9 +394,13 @@ def _live_weights(adapter, value: str) -> Callable[[], str | None]:
             return adapter
 
     def state_key(alive) -> tuple | None:
+        # a tensor's version counts its in-place changes; a cast or a move (``model.half()``,
+        # ``.double()``, ``.to(dtype or device)``) sets ``param.data`` without counting, and
+        # shows in its dtype, device and memory (``data_ptr``)
         try:
             state = alive.model.state_dict(keep_vars=True)
-            return tuple((k, id(v), getattr(v, "_version", None)) for k, v in state.items())
+            return tuple((k, id(v), getattr(v, "_version", None), str(v.dtype), str(v.device),
+                          v.data_ptr(), tuple(v.shape)) for k, v in state.items())
         except Exception:  # noqa: BLE001 - not a torch module: fingerprinted each time
             return None
     memo = {"key": state_key(adapter), "value": value}
@@ -693,16 +720,25 @@ class Annotations:
         self.unsaved = False          # changes that no save has written yet
         self._disk_digest: str | None = None     # the file as last read or written here...
         self._disk_entries: dict[tuple, tuple[str, ...]] = {}   # ...and its concepts
-        # ...and the id of its content (``_content_id``), with the ids of the versions it came
-        # from ("revisions", kept by each save): a file on disk whose revisions hold the id of
-        # the version this store last read or wrote is a later version of it, whose removals
-        # are real; any other (a file copied over it, an older backup) is joined, never
-        # removing a concept (``merge``)
-        self._disk_id: str | None = None
-        self._revisions: list[str] = []
+        # ...and its lineage ("lineage"): a random id that a file gets at this store's first
+        # save of it and keeps at every later save, so that ``merge`` tells a later version of
+        # the file (the same lineage, or none on either side: a three-way merge, whose
+        # removals are real) from a file copied over it from elsewhere (another lineage, or
+        # none where this store gave it one: joined, none of ours removed). None: the file was
+        # read without one (an older file, a file written by hand), or none was read
+        self._lineage: str | None = None
+        self._new_lineage: str | None = None     # the one a first save gives (``_document``)
+        # what a save interrupted while it wrote was writing: (the text's digest, the concepts,
+        # the lineage); a file on disk that holds that very text was written
+        # (``_settle_interrupted``), and is no conflict
+        self._writing: tuple | None = None
         # the last edits, to undo (``undo``): (what was done, {key: concepts before}, {key:
-        # concepts after}), newest last
-        self._undo: list[tuple[str, dict, dict]] = []
+        # concepts after}, its number in ``_seq``, the dataset then), newest last; and, by key,
+        # the number of the last merge that changed the key (``_merged_at``): an edit of a key
+        # that a merge changed since is not undone (it would undo the merge's change too)
+        self._undo: list[tuple] = []
+        self._seq = 0
+        self._merged_at: dict[tuple, int] = {}
         #: What the last merge of a file (or an undo) did, by name, until the next edit: the
         #: concepts it took in and removed ("took in 1 concept from the file: h2 'theirs'").
         self.change_note: str | None = None
@@ -816,10 +852,8 @@ class Annotations:
                 self._version_1_units = False
             if signature and not self.signature:
                 self.signature = signature
-            elif signature:            # fill in what the first signature left unknown
-                for f, v in signature.items():
-                    if self.signature.get(f) is None:
-                        self.signature[f] = v
+            elif signature:
+                self._fill_signature(signature)
             if n_instances is not None:
                 self.n_instances = int(n_instances)
             if dataset:
@@ -829,6 +863,25 @@ class Annotations:
             note = self.model_note if self.model_note != said else None
         if note:                  # (not said again when reading the file said it already)
             self._warn_model(note)
+
+    def _fill_signature(self, signature: ModelSignature) -> None:
+        """Fill in what the store's signature (the first given, or the file's) leaves unknown
+        from ``signature``'s (a viewer's); under the lock. The weights and the method of their
+        fingerprint go together: a file's fingerprint without "weights_method" was taken by the
+        older method, and is never labelled with another. The viewer's model, which lives,
+        fingerprints the weights at each save from then on (``ModelSignature.live_weights``)."""
+        if not isinstance(self.signature, ModelSignature):
+            self.signature = ModelSignature(self.signature)
+        for f, v in signature.items():
+            if f == "weights_method":
+                continue                       # with "weights" only
+            if self.signature.get(f) is None:
+                self.signature[f] = v
+                if f == "weights":
+                    self.signature["weights_method"] = signature.get("weights_method")
+        if callable(signature.live_weights):
+            self.signature.live_weights = signature.live_weights
+            self.signature.older_weights = signature.older_weights
 
     def unbind(self, dataset: dict | None = None) -> None:
         """A viewer that showed this store (``bind`` with ``dataset``; None: the last to bind)
@@ -939,7 +992,7 @@ class Annotations:
     def remove(self, key, concept: str) -> tuple[str, ...]:
         """Remove one concept from ``key``, whatever its case (an AnnotationError when it is not
         there)."""
-        concept = _concept(concept)
+        concept = _concept(concept, typed=False)     # one there is: as the file wrote it
         gone = same_concept(concept)
 
         def without(now):
@@ -958,7 +1011,7 @@ class Annotations:
         into one, which renaming back cannot separate: it is refused (an AnnotationError that
         names the keys that have it) unless ``merge=True``, which joins them (a key that has
         both keeps ``new`` once)."""
-        old, new = _concept(old), _concept(new)
+        old, new = _concept(old, typed=False), _concept(new)
         was, will = same_concept(old), same_concept(new)
         with self._lock:
             keys = [k for k, cs in self._data.items() if any(same_concept(c) == was for c in cs)]
@@ -977,7 +1030,8 @@ class Annotations:
                     f"Nothing was renamed; choose another name, or pass merge=True to join "
                     f"them (undo() separates them again).")
             renamed = {k: _concepts([new if same_concept(c) == was else c
-                                     for c in self._data[k]], str(k)) for k in keys}
+                                     for c in self._data[k]], str(k), typed=False)
+                       for k in keys}
             if all(renamed[k] == self._data[k] for k in keys):
                 return sorted(keys, key=_sort_key)           # new is the spelling kept already
             before = {k: self._data[k] for k in keys}
@@ -998,7 +1052,7 @@ class Annotations:
             self._check_ranges({key: ()}, self.signature, self.n_instances)
             # a key that gets its first concepts (``make`` is called again below, on what the
             # concepts are then)
-            named = key not in self._data and bool(_concepts(make(()), str(key)))
+            named = key not in self._data and bool(_concepts(make(()), str(key), typed=False))
             if named and key[0] == "unit":
                 self._check_one_dataset()
             checks = list(self._key_checks) if named else []
@@ -1008,7 +1062,11 @@ class Annotations:
             _fingerprint(dataset)     # to be saved with it: computed (when lazy) outside the lock
         with self._lock:
             now = self._data.get(key, ())
-            new = _concepts(make(now), str(key))
+            new = _concepts(make(now), str(key), typed=False)
+            there = set(now)
+            for c in new:             # what the person adds now is checked as typed text
+                if c not in there:
+                    _check_typed(c)
             self._check_ranges({key: new}, self.signature, self.n_instances)
             retry = now == new and self.unsaved and self.autosave
             if now == new and not retry:
@@ -1036,7 +1094,8 @@ class Annotations:
         self.change_note = None
 
     def _push_undo(self, what: str, before: dict, after: dict) -> None:
-        self._undo.append((what, before, after))
+        self._undo.append((what, before, after, self._seq, self.dataset))
+        self._seq += 1
         del self._undo[:-UNDO_KEPT]
 
     @property
@@ -1048,39 +1107,113 @@ class Annotations:
     def undo(self) -> str:
         """Undo the last edit of this store (``add``, ``remove``, ``set`` or ``rename``; not a
         merge), saved as any change; returns what it did ("undid: removed h7 'red' (added h7
-        'red')"), also kept in ``change_note``. A key edited since (by a merge) keeps those
-        edits: only what that edit added is taken off and what it removed put back. The last
-        100 edits can be undone, newest first, one per call; an AnnotationError when there is
-        none."""
-        with self._lock:
-            if not self._undo:
-                raise AnnotationError("There is no edit of these concepts to undo (undo() undoes "
-                                      "the adds, removes, sets and renames made here since "
-                                      "they were opened).")
-            what, before, after = self._undo.pop()
-            values = {}
+        'red')"), also kept in ``change_note``. The last 100 edits can be undone, newest first,
+        one per call; an AnnotationError when there is none.
+
+        A key that a merge changed since the edit (concepts another kernel or a colleague's
+        file added or removed there, taken in by ``merge``) is skipped, and the note says so
+        ("skipped h1: changed by a merge since"): undoing the edit there would undo the
+        merge's change too (remove a concept the other side added as well, or put back one it
+        removed). An edit that every key of is skipped is taken off the list, nothing
+        changed ("did not undo: ..."); the next call undoes the one before it.
+
+        An undo that would put concepts where they cannot be now is refused, as the edit
+        would be (an AnnotationError that says why, nothing changed): a neuron beyond the
+        model's (after ``bind`` to another model), a unit concept of another dataset than the
+        one the store is now shown for, a key a viewer's check refuses (``add_key_check``).
+        That edit is taken off the list too, so that undo() goes on with the one before it."""
+        checked: set[tuple] = set()
+        while True:
+            with self._lock:
+                if not self._undo:
+                    raise AnnotationError("There is no edit of these concepts to undo (undo() "
+                                          "undoes the adds, removes, sets and renames made "
+                                          "here since they were opened).")
+                entry = self._undo[-1]
+                then, shown = entry[4], self.dataset
+            if then is not None and shown is not None and then is not shown and any(
+                    k[0] == "unit" for k in entry[1]):
+                _fingerprint(then)      # compared below: computed (when lazy) outside the lock
+                _fingerprint(shown)
+            with self._lock:
+                if not self._undo or self._undo[-1] is not entry:
+                    continue                        # undone meanwhile by another thread
+                what, before, after, seq, then = entry
+                values, skipped = self._undone(before, after, seq)
+                # the keys that get concepts back, checked as an edit's would be
+                gains = {k: cs for k, cs in values.items()
+                         if {same_concept(c) for c in cs}
+                         - {same_concept(c) for c in self._data.get(k, ())}}
+                try:
+                    self._check_ranges(gains, self.signature, self.n_instances)
+                    units = [k for k in gains if k[0] == "unit"]
+                    if units and any(k not in self._data for k in units):
+                        self._check_one_dataset()
+                    if units and then is not None and self.dataset is not None and \
+                            not _same_dataset(then, self.dataset):
+                        raise AnnotationError(
+                            f"its unit concepts name instances of {_dataset_text(then)}, and "
+                            f"these annotations are shown for {_dataset_text(self.dataset)} "
+                            f"now: put back, they would name this dataset's instances")
+                except AnnotationError as e:
+                    self._undo.pop()
+                    raise _not_undone(what, e) from None
+                unchecked = [k for k in gains if k not in self._data and k not in checked]
+                checks = list(self._key_checks) if unchecked else []
+                if not checks:
+                    self._undo.pop()
+                    note = self._take_undone(what, values, skipped)
+                    break
             try:
-                for key in sorted(set(before) | set(after), key=_sort_key):
-                    was, made = before.get(key, ()), after.get(key, ())
-                    now = self._data.get(key, ())
-                    if now == made:
-                        values[key] = was
-                        continue
-                    was_f, made_f = {same_concept(c) for c in was}, {same_concept(c) for c in made}
-                    values[key] = _concepts(
-                        [c for c in now if same_concept(c) in was_f or same_concept(c)
-                         not in made_f] + [c for c in was if same_concept(c) not in made_f],
-                        str(key))
-            except AnnotationError:
-                self._undo.append((what, before, after))
-                raise
-            now = {k: self._data.get(k, ()) for k in values}
-            done = _describe_change(now, values) or "nothing left to change"
-            self._apply(values)
-            self.change_note = f"undid: {what} ({done})"
-            note = self.change_note
-        self._changed(None)
+                _run_key_checks(checks, unchecked)       # outside the lock, as an add's are
+            except AnnotationError as e:
+                with self._lock:
+                    if self._undo and self._undo[-1] is entry:
+                        self._undo.pop()
+                raise _not_undone(what, e) from None
+            checked.update(unchecked)
+        if values:
+            self._changed(None)
+        else:
+            self._notify(None)
         return note
+
+    def _undone(self, before: dict, after: dict, seq: int) -> tuple[dict, list]:
+        """What undoing an edit (``before`` -> ``after``, made as edit ``seq``) sets each key
+        to, and the keys skipped: changed by a merge since (``_merged_at``); under the lock. A
+        key edited since otherwise keeps those edits: only what the edit added is taken off
+        and what it removed put back."""
+        values, skipped = {}, []
+        for key in sorted(set(before) | set(after), key=_sort_key):
+            if self._merged_at.get(key, -1) > seq:
+                skipped.append(key)
+                continue
+            was, made = before.get(key, ()), after.get(key, ())
+            now = self._data.get(key, ())
+            if now == made:
+                values[key] = was
+                continue
+            was_f, made_f = {same_concept(c) for c in was}, {same_concept(c) for c in made}
+            values[key] = _concepts(
+                [c for c in now if same_concept(c) in was_f or same_concept(c) not in made_f]
+                + [c for c in was if same_concept(c) not in made_f], str(key), typed=False)
+        return values, skipped
+
+    def _take_undone(self, what: str, values: dict, skipped: list) -> str:
+        """An undo's ``values`` made the store's, and its note (``change_note``); under the
+        lock."""
+        merged = (f"{_names(skipped)}: changed by a merge since (undoing the edit there would "
+                  f"undo the merge's change too; it is kept, edit it by hand if need be)")
+        if not values:
+            self.change_note = (f"did not undo: {what}: skipped {merged}; nothing changed, "
+                                f"and undo() again undoes the edit before it")
+            return self.change_note
+        now = {k: self._data.get(k, ()) for k in values}
+        done = _describe_change(now, values) or "nothing left to change"
+        self._apply(values)
+        self.change_note = f"undid: {what} ({done})" + (f"; skipped {merged}" if skipped
+                                                         else "")
+        return self.change_note
 
     def keys(self, kind: str | None = None) -> list[tuple]:
         """Every annotated key ("neuron", "unit" or "feature" only, when ``kind`` says),
@@ -1093,7 +1226,7 @@ class Annotations:
 
     def find(self, concept: str) -> list[tuple]:
         """The keys that carry ``concept`` (compared as ``same_concept`` does), sorted."""
-        want = same_concept(_concept(concept))
+        want = same_concept(_concept(concept, typed=False))
         with self._lock:
             keys = [k for k, cs in self._data.items()
                     if any(same_concept(c) == want for c in cs)]
@@ -1179,7 +1312,9 @@ class Annotations:
             sig = self._model_doc()
             dataset = self.dataset
             dataset_extra = dict(self._dataset_extra)
-            revisions = list(self._revisions)
+            if self._lineage is None and self._new_lineage is None:
+                self._new_lineage = uuid.uuid4().hex
+            lineage = self._lineage or self._new_lineage
             units = any(k[0] == "unit" for k, _ in items)
             # read from a version-1 file, with no model yet to say which of its unit keys name
             # a feature (a tabular column): written as version 1 still, to be read so again
@@ -1190,7 +1325,9 @@ class Annotations:
 
         def entry(k, fields: dict, v) -> dict:
             return {**fields, "concepts": list(v), **entry_extra.get(k, {})}
-        doc = {"format": FORMAT, "version": version, "model": sig,
+        # the lineage near the top, one line that no save changes: two branches' versions of
+        # the file merge in git as the entries they changed do
+        doc = {"format": FORMAT, "version": version, "lineage": lineage, "model": sig,
                "dataset": _with_extra(dataset, dataset_extra),
                "neurons": [entry(k, {"neuron": k[1]}, v) for k, v in items if k[0] == "neuron"],
                "units": [entry(k, {"instance": k[1], "modality": k[2], "unit": k[3]}, v)
@@ -1198,13 +1335,6 @@ class Annotations:
                "features": [entry(k, {"modality": k[1], "unit": k[2]}, v)
                             for k, v in items if k[0] == "feature"]}
         doc.update((f, v) for f, v in extra.items() if f not in doc)
-        try:
-            content = _content_id(doc)
-        except (TypeError, ValueError, RecursionError):
-            content = None          # a value JSON cannot hold: the save says so (``_encoded``)
-        if content is not None and revisions[-1:] != [content]:
-            revisions.append(content)
-        doc["revisions"] = revisions[-REVISIONS_KEPT:]
         return doc, edits
 
     def _model_doc(self) -> dict | None:
@@ -1256,7 +1386,10 @@ class Annotations:
             # its own file by another name (a link, a relative path): the file itself is
             # written, not the link replaced by a copy
             target = self.path
-        done = False
+        done = writing = False
+        # a copy saved to another file is another file: a lineage of its own, the same at each
+        # save there (put back over this one, it is joined, removing none of these)
+        copy_lineage = None
         try:
             if target.is_dir():
                 raise AnnotationError(
@@ -1267,6 +1400,10 @@ class Annotations:
             # the text first (a value that JSON cannot hold fails here, before the disk is
             # touched), with no lock held while it is encoded (to_dict copies under the lock)
             doc, edits = self._document()
+            if not (own or adopt):
+                copy_lineage = hashlib.sha256(
+                    f"{doc['lineage']}\0{target.resolve()}".encode()).hexdigest()[:32]
+                doc["lineage"] = copy_lineage
             raw = _encoded(doc, target)
             # then the file's lock, with the store's not held: while another program holds it
             # (another kernel's save, stalled), this store is read and edited as usual, and the
@@ -1280,21 +1417,26 @@ class Annotations:
                         # changed while this save waited: the newest is written (built again
                         # only then: a save after each change built it twice)
                         doc = self._document()[0]
+                        if copy_lineage is not None:
+                            doc["lineage"] = copy_lineage
                         raw = _encoded(doc, target)
                     if own and not overwrite:
                         self._check_unchanged(target)
                     elif not own and target.exists() and not overwrite:
                         raise AnnotationError(f"{target} exists; save(path, overwrite=True) "
                                               f"replaces it, or choose another name.")
+                    if own or adopt:
+                        # what is being written: an interrupt from here on may come after the
+                        # file was written, which the next save or merge then sees
+                        self._writing = (_digest(raw), dict(self._data), doc["lineage"])
+                    writing = True
                     _atomic_write(target, raw)
                     if adopt:
                         self.path = target
                         self.autosave = self.autosave if self._autosave_given else True
                     if own or adopt:
-                        self._disk_digest = _digest(raw)
-                        self._disk_entries = dict(self._data)
-                        self._revisions = list(doc["revisions"])
-                        self._disk_id = self._revisions[-1]
+                        self._disk_digest, self._disk_entries, self._lineage = self._writing
+                        self._writing = None
                         self.unsaved = False
                     done = True
         except BaseException as e:
@@ -1304,9 +1446,11 @@ class Annotations:
                 # an interrupt (the kernel's Interrupt button while the save waited for the
                 # file's lock): said in save_error, so that the row says NOT saved; raised on
                 if own:
+                    when = ("while it wrote the annotations (they may have been written or "
+                            "not)" if writing else "before it wrote the annotations")
                     self._failed(f"The save to {target} was interrupted ({type(e).__name__}) "
-                                 f"before it wrote the annotations; they are kept in memory. "
-                                 f"The next change, or annotations.save(), writes them.", False)
+                                 f"{when}; they are kept in memory. The next change, or "
+                                 f"annotations.save(), writes them.", False)
                 raise
             if not isinstance(e, (OSError, AnnotationError, UnicodeError)):
                 raise
@@ -1378,14 +1522,21 @@ class Annotations:
         in.
 
         Another store or file: its concepts are added to this store's (a union: a concept that
-        either has stays). The file this store saves to: a three-way merge against the file as
-        this store last read or wrote it, so that what was changed there since (concepts added,
-        and concepts removed) is taken in beside this store's own changes; the file is then
-        saved again when it lacks any of them. Fields that this format does not know (a
-        document's "description", an entry's "comment") are kept: this store's win, except
-        over its own file's, whose edits are newer. A key that gets its first concepts from it
-        is checked by the viewers' checks (``add_key_check``) as an add's is: one refused, and
-        nothing is merged."""
+        either has stays). The file this store saves to, when it is of the lineage this store
+        last read or wrote (its "lineage" field, kept by every save; or neither has one: an
+        older file, one edited by hand): a three-way merge against the file as this store last
+        read or wrote it, so that what was changed there since (concepts added, and concepts
+        removed) is taken in beside this store's own changes; the file is then saved again
+        when it lacks any of them. An older backup of that same file put back is such a file
+        too: the concepts it lacks are removed here, and ``change_note`` names them (add back
+        those to keep). A file of another lineage copied over it (a colleague's or a teacher's
+        copy, or one without a lineage where this store gave it one) is joined as another
+        file is, none of this store's concepts removed, and saved again with this store's
+        lineage; ``change_note`` says that it was replaced and joined. Fields that this format
+        does not know (a document's "description", an entry's "comment") are kept: this
+        store's win, except over its own file's, whose edits are newer. A key that gets its
+        first concepts from it is checked by the viewers' checks (``add_key_check``) as an
+        add's is: one refused, and nothing is merged."""
         if not isinstance(other, (Annotations, str, os.PathLike)):
             raise AnnotationError(
                 f"merge takes a store (an Annotations) or the path of an annotations file, got "
@@ -1400,12 +1551,14 @@ class Annotations:
                     source = Path(other).expanduser()
                     raw = _read_bytes(source)
                     digest = _digest(raw)
+                    if self.path is not None and source.resolve() == self.path.resolve():
+                        self._settle_interrupted(digest)    # a save's, interrupted: it wrote
                     incoming = parsed[digest] if digest in parsed else _parse(raw, source)
                     parsed = {digest: incoming}
                     sig = incoming.get("model")
                 what = source if source is not None else "the store merged"
-                (merged, added, removed, theirs, their_extra, own_file,
-                 replaced) = self._merged(incoming, sig, what, source)
+                (merged, added, removed, theirs, their_extra, own_file, replaced,
+                 touched) = self._merged(incoming, sig, what, source)
                 # keys that get their first concepts are checked by the viewers' checks
                 # (add_key_check), as an add's are: outside the lock (a check may take a lock
                 # under which another thread reads this store), then all is read again
@@ -1413,7 +1566,7 @@ class Annotations:
                 checks = list(self._key_checks) if unchecked else []
                 if not checks:
                     changed, resolved = self._take_merged(merged, theirs, incoming, their_extra,
-                                                          own_file, digest)
+                                                          own_file, digest, replaced, touched)
                     self.change_note = _merge_text(
                         added, removed, replaced,
                         "the file" if own_file else str(source) if source else "the store")
@@ -1430,9 +1583,9 @@ class Annotations:
                 self.model_note = note
                 if own_file:                   # its file is now what the other model made
                     self._made_for = dict(sig)
-        if changed or (own_file and self.unsaved):
+        if (changed and not own_file) or (own_file and self.unsaved):
             self._changed(None)
-        elif resolved:
+        elif changed or resolved:      # the file holds all of them already: not written again
             self._notify(None)
         if note:
             self._warn_model(note, f"The annotations in {source}" if own_file
@@ -1459,13 +1612,17 @@ class Annotations:
         self._check_ranges(theirs, self.signature, self.n_instances)
         own_file = (source is not None and self.path is not None
                     and source.resolve() == self.path.resolve())
-        # a three-way merge only against a later version of the file as this store last read
-        # or wrote it (its revisions hold that version's id): its removals are real. A file
-        # copied over it (a colleague's, an older backup) is joined: nothing of ours removed
-        later = own_file and self._disk_id is not None and self._disk_id in _history(incoming)
-        replaced = own_file and self._disk_id is not None and not later
-        base = self._disk_entries if later else {}
-        merged, added, removed = {}, [], []
+        # a three-way merge against the file as this store last read or wrote it when the file
+        # is of its lineage (or neither has one: an older file, one edited by hand): its
+        # removals are real (an older copy of this same file put back too: what it lacks is
+        # removed, and said). A file of another lineage copied over it (a colleague's, the
+        # teacher's, or one without a lineage where this store gave it one) is joined: nothing
+        # of ours removed
+        read = own_file and self._disk_digest is not None
+        same = read and _lineage_of(incoming) == self._lineage
+        replaced = read and not same
+        base = self._disk_entries if same else {}
+        merged, added, removed, touched = {}, [], [], []
         for key in set(self._data) | set(theirs):
             ours, their = self._data.get(key, ()), theirs.get(key, ())
             # sets to look concepts up in (a tuple's ``in`` would cost the square of a long
@@ -1488,17 +1645,26 @@ class Annotations:
             removed += [(key, c) for c in ours if same_concept(c) not in kept]
             if cs:
                 merged[key] = cs
+            # changed by the merge: the other side changed the key since the base, or the
+            # merge changes ours (an undo of an earlier edit there would fight it)
+            if in_theirs != was or kept != in_ours:
+                touched.append(key)
         added.sort(key=lambda kc: _sort_key(kc[0]))
         removed.sort(key=lambda kc: _sort_key(kc[0]))
-        return merged, added, removed, theirs, their_extra, own_file, replaced
+        return merged, added, removed, theirs, their_extra, own_file, replaced, touched
 
     def _take_merged(self, merged: dict, theirs: dict, incoming: dict, their_extra: dict,
-                     own_file: bool, digest: str | None) -> tuple[bool, bool]:
+                     own_file: bool, digest: str | None, replaced: bool = False,
+                     touched: Iterable[tuple] = ()) -> tuple[bool, bool]:
         """``merge``'s result made the store's (under the lock): (whether its concepts changed,
         whether a failed save of its own file is resolved by it)."""
         changed = merged != self._data
         self._data = merged
         self._edited()
+        mark = self._seq            # the edits before it are not undone on the keys it changed
+        self._seq += 1
+        for key in touched:
+            self._merged_at[key] = mark
         _take_extras(self._extra, _document_extras(incoming), own_file)
         for key, fields in their_extra.items():
             _take_extras(self._entry_extra.setdefault(key, {}), fields, own_file)
@@ -1511,13 +1677,14 @@ class Annotations:
         resolved = False
         if own_file:           # its changes on disk are taken in: a save may now replace it
             self._disk_digest, self._disk_entries = digest, dict(theirs)
-            # what the merged concepts come from: the file's versions (its id last, the base
-            # of the next merge), and this store's
-            history = _history(incoming)
-            self._revisions = ([r for r in self._revisions if r not in set(history)]
-                               + history)[-REVISIONS_KEPT:]
-            self._disk_id = history[-1]
-            self.unsaved = merged != theirs          # the file lacks some of ours
+            theirs_lineage = _lineage_of(incoming)
+            if self._lineage is None:
+                # this store gave the file none yet: the file's is taken (another kernel's
+                # first save of the file both read), the base of the next merge
+                self._lineage = theirs_lineage
+            # the file lacks some of ours, or is of another lineage than this store's (a copy
+            # joined): saved again, so that its next version is merged against this
+            self.unsaved = merged != theirs or theirs_lineage != self._lineage
             resolved = not self.unsaved and self.save_error is not None
             if resolved:
                 self.save_error, self.save_conflict = None, False
@@ -1556,10 +1723,11 @@ class Annotations:
         if doc.get("model") and not self.signature:
             self.signature = _known(doc["model"], MODEL_FIELDS)
             self._edited()
-        self._revisions = _history(doc)
+        # the file's lineage, kept at the saves of its file (and of a store that loaded it,
+        # to the file it saves to: its file again, overwritten, is the same file)
+        self._lineage = _lineage_of(doc)
         if self.path is not None and path.resolve() == self.path.resolve():
             self._disk_digest, self._disk_entries = _digest(raw), dict(found)
-            self._disk_id = self._revisions[-1]
         if self.model_note:
             self._warn_model(self.model_note, f"The annotations in {path}")
 
@@ -1585,15 +1753,26 @@ class Annotations:
     def _check_unchanged(self, target: Path) -> None:
         if not target.exists():
             if self._disk_digest is not None:  # deleted on disk: writing it again loses nothing
-                self._disk_digest, self._disk_entries, self._disk_id = None, {}, None
+                self._disk_digest, self._disk_entries = None, {}
             return
         raw = _read_bytes(target)
-        if _digest(raw) != self._disk_digest:
+        digest = _digest(raw)
+        if digest != self._disk_digest:
+            self._settle_interrupted(digest)
+        if digest != self._disk_digest:
             raise AnnotationConflict(
                 f"{target} changed on disk since these annotations were read or saved (another "
                 f"program or notebook wrote it); it was not written over. merge({str(target)!r}) "
                 f"takes its changes in (concepts added and removed there), then saves both; "
                 f"save(another_path) keeps both files; save(overwrite=True) replaces theirs.")
+
+    def _settle_interrupted(self, digest: str) -> None:
+        """The file on disk holds ``digest``: when that is the text a save was writing when it
+        was interrupted (``_writing``), that save did write it, and the file is as this store
+        wrote it (no conflict, and what the file was is known again); under the lock."""
+        if self._writing is not None and self._writing[0] == digest:
+            self._disk_digest, self._disk_entries, self._lineage = self._writing
+            self._writing = None
 
     @staticmethod
     def _check_ranges(entries: dict, signature: dict | None, n_instances: int | None,
@@ -1663,6 +1842,14 @@ def _run_key_checks(checks: list, keys: list, then: str | None = None) -> None:
 UNDO_KEPT = 100
 
 
+def _not_undone(what: str, why: Exception) -> AnnotationError:
+    """The error of an undo refused (``why``): said, and that the edit left the undo list."""
+    return AnnotationError(
+        f"Could not undo the last edit ({what}): {str(why).rstrip('.')}. Nothing was changed; "
+        f"that edit was taken off the undo list (undo() again undoes the one before it); add "
+        f"back by hand what still applies.")
+
+
 def key_name(key: tuple) -> str:
     """A key as messages name it: "h3", "#5 image unit 27", "vitals unit 0 (every
     instance)"."""
@@ -1689,19 +1876,20 @@ def _pairs(pairs: list[tuple], most: int = 6) -> str:
 
 def _merge_text(added: list, removed: list, replaced: bool, source: str) -> str:
     """What a merge did, by name: "took in 1 concept from the file: h2 'theirs'; removed 1
-    that the file's newer version removed: h1 'mine'"."""
+    that the file no longer has: h1 'mine'"."""
     def count(n):
         return "1 concept" if n == 1 else f"{n} concepts"
     parts = []
     if replaced:
-        parts.append(f"{source} was replaced by one that is not a later version of these "
-                     f"concepts (a copy saved over it?): its concepts were joined with these, "
-                     f"none of these removed")
+        parts.append(f"{source} was replaced by another file (not a version of this one: a "
+                     f"colleague's or a teacher's copy saved over it?) and was joined with "
+                     f"these: none of these removed")
     parts.append(f"took in {count(len(added))} from {source}"
                  + (f": {_pairs(added)}" if added else ""))
     if removed:
-        parts.append(f"removed {count(len(removed))} that its later version removed: "
-                     f"{_pairs(removed)} (to keep one, add it again)")
+        parts.append(f"removed {count(len(removed))} that {source} no longer has (removed "
+                     f"there since this kernel read or saved it, or an older copy of it put "
+                     f"back): {_pairs(removed)} (to keep one, add it again)")
     return "; ".join(parts)
 
 
@@ -1816,10 +2004,12 @@ def _unreadable(raw: bytes, e: Exception, path) -> str:
         line = raw[:_CONFLICT.search(raw).start()].count(b"\n") + 1
         return (f"it holds git's merge conflict markers (<<<<<<<, ======= and >>>>>>>, the "
                 f"first on line {line}): a git merge or pull left both sides of a change in it. "
-                f"Resolve them: keep both sides' entries (delete the three marker lines and put "
-                f"a comma between two entries or concepts where JSON needs one), or take one "
-                f"side whole with `git checkout --ours -- {path}` (yours) or `git checkout "
-                f"--theirs -- {path}` (the branch merged in); then open it again.")
+                f"Resolve them by editing the file so that it keeps both sides' entries: delete "
+                f"the three marker lines, keep the lines of both sides, and put a comma between "
+                f"two entries or concepts where JSON needs one; then open it again. (Only to "
+                f"drop one side's concepts: `git checkout --ours -- {path}` takes yours whole "
+                f"and `git checkout --theirs -- {path}` the branch merged in whole, each "
+                f"throwing away the other branch's concepts.)")
     if raw and not raw.strip(b"\0"):
         return (f"it holds only zero bytes ({len(raw)} of them): a disk that filled up, or a "
                 f"crash while it was written. Restore it from a backup or from git, or delete "
@@ -1992,7 +2182,7 @@ def _entries(doc: dict, path, shared: frozenset[str] = frozenset(),
                 key = (neuron_key(e["neuron"]) if field == "neurons"
                        else unit_key(e["instance"], e["modality"], e["unit"]) if field == "units"
                        else feature_key(e["modality"], e["unit"]))
-                cs = _concepts(e["concepts"], str(key), _FEWER_IN_FILE)
+                cs = _concepts(e["concepts"], str(key), _FEWER_IN_FILE, typed=False)
                 if cs:
                     now = out.setdefault(key, {})
                     now.update(dict.fromkeys(cs))
@@ -2009,7 +2199,8 @@ def _entries(doc: dict, path, shared: frozenset[str] = frozenset(),
                     # each value once, looked up by its JSON text (linear work however many
                     # entries a key has; a list's ``in`` would cost their square)
                     gathered.setdefault(f, {}).setdefault(_json_text(v), v)
-    found = {key: _concepts(list(cs), str(key), _FEWER_IN_FILE) for key, cs in out.items()}
+    found = {key: _concepts(list(cs), str(key), _FEWER_IN_FILE, typed=False)
+             for key, cs in out.items()}
     # two entries of one key (two people's lines pasted together) that give a field different
     # values ("comment": "Ana: ..." and "comment": "Bo: ..."): the list of them, in the file's
     # order, so that a save writes both back (a field given once, or alike, keeps its value)
@@ -2034,36 +2225,17 @@ def _one_or_list(values: list):
 
 
 #: The fields of an annotations document that this format knows.
-_DOCUMENT_FIELDS = ("format", "version", "model", "dataset", "neurons", "units", "features",
-                    "revisions")
-#: How many of the ids of the versions a file came from it keeps ("revisions"): another
-#: kernel's store that read one of them takes the file as a later version (its removals real)
-REVISIONS_KEPT = 32
+#: ("revisions": a list of the ids of a file's versions, which saves of one day's development
+#: version wrote in place of "lineage"; read as known, so dropped at the next save.)
+_DOCUMENT_FIELDS = ("format", "version", "lineage", "model", "dataset", "neurons", "units",
+                    "features", "revisions")
 
 
-def _content_id(doc: dict) -> str:
-    """The id of a document's content (all but its "revisions"): equal for equal content,
-    however the file is laid out."""
-    body = {f: v for f, v in doc.items() if f != "revisions"}
-    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
-def _history(doc: dict) -> list[str]:
-    """The ids of the versions a parsed document came from ("revisions", read leniently: a
-    value of another kind counts as none), ending with the id of its own content (a file
-    edited by hand after its last save is a version of its own)."""
-    revs = doc.get("revisions")
-    revs = [r for r in revs if isinstance(r, str)] if isinstance(revs, list) else []
-    content = _content_id(doc)
-    if revs[-1:] != [content]:
-        revs.append(content)
-    return revs[-REVISIONS_KEPT:]
-
-
-def _joined_history(first: list[str], then: list[str]) -> list[str]:
-    """Two histories as one (each id once, the order kept), the newest ``REVISIONS_KEPT``."""
-    return list(dict.fromkeys([*first, *then]))[-REVISIONS_KEPT:]
+def _lineage_of(doc: dict) -> str | None:
+    """A parsed document's lineage (the "lineage" a save gives a file and keeps), or None
+    (none, or a value that is not text: then the file is taken as one without)."""
+    lineage = doc.get("lineage")
+    return lineage if isinstance(lineage, str) and lineage else None
 
 
 def _unknown(obj, known: tuple) -> dict:

@@ -1563,7 +1563,7 @@ def test_a_keys_concepts_are_joined_in_linear_work_however_many_there_are(tmp_pa
     comparisons (28 s to open a 614 KB file, 19 s per add)."""
     import multiviz_widgets.annotations as an
     real = an._concept
-    monkeypatch.setattr(an, "_concept", lambda text: _Counted(real(text)))
+    monkeypatch.setattr(an, "_concept", lambda text, *a, **k: _Counted(real(text, *a, **k)))
     n = an.MAX_CONCEPTS_PER_KEY
     names = [f"c{i}" for i in range(n)]
 

@@ -4,12 +4,16 @@ is not there; and a refused concept whose answer comes after the row moved elsew
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
 import warnings
 
 import pytest
 import torch
 
-from multiviz_widgets.annotations import AnnotationError, Annotations, neuron_key
+from multiviz_widgets.annotations import AnnotationError, Annotations, key_name, neuron_key
 from multiviz_widgets.explorer import Explorer
 
 from .explorer_support import FakeKernels, tiny_vqa
@@ -193,7 +197,8 @@ def test_a_file_copied_over_the_stores_file_is_joined_and_removes_none_of_its_co
             neuron_key(3): {"my red"}, neuron_key(4): {"my yes/no"},
             neuron_key(5): {"my new one"}}
     assert _as_sets(mine) == want and _as_sets(Annotations.load(path)) == want
-    assert "was replaced by one that is not a later version" in mine.change_note
+    assert "the file was replaced by another file" in mine.change_note
+    assert "and was joined with these: none of these removed" in mine.change_note
     assert "took in 1 concept from the file: h1 'teacher: colour'" in mine.change_note
     assert "removed" not in mine.change_note.replace("none of these removed", "")
     # the cell run again on a file copied over it: joined too, and said
@@ -203,16 +208,29 @@ def test_a_file_copied_over_the_stores_file_is_joined_and_removes_none_of_its_co
     assert again is mine and _as_sets(mine) == want and _as_sets(Annotations.load(path)) == want
 
 
-def test_an_older_copy_of_the_same_file_put_back_removes_nothing_added_since(tmp_path):
+def test_an_older_backup_of_the_same_file_put_back_names_what_it_removes(tmp_path):
+    """An older backup of the same file (its lineage) put back is a version of it: what it
+    lacks reads as removed, as in a three-way merge (accepted); the note names each, so that
+    the person can add back what to keep. (Content ids of versions repeated after an undo, and
+    a backup taken while a concept was removed removed it silently as a "later version".)"""
     path, backup = tmp_path / "c.json", tmp_path / "backup.json"
     mine = Annotations(path, signature=SIG)
-    mine.add(neuron_key(1), "old")
-    backup.write_bytes(path.read_bytes())
-    mine.add(neuron_key(2), "new")
-    mine.remove(neuron_key(1), "old")
+    mine.set(neuron_key(1), ["red shapes"])
+    mine.add(neuron_key(2), "circles")
+    mine.remove(neuron_key(1), "red shapes")            # a misclick, saved
+    backup.write_bytes(path.read_bytes())               # a backup taken now
+    mine.undo()                                         # put back, saved
+    mine.add(neuron_key(3), "new")
     path.write_bytes(backup.read_bytes())               # the backup restored over it
+    mine.add(neuron_key(4), "newest")                   # conflict
     mine.merge(path)
-    assert _as_sets(mine) == {neuron_key(1): {"old"}, neuron_key(2): {"new"}}
+    assert _as_sets(mine) == {neuron_key(2): {"circles"}, neuron_key(4): {"newest"}}
+    assert "replaced" not in mine.change_note
+    assert mine.change_note == (
+        "took in 0 concepts from the file; removed 2 concepts that the file no longer has "
+        "(removed there since this kernel read or saved it, or an older copy of it put back): "
+        "h1 'red shapes', h3 'new' (to keep one, add it again)")
+    assert _as_sets(Annotations.load(path)) == _as_sets(mine)
 
 
 def test_removals_in_a_later_version_of_the_file_are_taken_and_named(tmp_path):
@@ -228,8 +246,9 @@ def test_removals_in_a_later_version_of_the_file_are_taken_and_named(tmp_path):
     assert _as_sets(mine) == {neuron_key(1): {"keep"}, neuron_key(2): {"theirs", "more"},
                               neuron_key(3): {"mine"}}
     assert mine.change_note == ("took in 2 concepts from the file: h2 'theirs', h2 'more'; "
-                                "removed 1 concept that its later version removed: h1 'wrong "
-                                "guess' (to keep one, add it again)")
+                                "removed 1 concept that the file no longer has (removed there "
+                                "since this kernel read or saved it, or an older copy of it put "
+                                "back): h1 'wrong guess' (to keep one, add it again)")
 
 
 def test_the_row_says_what_a_merge_took_in_and_removed_by_name(tmp_path):
@@ -248,7 +267,7 @@ def test_the_row_says_what_a_merge_took_in_and_removed_by_name(tmp_path):
         assert _as_sets(ex.annotations) == {neuron_key(1): {"colour"}, neuron_key(2): {"mine 2"},
                                             neuron_key(3): {"mine 3", "newest"}}
         status = cv.status.value
-        assert "was replaced by one that is not a later version" in status
+        assert "was replaced by another file" in status and "was joined" in status
         assert "took in 1 concept from the file: h1 'colour'" in status
     finally:
         ex.close()
@@ -341,16 +360,42 @@ def test_undo_takes_back_a_remove_a_rename_and_an_add_in_turn(tmp_path):
         a.undo()
 
 
-def test_undo_keeps_what_a_merge_changed_since(tmp_path):
+def test_undo_skips_a_key_that_a_merge_changed_since(tmp_path):
+    """Undo fought the merge: undoing an add removed the same concept that the other side had
+    added too, and undoing a rename put "old" back where the other kernel had removed "new"."""
     a = Annotations()
-    a.add(neuron_key(1), "mine")
+    a.add(neuron_key(1), "red")
+    a.add(neuron_key(2), "mine")
     other = Annotations()
-    other.add(neuron_key(1), "theirs")
+    other.add(neuron_key(1), "red")                             # added there too
     a.merge(other)
-    a.undo()                                                    # undoes the add only
-    assert a.concepts(neuron_key(1)) == ("theirs",)
+    assert a.undo() == ("undid: added h2 'mine' (removed h2 'mine')")
+    said = a.undo()
+    assert said.startswith("did not undo: added h1 'red': skipped h1: changed by a merge since")
+    assert "undo() again undoes the edit before it" in said and a.change_note == said
+    assert a.concepts(neuron_key(1)) == ("red",)                # theirs too: kept
     with pytest.raises(AnnotationError, match="no edit of these concepts to undo"):
         a.undo()
+    # a rename undone after the other kernel removed the new name: not put back
+    path = tmp_path / "c.json"
+    mine = Annotations(path, signature=SIG)
+    mine.set(neuron_key(1), ["old", "stale"])
+    mine.set(neuron_key(2), ["old"])
+    theirs = Annotations(path, signature=SIG)
+    mine.rename("old", "new")
+    theirs.add(neuron_key(5), "b")
+    theirs.merge(path)
+    theirs.set(neuron_key(1), [])                               # they removed 'stale' and 'new'
+    mine.add(neuron_key(6), "a")                                # conflict
+    mine.merge(path)
+    assert mine.concepts(neuron_key(1)) == ()
+    mine.undo()                                                 # the add of 'a'
+    said = mine.undo()                                          # the rename: h2 only
+    assert said == ("undid: renamed 'old' to 'new' on h1, h2 (added h2 'old'; removed h2 "
+                    "'new'); skipped h1: changed by a merge since (undoing the edit there would "
+                    "undo the merge's change too; it is kept, edit it by hand if need be)")
+    assert mine.concepts(neuron_key(1)) == () and mine.concepts(neuron_key(2)) == ("old",)
+    assert _as_sets(Annotations.load(path)) == _as_sets(mine)
 
 
 def test_the_undo_button_says_what_it_undid(tmp_path):
@@ -453,7 +498,9 @@ def _good_file(tmp_path) -> bytes:
     (lambda raw: b"<html><pre>" + raw + b"</pre></html>", "HTML or XML"),
     (lambda raw: raw.replace(b'"red"', b'"red",\n<<<<<<< HEAD\n"mine"\n=======\n"theirs"\n'
                                        b'>>>>>>> student'),
-     "git's merge conflict markers .*line \\d+.*keep both sides' entries.*git checkout --ours"),
+     "git's merge conflict markers .*line \\d+.*keeps both sides' entries.*then open it again"
+     ".*Only to drop one side's concepts: `git checkout --ours.*throwing away the other "
+     "branch's concepts"),
 ], ids=["truncated", "utf-16", "zeros", "html", "git conflict"])
 def test_a_spoilt_file_says_what_is_wrong_and_how_to_fix_it(tmp_path, spoil, says):
     raw = spoil(_good_file(tmp_path))
@@ -529,3 +576,326 @@ def test_a_named_unit_its_instance_lacks_can_be_removed_from_the_row(tmp_path):
         assert [o[1] for o in cv.named.options] == [None]
     finally:
         ex.close()
+
+
+# -- the file's lineage: a version of the same file, or another file copied over it ------------
+def _older_writer(path, neurons: dict, keep_lineage: bool = False) -> None:
+    """Write ``path`` as a multiviz_widgets of before "lineage" did: no lineage of its own
+    (``keep_lineage``: the one the file had kept, as an unknown field is)."""
+    before = json.loads(path.read_text()) if path.exists() else {}
+    doc = {"format": "multiviz-annotations", "version": 2, "model": SIG,
+           "neurons": [{"neuron": j, "concepts": cs} for j, cs in sorted(neurons.items())]}
+    if keep_lineage and "lineage" in before:
+        doc["lineage"] = before["lineage"]
+    path.write_text(json.dumps(doc, indent=1))
+
+
+def test_removals_by_another_kernel_hold_however_many_times_it_saved(tmp_path):
+    """The ids of the versions a file came from were kept to 32: after 40 saves by another
+    kernel, its file read as "replaced", was joined, and its removals came back."""
+    path = tmp_path / "c.json"
+    Annotations(path, signature=SIG).set(neuron_key(1), ["wrong guess", "keep"])
+    a = Annotations(path, signature=SIG)
+    b = Annotations(path, signature=SIG)
+    b.remove(neuron_key(1), "wrong guess")
+    for i in range(40):
+        b.add(neuron_key(2 + i % 5), f"b{i}")
+    a.add(neuron_key(7), "a's")                        # conflict
+    assert a.save_conflict
+    a.merge(path)
+    assert a.concepts(neuron_key(1)) == ("keep",)
+    assert "replaced" not in a.change_note and "h1 'wrong guess'" in a.change_note
+    assert Annotations.load(path).concepts(neuron_key(1)) == ("keep",)
+    assert Annotations.load(path).concepts(neuron_key(7)) == ("a's",)
+
+
+def test_the_lineage_is_one_stable_field_and_a_copy_gets_its_own(tmp_path):
+    path = tmp_path / "c.json"
+    a = Annotations(path, signature=SIG)
+    a.add(neuron_key(1), "x")
+    doc = json.loads(path.read_text())
+    lineage = doc["lineage"]
+    assert re.fullmatch("[0-9a-f]{32}", lineage) and list(doc)[:3] == ["format", "version",
+                                                                        "lineage"]
+    for i in range(3):
+        a.add(neuron_key(2), f"y{i}")
+    assert json.loads(path.read_text())["lineage"] == lineage
+    assert Annotations(path).to_dict()["lineage"] == lineage
+    a.save(tmp_path / "copy.json")                      # another file: its own lineage
+    assert json.loads((tmp_path / "copy.json").read_text())["lineage"] != lineage
+
+
+def test_a_file_written_before_lineage_and_edited_by_hand_is_merged_three_way(tmp_path):
+    """An older file (no lineage, which a store that read it and did not save yet has none of
+    either), edited by hand: a concept removed and a typo fixed. It was joined as a file
+    copied over it: the removal and the typo came back, in memory and on disk."""
+    path = tmp_path / "c.json"
+    _older_writer(path, {1: ["rde shapes", "wrong guess"], 2: ["circles"]})
+    store = Annotations.open(path, signature=SIG)
+    doc = json.loads(path.read_text())                   # in a text editor
+    doc["neurons"][0]["concepts"] = ["red shapes"]
+    path.write_text(json.dumps(doc, indent=1))
+    store.add(neuron_key(3), "mine")                     # conflict
+    store.merge(path)
+    want = {neuron_key(1): {"red shapes"}, neuron_key(2): {"circles"}, neuron_key(3): {"mine"}}
+    assert _as_sets(store) == want and _as_sets(Annotations.load(path)) == want
+    assert "replaced" not in store.change_note
+    assert "h1 'rde shapes', h1 'wrong guess'" in store.change_note
+    assert json.loads(path.read_text())["lineage"]       # given at this save
+
+
+def test_an_older_multiviz_widgets_writing_the_file_is_merged_three_way(tmp_path):
+    path = tmp_path / "c.json"
+    _older_writer(path, {1: ["keep", "wrong guess"]})
+    ours = Annotations(path, signature=SIG)             # this version opens it
+    _older_writer(path, {1: ["keep"]})                   # a colleague's older kernel removes
+    ours.add(neuron_key(2), "mine")
+    ours.merge(path)
+    assert _as_sets(ours) == {neuron_key(1): {"keep"}, neuron_key(2): {"mine"}}
+    assert "replaced" not in ours.change_note
+    # once it has a lineage, the older kernel keeps it (an unknown field): still its versions
+    _older_writer(path, {1: ["keep"], 2: ["mine"], 4: ["theirs"]}, keep_lineage=True)
+    _older_writer(path, {2: ["mine"], 4: ["theirs"]}, keep_lineage=True)
+    ours.add(neuron_key(5), "more")
+    ours.merge(path)
+    assert _as_sets(ours) == {neuron_key(2): {"mine"}, neuron_key(4): {"theirs"},
+                              neuron_key(5): {"more"}}
+    assert "replaced" not in ours.change_note
+
+
+def test_a_file_of_the_development_format_with_revisions_opens_and_loses_them(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"format": "multiviz-annotations", "version": 2,
+                                "neurons": [{"neuron": 1, "concepts": ["red"]}],
+                                "revisions": ["0123456789abcdef", "fedcba9876543210"]}))
+    store = Annotations(path)
+    assert store.concepts(neuron_key(1)) == ("red",)
+    doc = store.to_dict()
+    assert "revisions" not in doc
+    store.add(neuron_key(2), "x")
+    assert "revisions" not in json.loads(path.read_text())
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_two_git_branches_that_name_other_neurons_merge_without_a_conflict(tmp_path):
+    """Each save appended its id to "revisions", the file's last lines: every git merge of
+    two branches that had both saved the file conflicted there."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True,
+                              env=dict(os.environ, GIT_CONFIG_GLOBAL=os.devnull,
+                                       GIT_CONFIG_NOSYSTEM="1"))
+    assert git("init", "-q", ".").returncode == 0
+    git("config", "user.email", "a@b.c")
+    git("config", "user.name", "t")
+    path = tmp_path / "c.json"
+    base = Annotations(path, signature=SIG)
+    for j in range(8):
+        base.add(neuron_key(j), f"n{j}")
+    git("add", "c.json")
+    git("commit", "-qm", "base")
+    main = git("rev-parse", "--abbrev-ref", "HEAD").stdout.strip()
+    git("checkout", "-qb", "x")
+    Annotations(path, signature=SIG).add(neuron_key(1), "x on branch x")
+    git("commit", "-qam", "x")
+    git("checkout", "-q", main)
+    Annotations(path, signature=SIG).add(neuron_key(6), "y on main")
+    git("commit", "-qam", "y")
+    merged = git("merge", "x", "-m", "merge")
+    assert merged.returncode == 0, merged.stdout + merged.stderr
+    store = Annotations(path, signature=SIG)
+    assert store.concepts(neuron_key(1)) == ("n1", "x on branch x")
+    assert store.concepts(neuron_key(6)) == ("n6", "y on main")
+
+
+# -- what a file holds that typing refuses --------------------------------------------------------
+@pytest.mark.parametrize("odd", ["?", "???", "--", "re\u200dd"])
+def test_concepts_of_a_file_that_typing_now_refuses_open_merge_and_stay(tmp_path, odd):
+    """The refusals of a concept of no letter, and of a joiner between Latin letters, applied
+    to files too: a file holding "?" (a neuron not understood yet) could not be opened or
+    merged any more."""
+    path, other = tmp_path / "c.json", tmp_path / "other.json"
+    for p in (path, other):
+        p.write_text(json.dumps({"format": "multiviz-annotations", "version": 2, "neurons": [
+            {"neuron": 1, "concepts": ["red", odd]}, {"neuron": 2, "concepts": ["circles"]}]}))
+    store = Annotations(path)
+    assert store.concepts(neuron_key(1)) == ("red", odd)
+    store.add(neuron_key(1), "bright")                  # an edit of that key keeps it
+    store.add(neuron_key(3), "x")
+    assert store.merge(other) == 0 and store.merge(Annotations.load(other)) == 0
+    assert Annotations.load(path).concepts(neuron_key(1)) == ("red", odd, "bright")
+    assert store.find(odd) == [neuron_key(1)]
+    with pytest.raises(AnnotationError):                # typed, it is refused still
+        store.add(neuron_key(2), odd)
+    with pytest.raises(AnnotationError):
+        store.set(neuron_key(2), ["circles", odd])
+    store.rename(odd, "not understood yet")
+    assert store.concepts(neuron_key(1)) == ("red", "not understood yet", "bright")
+    store.undo()
+    store.remove(neuron_key(1), odd)
+    assert Annotations.load(path).concepts(neuron_key(1)) == ("red", "bright")
+
+
+# -- undo where the edit would not be taken now ---------------------------------------------------
+def test_an_undo_that_puts_a_concept_where_it_cannot_be_now_is_refused(tmp_path):
+    """undo() skipped the range, dataset and key checks of an edit: a unit concept removed on
+    one dataset came back naming another's instance, a neuron beyond the model's range was
+    saved (and the file could no longer be opened for the model)."""
+    from multiviz_widgets.annotations import unit_key
+    d1 = {"name": "vqa-train", "instances": 100, "fingerprint": "a" * 32}
+    d2 = {"name": "vqa-test", "instances": 50, "fingerprint": "b" * 32}
+    path = tmp_path / "c.json"
+    s = Annotations(path, signature=SIG)
+    s.bind(SIG, dataset=d1)
+    s.add(neuron_key(1), "kept")
+    s.add(unit_key(7, "image", 3), "dog's ear")
+    s.remove(unit_key(7, "image", 3), "dog's ear")
+    s.unbind(d1)
+    s.bind(SIG, dataset=d2)
+    with pytest.raises(AnnotationError, match=(
+            r"Could not undo the last edit \(removed #7 image unit 3 \"dog's ear\"\): .*name "
+            r"instances of 'vqa-train' \(100 instances\).*shown for 'vqa-test'.*taken off the "
+            r"undo list")):
+        s.undo()
+    assert s.keys() == [neuron_key(1)] and json.loads(path.read_text())["units"] == []
+    assert s.can_undo == "added #7 image unit 3 \"dog's ear\""    # the stack goes on
+    s.undo()
+    assert s.undo().startswith("undid: added h1 'kept'") and s.keys() == []
+    # a neuron the model bound since does not have
+    path = tmp_path / "d.json"
+    s = Annotations(path)
+    s.add(neuron_key(6), "fine")
+    s.add(neuron_key(60), "x")
+    s.remove(neuron_key(60), "x")
+    s.bind(dict(SIG, neurons=12))
+    with pytest.raises(AnnotationError, match=(
+            "Could not undo the last edit \\(removed h60 'x'\\): neuron 60 is out of range: "
+            "the decision layer has 12")):
+        s.undo()
+    assert 60 not in {k[1] for k in Annotations.load(path).keys()}
+    s.undo()                                             # the add of h60: nothing to change
+    # a key a viewer's check refuses
+    s.set(neuron_key(6), [])
+    checks = []
+
+    def refuse(key):
+        checks.append(key)
+        raise AnnotationError(f"{key_name(key)} is not a neuron of this view")
+    s.add_key_check(refuse)
+    with pytest.raises(AnnotationError, match=(
+            "Could not undo the last edit \\(removed h6 'fine'\\): h6 is not a neuron of this "
+            "view")):
+        s.undo()
+    assert checks == [neuron_key(6)] and s.keys() == []
+    assert s.undo().startswith("undid: added h6 'fine'")
+
+
+def test_the_row_says_what_an_undo_skipped(tmp_path):
+    path = tmp_path / "c.json"
+    ex = _explorer(str(path))
+    try:
+        cv = ex.concepts_view
+        ex.select(neuron=2)
+        cv.neuron_tags.edit("add", "red")
+        other = Annotations(path)                        # another kernel
+        other.add(neuron_key(2), "theirs")
+        cv.neuron_tags.edit("add", "mine")               # conflict
+        cv.merge_button.click()
+        cv.undo_button.click()                           # 'mine' is h2's, which the merge
+        assert "did not undo: added h2 'mine': skipped h2: changed by a merge since" in \
+            cv.status.value
+        assert set(ex.annotations.concepts(neuron_key(2))) == {"red", "mine", "theirs"}
+    finally:
+        ex.close()
+
+
+# -- the weights' fingerprint ---------------------------------------------------------------------
+def test_a_file_opened_before_its_explorer_keeps_its_fingerprints_method(tmp_path):
+    """A store opened from a file written before "weights_method" (Annotations.open(p), then
+    given to an Explorer): bind labelled the file's older fingerprint with the new method, and
+    the very model it was made for was then said to have other weights ("may not fit")."""
+    from multiviz_widgets.annotations import WEIGHTS_METHOD, model_signature
+    adapter, ds = tiny_vqa()
+    sig = model_signature(adapter, 12)
+    path = tmp_path / "c.json"
+    model = {k: v for k, v in sig.items() if k != "weights_method"}
+    model["weights"] = adapter.fingerprint()             # as older versions recorded it
+    path.write_text(json.dumps({"format": "multiviz-annotations", "version": 2, "model": model,
+                                "neurons": [{"neuron": 1, "concepts": ["red"]}]}))
+    store = Annotations.open(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05, annotations=store)
+    try:
+        assert ex.wait(60)
+        assert store.model_note is None
+        assert store.signature.get("weights_method") is None     # never relabelled
+        store.add(neuron_key(2), "new")                  # records the weights as they are
+        saved = json.loads(path.read_text())["model"]
+        assert saved["weights"] == adapter.weights_fingerprint()
+        assert saved["weights_method"] == WEIGHTS_METHOD
+    finally:
+        ex.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Annotations.load(path, signature=model_signature(adapter, 12)).model_note is None
+
+
+@pytest.mark.parametrize("cast", ["half", "double", "to"])
+def test_a_save_records_the_weights_after_a_cast(tmp_path, cast):
+    """model.half(), .double() and .to(dtype) set param.data without counting a version: the
+    saves kept recording the weights as they were before the cast."""
+    from multiviz_widgets.annotations import model_signature
+    adapter, _ = tiny_vqa()
+    path = tmp_path / "c.json"
+    store = Annotations(path, signature=model_signature(adapter, 12))
+    store.add(neuron_key(0), "before")
+    before = json.loads(path.read_text())["model"]["weights"]
+    m = adapter.model
+    m.half() if cast == "half" else m.double() if cast == "double" else m.to(torch.float64)
+    store.add(neuron_key(1), "after the cast")
+    after = json.loads(path.read_text())["model"]["weights"]
+    assert after != before and after == adapter.weights_fingerprint()
+
+
+# -- saves that must not fail after they wrote -----------------------------------------------------
+def test_a_signature_with_keys_of_two_kinds_saves(tmp_path):
+    """The id of a version's content sorted its dicts' keys: a signature with a dict of int
+    and str keys made each save raise IndexError after it had written the file."""
+    path = tmp_path / "c.json"
+    a = Annotations(path, signature=dict(SIG, labels_map={0: "a", "b": 1}))
+    a.add(neuron_key(1), "x")
+    a.add(neuron_key(2), "y")
+    assert not a.unsaved and a.save_error is None
+    assert _as_sets(Annotations.load(path)) == {neuron_key(1): {"x"}, neuron_key(2): {"y"}}
+
+
+def test_an_interrupt_after_the_write_says_so_and_is_no_conflict(tmp_path, monkeypatch):
+    """An interrupt after the file was written said "interrupted before it wrote", and the
+    next edit was refused as a conflict with "another program"."""
+    import multiviz_widgets.annotations as annotations_module
+    path = tmp_path / "c.json"
+    a = Annotations(path, signature=SIG)
+    a.add(neuron_key(1), "first")
+    real = annotations_module._atomic_write
+
+    def write_then_interrupt(target, raw):
+        real(target, raw)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(annotations_module, "_atomic_write", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        a.add(neuron_key(2), "second")
+    monkeypatch.undo()
+    assert "interrupted (KeyboardInterrupt) while it wrote the annotations (they may have " \
+           "been written or not)" in a.save_error
+    a.add(neuron_key(3), "third")
+    assert not a.save_conflict and a.save_error is None and not a.unsaved
+    assert _as_sets(Annotations.load(path)) == {neuron_key(1): {"first"},
+                                                neuron_key(2): {"second"},
+                                                neuron_key(3): {"third"}}
+    # the same seen by a merge (the row's button, or Annotations.open): nothing to take in
+    monkeypatch.setattr(annotations_module, "_atomic_write", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        a.add(neuron_key(4), "fourth")
+    monkeypatch.undo()
+    a.merge(path)
+    assert a.change_note == "took in 0 concepts from the file" and not a.save_conflict
