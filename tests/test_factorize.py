@@ -4,6 +4,7 @@ full forward passes (or, when a split was asked for, gets an error that says why
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import numpy as np
@@ -1044,7 +1045,7 @@ def test_tracing_never_runs_the_persons_hooks_on_proxies():
     adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
     r = emap(adapter, items)
     assert r.params["factorization"] == "traced", r.params
-    assert "t has forward hooks, run on real values" in r.params["factorization_note"]
+    assert "t has hooks, called on real values" in r.params["factorization_note"]
     assert logged and all(type(t) is torch.Tensor for t in logged)
     np.testing.assert_allclose(r.emap_logits, emap(adapter, items, factorized=False).emap_logits,
                                atol=1e-5)
@@ -1072,7 +1073,7 @@ def test_tracing_never_runs_the_persons_hooks_on_proxies():
     finally:
         handle.remove()
     assert r.params["factorization"] == "none"
-    assert "torch's global forward hooks are set" in r.params["factorization_note"]
+    assert "torch's global module hooks are set" in r.params["factorization_note"]
 
 
 class _PausesWhileTraced(WithEncoder):
@@ -1114,3 +1115,83 @@ def test_a_hook_removed_or_added_while_the_model_is_traced_stays_so():
     with torch.no_grad():
         model(torch.zeros(1, 4), torch.zeros(1, 8, 2))
     assert seen == [] and added == [torch.Tensor]
+
+
+class _Enc(nn.Module):
+    """A custom (non-leaf) encoder module."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class _Blocks(Bilinear):
+    """Ten custom blocks on the tabular side: more than MAX_OPAQUE_MODULES."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = _Enc()
+        self.blocks = nn.ModuleList(_Scale() for _ in range(10))
+        _seeded(self)
+
+    def forward(self, tabular, series):
+        a = self.t(tabular)
+        for block in self.blocks:
+            a = block(a)
+        a, b = torch.tanh(a), torch.tanh(self.s(series.flatten(1)))
+        return self.head(torch.cat([a * b, a + b], 1))
+
+
+class _Scale(nn.Module):
+    def forward(self, x):
+        return 0.9 * x
+
+
+def test_hooked_modules_keep_their_own_budget_and_hook_refusals_are_not_kept():
+    """A legacy backward hook on a custom encoder made the trace index a proxy for ever (memory
+    filled); ten hooked blocks used up the eight modules that may be kept whole; a refusal for
+    hooks (or torch's global ones) outlived the hooks; a dict of the person named '..._hooks'
+    was taken for torch's and kept a proxy."""
+    from torch.nn.modules.module import register_module_forward_hook
+    items = instances(6)
+    legacy = _Blocks()
+    with warnings.catch_warnings():                     # torch may say it is deprecated
+        warnings.simplefilter("ignore")
+        legacy.t.register_backward_hook(lambda *_: None)
+    r = emap(ModelAdapter(legacy, MODALITIES, ["a", "b", "c"]), items)
+    assert r.params["factorization"] == "traced"
+    model = _Blocks()
+    handles = [b.register_forward_hook(lambda _m, _i, out: None) for b in model.blocks]
+    adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
+    r = emap(adapter, items)
+    assert r.params["factorization"] == "traced"
+    assert "blocks.9 have hooks, called on real values" in r.params["factorization_note"]
+    handle = register_module_forward_hook(lambda _m, _i, out: None)
+    try:
+        assert emap(adapter, items).params["factorization"] == "none"
+    finally:
+        handle.remove()
+    for h in handles:
+        h.remove()
+    r = emap(adapter, items)                             # no hooks now: traced through
+    assert r.params["factorization"] == "traced" and "factorization_note" not in r.params
+
+
+class _NamedHooks(Bilinear):
+    def __init__(self):
+        super().__init__()
+        self.activation_hooks = {}
+
+    def forward(self, tabular, series):
+        self.activation_hooks["t"] = self.t(tabular)
+        return super().forward(tabular, series)
+
+
+def test_a_dict_of_the_model_named_hooks_is_put_back_after_the_trace():
+    model = _NamedHooks()
+    r = emap(ModelAdapter(model, MODALITIES, ["a", "b", "c"]), instances(6))
+    assert r.params["factorization"] == "traced"
+    assert type(model.activation_hooks["t"]) is torch.Tensor

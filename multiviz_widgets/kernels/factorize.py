@@ -92,7 +92,7 @@ class Factorization:
         hooked = [m for m, why in self.opaque_modules.items() if _HOOKED in why]
         untraced = [m for m in self.opaque_modules if m not in hooked]
         parts = ([f"torch.fx cannot trace into {', '.join(untraced)}"] if untraced else []) + (
-            [f"{', '.join(hooked)} {'has' if len(hooked) == 1 else 'have'} forward hooks, run "
+            [f"{', '.join(hooked)} {'has' if len(hooked) == 1 else 'have'} hooks, called "
              "on real values"] if hooked else [])
         return "traced with submodules kept whole (" + "; ".join(parts) + ")"
 
@@ -205,10 +205,15 @@ def reject_factorization(model: nn.Module, names: Sequence[str], keyword_inputs:
 def _model_state(model: nn.Module) -> tuple:
     """What a traced split depends on besides the tensors it reads: which submodule object sits
     at each name, and each module's settings that are numbers, flags, texts or tuples of them
-    (the trace bakes them into the graph as constants; a long text by its hash). A model that
-    counts its calls in an integer is traced again at each call: slower, never stale."""
-    return tuple((name, id(module), tuple(module_settings(module, integers=True)))
-                 for name, module in model.named_modules())
+    (the trace bakes them into the graph as constants; a long text by its hash), and which
+    modules have hooks (kept whole; torch's global hooks refuse the trace): a split or refusal
+    made with other hooks is not served. A model that counts its calls in an integer is traced
+    again at each call: slower, never stale."""
+    import torch.nn.modules.module as module_mod
+    return (tuple((name, id(module), tuple(module_settings(module, integers=True)),
+                   _has_call_hooks(module))
+                  for name, module in model.named_modules())
+            + (("global hooks", _has_call_hooks(module_mod, _GLOBAL_CALL_HOOKS)),))
 
 
 def _key(model: nn.Module, names: Sequence[str], keyword_inputs: bool, side: str | None,
@@ -283,24 +288,29 @@ def _attribute(model: nn.Module, target: str):
     return value
 
 
-#: the hooks a module runs around its forward (and the process-wide ones, torch's globals)
+#: the hooks a module's __call__ runs (and the process-wide ones, torch's globals): forward
+#: hooks would run on the trace's proxies, and a legacy backward hook's set-up indexes the
+#: output until it finds a tensor, which a proxy never is (a loop that fills the memory)
 _FORWARD_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                   "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
-_GLOBAL_FORWARD_HOOKS = ("_global_forward_hooks", "_global_forward_hooks_with_kwargs",
-                         "_global_forward_hooks_always_called", "_global_forward_pre_hooks")
+_CALL_HOOKS = _FORWARD_HOOKS + ("_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_CALL_HOOKS = ("_global_forward_hooks", "_global_forward_hooks_with_kwargs",
+                      "_global_forward_hooks_always_called", "_global_forward_pre_hooks",
+                      "_global_backward_hooks", "_global_backward_pre_hooks")
+#: torch's own hook dicts on a module (never the forward's state)
+_TORCH_HOOK_DICTS = frozenset(k for k in vars(nn.Module()) if "hook" in k)
 
 
-def _has_forward_hooks(owner) -> bool:
-    return any(isinstance(h := getattr(owner, name, None), dict) and h
-               for name in _FORWARD_HOOKS + _GLOBAL_FORWARD_HOOKS)
+def _has_call_hooks(owner, names: Sequence[str] = _CALL_HOOKS) -> bool:
+    return any(isinstance(h := getattr(owner, name, None), dict) and h for name in names)
 
 
 #: why a module with forward hooks is not traced through (_HookedModule's message)
-_HOOKED = "it has forward hooks, which tracing would run on symbolic values"
+_HOOKED = "it has hooks, which tracing would run on symbolic values"
 
 
 class _OwnHooksAside:
-    """The model's own forward hooks (not its submodules') set aside while it is traced: the
+    """The model's own hooks (not its submodules') set aside while it is traced: the
     split never calls the model itself, only its parts, so they do not belong in the graph (its
     check's full forward passes run them; a hook that changes the model's output makes that
     check reject the split). Each dict is swapped for an empty one, not emptied: a handle
@@ -311,7 +321,7 @@ class _OwnHooksAside:
         self.model, self.saved = model, []
 
     def __enter__(self):
-        for name in _FORWARD_HOOKS:
+        for name in _CALL_HOOKS:
             hooks = getattr(self.model, name, None)
             if isinstance(hooks, dict) and hooks:
                 empty = collections.OrderedDict()
@@ -359,14 +369,18 @@ def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool,
     # on its modality's side of the split when it reads only that modality. Each failing
     # submodule is found by tracing again, up to MAX_OPAQUE_MODULES of them.
     import torch.nn.modules.module as module_mod
-    if _has_forward_hooks(module_mod):
+    if _has_call_hooks(module_mod, _GLOBAL_CALL_HOOKS):
         raise FactorizationError(
-            "torch's global forward hooks are set (nn.modules.module.register_module_forward_"
-            "hook or _pre_hook), which tracing would run on symbolic values; the forward passes "
+            "torch's global module hooks are set (nn.modules.module.register_module_forward_"
+            "hook and the like), which tracing would run on symbolic values; the forward passes "
             "run them on real ones")
+    # submodules with hooks are kept whole from the start (their own budget: not retraced,
+    # not counted in MAX_OPAQUE_MODULES)
+    hooked = {f"model.{name}": _HOOKED for name, m in model.named_modules()
+              if name and _has_call_hooks(m)}
     opaque: dict[str, str] = {}
     while True:
-        tracer = _Tracer(set(opaque) | set(keep_whole))
+        tracer = _Tracer(set(opaque) | set(keep_whole) | set(hooked))
         saved = _Saved(model)
         try:
             with _OwnHooksAside(model):
@@ -392,7 +406,7 @@ def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool,
         raise FactorizationError(f"the traced forward has {len(placeholders)} inputs for the "
                                  f"{len(names)} modalities")
     return root, graph, dict(zip(placeholders, names)), {k.removeprefix("model."): v
-                                                         for k, v in opaque.items()}
+                                                         for k, v in {**hooked, **opaque}.items()}
 
 
 #: Submodules that may be kept whole (untraced) before a model counts as untraceable.
@@ -419,8 +433,8 @@ class _Tracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         try:
-            if _has_forward_hooks(m) and not self.is_leaf_module(m, self.path_of_module(m)):
-                raise _HookedModule(_HOOKED)
+            if _has_call_hooks(m) and not self.is_leaf_module(m, self.path_of_module(m)):
+                raise _HookedModule(_HOOKED)      # hooks registered while it traced
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:     # the innermost failing module is seen first
@@ -533,7 +547,7 @@ class _Saved:
         # the modules' hook dicts are torch's, not the forward's: a hook that another thread
         # removes while the model is traced stays removed
         hooks = {id(v) for m in model.modules() for k, v in vars(m).items()
-                 if "hooks" in k and isinstance(v, dict)}
+                 if k in _TORCH_HOOK_DICTS and isinstance(v, dict)}
         for _, value, _ in _reachable(model):
             if id(value) in hooks:
                 continue
