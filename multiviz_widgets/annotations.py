@@ -29,12 +29,16 @@ and unit. Nothing a person saved is lost:
   the save raises :class:`AnnotationConflict`; ``merge(path)`` takes their concepts in, after
   which a save goes through. A file gets a "lineage" at its first save here (a random id, one
   line that every later save keeps, so that git merges two branches' versions as their
-  entries). The file on disk of the lineage this store read or wrote (or, both without one, an
+  entries). The file on disk of the lineage this store read or wrote (or without one: an
   older or hand-edited file) is a version of the same file: a three-way merge against the file
   as last read or written takes in what was added and what was removed there; so does an
   older backup of the same file put back, whose missing concepts read as removed (said by
-  name). A file of another lineage copied over it (a colleague's, a teacher's) is joined,
-  removing none of ours. ``change_note`` names what came in and what went;
+  name, and ``undo()`` puts them back). A copy of the same file (a backup, a teacher's
+  handout, a colleague's ``cp``) has its lineage, so it too is a version: what it lacks is
+  removed, named, and ``undo()`` puts it back. Only a file of another lineage (made by
+  another store) copied over it is joined, removing none of ours. A file read without a
+  lineage (written before lineages) gets one derived from its bytes, the same in every
+  kernel and git branch that read it. ``change_note`` names what came in and what went;
 * ``undo()`` undoes the last edits (a remove clicked by mistake, a rename), one per call,
   skipping (and saying so) a key that a merge changed since;
 * a store that saves on each change and cannot (a read-only folder, a conflict) keeps every
@@ -720,14 +724,15 @@ class Annotations:
         self.unsaved = False          # changes that no save has written yet
         self._disk_digest: str | None = None     # the file as last read or written here...
         self._disk_entries: dict[tuple, tuple[str, ...]] = {}   # ...and its concepts
-        # ...and its lineage ("lineage"): a random id that a file gets at this store's first
-        # save of it and keeps at every later save, so that ``merge`` tells a later version of
-        # the file (the same lineage, or none on either side: a three-way merge, whose
-        # removals are real) from a file copied over it from elsewhere (another lineage, or
-        # none where this store gave it one: joined, none of ours removed). None: the file was
-        # read without one (an older file, a file written by hand), or none was read
+        # ...and its lineage ("lineage"): a random id that a file this store makes gets at its
+        # first save and keeps at every later save (a file read without one: an id derived
+        # from its bytes, the same in every kernel that read it), so that ``merge`` tells a
+        # version of the file (the same lineage, or none on disk: a three-way merge, whose
+        # removals are real, and undoable) from another store's file copied over it (another
+        # lineage: joined, none of ours removed). None: no file was read or written yet
         self._lineage: str | None = None
         self._new_lineage: str | None = None     # the one a first save gives (``_document``)
+        self._read_from: Path | None = None      # the file read into it (``load``'s), if any
         # what a save interrupted while it wrote was writing: (the text's digest, the concepts,
         # the lineage); a file on disk that holds that very text was written
         # (``_settle_interrupted``), and is no conflict
@@ -1105,8 +1110,9 @@ class Annotations:
             return self._undo[-1][0] if self._undo else None
 
     def undo(self) -> str:
-        """Undo the last edit of this store (``add``, ``remove``, ``set`` or ``rename``; not a
-        merge), saved as any change; returns what it did ("undid: removed h7 'red' (added h7
+        """Undo the last edit of this store (``add``, ``remove``, ``set`` or ``rename``; of a
+        merge, only the concepts it removed: "removed by the merge: h1 'x'" puts them back),
+        saved as any change; returns what it did ("undid: removed h7 'red' (added h7
         'red')"), also kept in ``change_note``. The last 100 edits can be undone, newest first,
         one per call; an AnnotationError when there is none.
 
@@ -1387,9 +1393,14 @@ class Annotations:
             # written, not the link replaced by a copy
             target = self.path
         done = writing = False
-        # a copy saved to another file is another file: a lineage of its own, the same at each
-        # save there (put back over this one, it is joined, removing none of these)
+        # a copy saved to another file is another file: a lineage of its own, derived from this
+        # store's and that path, the same at each save there (put back over this one, it is
+        # joined, removing none of these). So too a store that read a file and has none of its
+        # own (``load``): saved to another path, that file gets its own; saved over the file
+        # it read, it keeps that file's
         copy_lineage = None
+        derive = not own and (not adopt or (
+            self._lineage is not None and target.resolve() != self._read_from))
         try:
             if target.is_dir():
                 raise AnnotationError(
@@ -1400,7 +1411,7 @@ class Annotations:
             # the text first (a value that JSON cannot hold fails here, before the disk is
             # touched), with no lock held while it is encoded (to_dict copies under the lock)
             doc, edits = self._document()
-            if not (own or adopt):
+            if derive:
                 copy_lineage = hashlib.sha256(
                     f"{doc['lineage']}\0{target.resolve()}".encode()).hexdigest()[:32]
                 doc["lineage"] = copy_lineage
@@ -1523,20 +1534,23 @@ class Annotations:
 
         Another store or file: its concepts are added to this store's (a union: a concept that
         either has stays). The file this store saves to, when it is of the lineage this store
-        last read or wrote (its "lineage" field, kept by every save; or neither has one: an
-        older file, one edited by hand): a three-way merge against the file as this store last
-        read or wrote it, so that what was changed there since (concepts added, and concepts
-        removed) is taken in beside this store's own changes; the file is then saved again
-        when it lacks any of them. An older backup of that same file put back is such a file
-        too: the concepts it lacks are removed here, and ``change_note`` names them (add back
-        those to keep). A file of another lineage copied over it (a colleague's or a teacher's
-        copy, or one without a lineage where this store gave it one) is joined as another
-        file is, none of this store's concepts removed, and saved again with this store's
-        lineage; ``change_note`` says that it was replaced and joined. Fields that this format
-        does not know (a document's "description", an entry's "comment") are kept: this
-        store's win, except over its own file's, whose edits are newer. A key that gets its
-        first concepts from it is checked by the viewers' checks (``add_key_check``) as an
-        add's is: one refused, and nothing is merged."""
+        last read or wrote (its "lineage" field, kept by every save; a file read without one
+        gets one derived from its bytes, the same in every kernel that read it), or has no
+        lineage (an older multiviz_widgets wrote it, or a hand edit deleted the line): a
+        three-way merge against the file as this store last read or wrote it, so that what was
+        changed there since (concepts added, and concepts removed) is taken in beside this
+        store's own changes; the file is then saved again when it lacks any of them. Any copy
+        of that same file saved over it (an older backup, a teacher's handout e-mailed again,
+        a colleague's ``cp`` of it) is such a version too: a lineage cannot tell a copy from
+        a later version, so the concepts it lacks are removed here; ``change_note`` names
+        them, and one step of ``undo`` ("removed by the merge: h1 'x'") puts them back and
+        saves. Only a file of another lineage (made by another store) copied over it is joined
+        as another file is, none of this store's concepts removed, and saved again with this
+        store's lineage; ``change_note`` says that it was replaced and joined. Fields that
+        this format does not know (a document's "description", an entry's "comment") are
+        kept: this store's win, except over its own file's, whose edits are newer. A key that
+        gets its first concepts from it is checked by the viewers' checks (``add_key_check``)
+        as an add's is: one refused, and nothing is merged."""
         if not isinstance(other, (Annotations, str, os.PathLike)):
             raise AnnotationError(
                 f"merge takes a store (an Annotations) or the path of an annotations file, got "
@@ -1567,6 +1581,7 @@ class Annotations:
                 if not checks:
                     changed, resolved = self._take_merged(merged, theirs, incoming, their_extra,
                                                           own_file, digest, replaced, touched)
+                    self._undoable_removals(merged, removed)
                     self.change_note = _merge_text(
                         added, removed, replaced,
                         "the file" if own_file else str(source) if source else "the store")
@@ -1613,15 +1628,24 @@ class Annotations:
         own_file = (source is not None and self.path is not None
                     and source.resolve() == self.path.resolve())
         # a three-way merge against the file as this store last read or wrote it when the file
-        # is of its lineage (or neither has one: an older file, one edited by hand): its
-        # removals are real (an older copy of this same file put back too: what it lacks is
-        # removed, and said). A file of another lineage copied over it (a colleague's, the
-        # teacher's, or one without a lineage where this store gave it one) is joined: nothing
-        # of ours removed
+        # is of its lineage: its removals are real (any copy of this same file saved over it
+        # too, a backup or a handout: what it lacks is removed, said, and undoable). A file of
+        # another lineage (made by another store) copied over it is joined: nothing of ours
+        # removed.
+        # A file on disk without a lineage (an older multiviz_widgets wrote it, or a hand
+        # edit deleted the line) is a version of it too; so is one of the lineage that a first
+        # save, interrupted while it wrote, was writing (another kernel may have edited it
+        # since): its base is what that save wrote
+        their_lineage = _lineage_of(incoming)
+        base = self._disk_entries
         read = own_file and self._disk_digest is not None
-        same = read and _lineage_of(incoming) == self._lineage
+        if (own_file and self._writing is not None and their_lineage is not None
+                and their_lineage == self._writing[2] and their_lineage != self._lineage):
+            read, base = True, self._writing[1]
+        same = read and (their_lineage is None or self._lineage is None
+                         or their_lineage in (self._lineage, self._writing_lineage()))
         replaced = read and not same
-        base = self._disk_entries if same else {}
+        base = base if same else {}
         merged, added, removed, touched = {}, [], [], []
         for key in set(self._data) | set(theirs):
             ours, their = self._data.get(key, ()), theirs.get(key, ())
@@ -1645,13 +1669,28 @@ class Annotations:
             removed += [(key, c) for c in ours if same_concept(c) not in kept]
             if cs:
                 merged[key] = cs
-            # changed by the merge: the other side changed the key since the base, or the
-            # merge changes ours (an undo of an earlier edit there would fight it)
-            if in_theirs != was or kept != in_ours:
+            # changed by the merge: the merge changes ours, or (a version of this file) the
+            # other side changed the key since the base (an undo of an earlier edit there
+            # would fight it, and write over their change); a key of another file joined that
+            # the merge left as it was is undone as usual
+            if kept != in_ours or (same and in_theirs != was):
                 touched.append(key)
         added.sort(key=lambda kc: _sort_key(kc[0]))
         removed.sort(key=lambda kc: _sort_key(kc[0]))
         return merged, added, removed, theirs, their_extra, own_file, replaced, touched
+
+    def _undoable_removals(self, merged: dict, removed: list) -> None:
+        """The concepts a merge removed (``removed``: (key, concept) pairs), one step of
+        ``undo`` that puts them back: a copy of this same file saved over it (a backup, a
+        teacher's handout) reads as a later version, and what it lacks is removed; under the
+        lock."""
+        if not removed:
+            return
+        before: dict[tuple, tuple] = {}
+        for key, c in removed:
+            before[key] = before.get(key, merged.get(key, ())) + (c,)
+        after = {key: merged.get(key, ()) for key in before}
+        self._push_undo(f"removed by the merge: {_pairs(removed)}", before, after)
 
     def _take_merged(self, merged: dict, theirs: dict, incoming: dict, their_extra: dict,
                      own_file: bool, digest: str | None, replaced: bool = False,
@@ -1680,8 +1719,10 @@ class Annotations:
             theirs_lineage = _lineage_of(incoming)
             if self._lineage is None:
                 # this store gave the file none yet: the file's is taken (another kernel's
-                # first save of the file both read), the base of the next merge
-                self._lineage = theirs_lineage
+                # first save of the file both read; or, the file having none, one derived from
+                # it), the base of the next merge
+                self._lineage = theirs_lineage or (_derived_lineage(digest) if digest else None)
+                self._writing = None
             # the file lacks some of ours, or is of another lineage than this store's (a copy
             # joined): saved again, so that its next version is merged against this
             self.unsaved = merged != theirs or theirs_lineage != self._lineage
@@ -1693,6 +1734,10 @@ class Annotations:
         return changed, resolved
 
     # -- internals ------------------------------------------------------------------------
+    def _writing_lineage(self) -> str | None:
+        """The lineage a save interrupted while it wrote was writing (None: no such save)."""
+        return self._writing[2] if self._writing is not None else None
+
     def _where(self) -> str:
         return f" in {self.path}" if self.path is not None else ""
 
@@ -1725,7 +1770,11 @@ class Annotations:
             self._edited()
         # the file's lineage, kept at the saves of its file (and of a store that loaded it,
         # to the file it saves to: its file again, overwritten, is the same file)
-        self._lineage = _lineage_of(doc)
+        # (one read without a lineage, as every file written before lineages was, gets one
+        # derived from the bytes read: each kernel, and each git branch, that read that same
+        # file gives it the same lineage, so that their saves are versions of one file)
+        self._lineage = _lineage_of(doc) or _derived_lineage(_digest(raw))
+        self._read_from = path.resolve()
         if self.path is not None and path.resolve() == self.path.resolve():
             self._disk_digest, self._disk_entries = _digest(raw), dict(found)
         if self.model_note:
@@ -1881,15 +1930,15 @@ def _merge_text(added: list, removed: list, replaced: bool, source: str) -> str:
         return "1 concept" if n == 1 else f"{n} concepts"
     parts = []
     if replaced:
-        parts.append(f"{source} was replaced by another file (not a version of this one: a "
-                     f"colleague's or a teacher's copy saved over it?) and was joined with "
-                     f"these: none of these removed")
+        parts.append(f"{source} was replaced by another file (made by another store, not a "
+                     f"version of this one) and was joined with these: none of these removed")
     parts.append(f"took in {count(len(added))} from {source}"
                  + (f": {_pairs(added)}" if added else ""))
     if removed:
         parts.append(f"removed {count(len(removed))} that {source} no longer has (removed "
-                     f"there since this kernel read or saved it, or an older copy of it put "
-                     f"back): {_pairs(removed)} (to keep one, add it again)")
+                     f"there since this kernel read or saved it, or a copy of this same file "
+                     f"saved over it: an older backup, a teacher's handout): {_pairs(removed)} "
+                     f"(undo() puts them back)")
     return "; ".join(parts)
 
 
@@ -2229,6 +2278,13 @@ def _one_or_list(values: list):
 #: version wrote in place of "lineage"; read as known, so dropped at the next save.)
 _DOCUMENT_FIELDS = ("format", "version", "lineage", "model", "dataset", "neurons", "units",
                     "features", "revisions")
+
+
+def _derived_lineage(digest: str) -> str:
+    """The lineage of a file read without one (written before lineages, or by hand): derived
+    from its bytes (their ``_digest``), so the same in every kernel (and git branch) that read
+    that file."""
+    return hashlib.sha256(f"multiviz-annotations lineage\0{digest}".encode()).hexdigest()[:32]
 
 
 def _lineage_of(doc: dict) -> str | None:

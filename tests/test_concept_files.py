@@ -228,8 +228,9 @@ def test_an_older_backup_of_the_same_file_put_back_names_what_it_removes(tmp_pat
     assert "replaced" not in mine.change_note
     assert mine.change_note == (
         "took in 0 concepts from the file; removed 2 concepts that the file no longer has "
-        "(removed there since this kernel read or saved it, or an older copy of it put back): "
-        "h1 'red shapes', h3 'new' (to keep one, add it again)")
+        "(removed there since this kernel read or saved it, or a copy of this same file saved "
+        "over it: an older backup, a teacher's handout): h1 'red shapes', h3 'new' (undo() puts "
+        "them back)")
     assert _as_sets(Annotations.load(path)) == _as_sets(mine)
 
 
@@ -247,8 +248,9 @@ def test_removals_in_a_later_version_of_the_file_are_taken_and_named(tmp_path):
                               neuron_key(3): {"mine"}}
     assert mine.change_note == ("took in 2 concepts from the file: h2 'theirs', h2 'more'; "
                                 "removed 1 concept that the file no longer has (removed there "
-                                "since this kernel read or saved it, or an older copy of it put "
-                                "back): h1 'wrong guess' (to keep one, add it again)")
+                                "since this kernel read or saved it, or a copy of this same file "
+                                "saved over it: an older backup, a teacher's handout): h1 'wrong "
+                                "guess' (undo() puts them back)")
 
 
 def test_the_row_says_what_a_merge_took_in_and_removed_by_name(tmp_path):
@@ -362,13 +364,15 @@ def test_undo_takes_back_a_remove_a_rename_and_an_add_in_turn(tmp_path):
 
 def test_undo_skips_a_key_that_a_merge_changed_since(tmp_path):
     """Undo fought the merge: undoing an add removed the same concept that the other side had
-    added too, and undoing a rename put "old" back where the other kernel had removed "new"."""
-    a = Annotations()
-    a.add(neuron_key(1), "red")
+    added too, and undoing a rename put "old" back where the other kernel had removed "new".
+    (Another file joined, which the merge does not change, keeps it: undo goes on there.)"""
+    shared = tmp_path / "shared.json"
+    Annotations(shared).add(neuron_key(3), "base")
+    a, b = Annotations(shared), Annotations(shared)
+    b.add(neuron_key(1), "red")                                 # another kernel adds it too
+    a.add(neuron_key(1), "red")                                 # conflicts
     a.add(neuron_key(2), "mine")
-    other = Annotations()
-    other.add(neuron_key(1), "red")                             # added there too
-    a.merge(other)
+    a.merge(shared)
     assert a.undo() == ("undid: added h2 'mine' (removed h2 'mine')")
     said = a.undo()
     assert said.startswith("did not undo: added h1 'red': skipped h1: changed by a merge since")
@@ -376,6 +380,13 @@ def test_undo_skips_a_key_that_a_merge_changed_since(tmp_path):
     assert a.concepts(neuron_key(1)) == ("red",)                # theirs too: kept
     with pytest.raises(AnnotationError, match="no edit of these concepts to undo"):
         a.undo()
+    c = Annotations()
+    c.add(neuron_key(1), "red")
+    other = Annotations()
+    other.add(neuron_key(1), "red")                             # another store's: joined
+    c.merge(other)
+    assert c.undo() == "undid: added h1 'red' (removed h1 'red')"
+    assert c.merge(other) == 1 and c.concepts(neuron_key(1)) == ("red",)
     # a rename undone after the other kernel removed the new name: not put back
     path = tmp_path / "c.json"
     mine = Annotations(path, signature=SIG)
@@ -389,12 +400,16 @@ def test_undo_skips_a_key_that_a_merge_changed_since(tmp_path):
     mine.add(neuron_key(6), "a")                                # conflict
     mine.merge(path)
     assert mine.concepts(neuron_key(1)) == ()
+    assert mine.can_undo == "removed by the merge: h1 'new', h1 'stale'"
+    mine.undo()                                                 # the merge's removals
+    assert set(mine.concepts(neuron_key(1))) == {"stale", "new"}
     mine.undo()                                                 # the add of 'a'
     said = mine.undo()                                          # the rename: h2 only
     assert said == ("undid: renamed 'old' to 'new' on h1, h2 (added h2 'old'; removed h2 "
                     "'new'); skipped h1: changed by a merge since (undoing the edit there would "
                     "undo the merge's change too; it is kept, edit it by hand if need be)")
-    assert mine.concepts(neuron_key(1)) == () and mine.concepts(neuron_key(2)) == ("old",)
+    assert set(mine.concepts(neuron_key(1))) == {"stale", "new"}
+    assert mine.concepts(neuron_key(2)) == ("old",)
     assert _as_sets(Annotations.load(path)) == _as_sets(mine)
 
 
@@ -626,8 +641,8 @@ def test_the_lineage_is_one_stable_field_and_a_copy_gets_its_own(tmp_path):
 
 
 def test_a_file_written_before_lineage_and_edited_by_hand_is_merged_three_way(tmp_path):
-    """An older file (no lineage, which a store that read it and did not save yet has none of
-    either), edited by hand: a concept removed and a typo fixed. It was joined as a file
+    """An older file (no lineage: a store that read it derives one from its bytes), edited by
+    hand: a concept removed and a typo fixed. It was joined as a file
     copied over it: the removal and the typo came back, in memory and on disk."""
     path = tmp_path / "c.json"
     _older_writer(path, {1: ["rde shapes", "wrong guess"], 2: ["circles"]})
@@ -899,3 +914,154 @@ def test_an_interrupt_after_the_write_says_so_and_is_no_conflict(tmp_path, monke
     monkeypatch.undo()
     a.merge(path)
     assert a.change_note == "took in 0 concepts from the file" and not a.save_conflict
+
+
+# -- files without a lineage, copies of the same file, undo after a merge ----------------------
+def _old_file(path, neurons: dict) -> None:
+    path.write_text(json.dumps({"format": "multiviz-annotations", "version": 2,
+                                "neurons": [{"neuron": j, "concepts": cs}
+                                            for j, cs in sorted(neurons.items())]}))
+
+
+def test_a_file_without_a_lineage_in_two_kernels_keeps_both_kernels_removals(tmp_path):
+    """The first save gave the older file a random lineage, so the other kernel's merge was a
+    join: both kernels' removals and renames came back, and were written back."""
+    path = tmp_path / "c.json"
+    _old_file(path, {1: ["x", "keep"], 2: ["y", "keep2"], 3: ["old"]})
+    a, b = Annotations(path), Annotations(path)
+    assert a.to_dict()["lineage"] == b.to_dict()["lineage"]       # derived from the same bytes
+    assert Annotations.load(path).to_dict()["lineage"] == a.to_dict()["lineage"]
+    a.remove(neuron_key(1), "x")
+    a.rename("old", "new")
+    b.remove(neuron_key(2), "y")                                  # conflict
+    assert b.save_conflict
+    b.merge(path)
+    want = {neuron_key(1): {"keep"}, neuron_key(2): {"keep2"}, neuron_key(3): {"new"}}
+    assert _as_sets(b) == want and "replaced" not in b.change_note
+    a.add(neuron_key(4), "z")                                     # conflict
+    a.merge(path)
+    want[neuron_key(4)] = {"z"}
+    assert _as_sets(a) == want and _as_sets(Annotations.load(path)) == want
+    # another store creating a file gives it a random lineage
+    c, d = Annotations(tmp_path / "n1.json"), Annotations(tmp_path / "n2.json")
+    c.add(neuron_key(1), "x")
+    d.add(neuron_key(1), "x")
+    assert c.to_dict()["lineage"] != d.to_dict()["lineage"]
+
+
+def test_a_file_on_disk_without_a_lineage_is_a_version_of_the_stores_file(tmp_path):
+    """A hand edit that deleted the lineage line (or an older version writing the file) after
+    this store saved it was joined: its removals came back."""
+    path = tmp_path / "c.json"
+    store = Annotations(path)
+    store.set(neuron_key(1), ["a", "unwanted"])
+    doc = json.loads(path.read_text())
+    del doc["lineage"]
+    doc["neurons"][0]["concepts"] = ["a"]
+    path.write_text(json.dumps(doc))
+    store.add(neuron_key(2), "b")                                 # conflict
+    store.merge(path)
+    want = {neuron_key(1): {"a"}, neuron_key(2): {"b"}}
+    assert _as_sets(store) == want and _as_sets(Annotations.load(path)) == want
+    assert "replaced" not in store.change_note
+
+
+@pytest.mark.parametrize("old_file", [True, False])
+def test_the_lineage_an_interrupted_first_save_wrote_counts_as_ours(tmp_path, monkeypatch,
+                                                                   old_file):
+    from multiviz_widgets import annotations as an
+    path = tmp_path / "c.json"
+    if old_file:
+        _old_file(path, {1: ["x"]})
+        store = Annotations(path)
+    else:
+        store = Annotations(path, autosave=False)
+        store.add(neuron_key(1), "x")
+    real = an._atomic_write
+
+    def interrupted(target, raw):
+        real(target, raw)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(an, "_atomic_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        if old_file:
+            store.add(neuron_key(2), "y")
+        else:
+            store.add(neuron_key(2), "y")
+            store.save()
+    monkeypatch.setattr(an, "_atomic_write", real)
+    other = Annotations(path)                                     # read after that write
+    other.remove(neuron_key(1), "x")
+    store.add(neuron_key(3), "z")
+    if not store.autosave:
+        with pytest.raises(AnnotationError):
+            store.save()
+    store.merge(path)
+    want = {neuron_key(2): {"y"}, neuron_key(3): {"z"}}
+    assert _as_sets(store) == want and "replaced" not in store.change_note
+    store.save()
+    assert _as_sets(Annotations.load(path)) == want
+
+
+def test_a_copy_of_the_same_file_saved_over_it_removes_what_it_lacks_and_undo_puts_it_back(
+        tmp_path):
+    """A teacher's handout (the same lineage) e-mailed again and saved over the student's
+    file removed her concepts, and undo could not put them back."""
+    teacher, student = tmp_path / "teacher.json", tmp_path / "student.json"
+    t = Annotations(teacher)
+    t.add(neuron_key(0), "teacher-0")
+    shutil.copy(teacher, student)
+    s = Annotations.open(student)
+    for j in range(1, 4):
+        s.add(neuron_key(j), f"student-{j}")
+    t.add(neuron_key(9), "teacher-9")
+    shutil.copy(teacher, student)                                 # saved over hers
+    with pytest.warns(UserWarning, match="changed on disk"):
+        again = Annotations.open(student)
+    assert again is s
+    assert "h1 'student-1', h2 'student-2', h3 'student-3'" in s.change_note
+    assert "undo() puts them back" in s.change_note
+    assert s.can_undo == "removed by the merge: h1 'student-1', h2 'student-2', h3 'student-3'"
+    s.undo()
+    want = {neuron_key(0): {"teacher-0"}, neuron_key(9): {"teacher-9"},
+            **{neuron_key(j): {f"student-{j}"} for j in range(1, 4)}}
+    assert _as_sets(s) == want and _as_sets(Annotations.load(student)) == want
+    # a merge that took a concept in and removed one on the same key: undo keeps the new one
+    o = Annotations(student)
+    o.set(neuron_key(1), ["theirs"])
+    s.add(neuron_key(5), "conflict")
+    s.merge(student)
+    assert s.concepts(neuron_key(1)) == ("theirs",)
+    s.undo()
+    assert set(s.concepts(neuron_key(1))) == {"theirs", "student-1"}
+
+
+def test_undo_after_a_merge_skips_only_the_keys_the_merge_changed(tmp_path):
+    path = tmp_path / "c.json"
+    store = Annotations(path)
+    store.set(neuron_key(1), ["red", "blue"])
+    store.add(neuron_key(2), "x")
+    store.remove(neuron_key(1), "red")                            # a misclick
+    colleague = Annotations()
+    colleague.add(neuron_key(1), "blue")
+    colleague.add(neuron_key(9), "theirs")
+    colleague.save(tmp_path / "col.json")
+    store.merge(tmp_path / "col.json")                            # h1 unchanged by it
+    assert "skipped" not in store.undo()
+    assert store.concepts(neuron_key(1)) == ("red", "blue")
+    store.remove(neuron_key(2), "x")
+    store.merge(colleague)                                        # no h2 there
+    store.undo()
+    assert store.concepts(neuron_key(2)) == ("x",)
+
+
+def test_a_loaded_store_saved_to_another_path_gives_that_file_its_own_lineage(tmp_path):
+    path = tmp_path / "c.json"
+    Annotations(path).add(neuron_key(1), "a")
+    lineage = json.loads(path.read_text())["lineage"]
+    Annotations.load(path).save(tmp_path / "b.json")            # as store.save(other) does
+    loaded = json.loads((tmp_path / "b.json").read_text())["lineage"]
+    Annotations(path).save(tmp_path / "b.json", overwrite=True)
+    assert loaded == json.loads((tmp_path / "b.json").read_text())["lineage"] != lineage
+    Annotations.load(path).save(path, overwrite=True)             # its own file again
+    assert json.loads(path.read_text())["lineage"] == lineage

@@ -11,9 +11,11 @@ choosing one selects it (``goto``). A line says where the concepts are saved, or
 save failed (they stay in memory then); when it failed because another notebook or program
 changed the file meanwhile, a button takes that file's changes in beside these
 (``Annotations.merge``) and saves both, and the status line then says, by name, which concepts
-came in and which went (a file of another lineage copied over this one is joined with these:
-none of these go; an older backup of this same file put back removes what it lacks, named
-there). An "undo" button undoes the last edit (``Annotations.undo``) and says what it undid,
+came in and which went (a file of another lineage, made by another store, copied over this one
+is joined with these: none of these go; a copy of this same file saved over it, an older backup
+or a teacher's handout, removes what it lacks, named there, and undo puts it back). An "undo"
+button undoes the last edit (``Annotations.undo``; after a merge that removed concepts, those
+removals) and says what it undid,
 and what it skipped (a neuron or unit that a merge changed since), or why it could not. Another
 line, when the file was made for another model of the same shape (``Annotations.model_note``,
 also after a merge), says that its neuron concepts may not fit. A concept typed again in another
