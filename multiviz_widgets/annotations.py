@@ -731,6 +731,10 @@ class Annotations:
         # removals are real, and undoable) from another store's file copied over it (another
         # lineage: joined, none of ours removed). None: no file was read or written yet
         self._lineage: str | None = None
+        # a lineage derived from a file read without one, not yet written by this store: another
+        # kernel that read another version of that file derived another, so a file on disk of
+        # another lineage is then a version of it too (three-way; its lineage is taken)
+        self._provisional = False
         self._new_lineage: str | None = None     # the one a first save gives (``_document``)
         self._read_from: Path | None = None      # the file read into it (``load``'s), if any
         # what a save interrupted while it wrote was writing: (the text's digest, the concepts,
@@ -1122,6 +1126,10 @@ class Annotations:
         merge's change too (remove a concept the other side added as well, or put back one it
         removed). An edit that every key of is skipped is taken off the list, nothing
         changed ("did not undo: ..."); the next call undoes the one before it.
+        The merge's own step is the exception, and it comes first (it is the newest): it puts
+        back what the merge removed, whether another kernel removed it on purpose or a copy
+        of the file saved over this one lacked it (the two cannot be told apart); ``can_undo``
+        and the row's undo button say so before it is done.
 
         An undo that would put concepts where they cannot be now is refused, as the edit
         would be (an AnnotationError that says why, nothing changed): a neuron beyond the
@@ -1448,6 +1456,7 @@ class Annotations:
                     if own or adopt:
                         self._disk_digest, self._disk_entries, self._lineage = self._writing
                         self._writing = None
+                        self._provisional = False
                         self.unsaved = False
                     done = True
         except BaseException as e:
@@ -1642,7 +1651,7 @@ class Annotations:
         if (own_file and self._writing is not None and their_lineage is not None
                 and their_lineage == self._writing[2] and their_lineage != self._lineage):
             read, base = True, self._writing[1]
-        same = read and (their_lineage is None or self._lineage is None
+        same = read and (their_lineage is None or self._lineage is None or self._provisional
                          or their_lineage in (self._lineage, self._writing_lineage()))
         replaced = read and not same
         base = base if same else {}
@@ -1717,10 +1726,12 @@ class Annotations:
         if own_file:           # its changes on disk are taken in: a save may now replace it
             self._disk_digest, self._disk_entries = digest, dict(theirs)
             theirs_lineage = _lineage_of(incoming)
-            if self._lineage is None:
-                # this store gave the file none yet: the file's is taken (another kernel's
-                # first save of the file both read; or, the file having none, one derived from
-                # it), the base of the next merge
+            if self._lineage is None or (self._provisional and theirs_lineage is not None):
+                # this store gave the file none yet (or only one derived from the version it
+                # read): the file's is taken (another kernel's first save of the file both
+                # read; or, the file having none, one derived from it), the base of the next
+                # merge
+                self._provisional = theirs_lineage is None and self._provisional
                 self._lineage = theirs_lineage or (_derived_lineage(digest) if digest else None)
                 self._writing = None
             # the file lacks some of ours, or is of another lineage than this store's (a copy
@@ -1774,6 +1785,7 @@ class Annotations:
         # derived from the bytes read: each kernel, and each git branch, that read that same
         # file gives it the same lineage, so that their saves are versions of one file)
         self._lineage = _lineage_of(doc) or _derived_lineage(_digest(raw))
+        self._provisional = _lineage_of(doc) is None
         self._read_from = path.resolve()
         if self.path is not None and path.resolve() == self.path.resolve():
             self._disk_digest, self._disk_entries = _digest(raw), dict(found)
@@ -1822,6 +1834,7 @@ class Annotations:
         if self._writing is not None and self._writing[0] == digest:
             self._disk_digest, self._disk_entries, self._lineage = self._writing
             self._writing = None
+            self._provisional = False
 
     @staticmethod
     def _check_ranges(entries: dict, signature: dict | None, n_instances: int | None,

@@ -949,6 +949,32 @@ def test_a_file_without_a_lineage_in_two_kernels_keeps_both_kernels_removals(tmp
     assert c.to_dict()["lineage"] != d.to_dict()["lineage"]
 
 
+def test_kernels_that_read_other_versions_of_a_file_without_a_lineage_agree_on_one(tmp_path):
+    """Each kernel derived a lineage from the version it read: when the file changed between
+    two kernels opening it (a hand edit, a kernel of an older multiviz_widgets), they joined
+    each other's saves for ever, and every removal either made came back. A derived lineage is
+    provisional until this store writes it: the file's, when it has one, is taken."""
+    path = tmp_path / "c.json"
+    _old_file(path, {1: ["x", "k1"], 2: ["y", "k2"], 3: ["z"]})
+    a = Annotations(path)
+    _old_file(path, {1: ["x", "k1"], 2: ["y", "k2"], 3: ["z"], 5: ["hand"]})    # edited by hand
+    b = Annotations(path)
+    assert a.to_dict()["lineage"] != b.to_dict()["lineage"]
+    a.remove(neuron_key(1), "x")                                  # conflict (the hand edit)
+    a.merge(path)
+    b.remove(neuron_key(2), "y")                                  # conflict
+    b.merge(path)
+    a.remove(neuron_key(3), "z")                                  # conflict
+    a.merge(path)
+    b.add(neuron_key(6), "b6")                                    # conflict
+    b.merge(path)
+    want = {neuron_key(1): {"k1"}, neuron_key(2): {"k2"}, neuron_key(5): {"hand"},
+            neuron_key(6): {"b6"}}
+    assert _as_sets(b) == want and _as_sets(Annotations.load(path)) == want
+    assert "replaced" not in a.change_note + b.change_note
+    assert a.to_dict()["lineage"] == b.to_dict()["lineage"]
+
+
 def test_a_file_on_disk_without_a_lineage_is_a_version_of_the_stores_file(tmp_path):
     """A hand edit that deleted the lineage line (or an older version writing the file) after
     this store saved it was joined: its removals came back."""
