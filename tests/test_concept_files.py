@@ -884,19 +884,24 @@ def test_a_signature_with_keys_of_two_kinds_saves(tmp_path):
     assert _as_sets(Annotations.load(path)) == {neuron_key(1): {"x"}, neuron_key(2): {"y"}}
 
 
-def test_an_interrupt_after_the_write_says_so_and_is_no_conflict(tmp_path, monkeypatch):
-    """An interrupt after the file was written said "interrupted before it wrote", and the
-    next edit was refused as a conflict with "another program"."""
+def _interrupt_after_the_write(monkeypatch) -> None:
+    """Saves write the file, then a KeyboardInterrupt comes (before the store's bookkeeping)."""
     import multiviz_widgets.annotations as annotations_module
-    path = tmp_path / "c.json"
-    a = Annotations(path, signature=SIG)
-    a.add(neuron_key(1), "first")
     real = annotations_module._atomic_write
 
     def write_then_interrupt(target, raw):
         real(target, raw)
         raise KeyboardInterrupt
     monkeypatch.setattr(annotations_module, "_atomic_write", write_then_interrupt)
+
+
+def test_an_interrupt_after_the_write_says_so_and_is_no_conflict(tmp_path, monkeypatch):
+    """An interrupt after the file was written said "interrupted before it wrote", and the
+    next edit was refused as a conflict with "another program"."""
+    path = tmp_path / "c.json"
+    a = Annotations(path, signature=SIG)
+    a.add(neuron_key(1), "first")
+    _interrupt_after_the_write(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         a.add(neuron_key(2), "second")
     monkeypatch.undo()
@@ -908,7 +913,7 @@ def test_an_interrupt_after_the_write_says_so_and_is_no_conflict(tmp_path, monke
                                                 neuron_key(2): {"second"},
                                                 neuron_key(3): {"third"}}
     # the same seen by a merge (the row's button, or Annotations.open): nothing to take in
-    monkeypatch.setattr(annotations_module, "_atomic_write", write_then_interrupt)
+    _interrupt_after_the_write(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         a.add(neuron_key(4), "fourth")
     monkeypatch.undo()
@@ -995,7 +1000,6 @@ def test_a_file_on_disk_without_a_lineage_is_a_version_of_the_stores_file(tmp_pa
 @pytest.mark.parametrize("old_file", [True, False])
 def test_the_lineage_an_interrupted_first_save_wrote_counts_as_ours(tmp_path, monkeypatch,
                                                                    old_file):
-    from multiviz_widgets import annotations as an
     path = tmp_path / "c.json"
     if old_file:
         _old_file(path, {1: ["x"]})
@@ -1003,19 +1007,14 @@ def test_the_lineage_an_interrupted_first_save_wrote_counts_as_ours(tmp_path, mo
     else:
         store = Annotations(path, autosave=False)
         store.add(neuron_key(1), "x")
-    real = an._atomic_write
-
-    def interrupted(target, raw):
-        real(target, raw)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(an, "_atomic_write", interrupted)
+    _interrupt_after_the_write(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         if old_file:
             store.add(neuron_key(2), "y")
         else:
             store.add(neuron_key(2), "y")
             store.save()
-    monkeypatch.setattr(an, "_atomic_write", real)
+    monkeypatch.undo()
     other = Annotations(path)                                     # read after that write
     other.remove(neuron_key(1), "x")
     store.add(neuron_key(3), "z")
