@@ -138,12 +138,12 @@ LOWER_THE_BATCH = (
 _CODE_ERRORS = (AttributeError, NameError, ImportError, SyntaxError, RecursionError)
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
+def is_out_of_memory(error: BaseException | None) -> bool:
     """torch's allocator refusing (host or device), whatever the exception type it uses."""
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
         return True
-    text = str(error).lower()
-    return "out of memory" in text or "can't allocate memory" in text
+    text = str(error).lower() if error is not None else ""
+    return "out of memory" in text or "allocate memory" in text
 
 
 def _resolve_module(model: nn.Module, spec, what: str) -> nn.Module:
@@ -1209,7 +1209,7 @@ class ModelAdapter:
             # an error of the model's code (_CODE_ERRORS) is raised as it is
             if isinstance(e, (torch.OutOfMemoryError, *_CODE_ERRORS)):
                 raise
-            if _is_out_of_memory(e):
+            if is_out_of_memory(e):
                 b = next(iter(args.values())).shape[0] if args else 0
                 raise ModelOutOfMemory(
                     f"The model ran out of memory on a batch of {b} instance(s) "

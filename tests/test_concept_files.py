@@ -29,6 +29,19 @@ def _explorer(annotations):
     return ex
 
 
+def _explorer_naming(path, neuron: int, concept: str):
+    """(An Explorer on ``path``, its concepts row) after the row named ``neuron`` ``concept``,
+    as typed (closed again if that fails)."""
+    ex = _explorer(str(path))
+    try:
+        ex.select(neuron=neuron)
+        ex.concepts_view.neuron_tags.edit("add", concept)
+    except BaseException:
+        ex.close()
+        raise
+    return ex, ex.concepts_view
+
+
 # -- a field written twice --------------------------------------------------------------------
 @pytest.mark.parametrize("text, twice", [
     # two files pasted together, or a merge conflict resolved by keeping both sides
@@ -282,11 +295,8 @@ def test_an_interrupted_save_is_said_and_the_next_edit_saves(tmp_path, monkeypat
     nothing and retried nothing, and the concept was lost with the kernel."""
     import multiviz_widgets.annotations as annotations_module
     path = tmp_path / "c.json"
-    ex = _explorer(str(path))
+    ex, cv = _explorer_naming(path, 3, "saved before")
     try:
-        cv = ex.concepts_view
-        ex.select(neuron=3)
-        cv.neuron_tags.edit("add", "saved before")
 
         def interrupted(*_a, **_k):
             raise KeyboardInterrupt
@@ -480,11 +490,8 @@ def test_a_save_records_the_weights_as_they_are_now(tmp_path):
 
 def test_the_row_shows_the_other_model_note_after_a_merge(tmp_path):
     path = tmp_path / "c.json"
-    ex = _explorer(str(path))
+    ex, cv = _explorer_naming(path, 1, "mine")
     try:
-        cv = ex.concepts_view
-        ex.select(neuron=1)
-        cv.neuron_tags.edit("add", "mine")
         assert cv.state()["model_note"] == ""
         other = Annotations.load(path)
         other.signature["weights"] = "0123456789abcdef"      # a fine-tuned copy's store
@@ -806,11 +813,8 @@ def test_an_undo_that_puts_a_concept_where_it_cannot_be_now_is_refused(tmp_path)
 
 def test_the_row_says_what_an_undo_skipped(tmp_path):
     path = tmp_path / "c.json"
-    ex = _explorer(str(path))
+    ex, cv = _explorer_naming(path, 2, "red")
     try:
-        cv = ex.concepts_view
-        ex.select(neuron=2)
-        cv.neuron_tags.edit("add", "red")
         other = Annotations(path)                        # another kernel
         other.add(neuron_key(2), "theirs")
         cv.neuron_tags.edit("add", "mine")               # conflict

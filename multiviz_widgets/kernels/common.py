@@ -10,7 +10,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..adapter import AdapterError, ModelAdapter, ModelInputError, Prepared, Target
+from ..adapter import (AdapterError, ModelAdapter, ModelInputError, Prepared, Target,
+                       is_out_of_memory)
 from ..checks import is_integer, positive_int
 from ..progress import ProgressFn, report
 
@@ -81,6 +82,14 @@ def as_prepared(adapter: ModelAdapter, instance) -> Prepared:
     return instance
 
 
+#: what to change in a model whose output for an instance depends on the other rows of its
+#: batch (said by this check and by the dataset features' own)
+ROWS_INDEPENDENT_ADVICE = (
+    "Make forward() treat the rows of a batch independently: no statistics over the batch "
+    "dimension (h.mean(0), a statistic of the first row applied to all, BatchNorm with "
+    "track_running_stats=False or in training mode; a dynamically quantised model scales each "
+    "batch by its own range: explain the float model).")
+
 #: adapters whose model was found to treat a batch's rows independently (checked once each)
 _ROWS_INDEPENDENT: "weakref.WeakSet[ModelAdapter]" = weakref.WeakSet()
 
@@ -132,11 +141,7 @@ def check_rows_independent(adapter: ModelAdapter, prepared: Prepared) -> None:
         f"The model's logits for an instance depend on the other instances in its batch: "
         f"beside its baseline and beside a copy of itself, they differ by up to "
         f"{largest:.3g}. Every explanation batches the instance with masked copies or points on "
-        "a path, so its scores would depend on the batch size. Make forward() treat the rows "
-        "of a batch independently: no statistics over the batch dimension (h.mean(0), a "
-        "statistic of the first row applied to all, BatchNorm with track_running_stats=False "
-        "or in training mode; a dynamically quantised model scales each batch by its own "
-        "range: explain the float model).",
+        "a path, so its scores would depend on the batch size. " + ROWS_INDEPENDENT_ADVICE,
         code="batch-dependent")
 
 
@@ -259,13 +264,7 @@ def memory_error(error: BaseException) -> bool:
     """Whether an error (or the error it wraps) is about memory (out of memory on the device or
     the host), not about the inputs: such an error is raised as it is, never blamed on an
     instance."""
-    for e in (error, error.__cause__):
-        if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-            return True
-        text = str(e).lower() if e is not None else ""
-        if "out of memory" in text or "allocate memory" in text:
-            return True
-    return False
+    return is_out_of_memory(error) or is_out_of_memory(error.__cause__)
 
 
 @dataclass

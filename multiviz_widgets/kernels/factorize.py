@@ -291,9 +291,9 @@ def _attribute(model: nn.Module, target: str):
 #: the hooks a module's __call__ runs (and the process-wide ones, torch's globals): forward
 #: hooks would run on the trace's proxies, and a legacy backward hook's set-up indexes the
 #: output until it finds a tensor, which a proxy never is (a loop that fills the memory)
-_FORWARD_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
-_CALL_HOOKS = _FORWARD_HOOKS + ("_backward_hooks", "_backward_pre_hooks")
+_CALL_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks")
 _GLOBAL_CALL_HOOKS = ("_global_forward_hooks", "_global_forward_hooks_with_kwargs",
                       "_global_forward_hooks_always_called", "_global_forward_pre_hooks",
                       "_global_backward_hooks", "_global_backward_pre_hooks")

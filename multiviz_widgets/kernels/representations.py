@@ -48,8 +48,8 @@ from ..modalities import _stable_callable, _stable_text, hash_code
 from ..precision import dtype_eps, outputs_differ, roundoff_eps
 from ..progress import ProgressFn, report
 from ..checks import is_integer, positive_int
-from .common import (GIVE_UP_AFTER, ModelFailure, as_prepared, indices_or_all, input_shapes,
-                     memory_error, runnable_parts)
+from .common import (GIVE_UP_AFTER, ROWS_INDEPENDENT_ADVICE, ModelFailure, as_prepared,
+                     indices_or_all, input_shapes, memory_error, runnable_parts)
 
 # v2: the key covers modality signatures and the module tree; v3: batches of equal shapes only
 # (no padding, which changed the features of models that pool without a pad mask), and the
@@ -489,10 +489,7 @@ def _check_rows_independent(adapter: ModelAdapter, raw: dict, out: tuple, ran) -
             f"The model's {what} for an instance depend on the other instances in its batch: "
             f"in a batch of {k} with others and in a batch of {k} copies of itself, they differ "
             f"by up to {largest:.3g}. Every view of the dataset would then depend on how its "
-            "instances were batched. Make forward() treat the rows of a batch independently: "
-            "no statistics over the batch dimension (h.mean(0), BatchNorm with "
-            "track_running_stats=False or in training mode; a dynamically quantised model "
-            "scales each batch by its own range: explain the float model).",
+            "instances were batched. " + ROWS_INDEPENDENT_ADVICE,
             code="batch-dependent")
     finally:
         if ran is not None:
