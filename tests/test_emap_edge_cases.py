@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from multiviz_widgets import ModelAdapter, MultimodalDataset, Neuron
+from multiviz_widgets.kernels.common import check_instance_rows_independent
 from multiviz_widgets.kernels.factorize import FactorizationError
 from multiviz_widgets.kernels.interactions import (emap, emap_gap, interaction_type,
                                                    interaction_types)
@@ -349,9 +350,10 @@ def test_progress_never_goes_back_when_a_split_fails_part_way(monkeypatch):
         return real(self, rows)
     monkeypatch.setattr(Factorization, "fuse", fuse)
     adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    items = instances(6)
+    check_instance_rows_independent(adapter, items[0])     # once per adapter, not EMAP's rows
     rows, progress = [], []
     adapter.decision_layer.register_forward_pre_hook(lambda _m, inp: rows.append(len(inp[0])))
-    items = instances(6)
     r = emap(adapter, items, batch_size=4, progress=lambda *a: progress.append(a))
     assert "not used this time" in r.params["factorization_note"]
     done = [d for d, _, _ in progress]

@@ -16,6 +16,7 @@ from torch import nn
 from multiviz_widgets import ModelAdapter, MultimodalDataset, Neuron, Tabular, Text, TimeSeries
 from multiviz_widgets.demos import easy_vqa, synthetic
 from multiviz_widgets.kernels import factorize
+from multiviz_widgets.kernels.common import check_instance_rows_independent
 from multiviz_widgets.kernels.factorize import FactorizationError, trace_factorization
 from multiviz_widgets.kernels.interactions import dime, emap, interaction_type
 
@@ -62,15 +63,14 @@ class Branching(Bilinear):
         return self.head(torch.cat([a * self.s(series.flatten(1)), a], 1))
 
 
-class BatchStatistics(Bilinear):
-    """Normalises the tabular encoding over the batch: rows are not independent, so a split
-    that encodes N instances at once gives different numbers than single forward passes."""
+class TracedDifferently(Bilinear):
+    """Computes another function while torch.fx traces it (code that asks
+    ``torch.fx._symbolic_trace.is_fx_tracing()``, as some libraries' does): its rows are
+    independent, but its split disagrees with its forward passes."""
 
     def forward(self, tabular, series):
-        a = self.t(tabular)
-        a = a - a.mean(0, keepdim=True)
-        b = self.s(series.flatten(1))
-        return self.head(torch.cat([a * b, a + b], 1))
+        out = super().forward(tabular, series)
+        return 2 * out if torch.fx._symbolic_trace.is_fx_tracing() else out
 
 
 class SequenceFirst(Bilinear):
@@ -277,7 +277,7 @@ def test_forwards_with_star_args_kwargs_and_defaults_are_split(model, keyword):
     _same_as_full_forwards(adapter, instances(6, seed=7))
 
 
-@pytest.mark.parametrize("model", [BatchStatistics(), SequenceFirst()])
+@pytest.mark.parametrize("model", [TracedDifferently(), SequenceFirst()])
 def test_splits_that_change_the_numbers_are_rejected(model):
     adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
     items = instances(6)
@@ -336,7 +336,7 @@ def test_a_split_follows_a_changed_integer_setting():
 
 
 def test_a_rejected_split_is_traced_again_once_the_model_changes():
-    model = BatchStatistics()
+    model = SequenceFirst()
     adapter = ModelAdapter(model, MODALITIES, ["a", "b", "c"])
     items = instances(6)
     assert "rejected" in emap(adapter, items).params["factorization_note"]
@@ -499,14 +499,16 @@ def test_dime_with_a_traced_split_equals_dime_with_forward_passes(target):
     assert fast.params["factorization"] == "traced"
 
 
-@pytest.mark.parametrize("model", [Bilinear, BatchStatistics])
+@pytest.mark.parametrize("model", [Bilinear, SequenceFirst])
 @pytest.mark.parametrize("factorized", [None, False])
 def test_dime_and_emap_count_every_row_through_the_decision_layer(factorized, model):
     """forward_passes counts the fused pairs and the full forwards alike, the split's check
     included (it left out the check's fused pairs), also when the check rejects the split
-    (BatchStatistics: it left out that check's passes)."""
+    (it left out that check's passes). The model's rows check, once per adapter and outside
+    forward_passes, runs before the rows are counted."""
     adapter = ModelAdapter(model(), MODALITIES, ["a", "b", "c"])
     ds = MultimodalDataset({k: [it[k] for it in instances(14)] for k in ("tabular", "series")})
+    check_instance_rows_independent(adapter, ds[0])
     rows = []
     hook = adapter.decision_layer.register_forward_pre_hook(
         lambda _m, inp: rows.append(inp[0].shape[0]))
@@ -542,7 +544,7 @@ def test_dime_declared_split_of_the_synthetic_model():
 
 
 def test_dime_rejects_a_split_that_changes_the_numbers():
-    adapter = ModelAdapter(BatchStatistics(), MODALITIES, ["a", "b", "c"])
+    adapter = ModelAdapter(SequenceFirst(), MODALITIES, ["a", "b", "c"])
     ds = MultimodalDataset({k: [it[k] for it in instances(14)] for k in ("tabular", "series")})
     r = dime(adapter, ds, 0, reference_indices=range(1, 13), n_samples=40)
     assert r.params["factorization"] == "none" and "rejected" in r.params["factorization_note"]
@@ -756,7 +758,7 @@ def test_one_logit_models_keep_the_split_in_emap_and_dime():
 # ---------------------------------------------------------------------------------------------
 # what a trace leaves behind: the cache frees the model, no proxy stays on it, no stale split
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make", [Branching, BatchStatistics])
+@pytest.mark.parametrize("make", [Branching, SequenceFirst])
 def test_a_model_that_cannot_be_split_is_freed_once_the_caller_drops_it(make):
     """Before: the cache kept the FactorizationError of a failed trace (or raised the one of a
     rejection again), whose traceback held the frames of the trace and so the model: the
@@ -950,7 +952,7 @@ def test_a_cached_split_that_disagrees_is_traced_again_once(factorized, monkeypa
     assert emap(adapter, items).params["factorization"] == "traced" and len(traces) == 1
     # a split that disagrees as soon as it is traced is rejected (or raised about) at once
     traces.clear()
-    adapter = ModelAdapter(BatchStatistics(), MODALITIES, ["a", "b", "c"])
+    adapter = ModelAdapter(TracedDifferently(), MODALITIES, ["a", "b", "c"])
     if factorized:
         with pytest.raises(FactorizationError, match="disagrees"):
             emap(adapter, items, factorized=factorized)
@@ -972,6 +974,7 @@ def test_dime_can_be_cancelled_while_it_averages_the_reference_pairs(factorized)
     N = 3,000), so a cancel waited until they were all done."""
     adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
     ds = MultimodalDataset({k: [it[k] for it in instances(14)] for k in ("tabular", "series")})
+    check_instance_rows_independent(adapter, ds[0])   # once per adapter: not DIME's pairs
     rows, calls = [], []
     adapter.decision_layer.register_forward_pre_hook(lambda _m, inp: rows.append(len(inp[0])))
 

@@ -19,6 +19,8 @@ from multiviz_widgets import AdapterError, ModelAdapter, MultimodalDataset, Tabu
 from multiviz_widgets import check
 from multiviz_widgets.adapter import mark_worker_thread
 from multiviz_widgets.engine import Analyses, Engine
+from multiviz_widgets.kernels.dime import dime
+from multiviz_widgets.kernels.emap import emap, emap_gap, interaction_type
 from multiviz_widgets.kernels.interactions import interaction
 from multiviz_widgets.kernels.representations import extract_features
 from multiviz_widgets.kernels.unimodal import CompletenessWarning, attribute, attribute_batch
@@ -1043,6 +1045,32 @@ def test_a_model_whose_rows_depend_on_each_other_is_refused_by_the_kernels(run):
     assert e.value.code == "batch-dependent" and "track_running_stats" in str(e.value)
     with pytest.raises(AdapterError):
         check_rows_independent(ad, ad.prepare(instance()))         # every time, not once
+
+
+@pytest.mark.parametrize("run", [
+    lambda ad, ds: emap(ad, ds),
+    lambda ad, ds: emap_gap(ad, ds, n=None),
+    lambda ad, ds: dime(ad, ds, 0, n_samples=20),
+    lambda ad, ds: interaction_type(ad, 0, reference=ds)])
+def test_a_model_whose_rows_depend_on_each_other_is_refused_by_emap_dime_and_the_type(run):
+    """Before: EMAP batches pairs of different instances, so with a BatchNorm without running
+    statistics its averages (and the gap, DIME's scores, the interaction type) depended on the
+    batch size, with no word; now they refuse it as the other kernels do."""
+    ad = make_adapter(_batch_statistics(TabSeries(bn=True)))
+    ds = make_data(6)
+    with pytest.raises(AdapterError, match=r"^The model's logits for an instance depend on the "
+                                           r"other instances in its batch") as e:
+        run(ad, ds)
+    assert e.value.code == "batch-dependent" and "EMAP batches pairs" in str(e.value)
+    assert "track_running_stats" in str(e.value)
+
+
+def test_a_model_with_running_statistics_passes_emap_s_rows_check():
+    ad = make_adapter(TabSeries(bn=True).eval())
+    ds = make_data(6)
+    r = emap(ad, ds, batch_size=4)
+    np.testing.assert_allclose(r.emap_logits, emap(ad, ds, batch_size=64).emap_logits,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_the_rows_check_runs_once_per_adapter_and_passes_a_model_with_running_statistics():

@@ -93,9 +93,18 @@ ROWS_INDEPENDENT_ADVICE = (
 #: adapters whose model was found to treat a batch's rows independently (checked once each)
 _ROWS_INDEPENDENT: "weakref.WeakSet[ModelAdapter]" = weakref.WeakSet()
 
+#: why a batch-dependent model is refused (stage 1 and 2's kernels of one instance)
+_BATCHED_WITH_COPIES = ("Every explanation batches the instance with masked copies or points on "
+                        "a path, so its scores would depend on the batch size.")
+#: the same for the kernels over a reference set (EMAP, DIME, the interaction type)
+BATCHED_WITH_OTHERS = ("EMAP batches pairs of different instances' modalities (and DIME their "
+                       "masked copies), so its averages would depend on the batch size and on "
+                       "which pairs share a batch.")
+
 
 @torch.no_grad()
-def check_rows_independent(adapter: ModelAdapter, prepared: Prepared) -> None:
+def check_rows_independent(adapter: ModelAdapter, prepared: Prepared,
+                           batched: str = _BATCHED_WITH_COPIES) -> None:
     """An AdapterError (code "batch-dependent") when the model's output for the instance
     depends on the other rows of its batch (BatchNorm without running statistics, h - h.mean(0),
     the first row's statistic applied to all, dynamic quantisation's per-batch scale): every
@@ -106,7 +115,7 @@ def check_rows_independent(adapter: ModelAdapter, prepared: Prepared) -> None:
     one more pass tells a random model (check() reports that) from the batch. Passed: not
     checked again for this adapter. Failed, or inconclusive (an output that is not finite, an
     instance equal to its baseline, a model that cannot run the batch, whose method then says
-    why): checked again at the next call. Cost: 3 forward passes of 2 rows (4 when they
+    why): checked again at the next call. Running out of memory is raised as it is. Cost: 3 forward passes of 2 rows (4 when they
     differ), a check of the model, not counted in a result's forward_passes."""
     if adapter in _ROWS_INDEPENDENT:
         return
@@ -122,7 +131,9 @@ def check_rows_independent(adapter: ModelAdapter, prepared: Prepared) -> None:
     try:
         same = run(x, x)
         beside = torch.cat([run(x, b)[:1], run(b, x)[1:]])      # x first, then second
-    except Exception:  # noqa: BLE001 -- the method's own passes meet it and say why
+    except Exception as error:  # noqa: BLE001 -- the method's own passes meet it and say why
+        if memory_error(error):
+            raise                      # as the method's passes would: at once, as it is
         return
     if not (torch.isfinite(same).all() and torch.isfinite(beside).all()):
         return
@@ -132,7 +143,9 @@ def check_rows_independent(adapter: ModelAdapter, prepared: Prepared) -> None:
         return
     try:
         again = run(x, x)
-    except Exception:  # noqa: BLE001
+    except Exception as error:  # noqa: BLE001
+        if memory_error(error):
+            raise
         return
     if outputs_differ(same, again, eps):
         return                             # a random model: check() says so, not this
@@ -140,9 +153,22 @@ def check_rows_independent(adapter: ModelAdapter, prepared: Prepared) -> None:
     raise AdapterError(
         f"The model's logits for an instance depend on the other instances in its batch: "
         f"beside its baseline and beside a copy of itself, they differ by up to "
-        f"{largest:.3g}. Every explanation batches the instance with masked copies or points on "
-        "a path, so its scores would depend on the batch size. " + ROWS_INDEPENDENT_ADVICE,
+        f"{largest:.3g}. {batched} " + ROWS_INDEPENDENT_ADVICE,
         code="batch-dependent")
+
+
+def check_instance_rows_independent(adapter: ModelAdapter, instance,
+                                    batched: str = BATCHED_WITH_OTHERS) -> None:
+    """``check_rows_independent`` on an instance as the user gives it (a dict of inputs), for
+    the kernels over a reference set, which batch instances with each other. An instance that
+    cannot be prepared is left to the method's own passes, which name it and say why."""
+    if adapter in _ROWS_INDEPENDENT:
+        return
+    try:
+        prepared = as_prepared(adapter, instance)
+    except Exception:  # noqa: BLE001 -- the method's own passes meet it and say why
+        return
+    check_rows_independent(adapter, prepared, batched)
 
 
 @torch.no_grad()

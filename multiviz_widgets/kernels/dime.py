@@ -27,8 +27,9 @@ from ..progress import ProgressFn
 from ..results import Result, Stopwatch
 from ..checks import positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
-                     check_model_takes, dataset_index, dataset_indices, masked_continuous,
-                     modality_pair, resolve_target, sample_indices)
+                     check_instance_rows_independent, check_model_takes, dataset_index,
+                     dataset_indices, masked_continuous, modality_pair, resolve_target,
+                     sample_indices)
 from .split_model import (FusedPairs, check_factorized, same_or_reject, steady_progress,
                           with_split)
 
@@ -286,6 +287,7 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
         ref_idx = dataset_indices(reference_indices, len(dataset), "reference_indices")
     if len(ref_idx) < 2:
         raise ValueError(f"DIME needs a reference set of at least 2 instances, got {len(ref_idx)}.")
+    check_instance_rows_independent(adapter, instance)     # (a check of the model: not timed)
     with Stopwatch() as sw:
         p = adapter.prepare(instance)
         t = resolve_target(adapter, p, target)

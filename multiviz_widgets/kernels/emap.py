@@ -25,12 +25,13 @@ from ..progress import ProgressFn, report
 from ..results import Result, Stopwatch
 from ..checks import is_integer, positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
-                     dataset_index, dataset_indices, memory_error, sample_indices)
+                     check_instance_rows_independent, dataset_index, dataset_indices,
+                     memory_error, sample_indices)
 from .split_model import (Encodings, FusedPairs, Split, check_factorized, same_or_reject,
                           steady_progress, with_split)
 
 __all__ = ["EmapResult", "emap", "emap_gap", "emap_matrix", "interaction_type",
-           "interaction_types"]
+           "interaction_types", "paired_difference_interval", "wilson_interval"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +189,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         raise ValueError(f"keep_matrix=True keeps the N x N pair matrix of two modalities; this "
                          f"adapter has {len(names)} ({names}), whose functional-ANOVA EMAP has "
                          "no such matrix. Leave keep_matrix unset.")
+    check_instance_rows_independent(adapter, items[0])     # (a check of the model: not timed)
     out_fn, t, out_names = _output_fn(adapter, target)
     matrix_bytes = n * n * (1 if t is not None and t.kind == "neuron" else adapter.n_classes) * 8
     keep = len(names) == 2 and (keep_matrix or (keep_matrix is None
@@ -520,6 +522,11 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
     ``gap_predictions`` (1 - agreement of argmax fhat with the model's predictions) and, when the
     dataset has labels, ``accuracy_model``, ``accuracy_emap`` and ``gap_labels``; ``gap`` is the
     label gap when labels exist, else the prediction gap (fractions; ``gap_points`` = 100 gap).
+    Each gap comes with a 95% interval (``gap_ci95``, ``gap_points_ci95``,
+    ``gap_predictions_ci95``, ``gap_labels_ci95``) of how far another draw of N instances could
+    move it: Wilson's for the prediction gap (a proportion of disagreements), Newcombe's paired
+    interval for the label gap (``paired_difference_interval``). It takes EMAP's projection as
+    computed: its averages over the N references vary too, far less at N = 100 and more.
     The labels of the instances used are checked (class indices 0..C-1; the dataset checks one
     per instance), and a model with one output is refused: the argmax of one column says
     nothing.
@@ -573,16 +580,65 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
 
 
 def _gaps(pred: np.ndarray, pred_hat: np.ndarray, labels: np.ndarray | None) -> dict:
-    """emap_gap's figures for the model's predictions and EMAP's (and the labels, if any)."""
-    out = {"agreement": float((pred == pred_hat).mean()),
-           "gap_predictions": float(1.0 - (pred == pred_hat).mean())}
+    """emap_gap's figures for the model's predictions and EMAP's (and the labels, if any), each
+    gap with its 95% interval over the choice of instances (see ``emap_gap``)."""
+    same = pred == pred_hat
+    out = {"agreement": float(same.mean()),
+           "gap_predictions": float(1.0 - same.mean()),
+           "gap_predictions_ci95": wilson_interval(int((~same).sum()), len(same))}
     if labels is not None:
         out["accuracy_model"] = float((pred == labels).mean())
         out["accuracy_emap"] = float((pred_hat == labels).mean())
         out["gap_labels"] = out["accuracy_model"] - out["accuracy_emap"]
-    out["gap"] = out.get("gap_labels", out["gap_predictions"])
+        out["gap_labels_ci95"] = paired_difference_interval(pred == labels, pred_hat == labels)
+    labelled = labels is not None
+    out["gap"] = out["gap_labels" if labelled else "gap_predictions"]
+    out["gap_ci95"] = out["gap_labels_ci95" if labelled else "gap_predictions_ci95"]
     out["gap_points"] = 100.0 * out["gap"]
+    out["gap_points_ci95"] = [100.0 * v for v in out["gap_ci95"]]
     return out
+
+
+#: the normal quantile of a two-sided 95% interval
+_Z95 = 1.959963984540054
+
+
+def wilson_interval(k: int, n: int, z: float = _Z95) -> list[float]:
+    """Wilson's score interval [low, high] (95% by default) of a proportion k / n: unlike
+    p +- z se, it stays inside [0, 1] and is not empty at k = 0 or k = n (about [0, 3.8 / n]
+    at k = 0), where EMAP's prediction gap often is."""
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"wilson_interval needs 0 <= k <= n and n >= 1, got k={k}, n={n}.")
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # the ends are exact at k = 0 and k = n (rounding left 3e-18 below the centre)
+    return [0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half)]
+
+
+def paired_difference_interval(first, second, z: float = _Z95) -> list[float]:
+    """A 95% interval [low, high] of mean(first) - mean(second) for two yes/no outcomes of the
+    same instances (here: the model right, EMAP right), by Newcombe's method 10 (Statistics in
+    Medicine 17, 1998): each proportion's Wilson interval, combined through the correlation phi
+    of the pairs, so that the many instances both get right (or both wrong) narrow it, and it
+    stays inside [-1, 1] with a few discordant pairs, where mean +- z se (0 when no pair is
+    discordant) claims far too much."""
+    first, second = np.asarray(first, dtype=bool), np.asarray(second, dtype=bool)
+    if first.shape != second.shape or first.ndim != 1 or not len(first):
+        raise ValueError("paired_difference_interval needs two 1-d yes/no arrays of the same "
+                         f"non-zero length, got shapes {first.shape} and {second.shape}.")
+    n = len(first)
+    a, b = int((first & second).sum()), int((first & ~second).sum())
+    c, d = int((~first & second).sum()), int((~first & ~second).sum())
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = wilson_interval(a + b, n, z)
+    l2, u2 = wilson_interval(a + c, n, z)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = 0.0 if margins == 0 else (a * d - b * c) / math.sqrt(margins)
+    below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    diff = p1 - p2
+    return [max(-1.0, diff - below), min(1.0, diff + above)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -757,6 +813,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     n = len(refs)
     if n < 2:
         raise ValueError(f"The reference set needs at least 2 instances, got {n}.")
+    check_instance_rows_independent(adapter, instance)
     # the references grouped by input shapes (one group when they share one), the instance
     # alone: nothing is padded to another instance's length
     shapes = ShapeGroups(adapter, refs, idx)
