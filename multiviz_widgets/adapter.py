@@ -15,6 +15,7 @@ Hooks are registered for one call and removed in ``finally``; nothing is global,
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import math
@@ -56,6 +57,14 @@ class Target:
 def Class(index: int) -> Target:
     """Target the logit of class ``index``."""
     return Target("class", index)
+
+
+@functools.lru_cache(maxsize=4096)
+def _class_target(index: int) -> Target:
+    """Class(index), made once (a Target is frozen, so one is shared): every gradient call asks
+    for its target, and a new frozen dataclass costs about 10 us on cold caches (a call after
+    other work, as benchmarks/kernels.py times it)."""
+    return Class(index)
 
 
 def Neuron(index: int) -> Target:
@@ -723,6 +732,8 @@ class ModelAdapter:
 
     def target(self, target: Any) -> Target:
         """Normalise a target: an int or class name means a class; Neuron(j) a decision neuron."""
+        if type(target) is int and 0 <= target < len(self.class_names):
+            return _class_target(target)     # the common case: one lookup, no new dataclass
         if isinstance(target, Target):
             t = target
         elif isinstance(target, str):

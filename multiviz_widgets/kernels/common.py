@@ -102,7 +102,6 @@ BATCHED_WITH_OTHERS = ("EMAP batches pairs of different instances' modalities (a
                        "which pairs share a batch.")
 
 
-@torch.no_grad()
 def check_rows_independent(adapter: ModelAdapter, prepared: Prepared,
                            batched: str = _BATCHED_WITH_COPIES) -> None:
     """An AdapterError (code "batch-dependent") when the model's output for the instance
@@ -115,10 +114,18 @@ def check_rows_independent(adapter: ModelAdapter, prepared: Prepared,
     one more pass tells a random model (check() reports that) from the batch. Passed: not
     checked again for this adapter. Failed, or inconclusive (an output that is not finite, an
     instance equal to its baseline, a model that cannot run the batch, whose method then says
-    why): checked again at the next call. Running out of memory is raised as it is. Cost: 3 forward passes of 2 rows (4 when they
-    differ), a check of the model, not counted in a result's forward_passes."""
+    why): checked again at the next call. Running out of memory is raised as it is. Cost: 3
+    forward passes of 2 rows (4 when they differ), a check of the model, not counted in a
+    result's forward_passes; once passed, a set lookup (no torch.no_grad() context to enter:
+    every gradient call asks, and that costs about 20 us on cold caches, as
+    benchmarks/kernels.py times a call)."""
     if adapter in _ROWS_INDEPENDENT:
         return
+    _check_rows_now(adapter, prepared, batched)
+
+
+@torch.no_grad()
+def _check_rows_now(adapter: ModelAdapter, prepared: Prepared, batched: str) -> None:
     from ..precision import dtype_eps, outputs_differ
     names = prepared.names
     if all(torch.equal(prepared.continuous[n], prepared.baseline[n]) for n in names):
