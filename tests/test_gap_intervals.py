@@ -51,6 +51,34 @@ def test_paired_interval_covers_the_true_difference_about_95_percent_of_the_time
     assert 0.925 <= covered / runs <= 0.985, covered / runs
 
 
+def _table(a, b, c, d):
+    """Outcomes of a paired table: a both right, b the first only, c the second only."""
+    first = np.array([1] * a + [1] * b + [0] * c + [0] * d, dtype=bool)
+    second = np.array([1] * a + [0] * b + [1] * c + [0] * d, dtype=bool)
+    return first, second
+
+
+@pytest.mark.parametrize("table, want", [
+    ((36, 12, 2, 0), (0.0569, 0.3404)),      # Newcombe 1998's own worked example
+    ((59, 6, 16, 80), (-0.1186, -0.0046)),   # Fagerland, Lydersen & Laake 2017, ch. 8 (Cavo)
+    ((1, 1, 7, 12), (-0.5069, -0.0256)),     # the same chapter (Bentur): ad - bc > n / 2 is
+])                                           # where the correction of phi changes the result
+def test_paired_interval_reproduces_the_published_examples(table, want):
+    np.testing.assert_allclose(paired_difference_interval(*_table(*table)), want, atol=5e-5)
+
+
+@pytest.mark.parametrize("table", [(20, 0, 0, 20), (50, 0, 0, 50), (1, 0, 0, 1), (40, 0, 0, 0),
+                                   (0, 0, 0, 40), (0, 30, 0, 0), (0, 0, 30, 0), (3, 1, 0, 0),
+                                   (10, 5, 5, 10)])
+def test_paired_interval_holds_the_estimate_and_is_never_a_claim_of_certainty(table):
+    """Uncorrected, phi is 1 for a table of no discordant pair and as many right as wrong,
+    and the interval was [0, 0]."""
+    first, second = _table(*table)
+    low, high = paired_difference_interval(first, second)
+    diff = first.mean() - second.mean()
+    assert -1.0 <= low <= diff <= high <= 1.0 and high - low > 0, (low, high)
+
+
 @pytest.mark.parametrize("cells", [(0.6, 0.2, 0.05), (0.5, 0.0, 0.0), (0.0, 1.0, 0.0),
                                    (0.0, 0.0, 1.0), (0.2, 0.4, 0.4)])
 def test_paired_interval_holds_the_estimate_and_stays_in_range(cells):
@@ -67,6 +95,13 @@ def test_paired_interval_of_identical_outcomes_is_narrow_but_not_empty():
     same = np.arange(200) % 3 == 0
     low, high = paired_difference_interval(same, same)
     assert low < 0 < high and high - low < 0.1
+
+
+def test_class_indices_instead_of_outcomes_are_refused():
+    with pytest.raises(ValueError, match="yes/no outcomes"):
+        paired_difference_interval(np.array([0, 2, 1]), np.array([1, 2, 0]))
+    with pytest.raises(ValueError, match="integers"):
+        wilson_interval(2.5, 10)
 
 
 def test_paired_interval_refuses_arrays_of_other_shapes():

@@ -1065,6 +1065,32 @@ def test_a_model_whose_rows_depend_on_each_other_is_refused_by_emap_dime_and_the
     assert "track_running_stats" in str(e.value)
 
 
+def _zero_vitals_first(n: int = 6) -> MultimodalDataset:
+    ds = make_data(n)
+    vitals = [np.zeros(4, np.float32)] + [ds[i]["vitals"] for i in range(1, n)]
+    return MultimodalDataset({"vitals": vitals, "series": [ds[i]["series"] for i in range(n)]},
+                             labels=ds.labels)
+
+
+def test_an_instance_equal_to_its_baseline_in_one_modality_does_not_pass_the_rows_check():
+    """Before: instance 0's vitals were all 0, its baseline's too, so beside its baseline it
+    showed nothing of a BatchNorm over the vitals: the check passed and was kept for the
+    adapter. EMAP's averages then changed with batch_size (by 0.45), and later explanations of
+    other instances were not refused. EMAP now pairs the instance with another instance, and
+    a modality equal in both rows leaves the check open."""
+    from multiviz_widgets.kernels import common
+    ds = _zero_vitals_first()
+    ad = make_adapter(_batch_statistics(TabSeries(bn=True)))
+    with pytest.raises(AdapterError, match="beside another instance") as e:
+        emap(ad, ds, factorized=False)
+    assert e.value.code == "batch-dependent"
+    ad = make_adapter(_batch_statistics(TabSeries(bn=True)))
+    attribute(ad, ds[0], "occlusion", target=1)        # nothing to see beside its baseline
+    assert ad not in common._ROWS_INDEPENDENT
+    with pytest.raises(AdapterError, match="beside its baseline"):
+        attribute(ad, ds[1], "occlusion", target=1)
+
+
 def test_a_model_with_running_statistics_passes_emap_s_rows_check():
     ad = make_adapter(TabSeries(bn=True).eval())
     ds = make_data(6)

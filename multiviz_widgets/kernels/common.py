@@ -103,41 +103,45 @@ BATCHED_WITH_OTHERS = ("EMAP batches pairs of different instances' modalities (a
 
 
 def check_rows_independent(adapter: ModelAdapter, prepared: Prepared,
-                           batched: str = _BATCHED_WITH_COPIES) -> None:
+                           batched: str = _BATCHED_WITH_COPIES,
+                           other: Mapping[str, torch.Tensor] | None = None) -> None:
     """An AdapterError (code "batch-dependent") when the model's output for the instance
     depends on the other rows of its batch (BatchNorm without running statistics, h - h.mean(0),
     the first row's statistic applied to all, dynamic quantisation's per-batch scale): every
     method batches the instance with masked copies or points on a path, so its scores would
     depend on which rows share a batch (occlusion's changed 2.9x with batch_size). The instance
-    beside its baseline, first and second, is compared with the instance beside itself (the
-    same shapes: a model that treats rows independently gives the same values to rounding), and
-    one more pass tells a random model (check() reports that) from the batch. Passed: not
-    checked again for this adapter. Failed, or inconclusive (an output that is not finite, an
-    instance equal to its baseline, a model that cannot run the batch, whose method then says
-    why): checked again at the next call. Running out of memory is raised as it is. Cost: 3
-    forward passes of 2 rows (4 when they differ), a check of the model, not counted in a
-    result's forward_passes; once passed, a set lookup (no torch.no_grad() context to enter:
-    every gradient call asks, and that costs about 20 us on cold caches, as
-    benchmarks/kernels.py times a call)."""
+    beside ``other`` (continuous inputs of its shapes; default its baseline), first and second,
+    is compared with the instance beside itself (the same shapes: a model that treats rows
+    independently gives the same values to rounding), and one more pass tells a random model
+    (check() reports that) from the batch. Passed: not checked again for this adapter.
+    Failed, or inconclusive (an output that is not finite, a modality of the instance equal to
+    the other row's, where a statistic over it would not show, a model that cannot run the
+    batch, whose method then says why): checked again at the next call. Running out of memory
+    is raised as it is. Cost: 3 forward passes of 2 rows (4 when they differ), a check of the
+    model, not counted in a result's forward_passes; once passed, a set lookup (no
+    torch.no_grad() context to enter: every gradient call asks, and that costs about 20 us on
+    cold caches, as benchmarks/kernels.py times a call)."""
     if adapter in _ROWS_INDEPENDENT:
         return
-    _check_rows_now(adapter, prepared, batched)
+    _check_rows_now(adapter, prepared, batched, prepared.baseline if other is None else other)
 
 
 @torch.no_grad()
-def _check_rows_now(adapter: ModelAdapter, prepared: Prepared, batched: str) -> None:
+def _check_rows_now(adapter: ModelAdapter, prepared: Prepared, batched: str,
+                    other: Mapping[str, torch.Tensor]) -> None:
     from ..precision import dtype_eps, outputs_differ
     names = prepared.names
-    if all(torch.equal(prepared.continuous[n], prepared.baseline[n]) for n in names):
-        return                     # the instance is its baseline: nothing to tell apart
-    x, b = prepared.continuous, prepared.baseline
+    x = prepared.continuous
+    equal = [torch.equal(x[n], other[n]) for n in names]
+    if all(equal):
+        return                     # the instance is the other row: nothing to tell apart
 
     def run(first, second):
         return adapter.forward(dict(prepared.raw),
                                {n: torch.stack([first[n], second[n]]) for n in names})
     try:
         same = run(x, x)
-        beside = torch.cat([run(x, b)[:1], run(b, x)[1:]])      # x first, then second
+        beside = torch.cat([run(x, other)[:1], run(other, x)[1:]])      # x first, then second
     except Exception as error:  # noqa: BLE001 -- the method's own passes meet it and say why
         if memory_error(error):
             raise                      # as the method's passes would: at once, as it is
@@ -146,7 +150,8 @@ def _check_rows_now(adapter: ModelAdapter, prepared: Prepared, batched: str) -> 
         return
     eps = dtype_eps(adapter, same, beside)
     if not outputs_differ(beside, same, eps):
-        _ROWS_INDEPENDENT.add(adapter)
+        if not any(equal):             # a modality equal in both rows could hide a statistic
+            _ROWS_INDEPENDENT.add(adapter)
         return
     try:
         again = run(x, x)
@@ -157,17 +162,25 @@ def _check_rows_now(adapter: ModelAdapter, prepared: Prepared, batched: str) -> 
     if outputs_differ(same, again, eps):
         return                             # a random model: check() says so, not this
     largest = float((beside.double() - same.double()).abs().max())
+    which = "its baseline" if other is prepared.baseline else "another instance"
     raise AdapterError(
         f"The model's logits for an instance depend on the other instances in its batch: "
-        f"beside its baseline and beside a copy of itself, they differ by up to "
+        f"beside {which} and beside a copy of itself, they differ by up to "
         f"{largest:.3g}. {batched} " + ROWS_INDEPENDENT_ADVICE,
         code="batch-dependent")
 
 
-def check_instance_rows_independent(adapter: ModelAdapter, instance,
+#: how many of a reference set's instances the rows check looks through for one to pair the
+#: first with (of its input shapes, different in every modality)
+ROWS_CHECK_CANDIDATES = 8
+
+
+def check_instance_rows_independent(adapter: ModelAdapter, instance, others=(),
                                     batched: str = BATCHED_WITH_OTHERS) -> None:
     """``check_rows_independent`` on an instance as the user gives it (a dict of inputs), for
-    the kernels over a reference set, which batch instances with each other. An instance that
+    the kernels over a reference set, which batch instances with each other: the instance
+    beside the first of ``others`` (among the first ROWS_CHECK_CANDIDATES) that has its input
+    shapes and differs from it in every modality, else beside its baseline. An instance that
     cannot be prepared is left to the method's own passes, which name it and say why."""
     if adapter in _ROWS_INDEPENDENT:
         return
@@ -175,6 +188,15 @@ def check_instance_rows_independent(adapter: ModelAdapter, instance,
         prepared = as_prepared(adapter, instance)
     except Exception:  # noqa: BLE001 -- the method's own passes meet it and say why
         return
+    x = prepared.continuous
+    for candidate in list(others)[:ROWS_CHECK_CANDIDATES]:
+        try:
+            c = as_prepared(adapter, candidate).continuous
+        except Exception:  # noqa: BLE001 -- not a partner; its own passes say why
+            continue
+        if all(c[n].shape == x[n].shape and not torch.equal(c[n], x[n]) for n in x):
+            check_rows_independent(adapter, prepared, batched, other=c)
+            return
     check_rows_independent(adapter, prepared, batched)
 
 

@@ -189,7 +189,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         raise ValueError(f"keep_matrix=True keeps the N x N pair matrix of two modalities; this "
                          f"adapter has {len(names)} ({names}), whose functional-ANOVA EMAP has "
                          "no such matrix. Leave keep_matrix unset.")
-    check_instance_rows_independent(adapter, items[0])     # (a check of the model: not timed)
+    check_instance_rows_independent(adapter, items[0], items[1:])   # (the model's; not timed)
     out_fn, t, out_names = _output_fn(adapter, target)
     matrix_bytes = n * n * (1 if t is not None and t.kind == "neuron" else adapter.n_classes) * 8
     keep = len(names) == 2 and (keep_matrix or (keep_matrix is None
@@ -607,8 +607,10 @@ def wilson_interval(k: int, n: int, z: float = _Z95) -> list[float]:
     """Wilson's score interval [low, high] (95% by default) of a proportion k / n: unlike
     p +- z se, it stays inside [0, 1] and is not empty at k = 0 or k = n (about [0, 3.8 / n]
     at k = 0), where EMAP's prediction gap often is."""
-    if n < 1 or not 0 <= k <= n:
-        raise ValueError(f"wilson_interval needs 0 <= k <= n and n >= 1, got k={k}, n={n}.")
+    if not (is_integer(k) and is_integer(n)) or n < 1 or not 0 <= k <= n:
+        raise ValueError(f"wilson_interval needs integers 0 <= k <= n and n >= 1, got k={k!r}, "
+                         f"n={n!r}.")
+    k, n = int(k), int(n)
     p, z2 = k / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
@@ -622,11 +624,17 @@ def paired_difference_interval(first, second, z: float = _Z95) -> list[float]:
     Medicine 17, 1998): each proportion's Wilson interval, combined through the correlation phi
     of the pairs, so that the many instances both get right (or both wrong) narrow it, and it
     stays inside [-1, 1] with a few discordant pairs, where mean +- z se (0 when no pair is
-    discordant) claims far too much."""
-    first, second = np.asarray(first, dtype=bool), np.asarray(second, dtype=bool)
+    discordant) claims far too much. phi is Newcombe's corrected one: ad - bc less n / 2 when
+    positive (0 if that is negative), as it is when negative; uncorrected, a table of no
+    discordant pair and as many right as wrong gave [0, 0]."""
+    first, second = (np.asarray(v) for v in (first, second))
     if first.shape != second.shape or first.ndim != 1 or not len(first):
         raise ValueError("paired_difference_interval needs two 1-d yes/no arrays of the same "
                          f"non-zero length, got shapes {first.shape} and {second.shape}.")
+    if not all(v.dtype == bool or np.isin(v, (0, 1)).all() for v in (first, second)):
+        raise ValueError("paired_difference_interval takes yes/no outcomes (booleans, or 0 and "
+                         "1), such as pred == labels; got other values (class indices?).")
+    first, second = first.astype(bool), second.astype(bool)
     n = len(first)
     a, b = int((first & second).sum()), int((first & ~second).sum())
     c, d = int((~first & second).sum()), int((~first & ~second).sum())
@@ -634,7 +642,9 @@ def paired_difference_interval(first, second, z: float = _Z95) -> list[float]:
     l1, u1 = wilson_interval(a + b, n, z)
     l2, u2 = wilson_interval(a + c, n, z)
     margins = (a + b) * (c + d) * (a + c) * (b + d)
-    phi = 0.0 if margins == 0 else (a * d - b * c) / math.sqrt(margins)
+    cross = a * d - b * c
+    cross = max(cross - n / 2, 0.0) if cross > 0 else cross      # Newcombe's correction
+    phi = 0.0 if margins == 0 else cross / math.sqrt(margins)
     below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
     above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
     diff = p1 - p2
@@ -813,7 +823,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     n = len(refs)
     if n < 2:
         raise ValueError(f"The reference set needs at least 2 instances, got {n}.")
-    check_instance_rows_independent(adapter, instance)
+    check_instance_rows_independent(adapter, instance, refs)
     # the references grouped by input shapes (one group when they share one), the instance
     # alone: nothing is padded to another instance's length
     shapes = ShapeGroups(adapter, refs, idx)
