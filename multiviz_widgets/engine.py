@@ -852,9 +852,12 @@ def check_method_params(method_params) -> dict:
             taken = sorted(set(METHODS[method].defaults) | {"modalities"})
         elif method in INTERACTION_METHODS:
             taken = _method_params(INTERACTION_METHODS[method])      # None: it takes any
+        elif method == "interaction_type":
+            taken = list(TYPE_PARAMS)
         else:
             raise ValueError(f"method_params names {method!r}, which is no method; the methods "
-                             f"are {sorted(METHODS)} and {sorted(INTERACTION_METHODS)}.")
+                             f"are {sorted(METHODS)} and {sorted(INTERACTION_METHODS)}, and "
+                             "'interaction_type' (the line on how the modalities combine).")
         if not isinstance(params, Mapping):
             raise TypeError(f"method_params[{method!r}] must be a dict of its parameters, got "
                             f"{type(params).__name__}.")
@@ -863,10 +866,22 @@ def check_method_params(method_params) -> dict:
             raise TypeError(f"method_params[{method!r}] names {unknown}, which {method} does "
                             f"not take; it takes {taken}.")
         out[str(method)] = dict(params)
+    if "n_reference" in out.get("interaction_type", {}):
+        what = "method_params['interaction_type']['n_reference'] (0: no such line)"
+        if positive_int(out["interaction_type"]["n_reference"], what, 0) == 1:
+            raise ValueError(f"{what} is 1, but EMAP averages over at least 2 instances: give "
+                             "0 for no line, or 2 or more.")
     return out
 
 
 # ---------------------------------------------------------------------------------------------
+#: How many instances of the dataset the Explorer's interaction type averages over (EMAP's
+#: reference set: about TYPE_REFERENCES^2 pairs per instance, fused where the model splits)
+TYPE_REFERENCES = 50
+#: What ``method_params["interaction_type"]`` may set (``kernels.emap.interaction_type``'s own;
+#: n_reference 0: no line)
+TYPE_PARAMS = ("n_reference", "seed", "batch_size", "factorized")
+
 #: How far below its fidelity when fit (a share of instances) the sparse model's agreement with
 #: the model must fall for the Explorer to say that the model changed since
 SPARSE_MODEL_DRIFT = 0.05
@@ -889,6 +904,17 @@ class Kernels:
         from .kernels.interactions import interaction
         return interaction(adapter, prepared, method=method, modalities=modalities, target=target,
                            progress=progress, **params)
+
+    def interaction_type(self, adapter: ModelAdapter, dataset: MultimodalDataset, index: int,
+                         n_reference: int, progress=None, **params) -> dict:
+        """How the modalities combine at dataset instance ``index``: dominance, complement,
+        conflict or undecided, from EMAP's averages over ``n_reference`` instances of
+        ``dataset`` drawn with ``seed`` (default 0; ``kernels.emap.interaction_type``, which
+        takes ``params``; about n_reference^2 fused pairs, or full forward passes for a model
+        that does not split)."""
+        from .kernels.emap import interaction_type
+        return interaction_type(adapter, index, reference=dataset, n_reference=n_reference,
+                                progress=progress, **params)
 
     def features(self, adapter: ModelAdapter, dataset: MultimodalDataset, progress=None,
                  refresh: bool = False):
@@ -1236,6 +1262,22 @@ class Analyses:
             ("interaction", p.key, method, target, tuple(pair), params_key(params)),
             lambda: self.kernels.interaction(self.adapter, p, method, tuple(pair), target,
                                              progress, **params))
+
+    def interaction_type(self, i: int, progress=None) -> dict | None:
+        """How the modalities combine at instance i (``Kernels.interaction_type`` against
+        ``TYPE_REFERENCES`` instances of the dataset, or all of a smaller one;
+        ``method_params["interaction_type"]`` may set its ``TYPE_PARAMS``); None where a label
+        says nothing (one modality, one output, one instance) or none is wanted
+        (n_reference 0)."""
+        a = self.adapter
+        params = dict(self.method_params.get("interaction_type", {}))
+        n = min(int(params.pop("n_reference", TYPE_REFERENCES)), len(self.dataset))
+        if len(a.names) < 2 or a.n_classes < 2 or n < 2:
+            return None
+        return self.engine.memo(
+            ("interaction_type", int(i), n, params_key(params)),
+            lambda: self.kernels.interaction_type(a, self.dataset, int(i), n, progress,
+                                                  **params))
 
     # -- stage 3 -------------------------------------------------------------------------------
     def features(self, progress=None):

@@ -754,6 +754,8 @@ class Explorer(W.VBox):
             out["heatmap_rows"], out["heatmap_cols"] = hm["rows"], hm["cols"]
             out["heatmap_selected_row"] = hm["selected_row"]
             out["heatmap_selected_col"] = hm["selected_col"]
+            out["interaction_type"] = hm["combination_label"]
+            out["interaction_type_text"] = hm["combination"]
         nv = self.neuron_view.state()
         out["neurons"] = nv["neurons"]
         out["gallery_neuron"] = nv["gallery_neuron"]

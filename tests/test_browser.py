@@ -1044,6 +1044,15 @@ def test_the_heatmap_greys_cells_not_computed_outlines_the_row_and_keeps_labels_
     ticks = sorted(got["barTicks"], key=lambda t: t[1][1])
     assert ticks[0][0] > 0 > ticks[-1][0], ticks
     assert all(b[2] <= got["fig"][2] for _, b in ticks), (ticks, got["fig"])
+    # how the modalities combine at the instance: a line of text above the matrix (the class
+    # names, one of them "<b>bold</b>", as text: no element made of them)
+    page.wait_for_function("() => document.querySelector('.mvz-heatmap-view').innerText"
+                           ".includes('How the modalities combine: ')", timeout=60_000)
+    line = page.evaluate("() => Array.from(document.querySelectorAll('.mvz-heatmap-view "
+                         ".widget-label')).map(l => l.innerText).join(' ')")
+    assert "instances by EMAP" in line and not page.locator(".mvz-heatmap-view b").count()
+    want = nb.kernel_json("import json; print(json.dumps(ex.state()['interaction_type_text']))")
+    assert want.startswith("How the modalities combine: ") and want.split(". ")[0] in line
     # hovering a grey cell names its two units in full
     page.locator(".mvz-heatmap-view rect.heatmapcell").nth(64 + 5).hover()
     try:

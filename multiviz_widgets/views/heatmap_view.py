@@ -20,7 +20,7 @@ import numpy as np
 import traitlets
 
 from ..display_text import quoted
-from ..engine import Analyses, Engine
+from ..engine import Analyses, Cancelled, Engine
 from ..selection import Selection
 from .input_view import STATIC, check_bundle, esm_of
 from ..results import computed_units
@@ -214,6 +214,34 @@ class CellTip(anywidget.AnyWidget):
         self.tip = {"row": int(row), "col": int(col), "text": str(text)}
 
 
+def combination_text(kind, class_names) -> str:
+    """One line on how the modalities combine at an instance, from ``Analyses.interaction_type``
+    (M2Lens' words: dominance, complement, conflict; or undecided), with what each modality
+    alone and their additive EMAP part predict. Class names are data: quoted, shown as text."""
+    def name(c) -> str:
+        if c is None:
+            return "no class (a tie)"
+        c = int(c)
+        return quoted(class_names[c] if 0 <= c < len(class_names) else c)
+    c, label, alone = kind["predicted"], kind["label"], kind["unimodal_predictions"]
+    predicted = name(c)
+    if label == "dominance":
+        why = f"{kind['dominant']} alone already predicts {predicted}"
+    elif label == "complement":
+        why = (f"each modality alone predicts {predicted}, and so do their effects added up"
+               if all(v == c for v in alone.values()) else
+               f"no modality alone predicts {predicted}; their effects added up do")
+    elif label == "conflict":
+        why = (f"added up, the modalities' separate effects would predict "
+               f"{name(kind['emap_prediction'])}; their interaction makes it {predicted}")
+    else:
+        why = "the model's top two classes tie: there is no prediction to explain"
+    each = ", ".join(f"{m} {name(v)}" for m, v in alone.items())
+    others = "the other" if len(alone) == 2 else "the others"
+    return (f"How the modalities combine: {label}. {why[:1].upper()}{why[1:]} (each alone, "
+            f"{others} averaged over {kind['reference_size']} instances by EMAP: {each}).")
+
+
 class HeatmapView(W.VBox):
     """Interaction matrix of ``pair`` = (rows modality, columns modality); cells clickable.
 
@@ -290,13 +318,17 @@ class HeatmapView(W.VBox):
                                 padding_x=0.0, padding_y=0.0,
                                 layout=W.Layout(width="610px", height="430px"))
         self.caption = text_label(value="")
+        # how the modalities combine at the instance (its interaction type), under the caption
+        self.combination = WrappedText(layout=W.Layout(width="600px"))
+        self.combination_label = ""           # the type shown ("" while none is)
+        self._combination_asked: int | None = None
         # what the grey cells are (Shapley players), above the matrix; what the colours mean,
         # below it (text in wrapped lines: a Label cuts its text)
         self.note = WrappedText(layout=W.Layout(width="600px"))
         self.legend = WrappedText(layout=W.Layout(width="600px"))
         self._set_legend("")
         self._set_note("")
-        super().__init__([self.caption, self.note, self.figure, self.legend],
+        super().__init__([self.caption, self.combination, self.note, self.figure, self.legend],
                          layout=W.Layout(width="616px", flex="0 0 auto"))  # figure + margins
         self.add_class("mvz-heatmap-view")
         selection.observe(lambda _: self.refresh(), names=["instance", "target", "neuron",
@@ -325,6 +357,57 @@ class HeatmapView(W.VBox):
             self.engine.submit(self.slot, ("heatmap", i, target, neuron, method, pair), job,
                                self._show, lambda err: self._failed(err, i, pair), priority=2,
                                label=f"{method} interactions")
+        self._refresh_combination()
+
+    def _refresh_combination(self) -> None:
+        """Ask for the instance's interaction type (once per instance: the method, target and
+        pair do not change it), after the matrix (priority 3)."""
+        i, a = self.selection.instance, self.analyses
+        if i == self._combination_asked:
+            return
+        self._combination_asked = i
+
+        def job(progress):
+            try:
+                return i, a.interaction_type(i, progress), None
+            except Cancelled:
+                raise
+            except Exception as err:  # noqa: BLE001 -- said on its own line (below)
+                # a line beside the matrix, not the page's error: a model that is not finite
+                # on one reference instance would otherwise hide the error that matters there
+                return i, None, err
+
+        with self.engine.lock:
+            self._set_combination("", f"How the modalities combine at #{i}: computing ...")
+            # the background lane: its reference pairs (thousands of full forward passes for a
+            # model that does not split) never hold up a click's matrix, map or path
+            self.engine.submit("interaction_type", None, job, self._show_combination,
+                               lambda err: self._combination_failed(err, i), priority=3,
+                               label="interaction type", lane="background")
+
+    def _set_combination(self, label: str, text: str) -> None:
+        self.combination_label = label
+        self.combination.value = text
+
+    def _show_combination(self, result) -> None:
+        i, kind, err = result
+        if err is not None:           # said; asked again only for another instance
+            self._say_not_computed(err, i)
+            return
+        if kind is None:              # one output (or one instance): no type to say
+            self._set_combination("", "")
+            return
+        self._set_combination(str(kind["label"]),
+                              combination_text(kind, self.analyses.adapter.class_names))
+
+    def _combination_failed(self, err, i: int) -> None:
+        """A cancel (or the engine's own failure): asked again at the next refresh."""
+        self._combination_asked = None
+        self._say_not_computed(err, i)
+
+    def _say_not_computed(self, err, i: int) -> None:
+        self._set_combination("", f"How the modalities combine at #{i}: not computed "
+                                  f"({failure_text(err)})")
 
     def _failed(self, err, instance: int | None = None,
                 pair: tuple[str, str] | None = None) -> None:
@@ -677,4 +760,5 @@ class HeatmapView(W.VBox):
                              "y": list(map(float, self.outline.y))}
                             if self.outline.visible else None),
                 "caption": self.caption.value, "note": self.note_text,
-                "legend": self.legend_text}
+                "legend": self.legend_text, "combination": self.combination.value,
+                "combination_label": self.combination_label}
