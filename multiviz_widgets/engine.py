@@ -866,11 +866,20 @@ def check_method_params(method_params) -> dict:
             raise TypeError(f"method_params[{method!r}] names {unknown}, which {method} does "
                             f"not take; it takes {taken}.")
         out[str(method)] = dict(params)
-    if "n_reference" in out.get("interaction_type", {}):
-        what = "method_params['interaction_type']['n_reference'] (0: no such line)"
-        if positive_int(out["interaction_type"]["n_reference"], what, 0) == 1:
-            raise ValueError(f"{what} is 1, but EMAP averages over at least 2 instances: give "
+    typed = out.get("interaction_type", {})
+    what = "method_params['interaction_type'][{!r}]".format
+    if "n_reference" in typed:
+        said = what("n_reference") + " (0: no such line)"
+        if positive_int(typed["n_reference"], said, 0) == 1:
+            raise ValueError(f"{said} is 1, but EMAP averages over at least 2 instances: give "
                              "0 for no line, or 2 or more.")
+    if typed.get("seed") is not None:
+        positive_int(typed["seed"], what("seed") + " (None: fresh)", 0)
+    if "batch_size" in typed:
+        positive_int(typed["batch_size"], what("batch_size"))
+    if "factorized" in typed:
+        from .kernels.split_model import check_factorized
+        check_factorized(typed["factorized"])
     return out
 
 
@@ -906,15 +915,16 @@ class Kernels:
                            progress=progress, **params)
 
     def interaction_type(self, adapter: ModelAdapter, dataset: MultimodalDataset, index: int,
-                         n_reference: int, progress=None, **params) -> dict:
+                         reference_indices, progress=None, **params) -> dict:
         """How the modalities combine at dataset instance ``index``: dominance, complement,
-        conflict or undecided, from EMAP's averages over ``n_reference`` instances of
-        ``dataset`` drawn with ``seed`` (default 0; ``kernels.emap.interaction_type``, which
-        takes ``params``; about n_reference^2 fused pairs, or full forward passes for a model
-        that does not split)."""
+        conflict or undecided, from EMAP's averages over the instances ``reference_indices``
+        of ``dataset`` (``kernels.emap.interaction_type``, which takes ``params``; about N^2
+        fused pairs for N references, or full forward passes for a model that does not
+        split)."""
         from .kernels.emap import interaction_type
-        return interaction_type(adapter, index, reference=dataset, n_reference=n_reference,
-                                progress=progress, **params)
+        return interaction_type(adapter, index, reference=dataset,
+                                reference_indices=reference_indices, progress=progress,
+                                **params)
 
     def features(self, adapter: ModelAdapter, dataset: MultimodalDataset, progress=None,
                  refresh: bool = False):
@@ -1274,10 +1284,32 @@ class Analyses:
         n = min(int(params.pop("n_reference", TYPE_REFERENCES)), len(self.dataset))
         if len(a.names) < 2 or a.n_classes < 2 or n < 2:
             return None
-        return self.engine.memo(
-            ("interaction_type", int(i), n, params_key(params)),
-            lambda: self.kernels.interaction_type(a, self.dataset, int(i), n, progress,
-                                                  **params))
+        seed = params.pop("seed", 0)
+        key = ("interaction_type", int(i), n, seed, params_key(params))
+
+        def fn():
+            from .kernels.common import sample_indices
+            drawn = sample_indices(len(self.dataset), n, seed)
+            # an instance whose output is not finite would make every average NaN: left out
+            # (its logits are computed once, each, and reused for every instance's line)
+            finite = [int(j) for j in drawn if self._finite_logits(int(j))]
+            if len(finite) < 2:
+                raise ValueError(
+                    f"Of the {n} instances drawn for EMAP's averages, {len(finite)} have a "
+                    "finite output: at least 2 are needed. Make the model finite on the "
+                    "dataset, or set method_params={'interaction_type': {'seed': ...}} to "
+                    "draw others.")
+            kind = self.kernels.interaction_type(a, self.dataset, int(i), finite, progress,
+                                                 **params)
+            return {**kind, "reference_left_out": len(drawn) - len(finite)}
+        return self.engine.memo(key, fn)
+
+    def _finite_logits(self, j: int) -> bool:
+        try:
+            self.logits(j)
+        except ValueError:
+            return False
+        return True
 
     # -- stage 3 -------------------------------------------------------------------------------
     def features(self, progress=None):

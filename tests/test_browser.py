@@ -1050,7 +1050,7 @@ def test_the_heatmap_greys_cells_not_computed_outlines_the_row_and_keeps_labels_
                            ".includes('How the modalities combine: ')", timeout=60_000)
     line = page.evaluate("() => Array.from(document.querySelectorAll('.mvz-heatmap-view "
                          ".widget-label')).map(l => l.innerText).join(' ')")
-    assert "instances by EMAP" in line and not page.locator(".mvz-heatmap-view b").count()
+    assert "instances of the dataset" in line and not page.locator(".mvz-heatmap-view b").count()
     want = nb.kernel_json("import json; print(json.dumps(ex.state()['interaction_type_text']))")
     assert want.startswith("How the modalities combine: ") and want.split(". ")[0] in line
     # hovering a grey cell names its two units in full

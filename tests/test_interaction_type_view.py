@@ -4,9 +4,12 @@ each type, that it follows the instance (and only the instance), that data stays
 a failure is said on the line without taking the page's error."""
 from __future__ import annotations
 
+import threading
+
 import ipywidgets as W
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
 from multiviz_widgets import ModelAdapter, MultimodalDataset, Tabular, TimeSeries
@@ -19,39 +22,53 @@ from .explorer_support import CLASSES, FakeKernels, tiny_three, tiny_vqa
 from .test_explorer import nan_for_instance_3
 
 
-def _kind(label, predicted, alone, emap_prediction=None, dominant=None, n=50):
+_SAME = object()
+
+
+def _kind(label, predicted, alone, emap_prediction=_SAME, dominant=None, n=50):
     return {"label": label, "predicted": predicted, "unimodal_predictions": alone,
-            "emap_prediction": predicted if emap_prediction is None else emap_prediction,
+            "emap_prediction": predicted if emap_prediction is _SAME else emap_prediction,
             "dominant": dominant, "reference_size": n}
 
 
-def test_each_type_is_said_with_what_each_modality_alone_predicts():
+def test_each_type_is_said_with_the_prediction_and_what_each_modality_alone_predicts():
     names = ["no", "yes", "circle"]
     text = combination_text(_kind("dominance", 2, {"image": 2, "question": 0},
                                   dominant="image"), names)
-    assert text.startswith("How the modalities combine: dominance. Image alone already "
-                           "predicts 'circle'")
-    assert "(each alone, the other averaged over 50 instances by EMAP: image 'circle', " \
-           "question 'no')." in text
+    assert text.startswith("How the modalities combine: dominance. The model predicts "
+                           "'circle'; on its own, 'image' already does (")
+    assert text.endswith("(with the other modality's input averaged over 50 instances of the "
+                         "dataset, 'image' alone predicts 'circle' and 'question' alone 'no').")
     both = combination_text(_kind("complement", 1, {"image": 1, "question": 1}), names)
-    assert "Each modality alone predicts 'yes', and so do their effects added up" in both
+    assert ("The model predicts 'yes'; so does each modality on its own, and so do their "
+            "effects added up") in both
     neither = combination_text(_kind("complement", 1, {"image": 0, "question": 2}), names)
-    assert "No modality alone predicts 'yes'; their effects added up do" in neither
+    assert ("The model predicts 'yes'; no modality on its own does, their effects added up "
+            "do") in neither
     conflict = combination_text(_kind("conflict", 2, {"image": 0, "question": 0},
                                       emap_prediction=0), names)
-    assert ("Added up, the modalities' separate effects would predict 'no'; their interaction "
-            "makes it 'circle'") in conflict
+    assert ("The model predicts 'circle'; added up, the modalities' separate effects would "
+            "predict 'no': their interaction decides") in conflict
+    tied = combination_text(_kind("conflict", 2, {"image": 0, "question": 0},
+                                  emap_prediction=None), names)
+    assert "separate effects would pick no class (a tie): their interaction decides" in tied
     tie = combination_text(_kind("undecided", 0, {"image": None, "question": 1},
                                  emap_prediction=None), names)
-    assert "top two classes tie" in tie and "image no class (a tie)" in tie
+    assert "top two classes tie" in tie and "'image' alone predicts no class (a tie)" in tie
     three = combination_text(_kind("complement", 0, {"a": 0, "b": 0, "c": 0}), names)
-    assert "the others averaged" in three
+    assert ("the other modalities' inputs averaged over 50 instances of the dataset, 'a' alone "
+            "predicts 'no', 'b' alone 'no' and 'c' alone 'no')") in three
+    left = combination_text({**_kind("complement", 0, {"a": 0, "b": 0}, n=49),
+                             "reference_left_out": 1}, names)
+    assert "over 49 instances of the dataset (1 more left out: their output is not finite)" \
+        in left
 
 
-def test_class_names_from_data_stay_text():
-    text = combination_text(_kind("conflict", 3, {"image": 0, "question": 0},
-                                  emap_prediction=0), CLASSES)
-    assert "'<b>bold</b>'" in text and "'red'" in text
+def test_names_from_data_stay_text_and_keep_their_case():
+    text = combination_text(_kind("dominance", 3, {"mRNA": 3, "eHR": 0}, dominant="mRNA"),
+                            CLASSES)
+    assert "The model predicts '<b>bold</b>'; on its own, 'mRNA' already does" in text
+    assert "'eHR' alone 'red'" in text
 
 
 def _explorer(adapter, ds, kernels=None):
@@ -87,9 +104,10 @@ class _Counting(FakeKernels):
         super().__init__()
         self.typed = []
 
-    def interaction_type(self, adapter, dataset, index, n_reference, progress=None, **params):
+    def interaction_type(self, adapter, dataset, index, reference_indices, progress=None,
+                         **params):
         self.typed.append(index)
-        return super().interaction_type(adapter, dataset, index, n_reference, progress,
+        return super().interaction_type(adapter, dataset, index, reference_indices, progress,
                                         **params)
 
 
@@ -99,7 +117,9 @@ def test_the_type_is_computed_once_per_instance_not_per_target_method_or_pair():
     ex = _explorer(adapter, ds, kernels)
     try:
         assert ex.wait(60)
+        shown = ex.state()["interaction_type_text"]
         ex.select(target=1)
+        assert ex.state()["interaction_type_text"] == shown      # not asked again: no flash
         assert ex.wait(60)
         ex.select(interaction_method="pairwise_ablation")
         assert ex.wait(60)
@@ -112,16 +132,23 @@ def test_the_type_is_computed_once_per_instance_not_per_target_method_or_pair():
         assert kernels.typed == [0, 2]
         assert ex.state()["interaction_type"] in ("dominance", "complement", "conflict",
                                                   "undecided")
-        assert "the others averaged" in ex.state()["interaction_type_text"]   # 3 modalities
+        assert "the other modalities' inputs averaged" in ex.state()["interaction_type_text"]
     finally:
         ex.close()
 
 
 def test_a_failure_is_said_on_the_line_and_the_page_keeps_its_own_error():
+    """Instance 3's output is NaN: it is left out of the other instances' references (before,
+    every instance's line failed on it), and its own line says why it has none."""
     adapter, ds = nan_for_instance_3()
     ex = _explorer(adapter, ds)
     try:
         assert ex.wait(60)
+        st = ex.state()
+        assert st["error"] == "" and st["interaction_type"] in ("dominance", "complement",
+                                                                "conflict", "undecided")
+        assert (f"averaged over {len(ds) - 1} instances of the dataset (1 more left out: their "
+                "output is not finite)") in st["interaction_type_text"]
         ex.select(instance=3)
         assert ex.wait(60)
         st = ex.state()
@@ -185,9 +212,67 @@ def test_method_params_set_the_reference_set_or_turn_the_line_off():
     ({"n_reference": -2}, ValueError, "n_reference"),
     ({"n_reference": 2.5}, ValueError, "n_reference"),
     ({"references": 9}, TypeError, r"interaction_type does not take.*n_reference"),
+    ({"seed": -1}, ValueError, "seed"),
+    ({"batch_size": 0}, ValueError, "batch_size"),
+    ({"factorized": "maybe"}, ValueError, "factorized must be"),
 ])
 def test_method_params_of_the_line_are_checked_when_the_explorer_opens(params, error, match):
     adapter, ds = tiny_vqa()
     with pytest.raises(error, match=match):
         Explorer(adapter, ds, kernels=FakeKernels(),
                  method_params={"interaction_type": params}).close()
+
+
+class _Blocking(_Counting):
+    """Its interaction type waits for ``gate``, reporting progress (where a cancel stops it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.started = threading.Event(), threading.Event()
+
+    def interaction_type(self, adapter, dataset, index, reference_indices, progress=None,
+                         **params):
+        self.started.set()
+        while not self.gate.wait(0.01):
+            progress(0, 1, "waiting")
+        return super().interaction_type(adapter, dataset, index, reference_indices, progress,
+                                        **params)
+
+
+def test_a_cancel_stops_the_line_which_is_asked_again_on_the_next_click():
+    adapter, ds = tiny_vqa()
+    kernels = _Blocking()
+    ex = _explorer(adapter, ds, kernels)
+    try:
+        assert kernels.started.wait(30)
+        assert "computing" in ex.state()["interaction_type_text"]
+        ex.progress_panel.cancel.click()
+        assert ex.wait(30)
+        assert ex.state()["interaction_type_text"] == (
+            "How the modalities combine at #0: not computed (Cancelled; asked again on the "
+            "next click)")
+        kernels.gate.set()
+        ex.select(unit=("question", 1))
+        assert ex.wait(60)
+        assert ex.state()["interaction_type"] != "" and kernels.typed == [0]   # after the gate
+    finally:
+        kernels.gate.set()
+        ex.close()
+
+
+def test_recompute_computes_the_line_again_for_new_weights():
+    adapter, ds = tiny_vqa()
+    kernels = _Counting()
+    ex = _explorer(adapter, ds, kernels)
+    try:
+        assert ex.wait(60)
+        with torch.no_grad():
+            adapter.model.head.weight.mul_(-3)
+        ex.controls.refresh_button.click()
+        assert ex.wait(60)
+        want = interaction_type(adapter, 0, reference=ds, n_reference=len(ds))
+        assert kernels.typed == [0, 0]
+        assert ex.state()["interaction_type_text"] == combination_text(want,
+                                                                       adapter.class_names)
+    finally:
+        ex.close()

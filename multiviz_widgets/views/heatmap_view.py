@@ -216,8 +216,10 @@ class CellTip(anywidget.AnyWidget):
 
 def combination_text(kind, class_names) -> str:
     """One line on how the modalities combine at an instance, from ``Analyses.interaction_type``
-    (M2Lens' words: dominance, complement, conflict; or undecided), with what each modality
-    alone and their additive EMAP part predict. Class names are data: quoted, shown as text."""
+    (M2Lens' words: dominance, complement, conflict; or undecided): the model's prediction, what
+    each modality alone predicts (with the others' inputs averaged over the reference
+    instances) and what their effects added up (EMAP) predict. Names from data (classes,
+    modalities) are quoted and shown as text."""
     def name(c) -> str:
         if c is None:
             return "no class (a tie)"
@@ -226,20 +228,29 @@ def combination_text(kind, class_names) -> str:
     c, label, alone = kind["predicted"], kind["label"], kind["unimodal_predictions"]
     predicted = name(c)
     if label == "dominance":
-        why = f"{kind['dominant']} alone already predicts {predicted}"
+        why = (f"The model predicts {predicted}; on its own, {quoted(kind['dominant'])} already "
+               "does")
     elif label == "complement":
-        why = (f"each modality alone predicts {predicted}, and so do their effects added up"
-               if all(v == c for v in alone.values()) else
-               f"no modality alone predicts {predicted}; their effects added up do")
+        why = (f"The model predicts {predicted}; so does each modality on its own, and so do "
+               "their effects added up" if all(v == c for v in alone.values()) else
+               f"The model predicts {predicted}; no modality on its own does, their effects "
+               "added up do")
     elif label == "conflict":
-        why = (f"added up, the modalities' separate effects would predict "
-               f"{name(kind['emap_prediction'])}; their interaction makes it {predicted}")
+        emap = kind["emap_prediction"]
+        why = (f"The model predicts {predicted}; added up, the modalities' separate effects "
+               + ("would pick no class (a tie)" if emap is None else
+                  f"would predict {name(emap)}")
+               + ": their interaction decides")
     else:
-        why = "the model's top two classes tie: there is no prediction to explain"
-    each = ", ".join(f"{m} {name(v)}" for m, v in alone.items())
-    others = "the other" if len(alone) == 2 else "the others"
-    return (f"How the modalities combine: {label}. {why[:1].upper()}{why[1:]} (each alone, "
-            f"{others} averaged over {kind['reference_size']} instances by EMAP: {each}).")
+        why = "The model's top two classes tie: there is no prediction to explain"
+    parts = [f"{quoted(m)} alone {'predicts ' if k == 0 else ''}{name(v)}"
+             for k, (m, v) in enumerate(alone.items())]
+    each = ", ".join(parts[:-1]) + " and " + parts[-1]
+    others = "the other modality's input" if len(alone) == 2 else "the other modalities' inputs"
+    n, left = kind["reference_size"], int(kind.get("reference_left_out", 0) or 0)
+    out = (f" ({left} more left out: their output is not finite)" if left else "")
+    return (f"How the modalities combine: {label}. {why} (with {others} averaged over {n} "
+            f"instances of the dataset{out}, {each}).")
 
 
 class HeatmapView(W.VBox):
@@ -360,12 +371,17 @@ class HeatmapView(W.VBox):
         self._refresh_combination()
 
     def _refresh_combination(self) -> None:
-        """Ask for the instance's interaction type (once per instance: the method, target and
-        pair do not change it), after the matrix (priority 3)."""
+        """Ask for the instance's interaction type: once per instance (the method, target and
+        pair do not change it) and cache (a recompute asks again), after the click's other
+        jobs. A click's job (the main lane: the cancel button stops it), last in its lane; the
+        dataset's features, in the other lane, never wait for it."""
         i, a = self.selection.instance, self.analyses
-        if i == self._combination_asked:
-            return
-        self._combination_asked = i
+        with self.engine.lock:
+            asked = (i, self.engine.cache_epoch)
+            if asked == self._combination_asked:
+                return
+            self._combination_asked = asked
+        self.retry.asked("combination")
 
         def job(progress):
             try:
@@ -379,11 +395,9 @@ class HeatmapView(W.VBox):
 
         with self.engine.lock:
             self._set_combination("", f"How the modalities combine at #{i}: computing ...")
-            # the background lane: its reference pairs (thousands of full forward passes for a
-            # model that does not split) never hold up a click's matrix, map or path
             self.engine.submit("interaction_type", None, job, self._show_combination,
-                               lambda err: self._combination_failed(err, i), priority=3,
-                               label="interaction type", lane="background")
+                               lambda err: self._combination_failed(err, i), priority=9,
+                               label="how the modalities combine")
 
     def _set_combination(self, label: str, text: str) -> None:
         self.combination_label = label
@@ -401,13 +415,17 @@ class HeatmapView(W.VBox):
                               combination_text(kind, self.analyses.adapter.class_names))
 
     def _combination_failed(self, err, i: int) -> None:
-        """A cancel (or the engine's own failure): asked again at the next refresh."""
+        """A cancel (or the engine's own failure): asked again at the next click."""
         self._combination_asked = None
-        self._say_not_computed(err, i)
+        self._say_not_computed(err, i, self.retry.failed("combination",
+                                                          self._refresh_combination, err))
 
-    def _say_not_computed(self, err, i: int) -> None:
+    def _say_not_computed(self, err, i: int, again: str = "") -> None:
+        # whole (the page's banner, which shows a failure whole, does not show this one)
+        text = " ".join(str(err).split())
+        said = type(err).__name__ + (f": {text}" if text and not again else "")
         self._set_combination("", f"How the modalities combine at #{i}: not computed "
-                                  f"({failure_text(err)})")
+                                  f"({said}{again})")
 
     def _failed(self, err, instance: int | None = None,
                 pair: tuple[str, str] | None = None) -> None:
