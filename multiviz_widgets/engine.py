@@ -409,6 +409,13 @@ class Engine(traitlets.HasTraits):
                 self.stats["dropped"] += 1
                 self._after_job()      # nothing else pending: not busy once wait() returns
 
+    def clicks_waiting(self) -> bool:
+        """Whether a job of the main lane (what a click asked for) waits in its queue: a long
+        job of that lane can then give way (stop, and be asked for again behind it)."""
+        with self._lock:
+            return any(j.state == "queued" and self._is_current(j)
+                       for *_, j in self._queues["main"])
+
     def cancel(self, lanes: tuple[str, ...] | None = None) -> None:
         """Cancel the running and queued jobs of ``lanes`` (the cancel button).
 
@@ -838,7 +845,9 @@ def check_path_params(path_params, names: bool = True) -> dict:
 def check_method_params(method_params) -> dict:
     """``method_params`` ({method: {parameter: value}}, e.g. {"lime": {"n_samples": 3000}}) as
     a dict of dicts, each method a stage-1 or stage-2 method and each parameter one it takes
-    (a value it refuses is said by the method, in the banner, when it runs)."""
+    (a value it refuses is said by the method, in the banner, when it runs), or
+    "interaction_type" with ``TYPE_PARAMS`` (the line on how the modalities combine), whose
+    values are checked here."""
     if method_params is None:
         return {}
     if not isinstance(method_params, Mapping):
@@ -1147,13 +1156,7 @@ class Analyses:
     def logits(self, i: int) -> np.ndarray:
         """The model's logits for instance i; a ValueError when they are not finite (no class
         is predicted then, and every explanation of the instance would be NaN)."""
-        p = self.prepared(i)
-        def fn():
-            z = self.adapter.predict(p.raw)[0].detach()
-            # a float64 model's logits stay float64: rounded to float32, two classes 1e-9 apart
-            # would tie and the Explorer could predict another class than the features say
-            return (z if z.dtype == torch.float64 else z.float()).cpu().numpy()
-        z = self.engine.memo(("logits", p.key), fn)
+        z = self._logits(i)
         if not np.isfinite(z).all():
             raise ValueError(
                 f"The model's output for instance {i} is not finite: logits "
@@ -1162,6 +1165,17 @@ class Analyses:
                 "model's forward on this instance (e.g. a division by zero or log(0))."
                 + masked_logits_hint(z))
         return z
+
+    def _logits(self, i: int) -> np.ndarray:
+        """The model's logits for instance i, finite or not (one forward pass, kept)."""
+        p = self.prepared(i)
+
+        def fn():
+            z = self.adapter.predict(p.raw)[0].detach()
+            # a float64 model's logits stay float64: rounded to float32, two classes 1e-9 apart
+            # would tie and the Explorer could predict another class than the features say
+            return (z if z.dtype == torch.float64 else z.float()).cpu().numpy()
+        return self.engine.memo(("logits", p.key), fn)
 
     def class_index(self, i: int, target: int) -> int:
         """The class a selection explains: ``target``, or the predicted class when -1."""
@@ -1273,43 +1287,57 @@ class Analyses:
             lambda: self.kernels.interaction(self.adapter, p, method, tuple(pair), target,
                                              progress, **params))
 
+    def interaction_type_references(self) -> int:
+        """How many instances the line on how the modalities combine averages over
+        (``method_params["interaction_type"]["n_reference"]``, default TYPE_REFERENCES, at most
+        the dataset's); 0 where no such line is wanted or says anything: one modality, one
+        output, fewer than 2 references (n_reference 0 turns it off)."""
+        a = self.adapter
+        wanted = self.method_params.get("interaction_type", {}).get("n_reference",
+                                                                     TYPE_REFERENCES)
+        n = min(int(wanted), len(self.dataset))
+        return n if len(a.names) >= 2 and a.n_classes >= 2 and n >= 2 else 0
+
     def interaction_type(self, i: int, progress=None) -> dict | None:
         """How the modalities combine at instance i (``Kernels.interaction_type`` against
-        ``TYPE_REFERENCES`` instances of the dataset, or all of a smaller one;
-        ``method_params["interaction_type"]`` may set its ``TYPE_PARAMS``); None where a label
-        says nothing (one modality, one output, one instance) or none is wanted
-        (n_reference 0)."""
-        a = self.adapter
-        params = dict(self.method_params.get("interaction_type", {}))
-        n = min(int(params.pop("n_reference", TYPE_REFERENCES)), len(self.dataset))
-        if len(a.names) < 2 or a.n_classes < 2 or n < 2:
+        ``interaction_type_references()`` instances of the dataset drawn with ``seed``,
+        default 0, those without a finite output left out; ``method_params["interaction_type"]``
+        may set its ``TYPE_PARAMS``); None where no line is wanted (see
+        ``interaction_type_references``)."""
+        n = self.interaction_type_references()
+        if not n:
             return None
+        params = dict(self.method_params.get("interaction_type", {}))
+        params.pop("n_reference", None)
         seed = params.pop("seed", 0)
         key = ("interaction_type", int(i), n, seed, params_key(params))
 
         def fn():
             from .kernels.common import sample_indices
             drawn = sample_indices(len(self.dataset), n, seed)
-            # an instance whose output is not finite would make every average NaN: left out
-            # (its logits are computed once, each, and reused for every instance's line)
-            finite = [int(j) for j in drawn if self._finite_logits(int(j))]
-            if len(finite) < 2:
+            # an instance without a finite output (NaN logits, or the model failing on it)
+            # would make every average NaN, or fail: left out (each reference's logits are
+            # computed once, and reused for every instance's line)
+            kept = [int(j) for j in drawn if self._has_finite_output(int(j))]
+            if len(kept) < 2:
                 raise ValueError(
-                    f"Of the {n} instances drawn for EMAP's averages, {len(finite)} have a "
-                    "finite output: at least 2 are needed. Make the model finite on the "
-                    "dataset, or set method_params={'interaction_type': {'seed': ...}} to "
-                    "draw others.")
-            kind = self.kernels.interaction_type(a, self.dataset, int(i), finite, progress,
-                                                 **params)
-            return {**kind, "reference_left_out": len(drawn) - len(finite)}
+                    f"Of the {n} instances drawn for EMAP's averages, {len(kept)} have a finite "
+                    "output (the model's logits on the others are not finite, or the model "
+                    "failed on them): at least 2 are needed. Make the model finite on the "
+                    "dataset, or set method_params={'interaction_type': {'seed': ...}} to draw "
+                    "others.")
+            kind = self.kernels.interaction_type(self.adapter, self.dataset, int(i), kept,
+                                                 progress, seed=seed, **params)
+            return {**kind, "reference_left_out": len(drawn) - len(kept)}
         return self.engine.memo(key, fn)
 
-    def _finite_logits(self, j: int) -> bool:
+    def _has_finite_output(self, j: int) -> bool:
         try:
-            self.logits(j)
-        except ValueError:
+            return bool(np.isfinite(self._logits(j)).all())
+        except Cancelled:
+            raise
+        except Exception:  # noqa: BLE001 -- the model failing on it: no output to average
             return False
-        return True
 
     # -- stage 3 -------------------------------------------------------------------------------
     def features(self, progress=None):

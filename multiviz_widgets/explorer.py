@@ -417,6 +417,9 @@ class Explorer(W.VBox):
     "shapley": {"budget": 8192}}``: an instance of thousands of units needs more LIME samples
     than the default 500, and the menus have no place for numbers. Unknown methods or
     parameters are refused at once; a value a method refuses is said in the banner.
+    ``"interaction_type"`` sets the line on how the modalities combine (``n_reference``, 50 by
+    default, 0 for no line; ``seed``, ``batch_size``, ``factorized``: checked at once, and a
+    failure is said on the line).
     annotations: the concepts people give neurons and units (``explorer.annotations``): a JSON
     file's path (read if it exists, saved on each change; a file that cannot be read, or was
     made for a model of another shape, raises an AnnotationError and is left as it is), an

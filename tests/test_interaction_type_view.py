@@ -5,6 +5,7 @@ a failure is said on the line without taking the page's error."""
 from __future__ import annotations
 
 import threading
+import time
 
 import ipywidgets as W
 import numpy as np
@@ -60,8 +61,8 @@ def test_each_type_is_said_with_the_prediction_and_what_each_modality_alone_pred
             "predicts 'no', 'b' alone 'no' and 'c' alone 'no')") in three
     left = combination_text({**_kind("complement", 0, {"a": 0, "b": 0}, n=49),
                              "reference_left_out": 1}, names)
-    assert "over 49 instances of the dataset (1 more left out: their output is not finite)" \
-        in left
+    assert ("over 49 instances of the dataset (1 more left out: the model gave no finite "
+            "output for them)") in left
 
 
 def test_names_from_data_stay_text_and_keep_their_case():
@@ -147,8 +148,8 @@ def test_a_failure_is_said_on_the_line_and_the_page_keeps_its_own_error():
         st = ex.state()
         assert st["error"] == "" and st["interaction_type"] in ("dominance", "complement",
                                                                 "conflict", "undecided")
-        assert (f"averaged over {len(ds) - 1} instances of the dataset (1 more left out: their "
-                "output is not finite)") in st["interaction_type_text"]
+        assert (f"averaged over {len(ds) - 1} instances of the dataset (1 more left out: the "
+                "model gave no finite output for them)") in st["interaction_type_text"]
         ex.select(instance=3)
         assert ex.wait(60)
         st = ex.state()
@@ -171,7 +172,8 @@ class _OneScore(nn.Module):
 
 
 def test_no_type_for_a_model_with_one_output_nor_a_one_instance_dataset():
-    mods = [Tabular("tab", columns=list("abc")), TimeSeries("series", channels=list("wxyz"), window=2)]
+    mods = [Tabular("tab", columns=list("abc")),
+            TimeSeries("series", channels=list("wxyz"), window=2)]
     rng = np.random.default_rng(0)
     ds = MultimodalDataset({"tab": [rng.normal(size=3).astype(np.float32) for _ in range(4)],
                             "series": [rng.normal(size=(6, 4)).astype(np.float32)
@@ -274,5 +276,79 @@ def test_recompute_computes_the_line_again_for_new_weights():
         assert kernels.typed == [0, 0]
         assert ex.state()["interaction_type_text"] == combination_text(want,
                                                                        adapter.class_names)
+    finally:
+        ex.close()
+
+
+def test_the_line_gives_way_to_a_later_click_and_comes_back_behind_it():
+    """Before: a change of target waited for the whole interaction type (N^2 pairs, thousands
+    of full passes for a model that does not split) before its matrix was computed."""
+    adapter, ds = tiny_vqa()
+    kernels = _Blocking()
+    ex = _explorer(adapter, ds, kernels)
+    try:
+        assert kernels.started.wait(30)
+        ex.select(target=1)
+        deadline = time.monotonic() + 20
+        asked = f"for class '{CLASSES[1]}'"
+        while asked not in ex.heatmap_view.caption.value and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert asked in ex.heatmap_view.caption.value      # while the gate is still closed
+        assert "computing" in ex.state()["interaction_type_text"]
+        kernels.gate.set()
+        assert ex.wait(60)
+        want = interaction_type(adapter, 0, reference=ds, n_reference=len(ds))
+        assert ex.state()["interaction_type_text"] == combination_text(want,
+                                                                       adapter.class_names)
+    finally:
+        kernels.gate.set()
+        ex.close()
+
+
+def test_the_seed_draws_the_references_and_the_three_modality_permutations():
+    adapter, ds = tiny_three()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.02,
+                  method_params={"interaction_type": {"seed": 3}})
+    try:
+        assert ex.wait(60)
+        want = interaction_type(adapter, 0, reference=ds, n_reference=len(ds), seed=3)
+        assert ex.state()["interaction_type_text"] == combination_text(want,
+                                                                       adapter.class_names)
+    finally:
+        ex.close()
+
+
+def test_an_instance_the_model_fails_on_is_left_out_of_the_references():
+    adapter, ds = tiny_vqa()
+    forward = adapter.model.forward
+    bad = torch.as_tensor(ds[5]["image"]).permute(2, 0, 1)
+
+    def fails_on_5(image, question):
+        if any(torch.equal(row, bad) for row in image):
+            raise ZeroDivisionError("instance 5")
+        return forward(image, question)
+    adapter.model.forward = fails_on_5
+    ex = _explorer(adapter, ds)
+    try:
+        assert ex.wait(60)
+        assert ("1 more left out: the model gave no finite output for them"
+                in ex.state()["interaction_type_text"])
+    finally:
+        ex.close()
+
+
+def test_a_line_turned_off_never_shows_nor_asks():
+    adapter, ds = tiny_vqa()
+    kernels = _Counting()
+    ex = Explorer(adapter, ds, kernels=kernels, delay=0.02,
+                  method_params={"interaction_type": {"n_reference": 0}})
+    shown = []
+    ex.heatmap_view.combination.layout.observe(lambda c: shown.append(c["new"]), "display")
+    try:
+        for i in (1, 2, 3):
+            ex.select(instance=i)
+            assert ex.wait(60)
+        assert shown == [] and kernels.typed == []
+        assert ex.heatmap_view.combination.layout.display == "none"
     finally:
         ex.close()

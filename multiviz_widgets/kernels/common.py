@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import weakref
 from dataclasses import dataclass
@@ -108,8 +109,9 @@ def check_rows_independent(adapter: ModelAdapter, prepared: Prepared,
     """An AdapterError (code "batch-dependent") when the model's output for the instance
     depends on the other rows of its batch (BatchNorm without running statistics, h - h.mean(0),
     the first row's statistic applied to all, dynamic quantisation's per-batch scale): every
-    method batches the instance with masked copies or points on a path, so its scores would
-    depend on which rows share a batch (occlusion's changed 2.9x with batch_size). The instance
+    method batches the instance with masked copies or points on a path (EMAP and DIME, with
+    other instances), so its scores would depend on which rows share a batch (occlusion's
+    changed 2.9x with batch_size; ``batched`` says why in the error). The instance
     beside ``other`` (continuous inputs of its shapes; default its baseline), first and second,
     is compared with the instance beside itself (the same shapes: a model that treats rows
     independently gives the same values to rounding), and one more pass tells a random model
@@ -136,16 +138,22 @@ def _check_rows_now(adapter: ModelAdapter, prepared: Prepared, batched: str,
     if all(equal):
         return                     # the instance is the other row: nothing to tell apart
 
-    def run(first, second):
-        return adapter.forward(dict(prepared.raw),
-                               {n: torch.stack([first[n], second[n]]) for n in names})
-    try:
-        same = run(x, x)
-        beside = torch.cat([run(x, other)[:1], run(other, x)[1:]])      # x first, then second
-    except Exception as error:  # noqa: BLE001 -- the method's own passes meet it and say why
-        if memory_error(error):
-            raise                      # as the method's passes would: at once, as it is
+    def run(*pairs):
+        """The outputs of the row pairs, each [2, ...] from (first, second); None when the
+        model cannot run them (the method's own passes meet that and say why), and running
+        out of memory raised at once, as the method's passes would."""
+        try:
+            return [adapter.forward(dict(prepared.raw),
+                                    {n: torch.stack([first[n], second[n]]) for n in names})
+                    for first, second in pairs]
+        except Exception as error:  # noqa: BLE001
+            if memory_error(error):
+                raise
+            return None
+    ran = run((x, x), (x, other), (other, x))
+    if ran is None:
         return
+    same, beside = ran[0], torch.cat([ran[1][:1], ran[2][1:]])     # x first, then second
     if not (torch.isfinite(same).all() and torch.isfinite(beside).all()):
         return
     eps = dtype_eps(adapter, same, beside)
@@ -153,13 +161,8 @@ def _check_rows_now(adapter: ModelAdapter, prepared: Prepared, batched: str,
         if not any(equal):             # a modality equal in both rows could hide a statistic
             _ROWS_INDEPENDENT.add(adapter)
         return
-    try:
-        again = run(x, x)
-    except Exception as error:  # noqa: BLE001
-        if memory_error(error):
-            raise
-        return
-    if outputs_differ(same, again, eps):
+    again = run((x, x))
+    if again is None or outputs_differ(same, again[0], eps):
         return                             # a random model: check() says so, not this
     largest = float((beside.double() - same.double()).abs().max())
     which = "its baseline" if other is prepared.baseline else "another instance"
@@ -189,7 +192,7 @@ def check_instance_rows_independent(adapter: ModelAdapter, instance, others=(),
     except Exception:  # noqa: BLE001 -- the method's own passes meet it and say why
         return
     x = prepared.continuous
-    for candidate in list(others)[:ROWS_CHECK_CANDIDATES]:
+    for candidate in itertools.islice(others, ROWS_CHECK_CANDIDATES):
         try:
             c = as_prepared(adapter, candidate).continuous
         except Exception:  # noqa: BLE001 -- not a partner; its own passes say why

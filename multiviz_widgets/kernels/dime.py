@@ -26,10 +26,10 @@ from ..data import MultimodalDataset
 from ..progress import ProgressFn
 from ..results import Result, Stopwatch
 from ..checks import positive_int
-from .common import (PERTURBATION_BATCH, ROWS_CHECK_CANDIDATES, ShapeGroups, block_pairs,
-                     check_adapter, check_instance_rows_independent, check_model_takes,
-                     dataset_index, dataset_indices, masked_continuous, modality_pair,
-                     resolve_target, sample_indices)
+from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
+                     check_instance_rows_independent, check_model_takes, dataset_index,
+                     dataset_indices, masked_continuous, modality_pair, resolve_target,
+                     sample_indices)
 from .split_model import (FusedPairs, check_factorized, same_or_reject, steady_progress,
                           with_split)
 
@@ -288,7 +288,7 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     if len(ref_idx) < 2:
         raise ValueError(f"DIME needs a reference set of at least 2 instances, got {len(ref_idx)}.")
     check_instance_rows_independent(                        # (the model's; not timed)
-        adapter, instance, (dataset[int(i)] for i in ref_idx[:ROWS_CHECK_CANDIDATES]))
+        adapter, instance, (dataset[int(i)] for i in ref_idx))
     with Stopwatch() as sw:
         p = adapter.prepare(instance)
         t = resolve_target(adapter, p, target)

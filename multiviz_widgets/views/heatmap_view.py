@@ -248,9 +248,19 @@ def combination_text(kind, class_names) -> str:
     each = ", ".join(parts[:-1]) + " and " + parts[-1]
     others = "the other modality's input" if len(alone) == 2 else "the other modalities' inputs"
     n, left = kind["reference_size"], int(kind.get("reference_left_out", 0) or 0)
-    out = (f" ({left} more left out: their output is not finite)" if left else "")
+    out = (f" ({left} more left out: the model gave no finite output for them)" if left
+           else "")
     return (f"How the modalities combine: {label}. {why} (with {others} averaged over {n} "
             f"instances of the dataset{out}, {each}).")
+
+
+class _GiveWay(Cancelled):
+    """Raised in the interaction type's job when a click's job waits behind it: the kernels
+    stop on it as on a cancel, and the view asks again (see ``_refresh_combination``)."""
+
+
+#: the job's result when it gave way
+_GAVE_WAY = object()
 
 
 class HeatmapView(W.VBox):
@@ -373,8 +383,11 @@ class HeatmapView(W.VBox):
     def _refresh_combination(self) -> None:
         """Ask for the instance's interaction type: once per instance (the method, target and
         pair do not change it) and cache (a recompute asks again), after the click's other
-        jobs. A click's job (the main lane: the cancel button stops it), last in its lane; the
-        dataset's features, in the other lane, never wait for it."""
+        jobs. A click's job (the main lane: the cancel button stops it), last in its lane, that
+        gives way to any later click's job (it stops at its next batch and is asked again
+        behind it: its N^2 pairs, thousands of full passes for a model that does not split,
+        would hold up a change of target or method); the dataset's features, in the other
+        lane, never wait for it."""
         i, a = self.selection.instance, self.analyses
         with self.engine.lock:
             asked = (i, self.engine.cache_epoch)
@@ -382,10 +395,23 @@ class HeatmapView(W.VBox):
                 return
             self._combination_asked = asked
         self.retry.asked("combination")
+        if not a.interaction_type_references():      # none wanted, or none to say: no line
+            self._set_combination("", "")
+            return
+        engine = self.engine
+
+        def give_way(progress):
+            def report(done, total, message=""):
+                progress(done, total, message)
+                if engine.clicks_waiting():
+                    raise _GiveWay("a click's job waits")
+            return report
 
         def job(progress):
             try:
-                return i, a.interaction_type(i, progress), None
+                return i, a.interaction_type(i, give_way(progress)), None
+            except _GiveWay:
+                return i, None, _GAVE_WAY
             except Cancelled:
                 raise
             except Exception as err:  # noqa: BLE001 -- said on its own line (below)
@@ -405,7 +431,11 @@ class HeatmapView(W.VBox):
 
     def _show_combination(self, result) -> None:
         i, kind, err = result
-        if err is not None:           # said; asked again only for another instance
+        if err is _GAVE_WAY:          # asked again, behind the click's jobs
+            self._combination_asked = None
+            self._refresh_combination()
+            return
+        if err is not None:           # said; asked again for another instance or a recompute
             self._say_not_computed(err, i)
             return
         if kind is None:              # one output (or one instance): no type to say
