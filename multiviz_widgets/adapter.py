@@ -732,7 +732,7 @@ class ModelAdapter:
 
     def target(self, target: Any) -> Target:
         """Normalise a target: an int or class name means a class; Neuron(j) a decision neuron."""
-        if type(target) is int and 0 <= target < len(self.class_names):
+        if type(target) is int and 0 <= target < self.n_classes:
             return _class_target(target)     # the common case: one lookup, no new dataclass
         if isinstance(target, Target):
             t = target

@@ -1031,10 +1031,8 @@ class Annotations:
             taken = [k for k, cs in self._data.items()
                      if will != was and any(same_concept(c) == will for c in cs)]
             if taken and not merge:
-                names = ", ".join(key_name(k) for k in sorted(taken, key=_sort_key)[:5])
-                more = f" and {len(taken) - 5} more" if len(taken) > 5 else ""
                 raise AnnotationError(
-                    f"{new!r} is a concept already ({names}{more}): renaming {old!r} to it "
+                    f"{new!r} is a concept already ({_names(taken)}): renaming {old!r} to it "
                     f"would join the two into one, which renaming back could not separate. "
                     f"Nothing was renamed; choose another name, or pass merge=True to join "
                     f"them (undo() separates them again).")
@@ -1589,7 +1587,7 @@ class Annotations:
                 checks = list(self._key_checks) if unchecked else []
                 if not checks:
                     changed, resolved = self._take_merged(merged, theirs, incoming, their_extra,
-                                                          own_file, digest, replaced, touched)
+                                                          own_file, digest, touched)
                     self._undoable_removals(merged, removed)
                     self.change_note = _merge_text(
                         added, removed, replaced,
@@ -1702,8 +1700,8 @@ class Annotations:
         self._push_undo(f"removed by the merge: {_pairs(removed)}", before, after)
 
     def _take_merged(self, merged: dict, theirs: dict, incoming: dict, their_extra: dict,
-                     own_file: bool, digest: str | None, replaced: bool = False,
-                     touched: Iterable[tuple] = ()) -> tuple[bool, bool]:
+                     own_file: bool, digest: str | None,
+                     touched: Iterable[tuple]) -> tuple[bool, bool]:
         """``merge``'s result made the store's (under the lock): (whether its concepts changed,
         whether a failed save of its own file is resolved by it)."""
         changed = merged != self._data
@@ -1784,11 +1782,12 @@ class Annotations:
         # (one read without a lineage, as every file written before lineages was, gets one
         # derived from the bytes read: each kernel, and each git branch, that read that same
         # file gives it the same lineage, so that their saves are versions of one file)
-        self._lineage = _lineage_of(doc) or _derived_lineage(_digest(raw))
-        self._provisional = _lineage_of(doc) is None
+        digest, own = _digest(raw), _lineage_of(doc)
+        self._lineage = own or _derived_lineage(digest)
+        self._provisional = own is None
         self._read_from = path.resolve()
-        if self.path is not None and path.resolve() == self.path.resolve():
-            self._disk_digest, self._disk_entries = _digest(raw), dict(found)
+        if self.path is not None and self._read_from == self.path.resolve():
+            self._disk_digest, self._disk_entries = digest, dict(found)
         if self.model_note:
             self._warn_model(self.model_note, f"The annotations in {path}")
 

@@ -59,6 +59,12 @@ from .progress import Cancelled
 __all__ = ["Engine", "Job", "Analyses", "Kernels", "Cancelled"]
 
 
+class _GiveWay(Cancelled):
+    """Raised at a progress report of a job that ``yields`` when a job of its lane that would
+    run before it waits: the kernels stop on it as on a cancel, and the worker puts the job
+    back in its queue, behind that one (no callback is called)."""
+
+
 @dataclass(eq=False)
 class Job:
     """One submitted computation (see ``Engine.submit``)."""
@@ -73,6 +79,7 @@ class Job:
     label: str
     lane: str = "main"
     seq: int = 0
+    yields: bool = False           # gives way to a job of its lane that would run before it
     cancelled: bool = False
     told: bool = False             # on_error(Cancelled) called already (at the cancel)
     state: str = "queued"          # queued, running, done, error, cancelled, dropped
@@ -353,14 +360,16 @@ class Engine(traitlets.HasTraits):
     # -- jobs ----------------------------------------------------------------------------------
     def submit(self, slot: str, key: Hashable | None, fn: Callable, on_done: Callable | None = None,
                on_error: Callable | None = None, priority: int = 5, label: str | None = None,
-               lane: str = "main"):
+               lane: str = "main", yields: bool = False):
         """Run ``fn(progress)`` on the worker and call ``on_done(value)`` if still current.
 
         A newer submit to the same ``slot`` supersedes this one. With a ``key`` the result is
         cached; a cached key calls ``on_done`` at once (returns "cached"). ``on_error(exc)`` is
         called on failure (and with ``Cancelled`` when the person cancels); failures also set
         ``error``. Lower ``priority`` runs first within a ``lane`` ("main" or "background").
-        Returns the Job (or "cached").
+        yields: a long job of low priority that, once running, gives way to a job of its lane
+        submitted later that would run before it: it stops at its next progress report and is
+        queued again behind it (it starts over). Returns the Job (or "cached").
         """
         if lane not in self._queues:
             raise ValueError(f"lane must be one of {self.LANES}, got {lane!r}.")
@@ -390,7 +399,8 @@ class Engine(traitlets.HasTraits):
             if key is not None:
                 self.stats["misses"] += 1
             job = Job(slot, key, fn, on_done, on_error, int(priority), gen, str(label or slot),
-                      lane=lane, seq=next(self._seq), cache_epoch=self.cache_epoch)
+                      lane=lane, seq=next(self._seq), yields=bool(yields),
+                      cache_epoch=self.cache_epoch)
             self._current[slot] = job
             heapq.heappush(self._queues[lane], (job.priority, job.seq, job))
             self._set_busy()
@@ -408,13 +418,6 @@ class Engine(traitlets.HasTraits):
                 cur.state = "dropped"
                 self.stats["dropped"] += 1
                 self._after_job()      # nothing else pending: not busy once wait() returns
-
-    def clicks_waiting(self) -> bool:
-        """Whether a job of the main lane (what a click asked for) waits in its queue: a long
-        job of that lane can then give way (stop, and be asked for again behind it)."""
-        with self._lock:
-            return any(j.state == "queued" and self._is_current(j)
-                       for *_, j in self._queues["main"])
 
     def cancel(self, lanes: tuple[str, ...] | None = None) -> None:
         """Cancel the running and queued jobs of ``lanes`` (the cancel button).
@@ -619,12 +622,20 @@ class Engine(traitlets.HasTraits):
 
         def progress(done, total, message=""):
             report(done, total, message, lambda: not self._is_current(job))
+            if job.yields and self._jumped(job):
+                raise _GiveWay(f"{job.label}: gives way")
 
         def shared(done, total, message=""):
             report(done, total, message,
                    lambda: job.cancelled or job.cache_epoch != self.cache_epoch)
         progress.shared = shared
         return progress
+
+    def _jumped(self, job: Job) -> bool:
+        """Whether a current job waits in ``job``'s lane that would run before it."""
+        with self._lock:
+            return any((j.priority, j.seq) < (job.priority, job.seq) and j.state == "queued"
+                       and self._is_current(j) for *_, j in self._queues[job.lane])
 
     def _loop(self, lane: str) -> None:
         """The lane's worker, until the engine closes. Nothing that a job, a callback or an
@@ -680,6 +691,13 @@ class Engine(traitlets.HasTraits):
                 with collecting() as said:
                     job.said = said
                     value, err = job.fn(self._progress_fn(job)), None
+            except _GiveWay:
+                with self._cond:                  # back in the queue, behind the newer job
+                    self._running[lane] = None
+                    job.state, job.seq = "queued", next(self._seq)
+                    heapq.heappush(queue, (job.priority, job.seq, job))
+                    self._cond.notify_all()
+                continue
             except Cancelled as e:
                 value, err = None, e
             except BaseException as e:   # noqa: BLE001 - a kernel failure must not kill the worker

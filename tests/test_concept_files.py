@@ -17,6 +17,7 @@ from multiviz_widgets.annotations import AnnotationError, Annotations, key_name,
 from multiviz_widgets.explorer import Explorer
 
 from .explorer_support import FakeKernels, tiny_vqa
+from .test_annotations import as_sets
 
 SIG = {"model": "m", "modalities": ["image", "question"], "classes": ["a", "b"], "neurons": 8}
 HEAD = '"format": "multiviz-annotations", "version": 2'
@@ -187,10 +188,6 @@ def test_a_refused_add_answered_after_the_row_moved_names_the_key_it_was_typed_f
         ex.close()
 
 
-def _as_sets(store) -> dict:
-    return {k: set(store.concepts(k)) for k in store.keys()}
-
-
 # -- a file copied over the store's file (an e-mailed copy saved over it) ---------------------
 def test_a_file_copied_over_the_stores_file_is_joined_and_removes_none_of_its_concepts(tmp_path):
     """The three-way merge took the file as it was last read for the common base, so a
@@ -209,7 +206,7 @@ def test_a_file_copied_over_the_stores_file_is_joined_and_removes_none_of_its_co
     want = {neuron_key(1): {"teacher: colour"}, neuron_key(2): {"my circles"},
             neuron_key(3): {"my red"}, neuron_key(4): {"my yes/no"},
             neuron_key(5): {"my new one"}}
-    assert _as_sets(mine) == want and _as_sets(Annotations.load(path)) == want
+    assert as_sets(mine) == want and as_sets(Annotations.load(path)) == want
     assert "the file was replaced by another file" in mine.change_note
     assert "and was joined with these: none of these removed" in mine.change_note
     assert "took in 1 concept from the file: h1 'teacher: colour'" in mine.change_note
@@ -218,7 +215,7 @@ def test_a_file_copied_over_the_stores_file_is_joined_and_removes_none_of_its_co
     path.write_bytes(teachers.read_bytes())
     with pytest.warns(UserWarning, match="changed on disk.*was replaced"):
         again = Annotations.open(path, signature=SIG)
-    assert again is mine and _as_sets(mine) == want and _as_sets(Annotations.load(path)) == want
+    assert again is mine and as_sets(mine) == want and as_sets(Annotations.load(path)) == want
 
 
 def test_an_older_backup_of_the_same_file_put_back_names_what_it_removes(tmp_path):
@@ -237,14 +234,14 @@ def test_an_older_backup_of_the_same_file_put_back_names_what_it_removes(tmp_pat
     path.write_bytes(backup.read_bytes())               # the backup restored over it
     mine.add(neuron_key(4), "newest")                   # conflict
     mine.merge(path)
-    assert _as_sets(mine) == {neuron_key(2): {"circles"}, neuron_key(4): {"newest"}}
+    assert as_sets(mine) == {neuron_key(2): {"circles"}, neuron_key(4): {"newest"}}
     assert "replaced" not in mine.change_note
     assert mine.change_note == (
         "took in 0 concepts from the file; removed 2 concepts that the file no longer has "
         "(removed there since this kernel read or saved it, or a copy of this same file saved "
         "over it: an older backup, a teacher's handout): h1 'red shapes', h3 'new' (undo() puts "
         "them back)")
-    assert _as_sets(Annotations.load(path)) == _as_sets(mine)
+    assert as_sets(Annotations.load(path)) == as_sets(mine)
 
 
 def test_removals_in_a_later_version_of_the_file_are_taken_and_named(tmp_path):
@@ -257,7 +254,7 @@ def test_removals_in_a_later_version_of_the_file_are_taken_and_named(tmp_path):
     theirs.add(neuron_key(2), "more")                   # several saves since mine read it
     mine.add(neuron_key(3), "mine")                     # conflict
     assert mine.merge(path) == 2
-    assert _as_sets(mine) == {neuron_key(1): {"keep"}, neuron_key(2): {"theirs", "more"},
+    assert as_sets(mine) == {neuron_key(1): {"keep"}, neuron_key(2): {"theirs", "more"},
                               neuron_key(3): {"mine"}}
     assert mine.change_note == ("took in 2 concepts from the file: h2 'theirs', h2 'more'; "
                                 "removed 1 concept that the file no longer has (removed there "
@@ -279,7 +276,7 @@ def test_the_row_says_what_a_merge_took_in_and_removed_by_name(tmp_path):
         cv.neuron_tags.edit("add", "newest")
         assert cv.merge_button.layout.display is None
         cv.merge_button.click()
-        assert _as_sets(ex.annotations) == {neuron_key(1): {"colour"}, neuron_key(2): {"mine 2"},
+        assert as_sets(ex.annotations) == {neuron_key(1): {"colour"}, neuron_key(2): {"mine 2"},
                                             neuron_key(3): {"mine 3", "newest"}}
         status = cv.status.value
         assert "was replaced by another file" in status and "was joined" in status
@@ -364,7 +361,7 @@ def test_undo_takes_back_a_remove_a_rename_and_an_add_in_turn(tmp_path):
     assert a.find("red shapes") == [neuron_key(7), neuron_key(8)]
     a.undo()                                                    # separated again
     assert a.concepts(neuron_key(8)) == ("circles",) and a.find("red shapes") == [neuron_key(7)]
-    assert _as_sets(Annotations.load(path)) == _as_sets(a)
+    assert as_sets(Annotations.load(path)) == as_sets(a)
     a.undo()                                                    # then the edit before it
     assert a.concepts(neuron_key(8)) == ()
     a.undo()
@@ -420,7 +417,7 @@ def test_undo_skips_a_key_that_a_merge_changed_since(tmp_path):
                     "undo the merge's change too; it is kept, edit it by hand if need be)")
     assert set(mine.concepts(neuron_key(1))) == {"stale", "new"}
     assert mine.concepts(neuron_key(2)) == ("old",)
-    assert _as_sets(Annotations.load(path)) == _as_sets(mine)
+    assert as_sets(Annotations.load(path)) == as_sets(mine)
 
 
 def test_the_undo_button_says_what_it_undid(tmp_path):
@@ -660,7 +657,7 @@ def test_a_file_written_before_lineage_and_edited_by_hand_is_merged_three_way(tm
     store.add(neuron_key(3), "mine")                     # conflict
     store.merge(path)
     want = {neuron_key(1): {"red shapes"}, neuron_key(2): {"circles"}, neuron_key(3): {"mine"}}
-    assert _as_sets(store) == want and _as_sets(Annotations.load(path)) == want
+    assert as_sets(store) == want and as_sets(Annotations.load(path)) == want
     assert "replaced" not in store.change_note
     assert "h1 'rde shapes', h1 'wrong guess'" in store.change_note
     assert json.loads(path.read_text())["lineage"]       # given at this save
@@ -673,14 +670,14 @@ def test_an_older_multiviz_widgets_writing_the_file_is_merged_three_way(tmp_path
     _older_writer(path, {1: ["keep"]})                   # a colleague's older kernel removes
     ours.add(neuron_key(2), "mine")
     ours.merge(path)
-    assert _as_sets(ours) == {neuron_key(1): {"keep"}, neuron_key(2): {"mine"}}
+    assert as_sets(ours) == {neuron_key(1): {"keep"}, neuron_key(2): {"mine"}}
     assert "replaced" not in ours.change_note
     # once it has a lineage, the older kernel keeps it (an unknown field): still its versions
     _older_writer(path, {1: ["keep"], 2: ["mine"], 4: ["theirs"]}, keep_lineage=True)
     _older_writer(path, {2: ["mine"], 4: ["theirs"]}, keep_lineage=True)
     ours.add(neuron_key(5), "more")
     ours.merge(path)
-    assert _as_sets(ours) == {neuron_key(2): {"mine"}, neuron_key(4): {"theirs"},
+    assert as_sets(ours) == {neuron_key(2): {"mine"}, neuron_key(4): {"theirs"},
                               neuron_key(5): {"more"}}
     assert "replaced" not in ours.change_note
 
@@ -885,7 +882,7 @@ def test_a_signature_with_keys_of_two_kinds_saves(tmp_path):
     a.add(neuron_key(1), "x")
     a.add(neuron_key(2), "y")
     assert not a.unsaved and a.save_error is None
-    assert _as_sets(Annotations.load(path)) == {neuron_key(1): {"x"}, neuron_key(2): {"y"}}
+    assert as_sets(Annotations.load(path)) == {neuron_key(1): {"x"}, neuron_key(2): {"y"}}
 
 
 def _interrupt_after_the_write(monkeypatch) -> None:
@@ -913,7 +910,7 @@ def test_an_interrupt_after_the_write_says_so_and_is_no_conflict(tmp_path, monke
            "been written or not)" in a.save_error
     a.add(neuron_key(3), "third")
     assert not a.save_conflict and a.save_error is None and not a.unsaved
-    assert _as_sets(Annotations.load(path)) == {neuron_key(1): {"first"},
+    assert as_sets(Annotations.load(path)) == {neuron_key(1): {"first"},
                                                 neuron_key(2): {"second"},
                                                 neuron_key(3): {"third"}}
     # the same seen by a merge (the row's button, or Annotations.open): nothing to take in
@@ -946,11 +943,11 @@ def test_a_file_without_a_lineage_in_two_kernels_keeps_both_kernels_removals(tmp
     assert b.save_conflict
     b.merge(path)
     want = {neuron_key(1): {"keep"}, neuron_key(2): {"keep2"}, neuron_key(3): {"new"}}
-    assert _as_sets(b) == want and "replaced" not in b.change_note
+    assert as_sets(b) == want and "replaced" not in b.change_note
     a.add(neuron_key(4), "z")                                     # conflict
     a.merge(path)
     want[neuron_key(4)] = {"z"}
-    assert _as_sets(a) == want and _as_sets(Annotations.load(path)) == want
+    assert as_sets(a) == want and as_sets(Annotations.load(path)) == want
     # another store creating a file gives it a random lineage
     c, d = Annotations(tmp_path / "n1.json"), Annotations(tmp_path / "n2.json")
     c.add(neuron_key(1), "x")
@@ -979,7 +976,7 @@ def test_kernels_that_read_other_versions_of_a_file_without_a_lineage_agree_on_o
     b.merge(path)
     want = {neuron_key(1): {"k1"}, neuron_key(2): {"k2"}, neuron_key(5): {"hand"},
             neuron_key(6): {"b6"}}
-    assert _as_sets(b) == want and _as_sets(Annotations.load(path)) == want
+    assert as_sets(b) == want and as_sets(Annotations.load(path)) == want
     assert "replaced" not in a.change_note + b.change_note
     assert a.to_dict()["lineage"] == b.to_dict()["lineage"]
 
@@ -997,7 +994,7 @@ def test_a_file_on_disk_without_a_lineage_is_a_version_of_the_stores_file(tmp_pa
     store.add(neuron_key(2), "b")                                 # conflict
     store.merge(path)
     want = {neuron_key(1): {"a"}, neuron_key(2): {"b"}}
-    assert _as_sets(store) == want and _as_sets(Annotations.load(path)) == want
+    assert as_sets(store) == want and as_sets(Annotations.load(path)) == want
     assert "replaced" not in store.change_note
 
 
@@ -1027,9 +1024,9 @@ def test_the_lineage_an_interrupted_first_save_wrote_counts_as_ours(tmp_path, mo
             store.save()
     store.merge(path)
     want = {neuron_key(2): {"y"}, neuron_key(3): {"z"}}
-    assert _as_sets(store) == want and "replaced" not in store.change_note
+    assert as_sets(store) == want and "replaced" not in store.change_note
     store.save()
-    assert _as_sets(Annotations.load(path)) == want
+    assert as_sets(Annotations.load(path)) == want
 
 
 def test_a_copy_of_the_same_file_saved_over_it_removes_what_it_lacks_and_undo_puts_it_back(
@@ -1054,7 +1051,7 @@ def test_a_copy_of_the_same_file_saved_over_it_removes_what_it_lacks_and_undo_pu
     s.undo()
     want = {neuron_key(0): {"teacher-0"}, neuron_key(9): {"teacher-9"},
             **{neuron_key(j): {f"student-{j}"} for j in range(1, 4)}}
-    assert _as_sets(s) == want and _as_sets(Annotations.load(student)) == want
+    assert as_sets(s) == want and as_sets(Annotations.load(student)) == want
     # a merge that took a concept in and removed one on the same key: undo keeps the new one
     o = Annotations(student)
     o.set(neuron_key(1), ["theirs"])

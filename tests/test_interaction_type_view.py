@@ -5,7 +5,6 @@ a failure is said on the line without taking the page's error."""
 from __future__ import annotations
 
 import threading
-import time
 
 import ipywidgets as W
 import numpy as np
@@ -20,7 +19,7 @@ from multiviz_widgets.kernels.emap import interaction_type
 from multiviz_widgets.views.heatmap_view import combination_text
 
 from .explorer_support import CLASSES, FakeKernels, tiny_three, tiny_vqa
-from .test_explorer import nan_for_instance_3
+from .test_explorer import _until, nan_for_instance_3
 
 
 _SAME = object()
@@ -72,8 +71,8 @@ def test_names_from_data_stay_text_and_keep_their_case():
     assert "'eHR' alone 'red'" in text
 
 
-def _explorer(adapter, ds, kernels=None):
-    return Explorer(adapter, ds, kernels=kernels or FakeKernels(), delay=0.02)
+def _explorer(adapter, ds, kernels=None, **kw):
+    return Explorer(adapter, ds, kernels=kernels or FakeKernels(), delay=0.02, **kw)
 
 
 def test_the_line_shows_the_kernels_type_of_the_selected_instance_and_follows_it():
@@ -101,12 +100,20 @@ def test_the_line_shows_the_kernels_type_of_the_selected_instance_and_follows_it
 
 
 class _Counting(FakeKernels):
-    def __init__(self):
+    """Counts the instances whose interaction type it computes (``typed``); ``gated``: each
+    waits first for ``gate``, reporting progress (where a cancel stops it)."""
+
+    def __init__(self, gated: bool = False):
         super().__init__()
         self.typed = []
+        self.gate = threading.Event() if gated else None
+        self.started = threading.Event()
 
     def interaction_type(self, adapter, dataset, index, reference_indices, progress=None,
                          **params):
+        self.started.set()
+        while self.gate is not None and not self.gate.wait(0.01):
+            progress(0, 1, "waiting")
         self.typed.append(index)
         return super().interaction_type(adapter, dataset, index, reference_indices, progress,
                                         **params)
@@ -190,8 +197,8 @@ def test_no_type_for_a_model_with_one_output_nor_a_one_instance_dataset():
 
 def test_method_params_set_the_reference_set_or_turn_the_line_off():
     adapter, ds = tiny_vqa()
-    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.02,
-                  method_params={"interaction_type": {"n_reference": 4, "seed": 3}})
+    ex = _explorer(adapter, ds, method_params={"interaction_type": {"n_reference": 4,
+                                                                    "seed": 3}})
     try:
         assert ex.wait(60)
         want = interaction_type(adapter, 0, reference=ds, n_reference=4, seed=3)
@@ -199,8 +206,7 @@ def test_method_params_set_the_reference_set_or_turn_the_line_off():
         assert "averaged over 4 instances" in ex.state()["interaction_type_text"]
     finally:
         ex.close()
-    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.02,
-                  method_params={"interaction_type": {"n_reference": 0}})
+    ex = _explorer(adapter, ds, method_params={"interaction_type": {"n_reference": 0}})
     try:
         assert ex.wait(60)
         assert ex.state()["interaction_type_text"] == ""
@@ -225,25 +231,9 @@ def test_method_params_of_the_line_are_checked_when_the_explorer_opens(params, e
                  method_params={"interaction_type": params}).close()
 
 
-class _Blocking(_Counting):
-    """Its interaction type waits for ``gate``, reporting progress (where a cancel stops it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.gate, self.started = threading.Event(), threading.Event()
-
-    def interaction_type(self, adapter, dataset, index, reference_indices, progress=None,
-                         **params):
-        self.started.set()
-        while not self.gate.wait(0.01):
-            progress(0, 1, "waiting")
-        return super().interaction_type(adapter, dataset, index, reference_indices, progress,
-                                        **params)
-
-
 def test_a_cancel_stops_the_line_which_is_asked_again_on_the_next_click():
     adapter, ds = tiny_vqa()
-    kernels = _Blocking()
+    kernels = _Counting(gated=True)
     ex = _explorer(adapter, ds, kernels)
     try:
         assert kernels.started.wait(30)
@@ -284,16 +274,14 @@ def test_the_line_gives_way_to_a_later_click_and_comes_back_behind_it():
     """Before: a change of target waited for the whole interaction type (N^2 pairs, thousands
     of full passes for a model that does not split) before its matrix was computed."""
     adapter, ds = tiny_vqa()
-    kernels = _Blocking()
+    kernels = _Counting(gated=True)
     ex = _explorer(adapter, ds, kernels)
     try:
         assert kernels.started.wait(30)
         ex.select(target=1)
-        deadline = time.monotonic() + 20
         asked = f"for class '{CLASSES[1]}'"
-        while asked not in ex.heatmap_view.caption.value and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert asked in ex.heatmap_view.caption.value      # while the gate is still closed
+        # while the gate is still closed
+        assert _until(lambda: asked in ex.heatmap_view.caption.value, 20)
         assert "computing" in ex.state()["interaction_type_text"]
         kernels.gate.set()
         assert ex.wait(60)
@@ -307,8 +295,7 @@ def test_the_line_gives_way_to_a_later_click_and_comes_back_behind_it():
 
 def test_the_seed_draws_the_references_and_the_three_modality_permutations():
     adapter, ds = tiny_three()
-    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.02,
-                  method_params={"interaction_type": {"seed": 3}})
+    ex = _explorer(adapter, ds, method_params={"interaction_type": {"seed": 3}})
     try:
         assert ex.wait(60)
         want = interaction_type(adapter, 0, reference=ds, n_reference=len(ds), seed=3)
@@ -340,8 +327,7 @@ def test_an_instance_the_model_fails_on_is_left_out_of_the_references():
 def test_a_line_turned_off_never_shows_nor_asks():
     adapter, ds = tiny_vqa()
     kernels = _Counting()
-    ex = Explorer(adapter, ds, kernels=kernels, delay=0.02,
-                  method_params={"interaction_type": {"n_reference": 0}})
+    ex = _explorer(adapter, ds, kernels, method_params={"interaction_type": {"n_reference": 0}})
     shown = []
     ex.heatmap_view.combination.layout.observe(lambda c: shown.append(c["new"]), "display")
     try:

@@ -1022,12 +1022,6 @@ def test_the_sparse_model_note_compares_like_with_like_and_once_per_features(cac
 # ---------------------------------------------------------------------------------------------
 # A model whose rows depend on each other
 # ---------------------------------------------------------------------------------------------
-def _batch_statistics(model: TabSeries) -> TabSeries:
-    """Its BatchNorm normalises with each batch's own statistics, even in eval mode."""
-    model.bn = nn.BatchNorm1d(8, track_running_stats=False)
-    return model.eval()
-
-
 @pytest.mark.parametrize("run", [
     lambda ad: attribute(ad, instance(), "occlusion", target=1),
     lambda ad: attribute(ad, instance(), "integrated_gradients", target=1),
@@ -1038,7 +1032,7 @@ def test_a_model_whose_rows_depend_on_each_other_is_refused_by_the_kernels(run):
     batch_size, and pairwise ablation 3.5x, with no word (only check() and the dataset's
     features said so). The kernels now refuse it, saying what to change."""
     from multiviz_widgets.kernels.common import check_rows_independent
-    ad = make_adapter(_batch_statistics(TabSeries(bn=True)))
+    ad = make_adapter(BatchStatistics().eval())
     with pytest.raises(AdapterError, match=r"^The model's logits for an instance depend on the "
                                            r"other instances in its batch") as e:
         run(ad)
@@ -1056,7 +1050,7 @@ def test_a_model_whose_rows_depend_on_each_other_is_refused_by_emap_dime_and_the
     """Before: EMAP batches pairs of different instances, so with a BatchNorm without running
     statistics its averages (and the gap, DIME's scores, the interaction type) depended on the
     batch size, with no word; now they refuse it as the other kernels do."""
-    ad = make_adapter(_batch_statistics(TabSeries(bn=True)))
+    ad = make_adapter(BatchStatistics().eval())
     ds = make_data(6)
     with pytest.raises(AdapterError, match=r"^The model's logits for an instance depend on the "
                                            r"other instances in its batch") as e:
@@ -1080,11 +1074,11 @@ def test_an_instance_equal_to_its_baseline_in_one_modality_does_not_pass_the_row
     a modality equal in both rows leaves the check open."""
     from multiviz_widgets.kernels import common
     ds = _zero_vitals_first()
-    ad = make_adapter(_batch_statistics(TabSeries(bn=True)))
+    ad = make_adapter(BatchStatistics().eval())
     with pytest.raises(AdapterError, match="beside another instance") as e:
         emap(ad, ds, factorized=False)
     assert e.value.code == "batch-dependent"
-    ad = make_adapter(_batch_statistics(TabSeries(bn=True)))
+    ad = make_adapter(BatchStatistics().eval())
     attribute(ad, ds[0], "occlusion", target=1)        # nothing to see beside its baseline
     assert ad not in common._ROWS_INDEPENDENT
     with pytest.raises(AdapterError, match="beside its baseline"):
@@ -1129,7 +1123,7 @@ def test_the_rows_check_sees_a_statistic_of_the_first_row_and_never_passes_on_no
     from multiviz_widgets.kernels.common import _ROWS_INDEPENDENT, check_rows_independent
     with pytest.raises(AdapterError, match="depend on the other instances in its batch"):
         attribute(make_adapter(_FirstRowScale().eval()), instance(), "occlusion", target=1)
-    ad = make_adapter(_batch_statistics(TabSeries(bn=True)))
+    ad = make_adapter(BatchStatistics().eval())
     p = ad.prepare(instance())
     check_rows_independent(ad, dataclasses.replace(p, continuous=dict(p.baseline)))
     nan = {n: torch.full_like(v, float("nan")) for n, v in p.continuous.items()}

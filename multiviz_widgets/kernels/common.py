@@ -14,6 +14,7 @@ import torch
 from ..adapter import (AdapterError, ModelAdapter, ModelInputError, Prepared, Target,
                        is_out_of_memory)
 from ..checks import is_integer, positive_int
+from ..precision import dtype_eps, outputs_differ
 from ..progress import ProgressFn, report
 
 #: Default rows per forward pass for perturbation kernels. Small batches keep activations in
@@ -98,9 +99,9 @@ _ROWS_INDEPENDENT: "weakref.WeakSet[ModelAdapter]" = weakref.WeakSet()
 _BATCHED_WITH_COPIES = ("Every explanation batches the instance with masked copies or points on "
                         "a path, so its scores would depend on the batch size.")
 #: the same for the kernels over a reference set (EMAP, DIME, the interaction type)
-BATCHED_WITH_OTHERS = ("EMAP batches pairs of different instances' modalities (and DIME their "
-                       "masked copies), so its averages would depend on the batch size and on "
-                       "which pairs share a batch.")
+_BATCHED_WITH_OTHERS = ("EMAP batches pairs of different instances' modalities (and DIME their "
+                        "masked copies), so its averages would depend on the batch size and on "
+                        "which pairs share a batch.")
 
 
 def check_rows_independent(adapter: ModelAdapter, prepared: Prepared,
@@ -131,7 +132,6 @@ def check_rows_independent(adapter: ModelAdapter, prepared: Prepared,
 @torch.no_grad()
 def _check_rows_now(adapter: ModelAdapter, prepared: Prepared, batched: str,
                     other: Mapping[str, torch.Tensor]) -> None:
-    from ..precision import dtype_eps, outputs_differ
     names = prepared.names
     x = prepared.continuous
     equal = [torch.equal(x[n], other[n]) for n in names]
@@ -178,8 +178,7 @@ def _check_rows_now(adapter: ModelAdapter, prepared: Prepared, batched: str,
 ROWS_CHECK_CANDIDATES = 8
 
 
-def check_instance_rows_independent(adapter: ModelAdapter, instance, others=(),
-                                    batched: str = BATCHED_WITH_OTHERS) -> None:
+def check_instance_rows_independent(adapter: ModelAdapter, instance, others=()) -> None:
     """``check_rows_independent`` on an instance as the user gives it (a dict of inputs), for
     the kernels over a reference set, which batch instances with each other: the instance
     beside the first of ``others`` (among the first ROWS_CHECK_CANDIDATES) that has its input
@@ -198,9 +197,9 @@ def check_instance_rows_independent(adapter: ModelAdapter, instance, others=(),
         except Exception:  # noqa: BLE001 -- not a partner; its own passes say why
             continue
         if all(c[n].shape == x[n].shape and not torch.equal(c[n], x[n]) for n in x):
-            check_rows_independent(adapter, prepared, batched, other=c)
+            check_rows_independent(adapter, prepared, _BATCHED_WITH_OTHERS, other=c)
             return
-    check_rows_independent(adapter, prepared, batched)
+    check_rows_independent(adapter, prepared, _BATCHED_WITH_OTHERS)
 
 
 @torch.no_grad()

@@ -473,8 +473,7 @@ def _fused_sums(fused: FusedPairs, enc: Encodings, n: int, keep: bool,
             acc.add(ps[i], po[j], fused.pairs(sv, ov, i, j))
             done += len(i)
             passes[0] += len(i)
-            if len(passes) > 1:
-                passes[1] += len(i)
+            passes[1] += len(i)
             step(done, message)
     return acc
 
@@ -606,7 +605,9 @@ _Z95 = 1.959963984540054
 def wilson_interval(k: int, n: int, z: float = _Z95) -> list[float]:
     """Wilson's score interval [low, high] (95% by default) of a proportion k / n: unlike
     p +- z se, it stays inside [0, 1] and is not empty at k = 0 or k = n (about [0, 3.8 / n]
-    at k = 0), where EMAP's prediction gap often is."""
+    at k = 0), where EMAP's prediction gap often is. The formula written out, tested against
+    scipy's ``binomtest(k, n).proportion_ci(method="wilson")``, which takes about 430 us a call
+    here (it computes the test's p-value too) against 2 us."""
     if not (is_integer(k) and is_integer(n)) or n < 1 or not 0 <= k <= n:
         raise ValueError(f"wilson_interval needs integers 0 <= k <= n and n >= 1, got k={k!r}, "
                          f"n={n!r}.")
@@ -837,7 +838,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     step = steady_progress(progress, total)
     step(0, _TYPE_PAIRS)
     logits = adapter.forward(own).double()           # [1, K]; the split's check uses it too
-    passes = [1]
+    passes = [1, 0]                  # forward passes, fused pairs among them (as emap's)
     grands, sums, kinds, notes = [], {}, [], []
     for g, m in enumerate(ref_pairs):
         mine = list(names) if len(ref_pairs) == 1 else [m]    # the parts this split gives

@@ -35,6 +35,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.modules.module as module_mod
 from torch import nn
 
 from ..adapter import module_settings
@@ -209,7 +210,6 @@ def _model_state(model: nn.Module) -> tuple:
     modules have hooks (kept whole; torch's global hooks refuse the trace): a split or refusal
     made with other hooks is not served. A model that counts its calls in an integer is traced
     again at each call: slower, never stale."""
-    import torch.nn.modules.module as module_mod
     return (tuple((name, id(module), tuple(module_settings(module, integers=True)),
                    _has_call_hooks(module))
                   for name, module in model.named_modules())
@@ -368,7 +368,6 @@ def _trace_graph(model: nn.Module, names: tuple[str, ...], keyword_inputs: bool,
     # packing a padded sequence by its lengths) is kept whole: called as one operation, it stays
     # on its modality's side of the split when it reads only that modality. Each failing
     # submodule is found by tracing again, up to MAX_OPAQUE_MODULES of them.
-    import torch.nn.modules.module as module_mod
     if _has_call_hooks(module_mod, _GLOBAL_CALL_HOOKS):
         raise FactorizationError(
             "torch's global module hooks are set (nn.modules.module.register_module_forward_"

@@ -1039,7 +1039,15 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     if not isinstance(ablation_params, (Mapping, type(None))):
         raise TypeError(f"ablation_params must be a dict of pairwise_ablation's parameters, "
                         f"e.g. {{'batch_size': 64}}, got {type(ablation_params).__name__}.")
-    fallback = dict(ablation_params or {})
+
+    def ablation(params, att) -> dict:
+        """pairwise ablation's parameters: ``params``, with the candidate units of ``att``
+        unless they name their own ``units``."""
+        out = dict(params or {})
+        if "units" not in out:
+            out.update(_candidates(adapter, prepared, att, modalities, absolute, narrowed,
+                                   whole))
+        return out
 
     def within(what: str):
         """A step's kernel reports its own batches as the path's progress (so that a cancel,
@@ -1061,22 +1069,18 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
         report(progress, done, steps, f"neuron {j}: units")
         pairs, pair_mods = [], None
         if do_pairs:
-            iparams = dict(interaction_params or {})
-            if interaction_method == "pairwise_ablation" and "units" not in iparams:
-                iparams.update(_candidates(adapter, prepared, att, modalities, absolute,
-                                           narrowed, whole))
+            iparams = (ablation(interaction_params, att)
+                       if interaction_method == "pairwise_ablation" else
+                       dict(interaction_params or {}))
             inter = interaction(adapter, prepared, interaction_method, modalities=modalities,
                                 target=nt, progress=within(f"neuron {j}: pairs"), **iparams)
             fwd, bwd = fwd + inter.forward_passes, bwd + inter.backward_passes
             if interaction_method == "second_order" and (inter.params or {}).get("blind"):
                 # blind here (all 0 whatever the units do): pairs that remove the units
-                aparams = dict(fallback)
-                if "units" not in aparams:
-                    aparams.update(_candidates(adapter, prepared, att, modalities, absolute,
-                                               narrowed, whole))
                 inter = interaction(adapter, prepared, "pairwise_ablation",
                                     modalities=modalities, target=nt,
-                                    progress=within(f"neuron {j}: pairs"), **aparams)
+                                    progress=within(f"neuron {j}: pairs"),
+                                    **ablation(ablation_params, att))
                 fwd, bwd = fwd + inter.forward_passes, bwd + inter.backward_passes
                 by_ablation.append(int(j))
             pair_mods = tuple(inter.modalities)

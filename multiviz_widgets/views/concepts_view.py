@@ -31,8 +31,8 @@ from typing import Callable
 
 import ipywidgets as W
 
-from ..annotations import (AnnotationError, Annotations, _concept, feature_key, neuron_key,
-                           same_concept, unit_key)
+from ..annotations import (AnnotationError, Annotations, _concept, feature_key, key_name,
+                           neuron_key, same_concept, unit_key)
 from ..display_text import embed
 from ..selection import Selection
 from .concept_tags import ConceptTags
@@ -248,8 +248,7 @@ class ConceptsView(W.VBox):
             self.message.value = ""
         except (AnnotationError, OSError) as e:
             self.message.value = f"not undone: {e}"
-        self.show()
-        self._list_named()
+        self.show()          # (the menu follows the store: its observer lists it again)
 
     def _drop_unreachable(self, _button=None) -> None:
         """The button shown after a named key that cannot be gone to was chosen: its concepts
@@ -261,8 +260,7 @@ class ConceptsView(W.VBox):
                 self.message.value = ""
             except (AnnotationError, OSError) as e:
                 self.message.value = f"not removed: {e}"
-        self.show()
-        self._list_named()
+        self.show()          # (the menu follows the store: its observer lists it again)
 
     def _on_store(self, key) -> None:
         if key is None or key in (self.neuron_key(), self.unit_key()):
@@ -353,14 +351,10 @@ def _model_line(note: str | None) -> str:
 
 
 def _key_name(key: tuple) -> str:
-    """A key as the menu and the messages name it: "h3", "#5 image unit 27", "vitals unit 0
-    (every instance)"."""
-    if key[0] == "neuron" and len(key) == 2:
-        return f"h{key[1]}"
-    if key[0] == "feature" and len(key) == 3:
-        return f"{key[1]} unit {key[2]} (every instance)"
-    if key[0] == "unit" and len(key) == 4:
-        return f"#{key[1]} {key[2]} unit {key[3]}"
+    """A key as the menu and the messages name it (the store's ``key_name``: "h3", "#5 image
+    unit 27", "vitals unit 0 (every instance)"); what is not a key, quoted and cut."""
+    if (key[:1], len(key)) in ((("neuron",), 2), (("feature",), 3), (("unit",), 4)):
+        return key_name(key)
     text = repr(key)                        # not a key (refused as such): quoted, cut
     return text if len(text) <= 60 else f"{text[:59]}\u2026"
 

@@ -254,15 +254,6 @@ def combination_text(kind, class_names) -> str:
             f"instances of the dataset{out}, {each}).")
 
 
-class _GiveWay(Cancelled):
-    """Raised in the interaction type's job when a click's job waits behind it: the kernels
-    stop on it as on a cancel, and the view asks again (see ``_refresh_combination``)."""
-
-
-#: the job's result when it gave way
-_GAVE_WAY = object()
-
-
 class HeatmapView(W.VBox):
     """Interaction matrix of ``pair`` = (rows modality, columns modality); cells clickable.
 
@@ -384,10 +375,9 @@ class HeatmapView(W.VBox):
         """Ask for the instance's interaction type: once per instance (the method, target and
         pair do not change it) and cache (a recompute asks again), after the click's other
         jobs. A click's job (the main lane: the cancel button stops it), last in its lane, that
-        gives way to any later click's job (it stops at its next batch and is asked again
-        behind it: its N^2 pairs, thousands of full passes for a model that does not split,
-        would hold up a change of target or method); the dataset's features, in the other
-        lane, never wait for it."""
+        gives way to any later click's job (``Engine.submit``'s ``yields``: its N^2 pairs,
+        thousands of full passes for a model that does not split, would hold up a change of
+        target or method); the dataset's features, in the other lane, never wait for it."""
         i, a = self.selection.instance, self.analyses
         with self.engine.lock:
             asked = (i, self.engine.cache_epoch)
@@ -398,20 +388,10 @@ class HeatmapView(W.VBox):
         if not a.interaction_type_references():      # none wanted, or none to say: no line
             self._set_combination("", "")
             return
-        engine = self.engine
-
-        def give_way(progress):
-            def report(done, total, message=""):
-                progress(done, total, message)
-                if engine.clicks_waiting():
-                    raise _GiveWay("a click's job waits")
-            return report
 
         def job(progress):
             try:
-                return i, a.interaction_type(i, give_way(progress)), None
-            except _GiveWay:
-                return i, None, _GAVE_WAY
+                return i, a.interaction_type(i, progress), None
             except Cancelled:
                 raise
             except Exception as err:  # noqa: BLE001 -- said on its own line (below)
@@ -423,7 +403,7 @@ class HeatmapView(W.VBox):
             self._set_combination("", f"How the modalities combine at #{i}: computing ...")
             self.engine.submit("interaction_type", None, job, self._show_combination,
                                lambda err: self._combination_failed(err, i), priority=9,
-                               label="how the modalities combine")
+                               label="how the modalities combine", yields=True)
 
     def _set_combination(self, label: str, text: str) -> None:
         self.combination_label = label
@@ -431,16 +411,10 @@ class HeatmapView(W.VBox):
 
     def _show_combination(self, result) -> None:
         i, kind, err = result
-        if err is _GAVE_WAY:          # asked again, behind the click's jobs
-            self._combination_asked = None
-            self._refresh_combination()
-            return
         if err is not None:           # said; asked again for another instance or a recompute
             self._say_not_computed(err, i)
             return
-        if kind is None:              # one output (or one instance): no type to say
-            self._set_combination("", "")
-            return
+        # (never None: _refresh_combination asks only where a line is wanted)
         self._set_combination(str(kind["label"]),
                               combination_text(kind, self.analyses.adapter.class_names))
 
