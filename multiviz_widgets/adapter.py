@@ -517,6 +517,13 @@ def _named_in_another_order(model: nn.Module, names: Sequence[str]) -> bool:
     return True
 
 
+def class_name(class_names: Sequence[str], c: int) -> str:
+    """The name of class c, or str(c) where ``class_names`` has no name for it (an output
+    beyond the names, or a negative index, is never looked up from the end)."""
+    c = int(c)
+    return str(class_names[c]) if 0 <= c < len(class_names) else str(c)
+
+
 def _class_name_list(class_names) -> list[str]:
     """class_names as the list of names in logit order: a sequence as it is; a mapping ordered by
     class index, {index: name} (a HuggingFace config's id2label) or {name: index} (label2id).

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import AdapterError, ModelAdapter, Prepared, masked_logits_hint
+from .adapter import AdapterError, ModelAdapter, Prepared, class_name, masked_logits_hint
 from .kernels.common import math_attention
 from .kernels.interactions import ROUNDING_EPS
 from .modalities import Text
@@ -559,7 +559,7 @@ def _check_gradients(adapter: ModelAdapter, prepared, report: Report, target: in
         if g is not None and not torch.any(g != 0):
             # connected, but zero here: not detached (advice about embedding_layers is wrong);
             # a warning, as it may hold at this instance only
-            cls = adapter.class_names[target] if target < len(adapter.class_names) else target
+            cls = class_name(adapter.class_names, target)
             report.add("warning", "zero-gradient",
                        f"The gradient of the logit of {cls!r} with respect to modality {n!r} is "
                        "exactly zero at this instance, although the modality is connected to the "

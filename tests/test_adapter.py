@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from multiviz_widgets import AdapterError, Class, ModelAdapter, Neuron, Tabular, Text, TimeSeries
-from multiviz_widgets.adapter import ModelInputError
+from multiviz_widgets.adapter import ModelInputError, class_name
 from multiviz_widgets.modalities import Modality
 from tests.test_doctor import INSTANCE, Healthy, adapter
 
@@ -1100,3 +1100,10 @@ def test_class_names_as_one_string_a_set_or_a_number_are_refused():
     with pytest.raises(AdapterError, match="must be a list with one name per output logit.*int"):
         adapter(Healthy(), class_names=3)
     assert adapter(Healthy(), class_names=("r", "g", "b")).class_names == ["r", "g", "b"]
+
+
+def test_class_name_never_reads_from_the_end():
+    """An index beyond the names (a neuron, an output the names miss) is shown as its number;
+    a negative one too, never as the last names (Python's names[-1])."""
+    names = ["red", "green"]
+    assert [class_name(names, c) for c in (0, 1, 2, -1)] == ["red", "green", "2", "-1"]

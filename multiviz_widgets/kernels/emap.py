@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..adapter import ModelAdapter, ModelInputError, Target
+from ..adapter import ModelAdapter, ModelInputError, Target, class_name
 from ..data import MultimodalDataset
 from ..progress import ProgressFn, report
 from ..results import Result, Stopwatch
@@ -718,7 +718,7 @@ def _label(logits: np.ndarray, parts: Mapping[str, np.ndarray], grand: np.ndarra
     inter = logits - emap_out
     return {
         "label": label, "dominant": dominant, "predicted": c,
-        "predicted_name": class_names[c] if c < len(class_names) else str(c),
+        "predicted_name": class_name(class_names, c),
         "unimodal_predictions": uni_pred, "emap_prediction": emap_pred,
         "margins": {**{m: _margin(parts[m], c) for m in names},
                     "interaction": _margin(inter, c), "emap": _margin(emap_out, c),

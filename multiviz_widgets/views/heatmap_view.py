@@ -19,6 +19,7 @@ import ipywidgets as W
 import numpy as np
 import traitlets
 
+from ..adapter import class_name
 from ..display_text import quoted
 from ..engine import Analyses, Cancelled, Engine
 from ..selection import Selection
@@ -223,8 +224,7 @@ def combination_text(kind, class_names) -> str:
     def name(c) -> str:
         if c is None:
             return "no class (a tie)"
-        c = int(c)
-        return quoted(class_names[c] if 0 <= c < len(class_names) else c)
+        return quoted(class_name(class_names, c))
     c, label, alone = kind["predicted"], kind["label"], kind["unimodal_predictions"]
     predicted = name(c)
     if label == "dominance":
