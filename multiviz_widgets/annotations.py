@@ -71,7 +71,8 @@ from .checks import is_integer
 
 __all__ = ["Annotations", "AnnotationError", "AnnotationConflict", "neuron_key", "unit_key",
            "feature_key", "model_signature", "dataset_signature", "DatasetSignature", "FORMAT",
-           "VERSION", "MAX_CONCEPT_LENGTH", "MAX_CONCEPTS_PER_KEY"]
+           "VERSION", "MAX_CONCEPT_LENGTH", "MAX_CONCEPTS_PER_KEY", "same_concept",
+           "tidy_concept"]
 
 FORMAT = "multiviz-annotations"
 VERSION = 2        # 2: "features" (version 1 had neurons and units; it is read as well)
@@ -177,7 +178,7 @@ _SPACES = re.compile(r"\s+")
 
 def same_concept(text: str) -> str:
     """What two concepts that are the same compare equal by: without regard to case (and,
-    as ``_concept`` tidies them, to spaces). "Red Shapes" and "red shapes" are one concept:
+    as ``tidy_concept`` tidies them, to spaces). "Red Shapes" and "red shapes" are one concept:
     a key keeps the first it was given, and ``find``, ``remove`` and ``rename`` take either."""
     return text.casefold()
 
@@ -193,7 +194,7 @@ def _strip_outer(text: str) -> str:
     return text[start:end]
 
 
-def _concept(text, typed: bool = True) -> str:
+def tidy_concept(text, typed: bool = True) -> str:
     """``text`` checked and tidied (outer spaces stripped, every run of spaces inside one plain
     space, so that "red  shapes" and "red\u00a0shapes" pasted from a web page are "red
     shapes"; NFC-normalised so that "e" + a combining acute and "\u00e9" are one concept): a
@@ -229,7 +230,7 @@ def _concept(text, typed: bool = True) -> str:
 
 
 def _check_typed(text: str) -> None:
-    """The checks of a concept that a person types (``_concept``'s ``typed``): an
+    """The checks of a concept that a person types (``tidy_concept``'s ``typed``): an
     AnnotationError for a needless joiner, or for a concept of no letter, digit or symbol."""
     joiner = _needless_joiner(text)
     if joiner is not None:
@@ -299,12 +300,12 @@ def _concepts(values, who: str = "A key", fewer: str = _FEWER,
     kept: at most MAX_CONCEPTS_PER_KEY, else an AnnotationError that names ``who`` and says to
     keep ``fewer``. Each is looked up once in a dict (a list's ``in`` would make a long list cost
     its square), and a list that has too many is refused as soon as that shows. ``typed``: as
-    ``_concept``'s (False for concepts read from a file, or there already)."""
+    ``tidy_concept``'s (False for concepts read from a file, or there already)."""
     if isinstance(values, str) or not isinstance(values, (list, tuple)):
         raise AnnotationError(f"Concepts are a list of strings, got {_brief(values)}.")
     out: dict[str, str] = {}                 # same_concept(c): c, the first of its spellings
     for v in values:
-        c = _concept(v, typed)
+        c = tidy_concept(v, typed)
         out.setdefault(same_concept(c), c)
         if len(out) > MAX_CONCEPTS_PER_KEY:
             raise _too_many(who, fewer)
@@ -995,13 +996,13 @@ class Annotations:
 
     def add(self, key, concept: str) -> tuple[str, ...]:
         """Add one concept to ``key`` (nothing when it is there already)."""
-        concept = _concept(concept)
+        concept = tidy_concept(concept)
         return self._update(key, lambda now: now + (concept,))
 
     def remove(self, key, concept: str) -> tuple[str, ...]:
         """Remove one concept from ``key``, whatever its case (an AnnotationError when it is not
         there)."""
-        concept = _concept(concept, typed=False)     # one there is: as the file wrote it
+        concept = tidy_concept(concept, typed=False)     # one there is: as the file wrote it
         gone = same_concept(concept)
 
         def without(now):
@@ -1020,7 +1021,7 @@ class Annotations:
         into one, which renaming back cannot separate: it is refused (an AnnotationError that
         names the keys that have it) unless ``merge=True``, which joins them (a key that has
         both keeps ``new`` once)."""
-        old, new = _concept(old, typed=False), _concept(new)
+        old, new = tidy_concept(old, typed=False), tidy_concept(new)
         was, will = same_concept(old), same_concept(new)
         with self._lock:
             keys = [k for k, cs in self._data.items() if any(same_concept(c) == was for c in cs)]
@@ -1238,7 +1239,7 @@ class Annotations:
 
     def find(self, concept: str) -> list[tuple]:
         """The keys that carry ``concept`` (compared as ``same_concept`` does), sorted."""
-        want = same_concept(_concept(concept, typed=False))
+        want = same_concept(tidy_concept(concept, typed=False))
         with self._lock:
             keys = [k for k, cs in self._data.items()
                     if any(same_concept(c) == want for c in cs)]

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from multiviz_widgets.annotations import (MAX_CONCEPT_LENGTH, AnnotationConflict, AnnotationError,
-                                          WEIGHTS_METHOD, Annotations, _concept, feature_key,
+                                          WEIGHTS_METHOD, Annotations, tidy_concept, feature_key,
                                           model_signature, neuron_key, unit_key, unit_settings)
 from multiviz_widgets.explorer import Explorer
 
@@ -41,7 +41,7 @@ def _taken(t: str) -> bool:
     """Whether the store takes ``t`` as it is (a joiner only where it joins, a letter, digit
     or symbol somewhere)."""
     try:
-        return _concept(t) == t
+        return tidy_concept(t) == t
     except AnnotationError:
         return False
 
@@ -1562,8 +1562,8 @@ def test_a_keys_concepts_are_joined_in_linear_work_however_many_there_are(tmp_pa
     a few concepts per concept, where a list's ``in`` made hundreds of thousands of
     comparisons (28 s to open a 614 KB file, 19 s per add)."""
     import multiviz_widgets.annotations as an
-    real = an._concept
-    monkeypatch.setattr(an, "_concept", lambda text, *a, **k: _Counted(real(text, *a, **k)))
+    real = an.tidy_concept
+    monkeypatch.setattr(an, "tidy_concept", lambda text, *a, **k: _Counted(real(text, *a, **k)))
     n = an.MAX_CONCEPTS_PER_KEY
     names = [f"c{i}" for i in range(n)]
 

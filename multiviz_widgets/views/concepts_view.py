@@ -31,8 +31,8 @@ from typing import Callable
 
 import ipywidgets as W
 
-from ..annotations import (AnnotationError, Annotations, _concept, feature_key, key_name,
-                           neuron_key, same_concept, unit_key)
+from ..annotations import (AnnotationError, Annotations, feature_key, key_name,
+                           neuron_key, same_concept, tidy_concept, unit_key)
 from ..display_text import embed
 from ..selection import Selection
 from .concept_tags import ConceptTags
@@ -363,7 +363,7 @@ def _already(text: str, concepts: tuple, key: tuple) -> str:
     """What to say when an add added nothing: the concept is there already, maybe in another
     spelling ("'STRASSE' is there already as 'Stra\u00dfe'")."""
     try:
-        typed = _concept(text)             # tidied as the store tidies it
+        typed = tidy_concept(text)         # tidied as the store tidies it
     except AnnotationError:
         return ""
     there = next((c for c in concepts if same_concept(c) == same_concept(typed)), None)
