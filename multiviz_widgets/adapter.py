@@ -524,6 +524,27 @@ def class_name(class_names: Sequence[str], c: int) -> str:
     return str(class_names[c]) if 0 <= c < len(class_names) else str(c)
 
 
+def _first_refused(modality: Modality, items: Sequence) -> int | None:
+    """The position of the first item that ``modality`` refuses on its own (None: each is
+    taken alone, so the batch failed for another reason)."""
+    for k, item in enumerate(items):
+        try:
+            modality.batch([item])
+        except (ValueError, TypeError):
+            return k
+    return None
+
+
+def naming_instance(error: ValueError | TypeError, number: int) -> Exception:
+    """A modality's refusal of one instance's input, its message led by the instance's number
+    ("Instance 37: tab: a row must have 3 values ..."): an AdapterError with the code of the
+    error's, a ValueError or a TypeError, as it was."""
+    message = f"Instance {number}: {error}"
+    if isinstance(error, AdapterError):
+        return AdapterError(message, code=error.code)
+    return TypeError(message) if isinstance(error, TypeError) else ValueError(message)
+
+
 def _class_name_list(class_names) -> list[str]:
     """class_names as the list of names in logit order: a sequence as it is; a mapping ordered by
     class index, {index: name} (a HuggingFace config's id2label) or {name: index} (label2id).
@@ -846,6 +867,13 @@ class ModelAdapter:
                 f"Modality {name!r}: instance {number(odd)} has shape {shapes[odd]} but instance "
                 f"{number(0)} has {shapes[0]}; the instances of a batch must have the same shape "
                 f"(resize or crop them to one size, e.g. the size the model was trained on).") from e
+        except (ValueError, TypeError) as e:  # the modality refused an item: say which one
+            if len(items) == 1 and numbers is None:
+                raise
+            odd = _first_refused(modality, items)
+            if odd is None:
+                raise
+            raise naming_instance(e, number(odd)) from e
         of = "" if len(items) == 1 and numbers is None else " of instance {}"
         if x.numel() == 0:
             raise AdapterError(f"Modality {name!r} is empty (input shape {tuple(x.shape[1:])}); "

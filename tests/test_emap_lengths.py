@@ -491,6 +491,28 @@ def test_a_bad_instance_is_named_by_its_place_in_the_list_not_in_its_shape_group
         dime(adapter, ds, 0, reference_indices=[1, 6, 2, 3], n_samples=8)
 
 
+def test_an_input_a_modality_refuses_is_named_in_every_dataset_method():
+    """A row of 2 values among rows of 4 was refused with the modality's own words and no
+    instance: in 10,000 rows, no way to find it (a NaN in its place was named)."""
+    from multiviz_widgets.kernels.unimodal import attribute_batch
+    adapter = adapter_for(MeanPool())
+    items = items_of(7)
+    items[5]["tabular"] = torch.tensor([1.0, 0.0])
+    words = r"^Instance 5: tabular: a row must have 4 values"
+    ds = dataset_of(items)
+    for call in (lambda: emap(adapter, items), lambda: emap(adapter, ds),
+                 lambda: dime(adapter, ds, 0, reference_indices=[1, 5, 2, 3], n_samples=8),
+                 lambda: attribute_batch(adapter, ds, "gradient"),
+                 lambda: attribute_batch(adapter, items, "gradient"),
+                 lambda: adapter.collate(items)):
+        with pytest.raises(ValueError, match=words):
+            call()
+    with pytest.raises(ValueError, match=words.replace("5", "4", 1)):    # 4th of the references
+        interaction_type(adapter, items[0], items[1:])
+    with pytest.raises(ValueError, match=r"^tabular: a row must have 4 values"):
+        adapter.prepare(items[5])          # one instance: nothing to name it among
+
+
 def test_interaction_type_progress_with_three_modalities_ends_at_its_total():
     adapter = adapter_for(TwoTexts(), ("question", "answer"))
     items = items_of(6, seed=1, answers=True)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..adapter import (AdapterError, ModelAdapter, ModelInputError, Prepared, Target,
-                       is_out_of_memory)
+                       is_out_of_memory, naming_instance)
 from ..checks import is_integer, positive_int
 from ..precision import dtype_eps, outputs_differ
 from ..progress import ProgressFn, report
@@ -400,7 +400,13 @@ class ShapeGroups:
         self.n = len(items)
         found: dict[tuple, list[int]] = {}
         for k, item in enumerate(items):
-            found.setdefault(input_shapes(adapter, item), []).append(k)
+            try:
+                shapes = input_shapes(adapter, item)
+            except (ValueError, TypeError) as e:    # the modality refused it: say which one
+                if len(items) == 1 and numbers is None:
+                    raise
+                raise naming_instance(e, k if numbers is None else numbers[k]) from e
+            found.setdefault(shapes, []).append(k)
         self.keys = list(found)
         self.positions = [torch.tensor(p, dtype=torch.long, device=adapter.device)
                           for p in found.values()]
