@@ -727,6 +727,27 @@ def test_the_rounding_step_is_the_features_dtype_and_never_below_float32():
     assert np.isinf(m.std[7]) and np.all(m.path_weights[:, :, 7] == 0)
 
 
+def test_plain_lists_fit_without_numpy_s_deprecated_finfo_of_none():
+    """A list has no dtype: numpy's finfo(None) (deprecated, to become an error) was asked."""
+    import warnings
+    from multiviz_widgets.kernels.prediction import rounding_step
+    h, y, _ = planted_features(n=200, d=6, c=3, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rounding_step(h.tolist()) == 2.0 ** -23
+        m = fit_sparse_model((h.tolist(), y.tolist()), n_lambdas=3)
+    assert np.array_equal(m.predict(h), fit_sparse_model((h, y), n_lambdas=3).predict(h))
+
+
+def test_one_dimensional_features_are_refused_as_such_not_as_one_row():
+    """h of shape (200,) was read as 1 row: "1 feature rows but 200 targets"."""
+    h, y, _ = planted_features(n=200, d=6, c=3, seed=1)
+    with pytest.raises(ValueError, match=r"train: the features must be \[N, d\].*shape \(200,\) "
+                                         r"beside 200 targets.*h\[:, None\]"):
+        fit_sparse_model((h[:, 0], y))
+    assert fit_sparse_model((h[:, :1], y), n_lambdas=3).d == 1
+
+
 def test_a_neuron_constant_up_to_float32_rounding_gets_no_weight():
     h, y, _ = planted_features(n=600, d=8, c=4, seed=2)
     rng = np.random.default_rng(0)

@@ -64,7 +64,9 @@ def rounding_step(h, model_dtype: bool = False) -> float:
     ``extract_features`` keeps a half-precision model's features as float32: fit on
     (h, y) with h in the model's dtype for its coarser step to count."""
     dtype = getattr(h, "dtype", None)
-    if isinstance(dtype, torch.dtype):
+    if dtype is None:                        # a list: no dtype of its own (np.dtype(None)
+        eps = 0.0                            # is float64, and np.finfo(None) is deprecated)
+    elif isinstance(dtype, torch.dtype):
         eps = float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
     else:
         try:
@@ -297,8 +299,12 @@ def _split_data(data, what: str, fit_to: str) -> tuple[np.ndarray, np.ndarray]:
         return _finite(_as_2d(data.h), what), data.predictions.astype(np.int64)
     if isinstance(data, (tuple, list)) and len(data) == 2:
         h, y = data
-        h = _finite(_as_2d(h), what)
         y = _targets(y, what)
+        if np.ndim(h) == 1 and len(y) != 1:
+            raise ValueError(f"{what}: the features must be [N, d] (one row per instance), got "
+                             f"shape {np.shape(h)} beside {len(y)} targets; for one feature "
+                             "(a single neuron), pass h[:, None].")
+        h = _finite(_as_2d(h), what)
         if len(y) != len(h):
             raise ValueError(f"{what}: {len(h)} feature rows but {len(y)} targets.")
         return h, y
