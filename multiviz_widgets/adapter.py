@@ -377,7 +377,9 @@ MASKED_TARGET_NOTE = f" A class masked by -inf has nothing to explain ({MASK_FIN
 def masked_logits_hint(logits) -> str:
     """For logits [B, C] (a tensor or an array) that are not finite only by -inf (each row with
     a finite largest value): a sentence saying to mask classes with a finite value; else ""."""
-    z = torch.as_tensor(logits).detach().double().reshape(-1, logits.shape[-1])
+    # (an array the engine keeps is read-only: torch warns on viewing one, so it is copied)
+    z = (logits.detach().double() if isinstance(logits, torch.Tensor)
+         else torch.tensor(np.asarray(logits), dtype=torch.float64)).reshape(-1, logits.shape[-1])
     if z.numel() == 0 or z.isnan().any() or (z == math.inf).any() or not (z == -math.inf).any():
         return ""
     if not torch.isfinite(z.max(1).values).all():

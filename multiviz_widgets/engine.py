@@ -1333,29 +1333,57 @@ class Analyses:
         def fn():
             from .kernels.common import sample_indices
             drawn = sample_indices(len(self.dataset), n, seed)
-            # an instance without a finite output (NaN logits, or the model failing on it)
-            # would make every average NaN, or fail: left out (each reference's logits are
-            # computed once, and reused for every instance's line)
-            kept = [int(j) for j in drawn if self._has_finite_output(int(j))]
+            # an instance without a finite output (an input the adapter refuses, the model
+            # failing on it, NaN logits) would make every average NaN, or fail: left out, and
+            # why said (each reference's logits are computed once, and reused for every
+            # instance's line)
+            problems = {int(j): self._reference_problem(int(j)) for j in drawn}
+            kept = [j for j, problem in problems.items() if problem is None]
+            why: dict[str, int] = {}
+            for problem in problems.values():
+                if problem is not None:
+                    why[problem] = why.get(problem, 0) + 1
             if len(kept) < 2:
                 raise ValueError(
                     f"Of the {n} instances drawn for EMAP's averages, {len(kept)} have a finite "
-                    "output (the model's logits on the others are not finite, or the model "
-                    "failed on them): at least 2 are needed. Make the model finite on the "
-                    "dataset, or set method_params={'interaction_type': {'seed': ...}} to draw "
-                    "others.")
+                    "output (the adapter refuses the others' inputs, the model fails on them "
+                    "or its logits on them are not finite): at least 2 are needed. Make the "
+                    "model finite on the dataset, or set method_params={'interaction_type': "
+                    "{'seed': ...}} to draw others.")
             kind = self.kernels.interaction_type(self.adapter, self.dataset, int(i), kept,
                                                  progress, seed=seed, **params)
-            return {**kind, "reference_left_out": len(drawn) - len(kept)}
+            return {**kind, "reference_left_out": len(drawn) - len(kept),
+                    "reference_left_out_why": why}
         return self.engine.memo(key, fn)
 
-    def _has_finite_output(self, j: int) -> bool:
+    def interaction_type_missing(self) -> str:
+        """Why there is no line on how the modalities combine where one would say something
+        (two modalities or more, two outputs or more, not turned off): the dataset has fewer
+        than 2 instances to average over; "" otherwise."""
+        a = self.adapter
+        wanted = self.method_params.get("interaction_type", {}).get("n_reference",
+                                                                     TYPE_REFERENCES)
+        if len(a.names) < 2 or a.n_classes < 2 or not int(wanted) or len(self.dataset) >= 2:
+            return ""
+        return (f"EMAP averages over other instances of the dataset, and it has "
+                f"{len(self.dataset)}: at least 2 are needed")
+
+    def _reference_problem(self, j: int) -> str | None:
+        """Why instance j cannot be one of the interaction type's references: "input" (the
+        adapter refuses its input: NaN, a shape its modalities do not take), "model" (the model
+        fails on it) or "output" (its logits are not finite); None when it can."""
         try:
-            return bool(np.isfinite(self._logits(j)).all())
+            self.prepared(j)
+        except Cancelled:
+            raise
+        except Exception:  # noqa: BLE001 -- said as the reason it is left out
+            return "input"
+        try:
+            return None if bool(np.isfinite(self._logits(j)).all()) else "output"
         except Cancelled:
             raise
         except Exception:  # noqa: BLE001 -- the model failing on it: no output to average
-            return False
+            return "model"
 
     # -- stage 3 -------------------------------------------------------------------------------
     def features(self, progress=None):

@@ -60,8 +60,15 @@ def test_each_type_is_said_with_the_prediction_and_what_each_modality_alone_pred
             "predicts 'no', 'b' alone 'no' and 'c' alone 'no')") in three
     left = combination_text({**_kind("complement", 0, {"a": 0, "b": 0}, n=49),
                              "reference_left_out": 1}, names)
-    assert ("over 49 instances of the dataset (1 more left out: the model gave no finite "
-            "output for them)") in left
+    assert ("over 49 instances of the dataset (1 more left out: 1 for which the model gives "
+            "no finite output)") in left
+    why = combination_text({**_kind("complement", 0, {"a": 0, "b": 0}, n=46),
+                            "reference_left_out": 4,
+                            "reference_left_out_why": {"input": 2, "model": 1, "output": 1}},
+                           names)
+    assert ("over 46 instances of the dataset (4 more left out: 2 whose input the adapter "
+            "refuses; 1 the model fails on; 1 for which the model gives no finite output)"
+            ) in why
 
 
 def test_names_from_data_stay_text_and_keep_their_case():
@@ -155,8 +162,8 @@ def test_a_failure_is_said_on_the_line_and_the_page_keeps_its_own_error():
         st = ex.state()
         assert st["error"] == "" and st["interaction_type"] in ("dominance", "complement",
                                                                 "conflict", "undecided")
-        assert (f"averaged over {len(ds) - 1} instances of the dataset (1 more left out: the "
-                "model gave no finite output for them)") in st["interaction_type_text"]
+        assert (f"averaged over {len(ds) - 1} instances of the dataset (1 more left out: 1 for "
+                "which the model gives no finite output)") in st["interaction_type_text"]
         ex.select(instance=3)
         assert ex.wait(60)
         st = ex.state()
@@ -318,8 +325,33 @@ def test_an_instance_the_model_fails_on_is_left_out_of_the_references():
     ex = _explorer(adapter, ds)
     try:
         assert ex.wait(60)
-        assert ("1 more left out: the model gave no finite output for them"
+        assert "(1 more left out: 1 the model fails on)" in ex.state()["interaction_type_text"]
+    finally:
+        ex.close()
+
+
+def test_an_input_the_adapter_refuses_is_left_out_as_such_and_one_instance_is_said():
+    """A NaN in an instance's input was said to be the model's non-finite output (the model
+    never ran on it); a dataset of one instance left the line empty, with no reason."""
+    adapter, ds = tiny_vqa()
+    images = [np.asarray(ds[k]["image"], dtype=np.float32) for k in range(len(ds))]
+    images[5] = images[5].copy()
+    images[5][0, 0, 0] = np.nan
+    columns = {"image": images, "question": [ds[k]["question"] for k in range(len(ds))]}
+    ex = _explorer(adapter, MultimodalDataset(columns))
+    try:
+        assert ex.wait(60)
+        assert ("(1 more left out: 1 whose input the adapter refuses)"
                 in ex.state()["interaction_type_text"])
+    finally:
+        ex.close()
+    one = MultimodalDataset({k: v[:1] for k, v in columns.items()})
+    ex = _explorer(adapter, one)
+    try:
+        assert ex.wait(60)
+        assert ex.state()["interaction_type_text"] == (
+            "How the modalities combine: not computed (EMAP averages over other instances of "
+            "the dataset, and it has 1: at least 2 are needed)")
     finally:
         ex.close()
 

@@ -215,6 +215,12 @@ class CellTip(anywidget.AnyWidget):
         self.tip = {"row": int(row), "col": int(col), "text": str(text)}
 
 
+#: why references of the interaction type were left out (``reference_left_out_why``)
+LEFT_OUT = {"input": "{n} whose input the adapter refuses",
+            "model": "{n} the model fails on",
+            "output": "{n} for which the model gives no finite output"}
+
+
 def combination_text(kind, class_names) -> str:
     """One line on how the modalities combine at an instance, from ``Analyses.interaction_type``
     (M2Lens' words: dominance, complement, conflict; or undecided): the model's prediction, what
@@ -248,8 +254,10 @@ def combination_text(kind, class_names) -> str:
     each = ", ".join(parts[:-1]) + " and " + parts[-1]
     others = "the other modality's input" if len(alone) == 2 else "the other modalities' inputs"
     n, left = kind["reference_size"], int(kind.get("reference_left_out", 0) or 0)
-    out = (f" ({left} more left out: the model gave no finite output for them)" if left
-           else "")
+    reasons = kind.get("reference_left_out_why") or {"output": left}
+    out = (f" ({left} more left out: "
+           + "; ".join(LEFT_OUT[k].format(n=v) for k, v in reasons.items() if v) + ")"
+           if left else "")
     return (f"How the modalities combine: {label}. {why} (with {others} averaged over {n} "
             f"instances of the dataset{out}, {each}).")
 
@@ -386,7 +394,9 @@ class HeatmapView(W.VBox):
             self._combination_asked = asked
         self.retry.asked("combination")
         if not a.interaction_type_references():      # none wanted, or none to say: no line
-            self._set_combination("", "")
+            missing = a.interaction_type_missing()      # ... or a dataset too small: said
+            self._set_combination("", missing and "How the modalities combine: not computed "
+                                                  f"({missing})")
             return
 
         def job(progress):
