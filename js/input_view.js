@@ -3,7 +3,10 @@
 //
 // Traits: items [{name, kind, ...payload}], scores {modality: [float per unit]}, scales
 // {modality: |score| at full colour; else the modality's own largest}, score_caption,
-// selected {modality, unit}, caption, concepts {modality: {unit: [concept, ...]}}.
+// selected {modality, unit}, caption, concepts {modality: {unit: [concept, ...]}}. Items that
+// carry the instance they show (the Explorer's) send it with a click ({modality, unit,
+// instance}): a click on an instance the kernel has moved past is then told apart from one on
+// the unit of that index in the instance shown now.
 // Every unit element carries data-modality, data-unit and data-score (String(v) of the value as
 // received, "" when there is no score) and data-concepts (the unit's concepts joined by "; ", ""
 // for none; a named unit also has the class mvz-named, drawn with a dashed purple border); the root carries data-render-count, incremented after
@@ -149,8 +152,13 @@ function render({ model, el }) {
     root.dataset.renderCount = String(renderCount);
   }
 
+  // the instance the units drawn now belong to (items' "instance"; undefined: not said)
+  let drawnInstance;
+
   function select(modality, unit) {
-    model.set("selected", { modality, unit });
+    const selected = { modality, unit };
+    if (drawnInstance !== undefined && drawnInstance !== null) selected.instance = drawnInstance;
+    model.set("selected", selected);
     model.save_changes();
   }
 
@@ -416,6 +424,7 @@ function render({ model, el }) {
   function build() {
     body.replaceChildren();
     byModality = new Map();
+    drawnInstance = ((model.get("items") || [])[0] || {}).instance;
     for (const item of model.get("items") || []) {
       const box = el_("div", "mvz-modality");
       box.dataset.section = item.name;

@@ -201,7 +201,8 @@ class InputPanel:
     def _show_items(self, result) -> None:
         i, items, caption = result
         with self.view.hold_sync():
-            self.view.items = items
+            # each item says its instance, which a click sends back (see _on_view_click)
+            self.view.items = [{**item, "instance": i} for item in items]
             self.view.caption = caption
             self.view.scores = {}
             self.view.scales = {}
@@ -365,6 +366,9 @@ class InputPanel:
         ref = (sel["modality"], int(sel["unit"])) if sel else None
         # what happened to it, for Explorer.diagnostics()
         sent = (getattr(self.view, "incoming", None) or {}).get("selected", ...)
+        drawn = sent.get("instance") if isinstance(sent, dict) else None
+        if isinstance(sent, dict):            # the instance it was drawn for is not kept
+            sent = {k: v for k, v in sent.items() if k != "instance"}
         click = {"unit": list(ref) if ref else None, "at": round(time.time(), 3),
                  "from": "browser" if sent == change["new"] else "kernel",
                  "thread": threading.current_thread().name, "instance": self.selection.instance,
@@ -374,6 +378,12 @@ class InputPanel:
         if getattr(self._kernel_set, "active", False):   # the kernel's own highlight or blank
             click["action"] = ("already selected" if ref == self.selection.unit_ref
                                else "shown by the kernel, not a click")
+            return
+        if ref is not None and drawn is not None and drawn != self.items_instance:
+            # clicked on the units of an instance shown before (the page had not yet drawn
+            # this one): unit k of this instance is another word, patch or value
+            click["action"] = f"ignored: a click on #{drawn}'s inputs, no longer shown"
+            self._highlight()
             return
         if ref is not None and not self._shows(ref):
             click["action"] = "ignored: the view does not show this unit"

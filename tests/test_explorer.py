@@ -1483,6 +1483,27 @@ def test_diagnostics_say_what_the_kernel_did_with_each_click_from_the_browser(vq
     assert d["input_view"]["messages_from_browser"] == 3
 
 
+def test_a_late_click_on_the_inputs_of_an_instance_no_longer_shown_is_ignored(vqa):
+    """A student presses ">" and clicks a word of the question still drawn: the click, reaching
+    the kernel after it showed the next instance, selected the word of that index there (another
+    word); the heatmap refused the same late click."""
+    ex, _ = vqa
+    view = ex.input_view
+    assert ex.wait(30) and {it["instance"] for it in view.items} == {0}
+    ex.select(instance=1)
+    assert ex.wait(30) and {it["instance"] for it in view.items} == {1}
+    view.set_state({"selected": {"modality": "question", "unit": 2, "instance": 0}})
+    assert ex.wait(30)
+    assert ex.selection.unit_ref is None and view.selected == {}
+    late = [c for c in ex.diagnostics()["input_view"]["recent_clicks"] if c["from"] == "browser"]
+    assert late[-1]["action"] == "ignored: a click on #0's inputs, no longer shown"
+    view.set_state({"selected": {"modality": "question", "unit": 2, "instance": 1}})
+    assert ex.wait(30)
+    assert ex.selection.unit_ref == ("question", 2)
+    assert view.selected == {"modality": "question", "unit": 2}
+    assert ex.diagnostics()["input_view"]["recent_clicks"][-1]["action"] == "selected"
+
+
 def test_select_rejects_what_does_not_fit_with_the_usual_errors_and_changes_nothing(vqa):
     ex, _ = vqa
     before = ex.selection.as_dict()

@@ -70,7 +70,10 @@ class InputView(anywidget.AnyWidget):
     scale is drawn to its own largest |score|. The legend prints each modality's scale. (A
     unit's interactions take the heatmap's scale, so that a weak row does not look as strong
     as the matrix's strongest pair.)
-    selected: {"modality": name, "unit": index} of the highlighted unit, or {}.
+    selected: {"modality": name, "unit": index} of the highlighted unit, or {}. Where the items
+    carry the instance they show (``"instance"``, as the Explorer's do), a click from the
+    browser sends it too ({..., "instance": i}, in ``incoming`` while it is handled): the value
+    kept drops it.
     caption: a line above the inputs (e.g. the instance and the prediction).
     concepts: {modality name: {unit index (as text, JSON's keys): [concept, ...]}}: the units
     people named (see ``multiviz_widgets.annotations``); each is marked, and its concepts are
