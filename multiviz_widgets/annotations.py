@@ -1392,9 +1392,10 @@ class Annotations:
         if target is None:
             raise AnnotationError("This store has no file: give save() a path.")
         adopt = self.path is None
+        resolved = target.resolve()         # (the file a link points at)
         if adopt:          # a link: the file it points at, as Annotations(path) would read it
-            target = target.resolve()
-        own = path is None or (self.path is not None and target.resolve() == self.path.resolve())
+            target = resolved
+        own = path is None or (self.path is not None and resolved == self.path.resolve())
         if own:
             # its own file by another name (a link, a relative path): the file itself is
             # written, not the link replaced by a copy
@@ -1407,7 +1408,7 @@ class Annotations:
         # it read, it keeps that file's
         copy_lineage = None
         derive = not own and (not adopt or (
-            self._lineage is not None and target.resolve() != self._read_from))
+            self._lineage is not None and resolved != self._read_from))
         try:
             if target.is_dir():
                 raise AnnotationError(
@@ -1420,7 +1421,7 @@ class Annotations:
             doc, edits = self._document()
             if derive:
                 copy_lineage = hashlib.sha256(
-                    f"{doc['lineage']}\0{target.resolve()}".encode()).hexdigest()[:32]
+                    f"{doc['lineage']}\0{resolved}".encode()).hexdigest()[:32]
                 doc["lineage"] = copy_lineage
             raw = _encoded(doc, target)
             # then the file's lock, with the store's not held: while another program holds it
