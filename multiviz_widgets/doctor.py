@@ -274,6 +274,8 @@ def _check_passes(adapter: ModelAdapter, prepared, report: Report) -> None:
     eps = roundoff_eps(adapter, prepared.raw, out)      # the precision it computes in
     if adapter.is_binary_logit(first, out.shape[0]):
         _check_binary_output(adapter, prepared, report, first.reshape(-1), eps)
+    if adapter.n_classes == 1:
+        report.add("warning", "one-output", ONE_OUTPUT.format(name=adapter.class_names[0]))
     after_layer = _check_decision_layer(adapter, prepared, report, calls.get("decision", 0), eps)
     # an embedding layer never called on its text's ids is reported (once) by step 5's
     # substitution check, which names the layer and what it must be
@@ -460,6 +462,14 @@ def _logit_widths(logits: torch.Tensor) -> tuple[int, ...]:
     """The output widths of a layer that computes these logits: one per class, or one logit
     for a binary model (read as [-z/2, z/2], ``adapter.binary_logits``)."""
     return (2, 1) if logits.shape[1] == 2 else (logits.shape[1],)
+
+
+#: what check() says of a model of one output (a score, a regression head)
+ONE_OUTPUT = ("The model has one output ({name!r}), explained as a score: stages 1 to 3 and the "
+              "prediction path (through the decision layer) explain it, while what compares "
+              "classes needs two or more: the EMAP gap, the interaction type, and a sparse "
+              "linear model of the decision (fit_sparse_model). A binary classifier's one "
+              "logit takes two class names instead.")
 
 
 def _check_binary_output(adapter: ModelAdapter, prepared, report: Report, z: torch.Tensor,

@@ -632,3 +632,24 @@ def test_check_refuses_what_is_not_an_adapter_and_says_to_wrap_the_model():
             check(bad, INSTANCE)
     with pytest.raises(AdapterError, match="arguments are swapped"):
         check(INSTANCE, adapter(Healthy()))
+
+
+def test_a_model_of_one_output_is_told_what_explains_it_and_what_needs_two_classes():
+    """A regression head (one output, one class name) read "prediction: yes" with nothing said,
+    and a sparse model then blamed the model for predicting one class everywhere."""
+    from multiviz_widgets import MultimodalDataset
+    from multiviz_widgets.kernels.prediction import fit_sparse_model, fit_sparse_model_for
+    a = adapter(Healthy(n_classes=1), class_names=["score"])
+    report = check(a, INSTANCE)
+    assert report.ok and all(report.stages[s] for s in STAGES)
+    said = [f.message for f in report.warnings if f.code == "one-output"]
+    assert len(said) == 1 and "one output ('score'), explained as a score" in said[0]
+    assert "the EMAP gap, the interaction type, and a sparse linear model" in said[0]
+    assert "one-output" not in check(adapter(Healthy()), INSTANCE).codes()
+    ds = MultimodalDataset({"image": [torch.rand(3, 8, 8) for _ in range(4)],
+                            "question": ["what colour is it"] * 4})
+    words = r"one output \('score'\): a sparse linear model .* needs two or more"
+    with pytest.raises(ValueError, match=words):
+        fit_sparse_model_for(a, ds, cache=False)
+    with pytest.raises(ValueError, match=words):
+        fit_sparse_model((np.random.rand(8, 3), np.zeros(8, int)), class_names=["score"])

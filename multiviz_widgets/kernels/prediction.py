@@ -547,6 +547,15 @@ def _real(value, what: str, allowed: str) -> float:
     return float(value)
 
 
+def _refuse_one_output(name) -> None:
+    raise ValueError(
+        f"The model has one output ({name!r}): a sparse linear model is fitted to the model's "
+        "choice among classes, and needs two or more. A one-output model's prediction path "
+        "reads its decision layer, with no sparse model (prediction_path without sparse_model); "
+        "a binary classifier's one logit takes two class names, class_names=[negative, "
+        "positive].")
+
+
 def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] | None = None,
                      alpha: float = 0.99, n_lambdas: int = 20, eps: float = 1e-3,
                      tolerance: float = 0.01, fit_to: str = "predictions",
@@ -624,6 +633,8 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
                                    minimum=0)
     if seed is not None or solver == "glm_saga":      # None: fresh randomness (scikit-learn)
         seed = positive_int(seed, "seed (of the validation split and the solver)", minimum=0)
+    if class_names is not None and len(class_names) == 1:
+        _refuse_one_output(class_names[0])
     step = (rounding_step(train.h, model_dtype=True) if isinstance(train, Features) else
             rounding_step(train[0] if isinstance(train, (tuple, list)) and len(train) == 2
                           else None))
@@ -825,6 +836,9 @@ def fit_sparse_model_for(adapter: ModelAdapter, train_dataset, test_dataset=None
     Cost: one forward pass per instance of both datasets (none when cached), then the path fit.
     """
     from .representations import extract_features
+
+    if adapter.n_classes == 1:                 # before a pass over the datasets
+        _refuse_one_output(adapter.class_names[0])
 
     def stage(name):
         return None if progress is None else (lambda d, t, m: progress(d, t, f"{name}: {m}"))
