@@ -526,6 +526,16 @@ def class_name(class_names: Sequence[str], c: int) -> str:
     return str(class_names[c]) if 0 <= c < len(class_names) else str(c)
 
 
+def _first_input(args: tuple, kwargs: dict):
+    """A layer's input from a hook's arguments: the first positional one, else the keyword
+    ``input`` (nn.Linear's and nn.Embedding's name), else the first keyword's; None if none."""
+    if args:
+        return args[0]
+    if "input" in kwargs:
+        return kwargs["input"]
+    return next(iter(kwargs.values()), None)
+
+
 def _first_refused(modality: Modality, items: Sequence) -> int | None:
     """The position of the first item that ``modality`` refuses on its own (None: each is
     taken alone, so the batch failed for another reason)."""
@@ -1053,14 +1063,17 @@ class ModelAdapter:
                 others = [n for n, e in self.embedding_layers.items()
                           if e is layer and n not in names]
                 handles.append(layer.register_forward_hook(
-                    self._substitute(names, others, continuous, inputs, matched, foreign)))
+                    self._substitute(names, others, continuous, inputs, matched, foreign),
+                    with_kwargs=True))
             if store is not None:
-                def grab(mod, inp):
+                def grab(mod, args, kwargs):
                     if foreign():
                         return
-                    store.setdefault("h", inp[0])
+                    store.setdefault("h", _first_input(args, kwargs))
                     store["calls"] = store.get("calls", 0) + 1
-                handles.append(self.decision_layer.register_forward_pre_hook(grab))
+                # with the keyword arguments: a layer called as head(input=h) has no args
+                handles.append(self.decision_layer.register_forward_pre_hook(
+                    grab, with_kwargs=True))
             yield matched
         finally:
             for hd in handles:
@@ -1075,10 +1088,10 @@ class ModelAdapter:
         returns that modality's continuous input (a copy, so that the model may change it in
         place and gradients still reach the input); other calls pass, and so do the calls
         ``foreign`` says are another thread's (``_calls_of_others``)."""
-        def hook(module, inp, out):
+        def hook(module, inp, kwargs, out):
             if foreign():
                 return None
-            t = inp[0] if inp else None
+            t = _first_input(inp, kwargs)           # embed(ids) or embed(input=ids)
             n = (_match_ids(t, names, others, inputs, matched) if isinstance(t, torch.Tensor)
                  else None)
             if n is None:

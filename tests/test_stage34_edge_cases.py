@@ -346,3 +346,75 @@ def test_the_explorer_analyses_check_sparse_model_gallery_k_and_path_params_when
         assert Analyses(engine, adapter, ds, Own(), sparse_model="mine").sparse_model == "mine"
     finally:
         engine.close()
+
+
+# -- the decision layer's contributions against the model's logit --------------------------------
+_TWO_TABLES = [Tabular("a", columns=list("pqrs")), Tabular("b", columns=list("xyz"))]
+_TABLES_INSTANCE = {"a": np.array([0.3, -1.0, 2.0, 0.5], np.float32),
+                    "b": np.array([1.0, 0.2, -0.4], np.float32)}
+
+
+class _TwoTables(nn.Module):
+    """h = relu(ea(a) * eb(b)); logits = head(h) / temperature, or head(input=h)."""
+
+    def __init__(self, temperature: float = 1.0, keyword: bool = False, nan: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.ea, self.eb, self.head = nn.Linear(4, 8), nn.Linear(3, 8), nn.Linear(8, 3)
+        self.temperature, self.keyword, self.nan = temperature, keyword, nan
+
+    def forward(self, a, b):
+        h = torch.relu(self.ea(a) * self.eb(b))
+        if self.nan:
+            h = torch.sqrt(h - 100.0)
+        z = self.head(input=h) if self.keyword else self.head(h)
+        return z / self.temperature
+
+
+def test_contributions_that_do_not_add_up_to_the_logit_are_said():
+    """A temperature after the decision layer: the bars and the path explained a logit half the
+    model's, silently (the doctor said so, but the Explorer never runs it)."""
+    import warnings
+    adapter = ModelAdapter(_TwoTables(temperature=0.5).eval(), _TWO_TABLES, ["u", "v", "w"])
+    with pytest.warns(UserWarning, match=r"contributions to class '.' add up to .* but the "
+                                         r"model's logit is .*a temperature"):
+        dc = decision_contributions(adapter, _TABLES_INSTANCE)
+    assert dc.logits[dc.class_index] == pytest.approx(2 * (dc.contributions.sum() + dc.bias))
+    plain = ModelAdapter(_TwoTables().eval(), _TWO_TABLES, ["u", "v", "w"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dc = decision_contributions(plain, _TABLES_INSTANCE)
+    assert dc.logits[dc.class_index] == pytest.approx(dc.contributions.sum() + dc.bias, abs=1e-6)
+
+
+def test_a_decision_layer_called_with_a_keyword_gives_its_features():
+    """head(input=h) left the pre-hook no positional argument: an IndexError, said to be the
+    inputs' shapes."""
+    adapter = ModelAdapter(_TwoTables(keyword=True).eval(), _TWO_TABLES, ["u", "v", "w"])
+    dc = decision_contributions(adapter, _TABLES_INSTANCE)
+    positional = ModelAdapter(_TwoTables().eval(), _TWO_TABLES, ["u", "v", "w"])
+    assert np.allclose(dc.h, decision_contributions(positional, _TABLES_INSTANCE).h)
+    assert dc.logits[dc.class_index] == pytest.approx(dc.contributions.sum() + dc.bias, abs=1e-6)
+
+
+def test_contributions_of_an_output_that_is_not_finite_are_refused():
+    """NaN logits explained class 0 (argmax of NaN) with NaN contributions, and top() ranked the
+    finite neurons first."""
+    adapter = ModelAdapter(_TwoTables(nan=True).eval(), _TWO_TABLES, ["u", "v", "w"])
+    with pytest.raises(ValueError, match=r"output on the instance is not finite .*argmax of NaN"):
+        decision_contributions(adapter, _TABLES_INSTANCE)
+    with pytest.raises(ValueError, match=r"decision features h of the instance are not finite "
+                                         r"\(h0, h1"):
+        decision_contributions(adapter, _TABLES_INSTANCE, target=1)
+
+
+def test_neuron_extremes_refuse_an_instance_given_twice():
+    """indices=[5, 5, 5, 7] made neuron 0's top 3 instance 5 three times."""
+    adapter, ds = tiny_adapter(), tiny_dataset(8)
+    with pytest.raises(ValueError, match=r"indices repeat instance 5 \(3 times\).*np\.unique"):
+        neuron_extremes(adapter, ds, k=3, indices=[5, 5, 5, 7])
+    feats = extract_features(adapter, ds, indices=[1, 2, 1], cache=False)
+    with pytest.raises(ValueError, match=r"features\.indices .* repeat instance 1 \(2 times\)"):
+        neuron_extremes(None, features=feats, k=2)
+    top = neuron_extremes(adapter, ds, k=3, indices=[5, 7, 2])
+    assert sorted(int(i) for i in top.top_indices[0]) == [2, 5, 7]

@@ -26,6 +26,7 @@ import dis
 import functools
 import hashlib
 import inspect
+import math
 import os
 import re
 import stat
@@ -1114,6 +1115,16 @@ class StreamingExtremes:
                               n_instances=self.n, params={"k": self.k})
 
 
+def _refuse_repeats(idx: np.ndarray, what: str) -> None:
+    """A ValueError when an instance number repeats: a neuron's top k would show it k times."""
+    values, counts = np.unique(idx, return_counts=True)
+    if len(values) < len(idx):
+        j = int(np.argmax(counts > 1))
+        raise ValueError(f"{what} repeat instance {int(values[j])} ({int(counts[j])} times): a "
+                         "neuron's top and bottom instances would show it more than once. Give "
+                         "each instance once (np.unique(indices)).")
+
+
 def neuron_extremes(adapter: ModelAdapter | None, dataset: MultimodalDataset | None = None,
                     k: int = 8, batch_size: int = 256, indices: Sequence[int] | None = None,
                     progress: ProgressFn = None, features: Features | None = None
@@ -1138,6 +1149,8 @@ def neuron_extremes(adapter: ModelAdapter | None, dataset: MultimodalDataset | N
             raise ValueError("indices= selects instances to run the model on; with features= "
                              "pass the features of those instances instead (extract_features("
                              "..., indices=...)).")
+        _refuse_repeats(np.asarray(features.indices), "features.indices (the instances of the "
+                        "features)")
         total = len(features)
         for s in range(0, total, positive_int(batch_size, "batch_size")):
             ext.update(features.h[s:s + batch_size], features.indices[s:s + batch_size])
@@ -1149,6 +1162,7 @@ def neuron_extremes(adapter: ModelAdapter | None, dataset: MultimodalDataset | N
         # left out of the batches but cost their forward pass all the same
         ran = [0]
         idx = indices_or_all(indices, len(dataset))
+        _refuse_repeats(idx, "indices")
         for positions, _, h in _feature_batches(adapter, dataset, idx, batch_size, progress,
                                                 "neuron extremes", None, ran):
             ext.update(h, idx[positions])
@@ -1221,6 +1235,27 @@ def check_sparse_model_fits(sparse_model, adapter: ModelAdapter, d: int | None) 
             "as the model's classes (or fit_sparse_model_for(adapter, ...)).")
 
 
+def _warn_unless_logit(adapter: ModelAdapter, c: int, contrib: np.ndarray, bias: float,
+                       logit: float) -> None:
+    """Warn when the decision layer's contributions and bias do not add up to the model's logit
+    of class c (beyond rounding): forward() scales the layer's output (a temperature), or the
+    logits come from another layer (a second head, chosen by default), and the neurons'
+    contributions explain what the logit is not."""
+    total = float(contrib.sum()) + bias
+    eps = max(float(np.finfo(np.float32).eps), float(torch.finfo(adapter.float_dtype).eps))
+    scale = float(np.abs(contrib).sum()) + abs(bias) + abs(logit)
+    if not math.isfinite(logit) or abs(total - logit) <= max(1e-6, 64 * eps * scale):
+        return
+    warn(f"The decision layer's contributions to class {adapter.class_names[c]!r} add up to "
+         f"{total:.4g} (with its bias), but the model's logit is {logit:.4g}: forward() changes "
+         "the decision layer's output (a temperature, a scale, a sum with another branch) or "
+         "its logits come from another layer (a second head). The neuron bars and the "
+         "prediction path explain the decision layer's output, not the logit: pass "
+         "decision_layer= the layer whose output is the logits where there is one "
+         "(multiviz_widgets.check(adapter, instance) says which), or read them as the "
+         "decision layer's.")
+
+
 def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_model=None
                            ) -> DecisionContributions:
     """h(x) and the contribution of each neuron to class ``target`` (default: predicted class).
@@ -1238,6 +1273,13 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
     h = _host_float(h[0]).numpy()
     logits = _host_float(logits[0]).numpy()
     if target is None:
+        if np.isnan(logits).any() or not np.isfinite(logits.max()):
+            raise ValueError(
+                f"decision_contributions: the model's output on the instance is not finite "
+                f"(logits {np.array2string(logits, precision=3, threshold=8)}), so no class is "
+                "predicted (an argmax of NaN would be class 0) and nothing is explained (NaN "
+                "results are never returned). Check the model on this instance, e.g. with "
+                "multiviz_widgets.check(adapter, instance)." + masked_logits_hint(logits[None]))
         t = adapter.target(int(logits.argmax()))
     else:
         t = adapter.target(target)
@@ -1246,6 +1288,14 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
                          f"<- neurons); give a class index or name, not {t}. What drives a "
                          f"neuron: attribute(..., target=Neuron({t.index})).")
     c = t.index
+    if not np.isfinite(h).all():
+        bad = np.flatnonzero(~np.isfinite(h))
+        raise ValueError(
+            f"decision_contributions: the decision features h of the instance are not finite "
+            f"(h{', h'.join(str(j) for j in bad[:6])}{' ...' if len(bad) > 6 else ''}: NaN or "
+            "infinity), so every contribution W[c, j] h_j and their ranking would be NaN (NaN "
+            "results are never returned). Check the model on this instance, e.g. with "
+            "multiviz_widgets.check(adapter, instance).")
     if sparse_model is not None:
         check_sparse_model_fits(sparse_model, adapter, h.shape[0])
         w = sparse_model.weight[c]
@@ -1256,6 +1306,7 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
         w = W[c]
         contrib = w * h
         source, bias = "decision_layer", b[c]
+        _warn_unless_logit(adapter, c, contrib, float(bias), float(logits[c]))
     # np.array copies: the decision layer's W[c] is a view of the live parameter, and a
     # result must not write through to the model
     dtype = _features_dtype(h)
