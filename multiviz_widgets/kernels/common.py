@@ -18,8 +18,8 @@ from ..precision import dtype_eps, outputs_differ
 from ..progress import ProgressFn, report
 
 #: Default rows per forward pass for perturbation kernels. Small batches keep activations in
-#: the CPU caches: on the easy-VQA model a batch of 64-256 costs about 0.08 ms per sample and
-#: a batch of 512 about 0.18 ms (2 cores, torch 2.13; ``floor_batch_scan_ms_per_sample`` in
+#: the CPU caches: on the easy-VQA model a batch of 64-256 costs the least per sample, and one
+#: of 512 about 1.5 times as much (2 cores, torch 2.13; ``floor_batch_scan_ms_per_sample`` in
 #: benchmarks/results/kernels.json).
 PERTURBATION_BATCH = 128
 

@@ -515,8 +515,8 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
     Uses ``indices`` (or ``n`` instances drawn with ``seed``; n=None: all) as both the evaluated
     instances and the reference set (with M > 2 modalities ``seed`` also draws EMAP's
     permutations, see ``emap``); cost: N^2 forwards (one EMAP, M N^2 + N with M > 2; pairs of
-    encodings when the model splits, 70,000 to 87,000 pairs a second for easy-VQA on two cores
-    at N = 1,000 and 3,000: benchmarks/results/emap_scale.json), memory linear in N (the pairs
+    encodings when the model splits, about 110,000 pairs a second for easy-VQA on two cores at
+    N = 1,000 and 3,000: benchmarks/results/emap_scale.json), memory linear in N (the pairs
     are summed as they come, never stored). Returns a dict with
     ``gap_predictions`` (1 - agreement of argmax fhat with the model's predictions) and, when the
     dataset has labels, ``accuracy_model``, ``accuracy_emap`` and ``gap_labels``; ``gap`` is the

@@ -565,7 +565,7 @@ def auto_max_players(budget: int) -> int:
     """The players that ``max_players="auto"`` keeps: as many as the budget computes exactly
     (2^players <= budget), at most EXACT_MAX_PLAYERS and at least 2.
 
-    Why exact by default: on easy-VQA, 24 players (a question's 4 to 7 words, the rest
+    Why exact by default: on easy-VQA, 24 players (a question's 4 to 9 words, the rest
     patches) sampled with 4,096 coalitions by KernelSHAPIQ gave a matrix off by a median 0.18
     of its norm (0.12 to 0.51 over 6 questions and 4 seeds, against 131,072 coalitions), with
     the strongest cell the reference's in 22 of 24 runs (``benchmarks/shapley_accuracy.py``;
