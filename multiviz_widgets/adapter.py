@@ -526,35 +526,44 @@ def class_name(class_names: Sequence[str], c: int) -> str:
     return str(class_names[c]) if 0 <= c < len(class_names) else str(c)
 
 
-def _first_input(args: tuple, kwargs: dict):
-    """A layer's input from a hook's arguments: the first positional one, else the keyword
-    ``input`` (nn.Linear's and nn.Embedding's name), else the first keyword's; None if none."""
+def _first_input(module: nn.Module, args: tuple, kwargs: dict):
+    """A layer's input from a hook's arguments: the first positional one, else the keyword of
+    the first parameter of its forward (``input`` for nn.Linear and nn.Embedding, ``ids`` for
+    ``forward(self, ids, scale=1.0)`` called as ``embed(scale=2.0, ids=ids)``); None if not
+    given."""
     if args:
         return args[0]
-    if "input" in kwargs:
-        return kwargs["input"]
-    return next(iter(kwargs.values()), None)
+    return kwargs.get(_first_parameter(type(module)))
 
 
-def _first_refused(modality: Modality, items: Sequence) -> int | None:
-    """The position of the first item that ``modality`` refuses on its own (None: each is
+@functools.lru_cache(maxsize=None)
+def _first_parameter(module_type: type) -> str | None:
+    """The name of the first parameter of ``module_type.forward`` after self (None: none)."""
+    try:
+        params = list(inspect.signature(module_type.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return "input"
+    return params[0].name if params else None
+
+
+def _first_refused(modality: Modality, items: Sequence) -> tuple[int, Exception] | None:
+    """(position, error) of the first item that ``modality`` refuses on its own (None: each is
     taken alone, so the batch failed for another reason)."""
     for k, item in enumerate(items):
         try:
             modality.batch([item])
-        except (ValueError, TypeError):
-            return k
+        except (ValueError, TypeError) as e:
+            return k, e
     return None
 
 
-def naming_instance(error: ValueError | TypeError, number: int) -> Exception:
-    """A modality's refusal of one instance's input, its message led by the instance's number
-    ("Instance 37: tab: a row must have 3 values ..."): an AdapterError with the code of the
-    error's, a ValueError or a TypeError, as it was."""
-    message = f"Instance {number}: {error}"
-    if isinstance(error, AdapterError):
-        return AdapterError(message, code=error.code)
-    return TypeError(message) if isinstance(error, TypeError) else ValueError(message)
+def naming_instance(error: Exception, number: int) -> Exception:
+    """``error`` itself, its message led by the instance's number ("Instance 37: tab: a row
+    must have 3 values ..."): its class, code and attributes kept, so ``except`` clauses still
+    catch it (raise it again with a bare ``raise`` where it was caught)."""
+    first = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    error.args = (f"Instance {number}: {first}", *error.args[1:])
+    return error
 
 
 def _class_name_list(class_names) -> list[str]:
@@ -879,13 +888,14 @@ class ModelAdapter:
                 f"Modality {name!r}: instance {number(odd)} has shape {shapes[odd]} but instance "
                 f"{number(0)} has {shapes[0]}; the instances of a batch must have the same shape "
                 f"(resize or crop them to one size, e.g. the size the model was trained on).") from e
-        except (ValueError, TypeError) as e:  # the modality refused an item: say which one
+        except (ValueError, TypeError):      # the modality refused an item: say which one
             if len(items) == 1 and numbers is None:
                 raise
-            odd = _first_refused(modality, items)
-            if odd is None:
+            refused = _first_refused(modality, items)
+            if refused is None:
                 raise
-            raise naming_instance(e, number(odd)) from e
+            odd, own = refused                  # that item's own error, named
+            raise naming_instance(own, number(odd)) from None
         of = "" if len(items) == 1 and numbers is None else " of instance {}"
         if x.numel() == 0:
             raise AdapterError(f"Modality {name!r} is empty (input shape {tuple(x.shape[1:])}); "
@@ -923,10 +933,11 @@ class ModelAdapter:
                         "cast first), or run the model in float32 (model.float()).")
         return x
 
-    def prepare(self, instance: Mapping) -> Prepared:
-        """Everything the kernels need about one instance (cost: no forward pass)."""
+    def prepare(self, instance: Mapping, number: int | None = None) -> Prepared:
+        """Everything the kernels need about one instance (cost: no forward pass). ``number``:
+        how errors about its inputs name it (one of many: "Instance 37: ..."); None: not named."""
         self._check_names(instance)
-        raw = self.collate([instance])
+        raw = self.collate([instance], numbers=None if number is None else [number])
         cont = {k: v[0] for k, v in self.continuous(raw).items()}
         base_raw = {n: m.baseline_raw(raw[n][0]).unsqueeze(0) for n, m in self.modalities.items()}
         for n in self.names:
@@ -1069,7 +1080,7 @@ class ModelAdapter:
                 def grab(mod, args, kwargs):
                     if foreign():
                         return
-                    store.setdefault("h", _first_input(args, kwargs))
+                    store.setdefault("h", _first_input(mod, args, kwargs))
                     store["calls"] = store.get("calls", 0) + 1
                 # with the keyword arguments: a layer called as head(input=h) has no args
                 handles.append(self.decision_layer.register_forward_pre_hook(
@@ -1091,7 +1102,7 @@ class ModelAdapter:
         def hook(module, inp, kwargs, out):
             if foreign():
                 return None
-            t = _first_input(inp, kwargs)           # embed(ids) or embed(input=ids)
+            t = _first_input(module, inp, kwargs)   # embed(ids) or embed(input=ids)
             n = (_match_ids(t, names, others, inputs, matched) if isinstance(t, torch.Tensor)
                  else None)
             if n is None:

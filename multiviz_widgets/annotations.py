@@ -1392,7 +1392,9 @@ class Annotations:
         if target is None:
             raise AnnotationError("This store has no file: give save() a path.")
         adopt = self.path is None
-        resolved = target.resolve()         # (the file a link points at)
+        # the file a link points at (its own file: not needed, and never resolved, so that a
+        # store whose file became a link loop still says why in save_error)
+        resolved = None if path is None else target.resolve()
         if adopt:          # a link: the file it points at, as Annotations(path) would read it
             target = resolved
         own = path is None or (self.path is not None and resolved == self.path.resolve())

@@ -918,6 +918,17 @@ TYPE_REFERENCES = 50
 #: n_reference 0: no line)
 TYPE_PARAMS = ("n_reference", "seed", "batch_size", "factorized")
 
+#: why references of the interaction type were left out (``reference_left_out_why``)
+LEFT_OUT = {"input": "{n} whose input the adapter refuses",
+            "model": "{n} the model fails on",
+            "output": "{n} for which the model gives no finite output"}
+
+
+def left_out_text(why: dict[str, int]) -> str:
+    """The references left out, by reason ("2 whose input the adapter refuses; 1 the model
+    fails on"), from {reason: count} (``Analyses.interaction_type``'s)."""
+    return "; ".join(LEFT_OUT[k].format(n=v) for k, v in why.items() if v)
+
 #: How far below its fidelity when fit (a share of instances) the sparse model's agreement with
 #: the model must fall for the Explorer to say that the model changed since
 SPARSE_MODEL_DRIFT = 0.05
@@ -1310,11 +1321,17 @@ class Analyses:
         (``method_params["interaction_type"]["n_reference"]``, default TYPE_REFERENCES, at most
         the dataset's); 0 where no such line is wanted or says anything: one modality, one
         output, fewer than 2 references (n_reference 0 turns it off)."""
+        wanted, applies = self._type_wanted()
+        n = min(wanted, len(self.dataset))
+        return n if applies and n >= 2 else 0
+
+    def _type_wanted(self) -> tuple[int, bool]:
+        """(n_reference asked for, whether an interaction type says anything of this model:
+        two modalities or more, two outputs or more)."""
         a = self.adapter
         wanted = self.method_params.get("interaction_type", {}).get("n_reference",
                                                                      TYPE_REFERENCES)
-        n = min(int(wanted), len(self.dataset))
-        return n if len(a.names) >= 2 and a.n_classes >= 2 and n >= 2 else 0
+        return int(wanted), len(a.names) >= 2 and a.n_classes >= 2
 
     def interaction_type(self, i: int, progress=None) -> dict | None:
         """How the modalities combine at instance i (``Kernels.interaction_type`` against
@@ -1344,12 +1361,14 @@ class Analyses:
                 if problem is not None:
                     why[problem] = why.get(problem, 0) + 1
             if len(kept) < 2:
+                fix = ("Fix those inputs" if set(why) == {"input"} else
+                       "Make the model finite on the dataset" if "input" not in why else
+                       "Fix those inputs and the model")
                 raise ValueError(
-                    f"Of the {n} instances drawn for EMAP's averages, {len(kept)} have a finite "
-                    "output (the adapter refuses the others' inputs, the model fails on them "
-                    "or its logits on them are not finite): at least 2 are needed. Make the "
-                    "model finite on the dataset, or set method_params={'interaction_type': "
-                    "{'seed': ...}} to draw others.")
+                    f"Of the {n} instances drawn for EMAP's averages, {len(kept)} "
+                    f"{'has' if len(kept) == 1 else 'have'} a finite output, and at least 2 "
+                    f"are needed; left out: {left_out_text(why)}. {fix}, or set "
+                    "method_params={'interaction_type': {'seed': ...}} to draw others.")
             kind = self.kernels.interaction_type(self.adapter, self.dataset, int(i), kept,
                                                  progress, seed=seed, **params)
             return {**kind, "reference_left_out": len(drawn) - len(kept),
@@ -1360,13 +1379,11 @@ class Analyses:
         """Why there is no line on how the modalities combine where one would say something
         (two modalities or more, two outputs or more, not turned off): the dataset has fewer
         than 2 instances to average over; "" otherwise."""
-        a = self.adapter
-        wanted = self.method_params.get("interaction_type", {}).get("n_reference",
-                                                                     TYPE_REFERENCES)
-        if len(a.names) < 2 or a.n_classes < 2 or not int(wanted) or len(self.dataset) >= 2:
+        wanted, applies = self._type_wanted()
+        if not applies or not wanted or len(self.dataset) >= 2:
             return ""
-        return (f"EMAP averages over other instances of the dataset, and it has "
-                f"{len(self.dataset)}: at least 2 are needed")
+        return (f"EMAP averages over instances of the dataset, and it has {len(self.dataset)}: "
+                "at least 2 are needed")
 
     def _reference_problem(self, j: int) -> str | None:
         """Why instance j cannot be one of the interaction type's references: "input" (the

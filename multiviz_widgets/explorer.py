@@ -24,7 +24,7 @@ import ipywidgets as W
 
 from .notices import warn
 from .results import computed_units
-from .adapter import ModelAdapter
+from .adapter import ModelAdapter, class_name
 from .annotations import AnnotationError, Annotations, dataset_signature, model_signature
 from .checks import is_integer
 from .data import MultimodalDataset
@@ -174,9 +174,7 @@ class InputPanel:
             cap = (f"{instance_title(i, desc, isolated=True)} | predicted: "
                    f"{isolate(a.adapter.class_names[pred])}")
             if label is not None:
-                names = a.adapter.class_names
-                cap += (" | label: "
-                        + isolate(names[label] if 0 <= label < len(names) else label))
+                cap += " | label: " + isolate(class_name(a.adapter.class_names, label))
             return i, items, cap
 
         self.engine.submit(self.items_slot, ("items", i), job, self._show_items,
@@ -372,14 +370,16 @@ class InputPanel:
         click = {"unit": list(ref) if ref else None, "at": round(time.time(), 3),
                  "from": "browser" if sent == change["new"] else "kernel",
                  "thread": threading.current_thread().name, "instance": self.selection.instance,
-                 "items_instance": self.items_instance, "action": "selecting"}
+                 "items_instance": self.items_instance, "drawn_for": drawn,
+                 "action": "selecting"}
         with self._clicks_lock:
             self.clicks.append(click)
         if getattr(self._kernel_set, "active", False):   # the kernel's own highlight or blank
             click["action"] = ("already selected" if ref == self.selection.unit_ref
                                else "shown by the kernel, not a click")
             return
-        if ref is not None and drawn is not None and drawn != self.items_instance:
+        shown = self.items_instance        # -1: blank (a cancel or a failure), said below
+        if ref is not None and drawn is not None and shown >= 0 and drawn != shown:
             # clicked on the units of an instance shown before (the page had not yet drawn
             # this one): unit k of this instance is another word, patch or value
             click["action"] = f"ignored: a click on #{drawn}'s inputs, no longer shown"

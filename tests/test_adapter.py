@@ -1107,3 +1107,80 @@ def test_class_name_never_reads_from_the_end():
     a negative one too, never as the last names (Python's names[-1])."""
     names = ["red", "green"]
     assert [class_name(names, c) for c in (0, 1, 2, -1)] == ["red", "green", "2", "-1"]
+
+
+def test_an_embedding_called_with_keywords_takes_the_continuous_input():
+    """embed(input=ids) or a subclass's embed(scale=1.0, ids=ids) gave its hook no positional
+    argument: the ids were never matched (or the wrong keyword was read)."""
+    from multiviz_widgets.kernels.unimodal import attribute
+
+    class Scaled(nn.Embedding):
+        def forward(self, ids, scale=1.0):
+            return super().forward(ids) * scale
+
+    class Keywords(Healthy):
+        def __init__(self, subclass: bool):
+            super().__init__()
+            if subclass:
+                scaled = Scaled(self.embedding.num_embeddings, 6)
+                scaled.weight.data.copy_(self.embedding.weight.data)
+                self.embedding = scaled
+            self.subclass = subclass
+
+        def features(self, image, question):
+            img = torch.tanh(self.conv(image)).mean((2, 3))
+            e = self.embedding
+            q = e(scale=1.0, ids=question) if self.subclass else e(input=question)
+            return torch.relu(self.fuse(img * q.mean(1)))
+
+    want = attribute(adapter(Healthy()), INSTANCE, "gradient").scores["question"]
+    for subclass in (False, True):
+        got = attribute(adapter(Keywords(subclass)), INSTANCE, "gradient")
+        assert np.allclose(got.scores["question"], want, atol=1e-6)
+
+
+def test_a_refused_input_keeps_its_exception_class_when_its_instance_is_named():
+    """Naming the instance made a plain ValueError of a modality's own ValueError subclass,
+    which the user's except clause then missed."""
+    class BadRow(ValueError):
+        def __init__(self, message, row=None):
+            super().__init__(message)
+            self.row = row
+
+    class Strict(Tabular):
+        def to_tensor(self, raw):
+            if len(raw) != 4:
+                raise BadRow(f"{self.name}: a row of {len(raw)} values", row=raw)
+            return super().to_tensor(raw)
+
+    a = ModelAdapter(DropNorm().eval(), [Strict("tabular", columns=list("abcd")),
+                                         TimeSeries("series", window=4, channels=["x", "y"])],
+                     ["n", "y"])
+    rows = [np.zeros(4, np.float32), np.zeros(4, np.float32), np.zeros(2, np.float32)]
+    items = [{"tabular": r, "series": np.zeros((8, 2), np.float32)} for r in rows]
+    with pytest.raises(BadRow, match=r"^Instance 2: tabular: a row of 2 values$") as e:
+        a.collate(items)
+    assert e.value.row.shape == (2,)
+
+
+def test_attribute_batch_names_an_instance_only_for_what_is_wrong_with_its_input():
+    """An embedding layer that pools its tokens is the model's problem, not instance 0's: it
+    was said as "Instance 0: The embedding layer given ..." (a list of one included)."""
+    from multiviz_widgets.kernels.unimodal import attribute_batch
+
+    class PoolingEmbedding(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids).mean(1)
+
+    class Pools(Healthy):
+        def __init__(self):
+            super().__init__()
+            self.embedding = PoolingEmbedding(self.embedding.num_embeddings, 6)
+
+        def features(self, image, question):
+            img = torch.tanh(self.conv(image)).mean((2, 3))
+            return torch.relu(self.fuse(img * self.embedding(question)))
+
+    for instances in ([INSTANCE, INSTANCE], [INSTANCE]):
+        with pytest.raises(AdapterError, match=r"^The embedding layer given for 'question'"):
+            attribute_batch(adapter(Pools()), instances, "gradient")

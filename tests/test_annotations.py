@@ -1275,6 +1275,19 @@ def test_a_save_to_a_link_to_its_own_file_writes_the_file_and_keeps_the_link(tmp
     assert as_sets(Annotations.load(real)) == as_sets(a) and a.save_error is None
 
 
+def test_a_store_whose_own_file_became_a_link_loop_still_saves_or_says_why(tmp_path):
+    """save() with no path resolved its own file's path, outside its error handling: a link
+    loop there raised from every add(), and save_error stayed empty."""
+    path = tmp_path / "f.json"
+    a = Annotations(path)
+    a.add(neuron_key(1), "red")
+    path.unlink()
+    path.symlink_to(path.name)                     # f.json -> f.json
+    a.add(neuron_key(2), "blue")                   # saved as any change: over the link
+    assert a.save_error is None and not a.unsaved and not path.is_symlink()
+    assert as_sets(Annotations.load(path)) == {neuron_key(1): {"red"}, neuron_key(2): {"blue"}}
+
+
 # -- the Explorer refuses units that do not exist ------------------------------------------------
 def test_the_explorer_refuses_to_name_a_unit_its_instance_does_not_have(tmp_path):
     path = tmp_path / "c.json"

@@ -243,6 +243,12 @@ def test_token_click_colours_the_image_with_the_kernels_interaction_row(quicksta
                     f"{_input_view_state(page)}\nthe kernel's Explorer.diagnostics():\n{kernel}")
     nb.kernel_exec("explorer.wait()")
     assert nb.kernel_json("import json; print(json.dumps(explorer.selection.unit_ref))") == [rows, u]
+    # the click said which instance it was made on (a late one, on an instance no longer
+    # shown, is ignored by the kernel)
+    click = nb.kernel_json("import json; print(json.dumps([c for c in explorer.diagnostics()"
+                           "['input_view']['recent_clicks'] if c['from'] == 'browser'][-1]))")
+    assert click["action"] == "selected" and click["unit"] == [rows, u]
+    assert click["drawn_for"] == click["instance"] == click["items_instance"]
     page.wait_for_selector(unit_sel(rows, u) + ".mvz-selected")
     shown = dom_scores(page, cols)
     ref = nb.kernel_json(f"""

@@ -350,8 +350,19 @@ def test_an_input_the_adapter_refuses_is_left_out_as_such_and_one_instance_is_sa
     try:
         assert ex.wait(60)
         assert ex.state()["interaction_type_text"] == (
-            "How the modalities combine: not computed (EMAP averages over other instances of "
-            "the dataset, and it has 1: at least 2 are needed)")
+            "How the modalities combine: not computed (EMAP averages over instances of the "
+            "dataset, and it has 1: at least 2 are needed)")
+    finally:
+        ex.close()
+    for k in (1, 2):                       # of 3 instances, 2 refused: the reason, not the model
+        images[k] = images[5]
+    three = MultimodalDataset({k: v[:3] for k, v in columns.items()})
+    ex = _explorer(adapter, three)
+    try:
+        assert ex.wait(60)
+        assert ("Of the 3 instances drawn for EMAP's averages, 1 has a finite output, and at "
+                "least 2 are needed; left out: 2 whose input the adapter refuses. Fix those "
+                "inputs, or set method_params=") in ex.state()["interaction_type_text"]
     finally:
         ex.close()
 

@@ -357,18 +357,20 @@ _TABLES_INSTANCE = {"a": np.array([0.3, -1.0, 2.0, 0.5], np.float32),
 class _TwoTables(nn.Module):
     """h = relu(ea(a) * eb(b)); logits = head(h) / temperature, or head(input=h)."""
 
-    def __init__(self, temperature: float = 1.0, keyword: bool = False, nan: bool = False):
+    def __init__(self, temperature: float = 1.0, keyword: bool = False, nan: bool = False,
+                 end: str = ""):
         super().__init__()
         torch.manual_seed(0)
         self.ea, self.eb, self.head = nn.Linear(4, 8), nn.Linear(3, 8), nn.Linear(8, 3)
-        self.temperature, self.keyword, self.nan = temperature, keyword, nan
+        self.temperature, self.keyword, self.nan, self.end = temperature, keyword, nan, end
 
     def forward(self, a, b):
-        h = torch.relu(self.ea(a) * self.eb(b))
-        if self.nan:
-            h = torch.sqrt(h - 100.0)
-        z = self.head(input=h) if self.keyword else self.head(h)
-        return z / self.temperature
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.end == "autocast"):
+            h = torch.relu(self.ea(a) * self.eb(b))
+            if self.nan:
+                h = torch.sqrt(h - 100.0)
+            z = self.head(input=h) if self.keyword else self.head(h)
+        return (torch.log_softmax(z, 1) if self.end == "log_softmax" else z) / self.temperature
 
 
 def test_contributions_that_do_not_add_up_to_the_logit_are_said():
@@ -384,6 +386,11 @@ def test_contributions_that_do_not_add_up_to_the_logit_are_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dc = decision_contributions(plain, _TABLES_INSTANCE)
+        # no false alarm: the same shift for every class (log_softmax) compares classes as the
+        # logits do; autocast computes in bfloat16 and rounds as such
+        for end in ("log_softmax", "autocast"):
+            decision_contributions(ModelAdapter(_TwoTables(end=end).eval(), _TWO_TABLES,
+                                                ["u", "v", "w"]), _TABLES_INSTANCE)
     assert dc.logits[dc.class_index] == pytest.approx(dc.contributions.sum() + dc.bias, abs=1e-6)
 
 

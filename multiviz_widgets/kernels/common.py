@@ -71,11 +71,12 @@ def check_adapter(adapter, what: str) -> ModelAdapter:
     return adapter
 
 
-def as_prepared(adapter: ModelAdapter, instance) -> Prepared:
+def as_prepared(adapter: ModelAdapter, instance, number: int | None = None) -> Prepared:
     """Accept an instance dict or an already prepared instance (prepared by this adapter, or by
-    one with the same modalities)."""
+    one with the same modalities). ``number``: how errors about a dict's inputs name it
+    (``ModelAdapter.prepare``)."""
     if not isinstance(instance, Prepared):
-        return adapter.prepare(instance)
+        return adapter.prepare(instance, number=number)
     if instance.names != adapter.names or set(instance.raw) != set(adapter.names):
         raise AdapterError(f"This prepared instance has modalities {instance.names}, but the "
                            f"adapter's are {adapter.names}: it was prepared by another adapter. "
@@ -403,9 +404,9 @@ class ShapeGroups:
             try:
                 shapes = input_shapes(adapter, item)
             except (ValueError, TypeError) as e:    # the modality refused it: say which one
-                if len(items) == 1 and numbers is None:
-                    raise
-                raise naming_instance(e, k if numbers is None else numbers[k]) from e
+                if len(items) > 1 or numbers is not None:
+                    naming_instance(e, k if numbers is None else numbers[k])
+                raise
             found.setdefault(shapes, []).append(k)
         self.keys = list(found)
         self.positions = [torch.tensor(p, dtype=torch.long, device=adapter.device)

@@ -634,7 +634,7 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     if seed is not None or solver == "glm_saga":      # None: fresh randomness (scikit-learn)
         seed = positive_int(seed, "seed (of the validation split and the solver)", minimum=0)
     if class_names is not None and len(class_names) == 1:
-        _refuse_one_output(class_names[0])
+        _refuse_one_output(next(iter(class_names)))    # a list's name, or a mapping's key
     step = (rounding_step(train.h, model_dtype=True) if isinstance(train, Features) else
             rounding_step(train[0] if isinstance(train, (tuple, list)) and len(train) == 2
                           else None))

@@ -26,7 +26,6 @@ import dis
 import functools
 import hashlib
 import inspect
-import math
 import os
 import re
 import stat
@@ -1115,14 +1114,14 @@ class StreamingExtremes:
                               n_instances=self.n, params={"k": self.k})
 
 
-def _refuse_repeats(idx: np.ndarray, what: str) -> None:
+def _refuse_repeats(idx: np.ndarray, what: str, fix: str) -> None:
     """A ValueError when an instance number repeats: a neuron's top k would show it k times."""
     values, counts = np.unique(idx, return_counts=True)
     if len(values) < len(idx):
         j = int(np.argmax(counts > 1))
         raise ValueError(f"{what} repeat instance {int(values[j])} ({int(counts[j])} times): a "
-                         "neuron's top and bottom instances would show it more than once. Give "
-                         "each instance once (np.unique(indices)).")
+                         f"neuron's top and bottom instances would show it more than once; "
+                         f"{fix}.")
 
 
 def neuron_extremes(adapter: ModelAdapter | None, dataset: MultimodalDataset | None = None,
@@ -1150,7 +1149,7 @@ def neuron_extremes(adapter: ModelAdapter | None, dataset: MultimodalDataset | N
                              "pass the features of those instances instead (extract_features("
                              "..., indices=...)).")
         _refuse_repeats(np.asarray(features.indices), "features.indices (the instances of the "
-                        "features)")
+                        "features)", "extract the features again with each instance once")
         total = len(features)
         for s in range(0, total, positive_int(batch_size, "batch_size")):
             ext.update(features.h[s:s + batch_size], features.indices[s:s + batch_size])
@@ -1162,7 +1161,7 @@ def neuron_extremes(adapter: ModelAdapter | None, dataset: MultimodalDataset | N
         # left out of the batches but cost their forward pass all the same
         ran = [0]
         idx = indices_or_all(indices, len(dataset))
-        _refuse_repeats(idx, "indices")
+        _refuse_repeats(idx, "indices", "give each instance once (np.unique(indices))")
         for positions, _, h in _feature_batches(adapter, dataset, idx, batch_size, progress,
                                                 "neuron extremes", None, ran):
             ext.update(h, idx[positions])
@@ -1235,19 +1234,27 @@ def check_sparse_model_fits(sparse_model, adapter: ModelAdapter, d: int | None) 
             "as the model's classes (or fit_sparse_model_for(adapter, ...)).")
 
 
-def _warn_unless_logit(adapter: ModelAdapter, c: int, contrib: np.ndarray, bias: float,
-                       logit: float) -> None:
-    """Warn when the decision layer's contributions and bias do not add up to the model's logit
-    of class c (beyond rounding): forward() scales the layer's output (a temperature), or the
-    logits come from another layer (a second head, chosen by default), and the neurons'
-    contributions explain what the logit is not."""
-    total = float(contrib.sum()) + bias
-    eps = max(float(np.finfo(np.float32).eps), float(torch.finfo(adapter.float_dtype).eps))
-    scale = float(np.abs(contrib).sum()) + abs(bias) + abs(logit)
-    if not math.isfinite(logit) or abs(total - logit) <= max(1e-6, 64 * eps * scale):
+def _warn_unless_logit(adapter: ModelAdapter, c: int, W: np.ndarray, b: np.ndarray,
+                       h: np.ndarray, logits: np.ndarray, eps: float) -> None:
+    """Warn when the decision layer's contributions and bias (W h + b) do not add up to the
+    model's logits (beyond rounding at ``eps``, the precision the model computes in): forward()
+    scales the layer's output (a temperature), or the logits come from another layer (a second
+    head, chosen by default), and the neurons' contributions explain what the logit is not. A
+    shift common to every class (log_softmax) changes no comparison between them: not
+    warned."""
+    totals = W.astype(np.float64) @ h.astype(np.float64) + b.astype(np.float64)
+    gaps = logits.astype(np.float64) - totals
+    scale = (np.abs(W) @ np.abs(h)).astype(np.float64) + np.abs(b) + np.abs(logits)
+    tol = np.maximum(1e-6, 64 * max(eps, float(np.finfo(np.float32).eps)) * scale)
+    if not np.isfinite(gaps[c]) or abs(gaps[c]) <= tol[c]:
         return
+    finite = np.isfinite(gaps)
+    if finite.sum() > 1 and np.ptp(gaps[finite]) <= 2 * tol[finite].max():
+        return                                         # the same shift for every class
+    total, logit = float(totals[c]), float(logits[c])
     warn(f"The decision layer's contributions to class {adapter.class_names[c]!r} add up to "
-         f"{total:.4g} (with its bias), but the model's logit is {logit:.4g}: forward() changes "
+         f"{total:.6g} (with its bias), but the model's logit is {logit:.6g} (a difference of "
+         f"{logit - total:.3g}): forward() changes "
          "the decision layer's output (a temperature, a scale, a sum with another branch) or "
          "its logits come from another layer (a second head). The neuron bars and the "
          "prediction path explain the decision layer's output, not the logit: pass "
@@ -1267,6 +1274,7 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
     check_sparse_model(sparse_model)
     prepared = as_prepared(adapter, instance)
     logits, h = adapter.features(prepared.raw)
+    eps = dtype_eps(adapter, logits, h)            # (autocast: bfloat16 in a float32 model)
     if h.dim() != 2:
         raise AdapterError(f"The decision layer's input has shape {tuple(h.shape)}; it must be "
                            "[batch, d].")
@@ -1306,7 +1314,7 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
         w = W[c]
         contrib = w * h
         source, bias = "decision_layer", b[c]
-        _warn_unless_logit(adapter, c, contrib, float(bias), float(logits[c]))
+        _warn_unless_logit(adapter, c, W, b, h, logits, eps)
     # np.array copies: the decision layer's W[c] is a view of the live parameter, and a
     # result must not write through to the model
     dtype = _features_dtype(h)

@@ -60,7 +60,7 @@ import torch
 
 from ..notices import is_collecting, warn
 from ..adapter import (INFERENCE_MODE_MESSAGE, MASKED_TARGET_NOTE, NOT_IN_NUMPY, AdapterError,
-                       ModelAdapter, Prepared, Target, naming_instance)
+                       ModelAdapter, Prepared, Target)
 from ..modalities import LOW_PRECISION, Modality
 from ..progress import ProgressFn, check_progress, report
 from ..results import Attribution, Stopwatch
@@ -1390,15 +1390,6 @@ def attribute_batch(adapter: ModelAdapter, instances, method: str = "integrated_
     return out
 
 
-def _named(k: int, prepare: Callable, *args) -> Prepared:
-    """prepare(*args), an instance's input refused (ValueError, TypeError) naming it as
-    instance k of those given."""
-    try:
-        return prepare(*args)
-    except (ValueError, TypeError) as e:
-        raise naming_instance(e, k) from e
-
-
 def _prepared_list(adapter: ModelAdapter, instances, targets) -> list[Prepared]:
     """The instances as Prepared objects (one instance is repeated once per target)."""
     from ..data import MultimodalDataset
@@ -1408,7 +1399,9 @@ def _prepared_list(adapter: ModelAdapter, instances, targets) -> list[Prepared]:
         listed = _target_list(targets)
         preps = [one] * (1 if listed is None else len(listed))
     elif isinstance(instances, MultimodalDataset):
-        preps = [_named(k, adapter.prepare, instances[k]) for k in range(len(instances))]
+        many = len(instances) > 1           # errors about an input name its instance
+        preps = [adapter.prepare(instances[k], number=k if many else None)
+                 for k in range(len(instances))]
     else:
         try:
             items = list(instances)
@@ -1416,7 +1409,9 @@ def _prepared_list(adapter: ModelAdapter, instances, targets) -> list[Prepared]:
             raise ValueError("attribute_batch takes a list of instances (dicts or Prepared), a "
                              f"MultimodalDataset or one instance; got {type(instances).__name__}."
                              ) from None
-        preps = [_named(k, as_prepared, adapter, x) for k, x in enumerate(items)]
+        many = len(items) > 1
+        preps = [as_prepared(adapter, x, number=k if many else None)
+                 for k, x in enumerate(items)]
     if not preps:
         raise ValueError("attribute_batch needs at least one instance (and, for one instance, "
                          "at least one target).")

@@ -21,7 +21,7 @@ import traitlets
 
 from ..adapter import class_name
 from ..display_text import quoted
-from ..engine import Analyses, Cancelled, Engine
+from ..engine import Analyses, Cancelled, Engine, left_out_text
 from ..selection import Selection
 from .input_view import STATIC, check_bundle, esm_of
 from ..results import computed_units
@@ -215,12 +215,6 @@ class CellTip(anywidget.AnyWidget):
         self.tip = {"row": int(row), "col": int(col), "text": str(text)}
 
 
-#: why references of the interaction type were left out (``reference_left_out_why``)
-LEFT_OUT = {"input": "{n} whose input the adapter refuses",
-            "model": "{n} the model fails on",
-            "output": "{n} for which the model gives no finite output"}
-
-
 def combination_text(kind, class_names) -> str:
     """One line on how the modalities combine at an instance, from ``Analyses.interaction_type``
     (M2Lens' words: dominance, complement, conflict; or undecided): the model's prediction, what
@@ -255,9 +249,7 @@ def combination_text(kind, class_names) -> str:
     others = "the other modality's input" if len(alone) == 2 else "the other modalities' inputs"
     n, left = kind["reference_size"], int(kind.get("reference_left_out", 0) or 0)
     reasons = kind.get("reference_left_out_why") or {"output": left}
-    out = (f" ({left} more left out: "
-           + "; ".join(LEFT_OUT[k].format(n=v) for k, v in reasons.items() if v) + ")"
-           if left else "")
+    out = f" ({left} more left out: {left_out_text(reasons)})" if left else ""
     return (f"How the modalities combine: {label}. {why} (with {others} averaged over {n} "
             f"instances of the dataset{out}, {each}).")
 
