@@ -576,11 +576,14 @@ class Engine(traitlets.HasTraits):
             for job in self._running.values():
                 if job is not None:
                     job.cancelled = True
-            if self._timer is not None:
-                self._timer.cancel()
+            # the progress bar's timer thread holds the engine (and through its observers the
+            # views) until it has woken to its cancel: joined below with the workers
+            timer, self._timer = self._timer, None
+            if timer is not None:
+                timer.cancel()
             self._cond.notify_all()
         if join_timeout > 0:
-            for t in self._threads.values():
+            for t in [*self._threads.values(), *([timer] if timer is not None else [])]:
                 if t is not threading.current_thread():
                     t.join(join_timeout)
 

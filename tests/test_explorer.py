@@ -1736,12 +1736,16 @@ def test_a_closed_explorer_is_freed_with_the_model_it_held():
     ex.select(instance=1)
     assert ex.wait(30)
     ex.close()
-    workers = list(ex.engine._threads.values())
+    # a worker holds its engine until its loop returns, and so does the progress bar's timer
+    # (cancelled) until it wakes: on a loaded machine that came after gc.collect() below
+    workers = list(ex.engine._threads.values()) + [
+        t for t in threading.enumerate() if isinstance(t, threading.Timer)]
     explorer, model = weakref.ref(ex), weakref.ref(adapter.model)
     del ex, adapter, ds
-    for t in workers:                    # a worker holds its engine until its loop returns
+    for t in workers:
         t.join(30)
     assert not any(t.is_alive() for t in workers)
+    del workers, t                     # a Timer object keeps its function (the engine's)
     gc.collect()
     assert explorer() is None and model() is None
 
