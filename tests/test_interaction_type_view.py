@@ -55,6 +55,8 @@ def test_each_type_is_said_with_the_prediction_and_what_each_modality_alone_pred
     tie = combination_text(_kind("undecided", 0, {"image": None, "question": 1},
                                  emap_prediction=None), names)
     assert "top two classes tie" in tie and "'image' alone predicts no class (a tie)" in tie
+    some = combination_text(_kind("complement", 0, {"a": 0, "b": 0, "c": 1}), names)
+    assert "predicts 'no'; so do 'a' and 'b' on their own, and their effects added up (" in some
     three = combination_text(_kind("complement", 0, {"a": 0, "b": 0, "c": 0}), names)
     assert ("the other modalities' inputs averaged over 50 instances of the dataset, 'a' alone "
             "predicts 'no', 'b' alone 'no' and 'c' alone 'no')") in three

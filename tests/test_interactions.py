@@ -1241,10 +1241,13 @@ def test_math_attention_holds_while_any_thread_needs_it_and_then_restores_the_fl
 
 def test_a_three_modality_emap_gap_says_how_far_one_run_may_be_off():
     """With three modalities EMAP is a sample (its permutations): repeats=R averages R
-    independent runs' fhat and gives each run's gap, their spread and the mean's error; the
-    first run is the one seed alone gives. Two modalities are exact: repeats is refused."""
+    independent runs' fhat and gives each run's gap, their spread and the reported gap's
+    jackknife error (it was the error of the runs' mean gap, another estimator: about half the
+    reported gap's); the first run is the one seed alone gives, the others' seeds are spawned
+    from it (seed + k made seeds 4 and 5 share three runs). Two modalities are exact: repeats is
+    refused."""
     from multiviz_widgets import MultimodalDataset
-    from multiviz_widgets.kernels.emap import emap_gap
+    from multiviz_widgets.kernels.emap import emap, emap_gap
     adapter, items = three_modalities(Interacting3(1), 12, seed=2)
     ds = MultimodalDataset({k: [it[k] for it in items] for k in items[0]},
                            labels=[i % 3 for i in range(12)])
@@ -1254,7 +1257,18 @@ def test_a_three_modality_emap_gap_says_how_far_one_run_may_be_off():
                     progress=lambda d, t, m="": seen.append((d, t)))
     assert many["gap_runs"][0] == one["gap"] and len(many["gap_runs"]) == 4
     assert many["gap_spread"] == pytest.approx(np.std(many["gap_runs"], ddof=1))
-    assert many["gap_se"] == pytest.approx(many["gap_spread"] / 2)
+    seeds = [4] + [int(c.generate_state(1)[0]) for c in np.random.SeedSequence(4).spawn(3)]
+    runs = [emap(adapter, ds, seed=s, keep_matrix=False) for s in seeds]
+    labels, pred = np.asarray(ds.labels), runs[0].logits.argmax(1)
+
+    def gap(fhat):
+        return float((pred == labels).mean() - (fhat.argmax(1) == labels).mean())
+    assert [gap(r.emap_logits) for r in runs] == many["gap_runs"]
+    total = sum(r.emap_logits for r in runs)
+    assert many["gap"] == pytest.approx(gap(total / 4))
+    left_out = np.array([gap((total - r.emap_logits) / 3) for r in runs])
+    assert many["gap_se"] == pytest.approx(np.sqrt(0.75 * ((left_out - left_out.mean()) ** 2)
+                                                   .sum()))
     assert many["forward_passes"] == 4 * one["forward_passes"]
     assert all(t == seen[-1][1] for _, t in seen) and seen[-1][0] == seen[-1][1]
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
@@ -1264,3 +1278,40 @@ def test_a_three_modality_emap_gap_says_how_far_one_run_may_be_off():
                                                                                 "series")})
     with pytest.raises(ValueError, match="two modalities EMAP is exact"):
         emap_gap(two, ds2, n=None, repeats=2)
+
+
+class _Linear3(nn.Module):
+    """Two logits [0, w . (t1[0], t2[0], series[0, 0])]: additive, the weights chosen."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.head = nn.Linear(3, 2).double()
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[0.0, 0.0, 0.0], weights]))
+            self.head.bias.zero_()
+
+    def forward(self, t1, t2, series):
+        return self.head(torch.stack([t1[:, 0], t2[:, 0], series[:, 0, 0]], 1))
+
+
+def test_dominance_is_one_modality_deciding_and_two_of_three_complement():
+    """With three modalities, two that each pick the prediction were called "dominance" by one
+    of them (the one of the widest margin; with equal weights, whichever the references
+    favoured)."""
+    from multiviz_widgets.kernels.emap import interaction_type
+    _, items = three_modalities(Additive3(), 16, seed=3)
+    for it in items:
+        it["t1"][0], it["t2"][0], it["series"][0, 0] = (float(torch.randn(1)) * 0.1
+                                                        for _ in range(3))
+    instance = {"t1": torch.tensor([1.0, 0, 0], dtype=torch.float64),
+                "t2": torch.tensor([1.0, 0], dtype=torch.float64),
+                "series": torch.tensor([[1.0, 0], [0, 0], [0, 0], [0, 0]], dtype=torch.float64)}
+    mods = list(three_modalities(Additive3(), 1)[0].modalities.values())
+    two = interaction_type(ModelAdapter(_Linear3([1.0, 1.0, -0.5]), mods, ["neg", "pos"]),
+                           instance, items, seed=0)
+    assert two["unimodal_predictions"] == {"t1": 1, "t2": 1, "series": 0}
+    assert two["label"] == "complement" and two["dominant"] is None
+    one = interaction_type(ModelAdapter(_Linear3([2.0, -0.5, -0.5]), mods, ["neg", "pos"]),
+                           instance, items, seed=0)
+    assert one["unimodal_predictions"] == {"t1": 1, "t2": 0, "series": 0}
+    assert one["label"] == "dominance" and one["dominant"] == "t1"

@@ -530,9 +530,11 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
     per instance), and a model with one output is refused: the argmax of one column says
     nothing.
     repeats (M > 2 modalities, whose EMAP is a sampled estimate): EMAP ``repeats`` times with
-    independent permutations (seeds seed, seed + 1, ...; cost times repeats), fhat their mean;
-    then ``gap_runs`` holds each run's gap, ``gap_spread`` their standard deviation (how far one
-    run's gap may be off) and ``gap_se`` that over sqrt(repeats) (the error of the mean's). With
+    independent permutations (the first run's seed is ``seed``, as with repeats=1; the others'
+    are spawned from it, so that calls with other seeds share no run; cost times repeats), fhat
+    their mean; then ``gap_runs`` holds each run's gap, ``gap_spread`` their standard deviation
+    (how far one run's gap may be off) and ``gap_se`` the jackknife error, over the runs, of the
+    ``gap`` reported (that of the mean fhat: the mean of the runs' gaps has another error). With
     two modalities EMAP is exact and repeats > 1 is refused.
     """
     check_adapter(adapter, "emap_gap")
@@ -558,11 +560,14 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
         raise ValueError("emap_gap: with two modalities EMAP is exact (all N x N pairs), so "
                          "repeats would give the same gap; leave repeats at 1.")
     runs = []
+    seeds = [seed] + ([None] * (repeats - 1) if seed is None else [
+        int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(
+            repeats - 1)])
     for k in range(repeats):
         step = None if progress is None else (
             lambda d, t, m="", k=k: report(progress, k * t + d, repeats * t, m))
         runs.append(emap(adapter, dataset, indices=idx, batch_size=batch_size, progress=step,
-                         keep_matrix=False, seed=None if seed is None else seed + k))
+                         keep_matrix=False, seed=seeds[k]))
     r = runs[0]
     pred = r.logits.argmax(1)
     pred_hat = np.mean([run.emap_logits for run in runs], axis=0).argmax(1)
@@ -574,7 +579,12 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
         gaps = [_gaps(pred, run.emap_logits.argmax(1), used)["gap"] for run in runs]
         out["gap_runs"] = gaps
         out["gap_spread"] = float(np.std(gaps, ddof=1))
-        out["gap_se"] = out["gap_spread"] / math.sqrt(repeats)
+        # the jackknife over the runs: the gap of the mean fhat of all runs but one, each in turn
+        total = np.sum([run.emap_logits for run in runs], axis=0)
+        left_out = [_gaps(pred, ((total - run.emap_logits) / (repeats - 1)).argmax(1),
+                          used)["gap"] for run in runs]
+        out["gap_se"] = float(math.sqrt((repeats - 1) / repeats
+                                        * np.sum((np.asarray(left_out) - np.mean(left_out)) ** 2)))
     return out
 
 
@@ -708,12 +718,11 @@ def _label(logits: np.ndarray, parts: Mapping[str, np.ndarray], grand: np.ndarra
         label, dominant = "undecided", None
     elif emap_pred != c:                  # the additive parts alone would decide otherwise
         label, dominant = "conflict", None
-    elif any(agree.values()) and not all(agree.values()):
-        label = "dominance"
-        # the agreeing modality whose unimodal prediction is the most certain
-        dominant = max((m for m in names if agree[m]),
-                       key=lambda m: _margin(grand + parts[m], c))
-    else:                                 # all agree, or none alone but together they decide
+    elif sum(agree.values()) == 1 and len(names) > 1:
+        # one modality alone picks the prediction (with three or more, two that each do are
+        # not one dominating: they complement each other against the rest)
+        label, dominant = "dominance", next(m for m in names if agree[m])
+    else:                                 # all agree, several do, or none alone but together
         label, dominant = "complement", None
     inter = logits - emap_out
     return {
@@ -758,9 +767,9 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     other modalities (EMAP's row / column means). conflict: the additive EMAP prediction differs
     from the model's, so the interaction f - EMAP decides (whether the modalities agree with each
     other or not: the interaction then conflicts with what they say); otherwise dominance when
-    some but not all modalities' parts alone (grand mean + part) pick the predicted class
-    (``dominant`` names the one that picks it by the widest margin), and complement when all
-    do (or none alone but together they do). undecided: the model's own top two logits tie
+    exactly one modality's part alone (grand mean + part) picks the predicted class
+    (``dominant`` names it), and complement when several or all do (with three modalities or
+    more, two that each pick it complement each other), or none alone but together they do. undecided: the model's own top two logits tie
     (within ``TIE_TOLERANCE`` of those two classes' logits), so there is no prediction to
     explain.
     A part whose top two logits tie picks no class (``unimodal_predictions`` holds None; so
