@@ -1315,3 +1315,22 @@ def test_dominance_is_one_modality_deciding_and_two_of_three_complement():
                            instance, items, seed=0)
     assert one["unimodal_predictions"] == {"t1": 1, "t2": 0, "series": 0}
     assert one["label"] == "dominance" and one["dominant"] == "t1"
+
+
+def test_a_pair_that_does_not_interact_is_zero_not_rounding_noise_and_says_so():
+    """An additive float32 model's ablation and exact Shapley cells were rounding (6e-8), which
+    the heatmap's scale drew at full colour and the prediction path drew as pairs."""
+    _, items = three_modalities(Additive3(), 4, seed=1)
+    adapter = ModelAdapter(Additive3().eval(), list(_.modalities.values()), ["k0", "k1"])
+    for method in ("pairwise_ablation", "shapley"):
+        r = interaction(adapter, items[0], method, modalities=("t1", "series"))
+        assert not np.any(r.matrix), method
+        assert "'t1' and 'series' do not interact here beyond float rounding" in r.params["note"]
+        assert not r.params.get("blind")
+    from multiviz_widgets.kernels.prediction import prediction_path
+    path = prediction_path(adapter, items[0], interaction_method="pairwise_ablation",
+                           unimodal_method="gradient", modalities=("t1", "series"))
+    assert path.neurons and not any(n.pairs for n in path.neurons)     # no links of 0
+    interacting, items = three_modalities(Interacting3(1), 4, seed=1)
+    real = interaction(interacting, items[0], "pairwise_ablation", modalities=("t1", "t2"))
+    assert np.all(real.matrix != 0) and "note" not in real.params

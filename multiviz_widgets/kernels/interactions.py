@@ -511,17 +511,45 @@ def pairwise_ablation(adapter: ModelAdapter, prepared: Prepared, a: str, b: str,
                 if many or seconds > PAIRWISE_WARN_SECONDS:
                     _warn_pairwise(ua, ub, n, seconds)
         report(progress, min(n, s + batch_size), n, "pairwise ablations")
-    f = torch.cat(outs).double().cpu().numpy()
+    raw = torch.cat(outs)
+    f = raw.double().cpu().numpy()
     f0, fa, fb = f[0], f[1:1 + ua], f[1 + ua:1 + ua + ub]
     fab = f[1 + ua + ub:].reshape(ua, ub)
     with np.errstate(invalid="ignore"):          # inf - inf: interaction() raises its error
         d = f0 - fa[:, None] - fb[None, :] + fab
+    params = {"batch_size": batch_size}
+    d = _rounding_floor(d, f, raw.dtype, a, b, params)
     if units is None:
-        return d, len(f), 0, {"batch_size": batch_size}
+        return d, len(f), 0, params
     out = np.zeros((full_a, full_b))
     out[np.ix_(sel[a], sel[b])] = d
-    return out, len(f), 0, {"batch_size": batch_size,
-                            "units": {a: sel[a].tolist(), b: sel[b].tolist()}}
+    return out, len(f), 0, {**params, "units": {a: sel[a].tolist(), b: sel[b].tolist()}}
+
+
+#: params["note"] of an ablation or exact Shapley matrix that was float rounding only
+ROUNDING_NOTE = ("{a!r} and {b!r} do not interact here beyond float rounding: every cell was "
+                 "within rounding of the model's outputs (at most {tol:.1g}), and is shown as 0.")
+
+
+def _rounding_floor(m: np.ndarray, outputs: np.ndarray, dtype: torch.dtype, a: str, b: str,
+                    params: dict) -> np.ndarray:
+    """m with the cells that are float rounding of the model's outputs (ROUNDING_EPS epsilons
+    of their dtype, at most float32's, times their largest magnitude) set to 0: a pair of
+    modalities that does not interact gave cells of 2e-8 that the heatmap's scale drew at full
+    colour, and the prediction path drew as pairs. When that leaves no cell, params["note"]
+    says so."""
+    finite = outputs[np.isfinite(outputs)]
+    if not finite.size or not np.isfinite(m).all():
+        return m
+    eps = min(torch.finfo(dtype).eps if dtype.is_floating_point else 0.0,
+              torch.finfo(torch.float32).eps)
+    tol = ROUNDING_EPS * eps * float(np.abs(finite).max())
+    small = np.abs(m) <= tol
+    if not small.any():
+        return m
+    if small.all() and np.any(m):
+        params["note"] = ROUNDING_NOTE.format(a=a, b=b, tol=tol)
+    return np.where(small, 0.0, m)
 
 
 def _unit_subset(units, m: str, n: int) -> np.ndarray:
@@ -743,6 +771,8 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         # cancelled job stops
         report(progress, min(evaluated[0] + done, total), total, "Shapley coalitions")
 
+    largest = [0.0, torch.float32]           # the game's largest |value| and its dtype
+
     def game(coalitions: np.ndarray) -> np.ndarray:
         z = torch.from_numpy(np.atleast_2d(np.asarray(coalitions, dtype=np.float32)))
         ma, mb = torch.ones(z.shape[0], ua), torch.ones(z.shape[0], ub)
@@ -751,7 +781,10 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         out = evaluate_masks(adapter, prepared, {a: ma, b: mb}, target, batch_size,
                              None if progress is None else chunk_done)
         evaluated[0] += z.shape[0]
-        return out.double().cpu().numpy()
+        values = out.double().cpu().numpy()
+        finite = values[np.isfinite(values)]
+        largest[:] = [max(largest[0], float(np.abs(finite).max(initial=0.0))), out.dtype]
+        return values
 
     def cross_block(iv) -> np.ndarray:
         lookup = iv.interaction_lookup
@@ -823,6 +856,8 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
               "underdetermined": underdetermined, "relative_noise": noise,
               "coalitions": evaluated[0], "seed": seed,
               "max_players": max_players, "players": {a: pa.tolist(), b: pb.tolist()}}
+    if exact:                         # (a sampled estimate's own noise is far above rounding)
+        m = _rounding_floor(m, np.array([largest[0]]), largest[1], a, b, params)
     return m, forwards + evaluated[0], 0, params
 
 

@@ -1104,8 +1104,9 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
                 fwd, bwd = fwd + inter.forward_passes, bwd + inter.backward_passes
                 by_ablation.append(int(j))
             pair_mods = tuple(inter.modalities)
+            # (a pair of 0, no interaction beyond rounding, is no link)
             pairs = [(u, v, inter.row_labels[u], inter.col_labels[v], x)
-                     for u, v, x in inter.top_pairs(k_pairs, absolute=absolute)]
+                     for u, v, x in inter.top_pairs(k_pairs, absolute=absolute) if x != 0]
             _add_pair_units(units, att, prepared, pair_mods, pairs)
             done += 1
             report(progress, done, steps, f"neuron {j}: pairs")
