@@ -33,3 +33,12 @@ def report(progress: ProgressFn, done: int, total: int, message: str = "") -> No
         if not callable(progress):
             check_progress(progress)
         progress(int(done), int(total), message)
+
+
+def duration_words(seconds: float) -> str:
+    """A duration in words: "40 s", "12 min", "3.5 h" (a warning's estimate of a cost)."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

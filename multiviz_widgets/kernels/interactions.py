@@ -42,7 +42,7 @@ import torch
 
 from ..notices import warn
 from ..adapter import MASKED_TARGET_NOTE, ModelAdapter, Prepared, Target
-from ..progress import ProgressFn, check_progress, report
+from ..progress import ProgressFn, check_progress, duration_words, report
 from ..results import Interaction, Stopwatch
 from ..checks import positive_int
 from .common import (PERTURBATION_BATCH, as_prepared, check_adapter, check_rows_independent,
@@ -443,19 +443,15 @@ def pairwise_masks(ua: int, ub: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _pairwise_rows(ua, ub, 0, 1 + ua + ub + ua * ub)
 
 
-def _duration(seconds: float) -> str:
-    """A duration in words: "40 s", "12 min", "3.5 h"."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+#: shapley warns (UserWarning, with its cost) when its first batches say the whole will take
+#: longer than this (seconds), as pairwise ablation does
+SHAPLEY_WARN_SECONDS = 60.0
 
 
 def _warn_pairwise(ua: int, ub: int, n: int, seconds: float | None) -> None:
     """The UserWarning of a pairwise ablation of many pairs: its cost (``seconds``: estimated
     from its first batches, None when not measured) and what costs less."""
-    took = f", about {_duration(seconds)} at the rate of its first batches" if seconds else ""
+    took = f", about {duration_words(seconds)} at the rate of its first batches" if seconds else ""
     warn(
         f"pairwise_ablation: {ua} x {ub} units make {ua * ub:,} pairs, one forward pass each: "
         f"{n:,} forward passes in all{took}. Use fewer, larger units (a larger patch for an "
@@ -765,11 +761,23 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     total = 2 ** n if exact else budget                # coalitions the game is asked for
     evaluated = [0]
 
+    clock = [time.perf_counter(), False]     # when the game began; whether its cost was said
+
     def chunk_done(done: int, _rows: int, _message: str) -> None:
         # per chunk of batch_size coalitions, counted over the whole game: shapiq's exact
         # computer asks for all 2^n coalitions in one call, and a progress report is where a
         # cancelled job stops
-        report(progress, min(evaluated[0] + done, total), total, "Shapley coalitions")
+        so_far = min(evaluated[0] + done, total)
+        if not clock[1] and so_far >= 2 * batch_size and so_far < total:
+            # its cost from its first batches, said once when long (as pairwise ablation's)
+            clock[1] = True
+            seconds = (time.perf_counter() - clock[0]) * total / so_far
+            if seconds > SHAPLEY_WARN_SECONDS:
+                warn(f"shapley: {total:,} coalitions of {n} players, one forward pass each: "
+                     f"about {duration_words(seconds)} at the rate of its first batches. Lower the "
+                     "budget or max_players, or use second_order (1 forward and as many "
+                     "backward passes as the smaller side has units).", UserWarning)
+        report(progress, so_far, total, "Shapley coalitions")
 
     largest = [0.0, torch.float32]           # the game's largest |value| and its dtype
 
@@ -778,8 +786,7 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         ma, mb = torch.ones(z.shape[0], ua), torch.ones(z.shape[0], ub)
         ma[:, torch.from_numpy(pa)] = z[:, :na]
         mb[:, torch.from_numpy(pb)] = z[:, na:]
-        out = evaluate_masks(adapter, prepared, {a: ma, b: mb}, target, batch_size,
-                             None if progress is None else chunk_done)
+        out = evaluate_masks(adapter, prepared, {a: ma, b: mb}, target, batch_size, chunk_done)
         evaluated[0] += z.shape[0]
         values = out.double().cpu().numpy()
         finite = values[np.isfinite(values)]

@@ -41,7 +41,7 @@ import torch
 
 from ..notices import warn
 from ..adapter import ModelAdapter, Neuron, host_array
-from ..progress import ProgressFn, report
+from ..progress import ProgressFn, duration_words, report
 from ..checks import is_integer, positive_int
 from .common import as_prepared, modality_pair
 from .representations import Features, decision_contributions
@@ -996,6 +996,11 @@ def _candidates(adapter: ModelAdapter, prepared, att, modalities, absolute: bool
     return {"units": units}
 
 
+#: prediction_path warns (UserWarning) when its first neuron says the others will take longer
+#: than this (seconds)
+PATH_WARN_SECONDS = 60.0
+
+
 def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: SparseModel | None = None,
                     k_neurons: int = 3, k_units: int = 3, k_pairs: int = 3,
                     unimodal_method: str = "integrated_gradients",
@@ -1078,7 +1083,19 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
         at = done
         return lambda d, t, m="": report(progress, at, steps, f"{what} ({m} {d}/{t})")
 
-    for j in chosen:
+    began = time.perf_counter()
+    for k, j in enumerate(chosen):
+        if k == 1:
+            # what the rest will cost at the first neuron's rate, said when long: each neuron
+            # repeats the methods (Shapley or LIME on a large model: a minute or more each)
+            seconds = (time.perf_counter() - began) * (len(chosen) - 1)
+            if seconds > PATH_WARN_SECONDS:
+                warn(f"prediction_path: {unimodal_method}"
+                     + (f" and {interaction_method}" if do_pairs else "")
+                     + f" run again for each of its {len(chosen)} neurons: about "
+                     f"{duration_words(seconds)} more at the rate of the first. Choose cheaper "
+                     "methods for the path (gradient, second_order) or fewer neurons.",
+                     UserWarning)
         nt = Neuron(int(j))
         att = attribute(adapter, prepared, unimodal_method, target=nt,
                         progress=within(f"neuron {j}: units"), **(unimodal_params or {}))
