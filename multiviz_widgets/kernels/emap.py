@@ -769,9 +769,9 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     other or not: the interaction then conflicts with what they say); otherwise dominance when
     exactly one modality's part alone (grand mean + part) picks the predicted class
     (``dominant`` names it), and complement when several or all do (with three modalities or
-    more, two that each pick it complement each other), or none alone but together they do. undecided: the model's own top two logits tie
-    (within ``TIE_TOLERANCE`` of those two classes' logits), so there is no prediction to
-    explain.
+    more, two that each pick it complement each other), or none alone but together they do.
+    undecided: the model's own top two logits tie (within ``TIE_TOLERANCE`` of those two
+    classes' logits), so there is no prediction to explain.
     A part whose top two logits tie picks no class (``unimodal_predictions`` holds None; so
     can ``emap_prediction``), never the lower-numbered one by default. ``margins`` give each
     centred part's logit margin of the predicted class over the runner-up.
