@@ -68,3 +68,9 @@ def quoted(text) -> str:
     "\\u202e"); a quote inside stays as it is (the text is not Python)."""
     text = "" if text is None else str(text)
     return "'" + embed("".join(map(_escaped, text))) + "'"
+
+
+def and_list(items) -> str:
+    """Pieces of a sentence listed: "a and b", "a, b and c" ("a" for one, "" for none)."""
+    items = list(items)
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else "".join(items)

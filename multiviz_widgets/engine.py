@@ -39,7 +39,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping
@@ -1359,10 +1359,7 @@ class Analyses:
             # instance's line)
             problems = {int(j): self._reference_problem(int(j)) for j in drawn}
             kept = [j for j, problem in problems.items() if problem is None]
-            why: dict[str, int] = {}
-            for problem in problems.values():
-                if problem is not None:
-                    why[problem] = why.get(problem, 0) + 1
+            why = dict(Counter(p for p in problems.values() if p is not None))
             if len(kept) < 2:
                 fix = ("Fix those inputs" if set(why) == {"input"} else
                        "Make the model finite on the dataset" if "input" not in why else

@@ -21,6 +21,7 @@ import torch
 
 from ..adapter import ModelAdapter, ModelInputError, Target, class_name
 from ..data import MultimodalDataset
+from ..display_text import and_list
 from ..progress import ProgressFn, report
 from ..results import Result, Stopwatch
 from ..checks import is_integer, positive_int
@@ -378,7 +379,7 @@ def _raise_not_finite(acc: "_PairSums", side: str, others: Sequence[str],
     else:
         parts = [f"{side!r} of instance {int(idx[i])}"] + [
             f"{k!r} of instance {int(idx[int(mixed[k][j])])}" for k in others]
-        where = f"with {', '.join(parts[:-1])} and {parts[-1]}"
+        where = f"with {and_list(parts)}"
     _not_finite_error(value, where)
 
 
@@ -718,7 +719,7 @@ def _label(logits: np.ndarray, parts: Mapping[str, np.ndarray], grand: np.ndarra
         label, dominant = "undecided", None
     elif emap_pred != c:                  # the additive parts alone would decide otherwise
         label, dominant = "conflict", None
-    elif sum(agree.values()) == 1 and len(names) > 1:
+    elif sum(agree.values()) == 1:
         # one modality alone picks the prediction (with three or more, two that each do are
         # not one dominating: they complement each other against the rest)
         label, dominant = "dominance", next(m for m in names if agree[m])

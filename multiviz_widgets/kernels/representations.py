@@ -1274,7 +1274,7 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
     check_sparse_model(sparse_model)
     prepared = as_prepared(adapter, instance)
     logits, h = adapter.features(prepared.raw)
-    eps = dtype_eps(adapter, logits, h)            # (autocast: bfloat16 in a float32 model)
+    computed_in = (logits.dtype, h.dtype)          # (autocast: bfloat16 in a float32 model)
     if h.dim() != 2:
         raise AdapterError(f"The decision layer's input has shape {tuple(h.shape)}; it must be "
                            "[batch, d].")
@@ -1314,6 +1314,7 @@ def decision_contributions(adapter: ModelAdapter, instance, target=None, sparse_
         w = W[c]
         contrib = w * h
         source, bias = "decision_layer", b[c]
+        eps = dtype_eps(adapter, dtypes=[d for d in computed_in if d.is_floating_point])
         _warn_unless_logit(adapter, c, W, b, h, logits, eps)
     # np.array copies: the decision layer's W[c] is a view of the live parameter, and a
     # result must not write through to the model

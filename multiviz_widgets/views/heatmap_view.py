@@ -20,7 +20,7 @@ import numpy as np
 import traitlets
 
 from ..adapter import class_name
-from ..display_text import quoted
+from ..display_text import and_list, quoted
 from ..engine import Analyses, Cancelled, Engine, left_out_text
 from ..selection import Selection
 from .input_view import STATIC, check_bundle, esm_of
@@ -215,12 +215,6 @@ class CellTip(anywidget.AnyWidget):
         self.tip = {"row": int(row), "col": int(col), "text": str(text)}
 
 
-def _and(items) -> str:
-    """"a and b", "a, b and c" ("a" for one)."""
-    items = list(items)
-    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else "".join(items)
-
-
 def combination_text(kind, class_names) -> str:
     """One line on how the modalities combine at an instance, from ``Analyses.interaction_type``
     (M2Lens' words: dominance, complement, conflict; or undecided): the model's prediction, what
@@ -238,13 +232,14 @@ def combination_text(kind, class_names) -> str:
                "does")
     elif label == "complement":
         agreeing = [m for m, v in alone.items() if v == c]
-        why = (f"The model predicts {predicted}; so does each modality on its own, and so do "
-               "their effects added up" if len(agreeing) == len(alone) else
-               f"The model predicts {predicted}; so do " + _and(map(quoted, agreeing))
-               + " on their own, "
-               "and their effects added up" if agreeing else
-               f"The model predicts {predicted}; no modality on its own does, their effects "
-               "added up do")
+        if len(agreeing) == len(alone):
+            who = "so does each modality on its own, and so do their effects added up"
+        elif agreeing:
+            who = (f"so do {and_list(map(quoted, agreeing))} on their own, and their effects "
+                   "added up")
+        else:
+            who = "no modality on its own does, their effects added up do"
+        why = f"The model predicts {predicted}; {who}"
     elif label == "conflict":
         emap = kind["emap_prediction"]
         why = (f"The model predicts {predicted}; added up, the modalities' separate effects "
@@ -255,7 +250,7 @@ def combination_text(kind, class_names) -> str:
         why = "The model's top two classes tie: there is no prediction to explain"
     parts = [f"{quoted(m)} alone {'predicts ' if k == 0 else ''}{name(v)}"
              for k, (m, v) in enumerate(alone.items())]
-    each = _and(parts)
+    each = and_list(parts)
     others = "the other modality's input" if len(alone) == 2 else "the other modalities' inputs"
     n, left = kind["reference_size"], int(kind.get("reference_left_out", 0) or 0)
     reasons = kind.get("reference_left_out_why") or {"output": left}
