@@ -18,7 +18,7 @@ from torch import nn
 from multiviz_widgets import ModelAdapter, MultimodalDataset, Neuron
 from multiviz_widgets.kernels.common import check_instance_rows_independent
 from multiviz_widgets.kernels.factorize import FactorizationError
-from multiviz_widgets.kernels.interactions import (emap, emap_gap, interaction_type,
+from multiviz_widgets.kernels.interactions import (dime, emap, emap_gap, interaction_type,
                                                    interaction_types)
 from multiviz_widgets.kernels.split_model import Split, same_or_reject
 from tests.test_emap_lengths import assert_emap_is_brute, brute_emap
@@ -357,9 +357,13 @@ def test_progress_never_goes_back_when_a_split_fails_part_way(monkeypatch):
     r = emap(adapter, items, batch_size=4, progress=lambda *a: progress.append(a))
     assert "not used this time" in r.params["factorization_note"]
     done = [d for d, _, _ in progress]
-    assert done[:3] == [0, 4, 8] and done == sorted(done) and done[-1] == progress[-1][1] == 36
+    pairs = [d for d, _, m in progress if m.startswith("EMAP pairs")]
+    assert pairs[:3] == [0, 4, 8] and done == sorted(done) and done[-1] == progress[-1][1] == 36
     assert r.forward_passes == sum(rows) == 2 * (6 + 6) + 2 * 4 + 36
-    np.testing.assert_allclose(r.matrix, emap(adapter, items, factorized=False).matrix)
+    # (the same batches of pairs as the forward passes the split fell back to: float32 sums of
+    # other batch sizes differ in their last bits)
+    np.testing.assert_allclose(r.matrix,
+                               emap(adapter, items, factorized=False, batch_size=4).matrix)
 
 
 # -- interaction types at ties -----------------------------------------------------------------
@@ -570,9 +574,49 @@ def test_cancelling_interaction_type_stops_it_within_a_batch(factorized):
     with pytest.raises(Cancelled):
         interaction_type(adapter, items[0], items[1:], batch_size=5, progress=progress,
                          factorized=factorized)
-    assert [d for d, _, _ in seen] == [0, 5] and seen[1][1] == 11 * 11 + 2 * 11 + 1, seen
-    fused = "(fused encodings)" in seen[1][2]
+    # (a split reports its encoding and check before the pairs, at 0 done)
+    pairs = [s for s in seen if "reference pairs" in s[2]]
+    assert [d for d, _, _ in pairs] == [0, 5] and pairs[1][1] == 11 * 11 + 2 * 11 + 1, seen
+    assert all(d == 0 for d, _, _ in seen[:-1])
+    fused = "(fused encodings)" in pairs[1][2]
     assert fused == (factorized is None)
+
+
+def test_a_split_reports_its_encoding_and_check_before_the_pairs():
+    """The encodings of the references and the split's check (N forward passes) came before
+    the first pair's progress: a large reference set of a large encoder showed 0 pairs for
+    minutes. They are said, counted, at 0 pairs done."""
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    items, seen = instances(10), []
+    r = emap(adapter, items, batch_size=4, progress=lambda *a: seen.append(a))
+    assert r.params["factorization"] == "traced"
+    before = [m for d, _, m in seen if not m.startswith("EMAP pairs")]
+    assert before == [f"EMAP: encoding the instances ({k} of 10)" for k in (0, 4, 8, 10)] + [
+        f"EMAP: checking the split against forward passes ({k} of 18)"
+        for k in (0, 4, 8, 10, 18)]
+    first_pair = next(k for k, (d, _, m) in enumerate(seen) if d > 0)
+    assert all(not m.startswith("EMAP:") for _, _, m in seen[first_pair:])
+    d = dime(adapter, dataset(items), 0, reference_indices=range(1, 10), n_samples=20, batch_size=4,
+             progress=lambda *a: seen.append(a), target=0)
+    assert d.params["factorization"] == "traced"
+    assert "DIME: encoding the instances (9 of 9)" in [m for _, _, m in seen]
+
+
+def test_cancelling_during_the_encoding_stops_before_any_pair():
+    from multiviz_widgets.progress import Cancelled
+    adapter = ModelAdapter(Bilinear(), MODALITIES, ["a", "b", "c"])
+    items = instances(10)
+    check_instance_rows_independent(adapter, items[0])    # once per adapter, not EMAP's rows
+    encoded, fused = [], []
+    adapter.model.s.register_forward_hook(lambda _m, inp, _o: encoded.append(len(inp[0])))
+    adapter.decision_layer.register_forward_pre_hook(lambda _m, inp: fused.append(len(inp[0])))
+
+    def progress(done, total, message):
+        if message.endswith("(4 of 10)"):
+            raise Cancelled()
+    with pytest.raises(Cancelled):
+        emap(adapter, items, batch_size=4, progress=progress)
+    assert encoded == [4] and fused == []
 
 
 def test_interaction_type_falls_back_part_way_as_emap_does(monkeypatch):
@@ -596,4 +640,5 @@ def test_interaction_type_falls_back_part_way_as_emap_does(monkeypatch):
     assert t["factorization"] == "none" and "not used this time" in t["factorization_note"]
     _assert_same_type(t, slow)
     done = [d for d, _, _ in seen]
-    assert done[:2] == [0, 4] and done == sorted(done) and seen[-1][:2] == (49, 49), seen
+    pairs = [d for d, _, m in seen if "reference pairs" in m]
+    assert pairs[:2] == [0, 4] and done == sorted(done) and seen[-1][:2] == (49, 49), seen

@@ -154,7 +154,8 @@ class _DimeFused:
         # the split's check (its N own pairs and a few neighbours, each fused and run in full)
         # counts its forward passes in cost
         self.fused = FusedPairs(adapter, split, batch_size, neuron,
-                                lambda logits, h: adapter.output(logits, h, target), cost)
+                                lambda logits, h: adapter.output(logits, h, target), cost,
+                                status=lambda what: step(0, f"DIME: {what}"))
         self.n = n = refs.n
         with torch.no_grad():
             # each shape group of the references encoded on its own (one group: one batch)

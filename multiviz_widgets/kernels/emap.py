@@ -456,7 +456,8 @@ def _emap_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
     neuron = target is not None and target.kind == "neuron"
     fused = FusedPairs(adapter, split, batch_size, neuron,
                        (lambda logits, h: adapter.output(logits, h, target)[:, None]) if neuron
-                       else (lambda logits, h: logits), passes)
+                       else (lambda logits, h: logits), passes,
+                       status=lambda what: step(done, f"EMAP: {what}"))
     enc = fused.encode_groups(shapes)
     fused.check(shapes, enc, out_fn)
     return _fused_sums(fused, enc, shapes.n, keep, step, done, passes,
@@ -906,7 +907,8 @@ def _typed_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
     ``logits`` [1, K], its forward pass): FactorizationError when they differ. step(done,
     message): progress, from done; passes: [count] of outputs computed, added to as they run."""
     n, dev = shapes.n, adapter.device
-    fused = FusedPairs(adapter, split, batch_size, False, lambda out, h: out, passes)
+    fused = FusedPairs(adapter, split, batch_size, False, lambda out, h: out, passes,
+                       status=lambda what: step(done, f"interaction type: {what}"))
     enc = fused.encode_groups(shapes)
     fused.check(shapes, enc, adapter.forward)
     inst = fused.encode(own)

@@ -201,18 +201,25 @@ class FusedPairs:
     reduce(logits, h) -> the outputs wanted ([B, K] or [B]); h is None unless ``features``.
     cost: a [count] of forward passes that ``check`` adds its own to (fused and full alike), as
     it runs them: a check that fails has run them too.
+    status(what): called between the batches of ``encode_groups`` and ``check`` with what is
+    being done ("encoding the instances (400 of 2000)"): the callers' progress counts the
+    pairs, and without it the encoding of a large reference set (minutes for a large encoder)
+    showed nothing and could not be cancelled (a progress callback raises ``Cancelled``).
     """
 
     def __init__(self, adapter: ModelAdapter, split: Split, batch_size: int, features: bool,
                  reduce: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
-                 cost: list[int] | None = None):
+                 cost: list[int] | None = None, status: Callable[[str], None] | None = None):
         self.adapter, self.split, self.batch_size = adapter, split, batch_size
         self.features, self.reduce = features, reduce
         self.cost = [0] if cost is None else cost
+        self.status = status
 
     def encode(self, raw: Mapping[str, torch.Tensor],
-               continuous: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """The split's values for a batch (raw inputs, optionally with continuous ones)."""
+               continuous: Mapping[str, torch.Tensor] | None = None,
+               rows_done: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+        """The split's values for a batch (raw inputs, optionally with continuous ones);
+        rows_done(k) after each chunk of k rows encoded."""
         args = self.adapter.model_inputs(raw, continuous)
         b, bs = next(iter(args.values())).shape[0], self.batch_size
         versions = input_versions(args)
@@ -223,13 +230,30 @@ class FusedPairs:
                 lambda chunk=chunk: self.split.encode(chunk),
                 None if continuous is None else {m: x[s:s + bs] for m, x in continuous.items()},
                 inputs=chunk))               # the ids whose embedding calls get the inputs
+            if rows_done is not None:
+                rows_done(min(bs, b - s))
         check_inputs_kept(args, versions)        # an encoder that edits its input in place
         return [torch.cat([p[k] for p in parts]) for k in range(len(self.split.from_side))]
+
+    def _counter(self, what: str, total: int) -> Callable[[int], None] | None:
+        """rows_done(k) for ``status``: "what (done of total)", counted over its calls; None
+        without a status."""
+        if self.status is None:
+            return None
+        done = [0]
+
+        def rows_done(k: int) -> None:
+            done[0] += k
+            self.status(f"{what} ({done[0]} of {total})")
+        rows_done(0)
+        return rows_done
 
     def encode_groups(self, groups: ShapeGroups) -> Encodings:
         """The split's values for instances of several input shapes, each shape group encoded on
         its own (nothing padded); see ``Encodings``. One group: ``encode`` of its batch."""
-        full = [(pos, self.encode(raw)) for pos, raw in zip(groups.positions, groups.raws)]
+        count = self._counter("encoding the instances", groups.n)
+        full = [(pos, self.encode(raw, rows_done=count))
+                for pos, raw in zip(groups.positions, groups.raws)]
         if len(full) == 1:
             return Encodings(full, full, full)
         return Encodings(full, self._merged(full, True), self._merged(full, False))
@@ -274,12 +298,16 @@ class FusedPairs:
         independent is caught too)."""
         side, bs, dev = self.split.side, self.batch_size, self.adapter.device
         direct, got = [], []
+        n = groups.n
+        count = self._counter("checking the split against forward passes",
+                              n + min(n, CHECKED_PAIRS))
         for (pos, values), raw in zip(enc.groups, groups.raws):
             own = torch.arange(len(pos), device=dev)
-            direct += [out_fn({m: x[s:s + bs] for m, x in raw.items()}).double()
-                       for s in range(0, len(pos), bs)]
+            for s in range(0, len(pos), bs):
+                direct.append(out_fn({m: x[s:s + bs] for m, x in raw.items()}).double())
+                if count is not None:
+                    count(len(direct[-1]))
             got.append(self.pairs(values, values, own, own))
-        n = groups.n
         # the neighbours (i, i + 1), fused in one batch per (group of i, group of j): one batch
         # when the instances share one shape; each also run alone, in the same order
         blocks: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -292,6 +320,8 @@ class FusedPairs:
             got.append(self.pairs(enc.groups[gi][1], enc.groups[gj][1], ri, rj))
             direct += [out_fn({m: (groups.instance(i) if m == side else groups.instance(j))[m]
                                for m in groups.names}).double() for i, j in ij]
+            if count is not None:
+                count(len(ij))
         self.cost[0] += sum(len(x) for x in got) + sum(len(x) for x in direct)
         same_or_reject(self.split, torch.cat(got), torch.cat(direct))
 
