@@ -23,6 +23,7 @@ import operator
 import os
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -227,6 +228,26 @@ def _check_embedding_layer(model: nn.Module, modality: Modality, layer: nn.Modul
             f"{what} has {layer.num_embeddings} rows but the vocabulary of {modality.name!r} has "
             f"{len(vocab)} tokens: ids {layer.num_embeddings} and above would fail. Give the Text "
             "modality the vocabulary the model was trained with.", code="embedding-layer")
+
+
+def padding_mismatch(model: nn.Module, modality: Modality, layer: nn.Module) -> str | None:
+    """What is wrong when a text modality's nn.Embedding keeps a padding row (``padding_idx``)
+    other than the vocabulary's pad token's id, else None: the "pad" baseline and the padding
+    of batched texts would then use a trained vector, and the model may take another token for
+    padding (a vocabulary listed in another order than the model's)."""
+    pad_row = getattr(layer, "padding_idx", None) if isinstance(layer, nn.Embedding) else None
+    pad_id = getattr(modality, "pad_id", None)
+    if pad_row is None or pad_id is None or pad_row == pad_id:
+        return None
+    vocab = modality.vocab
+    there = (f", and id {pad_row} is {vocab[pad_row]!r}, which the model may read as padding"
+             if 0 <= pad_row < len(vocab) else "")
+    return (f"The embedding layer of {modality.name!r}, {_layer_name(model, layer)}, keeps row "
+            f"{pad_row} for padding (padding_idx={pad_row}), but the vocabulary's "
+            f"{modality.pad_token!r} is id {pad_id}{there}: the 'pad' baseline and the padding of "
+            f"batched texts would use id {pad_id}'s trained vector, not the padding row. Give the "
+            f"Text modality the vocabulary in the order the model was trained with (its pad token "
+            f"at id {pad_row}), or Text(..., pad_token=<the token at id {pad_row}>).")
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -744,6 +765,9 @@ class ModelAdapter:
                 spec = embs[0]
             layer = _resolve_module(model, spec, f"embedding of {m.name!r}")
             _check_embedding_layer(model, m, layer)
+            mismatch = padding_mismatch(model, m, layer)
+            if mismatch:
+                warnings.warn(mismatch, UserWarning, stacklevel=_outside_stacklevel())
             self.embedding_layers[m.name] = layer
         self._lock = MODEL_LOCK
         self._warned_training = False

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import AdapterError, ModelAdapter, Prepared, class_name, masked_logits_hint
+from .adapter import (AdapterError, ModelAdapter, Prepared, class_name, masked_logits_hint,
+                      padding_mismatch)
 from .kernels.common import math_attention
 from .kernels.interactions import ROUNDING_EPS
 from .modalities import Text
@@ -79,7 +80,10 @@ class Report:
                 self.stages[s] = False
 
     def __str__(self) -> str:
-        lines = ["Adapter check: " + ("OK" if self.ok else f"{len(self.errors)} problem(s)")]
+        n = len(self.warnings)
+        warned = f" ({n} warning{'s' if n > 1 else ''} below)" if n else ""
+        lines = ["Adapter check: " + ("OK" if self.ok else f"{len(self.errors)} problem(s)")
+                 + warned]
         for s in STAGES:
             lines.append(f"  {'yes' if self.stages[s] else 'no ':3}  {s}")
         lines += [f"  - {f}" for f in self.findings]
@@ -119,6 +123,13 @@ def check(adapter: ModelAdapter, instance) -> Report:
         else:
             report.add("error", code, str(e), _ALL)
         return report
+
+    # (a text's padding row other than its vocabulary's pad token: said when the adapter was
+    # made, and here, where a user looks for what is wrong)
+    for name, layer in adapter.embedding_layers.items():
+        mismatch = padding_mismatch(model, adapter.modalities[name], layer)
+        if mismatch:
+            report.add("warning", "padding-idx", mismatch)
 
     # 2. Training mode (of the model, or of its dropout / batch norm layers after model.eval()
     # and sub.train()): the kernels run the model in eval mode; say so.

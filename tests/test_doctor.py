@@ -653,3 +653,29 @@ def test_a_model_of_one_output_is_told_what_explains_it_and_what_needs_two_class
         fit_sparse_model_for(a, ds, cache=False)
     with pytest.raises(ValueError, match=words):
         fit_sparse_model((np.random.rand(8, 3), np.zeros(8, int)), class_names=["score"])
+
+
+class PaddedEmbedding(Healthy):
+    """The embedding keeps row 0 for padding, as a model trained with [PAD] at id 0 does."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(len(VOCAB), 6, padding_idx=0)
+
+
+def test_a_vocabulary_whose_pad_token_is_not_the_models_padding_row_is_said():
+    """A vocabulary listed as ["[UNK]", "[PAD]", ...] for a model trained with [PAD] at id 0:
+    the 'pad' baseline used id 1's trained vector and check() said OK."""
+    swapped = ["[UNK]", "[PAD]", *VOCAB[2:]]
+    mods = [Image("image", patch=4), Text("question", vocab=swapped)]
+    with pytest.warns(UserWarning, match=r"padding_idx=0.*'\[PAD\]' is id 1.*id 0 is '\[UNK\]'"):
+        a = adapter(PaddedEmbedding(), modalities=mods)
+    r = check(a, INSTANCE)
+    assert "padding-idx" in r.codes() and "pad_token=" in str(r), str(r)
+    assert str(r).startswith("Adapter check: OK (1 warning below)\n"), str(r)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        good = adapter(PaddedEmbedding())            # [PAD] at id 0: nothing to say
+    assert "padding-idx" not in check(good, INSTANCE).codes()
