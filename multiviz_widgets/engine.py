@@ -1105,6 +1105,30 @@ def check_features_rows(features, dataset: MultimodalDataset, adapter: ModelAdap
         return
 
 
+#: the adapter's errors about the model's output as a whole (not about one instance's inputs):
+#: every view would fail with them
+_OUTPUT_ERRORS = ("class-count", "output-shape", "output-type")
+
+
+def check_output_fits(adapter: ModelAdapter, dataset: MultimodalDataset, tries: int = 3) -> None:
+    """Raise the adapter's error when the model's output does not fit its class names (a
+    class_names list of another length, a model that returns a dict): one forward pass of the
+    first instance that the adapter takes (of the first ``tries``). Every view failed with it,
+    and only the prediction path's banner said so, as the path's failure. Any other error is
+    left to the views, which say it for the instance they show."""
+    for i in range(min(len(dataset), tries)):
+        try:
+            with torch.no_grad():
+                adapter.predict(adapter.prepare(dataset[i], number=i).raw)
+        except AdapterError as e:
+            if getattr(e, "code", None) in _OUTPUT_ERRORS:
+                raise
+            continue
+        except Exception:  # noqa: BLE001 -- an instance's or the model's error: the views say it
+            continue
+        return
+
+
 class Analyses:
     """What the Explorer's views ask for, memoised in the engine's cache.
 
@@ -1123,6 +1147,7 @@ class Analyses:
         training = adapter.training_mode()
         if training is not None:
             raise AdapterError(training, code="training-mode")
+        check_output_fits(adapter, dataset)
         self.engine = engine
         self.adapter = adapter
         self.dataset = dataset
@@ -1361,19 +1386,29 @@ class Analyses:
             kept = [j for j, problem in problems.items() if problem is None]
             why = dict(Counter(p for p in problems.values() if p is not None))
             if len(kept) < 2:
-                fix = ("Fix those inputs" if set(why) == {"input"} else
-                       "Make the model finite on the dataset" if "input" not in why else
-                       "Fix those inputs and the model")
                 raise ValueError(
-                    f"Of the {n} instances drawn for EMAP's averages, {len(kept)} "
-                    f"{'has' if len(kept) == 1 else 'have'} a finite output, and at least 2 "
-                    f"are needed; left out: {left_out_text(why)}. {fix}, or set "
-                    "method_params={'interaction_type': {'seed': ...}} to draw others.")
+                    f"Of the {n} instances drawn for EMAP's averages, {len(kept)} can be "
+                    f"used, and at least 2 are needed; left out: {left_out_text(why)}. "
+                    + self._references_fix(why, some_kept=bool(kept), drawn=n))
             kind = self.kernels.interaction_type(self.adapter, self.dataset, int(i), kept,
                                                  progress, seed=seed, **params)
             return {**kind, "reference_left_out": len(drawn) - len(kept),
                     "reference_left_out_why": why}
         return self.engine.memo(key, fn)
+
+    def _references_fix(self, why: dict[str, int], some_kept: bool, drawn: int) -> str:
+        """What to do when too few references could be used, by why they were left out;
+        drawing others is offered only when some could be used and the dataset has more
+        (a model that fails on every input fails on any draw)."""
+        fixes = [text for reason, text in (
+            ("input", "fix those inputs"),
+            ("model", "fix what makes the model fail on them (the other views show its error "
+                      "for this instance)"),
+            ("output", "make the model's output finite on them")) if reason in why]
+        if some_kept and len(self.dataset) > drawn:
+            fixes.append("set method_params={'interaction_type': {'seed': ...}} to draw others")
+        text = "; or ".join(fixes)
+        return text[:1].upper() + text[1:] + "."
 
     def interaction_type_missing(self) -> str:
         """Why there is no line on how the modalities combine where one would say something

@@ -1134,3 +1134,26 @@ def test_patch_names_are_spelled_out_where_they_are_shown(vqa):
     shown = [n["label"] for n in ex.path_view.nodes if n["kind"] == "unit"]
     assert ("row R, column C" in ex.path_view.caption.value) == any(
         str(x).startswith("patch r") for x in shown)
+
+
+def test_class_names_of_another_length_are_refused_when_the_explorer_opens():
+    """class_names of 5 (or 3) for a model of 4 logits opened an Explorer whose every view was
+    empty, with one error, the prediction path's ("prediction path failed: ..."), and an
+    interaction-type line blaming non-finite outputs."""
+    from multiviz_widgets import AdapterError, Explorer, ModelAdapter
+    from tests.explorer_support import tiny_vqa
+    good, ds = tiny_vqa()
+    for names in (good.class_names + ["extra"], good.class_names[:-1]):
+        adapter = ModelAdapter(good.model, list(good.modalities.values()), names)
+        with pytest.raises(AdapterError, match=f"returns {len(good.class_names)} logits .* "
+                                               f"class_names has {len(names)} names"):
+            Explorer(adapter, ds)
+    # an instance the adapter refuses is not the model's output: the next one is tried
+    bad = [np.full((8, 8, 3), np.nan, np.float32)] + [ds[k]["image"] for k in range(1, len(ds))]
+    from multiviz_widgets import MultimodalDataset
+    mixed = MultimodalDataset({"image": bad, "question": [ds[k]["question"]
+                                                          for k in range(len(ds))]})
+    adapter = ModelAdapter(good.model, list(good.modalities.values()), good.class_names[:-1])
+    with pytest.raises(AdapterError, match="class_names has"):
+        Explorer(adapter, mixed)
+    Explorer(good, mixed).close()            # (its instance 0 is said by the views)

@@ -362,11 +362,37 @@ def test_an_input_the_adapter_refuses_is_left_out_as_such_and_one_instance_is_sa
     ex = _explorer(adapter, three)
     try:
         assert ex.wait(60)
-        assert ("Of the 3 instances drawn for EMAP's averages, 1 has a finite output, and at "
-                "least 2 are needed; left out: 2 whose input the adapter refuses. Fix those "
-                "inputs, or set method_params=") in ex.state()["interaction_type_text"]
+        # (no other draw: the dataset has no other instances)
+        assert ("Of the 3 instances drawn for EMAP's averages, 1 can be used, and at least 2 "
+                "are needed; left out: 2 whose input the adapter refuses. Fix those inputs.)"
+                ) in ex.state()["interaction_type_text"]
     finally:
         ex.close()
+
+
+def test_a_model_that_fails_on_every_input_is_not_called_non_finite():
+    """A model raising on every input (a transpose forgotten in forward) got "0 have a finite
+    output ... Make the model finite on the dataset, or set ... seed to draw others": neither
+    is the cause nor helps."""
+    adapter, ds = tiny_vqa()
+    def fail(_module, _args):
+        # (on the workers: the Explorer's own check of the output, when it opens, runs on the
+        # kernel's thread and is left to pass)
+        if threading.current_thread().name.startswith("multiviz-engine"):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    handle = adapter.model.register_forward_pre_hook(fail)
+    ex = _explorer(adapter, ds)
+    try:
+        assert ex.wait(60)
+        text = ex.state()["interaction_type_text"]
+        assert (f"Of the {min(len(ds), 50)} instances drawn for EMAP's averages, 0 can be used, "
+                f"and at least 2 are needed; left out: {min(len(ds), 50)} the model fails on. "
+                "Fix what makes the model fail on them (the other views show its error for "
+                "this instance).)") in text, text
+        assert "finite" not in text and "seed" not in text
+    finally:
+        ex.close()
+        handle.remove()
 
 
 def test_a_line_turned_off_never_shows_nor_asks():
