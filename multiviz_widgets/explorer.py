@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from itertools import combinations
@@ -43,6 +44,61 @@ from .views.path_view import PathView
 
 #: Which modality gives the rows of the interaction matrix (smaller first: tokens, columns...).
 _ROW_ORDER = {"text": 0, "tabular": 1, "timeseries": 2, "image": 3}
+
+#: {notebook cell id: [(its execution count, a weak reference to an Explorer it made)]}: a cell
+#: run again closes the Explorers it made before (``_close_earlier_runs``)
+_MADE_BY_CELL: dict[str, list[tuple[int, weakref.ref]]] = {}
+_MADE_BY_CELL_LOCK = threading.Lock()
+
+
+def running_cell() -> tuple[str, int] | None:
+    """(the id of the notebook cell running now, its execution count), or None outside a
+    Jupyter kernel that says which cell runs (JupyterLab and Notebook 7 send the cell's id
+    with every execution; plain Python, tests and Voila's first run say nothing)."""
+    try:
+        from IPython import get_ipython
+        shell = get_ipython()
+        kernel = getattr(shell, "kernel", None)
+        if kernel is None:
+            return None
+        parent = kernel.get_parent("shell") or {}
+        cell = (parent.get("metadata") or {}).get("cellId")
+        count = shell.execution_count
+    except Exception:  # noqa: BLE001 -- any kernel that cannot say: nothing is closed
+        return None
+    if not isinstance(cell, str) or not cell or not is_integer(count):
+        return None
+    return cell, int(count)
+
+
+def _close_earlier_runs(cell: tuple[str, int] | None) -> None:
+    """Close the Explorers that an earlier run of this cell made: running a cell again clears
+    its output, and the Explorer shown there stayed open, out of reach of any name (``ex`` now
+    names the new one), with its two threads, its caches and its claim on a concepts file (a
+    unit concept could then not be added: two datasets showed the file). Explorers made by
+    this run (several in one cell) and by other cells are left open."""
+    if cell is None:
+        return
+    with _MADE_BY_CELL_LOCK:
+        made = _MADE_BY_CELL.get(cell[0], [])
+        earlier = [ref() for count, ref in made if count < cell[1]]
+        _MADE_BY_CELL[cell[0]] = [(count, ref) for count, ref in made
+                                  if count >= cell[1] and ref() is not None]
+    for explorer in earlier:
+        if explorer is not None:
+            try:
+                explorer.close()
+            except Exception as e:  # noqa: BLE001 -- the new Explorer opens all the same
+                warn(f"The Explorer that this cell made before could not be closed "
+                     f"({type(e).__name__}: {e}); it keeps its threads until the kernel ends.",
+                     RuntimeWarning)
+
+
+def _made_by(cell: tuple[str, int] | None, explorer: "Explorer") -> None:
+    """Remember that this run of the cell made ``explorer`` (see ``_close_earlier_runs``)."""
+    if cell is not None:
+        with _MADE_BY_CELL_LOCK:
+            _MADE_BY_CELL.setdefault(cell[0], []).append((cell[1], weakref.ref(explorer)))
 
 
 def _rows_first(adapter: ModelAdapter, a: str, b: str) -> tuple[str, str]:
@@ -442,6 +498,8 @@ class Explorer(W.VBox):
                  path_params: dict | None = None, annotations=None, start: bool = True,
                  method_params: dict | None = None):
         _check_dataset(dataset, adapter)
+        cell = running_cell()
+        _close_earlier_runs(cell)     # before this one claims the model, the threads and files
         self.engine = Engine(cache_size=cache_size, delay=delay)
         try:
             self._build(adapter, dataset, sparse_model, features, pair, kernels, gallery_k,
@@ -457,6 +515,7 @@ class Explorer(W.VBox):
             except Exception:  # noqa: BLE001 - the constructor's own error is the one to see
                 pass
             raise
+        _made_by(cell, self)
 
     def _build(self, adapter, dataset, sparse_model, features, pair, kernels, gallery_k,
                path_params, annotations, method_params=None) -> None:
