@@ -601,3 +601,94 @@ def sample_indices(n_total: int, n: int | None, seed: int) -> np.ndarray:
     if n is None or n >= n_total:
         return np.arange(n_total)
     return np.sort(np.random.default_rng(seed).choice(n_total, size=int(n), replace=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# instances of a dataset whose input the adapter refuses
+# ---------------------------------------------------------------------------------------------
+#: What collating one instance alone raises when the adapter refuses its input (a shape its
+#: modality does not take, a NaN, a missing modality); no model runs there (memory errors are
+#: raised as they are)
+REFUSED_INPUT = (ValueError, TypeError, LookupError, RuntimeError)
+
+#: How many instances a message names before it counts the rest
+NAMED_INSTANCES = 5
+
+
+def refused_inputs(adapter: ModelAdapter, dataset, idx) -> dict[int, Exception]:
+    """{dataset index: error} of the instances ``idx`` of a MultimodalDataset whose input the
+    adapter refuses: collating one alone (on the host) raises, its error naming it by its
+    dataset index. No model runs. Cost: one collate per instance."""
+    out: dict[int, Exception] = {}
+    for i in map(int, idx):
+        try:
+            adapter.collate([dataset[i]], on_device=False, numbers=[i])
+        except REFUSED_INPUT as e:
+            if memory_error(e):
+                raise
+            out[i] = e
+    return out
+
+
+def instance_list(numbers: Sequence[int]) -> str:
+    """"instance 5", "instances 5, 9 and 12", "instances 1, 2, 3, 4, 5 and 7 more"."""
+    numbers = [int(i) for i in numbers]
+    shown, more = numbers[:NAMED_INSTANCES], len(numbers) - NAMED_INSTANCES
+    if len(numbers) == 1:
+        return f"instance {numbers[0]}"
+    if more > 0:
+        return f"instances {', '.join(map(str, shown))} and {more} more"
+    return f"instances {', '.join(map(str, shown[:-1]))} and {shown[-1]}"
+
+
+def leave_out_refused(adapter: ModelAdapter, dataset, idx, what: str,
+                      given: str | None = None, drawn: str = "", after: str = "",
+                      choose: str = "", stacklevel: int = 2) -> tuple[np.ndarray, dict[int, str]]:
+    """(idx without the instances whose input the adapter refuses, {dataset index: why} of
+    those left out), for instances taken from a MultimodalDataset (``refused_inputs``).
+
+    given: the parameter with which the user chose idx ("reference_indices"): a refused one is
+    then an error, its own (class and message kept), which adds that it is one of those given
+    and to remove it. None: idx was drawn from the dataset (``drawn`` says how: "instances
+    drawn (n=100, seed=0)"); the refused ones are left out with one UserWarning naming them (a
+    few, then a count) and why, ending with ``after`` (what the result takes instead; "{kept}"
+    in it is the number kept). Fewer than 2 left: a ValueError, saying to fix those inputs or
+    to ``choose`` ("pass indices="). what: the method's name, which leads the messages.
+    stacklevel: the warning's, counted from the caller of this function."""
+    from ..notices import warn
+    idx = np.asarray(idx, dtype=np.int64)
+    refused = refused_inputs(adapter, dataset, idx)
+    if not refused:
+        return idx, {}
+    first_i, first = next(iter(refused.items()))
+    if given is not None:
+        others = [i for i in refused if i != first_i]
+        also = (f"; the adapter refuses {instance_list(others)} of them too" if others else "")
+        text = first.args[0] if first.args and isinstance(first.args[0], str) else str(first)
+        first.args = (f"{text} (instance {first_i} is one of the {given} given: remove it from "
+                      f"them, or fix its input{also})", *first.args[1:])
+        raise first
+    why = {i: str(e) for i, e in refused.items()}
+    kept = idx[~np.isin(idx, list(refused))]
+    k, n = len(refused), len(idx)
+    # the first one's reason, without the "Instance 5: " its error leads with
+    reason = why[first_i].removeprefix(f"Instance {first_i}: ").rstrip(". ")
+    said = (f"the adapter refuses the input of instance {first_i}: {reason}" if k == 1 else
+            f"the adapter refuses the inputs of {instance_list(list(refused))} (on instance "
+            f"{first_i}: {reason})")
+    if len(kept) < 2:
+        raise ValueError(
+            f"{what}: of the {n} {drawn}, {len(kept)} {'has' if len(kept) == 1 else 'have'} an "
+            f"input the adapter takes, and at least 2 are needed; {said}. Fix those inputs"
+            f"{', or ' + choose if choose else ''}.") from first
+    warn(f"{what}: {k} of the {n} {drawn} {'is' if k == 1 else 'are'} left out, as {said}. "
+         f"{after.format(kept=len(kept))}".rstrip(), UserWarning, stacklevel=stacklevel + 1)
+    return kept, why
+
+
+def drawn_references(n_total: int, n_reference: int, seed) -> str:
+    """How ``sample_indices`` took a reference set, for ``leave_out_refused``'s messages (only
+    read when it drew them: n_reference is checked then)."""
+    if not is_integer(n_reference) or n_reference >= n_total:
+        return f"references (all the instances of the dataset, as n_reference={n_reference})"
+    return f"references drawn at random (n_reference={n_reference}, seed={seed})"

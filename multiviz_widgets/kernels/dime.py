@@ -28,8 +28,8 @@ from ..results import Result, Stopwatch
 from ..checks import positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
                      check_instance_rows_independent, check_model_takes, dataset_index,
-                     dataset_indices, masked_continuous, modality_pair, resolve_target,
-                     sample_indices)
+                     dataset_indices, drawn_references, leave_out_refused, masked_continuous,
+                     modality_pair, resolve_target, sample_indices)
 from .split_model import (FusedPairs, check_factorized, same_or_reject, steady_progress,
                           with_split)
 
@@ -265,6 +265,12 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     (to cancel) stops DIME within a batch. Fewer masks than a LIME fit's unknowns (its units
     and an intercept) give one UserWarning, and ``params["underdetermined"]`` (with
     ``params["underdetermined_modalities"]``) says so.
+    A drawn reference whose input the adapter refuses (a shape its modality does not take, a
+    NaN) is left out with one UserWarning naming it, DIME's averages taken over the others
+    (``params["n_reference"]``, ``reference_indices``); ``params["left_out"]`` lists those left
+    out, ``params["left_out_why"]`` {index: the adapter's error}. One given in
+    ``reference_indices`` is an error (remove it from them), as is the explained instance's own
+    input refused; fewer than 2 left: a ValueError. The model's own errors are raised.
     """
     from .unimodal import _lime, _lime_message, lime_from_function
     check_adapter(adapter, "dime")
@@ -291,7 +297,16 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     check_instance_rows_independent(                        # (the model's; not timed)
         adapter, instance, (dataset[int(i)] for i in ref_idx))
     with Stopwatch() as sw:
-        p = adapter.prepare(instance)
+        p = adapter.prepare(instance)               # the instance's own error first
+        # a reference whose input the adapter refuses: left out (said) when drawn, an error
+        # when given in reference_indices=
+        ref_idx, left = leave_out_refused(
+            adapter, dataset, ref_idx, "dime",
+            given=None if reference_indices is None else "reference_indices",
+            drawn=drawn_references(len(dataset), n_reference, seed),
+            after=("DIME's averages take the other {kept} (params[\"left_out\"] lists those left "
+                   "out); reference_indices= chooses the references."),
+            choose="pass reference_indices=")
         t = resolve_target(adapter, p, target)
         # the references grouped by input shapes: one group (one batch) when they share one
         refs = ShapeGroups(adapter, [dataset[int(i)] for i in ref_idx], ref_idx)
@@ -381,6 +396,7 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
                               "factorization": kind, "fused_pairs": cost[1],
                               "underdetermined": bool(short),
                               "underdetermined_modalities": short,
+                              "left_out": list(left), "left_out_why": left,
                               **({"factorization_note": note} if note else {}), **lime_params},
                       forward_passes=cost[0], backward_passes=0, seconds=sw.seconds,
                       modalities=(a, b), uc={k: np.asarray(uc[k]) for k in (a, b)},

@@ -27,7 +27,7 @@ from ..results import Result, Stopwatch
 from ..checks import is_integer, positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
                      check_instance_rows_independent, dataset_index, dataset_indices,
-                     memory_error, sample_indices)
+                     drawn_references, leave_out_refused, memory_error, sample_indices)
 from .split_model import (Encodings, FusedPairs, Split, check_factorized, same_or_reject,
                           steady_progress, with_split)
 
@@ -528,6 +528,11 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
     move it: Wilson's for the prediction gap (a proportion of disagreements), Newcombe's paired
     interval for the label gap (``paired_difference_interval``). It takes EMAP's projection as
     computed: its averages over the N references vary too, far less at N = 100 and more.
+    A drawn instance (indices=None) whose input the adapter refuses (``common.refused_inputs``:
+    a shape its modality does not take, a NaN) is left out with one UserWarning naming it, and
+    everything is computed on the others (``n``, ``indices``); ``left_out`` lists those left
+    out, ``left_out_why`` {index: the adapter's error}. One given in ``indices`` is an error
+    (remove it from them). Fewer than 2 left: a ValueError. The model's own errors are raised.
     The labels of the instances used are checked (class indices 0..C-1; the dataset checks one
     per instance), and a model with one output is refused: the argmax of one column says
     nothing.
@@ -548,6 +553,14 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
         idx = sample_indices(len(dataset), None if n is None else positive_int(n, "n", 2), seed)
     else:
         idx = dataset_indices(indices, len(dataset))
+    # an instance whose input the adapter refuses: left out (said) when drawn, an error when
+    # given in indices=
+    idx, left = leave_out_refused(
+        adapter, dataset, idx, "emap_gap", given=None if indices is None else "indices",
+        drawn=("instances of the dataset" if indices is not None or n is None
+               or n >= len(dataset) else f"instances drawn (n={n}, seed={seed})"),
+        after='The gap is taken over the other {kept} ("left_out" lists those left out).',
+        choose="pass indices=")
     labels = dataset.labels                 # checked by the dataset whenever they are set
     # only the labels of the instances used count: a label elsewhere is none of this gap's
     used = None if labels is None else np.asarray(labels)[idx]
@@ -574,7 +587,8 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
     pred = r.logits.argmax(1)
     pred_hat = np.mean([run.emap_logits for run in runs], axis=0).argmax(1)
     out = _gaps(pred, pred_hat, used)
-    out.update({"n": int(len(idx)), "indices": [int(i) for i in idx],
+    out.update({"n": int(len(idx)), "indices": [int(i) for i in idx], "left_out": list(left),
+                "left_out_why": left,
                 "forward_passes": sum(run.forward_passes for run in runs),
                 "seconds": sum(run.seconds for run in runs)})
     if repeats > 1:
@@ -787,6 +801,12 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     that of reference pi_{m,k}(j), the permutations drawn as ``emap`` draws them (so with the
     instance among the same references, in the same order, and the same seed, its numbers are
     emap's). ``seed`` also draws the ``n_reference`` references of a dataset.
+    A drawn reference whose input the adapter refuses (a shape its modality does not take, a
+    NaN) is left out with one UserWarning naming it, the averages taken over the others
+    (``reference_size``); ``left_out`` lists those left out (with a dataset as reference),
+    ``left_out_why`` {index: the adapter's error}. One given in ``reference_indices`` is an
+    error (remove it from them), as is the instance's own input refused; fewer than 2 left: a
+    ValueError. The model's own errors are raised.
 
     factorized: as ``emap``'s, with the same default (None) and the same split: the references
     and the instance are each encoded once and only the pairs are fused (checked first against
@@ -817,18 +837,30 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
                 | {"reference_size": len(reference.indices)} | how)
     batch_size = positive_int(batch_size, "batch_size")
     seed = None if seed is None else positive_int(seed, "seed", 0)   # None: fresh
+    left = None                      # {dataset index: why} of the references left out
     if isinstance(reference, MultimodalDataset):
         idx = (sample_indices(len(reference), positive_int(n_reference, "n_reference", 2), seed)
                if reference_indices is None else
                dataset_indices(reference_indices, len(reference), "reference_indices"))
         if not isinstance(instance, Mapping):
             instance = reference[dataset_index(instance, len(reference), "the instance index")]
+        own = adapter.collate([instance])       # the instance's own error first
+        # a reference whose input the adapter refuses: left out (said) when drawn, an error
+        # when given in reference_indices=
+        idx, left = leave_out_refused(
+            adapter, reference, idx, "interaction_type",
+            given=None if reference_indices is None else "reference_indices",
+            drawn=drawn_references(len(reference), n_reference, seed),
+            after=("EMAP's averages take the other {kept} (\"left_out\" lists those left out); "
+                   "reference_indices= chooses the references."),
+            choose="pass reference_indices=", stacklevel=3)     # (torch.no_grad's frame)
         refs = [reference[int(i)] for i in idx]
     else:
         if not isinstance(instance, Mapping):
             raise ValueError("Give the instance as a dict {modality: input} when the reference is "
                              "a list of instances.")
         refs, idx = _instances(reference, reference_indices)
+        own = None
     names = adapter.names
     if len(names) < 2:
         raise ValueError(f"Interaction types need two or more modalities; the adapter has {names}.")
@@ -839,7 +871,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     # the references grouped by input shapes (one group when they share one), the instance
     # alone: nothing is padded to another instance's length
     shapes = ShapeGroups(adapter, refs, idx)
-    own = adapter.collate([instance])
+    own = adapter.collate([instance]) if own is None else own
     # with two modalities one split (names[0] from the other) gives the N^2 pairs and both
     # parts; with M > 2 the split of each modality m gives its N^2 pairs and m's part, against
     # emap's mixed references (the others from permutations drawn with ``seed``)
@@ -891,7 +923,8 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
             "there.")
     step(total, "interaction type")
     how = _factorization(ref_pairs, kinds, notes)
-    return _label(logits, parts, grand, adapter.class_names) | {"reference_size": n} | how
+    out = {"left_out": list(left), "left_out_why": left} if left is not None else {}
+    return _label(logits, parts, grand, adapter.class_names) | {"reference_size": n} | how | out
 
 
 def _typed_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
