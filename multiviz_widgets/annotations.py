@@ -53,6 +53,8 @@ widget library (the engine layer).
 """
 from __future__ import annotations
 
+import difflib
+import errno
 import hashlib
 import json
 import os
@@ -66,7 +68,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .notices import warn
-from .atomic_file import LockTimeout, file_lock, write_atomically
+from .atomic_file import LockTimeout, file_lock, remove_stale_temporaries, write_atomically
 from .checks import is_integer
 
 __all__ = ["Annotations", "AnnotationError", "AnnotationConflict", "neuron_key", "unit_key",
@@ -92,6 +94,9 @@ IDENTITY_FIELDS = ("model", "weights")
 #: before it was recorded, when the weights were ``ModelAdapter.fingerprint`` (state_dict and
 #: module settings); two fingerprints of different methods cannot be compared.
 WEIGHTS_METHOD = "state_dict-sha256"
+#: How old (in seconds) a temporary file of a save of an annotations file must be for a save
+#: that could not lock the file's lock file to remove it (``save``; a save takes under a second).
+_STALE_TEMPORARY_SECONDS = 3600.0
 #: The fields of a model signature and of a dataset signature that this format knows; others
 #: (a "checkpoint" written in by hand) are kept as they are and written back.
 MODEL_FIELDS = ("model", "modalities", "classes", "neurons", "features", "weights",
@@ -179,8 +184,11 @@ _SPACES = re.compile(r"\s+")
 def same_concept(text: str) -> str:
     """What two concepts that are the same compare equal by: without regard to case (and,
     as ``tidy_concept`` tidies them, to spaces). "Red Shapes" and "red shapes" are one concept:
-    a key keeps the first it was given, and ``find``, ``remove`` and ``rename`` take either."""
-    return text.casefold()
+    a key keeps the first it was given, and ``find``, ``remove`` and ``rename`` take either.
+    Unicode's canonical caseless match: normalised again after case folding, which can undo
+    NFC ("\u0390" folds to "\u03b9\u0308\u0301", its capital to "\u03ca\u0301"), so
+    that a text and its capitals are one concept; the text kept is the one typed."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())
 
 
 def _strip_outer(text: str) -> str:
@@ -210,9 +218,11 @@ def tidy_concept(text, typed: bool = True) -> str:
     text = _strip_outer(unicodedata.normalize("NFC", text))
     if not text:
         raise AnnotationError("A concept cannot be empty or only spaces.")
-    if len(text) > MAX_CONCEPT_LENGTH:
+    # the length of the concept as kept: every run of spaces inside it one space
+    tidied = _SPACES.sub(" ", text)
+    if len(tidied) > MAX_CONCEPT_LENGTH:
         raise AnnotationError(f"A concept has at most {MAX_CONCEPT_LENGTH} characters, got "
-                              f"{len(text)} ({text[:40]!r}...); keep it to a short name.")
+                              f"{len(tidied)} ({tidied[:40]!r}...); keep it to a short name.")
     # control and format characters, line breaks, and lone surrogates (which no file can hold)
     bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")
            and c not in _JOINERS]
@@ -226,7 +236,7 @@ def tidy_concept(text, typed: bool = True) -> str:
                               f"remove it.")
     if typed:
         _check_typed(text)
-    return _SPACES.sub(" ", text)
+    return tidied
 
 
 def _check_typed(text: str) -> None:
@@ -702,7 +712,7 @@ class Annotations:
         self._data: dict[tuple, tuple[str, ...]] = {}
         self._observers: list[Callable[[tuple | None], None]] = []
         # resolved now: a later os.chdir does not move the file, and a link keeps pointing at it
-        self.path = None if path is None else Path(path).expanduser().resolve()
+        self.path = None if path is None else _usable_path(path)
         self.autosave = (self.path is not None) if autosave is None else bool(autosave)
         self._autosave_given = autosave is not None     # kept when save() adopts a file
         if self.autosave and self.path is None:
@@ -779,7 +789,7 @@ class Annotations:
         store, like the Explorer, then calls ``bind`` with its dataset). (A store made with
         ``Annotations(path)`` is its own, not shared: two such stores on one file are kept from
         writing over each other's changes by the conflict check of ``save``.)"""
-        resolved = str(Path(path).expanduser().resolve())
+        resolved = str(_usable_path(path))
         with _OPEN_LOCK:
             store = _OPEN.get(resolved)
             if store is None:
@@ -805,7 +815,7 @@ class Annotations:
     def load(cls, path: str | os.PathLike, *, signature: dict | None = None,
              n_instances: int | None = None, dataset: dict | None = None) -> "Annotations":
         """A store with the concepts of ``path`` that does not save (``save(path)`` does)."""
-        path = Path(path).expanduser()
+        path = _usable_path(path, resolve=False)
         if not path.exists():
             raise AnnotationError(f"No annotations file at {path}.")
         store = cls(None, signature=signature, n_instances=n_instances, dataset=dataset)
@@ -932,7 +942,8 @@ class Annotations:
                 f"A unit concept{where} names an instance of one dataset, and these annotations"
                 f"{self._where()} are shown for two in this kernel ({names}, by two Explorers), "
                 f"so none can be added now. Close the Explorer of one dataset "
-                f"(explorer.close()), or give each dataset its own file "
+                f"(explorer.close(); running again the notebook cell that opened one closes "
+                f"it too), or give each dataset its own file "
                 f"(Explorer(..., annotations='other.json')).")
 
     def add_key_check(self, check: Callable[[tuple], None]) -> None:
@@ -1394,7 +1405,7 @@ class Annotations:
         adopt = self.path is None
         # the file a link points at (its own file: not needed, and never resolved, so that a
         # store whose file became a link loop still says why in save_error)
-        resolved = None if path is None else target.resolve()
+        resolved = None if path is None else _usable_path(target)
         if adopt:          # a link: the file it points at, as Annotations(path) would read it
             target = resolved
         own = path is None or (self.path is not None and resolved == self.path.resolve())
@@ -1431,7 +1442,7 @@ class Annotations:
             # wait ends after lock_timeout seconds in save_error. Under it, the check and the
             # write: another store saving the file meanwhile (in this kernel or another) waits,
             # then sees this write as a change
-            with file_lock(target, timeout=self.lock_timeout):
+            with file_lock(target, timeout=self.lock_timeout) as locked:
                 with self._lock:       # the text and the write together: no older text wins
                     adopt = adopt and self.path is None  # else adopted by another save meanwhile
                     if not self._current(doc, edits):
@@ -1444,8 +1455,7 @@ class Annotations:
                     if own and not overwrite:
                         self._check_unchanged(target)
                     elif not own and target.exists() and not overwrite:
-                        raise AnnotationError(f"{target} exists; save(path, overwrite=True) "
-                                              f"replaces it, or choose another name.")
+                        raise self._exists(target)
                     if own or adopt:
                         # what is being written: an interrupt from here on may come after the
                         # file was written, which the next save or merge then sees
@@ -1461,6 +1471,18 @@ class Annotations:
                         self._provisional = False
                         self.unsaved = False
                     done = True
+                # the temporary files of saves of this file killed before their rename (a
+                # SIGKILL, a crash), removed with the file's lock still held (the store's is
+                # not: its readers do not wait for the folder to be listed). Every save writes
+                # its temporary file only while it holds this lock (the lock file's, across
+                # processes, and this process's, across threads) and renames or removes it
+                # before letting go, and the system lets a dead process's lock go. So while the
+                # lock file is locked here (``locked``), any other temporary of this file is a
+                # dead save's. When it could not be locked (a file system without locks),
+                # another process's save may be writing one now: only those older than any save
+                # takes are removed (and a save stalled longer would fail into its save_error,
+                # keeping its concepts in memory). Other files' temporaries are not touched.
+                remove_stale_temporaries(target, 0.0 if locked else _STALE_TEMPORARY_SECONDS)
         except BaseException as e:
             if done:
                 raise
@@ -1505,13 +1527,16 @@ class Annotations:
                     f"dataset's signature, or a key: keys() lists them), then save again.")
             elif (isinstance(e, (FileNotFoundError, NotADirectoryError))
                   and not target.parent.is_dir()):
-                why = ("is a file, not a folder" if target.parent.exists()
-                       else "does not exist (a typo in the path, or moved or deleted)")
+                why, in_the_way = _folder_problem(target.parent)
+                fix = (f"Create the folder (os.makedirs({str(target.parent)!r})), then save "
+                       f"again, or save(another_path) writes them elsewhere."
+                       if in_the_way is None else
+                       f"Correct the path (save(corrected_path) writes them there), or move "
+                       f"or rename the file {in_the_way} (no folder can be made where a file "
+                       f"is), then save again.")
                 err = type(e)(
                     f"Could not save the annotations to {target}: the folder "
-                    f"{target.parent} {why}; they are kept in memory. Create the folder "
-                    f"(os.makedirs({str(target.parent)!r})), then save again, or "
-                    f"save(another_path) writes them elsewhere.")
+                    f"{target.parent} {why}; they are kept in memory. {fix}")
             else:
                 err = OSError(
                     f"Could not save the annotations to {target} ({e.strerror or e}); they are "
@@ -1530,6 +1555,19 @@ class Annotations:
             self.save_error, self.save_conflict = None, False
             self._notify(None)
         return target
+
+    def _exists(self, target: Path) -> AnnotationError:
+        """The error of a save to another file that is there already (under the lock): how to
+        keep both its concepts (a colleague's, saved there since this store read it) and
+        this store's, and what overwrite=True alone does."""
+        also = (f" (and, as it saves each change, into its own file {self.path})"
+                if self.path is not None and self.autosave else "")
+        return AnnotationError(
+            f"{target} exists; a save does not write over another file unless asked. To keep "
+            f"its concepts and these: merge({str(target)!r}) takes its concepts into this "
+            f"store{also}, then save({str(target)!r}, overwrite=True) writes them all there. "
+            f"overwrite=True alone replaces the file's concepts with this store's (what was "
+            f"saved there, by a colleague too, is lost); or save to another name.")
 
     def _failed(self, why: str, conflict: bool) -> None:
         """A save of its own file failed (``why``): recorded in ``save_error``, observers told
@@ -1573,7 +1611,7 @@ class Annotations:
                 if isinstance(other, Annotations):
                     incoming, sig, digest, source = other.to_dict(), other.signature, None, None
                 else:
-                    source = Path(other).expanduser()
+                    source = _usable_path(other, resolve=False)
                     raw = _read_bytes(source)
                     digest = _digest(raw)
                     if self.path is not None and source.resolve() == self.path.resolve():
@@ -1809,10 +1847,13 @@ class Annotations:
         failed."""
         folder = self.path.parent
         if not folder.is_dir():
-            why = "is a file, not a folder" if folder.exists() else "does not exist"
+            why, in_the_way = _folder_problem(folder)
+            fix = (f"create the folder first (os.makedirs({str(folder)!r}))" if in_the_way is None
+                   else f"move or rename the file {in_the_way} (no folder can be made where a "
+                        f"file is)")
             raise AnnotationError(
                 f"Cannot keep annotations in {self.path}: the folder {folder} {why}. Correct "
-                f"the path, or create the folder first (os.makedirs({str(folder)!r})).")
+                f"the path, or {fix}.")
 
     def _check_unchanged(self, target: Path) -> None:
         if not target.exists():
@@ -1874,6 +1915,64 @@ class Annotations:
                 if n_instances is not None and key[1] >= n_instances:
                     raise AnnotationError(f"instance {key[1]}{where} is out of range: the dataset "
                                           f"has {n_instances} instances (0..{n_instances - 1}).")
+
+
+def _usable_path(path, resolve: bool = True) -> Path:
+    """``path`` with ``~`` expanded and, with ``resolve``, its links followed (as a store keeps
+    its file's), or an AnnotationError that says what is wrong with a path that no file can
+    have: a link loop, a name longer than the file system takes, a NUL character (the error
+    raised is its ``__cause__``). A file or folder that is not there is not refused here:
+    opening and saving say what to do then."""
+    given = Path(path).expanduser()
+    try:
+        out = given.resolve() if resolve else given
+        os.stat(out)
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    except RuntimeError as e:                   # Path.resolve of a link loop (Python < 3.13)
+        raise AnnotationError(_bad_path(given, errno.ELOOP)) from e
+    except ValueError as e:                     # a NUL character (os.stat refuses it)
+        raise AnnotationError(_bad_path(given, None, str(e))) from e
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENAMETOOLONG):
+            raise AnnotationError(_bad_path(given, e.errno)) from e
+        # another error (a folder that may not be read): said by what reads or writes it
+    return out
+
+
+def _bad_path(path: Path, code: int | None, detail: str = "") -> str:
+    """What is wrong with ``path`` (``_usable_path``'s error: ``code``, an errno, or None with
+    ``detail``), and how to fix it."""
+    start = f"The path {str(path)!r} cannot hold annotations"
+    if code == errno.ELOOP:
+        return (f"{start}: it is a symbolic link that leads back to itself (a link loop), so no "
+                f"file can be read or saved there. Correct or remove the link (`ls -l` shows "
+                f"where it points), or give another path.")
+    if code == errno.ENAMETOOLONG:
+        name = max(path.parts, key=lambda part: len(os.fsencode(part)))
+        size = len(os.fsencode(name))
+        if size > 255:
+            return (f"{start}: the name {name[:40]!r}... is {size} bytes long, more than the "
+                    f"file system takes for one name (255 bytes on most); give a shorter "
+                    f"file name.")
+        return (f"{start}: it is {len(os.fsencode(str(path)))} bytes long, more than the file "
+                f"system takes for a path; give a shorter one (fewer or shorter folders).")
+    if "\0" in str(path):
+        return (f"{start}: it holds a NUL character ('\\x00'), which no file name can hold; "
+                f"give the path without it.")
+    return f"{start} ({detail}); give another path."
+
+
+def _folder_problem(folder: Path) -> tuple[str, Path | None]:
+    """Why the folder of a file to keep annotations in, which is not a folder, cannot hold it
+    ("is a file, not a folder"; "does not exist"), and the file in the way of making it (it, or
+    a folder above it that is a file: os.makedirs would fail), or None."""
+    there = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if there is None or there.is_dir():
+        return "does not exist (a typo in the path, or moved or deleted)", None
+    if there == folder:
+        return "is a file, not a folder", there
+    return f"cannot be made: {there} is a file, not a folder", there
 
 
 def _caller_level() -> int:
@@ -2053,7 +2152,37 @@ def _parse(raw: bytes, path) -> dict:
         _check_no_surrogates(doc, path, "")      # recursive, as deep as the JSON
     except RecursionError:
         raise _too_deep(path) from None
+    _warn_misspelled_fields(doc, path)
     return doc
+
+
+#: The fields of a document that an unknown field of a name close to theirs was probably meant
+#: to be ("revisions", known only to be dropped, is none of them).
+_MEANT_FIELDS = ("format", "version", "lineage", "model", "dataset", "neurons", "units",
+                 "features")
+
+
+def _warn_misspelled_fields(doc: dict, path) -> None:
+    """A warning for each field of the document that this format does not know whose name is
+    close to one it knows ("Neurons", "unit"): kept and written back as any unknown field is
+    (a newer version's), but not read, so a hand edit that misspelled "neurons" would else open
+    silently without its concepts."""
+    for field in _document_extras(doc):
+        meant = next((f for f in _MEANT_FIELDS if f.casefold() == field.casefold()), None)
+        if meant is None:
+            close = difflib.get_close_matches(field, _MEANT_FIELDS, n=1, cutoff=0.8)
+            meant = close[0] if close else None
+        if meant is None:
+            continue
+        entries = meant in ("neurons", "units", "features")
+        what = ("its entries were not read: none of their concepts are in the store"
+                if entries else "it was not read")
+        both = (f" (its entries joined to those of {meant!r} where the file has both)"
+                if entries else "")
+        warn(f"{path}: the field {field!r} is not one this format knows (did you mean "
+             f"{meant!r}?), so {what}. It is kept in the file as it is; rename it to {meant!r} "
+             f"there{both}, then open the file again.", UserWarning,
+             stacklevel=_caller_level())
 
 
 #: The lines git writes around the two sides of a merge conflict

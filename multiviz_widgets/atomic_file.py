@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import stat
 import tempfile
 import threading
 import time
@@ -60,6 +62,47 @@ def write_atomically(path: Path, write: Callable[[IO], None], *, binary: bool,
     _sync_folder(folder)
 
 
+def _temporary_name(path: Path) -> re.Pattern:
+    """The names of the temporary files ``write_atomically`` makes for ``path`` (a resolved
+    path): ``.NAME.`` + mkstemp's 8 random characters + ``.tmp``. No other file's temporary has
+    such a name (that of a file "NAME.x" has a dot between the two)."""
+    return re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(path: Path, older_than: float = 0.0) -> list[Path]:
+    """Remove the temporary files that writes of ``path`` (``write_atomically``'s) left in its
+    folder, last written more than ``older_than`` seconds ago: a write killed before its rename
+    (SIGKILL, a crash, a power loss) leaves one, which nothing else removes. Only plain files of
+    exactly that name (not a link, nor another file's); one that cannot be removed is left.
+    Returns those removed.
+
+    The caller decides which are stale: a temporary file of a write that is still going on must
+    not be removed (its rename would fail). Removing every one (``older_than=0``) is safe only
+    while holding ``path``'s :func:`file_lock` for real (it yields True) when every writer of
+    ``path`` holds that lock while its temporary file exists; else give an age that no write in
+    progress reaches."""
+    path = _real(path)
+    folder = _folder(path)
+    pattern = _temporary_name(path)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    now, removed = time.time(), []
+    for name in names:
+        if not pattern.fullmatch(name):
+            continue
+        tmp = folder / name
+        try:
+            st = os.stat(tmp, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > older_than:
+                os.unlink(tmp)
+                removed.append(tmp)
+        except OSError:              # gone meanwhile, or not ours to remove: left as it is
+            continue
+    return removed
+
+
 def _real(path) -> Path:
     """``path`` with its symbolic links followed (also a link to a file not made yet), so that
     a write replaces the file a link points to, not the link, and a link and its file share
@@ -104,7 +147,7 @@ _LOCAL_LOCKS_GUARD = threading.Lock()
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
+def file_lock(path: Path, timeout: float | None = None) -> Iterator[bool]:
     """Hold an exclusive lock for writing ``path`` meanwhile: a lock file beside it
     (``.NAME.lock``, made once and left there) locked with ``fcntl.lockf``, which other
     processes (NFS clients too, where the server keeps locks) wait for, and a lock of this
@@ -119,7 +162,11 @@ def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
     :class:`LockTimeout`, so that a process stopped while it holds the lock (paused in a
     debugger, a network file system that hangs) cannot freeze its caller. The lock file is
     polled (a blocking ``lockf`` could not be given up). A symbolic link is followed: the lock
-    is the file's, beside the file, as :func:`write_atomically` writes the file."""
+    is the file's, beside the file, as :func:`write_atomically` writes the file.
+
+    Yields whether the lock file is locked (False: only this process's lock is held, as where
+    the lock file could not be used, or on a system without fcntl), so that a caller knows
+    whether other processes' writers are kept out too."""
     path = _real(path)                  # a link to the file and the file: one lock
     key = str(path)
     lock_path = _folder(path) / f".{path.name}.lock"
@@ -143,7 +190,7 @@ def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
                 os.close(fd)
                 raise LockTimeout(lock_path, timeout)
         try:
-            yield
+            yield fd is not None
         finally:
             if fd is not None:
                 os.close(fd)            # closing the lock file releases the lock

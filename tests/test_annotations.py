@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from multiviz_widgets.annotations import (MAX_CONCEPT_LENGTH, AnnotationConflict, AnnotationError,
                                           WEIGHTS_METHOD, Annotations, tidy_concept, feature_key,
-                                          model_signature, neuron_key, unit_key, unit_settings)
+                                          model_signature, neuron_key, same_concept, unit_key,
+                                          unit_settings)
 from multiviz_widgets.explorer import Explorer
 
 from .explorer_support import FakeKernels, tiny_tab_series, tiny_vqa
@@ -33,7 +34,7 @@ OUTER = "".join(chr(c) for c in range(0x110000) if chr(c).isspace()) + "\u200c\u
 def _tidy(t: str) -> str:
     """As a store keeps a concept: NFC, no outer spaces, one plain space for a run inside, and
     (so that two generated concepts are the same exactly when they are equal) case-folded."""
-    t = unicodedata.normalize("NFC", unicodedata.normalize("NFC", t).casefold())
+    t = unicodedata.normalize("NFC", unicodedata.normalize("NFD", t).casefold())
     return re.sub(r"\s+", " ", t.strip(OUTER))
 
 
@@ -122,6 +123,33 @@ def test_find_ignores_case_as_unicode_folds_it():
     assert a.find("red SHAPES") == a.find("RED SHAPES") == [neuron_key(1)]
     assert a.find("STRASSE") == a.find("strasse") == [neuron_key(2)]
     assert a.find("blue") == []
+
+
+def test_a_concept_and_its_capitals_are_one_concept_where_folding_undoes_nfc():
+    """same_concept compared str.casefold() alone: "\u0390" folds to three characters, its
+    capital (NFC) to two, so "\u03b4\u0390" and its capitals were two concepts of a key."""
+    low = "\u03b4\u0390"
+    cap = unicodedata.normalize("NFC", low.upper())
+    assert cap != low and same_concept(cap) == same_concept(low)
+    a = Annotations(signature=SIG)
+    a.add(neuron_key(1), low)
+    assert a.add(neuron_key(1), cap) == (low,)              # one concept, kept as first typed
+    assert a.find(cap) == [neuron_key(1)]
+    assert a.remove(neuron_key(1), cap) == ()
+    assert a.add(neuron_key(2), cap) == (cap,) and a.find(low) == [neuron_key(2)]
+
+
+def test_the_length_limit_counts_a_concept_with_its_runs_of_spaces_collapsed():
+    """The 200 characters were counted before runs of spaces became one: a short concept pasted
+    from a laid-out PDF was refused as too long."""
+    a = Annotations(signature=SIG)
+    pasted = "red" + " " * 120 + "\u00a0" * 90 + "shapes"
+    assert a.add(neuron_key(1), pasted) == ("red shapes",)
+    too_long = "x" * 150 + "\u2003 \u00a0" + "y" * 50                 # 201 characters, tidied
+    with pytest.raises(AnnotationError, match=f"at most {MAX_CONCEPT_LENGTH} characters, got "
+                                              f"{MAX_CONCEPT_LENGTH + 1} "):
+        a.add(neuron_key(1), too_long)
+    assert a.concepts(neuron_key(1)) == ("red shapes",)
 
 
 def test_concepts_are_tidied_and_editing_is_consistent():
@@ -261,6 +289,39 @@ def test_save_to_another_path_does_not_replace_a_file_unless_asked(tmp_path):
     assert other.read_text() == "their work"
     a.save(other, overwrite=True)
     assert Annotations.load(other).concepts(neuron_key(0)) == ("x",)
+
+
+def test_a_save_over_a_file_says_how_to_keep_both_and_that_way_keeps_both(tmp_path):
+    """A store that loaded a shared file, saved back to it, was refused with only "save(path,
+    overwrite=True) replaces it", which erased what a colleague saved there since."""
+    path = tmp_path / "c.json"
+    colleague = Annotations(path, signature=SIG)
+    colleague.add(neuron_key(1), "red")
+    mine = Annotations.load(path)
+    colleague.add(neuron_key(2), "theirs, later")
+    mine.add(neuron_key(3), "mine")
+    with pytest.raises(AnnotationError) as refused:
+        mine.save(path)
+    says = str(refused.value)
+    assert f"merge({str(path)!r}) takes its concepts into this store, then " \
+           f"save({str(path)!r}, overwrite=True) writes them all there" in says
+    assert "overwrite=True alone replaces the file's concepts with this store's" in says
+    assert mine.path is None and len(Annotations.load(path)) == 2      # nothing written
+    mine.merge(path)                                                    # as it says
+    mine.save(path, overwrite=True)
+    both = {neuron_key(1): {"red"}, neuron_key(2): {"theirs, later"}, neuron_key(3): {"mine"}}
+    assert as_sets(Annotations.load(path)) == as_sets(mine) == both
+    colleague.add(neuron_key(4), "more")      # their store: the file changed, said and kept
+    assert colleague.save_conflict
+    colleague.merge(path)
+    assert colleague.save_error is None
+    assert as_sets(Annotations.load(path)) == {**both, neuron_key(4): {"more"}}
+    own = Annotations(tmp_path / "own.json", signature=SIG)         # a store with its own file
+    own.add(neuron_key(5), "x")
+    with pytest.raises(AnnotationError, match=re.escape(
+            f"into this store (and, as it saves each change, into its own file "
+            f"{tmp_path / 'own.json'})")):
+        own.save(path)
 
 
 def test_a_file_changed_on_disk_is_not_written_over_and_merge_takes_it_in(tmp_path):
@@ -1924,6 +1985,66 @@ def test_a_write_is_made_durable_by_flushing_its_folder_too(tmp_path, monkeypatc
     monkeypatch.setattr(os, "fsync", failing)
     write_atomically(tmp_path / "f.txt", lambda f: f.write("y"), binary=False)
     assert (tmp_path / "f.txt").read_text() == "y"
+
+
+_KILLED_SAVE = """
+import sys, time
+import multiviz_widgets.annotations as an
+real = an.write_atomically
+
+def slow(path, write, **kw):
+    def w(f):
+        f.write(b"{"); f.flush(); print("writing", flush=True); time.sleep(60); write(f)
+    return real(path, w, **kw)
+an.write_atomically = slow
+an.Annotations(sys.argv[1]).add(("neuron", 2), "being saved")
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="fcntl locks and SIGKILL: POSIX only")
+def test_the_next_save_removes_the_temporary_file_a_killed_save_left_and_no_other(
+        tmp_path, monkeypatch):
+    """A save killed while it wrote left its hidden temporary file (.c.json.XXXXXXXX.tmp) in
+    the folder for ever. The next save removes it, holding the file's lock (which every save
+    holds while its temporary file exists); the temporary files of other files, and other
+    files, stay. Where the lock file cannot be locked, only one older than an hour goes."""
+    import signal
+    import subprocess
+    import sys
+    path = tmp_path / "c.json"
+    store = Annotations(path, signature=SIG)
+    store.add(neuron_key(1), "saved before")
+    killed = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(path)],
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert killed.stdout.readline() == "writing\n"
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.communicate(timeout=30)
+    left = [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(".c.json.")
+    others = [".d.json.abcdefgh.tmp", ".c.json.bak.abcdefgh.tmp", "c.json.tmp", "notes.txt"]
+    for name in others:
+        (tmp_path / name).write_text("theirs")
+    store.add(neuron_key(3), "after")                     # the next save
+    assert store.save_error is None
+    assert sorted(os.listdir(tmp_path)) == sorted([".c.json.lock", "c.json"] + others)
+    assert as_sets(Annotations.load(path)) == {neuron_key(1): {"saved before"},
+                                               neuron_key(3): {"after"}}
+    # a lock file that cannot be locked (a file system without locks): another process's save
+    # may be writing its temporary file now, so only one older than an hour is removed
+    import multiviz_widgets.atomic_file as atomic_file
+
+    def no_lock_file(_):
+        raise OSError(37, "No locks available")
+    monkeypatch.setattr(atomic_file, "_open_lock_file", no_lock_file)
+    young, old = tmp_path / ".c.json.young123.tmp", tmp_path / ".c.json.old45678.tmp"
+    young.write_text("{")
+    old.write_text("{")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    store.add(neuron_key(4), "unlocked")
+    assert store.save_error is None and young.exists() and not old.exists()
 
 
 def test_set_and_merge_refuse_what_they_cannot_take_with_an_annotation_error(tmp_path):

@@ -4,10 +4,12 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 
 import pytest
 
-from multiviz_widgets.atomic_file import LockTimeout, file_lock, write_atomically
+from multiviz_widgets.atomic_file import (LockTimeout, file_lock, remove_stale_temporaries,
+                                          write_atomically)
 
 from .test_annotations import _hold_file_lock
 
@@ -81,3 +83,30 @@ def test_a_file_system_that_refuses_chmod_still_gets_the_data_and_no_descriptor_
                              binary=True)
     assert len(os.listdir("/proc/self/fd")) == before
     assert path.read_text() == "NEW 2" and os.listdir(tmp_path) == ["c.json"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="fcntl locks: POSIX only")
+def test_the_lock_says_whether_the_lock_file_is_held_and_stale_temporaries_go_by_age(
+        tmp_path, monkeypatch):
+    """file_lock yields whether other processes are kept out (the lock file locked), which
+    tells a caller whether any temporary file of the file is a dead writer's; without it, only
+    those older than the age given are removed, of that file only."""
+    import multiviz_widgets.atomic_file as atomic_file
+    path = tmp_path / "c.json"
+    with file_lock(path) as locked:
+        assert locked is True
+    monkeypatch.setattr(atomic_file, "_open_lock_file", _no_locks)
+    with file_lock(path) as locked:
+        assert locked is False
+    names = [".c.json.a1b2c3d4.tmp", ".c.json.old_0000.tmp", ".d.json.a1b2c3d4.tmp"]
+    for name in names:
+        (tmp_path / name).write_text("{")
+    os.utime(tmp_path / names[1], (time.time() - 7200, time.time() - 7200))
+    assert remove_stale_temporaries(path, 3600) == [tmp_path / names[1]]
+    assert sorted(os.listdir(tmp_path)) == sorted([names[0], names[2], ".c.json.lock"])
+    assert remove_stale_temporaries(path) == [tmp_path / names[0]]
+    assert (tmp_path / names[2]).exists()
+
+
+def _no_locks(path):
+    raise OSError(37, "No locks available")

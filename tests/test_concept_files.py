@@ -166,6 +166,52 @@ def test_a_path_in_a_folder_that_is_not_there_is_refused_when_opened(tmp_path):
     assert not path.parent.exists() and (tmp_path / "a_file").read_text() == "x"
 
 
+def test_a_path_under_a_file_says_to_correct_it_or_move_the_file_not_to_make_the_folder(
+        tmp_path):
+    """The advice was os.makedirs(folder), which fails (FileExistsError) where a file is."""
+    results = tmp_path / "results"
+    results.write_text("data")
+    for path in (results / "c.json", results / "sub" / "c.json"):
+        with pytest.raises(AnnotationError) as opened:
+            Annotations(path)
+        a = Annotations(signature=SIG)
+        a.add(neuron_key(1), "x")
+        with pytest.raises(NotADirectoryError) as saved:
+            a.save(path)
+        for says in (str(opened.value), str(saved.value)):
+            assert "Correct the path" in says and "makedirs" not in says
+            assert f"move or rename the file {results} (no folder can be made" in says
+        assert a.path is None and a.concepts(neuron_key(1)) == ("x",)
+    assert f"the folder {results / 'sub'} cannot be made: {results} is a file" in str(
+        opened.value)
+    assert results.read_text() == "data"
+
+
+@pytest.mark.parametrize("name, says", [
+    ("loop.json", "is a symbolic link that leads back to itself \\(a link loop\\)"),
+    ("x" * 300 + ".json", "the name 'x+'... is 305 bytes long, more than the file system takes "
+                          "for one name"),
+    ("a\0.json", "holds a NUL character"),
+], ids=["link loop", "name too long", "NUL"])
+def test_a_path_no_file_can_have_gives_an_annotation_error_that_says_why(tmp_path, name, says):
+    """A link loop, a name too long or a NUL byte raised RuntimeError, OSError or ValueError
+    from every way of opening or saving; load() of a link loop said "No annotations file"."""
+    (tmp_path / "loop.json").symlink_to("loop.json")
+    path = tmp_path / name
+    store = Annotations(signature=SIG)
+    store.add(neuron_key(1), "red")
+    before = sorted(os.listdir(tmp_path))
+    for call in (lambda: Annotations(path), lambda: Annotations.open(path),
+                 lambda: Annotations.load(path), lambda: store.save(path),
+                 lambda: store.merge(path)):
+        with pytest.raises(AnnotationError, match=says) as refused:
+            call()
+        assert "No annotations file" not in str(refused.value)
+        assert isinstance(refused.value.__cause__, (RuntimeError, OSError, ValueError))
+    assert sorted(os.listdir(tmp_path)) == before
+    assert store.path is None and store.concepts(neuron_key(1)) == ("red",)
+
+
 # -- a refused add answered after the row moved -------------------------------------------------
 def test_a_refused_add_answered_after_the_row_moved_names_the_key_it_was_typed_for(tmp_path):
     ex = _explorer(None)
@@ -186,6 +232,39 @@ def test_a_refused_add_answered_after_the_row_moved_names_the_key_it_was_typed_f
         assert cv.state()["message"].startswith("not taken: A concept has at most 200")
     finally:
         ex.close()
+
+
+# -- a misspelled field ----------------------------------------------------------------------
+def test_a_misspelled_top_level_field_is_kept_and_said_with_the_field_it_probably_means(
+        tmp_path):
+    """A hand edit that wrote "Neurons" or "unit" opened silently without those concepts."""
+    path = tmp_path / "c.json"
+    path.write_text("{" + HEAD + ', "Neurons": [{"neuron": 1, "concepts": ["red shapes"]}], '
+                    '"unit": [{"instance": 0, "modality": "image", "unit": 3, "concepts": '
+                    '["circle"]}], "Model": null, "description": "ours", "notes": "x"}')
+    with pytest.warns(UserWarning) as said:
+        a = Annotations(path, signature=SIG)
+    texts = [str(w.message) for w in said]
+    assert texts == [
+        f"{path}: the field {field!r} is not one this format knows (did you mean {meant!r}?), "
+        f"so {what}. It is kept in the file as it is; rename it to {meant!r} there{both}, then "
+        f"open the file again."
+        for field, meant, what, both in [
+            ("Neurons", "neurons", "its entries were not read: none of their concepts are in "
+                                   "the store",
+             " (its entries joined to those of 'neurons' where the file has both)"),
+            ("unit", "units", "its entries were not read: none of their concepts are in the "
+                              "store",
+             " (its entries joined to those of 'units' where the file has both)"),
+            ("Model", "model", "it was not read", "")]]
+    assert a.keys() == []
+    a.add(neuron_key(2), "blue")                 # unknown fields are kept, written back
+    doc = json.loads(path.read_text())
+    assert doc["Neurons"] == [{"neuron": 1, "concepts": ["red shapes"]}]
+    assert doc["unit"][0]["concepts"] == ["circle"] and doc["description"] == "ours"
+    with pytest.warns(UserWarning) as merged:
+        Annotations(signature=SIG).merge(path)
+    assert [str(w.message) for w in merged] == texts
 
 
 # -- a file copied over the store's file (an e-mailed copy saved over it) ---------------------
