@@ -23,7 +23,6 @@ import operator
 import os
 import sys
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -767,7 +766,7 @@ class ModelAdapter:
             _check_embedding_layer(model, m, layer)
             mismatch = padding_mismatch(model, m, layer)
             if mismatch:
-                warnings.warn(mismatch, UserWarning, stacklevel=_outside_stacklevel())
+                warn(mismatch, UserWarning, stacklevel=_outside_stacklevel())
             self.embedding_layers[m.name] = layer
         self._lock = MODEL_LOCK
         self._warned_training = False
