@@ -53,7 +53,6 @@ widget library (the engine layer).
 """
 from __future__ import annotations
 
-import difflib
 import errno
 import hashlib
 import json
@@ -94,9 +93,10 @@ IDENTITY_FIELDS = ("model", "weights")
 #: before it was recorded, when the weights were ``ModelAdapter.fingerprint`` (state_dict and
 #: module settings); two fingerprints of different methods cannot be compared.
 WEIGHTS_METHOD = "state_dict-sha256"
-#: How old (in seconds) a temporary file of a save of an annotations file must be for a save
-#: that could not lock the file's lock file to remove it (``save``; a save takes under a second).
-_STALE_TEMPORARY_SECONDS = 3600.0
+#: How old (in seconds) a temporary file of a save of an annotations file must be for another
+#: save of that file to remove it as left by a save that was killed (``save``; a save takes
+#: under a second)
+_STALE_TEMPORARY_SECONDS = 600.0
 #: The fields of a model signature and of a dataset signature that this format knows; others
 #: (a "checkpoint" written in by hand) are kept as they are and written back.
 MODEL_FIELDS = ("model", "modalities", "classes", "neurons", "features", "weights",
@@ -942,8 +942,7 @@ class Annotations:
                 f"A unit concept{where} names an instance of one dataset, and these annotations"
                 f"{self._where()} are shown for two in this kernel ({names}, by two Explorers), "
                 f"so none can be added now. Close the Explorer of one dataset "
-                f"(explorer.close(); running again the notebook cell that opened one closes "
-                f"it too), or give each dataset its own file "
+                f"(explorer.close()), or give each dataset its own file "
                 f"(Explorer(..., annotations='other.json')).")
 
     def add_key_check(self, check: Callable[[tuple], None]) -> None:
@@ -1442,7 +1441,7 @@ class Annotations:
             # wait ends after lock_timeout seconds in save_error. Under it, the check and the
             # write: another store saving the file meanwhile (in this kernel or another) waits,
             # then sees this write as a change
-            with file_lock(target, timeout=self.lock_timeout) as locked:
+            with file_lock(target, timeout=self.lock_timeout):
                 with self._lock:       # the text and the write together: no older text wins
                     adopt = adopt and self.path is None  # else adopted by another save meanwhile
                     if not self._current(doc, edits):
@@ -1473,16 +1472,13 @@ class Annotations:
                     done = True
                 # the temporary files of saves of this file killed before their rename (a
                 # SIGKILL, a crash), removed with the file's lock still held (the store's is
-                # not: its readers do not wait for the folder to be listed). Every save writes
-                # its temporary file only while it holds this lock (the lock file's, across
-                # processes, and this process's, across threads) and renames or removes it
-                # before letting go, and the system lets a dead process's lock go. So while the
-                # lock file is locked here (``locked``), any other temporary of this file is a
-                # dead save's. When it could not be locked (a file system without locks),
-                # another process's save may be writing one now: only those older than any save
-                # takes are removed (and a save stalled longer would fail into its save_error,
+                # not: its readers do not wait for the folder to be listed). Holding the lock
+                # does not make every other temporary a dead save's: a process that cannot open
+                # the lock file (a colleague's, read-only to it) or a file system whose locks
+                # are local (NFS mounted nolock) writes without it. So only those older than
+                # any save takes go (a save stalled longer would fail into its save_error,
                 # keeping its concepts in memory). Other files' temporaries are not touched.
-                remove_stale_temporaries(target, 0.0 if locked else _STALE_TEMPORARY_SECONDS)
+                remove_stale_temporaries(target, _STALE_TEMPORARY_SECONDS)
         except BaseException as e:
             if done:
                 raise
@@ -2162,16 +2158,31 @@ _MEANT_FIELDS = ("format", "version", "lineage", "model", "dataset", "neurons", 
                  "features")
 
 
+def _typo_of(field: str, known: str) -> bool:
+    """Whether ``field`` is ``known`` typed wrong: the same but for case, or one character
+    left out, changed or added inside it, or two neighbours swapped ("Neurons", "unit",
+    "fomat", "versoin"). A name that goes on after the known one ("neurons_v1", "neurons2",
+    "models", "datasets") is another field kept on purpose (a backup, a note), not a typo."""
+    a, b = field.casefold(), known.casefold()
+    if a == b:
+        return True
+    if a.startswith(b) or abs(len(a) - len(b)) > 1 or min(len(a), len(b)) < 4:
+        return False
+    if len(a) == len(b):
+        diff = [k for k in range(len(a)) if a[k] != b[k]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                  and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    return any(long_[:k] + long_[k + 1:] == short for k in range(len(long_)))
+
+
 def _warn_misspelled_fields(doc: dict, path) -> None:
     """A warning for each field of the document that this format does not know whose name is
     close to one it knows ("Neurons", "unit"): kept and written back as any unknown field is
     (a newer version's), but not read, so a hand edit that misspelled "neurons" would else open
     silently without its concepts."""
     for field in _document_extras(doc):
-        meant = next((f for f in _MEANT_FIELDS if f.casefold() == field.casefold()), None)
-        if meant is None:
-            close = difflib.get_close_matches(field, _MEANT_FIELDS, n=1, cutoff=0.8)
-            meant = close[0] if close else None
+        meant = next((f for f in _MEANT_FIELDS if _typo_of(field, f)), None)
         if meant is None:
             continue
         entries = meant in ("neurons", "units", "features")

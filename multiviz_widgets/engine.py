@@ -1107,7 +1107,7 @@ def check_features_rows(features, dataset: MultimodalDataset, adapter: ModelAdap
 
 #: the adapter's errors about the model's output as a whole (not about one instance's inputs):
 #: every view would fail with them
-_OUTPUT_ERRORS = ("class-count", "output-shape", "output-type")
+_OUTPUT_ERRORS = ("class-count", "output-shape", "output-type", "output-dtype")
 
 
 def check_output_fits(adapter: ModelAdapter, dataset: MultimodalDataset, tries: int = 3) -> None:

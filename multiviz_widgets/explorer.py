@@ -17,7 +17,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
@@ -45,16 +46,29 @@ from .views.path_view import PathView
 #: Which modality gives the rows of the interaction matrix (smaller first: tokens, columns...).
 _ROW_ORDER = {"text": 0, "tabular": 1, "timeseries": 2, "image": 3}
 
-#: {notebook cell id: [(its execution count, a weak reference to an Explorer it made)]}: a cell
-#: run again closes the Explorers it made before (``_close_earlier_runs``)
+#: {notebook cell id: [(its execution count, a weak reference to an Explorer it made)]}: when
+#: a run of a cell ends, the Explorers its earlier runs made that no name holds any more are
+#: closed (``_close_earlier_runs``)
 _MADE_BY_CELL: dict[str, list[tuple[int, weakref.ref]]] = {}
 _MADE_BY_CELL_LOCK = threading.Lock()
 
 
-def running_cell() -> tuple[str, int] | None:
-    """(the id of the notebook cell running now, its execution count), or None outside a
-    Jupyter kernel that says which cell runs (JupyterLab and Notebook 7 send the cell's id
-    with every execution; plain Python, tests and Voila's first run say nothing)."""
+@dataclass(frozen=True)
+class RunningCell:
+    """The notebook cell running now: its id, its execution count, and the IPython shell."""
+
+    cell_id: str
+    count: int
+    shell: object
+
+
+def running_cell() -> RunningCell | None:
+    """The notebook cell running now, or None: on a thread other than the kernel's main one
+    (a thread started by one cell may run while another cell runs), and outside a Jupyter
+    kernel that says which cell runs (JupyterLab and Notebook 7 send the cell's id with every
+    execution; plain Python, tests and Voila say nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
     try:
         from IPython import get_ipython
         shell = get_ipython()
@@ -68,37 +82,83 @@ def running_cell() -> tuple[str, int] | None:
         return None
     if not isinstance(cell, str) or not cell or not is_integer(count):
         return None
-    return cell, int(count)
+    return RunningCell(cell, int(count), shell)
 
 
-def _close_earlier_runs(cell: tuple[str, int] | None) -> None:
-    """Close the Explorers that an earlier run of this cell made: running a cell again clears
-    its output, and the Explorer shown there stayed open, out of reach of any name (``ex`` now
-    names the new one), with its two threads, its caches and its claim on a concepts file (a
-    unit concept could then not be added: two datasets showed the file). Explorers made by
-    this run (several in one cell) and by other cells are left open."""
+def _named(explorer: "Explorer", shell) -> bool:
+    """Whether a name of the notebook holds ``explorer``: a variable, or an item of a dict, a
+    list, a tuple or a set that a variable holds. IPython's own names (the output history
+    ``Out``, ``_``, ``_12``, which keep what a cell displayed) do not count."""
+    namespace = getattr(shell, "user_ns", None) or {}
+    hidden = getattr(shell, "user_ns_hidden", None) or {}
+    for name, value in list(namespace.items()):
+        if name.startswith("_") or name in hidden or name in ("In", "Out"):
+            continue
+        if value is explorer:
+            return True
+        items = (value.values() if isinstance(value, dict) else
+                 value if isinstance(value, (list, tuple, set, frozenset)) else ())
+        if any(item is explorer for item in list(items)):
+            return True
+    return False
+
+
+def _close_earlier_runs(cell: RunningCell) -> None:
+    """When a run of a notebook cell ends: close the Explorers that earlier runs of the cell
+    made and that no name holds any more. A cell run again clears its output, and the Explorer
+    shown there stayed open, out of reach (``ex = Explorer(...)``: ``ex`` names the new one),
+    with its two threads, its caches and its claim on a concepts file (a unit concept could then
+    not be added: two datasets showed the file). One still named (``ex_test`` kept beside a new
+    ``ex_train``, ``explorers[split] = ...``) stays open, as do those of this run and of other
+    cells; so does every Explorer when the new one could not be made (``ex`` still names the
+    old one)."""
+    with _MADE_BY_CELL_LOCK:
+        made = [(count, ref) for count, ref in _MADE_BY_CELL.get(cell.cell_id, [])
+                if ref() is not None]
+    unnamed = [ref() for count, ref in made
+               if count < cell.count and not _named(ref(), cell.shell)]
+    for explorer in unnamed:
+        if explorer is None:
+            continue
+        try:
+            explorer.close()
+        except Exception as e:  # noqa: BLE001 -- the cell's own work is done all the same
+            warn(f"An Explorer that an earlier run of this cell made could not be closed "
+                 f"({type(e).__name__}: {e}); it keeps its threads until the kernel ends.",
+                 RuntimeWarning)
+    with _MADE_BY_CELL_LOCK:
+        closed = {id(e) for e in unnamed}
+        _MADE_BY_CELL[cell.cell_id] = [
+            (count, ref) for count, ref in _MADE_BY_CELL.get(cell.cell_id, [])
+            if ref() is not None and id(ref()) not in closed]
+
+
+def _made_by(cell: RunningCell | None, explorer: "Explorer") -> None:
+    """Remember that this run of the cell made ``explorer``, and (once per run) close, when the
+    run ends, the Explorers of its earlier runs that no name holds (``_close_earlier_runs``)."""
     if cell is None:
         return
     with _MADE_BY_CELL_LOCK:
-        made = _MADE_BY_CELL.get(cell[0], [])
-        earlier = [ref() for count, ref in made if count < cell[1]]
-        _MADE_BY_CELL[cell[0]] = [(count, ref) for count, ref in made
-                                  if count >= cell[1] and ref() is not None]
-    for explorer in earlier:
-        if explorer is not None:
-            try:
-                explorer.close()
-            except Exception as e:  # noqa: BLE001 -- the new Explorer opens all the same
-                warn(f"The Explorer that this cell made before could not be closed "
-                     f"({type(e).__name__}: {e}); it keeps its threads until the kernel ends.",
-                     RuntimeWarning)
+        made = _MADE_BY_CELL.setdefault(cell.cell_id, [])
+        first_of_run = not any(count == cell.count for count, _ in made)
+        made.append((cell.count, weakref.ref(explorer)))
+    if first_of_run:
+        _after_cell(cell, lambda: _close_earlier_runs(cell))
 
 
-def _made_by(cell: tuple[str, int] | None, explorer: "Explorer") -> None:
-    """Remember that this run of the cell made ``explorer`` (see ``_close_earlier_runs``)."""
-    if cell is not None:
-        with _MADE_BY_CELL_LOCK:
-            _MADE_BY_CELL.setdefault(cell[0], []).append((cell[1], weakref.ref(explorer)))
+def _after_cell(cell: RunningCell, fn: Callable[[], None]) -> None:
+    """Call ``fn`` once, when the running cell has ended (IPython's post_run_cell event)."""
+    events = getattr(cell.shell, "events", None)
+    if events is None:
+        return
+
+    def once(*_result):
+        try:
+            events.unregister("post_run_cell", once)
+        except ValueError:
+            pass
+        fn()
+    events.register("post_run_cell", once)
 
 
 def _rows_first(adapter: ModelAdapter, a: str, b: str) -> tuple[str, str]:
@@ -498,8 +558,6 @@ class Explorer(W.VBox):
                  path_params: dict | None = None, annotations=None, start: bool = True,
                  method_params: dict | None = None):
         _check_dataset(dataset, adapter)
-        cell = running_cell()
-        _close_earlier_runs(cell)     # before this one claims the model, the threads and files
         self.engine = Engine(cache_size=cache_size, delay=delay)
         try:
             self._build(adapter, dataset, sparse_model, features, pair, kernels, gallery_k,
@@ -515,7 +573,7 @@ class Explorer(W.VBox):
             except Exception:  # noqa: BLE001 - the constructor's own error is the one to see
                 pass
             raise
-        _made_by(cell, self)
+        _made_by(running_cell(), self)
 
     def _build(self, adapter, dataset, sparse_model, features, pair, kernels, gallery_k,
                path_params, annotations, method_params=None) -> None:

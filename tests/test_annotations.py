@@ -2005,9 +2005,9 @@ an.Annotations(sys.argv[1]).add(("neuron", 2), "being saved")
 def test_the_next_save_removes_the_temporary_file_a_killed_save_left_and_no_other(
         tmp_path, monkeypatch):
     """A save killed while it wrote left its hidden temporary file (.c.json.XXXXXXXX.tmp) in
-    the folder for ever. The next save removes it, holding the file's lock (which every save
-    holds while its temporary file exists); the temporary files of other files, and other
-    files, stay. Where the lock file cannot be locked, only one older than an hour goes."""
+    the folder for ever. A later save removes it once it is older than any save takes (10 min):
+    a younger one may be another process's save in progress, which may write without the lock
+    (a lock file it cannot open); the temporary files of other files, and other files, stay."""
     import signal
     import subprocess
     import sys
@@ -2027,13 +2027,17 @@ def test_the_next_save_removes_the_temporary_file_a_killed_save_left_and_no_othe
     others = [".d.json.abcdefgh.tmp", ".c.json.bak.abcdefgh.tmp", "c.json.tmp", "notes.txt"]
     for name in others:
         (tmp_path / name).write_text("theirs")
-    store.add(neuron_key(3), "after")                     # the next save
+        os.utime(tmp_path / name, (time.time() - 7200, time.time() - 7200))
+    store.add(neuron_key(2), "soon after")       # the killed save's file is young: it stays
+    assert store.save_error is None and (tmp_path / left[0]).exists()
+    os.utime(tmp_path / left[0], (time.time() - 700, time.time() - 700))
+    store.add(neuron_key(3), "after")                     # a save 10 min later
     assert store.save_error is None
     assert sorted(os.listdir(tmp_path)) == sorted([".c.json.lock", "c.json"] + others)
     assert as_sets(Annotations.load(path)) == {neuron_key(1): {"saved before"},
+                                               neuron_key(2): {"soon after"},
                                                neuron_key(3): {"after"}}
-    # a lock file that cannot be locked (a file system without locks): another process's save
-    # may be writing its temporary file now, so only one older than an hour is removed
+    # a lock file that cannot be locked (a file system without locks): the same rule
     import multiviz_widgets.atomic_file as atomic_file
 
     def no_lock_file(_):

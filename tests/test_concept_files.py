@@ -241,7 +241,10 @@ def test_a_misspelled_top_level_field_is_kept_and_said_with_the_field_it_probabl
     path = tmp_path / "c.json"
     path.write_text("{" + HEAD + ', "Neurons": [{"neuron": 1, "concepts": ["red shapes"]}], '
                     '"unit": [{"instance": 0, "modality": "image", "unit": 3, "concepts": '
-                    '["circle"]}], "Model": null, "description": "ours", "notes": "x"}')
+                    '["circle"]}], "Model": null, "description": "ours", "notes": "x", '
+                    # fields kept on purpose, named after known ones: no typo
+                    '"neurons_v1": [], "neurons2": [], "models": "x", "datasets": "y", '
+                    '"versions": 1}')
     with pytest.warns(UserWarning) as said:
         a = Annotations(path, signature=SIG)
     texts = [str(w.message) for w in said]

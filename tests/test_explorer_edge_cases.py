@@ -1157,3 +1157,25 @@ def test_class_names_of_another_length_are_refused_when_the_explorer_opens():
     with pytest.raises(AdapterError, match="class_names has"):
         Explorer(adapter, mixed)
     Explorer(good, mixed).close()            # (its instance 0 is said by the views)
+
+
+def test_a_model_of_integer_outputs_is_refused_when_the_explorer_opens():
+    """An int64 output (a one-hot answer) opened an Explorer whose every view failed with it."""
+    import torch
+    from multiviz_widgets import AdapterError, Explorer, ModelAdapter
+    from tests.explorer_support import tiny_vqa
+    good, ds = tiny_vqa()
+
+    class OneHot(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, image, question):
+            out = self.model(image, question)
+            return torch.nn.functional.one_hot(out.argmax(1), out.shape[1])
+    adapter = ModelAdapter(OneHot(good.model).eval(), list(good.modalities.values()),
+                           good.class_names)
+    with pytest.raises(AdapterError) as refused:
+        Explorer(adapter, ds)
+    assert refused.value.code == "output-dtype"
