@@ -7,6 +7,7 @@ found; ``report.stages`` maps every stage to whether it can run.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ from .adapter import (AdapterError, ModelAdapter, Prepared, class_name, masked_l
                       padding_mismatch)
 from .kernels.common import math_attention
 from .kernels.interactions import ROUNDING_EPS
-from .modalities import Text
+from .modalities import _SPECIAL_LOOK, Text, special_spans
 from .precision import outputs_differ, roundoff_eps, watched_pass
 
 STAGES = (
@@ -160,6 +161,7 @@ def check(adapter: ModelAdapter, instance) -> Report:
                    f"training mode (a .train() call on a part of the model after model.eval()), "
                    f"{with_what}. {fix}")
     _check_unknown_tokens(adapter, prepared, report)
+    _check_special_words(adapter, prepared, None if instance is prepared else instance, report)
     with adapter._lock, adapter._eval_mode():
         _check_passes(adapter, prepared, report)
     return report
@@ -198,6 +200,59 @@ def _check_unknown_tokens(adapter: ModelAdapter, prepared, report: Report) -> No
                    f"vocabulary and become {m.unk_token!r}{shown}: the model reads them all as "
                    f"the same token, and every explanation scores {m.unk_token!r}, not the "
                    f"words. {_unknown_cause(m, words)}")
+
+
+def _check_special_words(adapter: ModelAdapter, prepared, instance, report: Report) -> None:
+    """A warning for each text modality whose text holds words that look like special tokens
+    ([CLS], <s>: ``_SPECIAL_LOOK``) but are not in its vocabulary, at any share of the tokens:
+    a token of the tokenizer that becomes the unknown one, or a word written in the text,
+    which the default tokenizer splits ([CLS] becomes 'cls'); the model never reads them as
+    the special token, and their units are labelled with what was written. And one when the
+    text writes out the padding token, read as padding, which a model that masks it ignores.
+    instance: the raw inputs (None for a Prepared one: then the tokens alone are read)."""
+    for name, m in adapter.modalities.items():
+        if not isinstance(m, Text):
+            continue
+        every = prepared.raw[name].reshape(-1).tolist()
+        labels = prepared.labels.get(name, [])
+        words = [w for w, v in zip(labels, every) if v == m.unk_id and v != m.pad_id
+                 and w != m.unk_token and _SPECIAL_LOOK.fullmatch(w)]
+        text = instance.get(name) if isinstance(instance, Mapping) else None
+        if not isinstance(text, str):
+            text = ""
+        words += [w.group() for w in _SPECIAL_LOOK.finditer(text)
+                  if w.group() not in m.token_to_id]
+        if words:
+            words = list(dict.fromkeys(words))[:5]
+            read = "; ".join(f"{w!r} is read as {_read_as(m, w)}" for w in words)
+            folded = {t.casefold(): t for t in m.vocab if _SPECIAL_LOOK.fullmatch(t)}
+            cased = [(w, folded[w.casefold()]) for w in words if w.casefold() in folded]
+            fix = (f"The vocabulary spells {cased[0][0]!r} as {cased[0][1]!r}: write it so "
+                   "(special tokens are matched as spelt)." if cased else
+                   "Leave them out of the text, or write the vocabulary's own special tokens "
+                   "(a token it lacks has no embedding the model was trained with).")
+            report.add("warning", "special-tokens",
+                       f"The text of {name!r} holds {', '.join(map(repr, words))}, which look "
+                       f"like special tokens but are not in its vocabulary: {read}, not as the "
+                       f"special token the model may expect. {fix}")
+        written = [text[a:b] for a, b in special_spans(text, m.token_to_id)]
+        if m.pad_token in written and m.pad_id != m.unk_id:
+            report.add("warning", "special-tokens",
+                       f"The text of {name!r} writes out the padding token {m.pad_token!r}, "
+                       f"read as padding (id {m.pad_id}): a model that masks padding ignores "
+                       "it, and its explanations score it near zero. Leave it out unless the "
+                       "model was trained on texts padded so.")
+
+
+def _read_as(m: Text, word: str) -> str:
+    """What the tokenizer of m makes of a word outside its vocabulary: its tokens, those
+    outside the vocabulary marked as the unknown token."""
+    try:
+        toks = m.tokenize(word)
+    except Exception:  # noqa: BLE001 -- a user's tokenizer can raise anything
+        toks = [word]
+    return " ".join(repr(t) if t in m.token_to_id and t != m.unk_token
+                    else f"{t!r} ({m.unk_token})" for t in toks) or "nothing (dropped)"
 
 
 def _unknown_cause(m: Text, words: list[str]) -> str:

@@ -768,6 +768,29 @@ def _check_specials(vocab: Mapping[str, int], pad_token: str, unk_token: str) ->
                      "token only if the model's embedding has a row for its new id.")
 
 
+#: what a special token looks like (BERT's [CLS], [SEP], [MASK], [unused0]; <s>, </s>, <eos>,
+#: <extra_id_0>; GPT-2's <|endoftext|>): the default tokenizer keeps an entry of the vocabulary
+#: that looks like this, written in the text as it is spelt there, as one token
+_SPECIAL_LOOK = re.compile(r"\[[A-Za-z][\w-]*\]|</?[A-Za-z][\w-]*>|<\|[^<>|\s]+\|>")
+
+
+def special_spans(text: str, vocab: Mapping[str, int]) -> list[tuple[int, int]]:
+    """The (start, end) of each special token of the vocabulary written in text (an entry that
+    looks like one, ``_SPECIAL_LOOK``, spelt as in the vocabulary: case counts, as it does for
+    tokenizers), left to right."""
+    spans: list[tuple[int, int]] = []
+    if "[" not in text and "<" not in text:
+        return spans
+    pos = 0
+    while (m := _SPECIAL_LOOK.search(text, pos)) is not None:
+        if m.group() in vocab:
+            spans.append(m.span())
+            pos = m.end()
+        else:
+            pos = m.start() + 1
+    return spans
+
+
 def _is_symbol(token: str) -> bool:
     """Whether a non-word token is a symbol that ``drop_punctuation`` keeps when the vocabulary
     has it (an emoji, a pictograph): not ASCII (whose marks were always dropped, and a
@@ -783,7 +806,8 @@ class Text(Modality):
     tokenize: a function from a string to a list of tokens (default: the text NFC-normalised
     and lower-cased, split into words, with punctuation and symbols split off and, if
     ``drop_punctuation``, dropped, except symbols such as emoji that the vocabulary holds; see
-    ``_word_pattern``).
+    ``_word_pattern``; the vocabulary's special tokens written in the text as spelt there,
+    such as [CLS], [SEP] or <s>, are kept whole, with their own ids: ``special_spans``).
     baseline: "pad" (a removed token's embedding becomes the embedding of [PAD]) or "zero"
     (zero embeddings). Either way only the embedding layer's output changes: the model still
     receives the original ids, so a padding mask it builds from them (``ids != pad``) still
@@ -835,9 +859,15 @@ class Text(Modality):
         """As Modality.signature; with the default tokenizer it also names that tokenizer's
         rules (Unicode words, since combining marks became part of words and symbols in the
         vocabulary were kept), so that features cached with the older splitting of non-ASCII
-        text are not served."""
-        return (super().signature(baselines)
-                + ("" if self._tokenize is not None else "+words:unicode-2"))
+        text are not served; "+specials" when the vocabulary holds special tokens besides its
+        padding and unknown ones (such as [CLS]), which the tokenizer keeps whole since it
+        split them into words ([CLS] became 'cls'). Other vocabularies keep their signature."""
+        if self._tokenize is not None:
+            return super().signature(baselines)
+        specials = any(_SPECIAL_LOOK.fullmatch(t) for t in self.vocab
+                       if t not in (self.pad_token, self.unk_token))
+        return (super().signature(baselines) + "+words:unicode-2"
+                + ("+specials" if specials else ""))
 
     def tokenize(self, text: str) -> list[str]:
         if self._tokenize is not None:
@@ -868,13 +898,24 @@ class Text(Modality):
         return self._words(text, self.drop_punctuation)
 
     def _words(self, text: str, drop_punctuation: bool) -> list[str]:
-        """The default tokenizer. NFC first, so that a decomposed "café" (e + a combining
-        accent) is the vocabulary's "café"; lower-casing "İ" gives "i" + a combining dot,
-        read as "i" as before. A symbol with modifiers that is not in the vocabulary, where
-        the symbol alone is, is read as the symbol (👍🏽 as 👍, ❤️ as ❤; not a sequence joined
-        by zero-width joiners, whose first emoji is not what it shows). A token that is not a
-        word is dropped with ``drop_punctuation``, unless it is a symbol (not ASCII, not
-        punctuation: an emoji) that the vocabulary holds (``_is_symbol``)."""
+        """The default tokenizer: each special token of the vocabulary written in the text as
+        it is spelt there (``special_spans``: [CLS], <s>, [PAD], [UNK]...) is one token, with its
+        own id; the text around them is split into words (``_plain_words``)."""
+        toks, start = [], 0
+        for a, b in special_spans(text, self.token_to_id):
+            toks += self._plain_words(text[start:a], drop_punctuation)
+            toks.append(text[a:b])
+            start = b
+        return toks + self._plain_words(text[start:], drop_punctuation)
+
+    def _plain_words(self, text: str, drop_punctuation: bool) -> list[str]:
+        """The words of a text without special tokens. NFC first, so that a decomposed "café"
+        (e + a combining accent) is the vocabulary's "café"; lower-casing "İ" gives "i" + a
+        combining dot, read as "i" as before. A symbol with modifiers that is not in the
+        vocabulary, where the symbol alone is, is read as the symbol (👍🏽 as 👍, ❤️ as ❤; not
+        a sequence joined by zero-width joiners, whose first emoji is not what it shows). A
+        token that is not a word is dropped with ``drop_punctuation``, unless it is a symbol
+        (not ASCII, not punctuation: an emoji) that the vocabulary holds (``_is_symbol``)."""
         text = unicodedata.normalize("NFC", text.lower().translate(_APOSTROPHES))
         vocab = self.token_to_id
         toks = []
