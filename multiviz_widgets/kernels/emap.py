@@ -13,6 +13,7 @@ take the same split, or the same full forward passes, as ``emap``'s).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -22,7 +23,8 @@ import torch
 from ..adapter import ModelAdapter, ModelInputError, Target, class_name
 from ..data import MultimodalDataset
 from ..display_text import and_list
-from ..progress import ProgressFn, report
+from ..notices import warn
+from ..progress import ProgressFn, duration_words, report
 from ..results import Result, Stopwatch
 from ..checks import is_integer, positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
@@ -174,7 +176,20 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
     the work is a fraction of theirs.
 
     A pair whose output is NaN or infinite is a ValueError naming it (EMAP would not be finite).
+
+    When the first batches of pairs say the whole will take more than EMAP_WARN_SECONDS, one
+    UserWarning gives the estimate, why (the N^2 pairs; the model not split, and why not) and
+    what costs less.
     """
+    return _emap(adapter, instances, target, progress, indices, batch_size, keep_matrix,
+                 factorized, seed, _PairCost("emap", progress))
+
+
+def _emap(adapter: ModelAdapter, instances, target, progress: ProgressFn, indices,
+          batch_size: int, keep_matrix: bool | None, factorized, seed: int,
+          cost: "_PairCost") -> EmapResult:
+    """``emap``'s work; cost: what times its pairs and warns once when they are long (one
+    per call: ``emap_gap`` shares one among its repeats)."""
     check_adapter(adapter, "emap")
     batch_size = positive_int(batch_size, "batch_size")
     seed = None if seed is None else positive_int(seed, "seed", 0)   # None: fresh
@@ -205,6 +220,7 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
         total = len(groups) * n * n + start
         step = steady_progress(progress, total)
         step(0, "EMAP pairs")
+        cost.start(n, len(groups), total, batch_size)
         # forward passes run, fused or full: a split's checks, and the pairs of a split
         # abandoned part way, included; then the fused pairs among them
         passes = [0, 0]
@@ -226,10 +242,12 @@ def emap(adapter: ModelAdapter, instances, target=None, progress: ProgressFn = N
             done = start + g * n * n
             try:
                 acc, kind, why = with_split(adapter, factorized, m, lambda split: _emap_fused(
-                    adapter, split, pairs, t, out_fn, batch_size, keep, step, done, passes))
+                    adapter, split, pairs, t, out_fn, batch_size, keep, step, done, passes,
+                    cost))
                 if acc is None:                  # no split: full forward passes of the pairs
+                    cost.how("none", why)
                     acc = _forward_sums(adapter, pairs, m, out_fn, batch_size, keep, step,
-                                        done, passes, "EMAP pairs")
+                                        done, passes, "EMAP pairs", cost)
             except RuntimeError as e:
                 # inputs the model cannot take: an error naming the instances
                 _raise_unrunnable(e, shapes, out_fn, batch_size, idx, dataset, subset)
@@ -406,6 +424,99 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
+#: emap, emap_gap and interaction_type warn (UserWarning, with the estimate) when the first
+#: batches of their pairs say the whole will take longer than this (seconds), as shapley and
+#: pairwise ablation do
+EMAP_WARN_SECONDS = 60.0
+
+#: what each caller takes to have fewer instances, hence a quarter of the pairs for half of them
+_FEWER = {"emap": "fewer instances (indices=, or a shorter list)",
+          "emap_gap": "fewer instances (n=, or indices=)",
+          "interaction_type": "fewer references (n_reference=, reference_indices=, or a shorter "
+                              "list)"}
+
+
+class _PairCost:
+    """Times the pairs of one call of ``caller`` (emap, emap_gap, interaction_type) and warns
+    once when they are long: in each loop of pairs, the first batch warms up and the next ones
+    (a batch_size's worth of pairs, or the rest of the loop's) give the rate; the rest of the call's
+    rows at that rate, plus the time it has taken, is the whole, said (UserWarning through
+    ``notices.warn``) when above EMAP_WARN_SECONDS. Progress is left as it is: the warning is
+    given with or without a progress callback, as shapley's is (the Explorer shows it beside
+    its view). runs: the EMAPs of the call (emap_gap's repeats), one ``start`` each."""
+
+    def __init__(self, caller: str, progress: ProgressFn, runs: int = 1):
+        self.caller, self.progress, self.runs = caller, progress, runs
+        self.began = time.perf_counter()
+        self.run, self.n, self.loops, self.total, self.batch_size = -1, 0, 1, 0, 1
+        self.kind, self.why = "none", ""
+        self.said = False
+        self._begin_loop()
+
+    def start(self, n: int, loops: int, total: int, batch_size: int) -> None:
+        """A run begins: n instances, ``loops`` sets of N^2 pairs, ``total`` rows in all (its
+        progress total: the pairs and the other forward passes), batches of batch_size."""
+        self.run += 1
+        self.n, self.loops, self.total, self.batch_size = n, loops, total, batch_size
+
+    def how(self, kind: str, why: str | None) -> None:
+        """A loop of pairs begins: fused from encodings ("fused") or full forward passes
+        ("none", ``why`` not split; None keeps the reason given before)."""
+        self.kind = kind
+        if why is not None:
+            self.why = why
+        self._begin_loop()
+
+    def _begin_loop(self) -> None:
+        self.warm, self.measured, self.first, self.timed, self.seconds = False, False, 0, 0, 0.0
+        self.last = time.perf_counter()
+
+    def batch(self, rows: int, done: int) -> None:
+        """A batch of ``rows`` pairs has run (its outputs read back: a device has finished it);
+        ``done``: the run's rows so far (its progress)."""
+        now = time.perf_counter()
+        if self.said or self.measured:
+            return
+        if not self.warm:                  # the loop's first batch warms up: not timed
+            self.warm, self.first, self.last = True, rows, now
+            return
+        self.timed += rows
+        self.seconds += now - self.last
+        self.last = now
+        if self.timed < min(self.batch_size, self.n * self.n - self.first):
+            return                         # a batch_size's worth of pairs (or the loop's rest)
+        self.measured = True               # once a loop: a late warning would say nothing
+        left = max(self.total - done, 0) + (self.runs - 1 - self.run) * self.total
+        more = self.seconds / self.timed * left
+        whole = now - self.began + more
+        if whole > EMAP_WARN_SECONDS:
+            self.said = True
+            self._warn(more, whole)
+
+    def _warn(self, more: float, whole: float) -> None:
+        n, loops = self.n, self.loops
+        who = "references" if self.caller == "interaction_type" else "instances"
+        pairs = (f"{loops * n * n:,} pairs (N^2 = {n * n:,} for each of its {loops} modalities)"
+                 if loops > 1 else f"{n * n:,} pairs (N^2)")
+        runs = f", {self.runs} times (repeats={self.runs})" if self.runs > 1 else ""
+        if self.kind == "none":
+            why = self.why or "factorized=False"
+            how = (f"one full forward pass each, as the model is not split ({why}). A model "
+                   "that defines encode_modality(name, x) and fuse_encodings({name: "
+                   "encoding}), or whose forward torch.fx can trace (factorized=None tries "
+                   "it), is split: each modality is encoded once and only the pairs are fused, "
+                   "for a fraction of the cost. ")
+        else:
+            how = "each fused from the modalities' encodings (the model is split). "
+        follow = ("Pass progress= (a callable progress(done, total, message)) to follow it; "
+                  "the Explorer shows its progress as it runs. " if self.progress is None
+                  else "")
+        warn(f"{self.caller}: {n:,} {who} make {pairs}{runs}, {how}"
+             f"About {duration_words(more)} more at the rate of its first batches "
+             f"({duration_words(whole)} in all). {follow}Use {_FEWER[self.caller]}: the cost "
+             "grows as N^2, so half as many take a quarter of the time.", UserWarning)
+
+
 class _PairSums:
     """What EMAP needs of an N x N x K pair matrix M, summed chunk by chunk: row sums
     sum_j M[i, j], column sums sum_i M[i, j] and the diagonal (float64); M itself only when
@@ -446,13 +557,14 @@ class _PairSums:
 
 def _emap_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
                 target: Target | None, out_fn: Callable, batch_size: int, keep: bool,
-                step: Callable[[int, str], None], done: int, passes: list[int]) -> _PairSums:
+                step: Callable[[int, str], None], done: int, passes: list[int],
+                cost: "_PairCost | None" = None) -> _PairSums:
     """The sums of the N x N pairs M[i, j] = f(x_side^i, x_others^j), from encodings fused
     pairwise (see ``emap``; each shape group of the instances encoded on its own, see
     ``FusedPairs.encode_groups``); raises FactorizationError when fused pairs differ from plain
     forward passes (checked before the N^2 pairs). step(done, message): progress, where done
     starts (these pairs' place in the whole job); passes: [count], the forward passes run
-    (the check's and the pairs') added as they run."""
+    (the check's and the pairs') added as they run; cost: the call's _PairCost, or None."""
     neuron = target is not None and target.kind == "neuron"
     fused = FusedPairs(adapter, split, batch_size, neuron,
                        (lambda logits, h: adapter.output(logits, h, target)[:, None]) if neuron
@@ -461,32 +573,39 @@ def _emap_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
     enc = fused.encode_groups(shapes)
     fused.check(shapes, enc, out_fn)
     return _fused_sums(fused, enc, shapes.n, keep, step, done, passes,
-                       "EMAP pairs (fused encodings)")
+                       "EMAP pairs (fused encodings)", cost)
 
 
 def _fused_sums(fused: FusedPairs, enc: Encodings, n: int, keep: bool,
                 step: Callable[[int, str], None], done: int, passes: list[int],
-                message: str) -> "_PairSums":
+                message: str, cost: "_PairCost | None" = None) -> "_PairSums":
     """The sums of the N x N pairs fused from the (checked) encodings ``enc`` of N instances,
-    batch_size pairs at a time; progress and passes as ``_emap_fused``'s."""
+    batch_size pairs at a time; progress, passes and cost as ``_emap_fused``'s."""
     acc = _PairSums(n, keep)
+    if cost is not None:
+        cost.how("fused", "")
     for ps, sv, po, ov in enc.blocks():     # one block unless the encodings' sizes differ
         for i, j in block_pairs(len(ps), len(po), fused.batch_size, fused.adapter.device):
             acc.add(ps[i], po[j], fused.pairs(sv, ov, i, j))
             done += len(i)
             passes[0] += len(i)
             passes[1] += len(i)
+            if cost is not None:
+                cost.batch(len(i), done)
             step(done, message)
     return acc
 
 
 def _forward_sums(adapter: ModelAdapter, shapes: ShapeGroups, side: str, out_fn: Callable,
                   batch_size: int, keep: bool, step: Callable[[int, str], None], done: int,
-                  passes: list[int], message: str) -> "_PairSums":
+                  passes: list[int], message: str,
+                  cost: "_PairCost | None" = None) -> "_PairSums":
     """The sums of the N x N pairs M[i, j] = f(x_side^i, x_others^j) from full forward passes
-    (``out_fn``), batch_size pairs at a time (the path of a model with no split); progress and
-    passes as ``_emap_fused``'s."""
+    (``out_fn``), batch_size pairs at a time (the path of a model with no split); progress,
+    passes and cost as ``_emap_fused``'s."""
     acc = _PairSums(shapes.n, keep)
+    if cost is not None:
+        cost.how("none", None)
     others = [name for name in adapter.names if name != side]
     # x_side from instance i, the others from instance j
     for i, j, raw in _pair_batches(shapes, [side], others, batch_size, adapter.device):
@@ -494,6 +613,8 @@ def _forward_sums(adapter: ModelAdapter, shapes: ShapeGroups, side: str, out_fn:
         del raw    # before the next batch is gathered: one batch in memory
         done += len(i)
         passes[0] += len(i)
+        if cost is not None:
+            cost.batch(len(i), done)
         step(done, message)
     return acc
 
@@ -543,6 +664,7 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
     (how far one run's gap may be off) and ``gap_se`` the jackknife error, over the runs, of the
     ``gap`` reported (that of the mean fhat: the mean of the runs' gaps has another error). With
     two modalities EMAP is exact and repeats > 1 is refused.
+    Long runs warn once, as ``emap``'s do (the estimate covers all the repeats).
     """
     check_adapter(adapter, "emap_gap")
     if not isinstance(dataset, MultimodalDataset):
@@ -575,14 +697,17 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
         raise ValueError("emap_gap: with two modalities EMAP is exact (all N x N pairs), so "
                          "repeats would give the same gap; leave repeats at 1.")
     runs = []
+    cost = _PairCost("emap_gap", progress, repeats)     # one warning for all the runs
     seeds = [seed] + ([None] * (repeats - 1) if seed is None else [
         int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(
             repeats - 1)])
     for k in range(repeats):
         step = None if progress is None else (
             lambda d, t, m="", k=k: report(progress, k * t + d, repeats * t, m))
-        runs.append(emap(adapter, dataset, indices=idx, batch_size=batch_size, progress=step,
-                         keep_matrix=False, seed=seeds[k]))
+        with torch.no_grad():           # (emap's decorator)
+            runs.append(_emap(adapter, dataset, target=None, progress=step, indices=idx,
+                              batch_size=batch_size, keep_matrix=False, factorized=None,
+                              seed=seeds[k], cost=cost))
     r = runs[0]
     pred = r.logits.argmax(1)
     pred_hat = np.mean([run.emap_logits for run in runs], axis=0).argmax(1)
@@ -812,7 +937,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     and the instance are each encoded once and only the pairs are fused (checked first against
     forward passes: the references' own pairs, a few others and the instance itself), else full
     forward passes; ``factorized`` / ``factorization`` (/ ``factorization_note``) in the result
-    say which was used, as ``emap``'s params do.
+    say which was used, as ``emap``'s params do. Long pairs warn once, as ``emap``'s do.
     """
     check_adapter(adapter, "interaction_type")
     _needs_two_outputs(adapter.n_classes, adapter.class_names, "interaction_type")
@@ -880,6 +1005,8 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     total = len(ref_pairs) * n * n + len(names) * n + 1
     step = steady_progress(progress, total)
     step(0, _TYPE_PAIRS)
+    cost = _PairCost("interaction_type", progress)
+    cost.start(n, len(ref_pairs), total, batch_size)
     logits = adapter.forward(own).double()           # [1, K]; the split's check uses it too
     passes = [1, 0]                  # forward passes, fused pairs among them (as emap's)
     grands, sums, kinds, notes = [], {}, [], []
@@ -889,10 +1016,11 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
         pairs = (ShapeGroups(adapter, _mixed_items(refs, m, mixing[m]), idx) if mixing
                  else shapes)
         res, kind, why = with_split(adapter, factorized, m, lambda split: _typed_fused(
-            adapter, split, pairs, own, logits, batch_size, step, start, passes, mine))
+            adapter, split, pairs, own, logits, batch_size, step, start, passes, mine, cost))
         if res is None:                  # no split: full forward passes, as emap's
+            cost.how("none", why)
             acc = _forward_sums(adapter, pairs, m, adapter.forward, batch_size, False, step,
-                                start, passes, _TYPE_PAIRS)
+                                start, passes, _TYPE_PAIRS, cost)
             res = acc, {p: _forward_part(adapter, pairs, own, p, batch_size, step,
                                          start + n * n + k * n, passes, _TYPE_PARTS)
                         for k, p in enumerate(mine)}
@@ -930,7 +1058,8 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
 def _typed_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
                  own: Mapping[str, torch.Tensor], logits: torch.Tensor, batch_size: int,
                  step: Callable[[int, str], None], done: int, passes: list[int],
-                 mine: Sequence[str]) -> tuple["_PairSums", dict[str, torch.Tensor]]:
+                 mine: Sequence[str], cost: "_PairCost | None" = None
+                 ) -> tuple["_PairSums", dict[str, torch.Tensor]]:
     """interaction_type's sums from a split model: (the sums of the N x N reference pairs
     f(x_side^i, x_others^j), {m: sum_j f(x_m of the instance, the other modalities of reference
     j)} for the modalities ``mine``), from the references' encodings (encoded once, each shape
@@ -938,7 +1067,8 @@ def _typed_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
     batch_size pairs at a time. Before the pairs, the split is checked against forward passes as
     ``emap``'s (the references' own pairs and a few others) and on the instance itself (against
     ``logits`` [1, K], its forward pass): FactorizationError when they differ. step(done,
-    message): progress, from done; passes: [count] of outputs computed, added to as they run."""
+    message): progress, from done; passes: [count] of outputs computed, added to as they run;
+    cost: the call's _PairCost (or None), which times the pairs."""
     n, dev = shapes.n, adapter.device
     fused = FusedPairs(adapter, split, batch_size, False, lambda out, h: out, passes,
                        status=lambda what: step(done, f"interaction type: {what}"))
@@ -948,7 +1078,7 @@ def _typed_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
     zero = torch.zeros(1, dtype=torch.long, device=dev)
     same_or_reject(split, fused.pairs(inst, inst, zero, zero), logits)
     passes[0] += 1
-    acc = _fused_sums(fused, enc, n, False, step, done, passes, _TYPE_PAIRS + _FUSED)
+    acc = _fused_sums(fused, enc, n, False, step, done, passes, _TYPE_PAIRS + _FUSED, cost)
     done += n * n
     sums = {}
     for m in mine:
