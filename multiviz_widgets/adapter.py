@@ -21,6 +21,7 @@ import inspect
 import math
 import operator
 import os
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -280,12 +281,50 @@ class _Matches:
     modalities not explained whose ids a call plainly received (left unchanged); ``unclear``,
     the calls on ids equal to those of explained and unexplained modalities alike, that no
     earlier call told apart (left unchanged), as (explained, unexplained) names: judged by
-    ``ModelAdapter._check_unclear`` once the pass is over."""
+    ``ModelAdapter._check_unclear`` once the pass is over; ``missed``, the first calls (up to
+    ``_MISSED_KEPT``) on ids of no text modality, as (the explained modalities of the layer,
+    the ids): when a modality's input replaced nothing, ``ModelAdapter._unsubstituted`` looks
+    among them for ids built from its own (a [CLS] id put before them)."""
 
     def __init__(self):
         self.names: set[str] = set()
         self.others: set[str] = set()
         self.unclear: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+        self.missed: list[tuple[tuple[str, ...], torch.Tensor]] = []
+
+
+#: how many embedding calls on other ids a computation keeps for ``_unsubstituted``'s message
+_MISSED_KEPT = 16
+
+
+def _built_from(t: torch.Tensor, ids: torch.Tensor, pad_id: int | None
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Whether the token ids ``t`` [B, L] that an embedding layer received are built from a text
+    modality's ``ids`` [B, T] (T < L): every row of ``ids`` (its trailing padding left out) is a
+    run of the same row of ``t``, as when the model puts a [CLS] id before them or a [SEP] id
+    after them. Then (the ids before and the ids after the run, in the first row), else None.
+    Looks at the first 16 rows (an error's message, not a check of every row)."""
+    if (not isinstance(t, torch.Tensor) or not isinstance(ids, torch.Tensor)
+            or t.is_floating_point() or t.is_complex() or ids.is_floating_point()
+            or t.dim() != 2 or ids.dim() != 2 or t.shape[0] != ids.shape[0]
+            or t.shape[1] <= ids.shape[1] or t.device != ids.device or ids.numel() == 0):
+        return None
+    first = None
+    for r in range(min(t.shape[0], 16)):
+        row, whole = ids[r], t[r].to(ids.dtype)
+        if pad_id is not None:
+            kept = (row != pad_id).nonzero()
+            row = row[:int(kept[-1]) + 1] if len(kept) else row[:0]
+        n = len(row)
+        if n == 0:
+            continue
+        at = (whole.unfold(0, n, 1) == row).all(1).nonzero()
+        if not len(at):
+            return None
+        if first is None:
+            o = int(at[0])
+            first = (t[r, :o], t[r, o + n:])
+    return first
 
 
 def _match_ids(t: torch.Tensor, names: Sequence[str], others: Sequence[str],
@@ -509,21 +548,78 @@ def binary_logits(z: torch.Tensor) -> torch.Tensor:
     return torch.cat([-half, half], 1)
 
 
+def _forward_signature(model: nn.Module) -> tuple[list[nn.Module], list[inspect.Parameter]]:
+    """(the modules whose forward the adapter's call runs through, outermost first; the
+    parameters of the innermost's forward): through a wrapper whose forward takes only
+    (*args, **kwargs) and passes them on, nn.DataParallel (.module) and torch.compile
+    (._orig_mod), the parameters are the wrapped model's. TypeError or ValueError when a
+    forward's signature cannot be read."""
+    chain = [model]
+    params = list(inspect.signature(model.forward).parameters.values())
+    while all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        inner = next((m for m in (getattr(model, "_orig_mod", None),
+                                  getattr(model, "module", None))
+                      if isinstance(m, nn.Module)), None)
+        if inner is None:
+            break
+        model = inner
+        chain.append(model)
+        params = list(inspect.signature(model.forward).parameters.values())
+    return chain, params
+
+
+def _may_add_arguments(module: nn.Module) -> bool:
+    """Whether calling ``module`` may give its forward() arguments the caller did not pass: a
+    forward pre-hook (its own or a global one), which may replace the arguments, or a
+    ``__call__`` of its class's own."""
+    from torch.nn.modules import module as module_mod
+    return (type(module).__call__ is not nn.Module.__call__
+            or hasattr(module, "_hf_hook")                 # accelerate's, around forward
+            or bool(getattr(module, "_forward_pre_hooks", None))
+            or bool(getattr(module_mod, "_global_forward_pre_hooks", None)))
+
+
+def _unpassed_parameters(model: nn.Module, names: Sequence[str], keyword_inputs: bool
+                         ) -> tuple[list[inspect.Parameter], dict[str, str]]:
+    """The parameters of the model's forward() that must be given (no default; not *args nor
+    **kwargs), are not modalities and that the adapter's call (``model(*inputs)``, or
+    ``model(**inputs)`` with ``keyword_inputs``) leaves out, such as a Hugging Face model's
+    ``attention_mask``; with the parameter that takes each modality ({modality: parameter}:
+    its own name when forward() has a parameter of each modality's name, else by position).
+    ([], {}) when there are none, and when that cannot be told from the signature: a forward()
+    whose signature cannot be read, a call through hooks or a ``__call__`` of the model's own
+    (which may give those arguments), or a forward() whose parameters do not take the
+    modalities as the adapter calls it (the call's own error, and ``_signature_hint``, say so)."""
+    try:
+        chain, params = _forward_signature(model)
+    except (TypeError, ValueError):
+        return [], {}
+    if any(_may_add_arguments(m) for m in chain):
+        return [], {}
+    P = inspect.Parameter
+    fixed = [p for p in params if p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)]
+    by_name = {p.name: p for p in fixed}
+    if all(n in by_name for n in names) and not (
+            keyword_inputs and any(by_name[n].kind == P.POSITIONAL_ONLY for n in names)):
+        takes = {n: n for n in names}
+    elif keyword_inputs:
+        return [], {}
+    else:
+        positional = [p for p in fixed if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+        if len(positional) < len(names) and not any(p.kind == P.VAR_POSITIONAL for p in params):
+            return [], {}
+        takes = {n: p.name for n, p in zip(names, positional)}
+    taken = set(takes.values())
+    missing = [p for p in fixed
+               if p.default is p.empty and p.name not in taken and p.name not in names]
+    return (missing, takes) if missing else ([], {})
+
+
 def _named_in_another_order(model: nn.Module, names: Sequence[str]) -> bool:
     """Whether forward()'s leading arguments (by position or keyword) are the modalities' names
     in another order than the adapter's: the model must then take them by keyword."""
     try:
-        params = list(inspect.signature(model.forward).parameters.values())
-        # through a wrapper whose forward takes only (*args, **kwargs) and passes them on:
-        # nn.DataParallel (.module), torch.compile (._orig_mod)
-        while all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-            inner = next((m for m in (getattr(model, "_orig_mod", None),
-                                      getattr(model, "module", None))
-                          if isinstance(m, nn.Module)), None)
-            if inner is None:
-                break
-            model = inner
-            params = list(inspect.signature(model.forward).parameters.values())
+        params = _forward_signature(model)[1]
     except (TypeError, ValueError):
         return False
     lead = params[:len(names)]
@@ -633,7 +729,9 @@ class ModelAdapter:
         mode for every computation called from your code (dropout off, batch norm on its running
         statistics, which stay unchanged) and its modes are restored afterwards, with a warning
         the first time; the Explorer refuses it (``training_mode_message``).
-    modalities: the Modality objects, in the order of the model's arguments.
+    modalities: the Modality objects, in the order of the model's arguments. The adapter passes
+        forward() these inputs only: a required argument that is none of them (a Hugging Face
+        model's attention_mask) is an AdapterError, with a wrapper that builds it.
     class_names: one name per output logit: a list, or a mapping ordered by the logits'
         indices 0..C-1, {index: name} (a HuggingFace config's id2label) or {name: index}.
     decision_layer: the module (or dotted name) whose input is h(x); default: the last nn.Linear
@@ -768,6 +866,13 @@ class ModelAdapter:
             if mismatch:
                 warn(mismatch, UserWarning, stacklevel=_outside_stacklevel())
             self.embedding_layers[m.name] = layer
+        # forward(pixel_values, input_ids, attention_mask): a required argument that is no
+        # modality is never passed, and every call would fail (its TypeError read as the
+        # inputs' shapes): said here, with a wrapper that builds it
+        missing, takes = _unpassed_parameters(model, names, self.keyword_inputs)
+        if missing:
+            raise AdapterError(self._unpassed_message([p.name for p in missing], takes),
+                               code="forward-arguments")
         self._lock = MODEL_LOCK
         self._warned_training = False
         #: the dtype of the model's first floating parameter (None without one): ``collate``
@@ -1129,6 +1234,8 @@ class ModelAdapter:
             n = (_match_ids(t, names, others, inputs, matched) if isinstance(t, torch.Tensor)
                  else None)
             if n is None:
+                if isinstance(t, torch.Tensor) and len(matched.missed) < _MISSED_KEPT:
+                    matched.missed.append((tuple(names), t))
                 return None
             x = continuous[n]
             if isinstance(out, torch.Tensor) and out.shape[1:] != x.shape[1:]:
@@ -1162,11 +1269,19 @@ class ModelAdapter:
                 "together (modalities=[...] naming all of them).",
                 code="embedding-substitution")
 
-    def _unsubstituted(self, continuous: Mapping[str, torch.Tensor], matched: set) -> None:
-        """AdapterError when a text modality's continuous input replaced no embedding output."""
+    def _unsubstituted(self, continuous: Mapping[str, torch.Tensor], matched: set,
+                       calls: _Matches | None = None,
+                       inputs: Mapping[str, torch.Tensor] | None = None) -> None:
+        """AdapterError when a text modality's continuous input replaced no embedding output:
+        one that says the model builds other ids from the text's (a [CLS] id put before them)
+        when the layer was called on such ids (``calls.missed``, the ids of the modalities in
+        ``inputs``), else one that says the layer was not called on the text's ids."""
         missing = [n for n in continuous if n in self.embedding_layers and n not in matched]
         if missing:
             n = missing[0]
+            built = self._built_message(n, calls, inputs)
+            if built:
+                raise AdapterError(built, code="embedding-substitution")
             raise AdapterError(
                 f"The embedding layer given for {n!r}, "
                 f"{_layer_name(self.model, self.embedding_layers[n])}, was never called on the "
@@ -1175,6 +1290,57 @@ class ModelAdapter:
                 f"{{'{n}': ...}} must name the module that the model applies to the {n} ids it "
                 "receives (not a positional embedding, nor one applied to other ids).",
                 code="embedding-substitution")
+
+    def _built_message(self, name: str, calls: _Matches | None,
+                       inputs: Mapping[str, torch.Tensor] | None) -> str:
+        """For text modality ``name``, whose continuous input replaced no embedding output:
+        when its layer was called on ids built from its token ids (``_built_from``: the model
+        adds a [CLS] or [SEP] id to them before embedding them), what to change; else ''."""
+        ids = (inputs or {}).get(name)
+        if calls is None or ids is None:
+            return ""
+        modality = self.modalities[name]
+        pad_id = getattr(modality, "pad_id", None)
+        for names, t in calls.missed:
+            if name not in names:
+                continue
+            found = _built_from(t, ids, pad_id)
+            if found is not None:
+                break
+        else:
+            return ""
+        vocab = getattr(modality, "vocab", None) or []
+
+        def tokens(part: torch.Tensor) -> str:
+            return ", ".join(f"{int(i)} ({vocab[int(i)]!r})" if 0 <= int(i) < len(vocab)
+                             else str(int(i)) for i in part[:4]) + (" ..." if len(part) > 4 else "")
+        before, after = found
+        added = " and ".join(
+            [f"the id{'s' if len(before) > 1 else ''} {tokens(before)} put before them"] * bool(
+                len(before))
+            + [f"the id{'s' if len(after) > 1 else ''} {tokens(after)} put after them"] * bool(
+                len(after)))
+        words = [[vocab[int(i)] for i in part] if all(0 <= int(i) < len(vocab) for i in part)
+                 else None for part in found]
+        written = (f" ({' '.join(words[0] + ['...'] + words[1])!r})"
+                   if None not in words and len(before) + len(after) <= 4 else "")
+        layer = self.embedding_layers[name]
+        attr = next((f"self.{n}" for n, m in self.model.named_modules() if m is layer and n),
+                    "self.embed")
+        return (
+            f"The embedding layer given for {name!r}, {_layer_name(self.model, layer)}, was "
+            f"called on token ids of shape {tuple(t.shape)} built from the {tuple(ids.shape)} "
+            f"token ids of {name!r} it received ({added}): the model adds tokens to the text (a "
+            "[CLS] or [SEP] token) before embedding it. The layer is the right one, but its "
+            f"output is not one vector per token of {name!r}, so the continuous input of "
+            f"{name!r} (what attributions perturb and differentiate) cannot be put in: "
+            "gradients and baselines "
+            "cannot enter at the text's tokens. Give the special tokens in the input instead: "
+            "a Text tokenize= that adds them (which also makes them units the explanations "
+            f"score), or the text written with them{written}; or embed the added tokens in a "
+            "separate call of the embedding layer and concatenate the vectors, e.g. "
+            f"torch.cat([{attr}(cls_ids), {attr}({name})], 1) in place of "
+            f"{attr}(torch.cat([cls_ids, {name}], 1)).")
 
     def forward(self, raw: Mapping[str, torch.Tensor],
                 continuous: Mapping[str, torch.Tensor] | None = None,
@@ -1328,7 +1494,8 @@ class ModelAdapter:
         shapes = ", ".join(f"{n}: {tuple(v.shape)}" for n, v in args.items())
         text = str(error)
         head = f"The model raised {type(error).__name__} on the inputs of modalities ({shapes}): {text}."
-        special = (self._signature_hint() or ("type" in text.lower() and self._dtype_hint(args))
+        special = (self._unpassed_hint(error) or self._signature_hint()
+                   or ("type" in text.lower() and self._dtype_hint(args))
                    or (isinstance(error, IndexError) and "index out of range in self" in text
                        and self._table_hint(args)))
         if special:
@@ -1427,6 +1594,131 @@ class ModelAdapter:
                 f"{len(self.names)} modalities ({self.names}): give ModelAdapter one modality per "
                 f"argument of forward(), in its order.")
 
+    def _unpassed_hint(self, error: Exception) -> str:
+        """For the TypeError of a call without required arguments ("forward() missing 1
+        required positional argument: 'attention_mask'") that are not modalities: that the
+        adapter passes only the modalities' inputs, and how to give the others
+        (``_unpassed_message``); '' for any other error."""
+        found = re.search(r"missing \d+ required (?:positional|keyword-only) arguments?: (.+)",
+                          str(error)) if isinstance(error, TypeError) else None
+        missing = re.findall(r"'([^']+)'", found.group(1)) if found else []
+        if not missing or any(n in self.modalities for n in missing):
+            return ""
+        try:
+            params = _forward_signature(self.model)[1]
+        except (TypeError, ValueError):
+            params = None
+        if params is None:
+            return self._unpassed_message(missing, None, inside=True)
+        P = inspect.Parameter
+        fixed = [p for p in params if p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)]
+        by_name = {p.name: p for p in fixed}
+        passes_on = len(fixed) < len(params)
+        if self.keyword_inputs and passes_on and not all(n in by_name for n in self.names):
+            # model(**inputs) with forward(image, text, **kwargs): the modalities went to
+            # **kwargs, and the parameters it lacks are theirs under other names
+            odd = [n for n in self.names if n not in by_name]
+            return (f"keyword_inputs=True calls model(**inputs), but forward() has no parameter "
+                    f"named {odd[0]!r} (it goes to its **kwargs), and lacks "
+                    f"{', '.join(map(repr, missing))}: name the modalities after forward()'s "
+                    f"parameters ({[p.name for p in fixed]}), or drop keyword_inputs=True to pass "
+                    "them in order.")
+        if all(n in by_name for n in missing):
+            if all(n in by_name for n in self.names):
+                takes = {n: n for n in self.names}
+            elif not self.keyword_inputs:
+                positional = [p.name for p in fixed
+                              if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+                takes = dict(zip(self.names, positional))
+            else:
+                takes = None
+            return self._unpassed_message(missing, takes)
+        if passes_on:
+            return self._unpassed_message(missing, None, inside=True)
+        return (f"A function that forward() calls was called without "
+                f"{', '.join(map(repr, missing))}: the inputs' shapes and order are not the "
+                "cause; give that argument in the model's code.")
+
+    def _unpassed_message(self, missing: Sequence[str], takes: Mapping[str, str] | None,
+                          inside: bool = False) -> str:
+        """What to do about the arguments ``missing`` that the model requires and the adapter
+        does not pass (it passes the modalities' inputs only), with a ready-made wrapper that
+        builds them (an attention mask from a text's pad id). takes: {modality: the parameter
+        of forward() that takes it} (None: the wrapper calls the model as the adapter does);
+        inside: forward() passes its arguments on to code that requires them."""
+        listed = ", ".join(map(repr, missing))
+        one = len(missing) == 1
+        call = (", ".join(f"{n}=..." for n in self.names) if self.keyword_inputs
+                else ", ".join(self.names))
+        who = ("The model's forward() (or the code it passes its arguments on to)" if inside
+               else "The model's forward()")
+        fills = {name: self._fill_for(name) for name in missing}
+        try:
+            params = _forward_signature(self.model)[1]
+        except (TypeError, ValueError):
+            params = []
+        by_position = {p.name for p in params if p.kind == p.POSITIONAL_ONLY}
+        if takes is None:
+            args = [f"{n}={n}" if self.keyword_inputs else n for n in self.names]
+        else:
+            param_of = {param: n for n, param in takes.items()}
+            order = [p.name for p in params if p.name in param_of]
+            order += [p for p in param_of if p not in order]
+            args = [param_of[p] if p in by_position else f"{p}={param_of[p]}" for p in order]
+        args += [fills[n] if n in by_position else f"{n}={fills[n]}" for n in missing]
+        lead = "        return self.model("
+        code, line = [], lead
+        for k, a in enumerate(args):
+            piece = a + (", " if k < len(args) - 1 else ")")
+            if len(line) + len(piece.rstrip()) > 92 and line != lead:
+                code.append(line.rstrip())
+                line = " " * len(lead)
+            line += piece
+        code.append(line)
+        masks = [n for n in missing if fills[n].endswith(".long()")]
+        texts = [t for t in self.names if any(fills[n].startswith(f"({t} != ") for n in masks)]
+        if texts:
+            t = self.modalities[texts[0]]
+            code.insert(0, f"        # the mask: 1 at the tokens of {texts[0]!r}, 0 at its padding"
+                           f" ({getattr(t, 'pad_token', 'pad')!r}, id {getattr(t, 'pad_id', 0)})")
+        example = ", e.g. an attention mask from the text's pad id" if masks else ""
+        todo = [n for n in missing if fills[n] == "..."]
+        todo_note = (f" (in place of ..., how the model's {', '.join(map(repr, todo))} "
+                     f"{'is' if len(todo) == 1 else 'are'} made from the inputs)" if todo else "")
+        return (f"{who} requires {listed} (no default), which "
+                f"{'is not a modality' if one else 'are not modalities'}: the adapter passes "
+                f"only the modalities' inputs (model({call})), so {'it is' if one else 'they are'}"
+                f" never given and every call fails (the inputs' shapes and order are not the "
+                f"cause). Wrap the model so that its forward() takes the modalities alone and "
+                f"builds {'it' if one else 'them'}{example}{todo_note}:\n\n"
+                f"class Wrapped(torch.nn.Module):\n"
+                f"    def __init__(self, model):\n"
+                f"        super().__init__()\n"
+                f"        self.model = model\n\n"
+                f"    def forward(self, {', '.join(self.names)}):\n"
+                + "\n".join(code) + "\n\n"
+                "adapter = ModelAdapter(Wrapped(model), ...)   # decision_layer, embedding_layers: "
+                "the same module objects as before (or their names with 'model.' in front)\n\n"
+                f"Or give {listed} a default of None in forward() and handle None there"
+                + (" (no attention mask: every token attended)." if masks else "."))
+
+    def _fill_for(self, argument: str) -> str:
+        """Code that builds a model's argument from the modalities' inputs, for the wrapper of
+        ``_unpassed_message``: an attention mask (1 at a text's tokens, 0 at its padding), token
+        type ids, position ids; '...' for any other."""
+        texts = [n for n in self.names if n in self.embedding_layers]
+        low = argument.lower()
+        text = next((t for t in texts if t.lower() in low), texts[0] if texts else None)
+        if text is None:
+            return "..."
+        if "mask" in low and not any(w in low for w in ("pixel", "image", "img", "vis")):
+            return f"({text} != {getattr(self.modalities[text], 'pad_id', 0)}).long()"
+        if "token_type" in low:
+            return f"torch.zeros_like({text})"
+        if "position_ids" in low:
+            return f"torch.arange({text}.shape[1], device={text}.device).expand_as({text})"
+        return "..."
+
     def _one_argument_hint(self, argument: str) -> str:
         """How to wrap a model whose forward() takes every modality in one argument (a dict)."""
         items = ", ".join(f"{n!r}: {n}" for n in self.names)
@@ -1509,7 +1801,7 @@ class ModelAdapter:
         if matched.unclear:
             self._check_unclear(matched)
         if continuous and len(matched.names) < len(continuous):
-            self._unsubstituted(continuous, matched.names)
+            self._unsubstituted(continuous, matched.names, matched, inputs)
         if not features:
             return out
         if "h" not in store:
