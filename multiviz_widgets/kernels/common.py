@@ -686,6 +686,23 @@ def leave_out_refused(adapter: ModelAdapter, dataset, idx, what: str,
     return kept, why
 
 
+def leave_out_refused_references(adapter: ModelAdapter, dataset, idx, what: str,
+                                 reference_indices, n_reference, seed, averages: str,
+                                 listed: str, stacklevel: int = 2
+                                 ) -> tuple[np.ndarray, dict[int, str]]:
+    """``leave_out_refused`` for a reference set (dime's, interaction_type's): given when
+    ``reference_indices`` is, else drawn with ``n_reference`` and ``seed``; averages: what
+    takes the references kept ("DIME's averages"), listed: where the result lists those left
+    out ('params["left_out"]')."""
+    return leave_out_refused(
+        adapter, dataset, idx, what,
+        given=None if reference_indices is None else "reference_indices",
+        drawn=drawn_references(len(dataset), n_reference, seed),
+        after=(f"{averages} take the other {{kept}} ({listed} lists those left out); "
+               "reference_indices= chooses the references."),
+        choose="pass reference_indices=", stacklevel=stacklevel + 1)
+
+
 def drawn_references(n_total: int, n_reference: int, seed) -> str:
     """How ``sample_indices`` took a reference set, for ``leave_out_refused``'s messages (only
     read when it drew them: n_reference is checked then)."""

@@ -28,7 +28,7 @@ from ..results import Result, Stopwatch
 from ..checks import positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
                      check_instance_rows_independent, check_model_takes, dataset_index,
-                     dataset_indices, drawn_references, leave_out_refused, masked_continuous,
+                     dataset_indices, leave_out_refused_references, masked_continuous,
                      modality_pair, resolve_target, sample_indices)
 from .split_model import (FusedPairs, check_factorized, same_or_reject, steady_progress,
                           with_split)
@@ -300,13 +300,9 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
         p = adapter.prepare(instance)               # the instance's own error first
         # a reference whose input the adapter refuses: left out (said) when drawn, an error
         # when given in reference_indices=
-        ref_idx, left = leave_out_refused(
-            adapter, dataset, ref_idx, "dime",
-            given=None if reference_indices is None else "reference_indices",
-            drawn=drawn_references(len(dataset), n_reference, seed),
-            after=("DIME's averages take the other {kept} (params[\"left_out\"] lists those left "
-                   "out); reference_indices= chooses the references."),
-            choose="pass reference_indices=")
+        ref_idx, left = leave_out_refused_references(
+            adapter, dataset, ref_idx, "dime", reference_indices, n_reference, seed,
+            "DIME's averages", 'params["left_out"]')
         t = resolve_target(adapter, p, target)
         # the references grouped by input shapes: one group (one batch) when they share one
         refs = ShapeGroups(adapter, [dataset[int(i)] for i in ref_idx], ref_idx)

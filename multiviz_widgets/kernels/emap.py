@@ -29,7 +29,8 @@ from ..results import Result, Stopwatch
 from ..checks import is_integer, positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
                      check_instance_rows_independent, dataset_index, dataset_indices,
-                     drawn_references, leave_out_refused, memory_error, sample_indices)
+                     leave_out_refused, leave_out_refused_references, memory_error,
+                     sample_indices)
 from .split_model import (Encodings, FusedPairs, Split, check_factorized, same_or_reject,
                           steady_progress, with_split)
 
@@ -972,13 +973,9 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
         own = adapter.collate([instance])       # the instance's own error first
         # a reference whose input the adapter refuses: left out (said) when drawn, an error
         # when given in reference_indices=
-        idx, left = leave_out_refused(
-            adapter, reference, idx, "interaction_type",
-            given=None if reference_indices is None else "reference_indices",
-            drawn=drawn_references(len(reference), n_reference, seed),
-            after=("EMAP's averages take the other {kept} (\"left_out\" lists those left out); "
-                   "reference_indices= chooses the references."),
-            choose="pass reference_indices=", stacklevel=3)     # (torch.no_grad's frame)
+        idx, left = leave_out_refused_references(
+            adapter, reference, idx, "interaction_type", reference_indices, n_reference, seed,
+            "EMAP's averages", '"left_out"', stacklevel=3)     # (torch.no_grad's frame)
         refs = [reference[int(i)] for i in idx]
     else:
         if not isinstance(instance, Mapping):
