@@ -579,6 +579,28 @@ def _may_add_arguments(module: nn.Module) -> bool:
             or bool(getattr(module_mod, "_global_forward_pre_hooks", None)))
 
 
+def _plain_chain(chain: Sequence[nn.Module]) -> bool:
+    """Whether the arguments that the modules' forward() get can be read from their signatures:
+    every forward undecorated (a decorator, ``functools.wraps`` or not, may fill in an argument
+    that the wrapped signature requires), and every module passed through one that passes its
+    arguments on unchanged (``nn.DataParallel``, ``DistributedDataParallel``, torch.compile's),
+    not a wrapper of the user's own (``forward(*args, **kwargs)`` may add any)."""
+    from torch.nn.parallel import DistributedDataParallel
+    passing = (nn.DataParallel, DistributedDataParallel)
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    if compiled is not None and hasattr(compiled, "OptimizedModule"):
+        passing = (*passing, compiled.OptimizedModule)
+    for k, m in enumerate(chain):
+        forward = getattr(type(m), "forward", None)
+        if forward is None or inspect.unwrap(forward) is not forward:
+            return False
+        if "forward" in vars(m):               # an instance's own forward (a partial, a lambda)
+            return False
+        if k < len(chain) - 1 and not isinstance(m, passing):
+            return False
+    return True
+
+
 def _unpassed_parameters(model: nn.Module, names: Sequence[str], keyword_inputs: bool
                          ) -> tuple[list[inspect.Parameter], dict[str, str]]:
     """The parameters of the model's forward() that must be given (no default; not *args nor
@@ -594,7 +616,7 @@ def _unpassed_parameters(model: nn.Module, names: Sequence[str], keyword_inputs:
         chain, params = _forward_signature(model)
     except (TypeError, ValueError):
         return [], {}
-    if any(_may_add_arguments(m) for m in chain):
+    if any(_may_add_arguments(m) for m in chain) or not _plain_chain(chain):
         return [], {}
     P = inspect.Parameter
     fixed = [p for p in params if p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)]

@@ -122,6 +122,44 @@ def test_a_pre_hook_that_gives_the_argument_is_trusted():
     assert a.forward(a.prepare(INSTANCE).raw).shape == (1, 3)
 
 
+def _fills_mask(forward):
+    """A decorator (functools.wraps) that gives forward the mask it requires."""
+    import functools
+
+    @functools.wraps(forward)
+    def with_mask(self, image, question, mask=None):
+        return forward(self, image, question, torch.ones(question.shape, dtype=torch.float32)
+                       if mask is None else mask)
+    return with_mask
+
+
+class DecoratedForward(Base):
+    @_fills_mask
+    def forward(self, image, question, mask):
+        return self.logits(image, question, mask)
+
+
+class PassesOnWithMask(nn.Module):
+    """A wrapper of the user's own: forward(*args, **kwargs) adds the mask its .module needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = NeedsMask()
+        self.classifier = self.module.classifier
+
+    def forward(self, *args, **kwargs):
+        image, question = args
+        return self.module(image, question, torch.ones(question.shape), **kwargs)
+
+
+@pytest.mark.parametrize("model", [DecoratedForward, PassesOnWithMask])
+def test_a_forward_whose_arguments_a_decorator_or_wrapper_fills_in_is_accepted(model):
+    """Both models work, and were refused when the adapter was made: the signature read was
+    the undecorated forward's, and the wrapper's .module's (as if it were nn.DataParallel)."""
+    adapter = make(model())
+    assert adapter.predict(adapter.prepare(INSTANCE).raw).shape == (1, 3)
+
+
 def test_the_runtime_error_names_the_argument_not_the_shapes():
     # a hook that gives nothing: the adapter cannot tell at construction, the call fails
     model = NeedsMask()
