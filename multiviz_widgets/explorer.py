@@ -12,7 +12,10 @@ bar, cancel, error banner) for what it needs.
 """
 from __future__ import annotations
 
+import inspect
 import os
+import re
+import sys
 import threading
 import time
 import weakref
@@ -85,22 +88,73 @@ def running_cell() -> RunningCell | None:
     return RunningCell(cell, int(count), shell)
 
 
-def _named(explorer: "Explorer", shell) -> bool:
-    """Whether a name of the notebook holds ``explorer``: a variable, or an item of a dict, a
-    list, a tuple or a set that a variable holds. IPython's own names (the output history
-    ``Out``, ``_``, ``_12``, which keep what a cell displayed) do not count."""
+#: IPython's own names in a notebook's namespace: its input and output history (``Out``,
+#: ``_``, ``_12`` keep what a cell displayed), not names of the user's
+_IPYTHON_NAMES = re.compile(r"_{1,3}|_\d+|_i{1,3}|_i\d+|_ih|_oh|_dh|In|Out|exit|quit|get_ipython")
+
+#: how far (objects within objects) and how many objects ``_named`` looks
+_NAMED_DEPTH, _NAMED_MOST = 4, 20_000
+
+
+def _named(explorers: list["Explorer"], shell) -> set[int]:
+    """The ids of those of ``explorers`` that a name of the notebook still holds: a variable,
+    or what one holds up to _NAMED_DEPTH objects in (items of dicts, lists, tuples and sets,
+    the children of a widget, such as a Tab the Explorer was put in, attributes of the user's
+    objects and classes: ``app.explorers["train"]``), at most _NAMED_MOST objects looked at.
+    IPython's own names (``_IPYTHON_NAMES`` and its hidden ones) do not count. A value that
+    cannot be looked into (a lazy object that raises) is passed over."""
+    wanted = {id(e) for e in explorers}
     namespace = getattr(shell, "user_ns", None) or {}
     hidden = getattr(shell, "user_ns_hidden", None) or {}
-    for name, value in list(namespace.items()):
-        if name.startswith("_") or name in hidden or name in ("In", "Out"):
-            continue
-        if value is explorer:
-            return True
-        items = (value.values() if isinstance(value, dict) else
-                 value if isinstance(value, (list, tuple, set, frozenset)) else ())
-        if any(item is explorer for item in list(items)):
-            return True
-    return False
+    level = [v for k, v in list(namespace.items())
+             if not (isinstance(k, str) and (_IPYTHON_NAMES.fullmatch(k) or k in hidden))]
+    seen: set[int] = set()
+    found: set[int] = set()
+    for _ in range(_NAMED_DEPTH + 1):
+        below = []
+        for value in level:
+            if id(value) in seen or len(seen) >= _NAMED_MOST:
+                continue
+            seen.add(id(value))
+            if id(value) in wanted:
+                found.add(id(value))
+                if found == wanted:
+                    return found
+                continue
+            try:
+                below.extend(_held_by(value))
+            except Exception:  # noqa: BLE001 -- a value that cannot be looked into
+                continue
+        level = below
+    return found
+
+
+def _held_by(value) -> list:
+    """What ``_named`` looks into: the items of containers, a widget's children, the
+    attributes of an object or a class of the user's (not of modules, functions, arrays, an
+    Explorer's own parts)."""
+    if isinstance(value, dict):
+        return list(value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return list(value)
+    if isinstance(value, Explorer):
+        return []
+    if isinstance(value, W.Widget):
+        return list(getattr(value, "children", ()) or ())
+    if isinstance(value, (str, bytes, int, float, complex, np.ndarray, type(None)))\
+            or inspect.ismodule(value) or inspect.isroutine(value) or _is_tensor(value):
+        return []
+    if isinstance(value, type):
+        if value.__module__ in ("builtins",) or not value.__module__.startswith("__main__"):
+            return []
+        return list(vars(value).values())
+    attributes = getattr(value, "__dict__", None)
+    return list(attributes.values()) if isinstance(attributes, dict) else []
+
+
+def _is_tensor(value) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def _close_earlier_runs(cell: RunningCell) -> None:
@@ -115,8 +169,9 @@ def _close_earlier_runs(cell: RunningCell) -> None:
     with _MADE_BY_CELL_LOCK:
         made = [(count, ref) for count, ref in _MADE_BY_CELL.get(cell.cell_id, [])
                 if ref() is not None]
-    unnamed = [ref() for count, ref in made
-               if count < cell.count and not _named(ref(), cell.shell)]
+    earlier = [ref() for count, ref in made if count < cell.count]
+    named = _named([e for e in earlier if e is not None], cell.shell)
+    unnamed = [e for e in earlier if e is not None and id(e) not in named]
     for explorer in unnamed:
         if explorer is None:
             continue
@@ -157,7 +212,12 @@ def _after_cell(cell: RunningCell, fn: Callable[[], None]) -> None:
             events.unregister("post_run_cell", once)
         except ValueError:
             pass
-        fn()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 -- never a traceback after the user's cell
+            warn(f"The Explorers that earlier runs of this cell opened could not be looked "
+                 f"at ({type(e).__name__}: {e}); they stay open (explorer.close() closes one).",
+                 RuntimeWarning)
     events.register("post_run_cell", once)
 
 

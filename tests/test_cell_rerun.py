@@ -64,9 +64,12 @@ def notebook(monkeypatch):
     nb = Notebook(monkeypatch)
     yield nb
     for value in list(nb.shell.user_ns.values()):
-        for e in (value.values() if isinstance(value, dict) else [value]):
-            if isinstance(e, Explorer):
-                e.close()
+        if type(value) is dict:
+            for e in value.values():
+                if type(e) is Explorer:
+                    e.close()
+        elif type(value) is Explorer:
+            value.close()
 
 
 def _open(adapter, ds, path=None, **kw):
@@ -161,3 +164,44 @@ def test_running_cell_reads_the_cell_id_that_jupyter_sends(monkeypatch):
     assert running_cell() is None
     monkeypatch.setattr(IPython, "get_ipython", lambda: types.SimpleNamespace(kernel=None))
     assert running_cell() is None                   # a terminal IPython: no kernel
+
+
+class _Lazy:
+    """A namespace value that raises when looked into (Django's unconfigured settings)."""
+
+    @property
+    def __class__(self):
+        raise RuntimeError("settings are not configured")
+
+    def __getattr__(self, name):
+        raise RuntimeError("settings are not configured")
+
+
+def test_an_explorer_held_deeper_or_by_a_name_with_an_underscore_stays_open(notebook):
+    """A Tab the Explorer was put in, an object's dict of Explorers, nested dicts and a name
+    of the user's starting with "_" hold it: they stayed open only as a top-level name or an
+    item of one. A value that raises when looked into is passed over, with no traceback."""
+    import ipywidgets as W
+    adapter, ds = tiny_vqa(6)
+    app = types.SimpleNamespace(explorers={})
+    notebook.shell.user_ns.update(tabs=W.Tab(), app=app, by_model={"vqa": {}}, lazy=_Lazy())
+
+    def cell_a(ns):
+        ns["ex"] = _open(adapter, ds)
+        ns["tabs"].children = (*ns["tabs"].children, ns["ex"])
+    notebook.run("cell-a", cell_a)
+    in_tab = notebook.shell.user_ns["ex"]
+    notebook.run("cell-a", cell_a)
+    notebook.run("cell-b", lambda ns: ns["app"].explorers.update(train=_open(adapter, ds)))
+    notebook.run("cell-b", lambda ns: ns["app"].explorers.update(test=_open(adapter, ds)))
+    notebook.run("cell-c", lambda ns: ns["by_model"]["vqa"].update(train=_open(adapter, ds)))
+    notebook.run("cell-c", lambda ns: ns["by_model"]["vqa"].update(test=_open(adapter, ds)))
+    notebook.run("cell-d", lambda ns: ns.update(_ex_train=_open(adapter, ds)))
+    notebook.run("cell-d", lambda ns: ns.update(ex_test=_open(adapter, ds)))
+    ns = notebook.shell.user_ns
+    held = [in_tab, *app.explorers.values(), *ns["by_model"]["vqa"].values(), ns["_ex_train"]]
+    try:
+        assert not any(e.engine.closed for e in held)
+    finally:
+        for e in [*held, *ns["tabs"].children, ns["ex_test"]]:
+            e.close()
