@@ -174,3 +174,34 @@ def test_the_warning_reaches_the_explorers_collector(slow):
         emap(adapter, items, batch_size=4, factorized=False)
     assert [n.category for n in notices if "emap: 6 instances" in n.text] == ["UserWarning"]
     assert not [w for w in plain if "emap: 6 instances" in str(w.message)]
+
+
+def test_loops_of_one_batch_are_measured_and_a_warning_never_comes_with_the_result(
+        monkeypatch):
+    """N^2 <= batch_size: each loop's only batch was its untimed warm-up, so no loop was ever
+    measured and a slow model ran for minutes unsaid; with two batches the warning came after
+    the last one ("About 0 s more"). A loop of one batch now gives the rate of what follows it,
+    and nothing is said when less than half the threshold is left."""
+    import torch
+    from multiviz_widgets import Tabular
+
+    class ThreeInputs(Bilinear):
+        def __init__(self):
+            super().__init__()
+            self.extra = torch.nn.Linear(2, 5)
+
+        def forward(self, tabular, series, extra):
+            return super().forward(tabular, series) + self.head(
+                torch.cat([torch.tanh(self.extra(extra))] * 2, 1))
+    monkeypatch.setattr(emap_module, "EMAP_WARN_SECONDS", 1e-9)
+    adapter = ModelAdapter(ThreeInputs(), [*MODALITIES, Tabular("extra", columns=["e0", "e1"])],
+                           ["a", "b", "c"], decision_layer="head")
+    g = torch.Generator().manual_seed(0)
+    items = [dict(it, extra=torch.randn(2, generator=g)) for it in instances(3)]
+    # three loops of 9 pairs, each one batch
+    _, said = _cost_warnings(lambda: emap(adapter, items, batch_size=16, factorized=False))
+    assert len(said) == 1, said
+    # two modalities: one loop, one batch, nothing after it: no warning with the result
+    _, said = _cost_warnings(lambda: emap(_bilinear(), instances(3), batch_size=16,
+                                          factorized=False))
+    assert said == []

@@ -439,10 +439,11 @@ _FEWER = {"emap": "fewer instances (indices=, or a shorter list)",
 
 class _PairCost:
     """Times the pairs of one call of ``caller`` (emap, emap_gap, interaction_type) and warns
-    once when they are long: in each loop of pairs, the first batch warms up and the next ones
-    (a batch_size's worth of pairs, or the rest of the loop's) give the rate; the rest of the call's
+    once when they are long: in each loop of pairs, the first batch warms up and the next one
+    gives the rate (a loop of one batch: its own time, an upper bound); the rest of the call's
     rows at that rate, plus the time it has taken, is the whole, said (UserWarning through
-    ``notices.warn``) when above EMAP_WARN_SECONDS. Progress is left as it is: the warning is
+    ``notices.warn``) when above EMAP_WARN_SECONDS, unless less than half of that is left.
+    Progress is left as it is: the warning is
     given with or without a progress callback, as shapley's is (the Explorer shows it beside
     its view). runs: the EMAPs of the call (emap_gap's repeats), one ``start`` each."""
 
@@ -478,19 +479,24 @@ class _PairCost:
         now = time.perf_counter()
         if self.said or self.measured:
             return
-        if not self.warm:                  # the loop's first batch warms up: not timed
-            self.warm, self.first, self.last = True, rows, now
-            return
-        self.timed += rows
-        self.seconds += now - self.last
-        self.last = now
-        if self.timed < min(self.batch_size, self.n * self.n - self.first):
-            return                         # a batch_size's worth of pairs (or the loop's rest)
+        if not self.warm:                  # the loop's first batch warms up
+            self.warm, self.first = True, rows
+            if rows < self.n * self.n:     # more batches follow: the next one is timed
+                self.last = now
+                return
+            # a loop of one batch (N^2 <= batch_size): its own time, warm-up and all (an
+            # upper bound), gives the rate of the loops and runs after it
+            self.timed, self.seconds = rows, now - self.last
+        else:
+            self.timed += rows
+            self.seconds += now - self.last
+            self.last = now
         self.measured = True               # once a loop: a late warning would say nothing
         left = max(self.total - done, 0) + (self.runs - 1 - self.run) * self.total
         more = self.seconds / self.timed * left
         whole = now - self.began + more
-        if whole > EMAP_WARN_SECONDS:
+        # (nothing said when most of it has run: the warning would come with the result)
+        if whole > EMAP_WARN_SECONDS and more >= EMAP_WARN_SECONDS / 2:
             self.said = True
             self._warn(more, whole)
 
