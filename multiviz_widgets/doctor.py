@@ -17,7 +17,7 @@ from .adapter import (AdapterError, ModelAdapter, Prepared, class_name, masked_l
                       padding_mismatch)
 from .kernels.common import math_attention
 from .kernels.interactions import ROUNDING_EPS
-from .modalities import _SPECIAL_LOOK, Text, special_spans
+from .modalities import _SPECIAL_LOOK, Text, _other_specials, special_spans
 from .precision import outputs_differ, roundoff_eps, watched_pass
 
 STAGES = (
@@ -220,8 +220,14 @@ def _check_special_words(adapter: ModelAdapter, prepared, instance, report: Repo
         text = instance.get(name) if isinstance(instance, Mapping) else None
         if not isinstance(text, str):
             text = ""
-        words += [w.group() for w in _SPECIAL_LOOK.finditer(text)
-                  if w.group() not in m.token_to_id]
+        # written in the text, for the default tokenizer, which keeps a vocabulary's special
+        # tokens whole only where it has some besides its padding and unknown ones; where it
+        # has none, a word in brackets ("[the]") or an HTML tag ("<b>") is text
+        specials = _other_specials(m)
+        if m._tokenize is None:
+            words += [w.group() for w in _SPECIAL_LOOK.finditer(text)
+                      if (w.group() not in m.token_to_id or not specials)
+                      and (specials or _special_not_text(w.group(), m))]
         if words:
             words = list(dict.fromkeys(words))[:5]
             read = "; ".join(f"{w!r} is read as {_read_as(m, w)}" for w in words)
@@ -233,15 +239,26 @@ def _check_special_words(adapter: ModelAdapter, prepared, instance, report: Repo
                    "(a token it lacks has no embedding the model was trained with).")
             report.add("warning", "special-tokens",
                        f"The text of {name!r} holds {', '.join(map(repr, words))}, which look "
-                       f"like special tokens but are not in its vocabulary: {read}, not as the "
-                       f"special token the model may expect. {fix}")
-        written = [text[a:b] for a, b in special_spans(text, m.token_to_id)]
+                       f"like special tokens but are not read as one of its vocabulary: "
+                       f"{read}, not as the special token the model may expect. {fix}")
+        written = ([text[a:b] for a, b in special_spans(text, m.token_to_id)]
+                   if m._tokenize is None and specials else [])
         if m.pad_token in written and m.pad_id != m.unk_id:
             report.add("warning", "special-tokens",
                        f"The text of {name!r} writes out the padding token {m.pad_token!r}, "
                        f"read as padding (id {m.pad_id}): a model that masks padding ignores "
                        "it, and its explanations score it near zero. Leave it out unless the "
                        "model was trained on texts padded so.")
+
+
+def _special_not_text(word: str, m: Text) -> bool:
+    """Whether a special-looking word of a text (``_SPECIAL_LOOK``) is meant as a special token
+    where the vocabulary has none: not an HTML tag (<b>, </i>: angle brackets without bars),
+    and not a word of the vocabulary in brackets ([the])."""
+    if word.startswith("<") and not word.startswith("<|"):
+        return False
+    inner = word.strip("[]<>|/").lower()
+    return inner not in m.token_to_id or inner in (m.pad_token.lower(), m.unk_token.lower())
 
 
 def _read_as(m: Text, word: str) -> str:

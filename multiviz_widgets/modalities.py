@@ -791,6 +791,24 @@ def special_spans(text: str, vocab: Mapping[str, int]) -> list[tuple[int, int]]:
     return spans
 
 
+#: {Text modality: whether its vocabulary has special tokens besides its padding and unknown
+#: ones}, worked out once per vocabulary (a scan of every token)
+_OTHER_SPECIALS: "weakref.WeakKeyDictionary[Text, tuple[int, bool]]" = weakref.WeakKeyDictionary()
+
+
+def _other_specials(text: "Text") -> bool:
+    """Whether the vocabulary of a Text modality holds special tokens (``_SPECIAL_LOOK``)
+    besides its padding and unknown ones: only then does the default tokenizer keep those
+    written in a text whole."""
+    vocab = text.vocab
+    known = _OTHER_SPECIALS.get(text)
+    if known is None or known[0] != id(vocab):
+        known = (id(vocab), any(_SPECIAL_LOOK.fullmatch(t) for t in vocab
+                                if t not in (text.pad_token, text.unk_token)))
+        _OTHER_SPECIALS[text] = known
+    return known[1]
+
+
 def _is_symbol(token: str) -> bool:
     """Whether a non-word token is a symbol that ``drop_punctuation`` keeps when the vocabulary
     has it (an emoji, a pictograph): not ASCII (whose marks were always dropped, and a
@@ -864,10 +882,8 @@ class Text(Modality):
         split them into words ([CLS] became 'cls'). Other vocabularies keep their signature."""
         if self._tokenize is not None:
             return super().signature(baselines)
-        specials = any(_SPECIAL_LOOK.fullmatch(t) for t in self.vocab
-                       if t not in (self.pad_token, self.unk_token))
         return (super().signature(baselines) + "+words:unicode-2"
-                + ("+specials" if specials else ""))
+                + ("+specials" if _other_specials(self) else ""))
 
     def tokenize(self, text: str) -> list[str]:
         if self._tokenize is not None:
@@ -900,7 +916,12 @@ class Text(Modality):
     def _words(self, text: str, drop_punctuation: bool) -> list[str]:
         """The default tokenizer: each special token of the vocabulary written in the text as
         it is spelt there (``special_spans``: [CLS], <s>, [PAD], [UNK]...) is one token, with its
-        own id; the text around them is split into words (``_plain_words``)."""
+        own id; the text around them is split into words (``_plain_words``). A vocabulary with
+        no special tokens but its padding and unknown ones splits every text into words, as
+        before special tokens were kept (its signature, which keys cached features and saved
+        unit concepts, is the same as then)."""
+        if not _other_specials(self):
+            return self._plain_words(text, drop_punctuation)
         toks, start = [], 0
         for a, b in special_spans(text, self.token_to_id):
             toks += self._plain_words(text[start:a], drop_punctuation)

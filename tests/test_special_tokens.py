@@ -52,10 +52,14 @@ def test_texts_without_special_tokens_tokenize_as_before():
 
 
 def test_the_padding_and_unknown_tokens_written_in_the_text_keep_their_ids():
-    t = Text("question", vocab=PLAIN)
+    t = Text("question", vocab=VOCAB)
     x = t.to_tensor("[PAD] what [UNK]")
-    assert x.tolist() == [t.pad_id, PLAIN.index("what"), t.unk_id]
+    assert x.tolist() == [t.pad_id, VOCAB.index("what"), t.unk_id]
     assert t.tokens(x) == ["[PAD]", "what", "[UNK]"]
+    # a vocabulary with no other special tokens splits them into words, as it always did (its
+    # signature, which keys cached features and unit concepts, did not change)
+    plain = Text("question", vocab=PLAIN)
+    assert plain.tokenize("[PAD] what [UNK]") == ["pad", "what", "unk"]
 
 
 def test_the_signature_changes_only_for_vocabularies_with_other_special_tokens():
@@ -97,7 +101,7 @@ def test_check_names_a_special_looking_word_outside_the_vocabulary_even_once():
     assert report.ok and len(found) == 1 and found[0].severity == "warning", str(report)
     message = found[0].message
     assert "The text of 'question' holds '[CLS]', which look like special tokens but are not " \
-           "in its vocabulary: '[CLS]' is read as 'cls' ([UNK])" in message, message
+           "read as one of its vocabulary: '[CLS]' is read as 'cls' ([UNK])" in message, message
     # the vocabulary's own spelling is named
     _, found = _check(VOCAB, "[cls] what color")
     assert "The vocabulary spells '[cls]' as '[CLS]'" in found[0].message, found[0].message
@@ -107,11 +111,19 @@ def test_check_names_a_special_looking_word_outside_the_vocabulary_even_once():
     # the vocabulary holds it: read as itself, nothing to say
     report, found = _check(VOCAB, "[CLS] what color is the shape")
     assert not found, str(report)
+    # no special tokens in the vocabulary: a word in brackets, an HTML tag are text
+    for text in ("what is in [the] image?", "what color is the <b>shape</b>?"):
+        report, found = _check(PLAIN, text)
+        assert not found, str(report)
 
 
 def test_check_warns_of_the_padding_token_written_in_the_text():
-    report, found = _check(PLAIN, "what color [PAD]")
+    report, found = _check(VOCAB, "what color [PAD]")
     assert len(found) == 1 and "writes out the padding token '[PAD]'" in found[0].message, \
         str(report)
-    _, found = _check(PLAIN, "what color is the shape")
+    _, found = _check(VOCAB, "what color is the shape")
     assert not found
+    # no other special tokens: it is split into a word, which is said
+    report, found = _check(PLAIN, "what color [PAD]")
+    assert len(found) == 1 and "'[PAD]' is read as 'pad' ([UNK])" in found[0].message, \
+        str(report)
