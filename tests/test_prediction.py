@@ -296,7 +296,7 @@ def test_a_point_left_short_of_the_optimum_is_warned_of_not_returned_silently():
     assert m.params["kkt_violation"] == m.params["path_kkt_violation"][m.chosen]
     # kkt_tol=inf: the solver's points as they are, their violations still recorded
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", RuntimeWarning)     # (no KKT warning)
         raw = fit_sparse_model((h, y), val=(hv, yv), n_lambdas=12, stop_early=False,
                                kkt_tol=float("inf"))
     assert raw.params["path_kkt_violation"] == raw.params["path_solver_kkt_violation"]
@@ -938,3 +938,50 @@ def test_the_paths_pairs_come_only_from_the_cells_its_ablation_computed():
                        matrix=np.array([[0.0, -1.0], [0.0, 0.0]]),
                        params={"players": {"a": [0], "b": [1]}})
     assert shap.top_pairs(3, absolute=False) == [(0, 1, -1.0)]
+
+
+def _imbalanced(n=2000, share=0.01, seed=0):
+    """Features where 1 in 100 targets is class 1, which neuron 0 separates (4 sd)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < share).astype(int)
+    h = rng.normal(size=(n, 16))
+    h[:, 0] += 4 * y
+    return h, y
+
+
+def test_a_rare_class_is_never_left_out_of_the_chosen_sparse_model():
+    """On 1% positives the all-zero model (never the rare class) has fidelity 0.99, within the
+    tolerance of the best: it was chosen, with no word. The choice is now among the points that
+    predict every class of the validation targets, and a poor fidelity on one class is said."""
+    h, y = _imbalanced()
+    with pytest.warns(UserWarning, match=r"matches the targets of 'died' on only \d+% .* "
+                                         r"choose_by='balanced'"):
+        m = fit_sparse_model((h, y), class_names=["survived", "died"])
+    assert m.fraction_nonzero > 0 and (m.predict(h) == 1).any()
+    assert m.params["predicts_every_class"]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        balanced = fit_sparse_model((h, y), class_names=["survived", "died"],
+                                    choose_by="balanced")
+    assert balanced.params["val_class_fidelity"]["died"] >= 0.9
+    assert ((balanced.predict(h) == 1) == (y == 1)).mean() >= 0.99
+    with pytest.raises(ValueError, match="choose_by must be 'accuracy' or 'balanced'"):
+        fit_sparse_model((h, y), choose_by="f1")
+
+
+def test_a_held_out_split_without_a_rare_class_is_drawn_class_by_class():
+    """10 of 100 targets in class 1: about 1 random 20% split in 10 holds none of them, and the
+    sparsity was then chosen on validation data of one class (fidelity 1.0 for any model)."""
+    from multiviz_widgets.kernels.prediction import _validation_split
+    y = np.zeros(100, dtype=int)
+    y[:10] = 1
+    for seed in range(40):
+        train, val = _validation_split(y, 0.2, np.random.default_rng(seed))
+        assert set(y[val]) == {0, 1} and set(y[train]) == {0, 1}
+        assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 100
+    # a split that holds every class is the random one, as before
+    balanced = np.arange(100) % 2
+    train, val = _validation_split(balanced, 0.2, np.random.default_rng(3))
+    perm = np.random.default_rng(3).permutation(100)
+    assert list(val) == list(perm[:20]) and list(train) == list(perm[20:])

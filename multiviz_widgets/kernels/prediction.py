@@ -538,6 +538,41 @@ def choose_sparsity(nonzeros: Sequence[int], val_fidelity: Sequence[float],
     return int(ok[np.lexsort((ok, nz[ok]))[0]])
 
 
+def choose_covering(nonzeros: Sequence[int], val_fidelity: Sequence[float],
+                    covers: Sequence[bool], tolerance: float = 0.01) -> int:
+    """``choose_sparsity`` among the path points that predict, on the validation split, every
+    class the targets hold there (``covers``), when any does; else among all points. Plain
+    fidelity (accuracy) alone chose, on a task where 1% of the targets are one class, the
+    all-zero model that never predicts it: 0.99 is within 0.01 of the best."""
+    ok = np.flatnonzero(np.asarray(covers, dtype=bool))
+    if len(ok) == 0:
+        return choose_sparsity(nonzeros, val_fidelity, tolerance)
+    nz, fid = np.asarray(nonzeros)[ok], np.asarray(val_fidelity, dtype=np.float64)[ok]
+    return int(ok[choose_sparsity(nz, fid, tolerance)])
+
+
+def _validation_split(y: np.ndarray, val_fraction: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows) of a random split holding out ``val_fraction``; when it
+    would leave a class of two or more instances out of either side (a rare class: about 1 draw
+    in 10 at 10% of 100 instances), each class is split on its own in that proportion (at least
+    one instance on each side), so that the choice of sparsity sees every class."""
+    perm = rng.permutation(len(y))
+    n_val = max(1, int(round(val_fraction * len(y))))
+    val, train = perm[:n_val], perm[n_val:]
+    classes, counts = np.unique(y, return_counts=True)
+    several = set(classes[counts >= 2].tolist())
+    if several <= set(y[val].tolist()) and several <= set(y[train].tolist()):
+        return train, val
+    val_parts, train_parts = [], []
+    for c in classes:
+        rows = perm[y[perm] == c]
+        k = 0 if len(rows) < 2 else min(len(rows) - 1, max(1, int(round(val_fraction
+                                                                          * len(rows)))))
+        val_parts.append(rows[:k])
+        train_parts.append(rows[k:])
+    return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(val_parts))
+
+
 def _real(value, what: str, allowed: str) -> float:
     """value as a float, refusing what is not a real number (a string such as "0.9", a bool),
     which the range checks would compare with numbers and fail on with a bare TypeError."""
@@ -562,7 +597,7 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
                      val_fraction: float = 0.2, solver: str = "sklearn", tol: float = 1e-3,
                      max_iter: int = 100, seed: int = 0, stop_early: bool = True,
                      kkt_tol: float = 1e-4, polish_max_iter: int = 1000,
-                     progress: ProgressFn = None) -> SparseModel:
+                     choose_by: str = "accuracy", progress: ProgressFn = None) -> SparseModel:
     """Fit the elastic-net regularisation path and choose its sparsity on validation data.
 
     train / val / test: ``Features`` (targets = the model's predictions: fidelity) or pairs
@@ -601,11 +636,22 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     every point's, and ``params["path_solver_kkt_violation"]`` that of the solver's points.
     Classes that never occur in the training targets get no weights (bias -inf, never
     predicted): a UserWarning names them, and so does the model's repr.
+    choose_by: the validation fidelity the sparsity is chosen by: "accuracy" (the share of
+    targets matched, MultiViz's) or "balanced" (its mean over the classes of the validation
+    targets: on a task where 1% of them are one class, accuracy is within 0.01 of the best for a
+    model that never predicts it). Either way the choice is among the points that predict every
+    class of the validation targets, where any does (``choose_covering``; a held-out split
+    that would leave out a class of two or more instances is drawn class by class), and a
+    UserWarning says when the chosen point matches under half of one class's targets
+    (``params["val_class_fidelity"]``); ``val_fidelity`` is the accuracy either way.
     Cost: no model pass; at most ``n_lambdas - 1`` warm-started fits over the training features
     (the first point, lambda_max, is exact: all weights zero), each polished (on easy-VQA, 0.1 to
     1.5 s a point, where SAGA takes 2 to 4 s); progress per path point.
     """
     t0 = time.perf_counter()
+    if choose_by not in ("accuracy", "balanced"):
+        raise ValueError(f"choose_by must be 'accuracy' or 'balanced' (the mean of the classes' "
+                         f"fidelities), got {choose_by!r}.")
     if fit_to not in ("predictions", "labels"):
         raise ValueError(f"fit_to must be 'predictions' (fidelity) or 'labels', got {fit_to!r}.")
     if solver not in SOLVERS:
@@ -645,14 +691,13 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
         val_fraction = _real(val_fraction, "val_fraction", "(0, 1), e.g. 0.2")
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
-        rng = np.random.default_rng(seed)
-        perm = rng.permutation(len(h_tr))
         n_val = max(1, int(round(val_fraction * len(h_tr))))
         if len(h_tr) - n_val < 2:
             raise ValueError(f"Too few training instances ({len(h_tr)}) to hold out a validation "
                              "split; pass val= or more data.")
-        h_va, y_va = h_tr[perm[:n_val]], y_tr[perm[:n_val]]
-        h_tr, y_tr = h_tr[perm[n_val:]], y_tr[perm[n_val:]]
+        rows_tr, rows_va = _validation_split(y_tr, val_fraction, np.random.default_rng(seed))
+        h_va, y_va = h_tr[rows_va], y_tr[rows_va]
+        h_tr, y_tr = h_tr[rows_tr], y_tr[rows_tr]
     else:
         h_va, y_va = _split_data(val, "val", fit_to)
     h_te = y_te = None
@@ -725,6 +770,12 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     biases = np.full((n_lambdas, n_classes), -np.inf)
     nonzeros = np.zeros(n_lambdas, dtype=np.int64)
     val_fid = np.zeros(n_lambdas)
+    # whether each point predicts, on the validation split, every class of its targets there;
+    # the fidelity on each class's targets there, and their mean
+    covers = np.zeros(n_lambdas, dtype=bool)
+    val_classes = np.unique(y_va)
+    class_fid = np.zeros((n_lambdas, len(val_classes)))
+    bal_fid = np.zeros(n_lambdas)
     test_fid = np.zeros(n_lambdas) if h_te is not None else None
     seconds = np.zeros(n_lambdas)
     z_va = (h_va - mean) / std
@@ -757,7 +808,11 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
         weights[i, present] = w
         biases[i, present] = b
         nonzeros[i] = int((w != 0).sum())
-        val_fid[i] = float(((z_va @ weights[i].T + biases[i]).argmax(1) == y_va).mean())
+        pred_va = (z_va @ weights[i].T + biases[i]).argmax(1)
+        val_fid[i] = float((pred_va == y_va).mean())
+        covers[i] = bool(np.isin(val_classes, pred_va).all())
+        class_fid[i] = [float((pred_va[y_va == c] == c).mean()) for c in val_classes]
+        bal_fid[i] = float(class_fid[i].mean())
         if z_te is not None:
             test_fid[i] = float(((z_te @ weights[i].T + biases[i]).argmax(1) == y_te).mean())
         now = time.perf_counter()
@@ -768,16 +823,37 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
         # tolerance of 1: later points can raise the best (and so rule out earlier points
         # below 1 - tolerance: on easy-VQA one 1.26 points below the full path's best was
         # taken when the path stopped at its first point above 1 - tolerance) but never above 1
-        if (stop_early and val_fid[i] >= 1.0 - tolerance - 1e-12
-                and val_fid[choose_sparsity(nonzeros[:i + 1], val_fid[:i + 1], tolerance)]
-                >= 1.0 - tolerance - 1e-12):
+        by = val_fid if choose_by == "accuracy" else bal_fid
+        if (stop_early and covers[i] and by[i] >= 1.0 - tolerance - 1e-12
+                and by[choose_covering(nonzeros[:i + 1], by[:i + 1], covers[:i + 1],
+                                       tolerance)] >= 1.0 - tolerance - 1e-12):
             break
     fits.close()
     if used < n_lambdas:          # stopped early: the count still ends at its total
         report(progress, n_lambdas, n_lambdas,
                f"sparse model path (stopped early after {used} of {n_lambdas} points)")
     sl = slice(0, used)
-    k = choose_sparsity(nonzeros[sl], val_fid[sl], tolerance)
+    by = val_fid if choose_by == "accuracy" else bal_fid
+    k = choose_covering(nonzeros[sl], by[sl], covers[sl], tolerance)
+    if not covers[k]:
+        pred_k = (z_va @ weights[k].T + biases[k]).argmax(1)
+        never = [names[c] for c in val_classes if not (pred_k == c).any()]
+        warn(f"fit_sparse_model: no point of the path predicts, on the validation split, every "
+             f"class its targets hold there: the chosen one never predicts "
+             f"{', '.join(map(repr, never[:10]))}, so it does not explain those. Fit on more "
+             f"instances of them (a larger or richer training set), or lower eps (now {eps:g}) "
+             f"for a denser end of the path.", UserWarning, stacklevel=2)
+    elif class_fid[k].min() < 0.5:
+        worst = int(class_fid[k].argmin())
+        warn(f"fit_sparse_model: the chosen point matches the targets of "
+             f"{names[val_classes[worst]]!r} on only {class_fid[k][worst]:.0%} of their "
+             f"validation instances (its accuracy over all of them is {val_fid[k]:.3f}), so it "
+             f"explains that class poorly. "
+             + ("choose_by='balanced' chooses by the mean of the classes' fidelities, which "
+                "counts each class alike (a rare one as much as the others)."
+                if choose_by == "accuracy" else
+                "Fit on more instances of that class, or lower tolerance (now "
+                f"{tolerance:g}) for a denser point."), UserWarning, stacklevel=2)
     if unpolished:
         chosen = next((f"{v:.3g}" for i, v, _, _ in unpolished if i == k), None)
         capped = any(ran_out for *_, ran_out in unpolished)
@@ -819,7 +895,15 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
                 # taken for constant (weight 0): no spread, or rounding noise (rounding_step)
                 "constant_features": np.nonzero(constant)[0].tolist(),
                 "choice_final": bool(used == n_lambdas
-                                     or val_fid[k] >= 1.0 - tolerance - 1e-12)})
+                                     or val_fid[k] >= 1.0 - tolerance - 1e-12),
+                # chosen among the points that predict every class of the validation targets
+                # (choose_covering), where any does
+                "path_predicts_every_class": covers[sl].tolist(),
+                "predicts_every_class": bool(covers[k]),
+                "choose_by": choose_by,
+                "path_val_balanced_fidelity": bal_fid[sl].tolist(),
+                "val_class_fidelity": {names[c]: float(f)
+                                       for c, f in zip(val_classes, class_fid[k])}})
 
 
 def _chain(*iterables):
