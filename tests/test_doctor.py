@@ -434,6 +434,14 @@ def test_a_decision_layer_given_that_cannot_compute_the_logits_is_refused_at_con
     assert "one output per class, or 1 for a binary model" in str(e.value)
     assert "Pass decision_layer= the final nn.Linear" in str(e.value)
     assert "leave decision_layer out" in str(e.value)
+    # the layer may be the final one, with class names of another length: that is said too
+    with pytest.raises(AdapterError, match=r"If it is the model's final layer \(its outputs are "
+                                           r"the logits\), class_names is what is wrong: give "
+                                           r"one name per output \(2 names\)"):
+        from multiviz_widgets import Tabular, TimeSeries
+        ModelAdapter(HeadFirst().eval(), [Tabular("vitals", columns=["hr", "bp", "t"]),
+                                          TimeSeries("ecg", window=5, channels=["a", "b"])],
+                     ["a", "b", "c"], decision_layer="classifier")
     # the layers that can be the logits' are taken: one per class, a binary model's one logit
     assert _tabular_series(HeadFirst().eval(), decision_layer="classifier")
     one = ModelAdapter(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)),
