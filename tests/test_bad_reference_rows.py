@@ -267,11 +267,11 @@ class AlwaysFails(Bilinear):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x4 and 5x3)")
 
 
-def test_the_models_own_errors_still_raise_and_leave_nothing_out():
+def test_a_model_that_fails_on_every_row_still_raises_and_leaves_nothing_out():
     items, labels = instances(8, seed=3), labels_of(8)
     items[5]["tabular"] = torch.tensor([99.0, 0.0, 0.0, 0.0])
     ds = dataset(items, labels)
-    for model in (FailsOnLargeValues(), AlwaysFails()):
+    for model in (AlwaysFails(),):
         ad = adapter(model)
         for call in (lambda: emap_gap(ad, ds, n=None),
                      lambda: interaction_type(ad, 0, reference=ds),
@@ -283,9 +283,56 @@ def test_the_models_own_errors_still_raise_and_leave_nothing_out():
             assert not left_out_warnings(record)
 
 
-def test_a_model_that_fails_on_one_row_names_it_as_before():
+def test_a_model_that_fails_on_one_row_leaves_it_out_when_drawn_and_names_it_when_given():
     items, labels = instances(8, seed=3), labels_of(8)
     items[5]["tabular"] = torch.tensor([99.0, 0.0, 0.0, 0.0])
-    ad = adapter(FailsOnLargeValues())
-    with pytest.raises(ModelInputError, match="instance"):
-        emap_gap(ad, dataset(items, labels), n=None)
+    ad, ds = adapter(FailsOnLargeValues()), dataset(items, labels)
+    r, said = run_recording(lambda: emap_gap(ad, ds, n=None))
+    assert r["left_out"] == [5] and len(said) == 1
+    t, said = run_recording(lambda: interaction_type(ad, 0, reference=ds, n_reference=8))
+    assert t["left_out"] == [5] and len(said) == 1
+    d, said = run_recording(lambda: dime(ad, ds, 0, n_samples=8, n_reference=8))
+    assert d.params["left_out"] == [5] and len(said) == 1
+    assert "the model cannot run instance 5 alone" in said[0], said
+    assert list(d.reference_indices) == [k for k in range(8) if k != 5]
+    with pytest.raises(ModelInputError, match="instance 5 of the indices given|instances given"):
+        emap_gap(ad, ds, indices=range(8))
+    with pytest.raises(ModelInputError, match="dime: the model cannot run instance 5 of the "
+                                              "reference_indices given, alone"):
+        dime(ad, ds, 0, n_samples=8, reference_indices=range(8))
+
+
+# -- a row the model cannot run alone ---------------------------------------------------------
+def with_short_row(n=N, short=BAD):
+    """(a dataset whose row ``short`` has a series of 7 steps, which the adapter takes and the
+    model (a Linear over 8 x 2 values) cannot run, the indices of the other rows)."""
+    items, labels = instances(n, seed=3), labels_of(n)
+    spoilt = [dict(it) for it in items]
+    spoilt[short]["series"] = items[short]["series"][:7]
+    return dataset(spoilt, labels), [k for k in range(n) if k != short]
+
+
+def test_a_row_the_model_cannot_run_alone_is_left_out_of_what_is_drawn():
+    """A 47-step series among 48-step ones: interaction_type and dime raised the model's bare
+    error without the instance, emap_gap named it as "emap: ... of the 12 instances given" and
+    advised indices=, which then made every refused row an error."""
+    ad = adapter()
+    bad, kept = with_short_row()
+    r, said = run_recording(lambda: emap_gap(ad, bad, n=None))
+    assert len(said) == 1 and said[0].startswith(
+        f"emap_gap: 1 of the {N} instances of the dataset is left out, as the model cannot run "
+        f"instance {BAD} alone (on instance {BAD}: "), said
+    assert r["left_out"] == [BAD] and r["left_out_why"][BAD].startswith("the model fails on it")
+    same_gap(r, emap_gap(ad, bad, indices=kept))
+    t, said = run_recording(lambda: interaction_type(ad, 0, reference=bad, n_reference=N))
+    assert len(said) == 1 and "the model cannot run instance 5 alone" in said[0], said
+    assert t["left_out"] == [BAD] and t["reference_size"] == N - 1
+    given = interaction_type(ad, 0, reference=bad, reference_indices=kept)
+    np.testing.assert_equal({k: v for k, v in t.items() if not k.startswith("left_out")},
+                            {k: v for k, v in given.items() if not k.startswith("left_out")})
+    # given by index: an error naming it as given, and the method
+    with pytest.raises(ModelInputError, match=r"interaction_type: the model cannot run instance "
+                                              r"5 of the reference_indices given, alone"):
+        interaction_type(ad, 0, reference=bad, reference_indices=range(N))
+    with pytest.raises(ModelInputError, match=r"^emap_gap: the model cannot run 1 of the 12 "):
+        emap_gap(ad, bad, indices=range(N))

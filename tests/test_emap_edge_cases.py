@@ -282,8 +282,12 @@ def test_an_instance_the_model_cannot_run_is_named_with_how_to_leave_it_out(fact
     with pytest.raises(ModelInputError, match=r"\(dataset indices 5\).*indices=\[i for i in "
                                               r"indices if i not in \{5\}\]"):
         emap(adapter, ds, indices=[1, 5, 6], factorized=factorized)
-    with pytest.raises(ModelInputError, match=r"cannot run 1 of the 8 .*\(dataset indices 5\)"):
-        emap_gap(adapter, ds, n=None)
+    with pytest.raises(ModelInputError, match=r"^emap_gap: the model cannot run 1 of the 8 .*"
+                                              r"\(dataset indices 5\)"):
+        emap_gap(adapter, ds, indices=range(8))
+    # drawn (n=None: every instance), it is left out, as one the adapter refuses
+    with pytest.warns(UserWarning, match="the model cannot run instance 5 alone"):
+        assert emap_gap(adapter, ds, n=None)["left_out"] == [5]
     items = [ds[i] for i in range(8)]
     with pytest.raises(ModelInputError, match=r"\(positions in the list 5\).*pass a list "
                                               r"without it"):

@@ -686,6 +686,48 @@ def leave_out_refused(adapter: ModelAdapter, dataset, idx, what: str,
     return kept, why
 
 
+def leave_out_unrunnable(adapter: ModelAdapter, dataset, idx, error: RuntimeError, what: str,
+                         batch_size: int, given: str | None, drawn: str, after: str,
+                         stacklevel: int = 2) -> tuple[np.ndarray, dict[int, str]]:
+    """After the model failed with ``error`` on pairs of the instances ``idx`` of a dataset:
+    (idx without those whose own inputs the model cannot run, {dataset index: why}), those left
+    out said in one UserWarning ending with ``after`` ("{kept}": how many are kept). ``error``
+    is raised again when it is about memory, when the model runs every instance alone (the
+    failure is a pair's) or none of them (the model does not take these inputs at all). given:
+    the parameter with which the user chose idx ("reference_indices"), or None when they were
+    drawn (``drawn`` says how); given ones are an error naming them as given. Fewer than 2
+    left: a ValueError. Cost: one forward pass per instance, only after a failure."""
+    from ..notices import warn
+    if memory_error(error):
+        raise error
+    idx = np.asarray(idx, dtype=np.int64)
+    shapes = ShapeGroups(adapter, [dataset[int(i)] for i in idx], idx)
+    bad, ran = shapes.unrunnable(adapter.forward, batch_size)
+    if not bad or not ran:
+        raise error
+    failed = {int(idx[k]): f.error for k, f in bad.items()}
+    first_i, first = next(iter(failed.items()))
+    listed = instance_list(list(failed))
+    if given is not None:
+        raise ModelInputError(
+            f"{what}: the model cannot run {listed} of the {given} given, alone: every "
+            f"reference meets every other, so it needs all of them; remove "
+            f"{'it' if len(failed) == 1 else 'them'} from {given}, or make the model take "
+            f"{'its' if len(failed) == 1 else 'their'} inputs. On instance {first_i}: {first}"
+        ) from error
+    kept = idx[~np.isin(idx, list(failed))]
+    why = {i: f"the model fails on it: {e}" for i, e in failed.items()}
+    if len(kept) < 2:
+        raise ValueError(f"{what}: of the {len(idx)} {drawn}, the model runs {len(kept)} "
+                         f"alone, and at least 2 are needed; on instance {first_i}: {first}"
+                         ) from error
+    warn(f"{what}: {len(failed)} of the {len(idx)} {drawn} "
+         f"{'is' if len(failed) == 1 else 'are'} left out, as the model cannot run "
+         f"{listed} alone (on instance {first_i}: {first}). {after.format(kept=len(kept))}",
+         UserWarning, stacklevel=stacklevel + 1)
+    return kept, why
+
+
 def leave_out_refused_references(adapter: ModelAdapter, dataset, idx, what: str,
                                  reference_indices, n_reference, seed, averages: str,
                                  listed: str, stacklevel: int = 2

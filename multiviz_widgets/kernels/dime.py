@@ -28,8 +28,9 @@ from ..results import Result, Stopwatch
 from ..checks import positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
                      check_instance_rows_independent, check_model_takes, dataset_index,
-                     dataset_indices, leave_out_refused_references, masked_continuous,
-                     modality_pair, resolve_target, sample_indices)
+                     dataset_indices, drawn_references, leave_out_refused_references,
+                     leave_out_unrunnable, masked_continuous, modality_pair, resolve_target,
+                     sample_indices)
 from .split_model import (FusedPairs, check_factorized, same_or_reject, steady_progress,
                           with_split)
 
@@ -266,7 +267,8 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
     and an intercept) give one UserWarning, and ``params["underdetermined"]`` (with
     ``params["underdetermined_modalities"]``) says so.
     A drawn reference whose input the adapter refuses (a shape its modality does not take, a
-    NaN) is left out with one UserWarning naming it, DIME's averages taken over the others
+    NaN), or that the model cannot run alone (after a failure, ``leave_out_unrunnable``), is
+    left out with one UserWarning naming it, DIME's averages taken over the others
     (``params["n_reference"]``, ``reference_indices``); ``params["left_out"]`` lists those left
     out, ``params["left_out_why"]`` {index: the adapter's error}. One given in
     ``reference_indices`` is an error (remove it from them), as is the explained instance's own
@@ -304,30 +306,56 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
             adapter, dataset, ref_idx, "dime", reference_indices, n_reference, seed,
             "DIME's averages", 'params["left_out"]')
         t = resolve_target(adapter, p, target)
-        # the references grouped by input shapes: one group (one batch) when they share one
-        refs = ShapeGroups(adapter, [dataset[int(i)] for i in ref_idx], ref_idx)
-        n = len(ref_idx)
-        cost = [1 if target is None else 0, 0]      # forward passes; fused pairs among them
-        # progress counts the N^2 reference pairs, then LIME's masks, each mask about N pairs
-        # (UC's terms cost N per mask, or 2N with design="joint"; MI takes them from UC's)
-        phases = 4 if design == "per_modality" else 2
-        total = n * n + phases * n_samples * n
-        step = steady_progress(progress, total)
-        step(0, REFERENCE_PAIRS)
-        if len(adapter.names) == 2:
-            try:
-                terms, kind, note = with_split(adapter, factorized, a, lambda split: _DimeFused(
-                    adapter, p, t, refs, split, batch_size, cost, step))
-            except RuntimeError:
-                check_model_takes(adapter, p.raw, *refs.raws)   # inputs the model cannot take
-                raise
-        elif factorized not in (None, False):
+        if len(adapter.names) != 2 and factorized not in (None, False):
             raise ValueError(f"factorized={factorized!r}: DIME splits only two-modality models "
                              f"(the adapter has {adapter.names}).")
-        else:
-            terms, kind, note = None, "none", "DIME splits only two-modality models"
-        if terms is None:
-            terms = _DimeForwards(adapter, p, t, refs, (a, b), batch_size, cost, step)
+        cost = [1 if target is None else 0, 0]      # forward passes; fused pairs among them
+
+        def reference_terms(ref_idx):
+            """(the references' ShapeGroups, N, the progress total and step, and the terms
+            (terms, kind, note) against them; the N^2 reference pairs are computed here)."""
+            # the references grouped by input shapes: one group (one batch) when they share one
+            refs = ShapeGroups(adapter, [dataset[int(i)] for i in ref_idx], ref_idx)
+            n = len(ref_idx)
+            # progress counts the N^2 reference pairs, then LIME's masks, each mask about N
+            # pairs (UC's terms cost N per mask, or 2N with design="joint"; MI takes them from
+            # UC's)
+            phases = 4 if design == "per_modality" else 2
+            total = n * n + phases * n_samples * n
+            step = steady_progress(progress, total)
+            step(0, REFERENCE_PAIRS)
+            if len(adapter.names) == 2:
+                try:
+                    terms, kind, note = with_split(adapter, factorized, a, lambda split: (
+                        _DimeFused(adapter, p, t, refs, split, batch_size, cost, step)))
+                except RuntimeError:
+                    check_model_takes(adapter, p.raw)     # the instance's own inputs first
+                    raise
+            else:
+                terms, kind, note = None, "none", "DIME splits only two-modality models"
+            if terms is None:
+                terms = _DimeForwards(adapter, p, t, refs, (a, b), batch_size, cost, step)
+            return refs, n, total, step, (terms, kind, note)
+        try:
+            refs, n, total, step, (terms, kind, note) = reference_terms(ref_idx)
+        except RuntimeError as e:
+            # a reference the model cannot run alone: left out (said) when drawn, an error
+            # when given in reference_indices= (and the model's own error when it runs them
+            # all alone, or none)
+            try:
+                ref_idx, more = leave_out_unrunnable(
+                    adapter, dataset, ref_idx, e, "dime", batch_size,
+                    given=None if reference_indices is None else "reference_indices",
+                    drawn=drawn_references(len(dataset), n_reference, seed),
+                    after=("DIME's averages take the other {kept} (params[\"left_out\"] lists "
+                           "those left out); reference_indices= chooses the references."))
+            except RuntimeError as again:
+                if again is e:               # none runs alone: say which inputs do not fit
+                    check_model_takes(adapter, *ShapeGroups(
+                        adapter, [dataset[int(i)] for i in ref_idx], ref_idx).raws)
+                raise
+            left = {**left, **more}
+            refs, n, total, step, (terms, kind, note) = reference_terms(ref_idx)
 
         cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         at_instance: list[tuple[float, float]] = []     # (UC, f) at the all-ones mask

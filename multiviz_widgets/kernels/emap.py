@@ -29,8 +29,8 @@ from ..results import Result, Stopwatch
 from ..checks import is_integer, positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
                      check_instance_rows_independent, dataset_index, dataset_indices,
-                     leave_out_refused, leave_out_refused_references, memory_error,
-                     sample_indices)
+                     drawn_references, leave_out_refused, leave_out_refused_references,
+                     leave_out_unrunnable, memory_error, sample_indices)
 from .split_model import (Encodings, FusedPairs, Split, check_factorized, same_or_reject,
                           steady_progress, with_split)
 
@@ -231,7 +231,8 @@ def _emap(adapter: ModelAdapter, instances, target, progress: ProgressFn, indice
             try:
                 own = _own_outputs(shapes, out_fn, batch_size, step, passes)
             except RuntimeError as e:
-                _raise_unrunnable(e, shapes, out_fn, batch_size, idx, dataset, subset)
+                _raise_unrunnable(e, shapes, out_fn, batch_size, idx, dataset, subset,
+                                  cost.caller)
                 raise
             _raise_own_not_finite(own, idx)
         sums, kinds, notes = [], [], []
@@ -251,7 +252,8 @@ def _emap(adapter: ModelAdapter, instances, target, progress: ProgressFn, indice
                                         done, passes, "EMAP pairs", cost)
             except RuntimeError as e:
                 # inputs the model cannot take: an error naming the instances
-                _raise_unrunnable(e, shapes, out_fn, batch_size, idx, dataset, subset)
+                _raise_unrunnable(e, shapes, out_fn, batch_size, idx, dataset, subset,
+                                  cost.caller)
                 raise
             kinds.append(kind)
             if why:                   # why not split, or what to know about the split used
@@ -337,7 +339,8 @@ def _own_outputs(shapes: ShapeGroups, out_fn: Callable, batch_size: int,
 
 
 def _raise_unrunnable(error: RuntimeError, shapes: ShapeGroups, out_fn: Callable,
-                      batch_size: int, idx: np.ndarray, dataset: bool, subset: bool) -> None:
+                      batch_size: int, idx: np.ndarray, dataset: bool, subset: bool,
+                      caller: str = "emap") -> None:
     """After the pairs (or a split's encoding of the instances) failed with ``error``: raise a
     ModelInputError naming the instances whose own inputs the model cannot run, which EMAP
     cannot use (every instance meets every other), and saying to leave them out. Returns
@@ -355,7 +358,7 @@ def _raise_unrunnable(error: RuntimeError, shapes: ShapeGroups, out_fn: Callable
     if not ran:                       # none runs: the inputs do not fit the model at all
         tried = (f"any of the {shapes.n} instances given" if len(bad) == shapes.n else
                  f"any of the {len(bad)} instances it tried alone (of {shapes.n})")
-        raise ModelInputError(f"emap: the model cannot run {tried}; on instance {names[0]}: "
+        raise ModelInputError(f"{caller}: the model cannot run {tried}; on instance {names[0]}: "
                               f"{first.error}") from first.error
     what = ("dataset indices" if dataset else "indices in the list" if subset
             else "positions in the list")
@@ -371,7 +374,7 @@ def _raise_unrunnable(error: RuntimeError, shapes: ShapeGroups, out_fn: Callable
     else:
         hint = f"pass a list without {'it' if one else 'them'}"
     raise ModelInputError(
-        f"emap: the model cannot run {len(names)} of the {shapes.n} instances given ({what} "
+        f"{caller}: the model cannot run {len(names)} of the {shapes.n} instances given ({what} "
         f"{shown}): EMAP pairs every instance with every other, so it needs all of them; leave "
         f"{'it' if one else 'them'} out of the set ({hint}), or make the model take "
         f"{'its' if one else 'their'} inputs. On instance {names[0]}: {first.error}"
@@ -657,7 +660,8 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
     interval for the label gap (``paired_difference_interval``). It takes EMAP's projection as
     computed: its averages over the N references vary too, far less at N = 100 and more.
     A drawn instance (indices=None) whose input the adapter refuses (``common.refused_inputs``:
-    a shape its modality does not take, a NaN) is left out with one UserWarning naming it, and
+    a shape its modality does not take, a NaN), or that the model cannot run alone (after a
+    failure, ``common.leave_out_unrunnable``), is left out with one UserWarning naming it, and
     everything is computed on the others (``n``, ``indices``); ``left_out`` lists those left
     out, ``left_out_why`` {index: the adapter's error}. One given in ``indices`` is an error
     (remove it from them). Fewer than 2 left: a ValueError. The model's own errors are raised.
@@ -703,18 +707,35 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
     if repeats > 1 and len(adapter.names) == 2:
         raise ValueError("emap_gap: with two modalities EMAP is exact (all N x N pairs), so "
                          "repeats would give the same gap; leave repeats at 1.")
-    runs = []
-    cost = _PairCost("emap_gap", progress, repeats)     # one warning for all the runs
     seeds = [seed] + ([None] * (repeats - 1) if seed is None else [
         int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(
             repeats - 1)])
-    for k in range(repeats):
-        step = None if progress is None else (
-            lambda d, t, m="", k=k: report(progress, k * t + d, repeats * t, m))
-        with torch.no_grad():           # (emap's decorator)
-            runs.append(_emap(adapter, dataset, target=None, progress=step, indices=idx,
-                              batch_size=batch_size, keep_matrix=False, factorized=None,
-                              seed=seeds[k], cost=cost))
+
+    def run_all(idx) -> list[EmapResult]:
+        runs = []
+        cost = _PairCost("emap_gap", progress, repeats)     # one warning for all the runs
+        for k in range(repeats):
+            step = None if progress is None else (
+                lambda d, t, m="", k=k: report(progress, k * t + d, repeats * t, m))
+            with torch.no_grad():           # (emap's decorator)
+                runs.append(_emap(adapter, dataset, target=None, progress=step, indices=idx,
+                                  batch_size=batch_size, keep_matrix=False, factorized=None,
+                                  seed=seeds[k], cost=cost))
+        return runs
+    try:
+        runs = run_all(idx)
+    except RuntimeError as e:
+        if indices is not None:       # given: the error names them (emap's)
+            raise
+        # an instance the model cannot run alone: left out (said), as one the adapter refuses
+        idx, more = leave_out_unrunnable(
+            adapter, dataset, idx, e, "emap_gap", batch_size, given=None,
+            drawn=("instances of the dataset" if n is None or n >= len(dataset)
+                   else f"instances drawn (n={n}, seed={seed})"),
+            after='The gap is taken over the other {kept} ("left_out" lists those left out).')
+        left = {**left, **more}
+        used = None if labels is None else np.asarray(labels)[idx]
+        runs = run_all(idx)
     r = runs[0]
     pred = r.logits.argmax(1)
     pred_hat = np.mean([run.emap_logits for run in runs], axis=0).argmax(1)
@@ -934,7 +955,8 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
     instance among the same references, in the same order, and the same seed, its numbers are
     emap's). ``seed`` also draws the ``n_reference`` references of a dataset.
     A drawn reference whose input the adapter refuses (a shape its modality does not take, a
-    NaN) is left out with one UserWarning naming it, the averages taken over the others
+    NaN), or that the model cannot run alone (after a failure, ``leave_out_unrunnable``), is
+    left out with one UserWarning naming it, the averages taken over the others
     (``reference_size``); ``left_out`` lists those left out (with a dataset as reference),
     ``left_out_why`` {index: the adapter's error}. One given in ``reference_indices`` is an
     error (remove it from them), as is the instance's own input refused; fewer than 2 left: a
@@ -989,6 +1011,30 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
                              "a list of instances.")
         refs, idx = _instances(reference, reference_indices)
         own = None
+    run = (lambda refs, idx: _typed_against(adapter, instance, own, refs, idx, seed, batch_size,
+                                            factorized, progress))
+    try:
+        out = run(refs, idx)
+    except RuntimeError as e:
+        if left is None:             # a list of references: the model's error, as it is
+            raise
+        # a reference the model cannot run alone: left out (said) when drawn, an error when
+        # given in reference_indices=
+        idx, more = leave_out_unrunnable(
+            adapter, reference, idx, e, "interaction_type", batch_size,
+            given=None if reference_indices is None else "reference_indices",
+            drawn=drawn_references(len(reference), n_reference, seed),
+            after=("EMAP's averages take the other {kept} (\"left_out\" lists those left out); "
+                   "reference_indices= chooses the references."), stacklevel=3)
+        left = {**left, **more}
+        out = run([reference[int(i)] for i in idx], idx)
+    return out | ({"left_out": list(left), "left_out_why": left} if left is not None else {})
+
+
+def _typed_against(adapter: ModelAdapter, instance, own, refs: Sequence[Mapping], idx,
+                   seed, batch_size: int, factorized, progress: ProgressFn) -> dict:
+    """``interaction_type``'s label of ``instance`` (own: its collated inputs, or None)
+    against the references ``refs`` (idx: their indices)."""
     names = adapter.names
     if len(names) < 2:
         raise ValueError(f"Interaction types need two or more modalities; the adapter has {names}.")
@@ -1054,8 +1100,7 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
             "there.")
     step(total, "interaction type")
     how = _factorization(ref_pairs, kinds, notes)
-    out = {"left_out": list(left), "left_out_why": left} if left is not None else {}
-    return _label(logits, parts, grand, adapter.class_names) | {"reference_size": n} | how | out
+    return _label(logits, parts, grand, adapter.class_names) | {"reference_size": n} | how
 
 
 def _typed_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
