@@ -253,6 +253,22 @@ def padding_mismatch(model: nn.Module, modality: Modality, layer: nn.Module) -> 
             f"at id {pad_row}), or Text(..., pad_token=<the token at id {pad_row}>).")
 
 
+def _where_not_finite(modality: Modality, row: torch.Tensor) -> str:
+    """Where a row of a tabular input or a series is NaN or infinite, for its error: " (in
+    column 'bmi')", " (in channel 'hr', 3 time steps)"; "" for other kinds."""
+    bad = ~torch.isfinite(row)
+    names = getattr(modality, "columns", None) or getattr(modality, "channels", None)
+    if not names or bad.shape[-1] != len(names):
+        return ""
+    per = bad.reshape(-1, bad.shape[-1])
+    which = [str(names[j]) for j in range(len(names)) if bool(per[:, j].any())]
+    kind = "column" if getattr(modality, "columns", None) else "channel"
+    shown = ", ".join(repr(w) for w in which[:5]) + (", ..." if len(which) > 5 else "")
+    steps = (f", {int(per.any(1).sum())} time step{'s' if int(per.any(1).sum()) > 1 else ''}"
+             if per.shape[0] > 1 else "")
+    return f" (in {kind}{'s' if len(which) > 1 else ''} {shown}{steps})"
+
+
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     try:
         return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
@@ -1058,9 +1074,10 @@ class ModelAdapter:
             if not bool(finite.all()):
                 k = int((~finite).nonzero()[0, 0])
                 raise AdapterError(
-                    f"Modality {name!r}{of.format(number(k))} holds non-finite values (NaN or infinity): "
-                    "the model's outputs and every explanation would be NaN. Replace them (for "
-                    "example impute missing values) before explaining the instance.")
+                    f"Modality {name!r}{of.format(number(k))} holds non-finite values (NaN or "
+                    f"infinity){_where_not_finite(self.modalities[name], x[k])}: the model's "
+                    "outputs and every explanation would be NaN. Replace them (for example "
+                    "impute missing values) before explaining the instance.")
             if (dtype is not None and x.is_floating_point() and x.dtype != dtype
                     # bfloat16 ends at 3.39e38, float32 at 3.40e38: a float32 value between the
                     # two is not worth a pass over every batch; float16 (65504) is, and so is

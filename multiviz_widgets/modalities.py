@@ -1288,7 +1288,29 @@ def _pandas_numbers(v, name: str) -> np.ndarray:
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name}: expected numbers, but the pandas {type(v).__name__} (dtype "
                         f"{', '.join(sorted({str(d) for d in dtypes}))}) holds values that are "
-                        f"not ({e}). Convert or drop the non-numeric columns.") from None
+                        f"not ({e}){_non_numeric(v)}. Convert them to the numbers the model was "
+                        f"trained on (a category one-hot encoded, as in training), or drop the "
+                        f"columns the model does not take.") from None
+
+
+def _non_numeric(v) -> str:
+    """Which entries of a pandas row (a Series indexed by column) or columns of a DataFrame
+    hold values that are not numbers: " in 'sex_M'"; "" when it cannot be told."""
+    import numbers
+    try:
+        if v.ndim == 1:
+            bad = [k for k, x in v.items() if not (isinstance(x, numbers.Number) or x is None
+                                                   or _is_missing(x))]
+        else:
+            bad = [c for c in v.columns
+                   if not all(isinstance(x, numbers.Number) or x is None or _is_missing(x)
+                              for x in v[c])]
+    except Exception:  # noqa: BLE001 -- only for the message
+        return ""
+    if not bad:
+        return ""
+    shown = ", ".join(repr(str(b)) for b in bad[:5]) + (", ..." if len(bad) > 5 else "")
+    return f" in {shown}"
 
 
 def _missing(value) -> bool:

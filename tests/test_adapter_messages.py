@@ -283,3 +283,36 @@ def test_the_message_for_a_layer_not_called_on_the_texts_ids_is_kept(embed):
     text = str(_substitution_error(Other()))
     assert "was never called on the token ids of 'question'" in text
     assert "built from" not in text
+
+
+# -- 3. which column of a tabular row is wrong ------------------------------------------------
+
+def test_a_non_finite_or_non_numeric_column_of_a_tabular_row_is_named():
+    """A NaN in one column said only "Modality 'record' holds non-finite values", and a column
+    of strings "Convert or drop the non-numeric columns" (dropping a model's column fails)."""
+    import pandas as pd
+    from multiviz_widgets import Tabular, TimeSeries
+
+    class Tab(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(3 + 4, 2)
+
+        def forward(self, record, vitals):
+            return self.head(torch.cat([record, vitals.mean(1)], 1))
+    adapter = ModelAdapter(Tab().eval(), [Tabular("record", columns=["age", "bmi", "sex_M"]),
+                                          TimeSeries("vitals", window=2, channels=list("abcd"))],
+                           ["survived", "died"])
+    series = torch.zeros(6, 4)
+    row = pd.DataFrame({"age": [61.0], "bmi": [float("nan")], "sex_M": [1.0]}).iloc[0]
+    with pytest.raises(AdapterError, match=r"holds non-finite values \(NaN or infinity\) "
+                                           r"\(in column 'bmi'\)"):
+        adapter.prepare({"record": row, "vitals": series})
+    bad_series = series.clone()
+    bad_series[2:4, 1] = float("inf")
+    with pytest.raises(AdapterError, match=r"\(in channel 'b', 2 time steps\)"):
+        adapter.prepare({"record": [61.0, 27.0, 1.0], "vitals": bad_series})
+    row = pd.DataFrame({"age": [61.0], "bmi": [27.0], "sex_M": ["F"]}).iloc[0]
+    with pytest.raises(TypeError, match=r"in 'sex_M'\. Convert them to the numbers the model "
+                                        r"was trained on"):
+        adapter.prepare({"record": row, "vitals": series})
