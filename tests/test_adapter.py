@@ -1026,6 +1026,8 @@ def test_a_binary_model_that_ends_in_a_sigmoid_is_told_to_return_the_logit():
             TimeSeries("series", window=4, channels=["x", "y"])]
     r = check(ModelAdapter(Sigmoid(n=1).eval(), mods, ["no", "yes"]), drop_norm_instance())
     assert "sigmoid-output" in r.codes() and not r.ok and "return the logit" in str(r), str(r)
+    # the sigmoid is the one fix: no advice to pass another decision layer beside it
+    assert "decision-not-last" not in r.codes(), str(r)
     squeezed = ModelAdapter(Squeezed(n=1).eval(), mods, ["no", "yes"])
     assert squeezed.predict(squeezed.prepare(drop_norm_instance()).raw).shape == (1, 2)
     assert "sigmoid-output" not in check(squeezed, drop_norm_instance()).codes()
