@@ -205,3 +205,5 @@ def test_an_explorer_held_deeper_or_by_a_name_with_an_underscore_stays_open(note
     finally:
         for e in [*held, *ns["tabs"].children, ns["ex_test"]]:
             e.close()
+        ns["tabs"].close()           # (a Tab left open holding closed Explorers breaks the
+                                     # state of every widget read after it)
