@@ -985,3 +985,28 @@ def test_a_held_out_split_without_a_rare_class_is_drawn_class_by_class():
     train, val = _validation_split(balanced, 0.2, np.random.default_rng(3))
     perm = np.random.default_rng(3).permutation(100)
     assert list(val) == list(perm[:20]) and list(train) == list(perm[20:])
+
+
+def test_a_class_of_one_instance_or_one_validation_instance_does_not_switch_the_rule_off():
+    """The one instance of a third class in validation (a class no point can predict, having
+    no weights) made every point 'not covering', and the all-zero model was chosen again; on
+    20 instances of 5 classes, a class's one validation instance misclassified was said to be
+    never predicted."""
+    from multiviz_widgets.kernels.prediction import _validation_split
+    h, y = _imbalanced()
+    y = y.copy()
+    y[7] = 2                                    # one instance of a third class
+    for seed in range(30):
+        train, val = _validation_split(y, 0.2, np.random.default_rng(seed))
+        assert 7 in train
+    m = fit_sparse_model((h, y), class_names=["survived", "died", "other"],
+                         choose_by="balanced")
+    assert (m.predict(h) == 1).sum() >= 0.8 * (y == 1).sum()
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(5), 4)
+    h = rng.normal(size=(20, 8)) + 3 * np.eye(8)[y]
+    for seed in range(6):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            m = fit_sparse_model((h, y), seed=seed)
+        assert m.params["choice_final"]

@@ -540,8 +540,9 @@ def choose_sparsity(nonzeros: Sequence[int], val_fidelity: Sequence[float],
 
 def choose_covering(nonzeros: Sequence[int], val_fidelity: Sequence[float],
                     covers: Sequence[bool], tolerance: float = 0.01) -> int:
-    """``choose_sparsity`` among the path points that predict, on the validation split, every
-    class the targets hold there (``covers``), when any does; else among all points. Plain
+    """``choose_sparsity`` among the path points that predict every class of the training
+    targets (``covers``: on the training and validation data), when any does; else among all
+    points. Plain
     fidelity (accuracy) alone chose, on a task where 1% of the targets are one class, the
     all-zero model that never predicts it: 0.99 is within 0.01 of the best."""
     ok = np.flatnonzero(np.asarray(covers, dtype=bool))
@@ -554,14 +555,16 @@ def choose_covering(nonzeros: Sequence[int], val_fidelity: Sequence[float],
 def _validation_split(y: np.ndarray, val_fraction: float, rng) -> tuple[np.ndarray, np.ndarray]:
     """(training rows, validation rows) of a random split holding out ``val_fraction``; when it
     would leave a class of two or more instances out of either side (a rare class: about 1 draw
-    in 10 at 10% of 100 instances), each class is split on its own in that proportion (at least
-    one instance on each side), so that the choice of sparsity sees every class."""
+    in 10 at 10% of 100 instances), or put the one instance of a class in validation (where no
+    model fitted without it can predict it), each class is split on its own in that proportion
+    (at least one instance on each side; a class of one instance in training), so that the
+    choice of sparsity sees every class."""
     perm = rng.permutation(len(y))
     n_val = max(1, int(round(val_fraction * len(y))))
     val, train = perm[:n_val], perm[n_val:]
     classes, counts = np.unique(y, return_counts=True)
     several = set(classes[counts >= 2].tolist())
-    if several <= set(y[val].tolist()) and several <= set(y[train].tolist()):
+    if several <= set(y[val].tolist()) and set(classes.tolist()) <= set(y[train].tolist()):
         return train, val
     val_parts, train_parts = [], []
     for c in classes:
@@ -640,10 +643,12 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     targets matched, MultiViz's) or "balanced" (its mean over the classes of the validation
     targets: on a task where 1% of them are one class, accuracy is within 0.01 of the best for a
     model that never predicts it). Either way the choice is among the points that predict every
-    class of the validation targets, where any does (``choose_covering``; a held-out split
-    that would leave out a class of two or more instances is drawn class by class), and a
-    UserWarning says when the chosen point matches under half of one class's targets
-    (``params["val_class_fidelity"]``); ``val_fidelity`` is the accuracy either way.
+    class of the training targets, on the training and validation data, where any does
+    (``choose_covering``; a held-out split that would leave out a class of two or more
+    instances, or hold the one instance of a class, is drawn class by class), and a
+    UserWarning says when the chosen point matches under half of the validation targets of a
+    class that has two or more there (``params["val_class_fidelity"]``); ``val_fidelity`` is
+    the accuracy either way.
     Cost: no model pass; at most ``n_lambdas - 1`` warm-started fits over the training features
     (the first point, lambda_max, is exact: all weights zero), each polished (on easy-VQA, 0.1 to
     1.5 s a point, where SAGA takes 2 to 4 s); progress per path point.
@@ -770,10 +775,13 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     biases = np.full((n_lambdas, n_classes), -np.inf)
     nonzeros = np.zeros(n_lambdas, dtype=np.int64)
     val_fid = np.zeros(n_lambdas)
-    # whether each point predicts, on the validation split, every class of its targets there;
-    # the fidelity on each class's targets there, and their mean
+    # whether each point predicts every class of its training targets at least once, on the
+    # training and validation features (judged on validation alone, a class with one
+    # validation instance, misclassified, counted as never predicted); the fidelity on each
+    # class's validation targets (classes the training targets hold), and their mean
     covers = np.zeros(n_lambdas, dtype=bool)
-    val_classes = np.unique(y_va)
+    val_classes = np.intersect1d(np.unique(y_va), present)
+    val_counts = np.array([int((y_va == c).sum()) for c in val_classes])
     class_fid = np.zeros((n_lambdas, len(val_classes)))
     bal_fid = np.zeros(n_lambdas)
     test_fid = np.zeros(n_lambdas) if h_te is not None else None
@@ -810,9 +818,10 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
         nonzeros[i] = int((w != 0).sum())
         pred_va = (z_va @ weights[i].T + biases[i]).argmax(1)
         val_fid[i] = float((pred_va == y_va).mean())
-        covers[i] = bool(np.isin(val_classes, pred_va).all())
+        pred_tr = (z_tr @ weights[i].T + biases[i]).argmax(1)
+        covers[i] = bool(np.isin(present, np.concatenate([pred_tr, pred_va])).all())
         class_fid[i] = [float((pred_va[y_va == c] == c).mean()) for c in val_classes]
-        bal_fid[i] = float(class_fid[i].mean())
+        bal_fid[i] = float(class_fid[i].mean()) if len(val_classes) else val_fid[i]
         if z_te is not None:
             test_fid[i] = float(((z_te @ weights[i].T + biases[i]).argmax(1) == y_te).mean())
         now = time.perf_counter()
@@ -835,16 +844,17 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     sl = slice(0, used)
     by = val_fid if choose_by == "accuracy" else bal_fid
     k = choose_covering(nonzeros[sl], by[sl], covers[sl], tolerance)
+    shown = val_counts >= 2            # (a class of one validation instance says little)
     if not covers[k]:
-        pred_k = (z_va @ weights[k].T + biases[k]).argmax(1)
-        never = [names[c] for c in val_classes if not (pred_k == c).any()]
-        warn(f"fit_sparse_model: no point of the path predicts, on the validation split, every "
-             f"class its targets hold there: the chosen one never predicts "
+        pred_k = np.concatenate([(z @ weights[k].T + biases[k]).argmax(1) for z in (z_tr, z_va)])
+        never = [names[c] for c in present if not (pred_k == c).any()]
+        warn(f"fit_sparse_model: no point of the path predicts every class of its training "
+             f"targets (on the training and validation data): the chosen one never predicts "
              f"{', '.join(map(repr, never[:10]))}, so it does not explain those. Fit on more "
              f"instances of them (a larger or richer training set), or lower eps (now {eps:g}) "
              f"for a denser end of the path.", UserWarning, stacklevel=2)
-    elif class_fid[k].min() < 0.5:
-        worst = int(class_fid[k].argmin())
+    elif shown.any() and class_fid[k][shown].min() < 0.5:
+        worst = int(np.flatnonzero(shown)[class_fid[k][shown].argmin()])
         warn(f"fit_sparse_model: the chosen point matches the targets of "
              f"{names[val_classes[worst]]!r} on only {class_fid[k][worst]:.0%} of their "
              f"validation instances (its accuracy over all of them is {val_fid[k]:.3f}), so it "
@@ -895,7 +905,7 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
                 # taken for constant (weight 0): no spread, or rounding noise (rounding_step)
                 "constant_features": np.nonzero(constant)[0].tolist(),
                 "choice_final": bool(used == n_lambdas
-                                     or val_fid[k] >= 1.0 - tolerance - 1e-12),
+                                     or by[k] >= 1.0 - tolerance - 1e-12),
                 # chosen among the points that predict every class of the validation targets
                 # (choose_covering), where any does
                 "path_predicts_every_class": covers[sl].tolist(),
