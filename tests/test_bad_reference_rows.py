@@ -336,3 +336,26 @@ def test_a_row_the_model_cannot_run_alone_is_left_out_of_what_is_drawn():
         interaction_type(ad, 0, reference=bad, reference_indices=range(N))
     with pytest.raises(ModelInputError, match=r"^emap_gap: the model cannot run 1 of the 12 "):
         emap_gap(ad, bad, indices=range(N))
+
+
+def test_a_retry_without_a_row_goes_on_with_the_progress_and_warns_of_its_cost_once(monkeypatch):
+    """The retry reported from 0 of a smaller total after the first attempt's (132, 144), and
+    gave the cost warning again."""
+    from multiviz_widgets.kernels import emap as emap_module
+    monkeypatch.setattr(emap_module, "EMAP_WARN_SECONDS", 0.0)
+    ad = adapter()
+    bad, _ = with_short_row(short=N - 1)                  # the last row: found late
+    for call in (lambda p: emap_gap(ad, bad, n=None, batch_size=4, progress=p),
+                 lambda p: interaction_type(ad, 0, reference=bad, n_reference=N, batch_size=4,
+                                            progress=p),
+                 lambda p: dime(ad, bad, 0, n_samples=8, n_reference=N, batch_size=4,
+                                progress=p)):
+        seen = []
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            call(lambda d, t, m: seen.append((d, t)))
+        done = [d for d, _ in seen]
+        assert done == sorted(done) and len({t for _, t in seen}) == 1, seen
+        assert seen[-1][0] == seen[-1][1]
+        costs = [w for w in record if "at the rate of its first batches" in str(w.message)]
+        assert len(costs) <= 1

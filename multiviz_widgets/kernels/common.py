@@ -686,6 +686,29 @@ def leave_out_refused(adapter: ModelAdapter, dataset, idx, what: str,
     return kept, why
 
 
+class ResumedProgress:
+    """A progress callback that a retry goes on with (``leave_out_unrunnable``'s callers): its
+    reports are passed on as they are until ``resume()``; after it, the retry's counts fill
+    what the first attempt left of its total, so that done never goes back."""
+
+    def __init__(self, progress: ProgressFn):
+        self.progress, self.last, self.base = progress, (0, 0), None
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        if self.base is None:
+            self.last = (done, total)
+            report(self.progress, done, total, message)
+            return
+        first, whole = self.base
+        share = done / total if total > 0 else 1.0
+        report(self.progress, first + round((whole - first) * min(share, 1.0)), whole, message)
+
+    def resume(self) -> None:
+        """From now on, the counts are the retry's."""
+        if self.base is None:
+            self.base = self.last
+
+
 def leave_out_unrunnable(adapter: ModelAdapter, dataset, idx, error: RuntimeError, what: str,
                          batch_size: int, given: str | None, drawn: str, after: str,
                          stacklevel: int = 2) -> tuple[np.ndarray, dict[int, str]]:

@@ -30,7 +30,7 @@ from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter
                      check_instance_rows_independent, check_model_takes, dataset_index,
                      dataset_indices, drawn_references, leave_out_refused_references,
                      leave_out_unrunnable, masked_continuous, modality_pair, resolve_target,
-                     sample_indices)
+                     sample_indices, ResumedProgress)
 from .split_model import (FusedPairs, check_factorized, same_or_reject, steady_progress,
                           with_split)
 
@@ -310,6 +310,7 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
             raise ValueError(f"factorized={factorized!r}: DIME splits only two-modality models "
                              f"(the adapter has {adapter.names}).")
         cost = [1 if target is None else 0, 0]      # forward passes; fused pairs among them
+        progress = None if progress is None else ResumedProgress(progress)
 
         def reference_terms(ref_idx):
             """(the references' ShapeGroups, N, the progress total and step, and the terms
@@ -355,6 +356,8 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
                         adapter, [dataset[int(i)] for i in ref_idx], ref_idx).raws)
                 raise
             left = {**left, **more}
+            if progress is not None:
+                progress.resume()        # (the retry goes on from where the first stopped)
             refs, n, total, step, (terms, kind, note) = reference_terms(ref_idx)
 
         cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}

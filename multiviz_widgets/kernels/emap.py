@@ -30,7 +30,7 @@ from ..checks import is_integer, positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
                      check_instance_rows_independent, dataset_index, dataset_indices,
                      drawn_references, leave_out_refused, leave_out_refused_references,
-                     leave_out_unrunnable, memory_error, sample_indices)
+                     leave_out_unrunnable, memory_error, sample_indices, ResumedProgress)
 from .split_model import (Encodings, FusedPairs, Split, check_factorized, same_or_reject,
                           steady_progress, with_split)
 
@@ -450,12 +450,12 @@ class _PairCost:
     given with or without a progress callback, as shapley's is (the Explorer shows it beside
     its view). runs: the EMAPs of the call (emap_gap's repeats), one ``start`` each."""
 
-    def __init__(self, caller: str, progress: ProgressFn, runs: int = 1):
+    def __init__(self, caller: str, progress: ProgressFn, runs: int = 1, said: bool = False):
         self.caller, self.progress, self.runs = caller, progress, runs
         self.began = time.perf_counter()
         self.run, self.n, self.loops, self.total, self.batch_size = -1, 0, 1, 0, 1
         self.kind, self.why = "none", ""
-        self.said = False
+        self.said = said                   # (a retry's: said already by the first attempt)
         self._begin_loop()
 
     def start(self, n: int, loops: int, total: int, batch_size: int) -> None:
@@ -711,9 +711,10 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
         int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(
             repeats - 1)])
 
-    def run_all(idx) -> list[EmapResult]:
+    progress = None if progress is None else ResumedProgress(progress)
+
+    def run_all(idx, cost: _PairCost) -> list[EmapResult]:
         runs = []
-        cost = _PairCost("emap_gap", progress, repeats)     # one warning for all the runs
         for k in range(repeats):
             step = None if progress is None else (
                 lambda d, t, m="", k=k: report(progress, k * t + d, repeats * t, m))
@@ -722,8 +723,9 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
                                   batch_size=batch_size, keep_matrix=False, factorized=None,
                                   seed=seeds[k], cost=cost))
         return runs
+    cost = _PairCost("emap_gap", progress, repeats)     # one warning for all the runs
     try:
-        runs = run_all(idx)
+        runs = run_all(idx, cost)
     except RuntimeError as e:
         if indices is not None:       # given: the error names them (emap's)
             raise
@@ -735,7 +737,9 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
             after='The gap is taken over the other {kept} ("left_out" lists those left out).')
         left = {**left, **more}
         used = None if labels is None else np.asarray(labels)[idx]
-        runs = run_all(idx)
+        if progress is not None:
+            progress.resume()            # (the retry goes on from where the first stopped)
+        runs = run_all(idx, _PairCost("emap_gap", progress, repeats, said=cost.said))
     r = runs[0]
     pred = r.logits.argmax(1)
     pred_hat = np.mean([run.emap_logits for run in runs], axis=0).argmax(1)
@@ -1011,10 +1015,12 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
                              "a list of instances.")
         refs, idx = _instances(reference, reference_indices)
         own = None
-    run = (lambda refs, idx: _typed_against(adapter, instance, own, refs, idx, seed, batch_size,
-                                            factorized, progress))
+    progress = None if progress is None else ResumedProgress(progress)
+    cost = _PairCost("interaction_type", progress)
+    run = (lambda refs, idx, cost: _typed_against(adapter, instance, own, refs, idx, seed,
+                                                  batch_size, factorized, progress, cost))
     try:
-        out = run(refs, idx)
+        out = run(refs, idx, cost)
     except RuntimeError as e:
         if left is None:             # a list of references: the model's error, as it is
             raise
@@ -1027,14 +1033,18 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
             after=("EMAP's averages take the other {kept} (\"left_out\" lists those left out); "
                    "reference_indices= chooses the references."), stacklevel=3)
         left = {**left, **more}
-        out = run([reference[int(i)] for i in idx], idx)
+        if progress is not None:
+            progress.resume()            # (the retry goes on from where the first stopped)
+        out = run([reference[int(i)] for i in idx], idx,
+                  _PairCost("interaction_type", progress, said=cost.said))
     return out | ({"left_out": list(left), "left_out_why": left} if left is not None else {})
 
 
 def _typed_against(adapter: ModelAdapter, instance, own, refs: Sequence[Mapping], idx,
-                   seed, batch_size: int, factorized, progress: ProgressFn) -> dict:
+                   seed, batch_size: int, factorized, progress: ProgressFn,
+                   cost: "_PairCost") -> dict:
     """``interaction_type``'s label of ``instance`` (own: its collated inputs, or None)
-    against the references ``refs`` (idx: their indices)."""
+    against the references ``refs`` (idx: their indices); cost: the call's _PairCost."""
     names = adapter.names
     if len(names) < 2:
         raise ValueError(f"Interaction types need two or more modalities; the adapter has {names}.")
@@ -1054,7 +1064,6 @@ def _typed_against(adapter: ModelAdapter, instance, own, refs: Sequence[Mapping]
     total = len(ref_pairs) * n * n + len(names) * n + 1
     step = steady_progress(progress, total)
     step(0, _TYPE_PAIRS)
-    cost = _PairCost("interaction_type", progress)
     cost.start(n, len(ref_pairs), total, batch_size)
     logits = adapter.forward(own).double()           # [1, K]; the split's check uses it too
     passes = [1, 0]                  # forward passes, fused pairs among them (as emap's)
