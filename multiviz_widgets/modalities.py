@@ -1296,15 +1296,19 @@ def _pandas_numbers(v, name: str) -> np.ndarray:
 def _non_numeric(v) -> str:
     """Which entries of a pandas row (a Series indexed by column) or columns of a DataFrame
     hold values that are not numbers: " in 'sex_M'"; "" when it cannot be told."""
-    import numbers
+    def number(x) -> bool:
+        if x is None or _is_missing(x):
+            return True
+        try:
+            float(x)                      # numbers, and texts of numbers ("42"), as numpy reads
+        except (TypeError, ValueError):
+            return False
+        return True
     try:
         if v.ndim == 1:
-            bad = [k for k, x in v.items() if not (isinstance(x, numbers.Number) or x is None
-                                                   or _is_missing(x))]
+            bad = [k for k, x in v.items() if not number(x)]
         else:
-            bad = [c for c in v.columns
-                   if not all(isinstance(x, numbers.Number) or x is None or _is_missing(x)
-                              for x in v[c])]
+            bad = [c for c in v.columns if not all(number(x) for x in v[c])]
     except Exception:  # noqa: BLE001 -- only for the message
         return ""
     if not bad:

@@ -312,7 +312,7 @@ def test_a_non_finite_or_non_numeric_column_of_a_tabular_row_is_named():
     bad_series[2:4, 1] = float("inf")
     with pytest.raises(AdapterError, match=r"\(in channel 'b', 2 time steps\)"):
         adapter.prepare({"record": [61.0, 27.0, 1.0], "vitals": bad_series})
-    row = pd.DataFrame({"age": [61.0], "bmi": [27.0], "sex_M": ["F"]}).iloc[0]
-    with pytest.raises(TypeError, match=r"in 'sex_M'\. Convert them to the numbers the model "
-                                        r"was trained on"):
+    row = pd.DataFrame({"age": ["61"], "bmi": [27.0], "sex_M": ["F"]}).iloc[0]
+    with pytest.raises(TypeError, match=r"\) in 'sex_M'\. Convert them to the numbers the "
+                                        r"model was trained on"):         # ('61' is a number)
         adapter.prepare({"record": row, "vitals": series})

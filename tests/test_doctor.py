@@ -687,3 +687,23 @@ def test_a_vocabulary_whose_pad_token_is_not_the_models_padding_row_is_said():
         warnings.simplefilter("error")
         good = adapter(PaddedEmbedding())            # [PAD] at id 0: nothing to say
     assert "padding-idx" not in check(good, INSTANCE).codes()
+
+
+def test_a_change_after_the_decision_layer_is_said_beside_a_guess_of_probabilities():
+    """Outputs that happen to lie in [0, 1] get the guess 'binary-probability'; the change after
+    the decision layer (halved, shifted) was then not said."""
+    from multiviz_widgets import Tabular
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.head = nn.Linear(2, 4), nn.Linear(2, 4), nn.Linear(8, 1)
+
+        def forward(self, x, y):
+            h = torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(y))], 1)
+            return self.head(h) / 2.0 + 0.9
+    mods = [Tabular("x", columns=["x0", "x1"]), Tabular("y", columns=["y0", "y1"])]
+    r = check(ModelAdapter(Scaled().eval(), mods, ["no", "yes"], decision_layer="head"),
+              {"x": [0.1, -0.2], "y": [0.3, 0.4]})
+    assert {"binary-probability", "decision-not-last"} <= r.codes(), str(r)

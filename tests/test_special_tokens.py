@@ -127,3 +127,12 @@ def test_check_warns_of_the_padding_token_written_in_the_text():
     report, found = _check(PLAIN, "what color [PAD]")
     assert len(found) == 1 and "'[PAD]' is read as 'pad' ([UNK])" in found[0].message, \
         str(report)
+
+
+def test_a_written_padding_token_is_said_with_a_tokenizer_of_ones_own_and_beside_a_word_pad():
+    """A tokenizer of the user's own that keeps '[PAD]' (the padding id) lost its warning, and
+    with 'pad' in the vocabulary a written '[PAD]', read as the word 'pad', was not said."""
+    _, found = _check(PLAIN, "what color [PAD]", tokenize=str.split)
+    assert len(found) == 1 and "writes out the padding token '[PAD]'" in found[0].message
+    _, found = _check(PLAIN + ["pad"], "what color [PAD]")
+    assert len(found) == 1 and "'[PAD]' is read as 'pad'" in found[0].message, found
