@@ -193,8 +193,10 @@ def _check_decision_width(model: nn.Module, layer: nn.Module, n_classes: int) ->
         f"would be computed from a hidden layer. Pass decision_layer= the final nn.Linear that "
         f"maps the decision-level vector h to the logits, or leave decision_layer out to find "
         f"it. If it is the model's final layer (its outputs are the logits), class_names is "
-        f"what is wrong: give one name per output ({layer.out_features} names"
-        f"{'; a binary model of one output takes 2' if layer.out_features == 1 else ''}).",
+        f"what is wrong: "
+        + ("a layer of one output takes 2 class names (a binary model's logit) or 1 (a "
+           "score)." if layer.out_features == 1 else
+           f"give one name per output ({layer.out_features} names)."),
         code="decision-not-logits")
 
 
