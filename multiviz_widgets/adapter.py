@@ -1359,11 +1359,9 @@ class ModelAdapter:
             return ", ".join(f"{int(i)} ({vocab[int(i)]!r})" if 0 <= int(i) < len(vocab)
                              else str(int(i)) for i in part[:4]) + (" ..." if len(part) > 4 else "")
         before, after = found
-        added = " and ".join(
-            [f"the id{'s' if len(before) > 1 else ''} {tokens(before)} put before them"] * bool(
-                len(before))
-            + [f"the id{'s' if len(after) > 1 else ''} {tokens(after)} put after them"] * bool(
-                len(after)))
+        added = " and ".join(f"the id{'s' if len(part) > 1 else ''} {tokens(part)} put {where} "
+                             f"them" for part, where in ((before, "before"), (after, "after"))
+                             if len(part))
         words = [[vocab[int(i)] for i in part] if all(0 <= int(i) < len(vocab) for i in part)
                  else None for part in found]
         written = (f" ({' '.join(words[0] + ['...'] + words[1])!r})"
