@@ -225,26 +225,33 @@ def _check_special_words(adapter: ModelAdapter, prepared, instance, report: Repo
         # has none, a word in brackets ("[the]") or an HTML tag ("<b>") is text
         specials = _other_specials(m)
         default = m._tokenize is None
+        # whether the tokenizer reads a vocabulary token written in the text as itself: the
+        # default one where the vocabulary has other special tokens; one of the user's own as
+        # its output says
+        whole = ((lambda w: specials) if default else (lambda w: _tokens_of(m, w) == [w]))
         words += [w.group() for w in _SPECIAL_LOOK.finditer(text)
-                  if (w.group() not in m.token_to_id or (default and not specials))
+                  if (w.group() not in m.token_to_id or not whole(w.group()))
                   and (specials or _special_not_text(w.group(), m))]
         if words:
             words = list(dict.fromkeys(words))[:5]
             read = "; ".join(f"{w!r} is read as {_read_as(m, w)}" for w in words)
             folded = {t.casefold(): t for t in m.vocab if _SPECIAL_LOOK.fullmatch(t)}
-            cased = [(w, folded[w.casefold()]) for w in words if w.casefold() in folded]
+            cased = [(w, folded[w.casefold()]) for w in words
+                     if w.casefold() in folded and folded[w.casefold()] != w]
+            split = [w for w in words if w in m.token_to_id]     # in it, but split up
             fix = (f"The vocabulary spells {cased[0][0]!r} as {cased[0][1]!r}: write it so "
                    "(special tokens are matched as spelt)." if cased else
+                   f"The tokenizer splits {split[0]!r}, which the vocabulary holds: keep the "
+                   f"vocabulary's special tokens whole in tokenize= (or leave them out of the "
+                   f"text)." if split and not default else
                    "Leave them out of the text, or write the vocabulary's own special tokens "
                    "(a token it lacks has no embedding the model was trained with).")
             report.add("warning", "special-tokens",
                        f"The text of {name!r} holds {', '.join(map(repr, words))}, which look "
                        f"like special tokens but are not read as one of its vocabulary: "
                        f"{read}, not as the special token the model may expect. {fix}")
-        # (the default tokenizer keeps them whole only where the vocabulary has other special
-        # tokens; a tokenizer of the user's own may)
-        written = ([text[a:b] for a, b in special_spans(text, m.token_to_id)]
-                   if not default or specials else [])
+        written = ([text[a:b] for a, b in special_spans(text, m.token_to_id)] if specials
+                   else []) if default else _tokens_of(m, text)
         if m.pad_token in written and m.pad_id != m.unk_id:
             report.add("warning", "special-tokens",
                        f"The text of {name!r} writes out the padding token {m.pad_token!r}, "
@@ -262,6 +269,14 @@ def _special_not_text(word: str, m: Text) -> bool:
     if word.startswith("<") and not word.startswith("<|"):
         return False
     return word.strip("[]<>|/").lower() not in m.token_to_id
+
+
+def _tokens_of(m: Text, text: str) -> list[str]:
+    """The tokens the modality's tokenizer makes of a text ([] when it raises: said elsewhere)."""
+    try:
+        return list(m.tokenize(text))
+    except Exception:  # noqa: BLE001 -- a user's tokenizer can raise anything
+        return []
 
 
 def _read_as(m: Text, word: str) -> str:
@@ -513,6 +528,9 @@ def _check_decision_layer(adapter: ModelAdapter, prepared, report: Report, calls
                          f"W[c, j] h_j and the prediction path then cover this layer's part "
                          f"only: for the whole decision, compute the logits with one nn.Linear "
                          f"over the concatenated encodings (the heads' weights side by side).")
+            elif mismatch and not outputs_differ(
+                    torch.softmax(again.to(logits.dtype), 1), logits, eps):
+                pass      # a softmax after it: the "probabilities" warning says to remove it
             elif mismatch:
                 after = (f"The logits are not the decision layer's output ({name}): the model "
                          f"changes them after it (a scale, a bias, another layer), so neuron "

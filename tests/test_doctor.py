@@ -707,3 +707,23 @@ def test_a_change_after_the_decision_layer_is_said_beside_a_guess_of_probabiliti
     r = check(ModelAdapter(Scaled().eval(), mods, ["no", "yes"], decision_layer="head"),
               {"x": [0.1, -0.2], "y": [0.3, 0.4]})
     assert {"binary-probability", "decision-not-last"} <= r.codes(), str(r)
+
+
+def test_a_softmax_after_the_decision_layer_gets_only_its_own_fix():
+    """softmax(head(h)), the usual mistake, also got 'pass decision_layer= the last module that
+    computes the logits', which has no answer: there is no later layer."""
+    from multiviz_widgets import Tabular
+
+    class Softmaxed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.head = nn.Linear(2, 4), nn.Linear(2, 4), nn.Linear(8, 3)
+
+        def forward(self, x, y):
+            h = torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(y))], 1)
+            return torch.softmax(self.head(h), 1)
+    mods = [Tabular("x", columns=["x0", "x1"]), Tabular("y", columns=["y0", "y1"])]
+    r = check(ModelAdapter(Softmaxed().eval(), mods, ["a", "b", "c"], decision_layer="head"),
+              {"x": [0.1, -0.2], "y": [0.3, 0.4]})
+    assert "probabilities" in r.codes() and "decision-not-last" not in r.codes(), str(r)

@@ -1010,3 +1010,14 @@ def test_a_class_of_one_instance_or_one_validation_instance_does_not_switch_the_
             warnings.simplefilter("error", UserWarning)
             m = fit_sparse_model((h, y), seed=seed)
         assert m.params["choice_final"]
+
+
+def test_classes_of_one_instance_each_still_fit():
+    """8 instances of 8 classes: the class-by-class split held nothing out and the fit failed
+    with 'The val set is empty ... val=None', though val was None."""
+    rng = np.random.default_rng(0)
+    h, y = rng.normal(size=(8, 4)), np.arange(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = fit_sparse_model((h, y), fit_to="labels")
+    assert m.n_val >= 1 and m.n_train + m.n_val == 8

@@ -136,3 +136,14 @@ def test_a_written_padding_token_is_said_with_a_tokenizer_of_ones_own_and_beside
     assert len(found) == 1 and "writes out the padding token '[PAD]'" in found[0].message
     _, found = _check(PLAIN + ["pad"], "what color [PAD]")
     assert len(found) == 1 and "'[PAD]' is read as 'pad'" in found[0].message, found
+
+
+def test_a_tokenizer_of_ones_own_that_splits_the_padding_token_is_said_to_split_it():
+    """A tokenizer that reads '[PAD]' as the word 'pad' ([UNK]) got 'read as padding (id 0)'."""
+    import re
+    _, found = _check(PLAIN, "what color [PAD]",
+                      tokenize=lambda s: re.findall(r"\w+", s.lower()))
+    assert len(found) == 1, found
+    assert "'[PAD]' is read as 'pad' ([UNK])" in found[0].message
+    assert "The tokenizer splits '[PAD]'" in found[0].message
+    assert "read as padding" not in found[0].message

@@ -573,7 +573,10 @@ def _validation_split(y: np.ndarray, val_fraction: float, rng) -> tuple[np.ndarr
                                                                           * len(rows)))))
         val_parts.append(rows[:k])
         train_parts.append(rows[k:])
-    return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(val_parts))
+    val_rows = np.concatenate(val_parts)
+    if len(val_rows) == 0:          # no class of two instances to hold one out: the random one
+        return train, val
+    return np.sort(np.concatenate(train_parts)), np.sort(val_rows)
 
 
 def _real(value, what: str, allowed: str) -> float:
@@ -906,8 +909,8 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
                 "constant_features": np.nonzero(constant)[0].tolist(),
                 "choice_final": bool(used == n_lambdas
                                      or by[k] >= 1.0 - tolerance - 1e-12),
-                # chosen among the points that predict every class of the validation targets
-                # (choose_covering), where any does
+                # chosen among the points that predict every class of the training targets
+                # (on the training and validation data: choose_covering), where any does
                 "path_predicts_every_class": covers[sl].tolist(),
                 "predicts_every_class": bool(covers[k]),
                 "choose_by": choose_by,
