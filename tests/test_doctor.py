@@ -689,41 +689,36 @@ def test_a_vocabulary_whose_pad_token_is_not_the_models_padding_row_is_said():
     assert "padding-idx" not in check(good, INSTANCE).codes()
 
 
+class _AfterHead(nn.Module):
+    """Two tabular inputs, a head of ``classes`` outputs, and ``after`` applied to its output
+    (what a model does after its decision layer)."""
+
+    def __init__(self, classes: int, after):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(2, 4), nn.Linear(2, 4)
+        self.head, self.after = nn.Linear(8, classes), after
+
+    def forward(self, x, y):
+        return self.after(self.head(torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(y))], 1)))
+
+
+def _check_after_head(classes: int, after, class_names):
+    from multiviz_widgets import Tabular
+    mods = [Tabular("x", columns=["x0", "x1"]), Tabular("y", columns=["y0", "y1"])]
+    return check(ModelAdapter(_AfterHead(classes, after).eval(), mods, class_names,
+                              decision_layer="head"), {"x": [0.1, -0.2], "y": [0.3, 0.4]})
+
+
 def test_a_change_after_the_decision_layer_is_said_beside_a_guess_of_probabilities():
     """Outputs that happen to lie in [0, 1] get the guess 'binary-probability'; the change after
     the decision layer (halved, shifted) was then not said."""
-    from multiviz_widgets import Tabular
-
-    class Scaled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.a, self.b, self.head = nn.Linear(2, 4), nn.Linear(2, 4), nn.Linear(8, 1)
-
-        def forward(self, x, y):
-            h = torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(y))], 1)
-            return self.head(h) / 2.0 + 0.9
-    mods = [Tabular("x", columns=["x0", "x1"]), Tabular("y", columns=["y0", "y1"])]
-    r = check(ModelAdapter(Scaled().eval(), mods, ["no", "yes"], decision_layer="head"),
-              {"x": [0.1, -0.2], "y": [0.3, 0.4]})
+    r = _check_after_head(1, lambda z: z / 2.0 + 0.9, ["no", "yes"])
     assert {"binary-probability", "decision-not-last"} <= r.codes(), str(r)
 
 
 def test_a_softmax_after_the_decision_layer_gets_only_its_own_fix():
     """softmax(head(h)), the usual mistake, also got 'pass decision_layer= the last module that
     computes the logits', which has no answer: there is no later layer."""
-    from multiviz_widgets import Tabular
-
-    class Softmaxed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.a, self.b, self.head = nn.Linear(2, 4), nn.Linear(2, 4), nn.Linear(8, 3)
-
-        def forward(self, x, y):
-            h = torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(y))], 1)
-            return torch.softmax(self.head(h), 1)
-    mods = [Tabular("x", columns=["x0", "x1"]), Tabular("y", columns=["y0", "y1"])]
-    r = check(ModelAdapter(Softmaxed().eval(), mods, ["a", "b", "c"], decision_layer="head"),
-              {"x": [0.1, -0.2], "y": [0.3, 0.4]})
+    r = _check_after_head(3, lambda z: torch.softmax(z, 1), ["a", "b", "c"])
     assert "probabilities" in r.codes() and "decision-not-last" not in r.codes(), str(r)
