@@ -655,7 +655,6 @@ def leave_out_refused(adapter: ModelAdapter, dataset, idx, what: str,
     in it is the number kept). Fewer than 2 left: a ValueError, saying to fix those inputs or
     to ``choose`` ("pass indices="). what: the method's name, which leads the messages.
     stacklevel: the warning's, counted from the caller of this function."""
-    from ..notices import warn
     idx = np.asarray(idx, dtype=np.int64)
     refused = refused_inputs(adapter, dataset, idx)
     if not refused:
@@ -669,18 +668,31 @@ def leave_out_refused(adapter: ModelAdapter, dataset, idx, what: str,
                       f"them, or fix its input{also})", *first.args[1:])
         raise first
     why = {i: str(e) for i, e in refused.items()}
-    kept = idx[~np.isin(idx, list(refused))]
-    k, n = len(refused), len(idx)
     # the first one's reason, without the "Instance 5: " its error leads with
     reason = why[first_i].removeprefix(f"Instance {first_i}: ").rstrip(". ")
-    said = (f"the adapter refuses the input of instance {first_i}: {reason}" if k == 1 else
+    said = (f"the adapter refuses the input of instance {first_i}: {reason}"
+            if len(refused) == 1 else
             f"the adapter refuses the inputs of {instance_list(list(refused))} (on instance "
             f"{first_i}: {reason})")
+    return _without(idx, why, what, drawn, said, after, first, stacklevel + 1, lambda kept: (
+        f"{kept} {'has' if kept == 1 else 'have'} an input the adapter takes, and at least 2 "
+        f"are needed; {said}. Fix those inputs{', or ' + choose if choose else ''}."))
+
+
+def _without(idx: np.ndarray, why: dict[int, str], what: str, drawn: str, said: str,
+             after: str, cause: Exception, stacklevel: int, too_few: Callable[[int], str]
+             ) -> tuple[np.ndarray, dict[int, str]]:
+    """(idx without the instances ``why`` names, why) for ``leave_out_refused`` and
+    ``leave_out_unrunnable``: those left out said in one UserWarning ("{what}: 1 of the 12
+    {drawn} is left out, as {said}. {after}", "{kept}" in ``after`` the number kept); a
+    ValueError ("{what}: of the 12 {drawn}, " + too_few(number kept)), chained to ``cause``,
+    when fewer than 2 are kept. stacklevel: the warning's, counted from this function's
+    caller."""
+    from ..notices import warn
+    kept = idx[~np.isin(idx, list(why))]
+    k, n = len(why), len(idx)
     if len(kept) < 2:
-        raise ValueError(
-            f"{what}: of the {n} {drawn}, {len(kept)} {'has' if len(kept) == 1 else 'have'} an "
-            f"input the adapter takes, and at least 2 are needed; {said}. Fix those inputs"
-            f"{', or ' + choose if choose else ''}.") from first
+        raise ValueError(f"{what}: of the {n} {drawn}, {too_few(len(kept))}") from cause
     warn(f"{what}: {k} of the {n} {drawn} {'is' if k == 1 else 'are'} left out, as {said}. "
          f"{after.format(kept=len(kept))}".rstrip(), UserWarning, stacklevel=stacklevel + 1)
     return kept, why
@@ -719,16 +731,19 @@ def leave_out_unrunnable(adapter: ModelAdapter, dataset, idx, error: RuntimeErro
     failure is a pair's) or none of them (the model does not take these inputs at all). given:
     the parameter with which the user chose idx ("reference_indices"), or None when they were
     drawn (``drawn`` says how); given ones are an error naming them as given. Fewer than 2
-    left: a ValueError. Cost: one forward pass per instance, only after a failure."""
-    from ..notices import warn
+    left: a ValueError. Cost: one forward pass per instance, only after a failure, and none
+    when ``error`` carries what EMAP's own search found (``unrunnable_found``)."""
     if memory_error(error):
         raise error
     idx = np.asarray(idx, dtype=np.int64)
-    shapes = ShapeGroups(adapter, [dataset[int(i)] for i in idx], idx)
-    bad, ran = shapes.unrunnable(adapter.forward, batch_size)
-    if not bad or not ran:
+    found = getattr(error, "unrunnable", None)
+    if found is None:
+        shapes = ShapeGroups(adapter, [dataset[int(i)] for i in idx], idx)
+        bad, ran = shapes.unrunnable(adapter.forward, batch_size)
+        found = ({int(idx[k]): f.error for k, f in bad.items()}, ran)
+    failed, ran = found
+    if not failed or not ran:
         raise error
-    failed = {int(idx[k]): f.error for k, f in bad.items()}
     first_i, first = next(iter(failed.items()))
     listed = instance_list(list(failed))
     if given is not None:
@@ -738,34 +753,32 @@ def leave_out_unrunnable(adapter: ModelAdapter, dataset, idx, error: RuntimeErro
             f"{'it' if len(failed) == 1 else 'them'} from {given}, or make the model take "
             f"{'its' if len(failed) == 1 else 'their'} inputs. On instance {first_i}: {first}"
         ) from error
-    kept = idx[~np.isin(idx, list(failed))]
-    why = {i: f"the model fails on it: {e}" for i, e in failed.items()}
-    if len(kept) < 2:
-        raise ValueError(f"{what}: of the {len(idx)} {drawn}, the model runs {len(kept)} "
-                         f"alone, and at least 2 are needed; on instance {first_i}: {first}"
-                         ) from error
-    warn(f"{what}: {len(failed)} of the {len(idx)} {drawn} "
-         f"{'is' if len(failed) == 1 else 'are'} left out, as the model cannot run "
-         f"{listed} alone (on instance {first_i}: {first}). {after.format(kept=len(kept))}",
-         UserWarning, stacklevel=stacklevel + 1)
-    return kept, why
+    return _without(idx, {i: f"the model fails on it: {e}" for i, e in failed.items()}, what,
+                    drawn, f"the model cannot run {listed} alone (on instance {first_i}: "
+                    f"{first})", after, error, stacklevel + 1, lambda kept: (
+                        f"the model runs {kept} alone, and at least 2 are needed; on instance "
+                        f"{first_i}: {first}"))
 
 
-def leave_out_refused_references(adapter: ModelAdapter, dataset, idx, what: str,
-                                 reference_indices, n_reference, seed, averages: str,
-                                 listed: str, stacklevel: int = 2
-                                 ) -> tuple[np.ndarray, dict[int, str]]:
-    """``leave_out_refused`` for a reference set (dime's, interaction_type's): given when
-    ``reference_indices`` is, else drawn with ``n_reference`` and ``seed``; averages: what
-    takes the references kept ("DIME's averages"), listed: where the result lists those left
-    out ('params["left_out"]')."""
-    return leave_out_refused(
-        adapter, dataset, idx, what,
-        given=None if reference_indices is None else "reference_indices",
-        drawn=drawn_references(len(dataset), n_reference, seed),
-        after=(f"{averages} take the other {{kept}} ({listed} lists those left out); "
-               "reference_indices= chooses the references."),
-        choose="pass reference_indices=", stacklevel=stacklevel + 1)
+def unrunnable_found(error: Exception, failed: dict[int, Exception], ran: int) -> Exception:
+    """``error`` carrying what a search of the instances the model cannot run alone found
+    ({dataset index: error}, how many ran), so that ``leave_out_unrunnable`` need not search
+    again."""
+    error.unrunnable = (failed, ran)
+    return error
+
+
+def reference_texts(n_total: int, reference_indices, n_reference, seed, averages: str,
+                    listed: str) -> dict[str, str | None]:
+    """The ``given``, ``drawn`` and ``after`` of ``leave_out_refused`` and
+    ``leave_out_unrunnable`` for a reference set (dime's, interaction_type's): given when
+    ``reference_indices`` is, else drawn from ``n_total`` instances with ``n_reference`` and
+    ``seed``; averages: what takes the references kept ("DIME's averages"), listed: where the
+    result lists those left out ('params["left_out"]')."""
+    return {"given": None if reference_indices is None else "reference_indices",
+            "drawn": drawn_references(n_total, n_reference, seed),
+            "after": (f"{averages} take the other {{kept}} ({listed} lists those left out); "
+                      "reference_indices= chooses the references.")}
 
 
 def drawn_references(n_total: int, n_reference: int, seed) -> str:

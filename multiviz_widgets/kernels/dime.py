@@ -28,8 +28,8 @@ from ..results import Result, Stopwatch
 from ..checks import positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
                      check_instance_rows_independent, check_model_takes, dataset_index,
-                     dataset_indices, drawn_references, leave_out_refused_references,
-                     leave_out_unrunnable, masked_continuous, modality_pair, resolve_target,
+                     dataset_indices, leave_out_refused, leave_out_unrunnable,
+                     masked_continuous, modality_pair, reference_texts, resolve_target,
                      sample_indices, ResumedProgress)
 from .split_model import (FusedPairs, check_factorized, same_or_reject, steady_progress,
                           with_split)
@@ -302,9 +302,10 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
         p = adapter.prepare(instance)               # the instance's own error first
         # a reference whose input the adapter refuses: left out (said) when drawn, an error
         # when given in reference_indices=
-        ref_idx, left = leave_out_refused_references(
-            adapter, dataset, ref_idx, "dime", reference_indices, n_reference, seed,
-            "DIME's averages", 'params["left_out"]')
+        texts = reference_texts(len(dataset), reference_indices, n_reference, seed,
+                                "DIME's averages", 'params["left_out"]')
+        ref_idx, left = leave_out_refused(adapter, dataset, ref_idx, "dime",
+                                          choose="pass reference_indices=", **texts)
         t = resolve_target(adapter, p, target)
         if len(adapter.names) != 2 and factorized not in (None, False):
             raise ValueError(f"factorized={factorized!r}: DIME splits only two-modality models "
@@ -344,12 +345,8 @@ def dime(adapter: ModelAdapter, dataset: MultimodalDataset, index, reference_ind
             # when given in reference_indices= (and the model's own error when it runs them
             # all alone, or none)
             try:
-                ref_idx, more = leave_out_unrunnable(
-                    adapter, dataset, ref_idx, e, "dime", batch_size,
-                    given=None if reference_indices is None else "reference_indices",
-                    drawn=drawn_references(len(dataset), n_reference, seed),
-                    after=("DIME's averages take the other {kept} (params[\"left_out\"] lists "
-                           "those left out); reference_indices= chooses the references."))
+                ref_idx, more = leave_out_unrunnable(adapter, dataset, ref_idx, e, "dime",
+                                                     batch_size, **texts)
             except RuntimeError as again:
                 if again is e:               # none runs alone: say which inputs do not fit
                     check_model_takes(adapter, *ShapeGroups(

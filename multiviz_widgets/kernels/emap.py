@@ -29,8 +29,8 @@ from ..results import Result, Stopwatch
 from ..checks import is_integer, positive_int
 from .common import (PERTURBATION_BATCH, ShapeGroups, block_pairs, check_adapter,
                      check_instance_rows_independent, dataset_index, dataset_indices,
-                     drawn_references, leave_out_refused, leave_out_refused_references,
-                     leave_out_unrunnable, memory_error, sample_indices, ResumedProgress)
+                     leave_out_refused, leave_out_unrunnable, memory_error, reference_texts,
+                     sample_indices, unrunnable_found, ResumedProgress)
 from .split_model import (Encodings, FusedPairs, Split, check_factorized, same_or_reject,
                           steady_progress, with_split)
 
@@ -355,11 +355,13 @@ def _raise_unrunnable(error: RuntimeError, shapes: ShapeGroups, out_fn: Callable
         return
     names = [int(idx[k]) for k in bad]
     first = next(iter(bad.values()))
+    found = {i: f.error for i, f in zip(names, bad.values())}     # (for a retry without them)
     if not ran:                       # none runs: the inputs do not fit the model at all
         tried = (f"any of the {shapes.n} instances given" if len(bad) == shapes.n else
                  f"any of the {len(bad)} instances it tried alone (of {shapes.n})")
-        raise ModelInputError(f"{caller}: the model cannot run {tried}; on instance {names[0]}: "
-                              f"{first.error}") from first.error
+        raise unrunnable_found(ModelInputError(
+            f"{caller}: the model cannot run {tried}; on instance {names[0]}: {first.error}"),
+            found, ran) from first.error
     what = ("dataset indices" if dataset else "indices in the list" if subset
             else "positions in the list")
     shown = ", ".join(map(str, names[:10])) + (f", ... ({len(names)} in all)"
@@ -373,12 +375,12 @@ def _raise_unrunnable(error: RuntimeError, shapes: ShapeGroups, out_fn: Callable
         hint = "pass indices= without them"
     else:
         hint = f"pass a list without {'it' if one else 'them'}"
-    raise ModelInputError(
+    raise unrunnable_found(ModelInputError(
         f"{caller}: the model cannot run {len(names)} of the {shapes.n} instances given ({what} "
         f"{shown}): EMAP pairs every instance with every other, so it needs all of them; leave "
         f"{'it' if one else 'them'} out of the set ({hint}), or make the model take "
-        f"{'its' if one else 'their'} inputs. On instance {names[0]}: {first.error}"
-    ) from first.error
+        f"{'its' if one else 'their'} inputs. On instance {names[0]}: {first.error}"),
+        found, ran) from first.error
 
 
 def _raise_not_finite(acc: "_PairSums", side: str, others: Sequence[str],
@@ -688,12 +690,12 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
         idx = dataset_indices(indices, len(dataset))
     # an instance whose input the adapter refuses: left out (said) when drawn, an error when
     # given in indices=
+    drawn = ("instances of the dataset" if indices is not None or n is None
+             or n >= len(dataset) else f"instances drawn (n={n}, seed={seed})")
+    after = 'The gap is taken over the other {kept} ("left_out" lists those left out).'
     idx, left = leave_out_refused(
         adapter, dataset, idx, "emap_gap", given=None if indices is None else "indices",
-        drawn=("instances of the dataset" if indices is not None or n is None
-               or n >= len(dataset) else f"instances drawn (n={n}, seed={seed})"),
-        after='The gap is taken over the other {kept} ("left_out" lists those left out).',
-        choose="pass indices=")
+        drawn=drawn, after=after, choose="pass indices=")
     labels = dataset.labels                 # checked by the dataset whenever they are set
     # only the labels of the instances used count: a label elsewhere is none of this gap's
     used = None if labels is None else np.asarray(labels)[idx]
@@ -730,11 +732,8 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
         if indices is not None:       # given: the error names them (emap's)
             raise
         # an instance the model cannot run alone: left out (said), as one the adapter refuses
-        idx, more = leave_out_unrunnable(
-            adapter, dataset, idx, e, "emap_gap", batch_size, given=None,
-            drawn=("instances of the dataset" if n is None or n >= len(dataset)
-                   else f"instances drawn (n={n}, seed={seed})"),
-            after='The gap is taken over the other {kept} ("left_out" lists those left out).')
+        idx, more = leave_out_unrunnable(adapter, dataset, idx, e, "emap_gap", batch_size,
+                                         given=None, drawn=drawn, after=after)
         left = {**left, **more}
         used = None if labels is None else np.asarray(labels)[idx]
         if progress is not None:
@@ -1005,9 +1004,11 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
         own = adapter.collate([instance])       # the instance's own error first
         # a reference whose input the adapter refuses: left out (said) when drawn, an error
         # when given in reference_indices=
-        idx, left = leave_out_refused_references(
-            adapter, reference, idx, "interaction_type", reference_indices, n_reference, seed,
-            "EMAP's averages", '"left_out"', stacklevel=3)     # (torch.no_grad's frame)
+        texts = reference_texts(len(reference), reference_indices, n_reference, seed,
+                                "EMAP's averages", '"left_out"')
+        idx, left = leave_out_refused(adapter, reference, idx, "interaction_type",
+                                      choose="pass reference_indices=", stacklevel=3, **texts)
+        # (stacklevel 3: torch.no_grad's frame)
         refs = [reference[int(i)] for i in idx]
     else:
         if not isinstance(instance, Mapping):
@@ -1026,12 +1027,8 @@ def interaction_type(adapter: ModelAdapter, instance, reference=None, reference_
             raise
         # a reference the model cannot run alone: left out (said) when drawn, an error when
         # given in reference_indices=
-        idx, more = leave_out_unrunnable(
-            adapter, reference, idx, e, "interaction_type", batch_size,
-            given=None if reference_indices is None else "reference_indices",
-            drawn=drawn_references(len(reference), n_reference, seed),
-            after=("EMAP's averages take the other {kept} (\"left_out\" lists those left out); "
-                   "reference_indices= chooses the references."), stacklevel=3)
+        idx, more = leave_out_unrunnable(adapter, reference, idx, e, "interaction_type",
+                                         batch_size, stacklevel=3, **texts)
         left = {**left, **more}
         if progress is not None:
             progress.resume()            # (the retry goes on from where the first stopped)
