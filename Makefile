@@ -24,7 +24,14 @@ $(PY):
 # ones pull in too), so that a fresh machine installs the same versions, not the newest.
 # (a newer pip is welcome, not needed: offline, as in a classroom after a `git pull`, the pinned
 # packages already there still install)
+# A venv made without pip (`uv venv`, `python3 -m venv --without-pip`) gets it from Python's own
+# ensurepip (offline); where that is missing too, the message says how to make the venv again.
 $(VENV)/.deps-stamp: requirements.txt constraints.txt setup.py | $(PY)
+	@$(PIP) --version >/dev/null 2>&1 || $(PY) -m ensurepip --upgrade >/dev/null 2>&1 || { \
+		echo "$(VENV) has no pip, and its Python cannot install one (ensurepip is missing):"; \
+		echo "remove it (rm -rf $(VENV)) and run make again, which makes it with"; \
+		echo "'$(PYTHON) -m venv' (on Debian or Ubuntu: sudo apt-get install python3-venv)."; \
+		exit 1; }
 	$(PIP) install -q --upgrade pip || echo "pip not upgraded (PyPI unreachable?): going on"
 	$(PIP) install -q -r requirements.txt -c constraints.txt
 	$(PIP) install -q --no-deps -e .
@@ -83,7 +90,14 @@ DEMO_MALLOC := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
 # and the language servers' extensions are not loaded (the demo uses neither, and their start-up
 # warnings looked like errors).
 DEMO_URL := http://127.0.0.1:$(PORT)/lab/tree/notebooks/quickstart.ipynb
+# A port in use (an earlier `make demo` still running, another server) is said before the URL
+# is printed: the server would fail after it, and the URL open another server's page.
 demo: install
+	@$(PY) -c "import socket; s = socket.socket(); \
+		s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', $(PORT)))" \
+		2>/dev/null || { echo "Port $(PORT) cannot be used: another server (an earlier"; \
+		echo "'make demo' still running?) holds it. Stop that one, or choose another port:"; \
+		echo "make demo PORT=8890"; exit 1; }
 	@echo ""
 	@echo "  Open $(DEMO_URL) in a browser on this machine,"
 	@echo "  then choose Run > Run All Cells: the Explorer on easy-VQA appears"

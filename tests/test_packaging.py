@@ -129,6 +129,25 @@ def test_make_demo_serves_the_quickstart_notebook_at_the_url_it_prints():
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_make_demo_on_a_port_in_use_says_so_before_printing_the_url():
+    """A second `make demo` (the first still running) printed the URL to open, then failed: the
+    teacher opened the first server's page. It now stops before the URL and names PORT=."""
+    import socket
+    if shutil.which("make") is None:
+        skip_or_fail("make is not installed")
+    if subprocess.run(["make", "-q", "install"], cwd=ROOT, capture_output=True).returncode != 0:
+        skip_or_fail("the demo's install step is not done (make install first)")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(["make", "--no-print-directory", "demo", f"PORT={port}"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"Port {port} cannot be used" in done.stdout, done.stdout
+    assert "make demo PORT=" in done.stdout and "Open http" not in done.stdout, done.stdout
+
+
 def _pins(path: pathlib.Path) -> dict[str, str]:
     """{normalised name: version} of a requirements-style file's ``name==version`` lines."""
     import re
