@@ -7,6 +7,7 @@ contents change (used to key on-disk caches).
 from __future__ import annotations
 
 import hashlib
+import math
 import operator
 import threading
 from typing import Iterator, Mapping, Sequence
@@ -205,6 +206,11 @@ def _labels(labels, n: int) -> np.ndarray:
     arr = np.asarray(_sequence(labels, "labels", "class indices"))
     how = ("labels are integer class indices (0..C-1); map names to indices first, e.g. "
            "[class_names.index(y) for y in labels]")
+    missing = _missing_labels(arr) if arr.ndim == 1 else []
+    if missing:
+        raise ValueError(
+            f"labels has no value (None or NaN) for {len(missing)} instance"
+            f"{'s' if len(missing) > 1 else ''} ({_first_indices(missing)}). {UNKNOWN_LABELS}")
     if arr.ndim != 1:
         raise ValueError(f"labels must be one class index per instance (1-D), got shape "
                          f"{arr.shape}{'; pass labels.ravel()' if arr.ndim == 2 and 1 in arr.shape else ''}.")
@@ -226,9 +232,38 @@ def _labels(labels, n: int) -> np.ndarray:
     if len(arr) != n:
         raise ValueError(f"labels has {len(arr)} entries for {n} instances.")
     if (arr < 0).any():
-        raise ValueError(f"labels must be class indices >= 0, got {int(arr.min())}; leave "
-                         "labels=None when they are unknown.")
+        negative = np.flatnonzero(arr < 0).tolist()
+        raise ValueError(f"labels must be class indices >= 0, got {int(arr.min())} for "
+                         f"{len(negative)} instance{'s' if len(negative) > 1 else ''} "
+                         f"({_first_indices(negative)}). {UNKNOWN_LABELS}")
     return arr
+
+
+#: How to mark the labels one does not know (the end of the errors about missing labels).
+UNKNOWN_LABELS = ("Where an instance's label is unknown, give it a class index of at least the "
+                  "number of classes (e.g. len(class_names)): the views show it as unknown; "
+                  "where no label is known, pass labels=None.")
+
+
+def _missing_labels(arr: np.ndarray) -> list[int]:
+    """The positions of None and NaN labels (a list or a pandas column with gaps)."""
+    if arr.dtype.kind == "f":
+        return np.flatnonzero(np.isnan(arr)).tolist()
+    if arr.dtype == object:
+        return [i for i, x in enumerate(arr.tolist())
+                if x is None or (isinstance(x, float) and math.isnan(x))]
+    return []
+
+
+def _first_indices(indices: list[int], k: int = 5) -> str:
+    """'instance 3' / 'instances 3, 7 and 9' / 'instances 3, 7, 9, 11, 12, ...'."""
+    shown = ", ".join(map(str, indices[:k]))
+    if len(indices) == 1:
+        return f"instance {shown}"
+    if len(indices) <= k:
+        head, _, last = shown.rpartition(", ")
+        return f"instances {head} and {last}"
+    return f"instances {shown}, ..."
 
 
 #: per thread, the ids of the objects whose attributes are being hashed (a cycle ends there)

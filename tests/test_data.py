@@ -62,8 +62,10 @@ def test_pandas_columns_are_read_by_position():
     (lambda: MultimodalDataset({"q": ["a", "b"]}, labels=[[0], [1]]), ValueError, "ravel"),
     (lambda: MultimodalDataset({"q": ["a", "b"]}, labels=["yes", "no"]), TypeError, "class_names.index"),
     (lambda: MultimodalDataset({"q": ["a", "b"]}, labels=[0.5, 1.7]), ValueError, "whole numbers"),
-    (lambda: MultimodalDataset({"q": ["a", "b"]}, labels=[0, None]), TypeError, "integers"),
-    (lambda: MultimodalDataset({"q": ["a", "b"]}, labels=[0, -1]), ValueError, ">= 0"),
+    (lambda: MultimodalDataset({"q": ["a", "b"]}, labels=[0, None]), ValueError,
+     r"no value \(None or NaN\) for 1 instance \(instance 1\).*at least the number of classes"),
+    (lambda: MultimodalDataset({"q": ["a", "b"]}, labels=[0, -1]), ValueError,
+     r">= 0, got -1 for 1 instance \(instance 1\).*labels=None"),
     (lambda: MultimodalDataset({"q": ["a", "b"]}, labels=[0]), ValueError, "1 entries for 2"),
     (lambda: MultimodalDataset({"q": ["a", "b"]}, descriptions=["x"]), ValueError, "1 entries"),
     (lambda: MultimodalDataset({"q": ["a", "b"]}, descriptions="xy"), TypeError, "single string"),
@@ -75,6 +77,22 @@ def test_pandas_columns_are_read_by_position():
 def test_bad_datasets_say_what_to_fix(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_missing_labels_are_named_and_told_how_to_mark_them():
+    """None or NaN labels (a pandas column with gaps) were told to map names to indices, and -1
+    to drop every label: the error names the instances and the README's way to mark a label
+    unknown (C or more), which then opens: emap_gap, which cannot count them, says to pass the
+    labelled instances."""
+    pd = pytest.importorskip("pandas")
+    qs = ["a", "b", "c", "d", "e", "f", "g"]
+    gaps = pd.Series([0, 1, None, 1, None, None, 0], dtype="float64")
+    with pytest.raises(ValueError, match=r"for 3 instances \(instances 2, 4 and 5\)"):
+        MultimodalDataset({"q": qs}, labels=gaps)
+    with pytest.raises(ValueError, match=r"for 7 instances \(instances 0, 1, 2, 3, 4, \.\.\.\)"):
+        MultimodalDataset({"q": qs}, labels=[None] * 7)
+    ds = MultimodalDataset({"q": qs}, labels=gaps.fillna(2).astype(int))   # the advice, C = 2
+    assert ds.labels.tolist() == [0, 1, 2, 1, 2, 2, 0]
 
 
 def test_good_labels_and_indices_of_every_integer_kind():

@@ -164,8 +164,13 @@ def test_emap_gap_gets_labels_checked_also_when_set_after_the_dataset_was_built(
     with pytest.raises(ValueError, match="labels has 3 entries for 6 instances"):
         ds.labels = [0, 1, 2]
     ds.labels = [0, 1, 2, 0, 1, 7]
-    with pytest.raises(ValueError, match="class index 7, but the model has 3 classes"):
+    with pytest.raises(ValueError, match="class index 7, but the model has 3 classes") as e:
         emap_gap(adapter, ds, n=None)
+    # an unknown label (C or more, as the Explorer shows it): the advice given works
+    fix = "indices=np.flatnonzero(dataset.labels < 3)"
+    assert fix in str(e.value)
+    kept = emap_gap(adapter, ds, indices=np.flatnonzero(ds.labels < 3))
+    assert 0 <= kept["accuracy_model"] <= 1
 
 
 def test_emap_gap_checks_only_the_labels_of_the_instances_it_uses():

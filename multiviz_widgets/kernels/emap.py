@@ -704,7 +704,10 @@ def emap_gap(adapter: ModelAdapter, dataset: MultimodalDataset,
         raise ValueError(
             f"emap_gap: the label of instance {int(idx[k])} is class index {int(used[k])}, but "
             f"the model has {adapter.n_classes} classes ({adapter.class_names}); labels are "
-            "class indices 0..C-1 in the order of the adapter's class_names.")
+            "class indices 0..C-1 in the order of the adapter's class_names. An instance whose "
+            "label is unknown (C or more, as the Explorer shows it) cannot count in the "
+            "accuracies: pass indices= the labelled ones, e.g. "
+            f"indices=np.flatnonzero(dataset.labels < {adapter.n_classes}).")
     repeats = positive_int(repeats, "repeats")
     if repeats > 1 and len(adapter.names) == 2:
         raise ValueError("emap_gap: with two modalities EMAP is exact (all N x N pairs), so "
