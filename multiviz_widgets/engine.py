@@ -1503,10 +1503,15 @@ class Analyses:
                                                                    self.sparse_model))
 
     def n_neurons(self) -> int:
-        """The decision layer's inputs d (an AdapterError for a layer that is not linear)."""
+        """The decision layer's inputs d: a linear layer's, else those the sparse model reads
+        (an ``nn.Identity`` on h with a sparse model, the README's way for an ``F.linear``
+        head); an AdapterError for a layer that is not linear without a sparse model."""
         layer = self.adapter.decision_layer
         if isinstance(layer, torch.nn.Linear):
             return int(layer.in_features)
+        weight = getattr(self.sparse_model, "weight", None)
+        if weight is not None and np.ndim(weight) == 2:
+            return int(np.shape(weight)[1])
         w, _ = self.adapter.decision_weights()       # raises, saying what to pass instead
         return int(w.shape[1])
 

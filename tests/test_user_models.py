@@ -717,6 +717,42 @@ def test_the_explorer_counts_the_neurons_of_a_default_layer_and_shows_stage_4_re
         ex.close()
 
 
+class IdentityOnH(FunctionalHead):
+    """F.linear(h, W) with h passed through an nn.Identity: the README's decision layer for a
+    head that is no nn.Linear, given with a sparse model."""
+
+    def __init__(self):
+        super().__init__()
+        self.h = nn.Identity()
+
+    def forward(self, vitals, series):
+        return nn.functional.linear(self.h(self.encode(vitals, series)), self.W)
+
+
+def test_the_explorer_counts_the_neurons_of_an_identity_layer_from_its_sparse_model(
+        cache_env, explorer_class):
+    """select(neuron=j) promises a ValueError, and no change, for a neuron out of range: with an
+    nn.Identity as the decision layer the count was unknown, so neuron 20 of 16 was taken and
+    every view failed in the banner."""
+    from multiviz_widgets.kernels.prediction import fit_sparse_model_for
+    adapter = ModelAdapter(IdentityOnH().eval(), modalities(), CLASSES,
+                           decision_layer="h")
+    data = make_data(40)
+    ex = explorer_class(adapter, data, delay=0.01,
+                        sparse_model=fit_sparse_model_for(adapter, data, cache=False))
+    try:
+        assert ex.wait(60)
+        assert ex.analyses.n_neurons() == 16
+        before = ex.state()["neuron"]
+        with pytest.raises(ValueError, match=r"neuron 20 is out of range: .* 16 inputs"):
+            ex.select(neuron=20)
+        assert ex.state()["neuron"] == before
+        ex.select(neuron=15)
+        assert ex.wait(60) and ex.state()["neuron"] == 15 and not ex.state()["error"]
+    finally:
+        ex.close()
+
+
 class ChannelsFirst(nn.Module):
     """A Conv1d over the series as [batch, channels, time], without the transpose."""
 
