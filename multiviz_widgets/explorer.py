@@ -349,8 +349,9 @@ class InputPanel:
             desc = describe_instance(a.dataset.describe, i)     # a failing one: a note
             cap = (f"{instance_title(i, desc, isolated=True)} | predicted: "
                    f"{isolate(a.adapter.class_names[pred])}")
-            if label is not None:
-                cap += " | label: " + isolate(class_name(a.adapter.class_names, label))
+            if label is not None:         # one of C or more: unknown (as the embedding says)
+                cap += " | label: " + (isolate(class_name(a.adapter.class_names, label))
+                                       if label < a.adapter.n_classes else f"unknown ({label})")
             return i, items, cap
 
         self.engine.submit(self.items_slot, ("items", i), job, self._show_items,

@@ -816,6 +816,29 @@ def test_bidi_controls_in_descriptions_and_class_names_cannot_reorder_the_input_
         ex.close()
 
 
+def test_a_label_of_no_class_reads_unknown_in_the_input_caption():
+    """The README: a label of C or more is shown as unknown. The caption showed "label: 7",
+    which with classes named "0".."3" read as a class, while the embedding said unknown."""
+    from multiviz_widgets import Image, ModelAdapter, MultimodalDataset, Text
+    from multiviz_widgets.explorer import Explorer
+
+    from .explorer_support import VOCAB, FakeKernels, TinyVQA
+    adapter = ModelAdapter(TinyVQA().eval(), [Image("image", patch=4), Text("question", VOCAB)],
+                           ["0", "1", "2", "3"])
+    rng = np.random.default_rng(0)
+    ds = MultimodalDataset({"image": [rng.random((8, 8, 3)).astype(np.float32)
+                                      for _ in range(3)],
+                            "question": ["what color is the shape"] * 3}, labels=[0, 7, 3])
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.0)
+    try:
+        for i, said in ((1, "unknown (7)"), (2, "\u20683\u2069")):
+            ex.select(instance=i)
+            assert ex.wait(60)
+            assert ex.input_view.caption.endswith(f" | label: {said}"), ex.input_view.caption
+    finally:
+        ex.close()
+
+
 # -- a failed constructor, a failing description, stale views after a failure, use after close --
 def _widgets_of(ex):
     """Every widget of ``ex``: its children's and those of the views it had built."""
