@@ -765,6 +765,14 @@ def _class_name_list(class_names) -> list[str]:
                            f"['cat', 'dog'], got {type(class_names).__name__}.") from None
 
 
+#: Words of an error about the inputs (torch's: "mat1 and mat2 shapes cannot be multiplied",
+#: "The size of tensor a (5) must match ...", "Input type (long int) and bias type (float)
+#: should be the same", "Expected 4-dimensional input"): only then are the inputs suspected
+#: (an input whose shape changed, their order); an error with none of them is the model's own.
+INPUT_WORDS = ("shape", "size", "dimension", "mat1", "mat2", "match", "channel", "length",
+               "type", "expected", "index", "indices", "argument", "tensor")
+
+
 class ModelAdapter:
     """Wraps a model that takes one input per modality (in order) and returns [B, C] logits.
 
@@ -1557,8 +1565,19 @@ class ModelAdapter:
         named = [n for n, v in args.items() if str(list(v.shape)) in text]
         changed = [n for n, v in args.items()
                    if tuple(v.shape[1:]) != last.get(n, tuple(v.shape[1:]))]
-        # a text's length changes from instance to instance: suspect the others first
-        changed = [n for n in changed if n not in self.embedding_layers] or changed
+        # a text's length changes from instance to instance: suspect the others first, and the
+        # text only where the error is about inputs (a model's own error on an instance, such
+        # as a RuntimeError of its checks, was blamed on the question's length)
+        about_inputs = any(w in text.lower() for w in INPUT_WORDS)
+        changed = ([n for n in changed if n not in self.embedding_layers]
+                   or (changed if about_inputs else []))
+        if not (named or changed or about_inputs):
+            return (f"{head} The error names no shape or size, and no input other than a "
+                    "text's length differs from those the model took before: it most likely "
+                    "comes from the model's own code (forward() or what it calls) on this "
+                    "instance's values. Its traceback shows where: "
+                    "adapter.predict(adapter.prepare(instance).raw) in a cell raises this error "
+                    "with the model's own as its cause.")
         if named:
             hint = (f" The input of modality {named[0]!r} (shape {tuple(args[named[0]].shape)}) "
                     "appears in the error.")

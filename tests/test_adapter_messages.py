@@ -312,3 +312,43 @@ def test_a_non_finite_or_non_numeric_column_of_a_tabular_row_is_named():
     with pytest.raises(TypeError, match=r"\) in 'sex_M'\. Convert them to the numbers the "
                                         r"model was trained on"):         # ('61' is a number)
         adapter.prepare({"record": row, "vitals": series})
+
+
+# -- 4. the model's own error on an instance, after a question of another length ---------------
+
+class RefusesShortQuestions(Base):
+    """Raises an error of its own (no shape in it) on questions of under 4 tokens."""
+
+    def forward(self, image, question):
+        if question.shape[1] < 4:
+            raise RuntimeError("poisoned instance: this model refuses the image")
+        return self.logits(image, question)
+
+
+class FixedLength(Base):
+    """Takes questions of 4 tokens only (a view over a fixed length)."""
+
+    def forward(self, image, question):
+        e = self.embedding(question).reshape(question.shape[0], 4 * 6)
+        return self.classifier(torch.relu(self.fuse(e[:, :6] * image.mean((2, 3)).sum(1)[:, None])))
+
+
+def test_the_models_own_error_is_not_blamed_on_a_shorter_question():
+    """A question's length changes from instance to instance: a RuntimeError of the model's own
+    code (no shape or size in it) was reported as the question's shape having changed, with
+    the advice to check the modalities' shapes and order; an error about shapes still is."""
+    adapter = make(RefusesShortQuestions())
+    adapter.predict(adapter.prepare(INSTANCE).raw)                 # 4 tokens: fine
+    with pytest.raises(ModelInputError) as err:
+        adapter.predict(adapter.prepare({**INSTANCE, "question": "what colour"}).raw)
+    text = str(err.value)
+    assert "poisoned instance" in text and "the model's own code" in text
+    assert WRONG_CAUSE not in text and "where the model last took" not in text
+    assert "adapter.predict(adapter.prepare(instance).raw)" in text
+    fixed = make(FixedLength())
+    fixed.predict(fixed.prepare(INSTANCE).raw)
+    with pytest.raises(ModelInputError) as err:
+        fixed.predict(fixed.prepare({**INSTANCE, "question": "what colour"}).raw)
+    text = str(err.value)
+    assert "Modality 'question' has shape (2,) per instance, where the model last took (4,)" \
+        in text and WRONG_CAUSE in text and "the model's own code" not in text
