@@ -608,6 +608,11 @@ def test_kernel_shap_on_too_few_samples_warns_and_records_it(ts):
         [batched] = attribute_batch(adapter, [inst], "kernel_shap", targets=0, n_samples=512)
     assert exact.params["underdetermined"] is False
     assert batched.params["underdetermined"] is False
+    # every coalition evaluated (2^9 = 512): exact, said, whatever n_samples asked beyond it
+    more = attribute(adapter, inst, "kernel_shap", target=0, n_samples=2000)
+    assert exact.params["exact"] is batched.params["exact"] is more.params["exact"] is True
+    assert more.params["n_samples"] == 2000 and more.forward_passes == 512
+    assert r.params["exact"] is False
     # attribute_batch records it too, and warns at its caller
     with pytest.warns(UserWarning, match="underdetermined") as record:
         [few] = attribute_batch(adapter, [inst], "kernel_shap", targets=0, n_samples=8)

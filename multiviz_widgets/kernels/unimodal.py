@@ -23,8 +23,9 @@ Methods:
 * ``lime``: a weighted ridge regression of f on random binary unit masks (n_samples forwards;
   fewer samples than units + 1 warn and set ``params["underdetermined"]``);
 * ``kernel_shap``: the Shapley-kernel regression constrained so that the scores sum exactly to
-  f(x) - f(baseline) (n_samples forwards; exact Shapley values when 2^U <= n_samples; too few
-  samples to determine the regression warn and set ``params["underdetermined"]``).
+  f(x) - f(baseline) (n_samples forwards; exact Shapley values from the 2^U forwards when
+  2^U <= n_samples, ``params["exact"]``; too few samples to determine the regression warn and
+  set ``params["underdetermined"]``).
 
 Gradients are taken with respect to the *continuous* inputs of all explained modalities at once
 (for text: the embedding layer's output, never the token ids). The target is a class logit or a
@@ -1234,7 +1235,11 @@ class _Lime(AttributionMethod):
         # the warning points at the caller of attribute / attribute_batch: through
         # AttributionMethod.attribute, _run and this
         scores, under = self.fit(fn, units, progress=progress, stacklevel=6, **p)
-        return scores, {"underdetermined": under}
+        return scores, self._found(units, p, under)
+
+    def _found(self, units, p, underdetermined: bool) -> dict:
+        """What the fit measured besides the scores (``params``)."""
+        return {"underdetermined": underdetermined}
 
     def _run(self, adapter, prepared, target, names, p, progress):
         fn = _mask_function(adapter, prepared, target, int(p["batch_size"]), names, self.name)
@@ -1257,6 +1262,14 @@ class _KernelShap(_Lime):
         if total <= 20 and 2 ** total <= n:
             return 2 ** total, 0
         return n, 0
+
+    def _found(self, units, p, underdetermined: bool) -> dict:
+        """As LIME's, and ``exact``: whether every coalition was evaluated (2^U of them, fewer
+        than n_samples: the scores are the Shapley values, and n_samples, kept as asked, is
+        not what ran; forward_passes is)."""
+        total = sum(units.values())
+        return {"underdetermined": underdetermined,
+                "exact": bool(total <= 20 and 2 ** total <= int(p["n_samples"]))}
 
 
 METHODS: dict[str, AttributionMethod] = {
