@@ -660,11 +660,18 @@ def _unpassed_parameters(model: nn.Module, names: Sequence[str], keyword_inputs:
 
 def _named_in_another_order(model: nn.Module, names: Sequence[str]) -> bool:
     """Whether forward()'s leading arguments (by position or keyword) are the modalities' names
-    in another order than the adapter's: the model must then take them by keyword."""
+    in another order than the adapter's, or forward() takes the modalities by name and some
+    by keyword only (``forward(self, *, image, question)``): the model must then take them by
+    keyword."""
     try:
         params = _forward_signature(model)[1]
     except (TypeError, ValueError):
         return False
+    by_name = {p.name: p.kind for p in params}
+    if all(by_name.get(n) in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                              inspect.Parameter.KEYWORD_ONLY) for n in names) and any(
+            by_name[n] == inspect.Parameter.KEYWORD_ONLY for n in names):
+        return True
     lead = params[:len(names)]
     if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in lead):
         return False
@@ -799,7 +806,8 @@ class ModelAdapter:
         the other calls, is an AdapterError).
     keyword_inputs: call model(**{name: tensor}) instead of model(*tensors). Set by itself
         when forward()'s first arguments are the modalities' names in another order than
-        ``modalities`` lists them (each input then goes to the argument of its name).
+        ``modalities`` lists them, or when forward() takes some of them by keyword only (each
+        input then goes to the argument of its name).
     """
 
     def __init__(self, model: nn.Module, modalities: Sequence[Modality],
