@@ -6,7 +6,9 @@
   removed in ``finally``, also when the model raises). Results are cached on disk as ``.npz``
   (no pickle), keyed by a hash of the model's weights, settings and structure
   (``ModelAdapter.fingerprint``: not integer, list or plain-tensor attributes), the code of
-  its classes and the plain global values they read (``model_code_digest``), its forward hooks
+  its classes, the plain global values they read and the functions they name or its modules
+  hold that are not hashed as code, torch's and built-ins, by name (``model_code_digest``),
+  its forward hooks
   and pre-hooks (``forward_hooks_text``), the modalities' preprocessing, the number of classes
   and the dataset's fingerprint; a change of any gives another key, a corrupt or inconsistent
   file (logits of another width included) is ignored and recomputed, writes are atomic. The
@@ -128,8 +130,11 @@ def model_code_digest(model: torch.nn.Module) -> str:
     The plain values of their modules that these functions read as globals (``SCALE = 3.0``
     read in ``forward``) are hashed too, by content (``_plain_global_text``): numbers, texts,
     flags, small containers of them, arrays and tensors of up to ``_GLOBAL_ARRAY_MAX``
-    elements. Not: a global one of these functions writes (``global calls; calls += 1``, a
-    counter), larger arrays, and other objects (their state cannot be seen)."""
+    elements. So are, by name (``_callable_identity``), the functions and classes read as
+    globals or held by a module whose code is not hashed: torch's (``ACT = torch.tanh``
+    rebound to ``torch.sigmoid``, ``self.act = F.relu`` given ``F.silu``) and built-ins.
+    Not: a global one of these functions writes (``global calls; calls += 1``, a counter),
+    larger arrays, and other objects (their state cannot be seen)."""
     h = hashlib.sha256()
     seen: set[int] = set()
     reads: dict[tuple[str, str], tuple[dict, str]] = {}   # (module, name) -> (globals, name)
@@ -205,17 +210,83 @@ def model_code_digest(model: torch.nn.Module) -> str:
     for place, m in model.named_modules():
         for attr, value in sorted(vars(m).items()):
             f = getattr(value, "__func__", value)            # a bound method's function
-            if _own_function(f) and f.__code__ not in nested:
-                h.update(f"instance {place}.{attr}".encode())
-                seen.discard(id(f))          # hashed again here: its place is part of the key
-                visit(f)
+            if _own_function(f):
+                if f.__code__ not in nested:
+                    h.update(f"instance {place}.{attr}".encode())
+                    seen.discard(id(f))      # hashed again here: its place is part of the key
+                    visit(f)
+                continue
+            # torch's function or a built-in (self.act = F.relu): its code changes only with
+            # torch's or Python's version, but which one the module holds changes the pass
+            text = _callable_identity(value)
+            if text is not None:
+                h.update(f"instance {place}.{attr}={text}".encode())
     for where in sorted(set(reads) - written):
         scope, name = reads[where]
-        if name in scope:
-            text = _plain_global_text(scope[name])
-            if text is not None:
-                h.update(f"{where[0]}.{name}={text}".encode())
+        if name not in scope or id(scope[name]) in seen:     # a function hashed as code
+            continue
+        value = scope[name]
+        text = _plain_global_text(value)
+        if text is None:
+            # ACT = torch.tanh called in forward, rebound to torch.sigmoid in a cell re-run
+            text = _callable_identity(value)
+        if text is not None:
+            h.update(f"{where[0]}.{name}={text}".encode())
     return h.hexdigest()[:32]
+
+
+#: The built-in callables told by their name: C functions (torch.tanh, len, math.sqrt), the
+#: methods of built-in types (torch.Tensor.relu, str.upper) and numpy's ufuncs (np.tanh).
+_BUILTIN_CALLABLES = (types.BuiltinFunctionType, types.MethodDescriptorType,
+                      types.WrapperDescriptorType, types.MethodWrapperType,
+                      types.ClassMethodDescriptorType, np.ufunc)
+
+
+def _callable_identity(v, depth: int = 0) -> str | None:
+    """A text of a function a model's code reads as a global, or one of its modules holds,
+    that is not hashed as code: a built-in's, a class's or torch's own function's module and
+    qualified name (torch's code changes only with its version, which the key has too); a
+    user's function's name and code (one named only in a lambda, which ``model_code_digest``
+    does not follow); a functools.partial's function and plain arguments (any other argument
+    by its type); a bound method's function and its object's type. The same in every process
+    (no address), so that a new kernel finds the cache an earlier one wrote. None for any
+    other object (its state cannot be seen)."""
+    if depth > 4:                                   # a partial of a partial of ...
+        return None
+    if isinstance(v, functools.partial):
+        func = _callable_identity(v.func, depth + 1)
+        if func is None:
+            return None
+        args = [_argument_text(x, depth + 1) for x in v.args]
+        kwargs = [f"{k}={_argument_text(x, depth + 1)}" for k, x in sorted(v.keywords.items())]
+        return f"partial({func},{','.join(args + kwargs)})"
+    if isinstance(v, types.MethodType):
+        func = _callable_identity(v.__func__, depth + 1)
+        owner = type(v.__self__)
+        return None if func is None else f"{func} of {owner.__module__}.{owner.__qualname__}"
+    if not isinstance(v, (type, types.FunctionType, *_BUILTIN_CALLABLES)):
+        return None
+    name = getattr(v, "__qualname__", None) or getattr(v, "__name__", "?")
+    # a method descriptor (torch.Tensor.relu) or a built-in bound to an object (x.mul) has
+    # no module: its class's is taken
+    module = (getattr(v, "__module__", None)
+              or getattr(getattr(v, "__objclass__", None), "__module__", None)
+              or type(getattr(v, "__self__", None)).__module__)
+    text = f"{module}.{name}"
+    if _own_function(v):
+        h = hashlib.sha256()
+        hash_code(v.__code__, h)
+        text += f":{h.hexdigest()[:16]}"
+    return text
+
+
+def _argument_text(v, depth: int) -> str:
+    """A functools.partial's argument in ``_callable_identity``: a plain value by content, a
+    function by its identity, any other object by its type (its state cannot be seen)."""
+    text = _plain_global_text(v)
+    if text is None:
+        text = _callable_identity(v, depth)
+    return text if text is not None else f"<{type(v).__module__}.{type(v).__qualname__}>"
 
 
 def _global_names(code) -> tuple[set[str], set[str]]:
