@@ -107,13 +107,15 @@ function fmt(v) {
   return v.toPrecision(3);
 }
 
-// An input value (a table's cell): as the data has it, up to 6 significant digits (a year
-// 2023 stays 2023, 123.456 is not cut to 123).
+// An input value (a table's cell): as the data has it, a whole number in full below 1e9 and
+// others to 7 significant digits, what a float32 holds (a year 2023 stays 2023, 123.456 is not
+// cut to 123, nor 1234567 shown as 1234570).
 function fmtValue(v) {
   if (!isNum(v)) return "";
   const a = Math.abs(v);
   if (a !== 0 && (a < 1e-4 || a >= 1e9)) return v.toExponential(5).replace(/\.?0+e/, "e");
-  return String(Number(v.toPrecision(6)));
+  if (Number.isInteger(v)) return String(v);          // 1234567, not 1234570
+  return String(Number(v.toPrecision(7)));            // a float32's digits: 123456.7
 }
 
 function el_(tag, cls, text) {
@@ -376,8 +378,13 @@ function render({ model, el }) {
   function buildSeries(item, box, entry) {
     const G = item.group_names.length, W = item.n_windows;
     const grid = el_("div", "mvz-series");
-    grid.style.gridTemplateColumns = `max-content repeat(${W}, minmax(14px, 1fr))`;
     const T = item.values.length;
+    // each window as wide as the steps it holds: a last, partial window (3 steps of 5) is
+    // narrower, so that the strip's time axis is not stretched there
+    const steps = Array.from({ length: W },
+      (_, w) => Math.max(1, Math.min(T, (w + 1) * item.window) - w * item.window));
+    grid.style.gridTemplateColumns =
+      `max-content ${steps.map(n => `minmax(14px, ${n}fr)`).join(" ")}`;
     const cells = [];                      // row-major: group g, window w at g * W + w
     item.group_names.forEach((gname, g) => {
       grid.appendChild(el_("div", "mvz-rowname", gname));

@@ -770,6 +770,21 @@ def test_named_units_of_every_kind_have_the_dashed_border(page):
     assert others and all(style != "dashed" for _, style in others), borders
 
 
+def test_a_last_partial_window_is_drawn_as_wide_as_the_steps_it_holds(page):
+    """23 steps in windows of 5: the last window holds 3 steps, and was drawn as wide as the
+    others, stretching the strip's time axis there."""
+    values = [[float(t)] for t in range(23)]
+    items = [{"name": "series", "kind": "timeseries", "group_names": ["ecg"], "groups": [[0]],
+              "n_windows": 5, "window": 5, "values": values}]
+    render_input_bundle(page, {"items": items, "scores": {}, "score_caption": "",
+                               "selected": {}, "caption": "", "concepts": {}})
+    widths = page.evaluate("() => [...document.querySelectorAll('.mvz-series .mvz-unit')]"
+                           ".map(e => e.getBoundingClientRect().width)")
+    assert len(widths) == 5, widths
+    assert all(abs(w - widths[0]) < 0.5 for w in widths[:4]), widths
+    assert abs(widths[4] / widths[0] - 3 / 5) < 0.05, widths
+
+
 def test_every_kind_of_unit_is_a_named_button_that_enter_and_space_choose(page):
     """Patches, word chips, segment chips, table cells and series windows: each is focusable
     (in document order), has a name, and Enter or Space saves ``selected`` as a click does."""
@@ -1188,14 +1203,19 @@ def test_a_refused_concept_comes_back_only_into_the_row_of_the_key_it_was_typed_
 
 def test_table_cells_show_their_values_as_the_data_has_them(page):
     """toPrecision(3) wrote a year 2023 as "2.02e+3" and cut 123.456 to "123"."""
-    items = [{"name": "vitals", "kind": "tabular", "columns": ["year", "dose", "tiny", "big"],
-              "values": [2023.0, 123.456, 0.0000123, 12345678901.0], "units": [0, 1, 2, 3]}]
-    render_input_bundle(page, {"items": items, "scores": {"vitals": [1234.0, None, 0.5, 0.0]},
+    items = [{"name": "vitals", "kind": "tabular",
+              "columns": ["year", "dose", "tiny", "big", "count", "amount"],
+              "values": [2023.0, 123.456, 0.0000123, 12345678901.0, 1234567.0, 123456.7],
+              "units": [0, 1, 2, 3, 4, 5]}]
+    render_input_bundle(page, {"items": items,
+                               "scores": {"vitals": [1234.0, None, 0.5, 0.0, 0.0, 0.0]},
                                "score_caption": "", "selected": {}, "caption": "",
                                "concepts": {}})
     cells = page.evaluate("() => [...document.querySelectorAll('td.mvz-unit')].map(e => "
                           "[e.textContent, e.title])")
-    assert [c[0] for c in cells] == ["2023", "123.456", "1.23e-5", "1.23457e+10"], cells
+    # 6 digits showed 1234567 as 1234570 and 123456.7 as 123457, values not in the data
+    assert [c[0] for c in cells] == ["2023", "123.456", "1.23e-5", "1.23457e+10", "1234567",
+                                     "123456.7"], cells
     assert cells[0][1] == "year \u2014 1234", cells             # a score of 1234, not 1.23e+3
     assert cells[1][1] == "dose", cells                         # no score: no number
 
