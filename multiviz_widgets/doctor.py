@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -747,3 +748,80 @@ def _check_curvature(prepared, report: Report, cont: dict, g, hv) -> None:
                "method, then give a matrix of zeros whether or not the modalities interact: "
                "use pairwise ablation or Shapley interactions to see its interactions (or, to "
                "keep second-order gradients, smooth activations such as GELU or SiLU).")
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines against the data
+# ---------------------------------------------------------------------------------------------
+#: How many instances ``check_baselines`` reads, spread evenly over the dataset.
+BASELINE_SAMPLE = 200
+#: A baseline further outside the data's values than this many of their standard deviations is
+#: said (a lab value of 7e-5 against values 1e-5 to 2e-4 is not: 0 is 0.2 of them below).
+BASELINE_OUTSIDE_STD = 0.5
+
+
+def check_baselines(adapter: ModelAdapter, dataset, n: int = BASELINE_SAMPLE) -> list[str]:
+    """What a removed unit is set to, against the data: one message per Tabular or TimeSeries
+    modality whose baseline lies outside the values of up to ``n`` instances spread over
+    ``dataset`` for some columns (channels), by more than half their standard deviation, with
+    the fix; [] when none does. The default baseline 'zero' of columns on their own scales sets
+    a removed age to 0 years against ages of 18 to 90: occlusion, LIME, KernelSHAP, integrated
+    gradients, pairwise ablation and Shapley interactions then measure the model on values it
+    never saw there, and a column whose value is 0 always scores 0. The Explorer says these
+    beside its views. Instances the adapter refuses are passed over (said elsewhere)."""
+    names = [k for k, m in adapter.modalities.items() if m.kind in ("tabular", "timeseries")]
+    if not names or len(dataset) == 0:
+        return []
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(int(n), len(dataset))).round())
+    values: dict[str, list] = {k: [] for k in names}
+    bases: dict[str, list] = {k: [] for k in names}
+    for i in picks.astype(int):
+        try:
+            p = adapter.prepare(dataset[int(i)])
+        except Exception:  # noqa: BLE001 -- a refused instance is said where it is used
+            continue
+        for k in names:
+            x, b = (t.detach().double().cpu().numpy() for t in (p.continuous[k], p.baseline[k]))
+            values[k].append(x.reshape(-1, x.shape[-1]))
+            bases[k].append(np.broadcast_to(b, x.shape).reshape(-1, x.shape[-1]))
+    out = []
+    for k in names:
+        if not values[k]:
+            continue
+        x, b = np.concatenate(values[k]), np.concatenate(bases[k])
+        x = np.where(np.isfinite(x), x, np.nan)
+        lo, hi, sd = (np.full(x.shape[1], np.nan) for _ in range(3))
+        seen = ~np.isnan(x).all(0)             # a column of no finite value has no range
+        if seen.any():
+            lo[seen], hi[seen] = np.nanmin(x[:, seen], 0), np.nanmax(x[:, seen], 0)
+            sd[seen] = np.nanstd(x[:, seen], 0)
+        below, above = lo - b.min(0), b.max(0) - hi
+        far = np.maximum(below, above)
+        bad = np.flatnonzero(np.isfinite(far) & (sd > 0) & (far > BASELINE_OUTSIDE_STD * sd))
+        if bad.size:
+            out.append(_baseline_message(adapter.modalities[k], bad, b, lo, hi, below,
+                                         len(values[k])))
+    return out
+
+
+def _baseline_message(m, bad, b, lo, hi, below, n: int) -> str:
+    """``check_baselines``'s message for modality ``m``: the columns (channels) ``bad``, each
+    with the baseline value furthest out and the data's range, and the fix."""
+    tabular = m.kind == "tabular"
+    names = m.columns if tabular else m.channels
+    shown = [f"{names[c]!r} ({(b[:, c].min() if below[c] > 0 else b[:, c].max()):.4g} against "
+             f"{lo[c]:.4g} to {hi[c]:.4g})" for c in bad[:5]]
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    what, unit = ("Tabular", "column") if tabular else ("TimeSeries", "window")
+    given = ("'zero', the default" if (getattr(m, "_baseline", None) is None if tabular
+                                       else m.baseline == "zero") else "the values given")
+    fix = ("For columns on their own scales, pass Tabular(..., baseline='mean', means=...) with "
+           "the training data's column means (e.g. train_df.mean()), or a vector of typical "
+           "values as baseline=." if tabular else
+           "Pass TimeSeries(..., baseline='mean') (each channel's mean over the instance).")
+    return (f"{what} {m.name!r}: a removed {unit} is set to its baseline ({given}), which lies "
+            f"outside the data's values for {len(bad)} of {len(names)} "
+            f"{'columns' if tabular else 'channels'}: {', '.join(shown)}{more} (from {n} "
+            "instances). Occlusion, LIME, KernelSHAP, integrated gradients, pairwise ablation "
+            "and Shapley interactions then measure the model on values it never saw there (and "
+            f"a value equal to the baseline always scores 0). {fix}")

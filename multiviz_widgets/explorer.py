@@ -862,6 +862,29 @@ class Explorer(W.VBox):
         for v in self.views:
             v.refresh()
         self.neuron_view.refresh_gallery()
+        self._check_baselines()
+
+    def _check_baselines(self) -> None:
+        """Say beside the views, as a caveat, a Tabular or TimeSeries baseline that lies outside
+        the data's values (``doctor.check_baselines``: what every removal method sets a removed
+        unit to): after the views' first jobs, in the background lane, and again after a
+        recompute (the data may have been edited). A failure of the check says nothing: each
+        instance the adapter refuses is said where it is used."""
+        if not any(m.kind in ("tabular", "timeseries") for m in self.adapter.modalities.values()):
+            return
+        from .doctor import check_baselines
+        adapter, dataset = self.adapter, self.dataset
+
+        def job(_progress):
+            try:
+                found = check_baselines(adapter, dataset)
+            except Exception:  # noqa: BLE001 -- a check beside the views, never their error
+                return
+            for text in found:
+                warn(text)
+
+        self.engine.submit("baselines", None, job, priority=8, label="baselines",
+                           lane="background")
 
     def select(self, instance: int = ..., unit=..., neuron: int = ..., target=...,
                method: str = ..., interaction_method: str = ..., pair=...) -> "Explorer":

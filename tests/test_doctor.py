@@ -722,3 +722,79 @@ def test_a_softmax_after_the_decision_layer_gets_only_its_own_fix():
     computes the logits', which has no answer: there is no later layer."""
     r = _check_after_head(3, lambda z: torch.softmax(z, 1), ["a", "b", "c"])
     assert "probabilities" in r.codes() and "decision-not-last" not in r.codes(), str(r)
+
+
+# -- baselines against the data ----------------------------------------------------------------
+class VitalsAndPressure(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(40, 4), nn.Linear(8, 2)
+
+    def forward(self, vitals, bp):
+        return self.head(torch.tanh(torch.cat([self.a(vitals), self.b(bp.flatten(1))], 1)))
+
+
+def _vitals_data(n: int = 60, nan: bool = False):
+    """Raw-scale columns (age in years, a lab value near 1e-4, a 0/1 flag) and a pressure
+    channel near 120 beside a standardised one."""
+    from multiviz_widgets import MultimodalDataset
+    rng = np.random.default_rng(0)
+    rows = np.stack([rng.uniform(18, 90, n), rng.uniform(1e-5, 2e-4, n),
+                     rng.integers(0, 2, n)], 1).astype(np.float32)
+    if nan:
+        rows[3, 0] = np.nan
+    series = [np.stack([rng.normal(120, 10, 20), rng.normal(0, 1, 20)], 1).astype(np.float32)
+              for _ in range(n)]
+    return MultimodalDataset({"vitals": list(rows), "bp": series}, labels=[i % 2 for i in range(n)])
+
+
+def _vitals_adapter(**tabular):
+    from multiviz_widgets import Tabular, TimeSeries
+    return ModelAdapter(VitalsAndPressure().eval(),
+                        [Tabular("vitals", columns=["age", "lab", "flag"], **tabular),
+                         TimeSeries("bp", window=5, channels=["sys", "z"],
+                                    baseline="mean" if tabular else "zero")], ["a", "b"])
+
+
+def test_a_baseline_outside_the_datas_values_is_said_with_the_fix():
+    """Tabular's default baseline sets a removed age to 0 years against ages of 18 to 90 (and a
+    series' to a pressure of 0): every removal method then measures the model on values it
+    never saw. Neither the README nor the views said what a removed column became."""
+    from multiviz_widgets.doctor import check_baselines
+    tab, ser = check_baselines(_vitals_adapter(), _vitals_data())
+    assert tab.startswith("Tabular 'vitals': a removed column is set to its baseline ('zero', "
+                          "the default), which lies outside the data's values for 1 of 3 "
+                          "columns: 'age' (0 against 18.") and "(from 60 instances)" in tab
+    assert "'lab'" not in tab and "'flag'" not in tab      # 0 within half a spread, or a value
+    assert "baseline='mean', means=" in tab
+    assert ser.startswith("TimeSeries 'bp': a removed window is set to its baseline ('zero', "
+                          "the default), which lies outside the data's values for 1 of 2 "
+                          "channels: 'sys' (0 against ") and "baseline='mean')" in ser
+    # the fix said: nothing more to say (a NaN in a column, and the NaN row refused, too)
+    means = dict(zip(["age", "lab", "flag"], [54.0, 1e-4, 0.5]))
+    assert check_baselines(_vitals_adapter(baseline="mean", means=means), _vitals_data()) == []
+    assert len(check_baselines(_vitals_adapter(), _vitals_data(nan=True))) == 2
+    # one instance: its columns have no spread to be outside of; its series' steps have
+    [one] = check_baselines(_vitals_adapter(), _vitals_data(n=1))
+    assert one.startswith("TimeSeries 'bp'")
+
+
+def test_the_explorer_says_a_baseline_outside_the_data_beside_its_views(tmp_path, monkeypatch):
+    from multiviz_widgets.explorer import Explorer
+    monkeypatch.setenv("MULTIVIZ_CACHE", str(tmp_path / "cache"))
+    ex = Explorer(_vitals_adapter(), _vitals_data(), delay=0.0,
+                  method_params={"interaction_type": {"n_reference": 0}})
+    try:
+        assert ex.wait(60)
+        said = [line for line in ex.state()["notices"] if line.startswith("baselines: ")]
+        assert [line.split(": ")[1].split(" ")[0] for line in said] == ["Tabular", "TimeSeries"]
+    finally:
+        ex.close()
+    ok = Explorer(_vitals_adapter(baseline="mean", means=[54.0, 1e-4, 0.5]), _vitals_data(),
+                  delay=0.0, method_params={"interaction_type": {"n_reference": 0}})
+    try:
+        assert ok.wait(60)
+        assert not [line for line in ok.state()["notices"] if line.startswith("baselines")]
+    finally:
+        ok.close()
