@@ -486,4 +486,26 @@ def test_a_large_matrix_of_few_computed_units_draws_those_units_only(vqa):
     st = hv.state()
     assert st["row_units"] == rows and len(st["col_units"]) == 64
     assert all(any(r) for r in st["computed"])
-    assert "the 24 of the 300 question words and the 64 of the 100 image patches" in st["note"]
+    assert ("the 24 of the 300 question words with cells computed, and the 64 of the 100 "
+            "image patches with the strongest interactions (the largest |value| in their "
+            "column") in st["note"]
+
+
+def test_a_selected_unit_with_no_cell_computed_is_drawn_beside_the_players(vqa):
+    """6 Shapley players of 300 words: the selected word, no player, took the place of a
+    player (its cells all grey, a computed row gone), and the note called the 6 drawn the
+    strongest of a matrix too large to draw. It is now drawn beside them, and said."""
+    ex, _ = vqa
+    hv = ex.heatmap_view
+    players = [3, 40, 41, 100, 250, 299]
+    m = np.zeros((300, 10))
+    m[players] = np.random.default_rng(2).normal(size=(6, 10))
+    args = ([f"w{k}" for k in range(300)], [f"p{k}" for k in range(10)])
+    ex.select(unit=("question", 2))             # (the instance's own words are 0..4)
+    show(hv, m, *args, method="shapley",
+         players={"question": players, "image": list(range(10))})
+    st = hv.state()
+    assert st["row_units"] == sorted(players + [2]) and st["selected_row"] == 0
+    assert ("Drawn: the 6 of the 300 question words with cells computed and the unit "
+            "selected; the others have no cell computed.") in st["note"], st["note"]
+    assert "minutes" not in st["note"]

@@ -495,7 +495,7 @@ class HeatmapView(W.VBox):
         if computed is not None:
             strength = np.where(computed, strength, 0.0)
         s = self.selection
-        kept, parts = [], []
+        kept, parts, cut = [], [], []
         for axis, (modality, labels) in enumerate(zip(self.pair, (row_labels, col_labels))):
             n = m.shape[axis]
             if n <= MOST_SHOWN:
@@ -508,22 +508,37 @@ class HeatmapView(W.VBox):
                 some = int(computed.any(axis=1 - axis).sum())
                 most = max(1, min(MOST_SHOWN, some))
             chosen = list(order[:most])
-            if (s.unit_ref is not None and s.modality == modality and 0 <= s.unit < n
-                    and s.unit not in chosen):
-                chosen[-1] = s.unit                       # the selected unit stays drawn
+            added = (s.unit_ref is not None and s.modality == modality and 0 <= s.unit < n
+                     and s.unit not in chosen)
+            if added:                                     # the selected unit stays drawn:
+                if most < MOST_SHOWN:                     # beside every unit computed
+                    chosen.append(s.unit)
+                else:                                     # in place of the weakest
+                    chosen[-1] = s.unit
             kept.append(np.sort(np.asarray(chosen, dtype=np.int64)))
             one, many = self._unit_words(modality)
-            parts.append(f"the {len(chosen)} of the {n} {_plural(n, (one, many))}")
+            kind = "computed" if most < MOST_SHOWN else "strongest"
+            if kind == "strongest":
+                cut.append(axis)
+            parts.append((kind, f"the {most} of the {n} {_plural(n, (one, many))}", added))
         labels = [list(lab) if k is None else [str(lab[int(u)]) if int(u) < len(lab) else
                                                str(int(u)) for u in k]
                   for k, lab in zip(kept, (row_labels, col_labels))]
+        said = []
+        for kind, words in (("computed", " with cells computed"),
+                            ("strongest", " with the strongest interactions")):
+            mine = [p for p in parts if p[0] == kind]
+            if mine:
+                said.append(" and ".join(text for _, text, _ in mine) + words
+                            + (" and the unit selected" if any(a for *_, a in mine) else ""))
+        where = " or ".join(("row", "column")[axis] for axis in cut)
+        why = (f" (the largest |value| in their {where}, in their order; the others are left "
+               "out: every cell of so large a matrix would take the browser minutes to draw)"
+               if cut else "")
+        others = "; the others have no cell computed" if len(said) == 1 and not cut else ""
         note = ("" if not parts else
-                f"Drawn: {' and '.join(parts)} with the strongest interactions (the largest "
-                f"|value| in their {'row' if kept[0] is not None else 'column'}"
-                f"{' or column' if kept[0] is not None and kept[1] is not None else ''}), in "
-                f"their order; the others are left out (every cell of so large a matrix would "
-                f"take the browser minutes to draw). Click a unit in the input view to see "
-                f"all its interactions there.")
+                f"Drawn: {', and '.join(said)}{why}{others}. Click a unit in the input view to "
+                f"see all its interactions there.")
         return kept[0], kept[1], labels, note
 
     def _position(self, units: np.ndarray | None, unit: int, n: int) -> int:
