@@ -478,8 +478,8 @@ class InputPanel:
                            f"(units=")
                     caption = (f"{other}: no interactions with {said}"
                                + (f" ({name})" if name else "")
-                               + f": {why}; the heatmap greys the others, or leaves them out); {m}: "
-                               f"{method_label(method)} attribution; for {what}")
+                               + f": {why}; the heatmap greys the others, or leaves them "
+                               f"out); {m}: {method_label(method)} attribution; for {what}")
                 else:
                     caption = (f"{other}: interaction with {said} ("
                                + (f"{name}, " if name else "")
