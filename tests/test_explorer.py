@@ -1843,7 +1843,7 @@ def test_a_unit_pairwise_ablation_left_out_is_said_so_not_called_a_shapley_playe
         assert ex.wait(120)
         cap = ex.input_view.score_caption
         assert "not among the units the pairwise ablation computed (units=; the heatmap greys " \
-               "the others)" in cap, cap
+               "the others, or leaves them out)" in cap, cap
         assert "player" not in cap and "occlusion effect" not in cap
         ex.select(unit=("image", 1))
         assert ex.wait(120)
