@@ -873,17 +873,62 @@ def test_shapley_refuses_a_regression_too_large_for_memory(monkeypatch):
     the budget that fits."""
     import multiviz_widgets.kernels.interactions as mod
     adapter, inst = tiny_adapter(), tiny_instance(9)          # 8 players: 37 terms
-    monkeypatch.setattr(mod, "REGRESSION_MEMORY_LIMIT", 24 * 37 * 100)
+    # the coalitions x terms matrices and the terms x terms normal matrix (2 copies)
+    monkeypatch.setattr(mod, "REGRESSION_MEMORY_LIMIT", 24 * 37 * 100 + 16 * 37 ** 2)
     calls = []
     forward = adapter.forward
     monkeypatch.setattr(adapter, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     with pytest.raises(ValueError, match=r"KernelSHAPIQ would fit 37 interaction terms of 8 "
-                                         r"players to 101 coalitions.*Lower budget \(at most 100 "
-                                         r"for 8 players\) or max_players"):
+                                         r"players to 101 coalitions.*Lower max_players \(at "
+                                         r"most 7 fit with this budget\), or the budget \(at "
+                                         r"most 100 for 8 players"):
         interaction(adapter, inst, "shapley", budget=101, max_players=None)
     n_before = len(calls)
     r = interaction(adapter, inst, "shapley", budget=100, max_players=None)
     assert r.params["approximator"] == "KernelSHAPIQ" and len(calls) > n_before
+
+
+def test_shapley_counts_the_normal_matrix_in_its_memory_and_says_its_fit(monkeypatch):
+    """KernelSHAPIQ also builds the terms x terms matrix X'WX: 150 players' peak was 3.2 GiB
+    where the guard counted 1.0, and 726 players, at the budget it advised, failed with a raw
+    MemoryError of 516 GiB. The fit runs after the last coalition, where a cancel cannot stop
+    it: the progress says it begins (a cancel meanwhile stops there), and one estimated long
+    is warned."""
+    import multiviz_widgets.kernels.interactions as mod
+    adapter, inst = tiny_adapter(), tiny_instance(9)          # 8 players: 37 terms
+    monkeypatch.setattr(mod, "REGRESSION_MEMORY_LIMIT", 24 * 37 * 100 + 16 * 37 ** 2 - 1)
+    with pytest.raises(ValueError, match=r"at most 7 fit with this budget"):
+        interaction(adapter, inst, "shapley", budget=100, max_players=None)  # only by X'WX
+    monkeypatch.undo()
+    said = []
+    r = interaction(adapter, inst, "shapley", budget=100, max_players=None,
+                    progress=lambda done, total, message="": said.append(message))
+    assert r.params["approximator"] == "KernelSHAPIQ"
+    fits = [m for m in said if m.startswith("Shapley: fitting 37 interaction terms")]
+    assert len(fits) == 2                                     # before each half's fit
+    monkeypatch.setattr(mod, "REGRESSION_FLOPS_PER_SECOND", 1.0)
+    with pytest.warns(UserWarning, match=r"after its 100 coalitions, KernelSHAPIQ fits 37 "
+                                         r"interaction terms of 8 players, about .* a cancel "
+                                         r"cannot stop"):
+        interaction(adapter, inst, "shapley", budget=100, max_players=None)
+
+
+def test_a_budget_that_auto_players_cannot_spend_is_said():
+    """README's {"shapley": {"budget": 8192}} gave the same 12 exact players as 4,096 and
+    said nothing: the budget bought nothing. It is warned, with max_players= to pass."""
+    adapter = ModelAdapter(TinyFusion(0), [Tabular("tabular", columns=["c0", "c1", "c2", "c3"]),
+                                           TimeSeries("series", window=1, channels=["x", "y"])],
+                           ["k0", "k1", "k2"])                # 4 + 16 units
+    inst = tiny_instance(3)
+    with pytest.warns(UserWarning, match=r"max_players='auto' computes 12 players exactly from "
+                                         r"4,096 of the 8,192 coalitions.*of the 20 units, pass "
+                                         r"max_players="):
+        r = interaction(adapter, inst, "shapley", budget=8192)
+    assert r.params["exact"] and r.params["coalitions"] == 4096
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        interaction(adapter, inst, "shapley")                 # 4,096: all spent
+        interaction(adapter, inst, "shapley", budget=8192, max_players=12)   # asked for
 
 
 def test_shapley_player_choice_ignores_rounding():

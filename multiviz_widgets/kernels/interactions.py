@@ -578,11 +578,38 @@ REGRESSION_APPROXIMATORS = ("KernelSHAPIQ", "RegressionFSII")
 #: refuses with how to lower the budget (70 players and 2^17 coalitions would need 8 GiB).
 REGRESSION_BYTES_PER_CELL = 24
 REGRESSION_MEMORY_LIMIT = 2 * 2**30
+#: ... and per cell of its terms x terms normal matrix (X'WX, float64, and the copy that
+#: np.linalg.solve factors): 150 players' 11,326 terms took 2 GiB more than the coalitions
+REGRESSION_BYTES_PER_TERM_PAIR = 16
+#: A regression's arithmetic rate (flops per second) for the estimate of its fit's time, which
+#: runs in shapiq after the last coalition, where a cancel cannot stop it: 150 players' fit
+#: (about 3e12 flops, the two halves' X'WX and solves) took 37 s on this project's 2 CPU cores
+REGRESSION_FLOPS_PER_SECOND = 8e10
 #: shapiq approximators that average over sampled permutations
 PERMUTATION_APPROXIMATORS = ("PermutationSamplingSTII",)
 #: shapley warns when a sampled matrix's ``relative_noise`` reaches this: mostly noise (the
 #: heatmap's caption says so from the same value, ``views.heatmap_view.NOISY``)
 NOISE_WARN = 0.5
+
+
+def _regression_terms(n: int) -> int:
+    """The terms of an order-2 regression of n players: the empty set, n singles, the pairs."""
+    return 1 + n + n * (n - 1) // 2
+
+
+def _regression_bytes(n: int, budget: int) -> int:
+    """A regression estimator's peak memory for n players and ``budget`` coalitions: its
+    coalitions x terms matrices and its terms x terms normal matrix."""
+    terms = _regression_terms(n)
+    return REGRESSION_BYTES_PER_CELL * budget * terms + REGRESSION_BYTES_PER_TERM_PAIR * terms ** 2
+
+
+def _regression_seconds(n: int, budget: int) -> float:
+    """About how long a regression estimator's fit of n players to ``budget`` coalitions takes
+    (both halves: X'WX, 2 coalitions x terms^2 flops in all, and two solves, 2/3 terms^3
+    each), at REGRESSION_FLOPS_PER_SECOND."""
+    terms = _regression_terms(n)
+    return (2.0 * budget * terms ** 2 + 4.0 / 3.0 * terms ** 3) / REGRESSION_FLOPS_PER_SECOND
 
 
 def auto_max_players(budget: int) -> int:
@@ -715,8 +742,12 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     sampling stops at whole permutations). Cost: at most budget forwards (plus the occlusion
     pass); a regression also builds and solves a weighted least-squares problem of coalitions x
     terms, per half: about 0.2 s in all for 24 players and 4,096 coalitions (0.7 s of easy-VQA
-    forwards on 2 CPU threads), 2.3 s for 70 players, and a peak of about 3 x 8 bytes x
-    coalitions x terms of memory (1 GB for a run of 16,384 coalitions of 70 players). The
+    forwards on 2 CPU threads), 2.3 s for 70 players, 37 s for 150 (a fit a cancel cannot stop:
+    the progress says when it begins, and one estimated over SHAPLEY_WARN_SECONDS is warned),
+    and a peak of about 3 x 8 bytes x coalitions x terms plus 2 x 8 bytes x terms^2 of memory
+    (1 GB for a run of 16,384 coalitions of 70 players; over REGRESSION_MEMORY_LIMIT it is
+    refused, with the max_players that fits). A budget that ``max_players="auto"`` cannot
+    spend (exact stops at EXACT_MAX_PLAYERS players) is warned, with max_players= to pass. The
     players (and the split of max_players) are chosen, and the coalitions sampled, in the
     adapter's order of the two modalities, so that (b, a) gives exactly the transpose of (a, b).
     """
@@ -730,7 +761,8 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         raise ValueError(f"Unknown Shapley interaction index {index!r}; choose one of "
                          f"{list(SHAPLEY_INDICES)}.")
     budget = positive_int(budget, "budget", 4)
-    if isinstance(max_players, str):
+    auto = isinstance(max_players, str)
+    if auto:
         if max_players != "auto":
             raise ValueError(f"max_players must be 'auto', a number of players (at least 2) or "
                              f"None (every unit), got {max_players!r}.")
@@ -758,6 +790,13 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     na, nb = len(pa), len(pb)
     n = na + nb
     exact = n <= EXACT_MAX_PLAYERS and 2 ** n <= budget
+    if auto and exact and ua + ub > n and budget >= 2 * 2 ** n:
+        # a budget raised for more players ({"shapley": {"budget": 8192}}) bought none
+        warn(f"shapley: max_players='auto' computes {n} players exactly from {2 ** n:,} of the "
+             f"{budget:,} coalitions of the budget (exact Shapley interactions stop at "
+             f"{EXACT_MAX_PLAYERS} players). To spend it on more of the {ua + ub} units, pass "
+             f"max_players= too (e.g. 24: sampled, with the estimate's error said).",
+             UserWarning, stacklevel=3)
     total = 2 ** n if exact else budget                # coalitions the game is asked for
     evaluated = [0]
 
@@ -780,6 +819,7 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         report(progress, so_far, total, "Shapley coalitions")
 
     largest = [0.0, torch.float32]           # the game's largest |value| and its dtype
+    fitting = [0]                            # a regression's terms, once it is chosen
 
     def game(coalitions: np.ndarray) -> np.ndarray:
         z = torch.from_numpy(np.atleast_2d(np.asarray(coalitions, dtype=np.float32)))
@@ -788,6 +828,10 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
         mb[:, torch.from_numpy(pb)] = z[:, na:]
         out = evaluate_masks(adapter, prepared, {a: ma, b: mb}, target, batch_size, chunk_done)
         evaluated[0] += z.shape[0]
+        if fitting[0]:     # a regression's coalitions come in one call: its fit follows, where
+            # a cancel cannot stop it, so the last stop is here, and the bar says what runs
+            report(progress, min(evaluated[0], total), total,
+                   f"Shapley: fitting {fitting[0]:,} interaction terms to the coalitions")
         values = out.double().cpu().numpy()
         finite = values[np.isfinite(values)]
         largest[:] = [max(largest[0], float(np.abs(finite).max(initial=0.0))), out.dtype]
@@ -811,16 +855,31 @@ def shapley(adapter: ModelAdapter, prepared: Prepared, a: str, b: str, target: T
     else:
         ap = _shapiq_approximator(index, n, seed, budget)
         approximator = type(ap).__name__
-        terms = 1 + n + n * (n - 1) // 2              # what a regression estimator solves for
-        need = REGRESSION_BYTES_PER_CELL * budget * terms
-        if approximator in REGRESSION_APPROXIMATORS and need > REGRESSION_MEMORY_LIMIT:
+        terms = _regression_terms(n)                  # what a regression estimator solves for
+        regression = approximator in REGRESSION_APPROXIMATORS
+        need = _regression_bytes(n, budget)
+        if regression and need > REGRESSION_MEMORY_LIMIT:
+            fits = max((k for k in range(2, n) if _regression_bytes(k, budget)
+                        <= REGRESSION_MEMORY_LIMIT), default=None)
+            room = REGRESSION_MEMORY_LIMIT - REGRESSION_BYTES_PER_TERM_PAIR * terms ** 2
+            lower_budget = (room // (REGRESSION_BYTES_PER_CELL * terms)) if room > 0 else 0
             raise ValueError(
-                f"shapley: {approximator} would fit {terms} interaction terms of {n} players to "
-                f"{budget:,} coalitions, a least-squares problem of about {need / 2**30:.1f} GiB "
-                f"(at most {REGRESSION_MEMORY_LIMIT / 2**30:.0f} GiB are allowed). Lower budget "
-                f"(at most {REGRESSION_MEMORY_LIMIT // (REGRESSION_BYTES_PER_CELL * terms):,} for "
-                f"{n} players) or max_players.")
-        underdetermined = approximator in REGRESSION_APPROXIMATORS and budget < terms
+                f"shapley: {approximator} would fit {terms:,} interaction terms of {n} players "
+                f"to {budget:,} coalitions, a least-squares problem of about "
+                f"{need / 2**30:.1f} GiB (at most {REGRESSION_MEMORY_LIMIT / 2**30:.0f} GiB are "
+                "allowed). Lower max_players"
+                + (f" (at most {fits} fit with this budget)" if fits else "")
+                + (f", or the budget (at most {lower_budget:,} for {n} players, though fewer "
+                   f"coalitions than its {terms:,} terms leave it underdetermined)"
+                   if lower_budget >= 4 else "") + ".")
+        fit_seconds = _regression_seconds(n, budget) if regression else 0.0
+        if fit_seconds > SHAPLEY_WARN_SECONDS:
+            warn(f"shapley: after its {budget:,} coalitions, {approximator} fits {terms:,} "
+                 f"interaction terms of {n} players, about {duration_words(fit_seconds)} of "
+                 "arithmetic that a cancel cannot stop once it has begun. Lower max_players "
+                 "(the fit grows with its cube).", UserWarning, stacklevel=3)
+        underdetermined = regression and budget < terms
+        fitting[0] = terms if regression else 0
         if underdetermined:
             halves = (f" (at least {2 * terms} to measure its noise)"
                       if approximator == "KernelSHAPIQ" else "")
