@@ -532,22 +532,17 @@ def module_settings(module: nn.Module, integers: bool) -> list[tuple[str, str]]:
     """The sorted (name, repr) of a module's own attributes that are settings: floats, flags,
     texts (a long one by its hash), (short) tuples of them and of integers, numpy scalars of
     these kinds (``np.float32(2.0)`` by its dtype and value) and, with ``integers``, lone
-    integers (a model may count its forward calls in one). Under a name that begins with "_"
-    (``self._temperature``) only floats, flags and texts: not integers, even with
-    ``integers`` (``self._n`` counting the calls would retrace a split at every call), nor
-    tuples, nor torch's own state (``_private_setting``). Not lists (they may grow with the
+    integers (a model may count its forward calls in one). Not a name that begins with "_":
+    torch keeps its own state there, and a model its own per-pass notes (``self._last_norm``
+    written in forward would change the key at every pass). Not lists (they may grow with the
     calls), not tensors (one may hold the last activation). What ``ModelAdapter.fingerprint``
     (without integers) and a traced split's staleness check (``kernels.factorize``, with them)
-    compare. A module without such numpy or underscore-named settings gives the list it gave
-    before these were read, so an older concept file's fingerprint of it is recognised still."""
+    compare. A module without numpy settings gives the list it gave before these were read, so
+    an older concept file's fingerprint of it is recognised still."""
     kinds = (bool, int, float, str) if integers else (bool, float, str)
     out = []
     for k, v in vars(module).items():
-        if k == "training":
-            continue
-        if k.startswith("_"):
-            if _private_setting(module, k, v):
-                out.append((k, _setting_text(v)))
+        if k.startswith("_") or k == "training":
             continue
         if isinstance(v, kinds) or (isinstance(v, np.generic) and v.dtype.kind in (
                 "biuf" if integers else "bf")):
@@ -568,60 +563,6 @@ def _setting_text(v) -> str:
     if isinstance(v, np.generic) and not isinstance(v, (bool, int, float, str)):
         return f"{v.dtype}:{v.item()!r}"
     return repr(v)
-
-
-#: Names torch's code outside a module's classes sets on a user's module: torch.compile's mark,
-#: and FSDP's (``_private_setting`` leaves them out).
-_TORCH_MARKS = frozenset({"_is_torch_compile", "_is_fsdp_managed_module",
-                          "_fsdp_use_orig_params"})
-
-
-def _private_setting(module: nn.Module, name: str, v) -> bool:
-    """Whether an attribute whose name begins with "_" is a setting of the user's: a float, flag
-    or text (a numpy float or flag too), of a module whose class is not torch's own, under a
-    name torch's code never uses. Torch's own state is left out, which changes with no change
-    of what the module computes (``_is_full_backward_hook`` once a backward hook is
-    registered, ``_is_torch_compile`` once compiled) or follows the module's other settings
-    (MultiheadAttention's ``_qkv_same_embed_dim``), and was never in a fingerprint."""
-    if not isinstance(v, (bool, float, str)) and not (          # not an integer: a counter
-            isinstance(v, np.generic) and v.dtype.kind in "bf"):
-        return False
-    if name in _TORCH_MARKS or _torch_class(type(module)):
-        return False
-    # a user's subclass of a torch module (of nn.Module itself): the names its torch bases set
-    return not any(_torch_class(cls) and name in _names_in_code(cls)
-                   for cls in type(module).__mro__)
-
-
-def _torch_class(cls: type) -> bool:
-    """Whether a class is torch's own (defined in "torch" or below it: not torchvision's)."""
-    module = getattr(cls, "__module__", None) or ""
-    return module == "torch" or module.startswith("torch.")
-
-
-@functools.lru_cache(maxsize=256)
-def _names_in_code(cls: type) -> frozenset[str]:
-    """The names beginning with "_" that the code of a class's own functions uses, as
-    attributes or as texts (``super().__setattr__("_is_full_backward_hook", None)``): those a
-    torch base class may set on a user's module. Torch's classes do not change in a process,
-    so the answer is kept."""
-    names: set[str] = set()
-    stack = []
-    for value in vars(cls).values():
-        for f in ((value.fget, value.fset) if isinstance(value, property)
-                  else (getattr(value, "__func__", value),)):
-            code = getattr(f, "__code__", None)
-            if code is not None:
-                stack.append(code)
-    while stack:
-        code = stack.pop()
-        names.update(n for n in code.co_names if n.startswith("_"))
-        for const in code.co_consts:
-            if isinstance(const, str) and const.startswith("_"):
-                names.add(const)
-            elif hasattr(const, "co_consts"):              # a nested function's code
-                stack.append(const)
-    return frozenset(names)
 
 
 def hash_tensor(h, name: str, t: torch.Tensor) -> None:
@@ -1075,9 +1016,9 @@ class ModelAdapter:
         """A hash of the model's parameters and buffers (non-persistent ones too, which the
         state_dict leaves out: a mask, a calibration scale), and of its modules' settings that
         are floats, flags, texts or tuples of them (``model.temperature = 5.0``, a
-        convolution's stride; numpy scalars and names beginning with "_" too, not an integer
-        under such a name: ``module_settings``): changes whenever they change. Left out: a
-        lone integer (a model
+        convolution's stride; numpy scalars too: ``module_settings``): changes whenever they
+        change. Left out: a name that begins with "_" (torch's own state, a model's per-pass
+        notes), a lone integer (a model
         may count its forward calls in one), lists, and tensors held as plain attributes (a
         model may keep its last activation in one, which would change the hash on every pass:
         register a tensor the output depends on as a buffer). After changing such an attribute
