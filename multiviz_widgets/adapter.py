@@ -789,12 +789,16 @@ def _class_name_list(class_names) -> list[str]:
                            f"['cat', 'dog'], got {type(class_names).__name__}.") from None
 
 
-#: Words of an error about the inputs (torch's: "mat1 and mat2 shapes cannot be multiplied",
-#: "The size of tensor a (5) must match ...", "Input type (long int) and bias type (float)
-#: should be the same", "Expected 4-dimensional input"): only then are the inputs suspected
-#: (an input whose shape changed, their order); an error with none of them is the model's own.
-INPUT_WORDS = ("shape", "size", "dimension", "mat1", "mat2", "match", "channel", "length",
-               "type", "expected", "index", "indices", "argument", "tensor")
+#: Words and phrases of torch's errors about the inputs ("mat1 and mat2 shapes cannot be
+#: multiplied", "The size of tensor a (5) must match ...", "Input type (long int) and bias type
+#: (float) should be the same", "Expected tensor for argument #1 'indices' to have one of the
+#: following scalar types", "index out of range in self"): only then, or for an assertion or
+#: an error without words, are the inputs suspected (an input whose shape changed, their
+#: order); an error with none of them is the model's own. Phrases, not single words such as
+#: "expected" or "tensor", which a model's own messages use too.
+INPUT_WORDS = ("shape", "size", "dimension", "mat1", "mat2", "must match", "channels",
+               "out of range", "should be the same", "expected input", "scalar type",
+               "expected all tensors", "for argument", "length")
 
 
 class ModelAdapter:
@@ -1595,7 +1599,8 @@ class ModelAdapter:
         # a text's length changes from instance to instance: suspect the others first, and the
         # text only where the error is about inputs (a model's own error on an instance, such
         # as a RuntimeError of its checks, was blamed on the question's length)
-        about_inputs = any(w in text.lower() for w in INPUT_WORDS)
+        about_inputs = (isinstance(error, AssertionError) or not text.strip()
+                        or any(w in text.lower() for w in INPUT_WORDS))
         changed = ([n for n in changed if n not in self.embedding_layers]
                    or (changed if about_inputs else []))
         if not (named or changed or about_inputs):

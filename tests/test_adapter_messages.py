@@ -325,6 +325,23 @@ class RefusesShortQuestions(Base):
         return self.logits(image, question)
 
 
+class OwnCheckSaysExpected(Base):
+    """Its own error uses words torch's use too ("expected")."""
+
+    def forward(self, image, question):
+        if question.shape[1] < 4:
+            raise RuntimeError("poisoned instance: expected a clean image")
+        return self.logits(image, question)
+
+
+class AssertsLength(Base):
+    """A bare assert on the length: no words at all."""
+
+    def forward(self, image, question):
+        assert question.shape[1] == 4
+        return self.logits(image, question)
+
+
 class FixedLength(Base):
     """Takes questions of 4 tokens only (a view over a fixed length)."""
 
@@ -345,6 +362,19 @@ def test_the_models_own_error_is_not_blamed_on_a_shorter_question():
     assert "poisoned instance" in text and "the model's own code" in text
     assert WRONG_CAUSE not in text and "where the model last took" not in text
     assert "adapter.predict(adapter.prepare(instance).raw)" in text
+    # torch's words, not single ones: "expected" alone is the model's own again
+    own = make(OwnCheckSaysExpected())
+    own.predict(own.prepare(INSTANCE).raw)
+    with pytest.raises(ModelInputError) as err:
+        own.predict(own.prepare({**INSTANCE, "question": "what colour"}).raw)
+    assert "the model's own code" in str(err.value) and WRONG_CAUSE not in str(err.value)
+    # an assertion (no words) after a length change: the length is suspected
+    asserts = make(AssertsLength())
+    asserts.predict(asserts.prepare(INSTANCE).raw)
+    with pytest.raises(ModelInputError) as err:
+        asserts.predict(asserts.prepare({**INSTANCE, "question": "what colour"}).raw)
+    assert "where the model last took (4,)" in str(err.value)
+    assert "the model's own code" not in str(err.value)
     fixed = make(FixedLength())
     fixed.predict(fixed.prepare(INSTANCE).raw)
     with pytest.raises(ModelInputError) as err:
