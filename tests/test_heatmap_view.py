@@ -499,7 +499,9 @@ def test_a_selected_unit_with_no_cell_computed_is_drawn_beside_the_players(vqa):
     hv = ex.heatmap_view
     players = [3, 40, 41, 100, 250, 299]
     m = np.zeros((300, 10))
-    m[players] = np.random.default_rng(2).normal(size=(6, 10))
+    m[players[:3]] = np.random.default_rng(2).normal(size=(3, 10))
+    # 3 players of no interaction at all (exactly 0, as padding words): still drawn, before
+    # the units with no cell computed that their 0 tied with
     args = ([f"w{k}" for k in range(300)], [f"p{k}" for k in range(10)])
     ex.select(unit=("question", 2))             # (the instance's own words are 0..4)
     show(hv, m, *args, method="shapley",
@@ -509,3 +511,12 @@ def test_a_selected_unit_with_no_cell_computed_is_drawn_beside_the_players(vqa):
     assert ("Drawn: the 6 of the 300 question words with cells computed and the unit "
             "selected; the others have no cell computed.") in st["note"], st["note"]
     assert "minutes" not in st["note"]
+    # a matrix too large to draw: the selected unit in place of the weakest, counted apart
+    big = np.random.default_rng(3).normal(size=(300, 100))
+    show(hv, big, [f"w{k}" for k in range(300)], [f"p{k}" for k in range(100)])
+    ex.select(unit=("question", int(np.argmin(np.abs(big).max(1)[:5]))))
+    show(hv, big, [f"w{k}" for k in range(300)], [f"p{k}" for k in range(100)])
+    st = hv.state()
+    assert len(st["row_units"]) == 64
+    assert "Drawn: the 63 of the 300 question words and the 64 of the 100 image patches with " \
+           "the strongest interactions and the unit selected" in st["note"], st["note"]

@@ -502,6 +502,8 @@ class HeatmapView(W.VBox):
                 kept.append(None)
                 continue
             score = strength.max(axis=1 - axis) if strength.size else np.zeros(n)
+            if computed is not None:         # a unit with no cell computed after every unit
+                score = np.where(computed.any(axis=1 - axis), score, -1.0)   # with one (at 0)
             order = np.argsort(-score, kind="stable")
             most = MOST_SHOWN
             if computed is not None:         # units with no cell computed: not drawn at all
@@ -520,7 +522,8 @@ class HeatmapView(W.VBox):
             kind = "computed" if most < MOST_SHOWN else "strongest"
             if kind == "strongest":
                 cut.append(axis)
-            parts.append((kind, f"the {most} of the {n} {_plural(n, (one, many))}", added))
+            shown = len(chosen) - int(added)           # the selected unit is said apart
+            parts.append((kind, f"the {shown} of the {n} {_plural(n, (one, many))}", added))
         labels = [list(lab) if k is None else [str(lab[int(u)]) if int(u) < len(lab) else
                                                str(int(u)) for u in k]
                   for k, lab in zip(kept, (row_labels, col_labels))]
