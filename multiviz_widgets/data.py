@@ -203,14 +203,18 @@ def _sequence(v, what: str, items: str):
 
 def _labels(labels, n: int) -> np.ndarray:
     """Integer class indices [n], checked."""
+    # a masked array's masked labels are missing (np.asarray would read what lies under them)
+    masked = (np.flatnonzero(np.ma.getmaskarray(labels)).tolist()
+              if np.ma.isMaskedArray(labels) and np.ndim(labels) == 1 else [])
     arr = np.asarray(_sequence(labels, "labels", "class indices"))
     how = ("labels are integer class indices (0..C-1); map names to indices first, e.g. "
            "[class_names.index(y) for y in labels]")
-    missing = _missing_labels(arr) if arr.ndim == 1 else []
+    missing = masked or (_missing_labels(arr) if arr.ndim == 1 else [])
     if missing:
         raise ValueError(
-            f"labels has no value (None or NaN) for {len(missing)} instance"
-            f"{'s' if len(missing) > 1 else ''} ({_first_indices(missing)}). {UNKNOWN_LABELS}")
+            f"labels has no value (None, NaN, pandas' NA or masked) for {len(missing)} "
+            f"instance{'s' if len(missing) > 1 else ''} ({_first_indices(missing)}). "
+            f"{UNKNOWN_LABELS}")
     if arr.ndim != 1:
         raise ValueError(f"labels must be one class index per instance (1-D), got shape "
                          f"{arr.shape}{'; pass labels.ravel()' if arr.ndim == 2 and 1 in arr.shape else ''}.")
@@ -246,12 +250,14 @@ UNKNOWN_LABELS = ("Where an instance's label is unknown, give it a class index o
 
 
 def _missing_labels(arr: np.ndarray) -> list[int]:
-    """The positions of None and NaN labels (a list or a pandas column with gaps)."""
+    """The positions of None, NaN and pandas' NA labels (a list or a pandas column with gaps,
+    a nullable Int64 column's NA)."""
     if arr.dtype.kind == "f":
         return np.flatnonzero(np.isnan(arr)).tolist()
     if arr.dtype == object:
         return [i for i, x in enumerate(arr.tolist())
-                if x is None or (isinstance(x, float) and math.isnan(x))]
+                if x is None or type(x).__name__ == "NAType"
+                or (isinstance(x, (float, np.floating)) and math.isnan(x))]
     return []
 
 

@@ -63,7 +63,8 @@ def test_pandas_columns_are_read_by_position():
     (lambda: MultimodalDataset({"q": ["a", "b"]}, labels=["yes", "no"]), TypeError, "class_names.index"),
     (lambda: MultimodalDataset({"q": ["a", "b"]}, labels=[0.5, 1.7]), ValueError, "whole numbers"),
     (lambda: MultimodalDataset({"q": ["a", "b"]}, labels=[0, None]), ValueError,
-     r"no value \(None or NaN\) for 1 instance \(instance 1\).*at least the number of classes"),
+     r"no value \(None, NaN, pandas' NA or masked\) for 1 instance \(instance 1\).*at least "
+     r"the number of classes"),
     (lambda: MultimodalDataset({"q": ["a", "b"]}, labels=[0, -1]), ValueError,
      r">= 0, got -1 for 1 instance \(instance 1\).*labels=None"),
     (lambda: MultimodalDataset({"q": ["a", "b"]}, labels=[0]), ValueError, "1 entries for 2"),
@@ -91,6 +92,14 @@ def test_missing_labels_are_named_and_told_how_to_mark_them():
         MultimodalDataset({"q": qs}, labels=gaps)
     with pytest.raises(ValueError, match=r"for 7 instances \(instances 0, 1, 2, 3, 4, \.\.\.\)"):
         MultimodalDataset({"q": qs}, labels=[None] * 7)
+    # pandas' nullable integers (NA), a float32 NaN among objects, a masked array's masked
+    for labels, said in ((pd.Series([0, None, 1, 1, 0, 1, 0], dtype="Int64"), "instance 1"),
+                         (list(pd.Series([0, None, 1, 1, 0, 1, 0], dtype="Int64")), "instance 1"),
+                         ([0, 1, np.float32("nan"), 1, 0, 1, 0], "instance 2"),
+                         (np.ma.masked_array([0, 1, 2, 1, 0, 1, 0], mask=[0, 0, 0, 1, 0, 0, 0]),
+                          "instance 3")):
+        with pytest.raises(ValueError, match=rf"no value .* for 1 instance \({said}\)"):
+            MultimodalDataset({"q": qs}, labels=labels)
     ds = MultimodalDataset({"q": qs}, labels=gaps.fillna(2).astype(int))   # the advice, C = 2
     assert ds.labels.tolist() == [0, 1, 2, 1, 2, 2, 0]
 
