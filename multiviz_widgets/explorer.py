@@ -601,8 +601,9 @@ class Explorer(W.VBox):
     default method, which they were written for.
     method_params: {method: {parameter: value}} for the views' stage-1 and stage-2 methods (and
     the path's, unless ``path_params`` give their own), e.g. ``{"lime": {"n_samples": 3000},
-    "shapley": {"budget": 8192}}``: an instance of thousands of units needs more LIME samples
-    than the default 500, and the menus have no place for numbers. Unknown methods or
+    "shapley": {"max_players": 24, "budget": 8192}}``: an instance of thousands of units needs
+    more LIME samples than the default 500, and more Shapley players than the 12 computed
+    exactly, and the menus have no place for numbers. Unknown methods or
     parameters are refused at once; a value a method refuses is said in the banner.
     ``"interaction_type"`` sets the line on how the modalities combine (``n_reference``, 50 by
     default, 0 for no line; ``seed``, ``batch_size``, ``factorized``: checked at once, and a
