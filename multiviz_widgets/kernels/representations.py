@@ -8,9 +8,9 @@
   (``ModelAdapter.fingerprint``: not integer, list or plain-tensor attributes), the code of
   its classes, the plain global values they read and the functions they name or its modules
   hold that are not hashed as code, torch's and built-ins, by name (``model_code_digest``),
-  its forward hooks
-  and pre-hooks (``forward_hooks_text``), the modalities' preprocessing, the number of classes
-  and the dataset's fingerprint; a change of any gives another key, a corrupt or inconsistent
+  its forward hooks and pre-hooks (``forward_hooks_text``), the modalities' preprocessing, the
+  number of classes and the dataset's fingerprint; a change of any gives another key, a
+  corrupt or inconsistent
   file (logits of another width included) is ignored and recomputed, writes are atomic. The
   cache folder is bounded: after a write, the least recently used files beyond
   $MULTIVIZ_CACHE_MAX_MB (default 2048) are removed; ``clear_feature_cache()`` empties it.
