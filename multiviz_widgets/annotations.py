@@ -58,6 +58,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import sys
 import threading
 import unicodedata
@@ -82,6 +83,14 @@ MAX_CONCEPT_LENGTH = 200
 #: beside it), and a bound keeps the work of reading a file, or of an edit, small whatever a
 #: file holds (a file beyond it is refused, an add beyond it too).
 MAX_CONCEPTS_PER_KEY = 1000
+#: The largest annotations file read (bytes): a concepts file is kilobytes, and one a stranger
+#: shared may be anything (a million entries, 44 MB, took 18 s and 1 GB of memory to read);
+#: a larger one is refused before it is read.
+MAX_FILE_BYTES = 16 * 2**20
+#: How deeply a file's JSON may nest (an entry is 4 deep): a field nested about a thousand
+#: times, taken in by a merge, made later saves of the user's own file fail, and its reading
+#: depend on the depth of the call stack. A deeper file is refused, the field named.
+MAX_NESTING = 64
 # what a signature compares: two models that differ here cannot share neuron or unit concepts
 SIGNATURE_FIELDS = ("modalities", "classes", "neurons", "features")
 # what tells two models of the same shape apart: the model's name and, where a signature
@@ -2085,12 +2094,66 @@ def _digest(raw: bytes) -> str:
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The bytes of an annotations file: only a regular file (a named pipe froze the kernel,
+    waiting for a writer, and a link to /dev/zero read until memory ran out), of at most
+    MAX_FILE_BYTES."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        return path.read_bytes()
+        fd = os.open(path, flags)              # non-blocking: a pipe opens, and is refused
     except IsADirectoryError:
         raise AnnotationError(f"{path} is a folder; give the path of a .json file.") from None
     except OSError as e:
         raise AnnotationError(f"Could not read {path} ({e.strerror or e}).") from e
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise AnnotationError(f"{path} is a folder; give the path of a .json file.")
+        if not stat.S_ISREG(st.st_mode):
+            raise AnnotationError(
+                f"{path} is not a file but a {_file_kind(st.st_mode)}: annotations are read "
+                "from a .json file (a link to something else is not followed into it). It "
+                "was not read nor changed; give the path of a .json file.")
+        chunks, size = [], 0
+        while size <= MAX_FILE_BYTES:
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        raw = b"".join(chunks)
+    except OSError as e:
+        raise AnnotationError(f"Could not read {path} ({e.strerror or e}).") from e
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_FILE_BYTES:
+        raise AnnotationError(
+            f"{path} holds over {MAX_FILE_BYTES // 2**20} MB, more than an annotations file "
+            "does (a few short names per neuron or unit: kilobytes). It was not read nor "
+            "changed; give the path of an annotations file.")
+    return raw
+
+
+def _file_kind(mode: int) -> str:
+    """Words for a file that is not regular (what ``_read_bytes`` refuses)."""
+    for test, words in ((stat.S_ISFIFO, "named pipe"), (stat.S_ISCHR, "character device"),
+                        (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return words
+    return "special file"
+
+
+def _nested_too_deep(doc: dict) -> str | None:
+    """The top-level field of ``doc`` whose value nests deeper than MAX_NESTING (counted
+    without recursion), or None."""
+    for field, value in doc.items():
+        stack = [(value, 2)]
+        while stack:
+            v, depth = stack.pop()
+            if isinstance(v, (dict, list)):
+                if depth > MAX_NESTING:
+                    return field
+                stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return None
 
 
 #: The smallest annotations file: what an empty file can be replaced by.
@@ -2125,6 +2188,12 @@ def _parse(raw: bytes, path) -> dict:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise AnnotationError(f"{path} is not an annotations file (no \"format\": \"{FORMAT}\"). "
                               f"It was not changed; give annotations another file name.")
+    deep = _nested_too_deep(doc)
+    if deep is not None:
+        raise AnnotationError(
+            f"{path}: its field {deep!r} nests lists or objects within each other more than "
+            f"{MAX_NESTING} times, far beyond what annotations hold (an entry is 4 deep). It was "
+            "not changed; remove that field, or give annotations another file name.")
     v = doc.get("version")
     if not is_integer(v) or v < 1:
         raise AnnotationError(f"{path}: \"version\" must be a whole number from 1 to {VERSION} "

@@ -1727,6 +1727,66 @@ def test_a_hostile_or_empty_file_gives_an_annotation_error_and_is_left_as_it_is(
         assert Annotations.load(path).concepts(neuron_key(0)) == ("red",)
 
 
+def test_a_file_nested_past_the_limit_is_refused_with_its_field_named(tmp_path):
+    """A field nested 991 deep was read (Python could), taken in by a merge, and then made
+    every later save of the user's own file fail, and its reading depend on the depth of the
+    call stack. A fixed limit refuses it, whatever the stack, and names the field."""
+    from multiviz_widgets.annotations import MAX_NESTING
+    head = '{"format": "multiviz-annotations", "version": 2, "neurons": [{"neuron": 2, ' \
+           '"concepts": ["theirs"]}], "x": '
+    theirs, mine = tmp_path / "theirs.json", tmp_path / "mine.json"
+    theirs.write_text(head + "[" * (MAX_NESTING + 5) + "]" * (MAX_NESTING + 5) + "}")
+    own = Annotations(mine)
+    own.add(neuron_key(1), "mine")
+    for read in (lambda: Annotations.load(theirs), lambda: own.merge(theirs)):
+        with pytest.raises(AnnotationError, match=r"its field 'x' nests lists or objects "
+                                                  rf"within each other more than {MAX_NESTING}"):
+            read()
+    assert own.concepts(neuron_key(2)) == () and not own.save_error
+    theirs.write_text(head + "[" * (MAX_NESTING - 2) + "]" * (MAX_NESTING - 2) + "}")
+    assert own.merge(theirs) == 1 and not own.save_error      # within it: taken, and saved
+    assert Annotations.load(mine).concepts(neuron_key(2)) == ("theirs",)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_pipe_a_device_or_an_oversized_file_is_refused_before_it_is_read(tmp_path,
+                                                                          monkeypatch):
+    """A concepts "file" that is a named pipe froze the kernel (reading waits for a writer),
+    and one linked to /dev/zero read until memory ran out; one of a million entries took 18 s
+    and a GB. Each is refused at once, saying what it is."""
+    import threading
+
+    import multiviz_widgets.annotations as mod
+    pipe = tmp_path / "pipe.json"
+    os.mkfifo(pipe)
+    zero = tmp_path / "zero.json"
+    zero.symlink_to("/dev/zero")
+    for path, says in ((pipe, "not a file but a named pipe"),
+                       (zero, "not a file but a character device")):
+        got = []
+        reader = threading.Thread(target=lambda: got.append(_error_of(Annotations.load, path)),
+                                  daemon=True)
+        reader.start()
+        reader.join(20)
+        assert not reader.is_alive(), f"reading {path} hangs"
+        assert says in got[0] and "not read nor changed" in got[0], got
+    big = tmp_path / "big.json"
+    big.write_text('{"format": "multiviz-annotations", "version": 2, "neurons": []}' + " " * 200)
+    monkeypatch.setattr(mod, "MAX_FILE_BYTES", 100)
+    with pytest.raises(AnnotationError, match=r"holds over 0 MB, more than an annotations"):
+        Annotations.load(big)
+    monkeypatch.undo()
+    assert len(Annotations.load(big)) == 0
+
+
+def _error_of(fn, *args) -> str:
+    try:
+        fn(*args)
+    except AnnotationError as e:
+        return str(e)
+    return "no error"
+
+
 def test_an_explorer_given_a_hostile_file_says_so(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"format": "multiviz-annotations", "version": 2, "x": ' + "[" * 50_000
