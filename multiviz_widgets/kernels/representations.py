@@ -981,19 +981,23 @@ def extract_features(adapter: ModelAdapter, dataset: MultimodalDataset, batch_si
     # the model as the pass begins: loaded or trained meanwhile (in a cell, beside the
     # Explorer's pass), its rows would mix two models
     state = _model_state(adapter.model) if path is not None else None
-    hs, ls, kept, skipped, ran = [], [], [], {}, [0]
+    # each batch written at its rows in the order of idx (the batches come grouped by shape):
+    # a list of the batches, their concatenation and its reordering held three copies at once
+    hs = ls = None
+    filled, skipped, ran = np.zeros(len(idx), dtype=bool), {}, [0]
     for positions, logits, h in _feature_batches(adapter, dataset, idx, batch_size, progress,
                                                  "decision features", skipped, ran):
-        kept.append(positions)
-        hs.append(h.numpy())          # on the host already, float32 or float64 (_host_float)
-        ls.append(logits.numpy())
-    if not hs:
+        h, logits = h.numpy(), logits.numpy()   # on the host, float32 or float64 (_host_float)
+        if hs is None:
+            hs = np.empty((len(idx), h.shape[1]), dtype=h.dtype)
+            ls = np.empty((len(idx), logits.shape[1]), dtype=logits.dtype)
+        hs[positions], ls[positions], filled[positions] = h, logits, True
+    if hs is None:
         raise ValueError("No instances to extract features from: the dataset (or indices) is empty.")
-    positions = np.concatenate(kept)
-    order = np.argsort(positions, kind="stable")       # back to the order of idx
-    kept = idx[positions[order]]
-    feats = Features(np.concatenate(hs)[order], np.concatenate(ls)[order], kept, key or "",
-                     False, ran[0], 0.0, None, skipped)
+    if not filled.all():                       # the instances left out: their rows dropped
+        hs, ls = hs[filled], ls[filled]
+    kept = idx[filled]
+    feats = Features(hs, ls, kept, key or "", False, ran[0], 0.0, None, skipped)
     if path is not None and _changed_since(state, adapter.model):
         # the rows mix two models, and must never be read back under the first one's key
         warn(MODEL_CHANGED_DURING_PASS, RuntimeWarning, stacklevel=2)
