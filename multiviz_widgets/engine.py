@@ -645,7 +645,7 @@ class Engine(traitlets.HasTraits):
         observer of the engine's traits raises stops it: a dead worker would leave every later
         job of its lane waiting for ever, and the progress bar busy. A failure of the
         bookkeeping itself ends that job as an error (its view is told) and goes on."""
-        mark_worker_thread()
+        mark_worker_thread(background=lane == "background")
         while True:
             try:
                 if not self._run_next(lane):
