@@ -2577,7 +2577,16 @@ def _encoded(doc: dict, target: Path) -> bytes:
             f"cannot hold ({type(e).__name__}: {str(e)[:200]}); they are kept in memory. Make "
             f"the model's signature (store.signature) and the dataset's (store.dataset) plain "
             f"text, whole numbers (int(n), str(name)), lists and dicts, then save again.") from e
-    return (text + "\n").encode("utf-8")
+    raw = (text + "\n").encode("utf-8")
+    if len(raw) > MAX_FILE_BYTES:
+        # a file this store could not open again (``_read_bytes`` refuses it)
+        raise AnnotationError(
+            f"Could not save the annotations to {target}: they would take "
+            f"{len(raw) / 2**20:.1f} MB, more than an annotations file may hold "
+            f"({MAX_FILE_BYTES // 2**20} MB, the most that is read back); they are kept in "
+            "memory. Remove concepts (a few short names per neuron or unit are kilobytes), then "
+            "save again.")
+    return raw
 
 
 def _atomic_write(target: Path, raw: bytes) -> None:

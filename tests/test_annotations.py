@@ -1776,7 +1776,19 @@ def test_a_pipe_a_device_or_an_oversized_file_is_refused_before_it_is_read(tmp_p
     with pytest.raises(AnnotationError, match=r"holds over 0 MB, more than an annotations"):
         Annotations.load(big)
     monkeypatch.undo()
+    # a store never writes a file it could not read back: the save is refused, kept in memory
+    own = tmp_path / "own.json"
+    store = Annotations(own)
+    store.add(neuron_key(1), "short")
+    before = own.read_bytes()
+    monkeypatch.setattr(mod, "MAX_FILE_BYTES", len(before) + 20)
+    store.add(neuron_key(2), "x" * 150)
+    assert "more than an annotations file may hold" in store.save_error
+    assert own.read_bytes() == before and store.concepts(neuron_key(2)) == ("x" * 150,)
+    monkeypatch.undo()
     assert len(Annotations.load(big)) == 0
+    store.save()
+    assert Annotations.load(own).concepts(neuron_key(2)) == ("x" * 150,)
 
 
 def _error_of(fn, *args) -> str:
