@@ -853,10 +853,11 @@ def _class_name_list(class_names) -> list[str]:
 #: following scalar types", "index out of range in self"): only then, or for an assertion or
 #: an error without words, are the inputs suspected (an input whose shape changed, their
 #: order); an error with none of them is the model's own. Phrases, not single words such as
-#: "expected" or "tensor", which a model's own messages use too.
+#: "expected" or "tensor", which a model's own messages use too ("not enough values to unpack"
+#: of a shorter question's ``a, b, c, d = q.unbind(1)`` is about the inputs).
 INPUT_WORDS = ("shape", "size", "dimension", "mat1", "mat2", "must match", "channels",
                "out of range", "should be the same", "expected input", "scalar type",
-               "expected all tensors", "for argument", "length")
+               "expected all tensors", "for argument", "length", "dtype", "to unpack")
 
 
 class ModelAdapter:

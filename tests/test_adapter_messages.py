@@ -342,6 +342,15 @@ class AssertsLength(Base):
         return self.logits(image, question)
 
 
+class UnpacksFourWords(Base):
+    """Takes questions of 4 words by unpacking them: a shorter one is a ValueError about
+    unpacking, no shape in its words."""
+
+    def forward(self, image, question):
+        a, b, c, d = question.unbind(1)
+        return self.logits(image, torch.stack([a, b, c, d], 1))
+
+
 class FixedLength(Base):
     """Takes questions of 4 tokens only (a view over a fixed length)."""
 
@@ -375,6 +384,12 @@ def test_the_models_own_error_is_not_blamed_on_a_shorter_question():
         asserts.predict(asserts.prepare({**INSTANCE, "question": "what colour"}).raw)
     assert "where the model last took (4,)" in str(err.value)
     assert "the model's own code" not in str(err.value)
+    unpacks = make(UnpacksFourWords())
+    unpacks.predict(unpacks.prepare(INSTANCE).raw)
+    with pytest.raises(ModelInputError) as err:
+        unpacks.predict(unpacks.prepare({**INSTANCE, "question": "what colour"}).raw)
+    assert "values to unpack" in str(err.value) and "where the model last took (4,)" in \
+        str(err.value)
     fixed = make(FixedLength())
     fixed.predict(fixed.prepare(INSTANCE).raw)
     with pytest.raises(ModelInputError) as err:

@@ -209,7 +209,9 @@ def _model_state(model: nn.Module) -> tuple:
     (the trace bakes them into the graph as constants; a long text by its hash), and which
     modules have hooks (kept whole; torch's global hooks refuse the trace): a split or refusal
     made with other hooks is not served. A model that counts its calls in an integer is traced
-    again at each call: slower, never stale."""
+    again at each call: slower, never stale. A setting under a name beginning with "_" is not
+    read (``module_settings``): a split traced before it changed is caught by the check of
+    the fused pairs against full forward passes, and traced again (a check's passes spent)."""
     return (tuple((name, id(module), tuple(module_settings(module, integers=True)),
                    _has_call_hooks(module))
                   for name, module in model.named_modules())
