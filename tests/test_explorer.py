@@ -977,6 +977,35 @@ def test_the_embedding_says_when_the_instance_shown_is_not_among_its_points():
         ex.close()
 
 
+def test_the_selected_point_is_never_drawn_in_a_classs_colour():
+    """The selected instance's point was black, and so were the points of a class "black"
+    (easy-VQA's answer): the marker could not be told from them. It takes the first of the
+    markers that no point's colour is near, and the caption names it."""
+    from multiviz_widgets import Image, ModelAdapter, MultimodalDataset, Text
+
+    from .explorer_support import VOCAB, TinyVQA
+    adapter = ModelAdapter(TinyVQA().eval(), [Image("image", patch=4), Text("question", VOCAB)],
+                           ["black", "blue", "circle", "square"])
+    rng = np.random.default_rng(0)
+    ds = MultimodalDataset({"image": [rng.random((8, 8, 3)).astype(np.float32)
+                                      for _ in range(8)],
+                            "question": ["what color is the shape"] * 8},
+                           labels=[i % 4 for i in range(8)])
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05)
+    try:
+        assert ex.wait(60)
+        view = ex.embedding_view
+        assert view.colour_by.value == "label"
+        assert view.scatter.color_selected == "magenta"
+        assert "the magenta one is the instance shown" in view.caption.value
+        view.colour_by.value = "selected neuron"             # no neuron: every point grey
+        assert ex.wait(60)
+        assert view.scatter.color_selected == "black"
+        assert "the black one is the instance shown" in view.caption.value
+    finally:
+        ex.close()
+
+
 @pytest.mark.parametrize("data", ["list", "dict", None, "abc"])
 def test_a_dataset_that_is_not_a_multimodal_dataset_gets_a_clear_type_error(data):
     adapter, ds = tiny_vqa(4)

@@ -60,6 +60,11 @@ NAMED_COLOURS = {name: np.array(rgb, dtype=np.float32) / 255.0 for name, rgb in 
 #: a palette colour this close (RGB distance, in [0, sqrt 3]) to a named class's colour is not
 #: given to another class
 _TOO_CLOSE = 0.25
+#: The selected point's colours, by preference (``EmbeddingView._marker``): the first that no
+#: point is coloured near (a class "black" is drawn black too)
+MARKERS = (("black", np.zeros(3, dtype=np.float32)),
+           ("magenta", np.array([1.0, 0.0, 1.0], dtype=np.float32)),
+           ("lime", np.array([0.0, 1.0, 0.0], dtype=np.float32)))
 
 
 def _named_colours(n: int, by: str, names: Sequence[str]) -> dict[int, np.ndarray]:
@@ -265,6 +270,7 @@ class EmbeddingView(W.VBox):
     def recolour(self) -> None:
         with self.engine.lock:            # the menu (kernel's thread) vs points from the worker
             self._colour()
+        self._highlight()                 # the marker's colour may change with the points'
 
     def _colour(self) -> None:
         feats = self._features
@@ -324,12 +330,25 @@ class EmbeddingView(W.VBox):
                 [text_label(value=f"{name} is {lo:.3g} on every instance shown (a constant neuron)")])
         close_widgets(old)
 
+    def _marker(self) -> str:
+        """The name of the selected point's colour: black, unless a point is coloured near it
+        (a class "black": the marker could not be told from it), then the first of MARKERS
+        that no point's colour is near."""
+        colours = self.scatter.color
+        drawn = (np.unique(np.round(np.asarray(colours, dtype=np.float32).reshape(-1, 3), 2),
+                           axis=0) if not isinstance(colours, str) else np.zeros((0, 3)))
+        name = next((n for n, rgb in MARKERS if not len(drawn) or float(
+            np.sqrt(((drawn - rgb) ** 2).sum(1)).min()) > _TOO_CLOSE), MARKERS[0][0])
+        if self.scatter.color_selected != name:
+            self.scatter.color_selected = name
+        return name
+
     def _highlight(self) -> None:
         with self.engine.lock:            # not interleaved with points drawn on the worker
             rows = np.nonzero(self.indices == self.selection.instance)[0]
             self.scatter.selected = [int(r) for r in rows[:1]] or None
             if self._features is not None:          # the points' caption, once they are shown
-                shown = ("the black one is the instance shown" if len(rows) else
+                shown = (f"the {self._marker()} one is the instance shown" if len(rows) else
                          f"the instance shown, #{self.selection.instance}, is not among them")
                 self.caption.value = (f"{len(self.coords)} instances, placed by their "
                                       f"decision-level neurons' activations, projected to 3-D "
