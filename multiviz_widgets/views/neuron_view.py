@@ -26,6 +26,9 @@ def _short(text: str, n: int = 38) -> str:
 
 #: The bar charts' titles: words first, the quantity after (h_j: neuron j of the decision layer).
 ACTIVATION_TITLE = "how strongly each neuron fires, h_j(x)"
+#: Characters per line of the view's captions: its two 380 px figures side by side, and the
+#: 588 px a 1,024 px screen left it (80 characters fit 600 px of JupyterLab's font)
+CAPTION_CHARS = 76
 #: The bars' font size: the contribution title names the class and must fit the 380 px figure.
 TITLE_STYLE = {"font-size": "13px"}
 
@@ -118,20 +121,24 @@ class NeuronView(W.VBox):
                                              side="left")],
             layout=W.Layout(width="380px", height="240px"),
             fig_margin={"top": 40, "bottom": 30, "left": 50, "right": 10})
-        self.caption = text_label(value="")
+        # wrapped, never cut: a Label cut "... (each bar: the sparse linear model's weight of
+        # the class for the neuron x th" at the view's edge, the part that says what bars mean
+        self.caption = WrappedText(width=CAPTION_CHARS)
         # the caption's second line: the selected neuron's values in words when it is not one
         # of the top neurons (its bar, added last, may be too small to see); hidden otherwise
-        self.selected_caption = text_label(value="", layout=W.Layout(display="none"))
-        self.gallery_caption = text_label(value="click a bar to see what its neuron responds to")
+        self.selected_caption = WrappedText(width=CAPTION_CHARS, layout=W.Layout(display="none"))
+        self.gallery_caption = WrappedText("click a bar to see what its neuron responds to",
+                                           width=CAPTION_CHARS)
         # how to read the strip thumbnails (tabular columns, series windows): shown with them
         self.thumb_key, self.strip_modalities = thumbnail_key(analyses.adapter.modalities)
         self.gallery_key = WrappedText(layout=W.Layout(display="none"))
         self.top_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         self.bottom_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         # hidden until a gallery shows instances under them
-        self.top_label = text_label(value="top activating", layout=W.Layout(display="none"))
-        self.bottom_label = text_label(value="bottom activating",
-                                       layout=W.Layout(display="none"))
+        self.top_label = WrappedText("top activating", width=CAPTION_CHARS,
+                                     layout=W.Layout(display="none"))
+        self.bottom_label = WrappedText("bottom activating", width=CAPTION_CHARS,
+                                        layout=W.Layout(display="none"))
         self._caption_base: str | None = None   # the bars' caption, without the selected one
         self._class_name: str | None = None     # the class the contributions are to
         super().__init__([self.caption, self.selected_caption,
