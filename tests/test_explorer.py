@@ -655,6 +655,15 @@ def test_a_sparse_model_of_another_model_is_refused_when_the_explorer_opens():
         Explorer(adapter, ds, kernels=FakeKernels(), sparse_model=sparse(["0", "1"]))
     with pytest.raises(ValueError, match="another order"):
         Explorer(adapter, ds, kernels=FakeKernels(), sparse_model=sparse(CLASSES[::-1]))
+    # other classes of the same count: accepted before, its "cat" weights explaining "red"
+    with pytest.raises(ValueError, match=r"classes \(\['cat', .*\) are not the model's .*fit "
+                                         r"on another model"):
+        Explorer(adapter, ds, kernels=FakeKernels(),
+                 sparse_model=sparse(["cat", "dog", "bird", "fish"]))
+    # fit without class_names (0..3), or the same names in another case: the model's classes
+    for names in (["0", "1", "2", "3"], [n.upper() for n in CLASSES]):
+        Explorer(adapter, ds, kernels=FakeKernels(), sparse_model=sparse(names),
+                 start=False).close()
 
 
 def test_the_users_features_stay_writable_while_the_explorer_shows_them():

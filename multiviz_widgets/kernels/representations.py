@@ -1279,9 +1279,10 @@ def _few(names: Sequence[str]) -> str:
 
 def check_sparse_model_fits(sparse_model, adapter: ModelAdapter, d: int | None) -> None:
     """A ValueError unless ``sparse_model`` was fit for this model: ``d`` decision features
-    (None: not known), the model's classes, in its order. A sparse model with fewer classes,
-    named 0..k - 1 (or the model's first k), was fit without class_names; one whose classes are
-    others was fit on another model."""
+    (None: not known), the model's classes, in its order (compared without case or the spaces
+    around them; a sparse model fit without class_names names them 0..k - 1). A sparse model
+    with fewer classes, named 0..k - 1 (or the model's first k), was fit without class_names;
+    one whose classes are others was fit on another model."""
     how = ("Refit with fit_sparse_model(..., class_names=adapter.class_names) (or "
            "fit_sparse_model_for(adapter, ...)).")
     if d is not None and sparse_model.weight.shape[1] != d:
@@ -1307,6 +1308,12 @@ def check_sparse_model_fits(sparse_model, adapter: ModelAdapter, d: int | None) 
             f"against {_few(own)}): its weights for a class would be another class's. Refit "
             "with fit_sparse_model(..., class_names=adapter.class_names) and targets numbered "
             "as the model's classes (or fit_sparse_model_for(adapter, ...)).")
+    folded = [[n.strip().casefold() for n in side] for side in (names, own)]
+    if folded[0] != folded[1] and names != [str(k) for k in range(len(names))]:
+        # other classes of the same count: its weights for "cat" would explain "k0"
+        raise ValueError(
+            f"The sparse model's classes ({_few(names)}) are not the model's ({_few(own)}): it "
+            f"was fit on another model, or with other class names. {how}")
 
 
 def _warn_unless_logit(adapter: ModelAdapter, c: int, W: np.ndarray, b: np.ndarray,
