@@ -422,7 +422,8 @@ def test_the_prediction_path_finds_the_planted_route():
     assert path.forward_passes > 1 and path.backward_passes > 0
     d = json.loads(json.dumps(path.to_dict()))
     assert d["class"] == {"index": 0, "name": "yes", "logit": pytest.approx(3 * 4.5 + 2.25)}
-    assert d["neurons"][0]["index"] == 1 and len(d["neurons"][0]["units"]["tab"]) == 3
+    # the planted neuron reads column c1 alone: the other columns' scores are 0, no top units
+    assert d["neurons"][0]["index"] == 1 and d["neurons"][0]["units"]["tab"] == [[1, "c1", 2.25]]
     u, v, rl, cl, val = d["neurons"][0]["pairs"][0]
     assert (u, v, rl) == (1, 1, "c1") and cl.startswith("y t0") and val != 0
 
@@ -1021,3 +1022,23 @@ def test_classes_of_one_instance_each_still_fit():
         warnings.simplefilter("ignore")
         m = fit_sparse_model((h, y), fit_to="labels")
     assert m.n_val >= 1 and m.n_train + m.n_val == 8
+
+
+def test_a_neuron_no_unit_moves_gets_no_units_on_the_path_and_is_said():
+    """easy-VQA's h46 is 0 at test question 5 (a ReLU), yet contributes to "yes" through the
+    sparse model's standardisation; its integrated-gradients scores are all exactly 0, and the
+    path drew the first units in their order (patch r0c0, r0c1, r0c2) as its top units. Units
+    of score 0 are left out, and the path lists the neuron as silent."""
+    from multiviz_widgets.demos.easy_vqa import load, load_sparse_model
+    from multiviz_widgets.kernels.prediction import _top_units, prediction_path
+    assert _top_units(np.array([0.0, 0.0, -0.5, 0.0, 0.2]), list("abcde"), 3, True) == [
+        (2, "c", -0.5), (4, "e", 0.2)]
+    assert _top_units(np.zeros(4), list("abcd"), 3, True) == []
+    adapter, ds = load("test")
+    sm = load_sparse_model(adapter=adapter)
+    path = prediction_path(adapter, ds[5], target="yes", sparse_model=sm, k_neurons=8,
+                           interaction_method=None)
+    silent = [n.index for n in path.neurons if not any(n.units.values())]
+    assert 46 in silent and path.params["units_silent"] == silent
+    for n in path.neurons:
+        assert all(score != 0 for units in n.units.values() for _, _, score in units)

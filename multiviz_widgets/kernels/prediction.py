@@ -1020,9 +1020,12 @@ class PredictionPath:
 
 
 def _top_units(scores: np.ndarray, labels: Sequence[str], k: int, absolute: bool):
+    """The k units of largest score (|score| when ``absolute``), leaving out those of score 0:
+    of a neuron silent at the instance (every unit's score 0), the first k units in their
+    order were drawn as its "top units"."""
     s = np.asarray(scores, dtype=np.float64)
     key = np.abs(s) if absolute else s
-    order = np.argsort(-key, kind="stable")[:k]
+    order = [u for u in np.argsort(-key, kind="stable") if s[u] != 0][:k]
     return [(int(u), str(labels[u]) if u < len(labels) else str(u), float(s[u])) for u in order]
 
 
@@ -1117,8 +1120,11 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     the signed order picked inactive neurons. ``absolute`` ranks the units and pairs the same way. For each
     of the top ``k_neurons``: stage 1 (``unimodal_method``) and stage 2 (``interaction_method``,
     None to skip; needs two modalities) targeted at Neuron(j): a neuron's units are each
-    modality's top ``k_units``, then the other units of its top ``k_pairs`` pairs (each with
-    its own stage-1 score), so that every pair links units the path shows. Where second-order
+    modality's top ``k_units`` of non-zero score, then the other units of its top ``k_pairs``
+    pairs (each with its own stage-1 score), so that every pair links units the path shows; a
+    neuron no unit moves at the instance (every score 0: a neuron inactive there, whose
+    standardised value still contributes) has none, and ``params["units_silent"]`` lists such
+    neurons that no pair gives units either. Where second-order
     gradients are blind to a neuron (the model is piecewise linear there, a ReLU network, or
     cuts a modality off autograd's graph: its matrix is all 0 and says so in ``params["note"]``
     and ``params["blind"]``), that neuron's pairs come from pairwise
@@ -1155,7 +1161,7 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
     steps = len(chosen) * (2 if do_pairs else 1)
     done = 0
     fwd, bwd = 1, 0
-    neurons, by_ablation = [], []
+    neurons, by_ablation, silent = [], [], []
     narrowed: dict[str, int] = {}      # modality -> its candidate units, when narrowed
     whole: set[str] = set()            # modalities of many units that could not be narrowed
     if not isinstance(ablation_params, (Mapping, type(None))):
@@ -1224,6 +1230,8 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
             _add_pair_units(units, att, prepared, pair_mods, pairs)
             done += 1
             report(progress, done, steps, f"neuron {j}: pairs")
+        if not any(units.values()):     # nothing in the input moves it here, nor any pair
+            silent.append(int(j))
         neurons.append(PathNeuron(int(j), float(contrib.weights[j]), float(contrib.h[j]),
                                   float(contrib.contributions[j]), units, pairs, pair_mods))
     # what the neurons' contributions add up to: sum_j contribution_j + bias = the source's
@@ -1237,6 +1245,7 @@ def prediction_path(adapter: ModelAdapter, instance, target=None, sparse_model: 
         backward_passes=bwd, seconds=time.perf_counter() - t0,
         params={"k_neurons": k_neurons, "k_units": k_units, "k_pairs": k_pairs,
                 "absolute": absolute, "pairs_by_ablation": by_ablation,
+                **({"units_silent": silent} if silent else {}),
                 **({"ablation_candidates": dict(narrowed)} if narrowed else {}),
                 **({"ablation_whole": sorted(whole)} if whole else {}),
                 "bias": bias if np.isfinite(bias) else None,

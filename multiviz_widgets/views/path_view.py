@@ -229,6 +229,14 @@ class PathView(W.VBox):
                 + ", ".join(quoted(m) for m in whole)
                 + " (the path's stage-1 method explains other modalities only, so nothing "
                 "ranked them: a slow search)")
+        silent = (path.get("params") or {}).get("units_silent") or []
+        if silent and not note:
+            self.caption.value += (
+                f"; no input unit moves {', '.join(f'h{int(j)}' for j in silent)} here (every "
+                f"{method_label(path.get('unimodal_method'))} score is 0: the neuron is "
+                "inactive at this instance, and "
+                "its contribution comes from its value against the dataset's), so no unit is "
+                "drawn for it")
         if not note:
             self.caption.value += shared_pairs_note(nodes, links)
         if sparse_note:
