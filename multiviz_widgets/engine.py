@@ -1297,6 +1297,14 @@ class Analyses:
                              f"{h.shape[0]} neurons (0..{h.shape[0] - 1}).")
         return float(h[int(neuron)])
 
+    def sparse_note_key(self) -> bool:
+        """What a cached result holding ``sparse_model_note`` depends on besides its instance:
+        whether the dataset's features are computed (the note is the dataset's agreement then,
+        else the instance's answer). A view puts it in its key, and asks again when the
+        features come (a caption cached before them kept the instance's note, which says
+        nothing where the two happen to agree there)."""
+        return self.sparse_model is not None and self.engine.cached(("features",)) is not None
+
     def sparse_model_note(self, i: int) -> str:
         """What to say when the sparse linear model (the path's and the bars' weights) does
         not stand for the model: empty when it does. Once the dataset's features are computed,

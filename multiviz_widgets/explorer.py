@@ -686,6 +686,9 @@ class Explorer(W.VBox):
             shared_units=[n for n, m in adapter.modalities.items() if m.shared_units])
         # the unit's name (its word, its patch) is known once the input view has the instance
         self.input_panel.on_items.append(self.concepts_view.show)
+        # the dataset's features come: the bars' and the path's notes on the sparse model
+        # become the dataset's agreement (before, the instance's answer)
+        self.embedding_view.on_points.append(self._sparse_notes_again)
         # the input view marks the named units of its instance (and names them on hover)
         self.input_panel.concepts_of = self._unit_concepts
         self.annotations.observe(self._on_concepts)
@@ -864,6 +867,13 @@ class Explorer(W.VBox):
             v.refresh()
         self.neuron_view.refresh_gallery()
         self._check_baselines()
+
+    def _sparse_notes_again(self) -> None:
+        """Ask the bars and the path again once the dataset's features are computed, where a
+        sparse model is shown: their note on it is then the dataset's agreement."""
+        if self.analyses.sparse_model is not None and not self.engine.closed:
+            self.neuron_view.refresh()
+            self.path_view.refresh()
 
     def _check_baselines(self) -> None:
         """Say beside the views, as a caveat, a Tabular or TimeSeries baseline that lies outside

@@ -1168,3 +1168,45 @@ def test_the_rows_check_sees_a_statistic_of_the_first_row_and_never_passes_on_no
     assert ad not in _ROWS_INDEPENDENT
     with pytest.raises(AdapterError, match="depend on the other instances in its batch"):
         check_rows_independent(ad, p)
+
+
+class SlowTabSeries(TabSeries):
+    """1 ms per row: the dataset's features take a while, as on a real model."""
+
+    def forward(self, vitals, series):
+        import time
+        time.sleep(0.001 * len(vitals))
+        return super().forward(vitals, series)
+
+
+def test_after_a_recompute_the_bars_and_the_path_say_the_sparse_model_no_longer_agrees(
+        cache_env, explorer_class):
+    """New weights, then "recompute": the bars and the path were computed before the dataset's
+    features, said only whether the sparse model agrees at the instance (it did), and kept
+    that caption cached. They are asked again once the features come, and say it."""
+    from multiviz_widgets.kernels.prediction import fit_sparse_model_for
+    model = SlowTabSeries().eval()
+    adapter = make_adapter(model)
+    data = make_data(300)
+    sparse = fit_sparse_model_for(adapter, data, n_lambdas=8, cache=False)
+    ex = explorer_class(adapter, data, delay=0.01, sparse_model=sparse,
+                        path_params={"unimodal_method": "gradient", "interaction_method": None,
+                                     "k_neurons": 1},
+                        method_params={"interaction_type": {"n_reference": 0}})
+    try:
+        assert ex.wait(120)
+        with torch.no_grad():                                 # trained further
+            torch.manual_seed(5)
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.8)
+        logits, h = adapter.features(adapter.collate([data[i] for i in range(len(data))]))
+        same = logits.argmax(1).numpy() == sparse.predict(h.detach().numpy())
+        assert same.mean() < sparse.val_fidelity - 0.1          # it no longer stands for it
+        ex.select(instance=int(np.flatnonzero(same)[0]))       # where the two still agree
+        assert ex.wait(120)
+        ex.refresh()
+        assert ex.wait(120)
+        said = "agrees with the model on"
+        assert said in ex.state()["path"]["caption"] and said in ex.neuron_view.caption.value
+    finally:
+        ex.close()

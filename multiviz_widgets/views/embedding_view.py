@@ -205,6 +205,7 @@ class EmbeddingView(W.VBox):
         selection.observe(lambda _: self.colour_by.value == BY_NEURON and self.recolour(),
                           names=["neuron"])
         self.retry = RetryAfterCancel(selection)
+        self.on_points: list = []             # called with no argument once the points show
 
     def forget(self) -> None:
         """The points shown are computed again at the next ``refresh`` (the dataset or the
@@ -238,6 +239,11 @@ class EmbeddingView(W.VBox):
         self.caption.value = f"embedding not shown ({failure_text(err)}{again})"
 
     def _show(self, result) -> None:
+        self._show_points(result)
+        for fn in self.on_points:
+            fn()
+
+    def _show_points(self, result) -> None:
         feats, (rows, coords) = result
         self._features = feats
         self._rows = np.asarray(rows, dtype=np.int64)

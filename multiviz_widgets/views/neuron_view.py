@@ -171,7 +171,8 @@ class NeuronView(W.VBox):
         with self.engine.lock:     # the caption not overwritten by bars applied meanwhile
             self._caption_base = None
             self.caption.value = "computing decision-level contributions ..."
-            self.engine.submit(self.slot, ("neurons", i, target, self.n_bars), job,
+            self.engine.submit(self.slot, ("neurons", i, target, self.n_bars,
+                                           a.sparse_note_key()), job,
                                self._show_bars, lambda err: self._bars_failed(err, i, target),
                                priority=2, label="neuron contributions")
 

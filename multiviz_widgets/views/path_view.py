@@ -179,7 +179,7 @@ class PathView(W.VBox):
 
         # the "main" lane: the path is about the selected instance and needs no dataset-wide
         # work, so it never waits for the dataset's features
-        key = ("path", i, target, params_key(params))
+        key = ("path", i, target, params_key(params), a.sparse_note_key())
         with self.engine.lock:     # the caption not overwritten by a path applied meanwhile
             self.caption.value = "computing the prediction path ..."
             self.engine.submit(self.slot, key, job, self._show,
