@@ -407,6 +407,12 @@ class Engine(traitlets.HasTraits):
             self._cond.notify_all()
             return job
 
+    def slot_pending(self, slot: str) -> bool:
+        """Whether the slot's current job is queued or running (its result not shown yet)."""
+        with self._lock:
+            cur = self._current.get(slot)
+            return cur is not None and cur.state in ("queued", "running")
+
     def drop(self, slot: str) -> None:
         """Make the slot's pending job stale (its result will not be applied); the slot's
         caveats go (its view blanks, or forgets, what it showed)."""

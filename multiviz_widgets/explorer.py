@@ -870,10 +870,14 @@ class Explorer(W.VBox):
 
     def _sparse_notes_again(self) -> None:
         """Ask the bars and the path again once the dataset's features are computed, where a
-        sparse model is shown: their note on it is then the dataset's agreement."""
-        if self.analyses.sparse_model is not None and not self.engine.closed:
-            self.neuron_view.refresh()
-            self.path_view.refresh()
+        sparse model is shown: their note on it is then the dataset's agreement. One still
+        computing is left to finish (asked again, it started over: a path's seconds lost); its
+        view asks again when its result shows a note made before the features came."""
+        if self.analyses.sparse_model is None or self.engine.closed:
+            return
+        for view in (self.neuron_view, self.path_view):
+            if not self.engine.slot_pending(view.slot):
+                view.refresh()
 
     def _check_baselines(self) -> None:
         """Say beside the views, as a caveat, a Tabular or TimeSeries baseline that lies outside

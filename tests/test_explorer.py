@@ -1005,11 +1005,11 @@ def test_the_selected_point_is_never_drawn_in_a_classs_colour():
         assert ex.wait(60)
         view = ex.embedding_view
         assert view.colour_by.value == "label"
-        assert view.scatter.color_selected == "magenta"
+        assert view.scatter.color_selected == "#c800c8"
         assert "the magenta one is the instance shown" in view.caption.value
         view.colour_by.value = "selected neuron"             # no neuron: every point grey
         assert ex.wait(60)
-        assert view.scatter.color_selected == "black"
+        assert view.scatter.color_selected == "#000000"
         assert "the black one is the instance shown" in view.caption.value
     finally:
         ex.close()
@@ -1888,3 +1888,30 @@ def test_a_unit_pairwise_ablation_left_out_is_said_so_not_called_a_shapley_playe
         assert "interaction with image unit 1" in ex.input_view.score_caption
     finally:
         ex.close()
+
+
+def test_the_gallerys_headings_stay_hidden_until_a_gallery_shows():
+    """Wrapped (not cut), the "top activating" and "bottom activating" headings showed over
+    empty rows before any gallery: setting a WrappedText's text shows it."""
+    adapter, ds = tiny_vqa()
+    ex = Explorer(adapter, ds, kernels=FakeKernels(), delay=0.05, start=False)
+    try:
+        for heading in (ex.neuron_view.top_label, ex.neuron_view.bottom_label):
+            assert heading.layout.display == "none" and heading.value.endswith("activating")
+    finally:
+        ex.close()
+
+
+def test_the_paths_words_on_neurons_no_unit_moves_say_inactive_only_where_they_are():
+    """A neuron every stage-1 score of which is 0 may be active (a bias-like neuron, one fed by
+    a detached modality): it was called inactive, its contribution said to come from the
+    dataset's mean, with no sparse model at all."""
+    from multiviz_widgets.views.path_view import silent_neurons_note
+    neurons = [{"index": 10, "activation": 2.0}, {"index": 46, "activation": 0.0}]
+    own = silent_neurons_note({"unimodal_method": "gradient", "source": "decision_layer",
+                               "neurons": neurons}, [10, 46])
+    assert "no input unit moves h10, h46 here (every gradient score is 0)" in own
+    assert "inactive" not in own and "mean" not in own
+    sparse = silent_neurons_note({"unimodal_method": "gradient", "source": "sparse_model",
+                                  "neurons": neurons}, [10, 46])
+    assert "h46 is 0 here (inactive)" in sparse and "h10 is" not in sparse

@@ -534,12 +534,12 @@ def test_neuron_bars_of_a_class_no_neuron_adds_to_say_so(vqa):
     dc = ex.analyses.contributions(0, ex.analyses.class_index(0, -1))
     from types import SimpleNamespace
     silent = SimpleNamespace(h=dc.h, contributions=np.zeros_like(dc.contributions))
-    nv._show_bars((ex.analyses.class_index(0, -1), silent, [], ""))
+    nv._show_bars((ex.analyses.class_index(0, -1), silent, [], "", False))
     assert nv.shown == [] and nv.caption.value.startswith("no neuron adds anything to class ")
     assert nv.caption.value.endswith("all 12 contributions are exactly 0")
     ex.select(neuron=3)
     assert ex.wait(30)
-    nv._show_bars((ex.analyses.class_index(0, -1), silent, [], ""))
+    nv._show_bars((ex.analyses.class_index(0, -1), silent, [], "", False))
     assert nv.selected_caption.value.startswith("selected h3 (the only bar): activation ")
 
 

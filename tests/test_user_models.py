@@ -1210,3 +1210,53 @@ def test_after_a_recompute_the_bars_and_the_path_say_the_sparse_model_no_longer_
         assert said in ex.state()["path"]["caption"] and said in ex.neuron_view.caption.value
     finally:
         ex.close()
+
+
+def test_a_path_still_computing_when_the_features_come_is_not_started_over(cache_env,
+                                                                          explorer_class):
+    """The features' arrival asked the path again under its new key, which cancelled the path
+    being computed and began it anew (seconds lost, with a sparse model: the demo's setup). A
+    view still computing is left to finish, and asks again only when its note was made before
+    the features came. Here the path waits, once under way, until the features are shown."""
+    import time
+
+    from multiviz_widgets.engine import Kernels
+    from multiviz_widgets.kernels.prediction import fit_sparse_model_for
+    import threading
+    ended, shown, path_began = [], [], threading.Event()
+
+    class WaitsForTheFeatures(Kernels):
+        def features(self, *args, **kwargs):
+            path_began.wait(60)              # the features come while the path computes
+            return super().features(*args, **kwargs)
+
+        def prediction_path(self, *args, **kwargs):
+            if not ended:                    # the first path: under way as the features come
+                path_began.set()
+                deadline = time.monotonic() + 60
+                while not (shown and shown[0].embedding_view._features is not None):
+                    assert time.monotonic() < deadline, "the features never came"
+                    time.sleep(0.01)
+                time.sleep(0.1)              # the features' callbacks have run
+            try:
+                out = super().prediction_path(*args, **kwargs)
+            except BaseException as e:
+                ended.append(type(e).__name__)
+                raise
+            ended.append("done")
+            return out
+    adapter = make_adapter(TabSeries().eval())
+    data = make_data(60)
+    sparse = fit_sparse_model_for(adapter, data, n_lambdas=8, cache=False)
+    ex = explorer_class(adapter, data, kernels=WaitsForTheFeatures(), delay=0.01,
+                        sparse_model=sparse,
+                        path_params={"unimodal_method": "integrated_gradients",
+                                     "interaction_method": None, "k_neurons": 2},
+                        method_params={"interaction_type": {"n_reference": 0}})
+    shown.append(ex)
+    try:
+        assert ex.wait(120)
+        assert ended and "Cancelled" not in ended, ended
+        assert "prediction path to class" in ex.state()["path"]["caption"]
+    finally:
+        ex.close()

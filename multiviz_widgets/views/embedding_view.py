@@ -63,7 +63,7 @@ _TOO_CLOSE = 0.25
 #: The selected point's colours, by preference (``EmbeddingView._marker``): the first that no
 #: point is coloured near (a class "black" is drawn black too)
 MARKERS = (("black", np.zeros(3, dtype=np.float32)),
-           ("magenta", np.array([1.0, 0.0, 1.0], dtype=np.float32)),
+           ("magenta", NAMED_COLOURS["magenta"]),    # a class "magenta" excludes it
            ("lime", np.array([0.0, 1.0, 0.0], dtype=np.float32)))
 
 
@@ -343,10 +343,11 @@ class EmbeddingView(W.VBox):
         colours = self.scatter.color
         drawn = (np.unique(np.round(np.asarray(colours, dtype=np.float32).reshape(-1, 3), 2),
                            axis=0) if not isinstance(colours, str) else np.zeros((0, 3)))
-        name = next((n for n, rgb in MARKERS if not len(drawn) or float(
-            np.sqrt(((drawn - rgb) ** 2).sum(1)).min()) > _TOO_CLOSE), MARKERS[0][0])
-        if self.scatter.color_selected != name:
-            self.scatter.color_selected = name
+        name, rgb = next(((n, c) for n, c in MARKERS if not len(drawn) or float(
+            np.sqrt(((drawn - c) ** 2).sum(1)).min()) > _TOO_CLOSE), MARKERS[0])
+        css = "#" + "".join(f"{int(round(float(v) * 255)):02x}" for v in rgb)
+        if self.scatter.color_selected != css:
+            self.scatter.color_selected = css
         return name
 
     def _highlight(self) -> None:

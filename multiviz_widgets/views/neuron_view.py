@@ -135,10 +135,10 @@ class NeuronView(W.VBox):
         self.top_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         self.bottom_row = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         # hidden until a gallery shows instances under them
-        self.top_label = WrappedText("top activating", width=CAPTION_CHARS,
-                                     layout=W.Layout(display="none"))
-        self.bottom_label = WrappedText("bottom activating", width=CAPTION_CHARS,
-                                        layout=W.Layout(display="none"))
+        self.top_label = WrappedText("top activating", width=CAPTION_CHARS)
+        self.bottom_label = WrappedText("bottom activating", width=CAPTION_CHARS)
+        for heading in (self.top_label, self.bottom_label):
+            heading.layout.display = "none"        # (setting a text shows a WrappedText)
         self._caption_base: str | None = None   # the bars' caption, without the selected one
         self._class_name: str | None = None     # the class the contributions are to
         super().__init__([self.caption, self.selected_caption,
@@ -166,7 +166,8 @@ class NeuronView(W.VBox):
             c = np.asarray(dc.contributions).reshape(-1)
             order = [int(j) for j in dc.top(self.n_bars, absolute=True) if c[j] != 0]
             sparse = getattr(dc, "source", "") == "sparse_model"
-            return cls, dc, order, a.sparse_model_note(i) if sparse else ""
+            ready = a.sparse_note_key()             # read before the note it stands for
+            return cls, dc, order, a.sparse_model_note(i) if sparse else "", ready
 
         with self.engine.lock:     # the caption not overwritten by bars applied meanwhile
             self._caption_base = None
@@ -192,7 +193,7 @@ class NeuronView(W.VBox):
         self.caption.value = f"contributions{of} not shown ({failure_text(err)}{again})"
 
     def _show_bars(self, result) -> None:
-        cls, dc, order, sparse_note = result
+        cls, dc, order, sparse_note, ready = result
         h = np.asarray(dc.h, dtype=np.float64).reshape(-1)
         c = np.asarray(dc.contributions, dtype=np.float64).reshape(-1)
         self._h, self._c = h, c
@@ -212,6 +213,8 @@ class NeuronView(W.VBox):
             self._caption_base += f"; {sparse_note}"
         self.contrib_figure.title = contribution_title(self._class_name)
         self._draw_bars()
+        if sparse and not ready and self.analyses.sparse_note_key():
+            self.refresh()       # its note was made before the dataset's features came
 
     def _draw_bars(self) -> None:
         h, c = getattr(self, "_h", np.zeros(0)), getattr(self, "_c", np.zeros(0))

@@ -59,6 +59,24 @@ def path_methods(path: dict) -> str:
     return f"{said}, " + (f"pairs by {method_label(pairs)}" if pairs else "no pairs")
 
 
+def silent_neurons_note(path: dict, silent) -> str:
+    """The caption's words on the path's neurons that no input unit moves at the instance
+    (``params["units_silent"]``): no unit is drawn for them; those at 0 (inactive here) that
+    still contribute, through a sparse model's standardisation, are said apart."""
+    names = ", ".join(f"h{int(j)}" for j in silent)
+    text = (f"; no input unit moves {names} here (every "
+            f"{method_label(path.get('unimodal_method'))} score is 0), so no unit is drawn for "
+            f"{'it' if len(silent) == 1 else 'them'}")
+    activation = {int(n.get("index", -1)): n.get("activation") for n in path.get("neurons", [])}
+    off = [j for j in silent if activation.get(int(j)) == 0]
+    if off and path.get("source") == "sparse_model":
+        text += (f"; {', '.join(f'h{int(j)}' for j in off)} "
+                 f"{'is' if len(off) == 1 else 'are'} 0 here (inactive) and "
+                 f"contribute{'s' if len(off) == 1 else ''} all the same: the sparse model "
+                 "reads each neuron against its mean over the data")
+    return text
+
+
 def pair_colours(path: dict) -> str:
     """What a red link between two units means, by the method of the path's pairs: removing
     units (ablation, Shapley) measures whether they reinforce each other; second-order
@@ -175,7 +193,8 @@ class PathView(W.VBox):
             cls = a.class_index(i, target)
             path = a.path(i, cls, progress, params)   # the pairs captured here, key and all
             nodes, links = path_layout(path, other_classes=a.top_classes(i, 3))
-            return cls, path, nodes, links, i, a.sparse_model_note(i)
+            ready = a.sparse_note_key()             # read before the note it stands for
+            return cls, path, nodes, links, i, a.sparse_model_note(i), ready
 
         # the "main" lane: the path is about the selected instance and needs no dataset-wide
         # work, so it never waits for the dataset's features
@@ -195,7 +214,7 @@ class PathView(W.VBox):
         self.caption.value = f"prediction path{of} not shown ({failure_text(err)}{again})"
 
     def _show(self, result) -> None:
-        cls, path, nodes, links, i, sparse_note = result
+        cls, path, nodes, links, i, sparse_note, ready = result
         self._draw(i, path, nodes, links)
         name = self.analyses.adapter.class_names[cls]
         note = str(path.get("note") or "") if not path.get("neurons") else ""
@@ -231,18 +250,15 @@ class PathView(W.VBox):
                 "ranked them: a slow search)")
         silent = (path.get("params") or {}).get("units_silent") or []
         if silent and not note:
-            self.caption.value += (
-                f"; no input unit moves {', '.join(f'h{int(j)}' for j in silent)} here (every "
-                f"{method_label(path.get('unimodal_method'))} score is 0: the neuron is "
-                "inactive at this instance, and "
-                "its contribution comes from its value against the dataset's), so no unit is "
-                "drawn for it")
+            self.caption.value += silent_neurons_note(path, silent)
         if not note:
             self.caption.value += shared_pairs_note(nodes, links)
         if sparse_note:
             self.caption.value += f"; {sparse_note}"
         self.caption.value += patch_names_key(n["label"] for n in nodes if n["kind"] == "unit")
         self.concepts.value = self.concept_line()
+        if not ready and self.analyses.sparse_note_key():
+            self.refresh()       # its note was made before the dataset's features came
 
     def concept_line(self) -> str:
         """"concepts on this path: h12 red things, circle; h5 ..." for the shown neurons that
