@@ -322,8 +322,8 @@ def _where_not_finite(modality: Modality, row: torch.Tensor) -> str:
     which = [str(names[j]) for j in range(len(names)) if bool(per[:, j].any())]
     kind = "column" if getattr(modality, "columns", None) else "channel"
     shown = ", ".join(repr(w) for w in which[:5]) + (", ..." if len(which) > 5 else "")
-    steps = (f", {int(per.any(1).sum())} time step{'s' if int(per.any(1).sum()) > 1 else ''}"
-             if per.shape[0] > 1 else "")
+    n_steps = int(per.any(1).sum())
+    steps = f", {n_steps} time step{'s' if n_steps > 1 else ''}" if per.shape[0] > 1 else ""
     return f" (in {kind}{'s' if len(which) > 1 else ''} {shown}{steps})"
 
 

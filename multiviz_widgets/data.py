@@ -7,7 +7,6 @@ contents change (used to key on-disk caches).
 from __future__ import annotations
 
 import hashlib
-import math
 import operator
 import threading
 from typing import Iterator, Mapping, Sequence
@@ -16,7 +15,8 @@ import numpy as np
 import torch
 
 from .checks import positive_int
-from .modalities import _is_pil, is_pandas, pil_pixels
+from .display_text import and_list
+from .modalities import _is_pil, _missing, is_pandas, pil_pixels
 
 
 class MultimodalDataset:
@@ -255,21 +255,15 @@ def _missing_labels(arr: np.ndarray) -> list[int]:
     if arr.dtype.kind == "f":
         return np.flatnonzero(np.isnan(arr)).tolist()
     if arr.dtype == object:
-        return [i for i, x in enumerate(arr.tolist())
-                if x is None or type(x).__name__ == "NAType"
-                or (isinstance(x, (float, np.floating)) and math.isnan(x))]
+        return [i for i, x in enumerate(arr.tolist()) if _missing(x)]
     return []
 
 
 def _first_indices(indices: list[int], k: int = 5) -> str:
     """'instance 3' / 'instances 3, 7 and 9' / 'instances 3, 7, 9, 11, 12, ...'."""
-    shown = ", ".join(map(str, indices[:k]))
-    if len(indices) == 1:
-        return f"instance {shown}"
     if len(indices) <= k:
-        head, _, last = shown.rpartition(", ")
-        return f"instances {head} and {last}"
-    return f"instances {shown}, ..."
+        return f"instance{'s' if len(indices) > 1 else ''} {and_list(map(str, indices))}"
+    return f"instances {', '.join(map(str, indices[:k]))}, ..."
 
 
 #: per thread, the ids of the objects whose attributes are being hashed (a cycle ends there)

@@ -1309,7 +1309,7 @@ class Analyses:
         else the instance's answer). A view puts it in its key, and asks again when the
         features come (a caption cached before them kept the instance's note, which says
         nothing where the two happen to agree there)."""
-        return self.sparse_model is not None and self.engine.cached(("features",)) is not None
+        return self.sparse_model is not None and self.engine.has(("features",))
 
     def sparse_model_note(self, i: int) -> str:
         """What to say when the sparse linear model (the path's and the bars' weights) does

@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 import os
 import re
-import sys
 import threading
 import time
 import weakref
@@ -26,6 +25,7 @@ from itertools import combinations
 
 import numpy as np
 import ipywidgets as W
+import torch
 
 from .notices import warn
 from .results import computed_units
@@ -141,20 +141,15 @@ def _held_by(value) -> list:
         return []
     if isinstance(value, W.Widget):
         return list(getattr(value, "children", ()) or ())
-    if isinstance(value, (str, bytes, int, float, complex, np.ndarray, type(None)))\
-            or inspect.ismodule(value) or inspect.isroutine(value) or _is_tensor(value):
+    if isinstance(value, (str, bytes, int, float, complex, np.ndarray, torch.Tensor,
+                          type(None))) or inspect.ismodule(value) or inspect.isroutine(value):
         return []
     if isinstance(value, type):
-        if value.__module__ in ("builtins",) or not value.__module__.startswith("__main__"):
+        if not value.__module__.startswith("__main__"):
             return []
         return list(vars(value).values())
     attributes = getattr(value, "__dict__", None)
     return list(attributes.values()) if isinstance(attributes, dict) else []
-
-
-def _is_tensor(value) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def _close_earlier_runs(cell: RunningCell) -> None:
@@ -169,12 +164,10 @@ def _close_earlier_runs(cell: RunningCell) -> None:
     with _MADE_BY_CELL_LOCK:
         made = [(count, ref) for count, ref in _MADE_BY_CELL.get(cell.cell_id, [])
                 if ref() is not None]
-    earlier = [ref() for count, ref in made if count < cell.count]
-    named = _named([e for e in earlier if e is not None], cell.shell)
-    unnamed = [e for e in earlier if e is not None and id(e) not in named]
+    earlier = [e for count, ref in made if count < cell.count and (e := ref()) is not None]
+    named = _named(earlier, cell.shell)
+    unnamed = [e for e in earlier if id(e) not in named]
     for explorer in unnamed:
-        if explorer is None:
-            continue
         try:
             explorer.close()
         except Exception as e:  # noqa: BLE001 -- the cell's own work is done all the same

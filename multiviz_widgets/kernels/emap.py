@@ -221,7 +221,7 @@ def _emap(adapter: ModelAdapter, instances, target, progress: ProgressFn, indice
         total = len(groups) * n * n + start
         step = steady_progress(progress, total)
         step(0, "EMAP pairs")
-        cost.start(n, len(groups), total, batch_size)
+        cost.start(n, len(groups), total)
         # forward passes run, fused or full: a split's checks, and the pairs of a split
         # abandoned part way, included; then the fused pairs among them
         passes = [0, 0]
@@ -455,27 +455,25 @@ class _PairCost:
     def __init__(self, caller: str, progress: ProgressFn, runs: int = 1, said: bool = False):
         self.caller, self.progress, self.runs = caller, progress, runs
         self.began = time.perf_counter()
-        self.run, self.n, self.loops, self.total, self.batch_size = -1, 0, 1, 0, 1
+        self.run, self.n, self.loops, self.total = -1, 0, 1, 0
         self.kind, self.why = "none", ""
         self.said = said                   # (a retry's: said already by the first attempt)
         self._begin_loop()
 
-    def start(self, n: int, loops: int, total: int, batch_size: int) -> None:
+    def start(self, n: int, loops: int, total: int) -> None:
         """A run begins: n instances, ``loops`` sets of N^2 pairs, ``total`` rows in all (its
-        progress total: the pairs and the other forward passes), batches of batch_size."""
+        progress total: the pairs and the other forward passes)."""
         self.run += 1
-        self.n, self.loops, self.total, self.batch_size = n, loops, total, batch_size
+        self.n, self.loops, self.total = n, loops, total
 
-    def how(self, kind: str, why: str | None) -> None:
+    def how(self, kind: str, why: str) -> None:
         """A loop of pairs begins: fused from encodings ("fused") or full forward passes
-        ("none", ``why`` not split; None keeps the reason given before)."""
-        self.kind = kind
-        if why is not None:
-            self.why = why
+        ("none", ``why`` not split)."""
+        self.kind, self.why = kind, why
         self._begin_loop()
 
     def _begin_loop(self) -> None:
-        self.warm, self.measured, self.first, self.timed, self.seconds = False, False, 0, 0, 0.0
+        self.warm, self.measured, self.timed, self.seconds = False, False, 0, 0.0
         self.last = time.perf_counter()
 
     def batch(self, rows: int, done: int) -> None:
@@ -485,7 +483,7 @@ class _PairCost:
         if self.said or self.measured:
             return
         if not self.warm:                  # the loop's first batch warms up
-            self.warm, self.first = True, rows
+            self.warm = True
             if rows < self.n * self.n:     # more batches follow: the next one is timed
                 self.last = now
                 return
@@ -570,13 +568,13 @@ class _PairSums:
 def _emap_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
                 target: Target | None, out_fn: Callable, batch_size: int, keep: bool,
                 step: Callable[[int, str], None], done: int, passes: list[int],
-                cost: "_PairCost | None" = None) -> _PairSums:
+                cost: "_PairCost") -> _PairSums:
     """The sums of the N x N pairs M[i, j] = f(x_side^i, x_others^j), from encodings fused
     pairwise (see ``emap``; each shape group of the instances encoded on its own, see
     ``FusedPairs.encode_groups``); raises FactorizationError when fused pairs differ from plain
     forward passes (checked before the N^2 pairs). step(done, message): progress, where done
     starts (these pairs' place in the whole job); passes: [count], the forward passes run
-    (the check's and the pairs') added as they run; cost: the call's _PairCost, or None."""
+    (the check's and the pairs') added as they run; cost: the call's _PairCost."""
     neuron = target is not None and target.kind == "neuron"
     fused = FusedPairs(adapter, split, batch_size, neuron,
                        (lambda logits, h: adapter.output(logits, h, target)[:, None]) if neuron
@@ -590,20 +588,18 @@ def _emap_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
 
 def _fused_sums(fused: FusedPairs, enc: Encodings, n: int, keep: bool,
                 step: Callable[[int, str], None], done: int, passes: list[int],
-                message: str, cost: "_PairCost | None" = None) -> "_PairSums":
+                message: str, cost: "_PairCost") -> "_PairSums":
     """The sums of the N x N pairs fused from the (checked) encodings ``enc`` of N instances,
     batch_size pairs at a time; progress, passes and cost as ``_emap_fused``'s."""
     acc = _PairSums(n, keep)
-    if cost is not None:
-        cost.how("fused", "")
+    cost.how("fused", "")
     for ps, sv, po, ov in enc.blocks():     # one block unless the encodings' sizes differ
         for i, j in block_pairs(len(ps), len(po), fused.batch_size, fused.adapter.device):
             acc.add(ps[i], po[j], fused.pairs(sv, ov, i, j))
             done += len(i)
             passes[0] += len(i)
             passes[1] += len(i)
-            if cost is not None:
-                cost.batch(len(i), done)
+            cost.batch(len(i), done)
             step(done, message)
     return acc
 
@@ -611,13 +607,12 @@ def _fused_sums(fused: FusedPairs, enc: Encodings, n: int, keep: bool,
 def _forward_sums(adapter: ModelAdapter, shapes: ShapeGroups, side: str, out_fn: Callable,
                   batch_size: int, keep: bool, step: Callable[[int, str], None], done: int,
                   passes: list[int], message: str,
-                  cost: "_PairCost | None" = None) -> "_PairSums":
+                  cost: "_PairCost") -> "_PairSums":
     """The sums of the N x N pairs M[i, j] = f(x_side^i, x_others^j) from full forward passes
     (``out_fn``), batch_size pairs at a time (the path of a model with no split); progress,
-    passes and cost as ``_emap_fused``'s."""
+    passes and cost as ``_emap_fused``'s (its loop begun by the caller, ``cost.how``, which
+    says why the model is not split)."""
     acc = _PairSums(shapes.n, keep)
-    if cost is not None:
-        cost.how("none", None)
     others = [name for name in adapter.names if name != side]
     # x_side from instance i, the others from instance j
     for i, j, raw in _pair_batches(shapes, [side], others, batch_size, adapter.device):
@@ -625,8 +620,7 @@ def _forward_sums(adapter: ModelAdapter, shapes: ShapeGroups, side: str, out_fn:
         del raw    # before the next batch is gathered: one batch in memory
         done += len(i)
         passes[0] += len(i)
-        if cost is not None:
-            cost.batch(len(i), done)
+        cost.batch(len(i), done)
         step(done, message)
     return acc
 
@@ -1064,7 +1058,7 @@ def _typed_against(adapter: ModelAdapter, instance, own, refs: Sequence[Mapping]
     total = len(ref_pairs) * n * n + len(names) * n + 1
     step = steady_progress(progress, total)
     step(0, _TYPE_PAIRS)
-    cost.start(n, len(ref_pairs), total, batch_size)
+    cost.start(n, len(ref_pairs), total)
     logits = adapter.forward(own).double()           # [1, K]; the split's check uses it too
     passes = [1, 0]                  # forward passes, fused pairs among them (as emap's)
     grands, sums, kinds, notes = [], {}, [], []
@@ -1115,7 +1109,7 @@ def _typed_against(adapter: ModelAdapter, instance, own, refs: Sequence[Mapping]
 def _typed_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
                  own: Mapping[str, torch.Tensor], logits: torch.Tensor, batch_size: int,
                  step: Callable[[int, str], None], done: int, passes: list[int],
-                 mine: Sequence[str], cost: "_PairCost | None" = None
+                 mine: Sequence[str], cost: "_PairCost"
                  ) -> tuple["_PairSums", dict[str, torch.Tensor]]:
     """interaction_type's sums from a split model: (the sums of the N x N reference pairs
     f(x_side^i, x_others^j), {m: sum_j f(x_m of the instance, the other modalities of reference
@@ -1125,7 +1119,7 @@ def _typed_fused(adapter: ModelAdapter, split: Split, shapes: ShapeGroups,
     ``emap``'s (the references' own pairs and a few others) and on the instance itself (against
     ``logits`` [1, K], its forward pass): FactorizationError when they differ. step(done,
     message): progress, from done; passes: [count] of outputs computed, added to as they run;
-    cost: the call's _PairCost (or None), which times the pairs."""
+    cost: the call's _PairCost, which times the pairs."""
     n, dev = shapes.n, adapter.device
     fused = FusedPairs(adapter, split, batch_size, False, lambda out, h: out, passes,
                        status=lambda what: step(done, f"interaction type: {what}"))

@@ -787,6 +787,7 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
     val_counts = np.array([int((y_va == c).sum()) for c in val_classes])
     class_fid = np.zeros((n_lambdas, len(val_classes)))
     bal_fid = np.zeros(n_lambdas)
+    by = val_fid if choose_by == "accuracy" else bal_fid     # what the rule reads (filled below)
     test_fid = np.zeros(n_lambdas) if h_te is not None else None
     seconds = np.zeros(n_lambdas)
     z_va = (h_va - mean) / std
@@ -835,7 +836,6 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
         # tolerance of 1: later points can raise the best (and so rule out earlier points
         # below 1 - tolerance: on easy-VQA one 1.26 points below the full path's best was
         # taken when the path stopped at its first point above 1 - tolerance) but never above 1
-        by = val_fid if choose_by == "accuracy" else bal_fid
         if (stop_early and covers[i] and by[i] >= 1.0 - tolerance - 1e-12
                 and by[choose_covering(nonzeros[:i + 1], by[:i + 1], covers[:i + 1],
                                        tolerance)] >= 1.0 - tolerance - 1e-12):
@@ -845,7 +845,6 @@ def fit_sparse_model(train, val=None, test=None, *, class_names: Sequence[str] |
         report(progress, n_lambdas, n_lambdas,
                f"sparse model path (stopped early after {used} of {n_lambdas} points)")
     sl = slice(0, used)
-    by = val_fid if choose_by == "accuracy" else bal_fid
     k = choose_covering(nonzeros[sl], by[sl], covers[sl], tolerance)
     shown = val_counts >= 2            # (a class of one validation instance says little)
     if not covers[k]:

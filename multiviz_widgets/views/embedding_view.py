@@ -206,6 +206,7 @@ class EmbeddingView(W.VBox):
                           names=["neuron"])
         self.retry = RetryAfterCancel(selection)
         self.on_points: list = []             # called with no argument once the points show
+        self._marker_name = "black"           # the selected point's colour (_choose_marker)
 
     def forget(self) -> None:
         """The points shown are computed again at the next ``refresh`` (the dataset or the
@@ -279,6 +280,10 @@ class EmbeddingView(W.VBox):
         self._highlight()                 # the marker's colour may change with the points'
 
     def _colour(self) -> None:
+        self._colour_points()
+        self._choose_marker()
+
+    def _colour_points(self) -> None:
         feats = self._features
         if feats is None:
             return
@@ -336,10 +341,11 @@ class EmbeddingView(W.VBox):
                 [text_label(value=f"{name} is {lo:.3g} on every instance shown (a constant neuron)")])
         close_widgets(old)
 
-    def _marker(self) -> str:
-        """The name of the selected point's colour: black, unless a point is coloured near it
-        (a class "black": the marker could not be told from it), then the first of MARKERS
-        that no point's colour is near."""
+    def _choose_marker(self) -> None:
+        """The selected point's colour, chosen when the points are coloured (not at each
+        selection): black, unless a point is coloured near it (a class "black": the marker
+        could not be told from it), then the first of MARKERS that no point's colour is near;
+        its name (``_marker_name``) is the caption's."""
         colours = self.scatter.color
         drawn = (np.unique(np.round(np.asarray(colours, dtype=np.float32).reshape(-1, 3), 2),
                            axis=0) if not isinstance(colours, str) else np.zeros((0, 3)))
@@ -348,14 +354,14 @@ class EmbeddingView(W.VBox):
         css = "#" + "".join(f"{int(round(float(v) * 255)):02x}" for v in rgb)
         if self.scatter.color_selected != css:
             self.scatter.color_selected = css
-        return name
+        self._marker_name = name
 
     def _highlight(self) -> None:
         with self.engine.lock:            # not interleaved with points drawn on the worker
             rows = np.nonzero(self.indices == self.selection.instance)[0]
             self.scatter.selected = [int(r) for r in rows[:1]] or None
             if self._features is not None:          # the points' caption, once they are shown
-                shown = (f"the {self._marker()} one is the instance shown" if len(rows) else
+                shown = (f"the {self._marker_name} one is the instance shown" if len(rows) else
                          f"the instance shown, #{self.selection.instance}, is not among them")
                 self.caption.value = (f"{len(self.coords)} instances, placed by their "
                                       f"decision-level neurons' activations, projected to 3-D "

@@ -502,13 +502,12 @@ class HeatmapView(W.VBox):
                 kept.append(None)
                 continue
             score = strength.max(axis=1 - axis) if strength.size else np.zeros(n)
-            if computed is not None:         # a unit with no cell computed after every unit
-                score = np.where(computed.any(axis=1 - axis), score, -1.0)   # with one (at 0)
-            order = np.argsort(-score, kind="stable")
             most = MOST_SHOWN
-            if computed is not None:         # units with no cell computed: not drawn at all
-                some = int(computed.any(axis=1 - axis).sum())
-                most = max(1, min(MOST_SHOWN, some))
+            if computed is not None:         # units with no cell computed: not drawn at all,
+                has = computed.any(axis=1 - axis)          # and ranked after every unit with
+                score = np.where(has, score, -1.0)         # one (whose cells may all be 0)
+                most = max(1, min(MOST_SHOWN, int(has.sum())))
+            order = np.argsort(-score, kind="stable")
             chosen = list(order[:most])
             added = (s.unit_ref is not None and s.modality == modality and 0 <= s.unit < n
                      and s.unit not in chosen)
